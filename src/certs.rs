@@ -1,0 +1,269 @@
+//! Development certificates (`wraith certs init`, and `wraith serve` when they are missing):
+//! a dev CA, a server certificate for localhost/127.0.0.1/::1 and a client certificate with a
+//! SPIFFE ID. ECDSA P-256, private keys written 0600. Never for production.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// The SPIFFE ID of the development client certificate.
+pub const DEV_CLIENT_SPIFFE_ID: &str = "spiffe://wraith.dev/client/dev";
+
+/// File names inside the dev certs directory.
+pub const FILES: [&str; 6] = [
+    "ca.pem",
+    "ca-key.pem",
+    "server.pem",
+    "server-key.pem",
+    "client.pem",
+    "client-key.pem",
+];
+
+/// A certificate authority that can issue leaf certificates.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// The CA private key, PEM.
+    pub key_pem: String,
+}
+
+/// An issued certificate and its key, PEM.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn dn(cn: &str, org: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, org);
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn rc(e: rcgen::Error) -> String {
+    format!("certificate generation failed: {e}")
+}
+
+impl Ca {
+    /// A new self-signed CA valid for ten years.
+    pub fn new(common_name: &str) -> Result<Ca, String> {
+        let key = KeyPair::generate().map_err(rc)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name, "Wraith development");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key).map_err(rc)?;
+        let key_pem = key.serialize_pem();
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from PEM files.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, String> {
+        let key = KeyPair::from_pem(key_pem).map_err(rc)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(rc)?;
+        let key_pem = issuer.key().serialize_pem();
+        Ok(Ca {
+            issuer,
+            cert_pem: cert_pem.to_string(),
+            key_pem,
+        })
+    }
+
+    /// A server certificate for the given DNS names and IP addresses, valid for a year.
+    pub fn issue_server(&self, names: &[&str]) -> Result<Issued, String> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(
+            names.first().copied().unwrap_or("localhost"),
+            "Wraith development",
+        );
+        for n in names {
+            let san = match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*n).try_into().map_err(rc)?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params, 365)
+    }
+
+    /// A client certificate carrying `spiffe_id` as URI SAN, valid for a year.
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        spiffe_id: Option<&str>,
+    ) -> Result<Issued, String> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name, "Wraith development");
+        if let Some(id) = spiffe_id {
+            params
+                .subject_alt_names
+                .push(SanType::URI(id.try_into().map_err(rc)?));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params, 365)
+    }
+
+    /// Signs arbitrary parameters (tests use this for unusual certificates).
+    pub fn issue(&self, mut params: CertificateParams, days: i64) -> Result<Issued, String> {
+        let key = KeyPair::generate().map_err(rc)?;
+        if params.not_after == CertificateParams::default().not_after {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::hours(1);
+            params.not_after = now + time::Duration::days(days);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Writes a file, private (0600) when `secret`; refuses to overwrite unless `force`.
+pub fn write_file(path: &Path, contents: &str, secret: bool, force: bool) -> Result<(), String> {
+    let mut opts = OpenOptions::new();
+    opts.write(true);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    opts.mode(if secret { 0o600 } else { 0o644 });
+    let mut f = opts
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    if secret {
+        // `mode` only applies on creation; make an overwritten key private too.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    }
+    f.write_all(contents.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Creates the full development set in `dir`. Refuses to overwrite existing files unless
+/// `force`. Returns the paths written.
+pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if !force {
+        let existing: Vec<_> = FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.exists())
+            .collect();
+        if !existing.is_empty() {
+            return Err(format!(
+                "refusing to overwrite {} (use --force)",
+                existing
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    let ca = Ca::new("Wraith development CA")?;
+    let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;
+    let client = ca.issue_client("dev-client", Some(DEV_CLIENT_SPIFFE_ID))?;
+    let files = [
+        ("ca.pem", &ca.cert_pem, false),
+        ("ca-key.pem", &ca.key_pem, true),
+        ("server.pem", &server.cert_pem, false),
+        ("server-key.pem", &server.key_pem, true),
+        ("client.pem", &client.cert_pem, false),
+        ("client-key.pem", &client.key_pem, true),
+    ];
+    let mut written = Vec::new();
+    for (name, contents, secret) in files {
+        let path = dir.join(name);
+        write_file(&path, contents, secret, force)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Creates the development certificates in `dir` if the server certificate is missing.
+/// Returns whether anything was created.
+pub fn ensure_dev_certs(dir: &Path) -> Result<bool, String> {
+    if dir.join("server.pem").exists() && dir.join("server-key.pem").exists() {
+        return Ok(false);
+    }
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca-key.pem");
+    if ca_cert.exists() && ca_key.exists() {
+        // Keep an existing CA (clients may already trust it); issue what is missing.
+        let read = |p: &Path| {
+            fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let ca = Ca::load(&read(&ca_cert)?, &read(&ca_key)?)?;
+        let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;
+        write_file(&dir.join("server.pem"), &server.cert_pem, false, true)?;
+        write_file(&dir.join("server-key.pem"), &server.key_pem, true, true)?;
+        if !dir.join("client.pem").exists() {
+            let client = ca.issue_client("dev-client", Some(DEV_CLIENT_SPIFFE_ID))?;
+            write_file(&dir.join("client.pem"), &client.cert_pem, false, true)?;
+            write_file(&dir.join("client-key.pem"), &client.key_pem, true, true)?;
+        }
+        return Ok(true);
+    }
+    init(dir, true)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_writes_private_keys_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = init(dir.path(), false).unwrap();
+        assert_eq!(written.len(), 6);
+        let mode = fs::metadata(dir.path().join("server-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = init(dir.path(), false).unwrap_err();
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        init(dir.path(), true).unwrap();
+    }
+
+    #[test]
+    fn ensure_keeps_existing_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), false).unwrap();
+        let ca_before = fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        fs::remove_file(dir.path().join("server.pem")).unwrap();
+        fs::remove_file(dir.path().join("server-key.pem")).unwrap();
+        assert!(ensure_dev_certs(dir.path()).unwrap());
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ca.pem")).unwrap(),
+            ca_before
+        );
+        assert!(!ensure_dev_certs(dir.path()).unwrap());
+    }
+}

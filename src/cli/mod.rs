@@ -1,0 +1,146 @@
+//! The `wraith` command line: one file per subcommand, each a function returning the exit
+//! code. Exit codes: 0 success, 1 the thing asked for failed (invalid config, server not
+//! running, ...), 2 usage error (clap).
+
+mod certs;
+mod reload;
+mod serve;
+mod status;
+mod stop;
+mod test;
+mod version;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Wraith: a zero-trust security gateway and reverse proxy.
+#[derive(Debug, Parser)]
+#[command(name = "wraith", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the config file is.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "wraith.toml",
+        env = "WRAITH_CONFIG"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ConfigArg),
+    /// Check the configuration (like `nginx -t`): exit 0 if valid, 1 with every problem if not.
+    Test(ConfigArg),
+    /// Ask the running server to reload its configuration (SIGHUP) and report the outcome.
+    Reload(ConfigArg),
+    /// Ask the running server to drain and stop (SIGTERM), and wait for it to exit.
+    Stop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How long to wait for the exit (default: the shutdown timeout plus 5s).
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
+    },
+    /// Show the running server's state (via the admin socket).
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print version, git revision, TLS provider and features.
+    Version,
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a dev CA, a server certificate (localhost, 127.0.0.1, ::1) and a client
+    /// certificate with a SPIFFE ID. Keys are written 0600.
+    Init {
+        /// Directory to write into.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(c) => serve::run(&c.config),
+        Command::Test(c) => test::run(&c.config),
+        Command::Reload(c) => reload::run(&c.config),
+        Command::Stop { config, timeout } => stop::run(&config.config, timeout.as_deref()),
+        Command::Status { config, json } => status::run(&config.config, json),
+        Command::Version => version::run(),
+        Command::Certs {
+            command: CertsCommand::Init { dir, force },
+        } => certs::init(&dir, force),
+    }
+}
+
+/// A small runtime for commands that talk to the server.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|rt| rt.block_on(f))
+        .map_err(|e| format!("cannot start runtime: {e}"))
+}
+
+/// The `[server]` paths of a config, even if other parts of it are broken (so `stop` still
+/// works after someone broke the file on disk).
+pub(crate) fn server_paths(path: &std::path::Path) -> Result<crate::config::ServerConfig, String> {
+    match crate::config::load(path, crate::config::LoadOptions::default()) {
+        Ok(c) => Ok(c.server),
+        Err(full) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let only_server = extract_server_section(&text);
+            let with_dummy = format!(
+                "{only_server}\n[[listener]]\nname='x'\naddress='127.0.0.1:0'\nprotocol='http'\n"
+            );
+            crate::config::load_str(path, &with_dummy, crate::config::LoadOptions::default())
+                .map(|c| c.server)
+                .map_err(|_| full.to_string())
+        }
+    }
+}
+
+/// The `[server]` table of a TOML document, as text.
+fn extract_server_section(text: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            inside = t.starts_with("[server]");
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}

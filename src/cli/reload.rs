@@ -1,0 +1,80 @@
+//! `wraith reload`: SIGHUP to the pid in the pid file, then (with an admin socket) wait for
+//! the server's verdict and print it.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use http::Method;
+
+use crate::signals;
+
+pub fn run(config_path: &Path) -> ExitCode {
+    match reload(config_path) {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wraith reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn reload(config_path: &Path) -> Result<String, String> {
+    let server = super::server_paths(config_path)?;
+    let pid_file = server
+        .pid_file
+        .ok_or("the configuration has no server.pid_file, so the server cannot be found")?;
+    let pid = signals::read_pid(&pid_file)?
+        .ok_or_else(|| format!("{} does not exist: is wraith running?", pid_file.display()))?;
+    if !signals::alive(pid) {
+        return Err(format!(
+            "process {pid} from {} is not running",
+            pid_file.display()
+        ));
+    }
+    let Some(socket) = server.admin_socket else {
+        signals::send(pid, libc::SIGHUP)?;
+        return Ok(format!("sent SIGHUP to {pid} (no admin socket configured, so the outcome is in the server log)"));
+    };
+    super::block_on(async move {
+        let before = status(&socket).await?;
+        signals::send(pid, libc::SIGHUP)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = status(&socket).await?;
+            if now["last_reload"] != before["last_reload"] {
+                let lr = &now["last_reload"];
+                if lr["ok"].as_bool() == Some(true) {
+                    return Ok(format!(
+                        "reloaded: configuration generation {}",
+                        now["generation"]
+                    ));
+                }
+                let errors: Vec<String> = lr["errors"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| e.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Err(format!(
+                    "the server rejected the new configuration and keeps serving generation {}:\n{}",
+                    now["generation"],
+                    errors.join("\n")
+                ));
+            }
+        }
+        Err("sent SIGHUP but saw no reload outcome within 30s".to_string())
+    })?
+}
+
+async fn status(socket: &Path) -> Result<serde_json::Value, String> {
+    crate::admin::call(socket, Method::GET, "/v1/status", Duration::from_secs(5))
+        .await
+        .map(|(_, v)| v)
+}

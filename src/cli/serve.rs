@@ -1,0 +1,78 @@
+//! `wraith serve`: load, bind, serve until SIGTERM, drain, exit 0.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::{self, LoadOptions};
+use crate::runtime::Runtime;
+use crate::signals::{self, Exit, PidFile};
+use crate::{admin, telemetry};
+
+pub fn run(config_path: &Path) -> ExitCode {
+    // A first, quick load decides the runtime and logging settings.
+    let config = match config::load(
+        config_path,
+        LoadOptions {
+            generate_dev_certs: true,
+        },
+    ) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!(
+                "wraith: configuration {} is invalid:",
+                config_path.display()
+            );
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init_logging(&config.server.log_level, config.server.log_format);
+    for n in &config.notices {
+        tracing::warn!("{n}");
+        eprintln!("wraith: {n}");
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("wraith-worker");
+    if let Some(n) = config.server.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let rt = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config_path =
+        std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
+    let result = rt.block_on(async move {
+        let runtime = Runtime::start(config_path, config).await?;
+        let snapshot = runtime.gateway.snapshot();
+        let _pid = match &snapshot.config.server.pid_file {
+            Some(p) => Some(PidFile::create(p)?),
+            None => None,
+        };
+        if let Some(sock) = &snapshot.config.server.admin_socket {
+            admin::start(runtime.clone(), sock)?;
+        }
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            pid = std::process::id(),
+            config = %runtime.config_path.display(),
+            "wraith started"
+        );
+        drop(snapshot);
+        signals::run(runtime).await
+    });
+    // Do not wait for lingering tasks (connections past the deadline).
+    rt.shutdown_background();
+    match result {
+        Ok(Exit::Drained) | Ok(Exit::TimedOut) => ExitCode::SUCCESS,
+        Ok(Exit::Forced) => ExitCode::from(130),
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("wraith: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! `wraith stop`: SIGTERM to the pid in the pid file, then wait for the process to exit.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::config::units::parse_duration;
+use crate::signals;
+
+pub fn run(config_path: &Path, timeout: Option<&str>) -> ExitCode {
+    match stop(config_path, timeout) {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wraith stop: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn stop(config_path: &Path, timeout: Option<&str>) -> Result<String, String> {
+    let server = super::server_paths(config_path)?;
+    let timeout = match timeout {
+        Some(t) => parse_duration(t)?,
+        None => server.shutdown_timeout + Duration::from_secs(5),
+    };
+    let pid_file = server
+        .pid_file
+        .ok_or("the configuration has no server.pid_file, so the server cannot be found")?;
+    let pid = signals::read_pid(&pid_file)?
+        .ok_or_else(|| format!("{} does not exist: is wraith running?", pid_file.display()))?;
+    if !signals::alive(pid) {
+        return Err(format!(
+            "process {pid} from {} is not running (stale pid file)",
+            pid_file.display()
+        ));
+    }
+    signals::send(pid, libc::SIGTERM)?;
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if !signals::alive(pid) {
+            return Ok(format!(
+                "stopped: process {pid} exited after {:.1}s",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "process {pid} is still running {:.0}s after SIGTERM (connections still draining?); send SIGTERM again to exit at once",
+        timeout.as_secs_f64()
+    ))
+}

@@ -1,0 +1,376 @@
+//! One client connection: optional TLS handshake (bounded by the handshake timeout), HTTP/1.1
+//! or HTTP/2 (ALPN, or the h2 preface on plain connections), and the two timeouts hyper does
+//! not separate for us:
+//!
+//! - header read (slowloris): from the first byte of a request head (or from accept) to the
+//!   complete head; exceeded -> the connection is closed;
+//! - idle: no request in flight and no bytes moving for this long -> graceful close.
+//!
+//! Drain (SIGTERM, or the listener removed by a reload) asks hyper for a graceful shutdown:
+//! HTTP/1 finishes the request in flight with `Connection: close`, HTTP/2 sends GOAWAY.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::tls::group_name;
+use crate::body::Body;
+use crate::config::Limits;
+use crate::proxy::{ConnInfo, TlsInfo};
+use crate::runtime::{ListenerRuntime, Runtime};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Activity of one connection, updated by the IO wrapper and the service.
+struct ConnState {
+    epoch: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds since `epoch` of the last byte read or written.
+    last_active: AtomicU64,
+    /// Milliseconds since `epoch` (+1) when bytes of a new request head started to arrive;
+    /// 0 when no head is pending.
+    head_since: AtomicU64,
+    h2: AtomicBool,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            epoch: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            last_active: AtomicU64::new(0),
+            // The first request head is due from the moment of accept.
+            head_since: AtomicU64::new(1),
+            h2: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn on_read(&self) {
+        let now = self.now_ms();
+        self.last_active.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            self.head_since.store(now + 1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_write(&self) {
+        self.last_active.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.last_active.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// What the timeouts say now, and when to look again.
+    fn check(&self, limits: &Limits) -> (Verdict, Duration) {
+        let now = self.now_ms();
+        let header_ms = limits.header_read_timeout.as_millis() as u64;
+        let idle_ms = limits.idle_timeout.as_millis() as u64;
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return (
+                Verdict::Busy,
+                limits.idle_timeout.min(limits.header_read_timeout),
+            );
+        }
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+            let waited = now.saturating_sub(head - 1);
+            if waited >= header_ms {
+                return (Verdict::HeaderTimeout, Duration::ZERO);
+            }
+            return (Verdict::Busy, Duration::from_millis(header_ms - waited));
+        }
+        let idle = now.saturating_sub(self.last_active.load(Ordering::Relaxed));
+        if idle >= idle_ms {
+            return (Verdict::Idle, limits.idle_timeout);
+        }
+        (Verdict::Busy, Duration::from_millis(idle_ms - idle))
+    }
+}
+
+enum Verdict {
+    Busy,
+    Idle,
+    HeaderTimeout,
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that records activity on the connection's `ConnState`.
+    struct Tracked<S> {
+        #[pin]
+        inner: S,
+        state: Arc<ConnState>,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.state.on_read();
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.on_write();
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.on_write();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Everything a request on this connection needs, shared by one `Arc`.
+struct ConnCtx {
+    runtime: Arc<Runtime>,
+    info: ConnInfo,
+    state: Arc<ConnState>,
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(super) async fn serve(
+    runtime: Arc<Runtime>,
+    listener: Arc<ListenerRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(listener.config.address);
+    let state = Arc::new(ConnState::new());
+    let io = Tracked {
+        inner: stream,
+        state: state.clone(),
+    };
+    let mut info = ConnInfo {
+        peer,
+        local,
+        listener: listener.config.name.clone(),
+        tls: None,
+    };
+
+    let Some(acceptor) = &listener.tls else {
+        // Plain HTTP: HTTP/2 only with prior knowledge (the connection preface).
+        let h2 = match sniff_h2(&io.inner, &state, &listener.config.limits).await {
+            Some(h2) => h2,
+            None => return,
+        };
+        return serve_http(runtime, &listener, TokioIo::new(io), info, state, h2, stop).await;
+    };
+
+    let timeout = listener
+        .config
+        .tls
+        .as_ref()
+        .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, listener = %info.listener, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, listener = %info.listener, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let alpn = session
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into());
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    info.tls = Some(TlsInfo {
+        version: match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLSv1.3",
+        },
+        group: session
+            .negotiated_key_exchange_group()
+            .map(|g| group_name(g.name())),
+        alpn,
+        sni: session.server_name().map(Into::into),
+    });
+    serve_http(runtime, &listener, TokioIo::new(tls), info, state, h2, stop).await;
+}
+
+/// Waits for enough bytes to tell an HTTP/2 preface from HTTP/1.1 (peeking, nothing consumed).
+/// `None` when the client went away or sent nothing before the header timeout.
+async fn sniff_h2(stream: &TcpStream, state: &ConnState, limits: &Limits) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => n,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            state.h2.store(true, Ordering::Relaxed);
+            return Some(true);
+        }
+        // A partial preface: wait for more without spinning.
+        if tokio::time::timeout_at(deadline, stream.readable())
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn serve_http<I>(
+    runtime: Arc<Runtime>,
+    listener: &ListenerRuntime,
+    io: TokioIo<I>,
+    info: ConnInfo,
+    state: Arc<ConnState>,
+    h2: bool,
+    stop: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if h2 {
+        state.h2.store(true, Ordering::Relaxed);
+    }
+    let limits = listener.config.limits.clone();
+    let ctx = Arc::new(ConnCtx {
+        runtime,
+        info,
+        state: state.clone(),
+    });
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move {
+            ctx.state.begin();
+            let resp = ctx
+                .runtime
+                .gateway
+                .handle(req.map(Body::Incoming), &ctx.info)
+                .await;
+            ctx.state.end();
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    if h2 {
+        let conn = listener.http.h2.serve_connection(io, svc);
+        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &stop).await;
+    } else {
+        let conn = listener.http.h1.serve_connection(io, svc).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &stop).await;
+    }
+}
+
+/// Runs a hyper connection to completion, applying drain, idle and header timeouts.
+async fn drive<C, G>(
+    conn: C,
+    graceful: G,
+    state: &ConnState,
+    limits: &Limits,
+    stop: &CancellationToken,
+) where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+    G: Fn(Pin<&mut C>),
+{
+    tokio::pin!(conn);
+    let mut closing = false;
+    let mut idle_strikes = 0;
+    loop {
+        let (_, wait) = state.check(limits);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.cancelled(), if !closing => {
+                graceful(conn.as_mut());
+                closing = true;
+            }
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {
+                match state.check(limits).0 {
+                    Verdict::Busy => idle_strikes = 0,
+                    Verdict::HeaderTimeout => {
+                        tracing::debug!("request head not received within header_read_timeout; closing");
+                        return;
+                    }
+                    Verdict::Idle => {
+                        idle_strikes += 1;
+                        if idle_strikes > 1 {
+                            return;
+                        }
+                        graceful(conn.as_mut());
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }
+}

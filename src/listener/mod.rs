@@ -1,0 +1,177 @@
+//! Listeners: bind a TCP socket, accept under a connection limit, refuse nothing silently.
+//! Each accepted connection is served by `conn::serve` on the snapshot current at accept time
+//! for its TLS and HTTP settings; each request uses the snapshot current when it starts.
+
+mod conn;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Limits, ListenerConfig};
+use crate::runtime::Runtime;
+
+/// The HTTP/1.1 and HTTP/2 server settings of a listener.
+#[derive(Clone)]
+pub struct HttpBuilders {
+    pub h1: http1::Builder,
+    pub h2: http2::Builder<TokioExecutor>,
+}
+
+/// Builds the HTTP server settings from a listener's limits.
+pub fn http_builder(limits: &Limits) -> HttpBuilders {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        // Wraith enforces the header-read and idle timeouts itself (see conn.rs), so the
+        // two stay separate; hyper's own would close idle keep-alive connections early.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_size)
+        .keep_alive(true);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(Some(100))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(4 << 20));
+    HttpBuilders { h1, h2 }
+}
+
+/// A socket bound for a listener, not yet accepting.
+pub struct Bound {
+    pub address: SocketAddr,
+    pub listener: TcpListener,
+    pub local_addr: SocketAddr,
+    pub max_connections: usize,
+}
+
+/// Binds the listener's address (SO_REUSEADDR, backlog 4096).
+pub async fn bind(config: &ListenerConfig) -> Result<Bound, String> {
+    let address = config.address;
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("listener {:?}: cannot create socket: {e}", config.name))?;
+    socket
+        .set_reuseaddr(true)
+        .map_err(|e| format!("listener {:?}: {e}", config.name))?;
+    socket
+        .bind(address)
+        .map_err(|e| format!("listener {:?}: cannot bind {address}: {e}", config.name))?;
+    let listener = socket.listen(4096).map_err(|e| {
+        format!(
+            "listener {:?}: cannot listen on {address}: {e}",
+            config.name
+        )
+    })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| format!("listener {:?}: {e}", config.name))?;
+    Ok(Bound {
+        address,
+        listener,
+        local_addr,
+        max_connections: config.limits.max_connections.get(),
+    })
+}
+
+/// A running listener.
+pub struct ListenerHandle {
+    /// The address as configured (the key across reloads).
+    pub address: SocketAddr,
+    /// The address actually bound (differs when the configured port is 0).
+    pub local_addr: SocketAddr,
+    /// Cancelled to stop accepting and drain this listener's connections.
+    pub stop: CancellationToken,
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ListenerHandle {
+    /// Connections currently open on this listener.
+    pub fn active(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+}
+
+/// Starts accepting on a bound socket.
+pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
+    let stop = runtime.shutdown.child_token();
+    let permits = Arc::new(Semaphore::new(bound.max_connections));
+    let handle = ListenerHandle {
+        address: bound.address,
+        local_addr: bound.local_addr,
+        stop: stop.clone(),
+        permits: permits.clone(),
+        max: bound.max_connections,
+    };
+    let name = runtime
+        .gateway
+        .snapshot()
+        .listener_at(bound.address)
+        .map(|l| l.config.name.to_string())
+        .unwrap_or_default();
+    tracing::info!(listener = %name, address = %bound.local_addr, "listening");
+    tokio::spawn(accept_loop(runtime, bound, permits, stop));
+    handle
+}
+
+async fn accept_loop(
+    runtime: Arc<Runtime>,
+    bound: Bound,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let mut warned_full = false;
+    loop {
+        // Take a connection slot first: at the limit, new connections wait in the backlog.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !warned_full {
+                    tracing::warn!(address = %bound.local_addr, max = bound.max_connections, "connection limit reached; new connections wait");
+                    warned_full = true;
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            r = bound.listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(address = %bound.local_addr, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        warned_full = false;
+        let snapshot = runtime.gateway.snapshot();
+        let Some(listener) = snapshot.listener_at(bound.address).cloned() else {
+            return;
+        };
+        let runtime2 = runtime.clone();
+        let stop = stop.clone();
+        runtime.connections.spawn(async move {
+            conn::serve(runtime2, listener, stream, peer, stop).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,420 @@
+//! Header rules of a proxy: hop-by-hop removal (RFC 9110 §7.6.1), the forwarding headers
+//! (X-Forwarded-*, Forwarded, Via), the request id, and the client address behind trusted
+//! proxies. Client-supplied forwarding headers are believed only from `trusted_proxies`.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+use ipnet::IpNet;
+
+/// `x-request-id`
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never forwarded (plus any the Connection header names).
+const HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+];
+
+/// Whether `name` is a hop-by-hop header.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name) || name == header::UPGRADE
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`. `Upgrade` is kept only
+/// when `keep_upgrade` (a WebSocket handshake being proxied). `te: trailers` is kept when
+/// `keep_te_trailers` (HTTP/2 upstreams, where gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        if conn.as_bytes().contains(&b',') || !is_keyword(conn.as_bytes()) {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+                .collect();
+            for n in named {
+                headers.remove(&n);
+            }
+        }
+    }
+    let te_trailers = keep_te_trailers
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Connection values that name no other header.
+fn is_keyword(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+}
+
+/// Whether the request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
+pub fn upgrade_requested(headers: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether `ip` is one of `nets`.
+pub fn is_trusted(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) become plain IPv4.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
+/// address in X-Forwarded-For that is not itself a trusted proxy.
+pub fn client_ip(
+    headers: &HeaderMap,
+    peer: IpAddr,
+    trusted: &[IpNet],
+    peer_trusted: bool,
+) -> IpAddr {
+    let peer = canonical(peer);
+    if !peer_trusted {
+        return peer;
+    }
+    let mut candidate = peer;
+    let hops: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for hop in hops.iter().rev() {
+        match parse_hop(hop) {
+            Some(ip) => {
+                candidate = ip;
+                if !is_trusted(trusted, ip) {
+                    return ip;
+                }
+            }
+            None => return candidate,
+        }
+    }
+    candidate
+}
+
+/// An address in X-Forwarded-For: `1.2.3.4`, `2001:db8::1`, `[2001:db8::1]:443`, `1.2.3.4:80`.
+fn parse_hop(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    s.parse::<SocketAddr>().ok().map(|a| canonical(a.ip()))
+}
+
+/// What the forwarding headers need to know about the request.
+pub struct ForwardInfo<'a> {
+    pub peer: IpAddr,
+    pub peer_trusted: bool,
+    pub https: bool,
+    pub host: Option<&'a str>,
+    pub version: Version,
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request about to be forwarded.
+pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
+    let peer = canonical(info.peer);
+    let proto = if info.https { "https" } else { "http" };
+    let mut buf = String::with_capacity(64);
+
+    // X-Forwarded-For: append to a trusted chain; otherwise the peer alone.
+    let prior = if info.peer_trusted {
+        joined(headers, &X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    if let Some(prior) = prior {
+        buf.push_str(&prior);
+        buf.push_str(", ");
+    }
+    let _ = write!(buf, "{peer}");
+    set(headers, &X_FORWARDED_FOR, &buf);
+
+    if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match info.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(v) => {
+                headers.insert(X_FORWARDED_HOST.clone(), v);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+
+    // Forwarded (RFC 7239): IPv6 and ports must be quoted.
+    buf.clear();
+    if let Some(prior) = if info.peer_trusted {
+        joined(headers, &FORWARDED)
+    } else {
+        None
+    } {
+        buf.push_str(&prior);
+        buf.push_str(", ");
+    }
+    match peer {
+        IpAddr::V4(v4) => {
+            let _ = write!(buf, "for={v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(buf, "for=\"[{v6}]\"");
+        }
+    }
+    let _ = write!(buf, ";proto={proto}");
+    if let Some(host) = info.host.filter(|h| h.bytes().all(is_token_byte)) {
+        let _ = write!(buf, ";host={host}");
+    } else if let Some(host) = info.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
+        let _ = write!(buf, ";host=\"{host}\"");
+    }
+    set(headers, &FORWARDED, &buf);
+
+    // Via: append ours to whatever came before.
+    let ours = match info.version {
+        Version::HTTP_2 => "2 wraith",
+        Version::HTTP_3 => "3 wraith",
+        Version::HTTP_10 => "1.0 wraith",
+        _ => "1.1 wraith",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(ours));
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// All values of a header joined with ", ", or `None` if absent.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let Ok(s) = v.to_str() else { continue };
+        match &mut out {
+            Some(o) => {
+                o.push_str(", ");
+                o.push_str(s);
+            }
+            None => out = Some(s.to_string()),
+        }
+    }
+    out
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The request id: kept from a trusted proxy when it looks sane, generated otherwise.
+pub fn request_id(headers: &HeaderMap, peer_trusted: bool) -> HeaderValue {
+    if peer_trusted {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
+            let b = v.as_bytes();
+            if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+                return v.clone();
+            }
+        }
+    }
+    new_request_id()
+}
+
+/// A fresh random 128-bit id, as 32 lowercase hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for (i, byte) in n.to_be_bytes().iter().enumerate() {
+        out[2 * i] = HEX[(byte >> 4) as usize];
+        out[2 * i + 1] = HEX[(byte & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The request's host without port, from the URI authority (HTTP/2, HTTP/3) or Host.
+pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str(),
+        None => headers.get(header::HOST)?.to_str().ok()?,
+    };
+    Some(strip_port(raw))
+}
+
+/// `example.com:8443` -> `example.com`; `[::1]:8443` -> `::1`.
+pub fn strip_port(host: &str) -> &str {
+    let host = match host.rfind('@') {
+        Some(i) => &host[i + 1..],
+        None => host,
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = hm(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_and_te_trailers_when_asked() {
+        let mut h = hm(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn client_ip_walks_trusted_chain() {
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = hm(&[
+            ("x-forwarded-for", "203.0.113.9, 198.51.100.1"),
+            ("x-forwarded-for", "10.1.1.1"),
+        ]);
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_ip(&h, peer, &trusted, true),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer's header is ignored.
+        let peer: IpAddr = "192.0.2.5".parse().unwrap();
+        assert_eq!(client_ip(&h, peer, &trusted, false), peer);
+        // Garbage stops the walk at the last good address.
+        let h = hm(&[("x-forwarded-for", "nonsense, 10.2.2.2")]);
+        assert_eq!(
+            client_ip(&h, "10.0.0.2".parse().unwrap(), &trusted, true),
+            "10.2.2.2".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn forwarding_headers_replace_untrusted_and_append_trusted() {
+        let info = |trusted| ForwardInfo {
+            peer: "2001:db8::7".parse().unwrap(),
+            peer_trusted: trusted,
+            https: true,
+            host: Some("api.example.com"),
+            version: Version::HTTP_2,
+        };
+        let mut h = hm(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "gopher"),
+        ]);
+        set_forwarding(&mut h, &info(false));
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "2001:db8::7");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "api.example.com");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=\"[2001:db8::7]\";proto=https;host=api.example.com"
+        );
+        assert_eq!(h.get("via").unwrap(), "2 wraith");
+
+        let mut h = hm(&[("x-forwarded-for", "203.0.113.1")]);
+        set_forwarding(&mut h, &info(true));
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "203.0.113.1, 2001:db8::7"
+        );
+    }
+
+    #[test]
+    fn request_ids() {
+        let h = hm(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&h, true), "abc-123");
+        assert_ne!(request_id(&h, false), "abc-123");
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(strip_port("example.com:8443"), "example.com");
+        assert_eq!(strip_port("[::1]:8443"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

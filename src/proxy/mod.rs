@@ -1,0 +1,279 @@
+//! The request pipeline, top to bottom. Every protocol (HTTP/1.1, HTTP/2, and HTTP/3 later)
+//! hands `Gateway::handle` the same `http::Request<Body>` plus a `ConnInfo`; no stage below
+//! knows which protocol carried the request.
+//!
+//! ```text
+//! handle
+//!   ├─ snapshot      the config generation this request runs on, to its end
+//!   ├─ request id    generated (or kept from a trusted proxy)
+//!   ├─ client ip     the peer, or the address behind trusted proxies
+//!   ├─ normalize     dot segments out, so routing sees what the upstream will
+//!   ├─ route         first match in file order, else 404
+//!   └─ action        respond | redirect | forward (streamed both ways)
+//! ```
+//! Every exit, success or error, goes through the same tail: `x-request-id` on the response,
+//! one access record.
+
+pub mod headers;
+pub mod path;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderValue, LOCATION};
+use http::{Method, Request, Response, StatusCode, Uri};
+
+use crate::body::Body;
+use crate::config::RouteAction;
+use crate::error::{self, GatewayError};
+use crate::router::Route;
+use crate::runtime::Snapshot;
+use crate::upstream::forwarder::{self, ForwardOutcome};
+use headers::{ForwardInfo, X_REQUEST_ID};
+
+/// What the pipeline knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Name of the listener that accepted the connection.
+    pub listener: Arc<str>,
+    /// Present on TLS (and QUIC) connections.
+    pub tls: Option<TlsInfo>,
+}
+
+/// The negotiated TLS parameters of a connection.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: &'static str,
+    /// Key-exchange group, e.g. `X25519MLKEM768`.
+    pub group: Option<&'static str>,
+    /// ALPN protocol chosen, e.g. `h2`.
+    pub alpn: Option<Box<str>>,
+    /// Server name the client asked for.
+    pub sni: Option<Box<str>>,
+}
+
+/// The protocol of one request, as logged.
+pub fn protocol_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "h2",
+        http::Version::HTTP_3 => "h3",
+        http::Version::HTTP_10 => "h1.0",
+        _ => "h1",
+    }
+}
+
+/// The pipeline and the config snapshot it runs on.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+}
+
+/// What the access log records about one request (sinks arrive with the observability work).
+#[derive(Debug, Default)]
+struct Record {
+    route: Option<Arc<str>>,
+    forward: ForwardOutcome,
+    error: Option<&'static str>,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Arc<Snapshot>) -> Gateway {
+        Gateway {
+            snapshot: ArcSwap::new(snapshot),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Makes `next` the snapshot for every request that starts from now on.
+    pub fn swap(&self, next: Arc<Snapshot>) -> Arc<Snapshot> {
+        self.snapshot.swap(next)
+    }
+
+    /// Handles one request from any protocol.
+    pub async fn handle(&self, req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
+        // Why first: a reload mid-request must not change the rules under it.
+        let snapshot = self.snapshot.load_full();
+        let started = Instant::now();
+        let trusted = &snapshot.config.server.trusted_proxies;
+        let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
+        let request_id = headers::request_id(req.headers(), peer_trusted);
+        let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
+        let method = req.method().clone();
+        let version = req.version();
+        let mut record = Record::default();
+
+        let result = self
+            .run(&snapshot, req, conn, peer_trusted, &request_id, &mut record)
+            .await;
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                record.error = Some(e.code());
+                match e.fault() {
+                    error::Fault::Upstream | error::Fault::Internal => {
+                        tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed")
+                    }
+                    error::Fault::Downstream => {
+                        tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request refused")
+                    }
+                }
+                error::to_response(&e, &request_id)
+            }
+        };
+        tracing::debug!(
+            target: "wraith::access",
+            request_id = request_id.to_str().unwrap_or("-"),
+            client = %client_ip,
+            listener = %conn.listener,
+            protocol = protocol_name(version),
+            method = %method,
+            status = resp.status().as_u16(),
+            route = record.route.as_deref().unwrap_or("-"),
+            endpoint = record.forward.endpoint.as_deref().unwrap_or("-"),
+            error = record.error.unwrap_or("-"),
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        resp
+    }
+
+    /// The stages, each one able to end the request with a typed error.
+    async fn run(
+        &self,
+        snapshot: &Snapshot,
+        mut req: Request<Body>,
+        conn: &ConnInfo,
+        peer_trusted: bool,
+        request_id: &HeaderValue,
+        record: &mut Record,
+    ) -> Result<Response<Body>, GatewayError> {
+        if req.method() == Method::CONNECT {
+            return Err(GatewayError::BadRequest("CONNECT is not supported"));
+        }
+        // Plain-HTTP listener told to send everyone to HTTPS.
+        if let Some(redirect) = snapshot
+            .listener(&conn.listener)
+            .and_then(|l| l.config.redirect_https.as_ref())
+        {
+            return Ok(https_redirect(&req, redirect));
+        }
+        // Normalize before routing: what matched is what the upstream gets.
+        if let Some(normal) = path::normalize(req.uri().path()) {
+            *req.uri_mut() = with_path(req.uri(), &normal)?;
+        }
+        let host = headers::request_host(req.uri(), req.headers()).map(str::to_owned);
+        let route = snapshot
+            .router
+            .find(host.as_deref(), req.uri().path(), req.method())
+            .ok_or(GatewayError::NoRoute)?;
+        record.route = Some(route.config.name.clone());
+
+        let mut resp = match &route.config.action {
+            RouteAction::Respond(r) => {
+                let mut resp = Response::new(Body::full(r.body.clone()));
+                *resp.status_mut() = r.status;
+                *resp.headers_mut() = r.headers.clone();
+                resp
+            }
+            RouteAction::Redirect { to, status } => redirect(&req, host.as_deref(), to, *status),
+            RouteAction::Upstream(_) => {
+                let info = ForwardInfo {
+                    peer: conn.peer.ip(),
+                    peer_trusted,
+                    https: conn.tls.is_some(),
+                    host: host.as_deref(),
+                    version: req.version(),
+                };
+                self.forward(route, req, &info, request_id, record).await?
+            }
+        };
+        route.config.response_headers.apply(resp.headers_mut());
+        Ok(resp)
+    }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        req: Request<Body>,
+        info: &ForwardInfo<'_>,
+        request_id: &HeaderValue,
+        record: &mut Record,
+    ) -> Result<Response<Body>, GatewayError> {
+        let upstream = route.upstream.as_ref().ok_or(GatewayError::NoRoute)?;
+        forwarder::forward(
+            upstream,
+            &route.config,
+            req,
+            info,
+            request_id,
+            &mut record.forward,
+        )
+        .await
+    }
+}
+
+/// The same URI with another path (query kept).
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, GatewayError> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| GatewayError::BadRequest("invalid request target"))?,
+    );
+    Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid request target"))
+}
+
+fn https_redirect(req: &Request<Body>, r: &crate::config::HttpsRedirect) -> Response<Body> {
+    let host = headers::request_host(req.uri(), req.headers()).unwrap_or("localhost");
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let port = if r.port == 443 {
+        String::new()
+    } else {
+        format!(":{}", r.port)
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    redirect_response(r.status, &format!("https://{host}{port}{pq}"))
+}
+
+/// A route's redirect: `{host}`, `{path}` and `{uri}` (path and query) are substituted.
+fn redirect(
+    req: &Request<Body>,
+    host: Option<&str>,
+    to: &str,
+    status: StatusCode,
+) -> Response<Body> {
+    let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = to
+        .replace("{host}", host.unwrap_or(""))
+        .replace("{path}", req.uri().path())
+        .replace("{uri}", uri);
+    redirect_response(status, &target)
+}
+
+fn redirect_response(status: StatusCode, location: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = status;
+    match HeaderValue::from_str(location) {
+        Ok(v) => {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    resp
+}

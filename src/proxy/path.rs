@@ -1,0 +1,123 @@
+//! Request path normalization, before routing and forwarding: what Wraith matches is exactly
+//! what the upstream receives. Without it, `/api/../admin` would match an `/api/` route and
+//! reach the upstream's `/admin`.
+//!
+//! RFC 3986 §6.2.2: percent-encoded unreserved characters are decoded, remaining escapes get
+//! uppercase hex, and dot segments are removed (§5.2.4). Encoded slashes (`%2F`) stay encoded.
+
+/// The normalized form of `path`, or `None` when it is already normal (the common case, which
+/// costs one scan and no allocation).
+pub fn normalize(path: &str) -> Option<String> {
+    if !needs_work(path) {
+        return None;
+    }
+    let decoded = decode_unreserved(path);
+    let out = remove_dot_segments(&decoded);
+    (out != path).then_some(out)
+}
+
+fn needs_work(path: &str) -> bool {
+    let b = path.as_bytes();
+    b.contains(&b'%') || b.windows(2).any(|w| w == b"/.") || !path.starts_with('/')
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = h * 16 + l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c as char);
+                } else {
+                    out.push('%');
+                    out.push(b[i + 1].to_ascii_uppercase() as char);
+                    out.push(b[i + 2].to_ascii_uppercase() as char);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Paths are ASCII in a valid http::Uri; copy byte for byte.
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// RFC 3986 §5.2.4, on an absolute path. The result always starts with `/`.
+fn remove_dot_segments(path: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    let trailing_slash = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    for seg in path.split('/').skip(usize::from(path.starts_with('/'))) {
+        match seg {
+            "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    // A trailing "" segment came from a trailing slash; it is re-added below.
+    if segments.last() == Some(&"") {
+        segments.pop();
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (trailing_slash && !out.ends_with('/')) {
+        out.push('/');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    fn n(p: &str) -> String {
+        normalize(p).unwrap_or_else(|| p.to_string())
+    }
+
+    #[test]
+    fn dot_segments() {
+        assert_eq!(n("/api/../admin"), "/admin");
+        assert_eq!(n("/api/./x"), "/api/x");
+        assert_eq!(n("/../../etc/passwd"), "/etc/passwd");
+        assert_eq!(n("/a/b/.."), "/a/");
+        assert_eq!(n("/a/b/."), "/a/b/");
+        assert_eq!(n("/a//b"), "/a//b");
+        assert_eq!(n("/"), "/");
+        assert_eq!(n("/a/.hidden"), "/a/.hidden");
+        assert_eq!(n("/a/..."), "/a/...");
+    }
+
+    #[test]
+    fn percent_encoding() {
+        assert_eq!(n("/api/%2e%2e/admin"), "/admin");
+        assert_eq!(n("/%61pi"), "/api");
+        assert_eq!(n("/a%2fb"), "/a%2Fb");
+        assert_eq!(n("/a%2Fb"), "/a%2Fb");
+        assert_eq!(n("/a%zz"), "/a%zz");
+        assert_eq!(n("/a%4"), "/a%4");
+    }
+
+    #[test]
+    fn normal_paths_cost_nothing() {
+        assert!(normalize("/api/v1/users").is_none());
+        assert!(normalize("/").is_none());
+    }
+}

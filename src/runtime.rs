@@ -1,0 +1,298 @@
+//! The running server's state. A `Snapshot` is one complete, validated generation of the
+//! config with everything built from it (routes, upstream pools, TLS acceptors). Reload builds
+//! a whole new snapshot and swaps it in; requests already running keep the one they started
+//! with. If anything in the new config is wrong, nothing changes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Config, ListenerConfig, LoadOptions, RouteAction};
+use crate::listener::{self, tls, ListenerHandle};
+use crate::proxy::Gateway;
+use crate::router::{Route, Router};
+use crate::upstream::Upstream;
+
+/// One listener's settings in a snapshot, with its TLS acceptor and HTTP server builder.
+pub struct ListenerRuntime {
+    pub config: ListenerConfig,
+    pub tls: Option<TlsAcceptor>,
+    pub http: listener::HttpBuilders,
+}
+
+/// One generation of the configuration, fully built.
+pub struct Snapshot {
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+    pub config: Config,
+    pub router: Router,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub listeners: Vec<Arc<ListenerRuntime>>,
+}
+
+impl Snapshot {
+    /// Builds everything a config describes. Upstream pools whose settings did not change are
+    /// carried over from `previous`, with their idle connections.
+    pub fn build(
+        config: Config,
+        generation: u64,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut upstreams = Vec::new();
+        for u in &config.upstreams {
+            let reused = previous
+                .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
+                .cloned();
+            upstreams.push(reused.unwrap_or_else(|| Upstream::new(u.clone())));
+        }
+        let by_name: HashMap<&str, &Arc<Upstream>> =
+            upstreams.iter().map(|u| (&*u.config.name, u)).collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                upstream: match &r.action {
+                    RouteAction::Upstream(name) => by_name.get(&**name).map(|u| Arc::clone(u)),
+                    _ => None,
+                },
+                config: r.clone(),
+            })
+            .collect();
+
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let acceptor = match &l.tls {
+                Some(t) => match tls::server_config(t) {
+                    Ok(sc) => Some(TlsAcceptor::from(sc)),
+                    Err(e) => {
+                        errors.push(format!("listener {:?}: {e}", l.name));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            listeners.push(Arc::new(ListenerRuntime {
+                http: listener::http_builder(&l.limits),
+                config: l.clone(),
+                tls: acceptor,
+            }));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Snapshot {
+            generation,
+            loaded_at: SystemTime::now(),
+            router: Router::new(routes),
+            upstreams,
+            listeners,
+            config,
+        })
+    }
+
+    /// The listener with this name.
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerRuntime>> {
+        self.listeners.iter().find(|l| &*l.config.name == name)
+    }
+
+    /// The listener configured on this address.
+    pub fn listener_at(&self, address: SocketAddr) -> Option<&Arc<ListenerRuntime>> {
+        self.listeners.iter().find(|l| l.config.address == address)
+    }
+}
+
+/// Outcome of the last reload, for `wraith status`.
+#[derive(Debug, Clone)]
+pub struct ReloadResult {
+    pub at: SystemTime,
+    pub ok: bool,
+    pub errors: Vec<String>,
+}
+
+/// The running server: the gateway plus everything needed to reload and drain it.
+pub struct Runtime {
+    pub gateway: Arc<Gateway>,
+    pub config_path: PathBuf,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    generation: AtomicU64,
+    /// Cancelled when the server starts draining.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so draining can wait for them.
+    pub connections: TaskTracker,
+    listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
+    reload_lock: tokio::sync::Mutex<()>,
+    last_reload: Mutex<Option<ReloadResult>>,
+}
+
+impl Runtime {
+    /// Builds the first snapshot from a loaded config and binds every listener.
+    pub async fn start(config_path: PathBuf, config: Config) -> Result<Arc<Runtime>, String> {
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let snapshot = Snapshot::build(config, 1, None).map_err(|e| e.join("\n"))?;
+        let runtime = Arc::new(Runtime {
+            gateway: Arc::new(Gateway::new(Arc::new(snapshot))),
+            config_path,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            generation: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            listeners: Mutex::new(HashMap::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+            last_reload: Mutex::new(None),
+        });
+        let snapshot = runtime.gateway.snapshot();
+        let mut bound = Vec::new();
+        for l in &snapshot.listeners {
+            bound.push(listener::bind(&l.config).await?);
+        }
+        runtime.activate(bound);
+        Ok(runtime)
+    }
+
+    /// The current generation number.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the config file and swaps in the new snapshot. On any error the running
+    /// snapshot stays and the errors are returned (and remembered for `wraith status`).
+    pub async fn reload(self: &Arc<Self>) -> Result<u64, Vec<String>> {
+        let _guard = self.reload_lock.lock().await;
+        let result = self.try_reload().await;
+        let record = ReloadResult {
+            at: SystemTime::now(),
+            ok: result.is_ok(),
+            errors: result.as_ref().err().cloned().unwrap_or_default(),
+        };
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(record);
+        }
+        match &result {
+            Ok(generation) => tracing::info!(generation, "configuration reloaded"),
+            Err(errors) => {
+                for e in errors {
+                    tracing::error!(error = %e, "reload rejected; the previous configuration stays in service");
+                }
+            }
+        }
+        result
+    }
+
+    async fn try_reload(self: &Arc<Self>) -> Result<u64, Vec<String>> {
+        if self.shutdown.is_cancelled() {
+            return Err(vec!["the server is shutting down".into()]);
+        }
+        let path = self.config_path.clone();
+        // Loading reads files and parses certificates: keep it off the async workers.
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::load(
+                &path,
+                LoadOptions {
+                    generate_dev_certs: true,
+                },
+            )
+        })
+        .await
+        .map_err(|e| vec![format!("config loader failed: {e}")])?;
+        let config = loaded.map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let old = self.gateway.snapshot();
+        let generation = self.generation() + 1;
+        let snapshot = Snapshot::build(config, generation, Some(&old))?;
+
+        // Bind new addresses before swapping, so a port in use fails the whole reload.
+        let existing: Vec<SocketAddr> = self.listener_addresses();
+        let mut bound = Vec::new();
+        for l in &snapshot.listeners {
+            if !existing.contains(&l.config.address) {
+                bound.push(listener::bind(&l.config).await.map_err(|e| vec![e])?);
+            }
+        }
+        self.gateway.swap(Arc::new(snapshot));
+        self.generation.store(generation, Ordering::Relaxed);
+        self.activate(bound);
+        self.retire_listeners();
+        Ok(generation)
+    }
+
+    /// Starts accept loops for freshly bound listeners.
+    fn activate(self: &Arc<Self>, bound: Vec<listener::Bound>) {
+        let Ok(mut map) = self.listeners.lock() else {
+            return;
+        };
+        for b in bound {
+            let handle = listener::spawn(self.clone(), b);
+            map.insert(handle.address, handle);
+        }
+    }
+
+    /// Stops listeners that the current snapshot no longer has; their connections drain.
+    fn retire_listeners(&self) {
+        let snapshot = self.gateway.snapshot();
+        let Ok(mut map) = self.listeners.lock() else {
+            return;
+        };
+        map.retain(|addr, handle| {
+            let keep = snapshot.listener_at(*addr).is_some();
+            if !keep {
+                tracing::info!(address = %addr, "listener removed; draining its connections");
+                handle.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    fn listener_addresses(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Active listeners: (configured address, bound address, active connections).
+    pub fn listener_states(&self) -> Vec<(SocketAddr, SocketAddr, usize)> {
+        let mut out: Vec<_> = self
+            .listeners
+            .lock()
+            .map(|m| {
+                m.values()
+                    .map(|h| (h.address, h.local_addr, h.active()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// The last reload, if any.
+    pub fn last_reload(&self) -> Option<ReloadResult> {
+        self.last_reload.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Stops accepting everywhere and asks every connection to finish. Returns when all
+    /// connections are done; the caller bounds the wait with the shutdown timeout.
+    pub async fn drain(&self) {
+        self.shutdown.cancel();
+        if let Ok(map) = self.listeners.lock() {
+            for h in map.values() {
+                h.stop.cancel();
+            }
+        }
+        self.connections.close();
+        self.connections.wait().await;
+    }
+}

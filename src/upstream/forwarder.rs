@@ -1,0 +1,199 @@
+//! The forwarder: rewrites a request for its upstream (hop-by-hop headers out, forwarding
+//! headers in, prefix stripped), sends it on the pooled client with the response timeout, and
+//! streams the response back. WebSocket upgrades become a byte tunnel.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+
+use super::{Endpoint, Upstream};
+use crate::body::Body;
+use crate::config::{RouteConfig, UpstreamProtocol};
+use crate::error::GatewayError;
+use crate::proxy::headers::{self, ForwardInfo, X_REQUEST_ID};
+
+/// What happened while forwarding (for the access log).
+#[derive(Debug, Default, Clone)]
+pub struct ForwardOutcome {
+    /// The endpoint tried last.
+    pub endpoint: Option<String>,
+    /// Time from sending the request to receiving the response head.
+    pub upstream_time: Option<Duration>,
+    pub attempts: u32,
+}
+
+/// Forwards `req` to `upstream` on behalf of `route`.
+pub async fn forward(
+    upstream: &Upstream,
+    route: &RouteConfig,
+    mut req: Request<Body>,
+    info: &ForwardInfo<'_>,
+    request_id: &HeaderValue,
+    outcome: &mut ForwardOutcome,
+) -> Result<Response<Body>, GatewayError> {
+    let endpoint = upstream.pick().ok_or_else(|| GatewayError::NoEndpoint {
+        upstream: upstream.config.name.clone(),
+    })?;
+    outcome.attempts += 1;
+    outcome.endpoint = Some(endpoint.authority.to_string());
+
+    let h2 = upstream.config.protocol == UpstreamProtocol::H2c;
+    let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    prepare_request(&mut req, route, endpoint, info, request_id, h2, upgrade)?;
+
+    let timeout = route
+        .response_timeout
+        .unwrap_or(upstream.config.response_timeout);
+    endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+    endpoint.requests.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, upstream.client().request(req)).await;
+    endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    outcome.upstream_time = Some(started.elapsed());
+
+    let mut resp = match result {
+        Err(_) => {
+            return Err(GatewayError::UpstreamTimeout {
+                upstream: upstream.config.name.clone(),
+                endpoint: endpoint.authority.to_string(),
+                timeout,
+            })
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            endpoint.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(GatewayError::UpstreamConnect {
+                upstream: upstream.config.name.clone(),
+                endpoint: endpoint.authority.to_string(),
+                reason: error_chain(&e),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(GatewayError::UpstreamFailed {
+                upstream: upstream.config.name.clone(),
+                endpoint: endpoint.authority.to_string(),
+                reason: error_chain(&e),
+            })
+        }
+        Ok(Ok(resp)) => resp,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(parts, Body::Empty));
+        }
+    }
+    headers::strip_hop_by_hop(resp.headers_mut(), false, false);
+    Ok(resp.map(Body::Incoming))
+}
+
+/// Rewrites the request in place for the upstream.
+fn prepare_request(
+    req: &mut Request<Body>,
+    route: &RouteConfig,
+    endpoint: &Endpoint,
+    info: &ForwardInfo<'_>,
+    request_id: &HeaderValue,
+    h2: bool,
+    upgrade: bool,
+) -> Result<(), GatewayError> {
+    // Host: keep the client's; HTTP/2 and HTTP/3 clients send it as :authority instead.
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(a) = req.uri().authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    let headers = req.headers_mut();
+    headers::strip_hop_by_hop(headers, upgrade, h2);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    headers::set_forwarding(headers, info);
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    route.request_headers.apply(headers);
+    if h2 {
+        // :authority (the endpoint) replaces Host on HTTP/2.
+        headers.remove(header::HOST);
+    }
+
+    let path_and_query = upstream_path(req.uri(), route)?;
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(endpoint.scheme.clone());
+    parts.authority = Some(endpoint.authority.clone());
+    parts.path_and_query = Some(path_and_query);
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid request target"))?;
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    Ok(())
+}
+
+/// The path (and query) sent upstream, with the route's prefix stripped if asked.
+fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, GatewayError> {
+    let original = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if !route.strip_prefix {
+        return Ok(original);
+    }
+    let crate::config::PathMatch::Prefix(prefix) = &route.path else {
+        return Ok(original);
+    };
+    let rest = original
+        .path()
+        .strip_prefix(prefix.as_str())
+        .unwrap_or(original.path());
+    let mut out =
+        String::with_capacity(rest.len() + 1 + original.query().map_or(0, |q| q.len() + 1));
+    if !rest.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(rest);
+    if let Some(q) = original.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    PathAndQuery::try_from(out).map_err(|_| GatewayError::BadRequest("invalid request target"))
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+/// An error and its causes, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

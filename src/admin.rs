@@ -123,7 +123,7 @@ pub fn status(rt: &Runtime) -> Value {
         .listeners
         .iter()
         .map(|l| {
-            let state = states.iter().find(|(a, _, _)| *a == l.config.address);
+            let state = states.iter().find(|(k, _, _)| *k == l.config.key());
             json!({
                 "name": &*l.config.name,
                 "address": l.config.address.to_string(),

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{self, Config, ListenerConfig, LoadOptions, RouteAction};
+use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, RouteAction};
 use crate::listener::{self, tls, ListenerHandle};
 use crate::proxy::Gateway;
 use crate::router::{Route, Router};
@@ -103,9 +103,9 @@ impl Snapshot {
         self.listeners.iter().find(|l| &*l.config.name == name)
     }
 
-    /// The listener configured on this address.
-    pub fn listener_at(&self, address: SocketAddr) -> Option<&Arc<ListenerRuntime>> {
-        self.listeners.iter().find(|l| l.config.address == address)
+    /// The listener with this key.
+    pub fn listener_by_key(&self, key: &ListenerKey) -> Option<&Arc<ListenerRuntime>> {
+        self.listeners.iter().find(|l| l.config.key() == *key)
     }
 }
 
@@ -128,7 +128,7 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// Every connection task, so draining can wait for them.
     pub connections: TaskTracker,
-    listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
+    listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     last_reload: Mutex<Option<ReloadResult>>,
 }
@@ -215,10 +215,10 @@ impl Runtime {
         let snapshot = Snapshot::build(config, generation, Some(&old))?;
 
         // Bind new addresses before swapping, so a port in use fails the whole reload.
-        let existing: Vec<SocketAddr> = self.listener_addresses();
+        let existing: Vec<ListenerKey> = self.listener_keys();
         let mut bound = Vec::new();
         for l in &snapshot.listeners {
-            if !existing.contains(&l.config.address) {
+            if !existing.contains(&l.config.key()) {
                 bound.push(listener::bind(&l.config).await.map_err(|e| vec![e])?);
             }
         }
@@ -236,7 +236,7 @@ impl Runtime {
         };
         for b in bound {
             let handle = listener::spawn(self.clone(), b);
-            map.insert(handle.address, handle);
+            map.insert(handle.key.clone(), handle);
         }
     }
 
@@ -246,31 +246,31 @@ impl Runtime {
         let Ok(mut map) = self.listeners.lock() else {
             return;
         };
-        map.retain(|addr, handle| {
-            let keep = snapshot.listener_at(*addr).is_some();
+        map.retain(|key, handle| {
+            let keep = snapshot.listener_by_key(key).is_some();
             if !keep {
-                tracing::info!(address = %addr, "listener removed; draining its connections");
+                tracing::info!(address = %handle.local_addr, "listener removed; draining its connections");
                 handle.stop.cancel();
             }
             keep
         });
     }
 
-    fn listener_addresses(&self) -> Vec<SocketAddr> {
+    fn listener_keys(&self) -> Vec<ListenerKey> {
         self.listeners
             .lock()
-            .map(|m| m.keys().copied().collect())
+            .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
     }
 
-    /// Active listeners: (configured address, bound address, active connections).
-    pub fn listener_states(&self) -> Vec<(SocketAddr, SocketAddr, usize)> {
+    /// Active listeners: (key, bound address, active connections).
+    pub fn listener_states(&self) -> Vec<(ListenerKey, SocketAddr, usize)> {
         let mut out: Vec<_> = self
             .listeners
             .lock()
             .map(|m| {
                 m.values()
-                    .map(|h| (h.address, h.local_addr, h.active()))
+                    .map(|h| (h.key.clone(), h.local_addr, h.active()))
                     .collect()
             })
             .unwrap_or_default();

@@ -82,6 +82,23 @@ pub struct ListenerConfig {
     pub limits: Limits,
 }
 
+/// What identifies a listener across reloads: its address, or — for port 0, where the
+/// kernel picks the port — its name and address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub address: SocketAddr,
+    pub name: Option<Arc<str>>,
+}
+
+impl ListenerConfig {
+    pub fn key(&self) -> ListenerKey {
+        ListenerKey {
+            address: self.address,
+            name: (self.address.port() == 0).then(|| self.name.clone()),
+        }
+    }
+}
+
 /// TLS settings of an `https` listener, with the certificate already loaded.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
@@ -533,7 +550,8 @@ fn build_listeners(
         let address = match l.address.get_ref().parse::<SocketAddr>() {
             Ok(a) => {
                 let clash = addresses.iter().find(|(other, _)| {
-                    other.port() == a.port()
+                    a.port() != 0
+                        && other.port() == a.port()
                         && (other.ip() == a.ip()
                             || other.ip().is_unspecified()
                             || a.ip().is_unspecified())

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Limits, ListenerConfig};
+use crate::config::{Limits, ListenerConfig, ListenerKey};
 use crate::runtime::Runtime;
 
 /// The HTTP/1.1 and HTTP/2 server settings of a listener.
@@ -49,7 +49,7 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
 
 /// A socket bound for a listener, not yet accepting.
 pub struct Bound {
-    pub address: SocketAddr,
+    pub key: ListenerKey,
     pub listener: TcpListener,
     pub local_addr: SocketAddr,
     pub max_connections: usize,
@@ -80,7 +80,7 @@ pub async fn bind(config: &ListenerConfig) -> Result<Bound, String> {
         .local_addr()
         .map_err(|e| format!("listener {:?}: {e}", config.name))?;
     Ok(Bound {
-        address,
+        key: config.key(),
         listener,
         local_addr,
         max_connections: config.limits.max_connections.get(),
@@ -89,8 +89,8 @@ pub async fn bind(config: &ListenerConfig) -> Result<Bound, String> {
 
 /// A running listener.
 pub struct ListenerHandle {
-    /// The address as configured (the key across reloads).
-    pub address: SocketAddr,
+    /// What identifies the listener across reloads.
+    pub key: ListenerKey,
     /// The address actually bound (differs when the configured port is 0).
     pub local_addr: SocketAddr,
     /// Cancelled to stop accepting and drain this listener's connections.
@@ -111,7 +111,7 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
     let stop = runtime.shutdown.child_token();
     let permits = Arc::new(Semaphore::new(bound.max_connections));
     let handle = ListenerHandle {
-        address: bound.address,
+        key: bound.key.clone(),
         local_addr: bound.local_addr,
         stop: stop.clone(),
         permits: permits.clone(),
@@ -120,7 +120,7 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
     let name = runtime
         .gateway
         .snapshot()
-        .listener_at(bound.address)
+        .listener_by_key(&bound.key)
         .map(|l| l.config.name.to_string())
         .unwrap_or_default();
     tracing::info!(listener = %name, address = %bound.local_addr, "listening");
@@ -164,7 +164,7 @@ async fn accept_loop(
         };
         warned_full = false;
         let snapshot = runtime.gateway.snapshot();
-        let Some(listener) = snapshot.listener_at(bound.address).cloned() else {
+        let Some(listener) = snapshot.listener_by_key(&bound.key).cloned() else {
             return;
         };
         let runtime2 = runtime.clone();

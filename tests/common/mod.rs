@@ -1,0 +1,544 @@
+//! Shared integration-test harness: a real `wraith` process on a temp config, real upstream
+//! servers on 127.0.0.1:0, certificates made with rcgen at test time, and real HTTP clients.
+//! Every test reads like a story: start an upstream, put the gateway in front, make a client.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tempfile::TempDir;
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// A test PKI in a temp directory: CA, server cert for localhost/127.0.0.1, client certs.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: wraith::certs::Ca,
+    pub ca_pem: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let ca = wraith::certs::Ca::new("Wraith test CA").unwrap();
+        let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"]).unwrap();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, &ca.cert_pem).unwrap();
+        let server_cert = dir.join("server.pem");
+        let server_key = dir.join("server-key.pem");
+        std::fs::write(&server_cert, &server.cert_pem).unwrap();
+        std::fs::write(&server_key, &server.key_pem).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            ca,
+            ca_pem,
+            server_cert,
+            server_key,
+        }
+    }
+
+    /// Issues a new server certificate into the same files (for reload tests).
+    pub fn rotate_server_cert(&self) -> String {
+        let server = self
+            .ca
+            .issue_server(&["localhost", "127.0.0.1", "::1"])
+            .unwrap();
+        std::fs::write(&self.server_cert, &server.cert_pem).unwrap();
+        std::fs::write(&self.server_key, &server.key_pem).unwrap();
+        server.cert_pem
+    }
+
+    /// Issues a client certificate and writes `<name>.pem` / `<name>-key.pem`.
+    pub fn client(&self, name: &str, spiffe_id: Option<&str>) -> (PathBuf, PathBuf) {
+        let c = self.ca.issue_client(name, spiffe_id).unwrap();
+        let cert = self.dir.join(format!("{name}.pem"));
+        let key = self.dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert, &c.cert_pem).unwrap();
+        std::fs::write(&key, &c.key_pem).unwrap();
+        (cert, key)
+    }
+}
+
+/// A rustls client config trusting `ca_pem`, offering `alpn`, optionally with a client cert.
+pub fn tls_client_config(
+    ca_pem: &Path,
+    alpn: &[&[u8]],
+    client: Option<(&Path, &Path)>,
+) -> rustls::ClientConfig {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// A reqwest client over HTTPS trusting the test CA (HTTP/1.1 and HTTP/2 by ALPN).
+pub fn https_client(ca_pem: &Path, client: Option<(&Path, &Path)>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls_client_config(ca_pem, &[b"h2", b"http/1.1"], client))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A reqwest client over HTTPS that only speaks HTTP/1.1.
+pub fn https_client_h1(ca_pem: &Path, client: Option<(&Path, &Path)>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls_client_config(ca_pem, &[b"http/1.1"], client))
+        .http1_only()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A plain-HTTP reqwest client.
+pub fn http_client() -> reqwest::Client {
+    // reqwest needs a process-wide rustls provider even for plain HTTP.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream servers
+
+/// A real HTTP/1.1 (and h2c) server on 127.0.0.1:0 running `handler` for each request.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, handler)
+    }
+
+    /// Serves on an already-bound listener (to restart on the same port).
+    pub fn serve<F, Fut>(listener: tokio::net::TcpListener, handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(handler);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, task }
+    }
+
+    /// An upstream that answers every request with a JSON echo of what it received:
+    /// method, path (with query), headers, and the body length.
+    pub async fn echo() -> Upstream {
+        Upstream::start(|req: Request<Incoming>| async move { echo_response(req).await }).await
+    }
+
+    /// Stops accepting (existing connections are aborted with the runtime).
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// The echo handler (usable inside custom handlers).
+pub async fn echo_response(req: Request<Incoming>) -> Response<TestBody> {
+    let (parts, body) = req.into_parts();
+    let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in &parts.headers {
+        headers
+            .entry(k.to_string())
+            .or_default()
+            .push(v.to_str().unwrap_or("").to_string());
+    }
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let json = serde_json::json!({
+        "method": parts.method.as_str(),
+        "uri": parts.uri.to_string(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_len": body.len(),
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("x-upstream", "echo")
+        .body(full(serde_json::to_vec(&json).unwrap()))
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway process
+
+/// A `wraith serve` child process on a config written into a temp directory.
+pub struct Wraith {
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    state: Arc<(Mutex<LogState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    listening: HashMap<String, SocketAddr>,
+    started: bool,
+    closed: bool,
+}
+
+/// A config directory prepared before the process starts (certs, policies, ...).
+pub struct Setup {
+    pub dir: TempDir,
+    pub pki: Pki,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        Setup { dir, pki }
+    }
+
+    /// The standard `[[listener]]` blocks: `http` and `https` on port 0, plus `extra`.
+    pub fn listeners(&self) -> String {
+        format!(
+            r#"
+[server]
+shutdown_timeout = "10s"
+pid_file = "wraith.pid"
+admin_socket = "admin.sock"
+
+[[listener]]
+name = "http"
+address = "127.0.0.1:0"
+protocol = "http"
+
+[[listener]]
+name = "https"
+address = "127.0.0.1:0"
+protocol = "https"
+tls = {{ cert = "server.pem", key = "server-key.pem" }}
+"#
+        )
+    }
+
+    /// Writes `config` and starts `wraith serve` on it.
+    pub fn start(self, config: &str) -> Wraith {
+        Wraith::start_in(self.dir, config)
+    }
+}
+
+impl Wraith {
+    /// Writes `wraith.toml` into `dir` and starts the gateway; returns once every listener
+    /// is bound (read from the JSON log), or panics with the log if it does not start.
+    pub fn start_in(dir: TempDir, config: &str) -> Wraith {
+        let config_path = dir.path().join("wraith.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wraith"))
+            .arg("serve")
+            .arg("-c")
+            .arg(&config_path)
+            .env(
+                "WRAITH_LOG",
+                std::env::var("WRAITH_TEST_LOG")
+                    .unwrap_or_else(|_| "info,wraith::access=debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wraith");
+        let stderr = child.stderr.take().unwrap();
+        let state = Arc::new((Mutex::new(LogState::default()), Condvar::new()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("WRAITH_TEST_ECHO").is_some() {
+                    eprintln!("wraith| {line}");
+                }
+                let (lock, cv) = &*st;
+                let mut s = lock.lock().unwrap();
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        if let (Some(name), Some(addr)) =
+                            (v["listener"].as_str(), v["address"].as_str())
+                        {
+                            s.listening.insert(name.to_string(), addr.parse().unwrap());
+                        }
+                    }
+                    if v["message"] == "wraith started" {
+                        s.started = true;
+                    }
+                }
+                s.lines.push(line);
+                cv.notify_all();
+            }
+            let (lock, cv) = &*st;
+            lock.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let w = Wraith {
+            dir,
+            config_path,
+            child: Some(child),
+            state,
+        };
+        w.wait_for(Duration::from_secs(30), |s| s.started || s.closed);
+        if !w.state.0.lock().unwrap().started {
+            panic!("wraith did not start:\n{}", w.log());
+        }
+        w
+    }
+
+    fn wait_for(&self, timeout: Duration, mut f: impl FnMut(&LogState) -> bool) -> bool {
+        let (lock, cv) = &*self.state;
+        let deadline = Instant::now() + timeout;
+        let mut s = lock.lock().unwrap();
+        loop {
+            if f(&s) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = cv.wait_timeout(s, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until a log line satisfies `pred` (JSON-parsed); returns it.
+    pub fn wait_log(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let mut found = None;
+        self.wait_for(timeout, |s| {
+            for l in &s.lines {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                    if pred(&v) {
+                        found = Some(v);
+                        return true;
+                    }
+                }
+            }
+            false
+        });
+        found
+    }
+
+    /// Every JSON log line so far.
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        self.state
+            .0
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The whole log so far, as text.
+    pub fn log(&self) -> String {
+        self.state.0.lock().unwrap().lines.join("\n")
+    }
+
+    /// The bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        *self
+            .state
+            .0
+            .lock()
+            .unwrap()
+            .listening
+            .get(name)
+            .unwrap_or_else(|| panic!("no listener {name}:\n{}", self.log()))
+    }
+
+    /// Waits for a listener named `name` to be bound (after a reload adds one).
+    pub fn wait_listener(&self, name: &str, timeout: Duration) -> Option<SocketAddr> {
+        self.wait_for(timeout, |s| s.listening.contains_key(name));
+        self.state.0.lock().unwrap().listening.get(name).copied()
+    }
+
+    pub fn url(&self, listener: &str, path: &str) -> String {
+        let a = self.addr(listener);
+        let scheme = if listener.contains("https") {
+            "https"
+        } else {
+            "http"
+        };
+        if scheme == "https" {
+            format!("https://localhost:{}{path}", a.port())
+        } else {
+            format!("http://{a}{path}")
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Rewrites the config file (for reload tests).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
+    /// SIGHUP, then waits for the outcome in the log: Ok(()) reloaded, Err(log line) rejected.
+    pub fn reload(&self) -> Result<(), String> {
+        let before = self.state.0.lock().unwrap().lines.len();
+        self.signal(libc::SIGHUP);
+        let mut outcome = None;
+        self.wait_for(Duration::from_secs(30), |s| {
+            for l in &s.lines[before..] {
+                if l.contains("configuration reloaded") {
+                    outcome = Some(Ok(()));
+                    return true;
+                }
+                if l.contains("reload rejected") {
+                    outcome = Some(Err(l.clone()));
+                    return true;
+                }
+            }
+            false
+        });
+        outcome.unwrap_or_else(|| Err(format!("no reload outcome in the log:\n{}", self.log())))
+    }
+
+    /// Waits for the process to exit; returns its exit code (None on timeout).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a `wraith` subcommand against this instance's config; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_wraith"))
+            .args(args)
+            .arg("-c")
+            .arg(&self.config_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Resident set size of the gateway process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Wraith {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `wraith <args>` outside any instance.
+pub fn wraith_cmd(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

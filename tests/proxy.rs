@@ -1,0 +1,479 @@
+//! The forwarding path end to end: a real upstream, the gateway in front, real clients.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use hyper::{Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(setup: &Setup, upstream: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"{listeners}
+[[upstream]]
+name = "app"
+endpoints = ["{upstream}"]
+connect_timeout = "2s"
+response_timeout = "2s"
+
+[[route]]
+name = "hello"
+path = {{ exact = "/hello" }}
+respond = {{ status = 201, body = "hi\n", headers = {{ "x-built-in" = "yes" }} }}
+
+[[route]]
+name = "moved"
+path = {{ prefix = "/old/" }}
+redirect = {{ to = "https://{{host}}/new{{path}}", status = 301 }}
+
+[[route]]
+name = "stripped"
+path = {{ prefix = "/strip/" }}
+upstream = "app"
+strip_prefix = true
+request_headers = {{ set = {{ "x-route" = "stripped" }}, remove = ["x-remove-me"] }}
+response_headers = {{ add = {{ "x-resp" = "added" }} }}
+
+{extra}
+
+[[route]]
+name = "app"
+path = {{ prefix = "/" }}
+upstream = "app"
+"#,
+        listeners = setup.listeners()
+    )
+}
+
+async fn json(resp: reqwest::Response) -> serde_json::Value {
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+
+    let resp = client
+        .get(wraith.url("http", "/strip/a/b?q=1"))
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must not pass")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("te", "gzip")
+        .header("x-remove-me", "1")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-request-id", "spoofed-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-resp"], "added");
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(rid.len(), 32, "a fresh id, not the client's");
+    let echo = json(resp).await;
+    let h = &echo["headers"];
+    assert_eq!(echo["uri"], "/a/b?q=1", "prefix stripped, query kept");
+    for hop in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "x-remove-me",
+    ] {
+        assert!(h.get(hop).is_none(), "{hop} reached the upstream: {h}");
+    }
+    assert_eq!(
+        h["x-forwarded-for"][0], "127.0.0.1",
+        "spoofed XFF replaced by the real peer"
+    );
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        h["forwarded"][0],
+        format!("for=127.0.0.1;proto=http;host=127.0.0.1")
+    );
+    assert_eq!(h["via"][0], "1.1 wraith");
+    assert_eq!(h["x-route"][0], "stripped");
+    assert_eq!(h["x-request-id"][0], rid.as_str());
+    assert_eq!(
+        h["host"][0],
+        wraith.addr("http").to_string(),
+        "client Host preserved"
+    );
+}
+
+#[tokio::test]
+async fn trusted_proxy_chain_is_appended() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    let wraith = setup.start(&cfg);
+    let resp = http_client()
+        .get(wraith.url("http", "/x"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-request-id", "from-the-edge-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "from-the-edge-42");
+    let echo = json(resp).await;
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"][0],
+        "203.0.113.7, 127.0.0.1"
+    );
+}
+
+#[tokio::test]
+async fn built_in_responses_redirects_and_404() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "[[route]]\nname = \"app\"\npath = { prefix = \"/\" }",
+        "[[route]]\nname = \"app\"\npath = { prefix = \"/app/\" }",
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+
+    let resp = client
+        .get(wraith.url("http", "/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["x-built-in"], "yes");
+    assert!(resp.headers().contains_key("x-request-id"));
+    assert_eq!(resp.text().await.unwrap(), "hi\n");
+
+    let resp = client
+        .get(wraith.url("http", "/old/page?x=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 301);
+    assert_eq!(resp.headers()["location"], "https://127.0.0.1/new/old/page");
+
+    let resp = client
+        .get(wraith.url("http", "/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = json(resp).await;
+    assert_eq!(body["error"], "no_route");
+    assert_eq!(body["request_id"], rid.as_str());
+
+    // Dot segments cannot smuggle a request past the route that matched.
+    let resp = client
+        .get(wraith.url("http", "/app/%2e%2e/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "normalized to /hello before routing");
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_upstream_is_504() {
+    // Nothing listens on a port we bound and released.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let slow = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let setup = Setup::new();
+    let extra = format!(
+        r#"
+[[upstream]]
+name = "slow"
+endpoints = ["{}"]
+response_timeout = "300ms"
+
+[[route]]
+name = "slow"
+path = {{ prefix = "/slow" }}
+upstream = "slow"
+"#,
+        slow.addr
+    );
+    let cfg = config(&setup, dead, &extra);
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+
+    let resp = client.get(wraith.url("http", "/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = json(resp).await;
+    assert_eq!(body["error"], "upstream_unreachable");
+    assert_eq!(body["request_id"], rid.as_str());
+    assert!(
+        !body["message"].as_str().unwrap().contains("os error"),
+        "no internal detail leaked"
+    );
+
+    let started = Instant::now();
+    let resp = client
+        .get(wraith.url("http", "/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(json(resp).await["error"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_stream_through() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+
+    // A chunked body from a stream of unknown length.
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..100)
+        .map(|i| Ok(Bytes::from(vec![b'a' + (i % 26) as u8; 1000])))
+        .collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let resp = http_client()
+        .post(wraith.url("http", "/upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    assert_eq!(echo["body_len"], 100_000);
+    assert!(
+        echo["headers"].get("transfer-encoding").is_some(),
+        "forwarded as chunked: {}",
+        echo["headers"]
+    );
+
+    // Raw HTTP/1.1 chunked framing, written by hand.
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(b"POST /raw HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"body_len\":11"), "{out}");
+}
+
+#[tokio::test]
+async fn http2_multiplexes_100_concurrent_streams_on_one_connection() {
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        // Hold every request a little so they really overlap.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        echo_response(req).await
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+
+    // One TLS connection, h2 by ALPN, 100 streams at once.
+    let tcp = tokio::net::TcpStream::connect(wraith.addr("https"))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_client_config(
+        &ca,
+        &[b"h2"],
+        None,
+    )))
+    .connect("localhost".try_into().unwrap(), tcp)
+    .await
+    .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(format!("https://localhost/stream/{i}"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["uri"], format!("/stream/{i}"));
+            assert_eq!(v["headers"]["via"][0], "2 wraith");
+            assert_eq!(
+                v["headers"]["host"][0], "localhost",
+                "Host set from :authority"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 100 requests of 200 ms each, done concurrently rather than one after another.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "streams were not concurrent: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    // A WebSocket echo upstream (tokio-tungstenite server side).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        ws.send(msg).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let setup = Setup::new();
+    let cfg = config(&setup, ws_addr, "");
+    let wraith = setup.start(&cfg);
+    let url = format!("ws://{}/ws", wraith.addr("http"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..10 {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "ping {i}"
+        )))
+        .await
+        .unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_off() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nlimits = { header_read_timeout = \"500ms\", idle_timeout = \"5s\" }\n",
+    );
+    let wraith = setup.start(&cfg);
+
+    // Slowloris: start a request head and dribble bytes without ever finishing it.
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut closed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the connection was not closed");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(3),
+        "closed after {elapsed:?}"
+    );
+
+    // A normal keep-alive client that pauses longer than the header timeout between
+    // requests is not cut off: idle time is governed by idle_timeout.
+    let client = http_client();
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/a"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/b"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn https_serves_h1_and_h2_and_redirects_plain_http() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, upstream.addr, "").replacen(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nredirect_https = { port = 8443 }\n",
+        1,
+    );
+    let wraith = setup.start(&cfg);
+
+    let resp = http_client()
+        .get(wraith.url("http", "/some/path?a=b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        "https://127.0.0.1:8443/some/path?a=b"
+    );
+
+    let h2 = https_client(&ca, None)
+        .get(wraith.url("https", "/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    let echo = json(h2).await;
+    assert_eq!(echo["headers"]["x-forwarded-proto"][0], "https");
+    assert_eq!(echo["version"], "HTTP/1.1", "HTTP/1.1 to the upstream");
+
+    let h1 = https_client_h1(&ca, None)
+        .get(wraith.url("https", "/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h1.version(), reqwest::Version::HTTP_11);
+    assert_eq!(h1.status(), 200);
+}

@@ -30,6 +30,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod listener;
 pub mod proxy;
 pub mod router;

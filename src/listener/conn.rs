@@ -211,6 +211,7 @@ pub(super) async fn serve(
         local,
         listener: listener.config.name.clone(),
         tls: None,
+        identity: None,
     };
 
     let Some(acceptor) = &listener.tls else {

@@ -42,6 +42,8 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     /// Present on TLS (and QUIC) connections.
     pub tls: Option<TlsInfo>,
+    /// The verified client certificate's identity, when the client presented one.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 /// The negotiated TLS parameters of a connection.

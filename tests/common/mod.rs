@@ -266,10 +266,10 @@ impl Setup {
         Setup { dir, pki }
     }
 
-    /// The standard `[[listener]]` blocks: `http` and `https` on port 0, plus `extra`.
+    /// `[server]` (pid file, admin socket) and the standard listeners: `http` and `https`
+    /// on port 0.
     pub fn listeners(&self) -> String {
-        format!(
-            r#"
+        r#"
 [server]
 shutdown_timeout = "10s"
 pid_file = "wraith.pid"
@@ -284,9 +284,9 @@ protocol = "http"
 name = "https"
 address = "127.0.0.1:0"
 protocol = "https"
-tls = {{ cert = "server.pem", key = "server-key.pem" }}
+tls = { cert = "server.pem", key = "server-key.pem" }
 "#
-        )
+        .to_string()
     }
 
     /// Writes `config` and starts `wraith serve` on it.

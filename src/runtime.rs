@@ -18,6 +18,7 @@ use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, Rout
 use crate::listener::{self, tls, ListenerHandle};
 use crate::proxy::Gateway;
 use crate::router::{Route, Router};
+use crate::telemetry::{SnapshotTelemetry, Telemetry};
 use crate::upstream::Upstream;
 
 /// One listener's settings in a snapshot, with its TLS acceptor and HTTP server builder.
@@ -35,6 +36,8 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
+    /// Access-log sinks and metric handles (attached by the runtime after `build`).
+    pub telemetry: SnapshotTelemetry,
 }
 
 impl Snapshot {
@@ -95,6 +98,7 @@ impl Snapshot {
             upstreams,
             listeners,
             config,
+            telemetry: SnapshotTelemetry::default(),
         })
     }
 
@@ -123,6 +127,8 @@ pub struct Runtime {
     pub config_path: PathBuf,
     pub started_at: SystemTime,
     pub started: Instant,
+    /// Metrics, the traffic window and the log writers; outlives every snapshot.
+    pub telemetry: Arc<Telemetry>,
     generation: AtomicU64,
     /// Cancelled when the server starts draining.
     pub shutdown: CancellationToken,
@@ -139,12 +145,16 @@ impl Runtime {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let snapshot = Snapshot::build(config, 1, None).map_err(|e| e.join("\n"))?;
+        let telemetry = Arc::new(Telemetry::default());
+        let mut snapshot = Snapshot::build(config, 1, None).map_err(|e| e.join("\n"))?;
+        snapshot.telemetry = SnapshotTelemetry::build(&telemetry, &snapshot.config, None)
+            .map_err(|e| e.join("\n"))?;
         let runtime = Arc::new(Runtime {
             gateway: Arc::new(Gateway::new(Arc::new(snapshot))),
             config_path,
             started_at: SystemTime::now(),
             started: Instant::now(),
+            telemetry,
             generation: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -176,6 +186,10 @@ impl Runtime {
             ok: result.is_ok(),
             errors: result.as_ref().err().cloned().unwrap_or_default(),
         };
+        self.gateway
+            .snapshot()
+            .telemetry
+            .reload(record.ok, self.generation(), &record.errors);
         if let Ok(mut last) = self.last_reload.lock() {
             *last = Some(record);
         }
@@ -212,7 +226,9 @@ impl Runtime {
         }
         let old = self.gateway.snapshot();
         let generation = self.generation() + 1;
-        let snapshot = Snapshot::build(config, generation, Some(&old))?;
+        let mut snapshot = Snapshot::build(config, generation, Some(&old))?;
+        snapshot.telemetry =
+            SnapshotTelemetry::build(&self.telemetry, &snapshot.config, Some(&old.telemetry))?;
 
         // Bind new addresses before swapping, so a port in use fails the whole reload.
         let existing: Vec<ListenerKey> = self.listener_keys();

@@ -24,6 +24,9 @@ use super::units::{parse_duration, parse_size};
 use super::{ConfigError, ConfigErrors, LoadOptions, Source};
 use crate::listener::tls;
 
+mod telemetry;
+pub use telemetry::*;
+
 /// The whole, checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -34,6 +37,10 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, in file order: the first that matches a request wins.
     pub routes: Vec<RouteConfig>,
+    /// Access-log sinks (`[log]`).
+    pub log: LogConfig,
+    /// The Prometheus metrics listener (`[metrics]`).
+    pub metrics: MetricsConfig,
     /// Things that are allowed but probably wrong (printed by `wraith test`, logged by serve).
     pub warnings: Vec<String>,
     /// Things loading did that the operator should hear about (e.g. dev certificates created).
@@ -378,10 +385,14 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     let mut raw_listeners = Vec::new();
     let mut raw_upstreams = Vec::new();
     let mut raw_routes = Vec::new();
+    let mut raw_log = None;
+    let mut raw_metrics = None;
     for (key, value) in root.get_ref().iter() {
         let name: &str = key.get_ref();
         match name {
             "server" => raw_server = b.de::<RawServer>(value, "server"),
+            "log" => raw_log = b.de::<RawLog>(value, "log"),
+            "metrics" => raw_metrics = b.de::<RawMetrics>(value, "metrics"),
             "listener" | "upstream" | "route" => {
                 let DeValue::Array(items) = value.get_ref() else {
                     b.err(
@@ -409,7 +420,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
             other => b.err(
                 Some(key.span()),
                 other,
-                "unknown section (expected server, listener, upstream or route)",
+                "unknown section (expected server, listener, upstream, route, log or metrics)",
             ),
         }
     }
@@ -418,6 +429,8 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     let listeners = build_listeners(&mut b, &server, raw_listeners);
     let upstreams = build_upstreams(&mut b, raw_upstreams);
     let routes = build_routes(&mut b, &upstreams, raw_routes);
+    let log = build_log(&mut b, raw_log.unwrap_or_default());
+    let metrics = build_metrics(&mut b, raw_metrics.unwrap_or_default());
 
     if listeners.is_empty() && b.errors.is_empty() {
         b.err(
@@ -451,6 +464,8 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
         listeners,
         upstreams,
         routes,
+        log,
+        metrics,
         warnings: b.warnings,
         notices: b.notices,
     })

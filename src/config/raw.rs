@@ -135,3 +135,52 @@ pub struct RawHeaderOps {
     pub add: Option<BTreeMap<Str, Str>>,
     pub remove: Option<Vec<Str>>,
 }
+
+/// `[log]`: access-log sinks and what they record.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub query: Option<Str>,
+    pub redact_params: Option<Vec<Str>>,
+    pub json: Option<Spanned<RawFileSink>>,
+    pub combined: Option<Spanned<RawCombinedSink>>,
+    pub sqlite: Option<Spanned<RawSqliteSink>>,
+    pub events: Option<Spanned<RawFileSink>>,
+}
+
+/// `[log.json]`, `[log.events]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileSink {
+    pub path: Str,
+    pub queue: Option<Spanned<i64>>,
+}
+
+/// `[log.combined]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCombinedSink {
+    pub path: Str,
+    pub queue: Option<Spanned<i64>>,
+    pub vhost: Option<bool>,
+    pub identity_as_user: Option<bool>,
+}
+
+/// `[log.sqlite]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSqliteSink {
+    pub path: Str,
+    pub queue: Option<Spanned<i64>>,
+    pub batch: Option<Spanned<i64>>,
+    pub max_age: Option<Str>,
+    pub max_rows: Option<Spanned<i64>>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub address: Option<Str>,
+    pub path: Option<Str>,
+}

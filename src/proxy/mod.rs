@@ -30,7 +30,8 @@ use crate::config::RouteAction;
 use crate::error::{self, GatewayError};
 use crate::router::Route;
 use crate::runtime::Snapshot;
-use crate::upstream::forwarder::{self, ForwardOutcome};
+use crate::telemetry::access_log::{AccessRecord, Pending};
+use crate::upstream::forwarder;
 use headers::{ForwardInfo, X_REQUEST_ID};
 
 /// What the pipeline knows about the connection a request came on.
@@ -74,14 +75,6 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
 }
 
-/// What the access log records about one request (sinks arrive with the observability work).
-#[derive(Debug, Default)]
-struct Record {
-    route: Option<Arc<str>>,
-    forward: ForwardOutcome,
-    error: Option<&'static str>,
-}
-
 impl Gateway {
     pub fn new(snapshot: Arc<Snapshot>) -> Gateway {
         Gateway {
@@ -100,7 +93,7 @@ impl Gateway {
     }
 
     /// Handles one request from any protocol.
-    pub async fn handle(&self, req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
         // Why first: a reload mid-request must not change the rules under it.
         let snapshot = self.snapshot.load_full();
         let started = Instant::now();
@@ -108,17 +101,27 @@ impl Gateway {
         let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), peer_trusted);
         let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
-        let method = req.method().clone();
-        let version = req.version();
-        let mut record = Record::default();
+        let head_only = req.method() == Method::HEAD;
+        // The access record exists from here on; if this future is dropped early it is
+        // emitted as a client abort (499).
+        let mut record = AccessRecord::start(&req, conn, client_ip, &request_id);
+        record.count_request_body(&mut req);
+        let mut pending = Pending::new(record, started, snapshot.clone());
 
         let result = self
-            .run(&snapshot, req, conn, peer_trusted, &request_id, &mut record)
+            .run(
+                &snapshot,
+                req,
+                conn,
+                peer_trusted,
+                &request_id,
+                pending.record(),
+            )
             .await;
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                record.error = Some(e.code());
+                pending.record().error = Some(e.code());
                 match e.fault() {
                     error::Fault::Upstream | error::Fault::Internal => {
                         tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed")
@@ -130,22 +133,9 @@ impl Gateway {
                 error::to_response(&e, &request_id)
             }
         };
-        tracing::debug!(
-            target: "wraith::access",
-            request_id = request_id.to_str().unwrap_or("-"),
-            client = %client_ip,
-            listener = %conn.listener,
-            protocol = protocol_name(version),
-            method = %method,
-            status = resp.status().as_u16(),
-            route = record.route.as_deref().unwrap_or("-"),
-            endpoint = record.forward.endpoint.as_deref().unwrap_or("-"),
-            error = record.error.unwrap_or("-"),
-            micros = started.elapsed().as_micros() as u64,
-            "request"
-        );
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        resp
+        // One access record, emitted when the response body ends (or the client leaves).
+        pending.finish(resp, head_only)
     }
 
     /// The stages, each one able to end the request with a typed error.
@@ -156,7 +146,7 @@ impl Gateway {
         conn: &ConnInfo,
         peer_trusted: bool,
         request_id: &HeaderValue,
-        record: &mut Record,
+        record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
@@ -177,7 +167,7 @@ impl Gateway {
             .router
             .find(host.as_deref(), req.uri().path(), req.method())
             .ok_or(GatewayError::NoRoute)?;
-        record.route = Some(route.config.name.clone());
+        record.set_route(route);
 
         let mut resp = match &route.config.action {
             RouteAction::Respond(r) => {
@@ -208,7 +198,7 @@ impl Gateway {
         req: Request<Body>,
         info: &ForwardInfo<'_>,
         request_id: &HeaderValue,
-        record: &mut Record,
+        record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
         let upstream = route.upstream.as_ref().ok_or(GatewayError::NoRoute)?;
         forwarder::forward(

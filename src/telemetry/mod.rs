@@ -1,11 +1,39 @@
-//! Server logs (tracing). JSON when stderr is not a terminal (or when configured), human
-//! text otherwise. `WRAITH_LOG` overrides the configured filter.
+//! Telemetry: server logs (tracing), the access log and its sinks, security events, metrics
+//! and the last-minute window behind `wraith status` and `wraith top`.
+//!
+//! - `Telemetry` lives as long as the process: the metric registry, the traffic window and
+//!   every sink writer thread (so shutdown can flush them all).
+//! - `SnapshotTelemetry` belongs to one config snapshot: its sinks (shared with the previous
+//!   snapshot when their settings did not change) and the pre-resolved metric handles of its
+//!   routes and endpoints. `emit` is the one place a finished request is accounted for.
+//!
+//! Server logs are JSON when stderr is not a terminal (or when configured), human text
+//! otherwise. `WRAITH_LOG` overrides the configured filter.
 
+pub mod access_log;
+pub mod format;
+pub mod metrics;
+pub mod sinks;
+pub mod sqlite;
+pub mod window;
+
+use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{Config, LogFormat, RouteAction};
+use access_log::AccessRecord;
+use format::{CombinedOptions, Event, Formatting};
+use metrics::{
+    origin_label, EndpointMetrics, HandshakeLabels, ListenerLabel, Metrics, OriginLabel,
+    PolicyLabels, RouteErrorLabels, RouteLabel, RouteMetrics, SinkLabel,
+};
+use sinks::{FileWriter, Queue, Sink, Writers};
+use window::Window;
 
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing).
 pub fn init_logging(level: &str, format: LogFormat) {
@@ -31,4 +59,444 @@ pub fn init_logging(level: &str, format: LogFormat) {
     } else {
         builder.try_init()
     };
+}
+
+/// Process-wide telemetry state.
+#[derive(Default)]
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub window: Window,
+    pub writers: Writers,
+}
+
+/// The access sinks of one snapshot.
+type AccessSink = Sink<Arc<AccessRecord>>;
+
+/// A snapshot's sinks and metric handles.
+#[derive(Default)]
+pub struct SnapshotTelemetry {
+    shared: Option<Arc<Telemetry>>,
+    pub json: Option<Arc<AccessSink>>,
+    pub combined: Option<Arc<AccessSink>>,
+    pub sqlite: Option<Arc<AccessSink>>,
+    pub events: Option<Arc<Sink<Event>>>,
+    routes: HashMap<Arc<str>, Arc<RouteMetrics>>,
+    no_route: Option<Arc<RouteMetrics>>,
+    /// upstream name -> (endpoint, handles)
+    endpoints: HashMap<Arc<str>, Vec<(String, Arc<EndpointMetrics>)>>,
+}
+
+impl SnapshotTelemetry {
+    /// Builds the sinks and metric handles for `config`, reusing the previous snapshot's sinks
+    /// and handles where nothing changed (reused file sinks reopen their files).
+    pub fn build(
+        shared: &Arc<Telemetry>,
+        config: &Config,
+        previous: Option<&SnapshotTelemetry>,
+    ) -> Result<SnapshotTelemetry, Vec<String>> {
+        let m = &shared.metrics;
+        let mut out = SnapshotTelemetry {
+            shared: Some(shared.clone()),
+            ..SnapshotTelemetry::default()
+        };
+        for r in &config.routes {
+            let reused = previous.and_then(|p| p.routes.get(&r.name)).cloned();
+            out.routes
+                .insert(r.name.clone(), reused.unwrap_or_else(|| m.route(&r.name)));
+        }
+        out.no_route = Some(
+            previous
+                .and_then(|p| p.no_route.clone())
+                .unwrap_or_else(|| m.route(metrics::NO_ROUTE)),
+        );
+        for u in &config.upstreams {
+            let old = previous.and_then(|p| p.endpoints.get(&u.name));
+            let list = u
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let name = e.authority.to_string();
+                    let reused = old
+                        .and_then(|l| l.iter().find(|(n, _)| *n == name))
+                        .map(|(_, h)| h.clone());
+                    let handles = reused.unwrap_or_else(|| m.endpoint(&u.name, &name));
+                    (name, handles)
+                })
+                .collect();
+            out.endpoints.insert(u.name.clone(), list);
+        }
+
+        let mut errors = Vec::new();
+        let formatting = Formatting::new(&config.log);
+        let log = &config.log;
+        if let Some(c) = &log.json {
+            let key = format!("{}|{}|{formatting:?}", c.path.display(), c.queue);
+            let f = formatting.clone();
+            out.json = sink(
+                shared,
+                previous.and_then(|p| p.json.as_ref()),
+                "json",
+                key,
+                c.queue,
+                || {
+                    FileWriter::new(
+                        c.path.clone(),
+                        Box::new(move |r: &Arc<AccessRecord>, buf: &mut Vec<u8>| {
+                            format::json_line(r, &f, buf)
+                        }),
+                    )
+                },
+            )
+            .map_err(|e| errors.push(format!("log.json: {e}")))
+            .ok();
+        }
+        if let Some(c) = &log.combined {
+            let opts = CombinedOptions {
+                vhost: c.vhost,
+                identity_as_user: c.identity_as_user,
+            };
+            let key = format!(
+                "{}|{}|{opts:?}|{formatting:?}",
+                c.file.path.display(),
+                c.file.queue
+            );
+            let f = formatting.clone();
+            out.combined = sink(
+                shared,
+                previous.and_then(|p| p.combined.as_ref()),
+                "combined",
+                key,
+                c.file.queue,
+                || {
+                    FileWriter::new(
+                        c.file.path.clone(),
+                        Box::new(move |r: &Arc<AccessRecord>, buf: &mut Vec<u8>| {
+                            format::combined_line(r, &f, opts, buf)
+                        }),
+                    )
+                },
+            )
+            .map_err(|e| errors.push(format!("log.combined: {e}")))
+            .ok();
+        }
+        if let Some(c) = &log.sqlite {
+            let key = format!("{c:?}|{formatting:?}");
+            let f = formatting.clone();
+            out.sqlite = sink(
+                shared,
+                previous.and_then(|p| p.sqlite.as_ref()),
+                "sqlite",
+                key,
+                c.queue,
+                || sqlite::SqliteWriter::new(c.clone(), f),
+            )
+            .map_err(|e| errors.push(format!("log.sqlite: {e}")))
+            .ok();
+        }
+        if let Some(c) = &log.events {
+            let key = format!("{}|{}", c.path.display(), c.queue);
+            out.events = sink(
+                shared,
+                previous.and_then(|p| p.events.as_ref()),
+                "events",
+                key,
+                c.queue,
+                || {
+                    FileWriter::new(
+                        c.path.clone(),
+                        Box::new(|e: &Event, buf: &mut Vec<u8>| format::event_line(e, buf)),
+                    )
+                },
+            )
+            .map_err(|e| errors.push(format!("log.events: {e}")))
+            .ok();
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The process-wide telemetry (absent only in snapshots built by `wraith test`).
+    pub fn shared(&self) -> Option<&Arc<Telemetry>> {
+        self.shared.as_ref()
+    }
+
+    /// Accounts for one finished request: metrics, the status window, every sink.
+    pub fn emit(&self, record: AccessRecord) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let m = &shared.metrics;
+        let route = record
+            .route
+            .as_ref()
+            .and_then(|r| self.routes.get(r))
+            .or(self.no_route.as_ref());
+        if let Some(rm) = route {
+            rm.observe(&m.requests, record.protocol, record.status, record.duration);
+            if let Some(code) = record.error {
+                m.request_errors
+                    .get_or_create(&RouteErrorLabels {
+                        route: rm.name().to_string(),
+                        code,
+                    })
+                    .inc();
+            }
+            if let Some(p) = &record.policy {
+                let effect = match (p.effect, p.shadow) {
+                    (access_log::Effect::Allow, _) => "allow",
+                    (access_log::Effect::Deny, false) => "deny",
+                    (access_log::Effect::Deny, true) => "shadow_deny",
+                };
+                m.policy_decisions
+                    .get_or_create(&PolicyLabels {
+                        route: rm.name().to_string(),
+                        effect,
+                    })
+                    .inc();
+            }
+            if record.rate_limit.as_ref().is_some_and(|r| r.limited) {
+                m.ratelimit_rejections
+                    .get_or_create(&RouteLabel {
+                        route: rm.name().to_string(),
+                    })
+                    .inc();
+            }
+        }
+        if let Some(b) = &record.ban {
+            m.bans
+                .get_or_create(&OriginLabel {
+                    origin: origin_label(&b.origin),
+                })
+                .inc();
+        }
+        if let (Some(up), Some(ep)) = (&record.upstream, &record.forward.endpoint) {
+            let handles = self
+                .endpoints
+                .get(up)
+                .and_then(|l| l.iter().find(|(n, _)| n == ep));
+            if let Some((_, h)) = handles {
+                let failed = matches!(
+                    record.error,
+                    Some("upstream_unreachable" | "upstream_timeout" | "upstream_failed")
+                );
+                let unreachable = matches!(
+                    record.error,
+                    Some("upstream_unreachable" | "upstream_timeout")
+                );
+                h.observe(record.forward.upstream_time, !unreachable);
+                if let (true, Some(code)) = (failed, record.error) {
+                    h.error(&m.upstream_errors, code);
+                }
+            }
+        }
+
+        let end = record.time + record.duration;
+        let second = end.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let denied = record.denied();
+        shared
+            .window
+            .record(second, record.status, record.duration, denied);
+        if let Some(rm) = route.filter(|_| denied) {
+            rm.denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if denied {
+            let id = record.identity_name().map(Arc::from);
+            shared.window.record_denial(second, record.client_ip, id);
+        }
+
+        let any = self.json.is_some() || self.combined.is_some() || self.sqlite.is_some();
+        let event = self.events.as_ref().zip(record.security_event());
+        if !any && event.is_none() {
+            return;
+        }
+        let record = Arc::new(record);
+        for s in [&self.json, &self.combined, &self.sqlite]
+            .into_iter()
+            .flatten()
+        {
+            s.push(record.clone());
+        }
+        if let Some((events, event)) = event {
+            events.push(Event::Request { event, record });
+        }
+    }
+
+    /// Accounts for a TLS handshake: metrics always, a security event when it failed.
+    pub fn handshake(
+        &self,
+        listener: &Arc<str>,
+        peer: SocketAddr,
+        started: Instant,
+        outcome: Result<(&'static str, &'static str), HandshakeFailure>,
+    ) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let m = &shared.metrics;
+        let (version, group, result) = match &outcome {
+            Ok((v, g)) => (*v, *g, "ok"),
+            Err(f) => ("unknown", "unknown", f.result()),
+        };
+        m.tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                listener: listener.to_string(),
+                version,
+                group,
+                result,
+            })
+            .inc();
+        m.tls_handshake_duration
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_string(),
+            })
+            .observe(started.elapsed());
+        if let (Err(f), Some(events)) = (outcome, &self.events) {
+            let (auth, reason) = match f {
+                HandshakeFailure::ClientCertificate(r) => (true, r),
+                HandshakeFailure::Other(r) => (false, r),
+                HandshakeFailure::Timeout => (false, "handshake timed out".into()),
+            };
+            events.push(Event::Handshake {
+                time: SystemTime::now(),
+                peer,
+                listener: listener.clone(),
+                auth,
+                reason,
+            });
+        }
+    }
+
+    /// Records a reload attempt (metrics and a `config_reload` event).
+    pub fn reload(&self, ok: bool, generation: u64, errors: &[String]) {
+        if let Some(shared) = &self.shared {
+            shared
+                .metrics
+                .reloads
+                .get_or_create(&metrics::ResultLabel {
+                    result: if ok { "ok" } else { "failed" },
+                })
+                .inc();
+        }
+        if let Some(events) = &self.events {
+            events.push(Event::Reload {
+                time: SystemTime::now(),
+                ok,
+                generation,
+                errors: errors.to_vec(),
+            });
+        }
+    }
+
+    /// Per-route totals for `wraith status` / `wraith top`: (name, requests, 5xx, denied).
+    pub fn route_totals(&self) -> Vec<(String, u64, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out: Vec<_> = self
+            .routes
+            .values()
+            .chain(self.no_route.iter())
+            .map(|r| {
+                (
+                    r.name().to_string(),
+                    r.total.load(Relaxed),
+                    r.server_errors.load(Relaxed),
+                    r.denied.load(Relaxed),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Passive health of an endpoint (`None` if unknown).
+    pub fn endpoint_healthy(&self, upstream: &str, endpoint: &str) -> Option<bool> {
+        self.endpoints
+            .get(upstream)
+            .and_then(|l| l.iter().find(|(n, _)| n == endpoint))
+            .map(|(_, h)| h.healthy())
+    }
+
+    /// Every sink of this snapshot: (name, queued, accepted, written, dropped).
+    pub fn sink_counts(&self) -> Vec<(&'static str, usize, u64, u64, u64)> {
+        use sinks::SinkControl;
+        let mut out = Vec::new();
+        for s in [&self.json, &self.combined, &self.sqlite]
+            .into_iter()
+            .flatten()
+        {
+            let (q, a, w, d) = s.queue.counts();
+            out.push((s.name, q, a, w, d));
+        }
+        if let Some(s) = &self.events {
+            let (q, a, w, d) = s.queue.counts();
+            out.push((s.name, q, a, w, d));
+        }
+        out
+    }
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug)]
+pub enum HandshakeFailure {
+    /// The client certificate was missing, untrusted, expired, revoked or malformed.
+    ClientCertificate(String),
+    /// Anything else.
+    Other(String),
+    Timeout,
+}
+
+impl HandshakeFailure {
+    /// The `result` label.
+    fn result(&self) -> &'static str {
+        match self {
+            HandshakeFailure::ClientCertificate(_) => "client_cert_rejected",
+            HandshakeFailure::Other(_) => "failed",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// Reuses `previous` when its settings equal `key` (asking it to reopen its file), else starts
+/// a new sink with the writer `make` builds.
+fn sink<T, W>(
+    shared: &Telemetry,
+    previous: Option<&Arc<Sink<T>>>,
+    name: &'static str,
+    key: String,
+    capacity: usize,
+    make: impl FnOnce() -> Result<W, String>,
+) -> Result<Arc<Sink<T>>, String>
+where
+    T: Send + 'static,
+    W: sinks::BatchWriter<T> + Send + 'static,
+{
+    if let Some(p) = previous.filter(|p| p.key == key) {
+        p.queue.reopen();
+        return Ok(p.clone());
+    }
+    let writer = make()?;
+    let labels = SinkLabel { sink: name };
+    let queue = Arc::new(Queue::new(
+        capacity,
+        shared.metrics.log_dropped.get_or_create_owned(&labels),
+        shared.metrics.log_written.get_or_create_owned(&labels),
+    ));
+    shared.writers.spawn(name, key, queue, writer).map(Arc::new)
+}
+
+/// Seconds since the epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Route names of an action, for callers that need the upstream of a route.
+pub fn route_upstream(action: &RouteAction) -> Option<&Arc<str>> {
+    match action {
+        RouteAction::Upstream(u) => Some(u),
+        _ => None,
+    }
 }

@@ -1,0 +1,260 @@
+//! `[log]` and `[metrics]`: where access records go and where metrics are served.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::Builder;
+use crate::config::raw::{RawCombinedSink, RawFileSink, RawLog, RawMetrics, RawSqliteSink};
+
+/// Query parameters redacted by default (`log.redact_params`).
+pub const DEFAULT_REDACT_PARAMS: &[&str] = &[
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "api_key",
+    "apikey",
+    "key",
+    "code",
+    "signature",
+    "sig",
+    "auth",
+];
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// What the query string looks like in every sink.
+    pub query: QueryLogging,
+    /// Parameter names (case-insensitive) whose values `query = "redact"` replaces.
+    pub redact_params: Vec<String>,
+    /// JSON lines access log.
+    pub json: Option<FileSinkConfig>,
+    /// nginx `combined` access log.
+    pub combined: Option<CombinedSinkConfig>,
+    /// SQLite access log.
+    pub sqlite: Option<SqliteSinkConfig>,
+    /// JSON lines security events (Wazuh).
+    pub events: Option<FileSinkConfig>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            query: QueryLogging::Redact,
+            redact_params: DEFAULT_REDACT_PARAMS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            json: None,
+            combined: None,
+            sqlite: None,
+            events: None,
+        }
+    }
+}
+
+/// How query strings are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryLogging {
+    /// As sent.
+    Full,
+    /// Values of `redact_params` replaced by `REDACTED`.
+    Redact,
+    /// Not logged at all.
+    Omit,
+}
+
+/// A sink that writes lines to a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSinkConfig {
+    /// The file, appended to (created 0640 if missing).
+    pub path: PathBuf,
+    /// Records waiting for the writer before new ones are dropped.
+    pub queue: usize,
+}
+
+/// `[log.combined]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CombinedSinkConfig {
+    /// The file and queue.
+    pub file: FileSinkConfig,
+    /// Prefix each line with the virtual host (nginx `$host`), as CrowdSec's parser accepts.
+    pub vhost: bool,
+    /// Put the client certificate's identity in the `remote_user` field (percent-encoded).
+    pub identity_as_user: bool,
+}
+
+/// `[log.sqlite]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteSinkConfig {
+    /// The database file (WAL mode).
+    pub path: PathBuf,
+    /// Records waiting for the writer before new ones are dropped.
+    pub queue: usize,
+    /// Most rows inserted per transaction.
+    pub batch: usize,
+    /// Rows older than this are deleted.
+    pub max_age: Option<Duration>,
+    /// At most this many rows are kept (oldest deleted first).
+    pub max_rows: Option<u64>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address of the plain-HTTP metrics listener; `None`: metrics only via the admin socket.
+    pub address: Option<SocketAddr>,
+    /// Path the metrics listener answers on.
+    pub path: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            address: None,
+            path: "/metrics".into(),
+        }
+    }
+}
+
+const DEFAULT_QUEUE: usize = 16_384;
+
+pub(super) fn build_log(b: &mut Builder<'_>, raw: RawLog) -> LogConfig {
+    let mut out = LogConfig::default();
+    if let Some(q) = &raw.query {
+        out.query = match q.get_ref().as_str() {
+            "full" => QueryLogging::Full,
+            "redact" => QueryLogging::Redact,
+            "omit" => QueryLogging::Omit,
+            other => {
+                b.err(
+                    Some(q.span()),
+                    "log.query",
+                    format!("unknown query logging {other:?} (expected \"full\", \"redact\" or \"omit\")"),
+                );
+                QueryLogging::Redact
+            }
+        };
+    }
+    if let Some(params) = &raw.redact_params {
+        out.redact_params = params
+            .iter()
+            .map(|p| p.get_ref().to_ascii_lowercase())
+            .collect();
+    }
+    out.json = raw.json.map(|s| file_sink(b, "log.json", s.into_inner()));
+    out.events = raw
+        .events
+        .map(|s| file_sink(b, "log.events", s.into_inner()));
+    out.combined = raw.combined.map(|s| {
+        let RawCombinedSink {
+            path,
+            queue,
+            vhost,
+            identity_as_user,
+        } = s.into_inner();
+        CombinedSinkConfig {
+            file: file_sink(b, "log.combined", RawFileSink { path, queue }),
+            vhost: vhost.unwrap_or(false),
+            identity_as_user: identity_as_user.unwrap_or(false),
+        }
+    });
+    out.sqlite = raw.sqlite.map(|s| sqlite_sink(b, s.into_inner()));
+
+    // Two sinks writing the same file would interleave two formats.
+    let mut paths: Vec<(&str, &PathBuf)> = Vec::new();
+    if let Some(s) = &out.json {
+        paths.push(("log.json", &s.path));
+    }
+    if let Some(s) = &out.combined {
+        paths.push(("log.combined", &s.file.path));
+    }
+    if let Some(s) = &out.sqlite {
+        paths.push(("log.sqlite", &s.path));
+    }
+    if let Some(s) = &out.events {
+        paths.push(("log.events", &s.path));
+    }
+    for (i, (key, path)) in paths.iter().enumerate() {
+        if let Some((other, _)) = paths[..i].iter().find(|(_, p)| p == path) {
+            let msg = format!("{} is also the path of {other}", path.display());
+            b.err(None, format!("{key}.path"), msg);
+        }
+    }
+    out
+}
+
+fn queue(b: &mut Builder<'_>, v: &Option<Spanned<i64>>, key: &str) -> usize {
+    b.int(v, key, 1, 10_000_000)
+        .map_or(DEFAULT_QUEUE, |n| n as usize)
+}
+
+fn file_sink(b: &mut Builder<'_>, key: &str, raw: RawFileSink) -> FileSinkConfig {
+    FileSinkConfig {
+        path: sink_path(b, &raw.path, key),
+        queue: queue(b, &raw.queue, &format!("{key}.queue")),
+    }
+}
+
+fn sink_path(b: &mut Builder<'_>, path: &Spanned<String>, key: &str) -> PathBuf {
+    if path.get_ref().is_empty() {
+        b.err(Some(path.span()), format!("{key}.path"), "empty path");
+    }
+    b.path(path.get_ref())
+}
+
+fn sqlite_sink(b: &mut Builder<'_>, raw: RawSqliteSink) -> SqliteSinkConfig {
+    let max_age = raw
+        .max_age
+        .as_ref()
+        .map(|_| b.duration(&raw.max_age, "log.sqlite.max_age", Duration::ZERO))
+        .filter(|d| !d.is_zero());
+    SqliteSinkConfig {
+        path: sink_path(b, &raw.path, "log.sqlite"),
+        queue: queue(b, &raw.queue, "log.sqlite.queue"),
+        batch: b
+            .int(&raw.batch, "log.sqlite.batch", 1, 100_000)
+            .map_or(1024, |n| n as usize),
+        max_age,
+        max_rows: b
+            .int(&raw.max_rows, "log.sqlite.max_rows", 1, i64::MAX)
+            .map(|n| n as u64),
+    }
+}
+
+pub(super) fn build_metrics(b: &mut Builder<'_>, raw: RawMetrics) -> MetricsConfig {
+    let mut out = MetricsConfig::default();
+    if let Some(a) = &raw.address {
+        match a.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => out.address = Some(addr),
+            Err(_) => b.err(
+                Some(a.span()),
+                "metrics.address",
+                format!(
+                    "invalid socket address {:?} (expected e.g. \"127.0.0.1:9090\")",
+                    a.get_ref()
+                ),
+            ),
+        }
+    }
+    if let Some(p) = &raw.path {
+        if !p.get_ref().starts_with('/') {
+            b.err(
+                Some(p.span()),
+                "metrics.path",
+                format!("path {:?} must start with '/'", p.get_ref()),
+            );
+        } else {
+            out.path = p.get_ref().clone();
+        }
+    }
+    out
+}

@@ -1,0 +1,423 @@
+//! The access record: one per request, on every exit path, emitted exactly once.
+//!
+//! `Gateway::handle` opens a `Pending` record as soon as the request arrives; the stages write
+//! what they decided into it (`pending.record()`: route, forward outcome, and the policy,
+//! rate-limit and ban fields). At the end, `Pending::finish` hands the record to the response
+//! body (`LoggedBody`), which emits it when the last byte has been sent, or when hyper drops
+//! the body early because the client went away (`aborted`). If the whole request future is
+//! dropped before a response exists (the client reset the stream while we waited for the
+//! upstream), `Pending`'s `Drop` emits it with status 499, as nginx does.
+//!
+//! Nothing here formats anything: the record holds cheap clones (shared `Bytes`, `Arc`s,
+//! `&'static str`) and the sinks' writer threads turn it into text.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST, REFERER, USER_AGENT};
+use http::{Method, Request, Response, Uri};
+use http_body::{Body as _, Frame, SizeHint};
+
+use crate::body::{Body, BoxError};
+use crate::identity::Identity;
+use crate::proxy::{protocol_name, ConnInfo};
+use crate::router::Route;
+use crate::runtime::Snapshot;
+use crate::upstream::forwarder::ForwardOutcome;
+
+/// Status logged when the client went away before a response existed (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Everything logged about one request.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    /// When the request head arrived.
+    pub time: SystemTime,
+    pub request_id: HeaderValue,
+    /// The client: the TCP peer, or the address behind trusted proxies.
+    pub client_ip: IpAddr,
+    /// The TCP peer's port, when `client_ip` is the TCP peer.
+    pub client_port: Option<u16>,
+    /// The local address the connection arrived on (the vhost of last resort).
+    pub local: SocketAddr,
+    pub listener: Arc<str>,
+    /// `h1`, `h1.0`, `h2`, `h3`.
+    pub protocol: &'static str,
+    pub tls_version: Option<&'static str>,
+    pub tls_group: Option<&'static str>,
+    /// The verified client certificate.
+    pub identity: Option<Arc<Identity>>,
+    pub method: Method,
+    /// The request target as the client sent it (before normalization).
+    pub uri: Uri,
+    pub host_header: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    pub referer: Option<HeaderValue>,
+    /// Status sent to the client.
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Request head to last response byte (or abort).
+    pub duration: Duration,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    /// Endpoint, upstream time and attempts, filled by the forwarder.
+    pub forward: ForwardOutcome,
+    /// Filled by the policy stage.
+    pub policy: Option<PolicyRecord>,
+    /// Filled by the rate-limit stage.
+    pub rate_limit: Option<RateLimitRecord>,
+    /// Filled by the decision (ban) stage when a ban refused the request.
+    pub ban: Option<BanRecord>,
+    /// Wraith's error code when it answered with an error.
+    pub error: Option<&'static str>,
+    /// The client went away before the response was complete.
+    pub aborted: bool,
+    /// Request body bytes, counted while the upstream reads the body.
+    pub(crate) bytes_in_counter: Option<Arc<AtomicU64>>,
+}
+
+impl Default for AccessRecord {
+    fn default() -> Self {
+        AccessRecord {
+            time: SystemTime::UNIX_EPOCH,
+            request_id: HeaderValue::from_static("-"),
+            client_ip: IpAddr::from([0, 0, 0, 0]),
+            client_port: None,
+            local: SocketAddr::from(([0, 0, 0, 0], 0)),
+            listener: Arc::from(""),
+            protocol: "h1",
+            tls_version: None,
+            tls_group: None,
+            identity: None,
+            method: Method::GET,
+            uri: Uri::from_static("/"),
+            host_header: None,
+            user_agent: None,
+            referer: None,
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            route: None,
+            upstream: None,
+            forward: ForwardOutcome::default(),
+            policy: None,
+            rate_limit: None,
+            ban: None,
+            error: None,
+            aborted: false,
+            bytes_in_counter: None,
+        }
+    }
+}
+
+/// A policy decision as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub effect: Effect,
+    /// Ids of the policies that determined the decision.
+    pub policies: Vec<Arc<str>>,
+    /// The reason given for a denial.
+    pub reason: Option<Arc<str>>,
+    /// Shadow mode: `effect` is what the policy would have done; the request was let through.
+    pub shadow: bool,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+impl Effect {
+    /// `allow` / `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        }
+    }
+}
+
+/// A rate-limit check as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitRecord {
+    /// The request was refused (429).
+    pub limited: bool,
+    /// Name of the limit that applied.
+    pub limiter: Arc<str>,
+}
+
+/// The ban decision that refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanRecord {
+    /// `crowdsec`, `cscli`, `wazuh`, `local`, ...
+    pub origin: Arc<str>,
+    /// Scenario or reason of the decision.
+    pub scenario: Option<Arc<str>>,
+}
+
+impl AccessRecord {
+    /// Opens a record for a request that just arrived.
+    pub fn start(
+        req: &Request<Body>,
+        conn: &ConnInfo,
+        client_ip: IpAddr,
+        request_id: &HeaderValue,
+    ) -> AccessRecord {
+        let headers = req.headers();
+        AccessRecord {
+            time: SystemTime::now(),
+            request_id: request_id.clone(),
+            client_ip,
+            client_port: (client_ip == conn.peer.ip()).then_some(conn.peer.port()),
+            local: conn.local,
+            listener: conn.listener.clone(),
+            protocol: protocol_name(req.version()),
+            tls_version: conn.tls.as_ref().map(|t| t.version),
+            tls_group: conn.tls.as_ref().and_then(|t| t.group),
+            identity: conn.identity.clone(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host_header: headers.get(HOST).cloned(),
+            user_agent: headers.get(USER_AGENT).cloned(),
+            referer: headers.get(REFERER).cloned(),
+            ..AccessRecord::default()
+        }
+    }
+
+    /// Notes the route that matched.
+    pub fn set_route(&mut self, route: &Route) {
+        self.route = Some(route.config.name.clone());
+        if let crate::config::RouteAction::Upstream(u) = &route.config.action {
+            self.upstream = Some(u.clone());
+        }
+    }
+
+    /// The client certificate's name: SPIFFE ID, else CN, else fingerprint.
+    pub fn identity_name(&self) -> Option<&str> {
+        self.identity.as_deref().map(Identity::name)
+    }
+
+    /// The host the client asked for (`Host`, else the URI's authority), without checking it.
+    pub fn host(&self) -> Option<&str> {
+        self.host_header
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+    }
+
+    /// Whether the request was refused by policy, rate limit or ban (or with 401/403).
+    pub fn denied(&self) -> bool {
+        matches!(&self.policy, Some(p) if p.effect == Effect::Deny && !p.shadow)
+            || matches!(&self.rate_limit, Some(r) if r.limited)
+            || self.ban.is_some()
+            || matches!(self.status, 401 | 403)
+    }
+
+    /// The security event this request is, if any (see docs/logging.md).
+    pub fn security_event(&self) -> Option<&'static str> {
+        if self.ban.is_some() {
+            return Some("banned");
+        }
+        if matches!(&self.rate_limit, Some(r) if r.limited) {
+            return Some("rate_limited");
+        }
+        match &self.policy {
+            Some(p) if p.effect == Effect::Deny && p.shadow => Some("policy_shadow_deny"),
+            Some(p) if p.effect == Effect::Deny => Some("policy_deny"),
+            _ => None,
+        }
+    }
+
+    /// Wraps the request body so the bytes the upstream reads are counted.
+    pub fn count_request_body(&mut self, req: &mut Request<Body>) {
+        if req.body().is_end_stream() {
+            return;
+        }
+        let counter = Arc::new(AtomicU64::new(0));
+        let inner = std::mem::take(req.body_mut());
+        *req.body_mut() = Body::boxed(CountingBody {
+            inner,
+            count: counter.clone(),
+        });
+        self.bytes_in_counter = Some(counter);
+    }
+}
+
+/// A request body that counts the bytes read from it.
+struct CountingBody {
+    inner: Body,
+    count: Arc<AtomicU64>,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &res {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A record not emitted yet, and what emitting it needs.
+pub struct Pending {
+    record: Option<AccessRecord>,
+    started: Instant,
+    snapshot: Arc<Snapshot>,
+}
+
+impl Pending {
+    /// Opens the record of a request that runs on `snapshot`.
+    pub fn new(record: AccessRecord, started: Instant, snapshot: Arc<Snapshot>) -> Pending {
+        Pending {
+            record: Some(record),
+            started,
+            snapshot,
+        }
+    }
+
+    /// The record, for the stages to fill.
+    pub fn record(&mut self) -> &mut AccessRecord {
+        // Only `emit` takes it, and nothing touches a `Pending` after that.
+        self.record.get_or_insert_with(AccessRecord::default)
+    }
+
+    /// Attaches the record to the response: emitted now if no body will be sent, else when
+    /// the body ends or is dropped.
+    pub fn finish(mut self, resp: Response<Body>, head_only: bool) -> Response<Body> {
+        let status = resp.status();
+        self.record().status = status.as_u16();
+        // HEAD, 1xx, 204 and 304 responses never send a body: hyper drops it unread.
+        let no_body = head_only
+            || status.is_informational()
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED
+            || resp.body().is_end_stream();
+        if no_body {
+            self.emit(0, false);
+            return resp;
+        }
+        resp.map(|inner| {
+            Body::boxed(LoggedBody {
+                inner,
+                bytes: 0,
+                pending: Some(self),
+            })
+        })
+    }
+
+    /// Completes and hands the record to the telemetry (metrics, window, sinks).
+    fn emit(&mut self, bytes_out: u64, aborted: bool) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        record.bytes_out = bytes_out;
+        record.aborted = aborted;
+        record.duration = self.started.elapsed();
+        if let Some(c) = &record.bytes_in_counter {
+            record.bytes_in = c.load(Ordering::Relaxed);
+        }
+        self.snapshot.telemetry.emit(record);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Only reached with a record when the request future was dropped mid-pipeline.
+        if let Some(r) = self.record.as_mut() {
+            if r.status == 0 {
+                r.status = CLIENT_CLOSED;
+            }
+            self.emit(0, true);
+        }
+    }
+}
+
+/// A response body that emits the access record when it ends or is dropped.
+struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    pending: Option<Pending>,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.done(false);
+                }
+            }
+            Poll::Ready(None) => this.done(false),
+            Poll::Ready(Some(Err(_))) => {
+                // The upstream broke off mid-body: the client gets a truncated response.
+                if let Some(p) = this.pending.as_mut() {
+                    p.record().error = Some("upstream_body_error");
+                }
+                this.done(true);
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl LoggedBody {
+    fn done(&mut self, aborted: bool) {
+        if let Some(mut p) = self.pending.take() {
+            p.emit(self.bytes, aborted);
+        }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away (or the connection broke).
+        let aborted = !self.inner.is_end_stream();
+        self.done(aborted);
+    }
+}

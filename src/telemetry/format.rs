@@ -1,0 +1,577 @@
+//! Turning records into text, on the sinks' writer threads (never on a request thread):
+//! JSON lines, nginx `combined`, and the security-events JSON. Field names and layouts are a
+//! contract documented in docs/logging.md.
+
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use time::OffsetDateTime;
+
+use super::access_log::AccessRecord;
+use crate::config::{LogConfig, QueryLogging};
+
+/// A security event for `[log.events]`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A request that was denied, rate limited or banned (`event` names which).
+    Request {
+        event: &'static str,
+        record: Arc<AccessRecord>,
+    },
+    /// A failed TLS handshake.
+    Handshake {
+        time: SystemTime,
+        peer: SocketAddr,
+        listener: Arc<str>,
+        /// The client certificate was the problem (`auth_failure`), else `tls_failure`.
+        auth: bool,
+        reason: String,
+    },
+    /// A configuration reload.
+    Reload {
+        time: SystemTime,
+        ok: bool,
+        generation: u64,
+        errors: Vec<String>,
+    },
+}
+
+/// What the formats need from `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Formatting {
+    pub query: QueryLogging,
+    /// Lowercase parameter names whose values are redacted.
+    pub redact: Vec<String>,
+}
+
+impl Formatting {
+    pub fn new(config: &LogConfig) -> Formatting {
+        Formatting {
+            query: config.query,
+            redact: config.redact_params.clone(),
+        }
+    }
+
+    /// The query string as it may be logged.
+    pub fn query<'a>(&self, q: Option<&'a str>) -> Option<Cow<'a, str>> {
+        let q = q.filter(|q| !q.is_empty())?;
+        match self.query {
+            QueryLogging::Full => Some(Cow::Borrowed(q)),
+            QueryLogging::Omit => None,
+            QueryLogging::Redact => Some(redact_query(q, &self.redact)),
+        }
+    }
+}
+
+/// Replaces the values of the named parameters (case-insensitive) with `REDACTED`.
+pub fn redact_query<'a>(q: &'a str, names: &[String]) -> Cow<'a, str> {
+    let hit = |pair: &str| {
+        let key = pair.split('=').next().unwrap_or("");
+        pair.contains('=') && names.iter().any(|n| n.eq_ignore_ascii_case(key))
+    };
+    if !q.split('&').any(hit) {
+        return Cow::Borrowed(q);
+    }
+    let mut out = String::with_capacity(q.len());
+    for (i, pair) in q.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        if hit(pair) {
+            out.push_str(pair.split('=').next().unwrap_or(""));
+            out.push_str("=REDACTED");
+        } else {
+            out.push_str(pair);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `2026-11-25T21:49:15.123456Z`
+pub fn rfc3339(t: SystemTime) -> String {
+    let dt = OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond()
+    )
+}
+
+/// `2026-11-25 21:49:15.123` — the form SQLite's date functions compare with.
+pub fn sqlite_time(t: SystemTime) -> String {
+    let dt = OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.millisecond()
+    )
+}
+
+/// `25/Nov/2026:21:49:15 +0000` (nginx `$time_local`, in UTC).
+fn http_date(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let dt = OffsetDateTime::from(t);
+    format!(
+        "{:02}/{}/{:04}:{:02}:{:02}:{:02} +0000",
+        dt.day(),
+        MONTHS[usize::from(u8::from(dt.month())) - 1],
+        dt.year(),
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    )
+}
+
+/// Milliseconds with microsecond precision.
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// A JSON object written field by field into a buffer.
+pub struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> JsonObject<'a> {
+    pub fn new(out: &'a mut Vec<u8>) -> JsonObject<'a> {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
+
+    fn key(&mut self, k: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        json_string(self.out, k);
+        self.out.push(b':');
+    }
+
+    pub fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        json_string(self.out, v);
+    }
+
+    pub fn opt_str(&mut self, k: &str, v: Option<&str>) {
+        if let Some(v) = v {
+            self.str(k, v);
+        }
+    }
+
+    /// A header value, lossily decoded (obs-text bytes become U+FFFD).
+    pub fn bytes(&mut self, k: &str, v: Option<&[u8]>) {
+        if let Some(v) = v {
+            self.str(k, &String::from_utf8_lossy(v));
+        }
+    }
+
+    pub fn num(&mut self, k: &str, v: u64) {
+        self.key(k);
+        let _ = write!(self.out, "{v}");
+    }
+
+    pub fn float(&mut self, k: &str, v: f64) {
+        self.key(k);
+        let _ = write!(self.out, "{v:.3}");
+    }
+
+    pub fn bool(&mut self, k: &str, v: bool) {
+        self.key(k);
+        self.out
+            .extend_from_slice(if v { b"true" } else { b"false" });
+    }
+
+    pub fn str_array<'s>(&mut self, k: &str, v: impl Iterator<Item = &'s str>) {
+        self.key(k);
+        self.out.push(b'[');
+        for (i, s) in v.enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            json_string(self.out, s);
+        }
+        self.out.push(b']');
+    }
+
+    /// Starts a nested object under `k`; finish it with `end`.
+    pub fn object(&mut self, k: &str) -> JsonObject<'_> {
+        self.key(k);
+        JsonObject::new(self.out)
+    }
+
+    pub fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Writes `s` as a JSON string (RFC 8259 escaping).
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0..=0x1f | 0x7f => None,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        match esc {
+            Some(e) => out.extend_from_slice(e),
+            None => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// One JSON access-log line (with the trailing newline).
+pub fn json_line(r: &AccessRecord, f: &Formatting, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("time", &rfc3339(r.time));
+    o.bytes("request_id", Some(r.request_id.as_bytes()));
+    o.str("client_ip", &r.client_ip.to_string());
+    if let Some(p) = r.client_port {
+        o.num("client_port", u64::from(p));
+    }
+    o.str("listener", &r.listener);
+    o.str("protocol", r.protocol);
+    o.opt_str("tls_version", r.tls_version);
+    o.opt_str("tls_group", r.tls_group);
+    if let Some(id) = &r.identity {
+        o.str("identity", id.name());
+        o.opt_str("spiffe_id", id.spiffe_id.as_deref());
+        o.opt_str("cn", id.common_name.as_deref());
+        o.str("fingerprint", &id.fingerprint);
+    }
+    o.str("method", r.method.as_str());
+    o.opt_str("host", r.host());
+    o.str("path", r.uri.path());
+    o.opt_str("query", f.query(r.uri.query()).as_deref());
+    o.num("status", u64::from(r.status));
+    o.num("bytes_in", r.bytes_in);
+    o.num("bytes_out", r.bytes_out);
+    o.float("duration_ms", millis(r.duration));
+    if let Some(t) = r.forward.upstream_time {
+        o.float("upstream_ms", millis(t));
+    }
+    o.opt_str("route", r.route.as_deref());
+    o.opt_str("upstream", r.upstream.as_deref());
+    o.opt_str("endpoint", r.forward.endpoint.as_deref());
+    if r.forward.attempts > 0 {
+        o.num("attempts", u64::from(r.forward.attempts));
+    }
+    policy_fields(&mut o, r);
+    if let Some(rl) = &r.rate_limit {
+        o.str("rate_limit", if rl.limited { "limited" } else { "passed" });
+        o.str("rate_limiter", &rl.limiter);
+    }
+    if let Some(b) = &r.ban {
+        o.str("ban_origin", &b.origin);
+        o.opt_str("ban_scenario", b.scenario.as_deref());
+    }
+    o.bytes("user_agent", r.user_agent.as_ref().map(|v| v.as_bytes()));
+    o.bytes("referer", r.referer.as_ref().map(|v| v.as_bytes()));
+    o.opt_str("error", r.error);
+    o.bool("aborted", r.aborted);
+    o.end();
+    out.push(b'\n');
+}
+
+fn policy_fields(o: &mut JsonObject<'_>, r: &AccessRecord) {
+    if let Some(p) = &r.policy {
+        o.str("decision", p.effect.as_str());
+        o.str_array("policies", p.policies.iter().map(|s| &**s));
+        o.opt_str("reason", p.reason.as_deref());
+        o.bool("shadow", p.shadow);
+    }
+}
+
+/// Settings of the combined format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CombinedOptions {
+    pub vhost: bool,
+    pub identity_as_user: bool,
+}
+
+/// One nginx `combined` line:
+/// `[vhost ]client - user [time] "METHOD target HTTP/x" status bytes "referer" "agent"`.
+pub fn combined_line(r: &AccessRecord, f: &Formatting, opts: CombinedOptions, out: &mut Vec<u8>) {
+    if opts.vhost {
+        out.extend_from_slice(vhost(r).as_bytes());
+        out.push(b' ');
+    }
+    let _ = write!(out, "{} - ", r.client_ip);
+    match r.identity_name().filter(|_| opts.identity_as_user) {
+        Some(user) => percent_user(user, out),
+        None => out.push(b'-'),
+    }
+    let _ = write!(out, " [{}] \"", http_date(r.time));
+    escape_nginx(r.method.as_str().as_bytes(), out);
+    out.push(b' ');
+    escape_nginx(r.uri.path().as_bytes(), out);
+    if let Some(q) = f.query(r.uri.query()) {
+        out.push(b'?');
+        escape_nginx(q.as_bytes(), out);
+    }
+    let version = match r.protocol {
+        "h2" => "HTTP/2.0",
+        "h3" => "HTTP/3.0",
+        "h1.0" => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let _ = write!(out, " {version}\" {} {} \"", r.status, r.bytes_out);
+    quoted_header(r.referer.as_ref().map(|v| v.as_bytes()), out);
+    out.extend_from_slice(b"\" \"");
+    quoted_header(r.user_agent.as_ref().map(|v| v.as_bytes()), out);
+    out.extend_from_slice(b"\"\n");
+}
+
+/// The virtual host: the requested host without port when it is a plain name or address,
+/// else the local address (a parser expects a host here, never arbitrary client bytes).
+fn vhost(r: &AccessRecord) -> String {
+    if let Some(h) = r.host() {
+        let name = if let Some(rest) = h.strip_prefix('[') {
+            rest.split(']').next().unwrap_or("")
+        } else {
+            h.rsplit_once(':').map_or(h, |(n, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    n
+                } else {
+                    h
+                }
+            })
+        };
+        let plain = !name.is_empty()
+            && (name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                || name.parse::<std::net::IpAddr>().is_ok());
+        if plain {
+            return name.to_ascii_lowercase();
+        }
+    }
+    r.local.ip().to_string()
+}
+
+/// `"-"` when absent or empty, else the escaped value.
+fn quoted_header(v: Option<&[u8]>, out: &mut Vec<u8>) {
+    match v.filter(|v| !v.is_empty()) {
+        Some(v) => escape_nginx(v, out),
+        None => out.push(b'-'),
+    }
+}
+
+/// nginx's escaping for log variables: `"`, `\`, control and non-ASCII bytes as `\xHH`.
+fn escape_nginx(v: &[u8], out: &mut Vec<u8>) {
+    for &b in v {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+/// The identity as an nginx `remote_user` CrowdSec's grok accepts (`[a-zA-Z.@+_%-]+`):
+/// everything else percent-encoded.
+fn percent_user(user: &str, out: &mut Vec<u8>) {
+    for &b in user.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'@' | b'-' | b'+' | b'_') {
+            out.push(b);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// One security-event line (see docs/logging.md for the layout Wazuh expects).
+pub fn event_line(e: &Event, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    match e {
+        Event::Request { event, record: r } => {
+            o.str("timestamp", &rfc3339(r.time));
+            o.str("srcip", &r.client_ip.to_string());
+            if let Some(p) = r.client_port {
+                o.num("srcport", u64::from(p));
+            }
+            o.opt_str("srcuser", r.identity_name());
+            let mut w = o.object("wraith");
+            w.str("event", event);
+            w.bytes("request_id", Some(r.request_id.as_bytes()));
+            w.str("listener", &r.listener);
+            w.str("protocol", r.protocol);
+            w.opt_str("tls_version", r.tls_version);
+            w.opt_str("tls_group", r.tls_group);
+            w.opt_str("identity", r.identity_name());
+            w.str("method", r.method.as_str());
+            w.opt_str("host", r.host());
+            w.str("path", r.uri.path());
+            w.opt_str("route", r.route.as_deref());
+            w.num("status", u64::from(r.status));
+            policy_fields(&mut w, r);
+            if let Some(rl) = r.rate_limit.as_ref().filter(|rl| rl.limited) {
+                w.str("rate_limiter", &rl.limiter);
+            }
+            if let Some(b) = &r.ban {
+                w.str("origin", &b.origin);
+                w.opt_str("scenario", b.scenario.as_deref());
+            }
+            w.bytes("user_agent", r.user_agent.as_ref().map(|v| v.as_bytes()));
+            w.end();
+        }
+        Event::Handshake {
+            time,
+            peer,
+            listener,
+            auth,
+            reason,
+        } => {
+            o.str("timestamp", &rfc3339(*time));
+            o.str("srcip", &peer.ip().to_string());
+            o.num("srcport", u64::from(peer.port()));
+            let mut w = o.object("wraith");
+            w.str("event", if *auth { "auth_failure" } else { "tls_failure" });
+            w.str("listener", listener);
+            w.str("reason", reason);
+            w.end();
+        }
+        Event::Reload {
+            time,
+            ok,
+            generation,
+            errors,
+        } => {
+            o.str("timestamp", &rfc3339(*time));
+            let mut w = o.object("wraith");
+            w.str("event", "config_reload");
+            w.str("result", if *ok { "ok" } else { "failed" });
+            w.num("generation", *generation);
+            if !errors.is_empty() {
+                w.str("reason", &errors.join("; "));
+            }
+            w.end();
+        }
+    }
+    o.end();
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::access_log::{BanRecord, Effect, PolicyRecord};
+    use http::HeaderValue;
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_764_107_355_123_456),
+            request_id: HeaderValue::from_static("abc"),
+            client_ip: "198.51.100.7".parse().unwrap(),
+            client_port: Some(51234),
+            local: "127.0.0.1:8443".parse().unwrap(),
+            listener: "https".into(),
+            protocol: "h2",
+            method: http::Method::GET,
+            uri: "/a%20b/c?token=s3cret&page=2".parse().unwrap(),
+            host_header: Some(HeaderValue::from_static("api.example.org:8443")),
+            user_agent: Some(HeaderValue::from_static("curl/8 \"quoted\"")),
+            status: 403,
+            bytes_out: 120,
+            duration: std::time::Duration::from_micros(3412),
+            ..AccessRecord::default()
+        }
+    }
+
+    fn fmt() -> Formatting {
+        Formatting::new(&LogConfig::default())
+    }
+
+    #[test]
+    fn json_fields_and_redaction() {
+        let mut out = Vec::new();
+        json_line(&record(), &fmt(), &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["time"], "2025-11-25T21:49:15.123456Z");
+        assert_eq!(v["query"], "token=REDACTED&page=2");
+        assert_eq!(v["host"], "api.example.org:8443");
+        assert_eq!(v["duration_ms"], 3.412);
+        assert_eq!(v["user_agent"], "curl/8 \"quoted\"");
+        assert!(v.get("route").is_none(), "absent fields are omitted");
+        assert_eq!(v["aborted"], false);
+    }
+
+    #[test]
+    fn combined_line_is_nginx_shaped() {
+        let mut out = Vec::new();
+        let opts = CombinedOptions {
+            vhost: true,
+            identity_as_user: false,
+        };
+        combined_line(&record(), &fmt(), opts, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "api.example.org 198.51.100.7 - - [25/Nov/2025:21:49:15 +0000] \"GET /a%20b/c?token=REDACTED&page=2 HTTP/2.0\" 403 120 \"-\" \"curl/8 \\x22quoted\\x22\"\n"
+        );
+    }
+
+    #[test]
+    fn event_line_has_wazuh_layout() {
+        let mut r = record();
+        r.policy = Some(PolicyRecord {
+            effect: Effect::Deny,
+            policies: vec!["p1".into()],
+            reason: Some("no".into()),
+            shadow: false,
+        });
+        r.ban = Some(BanRecord {
+            origin: "crowdsec".into(),
+            scenario: None,
+        });
+        let mut out = Vec::new();
+        event_line(
+            &Event::Request {
+                event: "policy_deny",
+                record: Arc::new(r),
+            },
+            &mut out,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["srcip"], "198.51.100.7");
+        assert_eq!(v["wraith"]["event"], "policy_deny");
+        assert_eq!(v["wraith"]["policies"][0], "p1");
+        assert_eq!(v["wraith"]["origin"], "crowdsec");
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["srcip", "srcport", "timestamp", "wraith"]);
+    }
+
+    #[test]
+    fn user_is_percent_encoded() {
+        let mut out = Vec::new();
+        percent_user("spiffe://example.org/svc a", &mut out);
+        assert_eq!(out, b"spiffe%3A%2F%2Fexample.org%2Fsvc%20a");
+    }
+}

@@ -1,0 +1,489 @@
+//! Prometheus metrics: one explicit `Registry` owned by the runtime (no globals), exposed as
+//! OpenMetrics text on the optional metrics listener and on the admin socket.
+//!
+//! The request path never looks a series up by label: routes and upstream endpoints get their
+//! handles when a snapshot is built (`RouteMetrics`, `EndpointMetrics`), and a request only
+//! does atomic adds. Histograms are fixed-bucket and lock-free (`AtomicHistogram`).
+//! Label values come from the config (route, upstream, endpoint, listener names) or from small
+//! closed sets (status class, protocol, effect, origin); never a path or an address.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+/// Upper bounds (seconds) of the latency histograms; the last bucket is +Inf.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// A fixed-bucket histogram of durations whose `observe` is a few relaxed atomic adds.
+#[derive(Debug, Clone, Default)]
+pub struct AtomicHistogram(Arc<HistogramInner>);
+
+#[derive(Debug, Default)]
+struct HistogramInner {
+    /// One counter per bucket of `LATENCY_BUCKETS`, plus +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
+        for (i, b) in self.0.buckets.iter().enumerate() {
+            let upper = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+            buckets.push((upper, b.load(Ordering::Relaxed)));
+        }
+        // The count is the sum of the buckets, so the exposition is self-consistent even
+        // while requests are being observed.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// `{route}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+/// `{route, status_class, protocol}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub status_class: &'static str,
+    pub protocol: &'static str,
+}
+
+/// `{route, code}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteErrorLabels {
+    pub route: String,
+    pub code: &'static str,
+}
+
+/// `{upstream, endpoint}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub upstream: String,
+    pub endpoint: String,
+}
+
+/// `{upstream, endpoint, code}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointErrorLabels {
+    pub upstream: String,
+    pub endpoint: String,
+    pub code: &'static str,
+}
+
+/// `{listener, protocol}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub listener: String,
+    pub protocol: &'static str,
+}
+
+/// `{listener, version, group, result}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub listener: String,
+    pub version: &'static str,
+    pub group: &'static str,
+    pub result: &'static str,
+}
+
+/// `{listener}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+/// `{route, effect}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub route: String,
+    pub effect: &'static str,
+}
+
+/// `{origin}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    pub origin: &'static str,
+}
+
+/// `{result}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// `{sink}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: &'static str,
+}
+
+/// The route label of requests no route matched.
+pub const NO_ROUTE: &str = "(none)";
+
+/// Ban origins get a label of their own; anything else is counted as `other`.
+pub fn origin_label(origin: &str) -> &'static str {
+    match origin.to_ascii_lowercase().as_str() {
+        "crowdsec" => "crowdsec",
+        "cscli" => "cscli",
+        "capi" => "capi",
+        "lists" => "lists",
+        "console" => "console",
+        "wazuh" => "wazuh",
+        "local" => "local",
+        "wraith" => "wraith",
+        _ => "other",
+    }
+}
+
+/// Every metric family Wraith exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabel, AtomicHistogram>,
+    pub request_errors: Family<RouteErrorLabels, Counter>,
+    pub upstream_duration: Family<EndpointLabels, AtomicHistogram>,
+    pub upstream_errors: Family<EndpointErrorLabels, Counter>,
+    pub upstream_healthy: Family<EndpointLabels, Gauge>,
+    pub active_connections: Family<ConnectionLabels, Gauge>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub tls_handshake_duration: Family<ListenerLabel, AtomicHistogram>,
+    pub policy_decisions: Family<PolicyLabels, Counter>,
+    pub ratelimit_rejections: Family<RouteLabel, Counter>,
+    pub bans: Family<OriginLabel, Counter>,
+    /// Set by the decision store: active ban decisions per origin.
+    pub decisions_active: Family<OriginLabel, Gauge>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub log_written: Family<SinkLabel, Counter>,
+    pub log_dropped: Family<SinkLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every family registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::default(),
+            request_errors: Family::default(),
+            upstream_duration: Family::default(),
+            upstream_errors: Family::default(),
+            upstream_healthy: Family::default(),
+            active_connections: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_duration: Family::default(),
+            policy_decisions: Family::default(),
+            ratelimit_rejections: Family::default(),
+            bans: Family::default(),
+            decisions_active: Family::default(),
+            reloads: Family::default(),
+            log_written: Family::default(),
+            log_dropped: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "wraith_requests",
+            "Requests answered, by route, status class and protocol",
+            m.requests.clone(),
+        );
+        r.register(
+            "wraith_request_duration_seconds",
+            "Time from request head to the last response byte, by route",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "wraith_request_errors",
+            "Requests Wraith answered with an error of its own, by route and error code",
+            m.request_errors.clone(),
+        );
+        r.register(
+            "wraith_upstream_request_duration_seconds",
+            "Time from sending a request upstream to its response head, by upstream and endpoint",
+            m.upstream_duration.clone(),
+        );
+        r.register(
+            "wraith_upstream_errors",
+            "Failed upstream requests, by upstream, endpoint and error code",
+            m.upstream_errors.clone(),
+        );
+        r.register(
+            "wraith_upstream_endpoint_healthy",
+            "1 if the endpoint's last request got a response, 0 if it failed to connect or timed out",
+            m.upstream_healthy.clone(),
+        );
+        r.register(
+            "wraith_active_connections",
+            "Open client connections, by listener and protocol",
+            m.active_connections.clone(),
+        );
+        r.register(
+            "wraith_tls_handshakes",
+            "TLS handshakes, by listener, version, key-exchange group and result",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "wraith_tls_handshake_duration_seconds",
+            "TLS handshake duration, by listener",
+            m.tls_handshake_duration.clone(),
+        );
+        r.register(
+            "wraith_policy_decisions",
+            "Policy decisions, by route and effect (allow, deny, shadow_deny)",
+            m.policy_decisions.clone(),
+        );
+        r.register(
+            "wraith_ratelimit_rejections",
+            "Requests refused by a rate limit, by route",
+            m.ratelimit_rejections.clone(),
+        );
+        r.register(
+            "wraith_bans",
+            "Requests refused because the client is banned, by decision origin",
+            m.bans.clone(),
+        );
+        r.register(
+            "wraith_decisions_active",
+            "Active ban decisions, by origin",
+            m.decisions_active.clone(),
+        );
+        r.register(
+            "wraith_config_reloads",
+            "Configuration reloads, by result (ok, failed)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "wraith_log_records_written",
+            "Access-log records written, by sink",
+            m.log_written.clone(),
+        );
+        r.register(
+            "wraith_log_records_dropped",
+            "Access-log records dropped because the sink's queue was full, by sink",
+            m.log_dropped.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The handles one route's requests update.
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        Arc::new(RouteMetrics {
+            name: route.to_string(),
+            cells: Default::default(),
+            duration: self.request_duration.get_or_create_owned(&RouteLabel {
+                route: route.to_string(),
+            }),
+            total: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+        })
+    }
+
+    /// The handles one upstream endpoint's requests update.
+    pub fn endpoint(&self, upstream: &str, endpoint: &str) -> Arc<EndpointMetrics> {
+        let labels = EndpointLabels {
+            upstream: upstream.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        let healthy = self.upstream_healthy.get_or_create_owned(&labels);
+        // A new endpoint counts as healthy until a request says otherwise.
+        healthy.set(1);
+        Arc::new(EndpointMetrics {
+            duration: self.upstream_duration.get_or_create_owned(&labels),
+            healthy,
+            labels,
+            last_ok: AtomicBool::new(true),
+        })
+    }
+
+    /// The text exposition (OpenMetrics), with `extra` appended before the EOF marker.
+    pub fn encode(&self, extra: &Registry) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, extra);
+        let _ = out.write_str("# EOF\n");
+        out
+    }
+}
+
+/// Status classes: 1xx..5xx, and `other` for anything outside 100..=599.
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+/// Protocols as labelled.
+const PROTOCOLS: [&str; 3] = ["h1", "h2", "h3"];
+
+/// Pre-resolved metric handles of one route. Request counters are created on first use, so
+/// a route/class/protocol combination that never happened exports no zero series.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    name: String,
+    cells: [[OnceLock<Counter>; CLASSES.len()]; PROTOCOLS.len()],
+    duration: AtomicHistogram,
+    /// Totals for `wraith status` / `wraith top` (cheaper to read than the families).
+    pub total: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+impl RouteMetrics {
+    /// The route's name (`(none)` for unmatched requests).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts one finished request.
+    pub fn observe(
+        &self,
+        family: &Family<RequestLabels, Counter>,
+        protocol: &str,
+        status: u16,
+        d: Duration,
+    ) {
+        let p = match protocol {
+            "h2" => 1,
+            "h3" => 2,
+            _ => 0,
+        };
+        let c = match status {
+            100..=599 => usize::from(status / 100 - 1),
+            _ => 5,
+        };
+        self.cells[p][c]
+            .get_or_init(|| {
+                family.get_or_create_owned(&RequestLabels {
+                    route: self.name.clone(),
+                    status_class: CLASSES[c],
+                    protocol: PROTOCOLS[p],
+                })
+            })
+            .inc();
+        self.duration.observe(d);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Pre-resolved metric handles of one upstream endpoint.
+#[derive(Debug)]
+pub struct EndpointMetrics {
+    labels: EndpointLabels,
+    duration: AtomicHistogram,
+    healthy: Gauge,
+    last_ok: AtomicBool,
+}
+
+impl EndpointMetrics {
+    /// Records one upstream exchange: its time to response head, and whether the endpoint
+    /// answered (passive health).
+    pub fn observe(&self, upstream_time: Option<Duration>, answered: bool) {
+        if let Some(t) = upstream_time {
+            self.duration.observe(t);
+        }
+        // Only touch the gauge when the state flips.
+        if self.last_ok.swap(answered, Ordering::Relaxed) != answered {
+            self.healthy.set(i64::from(answered));
+        }
+    }
+
+    /// Whether the endpoint's last exchange succeeded.
+    pub fn healthy(&self) -> bool {
+        self.last_ok.load(Ordering::Relaxed)
+    }
+
+    /// Counts an upstream error by code.
+    pub fn error(&self, family: &Family<EndpointErrorLabels, Counter>, code: &'static str) {
+        family
+            .get_or_create(&EndpointErrorLabels {
+                upstream: self.labels.upstream.clone(),
+                endpoint: self.labels.endpoint.clone(),
+                code,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_exposition() {
+        let m = Metrics::new();
+        let r = m.route("api");
+        r.observe(&m.requests, "h2", 200, Duration::from_millis(3));
+        r.observe(&m.requests, "h2", 503, Duration::from_secs(100));
+        r.observe(&m.requests, "h1", 404, Duration::from_micros(100));
+        let text = m.encode(&Registry::default());
+        assert!(text.contains(
+            "wraith_requests_total{route=\"api\",status_class=\"2xx\",protocol=\"h2\"} 1"
+        ));
+        assert!(text.contains(
+            "wraith_requests_total{route=\"api\",status_class=\"5xx\",protocol=\"h2\"} 1"
+        ));
+        assert!(text.contains("wraith_request_duration_seconds_count{route=\"api\"} 3"));
+        assert!(
+            text.contains("wraith_request_duration_seconds_bucket{le=\"0.0005\",route=\"api\"} 1")
+                || text.contains(
+                    "wraith_request_duration_seconds_bucket{route=\"api\",le=\"0.0005\"} 1"
+                ),
+            "{text}"
+        );
+        assert!(text.contains("le=\"+Inf\""));
+        assert!(text.ends_with("# EOF\n"));
+        assert_eq!(r.total.load(Ordering::Relaxed), 3);
+        assert_eq!(r.server_errors.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,447 @@
+//! Sinks: a bounded queue per sink and a writer thread that empties it in batches.
+//!
+//! The request thread's whole cost is `Queue::push`: an uncontended mutex, a `Vec::push` and,
+//! when the queue is full, a dropped-record count. No syscall: the writer wakes on its own every
+//! `FLUSH_INTERVAL`, or when the queue passes half full. The writer formats, writes the whole
+//! batch with one `write`, and goes back to sleep.
+//!
+//! A sink's handle (`Sink`) is shared by every snapshot that has the same settings; when the
+//! last one goes (a reload changed or removed it), the queue is closed and the writer drains it
+//! and exits. `Writers` keeps every writer thread so shutdown can wait for all of them.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+
+/// How long a record waits at most before its writer wakes up.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Drops are warned about at most this often (per sink).
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A bounded multi-producer queue emptied in batches by one writer.
+pub struct Queue<T> {
+    state: Mutex<QueueState<T>>,
+    wake: Condvar,
+    capacity: usize,
+    /// Records refused because the queue was full (or closed).
+    pub dropped: AtomicU64,
+    /// Records accepted into the queue.
+    pub accepted: AtomicU64,
+    /// Records written by the writer.
+    pub written: AtomicU64,
+    dropped_metric: Counter,
+    written_metric: Counter,
+}
+
+struct QueueState<T> {
+    items: Vec<T>,
+    closed: bool,
+    reopen: bool,
+}
+
+/// What the writer took from the queue.
+pub struct Batch<T> {
+    pub items: Vec<T>,
+    pub closed: bool,
+    pub reopen: bool,
+}
+
+impl<T> Queue<T> {
+    pub fn new(capacity: usize, dropped_metric: Counter, written_metric: Counter) -> Queue<T> {
+        Queue {
+            state: Mutex::new(QueueState {
+                items: Vec::with_capacity(capacity.min(4096)),
+                closed: false,
+                reopen: false,
+            }),
+            wake: Condvar::new(),
+            capacity,
+            dropped: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            dropped_metric,
+            written_metric,
+        }
+    }
+
+    /// Offers a record; `false` (and counted) when the queue is full or closed.
+    pub fn push(&self, item: T) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        if s.closed || s.items.len() >= self.capacity {
+            drop(s);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped_metric.inc();
+            return false;
+        }
+        s.items.push(item);
+        let len = s.items.len();
+        drop(s);
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        // Half full: wake the writer early rather than risk drops.
+        if len == self.capacity / 2 + 1 {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Records waiting.
+    pub fn len(&self) -> usize {
+        self.state.lock().map_or(0, |s| s.items.len())
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until there is something to do (or the flush interval passes) and takes it all.
+    pub fn take(&self, spare: Vec<T>) -> Batch<T> {
+        let Ok(mut s) = self.state.lock() else {
+            return Batch {
+                items: Vec::new(),
+                closed: true,
+                reopen: false,
+            };
+        };
+        if s.items.is_empty() && !s.closed && !s.reopen {
+            s = match self.wake.wait_timeout(s, FLUSH_INTERVAL) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        let items = std::mem::replace(&mut s.items, spare);
+        let reopen = std::mem::take(&mut s.reopen);
+        Batch {
+            items,
+            closed: s.closed,
+            reopen,
+        }
+    }
+
+    /// Asks the writer to reopen its file.
+    pub fn reopen(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.reopen = true;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Stops accepting; the writer drains what is queued and exits.
+    pub fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.closed = true;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Counts records the writer wrote.
+    pub fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+        self.written_metric.inc_by(n as u64);
+    }
+}
+
+/// What shutdown and `wraith status` need to know about any sink.
+pub trait SinkControl: Send + Sync {
+    fn close(&self);
+    fn reopen(&self);
+    /// (queued now, accepted, written, dropped)
+    fn counts(&self) -> (usize, u64, u64, u64);
+}
+
+impl<T: Send> SinkControl for Queue<T> {
+    fn close(&self) {
+        Queue::close(self)
+    }
+    fn reopen(&self) {
+        Queue::reopen(self)
+    }
+    fn counts(&self) -> (usize, u64, u64, u64) {
+        (
+            self.len(),
+            self.accepted.load(Ordering::Relaxed),
+            self.written.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A handle on a running sink; dropping the last one closes it.
+pub struct Sink<T: Send + 'static> {
+    pub name: &'static str,
+    pub queue: Arc<Queue<T>>,
+    /// The settings it was started with (sinks are reused across reloads when equal).
+    pub key: String,
+}
+
+impl<T: Send + 'static> Sink<T> {
+    /// Offers a record to the sink.
+    #[inline]
+    pub fn push(&self, item: T) -> bool {
+        self.queue.push(item)
+    }
+}
+
+impl<T: Send + 'static> Drop for Sink<T> {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// One writer thread.
+struct WriterEntry {
+    name: &'static str,
+    control: Arc<dyn SinkControl>,
+    thread: JoinHandle<()>,
+}
+
+/// Every writer thread ever started, so shutdown can close and wait for all of them.
+#[derive(Default)]
+pub struct Writers {
+    entries: Mutex<Vec<WriterEntry>>,
+}
+
+impl Writers {
+    /// Starts a writer thread for `queue`, running `write` on each batch.
+    pub fn spawn<T, W>(
+        &self,
+        name: &'static str,
+        key: String,
+        queue: Arc<Queue<T>>,
+        mut writer: W,
+    ) -> Result<Sink<T>, String>
+    where
+        T: Send + 'static,
+        W: BatchWriter<T> + Send + 'static,
+    {
+        let q = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("wraith-log-{name}"))
+            .spawn(move || run_writer(name, &q, &mut writer))
+            .map_err(|e| format!("cannot start the {name} log writer: {e}"))?;
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|e| !e.thread.is_finished());
+            entries.push(WriterEntry {
+                name,
+                control: queue.clone(),
+                thread,
+            });
+        }
+        Ok(Sink { name, queue, key })
+    }
+
+    /// Closes every sink and waits (until `deadline`) for the writers to drain their queues.
+    /// Returns the sinks that did not finish in time.
+    pub fn shutdown(&self, deadline: Instant) -> Vec<&'static str> {
+        let entries = match self.entries.lock() {
+            Ok(mut e) => std::mem::take(&mut *e),
+            Err(_) => return Vec::new(),
+        };
+        for e in &entries {
+            e.control.close();
+        }
+        let mut late = Vec::new();
+        for e in entries {
+            while !e.thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let (queued, accepted, written, dropped) = e.control.counts();
+            if e.thread.is_finished() {
+                let _ = e.thread.join();
+                tracing::info!(
+                    sink = e.name,
+                    accepted,
+                    written,
+                    dropped,
+                    "access log sink flushed and closed"
+                );
+            } else {
+                tracing::error!(
+                    sink = e.name,
+                    queued,
+                    "access log sink did not drain before the shutdown deadline; records lost"
+                );
+                late.push(e.name);
+            }
+        }
+        late
+    }
+
+    /// Asks every running file sink to reopen its file (SIGUSR1).
+    pub fn reopen_all(&self) {
+        if let Ok(entries) = self.entries.lock() {
+            for e in entries.iter().filter(|e| !e.thread.is_finished()) {
+                e.control.reopen();
+            }
+        }
+    }
+}
+
+/// Writes batches for one sink.
+pub trait BatchWriter<T> {
+    /// Writes every item; on error, returns the items still to write (they are retried).
+    fn write(&mut self, items: &mut Vec<T>) -> Result<(), String>;
+    /// Reopens the output (logrotate).
+    fn reopen(&mut self) -> Result<(), String>;
+    /// Periodic housekeeping (retention).
+    fn tick(&mut self) {}
+}
+
+fn run_writer<T, W: BatchWriter<T>>(name: &'static str, queue: &Queue<T>, writer: &mut W) {
+    let mut pending: Vec<T> = Vec::new();
+    let mut spare: Vec<T> = Vec::new();
+    let mut last_warn = Instant::now() - WARN_INTERVAL;
+    let mut warned_drops = 0;
+    let mut last_error: Option<String> = None;
+    let mut failures_after_close = 0;
+    loop {
+        let batch = queue.take(std::mem::take(&mut spare));
+        if batch.reopen {
+            if let Err(e) = writer.reopen() {
+                tracing::error!(sink = name, error = %e, "cannot reopen access log");
+            }
+        }
+        let mut items = batch.items;
+        if !pending.is_empty() {
+            // Older records first.
+            pending.append(&mut items);
+            items = std::mem::take(&mut pending);
+        }
+        let n = items.len();
+        if n > 0 {
+            match writer.write(&mut items) {
+                Ok(()) => {
+                    queue.wrote(n);
+                    if last_error.take().is_some() {
+                        tracing::info!(sink = name, "access log writes work again");
+                    }
+                }
+                Err(e) => {
+                    // Keep what was not written and retry; the queue keeps bounding memory.
+                    queue.wrote(n - items.len());
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        tracing::error!(sink = name, error = %e, "access log write failed; retrying");
+                        last_error = Some(e);
+                    }
+                    pending = std::mem::take(&mut items);
+                    std::thread::sleep(FLUSH_INTERVAL);
+                }
+            }
+        }
+        items.clear();
+        spare = items;
+        writer.tick();
+
+        let dropped = queue.dropped.load(Ordering::Relaxed);
+        if dropped > warned_drops && last_warn.elapsed() >= WARN_INTERVAL {
+            tracing::warn!(
+                sink = name,
+                dropped = dropped - warned_drops,
+                total_dropped = dropped,
+                "access log queue full: records dropped (the writer cannot keep up)"
+            );
+            warned_drops = dropped;
+            last_warn = Instant::now();
+        }
+        if batch.closed && queue.is_empty() {
+            if pending.is_empty() {
+                break;
+            }
+            // Closed, and the output keeps failing: give up after a while rather than retry
+            // forever in a thread nobody waits for.
+            failures_after_close += 1;
+            if failures_after_close >= GIVE_UP_AFTER {
+                tracing::error!(
+                    sink = name,
+                    lost = pending.len(),
+                    "access log sink closed while its output kept failing; records lost"
+                );
+                break;
+            }
+        }
+    }
+}
+
+/// Failed write rounds (of `FLUSH_INTERVAL`) a closed sink tries before it gives up.
+const GIVE_UP_AFTER: u32 = 100;
+
+/// Opens `path` for appending, creating it (and its directory) if needed.
+pub fn open_append(path: &Path) -> Result<File, String> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let mut opts = OpenOptions::new();
+    opts.create(true).append(true);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o640);
+    }
+    opts.open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+/// Formats one item as one or more complete lines.
+pub type FormatFn<T> = Box<dyn FnMut(&T, &mut Vec<u8>) + Send>;
+
+/// A line-oriented file sink: formats each item with `format` and appends the batch.
+pub struct FileWriter<T> {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+    format: FormatFn<T>,
+    /// A write failed: reopen before the next one (the file may have been removed).
+    broken: bool,
+}
+
+impl<T> FileWriter<T> {
+    pub fn new(path: PathBuf, format: FormatFn<T>) -> Result<FileWriter<T>, String> {
+        let file = open_append(&path)?;
+        Ok(FileWriter {
+            path,
+            file,
+            buf: Vec::with_capacity(64 * 1024),
+            format,
+            broken: false,
+        })
+    }
+}
+
+impl<T> BatchWriter<T> for FileWriter<T> {
+    fn write(&mut self, items: &mut Vec<T>) -> Result<(), String> {
+        if self.broken {
+            self.reopen()?;
+        }
+        self.buf.clear();
+        for item in items.iter() {
+            (self.format)(item, &mut self.buf);
+        }
+        // Whole lines in one write: two writers appending to one file never split a line.
+        match self.file.write_all(&self.buf) {
+            Ok(()) => {
+                items.clear();
+                Ok(())
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(format!("cannot write {}: {e}", self.path.display()))
+            }
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        self.file = open_append(&self.path)?;
+        self.broken = false;
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! The SQLite sink: table `access_log` (typed columns, indexes on time, status, client ip,
+//! identity and route) in a WAL database, written by one thread in batched transactions, with
+//! retention by age and row count. `wraith logs` reads the same file read-only.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rusqlite::{params, Connection};
+
+use super::access_log::AccessRecord;
+use super::format::{sqlite_time, Formatting};
+use super::sinks::BatchWriter;
+use crate::config::SqliteSinkConfig;
+
+/// The schema (created if missing; the version is in `PRAGMA user_version`).
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS access_log (
+    id           INTEGER PRIMARY KEY,
+    time         TEXT    NOT NULL,   -- request start, UTC, 'YYYY-MM-DD HH:MM:SS.sss'
+    request_id   TEXT    NOT NULL,
+    client_ip    TEXT    NOT NULL,
+    client_port  INTEGER,
+    listener     TEXT    NOT NULL,
+    protocol     TEXT    NOT NULL,   -- h1, h1.0, h2, h3
+    tls_version  TEXT,
+    tls_group    TEXT,
+    identity     TEXT,               -- SPIFFE ID, else CN, else fingerprint
+    spiffe_id    TEXT,
+    cn           TEXT,
+    fingerprint  TEXT,
+    method       TEXT    NOT NULL,
+    host         TEXT,
+    path         TEXT    NOT NULL,
+    query        TEXT,
+    status       INTEGER NOT NULL,
+    bytes_in     INTEGER NOT NULL,
+    bytes_out    INTEGER NOT NULL,
+    duration_ms  REAL    NOT NULL,
+    upstream_ms  REAL,
+    route        TEXT,
+    upstream     TEXT,
+    endpoint     TEXT,
+    attempts     INTEGER NOT NULL,
+    decision     TEXT,               -- allow, deny
+    policies     TEXT,               -- comma-separated policy ids
+    reason       TEXT,
+    shadow       INTEGER,            -- 1 when the policy runs in shadow mode
+    rate_limit   TEXT,               -- passed, limited
+    rate_limiter TEXT,
+    ban_origin   TEXT,
+    ban_scenario TEXT,
+    user_agent   TEXT,
+    referer      TEXT,
+    error        TEXT,
+    aborted      INTEGER NOT NULL    -- 1 when the client went away early
+);
+CREATE INDEX IF NOT EXISTS access_log_time      ON access_log(time);
+CREATE INDEX IF NOT EXISTS access_log_status    ON access_log(status);
+CREATE INDEX IF NOT EXISTS access_log_client_ip ON access_log(client_ip);
+CREATE INDEX IF NOT EXISTS access_log_identity  ON access_log(identity);
+CREATE INDEX IF NOT EXISTS access_log_route     ON access_log(route);
+PRAGMA user_version = 1;
+"#;
+
+const INSERT: &str = "INSERT INTO access_log (time, request_id, client_ip, client_port, listener, \
+    protocol, tls_version, tls_group, identity, spiffe_id, cn, fingerprint, method, host, path, \
+    query, status, bytes_in, bytes_out, duration_ms, upstream_ms, route, upstream, endpoint, \
+    attempts, decision, policies, reason, shadow, rate_limit, rate_limiter, ban_origin, \
+    ban_scenario, user_agent, referer, error, aborted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
+    ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, \
+    ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37)";
+
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Opens (creating if needed) the database for writing, in WAL mode with the schema.
+pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let what = |e: rusqlite::Error| format!("SQLite access log {}: {e}", path.display());
+    let conn = Connection::open(path).map_err(what)?;
+    // Readers (`wraith logs`) never block the writer in WAL mode; NORMAL sync is durable
+    // against process crashes, which is what a log needs.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(what)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(what)?;
+    conn.busy_timeout(Duration::from_millis(200))
+        .map_err(what)?;
+    conn.execute_batch(SCHEMA).map_err(what)?;
+    Ok(conn)
+}
+
+/// Opens the database for reading only: a typo in `wraith logs` can never write.
+pub fn open_read_only(path: &Path) -> Result<Connection, String> {
+    use rusqlite::OpenFlags;
+    if !path.exists() {
+        return Err(format!(
+            "{} does not exist (is [log.sqlite] configured and has wraith served a request?)",
+            path.display()
+        ));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    conn.pragma_update(None, "query_only", "ON")
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(2))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(conn)
+}
+
+/// The writer thread's side of the sink.
+pub struct SqliteWriter {
+    conn: Connection,
+    config: SqliteSinkConfig,
+    formatting: Formatting,
+    last_retention: Option<Instant>,
+}
+
+impl SqliteWriter {
+    pub fn new(config: SqliteSinkConfig, formatting: Formatting) -> Result<SqliteWriter, String> {
+        let conn = open_for_writing(&config.path)?;
+        Ok(SqliteWriter {
+            conn,
+            config,
+            formatting,
+            last_retention: None,
+        })
+    }
+
+    fn insert(&mut self, items: &[Arc<AccessRecord>]) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(INSERT)?;
+            for r in items {
+                let id = r.identity.as_deref();
+                let policies = r.policy.as_ref().map(|p| {
+                    p.policies
+                        .iter()
+                        .map(|s| &**s)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                });
+                let header = |v: &Option<http::HeaderValue>| {
+                    v.as_ref()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                };
+                stmt.execute(params![
+                    sqlite_time(r.time),
+                    String::from_utf8_lossy(r.request_id.as_bytes()),
+                    r.client_ip.to_string(),
+                    r.client_port,
+                    &*r.listener,
+                    r.protocol,
+                    r.tls_version,
+                    r.tls_group,
+                    r.identity_name(),
+                    id.and_then(|i| i.spiffe_id.as_deref()),
+                    id.and_then(|i| i.common_name.as_deref()),
+                    id.map(|i| i.fingerprint.as_str()),
+                    r.method.as_str(),
+                    r.host(),
+                    r.uri.path(),
+                    self.formatting.query(r.uri.query()).as_deref(),
+                    r.status,
+                    r.bytes_in as i64,
+                    r.bytes_out as i64,
+                    r.duration.as_micros() as f64 / 1000.0,
+                    r.forward
+                        .upstream_time
+                        .map(|t| t.as_micros() as f64 / 1000.0),
+                    r.route.as_deref(),
+                    r.upstream.as_deref(),
+                    r.forward.endpoint.as_deref(),
+                    r.forward.attempts,
+                    r.policy.as_ref().map(|p| p.effect.as_str()),
+                    policies,
+                    r.policy.as_ref().and_then(|p| p.reason.as_deref()),
+                    r.policy.as_ref().map(|p| p.shadow),
+                    r.rate_limit
+                        .as_ref()
+                        .map(|l| if l.limited { "limited" } else { "passed" }),
+                    r.rate_limit.as_ref().map(|l| &*l.limiter),
+                    r.ban.as_ref().map(|b| &*b.origin),
+                    r.ban.as_ref().and_then(|b| b.scenario.as_deref()),
+                    header(&r.user_agent),
+                    header(&r.referer),
+                    r.error,
+                    r.aborted,
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// Deletes rows past the configured age and count.
+    fn retention(&mut self) -> rusqlite::Result<usize> {
+        let mut deleted = 0;
+        if let Some(age) = self.config.max_age {
+            let cutoff = SystemTime::now()
+                .checked_sub(age)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            deleted += self.conn.execute(
+                "DELETE FROM access_log WHERE time < ?1",
+                params![sqlite_time(cutoff)],
+            )?;
+        }
+        if let Some(max) = self.config.max_rows {
+            deleted += self.conn.execute(
+                "DELETE FROM access_log WHERE id <= (SELECT max(id) FROM access_log) - ?1",
+                params![max as i64],
+            )?;
+        }
+        Ok(deleted)
+    }
+}
+
+impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
+    fn write(&mut self, items: &mut Vec<Arc<AccessRecord>>) -> Result<(), String> {
+        let batch = self.config.batch.max(1);
+        while !items.is_empty() {
+            let n = items.len().min(batch);
+            self.insert(&items[..n])
+                .map_err(|e| format!("cannot insert into {}: {e}", self.config.path.display()))?;
+            items.drain(..n);
+        }
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        // A database is not rotated by renaming; reopening picks up a replaced file.
+        self.conn = open_for_writing(&self.config.path)?;
+        Ok(())
+    }
+
+    fn tick(&mut self) {
+        if self.config.max_age.is_none() && self.config.max_rows.is_none() {
+            return;
+        }
+        if self
+            .last_retention
+            .is_some_and(|t| t.elapsed() < RETENTION_EVERY)
+        {
+            return;
+        }
+        self.last_retention = Some(Instant::now());
+        match self.retention() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "access log retention"),
+            Err(e) => tracing::warn!(error = %e, "access log retention failed"),
+        }
+    }
+}

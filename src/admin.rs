@@ -1,7 +1,9 @@
 //! The admin API: HTTP/1.1 on a unix socket (never TCP), mode 0600. `wraith status` and
 //! `wraith reload` talk to it; later work adds decisions and metrics.
 //!
-//! - `GET  /v1/status`  version, uptime, config generation, listeners, upstreams
+//! - `GET  /v1/status`  version, uptime, config generation, listeners, upstreams with passive
+//!   health, last-minute traffic (rates, p50/p99, top denied), decisions by origin, log sinks
+//! - `GET  /v1/metrics` Prometheus/OpenMetrics text
 //! - `POST /v1/reload`  reload now; 200 with the new generation, or 409 with every error
 
 use std::convert::Infallible;
@@ -80,6 +82,16 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
 async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/status") => reply(StatusCode::OK, status(rt)),
+        (&Method::GET, "/v1/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(
+                crate::telemetry::exporter::render(rt),
+            )));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::telemetry::exporter::CONTENT_TYPE),
+            );
+            resp
+        }
         (&Method::POST, "/v1/reload") => match rt.reload().await {
             Ok(generation) => reply(
                 StatusCode::OK,
@@ -87,7 +99,7 @@ async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Byte
             ),
             Err(errors) => reply(StatusCode::CONFLICT, json!({"ok": false, "errors": errors})),
         },
-        (_, "/v1/status" | "/v1/reload") => reply(
+        (_, "/v1/status" | "/v1/reload" | "/v1/metrics") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
@@ -143,6 +155,7 @@ pub fn status(rt: &Runtime) -> Value {
                 "protocol": format!("{:?}", u.config.protocol).to_lowercase(),
                 "endpoints": u.endpoints.iter().map(|e| json!({
                     "address": e.authority.as_str(),
+                    "healthy": snapshot.telemetry.endpoint_healthy(&u.config.name, e.authority.as_str()),
                     "in_flight": e.in_flight.load(Relaxed),
                     "requests": e.requests.load(Relaxed),
                     "connect_failures": e.failures.load(Relaxed),
@@ -166,7 +179,61 @@ pub fn status(rt: &Runtime) -> Value {
         "draining": rt.shutdown.is_cancelled(),
         "listeners": listeners,
         "upstreams": upstreams,
+        "traffic": traffic(rt),
+        "routes": snapshot.telemetry.route_totals().into_iter().map(|(name, requests, server_errors, denied)| json!({
+            "name": name, "requests": requests, "server_errors": server_errors, "denied": denied,
+        })).collect::<Vec<_>>(),
+        "decisions": decisions(rt),
+        "log_sinks": snapshot.telemetry.sink_counts().into_iter().map(|(sink, queued, accepted, written, dropped)| json!({
+            "sink": sink, "queued": queued, "accepted": accepted, "written": written, "dropped": dropped,
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// The last minute of traffic.
+fn traffic(rt: &Runtime) -> Value {
+    let s = rt
+        .telemetry
+        .window
+        .summary(crate::telemetry::unix_now(), rt.started.elapsed());
+    let per_sec = |n: u64| (n as f64 / s.seconds as f64 * 100.0).round() / 100.0;
+    let top = |v: &[(String, u64)]| {
+        v.iter()
+            .map(|(name, n)| json!({"name": name, "count": n}))
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "window_secs": s.seconds,
+        "requests": s.requests,
+        "requests_per_sec": per_sec(s.requests),
+        "server_errors": s.server_errors,
+        "errors_per_sec": per_sec(s.server_errors),
+        "error_rate": if s.requests == 0 { 0.0 } else { (s.server_errors as f64 / s.requests as f64 * 10_000.0).round() / 10_000.0 },
+        "client_errors": s.client_errors,
+        "denied": s.denied,
+        "p50_ms": s.p50_ms,
+        "p99_ms": s.p99_ms,
+        "top_denied_ips": top(&s.top_denied_ips),
+        "top_denied_identities": top(&s.top_denied_identities),
+    })
+}
+
+/// Requests refused by bans and active decisions, by origin (only origins seen).
+fn decisions(rt: &Runtime) -> Value {
+    use crate::telemetry::metrics::{OriginLabel, ORIGINS};
+    let m = &rt.telemetry.metrics;
+    let mut refused = serde_json::Map::new();
+    let mut active = serde_json::Map::new();
+    for origin in ORIGINS {
+        let label = OriginLabel { origin };
+        if let Some(c) = m.bans.get(&label) {
+            refused.insert(origin.into(), json!(c.get()));
+        }
+        if let Some(g) = m.decisions_active.get(&label) {
+            active.insert(origin.into(), json!(g.get()));
+        }
+    }
+    json!({"refused_by_origin": refused, "active_by_origin": active})
 }
 
 /// A client call to the admin socket: returns the status code and the JSON body.
@@ -176,6 +243,19 @@ pub async fn call(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, Value), String> {
+    let (status, body) = request(socket, method, path, timeout).await?;
+    let value =
+        serde_json::from_slice(&body).map_err(|e| format!("admin response is not JSON: {e}"))?;
+    Ok((status, value))
+}
+
+/// A client call to the admin socket: returns the status code and the raw body.
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), String> {
     let fut = async {
         let stream = UnixStream::connect(socket).await.map_err(|e| {
             format!(
@@ -203,9 +283,7 @@ pub async fn call(
             .await
             .map_err(|e| format!("admin response failed: {e}"))?
             .to_bytes();
-        let value = serde_json::from_slice(&body)
-            .map_err(|e| format!("admin response is not JSON: {e}"))?;
-        Ok((status, value))
+        Ok((status, body))
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| {
         format!(

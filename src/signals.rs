@@ -1,5 +1,6 @@
-//! Process lifecycle: SIGHUP reloads, SIGTERM/SIGINT drain (a second one exits at once), and
-//! the pid file that `wraith reload` and `wraith stop` use.
+//! Process lifecycle: SIGHUP reloads, SIGUSR1 reopens the log files (logrotate), SIGTERM/SIGINT
+//! drain (a second one exits at once), and the pid file that `wraith reload` and `wraith stop`
+//! use.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +28,14 @@ pub async fn run(runtime: Arc<Runtime>) -> Result<Exit, String> {
         .map_err(|e| format!("cannot install SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| format!("cannot install SIGINT handler: {e}"))?;
+    let mut usr1 = signal(SignalKind::user_defined1())
+        .map_err(|e| format!("cannot install SIGUSR1 handler: {e}"))?;
     loop {
         tokio::select! {
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: reopening log files");
+                runtime.telemetry.writers.reopen_all();
+            }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading configuration");
                 let rt = runtime.clone();

@@ -45,8 +45,13 @@ pub fn run(config_path: &Path) -> ExitCode {
     };
     let config_path =
         std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
-    let result = rt.block_on(async move {
+    let mut telemetry = None;
+    let result = rt.block_on(async {
         let runtime = Runtime::start(config_path, config).await?;
+        telemetry = Some((
+            runtime.telemetry.clone(),
+            runtime.gateway.snapshot().config.server.shutdown_timeout,
+        ));
         let snapshot = runtime.gateway.snapshot();
         let _pid = match &snapshot.config.server.pid_file {
             Some(p) => Some(PidFile::create(p)?),
@@ -55,6 +60,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         if let Some(sock) = &snapshot.config.server.admin_socket {
             admin::start(runtime.clone(), sock)?;
         }
+        telemetry::exporter::start(runtime.clone()).await?;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             pid = std::process::id(),
@@ -66,6 +72,12 @@ pub fn run(config_path: &Path) -> ExitCode {
     });
     // Do not wait for lingering tasks (connections past the deadline).
     rt.shutdown_background();
+    // Every request has been accounted for by now: write out what the log queues hold.
+    if let Some((telemetry, timeout)) = telemetry {
+        telemetry
+            .writers
+            .shutdown(std::time::Instant::now() + timeout);
+    }
     match result {
         Ok(Exit::Drained) | Ok(Exit::TimedOut) => ExitCode::SUCCESS,
         Ok(Exit::Forced) => ExitCode::from(130),

@@ -31,6 +31,8 @@ use crate::body::Body;
 use crate::config::Limits;
 use crate::proxy::{ConnInfo, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
+use crate::telemetry::metrics::ConnectionLabels;
+use crate::telemetry::HandshakeFailure;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -228,14 +230,28 @@ pub(super) async fn serve(
         .tls
         .as_ref()
         .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+    let handshake_started = Instant::now();
     let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer, listener = %info.listener, error = %e, "TLS handshake failed");
+            let failure = classify_handshake_error(&e);
+            runtime.gateway.snapshot().telemetry.handshake(
+                &info.listener,
+                peer,
+                handshake_started,
+                Err(failure),
+            );
             return;
         }
         Err(_) => {
             tracing::debug!(peer = %peer, listener = %info.listener, "TLS handshake timed out");
+            runtime.gateway.snapshot().telemetry.handshake(
+                &info.listener,
+                peer,
+                handshake_started,
+                Err(HandshakeFailure::Timeout),
+            );
             return;
         }
     };
@@ -255,6 +271,14 @@ pub(super) async fn serve(
         alpn,
         sni: session.server_name().map(Into::into),
     });
+    if let Some(t) = &info.tls {
+        runtime.gateway.snapshot().telemetry.handshake(
+            &info.listener,
+            peer,
+            handshake_started,
+            Ok((t.version, t.group.unwrap_or("unknown"))),
+        );
+    }
     serve_http(runtime, &listener, TokioIo::new(tls), info, state, h2, stop).await;
 }
 
@@ -301,6 +325,17 @@ async fn serve_http<I>(
         state.h2.store(true, Ordering::Relaxed);
     }
     let limits = listener.config.limits.clone();
+    // Counted from here to the end of the connection (the guard decrements on every exit).
+    let gauge = runtime
+        .telemetry
+        .metrics
+        .active_connections
+        .get_or_create_owned(&ConnectionLabels {
+            listener: info.listener.to_string(),
+            protocol: if h2 { "h2" } else { "h1" },
+        });
+    gauge.inc();
+    let _active = GaugeGuard(gauge);
     let ctx = Arc::new(ConnCtx {
         runtime,
         info,
@@ -373,5 +408,31 @@ async fn drive<C, G>(
                 }
             }
         }
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Whether a failed handshake was the client certificate's fault (an `auth_failure` event)
+/// or anything else.
+fn classify_handshake_error(e: &io::Error) -> HandshakeFailure {
+    let reason = e.to_string();
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::InvalidCertRevocationList(_),
+        ) => HandshakeFailure::ClientCertificate(reason),
+        _ => HandshakeFailure::Other(reason),
     }
 }

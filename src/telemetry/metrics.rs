@@ -166,6 +166,11 @@ pub struct SinkLabel {
 /// The route label of requests no route matched.
 pub const NO_ROUTE: &str = "(none)";
 
+/// Every value `origin_label` can return.
+pub const ORIGINS: [&str; 9] = [
+    "crowdsec", "cscli", "capi", "lists", "console", "wazuh", "local", "wraith", "other",
+];
+
 /// Ban origins get a label of their own; anything else is counted as `other`.
 pub fn origin_label(origin: &str) -> &'static str {
     match origin.to_ascii_lowercase().as_str() {

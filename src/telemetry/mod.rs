@@ -11,6 +11,7 @@
 //! otherwise. `WRAITH_LOG` overrides the configured filter.
 
 pub mod access_log;
+pub mod exporter;
 pub mod format;
 pub mod metrics;
 pub mod sinks;

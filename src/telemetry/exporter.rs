@@ -1,0 +1,142 @@
+//! Serving metrics: the OpenMetrics text (`render`) and the optional plain-HTTP metrics
+//! listener (`[metrics] address`). The same text is on the admin socket at `GET /v1/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use super::metrics::{EndpointLabels, SinkLabel};
+use crate::runtime::Runtime;
+
+/// Content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The exposition: the registry plus values read at scrape time (queue depths, in-flight
+/// requests per endpoint, config generation).
+pub fn render(rt: &Runtime) -> String {
+    let snapshot = rt.gateway.snapshot();
+    let mut extra = Registry::default();
+
+    let depth: Family<SinkLabel, Gauge> = Family::default();
+    for (sink, queued, ..) in snapshot.telemetry.sink_counts() {
+        depth
+            .get_or_create(&SinkLabel { sink })
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+    extra.register(
+        "wraith_log_queue_depth",
+        "Access-log records waiting for their writer, by sink",
+        depth,
+    );
+
+    let in_flight: Family<EndpointLabels, Gauge> = Family::default();
+    for u in &snapshot.upstreams {
+        for e in &u.endpoints {
+            in_flight
+                .get_or_create(&EndpointLabels {
+                    upstream: u.config.name.to_string(),
+                    endpoint: e.authority.to_string(),
+                })
+                .set(
+                    i64::try_from(e.in_flight.load(std::sync::atomic::Ordering::Relaxed))
+                        .unwrap_or(i64::MAX),
+                );
+        }
+    }
+    extra.register(
+        "wraith_upstream_in_flight",
+        "Requests being forwarded now, by upstream and endpoint",
+        in_flight,
+    );
+
+    let generation: Gauge = Gauge::default();
+    generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+    extra.register(
+        "wraith_config_generation",
+        "Generation of the configuration in service",
+        generation,
+    );
+    let uptime: Gauge = Gauge::default();
+    uptime.set(i64::try_from(rt.started.elapsed().as_secs()).unwrap_or(i64::MAX));
+    extra.register(
+        "wraith_uptime_seconds",
+        "Seconds since the process started",
+        uptime,
+    );
+    rt.telemetry.metrics.encode(&extra)
+}
+
+/// Binds the metrics listener and serves `GET <path>` until shutdown.
+pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
+    let config = rt.gateway.snapshot().config.metrics.clone();
+    let Some(address) = config.address else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("metrics: cannot bind {address}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| format!("metrics: {e}"))?;
+    tracing::info!(listener = "metrics", address = %local, path = %config.path, "listening");
+    let path: Arc<str> = Arc::from(config.path);
+    tokio::spawn(async move {
+        let shutdown = rt.shutdown.clone();
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let rt = rt.clone();
+            let path = path.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let resp = answer(&rt, &path, &req);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                // A scraper that never finishes its request is not kept forever.
+                let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn answer(rt: &Runtime, path: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, body, content_type) = if req.uri().path() != path {
+        (StatusCode::NOT_FOUND, format!("try {path}\n"), "text/plain")
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only\n".to_string(),
+            "text/plain",
+        )
+    } else {
+        (StatusCode::OK, render(rt), CONTENT_TYPE)
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}

@@ -3,11 +3,13 @@
 //! running, ...), 2 usage error (clap).
 
 mod certs;
+mod logs;
 mod reload;
 mod serve;
 mod status;
 mod stop;
 mod test;
+mod top;
 mod version;
 
 use std::path::PathBuf;
@@ -61,6 +63,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Query the SQLite access log (read-only): `wraith logs "SELECT status, count(*) FROM
+    /// access_log GROUP BY 1"`, or a preset (`--denied`, `--errors`, `--slow 500ms`), or
+    /// `--tail` to follow new rows.
+    Logs {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// SQL to run (read-only); omit to use the presets.
+        sql: Option<String>,
+        /// The database (default: `[log.sqlite] path` of the config).
+        #[arg(long, value_name = "FILE")]
+        db: Option<std::path::PathBuf>,
+        /// One JSON object per row instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new rows as they are written.
+        #[arg(long)]
+        tail: bool,
+        /// Requests refused: 401/403/429, policy denials, rate limits, bans.
+        #[arg(long)]
+        denied: bool,
+        /// Requests answered with a 5xx.
+        #[arg(long)]
+        errors: bool,
+        /// Requests slower than this (e.g. `500ms`).
+        #[arg(long, value_name = "DURATION")]
+        slow: Option<String>,
+        /// Only requests newer than this (e.g. `1h`).
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Rows shown (the newest; default 50).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// A live view of the running server (requests/s, errors, latency, routes, upstreams,
+    /// denied clients); q quits.
+    Top(ConfigArg),
     /// Print version, git revision, TLS provider and features.
     Version,
     /// Development certificates.
@@ -93,6 +131,30 @@ pub fn run() -> ExitCode {
         Command::Reload(c) => reload::run(&c.config),
         Command::Stop { config, timeout } => stop::run(&config.config, timeout.as_deref()),
         Command::Status { config, json } => status::run(&config.config, json),
+        Command::Logs {
+            config,
+            sql,
+            db,
+            json,
+            tail,
+            denied,
+            errors,
+            slow,
+            since,
+            limit,
+        } => logs::run(logs::LogsArgs {
+            config: config.config,
+            db,
+            sql,
+            json,
+            tail,
+            denied,
+            errors,
+            slow,
+            since,
+            limit,
+        }),
+        Command::Top(c) => top::run(&c.config),
         Command::Version => version::run(),
         Command::Certs {
             command: CertsCommand::Init { dir, force },

@@ -88,17 +88,78 @@ pub fn render(v: &Value) -> String {
         ));
     }
     out.push_str(
-        "\nUPSTREAM         ENDPOINT                 IN-FLIGHT  REQUESTS  CONNECT-FAILURES\n",
+        "\nUPSTREAM         ENDPOINT                 HEALTH  IN-FLIGHT  REQUESTS  CONNECT-FAILURES\n",
     );
     for u in v["upstreams"].as_array().into_iter().flatten() {
         for e in u["endpoints"].as_array().into_iter().flatten() {
+            let health = match e["healthy"].as_bool() {
+                Some(true) => "up",
+                Some(false) => "DOWN",
+                None => "-",
+            };
             out.push_str(&format!(
-                "{:<16} {:<24} {:<10} {:<9} {}\n",
+                "{:<16} {:<24} {:<7} {:<10} {:<9} {}\n",
                 s(&u["name"]),
                 s(&e["address"]),
+                health,
                 e["in_flight"].to_string(),
                 e["requests"].to_string(),
                 e["connect_failures"]
+            ));
+        }
+    }
+    let t = &v["traffic"];
+    if t.is_object() {
+        let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}ms"));
+        out.push_str(&format!(
+            "\nTRAFFIC (last {}s)\n  requests     {} ({}/s)\n  errors       {} 5xx ({}/s, {:.2}%), {} 4xx, {} denied\n  latency      p50 {}  p99 {}\n",
+            t["window_secs"],
+            t["requests"],
+            t["requests_per_sec"],
+            t["server_errors"],
+            t["errors_per_sec"],
+            t["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            t["client_errors"],
+            t["denied"],
+            ms(&t["p50_ms"]),
+            ms(&t["p99_ms"]),
+        ));
+    }
+    let d = &v["decisions"];
+    if d.is_object() {
+        let by = |m: &Value| {
+            let items: Vec<String> = m
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            if items.is_empty() {
+                "none".to_string()
+            } else {
+                items.join(", ")
+            }
+        };
+        out.push_str(&format!(
+            "\nDECISIONS\n  active       {}\n  refused      {}\n",
+            by(&d["active_by_origin"]),
+            by(&d["refused_by_origin"])
+        ));
+    }
+    let sinks = v["log_sinks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    if !sinks.is_empty() {
+        out.push_str("\nLOG SINK   QUEUED   WRITTEN   DROPPED\n");
+        for k in sinks {
+            out.push_str(&format!(
+                "{:<10} {:<8} {:<9} {}\n",
+                s(&k["sink"]),
+                k["queued"].to_string(),
+                k["written"].to_string(),
+                k["dropped"]
             ));
         }
     }

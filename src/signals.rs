@@ -33,8 +33,8 @@ pub async fn run(runtime: Arc<Runtime>) -> Result<Exit, String> {
     loop {
         tokio::select! {
             _ = usr1.recv() => {
-                tracing::info!("SIGUSR1: reopening log files");
                 runtime.telemetry.writers.reopen_all();
+                tracing::info!("SIGUSR1: reopening log files");
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading configuration");

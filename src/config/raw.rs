@@ -163,7 +163,6 @@ pub struct RawCombinedSink {
     pub path: Str,
     pub queue: Option<Spanned<i64>>,
     pub vhost: Option<bool>,
-    pub identity_as_user: Option<bool>,
 }
 
 /// `[log.sqlite]`

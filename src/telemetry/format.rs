@@ -314,22 +314,20 @@ fn policy_fields(o: &mut JsonObject<'_>, r: &AccessRecord) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CombinedOptions {
     pub vhost: bool,
-    pub identity_as_user: bool,
 }
 
 /// One nginx `combined` line:
-/// `[vhost ]client - user [time] "METHOD target HTTP/x" status bytes "referer" "agent"`.
+/// `[vhost ]client - - [time] "METHOD target HTTP/x" status bytes "referer" "agent"`.
+///
+/// `remote_user` is always `-`: CrowdSec's grok only accepts `[a-zA-Z.@+_%-]+` there (no
+/// digits, no `:` or `/`), so no certificate identity can be written faithfully; the JSON and
+/// SQLite sinks carry it.
 pub fn combined_line(r: &AccessRecord, f: &Formatting, opts: CombinedOptions, out: &mut Vec<u8>) {
     if opts.vhost {
         out.extend_from_slice(vhost(r).as_bytes());
         out.push(b' ');
     }
-    let _ = write!(out, "{} - ", r.client_ip);
-    match r.identity_name().filter(|_| opts.identity_as_user) {
-        Some(user) => percent_user(user, out),
-        None => out.push(b'-'),
-    }
-    let _ = write!(out, " [{}] \"", http_date(r.time));
+    let _ = write!(out, "{} - - [{}] \"", r.client_ip, http_date(r.time));
     escape_nginx(r.method.as_str().as_bytes(), out);
     out.push(b' ');
     escape_nginx(r.uri.path().as_bytes(), out);
@@ -392,18 +390,6 @@ fn escape_nginx(v: &[u8], out: &mut Vec<u8>) {
             let _ = write!(out, "\\x{b:02X}");
         } else {
             out.push(b);
-        }
-    }
-}
-
-/// The identity as an nginx `remote_user` CrowdSec's grok accepts (`[a-zA-Z.@+_%-]+`):
-/// everything else percent-encoded.
-fn percent_user(user: &str, out: &mut Vec<u8>) {
-    for &b in user.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'@' | b'-' | b'+' | b'_') {
-            out.push(b);
-        } else {
-            let _ = write!(out, "%{b:02X}");
         }
     }
 }
@@ -527,10 +513,7 @@ mod tests {
     #[test]
     fn combined_line_is_nginx_shaped() {
         let mut out = Vec::new();
-        let opts = CombinedOptions {
-            vhost: true,
-            identity_as_user: false,
-        };
+        let opts = CombinedOptions { vhost: true };
         combined_line(&record(), &fmt(), opts, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -566,12 +549,5 @@ mod tests {
         assert_eq!(v["wraith"]["origin"], "crowdsec");
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, ["srcip", "srcport", "timestamp", "wraith"]);
-    }
-
-    #[test]
-    fn user_is_percent_encoded() {
-        let mut out = Vec::new();
-        percent_user("spiffe://example.org/svc a", &mut out);
-        assert_eq!(out, b"spiffe%3A%2F%2Fexample.org%2Fsvc%20a");
     }
 }

@@ -152,10 +152,7 @@ impl SnapshotTelemetry {
             .ok();
         }
         if let Some(c) = &log.combined {
-            let opts = CombinedOptions {
-                vhost: c.vhost,
-                identity_as_user: c.identity_as_user,
-            };
+            let opts = CombinedOptions { vhost: c.vhost };
             let key = format!(
                 "{}|{}|{opts:?}|{formatting:?}",
                 c.file.path.display(),

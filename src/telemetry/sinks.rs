@@ -126,6 +126,22 @@ impl<T> Queue<T> {
         }
     }
 
+    /// The close and reopen flags, without taking any record.
+    pub fn flags(&self) -> Batch<T> {
+        let Ok(mut s) = self.state.lock() else {
+            return Batch {
+                items: Vec::new(),
+                closed: true,
+                reopen: false,
+            };
+        };
+        Batch {
+            items: Vec::new(),
+            closed: s.closed,
+            reopen: std::mem::take(&mut s.reopen),
+        }
+    }
+
     /// Asks the writer to reopen its file.
     pub fn reopen(&self) {
         if let Ok(mut s) = self.state.lock() {
@@ -303,7 +319,13 @@ fn run_writer<T, W: BatchWriter<T>>(name: &'static str, queue: &Queue<T>, writer
     let mut last_error: Option<String> = None;
     let mut failures_after_close = 0;
     loop {
-        let batch = queue.take(std::mem::take(&mut spare));
+        // While a failed batch waits for its retry, leave new records in the queue: its bound
+        // is what keeps memory bounded (and what counts the drops) when the output is stuck.
+        let batch = if pending.is_empty() {
+            queue.take(std::mem::take(&mut spare))
+        } else {
+            queue.flags()
+        };
         if batch.reopen {
             if let Err(e) = writer.reopen() {
                 tracing::error!(sink = name, error = %e, "cannot reopen access log");
@@ -351,20 +373,22 @@ fn run_writer<T, W: BatchWriter<T>>(name: &'static str, queue: &Queue<T>, writer
             warned_drops = dropped;
             last_warn = Instant::now();
         }
-        if batch.closed && queue.is_empty() {
-            if pending.is_empty() {
+        if batch.closed {
+            if pending.is_empty() && queue.is_empty() {
                 break;
             }
-            // Closed, and the output keeps failing: give up after a while rather than retry
-            // forever in a thread nobody waits for.
-            failures_after_close += 1;
-            if failures_after_close >= GIVE_UP_AFTER {
-                tracing::error!(
-                    sink = name,
-                    lost = pending.len(),
-                    "access log sink closed while its output kept failing; records lost"
-                );
-                break;
+            if !pending.is_empty() {
+                // Closed, and the output keeps failing: give up after a while rather than
+                // retry forever in a thread nobody waits for.
+                failures_after_close += 1;
+                if failures_after_close >= GIVE_UP_AFTER {
+                    tracing::error!(
+                        sink = name,
+                        lost = pending.len() + queue.len(),
+                        "access log sink closed while its output kept failing; records lost"
+                    );
+                    break;
+                }
             }
         }
     }

@@ -88,8 +88,6 @@ pub struct CombinedSinkConfig {
     pub file: FileSinkConfig,
     /// Prefix each line with the virtual host (nginx `$host`), as CrowdSec's parser accepts.
     pub vhost: bool,
-    /// Put the client certificate's identity in the `remote_user` field (percent-encoded).
-    pub identity_as_user: bool,
 }
 
 /// `[log.sqlite]`
@@ -155,16 +153,10 @@ pub(super) fn build_log(b: &mut Builder<'_>, raw: RawLog) -> LogConfig {
         .events
         .map(|s| file_sink(b, "log.events", s.into_inner()));
     out.combined = raw.combined.map(|s| {
-        let RawCombinedSink {
-            path,
-            queue,
-            vhost,
-            identity_as_user,
-        } = s.into_inner();
+        let RawCombinedSink { path, queue, vhost } = s.into_inner();
         CombinedSinkConfig {
             file: file_sink(b, "log.combined", RawFileSink { path, queue }),
             vhost: vhost.unwrap_or(false),
-            identity_as_user: identity_as_user.unwrap_or(false),
         }
     });
     out.sqlite = raw.sqlite.map(|s| sqlite_sink(b, s.into_inner()));

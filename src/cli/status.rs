@@ -110,7 +110,6 @@ pub fn render(v: &Value) -> String {
     }
     let t = &v["traffic"];
     if t.is_object() {
-        let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}ms"));
         out.push_str(&format!(
             "\nTRAFFIC (last {}s)\n  requests     {} ({}/s)\n  errors       {} 5xx ({}/s, {:.2}%), {} 4xx, {} denied\n  latency      p50 {}  p99 {}\n",
             t["window_secs"],
@@ -121,8 +120,8 @@ pub fn render(v: &Value) -> String {
             t["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
             t["client_errors"],
             t["denied"],
-            ms(&t["p50_ms"]),
-            ms(&t["p99_ms"]),
+            millis(&t["p50_ms"]),
+            millis(&t["p99_ms"]),
         ));
     }
     let d = &v["decisions"];
@@ -164,6 +163,15 @@ pub fn render(v: &Value) -> String {
         }
     }
     out
+}
+
+/// A latency in milliseconds, with more digits below 1 ms.
+pub(crate) fn millis(v: &Value) -> String {
+    match v.as_f64() {
+        None => "-".to_string(),
+        Some(x) if x < 1.0 => format!("{x:.2}ms"),
+        Some(x) => format!("{x:.1}ms"),
+    }
 }
 
 fn human(secs: u64) -> String {

@@ -111,6 +111,9 @@ impl Drop for TerminalGuard {
     }
 }
 
+/// Requests, 5xx and denials per second.
+type Rates = (f64, f64, f64);
+
 /// What the screen shows, with the previous sample for rates.
 #[derive(Default)]
 struct View {
@@ -120,7 +123,7 @@ struct View {
     previous: HashMap<String, (u64, u64, u64)>,
     previous_at: Option<Instant>,
     /// route -> (req/s, 5xx/s, denied/s)
-    rates: HashMap<String, (f64, f64, f64)>,
+    rates: HashMap<String, Rates>,
 }
 
 impl View {
@@ -224,29 +227,32 @@ impl View {
     }
 
     fn routes(&self, f: &mut Frame<'_>, area: Rect, v: &Value) {
-        let mut rows: Vec<(String, (f64, f64, f64), u64)> = v["routes"]
+        let mut rows: Vec<(String, Option<Rates>, u64)> = v["routes"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|r| {
                 let name = s(&r["name"]);
-                let rate = self.rates.get(&name).copied().unwrap_or_default();
+                let rate = self.rates.get(&name).copied();
                 (name, rate, r["requests"].as_u64().unwrap_or(0))
             })
             .collect();
+        let rps = |r: &Option<Rates>| r.map_or(0.0, |r| r.0);
         rows.sort_by(|a, b| {
-            b.1 .0
-                .total_cmp(&a.1 .0)
+            rps(&b.1)
+                .total_cmp(&rps(&a.1))
                 .then(b.2.cmp(&a.2))
                 .then(a.0.cmp(&b.0))
         });
         let table = Table::new(
-            rows.into_iter().map(|(name, (r, e, d), total)| {
+            rows.into_iter().map(|(name, rate, total)| {
+                // Rates need two samples: "-" until the second refresh.
+                let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
                 Row::new(vec![
                     name,
-                    format!("{r:.1}"),
-                    format!("{e:.1}"),
-                    format!("{d:.1}"),
+                    f(rate.map(|r| r.0)),
+                    f(rate.map(|r| r.1)),
+                    f(rate.map(|r| r.2)),
                     total.to_string(),
                 ])
             }),
@@ -265,7 +271,6 @@ impl View {
 }
 
 fn traffic_line(f: &mut Frame<'_>, area: Rect, t: &Value) {
-    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}ms"));
     let errors = t["errors_per_sec"].as_f64().unwrap_or(0.0);
     let line = Line::from(vec![
         Span::styled(
@@ -287,8 +292,8 @@ fn traffic_line(f: &mut Frame<'_>, area: Rect, t: &Value) {
         Span::raw(format!(
             "   denied {}   p50 {}   p99 {}",
             t["denied"].as_u64().unwrap_or(0),
-            ms(&t["p50_ms"]),
-            ms(&t["p99_ms"]),
+            super::status::millis(&t["p50_ms"]),
+            super::status::millis(&t["p99_ms"]),
         )),
     ]);
     f.render_widget(
@@ -323,10 +328,10 @@ fn upstream_table(f: &mut Frame<'_>, area: Rect, v: &Value) {
     let table = Table::new(
         rows,
         [
-            Constraint::Min(6),
-            Constraint::Min(10),
+            Constraint::Length(9),
+            Constraint::Min(15),
             Constraint::Length(4),
-            Constraint::Length(5),
+            Constraint::Length(4),
         ],
     )
     .header(Row::new(vec!["UPSTREAM", "ENDPOINT", "UP", "BUSY"]).style(bold()))

@@ -518,6 +518,25 @@ impl Wraith {
         )
     }
 
+    /// A path inside the instance's directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `GET path` on the admin socket (`admin.sock` in the instance's directory): status and
+    /// body.
+    pub async fn admin_get(&self, path: &str) -> (u16, Bytes) {
+        let (status, body) = wraith::admin::request(
+            &self.path("admin.sock"),
+            http::Method::GET,
+            path,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        (status.as_u16(), body)
+    }
+
     /// Resident set size of the gateway process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();

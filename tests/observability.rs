@@ -1,0 +1,1180 @@
+//! Observability end to end: one access record per request in every sink whatever the exit,
+//! the combined log read by Debian's CrowdSec, `wraith logs` presets and read-only SQL, metrics
+//! that parse and match, back-pressure on a stalled SQLite writer, flush on SIGTERM, log files
+//! reopened on SIGUSR1 and reload, `wraith status` and `wraith top`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An upstream with a few behaviours, by path.
+async fn upstream() -> Upstream {
+    Upstream::start(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            // Slower than the upstream's response timeout: 504.
+            "/app/slow" => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Response::new(full("late"))
+            }
+            // Never answers in time for the client that asks (it gives up first).
+            "/app/hang" => {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                Response::new(full("too late"))
+            }
+            // A long body in small pieces, for a client that leaves half way.
+            "/app/stream" => {
+                let chunks = futures_util::stream::unfold(0u32, |i| async move {
+                    if i == 200 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let frame = Frame::data(Bytes::from(vec![b'x'; 1024]));
+                    Some((
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(frame),
+                        i + 1,
+                    ))
+                });
+                Response::new(StreamBody::new(chunks).boxed())
+            }
+            _ => echo_response(req).await,
+        }
+    })
+    .await
+}
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(setup: &Setup, up: SocketAddr, log: &str) -> String {
+    format!(
+        r#"{listeners}
+{log}
+
+[[upstream]]
+name = "app"
+endpoints = ["{up}"]
+response_timeout = "1s"
+
+[[upstream]]
+name = "dead"
+endpoints = ["127.0.0.1:{dead}"]
+connect_timeout = "2s"
+
+[[route]]
+name = "hello"
+path = {{ exact = "/hello" }}
+respond = {{ status = 200, body = "hi\n" }}
+
+[[route]]
+name = "forbidden"
+path = {{ prefix = "/admin" }}
+respond = {{ status = 403, body = "no\n" }}
+
+[[route]]
+name = "dead"
+path = {{ prefix = "/dead" }}
+upstream = "dead"
+
+[[route]]
+name = "hang"
+path = {{ prefix = "/app/hang" }}
+upstream = "app"
+response_timeout = "60s"
+
+[[route]]
+name = "app"
+path = {{ prefix = "/app/" }}
+upstream = "app"
+"#,
+        listeners = setup.listeners().replace(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"
+        ),
+        dead = closed_port(),
+    )
+}
+
+const ALL_SINKS: &str = r#"
+[log]
+[log.json]
+path = "logs/access.json"
+[log.combined]
+path = "logs/access.log"
+vhost = true
+[log.sqlite]
+path = "logs/access.db"
+[log.events]
+path = "logs/events.json"
+
+[metrics]
+address = "127.0.0.1:0"
+"#;
+
+/// The client address the tests claim through X-Forwarded-For (a TEST-NET address, so
+/// CrowdSec's whitelist parser does not drop it).
+const CLIENT: &str = "198.51.100.7";
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn json_lines(path: &Path) -> Vec<Value> {
+    lines(path)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+fn db_rows(path: &Path, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn.prepare(sql).unwrap();
+    let n = stmt.column_count();
+    stmt.query_map([], |r| {
+        (0..n)
+            .map(|i| r.get::<_, rusqlite::types::Value>(i))
+            .collect()
+    })
+    .unwrap()
+    .map(|r| r.unwrap())
+    .collect()
+}
+
+fn db_count(path: &Path) -> i64 {
+    match db_rows(path, "SELECT count(*) FROM access_log")[0][0] {
+        rusqlite::types::Value::Integer(n) => n,
+        ref other => panic!("count: {other:?}"),
+    }
+}
+
+/// Polls `f` until it is true (generous timeout; nothing is timed here).
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`.
+fn metric(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name} is not a number: {other:?}"),
+        })
+        .sum()
+}
+
+fn parse_metrics(text: &str) -> Vec<prometheus_parse::Sample> {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap()
+        .samples
+}
+
+/// Validates an exposition with the reference Python parser (strict OpenMetrics): it checks
+/// names, label syntax, the `# EOF` marker and histogram bucket consistency. Needs the
+/// `prometheus_client` package (`.ci/requirements.txt`).
+fn validate_openmetrics(text: &str) {
+    let script = r#"
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+families = list(text_string_to_metric_families(sys.stdin.read()))
+print(len(families))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser rejected /metrics (is python3-prometheus_client installed? see .ci/requirements.txt):\n{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A plain-HTTP client that claims to be `CLIENT` through a trusted proxy.
+fn h1() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-forwarded-for", CLIENT.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(30))
+        .http1_only()
+        .build()
+        .unwrap()
+}
+
+/// An HTTP/2-over-TLS client that claims to be `CLIENT`.
+fn h2(ca: &Path, timeout: Duration) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-forwarded-for", CLIENT.parse().unwrap());
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls_client_config(ca, &[b"h2"], None))
+        .default_headers(headers)
+        .timeout(timeout)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_exit_path_gives_one_record_in_every_sink() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, up.addr, ALL_SINKS);
+    let wraith = setup.start(&cfg);
+    let (c1, c2) = (h1(), h2(&ca, Duration::from_secs(30)));
+    let http = |p: &str| wraith.url("http", p);
+    let https = |p: &str| wraith.url("https", p);
+
+    // Proxied, built-in, denied, 404, 502, 504, HEAD, and a request body.
+    assert_eq!(c1.get(http("/hello")).send().await.unwrap().status(), 200);
+    assert_eq!(c2.get(https("/hello")).send().await.unwrap().status(), 200);
+    let post = c1
+        .post(http("/app/echo"))
+        .body(vec![b'a'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    let echo_len = post.bytes().await.unwrap().len() as u64;
+    let q = c2
+        .get(https("/app/q?token=s3cret&page=2"))
+        .header("user-agent", "test \"agent\"")
+        .header("referer", "https://example.org/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(q.status(), 200);
+    q.bytes().await.unwrap();
+    assert_eq!(
+        c1.get(http("/admin/users")).send().await.unwrap().status(),
+        403
+    );
+    assert_eq!(c1.get(http("/nope")).send().await.unwrap().status(), 404);
+    assert_eq!(c1.get(http("/dead/x")).send().await.unwrap().status(), 502);
+    assert_eq!(
+        c1.get(http("/app/slow")).send().await.unwrap().status(),
+        504
+    );
+    assert_eq!(c1.head(http("/hello")).send().await.unwrap().status(), 200);
+
+    // The client leaves half way through a streamed body.
+    let mut stream = c1.get(http("/app/stream")).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some());
+    drop(stream);
+    // The client gives up before the upstream answers (HTTP/2: the stream is reset).
+    let impatient = h2(&ca, Duration::from_millis(300));
+    assert!(impatient.get(https("/app/hang")).send().await.is_err());
+
+    // A TLS handshake that fails: plain text to the https listener.
+    let mut junk = tokio::net::TcpStream::connect(wraith.addr("https"))
+        .await
+        .unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = junk.read_to_end(&mut sink).await;
+
+    const N: usize = 11;
+    let json_path = wraith.path("logs/access.json");
+    let db = wraith.path("logs/access.db");
+    eventually("11 records in every sink", || {
+        lines(&json_path).len() >= N
+            && lines(&wraith.path("logs/access.log")).len() >= N
+            && db.exists()
+            && db_count(&db) >= N as i64
+    })
+    .await;
+    // Nothing is emitted twice, even a little later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = json_lines(&json_path);
+    assert_eq!(records.len(), N, "{records:#?}");
+    assert_eq!(lines(&wraith.path("logs/access.log")).len(), N);
+    assert_eq!(db_count(&db), N as i64);
+    let ids: std::collections::HashSet<_> =
+        records.iter().map(|r| r["request_id"].clone()).collect();
+    assert_eq!(ids.len(), N, "request ids are unique");
+    let sql_ids: std::collections::HashSet<_> = db_rows(&db, "SELECT request_id FROM access_log")
+        .into_iter()
+        .map(|r| match &r[0] {
+            rusqlite::types::Value::Text(t) => Value::from(t.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, sql_ids, "the same requests in JSON and SQLite");
+
+    let find = |method: &str, path: &str, protocol: &str| -> &Value {
+        let hits: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["method"] == method && r["path"] == path && r["protocol"] == protocol)
+            .collect();
+        assert_eq!(hits.len(), 1, "{method} {path} {protocol}: {records:#?}");
+        hits[0]
+    };
+    for r in &records {
+        assert_eq!(
+            r["client_ip"], CLIENT,
+            "the address behind the trusted proxy"
+        );
+        assert!(r.get("client_port").is_none(), "no port for an XFF address");
+        assert!(r["time"].as_str().unwrap().ends_with('Z'));
+    }
+    let hello = find("GET", "/hello", "h1");
+    assert_eq!(hello["status"], 200);
+    assert_eq!(hello["route"], "hello");
+    assert_eq!(hello["bytes_out"], 3);
+    assert_eq!(hello["aborted"], false);
+    assert_eq!(hello["listener"], "http");
+    assert!(hello.get("tls_version").is_none());
+    let hello2 = find("GET", "/hello", "h2");
+    assert_eq!(hello2["listener"], "https");
+    assert_eq!(hello2["tls_version"], "TLSv1.3");
+    assert!(hello2["tls_group"].as_str().is_some());
+    let posted = find("POST", "/app/echo", "h1");
+    assert_eq!(posted["bytes_in"], 1000);
+    assert_eq!(posted["bytes_out"], echo_len);
+    assert_eq!(posted["route"], "app");
+    assert_eq!(posted["upstream"], "app");
+    assert_eq!(posted["endpoint"], up.addr.to_string());
+    assert_eq!(posted["attempts"], 1);
+    assert!(posted["upstream_ms"].as_f64().is_some());
+    let query = find("GET", "/app/q", "h2");
+    assert_eq!(
+        query["query"], "token=REDACTED&page=2",
+        "secrets are redacted"
+    );
+    assert_eq!(query["user_agent"], "test \"agent\"");
+    assert_eq!(query["referer"], "https://example.org/");
+    assert_eq!(find("GET", "/admin/users", "h1")["status"], 403);
+    let nope = find("GET", "/nope", "h1");
+    assert_eq!(nope["status"], 404);
+    assert_eq!(nope["error"], "no_route");
+    assert!(nope.get("route").is_none());
+    let dead = find("GET", "/dead/x", "h1");
+    assert_eq!(dead["status"], 502);
+    assert_eq!(dead["error"], "upstream_unreachable");
+    let slow = find("GET", "/app/slow", "h1");
+    assert_eq!(slow["status"], 504);
+    assert_eq!(slow["error"], "upstream_timeout");
+    assert!(slow["duration_ms"].as_f64().unwrap() >= 1000.0);
+    let head = find("HEAD", "/hello", "h1");
+    assert_eq!(head["status"], 200);
+    assert_eq!(head["aborted"], false);
+    let stream = find("GET", "/app/stream", "h1");
+    assert_eq!(stream["status"], 200);
+    assert_eq!(stream["aborted"], true, "client left mid-body");
+    let sent = stream["bytes_out"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 200 * 1024, "partial body: {sent}");
+    let hang = find("GET", "/app/hang", "h2");
+    assert_eq!(hang["status"], 499, "client closed before the response");
+    assert_eq!(hang["aborted"], true);
+
+    // The combined log: one line per request, vhost first, the real client, the status.
+    let combined = lines(&wraith.path("logs/access.log"));
+    let slow_line = combined.iter().find(|l| l.contains("/app/slow")).unwrap();
+    assert!(
+        slow_line.starts_with(&format!("127.0.0.1 {CLIENT} - - [")),
+        "{slow_line}"
+    );
+    assert!(
+        slow_line.contains("\"GET /app/slow HTTP/1.1\" 504 "),
+        "{slow_line}"
+    );
+    let q_line = combined.iter().find(|l| l.contains("/app/q")).unwrap();
+    assert!(
+        q_line.contains("\"GET /app/q?token=REDACTED&page=2 HTTP/2.0\" 200 ")
+            && q_line.ends_with("\"https://example.org/\" \"test \\x22agent\\x22\""),
+        "{q_line}"
+    );
+
+    // SQLite columns are typed.
+    let typed = db_rows(
+        &db,
+        "SELECT typeof(status), typeof(duration_ms), typeof(bytes_out), typeof(aborted) FROM access_log WHERE path = '/app/stream'",
+    );
+    assert_eq!(
+        format!("{:?}", typed[0]),
+        "[Text(\"integer\"), Text(\"real\"), Text(\"integer\"), Text(\"integer\")]"
+    );
+
+    // The failed handshake is a security event, shaped for Wazuh.
+    let events_path = wraith.path("logs/events.json");
+    eventually("a tls_failure event", || {
+        json_lines(&events_path)
+            .iter()
+            .any(|e| e["wraith"]["event"] == "tls_failure")
+    })
+    .await;
+    let events = json_lines(&events_path);
+    let tls = events
+        .iter()
+        .find(|e| e["wraith"]["event"] == "tls_failure")
+        .unwrap();
+    assert_eq!(tls["srcip"], "127.0.0.1");
+    assert_eq!(tls["wraith"]["listener"], "https");
+    assert!(
+        events.iter().all(|e| e["wraith"]["event"] != "policy_deny"),
+        "no policy is configured, so nothing is a policy denial"
+    );
+
+    // Metrics: the listener and the admin socket say the same, it parses, counters match.
+    let metrics_addr = wraith.addr("metrics");
+    let text = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    validate_openmetrics(&text);
+    let (status, admin_text) = wraith.admin_get("/v1/metrics").await;
+    assert_eq!(status, 200);
+    validate_openmetrics(std::str::from_utf8(&admin_text).unwrap());
+    let m = parse_metrics(&text);
+    let req = |route: &str, class: &str, proto: &str| {
+        metric(
+            &m,
+            "wraith_requests_total",
+            &[
+                ("route", route),
+                ("status_class", class),
+                ("protocol", proto),
+            ],
+        )
+    };
+    assert_eq!(req("hello", "2xx", "h1"), 2.0, "GET + HEAD");
+    assert_eq!(req("hello", "2xx", "h2"), 1.0);
+    assert_eq!(req("app", "2xx", "h1"), 2.0, "POST + stream");
+    assert_eq!(req("app", "2xx", "h2"), 1.0);
+    assert_eq!(req("app", "5xx", "h1"), 1.0, "504");
+    assert_eq!(req("forbidden", "4xx", "h1"), 1.0);
+    assert_eq!(req("(none)", "4xx", "h1"), 1.0);
+    assert_eq!(req("dead", "5xx", "h1"), 1.0);
+    assert_eq!(req("hang", "4xx", "h2"), 1.0, "499");
+    assert_eq!(metric(&m, "wraith_requests_total", &[]), N as f64);
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_request_duration_seconds_count",
+            &[("route", "app")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_request_errors_total",
+            &[("route", "dead"), ("code", "upstream_unreachable")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_upstream_errors_total",
+            &[("upstream", "dead"), ("code", "upstream_unreachable")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_upstream_endpoint_healthy",
+            &[("upstream", "dead")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_upstream_endpoint_healthy",
+            &[("upstream", "app")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_tls_handshakes_total",
+            &[
+                ("listener", "https"),
+                ("result", "ok"),
+                ("version", "TLSv1.3")
+            ]
+        ),
+        2.0,
+        "the two h2 clients"
+    );
+    assert_eq!(
+        metric(&m, "wraith_tls_handshakes_total", &[("result", "failed")]),
+        1.0
+    );
+    for sink in ["json", "combined", "sqlite"] {
+        assert_eq!(
+            metric(&m, "wraith_log_records_written_total", &[("sink", sink)]),
+            N as f64,
+            "{sink}"
+        );
+        assert_eq!(
+            metric(&m, "wraith_log_records_dropped_total", &[("sink", sink)]),
+            0.0
+        );
+    }
+    // No label carries a path or an address.
+    for s in &m {
+        for (k, v) in s.labels.iter() {
+            assert!(
+                !v.contains(CLIENT) && !v.starts_with('/'),
+                "unbounded label {k}={v} on {}",
+                s.metric
+            );
+        }
+    }
+
+    // `wraith status` has the last minute, upstream health and the sinks.
+    let (code, out, err) = wraith.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "TRAFFIC (last",
+        "p50",
+        "p99",
+        "HEALTH",
+        "DOWN",
+        "LOG SINK",
+        "sqlite",
+    ] {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+    let (_, json, _) = wraith.cli(&["status", "--json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["traffic"]["requests"], N as u64);
+    assert_eq!(v["traffic"]["server_errors"], 2);
+    assert_eq!(v["traffic"]["denied"], 1);
+    assert_eq!(v["traffic"]["top_denied_ips"][0]["name"], CLIENT);
+    assert!(v["traffic"]["p99_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["last_reload"], Value::Null);
+
+    // `wraith logs` presets and SQL, against the same database.
+    let (code, out, err) = wraith.cli(&["logs", "--denied", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let denied: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(denied.len(), 1, "{out}");
+    assert_eq!(denied[0]["path"], "/admin/users");
+    let (_, out, _) = wraith.cli(&["logs", "--errors", "--json"]);
+    let mut errors: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    errors.sort();
+    assert_eq!(errors, ["/app/slow", "/dead/x"]);
+    let (_, out, _) = wraith.cli(&["logs", "--slow", "900ms", "--json"]);
+    let slow: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(slow.len(), 1, "{out}");
+    assert_eq!(slow[0]["path"], "/app/slow");
+    let (code, out, err) = wraith.cli(&[
+        "logs",
+        "SELECT status, count(*) AS n FROM access_log GROUP BY status ORDER BY status",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let table: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        table[0].split_whitespace().collect::<Vec<_>>(),
+        ["STATUS", "N"]
+    );
+    assert!(table.contains(&"   200  6"), "{out}");
+    assert!(table.contains(&"   499  1"), "{out}");
+    // Typos and writes are refused with SQLite's own words, and write nothing.
+    let (code, _, err) = wraith.cli(&["logs", "SELEC 1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("syntax error"), "{err}");
+    let (code, _, err) = wraith.cli(&["logs", "DELETE FROM access_log"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("readonly"), "{err}");
+    assert_eq!(db_count(&db), N as i64);
+
+    // --tail follows new rows.
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(["logs", "--tail", "--json", "--limit", "1", "-c"])
+        .arg(&wraith.config_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The newest existing row first, then what arrives.
+    let first = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(first.contains("\"id\""), "{first}");
+    c1.get(http("/hello?tail=1")).send().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            seen = v["path"] == "/hello";
+        }
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert!(seen, "--tail printed the new row");
+}
+
+/// Runs `cscli explain` (Debian's CrowdSec) on `log` as an nginx log; returns its report.
+/// explain replays the file through a real crowdsec, which needs a local API to log in to,
+/// so a LAPI-only crowdsec runs for the duration.
+fn cscli_explain(log: &Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = Path::new("/usr/share/crowdsec/hub");
+    for sub in [
+        "parsers/s00-raw",
+        "parsers/s01-parse",
+        "parsers/s02-enrich",
+        "scenarios",
+    ] {
+        std::fs::create_dir_all(d.join("etc").join(sub)).unwrap();
+    }
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::create_dir_all(d.join("etc/notifications")).unwrap();
+    for (stage, parser) in [
+        ("s00-raw", "syslog-logs"),
+        ("s01-parse", "nginx-logs"),
+        ("s02-enrich", "dateparse-enrich"),
+        ("s02-enrich", "http-logs"),
+    ] {
+        std::os::unix::fs::symlink(
+            hub.join(format!("parsers/{stage}/crowdsecurity/{parser}.yaml")),
+            d.join(format!("etc/parsers/{stage}/{parser}.yaml")),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("/etc/crowdsec/patterns", d.join("etc/patterns")).unwrap();
+    for f in [
+        "acquis.yaml",
+        "simulation.yaml",
+        "local_api_credentials.yaml",
+    ] {
+        std::fs::write(d.join("etc").join(f), "").unwrap();
+    }
+    let port = closed_port();
+    let cfg = d.join("etc/config.yaml");
+    let p = |s: &str| d.join(s).display().to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"common: {{daemonize: false, log_media: stdout, log_level: warning}}
+config_paths:
+  config_dir: {etc}/
+  data_dir: {data}/
+  simulation_path: {etc}/simulation.yaml
+  hub_dir: /usr/share/crowdsec/hub/
+  index_path: /usr/share/crowdsec/hub/.index.json
+  notification_dir: {etc}/notifications/
+  plugin_dir: /usr/lib/crowdsec/plugins/
+crowdsec_service: {{acquisition_path: {etc}/acquis.yaml, parser_routines: 1}}
+db_config: {{type: sqlite, db_path: {data}/crowdsec.db, use_wal: true}}
+api:
+  client: {{credentials_path: {etc}/local_api_credentials.yaml}}
+  server: {{listen_uri: "127.0.0.1:{port}", profiles_path: /etc/crowdsec/profiles.yaml}}
+prometheus: {{enabled: false}}
+"#,
+            etc = p("etc"),
+            data = p("data"),
+        ),
+    )
+    .unwrap();
+    let cscli = |args: &[&str]| {
+        let out = Command::new("cscli")
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .expect("cscli (Debian package crowdsec)");
+        assert!(
+            out.status.success(),
+            "cscli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let creds = p("etc/local_api_credentials.yaml");
+    cscli(&["machines", "add", "wraith-test", "--auto", "-f", &creds]);
+    let mut lapi = Command::new("crowdsec")
+        .arg("-c")
+        .arg(&cfg)
+        .arg("-no-cs")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "crowdsec LAPI did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = cscli(&[
+        "explain",
+        "--file",
+        &log.display().to_string(),
+        "--type",
+        "nginx",
+    ]);
+    let _ = lapi.kill();
+    let _ = lapi.wait();
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_log_passes_crowdsec_nginx_parser() {
+    let up = upstream().await;
+    let mut files = Vec::new();
+    for vhost in [true, false] {
+        let setup = Setup::new();
+        let ca = setup.pki.ca_pem.clone();
+        let log = format!("[log.combined]\npath = \"access.log\"\nvhost = {vhost}\n");
+        let wraith = {
+            let cfg = config(&setup, up.addr, &log);
+            setup.start(&cfg)
+        };
+        let c1 = h1();
+        let c2 = h2(&ca, Duration::from_secs(30));
+        c1.get(wraith.url("http", "/app/a?x=1&token=t"))
+            .header("user-agent", "Mozilla/5.0 \"quoted\"")
+            .send()
+            .await
+            .unwrap();
+        c2.get(wraith.url("https", "/hello")).send().await.unwrap();
+        c1.get(wraith.url("http", "/.env")).send().await.unwrap();
+        // An IPv6 client and a request with no user agent at all.
+        reqwest::Client::builder()
+            .user_agent("")
+            .build()
+            .unwrap()
+            .post(wraith.url("http", "/admin"))
+            .header("x-forwarded-for", "2001:db8::7")
+            .send()
+            .await
+            .unwrap();
+        let path = wraith.path("access.log");
+        eventually("4 combined lines", || lines(&path).len() >= 4).await;
+        files.push(lines(&path));
+    }
+    let all: Vec<String> = files.concat();
+    assert_eq!(all.len(), 8);
+    assert!(all[0].starts_with("127.0.0.1 "), "vhost first: {}", all[0]);
+    assert!(all[4].starts_with(&format!("{CLIENT} - - [")), "{}", all[4]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("combined.log");
+    std::fs::write(&file, all.join("\n") + "\n").unwrap();
+
+    let report = tokio::task::spawn_blocking(move || cscli_explain(&file))
+        .await
+        .unwrap();
+    let successes = report.matches("parser success").count();
+    assert_eq!(successes, 8, "every line parses:\n{report}");
+    assert!(!report.contains("parser failure"), "{report}");
+    assert_eq!(
+        report.matches("🟢 crowdsecurity/nginx-logs").count(),
+        8,
+        "parsed by the stock nginx parser:\n{report}"
+    );
+    assert_eq!(report.matches("🟢 crowdsecurity/http-logs").count(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_sqlite_writer_drops_and_never_slows_requests() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = r#"
+[log.json]
+path = "access.json"
+[log.sqlite]
+path = "access.db"
+queue = 32
+"#;
+    let wraith = {
+        let cfg = config(&setup, up.addr, log);
+        setup.start(&cfg)
+    };
+    let db = wraith.path("access.db");
+    eventually("the database", || db.exists()).await;
+
+    // Another process holds the write lock: the writer's inserts fail with SQLITE_BUSY.
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let client = h1();
+    const REQUESTS: usize = 300;
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    for i in 0..REQUESTS {
+        let t = Instant::now();
+        let resp = client
+            .get(wraith.url("http", &format!("/hello?i={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        slowest = slowest.max(t.elapsed());
+    }
+    let elapsed = started.elapsed();
+    // Every request finished while the database was still locked; none waited for it.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a request took {slowest:?} while the log writer was stalled"
+    );
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    let m = parse_metrics(std::str::from_utf8(&text).unwrap());
+    let dropped = metric(
+        &m,
+        "wraith_log_records_dropped_total",
+        &[("sink", "sqlite")],
+    );
+    assert!(dropped > 0.0, "the queue of 32 overflowed");
+    assert_eq!(
+        metric(&m, "wraith_log_records_dropped_total", &[("sink", "json")]),
+        0.0,
+        "a stuck sink does not hold the others back"
+    );
+    assert_eq!(db_count_while_locked(&blocker), 0);
+    eprintln!("{REQUESTS} requests in {elapsed:?} with SQLite stalled; {dropped} records dropped");
+
+    // Unstalled: everything that was accepted is written.
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    let (_, status) = wraith.admin_get("/v1/status").await;
+    let v: Value = serde_json::from_slice(&status).unwrap();
+    let sink = |v: &Value| {
+        v["log_sinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sink"] == "sqlite")
+            .cloned()
+            .unwrap()
+    };
+    let s = sink(&v);
+    let accepted = s["accepted"].as_u64().unwrap();
+    assert_eq!(accepted + s["dropped"].as_u64().unwrap(), REQUESTS as u64);
+    eventually("the accepted records in the database", || {
+        db_count(&db) == accepted as i64
+    })
+    .await;
+    assert_eq!(lines(&wraith.path("access.json")).len(), REQUESTS);
+    // A warning says so in the server log.
+    assert!(wraith
+        .wait_log(Duration::from_secs(5), |l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("records dropped")))
+        .is_some());
+}
+
+/// Rows visible to the connection that holds the lock (it sees the committed state).
+fn db_count_while_locked(conn: &rusqlite::Connection) -> i64 {
+    conn.query_row("SELECT count(*) FROM access_log", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_flushes_every_accepted_record() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = "[log.sqlite]\npath = \"access.db\"\n";
+    let mut wraith = {
+        let cfg = config(&setup, up.addr, log);
+        setup.start(&cfg)
+    };
+    let db = wraith.path("access.db");
+    let ok = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = wraith.url("http", "/app/load");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (ok, stop, url) = (ok.clone(), stop.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = h1();
+            while !stop.load(Ordering::Relaxed) {
+                let answered = match client.get(&url).send().await {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if !answered {
+                    // The listener is gone: the server is draining.
+                    break;
+                }
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    while ok.load(Ordering::Relaxed) < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wraith.signal(libc::SIGTERM);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(wraith.wait_exit(Duration::from_secs(30)), Some(0));
+    let answered = ok.load(Ordering::Relaxed) as i64;
+    assert_eq!(
+        db_count(&db),
+        answered,
+        "every answered request is in the database after exit"
+    );
+    let closed = wraith
+        .log_json()
+        .into_iter()
+        .find(|l| l["message"] == "access log sink flushed and closed" && l["sink"] == "sqlite")
+        .expect("the sink reports its flush");
+    assert_eq!(closed["accepted"], closed["written"]);
+    assert_eq!(closed["dropped"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sinks_reopen_on_sigusr1_and_on_reload() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = r#"
+[log.json]
+path = "access.json"
+[log.combined]
+path = "access.log"
+[log.events]
+path = "events.json"
+"#;
+    let cfg = config(&setup, up.addr, log);
+    let wraith = setup.start(&cfg);
+    let client = h1();
+    let json = wraith.path("access.json");
+    let combined = wraith.path("access.log");
+    client
+        .get(wraith.url("http", "/hello?n=1"))
+        .send()
+        .await
+        .unwrap();
+    eventually("first line", || {
+        lines(&json).len() == 1 && lines(&combined).len() == 1
+    })
+    .await;
+
+    // logrotate: move the files away, then SIGUSR1.
+    let rotated = |p: &PathBuf, n: u32| PathBuf::from(format!("{}.{n}", p.display()));
+    std::fs::rename(&json, rotated(&json, 1)).unwrap();
+    std::fs::rename(&combined, rotated(&combined, 1)).unwrap();
+    wraith.signal(libc::SIGUSR1);
+    assert!(wraith
+        .wait_log(Duration::from_secs(10), |l| l["message"]
+            == "SIGUSR1: reopening log files")
+        .is_some());
+    client
+        .get(wraith.url("http", "/hello?n=2"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the new files", || {
+        lines(&json).len() == 1 && lines(&combined).len() == 1
+    })
+    .await;
+    assert!(lines(&json)[0].contains("n=2"));
+    assert_eq!(
+        lines(&rotated(&json, 1)).len(),
+        1,
+        "the rotated file keeps its line"
+    );
+    assert!(lines(&combined)[0].contains("/hello?n=2"));
+
+    // A reload reopens them too, and records the reload as an event.
+    std::fs::rename(&json, rotated(&json, 2)).unwrap();
+    wraith.reload().unwrap();
+    client
+        .get(wraith.url("http", "/hello?n=3"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the file after reload", || lines(&json).len() == 1).await;
+    assert!(lines(&json)[0].contains("n=3"));
+    let events = wraith.path("events.json");
+    eventually("the reload event", || !lines(&events).is_empty()).await;
+    let e: Value = serde_json::from_str(&lines(&events)[0]).unwrap();
+    assert_eq!(e["wraith"]["event"], "config_reload");
+    assert_eq!(e["wraith"]["result"], "ok");
+    assert_eq!(e["wraith"]["generation"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wraith_top_renders_in_80x24_and_quits_on_q() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let wraith = {
+        let cfg = config(&setup, up.addr, "");
+        setup.start(&cfg)
+    };
+    let client = h1();
+    for _ in 0..5 {
+        client
+            .get(wraith.url("http", "/hello"))
+            .send()
+            .await
+            .unwrap();
+    }
+    client
+        .get(wraith.url("http", "/admin/x"))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(wraith.url("http", "/dead/x"))
+        .send()
+        .await
+        .unwrap();
+
+    let socket = format!("wraith-top-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let cmd = format!(
+        "{} top -c {}",
+        env!("CARGO_BIN_EXE_wraith"),
+        wraith.config_path.display()
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &cmd,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut screen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Two refreshes: the second has route rates.
+    while Instant::now() < deadline {
+        screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout)
+            .into_owned();
+        if screen.contains("req/s") && screen.contains("hello") && screen.contains("DOWN") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(path) = std::env::var_os("WRAITH_TOP_CAPTURE") {
+        std::fs::write(path, &screen).unwrap();
+    }
+    for want in [
+        "wraith",
+        "req/s",
+        "p99",
+        "Top routes",
+        "hello",
+        "Upstreams",
+        "DOWN",
+        "Top denied IPs",
+        CLIENT,
+    ] {
+        assert!(screen.contains(want), "{want} not on screen:\n{screen}");
+    }
+    assert!(screen.lines().count() <= 24);
+    assert!(screen.lines().all(|l| l.chars().count() <= 80));
+    tmux(&["send-keys", "-t", "top", "q"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tmux(&["has-session", "-t", "top"]).status.success() {
+        assert!(Instant::now() < deadline, "q did not quit wraith top");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tmux(&["kill-server"]);
+}
+
+#[tokio::test]
+async fn log_config_errors_point_at_the_key() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[log]\nquery = \"sometimes\"\n[log.json]\npath = \"a.log\"\n[log.combined]\npath = \"a.log\"\n[metrics]\naddress = \"nowhere\"\n",
+        setup.listeners()
+    );
+    std::fs::write(setup.dir.path().join("bad.toml"), cfg).unwrap();
+    let (code, out, err) = wraith_cmd(&["test", "-c", "bad.toml"], setup.dir.path());
+    assert_eq!(code, 1);
+    let err = format!("{out}{err}");
+    assert!(
+        err.contains("log.query: unknown query logging \"sometimes\""),
+        "{err}"
+    );
+    assert!(err.contains("log.combined.path"), "{err}");
+    assert!(
+        err.contains("metrics.address: invalid socket address"),
+        "{err}"
+    );
+}

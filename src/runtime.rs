@@ -226,6 +226,11 @@ impl Runtime {
         }
         let old = self.gateway.snapshot();
         let generation = self.generation() + 1;
+        if config.metrics != old.config.metrics {
+            tracing::warn!(
+                "[metrics] changed: the metrics listener keeps its address until the next restart"
+            );
+        }
         let mut snapshot = Snapshot::build(config, generation, Some(&old))?;
         snapshot.telemetry =
             SnapshotTelemetry::build(&self.telemetry, &snapshot.config, Some(&old.telemetry))?;

@@ -497,5 +497,8 @@ async fn h2c_upstreams_get_http2_with_te_trailers() {
     let echo = json(resp).await;
     assert_eq!(echo["version"], "HTTP/2.0");
     assert_eq!(echo["headers"]["te"][0], "trailers");
-    assert!(echo["headers"].get("host").is_none(), "HTTP/2 carries :authority, not Host");
+    assert!(
+        echo["headers"].get("host").is_none(),
+        "HTTP/2 carries :authority, not Host"
+    );
 }

@@ -156,7 +156,8 @@ pub fn status(rt: &Runtime) -> Value {
                 "endpoints": u.endpoints.iter().map(|e| json!({
                     "address": e.authority.as_str(),
                     "healthy": snapshot.telemetry.endpoint_healthy(&u.config.name, e.authority.as_str()),
-                    "in_flight": e.in_flight.load(Relaxed),
+                    "in_flight": e.in_flight(),
+                    "idle_connections": e.pool.idle_count(),
                     "requests": e.requests.load(Relaxed),
                     "connect_failures": e.failures.load(Relaxed),
                 })).collect::<Vec<_>>(),

@@ -921,7 +921,12 @@ queue = 32
         db_count(&db) == accepted as i64
     })
     .await;
-    assert_eq!(lines(&wraith.path("access.json")).len(), REQUESTS);
+    let json = wraith.path("access.json");
+    eventually("every record in the JSON log", || {
+        lines(&json).len() >= REQUESTS
+    })
+    .await;
+    assert_eq!(lines(&json).len(), REQUESTS);
     // A warning says so in the server log.
     assert!(wraith
         .wait_log(Duration::from_secs(5), |l| l["message"]

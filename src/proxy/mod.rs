@@ -162,10 +162,10 @@ impl Gateway {
         if let Some(normal) = path::normalize(req.uri().path()) {
             *req.uri_mut() = with_path(req.uri(), &normal)?;
         }
-        let host = headers::request_host(req.uri(), req.headers()).map(str::to_owned);
+        let host = headers::Host::of(req.uri(), req.headers());
         let route = snapshot
             .router
-            .find(host.as_deref(), req.uri().path(), req.method())
+            .find(host.name(), req.uri().path(), req.method())
             .ok_or(GatewayError::NoRoute)?;
         record.set_route(route);
 
@@ -176,13 +176,13 @@ impl Gateway {
                 *resp.headers_mut() = r.headers.clone();
                 resp
             }
-            RouteAction::Redirect { to, status } => redirect(&req, host.as_deref(), to, *status),
+            RouteAction::Redirect { to, status } => redirect(&req, host.name(), to, *status),
             RouteAction::Upstream(_) => {
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
                     peer_trusted,
                     https: conn.tls.is_some(),
-                    host: host.as_deref(),
+                    host: host.name(),
                     version: req.version(),
                 };
                 self.forward(route, req, &info, request_id, record).await?

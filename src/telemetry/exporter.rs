@@ -48,10 +48,7 @@ pub fn render(rt: &Runtime) -> String {
                     upstream: u.config.name.to_string(),
                     endpoint: e.authority.to_string(),
                 })
-                .set(
-                    i64::try_from(e.in_flight.load(std::sync::atomic::Ordering::Relaxed))
-                        .unwrap_or(i64::MAX),
-                );
+                .set(i64::try_from(e.in_flight()).unwrap_or(i64::MAX));
         }
     }
     extra.register(

@@ -511,6 +511,38 @@ mod tests {
     }
 
     #[test]
+    fn json_identity_and_decisions() {
+        let mut r = record();
+        r.identity = Some(Arc::new(crate::identity::Identity {
+            spiffe_id: Some("spiffe://example.org/billing".into()),
+            common_name: Some("billing".into()),
+            fingerprint: "9a3e".into(),
+            ..Default::default()
+        }));
+        r.policy = Some(PolicyRecord {
+            effect: Effect::Allow,
+            policies: vec!["a".into(), "b".into()],
+            reason: None,
+            shadow: false,
+        });
+        r.rate_limit = Some(crate::telemetry::access_log::RateLimitRecord {
+            limited: false,
+            limiter: "per-identity".into(),
+        });
+        let mut out = Vec::new();
+        json_line(&r, &fmt(), &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["identity"], "spiffe://example.org/billing");
+        assert_eq!(v["cn"], "billing");
+        assert_eq!(v["fingerprint"], "9a3e");
+        assert_eq!(v["decision"], "allow");
+        assert_eq!(v["policies"], serde_json::json!(["a", "b"]));
+        assert_eq!(v["rate_limit"], "passed");
+        assert_eq!(v["rate_limiter"], "per-identity");
+        assert!(r.security_event().is_none());
+    }
+
+    #[test]
     fn combined_line_is_nginx_shaped() {
         let mut out = Vec::new();
         let opts = CombinedOptions { vhost: true };

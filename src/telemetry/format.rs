@@ -3,10 +3,11 @@
 //! contract documented in docs/logging.md.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
 
@@ -121,7 +122,7 @@ pub fn sqlite_time(t: SystemTime) -> String {
 }
 
 /// `25/Nov/2026:21:49:15 +0000` (nginx `$time_local`, in UTC).
-fn http_date(t: SystemTime) -> String {
+pub fn http_date(t: SystemTime) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
@@ -135,6 +136,65 @@ fn http_date(t: SystemTime) -> String {
         dt.minute(),
         dt.second()
     )
+}
+
+/// One time format, with the date and time of day cached for the current second: a writer
+/// formats thousands of records per second, all in the same few seconds.
+#[derive(Debug)]
+pub struct CachedTime {
+    second: Option<u64>,
+    buf: String,
+    /// Length of the cached per-second part.
+    prefix: usize,
+    style: TimeStyle,
+}
+
+/// The time formats of the sinks.
+#[derive(Debug, Clone, Copy)]
+pub enum TimeStyle {
+    /// `2026-11-25T21:49:15.123456Z`
+    Rfc3339,
+    /// `2026-11-25 21:49:15.123`
+    Sqlite,
+    /// `25/Nov/2026:21:49:15 +0000`
+    Http,
+}
+
+impl CachedTime {
+    pub fn new(style: TimeStyle) -> CachedTime {
+        CachedTime {
+            second: None,
+            buf: String::with_capacity(32),
+            prefix: 0,
+            style,
+        }
+    }
+
+    /// `t` in this format.
+    pub fn format(&mut self, t: SystemTime) -> &str {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            self.buf.clear();
+            self.buf.push_str(&match self.style {
+                TimeStyle::Rfc3339 => rfc3339(t),
+                TimeStyle::Sqlite => sqlite_time(t),
+                TimeStyle::Http => http_date(t),
+            });
+            self.prefix = match self.style {
+                TimeStyle::Rfc3339 | TimeStyle::Sqlite => 19,
+                TimeStyle::Http => self.buf.len(),
+            };
+            self.second = Some(second);
+        }
+        self.buf.truncate(self.prefix);
+        let _ = match self.style {
+            TimeStyle::Rfc3339 => write!(self.buf, ".{:06}Z", since.subsec_micros()),
+            TimeStyle::Sqlite => write!(self.buf, ".{:03}", since.subsec_millis()),
+            TimeStyle::Http => Ok(()),
+        };
+        &self.buf
+    }
 }
 
 /// Milliseconds with microsecond precision.
@@ -179,6 +239,14 @@ impl<'a> JsonObject<'a> {
         if let Some(v) = v {
             self.str(k, &String::from_utf8_lossy(v));
         }
+    }
+
+    /// A value whose text never needs escaping (addresses), written without a copy.
+    pub fn display(&mut self, k: &str, v: &dyn std::fmt::Display) {
+        self.key(k);
+        self.out.push(b'"');
+        let _ = write!(self.out, "{v}");
+        self.out.push(b'"');
     }
 
     pub fn num(&mut self, k: &str, v: u64) {
@@ -249,11 +317,11 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// One JSON access-log line (with the trailing newline).
-pub fn json_line(r: &AccessRecord, f: &Formatting, out: &mut Vec<u8>) {
+pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
-    o.str("time", &rfc3339(r.time));
+    o.str("time", clock.format(r.time));
     o.bytes("request_id", Some(r.request_id.as_bytes()));
-    o.str("client_ip", &r.client_ip.to_string());
+    o.display("client_ip", &r.client_ip);
     if let Some(p) = r.client_port {
         o.num("client_port", u64::from(p));
     }
@@ -322,12 +390,18 @@ pub struct CombinedOptions {
 /// `remote_user` is always `-`: CrowdSec's grok only accepts `[a-zA-Z.@+_%-]+` there (no
 /// digits, no `:` or `/`), so no certificate identity can be written faithfully; the JSON and
 /// SQLite sinks carry it.
-pub fn combined_line(r: &AccessRecord, f: &Formatting, opts: CombinedOptions, out: &mut Vec<u8>) {
+pub fn combined_line(
+    r: &AccessRecord,
+    f: &Formatting,
+    opts: CombinedOptions,
+    clock: &mut CachedTime,
+    out: &mut Vec<u8>,
+) {
     if opts.vhost {
         out.extend_from_slice(vhost(r).as_bytes());
         out.push(b' ');
     }
-    let _ = write!(out, "{} - - [{}] \"", r.client_ip, http_date(r.time));
+    let _ = write!(out, "{} - - [{}] \"", r.client_ip, clock.format(r.time));
     escape_nginx(r.method.as_str().as_bytes(), out);
     out.push(b' ');
     escape_nginx(r.uri.path().as_bytes(), out);
@@ -395,12 +469,12 @@ fn escape_nginx(v: &[u8], out: &mut Vec<u8>) {
 }
 
 /// One security-event line (see docs/logging.md for the layout Wazuh expects).
-pub fn event_line(e: &Event, out: &mut Vec<u8>) {
+pub fn event_line(e: &Event, clock: &mut CachedTime, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
     match e {
         Event::Request { event, record: r } => {
-            o.str("timestamp", &rfc3339(r.time));
-            o.str("srcip", &r.client_ip.to_string());
+            o.str("timestamp", clock.format(r.time));
+            o.display("srcip", &r.client_ip);
             if let Some(p) = r.client_port {
                 o.num("srcport", u64::from(p));
             }
@@ -436,8 +510,8 @@ pub fn event_line(e: &Event, out: &mut Vec<u8>) {
             auth,
             reason,
         } => {
-            o.str("timestamp", &rfc3339(*time));
-            o.str("srcip", &peer.ip().to_string());
+            o.str("timestamp", clock.format(*time));
+            o.display("srcip", &peer.ip());
             o.num("srcport", u64::from(peer.port()));
             let mut w = o.object("wraith");
             w.str("event", if *auth { "auth_failure" } else { "tls_failure" });
@@ -451,7 +525,7 @@ pub fn event_line(e: &Event, out: &mut Vec<u8>) {
             generation,
             errors,
         } => {
-            o.str("timestamp", &rfc3339(*time));
+            o.str("timestamp", clock.format(*time));
             let mut w = o.object("wraith");
             w.str("event", "config_reload");
             w.str("result", if *ok { "ok" } else { "failed" });
@@ -499,7 +573,7 @@ mod tests {
     #[test]
     fn json_fields_and_redaction() {
         let mut out = Vec::new();
-        json_line(&record(), &fmt(), &mut out);
+        json_line(&record(), &fmt(), &mut CachedTime::new(TimeStyle::Rfc3339), &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["time"], "2025-11-25T21:49:15.123456Z");
         assert_eq!(v["query"], "token=REDACTED&page=2");
@@ -508,6 +582,23 @@ mod tests {
         assert_eq!(v["user_agent"], "curl/8 \"quoted\"");
         assert!(v.get("route").is_none(), "absent fields are omitted");
         assert_eq!(v["aborted"], false);
+    }
+
+    #[test]
+    fn cached_time_matches_uncached() {
+        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_764_107_355_123_456);
+        let t1 = t0 + std::time::Duration::from_micros(1);
+        let t2 = t0 + std::time::Duration::from_secs(1);
+        for (style, plain) in [
+            (TimeStyle::Rfc3339, rfc3339 as fn(SystemTime) -> String),
+            (TimeStyle::Sqlite, sqlite_time),
+            (TimeStyle::Http, http_date),
+        ] {
+            let mut c = CachedTime::new(style);
+            for t in [t0, t1, t2, t0] {
+                assert_eq!(c.format(t), plain(t));
+            }
+        }
     }
 
     #[test]
@@ -530,7 +621,7 @@ mod tests {
             limiter: "per-identity".into(),
         });
         let mut out = Vec::new();
-        json_line(&r, &fmt(), &mut out);
+        json_line(&r, &fmt(), &mut CachedTime::new(TimeStyle::Rfc3339), &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["identity"], "spiffe://example.org/billing");
         assert_eq!(v["cn"], "billing");
@@ -546,7 +637,7 @@ mod tests {
     fn combined_line_is_nginx_shaped() {
         let mut out = Vec::new();
         let opts = CombinedOptions { vhost: true };
-        combined_line(&record(), &fmt(), opts, &mut out);
+        combined_line(&record(), &fmt(), opts, &mut CachedTime::new(TimeStyle::Http), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "api.example.org 198.51.100.7 - - [25/Nov/2025:21:49:15 +0000] \"GET /a%20b/c?token=REDACTED&page=2 HTTP/2.0\" 403 120 \"-\" \"curl/8 \\x22quoted\\x22\"\n"
@@ -572,6 +663,7 @@ mod tests {
                 event: "policy_deny",
                 record: Arc::new(r),
             },
+            &mut CachedTime::new(TimeStyle::Rfc3339),
             &mut out,
         );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

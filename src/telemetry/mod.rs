@@ -28,7 +28,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat, RouteAction};
 use access_log::AccessRecord;
-use format::{CombinedOptions, Event, Formatting};
+use format::{CachedTime, CombinedOptions, Event, Formatting, TimeStyle};
 use metrics::{
     origin_label, EndpointMetrics, HandshakeLabels, ListenerLabel, Metrics, OriginLabel,
     PolicyLabels, RouteErrorLabels, RouteLabel, RouteMetrics, SinkLabel,
@@ -140,10 +140,11 @@ impl SnapshotTelemetry {
                 key,
                 c.queue,
                 || {
+                    let mut clock = CachedTime::new(TimeStyle::Rfc3339);
                     FileWriter::new(
                         c.path.clone(),
                         Box::new(move |r: &Arc<AccessRecord>, buf: &mut Vec<u8>| {
-                            format::json_line(r, &f, buf)
+                            format::json_line(r, &f, &mut clock, buf)
                         }),
                     )
                 },
@@ -166,10 +167,11 @@ impl SnapshotTelemetry {
                 key,
                 c.file.queue,
                 || {
+                    let mut clock = CachedTime::new(TimeStyle::Http);
                     FileWriter::new(
                         c.file.path.clone(),
                         Box::new(move |r: &Arc<AccessRecord>, buf: &mut Vec<u8>| {
-                            format::combined_line(r, &f, opts, buf)
+                            format::combined_line(r, &f, opts, &mut clock, buf)
                         }),
                     )
                 },
@@ -200,9 +202,12 @@ impl SnapshotTelemetry {
                 key,
                 c.queue,
                 || {
+                    let mut clock = CachedTime::new(TimeStyle::Rfc3339);
                     FileWriter::new(
                         c.path.clone(),
-                        Box::new(|e: &Event, buf: &mut Vec<u8>| format::event_line(e, buf)),
+                        Box::new(move |e: &Event, buf: &mut Vec<u8>| {
+                            format::event_line(e, &mut clock, buf)
+                        }),
                     )
                 },
             )

@@ -1183,3 +1183,49 @@ async fn log_config_errors_point_at_the_key() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn sqlite_retention_by_age_and_rows() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    // A database with ten rows from 2000 and ten from now.
+    let db = setup.dir.path().join("access.db");
+    {
+        let conn = wraith::telemetry::sqlite::open_for_writing(&db).unwrap();
+        let now = wraith::telemetry::format::sqlite_time(std::time::SystemTime::now());
+        for i in 0..20 {
+            let time = if i < 10 {
+                "2000-01-01 00:00:00.000"
+            } else {
+                now.as_str()
+            };
+            conn.execute(
+                "INSERT INTO access_log (time, request_id, client_ip, listener, protocol, method, \
+                 path, status, bytes_in, bytes_out, duration_ms, attempts, aborted) \
+                 VALUES (?1, ?2, '192.0.2.1', 'http', 'h1', 'GET', '/', 200, 0, 0, 1.0, 0, 0)",
+                rusqlite::params![time, format!("r{i}")],
+            )
+            .unwrap();
+        }
+    }
+    let log = "[log.sqlite]\npath = \"access.db\"\nmax_age = \"1d\"\nmax_rows = 5\n";
+    let wraith = {
+        let cfg = config(&setup, up.addr, log);
+        setup.start(&cfg)
+    };
+    eventually("retention", || db_count(&db) == 5).await;
+    let kept = db_rows(&db, "SELECT request_id FROM access_log ORDER BY id");
+    let kept: Vec<String> = kept
+        .into_iter()
+        .map(|r| match &r[0] {
+            rusqlite::types::Value::Text(t) => t.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        ["r15", "r16", "r17", "r18", "r19"],
+        "the newest rows stay"
+    );
+    drop(wraith);
+}

@@ -31,6 +31,14 @@ pub enum Event {
         auth: bool,
         reason: String,
     },
+    /// A connection refused at accept because its address is banned (no request was read).
+    BannedConnection {
+        time: SystemTime,
+        peer: SocketAddr,
+        listener: Arc<str>,
+        origin: Arc<str>,
+        scenario: Option<Arc<str>>,
+    },
     /// A configuration reload.
     Reload {
         time: SystemTime,
@@ -197,11 +205,6 @@ impl CachedTime {
     }
 }
 
-/// Milliseconds with microsecond precision.
-fn millis(d: std::time::Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
-}
-
 /// A JSON object written field by field into a buffer.
 pub struct JsonObject<'a> {
     out: &'a mut Vec<u8>,
@@ -251,12 +254,26 @@ impl<'a> JsonObject<'a> {
 
     pub fn num(&mut self, k: &str, v: u64) {
         self.key(k);
-        let _ = write!(self.out, "{v}");
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
 
-    pub fn float(&mut self, k: &str, v: f64) {
+    /// A duration in milliseconds with three decimals (`3.412`), without float formatting.
+    pub fn millis(&mut self, k: &str, d: std::time::Duration) {
         self.key(k);
-        let _ = write!(self.out, "{v:.3}");
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let mut buf = itoa::Buffer::new();
+        self.out
+            .extend_from_slice(buf.format(micros / 1000).as_bytes());
+        self.out.push(b'.');
+        let frac = micros % 1000;
+        if frac < 100 {
+            self.out.push(b'0');
+        }
+        if frac < 10 {
+            self.out.push(b'0');
+        }
+        self.out.extend_from_slice(buf.format(frac).as_bytes());
     }
 
     pub fn bool(&mut self, k: &str, v: bool) {
@@ -288,25 +305,39 @@ impl<'a> JsonObject<'a> {
     }
 }
 
+/// Bytes that need escaping in a JSON string: controls, `"`, `\` and DEL.
+const fn json_escapes() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[0x7f] = true;
+    t
+}
+static JSON_ESCAPE: [bool; 256] = json_escapes();
+
 /// Writes `s` as a JSON string (RFC 8259 escaping).
 fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            0..=0x1f | 0x7f => None,
-            _ => continue,
-        };
+    while let Some(off) = bytes[start..]
+        .iter()
+        .position(|&b| JSON_ESCAPE[usize::from(b)])
+    {
+        let i = start + off;
         out.extend_from_slice(&bytes[start..i]);
-        match esc {
-            Some(e) => out.extend_from_slice(e),
-            None => {
+        match bytes[i] {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b => {
                 let _ = write!(out, "\\u{b:04x}");
             }
         }
@@ -342,9 +373,9 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     o.num("status", u64::from(r.status));
     o.num("bytes_in", r.bytes_in);
     o.num("bytes_out", r.bytes_out);
-    o.float("duration_ms", millis(r.duration));
+    o.millis("duration_ms", r.duration);
     if let Some(t) = r.forward.upstream_time {
-        o.float("upstream_ms", millis(t));
+        o.millis("upstream_ms", t);
     }
     o.opt_str("route", r.route.as_deref());
     o.opt_str("upstream", r.upstream.as_deref());
@@ -519,6 +550,23 @@ pub fn event_line(e: &Event, clock: &mut CachedTime, out: &mut Vec<u8>) {
             w.str("reason", reason);
             w.end();
         }
+        Event::BannedConnection {
+            time,
+            peer,
+            listener,
+            origin,
+            scenario,
+        } => {
+            o.str("timestamp", clock.format(*time));
+            o.display("srcip", &peer.ip());
+            o.num("srcport", u64::from(peer.port()));
+            let mut w = o.object("wraith");
+            w.str("event", "banned");
+            w.str("listener", listener);
+            w.str("origin", origin);
+            w.opt_str("scenario", scenario.as_deref());
+            w.end();
+        }
         Event::Reload {
             time,
             ok,
@@ -573,7 +621,12 @@ mod tests {
     #[test]
     fn json_fields_and_redaction() {
         let mut out = Vec::new();
-        json_line(&record(), &fmt(), &mut CachedTime::new(TimeStyle::Rfc3339), &mut out);
+        json_line(
+            &record(),
+            &fmt(),
+            &mut CachedTime::new(TimeStyle::Rfc3339),
+            &mut out,
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["time"], "2025-11-25T21:49:15.123456Z");
         assert_eq!(v["query"], "token=REDACTED&page=2");
@@ -582,6 +635,18 @@ mod tests {
         assert_eq!(v["user_agent"], "curl/8 \"quoted\"");
         assert!(v.get("route").is_none(), "absent fields are omitted");
         assert_eq!(v["aborted"], false);
+    }
+
+    #[test]
+    fn json_escaping() {
+        let mut out = Vec::new();
+        json_string(&mut out, "a\"b\\c\nd\u{1}e\u{7f}é");
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "\"a\\\"b\\\\c\\nd\\u0001e\\u007fé\""
+        );
+        let v: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, "a\"b\\c\nd\u{1}e\u{7f}é");
     }
 
     #[test]
@@ -621,7 +686,12 @@ mod tests {
             limiter: "per-identity".into(),
         });
         let mut out = Vec::new();
-        json_line(&r, &fmt(), &mut CachedTime::new(TimeStyle::Rfc3339), &mut out);
+        json_line(
+            &r,
+            &fmt(),
+            &mut CachedTime::new(TimeStyle::Rfc3339),
+            &mut out,
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["identity"], "spiffe://example.org/billing");
         assert_eq!(v["cn"], "billing");
@@ -637,7 +707,13 @@ mod tests {
     fn combined_line_is_nginx_shaped() {
         let mut out = Vec::new();
         let opts = CombinedOptions { vhost: true };
-        combined_line(&record(), &fmt(), opts, &mut CachedTime::new(TimeStyle::Http), &mut out);
+        combined_line(
+            &record(),
+            &fmt(),
+            opts,
+            &mut CachedTime::new(TimeStyle::Http),
+            &mut out,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "api.example.org 198.51.100.7 - - [25/Nov/2025:21:49:15 +0000] \"GET /a%20b/c?token=REDACTED&page=2 HTTP/2.0\" 403 120 \"-\" \"curl/8 \\x22quoted\\x22\"\n"

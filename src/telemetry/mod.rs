@@ -372,6 +372,37 @@ impl SnapshotTelemetry {
         }
     }
 
+    /// Accounts for a connection refused before any request because its address is banned
+    /// (the accept-time check): the `wraith_bans_total{origin}` metric and a `banned` event
+    /// without request fields. Requests refused by a ban are accounted for by their access
+    /// record instead (`AccessRecord::ban`).
+    pub fn banned_connection(
+        &self,
+        listener: &Arc<str>,
+        peer: SocketAddr,
+        origin: &str,
+        scenario: Option<&str>,
+    ) {
+        if let Some(shared) = &self.shared {
+            shared
+                .metrics
+                .bans
+                .get_or_create(&OriginLabel {
+                    origin: origin_label(origin),
+                })
+                .inc();
+        }
+        if let Some(events) = &self.events {
+            events.push(Event::BannedConnection {
+                time: SystemTime::now(),
+                peer,
+                listener: listener.clone(),
+                origin: Arc::from(origin),
+                scenario: scenario.map(Arc::from),
+            });
+        }
+    }
+
     /// Records a reload attempt (metrics and a `config_reload` event).
     pub fn reload(&self, ok: bool, generation: u64, errors: &[String]) {
         if let Some(shared) = &self.shared {

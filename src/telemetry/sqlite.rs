@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS access_log (
 CREATE INDEX IF NOT EXISTS access_log_time      ON access_log(time);
 CREATE INDEX IF NOT EXISTS access_log_status    ON access_log(status);
 CREATE INDEX IF NOT EXISTS access_log_client_ip ON access_log(client_ip);
-CREATE INDEX IF NOT EXISTS access_log_identity  ON access_log(identity);
+CREATE INDEX IF NOT EXISTS access_log_identity  ON access_log(identity) WHERE identity IS NOT NULL;
 CREATE INDEX IF NOT EXISTS access_log_route     ON access_log(route);
 PRAGMA user_version = 1;
 "#;
@@ -84,7 +84,15 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
         }
     }
     let what = |e: rusqlite::Error| format!("SQLite access log {}: {e}", path.display());
+    let created = !path.exists();
     let conn = Connection::open(path).map_err(what)?;
+    if created {
+        // Client addresses and identities: not for every local user (SQLite gives the WAL
+        // and shared-memory files the database's mode).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))
+            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    }
     // Readers (`wraith logs`) never block the writer in WAL mode; NORMAL sync is durable
     // against process crashes, which is what a log needs.
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -147,64 +155,91 @@ impl SqliteWriter {
             let mut ip = String::with_capacity(40);
             let mut policies = String::new();
             for r in items {
+                // Only values that are present are bound (the rest stay NULL after
+                // `clear_bindings`): a typical row leaves half its columns empty, and each
+                // bind is a call through rusqlite into SQLite.
+                stmt.clear_bindings();
+                macro_rules! bind {
+                    ($i:expr, $v:expr) => {
+                        stmt.raw_bind_parameter($i, $v)?
+                    };
+                }
+                macro_rules! opt {
+                    ($i:expr, $v:expr) => {
+                        if let Some(v) = $v {
+                            stmt.raw_bind_parameter($i, v)?;
+                        }
+                    };
+                }
                 ip.clear();
                 let _ = write!(ip, "{}", r.client_ip);
                 let id = r.identity.as_deref();
-                policies.clear();
+                bind!(1, self.clock.format(r.time));
+                bind!(2, String::from_utf8_lossy(r.request_id.as_bytes()));
+                bind!(3, ip.as_str());
+                opt!(4, r.client_port);
+                bind!(5, &*r.listener);
+                bind!(6, r.protocol);
+                opt!(7, r.tls_version);
+                opt!(8, r.tls_group);
+                opt!(9, r.identity_name());
+                opt!(10, id.and_then(|i| i.spiffe_id.as_deref()));
+                opt!(11, id.and_then(|i| i.common_name.as_deref()));
+                opt!(12, id.map(|i| i.fingerprint.as_str()));
+                bind!(13, r.method.as_str());
+                opt!(14, r.host());
+                bind!(15, r.uri.path());
+                opt!(16, self.formatting.query(r.uri.query()));
+                bind!(17, r.status);
+                bind!(18, r.bytes_in as i64);
+                bind!(19, r.bytes_out as i64);
+                bind!(20, r.duration.as_micros() as f64 / 1000.0);
+                opt!(
+                    21,
+                    r.forward
+                        .upstream_time
+                        .map(|t| t.as_micros() as f64 / 1000.0)
+                );
+                opt!(22, r.route.as_deref());
+                opt!(23, r.upstream.as_deref());
+                opt!(24, r.forward.endpoint.as_deref());
+                bind!(25, r.forward.attempts);
                 if let Some(p) = &r.policy {
+                    policies.clear();
                     for (i, id) in p.policies.iter().enumerate() {
                         if i > 0 {
                             policies.push(',');
                         }
                         policies.push_str(id);
                     }
+                    bind!(26, p.effect.as_str());
+                    bind!(27, policies.as_str());
+                    opt!(28, p.reason.as_deref());
+                    bind!(29, p.shadow);
                 }
-                fn header(v: &Option<http::HeaderValue>) -> Option<std::borrow::Cow<'_, str>> {
-                    v.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()))
+                if let Some(l) = &r.rate_limit {
+                    bind!(30, if l.limited { "limited" } else { "passed" });
+                    bind!(31, &*l.limiter);
                 }
-                stmt.execute(params![
-                    self.clock.format(r.time),
-                    String::from_utf8_lossy(r.request_id.as_bytes()),
-                    &ip,
-                    r.client_port,
-                    &*r.listener,
-                    r.protocol,
-                    r.tls_version,
-                    r.tls_group,
-                    r.identity_name(),
-                    id.and_then(|i| i.spiffe_id.as_deref()),
-                    id.and_then(|i| i.common_name.as_deref()),
-                    id.map(|i| i.fingerprint.as_str()),
-                    r.method.as_str(),
-                    r.host(),
-                    r.uri.path(),
-                    self.formatting.query(r.uri.query()).as_deref(),
-                    r.status,
-                    r.bytes_in as i64,
-                    r.bytes_out as i64,
-                    r.duration.as_micros() as f64 / 1000.0,
-                    r.forward
-                        .upstream_time
-                        .map(|t| t.as_micros() as f64 / 1000.0),
-                    r.route.as_deref(),
-                    r.upstream.as_deref(),
-                    r.forward.endpoint.as_deref(),
-                    r.forward.attempts,
-                    r.policy.as_ref().map(|p| p.effect.as_str()),
-                    r.policy.as_ref().map(|_| policies.as_str()),
-                    r.policy.as_ref().and_then(|p| p.reason.as_deref()),
-                    r.policy.as_ref().map(|p| p.shadow),
-                    r.rate_limit
+                if let Some(b) = &r.ban {
+                    bind!(32, &*b.origin);
+                    opt!(33, b.scenario.as_deref());
+                }
+                opt!(
+                    34,
+                    r.user_agent
                         .as_ref()
-                        .map(|l| if l.limited { "limited" } else { "passed" }),
-                    r.rate_limit.as_ref().map(|l| &*l.limiter),
-                    r.ban.as_ref().map(|b| &*b.origin),
-                    r.ban.as_ref().and_then(|b| b.scenario.as_deref()),
-                    header(&r.user_agent),
-                    header(&r.referer),
-                    r.error,
-                    r.aborted,
-                ])?;
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                );
+                opt!(
+                    35,
+                    r.referer
+                        .as_ref()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                );
+                opt!(36, r.error);
+                bind!(37, r.aborted);
+                stmt.raw_execute()?;
             }
         }
         tx.commit()
@@ -326,6 +361,9 @@ mod tests {
         };
         let f = Formatting::new(&LogConfig::default());
         let mut w = SqliteWriter::new(config, f.clone()).unwrap();
+        if let Ok(sql) = std::env::var("WRAITH_COST_SQL") {
+            w.conn.execute_batch(&sql).unwrap();
+        }
         let n = 100_000;
         let records: Vec<_> = (0..n).map(|_| sample()).collect();
         let t = thread_cpu();

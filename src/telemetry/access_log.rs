@@ -421,3 +421,95 @@ impl Drop for LoggedBody {
         self.done(aborted);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_str, LoadOptions};
+    use crate::telemetry::{SnapshotTelemetry, Telemetry};
+    use http_body_util::BodyExt;
+
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    fn snapshot(dir: &std::path::Path, log: &str) -> Arc<Snapshot> {
+        let text = format!(
+            "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+             [[route]]\nname = \"all\"\nrespond = {{ status = 200, body = \"hello, world\\n\" }}\n{log}"
+        );
+        let config = load_str(&dir.join("wraith.toml"), &text, LoadOptions::default()).unwrap();
+        let telemetry = Arc::new(Telemetry::default());
+        let mut s = Snapshot::build(config, 1, None).unwrap();
+        s.telemetry = SnapshotTelemetry::build(&telemetry, &s.config, None).unwrap();
+        Arc::new(s)
+    }
+
+    /// Request-thread CPU of the access record per request: open, finish, stream the body,
+    /// emit (metrics, window, queues). A measurement, not a check: run it with
+    /// `cargo test --release --lib request_path_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement; meaningful only in a release build"]
+    fn request_path_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = snapshot(dir.path(), "");
+        let on = snapshot(
+            dir.path(),
+            "[log.json]\npath = \"a.json\"\nqueue = 1000000\n[log.combined]\npath = \"a.log\"\nqueue = 1000000\n\
+             [log.sqlite]\npath = \"a.db\"\nqueue = 1000000\n",
+        );
+        let conn = ConnInfo {
+            peer: "198.51.100.7:51234".parse().unwrap(),
+            local: "127.0.0.1:8085".parse().unwrap(),
+            listener: "http".into(),
+            tls: None,
+            identity: None,
+        };
+        let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let route = &off
+            .router
+            .find(None, "/small", &Method::GET)
+            .unwrap()
+            .config;
+        let run = |snap: &Arc<Snapshot>, n: u32| -> f64 {
+            let t = thread_cpu();
+            for _ in 0..n {
+                let req = Request::builder()
+                    .uri("/small")
+                    .header("host", "127.0.0.1:8085")
+                    .header("user-agent", "wrk")
+                    .body(Body::Empty)
+                    .unwrap();
+                let started = Instant::now();
+                let mut record = AccessRecord::start(&req, &conn, conn.peer.ip(), &rid);
+                record.route = Some(route.name.clone());
+                let pending = Pending::new(record, started, snap.clone());
+                let resp = Response::new(Body::full(Bytes::from_static(b"hello, world\n")));
+                let resp = pending.finish(resp, false);
+                rt.block_on(async { resp.into_body().collect().await.unwrap() });
+            }
+            (thread_cpu() - t).as_nanos() as f64 / f64::from(n) / 1000.0
+        };
+        let n = 200_000;
+        run(&off, n / 10);
+        run(&on, n / 10);
+        let mut offs = Vec::new();
+        let mut ons = Vec::new();
+        for _ in 0..3 {
+            offs.push(run(&off, n));
+            ons.push(run(&on, n));
+        }
+        eprintln!(
+            "request-thread CPU per request: sinks off {offs:.3?} µs, three sinks on {ons:.3?} µs"
+        );
+    }
+}

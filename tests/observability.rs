@@ -679,13 +679,28 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     assert!(seen, "--tail printed the new row");
 }
 
+/// Where Debian's crowdsec package is: `/` when installed, or the directory a `.deb` was
+/// extracted into (`dpkg-deb -x`), named by `WRAITH_CROWDSEC_ROOT`.
+fn crowdsec_root() -> PathBuf {
+    PathBuf::from(std::env::var("WRAITH_CROWDSEC_ROOT").unwrap_or_else(|_| "/".into()))
+}
+
 /// Runs `cscli explain` (Debian's CrowdSec) on `log` as an nginx log; returns its report.
 /// explain replays the file through a real crowdsec, which needs a local API to log in to,
 /// so a LAPI-only crowdsec runs for the duration.
 fn cscli_explain(log: &Path) -> String {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let hub = Path::new("/usr/share/crowdsec/hub");
+    let root = crowdsec_root();
+    let hub = root.join("usr/share/crowdsec/hub");
+    let bin = |name: &str| {
+        let local = root.join("usr/bin").join(name);
+        if local.exists() {
+            local
+        } else {
+            PathBuf::from(name)
+        }
+    };
     for sub in [
         "parsers/s00-raw",
         "parsers/s01-parse",
@@ -708,7 +723,13 @@ fn cscli_explain(log: &Path) -> String {
         )
         .unwrap();
     }
-    std::os::unix::fs::symlink("/etc/crowdsec/patterns", d.join("etc/patterns")).unwrap();
+    std::os::unix::fs::symlink(root.join("etc/crowdsec/patterns"), d.join("etc/patterns")).unwrap();
+    // The LAPI needs a profiles file; explain never reaches it with an alert.
+    std::fs::write(
+        d.join("etc/profiles.yaml"),
+        "name: default_ip_remediation\nfilters:\n - Alert.Remediation == true && Alert.GetScope() == \"Ip\"\ndecisions:\n - type: ban\n   duration: 4h\non_success: break\n",
+    )
+    .unwrap();
     for f in [
         "acquis.yaml",
         "simulation.yaml",
@@ -727,24 +748,26 @@ config_paths:
   config_dir: {etc}/
   data_dir: {data}/
   simulation_path: {etc}/simulation.yaml
-  hub_dir: /usr/share/crowdsec/hub/
-  index_path: /usr/share/crowdsec/hub/.index.json
+  hub_dir: {hub}/
+  index_path: {hub}/.index.json
   notification_dir: {etc}/notifications/
-  plugin_dir: /usr/lib/crowdsec/plugins/
+  plugin_dir: {plugins}/
 crowdsec_service: {{acquisition_path: {etc}/acquis.yaml, parser_routines: 1}}
 db_config: {{type: sqlite, db_path: {data}/crowdsec.db, use_wal: true}}
 api:
   client: {{credentials_path: {etc}/local_api_credentials.yaml}}
-  server: {{listen_uri: "127.0.0.1:{port}", profiles_path: /etc/crowdsec/profiles.yaml}}
+  server: {{listen_uri: "127.0.0.1:{port}", profiles_path: {etc}/profiles.yaml}}
 prometheus: {{enabled: false}}
 "#,
             etc = p("etc"),
             data = p("data"),
+            hub = hub.display(),
+            plugins = root.join("usr/lib/crowdsec/plugins").display(),
         ),
     )
     .unwrap();
     let cscli = |args: &[&str]| {
-        let out = Command::new("cscli")
+        let out = Command::new(bin("cscli"))
             .arg("-c")
             .arg(&cfg)
             .args(args)
@@ -759,7 +782,7 @@ prometheus: {{enabled: false}}
     };
     let creds = p("etc/local_api_credentials.yaml");
     cscli(&["machines", "add", "wraith-test", "--auto", "-f", &creds]);
-    let mut lapi = Command::new("crowdsec")
+    let mut lapi = Command::new(bin("crowdsec"))
         .arg("-c")
         .arg(&cfg)
         .arg("-no-cs")

@@ -8,9 +8,11 @@
 //!       └─ Gateway::handle          proxy/         one pipeline for every protocol
 //!           ├─ normalize path       proxy/path
 //!           ├─ route                router         first match in file order, else 404
-//!           └─ respond | redirect | forward
-//!                                   upstream/      pooled client, streamed bodies,
-//!                                                  hop-by-hop out, X-Forwarded-* in
+//!           ├─ respond | redirect | forward
+//!           │                       upstream/      pooled client, streamed bodies,
+//!           │                                      hop-by-hop out, X-Forwarded-* in
+//!           └─ access record        telemetry/     one per request, emitted when the body
+//!                                                  ends: metrics, window, log sinks
 //! ```
 //!
 //! # Layout
@@ -21,6 +23,8 @@
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools and the forwarder
 //! - `error`: stage errors -> JSON responses
+//! - `telemetry`: access records and their sinks (JSON, combined, SQLite, security events),
+//!   Prometheus metrics, the last-minute window behind `wraith status` / `wraith top`
 //! - `admin`, `signals`, `cli`: operating the server
 //! - `certs`: development certificates
 

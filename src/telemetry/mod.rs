@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat, RouteAction};
+use crate::config::{Config, LogFormat};
 use access_log::AccessRecord;
 use format::{CachedTime, CombinedOptions, Event, Formatting, TimeStyle};
 use metrics::{
@@ -527,10 +527,137 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Route names of an action, for callers that need the upstream of a route.
-pub fn route_upstream(action: &RouteAction) -> Option<&Arc<str>> {
-    match action {
-        RouteAction::Upstream(u) => Some(u),
-        _ => None,
+#[cfg(test)]
+mod tests {
+    use super::access_log::{BanRecord, Effect, PolicyRecord, RateLimitRecord};
+    use super::*;
+    use crate::config::{load_str, LoadOptions};
+
+    /// What the policy, rate-limit and ban stages write into the record reaches the metrics
+    /// and the security-events stream without anything else to wire.
+    #[test]
+    fn stage_fields_reach_metrics_and_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let text =
+            "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+                    [[route]]\nname = \"api\"\nrespond = { status = 200 }\n\
+                    [log.events]\npath = \"events.json\"\n[log.json]\npath = \"access.json\"\n";
+        let config = load_str(
+            &dir.path().join("wraith.toml"),
+            text,
+            LoadOptions::default(),
+        )
+        .unwrap();
+        let shared = Arc::new(Telemetry::default());
+        let t = SnapshotTelemetry::build(&shared, &config, None).unwrap();
+        let base = || AccessRecord {
+            time: SystemTime::now(),
+            client_ip: "198.51.100.7".parse().unwrap(),
+            route: Some("api".into()),
+            status: 403,
+            ..AccessRecord::default()
+        };
+        let policy = |effect, shadow| PolicyRecord {
+            effect,
+            policies: vec!["p".into()],
+            reason: Some("because".into()),
+            shadow,
+        };
+        t.emit(AccessRecord {
+            policy: Some(policy(Effect::Deny, false)),
+            ..base()
+        });
+        t.emit(AccessRecord {
+            policy: Some(policy(Effect::Deny, true)),
+            status: 200,
+            ..base()
+        });
+        t.emit(AccessRecord {
+            rate_limit: Some(RateLimitRecord {
+                limited: true,
+                limiter: "per-ip".into(),
+            }),
+            status: 429,
+            ..base()
+        });
+        t.emit(AccessRecord {
+            ban: Some(BanRecord {
+                origin: "crowdsec".into(),
+                scenario: Some("crowdsecurity/http-probing".into()),
+            }),
+            ..base()
+        });
+        t.emit(AccessRecord {
+            policy: Some(policy(Effect::Allow, false)),
+            status: 200,
+            ..base()
+        });
+        t.banned_connection(
+            &Arc::from("http"),
+            "203.0.113.9:4000".parse().unwrap(),
+            "wazuh",
+            None,
+        );
+        shared
+            .writers
+            .shutdown(Instant::now() + std::time::Duration::from_secs(10));
+
+        let events: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join("events.json"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        let names: Vec<&str> = events
+            .iter()
+            .map(|e| e["wraith"]["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "policy_deny",
+                "policy_shadow_deny",
+                "rate_limited",
+                "banned",
+                "banned"
+            ]
+        );
+        assert_eq!(events[0]["wraith"]["reason"], "because");
+        assert_eq!(events[2]["wraith"]["rate_limiter"], "per-ip");
+        assert_eq!(
+            events[3]["wraith"]["scenario"],
+            "crowdsecurity/http-probing"
+        );
+        assert_eq!(events[4]["srcip"], "203.0.113.9");
+        assert_eq!(events[4]["wraith"]["origin"], "wazuh");
+
+        let m = &shared.metrics;
+        let policy = |effect| {
+            m.policy_decisions
+                .get(&PolicyLabels {
+                    route: "api".into(),
+                    effect,
+                })
+                .map_or(0, |c| c.get())
+        };
+        assert_eq!(
+            (policy("allow"), policy("deny"), policy("shadow_deny")),
+            (1, 1, 1)
+        );
+        let route = RouteLabel {
+            route: "api".into(),
+        };
+        assert_eq!(m.ratelimit_rejections.get(&route).map(|c| c.get()), Some(1));
+        let bans = |origin| m.bans.get(&OriginLabel { origin }).map_or(0, |c| c.get());
+        assert_eq!((bans("crowdsec"), bans("wazuh")), (1, 1));
+        // Denials (not the shadow one, not the allowed one) feed the "top denied" list.
+        let s = shared
+            .window
+            .summary(unix_now(), std::time::Duration::from_secs(60));
+        assert_eq!(s.denied, 3);
+        assert_eq!(s.top_denied_ips, vec![("198.51.100.7".to_string(), 3)]);
+        // Every record is in the access log too.
+        let lines = std::fs::read_to_string(dir.path().join("access.json")).unwrap();
+        assert_eq!(lines.lines().count(), 5);
     }
 }

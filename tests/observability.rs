@@ -1252,3 +1252,51 @@ async fn sqlite_retention_by_age_and_rows() {
     );
     drop(wraith);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_a_sink_to_a_new_file() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let first = config(&setup, up.addr, "[log.json]\npath = \"one.json\"\n");
+    let second = config(&setup, up.addr, "[log.json]\npath = \"two.json\"\n");
+    let bad = config(
+        &setup,
+        up.addr,
+        "[log.json]\npath = \"/proc/wraith-cannot/a.json\"\n",
+    );
+    let wraith = setup.start(&first);
+    let client = h1();
+    let (one, two) = (wraith.path("one.json"), wraith.path("two.json"));
+    client
+        .get(wraith.url("http", "/hello?n=1"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the first record", || lines(&one).len() == 1).await;
+
+    wraith.write_config(&second);
+    wraith.reload().unwrap();
+    client
+        .get(wraith.url("http", "/hello?n=2"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the record in the new file", || lines(&two).len() == 1).await;
+    assert!(lines(&two)[0].contains("n=2"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(lines(&one).len(), 1, "the old file gets nothing more");
+
+    // A sink that cannot be opened fails the reload, and the running one stays.
+    wraith.write_config(&bad);
+    let err = wraith.reload().unwrap_err();
+    assert!(err.contains("log.json"), "{err}");
+    client
+        .get(wraith.url("http", "/hello?n=3"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the record after the failed reload", || {
+        lines(&two).len() == 2
+    })
+    .await;
+}

@@ -84,7 +84,7 @@ pub fn render(v: &Value) -> String {
             l["bound"]
                 .as_str()
                 .unwrap_or_else(|| l["address"].as_str().unwrap_or("-")),
-            l["active_connections"].to_string()
+            l["active_connections"]
         ));
     }
     out.push_str(
@@ -96,9 +96,9 @@ pub fn render(v: &Value) -> String {
                 "{:<16} {:<24} {:<10} {:<9} {}\n",
                 s(&u["name"]),
                 s(&e["address"]),
-                e["in_flight"].to_string(),
-                e["requests"].to_string(),
-                e["connect_failures"].to_string()
+                e["in_flight"],
+                e["requests"],
+                e["connect_failures"]
             ));
         }
     }

@@ -9,6 +9,10 @@
 //!   ├─ client ip     the peer, or the address behind trusted proxies
 //!   ├─ normalize     dot segments out, so routing sees what the upstream will
 //!   ├─ route         first match in file order, else 404
+//!   ├─ decisions     banned client ip -> 403 (CrowdSec, Wazuh, local bans)
+//!   ├─ (policy)      who may do what on this route
+//!   ├─ rate limit    per ip / identity / route / trusted header -> 429
+//!   ├─ appsec        optional CrowdSec WAF inspection
 //!   └─ action        respond | redirect | forward (streamed both ways)
 //! ```
 //! Every exit, success or error, goes through the same tail: `x-request-id` on the response,
@@ -17,7 +21,7 @@
 pub mod headers;
 pub mod path;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +31,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 
 use crate::body::Body;
 use crate::config::RouteAction;
+use crate::decisions::{self, DecisionStore};
 use crate::error::{self, GatewayError};
+use crate::ratelimit::{self, RequestFacts};
 use crate::router::Route;
 use crate::runtime::Snapshot;
 use crate::upstream::forwarder::{self, ForwardOutcome};
@@ -72,6 +78,8 @@ pub fn protocol_name(version: http::Version) -> &'static str {
 /// The pipeline and the config snapshot it runs on.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    /// Bans and other remediations; outlives snapshots (reloads keep every decision).
+    pub decisions: Arc<DecisionStore>,
 }
 
 /// What the access log records about one request (sinks arrive with the observability work).
@@ -83,9 +91,10 @@ struct Record {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Arc<Snapshot>) -> Gateway {
+    pub fn new(snapshot: Arc<Snapshot>, decisions: Arc<DecisionStore>) -> Gateway {
         Gateway {
             snapshot: ArcSwap::new(snapshot),
+            decisions,
         }
     }
 
@@ -113,7 +122,15 @@ impl Gateway {
         let mut record = Record::default();
 
         let result = self
-            .run(&snapshot, req, conn, peer_trusted, &request_id, &mut record)
+            .run(
+                &snapshot,
+                req,
+                conn,
+                peer_trusted,
+                client_ip,
+                &request_id,
+                &mut record,
+            )
             .await;
         let mut resp = match result {
             Ok(resp) => resp,
@@ -149,12 +166,14 @@ impl Gateway {
     }
 
     /// The stages, each one able to end the request with a typed error.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         snapshot: &Snapshot,
         mut req: Request<Body>,
         conn: &ConnInfo,
         peer_trusted: bool,
+        client_ip: IpAddr,
         request_id: &HeaderValue,
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
@@ -178,6 +197,25 @@ impl Gateway {
             .find(host.as_deref(), req.uri().path(), req.method())
             .ok_or(GatewayError::NoRoute)?;
         record.route = Some(route.config.name.clone());
+
+        // Decisions before anything that costs: a banned client spends no quota.
+        decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
+        // (Policy goes here: who may do what on this route.)
+        // Rate limits after policy: only requests that could be served count.
+        ratelimit::check(
+            &route.limits,
+            &RequestFacts {
+                client: client_ip,
+                peer_trusted,
+                identity: conn.identity.as_ref(),
+                headers: req.headers(),
+            },
+            &route.config.name,
+        )?;
+        // The WAF last among the refusals: it is the only one that costs a round trip.
+        if let Some(appsec) = &snapshot.appsec {
+            req = appsec.inspect(req, client_ip).await?;
+        }
 
         let mut resp = match &route.config.action {
             RouteAction::Respond(r) => {

@@ -266,8 +266,7 @@ impl Setup {
 
     /// The standard `[[listener]]` blocks: `http` and `https` on port 0, plus `extra`.
     pub fn listeners(&self) -> String {
-        format!(
-            r#"
+        r#"
 [server]
 shutdown_timeout = "10s"
 pid_file = "wraith.pid"
@@ -282,9 +281,9 @@ protocol = "http"
 name = "https"
 address = "127.0.0.1:0"
 protocol = "https"
-tls = {{ cert = "server.pem", key = "server-key.pem" }}
+tls = { cert = "server.pem", key = "server-key.pem" }
 "#
-        )
+        .to_string()
     }
 
     /// Writes `config` and starts `wraith serve` on it.

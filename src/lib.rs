@@ -25,6 +25,7 @@
 //! - `certs`: development certificates
 
 pub mod admin;
+mod admin_decisions;
 pub mod body;
 pub mod certs;
 pub mod cli;

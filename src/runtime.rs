@@ -22,6 +22,7 @@ use crate::listener::{self, tls, ListenerHandle};
 use crate::proxy::Gateway;
 use crate::ratelimit::{self, Limiter};
 use crate::router::{Route, Router};
+use crate::telemetry::combined::CombinedLog;
 use crate::upstream::Upstream;
 
 /// One listener's settings in a snapshot, with its TLS acceptor and HTTP server builder.
@@ -43,6 +44,8 @@ pub struct Snapshot {
     pub default_limits: Arc<[Arc<Limiter>]>,
     /// The CrowdSec AppSec stage, when configured.
     pub appsec: Option<Arc<Appsec>>,
+    /// The nginx-combined access log, when configured (kept open across reloads).
+    pub combined_log: Option<Arc<CombinedLog>>,
 }
 
 impl Snapshot {
@@ -96,6 +99,22 @@ impl Snapshot {
                 config: r.clone(),
             })
             .collect();
+        let combined_log = match &config.access_log.combined {
+            None => None,
+            Some(path) => match previous
+                .and_then(|p| p.combined_log.as_ref())
+                .filter(|l| l.path == *path)
+            {
+                Some(l) => Some(l.clone()),
+                None => match CombinedLog::open(path) {
+                    Ok(l) => Some(Arc::new(l)),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                },
+            },
+        };
         let appsec = match config.crowdsec.as_ref().and_then(|c| {
             c.appsec
                 .clone()
@@ -138,6 +157,7 @@ impl Snapshot {
             listeners,
             default_limits,
             appsec,
+            combined_log,
             config,
         })
     }

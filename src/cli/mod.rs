@@ -3,12 +3,14 @@
 //! running, ...), 2 usage error (clap).
 
 mod certs;
+mod decisions;
 mod reload;
 mod serve;
 mod status;
 mod stop;
 mod test;
 mod version;
+mod wazuh_ar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +70,17 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// List, add and lift ban decisions (via the admin socket).
+    Decisions {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        command: decisions::DecisionsCommand,
+    },
+    /// Wazuh active-response script: reads execd's message on stdin, answers the
+    /// check_keys handshake, and adds or lifts a ban with origin "wazuh".
+    #[command(name = "wazuh-ar")]
+    WazuhAr(wazuh_ar::WazuhArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +110,8 @@ pub fn run() -> ExitCode {
         Command::Certs {
             command: CertsCommand::Init { dir, force },
         } => certs::init(&dir, force),
+        Command::Decisions { config, command } => decisions::run(&config.config, command),
+        Command::WazuhAr(args) => wazuh_ar::run(args),
     }
 }
 

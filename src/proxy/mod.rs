@@ -120,6 +120,17 @@ impl Gateway {
         let method = req.method().clone();
         let version = req.version();
         let mut record = Record::default();
+        // What the combined log needs from the request, taken before the pipeline owns it.
+        let combined = snapshot.combined_log.as_ref().map(|_| {
+            let h = req.headers();
+            (
+                req.uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+                h.get(http::header::REFERER).cloned(),
+                h.get(http::header::USER_AGENT).cloned(),
+            )
+        });
 
         let result = self
             .run(
@@ -161,6 +172,18 @@ impl Gateway {
             micros = started.elapsed().as_micros() as u64,
             "request"
         );
+        if let (Some(log), Some((target, referer, agent))) = (&snapshot.combined_log, &combined) {
+            log.write(&crate::telemetry::combined::Entry {
+                client: client_ip,
+                method: method.as_str(),
+                target,
+                version,
+                status: resp.status().as_u16(),
+                bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+                referer: referer.as_ref().map(|v| v.as_bytes()),
+                user_agent: agent.as_ref().map(|v| v.as_bytes()),
+            });
+        }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         resp
     }

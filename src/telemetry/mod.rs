@@ -1,6 +1,8 @@
 //! Server logs (tracing). JSON when stderr is not a terminal (or when configured), human
 //! text otherwise. `WRAITH_LOG` overrides the configured filter.
 
+pub mod combined;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;

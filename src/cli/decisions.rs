@@ -1,6 +1,6 @@
 //! `wraith decisions list|add|delete`: the admin API's decisions endpoints from a shell.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -110,12 +110,7 @@ fn query(pairs: &[(&str, &Option<String>)]) -> String {
     }
 }
 
-fn call(
-    socket: &PathBuf,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, String> {
+fn call(socket: &Path, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
     let (status, v) = super::block_on(crate::admin::call_with_body(
         socket,
         method,
@@ -131,7 +126,7 @@ fn call(
     Ok(v)
 }
 
-fn execute(socket: &PathBuf, command: DecisionsCommand) -> Result<String, String> {
+fn execute(socket: &Path, command: DecisionsCommand) -> Result<String, String> {
     match command {
         DecisionsCommand::List {
             ip,

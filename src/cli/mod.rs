@@ -72,8 +72,16 @@ pub enum Command {
     },
     /// List, add and lift ban decisions (via the admin socket).
     Decisions {
-        #[command(flatten)]
-        config: ConfigArg,
+        /// Configuration file (to find the admin socket); also accepted after the action.
+        #[arg(
+            short,
+            long,
+            value_name = "FILE",
+            default_value = "wraith.toml",
+            env = "WRAITH_CONFIG",
+            global = true
+        )]
+        config: PathBuf,
         #[command(subcommand)]
         command: decisions::DecisionsCommand,
     },
@@ -110,7 +118,7 @@ pub fn run() -> ExitCode {
         Command::Certs {
             command: CertsCommand::Init { dir, force },
         } => certs::init(&dir, force),
-        Command::Decisions { config, command } => decisions::run(&config.config, command),
+        Command::Decisions { config, command } => decisions::run(&config, command),
         Command::WazuhAr(args) => wazuh_ar::run(args),
     }
 }

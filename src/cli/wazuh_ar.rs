@@ -42,11 +42,21 @@ pub struct WazuhArgs {
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub timeout: String,
     /// How long to wait for execd's message and for its check_keys answer.
-    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    #[arg(
+        long,
+        default_value = "5s",
+        value_name = "DURATION",
+        env = "WRAITH_AR_HANDSHAKE_TIMEOUT"
+    )]
     pub handshake_timeout: String,
     /// Longest ban when the manager's extra_args give no --max-ttl (a safety net for
     /// deletes that never come, e.g. after an execd crash).
-    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    #[arg(
+        long,
+        default_value = "24h",
+        value_name = "DURATION",
+        env = "WRAITH_AR_MAX_TTL"
+    )]
     pub max_ttl: String,
     /// Also append log lines here (e.g. /var/ossec/logs/active-responses.log).
     #[arg(long, value_name = "FILE")]

@@ -7,7 +7,8 @@
 //!   `{"cidr": "192.0.2.0/24"}` (or `"value"` with either), optional `"type"` (default
 //!   `ban`), `"duration"` (default `4h`; `90s`, `30m`, `1d`, ...; at most a year), `"reason"`,
 //!   `"origin"` (default `admin`). Adding the same (origin, scope, value, type) again replaces
-//!   it (a new expiry).
+//!   it (a new expiry). A JSON array of such objects adds them all at once (bulk load;
+//!   the whole array is refused if one entry is bad); the answer is `{"added": n}`.
 //! - `DELETE /v1/decisions/<ip-or-cidr>` lifts local decisions on exactly that value;
 //!   `origin` and `type` narrow it. CrowdSec decisions belong to the LAPI and are never
 //!   removed here (use `cscli decisions delete`).
@@ -45,9 +46,9 @@ pub(crate) async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> (Status
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/v1/decisions") => list(rt, &query),
         (Method::POST, "/v1/decisions") => {
-            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+            let body = match Limited::new(req.into_body(), 64 << 20).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(_) => return bad("request body missing, unreadable or over 64KiB"),
+                Err(_) => return bad("request body missing, unreadable or over 64MiB"),
             };
             add(rt, &body).await
         }
@@ -170,6 +171,21 @@ fn new_decision(body: &[u8]) -> Result<Decision, String> {
             "body must be a JSON object like {{\"ip\": \"192.0.2.1\", \"duration\": \"4h\"}}: {e}"
         )
     })?;
+    build(req)
+}
+
+/// A JSON array of decisions (bulk load: one table rebuild for all of them).
+fn new_decisions(body: &[u8]) -> Result<Vec<Decision>, String> {
+    let reqs: Vec<NewDecision> = serde_json::from_slice(body)
+        .map_err(|e| format!("body must be a JSON array of decision objects: {e}"))?;
+    reqs.into_iter()
+        .enumerate()
+        .map(|(i, r)| build(r).map_err(|e| format!("decision {i}: {e}")))
+        .collect()
+}
+
+/// Checks one requested decision.
+fn build(req: NewDecision) -> Result<Decision, String> {
     let (scope, value) = match (&req.ip, &req.cidr, &req.value) {
         (Some(ip), None, None) => (Scope::Ip, parse_value(Scope::Ip, ip)?),
         (None, Some(c), None) => (Scope::Range, parse_value(Scope::Range, c)?),
@@ -215,6 +231,20 @@ fn new_decision(body: &[u8]) -> Result<Decision, String> {
 }
 
 async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
+    if body.trim_ascii_start().starts_with(b"[") {
+        let all = match new_decisions(body) {
+            Ok(all) => all,
+            Err(e) => return bad(e),
+        };
+        let n = all.len();
+        tracing::info!(decisions = n, "local decisions added in bulk");
+        rt.gateway.decisions.insert(all);
+        let mut resp = json!({"added": n});
+        if let Err(e) = persist(rt).await {
+            resp["warning"] = json!(format!("active, but not saved: {e}"));
+        }
+        return (StatusCode::CREATED, resp);
+    }
     let d = match new_decision(body) {
         Ok(d) => d,
         Err(e) => return bad(e),
@@ -353,6 +383,14 @@ mod tests {
             (br#"{"ip":"192.0.2.1","color":"red"}"#, "unknown field"),
             (b"not json", "JSON object"),
         ] {
+            let e = new_decision(body).unwrap_err();
+            assert!(e.contains(why), "{e:?} should mention {why:?}");
+        }
+        let all = new_decisions(br#"[{"ip":"192.0.2.1"},{"cidr":"192.0.2.0/24"}]"#).unwrap();
+        assert_eq!(all.len(), 2);
+        let e = new_decisions(br#"[{"ip":"192.0.2.1"},{"ip":"x"}]"#).unwrap_err();
+        assert!(e.contains("decision 1"), "{e}");
+        for (body, why) in [(&b"{}"[..], "give the address")] {
             let e = new_decision(body).unwrap_err();
             assert!(e.contains(why), "{e:?} should mention {why:?}");
         }

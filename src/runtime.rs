@@ -389,6 +389,8 @@ impl Runtime {
     pub fn save_decisions(&self) -> Result<(), String> {
         let snapshot = self.gateway.snapshot();
         match &snapshot.config.decisions.state_file {
+            // Nothing to keep and nothing kept before: leave no empty file behind.
+            Some(path) if self.gateway.decisions.counts().0 == 0 && !path.exists() => Ok(()),
             Some(path) => self.gateway.decisions.save(path).map(|_| ()),
             None => Ok(()),
         }

@@ -71,10 +71,16 @@ async fn stub(seen: Arc<Mutex<Vec<Seen>>>) -> Upstream {
     .await
 }
 
-fn config(setup: &Setup, stub: std::net::SocketAddr, upstream: std::net::SocketAddr, extra: &str) -> String {
-    let listeners = setup
-        .listeners()
-        .replace("[server]\n", "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n");
+fn config(
+    setup: &Setup,
+    stub: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+    extra: &str,
+) -> String {
+    let listeners = setup.listeners().replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
     format!(
         r#"{listeners}
 [crowdsec]
@@ -128,7 +134,11 @@ async fn requests_are_inspected_with_the_documented_headers() {
     assert_eq!(h("x-crowdsec-appsec-api-key"), KEY);
     assert_eq!(h("x-crowdsec-appsec-user-agent"), "test-agent/1.0");
     assert_eq!(h("x-crowdsec-appsec-http-version"), "11");
-    assert_eq!(h("user-agent"), "test-agent/1.0", "original headers are copied");
+    assert_eq!(
+        h("user-agent"),
+        "test-agent/1.0",
+        "original headers are copied"
+    );
 
     // POST with a body: inspected with POST and an explicit Content-Length, and the
     // upstream still gets the whole body.
@@ -147,11 +157,19 @@ async fn requests_are_inspected_with_the_documented_headers() {
     assert_eq!(s.headers["content-length"], "12");
 
     // Blocks: 403 by default, or the status the WAF asks for.
-    let r = client.get(wraith.url("http", "/blockme")).send().await.unwrap();
+    let r = client
+        .get(wraith.url("http", "/blockme"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "appsec_blocked");
-    let r = client.get(wraith.url("http", "/teapot")).send().await.unwrap();
+    let r = client
+        .get(wraith.url("http", "/teapot"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 418);
     let r = client
         .post(wraith.url("http", "/comment"))
@@ -169,7 +187,11 @@ async fn requests_are_inspected_with_the_documented_headers() {
         .unwrap();
     assert_eq!(r.status(), 413);
     // A WAF failure with on_error = "open" (the default) lets the request through.
-    let r = client.get(wraith.url("http", "/fail500")).send().await.unwrap();
+    let r = client
+        .get(wraith.url("http", "/fail500"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -183,10 +205,19 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
     let wraith = setup.start(&cfg);
     let client = http_client();
     assert_eq!(
-        client.get(wraith.url("http", "/ok")).send().await.unwrap().status(),
+        client
+            .get(wraith.url("http", "/ok"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         200
     );
-    let r = client.get(wraith.url("http", "/fail500")).send().await.unwrap();
+    let r = client
+        .get(wraith.url("http", "/fail500"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "appsec_unavailable");
@@ -195,7 +226,12 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
     wraith.write_config(&cfg.replace(&format!("api_key = \"{KEY}\""), "api_key = \"wrong\""));
     wraith.reload().unwrap();
     assert_eq!(
-        client.get(wraith.url("http", "/ok")).send().await.unwrap().status(),
+        client
+            .get(wraith.url("http", "/ok"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         503
     );
 
@@ -207,7 +243,12 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
     ));
     wraith.reload().unwrap();
     assert_eq!(
-        client.get(wraith.url("http", "/ok")).send().await.unwrap().status(),
+        client
+            .get(wraith.url("http", "/ok"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         503
     );
 }

@@ -1,30 +1,35 @@
-#!/bin/sh
-# Installs what the decision-bridge tests need: Debian's crowdsec (LAPI, agent, cscli and
-# its offline hub). Idempotent; run as root. Called from .ci/run.
-#
-# crowdsec's postinst registers with the Central API unless credentials already exist,
-# which fails offline: pre-seed the file (README.Debian documents this). Nothing is started
-# (no systemd here); the tests run their own LAPI on a free loopback port.
-set -eu
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine. Idempotent; needs root
+# (or passwordless sudo). Called by .ci/test.sh.
+set -euo pipefail
 
-if [ -x /usr/bin/crowdsec ] && [ -x /usr/bin/cscli ] && [ -d /usr/share/crowdsec/hub ]; then
-    echo "install-deps: crowdsec already installed ($(/usr/bin/crowdsec -version 2>&1 | sed -n 's/.*version: //p' | head -n1))"
-    exit 0
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need=()
+for pkg in curl:curl; do
+  bin=${pkg%%:*}; deb=${pkg##*:}
+  command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
+done
+
+# Debian's crowdsec (LAPI, agent, cscli and its offline hub) for the decision-bridge tests.
+# Its postinst registers with the Central API unless credentials already exist, which fails
+# offline: pre-seed the file (README.Debian documents this). Nothing gets started (no
+# systemd here); the tests run their own LAPI on a free loopback port.
+if [ ! -x /usr/bin/crowdsec ] || [ ! -x /usr/bin/cscli ] || [ ! -d /usr/share/crowdsec/hub ]; then
+  $SUDO mkdir -p /etc/crowdsec
+  if [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
+    echo '# no thanks' | $SUDO tee /etc/crowdsec/online_api_credentials.yaml >/dev/null
+  fi
+  # The postinst registers the local machine, which needs a machine id.
+  if [ ! -s /etc/machine-id ]; then
+    tr -d '-' </proc/sys/kernel/random/uuid | $SUDO tee /etc/machine-id >/dev/null
+  fi
+  need+=(crowdsec)
 fi
 
-mkdir -p /etc/crowdsec
-if [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
-    echo '# no thanks' > /etc/crowdsec/online_api_credentials.yaml
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
-# The postinst needs a machine id to register the local machine.
-if [ ! -s /etc/machine-id ]; then
-    if command -v systemd-machine-id-setup >/dev/null 2>&1; then
-        systemd-machine-id-setup >/dev/null 2>&1 || true
-    fi
-    [ -s /etc/machine-id ] || cat /proc/sys/kernel/random/uuid | tr -d '-' > /etc/machine-id
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq crowdsec >/dev/null
-/usr/bin/crowdsec -version 2>&1 | head -n1

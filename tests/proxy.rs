@@ -477,3 +477,28 @@ async fn https_serves_h1_and_h2_and_redirects_plain_http() {
     assert_eq!(h1.version(), reqwest::Version::HTTP_11);
     assert_eq!(h1.status(), 200);
 }
+
+#[tokio::test]
+async fn h2c_upstreams_get_http2_with_te_trailers() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nprotocol = \"h2c\"",
+    );
+    let wraith = setup.start(&cfg);
+    let resp = http_client()
+        .get(wraith.url("http", "/grpc-ish"))
+        .header("te", "trailers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["headers"]["te"][0], "trailers");
+    assert!(
+        echo["headers"].get("host").is_none(),
+        "HTTP/2 carries :authority, not Host"
+    );
+}

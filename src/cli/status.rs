@@ -96,8 +96,8 @@ pub fn render(v: &Value) -> String {
                 "{:<16} {:<24} {:<10} {:<9} {}\n",
                 s(&u["name"]),
                 s(&e["address"]),
-                e["in_flight"],
-                e["requests"],
+                e["in_flight"].to_string(),
+                e["requests"].to_string(),
                 e["connect_failures"]
             ));
         }

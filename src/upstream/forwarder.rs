@@ -66,7 +66,7 @@ pub async fn forward(
                 endpoint.failures.fetch_add(1, Ordering::Relaxed);
                 if (outcome.attempts as usize) < upstream.endpoints.len() {
                     tracing::warn!(upstream = %upstream.config.name, endpoint = %endpoint.authority, error = %error, "connect failed; trying the next endpoint");
-                    req = request;
+                    req = *request;
                     continue;
                 }
                 return Err(GatewayError::UpstreamConnect {

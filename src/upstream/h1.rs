@@ -77,7 +77,7 @@ pub enum SendError {
     /// and may be tried elsewhere.
     Connect {
         error: io::Error,
-        request: Request<Body>,
+        request: Box<Request<Body>>,
     },
     /// The response head did not arrive in time (the upstream may have acted on the request).
     Timeout,
@@ -207,7 +207,7 @@ pub async fn send(
             Err(error) => {
                 return Err(SendError::Connect {
                     error,
-                    request: Request::from_parts(parts, body),
+                    request: Box::new(Request::from_parts(parts, body)),
                 })
             }
         },
@@ -232,7 +232,7 @@ pub async fn send(
                         drop(guard);
                         return Err(SendError::Connect {
                             error,
-                            request: Request::from_parts(parts, body),
+                            request: Box::new(Request::from_parts(parts, body)),
                         });
                     }
                 };

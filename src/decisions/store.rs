@@ -485,9 +485,8 @@ impl DecisionStore {
                 decisions.push(d);
             }
         }
-        let n = decisions.len();
         self.insert(decisions);
-        Ok(n)
+        Ok(self.counts().0)
     }
 }
 

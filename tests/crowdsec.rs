@@ -277,6 +277,14 @@ async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces(
         "combined log:\n{text}"
     );
     until_status(&client, &wraith, attacker, 403, Duration::from_secs(30)).await;
+    // Banned means 403 everywhere, unknown paths included.
+    let r = client
+        .get(wraith.url("http", "/probe-99/admin.php"))
+        .header("x-forwarded-for", attacker)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     let alerts = cs.cscli_ok(&["alerts", "list", "-o", "json"]);
     assert!(alerts.contains("crowdsecurity/http-probing"), "{alerts}");
     // Someone else is still welcome.

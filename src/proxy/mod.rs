@@ -217,12 +217,12 @@ impl Gateway {
         let host = headers::request_host(req.uri(), req.headers()).map(str::to_owned);
         let route = snapshot
             .router
-            .find(host.as_deref(), req.uri().path(), req.method())
-            .ok_or(GatewayError::NoRoute)?;
-        record.route = Some(route.config.name.clone());
-
-        // Decisions before anything that costs: a banned client spends no quota.
+            .find(host.as_deref(), req.uri().path(), req.method());
+        record.route = route.map(|r| r.config.name.clone());
+        // Decisions before anything that costs (a banned client spends no quota), and before
+        // the 404: a banned client gets 403 whatever it asks for.
         decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
+        let route = route.ok_or(GatewayError::NoRoute)?;
         // (Policy goes here: who may do what on this route.)
         // Rate limits after policy: only requests that could be served count.
         ratelimit::check(

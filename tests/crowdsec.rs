@@ -290,3 +290,75 @@ async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces(
     // Someone else is still welcome.
     assert_eq!(status_for(&client, &wraith, "203.0.113.51").await, 200);
 }
+
+#[tokio::test]
+async fn mtls_to_the_lapi_authenticates_without_an_api_key() {
+    if !crowdsec::available("mtls_to_the_lapi_authenticates_without_an_api_key") {
+        return;
+    }
+    let setup = Setup::new();
+    let dir = setup.dir.path().to_path_buf();
+    // The LAPI's server certificate, and a bouncer client certificate (OU bouncer-ou), both
+    // from the test CA.
+    let server = setup
+        .pki
+        .ca
+        .issue_server(&["127.0.0.1", "localhost"])
+        .unwrap();
+    std::fs::write(dir.join("lapi.pem"), &server.cert_pem).unwrap();
+    std::fs::write(dir.join("lapi-key.pem"), &server.key_pem).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wraith");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationalUnitName, "bouncer-ou");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let bouncer = setup.pki.ca.issue(params, 30).unwrap();
+    std::fs::write(dir.join("bouncer.pem"), &bouncer.cert_pem).unwrap();
+    std::fs::write(dir.join("bouncer-key.pem"), &bouncer.key_pem).unwrap();
+    let cs = Crowdsec::lapi_tls(crowdsec::LapiTls {
+        cert: dir.join("lapi.pem"),
+        key: dir.join("lapi-key.pem"),
+        ca: setup.pki.ca_pem.clone(),
+    });
+    assert!(cs.url().starts_with("https://"));
+
+    let listeners = setup.listeners().replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    let cfg = format!(
+        r#"{listeners}
+[crowdsec]
+lapi_url = "{}"
+ca_cert = "ca.pem"
+client_cert = "bouncer.pem"
+client_key = "bouncer-key.pem"
+update_frequency = "500ms"
+
+[[route]]
+name = "home"
+path = {{ prefix = "/" }}
+respond = {{ status = 200, body = "ok\n" }}
+"#,
+        cs.url()
+    );
+    let wraith = setup.start(&cfg);
+    bridge_synced(&wraith);
+    let client = http_client();
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.60", "--duration", "1h"]);
+    until_status(&client, &wraith, "192.0.2.60", 403, Duration::from_secs(10)).await;
+    // LAPI registered the certificate as a TLS bouncer named after its CN.
+    let bouncers: serde_json::Value =
+        serde_json::from_str(&cs.cscli_ok(&["bouncers", "list", "-o", "json"])).unwrap();
+    let tls_bouncer = bouncers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"].as_str().is_some_and(|n| n.starts_with("wraith@")))
+        .unwrap_or_else(|| panic!("no certificate bouncer in {bouncers}"));
+    assert_eq!(tls_bouncer["auth_type"], "tls", "{bouncers}");
+}

@@ -44,6 +44,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// TLS for the LAPI listener: server certificate and key, and the CA that signs client
+/// certificates (bouncers need OU `bouncer-ou`).
+pub struct LapiTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
 /// A running CrowdSec.
 pub struct Crowdsec {
     pub dir: TempDir,
@@ -52,9 +60,15 @@ pub struct Crowdsec {
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
     agent: bool,
+    tls: bool,
 }
 
 impl Crowdsec {
+    /// LAPI only, over TLS with client-certificate authentication for bouncers.
+    pub fn lapi_tls(tls: LapiTls) -> Crowdsec {
+        Crowdsec::build(None, free_port(), Some(tls))
+    }
+
     /// LAPI only.
     pub fn lapi() -> Crowdsec {
         Crowdsec::new(None, free_port())
@@ -72,6 +86,10 @@ impl Crowdsec {
     }
 
     fn new(acquis: Option<&str>, port: u16) -> Crowdsec {
+        Crowdsec::build(acquis, port, None)
+    }
+
+    fn build(acquis: Option<&str>, port: u16, tls: Option<LapiTls>) -> Crowdsec {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for sub in [
@@ -86,6 +104,15 @@ impl Crowdsec {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         let config = d.join("etc/config.yaml");
+        let tls_block = match &tls {
+            None => String::new(),
+            Some(t) => format!(
+                "    tls:\n      cert_file: {}\n      key_file: {}\n      ca_cert_path: {}\n      client_verification: VerifyClientCertIfGiven\n      bouncers_allowed_ou: [bouncer-ou]\n      agents_allowed_ou: [agent-ou]\n",
+                t.cert.display(),
+                t.key.display(),
+                t.ca.display()
+            ),
+        };
         std::fs::write(
             &config,
             format!(
@@ -101,12 +128,12 @@ config_paths:
 crowdsec_service: {{acquisition_path: {d}/etc/acquis.yaml, parser_routines: 1}}
 db_config: {{type: sqlite, db_path: {d}/data/crowdsec.db, use_wal: true, flush: {{max_age: 7d}}}}
 api:
-  client: {{credentials_path: {d}/etc/local_api_credentials.yaml}}
+  client: {{credentials_path: {d}/etc/local_api_credentials.yaml, insecure_skip_verify: true}}
   server:
     listen_uri: 127.0.0.1:{port}
     profiles_path: {d}/etc/profiles.yaml
     trusted_ips: [127.0.0.1, "::1"]
-prometheus: {{enabled: false}}
+{tls_block}prometheus: {{enabled: false}}
 "#,
                 d = d.display()
             ),
@@ -164,10 +191,16 @@ prometheus: {{enabled: false}}
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             agent: acquis.is_some(),
+            tls: tls.is_some(),
         };
         let creds = cs.dir.path().join("etc/local_api_credentials.yaml");
         let creds = creds.to_str().unwrap().to_string();
         cs.cscli_ok(&["machines", "add", "wraith-test", "--auto", "-f", &creds]);
+        if cs.tls {
+            // cscli must reach the LAPI over https too.
+            let text = std::fs::read_to_string(&creds).unwrap();
+            std::fs::write(&creds, text.replace("url: http://", "url: https://")).unwrap();
+        }
         cs.cscli_ok(&["bouncers", "add", "wraith", "-k", BOUNCER_KEY]);
         // A second key: each gateway needs its own bouncer (LAPI keeps one last_pull per
         // bouncer, so two gateways on one key would split the deltas between them).
@@ -176,9 +209,10 @@ prometheus: {{enabled: false}}
         cs
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// `http(s)://127.0.0.1:<port>`
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts (or restarts) the crowdsec process and waits for `/health`.
@@ -210,9 +244,19 @@ prometheus: {{enabled: false}}
             });
         }
         self.child = Some(child);
+        let from = self.log.lock().unwrap().len();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            if self.tls {
+                // No TLS client here: the listening line, then the port, say it is up.
+                if self.log.lock().unwrap()[from..]
+                    .iter()
+                    .any(|l| l.contains("Local API listening"))
+                    && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                {
+                    break;
+                }
+            } else if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
                 let mut buf = String::new();

@@ -327,7 +327,7 @@ async fn run(
                 }
             }
         }
-        // While closed and stale, look again soon; otherwise at the configured pace.
+        // The next pull (a snapshot again if this one failed).
         tokio::select! {
             _ = tokio::time::sleep(config.update_frequency) => {}
             _ = stop.cancelled() => break,

@@ -161,6 +161,11 @@ impl Gateway {
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
+        // Two Host headers: the upstream might believe the other one (RFC 9112 §3.2: 400).
+        let mut hosts = req.headers().get_all(http::header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(GatewayError::BadRequest("more than one Host header"));
+        }
         // Plain-HTTP listener told to send everyone to HTTPS.
         if let Some(redirect) = snapshot
             .listener(&conn.listener)

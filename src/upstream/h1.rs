@@ -480,6 +480,11 @@ fn parse_head(
         }
         Err(e) => return Err(format!("invalid response from upstream: {e}")),
     };
+    if len > MAX_HEAD {
+        return Err(format!(
+            "upstream response head larger than {MAX_HEAD} bytes"
+        ));
+    }
     let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
         .map_err(|_| "invalid status code from upstream".to_string())?;
     let version = if parsed.version == Some(0) {
@@ -488,21 +493,28 @@ fn parse_head(
         Version::HTTP_11
     };
     // Remember where each header sits, then take the head out of the buffer as one `Bytes`
-    // and slice the values out of it without copying.
+    // and slice names and values out of it without copying (and without a heap list).
     let base = buf.as_ptr() as usize;
-    let spans: Vec<(HeaderName, usize, usize)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| format!("invalid header name {:?} from upstream", h.name))?;
-            Ok((name, h.value.as_ptr() as usize - base, h.value.len()))
-        })
-        .collect::<Result<_, String>>()?;
+    let count = parsed.headers.len();
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+        *span = (
+            h.name.as_ptr() as usize - base,
+            h.name.len(),
+            h.value.as_ptr() as usize - base,
+            h.value.len(),
+        );
+    }
     let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(spans.len());
-    for (name, start, len) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..start + len))
+    let mut map = HeaderMap::with_capacity(count);
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
+            format!(
+                "invalid header name {:?} from upstream",
+                String::from_utf8_lossy(&head[ns..ns + nl])
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
             .map_err(|_| format!("invalid value for header {name} from upstream"))?;
         map.append(name, value);
     }

@@ -259,8 +259,12 @@ async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces(
     let client = http_client();
     let attacker = "203.0.113.50";
     assert_eq!(status_for(&client, &wraith, attacker).await, 200);
-    // http-probing: more than 10 distinct 404 paths from one address.
-    for i in 0..15 {
+    // http-probing: more than 10 distinct 404 paths from one address. The agent tails the
+    // file from its end, so keep probing (new paths) until the ban lands rather than betting
+    // that its tail was in place before the first line: under load it may not be yet.
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
         let resp = client
             .get(wraith.url("http", &format!("/probe-{i}/admin.php")))
             .header("x-forwarded-for", attacker)
@@ -268,7 +272,20 @@ async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces(
             .send()
             .await
             .unwrap();
+        i += 1;
+        if resp.status() == 403 {
+            break;
+        }
         assert_eq!(resp.status(), 404);
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no ban after {i} probes in 60s\n{}\n{}",
+            wraith.log(),
+            cs.log()
+        );
+        if i >= 15 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let text = std::fs::read_to_string(&access_log).unwrap();
     assert!(
@@ -276,7 +293,6 @@ async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces(
             && l.contains("\"GET /probe-3/admin.php HTTP/1.1\" 404 ")),
         "combined log:\n{text}"
     );
-    until_status(&client, &wraith, attacker, 403, Duration::from_secs(30)).await;
     // Banned means 403 everywhere, unknown paths included.
     let r = client
         .get(wraith.url("http", "/probe-99/admin.php"))

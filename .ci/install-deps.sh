@@ -12,6 +12,22 @@ for pkg in curl:curl; do
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done
 
+# Debian's crowdsec (LAPI, agent, cscli and its offline hub) for the decision-bridge tests.
+# Its postinst registers with the Central API unless credentials already exist, which fails
+# offline: pre-seed the file (README.Debian documents this). Nothing gets started (no
+# systemd here); the tests run their own LAPI on a free loopback port.
+if [ ! -x /usr/bin/crowdsec ] || [ ! -x /usr/bin/cscli ] || [ ! -d /usr/share/crowdsec/hub ]; then
+  $SUDO mkdir -p /etc/crowdsec
+  if [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
+    echo '# no thanks' | $SUDO tee /etc/crowdsec/online_api_credentials.yaml >/dev/null
+  fi
+  # The postinst registers the local machine, which needs a machine id.
+  if [ ! -s /etc/machine-id ]; then
+    tr -d '-' </proc/sys/kernel/random/uuid | $SUDO tee /etc/machine-id >/dev/null
+  fi
+  need+=(crowdsec)
+fi
+
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

@@ -1,10 +1,14 @@
-//! The admin API: HTTP/1.1 on a unix socket (never TCP), mode 0600. `wraith status` and
-//! `wraith reload` talk to it; later work adds decisions and metrics.
+//! The admin API: HTTP/1.1 on a unix socket (never TCP), mode 0600. `wraith status`,
+//! `wraith reload`, `wraith decisions` and `wraith wazuh-ar` talk to it.
 //!
 //! - `GET  /v1/status`  version, uptime, config generation, listeners, upstreams with passive
-//!   health, last-minute traffic (rates, p50/p99, top denied), decisions by origin, log sinks
+//!   health, decisions, last-minute traffic (rates, p50/p99, top denied), ban refusals by
+//!   origin, log sinks
 //! - `GET  /v1/metrics` Prometheus/OpenMetrics text
 //! - `POST /v1/reload`  reload now; 200 with the new generation, or 409 with every error
+//! - `GET  /v1/decisions[?ip=&origin=&type=&source=]`  live decisions (see `admin_decisions`)
+//! - `POST /v1/decisions`  add a local decision (JSON body); 201
+//! - `DELETE /v1/decisions/<ip-or-cidr>[?origin=&type=]`  lift local decisions; 200
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -80,6 +84,10 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
 }
 
 async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/v1/decisions" || req.uri().path().starts_with("/v1/decisions/") {
+        let (status, body) = crate::admin_decisions::handle(rt, req).await;
+        return reply(status, body);
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/status") => reply(StatusCode::OK, status(rt)),
         (&Method::GET, "/v1/metrics") => {
@@ -110,7 +118,7 @@ async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
     bytes.push(b'\n');
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
@@ -167,7 +175,31 @@ pub fn status(rt: &Runtime) -> Value {
     let last_reload = rt
         .last_reload()
         .map(|r| json!({"at": unix(r.at), "ok": r.ok, "errors": r.errors}));
+    let (local, crowdsec) = rt.gateway.decisions.counts();
+    let bridge = rt.crowdsec_status().map(|(url, st)| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = st.last_success_ms.load(Relaxed);
+        json!({
+            "lapi_url": url,
+            "last_success": (last > 0).then_some(last / 1000),
+            "pulls": st.pulls.load(Relaxed),
+            "failures": st.failures.load(Relaxed),
+            "last_error": st.last_error.lock().ok().and_then(|e| e.clone()),
+        })
+    });
+    let limits: Vec<Value> = snapshot
+        .limiters()
+        .iter()
+        .map(|l| json!({"name": &*l.config.name, "key": l.config.key.describe(), "keys": l.keys()}))
+        .collect();
     json!({
+        "decisions": {
+            "local": local,
+            "crowdsec": crowdsec,
+            "refusing_all": rt.gateway.decisions.refusing_all(),
+            "crowdsec_bridge": bridge,
+        },
+        "rate_limits": limits,
         "version": env!("CARGO_PKG_VERSION"),
         "git_revision": env!("WRAITH_GIT_REV"),
         "pid": std::process::id(),
@@ -184,7 +216,7 @@ pub fn status(rt: &Runtime) -> Value {
         "routes": snapshot.telemetry.route_totals().into_iter().map(|(name, requests, server_errors, denied)| json!({
             "name": name, "requests": requests, "server_errors": server_errors, "denied": denied,
         })).collect::<Vec<_>>(),
-        "decisions": decisions(rt),
+        "bans": bans(rt),
         "log_sinks": snapshot.telemetry.sink_counts().into_iter().map(|(sink, queued, accepted, written, dropped)| json!({
             "sink": sink, "queued": queued, "accepted": accepted, "written": written, "dropped": dropped,
         })).collect::<Vec<_>>(),
@@ -219,8 +251,8 @@ fn traffic(rt: &Runtime) -> Value {
     })
 }
 
-/// Requests refused by bans and active decisions, by origin (only origins seen).
-fn decisions(rt: &Runtime) -> Value {
+/// Requests refused by bans, and active decisions, by origin (only origins seen).
+fn bans(rt: &Runtime) -> Value {
     use crate::telemetry::metrics::{OriginLabel, ORIGINS};
     let m = &rt.telemetry.metrics;
     let mut refused = serde_json::Map::new();
@@ -244,17 +276,34 @@ pub async fn call(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, Value), String> {
-    let (status, body) = request(socket, method, path, timeout).await?;
+    call_with_body(socket, method, path, None, timeout).await
+}
+
+/// Like `call`, with an optional JSON request body.
+pub async fn call_with_body(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(StatusCode, Value), String> {
+    let body = match body {
+        Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| e.to_string())?),
+        None => Bytes::new(),
+    };
+    let (status, body) = request(socket, method, path, body, timeout).await?;
     let value =
         serde_json::from_slice(&body).map_err(|e| format!("admin response is not JSON: {e}"))?;
     Ok((status, value))
 }
 
-/// A client call to the admin socket: returns the status code and the raw body.
+/// A client call to the admin socket with a raw body (JSON when not empty): returns the status
+/// code and the raw response body (e.g. the metrics text).
 pub async fn request(
     socket: &Path,
     method: Method,
     path: &str,
+    body: Bytes,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), String> {
     let fut = async {
@@ -268,12 +317,14 @@ pub async fn request(
             .await
             .map_err(|e| format!("admin socket handshake failed: {e}"))?;
         tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, "wraith")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
+            .header(http::header::HOST, "wraith");
+        if !body.is_empty() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
         let resp = sender
             .send_request(req)
             .await

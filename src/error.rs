@@ -48,6 +48,34 @@ pub enum GatewayError {
     },
     #[error("upstream {upstream} has no available endpoint")]
     NoEndpoint { upstream: std::sync::Arc<str> },
+    #[error("client is banned ({kind} decision from {origin})")]
+    Banned {
+        origin: std::sync::Arc<str>,
+        kind: std::sync::Arc<str>,
+    },
+    #[error("decision source unavailable and on_error = \"closed\"")]
+    DecisionsUnavailable,
+    #[error("rate limit {} exceeded; retry in {:?}", .0.name, .0.retry_after)]
+    RateLimited(Box<RateLimited>),
+    #[error("blocked by CrowdSec AppSec ({action})")]
+    AppsecBlocked { action: String, status: StatusCode },
+    #[error("CrowdSec AppSec failed and on_error = \"closed\": {reason}")]
+    AppsecUnavailable { reason: String },
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+}
+
+/// What a 429 says about the limit that refused the request.
+#[derive(Debug)]
+pub struct RateLimited {
+    /// The limit's name.
+    pub name: std::sync::Arc<str>,
+    /// Until one more request would be allowed.
+    pub retry_after: std::time::Duration,
+    /// The limit's burst (the IETF `q`).
+    pub quota: u32,
+    /// Time to refill the whole burst (the IETF `w`), seconds.
+    pub window_secs: u64,
 }
 
 impl GatewayError {
@@ -61,6 +89,13 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Banned { .. } => StatusCode::FORBIDDEN,
+            GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::AppsecBlocked { status, .. } => *status,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -73,6 +108,12 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::NoEndpoint { .. } => "no_endpoint",
+            GatewayError::Banned { .. } => "banned",
+            GatewayError::DecisionsUnavailable => "decisions_unavailable",
+            GatewayError::RateLimited(_) => "rate_limited",
+            GatewayError::AppsecBlocked { .. } => "appsec_blocked",
+            GatewayError::AppsecUnavailable { .. } => "appsec_unavailable",
+            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
         }
     }
 
@@ -93,13 +134,37 @@ impl GatewayError {
             GatewayError::NoEndpoint { upstream } => {
                 format!("upstream {upstream:?} has no available endpoint")
             }
+            GatewayError::Banned { .. } => "your address is blocked".into(),
+            GatewayError::DecisionsUnavailable => {
+                "the gateway cannot verify its block list right now; try again later".into()
+            }
+            GatewayError::RateLimited(r) => {
+                format!("rate limit {:?} exceeded; slow down", r.name)
+            }
+            GatewayError::AppsecBlocked { .. } => {
+                "request blocked by the web application firewall".into()
+            }
+            GatewayError::AppsecUnavailable { .. } => {
+                "the web application firewall is unavailable; try again later".into()
+            }
+            GatewayError::PayloadTooLarge { limit } => {
+                format!("request body larger than {limit} bytes")
+            }
         }
     }
 
     /// Whose fault it was.
     pub fn fault(&self) -> Fault {
         match self {
-            GatewayError::NoRoute | GatewayError::BadRequest(_) => Fault::Downstream,
+            GatewayError::NoRoute
+            | GatewayError::BadRequest(_)
+            | GatewayError::Banned { .. }
+            | GatewayError::RateLimited(_)
+            | GatewayError::AppsecBlocked { .. }
+            | GatewayError::PayloadTooLarge { .. } => Fault::Downstream,
+            GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => {
+                Fault::Internal
+            }
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamFailed { .. }
@@ -117,20 +182,51 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::NoEndpoint { .. } => Some(1),
+            GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => Some(5),
+            GatewayError::RateLimited(r) => Some(ceil_secs(r.retry_after)),
             _ => None,
+        }
+    }
+
+    /// Headers beyond Retry-After that this refusal carries: the IETF `RateLimit-Policy` and
+    /// `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers) on a 429.
+    pub fn add_headers(&self, headers: &mut http::HeaderMap) {
+        if let GatewayError::RateLimited(r) = self {
+            let policy = format!("\"{}\";q={};w={}", r.name, r.quota, r.window_secs);
+            let state = format!("\"{}\";r=0;t={}", r.name, ceil_secs(r.retry_after));
+            if let (Ok(p), Ok(s)) = (
+                HeaderValue::from_str(&policy),
+                HeaderValue::from_str(&state),
+            ) {
+                headers.insert(RATELIMIT_POLICY.clone(), p);
+                headers.insert(RATELIMIT.clone(), s);
+            }
         }
     }
 }
 
+/// `RateLimit-Policy` (IETF httpapi draft).
+pub static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (IETF httpapi draft).
+pub static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
+/// Whole seconds, rounded up, at least 1 (a client told "0" would retry at once).
+pub fn ceil_secs(d: std::time::Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
 /// Renders an error as a JSON response carrying the request id.
 pub fn to_response(err: &GatewayError, request_id: &HeaderValue) -> Response<Body> {
-    json_response(
+    let mut resp = json_response(
         err.status(),
         err.code(),
         &err.public_message(),
         request_id,
         err.retry_after(),
-    )
+    );
+    err.add_headers(resp.headers_mut());
+    resp
 }
 
 /// A JSON error body: `{"error": code, "message": ..., "request_id": ...}`.

@@ -3,11 +3,15 @@
 //! # The request path
 //!
 //! ```text
-//! accept (TCP)                      listener/      connection limit, TLS 1.3 handshake
+//! accept (TCP)                      listener/      connection limit, banned peers closed,
+//!                                                  TLS 1.3 handshake
 //!   └─ HTTP/1.1 or HTTP/2           listener/conn  header-read and idle timeouts, drain
 //!       └─ Gateway::handle          proxy/         one pipeline for every protocol
 //!           ├─ normalize path       proxy/path
 //!           ├─ route                router         first match in file order, else 404
+//!           ├─ decisions            decisions/     banned client ip -> 403
+//!           ├─ rate limits          ratelimit      per ip | identity | route | header -> 429
+//!           ├─ appsec               decisions/appsec  optional CrowdSec WAF
 //!           ├─ respond | redirect | forward
 //!           │                       upstream/      pooled client, streamed bodies,
 //!           │                                      hop-by-hop out, X-Forwarded-* in
@@ -22,21 +26,28 @@
 //! - `listener`: sockets, TLS, per-connection serving
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools and the forwarder
+//! - `decisions`: the ban store (lock-free longest-prefix lookup), CrowdSec bridge and
+//!   AppSec stage, Wazuh active-response messages
+//! - `ratelimit`: governor-based keyed limits with bounded key state
 //! - `error`: stage errors -> JSON responses
-//! - `telemetry`: access records and their sinks (JSON, combined, SQLite, security events),
-//!   Prometheus metrics, the last-minute window behind `wraith status` / `wraith top`
-//! - `admin`, `signals`, `cli`: operating the server
+//! - `admin` (+ `admin_decisions`), `signals`, `cli`: operating the server
+//! - `telemetry`: server logs; access records and their sinks (JSON, combined, SQLite,
+//!   security events), Prometheus metrics, the last-minute window behind `wraith status` /
+//!   `wraith top`
 //! - `certs`: development certificates
 
 pub mod admin;
+mod admin_decisions;
 pub mod body;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod decisions;
 pub mod error;
 pub mod identity;
 pub mod listener;
 pub mod proxy;
+pub mod ratelimit;
 pub mod router;
 pub mod runtime;
 pub mod signals;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{HostMatch, PathMatch, RouteConfig};
+use crate::ratelimit::Limiter;
 use crate::upstream::Upstream;
 
 /// A route ready to serve: its config plus the resolved upstream.
@@ -17,6 +18,8 @@ pub struct Route {
     pub config: RouteConfig,
     /// Set when the action is `upstream = "..."`.
     pub upstream: Option<Arc<Upstream>>,
+    /// The rate limits requests on this route count against (its own or the defaults).
+    pub limits: Arc<[Arc<Limiter>]>,
 }
 
 /// All routes of a snapshot, in file order.
@@ -84,6 +87,7 @@ mod tests {
                 .map(|config| Route {
                     config,
                     upstream: None,
+                    limits: Arc::from(Vec::new()),
                 })
                 .collect(),
         )

@@ -15,8 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, RouteAction};
+use crate::decisions::appsec::Appsec;
+use crate::decisions::crowdsec::{self, Bridge};
+use crate::decisions::DecisionStore;
 use crate::listener::{self, tls, ListenerHandle};
 use crate::proxy::Gateway;
+use crate::ratelimit::{self, Limiter};
 use crate::router::{Route, Router};
 use crate::telemetry::{SnapshotTelemetry, Telemetry};
 use crate::upstream::Upstream;
@@ -36,6 +40,10 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
+    /// The `[rate_limit]` default limits (shared by every route without its own).
+    pub default_limits: Arc<[Arc<Limiter>]>,
+    /// The CrowdSec AppSec stage, when configured.
+    pub appsec: Option<Arc<Appsec>>,
     /// Access-log sinks and metric handles (attached by the runtime after `build`).
     pub telemetry: SnapshotTelemetry,
 }
@@ -58,6 +66,15 @@ impl Snapshot {
         }
         let by_name: HashMap<&str, &Arc<Upstream>> =
             upstreams.iter().map(|u| (&*u.config.name, u)).collect();
+        // Limiters whose settings did not change keep their state across the reload.
+        let max_keys = config.rate_limit.max_keys.get();
+        let old_defaults: &[Arc<Limiter>] = previous.map_or(&[], |p| &p.default_limits);
+        let default_limits: Arc<[Arc<Limiter>]> = config
+            .rate_limit
+            .limits
+            .iter()
+            .map(|c| ratelimit::reuse_or_new(old_defaults, c, max_keys))
+            .collect();
         let routes = config
             .routes
             .iter()
@@ -66,9 +83,34 @@ impl Snapshot {
                     RouteAction::Upstream(name) => by_name.get(&**name).map(|u| Arc::clone(u)),
                     _ => None,
                 },
+                limits: match &r.rate_limits {
+                    None => default_limits.clone(),
+                    Some(own) => {
+                        let old = previous
+                            .and_then(|p| {
+                                p.router.routes().iter().find(|o| o.config.name == r.name)
+                            })
+                            .map_or(&[][..], |o| &o.limits[..]);
+                        own.iter()
+                            .map(|c| ratelimit::reuse_or_new(old, c, max_keys))
+                            .collect()
+                    }
+                },
                 config: r.clone(),
             })
             .collect();
+        let appsec = match config.crowdsec.as_ref().and_then(|c| {
+            c.appsec
+                .clone()
+                .map(|a| Appsec::new(a, c.api_key.clone(), c.ca_cert.as_deref()))
+        }) {
+            None => None,
+            Some(Ok(a)) => Some(Arc::new(a)),
+            Some(Err(e)) => {
+                errors.push(e);
+                None
+            }
+        };
 
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -97,9 +139,24 @@ impl Snapshot {
             router: Router::new(routes),
             upstreams,
             listeners,
+            default_limits,
+            appsec,
             config,
             telemetry: SnapshotTelemetry::default(),
         })
+    }
+
+    /// Every limiter of this snapshot (for cleanup and status).
+    pub fn limiters(&self) -> Vec<Arc<Limiter>> {
+        let mut out: Vec<Arc<Limiter>> = self.default_limits.to_vec();
+        for r in self.router.routes() {
+            for l in r.limits.iter() {
+                if !out.iter().any(|o| Arc::ptr_eq(o, l)) {
+                    out.push(l.clone());
+                }
+            }
+        }
+        out
     }
 
     /// The listener with this name.
@@ -137,6 +194,8 @@ pub struct Runtime {
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     last_reload: Mutex<Option<ReloadResult>>,
+    /// The CrowdSec bridge, while `[crowdsec]` is configured.
+    crowdsec: Mutex<Option<Bridge>>,
 }
 
 impl Runtime {
@@ -149,8 +208,17 @@ impl Runtime {
         let mut snapshot = Snapshot::build(config, 1, None).map_err(|e| e.join("\n"))?;
         snapshot.telemetry = SnapshotTelemetry::build(&telemetry, &snapshot.config, None)
             .map_err(|e| e.join("\n"))?;
+        let decisions = Arc::new(DecisionStore::new());
+        if let Some(path) = &snapshot.config.decisions.state_file {
+            let n = decisions.load(path).map_err(|e| {
+                format!("{e}\n(fix or move the file away; it holds the local bans)")
+            })?;
+            if n > 0 {
+                tracing::info!(decisions = n, file = %path.display(), "local decisions restored");
+            }
+        }
         let runtime = Arc::new(Runtime {
-            gateway: Arc::new(Gateway::new(Arc::new(snapshot))),
+            gateway: Arc::new(Gateway::new(Arc::new(snapshot), decisions)),
             config_path,
             started_at: SystemTime::now(),
             started: Instant::now(),
@@ -161,7 +229,10 @@ impl Runtime {
             listeners: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: Mutex::new(None),
+            crowdsec: Mutex::new(None),
         });
+        runtime.reconcile_crowdsec()?;
+        runtime.spawn_upkeep();
         let snapshot = runtime.gateway.snapshot();
         let mut bound = Vec::new();
         for l in &snapshot.listeners {
@@ -247,7 +318,83 @@ impl Runtime {
         self.generation.store(generation, Ordering::Relaxed);
         self.activate(bound);
         self.retire_listeners();
+        if let Err(e) = self.reconcile_crowdsec() {
+            tracing::error!(error = %e, "crowdsec bridge not restarted");
+        }
         Ok(generation)
+    }
+
+    /// Starts, restarts or stops the CrowdSec bridge to match the current snapshot.
+    fn reconcile_crowdsec(&self) -> Result<(), String> {
+        let wanted = self.gateway.snapshot().config.crowdsec.clone();
+        let Ok(mut slot) = self.crowdsec.lock() else {
+            return Err("crowdsec bridge state is poisoned".into());
+        };
+        if slot.as_ref().map(|b| &b.config) == wanted.as_ref() {
+            return Ok(());
+        }
+        if let Some(old) = slot.take() {
+            old.stop();
+        }
+        let store = self.gateway.decisions.clone();
+        // No stale closed-mode refusal from a bridge that is gone.
+        store.set_refuse_all(false);
+        match wanted {
+            None => store.replace_crowdsec(Vec::new()),
+            Some(config) => *slot = Some(crowdsec::spawn(config, store, &self.shutdown)?),
+        }
+        Ok(())
+    }
+
+    /// The CrowdSec bridge's state, when one runs: (lapi url, status).
+    pub fn crowdsec_status(&self) -> Option<(String, Arc<crowdsec::BridgeStatus>)> {
+        self.crowdsec
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|b| (b.config.lapi_url.clone(), b.status.clone()))
+    }
+
+    /// Background upkeep: expired decisions out of the lookup table (every second), idle
+    /// rate-limit keys dropped (every `[rate_limit] cleanup_interval`).
+    fn spawn_upkeep(self: &Arc<Self>) {
+        let rt = self.clone();
+        tokio::spawn(async move {
+            let mut last_cleanup = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = rt.shutdown.cancelled() => return,
+                }
+                let purged = rt.gateway.decisions.purge_expired();
+                if purged > 0 {
+                    tracing::debug!(purged, "expired decisions removed");
+                }
+                let snapshot = rt.gateway.snapshot();
+                if last_cleanup.elapsed() >= snapshot.config.rate_limit.cleanup_interval {
+                    last_cleanup = Instant::now();
+                    let limiters = snapshot.limiters();
+                    // retain_recent walks every key: keep it off the async workers.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for l in limiters {
+                            l.cleanup();
+                        }
+                    })
+                    .await;
+                }
+            }
+        });
+    }
+
+    /// Writes the local decisions to the state file (if one is configured).
+    pub fn save_decisions(&self) -> Result<(), String> {
+        let snapshot = self.gateway.snapshot();
+        match &snapshot.config.decisions.state_file {
+            // Nothing to keep and nothing kept before: leave no empty file behind.
+            Some(path) if self.gateway.decisions.counts().0 == 0 && !path.exists() => Ok(()),
+            Some(path) => self.gateway.decisions.save(path).map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Starts accept loops for freshly bound listeners.

@@ -3,6 +3,7 @@
 //! running, ...), 2 usage error (clap).
 
 mod certs;
+mod decisions;
 mod logs;
 mod reload;
 mod serve;
@@ -11,6 +12,7 @@ mod stop;
 mod test;
 mod top;
 mod version;
+mod wazuh_ar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,6 +108,25 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// List, add and lift ban decisions (via the admin socket).
+    Decisions {
+        /// Configuration file (to find the admin socket); also accepted after the action.
+        #[arg(
+            short,
+            long,
+            value_name = "FILE",
+            default_value = "wraith.toml",
+            env = "WRAITH_CONFIG",
+            global = true
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: decisions::DecisionsCommand,
+    },
+    /// Wazuh active-response script: reads execd's message on stdin, answers the
+    /// check_keys handshake, and adds or lifts a ban with origin "wazuh".
+    #[command(name = "wazuh-ar")]
+    WazuhAr(wazuh_ar::WazuhArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +180,8 @@ pub fn run() -> ExitCode {
         Command::Certs {
             command: CertsCommand::Init { dir, force },
         } => certs::init(&dir, force),
+        Command::Decisions { config, command } => decisions::run(&config, command),
+        Command::WazuhAr(args) => wazuh_ar::run(args),
     }
 }
 

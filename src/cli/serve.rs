@@ -75,7 +75,13 @@ pub fn run(config_path: &Path) -> ExitCode {
             "wraith started"
         );
         drop(snapshot);
-        signals::run(runtime).await
+        let exit = signals::run(runtime.clone()).await;
+        // Local bans outlive the process ("saves state" on SIGTERM as well as on change).
+        match runtime.save_decisions() {
+            Ok(()) => tracing::info!("local decisions saved"),
+            Err(e) => tracing::error!(error = %e, "cannot save local decisions"),
+        }
+        exit
     });
     // Do not wait for lingering tasks (connections past the deadline).
     rt.shutdown_background();

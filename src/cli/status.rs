@@ -75,6 +75,43 @@ pub fn render(v: &Value) -> String {
     if v["draining"].as_bool() == Some(true) {
         out.push_str("state        draining\n");
     }
+    let d = &v["decisions"];
+    if d.is_object() {
+        out.push_str(&format!(
+            "decisions    {} local, {} from CrowdSec{}\n",
+            d["local"],
+            d["crowdsec"],
+            if d["refusing_all"].as_bool() == Some(true) {
+                " (REFUSING ALL REQUESTS: CrowdSec data is stale and on_error = \"closed\")"
+            } else {
+                ""
+            }
+        ));
+        let b = &d["crowdsec_bridge"];
+        if b.is_object() {
+            let last = match b["last_success"].as_u64() {
+                Some(t) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    format!("last pull {} ago", human(now.saturating_sub(t)))
+                }
+                None => "no successful pull yet".into(),
+            };
+            out.push_str(&format!("crowdsec     {} ({last})\n", s(&b["lapi_url"])));
+            if let Some(e) = b["last_error"].as_str() {
+                out.push_str(&format!("             last error: {e}\n"));
+            }
+        }
+    }
+    for l in v["rate_limits"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "rate limit   {} (by {}): {} keys\n",
+            s(&l["name"]),
+            s(&l["key"]),
+            l["keys"]
+        ));
+    }
     out.push_str("\nLISTENER         PROTOCOL  ADDRESS                  CONNECTIONS\n");
     for l in v["listeners"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -124,7 +161,7 @@ pub fn render(v: &Value) -> String {
             millis(&t["p99_ms"]),
         ));
     }
-    let d = &v["decisions"];
+    let d = &v["bans"];
     if d.is_object() {
         let by = |m: &Value| {
             let items: Vec<String> = m
@@ -140,7 +177,7 @@ pub fn render(v: &Value) -> String {
             }
         };
         out.push_str(&format!(
-            "\nDECISIONS\n  active       {}\n  refused      {}\n",
+            "\nBANS BY ORIGIN\n  active       {}\n  refused      {}\n",
             by(&d["active_by_origin"]),
             by(&d["refused_by_origin"])
         ));

@@ -20,6 +20,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::raw::*;
+use super::security::*;
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, ConfigErrors, LoadOptions, Source};
 use crate::listener::tls;
@@ -41,6 +42,12 @@ pub struct Config {
     pub log: LogConfig,
     /// The Prometheus metrics listener (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// `[decisions]`: how bans are enforced and where local ones are kept.
+    pub decisions: DecisionsConfig,
+    /// `[crowdsec]`: the LAPI bridge, when configured.
+    pub crowdsec: Option<CrowdsecConfig>,
+    /// `[rate_limit]`: the default limits and the limiter settings.
+    pub rate_limit: RateLimitSettings,
     /// Things that are allowed but probably wrong (printed by `wraith test`, logged by serve).
     pub warnings: Vec<String>,
     /// Things loading did that the operator should hear about (e.g. dev certificates created).
@@ -205,6 +212,8 @@ pub struct RouteConfig {
     pub response_headers: HeaderOps,
     /// Overrides the upstream's response timeout.
     pub response_timeout: Option<Duration>,
+    /// This route's own rate limits; `None` uses the `[rate_limit]` defaults.
+    pub rate_limits: Option<Vec<RateLimitConfig>>,
 }
 
 /// Host part of a route match.
@@ -274,25 +283,34 @@ impl HeaderOps {
 }
 
 /// Collects errors while building.
-struct Builder<'a> {
+pub(super) struct Builder<'a> {
     src: Source<'a>,
     base_dir: PathBuf,
     errors: Vec<ConfigError>,
-    warnings: Vec<String>,
+    pub(super) warnings: Vec<String>,
     notices: Vec<String>,
     options: LoadOptions,
 }
 
-type Span = Range<usize>;
+pub(super) type Span = Range<usize>;
 
 impl Builder<'_> {
-    fn err(&mut self, span: Option<Span>, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn err(
+        &mut self,
+        span: Option<Span>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let e = self.src.error(span, key, message);
         self.errors.push(e);
     }
 
     /// Deserializes one value of the document into its raw struct.
-    fn de<T: DeserializeOwned>(&mut self, value: &Spanned<DeValue<'_>>, key: &str) -> Option<T> {
+    pub(super) fn de<T: DeserializeOwned>(
+        &mut self,
+        value: &Spanned<DeValue<'_>>,
+        key: &str,
+    ) -> Option<T> {
         let mut value = value.clone();
         value.get_mut().make_owned();
         match T::deserialize(ValueDeserializer::from(value)) {
@@ -306,7 +324,7 @@ impl Builder<'_> {
         }
     }
 
-    fn path(&self, p: &str) -> PathBuf {
+    pub(super) fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
@@ -315,7 +333,7 @@ impl Builder<'_> {
         }
     }
 
-    fn duration(&mut self, v: &Option<Str>, key: &str, default: Duration) -> Duration {
+    pub(super) fn duration(&mut self, v: &Option<Str>, key: &str, default: Duration) -> Duration {
         match v {
             None => default,
             Some(s) => match parse_duration(s.get_ref()) {
@@ -328,7 +346,7 @@ impl Builder<'_> {
         }
     }
 
-    fn size(&mut self, v: &Option<Str>, key: &str, default: u64) -> u64 {
+    pub(super) fn size(&mut self, v: &Option<Str>, key: &str, default: u64) -> u64 {
         match v {
             None => default,
             Some(s) => match parse_size(s.get_ref()) {
@@ -342,7 +360,13 @@ impl Builder<'_> {
     }
 
     /// An integer within `min..=max`.
-    fn int(&mut self, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64) -> Option<i64> {
+    pub(super) fn int(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
         let v = v.as_ref()?;
         let n = *v.get_ref();
         if n < min || n > max {
@@ -387,12 +411,18 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     let mut raw_routes = Vec::new();
     let mut raw_log = None;
     let mut raw_metrics = None;
+    let mut raw_decisions = None;
+    let mut raw_crowdsec = None;
+    let mut raw_rate_limit = None;
     for (key, value) in root.get_ref().iter() {
         let name: &str = key.get_ref();
         match name {
             "server" => raw_server = b.de::<RawServer>(value, "server"),
             "log" => raw_log = b.de::<RawLog>(value, "log"),
             "metrics" => raw_metrics = b.de::<RawMetrics>(value, "metrics"),
+            "decisions" => raw_decisions = b.de::<RawDecisions>(value, "decisions"),
+            "crowdsec" => raw_crowdsec = b.de::<Spanned<RawCrowdsec>>(value, "crowdsec"),
+            "rate_limit" => raw_rate_limit = b.de::<RawRateLimit>(value, "rate_limit"),
             "listener" | "upstream" | "route" => {
                 let DeValue::Array(items) = value.get_ref() else {
                     b.err(
@@ -420,7 +450,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
             other => b.err(
                 Some(key.span()),
                 other,
-                "unknown section (expected server, listener, upstream, route, log or metrics)",
+                "unknown section (expected server, listener, upstream, route, decisions, crowdsec, rate_limit, log or metrics)",
             ),
         }
     }
@@ -431,6 +461,9 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     let routes = build_routes(&mut b, &upstreams, raw_routes);
     let log = build_log(&mut b, raw_log.unwrap_or_default());
     let metrics = build_metrics(&mut b, raw_metrics.unwrap_or_default());
+    let decisions = super::security::build_decisions(&mut b, raw_decisions.unwrap_or_default());
+    let crowdsec = raw_crowdsec.and_then(|c| super::security::build_crowdsec(&mut b, c));
+    let rate_limit = super::security::build_rate_limit(&mut b, raw_rate_limit.unwrap_or_default());
 
     if listeners.is_empty() && b.errors.is_empty() {
         b.err(
@@ -466,6 +499,9 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
         routes,
         log,
         metrics,
+        decisions,
+        crowdsec,
+        rate_limit,
         warnings: b.warnings,
         notices: b.notices,
     })
@@ -1153,7 +1189,11 @@ fn build_routes(
                 Duration::from_secs(60),
             )
         });
+        let rate_limits = r
+            .rate_limits
+            .map(|list| super::security::build_limits(b, &format!("{key}.rate_limits"), list));
         out.push(RouteConfig {
+            rate_limits,
             name: Arc::from(r.name.into_inner()),
             host,
             path,

@@ -4,6 +4,7 @@
 
 mod build;
 pub mod raw;
+mod security;
 pub mod units;
 
 use std::fmt;
@@ -11,6 +12,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use build::*;
+pub use security::*;
 
 /// Where in the config file something is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -98,6 +98,7 @@ pub struct RawRoute {
     pub request_headers: Option<RawHeaderOps>,
     pub response_headers: Option<RawHeaderOps>,
     pub response_timeout: Option<Str>,
+    pub rate_limits: Option<Vec<Spanned<RawLimit>>>,
 }
 
 /// `path = { prefix = "/api/" }` (exactly one of the three).
@@ -182,4 +183,65 @@ pub struct RawSqliteSink {
 pub struct RawMetrics {
     pub address: Option<Str>,
     pub path: Option<Str>,
+}
+
+/// `[decisions]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDecisions {
+    pub state_file: Option<Str>,
+    pub fallback: Option<Str>,
+    pub check_at_accept: Option<Spanned<bool>>,
+}
+
+/// `[crowdsec]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCrowdsec {
+    pub lapi_url: Str,
+    pub api_key: Option<Str>,
+    pub api_key_file: Option<Str>,
+    pub api_key_env: Option<Str>,
+    pub ca_cert: Option<Str>,
+    pub client_cert: Option<Str>,
+    pub client_key: Option<Str>,
+    pub update_frequency: Option<Str>,
+    pub resync_interval: Option<Str>,
+    pub timeout: Option<Str>,
+    pub scopes: Option<Vec<Str>>,
+    pub origins: Option<Vec<Str>>,
+    pub on_error: Option<Str>,
+    pub max_staleness: Option<Str>,
+    pub appsec: Option<Spanned<RawAppsec>>,
+}
+
+/// `[crowdsec.appsec]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppsec {
+    pub url: Str,
+    pub timeout: Option<Str>,
+    pub on_error: Option<Str>,
+    pub max_body: Option<Str>,
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub max_keys: Option<Spanned<i64>>,
+    pub cleanup_interval: Option<Str>,
+    pub limits: Option<Vec<Spanned<RawLimit>>>,
+}
+
+/// One limit: `{ name = "per-ip", key = "ip", rate = "100/s", burst = 200 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    pub name: Option<Str>,
+    pub key: Str,
+    pub header: Option<Str>,
+    pub rate: Str,
+    pub burst: Option<Spanned<i64>>,
+    pub mode: Option<Str>,
 }

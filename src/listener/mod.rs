@@ -128,6 +128,32 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
     handle
 }
 
+/// Whether the accept loop should close this connection at once.
+fn banned_at_accept(
+    runtime: &Runtime,
+    snapshot: &crate::runtime::Snapshot,
+    peer: SocketAddr,
+) -> bool {
+    let config = &snapshot.config;
+    if !config.decisions.check_at_accept
+        || runtime.gateway.decisions.is_empty()
+        || crate::proxy::headers::is_trusted(&config.server.trusted_proxies, peer.ip())
+    {
+        return false;
+    }
+    match runtime
+        .gateway
+        .decisions
+        .lookup(peer.ip(), config.decisions.fallback)
+    {
+        Some(v) if v.action == crate::decisions::Action::Ban => {
+            tracing::debug!(peer = %peer, origin = %v.origin, kind = %v.kind, value = %v.value, "banned peer refused at accept");
+            true
+        }
+        _ => false,
+    }
+}
+
 async fn accept_loop(
     runtime: Arc<Runtime>,
     bound: Bound,
@@ -167,6 +193,14 @@ async fn accept_loop(
         let Some(listener) = snapshot.listener_by_key(&bound.key).cloned() else {
             return;
         };
+        // Banned peers go before the TLS handshake costs anything. Trusted proxies are
+        // checked per request instead, on the client address they forward.
+        if banned_at_accept(&runtime, &snapshot, peer) {
+            // RST rather than FIN: no TIME_WAIT kept for a client we refuse.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        }
         let runtime2 = runtime.clone();
         let stop = stop.clone();
         runtime.connections.spawn(async move {

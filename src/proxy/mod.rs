@@ -9,6 +9,10 @@
 //!   ├─ client ip     the peer, or the address behind trusted proxies
 //!   ├─ normalize     dot segments out, so routing sees what the upstream will
 //!   ├─ route         first match in file order, else 404
+//!   ├─ decisions     banned client ip -> 403 (CrowdSec, Wazuh, local bans)
+//!   ├─ (policy)      who may do what on this route
+//!   ├─ rate limit    per ip / identity / route / trusted header -> 429
+//!   ├─ appsec        optional CrowdSec WAF inspection
 //!   └─ action        respond | redirect | forward (streamed both ways)
 //! ```
 //! Every exit, success or error, goes through the same tail: `x-request-id` on the response,
@@ -17,7 +21,7 @@
 pub mod headers;
 pub mod path;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +31,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 
 use crate::body::Body;
 use crate::config::RouteAction;
+use crate::decisions::{self, DecisionStore};
 use crate::error::{self, GatewayError};
+use crate::ratelimit::{self, RequestFacts};
 use crate::router::Route;
 use crate::runtime::Snapshot;
 use crate::telemetry::access_log::{AccessRecord, Pending};
@@ -73,12 +79,15 @@ pub fn protocol_name(version: http::Version) -> &'static str {
 /// The pipeline and the config snapshot it runs on.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    /// Bans and other remediations; outlives snapshots (reloads keep every decision).
+    pub decisions: Arc<DecisionStore>,
 }
 
 impl Gateway {
-    pub fn new(snapshot: Arc<Snapshot>) -> Gateway {
+    pub fn new(snapshot: Arc<Snapshot>, decisions: Arc<DecisionStore>) -> Gateway {
         Gateway {
             snapshot: ArcSwap::new(snapshot),
+            decisions,
         }
     }
 
@@ -114,6 +123,7 @@ impl Gateway {
                 req,
                 conn,
                 peer_trusted,
+                client_ip,
                 &request_id,
                 pending.record(),
             )
@@ -121,7 +131,7 @@ impl Gateway {
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                pending.record().error = Some(e.code());
+                pending.record().refused(&e);
                 match e.fault() {
                     error::Fault::Upstream | error::Fault::Internal => {
                         tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed")
@@ -139,17 +149,24 @@ impl Gateway {
     }
 
     /// The stages, each one able to end the request with a typed error.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         snapshot: &Snapshot,
         mut req: Request<Body>,
         conn: &ConnInfo,
         peer_trusted: bool,
+        client_ip: IpAddr,
         request_id: &HeaderValue,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
+        }
+        // Two Host headers: the upstream might believe the other one (RFC 9112 §3.2: 400).
+        let mut hosts = req.headers().get_all(http::header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(GatewayError::BadRequest("more than one Host header"));
         }
         // Plain-HTTP listener told to send everyone to HTTPS.
         if let Some(redirect) = snapshot
@@ -165,9 +182,30 @@ impl Gateway {
         let host = headers::Host::of(req.uri(), req.headers());
         let route = snapshot
             .router
-            .find(host.name(), req.uri().path(), req.method())
-            .ok_or(GatewayError::NoRoute)?;
-        record.set_route(route);
+            .find(host.name(), req.uri().path(), req.method());
+        if let Some(route) = route {
+            record.set_route(route);
+        }
+        // Decisions before anything that costs (a banned client spends no quota), and before
+        // the 404: a banned client gets 403 whatever it asks for.
+        decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
+        let route = route.ok_or(GatewayError::NoRoute)?;
+        // (Policy goes here: who may do what on this route.)
+        // Rate limits after policy: only requests that could be served count.
+        ratelimit::check(
+            &route.limits,
+            &RequestFacts {
+                client: client_ip,
+                peer_trusted,
+                identity: conn.identity.as_ref(),
+                headers: req.headers(),
+            },
+            &route.config.name,
+        )?;
+        // The WAF last among the refusals: it is the only one that costs a round trip.
+        if let Some(appsec) = &snapshot.appsec {
+            req = appsec.inspect(req, client_ip).await?;
+        }
 
         let mut resp = match &route.config.action {
             RouteAction::Respond(r) => {

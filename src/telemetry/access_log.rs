@@ -24,6 +24,7 @@ use http::{Method, Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 
 use crate::body::{Body, BoxError};
+use crate::error::GatewayError;
 use crate::identity::Identity;
 use crate::proxy::{protocol_name, ConnInfo};
 use crate::router::Route;
@@ -233,7 +234,29 @@ impl AccessRecord {
         match &self.policy {
             Some(p) if p.effect == Effect::Deny && p.shadow => Some("policy_shadow_deny"),
             Some(p) if p.effect == Effect::Deny => Some("policy_deny"),
+            _ if self.error == Some("appsec_blocked") => Some("appsec_blocked"),
             _ => None,
+        }
+    }
+
+    /// Notes why Wraith answered with an error of its own: the error code, and what the
+    /// refusing stage decided (the ban's origin, the rate limit's name).
+    pub fn refused(&mut self, e: &GatewayError) {
+        self.error = Some(e.code());
+        match e {
+            GatewayError::Banned { origin, .. } => {
+                self.ban = Some(BanRecord {
+                    origin: origin.clone(),
+                    scenario: None,
+                });
+            }
+            GatewayError::RateLimited(r) => {
+                self.rate_limit = Some(RateLimitRecord {
+                    limited: true,
+                    limiter: r.name.clone(),
+                });
+            }
+            _ => {}
         }
     }
 

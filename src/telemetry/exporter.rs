@@ -57,6 +57,16 @@ pub fn render(rt: &Runtime) -> String {
         in_flight,
     );
 
+    // Active decisions by origin, read from the decision store at scrape time.
+    let (local, crowdsec) = rt.gateway.decisions.counts();
+    for (origin, n) in [("local", local), ("crowdsec", crowdsec)] {
+        rt.telemetry
+            .metrics
+            .decisions_active
+            .get_or_create(&super::metrics::OriginLabel { origin })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     let generation: Gauge = Gauge::default();
     generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
     extra.register(

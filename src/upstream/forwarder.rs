@@ -146,12 +146,12 @@ fn prepare_request(
     h2: bool,
     upgrade: bool,
 ) -> Result<(), GatewayError> {
-    // Host: keep the client's; HTTP/2 and HTTP/3 clients send it as :authority instead.
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(a) = req.uri().authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+    // Host: the client's. An authority in the URI (HTTP/2 and HTTP/3 `:authority`, or an
+    // absolute-form HTTP/1.1 target) is what routing used, so it is what the upstream gets
+    // (RFC 9112 §3.2.2: it replaces any Host header).
+    if let Some(a) = req.uri().authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
         }
     }
     let headers = req.headers_mut();

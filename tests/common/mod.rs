@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod crowdsec;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -530,11 +532,30 @@ impl Wraith {
             &self.path("admin.sock"),
             http::Method::GET,
             path,
+            Bytes::new(),
             Duration::from_secs(10),
         )
         .await
         .unwrap();
         (status.as_u16(), body)
+    }
+
+    /// Calls the admin API over the unix socket (`admin.sock` in the temp dir).
+    pub async fn admin(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (http::StatusCode, serde_json::Value) {
+        wraith::admin::call_with_body(
+            &self.dir.path().join("admin.sock"),
+            method,
+            path,
+            body.as_ref(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
     }
 
     /// Resident set size of the gateway process, in KiB.

@@ -1,0 +1,406 @@
+//! The decisions endpoints of the admin API (dispatched from `admin`):
+//!
+//! - `GET /v1/decisions` lists live decisions; filters: `ip` (decisions containing this
+//!   address), `value` (exactly this address or range), `origin`, `type`, `source`
+//!   (`local` | `crowdsec`).
+//! - `POST /v1/decisions` adds a local decision. Body: `{"ip": "192.0.2.1"}` or
+//!   `{"cidr": "192.0.2.0/24"}` (or `"value"` with either), optional `"type"` (default
+//!   `ban`), `"duration"` (default `4h`; `90s`, `30m`, `1d`, ...; at most a year), `"reason"`,
+//!   `"origin"` (default `admin`). Adding the same (origin, scope, value, type) again replaces
+//!   it (a new expiry). A JSON array of such objects adds them all at once (bulk load;
+//!   the whole array is refused if one entry is bad); the answer is `{"added": n}`.
+//! - `DELETE /v1/decisions/<ip-or-cidr>` lifts local decisions on exactly that value;
+//!   `origin` and `type` narrow it. CrowdSec decisions belong to the LAPI and are never
+//!   removed here (use `cscli decisions delete`).
+//!
+//! Every change to local decisions is written to the state file at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::decisions::store::{now_ms, Filter};
+use crate::decisions::{parse_value, valid_kind, Decision, Scope, Source};
+use crate::runtime::Runtime;
+
+/// The longest a local decision may last.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// A 400 with a message.
+fn bad(msg: impl Into<String>) -> (StatusCode, Value) {
+    (StatusCode::BAD_REQUEST, json!({"error": msg.into()}))
+}
+
+pub(crate) async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> (StatusCode, Value) {
+    let path = req.uri().path().to_string();
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let query = match query {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/v1/decisions") => list(rt, &query),
+        (Method::POST, "/v1/decisions") => {
+            let body = match Limited::new(req.into_body(), 64 << 20).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return bad("request body missing, unreadable or over 64MiB"),
+            };
+            add(rt, &body).await
+        }
+        (Method::DELETE, p) if p.starts_with("/v1/decisions/") => {
+            let raw = &p["/v1/decisions/".len()..];
+            match percent_decode(raw) {
+                Ok(value) => delete(rt, &value, &query).await,
+                Err(e) => bad(e),
+            }
+        }
+        (Method::DELETE, "/v1/decisions") => match query.iter().find(|(k, _)| k == "value") {
+            Some((_, v)) => {
+                let v = v.clone();
+                delete(rt, &v, &query).await
+            }
+            None => {
+                bad("DELETE needs the value: /v1/decisions/<ip-or-cidr> or ?value=<ip-or-cidr>")
+            }
+        },
+        (_, "/v1/decisions") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "use GET, POST or DELETE on /v1/decisions"}),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "use DELETE on /v1/decisions/<ip-or-cidr>"}),
+        ),
+    }
+}
+
+fn list(rt: &Runtime, query: &[(String, String)]) -> (StatusCode, Value) {
+    let mut filter = Filter::default();
+    for (k, v) in query {
+        match k.as_str() {
+            "ip" => match v.parse::<std::net::IpAddr>() {
+                Ok(ip) => filter.contains = Some(ip),
+                Err(_) => return bad(format!("ip={v:?} is not an IP address")),
+            },
+            "value" => match value_of(v) {
+                Ok((_, net)) => filter.value = Some(net),
+                Err(e) => return bad(e),
+            },
+            "origin" => filter.origin = Some(v.clone()),
+            "type" => filter.kind = Some(v.clone()),
+            "source" => {
+                filter.source = Some(match v.as_str() {
+                    "local" => Source::Local,
+                    "crowdsec" => Source::Crowdsec,
+                    _ => return bad(format!("source={v:?}: expected local or crowdsec")),
+                })
+            }
+            other => {
+                return bad(format!(
+                    "unknown filter {other:?} (expected ip, value, origin, type or source)"
+                ))
+            }
+        }
+    }
+    let now = now_ms();
+    let decisions: Vec<Value> = rt
+        .gateway
+        .decisions
+        .list(&filter)
+        .iter()
+        .map(|d| to_json(d, now))
+        .collect();
+    (
+        StatusCode::OK,
+        json!({"count": decisions.len(), "decisions": decisions}),
+    )
+}
+
+/// A decision as the API shows it.
+pub fn to_json(d: &Decision, now_ms: u64) -> Value {
+    let until = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(d.until_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    json!({
+        "source": d.source.to_string(),
+        "origin": &*d.origin,
+        "scope": d.scope.as_str(),
+        "value": d.value.to_string(),
+        "type": &*d.kind,
+        "until": until,
+        "expires_in_secs": d.until_ms.saturating_sub(now_ms) / 1000,
+        "reason": d.reason,
+    })
+}
+
+/// The body of `POST /v1/decisions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDecision {
+    ip: Option<String>,
+    cidr: Option<String>,
+    value: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    duration: Option<String>,
+    reason: Option<String>,
+    origin: Option<String>,
+}
+
+/// `192.0.2.1` -> (Ip, /32); `192.0.2.0/24` -> (Range, /24).
+fn value_of(s: &str) -> Result<(Scope, ipnet::IpNet), String> {
+    if s.contains('/') {
+        parse_value(Scope::Range, s).map(|n| (Scope::Range, n))
+    } else {
+        parse_value(Scope::Ip, s).map(|n| (Scope::Ip, n))
+    }
+}
+
+/// Builds the decision a POST asks for, or says exactly what is wrong with it.
+fn new_decision(body: &[u8]) -> Result<Decision, String> {
+    let req: NewDecision = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "body must be a JSON object like {{\"ip\": \"192.0.2.1\", \"duration\": \"4h\"}}: {e}"
+        )
+    })?;
+    build(req)
+}
+
+/// A JSON array of decisions (bulk load: one table rebuild for all of them).
+fn new_decisions(body: &[u8]) -> Result<Vec<Decision>, String> {
+    let reqs: Vec<NewDecision> = serde_json::from_slice(body)
+        .map_err(|e| format!("body must be a JSON array of decision objects: {e}"))?;
+    reqs.into_iter()
+        .enumerate()
+        .map(|(i, r)| build(r).map_err(|e| format!("decision {i}: {e}")))
+        .collect()
+}
+
+/// Checks one requested decision.
+fn build(req: NewDecision) -> Result<Decision, String> {
+    let (scope, value) = match (&req.ip, &req.cidr, &req.value) {
+        (Some(ip), None, None) => (Scope::Ip, parse_value(Scope::Ip, ip)?),
+        (None, Some(c), None) => (Scope::Range, parse_value(Scope::Range, c)?),
+        (None, None, Some(v)) => value_of(v)?,
+        (None, None, None) => return Err("give the address: \"ip\", \"cidr\" or \"value\"".into()),
+        _ => return Err("give only one of \"ip\", \"cidr\" and \"value\"".into()),
+    };
+    let kind = req.kind.unwrap_or_else(|| "ban".into());
+    if !valid_kind(&kind) {
+        return Err(format!(
+            "type {kind:?} is not valid (a word such as \"ban\" or \"captcha\")"
+        ));
+    }
+    let origin = req.origin.unwrap_or_else(|| "admin".into());
+    if !valid_kind(&origin) {
+        return Err(format!(
+            "origin {origin:?} is not valid (letters, digits, '-', '_', '.', ':')"
+        ));
+    }
+    let duration = match &req.duration {
+        None => Duration::from_secs(4 * 3600),
+        Some(s) => crate::config::units::parse_duration(s).map_err(|e| format!("duration: {e}"))?,
+    };
+    if duration.is_zero() {
+        return Err("duration must be more than zero".into());
+    }
+    if duration > MAX_DURATION {
+        return Err("duration is longer than a year".into());
+    }
+    let reason = req.reason.unwrap_or_default();
+    if reason.len() > 1024 {
+        return Err("reason is longer than 1024 bytes".into());
+    }
+    Ok(Decision {
+        source: Source::Local,
+        origin: Arc::from(origin),
+        scope,
+        value,
+        kind: Arc::from(kind),
+        until_ms: now_ms() + duration.as_millis() as u64,
+        reason,
+    })
+}
+
+async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
+    if body.trim_ascii_start().starts_with(b"[") {
+        let all = match new_decisions(body) {
+            Ok(all) => all,
+            Err(e) => return bad(e),
+        };
+        let n = all.len();
+        tracing::info!(decisions = n, "local decisions added in bulk");
+        rt.gateway.decisions.insert(all);
+        let mut resp = json!({"added": n});
+        if let Err(e) = persist(rt).await {
+            resp["warning"] = json!(format!("active, but not saved: {e}"));
+        }
+        return (StatusCode::CREATED, resp);
+    }
+    let d = match new_decision(body) {
+        Ok(d) => d,
+        Err(e) => return bad(e),
+    };
+    tracing::info!(origin = %d.origin, value = %d.value, kind = %d.kind, reason = %d.reason, "local decision added");
+    let shown = to_json(&d, now_ms());
+    rt.gateway.decisions.insert([d]);
+    let mut resp = json!({"decision": shown});
+    if let Err(e) = persist(rt).await {
+        resp["warning"] = json!(format!("active, but not saved: {e}"));
+    }
+    (StatusCode::CREATED, resp)
+}
+
+async fn delete(rt: &Arc<Runtime>, value: &str, query: &[(String, String)]) -> (StatusCode, Value) {
+    let (scope, net) = match value_of(value) {
+        Ok(v) => v,
+        Err(e) => return bad(e),
+    };
+    let mut filter = Filter {
+        value: Some(net),
+        ..Filter::default()
+    };
+    for (k, v) in query {
+        match k.as_str() {
+            "origin" => filter.origin = Some(v.clone()),
+            "type" => filter.kind = Some(v.clone()),
+            "value" => {}
+            other => {
+                return bad(format!(
+                    "unknown filter {other:?} (expected origin or type)"
+                ))
+            }
+        }
+    }
+    let removed = rt.gateway.decisions.remove(Source::Local, &filter);
+    if removed.is_empty() {
+        let crowdsec = rt.gateway.decisions.list(&Filter {
+            value: Some(net),
+            source: Some(Source::Crowdsec),
+            ..Filter::default()
+        });
+        let hint = if crowdsec.is_empty() {
+            String::new()
+        } else {
+            " (a CrowdSec decision exists: lift it with `cscli decisions delete`)".into()
+        };
+        return (
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no local {} decision on {net} matches{hint}", scope.as_str()), "deleted": 0}),
+        );
+    }
+    for d in &removed {
+        tracing::info!(origin = %d.origin, value = %d.value, kind = %d.kind, "local decision lifted");
+    }
+    let now = now_ms();
+    let mut resp = json!({
+        "deleted": removed.len(),
+        "decisions": removed.iter().map(|d| to_json(d, now)).collect::<Vec<_>>(),
+    });
+    if let Err(e) = persist(rt).await {
+        resp["warning"] = json!(format!("lifted, but not saved: {e}"));
+    }
+    (StatusCode::OK, resp)
+}
+
+async fn persist(rt: &Arc<Runtime>) -> Result<(), String> {
+    let rt = rt.clone();
+    let result = tokio::task::spawn_blocking(move || rt.save_decisions())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "cannot save local decisions");
+    }
+    result
+}
+
+/// `a=1&b=x%2Fy` -> [("a","1"), ("b","x/y")].
+fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+/// Percent-decoding (`+` stays `+`: addresses never contain spaces).
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_decisions_are_checked() {
+        let d = new_decision(br#"{"ip":"192.0.2.1","duration":"90s","reason":"test"}"#).unwrap();
+        assert_eq!(d.scope, Scope::Ip);
+        assert_eq!(&*d.kind, "ban");
+        assert_eq!(&*d.origin, "admin");
+        let d = new_decision(br#"{"value":"2001:db8::/32","type":"captcha","origin":"wazuh"}"#)
+            .unwrap();
+        assert_eq!(d.scope, Scope::Range);
+        for (body, why) in [
+            (&br#"{"ip":"300.1.1.1"}"#[..], "not an IP"),
+            (br#"{"cidr":"192.0.2.0/33"}"#, "not a CIDR"),
+            (br#"{"ip":"192.0.2.1","cidr":"192.0.2.0/24"}"#, "only one"),
+            (br#"{}"#, "give the address"),
+            (br#"{"ip":"192.0.2.1","duration":"10"}"#, "missing unit"),
+            (br#"{"ip":"192.0.2.1","duration":"0s"}"#, "more than zero"),
+            (
+                br#"{"ip":"192.0.2.1","duration":"400d"}"#,
+                "longer than a year",
+            ),
+            (br#"{"ip":"192.0.2.1","type":"b a n"}"#, "not valid"),
+            (br#"{"ip":"192.0.2.1","color":"red"}"#, "unknown field"),
+            (b"not json", "JSON object"),
+        ] {
+            let e = new_decision(body).unwrap_err();
+            assert!(e.contains(why), "{e:?} should mention {why:?}");
+        }
+        let all = new_decisions(br#"[{"ip":"192.0.2.1"},{"cidr":"192.0.2.0/24"}]"#).unwrap();
+        assert_eq!(all.len(), 2);
+        let e = new_decisions(br#"[{"ip":"192.0.2.1"},{"ip":"x"}]"#).unwrap_err();
+        assert!(e.contains("decision 1"), "{e}");
+    }
+
+    #[test]
+    fn queries_decode() {
+        assert_eq!(
+            parse_query("value=192.0.2.0%2F24&origin=wazuh").unwrap(),
+            vec![
+                ("value".to_string(), "192.0.2.0/24".to_string()),
+                ("origin".to_string(), "wazuh".to_string())
+            ]
+        );
+        assert!(parse_query("a=%zz").is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! `wraith wazuh-ar`: a Wazuh active-response script (called through the sh wrapper
+//! `integrations/wazuh/active-response/wraith-ban`). It follows execd's line protocol:
+//!
+//! 1. read one JSON line on stdin (4.x `add`/`delete` or 5.x `enable`/`disable`);
+//! 2. for add/enable: print `check_keys` with the address, read execd's one-line answer;
+//!    `continue` -> ban, `abort` (the same key is already active) -> renew the ban's TTL;
+//! 3. for delete/disable: lift the ban (stdout is not read);
+//!
+//! The ban goes through the admin socket with origin `wazuh`, so a Wazuh delete never lifts
+//! a CrowdSec or operator decision on the same address. Every wait is bounded: execd blocks
+//! on its scripts, so a stuck Wraith must not stick Wazuh. Exit 0 when done (or when the
+//! alert carries no address), 1 when the input or Wraith failed.
+
+use std::io::{BufRead, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use http::Method;
+use serde_json::json;
+
+use crate::decisions::wazuh::{self, Command, Reply};
+
+/// Options of `wraith wazuh-ar` (Wazuh passes none; the wrapper may).
+#[derive(Debug, clap::Args)]
+pub struct WazuhArgs {
+    /// Admin socket of the running Wraith (default: the config's server.admin_socket).
+    #[arg(long, env = "WRAITH_ADMIN_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Configuration file, read only to find the admin socket.
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "wraith.toml",
+        env = "WRAITH_CONFIG"
+    )]
+    pub config: PathBuf,
+    /// Hard timeout of each call to Wraith.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub timeout: String,
+    /// How long to wait for execd's message and for its check_keys answer.
+    #[arg(
+        long,
+        default_value = "5s",
+        value_name = "DURATION",
+        env = "WRAITH_AR_HANDSHAKE_TIMEOUT"
+    )]
+    pub handshake_timeout: String,
+    /// Longest ban when the manager's extra_args give no --max-ttl (a safety net for
+    /// deletes that never come, e.g. after an execd crash).
+    #[arg(
+        long,
+        default_value = "24h",
+        value_name = "DURATION",
+        env = "WRAITH_AR_MAX_TTL"
+    )]
+    pub max_ttl: String,
+    /// Also append log lines here (e.g. /var/ossec/logs/active-responses.log).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// The script name used in check_keys and logs.
+    #[arg(long, default_value = "wraith-ban")]
+    pub name: String,
+}
+
+struct Log<'a> {
+    file: Option<&'a Path>,
+    name: &'a str,
+}
+
+impl Log<'_> {
+    fn line(&self, msg: &str) {
+        let now = time::OffsetDateTime::now_utc();
+        let stamp = format!(
+            "{:04}/{:02}/{:02} {:02}:{:02}:{:02}",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second()
+        );
+        let line = format!("{stamp} {}: {msg}\n", self.name);
+        eprint!("{line}");
+        if let Some(path) = self.file {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = f.write_all(line.as_bytes());
+            }
+        }
+    }
+}
+
+pub fn run(args: WazuhArgs) -> ExitCode {
+    let log = Log {
+        file: args.log.as_deref(),
+        name: &args.name,
+    };
+    match execute(&args, &log) {
+        Ok(msg) => {
+            log.line(&msg);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log.line(&format!("error: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn duration(s: &str, what: &str) -> Result<Duration, String> {
+    crate::config::units::parse_duration(s).map_err(|e| format!("--{what}: {e}"))
+}
+
+/// Stdin lines, read on a thread so every wait can time out.
+fn stdin_lines() -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let mut lock = stdin.lock();
+        loop {
+            let mut line = String::new();
+            match lock.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
+    let call_timeout = duration(&args.timeout, "timeout")?;
+    let wait = duration(&args.handshake_timeout, "handshake-timeout")?;
+    let default_ttl = duration(&args.max_ttl, "max-ttl")?;
+    let lines = stdin_lines();
+    let input = lines
+        .recv_timeout(wait)
+        .map_err(|_| format!("no message from execd on stdin within {wait:?}"))?;
+    let msg = wazuh::parse(&input)?;
+    let Some(ip) = msg.ip else {
+        return Ok(format!(
+            "{:?} without a valid source address in the alert; nothing to do",
+            msg.command
+        ));
+    };
+    let socket = match &args.socket {
+        Some(s) => s.clone(),
+        None => super::server_paths(&args.config)?.admin_socket.ok_or(
+            "no admin socket: pass --socket, set WRAITH_ADMIN_SOCKET, or set server.admin_socket",
+        )?,
+    };
+    match msg.command {
+        Command::Add => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(wazuh::check_keys_line(&args.name, ip).as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| format!("cannot write check_keys to execd: {e}"))?;
+            drop(out);
+            let renew = match lines.recv_timeout(wait) {
+                Ok(line) => match wazuh::parse_reply(&line)? {
+                    Reply::Continue => false,
+                    // execd already holds this key and reset its timer: renew ours too.
+                    Reply::Abort => true,
+                },
+                Err(_) => {
+                    log.line(&format!(
+                        "execd did not answer check_keys within {wait:?} (stateless response?); banning {ip} with the max TTL"
+                    ));
+                    false
+                }
+            };
+            let cap = wazuh::max_ttl(&msg.extra_args)?.unwrap_or(default_ttl);
+            let ttl = msg.stateful_timeout.map_or(cap, |t| t.min(cap));
+            let ttl = ttl.max(Duration::from_secs(1));
+            let reason = match &msg.rule {
+                Some((id, desc)) if !desc.is_empty() => format!("wazuh rule {id}: {desc}"),
+                Some((id, _)) => format!("wazuh rule {id}"),
+                None => "wazuh active response".into(),
+            };
+            ban(&socket, ip, ttl, &reason, call_timeout)?;
+            Ok(format!(
+                "{} ban on {ip} for {}s ({reason})",
+                if renew { "renewed" } else { "added" },
+                ttl.as_secs()
+            ))
+        }
+        Command::Delete => unban(&socket, ip, call_timeout),
+    }
+}
+
+fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    timeout: Duration,
+) -> Result<(http::StatusCode, serde_json::Value), String> {
+    super::block_on(crate::admin::call_with_body(
+        socket,
+        method,
+        path,
+        body.as_ref(),
+        timeout,
+    ))?
+}
+
+fn ban(
+    socket: &Path,
+    ip: IpAddr,
+    ttl: Duration,
+    reason: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let body = json!({
+        "ip": ip.to_string(),
+        "type": "ban",
+        "duration": format!("{}s", ttl.as_secs()),
+        "origin": "wazuh",
+        "reason": reason,
+    });
+    let (status, v) = call(socket, Method::POST, "/v1/decisions", Some(body), timeout)?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("wraith refused the ban ({status}): {}", v["error"]))
+    }
+}
+
+fn unban(socket: &Path, ip: IpAddr, timeout: Duration) -> Result<String, String> {
+    let path = format!("/v1/decisions/{ip}?origin=wazuh&type=ban");
+    let (status, v) = call(socket, Method::DELETE, &path, None, timeout)?;
+    match status.as_u16() {
+        200 => Ok(format!("lifted the wazuh ban on {ip}")),
+        404 => Ok(format!("no wazuh ban on {ip} to lift")),
+        _ => Err(format!(
+            "wraith refused the delete ({status}): {}",
+            v["error"]
+        )),
+    }
+}

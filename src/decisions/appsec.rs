@@ -1,0 +1,179 @@
+//! CrowdSec AppSec (WAF) forwarding, CrowdSec >= 1.6: each request is shown to the AppSec
+//! listener before it goes upstream. The protocol (docs.crowdsec.net "AppSec protocol"):
+//! GET without a body, POST with it (explicit Content-Length); the original headers plus
+//! `X-Crowdsec-Appsec-{Ip,Uri,Verb,Host,Api-Key,User-Agent,Http-Version}`. 200 = allow;
+//! 403 with `{"action": ..., "http_status": N}` = block (the client gets `http_status`);
+//! 401 = bad key, 500 = malformed request; both, and an unreachable or slow WAF, follow
+//! `on_error`.
+//!
+//! This is a network call on the request path by design, so it is opt-in, bounded by
+//! `timeout`, and the body it buffers is bounded by `max_body`.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use crate::body::Body;
+use crate::config::{AppsecConfig, OnError, Secret};
+use crate::error::GatewayError;
+
+/// The AppSec client of one snapshot.
+pub struct Appsec {
+    pub config: AppsecConfig,
+    api_key: Option<Secret>,
+    client: reqwest::Client,
+}
+
+impl Appsec {
+    /// Builds the client (plain HTTP or TLS with the CrowdSec CA).
+    pub fn new(
+        config: AppsecConfig,
+        api_key: Option<Secret>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Appsec, String> {
+        let tls = super::crowdsec::tls_config(ca, None)?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(config.timeout)
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| format!("crowdsec.appsec: cannot build the HTTP client: {e}"))?;
+        Ok(Appsec {
+            config,
+            api_key,
+            client,
+        })
+    }
+
+    /// The AppSec stage: `Ok(request)` (its body buffered when it had one) or a refusal.
+    pub async fn inspect(
+        &self,
+        req: Request<Body>,
+        client_ip: IpAddr,
+    ) -> Result<Request<Body>, GatewayError> {
+        let (parts, body) = req.into_parts();
+        let bytes = if http_body::Body::is_end_stream(&body) {
+            Bytes::new()
+        } else {
+            match Limited::new(body, self.config.max_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(GatewayError::PayloadTooLarge {
+                        limit: self.config.max_body,
+                    })
+                }
+                Err(_) => return Err(GatewayError::BadRequest("request body could not be read")),
+            }
+        };
+        let verdict = self.ask(&parts, &bytes, client_ip).await;
+        let req = Request::from_parts(parts, Body::full(bytes));
+        match verdict {
+            Ok(()) => Ok(req),
+            Err(Refusal::Blocked { action, status }) => {
+                Err(GatewayError::AppsecBlocked { action, status })
+            }
+            Err(Refusal::Failed(reason)) => match self.config.on_error {
+                OnError::Open => {
+                    tracing::warn!(error = %reason, "crowdsec appsec failed; on_error = \"open\": letting the request through");
+                    Ok(req)
+                }
+                OnError::Closed => Err(GatewayError::AppsecUnavailable { reason }),
+            },
+        }
+    }
+
+    async fn ask(
+        &self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        client_ip: IpAddr,
+    ) -> Result<(), Refusal> {
+        let method = if body.is_empty() {
+            reqwest::Method::GET
+        } else {
+            reqwest::Method::POST
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &parts.headers {
+            if !crate::proxy::headers::is_hop_by_hop(k)
+                && k != http::header::HOST
+                && k != http::header::CONTENT_LENGTH
+            {
+                headers.append(k.clone(), v.clone());
+            }
+        }
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let host = crate::proxy::headers::request_host(&parts.uri, &parts.headers)
+            .unwrap_or("")
+            .to_string();
+        let version = match parts.version {
+            http::Version::HTTP_10 => "10",
+            http::Version::HTTP_2 => "20",
+            http::Version::HTTP_3 => "30",
+            _ => "11",
+        };
+        let mut set = |name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                headers.insert(name, v);
+            }
+        };
+        set("x-crowdsec-appsec-ip", &client_ip.to_string());
+        set("x-crowdsec-appsec-uri", &uri);
+        set("x-crowdsec-appsec-verb", parts.method.as_str());
+        set("x-crowdsec-appsec-host", &host);
+        set("x-crowdsec-appsec-http-version", version);
+        if let Some(ua) = parts
+            .headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+        {
+            set("x-crowdsec-appsec-user-agent", ua);
+        }
+        if let Some(k) = &self.api_key {
+            set("x-crowdsec-appsec-api-key", &k.0);
+        }
+        let mut req = self
+            .client
+            .request(method, &self.config.url)
+            .headers(headers);
+        if !body.is_empty() {
+            req = req
+                .header(http::header::CONTENT_LENGTH, body.len())
+                .body(body.clone());
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Refusal::Failed(format!("appsec request failed: {e}")))?;
+        let status = resp.status();
+        match status.as_u16() {
+            200 => Ok(()),
+            403 => {
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                let action = v["action"].as_str().unwrap_or("ban").to_string();
+                let status = v["http_status"]
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .and_then(|n| StatusCode::from_u16(n).ok())
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .unwrap_or(StatusCode::FORBIDDEN);
+                Err(Refusal::Blocked { action, status })
+            }
+            401 => Err(Refusal::Failed(
+                "appsec rejected the bouncer API key (401)".into(),
+            )),
+            _ => Err(Refusal::Failed(format!("appsec answered {status}"))),
+        }
+    }
+}
+
+enum Refusal {
+    Blocked { action: String, status: StatusCode },
+    Failed(String),
+}

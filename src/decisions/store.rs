@@ -1,0 +1,740 @@
+//! The decision store. Writers (the admin API, the CrowdSec bridge, the expiry janitor) edit
+//! two maps under a mutex and then publish an immutable lookup `Table` through `ArcSwap`;
+//! readers (the accept loop, the request pipeline) only ever load the current table, so they
+//! never block and never see a half-applied update.
+//!
+//! The table keeps one hash map per prefix length present (IPv4 and IPv6 apart), so a lookup
+//! probes at most 33 (IPv4) or 129 (IPv6) maps and in practice a handful: O(prefix length),
+//! no allocation, and no clock read unless something matched.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{action_for, Action, Decision, Key, Scope, Source};
+use crate::config::Fallback;
+use crate::proxy::headers::canonical;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a lookup found for an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Ban or allow, after the fallback for non-ban types.
+    pub action: Action,
+    /// Who decided.
+    pub origin: Arc<str>,
+    /// The decision type as written (`ban`, `captcha`, ...).
+    pub kind: Arc<str>,
+    /// The address or range that matched.
+    pub value: IpNet,
+}
+
+/// One active decision in the lookup table.
+#[derive(Debug)]
+struct Hit {
+    until_ms: u64,
+    origin: Arc<str>,
+    kind: Arc<str>,
+}
+
+/// The decisions of one prefix length: network address -> hits, strongest first.
+type Level<K> = (u8, HashMap<K, Box<[Hit]>, Seeded>);
+
+/// The immutable lookup structure readers use.
+#[derive(Default)]
+struct Table {
+    /// One level per prefix length present, longest prefix first.
+    v4: Vec<Level<u32>>,
+    v6: Vec<Level<u128>>,
+    len: usize,
+}
+
+/// A seeded integer hasher: much cheaper than SipHash for the fixed-width keys here, and the
+/// random seed keeps crafted address sets from colliding on purpose.
+#[derive(Clone, Copy)]
+struct Seeded(u64);
+
+impl BuildHasher for Seeded {
+    type Hasher = Mix;
+    fn build_hasher(&self) -> Mix {
+        Mix(self.0)
+    }
+}
+
+struct Mix(u64);
+
+impl Hasher for Mix {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = splitmix(self.0 ^ u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = splitmix(self.0 ^ u64::from(n));
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = splitmix(splitmix(self.0 ^ (n as u64)) ^ ((n >> 64) as u64));
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn mask4(addr: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        addr & (u32::MAX << (32 - u32::from(len)))
+    }
+}
+
+fn mask6(addr: u128, len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        addr & (u128::MAX << (128 - u32::from(len)))
+    }
+}
+
+impl Table {
+    fn build<'a>(decisions: impl Iterator<Item = &'a Decision>) -> Table {
+        let seed = Seeded(fastrand::u64(..));
+        let mut v4: HashMap<u8, HashMap<u32, Vec<Hit>, Seeded>> = HashMap::new();
+        let mut v6: HashMap<u8, HashMap<u128, Vec<Hit>, Seeded>> = HashMap::new();
+        let mut len = 0;
+        for d in decisions {
+            let hit = Hit {
+                until_ms: d.until_ms,
+                origin: d.origin.clone(),
+                kind: d.kind.clone(),
+            };
+            len += 1;
+            match d.value {
+                IpNet::V4(n) => v4
+                    .entry(n.prefix_len())
+                    .or_insert_with(|| HashMap::with_hasher(seed))
+                    .entry(u32::from(n.network()))
+                    .or_default()
+                    .push(hit),
+                IpNet::V6(n) => v6
+                    .entry(n.prefix_len())
+                    .or_insert_with(|| HashMap::with_hasher(seed))
+                    .entry(u128::from(n.network()))
+                    .or_default()
+                    .push(hit),
+            }
+        }
+        // Bans first, then the longest-lived: the first live hit is the strongest.
+        fn finish<K: std::hash::Hash + Eq>(
+            m: HashMap<u8, HashMap<K, Vec<Hit>, Seeded>>,
+        ) -> Vec<Level<K>> {
+            let mut out: Vec<_> = m
+                .into_iter()
+                .map(|(len, map)| {
+                    let mut fin = HashMap::with_capacity_and_hasher(map.len(), *map.hasher());
+                    for (k, mut hits) in map {
+                        hits.sort_by(|a, b| {
+                            (b.kind.as_ref() == "ban", b.until_ms)
+                                .cmp(&(a.kind.as_ref() == "ban", a.until_ms))
+                        });
+                        fin.insert(k, hits.into_boxed_slice());
+                    }
+                    (len, fin)
+                })
+                .collect();
+            out.sort_by_key(|level| std::cmp::Reverse(level.0));
+            out
+        }
+        Table {
+            v4: finish(v4),
+            v6: finish(v6),
+            len,
+        }
+    }
+
+    /// Every live hit for `ip`, longest prefix first, until `f` says stop.
+    fn visit(&self, ip: IpAddr, mut f: impl FnMut(&Hit, IpNet) -> bool) {
+        match canonical(ip) {
+            IpAddr::V4(v4) => {
+                let a = u32::from(v4);
+                for (len, map) in &self.v4 {
+                    let net = mask4(a, *len);
+                    if let Some(hits) = map.get(&net) {
+                        let value =
+                            IpNet::V4(ipnet::Ipv4Net::new(net.into(), *len).unwrap_or_default());
+                        for h in hits.iter() {
+                            if !f(h, value) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            IpAddr::V6(v6) => {
+                let a = u128::from(v6);
+                for (len, map) in &self.v6 {
+                    let net = mask6(a, *len);
+                    if let Some(hits) = map.get(&net) {
+                        let value =
+                            IpNet::V6(ipnet::Ipv6Net::new(net.into(), *len).unwrap_or_default());
+                        for h in hits.iter() {
+                            if !f(h, value) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The writers' view: every decision by source and key.
+#[derive(Default)]
+struct Maps {
+    local: HashMap<Key, Decision>,
+    crowdsec: HashMap<Key, Decision>,
+}
+
+impl Maps {
+    fn of(&mut self, source: Source) -> &mut HashMap<Key, Decision> {
+        match source {
+            Source::Local => &mut self.local,
+            Source::Crowdsec => &mut self.crowdsec,
+        }
+    }
+}
+
+/// Which decisions a delete or a listing concerns.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Exactly this address or range.
+    pub value: Option<IpNet>,
+    /// Decisions whose address or range contains this address.
+    pub contains: Option<IpAddr>,
+    pub origin: Option<String>,
+    pub kind: Option<String>,
+    pub scope: Option<Scope>,
+    pub source: Option<Source>,
+}
+
+impl Filter {
+    fn matches(&self, d: &Decision) -> bool {
+        self.value.is_none_or(|v| v == d.value)
+            && self
+                .contains
+                .is_none_or(|ip| d.value.contains(&canonical(ip)))
+            && self.origin.as_deref().is_none_or(|o| o == &*d.origin)
+            && self.kind.as_deref().is_none_or(|k| k == &*d.kind)
+            && self.scope.is_none_or(|s| s == d.scope)
+            && self.source.is_none_or(|s| s == d.source)
+    }
+}
+
+/// The decision store shared by the accept loops, the pipeline, the admin API and the bridges.
+pub struct DecisionStore {
+    maps: Mutex<Maps>,
+    table: ArcSwap<Table>,
+    /// Set by a CrowdSec bridge with `on_error = "closed"` while its data is too stale.
+    refuse_all: AtomicBool,
+}
+
+impl Default for DecisionStore {
+    fn default() -> Self {
+        DecisionStore::new()
+    }
+}
+
+impl DecisionStore {
+    /// An empty store.
+    pub fn new() -> DecisionStore {
+        DecisionStore {
+            maps: Mutex::new(Maps::default()),
+            table: ArcSwap::from_pointee(Table::default()),
+            refuse_all: AtomicBool::new(false),
+        }
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock leaves the maps consistent (every edit is one call).
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The strongest live decision for `ip`: any ban wins; otherwise the longest-prefix
+    /// non-ban decision (whose action follows `fallback`). `None` on a miss.
+    pub fn lookup(&self, ip: IpAddr, fallback: Fallback) -> Option<Verdict> {
+        let table = self.table.load();
+        let mut now = 0;
+        let mut found: Option<Verdict> = None;
+        table.visit(ip, |hit, value| {
+            if now == 0 {
+                now = now_ms();
+            }
+            if hit.until_ms <= now {
+                return true;
+            }
+            let action = action_for(&hit.kind, fallback);
+            if action == Action::Ban || found.is_none() {
+                found = Some(Verdict {
+                    action,
+                    origin: hit.origin.clone(),
+                    kind: hit.kind.clone(),
+                    value,
+                });
+            }
+            action != Action::Ban
+        });
+        found
+    }
+
+    /// Whether every request should be refused (CrowdSec closed-mode with stale data).
+    pub fn refusing_all(&self) -> bool {
+        self.refuse_all.load(Ordering::Relaxed)
+    }
+
+    /// Turns closed-mode refusal on or off.
+    pub fn set_refuse_all(&self, on: bool) {
+        self.refuse_all.store(on, Ordering::Relaxed);
+    }
+
+    /// Number of decisions in the published table (live or not yet purged).
+    pub fn len(&self) -> usize {
+        self.table.load().len
+    }
+
+    /// Whether the published table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn publish(&self, maps: &Maps) {
+        let table = Table::build(maps.local.values().chain(maps.crowdsec.values()));
+        self.table.store(Arc::new(table));
+    }
+
+    /// Adds (or replaces, by key) decisions and publishes once.
+    pub fn insert(&self, decisions: impl IntoIterator<Item = Decision>) {
+        let mut maps = self.maps();
+        for d in decisions {
+            maps.of(d.source).insert(d.key(), d);
+        }
+        self.publish(&maps);
+    }
+
+    /// Removes the decisions of `source` that `filter` selects; returns them.
+    pub fn remove(&self, source: Source, filter: &Filter) -> Vec<Decision> {
+        let mut maps = self.maps();
+        let map = maps.of(source);
+        let keys: Vec<Key> = map
+            .iter()
+            .filter(|(_, d)| filter.matches(d))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let removed: Vec<Decision> = keys.iter().filter_map(|k| map.remove(k)).collect();
+        if !removed.is_empty() {
+            self.publish(&maps);
+        }
+        removed
+    }
+
+    /// Replaces every CrowdSec decision with `decisions` (a full stream snapshot).
+    pub fn replace_crowdsec(&self, decisions: Vec<Decision>) {
+        let mut maps = self.maps();
+        maps.crowdsec = decisions.into_iter().map(|d| (d.key(), d)).collect();
+        self.publish(&maps);
+    }
+
+    /// Applies one stream delta: `deleted` keys go (repeats are harmless), then `new` ones
+    /// are added. Publishes once, and only if something changed.
+    pub fn apply_crowdsec_delta(&self, deleted: &[Key], new: Vec<Decision>) -> (usize, usize) {
+        let mut maps = self.maps();
+        let removed = deleted
+            .iter()
+            .filter(|k| maps.crowdsec.remove(k).is_some())
+            .count();
+        let added = new.len();
+        for d in new {
+            maps.crowdsec.insert(d.key(), d);
+        }
+        if removed > 0 || added > 0 {
+            self.publish(&maps);
+        }
+        (removed, added)
+    }
+
+    /// Drops expired decisions; returns how many went.
+    pub fn purge_expired(&self) -> usize {
+        let now = now_ms();
+        let mut maps = self.maps();
+        let before = maps.local.len() + maps.crowdsec.len();
+        maps.local.retain(|_, d| d.until_ms > now);
+        maps.crowdsec.retain(|_, d| d.until_ms > now);
+        let purged = before - maps.local.len() - maps.crowdsec.len();
+        if purged > 0 {
+            self.publish(&maps);
+        }
+        purged
+    }
+
+    /// Live decisions that `filter` selects, sorted by source, value, origin and type.
+    pub fn list(&self, filter: &Filter) -> Vec<Decision> {
+        let now = now_ms();
+        let maps = self.maps();
+        let mut out: Vec<Decision> = maps
+            .local
+            .values()
+            .chain(maps.crowdsec.values())
+            .filter(|d| d.until_ms > now && filter.matches(d))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| {
+            (a.source, a.value, &a.origin, &a.kind).cmp(&(b.source, b.value, &b.origin, &b.kind))
+        });
+        out
+    }
+
+    /// Counts of live decisions by source: (local, crowdsec).
+    pub fn counts(&self) -> (usize, usize) {
+        let maps = self.maps();
+        (maps.local.len(), maps.crowdsec.len())
+    }
+
+    /// Writes the live local decisions to `path` atomically (temp file + rename, mode 0600).
+    pub fn save(&self, path: &Path) -> Result<usize, String> {
+        let now = now_ms();
+        let file = {
+            let maps = self.maps();
+            let mut decisions: Vec<StoredDecision> = maps
+                .local
+                .values()
+                .filter(|d| d.until_ms > now)
+                .map(StoredDecision::from)
+                .collect();
+            decisions.sort_by(|a, b| (&a.value, &a.origin).cmp(&(&b.value, &b.origin)));
+            StateFile {
+                version: 1,
+                decisions,
+            }
+        };
+        let n = file.decisions.len();
+        let mut bytes = serde_json::to_vec_pretty(&file)
+            .map_err(|e| format!("cannot encode decisions: {e}"))?;
+        bytes.push(b'\n');
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            f.write_all(&bytes)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, path)
+            .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+        Ok(n)
+    }
+
+    /// Loads local decisions saved by `save`; expired ones are skipped. A missing file is
+    /// an empty store; a malformed one is an error naming the file and the problem.
+    pub fn load(&self, path: &Path) -> Result<usize, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let file: StateFile = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a Wraith decisions file: {e}", path.display()))?;
+        let now = now_ms();
+        let mut decisions = Vec::new();
+        for (i, s) in file.decisions.into_iter().enumerate() {
+            let d = s
+                .into_decision()
+                .map_err(|e| format!("{}: decision {i}: {e}", path.display()))?;
+            if d.until_ms > now {
+                decisions.push(d);
+            }
+        }
+        self.insert(decisions);
+        Ok(self.counts().0)
+    }
+}
+
+/// The on-disk format of local decisions.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    decisions: Vec<StoredDecision>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredDecision {
+    origin: String,
+    scope: String,
+    value: String,
+    #[serde(rename = "type")]
+    kind: String,
+    /// Milliseconds since the Unix epoch.
+    until_ms: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+impl From<&Decision> for StoredDecision {
+    fn from(d: &Decision) -> Self {
+        StoredDecision {
+            origin: d.origin.to_string(),
+            scope: d.scope.as_str().to_string(),
+            value: d.value.to_string(),
+            kind: d.kind.to_string(),
+            until_ms: d.until_ms,
+            reason: d.reason.clone(),
+        }
+    }
+}
+
+impl StoredDecision {
+    fn into_decision(self) -> Result<Decision, String> {
+        let scope = Scope::parse(&self.scope)
+            .ok_or_else(|| format!("unknown scope {:?} (expected Ip or Range)", self.scope))?;
+        let value = super::parse_value(Scope::Range, &self.value)?;
+        if !super::valid_kind(&self.kind) {
+            return Err(format!("invalid type {:?}", self.kind));
+        }
+        Ok(Decision {
+            source: Source::Local,
+            origin: Arc::from(self.origin),
+            scope,
+            value,
+            kind: Arc::from(self.kind),
+            until_ms: self.until_ms,
+            reason: self.reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(source: Source, origin: &str, value: &str, kind: &str, ttl_ms: u64) -> Decision {
+        let value: IpNet = value.parse().unwrap();
+        Decision {
+            source,
+            origin: origin.into(),
+            scope: if value.prefix_len() == value.max_prefix_len() {
+                Scope::Ip
+            } else {
+                Scope::Range
+            },
+            value,
+            kind: kind.into(),
+            until_ms: now_ms() + ttl_ms,
+            reason: "test".into(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_lookup_v4_and_v6() {
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "admin", "192.0.2.7/32", "ban", 60_000),
+            dec(Source::Crowdsec, "cscli", "198.51.100.0/24", "ban", 60_000),
+            dec(Source::Crowdsec, "cscli", "2001:db8:1::/48", "ban", 60_000),
+            dec(
+                Source::Local,
+                "admin",
+                "2001:db8:2::5/128",
+                "captcha",
+                60_000,
+            ),
+        ]);
+        let fb = Fallback::Ban;
+        assert_eq!(s.lookup(ip("192.0.2.7"), fb).unwrap().action, Action::Ban);
+        assert!(s.lookup(ip("192.0.2.8"), fb).is_none());
+        let v = s.lookup(ip("198.51.100.200"), fb).unwrap();
+        assert_eq!(v.value, "198.51.100.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(&*v.origin, "cscli");
+        assert!(s.lookup(ip("198.51.101.1"), fb).is_none());
+        assert!(s.lookup(ip("2001:db8:1:ffff::1"), fb).is_some());
+        assert!(s.lookup(ip("2001:db8:3::1"), fb).is_none());
+        // IPv4-mapped IPv6 peers match IPv4 decisions.
+        assert!(s.lookup(ip("::ffff:192.0.2.7"), fb).is_some());
+        // captcha follows the fallback.
+        assert_eq!(
+            s.lookup(ip("2001:db8:2::5"), Fallback::Allow)
+                .unwrap()
+                .action,
+            Action::Allow
+        );
+        assert_eq!(
+            s.lookup(ip("2001:db8:2::5"), Fallback::Ban).unwrap().action,
+            Action::Ban
+        );
+    }
+
+    #[test]
+    fn a_ban_on_a_range_beats_a_captcha_on_the_address() {
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "admin", "203.0.113.9/32", "captcha", 60_000),
+            dec(
+                Source::Crowdsec,
+                "crowdsec",
+                "203.0.113.0/24",
+                "ban",
+                60_000,
+            ),
+        ]);
+        let v = s.lookup(ip("203.0.113.9"), Fallback::Allow).unwrap();
+        assert_eq!(v.action, Action::Ban);
+        assert_eq!(&*v.kind, "ban");
+    }
+
+    #[test]
+    fn expired_decisions_do_not_match_and_are_purged() {
+        let s = DecisionStore::new();
+        let mut d = dec(Source::Local, "admin", "192.0.2.1/32", "ban", 0);
+        d.until_ms = now_ms() - 1;
+        s.insert([
+            d,
+            dec(Source::Local, "admin", "192.0.2.2/32", "ban", 60_000),
+        ]);
+        assert!(s.lookup(ip("192.0.2.1"), Fallback::Ban).is_none());
+        assert!(s.lookup(ip("192.0.2.2"), Fallback::Ban).is_some());
+        assert_eq!(s.purge_expired(), 1);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn sources_are_separate_partitions() {
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "wazuh", "192.0.2.1/32", "ban", 60_000),
+            dec(Source::Crowdsec, "crowdsec", "192.0.2.1/32", "ban", 60_000),
+        ]);
+        let filter = Filter {
+            value: Some("192.0.2.1/32".parse().unwrap()),
+            origin: Some("wazuh".into()),
+            ..Filter::default()
+        };
+        assert_eq!(s.remove(Source::Local, &filter).len(), 1);
+        let v = s.lookup(ip("192.0.2.1"), Fallback::Ban).unwrap();
+        assert_eq!(&*v.origin, "crowdsec");
+        // A full CrowdSec snapshot never touches local decisions.
+        s.insert([dec(Source::Local, "admin", "192.0.2.9/32", "ban", 60_000)]);
+        s.replace_crowdsec(Vec::new());
+        assert!(s.lookup(ip("192.0.2.1"), Fallback::Ban).is_none());
+        assert!(s.lookup(ip("192.0.2.9"), Fallback::Ban).is_some());
+    }
+
+    #[test]
+    fn repeated_deletes_are_harmless() {
+        let s = DecisionStore::new();
+        let d = dec(Source::Crowdsec, "cscli", "192.0.2.1/32", "ban", 60_000);
+        let key = d.key();
+        s.apply_crowdsec_delta(&[], vec![d]);
+        assert_eq!(
+            s.apply_crowdsec_delta(std::slice::from_ref(&key), vec![]),
+            (1, 0)
+        );
+        assert_eq!(
+            s.apply_crowdsec_delta(std::slice::from_ref(&key), vec![]),
+            (0, 0)
+        );
+        assert!(s.lookup(ip("192.0.2.1"), Fallback::Ban).is_none());
+    }
+
+    #[test]
+    fn local_decisions_round_trip_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/decisions.json");
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "wazuh", "192.0.2.1/32", "ban", 60_000),
+            dec(Source::Local, "admin", "2001:db8::/32", "ban", 60_000),
+            dec(Source::Crowdsec, "cscli", "198.51.100.1/32", "ban", 60_000),
+        ]);
+        assert_eq!(s.save(&path).unwrap(), 2);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let t = DecisionStore::new();
+        assert_eq!(t.load(&path).unwrap(), 2);
+        assert!(t.lookup(ip("192.0.2.1"), Fallback::Ban).is_some());
+        assert!(t.lookup(ip("2001:db8:ffff::1"), Fallback::Ban).is_some());
+        assert!(t.lookup(ip("198.51.100.1"), Fallback::Ban).is_none());
+        // Missing file: empty; garbage: a clear error.
+        assert_eq!(t.load(&dir.path().join("none.json")).unwrap(), 0);
+        std::fs::write(&path, "{not json").unwrap();
+        let e = t.load(&path).unwrap_err();
+        assert!(e.contains("not a Wraith decisions file"), "{e}");
+    }
+
+    #[test]
+    fn many_decisions_publish_and_match() {
+        let s = DecisionStore::new();
+        let mut all = Vec::new();
+        for i in 0..20_000u32 {
+            let a = std::net::Ipv4Addr::from(0x0A00_0000 + i * 3);
+            all.push(dec(
+                Source::Crowdsec,
+                "crowdsec",
+                &format!("{a}/32"),
+                "ban",
+                60_000,
+            ));
+        }
+        for i in 0..2_000u32 {
+            let a = std::net::Ipv4Addr::from(0x6400_0000 + (i << 8));
+            all.push(dec(
+                Source::Crowdsec,
+                "crowdsec",
+                &format!("{a}/24"),
+                "ban",
+                60_000,
+            ));
+        }
+        s.replace_crowdsec(all);
+        assert_eq!(s.len(), 22_000);
+        assert!(s.lookup(ip("10.0.0.3"), Fallback::Ban).is_some());
+        assert!(s.lookup(ip("10.0.0.4"), Fallback::Ban).is_none());
+        assert!(s.lookup(ip("100.0.5.77"), Fallback::Ban).is_some());
+    }
+}

@@ -1,0 +1,568 @@
+//! Rate limits: GCRA (governor) per key, keyed by client address, client identity, route or
+//! a trusted proxy's header.
+//!
+//! A route's limits are its own `rate_limits`, or the `[rate_limit]` defaults (one shared set
+//! of buckets for every route that uses them). Each limit is a `Limiter`, generic over the
+//! clock so tests drive a fake one. Key state is bounded two ways: a timer drops keys whose
+//! bucket is full again (`retain_recent`), and past `max_keys` new keys share one overflow
+//! bucket instead of growing the map (a flood of fresh addresses degrades to one shared
+//! limit rather than unbounded memory). Limiters whose settings did not change are carried
+//! into the next snapshot on reload, with their state.
+
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed, StateStore};
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::{LimitKey, LimitMode, RateLimitConfig};
+use crate::error::{GatewayError, RateLimited};
+use crate::identity::Identity;
+
+/// What a request is counted by in one limit.
+#[derive(Debug, Clone)]
+pub enum Key {
+    /// An IPv4 address, or an IPv6 address cut to its /64.
+    Ip(IpAddr),
+    /// A client certificate (by SPIFFE ID, else fingerprint).
+    Identity(IdentityKey),
+    /// The whole route.
+    Route,
+    /// A header value from a trusted proxy.
+    Header(HeaderValue),
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        match (self, other) {
+            (Key::Ip(a), Key::Ip(b)) => a == b,
+            (Key::Identity(a), Key::Identity(b)) => a == b,
+            (Key::Route, Key::Route) => true,
+            (Key::Header(a), Key::Header(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        match self {
+            Key::Ip(ip) => ip.hash(state),
+            Key::Identity(id) => id.hash(state),
+            Key::Route => {}
+            Key::Header(v) => v.hash(state),
+        }
+    }
+}
+
+/// A shared identity compared by the name it is limited under: no copy per request.
+#[derive(Debug, Clone)]
+pub struct IdentityKey(pub Arc<Identity>);
+
+impl IdentityKey {
+    /// The SPIFFE ID, else the certificate fingerprint (never a client-supplied header).
+    pub fn as_str(&self) -> &str {
+        self.0.spiffe_id.as_deref().unwrap_or(&self.0.fingerprint)
+    }
+}
+
+impl PartialEq for IdentityKey {
+    fn eq(&self, other: &IdentityKey) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for IdentityKey {}
+
+impl Hash for IdentityKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+/// An address as a limit key: IPv6 clients usually own a whole /64, so they count as one.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match crate::proxy::headers::canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
+/// What the limit stage knows about a request.
+pub struct RequestFacts<'a> {
+    /// The client address after trusted-proxy resolution.
+    pub client: IpAddr,
+    /// Whether the TCP peer is a trusted proxy (header keys are believed only then).
+    pub peer_trusted: bool,
+    /// The verified client certificate, if any.
+    pub identity: Option<&'a Arc<Identity>>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The key state of one limit: a concurrent map with a cap, plus the overflow bucket.
+pub struct CappedStore {
+    map: DashMap<Key, InMemoryState>,
+    /// Approximate number of keys (exact after each cleanup).
+    count: AtomicUsize,
+    cap: usize,
+    overflow: InMemoryState,
+}
+
+impl CappedStore {
+    fn new(cap: usize) -> CappedStore {
+        CappedStore {
+            map: DashMap::new(),
+            count: AtomicUsize::new(0),
+            cap,
+            overflow: InMemoryState::default(),
+        }
+    }
+}
+
+impl StateStore for CappedStore {
+    type Key = Key;
+
+    fn measure_and_replace<T, F, E>(&self, key: &Key, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        if let Some(state) = self.map.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        if self.count.load(Ordering::Relaxed) >= self.cap {
+            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        let state = match self.map.entry(key.clone()) {
+            dashmap::Entry::Occupied(o) => o.into_ref(),
+            dashmap::Entry::Vacant(v) => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+                v.insert(InMemoryState::default())
+            }
+        };
+        state.measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+/// The theoretical arrival time a state holds, read without changing it.
+fn tat(state: &InMemoryState) -> Option<Nanos> {
+    state
+        .measure_and_replace(&NotKeyed::NonKey, Err::<((), Nanos), _>)
+        .err()
+        .flatten()
+}
+
+impl ShrinkableKeyedStateStore<Key> for CappedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.map
+            .retain(|_, state| tat(state).is_some_and(|t| t > drop_below));
+        self.count.store(self.map.len(), Ordering::Relaxed);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.map.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// One configured limit with its key state.
+pub struct Limiter<C: Clock = DefaultClock> {
+    /// The settings it was built from (compared on reload).
+    pub config: RateLimitConfig,
+    /// The key cap it was built with.
+    pub max_keys: usize,
+    limiter: RateLimiter<Key, CappedStore, C, NoOpMiddleware<C::Instant>>,
+    window_secs: u64,
+}
+
+impl<C: Clock> std::fmt::Debug for Limiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("config", &self.config)
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of one limit for one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Under the limit.
+    Allowed,
+    /// Over the limit; wait this long.
+    Refused(Duration),
+}
+
+impl Limiter<DefaultClock> {
+    /// A limiter on the real (monotonic, quanta) clock.
+    pub fn new(config: RateLimitConfig, max_keys: usize) -> Limiter<DefaultClock> {
+        Limiter::with_clock(config, max_keys, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> Limiter<C> {
+    /// A limiter on `clock` (tests pass `governor::clock::FakeRelativeClock`).
+    pub fn with_clock(config: RateLimitConfig, max_keys: usize, clock: C) -> Limiter<C> {
+        let period = config.period().max(Duration::from_nanos(1));
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(config.count))
+            .allow_burst(config.burst);
+        let refill = period.saturating_mul(config.burst.get());
+        Limiter {
+            window_secs: crate::error::ceil_secs(refill),
+            limiter: RateLimiter::new(quota, CappedStore::new(max_keys), clock),
+            max_keys,
+            config,
+        }
+    }
+
+    /// The key this limit counts `req` by.
+    pub fn key_for(&self, req: &RequestFacts<'_>) -> Key {
+        match &self.config.key {
+            LimitKey::Ip => Key::Ip(ip_key(req.client)),
+            LimitKey::Identity => match req.identity {
+                Some(id) => Key::Identity(IdentityKey(id.clone())),
+                // Anonymous clients are still limited, by address.
+                None => Key::Ip(ip_key(req.client)),
+            },
+            LimitKey::Route => Key::Route,
+            LimitKey::Header(name) => match req.headers.get(name) {
+                Some(v) if req.peer_trusted => Key::Header(v.clone()),
+                _ => Key::Ip(ip_key(req.client)),
+            },
+        }
+    }
+
+    /// Counts one request under `key`.
+    pub fn check_key(&self, key: &Key) -> Outcome {
+        match self.limiter.check_key(key) {
+            Ok(()) => Outcome::Allowed,
+            Err(not_until) => {
+                Outcome::Refused(not_until.wait_time_from(self.limiter.clock().now()))
+            }
+        }
+    }
+
+    /// Drops keys whose bucket is full again, and returns memory to the allocator.
+    pub fn cleanup(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Keys currently tracked.
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// The refusal for a request this limit turned away.
+    pub fn refusal(&self, wait: Duration) -> GatewayError {
+        GatewayError::RateLimited(Box::new(RateLimited {
+            name: self.config.name.clone(),
+            retry_after: wait,
+            quota: self.config.burst.get(),
+            window_secs: self.window_secs,
+        }))
+    }
+}
+
+/// The rate-limit stage: every limit of the route counts the request; the first enforced
+/// limit over its rate refuses it with 429. Shadow limits only log.
+///
+/// Runs after decisions and policy, so refused or banned clients never spend quota.
+pub fn check<C: Clock>(
+    limits: &[Arc<Limiter<C>>],
+    req: &RequestFacts<'_>,
+    route: &str,
+) -> Result<(), GatewayError> {
+    for limit in limits {
+        let key = limit.key_for(req);
+        if let Outcome::Refused(wait) = limit.check_key(&key) {
+            match limit.config.mode {
+                LimitMode::Enforce => return Err(limit.refusal(wait)),
+                LimitMode::Shadow => tracing::info!(
+                    limit = %limit.config.name,
+                    route,
+                    client = %req.client,
+                    retry_after_ms = wait.as_millis() as u64,
+                    "rate limit would refuse this request (shadow mode)"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A limiter for `config`: the one from `previous` with the same settings (keeping its
+/// state), or a new one.
+pub fn reuse_or_new(
+    previous: &[Arc<Limiter>],
+    config: &RateLimitConfig,
+    max_keys: usize,
+) -> Arc<Limiter> {
+    previous
+        .iter()
+        .find(|l| l.config == *config && l.max_keys == max_keys)
+        .cloned()
+        .unwrap_or_else(|| Arc::new(Limiter::new(config.clone(), max_keys)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn config(key: LimitKey, count: u32, per: Duration, burst: u32) -> RateLimitConfig {
+        RateLimitConfig {
+            name: "test".into(),
+            key,
+            count: NonZeroU32::new(count).unwrap(),
+            per,
+            burst: NonZeroU32::new(burst).unwrap(),
+            mode: LimitMode::Enforce,
+        }
+    }
+
+    fn facts<'a>(
+        ip: &str,
+        identity: Option<&'a Arc<Identity>>,
+        headers: &'a HeaderMap,
+        trusted: bool,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            client: ip.parse().unwrap(),
+            peer_trusted: trusted,
+            identity,
+            headers,
+        }
+    }
+
+    fn identity(spiffe: Option<&str>, fingerprint: &str) -> Arc<Identity> {
+        Arc::new(Identity {
+            spiffe_id: spiffe.map(String::from),
+            fingerprint: fingerprint.into(),
+            ..Identity::default()
+        })
+    }
+
+    #[test]
+    fn exactly_burst_then_one_per_period() {
+        let clock = FakeRelativeClock::default();
+        // 2 per second, burst 5.
+        let l = Limiter::with_clock(
+            config(LimitKey::Ip, 2, Duration::from_secs(1), 5),
+            100,
+            clock.clone(),
+        );
+        let h = HeaderMap::new();
+        let key = l.key_for(&facts("192.0.2.1", None, &h, false));
+        for i in 0..5 {
+            assert_eq!(
+                l.check_key(&key),
+                Outcome::Allowed,
+                "request {i} of the burst"
+            );
+        }
+        assert_eq!(
+            l.check_key(&key),
+            Outcome::Refused(Duration::from_millis(500))
+        );
+        clock.advance(Duration::from_millis(499));
+        assert_eq!(
+            l.check_key(&key),
+            Outcome::Refused(Duration::from_millis(1))
+        );
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(l.check_key(&key), Outcome::Allowed);
+        assert!(matches!(l.check_key(&key), Outcome::Refused(_)));
+        // A whole refill later, the full burst is back.
+        clock.advance(Duration::from_millis(2500));
+        for _ in 0..5 {
+            assert_eq!(l.check_key(&key), Outcome::Allowed);
+        }
+        assert!(matches!(l.check_key(&key), Outcome::Refused(_)));
+    }
+
+    #[test]
+    fn the_refusal_carries_ietf_fields() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::with_clock(
+            config(LimitKey::Route, 10, Duration::from_secs(60), 3),
+            100,
+            clock,
+        );
+        let h = HeaderMap::new();
+        let req = facts("192.0.2.1", None, &h, false);
+        let limits = [Arc::new(l)];
+        for _ in 0..3 {
+            check(&limits, &req, "r").unwrap();
+        }
+        let err = check(&limits, &req, "r").unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        // One request per 6s; a full burst of 3 refills in 18s.
+        assert_eq!(err.retry_after(), Some(6));
+        let mut hm = HeaderMap::new();
+        err.add_headers(&mut hm);
+        assert_eq!(hm["ratelimit-policy"], "\"test\";q=3;w=18");
+        assert_eq!(hm["ratelimit"], "\"test\";r=0;t=6");
+    }
+
+    #[test]
+    fn identity_keys_are_independent_per_certificate() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::with_clock(
+            config(LimitKey::Identity, 1, Duration::from_secs(1), 2),
+            100,
+            clock,
+        );
+        let h = HeaderMap::new();
+        let alice = identity(Some("spiffe://example.org/alice"), "aa");
+        // Same SPIFFE ID on a second connection (another Arc): same bucket.
+        let alice2 = identity(Some("spiffe://example.org/alice"), "a2");
+        let bob = identity(None, "bb");
+        let k = |id| l.key_for(&facts("192.0.2.1", Some(id), &h, false));
+        assert_eq!(l.check_key(&k(&alice)), Outcome::Allowed);
+        assert_eq!(l.check_key(&k(&alice2)), Outcome::Allowed);
+        assert!(matches!(l.check_key(&k(&alice)), Outcome::Refused(_)));
+        // Bob, from the same address, has his own bucket (keyed by fingerprint).
+        assert_eq!(l.check_key(&k(&bob)), Outcome::Allowed);
+        assert_eq!(l.check_key(&k(&bob)), Outcome::Allowed);
+        assert!(matches!(l.check_key(&k(&bob)), Outcome::Refused(_)));
+        // Anonymous clients fall back to their address.
+        assert!(matches!(
+            l.key_for(&facts("192.0.2.1", None, &h, false)),
+            Key::Ip(_)
+        ));
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64() {
+        let h = HeaderMap::new();
+        let l = Limiter::with_clock(
+            config(LimitKey::Ip, 1, Duration::from_secs(1), 1),
+            100,
+            FakeRelativeClock::default(),
+        );
+        let a = l.key_for(&facts("2001:db8:1:2:aaaa::1", None, &h, false));
+        let b = l.key_for(&facts("2001:db8:1:2:bbbb::9", None, &h, false));
+        let c = l.key_for(&facts("2001:db8:1:3::1", None, &h, false));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(l.check_key(&a), Outcome::Allowed);
+        assert!(matches!(l.check_key(&b), Outcome::Refused(_)));
+        assert_eq!(l.check_key(&c), Outcome::Allowed);
+    }
+
+    #[test]
+    fn header_keys_only_from_trusted_proxies() {
+        let l = Limiter::with_clock(
+            config(
+                LimitKey::Header(http::HeaderName::from_static("x-client-id")),
+                1,
+                Duration::from_secs(1),
+                1,
+            ),
+            100,
+            FakeRelativeClock::default(),
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-client-id", HeaderValue::from_static("tenant-7"));
+        assert_eq!(
+            l.key_for(&facts("10.0.0.1", None, &h, true)),
+            Key::Header(HeaderValue::from_static("tenant-7"))
+        );
+        assert_eq!(
+            l.key_for(&facts("10.0.0.1", None, &h, false)),
+            Key::Ip("10.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn key_state_stays_bounded() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::with_clock(
+            config(LimitKey::Ip, 10, Duration::from_secs(1), 10),
+            1000,
+            clock.clone(),
+        );
+        let h = HeaderMap::new();
+        // 100k distinct addresses: the map stops at the cap; the rest share the overflow.
+        for i in 0..100_000u32 {
+            let ip = std::net::Ipv4Addr::from(0xC000_0000 + i).to_string();
+            let _ = l.check_key(&l.key_for(&facts(&ip, None, &h, false)));
+        }
+        assert_eq!(l.keys(), 1000);
+        // Keys whose bucket refilled are dropped by cleanup.
+        clock.advance(Duration::from_secs(2));
+        l.cleanup();
+        assert_eq!(l.keys(), 0);
+        // ...and new keys are tracked again.
+        let k = l.key_for(&facts("192.0.2.1", None, &h, false));
+        assert_eq!(l.check_key(&k), Outcome::Allowed);
+        assert_eq!(l.keys(), 1);
+    }
+
+    #[test]
+    fn cleanup_keeps_keys_that_are_still_limited() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::with_clock(
+            config(LimitKey::Ip, 1, Duration::from_secs(10), 1),
+            100,
+            clock.clone(),
+        );
+        let h = HeaderMap::new();
+        let k = l.key_for(&facts("192.0.2.1", None, &h, false));
+        assert_eq!(l.check_key(&k), Outcome::Allowed);
+        clock.advance(Duration::from_secs(1));
+        l.cleanup();
+        assert_eq!(l.keys(), 1);
+        assert!(matches!(l.check_key(&k), Outcome::Refused(_)));
+    }
+
+    #[test]
+    fn shadow_mode_lets_requests_through() {
+        let mut c = config(LimitKey::Route, 1, Duration::from_secs(1), 1);
+        c.mode = LimitMode::Shadow;
+        let limits = [Arc::new(Limiter::with_clock(
+            c,
+            10,
+            FakeRelativeClock::default(),
+        ))];
+        let h = HeaderMap::new();
+        let req = facts("192.0.2.1", None, &h, false);
+        for _ in 0..5 {
+            check(&limits, &req, "r").unwrap();
+        }
+    }
+
+    #[test]
+    fn unchanged_limits_are_reused() {
+        let c = config(LimitKey::Ip, 1, Duration::from_secs(1), 1);
+        let old = vec![Arc::new(Limiter::new(c.clone(), 10))];
+        assert!(Arc::ptr_eq(&reuse_or_new(&old, &c, 10), &old[0]));
+        assert!(!Arc::ptr_eq(&reuse_or_new(&old, &c, 11), &old[0]));
+        let mut d = c.clone();
+        d.burst = NonZeroU32::new(2).unwrap();
+        assert!(!Arc::ptr_eq(&reuse_or_new(&old, &d, 10), &old[0]));
+    }
+}

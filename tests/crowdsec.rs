@@ -1,0 +1,380 @@
+//! The CrowdSec bridge against Debian's real crowdsec 1.4.6: a LAPI on a free loopback port,
+//! a bouncer key registered with cscli, decisions added and deleted with cscli, the LAPI
+//! stopped and restarted, and the full loop (Wraith's own access log -> crowdsec agent ->
+//! ban -> Wraith refuses). Clients appear as TEST-NET addresses through a trusted-proxy
+//! X-Forwarded-For (CrowdSec whitelists 127.0.0.1 and private ranges).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::crowdsec::{self, Crowdsec, BOUNCER_KEY, BOUNCER_KEY_2};
+use common::*;
+
+/// A gateway in front of nothing (built-in responses), trusting 127.0.0.0/8 as a proxy, with
+/// the CrowdSec bridge polling `lapi` every `every`.
+fn config(setup: &Setup, lapi: &str, every: &str, extra: &str) -> String {
+    let listeners = setup.listeners().replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    format!(
+        r#"{listeners}
+[crowdsec]
+lapi_url = "{lapi}"
+api_key = "{BOUNCER_KEY}"
+update_frequency = "{every}"
+{extra}
+
+[[route]]
+name = "home"
+path = {{ prefix = "/" }}
+respond = {{ status = 200, body = "ok\n" }}
+"#
+    )
+}
+
+/// Status of a request "from" `client` (via the trusted-proxy header).
+async fn status_for(client: &reqwest::Client, wraith: &Wraith, ip: &str) -> u16 {
+    client
+        .get(wraith.url("http", "/"))
+        .header("x-forwarded-for", ip)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Polls until a request from `ip` gets `want`; returns how long that took.
+async fn until_status(
+    client: &reqwest::Client,
+    wraith: &Wraith,
+    ip: &str,
+    want: u16,
+    deadline: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = status_for(client, wraith, ip).await;
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{ip}: still {got} after {deadline:?}, expected {want}\n{}",
+            wraith.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn bridge_synced(wraith: &Wraith) {
+    assert!(
+        wraith
+            .wait_log(Duration::from_secs(20), |v| v["message"]
+                == "crowdsec decisions updated"
+                && v["full"] == true)
+            .is_some(),
+        "the bridge never completed a full pull:\n{}",
+        wraith.log()
+    );
+}
+
+#[tokio::test]
+async fn cscli_decisions_take_effect_within_two_polls_and_deletes_lift_them() {
+    if !crowdsec::available("cscli_decisions_take_effect_within_two_polls") {
+        return;
+    }
+    let cs = Crowdsec::lapi();
+    let setup = Setup::new();
+    let cfg = config(&setup, &cs.url(), "1s", "");
+    let wraith = setup.start(&cfg);
+    bridge_synced(&wraith);
+    let client = http_client();
+    assert_eq!(status_for(&client, &wraith, "192.0.2.10").await, 200);
+
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.10", "--duration", "1h"]);
+    cs.cscli_ok(&[
+        "decisions",
+        "add",
+        "--range",
+        "198.51.100.0/24",
+        "--duration",
+        "1h",
+    ]);
+    cs.cscli_ok(&[
+        "decisions",
+        "add",
+        "--range",
+        "2001:db8:77::/48",
+        "--duration",
+        "1h",
+    ]);
+    // Two poll intervals (1s each), plus a margin for scheduling on a busy machine.
+    let within = Duration::from_millis(2000 + 1500);
+    until_status(&client, &wraith, "192.0.2.10", 403, within).await;
+    until_status(&client, &wraith, "198.51.100.77", 403, within).await;
+    until_status(&client, &wraith, "2001:db8:77:1::5", 403, within).await;
+    // Neighbours are untouched; so is the proxy itself.
+    assert_eq!(status_for(&client, &wraith, "192.0.2.11").await, 200);
+    assert_eq!(status_for(&client, &wraith, "198.51.101.1").await, 200);
+    assert_eq!(status_for(&client, &wraith, "2001:db8:78::1").await, 200);
+    let direct = client.get(wraith.url("http", "/")).send().await.unwrap();
+    assert_eq!(direct.status(), 200);
+
+    // The refusal is the JSON error with the request id.
+    let resp = client
+        .get(wraith.url("http", "/"))
+        .header("x-forwarded-for", "198.51.100.77")
+        .send()
+        .await
+        .unwrap();
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "banned");
+    assert_eq!(body["request_id"], rid);
+
+    // The admin API lists them as CrowdSec decisions.
+    let (st, list) = wraith
+        .admin(http::Method::GET, "/v1/decisions?source=crowdsec", None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(list["count"], 3, "{list}");
+
+    // LAPI recorded who we are from the User-Agent.
+    let bouncers: serde_json::Value =
+        serde_json::from_str(&cs.cscli_ok(&["bouncers", "list", "-o", "json"])).unwrap();
+    let b = &bouncers[0];
+    assert_eq!(b["type"], "wraith", "{bouncers}");
+    assert_eq!(b["version"], env!("CARGO_PKG_VERSION"), "{bouncers}");
+
+    cs.cscli_ok(&["decisions", "delete", "--ip", "192.0.2.10"]);
+    cs.cscli_ok(&["decisions", "delete", "--range", "198.51.100.0/24"]);
+    cs.cscli_ok(&["decisions", "delete", "--range", "2001:db8:77::/48"]);
+    until_status(&client, &wraith, "192.0.2.10", 200, within).await;
+    until_status(&client, &wraith, "198.51.100.77", 200, within).await;
+    until_status(&client, &wraith, "2001:db8:77:1::5", 200, within).await;
+    // 1.4.6 repeats deleted decisions on later polls: harmless, nothing comes back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status_for(&client, &wraith, "192.0.2.10").await, 200);
+}
+
+#[tokio::test]
+async fn a_lapi_that_goes_away_gives_open_or_closed() {
+    if !crowdsec::available("a_lapi_that_goes_away_gives_open_or_closed") {
+        return;
+    }
+    let mut cs = Crowdsec::lapi();
+    let open_setup = Setup::new();
+    let cfg = config(
+        &open_setup,
+        &cs.url(),
+        "300ms",
+        "on_error = \"open\"\nmax_staleness = \"1s\"\ntimeout = \"1s\"",
+    );
+    let open = open_setup.start(&cfg);
+    let closed_setup = Setup::new();
+    let cfg = config(
+        &closed_setup,
+        &cs.url(),
+        "300ms",
+        "on_error = \"closed\"\nmax_staleness = \"1s\"\ntimeout = \"1s\"",
+    );
+    // Its own bouncer key: LAPI tracks last_pull per bouncer.
+    let closed = closed_setup.start(&cfg.replace(BOUNCER_KEY, BOUNCER_KEY_2));
+    bridge_synced(&open);
+    bridge_synced(&closed);
+    let client = http_client();
+    let limit = Duration::from_secs(10);
+
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.20", "--duration", "1h"]);
+    until_status(&client, &open, "192.0.2.20", 403, limit).await;
+    until_status(&client, &closed, "192.0.2.20", 403, limit).await;
+    assert_eq!(status_for(&client, &closed, "192.0.2.21").await, 200);
+
+    cs.stop();
+    // Closed: once the data is older than max_staleness, everyone gets 503.
+    until_status(&client, &closed, "192.0.2.21", 503, limit).await;
+    let resp = client
+        .get(closed.url("http", "/"))
+        .header("x-forwarded-for", "192.0.2.21")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "decisions_unavailable");
+    // Open: keeps serving, and keeps enforcing what it already knew.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status_for(&client, &open, "192.0.2.21").await, 200);
+    assert_eq!(status_for(&client, &open, "192.0.2.20").await, 403);
+    assert!(open
+        .wait_log(limit, |v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stale")))
+        .is_some());
+
+    // The LAPI comes back: the closed gateway opens again, with the ban still there.
+    cs.start();
+    until_status(&client, &closed, "192.0.2.21", 200, limit).await;
+    assert_eq!(status_for(&client, &closed, "192.0.2.20").await, 403);
+}
+
+#[tokio::test]
+async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces() {
+    if !crowdsec::available("wraith_logs_fed_to_a_crowdsec_agent") {
+        return;
+    }
+    let setup = Setup::new();
+    let access_log = setup.dir.path().join("access.log");
+    // The shipped acquisition file, pointed at this test's log.
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("integrations/crowdsec/acquis.yaml"),
+    )
+    .unwrap();
+    let acquis = shipped.replace("/var/log/wraith/access.log", access_log.to_str().unwrap());
+    assert_ne!(
+        acquis, shipped,
+        "the shipped file names /var/log/wraith/access.log"
+    );
+
+    // Wraith first (it creates the log), then the agent tailing it.
+    let port = crowdsec::free_port();
+    let lapi = format!("http://127.0.0.1:{port}");
+    let cfg = config(
+        &setup,
+        &lapi,
+        "500ms",
+        "\n[log.combined]\npath = \"access.log\"\n",
+    )
+    .replace(
+        "[[route]]\nname = \"home\"\npath = { prefix = \"/\" }",
+        "[[route]]\nname = \"home\"\npath = { exact = \"/\" }",
+    );
+    let wraith = setup.start(&cfg);
+    let cs = Crowdsec::with_agent_on_port(&acquis, port);
+    bridge_synced(&wraith);
+
+    let client = http_client();
+    let attacker = "203.0.113.50";
+    assert_eq!(status_for(&client, &wraith, attacker).await, 200);
+    // http-probing: more than 10 distinct 404 paths from one address. The agent tails the
+    // file from its end, so keep probing (new paths) until the ban lands rather than betting
+    // that its tail was in place before the first line: under load it may not be yet.
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        let resp = client
+            .get(wraith.url("http", &format!("/probe-{i}/admin.php")))
+            .header("x-forwarded-for", attacker)
+            .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
+            .send()
+            .await
+            .unwrap();
+        i += 1;
+        if resp.status() == 403 {
+            break;
+        }
+        assert_eq!(resp.status(), 404);
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no ban after {i} probes in 60s\n{}\n{}",
+            wraith.log(),
+            cs.log()
+        );
+        if i >= 15 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let text = std::fs::read_to_string(&access_log).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("203.0.113.50 - - [")
+            && l.contains("\"GET /probe-3/admin.php HTTP/1.1\" 404 ")),
+        "combined log:\n{text}"
+    );
+    // Banned means 403 everywhere, unknown paths included.
+    let r = client
+        .get(wraith.url("http", "/probe-99/admin.php"))
+        .header("x-forwarded-for", attacker)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let alerts = cs.cscli_ok(&["alerts", "list", "-o", "json"]);
+    assert!(alerts.contains("crowdsecurity/http-probing"), "{alerts}");
+    // Someone else is still welcome.
+    assert_eq!(status_for(&client, &wraith, "203.0.113.51").await, 200);
+}
+
+#[tokio::test]
+async fn mtls_to_the_lapi_authenticates_without_an_api_key() {
+    if !crowdsec::available("mtls_to_the_lapi_authenticates_without_an_api_key") {
+        return;
+    }
+    let setup = Setup::new();
+    let dir = setup.dir.path().to_path_buf();
+    // The LAPI's server certificate, and a bouncer client certificate (OU bouncer-ou), both
+    // from the test CA.
+    let server = setup
+        .pki
+        .ca
+        .issue_server(&["127.0.0.1", "localhost"])
+        .unwrap();
+    std::fs::write(dir.join("lapi.pem"), &server.cert_pem).unwrap();
+    std::fs::write(dir.join("lapi-key.pem"), &server.key_pem).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wraith");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationalUnitName, "bouncer-ou");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let bouncer = setup.pki.ca.issue(params, 30).unwrap();
+    std::fs::write(dir.join("bouncer.pem"), &bouncer.cert_pem).unwrap();
+    std::fs::write(dir.join("bouncer-key.pem"), &bouncer.key_pem).unwrap();
+    let cs = Crowdsec::lapi_tls(crowdsec::LapiTls {
+        cert: dir.join("lapi.pem"),
+        key: dir.join("lapi-key.pem"),
+        ca: setup.pki.ca_pem.clone(),
+    });
+    assert!(cs.url().starts_with("https://"));
+
+    let listeners = setup.listeners().replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    let cfg = format!(
+        r#"{listeners}
+[crowdsec]
+lapi_url = "{}"
+ca_cert = "ca.pem"
+client_cert = "bouncer.pem"
+client_key = "bouncer-key.pem"
+update_frequency = "500ms"
+
+[[route]]
+name = "home"
+path = {{ prefix = "/" }}
+respond = {{ status = 200, body = "ok\n" }}
+"#,
+        cs.url()
+    );
+    let wraith = setup.start(&cfg);
+    bridge_synced(&wraith);
+    let client = http_client();
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.60", "--duration", "1h"]);
+    until_status(&client, &wraith, "192.0.2.60", 403, Duration::from_secs(10)).await;
+    // LAPI registered the certificate as a TLS bouncer named after its CN.
+    let bouncers: serde_json::Value =
+        serde_json::from_str(&cs.cscli_ok(&["bouncers", "list", "-o", "json"])).unwrap();
+    let tls_bouncer = bouncers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"].as_str().is_some_and(|n| n.starts_with("wraith@")))
+        .unwrap_or_else(|| panic!("no certificate bouncer in {bouncers}"));
+    assert_eq!(tls_bouncer["auth_type"], "tls", "{bouncers}");
+}

@@ -1,0 +1,319 @@
+//! Local decisions end to end: the admin API and `wraith decisions`, bans enforced per
+//! request (via a trusted proxy's X-Forwarded-For) and at accept time (before TLS), the
+//! fallback for non-ban types, and persistence across SIGTERM and restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use serde_json::json;
+
+fn config(setup: &Setup, trusted: &str, extra: &str) -> String {
+    let listeners = setup.listeners().replace(
+        "[server]\n",
+        &format!("[server]\ntrusted_proxies = [{trusted}]\n"),
+    );
+    format!(
+        r#"{listeners}
+{extra}
+
+[[route]]
+name = "home"
+path = {{ prefix = "/" }}
+respond = {{ status = 200, body = "ok\n" }}
+"#
+    )
+}
+
+async fn status_for(client: &reqwest::Client, wraith: &Wraith, ip: &str) -> u16 {
+    client
+        .get(wraith.url("http", "/"))
+        .header("x-forwarded-for", ip)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn admin_api_adds_lists_and_lifts_bans_with_clear_errors() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    assert_eq!(status_for(&client, &wraith, "192.0.2.30").await, 200);
+
+    let (st, v) = wraith
+        .admin(
+            Method::POST,
+            "/v1/decisions",
+            Some(json!({"ip": "192.0.2.30", "duration": "1h", "reason": "manual test"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["decision"]["origin"], "admin");
+    assert_eq!(v["decision"]["type"], "ban");
+    assert_eq!(v["decision"]["scope"], "Ip");
+    let resp = client
+        .get(wraith.url("http", "/anything"))
+        .header("x-forwarded-for", "192.0.2.30")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "banned");
+    assert!(
+        !body["message"].as_str().unwrap().contains("admin"),
+        "no internals: {body}"
+    );
+
+    // A range, IPv6.
+    let (st, _) = wraith
+        .admin(
+            Method::POST,
+            "/v1/decisions",
+            Some(json!({"cidr": "2001:db8:9::/48", "origin": "ops"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    assert_eq!(status_for(&client, &wraith, "2001:db8:9:1::1").await, 403);
+    assert_eq!(status_for(&client, &wraith, "2001:db8:a::1").await, 200);
+
+    // Listing, filtered by an address the range covers.
+    let (st, v) = wraith
+        .admin(Method::GET, "/v1/decisions?ip=2001:db8:9:ffff::2", None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["count"], 1, "{v}");
+    assert_eq!(v["decisions"][0]["value"], "2001:db8:9::/48");
+    assert_eq!(v["decisions"][0]["origin"], "ops");
+
+    // Bad input: 400 with a message that says what is wrong.
+    for (body, needle) in [
+        (json!({"ip": "192.0.2.300"}), "not an IP address"),
+        (json!({"ip": "192.0.2.1", "duration": "10"}), "missing unit"),
+        (json!({"ip": "192.0.2.1", "colour": "red"}), "unknown field"),
+        (json!({"cidr": "192.0.2.0/40"}), "not a CIDR"),
+        (json!({}), "give the address"),
+    ] {
+        let (st, v) = wraith
+            .admin(Method::POST, "/v1/decisions", Some(body.clone()))
+            .await;
+        assert_eq!(st, 400, "{body} -> {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(needle),
+            "{body} -> {v}"
+        );
+    }
+    let (st, v) = wraith
+        .admin(Method::DELETE, "/v1/decisions/not-an-address", None)
+        .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = wraith
+        .admin(Method::GET, "/v1/decisions?colour=red", None)
+        .await;
+    assert_eq!(st, 400, "{v}");
+
+    // Lifting: only the matching origin.
+    let (st, v) = wraith
+        .admin(
+            Method::DELETE,
+            "/v1/decisions/192.0.2.30?origin=wazuh",
+            None,
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(status_for(&client, &wraith, "192.0.2.30").await, 403);
+    let (st, v) = wraith
+        .admin(Method::DELETE, "/v1/decisions/192.0.2.30", None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["deleted"], 1);
+    assert_eq!(status_for(&client, &wraith, "192.0.2.30").await, 200);
+    let (st, _) = wraith
+        .admin(Method::DELETE, "/v1/decisions/2001:db8:9::%2F48", None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(status_for(&client, &wraith, "2001:db8:9:1::1").await, 200);
+}
+
+#[tokio::test]
+async fn the_cli_manages_decisions() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+
+    let (code, out, err) = wraith.cli(&[
+        "decisions",
+        "add",
+        "--ip",
+        "198.51.100.9",
+        "--duration",
+        "2h",
+        "--reason",
+        "cli test",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("added admin ban on 198.51.100.9/32"), "{out}");
+    let (code, out, _) = wraith.cli(&["decisions", "add", "--range", "203.0.113.0/28"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status_for(&client, &wraith, "198.51.100.9").await, 403);
+    assert_eq!(status_for(&client, &wraith, "203.0.113.14").await, 403);
+
+    let (code, out, _) = wraith.cli(&["decisions", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("198.51.100.9/32") && out.contains("cli test"),
+        "{out}"
+    );
+    assert!(out.contains("203.0.113.0/28"), "{out}");
+    assert!(out.contains("2 decision(s)"), "{out}");
+    let (code, out, _) = wraith.cli(&["decisions", "list", "--ip", "203.0.113.3", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["count"], 1);
+
+    let (code, out, err) = wraith.cli(&["decisions", "add", "--ip", "nonsense"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an IP address"), "{out}{err}");
+
+    let (code, out, _) = wraith.cli(&["decisions", "delete", "--ip", "198.51.100.9"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("deleted 1"), "{out}");
+    let (code, _, _) = wraith.cli(&["decisions", "delete", "--range", "203.0.113.0/28"]);
+    assert_eq!(code, 0);
+    assert_eq!(status_for(&client, &wraith, "198.51.100.9").await, 200);
+    assert_eq!(status_for(&client, &wraith, "203.0.113.14").await, 200);
+    let (code, _, err) = wraith.cli(&["decisions", "delete", "--ip", "198.51.100.9"]);
+    assert_eq!(code, 1, "nothing left to delete");
+    assert!(err.contains("no local"), "{err}");
+}
+
+#[tokio::test]
+async fn captcha_and_other_types_follow_the_fallback() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    let (st, _) = wraith
+        .admin(
+            Method::POST,
+            "/v1/decisions",
+            Some(json!({"ip": "192.0.2.31", "type": "captcha"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    // Default fallback: ban.
+    assert_eq!(status_for(&client, &wraith, "192.0.2.31").await, 403);
+    // fallback = "allow", by reload: decisions survive the reload, the meaning changes.
+    wraith.write_config(&config(
+        &Setup::new(),
+        "\"127.0.0.0/8\"",
+        "[decisions]\nfallback = \"allow\"\n",
+    ));
+    wraith.reload().unwrap();
+    assert_eq!(status_for(&client, &wraith, "192.0.2.31").await, 200);
+    let (_, v) = wraith.admin(Method::GET, "/v1/decisions", None).await;
+    assert_eq!(v["count"], 1);
+}
+
+#[tokio::test]
+async fn bans_survive_sigterm_and_restart() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let mut wraith = setup.start(&cfg);
+    let client = http_client();
+    let (st, v) = wraith
+        .admin(
+            Method::POST,
+            "/v1/decisions",
+            Some(json!({"ip": "192.0.2.40", "duration": "3h", "origin": "wazuh"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let until = v["decision"]["until"].clone();
+    // Written at once, 0600.
+    let file = wraith.dir.path().join("decisions.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("192.0.2.40"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    wraith.signal(libc::SIGTERM);
+    assert_eq!(wraith.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(
+        wraith.log().contains("local decisions saved"),
+        "{}",
+        wraith.log()
+    );
+
+    let dir = std::mem::replace(&mut wraith.dir, tempfile::tempdir().unwrap());
+    let wraith = Wraith::start_in(dir, &cfg);
+    assert!(wraith.log().contains("local decisions restored"));
+    assert_eq!(status_for(&client, &wraith, "192.0.2.40").await, 403);
+    let (_, v) = wraith
+        .admin(Method::GET, "/v1/decisions?origin=wazuh", None)
+        .await;
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["decisions"][0]["until"], until, "the expiry is kept");
+}
+
+#[tokio::test]
+async fn banned_peers_are_refused_at_accept_before_tls() {
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    // Only 127.0.0.1 is a trusted proxy; 127.0.0.2 is an ordinary client.
+    let cfg = config(&setup, "\"127.0.0.1\"", "");
+    let wraith = setup.start(&cfg);
+    let (st, _) = wraith
+        .admin(
+            Method::POST,
+            "/v1/decisions",
+            Some(json!({"ip": "127.0.0.2"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+
+    let connect_from = |src: &'static str, port: u16| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        sock.connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+    };
+    let https = wraith.addr("https").port();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_client_config(
+        &ca,
+        &[b"http/1.1"],
+        None,
+    )));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    // The banned peer: the connection is reset before any TLS byte comes back (the reset
+    // can even beat connect() returning).
+    if let Ok(stream) = connect_from("127.0.0.2", https).await {
+        let result =
+            tokio::time::timeout(Duration::from_secs(10), tls.connect(name.clone(), stream))
+                .await
+                .expect("the handshake must fail promptly, not hang");
+        assert!(result.is_err(), "a banned peer completed a TLS handshake");
+    }
+    // Plain HTTP: closed without an answer.
+    if let Ok(mut stream) = connect_from("127.0.0.2", wraith.addr("http").port()).await {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+        assert!(buf.is_empty(), "got {:?}", String::from_utf8_lossy(&buf));
+    }
+    // Anyone else handshakes fine.
+    let stream = connect_from("127.0.0.3", https).await.unwrap();
+    assert!(tls.connect(name, stream).await.is_ok());
+}

@@ -455,7 +455,9 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     assert_eq!(tls["srcip"], "127.0.0.1");
     assert_eq!(tls["wraith"]["listener"], "https");
     assert!(
-        events.iter().all(|e| e["wraith"]["event"] != "policy_deny"),
+        events
+            .iter()
+            .all(|e| e["wraith"]["event"] != "policy_denied"),
         "no policy is configured, so nothing is a policy denial"
     );
 
@@ -1299,4 +1301,90 @@ async fn reload_moves_a_sink_to_a_new_file() {
         lines(&two).len() == 2
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = "[log.json]\npath = \"access.json\"\n[log.events]\npath = \"events.json\"\n";
+    let cfg = config(&setup, up.addr, log).replace(
+        "[[route]]\nname = \"hello\"",
+        "[[route]]\nname = \"limited\"\npath = { exact = \"/limited\" }\nrespond = { status = 200 }\n\
+         rate_limits = [{ name = \"tight\", key = \"ip\", rate = \"1/m\", burst = 1 }]\n\n\
+         [[route]]\nname = \"hello\"",
+    );
+    let wraith = setup.start(&cfg);
+    let client = h1();
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/limited"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/limited"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+    let banned_ip = "198.51.100.66";
+    let (code, _, err) = wraith.cli(&["decisions", "add", "--ip", banned_ip, "--duration", "1h"]);
+    assert_eq!(code, 0, "{err}");
+    let resp = client
+        .get(wraith.url("http", "/hello"))
+        .header("x-forwarded-for", banned_ip)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    let json = wraith.path("access.json");
+    eventually("three records", || lines(&json).len() >= 3).await;
+    let records = json_lines(&json);
+    let limited = &records[1];
+    assert_eq!(limited["status"], 429);
+    assert_eq!(limited["error"], "rate_limited");
+    assert_eq!(limited["rate_limit"], "limited");
+    assert_eq!(limited["rate_limiter"], "tight");
+    let banned = &records[2];
+    assert_eq!(banned["status"], 403);
+    assert_eq!(banned["client_ip"], banned_ip);
+    assert_eq!(banned["ban_origin"], "admin");
+    assert_eq!(banned["error"], "banned");
+
+    let events_path = wraith.path("events.json");
+    eventually("two events", || lines(&events_path).len() >= 2).await;
+    let events = json_lines(&events_path);
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["wraith"]["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rate_limited", "banned"]);
+    assert_eq!(events[0]["srcip"], CLIENT);
+    assert_eq!(events[0]["wraith"]["rate_limiter"], "tight");
+    assert_eq!(events[1]["srcip"], banned_ip);
+    assert_eq!(events[1]["wraith"]["origin"], "admin");
+
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    let m = parse_metrics(std::str::from_utf8(&text).unwrap());
+    assert_eq!(
+        metric(
+            &m,
+            "wraith_ratelimit_rejections_total",
+            &[("route", "limited")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "wraith_bans_total", &[("origin", "admin")]), 1.0);
+    assert_eq!(
+        metric(&m, "wraith_decisions_active", &[("origin", "local")]),
+        1.0
+    );
 }

@@ -420,7 +420,7 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// Whether a failed handshake was the client certificate's fault (an `auth_failure` event)
+/// Whether a failed handshake was the client certificate's fault (an `mtls_failed` event)
 /// or anything else.
 fn classify_handshake_error(e: &io::Error) -> HandshakeFailure {
     let reason = e.to_string();

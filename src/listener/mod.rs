@@ -132,6 +132,7 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
 fn banned_at_accept(
     runtime: &Runtime,
     snapshot: &crate::runtime::Snapshot,
+    listener: &Arc<str>,
     peer: SocketAddr,
 ) -> bool {
     let config = &snapshot.config;
@@ -148,6 +149,10 @@ fn banned_at_accept(
     {
         Some(v) if v.action == crate::decisions::Action::Ban => {
             tracing::debug!(peer = %peer, origin = %v.origin, kind = %v.kind, value = %v.value, "banned peer refused at accept");
+            // Counted, and a `banned` event for the SIEM (no request was read).
+            snapshot
+                .telemetry
+                .banned_connection(listener, peer, &v.origin, None);
             true
         }
         _ => false,
@@ -195,7 +200,7 @@ async fn accept_loop(
         };
         // Banned peers go before the TLS handshake costs anything. Trusted proxies are
         // checked per request instead, on the client address they forward.
-        if banned_at_accept(&runtime, &snapshot, peer) {
+        if banned_at_accept(&runtime, &snapshot, &listener.config.name, peer) {
             // RST rather than FIN: no TIME_WAIT kept for a client we refuse.
             let _ = stream.set_zero_linger();
             drop(stream);

@@ -232,8 +232,8 @@ impl AccessRecord {
             return Some("rate_limited");
         }
         match &self.policy {
-            Some(p) if p.effect == Effect::Deny && p.shadow => Some("policy_shadow_deny"),
-            Some(p) if p.effect == Effect::Deny => Some("policy_deny"),
+            Some(p) if p.effect == Effect::Deny && p.shadow => Some("policy_shadow_denied"),
+            Some(p) if p.effect == Effect::Deny => Some("policy_denied"),
             _ if self.error == Some("appsec_blocked") => Some("appsec_blocked"),
             _ => None,
         }

@@ -27,7 +27,7 @@ pub enum Event {
         time: SystemTime,
         peer: SocketAddr,
         listener: Arc<str>,
-        /// The client certificate was the problem (`auth_failure`), else `tls_failure`.
+        /// The client certificate was the problem (`mtls_failed`), else `tls_failure`.
         auth: bool,
         reason: String,
     },
@@ -545,7 +545,7 @@ pub fn event_line(e: &Event, clock: &mut CachedTime, out: &mut Vec<u8>) {
             o.display("srcip", &peer.ip());
             o.num("srcport", u64::from(peer.port()));
             let mut w = o.object("wraith");
-            w.str("event", if *auth { "auth_failure" } else { "tls_failure" });
+            w.str("event", if *auth { "mtls_failed" } else { "tls_failure" });
             w.str("listener", listener);
             w.str("reason", reason);
             w.end();
@@ -736,7 +736,7 @@ mod tests {
         let mut out = Vec::new();
         event_line(
             &Event::Request {
-                event: "policy_deny",
+                event: "policy_denied",
                 record: Arc::new(r),
             },
             &mut CachedTime::new(TimeStyle::Rfc3339),
@@ -744,7 +744,7 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["srcip"], "198.51.100.7");
-        assert_eq!(v["wraith"]["event"], "policy_deny");
+        assert_eq!(v["wraith"]["event"], "policy_denied");
         assert_eq!(v["wraith"]["policies"][0], "p1");
         assert_eq!(v["wraith"]["origin"], "crowdsec");
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();

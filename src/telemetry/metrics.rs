@@ -167,8 +167,8 @@ pub struct SinkLabel {
 pub const NO_ROUTE: &str = "(none)";
 
 /// Every value `origin_label` can return.
-pub const ORIGINS: [&str; 9] = [
-    "crowdsec", "cscli", "capi", "lists", "console", "wazuh", "local", "wraith", "other",
+pub const ORIGINS: [&str; 10] = [
+    "crowdsec", "cscli", "capi", "lists", "console", "wazuh", "admin", "local", "wraith", "other",
 ];
 
 /// Ban origins get a label of their own; anything else is counted as `other`.
@@ -180,6 +180,7 @@ pub fn origin_label(origin: &str) -> &'static str {
         "lists" => "lists",
         "console" => "console",
         "wazuh" => "wazuh",
+        "admin" => "admin",
         "local" => "local",
         "wraith" => "wraith",
         _ => "other",

@@ -615,8 +615,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "policy_deny",
-                "policy_shadow_deny",
+                "policy_denied",
+                "policy_shadow_denied",
                 "rate_limited",
                 "banned",
                 "banned"

@@ -7,7 +7,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need=()
-for pkg in curl:curl; do
+for pkg in curl:curl tmux:tmux; do
   bin=${pkg%%:*}; deb=${pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done
@@ -32,4 +32,10 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+
+# Python packages the tests use (tests/observability.rs validates /metrics with the reference
+# OpenMetrics parser).
+if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+  python3 -m pip install -q -r .ci/requirements.txt
 fi

@@ -48,6 +48,8 @@ pub enum GatewayError {
     },
     #[error("upstream {upstream} has no available endpoint")]
     NoEndpoint { upstream: std::sync::Arc<str> },
+    #[error("upstream {upstream} is at its connection limits and its queue is full")]
+    Overloaded { upstream: std::sync::Arc<str> },
 }
 
 impl GatewayError {
@@ -60,7 +62,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoEndpoint { .. } | GatewayError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -73,6 +77,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::NoEndpoint { .. } => "no_endpoint",
+            GatewayError::Overloaded { .. } => "upstream_overloaded",
         }
     }
 
@@ -91,7 +96,10 @@ impl GatewayError {
                 format!("upstream {upstream:?} sent an invalid response or closed the connection")
             }
             GatewayError::NoEndpoint { upstream } => {
-                format!("upstream {upstream:?} has no available endpoint")
+                format!("upstream {upstream:?} has no healthy endpoint")
+            }
+            GatewayError::Overloaded { upstream } => {
+                format!("upstream {upstream:?} is at capacity; retry later")
             }
         }
     }
@@ -103,7 +111,8 @@ impl GatewayError {
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamFailed { .. }
-            | GatewayError::NoEndpoint { .. } => Fault::Upstream,
+            | GatewayError::NoEndpoint { .. }
+            | GatewayError::Overloaded { .. } => Fault::Upstream,
         }
     }
 
@@ -116,7 +125,7 @@ impl GatewayError {
     /// Seconds the client should wait before retrying, when that is known.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            GatewayError::NoEndpoint { .. } => Some(1),
+            GatewayError::NoEndpoint { .. } | GatewayError::Overloaded { .. } => Some(1),
             _ => None,
         }
     }

@@ -14,10 +14,11 @@
 //! Every exit, success or error, goes through the same tail: `x-request-id` on the response,
 //! one access record.
 
+pub mod compress;
 pub mod headers;
 pub mod path;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -113,7 +114,15 @@ impl Gateway {
         let mut record = Record::default();
 
         let result = self
-            .run(&snapshot, req, conn, peer_trusted, &request_id, &mut record)
+            .run(
+                &snapshot,
+                req,
+                conn,
+                peer_trusted,
+                client_ip,
+                &request_id,
+                &mut record,
+            )
             .await;
         let mut resp = match result {
             Ok(resp) => resp,
@@ -149,12 +158,14 @@ impl Gateway {
     }
 
     /// The stages, each one able to end the request with a typed error.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         snapshot: &Snapshot,
         mut req: Request<Body>,
         conn: &ConnInfo,
         peer_trusted: bool,
+        client_ip: IpAddr,
         request_id: &HeaderValue,
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
@@ -190,6 +201,7 @@ impl Gateway {
             RouteAction::Upstream(_) => {
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
+                    client_ip,
                     peer_trusted,
                     https: conn.tls.is_some(),
                     host: host.name(),
@@ -211,7 +223,10 @@ impl Gateway {
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
         let upstream = route.upstream.as_ref().ok_or(GatewayError::NoRoute)?;
-        forwarder::forward(
+        // Compression (opt-in per route) needs what the request asked for; read it now.
+        let compression = route.config.compression.as_deref();
+        let wanted = compression.map(|c| compress::Wanted::of(c, req.method(), req.headers()));
+        let resp = forwarder::forward(
             upstream,
             &route.config,
             req,
@@ -219,7 +234,11 @@ impl Gateway {
             request_id,
             &mut record.forward,
         )
-        .await
+        .await?;
+        Ok(match (compression, wanted) {
+            (Some(c), Some(w)) => compress::apply(c, w, resp),
+            _ => resp,
+        })
     }
 }
 

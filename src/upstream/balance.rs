@@ -107,18 +107,31 @@ impl Balancer {
             return None;
         }
         match self.algorithm {
+            // A skipped turn takes the next counter value rather than the next endpoint, so the
+            // turns of an unavailable endpoint spread over the others instead of all going to
+            // its neighbour. After a bounded number of skips, a scan finds any candidate.
             Algorithm::RoundRobin => {
-                let start = self.next.fetch_add(1, Relaxed);
-                (0..n).map(|k| (start + k) % n).find(|&i| candidate(i))
+                for _ in 0..n + 8 {
+                    let i = self.next.fetch_add(1, Relaxed) % n;
+                    if candidate(i) {
+                        return Some(i);
+                    }
+                }
+                (0..n).find(|&i| candidate(i))
             }
             Algorithm::Weighted => {
                 let len = self.sequence.len();
-                let start = self.next.fetch_add(1, Relaxed);
-                let found = (0..len)
+                for _ in 0..2 * n + 8 {
+                    let i = self.sequence[self.next.fetch_add(1, Relaxed) % len] as usize;
+                    if candidate(i) {
+                        return Some(i);
+                    }
+                }
+                let start = self.next.load(Relaxed);
+                (0..len)
                     .map(|k| self.sequence[(start + k) % len] as usize)
-                    .find(|&i| candidate(i));
-                // Candidates outside the sequence cannot exist, but stay total anyway.
-                found.or_else(|| (0..n).find(|&i| candidate(i)))
+                    .find(|&i| candidate(i))
+                    .or_else(|| (0..n).find(|&i| candidate(i)))
             }
             Algorithm::LeastConnections => {
                 let len = self.sequence.len().max(1);

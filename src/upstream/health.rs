@@ -115,6 +115,22 @@ impl EndpointHealth {
         true
     }
 
+    /// Ends a passive ejection early because an active check passed.
+    fn end_ejection_by_check(&self) {
+        let until = self.ejected_until.load(Relaxed);
+        if until != 0
+            && self
+                .ejected_until
+                .compare_exchange(until, 0, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.consecutive.store(0, Relaxed);
+            if until > now_ms() {
+                tracing::info!(endpoint = %self.label, "endpoint ejection ended early: its health check passes");
+            }
+        }
+    }
+
     /// The state shown in `wraith status`.
     pub fn state(&self) -> State {
         if self.active_down.load(Relaxed) {
@@ -261,6 +277,8 @@ async fn run_checks(weak: Weak<Upstream>, index: usize, check: HealthCheckConfig
             Ok(_) => {
                 failures = 0;
                 passes = passes.saturating_add(1);
+                // A passing check overrides a passive ejection (the endpoint answers again).
+                health.end_ejection_by_check();
                 if down && passes >= check.rise {
                     health.active_down.store(false, Relaxed);
                     tracing::info!(endpoint = %health.label, passes, "endpoint is up (health check)");

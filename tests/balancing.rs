@@ -830,3 +830,57 @@ async fn health_state_survives_a_reload_when_the_endpoint_is_unchanged() {
         "a down endpoint gets no traffic after the reload"
     );
 }
+
+/// An upstream that reads requests and never answers.
+async fn silent_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut counted = false;
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if !counted => {
+                            counted = true;
+                            s.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn no_retry_starts_after_the_try_duration() {
+    let mut ups = Vec::new();
+    for _ in 0..5 {
+        ups.push(silent_server().await);
+    }
+    let list: Vec<String> = ups.iter().map(|(a, _)| format!("\"{a}\"")).collect();
+    let wraith = Setup::new().start(&config(&format!(
+        "endpoints = [{}]\nretries = 4\nresponse_timeout = \"700ms\"\ntry_duration = \"1s\"\noutlier = {{ consecutive_failures = 0 }}\n",
+        list.join(", ")
+    )));
+    let r = http_client()
+        .get(wraith.url("http", "/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let total: usize = ups.iter().map(|(_, s)| s.load(Ordering::SeqCst)).sum();
+    // Attempt 1 times out at 0.7 s (inside the 1 s budget, so a retry starts); attempt 2
+    // times out at 1.4 s, past the budget: no third attempt despite retries = 4.
+    assert_eq!(total, 2);
+}

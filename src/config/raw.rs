@@ -96,11 +96,37 @@ pub struct RawUpstream {
 }
 
 /// An endpoint: `"host:port"` or `{ address = "host:port", weight = 3, max_connections = 100 }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawEndpoint {
     Address(String),
     Table(RawEndpointTable),
+}
+
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand rather than `untagged`, so a bad table reports its own error
+        // (e.g. an unknown key) instead of "did not match any variant".
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "\"host:port\" or { address = \"host:port\", weight = N, max_connections = N }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint::Address(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawEndpoint, A::Error> {
+                RawEndpointTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawEndpoint::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The table form of an endpoint.
@@ -165,11 +191,35 @@ pub struct RawRoute {
 }
 
 /// `compression = true` or `compression = { algorithms = [...], min_size = "1KiB", types = [...] }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawCompression {
     Enabled(bool),
     Table(RawCompressionTable),
+}
+
+impl<'de> Deserialize<'de> for RawCompression {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawCompression;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "true, false or { algorithms = [...], min_size = \"1KiB\", types = [...] }",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawCompression, E> {
+                Ok(RawCompression::Enabled(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawCompression, A::Error> {
+                RawCompressionTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawCompression::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The table form of `compression`.

@@ -9,8 +9,10 @@
 //!           ├─ normalize path       proxy/path
 //!           ├─ route                router         first match in file order, else 404
 //!           └─ respond | redirect | forward
-//!                                   upstream/      pooled client, streamed bodies,
-//!                                                  hop-by-hop out, X-Forwarded-* in
+//!                                   upstream/      health-aware balancing, retries,
+//!                                                  pooled (TLS) connections, streamed
+//!                                                  bodies, hop-by-hop out, X-Forwarded-* in
+//!                                   proxy/compress opt-in response compression
 //! ```
 //!
 //! # Layout
@@ -19,7 +21,8 @@
 //! - `runtime`: `Snapshot` (config + everything built from it) behind ArcSwap; reload; drain
 //! - `listener`: sockets, TLS, per-connection serving
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
-//! - `router`, `upstream`: route matching; upstream pools and the forwarder
+//! - `router`, `upstream`: route matching; upstream pools (balancing, health, TLS) and the
+//!   forwarder (retries)
 //! - `error`: stage errors -> JSON responses
 //! - `admin`, `signals`, `cli`: operating the server
 //! - `certs`: development certificates

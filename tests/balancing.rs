@@ -884,3 +884,53 @@ async fn no_retry_starts_after_the_try_duration() {
     // times out at 1.4 s, past the budget: no third attempt despite retries = 4.
     assert_eq!(total, 2);
 }
+
+fn with_cookie(r: reqwest::RequestBuilder, k: &str) -> reqwest::RequestBuilder {
+    r.header("cookie", format!("theme=dark; session={k}; x=1"))
+}
+
+fn with_header(r: reqwest::RequestBuilder, k: &str) -> reqwest::RequestBuilder {
+    r.header("x-user", k)
+}
+
+#[tokio::test]
+async fn ip_hash_can_key_on_a_cookie_or_a_header() {
+    let bs = backends(4).await;
+    type Keyed = fn(reqwest::RequestBuilder, &str) -> reqwest::RequestBuilder;
+    let cases: [(&str, Keyed); 2] = [
+        ("cookie:session", with_cookie),
+        ("header:x-user", with_header),
+    ];
+    for (key, keyed) in cases {
+        let wraith = Setup::new().start(&config(&format!(
+            "algorithm = \"ip_hash\"\nhash_key = \"{key}\"\n{}",
+            endpoints(&bs, None)
+        )));
+        let client = http_client();
+        let url = wraith.url("http", "/k");
+        let mut first: Vec<String> = Vec::new();
+        for i in 0..200 {
+            let r = keyed(client.get(&url), &format!("user-{i}"))
+                .send()
+                .await
+                .unwrap();
+            first.push(r.headers()["x-upstream"].to_str().unwrap().to_string());
+        }
+        for i in (0..200).step_by(7) {
+            let r = keyed(client.get(&url), &format!("user-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.headers()["x-upstream"],
+                first[i].as_str(),
+                "{key}: user-{i} moved"
+            );
+        }
+        let spread = shares(&first, 4);
+        assert!(
+            spread.iter().all(|s| *s > 0.1),
+            "{key}: keys spread over all endpoints {spread:?}"
+        );
+    }
+}

@@ -87,11 +87,22 @@ pub fn render(v: &Value) -> String {
             l["active_connections"]
         ));
     }
-    out.push_str(
-        "\nUPSTREAM         ENDPOINT                         HEALTH    WEIGHT  IN-FLIGHT  REQUESTS  CONNECT-FAILURES  LAST CHECK\n",
-    );
     for u in v["upstreams"].as_array().into_iter().flatten() {
-        let name = format!("{} ({})", s(&u["name"]), s(&u["algorithm"]));
+        out.push_str(&format!(
+            "\nUPSTREAM {} ({}, {}, health checks {}, {} waiting)\n",
+            s(&u["name"]),
+            s(&u["protocol"]),
+            s(&u["algorithm"]),
+            if u["active_checks"].as_bool() == Some(true) {
+                "on"
+            } else {
+                "off"
+            },
+            u["pending"]
+        ));
+        out.push_str(
+            "  ENDPOINT                       HEALTH       WEIGHT  IN-FLIGHT  REQUESTS  CONNECT-FAILURES  LAST CHECK\n",
+        );
         for e in u["endpoints"].as_array().into_iter().flatten() {
             let mut health = s(&e["health"]);
             if let Some(ms) = e["ejected_for_ms"].as_u64().filter(|ms| *ms > 0) {
@@ -103,8 +114,7 @@ pub fn render(v: &Value) -> String {
                 c => format!("FAILED: {}", s(&c["error"])),
             };
             out.push_str(&format!(
-                "{:<16} {:<32} {:<9} {:<7} {:<10} {:<9} {:<17} {}\n",
-                name,
+                "  {:<30} {:<12} {:<7} {:<10} {:<9} {:<17} {}\n",
                 s(&e["address"]),
                 health,
                 e["weight"].to_string(),

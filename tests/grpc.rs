@@ -60,6 +60,9 @@ async fn service(req: Request<Incoming>) -> Response<TestBody> {
         http::Version::HTTP_2,
         "gRPC needs HTTP/2 upstream"
     );
+    if req.uri().path() == "/health" {
+        return Response::new(full("serving"));
+    }
     assert_eq!(req.headers()["te"], "trailers");
     let method = req.uri().path().to_string();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
@@ -272,6 +275,18 @@ async fn exercise(send: &mut hyper::client::conn::http2::SendRequest<TestBody>, 
     assert_eq!(t["grpc-message"], "no such thing");
 }
 
+/// Active health checks, which for HTTP/2 upstreams speak HTTP/2 too.
+const CHECK: &str = "[upstream.health_check]\npath = \"/health\"\ninterval = \"100ms\"";
+
+async fn assert_checked_over_h2(wraith: &Wraith, endpoint: &str) {
+    let ok = Wraith::eventually(Duration::from_secs(10), || async {
+        let e = wraith.endpoint_status("grpc", endpoint).await;
+        e["last_check"]["ok"] == true && e["last_check"]["status"] == 200 && e["health"] == "up"
+    })
+    .await;
+    assert!(ok, "{}", wraith.endpoint_status("grpc", endpoint).await);
+}
+
 fn config(endpoint: &str, extra: &str) -> String {
     format!(
         r#"{}
@@ -291,9 +306,13 @@ upstream = "grpc"
 #[tokio::test]
 async fn grpc_over_an_h2c_upstream() {
     let up = Upstream::start(service).await;
-    let wraith = Setup::new().start(&config(&up.endpoint(), "protocol = \"h2c\""));
+    let wraith = Setup::new().start(&config(
+        &up.endpoint(),
+        &format!("protocol = \"h2c\"\n{CHECK}"),
+    ));
     let mut send = connect(wraith.addr("http"), None).await;
     exercise(&mut send, "http").await;
+    assert_checked_over_h2(&wraith, &up.endpoint()).await;
 }
 
 #[tokio::test]
@@ -305,11 +324,12 @@ async fn grpc_over_an_h2_tls_upstream_from_a_tls_client() {
     let wraith = setup.start(&config(
         &format!("https://{}", up.addr),
         &format!(
-            "protocol = \"h2\"\n[upstream.tls]\nca = \"{}\"\nserver_name = \"localhost\"",
+            "protocol = \"h2\"\n[upstream.tls]\nca = \"{}\"\nserver_name = \"localhost\"\n{CHECK}",
             ca.display()
         ),
     ));
     let tls = Arc::new(tls_client_config(&ca, &[b"h2"], None));
     let mut send = connect(wraith.addr("https"), Some(tls)).await;
     exercise(&mut send, "https").await;
+    assert_checked_over_h2(&wraith, &up.addr.to_string()).await;
 }

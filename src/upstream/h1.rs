@@ -198,6 +198,11 @@ impl Pool {
         }
     }
 
+    /// The endpoint this pool connects to.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.addr
+    }
+
     /// Whether connections to this endpoint use TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()

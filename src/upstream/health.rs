@@ -196,10 +196,11 @@ impl EndpointHealth {
         // Never eject more than the allowed share of the pool.
         let endpoints = upstream.endpoints.len();
         let allowed = endpoints * outlier.max_ejected_percent as usize / 100;
+        let now = now_ms();
         let ejected = upstream
             .endpoints
             .iter()
-            .filter(|e| e.health.state() == State::Ejected)
+            .filter(|e| e.health.ejected_until.load(Relaxed) > now)
             .count();
         if ejected >= allowed {
             return;
@@ -209,7 +210,7 @@ impl EndpointHealth {
             .base_ejection_time
             .saturating_mul(1u32 << repeats)
             .min(outlier.max_ejection_time);
-        let until = now_ms() + cool_down.as_millis() as u64;
+        let until = now + cool_down.as_millis() as u64;
         if self
             .ejected_until
             .compare_exchange(0, until, Relaxed, Relaxed)
@@ -317,7 +318,7 @@ async fn probe(
     check: &HealthCheckConfig,
 ) -> Result<Option<u16>, String> {
     let status = if protocol.is_h2() {
-        probe_h2(pool, head, check).await?
+        probe_h2(pool, check).await?
     } else {
         super::h1::probe(pool, head, check.timeout).await?
     };
@@ -333,11 +334,7 @@ async fn probe(
 }
 
 /// The same GET over HTTP/2 (h2c or h2), on a fresh connection.
-async fn probe_h2(
-    pool: &super::h1::Pool,
-    head: &[u8],
-    check: &HealthCheckConfig,
-) -> Result<StatusCode, String> {
+async fn probe_h2(pool: &super::h1::Pool, check: &HealthCheckConfig) -> Result<StatusCode, String> {
     let fut = async {
         let conn = pool.connect().await.map_err(|e| e.to_string())?;
         let io = hyper_util::rt::TokioIo::new(conn.into_stream());
@@ -346,15 +343,9 @@ async fn probe_h2(
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         tokio::spawn(driver);
-        // The head was built for HTTP/1.1; take the path and Host back out of it.
-        let text = String::from_utf8_lossy(head);
-        let path = text.split(' ').nth(1).unwrap_or("/");
-        let host = text
-            .lines()
-            .find_map(|l| l.strip_prefix("host: "))
-            .unwrap_or("localhost");
+        let host = check.host.as_deref().unwrap_or(pool.authority().as_str());
         let scheme = if pool.is_tls() { "https" } else { "http" };
-        let req = http::Request::get(format!("{scheme}://{host}{path}"))
+        let req = http::Request::get(format!("{scheme}://{host}{}", check.path))
             .header("user-agent", "wraith-health-check")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;

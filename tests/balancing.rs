@@ -703,6 +703,10 @@ async fn retries_stop_after_the_configured_number() {
         total, 3,
         "one attempt plus two retries, each on a different endpoint"
     );
+    assert!(
+        ups.iter().all(|(_, s)| s.load(Ordering::SeqCst) <= 1),
+        "never the same endpoint twice"
+    );
 }
 
 #[tokio::test]

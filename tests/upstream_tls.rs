@@ -128,7 +128,11 @@ async fn mtls_to_the_upstream_presents_the_client_certificate() {
         &format!("https://{}", up.addr),
         &tls_table(
             &ca,
-            &format!("cert = \"{}\"\nkey = \"{}\"", cert.display(), key.display()),
+            &format!(
+                "cert = \"{}\"\nkey = \"{}\"\n[upstream.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"",
+                cert.display(),
+                key.display()
+            ),
         ),
     ));
     wraith.reload().unwrap();
@@ -136,6 +140,12 @@ async fn mtls_to_the_upstream_presents_the_client_certificate() {
         let r = client.get(wraith.url("http", "/x")).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
+    // Health checks go over the same verified mTLS connection.
+    let checked = Wraith::eventually(std::time::Duration::from_secs(10), || async {
+        wraith.status().await["upstreams"][0]["endpoints"][0]["last_check"]["status"] == 200
+    })
+    .await;
+    assert!(checked, "{}", wraith.status().await);
     let status = wraith.status().await;
     let ep = &status["upstreams"][0]["endpoints"][0];
     assert!(ep["address"].as_str().unwrap().starts_with("https://"));

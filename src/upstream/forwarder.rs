@@ -98,10 +98,11 @@ pub async fn forward(
             .exact()
             .is_some_and(|n| n <= config.retry_buffer as u64)
     {
+        // Bounded like a streamed body: a client that stalls is not waited for forever.
         let (parts, body) = req.into_parts();
-        let bytes = body
-            .collect()
+        let bytes = tokio::time::timeout(timeout, body.collect())
             .await
+            .map_err(|_| GatewayError::BadRequest("the request body was not received in time"))?
             .map_err(|_| GatewayError::BadRequest("the request body could not be read"))?
             .to_bytes();
         req = Request::from_parts(parts, Body::full(bytes.clone()));

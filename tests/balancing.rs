@@ -492,7 +492,7 @@ async fn passive_ejection_without_active_checks_with_a_growing_cool_down() {
     bs[0].fail.store(true, Ordering::SeqCst);
     let setup = Setup::new();
     let wraith = setup.start(&config(&format!(
-            "{}\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"1s\", max_ejection_time = \"1m\" }}\n",
+            "{}\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"2s\", max_ejection_time = \"1m\" }}\n",
             endpoints(&bs, None)
         ),
     ));
@@ -529,7 +529,7 @@ async fn passive_ejection_without_active_checks_with_a_growing_cool_down() {
     assert_eq!(e.len(), 2, "{}", wraith.log());
     assert_eq!(
         e,
-        vec![1000, 2000],
+        vec![2000, 4000],
         "the cool-down doubles on a repeat ejection"
     );
     assert!(checked_status);
@@ -711,7 +711,7 @@ async fn retries_stop_after_the_configured_number() {
 
 #[tokio::test]
 async fn max_connections_and_max_pending_are_enforced_with_503_and_retry_after() {
-    let slow = Backend::start("b0", Duration::from_millis(800)).await;
+    let slow = Backend::start("b0", Duration::from_millis(1500)).await;
     let setup = Setup::new();
     let wraith = setup.start(&config(&format!(
             "endpoints = [{{ address = \"{}\", max_connections = 2 }}]\nmax_pending = 2\npending_timeout = \"10s\"\n",

@@ -160,15 +160,33 @@ pub fn status(rt: &Runtime) -> Value {
             use std::sync::atomic::Ordering::Relaxed;
             json!({
                 "name": &*u.config.name,
-                "protocol": format!("{:?}", u.config.protocol).to_lowercase(),
-                "endpoints": u.endpoints.iter().map(|e| json!({
-                    "address": e.authority.as_str(),
-                    "healthy": snapshot.telemetry.endpoint_healthy(&u.config.name, e.authority.as_str()),
-                    "in_flight": e.in_flight(),
-                    "idle_connections": e.pool.idle_count(),
-                    "requests": e.requests.load(Relaxed),
-                    "connect_failures": e.failures.load(Relaxed),
-                })).collect::<Vec<_>>(),
+                "protocol": u.config.protocol.name(),
+                "algorithm": u.config.algorithm.name(),
+                "active_checks": u.config.health_check.is_some(),
+                "pending": u.pending(),
+                "endpoints": u.endpoints.iter().map(|e| {
+                    let check = e.health.last_check().map(|c| json!({
+                        "at": unix(c.at),
+                        "ok": c.failure.is_none(),
+                        "status": c.status,
+                        "error": c.failure,
+                        "duration_ms": c.duration.as_millis() as u64,
+                    }));
+                    json!({
+                        "address": format!("{}://{}", e.scheme, e.authority),
+                        "weight": e.weight,
+                        "max_connections": (e.max_connections != usize::MAX).then_some(e.max_connections),
+                        "health": e.health.state().name(),
+                        "ejected_for_ms": e.health.ejected_for_ms(),
+                        "consecutive_failures": e.health.consecutive_failures(),
+                        "ejections": e.health.total_ejections(),
+                        "last_check": check,
+                        "in_flight": e.in_flight(),
+                        "idle_connections": e.pool.idle_count(),
+                        "requests": e.requests.load(Relaxed),
+                        "connect_failures": e.failures.load(Relaxed),
+                    })
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();

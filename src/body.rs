@@ -26,6 +26,8 @@ pub enum Body {
     Incoming(hyper::body::Incoming),
     /// A response body read straight from a pooled HTTP/1.1 upstream connection.
     Upstream(crate::upstream::h1::ResponseBody),
+    /// An HTTP/2 upstream's response body, holding its endpoint's in-flight slot until it ends.
+    Tracked(hyper::body::Incoming, crate::upstream::h1::InFlight),
     /// Anything else (HTTP/3 streams, wrapped bodies).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -64,6 +66,7 @@ impl std::fmt::Debug for Body {
             Body::Full(_) => "Body::Full",
             Body::Incoming(_) => "Body::Incoming",
             Body::Upstream(_) => "Body::Upstream",
+            Body::Tracked(..) => "Body::Tracked",
             Body::Boxed(_) => "Body::Boxed",
         })
     }
@@ -82,6 +85,7 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Body::Tracked(b, _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -92,6 +96,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Incoming(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
+            Body::Tracked(b, _) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -102,6 +107,7 @@ impl http_body::Body for Body {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
+            Body::Tracked(b, _) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }
     }

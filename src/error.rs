@@ -63,6 +63,8 @@ pub enum GatewayError {
     AppsecUnavailable { reason: String },
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("upstream {upstream} is at its connection limits and its queue is full")]
+    Overloaded { upstream: std::sync::Arc<str> },
 }
 
 /// What a 429 says about the limit that refused the request.
@@ -88,7 +90,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoEndpoint { .. } | GatewayError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Banned { .. } => StatusCode::FORBIDDEN,
             GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -114,6 +118,7 @@ impl GatewayError {
             GatewayError::AppsecBlocked { .. } => "appsec_blocked",
             GatewayError::AppsecUnavailable { .. } => "appsec_unavailable",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::Overloaded { .. } => "upstream_overloaded",
         }
     }
 
@@ -132,7 +137,10 @@ impl GatewayError {
                 format!("upstream {upstream:?} sent an invalid response or closed the connection")
             }
             GatewayError::NoEndpoint { upstream } => {
-                format!("upstream {upstream:?} has no available endpoint")
+                format!("upstream {upstream:?} has no healthy endpoint")
+            }
+            GatewayError::Overloaded { upstream } => {
+                format!("upstream {upstream:?} is at capacity; retry later")
             }
             GatewayError::Banned { .. } => "your address is blocked".into(),
             GatewayError::DecisionsUnavailable => {
@@ -168,7 +176,8 @@ impl GatewayError {
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamFailed { .. }
-            | GatewayError::NoEndpoint { .. } => Fault::Upstream,
+            | GatewayError::NoEndpoint { .. }
+            | GatewayError::Overloaded { .. } => Fault::Upstream,
         }
     }
 
@@ -181,7 +190,7 @@ impl GatewayError {
     /// Seconds the client should wait before retrying, when that is known.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            GatewayError::NoEndpoint { .. } => Some(1),
+            GatewayError::NoEndpoint { .. } | GatewayError::Overloaded { .. } => Some(1),
             GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => Some(5),
             GatewayError::RateLimited(r) => Some(ceil_secs(r.retry_after)),
             _ => None,

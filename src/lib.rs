@@ -13,8 +13,10 @@
 //!           ├─ rate limits          ratelimit      per ip | identity | route | header -> 429
 //!           ├─ appsec               decisions/appsec  optional CrowdSec WAF
 //!           ├─ respond | redirect | forward
-//!           │                       upstream/      pooled client, streamed bodies,
-//!           │                                      hop-by-hop out, X-Forwarded-* in
+//!           │                       upstream/      health-aware balancing, retries,
+//!           │                                      pooled (TLS) connections, streamed
+//!           │                                      bodies, hop-by-hop out, X-Forwarded-* in
+//!           │                       proxy/compress opt-in response compression
 //!           └─ access record        telemetry/     one per request, emitted when the body
 //!                                                  ends: metrics, window, log sinks
 //! ```
@@ -25,7 +27,8 @@
 //! - `runtime`: `Snapshot` (config + everything built from it) behind ArcSwap; reload; drain
 //! - `listener`: sockets, TLS, per-connection serving
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
-//! - `router`, `upstream`: route matching; upstream pools and the forwarder
+//! - `router`, `upstream`: route matching; upstream pools (balancing, health, TLS) and the
+//!   forwarder (retries)
 //! - `decisions`: the ban store (lock-free longest-prefix lookup), CrowdSec bridge and
 //!   AppSec stage, Wazuh active-response messages
 //! - `ratelimit`: governor-based keyed limits with bounded key state

@@ -50,7 +50,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds everything a config describes. Upstream pools whose settings did not change are
-    /// carried over from `previous`, with their idle connections.
+    /// carried over from `previous`, with their idle connections and health; changed ones
+    /// are rebuilt but keep the health state of endpoints they still have.
     pub fn build(
         config: Config,
         generation: u64,
@@ -59,10 +60,12 @@ impl Snapshot {
         let mut errors = Vec::new();
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
-            let reused = previous
-                .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
-                .cloned();
-            upstreams.push(reused.unwrap_or_else(|| Upstream::new(u.clone())));
+            let same_name =
+                previous.and_then(|p| p.upstreams.iter().find(|old| old.config.name == u.name));
+            let reused = same_name.filter(|old| old.config == *u).cloned();
+            // Changed settings: a new pool, but endpoints it still has keep their health.
+            upstreams
+                .push(reused.unwrap_or_else(|| Upstream::new(u.clone(), same_name.map(|a| &**a))));
         }
         let by_name: HashMap<&str, &Arc<Upstream>> =
             upstreams.iter().map(|u| (&*u.config.name, u)).collect();

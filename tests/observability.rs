@@ -79,6 +79,7 @@ response_timeout = "1s"
 name = "dead"
 endpoints = ["127.0.0.1:{dead}"]
 connect_timeout = "2s"
+outlier = {{ consecutive_failures = 1, max_ejected_percent = 100 }}
 
 [[route]]
 name = "hello"
@@ -581,8 +582,7 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
         "TRAFFIC (last",
         "p50",
         "p99",
-        "HEALTH",
-        "DOWN",
+        "ejected",
         "LOG SINK",
         "sqlite",
     ] {
@@ -1155,7 +1155,7 @@ async fn wraith_top_renders_in_80x24_and_quits_on_q() {
     while Instant::now() < deadline {
         screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout)
             .into_owned();
-        if screen.contains("req/s") && screen.contains("hello") && screen.contains("DOWN") {
+        if screen.contains("req/s") && screen.contains("hello") && screen.contains("EJECTED") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1170,7 +1170,7 @@ async fn wraith_top_renders_in_80x24_and_quits_on_q() {
         "Top routes",
         "hello",
         "Upstreams",
-        "DOWN",
+        "EJECTED",
         "Top denied IPs",
         CLIENT,
     ] {

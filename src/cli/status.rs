@@ -124,24 +124,41 @@ pub fn render(v: &Value) -> String {
             l["active_connections"]
         ));
     }
-    out.push_str(
-        "\nUPSTREAM         ENDPOINT                 HEALTH  IN-FLIGHT  REQUESTS  CONNECT-FAILURES\n",
-    );
     for u in v["upstreams"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\nUPSTREAM {} ({}, {}, health checks {}, {} waiting)\n",
+            s(&u["name"]),
+            s(&u["protocol"]),
+            s(&u["algorithm"]),
+            if u["active_checks"].as_bool() == Some(true) {
+                "on"
+            } else {
+                "off"
+            },
+            u["pending"]
+        ));
+        out.push_str(
+            "  ENDPOINT                       HEALTH       WEIGHT  IN-FLIGHT  REQUESTS  CONNECT-FAILURES  LAST CHECK\n",
+        );
         for e in u["endpoints"].as_array().into_iter().flatten() {
-            let health = match e["healthy"].as_bool() {
-                Some(true) => "up",
-                Some(false) => "DOWN",
-                None => "-",
+            let mut health = s(&e["health"]);
+            if let Some(ms) = e["ejected_for_ms"].as_u64().filter(|ms| *ms > 0) {
+                health = format!("{health} {}s", ms.div_ceil(1000));
+            }
+            let check = match &e["last_check"] {
+                Value::Null => "-".to_string(),
+                c if c["ok"].as_bool() == Some(true) => format!("ok {}", c["status"]),
+                c => format!("FAILED: {}", s(&c["error"])),
             };
             out.push_str(&format!(
-                "{:<16} {:<24} {:<7} {:<10} {:<9} {}\n",
-                s(&u["name"]),
+                "  {:<30} {:<12} {:<7} {:<10} {:<9} {:<17} {}\n",
                 s(&e["address"]),
                 health,
+                e["weight"].to_string(),
                 e["in_flight"].to_string(),
                 e["requests"].to_string(),
-                e["connect_failures"]
+                e["connect_failures"].to_string(),
+                check
             ));
         }
     }

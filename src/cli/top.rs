@@ -309,16 +309,16 @@ fn upstream_table(f: &mut Frame<'_>, area: Rect, v: &Value) {
     let mut rows = Vec::new();
     for u in v["upstreams"].as_array().into_iter().flatten() {
         for e in u["endpoints"].as_array().into_iter().flatten() {
-            let (health, style) = match e["healthy"].as_bool() {
-                Some(true) => ("up", Style::new().fg(Color::Green)),
-                Some(false) => ("DOWN", Style::new().fg(Color::Red)),
-                None => ("?", Style::new()),
+            let (health, style) = match e["health"].as_str() {
+                Some("up") => ("up".to_string(), Style::new().fg(Color::Green)),
+                Some(other) => (other.to_uppercase(), Style::new().fg(Color::Red)),
+                None => ("?".to_string(), Style::new()),
             };
             rows.push(
                 Row::new(vec![
                     s(&u["name"]),
                     s(&e["address"]),
-                    health.to_string(),
+                    health,
                     e["in_flight"].to_string(),
                 ])
                 .style(style),
@@ -330,11 +330,11 @@ fn upstream_table(f: &mut Frame<'_>, area: Rect, v: &Value) {
         [
             Constraint::Length(9),
             Constraint::Min(15),
-            Constraint::Length(4),
+            Constraint::Length(7),
             Constraint::Length(4),
         ],
     )
-    .header(Row::new(vec!["UPSTREAM", "ENDPOINT", "UP", "BUSY"]).style(bold()))
+    .header(Row::new(vec!["UPSTREAM", "ENDPOINT", "HEALTH", "BUSY"]).style(bold()))
     .block(Block::bordered().title(" Upstreams "));
     f.render_widget(table, area);
 }

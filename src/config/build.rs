@@ -27,6 +27,9 @@ use crate::listener::tls;
 
 mod telemetry;
 pub use telemetry::*;
+mod upstream;
+pub use upstream::*;
+use upstream::{build_compression, build_upstreams};
 
 /// The whole, checked configuration.
 #[derive(Debug, Clone)]
@@ -169,34 +172,6 @@ impl Default for Limits {
     }
 }
 
-/// `[[upstream]]`
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamConfig {
-    pub name: Arc<str>,
-    pub endpoints: Vec<EndpointConfig>,
-    pub protocol: UpstreamProtocol,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_idle_per_endpoint: usize,
-}
-
-/// One upstream server address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EndpointConfig {
-    /// `host:port` as written (a name is resolved when connecting).
-    pub authority: http::uri::Authority,
-}
-
-/// How Wraith talks to an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamProtocol {
-    /// HTTP/1.1 with keep-alive.
-    Http1,
-    /// HTTP/2 over cleartext with prior knowledge (gRPC backends).
-    H2c,
-}
-
 /// `[[route]]`
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -214,6 +189,8 @@ pub struct RouteConfig {
     pub response_timeout: Option<Duration>,
     /// This route's own rate limits; `None` uses the `[rate_limit]` defaults.
     pub rate_limits: Option<Vec<RateLimitConfig>>,
+    /// Response compression (off unless configured).
+    pub compression: Option<Arc<CompressionConfig>>,
 }
 
 /// Host part of a route match.
@@ -897,113 +874,6 @@ fn build_tls(
     })
 }
 
-fn build_upstreams(b: &mut Builder<'_>, raw: Vec<(usize, RawUpstream)>) -> Vec<UpstreamConfig> {
-    let mut out = Vec::new();
-    let mut names = HashMap::new();
-    for (i, u) in raw {
-        let key = format!("upstream[{i}]");
-        check_name(b, &u.name, &format!("{key}.name"), &mut names);
-        let mut endpoints = Vec::new();
-        if u.endpoints.get_ref().is_empty() {
-            b.err(
-                Some(u.endpoints.span()),
-                format!("{key}.endpoints"),
-                "an upstream needs at least one endpoint",
-            );
-        }
-        for (j, e) in u.endpoints.get_ref().iter().enumerate() {
-            match parse_endpoint(e.get_ref()) {
-                Ok(ep) => {
-                    if endpoints.contains(&ep) {
-                        b.err(
-                            Some(e.span()),
-                            format!("{key}.endpoints[{j}]"),
-                            "duplicate endpoint",
-                        );
-                    }
-                    endpoints.push(ep);
-                }
-                Err(m) => b.err(Some(e.span()), format!("{key}.endpoints[{j}]"), m),
-            }
-        }
-        let protocol = match u
-            .protocol
-            .as_ref()
-            .map(|p| (p.get_ref().as_str(), p.span()))
-        {
-            None | Some(("http1", _)) => UpstreamProtocol::Http1,
-            Some(("h2c", _)) => UpstreamProtocol::H2c,
-            Some((other, span)) => {
-                b.err(
-                    Some(span),
-                    format!("{key}.protocol"),
-                    format!("unknown upstream protocol {other:?} (expected \"http1\" or \"h2c\")"),
-                );
-                UpstreamProtocol::Http1
-            }
-        };
-        out.push(UpstreamConfig {
-            name: Arc::from(u.name.into_inner()),
-            endpoints,
-            protocol,
-            connect_timeout: b.duration(
-                &u.connect_timeout,
-                &format!("{key}.connect_timeout"),
-                Duration::from_secs(5),
-            ),
-            response_timeout: b.duration(
-                &u.response_timeout,
-                &format!("{key}.response_timeout"),
-                Duration::from_secs(60),
-            ),
-            idle_timeout: b.duration(
-                &u.idle_timeout,
-                &format!("{key}.idle_timeout"),
-                Duration::from_secs(90),
-            ),
-            max_idle_per_endpoint: b
-                .int(
-                    &u.max_idle_per_endpoint,
-                    &format!("{key}.max_idle_per_endpoint"),
-                    0,
-                    100_000,
-                )
-                .map_or(256, |n| n as usize),
-        });
-    }
-    out
-}
-
-/// `127.0.0.1:9000`, `[::1]:9000`, `backend.internal:8080` or `http://host:port`.
-fn parse_endpoint(s: &str) -> Result<EndpointConfig, String> {
-    let rest = if let Some(rest) = s.strip_prefix("http://") {
-        rest
-    } else if s.starts_with("https://") {
-        return Err(format!(
-            "endpoint {s:?}: TLS to upstreams is not supported yet; use a plain host:port"
-        ));
-    } else if s.contains("://") {
-        return Err(format!(
-            "endpoint {s:?}: unsupported scheme (expected host:port)"
-        ));
-    } else {
-        s
-    };
-    let rest = rest.trim_end_matches('/');
-    let authority: http::uri::Authority = rest
-        .parse()
-        .map_err(|_| format!("invalid endpoint {s:?} (expected host:port)"))?;
-    if authority.port_u16().is_none() {
-        return Err(format!("endpoint {s:?} needs a port (e.g. \"{rest}:80\")"));
-    }
-    if authority.as_str().contains('@') {
-        return Err(format!(
-            "endpoint {s:?}: credentials in endpoints are not allowed"
-        ));
-    }
-    Ok(EndpointConfig { authority })
-}
-
 fn redirect_status(
     b: &mut Builder<'_>,
     v: &Option<Spanned<i64>>,
@@ -1192,8 +1062,23 @@ fn build_routes(
         let rate_limits = r
             .rate_limits
             .map(|list| super::security::build_limits(b, &format!("{key}.rate_limits"), list));
+        let compression = match r.compression {
+            None => None,
+            Some(c) => {
+                let span = c.span();
+                let built =
+                    build_compression(b, &format!("{key}.compression"), span, c.into_inner());
+                if built.is_some() && !matches!(action, RouteAction::Upstream(_)) {
+                    b.warnings.push(format!(
+                        "{key}.compression only applies to upstream routes; it is ignored"
+                    ));
+                }
+                built.map(Arc::new)
+            }
+        };
         out.push(RouteConfig {
             rate_limits,
+            compression,
             name: Arc::from(r.name.into_inner()),
             host,
             path,

@@ -75,12 +75,101 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: Str,
-    pub endpoints: Spanned<Vec<Str>>,
+    pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
     pub protocol: Option<Str>,
+    pub algorithm: Option<Str>,
+    pub hash_key: Option<Str>,
+    pub fail_open: Option<Spanned<bool>>,
     pub connect_timeout: Option<Str>,
     pub response_timeout: Option<Str>,
     pub idle_timeout: Option<Str>,
     pub max_idle_per_endpoint: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_pending: Option<Spanned<i64>>,
+    pub pending_timeout: Option<Str>,
+    pub retries: Option<Spanned<i64>>,
+    pub try_duration: Option<Str>,
+    pub retry_buffer: Option<Str>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub outlier: Option<Spanned<RawOutlier>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// An endpoint: `"host:port"` or `{ address = "host:port", weight = 3, max_connections = 100 }`.
+#[derive(Debug)]
+pub enum RawEndpoint {
+    Address(String),
+    Table(RawEndpointTable),
+}
+
+impl<'de> Deserialize<'de> for RawEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand rather than `untagged`, so a bad table reports its own error
+        // (e.g. an unknown key) instead of "did not match any variant".
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawEndpoint;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "\"host:port\" or { address = \"host:port\", weight = N, max_connections = N }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEndpoint, E> {
+                Ok(RawEndpoint::Address(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawEndpoint, A::Error> {
+                RawEndpointTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawEndpoint::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The table form of an endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpointTable {
+    pub address: String,
+    pub weight: Option<i64>,
+    pub max_connections: Option<i64>,
+}
+
+/// `[upstream.health_check]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: Option<Str>,
+    pub host: Option<Str>,
+    pub interval: Option<Str>,
+    pub timeout: Option<Str>,
+    pub expect_status: Option<Str>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub jitter: Option<Str>,
+}
+
+/// `[upstream.outlier]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub base_ejection_time: Option<Str>,
+    pub max_ejection_time: Option<Str>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
+}
+
+/// `[upstream.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<Str>,
+    pub cert: Option<Str>,
+    pub key: Option<Str>,
+    pub server_name: Option<Str>,
 }
 
 /// `[[route]]`
@@ -99,6 +188,48 @@ pub struct RawRoute {
     pub response_headers: Option<RawHeaderOps>,
     pub response_timeout: Option<Str>,
     pub rate_limits: Option<Vec<Spanned<RawLimit>>>,
+    pub compression: Option<Spanned<RawCompression>>,
+}
+
+/// `compression = true` or `compression = { algorithms = [...], min_size = "1KiB", types = [...] }`.
+#[derive(Debug)]
+pub enum RawCompression {
+    Enabled(bool),
+    Table(RawCompressionTable),
+}
+
+impl<'de> Deserialize<'de> for RawCompression {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawCompression;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "true, false or { algorithms = [...], min_size = \"1KiB\", types = [...] }",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawCompression, E> {
+                Ok(RawCompression::Enabled(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawCompression, A::Error> {
+                RawCompressionTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawCompression::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The table form of `compression`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompressionTable {
+    pub algorithms: Option<Vec<String>>,
+    pub min_size: Option<String>,
+    pub types: Option<Vec<String>>,
 }
 
 /// `path = { prefix = "/api/" }` (exactly one of the three).

@@ -160,6 +160,8 @@ fn parse_hop(s: &str) -> Option<IpAddr> {
 /// What the forwarding headers need to know about the request.
 pub struct ForwardInfo<'a> {
     pub peer: IpAddr,
+    /// The client's address (the peer, or the one trusted proxies forwarded).
+    pub client_ip: IpAddr,
     pub peer_trusted: bool,
     pub https: bool,
     pub host: Option<&'a str>,
@@ -447,6 +449,7 @@ mod tests {
     fn forwarding_headers_replace_untrusted_and_append_trusted() {
         let info = |trusted| ForwardInfo {
             peer: "2001:db8::7".parse().unwrap(),
+            client_ip: "2001:db8::7".parse().unwrap(),
             peer_trusted: trusted,
             https: true,
             host: Some("api.example.com"),

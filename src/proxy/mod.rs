@@ -18,6 +18,7 @@
 //! Every exit, success or error, goes through the same tail: `x-request-id` on the response,
 //! one access record.
 
+pub mod compress;
 pub mod headers;
 pub mod path;
 
@@ -218,6 +219,7 @@ impl Gateway {
             RouteAction::Upstream(_) => {
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
+                    client_ip,
                     peer_trusted,
                     https: conn.tls.is_some(),
                     host: host.name(),
@@ -239,7 +241,10 @@ impl Gateway {
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
         let upstream = route.upstream.as_ref().ok_or(GatewayError::NoRoute)?;
-        forwarder::forward(
+        // Compression (opt-in per route) needs what the request asked for; read it now.
+        let compression = route.config.compression.as_deref();
+        let wanted = compression.map(|c| compress::Wanted::of(c, req.method(), req.headers()));
+        let resp = forwarder::forward(
             upstream,
             &route.config,
             req,
@@ -247,7 +252,11 @@ impl Gateway {
             request_id,
             &mut record.forward,
         )
-        .await
+        .await?;
+        Ok(match (compression, wanted) {
+            (Some(c), Some(w)) => compress::apply(c, w, resp),
+            _ => resp,
+        })
     }
 }
 

@@ -43,6 +43,17 @@ pub fn render(rt: &Runtime) -> String {
     let in_flight: Family<EndpointLabels, Gauge> = Family::default();
     for u in &snapshot.upstreams {
         for e in &u.endpoints {
+            let labels = EndpointLabels {
+                upstream: u.config.name.to_string(),
+                endpoint: e.authority.to_string(),
+            };
+            rt.telemetry
+                .metrics
+                .upstream_healthy
+                .get_or_create(&labels)
+                .set(i64::from(
+                    e.health.state() == crate::upstream::health::State::Up,
+                ));
             in_flight
                 .get_or_create(&EndpointLabels {
                     upstream: u.config.name.to_string(),

@@ -8,7 +8,7 @@
 //! closed sets (status class, protocol, effect, origin); never a path or an address.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -267,7 +267,7 @@ impl Metrics {
         );
         r.register(
             "wraith_upstream_endpoint_healthy",
-            "1 if the endpoint's last request got a response, 0 if it failed to connect or timed out",
+            "1 if the endpoint is up, 0 if health checks took it down or it is ejected",
             m.upstream_healthy.clone(),
         );
         r.register(
@@ -343,14 +343,9 @@ impl Metrics {
             upstream: upstream.to_string(),
             endpoint: endpoint.to_string(),
         };
-        let healthy = self.upstream_healthy.get_or_create_owned(&labels);
-        // A new endpoint counts as healthy until a request says otherwise.
-        healthy.set(1);
         Arc::new(EndpointMetrics {
             duration: self.upstream_duration.get_or_create_owned(&labels),
-            healthy,
             labels,
-            last_ok: AtomicBool::new(true),
         })
     }
 
@@ -427,26 +422,14 @@ impl RouteMetrics {
 pub struct EndpointMetrics {
     labels: EndpointLabels,
     duration: AtomicHistogram,
-    healthy: Gauge,
-    last_ok: AtomicBool,
 }
 
 impl EndpointMetrics {
-    /// Records one upstream exchange: its time to response head, and whether the endpoint
-    /// answered (passive health).
-    pub fn observe(&self, upstream_time: Option<Duration>, answered: bool) {
+    /// Records one upstream exchange's time to response head.
+    pub fn observe(&self, upstream_time: Option<Duration>) {
         if let Some(t) = upstream_time {
             self.duration.observe(t);
         }
-        // Only touch the gauge when the state flips.
-        if self.last_ok.swap(answered, Ordering::Relaxed) != answered {
-            self.healthy.set(i64::from(answered));
-        }
-    }
-
-    /// Whether the endpoint's last exchange succeeded.
-    pub fn healthy(&self) -> bool {
-        self.last_ok.load(Ordering::Relaxed)
     }
 
     /// Counts an upstream error by code.

@@ -281,16 +281,11 @@ impl SnapshotTelemetry {
                 .get(up)
                 .and_then(|l| l.iter().find(|(n, _)| n == ep));
             if let Some((_, h)) = handles {
-                let failed = matches!(
-                    record.error,
-                    Some("upstream_unreachable" | "upstream_timeout" | "upstream_failed")
-                );
-                let unreachable = matches!(
-                    record.error,
-                    Some("upstream_unreachable" | "upstream_timeout")
-                );
-                h.observe(record.forward.upstream_time, !unreachable);
-                if let (true, Some(code)) = (failed, record.error) {
+                h.observe(record.forward.upstream_time);
+                if let Some(
+                    code @ ("upstream_unreachable" | "upstream_timeout" | "upstream_failed"),
+                ) = record.error
+                {
                     h.error(&m.upstream_errors, code);
                 }
             }
@@ -442,14 +437,6 @@ impl SnapshotTelemetry {
             .collect();
         out.sort();
         out
-    }
-
-    /// Passive health of an endpoint (`None` if unknown).
-    pub fn endpoint_healthy(&self, upstream: &str, endpoint: &str) -> Option<bool> {
-        self.endpoints
-            .get(upstream)
-            .and_then(|l| l.iter().find(|(n, _)| n == endpoint))
-            .map(|(_, h)| h.healthy())
     }
 
     /// Every sink of this snapshot: (name, queued, accepted, written, dropped).

@@ -1,35 +1,74 @@
 //! The forwarder: rewrites a request for its upstream (hop-by-hop headers out, forwarding
-//! headers in, prefix stripped), sends it on the pooled client with the response timeout, and
-//! streams the response back. WebSocket upgrades become a byte tunnel.
+//! headers in, prefix stripped), chooses an endpoint, sends the request with the response
+//! timeout, retries what is safe to retry on another endpoint, and streams the response
+//! back. WebSocket upgrades become a byte tunnel.
+//!
+//! Retry rules: a connection that could not be made never reached the upstream, so any
+//! request is retried; a failure after sending (reset, timeout, invalid response) but before
+//! any response byte is retried only for idempotent methods, and only if the body can be sent
+//! again (none, or buffered because it was at most `retry_buffer` with a known length). Each
+//! retry goes to an endpoint this request has not tried, at most `retries` times, and none
+//! starts after `try_duration`.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
-use super::h1::{self, SendError};
-use super::{Endpoint, Upstream};
+use super::balance::Tried;
+use super::h1::{self, InFlight, SendError};
+use super::{Endpoint, Selection, Upstream};
 use crate::body::Body;
-use crate::config::{RouteConfig, UpstreamProtocol};
+use crate::config::RouteConfig;
 use crate::error::GatewayError;
 use crate::proxy::headers::{self, ForwardInfo, X_REQUEST_ID};
 
 /// What happened while forwarding (for the access log).
 #[derive(Debug, Default, Clone)]
 pub struct ForwardOutcome {
-    /// The endpoint tried last.
+    /// The endpoint tried last (the one that answered, when one did).
     pub endpoint: Option<String>,
-    /// Time from sending the request to receiving the response head.
+    /// Time from sending the first attempt to receiving the response head (all attempts).
     pub upstream_time: Option<Duration>,
+    /// Attempts made (1 + retries).
     pub attempts: u32,
 }
 
-/// Forwards `req` to `upstream` on behalf of `route`. A connection that cannot be made is
-/// tried on the next endpoint (nothing was sent, so that is always safe).
+/// How a request body can be sent again on a retry.
+enum Replay {
+    /// No body: always.
+    Empty,
+    /// Buffered in full before the first attempt.
+    Buffered(Bytes),
+    /// Streamed: only before any of it was sent (connection failures).
+    Streamed,
+}
+
+impl Replay {
+    fn body(&self) -> Option<Body> {
+        match self {
+            Replay::Empty => Some(Body::Empty),
+            Replay::Buffered(b) => Some(Body::full(b.clone())),
+            Replay::Streamed => None,
+        }
+    }
+}
+
+/// Why one attempt failed.
+enum Failure {
+    Connect(String),
+    Timeout,
+    Failed(String),
+}
+
+/// Forwards `req` to `upstream` on behalf of `route`, retrying on other endpoints when safe.
 pub async fn forward(
     upstream: &Upstream,
     route: &RouteConfig,
@@ -38,60 +77,196 @@ pub async fn forward(
     request_id: &HeaderValue,
     outcome: &mut ForwardOutcome,
 ) -> Result<Response<Body>, GatewayError> {
-    let h2 = upstream.config.protocol == UpstreamProtocol::H2c;
+    let config = &upstream.config;
+    let h2 = config.protocol.is_h2();
     let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let key = upstream.hash_key(info.client_ip, req.headers(), req.uri().path());
     prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
-    let timeout = route
-        .response_timeout
-        .unwrap_or(upstream.config.response_timeout);
+    let timeout = route.response_timeout.unwrap_or(config.response_timeout);
+    let idempotent = is_idempotent(req.method());
 
+    let retries_possible = config.retries > 0 && upstream.endpoints.len() > 1;
+    let replay = if req.body().is_end_stream() {
+        Replay::Empty
+    } else if retries_possible
+        && idempotent
+        && !upgrade
+        && req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= config.retry_buffer as u64)
+    {
+        // Bounded like a streamed body: a client that stalls is not waited for forever.
+        let (parts, body) = req.into_parts();
+        let bytes = tokio::time::timeout(timeout, body.collect())
+            .await
+            .map_err(|_| GatewayError::BadRequest("the request body was not received in time"))?
+            .map_err(|_| GatewayError::BadRequest("the request body could not be read"))?
+            .to_bytes();
+        req = Request::from_parts(parts, Body::full(bytes.clone()));
+        Replay::Buffered(bytes)
+    } else {
+        Replay::Streamed
+    };
+    // hyper's HTTP/2 client consumes the request even when it cannot connect: keep what is
+    // needed to send it again (only when it could be).
+    let template = (h2 && retries_possible && !matches!(replay, Replay::Streamed)).then(|| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.version(),
+            req.headers().clone(),
+        )
+    });
+
+    let started = Instant::now();
+    let mut tried = Tried::default();
+    let mut last_error: Option<GatewayError> = None;
+    let mut next = Some(req);
     loop {
-        let endpoint = upstream.pick().ok_or_else(|| GatewayError::NoEndpoint {
-            upstream: upstream.config.name.clone(),
-        })?;
+        let Some(req) = next.take() else {
+            return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
+        };
+        let (index, guard) = match upstream.select(key, &tried) {
+            Selection::Endpoint(i, g) => (i, g),
+            Selection::Unavailable => {
+                return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)))
+            }
+            Selection::Full => match upstream.select_waiting(key, &tried).await {
+                Some(Selection::Endpoint(i, g)) => (i, g),
+                Some(_) => return Err(last_error.unwrap_or_else(|| no_endpoint(upstream))),
+                None => {
+                    return Err(last_error.unwrap_or_else(|| GatewayError::Overloaded {
+                        upstream: config.name.clone(),
+                    }))
+                }
+            },
+        };
+        let endpoint = &upstream.endpoints[index];
+        tried.insert(index);
         outcome.attempts += 1;
         outcome.endpoint = Some(endpoint.authority.to_string());
         endpoint.requests.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
+
         let result = if h2 {
-            send_h2(upstream, endpoint, req, timeout).await
+            send_h2(upstream, endpoint, req, timeout, guard)
+                .await
+                .map_err(|f| (f, None))
         } else {
-            h1::send(&endpoint.pool, req, timeout).await
+            h1::send(&endpoint.pool, req, timeout, guard)
+                .await
+                .map_err(|e| match e {
+                    SendError::Connect { error, request } => {
+                        (Failure::Connect(error.to_string()), Some(*request))
+                    }
+                    SendError::Timeout { request } => (Failure::Timeout, request.map(|r| *r)),
+                    SendError::Failed { reason, request } => {
+                        (Failure::Failed(reason), request.map(|r| *r))
+                    }
+                })
         };
         outcome.upstream_time = Some(started.elapsed());
-        let resp = match result {
-            Ok(resp) => resp,
-            Err(SendError::Connect { error, request }) => {
-                endpoint.failures.fetch_add(1, Ordering::Relaxed);
-                if (outcome.attempts as usize) < upstream.endpoints.len() {
-                    tracing::warn!(upstream = %upstream.config.name, endpoint = %endpoint.authority, error = %error, "connect failed; trying the next endpoint");
-                    req = *request;
-                    continue;
+
+        let (failure, returned) = match result {
+            Ok(resp) => {
+                if resp.status().is_server_error() {
+                    endpoint.health.record_failure(upstream);
+                } else {
+                    endpoint.health.record_success(&config.outlier);
                 }
-                return Err(GatewayError::UpstreamConnect {
-                    upstream: upstream.config.name.clone(),
-                    endpoint: endpoint.authority.to_string(),
-                    reason: error.to_string(),
-                });
+                return Ok(finish_response(resp, client_upgrade));
             }
-            Err(SendError::Timeout) => {
-                return Err(GatewayError::UpstreamTimeout {
-                    upstream: upstream.config.name.clone(),
+            Err(f) => f,
+        };
+
+        let client_fault =
+            matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));
+        if !client_fault {
+            endpoint.health.record_failure(upstream);
+        }
+        let (error, connect) = match failure {
+            Failure::Connect(reason) => {
+                endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                (
+                    GatewayError::UpstreamConnect {
+                        upstream: config.name.clone(),
+                        endpoint: endpoint.authority.to_string(),
+                        reason,
+                    },
+                    true,
+                )
+            }
+            Failure::Timeout => (
+                GatewayError::UpstreamTimeout {
+                    upstream: config.name.clone(),
                     endpoint: endpoint.authority.to_string(),
                     timeout,
-                })
-            }
-            Err(SendError::Failed(reason)) => {
-                return Err(GatewayError::UpstreamFailed {
-                    upstream: upstream.config.name.clone(),
+                },
+                false,
+            ),
+            Failure::Failed(reason) => (
+                GatewayError::UpstreamFailed {
+                    upstream: config.name.clone(),
                     endpoint: endpoint.authority.to_string(),
                     reason,
-                })
-            }
+                },
+                false,
+            ),
         };
-        return Ok(finish_response(resp, client_upgrade));
+        // Which request could go out again, if the rules allow a retry at all.
+        let may_retry = !client_fault
+            && (connect || idempotent)
+            && (outcome.attempts - 1) < config.retries
+            && tried.len() < upstream.endpoints.len()
+            && started.elapsed() < config.try_duration;
+        next = if !may_retry {
+            None
+        } else if let Some(mut r) = returned {
+            // HTTP/1.1 hands the request back; its body is intact only if the connection
+            // was never made.
+            if !connect {
+                match replay.body() {
+                    Some(b) => *r.body_mut() = b,
+                    None => {
+                        return Err(error);
+                    }
+                }
+            }
+            Some(r)
+        } else {
+            template.as_ref().and_then(|(m, u, v, h)| {
+                let mut r = Request::new(replay.body()?);
+                *r.method_mut() = m.clone();
+                *r.uri_mut() = u.clone();
+                *r.version_mut() = *v;
+                *r.headers_mut() = h.clone();
+                Some(r)
+            })
+        };
+        if next.is_some() {
+            tracing::warn!(upstream = %config.name, endpoint = %endpoint.authority, error = %error, attempt = outcome.attempts, "attempt failed; retrying on another endpoint");
+        }
+        last_error = Some(error);
+        if next.is_none() {
+            return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
+        }
     }
+}
+
+fn no_endpoint(upstream: &Upstream) -> GatewayError {
+    GatewayError::NoEndpoint {
+        upstream: upstream.config.name.clone(),
+    }
+}
+
+/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Hop-by-hop headers out of the response; a 101 becomes a tunnel.
@@ -112,28 +287,28 @@ fn finish_response(
     resp
 }
 
-/// HTTP/2 with prior knowledge through hyper's client (absolute URI names the endpoint).
+/// HTTP/2 (h2c or h2 over TLS) through hyper's client (absolute URI names the endpoint).
+/// The in-flight slot stays with the response body until it ends.
 async fn send_h2(
     upstream: &Upstream,
     endpoint: &Endpoint,
     mut req: Request<Body>,
     timeout: Duration,
-) -> Result<Response<Body>, SendError> {
+    guard: InFlight,
+) -> Result<Response<Body>, Failure> {
     let Some(client) = upstream.h2_client() else {
-        return Err(SendError::Failed(
-            "no HTTP/2 client for this upstream".into(),
-        ));
+        return Err(Failure::Failed("no HTTP/2 client for this upstream".into()));
     };
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(endpoint.scheme.clone());
     parts.authority = Some(endpoint.authority.clone());
     parts.path_and_query = req.uri().path_and_query().cloned();
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| SendError::Failed(e.to_string()))?;
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Failure::Failed(e.to_string()))?;
     match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(Err(e)) if e.is_connect() => Err(SendError::Failed(error_chain(&e))),
-        Ok(Err(e)) => Err(SendError::Failed(error_chain(&e))),
-        Ok(Ok(resp)) => Ok(resp.map(Body::Incoming)),
+        Err(_) => Err(Failure::Timeout),
+        Ok(Err(e)) if e.is_connect() => Err(Failure::Connect(error_chain(&e))),
+        Ok(Err(e)) => Err(Failure::Failed(error_chain(&e))),
+        Ok(Ok(resp)) => Ok(resp.map(|b| Body::Tracked(b, guard))),
     }
 }
 
@@ -210,7 +385,7 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
 /// Copies bytes both ways between an upgraded client and the upstream connection.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    mut upstream: tokio::net::TcpStream,
+    mut upstream: super::tls::Stream,
     leftover: bytes::Bytes,
 ) {
     let client = match client.await {

@@ -13,7 +13,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,8 +26,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
 
+use super::tls::{self, Stream};
 use crate::body::{Body, BoxError};
 
 /// Largest response head accepted from an upstream.
@@ -38,14 +39,17 @@ const MAX_HEADERS: usize = 128;
 /// Largest chunk-size line (with extensions) and trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
+/// How failures caused by the client's request body begin (they say nothing about the
+/// upstream's health and are never retried).
+pub const CLIENT_BODY_FAILED: &str = "client request body";
 /// A pooled connection idle for longer than this is probed before reuse.
 const PROBE_AFTER: Duration = Duration::from_millis(500);
 /// Request bodies up to this size are sent in the same write as the head.
 const COALESCE: usize = 16 * 1024;
 
-/// One upstream connection.
+/// One upstream connection (TCP or TLS).
 pub struct Conn {
-    io: TcpStream,
+    io: Stream,
     buf: BytesMut,
 }
 
@@ -61,6 +65,10 @@ pub struct Pool {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// TLS connector and SNI override, for `https://` endpoints.
+    tls: Option<Arc<(TlsConnector, Option<Arc<str>>)>>,
+    /// Woken each time a request ends, when the upstream limits connections.
+    release: Option<Arc<Notify>>,
     /// Requests in flight to this endpoint (until their response body ends).
     pub in_flight: AtomicUsize,
 }
@@ -80,26 +88,64 @@ pub enum SendError {
         request: Box<Request<Body>>,
     },
     /// The response head did not arrive in time (the upstream may have acted on the request).
-    Timeout,
-    /// The connection failed mid-request, or the upstream sent something invalid.
-    Failed(String),
+    /// `request` is handed back (its body possibly consumed) when no response byte arrived.
+    Timeout { request: Option<Box<Request<Body>>> },
+    /// The connection failed mid-request, or the upstream sent something invalid. `request`
+    /// is handed back (its body possibly consumed) when no response byte arrived.
+    Failed {
+        reason: String,
+        request: Option<Box<Request<Body>>>,
+    },
+}
+
+impl SendError {
+    /// A failure with nothing to hand back.
+    pub fn failed(reason: impl Into<String>) -> SendError {
+        SendError::Failed {
+            reason: reason.into(),
+            request: None,
+        }
+    }
+}
+
+/// How a pool reaches its endpoint.
+pub struct PoolOptions {
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// TLS connector and SNI override, for `https://` endpoints.
+    pub tls: Option<Arc<(TlsConnector, Option<Arc<str>>)>>,
+    /// Woken each time a request ends (only when someone waits for a free endpoint).
+    pub release: Option<Arc<Notify>>,
 }
 
 impl Pool {
-    pub fn new(
-        addr: http::uri::Authority,
-        max_idle: usize,
-        idle_timeout: Duration,
-        connect_timeout: Duration,
-    ) -> Arc<Pool> {
+    pub fn new(addr: http::uri::Authority, o: PoolOptions) -> Arc<Pool> {
         Arc::new(Pool {
             addr,
             idle: Mutex::new(VecDeque::new()),
-            max_idle,
-            idle_timeout,
-            connect_timeout,
+            max_idle: o.max_idle,
+            idle_timeout: o.idle_timeout,
+            connect_timeout: o.connect_timeout,
+            tls: o.tls,
+            release: o.release,
             in_flight: AtomicUsize::new(0),
         })
+    }
+
+    /// Counts one more request in flight unless `max` are already: the slot is held until
+    /// the returned guard (moved into the response body) is dropped.
+    pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<InFlight> {
+        if max == usize::MAX {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Some(InFlight(self.clone()));
+        }
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(self.clone()))
     }
 
     /// Idle connections currently pooled.
@@ -152,48 +198,56 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> io::Result<Conn> {
-        let connect = async {
-            let host = self.addr.host();
-            let port = self.addr.port_u16().unwrap_or(80);
-            let stream = match host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-            {
-                Ok(ip) => TcpStream::connect(SocketAddr::new(ip, port)).await?,
-                Err(_) => TcpStream::connect((host, port)).await?,
-            };
-            stream.set_nodelay(true)?;
-            Ok(Conn {
-                io: stream,
-                buf: BytesMut::with_capacity(8 * 1024),
-            })
-        };
-        match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", self.connect_timeout),
-            )),
-        }
+    /// The endpoint this pool connects to.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.addr
+    }
+
+    /// Whether connections to this endpoint use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A new connection to the endpoint (TCP, plus TLS for `https://` endpoints).
+    pub async fn connect(&self) -> io::Result<Conn> {
+        let io = tls::connect(&self.addr, self.tls.as_deref(), self.connect_timeout).await?;
+        Ok(Conn {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+        })
     }
 }
 
 impl Conn {
-    /// Whether the upstream has not closed (or written unsolicited bytes on) this connection.
+    /// The connection itself (for protocols other than HTTP/1.1).
+    pub fn into_stream(self) -> Stream {
+        self.io
+    }
+
+    /// Whether the upstream has not closed (or, on plain TCP, written unsolicited bytes on)
+    /// this connection. Peeks at the socket without consuming anything.
     fn alive(&self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut rb = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match self.io.tcp().poll_peek(&mut cx, &mut rb) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => false,
+            // A TLS record (a late session ticket, or close_notify, which the next read
+            // reports as a stale connection) may be waiting; plain HTTP has no such thing.
+            Poll::Ready(Ok(_)) => matches!(self.io, Stream::Tls(_)),
+        }
     }
 }
 
 /// Sends `req` (origin-form URI, headers already prepared) to the pool's endpoint and returns
-/// the response with a body that streams from the connection.
+/// the response with a body that streams from the connection. `guard` is the request's
+/// in-flight slot on this pool (see `Pool::try_acquire`); the body keeps it until it ends.
 pub async fn send(
     pool: &Arc<Pool>,
     req: Request<Body>,
     timeout: Duration,
+    guard: InFlight,
 ) -> Result<Response<Body>, SendError> {
     let (parts, mut body) = req.into_parts();
     let head = encode_head(&parts, &body);
@@ -212,8 +266,6 @@ pub async fn send(
             }
         },
     };
-    pool.in_flight.fetch_add(1, Ordering::Relaxed);
-    let guard = InFlight(pool.clone());
 
     loop {
         match exchange(&mut conn, &head, &mut body, head_only, timeout).await {
@@ -237,14 +289,44 @@ pub async fn send(
                     }
                 };
             }
-            Err(Exchange::Stale) => {
-                return Err(SendError::Failed(
-                    "upstream closed the connection before responding".into(),
-                ))
+            Err(e) => {
+                drop(guard);
+                // Nothing of a response arrived: hand the request back for a possible retry.
+                let request = conn
+                    .buf
+                    .is_empty()
+                    .then(|| Box::new(Request::from_parts(parts, body)));
+                return Err(match e {
+                    Exchange::Stale => SendError::Failed {
+                        reason: "upstream closed the connection before responding".into(),
+                        request,
+                    },
+                    Exchange::Timeout => SendError::Timeout { request },
+                    Exchange::Failed(reason) => SendError::Failed { reason, request },
+                });
             }
-            Err(Exchange::Timeout) => return Err(SendError::Timeout),
-            Err(Exchange::Failed(m)) => return Err(SendError::Failed(m)),
         }
+    }
+}
+
+/// One health-check request on a fresh connection: writes `head` and returns the status.
+pub async fn probe(pool: &Pool, head: &[u8], timeout: Duration) -> Result<StatusCode, String> {
+    let fut = async {
+        let mut conn = pool.connect().await.map_err(|e| e.to_string())?;
+        conn.io
+            .write_all(head)
+            .await
+            .map_err(|e| format!("writing the check: {e}"))?;
+        match read_head(&mut conn, true).await {
+            Ok((resp, _)) => Ok(resp.status()),
+            Err(Exchange::Stale) => Err("connection closed without a response".to_string()),
+            Err(Exchange::Timeout) => Err("timed out".to_string()),
+            Err(Exchange::Failed(m)) => Err(m),
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no response within {timeout:?}")),
     }
 }
 
@@ -315,14 +397,18 @@ async fn write_request(
                 }
                 match tokio::time::timeout(timeout, body.frame()).await {
                     Ok(f) => f,
-                    Err(_) => return Err(Exchange::Failed("client request body stalled".into())),
+                    Err(_) => {
+                        return Err(Exchange::Failed(format!("{CLIENT_BODY_FAILED} stalled")))
+                    }
                 }
             }
         };
         match frame {
             None => break,
             Some(Err(e)) => {
-                return Err(Exchange::Failed(format!("client request body failed: {e}")));
+                return Err(Exchange::Failed(format!(
+                    "{CLIENT_BODY_FAILED} failed: {e}"
+                )));
             }
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
@@ -609,11 +695,14 @@ fn content_length(headers: &HeaderMap) -> Result<u64, String> {
 }
 
 /// Counts a request in flight on its endpoint until dropped.
-struct InFlight(Arc<Pool>);
+pub struct InFlight(Arc<Pool>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+        if let Some(n) = &self.0.release {
+            n.notify_one();
+        }
     }
 }
 
@@ -676,7 +765,7 @@ impl ResponseBody {
     }
 
     /// For a 101 response: the raw upstream connection and any bytes already read from it.
-    pub fn take_upgrade(&mut self) -> Option<(TcpStream, Bytes)> {
+    pub fn take_upgrade(&mut self) -> Option<(Stream, Bytes)> {
         if !matches!(self.state, State::Upgrade) {
             return None;
         }

@@ -1,32 +1,51 @@
-//! Upstream pools: the endpoints of each `[[upstream]]`, their connection pools, and the
-//! choice of endpoint for each request (round robin until the load-balancing work replaces it).
+//! Upstream pools: the endpoints of each `[[upstream]]`, their connection pools and health,
+//! and the choice of endpoint for each request.
 //!
-//! HTTP/1.1 upstreams use Wraith's own client (`h1`): the request's task drives the pooled
-//! socket directly. `h2c` upstreams (gRPC) use hyper's HTTP/2 client, whose multiplexing a
-//! single connection per endpoint serves well.
+//! - `balance`: the five algorithms, over precomputed tables.
+//! - `health`: active checks and passive outlier ejection.
+//! - `h1`: Wraith's own HTTP/1.1 client; the request's task drives the pooled socket.
+//! - `tls`: TLS to `https://` endpoints (HTTP/1.1 and HTTP/2).
+//! - `forwarder`: request rewrite, retries, and the HTTP/2 path through hyper's client
+//!   (whose multiplexing a single connection per endpoint serves well).
 
+pub mod balance;
 pub mod forwarder;
 pub mod h1;
+pub mod health;
+pub mod tls;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use hyper_util::client::legacy::connect::HttpConnector;
+use http::HeaderMap;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
 
 use crate::body::Body;
-use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::config::{HashKey, UpstreamConfig};
+use balance::{Balancer, Tried};
+use health::EndpointHealth;
 
 /// One upstream server.
 #[derive(Debug)]
 pub struct Endpoint {
     pub authority: Authority,
     pub scheme: Scheme,
+    /// Relative share of requests.
+    pub weight: u32,
+    /// Concurrent requests allowed (`usize::MAX`: no limit).
+    pub max_connections: usize,
     /// Idle HTTP/1.1 connections and the in-flight count.
     pub pool: Arc<h1::Pool>,
+    /// Active and passive health; shared with the next generation when unchanged.
+    pub health: Arc<EndpointHealth>,
+    /// The request line and headers of an active health check.
+    check_head: Arc<[u8]>,
     /// Requests forwarded since the upstream was built.
     pub requests: AtomicU64,
     /// Connect failures since the upstream was built.
@@ -35,8 +54,14 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Requests in flight to this endpoint (until their response bodies end).
+    #[inline]
     pub fn in_flight(&self) -> usize {
         self.pool.in_flight.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn has_capacity(&self) -> bool {
+        self.max_connections == usize::MAX || self.in_flight() < self.max_connections
     }
 }
 
@@ -44,9 +69,15 @@ impl Endpoint {
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub endpoints: Vec<Endpoint>,
-    /// hyper's client, for `h2c` upstreams only.
-    h2: Option<Client<HttpConnector, Body>>,
-    next: AtomicUsize,
+    balancer: Balancer,
+    /// hyper's client, for HTTP/2 upstreams only.
+    h2: Option<Client<tls::Connector, Body>>,
+    /// Requests waiting for an endpoint under its `max_connections`.
+    pending: AtomicUsize,
+    /// Woken when a request ends (only wired up when endpoints have connection limits).
+    released: Option<Arc<Notify>>,
+    /// Set while every endpoint is unhealthy (so that is logged once, not per request).
+    all_down: AtomicBool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -58,14 +89,51 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// The outcome of choosing an endpoint.
+pub enum Selection {
+    /// This endpoint, with its in-flight slot already taken.
+    Endpoint(usize, h1::InFlight),
+    /// Healthy endpoints exist but all are at `max_connections`.
+    Full,
+    /// No endpoint is healthy (or every healthy one was tried already).
+    Unavailable,
+}
+
 impl Upstream {
-    /// Builds the pools. No connection is made until the first request.
-    pub fn new(config: UpstreamConfig) -> Arc<Upstream> {
-        let h2 = (config.protocol == UpstreamProtocol::H2c).then(|| {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(config.connect_timeout));
-            connector.enforce_http(true);
+    /// Builds the pools and starts health checks. No request connection is made until the
+    /// first request. The health of endpoints that `previous` (the upstream of the same
+    /// name in the running snapshot) also has is carried over.
+    pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Arc<Upstream> {
+        let released = config
+            .has_connection_limits()
+            .then(|| Arc::new(Notify::new()));
+        // Config building already checked the TLS settings; a failure here means the files
+        // changed in between, and those endpoints fail to connect with that reason.
+        let tls_for = |alpn: &[&[u8]]| {
+            config.tls.as_ref().and_then(|t| {
+                match tls::client_config(t, alpn) {
+                    Ok(c) => Some(Arc::new((
+                        TlsConnector::from(c),
+                        t.server_name.as_deref().map(Arc::from),
+                    ))),
+                    Err(e) => {
+                        tracing::error!(upstream = %config.name, error = %e, "upstream TLS setup failed");
+                        None
+                    }
+                }
+            })
+        };
+        let h1_tls = tls_for(&[b"http/1.1"]);
+        let h2_tls = tls_for(&[b"h2"]);
+        let h2 = config.protocol.is_h2().then(|| {
+            let connector = tls::Connector {
+                tls: if config.endpoints.iter().any(|e| e.tls) {
+                    h2_tls.clone()
+                } else {
+                    None
+                },
+                timeout: config.connect_timeout,
+            };
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(config.idle_timeout)
                 .pool_timer(TokioTimer::new())
@@ -74,44 +142,200 @@ impl Upstream {
                 .set_host(false)
                 .build(connector)
         });
-        let endpoints = config
+        let endpoints: Vec<Endpoint> = config
             .endpoints
             .iter()
-            .map(|e| Endpoint {
-                authority: e.authority.clone(),
-                scheme: Scheme::HTTP,
-                pool: h1::Pool::new(
-                    e.authority.clone(),
-                    config.max_idle_per_endpoint,
-                    config.idle_timeout,
-                    config.connect_timeout,
-                ),
-                requests: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
+            .map(|e| {
+                let health = previous
+                    .and_then(|p| p.endpoints.iter().find(|old| old.authority == e.authority))
+                    .filter(|old| old.scheme == scheme_of(e.tls))
+                    .map(|old| old.health.clone())
+                    .unwrap_or_else(|| EndpointHealth::new(&config.name, e.authority.as_str()));
+                let pool_tls = if !e.tls {
+                    None
+                } else if config.protocol.is_h2() {
+                    h2_tls.clone()
+                } else {
+                    h1_tls.clone()
+                };
+                Endpoint {
+                    authority: e.authority.clone(),
+                    scheme: scheme_of(e.tls),
+                    weight: e.weight,
+                    max_connections: e.max_connections,
+                    pool: h1::Pool::new(
+                        e.authority.clone(),
+                        h1::PoolOptions {
+                            max_idle: config.max_idle_per_endpoint,
+                            idle_timeout: config.idle_timeout,
+                            connect_timeout: config.connect_timeout,
+                            tls: pool_tls,
+                            release: released.clone(),
+                        },
+                    ),
+                    health,
+                    check_head: config
+                        .health_check
+                        .as_ref()
+                        .map(|c| health::check_head(c, e.authority.as_str()))
+                        .unwrap_or_else(|| Arc::from(&b""[..])),
+                    requests: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                }
             })
             .collect();
+        let names: Vec<&str> = endpoints.iter().map(|e| e.authority.as_str()).collect();
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+        let balancer = Balancer::new(config.algorithm, &names, &weights);
         let upstream = Arc::new(Upstream {
             config,
             endpoints,
+            balancer,
             h2,
-            next: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            released,
+            all_down: AtomicBool::new(false),
         });
         spawn_sweeper(&upstream);
+        health::spawn_checks(&upstream);
         upstream
     }
 
-    /// The next endpoint, round robin.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
+    /// The hash key of a request, for `ip_hash` (0 for the other algorithms).
+    #[inline]
+    pub fn hash_key(&self, client_ip: IpAddr, headers: &HeaderMap, path: &str) -> u64 {
+        if self.config.algorithm != crate::config::Algorithm::IpHash {
+            return 0;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
+        let fallback = || balance::hash_ip(client_ip);
+        match &self.config.hash_key {
+            HashKey::ClientIp => fallback(),
+            HashKey::Path => balance::hash_bytes(path.as_bytes(), 0),
+            HashKey::Header(name) => headers
+                .get(name)
+                .map_or_else(fallback, |v| balance::hash_bytes(v.as_bytes(), 0)),
+            HashKey::Cookie(name) => cookie(headers, name)
+                .map_or_else(fallback, |v| balance::hash_bytes(v.as_bytes(), 0)),
+        }
     }
 
-    pub(crate) fn h2_client(&self) -> Option<&Client<HttpConnector, Body>> {
+    /// Chooses an endpoint not in `tried` and takes an in-flight slot on it.
+    pub fn select(&self, key: u64, tried: &Tried) -> Selection {
+        let eps = &self.endpoints;
+        for _ in 0..4 {
+            let healthy = |i: usize| {
+                !tried.contains(i) && eps[i].health.is_available() && eps[i].has_capacity()
+            };
+            let pick = match self.balancer.pick(eps, key, healthy) {
+                Some(i) => Some(i),
+                None => {
+                    let any_healthy =
+                        (0..eps.len()).any(|i| !tried.contains(i) && eps[i].health.is_available());
+                    if any_healthy {
+                        return Selection::Full;
+                    }
+                    if (0..eps.len()).all(|i| !eps[i].health.is_available()) {
+                        self.note_all_down();
+                    }
+                    if !self.config.fail_open {
+                        return Selection::Unavailable;
+                    }
+                    let untried = |i: usize| !tried.contains(i) && eps[i].has_capacity();
+                    match self.balancer.pick(eps, key, untried) {
+                        Some(i) => Some(i),
+                        None if (0..eps.len()).any(|i| !tried.contains(i)) => {
+                            return Selection::Full
+                        }
+                        None => return Selection::Unavailable,
+                    }
+                }
+            };
+            if let Some(i) = pick {
+                if self.all_down.load(Ordering::Relaxed) && eps[i].health.is_available() {
+                    self.all_down.store(false, Ordering::Relaxed);
+                }
+                // The slot is taken atomically; another request may have beaten us to it.
+                if let Some(guard) = eps[i].pool.try_acquire(eps[i].max_connections) {
+                    return Selection::Endpoint(i, guard);
+                }
+            }
+        }
+        Selection::Full
+    }
+
+    /// Logs (once per episode) that no endpoint is healthy.
+    #[cold]
+    fn note_all_down(&self) {
+        if !self.all_down.swap(true, Ordering::Relaxed) {
+            if self.config.fail_open {
+                tracing::warn!(upstream = %self.config.name, "every endpoint is unhealthy; fail_open = true, so requests are sent to them anyway");
+            } else {
+                tracing::error!(upstream = %self.config.name, "every endpoint is unhealthy; requests get 503 until one recovers");
+            }
+        }
+    }
+
+    /// Requests waiting for a free endpoint right now.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Waits (up to `pending_timeout`, at most `max_pending` waiters) for an endpoint with a
+    /// free slot. `None` when the queue is full or the wait timed out.
+    pub(crate) async fn select_waiting(&self, key: u64, tried: &Tried) -> Option<Selection> {
+        let released = self.released.as_ref()?;
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let _waiting = PendingGuard(&self.pending);
+        let deadline = tokio::time::Instant::now() + self.config.pending_timeout;
+        loop {
+            let notified = released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.select(key, tried) {
+                Selection::Full => {}
+                other => return Some(other),
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub(crate) fn h2_client(&self) -> Option<&Client<tls::Connector, Body>> {
         self.h2.as_ref()
     }
+}
+
+struct PendingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn scheme_of(tls: bool) -> Scheme {
+    if tls {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    }
+}
+
+/// The value of cookie `name` in the request's Cookie headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k.trim() == name).then(|| v.trim())
+        })
 }
 
 /// Closes idle connections past their idle timeout, until the upstream is dropped.

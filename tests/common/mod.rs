@@ -84,6 +84,45 @@ impl Pki {
     }
 }
 
+/// A rustls server config for a test upstream: `cert`/`key` PEM files, ALPN h2 + http/1.1,
+/// optionally requiring client certificates issued by `client_ca`.
+pub fn tls_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// A rustls client config trusting `ca_pem`, offering `alpn`, optionally with a client cert.
 pub fn tls_client_config(
     ca_pem: &Path,
@@ -153,6 +192,7 @@ pub fn http_client() -> reqwest::Client {
 pub struct Upstream {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Upstream {
@@ -171,26 +211,81 @@ impl Upstream {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
+        Self::serve_with(listener, None, handler)
+    }
+
+    /// An HTTPS server (HTTP/1.1 and HTTP/2 by ALPN) with `tls`.
+    pub async fn start_tls<F, Fut>(tls: Arc<rustls::ServerConfig>, handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_with(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(tls)),
+            handler,
+        )
+    }
+
+    fn serve_with<F, Fut>(
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        handler: F,
+    ) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(handler);
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let c = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let handler = handler.clone();
-                tokio::spawn(async move {
+                let tls = tls.clone();
+                let conn = tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(s) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                                .await;
+                        }
+                    }
                 });
+                let mut list = c.lock().unwrap();
+                list.retain(|h| !h.is_finished());
+                list.push(conn.abort_handle());
             }
         });
-        Upstream { addr, task }
+        Upstream { addr, task, conns }
+    }
+
+    /// Kills the server: stops accepting and drops every open connection (the port then
+    /// refuses connections, like a crashed process).
+    pub fn kill(self) {
+        self.task.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 
     /// An upstream that answers every request with a JSON echo of what it received:
@@ -202,6 +297,11 @@ impl Upstream {
     /// Stops accepting (existing connections are aborted with the runtime).
     pub fn stop(self) {
         self.task.abort();
+    }
+
+    /// `127.0.0.1:port`, as written in an `endpoints` list.
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
     }
 }
 
@@ -271,6 +371,11 @@ impl Setup {
     /// `[server]` (pid file, admin socket) and the standard listeners: `http` and `https`
     /// on port 0.
     pub fn listeners(&self) -> String {
+        Self::standard_listeners()
+    }
+
+    /// The text of `listeners()`, without a `Setup`.
+    pub fn standard_listeners() -> String {
         r#"
 [server]
 shutdown_timeout = "10s"
@@ -556,6 +661,56 @@ impl Wraith {
         )
         .await
         .unwrap()
+    }
+
+    /// The admin API's status document (`GET /v1/status` on the admin socket).
+    pub async fn status(&self) -> serde_json::Value {
+        let socket = self.dir.path().join("admin.sock");
+        let (code, v) = wraith::admin::call(
+            &socket,
+            http::Method::GET,
+            "/v1/status",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 200);
+        v
+    }
+
+    /// The status entry of endpoint `addr` (e.g. `127.0.0.1:9000`) of upstream `name`.
+    pub async fn endpoint_status(&self, name: &str, addr: &str) -> serde_json::Value {
+        let v = self.status().await;
+        v["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap_or_else(|| panic!("no upstream {name} in {v}"))["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"].as_str().unwrap_or("").ends_with(addr))
+            .unwrap_or_else(|| panic!("no endpoint {addr} in {v}"))
+            .clone()
+    }
+
+    /// Polls `f` every 20 ms until it returns true or `timeout` passes.
+    pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f().await {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Resident set size of the gateway process, in KiB.

@@ -1,0 +1,940 @@
+//! Load balancing against real upstream servers on 127.0.0.1:0: each algorithm's
+//! distribution, ip_hash stickiness and remapping, least_connections under a slow endpoint,
+//! active health checks and passive ejection, retries, connection limits, fail-open, and
+//! health state across reloads.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A test upstream: answers with its name in `x-upstream` and counts the requests it served
+/// (health checks on `/health` excluded). `health` decides the health-check status.
+struct Backend {
+    name: String,
+    server: Option<Upstream>,
+    addr: std::net::SocketAddr,
+    hits: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+    fail: Arc<AtomicBool>,
+    delay: Duration,
+    concurrent: Arc<AtomicUsize>,
+    max_concurrent: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    async fn start(name: &str, delay: Duration) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut b = Backend {
+            name: name.to_string(),
+            server: None,
+            addr: listener.local_addr().unwrap(),
+            hits: Arc::default(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            fail: Arc::default(),
+            delay,
+            concurrent: Arc::default(),
+            max_concurrent: Arc::default(),
+        };
+        b.serve(listener);
+        b
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (name, hits, healthy, fail, delay, cur, max) = (
+            self.name.clone(),
+            self.hits.clone(),
+            self.healthy.clone(),
+            self.fail.clone(),
+            self.delay,
+            self.concurrent.clone(),
+            self.max_concurrent.clone(),
+        );
+        self.server = Some(Upstream::serve(listener, move |req: Request<Incoming>| {
+            let (name, hits, healthy, fail, cur, max) = (
+                name.clone(),
+                hits.clone(),
+                healthy.clone(),
+                fail.clone(),
+                cur.clone(),
+                max.clone(),
+            );
+            async move {
+                if req.uri().path() == "/health" {
+                    let status = if healthy.load(Ordering::SeqCst) {
+                        200
+                    } else {
+                        503
+                    };
+                    return Response::builder()
+                        .status(status)
+                        .body(full("health"))
+                        .unwrap();
+                }
+                hits.fetch_add(1, Ordering::SeqCst);
+                let now = cur.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(now, Ordering::SeqCst);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                cur.fetch_sub(1, Ordering::SeqCst);
+                let body = req.into_body().collect_len().await;
+                let status = if fail.load(Ordering::SeqCst) {
+                    500
+                } else {
+                    200
+                };
+                Response::builder()
+                    .status(status)
+                    .header("x-upstream", name.as_str())
+                    .header("x-body-len", body.to_string())
+                    .body(full(name.clone()))
+                    .unwrap()
+            }
+        }));
+    }
+
+    fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The same backend's address and counters, without the server (for config text).
+    fn clone_handle(&self) -> Backend {
+        Backend {
+            name: self.name.clone(),
+            server: None,
+            addr: self.addr,
+            hits: self.hits.clone(),
+            healthy: self.healthy.clone(),
+            fail: self.fail.clone(),
+            delay: self.delay,
+            concurrent: self.concurrent.clone(),
+            max_concurrent: self.max_concurrent.clone(),
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn kill(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.kill();
+        }
+    }
+
+    /// Starts serving again on the same port.
+    async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+trait CollectLen {
+    async fn collect_len(self) -> usize;
+}
+
+impl CollectLen for Incoming {
+    async fn collect_len(self) -> usize {
+        use http_body_util::BodyExt;
+        self.collect()
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(0)
+    }
+}
+
+async fn backends(n: usize) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(Backend::start(&format!("b{i}"), Duration::ZERO).await);
+    }
+    out
+}
+
+/// `endpoints = [...]` with optional weights.
+fn endpoints(bs: &[Backend], weights: Option<&[u32]>) -> String {
+    let list: Vec<String> = bs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match weights {
+            Some(w) => format!("{{ address = \"{}\", weight = {} }}", b.endpoint(), w[i]),
+            None => format!("\"{}\"", b.endpoint()),
+        })
+        .collect();
+    format!("endpoints = [{}]", list.join(", "))
+}
+
+/// The standard listeners (trusting 127.0.0.1 as a proxy) and one upstream `pool`.
+fn config(upstream: &str) -> String {
+    let listeners = Setup::standard_listeners().replace(
+        "admin_socket = \"admin.sock\"",
+        "admin_socket = \"admin.sock\"\ntrusted_proxies = [\"127.0.0.1\"]",
+    );
+    format!(
+        "{listeners}\n[[upstream]]\nname = \"pool\"\n{upstream}\n\n[[route]]\nname = \"all\"\nupstream = \"pool\"\n"
+    )
+}
+
+/// `n` GETs with `concurrency` in flight; returns (x-upstream of each success, failures).
+async fn drive(
+    client: &reqwest::Client,
+    url: &str,
+    n: usize,
+    concurrency: usize,
+    xff: impl Fn(usize) -> Option<String>,
+) -> (Vec<String>, Vec<String>) {
+    let mut results: Vec<(usize, Result<String, String>)> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let mut req = client.get(url);
+            if let Some(ip) = xff(i) {
+                req = req.header("x-forwarded-for", ip);
+            }
+            async move {
+                let r = match req.send().await {
+                    Ok(r) if r.status() == 200 => Ok(r
+                        .headers()
+                        .get("x-upstream")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default()),
+                    Ok(r) => Err(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                (i, r)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    // In request order, so runs can be compared key by key.
+    results.sort_by_key(|(i, _)| *i);
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (_, r) in results {
+        match r {
+            Ok(s) => ok.push(s),
+            Err(e) => failed.push(e),
+        }
+    }
+    (ok, failed)
+}
+
+fn shares(names: &[String], n: usize) -> Vec<f64> {
+    let total = names.len() as f64;
+    (0..n)
+        .map(|i| names.iter().filter(|s| **s == format!("b{i}")).count() as f64 / total)
+        .collect()
+}
+
+/// Runs 10 000 requests with `algorithm` over four endpoints weighted 1:2:3:4 and returns
+/// each endpoint's share.
+async fn distribution(algorithm: &str, concurrency: usize, client_ips: bool) -> Vec<f64> {
+    let bs = backends(4).await;
+    let weights = [1, 2, 3, 4];
+    let setup = Setup::new();
+    let cfg = config(&format!(
+        "algorithm = \"{algorithm}\"\n{}",
+        endpoints(&bs, Some(&weights))
+    ));
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    let (ok, failed) = drive(
+        &client,
+        &wraith.url("http", "/d"),
+        10_000,
+        concurrency,
+        |i| client_ips.then(|| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256)),
+    )
+    .await;
+    assert!(
+        failed.is_empty(),
+        "{algorithm}: failures {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    shares(&ok, 4)
+}
+
+fn assert_weighted(algorithm: &str, got: &[f64], tolerance: impl Fn(f64) -> f64) {
+    let expected = [0.1, 0.2, 0.3, 0.4];
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            (g - e).abs() <= tolerance(e),
+            "{algorithm}: endpoint b{i} got {g:.4}, expected {e} (all: {got:?})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly_and_ignores_weights() {
+    let got = distribution("round_robin", 16, false).await;
+    for (i, g) in got.iter().enumerate() {
+        assert!((g - 0.25).abs() <= 0.25 * 0.05, "b{i}: {g} ({got:?})");
+    }
+}
+
+#[tokio::test]
+async fn weighted_follows_the_weights_within_5_percent() {
+    let got = distribution("weighted", 16, false).await;
+    assert_weighted("weighted", &got, |e| e * 0.05);
+}
+
+#[tokio::test]
+async fn least_connections_respects_weights_when_loads_tie() {
+    // One request at a time: every endpoint has 0 in flight at each pick, so only the
+    // weighted tie-break decides.
+    let got = distribution("least_connections", 1, false).await;
+    assert_weighted("least_connections", &got, |e| e * 0.05);
+}
+
+#[tokio::test]
+async fn random_two_choices_follow_the_weights() {
+    // Random draws: 10 000 samples have a standard deviation of up to 0.5 percentage
+    // points per share, so the bound is 2 points (4 sigma), not 5 % of the smallest share.
+    let got = distribution("random", 1, false).await;
+    assert_weighted("random", &got, |_| 0.02);
+}
+
+#[tokio::test]
+async fn ip_hash_spreads_client_addresses_by_weight() {
+    // 10 000 distinct client addresses (X-Forwarded-For from a trusted proxy): the shares
+    // follow the Maglev table (weights 1:2:3:4) up to sampling noise.
+    let got = distribution("ip_hash", 16, true).await;
+    assert_weighted("ip_hash", &got, |_| 0.02);
+}
+
+#[tokio::test]
+async fn ip_hash_is_sticky_and_remaps_about_one_nth_when_an_endpoint_leaves() {
+    let bs = backends(5).await;
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "algorithm = \"ip_hash\"\n{}",
+        endpoints(&bs, None)
+    )));
+    let client = http_client();
+    let url = wraith.url("http", "/sticky");
+    let ip = |i: usize| Some(format!("192.168.{}.{}", i / 256, i % 256));
+    let n = 2000;
+    let (first, f1) = drive(&client, &url, n, 16, ip).await;
+    let (second, f2) = drive(&client, &url, n, 16, ip).await;
+    assert!(f1.is_empty() && f2.is_empty(), "{f1:?} {f2:?}");
+    assert_eq!(first, second, "every client address sticks to its endpoint");
+    assert!(
+        shares(&first, 5).iter().all(|s| *s > 0.1),
+        "all endpoints get keys"
+    );
+
+    // Remove b2 from the configuration.
+    let rest: Vec<Backend> = bs
+        .iter()
+        .filter(|b| b.name != "b2")
+        .map(|b| b.clone_handle())
+        .collect();
+    let cfg = std::fs::read_to_string(&wraith.config_path)
+        .unwrap()
+        .replace(&endpoints(&bs, None), &endpoints(&rest, None));
+    wraith.write_config(&cfg);
+    wraith.reload().unwrap();
+    let (after, f3) = drive(&client, &url, n, 16, ip).await;
+    assert!(f3.is_empty(), "{f3:?}");
+    let moved = first.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let on_removed = first.iter().filter(|a| *a == "b2").count();
+    assert!(after.iter().all(|a| a != "b2"));
+    assert!(
+        moved as f64 <= 1.5 / 5.0 * n as f64,
+        "{moved} of {n} keys moved (b2 had {on_removed})"
+    );
+    assert!(moved >= on_removed, "b2's keys must move");
+}
+
+#[tokio::test]
+async fn least_connections_prefers_idle_endpoints_over_a_slow_one() {
+    let slow = Backend::start("b0", Duration::from_millis(300)).await;
+    let mut bs = vec![slow];
+    for i in 1..3 {
+        bs.push(Backend::start(&format!("b{i}"), Duration::from_millis(2)).await);
+    }
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "algorithm = \"least_connections\"\n{}",
+        endpoints(&bs, None)
+    )));
+    let client = http_client();
+    let (ok, failed) = drive(&client, &wraith.url("http", "/lc"), 600, 12, |_| None).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let s = shares(&ok, 3);
+    // Round robin would give the slow endpoint a third; least connections gives it only
+    // what arrives while it is as idle as the others.
+    assert!(s[0] < 0.1, "slow endpoint share {:.3} ({s:?})", s[0]);
+}
+
+/// GETs in a loop from `workers` tasks until `stop`; returns (count, failures).
+fn background_load(
+    client: reqwest::Client,
+    url: String,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    match client.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let _ = r.bytes().await;
+                        }
+                        Ok(r) => failed.push(format!(
+                            "{} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        )),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                (n, failed)
+            }));
+        }
+        let mut total = 0;
+        let mut failed = Vec::new();
+        for t in tasks {
+            let (n, f) = t.await.unwrap();
+            total += n;
+            failed.extend(f);
+        }
+        (total, failed)
+    })
+}
+
+// `wait_log` blocks its thread: the backends need another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_take_a_dead_endpoint_out_and_bring_it_back_without_failed_requests() {
+    let mut bs = backends(3).await;
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+            "{}\n[upstream.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\nfall = 2\nrise = 2\n",
+            endpoints(&bs, None)
+        ),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = background_load(http_client(), wraith.url("http", "/x"), 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let dead = bs[2].endpoint();
+    let killed_at = Instant::now();
+    bs[2].kill();
+    let down = wraith.wait_log(Duration::from_secs(10), |v| {
+        v["message"] == "endpoint is down (health check)"
+            && v["endpoint"].as_str().is_some_and(|e| e.ends_with(&dead))
+    });
+    assert!(down.is_some(), "not marked down:\n{}", wraith.log());
+    // interval * fall = 400 ms, plus jitter and a check in flight; generous bound.
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        wraith.endpoint_status("pool", &dead).await["health"],
+        "down"
+    );
+    let (_, text, _) = wraith.cli(&["status"]);
+    assert!(text.contains("down"), "{text}");
+
+    // While it is down, it gets nothing.
+    let before = bs[2].hits();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bs[2].restart().await;
+    let up = wraith.wait_log(Duration::from_secs(10), |v| {
+        v["message"] == "endpoint is up (health check)"
+            && v["endpoint"].as_str().is_some_and(|e| e.ends_with(&dead))
+    });
+    assert!(
+        up.is_some(),
+        "not marked up again: {}\n{}",
+        wraith.endpoint_status("pool", &dead).await,
+        wraith.log()
+    );
+    assert!(
+        Wraith::eventually(Duration::from_secs(5), || async { bs[2].hits() > before }).await,
+        "traffic returns to the recovered endpoint: hits {:?}, status {}",
+        bs.iter().map(|b| b.hits()).collect::<Vec<_>>(),
+        wraith.status().await
+    );
+    stop.store(true, Ordering::SeqCst);
+    let (total, failed) = load.await.unwrap();
+    assert!(total > 100, "the load ran ({total} requests)");
+    // The dead endpoint's turns went to both others, not all to its neighbour.
+    let (h0, h1) = (bs[0].hits() as f64, bs[1].hits() as f64);
+    assert!((0.8..1.25).contains(&(h0 / h1)), "uneven: {h0} vs {h1}");
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+#[tokio::test]
+async fn passive_ejection_without_active_checks_with_a_growing_cool_down() {
+    let bs = backends(3).await;
+    bs[0].fail.store(true, Ordering::SeqCst);
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+            "{}\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"2s\", max_ejection_time = \"1m\" }}\n",
+            endpoints(&bs, None)
+        ),
+    ));
+    let client = http_client();
+    let url = wraith.url("http", "/p");
+    let bad = bs[0].endpoint();
+    let ejections = || {
+        wraith
+            .log_json()
+            .into_iter()
+            .filter(|v| {
+                v["message"] == "endpoint ejected after consecutive failures"
+                    && v["endpoint"].as_str().is_some_and(|e| e.ends_with(&bad))
+            })
+            .map(|v| v["cool_down_ms"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let mut checked_status = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ejections().len() < 2 && Instant::now() < deadline {
+        let _ = client.get(&url).send().await.unwrap().bytes().await;
+        if !checked_status && ejections().len() == 1 {
+            let e = wraith.endpoint_status("pool", &bad).await;
+            assert_eq!(e["health"], "ejected", "{e}");
+            // While ejected, the failing endpoint gets nothing.
+            let hits = bs[0].hits();
+            drive(&client, &url, 30, 1, |_| None).await;
+            assert_eq!(bs[0].hits(), hits);
+            checked_status = true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let e = ejections();
+    assert_eq!(e.len(), 2, "{}", wraith.log());
+    assert_eq!(
+        e,
+        vec![2000, 4000],
+        "the cool-down doubles on a repeat ejection"
+    );
+    assert!(checked_status);
+}
+
+#[tokio::test]
+async fn passive_ejection_never_exceeds_the_allowed_share() {
+    let bs = backends(3).await;
+    bs[0].fail.store(true, Ordering::SeqCst);
+    bs[1].fail.store(true, Ordering::SeqCst);
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+            "{}\noutlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 50 }}\n",
+            endpoints(&bs, None)
+        ),
+    ));
+    let client = http_client();
+    drive(&client, &wraith.url("http", "/p"), 60, 1, |_| None).await;
+    let status = wraith.status().await;
+    let ejected = status["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["health"] == "ejected")
+        .count();
+    assert_eq!(ejected, 1, "50% of 3 endpoints is 1: {status}");
+}
+
+/// An upstream that reads a request and closes the connection without answering.
+async fn hang_up_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                s.fetch_add(1, Ordering::SeqCst);
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn retries_follow_the_rules() {
+    let (hangup, seen) = hang_up_server().await;
+    let good = Backend::start("good", Duration::ZERO).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let setup = Setup::new();
+    let cfg = format!(
+        r#"{listeners}
+[[upstream]]
+name = "pool"
+endpoints = ["{hangup}", "{good}"]
+outlier = {{ consecutive_failures = 0 }}
+
+[[upstream]]
+name = "refused"
+endpoints = ["{closed}", "{good}"]
+outlier = {{ consecutive_failures = 0 }}
+
+[[route]]
+name = "refused"
+path = {{ prefix = "/refused/" }}
+upstream = "refused"
+
+[[route]]
+name = "all"
+upstream = "pool"
+"#,
+        listeners = setup.listeners(),
+        good = good.endpoint(),
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    let url = wraith.url("http", "/r");
+
+    // Idempotent GETs: a hang-up before any response byte is retried on the other endpoint.
+    for _ in 0..10 {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-upstream"], "good");
+    }
+    assert!(
+        seen.load(Ordering::SeqCst) >= 4,
+        "the hang-up endpoint was tried"
+    );
+
+    // PUT with a small body: buffered, so it can be sent again.
+    for _ in 0..6 {
+        let r = client.put(&url).body("twelve bytes").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-body-len"], "12");
+    }
+
+    // POST is not idempotent: a hang-up after sending it is not retried.
+    let before = seen.load(Ordering::SeqCst);
+    let mut bad_gateway = 0;
+    for _ in 0..10 {
+        let r = client.post(&url).body("x").send().await.unwrap();
+        if r.status() == 502 {
+            bad_gateway += 1;
+        } else {
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert!(bad_gateway > 0, "some POSTs hit the hang-up endpoint");
+    assert_eq!(bad_gateway, seen.load(Ordering::SeqCst) - before);
+
+    // A refused connection never reached anyone: even a streamed POST is retried.
+    let attempts_before = wraith.endpoint_status("refused", &closed.to_string()).await["requests"]
+        .as_u64()
+        .unwrap();
+    for _ in 0..6 {
+        let chunks = futures_util::stream::iter(vec![
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"streamed ")),
+            Ok(bytes::Bytes::from_static(b"body")),
+        ]);
+        let r = client
+            .post(wraith.url("http", "/refused/x"))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-body-len"], "13");
+    }
+    let attempts = wraith.endpoint_status("refused", &closed.to_string()).await["requests"]
+        .as_u64()
+        .unwrap();
+    assert!(attempts > attempts_before, "the refused endpoint was tried");
+}
+
+#[tokio::test]
+async fn retries_stop_after_the_configured_number() {
+    let mut ups = Vec::new();
+    for _ in 0..4 {
+        ups.push(hang_up_server().await);
+    }
+    let list: Vec<String> = ups.iter().map(|(a, _)| format!("\"{a}\"")).collect();
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [{}]\nretries = 2\noutlier = {{ consecutive_failures = 0 }}\n",
+        list.join(", ")
+    )));
+    let r = http_client()
+        .get(wraith.url("http", "/r"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let total: usize = ups.iter().map(|(_, s)| s.load(Ordering::SeqCst)).sum();
+    assert_eq!(
+        total, 3,
+        "one attempt plus two retries, each on a different endpoint"
+    );
+    assert!(
+        ups.iter().all(|(_, s)| s.load(Ordering::SeqCst) <= 1),
+        "never the same endpoint twice"
+    );
+}
+
+#[tokio::test]
+async fn max_connections_and_max_pending_are_enforced_with_503_and_retry_after() {
+    let slow = Backend::start("b0", Duration::from_millis(1500)).await;
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+            "endpoints = [{{ address = \"{}\", max_connections = 2 }}]\nmax_pending = 2\npending_timeout = \"10s\"\n",
+            slow.endpoint()
+        ),
+    ));
+    let client = http_client();
+    let url = wraith.url("http", "/slow");
+    let results: Vec<(u16, Option<String>, String)> =
+        futures_util::future::join_all((0..8).map(|_| {
+            let req = client.get(&url);
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status().as_u16();
+                let ra = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (status, ra, r.text().await.unwrap())
+            }
+        }))
+        .await;
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    assert_eq!(ok, 4, "2 served at once + 2 queued: {results:?}");
+    assert_eq!(refused.len(), 4, "{results:?}");
+    for (_, ra, body) in &refused {
+        assert_eq!(ra.as_deref(), Some("1"));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "upstream_overloaded");
+    }
+    assert_eq!(slow.max_concurrent.load(Ordering::SeqCst), 2);
+}
+
+async fn wait_health(wraith: &Wraith, addr: &str, want: &str) -> bool {
+    Wraith::eventually(Duration::from_secs(10), || async {
+        wraith.endpoint_status("pool", addr).await["health"] == want
+    })
+    .await
+}
+
+// `wait_log` blocks its thread: the backends need another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_endpoint_is_a_503_unless_fail_open() {
+    let bs = backends(2).await;
+    for b in &bs {
+        b.healthy.store(false, Ordering::SeqCst);
+    }
+    let setup = Setup::new();
+    let body = |fail_open: bool| {
+        format!(
+            "{}\nfail_open = {fail_open}\n[upstream.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n",
+            endpoints(&bs, None)
+        )
+    };
+    let wraith = setup.start(&config(&body(false)));
+    for b in &bs {
+        assert!(wait_health(&wraith, &b.endpoint(), "down").await);
+    }
+    let client = http_client();
+    let r = client.get(wraith.url("http", "/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "no_endpoint");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("no healthy endpoint"));
+    assert!(v["request_id"].is_string());
+
+    let cfg = std::fs::read_to_string(&wraith.config_path)
+        .unwrap()
+        .replace("fail_open = false", "fail_open = true");
+    wraith.write_config(&cfg);
+    wraith.reload().unwrap();
+    let r = client.get(wraith.url("http", "/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "fail_open sends to unhealthy endpoints");
+    assert!(wraith
+        .wait_log(Duration::from_secs(5), |v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fail_open = true")))
+        .is_some());
+}
+
+#[tokio::test]
+async fn health_state_survives_a_reload_when_the_endpoint_is_unchanged() {
+    let bs = backends(3).await;
+    bs[1].healthy.store(false, Ordering::SeqCst);
+    let setup = Setup::new();
+    let check = |rise: u32| {
+        format!(
+            "{}\nresponse_timeout = \"30s\"\n[upstream.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = {rise}\n",
+            endpoints(&bs, None)
+        )
+    };
+    let wraith = setup.start(&config(&check(1)));
+    let sick = bs[1].endpoint();
+    assert!(wait_health(&wraith, &sick, "down").await);
+
+    // It recovers, but the new configuration asks for 50 passes in a row (5 s). A pool
+    // built fresh would start it "up"; carried over, it stays down until it earns it.
+    bs[1].healthy.store(true, Ordering::SeqCst);
+    let cfg = std::fs::read_to_string(&wraith.config_path)
+        .unwrap()
+        .replace("rise = 1", "rise = 50");
+    wraith.write_config(&cfg);
+    wraith.reload().unwrap();
+    assert_eq!(
+        wraith.endpoint_status("pool", &sick).await["health"],
+        "down"
+    );
+    let before = bs[1].hits();
+    let (ok, failed) = drive(&http_client(), &wraith.url("http", "/x"), 50, 4, |_| None).await;
+    assert!(failed.is_empty());
+    assert_eq!(ok.len(), 50);
+    assert_eq!(
+        bs[1].hits(),
+        before,
+        "a down endpoint gets no traffic after the reload"
+    );
+}
+
+/// An upstream that reads requests and never answers.
+async fn silent_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut counted = false;
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if !counted => {
+                            counted = true;
+                            s.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn no_retry_starts_after_the_try_duration() {
+    let mut ups = Vec::new();
+    for _ in 0..5 {
+        ups.push(silent_server().await);
+    }
+    let list: Vec<String> = ups.iter().map(|(a, _)| format!("\"{a}\"")).collect();
+    let wraith = Setup::new().start(&config(&format!(
+        "endpoints = [{}]\nretries = 4\nresponse_timeout = \"700ms\"\ntry_duration = \"1s\"\noutlier = {{ consecutive_failures = 0 }}\n",
+        list.join(", ")
+    )));
+    let r = http_client()
+        .get(wraith.url("http", "/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let total: usize = ups.iter().map(|(_, s)| s.load(Ordering::SeqCst)).sum();
+    // Attempt 1 times out at 0.7 s (inside the 1 s budget, so a retry starts); attempt 2
+    // times out at 1.4 s, past the budget: no third attempt despite retries = 4.
+    assert_eq!(total, 2);
+}
+
+fn with_cookie(r: reqwest::RequestBuilder, k: &str) -> reqwest::RequestBuilder {
+    r.header("cookie", format!("theme=dark; session={k}; x=1"))
+}
+
+fn with_header(r: reqwest::RequestBuilder, k: &str) -> reqwest::RequestBuilder {
+    r.header("x-user", k)
+}
+
+#[tokio::test]
+async fn ip_hash_can_key_on_a_cookie_or_a_header() {
+    let bs = backends(4).await;
+    type Keyed = fn(reqwest::RequestBuilder, &str) -> reqwest::RequestBuilder;
+    let cases: [(&str, Keyed); 2] = [
+        ("cookie:session", with_cookie),
+        ("header:x-user", with_header),
+    ];
+    for (key, keyed) in cases {
+        let wraith = Setup::new().start(&config(&format!(
+            "algorithm = \"ip_hash\"\nhash_key = \"{key}\"\n{}",
+            endpoints(&bs, None)
+        )));
+        let client = http_client();
+        let url = wraith.url("http", "/k");
+        let mut first: Vec<String> = Vec::new();
+        for i in 0..200 {
+            let r = keyed(client.get(&url), &format!("user-{i}"))
+                .send()
+                .await
+                .unwrap();
+            first.push(r.headers()["x-upstream"].to_str().unwrap().to_string());
+        }
+        for i in (0..200).step_by(7) {
+            let r = keyed(client.get(&url), &format!("user-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.headers()["x-upstream"],
+                first[i].as_str(),
+                "{key}: user-{i} moved"
+            );
+        }
+        let spread = shares(&first, 4);
+        assert!(
+            spread.iter().all(|s| *s > 0.1),
+            "{key}: keys spread over all endpoints {spread:?}"
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Response compression through a real gateway: zstd, br and gzip decode to the original
+//! (fixed-length and streamed bodies), and what must never be compressed is not.
+
+mod common;
+
+use std::io::Read;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+
+fn text() -> Vec<u8> {
+    (0..4000u32)
+        .flat_map(|i| format!("{i}: the quick brown fox jumps over the lazy dog\n").into_bytes())
+        .collect()
+}
+
+async fn origin(req: Request<Incoming>) -> Response<TestBody> {
+    let r = Response::builder();
+    match req.uri().path() {
+        "/text" | "/plain/text" => r
+            .header("content-type", "text/plain; charset=utf-8")
+            .header("etag", "\"v1\"")
+            .body(full(text())),
+        "/json" => r
+            .header("content-type", "application/json")
+            .body(full(format!(
+                "[{}]",
+                vec!["{\"k\": \"value\"}"; 500].join(",")
+            ))),
+        "/small" => r
+            .header("content-type", "text/html")
+            .body(full("<p>hi</p>")),
+        "/image" => r.header("content-type", "image/png").body(full(text())),
+        "/already" => {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, &text()).unwrap();
+            r.header("content-type", "text/plain")
+                .header("content-encoding", "gzip")
+                .body(full(gz.finish().unwrap()))
+        }
+        "/no-transform" => r
+            .header("content-type", "text/plain")
+            .header("cache-control", "public, no-transform")
+            .body(full(text())),
+        "/stream" => {
+            // Unknown length, several chunks.
+            let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+                text()
+                    .chunks(7000)
+                    .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                    .collect();
+            r.header("content-type", "text/event-stream")
+                .body(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
+        }
+        _ => r.status(404).body(full("")),
+    }
+    .unwrap()
+}
+
+fn config(upstream: std::net::SocketAddr) -> String {
+    format!(
+        r#"{}
+[[upstream]]
+name = "origin"
+endpoints = ["{upstream}"]
+
+[[route]]
+name = "uncompressed"
+path = {{ prefix = "/plain/" }}
+upstream = "origin"
+
+[[route]]
+name = "compressed"
+upstream = "origin"
+compression = {{ algorithms = ["zstd", "br", "gzip"], min_size = "1KiB" }}
+"#,
+        Setup::standard_listeners()
+    )
+}
+
+fn decode(encoding: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match encoding {
+        "gzip" => {
+            flate2::read::GzDecoder::new(body)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        "br" => brotli::BrotliDecompress(&mut &body[..], &mut out).unwrap(),
+        "zstd" => out = zstd::stream::decode_all(body).unwrap(),
+        other => panic!("unexpected encoding {other}"),
+    }
+    out
+}
+
+#[tokio::test]
+async fn zstd_br_and_gzip_decode_to_the_original() {
+    let up = Upstream::start(origin).await;
+    let wraith = Setup::new().start(&config(up.addr));
+    let client = http_client();
+    for (accept, expected) in [
+        ("gzip, deflate, br, zstd", "zstd"),
+        ("gzip, br", "br"),
+        ("gzip", "gzip"),
+        ("br;q=0.5, gzip;q=0.9", "gzip"),
+    ] {
+        for path in ["/text", "/stream", "/json"] {
+            let r = client
+                .get(wraith.url("http", path))
+                .header("accept-encoding", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["content-encoding"], expected, "{path} {accept}");
+            assert_eq!(r.headers()["vary"], "accept-encoding");
+            assert!(r.headers().get("content-length").is_none());
+            if path == "/text" {
+                assert_eq!(
+                    r.headers()["etag"],
+                    "W/\"v1\"",
+                    "a strong ETag becomes weak"
+                );
+            }
+            let body = r.bytes().await.unwrap();
+            let original = if path == "/json" {
+                format!("[{}]", vec!["{\"k\": \"value\"}"; 500].join(",")).into_bytes()
+            } else {
+                text()
+            };
+            assert!(
+                body.len() < original.len() / 3,
+                "{path} {expected}: {}",
+                body.len()
+            );
+            assert_eq!(decode(expected, &body), original, "{path} {expected}");
+        }
+    }
+    // Also over HTTP/2 (the https listener negotiates h2).
+    let pki = wraith.pki();
+    let r = https_client(&pki.ca_pem, None)
+        .get(wraith.url("https", "/text"))
+        .header("accept-encoding", "br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.headers()["content-encoding"], "br");
+    assert_eq!(decode("br", &r.bytes().await.unwrap()), text());
+}
+
+#[tokio::test]
+async fn what_must_not_be_compressed_is_not() {
+    let up = Upstream::start(origin).await;
+    let wraith = Setup::new().start(&config(up.addr));
+    let client = http_client();
+    let get = |path: &str| {
+        client
+            .get(wraith.url("http", path))
+            .header("accept-encoding", "zstd, br, gzip")
+    };
+
+    // Small bodies: not worth it; images: already compressed. Neither varies.
+    for path in ["/small", "/image"] {
+        let r = get(path).send().await.unwrap();
+        assert!(r.headers().get("content-encoding").is_none(), "{path}");
+        assert!(r.headers().get("vary").is_none(), "{path}");
+    }
+    let r = get("/image").send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), text());
+
+    // Never re-compressed: the upstream's gzip passes through untouched.
+    let r = get("/already").send().await.unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(decode("gzip", &r.bytes().await.unwrap()), text());
+
+    // Range requests are not compressed (offsets refer to the identity bytes).
+    let r = get("/text")
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+
+    // no-transform is respected.
+    let r = get("/no-transform").send().await.unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+
+    // A client that accepts nothing we offer gets identity, with Vary.
+    let r = client
+        .get(wraith.url("http", "/text"))
+        .header("accept-encoding", "identity")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(r.headers()["vary"], "accept-encoding");
+    assert_eq!(r.bytes().await.unwrap(), text());
+
+    // Off by default: a route without `compression` never compresses.
+    let r = get("/plain/text").send().await.unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+    assert!(r.headers().get("vary").is_none());
+    assert_eq!(r.bytes().await.unwrap(), text());
+}

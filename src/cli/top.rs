@@ -317,7 +317,8 @@ fn upstream_table(f: &mut Frame<'_>, area: Rect, v: &Value) {
             rows.push(
                 Row::new(vec![
                     s(&u["name"]),
-                    s(&e["address"]),
+                    // Plain HTTP is the common case; only a TLS endpoint keeps its scheme.
+                    s(&e["address"]).trim_start_matches("http://").to_string(),
                     health,
                     e["in_flight"].to_string(),
                 ])

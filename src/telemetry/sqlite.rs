@@ -361,9 +361,6 @@ mod tests {
         };
         let f = Formatting::new(&LogConfig::default());
         let mut w = SqliteWriter::new(config, f.clone()).unwrap();
-        if let Ok(sql) = std::env::var("WRAITH_COST_SQL") {
-            w.conn.execute_batch(&sql).unwrap();
-        }
         let n = 100_000;
         let records: Vec<_> = (0..n).map(|_| sample()).collect();
         let t = thread_cpu();

@@ -166,6 +166,11 @@ pub fn status(rt: &Runtime) -> Value {
         "draining": rt.shutdown.is_cancelled(),
         "listeners": listeners,
         "upstreams": upstreams,
+        "client_cert_rejections": rt
+            .client_cert_rejections
+            .counts()
+            .map(|(reason, n)| (reason.to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 

@@ -48,6 +48,9 @@ pub enum GatewayError {
     },
     #[error("upstream {upstream} has no available endpoint")]
     NoEndpoint { upstream: std::sync::Arc<str> },
+    /// The policy stage refused the request (the decision is in the access record).
+    #[error("denied by policy: {}", .0.as_str())]
+    Forbidden(crate::policy::Reason),
 }
 
 impl GatewayError {
@@ -61,6 +64,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -73,6 +77,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::NoEndpoint { .. } => "no_endpoint",
+            GatewayError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -93,6 +98,16 @@ impl GatewayError {
             GatewayError::NoEndpoint { upstream } => {
                 format!("upstream {upstream:?} has no available endpoint")
             }
+            // The reason class only: which policy and why stays in the server's log.
+            GatewayError::Forbidden(reason) => match reason {
+                crate::policy::Reason::NoPermit => {
+                    "access denied: no policy permits this request".into()
+                }
+                crate::policy::Reason::Error => {
+                    "access denied: the request could not be authorized".into()
+                }
+                _ => "access denied by policy".into(),
+            },
         }
     }
 
@@ -100,6 +115,8 @@ impl GatewayError {
     pub fn fault(&self) -> Fault {
         match self {
             GatewayError::NoRoute | GatewayError::BadRequest(_) => Fault::Downstream,
+            GatewayError::Forbidden(crate::policy::Reason::Error) => Fault::Internal,
+            GatewayError::Forbidden(_) => Fault::Downstream,
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamFailed { .. }

@@ -5,9 +5,11 @@
 //! ```text
 //! accept (TCP)                      listener/      connection limit, TLS 1.3 handshake
 //!   └─ HTTP/1.1 or HTTP/2           listener/conn  header-read and idle timeouts, drain
+//!       │                           identity       verified client cert -> Identity (per connection)
 //!       └─ Gateway::handle          proxy/         one pipeline for every protocol
 //!           ├─ normalize path       proxy/path
 //!           ├─ route                router         first match in file order, else 404
+//!           ├─ policy               policy/        Cedar: identity x method x route; deny by default
 //!           └─ respond | redirect | forward
 //!                                   upstream/      pooled client, streamed bodies,
 //!                                                  hop-by-hop out, X-Forwarded-* in
@@ -20,6 +22,7 @@
 //! - `listener`: sockets, TLS, per-connection serving
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools and the forwarder
+//! - `identity`, `policy`: client certificates -> `Identity`; Cedar policies, explain, tests
 //! - `error`: stage errors -> JSON responses
 //! - `admin`, `signals`, `cli`: operating the server
 //! - `certs`: development certificates
@@ -32,6 +35,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod listener;
+pub mod policy;
 pub mod proxy;
 pub mod router;
 pub mod runtime;

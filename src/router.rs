@@ -17,6 +17,8 @@ pub struct Route {
     pub config: RouteConfig,
     /// Set when the action is `upstream = "..."`.
     pub upstream: Option<Arc<Upstream>>,
+    /// Position in file order (indexes per-route state such as the policy engine's).
+    pub index: usize,
 }
 
 /// All routes of a snapshot, in file order.
@@ -81,9 +83,11 @@ mod tests {
         Router::new(
             cfg.routes
                 .into_iter()
-                .map(|config| Route {
+                .enumerate()
+                .map(|(index, config)| Route {
                     config,
                     upstream: None,
+                    index,
                 })
                 .collect(),
         )

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, RouteAction};
 use crate::listener::{self, tls, ListenerHandle};
+use crate::policy::PolicyEngine;
 use crate::proxy::Gateway;
 use crate::router::{Route, Router};
 use crate::upstream::Upstream;
@@ -33,6 +34,8 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub config: Config,
     pub router: Router,
+    /// The policy stage of this generation.
+    pub policy: PolicyEngine,
     pub upstreams: Vec<Arc<Upstream>>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
 }
@@ -58,14 +61,24 @@ impl Snapshot {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
+            .enumerate()
+            .map(|(index, r)| Route {
                 upstream: match &r.action {
                     RouteAction::Upstream(name) => by_name.get(&**name).map(|u| Arc::clone(u)),
                     _ => None,
                 },
                 config: r.clone(),
+                index,
             })
             .collect();
+        // Policies: route entities and sets, built once per snapshot.
+        let policy = match PolicyEngine::build(&config) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(format!("policy: {e}"));
+                None
+            }
+        };
 
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -85,13 +98,14 @@ impl Snapshot {
                 tls: acceptor,
             }));
         }
-        if !errors.is_empty() {
+        let Some(policy) = policy.filter(|_| errors.is_empty()) else {
             return Err(errors);
-        }
+        };
         Ok(Snapshot {
             generation,
             loaded_at: SystemTime::now(),
             router: Router::new(routes),
+            policy,
             upstreams,
             listeners,
             config,
@@ -128,6 +142,8 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// Every connection task, so draining can wait for them.
     pub connections: TaskTracker,
+    /// TLS handshakes refused because of the client certificate, by reason.
+    pub client_cert_rejections: tls::ClientCertRejections,
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     last_reload: Mutex<Option<ReloadResult>>,
@@ -148,6 +164,7 @@ impl Runtime {
             generation: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            client_cert_rejections: tls::ClientCertRejections::default(),
             listeners: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: Mutex::new(None),

@@ -84,7 +84,7 @@ pub fn render(v: &Value) -> String {
             l["bound"]
                 .as_str()
                 .unwrap_or_else(|| l["address"].as_str().unwrap_or("-")),
-            l["active_connections"].to_string()
+            l["active_connections"]
         ));
     }
     out.push_str(
@@ -98,7 +98,7 @@ pub fn render(v: &Value) -> String {
                 s(&e["address"]),
                 e["in_flight"].to_string(),
                 e["requests"].to_string(),
-                e["connect_failures"].to_string()
+                e["connect_failures"]
             ));
         }
     }

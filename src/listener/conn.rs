@@ -26,9 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::tls::group_name;
+use super::tls::{self, group_name};
 use crate::body::Body;
 use crate::config::Limits;
+use crate::identity::Identity;
 use crate::proxy::{ConnInfo, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 
@@ -212,6 +213,7 @@ pub(super) async fn serve(
         listener: listener.config.name.clone(),
         tls: None,
         identity: None,
+        policy_cache: Default::default(),
     };
 
     let Some(acceptor) = &listener.tls else {
@@ -231,7 +233,14 @@ pub(super) async fn serve(
     let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(peer = %peer, listener = %info.listener, error = %e, "TLS handshake failed");
+            let (reason, detail) = tls::handshake_failure(&e);
+            if tls::is_client_cert_failure(reason) {
+                // The operator needs to see why a client was turned away.
+                runtime.client_cert_rejections.count(reason);
+                tracing::info!(peer = %peer, listener = %info.listener, reason, error = %detail, "TLS handshake failed: client certificate refused");
+            } else {
+                tracing::debug!(peer = %peer, listener = %info.listener, reason, error = %detail, "TLS handshake failed");
+            }
             return;
         }
         Err(_) => {
@@ -255,7 +264,27 @@ pub(super) async fn serve(
         alpn,
         sni: session.server_name().map(Into::into),
     });
+    // Identity: once per connection, from the leaf the verifier accepted.
+    if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+        info.identity = Some(Arc::new(identity_of(leaf, peer, &info.listener)));
+    }
     serve_http(runtime, &listener, TokioIo::new(tls), info, state, h2, stop).await;
+}
+
+/// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
+fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Identity {
+    match Identity::from_der(leaf) {
+        Ok((id, warnings)) => {
+            for w in warnings {
+                tracing::warn!(peer = %peer, listener, client = id.name(), "client certificate: {w}");
+            }
+            id
+        }
+        Err(e) => {
+            tracing::warn!(peer = %peer, listener, error = %e, "client certificate verified but unreadable; identity is its fingerprint only");
+            Identity::unparsed(leaf)
+        }
+    }
 }
 
 /// Waits for enough bytes to tell an HTTP/2 preface from HTTP/1.1 (peeking, nothing consumed).

@@ -9,6 +9,7 @@
 //!   ├─ client ip     the peer, or the address behind trusted proxies
 //!   ├─ normalize     dot segments out, so routing sees what the upstream will
 //!   ├─ route         first match in file order, else 404
+//!   ├─ policy        Cedar: identity x method x route -> permit, or 403 (deny by default)
 //!   └─ action        respond | redirect | forward (streamed both ways)
 //! ```
 //! Every exit, success or error, goes through the same tail: `x-request-id` on the response,
@@ -17,7 +18,7 @@
 pub mod headers;
 pub mod path;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,7 +45,14 @@ pub struct ConnInfo {
     pub tls: Option<TlsInfo>,
     /// The verified client certificate's identity, when the client presented one.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// The policy stage's per-connection state (the principal entity, built once).
+    pub policy_cache: crate::policy::ConnCache,
 }
+
+/// Request extension: the request arrived as TLS 0-RTT early data (replayable). The QUIC
+/// listener inserts it; policies see it as `context.early_data`.
+#[derive(Debug, Clone, Copy)]
+pub struct EarlyData;
 
 /// The negotiated TLS parameters of a connection.
 #[derive(Debug, Clone)]
@@ -78,6 +86,8 @@ pub struct Gateway {
 #[derive(Debug, Default)]
 struct Record {
     route: Option<Arc<str>>,
+    /// The policy decision, on every request that got as far as the policy stage.
+    policy: Option<crate::policy::PolicyDecision>,
     forward: ForwardOutcome,
     error: Option<&'static str>,
 }
@@ -113,7 +123,15 @@ impl Gateway {
         let mut record = Record::default();
 
         let result = self
-            .run(&snapshot, req, conn, peer_trusted, &request_id, &mut record)
+            .run(
+                &snapshot,
+                req,
+                conn,
+                peer_trusted,
+                client_ip,
+                &request_id,
+                &mut record,
+            )
             .await;
         let mut resp = match result {
             Ok(resp) => resp,
@@ -139,6 +157,8 @@ impl Gateway {
             method = %method,
             status = resp.status().as_u16(),
             route = record.route.as_deref().unwrap_or("-"),
+            principal = conn.identity.as_ref().map_or("-", |i| i.name()),
+            policy = record.policy.as_ref().map_or_else(|| "-".to_string(), |d| d.to_string()),
             endpoint = record.forward.endpoint.as_deref().unwrap_or("-"),
             error = record.error.unwrap_or("-"),
             micros = started.elapsed().as_micros() as u64,
@@ -149,12 +169,14 @@ impl Gateway {
     }
 
     /// The stages, each one able to end the request with a typed error.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         snapshot: &Snapshot,
         mut req: Request<Body>,
         conn: &ConnInfo,
         peer_trusted: bool,
+        client_ip: IpAddr,
         request_id: &HeaderValue,
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
@@ -179,6 +201,28 @@ impl Gateway {
             .ok_or(GatewayError::NoRoute)?;
         record.route = Some(route.config.name.clone());
 
+        // Policy: after routing (the route is Cedar's resource), before anything is spent on
+        // the request. Deny by default; a shadow-mode deny is logged and let through.
+        let access = crate::policy::Access {
+            route,
+            method: req.method(),
+            host: host.as_deref(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            version: req.version(),
+            early_data: req.extensions().get::<EarlyData>().is_some(),
+            client_ip,
+            conn,
+        };
+        match snapshot.policy.authorize(&access) {
+            Ok(permit) => record.policy = Some(permit.decision),
+            Err(deny) => {
+                let err = GatewayError::from(&deny);
+                record.policy = Some(deny.decision);
+                return Err(err);
+            }
+        }
+
         let mut resp = match &route.config.action {
             RouteAction::Respond(r) => {
                 let mut resp = Response::new(Body::full(r.body.clone()));
@@ -194,6 +238,7 @@ impl Gateway {
                     https: conn.tls.is_some(),
                     host: host.as_deref(),
                     version: req.version(),
+                    identity: conn.identity.as_deref(),
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

@@ -1,0 +1,567 @@
+//! The policy stage: Cedar decides whether a principal (the client's certificate identity, or
+//! an anonymous client IP) may perform an action (the HTTP method, in groups `read` / `write`)
+//! on a resource (the matched route), in a context (path, host, source IP, time, protocol, TLS,
+//! early data). **Deny by default**: without a policy that permits, the answer is 403.
+//!
+//! ```text
+//! PolicyEngine (one per snapshot)          built at load: schema-validated policy sets,
+//!   ├─ route and action entities           routes' entities, action groups
+//!   └─ authorize(Access) -> Permit | Deny  per request: context + one Cedar evaluation
+//! ConnCache (one per connection)           the principal entity, built once per connection
+//! ```
+//!
+//! Every decision is a `PolicyDecision`: effect, the ids (`@id`) of the policies that
+//! determined it ("no policy permits" when none did), the set, and whether it was enforced or
+//! only logged (shadow mode). The access log reads it from the pipeline's record.
+//!
+//! Submodules: `load` (files -> validated sets), `entities` (Cedar values without JSON),
+//! `cases` (`wraith test` policy cases and coverage).
+
+pub mod cases;
+pub mod entities;
+pub mod load;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwapOption;
+use cedar_policy::{Authorizer, Decision, Entities, EntityUid, Request};
+use http::Method;
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::identity::Identity;
+use crate::proxy::ConnInfo;
+use crate::router::Route;
+use entities::{ContextInput, Types, ACTIONS};
+pub use load::{Compiled, PolicyMode, SCHEMA};
+
+/// What the policies said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// Why, in one word the logs and the 403 body can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// At least one permit applied and no forbid.
+    Permitted,
+    /// A forbid policy applied (forbid overrides permit).
+    Forbidden,
+    /// No policy permits: the default deny.
+    NoPermit,
+    /// The request could not be evaluated (fail closed).
+    Error,
+}
+
+impl Reason {
+    /// The text in logs and explain output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Permitted => "permitted",
+            Reason::Forbidden => "forbidden by policy",
+            Reason::NoPermit => "no policy permits",
+            Reason::Error => "policy evaluation failed",
+        }
+    }
+}
+
+/// One policy decision, as the access log and `wraith policy explain` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    pub effect: Effect,
+    pub reason: Reason,
+    /// The `@id`s of the policies that determined the decision (permits on allow, forbids on
+    /// an explicit deny; empty on the default deny).
+    pub policies: Vec<Arc<str>>,
+    /// The policy set that decided.
+    pub set: Arc<str>,
+    /// The decision was computed and logged but not enforced (`mode = "shadow"`).
+    pub shadow: bool,
+    /// Policies that failed to evaluate (Cedar skips them); empty normally.
+    pub errors: Vec<String>,
+}
+
+impl PolicyDecision {
+    /// Whether the request is refused (a deny that is not in shadow mode).
+    pub fn refuses(&self) -> bool {
+        self.effect == Effect::Deny && !self.shadow
+    }
+
+    /// The determining policies joined with `,` (`-` when none), for log lines.
+    pub fn policy_list(&self) -> String {
+        if self.policies.is_empty() {
+            return "-".into();
+        }
+        self.policies.join(",")
+    }
+}
+
+impl fmt::Display for PolicyDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let effect = match (self.effect, self.shadow) {
+            (Effect::Allow, _) => "allow",
+            (Effect::Deny, false) => "deny",
+            (Effect::Deny, true) => "would deny",
+        };
+        write!(f, "{effect} ({}", self.reason.as_str())?;
+        if !self.policies.is_empty() {
+            write!(f, ": {}", self.policies.join(", "))?;
+        }
+        write!(f, "; set {})", self.set)
+    }
+}
+
+/// A request the policies let through (possibly a shadow-mode "would deny").
+#[derive(Debug)]
+pub struct Permit {
+    pub decision: PolicyDecision,
+}
+
+/// A request the policies refuse.
+#[derive(Debug)]
+pub struct Deny {
+    pub decision: PolicyDecision,
+}
+
+impl From<&Deny> for GatewayError {
+    fn from(d: &Deny) -> GatewayError {
+        GatewayError::Forbidden(d.decision.reason)
+    }
+}
+
+/// What the policy stage needs to know about one request.
+pub struct Access<'a> {
+    pub route: &'a Route,
+    pub method: &'a Method,
+    /// Host without port, as routing saw it.
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub version: http::Version,
+    /// The request arrived as TLS 0-RTT early data.
+    pub early_data: bool,
+    pub client_ip: IpAddr,
+    pub conn: &'a ConnInfo,
+}
+
+/// A request described by hand (`wraith test` cases, `wraith policy explain`).
+#[derive(Debug, Clone)]
+pub struct Probe<'a> {
+    /// Index of the route in file order.
+    pub route: usize,
+    pub identity: Option<&'a Identity>,
+    pub method: Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub source_ip: IpAddr,
+    pub listener: &'a str,
+    /// `h1`, `h2` or `h3`.
+    pub protocol: &'static str,
+    pub tls_version: &'a str,
+    pub tls_group: &'a str,
+    pub early_data: bool,
+    pub time: SystemTime,
+}
+
+/// What `explain` shows besides the decision: the entities and context Cedar saw.
+#[derive(Debug)]
+pub struct Explanation {
+    pub decision: PolicyDecision,
+    pub principal: String,
+    pub action: String,
+    pub resource: String,
+    /// Every entity involved, as Cedar's JSON.
+    pub entities: serde_json::Value,
+    pub context: serde_json::Value,
+}
+
+/// The per-connection principal: built on the first request, reused by the others.
+#[derive(Default)]
+pub struct ConnCache(ArcSwapOption<CachedPrincipal>);
+
+/// A connection's principal entity, for one engine (snapshot).
+pub struct CachedPrincipal {
+    engine: u64,
+    uid: EntityUid,
+    entities: Entities,
+}
+
+impl Clone for ConnCache {
+    /// A copy starts empty; it fills itself on first use.
+    fn clone(&self) -> Self {
+        ConnCache::default()
+    }
+}
+
+impl fmt::Debug for ConnCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConnCache")
+    }
+}
+
+/// How one route is decided.
+#[derive(Debug)]
+struct RoutePolicy {
+    uid: EntityUid,
+    /// Index into the compiled sets; `None` when no `[policy]` is configured.
+    set: Option<usize>,
+    set_name: Arc<str>,
+    shadow: bool,
+}
+
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
+
+/// The policies of one snapshot, ready to decide.
+pub struct PolicyEngine {
+    id: u64,
+    types: Types,
+    authorizer: Authorizer,
+    compiled: Option<Arc<Compiled>>,
+    /// Route and action entities (and nothing per client).
+    base: Entities,
+    actions: Vec<EntityUid>,
+    routes: Vec<RoutePolicy>,
+    utc_offset: i32,
+    /// `@id` -> shared string, so decisions do not allocate per id.
+    ids: HashMap<String, Arc<str>>,
+}
+
+impl fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("id", &self.id)
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+impl PolicyEngine {
+    /// Builds the engine for a config: route entities, action entities, route -> set.
+    pub fn build(config: &Config) -> Result<PolicyEngine, String> {
+        let types = Types::new()?;
+        let compiled = config.policy.as_ref().map(|p| p.compiled.clone());
+        let schema = match &compiled {
+            Some(c) => c.schema.clone(),
+            None => load::schema()?,
+        };
+        let mut route_entities = Vec::new();
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            route_entities.push(entities::route_entity(&types, r)?);
+            let (set, set_name, set_shadow) = match (&config.policy, &compiled) {
+                (Some(p), Some(c)) => {
+                    let name = r.policy.as_deref().unwrap_or(&p.default_set);
+                    let i = c.sets.iter().position(|s| s.name == name).ok_or_else(|| {
+                        format!("route {:?}: unknown policy set {name:?}", r.name)
+                    })?;
+                    (
+                        Some(i),
+                        Arc::from(name),
+                        c.sets[i].mode == PolicyMode::Shadow,
+                    )
+                }
+                _ => (None, Arc::from("-"), false),
+            };
+            let shadow = match r.policy_mode {
+                Some(m) => m == PolicyMode::Shadow,
+                None => set_shadow,
+            };
+            routes.push(RoutePolicy {
+                uid: types.uid(&types.route, &r.name),
+                set,
+                set_name,
+                shadow,
+            });
+        }
+        // With the schema, Cedar adds the action entities and their groups.
+        let base = Entities::from_entities(route_entities, Some(&schema))
+            .map_err(|e| format!("policy entities: {e}"))?;
+        let actions = ACTIONS
+            .iter()
+            .map(|a| types.uid(&types.action, a))
+            .collect();
+        let ids = compiled
+            .iter()
+            .flat_map(|c| c.policies.iter())
+            .map(|p| (p.id.clone(), Arc::from(p.id.as_str())))
+            .collect();
+        Ok(PolicyEngine {
+            id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
+            types,
+            authorizer: Authorizer::new(),
+            compiled,
+            base,
+            actions,
+            routes,
+            utc_offset: config.policy.as_ref().map_or(0, |p| p.utc_offset),
+            ids,
+        })
+    }
+
+    /// The loaded policies (`None` without a `[policy]` section).
+    pub fn compiled(&self) -> Option<&Arc<Compiled>> {
+        self.compiled.as_ref()
+    }
+
+    /// THE policy stage: decides one request. A shadow-mode deny is a `Permit` whose decision
+    /// says "would deny".
+    pub fn authorize(&self, access: &Access<'_>) -> Result<Permit, Deny> {
+        let decision = match self.route(access.route.index) {
+            Some(rp) => self.decide_access(rp, access),
+            None => self.error(None, "route unknown to the policy engine".into()),
+        };
+        if decision.shadow && decision.effect == Effect::Deny {
+            tracing::info!(
+                route = %access.route.config.name,
+                principal = access.conn.identity.as_ref().map_or("-", |i| i.name()),
+                client = %access.client_ip,
+                method = %access.method,
+                path = access.path,
+                reason = decision.reason.as_str(),
+                policies = %decision.policy_list(),
+                set = %decision.set,
+                "policy would deny (shadow mode): request allowed"
+            );
+        } else {
+            tracing::debug!(
+                route = %access.route.config.name,
+                principal = access.conn.identity.as_ref().map_or("-", |i| i.name()),
+                client = %access.client_ip,
+                method = %access.method,
+                path = access.path,
+                decision = %decision,
+                "policy decision"
+            );
+        }
+        if decision.refuses() {
+            Err(Deny { decision })
+        } else {
+            Ok(Permit { decision })
+        }
+    }
+
+    fn route(&self, index: usize) -> Option<&RoutePolicy> {
+        self.routes.get(index)
+    }
+
+    fn decide_access(&self, rp: &RoutePolicy, access: &Access<'_>) -> PolicyDecision {
+        let conn = access.conn;
+        let tls = conn.tls.as_ref();
+        let host_lower;
+        let host = match access.host {
+            Some(h) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+                host_lower = h.to_ascii_lowercase();
+                host_lower.as_str()
+            }
+            Some(h) => h,
+            None => "",
+        };
+        let input = ContextInput {
+            method: access.method.as_str(),
+            host,
+            path: access.path,
+            query: access.query.unwrap_or(""),
+            source_ip: access.client_ip,
+            listener: &conn.listener,
+            protocol: policy_protocol(access.version),
+            tls_version: tls.map_or("", |t| t.version),
+            tls_group: tls.and_then(|t| t.group).unwrap_or(""),
+            early_data: access.early_data,
+            time: SystemTime::now(),
+            utc_offset: self.utc_offset,
+        };
+        let action = &self.actions[entities::action_index(access.method)];
+        match &conn.identity {
+            Some(identity) => match self.cached_principal(&conn.policy_cache, identity) {
+                Ok(p) => self.decide(rp, &p.uid, action, &p.entities, &input),
+                Err(e) => self.error(Some(rp), e),
+            },
+            None => {
+                let uid = self
+                    .types
+                    .uid(&self.types.anonymous, &access.client_ip.to_string());
+                self.decide(rp, &uid, action, &self.base, &input)
+            }
+        }
+    }
+
+    /// The connection's principal entity, built on first use for this engine.
+    fn cached_principal(
+        &self,
+        cache: &ConnCache,
+        identity: &Identity,
+    ) -> Result<Arc<CachedPrincipal>, String> {
+        if let Some(c) = cache.0.load_full().filter(|c| c.engine == self.id) {
+            return Ok(c);
+        }
+        let (uid, entities) = self.client_entities(identity)?;
+        let c = Arc::new(CachedPrincipal {
+            engine: self.id,
+            uid,
+            entities,
+        });
+        cache.0.store(Some(c.clone()));
+        Ok(c)
+    }
+
+    /// The base entities plus a `Wraith::Client` for `identity`.
+    fn client_entities(&self, identity: &Identity) -> Result<(EntityUid, Entities), String> {
+        let entity = entities::client_entity(&self.types, identity)?;
+        let uid = entity.uid();
+        let entities = self
+            .base
+            .clone()
+            .add_entities([entity], None)
+            .map_err(|e| format!("client entity: {e}"))?;
+        Ok((uid, entities))
+    }
+
+    /// One Cedar evaluation.
+    fn decide(
+        &self,
+        rp: &RoutePolicy,
+        principal: &EntityUid,
+        action: &EntityUid,
+        entities: &Entities,
+        input: &ContextInput<'_>,
+    ) -> PolicyDecision {
+        let (Some(set), Some(compiled)) = (rp.set, &self.compiled) else {
+            // No [policy] section: nothing permits.
+            return self.verdict(rp, Effect::Deny, Reason::NoPermit, Vec::new(), Vec::new());
+        };
+        let context = match entities::context(input) {
+            Ok(c) => c,
+            Err(e) => return self.error(Some(rp), e),
+        };
+        let request = match Request::new(
+            principal.clone(),
+            action.clone(),
+            rp.uid.clone(),
+            context,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(e) => return self.error(Some(rp), format!("request: {e}")),
+        };
+        let response =
+            self.authorizer
+                .is_authorized(&request, &compiled.sets[set].policies, entities);
+        let diagnostics = response.diagnostics();
+        let policies: Vec<Arc<str>> = diagnostics
+            .reason()
+            .map(|id| {
+                let id: &str = id.as_ref();
+                self.ids.get(id).cloned().unwrap_or_else(|| Arc::from(id))
+            })
+            .collect();
+        let errors: Vec<String> = diagnostics.errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            tracing::warn!(errors = ?errors, "policies failed to evaluate and were skipped");
+        }
+        let (effect, reason) = match response.decision() {
+            Decision::Allow => (Effect::Allow, Reason::Permitted),
+            Decision::Deny if policies.is_empty() => (Effect::Deny, Reason::NoPermit),
+            Decision::Deny => (Effect::Deny, Reason::Forbidden),
+        };
+        self.verdict(rp, effect, reason, policies, errors)
+    }
+
+    fn verdict(
+        &self,
+        rp: &RoutePolicy,
+        effect: Effect,
+        reason: Reason,
+        policies: Vec<Arc<str>>,
+        errors: Vec<String>,
+    ) -> PolicyDecision {
+        PolicyDecision {
+            effect,
+            reason,
+            policies,
+            set: rp.set_name.clone(),
+            shadow: rp.shadow,
+            errors,
+        }
+    }
+
+    /// Fail closed: an evaluation problem is a deny (even in shadow mode it is reported).
+    fn error(&self, rp: Option<&RoutePolicy>, message: String) -> PolicyDecision {
+        tracing::error!(error = %message, "policy evaluation failed; denying");
+        PolicyDecision {
+            effect: Effect::Deny,
+            reason: Reason::Error,
+            policies: Vec::new(),
+            set: rp.map_or_else(|| Arc::from("-"), |r| r.set_name.clone()),
+            shadow: rp.is_some_and(|r| r.shadow),
+            errors: vec![message],
+        }
+    }
+
+    /// Decides a request described by hand and shows what Cedar saw (explain, `wraith test`).
+    pub fn probe(&self, probe: &Probe<'_>) -> Result<Explanation, String> {
+        let rp = self
+            .route(probe.route)
+            .ok_or_else(|| format!("no route #{}", probe.route))?;
+        let (principal, entities) = match probe.identity {
+            Some(identity) => self.client_entities(identity)?,
+            None => (
+                self.types
+                    .uid(&self.types.anonymous, &probe.source_ip.to_string()),
+                self.base.clone(),
+            ),
+        };
+        let action = &self.actions[entities::action_index(&probe.method)];
+        let input = ContextInput {
+            method: probe.method.as_str(),
+            host: probe.host,
+            path: probe.path,
+            query: probe.query,
+            source_ip: probe.source_ip,
+            listener: probe.listener,
+            protocol: probe.protocol,
+            tls_version: probe.tls_version,
+            tls_group: probe.tls_group,
+            early_data: probe.early_data,
+            time: probe.time,
+            utc_offset: self.utc_offset,
+        };
+        let decision = self.decide(rp, &principal, action, &entities, &input);
+        // Only the entities of this request, not every route.
+        let involved: Vec<serde_json::Value> = entities
+            .iter()
+            .filter(|e| {
+                let uid = e.uid();
+                uid == principal || uid == rp.uid
+            })
+            .filter_map(|e| e.to_json_value().ok())
+            .collect();
+        let context = entities::context(&input)?
+            .to_json_value()
+            .map_err(|e| e.to_string())?;
+        Ok(Explanation {
+            decision,
+            principal: principal.to_string(),
+            action: action.to_string(),
+            resource: rp.uid.to_string(),
+            entities: serde_json::Value::Array(involved),
+            context,
+        })
+    }
+}
+
+/// The protocol as policies see it: `h1`, `h2` or `h3`.
+pub fn policy_protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "h2",
+        http::Version::HTTP_3 => "h3",
+        _ => "h1",
+    }
+}

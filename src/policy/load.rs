@@ -332,10 +332,7 @@ fn first_label(d: &dyn Diagnostic) -> Option<usize> {
     d.labels()
         .and_then(|mut l| l.next())
         .map(|l| l.offset())
-        .or_else(|| {
-            d.related()
-                .and_then(|mut r| r.next().and_then(first_label))
-        })
+        .or_else(|| d.related().and_then(|mut r| r.next().and_then(first_label)))
 }
 
 /// A diagnostic's message with its help, on one line.

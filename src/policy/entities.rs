@@ -1,15 +1,21 @@
 //! Building Cedar's view of a request without JSON: the principal entity (once per
 //! connection), route and action entities (once per snapshot), and the context (per request,
-//! a dozen values). The shapes follow `wraith.cedarschema`; a unit test checks them against it.
+//! a dozen already-evaluated values). The shapes follow `wraith.cedarschema`; a unit test
+//! checks them against it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use cedar_policy::{
     Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression as Rx,
 };
+use cedar_policy_core::ast::{self as core, Value, ValueKind};
+use cedar_policy_core::evaluator::RestrictedEvaluator;
+use cedar_policy_core::extensions::Extensions;
 use http::Method;
 
 use crate::config::{HostMatch, PathMatch, RouteAction, RouteConfig};
@@ -142,59 +148,88 @@ pub struct ContextInput<'a> {
 }
 
 /// The request context.
+///
+/// Built from evaluated Cedar values (cedar-policy-core), not from restricted expressions:
+/// going through Cedar's expression evaluator costs a regex-based datetime parse and an
+/// evaluator pass per request. The IP value is evaluated here; callers that see the same
+/// address again pass it in with `context_with_ip`. `time` has second precision (the datetime
+/// of the current second is cached).
 pub fn context(input: &ContextInput<'_>) -> Result<Context, String> {
-    let millis = input
+    context_with_ip(input, ip_value(input.source_ip)?)
+}
+
+/// The request context with an already evaluated `ip` value for `source_ip`.
+pub fn context_with_ip(input: &ContextInput<'_>, source_ip: Value) -> Result<Context, String> {
+    let secs = input
         .time
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let local_secs = millis.div_euclid(1000) + i64::from(input.utc_offset);
+        .map_or(0, |d| d.as_secs() as i64);
+    let local_secs = secs + i64::from(input.utc_offset);
     let days = local_secs.div_euclid(86_400);
     let secs_of_day = local_secs.rem_euclid(86_400);
     // 1970-01-01 was a Thursday (ISO weekday 4).
     let weekday = (days + 3).rem_euclid(7) + 1;
-    let local = Rx::new_record([
-        ("weekday".to_string(), Rx::new_long(weekday)),
-        ("hour".to_string(), Rx::new_long(secs_of_day / 3600)),
-        ("minute".to_string(), Rx::new_long(secs_of_day % 3600 / 60)),
-    ])
-    .map_err(|e| e.to_string())?;
-    let tls = Rx::new_record([
-        (
-            "version".to_string(),
-            Rx::new_string(input.tls_version.to_string()),
-        ),
-        (
-            "group".to_string(),
-            Rx::new_string(input.tls_group.to_string()),
-        ),
-    ])
-    .map_err(|e| e.to_string())?;
-    Context::from_pairs([
-        (
-            "method".to_string(),
-            Rx::new_string(input.method.to_string()),
-        ),
-        ("host".to_string(), Rx::new_string(input.host.to_string())),
-        ("path".to_string(), Rx::new_string(input.path.to_string())),
-        ("query".to_string(), Rx::new_string(input.query.to_string())),
-        (
-            "source_ip".to_string(),
-            Rx::new_ip(input.source_ip.to_string()),
-        ),
-        (
-            "listener".to_string(),
-            Rx::new_string(input.listener.to_string()),
-        ),
-        (
-            "protocol".to_string(),
-            Rx::new_string(input.protocol.into()),
-        ),
-        ("tls".to_string(), tls),
-        ("early_data".to_string(), Rx::new_bool(input.early_data)),
-        ("time".to_string(), Rx::new_datetime(datetime(millis))),
-        ("local".to_string(), local),
-    ])
-    .map_err(|e| format!("request context: {e}"))
+    let local = Value::record(
+        [
+            ("weekday", Value::from(weekday)),
+            ("hour", Value::from(secs_of_day / 3600)),
+            ("minute", Value::from(secs_of_day % 3600 / 60)),
+        ],
+        None,
+    );
+    let tls = Value::record(
+        [
+            ("version", Value::from(input.tls_version)),
+            ("group", Value::from(input.tls_group)),
+        ],
+        None,
+    );
+    let record = Value::record(
+        [
+            ("method", Value::from(input.method)),
+            ("host", Value::from(input.host)),
+            ("path", Value::from(input.path)),
+            ("query", Value::from(input.query)),
+            ("source_ip", source_ip),
+            ("listener", Value::from(input.listener)),
+            ("protocol", Value::from(input.protocol)),
+            ("tls", tls),
+            ("early_data", Value::from(input.early_data)),
+            ("time", datetime_value(secs)?),
+            ("local", local),
+        ],
+        None,
+    );
+    match record.value {
+        ValueKind::Record(attrs) => Ok(Context::from(core::Context::Value(attrs))),
+        _ => Err("request context is not a record".into()),
+    }
+}
+
+/// Evaluates one extension constructor call, e.g. `ip("10.0.0.1")`.
+fn extension_value(func: &str, arg: &str) -> Result<Value, String> {
+    let name = core::Name::parse_unqualified_name(func).map_err(|e| e.to_string())?;
+    let expr = core::RestrictedExpr::call_extension_fn(name, [core::RestrictedExpr::val(arg)]);
+    RestrictedEvaluator::new(Extensions::all_available())
+        .interpret(expr.as_borrowed())
+        .map_err(|e| format!("{func}({arg:?}): {e}"))
+}
+
+/// Cedar's `ip` value of an address.
+pub fn ip_value(ip: IpAddr) -> Result<Value, String> {
+    extension_value("ip", &ip.to_string())
+}
+
+/// The datetime of one second since the epoch; the last one is cached (requests within the
+/// same second share it).
+fn datetime_value(secs: i64) -> Result<Value, String> {
+    static LAST: ArcSwapOption<(i64, Value)> = ArcSwapOption::const_empty();
+    if let Some(last) = LAST.load().as_ref().filter(|l| l.0 == secs) {
+        return Ok(last.1.clone());
+    }
+    let v = extension_value("datetime", &datetime(secs * 1000))?;
+    LAST.store(Some(Arc::new((secs, v.clone()))));
+    Ok(v)
 }
 
 /// `YYYY-MM-DDThh:mm:ss.sssZ` for milliseconds since the epoch (Cedar's datetime format).

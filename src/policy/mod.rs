@@ -183,9 +183,13 @@ pub struct Explanation {
     pub context: serde_json::Value,
 }
 
-/// The per-connection principal: built on the first request, reused by the others.
+/// Per-connection policy state, built on the first request and reused by the others: the
+/// principal entity and the client address as a Cedar value.
 #[derive(Default)]
-pub struct ConnCache(ArcSwapOption<CachedPrincipal>);
+pub struct ConnCache {
+    principal: ArcSwapOption<CachedPrincipal>,
+    ip: ArcSwapOption<(IpAddr, cedar_policy_core::ast::Value)>,
+}
 
 /// A connection's principal entity, for one engine (snapshot).
 pub struct CachedPrincipal {
@@ -379,16 +383,20 @@ impl PolicyEngine {
             utc_offset: self.utc_offset,
         };
         let action = &self.actions[entities::action_index(access.method)];
+        let ip = match cached_ip(&conn.policy_cache, access.client_ip) {
+            Ok(ip) => ip,
+            Err(e) => return self.error(Some(rp), e),
+        };
         match &conn.identity {
             Some(identity) => match self.cached_principal(&conn.policy_cache, identity) {
-                Ok(p) => self.decide(rp, &p.uid, action, &p.entities, &input),
+                Ok(p) => self.decide(rp, &p.uid, action, &p.entities, &input, ip),
                 Err(e) => self.error(Some(rp), e),
             },
             None => {
                 let uid = self
                     .types
                     .uid(&self.types.anonymous, &access.client_ip.to_string());
-                self.decide(rp, &uid, action, &self.base, &input)
+                self.decide(rp, &uid, action, &self.base, &input, ip)
             }
         }
     }
@@ -399,7 +407,7 @@ impl PolicyEngine {
         cache: &ConnCache,
         identity: &Identity,
     ) -> Result<Arc<CachedPrincipal>, String> {
-        if let Some(c) = cache.0.load_full().filter(|c| c.engine == self.id) {
+        if let Some(c) = cache.principal.load_full().filter(|c| c.engine == self.id) {
             return Ok(c);
         }
         let (uid, entities) = self.client_entities(identity)?;
@@ -408,7 +416,7 @@ impl PolicyEngine {
             uid,
             entities,
         });
-        cache.0.store(Some(c.clone()));
+        cache.principal.store(Some(c.clone()));
         Ok(c)
     }
 
@@ -432,12 +440,13 @@ impl PolicyEngine {
         action: &EntityUid,
         entities: &Entities,
         input: &ContextInput<'_>,
+        ip: cedar_policy_core::ast::Value,
     ) -> PolicyDecision {
         let (Some(set), Some(compiled)) = (rp.set, &self.compiled) else {
             // No [policy] section: nothing permits.
             return self.verdict(rp, Effect::Deny, Reason::NoPermit, Vec::new(), Vec::new());
         };
-        let context = match entities::context(input) {
+        let context = match entities::context_with_ip(input, ip) {
             Ok(c) => c,
             Err(e) => return self.error(Some(rp), e),
         };
@@ -533,7 +542,8 @@ impl PolicyEngine {
             time: probe.time,
             utc_offset: self.utc_offset,
         };
-        let decision = self.decide(rp, &principal, action, &entities, &input);
+        let ip = entities::ip_value(probe.source_ip)?;
+        let decision = self.decide(rp, &principal, action, &entities, &input, ip);
         // Only the entities of this request, not every route.
         let involved: Vec<serde_json::Value> = entities
             .iter()
@@ -557,11 +567,213 @@ impl PolicyEngine {
     }
 }
 
+/// The client address as a Cedar value: the connection's, unless the address changed
+/// (a trusted proxy forwarding for several clients).
+fn cached_ip(cache: &ConnCache, ip: IpAddr) -> Result<cedar_policy_core::ast::Value, String> {
+    if let Some(c) = cache.ip.load().as_ref().filter(|c| c.0 == ip) {
+        return Ok(c.1.clone());
+    }
+    let v = entities::ip_value(ip)?;
+    cache.ip.store(Some(Arc::new((ip, v.clone()))));
+    Ok(v)
+}
+
 /// The protocol as policies see it: `h1`, `h2` or `h3`.
 pub fn policy_protocol(version: http::Version) -> &'static str {
     match version {
         http::Version::HTTP_2 => "h2",
         http::Version::HTTP_3 => "h3",
         _ => "h1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_str, LoadOptions};
+    use cedar_policy::Entities;
+    use std::path::Path;
+
+    fn identity() -> Identity {
+        Identity {
+            spiffe_id: Some("spiffe://corp.example/ns/prod/sa/orders".into()),
+            trust_domain: Some("corp.example".into()),
+            spiffe_path: Some("/ns/prod/sa/orders".into()),
+            dns: vec!["orders.internal".into()],
+            common_name: Some("orders".into()),
+            organizational_units: vec!["payments".into()],
+            fingerprint: "ab".repeat(32),
+            serial: "01".into(),
+            not_before: 1_700_000_000,
+            not_after: 1_800_000_000,
+            ..Identity::default()
+        }
+    }
+
+    fn config(dir: &Path, policy: &str) -> Config {
+        std::fs::write(dir.join("p.cedar"), policy).unwrap();
+        let toml = format!(
+            "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n\
+             [policy]\ndir = '{}'\n\
+             [[route]]\nname = 'api'\ntags = ['api', 'internal']\npath = {{ prefix = '/api/' }}\nrespond = {{ status = 200 }}\n",
+            dir.display()
+        );
+        load_str(&dir.join("wraith.toml"), &toml, LoadOptions::default()).unwrap()
+    }
+
+    fn input(now: SystemTime) -> ContextInput<'static> {
+        ContextInput {
+            method: "PROPFIND",
+            host: "api.internal",
+            path: "/api/x",
+            query: "a=1",
+            source_ip: "2001:db8::1".parse().unwrap(),
+            listener: "https",
+            protocol: "h3",
+            tls_version: "TLSv1.3",
+            tls_group: "X25519MLKEM768",
+            early_data: true,
+            time: now,
+            utc_offset: -3600,
+        }
+    }
+
+    /// What entities.rs builds must be what the schema declares (a typo there would make
+    /// every policy that reads the attribute fail at run time).
+    #[test]
+    fn entities_and_context_match_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            "@id(\"p\")\npermit(principal, action, resource);\n",
+        );
+        let schema = load::schema().unwrap();
+        let types = Types::new().unwrap();
+        let client = entities::client_entity(&types, &identity()).unwrap();
+        let route = entities::route_entity(&types, &cfg.routes[0]).unwrap();
+        Entities::from_entities([client.clone(), route.clone()], Some(&schema)).unwrap();
+        let ctx = entities::context(&input(SystemTime::now())).unwrap();
+        let anonymous = types.uid(&types.anonymous, "2001:db8::1");
+        for action in ACTIONS {
+            for principal in [client.uid(), anonymous.clone()] {
+                Request::new(
+                    principal,
+                    types.uid(&types.action, action),
+                    route.uid(),
+                    ctx.clone(),
+                    Some(&schema),
+                )
+                .unwrap_or_else(|e| panic!("{action}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn probe_reads_identity_context_and_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            r#"
+@id("payments-write-internal")
+permit (principal is Wraith::Client, action in Wraith::Action::"write", resource)
+when {
+  principal.ou.contains("payments") && principal.trust_domain == "corp.example" &&
+  resource.tags.contains("internal") && context.protocol == "h3" &&
+  context.source_ip.isInRange(ip("2001:db8::/32")) && context.query == "a=1" &&
+  context.method == "PROPFIND" && context.local.hour >= 0 &&
+  principal.not_after > context.time
+};
+
+@id("no-early-writes")
+forbid (principal, action in Wraith::Action::"write", resource) when { context.early_data };
+"#,
+        );
+        let engine = PolicyEngine::build(&cfg).unwrap();
+        let id = identity();
+        let i = input(entities::parse_time("2025-03-04T10:00:00Z").unwrap());
+        let probe = |early_data: bool| Probe {
+            route: 0,
+            identity: Some(&id),
+            method: Method::from_bytes(b"PROPFIND").unwrap(),
+            host: i.host,
+            path: i.path,
+            query: i.query,
+            source_ip: i.source_ip,
+            listener: i.listener,
+            protocol: i.protocol,
+            tls_version: i.tls_version,
+            tls_group: i.tls_group,
+            early_data,
+            time: i.time,
+        };
+        let allowed = engine.probe(&probe(false)).unwrap();
+        assert_eq!(
+            allowed.decision.effect,
+            Effect::Allow,
+            "{:?}",
+            allowed.decision
+        );
+        assert_eq!(&*allowed.decision.policies[0], "payments-write-internal");
+        assert_eq!(allowed.action, "Wraith::Action::\"OTHER\"");
+        let denied = engine.probe(&probe(true)).unwrap();
+        assert_eq!(denied.decision.reason, Reason::Forbidden);
+        assert_eq!(&*denied.decision.policies[0], "no-early-writes");
+    }
+
+    #[test]
+    fn principal_is_built_once_per_connection_and_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            "@id(\"p\")\npermit(principal, action, resource);\n",
+        );
+        let engine = PolicyEngine::build(&cfg).unwrap();
+        let cache = ConnCache::default();
+        let id = identity();
+        let a = engine.cached_principal(&cache, &id).unwrap();
+        let b = engine.cached_principal(&cache, &id).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "second request reuses the entity");
+        // A reload builds a new engine: the connection's entity is rebuilt for it.
+        let next = PolicyEngine::build(&cfg).unwrap();
+        let c = next.cached_principal(&cache, &id).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(
+            c.uid.to_string(),
+            "Wraith::Client::\"spiffe://corp.example/ns/prod/sa/orders\""
+        );
+    }
+
+    #[test]
+    fn without_a_policy_section_nothing_is_permitted() {
+        let cfg = load_str(
+            Path::new("w.toml"),
+            "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n[[route]]\nname='r'\nrespond={status=200}\n",
+            LoadOptions::default(),
+        )
+        .unwrap();
+        assert!(cfg
+            .warnings
+            .iter()
+            .any(|w| w.contains("no [policy] section")));
+        let engine = PolicyEngine::build(&cfg).unwrap();
+        let x = engine
+            .probe(&Probe {
+                route: 0,
+                identity: None,
+                method: Method::GET,
+                host: "",
+                path: "/",
+                query: "",
+                source_ip: "127.0.0.1".parse().unwrap(),
+                listener: "l",
+                protocol: "h1",
+                tls_version: "",
+                tls_group: "",
+                early_data: false,
+                time: SystemTime::now(),
+            })
+            .unwrap();
+        assert_eq!(x.decision.effect, Effect::Deny);
+        assert_eq!(x.decision.reason, Reason::NoPermit);
     }
 }

@@ -188,7 +188,14 @@ pub struct Explanation {
 #[derive(Default)]
 pub struct ConnCache {
     principal: ArcSwapOption<CachedPrincipal>,
-    ip: ArcSwapOption<(IpAddr, cedar_policy_core::ast::Value)>,
+    client: ArcSwapOption<CachedClient>,
+}
+
+/// The client address as Cedar sees it: the `ip` value and the anonymous principal.
+struct CachedClient {
+    ip: IpAddr,
+    value: cedar_policy_core::ast::Value,
+    anonymous: EntityUid,
 }
 
 /// A connection's principal entity, for one engine (snapshot).
@@ -383,21 +390,17 @@ impl PolicyEngine {
             utc_offset: self.utc_offset,
         };
         let action = &self.actions[entities::action_index(access.method)];
-        let ip = match cached_ip(&conn.policy_cache, access.client_ip) {
-            Ok(ip) => ip,
+        let client = match self.cached_client(&conn.policy_cache, access.client_ip) {
+            Ok(c) => c,
             Err(e) => return self.error(Some(rp), e),
         };
+        let ip = client.value.clone();
         match &conn.identity {
             Some(identity) => match self.cached_principal(&conn.policy_cache, identity) {
                 Ok(p) => self.decide(rp, &p.uid, action, &p.entities, &input, ip),
                 Err(e) => self.error(Some(rp), e),
             },
-            None => {
-                let uid = self
-                    .types
-                    .uid(&self.types.anonymous, &access.client_ip.to_string());
-                self.decide(rp, &uid, action, &self.base, &input, ip)
-            }
+            None => self.decide(rp, &client.anonymous, action, &self.base, &input, ip),
         }
     }
 
@@ -417,6 +420,21 @@ impl PolicyEngine {
             entities,
         });
         cache.principal.store(Some(c.clone()));
+        Ok(c)
+    }
+
+    /// The client address as Cedar values: the connection's, unless the address changed
+    /// (a trusted proxy forwarding for several clients).
+    fn cached_client(&self, cache: &ConnCache, ip: IpAddr) -> Result<Arc<CachedClient>, String> {
+        if let Some(c) = cache.client.load_full().filter(|c| c.ip == ip) {
+            return Ok(c);
+        }
+        let c = Arc::new(CachedClient {
+            ip,
+            value: entities::ip_value(ip)?,
+            anonymous: self.types.uid(&self.types.anonymous, &ip.to_string()),
+        });
+        cache.client.store(Some(c.clone()));
         Ok(c)
     }
 
@@ -565,17 +583,6 @@ impl PolicyEngine {
             context,
         })
     }
-}
-
-/// The client address as a Cedar value: the connection's, unless the address changed
-/// (a trusted proxy forwarding for several clients).
-fn cached_ip(cache: &ConnCache, ip: IpAddr) -> Result<cedar_policy_core::ast::Value, String> {
-    if let Some(c) = cache.ip.load().as_ref().filter(|c| c.0 == ip) {
-        return Ok(c.1.clone());
-    }
-    let v = entities::ip_value(ip)?;
-    cache.ip.store(Some(Arc::new((ip, v.clone()))));
-    Ok(v)
 }
 
 /// The protocol as policies see it: `h1`, `h2` or `h3`.

@@ -143,7 +143,8 @@ pub fn status(rt: &Runtime) -> Value {
                 "protocol": format!("{:?}", u.config.protocol).to_lowercase(),
                 "endpoints": u.endpoints.iter().map(|e| json!({
                     "address": e.authority.as_str(),
-                    "in_flight": e.in_flight.load(Relaxed),
+                    "in_flight": e.in_flight(),
+                    "idle_connections": e.pool.idle_count(),
                     "requests": e.requests.load(Relaxed),
                     "connect_failures": e.failures.load(Relaxed),
                 })).collect::<Vec<_>>(),

@@ -24,6 +24,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// A body streamed by hyper (HTTP/1.1 or HTTP/2, client side or upstream side).
     Incoming(hyper::body::Incoming),
+    /// A response body read straight from a pooled HTTP/1.1 upstream connection.
+    Upstream(crate::upstream::h1::ResponseBody),
     /// Anything else (HTTP/3 streams, wrapped bodies).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -61,6 +63,7 @@ impl std::fmt::Debug for Body {
             Body::Empty => "Body::Empty",
             Body::Full(_) => "Body::Full",
             Body::Incoming(_) => "Body::Incoming",
+            Body::Upstream(_) => "Body::Upstream",
             Body::Boxed(_) => "Body::Boxed",
         })
     }
@@ -78,6 +81,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -87,6 +91,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Incoming(b) => b.is_end_stream(),
+            Body::Upstream(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -96,6 +101,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(b) => b.size_hint(),
+            Body::Upstream(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }
     }

@@ -104,11 +104,24 @@ pub fn read_pid(path: &Path) -> Result<Option<i32>, String> {
     }
 }
 
-/// Whether a process with this pid exists.
+/// Whether a process with this pid exists (an exited process not yet reaped by its parent,
+/// a zombie, does not count).
 pub fn alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence and permission.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !zombie(pid)
+}
+
+/// Linux: the state field of /proc/PID/stat is `Z` for a zombie.
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// Sends `sig` to `pid`.

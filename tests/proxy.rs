@@ -477,3 +477,64 @@ async fn https_serves_h1_and_h2_and_redirects_plain_http() {
     assert_eq!(h1.version(), reqwest::Version::HTTP_11);
     assert_eq!(h1.status(), 200);
 }
+
+#[tokio::test]
+async fn h2c_upstreams_get_http2_with_te_trailers() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nprotocol = \"h2c\"",
+    );
+    let wraith = setup.start(&cfg);
+    let resp = http_client()
+        .get(wraith.url("http", "/grpc-ish"))
+        .header("te", "trailers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["headers"]["te"][0], "trailers");
+    assert!(
+        echo["headers"].get("host").is_none(),
+        "HTTP/2 carries :authority, not Host"
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_hosts_are_refused_or_resolved_like_the_router() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+
+    // Two Host headers: 400, never forwarded.
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("more than one Host header"), "{out}");
+
+    // Absolute-form target: the authority is the host (routing and upstream agree).
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET http://routed.example/x HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"host\":[\"routed.example\"]"), "{out}");
+}

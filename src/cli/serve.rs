@@ -31,11 +31,18 @@ pub fn run(config_path: &Path) -> ExitCode {
         tracing::warn!("{n}");
         eprintln!("wraith: {n}");
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime, which skips the work-stealing machinery (cheaper
+    // wake-ups on every socket event). More: the multi-threaded scheduler.
+    let mut builder = match config.server.worker_threads.map(|n| n.get()) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().thread_name("wraith-worker");
-    if let Some(n) = config.server.worker_threads {
-        builder.worker_threads(n.get());
-    }
     let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -461,9 +461,15 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
                 for (i, item) in items.iter().enumerate() {
                     let key = format!("{name}[{i}]");
                     match name {
-                        "listener" => raw_listeners.extend(b.de::<RawListener>(item, &key)),
-                        "upstream" => raw_upstreams.extend(b.de::<RawUpstream>(item, &key)),
-                        _ => raw_routes.extend(b.de::<RawRoute>(item, &key)),
+                        // Keep the file index: key paths must name the element in the file
+                        // even when an earlier one failed to parse.
+                        "listener" => {
+                            raw_listeners.extend(b.de::<RawListener>(item, &key).map(|r| (i, r)))
+                        }
+                        "upstream" => {
+                            raw_upstreams.extend(b.de::<RawUpstream>(item, &key).map(|r| (i, r)))
+                        }
+                        _ => raw_routes.extend(b.de::<RawRoute>(item, &key).map(|r| (i, r))),
                     }
                 }
             }
@@ -616,12 +622,12 @@ fn check_name(b: &mut Builder<'_>, name: &Str, key: &str, seen: &mut HashMap<Str
 fn build_listeners(
     b: &mut Builder<'_>,
     server: &ServerConfig,
-    raw: Vec<RawListener>,
+    raw: Vec<(usize, RawListener)>,
 ) -> Vec<ListenerConfig> {
     let mut out = Vec::new();
     let mut names = HashMap::new();
     let mut addresses: Vec<(SocketAddr, String)> = Vec::new();
-    for (i, l) in raw.into_iter().enumerate() {
+    for (i, l) in raw {
         let key = format!("listener[{i}]");
         check_name(b, &l.name, &format!("{key}.name"), &mut names);
         let address = match l.address.get_ref().parse::<SocketAddr>() {
@@ -1018,10 +1024,10 @@ fn load_client_auth(b: &mut Builder<'_>, key: &str, raw: &RawTls, auth: &mut Cli
     }
 }
 
-fn build_upstreams(b: &mut Builder<'_>, raw: Vec<RawUpstream>) -> Vec<UpstreamConfig> {
+fn build_upstreams(b: &mut Builder<'_>, raw: Vec<(usize, RawUpstream)>) -> Vec<UpstreamConfig> {
     let mut out = Vec::new();
     let mut names = HashMap::new();
-    for (i, u) in raw.into_iter().enumerate() {
+    for (i, u) in raw {
         let key = format!("upstream[{i}]");
         check_name(b, &u.name, &format!("{key}.name"), &mut names);
         let mut endpoints = Vec::new();
@@ -1155,11 +1161,11 @@ fn build_routes(
     b: &mut Builder<'_>,
     upstreams: &[UpstreamConfig],
     policy: Option<&PolicyConfig>,
-    raw: Vec<RawRoute>,
+    raw: Vec<(usize, RawRoute)>,
 ) -> Vec<RouteConfig> {
     let mut out = Vec::new();
     let mut names = HashMap::new();
-    for (i, r) in raw.into_iter().enumerate() {
+    for (i, r) in raw {
         let key = format!("route[{i}]");
         check_name(b, &r.name, &format!("{key}.name"), &mut names);
         let (policy_set, policy_mode) = route_policy(b, &key, &r, policy);
@@ -1202,7 +1208,8 @@ fn build_routes(
                             b.err(
                                 Some(s.span()),
                                 format!("{key}.path.regex"),
-                                format!("invalid regex: {e}"),
+                                // regex draws a caret under the pattern; keep the last line.
+                                format!("invalid regex: {}", last_line(&e.to_string())),
                             );
                             PathMatch::Prefix("/".into())
                         }
@@ -1706,4 +1713,13 @@ fn build_header_ops(b: &mut Builder<'_>, key: &str, raw: Option<RawHeaderOps>) -
         }
     }
     ops
+}
+
+/// The last non-empty line of a multi-line message, without an `error: ` prefix.
+fn last_line(msg: &str) -> &str {
+    msg.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or(msg)
+        .trim()
+        .trim_start_matches("error: ")
 }

@@ -39,19 +39,34 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// when `keep_upgrade` (a WebSocket handshake being proxied). `te: trailers` is kept when
 /// `keep_te_trailers` (HTTP/2 upstreams, where gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if conn.as_bytes().contains(&b',') || !is_keyword(conn.as_bytes()) {
-            let named: Vec<HeaderName> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-                .collect();
-            for n in named {
-                headers.remove(&n);
+    // One pass over the (few) header names finds out whether there is anything to do; most
+    // requests carry no hop-by-hop header, and hashing every name on the list is the cost.
+    let mut found = false;
+    let mut named = false;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found = true;
+            if name == header::CONNECTION {
+                named = true;
             }
+        }
+    }
+    if !found {
+        return;
+    }
+    if named {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !is_keyword(t.as_bytes()))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in listed {
+            headers.remove(&n);
         }
     }
     let te_trailers = keep_te_trailers
@@ -189,7 +204,7 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         buf.push_str(&prior);
         buf.push_str(", ");
     }
-    let _ = write!(buf, "{peer}");
+    push_ip(&mut buf, peer);
     set(headers, &X_FORWARDED_FOR, &buf);
 
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -216,19 +231,23 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         buf.push_str(&prior);
         buf.push_str(", ");
     }
-    match peer {
-        IpAddr::V4(v4) => {
-            let _ = write!(buf, "for={v4}");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(buf, "for=\"[{v6}]\"");
-        }
+    if peer.is_ipv4() {
+        buf.push_str("for=");
+        push_ip(&mut buf, peer);
+    } else {
+        buf.push_str("for=\"[");
+        push_ip(&mut buf, peer);
+        buf.push_str("]\"");
     }
-    let _ = write!(buf, ";proto={proto}");
+    buf.push_str(";proto=");
+    buf.push_str(proto);
     if let Some(host) = info.host.filter(|h| h.bytes().all(is_token_byte)) {
-        let _ = write!(buf, ";host={host}");
+        buf.push_str(";host=");
+        buf.push_str(host);
     } else if let Some(host) = info.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
-        let _ = write!(buf, ";host=\"{host}\"");
+        buf.push_str(";host=\"");
+        buf.push_str(host);
+        buf.push('"');
     }
     set(headers, &FORWARDED, &buf);
 
@@ -240,6 +259,31 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         _ => "1.1 wraith",
     };
     headers.append(header::VIA, HeaderValue::from_static(ours));
+}
+
+/// Appends an address; IPv4 by hand, since `Display` goes through the formatting machinery
+/// and this runs on every request.
+fn push_ip(buf: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    buf.push('.');
+                }
+                let o = *octet;
+                if o >= 100 {
+                    buf.push((b'0' + o / 100) as char);
+                }
+                if o >= 10 {
+                    buf.push((b'0' + (o / 10) % 10) as char);
+                }
+                buf.push((b'0' + o % 10) as char);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(buf, "{v6}");
+        }
+    }
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -296,6 +340,37 @@ pub fn new_request_id() -> HeaderValue {
         out[2 * i + 1] = HEX[(byte & 0xf) as usize];
     }
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The request's host, held by reference count rather than copied (it outlives the request
+/// when the request moves on to the upstream).
+pub enum Host {
+    Authority(http::uri::Authority),
+    Header(HeaderValue),
+    Missing,
+}
+
+impl Host {
+    /// From the URI authority (HTTP/2, HTTP/3, absolute-form) or the Host header.
+    pub fn of(uri: &http::Uri, headers: &HeaderMap) -> Host {
+        match uri.authority() {
+            Some(a) => Host::Authority(a.clone()),
+            None => match headers.get(header::HOST) {
+                Some(v) => Host::Header(v.clone()),
+                None => Host::Missing,
+            },
+        }
+    }
+
+    /// The host without its port.
+    pub fn name(&self) -> Option<&str> {
+        let raw = match self {
+            Host::Authority(a) => a.as_str(),
+            Host::Header(v) => v.to_str().ok()?,
+            Host::Missing => return None,
+        };
+        Some(strip_port(raw))
+    }
 }
 
 /// The request's host without port, from the URI authority (HTTP/2, HTTP/3) or Host.
@@ -420,6 +495,22 @@ mod tests {
             h.get("x-forwarded-for").unwrap(),
             "203.0.113.1, 2001:db8::7"
         );
+    }
+
+    #[test]
+    fn ip_formatting() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.100.9",
+            "2001:db8::1",
+        ] {
+            let mut s = String::new();
+            push_ip(&mut s, ip.parse().unwrap());
+            assert_eq!(s, ip);
+        }
     }
 
     #[test]

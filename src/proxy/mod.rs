@@ -183,6 +183,11 @@ impl Gateway {
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
+        // Two Host headers: the upstream might believe the other one (RFC 9112 §3.2: 400).
+        let mut hosts = req.headers().get_all(http::header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(GatewayError::BadRequest("more than one Host header"));
+        }
         // Plain-HTTP listener told to send everyone to HTTPS.
         if let Some(redirect) = snapshot
             .listener(&conn.listener)
@@ -194,10 +199,10 @@ impl Gateway {
         if let Some(normal) = path::normalize(req.uri().path()) {
             *req.uri_mut() = with_path(req.uri(), &normal)?;
         }
-        let host = headers::request_host(req.uri(), req.headers()).map(str::to_owned);
+        let host = headers::Host::of(req.uri(), req.headers());
         let route = snapshot
             .router
-            .find(host.as_deref(), req.uri().path(), req.method())
+            .find(host.name(), req.uri().path(), req.method())
             .ok_or(GatewayError::NoRoute)?;
         record.route = Some(route.config.name.clone());
 
@@ -206,7 +211,7 @@ impl Gateway {
         let access = crate::policy::Access {
             route,
             method: req.method(),
-            host: host.as_deref(),
+            host: host.name(),
             path: req.uri().path(),
             query: req.uri().query(),
             version: req.version(),
@@ -230,13 +235,13 @@ impl Gateway {
                 *resp.headers_mut() = r.headers.clone();
                 resp
             }
-            RouteAction::Redirect { to, status } => redirect(&req, host.as_deref(), to, *status),
+            RouteAction::Redirect { to, status } => redirect(&req, host.name(), to, *status),
             RouteAction::Upstream(_) => {
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
                     peer_trusted,
                     https: conn.tls.is_some(),
-                    host: host.as_deref(),
+                    host: host.name(),
                     version: req.version(),
                     identity: conn.identity.as_deref(),
                 };

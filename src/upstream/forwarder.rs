@@ -9,7 +9,9 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
+use super::h1::{self, SendError};
 use super::{Endpoint, Upstream};
 use crate::body::Body;
 use crate::config::{RouteConfig, UpstreamProtocol};
@@ -26,7 +28,8 @@ pub struct ForwardOutcome {
     pub attempts: u32,
 }
 
-/// Forwards `req` to `upstream` on behalf of `route`.
+/// Forwards `req` to `upstream` on behalf of `route`. A connection that cannot be made is
+/// tried on the next endpoint (nothing was sent, so that is always safe).
 pub async fn forward(
     upstream: &Upstream,
     route: &RouteConfig,
@@ -35,82 +38,120 @@ pub async fn forward(
     request_id: &HeaderValue,
     outcome: &mut ForwardOutcome,
 ) -> Result<Response<Body>, GatewayError> {
-    let endpoint = upstream.pick().ok_or_else(|| GatewayError::NoEndpoint {
-        upstream: upstream.config.name.clone(),
-    })?;
-    outcome.attempts += 1;
-    outcome.endpoint = Some(endpoint.authority.to_string());
-
     let h2 = upstream.config.protocol == UpstreamProtocol::H2c;
     let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    prepare_request(&mut req, route, endpoint, info, request_id, h2, upgrade)?;
-
+    prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
     let timeout = route
         .response_timeout
         .unwrap_or(upstream.config.response_timeout);
-    endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-    endpoint.requests.fetch_add(1, Ordering::Relaxed);
-    let started = Instant::now();
-    let result = tokio::time::timeout(timeout, upstream.client().request(req)).await;
-    endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-    outcome.upstream_time = Some(started.elapsed());
 
-    let mut resp = match result {
-        Err(_) => {
-            return Err(GatewayError::UpstreamTimeout {
-                upstream: upstream.config.name.clone(),
-                endpoint: endpoint.authority.to_string(),
-                timeout,
-            })
-        }
-        Ok(Err(e)) if e.is_connect() => {
-            endpoint.failures.fetch_add(1, Ordering::Relaxed);
-            return Err(GatewayError::UpstreamConnect {
-                upstream: upstream.config.name.clone(),
-                endpoint: endpoint.authority.to_string(),
-                reason: error_chain(&e),
-            });
-        }
-        Ok(Err(e)) => {
-            return Err(GatewayError::UpstreamFailed {
-                upstream: upstream.config.name.clone(),
-                endpoint: endpoint.authority.to_string(),
-                reason: error_chain(&e),
-            })
-        }
-        Ok(Ok(resp)) => resp,
-    };
+    loop {
+        let endpoint = upstream.pick().ok_or_else(|| GatewayError::NoEndpoint {
+            upstream: upstream.config.name.clone(),
+        })?;
+        outcome.attempts += 1;
+        outcome.endpoint = Some(endpoint.authority.to_string());
+        endpoint.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = if h2 {
+            send_h2(upstream, endpoint, req, timeout).await
+        } else {
+            h1::send(&endpoint.pool, req, timeout).await
+        };
+        outcome.upstream_time = Some(started.elapsed());
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(SendError::Connect { error, request }) => {
+                endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                if (outcome.attempts as usize) < upstream.endpoints.len() {
+                    tracing::warn!(upstream = %upstream.config.name, endpoint = %endpoint.authority, error = %error, "connect failed; trying the next endpoint");
+                    req = *request;
+                    continue;
+                }
+                return Err(GatewayError::UpstreamConnect {
+                    upstream: upstream.config.name.clone(),
+                    endpoint: endpoint.authority.to_string(),
+                    reason: error.to_string(),
+                });
+            }
+            Err(SendError::Timeout) => {
+                return Err(GatewayError::UpstreamTimeout {
+                    upstream: upstream.config.name.clone(),
+                    endpoint: endpoint.authority.to_string(),
+                    timeout,
+                })
+            }
+            Err(SendError::Failed(reason)) => {
+                return Err(GatewayError::UpstreamFailed {
+                    upstream: upstream.config.name.clone(),
+                    endpoint: endpoint.authority.to_string(),
+                    reason,
+                })
+            }
+        };
+        return Ok(finish_response(resp, client_upgrade));
+    }
+}
 
+/// Hop-by-hop headers out of the response; a 101 becomes a tunnel.
+fn finish_response(
+    mut resp: Response<Body>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
-            let (parts, _) = resp.into_parts();
-            return Ok(Response::from_parts(parts, Body::Empty));
+        if let (Some(client), Body::Upstream(body)) = (client_upgrade, resp.body_mut()) {
+            if let Some((io, leftover)) = body.take_upgrade() {
+                tokio::spawn(tunnel(client, io, leftover));
+            }
         }
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Body::Empty);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false, false);
-    Ok(resp.map(Body::Incoming))
+    resp
+}
+
+/// HTTP/2 with prior knowledge through hyper's client (absolute URI names the endpoint).
+async fn send_h2(
+    upstream: &Upstream,
+    endpoint: &Endpoint,
+    mut req: Request<Body>,
+    timeout: Duration,
+) -> Result<Response<Body>, SendError> {
+    let Some(client) = upstream.h2_client() else {
+        return Err(SendError::Failed(
+            "no HTTP/2 client for this upstream".into(),
+        ));
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(endpoint.scheme.clone());
+    parts.authority = Some(endpoint.authority.clone());
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| SendError::Failed(e.to_string()))?;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(Err(e)) if e.is_connect() => Err(SendError::Failed(error_chain(&e))),
+        Ok(Err(e)) => Err(SendError::Failed(error_chain(&e))),
+        Ok(Ok(resp)) => Ok(resp.map(Body::Incoming)),
+    }
 }
 
 /// Rewrites the request in place for the upstream.
 fn prepare_request(
     req: &mut Request<Body>,
     route: &RouteConfig,
-    endpoint: &Endpoint,
     info: &ForwardInfo<'_>,
     request_id: &HeaderValue,
     h2: bool,
     upgrade: bool,
 ) -> Result<(), GatewayError> {
-    // Host: keep the client's; HTTP/2 and HTTP/3 clients send it as :authority instead.
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(a) = req.uri().authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+    // Host: the client's. An authority in the URI (HTTP/2 and HTTP/3 `:authority`, or an
+    // absolute-form HTTP/1.1 target) is what routing used, so it is what the upstream gets
+    // (RFC 9112 §3.2.2: it replaces any Host header).
+    if let Some(a) = req.uri().authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
         }
     }
     let headers = req.headers_mut();
@@ -132,13 +173,9 @@ fn prepare_request(
         headers.remove(header::HOST);
     }
 
+    // Origin form; the HTTP/2 path adds the endpoint as authority.
     let path_and_query = upstream_path(req.uri(), route)?;
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(endpoint.scheme.clone());
-    parts.authority = Some(endpoint.authority.clone());
-    parts.path_and_query = Some(path_and_query);
-    *req.uri_mut() =
-        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid request target"))?;
+    *req.uri_mut() = Uri::from(path_and_query);
     *req.version_mut() = if h2 {
         Version::HTTP_2
     } else {
@@ -176,17 +213,23 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
     PathAndQuery::try_from(out).map_err(|_| GatewayError::BadRequest("invalid request target"))
 }
 
-/// Copies bytes both ways between an upgraded client and upstream connection.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+/// Copies bytes both ways between an upgraded client and the upstream connection.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    mut upstream: tokio::net::TcpStream,
+    leftover: bytes::Bytes,
+) {
+    let client = match client.await {
+        Ok(c) => c,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
+            tracing::debug!(error = %e, "client upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+        return;
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }

@@ -1,10 +1,15 @@
-//! Upstream pools: one pooled hyper client per `[[upstream]]`, its endpoints, and the choice
-//! of endpoint for each request (round robin until the load-balancing work replaces it).
+//! Upstream pools: the endpoints of each `[[upstream]]`, their connection pools, and the
+//! choice of endpoint for each request (round robin until the load-balancing work replaces it).
+//!
+//! HTTP/1.1 upstreams use Wraith's own client (`h1`): the request's task drives the pooled
+//! socket directly. `h2c` upstreams (gRPC) use hyper's HTTP/2 client, whose multiplexing a
+//! single connection per endpoint serves well.
 
 pub mod forwarder;
+pub mod h1;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -20,19 +25,27 @@ use crate::config::{UpstreamConfig, UpstreamProtocol};
 pub struct Endpoint {
     pub authority: Authority,
     pub scheme: Scheme,
-    /// Requests currently being forwarded to this endpoint.
-    pub in_flight: AtomicUsize,
+    /// Idle HTTP/1.1 connections and the in-flight count.
+    pub pool: Arc<h1::Pool>,
     /// Requests forwarded since the upstream was built.
     pub requests: AtomicU64,
     /// Connect failures since the upstream was built.
     pub failures: AtomicU64,
 }
 
+impl Endpoint {
+    /// Requests in flight to this endpoint (until their response bodies end).
+    pub fn in_flight(&self) -> usize {
+        self.pool.in_flight.load(Ordering::Relaxed)
+    }
+}
+
 /// An upstream pool.
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub endpoints: Vec<Endpoint>,
-    client: Client<HttpConnector, Body>,
+    /// hyper's client, for `h2c` upstreams only.
+    h2: Option<Client<HttpConnector, Body>>,
     next: AtomicUsize,
 }
 
@@ -46,42 +59,45 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Builds the pool. No connection is made until the first request.
+    /// Builds the pools. No connection is made until the first request.
     pub fn new(config: UpstreamConfig) -> Arc<Upstream> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.enforce_http(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(config.max_idle_per_endpoint)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // Wraith sets Host itself (the client's Host is preserved).
-            .set_host(false);
-        if config.protocol == UpstreamProtocol::H2c {
-            builder.http2_only(true);
-        }
-        let client = builder.build(connector);
+        let h2 = (config.protocol == UpstreamProtocol::H2c).then(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(config.connect_timeout));
+            connector.enforce_http(true);
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(true)
+                .set_host(false)
+                .build(connector)
+        });
         let endpoints = config
             .endpoints
             .iter()
             .map(|e| Endpoint {
                 authority: e.authority.clone(),
                 scheme: Scheme::HTTP,
-                in_flight: AtomicUsize::new(0),
+                pool: h1::Pool::new(
+                    e.authority.clone(),
+                    config.max_idle_per_endpoint,
+                    config.idle_timeout,
+                    config.connect_timeout,
+                ),
                 requests: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             })
             .collect();
-        Arc::new(Upstream {
+        let upstream = Arc::new(Upstream {
             config,
             endpoints,
-            client,
+            h2,
             next: AtomicUsize::new(0),
-        })
+        });
+        spawn_sweeper(&upstream);
+        upstream
     }
 
     /// The next endpoint, round robin.
@@ -93,7 +109,25 @@ impl Upstream {
         self.endpoints.get(i)
     }
 
-    pub(crate) fn client(&self) -> &Client<HttpConnector, Body> {
-        &self.client
+    pub(crate) fn h2_client(&self) -> Option<&Client<HttpConnector, Body>> {
+        self.h2.as_ref()
     }
+}
+
+/// Closes idle connections past their idle timeout, until the upstream is dropped.
+fn spawn_sweeper(upstream: &Arc<Upstream>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak: Weak<Upstream> = Arc::downgrade(upstream);
+    let every = (upstream.config.idle_timeout / 2).max(Duration::from_secs(1));
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(u) = weak.upgrade() else { return };
+            for e in &u.endpoints {
+                e.pool.sweep();
+            }
+        }
+    });
 }

@@ -364,6 +364,8 @@ pub async fn echo_response(req: Request<Incoming>) -> Response<TestBody> {
 /// A `wraith serve` child process on a config written into a temp directory.
 pub struct Wraith {
     pub dir: TempDir,
+    /// The test PKI, when started from a `Setup`.
+    pub pki: Option<Pki>,
     pub config_path: PathBuf,
     child: Option<Child>,
     state: Arc<(Mutex<LogState>, Condvar)>,
@@ -452,7 +454,9 @@ tls = {{ cert = "server.pem", key = "server-key.pem"{tls_extra} }}
 
     /// Writes `config` and starts `wraith serve` on it.
     pub fn start(self, config: &str) -> Wraith {
-        Wraith::start_in(self.dir, config)
+        let mut w = Wraith::start_in(self.dir, config);
+        w.pki = Some(self.pki);
+        w
     }
 }
 
@@ -508,6 +512,7 @@ impl Wraith {
         });
         let w = Wraith {
             dir,
+            pki: None,
             config_path,
             child: Some(child),
             state,
@@ -517,6 +522,11 @@ impl Wraith {
             panic!("wraith did not start:\n{}", w.log());
         }
         w
+    }
+
+    /// The test PKI (panics if not started from a `Setup`).
+    pub fn pki(&self) -> &Pki {
+        self.pki.as_ref().expect("started from a Setup")
     }
 
     fn wait_for(&self, timeout: Duration, mut f: impl FnMut(&LogState) -> bool) -> bool {

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests need, then runs
+# every test. This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+.ci/install-deps.sh
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+cargo test --all-targets --no-fail-fast -- --test-threads="${WRAITH_TEST_THREADS:-4}"
+cargo test --doc

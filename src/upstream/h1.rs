@@ -1,0 +1,1098 @@
+//! HTTP/1.1 to upstreams, driven directly by the request's own task.
+//!
+//! hyper's pooled client runs every upstream connection in a task of its own and passes each
+//! request and response through channels; on a proxy that is two task hand-offs per request on
+//! the hottest path. Here the downstream connection's task writes the request to the pooled
+//! socket itself and the response body reads straight from it, the way Pingora's proxy does.
+//! The connection goes back to the pool the moment the response body ends.
+//!
+//! Framing follows RFC 9112: requests are sent with Content-Length when the size is known and
+//! chunked otherwise (never both); responses are read by Transfer-Encoding, then
+//! Content-Length, then until close, with no body for HEAD, 1xx, 204 and 304. Anything
+//! malformed from the upstream is an error, never a panic.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::body::{Body, BoxError};
+
+/// Largest response head accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted from an upstream.
+const MAX_HEADERS: usize = 128;
+/// Largest chunk-size line (with extensions) and trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// A pooled connection idle for longer than this is probed before reuse.
+const PROBE_AFTER: Duration = Duration::from_millis(500);
+/// Request bodies up to this size are sent in the same write as the head.
+const COALESCE: usize = 16 * 1024;
+
+/// One upstream connection.
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The idle connections of one endpoint, and how many requests it is serving.
+pub struct Pool {
+    addr: http::uri::Authority,
+    idle: Mutex<VecDeque<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    /// Requests in flight to this endpoint (until their response body ends).
+    pub in_flight: AtomicUsize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("addr", &self.addr).finish()
+    }
+}
+
+/// Why a request could not be completed.
+pub enum SendError {
+    /// No connection could be made: nothing was sent, so the request is handed back intact
+    /// and may be tried elsewhere.
+    Connect {
+        error: io::Error,
+        request: Box<Request<Body>>,
+    },
+    /// The response head did not arrive in time (the upstream may have acted on the request).
+    Timeout,
+    /// The connection failed mid-request, or the upstream sent something invalid.
+    Failed(String),
+}
+
+impl Pool {
+    pub fn new(
+        addr: http::uri::Authority,
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            addr,
+            idle: Mutex::new(VecDeque::new()),
+            max_idle,
+            idle_timeout,
+            connect_timeout,
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    /// Idle connections currently pooled.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    /// A pooled connection that is still usable, most recently used first.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(Idle { conn, since }) = idle.pop_back() {
+            let age = since.elapsed();
+            if age >= self.idle_timeout {
+                // Everything older is expired too.
+                idle.clear();
+                return None;
+            }
+            // A connection that sat idle a while may have been closed by the upstream.
+            if age < PROBE_AFTER || conn.alive() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, conn: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            // Oldest at the front: drop expired ones and any beyond the limit.
+            while idle
+                .front()
+                .is_some_and(|i| i.since.elapsed() >= self.idle_timeout)
+                || idle.len() >= self.max_idle
+            {
+                idle.pop_front();
+            }
+            idle.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes idle connections past the idle timeout (called periodically).
+    pub fn sweep(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|i| i.since.elapsed() < self.idle_timeout);
+        }
+    }
+
+    async fn connect(&self) -> io::Result<Conn> {
+        let connect = async {
+            let host = self.addr.host();
+            let port = self.addr.port_u16().unwrap_or(80);
+            let stream = match host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+            {
+                Ok(ip) => TcpStream::connect(SocketAddr::new(ip, port)).await?,
+                Err(_) => TcpStream::connect((host, port)).await?,
+            };
+            stream.set_nodelay(true)?;
+            Ok(Conn {
+                io: stream,
+                buf: BytesMut::with_capacity(8 * 1024),
+            })
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.connect_timeout),
+            )),
+        }
+    }
+}
+
+impl Conn {
+    /// Whether the upstream has not closed (or written unsolicited bytes on) this connection.
+    fn alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Sends `req` (origin-form URI, headers already prepared) to the pool's endpoint and returns
+/// the response with a body that streams from the connection.
+pub async fn send(
+    pool: &Arc<Pool>,
+    req: Request<Body>,
+    timeout: Duration,
+) -> Result<Response<Body>, SendError> {
+    let (parts, mut body) = req.into_parts();
+    let head = encode_head(&parts, &body);
+    let replayable = body.is_end_stream();
+    let head_only = parts.method == Method::HEAD;
+
+    let (mut conn, mut reused) = match pool.checkout() {
+        Some(c) => (c, true),
+        None => match pool.connect().await {
+            Ok(c) => (c, false),
+            Err(error) => {
+                return Err(SendError::Connect {
+                    error,
+                    request: Box::new(Request::from_parts(parts, body)),
+                })
+            }
+        },
+    };
+    pool.in_flight.fetch_add(1, Ordering::Relaxed);
+    let guard = InFlight(pool.clone());
+
+    loop {
+        match exchange(&mut conn, &head, &mut body, head_only, timeout).await {
+            Ok((resp, framing)) => {
+                return Ok(resp.map(|_| {
+                    Body::Upstream(ResponseBody::new(conn, framing, pool.clone(), guard))
+                }))
+            }
+            // A pooled connection the upstream closed just before we used it: try once more
+            // on a fresh one, which is only safe if no body bytes were consumed.
+            Err(Exchange::Stale) if reused && replayable => {
+                reused = false;
+                conn = match pool.connect().await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        drop(guard);
+                        return Err(SendError::Connect {
+                            error,
+                            request: Box::new(Request::from_parts(parts, body)),
+                        });
+                    }
+                };
+            }
+            Err(Exchange::Stale) => {
+                return Err(SendError::Failed(
+                    "upstream closed the connection before responding".into(),
+                ))
+            }
+            Err(Exchange::Timeout) => return Err(SendError::Timeout),
+            Err(Exchange::Failed(m)) => return Err(SendError::Failed(m)),
+        }
+    }
+}
+
+enum Exchange {
+    /// EOF or reset before any response byte.
+    Stale,
+    Timeout,
+    Failed(String),
+}
+
+/// Writes the request and reads the response head.
+async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Body,
+    head_only: bool,
+    timeout: Duration,
+) -> Result<(Response<()>, Framing), Exchange> {
+    let chunked = head_ends_chunked(head);
+    let write = write_request(conn, head, body, chunked, timeout).await;
+    match write {
+        Ok(()) => {}
+        // The upstream may have answered early (e.g. 413) and closed: read what it said.
+        Err(Exchange::Failed(m)) if conn.buf.is_empty() => {
+            return match tokio::time::timeout(
+                Duration::from_millis(100),
+                read_head(conn, head_only),
+            )
+            .await
+            {
+                Ok(Ok(r)) => Ok(r),
+                _ => Err(Exchange::Failed(m)),
+            };
+        }
+        Err(e) => return Err(e),
+    }
+    match tokio::time::timeout(timeout, read_head(conn, head_only)).await {
+        Ok(r) => r,
+        Err(_) => Err(Exchange::Timeout),
+    }
+}
+
+/// Whether the encoded head chose chunked framing.
+fn head_ends_chunked(head: &[u8]) -> bool {
+    head.ends_with(b"transfer-encoding: chunked\r\n\r\n")
+}
+
+async fn write_request(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Body,
+    chunked: bool,
+    timeout: Duration,
+) -> Result<(), Exchange> {
+    let mut out: Vec<u8> = Vec::with_capacity(head.len() + 256);
+    out.extend_from_slice(head);
+    let mut sent_any = false;
+    loop {
+        // Take whatever the body has ready now without waiting, to coalesce small bodies
+        // with the head into one write.
+        let frame = match body.frame().now_or_never() {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() {
+                    write_all(conn, &out, timeout, sent_any).await?;
+                    sent_any = true;
+                    out.clear();
+                }
+                match tokio::time::timeout(timeout, body.frame()).await {
+                    Ok(f) => f,
+                    Err(_) => return Err(Exchange::Failed("client request body stalled".into())),
+                }
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(Exchange::Failed(format!("client request body failed: {e}")));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if chunked {
+                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    }
+                    if out.len() + data.len() <= COALESCE {
+                        out.extend_from_slice(&data);
+                    } else {
+                        write_all(conn, &out, timeout, sent_any).await?;
+                        sent_any = true;
+                        out.clear();
+                        write_all(conn, &data, timeout, true).await?;
+                    }
+                    if chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
+                // Trailers from the client are dropped (rarely used over HTTP/1.1 upstreams).
+            }
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        write_all(conn, &out, timeout, sent_any).await?;
+    }
+    Ok(())
+}
+
+async fn write_all(
+    conn: &mut Conn,
+    data: &[u8],
+    timeout: Duration,
+    sent_any: bool,
+) -> Result<(), Exchange> {
+    match tokio::time::timeout(timeout, conn.io.write_all(data)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if !sent_any && is_stale(&e) => Err(Exchange::Stale),
+        Ok(Err(e)) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),
+        Err(_) => Err(Exchange::Failed(
+            "upstream stopped reading the request".into(),
+        )),
+    }
+}
+
+fn is_stale(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// The request line and headers, with Wraith's own framing header last.
+fn encode_head(parts: &http::request::Parts, body: &Body) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(pq.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    if body.is_end_stream() {
+        if had_length || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How the response body is delimited.
+#[derive(Debug)]
+enum Framing {
+    Empty { reusable: bool },
+    Length { remaining: u64, reusable: bool },
+    Chunked { reusable: bool },
+    UntilClose,
+    Upgrade,
+}
+
+/// Reads and parses the response head, skipping interim (1xx) responses other than 101.
+async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Response<()>, Framing), Exchange> {
+    let mut first = true;
+    loop {
+        if !conn.buf.is_empty() {
+            if let Some((resp, framing)) =
+                parse_head(&mut conn.buf, head_only).map_err(Exchange::Failed)?
+            {
+                if resp.status().is_informational()
+                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    first = false;
+                    continue;
+                }
+                return Ok((resp, framing));
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(Exchange::Failed(format!(
+                    "upstream response head larger than {MAX_HEAD} bytes"
+                )));
+            }
+        }
+        conn.buf.reserve(8 * 1024);
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) if first && conn.buf.is_empty() => return Err(Exchange::Stale),
+            Ok(0) => {
+                return Err(Exchange::Failed(
+                    "upstream closed the connection mid-response".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if first && conn.buf.is_empty() && is_stale(&e) => return Err(Exchange::Stale),
+            Err(e) => return Err(Exchange::Failed(format!("reading from upstream: {e}"))),
+        }
+    }
+}
+
+/// Parses a complete head off the front of `buf`; `None` if more bytes are needed.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_only: bool,
+) -> Result<Option<(Response<()>, Framing)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(format!(
+                "upstream sent more than {MAX_HEADERS} response headers"
+            ))
+        }
+        Err(e) => return Err(format!("invalid response from upstream: {e}")),
+    };
+    if len > MAX_HEAD {
+        return Err(format!(
+            "upstream response head larger than {MAX_HEAD} bytes"
+        ));
+    }
+    let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
+        .map_err(|_| "invalid status code from upstream".to_string())?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Remember where each header sits, then take the head out of the buffer as one `Bytes`
+    // and slice names and values out of it without copying (and without a heap list).
+    let base = buf.as_ptr() as usize;
+    let count = parsed.headers.len();
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+        *span = (
+            h.name.as_ptr() as usize - base,
+            h.name.len(),
+            h.value.as_ptr() as usize - base,
+            h.value.len(),
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(count);
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
+            format!(
+                "invalid header name {:?} from upstream",
+                String::from_utf8_lossy(&head[ns..ns + nl])
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+            .map_err(|_| format!("invalid value for header {name} from upstream"))?;
+        map.append(name, value);
+    }
+
+    let keep_alive = keep_alive(version, &map);
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
+        Framing::Upgrade
+    } else if head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty {
+            reusable: keep_alive,
+        }
+    } else if let Some(te) = last_transfer_coding(&map) {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which must not pass on.
+        map.remove(header::CONTENT_LENGTH);
+        if te.eq_ignore_ascii_case("chunked") {
+            Framing::Chunked {
+                reusable: keep_alive,
+            }
+        } else {
+            Framing::UntilClose
+        }
+    } else if map.contains_key(header::CONTENT_LENGTH) {
+        let n = content_length(&map)?;
+        Framing::Length {
+            remaining: n,
+            reusable: keep_alive,
+        }
+    } else {
+        Framing::UntilClose
+    };
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = map;
+    Ok(Some((resp, framing)))
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep = false;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.to_str().unwrap_or("").split(',') {
+            let t = token.trim();
+            close |= t.eq_ignore_ascii_case("close");
+            keep |= t.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    if version == Version::HTTP_10 {
+        keep && !close
+    } else {
+        !close
+    }
+}
+
+fn last_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    let mut last = None;
+    for v in headers.get_all(header::TRANSFER_ENCODING) {
+        for coding in v.to_str().unwrap_or("unknown").split(',') {
+            let c = coding.trim();
+            if !c.is_empty() {
+                last = Some(c.to_string());
+            }
+        }
+    }
+    last
+}
+
+/// The Content-Length; several must agree (RFC 9110 §8.6).
+fn content_length(headers: &HeaderMap) -> Result<u64, String> {
+    let mut value: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v
+            .to_str()
+            .map_err(|_| "invalid Content-Length from upstream")?
+            .split(',')
+        {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid Content-Length {part:?} from upstream"))?;
+            if value.is_some_and(|v| v != n) {
+                return Err("conflicting Content-Length values from upstream".into());
+            }
+            value = Some(n);
+        }
+    }
+    value.ok_or_else(|| "missing Content-Length".to_string())
+}
+
+/// Counts a request in flight on its endpoint until dropped.
+struct InFlight(Arc<Pool>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body read straight from the upstream connection. When it ends cleanly the
+/// connection returns to the pool; when it is dropped early the connection is closed.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    /// Stands in for the connection's buffer after the connection is gone.
+    spare: BytesMut,
+    state: State,
+    reusable: bool,
+    pool: Arc<Pool>,
+    _in_flight: InFlight,
+}
+
+enum State {
+    Length(u64),
+    Chunked(ChunkState),
+    UntilClose,
+    Done,
+    Upgrade,
+}
+
+#[derive(Clone, Copy)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+impl ResponseBody {
+    fn new(conn: Conn, framing: Framing, pool: Arc<Pool>, in_flight: InFlight) -> ResponseBody {
+        let (state, reusable) = match framing {
+            Framing::Empty { reusable } => (State::Done, reusable),
+            Framing::Length {
+                remaining: 0,
+                reusable,
+            } => (State::Done, reusable),
+            Framing::Length {
+                remaining,
+                reusable,
+            } => (State::Length(remaining), reusable),
+            Framing::Chunked { reusable } => (State::Chunked(ChunkState::Size), reusable),
+            Framing::UntilClose => (State::UntilClose, false),
+            Framing::Upgrade => (State::Upgrade, false),
+        };
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            spare: BytesMut::new(),
+            state,
+            reusable,
+            pool,
+            _in_flight: in_flight,
+        };
+        if matches!(body.state, State::Done) {
+            body.finish();
+        }
+        body
+    }
+
+    /// For a 101 response: the raw upstream connection and any bytes already read from it.
+    pub fn take_upgrade(&mut self) -> Option<(TcpStream, Bytes)> {
+        if !matches!(self.state, State::Upgrade) {
+            return None;
+        }
+        self.state = State::Done;
+        let conn = self.conn.take()?;
+        Some((conn.io, conn.buf.freeze()))
+    }
+
+    /// The body ended: hand the connection back if it can carry another request.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.reusable && conn.buf.is_empty() {
+                self.pool.checkin(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(msg.into().into())))
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        if conn.buf.capacity() - conn.buf.len() < 4096 {
+            conn.buf.reserve(64 * 1024);
+        }
+        let dst = conn.buf.spare_capacity_mut();
+        let mut rb = ReadBuf::uninit(dst);
+        ready!(Pin::new(&mut conn.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        // SAFETY: `poll_read` initialized `n` bytes of the spare capacity.
+        unsafe { conn.buf.set_len(conn.buf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Bytes buffered from the connection (empty once the connection is gone).
+    fn buf(&mut self) -> &mut BytesMut {
+        match self.conn.as_mut() {
+            Some(c) => &mut c.buf,
+            None => &mut self.spare,
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the connection is mid-message and cannot be reused.
+        self.conn = None;
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match this.state {
+                State::Done | State::Upgrade => return Poll::Ready(None),
+                State::Length(remaining) => {
+                    if this.conn.as_ref().is_some_and(|c| !c.buf.is_empty()) {
+                        let buf = this.buf();
+                        let n = (buf.len() as u64).min(remaining) as usize;
+                        let data = buf.split_to(n).freeze();
+                        let left = remaining - n as u64;
+                        if left == 0 {
+                            this.finish();
+                        } else {
+                            this.state = State::Length(left);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(this.poll_fill(cx)) {
+                        Ok(0) => {
+                            return this
+                                .fail("upstream closed the connection before the end of the body")
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(format!("reading upstream body: {e}")),
+                    }
+                }
+                State::UntilClose => {
+                    if this.conn.as_ref().is_some_and(|c| !c.buf.is_empty()) {
+                        let data = this.buf().split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(this.poll_fill(cx)) {
+                        Ok(0) => {
+                            this.state = State::Done;
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(format!("reading upstream body: {e}")),
+                    }
+                }
+                State::Chunked(cs) => {
+                    match decode_chunk(cs, this.buf()) {
+                        Ok(Decoded::Data(data, next)) => {
+                            this.state = State::Chunked(next);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(Decoded::Continue(next)) => {
+                            this.state = State::Chunked(next);
+                            continue;
+                        }
+                        Ok(Decoded::End(trailers)) => {
+                            this.finish();
+                            return match trailers {
+                                Some(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                                None => Poll::Ready(None),
+                            };
+                        }
+                        Ok(Decoded::NeedMore(next)) => this.state = State::Chunked(next),
+                        Err(m) => return this.fail(m),
+                    }
+                    match ready!(this.poll_fill(cx)) {
+                        Ok(0) => {
+                            return this
+                                .fail("upstream closed the connection inside a chunked body")
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(format!("reading upstream body: {e}")),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done | State::Upgrade => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Decoded {
+    Data(Bytes, ChunkState),
+    Continue(ChunkState),
+    NeedMore(ChunkState),
+    End(Option<HeaderMap>),
+}
+
+/// One step of the chunked decoder over the buffered bytes.
+fn decode_chunk(state: ChunkState, buf: &mut BytesMut) -> Result<Decoded, String> {
+    match state {
+        ChunkState::Size => {
+            let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                if buf.len() > MAX_CHUNK_LINE {
+                    return Err("chunk-size line too long from upstream".into());
+                }
+                return Ok(Decoded::NeedMore(state));
+            };
+            let line = &buf[..nl];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let digits = line
+                .iter()
+                .position(|b| !b.is_ascii_hexdigit())
+                .unwrap_or(line.len());
+            let rest = &line[digits..];
+            if digits == 0
+                || digits > 15
+                || !(rest.is_empty()
+                    || rest.starts_with(b";")
+                    || rest.starts_with(b" ")
+                    || rest.starts_with(b"\t"))
+            {
+                return Err("invalid chunk size from upstream".into());
+            }
+            let size = std::str::from_utf8(&line[..digits])
+                .ok()
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or("invalid chunk size from upstream")?;
+            buf.advance(nl + 1);
+            Ok(Decoded::Continue(if size == 0 {
+                ChunkState::Trailers
+            } else {
+                ChunkState::Data(size)
+            }))
+        }
+        ChunkState::Data(remaining) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore(state));
+            }
+            let n = (buf.len() as u64).min(remaining) as usize;
+            let data = buf.split_to(n).freeze();
+            let left = remaining - n as u64;
+            Ok(Decoded::Data(
+                data,
+                if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left)
+                },
+            ))
+        }
+        ChunkState::DataEnd => {
+            if buf.len() < 2 {
+                if buf.first() == Some(&b'\n') {
+                    buf.advance(1);
+                    return Ok(Decoded::Continue(ChunkState::Size));
+                }
+                return Ok(Decoded::NeedMore(state));
+            }
+            if &buf[..2] == b"\r\n" {
+                buf.advance(2);
+            } else if buf[0] == b'\n' {
+                buf.advance(1);
+            } else {
+                return Err("missing CRLF after chunk data from upstream".into());
+            }
+            Ok(Decoded::Continue(ChunkState::Size))
+        }
+        ChunkState::Trailers => {
+            // The trailer section ends with an empty line; parse it whole once complete.
+            let end = if buf.starts_with(b"\r\n") {
+                Some((0, 2))
+            } else if buf.starts_with(b"\n") {
+                Some((0, 1))
+            } else {
+                find(buf, b"\r\n\r\n")
+                    .map(|i| (i + 2, i + 4))
+                    .or_else(|| find(buf, b"\n\n").map(|i| (i + 1, i + 2)))
+            };
+            let Some((fields_end, consumed)) = end else {
+                if buf.len() > MAX_TRAILERS {
+                    return Err("trailer section too large from upstream".into());
+                }
+                return Ok(Decoded::NeedMore(state));
+            };
+            let mut trailers = HeaderMap::new();
+            for line in buf[..fields_end].split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.is_empty() {
+                    continue;
+                }
+                let colon = line
+                    .iter()
+                    .position(|&b| b == b':')
+                    .ok_or("invalid trailer from upstream")?;
+                let name = HeaderName::from_bytes(&line[..colon])
+                    .map_err(|_| "invalid trailer name from upstream")?;
+                let value = HeaderValue::from_bytes(trim(&line[colon + 1..]))
+                    .map_err(|_| "invalid trailer value from upstream")?;
+                trailers.append(name, value);
+            }
+            buf.advance(consumed);
+            Ok(Decoded::End((!trailers.is_empty()).then_some(trailers)))
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
+        let mut buf = BytesMut::from(input);
+        let mut state = ChunkState::Size;
+        let mut out = Vec::new();
+        loop {
+            match decode_chunk(state, &mut buf)? {
+                Decoded::Data(d, s) => {
+                    out.extend_from_slice(&d);
+                    state = s;
+                }
+                Decoded::Continue(s) => state = s,
+                Decoded::NeedMore(_) => return Err("need more".into()),
+                Decoded::End(t) => return Ok((out, t)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_decoding() {
+        let (data, trailers) = chunks(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n").unwrap();
+        assert_eq!(data, b"hello world");
+        assert!(trailers.is_none());
+        let (data, trailers) =
+            chunks(b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nx-t: y\r\n\r\n").unwrap();
+        assert_eq!(data, b"abc");
+        let t = trailers.unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t["x-t"], "y");
+        assert!(chunks(b"zz\r\n").is_err());
+        assert!(chunks(b"5\r\nhelloXX").is_err());
+        assert!(chunks(b"ffffffffffffffffff\r\n").is_err());
+        assert_eq!(chunks(b"5\r\nhel").unwrap_err(), "need more");
+    }
+
+    #[test]
+    fn response_framing() {
+        let parse = |raw: &[u8], head_only| {
+            let mut b = BytesMut::from(raw);
+            parse_head(&mut b, head_only)
+                .map(|r| r.map(|(resp, f)| (resp.status().as_u16(), format!("{f:?}"))))
+        };
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false)
+                .unwrap()
+                .unwrap()
+                .1,
+            "Length { remaining: 5, reusable: true }"
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true)
+                .unwrap()
+                .unwrap()
+                .1,
+            "Empty { reusable: true }"
+        );
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",
+                false
+            )
+            .unwrap()
+            .unwrap()
+            .1,
+            "Chunked { reusable: true }"
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", false)
+                .unwrap()
+                .unwrap()
+                .1,
+            "UntilClose"
+        );
+        assert_eq!(
+            parse(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false)
+                .unwrap()
+                .unwrap()
+                .1,
+            "Length { remaining: 1, reusable: false }"
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 204 No Content\r\n\r\n", false)
+                .unwrap()
+                .unwrap()
+                .1,
+            "Empty { reusable: true }"
+        );
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 101 Switching\r\nupgrade: websocket\r\n\r\n",
+                false
+            )
+            .unwrap()
+            .unwrap()
+            .1,
+            "Upgrade"
+        );
+        assert!(parse(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
+        assert!(parse(b"garbage\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-le", false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn request_heads() {
+        let req = Request::post("http://up/x?y=1")
+            .header("host", "example.com")
+            .header("content-length", "3")
+            .header("expect", "100-continue")
+            .body(Body::full("abc"))
+            .unwrap();
+        let (parts, body) = req.into_parts();
+        let head = String::from_utf8(encode_head(&parts, &body)).unwrap();
+        assert_eq!(
+            head,
+            "POST /x?y=1 HTTP/1.1\r\nhost: example.com\r\ncontent-length: 3\r\n\r\n"
+        );
+        let req = Request::get("/").body(Body::Empty).unwrap();
+        let (parts, body) = req.into_parts();
+        assert_eq!(
+            String::from_utf8(encode_head(&parts, &body)).unwrap(),
+            "GET / HTTP/1.1\r\n\r\n"
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! The command line: `wraith test` on good and broken configs, `certs init`, `version`,
+//! `status`, `reload` and `stop` against a running server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn test_accepts_the_shipped_config() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let (code, out, err) = wraith_cmd(
+        &["test", "-c", &format!("{repo}/wraith.toml")],
+        std::path::Path::new(repo),
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("is valid"), "{out}");
+}
+
+#[test]
+fn test_reports_every_error_with_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    let text = r#"[server]
+shutdown_timeout = "10 parsecs"
+
+[[listener]]
+name = "a"
+address = "127.0.0.1:18080"
+protocol = "http"
+adress = "typo"
+
+[[listener]]
+name = "b"
+address = "127.0.0.1:18081"
+protocol = "http"
+
+[[listener]]
+name = "c"
+address = "127.0.0.1:18081"
+protocol = "http"
+
+[[upstream]]
+name = "app"
+endpoints = ["127.0.0.1:9000"]
+response_timeout = "soon"
+
+[[route]]
+name = "r1"
+path = { regex = "^/(unclosed" }
+upstream = "app"
+
+[[route]]
+name = "r2"
+upstream = "nowhere"
+"#;
+    std::fs::write(&path, text).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    let p = path.display().to_string();
+    // Every problem, each with file:line:col and key path.
+    for expected in [
+        format!("{p}:2:20: server.shutdown_timeout: invalid duration"),
+        format!("{p}:8:1: listener[0]: unknown field `adress`"),
+        format!(
+            "{p}:17:11: listener[2].address: address 127.0.0.1:18081 clashes with listener \"b\""
+        ),
+        format!("{p}:23:20: upstream[0].response_timeout: invalid duration \"soon\""),
+        format!("{p}:27:18: route[0].path.regex: invalid regex: unclosed group"),
+        format!("{p}:32:12: route[1].upstream: unknown upstream \"nowhere\""),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+    assert!(out.contains("is invalid"), "{out}");
+}
+
+#[test]
+fn test_reports_certificate_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let other = wraith::certs::Ca::new("other")
+        .unwrap()
+        .issue_server(&["localhost"])
+        .unwrap();
+    std::fs::write(dir.path().join("other-key.pem"), other.key_pem).unwrap();
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+    let cfg = |cert: &str, key: &str| {
+        format!(
+            "[[listener]]\nname='s'\naddress='127.0.0.1:0'\nprotocol='https'\ntls = {{ cert = '{cert}', key = '{key}' }}\n"
+        )
+    };
+    let _ = pki;
+    let cases = [
+        (
+            cfg("missing.pem", "server-key.pem"),
+            "cannot read certificate file",
+        ),
+        (cfg("garbage.pem", "server-key.pem"), "no certificate found"),
+        (
+            cfg("server.pem", "other-key.pem"),
+            "does not match the certificate",
+        ),
+        (cfg("server.pem", "server.pem"), "no usable private key"),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+        assert!(out.contains("c.toml:5:"), "position missing:\n{out}");
+    }
+}
+
+#[test]
+fn certs_init_makes_private_keys_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = wraith_cmd(&["certs", "init", "--dir", "d"], dir.path());
+    assert_eq!(code, 0, "{out}{err}");
+    use std::os::unix::fs::PermissionsExt;
+    for key in ["ca-key.pem", "server-key.pem", "client-key.pem"] {
+        let mode = std::fs::metadata(dir.path().join("d").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let client = std::fs::read(dir.path().join("d/client.pem")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&client).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert!(format!("{:?}", san.value.general_names).contains("spiffe://wraith.dev/client/dev"));
+
+    let (code, _, err) = wraith_cmd(&["certs", "init", "--dir", "d"], dir.path());
+    assert_eq!(code, 1);
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    let (code, _, _) = wraith_cmd(&["certs", "init", "--dir", "d", "--force"], dir.path());
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn version_names_the_tls_provider() {
+    let (code, out, _) = wraith_cmd(&["version"], std::path::Path::new("."));
+    assert_eq!(code, 0);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+    assert!(out.contains("aws-lc-rs"));
+    assert!(out.contains("git revision"));
+}
+
+#[tokio::test]
+async fn status_reload_and_stop_talk_to_the_running_server() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let base = format!(
+        "{}\n[[upstream]]\nname='app'\nendpoints=['{}']\n\n[[route]]\nname='all'\nupstream='app'\n",
+        setup.listeners(),
+        upstream.addr
+    );
+    let mut wraith = setup.start(&base);
+
+    let (code, out, err) = wraith.cli(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("generation 1"), "{out}");
+    assert!(out.contains(&wraith.addr("https").to_string()), "{out}");
+    assert!(out.contains(&upstream.addr.to_string()), "{out}");
+
+    let (code, out, _) = wraith.cli(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["generation"], 1);
+    assert_eq!(v["listeners"].as_array().unwrap().len(), 2);
+
+    // A good reload advances the generation and says so.
+    let (code, out, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("generation 2"), "{out}");
+
+    // A broken config is rejected; the server keeps serving generation 2 and says why.
+    wraith.write_config(&format!(
+        "{base}\n[[route]]\nname='bad'\nupstream='missing'\n"
+    ));
+    let (code, _, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown upstream \\\"missing\\\"")
+            || err.contains("unknown upstream \"missing\""),
+        "{err}"
+    );
+    let resp = http_client()
+        .get(wraith.url("http", "/still-up"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, out, _) = wraith.cli(&["status"]);
+    assert!(out.contains("FAILED"), "{out}");
+
+    // stop: SIGTERM, wait, report; the pid file is gone afterwards.
+    let (code, out, err) = wraith.cli(&["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("exited"), "{out}");
+    assert_eq!(wraith.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(!wraith.dir.path().join("wraith.pid").exists());
+    let (code, _, err) = wraith.cli(&["status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is wraith running?"), "{err}");
+}

@@ -1,0 +1,368 @@
+//! Lifecycle under load: reloads that change routes, certificates and listeners (and one that
+//! is invalid) while clients keep connections busy; SIGTERM drain; bodies that stream.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper::{Request, Response};
+
+fn config(setup: &Setup, upstream: std::net::SocketAddr, version: &str, extra: &str) -> String {
+    format!(
+        r#"{listeners}
+[[upstream]]
+name = "app"
+endpoints = ["{upstream}"]
+
+[[route]]
+name = "version"
+path = {{ exact = "/version" }}
+respond = {{ status = 200, body = "{version}" }}
+
+[[route]]
+name = "app"
+upstream = "app"
+{extra}
+"#,
+        listeners = setup.listeners()
+    )
+}
+
+/// The DER of the certificate a fresh TLS connection is shown.
+async fn served_cert(addr: std::net::SocketAddr, ca: &std::path::Path) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(ca, &[b"http/1.1"], None)))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_under_load_fails_no_request() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let base = |v: &str, extra: &str| config(&setup, upstream.addr, v, extra);
+    let v1 = base("v1", "");
+    let v2 = base("v2", "");
+    let with_listener = base(
+        "v2",
+        "\n[[listener]]\nname = \"extra\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n",
+    );
+    let invalid = base(
+        "v2",
+        "\n[[route]]\nname = \"broken\"\npath = { regex = \"(\" }\nupstream = \"app\"\n",
+    );
+    let wraith = setup.start(&v1);
+
+    // Eight clients, each on its own keep-alive connection, four over HTTPS (h2) and four
+    // over plain HTTP/1.1, hammering until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (client, url) = if i % 2 == 0 {
+            (https_client(&ca, None), wraith.url("https", "/app/item"))
+        } else {
+            (http_client(), wraith.url("http", "/app/item"))
+        };
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => match r.bytes().await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("body: {e:?}")),
+                    },
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(format!("{e:?}")),
+                }
+            }
+        }));
+    }
+    let wait_for_traffic = |n: u64| {
+        let ok = ok.clone();
+        async move {
+            let target = ok.load(Ordering::Relaxed) + n;
+            while ok.load(Ordering::Relaxed) < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_traffic(200).await;
+    let plain = http_client();
+
+    // 1. A route change takes effect.
+    assert_eq!(
+        plain
+            .get(wraith.url("http", "/version"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "v1"
+    );
+    wraith.write_config(&v2);
+    wraith.reload().unwrap();
+    assert_eq!(
+        plain
+            .get(wraith.url("http", "/version"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "v2"
+    );
+    wait_for_traffic(200).await;
+
+    // 2. A certificate replaced on disk is served to new connections.
+    let old = served_cert(wraith.addr("https"), &ca).await;
+    let new_pem = wraith.pki().rotate_server_cert();
+    wraith.reload().unwrap();
+    let new = served_cert(wraith.addr("https"), &ca).await;
+    assert_ne!(old, new);
+    assert_eq!(new, pem_to_der(&new_pem));
+    wait_for_traffic(200).await;
+
+    // 3. An invalid config is rejected and changes nothing.
+    wraith.write_config(&invalid);
+    let err = wraith.reload().unwrap_err();
+    assert!(err.contains("invalid regex"), "{err}");
+    assert_eq!(
+        plain
+            .get(wraith.url("http", "/version"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "v2"
+    );
+    wait_for_traffic(200).await;
+
+    // 4. A new listener is bound.
+    wraith.write_config(&with_listener);
+    wraith.reload().unwrap();
+    let extra = wraith
+        .wait_listener("extra", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        plain
+            .get(format!("http://{extra}/version"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "v2"
+    );
+    wait_for_traffic(200).await;
+
+    // 5. ...and removed again: new connections to it are refused.
+    wraith.write_config(&v2);
+    wraith.reload().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(extra).await.is_ok() {
+        assert!(Instant::now() < deadline, "removed listener still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for_traffic(200).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests (of {}): {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) >= 1000);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
+    let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let upstream = Upstream::start(move |_req| {
+        let entered = entered_tx.clone();
+        async move {
+            let _ = entered.send(());
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Response::new(full("finished"))
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, upstream.addr, "v1", "");
+    let mut wraith = setup.start(&cfg);
+    let http_addr = wraith.addr("http");
+    let https_url = wraith.url("https", "/slow-h2");
+    let mut entered_rx = entered_rx;
+
+    // One request in flight over HTTP/1.1, one over HTTP/2.
+    let h1 = tokio::spawn({
+        let url = wraith.url("http", "/slow");
+        async move { http_client().get(url).send().await }
+    });
+    let h2 = tokio::spawn(async move { https_client(&ca, None).get(https_url).send().await });
+    entered_rx.recv().await.unwrap();
+    entered_rx.recv().await.unwrap();
+
+    let started = Instant::now();
+    wraith.signal(libc::SIGTERM);
+
+    // New connections are refused once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut refused = false;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(http_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "still accepting after SIGTERM");
+
+    // The requests in flight complete normally.
+    let r1 = h1.await.unwrap().unwrap();
+    assert_eq!(r1.status(), 200);
+    assert_eq!(
+        r1.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    assert_eq!(r1.text().await.unwrap(), "finished");
+    let r2 = h2.await.unwrap().unwrap();
+    assert_eq!(r2.status(), 200);
+    assert_eq!(r2.text().await.unwrap(), "finished");
+
+    // And the process exits 0, well within shutdown_timeout (10s).
+    assert_eq!(
+        wraith.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        wraith.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(wraith.log().contains("all connections finished"));
+}
+
+const MIB: usize = 1 << 20;
+
+/// Peak RSS (VmHWM) and current RSS of a process, KiB.
+fn memory_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_bodies_stream_both_ways_in_bounded_memory() {
+    const SIZE: usize = 100 * MIB;
+    // Upstream: GET streams SIZE bytes in 64 KiB chunks; POST counts what it receives.
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        if req.method() == hyper::Method::POST {
+            let mut body = req.into_body();
+            let mut n = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    n += data.len();
+                }
+            }
+            return Response::new(full(n.to_string()));
+        }
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        let stream = futures_util::stream::iter(
+            (0..SIZE / chunk.len())
+                .map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+        );
+        let body = http_body_util::StreamBody::new(stream);
+        Response::new(
+            http_body_util::BodyExt::map_err(body, |e| {
+                Box::new(e) as Box<dyn std::error::Error + Send + Sync>
+            })
+            .boxed(),
+        )
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "v1", "");
+    let wraith = setup.start(&cfg);
+    let pid = wraith.pid();
+    let client = http_client();
+    // Warm up pools and allocator, then take the baseline.
+    client
+        .get(wraith.url("http", "/version"))
+        .send()
+        .await
+        .unwrap();
+    let (_, rss_before) = memory_kib(pid);
+
+    // Download: read and discard as it arrives.
+    let resp = client.get(wraith.url("http", "/big")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut got = 0usize;
+    while let Some(chunk) = stream.next().await {
+        got += chunk.unwrap().len();
+    }
+    assert_eq!(got, SIZE);
+
+    // Upload: generated on the fly, never whole in memory on either side.
+    let chunk = Bytes::from(vec![9u8; 64 * 1024]);
+    let body = futures_util::stream::iter(
+        (0..SIZE / chunk.len()).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let resp = client
+        .post(wraith.url("http", "/upload"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), SIZE.to_string());
+
+    let (peak, _) = memory_kib(pid);
+    let growth_mib = peak.saturating_sub(rss_before) as f64 / 1024.0;
+    assert!(
+        growth_mib < 32.0,
+        "gateway RSS grew by {growth_mib:.1} MiB while streaming 2 x 100 MiB"
+    );
+}

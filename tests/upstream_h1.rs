@@ -1,0 +1,291 @@
+//! Wraith's HTTP/1.1 upstream client against a scripted upstream that misbehaves on purpose:
+//! connection reuse, stale pooled connections, every response framing, malformed responses,
+//! and failover to the next endpoint.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Reads one request head (and a Content-Length body) off `s`; `None` at EOF.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut tmp = [0u8; 8192];
+                let n = s.read(&mut tmp).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            return Some((head, body));
+        }
+        let mut tmp = [0u8; 8192];
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// An upstream whose replies are raw bytes chosen by `script(request head)`. After each
+/// reply the connection stays open unless the script says to close it.
+struct Scripted {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    async fn start(script: fn(&str) -> (Vec<u8>, bool)) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some((head, _body)) = read_request(&mut s, &mut buf).await {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let (reply, close) = script(&head);
+                        if s.write_all(&reply).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            requests,
+        }
+    }
+}
+
+fn gateway(setup: Setup, endpoints: &[String]) -> Wraith {
+    let list = endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [{list}]\nresponse_timeout = \"3s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        setup.listeners()
+    );
+    setup.start(&cfg)
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused() {
+    let up = Scripted::start(|_| (ok("pong"), false)).await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    for _ in 0..50 {
+        let r = client
+            .get(wraith.url("http", "/ping"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "pong");
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 50);
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled connection serves them all"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_upstream_while_pooled_is_retried_for_safe_requests() {
+    // Answers as if keep-alive, then hangs up: the pooled connection is dead on next use.
+    let up = Scripted::start(|_| (ok("once"), true)).await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    for i in 0..20 {
+        let r = client
+            .get(wraith.url("http", &format!("/n/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "once");
+    }
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        20,
+        "each request reached the upstream exactly once"
+    );
+}
+
+#[tokio::test]
+async fn every_response_framing_is_relayed() {
+    let up = Scripted::start(|head| {
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        match path.as_str() {
+            "/until-close" => (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nread until the end".to_vec(), true),
+            "/http10" => (b"HTTP/1.0 200 OK\r\n\r\nold school".to_vec(), true),
+            "/chunked" => (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nx-checksum: 42\r\n\r\n".to_vec(),
+                false,
+            ),
+            "/te-and-cl" => (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(),
+                false,
+            ),
+            "/no-content" => (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false),
+            "/continue" => (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(), false),
+            _ if head.starts_with("HEAD") => (b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".to_vec(), false),
+            _ => (ok("default"), false),
+        }
+    })
+    .await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    let get = |p: &'static str| {
+        let c = client.clone();
+        let url = wraith.url("http", p);
+        async move { c.get(url).send().await.unwrap() }
+    };
+    assert_eq!(
+        get("/until-close").await.text().await.unwrap(),
+        "read until the end"
+    );
+    assert_eq!(get("/http10").await.text().await.unwrap(), "old school");
+    assert_eq!(get("/chunked").await.text().await.unwrap(), "wikipedia");
+    let r = get("/te-and-cl").await;
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "Content-Length dropped when Transfer-Encoding is present"
+    );
+    assert_eq!(r.text().await.unwrap(), "abc");
+    assert_eq!(get("/no-content").await.status(), 204);
+    assert_eq!(get("/continue").await.text().await.unwrap(), "ok");
+    let r = client
+        .head(wraith.url("http", "/head"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-length"], "1000");
+    // The connection survived all of that (HEAD had no body to wait for).
+    assert_eq!(get("/after").await.text().await.unwrap(), "default");
+}
+
+#[tokio::test]
+async fn malformed_upstream_responses_are_502_not_panics() {
+    let up = Scripted::start(|head| {
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        match path.as_str() {
+            "/garbage" => (b"SMTP ready\r\n\r\n".to_vec(), true),
+            "/two-lengths" => (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab".to_vec(),
+                true,
+            ),
+            "/huge-head" => {
+                let mut r = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+                r.extend(std::iter::repeat_n(b'a', 70_000));
+                r.extend_from_slice(b"\r\n\r\n");
+                (r, true)
+            }
+            "/bad-chunk" => (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+                true,
+            ),
+            "/short" => (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345".to_vec(),
+                true,
+            ),
+            "/silent" => (Vec::new(), true),
+            _ => (ok("fine"), false),
+        }
+    })
+    .await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    for path in ["/garbage", "/two-lengths", "/huge-head", "/silent"] {
+        let r = client.get(wraith.url("http", path)).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "upstream_failed", "{path}");
+    }
+    // Failures inside the body end the client's response abruptly (before or after the
+    // head went out): never a response that looks complete.
+    for path in ["/bad-chunk", "/short"] {
+        match client.get(wraith.url("http", path)).send().await {
+            Err(_) => {}
+            Ok(r) => assert!(
+                r.bytes().await.is_err(),
+                "{path}: a truncated body must not look complete"
+            ),
+        }
+    }
+    // And the gateway is fine.
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/ok"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "fine"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_fails_over_to_the_next_endpoint() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let up = Scripted::start(|_| (ok("alive"), false)).await;
+    let wraith = gateway(Setup::new(), &[dead.to_string(), up.addr.to_string()]);
+    let client = http_client();
+    for _ in 0..10 {
+        let r = client
+            .post(wraith.url("http", "/x"))
+            .body("payload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "alive");
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 10);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}

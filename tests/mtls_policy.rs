@@ -874,6 +874,11 @@ fn policy_explain_shows_the_decision_policies_and_entities() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("decision:  ALLOW (permitted)"), "{out}");
+    // Only the policies that can apply to GET on the api route are evaluated.
+    assert!(
+        out.contains("evaluated: 3 of the set's 10 policies"),
+        "{out}"
+    );
     assert!(
         out.contains("workloads-read-api (") && out.contains("services.cedar:"),
         "{out}"

@@ -113,6 +113,14 @@ fn run_explain(config_path: &Path, args: &ExplainArgs) -> Result<String, String>
         "route:     {} (policy set {})\n",
         route.config.name, d.set
     ));
+    let total = engine
+        .compiled()
+        .and_then(|c| c.sets.iter().find(|s| *s.name == *d.set))
+        .map_or(0, |s| s.policies.policies().count());
+    out.push_str(&format!(
+        "evaluated: {} of the set's {total} policies (the others cannot apply to this route and method; 0 when the answer is known without evaluation)\n",
+        x.evaluated
+    ));
     if d.policies.is_empty() {
         out.push_str("policies:  none determined the decision\n");
     } else {

@@ -53,6 +53,8 @@ pub fn run(config_path: &Path) -> ExitCode {
     let config_path =
         std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let result = rt.block_on(async move {
+        // Before anything can announce the server (pid file, log): see `Signals`.
+        let signals = signals::Signals::install()?;
         let runtime = Runtime::start(config_path, config).await?;
         let snapshot = runtime.gateway.snapshot();
         let _pid = match &snapshot.config.server.pid_file {
@@ -69,7 +71,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             "wraith started"
         );
         drop(snapshot);
-        signals::run(runtime).await
+        signals::run(runtime, signals).await
     });
     // Do not wait for lingering tasks (connections past the deadline).
     rt.shutdown_background();

@@ -3,7 +3,7 @@
 //! a dozen already-evaluated values). The shapes follow `wraith.cedarschema`; a unit test
 //! checks them against it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -13,10 +13,11 @@ use arc_swap::ArcSwapOption;
 use cedar_policy::{
     Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression as Rx,
 };
-use cedar_policy_core::ast::{self as core, Value, ValueKind};
+use cedar_policy_core::ast::{self as core, Value};
 use cedar_policy_core::evaluator::RestrictedEvaluator;
 use cedar_policy_core::extensions::Extensions;
 use http::Method;
+use smol_str::SmolStr;
 
 use crate::config::{HostMatch, PathMatch, RouteAction, RouteConfig};
 use crate::identity::Identity;
@@ -50,6 +51,11 @@ impl Types {
 pub const ACTIONS: [&str; 8] = [
     "GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "OTHER",
 ];
+
+/// Whether the action at this index (in `ACTIONS`) is in the `write` group.
+pub fn is_write(index: usize) -> bool {
+    index >= 3
+}
 
 /// The action a method maps to: its own name, or `OTHER`.
 pub fn action_index(method: &Method) -> usize {
@@ -87,17 +93,26 @@ pub fn client_entity(types: &Types, id: &Identity) -> Result<Entity, String> {
         ("subject", Rx::new_string(id.subject.clone())),
         ("serial", Rx::new_string(id.serial.clone())),
         ("fingerprint", Rx::new_string(id.fingerprint.clone())),
-        (
-            "not_before",
-            Rx::new_datetime(datetime(id.not_before * 1000)),
-        ),
-        ("not_after", Rx::new_datetime(datetime(id.not_after * 1000))),
+        ("not_before", datetime_rx(id.not_before)?),
+        ("not_after", datetime_rx(id.not_after)?),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     Entity::new(types.uid(&types.client, id.name()), attrs, HashSet::new())
         .map_err(|e| format!("client entity for {:?}: {e}", id.name()))
+}
+
+/// A datetime for entity attributes, without re-parsing the constructor's name (which
+/// `RestrictedExpression::new_datetime` does on every call).
+fn datetime_rx(secs: i64) -> Result<Rx, String> {
+    let name = extension_name(Extension::Datetime)?;
+    Ok(Rx::from(core::RestrictedExpr::call_extension_fn(
+        name,
+        [core::RestrictedExpr::val(datetime(
+            secs.saturating_mul(1000),
+        ))],
+    )))
 }
 
 /// `Wraith::Route` for a configured route.
@@ -152,8 +167,8 @@ pub struct ContextInput<'a> {
 /// Built from evaluated Cedar values (cedar-policy-core), not from restricted expressions:
 /// going through Cedar's expression evaluator costs a regex-based datetime parse and an
 /// evaluator pass per request. The IP value is evaluated here; callers that see the same
-/// address again pass it in with `context_with_ip`. `time` has second precision (the datetime
-/// of the current second is cached).
+/// address again pass it in with `context_with_ip`. `time` has second precision (`time` and
+/// `local` of the current second are cached, and so is the `tls` record).
 pub fn context(input: &ContextInput<'_>) -> Result<Context, String> {
     context_with_ip(input, ip_value(input.source_ip)?)
 }
@@ -164,7 +179,49 @@ pub fn context_with_ip(input: &ContextInput<'_>, source_ip: Value) -> Result<Con
         .time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let local_secs = secs + i64::from(input.utc_offset);
+    let clock = clock_values(secs, input.utc_offset)?;
+    let tls = tls_value(input.tls_version, input.tls_group);
+    let key = SmolStr::new_static;
+    // Keys in sorted order: the map is built by appending.
+    let attrs: BTreeMap<SmolStr, Value> = [
+        (key("early_data"), Value::from(input.early_data)),
+        (key("host"), Value::from(input.host)),
+        (key("listener"), Value::from(input.listener)),
+        (key("local"), clock.local.clone()),
+        (key("method"), Value::from(input.method)),
+        (key("path"), Value::from(input.path)),
+        (key("protocol"), Value::from(input.protocol)),
+        (key("query"), Value::from(input.query)),
+        (key("source_ip"), source_ip),
+        (key("time"), clock.time.clone()),
+        (key("tls"), tls),
+    ]
+    .into_iter()
+    .collect();
+    Ok(Context::from(core::Context::Value(Arc::new(attrs))))
+}
+
+/// The context values that change once a second.
+struct Clock {
+    secs: i64,
+    utc_offset: i32,
+    /// `context.time`
+    time: Value,
+    /// `context.local`
+    local: Value,
+}
+
+/// `time` and `local` for a second; the last one is cached (requests within the same second
+/// share it).
+fn clock_values(secs: i64, utc_offset: i32) -> Result<Arc<Clock>, String> {
+    static LAST: ArcSwapOption<Clock> = ArcSwapOption::const_empty();
+    if let Some(c) = LAST
+        .load_full()
+        .filter(|c| c.secs == secs && c.utc_offset == utc_offset)
+    {
+        return Ok(c);
+    }
+    let local_secs = secs + i64::from(utc_offset);
     let days = local_secs.div_euclid(86_400);
     let secs_of_day = local_secs.rem_euclid(86_400);
     // 1970-01-01 was a Thursday (ISO weekday 4).
@@ -177,59 +234,74 @@ pub fn context_with_ip(input: &ContextInput<'_>, source_ip: Value) -> Result<Con
         ],
         None,
     );
-    let tls = Value::record(
+    let c = Arc::new(Clock {
+        secs,
+        utc_offset,
+        time: extension_value(Extension::Datetime, &datetime(secs * 1000))?,
+        local,
+    });
+    LAST.store(Some(c.clone()));
+    Ok(c)
+}
+
+/// `context.tls`; the last one is cached (nearly every connection negotiates the same).
+fn tls_value(version: &str, group: &str) -> Value {
+    static LAST: ArcSwapOption<(String, String, Value)> = ArcSwapOption::const_empty();
+    if let Some(t) = LAST
+        .load()
+        .as_ref()
+        .filter(|t| t.0 == version && t.1 == group)
+    {
+        return t.2.clone();
+    }
+    let v = Value::record(
         [
-            ("version", Value::from(input.tls_version)),
-            ("group", Value::from(input.tls_group)),
+            ("version", Value::from(version)),
+            ("group", Value::from(group)),
         ],
         None,
     );
-    let record = Value::record(
-        [
-            ("method", Value::from(input.method)),
-            ("host", Value::from(input.host)),
-            ("path", Value::from(input.path)),
-            ("query", Value::from(input.query)),
-            ("source_ip", source_ip),
-            ("listener", Value::from(input.listener)),
-            ("protocol", Value::from(input.protocol)),
-            ("tls", tls),
-            ("early_data", Value::from(input.early_data)),
-            ("time", datetime_value(secs)?),
-            ("local", local),
-        ],
-        None,
-    );
-    match record.value {
-        ValueKind::Record(attrs) => Ok(Context::from(core::Context::Value(attrs))),
-        _ => Err("request context is not a record".into()),
+    LAST.store(Some(Arc::new((
+        version.to_string(),
+        group.to_string(),
+        v.clone(),
+    ))));
+    v
+}
+
+/// The extension constructors the context uses, parsed once (parsing a name runs Cedar's
+/// parser, whose lexer builds a regex cache: far too slow for every request).
+fn extension_name(func: Extension) -> Result<core::Name, String> {
+    static NAMES: std::sync::OnceLock<Result<[core::Name; 2], String>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        let parse = |s: &str| core::Name::parse_unqualified_name(s).map_err(|e| e.to_string());
+        Ok([parse("ip")?, parse("datetime")?])
+    });
+    match names {
+        Ok(n) => Ok(n[func as usize].clone()),
+        Err(e) => Err(e.clone()),
     }
 }
 
+/// An extension constructor of the context.
+#[derive(Clone, Copy)]
+enum Extension {
+    Ip = 0,
+    Datetime = 1,
+}
+
 /// Evaluates one extension constructor call, e.g. `ip("10.0.0.1")`.
-fn extension_value(func: &str, arg: &str) -> Result<Value, String> {
-    let name = core::Name::parse_unqualified_name(func).map_err(|e| e.to_string())?;
+fn extension_value(func: Extension, arg: &str) -> Result<Value, String> {
+    let name = extension_name(func)?;
     let expr = core::RestrictedExpr::call_extension_fn(name, [core::RestrictedExpr::val(arg)]);
     RestrictedEvaluator::new(Extensions::all_available())
         .interpret(expr.as_borrowed())
-        .map_err(|e| format!("{func}({arg:?}): {e}"))
+        .map_err(|e| format!("{arg:?}: {e}"))
 }
 
 /// Cedar's `ip` value of an address.
 pub fn ip_value(ip: IpAddr) -> Result<Value, String> {
-    extension_value("ip", &ip.to_string())
-}
-
-/// The datetime of one second since the epoch; the last one is cached (requests within the
-/// same second share it).
-fn datetime_value(secs: i64) -> Result<Value, String> {
-    static LAST: ArcSwapOption<(i64, Value)> = ArcSwapOption::const_empty();
-    if let Some(last) = LAST.load().as_ref().filter(|l| l.0 == secs) {
-        return Ok(last.1.clone());
-    }
-    let v = extension_value("datetime", &datetime(secs * 1000))?;
-    LAST.store(Some(Arc::new((secs, v.clone()))));
-    Ok(v)
+    extension_value(Extension::Ip, &ip.to_string())
 }
 
 /// `YYYY-MM-DDThh:mm:ss.sssZ` for milliseconds since the epoch (Cedar's datetime format).

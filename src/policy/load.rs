@@ -193,6 +193,9 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
     }
     let validator = Validator::new(schema.clone());
     let result = validator.validate(&all, ValidationMode::Strict);
+    // The validator reports a problem once per request type (action) it occurs in: one line
+    // per position is enough.
+    let mut reported = std::collections::HashSet::new();
     for e in result.validation_errors() {
         let id = e.policy_id().to_string();
         let file = files
@@ -201,6 +204,9 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
         let (line, column) = file
             .and_then(|f| first_label(e).map(|o| line_col(&f.text, o)))
             .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+        if !reported.insert((id.clone(), line, column)) {
+            continue;
+        }
         errors.push(PolicyError {
             file: file.map(|f| f.path.clone()).unwrap_or_default(),
             line,

@@ -15,11 +15,13 @@
 //! only logged (shadow mode). The access log reads it from the pipeline's record.
 //!
 //! Submodules: `load` (files -> validated sets), `entities` (Cedar values without JSON),
-//! `cases` (`wraith test` policy cases and coverage).
+//! `prune` (per route and method, only the policies that can apply), `cases` (`wraith test`
+//! policy cases and coverage).
 
 pub mod cases;
 pub mod entities;
 pub mod load;
+mod prune;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
-use cedar_policy::{Authorizer, Decision, Entities, EntityUid, Request};
+use cedar_policy::{Authorizer, Decision, Entities, EntityUid, PolicySet, Request};
 use http::Method;
 
 use crate::config::Config;
@@ -175,6 +177,9 @@ pub struct Probe<'a> {
 #[derive(Debug)]
 pub struct Explanation {
     pub decision: PolicyDecision,
+    /// How many policies of the set could apply to this route and method (the others were
+    /// not evaluated).
+    pub evaluated: usize,
     pub principal: String,
     pub action: String,
     pub resource: String,
@@ -218,12 +223,60 @@ impl fmt::Debug for ConnCache {
     }
 }
 
+/// What decides one route and action, worked out at load.
+#[derive(Debug)]
+enum Applicable {
+    /// No policy can apply: the default deny, without evaluating anything.
+    Nothing,
+    /// Only unconditional permits apply (any principal, no `when` / `unless`): allowed by
+    /// them, without evaluating anything.
+    AlwaysPermitted(Vec<Arc<str>>),
+    /// Evaluate these (the policies of the set that can apply).
+    Evaluate(Box<PolicySet>),
+}
+
+impl Applicable {
+    fn of(
+        policies: Vec<cedar_policy::Policy>,
+        ids: &HashMap<String, Arc<str>>,
+    ) -> Result<Applicable, String> {
+        if policies.is_empty() {
+            return Ok(Applicable::Nothing);
+        }
+        let unconditional_permit = |p: &cedar_policy::Policy| {
+            p.effect() == cedar_policy::Effect::Permit
+                && !p.has_non_scope_constraint()
+                && p.principal_constraint() == cedar_policy::PrincipalConstraint::Any
+        };
+        if policies.iter().all(unconditional_permit) {
+            let id = |p: &cedar_policy::Policy| {
+                let id: &str = p.id().as_ref();
+                ids.get(id).cloned().unwrap_or_else(|| Arc::from(id))
+            };
+            return Ok(Applicable::AlwaysPermitted(
+                policies.iter().map(id).collect(),
+            ));
+        }
+        PolicySet::from_policies(policies)
+            .map(|set| Applicable::Evaluate(Box::new(set)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// How many policies a request evaluates.
+    fn evaluated(&self) -> usize {
+        match self {
+            Applicable::Evaluate(set) => set.policies().count(),
+            _ => 0,
+        }
+    }
+}
+
 /// How one route is decided.
 #[derive(Debug)]
 struct RoutePolicy {
     uid: EntityUid,
-    /// Index into the compiled sets; `None` when no `[policy]` is configured.
-    set: Option<usize>,
+    /// Per action (`ACTIONS` order): what decides it; empty when no `[policy]` is configured.
+    sets: Vec<Applicable>,
     set_name: Arc<str>,
     shadow: bool,
 }
@@ -263,10 +316,29 @@ impl PolicyEngine {
             Some(c) => c.schema.clone(),
             None => load::schema()?,
         };
+        let actions: Vec<EntityUid> = ACTIONS
+            .iter()
+            .map(|a| types.uid(&types.action, a))
+            .collect();
+        let groups = [
+            types.uid(&types.action, "read"),
+            types.uid(&types.action, "write"),
+        ];
+        let shapes: Vec<Vec<prune::PolicyShape>> = compiled
+            .iter()
+            .flat_map(|c| c.sets.iter())
+            .map(|s| s.policies.policies().map(prune::PolicyShape::of).collect())
+            .collect();
+        let ids: HashMap<String, Arc<str>> = compiled
+            .iter()
+            .flat_map(|c| c.policies.iter())
+            .map(|p| (p.id.clone(), Arc::from(p.id.as_str())))
+            .collect();
         let mut route_entities = Vec::new();
         let mut routes = Vec::new();
         for r in &config.routes {
             route_entities.push(entities::route_entity(&types, r)?);
+            let uid = types.uid(&types.route, &r.name);
             let (set, set_name, set_shadow) = match (&config.policy, &compiled) {
                 (Some(p), Some(c)) => {
                     let name = r.policy.as_deref().unwrap_or(&p.default_set);
@@ -285,9 +357,23 @@ impl PolicyEngine {
                 Some(m) => m == PolicyMode::Shadow,
                 None => set_shadow,
             };
+            let mut sets = Vec::new();
+            for (i, action) in actions.iter().enumerate() {
+                let Some(set) = set else { break };
+                let group = &groups[usize::from(entities::is_write(i))];
+                let applicable = shapes[set]
+                    .iter()
+                    .filter(|s| s.may_apply(&uid, &r.tags, action, group))
+                    .map(|s| s.policy.clone())
+                    .collect();
+                sets.push(
+                    Applicable::of(applicable, &ids)
+                        .map_err(|e| format!("route {:?}: {e}", r.name))?,
+                );
+            }
             routes.push(RoutePolicy {
-                uid: types.uid(&types.route, &r.name),
-                set,
+                uid,
+                sets,
                 set_name,
                 shadow,
             });
@@ -295,15 +381,6 @@ impl PolicyEngine {
         // With the schema, Cedar adds the action entities and their groups.
         let base = Entities::from_entities(route_entities, Some(&schema))
             .map_err(|e| format!("policy entities: {e}"))?;
-        let actions = ACTIONS
-            .iter()
-            .map(|a| types.uid(&types.action, a))
-            .collect();
-        let ids = compiled
-            .iter()
-            .flat_map(|c| c.policies.iter())
-            .map(|p| (p.id.clone(), Arc::from(p.id.as_str())))
-            .collect();
         Ok(PolicyEngine {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             types,
@@ -389,7 +466,7 @@ impl PolicyEngine {
             time: SystemTime::now(),
             utc_offset: self.utc_offset,
         };
-        let action = &self.actions[entities::action_index(access.method)];
+        let action = entities::action_index(access.method);
         let client = match self.cached_client(&conn.policy_cache, access.client_ip) {
             Ok(c) => c,
             Err(e) => return self.error(Some(rp), e),
@@ -450,19 +527,31 @@ impl PolicyEngine {
         Ok((uid, entities))
     }
 
-    /// One Cedar evaluation.
+    /// One Cedar evaluation; `action` indexes `ACTIONS`.
     fn decide(
         &self,
         rp: &RoutePolicy,
         principal: &EntityUid,
-        action: &EntityUid,
+        action: usize,
         entities: &Entities,
         input: &ContextInput<'_>,
         ip: cedar_policy_core::ast::Value,
     ) -> PolicyDecision {
-        let (Some(set), Some(compiled)) = (rp.set, &self.compiled) else {
-            // No [policy] section: nothing permits.
-            return self.verdict(rp, Effect::Deny, Reason::NoPermit, Vec::new(), Vec::new());
+        let policies = match rp.sets.get(action) {
+            // No [policy] section, or no policy can apply: nothing permits.
+            None | Some(Applicable::Nothing) => {
+                return self.verdict(rp, Effect::Deny, Reason::NoPermit, Vec::new(), Vec::new())
+            }
+            Some(Applicable::AlwaysPermitted(ids)) => {
+                return self.verdict(
+                    rp,
+                    Effect::Allow,
+                    Reason::Permitted,
+                    ids.clone(),
+                    Vec::new(),
+                )
+            }
+            Some(Applicable::Evaluate(set)) => set,
         };
         let context = match entities::context_with_ip(input, ip) {
             Ok(c) => c,
@@ -470,7 +559,7 @@ impl PolicyEngine {
         };
         let request = match Request::new(
             principal.clone(),
-            action.clone(),
+            self.actions[action].clone(),
             rp.uid.clone(),
             context,
             None,
@@ -478,9 +567,7 @@ impl PolicyEngine {
             Ok(r) => r,
             Err(e) => return self.error(Some(rp), format!("request: {e}")),
         };
-        let response =
-            self.authorizer
-                .is_authorized(&request, &compiled.sets[set].policies, entities);
+        let response = self.authorizer.is_authorized(&request, policies, entities);
         let diagnostics = response.diagnostics();
         let policies: Vec<Arc<str>> = diagnostics
             .reason()
@@ -545,7 +632,7 @@ impl PolicyEngine {
                 self.base.clone(),
             ),
         };
-        let action = &self.actions[entities::action_index(&probe.method)];
+        let action = entities::action_index(&probe.method);
         let input = ContextInput {
             method: probe.method.as_str(),
             host: probe.host,
@@ -576,8 +663,9 @@ impl PolicyEngine {
             .map_err(|e| e.to_string())?;
         Ok(Explanation {
             decision,
+            evaluated: rp.sets.get(action).map_or(0, Applicable::evaluated),
             principal: principal.to_string(),
-            action: action.to_string(),
+            action: self.actions[action].to_string(),
             resource: rp.uid.to_string(),
             entities: serde_json::Value::Array(involved),
             context,
@@ -722,9 +810,19 @@ forbid (principal, action in Wraith::Action::"write", resource) when { context.e
         );
         assert_eq!(&*allowed.decision.policies[0], "payments-write-internal");
         assert_eq!(allowed.action, "Wraith::Action::\"OTHER\"");
+        assert_eq!(allowed.evaluated, 2);
         let denied = engine.probe(&probe(true)).unwrap();
         assert_eq!(denied.decision.reason, Reason::Forbidden);
         assert_eq!(&*denied.decision.policies[0], "no-early-writes");
+        // Both policies are about writes: a GET evaluates neither (and is denied by default).
+        let get = engine
+            .probe(&Probe {
+                method: Method::GET,
+                ..probe(false)
+            })
+            .unwrap();
+        assert_eq!(get.evaluated, 0);
+        assert_eq!(get.decision.reason, Reason::NoPermit);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - the principal entity, built once per connection (cache miss),
 //! - `PolicyEngine::authorize` per request with the shipped policies, for an anonymous client
 //!   on a public route and a client certificate on the API route,
-//! - the same with a single unconditional permit (the floor: context + one evaluation).
+//! - with a single unconditional permit (decided at load: no Cedar call; "policy off"),
+//! - with a single conditional permit (the Cedar floor: context + one evaluation).
 //!
 //! Run: `cargo run --release --example policy_cost [-- ITERATIONS]`. Reports thread CPU time
 //! per operation. Part of bench/mtls-policy (see README.md there), not of `cargo test`.
@@ -68,22 +69,24 @@ fn main() {
     let engine = PolicyEngine::build(&shipped).expect("engine");
     let routes = router(&shipped);
 
-    // A minimal config: one route, one unconditional permit.
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("all.cedar"),
-        "@id(\"all\")\npermit(principal, action, resource);\n",
-    )
-    .expect("write policy");
-    let floor_cfg = config::load_str(
-        &dir.path().join("w.toml"),
-        "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n[policy]\ndir='.'\n\
-         [[route]]\nname='api'\npath={prefix='/api/'}\nrespond={status=200}\n",
-        LoadOptions::default(),
-    )
-    .expect("floor config");
-    let floor = PolicyEngine::build(&floor_cfg).expect("floor engine");
-    let floor_routes = router(&floor_cfg);
+    // Minimal configs: one route, one policy.
+    let one_policy = |policy: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("p.cedar"), policy).expect("write policy");
+        let cfg = config::load_str(
+            &dir.path().join("w.toml"),
+            "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n[policy]\ndir='.'\n\
+             [[route]]\nname='api'\npath={prefix='/api/'}\nrespond={status=200}\n",
+            LoadOptions::default(),
+        )
+        .expect("config");
+        let engine = PolicyEngine::build(&cfg).expect("engine");
+        (engine, router(&cfg))
+    };
+    let (floor, floor_routes) = one_policy("@id(\"all\")\npermit(principal, action, resource);\n");
+    let (cedar, cedar_routes) = one_policy(
+        "@id(\"api\")\npermit(principal, action, resource) when { context.path like \"/api/*\" };\n",
+    );
 
     let ca = wraith::certs::Ca::new("bench CA").expect("ca");
     let issued = ca
@@ -122,6 +125,7 @@ fn main() {
     let health = &routes.routes()[find(&routes, "/healthz")];
     let api = &routes.routes()[find(&routes, "/api/orders")];
     let floor_api = &floor_routes.routes()[find(&floor_routes, "/api/orders")];
+    let cedar_api = &cedar_routes.routes()[find(&cedar_routes, "/api/orders")];
     measure(
         "principal entity, first request of a connection",
         n / 10,
@@ -168,7 +172,7 @@ fn main() {
         black_box(wraith::policy::entities::context(black_box(&input)).is_ok());
     });
     measure(
-        "authorize: floor (1 permit-all policy), anonymous",
+        "authorize: 1 unconditional permit (no Cedar call)",
         n,
         || {
             black_box(
@@ -178,17 +182,20 @@ fn main() {
             );
         },
     );
-    measure(
-        "authorize: floor (1 permit-all policy), client cert",
-        n,
-        || {
-            black_box(
-                floor
-                    .authorize(&access(floor_api, client, "/api/orders"))
-                    .is_ok(),
-            );
-        },
-    );
+    measure("authorize: 1 conditional permit, anonymous", n, || {
+        black_box(
+            cedar
+                .authorize(&access(cedar_api, anon, "/api/orders"))
+                .is_ok(),
+        );
+    });
+    measure("authorize: 1 conditional permit, client cert", n, || {
+        black_box(
+            cedar
+                .authorize(&access(cedar_api, client, "/api/orders"))
+                .is_ok(),
+        );
+    });
     measure(
         "authorize: shipped policies, anonymous GET /healthz",
         n,

@@ -194,7 +194,23 @@ pub struct Explanation {
 pub struct ConnCache {
     principal: ArcSwapOption<CachedPrincipal>,
     client: ArcSwapOption<CachedClient>,
+    /// Decisions that depend only on the principal (see `Applicable::Evaluate`).
+    decisions: std::sync::Mutex<Vec<CachedDecision>>,
 }
+
+/// A remembered decision and what it was for.
+struct CachedDecision {
+    engine: u64,
+    route: usize,
+    action: usize,
+    /// The client address (the anonymous principal's id; behind a trusted proxy it can
+    /// change from one request to the next).
+    ip: IpAddr,
+    decision: PolicyDecision,
+}
+
+/// Most decisions remembered per connection.
+const CACHED_DECISIONS: usize = 32;
 
 /// The client address as Cedar sees it: the `ip` value and the anonymous principal.
 struct CachedClient {
@@ -231,15 +247,21 @@ enum Applicable {
     /// Only unconditional permits apply (any principal, no `when` / `unless`): allowed by
     /// them, without evaluating anything.
     AlwaysPermitted(Vec<Arc<str>>),
-    /// Evaluate these (the policies of the set that can apply).
-    Evaluate(Box<PolicySet>),
+    /// Evaluate these (the policies of the set that can apply). When none of them reads
+    /// `context`, the decision depends only on the principal and is remembered per connection.
+    Evaluate {
+        set: Box<PolicySet>,
+        context_free: bool,
+    },
 }
 
 impl Applicable {
     fn of(
-        policies: Vec<cedar_policy::Policy>,
+        shapes: Vec<&prune::PolicyShape>,
         ids: &HashMap<String, Arc<str>>,
     ) -> Result<Applicable, String> {
+        let context_free = !shapes.iter().any(|s| s.reads_context);
+        let policies: Vec<cedar_policy::Policy> = shapes.iter().map(|s| s.policy.clone()).collect();
         if policies.is_empty() {
             return Ok(Applicable::Nothing);
         }
@@ -258,14 +280,17 @@ impl Applicable {
             ));
         }
         PolicySet::from_policies(policies)
-            .map(|set| Applicable::Evaluate(Box::new(set)))
+            .map(|set| Applicable::Evaluate {
+                set: Box::new(set),
+                context_free,
+            })
             .map_err(|e| e.to_string())
     }
 
     /// How many policies a request evaluates.
     fn evaluated(&self) -> usize {
         match self {
-            Applicable::Evaluate(set) => set.policies().count(),
+            Applicable::Evaluate { set, .. } => set.policies().count(),
             _ => 0,
         }
     }
@@ -364,7 +389,6 @@ impl PolicyEngine {
                 let applicable = shapes[set]
                     .iter()
                     .filter(|s| s.may_apply(&uid, &r.tags, action, group))
-                    .map(|s| s.policy.clone())
                     .collect();
                 sets.push(
                     Applicable::of(applicable, &ids)
@@ -441,6 +465,55 @@ impl PolicyEngine {
     }
 
     fn decide_access(&self, rp: &RoutePolicy, access: &Access<'_>) -> PolicyDecision {
+        let action = entities::action_index(access.method);
+        let context_free = matches!(
+            rp.sets.get(action),
+            Some(Applicable::Evaluate {
+                context_free: true,
+                ..
+            })
+        );
+        if !context_free {
+            return self.evaluate_access(rp, access, action);
+        }
+        let key = |c: &CachedDecision| {
+            c.engine == self.id
+                && c.route == access.route.index
+                && c.action == action
+                && c.ip == access.client_ip
+        };
+        let cache = &access.conn.policy_cache.decisions;
+        if let Some(d) = cache
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().find(|c| key(c)).map(|c| c.decision.clone()))
+        {
+            return d;
+        }
+        let decision = self.evaluate_access(rp, access, action);
+        if decision.errors.is_empty() {
+            if let Ok(mut c) = cache.lock() {
+                if c.len() >= CACHED_DECISIONS {
+                    c.clear();
+                }
+                c.push(CachedDecision {
+                    engine: self.id,
+                    route: access.route.index,
+                    action,
+                    ip: access.client_ip,
+                    decision: decision.clone(),
+                });
+            }
+        }
+        decision
+    }
+
+    fn evaluate_access(
+        &self,
+        rp: &RoutePolicy,
+        access: &Access<'_>,
+        action: usize,
+    ) -> PolicyDecision {
         let conn = access.conn;
         let tls = conn.tls.as_ref();
         let host_lower;
@@ -466,7 +539,6 @@ impl PolicyEngine {
             time: SystemTime::now(),
             utc_offset: self.utc_offset,
         };
-        let action = entities::action_index(access.method);
         let client = match self.cached_client(&conn.policy_cache, access.client_ip) {
             Ok(c) => c,
             Err(e) => return self.error(Some(rp), e),
@@ -551,7 +623,7 @@ impl PolicyEngine {
                     Vec::new(),
                 )
             }
-            Some(Applicable::Evaluate(set)) => set,
+            Some(Applicable::Evaluate { set, .. }) => set,
         };
         let context = match entities::context_with_ip(input, ip) {
             Ok(c) => c,
@@ -880,5 +952,81 @@ forbid (principal, action in Wraith::Action::"write", resource) when { context.e
             .unwrap();
         assert_eq!(x.decision.effect, Effect::Deny);
         assert_eq!(x.decision.reason, Reason::NoPermit);
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use crate::config::{load_str, LoadOptions};
+    use std::net::SocketAddr;
+
+    /// A decision that depends only on the principal is remembered per connection; one that
+    /// reads the context is made for every request.
+    #[test]
+    fn principal_only_decisions_are_remembered_per_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.cedar"),
+            r#"
+@id("clients-read")
+permit (principal is Wraith::Client, action in Wraith::Action::"read", resource);
+
+@id("anyone-writes-api-paths")
+permit (principal, action in Wraith::Action::"write", resource) when { context.path like "/api/*" };
+"#,
+        )
+        .unwrap();
+        let toml = format!(
+            "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n[policy]\ndir = '{}'\n\
+             [[route]]\nname = 'api'\nrespond = {{ status = 200 }}\n",
+            dir.path().display()
+        );
+        let cfg = load_str(&dir.path().join("w.toml"), &toml, LoadOptions::default()).unwrap();
+        let engine = PolicyEngine::build(&cfg).unwrap();
+        let route = crate::router::Route {
+            config: cfg.routes[0].clone(),
+            upstream: None,
+            index: 0,
+        };
+        let conn = ConnInfo {
+            peer: SocketAddr::from(([10, 0, 0, 1], 4000)),
+            local: SocketAddr::from(([10, 0, 0, 2], 443)),
+            listener: Arc::from("l"),
+            tls: None,
+            identity: Some(Arc::new(Identity {
+                common_name: Some("svc".into()),
+                ..Identity::default()
+            })),
+            policy_cache: ConnCache::default(),
+        };
+        let access = |method: &'static Method, path: &'static str| Access {
+            route: &route,
+            method,
+            host: None,
+            path,
+            query: None,
+            version: http::Version::HTTP_11,
+            early_data: false,
+            client_ip: conn.peer.ip(),
+            conn: &conn,
+        };
+        let cached = || conn.policy_cache.decisions.lock().unwrap().len();
+
+        let first = engine.authorize(&access(&Method::GET, "/x")).unwrap();
+        assert_eq!(cached(), 1);
+        let again = engine.authorize(&access(&Method::GET, "/y")).unwrap();
+        assert_eq!(first.decision, again.decision);
+        assert_eq!(cached(), 1, "served from the cache");
+
+        // Writes read context.path: decided each time, never cached.
+        assert!(engine.authorize(&access(&Method::POST, "/api/a")).is_ok());
+        assert!(engine.authorize(&access(&Method::POST, "/other")).is_err());
+        assert_eq!(cached(), 1);
+
+        // A new engine (reload) does not reuse the old decisions.
+        let next = PolicyEngine::build(&cfg).unwrap();
+        next.authorize(&access(&Method::GET, "/x")).unwrap();
+        assert_eq!(cached(), 2);
     }
 }

@@ -20,22 +20,30 @@ pub(super) struct PolicyShape {
     pub policy: Policy,
     /// Tags a route must carry for the policy to apply.
     required_tags: Vec<String>,
+    /// The policy's conditions read `context` (else its outcome depends only on the
+    /// principal, the route and the action).
+    pub reads_context: bool,
 }
 
 impl PolicyShape {
     pub fn of(policy: &Policy) -> PolicyShape {
         let mut required_tags = Vec::new();
+        // Unreadable as JSON: assume the worst (no tag known, context read).
+        let mut reads_context = true;
         // The policy's JSON form (EST) is read once, at load; never on the request path.
         if let Ok(est) = policy.to_json() {
+            reads_context = false;
             for c in est["conditions"].as_array().into_iter().flatten() {
                 if c["kind"] == "when" {
                     conjunct_tags(&c["body"], &mut required_tags);
                 }
+                reads_context |= mentions_context(&c["body"]);
             }
         }
         PolicyShape {
             policy: policy.clone(),
             required_tags,
+            reads_context,
         }
     }
 
@@ -61,6 +69,17 @@ impl PolicyShape {
             | ResourceConstraint::IsIn(_, r) => r == *route,
         };
         action_ok && resource_ok && self.required_tags.iter().all(|t| tags.contains(t))
+    }
+}
+
+/// Whether an expression (EST) refers to the `context` variable anywhere.
+fn mentions_context(e: &Value) -> bool {
+    match e {
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| (k == "Var" && v == "context") || mentions_context(v)),
+        Value::Array(items) => items.iter().any(mentions_context),
+        _ => false,
     }
 }
 
@@ -138,5 +157,7 @@ mod tests {
                when { resource.tags.contains("admin") || resource.tags.contains("ops") };"#,
         );
         assert!(either.may_apply(&api, &tags, &get, &read));
+        assert!(!either.reads_context);
+        assert!(tagged.reads_context, "context.path");
     }
 }

@@ -238,6 +238,11 @@ pub fn status(rt: &Runtime) -> Value {
         "log_sinks": snapshot.telemetry.sink_counts().into_iter().map(|(sink, queued, accepted, written, dropped)| json!({
             "sink": sink, "queued": queued, "accepted": accepted, "written": written, "dropped": dropped,
         })).collect::<Vec<_>>(),
+        "client_cert_rejections": rt
+            .client_cert_rejections
+            .counts()
+            .map(|(reason, n)| (reason.to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 

@@ -8,8 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 
 /// The SPIFFE ID of the development client certificate.
@@ -85,6 +86,56 @@ impl Ca {
             cert_pem: cert_pem.to_string(),
             key_pem,
         })
+    }
+
+    /// An intermediate CA signed by this one, valid for five years.
+    pub fn intermediate(&self, common_name: &str) -> Result<Ca, String> {
+        let key = KeyPair::generate().map_err(rc)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name, "Wraith development");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(5 * 365);
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        let key_pem = key.serialize_pem();
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A certificate revocation list (PEM) signed by this CA, revoking the certificates with
+    /// these serial numbers (big-endian bytes), valid for `days` from an hour ago.
+    pub fn revocation_list(&self, revoked: &[&[u8]], days: i64) -> Result<String, String> {
+        let now = time::OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(days),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial.to_vec()),
+                    revocation_time: now - time::Duration::minutes(5),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .and_then(|crl| crl.pem())
+            .map_err(rc)
     }
 
     /// A server certificate for the given DNS names and IP addresses, valid for a year.

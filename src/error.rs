@@ -65,6 +65,9 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("upstream {upstream} is at its connection limits and its queue is full")]
     Overloaded { upstream: std::sync::Arc<str> },
+    /// The policy stage refused the request (the decision is in the access record).
+    #[error("denied by policy: {}", .0.as_str())]
+    Forbidden(crate::policy::Reason),
 }
 
 /// What a 429 says about the limit that refused the request.
@@ -100,6 +103,7 @@ impl GatewayError {
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::AppsecBlocked { status, .. } => *status,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -119,6 +123,7 @@ impl GatewayError {
             GatewayError::AppsecUnavailable { .. } => "appsec_unavailable",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::Overloaded { .. } => "upstream_overloaded",
+            GatewayError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -158,6 +163,16 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { limit } => {
                 format!("request body larger than {limit} bytes")
             }
+            // The reason class only: which policy and why stays in the server's log.
+            GatewayError::Forbidden(reason) => match reason {
+                crate::policy::Reason::NoPermit => {
+                    "access denied: no policy permits this request".into()
+                }
+                crate::policy::Reason::Error => {
+                    "access denied: the request could not be authorized".into()
+                }
+                _ => "access denied by policy".into(),
+            },
         }
     }
 
@@ -170,6 +185,8 @@ impl GatewayError {
             | GatewayError::RateLimited(_)
             | GatewayError::AppsecBlocked { .. }
             | GatewayError::PayloadTooLarge { .. } => Fault::Downstream,
+            GatewayError::Forbidden(crate::policy::Reason::Error) => Fault::Internal,
+            GatewayError::Forbidden(_) => Fault::Downstream,
             GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => {
                 Fault::Internal
             }

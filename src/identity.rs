@@ -1,8 +1,24 @@
-//! Who is calling: the verified client certificate turned into an `Identity`.
+//! Who is calling: the verified client certificate turned into an `Identity`, and the
+//! identity header (`x-forwarded-client-cert`, Envoy's format) the upstream receives.
 //!
 //! The listener builds one per connection, once, right after the TLS handshake verified the
 //! chain; every request on the connection shares it (`ConnInfo::identity`). Later stages
 //! (policy, rate limits, logs) read it and never look at client-supplied headers for identity.
+//!
+//! Parsing never panics and never fails the connection on a malformed extension: the field it
+//! would have filled stays empty and a warning says why (the chain was already verified by
+//! rustls/webpki; this is only about what we can read out of it).
+
+use std::fmt::Write as _;
+
+use http::HeaderValue;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{
+    OID_X509_EXT_SUBJECT_ALT_NAME, OID_X509_ORGANIZATIONAL_UNIT, OID_X509_ORGANIZATION_NAME,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::{AttributeTypeAndValue, X509Name};
 
 /// The identity carried by a verified client certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -11,7 +27,7 @@ pub struct Identity {
     pub spiffe_id: Option<String>,
     /// The trust domain of the SPIFFE ID (`trust-domain`).
     pub trust_domain: Option<String>,
-    /// The path of the SPIFFE ID (`/path`).
+    /// The path of the SPIFFE ID (`/path`; empty for a bare trust domain).
     pub spiffe_path: Option<String>,
     /// DNS SANs.
     pub dns: Vec<String>,
@@ -23,13 +39,18 @@ pub struct Identity {
     pub organizations: Vec<String>,
     /// Subject organizational units.
     pub organizational_units: Vec<String>,
+    /// The whole subject in RFC 4514 form (`CN=client,O=Example`).
+    pub subject: String,
     /// Serial number, lowercase hex.
     pub serial: String,
     /// SHA-256 of the DER certificate, lowercase hex.
     pub fingerprint: String,
-    /// Validity, seconds since the Unix epoch.
+    /// Start of validity, seconds since the Unix epoch.
     pub not_before: i64,
+    /// End of validity, seconds since the Unix epoch.
     pub not_after: i64,
+    /// The `x-forwarded-client-cert` value sent upstream, built once per connection.
+    pub xfcc: Option<HeaderValue>,
 }
 
 impl Identity {
@@ -40,5 +61,385 @@ impl Identity {
             .as_deref()
             .or(self.common_name.as_deref())
             .unwrap_or(&self.fingerprint)
+    }
+
+    /// Reads the identity out of a DER certificate. Fails only when the certificate cannot be
+    /// parsed at all; problems with single fields are returned as warnings, the field empty.
+    pub fn from_der(der: &[u8]) -> Result<(Identity, Vec<String>), String> {
+        let fingerprint = sha256_hex(der);
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| format!("client certificate {fingerprint} is not parseable: {e}"))?;
+        let mut warnings = Vec::new();
+        let mut id = Identity {
+            fingerprint,
+            serial: hex(trim_leading_zeros(cert.raw_serial())),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            ..Identity::default()
+        };
+        read_subject(cert.subject(), &mut id, &mut warnings);
+        read_sans(&cert, &mut id, &mut warnings);
+        id.xfcc = build_xfcc(&id);
+        if id.xfcc.is_none() {
+            warnings.push(
+                "identity cannot be expressed as an x-forwarded-client-cert header; none is sent"
+                    .into(),
+            );
+        }
+        Ok((id, warnings))
+    }
+
+    /// Identity from a certificate that could not be parsed: only the fingerprint is known.
+    pub fn unparsed(der: &[u8]) -> Identity {
+        let mut id = Identity {
+            fingerprint: sha256_hex(der),
+            ..Identity::default()
+        };
+        id.xfcc = build_xfcc(&id);
+        id
+    }
+}
+
+fn read_subject(name: &X509Name<'_>, id: &mut Identity, warnings: &mut Vec<String>) {
+    for attr in name.iter_common_name() {
+        match attr_str(attr, "subject CN", warnings) {
+            // The first CN wins; more than one is legal but unusual.
+            Some(cn) if id.common_name.is_none() => id.common_name = Some(cn),
+            _ => {}
+        }
+    }
+    for attr in name.iter_by_oid(&OID_X509_ORGANIZATION_NAME) {
+        id.organizations
+            .extend(attr_str(attr, "subject O", warnings));
+    }
+    for attr in name.iter_by_oid(&OID_X509_ORGANIZATIONAL_UNIT) {
+        id.organizational_units
+            .extend(attr_str(attr, "subject OU", warnings));
+    }
+    id.subject = rfc4514(name);
+}
+
+/// A subject attribute as text, or a warning.
+fn attr_str(
+    attr: &AttributeTypeAndValue<'_>,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Option<String> {
+    match attr.as_str() {
+        Ok(s) => Some(s.to_string()),
+        Err(e) => {
+            warnings.push(format!("{what} is not a readable string ({e}); ignored"));
+            None
+        }
+    }
+}
+
+fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<String>) {
+    let mut spiffe = Vec::new();
+    let mut san_seen = false;
+    for ext in cert.extensions() {
+        if ext.oid != OID_X509_EXT_SUBJECT_ALT_NAME {
+            continue;
+        }
+        if san_seen {
+            warnings.push(
+                "certificate has two subjectAltName extensions; the second is ignored".into(),
+            );
+            continue;
+        }
+        san_seen = true;
+        let san = match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => san,
+            ParsedExtension::ParseError { error } => {
+                warnings.push(format!(
+                    "subjectAltName is malformed ({error}); SPIFFE ID, DNS and email left empty"
+                ));
+                continue;
+            }
+            _ => {
+                warnings.push(
+                    "subjectAltName could not be read; SPIFFE ID, DNS and email left empty".into(),
+                );
+                continue;
+            }
+        };
+        for name in &san.general_names {
+            match name {
+                GeneralName::DNSName(d) => id.dns.push((*d).to_string()),
+                GeneralName::RFC822Name(e) => id.emails.push((*e).to_string()),
+                GeneralName::URI(u) if u.len() >= 9 && u[..9].eq_ignore_ascii_case("spiffe://") => {
+                    spiffe.push(*u)
+                }
+                GeneralName::Invalid(tag, _) => warnings.push(format!(
+                    "subjectAltName entry with tag {tag} is invalid; ignored"
+                )),
+                _ => {}
+            }
+        }
+    }
+    match spiffe.as_slice() {
+        [] => {}
+        [one] => match split_spiffe(one) {
+            Ok((domain, path)) => {
+                id.spiffe_id = Some((*one).to_string());
+                id.trust_domain = Some(domain.to_string());
+                id.spiffe_path = Some(path.to_string());
+            }
+            Err(why) => warnings.push(format!("URI SAN {one:?} is not a valid SPIFFE ID: {why}")),
+        },
+        // The SPIFFE X.509-SVID spec allows exactly one URI SAN: more is ambiguous.
+        many => warnings.push(format!(
+            "certificate carries {} SPIFFE IDs; an X.509-SVID has exactly one, so none is used",
+            many.len()
+        )),
+    }
+}
+
+/// Splits `spiffe://trust-domain/path` after checking it against the SPIFFE ID rules:
+/// lowercase trust domain of `[a-z0-9.-_]`, path segments of `[A-Za-z0-9.-_]` with no empty,
+/// `.` or `..` segment, no query or fragment.
+pub fn split_spiffe(id: &str) -> Result<(&str, &str), &'static str> {
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or("scheme must be lowercase \"spiffe\"")?;
+    let (domain, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if domain.is_empty() {
+        return Err("trust domain is empty");
+    }
+    if !domain
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        return Err("trust domain may hold only lowercase letters, digits, '.', '-' and '_'");
+    }
+    if !path.is_empty() {
+        for seg in path[1..].split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." {
+                return Err("path has an empty, '.' or '..' segment");
+            }
+            if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            {
+                return Err("path may hold only letters, digits, '.', '-' and '_'");
+            }
+        }
+    }
+    Ok((domain, path))
+}
+
+/// RFC 4514 string of a name: RDNs in reverse order, `,` between them, `+` inside one.
+fn rfc4514(name: &X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    let mut out = String::new();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = attr.attr_type();
+            match x509_parser::objects::oid2abbrev(oid, registry) {
+                Ok(short) => out.push_str(short),
+                Err(_) => out.push_str(&oid.to_id_string()),
+            }
+            out.push('=');
+            match attr.as_str() {
+                Ok(s) => escape_rfc4514(s, &mut out),
+                // Not a string type: the hex form RFC 4514 prescribes.
+                Err(_) => {
+                    out.push('#');
+                    out.push_str(&hex(attr.attr_value().data));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn escape_rfc4514(s: &str, out: &mut String) {
+    let last = s.chars().count().saturating_sub(1);
+    for (i, c) in s.chars().enumerate() {
+        let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+            out.push(c);
+        } else if c.is_control() {
+            let _ = write!(out, "\\{:02x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+/// `Hash=<sha256>;Subject="...";URI=<spiffe id>;DNS=a;DNS=b` (Envoy's element format).
+fn build_xfcc(id: &Identity) -> Option<HeaderValue> {
+    let mut v = String::with_capacity(128);
+    v.push_str("Hash=");
+    v.push_str(&id.fingerprint);
+    if !id.subject.is_empty() {
+        v.push_str(";Subject=");
+        xfcc_value(&id.subject, true, &mut v);
+    }
+    if let Some(uri) = &id.spiffe_id {
+        v.push_str(";URI=");
+        xfcc_value(uri, false, &mut v);
+    }
+    for d in &id.dns {
+        v.push_str(";DNS=");
+        xfcc_value(d, false, &mut v);
+    }
+    HeaderValue::from_bytes(v.as_bytes()).ok()
+}
+
+/// Appends one XFCC value: quoted when asked or when it holds `,`, `;`, `=` or `"`; control
+/// characters (which a header cannot carry) become `?`.
+fn xfcc_value(s: &str, always_quote: bool, out: &mut String) {
+    let quote = always_quote || s.contains([',', ';', '=', '"']);
+    if quote {
+        out.push('"');
+    }
+    for c in s.chars() {
+        match c {
+            '"' | '\\' if quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    if quote {
+        out.push('"');
+    }
+}
+
+fn trim_leading_zeros(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|&x| x != 0)
+        .unwrap_or(b.len().saturating_sub(1));
+    &b[start.min(b.len())..]
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+/// SHA-256 of `data`, lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, SanType};
+
+    fn issue(params: CertificateParams) -> Vec<u8> {
+        let ca = crate::certs::Ca::new("test CA").unwrap();
+        let issued = ca.issue(params, 30).unwrap();
+        rustls_pki_types::pem::PemObject::from_pem_slice(issued.cert_pem.as_bytes())
+            .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap()
+    }
+
+    #[test]
+    fn reads_every_field() {
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "orders, \"east\"");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Example Corp");
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, "platform-admins");
+        p.subject_alt_names = vec![
+            SanType::URI(
+                "spiffe://corp.example/ns/prod/sa/orders"
+                    .try_into()
+                    .unwrap(),
+            ),
+            SanType::DnsName("orders.internal".try_into().unwrap()),
+            SanType::DnsName("orders.prod.internal".try_into().unwrap()),
+            SanType::Rfc822Name("ops@example.com".try_into().unwrap()),
+        ];
+        let der = issue(p);
+        let (id, warnings) = Identity::from_der(&der).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            id.spiffe_id.as_deref(),
+            Some("spiffe://corp.example/ns/prod/sa/orders")
+        );
+        assert_eq!(id.trust_domain.as_deref(), Some("corp.example"));
+        assert_eq!(id.spiffe_path.as_deref(), Some("/ns/prod/sa/orders"));
+        assert_eq!(id.dns, ["orders.internal", "orders.prod.internal"]);
+        assert_eq!(id.emails, ["ops@example.com"]);
+        assert_eq!(id.common_name.as_deref(), Some("orders, \"east\""));
+        assert_eq!(id.organizations, ["Example Corp"]);
+        assert_eq!(id.organizational_units, ["platform-admins"]);
+        assert_eq!(id.fingerprint, sha256_hex(&der));
+        assert_eq!(id.fingerprint.len(), 64);
+        assert!(!id.serial.is_empty());
+        assert!(id.not_after > id.not_before);
+        assert_eq!(
+            id.subject,
+            r#"OU=platform-admins,O=Example Corp,CN=orders\, \"east\""#
+        );
+        let xfcc = id.xfcc.as_ref().unwrap().to_str().unwrap();
+        assert_eq!(
+            xfcc,
+            format!(
+                r#"Hash={};Subject="OU=platform-admins,O=Example Corp,CN=orders\\, \\\"east\\\"";URI=spiffe://corp.example/ns/prod/sa/orders;DNS=orders.internal;DNS=orders.prod.internal"#,
+                id.fingerprint
+            )
+        );
+        assert_eq!(id.name(), "spiffe://corp.example/ns/prod/sa/orders");
+    }
+
+    #[test]
+    fn spiffe_rules() {
+        assert_eq!(split_spiffe("spiffe://td/a/b"), Ok(("td", "/a/b")));
+        assert_eq!(split_spiffe("spiffe://td"), Ok(("td", "")));
+        assert!(split_spiffe("spiffe://TD/a").is_err());
+        assert!(split_spiffe("spiffe:///a").is_err());
+        assert!(split_spiffe("spiffe://td/a//b").is_err());
+        assert!(split_spiffe("spiffe://td/a/../b").is_err());
+        assert!(split_spiffe("spiffe://td/a?x=1").is_err());
+        assert!(split_spiffe("SPIFFE://td/a").is_err());
+    }
+
+    #[test]
+    fn two_spiffe_ids_are_ambiguous() {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "twice");
+        p.subject_alt_names = vec![
+            SanType::URI("spiffe://a/x".try_into().unwrap()),
+            SanType::URI("spiffe://b/y".try_into().unwrap()),
+        ];
+        let (id, warnings) = Identity::from_der(&issue(p)).unwrap();
+        assert_eq!(id.spiffe_id, None);
+        assert_eq!(id.name(), "twice");
+        assert!(warnings[0].contains("2 SPIFFE IDs"), "{warnings:?}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Identity::from_der(b"").is_err());
+        assert!(Identity::from_der(&[0x30, 0x03, 0x02, 0x01]).is_err());
+        let id = Identity::unparsed(b"junk");
+        assert_eq!(id.name(), id.fingerprint);
+        assert!(id.xfcc.is_some());
     }
 }

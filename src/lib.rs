@@ -6,10 +6,12 @@
 //! accept (TCP)                      listener/      connection limit, banned peers closed,
 //!                                                  TLS 1.3 handshake
 //!   └─ HTTP/1.1 or HTTP/2           listener/conn  header-read and idle timeouts, drain
+//!       │                           identity       verified client cert -> Identity (per connection)
 //!       └─ Gateway::handle          proxy/         one pipeline for every protocol
 //!           ├─ normalize path       proxy/path
 //!           ├─ route                router         first match in file order, else 404
 //!           ├─ decisions            decisions/     banned client ip -> 403
+//!           ├─ policy               policy/        Cedar: identity x method x route; deny by default
 //!           ├─ rate limits          ratelimit      per ip | identity | route | header -> 429
 //!           ├─ appsec               decisions/appsec  optional CrowdSec WAF
 //!           ├─ respond | redirect | forward
@@ -29,6 +31,7 @@
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools (balancing, health, TLS) and the
 //!   forwarder (retries)
+//! - `identity`, `policy`: client certificates -> `Identity`; Cedar policies, explain, tests
 //! - `decisions`: the ban store (lock-free longest-prefix lookup), CrowdSec bridge and
 //!   AppSec stage, Wazuh active-response messages
 //! - `ratelimit`: governor-based keyed limits with bounded key state
@@ -49,6 +52,7 @@ pub mod decisions;
 pub mod error;
 pub mod identity;
 pub mod listener;
+pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod router;

@@ -20,6 +20,8 @@ pub struct Route {
     pub upstream: Option<Arc<Upstream>>,
     /// The rate limits requests on this route count against (its own or the defaults).
     pub limits: Arc<[Arc<Limiter>]>,
+    /// Position in file order (indexes per-route state such as the policy engine's).
+    pub index: usize,
 }
 
 /// All routes of a snapshot, in file order.
@@ -28,7 +30,32 @@ pub struct Router {
     routes: Vec<Route>,
 }
 
+impl Route {
+    /// A route with no upstream pool and no rate limits: what policy evaluation, `wraith
+    /// policy explain` and `wraith test` need to know about it.
+    pub fn bare(config: RouteConfig, index: usize) -> Route {
+        Route {
+            config,
+            upstream: None,
+            limits: Arc::from(Vec::new()),
+            index,
+        }
+    }
+}
+
 impl Router {
+    /// A router of bare routes (see `Route::bare`) for a config.
+    pub fn bare(config: &crate::config::Config) -> Router {
+        Router::new(
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Route::bare(c.clone(), i))
+                .collect(),
+        )
+    }
+
     pub fn new(routes: Vec<Route>) -> Router {
         Router { routes }
     }
@@ -84,10 +111,12 @@ mod tests {
         Router::new(
             cfg.routes
                 .into_iter()
-                .map(|config| Route {
+                .enumerate()
+                .map(|(index, config)| Route {
                     config,
                     upstream: None,
                     limits: Arc::from(Vec::new()),
+                    index,
                 })
                 .collect(),
         )

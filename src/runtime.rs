@@ -19,6 +19,7 @@ use crate::decisions::appsec::Appsec;
 use crate::decisions::crowdsec::{self, Bridge};
 use crate::decisions::DecisionStore;
 use crate::listener::{self, tls, ListenerHandle};
+use crate::policy::PolicyEngine;
 use crate::proxy::Gateway;
 use crate::ratelimit::{self, Limiter};
 use crate::router::{Route, Router};
@@ -38,6 +39,8 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub config: Config,
     pub router: Router,
+    /// The policy stage of this generation.
+    pub policy: PolicyEngine,
     pub upstreams: Vec<Arc<Upstream>>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
     /// The `[rate_limit]` default limits (shared by every route without its own).
@@ -81,7 +84,8 @@ impl Snapshot {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
+            .enumerate()
+            .map(|(index, r)| Route {
                 upstream: match &r.action {
                     RouteAction::Upstream(name) => by_name.get(&**name).map(|u| Arc::clone(u)),
                     _ => None,
@@ -100,6 +104,7 @@ impl Snapshot {
                     }
                 },
                 config: r.clone(),
+                index,
             })
             .collect();
         let appsec = match config.crowdsec.as_ref().and_then(|c| {
@@ -111,6 +116,14 @@ impl Snapshot {
             Some(Ok(a)) => Some(Arc::new(a)),
             Some(Err(e)) => {
                 errors.push(e);
+                None
+            }
+        };
+        // Policies: route entities and sets, built once per snapshot.
+        let policy = match PolicyEngine::build(&config) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(format!("policy: {e}"));
                 None
             }
         };
@@ -133,13 +146,14 @@ impl Snapshot {
                 tls: acceptor,
             }));
         }
-        if !errors.is_empty() {
+        let Some(policy) = policy.filter(|_| errors.is_empty()) else {
             return Err(errors);
-        }
+        };
         Ok(Snapshot {
             generation,
             loaded_at: SystemTime::now(),
             router: Router::new(routes),
+            policy,
             upstreams,
             listeners,
             default_limits,
@@ -194,6 +208,8 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// Every connection task, so draining can wait for them.
     pub connections: TaskTracker,
+    /// TLS handshakes refused because of the client certificate, by reason.
+    pub client_cert_rejections: tls::ClientCertRejections,
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     last_reload: Mutex<Option<ReloadResult>>,
@@ -229,6 +245,7 @@ impl Runtime {
             generation: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            client_cert_rejections: tls::ClientCertRejections::default(),
             listeners: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: Mutex::new(None),

@@ -20,16 +20,39 @@ pub enum Exit {
     Forced,
 }
 
+/// The process's signal handlers, installed before the server says it started: a SIGHUP
+/// that arrives right after "wraith started" must reload, not kill the process (the default
+/// action).
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the SIGHUP, SIGTERM, SIGINT and SIGUSR1 handlers (inside the tokio runtime).
+    pub fn install() -> Result<Signals, String> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| format!("cannot install {name} handler: {e}"))
+        };
+        Ok(Signals {
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            usr1: install(SignalKind::user_defined1(), "SIGUSR1")?,
+        })
+    }
+}
+
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP; then drains.
-pub async fn run(runtime: Arc<Runtime>) -> Result<Exit, String> {
-    let mut hup =
-        signal(SignalKind::hangup()).map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| format!("cannot install SIGTERM handler: {e}"))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| format!("cannot install SIGINT handler: {e}"))?;
-    let mut usr1 = signal(SignalKind::user_defined1())
-        .map_err(|e| format!("cannot install SIGUSR1 handler: {e}"))?;
+pub async fn run(runtime: Arc<Runtime>, signals: Signals) -> Result<Exit, String> {
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+        mut usr1,
+    } = signals;
     loop {
         tokio::select! {
             _ = usr1.recv() => {

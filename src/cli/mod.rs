@@ -5,6 +5,7 @@
 mod certs;
 mod decisions;
 mod logs;
+mod policy;
 mod reload;
 mod serve;
 mod status;
@@ -45,8 +46,14 @@ pub struct ConfigArg {
 pub enum Command {
     /// Run the gateway.
     Serve(ConfigArg),
-    /// Check the configuration (like `nginx -t`): exit 0 if valid, 1 with every problem if not.
+    /// Check the configuration (like `nginx -t`) and run the policy test cases
+    /// (`<policy dir>/tests/*.toml`): exit 0 if all is well, 1 with every problem if not.
     Test(ConfigArg),
+    /// Cedar policies: print the schema, explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Ask the running server to reload its configuration (SIGHUP) and report the outcome.
     Reload(ConfigArg),
     /// Ask the running server to drain and stop (SIGTERM), and wait for it to exit.
@@ -143,12 +150,32 @@ pub enum CertsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print Wraith's Cedar schema (the entities and context policies see).
+    Schema,
+    /// Decide a request with the configured policies and show the determining policies and
+    /// the entities and context Cedar saw.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        args: policy::ExplainArgs,
+    },
+}
+
 /// Parses the command line and runs the subcommand.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(c) => serve::run(&c.config),
         Command::Test(c) => test::run(&c.config),
+        Command::Policy {
+            command: PolicyCommand::Schema,
+        } => policy::schema(),
+        Command::Policy {
+            command: PolicyCommand::Explain { config, args },
+        } => policy::explain(&config.config, &args),
         Command::Reload(c) => reload::run(&c.config),
         Command::Stop { config, timeout } => stop::run(&config.config, timeout.as_deref()),
         Command::Status { config, json } => status::run(&config.config, json),

@@ -54,6 +54,8 @@ pub fn run(config_path: &Path) -> ExitCode {
         std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let mut telemetry = None;
     let result = rt.block_on(async {
+        // Before anything can announce the server (pid file, log): see `Signals`.
+        let signals = signals::Signals::install()?;
         let runtime = Runtime::start(config_path, config).await?;
         telemetry = Some((
             runtime.telemetry.clone(),
@@ -75,7 +77,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             "wraith started"
         );
         drop(snapshot);
-        let exit = signals::run(runtime.clone()).await;
+        let exit = signals::run(runtime.clone(), signals).await;
         // Local bans outlive the process ("saves state" on SIGTERM as well as on change).
         match runtime.save_decisions() {
             Ok(()) => tracing::info!("local decisions saved"),

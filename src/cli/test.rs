@@ -1,4 +1,5 @@
-//! `wraith test`: load and build everything the server would, print every problem.
+//! `wraith test`: load and build everything the server would (policies validated against the
+//! schema included), print every problem, then run the policy test cases.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -41,13 +42,38 @@ pub fn run(config_path: &Path) -> ExitCode {
         }
     }
     println!(
-        "wraith: configuration {} is valid: {} listener(s), {} upstream(s), {} route(s)",
+        "wraith: configuration {} is valid: {} listener(s), {} upstream(s), {} route(s), {} policies",
         config_path.display(),
         config.listeners.len(),
         config.upstreams.len(),
-        config.routes.len()
+        config.routes.len(),
+        config.policy.as_ref().map_or(0, |p| p.compiled.policies.len())
     );
-    ExitCode::SUCCESS
+    if config.policy.is_none() {
+        return ExitCode::SUCCESS;
+    }
+    policy_cases(&config)
+}
+
+/// Runs `<policy dir>/tests/*.toml`; ends with the `N passed, N failed` line.
+fn policy_cases(config: &config::Config) -> ExitCode {
+    let engine = match crate::policy::PolicyEngine::build(config) {
+        Ok(e) => e,
+        Err(e) => {
+            println!("error: policy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let router = super::policy::router_of(config);
+    let report = crate::policy::cases::run(config, &engine, &router);
+    println!("\npolicy tests");
+    print!("{}", report.output);
+    println!("{} passed, {} failed", report.passed, report.failed);
+    if report.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn block_on_build(config: config::Config) -> Result<(), Vec<String>> {

@@ -51,6 +51,8 @@ pub struct Config {
     pub crowdsec: Option<CrowdsecConfig>,
     /// `[rate_limit]`: the default limits and the limiter settings.
     pub rate_limit: RateLimitSettings,
+    /// `[policy]`: Cedar policies. `None` means nothing permits (deny by default).
+    pub policy: Option<PolicyConfig>,
     /// Things that are allowed but probably wrong (printed by `wraith test`, logged by serve).
     pub warnings: Vec<String>,
     /// Things loading did that the operator should hear about (e.g. dev certificates created).
@@ -129,6 +131,63 @@ pub struct TlsConfig {
     /// The loaded certificate chain and key; `None` only when `wraith test` runs before the
     /// development certificates were generated.
     pub certified_key: Option<Arc<CertifiedKey>>,
+    /// Client certificates (mTLS).
+    pub client_auth: ClientAuth,
+}
+
+/// Whether a listener asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// No certificate is requested.
+    None,
+    /// A certificate is requested; without one the client is anonymous, with one it must verify.
+    Optional,
+    /// A handshake without a valid certificate fails.
+    Require,
+}
+
+/// Client-certificate verification settings of a listener, with CAs and CRLs loaded.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    pub mode: ClientAuthMode,
+    /// Trusted CA bundle files.
+    pub ca_paths: Vec<PathBuf>,
+    /// The CA certificates (trust anchors) from `ca_paths`.
+    pub cas: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// CRL files, re-read on every reload.
+    pub crl_paths: Vec<PathBuf>,
+    pub crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    /// Most certificates the client may send (leaf plus intermediates, not counting copies of
+    /// trusted CAs).
+    pub max_chain_depth: usize,
+}
+
+impl Default for ClientAuth {
+    fn default() -> Self {
+        ClientAuth {
+            mode: ClientAuthMode::None,
+            ca_paths: Vec::new(),
+            cas: Vec::new(),
+            crl_paths: Vec::new(),
+            crls: Vec::new(),
+            max_chain_depth: 4,
+        }
+    }
+}
+
+/// `[policy]`: where the Cedar policies are and how routes use them.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// The policy directory (`*.cedar`, `wraith.cedarschema`, `tests/*.toml`).
+    pub dir: PathBuf,
+    /// The set used by routes that name none.
+    pub default_set: String,
+    /// Seconds east of UTC for `context.local` (office hours).
+    pub utc_offset: i32,
+    /// The sets as configured.
+    pub sets: Vec<crate::policy::load::SetSpec>,
+    /// Everything parsed and validated.
+    pub compiled: Arc<crate::policy::Compiled>,
 }
 
 /// A TLS protocol version a listener accepts.
@@ -191,6 +250,12 @@ pub struct RouteConfig {
     pub rate_limits: Option<Vec<RateLimitConfig>>,
     /// Response compression (off unless configured).
     pub compression: Option<Arc<CompressionConfig>>,
+    /// Free-form labels, given to policies as `resource.tags`.
+    pub tags: Vec<String>,
+    /// The policy set deciding this route; `None` means `[policy] default_set`.
+    pub policy: Option<String>,
+    /// Overrides the set's mode for this route.
+    pub policy_mode: Option<crate::policy::PolicyMode>,
 }
 
 /// Host part of a route match.
@@ -383,6 +448,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     }
 
     let mut raw_server = None;
+    let mut raw_policy = None;
     let mut raw_listeners = Vec::new();
     let mut raw_upstreams = Vec::new();
     let mut raw_routes = Vec::new();
@@ -400,6 +466,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
             "decisions" => raw_decisions = b.de::<RawDecisions>(value, "decisions"),
             "crowdsec" => raw_crowdsec = b.de::<Spanned<RawCrowdsec>>(value, "crowdsec"),
             "rate_limit" => raw_rate_limit = b.de::<RawRateLimit>(value, "rate_limit"),
+            "policy" => raw_policy = b.de::<RawPolicy>(value, "policy"),
             "listener" | "upstream" | "route" => {
                 let DeValue::Array(items) = value.get_ref() else {
                     b.err(
@@ -427,7 +494,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
             other => b.err(
                 Some(key.span()),
                 other,
-                "unknown section (expected server, listener, upstream, route, decisions, crowdsec, rate_limit, log or metrics)",
+                "unknown section (expected server, listener, upstream, route, policy, decisions, crowdsec, rate_limit, log or metrics)",
             ),
         }
     }
@@ -435,7 +502,16 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     let server = build_server(&mut b, raw_server.unwrap_or_default());
     let listeners = build_listeners(&mut b, &server, raw_listeners);
     let upstreams = build_upstreams(&mut b, raw_upstreams);
-    let routes = build_routes(&mut b, &upstreams, raw_routes);
+    let policy = match raw_policy {
+        Some(p) => build_policy(&mut b, p),
+        None => {
+            b.warnings.push(
+                "no [policy] section: no policy permits anything, so every routed request is denied with 403 (deny by default); add [policy] (see docs/policy.md)".into(),
+            );
+            None
+        }
+    };
+    let routes = build_routes(&mut b, &upstreams, policy.as_ref(), raw_routes);
     let log = build_log(&mut b, raw_log.unwrap_or_default());
     let metrics = build_metrics(&mut b, raw_metrics.unwrap_or_default());
     let decisions = super::security::build_decisions(&mut b, raw_decisions.unwrap_or_default());
@@ -479,6 +555,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
         decisions,
         crowdsec,
         rate_limit,
+        policy,
         warnings: b.warnings,
         notices: b.notices,
     })
@@ -809,6 +886,7 @@ fn build_tls(
     );
     let cert_path = b.path(raw.cert.get_ref());
     let key_path = b.path(raw.key.get_ref());
+    let mut client_auth = client_auth_spec(b, key, &raw);
 
     // Development certificates: create them (serve) or note that they would be (test).
     let missing = !cert_path.exists() && !key_path.exists();
@@ -844,6 +922,7 @@ fn build_tls(
                 key_exchange,
                 handshake_timeout,
                 certified_key: None,
+                client_auth,
             });
         }
     }
@@ -863,6 +942,7 @@ fn build_tls(
             None
         }
     };
+    load_client_auth(b, key, &raw, &mut client_auth);
     certified_key.map(|ck| TlsConfig {
         cert_path,
         key_path,
@@ -871,7 +951,105 @@ fn build_tls(
         key_exchange,
         handshake_timeout,
         certified_key: Some(ck),
+        client_auth,
     })
+}
+
+/// `client_auth`, `client_ca`, `client_crl`, `client_max_chain_depth` (files not read yet).
+fn client_auth_spec(b: &mut Builder<'_>, key: &str, raw: &RawTls) -> ClientAuth {
+    let mode = match raw.client_auth.as_ref() {
+        None => ClientAuthMode::None,
+        Some(m) => match m.get_ref().as_str() {
+            "none" => ClientAuthMode::None,
+            "optional" => ClientAuthMode::Optional,
+            "require" => ClientAuthMode::Require,
+            other => {
+                b.err(
+                    Some(m.span()),
+                    format!("{key}.client_auth"),
+                    format!("unknown client_auth {other:?} (expected \"require\", \"optional\" or \"none\")"),
+                );
+                ClientAuthMode::None
+            }
+        },
+    };
+    let paths = |b: &Builder<'_>, v: &Option<Spanned<OneOrMany>>| -> Vec<PathBuf> {
+        v.iter()
+            .flat_map(|v| v.get_ref().items())
+            .map(|p| b.path(p))
+            .collect()
+    };
+    let ca_paths = paths(b, &raw.client_ca);
+    let crl_paths = paths(b, &raw.client_crl);
+    if mode != ClientAuthMode::None && ca_paths.is_empty() {
+        b.err(
+            raw.client_auth.as_ref().map(|m| m.span()),
+            format!("{key}.client_ca"),
+            "client_auth needs client_ca: the CA bundle(s) that client certificates must chain to",
+        );
+    }
+    if mode == ClientAuthMode::None {
+        for (name, v) in [
+            ("client_ca", &raw.client_ca),
+            ("client_crl", &raw.client_crl),
+        ] {
+            if let Some(v) = v {
+                b.err(
+                    Some(v.span()),
+                    format!("{key}.{name}"),
+                    format!(
+                        "{name} has no effect without client_auth = \"require\" or \"optional\""
+                    ),
+                );
+            }
+        }
+    }
+    let max_chain_depth = b
+        .int(
+            &raw.client_max_chain_depth,
+            &format!("{key}.client_max_chain_depth"),
+            1,
+            16,
+        )
+        .map_or(ClientAuth::default().max_chain_depth, |n| n as usize);
+    ClientAuth {
+        mode,
+        ca_paths,
+        crl_paths,
+        max_chain_depth,
+        ..ClientAuth::default()
+    }
+}
+
+/// Reads the client CA bundles and CRLs of a listener.
+fn load_client_auth(b: &mut Builder<'_>, key: &str, raw: &RawTls, auth: &mut ClientAuth) {
+    if auth.mode == ClientAuthMode::None {
+        return;
+    }
+    let ca_span = raw.client_ca.as_ref().map(|v| v.span());
+    for path in auth.ca_paths.clone() {
+        match tls::load_certs(&path) {
+            Ok(certs) => auth.cas.extend(certs),
+            Err(m) => b.err(ca_span.clone(), format!("{key}.client_ca"), m),
+        }
+    }
+    let crl_span = raw.client_crl.as_ref().map(|v| v.span());
+    for path in auth.crl_paths.clone() {
+        match tls::load_crls(&path) {
+            Ok((crls, warnings)) => {
+                auth.crls.extend(crls);
+                b.warnings.extend(
+                    warnings
+                        .into_iter()
+                        .map(|w| format!("{key}.client_crl: {w}")),
+                );
+            }
+            Err(m) => b.err(crl_span.clone(), format!("{key}.client_crl"), m),
+        }
+    }
+    if let Err(m) = tls::client_verifier(auth) {
+        b.err(ca_span, format!("{key}.client_ca"), m);
+    }
 }
 
 fn redirect_status(
@@ -903,6 +1081,7 @@ fn redirect_status(
 fn build_routes(
     b: &mut Builder<'_>,
     upstreams: &[UpstreamConfig],
+    policy: Option<&PolicyConfig>,
     raw: Vec<(usize, RawRoute)>,
 ) -> Vec<RouteConfig> {
     let mut out = Vec::new();
@@ -910,6 +1089,7 @@ fn build_routes(
     for (i, r) in raw {
         let key = format!("route[{i}]");
         check_name(b, &r.name, &format!("{key}.name"), &mut names);
+        let (policy_set, policy_mode) = route_policy(b, &key, &r, policy);
         let host = match &r.host {
             None => HostMatch::Any,
             Some(h) => match parse_host_match(h.get_ref()) {
@@ -1076,6 +1256,13 @@ fn build_routes(
                 built.map(Arc::new)
             }
         };
+        let mut tags = Vec::new();
+        for (j, t) in r.tags.iter().flatten().enumerate() {
+            if t.get_ref().is_empty() {
+                b.err(Some(t.span()), format!("{key}.tags[{j}]"), "empty tag");
+            }
+            tags.push(t.get_ref().clone());
+        }
         out.push(RouteConfig {
             rate_limits,
             compression,
@@ -1088,9 +1275,238 @@ fn build_routes(
             request_headers,
             response_headers,
             response_timeout,
+            tags,
+            policy: policy_set,
+            policy_mode,
         });
     }
     out
+}
+
+/// A route's `policy` (set name, checked against `[policy]`) and `policy_mode`.
+fn route_policy(
+    b: &mut Builder<'_>,
+    key: &str,
+    r: &RawRoute,
+    policy: Option<&PolicyConfig>,
+) -> (Option<String>, Option<crate::policy::PolicyMode>) {
+    let set = r.policy.as_ref().map(|p| p.get_ref().clone());
+    match (&r.policy, policy) {
+        (Some(p), None) => b.err(
+            Some(p.span()),
+            format!("{key}.policy"),
+            format!(
+                "policy set {:?} named but there is no [policy] section",
+                p.get_ref()
+            ),
+        ),
+        (Some(p), Some(pc)) if !pc.sets.iter().any(|s| s.name == *p.get_ref()) => b.err(
+            Some(p.span()),
+            format!("{key}.policy"),
+            format!(
+                "unknown policy set {:?} (defined: {})",
+                p.get_ref(),
+                pc.sets
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        _ => {}
+    }
+    let mode =
+        r.policy_mode
+            .as_ref()
+            .and_then(|m| match crate::policy::PolicyMode::parse(m.get_ref()) {
+                Some(mode) => {
+                    if mode == crate::policy::PolicyMode::Shadow {
+                        b.warnings.push(format!(
+                        "{key} ({}): policy_mode = \"shadow\": denials are logged, not enforced",
+                        r.name.get_ref()
+                    ));
+                    }
+                    Some(mode)
+                }
+                None => {
+                    b.err(
+                        Some(m.span()),
+                        format!("{key}.policy_mode"),
+                        format!(
+                            "unknown mode {:?} (expected \"enforce\" or \"shadow\")",
+                            m.get_ref()
+                        ),
+                    );
+                    None
+                }
+            });
+    (set, mode)
+}
+
+/// `[policy]`: resolves the directory and sets, then loads and validates every policy file.
+fn build_policy(b: &mut Builder<'_>, raw: RawPolicy) -> Option<PolicyConfig> {
+    use crate::policy::load::{self, PolicyMode, SetSpec};
+    let dir = b.path(
+        raw.dir
+            .as_ref()
+            .map_or("policies", |d| d.get_ref().as_str()),
+    );
+    let utc_offset = match &raw.utc_offset {
+        None => 0,
+        Some(s) => match crate::policy::entities::parse_utc_offset(s.get_ref()) {
+            Ok(o) => o,
+            Err(m) => {
+                b.err(Some(s.span()), "policy.utc_offset", m);
+                0
+            }
+        },
+    };
+    let mut sets = Vec::new();
+    match &raw.set {
+        None => sets.push(SetSpec {
+            name: "default".into(),
+            files: None,
+            mode: PolicyMode::Enforce,
+        }),
+        Some(list) => {
+            for (i, s) in list.iter().enumerate() {
+                let key = format!("policy.set[{i}]");
+                let span = s.span();
+                let s = s.get_ref();
+                let name = s.name.get_ref().clone();
+                if name.is_empty() || sets.iter().any(|x: &SetSpec| x.name == name) {
+                    b.err(
+                        Some(s.name.span()),
+                        format!("{key}.name"),
+                        format!("empty or duplicate policy set name {name:?}"),
+                    );
+                }
+                let mode = match &s.mode {
+                    None => PolicyMode::Enforce,
+                    Some(m) => match PolicyMode::parse(m.get_ref()) {
+                        Some(PolicyMode::Shadow) => {
+                            b.warnings.push(format!(
+                                "policy set {name:?} is in shadow mode: denials are logged, not enforced"
+                            ));
+                            PolicyMode::Shadow
+                        }
+                        Some(mode) => mode,
+                        None => {
+                            b.err(
+                                Some(m.span()),
+                                format!("{key}.mode"),
+                                format!(
+                                    "unknown mode {:?} (expected \"enforce\" or \"shadow\")",
+                                    m.get_ref()
+                                ),
+                            );
+                            PolicyMode::Enforce
+                        }
+                    },
+                };
+                let files = s.files.as_ref().map(|files| {
+                    let mut out = Vec::new();
+                    for (j, f) in files.iter().enumerate() {
+                        let p = Path::new(f.get_ref());
+                        let path = if p.is_absolute() {
+                            p.to_path_buf()
+                        } else {
+                            dir.join(p)
+                        };
+                        if !path.is_file() {
+                            b.err(
+                                Some(f.span()),
+                                format!("{key}.files[{j}]"),
+                                format!("policy file {} does not exist", path.display()),
+                            );
+                            continue;
+                        }
+                        out.push(path);
+                    }
+                    out
+                });
+                if s.files.as_ref().is_some_and(|f| f.is_empty()) {
+                    b.err(
+                        Some(span.clone()),
+                        format!("{key}.files"),
+                        "a policy set needs at least one file",
+                    );
+                }
+                sets.push(SetSpec { name, files, mode });
+            }
+        }
+    }
+    let default_set = raw
+        .default_set
+        .as_ref()
+        .map_or("default".to_string(), |d| d.get_ref().clone());
+    if !sets.iter().any(|s| s.name == default_set) {
+        b.err(
+            raw.default_set.as_ref().map(|d| d.span()),
+            "policy.default_set",
+            format!(
+                "the default policy set {default_set:?} is not defined (defined: {})",
+                sets.iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    if !dir.is_dir() {
+        b.err(
+            raw.dir.as_ref().map(|d| d.span()),
+            "policy.dir",
+            format!("policy directory {} does not exist", dir.display()),
+        );
+        return None;
+    }
+    // The schema file beside the policies is for editors and the cedar CLI; Wraith uses its
+    // built-in schema, so a stale copy would mislead whoever reads it.
+    let schema_file = dir.join("wraith.cedarschema");
+    if let Ok(text) = std::fs::read_to_string(&schema_file) {
+        if text.trim() != load::SCHEMA.trim() {
+            b.warnings.push(format!(
+                "{} differs from the schema this Wraith uses; regenerate it with `wraith policy schema > {}`",
+                schema_file.display(),
+                schema_file.display()
+            ));
+        }
+    }
+    let compiled = match load::compile(&dir, &sets) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                b.errors.push(ConfigError {
+                    location: e.line.map(|line| super::Location {
+                        file: e.file.clone(),
+                        line,
+                        column: e.column.unwrap_or(1),
+                    }),
+                    key: if e.line.is_some() {
+                        "policy".into()
+                    } else {
+                        format!("policy ({})", e.file.display())
+                    },
+                    message: e.message,
+                });
+            }
+            return None;
+        }
+    };
+    if compiled.policies.is_empty() {
+        b.warnings.push(format!(
+            "no policies in {}: every routed request is denied",
+            dir.display()
+        ));
+    }
+    Some(PolicyConfig {
+        dir,
+        default_set,
+        utc_offset,
+        sets,
+        compiled: Arc::new(compiled),
+    })
 }
 
 fn check_path(b: &mut Builder<'_>, s: &Str, key: &str) {

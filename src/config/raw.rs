@@ -48,6 +48,46 @@ pub struct RawTls {
     pub alpn: Option<Vec<Str>>,
     pub key_exchange: Option<Vec<Str>>,
     pub handshake_timeout: Option<Str>,
+    pub client_auth: Option<Str>,
+    pub client_ca: Option<Spanned<OneOrMany>>,
+    pub client_crl: Option<Spanned<OneOrMany>>,
+    pub client_max_chain_depth: Option<Spanned<i64>>,
+}
+
+/// A path or a list of paths: `"ca.pem"` or `["a.pem", "b.pem"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// `[policy]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub dir: Option<Str>,
+    pub default_set: Option<Str>,
+    pub utc_offset: Option<Str>,
+    pub set: Option<Vec<Spanned<RawPolicySet>>>,
+}
+
+/// `[[policy.set]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicySet {
+    pub name: Str,
+    pub files: Option<Vec<Str>>,
+    pub mode: Option<Str>,
 }
 
 /// `[listener.redirect_https]`
@@ -187,6 +227,9 @@ pub struct RawRoute {
     pub request_headers: Option<RawHeaderOps>,
     pub response_headers: Option<RawHeaderOps>,
     pub response_timeout: Option<Str>,
+    pub tags: Option<Vec<Str>>,
+    pub policy: Option<Str>,
+    pub policy_mode: Option<Str>,
     pub rate_limits: Option<Vec<Spanned<RawLimit>>>,
     pub compression: Option<Spanned<RawCompression>>,
 }

@@ -26,9 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::tls::group_name;
+use super::tls::{self, group_name};
 use crate::body::Body;
 use crate::config::Limits;
+use crate::identity::Identity;
 use crate::proxy::{ConnInfo, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 use crate::telemetry::metrics::ConnectionLabels;
@@ -214,6 +215,7 @@ pub(super) async fn serve(
         listener: listener.config.name.clone(),
         tls: None,
         identity: None,
+        policy_cache: Default::default(),
     };
 
     let Some(acceptor) = &listener.tls else {
@@ -234,8 +236,16 @@ pub(super) async fn serve(
     let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(peer = %peer, listener = %info.listener, error = %e, "TLS handshake failed");
-            let failure = classify_handshake_error(&e);
+            let (reason, detail) = tls::handshake_failure(&e);
+            let failure = if tls::is_client_cert_failure(reason) {
+                // The operator needs to see why a client was turned away.
+                runtime.client_cert_rejections.count(reason);
+                tracing::info!(peer = %peer, listener = %info.listener, reason, error = %detail, "TLS handshake failed: client certificate refused");
+                HandshakeFailure::ClientCertificate(format!("{reason}: {detail}"))
+            } else {
+                tracing::debug!(peer = %peer, listener = %info.listener, reason, error = %detail, "TLS handshake failed");
+                HandshakeFailure::Other(format!("{reason}: {detail}"))
+            };
             runtime.gateway.snapshot().telemetry.handshake(
                 &info.listener,
                 peer,
@@ -279,7 +289,27 @@ pub(super) async fn serve(
             Ok((t.version, t.group.unwrap_or("unknown"))),
         );
     }
+    // Identity: once per connection, from the leaf the verifier accepted.
+    if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+        info.identity = Some(Arc::new(identity_of(leaf, peer, &info.listener)));
+    }
     serve_http(runtime, &listener, TokioIo::new(tls), info, state, h2, stop).await;
+}
+
+/// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
+fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Identity {
+    match Identity::from_der(leaf) {
+        Ok((id, warnings)) => {
+            for w in warnings {
+                tracing::warn!(peer = %peer, listener, client = id.name(), "client certificate: {w}");
+            }
+            id
+        }
+        Err(e) => {
+            tracing::warn!(peer = %peer, listener, error = %e, "client certificate verified but unreadable; identity is its fingerprint only");
+            Identity::unparsed(leaf)
+        }
+    }
 }
 
 /// Waits for enough bytes to tell an HTTP/2 preface from HTTP/1.1 (peeking, nothing consumed).
@@ -417,22 +447,5 @@ struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-/// Whether a failed handshake was the client certificate's fault (an `mtls_failed` event)
-/// or anything else.
-fn classify_handshake_error(e: &io::Error) -> HandshakeFailure {
-    let reason = e.to_string();
-    let rustls_error = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match rustls_error {
-        Some(
-            rustls::Error::InvalidCertificate(_)
-            | rustls::Error::NoCertificatesPresented
-            | rustls::Error::InvalidCertRevocationList(_),
-        ) => HandshakeFailure::ClientCertificate(reason),
-        _ => HandshakeFailure::Other(reason),
     }
 }

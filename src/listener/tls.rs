@@ -6,14 +6,19 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{NamedGroup, ServerConfig};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, NamedGroup, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
-use crate::config::{TlsConfig, TlsVersion};
+use crate::config::{ClientAuth, ClientAuthMode, TlsConfig, TlsVersion};
 
 /// A key-exchange group Wraith can offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,12 +197,249 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
             TlsVersion::Tls13 => &rustls::version::TLS13,
         })
         .collect();
-    let mut config = ServerConfig::builder_with_provider(provider(&tls.key_exchange))
+    let builder = ServerConfig::builder_with_provider(provider(&tls.key_exchange))
         .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS settings rejected: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SingleCert(ck)));
+        .map_err(|e| format!("TLS settings rejected: {e}"))?;
+    let builder = match client_verifier(&tls.client_auth)? {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCert(ck)));
     config.alpn_protocols = tls.alpn.clone();
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// Loads every CRL from a file (PEM `X509 CRL` blocks, or one DER CRL). Warns about CRLs past
+/// their nextUpdate: with those, every certificate they cover is refused (fail closed).
+pub fn load_crls(
+    path: &Path,
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<String>), String> {
+    let data =
+        fs::read(path).map_err(|e| format!("cannot read CRL file {}: {e}", path.display()))?;
+    let mut crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_slice_iter(&data)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: malformed PEM: {e}", path.display()))?;
+    if crls.is_empty() && data.first() == Some(&0x30) {
+        crls.push(CertificateRevocationListDer::from(data));
+    }
+    if crls.is_empty() {
+        return Err(format!(
+            "{}: no CRL found (expected PEM \"BEGIN X509 CRL\" blocks or a DER CRL)",
+            path.display()
+        ));
+    }
+    let mut warnings = Vec::new();
+    let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+    for (i, crl) in crls.iter().enumerate() {
+        match x509_parser::parse_x509_crl(crl) {
+            Ok((_, parsed)) => {
+                if let Some(next) = parsed.next_update() {
+                    if next.timestamp() < now {
+                        warnings.push(format!(
+                            "CRL #{} in {} expired on {} (its nextUpdate); certificates of its issuer are refused until it is renewed",
+                            i + 1,
+                            path.display(),
+                            next
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{}: CRL #{} is not valid: {e}",
+                    path.display(),
+                    i + 1
+                ))
+            }
+        }
+    }
+    Ok((crls, warnings))
+}
+
+/// The client-certificate verifier of a listener, `None` when it does not ask for one.
+///
+/// webpki does the work (chain to the CA bundle, validity, key usage, CRLs for every
+/// certificate of the chain, expired CRLs refused - as nginx does with `ssl_crl`); the wrapper
+/// adds the chain-length limit.
+pub fn client_verifier(auth: &ClientAuth) -> Result<Option<Arc<dyn ClientCertVerifier>>, String> {
+    if auth.mode == ClientAuthMode::None {
+        return Ok(None);
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in &auth.cas {
+        roots
+            .add(ca.clone())
+            .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(aws_lc_rs::default_provider()),
+    );
+    if !auth.crls.is_empty() {
+        builder = builder
+            .with_crls(auth.crls.iter().cloned())
+            .enforce_revocation_expiration();
+    }
+    if auth.mode == ClientAuthMode::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    let inner = builder
+        .build()
+        .map_err(|e| format!("client certificate verifier: {e}"))?;
+    Ok(Some(Arc::new(DepthLimited {
+        inner,
+        max: auth.max_chain_depth,
+        cas: auth.cas.clone(),
+    })))
+}
+
+/// Refuses chains longer than `client_max_chain_depth` before webpki builds a path.
+#[derive(Debug)]
+struct DepthLimited {
+    inner: Arc<dyn ClientCertVerifier>,
+    max: usize,
+    /// Copies of trusted CAs that clients send along do not count.
+    cas: Vec<CertificateDer<'static>>,
+}
+
+/// The message of the chain-length refusal (matched by the handshake log).
+pub const CHAIN_TOO_LONG: &str = "client certificate chain is longer than client_max_chain_depth";
+
+impl ClientCertVerifier for DepthLimited {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let depth = 1 + intermediates
+            .iter()
+            .filter(|c| !self.cas.iter().any(|ca| ca.as_ref() == c.as_ref()))
+            .count();
+        if depth > self.max {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(ChainTooLong(depth, self.max))),
+            )));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct ChainTooLong(usize, usize);
+
+impl std::fmt::Display for ChainTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{CHAIN_TOO_LONG} ({} > {})", self.0, self.1)
+    }
+}
+
+impl std::error::Error for ChainTooLong {}
+
+/// Why a handshake failed, as logged and counted: a short stable label and whether it is about
+/// the client certificate.
+pub fn handshake_failure(e: &std::io::Error) -> (&'static str, String) {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return ("io", e.to_string());
+    };
+    use CertificateError as C;
+    let label = match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "untrusted_issuer",
+            C::Expired | C::ExpiredContext { .. } => "certificate_expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "certificate_not_yet_valid",
+            C::Revoked => "certificate_revoked",
+            C::UnknownRevocationStatus => "revocation_status_unknown",
+            C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => "crl_expired",
+            C::BadSignature => "bad_signature",
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong_key_usage",
+            C::Other(o) if o.to_string().starts_with(CHAIN_TOO_LONG) => "chain_too_long",
+            _ => "invalid_certificate",
+        },
+        rustls::Error::PeerIncompatible(_) => "incompatible_client",
+        rustls::Error::PeerMisbehaved(_) => "client_misbehaved",
+        rustls::Error::AlertReceived(_) => "client_alert",
+        _ => "tls_error",
+    };
+    (label, tls.to_string())
+}
+
+/// Whether a failure label is about the client certificate (logged at info, counted).
+pub fn is_client_cert_failure(label: &str) -> bool {
+    CLIENT_CERT_FAILURES.contains(&label)
+}
+
+/// The client-certificate failure labels, in the order `ClientCertRejections` counts them.
+pub const CLIENT_CERT_FAILURES: [&str; 11] = [
+    "no_client_certificate",
+    "untrusted_issuer",
+    "certificate_expired",
+    "certificate_not_yet_valid",
+    "certificate_revoked",
+    "revocation_status_unknown",
+    "crl_expired",
+    "bad_signature",
+    "wrong_key_usage",
+    "chain_too_long",
+    "invalid_certificate",
+];
+
+/// Handshakes refused because of the client certificate, by reason (kept across reloads;
+/// `wraith status` shows them, the metrics exporter reads them).
+#[derive(Debug, Default)]
+pub struct ClientCertRejections([std::sync::atomic::AtomicU64; CLIENT_CERT_FAILURES.len()]);
+
+impl ClientCertRejections {
+    /// Counts one refusal with a label from `handshake_failure`.
+    pub fn count(&self, label: &str) {
+        if let Some(i) = CLIENT_CERT_FAILURES.iter().position(|l| *l == label) {
+            self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Every reason with its count.
+    pub fn counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        CLIENT_CERT_FAILURES
+            .iter()
+            .zip(&self.0)
+            .map(|(l, c)| (*l, c.load(std::sync::atomic::Ordering::Relaxed)))
+    }
 }

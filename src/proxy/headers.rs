@@ -166,6 +166,28 @@ pub struct ForwardInfo<'a> {
     pub https: bool,
     pub host: Option<&'a str>,
     pub version: Version,
+    /// The verified client identity; its `x-forwarded-client-cert` is sent upstream.
+    pub identity: Option<&'a crate::identity::Identity>,
+}
+
+/// `x-forwarded-client-cert`
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Removes every header a client could use to pose as someone else to the upstream:
+/// `x-forwarded-client-cert` and anything named `x-wraith-*` (Wraith's own namespace).
+pub fn strip_identity_headers(headers: &mut HeaderMap) {
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    // Rare in practice: only collect names when one is there.
+    if headers.keys().any(|k| k.as_str().starts_with("x-wraith-")) {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-wraith-"))
+            .cloned()
+            .collect();
+        for n in names {
+            headers.remove(&n);
+        }
+    }
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request about to be forwarded.
@@ -454,6 +476,7 @@ mod tests {
             https: true,
             host: Some("api.example.com"),
             version: Version::HTTP_2,
+            identity: None,
         };
         let mut h = hm(&[
             ("x-forwarded-for", "6.6.6.6"),

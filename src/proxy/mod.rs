@@ -10,7 +10,7 @@
 //!   ├─ normalize     dot segments out, so routing sees what the upstream will
 //!   ├─ route         first match in file order, else 404
 //!   ├─ decisions     banned client ip -> 403 (CrowdSec, Wazuh, local bans)
-//!   ├─ (policy)      who may do what on this route
+//!   ├─ policy        Cedar: identity x method x route -> permit, or 403 (deny by default)
 //!   ├─ rate limit    per ip / identity / route / trusted header -> 429
 //!   ├─ appsec        optional CrowdSec WAF inspection
 //!   └─ action        respond | redirect | forward (streamed both ways)
@@ -52,7 +52,14 @@ pub struct ConnInfo {
     pub tls: Option<TlsInfo>,
     /// The verified client certificate's identity, when the client presented one.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// The policy stage's per-connection state (the principal entity, built once).
+    pub policy_cache: crate::policy::ConnCache,
 }
+
+/// Request extension: the request arrived as TLS 0-RTT early data (replayable). The QUIC
+/// listener inserts it; policies see it as `context.early_data`.
+#[derive(Debug, Clone, Copy)]
+pub struct EarlyData;
 
 /// The negotiated TLS parameters of a connection.
 #[derive(Debug, Clone)]
@@ -191,7 +198,36 @@ impl Gateway {
         // the 404: a banned client gets 403 whatever it asks for.
         decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
         let route = route.ok_or(GatewayError::NoRoute)?;
-        // (Policy goes here: who may do what on this route.)
+        // Policy: after routing (the route is Cedar's resource), before anything is spent on
+        // the request. Deny by default; a shadow-mode deny is logged and let through.
+        let access = crate::policy::Access {
+            route,
+            method: req.method(),
+            host: host.name(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            version: req.version(),
+            early_data: req.extensions().get::<EarlyData>().is_some(),
+            client_ip,
+            conn,
+        };
+        let verdict = snapshot.policy.authorize(&access);
+        let decision = match &verdict {
+            Ok(permit) => &permit.decision,
+            Err(deny) => &deny.decision,
+        };
+        tracing::debug!(
+            target: "wraith::policy",
+            request_id = request_id.to_str().unwrap_or("-"),
+            route = %route.config.name,
+            principal = conn.identity.as_ref().map_or("-", |i| i.name()),
+            policy = %decision,
+            "policy decision"
+        );
+        record.policy = Some(decision.into());
+        if let Err(deny) = verdict {
+            return Err(GatewayError::from(&deny));
+        }
         // Rate limits after policy: only requests that could be served count.
         ratelimit::check(
             &route.limits,
@@ -224,6 +260,7 @@ impl Gateway {
                     https: conn.tls.is_some(),
                     host: host.name(),
                     version: req.version(),
+                    identity: conn.identity.as_deref(),
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

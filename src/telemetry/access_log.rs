@@ -493,6 +493,7 @@ mod tests {
             listener: "http".into(),
             tls: None,
             identity: None,
+            policy_cache: Default::default(),
         };
         let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
         let rt = tokio::runtime::Builder::new_current_thread()

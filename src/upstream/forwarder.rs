@@ -331,12 +331,18 @@ fn prepare_request(
     }
     let headers = req.headers_mut();
     headers::strip_hop_by_hop(headers, upgrade, h2);
+    // Identity comes from the TLS handshake only, never from the client's headers.
+    headers::strip_identity_headers(headers);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     headers::set_forwarding(headers, info);
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     route.request_headers.apply(headers);
+    // Last, so no route edit can replace the verified identity.
+    if let Some(v) = info.identity.and_then(|i| i.xfcc.as_ref()) {
+        headers.insert(headers::X_FORWARDED_CLIENT_CERT.clone(), v.clone());
+    }
     if h2 {
         // :authority (the endpoint) replaces Host on HTTP/2.
         headers.remove(header::HOST);

@@ -82,6 +82,123 @@ impl Pki {
         std::fs::write(&key, &c.key_pem).unwrap();
         (cert, key)
     }
+
+    /// Issues a client certificate from `params` (subject, SANs, validity) with this CA.
+    pub fn client_with(&self, name: &str, params: rcgen::CertificateParams) -> ClientCert {
+        ClientCert::write(&self.dir, name, &self.ca, params, None)
+    }
+
+    /// A client certificate that expired yesterday.
+    pub fn expired_client(&self, name: &str) -> ClientCert {
+        let mut p = client_params(name, Some(&format!("spiffe://test.local/{name}")));
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(30);
+        p.not_after = now - time::Duration::days(1);
+        self.client_with(name, p)
+    }
+
+    /// A client certificate from a CA nobody trusts.
+    pub fn untrusted_client(&self, name: &str) -> ClientCert {
+        let other = wraith::certs::Ca::new("Some other CA").unwrap();
+        ClientCert::write(
+            &self.dir,
+            name,
+            &other,
+            client_params(name, Some(&format!("spiffe://test.local/{name}"))),
+            None,
+        )
+    }
+
+    /// A client certificate issued by an intermediate CA of this CA; the file holds the
+    /// leaf and the intermediate (a chain of depth 2).
+    pub fn intermediate_client(&self, name: &str) -> ClientCert {
+        let intermediate = self.ca.intermediate("Wraith test intermediate").unwrap();
+        ClientCert::write(
+            &self.dir,
+            name,
+            &intermediate,
+            client_params(name, Some(&format!("spiffe://test.local/{name}"))),
+            Some(&intermediate.cert_pem),
+        )
+    }
+
+    /// Writes a CRL of this CA revoking `revoked` into `file`; returns its path.
+    pub fn write_crl(&self, file: &str, revoked: &[&ClientCert]) -> PathBuf {
+        let serials: Vec<&[u8]> = revoked.iter().map(|c| c.serial.as_slice()).collect();
+        let pem = self.ca.revocation_list(&serials, 7).unwrap();
+        let path = self.dir.join(file);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+}
+
+/// Parameters of a client certificate: CN (and O "Wraith test"), optional SPIFFE ID.
+pub fn client_params(cn: &str, spiffe_id: Option<&str>) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Wraith test");
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    if let Some(id) = spiffe_id {
+        p.subject_alt_names
+            .push(rcgen::SanType::URI(id.try_into().unwrap()));
+    }
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p
+}
+
+/// A client certificate written to `<name>.pem` / `<name>-key.pem`.
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The leaf, DER.
+    pub der: Vec<u8>,
+    /// Serial number bytes (for CRLs).
+    pub serial: Vec<u8>,
+}
+
+impl ClientCert {
+    fn write(
+        dir: &Path,
+        name: &str,
+        ca: &wraith::certs::Ca,
+        mut params: rcgen::CertificateParams,
+        chain_pem: Option<&str>,
+    ) -> ClientCert {
+        // A random serial we know, so a CRL can name it.
+        let serial: Vec<u8> = std::iter::once(0x01)
+            .chain((0..15).map(|_| fastrand::u8(..)))
+            .collect();
+        params.serial_number = Some(rcgen::SerialNumber::from(serial.clone()));
+        let issued = ca.issue(params, 30).unwrap();
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}-key.pem"));
+        let mut pem = issued.cert_pem.clone();
+        if let Some(chain) = chain_pem {
+            pem.push_str(chain);
+        }
+        std::fs::write(&cert, pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec();
+        ClientCert {
+            cert,
+            key,
+            der,
+            serial,
+        }
+    }
+
+    /// `(cert, key)` for the client helpers.
+    pub fn pair(&self) -> (&Path, &Path) {
+        (&self.cert, &self.key)
+    }
+
+    /// SHA-256 of the certificate, lowercase hex (XFCC `Hash=`).
+    pub fn fingerprint(&self) -> String {
+        wraith::identity::sha256_hex(&self.der)
+    }
 }
 
 /// A rustls server config for a test upstream: `cert`/`key` PEM files, ALPN h2 + http/1.1,
@@ -159,6 +276,15 @@ pub fn tls_client_config(
 pub fn https_client(ca_pem: &Path, client: Option<(&Path, &Path)>) -> reqwest::Client {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls_client_config(ca_pem, &[b"h2", b"http/1.1"], client))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A reqwest client over HTTPS that only speaks HTTP/2 (ALPN h2).
+pub fn https_client_h2(ca_pem: &Path, client: Option<(&Path, &Path)>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls_client_config(ca_pem, &[b"h2"], client))
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
@@ -361,22 +487,62 @@ pub struct Setup {
     pub pki: Pki,
 }
 
+/// A `[policy]` section whose only policy permits everything (written by `Setup::new` into
+/// `policies/`): tests of other stages are not about policy.
+pub const ALLOW_ALL_POLICY: &str = "[policy]\ndir = \"policies\"\n";
+
 impl Setup {
     pub fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(dir.path());
-        Setup { dir, pki }
+        let setup = Setup { dir, pki };
+        setup.write_policies(
+            "policies",
+            &[(
+                "allow-all.cedar",
+                "@id(\"test-allow-all\")\npermit(principal, action, resource);\n",
+            )],
+        );
+        setup
     }
 
-    /// `[server]` (pid file, admin socket) and the standard listeners: `http` and `https`
-    /// on port 0.
+    /// Writes policy files into `<dir>/<name>/`; returns that directory.
+    pub fn write_policies(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(dir.join("tests")).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        dir
+    }
+
+    /// The standard `[[listener]]` blocks: `http` and `https` on port 0, `[server]` with pid
+    /// file and admin socket, and `ALLOW_ALL_POLICY`.
     pub fn listeners(&self) -> String {
         Self::standard_listeners()
     }
 
-    /// The text of `listeners()`, without a `Setup`.
+    /// The text of `listeners()`, without a `Setup` (the config must still live in a
+    /// `Setup`'s directory, which holds the allow-all policies).
     pub fn standard_listeners() -> String {
-        r#"
+        Self::listeners_text("", ALLOW_ALL_POLICY)
+    }
+
+    /// The standard blocks with `tls_extra` added to the https listener's `tls = { ... }`
+    /// (e.g. `client_auth = "require", client_ca = "ca.pem"`) and `policy` instead of the
+    /// allow-all `[policy]` section.
+    pub fn listeners_with(&self, tls_extra: &str, policy: &str) -> String {
+        Self::listeners_text(tls_extra, policy)
+    }
+
+    fn listeners_text(tls_extra: &str, policy: &str) -> String {
+        let tls_extra = if tls_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {tls_extra}")
+        };
+        format!(
+            r#"
 [server]
 shutdown_timeout = "10s"
 pid_file = "wraith.pid"
@@ -391,9 +557,11 @@ protocol = "http"
 name = "https"
 address = "127.0.0.1:0"
 protocol = "https"
-tls = { cert = "server.pem", key = "server-key.pem" }
+tls = {{ cert = "server.pem", key = "server-key.pem"{tls_extra} }}
+
+{policy}
 "#
-        .to_string()
+        )
     }
 
     /// Writes `config` and starts `wraith serve` on it.
@@ -417,7 +585,7 @@ impl Wraith {
             .env(
                 "WRAITH_LOG",
                 std::env::var("WRAITH_TEST_LOG")
-                    .unwrap_or_else(|_| "info,wraith::access=debug".into()),
+                    .unwrap_or_else(|_| "info,wraith::policy=debug".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())

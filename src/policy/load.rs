@@ -1,0 +1,444 @@
+//! Loading policies: read `*.cedar` files, give every policy the id of its `@id` annotation,
+//! validate everything against Wraith's schema, and group the policies into the configured
+//! sets. Every problem is reported at once with file, line and column.
+//!
+//! This runs at config load (serve, reload, `wraith test`), never on the request path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{Effect, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use miette::Diagnostic;
+
+/// Wraith's Cedar schema, as `wraith policy schema` prints it.
+pub const SCHEMA: &str = include_str!("wraith.cedarschema");
+
+/// Parses the built-in schema (it is tested, so this cannot fail in a release).
+pub fn schema() -> Result<Schema, String> {
+    Schema::from_cedarschema_str(SCHEMA)
+        .map(|(s, _)| s)
+        .map_err(|e| format!("built-in Cedar schema is invalid: {e}"))
+}
+
+/// Whether a policy set's decisions are enforced or only logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// A deny is a 403.
+    Enforce,
+    /// A deny is logged ("would deny") and the request goes on.
+    Shadow,
+}
+
+impl PolicyMode {
+    /// Parses `"enforce"` or `"shadow"`.
+    pub fn parse(s: &str) -> Option<PolicyMode> {
+        match s {
+            "enforce" => Some(PolicyMode::Enforce),
+            "shadow" => Some(PolicyMode::Shadow),
+            _ => None,
+        }
+    }
+}
+
+/// One `[[policy.set]]` as configured.
+#[derive(Debug, Clone)]
+pub struct SetSpec {
+    pub name: String,
+    /// Policy files (absolute); `None` means every `*.cedar` file in the policy directory.
+    pub files: Option<Vec<PathBuf>>,
+    pub mode: PolicyMode,
+}
+
+/// A problem in a policy file.
+#[derive(Debug, Clone)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    /// 1-based; `None` for problems with the file as a whole.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, ":{l}:{c}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Where a policy came from and what it does (for explain, coverage and error messages).
+#[derive(Debug, Clone)]
+pub struct PolicyInfo {
+    /// The `@id`.
+    pub id: String,
+    pub file: PathBuf,
+    pub line: usize,
+    pub effect: Effect,
+}
+
+/// One named set, ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledSet {
+    pub name: String,
+    pub mode: PolicyMode,
+    pub policies: PolicySet,
+}
+
+/// Everything loaded from the policy directory.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub schema: Schema,
+    pub sets: Vec<CompiledSet>,
+    /// Every policy of every file, in file order.
+    pub policies: Vec<PolicyInfo>,
+}
+
+impl Compiled {
+    /// The policy with this `@id`.
+    pub fn info(&self, id: &str) -> Option<&PolicyInfo> {
+        self.policies.iter().find(|p| p.id == id)
+    }
+}
+
+/// A parsed file: its text and its policies (with their @id as policy id).
+struct File {
+    path: PathBuf,
+    text: String,
+    policies: Vec<Policy>,
+}
+
+/// Reads, parses, names and validates the policies of `sets`.
+pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError>> {
+    let mut errors = Vec::new();
+    let schema = schema().map_err(|m| {
+        vec![PolicyError {
+            file: PathBuf::from("<built-in schema>"),
+            line: None,
+            column: None,
+            message: m,
+        }]
+    })?;
+
+    // Which files: the union of every set's list (each read once).
+    let all_in_dir = || -> Result<Vec<PathBuf>, PolicyError> {
+        let rd = std::fs::read_dir(dir).map_err(|e| PolicyError {
+            file: dir.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!("cannot read policy directory: {e}"),
+        })?;
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+            .collect();
+        files.sort();
+        Ok(files)
+    };
+    let mut set_files: Vec<Vec<PathBuf>> = Vec::new();
+    for s in sets {
+        match &s.files {
+            Some(f) => set_files.push(f.clone()),
+            None => match all_in_dir() {
+                Ok(f) => set_files.push(f),
+                Err(e) => {
+                    errors.push(e);
+                    set_files.push(Vec::new());
+                }
+            },
+        }
+    }
+    let mut order: Vec<PathBuf> = Vec::new();
+    for f in set_files.iter().flatten() {
+        if !order.contains(f) {
+            order.push(f.clone());
+        }
+    }
+
+    let mut files: Vec<File> = Vec::new();
+    let mut infos: Vec<PolicyInfo> = Vec::new();
+    let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
+    for path in &order {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(PolicyError {
+                    file: path.clone(),
+                    line: None,
+                    column: None,
+                    message: format!("cannot read policy file: {e}"),
+                });
+                continue;
+            }
+        };
+        let policies = parse_file(path, &text, &mut seen, &mut infos, &mut errors);
+        files.push(File {
+            path: path.clone(),
+            text,
+            policies,
+        });
+    }
+
+    // Validate every policy once, against the schema, in strict mode.
+    let mut all = PolicySet::new();
+    for f in &files {
+        for p in &f.policies {
+            // Duplicate ids were reported above and left out.
+            let _ = all.add(p.clone());
+        }
+    }
+    let validator = Validator::new(schema.clone());
+    let result = validator.validate(&all, ValidationMode::Strict);
+    // The validator reports a problem once per request type (action) it occurs in: one line
+    // per position is enough.
+    let mut reported = std::collections::HashSet::new();
+    for e in result.validation_errors() {
+        let id = e.policy_id().to_string();
+        let file = files
+            .iter()
+            .find(|f| f.policies.iter().any(|p| p.id().to_string() == id));
+        let (line, column) = file
+            .and_then(|f| first_label(e).map(|o| line_col(&f.text, o)))
+            .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+        if !reported.insert((id.clone(), line, column)) {
+            continue;
+        }
+        errors.push(PolicyError {
+            file: file.map(|f| f.path.clone()).unwrap_or_default(),
+            line,
+            column,
+            message: format!("policy {id:?} does not match the schema: {}", message(e)),
+        });
+    }
+
+    // The sets, each its own policy set.
+    let mut compiled_sets = Vec::new();
+    for (spec, paths) in sets.iter().zip(&set_files) {
+        let mut ps = PolicySet::new();
+        for path in paths {
+            if let Some(f) = files.iter().find(|f| &f.path == path) {
+                for p in &f.policies {
+                    let _ = ps.add(p.clone());
+                }
+            }
+        }
+        compiled_sets.push(CompiledSet {
+            name: spec.name.clone(),
+            mode: spec.mode,
+            policies: ps,
+        });
+    }
+
+    if !errors.is_empty() {
+        errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        return Err(errors);
+    }
+    Ok(Compiled {
+        schema,
+        sets: compiled_sets,
+        policies: infos,
+    })
+}
+
+/// Parses one file; renames each policy to its `@id`. Policies with problems are reported in
+/// `errors` and left out; the others are returned (so they are still validated).
+fn parse_file(
+    path: &Path,
+    text: &str,
+    seen: &mut HashMap<String, (PathBuf, usize)>,
+    infos: &mut Vec<PolicyInfo>,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<Policy> {
+    let at = |offset: usize, message: String| {
+        let (l, c) = line_col(text, offset);
+        PolicyError {
+            file: path.to_path_buf(),
+            line: Some(l),
+            column: Some(c),
+            message,
+        }
+    };
+    let set = match PolicySet::from_str(text) {
+        Ok(s) => s,
+        Err(errs) => {
+            errors.extend(
+                errs.iter()
+                    .map(|e| at(first_label(e).unwrap_or(0), message(e))),
+            );
+            return Vec::new();
+        }
+    };
+    if set.templates().next().is_some() {
+        errors.push(PolicyError {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: "policy templates (?principal / ?resource slots) are not supported; write static policies".into(),
+        });
+        return Vec::new();
+    }
+    // The parser names policies policy0, policy1, ... in file order.
+    let mut parsed: Vec<&Policy> = set.policies().collect();
+    parsed.sort_by_key(|p| {
+        p.id()
+            .to_string()
+            .trim_start_matches("policy")
+            .parse::<usize>()
+            .unwrap_or(usize::MAX)
+    });
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    for p in parsed {
+        // The policy's own source text locates it in the file.
+        let src = p.to_string();
+        let offset = text[cursor..]
+            .find(src.as_str())
+            .map_or(cursor, |i| cursor + i);
+        cursor = offset + src.len().min(text.len() - offset);
+        let (line, _) = line_col(text, offset);
+        let Some(id) = p.annotation("id") else {
+            errors.push(at(
+                offset,
+                "policy has no @id(\"...\") annotation; every policy needs one so decisions can name it".into(),
+            ));
+            continue;
+        };
+        if id.is_empty() {
+            errors.push(at(offset, "@id is empty".into()));
+            continue;
+        }
+        if let Some((file, l)) = seen.get(id) {
+            errors.push(at(
+                offset,
+                format!(
+                    "duplicate policy id {id:?} (also at {}:{l})",
+                    file.display()
+                ),
+            ));
+            continue;
+        }
+        seen.insert(id.to_string(), (path.to_path_buf(), line));
+        infos.push(PolicyInfo {
+            id: id.to_string(),
+            file: path.to_path_buf(),
+            line,
+            effect: p.effect(),
+        });
+        out.push(p.new_id(PolicyId::new(id)));
+    }
+    out
+}
+
+/// The offset of the first labelled span of a diagnostic.
+fn first_label(d: &dyn Diagnostic) -> Option<usize> {
+    d.labels()
+        .and_then(|mut l| l.next())
+        .map(|l| l.offset())
+        .or_else(|| d.related().and_then(|mut r| r.next().and_then(first_label)))
+}
+
+/// A diagnostic's message with its help, on one line.
+fn message(d: &dyn Diagnostic) -> String {
+    let mut m = d.to_string();
+    if let Some(h) = d.help() {
+        m.push_str(" (");
+        m.push_str(&h.to_string());
+        m.push(')');
+    }
+    m
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn all(mode: PolicyMode) -> Vec<SetSpec> {
+        vec![SetSpec {
+            name: "default".into(),
+            files: None,
+            mode,
+        }]
+    }
+
+    #[test]
+    fn built_in_schema_parses() {
+        schema().unwrap();
+    }
+
+    #[test]
+    fn ids_come_from_annotations() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.cedar",
+            "@id(\"one\")\npermit(principal, action, resource);\n\n@id(\"two\")\nforbid(principal, action in Wraith::Action::\"write\", resource);\n",
+        );
+        let c = compile(dir.path(), &all(PolicyMode::Enforce)).unwrap();
+        assert_eq!(c.policies.len(), 2);
+        assert_eq!(c.policies[0].id, "one");
+        assert_eq!(c.policies[0].line, 1);
+        assert_eq!(c.policies[1].id, "two");
+        assert_eq!(c.policies[1].line, 4);
+        assert!(c.sets[0].policies.policy(&PolicyId::new("two")).is_some());
+    }
+
+    #[test]
+    fn every_problem_has_a_position() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.cedar",
+            "@id(\"ok\")\npermit(principal, action, resource);\n\npermit(principal, action, resource);\n",
+        );
+        write(
+            dir.path(),
+            "b.cedar",
+            "@id(\"ok\")\npermit(principal, action, resource);\n@id(\"typo\")\npermit(principal, action, resource)\nwhen { principal.no_such_attr == \"x\" };\n",
+        );
+        write(
+            dir.path(),
+            "c.cedar",
+            "@id(\"broken\")\npermit(principal, action resource);\n",
+        );
+        let errs = compile(dir.path(), &all(PolicyMode::Enforce)).unwrap_err();
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let joined = text.join("\n");
+        assert!(
+            joined.contains("a.cedar:4:1: policy has no @id"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("b.cedar:1:1: duplicate policy id \"ok\""),
+            "{joined}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("b.cedar:5:")
+                    && t.contains("\"typo\" does not match the schema")),
+            "{joined}"
+        );
+        assert!(text.iter().any(|t| t.contains("c.cedar:2:")), "{joined}");
+    }
+}

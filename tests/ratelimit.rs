@@ -263,7 +263,6 @@ async fn key_state_is_capped() {
 }
 
 #[tokio::test]
-#[ignore = "needs the mTLS identity work merged: ConnInfo::identity is not filled yet, and the listener's client-certificate keys come with it"]
 async fn identity_limits_are_independent_per_client_certificate() {
     let setup = Setup::new();
     let alice = setup
@@ -271,7 +270,6 @@ async fn identity_limits_are_independent_per_client_certificate() {
         .client("alice", Some("spiffe://wraith.test/alice"));
     let bob = setup.pki.client("bob", Some("spiffe://wraith.test/bob"));
     let ca = setup.pki.ca_pem.clone();
-    // Assumes the mTLS work's listener keys; adjust when it lands.
     let cfg = config(
         &setup,
         r#"{ name = "per-client", key = "identity", rate = "1/h", burst = 2 }"#,

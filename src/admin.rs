@@ -139,6 +139,7 @@ fn unix(t: SystemTime) -> u64 {
 pub fn status(rt: &Runtime) -> Value {
     let snapshot = rt.gateway.snapshot();
     let states = rt.listener_states();
+    let quic = rt.quic_states();
     let listeners: Vec<Value> = snapshot
         .listeners
         .iter()
@@ -150,6 +151,8 @@ pub fn status(rt: &Runtime) -> Value {
                 "bound": state.map(|(_, b, _)| b.to_string()),
                 "protocol": if l.config.tls.is_some() { "https" } else { "http" },
                 "active_connections": state.map_or(0, |(_, _, n)| *n),
+                "http3": l.quic.is_some(),
+                "quic_connections": quic.iter().find(|(k, _)| *k == l.config.key()).map_or(0, |(_, n)| *n),
             })
         })
         .collect();

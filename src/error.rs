@@ -68,6 +68,9 @@ pub enum GatewayError {
     /// The policy stage refused the request (the decision is in the access record).
     #[error("denied by policy: {}", .0.as_str())]
     Forbidden(crate::policy::Reason),
+    /// Received as TLS early data (0-RTT) where that is not served (RFC 8470).
+    #[error("early data refused: unsafe method, or the route does not allow early data")]
+    TooEarly,
 }
 
 /// What a 429 says about the limit that refused the request.
@@ -104,6 +107,7 @@ impl GatewayError {
             GatewayError::AppsecBlocked { status, .. } => *status,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::TooEarly => StatusCode::TOO_EARLY,
         }
     }
 
@@ -124,6 +128,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::Overloaded { .. } => "upstream_overloaded",
             GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::TooEarly => "too_early",
         }
     }
 
@@ -173,6 +178,9 @@ impl GatewayError {
                 }
                 _ => "access denied by policy".into(),
             },
+            GatewayError::TooEarly => {
+                "this request cannot be served as early data; retry after the handshake".into()
+            }
         }
     }
 
@@ -184,7 +192,8 @@ impl GatewayError {
             | GatewayError::Banned { .. }
             | GatewayError::RateLimited(_)
             | GatewayError::AppsecBlocked { .. }
-            | GatewayError::PayloadTooLarge { .. } => Fault::Downstream,
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::TooEarly => Fault::Downstream,
             GatewayError::Forbidden(crate::policy::Reason::Error) => Fault::Internal,
             GatewayError::Forbidden(_) => Fault::Downstream,
             GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => {

@@ -31,6 +31,8 @@ pub struct ListenerRuntime {
     pub config: ListenerConfig,
     pub tls: Option<TlsAcceptor>,
     pub http: listener::HttpBuilders,
+    /// The QUIC side's TLS and transport settings (`http3 = true`).
+    pub quic: Option<listener::quic::QuicRuntime>,
 }
 
 /// One generation of the configuration, fully built.
@@ -140,10 +142,18 @@ impl Snapshot {
                 },
                 None => None,
             };
+            let quic = match listener::quic::build(l) {
+                Ok(q) => q,
+                Err(e) => {
+                    errors.push(format!("listener {:?}: HTTP/3: {e}", l.name));
+                    continue;
+                }
+            };
             listeners.push(Arc::new(ListenerRuntime {
                 http: listener::http_builder(&l.limits),
                 config: l.clone(),
                 tls: acceptor,
+                quic,
             }));
         }
         let Some(policy) = policy.filter(|_| errors.is_empty()) else {
@@ -211,6 +221,8 @@ pub struct Runtime {
     /// TLS handshakes refused because of the client certificate, by reason.
     pub client_cert_rejections: tls::ClientCertRejections,
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
+    /// The QUIC (HTTP/3) sides of listeners with `http3 = true`.
+    quic: Mutex<HashMap<ListenerKey, listener::quic::QuicHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     last_reload: Mutex<Option<ReloadResult>>,
     /// The CrowdSec bridge, while `[crowdsec]` is configured.
@@ -247,6 +259,7 @@ impl Runtime {
             connections: TaskTracker::new(),
             client_cert_rejections: tls::ClientCertRejections::default(),
             listeners: Mutex::new(HashMap::new()),
+            quic: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             last_reload: Mutex::new(None),
             crowdsec: Mutex::new(None),
@@ -258,7 +271,9 @@ impl Runtime {
         for l in &snapshot.listeners {
             bound.push(listener::bind(&l.config).await?);
         }
+        let quic = runtime.bind_quic(&snapshot, &bound)?;
         runtime.activate(bound);
+        runtime.reconcile_quic(quic);
         Ok(runtime)
     }
 
@@ -334,10 +349,12 @@ impl Runtime {
                 bound.push(listener::bind(&l.config).await.map_err(|e| vec![e])?);
             }
         }
+        let quic = self.bind_quic(&snapshot, &bound).map_err(|e| vec![e])?;
         self.gateway.swap(Arc::new(snapshot));
         self.generation.store(generation, Ordering::Relaxed);
         self.activate(bound);
         self.retire_listeners();
+        self.reconcile_quic(quic);
         if let Err(e) = self.reconcile_crowdsec() {
             tracing::error!(error = %e, "crowdsec bridge not restarted");
         }
@@ -428,6 +445,75 @@ impl Runtime {
         }
     }
 
+    /// Binds the UDP side of every listener of `snapshot` that wants HTTP/3 and has none yet,
+    /// on the port its TCP side has (`fresh`: TCP sockets bound for this snapshot).
+    fn bind_quic(
+        &self,
+        snapshot: &Snapshot,
+        fresh: &[listener::Bound],
+    ) -> Result<Vec<listener::quic::Bound>, String> {
+        let running: Vec<ListenerKey> = self
+            .quic
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let tcp: HashMap<ListenerKey, SocketAddr> = self
+            .listeners
+            .lock()
+            .map(|m| m.values().map(|h| (h.key.clone(), h.local_addr)).collect())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for l in &snapshot.listeners {
+            let Some(quic) = &l.quic else { continue };
+            let key = l.config.key();
+            if running.contains(&key) {
+                continue;
+            }
+            let address = fresh
+                .iter()
+                .find(|b| b.key == key)
+                .map(|b| b.local_addr)
+                .or_else(|| tcp.get(&key).copied())
+                .unwrap_or(l.config.address);
+            out.push(listener::quic::bind(&l.config, address, quic)?);
+        }
+        Ok(out)
+    }
+
+    /// Starts freshly bound QUIC endpoints, gives running ones the current snapshot's settings
+    /// for their new connections, and drains those whose listener no longer wants HTTP/3.
+    fn reconcile_quic(self: &Arc<Self>, bound: Vec<listener::quic::Bound>) {
+        let snapshot = self.gateway.snapshot();
+        let Ok(mut map) = self.quic.lock() else {
+            return;
+        };
+        map.retain(|key, handle| {
+            match snapshot.listener_by_key(key).and_then(|l| l.quic.as_ref()) {
+                Some(quic) => {
+                    handle.update(quic);
+                    true
+                }
+                None => {
+                    tracing::info!(address = %handle.local_addr, "HTTP/3 removed; draining its QUIC connections");
+                    handle.stop.cancel();
+                    false
+                }
+            }
+        });
+        for b in bound {
+            let handle = listener::quic::spawn(self.clone(), b);
+            map.insert(handle.key.clone(), handle);
+        }
+    }
+
+    /// QUIC connections open per listener with HTTP/3.
+    pub fn quic_states(&self) -> Vec<(ListenerKey, usize)> {
+        self.quic
+            .lock()
+            .map(|m| m.values().map(|h| (h.key.clone(), h.active())).collect())
+            .unwrap_or_default()
+    }
+
     /// Stops listeners that the current snapshot no longer has; their connections drain.
     fn retire_listeners(&self) {
         let snapshot = self.gateway.snapshot();
@@ -480,7 +566,18 @@ impl Runtime {
                 h.stop.cancel();
             }
         }
+        let endpoints: Vec<_> = match self.quic.lock() {
+            Ok(mut map) => map.drain().map(|(_, h)| h).collect(),
+            Err(_) => Vec::new(),
+        };
+        for h in &endpoints {
+            h.stop.cancel();
+        }
         self.connections.close();
         self.connections.wait().await;
+        // QUIC: let the last close frames leave before the process exits.
+        for h in &endpoints {
+            h.wait_idle().await;
+        }
     }
 }

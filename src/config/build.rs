@@ -99,6 +99,72 @@ pub struct ListenerConfig {
     /// For plain-HTTP listeners: answer everything with a redirect to HTTPS.
     pub redirect_https: Option<HttpsRedirect>,
     pub limits: Limits,
+    /// HTTP/3 on the same port over UDP (`http3 = true`, tuned by `[listener.quic]`).
+    pub quic: Option<QuicConfig>,
+}
+
+/// `[listener.quic]`: the QUIC side of an `https` listener with `http3 = true`. Limits
+/// (connections, streams, idle timeout, header size) come from `[listener.limits]`, TLS
+/// (certificate, groups, client certificates) from `[listener.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    /// Accept TLS 0-RTT early data from resumed clients (only on routes with
+    /// `early_data = true`, only safe methods; the rest gets 425 Too Early).
+    pub zero_rtt: bool,
+    /// Congestion controller of each connection.
+    pub congestion: Congestion,
+    /// Largest UDP payload Wraith accepts and sends (path MTU discovery stays below it).
+    pub max_udp_payload: u16,
+    /// When clients must prove their address with a Retry round trip.
+    pub retry: RetryPolicy,
+    /// `ma` of the `Alt-Svc` header the TCP side sends.
+    pub alt_svc_max_age: Duration,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            zero_rtt: false,
+            congestion: Congestion::Cubic,
+            max_udp_payload: 1472,
+            retry: RetryPolicy::UnderLoad(64),
+            alt_svc_max_age: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// A QUIC congestion controller (quinn's implementations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default.
+    Cubic,
+    /// NewReno (RFC 9002).
+    NewReno,
+    /// BBR (quinn's implementation, which quinn calls experimental).
+    Bbr,
+}
+
+impl Congestion {
+    /// The name used in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "new_reno",
+            Congestion::Bbr => "bbr",
+        }
+    }
+}
+
+/// When a QUIC listener answers a new connection with a Retry (address validation: one more
+/// round trip, but a spoofed source address cannot complete it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Every new connection whose address is not yet validated.
+    Always,
+    /// Only while at least this many handshakes are in progress on the listener.
+    UnderLoad(usize),
+    /// Never.
+    Never,
 }
 
 /// What identifies a listener across reloads: its address, or — for port 0, where the
@@ -254,6 +320,10 @@ pub struct RouteConfig {
     pub tags: Vec<String>,
     /// The policy set deciding this route; `None` means `[policy] default_set`.
     pub policy: Option<String>,
+    /// Serve requests that arrived as TLS early data (0-RTT, replayable) on this route, for
+    /// safe methods only. Off: such requests get 425 Too Early and the client retries them
+    /// after the handshake.
+    pub early_data: bool,
     /// Overrides the set's mode for this route.
     pub policy_mode: Option<crate::policy::PolicyMode>,
 }
@@ -738,15 +808,123 @@ fn build_listeners(
                 Some(HttpsRedirect { port, status })
             }
         };
+        let quic = build_quic(b, &key, &l.protocol, l.http3, l.quic, tls.as_ref());
         out.push(ListenerConfig {
             name: Arc::from(l.name.into_inner()),
             address,
             tls,
             redirect_https,
             limits,
+            quic,
         });
     }
     out
+}
+
+/// `http3` and `[listener.quic]`.
+fn build_quic(
+    b: &mut Builder<'_>,
+    key: &str,
+    protocol: &Str,
+    http3: Option<Spanned<bool>>,
+    raw: Option<Spanned<RawQuic>>,
+    tls: Option<&TlsConfig>,
+) -> Option<QuicConfig> {
+    let enabled = http3.as_ref().is_some_and(|h| *h.get_ref());
+    if !enabled {
+        if let Some(q) = &raw {
+            b.err(
+                Some(q.span()),
+                format!("{key}.quic"),
+                "quic settings without http3 = true",
+            );
+        }
+        return None;
+    }
+    let span = http3.as_ref().map(|h| h.span());
+    if protocol.get_ref() != "https" {
+        b.err(
+            span,
+            format!("{key}.http3"),
+            "http3 needs protocol = \"https\" (QUIC is always encrypted)",
+        );
+        return None;
+    }
+    if let Some(t) = tls {
+        if !t.versions.contains(&TlsVersion::Tls13) {
+            b.err(
+                span.clone(),
+                format!("{key}.http3"),
+                "http3 needs TLS 1.3 in tls.versions (QUIC has no other version)",
+            );
+        }
+    }
+    let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+    let d = QuicConfig::default();
+    let congestion = match &raw.congestion {
+        None => d.congestion,
+        Some(c) => match c.get_ref().as_str() {
+            "cubic" => Congestion::Cubic,
+            "new_reno" | "newreno" => Congestion::NewReno,
+            "bbr" => Congestion::Bbr,
+            other => {
+                b.err(
+                    Some(c.span()),
+                    format!("{key}.quic.congestion"),
+                    format!("unknown congestion controller {other:?} (expected \"cubic\", \"new_reno\" or \"bbr\")"),
+                );
+                d.congestion
+            }
+        },
+    };
+    let threshold = b
+        .int(
+            &raw.retry_threshold,
+            &format!("{key}.quic.retry_threshold"),
+            1,
+            1_000_000,
+        )
+        .map_or(64, |n| n as usize);
+    let retry = match &raw.retry {
+        None => RetryPolicy::UnderLoad(threshold),
+        Some(r) => match r.get_ref().as_str() {
+            "always" => RetryPolicy::Always,
+            "under_load" => RetryPolicy::UnderLoad(threshold),
+            "never" => RetryPolicy::Never,
+            other => {
+                b.err(
+                    Some(r.span()),
+                    format!("{key}.quic.retry"),
+                    format!("unknown retry policy {other:?} (expected \"under_load\", \"always\" or \"never\")"),
+                );
+                d.retry
+            }
+        },
+    };
+    if raw.retry_threshold.is_some() && !matches!(retry, RetryPolicy::UnderLoad(_)) {
+        b.warnings.push(format!(
+            "{key}.quic.retry_threshold only applies with retry = \"under_load\"; it is ignored"
+        ));
+    }
+    Some(QuicConfig {
+        zero_rtt: raw.zero_rtt.as_ref().is_some_and(|z| *z.get_ref()),
+        congestion,
+        // 1200 is QUIC's minimum; 65527 the most a UDP datagram carries.
+        max_udp_payload: b
+            .int(
+                &raw.max_udp_payload,
+                &format!("{key}.quic.max_udp_payload"),
+                1200,
+                65527,
+            )
+            .map_or(d.max_udp_payload, |n| n as u16),
+        retry,
+        alt_svc_max_age: b.duration(
+            &raw.alt_svc_max_age,
+            &format!("{key}.quic.alt_svc_max_age"),
+            d.alt_svc_max_age,
+        ),
+    })
 }
 
 fn build_limits(b: &mut Builder<'_>, key: &str, raw: RawLimits) -> Limits {
@@ -1263,7 +1441,9 @@ fn build_routes(
             }
             tags.push(t.get_ref().clone());
         }
+        let early_data = r.early_data.as_ref().is_some_and(|e| *e.get_ref());
         out.push(RouteConfig {
+            early_data,
             rate_limits,
             compression,
             name: Arc::from(r.name.into_inner()),

@@ -36,6 +36,20 @@ pub struct RawListener {
     pub tls: Option<Spanned<RawTls>>,
     pub redirect_https: Option<Spanned<RawHttpsRedirect>>,
     pub limits: Option<RawLimits>,
+    pub http3: Option<Spanned<bool>>,
+    pub quic: Option<Spanned<RawQuic>>,
+}
+
+/// `[listener.quic]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuic {
+    pub zero_rtt: Option<Spanned<bool>>,
+    pub congestion: Option<Str>,
+    pub max_udp_payload: Option<Spanned<i64>>,
+    pub retry: Option<Str>,
+    pub retry_threshold: Option<Spanned<i64>>,
+    pub alt_svc_max_age: Option<Str>,
 }
 
 /// `[listener.tls]`
@@ -232,6 +246,7 @@ pub struct RawRoute {
     pub policy_mode: Option<Str>,
     pub rate_limits: Option<Vec<Spanned<RawLimit>>>,
     pub compression: Option<Spanned<RawCompression>>,
+    pub early_data: Option<Spanned<bool>>,
 }
 
 /// `compression = true` or `compression = { algorithms = [...], min_size = "1KiB", types = [...] }`.

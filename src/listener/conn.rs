@@ -33,7 +33,6 @@ use crate::identity::Identity;
 use crate::proxy::{ConnInfo, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 use crate::telemetry::metrics::ConnectionLabels;
-use crate::telemetry::HandshakeFailure;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -192,6 +191,8 @@ struct ConnCtx {
     runtime: Arc<Runtime>,
     info: ConnInfo,
     state: Arc<ConnState>,
+    /// `Alt-Svc` advertising HTTP/3 on this port, when the listener has it.
+    alt_svc: Option<http::HeaderValue>,
 }
 
 /// Serves one accepted TCP connection to the end.
@@ -237,30 +238,24 @@ pub(super) async fn serve(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let (reason, detail) = tls::handshake_failure(&e);
-            let failure = if tls::is_client_cert_failure(reason) {
-                // The operator needs to see why a client was turned away.
-                runtime.client_cert_rejections.count(reason);
-                tracing::info!(peer = %peer, listener = %info.listener, reason, error = %detail, "TLS handshake failed: client certificate refused");
-                HandshakeFailure::ClientCertificate(format!("{reason}: {detail}"))
-            } else {
-                tracing::debug!(peer = %peer, listener = %info.listener, reason, error = %detail, "TLS handshake failed");
-                HandshakeFailure::Other(format!("{reason}: {detail}"))
-            };
-            runtime.gateway.snapshot().telemetry.handshake(
+            super::handshake_refused(
+                &runtime,
                 &info.listener,
                 peer,
                 handshake_started,
-                Err(failure),
+                "tcp",
+                Ok((reason, detail)),
             );
             return;
         }
         Err(_) => {
-            tracing::debug!(peer = %peer, listener = %info.listener, "TLS handshake timed out");
-            runtime.gateway.snapshot().telemetry.handshake(
+            super::handshake_refused(
+                &runtime,
                 &info.listener,
                 peer,
                 handshake_started,
-                Err(HandshakeFailure::Timeout),
+                "tcp",
+                Err(()),
             );
             return;
         }
@@ -297,7 +292,7 @@ pub(super) async fn serve(
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
-fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Identity {
+pub(super) fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Identity {
     match Identity::from_der(leaf) {
         Ok((id, warnings)) => {
             for w in warnings {
@@ -366,20 +361,34 @@ async fn serve_http<I>(
         });
     gauge.inc();
     let _active = GaugeGuard(gauge);
+    // The same port over UDP (the QUIC side binds the TCP side's port), built once per
+    // connection so requests only clone it.
+    let alt_svc = listener.quic.as_ref().and_then(|q| {
+        let v = format!(
+            "h3=\":{}\"; ma={}",
+            info.local.port(),
+            q.config.alt_svc_max_age.as_secs()
+        );
+        http::HeaderValue::from_str(&v).ok()
+    });
     let ctx = Arc::new(ConnCtx {
         runtime,
         info,
         state: state.clone(),
+        alt_svc,
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
             ctx.state.begin();
-            let resp = ctx
+            let mut resp = ctx
                 .runtime
                 .gateway
                 .handle(req.map(Body::Incoming), &ctx.info)
                 .await;
+            if let Some(v) = &ctx.alt_svc {
+                resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
+            }
             ctx.state.end();
             Ok::<_, Infallible>(resp)
         }
@@ -442,7 +451,7 @@ async fn drive<C, G>(
 }
 
 /// Decrements a gauge when dropped.
-struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+pub(super) struct GaugeGuard(pub(super) prometheus_client::metrics::gauge::Gauge);
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {

@@ -3,6 +3,7 @@
 //! for its TLS and HTTP settings; each request uses the snapshot current when it starts.
 
 mod conn;
+pub mod quic;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -49,6 +50,7 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
 
 /// A socket bound for a listener, not yet accepting.
 pub struct Bound {
+    /// The listener it is for.
     pub key: ListenerKey,
     pub listener: TcpListener,
     pub local_addr: SocketAddr,
@@ -128,8 +130,42 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
     handle
 }
 
+/// Accounts for a refused TLS handshake the same way over TCP and QUIC: client-certificate
+/// refusals are logged at info and counted by reason (`wraith status`), everything else at
+/// debug; the handshake metric and, for the SIEM, a security event either way.
+pub(crate) fn handshake_refused(
+    runtime: &Runtime,
+    listener: &Arc<str>,
+    peer: SocketAddr,
+    started: std::time::Instant,
+    transport: &'static str,
+    failure: Result<(&'static str, String), ()>,
+) {
+    let failure = match failure {
+        Err(()) => {
+            tracing::debug!(peer = %peer, listener = %listener, transport, "TLS handshake timed out");
+            crate::telemetry::HandshakeFailure::Timeout
+        }
+        Ok((reason, detail)) if tls::is_client_cert_failure(reason) => {
+            // The operator needs to see why a client was turned away.
+            runtime.client_cert_rejections.count(reason);
+            tracing::info!(peer = %peer, listener = %listener, transport, reason, error = %detail, "TLS handshake failed: client certificate refused");
+            crate::telemetry::HandshakeFailure::ClientCertificate(format!("{reason}: {detail}"))
+        }
+        Ok((reason, detail)) => {
+            tracing::debug!(peer = %peer, listener = %listener, transport, reason, error = %detail, "TLS handshake failed");
+            crate::telemetry::HandshakeFailure::Other(format!("{reason}: {detail}"))
+        }
+    };
+    runtime
+        .gateway
+        .snapshot()
+        .telemetry
+        .handshake(listener, peer, started, Err(failure));
+}
+
 /// Whether the accept loop should close this connection at once.
-fn banned_at_accept(
+pub(crate) fn banned_at_accept(
     runtime: &Runtime,
     snapshot: &crate::runtime::Snapshot,
     listener: &Arc<str>,

@@ -183,12 +183,8 @@ impl ResolvesServerCert for SingleCert {
     }
 }
 
-/// Builds the rustls server config of an `https` listener.
+/// Builds the rustls server config of an `https` listener (TCP: HTTP/1.1 and HTTP/2).
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
-    let ck = tls
-        .certified_key
-        .clone()
-        .ok_or_else(|| format!("certificate {} is not loaded", tls.cert_path.display()))?;
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = tls
         .versions
         .iter()
@@ -197,17 +193,53 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
             TlsVersion::Tls13 => &rustls::version::TLS13,
         })
         .collect();
+    let mut config = base_config(tls, &versions)?;
+    config.alpn_protocols = tls.alpn.clone();
+    Ok(Arc::new(config))
+}
+
+/// Builds the rustls server config of the same listener's QUIC side: the same certificate,
+/// key-exchange groups and client verification as TCP, TLS 1.3 only (QUIC has no other), ALPN
+/// `h3`. With `zero_rtt`, resumed clients may send early data: QUIC allows only 0 or
+/// `u32::MAX` as the limit, and rustls accepts early data only with stateful resumption,
+/// whose single-use session ids refuse a replayed ClientHello within this process.
+pub fn quic_server_config(tls: &TlsConfig, zero_rtt: bool) -> Result<Arc<ServerConfig>, String> {
+    let mut config = base_config(tls, &[&rustls::version::TLS13])?;
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    if zero_rtt {
+        config.max_early_data_size = u32::MAX;
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(QUIC_SESSIONS);
+    }
+    Ok(Arc::new(config))
+}
+
+/// Resumable QUIC sessions kept per listener when 0-RTT is on (about 1 KiB each, more with a
+/// client certificate chain).
+const QUIC_SESSIONS: usize = 4096;
+
+/// What TCP and QUIC share: provider with the listener's groups, protocol versions, client
+/// verifier, certificate.
+fn base_config(
+    tls: &TlsConfig,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<ServerConfig, String> {
+    let ck = tls
+        .certified_key
+        .clone()
+        .ok_or_else(|| format!("certificate {} is not loaded", tls.cert_path.display()))?;
     let builder = ServerConfig::builder_with_provider(provider(&tls.key_exchange))
-        .with_protocol_versions(&versions)
+        .with_protocol_versions(versions)
         .map_err(|e| format!("TLS settings rejected: {e}"))?;
     let builder = match client_verifier(&tls.client_auth)? {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(SingleCert(ck)));
-    config.alpn_protocols = tls.alpn.clone();
+    // Cipher suites in our order. The key-exchange group is the client's first choice among
+    // the listener's groups (rustls): browsers and rustls clients list X25519MLKEM768 first;
+    // a classical-only client gets X25519.
     config.ignore_client_order = true;
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// Loads every CRL from a file (PEM `X509 CRL` blocks, or one DER CRL). Warns about CRLs past
@@ -373,14 +405,18 @@ impl std::fmt::Display for ChainTooLong {
 
 impl std::error::Error for ChainTooLong {}
 
-/// Why a handshake failed, as logged and counted: a short stable label and whether it is about
-/// the client certificate.
+/// Why a TCP handshake failed, as logged and counted: a short stable label and the detail.
 pub fn handshake_failure(e: &std::io::Error) -> (&'static str, String) {
-    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-        return ("io", e.to_string());
-    };
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => (failure_label(tls), tls.to_string()),
+        None => ("io", e.to_string()),
+    }
+}
+
+/// The stable label of a rustls error (the same over TCP and QUIC).
+pub fn failure_label(tls: &rustls::Error) -> &'static str {
     use CertificateError as C;
-    let label = match tls {
+    match tls {
         rustls::Error::NoCertificatesPresented => "no_client_certificate",
         rustls::Error::InvalidCertificate(c) => match c {
             C::UnknownIssuer => "untrusted_issuer",
@@ -398,8 +434,7 @@ pub fn handshake_failure(e: &std::io::Error) -> (&'static str, String) {
         rustls::Error::PeerMisbehaved(_) => "client_misbehaved",
         rustls::Error::AlertReceived(_) => "client_alert",
         _ => "tls_error",
-    };
-    (label, tls.to_string())
+    }
 }
 
 /// Whether a failure label is about the client certificate (logged at info, counted).

@@ -168,7 +168,12 @@ pub struct ForwardInfo<'a> {
     pub version: Version,
     /// The verified client identity; its `x-forwarded-client-cert` is sent upstream.
     pub identity: Option<&'a crate::identity::Identity>,
+    /// Forwarded before the client's TLS handshake completed (0-RTT): `Early-Data: 1`.
+    pub early_data: bool,
 }
+
+/// `early-data` (RFC 8470)
+static EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 
 /// `x-forwarded-client-cert`
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -261,6 +266,12 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         _ => "1.1 wraith",
     };
     headers.append(header::VIA, HeaderValue::from_static(ours));
+
+    // RFC 8470 §5.1: an intermediary forwarding early data marks it; one set by a proxy
+    // before us stays (it can only make the upstream more careful).
+    if info.early_data {
+        headers.insert(EARLY_DATA.clone(), HeaderValue::from_static("1"));
+    }
 }
 
 /// Appends an address; IPv4 by hand, since `Display` goes through the formatting machinery
@@ -477,6 +488,7 @@ mod tests {
             host: Some("api.example.com"),
             version: Version::HTTP_2,
             identity: None,
+            early_data: false,
         };
         let mut h = hm(&[
             ("x-forwarded-for", "6.6.6.6"),

@@ -1,4 +1,4 @@
-//! The request pipeline, top to bottom. Every protocol (HTTP/1.1, HTTP/2, and HTTP/3 later)
+//! The request pipeline, top to bottom. Every protocol (HTTP/1.1, HTTP/2, HTTP/3)
 //! hands `Gateway::handle` the same `http::Request<Body>` plus a `ConnInfo`; no stage below
 //! knows which protocol carried the request.
 //!
@@ -10,6 +10,7 @@
 //!   ├─ normalize     dot segments out, so routing sees what the upstream will
 //!   ├─ route         first match in file order, else 404
 //!   ├─ decisions     banned client ip -> 403 (CrowdSec, Wazuh, local bans)
+//!   ├─ early data    0-RTT: served on routes that allow it (safe methods), else 425
 //!   ├─ policy        Cedar: identity x method x route -> permit, or 403 (deny by default)
 //!   ├─ rate limit    per ip / identity / route / trusted header -> 429
 //!   ├─ appsec        optional CrowdSec WAF inspection
@@ -19,8 +20,11 @@
 //! one access record.
 
 pub mod compress;
+pub mod early;
 pub mod headers;
 pub mod path;
+
+pub use early::EarlyData;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -55,11 +59,6 @@ pub struct ConnInfo {
     /// The policy stage's per-connection state (the principal entity, built once).
     pub policy_cache: crate::policy::ConnCache,
 }
-
-/// Request extension: the request arrived as TLS 0-RTT early data (replayable). The QUIC
-/// listener inserts it; policies see it as `context.early_data`.
-#[derive(Debug, Clone, Copy)]
-pub struct EarlyData;
 
 /// The negotiated TLS parameters of a connection.
 #[derive(Debug, Clone)]
@@ -198,6 +197,27 @@ impl Gateway {
         // the 404: a banned client gets 403 whatever it asks for.
         decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
         let route = route.ok_or(GatewayError::NoRoute)?;
+        // Early data (0-RTT, replayable) after routing, since the route decides whether it is
+        // served; before policy, which must see the verified identity of a request that
+        // waited for the handshake. Other requests pass at the cost of one lookup.
+        let confirmed;
+        let conn = match early::admit(&mut req, route, || {
+            snapshot
+                .listener(&conn.listener)
+                .and_then(|l| l.config.tls.as_ref())
+                .is_some_and(|t| t.client_auth.mode != crate::config::ClientAuthMode::None)
+        })
+        .await?
+        {
+            early::Admit::Proceed => conn,
+            early::Admit::Confirmed(info) => {
+                record.identity = info.identity.clone();
+                confirmed = info;
+                &*confirmed
+            }
+        };
+        let early_data = req.extensions().get::<EarlyData>().is_some();
+        record.early_data = early_data;
         // Policy: after routing (the route is Cedar's resource), before anything is spent on
         // the request. Deny by default; a shadow-mode deny is logged and let through.
         let access = crate::policy::Access {
@@ -207,7 +227,7 @@ impl Gateway {
             path: req.uri().path(),
             query: req.uri().query(),
             version: req.version(),
-            early_data: req.extensions().get::<EarlyData>().is_some(),
+            early_data,
             client_ip,
             conn,
         };
@@ -261,6 +281,7 @@ impl Gateway {
                     host: host.name(),
                     version: req.version(),
                     identity: conn.identity.as_deref(),
+                    early_data,
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

@@ -79,6 +79,8 @@ pub struct AccessRecord {
     pub error: Option<&'static str>,
     /// The client went away before the response was complete.
     pub aborted: bool,
+    /// Served as TLS early data (0-RTT), before the client's handshake completed.
+    pub early_data: bool,
     /// Request body bytes, counted while the upstream reads the body.
     pub(crate) bytes_in_counter: Option<Arc<AtomicU64>>,
 }
@@ -113,6 +115,7 @@ impl Default for AccessRecord {
             ban: None,
             error: None,
             aborted: false,
+            early_data: false,
             bytes_in_counter: None,
         }
     }

@@ -360,6 +360,10 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     o.str("protocol", r.protocol);
     o.opt_str("tls_version", r.tls_version);
     o.opt_str("tls_group", r.tls_group);
+    // Only when true: rare, and every other line stays as short as before.
+    if r.early_data {
+        o.bool("early_data", true);
+    }
     if let Some(id) = &r.identity {
         o.str("identity", id.name());
         o.opt_str("spiffe_id", id.spiffe_id.as_deref());

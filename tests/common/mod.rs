@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod crowdsec;
+pub mod quic;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -535,7 +536,23 @@ impl Setup {
         Self::listeners_text(tls_extra, policy)
     }
 
+    /// The standard blocks with HTTP/3 on the https listener (`http3 = true`, and
+    /// `quic = { <quic> }` when `quic` is not empty), `tls_extra` and `policy` as in
+    /// `listeners_with`.
+    pub fn listeners_h3(&self, tls_extra: &str, quic: &str, policy: &str) -> String {
+        let quic = if quic.is_empty() {
+            String::new()
+        } else {
+            format!("\nquic = {{ {quic} }}")
+        };
+        Self::listeners_text_full(tls_extra, &format!("http3 = true{quic}"), policy)
+    }
+
     fn listeners_text(tls_extra: &str, policy: &str) -> String {
+        Self::listeners_text_full(tls_extra, "", policy)
+    }
+
+    fn listeners_text_full(tls_extra: &str, https_extra: &str, policy: &str) -> String {
         let tls_extra = if tls_extra.is_empty() {
             String::new()
         } else {
@@ -558,6 +575,7 @@ name = "https"
 address = "127.0.0.1:0"
 protocol = "https"
 tls = {{ cert = "server.pem", key = "server-key.pem"{tls_extra} }}
+{https_extra}
 
 {policy}
 "#
@@ -791,6 +809,30 @@ impl Wraith {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Waits (up to 10 s) for the JSON access-log sink at `rel` to hold the record of
+    /// `request_id`; returns it.
+    pub fn access_record(&self, rel: &str, request_id: &str) -> serde_json::Value {
+        let path = self.path(rel);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                    if v["request_id"] == request_id {
+                        return v;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no access record for {request_id} in {}:\n{text}",
+                    path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A path inside the instance's directory.

@@ -1,0 +1,226 @@
+//! HTTP/3 bodies both ways, streamed: the request body is an `http_body::Body` over the h3
+//! stream's receive half (handed to the pipeline as `Body::Boxed`), and the pipeline's response
+//! body is written to the send half frame by frame as the upstream produces it.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use futures_util::FutureExt;
+use http::{HeaderMap, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::body::{Body, BoxError};
+
+/// The receive half of a request stream.
+pub(super) type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+/// The send half of a request stream.
+pub(super) type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+
+/// A request body read from an HTTP/3 stream. With a `content-length`, the body must have
+/// exactly that length (RFC 9114 §4.1.2): the upstream is told that length before the bytes
+/// arrive, so a client sending more or less would desynchronise an HTTP/1.1 upstream.
+pub(super) struct RequestBody {
+    stream: RecvStream,
+    /// Bytes still due by `content-length`.
+    remaining: Option<u64>,
+    state: State,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("request body longer than its content-length")]
+    TooLong,
+    #[error("request body shorter than its content-length")]
+    TooShort,
+}
+
+impl RequestBody {
+    /// The body of a request whose head declared `content_length` (if any). A stream that
+    /// has already ended (the usual GET) becomes `Body::Empty`, so the upstream sees a request
+    /// without a body rather than an empty chunked one.
+    pub(super) fn into_body(stream: RecvStream, content_length: Option<u64>) -> Body {
+        if content_length == Some(0) {
+            return Body::Empty;
+        }
+        let mut body = RequestBody {
+            stream,
+            remaining: content_length,
+            state: State::Data,
+        };
+        // Look once without waiting: most bodiless requests end with their HEADERS frame.
+        match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).now_or_never() {
+            Some(None) => Body::Empty,
+            Some(Some(first)) => Body::boxed(Prefixed {
+                first: Some(first),
+                rest: body,
+            }),
+            None => Body::boxed(body),
+        }
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match this.state {
+                State::Data => match ready!(this.stream.poll_recv_data(cx)) {
+                    Ok(Some(mut buf)) => {
+                        // The chunk is `Bytes` underneath: this takes it without copying.
+                        let chunk = buf.copy_to_bytes(buf.remaining());
+                        if let Some(left) = &mut this.remaining {
+                            match left.checked_sub(chunk.len() as u64) {
+                                Some(l) => *left = l,
+                                None => {
+                                    this.state = State::Done;
+                                    return Poll::Ready(Some(Err(BodyError::TooLong.into())));
+                                }
+                            }
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                    }
+                    Ok(None) => {
+                        if this.remaining.is_some_and(|l| l > 0) {
+                            this.state = State::Done;
+                            return Poll::Ready(Some(Err(BodyError::TooShort.into())));
+                        }
+                        this.state = State::Trailers;
+                    }
+                    Err(e) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                },
+                State::Trailers => {
+                    let trailers = ready!(this.stream.poll_recv_trailers(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(match trailers {
+                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(e.into())),
+                    });
+                }
+                State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// A body whose first frame was already read.
+struct Prefixed {
+    first: Option<Result<Frame<Bytes>, BoxError>>,
+    rest: RequestBody,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(first));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = match &self.first {
+            Some(Ok(f)) => f.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + first);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
+    }
+}
+
+/// Why a response could not be written completely (the client went away or reset the
+/// stream, or the upstream body failed).
+#[derive(Debug)]
+pub(super) enum SendError {
+    Client(h3::error::StreamError),
+    Body(BoxError),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Client(e) => write!(f, "client stream: {e}"),
+            SendError::Body(e) => write!(f, "response body: {e}"),
+        }
+    }
+}
+
+/// Writes a response: the head, each body frame as it comes, trailers, end of stream.
+pub(super) async fn send_response(
+    stream: &mut SendStream,
+    resp: Response<Body>,
+) -> Result<(), SendError> {
+    let (mut parts, mut body) = resp.into_parts();
+    // Connection-specific fields are malformed in HTTP/3 (RFC 9114 §4.2); the forwarder
+    // already drops them from upstream responses, this catches configured ones.
+    crate::proxy::headers::strip_hop_by_hop(&mut parts.headers, false, false);
+    parts.version = http::Version::HTTP_3;
+    stream
+        .send_response(Response::from_parts(parts, ()))
+        .await
+        .map_err(SendError::Client)?;
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(SendError::Body)?;
+        match frame.into_data() {
+            Ok(data) => {
+                if !data.is_empty() {
+                    stream.send_data(data).await.map_err(SendError::Client)?;
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+    }
+    if let Some(t) = trailers {
+        stream.send_trailers(t).await.map_err(SendError::Client)?;
+    }
+    stream.finish().await.map_err(SendError::Client)
+}

@@ -1,0 +1,692 @@
+//! HTTP/3: the QUIC side of an `https` listener with `http3 = true`, on the same port over
+//! UDP (quinn + h3). Every request becomes the same `http::Request<Body>` plus `ConnInfo` as
+//! over TCP and goes through the same `Gateway::handle`.
+//!
+//! ```text
+//! accept (UDP)      banned peer refused; connection limit; Retry (address validation)
+//!   └─ handshake    crypto.rs: rustls, same certificate, groups and client verification as
+//!                   TCP; group and refusal reason recorded per connection
+//!       └─ h3       one task per request stream: head within header_read_timeout,
+//!                   body.rs streams both ways, Gateway::handle in between
+//! ```
+//!
+//! 0-RTT (listener `quic.zero_rtt`): the connection serves requests before the handshake
+//! completes; those carry the `EarlyData` extension and the pipeline decides (proxy/early.rs).
+//! Drain (SIGTERM, listener removed): new connections are refused, each connection sends an
+//! HTTP/3 GOAWAY and ends when its requests are done. Reload: new connections take the new
+//! snapshot's TLS and transport settings (`QuicHandle::update`); live ones keep theirs.
+
+mod body;
+pub mod crypto;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, ConnectionError, Endpoint, EndpointConfig, Incoming, VarInt};
+use quinn_proto::crypto::HandshakeTokenKey;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use self::body::RequestBody;
+use self::crypto::{Handshake, HandshakeData, QuicTls};
+use crate::config::{Congestion, ListenerConfig, ListenerKey, QuicConfig, RetryPolicy};
+use crate::proxy::{ConnInfo, EarlyData, TlsInfo};
+use crate::runtime::{ListenerRuntime, Runtime};
+use crate::telemetry::metrics::ConnectionLabels;
+
+/// HTTP/3's "no error" (RFC 9114 §8.1), for closing a connection that is done.
+const H3_NO_ERROR: u32 = 0x100;
+
+/// Uni-directional streams a client may open: control, QPACK encoder and decoder, and room
+/// for the grease streams clients send.
+const MAX_UNI_STREAMS: u32 = 8;
+
+/// One listener's QUIC settings in a snapshot, built from its config.
+pub struct QuicRuntime {
+    /// The endpoint-wide server config (transport settings, Retry token key); each connection
+    /// gets a copy with its own `ConnTls`.
+    server: Arc<quinn::ServerConfig>,
+    tls: Arc<QuicTls>,
+    /// The listener's `[listener.quic]`.
+    pub config: QuicConfig,
+}
+
+/// Builds the QUIC side of a listener, when it has one.
+pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
+    let (Some(quic), Some(tls)) = (&listener.quic, &listener.tls) else {
+        return Ok(None);
+    };
+    let rustls = super::tls::quic_server_config(tls, quic.zero_rtt)?;
+    let tls = Arc::new(QuicTls::new(rustls)?);
+    let limits = &listener.limits;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .map_err(|_| "limits.idle_timeout is too long for QUIC".to_string())?,
+        ));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(quic.max_udp_payload);
+    transport.mtu_discovery_config(Some(mtu));
+    match quic.congestion {
+        Congestion::Cubic => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::NewReno => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        Congestion::Bbr => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+    };
+    let mut server = quinn::ServerConfig::new(tls.clone(), token_key());
+    server.transport_config(Arc::new(transport));
+    Ok(Some(QuicRuntime {
+        server: Arc::new(server),
+        tls,
+        config: quic.clone(),
+    }))
+}
+
+/// The key of Retry and NEW_TOKEN tokens: one per process, so tokens stay valid across
+/// reloads.
+fn token_key() -> Arc<dyn HandshakeTokenKey> {
+    static KEY: OnceLock<Arc<aws_lc_rs::hkdf::Prk>> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut secret = [0u8; 64];
+        // The system RNG failing leaves nothing safe to do; aws-lc aborts in that case anyway.
+        let _ = aws_lc_rs::rand::fill(&mut secret);
+        Arc::new(aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(&secret))
+    })
+    .clone()
+}
+
+/// A QUIC endpoint bound for a listener, not yet accepting.
+pub struct Bound {
+    key: ListenerKey,
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    max_connections: usize,
+}
+
+/// Binds the UDP side of a listener at `address` (the TCP side's bound address, so a port 0
+/// listener gets the same port on both).
+pub fn bind(
+    config: &ListenerConfig,
+    address: SocketAddr,
+    quic: &QuicRuntime,
+) -> Result<Bound, String> {
+    let name = &config.name;
+    let socket = UdpSocket::bind(address)
+        .map_err(|e| format!("listener {name:?}: cannot bind UDP {address} for HTTP/3: {e}"))?;
+    grow_buffers(&socket);
+    let mut endpoint_config = EndpointConfig::default();
+    endpoint_config
+        .max_udp_payload_size(quic.config.max_udp_payload)
+        .map_err(|e| format!("listener {name:?}: quic.max_udp_payload: {e}"))?;
+    let endpoint = Endpoint::new(
+        endpoint_config,
+        Some((*quic.server).clone()),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| format!("listener {name:?}: cannot start QUIC on {address}: {e}"))?;
+    let local_addr = endpoint
+        .local_addr()
+        .map_err(|e| format!("listener {name:?}: {e}"))?;
+    Ok(Bound {
+        key: config.key(),
+        endpoint,
+        local_addr,
+        max_connections: config.limits.max_connections.get(),
+    })
+}
+
+/// Asks for 4 MiB socket buffers (the kernel caps them at net.core.[rw]mem_max): bulk
+/// transfers arrive as bursts of datagrams that a default 208 KiB buffer drops.
+fn grow_buffers(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt on a socket we own with a pointer to a c_int of the right size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// A running QUIC listener.
+pub struct QuicHandle {
+    /// The listener it belongs to.
+    pub key: ListenerKey,
+    /// The UDP address bound.
+    pub local_addr: SocketAddr,
+    endpoint: Endpoint,
+    /// Cancelled to stop accepting and drain this listener's QUIC connections.
+    pub stop: CancellationToken,
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl QuicHandle {
+    /// QUIC connections currently open.
+    pub fn active(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+
+    /// New connections use this snapshot's settings (certificate, groups, client
+    /// verification, transport); live connections keep theirs.
+    pub fn update(&self, quic: &QuicRuntime) {
+        self.endpoint
+            .set_server_config(Some((*quic.server).clone()));
+    }
+
+    /// Waits (bounded) until close frames of finished connections are sent.
+    pub async fn wait_idle(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Starts accepting on a bound endpoint.
+pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> QuicHandle {
+    let stop = runtime.shutdown.child_token();
+    let permits = Arc::new(Semaphore::new(bound.max_connections));
+    let handle = QuicHandle {
+        key: bound.key.clone(),
+        local_addr: bound.local_addr,
+        endpoint: bound.endpoint.clone(),
+        stop: stop.clone(),
+        permits: permits.clone(),
+        max: bound.max_connections,
+    };
+    let name = runtime
+        .gateway
+        .snapshot()
+        .listener_by_key(&bound.key)
+        .map(|l| l.config.name.to_string())
+        .unwrap_or_default();
+    tracing::info!(listener = %name, address = %bound.local_addr, transport = "quic", "listening (HTTP/3)");
+    tokio::spawn(accept_loop(runtime, bound, permits, stop));
+    handle
+}
+
+/// Handshakes in progress on one listener (for `retry = "under_load"`).
+struct InProgress(Arc<AtomicUsize>);
+
+impl InProgress {
+    fn start(counter: &Arc<AtomicUsize>) -> InProgress {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InProgress(counter.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    runtime: Arc<Runtime>,
+    bound: Bound,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let endpoint = bound.endpoint;
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let mut warned_full = false;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            _ = stop.cancelled() => {
+                // Refuse new connections from now on; live ones drain on the same token.
+                endpoint.set_server_config(None);
+                return;
+            }
+        };
+        let snapshot = runtime.gateway.snapshot();
+        let Some(listener) = snapshot.listener_by_key(&bound.key).cloned() else {
+            incoming.refuse();
+            continue;
+        };
+        let Some(quic) = listener.quic.as_ref() else {
+            // http3 was switched off by a reload; this handle is being retired.
+            incoming.refuse();
+            continue;
+        };
+        let peer = incoming.remote_address();
+        // Banned peers go before the handshake costs anything.
+        if super::banned_at_accept(&runtime, &snapshot, &listener.config.name, peer) {
+            incoming.refuse();
+            continue;
+        }
+        let incoming = match validate_address(incoming, quic.config.retry, &handshaking) {
+            Some(i) => i,
+            None => continue,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if !warned_full {
+                tracing::warn!(address = %bound.local_addr, max = bound.max_connections, "connection limit reached; new QUIC connections are refused");
+                warned_full = true;
+            }
+            incoming.refuse();
+            continue;
+        };
+        warned_full = false;
+        let handshake = Arc::new(Handshake::default());
+        let mut server = (*quic.server).clone();
+        server.crypto = Arc::new(quic.tls.for_connection(handshake.clone()));
+        let in_progress = InProgress::start(&handshaking);
+        let connecting = match incoming.accept_with(Arc::new(server)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "QUIC connection not accepted");
+                continue;
+            }
+        };
+        let local = connecting.local_ip().map_or(bound.local_addr, |ip| {
+            SocketAddr::new(ip, bound.local_addr.port())
+        });
+        let start = Start {
+            listener,
+            handshake,
+            peer,
+            local,
+            stop: stop.clone(),
+            in_progress,
+        };
+        let rt = runtime.clone();
+        runtime.connections.spawn(async move {
+            serve(rt, connecting, start).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Answers with a Retry when the policy asks for address validation; `None` when the
+/// connection attempt was answered that way.
+fn validate_address(
+    incoming: Incoming,
+    policy: RetryPolicy,
+    handshaking: &AtomicUsize,
+) -> Option<Incoming> {
+    if incoming.remote_address_validated() {
+        return Some(incoming);
+    }
+    let retry = match policy {
+        RetryPolicy::Always => true,
+        RetryPolicy::UnderLoad(n) => handshaking.load(Ordering::Relaxed) >= n,
+        RetryPolicy::Never => false,
+    };
+    if !retry || !incoming.may_retry() {
+        return Some(incoming);
+    }
+    match incoming.retry() {
+        Ok(()) => None,
+        Err(e) => Some(e.into_incoming()),
+    }
+}
+
+/// What the accept loop hands to a connection's task.
+struct Start {
+    listener: Arc<ListenerRuntime>,
+    handshake: Arc<Handshake>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
+    in_progress: InProgress,
+}
+
+/// Everything a request on one QUIC connection needs, shared by one `Arc`.
+struct QuicConn {
+    runtime: Arc<Runtime>,
+    listener: Arc<ListenerRuntime>,
+    handshake: Arc<Handshake>,
+    /// Before the handshake completes (0-RTT listeners): the connection without identity.
+    early: Option<ConnInfo>,
+    /// The complete connection info, once the handshake completed; closed if it failed.
+    confirmed: watch::Receiver<Option<Arc<ConnInfo>>>,
+}
+
+/// Serves one QUIC connection: handshake (or 0-RTT with the handshake completing alongside),
+/// then HTTP/3 until the client leaves, the idle timeout passes or the listener drains.
+async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: Start) {
+    let started = Instant::now();
+    let name = start.listener.config.name.clone();
+    let Some(quic) = start.listener.quic.as_ref() else {
+        return;
+    };
+    let timeout = start
+        .listener
+        .config
+        .tls
+        .as_ref()
+        .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+    let info = ConnInfo {
+        peer: start.peer,
+        local: start.local,
+        listener: name.clone(),
+        tls: None,
+        identity: None,
+        policy_cache: Default::default(),
+    };
+    let (tx, rx) = watch::channel(None);
+    let (conn, early) = if quic.config.zero_rtt {
+        // 0.5-RTT: serve as soon as the ClientHello is read; requests that arrive before the
+        // handshake completes are early data and the pipeline decides about them. (quinn has
+        // read the ClientHello inside `accept_with`: this does not wait.)
+        let sni = handshake_data(&mut connecting).await;
+        let Ok((conn, accepted)) = connecting.into_0rtt() else {
+            return;
+        };
+        let mut early = info.clone();
+        early.tls = Some(tls_info(&start.handshake, sni.clone()));
+        let confirm = Confirm {
+            runtime: runtime.clone(),
+            conn: conn.clone(),
+            handshake: start.handshake.clone(),
+            info,
+            sni,
+            started,
+            in_progress: start.in_progress,
+            tx,
+        };
+        tokio::spawn(confirm.run(accepted, timeout));
+        (conn, Some(early))
+    } else {
+        let handshake = async {
+            let sni = handshake_data(&mut connecting).await;
+            connecting.await.map(|c| (c, sni))
+        };
+        let (conn, sni) = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                refused(&runtime, &name, start.peer, started, &start.handshake, &e);
+                return;
+            }
+            Err(_) => {
+                super::handshake_refused(&runtime, &name, start.peer, started, "quic", Err(()));
+                return;
+            }
+        };
+        drop(start.in_progress);
+        let mut info = info;
+        info.tls = Some(tls_info(&start.handshake, sni));
+        complete(&runtime, &conn, &mut info, started);
+        let _ = tx.send(Some(Arc::new(info)));
+        (conn, None)
+    };
+
+    let gauge = runtime
+        .telemetry
+        .metrics
+        .active_connections
+        .get_or_create_owned(&ConnectionLabels {
+            listener: name.to_string(),
+            protocol: "h3",
+        });
+    gauge.inc();
+    let _active = super::conn::GaugeGuard(gauge);
+    let ctx = Arc::new(QuicConn {
+        runtime,
+        listener: start.listener.clone(),
+        handshake: start.handshake,
+        early,
+        confirmed: rx,
+    });
+    serve_h3(ctx, conn, &start.stop).await;
+}
+
+/// The server name from the ClientHello (waits until rustls has read it).
+async fn handshake_data(connecting: &mut quinn::Connecting) -> Option<Box<str>> {
+    let data = connecting.handshake_data().await.ok()?;
+    let data = data.downcast::<HandshakeData>().ok()?;
+    data.server_name.map(String::into_boxed_str)
+}
+
+/// The TLS parameters of a QUIC connection (TLS 1.3, ALPN h3 by construction).
+fn tls_info(handshake: &Handshake, sni: Option<Box<str>>) -> TlsInfo {
+    TlsInfo {
+        version: "TLSv1.3",
+        group: handshake.group(),
+        alpn: Some("h3".into()),
+        sni,
+    }
+}
+
+/// Accounts for a completed handshake and reads the verified client identity.
+fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: Instant) {
+    if let Some(t) = &info.tls {
+        runtime.gateway.snapshot().telemetry.handshake(
+            &info.listener,
+            info.peer,
+            started,
+            Ok((t.version, t.group.unwrap_or("unknown"))),
+        );
+    }
+    // Identity: once per connection, from the leaf the verifier accepted.
+    let chain = conn.peer_identity().and_then(|a| {
+        a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    if let Some(leaf) = chain.as_ref().and_then(|c| c.first()) {
+        info.identity = Some(Arc::new(super::conn::identity_of(
+            leaf,
+            info.peer,
+            &info.listener,
+        )));
+    }
+}
+
+/// Accounts for a refused QUIC handshake with the same labels as TCP.
+fn refused(
+    runtime: &Runtime,
+    listener: &Arc<str>,
+    peer: SocketAddr,
+    started: Instant,
+    handshake: &Handshake,
+    error: &ConnectionError,
+) {
+    let failure = match handshake.error() {
+        Some(tls) => (super::tls::failure_label(&tls), tls.to_string()),
+        None => match error {
+            ConnectionError::TimedOut => {
+                super::handshake_refused(runtime, listener, peer, started, "quic", Err(()));
+                return;
+            }
+            // The client gave up on the handshake (often: it did not trust our certificate).
+            ConnectionError::ConnectionClosed(c)
+                if (0x100..0x200).contains(&u64::from(c.error_code)) =>
+            {
+                ("client_alert", error.to_string())
+            }
+            _ => ("quic_error", error.to_string()),
+        },
+    };
+    super::handshake_refused(runtime, listener, peer, started, "quic", Ok(failure));
+}
+
+/// Completes a 0-RTT connection's handshake alongside its first requests.
+struct Confirm {
+    runtime: Arc<Runtime>,
+    conn: Connection,
+    handshake: Arc<Handshake>,
+    info: ConnInfo,
+    sni: Option<Box<str>>,
+    started: Instant,
+    in_progress: InProgress,
+    tx: watch::Sender<Option<Arc<ConnInfo>>>,
+}
+
+impl Confirm {
+    async fn run(self, accepted: quinn::ZeroRttAccepted, timeout: Duration) {
+        let Confirm {
+            runtime,
+            conn,
+            handshake,
+            mut info,
+            sni,
+            started,
+            in_progress,
+            tx,
+        } = self;
+        // quinn resolves this when the handshake is over either way (on the server its value
+        // says nothing); our own session knows whether it completed.
+        let done = tokio::time::timeout(timeout, accepted).await;
+        drop(in_progress);
+        if handshake.is_complete() {
+            info.tls = Some(tls_info(&handshake, sni));
+            complete(&runtime, &conn, &mut info, started);
+            let _ = tx.send(Some(Arc::new(info)));
+        } else if done.is_ok() {
+            let error = conn
+                .close_reason()
+                .unwrap_or(ConnectionError::LocallyClosed);
+            refused(
+                &runtime,
+                &info.listener,
+                info.peer,
+                started,
+                &handshake,
+                &error,
+            );
+        } else {
+            super::handshake_refused(
+                &runtime,
+                &info.listener,
+                info.peer,
+                started,
+                "quic",
+                Err(()),
+            );
+            conn.close(VarInt::from_u32(H3_NO_ERROR), b"handshake timeout");
+        }
+        // Dropping `tx` here tells requests still waiting that no identity is coming.
+    }
+}
+
+/// The HTTP/3 session of one connection: one task per request, GOAWAY on drain.
+async fn serve_h3(ctx: Arc<QuicConn>, conn: Connection, stop: &CancellationToken) {
+    let limits = &ctx.listener.config.limits;
+    let mut builder = h3::server::builder();
+    builder.max_field_section_size(limits.max_header_size as u64);
+    let mut h3 = match builder.build(h3_quinn::Connection::new(conn.clone())).await {
+        Ok(h3) => h3,
+        Err(e) => {
+            tracing::debug!(peer = %conn.remote_address(), error = %e, "HTTP/3 connection setup failed");
+            return;
+        }
+    };
+    // This connection's requests, so a drain knows when they are done (h3 itself waits for
+    // the client's GOAWAY too, which a client with nothing to say never sends).
+    let requests = tokio_util::task::TaskTracker::new();
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            r = h3.accept() => r,
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                // GOAWAY: requests already accepted finish; the client opens no new ones here.
+                if let Err(e) = h3.shutdown(1).await {
+                    tracing::debug!(error = %e, "HTTP/3 GOAWAY not sent");
+                    break;
+                }
+                requests.close();
+                continue;
+            }
+            _ = requests.wait(), if draining => break,
+        };
+        match accepted {
+            Ok(Some(resolver)) => {
+                let request = requests.track_future(serve_request(ctx.clone(), resolver));
+                ctx.runtime.connections.spawn(request);
+            }
+            // GOAWAY exchanged and every request finished.
+            Ok(None) => break,
+            Err(e) => {
+                if !e.is_h3_no_error() {
+                    tracing::debug!(peer = %conn.remote_address(), error = %e, "HTTP/3 connection ended");
+                }
+                return;
+            }
+        }
+    }
+    // The last responses may still be in flight: give the client a moment to close first.
+    tokio::select! {
+        _ = conn.closed() => {}
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+            conn.close(VarInt::from_u32(H3_NO_ERROR), b"");
+        }
+    }
+}
+
+/// One request: head, the pipeline, the response streamed back.
+async fn serve_request(
+    ctx: Arc<QuicConn>,
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, bytes::Bytes>,
+) {
+    let limits = &ctx.listener.config.limits;
+    // Slowloris on streams: the head within header_read_timeout.
+    let (req, stream) =
+        match tokio::time::timeout(limits.header_read_timeout, resolver.resolve_request()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "HTTP/3 request head refused");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("HTTP/3 request head not received within header_read_timeout");
+                return;
+            }
+        };
+    let (mut send, recv) = stream.split();
+    let content_length = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut req = req.map(|()| RequestBody::into_body(recv, content_length));
+
+    // Which connection info this request runs with: complete, or (0-RTT) early.
+    let confirmed = ctx.confirmed.borrow().clone();
+    let waited;
+    let info: &ConnInfo = match (&confirmed, &ctx.early) {
+        (Some(info), _) => info,
+        // Not complete when the head was read: the request came as 0-RTT early data.
+        (None, Some(e)) if !ctx.handshake.is_complete() => {
+            req.extensions_mut()
+                .insert(EarlyData::new(ctx.confirmed.clone()));
+            e
+        }
+        // Complete, but its info is a moment away (being built by `Confirm`).
+        _ => {
+            let mut rx = ctx.confirmed.clone();
+            let done = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|v| v.clone());
+            let Some(info) = done else {
+                return;
+            };
+            waited = info;
+            &waited
+        }
+    };
+    let resp = ctx.runtime.gateway.handle(req, info).await;
+    if let Err(e) = body::send_response(&mut send, resp).await {
+        tracing::debug!(error = %e, "HTTP/3 response not completed");
+        // The client must not take a cut-off body for a complete one.
+        send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+    }
+}

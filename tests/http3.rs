@@ -1,0 +1,546 @@
+//! HTTP/3 end to end: a quinn + h3 client over rustls talks to the real gateway's QUIC
+//! listener, which forwards to real upstreams. Key-exchange groups per connection, streamed
+//! bodies, 0-RTT, Alt-Svc, reload and drain.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::quic::{Groups, H3Client, HoldingRelay};
+use common::*;
+use http_body_util::BodyExt;
+use hyper::{Request, Response};
+
+/// An upstream that answers POSTs with the length and SHA-256 of the body it streamed in,
+/// and everything else with the JSON echo.
+async fn hashing_upstream() -> Upstream {
+    Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        if req.method() != http::Method::POST {
+            return echo_response(req).await;
+        }
+        let early = req.headers().get("early-data").is_some();
+        let mut body = req.into_body();
+        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut len = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                len += data.len() as u64;
+                hash.update(&data);
+            }
+        }
+        let json = serde_json::json!({
+            "len": len,
+            "sha256": hex(hash.finish().as_ref()),
+            "early_data": early,
+        });
+        Response::new(full(serde_json::to_vec(&json).unwrap()))
+    })
+    .await
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn config(base: &str, upstream: std::net::SocketAddr, routes: &str) -> String {
+    format!(
+        r#"{base}
+[log.json]
+path = "access.json"
+
+[[upstream]]
+name = "app"
+endpoints = ["{upstream}"]
+
+{routes}
+"#
+    )
+}
+
+const APP_ROUTE: &str = "[[route]]\nname = \"app\"\nupstream = \"app\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_a_streamed_50_mib_post_with_the_group_of_each_connection() {
+    let upstream = hashing_upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+
+    // A default rustls client offers X25519MLKEM768 first: that is what is negotiated.
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(addr).await.unwrap();
+    let resp = conn.get("/hello?x=1").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo = resp.json();
+    assert_eq!(echo["uri"], "/hello?x=1");
+    assert_eq!(echo["headers"]["via"][0], "3 wraith");
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["protocol"], "h3");
+    assert_eq!(record["tls_version"], "TLSv1.3");
+    assert_eq!(record["tls_group"], "X25519MLKEM768");
+
+    // 50 MiB streamed up in 64 KiB chunks, generated as they are sent.
+    const TOTAL: usize = 50 << 20;
+    const CHUNK: usize = 64 << 10;
+    let mut expected = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut sent = 0usize;
+    let mut seed = 7u8;
+    let rss_before = wraith.rss_kib();
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", TOTAL.to_string())
+        .body(())
+        .unwrap();
+    let resp = conn
+        .request_streamed(req, || {
+            if sent == TOTAL {
+                return None;
+            }
+            let chunk: Vec<u8> = (0..CHUNK)
+                .map(|i| seed.wrapping_add((i % 251) as u8))
+                .collect();
+            seed = seed.wrapping_add(1);
+            sent += CHUNK;
+            expected.update(&chunk);
+            Some(Bytes::from(chunk))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    let got = resp.json();
+    assert_eq!(got["len"], TOTAL as u64);
+    assert_eq!(got["sha256"], hex(expected.finish().as_ref()).as_str());
+    assert_eq!(got["early_data"], false);
+    // Streamed, not buffered: the gateway did not grow by anything like the body's size.
+    let grown_mib = wraith.rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 30, "gateway RSS grew by {grown_mib} MiB");
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["bytes_in"], TOTAL as u64);
+    assert_eq!(record["protocol"], "h3");
+
+    // A classical-only client gets X25519, recorded for its own connection.
+    let classical = H3Client::new(&ca, None, Groups::Classical);
+    let mut conn2 = classical.connect(addr).await.unwrap();
+    let resp = conn2.get("/classical").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    assert_eq!(
+        wraith.access_record("access.json", &rid)["tls_group"],
+        "X25519"
+    );
+
+    // The first connection is still post-quantum.
+    let resp = conn.get("/again").await.unwrap();
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    assert_eq!(
+        wraith.access_record("access.json", &rid)["tls_group"],
+        "X25519MLKEM768"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_download_and_a_policy_that_requires_post_quantum() {
+    // 20 MiB down, streamed by the upstream in 256 KiB pieces.
+    let upstream = Upstream::start(|_req: Request<hyper::body::Incoming>| async move {
+        let chunks = (0..80u8).map(|i| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![
+                i;
+                256 << 10
+            ])))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+        Response::new(body.map_err(|e| match e {}).boxed())
+    })
+    .await;
+    let setup = Setup::new();
+    setup.write_policies(
+        "pq",
+        &[(
+            "pq.cedar",
+            r#"
+@id("everyone")
+permit (principal, action, resource);
+
+@id("post-quantum-only")
+forbid (principal, action, resource) when { context.tls.group != "X25519MLKEM768" };
+"#,
+        )],
+    );
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", "[policy]\ndir = \"pq\"\n"),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+
+    let mut pq = H3Client::new(&ca, None, Groups::Default)
+        .connect(addr)
+        .await
+        .unwrap();
+    let resp = pq.get("/big").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.body.len(), 80 * (256 << 10));
+    assert!(resp
+        .body
+        .chunks(256 << 10)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == i as u8)));
+
+    let mut classical = H3Client::new(&ca, None, Groups::Classical)
+        .connect(addr)
+        .await
+        .unwrap();
+    let resp = classical.get("/big").await.unwrap();
+    assert_eq!(
+        resp.status(),
+        403,
+        "a classical key exchange is refused by the policy"
+    );
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["tls_group"], "X25519");
+    assert_eq!(record["decision"], "deny");
+    assert_eq!(record["policies"][0], "post-quantum-only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listeners_advertise_http3_and_http3_responses_are_proper() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3(
+            "",
+            "alt_svc_max_age = \"1h\", congestion = \"bbr\"",
+            ALLOW_ALL_POLICY,
+        ),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let port = wraith.addr("https").port();
+
+    for client in [https_client_h1(&ca, None), https_client_h2(&ca, None)] {
+        let resp = client.get(wraith.url("https", "/")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["alt-svc"],
+            format!("h3=\":{port}\"; ma=3600").as_str()
+        );
+    }
+    // Plain HTTP listeners do not advertise it.
+    let resp = http_client()
+        .get(wraith.url("http", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("alt-svc").is_none());
+
+    // BBR as configured still serves; an unknown route is the pipeline's JSON 404.
+    let mut conn = H3Client::new(&ca, None, Groups::Default)
+        .connect(wraith.addr("https"))
+        .await
+        .unwrap();
+    assert_eq!(conn.get("/x").await.unwrap().status(), 200);
+    let status = wraith.status().await;
+    let https = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "https")
+        .unwrap()
+        .clone();
+    assert_eq!(https["http3"], true);
+    assert_eq!(https["quic_connections"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_early_get_is_served_and_marked_early_other_early_requests_get_425() {
+    let upstream = hashing_upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "zero_rtt = true", ALLOW_ALL_POLICY),
+        upstream.addr,
+        r#"
+[[route]]
+name = "cacheable"
+path = { prefix = "/static/" }
+upstream = "app"
+early_data = true
+
+[[route]]
+name = "app"
+upstream = "app"
+"#,
+    );
+    let wraith = setup.start(&cfg);
+    let relay = HoldingRelay::start(wraith.addr("https"), Duration::from_millis(400)).await;
+    let client = H3Client::new(&ca, None, Groups::Default);
+
+    // First visit: a full handshake, which leaves the client a session ticket.
+    let mut first = client.connect(relay.addr).await.unwrap();
+    assert_eq!(first.get("/static/a").await.unwrap().status(), 200);
+    first.conn.close(quinn::VarInt::from_u32(0), b"done");
+
+    // Second visit: the requests go out as 0-RTT, together, before the handshake completes.
+    let (conn, accepted) = connect_0rtt(&client, relay.addr).await;
+    let (mut a, mut b, mut c) = (conn.clone(), conn.clone(), conn.clone());
+    let post = Request::post("https://localhost/static/a")
+        .body(())
+        .unwrap();
+    let (get, post, other) = tokio::join!(
+        a.get("/static/page"),
+        b.request(post, Some(Bytes::from_static(b"form=1"))),
+        c.get("/elsewhere"),
+    );
+    assert!(accepted.await, "the server accepted the early data");
+
+    let get = get.unwrap();
+    assert_eq!(get.status(), 200);
+    let echo = get.json();
+    assert_eq!(
+        echo["headers"]["early-data"][0], "1",
+        "marked early toward the upstream"
+    );
+    let rid = get.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["early_data"], true);
+    assert_eq!(record["protocol"], "h3");
+
+    let post = post.unwrap();
+    assert_eq!(post.status(), 425, "an early POST is Too Early");
+    assert_eq!(post.json()["error"], "too_early");
+    let other = other.unwrap();
+    assert_eq!(
+        other.status(),
+        425,
+        "a route without early_data refuses early requests"
+    );
+
+    // After the handshake, the same POST on the same connection is an ordinary request.
+    let mut d = conn.clone();
+    let post = Request::post("https://localhost/static/a")
+        .body(())
+        .unwrap();
+    let resp = d
+        .request(post, Some(Bytes::from_static(b"form=1")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json()["early_data"], false);
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    assert!(wraith
+        .access_record("access.json", &rid)
+        .get("early_data")
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_on_an_mtls_listener_waits_for_the_verified_identity() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let client_cert = setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3(
+            r#"client_auth = "require", client_ca = "ca.pem""#,
+            "zero_rtt = true",
+            ALLOW_ALL_POLICY,
+        ),
+        upstream.addr,
+        "[[route]]\nname = \"app\"\nupstream = \"app\"\nearly_data = true\n",
+    );
+    let wraith = setup.start(&cfg);
+    let relay = HoldingRelay::start(wraith.addr("https"), Duration::from_millis(400)).await;
+    let client = H3Client::new(&ca, Some(client_cert.pair()), Groups::Default);
+    let mut first = client.connect(relay.addr).await.unwrap();
+    assert_eq!(first.get("/warm").await.unwrap().status(), 200);
+    first.conn.close(quinn::VarInt::from_u32(0), b"done");
+
+    let (mut conn, accepted) = connect_0rtt(&client, relay.addr).await;
+    let resp = conn.get("/whoami").await.unwrap();
+    assert!(accepted.await);
+    assert_eq!(resp.status(), 200);
+    let echo = resp.json();
+    let xfcc = echo["headers"]["x-forwarded-client-cert"][0]
+        .as_str()
+        .unwrap();
+    assert!(xfcc.contains("URI=spiffe://test.local/svc"), "{xfcc}");
+    assert!(
+        echo["headers"].get("early-data").is_none(),
+        "it waited for the handshake: no longer early"
+    );
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["identity"], "spiffe://test.local/svc");
+    assert!(record.get("early_data").is_none());
+}
+
+/// A 0-RTT connection, once the client holds a session ticket (it arrives just after the
+/// first connection's handshake).
+async fn connect_0rtt(
+    client: &H3Client,
+    addr: std::net::SocketAddr,
+) -> (common::quic::H3Conn, quinn::ZeroRttAccepted) {
+    for _ in 0..100 {
+        if let Some(c) = client.connect_0rtt(addr).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the client never got a session ticket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_gives_new_connections_the_new_certificate_and_keeps_live_ones() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut live = client.connect(addr).await.unwrap();
+    let old_leaf = leaf_of(&live.conn);
+
+    let new_pem = wraith.pki().rotate_server_cert();
+    wraith.reload().unwrap();
+
+    // The live connection goes on.
+    assert_eq!(live.get("/still").await.unwrap().status(), 200);
+    assert_eq!(leaf_of(&live.conn), old_leaf);
+    // A new one gets the new certificate.
+    let mut fresh = client.connect(addr).await.unwrap();
+    assert_eq!(fresh.get("/new").await.unwrap().status(), 200);
+    use rustls_pki_types::pem::PemObject;
+    let new_der = rustls_pki_types::CertificateDer::from_pem_slice(new_pem.as_bytes()).unwrap();
+    assert_eq!(leaf_of(&fresh.conn), new_der.to_vec());
+    assert_ne!(old_leaf, new_der.to_vec());
+}
+
+fn leaf_of(conn: &quinn::Connection) -> Vec<u8> {
+    let chain = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    chain[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_goaway_and_drains_requests_in_flight() {
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        echo_response(req).await
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let mut wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let conn = client.connect(wraith.addr("https")).await.unwrap();
+    let mut slow = conn.clone();
+    let in_flight = tokio::spawn(async move { slow.get("/slow").await });
+    // The request is at the upstream when the signal comes.
+    wraith
+        .wait_log(Duration::from_secs(10), |v| {
+            v["message"] == "policy decision"
+        })
+        .expect("request reached the pipeline");
+    wraith.signal(libc::SIGTERM);
+
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the request in flight finished");
+    let code = tokio::task::spawn_blocking(move || {
+        let code = wraith.wait_exit(Duration::from_secs(15));
+        (code, wraith)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "{}", code.1.log());
+    assert!(
+        code.1.log().contains("all connections finished"),
+        "{}",
+        code.1.log()
+    );
+    // Nothing answers on the port any more.
+    let again = tokio::time::timeout(Duration::from_secs(3), client.connect(code.1.addr("https")));
+    assert!(!matches!(again.await, Ok(Ok(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_errors_for_http3_name_the_key() {
+    let setup = Setup::new();
+    let dir = setup.dir.path().to_path_buf();
+    let cfg = r#"
+[[listener]]
+name = "plain"
+address = "127.0.0.1:0"
+protocol = "http"
+http3 = true
+
+[[listener]]
+name = "tuned"
+address = "127.0.0.1:0"
+protocol = "https"
+tls = { cert = "server.pem", key = "server-key.pem" }
+quic = { congestion = "vegas", retry = "sometimes", max_udp_payload = 100 }
+
+[[route]]
+name = "r"
+respond = { status = 200 }
+"#;
+    std::fs::write(dir.join("bad.toml"), cfg).unwrap();
+    let (code, out, err) = wraith_cmd(&["test", "-c", "bad.toml"], &dir);
+    assert_ne!(code, 0, "{out}");
+    let err = out + &err;
+    for needle in [
+        "listener[0].http3",
+        "needs protocol = \"https\"",
+        "listener[1].quic",
+        "quic settings without http3 = true",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+
+    let cfg = cfg.replace("quic = {", "http3 = true\nquic = {");
+    std::fs::write(dir.join("bad.toml"), cfg).unwrap();
+    let (_, out, err) = wraith_cmd(&["test", "-c", "bad.toml"], &dir);
+    let err = out + &err;
+    for needle in [
+        "listener[1].quic.congestion",
+        "listener[1].quic.retry",
+        "listener[1].quic.max_udp_payload",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}

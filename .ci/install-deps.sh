@@ -7,7 +7,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need=()
-for pkg in curl:curl tmux:tmux; do
+# chromium: headless Chromium fetches a page over HTTP/3 in tests/h3_external.rs.
+for pkg in curl:curl tmux:tmux chromium:chromium; do
   bin=${pkg%%:*}; deb=${pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done
@@ -35,7 +36,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Python packages the tests use (tests/observability.rs validates /metrics with the reference
-# OpenMetrics parser).
-if ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+# OpenMetrics parser; tests/h3_external.rs runs aioquic's HTTP/3 client).
+if ! python3 -c 'import prometheus_client, aioquic' >/dev/null 2>&1; then
   python3 -m pip install -q -r .ci/requirements.txt
 fi

@@ -133,6 +133,14 @@ def wait_port(port, timeout=20):
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def link_policies(work):
+    """Wraith's bench configs use `[policy]` with the default `dir = "policies"`: link the
+    permit-all set (answered at load, no Cedar call) next to them."""
+    link = Path(work) / "policies"
+    if not link.exists():
+        link.symlink_to(ROOT / "bench" / "configs" / "policies")
+
+
 def setup(work, wraith_bin):
     """Writes configs and certificates; starts upstream and peers. Returns (procs, pids)."""
     certs = work / "certs"
@@ -148,6 +156,7 @@ def setup(work, wraith_bin):
             text = text.replace("@" + k + "@", v)
         (work / name).write_text(text)
     (work / "www").mkdir(exist_ok=True)
+    link_policies(work)
     procs = Procs()
     pids = {}
     pids["upstream"] = procs.start("upstream", ["nginx", "-c", str(work / "upstream-nginx.conf"), "-g", "daemon off;"], 0, cwd=work).pid

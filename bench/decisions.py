@@ -51,6 +51,8 @@ name = "up"
 endpoints = ["127.0.0.1:{upstream}"]
 max_idle_per_endpoint = 256
 
+[policy]
+
 [[route]]
 name = "all"
 upstream = "up"
@@ -97,6 +99,7 @@ def main():
             text = text.replace("@" + k + "@", v)
         (work / "upstream-nginx.conf").write_text(text)
         (work / "www").mkdir(exist_ok=True)
+        B.link_policies(work)
         pids = {"upstream": procs.start("upstream", ["nginx", "-c", str(work / "upstream-nginx.conf"), "-g", "daemon off;"], 0, cwd=work).pid}
         B.wait_port(B.PORTS["upstream"])
         decisions_file(work / "loaded-decisions.json")

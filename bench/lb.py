@@ -74,6 +74,9 @@ def setup(work, wraith_bin, need_huge, procs):
         for k, v in subst.items():
             text = text.replace("@" + k + "@", v)
         (work / name).write_text(text)
+    link = work / "policies"
+    if not link.exists():
+        link.symlink_to(ROOT / "bench" / "configs" / "policies")
     www = work / "www"
     www.mkdir(exist_ok=True)
     write_random(www / "big.bin", 100 << 20)

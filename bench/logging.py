@@ -98,6 +98,7 @@ def run(args):
     text = text.replace("@WORK@", str(work)).replace("@UPSTREAM@", str(b.PORTS["upstream"]))
     (work / "upstream-nginx.conf").write_text(text)
     (work / "www").mkdir(exist_ok=True)
+    b.link_policies(work)
     procs = b.Procs()
     try:
         up = procs.start("upstream", ["nginx", "-c", str(work / "upstream-nginx.conf"), "-g", "daemon off;"], 0, cwd=work).pid

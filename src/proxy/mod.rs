@@ -240,6 +240,7 @@ impl Gateway {
             target: "wraith::policy",
             request_id = request_id.to_str().unwrap_or("-"),
             route = %route.config.name,
+            protocol = protocol_name(req.version()),
             principal = conn.identity.as_ref().map_or("-", |i| i.name()),
             policy = %decision,
             "policy decision"

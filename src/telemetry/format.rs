@@ -751,7 +751,8 @@ mod tests {
         assert_eq!(v["wraith"]["event"], "policy_denied");
         assert_eq!(v["wraith"]["policies"][0], "p1");
         assert_eq!(v["wraith"]["origin"], "crowdsec");
-        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
         assert_eq!(keys, ["srcip", "srcport", "timestamp", "wraith"]);
     }
 }

@@ -3,14 +3,18 @@
 //! # The request path
 //!
 //! ```text
-//! accept (TCP)                      listener/      connection limit, banned peers closed,
-//!                                                  TLS 1.3 handshake
+//! accept (TCP | QUIC)               listener/      connection limit, banned peers closed,
+//!                                                  TLS 1.3 handshake (QUIC: own rustls
+//!                                                  session, listener/quic/crypto)
 //!   └─ HTTP/1.1 or HTTP/2           listener/conn  header-read and idle timeouts, drain
+//!      or HTTP/3                    listener/quic  streamed bodies, GOAWAY drain, 0-RTT
 //!       │                           identity       verified client cert -> Identity (per connection)
 //!       └─ Gateway::handle          proxy/         one pipeline for every protocol
 //!           ├─ normalize path       proxy/path
 //!           ├─ route                router         first match in file order, else 404
 //!           ├─ decisions            decisions/     banned client ip -> 403
+//!           ├─ early data           proxy/early    0-RTT: safe methods on routes that allow
+//!           │                                      it, identity waits, else 425
 //!           ├─ policy               policy/        Cedar: identity x method x route; deny by default
 //!           ├─ rate limits          ratelimit      per ip | identity | route | header -> 429
 //!           ├─ appsec               decisions/appsec  optional CrowdSec WAF
@@ -27,7 +31,7 @@
 //!
 //! - `config`: `wraith.toml` -> raw serde mirror -> typed `Config`, every error at once
 //! - `runtime`: `Snapshot` (config + everything built from it) behind ArcSwap; reload; drain
-//! - `listener`: sockets, TLS, per-connection serving
+//! - `listener`: sockets, TLS, per-connection serving (TCP in `conn`, QUIC/HTTP/3 in `quic`)
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools (balancing, health, TLS) and the
 //!   forwarder (retries)

@@ -185,14 +185,19 @@ async fn h3_once(
 ) -> Result<u64, String> {
     let mut stream = send.send_request(req).await.map_err(|e| e.to_string())?;
     let mut moved = 0u64;
+    let mut stopped = false;
     for chunk in body {
+        // A server may answer before reading the whole body and stop the upload (RFC 9114
+        // §4.1); the response still comes.
+        if stream.send_data(chunk.clone()).await.is_err() {
+            stopped = true;
+            break;
+        }
         moved += chunk.len() as u64;
-        stream
-            .send_data(chunk.clone())
-            .await
-            .map_err(|e| e.to_string())?;
     }
-    stream.finish().await.map_err(|e| e.to_string())?;
+    if !stopped {
+        stream.finish().await.map_err(|e| e.to_string())?;
+    }
     let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
     while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
         moved += chunk.remaining() as u64;
@@ -294,24 +299,23 @@ async fn h2_connect(
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let (send, conn) = hyper::client::conn::http2::Builder::new(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .initial_stream_window_size(4 << 20)
-    .initial_connection_window_size(16 << 20)
-    .handshake(hyper_util::rt::TokioIo::new(tls))
-    .await
-    .map_err(|e| e.to_string())?;
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
     let task = tokio::spawn(async move {
         let _ = conn.await;
     });
     Ok((send, task))
 }
 
-async fn h2_once(send: &mut H2Send, a: &Args, body: &[Bytes]) -> Result<u64, String> {
-    let upload: Bytes = body.iter().flat_map(|b| b.iter().copied()).collect();
+async fn h2_once(send: &mut H2Send, a: &Args, upload: &Bytes) -> Result<u64, String> {
     let sent = upload.len() as u64;
-    let req = request(a, true).map(|()| Full::new(upload));
+    // Full hands the shared buffer to hyper, which sends it as the window allows.
+    let req = request(a, true).map(|()| Full::new(upload.clone()));
     send.ready().await.map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -330,7 +334,7 @@ async fn h2_once(send: &mut H2Send, a: &Args, body: &[Bytes]) -> Result<u64, Str
 
 async fn run_h2(a: Arc<Args>, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&a, b"h2")));
-    let body = Arc::new(a.upload.map(upload_chunks).unwrap_or_default());
+    let body = Arc::new(Bytes::from(vec![0u8; a.upload.unwrap_or(0)]));
     let mut tasks = Vec::new();
     for _ in 0..a.conns {
         let (a, stats, stop, connector, body) = (
@@ -435,9 +439,17 @@ async fn main() {
     }
     timer.abort();
     let secs = started.elapsed().as_secs_f64();
-    let mut lat = stats.latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut lat = stats
+        .latencies
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let ops = stats.ops.load(Ordering::Relaxed);
     println!(
         "{}",

@@ -14,6 +14,7 @@
 # Results: $WORK/results.jsonl; the summary goes to docs/BENCHMARKS.md.
 #
 # Usage: bench/h3/run.sh [ROUNDS] [SECONDS]      (default 6 rounds of 5 s)
+#        PROFILE=debug bench/h3/run.sh 1 1        (checks the script itself; figures meaningless)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -22,8 +23,9 @@ ROUNDS="${1:-6}"
 SECS="${2:-5}"
 WORK="${WORK:-$ROOT/bench/results/h3}"
 CERTS="$WORK/certs"
-WRAITH="$ROOT/target/release/wraith"
-LOAD="$ROOT/target/release/examples/h3load"
+PROFILE="${PROFILE:-release}"
+WRAITH="$ROOT/target/$PROFILE/wraith"
+LOAD="$ROOT/target/$PROFILE/examples/h3load"
 MEASURE="$HERE/measure.py"
 PIDS=()
 
@@ -38,8 +40,12 @@ for t in nginx caddy taskset python3 cargo; do need "$t"; done
 mkdir -p "$WORK/caddy" "$WORK/www" "$WORK/nginx-body"
 : >"$WORK/results.jsonl"
 
-echo "== build (release)"
-(cd "$ROOT" && cargo build --release --bin wraith --example h3load)
+echo "== build ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+	(cd "$ROOT" && cargo build --release --bin wraith --example h3load)
+else
+	(cd "$ROOT" && cargo build --bin wraith --example h3load)
+fi
 
 echo "== certificates (ECDSA P-256) and the 100 MiB file"
 "$WRAITH" certs init --dir "$CERTS" --force >/dev/null

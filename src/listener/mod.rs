@@ -1,6 +1,7 @@
 //! Listeners: bind a TCP socket, accept under a connection limit, refuse nothing silently.
 //! Each accepted connection is served by `conn::serve` on the snapshot current at accept time
 //! for its TLS and HTTP settings; each request uses the snapshot current when it starts.
+//! Listeners with `http3 = true` also have a QUIC side on the same port (`quic`).
 
 mod conn;
 pub mod quic;

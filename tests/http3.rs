@@ -544,3 +544,38 @@ respond = { status = 200 }
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_validation_with_retry_always_and_new_reno() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3(
+            "",
+            "retry = \"always\", congestion = \"new_reno\", max_udp_payload = 1350",
+            ALLOW_ALL_POLICY,
+        ),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    // A new client is sent a Retry first (its integrity tag is checked by the client); the
+    // connection then completes on the validated address, and the NEW_TOKEN it receives lets
+    // its next connection skip the Retry.
+    let relay = HoldingRelay::start(wraith.addr("https"), Duration::ZERO).await;
+    let client = H3Client::new(&ca, None, Groups::Default);
+    for i in 1..=2 {
+        let mut conn = client.connect(relay.addr).await.unwrap();
+        assert_eq!(
+            relay.retries.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "connection {i}"
+        );
+        assert_eq!(conn.get("/validated").await.unwrap().status(), 200);
+        assert!(
+            conn.conn.stats().path.current_mtu <= 1350,
+            "MTU discovery stays under max_udp_payload"
+        );
+    }
+}

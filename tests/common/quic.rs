@@ -220,6 +220,8 @@ pub fn tls_client_with(
 /// server while the server's handshake is still incomplete.
 pub struct HoldingRelay {
     pub addr: SocketAddr,
+    /// Retry packets the server sent.
+    pub retries: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -229,6 +231,8 @@ impl HoldingRelay {
         let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         back.connect(target).await.unwrap();
         let addr = front.local_addr().unwrap();
+        let retries: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let seen_retries = retries.clone();
         let task = tokio::spawn(async move {
             let (to_client, mut queue) =
                 tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
@@ -257,6 +261,10 @@ impl HoldingRelay {
                     }
                     r = back.recv(&mut buf2) => {
                         let Ok(n) = r else { break };
+                        // Long header, type 3: a Retry.
+                        if buf2[0] & 0x80 != 0 && (buf2[0] >> 4) & 0x03 == 3 {
+                            seen_retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         let now = tokio::time::Instant::now();
                         if held_until <= now && has_handshake_packet(&buf2[..n]) {
                             held_until = now + hold;
@@ -267,7 +275,11 @@ impl HoldingRelay {
             }
             sender.abort();
         });
-        HoldingRelay { addr, task }
+        HoldingRelay {
+            addr,
+            retries,
+            task,
+        }
     }
 }
 

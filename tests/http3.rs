@@ -24,9 +24,18 @@ async fn hashing_upstream() -> Upstream {
         let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut len = 0u64;
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.unwrap().into_data() {
-                len += data.len() as u64;
-                hash.update(&data);
+            match frame.map(|f| f.into_data()) {
+                Ok(Ok(data)) => {
+                    len += data.len() as u64;
+                    hash.update(&data);
+                }
+                Ok(Err(_)) => {}
+                // The gateway gave up on the body: say so (nobody should be listening).
+                Err(_) => {
+                    let mut resp = Response::new(full("incomplete body"));
+                    *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                    return resp;
+                }
             }
         }
         let json = serde_json::json!({
@@ -578,4 +587,48 @@ async fn address_validation_with_retry_always_and_new_reno() {
             "MTU discovery stays under max_udp_payload"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_its_content_length_is_not_forwarded_as_complete() {
+    let upstream = hashing_upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    for (declared, sent) in [(10usize, 5usize), (5, 10)] {
+        let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+        let req = Request::post("https://localhost/upload")
+            .header("content-length", declared.to_string())
+            .body(())
+            .unwrap();
+        let result = conn.request(req, Some(Bytes::from(vec![b'x'; sent]))).await;
+        // Either the request fails or the gateway answers with an error; the upstream never
+        // acknowledges a complete body of the declared length.
+        if let Ok(resp) = result {
+            assert_ne!(
+                resp.status(),
+                200,
+                "declared {declared}, sent {sent}: {:?}",
+                String::from_utf8_lossy(&resp.body)
+            );
+        }
+    }
+    // A correct one on the same gateway still works.
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", "5")
+        .body(())
+        .unwrap();
+    let resp = conn
+        .request(req, Some(Bytes::from_static(b"xxxxx")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json()["len"], 5);
 }

@@ -384,8 +384,11 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
     let (conn, early) = if quic.config.zero_rtt {
         // 0.5-RTT: serve as soon as the ClientHello is read; requests that arrive before the
         // handshake completes are early data and the pipeline decides about them. (quinn has
-        // read the ClientHello inside `accept_with`: this does not wait.)
-        let sni = handshake_data(&mut connecting).await;
+        // read the ClientHello inside `accept_with` unless it spans more packets than came.)
+        let Ok(sni) = tokio::time::timeout(timeout, handshake_data(&mut connecting)).await else {
+            super::handshake_refused(&runtime, &name, start.peer, started, "quic", Err(()));
+            return;
+        };
         let Ok((conn, accepted)) = connecting.into_0rtt() else {
             return;
         };

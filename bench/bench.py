@@ -158,6 +158,28 @@ def setup(work, wraith_bin):
     (work / "www").mkdir(exist_ok=True)
     link_policies(work)
     procs = Procs()
+    try:
+        return procs, start_peers(procs, work, wraith_bin)
+    except BaseException:
+        # Nothing may outlive a failed start: a stray peer would hold the port and answer
+        # for the next run's proxy.
+        procs.stop()
+        raise
+
+
+def port_free(port):
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return False
+    except OSError:
+        return True
+
+
+def start_peers(procs, work, wraith_bin):
+    busy = [p for p in PORTS.values() if not port_free(p)]
+    if busy:
+        raise RuntimeError(f"ports {busy} are already in use (a stray peer from an earlier run?)")
     pids = {}
     pids["upstream"] = procs.start("upstream", ["nginx", "-c", str(work / "upstream-nginx.conf"), "-g", "daemon off;"], 0, cwd=work).pid
     wait_port(PORTS["upstream"])
@@ -167,7 +189,7 @@ def setup(work, wraith_bin):
     pids["wraith"] = procs.start("wraith", [wraith_bin, "serve", "-c", str(work / "wraith.toml")], 1, env=env, cwd=work).pid
     for k in ["nginx", "nginx-tls", "haproxy", "haproxy-tls", "wraith", "wraith-tls"]:
         wait_port(PORTS[k])
-    return procs, pids
+    return pids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +264,8 @@ def h2load_latency(url, rate, conns, duration, work, h1=True):
     """Open-loop latency at a fixed total rate; percentiles from h2load's per-request log."""
     logf = work / "h2load.log"
     per_client = max(1, rate // conns)
+    # h2load appends to an existing log file: start each run from an empty one.
+    logf.unlink(missing_ok=True)
     cmd = ["h2load", f"--rps={per_client}", f"-c{conns}", f"-D{duration}", f"--log-file={logf}", url]
     if h1:
         cmd.insert(1, "--h1")

@@ -239,7 +239,10 @@ async fn tcp_listeners_advertise_http3_and_http3_responses_are_proper() {
             ALLOW_ALL_POLICY,
         ),
         upstream.addr,
-        APP_ROUTE,
+        &format!(
+            "[[route]]\nname = \"static\"\npath = {{ exact = \"/static\" }}\n\
+             respond = {{ status = 200, body = \"a body HEAD must not carry\" }}\n\n{APP_ROUTE}"
+        ),
     );
     let wraith = setup.start(&cfg);
     let port = wraith.addr("https").port();
@@ -266,6 +269,16 @@ async fn tcp_listeners_advertise_http3_and_http3_responses_are_proper() {
         .await
         .unwrap();
     assert_eq!(conn.get("/x").await.unwrap().status(), 200);
+    // HEAD gets the head only, whatever answered (RFC 9110 §9.3.2): the upstream, or the
+    // pipeline itself (a `respond` route).
+    assert_eq!(conn.get("/static").await.unwrap().body.len(), 26);
+    for path in ["/x", "/static"] {
+        let req = Request::head(format!("https://localhost{path}"))
+            .body(())
+            .unwrap();
+        let resp = conn.request(req, None).await.unwrap();
+        assert!(resp.body.is_empty(), "HEAD {path}: {:?}", resp.body);
+    }
     let status = wraith.status().await;
     let https = status["listeners"]
         .as_array()
@@ -631,4 +644,57 @@ async fn a_body_that_breaks_its_content_length_is_not_forwarded_as_complete() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json()["len"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_whose_request_body_was_cut_short_is_never_reused() {
+    // The upstream answers 413 on the head and then waits for the declared body before it
+    // reads the next request, as nginx does. A body that ends short must not leave the
+    // gateway's pooled connection in the middle of that body.
+    let (addr, seen) = answers_before_the_body().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", "100")
+        .body(())
+        .unwrap();
+    // Ten bytes, a pause (the gateway has written the head and the bytes upstream and
+    // waits for more; the upstream has answered), then the end of the stream: short by 90.
+    let mut sent = 0;
+    let _ = conn
+        .request_streamed(req, move || {
+            sent += 1;
+            match sent {
+                1 => Some(Bytes::from_static(b"0123456789")),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    None
+                }
+            }
+        })
+        .await;
+    for _ in 0..3 {
+        let resp = conn.get("/next").await.unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(&resp.body[..], b"ok");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|l| l.starts_with("GET /next")).count(),
+        3,
+        "{seen:?}"
+    );
 }

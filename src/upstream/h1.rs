@@ -357,7 +357,10 @@ async fn exchange(
             )
             .await
             {
-                Ok(Ok(r)) => Ok(r),
+                // The request went out incomplete: the upstream may still be waiting for the
+                // rest of its body, and would read the next request as that body. This
+                // connection ends with this response.
+                Ok(Ok((resp, framing))) => Ok((resp, framing.final_on_connection())),
                 _ => Err(Exchange::Failed(m)),
             };
         }
@@ -510,6 +513,21 @@ enum Framing {
     Chunked { reusable: bool },
     UntilClose,
     Upgrade,
+}
+
+impl Framing {
+    /// The same framing on a connection that must not carry another request.
+    fn final_on_connection(self) -> Framing {
+        match self {
+            Framing::Empty { .. } => Framing::Empty { reusable: false },
+            Framing::Length { remaining, .. } => Framing::Length {
+                remaining,
+                reusable: false,
+            },
+            Framing::Chunked { .. } => Framing::Chunked { reusable: false },
+            other => other,
+        }
+    }
 }
 
 /// Reads and parses the response head, skipping interim (1xx) responses other than 101.

@@ -957,3 +957,67 @@ pub fn wraith_cmd(args: &[&str], cwd: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// An upstream that answers as soon as it has a request head (413 for a body, 200 without),
+/// then reads and discards the declared body before the next request, the way nginx does
+/// with `client_max_body_size`. It records every request line it parsed.
+pub async fn answers_before_the_body() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        let mut tmp = [0u8; 4096];
+                        match tokio::io::AsyncReadExt::read(&mut s, &mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    log.lock()
+                        .unwrap()
+                        .push(head.lines().next().unwrap_or("").to_string());
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                        })
+                        .unwrap_or(0);
+                    let reply: &[u8] = if len > 0 {
+                        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if tokio::io::AsyncWriteExt::write_all(&mut s, reply)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    // Discard the body it declared, whatever arrives as that body.
+                    while buf.len() < len {
+                        let mut tmp = [0u8; 4096];
+                        match tokio::io::AsyncReadExt::read(&mut s, &mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    buf.drain(..len);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}

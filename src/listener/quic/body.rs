@@ -190,11 +190,22 @@ impl std::fmt::Display for SendError {
 }
 
 /// Writes a response: the head, each body frame as it comes, trailers, end of stream.
+/// Responses to HEAD, and 1xx, 204 and 304 responses, end after the head (RFC 9110 §6.4.1:
+/// a body there would make the response malformed); their body is dropped unread.
 pub(super) async fn send_response(
     stream: &mut SendStream,
     resp: Response<Body>,
+    head_only: bool,
 ) -> Result<(), SendError> {
+    let status = resp.status();
+    let no_body = head_only
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
     let (mut parts, mut body) = resp.into_parts();
+    if no_body {
+        body = Body::Empty;
+    }
     // Connection-specific fields are malformed in HTTP/3 (RFC 9114 §4.2); the forwarder
     // already drops them from upstream responses, this catches configured ones.
     crate::proxy::headers::strip_hop_by_hop(&mut parts.headers, false, false);

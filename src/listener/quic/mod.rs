@@ -43,6 +43,11 @@ const H3_NO_ERROR: u32 = 0x100;
 /// for the grease streams clients send.
 const MAX_UNI_STREAMS: u32 = 8;
 
+/// Receive window of one request stream (what HTTP/2 allows per stream).
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Receive window of a whole connection, and the most response data buffered unacknowledged.
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// One listener's QUIC settings in a snapshot, built from its config.
 pub struct QuicRuntime {
     /// The endpoint-wide server config (transport settings, Retry token key); each connection
@@ -65,6 +70,13 @@ pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        // Flow-control windows as on HTTP/2 (listener/mod.rs): what a peer can make us
+        // buffer is bounded per stream and per connection, whatever it sends out of order.
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        // HTTP/3 here uses no DATAGRAM frames: refuse them rather than buffer them.
+        .datagram_receive_buffer_size(None)
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(limits.idle_timeout)
                 .map_err(|_| "limits.idle_timeout is too long for QUIC".to_string())?,
@@ -356,6 +368,8 @@ struct QuicConn {
     early: Option<ConnInfo>,
     /// The complete connection info, once the handshake completed; closed if it failed.
     confirmed: watch::Receiver<Option<Arc<ConnInfo>>>,
+    /// The connection itself: its requests end when it closes.
+    conn: Connection,
 }
 
 /// Serves one QUIC connection: handshake (or 0-RTT with the handshake completing alongside),
@@ -446,8 +460,9 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         handshake: start.handshake,
         early,
         confirmed: rx,
+        conn: conn.clone(),
     });
-    serve_h3(ctx, conn, &start.stop).await;
+    serve_h3(ctx, conn, &start.stop, timeout).await;
 }
 
 /// The server name from the ClientHello (waits until rustls has read it).
@@ -579,14 +594,35 @@ impl Confirm {
 }
 
 /// The HTTP/3 session of one connection: one task per request, GOAWAY on drain.
-async fn serve_h3(ctx: Arc<QuicConn>, conn: Connection, stop: &CancellationToken) {
+///
+/// Nothing here waits on the peer without a bound: the setup (which needs stream credit from
+/// the client) and the GOAWAY (which needs write credit) each get `timeout`, and a drain ends
+/// with the connection closed even if the client never finishes.
+async fn serve_h3(
+    ctx: Arc<QuicConn>,
+    conn: Connection,
+    stop: &CancellationToken,
+    timeout: Duration,
+) {
     let limits = &ctx.listener.config.limits;
     let mut builder = h3::server::builder();
     builder.max_field_section_size(limits.max_header_size as u64);
-    let mut h3 = match builder.build(h3_quinn::Connection::new(conn.clone())).await {
-        Ok(h3) => h3,
-        Err(e) => {
+    let setup = tokio::select! {
+        r = tokio::time::timeout(timeout, builder.build(h3_quinn::Connection::new(conn.clone()))) => r,
+        _ = stop.cancelled() => {
+            conn.close(VarInt::from_u32(H3_NO_ERROR), b"shutting down");
+            return;
+        }
+    };
+    let mut h3 = match setup {
+        Ok(Ok(h3)) => h3,
+        Ok(Err(e)) => {
             tracing::debug!(peer = %conn.remote_address(), error = %e, "HTTP/3 connection setup failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %conn.remote_address(), "HTTP/3 connection setup timed out (no stream credit from the client?)");
+            conn.close(VarInt::from_u32(H3_NO_ERROR), b"setup timeout");
             return;
         }
     };
@@ -600,9 +636,16 @@ async fn serve_h3(ctx: Arc<QuicConn>, conn: Connection, stop: &CancellationToken
             _ = stop.cancelled(), if !draining => {
                 draining = true;
                 // GOAWAY: requests already accepted finish; the client opens no new ones here.
-                if let Err(e) = h3.shutdown(1).await {
-                    tracing::debug!(error = %e, "HTTP/3 GOAWAY not sent");
-                    break;
+                match tokio::time::timeout(timeout, h3.shutdown(1)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "HTTP/3 GOAWAY not sent");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %conn.remote_address(), "HTTP/3 GOAWAY not sent within the handshake timeout; closing");
+                        break;
+                    }
                 }
                 requests.close();
                 continue;
@@ -686,10 +729,20 @@ async fn serve_request(
             &waited
         }
     };
-    let resp = ctx.runtime.gateway.handle(req, info).await;
-    if let Err(e) = body::send_response(&mut send, resp).await {
-        tracing::debug!(error = %e, "HTTP/3 response not completed");
-        // The client must not take a cut-off body for a complete one.
-        send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+    let head_only = req.method() == http::Method::HEAD;
+    let exchange = async {
+        let resp = ctx.runtime.gateway.handle(req, info).await;
+        if let Err(e) = body::send_response(&mut send, resp, head_only).await {
+            tracing::debug!(error = %e, "HTTP/3 response not completed");
+            // The client must not take a cut-off body for a complete one.
+            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+        }
+    };
+    // h3 reports no stream resets to a request waiting on its upstream: bind the request to
+    // its connection, so a client that leaves takes its requests (and their upstream
+    // connections) with it. Dropping the pipeline's future logs the request as aborted (499).
+    tokio::select! {
+        _ = exchange => {}
+        _ = ctx.conn.closed() => {}
     }
 }

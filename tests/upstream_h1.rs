@@ -153,6 +153,40 @@ async fn a_connection_closed_by_the_upstream_while_pooled_is_retried_for_safe_re
 }
 
 #[tokio::test]
+async fn a_non_idempotent_request_the_upstream_may_have_seen_is_never_sent_again() {
+    // Keep-alive for GET; a POST is read whole and the connection closed without an answer
+    // (an upstream that crashed while acting on it).
+    let up = Scripted::start(|head| {
+        if head.starts_with("POST") {
+            (Vec::new(), true)
+        } else {
+            (ok("fine"), false)
+        }
+    })
+    .await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    let r = client
+        .get(wraith.url("http", "/warm"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "fine");
+    // On the pooled connection: written whole, then EOF. Retrying could transfer twice.
+    let r = client
+        .post(wraith.url("http", "/transfer?amount=100"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        2,
+        "the POST reached the upstream exactly once"
+    );
+}
+
+#[tokio::test]
 async fn every_response_framing_is_relayed() {
     let up = Scripted::start(|head| {
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();

@@ -19,14 +19,15 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one connection, never forwarded (plus any the Connection header names).
-const HOP_BY_HOP: [&HeaderName; 8] = [
+/// (`Trailer` is not one: RFC 9110 §6.6.2 makes it end to end, and HTTP/1.1 servers send only
+/// the trailer fields it announces.)
+const HOP_BY_HOP: [&HeaderName; 7] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
     &header::PROXY_AUTHENTICATE,
     &header::PROXY_AUTHORIZATION,
     &header::TE,
-    &header::TRAILER,
     &header::TRANSFER_ENCODING,
 ];
 
@@ -64,6 +65,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_tra
             .filter(|t| !t.is_empty() && !is_keyword(t.as_bytes()))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            // The message's own framing and target are not the sender's to drop: a
+            // `Connection: host` must not leave the upstream guessing the virtual host.
+            .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
             .collect();
         for n in listed {
             headers.remove(&n);
@@ -89,16 +93,27 @@ fn is_keyword(v: &[u8]) -> bool {
     v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
 }
 
-/// Whether the request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
+/// Whether the request asks for a WebSocket upgrade (HTTP/1.1 `Connection: upgrade` and
+/// `Upgrade: websocket`). Other upgrades (h2c above all) are not proxied: their `Upgrade`
+/// header is stripped and the request goes on as a plain one.
 pub fn upgrade_requested(headers: &HeaderMap, version: Version) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && is_websocket_upgrade(headers)
         && headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether `Upgrade` names exactly the WebSocket protocol.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
+    )
 }
 
 /// Whether `ip` is one of `nets`.
@@ -179,20 +194,33 @@ static EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Removes every header a client could use to pose as someone else to the upstream:
-/// `x-forwarded-client-cert` and anything named `x-wraith-*` (Wraith's own namespace).
+/// `x-forwarded-client-cert` and anything named `x-wraith-*` (Wraith's own namespace), in
+/// any spelling with `_` for `-` too (CGI, WSGI, Rack and PHP map both to the same variable).
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
     headers.remove(&X_FORWARDED_CLIENT_CERT);
     // Rare in practice: only collect names when one is there.
-    if headers.keys().any(|k| k.as_str().starts_with("x-wraith-")) {
+    if headers.keys().any(poses_as_identity) {
         let names: Vec<HeaderName> = headers
             .keys()
-            .filter(|k| k.as_str().starts_with("x-wraith-"))
+            .filter(|k| poses_as_identity(k))
             .cloned()
             .collect();
         for n in names {
             headers.remove(&n);
         }
     }
+}
+
+/// `x-forwarded-client-cert` or `x-wraith-*`, reading `_` as `-`.
+fn poses_as_identity(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+    };
+    same(n, b"x-forwarded-client-cert") || (n.len() >= 9 && same(&n[..9], b"x-wraith-"))
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request about to be forwarded.
@@ -440,6 +468,59 @@ mod tests {
         strip_hop_by_hop(&mut h, false, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_cannot_drop_host_or_length_and_trailer_is_end_to_end() {
+        let mut h = hm(&[
+            ("connection", "host, content-length, x-gone"),
+            ("host", "api.internal"),
+            ("content-length", "3"),
+            ("x-gone", "1"),
+            ("trailer", "grpc-status"),
+        ]);
+        strip_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.get("host").unwrap(), "api.internal");
+        assert_eq!(h.get("content-length").unwrap(), "3");
+        assert_eq!(h.get("trailer").unwrap(), "grpc-status");
+        assert!(!h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_upgrades() {
+        let ws = hm(&[("connection", "Upgrade"), ("upgrade", "WebSocket")]);
+        assert!(upgrade_requested(&ws, Version::HTTP_11));
+        for other in ["h2c", "websocket, h2c", "TLS/1.2"] {
+            let h = hm(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", other),
+            ]);
+            assert!(!upgrade_requested(&h, Version::HTTP_11), "{other}");
+        }
+        let two = hm(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(!upgrade_requested(&two, Version::HTTP_11));
+    }
+
+    #[test]
+    fn identity_headers_go_in_every_spelling() {
+        let mut h = hm(&[
+            ("x-forwarded-client-cert", "Hash=1"),
+            ("x-forwarded-client_cert", "Hash=2"),
+            ("x_forwarded_client_cert", "Hash=3"),
+            ("x-wraith-user", "admin"),
+            ("x_wraith_user", "admin"),
+            ("x-wraith_role", "admin"),
+            ("x-wraithless", "kept"),
+            ("x-forwarded-client-certs", "kept"),
+        ]);
+        strip_identity_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["x-forwarded-client-certs", "x-wraithless"]);
     }
 
     #[test]

@@ -176,7 +176,13 @@ pub async fn forward(
                 } else {
                     endpoint.health.record_success(&config.outlier);
                 }
-                return Ok(finish_response(resp, client_upgrade));
+                return finish_response(resp, client_upgrade).map_err(|reason| {
+                    GatewayError::UpstreamFailed {
+                        upstream: config.name.clone(),
+                        endpoint: endpoint.authority.to_string(),
+                        reason,
+                    }
+                });
             }
             Err(f) => f,
         };
@@ -270,21 +276,33 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Hop-by-hop headers out of the response; a 101 becomes a tunnel.
+///
+/// A 101 becomes a tunnel only when the client asked for a WebSocket upgrade and the upstream
+/// switched to exactly that; any other switch (h2c, or a 101 nobody asked for) would carry
+/// raw traffic past routing and policy, so it is a 502.
 fn finish_response(
     mut resp: Response<Body>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Response<Body> {
+) -> Result<Response<Body>, String> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let (Some(client), Body::Upstream(body)) = (client_upgrade, resp.body_mut()) {
-            if let Some((io, leftover)) = body.take_upgrade() {
-                tokio::spawn(tunnel(client, io, leftover));
-            }
+        let Some(client) = client_upgrade else {
+            return Err("upstream switched protocols without being asked".into());
+        };
+        if !headers::is_websocket_upgrade(resp.headers()) {
+            return Err("upstream switched to a protocol other than websocket".into());
         }
+        let Body::Upstream(body) = resp.body_mut() else {
+            return Err("upstream switched protocols on a connection that cannot".into());
+        };
+        let Some((io, leftover)) = body.take_upgrade() else {
+            return Err("upstream switched protocols on a connection that cannot".into());
+        };
+        tokio::spawn(tunnel(client, io, leftover));
         let (parts, _) = resp.into_parts();
-        return Response::from_parts(parts, Body::Empty);
+        return Ok(Response::from_parts(parts, Body::Empty));
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false, false);
-    resp
+    Ok(resp)
 }
 
 /// HTTP/2 (h2c or h2 over TLS) through hyper's client (absolute URI names the endpoint).

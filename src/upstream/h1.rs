@@ -250,8 +250,10 @@ pub async fn send(
     guard: InFlight,
 ) -> Result<Response<Body>, SendError> {
     let (parts, mut body) = req.into_parts();
-    let head = encode_head(&parts, &body);
+    let (head, chunked) = encode_head(&parts, &body);
     let replayable = body.is_end_stream();
+    // Sent again after the upstream may have acted on it only if repeating it is harmless.
+    let idempotent = parts.method.is_idempotent();
     let head_only = parts.method == Method::HEAD;
 
     let (mut conn, mut reused) = match pool.checkout() {
@@ -268,20 +270,32 @@ pub async fn send(
     };
 
     loop {
-        match exchange(&mut conn, &head, &mut body, head_only, timeout).await {
+        match exchange(&mut conn, &head, chunked, &mut body, head_only, timeout).await {
             Ok((resp, framing)) => {
                 return Ok(resp.map(|_| {
                     Body::Upstream(ResponseBody::new(conn, framing, pool.clone(), guard))
                 }))
             }
             // A pooled connection the upstream closed just before we used it: try once more
-            // on a fresh one, which is only safe if no body bytes were consumed.
-            Err(Exchange::Stale) if reused && replayable => {
+            // on a fresh one, which is only safe if no body bytes were consumed, and, when
+            // the request was written whole before the close, if the method is idempotent
+            // (RFC 9110 §9.2.2: the upstream may have acted on it).
+            Err(Exchange::Stale { written })
+                if reused && replayable && (!written || idempotent) =>
+            {
                 reused = false;
                 conn = match pool.connect().await {
                     Ok(c) => c,
                     Err(error) => {
                         drop(guard);
+                        // The first attempt may have reached the upstream: not a clean
+                        // connect failure that any method could retry elsewhere.
+                        if written {
+                            return Err(SendError::Failed {
+                                reason: format!("upstream closed the connection after the request, and reconnecting failed: {error}"),
+                                request: None,
+                            });
+                        }
                         return Err(SendError::Connect {
                             error,
                             request: Box::new(Request::from_parts(parts, body)),
@@ -297,7 +311,7 @@ pub async fn send(
                     .is_empty()
                     .then(|| Box::new(Request::from_parts(parts, body)));
                 return Err(match e {
-                    Exchange::Stale => SendError::Failed {
+                    Exchange::Stale { .. } => SendError::Failed {
                         reason: "upstream closed the connection before responding".into(),
                         request,
                     },
@@ -319,7 +333,7 @@ pub async fn probe(pool: &Pool, head: &[u8], timeout: Duration) -> Result<Status
             .map_err(|e| format!("writing the check: {e}"))?;
         match read_head(&mut conn, true).await {
             Ok((resp, _)) => Ok(resp.status()),
-            Err(Exchange::Stale) => Err("connection closed without a response".to_string()),
+            Err(Exchange::Stale { .. }) => Err("connection closed without a response".to_string()),
             Err(Exchange::Timeout) => Err("timed out".to_string()),
             Err(Exchange::Failed(m)) => Err(m),
         }
@@ -331,8 +345,11 @@ pub async fn probe(pool: &Pool, head: &[u8], timeout: Duration) -> Result<Status
 }
 
 enum Exchange {
-    /// EOF or reset before any response byte.
-    Stale,
+    /// EOF or reset before any response byte; `written` when the whole request had been
+    /// written (the upstream may have acted on it), not when the write itself failed.
+    Stale {
+        written: bool,
+    },
     Timeout,
     Failed(String),
 }
@@ -341,11 +358,11 @@ enum Exchange {
 async fn exchange(
     conn: &mut Conn,
     head: &[u8],
+    chunked: bool,
     body: &mut Body,
     head_only: bool,
     timeout: Duration,
 ) -> Result<(Response<()>, Framing), Exchange> {
-    let chunked = head_ends_chunked(head);
     let write = write_request(conn, head, body, chunked, timeout).await;
     match write {
         Ok(()) => {}
@@ -370,11 +387,6 @@ async fn exchange(
         Ok(r) => r,
         Err(_) => Err(Exchange::Timeout),
     }
-}
-
-/// Whether the encoded head chose chunked framing.
-fn head_ends_chunked(head: &[u8]) -> bool {
-    head.ends_with(b"transfer-encoding: chunked\r\n\r\n")
 }
 
 async fn write_request(
@@ -454,7 +466,7 @@ async fn write_all(
 ) -> Result<(), Exchange> {
     match tokio::time::timeout(timeout, conn.io.write_all(data)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) if !sent_any && is_stale(&e) => Err(Exchange::Stale),
+        Ok(Err(e)) if !sent_any && is_stale(&e) => Err(Exchange::Stale { written: false }),
         Ok(Err(e)) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),
         Err(_) => Err(Exchange::Failed(
             "upstream stopped reading the request".into(),
@@ -471,8 +483,10 @@ fn is_stale(e: &io::Error) -> bool {
     )
 }
 
-/// The request line and headers, with Wraith's own framing header last.
-fn encode_head(parts: &http::request::Parts, body: &Body) -> Vec<u8> {
+/// The request line and headers, with Wraith's own framing header last, and whether that
+/// framing is chunked (decided here, never read back from the bytes: a client's header value
+/// could end the same way).
+fn encode_head(parts: &http::request::Parts, body: &Body) -> (Vec<u8>, bool) {
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -492,6 +506,7 @@ fn encode_head(parts: &http::request::Parts, body: &Body) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let mut chunked = false;
     if body.is_end_stream() {
         if had_length || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
             out.extend_from_slice(b"content-length: 0\r\n");
@@ -500,9 +515,10 @@ fn encode_head(parts: &http::request::Parts, body: &Body) -> Vec<u8> {
         out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        chunked = true;
     }
     out.extend_from_slice(b"\r\n");
-    out
+    (out, chunked)
 }
 
 /// How the response body is delimited.
@@ -554,14 +570,16 @@ async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Response<()>, Fr
         }
         conn.buf.reserve(8 * 1024);
         match conn.io.read_buf(&mut conn.buf).await {
-            Ok(0) if first && conn.buf.is_empty() => return Err(Exchange::Stale),
+            Ok(0) if first && conn.buf.is_empty() => return Err(Exchange::Stale { written: true }),
             Ok(0) => {
                 return Err(Exchange::Failed(
                     "upstream closed the connection mid-response".into(),
                 ))
             }
             Ok(_) => {}
-            Err(e) if first && conn.buf.is_empty() && is_stale(&e) => return Err(Exchange::Stale),
+            Err(e) if first && conn.buf.is_empty() && is_stale(&e) => {
+                return Err(Exchange::Stale { written: true })
+            }
             Err(e) => return Err(Exchange::Failed(format!("reading from upstream: {e}"))),
         }
     }
@@ -1190,7 +1208,7 @@ mod tests {
             .body(Body::full("abc"))
             .unwrap();
         let (parts, body) = req.into_parts();
-        let head = String::from_utf8(encode_head(&parts, &body)).unwrap();
+        let head = String::from_utf8(encode_head(&parts, &body).0).unwrap();
         assert_eq!(
             head,
             "POST /x?y=1 HTTP/1.1\r\nhost: example.com\r\ncontent-length: 3\r\n\r\n"
@@ -1198,8 +1216,18 @@ mod tests {
         let req = Request::get("/").body(Body::Empty).unwrap();
         let (parts, body) = req.into_parts();
         assert_eq!(
-            String::from_utf8(encode_head(&parts, &body)).unwrap(),
+            String::from_utf8(encode_head(&parts, &body).0).unwrap(),
             "GET / HTTP/1.1\r\n\r\n"
         );
+        // A client header that ends like the chunked framing header does not make the
+        // request chunked (no `0\r\n\r\n` smuggled after a bodyless request).
+        let req = Request::get("/")
+            .header("x-a", "transfer-encoding: chunked")
+            .body(Body::Empty)
+            .unwrap();
+        let (parts, body) = req.into_parts();
+        let (head, chunked) = encode_head(&parts, &body);
+        assert!(head.ends_with(b"x-a: transfer-encoding: chunked\r\n\r\n"));
+        assert!(!chunked);
     }
 }

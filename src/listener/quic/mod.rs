@@ -299,10 +299,20 @@ async fn accept_loop(
         let mut server = (*quic.server).clone();
         server.crypto = Arc::new(quic.tls.for_connection(handshake.clone()));
         let in_progress = InProgress::start(&handshaking);
+        let started = Instant::now();
         let connecting = match incoming.accept_with(Arc::new(server)) {
             Ok(c) => c,
+            // The first flight was unusable (e.g. a ClientHello rustls refused): a failed
+            // handshake like any other, in the log and the handshake metrics.
             Err(e) => {
-                tracing::debug!(peer = %peer, error = %e, "QUIC connection not accepted");
+                refused(
+                    &runtime,
+                    &listener.config.name,
+                    peer,
+                    started,
+                    &handshake,
+                    &e,
+                );
                 continue;
             }
         };

@@ -323,3 +323,61 @@ async fn a_refused_connection_fails_over_to_the_next_endpoint() {
     assert_eq!(up.requests.load(Ordering::SeqCst), 10);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off_after_the_response_timeout() {
+    // 10 of 100 promised bytes, then silence with the connection open.
+    let up = Scripted::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789".to_vec(),
+            false,
+        )
+    })
+    .await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let r = http_client()
+        .get(wraith.url("http", "/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // response_timeout is 3s: the body ends in error well before the test's own limit.
+    let body = tokio::time::timeout(Duration::from_secs(15), r.bytes())
+        .await
+        .expect("the gateway gave up on the stalled body");
+    assert!(body.is_err(), "a cut-off body must not look complete");
+}
+
+#[tokio::test]
+async fn bytes_an_upstream_sends_unasked_on_a_pooled_connection_never_become_a_response() {
+    // Answers each request, then, a moment later, writes a second response nobody asked for.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while read_request(&mut s, &mut buf).await.is_some() {
+                    if s.write_all(&ok("ok")).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nbogus!")
+                        .await;
+                }
+            });
+        }
+    });
+    let wraith = gateway(Setup::new(), &[addr.to_string()]);
+    let client = http_client();
+    for i in 0..5 {
+        let r = client
+            .get(wraith.url("http", &format!("/n/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok", "request {i}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}

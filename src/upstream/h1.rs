@@ -42,8 +42,6 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// How failures caused by the client's request body begin (they say nothing about the
 /// upstream's health and are never retried).
 pub const CLIENT_BODY_FAILED: &str = "client request body";
-/// A pooled connection idle for longer than this is probed before reuse.
-const PROBE_AFTER: Duration = Duration::from_millis(500);
 /// Request bodies up to this size are sent in the same write as the head.
 const COALESCE: usize = 16 * 1024;
 
@@ -156,15 +154,16 @@ impl Pool {
     /// A pooled connection that is still usable, most recently used first.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(Idle { conn, since }) = idle.pop_back() {
+        while let Some(Idle { mut conn, since }) = idle.pop_back() {
             let age = since.elapsed();
             if age >= self.idle_timeout {
                 // Everything older is expired too.
                 idle.clear();
                 return None;
             }
-            // A connection that sat idle a while may have been closed by the upstream.
-            if age < PROBE_AFTER || conn.alive() {
+            // Closed by the upstream while pooled, or carrying bytes nobody asked for (which
+            // the next request would read as its response): not usable.
+            if conn.usable() {
                 return Some(conn);
             }
         }
@@ -224,19 +223,27 @@ impl Conn {
         self.io
     }
 
-    /// Whether the upstream has not closed (or, on plain TCP, written unsolicited bytes on)
-    /// this connection. Peeks at the socket without consuming anything.
-    fn alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let mut rb = ReadBuf::new(&mut probe);
+    /// Whether a pooled connection can carry the next request: the upstream has neither
+    /// closed it nor written anything since the last response ended. The reactor's readiness
+    /// answers without a system call in the common case (nothing arrived); only a socket that
+    /// became readable is looked at: peeked on plain TCP, read on TLS (where a late session
+    /// ticket is consumed and harmless, while application data or close_notify is not).
+    fn usable(&mut self) -> bool {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        match self.io.tcp().poll_peek(&mut cx, &mut rb) {
-            Poll::Pending => true,
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => false,
-            // A TLS record (a late session ticket, or close_notify, which the next read
-            // reports as a stale connection) may be waiting; plain HTTP has no such thing.
-            Poll::Ready(Ok(_)) => matches!(self.io, Stream::Tls(_)),
+        match self.io.tcp().poll_read_ready(&mut cx) {
+            Poll::Pending => return true,
+            Poll::Ready(Err(_)) => return false,
+            Poll::Ready(Ok(())) => {}
         }
+        let mut probe = [0u8; 64];
+        let mut rb = ReadBuf::new(&mut probe);
+        let polled = match &mut self.io {
+            Stream::Tcp(tcp) => tcp.poll_peek(&mut cx, &mut rb).map_ok(|_| ()),
+            tls => Pin::new(tls).poll_read(&mut cx, &mut rb),
+        };
+        // Pending: nothing for the application (the readiness was stale, or a TLS handshake
+        // message was consumed). Ready: EOF, an error, or unsolicited bytes.
+        polled.is_pending()
     }
 }
 
@@ -273,7 +280,13 @@ pub async fn send(
         match exchange(&mut conn, &head, chunked, &mut body, head_only, timeout).await {
             Ok((resp, framing)) => {
                 return Ok(resp.map(|_| {
-                    Body::Upstream(ResponseBody::new(conn, framing, pool.clone(), guard))
+                    Body::Upstream(ResponseBody::new(
+                        conn,
+                        framing,
+                        pool.clone(),
+                        guard,
+                        timeout,
+                    ))
                 }))
             }
             // A pooled connection the upstream closed just before we used it: try once more
@@ -752,6 +765,12 @@ pub struct ResponseBody {
     reusable: bool,
     pool: Arc<Pool>,
     _in_flight: InFlight,
+    /// Longest wait for the next body byte (the upstream's response timeout, between two
+    /// reads, as nginx's `proxy_read_timeout`): a stalled upstream cannot hold the client,
+    /// the task and the endpoint's in-flight slot forever.
+    read_timeout: Duration,
+    /// Armed while a read waits; made only when a read has to wait at all.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum State {
@@ -771,7 +790,13 @@ enum ChunkState {
 }
 
 impl ResponseBody {
-    fn new(conn: Conn, framing: Framing, pool: Arc<Pool>, in_flight: InFlight) -> ResponseBody {
+    fn new(
+        conn: Conn,
+        framing: Framing,
+        pool: Arc<Pool>,
+        in_flight: InFlight,
+        read_timeout: Duration,
+    ) -> ResponseBody {
         let (state, reusable) = match framing {
             Framing::Empty { reusable } => (State::Done, reusable),
             Framing::Length {
@@ -793,6 +818,8 @@ impl ResponseBody {
             reusable,
             pool,
             _in_flight: in_flight,
+            read_timeout,
+            stall: None,
         };
         if matches!(body.state, State::Done) {
             body.finish();
@@ -836,10 +863,25 @@ impl ResponseBody {
         }
         let dst = conn.buf.spare_capacity_mut();
         let mut rb = ReadBuf::uninit(dst);
-        ready!(Pin::new(&mut conn.io).poll_read(cx, &mut rb))?;
+        match Pin::new(&mut conn.io).poll_read(cx, &mut rb) {
+            Poll::Ready(r) => r?,
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + self.read_timeout;
+                let stall = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(stall.poll_unpin(cx));
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("upstream sent no body bytes for {:?}", self.read_timeout),
+                )));
+            }
+        }
         let n = rb.filled().len();
         // SAFETY: `poll_read` initialized `n` bytes of the spare capacity.
         unsafe { conn.buf.set_len(conn.buf.len() + n) };
+        // Progress: the next wait gets the whole timeout again.
+        self.stall = None;
         Poll::Ready(Ok(n))
     }
 

@@ -26,9 +26,24 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::runtime::Runtime;
 
+/// Admin connections served at once; more wait in the kernel's backlog.
+const MAX_ADMIN_CONNECTIONS: usize = 16;
+/// A request head must arrive within this (and an idle keep-alive connection ends after it).
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// No admin exchange (a bulk import included) takes longer than this.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Binds the admin socket, replacing a stale one, and serves it until shutdown.
 pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only ever replace a socket: a misconfigured path must not delete someone's file.
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "admin socket path {} exists and is not a socket",
+                path.display()
+            ));
+        }
         // A socket someone still answers on means another Wraith is running.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(format!(
@@ -40,13 +55,24 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
             .map_err(|e| format!("cannot remove stale admin socket {}: {e}", path.display()))?;
     }
     if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            // Created for the socket: only its owner may look inside.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("cannot bind admin socket {}: {e}", path.display()))?;
+    // Born 0600: no window in which another user could connect before the chmod below.
+    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old_mask) };
+    let listener =
+        bound.map_err(|e| format!("cannot bind admin socket {}: {e}", path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -55,7 +81,11 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
     let path = path.to_path_buf();
     tokio::spawn(async move {
         let shutdown = runtime.shutdown.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let stream = tokio::select! {
                 r = listener.accept() => match r {
                     Ok((s, _)) => s,
@@ -69,11 +99,28 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
             };
             let rt = runtime.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req| {
                     let rt = rt.clone();
-                    async move { Ok::<_, Infallible>(handle(&rt, req).await) }
+                    async move {
+                        let resp = match tokio::time::timeout(
+                            ADMIN_REQUEST_TIMEOUT,
+                            handle(&rt, req),
+                        )
+                        .await
+                        {
+                            Ok(resp) => resp,
+                            Err(_) => reply(
+                                StatusCode::REQUEST_TIMEOUT,
+                                json!({"error": format!("request not completed within {ADMIN_REQUEST_TIMEOUT:?}")}),
+                            ),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(ADMIN_HEAD_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });

@@ -206,3 +206,28 @@ async fn status_reload_and_stop_talk_to_the_running_server() {
     assert_eq!(code, 1);
     assert!(err.contains("is wraith running?"), "{err}");
 }
+
+#[test]
+fn the_admin_socket_is_private_and_never_replaces_a_file_that_is_not_a_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    // A config whose admin_socket names a regular file: serve refuses, the file survives.
+    let setup = Setup::new();
+    let cfg = setup.dir.path().join("wraith.toml");
+    std::fs::write(&cfg, Setup::standard_listeners()).unwrap();
+    let precious = setup.dir.path().join("admin.sock");
+    std::fs::write(&precious, "not a socket").unwrap();
+    let (code, _, err) = wraith_cmd(&["serve", "-c", cfg.to_str().unwrap()], setup.dir.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "not a socket");
+
+    // A running gateway's socket is 0600 from birth.
+    let setup = Setup::new();
+    let cfg = setup.listeners();
+    let wraith = setup.start(&cfg);
+    let mode = std::fs::metadata(wraith.path("admin.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

@@ -182,12 +182,15 @@ fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
             };
             let cap = wazuh::max_ttl(&msg.extra_args)?.unwrap_or(default_ttl);
             let ttl = msg.stateful_timeout.map_or(cap, |t| t.min(cap));
-            let ttl = ttl.max(Duration::from_secs(1));
-            let reason = match &msg.rule {
+            // Within what the admin API accepts, so a long rule description or a generous
+            // max TTL never costs the ban itself.
+            let ttl = ttl.clamp(Duration::from_secs(1), MAX_BAN);
+            let mut reason = match &msg.rule {
                 Some((id, desc)) if !desc.is_empty() => format!("wazuh rule {id}: {desc}"),
                 Some((id, _)) => format!("wazuh rule {id}"),
                 None => "wazuh active response".into(),
             };
+            truncate_at_char(&mut reason, MAX_REASON);
             ban(&socket, ip, ttl, &reason, call_timeout)?;
             Ok(format!(
                 "{} ban on {ip} for {}s ({reason})",
@@ -197,6 +200,23 @@ fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
         }
         Command::Delete => unban(&socket, ip, call_timeout),
     }
+}
+
+/// The longest ban and reason the admin API accepts (src/admin_decisions.rs).
+const MAX_BAN: Duration = Duration::from_secs(366 * 86_400);
+const MAX_REASON: usize = 1024;
+
+/// Cuts `s` to at most `max` bytes, on a character boundary, marking the cut with `…`.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max - '…'.len_utf8();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
 }
 
 fn call(
@@ -247,5 +267,21 @@ fn unban(socket: &Path, ip: IpAddr, timeout: Duration) -> Result<String, String>
             "wraith refused the delete ({status}): {}",
             v["error"]
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        let mut short = "wazuh rule 5710: sshd".to_string();
+        truncate_at_char(&mut short, MAX_REASON);
+        assert_eq!(short, "wazuh rule 5710: sshd");
+        let mut long = format!("wazuh rule 1: {}", "é".repeat(2000));
+        truncate_at_char(&mut long, MAX_REASON);
+        assert!(long.len() <= MAX_REASON);
+        assert!(long.ends_with('…'));
     }
 }

@@ -359,9 +359,20 @@ async fn pull(
     if let Some(key) = &config.api_key {
         req = req.header("X-Api-Key", &key.0);
     }
-    let resp = req.send().await.map_err(|e| describe(&e))?;
+    let mut resp = req.send().await.map_err(|e| describe(&e))?;
     let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| describe(&e))?;
+    // Read in pieces up to a ceiling: a broken or hostile LAPI cannot make us buffer without
+    // bound (a million decisions is ~250 MiB of JSON; the community blocklist is far less).
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > MAX_STREAM_BODY {
+            return Err(format!(
+                "LAPI answer larger than {} MiB: refused (the cache keeps its last good state)",
+                MAX_STREAM_BODY >> 20
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
     if status == reqwest::StatusCode::FORBIDDEN || status == reqwest::StatusCode::UNAUTHORIZED {
         return Err(format!(
             "LAPI refused our credentials ({status}): check the bouncer API key (cscli bouncers list)"
@@ -373,6 +384,9 @@ async fn pull(
     }
     parse_stream(&body)
 }
+
+/// The largest stream answer accepted from the LAPI.
+const MAX_STREAM_BODY: usize = 256 << 20;
 
 /// Parses a stream body; `null` as the whole body counts as empty too.
 pub fn parse_stream(body: &[u8]) -> Result<StreamResponse, String> {

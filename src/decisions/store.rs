@@ -258,6 +258,9 @@ pub struct DecisionStore {
     table: ArcSwap<Table>,
     /// Set by a CrowdSec bridge with `on_error = "closed"` while its data is too stale.
     refuse_all: AtomicBool,
+    /// Held by a save from reading the decisions to the rename: saves run one at a time, so
+    /// the file on disk is always the newest complete list (admin calls save concurrently).
+    saving: Mutex<()>,
 }
 
 impl Default for DecisionStore {
@@ -273,6 +276,7 @@ impl DecisionStore {
             maps: Mutex::new(Maps::default()),
             table: ArcSwap::from_pointee(Table::default()),
             refuse_all: AtomicBool::new(false),
+            saving: Mutex::new(()),
         }
     }
 
@@ -420,8 +424,11 @@ impl DecisionStore {
         (maps.local.len(), maps.crowdsec.len())
     }
 
-    /// Writes the live local decisions to `path` atomically (temp file + rename, mode 0600).
+    /// Writes the live local decisions to `path` atomically (temp file + fsync + rename +
+    /// directory fsync, mode 0600). Concurrent saves are serialized, each writing the state
+    /// as of its turn, so a later save never loses to an earlier one.
     pub fn save(&self, path: &Path) -> Result<usize, String> {
+        let _turn = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         let file = {
             let maps = self.maps();
@@ -445,7 +452,8 @@ impl DecisionStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        let tmp = path.with_extension("tmp");
+        // Per process: another Wraith (a restart overlapping the old one) never shares it.
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -462,6 +470,14 @@ impl DecisionStore {
         }
         std::fs::rename(&tmp, path)
             .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+        // The rename itself survives a crash only once the directory is on disk.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
         Ok(n)
     }
 
@@ -475,6 +491,13 @@ impl DecisionStore {
         };
         let file: StateFile = serde_json::from_str(&text)
             .map_err(|e| format!("{}: not a Wraith decisions file: {e}", path.display()))?;
+        if file.version != 1 {
+            return Err(format!(
+                "{}: decisions file version {} is not one this Wraith reads (1)",
+                path.display(),
+                file.version
+            ));
+        }
         let now = now_ms();
         let mut decisions = Vec::new();
         for (i, s) in file.decisions.into_iter().enumerate() {
@@ -679,6 +702,43 @@ mod tests {
             (0, 0)
         );
         assert!(s.lookup(ip("192.0.2.1"), Fallback::Ban).is_none());
+    }
+
+    #[test]
+    fn concurrent_saves_leave_the_newest_complete_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Arc::new(dir.path().join("decisions.json"));
+        let s = Arc::new(DecisionStore::new());
+        // Lists of different lengths, saved from many threads at once while they change.
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let (s, path) = (s.clone(), path.clone());
+                std::thread::spawn(move || {
+                    for i in 0..25u8 {
+                        s.insert([dec(
+                            Source::Local,
+                            "admin",
+                            &format!("10.{t}.{i}.0/24"),
+                            "ban",
+                            60_000,
+                        )]);
+                        s.save(&path).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Every save finished after the last insert of its thread; the last one saw all.
+        let fresh = DecisionStore::new();
+        assert_eq!(fresh.load(&path).unwrap(), 200);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != "decisions.json")
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

@@ -552,9 +552,19 @@ impl StoredDecision {
     fn into_decision(self) -> Result<Decision, String> {
         let scope = Scope::parse(&self.scope)
             .ok_or_else(|| format!("unknown scope {:?} (expected Ip or Range)", self.scope))?;
+        // Saved as CIDR text whatever the scope; an Ip decision must be a single address.
         let value = super::parse_value(Scope::Range, &self.value)?;
+        if scope == Scope::Ip && value.prefix_len() != value.max_prefix_len() {
+            return Err(format!(
+                "scope Ip with the range {:?} (expected one address)",
+                self.value
+            ));
+        }
         if !super::valid_kind(&self.kind) {
             return Err(format!("invalid type {:?}", self.kind));
+        }
+        if !super::valid_kind(&self.origin) {
+            return Err(format!("invalid origin {:?}", self.origin));
         }
         Ok(Decision {
             source: Source::Local,
@@ -765,6 +775,25 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         let e = t.load(&path).unwrap_err();
         assert!(e.contains("not a Wraith decisions file"), "{e}");
+        // Well-formed JSON that says something else: each named.
+        let entry = |origin: &str, scope: &str, value: &str| {
+            format!(
+                r#"{{"version":1,"decisions":[{{"origin":"{origin}","scope":"{scope}","value":"{value}","type":"ban","until_ms":{}}}]}}"#,
+                u64::MAX / 2
+            )
+        };
+        for (text, says) in [
+            (r#"{"version":2,"decisions":[]}"#.to_string(), "version 2"),
+            (
+                entry("admin", "Ip", "192.0.2.0/24"),
+                "scope Ip with the range",
+            ),
+            (entry("ad min", "Ip", "192.0.2.1/32"), "invalid origin"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let e = t.load(&path).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -538,3 +538,97 @@ async fn ambiguous_hosts_are_refused_or_resolved_like_the_router() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("\"host\":[\"routed.example\"]"), "{out}");
 }
+
+#[tokio::test]
+async fn http2_connections_without_requests_and_partial_prefaces_are_closed() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nlimits = { header_read_timeout = \"500ms\", idle_timeout = \"5s\" }\n",
+    );
+    let wraith = setup.start(&cfg);
+    // Until EOF (or the test's own limit): how long the gateway kept the connection.
+    async fn open_for(mut s: tokio::net::TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(8), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return started.elapsed(),
+                Ok(Ok(_)) => {} // SETTINGS, PINGs: keep reading
+            }
+        }
+    }
+    // The preface and an empty SETTINGS frame, then nothing: no request ever comes.
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let kept = open_for(s).await;
+    assert!(kept < Duration::from_secs(3), "kept {kept:?}");
+    // Half a preface, then silence.
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(b"PRI * HT").await.unwrap();
+    let kept = open_for(s).await;
+    assert!(kept < Duration::from_secs(3), "kept {kept:?}");
+}
+
+#[tokio::test]
+async fn paths_and_hosts_that_upstreams_read_differently_are_refused() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+    async fn status_of(addr: std::net::SocketAddr, target: &str, host: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+    let addr = wraith.addr("http");
+    for target in [
+        "/strip/..;/admin",
+        "/strip/..\\admin",
+        "/strip/%5Cadmin",
+        "/strip/a%00",
+    ] {
+        let line = status_of(addr, target, "localhost").await;
+        assert!(line.contains(" 400 "), "{target}: {line}");
+    }
+    for host in ["internal@localhost", "localhost/x", "a, b"] {
+        let line = status_of(addr, "/hello", host).await;
+        assert!(line.contains(" 400 "), "{host}: {line}");
+    }
+    // Merged slashes: `//evil.example` is the path `/evil.example`, never a redirect elsewhere.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /old//evil.example HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(
+        text.contains("location: https://localhost/new/old/evil.example"),
+        "{text}"
+    );
+    // Ordinary requests still pass: a matrix parameter (proxied), a trailing-dot host.
+    let line = status_of(addr, "/app;v=1", "localhost").await;
+    assert!(line.contains(" 200 "), "{line}");
+    assert!(status_of(addr, "/hello", "localhost.")
+        .await
+        .contains(" 201 "));
+}

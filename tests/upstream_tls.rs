@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -75,8 +76,13 @@ async fn https_endpoints_are_verified_against_the_ca_bundle_and_name() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
+    // The log line is written as the 502 goes out: wait for it rather than race the reader.
     assert!(
-        wraith.log().contains("certificate not valid for name"),
+        wraith
+            .wait_log(Duration::from_secs(5), |v| v
+                .to_string()
+                .contains("certificate not valid for name"))
+            .is_some(),
         "{}",
         wraith.log()
     );

@@ -64,7 +64,13 @@ impl ConnState {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Bytes moved. On HTTP/2 they say nothing about use (hyper's keep-alive PINGs and the
+    /// client's answers move bytes on an otherwise unused connection): only requests count
+    /// there, through `begin` and `end`.
     fn on_read(&self) {
+        if self.h2.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.now_ms();
         self.last_active.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0
@@ -75,6 +81,9 @@ impl ConnState {
     }
 
     fn on_write(&self) {
+        if self.h2.load(Ordering::Relaxed) {
+            return;
+        }
         self.last_active.store(self.now_ms(), Ordering::Relaxed);
     }
 
@@ -99,8 +108,10 @@ impl ConnState {
                 limits.idle_timeout.min(limits.header_read_timeout),
             );
         }
+        // On HTTP/2 only the first request is timed (from accept): later heads arrive on
+        // streams, and `on_read` never re-arms this there.
         let head = self.head_since.load(Ordering::Relaxed);
-        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+        if head != 0 {
             let waited = now.saturating_sub(head - 1);
             if waited >= header_ms {
                 return (Verdict::HeaderTimeout, Duration::ZERO);
@@ -112,6 +123,22 @@ impl ConnState {
             return (Verdict::Idle, limits.idle_timeout);
         }
         (Verdict::Busy, Duration::from_millis(idle_ms - idle))
+    }
+}
+
+/// One request in flight on a connection, from its head to its response head.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn begin(state: Arc<ConnState>) -> InFlight {
+        state.begin();
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
@@ -310,10 +337,43 @@ pub(super) fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Iden
 /// Waits for enough bytes to tell an HTTP/2 preface from HTTP/1.1 (peeking, nothing consumed).
 /// `None` when the client went away or sent nothing before the header timeout.
 async fn sniff_h2(stream: &TcpStream, state: &ConnState, limits: &Limits) -> Option<bool> {
+    use std::os::fd::AsRawFd;
     let mut buf = [0u8; 24];
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let fd = stream.as_raw_fd();
+    let mut seen = 0usize;
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+        // Peek until more bytes than last time are there. "Nothing new" is reported to
+        // tokio as WouldBlock, which clears the readiness: the next wait is for new data, not
+        // a spin over the same partial preface.
+        let more = tokio::time::timeout_at(deadline, async {
+            loop {
+                stream.readable().await?;
+                let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+                    // SAFETY: `fd` is this stream's open socket and `buf` is ours to fill.
+                    let n = unsafe {
+                        libc::recv(
+                            fd,
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                        )
+                    };
+                    match n {
+                        n if n < 0 => Err(io::Error::last_os_error()),
+                        n if n as usize == seen && n != 0 => Err(io::ErrorKind::WouldBlock.into()),
+                        n => Ok(n as usize),
+                    }
+                });
+                match peeked {
+                    Ok(n) => return Ok::<usize, io::Error>(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        let n = match more {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
             Ok(Ok(n)) => n,
         };
@@ -324,14 +384,7 @@ async fn sniff_h2(stream: &TcpStream, state: &ConnState, limits: &Limits) -> Opt
             state.h2.store(true, Ordering::Relaxed);
             return Some(true);
         }
-        // A partial preface: wait for more without spinning.
-        if tokio::time::timeout_at(deadline, stream.readable())
-            .await
-            .is_err()
-        {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        seen = n;
     }
 }
 
@@ -380,7 +433,10 @@ async fn serve_http<I>(
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
-            ctx.state.begin();
+            // Ends the request on every path, including hyper dropping this future (an
+            // HTTP/2 RST_STREAM): a leaked "in flight" would keep the connection Busy, beyond
+            // the reach of the idle and header timeouts, for good.
+            let _in_flight = InFlight::begin(ctx.state.clone());
             let mut resp = ctx
                 .runtime
                 .gateway
@@ -389,7 +445,6 @@ async fn serve_http<I>(
             if let Some(v) = &ctx.alt_svc {
                 resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
             }
-            ctx.state.end();
             Ok::<_, Infallible>(resp)
         }
     });

@@ -403,14 +403,54 @@ impl Host {
         }
     }
 
-    /// The host without its port.
+    /// The host without its port (and without the trailing dot of a fully qualified name,
+    /// so routing and policy see the same name).
     pub fn name(&self) -> Option<&str> {
         let raw = match self {
             Host::Authority(a) => a.as_str(),
             Host::Header(v) => v.to_str().ok()?,
             Host::Missing => return None,
         };
-        Some(strip_port(raw))
+        let name = strip_port(raw);
+        Some(name.strip_suffix('.').unwrap_or(name))
+    }
+
+    /// Whether the host is `name[:port]` or `[IPv6][:port]`: no userinfo, no path, no list.
+    /// A missing host is valid here (HTTP/1.0).
+    pub fn is_valid(&self) -> bool {
+        let raw = match self {
+            Host::Authority(a) => a.as_str().as_bytes(),
+            Host::Header(v) => v.as_bytes(),
+            Host::Missing => return true,
+        };
+        let (host, port) = if let Some(rest) = raw.strip_prefix(b"[") {
+            let Some(end) = rest.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = &rest[..end];
+            if literal.is_empty()
+                || !literal
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+            {
+                return false;
+            }
+            (&b""[..], &rest[end + 1..])
+        } else {
+            match raw.iter().position(|&b| b == b':') {
+                Some(i) => (&raw[..i], &raw[i..]),
+                None => (raw, &b""[..]),
+            }
+        };
+        let port_ok = port.is_empty()
+            || (port.len() > 1
+                && port.len() <= 6
+                && port[1..].iter().all(u8::is_ascii_digit)
+                && port[0] == b':');
+        port_ok
+            && host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
     }
 }
 
@@ -521,6 +561,40 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["x-forwarded-client-certs", "x-wraithless"]);
+    }
+
+    #[test]
+    fn hosts_are_names_or_ip_literals_with_a_port() {
+        let h = |v: &str| Host::Header(HeaderValue::from_str(v).unwrap());
+        for ok in [
+            "api.internal",
+            "api.internal:8443",
+            "127.0.0.1:80",
+            "[::1]:8443",
+            "[::1]",
+            "a_b.local",
+            "x.",
+        ] {
+            assert!(h(ok).is_valid(), "{ok}");
+        }
+        for bad in [
+            "internal@public.example",
+            "a.com/x",
+            "a, b",
+            "a b",
+            "[::1",
+            "[zz]",
+            "a:b",
+            "a:",
+            "a:1234567",
+            "[::1]x",
+        ] {
+            assert!(!h(bad).is_valid(), "{bad}");
+        }
+        assert_eq!(
+            h("Admin.Example.com.:443").name(),
+            Some("Admin.Example.com")
+        );
     }
 
     #[test]

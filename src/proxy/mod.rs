@@ -182,11 +182,20 @@ impl Gateway {
         {
             return Ok(https_redirect(&req, redirect));
         }
-        // Normalize before routing: what matched is what the upstream gets.
+        // Normalize before routing: what matched is what the upstream gets. Forms that
+        // upstreams read differently (`\`, `..;`) are refused rather than guessed at.
+        if let Some(why) = path::refused(req.uri().path()) {
+            return Err(GatewayError::BadRequest(why));
+        }
         if let Some(normal) = path::normalize(req.uri().path()) {
             *req.uri_mut() = with_path(req.uri(), &normal)?;
         }
         let host = headers::Host::of(req.uri(), req.headers());
+        // One host for routing, policy and the upstream: anything but a name or an IP
+        // literal with an optional port (userinfo, paths, lists) is refused.
+        if !host.is_valid() {
+            return Err(GatewayError::BadRequest("invalid Host"));
+        }
         let route = snapshot
             .router
             .find(host.name(), req.uri().path(), req.method());

@@ -3,7 +3,37 @@
 //! reach the upstream's `/admin`.
 //!
 //! RFC 3986 §6.2.2: percent-encoded unreserved characters are decoded, remaining escapes get
-//! uppercase hex, and dot segments are removed (§5.2.4). Encoded slashes (`%2F`) stay encoded.
+//! uppercase hex, and dot segments are removed (§5.2.4). Runs of slashes become one (as
+//! nginx's `merge_slashes`). Encoded slashes (`%2F`) stay encoded.
+//!
+//! Some forms are refused outright (400, see `refused`), because common upstreams read them
+//! differently from Wraith and a route or policy on the path could be walked around:
+//! backslashes (IIS, Windows and some Node servers read them as `/`), encoded backslashes and
+//! NULs, and dot segments with path parameters (`..;`, which Tomcat and Spring read as `..`).
+
+/// Why `path` is refused, if it is: a form upstreams commonly read differently.
+pub fn refused(path: &str) -> Option<&'static str> {
+    let b = path.as_bytes();
+    if b.contains(&b'\\') {
+        return Some("backslash in the request path");
+    }
+    if b.windows(3).any(|w| {
+        w[0] == b'%' && ((w[1] == b'5' && w[2] | 0x20 == b'c') || (w[1] == b'0' && w[2] == b'0'))
+    }) {
+        return Some("encoded backslash or NUL in the request path");
+    }
+    if b.contains(&b';') {
+        let decoded = decode_unreserved(path);
+        let dotted = decoded.split('/').any(|seg| {
+            seg.split_once(';')
+                .is_some_and(|(head, _)| head == "." || head == "..")
+        });
+        if dotted {
+            return Some("dot segment with path parameters in the request path");
+        }
+    }
+    None
+}
 
 /// The normalized form of `path`, or `None` when it is already normal (the common case, which
 /// costs one scan and no allocation).
@@ -18,7 +48,7 @@ pub fn normalize(path: &str) -> Option<String> {
 
 fn needs_work(path: &str) -> bool {
     let b = path.as_bytes();
-    b.contains(&b'%') || b.windows(2).any(|w| w == b"/.") || !path.starts_with('/')
+    b.contains(&b'%') || b.windows(2).any(|w| w == b"/." || w == b"//") || !path.starts_with('/')
 }
 
 fn decode_unreserved(path: &str) -> String {
@@ -62,16 +92,13 @@ fn remove_dot_segments(path: &str) -> String {
     let trailing_slash = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
     for seg in path.split('/').skip(usize::from(path.starts_with('/'))) {
         match seg {
-            "." => {}
+            // Empty segments: runs of slashes merge (a trailing slash is re-added below).
+            "" | "." => {}
             ".." => {
                 segments.pop();
             }
             s => segments.push(s),
         }
-    }
-    // A trailing "" segment came from a trailing slash; it is re-added below.
-    if segments.last() == Some(&"") {
-        segments.pop();
     }
     let mut out = String::with_capacity(path.len());
     for s in &segments {
@@ -99,7 +126,9 @@ mod tests {
         assert_eq!(n("/../../etc/passwd"), "/etc/passwd");
         assert_eq!(n("/a/b/.."), "/a/");
         assert_eq!(n("/a/b/."), "/a/b/");
-        assert_eq!(n("/a//b"), "/a//b");
+        assert_eq!(n("/a//b"), "/a/b");
+        assert_eq!(n("//evil.example/x"), "/evil.example/x");
+        assert_eq!(n("/a/b//"), "/a/b/");
         assert_eq!(n("/"), "/");
         assert_eq!(n("/a/.hidden"), "/a/.hidden");
         assert_eq!(n("/a/..."), "/a/...");
@@ -113,6 +142,25 @@ mod tests {
         assert_eq!(n("/a%2Fb"), "/a%2Fb");
         assert_eq!(n("/a%zz"), "/a%zz");
         assert_eq!(n("/a%4"), "/a%4");
+    }
+
+    #[test]
+    fn forms_upstreams_read_differently_are_refused() {
+        use super::refused;
+        for p in [
+            "/api/..\\admin",
+            "/api/%5cadmin",
+            "/api/%5Cadmin",
+            "/a%00b",
+            "/api/..;/admin",
+            "/api/.;/admin",
+            "/api/%2e%2e;x=1/admin",
+        ] {
+            assert!(refused(p).is_some(), "{p}");
+        }
+        for p in ["/api/v1;jsessionid=1", "/a/b", "/a%2Fb", "/..x;y", "/a;b/c"] {
+            assert!(refused(p).is_none(), "{p}");
+        }
     }
 
     #[test]

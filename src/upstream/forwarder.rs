@@ -399,6 +399,13 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
         out.push('/');
     }
     out.push_str(rest);
+    // What is left must be as normal as what was routed: `/api../x` under the prefix `/api`
+    // would otherwise reach the upstream as `/../x`, a path no route or policy looked at.
+    if crate::proxy::path::normalize(&out).is_some() {
+        return Err(GatewayError::BadRequest(
+            "the path left after strip_prefix is not a normal path",
+        ));
+    }
     if let Some(q) = original.query() {
         out.push('?');
         out.push_str(q);

@@ -373,6 +373,21 @@ async fn websocket_echo_through_the_proxy() {
         let echoed = ws.next().await.unwrap().unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), format!("ping {i}"));
     }
+    // Silent for longer than the route's response timeout (2s here): the tunnel is closed.
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    assert!(
+        matches!(ended, Ok(None) | Ok(Some(Err(_)))),
+        "the idle tunnel was not closed: {ended:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", wraith.addr("http")))
+        .await
+        .unwrap();
     ws.close(None).await.unwrap();
 }
 

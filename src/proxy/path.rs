@@ -53,28 +53,29 @@ fn needs_work(path: &str) -> bool {
 
 fn decode_unreserved(path: &str) -> String {
     let b = path.as_bytes();
-    let mut out = String::with_capacity(b.len());
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
             if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
                 let c = h * 16 + l;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c as char);
+                    out.push(c);
                 } else {
-                    out.push('%');
-                    out.push(b[i + 1].to_ascii_uppercase() as char);
-                    out.push(b[i + 2].to_ascii_uppercase() as char);
+                    out.push(b'%');
+                    out.push(b[i + 1].to_ascii_uppercase());
+                    out.push(b[i + 2].to_ascii_uppercase());
                 }
                 i += 3;
                 continue;
             }
         }
-        // Paths are ASCII in a valid http::Uri; copy byte for byte.
-        out.push(b[i] as char);
+        // Byte for byte: UTF-8 in the path (which `http` accepts) stays what it was.
+        out.push(b[i]);
         i += 1;
     }
-    out
+    // Only ASCII was decoded, so the bytes are still the UTF-8 they came as.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -161,6 +162,11 @@ mod tests {
         for p in ["/api/v1;jsessionid=1", "/a/b", "/a%2Fb", "/..x;y", "/a;b/c"] {
             assert!(refused(p).is_none(), "{p}");
         }
+    }
+
+    #[test]
+    fn utf8_paths_stay_utf8() {
+        assert_eq!(n("/café/%41/../x"), "/café/x");
     }
 
     #[test]

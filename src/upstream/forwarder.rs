@@ -176,7 +176,7 @@ pub async fn forward(
                 } else {
                     endpoint.health.record_success(&config.outlier);
                 }
-                return finish_response(resp, client_upgrade).map_err(|reason| {
+                return finish_response(resp, client_upgrade, timeout).map_err(|reason| {
                     GatewayError::UpstreamFailed {
                         upstream: config.name.clone(),
                         endpoint: endpoint.authority.to_string(),
@@ -283,6 +283,7 @@ fn is_idempotent(m: &Method) -> bool {
 fn finish_response(
     mut resp: Response<Body>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    idle: Duration,
 ) -> Result<Response<Body>, String> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
@@ -297,7 +298,7 @@ fn finish_response(
         let Some((io, leftover)) = body.take_upgrade() else {
             return Err("upstream switched protocols on a connection that cannot".into());
         };
-        tokio::spawn(tunnel(client, io, leftover));
+        tokio::spawn(tunnel(client, io, leftover, idle));
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::Empty));
     }
@@ -416,8 +417,9 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
 /// Copies bytes both ways between an upgraded client and the upstream connection.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    mut upstream: super::tls::Stream,
+    upstream: super::tls::Stream,
     leftover: bytes::Bytes,
+    idle: Duration,
 ) {
     let client = match client.await {
         Ok(c) => c,
@@ -430,8 +432,61 @@ async fn tunnel(
     if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
         return;
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    // Both directions, and a watchdog: a tunnel with no byte either way for `idle` (the
+    // route's response timeout, like nginx's proxy_read_timeout) is closed, so silent
+    // tunnels do not pile up.
+    let epoch = std::time::Instant::now();
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let (client_rd, client_wr) = tokio::io::split(client);
+    let (upstream_rd, upstream_wr) = tokio::io::split(upstream);
+    let both = async {
+        tokio::try_join!(
+            pump(client_rd, upstream_wr, &last, epoch),
+            pump(upstream_rd, client_wr, &last, epoch)
+        )
+    };
+    let watchdog = async {
+        loop {
+            let quiet = epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        r = both => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        _ = watchdog => tracing::debug!(idle = ?idle, "upgraded connection idle; closed"),
+    }
+}
+
+/// Copies one direction of a tunnel until EOF (then half-closes the other side), noting
+/// activity in `last` (milliseconds since `epoch`).
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    last: &std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        to.write_all(&buf[..n]).await?;
     }
 }
 

@@ -624,6 +624,20 @@ async fn paths_and_hosts_that_upstreams_read_differently_are_refused() {
         let line = status_of(addr, target, "localhost").await;
         assert!(line.contains(" 400 "), "{target}: {line}");
     }
+    // No Host at all: 400 on HTTP/1.1, served on HTTP/1.0 (which may omit it).
+    for (version, expect) in [("1.1", " 400 "), ("1.0", " 201 ")] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET /hello HTTP/{version}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.lines().next().unwrap_or("").contains(expect),
+            "HTTP/{version}: {text}"
+        );
+    }
     for host in ["internal@localhost", "localhost/x", "a, b"] {
         let line = status_of(addr, "/hello", host).await;
         assert!(line.contains(" 400 "), "{host}: {line}");

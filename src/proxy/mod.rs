@@ -196,6 +196,11 @@ impl Gateway {
         if !host.is_valid() {
             return Err(GatewayError::BadRequest("invalid Host"));
         }
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 (HTTP/1.0 may omit it;
+        // HTTP/2 and HTTP/3 carry :authority, checked above).
+        if matches!(host, headers::Host::Missing) && req.version() == http::Version::HTTP_11 {
+            return Err(GatewayError::BadRequest("missing Host"));
+        }
         let route = snapshot
             .router
             .find(host.name(), req.uri().path(), req.method());

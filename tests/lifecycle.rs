@@ -366,3 +366,47 @@ async fn hundred_mib_bodies_stream_both_ways_in_bounded_memory() {
         "gateway RSS grew by {growth_mib:.1} MiB while streaming 2 x 100 MiB"
     );
 }
+
+#[tokio::test]
+async fn a_listener_removed_by_reload_closes_its_busy_connections_after_shutdown_timeout() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let base = format!(
+        "{}\n[[upstream]]\nname = \"app\"\nendpoints = [\"{}\"]\n\n[[route]]\nname = \"all\"\nupstream = \"app\"\n",
+        setup.listeners(),
+        upstream.addr
+    )
+    .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let wraith = setup.start(&base);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A request whose body never completes, on the plain listener.
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /slow HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Reload without that listener: the connection gets shutdown_timeout, then is closed.
+    let without = base.replace(
+        "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n",
+        "",
+    );
+    assert_ne!(
+        without, base,
+        "the plain listener was not removed from the config"
+    );
+    wraith.write_config(&without);
+    wraith.reload().unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut buf)).await;
+    assert!(ended.is_ok(), "the drained connection was never closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -403,6 +403,7 @@ async fn serve_http<I>(
         state.h2.store(true, Ordering::Relaxed);
     }
     let limits = listener.config.limits.clone();
+    let drain = runtime.gateway.snapshot().config.server.shutdown_timeout;
     // Counted from here to the end of the connection (the guard decrements on every exit).
     let gauge = runtime
         .telemetry
@@ -450,25 +451,47 @@ async fn serve_http<I>(
     });
     if h2 {
         let conn = listener.http.h2.serve_connection(io, svc);
-        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &stop).await;
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &state,
+            &limits,
+            &stop,
+            drain,
+        )
+        .await;
     } else {
         let conn = listener.http.h1.serve_connection(io, svc).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &stop).await;
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &state,
+            &limits,
+            &stop,
+            drain,
+        )
+        .await;
     }
 }
 
 /// Runs a hyper connection to completion, applying drain, idle and header timeouts.
+/// Once `stop` fires, the connection has `drain` to finish; then it is closed whatever it
+/// was doing (a reload that removes a listener has no process exit to end it otherwise).
 async fn drive<C, G>(
     conn: C,
     graceful: G,
     state: &ConnState,
     limits: &Limits,
     stop: &CancellationToken,
+    drain: Duration,
 ) where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
     G: Fn(Pin<&mut C>),
 {
     tokio::pin!(conn);
+    let drain_timer = tokio::time::sleep(Duration::from_secs(365 * 86_400));
+    tokio::pin!(drain_timer);
+    let mut draining = false;
     let mut closing = false;
     let mut idle_strikes = 0;
     loop {
@@ -480,9 +503,17 @@ async fn drive<C, G>(
                 }
                 return;
             }
-            _ = stop.cancelled(), if !closing => {
-                graceful(conn.as_mut());
+            _ = stop.cancelled(), if !draining => {
+                if !closing {
+                    graceful(conn.as_mut());
+                }
                 closing = true;
+                draining = true;
+                drain_timer.as_mut().reset(tokio::time::Instant::now() + drain);
+            }
+            _ = &mut drain_timer, if draining => {
+                tracing::debug!(drain = ?drain, "connection still busy when the drain time ran out; closing");
+                return;
             }
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {
                 match state.check(limits).0 {

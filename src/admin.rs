@@ -73,6 +73,13 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
     unsafe { libc::umask(old_mask) };
     let listener =
         bound.map_err(|e| format!("cannot bind admin socket {}: {e}", path.display()))?;
+    // Which file is ours: at shutdown only that one is removed, not a newer instance's.
+    let ours = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+    };
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -125,7 +132,15 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
                     .await;
             });
         }
-        let _ = std::fs::remove_file(&path);
+        let still_ours = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(&path)
+                .map(|m| Some((m.dev(), m.ino())) == ours)
+                .unwrap_or(false)
+        };
+        if still_ours {
+            let _ = std::fs::remove_file(&path);
+        }
     });
     Ok(())
 }

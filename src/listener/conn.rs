@@ -287,6 +287,11 @@ pub(super) async fn serve(
             return;
         }
     };
+    // The request-head clock starts now: the handshake had its own timeout, and a slow but
+    // legitimate one must not eat into header_read_timeout.
+    state
+        .head_since
+        .store(state.now_ms() + 1, Ordering::Relaxed);
     let (_, session) = tls.get_ref();
     let alpn = session
         .alpn_protocol()

@@ -65,14 +65,7 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
     }
-    // Born 0600: no window in which another user could connect before the chmod below.
-    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
-    let old_mask = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old_mask) };
-    let listener =
-        bound.map_err(|e| format!("cannot bind admin socket {}: {e}", path.display()))?;
+    let listener = bind_private(path)?;
     // Which file is ours: at shutdown only that one is removed, not a newer instance's.
     let ours = {
         use std::os::unix::fs::MetadataExt;
@@ -80,11 +73,6 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
             .map(|m| (m.dev(), m.ino()))
             .ok()
     };
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot chmod admin socket {}: {e}", path.display()))?;
-    }
     let path = path.to_path_buf();
     tokio::spawn(async move {
         let shutdown = runtime.shutdown.clone();
@@ -143,6 +131,37 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
         }
     });
     Ok(())
+}
+
+/// Binds the socket 0600 with no window in which another user could connect: it is made in a
+/// fresh 0700 directory beside `path`, restricted there, then renamed into place (the
+/// listening socket moves with its name). No process-wide umask is touched.
+fn bind_private(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or("admin.sock".into(), |n| n.to_string_lossy());
+    let private = dir.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| format!("cannot create {}: {e}", private.display()))?;
+    let staged = private.join("s");
+    let result = UnixListener::bind(&staged)
+        .map_err(|e| format!("cannot bind admin socket {}: {e}", path.display()))
+        .and_then(|listener| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .and_then(|_| std::fs::rename(&staged, path))
+                .map_err(|e| format!("cannot place admin socket {}: {e}", path.display()))?;
+            Ok(listener)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    result
 }
 
 async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Bytes>> {

@@ -598,66 +598,54 @@ async fn paths_and_hosts_that_upstreams_read_differently_are_refused() {
     let setup = Setup::new();
     let cfg = config(&setup, upstream.addr, "");
     let wraith = setup.start(&cfg);
-    async fn status_of(addr: std::net::SocketAddr, target: &str, host: &str) -> String {
+    let addr = wraith.addr("http");
+    // One raw request (closing the connection); the whole answer, lowercased.
+    let exchange = |head: String| async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    }
-    let addr = wraith.addr("http");
+        String::from_utf8_lossy(&out).to_ascii_lowercase()
+    };
+    let get = |target: &str, host: &str| {
+        exchange(format!(
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ))
+    };
+    let status = |text: String| text.lines().next().unwrap_or("").to_string();
     for target in [
         "/strip/..;/admin",
         "/strip/..\\admin",
         "/strip/%5Cadmin",
         "/strip/a%00",
     ] {
-        let line = status_of(addr, target, "localhost").await;
+        let line = status(get(target, "localhost").await);
         assert!(line.contains(" 400 "), "{target}: {line}");
     }
     // No Host at all: 400 on HTTP/1.1, served on HTTP/1.0 (which may omit it).
     for (version, expect) in [("1.1", " 400 "), ("1.0", " 201 ")] {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET /hello HTTP/{version}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out);
+        let text = exchange(format!(
+            "GET /hello HTTP/{version}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
         assert!(
-            text.lines().next().unwrap_or("").contains(expect),
+            status(text.clone()).contains(expect),
             "HTTP/{version}: {text}"
         );
     }
     for host in ["internal@localhost", "localhost/x", "a, b"] {
-        let line = status_of(addr, "/hello", host).await;
+        let line = status(get("/hello", host).await);
         assert!(line.contains(" 400 "), "{host}: {line}");
     }
     // Merged slashes: `//evil.example` is the path `/evil.example`, never a redirect elsewhere.
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /old//evil.example HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let text = get("/old//evil.example", "localhost").await;
     assert!(
         text.contains("location: https://localhost/new/old/evil.example"),
         "{text}"
     );
     // Ordinary requests still pass: a matrix parameter (proxied), a trailing-dot host.
-    let line = status_of(addr, "/app;v=1", "localhost").await;
+    let line = status(get("/app;v=1", "localhost").await);
     assert!(line.contains(" 200 "), "{line}");
-    assert!(status_of(addr, "/hello", "localhost.")
-        .await
-        .contains(" 201 "));
+    let line = status(get("/hello", "localhost.").await);
+    assert!(line.contains(" 201 "), "{line}");
 }

@@ -127,16 +127,16 @@ impl ConnState {
 }
 
 /// One request in flight on a connection, from its head to its response head.
-struct InFlight(Arc<ConnState>);
+struct InFlight<'a>(&'a ConnState);
 
-impl InFlight {
-    fn begin(state: Arc<ConnState>) -> InFlight {
+impl<'a> InFlight<'a> {
+    fn begin(state: &'a ConnState) -> InFlight<'a> {
         state.begin();
         InFlight(state)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.end();
     }
@@ -442,7 +442,7 @@ async fn serve_http<I>(
             // Ends the request on every path, including hyper dropping this future (an
             // HTTP/2 RST_STREAM): a leaked "in flight" would keep the connection Busy, beyond
             // the reach of the idle and header timeouts, for good.
-            let _in_flight = InFlight::begin(ctx.state.clone());
+            let _in_flight = InFlight::begin(&ctx.state);
             let mut resp = ctx
                 .runtime
                 .gateway

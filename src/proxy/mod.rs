@@ -196,9 +196,14 @@ impl Gateway {
         if !host.is_valid() {
             return Err(GatewayError::BadRequest("invalid Host"));
         }
-        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 (HTTP/1.0 may omit it;
-        // HTTP/2 and HTTP/3 carry :authority, checked above).
-        if matches!(host, headers::Host::Missing) && req.version() == http::Version::HTTP_11 {
+        // Every HTTP version since 1.0 requires the target host (RFC 9112 §3.2, RFC 9113
+        // §8.3.1, RFC 9114 §4.3.1): only an HTTP/1.0 request may come without one.
+        if matches!(host, headers::Host::Missing)
+            && !matches!(
+                req.version(),
+                http::Version::HTTP_10 | http::Version::HTTP_09
+            )
+        {
             return Err(GatewayError::BadRequest("missing Host"));
         }
         let route = snapshot

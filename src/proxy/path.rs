@@ -17,9 +17,13 @@ pub fn refused(path: &str) -> Option<&'static str> {
     if b.contains(&b'\\') {
         return Some("backslash in the request path");
     }
-    if b.windows(3).any(|w| {
-        w[0] == b'%' && ((w[1] == b'5' && w[2] | 0x20 == b'c') || (w[1] == b'0' && w[2] == b'0'))
-    }) {
+    let has_escape = b.contains(&b'%');
+    if has_escape
+        && b.windows(3).any(|w| {
+            w[0] == b'%'
+                && ((w[1] == b'5' && w[2] | 0x20 == b'c') || (w[1] == b'0' && w[2] == b'0'))
+        })
+    {
         return Some("encoded backslash or NUL in the request path");
     }
     if b.contains(&b';') {

@@ -763,8 +763,11 @@ pub struct ResponseBody {
     /// reads, as nginx's `proxy_read_timeout`): a stalled upstream cannot hold the client,
     /// the task and the endpoint's in-flight slot forever.
     read_timeout: Duration,
-    /// Armed while a read waits; made only when a read has to wait at all.
+    /// The stall timer: made the first time a read has to wait, then re-armed (never
+    /// re-allocated) at each wait that follows progress.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `stall` is counting down for the current wait.
+    stall_armed: bool,
 }
 
 enum State {
@@ -814,6 +817,7 @@ impl ResponseBody {
             _in_flight: in_flight,
             read_timeout,
             stall: None,
+            stall_armed: false,
         };
         if matches!(body.state, State::Done) {
             body.finish();
@@ -864,6 +868,10 @@ impl ResponseBody {
                 let stall = self
                     .stall
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !self.stall_armed {
+                    stall.as_mut().reset(deadline);
+                    self.stall_armed = true;
+                }
                 ready!(stall.poll_unpin(cx));
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -875,7 +883,7 @@ impl ResponseBody {
         // SAFETY: `poll_read` initialized `n` bytes of the spare capacity.
         unsafe { conn.buf.set_len(conn.buf.len() + n) };
         // Progress: the next wait gets the whole timeout again.
-        self.stall = None;
+        self.stall_armed = false;
         Poll::Ready(Ok(n))
     }
 

@@ -220,7 +220,9 @@ pub fn tls_client_with(
 /// server while the server's handshake is still incomplete.
 pub struct HoldingRelay {
     pub addr: SocketAddr,
-    /// Retry packets the server sent.
+    /// Client connections the server sent a Retry to. A client that retransmits its first
+    /// Initial before the Retry arrives gets a second Retry for the same connection; both carry
+    /// the client's source connection ID as their destination, so they count once.
     pub retries: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -249,6 +251,7 @@ impl HoldingRelay {
                     }
                 }
             });
+            let mut retried = std::collections::HashSet::<Vec<u8>>::new();
             let mut held_until = tokio::time::Instant::now();
             let mut buf = vec![0u8; 65536];
             let mut buf2 = vec![0u8; 65536];
@@ -261,9 +264,13 @@ impl HoldingRelay {
                     }
                     r = back.recv(&mut buf2) => {
                         let Ok(n) = r else { break };
-                        // Long header, type 3: a Retry.
-                        if buf2[0] & 0x80 != 0 && (buf2[0] >> 4) & 0x03 == 3 {
-                            seen_retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        // Long header, type 3: a Retry; its DCID follows the version.
+                        if n > 6 && buf2[0] & 0x80 != 0 && (buf2[0] >> 4) & 0x03 == 3 {
+                            let len = buf2[5] as usize;
+                            let dcid = buf2[6..(6 + len).min(n)].to_vec();
+                            if retried.insert(dcid) {
+                                seen_retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                         }
                         let now = tokio::time::Instant::now();
                         if held_until <= now && has_handshake_packet(&buf2[..n]) {

@@ -3,7 +3,6 @@
 //! contract documented in docs/logging.md.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -196,12 +195,47 @@ impl CachedTime {
             self.second = Some(second);
         }
         self.buf.truncate(self.prefix);
-        let _ = match self.style {
-            TimeStyle::Rfc3339 => write!(self.buf, ".{:06}Z", since.subsec_micros()),
-            TimeStyle::Sqlite => write!(self.buf, ".{:03}", since.subsec_millis()),
-            TimeStyle::Http => Ok(()),
-        };
+        match self.style {
+            TimeStyle::Rfc3339 => {
+                self.buf.push('.');
+                push_padded(&mut self.buf, since.subsec_micros(), 6);
+                self.buf.push('Z');
+            }
+            TimeStyle::Sqlite => {
+                self.buf.push('.');
+                push_padded(&mut self.buf, since.subsec_millis(), 3);
+            }
+            TimeStyle::Http => {}
+        }
         &self.buf
+    }
+}
+
+/// Appends `ip` as text (`198.51.100.7`, `2001:db8::1`). IPv4 addresses, nearly every line,
+/// are written digit by digit instead of through `fmt`.
+pub fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+        }
+        std::net::IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// Appends `n` as exactly `width` decimal digits (zero-padded; `n < 10^width`).
+fn push_padded(out: &mut String, n: u32, width: u32) {
+    let mut div = 10u32.pow(width.saturating_sub(1));
+    while div > 0 {
+        out.push(char::from(b'0' + ((n / div) % 10) as u8));
+        div /= 10;
     }
 }
 
@@ -249,6 +283,14 @@ impl<'a> JsonObject<'a> {
         self.key(k);
         self.out.push(b'"');
         let _ = write!(self.out, "{v}");
+        self.out.push(b'"');
+    }
+
+    /// An IP address.
+    pub fn ip(&mut self, k: &str, v: std::net::IpAddr) {
+        self.key(k);
+        self.out.push(b'"');
+        write_ip(self.out, v);
         self.out.push(b'"');
     }
 
@@ -352,7 +394,7 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     let mut o = JsonObject::new(out);
     o.str("time", clock.format(r.time));
     o.bytes("request_id", Some(r.request_id.as_bytes()));
-    o.display("client_ip", &r.client_ip);
+    o.ip("client_ip", r.client_ip);
     if let Some(p) = r.client_port {
         o.num("client_port", u64::from(p));
     }
@@ -436,7 +478,10 @@ pub fn combined_line(
         out.extend_from_slice(vhost(r).as_bytes());
         out.push(b' ');
     }
-    let _ = write!(out, "{} - - [{}] \"", r.client_ip, clock.format(r.time));
+    write_ip(out, r.client_ip);
+    out.extend_from_slice(b" - - [");
+    out.extend_from_slice(clock.format(r.time).as_bytes());
+    out.extend_from_slice(b"] \"");
     escape_nginx(r.method.as_str().as_bytes(), out);
     out.push(b' ');
     escape_nginx(r.uri.path().as_bytes(), out);
@@ -450,7 +495,14 @@ pub fn combined_line(
         "h1.0" => "HTTP/1.0",
         _ => "HTTP/1.1",
     };
-    let _ = write!(out, " {version}\" {} {} \"", r.status, r.bytes_out);
+    let mut digits = itoa::Buffer::new();
+    out.push(b' ');
+    out.extend_from_slice(version.as_bytes());
+    out.extend_from_slice(b"\" ");
+    out.extend_from_slice(digits.format(r.status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(digits.format(r.bytes_out).as_bytes());
+    out.extend_from_slice(b" \"");
     quoted_header(r.referer.as_ref().map(|v| v.as_bytes()), out);
     out.extend_from_slice(b"\" \"");
     quoted_header(r.user_agent.as_ref().map(|v| v.as_bytes()), out);
@@ -620,6 +672,34 @@ mod tests {
 
     fn fmt() -> Formatting {
         Formatting::new(&LogConfig::default())
+    }
+
+    #[test]
+    fn addresses_and_fractions_are_written_like_display() {
+        for ip in [
+            "0.0.0.0",
+            "198.51.100.7",
+            "255.255.255.255",
+            "10.0.20.3",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+        for (n, width, text) in [
+            (0, 3, "000"),
+            (7, 3, "007"),
+            (999, 3, "999"),
+            (42, 6, "000042"),
+            (123456, 6, "123456"),
+        ] {
+            let mut out = String::new();
+            push_padded(&mut out, n, width);
+            assert_eq!(out, text);
+        }
     }
 
     #[test]

@@ -328,6 +328,7 @@ impl Metrics {
         Arc::new(RouteMetrics {
             name: route.to_string(),
             cells: Default::default(),
+            decisions: Default::default(),
             duration: self.request_duration.get_or_create_owned(&RouteLabel {
                 route: route.to_string(),
             }),
@@ -370,6 +371,8 @@ const PROTOCOLS: [&str; 3] = ["h1", "h2", "h3"];
 pub struct RouteMetrics {
     name: String,
     cells: [[OnceLock<Counter>; CLASSES.len()]; PROTOCOLS.len()],
+    /// Policy decisions by effect (`allow`, `deny`, `shadow_deny`), created on first use.
+    decisions: [OnceLock<Counter>; 3],
     duration: AtomicHistogram,
     /// Totals for `wraith status` / `wraith top` (cheaper to read than the families).
     pub total: AtomicU64,
@@ -381,6 +384,23 @@ impl RouteMetrics {
     /// The route's name (`(none)` for unmatched requests).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Counts one policy decision (`effect`: `allow`, `deny` or `shadow_deny`).
+    pub fn decision(&self, family: &Family<PolicyLabels, Counter>, effect: &'static str) {
+        let i = match effect {
+            "allow" => 0,
+            "deny" => 1,
+            _ => 2,
+        };
+        self.decisions[i]
+            .get_or_init(|| {
+                family.get_or_create_owned(&PolicyLabels {
+                    route: self.name.clone(),
+                    effect,
+                })
+            })
+            .inc();
     }
 
     /// Counts one finished request.

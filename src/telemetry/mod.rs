@@ -18,12 +18,12 @@ pub mod sinks;
 pub mod sqlite;
 pub mod window;
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use rustc_hash::FxHashMap;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
@@ -31,7 +31,7 @@ use access_log::AccessRecord;
 use format::{CachedTime, CombinedOptions, Event, Formatting, TimeStyle};
 use metrics::{
     origin_label, EndpointMetrics, HandshakeLabels, ListenerLabel, Metrics, OriginLabel,
-    PolicyLabels, RouteErrorLabels, RouteLabel, RouteMetrics, SinkLabel,
+    RouteErrorLabels, RouteLabel, RouteMetrics, SinkLabel,
 };
 use sinks::{FileWriter, Queue, Sink, Writers};
 use window::Window;
@@ -81,10 +81,12 @@ pub struct SnapshotTelemetry {
     pub combined: Option<Arc<AccessSink>>,
     pub sqlite: Option<Arc<AccessSink>>,
     pub events: Option<Arc<Sink<Event>>>,
-    routes: HashMap<Arc<str>, Arc<RouteMetrics>>,
+    // Fx hashing: the keys are names from the config, looked up on every request; SipHash's
+    // flooding resistance buys nothing here and costs more than the rest of the lookup.
+    routes: FxHashMap<Arc<str>, Arc<RouteMetrics>>,
     no_route: Option<Arc<RouteMetrics>>,
     /// upstream name -> (endpoint, handles)
-    endpoints: HashMap<Arc<str>, Vec<(String, Arc<EndpointMetrics>)>>,
+    endpoints: FxHashMap<Arc<str>, Vec<(String, Arc<EndpointMetrics>)>>,
 }
 
 impl SnapshotTelemetry {
@@ -253,12 +255,7 @@ impl SnapshotTelemetry {
                     (access_log::Effect::Deny, false) => "deny",
                     (access_log::Effect::Deny, true) => "shadow_deny",
                 };
-                m.policy_decisions
-                    .get_or_create(&PolicyLabels {
-                        route: rm.name().to_string(),
-                        effect,
-                    })
-                    .inc();
+                rm.decision(&m.policy_decisions, effect);
             }
             if record.rate_limit.as_ref().is_some_and(|r| r.limited) {
                 m.ratelimit_rejections
@@ -519,6 +516,7 @@ mod tests {
     use super::access_log::{BanRecord, Effect, PolicyRecord, RateLimitRecord};
     use super::*;
     use crate::config::{load_str, LoadOptions};
+    use crate::telemetry::metrics::PolicyLabels;
 
     /// What the policy, rate-limit and ban stages write into the record reaches the metrics
     /// and the security-events stream without anything else to wire.

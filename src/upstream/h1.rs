@@ -34,6 +34,8 @@ use crate::body::{Body, BoxError};
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
+// `parse_head` keeps header offsets in u16.
+const _: () = assert!(MAX_HEAD <= 1 << 16);
 /// Most response headers accepted from an upstream.
 const MAX_HEADERS: usize = 128;
 /// Largest chunk-size line (with extensions) and trailer section.
@@ -597,9 +599,16 @@ fn parse_head(
     buf: &mut BytesMut,
     head_only: bool,
 ) -> Result<Option<(Response<()>, Framing)>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(buf) {
+    // Uninitialised: an initialised array of MAX_HEADERS headers is a 4 KiB memset per
+    // response, more than the whole parse.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -623,20 +632,25 @@ fn parse_head(
     };
     // Remember where each header sits, then take the head out of the buffer as one `Bytes`
     // and slice names and values out of it without copying (and without a heap list).
+    // Offsets fit in u16: the head is at most MAX_HEAD (64 KiB) long.
     let base = buf.as_ptr() as usize;
     let count = parsed.headers.len();
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let offset = |p: *const u8, l: usize| (((p as usize) - base) as u16, l as u16);
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
     for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = (
-            h.name.as_ptr() as usize - base,
-            h.name.len(),
-            h.value.as_ptr() as usize - base,
-            h.value.len(),
-        );
+        let (ns, nl) = offset(h.name.as_ptr(), h.name.len());
+        let (vs, vl) = offset(h.value.as_ptr(), h.value.len());
+        *span = (ns, nl, vs, vl);
     }
     let head = buf.split_to(len).freeze();
     let mut map = HeaderMap::with_capacity(count);
     for &(ns, nl, vs, vl) in &spans[..count] {
+        let (ns, nl, vs, vl) = (
+            usize::from(ns),
+            usize::from(nl),
+            usize::from(vs),
+            usize::from(vl),
+        );
         let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
             format!(
                 "invalid header name {:?} from upstream",

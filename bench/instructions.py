@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""User-space instructions per request, counted by valgrind's callgrind: deterministic (the
+same binary and load give the same count whatever else the machine is doing), so small
+changes to the hot path can be compared without ABBA rounds. It counts user-space work only:
+system calls and the kernel's TCP work are not in it (bench.py's CPU time has them).
+
+Each proxy runs under callgrind with instrumentation off; after a warm-up it is switched on
+(`callgrind_control -i on`), a fixed number of requests is sent with h2load, and the counters
+are dumped. Instructions per request = Ir of the measured window / requests.
+
+Usage (release build first):
+  python3 bench/instructions.py                  # wraith and nginx, h1, 20000 requests
+  python3 bench/instructions.py --only wraith --requests 50000 --annotate 30
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench as b  # noqa: E402
+
+ROOT = b.ROOT
+
+
+def callgrind(name, cmd, out, cwd, env=None):
+    full = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+            "--dump-instr=no", "--trace-children=no"] + cmd
+    return subprocess.Popen(full, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(Path(cwd) / f"{name}.valgrind.log", "w"))
+
+
+def control(pid, *args):
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def h2load(url, n, conns):
+    out = subprocess.run(["h2load", "--h1", "-n", str(n), "-c", str(conns), url],
+                         capture_output=True, text=True, timeout=600).stdout
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if not m:
+        raise RuntimeError(f"h2load output not understood:\n{out}")
+    return int(m.group(2))
+
+
+def total_ir(path):
+    # Several dumps may exist (pid suffixes, parts); the summary line holds the total.
+    total = 0
+    for f in Path(path).parent.glob(Path(path).name + "*"):
+        for line in f.read_text(errors="replace").splitlines():
+            if line.startswith("summary:") or line.startswith("totals:"):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
+def measure(name, cmd, port, work, requests, conns, env=None):
+    out = work / f"{name}.callgrind.out"
+    p = callgrind(name, cmd, out, work, env)
+    try:
+        b.wait_port(port, timeout=120)
+        url = f"http://127.0.0.1:{port}/small"
+        h2load(url, 2000, conns)  # warm-up: pools, caches, lazy initialisation
+        control(p.pid, "-i", "on")
+        done = h2load(url, requests, conns)
+        control(p.pid, "-i", "off")
+        control(p.pid, "-d")
+        time.sleep(1)
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    ir = total_ir(out)
+    return ir / done, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--conns", type=int, default=10)
+    ap.add_argument("--only", choices=["wraith", "nginx"])
+    ap.add_argument("--wraith", default=str(ROOT / "target" / "release" / "wraith"))
+    ap.add_argument("--config", default=str(ROOT / "bench" / "configs" / "wraith.toml"),
+                    help="the Wraith config template (bench placeholders)")
+    ap.add_argument("--annotate", type=int, default=0, help="print the top N functions of Wraith")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="wraith-instr-"))
+    certs = work / "certs"
+    subprocess.run([args.wraith, "certs", "init", "--dir", str(certs), "--force"], check=True,
+                   stdout=subprocess.DEVNULL)
+    subst = {"WORK": str(work), "CERTS": str(certs),
+             **{k.upper().replace("-", "_"): str(v) for k, v in b.PORTS.items()}}
+    for name, src in [("upstream-nginx.conf", ROOT / "bench/configs/upstream-nginx.conf"),
+                      ("nginx-proxy.conf", ROOT / "bench/configs/nginx-proxy.conf"),
+                      ("wraith.toml", Path(args.config))]:
+        text = src.read_text()
+        for k, v in subst.items():
+            text = text.replace("@" + k + "@", v)
+        (work / name).write_text(text)
+    (work / "www").mkdir(exist_ok=True)
+    b.link_policies(work)
+
+    procs = b.Procs()
+    results = {}
+    try:
+        procs.start("upstream", ["nginx", "-c", str(work / "upstream-nginx.conf"), "-g", "daemon off;"], 0, cwd=work)
+        b.wait_port(b.PORTS["upstream"])
+        if args.only in (None, "wraith"):
+            env = dict(os.environ, WRAITH_LOG="warn")
+            results["wraith"] = measure("wraith", [args.wraith, "serve", "-c", str(work / "wraith.toml")],
+                                        b.PORTS["wraith"], work, args.requests, args.conns, env)
+        if args.only in (None, "nginx"):
+            results["nginx"] = measure("nginx", ["nginx", "-c", str(work / "nginx-proxy.conf"), "-g", "daemon off;"],
+                                       b.PORTS["nginx"], work, args.requests, args.conns)
+    finally:
+        procs.stop()
+
+    for name, (ipr, _) in results.items():
+        print(f"{name}: {ipr:,.0f} instructions per request (user space, {args.requests} requests, h1 keep-alive)")
+    if "wraith" in results and "nginx" in results:
+        print(f"wraith / nginx: {results['wraith'][0] / results['nginx'][0]:.2f}")
+    if args.annotate and "wraith" in results:
+        out = results["wraith"][1]
+        files = sorted(Path(out).parent.glob(Path(out).name + "*"))
+        text = subprocess.run(["callgrind_annotate", "--inclusive=no", str(files[-1])],
+                              capture_output=True, text=True).stdout
+        lines = [l for l in text.splitlines() if re.match(r"\s*[\d,]+ \(", l)]
+        print("\n".join(lines[: args.annotate + 1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -236,7 +236,7 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
     );
 
     // The WAF gone entirely.
-    let dead = common::crowdsec::free_port();
+    let dead = unused_port();
     wraith.write_config(&cfg.replace(
         &format!("url = \"http://{}/\"", waf.addr),
         &format!("url = \"http://127.0.0.1:{dead}/\""),

@@ -591,10 +591,7 @@ async fn hang_up_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
 async fn retries_follow_the_rules() {
     let (hangup, seen) = hang_up_server().await;
     let good = Backend::start("good", Duration::ZERO).await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], unused_port()));
     let setup = Setup::new();
     let cfg = format!(
         r#"{listeners}

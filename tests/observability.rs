@@ -56,13 +56,9 @@ async fn upstream() -> Upstream {
     .await
 }
 
-/// A port nothing listens on.
+/// A port nothing listens on (and nothing will: see `unused_port`).
 fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    unused_port()
 }
 
 fn config(setup: &Setup, up: SocketAddr, log: &str) -> String {

@@ -89,7 +89,9 @@ api_key = "{KEY}"
 
 [crowdsec.appsec]
 url = "http://{stub}/"
-timeout = "2s"
+# No test waits for it to fire (the unreachable WAF refuses at once): long enough that a
+# stalled machine never turns an answer into a failure.
+timeout = "10s"
 max_body = "1KiB"
 {extra}
 

@@ -89,7 +89,9 @@ api_key = "{KEY}"
 
 [crowdsec.appsec]
 url = "http://{stub}/"
-timeout = "2s"
+# No test waits for it to fire (the unreachable WAF refuses at once): long enough that a
+# stalled machine never turns an answer into a failure.
+timeout = "10s"
 max_body = "1KiB"
 {extra}
 
@@ -236,7 +238,7 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
     );
 
     // The WAF gone entirely.
-    let dead = common::crowdsec::free_port();
+    let dead = unused_port();
     wraith.write_config(&cfg.replace(
         &format!("url = \"http://{}/\"", waf.addr),
         &format!("url = \"http://127.0.0.1:{dead}/\""),

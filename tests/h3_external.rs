@@ -157,11 +157,19 @@ async fn headless_chromium_fetches_a_page_over_http3_with_x25519mlkem768() {
         out.contains("served over HTTP/3 by the upstream"),
         "chromium did not render the page (exit {code:?}):\n{out}\n{err}"
     );
-    let records = records_of(&wraith, "Chrome");
-    let page = records
-        .iter()
-        .find(|r| r["path"] == "/index.html")
-        .unwrap_or_else(|| panic!("no access record from Chromium: {records:?}"));
+    // The JSON sink writes in batches (every 100 ms): wait for the record.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let records = records_of(&wraith, "Chrome");
+        if let Some(page) = records.iter().find(|r| r["path"] == "/index.html") {
+            break page.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access record from Chromium: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(page["protocol"], "h3", "{page}");
     assert_eq!(page["status"], 200);
     assert_eq!(page["tls_group"], "X25519MLKEM768", "{page}");

@@ -312,7 +312,10 @@ upstream = "app"
 "#,
     );
     let wraith = setup.start(&cfg);
-    let relay = HoldingRelay::start(wraith.addr("https"), Duration::from_millis(400)).await;
+    // The server's handshake flight is held 2 s: the early requests must reach the server
+    // before the handshake completes even if the client stalls (well inside the 10 s
+    // handshake timeout).
+    let relay = HoldingRelay::start(wraith.addr("https"), Duration::from_secs(2)).await;
     let client = H3Client::new(&ca, None, Groups::Default);
 
     // First visit: a full handshake, which leaves the client a session ticket.
@@ -391,7 +394,10 @@ async fn zero_rtt_on_an_mtls_listener_waits_for_the_verified_identity() {
         "[[route]]\nname = \"app\"\nupstream = \"app\"\nearly_data = true\n",
     );
     let wraith = setup.start(&cfg);
-    let relay = HoldingRelay::start(wraith.addr("https"), Duration::from_millis(400)).await;
+    // The server's handshake flight is held 2 s: the early requests must reach the server
+    // before the handshake completes even if the client stalls (well inside the 10 s
+    // handshake timeout).
+    let relay = HoldingRelay::start(wraith.addr("https"), Duration::from_secs(2)).await;
     let client = H3Client::new(&ca, Some(client_cert.pair()), Groups::Default);
     let mut first = client.connect(relay.addr).await.unwrap();
     assert_eq!(first.get("/warm").await.unwrap().status(), 200);

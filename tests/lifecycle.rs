@@ -213,11 +213,15 @@ async fn reload_under_load_fails_no_request() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // The upstream holds each request until the test has seen the listener refuse (or 15 s
+    // pass), so "refused" is seen while both requests are still in flight.
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
     let upstream = Upstream::start(move |_req| {
         let entered = entered_tx.clone();
+        let mut release = release_rx.clone();
         async move {
             let _ = entered.send(());
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(15), release.wait_for(|r| *r)).await;
             Response::new(full("finished"))
         }
     })
@@ -242,8 +246,9 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     let started = Instant::now();
     wraith.signal(libc::SIGTERM);
 
-    // New connections are refused once the listener is closed.
-    let deadline = Instant::now() + Duration::from_secs(1);
+    // New connections are refused once the listener is closed, while the requests are
+    // still in flight. (Generous for a loaded machine: it is not a bound on the drain.)
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mut refused = false;
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(http_addr).await.is_err() {
@@ -253,6 +258,8 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused, "still accepting after SIGTERM");
+    assert!(!h1.is_finished() && !h2.is_finished());
+    release_tx.send_replace(true);
 
     // The requests in flight complete normally.
     let r1 = h1.await.unwrap().unwrap();

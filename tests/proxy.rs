@@ -185,11 +185,8 @@ async fn built_in_responses_redirects_and_404() {
 
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_upstream_is_504() {
-    // Nothing listens on a port we bound and released.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Nothing listens on this port.
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], unused_port()));
     let slow = Upstream::start(|_req| async {
         tokio::time::sleep(Duration::from_secs(10)).await;
         Response::new(full("late"))

@@ -67,8 +67,9 @@ async fn over_the_burst_is_429_with_retry_after_and_ietf_headers() {
     assert_eq!(r.status(), 429);
     let h = r.headers().clone();
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    // 60 s minus however long the burst took (generously, on a loaded machine).
     assert!(
-        (59..=60).contains(&retry),
+        (50..=60).contains(&retry),
         "one request per minute: {retry}"
     );
     assert_eq!(h["ratelimit-policy"], "\"per-ip\";q=3;w=180");
@@ -231,7 +232,9 @@ async fn key_state_is_capped() {
     let cfg = config(
         &setup,
         r#"{ name = "per-ip", key = "ip", rate = "10/m", burst = 100 }"#,
-        "[rate_limit]\nmax_keys = 500\n",
+        // No idle-key sweep during the test: a key is idle 6 s after its one request, and
+        // 2000 requests can take longer than the default 30 s interval on a loaded machine.
+        "[rate_limit]\nmax_keys = 500\ncleanup_interval = \"1h\"\n",
     );
     let wraith = setup.start(&cfg);
     let client = http_client();

@@ -303,10 +303,7 @@ async fn malformed_upstream_responses_are_502_not_panics() {
 
 #[tokio::test]
 async fn a_refused_connection_fails_over_to_the_next_endpoint() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], unused_port()));
     let up = Scripted::start(|_| (ok("alive"), false)).await;
     let wraith = gateway(Setup::new(), &[dead.to_string(), up.addr.to_string()]);
     let client = http_client();

@@ -93,6 +93,9 @@ impl Execd {
             .env("WRAITH_ADMIN_SOCKET", &self.socket)
             .env("WRAITH_AR_LOG", &self.log)
             .env("WRAITH_AR_HANDSHAKE_TIMEOUT", self.handshake_timeout)
+            // A ban is two fsyncs in Wraith: more than the production 2 s on a loaded CI
+            // machine. (No test here needs the call timeout to fire.)
+            .env("WRAITH_AR_TIMEOUT", "10s")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -35,13 +35,10 @@ pub fn available(test: &str) -> bool {
     false
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port for a LAPI, outside the ephemeral range so that nothing else
+/// takes it between now and when crowdsec binds it (see `unused_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    super::unused_port()
 }
 
 /// TLS for the LAPI listener: server certificate and key, and the CA that signs client

@@ -313,6 +313,47 @@ pub fn http_client() -> reqwest::Client {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Ports
+
+/// A loopback TCP port that nothing listens on now and that nothing else in this run is
+/// handed: picked at random outside the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), so no `bind(127.0.0.1:0)` of another test
+/// (nor a local end of an outgoing connection) gets it, and never twice in this process.
+/// For a port that must stay closed, or one a child process binds later.
+pub fn unused_port() -> u16 {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Up to 12 000 ports below the ephemeral range (20000..32768 by default), or above it
+    // when the range starts too low to leave room.
+    let range = if low >= 11_024 {
+        low.saturating_sub(12_000).max(10_000)..low
+    } else if high <= 64_535 {
+        high + 1..u16::MAX
+    } else {
+        // The whole port space is ephemeral: the best left is a port free right now.
+        1024..u16::MAX
+    };
+    let mut taken = HANDED_OUT.lock().unwrap();
+    for _ in 0..10_000 {
+        let port = fastrand::u16(range.clone());
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in {range:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Upstream servers
 
 /// A real HTTP/1.1 (and h2c) server on 127.0.0.1:0 running `handler` for each request.

@@ -314,6 +314,7 @@ impl Gateway {
                     version: req.version(),
                     identity: conn.identity.as_deref(),
                     early_data,
+                    close: conn.close.as_ref(),
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

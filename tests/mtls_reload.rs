@@ -401,3 +401,93 @@ async fn a_crl_that_revokes_a_certificate_sends_goaway_on_its_http3_connections(
             && v["transport"] == "quic")
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_opened_with_a_revoked_certificate_is_closed_after_the_drain_time() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // A WebSocket echo upstream.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let setup = Setup::new();
+    let client = setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    setup.pki.write_crl("ca.crl", &[]);
+    let ca = setup.pki.ca_pem.clone();
+    // The drain time is 1 s; the tunnel's own idle limit (the upstream's response timeout,
+    // 60 s) is far beyond the wait below.
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = "ca.pem", client_crl = "ca.crl""#,
+        ws_upstream,
+        "",
+    )
+    .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(
+        &ca,
+        &[b"http/1.1"],
+        Some(client.pair()),
+    )))
+    .connect("localhost".try_into().unwrap(), tcp)
+    .await
+    .unwrap();
+    let url = format!("wss://localhost:{}/ws", addr.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "before"
+    );
+
+    wraith.pki().write_crl("ca.crl", &[&client]);
+    wraith.reload().unwrap();
+    assert!(
+        rules_changed(&wraith, "https").is_some(),
+        "{}",
+        wraith.log()
+    );
+    let revoked = std::time::Instant::now();
+    // Keep the tunnel busy: it is closed for the revocation, not for being idle.
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut i = 0;
+        loop {
+            if ws.send(Message::text(format!("after {i}"))).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Ok(Some(Ok(_))) | Err(_) => i += 1,
+                Ok(None) | Ok(Some(Err(_))) => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the tunnel is still open 8 s after the reload"
+    );
+    assert!(
+        revoked.elapsed() >= Duration::from_millis(900),
+        "closed before the drain time: {:?}",
+        revoked.elapsed()
+    );
+}

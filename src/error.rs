@@ -71,6 +71,11 @@ pub enum GatewayError {
     /// Received as TLS early data (0-RTT) where that is not served (RFC 8470).
     #[error("early data refused: unsafe method, or the route does not allow early data")]
     TooEarly,
+    /// The connection was admitted under client-certificate rules that a reload has since
+    /// replaced; it serves nothing more (RFC 9110 §15.5.20: the client may retry the request,
+    /// whatever its method, on a new connection).
+    #[error("the connection's client authentication settings were replaced by a reload")]
+    ClientAuthChanged,
 }
 
 /// What a 429 says about the limit that refused the request.
@@ -108,6 +113,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::TooEarly => StatusCode::TOO_EARLY,
+            GatewayError::ClientAuthChanged => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -129,6 +135,7 @@ impl GatewayError {
             GatewayError::Overloaded { .. } => "upstream_overloaded",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::TooEarly => "too_early",
+            GatewayError::ClientAuthChanged => "client_auth_changed",
         }
     }
 
@@ -181,6 +188,9 @@ impl GatewayError {
             GatewayError::TooEarly => {
                 "this request cannot be served as early data; retry after the handshake".into()
             }
+            GatewayError::ClientAuthChanged => {
+                "client authentication settings changed; retry on a new connection".into()
+            }
         }
     }
 
@@ -193,7 +203,9 @@ impl GatewayError {
             | GatewayError::RateLimited(_)
             | GatewayError::AppsecBlocked { .. }
             | GatewayError::PayloadTooLarge { .. }
-            | GatewayError::TooEarly => Fault::Downstream,
+            | GatewayError::TooEarly
+            // Nobody's failure; counted with the client's side, logged at debug.
+            | GatewayError::ClientAuthChanged => Fault::Downstream,
             GatewayError::Forbidden(crate::policy::Reason::Error) => Fault::Internal,
             GatewayError::Forbidden(_) => Fault::Downstream,
             GatewayError::DecisionsUnavailable | GatewayError::AppsecUnavailable { .. } => {

@@ -18,6 +18,7 @@ use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, Rout
 use crate::decisions::appsec::Appsec;
 use crate::decisions::crowdsec::{self, Bridge};
 use crate::decisions::DecisionStore;
+use crate::listener::client_auth::ClientAuthEpoch;
 use crate::listener::{self, tls, ListenerHandle};
 use crate::policy::PolicyEngine;
 use crate::proxy::Gateway;
@@ -33,6 +34,9 @@ pub struct ListenerRuntime {
     pub http: listener::HttpBuilders,
     /// The QUIC side's TLS and transport settings (`http3 = true`).
     pub quic: Option<listener::quic::QuicRuntime>,
+    /// The client-certificate rules its connections are admitted under: carried over by
+    /// reloads that keep them, revoked (the connections close) by one that changes them.
+    pub client_auth: Arc<ClientAuthEpoch>,
 }
 
 /// One generation of the configuration, fully built.
@@ -149,11 +153,15 @@ impl Snapshot {
                     continue;
                 }
             };
+            let before = previous.and_then(|p| p.listener_by_key(&l.key()));
+            let client_auth =
+                ClientAuthEpoch::carry_over(l, before.map(|b| (&b.config, &b.client_auth)));
             listeners.push(Arc::new(ListenerRuntime {
                 http: listener::http_builder(&l.limits),
                 config: l.clone(),
                 tls: acceptor,
                 quic,
+                client_auth,
             }));
         }
         let Some(policy) = policy.filter(|_| errors.is_empty()) else {
@@ -194,6 +202,27 @@ impl Snapshot {
     /// The listener with this key.
     pub fn listener_by_key(&self, key: &ListenerKey) -> Option<&Arc<ListenerRuntime>> {
         self.listeners.iter().find(|l| l.config.key() == *key)
+    }
+}
+
+/// Closes the connections admitted under client-certificate rules that `new` changed: a
+/// certificate just revoked by a CRL, or let in by a CA just removed, must not keep its access
+/// for as long as it keeps a connection open. Listeners `new` no longer has drain anyway
+/// (`Runtime::retire_listeners`); unchanged rules keep their epoch and their connections.
+fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
+    for before in &old.listeners {
+        let Some(after) = new.listener_by_key(&before.config.key()) else {
+            continue;
+        };
+        if Arc::ptr_eq(&before.client_auth, &after.client_auth) {
+            continue;
+        }
+        let connections = before.client_auth.revoke();
+        tracing::info!(
+            listener = %after.config.name,
+            connections,
+            "client authentication settings changed; closing the connections admitted under the old ones"
+        );
     }
 }
 
@@ -350,8 +379,11 @@ impl Runtime {
             }
         }
         let quic = self.bind_quic(&snapshot, &bound).map_err(|e| vec![e])?;
-        self.gateway.swap(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.gateway.swap(snapshot.clone());
         self.generation.store(generation, Ordering::Relaxed);
+        // After the swap: a connection accepted from now on gets the new rules.
+        revoke_changed_client_auth(&old, &snapshot);
         self.activate(bound);
         self.retire_listeners();
         self.reconcile_quic(quic);

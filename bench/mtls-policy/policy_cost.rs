@@ -103,6 +103,7 @@ fn main() {
         }),
         identity,
         policy_cache: ConnCache::default(),
+        close: None,
     };
     let anon = conn(None);
     let client = conn(Some(identity.clone()));

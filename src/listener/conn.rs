@@ -6,8 +6,10 @@
 //!   complete head; exceeded -> the connection is closed;
 //! - idle: no request in flight and no bytes moving for this long -> graceful close.
 //!
-//! Drain (SIGTERM, or the listener removed by a reload) asks hyper for a graceful shutdown:
-//! HTTP/1 finishes the request in flight with `Connection: close`, HTTP/2 sends GOAWAY.
+//! Drain (SIGTERM, the listener removed by a reload, or a reload that changed the
+//! client-certificate rules the connection was admitted under: `CloseSignal`) asks hyper for a
+//! graceful shutdown: HTTP/1 finishes the request in flight with `Connection: close`, HTTP/2
+//! sends GOAWAY.
 
 use std::convert::Infallible;
 use std::io;
@@ -24,9 +26,9 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::tls::{self, group_name};
+use super::CloseSignal;
 use crate::body::Body;
 use crate::config::Limits;
 use crate::identity::Identity;
@@ -228,7 +230,7 @@ pub(super) async fn serve(
     listener: Arc<ListenerRuntime>,
     stream: TcpStream,
     peer: SocketAddr,
-    stop: CancellationToken,
+    close: CloseSignal,
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(listener.config.address);
@@ -244,6 +246,7 @@ pub(super) async fn serve(
         tls: None,
         identity: None,
         policy_cache: Default::default(),
+        close: Some(close.clone()),
     };
 
     let Some(acceptor) = &listener.tls else {
@@ -252,7 +255,7 @@ pub(super) async fn serve(
             Some(h2) => h2,
             None => return,
         };
-        return serve_http(runtime, &listener, TokioIo::new(io), info, state, h2, stop).await;
+        return serve_http(runtime, &listener, TokioIo::new(io), info, state, h2, close).await;
     };
 
     let timeout = listener
@@ -320,7 +323,16 @@ pub(super) async fn serve(
     if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
         info.identity = Some(Arc::new(identity_of(leaf, peer, &info.listener)));
     }
-    serve_http(runtime, &listener, TokioIo::new(tls), info, state, h2, stop).await;
+    serve_http(
+        runtime,
+        &listener,
+        TokioIo::new(tls),
+        info,
+        state,
+        h2,
+        close,
+    )
+    .await;
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
@@ -400,7 +412,7 @@ async fn serve_http<I>(
     info: ConnInfo,
     state: Arc<ConnState>,
     h2: bool,
-    stop: CancellationToken,
+    close: CloseSignal,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -408,7 +420,6 @@ async fn serve_http<I>(
         state.h2.store(true, Ordering::Relaxed);
     }
     let limits = listener.config.limits.clone();
-    let drain = runtime.gateway.snapshot().config.server.shutdown_timeout;
     // Counted from here to the end of the connection (the guard decrements on every exit).
     let gauge = runtime
         .telemetry
@@ -456,40 +467,19 @@ async fn serve_http<I>(
     });
     if h2 {
         let conn = listener.http.h2.serve_connection(io, svc);
-        drive(
-            conn,
-            |c| c.graceful_shutdown(),
-            &state,
-            &limits,
-            &stop,
-            drain,
-        )
-        .await;
+        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
     } else {
         let conn = listener.http.h1.serve_connection(io, svc).with_upgrades();
-        drive(
-            conn,
-            |c| c.graceful_shutdown(),
-            &state,
-            &limits,
-            &stop,
-            drain,
-        )
-        .await;
+        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
     }
 }
 
 /// Runs a hyper connection to completion, applying drain, idle and header timeouts.
-/// Once `stop` fires, the connection has `drain` to finish; then it is closed whatever it
-/// was doing (a reload that removes a listener has no process exit to end it otherwise).
-async fn drive<C, G>(
-    conn: C,
-    graceful: G,
-    state: &ConnState,
-    limits: &Limits,
-    stop: &CancellationToken,
-    drain: Duration,
-) where
+/// Once `close` fires, the connection has its drain time to finish; then it is closed
+/// whatever it was doing (a reload that removes a listener or changes its client-certificate
+/// rules has no process exit to end it otherwise).
+async fn drive<C, G>(conn: C, graceful: G, state: &ConnState, limits: &Limits, close: &CloseSignal)
+where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
     G: Fn(Pin<&mut C>),
 {
@@ -508,16 +498,16 @@ async fn drive<C, G>(
                 }
                 return;
             }
-            _ = stop.cancelled(), if !draining => {
+            _ = close.requested(), if !draining => {
                 if !closing {
                     graceful(conn.as_mut());
                 }
                 closing = true;
                 draining = true;
-                drain_timer.as_mut().reset(tokio::time::Instant::now() + drain);
+                drain_timer.as_mut().reset(tokio::time::Instant::now() + close.drain());
             }
             _ = &mut drain_timer, if draining => {
-                tracing::debug!(drain = ?drain, "connection still busy when the drain time ran out; closing");
+                tracing::debug!(drain = ?close.drain(), "connection still busy when the drain time ran out; closing");
                 return;
             }
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {

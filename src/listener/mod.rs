@@ -2,7 +2,10 @@
 //! Each accepted connection is served by `conn::serve` on the snapshot current at accept time
 //! for its TLS and HTTP settings; each request uses the snapshot current when it starts.
 //! Listeners with `http3 = true` also have a QUIC side on the same port (`quic`).
+//! A connection is asked to finish when its listener stops or when a reload changes the
+//! client-certificate rules it was admitted under (`CloseSignal`, `client_auth`).
 
+pub mod client_auth;
 mod conn;
 pub mod quic;
 pub mod tls;
@@ -18,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Limits, ListenerConfig, ListenerKey};
-use crate::runtime::Runtime;
+use crate::runtime::{ListenerRuntime, Runtime};
 
 /// The HTTP/1.1 and HTTP/2 server settings of a listener.
 #[derive(Clone)]
@@ -47,6 +50,58 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(4 << 20));
     HttpBuilders { h1, h2 }
+}
+
+/// What asks one connection to finish early: its listener stopping (SIGTERM, or the listener
+/// removed by a reload), or a reload changing the client-certificate rules it was admitted
+/// under. Either way the connection finishes what is in flight, and is closed whatever it is
+/// doing once `drain` has passed.
+#[derive(Debug, Clone)]
+pub struct CloseSignal {
+    stop: CancellationToken,
+    client_auth: Arc<client_auth::ClientAuthEpoch>,
+    /// `[server] shutdown_timeout` when the connection was accepted.
+    drain: Duration,
+}
+
+impl CloseSignal {
+    /// The signal of a connection accepted on `listener` under `runtime`'s current settings.
+    pub(crate) fn new(
+        runtime: &Runtime,
+        listener: &ListenerRuntime,
+        stop: CancellationToken,
+    ) -> CloseSignal {
+        CloseSignal {
+            stop,
+            client_auth: listener.client_auth.clone(),
+            drain: runtime.gateway.snapshot().config.server.shutdown_timeout,
+        }
+    }
+
+    /// Resolves once the connection should finish.
+    pub async fn requested(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.client_auth.revoked() => {}
+        }
+    }
+
+    /// Whether a reload replaced the client-certificate rules the connection was admitted
+    /// under (its requests are no longer served).
+    pub fn client_auth_revoked(&self) -> bool {
+        self.client_auth.is_revoked()
+    }
+
+    /// How long what is in flight may take after `requested`.
+    pub fn drain(&self) -> Duration {
+        self.drain
+    }
+
+    /// Counts the connection as open under its client-certificate rules (for the reload's
+    /// log line) until the guard drops.
+    pub(crate) fn admit(&self) -> client_auth::Admitted {
+        self.client_auth.admit()
+    }
 }
 
 /// A socket bound for a listener, not yet accepting.
@@ -243,11 +298,12 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        let close = CloseSignal::new(&runtime, &listener, stop.clone());
+        let admitted = close.admit();
         let runtime2 = runtime.clone();
-        let stop = stop.clone();
         runtime.connections.spawn(async move {
-            conn::serve(runtime2, listener, stream, peer, stop).await;
-            drop(permit);
+            conn::serve(runtime2, listener, stream, peer, close).await;
+            drop((admitted, permit));
         });
     }
 }

@@ -995,6 +995,7 @@ permit (principal, action in Wraith::Action::"write", resource) when { context.p
                 ..Identity::default()
             })),
             policy_cache: ConnCache::default(),
+            close: None,
         };
         let access = |method: &'static Method, path: &'static str| Access {
             route: &route,

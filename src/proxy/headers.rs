@@ -185,6 +185,8 @@ pub struct ForwardInfo<'a> {
     pub identity: Option<&'a crate::identity::Identity>,
     /// Forwarded before the client's TLS handshake completed (0-RTT): `Early-Data: 1`.
     pub early_data: bool,
+    /// What asks the client's connection to finish; a WebSocket tunnel ends with it.
+    pub close: Option<&'a crate::listener::CloseSignal>,
 }
 
 /// `early-data` (RFC 8470)
@@ -650,6 +652,7 @@ mod tests {
             version: Version::HTTP_2,
             identity: None,
             early_data: false,
+            close: None,
         };
         let mut h = hm(&[
             ("x-forwarded-for", "6.6.6.6"),

@@ -7,6 +7,8 @@
 //!   ├─ snapshot      the config generation this request runs on, to its end
 //!   ├─ request id    generated (or kept from a trusted proxy)
 //!   ├─ client ip     the peer, or the address behind trusted proxies
+//!   ├─ client auth   connection admitted under client-certificate rules a reload replaced
+//!   │                -> 421 (the client retries on a new connection, verified anew)
 //!   ├─ normalize     dot segments out, so routing sees what the upstream will
 //!   ├─ route         first match in file order, else 404
 //!   ├─ decisions     banned client ip -> 403 (CrowdSec, Wazuh, local bans)
@@ -58,6 +60,9 @@ pub struct ConnInfo {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// The policy stage's per-connection state (the principal entity, built once).
     pub policy_cache: crate::policy::ConnCache,
+    /// What asks the connection to finish (listener stopping, client-certificate rules
+    /// changed by a reload); `None` for connections no listener accepted (tests, benches).
+    pub close: Option<crate::listener::CloseSignal>,
 }
 
 /// The negotiated TLS parameters of a connection.
@@ -167,6 +172,11 @@ impl Gateway {
         request_id: &HeaderValue,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
+        // First: the certificate that opened this connection may have just been revoked. The
+        // connection is closing already; this covers requests it read before it could stop.
+        if conn.close.as_ref().is_some_and(|c| c.client_auth_revoked()) {
+            return Err(GatewayError::ClientAuthChanged);
+        }
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
@@ -304,6 +314,7 @@ impl Gateway {
                     version: req.version(),
                     identity: conn.identity.as_deref(),
                     early_data,
+                    close: conn.close.as_ref(),
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

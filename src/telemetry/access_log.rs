@@ -497,6 +497,7 @@ mod tests {
             tls: None,
             identity: None,
             policy_cache: Default::default(),
+            close: None,
         };
         let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -28,6 +28,7 @@ use super::{Endpoint, Selection, Upstream};
 use crate::body::Body;
 use crate::config::RouteConfig;
 use crate::error::GatewayError;
+use crate::listener::CloseSignal;
 use crate::proxy::headers::{self, ForwardInfo, X_REQUEST_ID};
 
 /// What happened while forwarding (for the access log).
@@ -176,13 +177,13 @@ pub async fn forward(
                 } else {
                     endpoint.health.record_success(&config.outlier);
                 }
-                return finish_response(resp, client_upgrade, timeout).map_err(|reason| {
-                    GatewayError::UpstreamFailed {
+                return finish_response(resp, client_upgrade, timeout, info.close).map_err(
+                    |reason| GatewayError::UpstreamFailed {
                         upstream: config.name.clone(),
                         endpoint: endpoint.authority.to_string(),
                         reason,
-                    }
-                });
+                    },
+                );
             }
             Err(f) => f,
         };
@@ -284,6 +285,7 @@ fn finish_response(
     mut resp: Response<Body>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     idle: Duration,
+    close: Option<&CloseSignal>,
 ) -> Result<Response<Body>, String> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
@@ -298,7 +300,7 @@ fn finish_response(
         let Some((io, leftover)) = body.take_upgrade() else {
             return Err("upstream switched protocols on a connection that cannot".into());
         };
-        tokio::spawn(tunnel(client, io, leftover, idle));
+        tokio::spawn(tunnel(client, io, leftover, idle, close.cloned()));
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::Empty));
     }
@@ -415,11 +417,17 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
 }
 
 /// Copies bytes both ways between an upgraded client and the upstream connection.
+///
+/// The tunnel outlives the HTTP/1.1 connection it came from (hyper hands the socket over), so
+/// it watches that connection's close signal itself: when its listener stops or a reload
+/// changes the client-certificate rules it was admitted under, the tunnel is a request in
+/// flight that never ends by itself, and gets the drain time before it is closed.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: super::tls::Stream,
     leftover: bytes::Bytes,
     idle: Duration,
+    close: Option<CloseSignal>,
 ) {
     let client = match client.await {
         Ok(c) => c,
@@ -456,6 +464,15 @@ async fn tunnel(
             tokio::time::sleep(idle - quiet).await;
         }
     };
+    let closed = async {
+        match &close {
+            Some(c) => {
+                c.requested().await;
+                tokio::time::sleep(c.drain()).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = both => {
             if let Err(e) = r {
@@ -463,6 +480,7 @@ async fn tunnel(
             }
         }
         _ = watchdog => tracing::debug!(idle = ?idle, "upgraded connection idle; closed"),
+        _ = closed => tracing::debug!("upgraded connection still open when the drain time ran out; closed"),
     }
 }
 

@@ -14,7 +14,9 @@
 //! completes; those carry the `EarlyData` extension and the pipeline decides (proxy/early.rs).
 //! Drain (SIGTERM, listener removed): new connections are refused, each connection sends an
 //! HTTP/3 GOAWAY and ends when its requests are done. Reload: new connections take the new
-//! snapshot's TLS and transport settings (`QuicHandle::update`); live ones keep theirs.
+//! snapshot's TLS and transport settings (`QuicHandle::update`); live ones keep theirs, unless
+//! the reload changed the client-certificate rules they were admitted under: then they get
+//! the same GOAWAY (`CloseSignal`).
 
 mod body;
 pub mod crypto;
@@ -319,18 +321,20 @@ async fn accept_loop(
         let local = connecting.local_ip().map_or(bound.local_addr, |ip| {
             SocketAddr::new(ip, bound.local_addr.port())
         });
+        let close = super::CloseSignal::new(&runtime, &listener, stop.clone());
+        let admitted = close.admit();
         let start = Start {
             listener,
             handshake,
             peer,
             local,
-            stop: stop.clone(),
+            close,
             in_progress,
         };
         let rt = runtime.clone();
         runtime.connections.spawn(async move {
             serve(rt, connecting, start).await;
-            drop(permit);
+            drop((admitted, permit));
         });
     }
 }
@@ -365,7 +369,8 @@ struct Start {
     handshake: Arc<Handshake>,
     peer: SocketAddr,
     local: SocketAddr,
-    stop: CancellationToken,
+    /// The listener stopping, or its client-certificate rules changing.
+    close: super::CloseSignal,
     in_progress: InProgress,
 }
 
@@ -403,6 +408,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         tls: None,
         identity: None,
         policy_cache: Default::default(),
+        close: Some(start.close.clone()),
     };
     let (tx, rx) = watch::channel(None);
     let (conn, early) = if quic.config.zero_rtt {
@@ -472,7 +478,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         confirmed: rx,
         conn: conn.clone(),
     });
-    serve_h3(ctx, conn, &start.stop, timeout).await;
+    serve_h3(ctx, conn, &start.close, timeout).await;
 }
 
 /// The server name from the ClientHello (waits until rustls has read it).
@@ -603,7 +609,8 @@ impl Confirm {
     }
 }
 
-/// The HTTP/3 session of one connection: one task per request, GOAWAY on drain.
+/// The HTTP/3 session of one connection: one task per request, GOAWAY on drain (the listener
+/// stopping, or its client-certificate rules replaced by a reload).
 ///
 /// Nothing here waits on the peer without a bound: the setup (which needs stream credit from
 /// the client) and the GOAWAY (which needs write credit) each get `timeout`, and a drain ends
@@ -611,7 +618,7 @@ impl Confirm {
 async fn serve_h3(
     ctx: Arc<QuicConn>,
     conn: Connection,
-    stop: &CancellationToken,
+    close: &super::CloseSignal,
     timeout: Duration,
 ) {
     let limits = &ctx.listener.config.limits;
@@ -619,7 +626,7 @@ async fn serve_h3(
     builder.max_field_section_size(limits.max_header_size as u64);
     let setup = tokio::select! {
         r = tokio::time::timeout(timeout, builder.build(h3_quinn::Connection::new(conn.clone()))) => r,
-        _ = stop.cancelled() => {
+        _ = close.requested() => {
             conn.close(VarInt::from_u32(H3_NO_ERROR), b"shutting down");
             return;
         }
@@ -640,10 +647,14 @@ async fn serve_h3(
     // the client's GOAWAY too, which a client with nothing to say never sends).
     let requests = tokio_util::task::TaskTracker::new();
     let mut draining = false;
+    // From the GOAWAY on, what is in flight has the drain time (`[server] shutdown_timeout`),
+    // as over TCP: a reload has no process exit to end a request that never finishes.
+    let drain_timer = tokio::time::sleep(Duration::from_secs(365 * 86_400));
+    tokio::pin!(drain_timer);
     loop {
         let accepted = tokio::select! {
             r = h3.accept() => r,
-            _ = stop.cancelled(), if !draining => {
+            _ = close.requested(), if !draining => {
                 draining = true;
                 // GOAWAY: requests already accepted finish; the client opens no new ones here.
                 match tokio::time::timeout(timeout, h3.shutdown(1)).await {
@@ -658,9 +669,15 @@ async fn serve_h3(
                     }
                 }
                 requests.close();
+                drain_timer.as_mut().reset(tokio::time::Instant::now() + close.drain());
                 continue;
             }
             _ = requests.wait(), if draining => break,
+            _ = &mut drain_timer, if draining => {
+                tracing::debug!(peer = %conn.remote_address(), drain = ?close.drain(), "HTTP/3 requests still running when the drain time ran out; closing");
+                conn.close(VarInt::from_u32(H3_NO_ERROR), b"shutting down");
+                return;
+            }
         };
         match accepted {
             Ok(Some(resolver)) => {

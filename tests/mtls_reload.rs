@@ -1,0 +1,493 @@
+//! mTLS and reload: a connection admitted under client-certificate rules that a reload
+//! replaces (a CRL that now revokes its certificate, another CA bundle) serves nothing more
+//! and is closed - HTTP/1.1 after the request in flight, HTTP/2 and HTTP/3 with GOAWAY -
+//! while reloads that keep the rules (routes, the server certificate) leave it alone.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::quic::{Groups, H3Client};
+use common::*;
+use http_body_util::BodyExt;
+use hyper::client::conn::{http1, http2};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{mpsc, Notify};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// The reload's line about a listener whose client-certificate rules changed.
+const RULES_CHANGED: &str = "client authentication settings changed";
+
+/// An echo upstream that counts requests; `/held` requests are announced on the channel and
+/// wait for the `Notify` before they are answered.
+async fn holding_echo() -> (
+    Upstream,
+    Arc<AtomicUsize>,
+    mpsc::UnboundedReceiver<()>,
+    Arc<Notify>,
+) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let (held_tx, held_rx) = mpsc::unbounded_channel();
+    let (h, r) = (hits.clone(), release.clone());
+    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        h.fetch_add(1, Ordering::SeqCst);
+        let (release, held) = (r.clone(), held_tx.clone());
+        async move {
+            if req.uri().path() == "/held" {
+                let _ = held.send(());
+                release.notified().await;
+            }
+            echo_response(req).await
+        }
+    })
+    .await;
+    (upstream, hits, held_rx, release)
+}
+
+/// The standard listeners with `tls_extra` on the https one, the upstream, `routes` and a
+/// catch-all route to the upstream.
+fn config(setup: &Setup, tls_extra: &str, upstream: SocketAddr, routes: &str) -> String {
+    format!(
+        r#"{base}
+[[upstream]]
+name = "app"
+endpoints = ["{upstream}"]
+{routes}
+[[route]]
+name = "app"
+upstream = "app"
+"#,
+        base = setup.listeners_with(tls_extra, ALLOW_ALL_POLICY)
+    )
+}
+
+/// Which protocol a `OneConnection` speaks.
+#[derive(Clone, Copy, Debug)]
+enum Alpn {
+    H1,
+    H2,
+}
+
+enum Sender {
+    H1(http1::SendRequest<TestBody>),
+    H2(http2::SendRequest<TestBody>),
+}
+
+/// Exactly one TLS connection with a client certificate: every request goes over it (no pool
+/// that would quietly open another), and `closed` tells when the server has closed it.
+struct OneConnection {
+    sender: Sender,
+    ended: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl OneConnection {
+    /// Connects and completes the handshake (as far as the client can tell: with TLS 1.3 the
+    /// server checks the client certificate after the client is done, and a refusal arrives
+    /// with the first read).
+    async fn open(
+        addr: SocketAddr,
+        ca: &Path,
+        client: &ClientCert,
+        alpn: Alpn,
+    ) -> Result<OneConnection, String> {
+        let protocol: &[u8] = match alpn {
+            Alpn::H1 => b"http/1.1",
+            Alpn::H2 => b"h2",
+        };
+        let tls = tls_client_config(ca, &[protocol], Some(client.pair()));
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let io = TokioIo::new(stream);
+        let (sender, ended) = match alpn {
+            Alpn::H1 => {
+                let (send, conn) = http1::handshake(io).await.map_err(|e| e.to_string())?;
+                (
+                    Sender::H1(send),
+                    tokio::spawn(async move { drop(conn.await) }),
+                )
+            }
+            Alpn::H2 => {
+                let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (
+                    Sender::H2(send),
+                    tokio::spawn(async move { drop(conn.await) }),
+                )
+            }
+        };
+        Ok(OneConnection {
+            sender,
+            ended: Some(ended),
+        })
+    }
+
+    /// Another handle on the same HTTP/2 connection (for a request alongside others).
+    fn another_stream(&self) -> OneConnection {
+        let Sender::H2(send) = &self.sender else {
+            panic!("only an HTTP/2 connection carries requests side by side");
+        };
+        OneConnection {
+            sender: Sender::H2(send.clone()),
+            ended: None,
+        }
+    }
+
+    /// `GET path`: the status and body, or why no response came.
+    async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        // HTTP/1.1 names the host in a header, HTTP/2 in the target (`:authority`).
+        let req = match self.sender {
+            Sender::H1(_) => Request::get(path).header("host", "localhost"),
+            Sender::H2(_) => Request::get(format!("https://localhost{path}")),
+        }
+        .body(full(""))
+        .unwrap();
+        let resp = match &mut self.sender {
+            Sender::H1(send) => {
+                send.ready().await.map_err(|e| e.to_string())?;
+                send.send_request(req).await
+            }
+            Sender::H2(send) => {
+                send.ready().await.map_err(|e| e.to_string())?;
+                send.send_request(req).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Waits until the server has closed the connection; false if it is still open after
+    /// `LOG_WAIT`.
+    async fn closed(&mut self) -> bool {
+        let ended = self.ended.take().expect("the connection's own handle");
+        tokio::time::timeout(LOG_WAIT, ended).await.is_ok()
+    }
+}
+
+/// Whether a connection admitted before the reload was refused its next request: it found the
+/// connection closed (or going away), or got 421 because it sent the request before the
+/// server could stop reading.
+async fn refused_next_request(conn: &mut OneConnection) -> Result<(), String> {
+    match conn.get("/after").await {
+        Err(_) => Ok(()),
+        Ok((421, body)) if body.contains("client_auth_changed") => Ok(()),
+        Ok((status, body)) => Err(format!("served with {status}: {body}")),
+    }
+}
+
+/// Whether a new connection with `client`'s certificate is refused.
+async fn new_connection_refused(addr: SocketAddr, ca: &Path, client: &ClientCert) -> bool {
+    match OneConnection::open(addr, ca, client, Alpn::H1).await {
+        Err(_) => true,
+        Ok(mut c) => c.get("/fresh").await.is_err(),
+    }
+}
+
+/// The reload's "rules changed" line for `listener`, if there is one.
+fn rules_changed(wraith: &Wraith, listener: &str) -> Option<serde_json::Value> {
+    wraith.log_json().into_iter().find(|v| {
+        v["listener"] == listener
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(RULES_CHANGED))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_that_revokes_a_certificate_closes_the_connections_it_opened() {
+    let (upstream, hits, mut held, release) = holding_echo().await;
+    let setup = Setup::new();
+    let client = setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    setup.pki.write_crl("ca.crl", &[]);
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = "ca.pem", client_crl = "ca.crl""#,
+        upstream.addr,
+        "",
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+
+    // An idle HTTP/1.1 keep-alive connection, and an HTTP/2 one with a request in flight.
+    let mut h1 = OneConnection::open(addr, &ca, &client, Alpn::H1)
+        .await
+        .unwrap();
+    assert_eq!(h1.get("/before").await.unwrap().0, 200);
+    let mut h2 = OneConnection::open(addr, &ca, &client, Alpn::H2)
+        .await
+        .unwrap();
+    assert_eq!(h2.get("/before").await.unwrap().0, 200);
+    let mut stream = h2.another_stream();
+    let in_flight = tokio::spawn(async move { stream.get("/held").await });
+    held.recv()
+        .await
+        .expect("the held request reached the upstream");
+    let served = hits.load(Ordering::SeqCst);
+
+    // The CA revokes the certificate; the config file itself is unchanged.
+    wraith.pki().write_crl("ca.crl", &[&client]);
+    wraith.reload().unwrap();
+    let line = rules_changed(&wraith, "https")
+        .unwrap_or_else(|| panic!("no {RULES_CHANGED:?} line:\n{}", wraith.log()));
+    assert_eq!(line["connections"], 2, "{line}");
+    assert!(
+        rules_changed(&wraith, "http").is_none(),
+        "the plain listener has no client rules to change"
+    );
+
+    // Neither connection serves another request.
+    refused_next_request(&mut h1).await.expect("HTTP/1.1");
+    refused_next_request(&mut h2).await.expect("HTTP/2");
+    assert!(h1.closed().await, "the HTTP/1.1 connection is still open");
+
+    // The request in flight finishes; then the HTTP/2 connection is closed too.
+    release.notify_one();
+    let (status, _) = in_flight.await.unwrap().expect("the request in flight");
+    assert_eq!(status, 200);
+    assert!(h2.closed().await, "the HTTP/2 connection is still open");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        served,
+        "a request after the reload reached the upstream"
+    );
+
+    // And a new connection with the revoked certificate fails its handshake.
+    assert!(new_connection_refused(addr, &ca, &client).await);
+    assert!(wraith
+        .wait_log(LOG_WAIT, |v| v["reason"] == "certificate_revoked")
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_outlive_reloads_of_routes_and_certificate_and_close_when_the_ca_changes() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let client = setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    // The client CA bundle in a file of its own, so it can change while the CA the clients
+    // verify the server with stays.
+    std::fs::copy(&setup.pki.ca_pem, setup.dir.path().join("clients-ca.pem")).unwrap();
+    let ca = setup.pki.ca_pem.clone();
+    let tls = r#"client_auth = "require", client_ca = "clients-ca.pem""#;
+    let version = |v: &str| {
+        format!("[[route]]\nname = \"version\"\npath = {{ exact = \"/version\" }}\nrespond = {{ status = 200, body = \"{v}\" }}\n")
+    };
+    let v1 = config(&setup, tls, upstream.addr, &version("v1"));
+    let v2 = config(&setup, tls, upstream.addr, &version("v2"));
+    let wraith = setup.start(&v1);
+    let addr = wraith.addr("https");
+    let mut h1 = OneConnection::open(addr, &ca, &client, Alpn::H1)
+        .await
+        .unwrap();
+    let mut h2 = OneConnection::open(addr, &ca, &client, Alpn::H2)
+        .await
+        .unwrap();
+    for conn in [&mut h1, &mut h2] {
+        assert_eq!(conn.get("/version").await.unwrap(), (200, "v1".into()));
+    }
+
+    // 1. A route changes: the same connections serve the new one.
+    wraith.write_config(&v2);
+    wraith.reload().unwrap();
+    for conn in [&mut h1, &mut h2] {
+        assert_eq!(conn.get("/version").await.unwrap(), (200, "v2".into()));
+    }
+
+    // 2. The server certificate is replaced: they go on as well.
+    wraith.pki().rotate_server_cert();
+    wraith.reload().unwrap();
+    for conn in [&mut h1, &mut h2] {
+        assert_eq!(conn.get("/app").await.unwrap().0, 200);
+    }
+    assert!(
+        rules_changed(&wraith, "https").is_none(),
+        "{}",
+        wraith.log()
+    );
+
+    // 3. The client CA bundle now holds another CA, under the same file name: the
+    //    connections the old CA let in are closed.
+    let other = wraith::certs::Ca::new("Another client CA").unwrap();
+    std::fs::write(wraith.path("clients-ca.pem"), &other.cert_pem).unwrap();
+    wraith.reload().unwrap();
+    let line = rules_changed(&wraith, "https")
+        .unwrap_or_else(|| panic!("no {RULES_CHANGED:?} line:\n{}", wraith.log()));
+    assert_eq!(line["connections"], 2, "{line}");
+    for (what, conn) in [("HTTP/1.1", &mut h1), ("HTTP/2", &mut h2)] {
+        refused_next_request(conn).await.expect(what);
+        assert!(conn.closed().await, "the {what} connection is still open");
+    }
+    assert!(new_connection_refused(addr, &ca, &client).await);
+    assert!(wraith
+        .wait_log(LOG_WAIT, |v| v["reason"] == "untrusted_issuer")
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_that_revokes_a_certificate_sends_goaway_on_its_http3_connections() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let client = setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    setup.pki.write_crl("ca.crl", &[]);
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"app\"\nendpoints = [\"{}\"]\n\n[[route]]\nname = \"app\"\nupstream = \"app\"\n",
+        setup.listeners_h3(
+            r#"client_auth = "require", client_ca = "ca.pem", client_crl = "ca.crl""#,
+            "",
+            ALLOW_ALL_POLICY
+        ),
+        upstream.addr
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+    let h3 = H3Client::new(&ca, Some(client.pair()), Groups::Default);
+    let mut live = h3.connect(addr).await.unwrap();
+    assert_eq!(live.get("/before").await.unwrap().status(), 200);
+
+    wraith.pki().write_crl("ca.crl", &[&client]);
+    wraith.reload().unwrap();
+    let line = rules_changed(&wraith, "https")
+        .unwrap_or_else(|| panic!("no {RULES_CHANGED:?} line:\n{}", wraith.log()));
+    assert_eq!(line["connections"], 1, "{line}");
+
+    // The old connection serves nothing more, and is closed.
+    match live.get("/after").await {
+        Err(_) => {}
+        Ok(r) => assert_eq!(r.status(), 421, "served: {:?}", r.body),
+    }
+    assert!(
+        tokio::time::timeout(LOG_WAIT, live.conn.closed())
+            .await
+            .is_ok(),
+        "the HTTP/3 connection is still open"
+    );
+    // A new one fails its handshake.
+    let refused = match h3.connect(addr).await {
+        Err(_) => true,
+        Ok(mut fresh) => fresh.get("/fresh").await.is_err(),
+    };
+    assert!(
+        refused,
+        "a new HTTP/3 connection with the revoked certificate"
+    );
+    assert!(wraith
+        .wait_log(LOG_WAIT, |v| v["reason"] == "certificate_revoked"
+            && v["transport"] == "quic")
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_opened_with_a_revoked_certificate_is_closed_after_the_drain_time() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // A WebSocket echo upstream.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let setup = Setup::new();
+    let client = setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    setup.pki.write_crl("ca.crl", &[]);
+    let ca = setup.pki.ca_pem.clone();
+    // The drain time is 1 s; the tunnel's own idle limit (the upstream's response timeout,
+    // 60 s) is far beyond the wait below.
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = "ca.pem", client_crl = "ca.crl""#,
+        ws_upstream,
+        "",
+    )
+    .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(
+        &ca,
+        &[b"http/1.1"],
+        Some(client.pair()),
+    )))
+    .connect("localhost".try_into().unwrap(), tcp)
+    .await
+    .unwrap();
+    let url = format!("wss://localhost:{}/ws", addr.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "before"
+    );
+
+    wraith.pki().write_crl("ca.crl", &[&client]);
+    wraith.reload().unwrap();
+    assert!(
+        rules_changed(&wraith, "https").is_some(),
+        "{}",
+        wraith.log()
+    );
+    let revoked = std::time::Instant::now();
+    // Keep the tunnel busy: it is closed for the revocation, not for being idle.
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut i = 0;
+        loop {
+            if ws.send(Message::text(format!("after {i}"))).await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Ok(Some(Ok(_))) | Err(_) => i += 1,
+                Ok(None) | Ok(Some(Err(_))) => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the tunnel is still open 8 s after the reload"
+    );
+    assert!(
+        revoked.elapsed() >= Duration::from_millis(900),
+        "closed before the drain time: {:?}",
+        revoked.elapsed()
+    );
+}

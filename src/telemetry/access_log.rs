@@ -197,6 +197,49 @@ impl AccessRecord {
         }
     }
 
+    /// Copies the values that still point into the connection's read buffer (the request
+    /// target and the header values hyper parsed in place) into allocations of their own.
+    ///
+    /// Why: a record queued for the log writers lives on for up to `FLUSH_INTERVAL`. While
+    /// any slice of hyper's read buffer is alive, the buffer is shared, and hyper cannot
+    /// reuse it for the next request on the connection: it allocates a fresh one (8 KiB or
+    /// more) per request instead, and the old one is freed later on the writer's thread.
+    /// A few short copies cost far less.
+    pub fn detach(&mut self) {
+        fn own(v: &mut HeaderValue) {
+            let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(v.as_bytes()))
+                .unwrap_or_else(|_| v.clone());
+            copy.set_sensitive(v.is_sensitive());
+            *v = copy;
+        }
+        for v in [
+            Some(&mut self.request_id),
+            self.host_header.as_mut(),
+            self.user_agent.as_mut(),
+            self.referer.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            own(v);
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = self.uri.scheme_str().and_then(|s| s.parse().ok());
+        parts.authority = self.uri.authority().and_then(|a| {
+            http::uri::Authority::from_maybe_shared(Bytes::copy_from_slice(a.as_str().as_bytes()))
+                .ok()
+        });
+        parts.path_and_query = self.uri.path_and_query().and_then(|pq| {
+            http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(
+                pq.as_str().as_bytes(),
+            ))
+            .ok()
+        });
+        if let Ok(uri) = Uri::from_parts(parts) {
+            self.uri = uri;
+        }
+    }
+
     /// Notes the route that matched.
     pub fn set_route(&mut self, route: &Route) {
         self.route = Some(route.config.name.clone());
@@ -475,6 +518,50 @@ mod tests {
         let mut s = Snapshot::build(config, 1, None).unwrap();
         s.telemetry = SnapshotTelemetry::build(&telemetry, &s.config, None).unwrap();
         Arc::new(s)
+    }
+
+    #[test]
+    fn a_detached_record_keeps_no_slice_of_the_read_buffer() {
+        // What hyper does: one buffer for the whole head, every value a slice of it.
+        let head = Bytes::from_static(b"/a/b?c=d example.org curl/8 https://ref.example/ rid");
+        let slice =
+            |from: usize, to: usize| HeaderValue::from_maybe_shared(head.slice(from..to)).unwrap();
+        let mut r = AccessRecord {
+            uri: Uri::from_maybe_shared(head.slice(0..8)).unwrap(),
+            host_header: Some(slice(9, 20)),
+            user_agent: Some(slice(21, 27)),
+            referer: Some(slice(28, 48)),
+            request_id: slice(49, 52),
+            ..AccessRecord::default()
+        };
+        let before = r.clone();
+        r.detach();
+        let range = head.as_ptr_range();
+        let inside = |b: &[u8]| range.contains(&b.as_ptr());
+        assert!(!inside(r.uri.path_and_query().unwrap().as_str().as_bytes()));
+        for v in [
+            &r.request_id,
+            r.host_header.as_ref().unwrap(),
+            r.user_agent.as_ref().unwrap(),
+            r.referer.as_ref().unwrap(),
+        ] {
+            assert!(!inside(v.as_bytes()), "{v:?} still points into the buffer");
+        }
+        assert_eq!(r.uri, before.uri);
+        assert_eq!(r.host_header, before.host_header);
+        assert_eq!(r.user_agent, before.user_agent);
+        assert_eq!(r.referer, before.referer);
+        assert_eq!(r.request_id, before.request_id);
+
+        // Absolute-form and authority-form targets survive too.
+        for target in ["https://example.org:8443/x?y=1", "example.org:443", "*"] {
+            let mut r = AccessRecord {
+                uri: target.parse().unwrap(),
+                ..AccessRecord::default()
+            };
+            r.detach();
+            assert_eq!(r.uri.to_string(), target);
+        }
     }
 
     /// Request-thread CPU of the access record per request: open, finish, stream the body,

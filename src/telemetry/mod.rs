@@ -307,6 +307,8 @@ impl SnapshotTelemetry {
         if !any && event.is_none() {
             return;
         }
+        let mut record = record;
+        record.detach();
         let record = Arc::new(record);
         for s in [&self.json, &self.combined, &self.sqlite]
             .into_iter()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rusqlite::{params, Connection};
 
 use super::access_log::AccessRecord;
-use super::format::{sqlite_time, write_ip, CachedTime, Formatting, TimeStyle};
+use super::format::{lossy, sqlite_time, write_ip, CachedTime, Formatting, TimeStyle};
 use super::sinks::BatchWriter;
 use crate::config::SqliteSinkConfig;
 
@@ -197,7 +197,7 @@ impl Row<'_> {
         write_ip(&mut scratch.ip, r.client_ip);
         let id = r.identity.as_deref();
         bind!(1, self.clock.format(r.time));
-        bind!(2, String::from_utf8_lossy(r.request_id.as_bytes()));
+        bind!(2, lossy(r.request_id.as_bytes()));
         bind!(3, std::str::from_utf8(&scratch.ip).unwrap_or_default());
         opt!(4, r.client_port);
         bind!(5, &*r.listener);
@@ -247,18 +247,8 @@ impl Row<'_> {
             bind!(32, &*b.origin);
             opt!(33, b.scenario.as_deref());
         }
-        opt!(
-            34,
-            r.user_agent
-                .as_ref()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()))
-        );
-        opt!(
-            35,
-            r.referer
-                .as_ref()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()))
-        );
+        opt!(34, r.user_agent.as_ref().map(|v| lossy(v.as_bytes())));
+        opt!(35, r.referer.as_ref().map(|v| lossy(v.as_bytes())));
         opt!(36, r.error);
         bind!(37, r.aborted);
         Ok(())

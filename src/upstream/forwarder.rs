@@ -342,6 +342,9 @@ fn prepare_request(
     h2: bool,
     upgrade: bool,
 ) -> Result<(), GatewayError> {
+    // Room for what is added below (X-Forwarded-*, Forwarded, Via, X-Request-Id, XFCC):
+    // hyper sizes the map for the headers it parsed, and each growth rehashes every entry.
+    req.headers_mut().reserve(8);
     // Host: the client's. An authority in the URI (HTTP/2 and HTTP/3 `:authority`, or an
     // absolute-form HTTP/1.1 target) is what routing used, so it is what the upstream gets
     // (RFC 9112 §3.2.2: it replaces any Host header).

@@ -11,6 +11,7 @@ are dumped. Instructions per request = Ir of the measured window / requests.
 Usage (release build first):
   python3 bench/instructions.py                  # wraith and nginx, h1, 20000 requests
   python3 bench/instructions.py --only wraith --requests 50000 --annotate 30
+  python3 bench/instructions.py --only wraith --logging     # + JSON, combined and SQLite sinks
 """
 
 import argparse
@@ -26,6 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench as b  # noqa: E402
 
 ROOT = b.ROOT
+
+
+LOG_SINKS = """
+[log.json]
+path = "@WORK@/access.json"
+[log.combined]
+path = "@WORK@/access.log"
+vhost = true
+[log.sqlite]
+path = "@WORK@/access.db"
+"""
 
 
 def callgrind(name, cmd, out, cwd, env=None):
@@ -90,6 +102,9 @@ def main():
     ap.add_argument("--config", default=str(ROOT / "bench" / "configs" / "wraith.toml"),
                     help="the Wraith config template (bench placeholders)")
     ap.add_argument("--annotate", type=int, default=0, help="print the top N functions of Wraith")
+    ap.add_argument("--logging", action="store_true",
+                    help="turn on the JSON, combined and SQLite access-log sinks (callgrind counts "
+                         "the writer threads too)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="wraith-instr-"))
@@ -102,6 +117,8 @@ def main():
                       ("nginx-proxy.conf", ROOT / "bench/configs/nginx-proxy.conf"),
                       ("wraith.toml", Path(args.config))]:
         text = src.read_text()
+        if name == "wraith.toml" and args.logging:
+            text += LOG_SINKS
         for k, v in subst.items():
             text = text.replace("@" + k + "@", v)
         (work / name).write_text(text)

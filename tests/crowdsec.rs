@@ -241,7 +241,7 @@ async fn wraith_logs_fed_to_a_crowdsec_agent_produce_a_ban_that_wraith_enforces(
     );
 
     // Wraith first (it creates the log), then the agent tailing it.
-    let port = crowdsec::free_port();
+    let port = common::unused_port();
     let lapi = format!("http://127.0.0.1:{port}");
     let cfg = config(
         &setup,

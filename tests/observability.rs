@@ -67,11 +67,6 @@ async fn app(req: Request<Incoming>, hang: &tokio::sync::Notify) -> Response<Tes
     }
 }
 
-/// A port nothing listens on (and nothing will: see `unused_port`).
-fn closed_port() -> u16 {
-    unused_port()
-}
-
 fn config(setup: &Setup, up: SocketAddr, log: &str) -> String {
     format!(
         r#"{listeners}
@@ -120,7 +115,7 @@ upstream = "app"
             "[server]\n",
             "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"
         ),
-        dead = closed_port(),
+        dead = unused_port(),
     )
 }
 
@@ -764,7 +759,7 @@ fn cscli_explain(log: &Path) -> String {
     ] {
         std::fs::write(d.join("etc").join(f), "").unwrap();
     }
-    let port = closed_port();
+    let port = unused_port();
     let cfg = d.join("etc/config.yaml");
     let p = |s: &str| d.join(s).display().to_string();
     std::fs::write(

@@ -419,17 +419,22 @@ mod tests {
         })
     }
 
-    #[test]
-    fn batches_of_any_size_are_written_row_for_row() {
-        // 70 = two 32-row statements and 6 single-row ones; every row different.
-        let dir = tempfile::tempdir().unwrap();
-        let config = SqliteSinkConfig {
-            path: dir.path().join("a.db"),
+    /// A sink writing `a.db` in `dir`, in batches of up to 1024 rows, with no retention.
+    fn sink_config(dir: &Path) -> SqliteSinkConfig {
+        SqliteSinkConfig {
+            path: dir.join("a.db"),
             queue: 1,
             batch: 1024,
             max_age: None,
             max_rows: None,
-        };
+        }
+    }
+
+    #[test]
+    fn batches_of_any_size_are_written_row_for_row() {
+        // 70 = two 32-row statements and 6 single-row ones; every row different.
+        let dir = tempfile::tempdir().unwrap();
+        let config = sink_config(dir.path());
         let f = Formatting::new(&LogConfig::default());
         let mut w = SqliteWriter::new(config.clone(), f).unwrap();
         let mut records: Vec<_> = (0..70u16)
@@ -481,13 +486,7 @@ mod tests {
     #[ignore = "measurement; meaningful only in a release build"]
     fn writer_cost() {
         let dir = tempfile::tempdir().unwrap();
-        let config = SqliteSinkConfig {
-            path: dir.path().join("a.db"),
-            queue: 1,
-            batch: 1024,
-            max_age: None,
-            max_rows: None,
-        };
+        let config = sink_config(dir.path());
         let f = Formatting::new(&LogConfig::default());
         let mut w = SqliteWriter::new(config, f.clone()).unwrap();
         let n = 100_000;

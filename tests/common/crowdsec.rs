@@ -35,12 +35,6 @@ pub fn available(test: &str) -> bool {
     false
 }
 
-/// A free loopback port for a LAPI, outside the ephemeral range so that nothing else
-/// takes it between now and when crowdsec binds it (see `unused_port`).
-pub fn free_port() -> u16 {
-    super::unused_port()
-}
-
 /// TLS for the LAPI listener: server certificate and key, and the CA that signs client
 /// certificates (bouncers need OU `bouncer-ou`).
 pub struct LapiTls {
@@ -63,18 +57,18 @@ pub struct Crowdsec {
 impl Crowdsec {
     /// LAPI only, over TLS with client-certificate authentication for bouncers.
     pub fn lapi_tls(tls: LapiTls) -> Crowdsec {
-        Crowdsec::build(None, free_port(), Some(tls))
+        Crowdsec::build(None, super::unused_port(), Some(tls))
     }
 
     /// LAPI only.
     pub fn lapi() -> Crowdsec {
-        Crowdsec::new(None, free_port())
+        Crowdsec::new(None, super::unused_port())
     }
 
     /// LAPI plus the agent, acquiring per the given acquisition file (Wraith's shipped one,
     /// with its path rewritten by the test).
     pub fn with_agent(acquis: &str) -> Crowdsec {
-        Crowdsec::new(Some(acquis), free_port())
+        Crowdsec::new(Some(acquis), super::unused_port())
     }
 
     /// Like `with_agent`, on a given port (when the gateway must know the URL first).

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rusqlite::{params, Connection};
+use std::ffi::{c_int, c_uint};
+
+use rusqlite::{ffi, params, Connection};
 
 use super::access_log::AccessRecord;
 use super::format::{lossy, sqlite_time, write_ip, CachedTime, Formatting, TimeStyle};
@@ -154,168 +156,160 @@ pub fn open_read_only(path: &Path) -> Result<Connection, String> {
 
 /// The writer thread's side of the sink.
 pub struct SqliteWriter {
+    /// The INSERT statements, for `ROWS_PER_INSERT` rows and for one row. Declared before
+    /// `conn`: they are finalized before the connection closes.
+    many: Insert,
+    one: Insert,
     conn: Connection,
     config: SqliteSinkConfig,
     formatting: Formatting,
     last_retention: Option<Instant>,
     clock: CachedTime,
-    /// The INSERT statements for `ROWS_PER_INSERT` rows and for one row.
-    insert_many: String,
-    insert_one: String,
+    /// Text made for the rows of one statement (time, client address, policy ids), bound in
+    /// place; `spans` holds each row's three ranges into it.
+    derived: String,
+    spans: Vec<[(usize, usize); 3]>,
 }
 
-/// What binding a row needs besides the statement.
-struct Row<'a> {
-    formatting: &'a Formatting,
-    clock: &'a mut CachedTime,
-    scratch: Scratch,
-}
-
-impl Row<'_> {
-    /// Binds one record's values to parameters `base + 1 ..= base + COLUMN_COUNT`; only the
-    /// values that are present are bound.
-    fn bind(
-        &mut self,
-        stmt: &mut rusqlite::Statement<'_>,
-        base: usize,
-        r: &AccessRecord,
-    ) -> rusqlite::Result<()> {
-        let scratch = &mut self.scratch;
-        macro_rules! bind {
-            ($i:expr, $v:expr) => {
-                stmt.raw_bind_parameter(base + $i, $v)?
-            };
-        }
-        macro_rules! opt {
-            ($i:expr, $v:expr) => {
-                if let Some(v) = $v {
-                    stmt.raw_bind_parameter(base + $i, v)?;
-                }
-            };
-        }
-        scratch.ip.clear();
-        write_ip(&mut scratch.ip, r.client_ip);
-        let id = r.identity.as_deref();
-        bind!(1, self.clock.format(r.time));
-        bind!(2, lossy(r.request_id.as_bytes()));
-        bind!(3, std::str::from_utf8(&scratch.ip).unwrap_or_default());
-        opt!(4, r.client_port);
-        bind!(5, &*r.listener);
-        bind!(6, r.protocol);
-        opt!(7, r.tls_version);
-        opt!(8, r.tls_group);
-        opt!(9, r.identity_name());
-        opt!(10, id.and_then(|i| i.spiffe_id.as_deref()));
-        opt!(11, id.and_then(|i| i.common_name.as_deref()));
-        opt!(12, id.map(|i| i.fingerprint.as_str()));
-        bind!(13, r.method.as_str());
-        opt!(14, r.host());
-        bind!(15, r.uri.path());
-        opt!(16, self.formatting.query(r.uri.query()));
-        bind!(17, r.status);
-        bind!(18, r.bytes_in as i64);
-        bind!(19, r.bytes_out as i64);
-        bind!(20, r.duration.as_micros() as f64 / 1000.0);
-        opt!(
-            21,
-            r.forward
-                .upstream_time
-                .map(|t| t.as_micros() as f64 / 1000.0)
-        );
-        opt!(22, r.route.as_deref());
-        opt!(23, r.upstream.as_deref());
-        opt!(24, r.forward.endpoint.as_deref());
-        bind!(25, r.forward.attempts);
-        if let Some(p) = &r.policy {
-            scratch.policies.clear();
-            for (i, id) in p.policies.iter().enumerate() {
-                if i > 0 {
-                    scratch.policies.push(',');
-                }
-                scratch.policies.push_str(id);
-            }
-            bind!(26, p.effect.as_str());
-            bind!(27, scratch.policies.as_str());
-            opt!(28, p.reason.as_deref());
-            bind!(29, p.shadow);
-        }
-        if let Some(l) = &r.rate_limit {
-            bind!(30, if l.limited { "limited" } else { "passed" });
-            bind!(31, &*l.limiter);
-        }
-        if let Some(b) = &r.ban {
-            bind!(32, &*b.origin);
-            opt!(33, b.scenario.as_deref());
-        }
-        opt!(34, r.user_agent.as_ref().map(|v| lossy(v.as_bytes())));
-        opt!(35, r.referer.as_ref().map(|v| lossy(v.as_bytes())));
-        opt!(36, r.error);
-        bind!(37, r.aborted);
-        Ok(())
+/// Binds one record's values to parameters `base + 1 ..= base + COLUMN_COUNT`; only the values
+/// that are present are bound (the statement starts each use with every parameter NULL).
+/// `derived` holds the row's time, client address and policy ids.
+fn bind_row<'v>(
+    b: &mut Bind<'_, 'v>,
+    base: usize,
+    r: &'v AccessRecord,
+    formatting: &Formatting,
+    derived: [&'v str; 3],
+) -> rusqlite::Result<()> {
+    let [time, ip, policies] = derived;
+    let id = r.identity.as_deref();
+    b.text(base + 1, time)?;
+    b.cow(base + 2, lossy(r.request_id.as_bytes()))?;
+    b.text(base + 3, ip)?;
+    if let Some(p) = r.client_port {
+        b.int(base + 4, p.into())?;
     }
-}
-
-/// Buffers reused for every row.
-#[derive(Default)]
-struct Scratch {
-    ip: Vec<u8>,
-    policies: String,
+    b.text(base + 5, &r.listener)?;
+    b.text(base + 6, r.protocol)?;
+    b.opt(base + 7, r.tls_version)?;
+    b.opt(base + 8, r.tls_group)?;
+    b.opt(base + 9, r.identity_name())?;
+    b.opt(base + 10, id.and_then(|i| i.spiffe_id.as_deref()))?;
+    b.opt(base + 11, id.and_then(|i| i.common_name.as_deref()))?;
+    b.opt(base + 12, id.map(|i| i.fingerprint.as_str()))?;
+    b.text(base + 13, r.method.as_str())?;
+    b.opt(base + 14, r.host())?;
+    b.text(base + 15, r.uri.path())?;
+    if let Some(q) = formatting.query(r.uri.query()) {
+        b.cow(base + 16, q)?;
+    }
+    b.int(base + 17, r.status.into())?;
+    b.int(base + 18, r.bytes_in as i64)?;
+    b.int(base + 19, r.bytes_out as i64)?;
+    b.real(base + 20, r.duration.as_micros() as f64 / 1000.0)?;
+    if let Some(t) = r.forward.upstream_time {
+        b.real(base + 21, t.as_micros() as f64 / 1000.0)?;
+    }
+    b.opt(base + 22, r.route.as_deref())?;
+    b.opt(base + 23, r.upstream.as_deref())?;
+    b.opt(base + 24, r.forward.endpoint.as_deref())?;
+    b.int(base + 25, r.forward.attempts.into())?;
+    if let Some(p) = &r.policy {
+        b.text(base + 26, p.effect.as_str())?;
+        b.text(base + 27, policies)?;
+        b.opt(base + 28, p.reason.as_deref())?;
+        b.int(base + 29, p.shadow.into())?;
+    }
+    if let Some(l) = &r.rate_limit {
+        b.text(base + 30, if l.limited { "limited" } else { "passed" })?;
+        b.text(base + 31, &l.limiter)?;
+    }
+    if let Some(ban) = &r.ban {
+        b.text(base + 32, &ban.origin)?;
+        b.opt(base + 33, ban.scenario.as_deref())?;
+    }
+    if let Some(v) = &r.user_agent {
+        b.cow(base + 34, lossy(v.as_bytes()))?;
+    }
+    if let Some(v) = &r.referer {
+        b.cow(base + 35, lossy(v.as_bytes()))?;
+    }
+    b.opt(base + 36, r.error)?;
+    b.int(base + 37, r.aborted.into())
 }
 
 impl SqliteWriter {
     pub fn new(config: SqliteSinkConfig, formatting: Formatting) -> Result<SqliteWriter, String> {
         let conn = open_for_writing(&config.path)?;
+        let (many, one) = prepare_inserts(&conn, &config.path)?;
         Ok(SqliteWriter {
+            many,
+            one,
             conn,
             config,
             formatting,
             last_retention: None,
             clock: CachedTime::new(TimeStyle::Sqlite),
-            insert_many: insert_sql(ROWS_PER_INSERT),
-            insert_one: insert_sql(1),
+            derived: String::new(),
+            spans: Vec::with_capacity(ROWS_PER_INSERT),
         })
     }
 
     fn insert(&mut self, items: &[Arc<AccessRecord>]) -> rusqlite::Result<()> {
-        let SqliteWriter {
-            conn,
-            formatting,
-            clock,
-            insert_many,
-            insert_one,
-            ..
-        } = self;
-        let mut row = Row {
-            formatting,
-            clock,
-            scratch: Scratch::default(),
-        };
-        let tx = conn.transaction()?;
-        {
-            let mut chunks = items.chunks_exact(ROWS_PER_INSERT);
-            if chunks.len() > 0 {
-                let mut stmt = tx.prepare_cached(insert_many)?;
-                for chunk in chunks.by_ref() {
-                    // Columns left unbound stay NULL only after `clear_bindings`: a typical
-                    // row leaves half of them empty, and each bind is a call into SQLite.
-                    stmt.clear_bindings();
-                    for (i, r) in chunk.iter().enumerate() {
-                        row.bind(&mut stmt, i * COLUMN_COUNT, r)?;
-                    }
-                    stmt.raw_execute()?;
-                }
-            }
-            let rest = chunks.remainder();
-            if !rest.is_empty() {
-                let mut stmt = tx.prepare_cached(insert_one)?;
-                for r in rest {
-                    stmt.clear_bindings();
-                    row.bind(&mut stmt, 0, r)?;
-                    stmt.raw_execute()?;
-                }
+        self.conn.execute_batch("BEGIN")?;
+        let mut chunks = items.chunks_exact(ROWS_PER_INSERT);
+        let inserted = chunks
+            .by_ref()
+            .try_for_each(|chunk| self.insert_rows(chunk, true))
+            .and_then(|()| {
+                chunks
+                    .remainder()
+                    .iter()
+                    .try_for_each(|r| self.insert_rows(std::slice::from_ref(r), false))
+            });
+        match inserted {
+            Ok(()) => self.conn.execute_batch("COMMIT"),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
             }
         }
-        tx.commit()
+    }
+
+    /// One INSERT of `rows` (`ROWS_PER_INSERT` of them when `many`, else one).
+    fn insert_rows(&mut self, rows: &[Arc<AccessRecord>], many: bool) -> rusqlite::Result<()> {
+        // The text a row needs made first, all of it, so it can be bound in place.
+        self.derived.clear();
+        self.spans.clear();
+        for r in rows {
+            let mut span = [(0, 0); 3];
+            let start = self.derived.len();
+            self.derived.push_str(self.clock.format(r.time));
+            span[0] = (start, self.derived.len());
+            let start = self.derived.len();
+            // SAFETY: write_ip appends ASCII only.
+            write_ip(unsafe { self.derived.as_mut_vec() }, r.client_ip);
+            span[1] = (start, self.derived.len());
+            let start = self.derived.len();
+            if let Some(p) = &r.policy {
+                for (i, id) in p.policies.iter().enumerate() {
+                    if i > 0 {
+                        self.derived.push(',');
+                    }
+                    self.derived.push_str(id);
+                }
+            }
+            span[2] = (start, self.derived.len());
+            self.spans.push(span);
+        }
+        let insert = if many { &mut self.many } else { &mut self.one };
+        let mut b = insert.bind();
+        let derived = self.derived.as_str();
+        for (i, (r, span)) in rows.iter().zip(&self.spans).enumerate() {
+            let text = span.map(|(a, z)| &derived[a..z]);
+            bind_row(&mut b, i * COLUMN_COUNT, r, &self.formatting, text)?;
+        }
+        b.execute()
     }
 
     /// Deletes rows past the configured age and count.
@@ -354,7 +348,12 @@ impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
 
     fn reopen(&mut self) -> Result<(), String> {
         // A database is not rotated by renaming; reopening picks up a replaced file.
-        self.conn = open_for_writing(&self.config.path)?;
+        let conn = open_for_writing(&self.config.path)?;
+        let (many, one) = prepare_inserts(&conn, &self.config.path)?;
+        // The old statements go (finalized) before the old connection closes.
+        self.many = many;
+        self.one = one;
+        self.conn = conn;
         Ok(())
     }
 
@@ -375,6 +374,187 @@ impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
             Err(e) => tracing::warn!(error = %e, "access log retention failed"),
         }
     }
+}
+
+/// The two INSERT statements for `conn`.
+fn prepare_inserts(conn: &Connection, path: &Path) -> Result<(Insert, Insert), String> {
+    let what = |e: rusqlite::Error| format!("SQLite access log {}: {e}", path.display());
+    let many = Insert::prepare(conn, &insert_sql(ROWS_PER_INSERT)).map_err(what)?;
+    let one = Insert::prepare(conn, &insert_sql(1)).map_err(what)?;
+    Ok((many, one))
+}
+
+/// A prepared statement bound without copying its text.
+///
+/// rusqlite binds every text value with `SQLITE_TRANSIENT`: SQLite mallocs and copies it, and
+/// frees it on the next bind. For the access log that was about a fifth of the writer's
+/// instructions (~20 text values per row). Here text is bound with `SQLITE_STATIC`, which
+/// points SQLite at the caller's bytes; `Bind` makes that sound (see there).
+struct Insert {
+    stmt: std::ptr::NonNull<ffi::sqlite3_stmt>,
+    db: *mut ffi::sqlite3,
+    /// A `Bind` was leaked (`mem::forget`) with bindings in place: clear them before reuse.
+    dirty: bool,
+}
+
+// SAFETY: the statement is used by one thread at a time (`&mut self`), and the connection it
+// belongs to is opened in SQLite's multi-thread mode (rusqlite's default flags), where a
+// connection and its statements may move between threads.
+unsafe impl Send for Insert {}
+
+impl Insert {
+    fn prepare(conn: &Connection, sql: &str) -> rusqlite::Result<Insert> {
+        let len = c_int::try_from(sql.len()).map_err(|_| rusqlite::Error::InvalidQuery)?;
+        let mut stmt = std::ptr::null_mut();
+        // SAFETY: `handle` is the live connection; SQLite reads `len` bytes of `sql` and
+        // writes the new statement into `stmt`. The statement is finalized (Drop) before the
+        // connection closes: `SqliteWriter` declares its statements before its connection.
+        let (db, rc) = unsafe {
+            let db = conn.handle();
+            let rc = ffi::sqlite3_prepare_v3(
+                db,
+                sql.as_ptr().cast(),
+                len,
+                ffi::SQLITE_PREPARE_PERSISTENT as c_uint,
+                &mut stmt,
+                std::ptr::null_mut(),
+            );
+            (db, rc)
+        };
+        if rc != ffi::SQLITE_OK {
+            return Err(sqlite_error(db, rc));
+        }
+        let stmt = std::ptr::NonNull::new(stmt).ok_or(rusqlite::Error::InvalidQuery)?;
+        Ok(Insert {
+            stmt,
+            db,
+            dirty: false,
+        })
+    }
+
+    /// Starts one use of the statement; every parameter is NULL until bound.
+    fn bind<'v>(&mut self) -> Bind<'_, 'v> {
+        if self.dirty {
+            // SAFETY: the statement is live; clearing drops SQLite's pointers into values
+            // that may be gone.
+            unsafe { ffi::sqlite3_clear_bindings(self.stmt.as_ptr()) };
+        }
+        self.dirty = true;
+        Bind {
+            insert: self,
+            values: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Insert {
+    fn drop(&mut self) {
+        // SAFETY: the statement is live and not used after this.
+        unsafe { ffi::sqlite3_finalize(self.stmt.as_ptr()) };
+    }
+}
+
+/// One use of an `Insert`. Text bound through it must live for `'v`, which outlives the
+/// `Bind`; executing or dropping it resets the statement and clears every binding, so SQLite
+/// never holds a pointer past the values' life.
+struct Bind<'s, 'v> {
+    insert: &'s mut Insert,
+    values: std::marker::PhantomData<&'v str>,
+}
+
+impl<'v> Bind<'_, 'v> {
+    fn check(&self, rc: c_int) -> rusqlite::Result<()> {
+        if rc == ffi::SQLITE_OK {
+            Ok(())
+        } else {
+            Err(sqlite_error(self.insert.db, rc))
+        }
+    }
+
+    /// Binds `v` in place (no copy).
+    fn text(&mut self, i: usize, v: &'v str) -> rusqlite::Result<()> {
+        self.text_with(i, v, ffi::SQLITE_STATIC())
+    }
+
+    fn opt(&mut self, i: usize, v: Option<&'v str>) -> rusqlite::Result<()> {
+        match v {
+            Some(v) => self.text(i, v),
+            None => Ok(()),
+        }
+    }
+
+    /// Binds borrowed text in place and owned text (rare: lossy or redacted) as a copy.
+    fn cow(&mut self, i: usize, v: std::borrow::Cow<'v, str>) -> rusqlite::Result<()> {
+        match v {
+            std::borrow::Cow::Borrowed(v) => self.text(i, v),
+            std::borrow::Cow::Owned(v) => self.text_with(i, &v, ffi::SQLITE_TRANSIENT()),
+        }
+    }
+
+    fn text_with(
+        &mut self,
+        i: usize,
+        v: &str,
+        lifetime: ffi::sqlite3_destructor_type,
+    ) -> rusqlite::Result<()> {
+        let len = c_int::try_from(v.len()).map_err(|_| rusqlite::Error::InvalidQuery)?;
+        let i = c_int::try_from(i).map_err(|_| rusqlite::Error::InvalidParameterCount(i, 0))?;
+        // SAFETY: the statement is live; with SQLITE_STATIC, `v` lives for 'v, beyond every
+        // use of the binding (this Bind clears them when it ends); with SQLITE_TRANSIENT SQLite
+        // copies `v` before returning.
+        let rc = unsafe {
+            ffi::sqlite3_bind_text(self.insert.stmt.as_ptr(), i, v.as_ptr().cast(), len, lifetime)
+        };
+        self.check(rc)
+    }
+
+    fn int(&mut self, i: usize, v: i64) -> rusqlite::Result<()> {
+        let i = c_int::try_from(i).map_err(|_| rusqlite::Error::InvalidParameterCount(i, 0))?;
+        // SAFETY: the statement is live.
+        let rc = unsafe { ffi::sqlite3_bind_int64(self.insert.stmt.as_ptr(), i, v) };
+        self.check(rc)
+    }
+
+    fn real(&mut self, i: usize, v: f64) -> rusqlite::Result<()> {
+        let i = c_int::try_from(i).map_err(|_| rusqlite::Error::InvalidParameterCount(i, 0))?;
+        // SAFETY: the statement is live.
+        let rc = unsafe { ffi::sqlite3_bind_double(self.insert.stmt.as_ptr(), i, v) };
+        self.check(rc)
+    }
+
+    /// Runs the statement (an INSERT: no rows come back).
+    fn execute(self) -> rusqlite::Result<()> {
+        // SAFETY: the statement is live and every text it points at lives for 'v.
+        let rc = unsafe { ffi::sqlite3_step(self.insert.stmt.as_ptr()) };
+        if rc == ffi::SQLITE_DONE {
+            Ok(())
+        } else {
+            Err(sqlite_error(self.insert.db, rc))
+        }
+    }
+}
+
+impl Drop for Bind<'_, '_> {
+    fn drop(&mut self) {
+        let stmt = self.insert.stmt.as_ptr();
+        // SAFETY: the statement is live; reset ends the step, clear_bindings drops every
+        // pointer into the caller's values.
+        unsafe {
+            ffi::sqlite3_reset(stmt);
+            ffi::sqlite3_clear_bindings(stmt);
+        }
+        self.insert.dirty = false;
+    }
+}
+
+/// The error SQLite reports for `rc` on `db`, with its message.
+fn sqlite_error(db: *mut ffi::sqlite3, rc: c_int) -> rusqlite::Error {
+    // SAFETY: `db` is a live connection; sqlite3_errmsg returns a NUL-terminated string owned
+    // by SQLite, copied here before any other call on the connection.
+    let message = unsafe { std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
+        .to_string_lossy()
+        .into_owned();
+    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), Some(message))
 }
 
 #[cfg(test)]

@@ -258,6 +258,21 @@ pub struct Runtime {
     crowdsec: Mutex<Option<Bridge>>,
 }
 
+/// Applies a reloaded `limits.max_connections` to a running listener's limit. Open
+/// connections stay; when the new limit is lower, new ones wait until enough have closed.
+fn resize_limit(
+    limit: &crate::listener::limit::ConnectionLimit,
+    listener: &ListenerRuntime,
+    address: SocketAddr,
+    transport: &'static str,
+) {
+    let wanted = listener.config.limits.max_connections.get();
+    if limit.max() != wanted {
+        let old = limit.resize(wanted);
+        tracing::info!(listener = %listener.config.name, address = %address, transport, old, new = wanted, open = limit.active(), "connection limit changed");
+    }
+}
+
 impl Runtime {
     /// Builds the first snapshot from a loaded config and binds every listener.
     pub async fn start(config_path: PathBuf, config: Config) -> Result<Arc<Runtime>, String> {
@@ -520,9 +535,11 @@ impl Runtime {
             return;
         };
         map.retain(|key, handle| {
-            match snapshot.listener_by_key(key).and_then(|l| l.quic.as_ref()) {
-                Some(quic) => {
+            let listener = snapshot.listener_by_key(key);
+            match listener.and_then(|l| l.quic.as_ref().map(|q| (l, q))) {
+                Some((l, quic)) => {
                     handle.update(quic);
+                    resize_limit(&handle.limit, l, handle.local_addr, "quic");
                     true
                 }
                 None => {
@@ -552,13 +569,16 @@ impl Runtime {
         let Ok(mut map) = self.listeners.lock() else {
             return;
         };
-        map.retain(|key, handle| {
-            let keep = snapshot.listener_by_key(key).is_some();
-            if !keep {
+        map.retain(|key, handle| match snapshot.listener_by_key(key) {
+            Some(l) => {
+                resize_limit(&handle.limit, l, handle.local_addr, "tcp");
+                true
+            }
+            None => {
                 tracing::info!(address = %handle.local_addr, "listener removed; draining its connections");
                 handle.stop.cancel();
+                false
             }
-            keep
         });
     }
 

@@ -417,3 +417,84 @@ async fn a_listener_removed_by_reload_closes_its_busy_connections_after_shutdown
         started.elapsed()
     );
 }
+
+/// Sends a keep-alive GET /version on `s`; whether the answer came within `wait`.
+async fn answered(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    read_answer(s, wait).await
+}
+
+/// Whether a whole `/version` answer ("v1") arrives on `s` within `wait`.
+async fn read_answer(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\r\n\r\nv1") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    tokio::time::timeout(wait, read).await.unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_reload_resizes_the_connection_limit_without_cutting_connections() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let with_limit = |n: usize| {
+        config(&setup, upstream.addr, "v1", "").replacen(
+            "protocol = \"http\"\n",
+            &format!("protocol = \"http\"\nlimits = {{ max_connections = {n} }}\n"),
+            1,
+        )
+    };
+    let [two, three, one] = [2, 3, 1].map(with_limit);
+    assert!(two.contains("max_connections = 2"));
+    let wraith = setup.start(&two);
+    let addr = wraith.addr("http");
+    let connect = || tokio::net::TcpStream::connect(addr);
+    let mut a = connect().await.unwrap();
+    let mut b = connect().await.unwrap();
+    assert!(answered(&mut a, Duration::from_secs(10)).await);
+    assert!(answered(&mut b, Duration::from_secs(10)).await);
+    // The third waits in the backlog: limit 2.
+    let mut c = connect().await.unwrap();
+    assert!(!answered(&mut c, Duration::from_millis(700)).await);
+
+    // Raised to 3: the waiting connection is taken and answered.
+    wraith.write_config(&three);
+    wraith.reload().unwrap();
+    assert!(
+        read_answer(&mut c, Duration::from_secs(10)).await,
+        "the waiting connection was not served after the limit grew"
+    );
+
+    // Lowered to 1 with 3 open: none is cut; a new one waits until all three have closed.
+    wraith.write_config(&one);
+    wraith.reload().unwrap();
+    for s in [&mut a, &mut b, &mut c] {
+        assert!(
+            answered(s, Duration::from_secs(10)).await,
+            "an open connection was cut"
+        );
+    }
+    let mut d = connect().await.unwrap();
+    assert!(!answered(&mut d, Duration::from_millis(700)).await);
+    drop(a);
+    drop(b);
+    // One still open = the new limit: d keeps waiting.
+    assert!(!read_answer(&mut d, Duration::from_millis(700)).await);
+    drop(c);
+    assert!(
+        read_answer(&mut d, Duration::from_secs(10)).await,
+        "the waiting connection was not served once the count fell under the limit"
+    );
+    assert!(wraith.log().contains("connection limit changed"));
+}

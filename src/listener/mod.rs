@@ -7,6 +7,7 @@
 
 pub mod client_auth;
 mod conn;
+pub mod limit;
 pub mod quic;
 pub mod tls;
 
@@ -17,11 +18,11 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Limits, ListenerConfig, ListenerKey};
 use crate::runtime::{ListenerRuntime, Runtime};
+use limit::ConnectionLimit;
 
 /// The HTTP/1.1 and HTTP/2 server settings of a listener.
 #[derive(Clone)]
@@ -153,27 +154,26 @@ pub struct ListenerHandle {
     pub local_addr: SocketAddr,
     /// Cancelled to stop accepting and drain this listener's connections.
     pub stop: CancellationToken,
-    permits: Arc<Semaphore>,
-    max: usize,
+    /// The connection limit; a reload resizes it.
+    pub limit: Arc<ConnectionLimit>,
 }
 
 impl ListenerHandle {
     /// Connections currently open on this listener.
     pub fn active(&self) -> usize {
-        self.max.saturating_sub(self.permits.available_permits())
+        self.limit.active()
     }
 }
 
 /// Starts accepting on a bound socket.
 pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
     let stop = runtime.shutdown.child_token();
-    let permits = Arc::new(Semaphore::new(bound.max_connections));
+    let limit = ConnectionLimit::new(bound.max_connections);
     let handle = ListenerHandle {
         key: bound.key.clone(),
         local_addr: bound.local_addr,
         stop: stop.clone(),
-        permits: permits.clone(),
-        max: bound.max_connections,
+        limit: limit.clone(),
     };
     let name = runtime
         .gateway
@@ -182,7 +182,7 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
         .map(|l| l.config.name.to_string())
         .unwrap_or_default();
     tracing::info!(listener = %name, address = %bound.local_addr, "listening");
-    tokio::spawn(accept_loop(runtime, bound, permits, stop));
+    tokio::spawn(accept_loop(runtime, bound, limit, stop));
     handle
 }
 
@@ -254,21 +254,21 @@ pub(crate) fn banned_at_accept(
 async fn accept_loop(
     runtime: Arc<Runtime>,
     bound: Bound,
-    permits: Arc<Semaphore>,
+    limit: Arc<ConnectionLimit>,
     stop: CancellationToken,
 ) {
     let mut warned_full = false;
     loop {
         // Take a connection slot first: at the limit, new connections wait in the backlog.
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let permit = match limit.try_acquire() {
+            Some(p) => p,
+            None => {
                 if !warned_full {
-                    tracing::warn!(address = %bound.local_addr, max = bound.max_connections, "connection limit reached; new connections wait");
+                    tracing::warn!(address = %bound.local_addr, max = limit.max(), "connection limit reached; new connections wait");
                     warned_full = true;
                 }
                 tokio::select! {
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    p = limit.acquire() => p,
                     _ = stop.cancelled() => return,
                 }
             }

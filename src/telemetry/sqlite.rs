@@ -503,7 +503,13 @@ impl<'v> Bind<'_, 'v> {
         // use of the binding (this Bind clears them when it ends); with SQLITE_TRANSIENT SQLite
         // copies `v` before returning.
         let rc = unsafe {
-            ffi::sqlite3_bind_text(self.insert.stmt.as_ptr(), i, v.as_ptr().cast(), len, lifetime)
+            ffi::sqlite3_bind_text(
+                self.insert.stmt.as_ptr(),
+                i,
+                v.as_ptr().cast(),
+                len,
+                lifetime,
+            )
         };
         self.check(rc)
     }

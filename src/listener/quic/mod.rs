@@ -28,12 +28,13 @@ use std::time::{Duration, Instant};
 
 use quinn::{Connection, ConnectionError, Endpoint, EndpointConfig, Incoming, VarInt};
 use quinn_proto::crypto::HandshakeTokenKey;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use self::body::RequestBody;
 use self::crypto::{Handshake, HandshakeData, QuicTls};
 use crate::config::{Congestion, ListenerConfig, ListenerKey, QuicConfig, RetryPolicy};
+use crate::listener::limit::ConnectionLimit;
 use crate::proxy::{ConnInfo, EarlyData, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 use crate::telemetry::metrics::ConnectionLabels;
@@ -185,14 +186,14 @@ pub struct QuicHandle {
     endpoint: Endpoint,
     /// Cancelled to stop accepting and drain this listener's QUIC connections.
     pub stop: CancellationToken,
-    permits: Arc<Semaphore>,
-    max: usize,
+    /// The connection limit; a reload resizes it.
+    pub limit: Arc<ConnectionLimit>,
 }
 
 impl QuicHandle {
     /// QUIC connections currently open.
     pub fn active(&self) -> usize {
-        self.max.saturating_sub(self.permits.available_permits())
+        self.limit.active()
     }
 
     /// New connections use this snapshot's settings (certificate, groups, client
@@ -211,14 +212,13 @@ impl QuicHandle {
 /// Starts accepting on a bound endpoint.
 pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> QuicHandle {
     let stop = runtime.shutdown.child_token();
-    let permits = Arc::new(Semaphore::new(bound.max_connections));
+    let limit = ConnectionLimit::new(bound.max_connections);
     let handle = QuicHandle {
         key: bound.key.clone(),
         local_addr: bound.local_addr,
         endpoint: bound.endpoint.clone(),
         stop: stop.clone(),
-        permits: permits.clone(),
-        max: bound.max_connections,
+        limit: limit.clone(),
     };
     let name = runtime
         .gateway
@@ -227,7 +227,7 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> QuicHandle {
         .map(|l| l.config.name.to_string())
         .unwrap_or_default();
     tracing::info!(listener = %name, address = %bound.local_addr, transport = "quic", "listening (HTTP/3)");
-    tokio::spawn(accept_loop(runtime, bound, permits, stop));
+    tokio::spawn(accept_loop(runtime, bound, limit, stop));
     handle
 }
 
@@ -250,7 +250,7 @@ impl Drop for InProgress {
 async fn accept_loop(
     runtime: Arc<Runtime>,
     bound: Bound,
-    permits: Arc<Semaphore>,
+    limit: Arc<ConnectionLimit>,
     stop: CancellationToken,
 ) {
     let endpoint = bound.endpoint;
@@ -288,9 +288,9 @@ async fn accept_loop(
             Some(i) => i,
             None => continue,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Some(permit) = limit.try_acquire() else {
             if !warned_full {
-                tracing::warn!(address = %bound.local_addr, max = bound.max_connections, "connection limit reached; new QUIC connections are refused");
+                tracing::warn!(address = %bound.local_addr, max = limit.max(), "connection limit reached; new QUIC connections are refused");
                 warned_full = true;
             }
             incoming.refuse();

@@ -1,0 +1,176 @@
+//! A listener's connection limit (`limits.max_connections`), resizable by a reload.
+//!
+//! A semaphore with one permit per connection slot. Growing adds permits at once. Shrinking
+//! takes the free permits away at once; what is still missing (more connections open than
+//! the new limit) is a debt, paid by the next connections that close: their permits are
+//! forgotten instead of returned. Open connections are never cut to meet a lower limit;
+//! new ones wait (TCP) or are refused (QUIC) until the count is under it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    /// The configured limit. Changed only under `resize`.
+    max: AtomicUsize,
+    /// Permits still to forget as connections close (after a shrink).
+    debt: AtomicUsize,
+    /// Serializes resizes.
+    resizing: Mutex<()>,
+}
+
+/// One connection's slot; the slot is freed (or, while a shrink is being paid, retired)
+/// when it drops.
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: Arc<ConnectionLimit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let paid = self
+            .limit
+            .debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+            .is_ok();
+        if let Some(permit) = self.permit.take() {
+            if paid {
+                permit.forget();
+            }
+        }
+    }
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<ConnectionLimit> {
+        Arc::new(ConnectionLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max: AtomicUsize::new(max),
+            debt: AtomicUsize::new(0),
+            resizing: Mutex::new(()),
+        })
+    }
+
+    /// The configured limit.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// A slot if one is free now.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(self.slot(permit))
+    }
+
+    /// Waits for a free slot.
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        // The semaphore is never closed.
+        let permit = self.permits.clone().acquire_owned().await;
+        let permit = permit.expect("connection-limit semaphore is never closed");
+        self.slot(permit)
+    }
+
+    fn slot(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(permit),
+            limit: self.clone(),
+        }
+    }
+
+    /// Connections holding a slot.
+    pub fn active(&self) -> usize {
+        // Every permit in existence is free or held; `max + debt` of them exist.
+        (self.max() + self.debt.load(Ordering::Acquire))
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// Sets a new limit; returns the old one.
+    pub fn resize(&self, new: usize) -> usize {
+        let _serial = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.max.load(Ordering::Acquire);
+        if new > old {
+            // Cancel debt first: those permits are still out and will come back.
+            let mut grow = new - old;
+            let _ = self
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                    let cancel = d.min(new - old);
+                    grow = new - old - cancel;
+                    Some(d - cancel)
+                });
+            self.permits.add_permits(grow);
+        } else if new < old {
+            let shrink = old - new;
+            let taken = self.permits.forget_permits(shrink);
+            self.debt.fetch_add(shrink - taken, Ordering::AcqRel);
+        }
+        self.max.store(new, Ordering::Release);
+        old
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shrinking_below_the_open_count_waits_for_closes() {
+        let limit = ConnectionLimit::new(4);
+        let mut slots: Vec<_> = (0..3).map(|_| limit.try_acquire().unwrap()).collect();
+        assert_eq!(limit.active(), 3);
+        assert_eq!(limit.resize(1), 4);
+        assert_eq!(limit.active(), 3);
+        assert!(limit.try_acquire().is_none());
+        slots.pop();
+        assert!(limit.try_acquire().is_none(), "still 2 open, limit 1");
+        assert_eq!(limit.active(), 2);
+        slots.pop();
+        assert_eq!(limit.active(), 1);
+        assert!(limit.try_acquire().is_none(), "1 open, limit 1");
+        slots.pop();
+        assert_eq!(limit.active(), 0);
+        let one = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none());
+        drop(one);
+        assert_eq!(limit.active(), 0);
+    }
+
+    #[test]
+    fn growing_cancels_debt_before_adding_slots() {
+        let limit = ConnectionLimit::new(4);
+        let slots: Vec<_> = (0..4).map(|_| limit.try_acquire().unwrap()).collect();
+        limit.resize(2); // debt 2
+        limit.resize(5); // debt 0, one new slot
+        assert_eq!(limit.active(), 4);
+        let fifth = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none());
+        drop(slots);
+        drop(fifth);
+        assert_eq!(limit.active(), 0);
+        let all: Vec<_> = (0..5).map(|_| limit.try_acquire().unwrap()).collect();
+        assert!(limit.try_acquire().is_none());
+        assert_eq!(all.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_accept_gets_a_slot_when_the_limit_grows() {
+        let limit = ConnectionLimit::new(1);
+        let _held = limit.try_acquire().unwrap();
+        let waiter = {
+            let limit = limit.clone();
+            tokio::spawn(async move { limit.acquire().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        limit.resize(2);
+        let slot = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter gets the new slot")
+            .unwrap();
+        assert_eq!(limit.active(), 2);
+        drop(slot);
+        assert_eq!(limit.active(), 1);
+    }
+}

@@ -70,6 +70,7 @@ async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() {
         .header("te", "gzip")
         .header("x-remove-me", "1")
         .header("x-forwarded-for", "6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
         .header("x-request-id", "spoofed-id")
         .send()
         .await
@@ -93,6 +94,11 @@ async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() {
     assert_eq!(
         h["x-forwarded-for"][0], "127.0.0.1",
         "spoofed XFF replaced by the real peer"
+    );
+    assert_eq!(
+        h["x-real-ip"],
+        serde_json::json!(["127.0.0.1"]),
+        "spoofed X-Real-IP replaced by the real peer"
     );
     assert_eq!(h["x-forwarded-proto"][0], "http");
     assert_eq!(
@@ -130,6 +136,11 @@ async fn trusted_proxy_chain_is_appended() {
     assert_eq!(
         echo["headers"]["x-forwarded-for"][0],
         "203.0.113.7, 127.0.0.1"
+    );
+    assert_eq!(
+        echo["headers"]["x-real-ip"],
+        serde_json::json!(["203.0.113.7"]),
+        "X-Real-IP is the client the trusted proxy forwarded"
     );
 }
 

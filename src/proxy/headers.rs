@@ -189,6 +189,9 @@ pub struct ForwardInfo<'a> {
     pub close: Option<&'a crate::listener::CloseSignal>,
 }
 
+/// `x-real-ip`
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// `early-data` (RFC 8470)
 static EARLY_DATA: HeaderName = HeaderName::from_static("early-data");
 
@@ -243,6 +246,13 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     }
     push_ip(&mut buf, peer);
     set(headers, &X_FORWARDED_FOR, &buf);
+
+    // X-Real-IP: always the client address Wraith believes (nginx's usual
+    // `proxy_set_header X-Real-IP $remote_addr`); one sent by the client never passes, since
+    // upstreams behind nginx-style set-ups often trust it.
+    buf.clear();
+    push_ip(&mut buf, canonical(info.client_ip));
+    set(headers, &X_REAL_IP, &buf);
 
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));

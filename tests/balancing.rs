@@ -32,6 +32,21 @@ struct Backend {
 impl Backend {
     async fn start(name: &str, delay: Duration) -> Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::with_listener(name, delay, listener)
+    }
+
+    /// A backend that will be killed and restarted on its port: the port comes from outside
+    /// the ephemeral range (`unused_port`), so no other test's `bind(:0)` can take it while
+    /// the backend is down.
+    async fn start_restartable(name: &str) -> Backend {
+        let port = unused_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        Backend::with_listener(name, Duration::ZERO, listener)
+    }
+
+    fn with_listener(name: &str, delay: Duration, listener: tokio::net::TcpListener) -> Backend {
         let mut b = Backend {
             name: name.to_string(),
             server: None,
@@ -426,7 +441,8 @@ fn background_load(
 // `wait_log` blocks its thread: the backends need another one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_checks_take_a_dead_endpoint_out_and_bring_it_back_without_failed_requests() {
-    let mut bs = backends(3).await;
+    let mut bs = backends(2).await;
+    bs.push(Backend::start_restartable("b2").await);
     let setup = Setup::new();
     let wraith = setup.start(&config(&format!(
             "{}\n[upstream.health_check]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"2s\"\nfall = 2\nrise = 2\n",

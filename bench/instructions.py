@@ -12,6 +12,7 @@ Usage (release build first):
   python3 bench/instructions.py                  # wraith and nginx, h1, 20000 requests
   python3 bench/instructions.py --only wraith --requests 50000 --annotate 30
   python3 bench/instructions.py --only wraith --logging     # + JSON, combined and SQLite sinks
+  python3 bench/instructions.py --lb                        # each balancing algorithm, nginx least_conn
 """
 
 import argparse
@@ -61,36 +62,52 @@ def h2load(url, n, conns):
     return int(m.group(2))
 
 
-def total_ir(path):
-    # Several dumps may exist (pid suffixes, parts); the summary line holds the total.
+def dump_ir(path):
+    """The total of one callgrind dump file (`summary:` is 0 after `callgrind_control -z`;
+    `totals:` has the count)."""
     total = 0
-    for f in Path(path).parent.glob(Path(path).name + "*"):
-        for line in f.read_text(errors="replace").splitlines():
-            if line.startswith("summary:") or line.startswith("totals:"):
-                total = max(total, int(line.split()[1]))
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if line.startswith("summary:") or line.startswith("totals:"):
+            total = max(total, int(line.split()[1]))
     return total
 
 
-def measure(name, cmd, port, work, requests, conns, env=None):
+def measure(name, cmd, port, work, requests, conns, env=None, paths=("/small",)):
+    """Instructions per request for each of `paths`, one callgrind dump per path (the
+    counters are zeroed between them); returns ({path: instructions per request}, dump file
+    of the last path)."""
     out = work / f"{name}.callgrind.out"
     p = callgrind(name, cmd, out, work, env)
+    per_path = {}
+    last = None
     try:
         b.wait_port(port, timeout=120)
-        url = f"http://127.0.0.1:{port}/small"
-        h2load(url, 2000, conns)  # warm-up: pools, caches, lazy initialisation
-        control(p.pid, "-i", "on")
-        done = h2load(url, requests, conns)
-        control(p.pid, "-i", "off")
-        control(p.pid, "-d")
-        time.sleep(1)
+        for path in paths:
+            url = f"http://127.0.0.1:{port}{path}"
+            h2load(url, 2000, conns)  # warm-up: pools, caches, lazy initialisation
+            before = set(Path(out).parent.glob(Path(out).name + "*"))
+            control(p.pid, "-z")
+            control(p.pid, "-i", "on")
+            done = h2load(url, requests, conns)
+            control(p.pid, "-i", "off")
+            control(p.pid, "-d")
+            new = []
+            for _ in range(60):
+                new = sorted(set(Path(out).parent.glob(Path(out).name + "*")) - before)
+                if new and dump_ir(new[-1]):
+                    break
+                time.sleep(0.5)
+            if not new:
+                raise RuntimeError(f"callgrind wrote no dump for {name} {path}")
+            last = new[-1]
+            per_path[path] = dump_ir(last) / done
     finally:
         p.terminate()
         try:
             p.wait(timeout=60)
         except subprocess.TimeoutExpired:
             p.kill()
-    ir = total_ir(out)
-    return ir / done, out
+    return per_path, last
 
 
 def main():
@@ -105,7 +122,12 @@ def main():
     ap.add_argument("--logging", action="store_true",
                     help="turn on the JSON, combined and SQLite access-log sinks (callgrind counts "
                          "the writer threads too)")
+    ap.add_argument("--lb", action="store_true",
+                    help="the load-balancing set-up (bench/configs/lb: four endpoints): Wraith "
+                         "once per algorithm, nginx with least_conn")
     args = ap.parse_args()
+    if args.lb:
+        return main_lb(args)
 
     work = Path(tempfile.mkdtemp(prefix="wraith-instr-"))
     certs = work / "certs"
@@ -140,17 +162,58 @@ def main():
     finally:
         procs.stop()
 
+    results = {name: (per_path["/small"], dump) for name, (per_path, dump) in results.items()}
     for name, (ipr, _) in results.items():
         print(f"{name}: {ipr:,.0f} instructions per request (user space, {args.requests} requests, h1 keep-alive)")
     if "wraith" in results and "nginx" in results:
         print(f"wraith / nginx: {results['wraith'][0] / results['nginx'][0]:.2f}")
     if args.annotate and "wraith" in results:
-        out = results["wraith"][1]
-        files = sorted(Path(out).parent.glob(Path(out).name + "*"))
-        text = subprocess.run(["callgrind_annotate", "--inclusive=no", str(files[-1])],
-                              capture_output=True, text=True).stdout
-        lines = [l for l in text.splitlines() if re.match(r"\s*[\d,]+ \(", l)]
-        print("\n".join(lines[: args.annotate + 1]))
+        annotate(results["wraith"][1], args.annotate)
+
+
+def annotate(dump, n):
+    text = subprocess.run(["callgrind_annotate", "--inclusive=no", str(dump)],
+                          capture_output=True, text=True).stdout
+    lines = [l for l in text.splitlines() if re.match(r"\s*[\d,]+ \(", l)]
+    print("\n".join(lines[: n + 1]))
+
+
+def main_lb(args):
+    """Instructions per request of each balancing algorithm (and of nginx's least_conn) over
+    the four endpoints of bench/configs/lb, same request, same upstream."""
+    import lb
+    work = Path(tempfile.mkdtemp(prefix="wraith-instr-lb-"))
+    subst = {"WORK": str(work), **{k: str(v) for k, v in lb.PORTS.items()}}
+    for name in ["upstream-nginx.conf", "wraith.toml", "nginx-proxy.conf"]:
+        text = (ROOT / "bench" / "configs" / "lb" / name).read_text()
+        for k, v in subst.items():
+            text = text.replace("@" + k + "@", v)
+        (work / name).write_text(text)
+    (work / "www").mkdir(exist_ok=True)
+    b.link_policies(work)
+    procs = b.Procs()
+    try:
+        procs.start("lb-upstream", ["nginx", "-c", str(work / "upstream-nginx.conf"), "-g", "daemon off;"], 0, cwd=work)
+        for k in ["UP0", "UP1", "UP2", "UP3"]:
+            b.wait_port(lb.PORTS[k])
+        env = dict(os.environ, WRAITH_LOG="warn")
+        paths = list(lb.ALGORITHMS.values())
+        wraith, dump = measure("wraith", [args.wraith, "serve", "-c", str(work / "wraith.toml")],
+                               lb.PORTS["WRAITH"], work, args.requests, args.conns, env, paths)
+        nginx, _ = measure("nginx", ["nginx", "-c", str(work / "nginx-proxy.conf"), "-g", "daemon off;"],
+                           lb.PORTS["NGINX"], work, args.requests, args.conns)
+    finally:
+        procs.stop()
+    rr = wraith[lb.ALGORITHMS["round_robin"]]
+    print(f"| algorithm | instructions per request | vs round_robin |")
+    print(f"|---|---|---|")
+    for algo, path in lb.ALGORITHMS.items():
+        print(f"| {algo} | {wraith[path]:,.0f} | {wraith[path] / rr:.3f} |")
+    ng = nginx["/small"]
+    print(f"| nginx least_conn | {ng:,.0f} | wraith least_connections / nginx: "
+          f"{wraith[lb.ALGORITHMS['least_connections']] / ng:.2f} |")
+    if args.annotate:
+        annotate(dump, args.annotate)
 
 
 if __name__ == "__main__":

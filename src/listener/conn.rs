@@ -489,16 +489,33 @@ where
     let mut draining = false;
     let mut closing = false;
     let mut idle_strikes = 0;
+    // The close signal is polled on every wake-up of this task (every read and write of the
+    // connection). Polling its futures costs a lock each; once they are registered with
+    // this task's waker, two flag checks say the same thing.
+    let requested = close.requested();
+    tokio::pin!(requested);
+    let mut registered: Option<std::task::Waker> = None;
     loop {
         let (_, wait) = state.check(limits);
+        let close_requested = std::future::poll_fn(|cx| {
+            if close.is_requested() {
+                return Poll::Ready(());
+            }
+            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                return Poll::Pending;
+            }
+            registered = Some(cx.waker().clone());
+            std::future::Future::poll(requested.as_mut(), cx)
+        });
         tokio::select! {
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = close.requested(), if !draining => {
+            _ = close_requested, if !draining => {
                 if !closing {
                     graceful(conn.as_mut());
                 }

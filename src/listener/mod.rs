@@ -87,6 +87,11 @@ impl CloseSignal {
         }
     }
 
+    /// Whether `requested` has resolved (or would resolve at its next poll).
+    pub fn is_requested(&self) -> bool {
+        self.stop.is_cancelled() || self.client_auth.is_revoked()
+    }
+
     /// Whether a reload replaced the client-certificate rules the connection was admitted
     /// under (its requests are no longer served).
     pub fn client_auth_revoked(&self) -> bool {

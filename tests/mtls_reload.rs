@@ -493,3 +493,49 @@ async fn a_websocket_opened_with_a_revoked_certificate_is_closed_after_the_drain
         revoked.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_listener_turned_into_https_closes_its_plaintext_connections() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let plain = config(&setup, "", upstream.addr, "");
+    // The same listener (same name, same address) now with TLS and no client certificates.
+    let tls = plain.replacen(
+        "name = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n",
+        "name = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+         tls = { cert = \"server.pem\", key = \"server-key.pem\" }\n",
+        1,
+    );
+    assert_ne!(plain, tls, "the http listener was not rewritten");
+    let wraith = setup.start(&plain);
+    let addr = wraith.addr("http");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let mut ended = tokio::spawn(async move { drop(conn.await) });
+    let req = || {
+        Request::get("/before")
+            .header("host", "localhost")
+            .body(full(""))
+            .unwrap()
+    };
+    let resp = send.send_request(req()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    wraith.write_config(&tls);
+    wraith.reload().unwrap();
+    assert!(
+        tokio::time::timeout(LOG_WAIT, &mut ended).await.is_ok(),
+        "the plaintext connection stayed open after its listener switched to TLS"
+    );
+    assert!(rules_changed(&wraith, "http").is_some(), "{}", wraith.log());
+    // The address now speaks TLS only.
+    let resp = https_client_h1(&ca, None)
+        .get(format!("https://localhost:{}/after", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

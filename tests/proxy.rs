@@ -71,6 +71,8 @@ async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() {
         .header("x-remove-me", "1")
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-real-ip", "6.6.6.6")
+        .header("x_real_ip", "6.6.6.6")
+        .header("x_forwarded_for", "6.6.6.6")
         .header("x-request-id", "spoofed-id")
         .send()
         .await
@@ -100,6 +102,12 @@ async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() {
         serde_json::json!(["127.0.0.1"]),
         "spoofed X-Real-IP replaced by the real peer"
     );
+    for underscored in ["x_real_ip", "x_forwarded_for"] {
+        assert!(
+            h.get(underscored).is_none(),
+            "{underscored} (the same CGI variable as the real header) reached the upstream: {h}"
+        );
+    }
     assert_eq!(h["x-forwarded-proto"][0], "http");
     assert_eq!(
         h["forwarded"][0],

@@ -84,7 +84,9 @@ impl Drop for Admitted {
 /// compared is what the verifier uses - the mode, the CA certificates and CRLs as read from
 /// their files, the chain depth - not the file names: a bundle moved to another path changes
 /// nothing, a CRL rewritten in place does. Without client authentication (a plain listener, or
-/// `client_auth = "none"`) the other settings mean nothing and are not compared.
+/// `client_auth = "none"`) the other settings mean nothing and are not compared; but a listener
+/// turned from plain HTTP into HTTPS (or back) admits under other rules: its plaintext
+/// connections must not outlive the change.
 pub fn admits_same_clients(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     fn verified(l: &ListenerConfig) -> Option<&ClientAuth> {
         l.tls
@@ -93,7 +95,7 @@ pub fn admits_same_clients(a: &ListenerConfig, b: &ListenerConfig) -> bool {
             .filter(|c| c.mode != ClientAuthMode::None)
     }
     match (verified(a), verified(b)) {
-        (None, None) => true,
+        (None, None) => a.tls.is_some() == b.tls.is_some(),
         (Some(a), Some(b)) => {
             a.mode == b.mode
                 && a.max_chain_depth == b.max_chain_depth
@@ -190,7 +192,15 @@ mod tests {
             max_chain_depth: 9,
             ..ClientAuth::default()
         });
-        assert!(admits_same_clients(&plain, &none));
+        let none_deeper = listener(ClientAuth {
+            max_chain_depth: 3,
+            ..ClientAuth::default()
+        });
+        assert!(admits_same_clients(&none, &none_deeper));
+        assert!(admits_same_clients(&plain, &plain));
+        // Plain HTTP turned into HTTPS (or back): the plaintext connections must go.
+        assert!(!admits_same_clients(&plain, &none));
+        assert!(!admits_same_clients(&none, &plain));
         assert!(!admits_same_clients(
             &plain,
             &listener(required(b"ca", None))

@@ -492,7 +492,10 @@ where
     // The close signal is polled on every wake-up of this task (every read and write of the
     // connection). Polling its futures costs a lock each; once they are registered with
     // this task's waker, two flag checks say the same thing.
-    let requested = close.requested();
+    // Unconstrained: its first poll must register both wakers even when the task's
+    // cooperative budget is spent (a budget-starved `select!` returns Pending without polling
+    // anything, and the shortcut below would then never poll it again).
+    let requested = tokio::task::unconstrained(close.requested());
     tokio::pin!(requested);
     let mut registered: Option<std::task::Waker> = None;
     loop {

@@ -102,9 +102,24 @@ impl ConnectionLimit {
                 });
             self.permits.add_permits(grow);
         } else if new < old {
+            // The debt is published first, so a connection closing meanwhile retires its
+            // slot instead of handing it to a waiting accept.
             let shrink = old - new;
+            self.debt.fetch_add(shrink, Ordering::AcqRel);
             let taken = self.permits.forget_permits(shrink);
-            self.debt.fetch_add(shrink - taken, Ordering::AcqRel);
+            // Pay with the free permits taken; closes may have paid part of it meanwhile,
+            // and what they paid for twice is given back.
+            let mut excess = 0;
+            let _ = self
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                    let paid = taken.min(d);
+                    excess = taken - paid;
+                    Some(d - paid)
+                });
+            if excess > 0 {
+                self.permits.add_permits(excess);
+            }
         }
         self.max.store(new, Ordering::Release);
         old

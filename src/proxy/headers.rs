@@ -200,7 +200,9 @@ pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forw
 
 /// Removes every header a client could use to pose as someone else to the upstream:
 /// `x-forwarded-client-cert` and anything named `x-wraith-*` (Wraith's own namespace), in
-/// any spelling with `_` for `-` too (CGI, WSGI, Rack and PHP map both to the same variable).
+/// any spelling with `_` for `-` too (CGI, WSGI, Rack and PHP map both to the same variable),
+/// and the `_` spellings of the headers `set_forwarding` sets (`x_real_ip`,
+/// `x_forwarded_for`, ...): those would reach the same variable past the values Wraith set.
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
     headers.remove(&X_FORWARDED_CLIENT_CERT);
     // Rare in practice: only collect names when one is there.
@@ -216,7 +218,8 @@ pub fn strip_identity_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// `x-forwarded-client-cert` or `x-wraith-*`, reading `_` as `-`.
+/// `x-forwarded-client-cert` or `x-wraith-*`, reading `_` as `-`; or a forwarding header
+/// Wraith sets, spelt with `_`.
 fn poses_as_identity(name: &HeaderName) -> bool {
     let n = name.as_str().as_bytes();
     let same = |a: &[u8], b: &[u8]| {
@@ -225,7 +228,18 @@ fn poses_as_identity(name: &HeaderName) -> bool {
                 .zip(b)
                 .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
     };
-    same(n, b"x-forwarded-client-cert") || (n.len() >= 9 && same(&n[..9], b"x-wraith-"))
+    same(n, b"x-forwarded-client-cert")
+        || (n.len() >= 9 && same(&n[..9], b"x-wraith-"))
+        || (n.contains(&b'_')
+            && [
+                &b"x-real-ip"[..],
+                b"x-forwarded-for",
+                b"x-forwarded-proto",
+                b"x-forwarded-host",
+                b"x-request-id",
+            ]
+            .iter()
+            .any(|h| same(n, h)))
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request about to be forwarded.

@@ -256,6 +256,11 @@ impl SqliteWriter {
     }
 
     fn insert(&mut self, items: &[Arc<AccessRecord>]) -> rusqlite::Result<()> {
+        if !self.conn.is_autocommit() {
+            // A COMMIT that failed (SQLITE_BUSY, a full disk) can leave its transaction open;
+            // every later BEGIN would fail on it.
+            self.conn.execute_batch("ROLLBACK")?;
+        }
         self.conn.execute_batch("BEGIN")?;
         let mut chunks = items.chunks_exact(ROWS_PER_INSERT);
         let inserted = chunks
@@ -267,8 +272,8 @@ impl SqliteWriter {
                     .iter()
                     .try_for_each(|r| self.insert_rows(std::slice::from_ref(r), false))
             });
-        match inserted {
-            Ok(()) => self.conn.execute_batch("COMMIT"),
+        match inserted.and_then(|()| self.conn.execute_batch("COMMIT")) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 Err(e)

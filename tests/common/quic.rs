@@ -151,17 +151,30 @@ impl H3Conn {
             .send_request(req)
             .await
             .map_err(|e| format!("send request: {e}"))?;
+        // A server may answer before it has read the whole request and stop our sending
+        // (RFC 9114 §4.1: a client MUST NOT discard a complete response because of that). So a
+        // failure to send is reported only when no response follows.
+        let mut send_failed = None;
         while let Some(chunk) = next() {
-            stream
-                .send_data(chunk)
-                .await
-                .map_err(|e| format!("send body: {e}"))?;
+            if let Err(e) = stream.send_data(chunk).await {
+                send_failed = Some(format!("send body: {e}"));
+                break;
+            }
         }
-        stream.finish().await.map_err(|e| format!("finish: {e}"))?;
-        let head = stream
-            .recv_response()
-            .await
-            .map_err(|e| format!("response: {e}"))?;
+        if send_failed.is_none() {
+            if let Err(e) = stream.finish().await {
+                send_failed = Some(format!("finish: {e}"));
+            }
+        }
+        let head = match stream.recv_response().await {
+            Ok(head) => head,
+            Err(e) => {
+                return Err(match send_failed {
+                    Some(first) => format!("{first}; then response: {e}"),
+                    None => format!("response: {e}"),
+                })
+            }
+        };
         let mut body = Vec::new();
         while let Some(mut chunk) = stream
             .recv_data()

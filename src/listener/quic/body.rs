@@ -69,18 +69,6 @@ impl RequestBody {
     }
 }
 
-impl Drop for RequestBody {
-    /// A body dropped before its end (a request answered without reading it all: denied,
-    /// rate-limited, an upstream that did not wait): tell the client to stop sending with
-    /// H3_NO_ERROR, as RFC 9114 §4.1 asks, rather than QUIC's bare code 0 the stream would
-    /// send on drop. The client keeps the complete response it gets.
-    fn drop(&mut self) {
-        if self.state != State::Done {
-            self.stream.stop_sending(h3::error::Code::H3_NO_ERROR);
-        }
-    }
-}
-
 impl http_body::Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -51,11 +51,28 @@ async fn holding_echo() -> (
     (upstream, hits, held_rx, release)
 }
 
+/// The client certificate every test here connects with (SPIFFE ID `spiffe://test.local/svc`).
+fn svc_client(setup: &Setup) -> ClientCert {
+    setup
+        .pki
+        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")))
+}
+
 /// The standard listeners with `tls_extra` on the https one, the upstream, `routes` and a
 /// catch-all route to the upstream.
 fn config(setup: &Setup, tls_extra: &str, upstream: SocketAddr, routes: &str) -> String {
+    config_on(
+        &setup.listeners_with(tls_extra, ALLOW_ALL_POLICY),
+        upstream,
+        routes,
+    )
+}
+
+/// `listeners` (the `[server]`, `[[listener]]` and `[policy]` text), the upstream, `routes`
+/// and a catch-all route to the upstream.
+fn config_on(listeners: &str, upstream: SocketAddr, routes: &str) -> String {
     format!(
-        r#"{base}
+        r#"{listeners}
 [[upstream]]
 name = "app"
 endpoints = ["{upstream}"]
@@ -63,8 +80,7 @@ endpoints = ["{upstream}"]
 [[route]]
 name = "app"
 upstream = "app"
-"#,
-        base = setup.listeners_with(tls_extra, ALLOW_ALL_POLICY)
+"#
     )
 }
 
@@ -216,9 +232,7 @@ fn rules_changed(wraith: &Wraith, listener: &str) -> Option<serde_json::Value> {
 async fn a_crl_that_revokes_a_certificate_closes_the_connections_it_opened() {
     let (upstream, hits, mut held, release) = holding_echo().await;
     let setup = Setup::new();
-    let client = setup
-        .pki
-        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    let client = svc_client(&setup);
     setup.pki.write_crl("ca.crl", &[]);
     let ca = setup.pki.ca_pem.clone();
     let cfg = config(
@@ -284,9 +298,7 @@ async fn a_crl_that_revokes_a_certificate_closes_the_connections_it_opened() {
 async fn connections_outlive_reloads_of_routes_and_certificate_and_close_when_the_ca_changes() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
-    let client = setup
-        .pki
-        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    let client = svc_client(&setup);
     // The client CA bundle in a file of its own, so it can change while the CA the clients
     // verify the server with stays.
     std::fs::copy(&setup.pki.ca_pem, setup.dir.path().join("clients-ca.pem")).unwrap();
@@ -350,19 +362,17 @@ async fn connections_outlive_reloads_of_routes_and_certificate_and_close_when_th
 async fn a_crl_that_revokes_a_certificate_sends_goaway_on_its_http3_connections() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
-    let client = setup
-        .pki
-        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    let client = svc_client(&setup);
     setup.pki.write_crl("ca.crl", &[]);
     let ca = setup.pki.ca_pem.clone();
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"app\"\nendpoints = [\"{}\"]\n\n[[route]]\nname = \"app\"\nupstream = \"app\"\n",
-        setup.listeners_h3(
+    let cfg = config_on(
+        &setup.listeners_h3(
             r#"client_auth = "require", client_ca = "ca.pem", client_crl = "ca.crl""#,
             "",
-            ALLOW_ALL_POLICY
+            ALLOW_ALL_POLICY,
         ),
-        upstream.addr
+        upstream.addr,
+        "",
     );
     let wraith = setup.start(&cfg);
     let addr = wraith.addr("https");
@@ -424,9 +434,7 @@ async fn a_websocket_opened_with_a_revoked_certificate_is_closed_after_the_drain
         }
     });
     let setup = Setup::new();
-    let client = setup
-        .pki
-        .client_with("svc", client_params("svc", Some("spiffe://test.local/svc")));
+    let client = svc_client(&setup);
     setup.pki.write_crl("ca.crl", &[]);
     let ca = setup.pki.ca_pem.clone();
     // The drain time is 1 s; the tunnel's own idle limit (the upstream's response timeout,

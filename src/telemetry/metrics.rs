@@ -386,12 +386,18 @@ impl RouteMetrics {
         &self.name
     }
 
-    /// Counts one policy decision (`effect`: `allow`, `deny` or `shadow_deny`).
-    pub fn decision(&self, family: &Family<PolicyLabels, Counter>, effect: &'static str) {
-        let i = match effect {
-            "allow" => 0,
-            "deny" => 1,
-            _ => 2,
+    /// Counts one policy decision: `allow`, `deny`, or `shadow_deny` (a deny in shadow mode).
+    pub fn decision(
+        &self,
+        family: &Family<PolicyLabels, Counter>,
+        effect: super::access_log::Effect,
+        shadow: bool,
+    ) {
+        use super::access_log::Effect;
+        let (i, effect) = match (effect, shadow) {
+            (Effect::Allow, _) => (0, "allow"),
+            (Effect::Deny, false) => (1, "deny"),
+            (Effect::Deny, true) => (2, "shadow_deny"),
         };
         self.decisions[i]
             .get_or_init(|| {

@@ -250,12 +250,7 @@ impl SnapshotTelemetry {
                     .inc();
             }
             if let Some(p) = &record.policy {
-                let effect = match (p.effect, p.shadow) {
-                    (access_log::Effect::Allow, _) => "allow",
-                    (access_log::Effect::Deny, false) => "deny",
-                    (access_log::Effect::Deny, true) => "shadow_deny",
-                };
-                rm.decision(&m.policy_decisions, effect);
+                rm.decision(&m.policy_decisions, p.effect, p.shadow);
             }
             if record.rate_limit.as_ref().is_some_and(|r| r.limited) {
                 m.ratelimit_rejections

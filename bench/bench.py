@@ -133,6 +133,13 @@ def wait_port(port, timeout=20):
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def fill(text, subst):
+    """A config template with every `@KEY@` replaced by `subst[KEY]`."""
+    for k, v in subst.items():
+        text = text.replace("@" + k + "@", str(v))
+    return text
+
+
 def link_policies(work):
     """Wraith's bench configs use `[policy]` with the default `dir = "policies"`: link the
     permit-all set (answered at load, no Cedar call) next to them."""
@@ -151,10 +158,7 @@ def setup(work, wraith_bin):
         (certs / "server.pem").read_text() + (certs / "server-key.pem").read_text())
     subst = {"WORK": str(work), "CERTS": str(certs), **{k.upper().replace("-", "_"): str(v) for k, v in PORTS.items()}}
     for name in ["upstream-nginx.conf", "nginx-proxy.conf", "haproxy.cfg", "wraith.toml"]:
-        text = (ROOT / "bench" / "configs" / name).read_text()
-        for k, v in subst.items():
-            text = text.replace("@" + k + "@", v)
-        (work / name).write_text(text)
+        (work / name).write_text(fill((ROOT / "bench" / "configs" / name).read_text(), subst))
     (work / "www").mkdir(exist_ok=True)
     link_policies(work)
     procs = Procs()

@@ -95,8 +95,7 @@ def main():
     procs = B.Procs()
     try:
         text = (B.ROOT / "bench" / "configs" / "upstream-nginx.conf").read_text()
-        for k, v in {"WORK": str(work), "UPSTREAM": str(B.PORTS["upstream"])}.items():
-            text = text.replace("@" + k + "@", v)
+        text = B.fill(text, {"WORK": work, "UPSTREAM": B.PORTS["upstream"]})
         (work / "upstream-nginx.conf").write_text(text)
         (work / "www").mkdir(exist_ok=True)
         B.link_policies(work)

@@ -141,9 +141,7 @@ def main():
         text = src.read_text()
         if name == "wraith.toml" and args.logging:
             text += LOG_SINKS
-        for k, v in subst.items():
-            text = text.replace("@" + k + "@", v)
-        (work / name).write_text(text)
+        (work / name).write_text(b.fill(text, subst))
     (work / "www").mkdir(exist_ok=True)
     b.link_policies(work)
 
@@ -185,10 +183,7 @@ def main_lb(args):
     work = Path(tempfile.mkdtemp(prefix="wraith-instr-lb-"))
     subst = {"WORK": str(work), **{k: str(v) for k, v in lb.PORTS.items()}}
     for name in ["upstream-nginx.conf", "wraith.toml", "nginx-proxy.conf"]:
-        text = (ROOT / "bench" / "configs" / "lb" / name).read_text()
-        for k, v in subst.items():
-            text = text.replace("@" + k + "@", v)
-        (work / name).write_text(text)
+        (work / name).write_text(b.fill((ROOT / "bench" / "configs" / "lb" / name).read_text(), subst))
     (work / "www").mkdir(exist_ok=True)
     b.link_policies(work)
     procs = b.Procs()

@@ -70,10 +70,7 @@ def setup(work, wraith_bin, need_huge, procs):
     """Writes the configs and the files to stream; starts upstream and proxies into `procs`."""
     subst = {"WORK": str(work), **{k: str(v) for k, v in PORTS.items()}}
     for name in ["upstream-nginx.conf", "wraith.toml", "nginx-proxy.conf", "haproxy.cfg"]:
-        text = (ROOT / "bench" / "configs" / "lb" / name).read_text()
-        for k, v in subst.items():
-            text = text.replace("@" + k + "@", v)
-        (work / name).write_text(text)
+        (work / name).write_text(b.fill((ROOT / "bench" / "configs" / "lb" / name).read_text(), subst))
     link = work / "policies"
     if not link.exists():
         link.symlink_to(ROOT / "bench" / "configs" / "policies")

@@ -80,9 +80,8 @@ def metric(text, name, sink):
 def start_wraith(procs, work, wraith_bin, name, sinks):
     text = (ROOT / "bench" / "configs" / "wraith-logging.toml").read_text()
     text = text.replace("@SINKS@", sinks)
-    for k, v in {"WORK": str(work), "NAME": name, "PORT": str(PORTS[name]),
-                 "UPSTREAM": str(b.PORTS["upstream"])}.items():
-        text = text.replace("@" + k + "@", v)
+    text = b.fill(text, {"WORK": work, "NAME": name, "PORT": PORTS[name],
+                         "UPSTREAM": b.PORTS["upstream"]})
     (work / name).mkdir(exist_ok=True)
     cfg = work / f"wraith-{name}.toml"
     cfg.write_text(text)

@@ -40,22 +40,24 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// when `keep_upgrade` (a WebSocket handshake being proxied). `te: trailers` is kept when
 /// `keep_te_trailers` (HTTP/2 upstreams, where gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_trailers: bool) {
-    // One pass over the (few) header names finds out whether there is anything to do; most
-    // requests carry no hop-by-hop header, and hashing every name on the list is the cost.
-    let mut found = false;
-    let mut named = false;
+    // One pass over the (few) header names finds which hop-by-hop headers are there: most
+    // messages carry none or only `Connection`, and a removal hashes its name whether or not
+    // the header is present.
+    let mut present = 0u8;
     for name in headers.keys() {
-        if is_hop_by_hop(name) {
-            found = true;
-            if name == header::CONNECTION {
-                named = true;
-            }
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE && !keep_upgrade {
+            present |= UPGRADE_BIT;
         }
     }
-    if !found {
+    if present == 0 {
         return;
     }
-    if named {
+    if present & 1 != 0 {
+        // `HOP_BY_HOP[0]` is `Connection`: what it names goes too. Names are collected
+        // first (the map cannot change while its values are borrowed); the usual
+        // `keep-alive`/`close` name nothing and allocate nothing.
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -74,19 +76,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, keep_te_tra
         }
     }
     let te_trailers = keep_te_trailers
+        && present & TE_BIT != 0
         && headers
             .get(header::TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
-    if !keep_upgrade {
+    if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
+
+/// Bits of `strip_hop_by_hop`'s set of present headers: one per `HOP_BY_HOP` entry, then
+/// `Upgrade`.
+const TE_BIT: u8 = 1 << 5;
+const UPGRADE_BIT: u8 = 1 << HOP_BY_HOP.len();
+const _: () = assert!(HOP_BY_HOP.len() < 8);
 
 /// Connection values that name no other header.
 fn is_keyword(v: &[u8]) -> bool {
@@ -640,6 +651,24 @@ mod tests {
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_goes_on_its_own() {
+        assert!(*HOP_BY_HOP[TE_BIT.trailing_zeros() as usize] == header::TE);
+        for name in HOP_BY_HOP.iter().map(|n| n.as_str()).chain(["upgrade"]) {
+            for (keep_upgrade, keep_te) in [(false, false), (false, true)] {
+                let mut h = hm(&[(name, "gzip"), ("x-kept", "yes")]);
+                strip_hop_by_hop(&mut h, keep_upgrade, keep_te);
+                assert!(!h.contains_key(name), "{name}");
+                assert_eq!(h.len(), 1, "{name}");
+            }
+        }
+        // Kept only when asked and only as `trailers`.
+        let mut h = hm(&[("te", "trailers"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true, false);
+        assert!(!h.contains_key("te"));
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
     }
 
     #[test]

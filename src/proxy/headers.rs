@@ -212,10 +212,9 @@ pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forw
 /// Removes every header a client could use to pose as someone else to the upstream:
 /// `x-forwarded-client-cert` and anything named `x-wraith-*` (Wraith's own namespace), in
 /// any spelling with `_` for `-` too (CGI, WSGI, Rack and PHP map both to the same variable),
-/// and the `_` spellings of the headers `set_forwarding` sets (`x_real_ip`,
+/// and the `_` spellings of the headers `forwarding` sets (`x_real_ip`,
 /// `x_forwarded_for`, ...): those would reach the same variable past the values Wraith set.
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
-    headers.remove(&X_FORWARDED_CLIENT_CERT);
     // Rare in practice: only collect names when one is there.
     if headers.keys().any(poses_as_identity) {
         let names: Vec<HeaderName> = headers
@@ -253,90 +252,235 @@ fn poses_as_identity(name: &HeaderName) -> bool {
             .any(|h| same(n, h)))
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request about to be forwarded.
-pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
+/// The headers Wraith sets on a request it forwards: X-Forwarded-For/-Proto/-Host,
+/// X-Real-IP, Forwarded, Via, Early-Data and X-Request-Id, worked out once per request.
+///
+/// An HTTP/1.1 upstream gets them written straight into the request head after the client's
+/// headers (`write`), and the client-sent headers they replace are skipped as the head is
+/// written (`replaces`): no header-map insertion per request. HTTP/2 upstreams, and routes
+/// whose request-header edits must see them, get them in the map (`apply`); both ways send
+/// the same headers.
+#[derive(Debug, Default)]
+pub struct Forwarding {
+    /// The values, one after another.
+    text: String,
+    /// The headers Wraith sends, each with where its value ends in `text` (it starts where
+    /// the previous one ends).
+    sent: [(Fwd, usize); FWD.len()],
+    count: usize,
+    /// Client-sent headers that do not pass (one bit per `Fwd`).
+    dropped: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Fwd {
+    #[default]
+    For,
+    RealIp,
+    Proto,
+    Host,
+    Forwarded,
+    /// Appended to, never replaced.
+    Via,
+    EarlyData,
+    RequestId,
+}
+
+const FWD: [Fwd; 8] = [
+    Fwd::For,
+    Fwd::RealIp,
+    Fwd::Proto,
+    Fwd::Host,
+    Fwd::Forwarded,
+    Fwd::Via,
+    Fwd::EarlyData,
+    Fwd::RequestId,
+];
+
+impl Fwd {
+    fn name(self) -> &'static HeaderName {
+        match self {
+            Fwd::For => &X_FORWARDED_FOR,
+            Fwd::RealIp => &X_REAL_IP,
+            Fwd::Proto => &X_FORWARDED_PROTO,
+            Fwd::Host => &X_FORWARDED_HOST,
+            Fwd::Forwarded => &FORWARDED,
+            Fwd::Via => &header::VIA,
+            Fwd::EarlyData => &EARLY_DATA,
+            Fwd::RequestId => &X_REQUEST_ID,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// Works out the forwarding headers of a request about to be forwarded. Client-sent ones are
+/// believed (appended to, or kept) only from a trusted proxy.
+pub fn forwarding(
+    headers: &HeaderMap,
+    info: &ForwardInfo<'_>,
+    request_id: &HeaderValue,
+) -> Forwarding {
+    let mut f = Forwarding::default();
     let peer = canonical(info.peer);
     let proto = if info.https { "https" } else { "http" };
-    let mut buf = String::with_capacity(64);
 
     // X-Forwarded-For: append to a trusted chain; otherwise the peer alone.
-    let prior = if info.peer_trusted {
-        joined(headers, &X_FORWARDED_FOR)
-    } else {
-        None
-    };
-    if let Some(prior) = prior {
-        buf.push_str(&prior);
-        buf.push_str(", ");
+    if let Some(prior) = info
+        .peer_trusted
+        .then(|| joined(headers, &X_FORWARDED_FOR))
+        .flatten()
+    {
+        f.text.push_str(&prior);
+        f.text.push_str(", ");
     }
-    push_ip(&mut buf, peer);
-    set(headers, &X_FORWARDED_FOR, &buf);
+    push_ip(&mut f.text, peer);
+    f.replace(Fwd::For);
 
     // X-Real-IP: always the client address Wraith believes (nginx's usual
     // `proxy_set_header X-Real-IP $remote_addr`); one sent by the client never passes, since
     // upstreams behind nginx-style set-ups often trust it.
-    buf.clear();
-    push_ip(&mut buf, canonical(info.client_ip));
-    set(headers, &X_REAL_IP, &buf);
+    push_ip(&mut f.text, canonical(info.client_ip));
+    f.replace(Fwd::RealIp);
 
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        f.text.push_str(proto);
+        f.replace(Fwd::Proto);
     }
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match info.host.and_then(|h| HeaderValue::from_str(h).ok()) {
-            Some(v) => {
-                headers.insert(X_FORWARDED_HOST.clone(), v);
+        match info.host.filter(|h| h.bytes().all(is_value_byte)) {
+            Some(host) => {
+                f.text.push_str(host);
+                f.replace(Fwd::Host);
             }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
+            None => f.dropped |= Fwd::Host.bit(),
         }
     }
 
     // Forwarded (RFC 7239): IPv6 and ports must be quoted.
-    buf.clear();
-    if let Some(prior) = if info.peer_trusted {
-        joined(headers, &FORWARDED)
-    } else {
-        None
-    } {
-        buf.push_str(&prior);
-        buf.push_str(", ");
+    if let Some(prior) = info
+        .peer_trusted
+        .then(|| joined(headers, &FORWARDED))
+        .flatten()
+    {
+        f.text.push_str(&prior);
+        f.text.push_str(", ");
     }
     if peer.is_ipv4() {
-        buf.push_str("for=");
-        push_ip(&mut buf, peer);
+        f.text.push_str("for=");
+        push_ip(&mut f.text, peer);
     } else {
-        buf.push_str("for=\"[");
-        push_ip(&mut buf, peer);
-        buf.push_str("]\"");
+        f.text.push_str("for=\"[");
+        push_ip(&mut f.text, peer);
+        f.text.push_str("]\"");
     }
-    buf.push_str(";proto=");
-    buf.push_str(proto);
+    f.text.push_str(";proto=");
+    f.text.push_str(proto);
     if let Some(host) = info.host.filter(|h| h.bytes().all(is_token_byte)) {
-        buf.push_str(";host=");
-        buf.push_str(host);
-    } else if let Some(host) = info.host.filter(|h| !h.contains('"') && !h.contains('\\')) {
-        buf.push_str(";host=\"");
-        buf.push_str(host);
-        buf.push('"');
+        f.text.push_str(";host=");
+        f.text.push_str(host);
+    } else if let Some(host) = info
+        .host
+        .filter(|h| h.bytes().all(is_value_byte) && !h.contains('"') && !h.contains('\\'))
+    {
+        f.text.push_str(";host=\"");
+        f.text.push_str(host);
+        f.text.push('"');
     }
-    set(headers, &FORWARDED, &buf);
+    f.replace(Fwd::Forwarded);
 
-    // Via: append ours to whatever came before.
-    let ours = match info.version {
+    // Via: ours after whatever came before.
+    f.text.push_str(match info.version {
         Version::HTTP_2 => "2 wraith",
         Version::HTTP_3 => "3 wraith",
         Version::HTTP_10 => "1.0 wraith",
         _ => "1.1 wraith",
-    };
-    headers.append(header::VIA, HeaderValue::from_static(ours));
+    });
+    f.push(Fwd::Via);
 
     // RFC 8470 §5.1: an intermediary forwarding early data marks it; one set by a proxy
     // before us stays (it can only make the upstream more careful).
     if info.early_data {
-        headers.insert(EARLY_DATA.clone(), HeaderValue::from_static("1"));
+        f.text.push('1');
+        f.replace(Fwd::EarlyData);
     }
+
+    // Generated, or kept from a trusted proxy (`request_id`): printable ASCII either way.
+    f.text.push_str(request_id.to_str().unwrap_or("-"));
+    f.replace(Fwd::RequestId);
+    f
+}
+
+impl Forwarding {
+    /// The value written since the last header ends header `which`, sent after any the
+    /// client sent.
+    fn push(&mut self, which: Fwd) {
+        self.sent[self.count] = (which, self.text.len());
+        self.count += 1;
+    }
+
+    /// The same, in place of any the client sent.
+    fn replace(&mut self, which: Fwd) {
+        self.push(which);
+        self.dropped |= which.bit();
+    }
+
+    /// The headers Wraith sends, in order.
+    fn headers(&self) -> impl Iterator<Item = (Fwd, &str)> + '_ {
+        let mut start = 0;
+        self.sent[..self.count].iter().map(move |&(which, end)| {
+            let value = &self.text[start..end];
+            start = end;
+            (which, value)
+        })
+    }
+
+    /// Whether a client-sent header named `name` is replaced (or removed), not forwarded.
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        FWD.iter()
+            .any(|f| self.dropped & f.bit() != 0 && f.name() == name)
+    }
+
+    /// How many bytes `write` writes.
+    pub fn encoded_len(&self) -> usize {
+        self.text.len()
+            + self
+                .headers()
+                .map(|(which, _)| which.name().as_str().len() + 4)
+                .sum::<usize>()
+    }
+
+    /// Writes the headers as HTTP/1.1 header lines.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (which, value) in self.headers() {
+            out.extend_from_slice(which.name().as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Puts the headers into `headers`, replacing (or appending to) the client's.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for f in FWD {
+            if self.dropped & f.bit() != 0 {
+                headers.remove(f.name());
+            }
+        }
+        for (which, value) in self.headers() {
+            // Built from checked parts: never invalid.
+            if let Ok(v) = HeaderValue::from_str(value) {
+                headers.append(which.name().clone(), v);
+            }
+        }
+    }
+}
+
+/// Bytes a header value may hold (`HeaderValue::from_str`'s rule).
+fn is_value_byte(b: u8) -> bool {
+    (b >= 0x20 && b != 0x7f) || b == b'\t'
 }
 
 /// Appends an address; IPv4 by hand, since `Display` goes through the formatting machinery
@@ -382,17 +526,6 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
         }
     }
     out
-}
-
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name.clone(), v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
 }
 
 /// The request id: kept from a trusted proxy when it looks sane, generated otherwise.
@@ -711,7 +844,7 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-proto", "gopher"),
         ]);
-        set_forwarding(&mut h, &info(false));
+        forwarding(&h, &info(false), &HeaderValue::from_static("id")).apply(&mut h);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "2001:db8::7");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "api.example.com");
@@ -722,7 +855,7 @@ mod tests {
         assert_eq!(h.get("via").unwrap(), "2 wraith");
 
         let mut h = hm(&[("x-forwarded-for", "203.0.113.1")]);
-        set_forwarding(&mut h, &info(true));
+        forwarding(&h, &info(true), &HeaderValue::from_static("id")).apply(&mut h);
         assert_eq!(
             h.get("x-forwarded-for").unwrap(),
             "203.0.113.1, 2001:db8::7"

@@ -29,7 +29,7 @@ use crate::body::Body;
 use crate::config::RouteConfig;
 use crate::error::GatewayError;
 use crate::listener::CloseSignal;
-use crate::proxy::headers::{self, ForwardInfo, X_REQUEST_ID};
+use crate::proxy::headers::{self, ForwardInfo};
 
 /// What happened while forwarding (for the access log).
 #[derive(Debug, Default, Clone)]
@@ -83,7 +83,7 @@ pub async fn forward(
     let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let key = upstream.hash_key(info.client_ip, req.headers(), req.uri().path());
-    prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
+    let forwarding = prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
     let timeout = route.response_timeout.unwrap_or(config.response_timeout);
     let idempotent = is_idempotent(req.method());
 
@@ -156,7 +156,7 @@ pub async fn forward(
                 .await
                 .map_err(|f| (f, None))
         } else {
-            h1::send(&endpoint.pool, req, timeout, guard)
+            h1::send(&endpoint.pool, req, forwarding.as_ref(), timeout, guard)
                 .await
                 .map_err(|e| match e {
                     SendError::Connect { error, request } => {
@@ -333,7 +333,8 @@ async fn send_h2(
     }
 }
 
-/// Rewrites the request in place for the upstream.
+/// Rewrites the request in place for the upstream; returns the forwarding headers when they
+/// are to be written into an HTTP/1.1 request head rather than the header map.
 fn prepare_request(
     req: &mut Request<Body>,
     route: &RouteConfig,
@@ -341,10 +342,7 @@ fn prepare_request(
     request_id: &HeaderValue,
     h2: bool,
     upgrade: bool,
-) -> Result<(), GatewayError> {
-    // Room for what is added below (X-Forwarded-*, Forwarded, Via, X-Request-Id, XFCC):
-    // hyper sizes the map for the headers it parsed, and each growth rehashes every entry.
-    req.headers_mut().reserve(8);
+) -> Result<Option<headers::Forwarding>, GatewayError> {
     // Host: the client's. An authority in the URI (HTTP/2 and HTTP/3 `:authority`, or an
     // absolute-form HTTP/1.1 target) is what routing used, so it is what the upstream gets
     // (RFC 9112 §3.2.2: it replaces any Host header).
@@ -360,9 +358,20 @@ fn prepare_request(
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    headers::set_forwarding(headers, info);
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    route.request_headers.apply(headers);
+    let forwarding = headers::forwarding(headers, info, request_id);
+    // HTTP/1.1 upstreams get the forwarding headers written into the request head; the map
+    // gets them only where something reads it: hyper's HTTP/2 client, and the route's
+    // edits (which may replace or remove them).
+    let late = if h2 || !route.request_headers.is_empty() {
+        // Room for them at once: hyper sizes the map for the headers it parsed, and each
+        // growth rehashes every entry.
+        headers.reserve(8);
+        forwarding.apply(headers);
+        route.request_headers.apply(headers);
+        None
+    } else {
+        Some(forwarding)
+    };
     // Last, so no route edit can replace the verified identity.
     if let Some(v) = info.identity.and_then(|i| i.xfcc.as_ref()) {
         headers.insert(headers::X_FORWARDED_CLIENT_CERT.clone(), v.clone());
@@ -380,7 +389,7 @@ fn prepare_request(
     } else {
         Version::HTTP_11
     };
-    Ok(())
+    Ok(late)
 }
 
 /// The path (and query) sent upstream, with the route's prefix stripped if asked.

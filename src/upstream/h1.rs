@@ -31,6 +31,7 @@ use tokio_rustls::TlsConnector;
 
 use super::tls::{self, Stream};
 use crate::body::{Body, BoxError};
+use crate::proxy::headers::Forwarding;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
@@ -255,11 +256,12 @@ impl Conn {
 pub async fn send(
     pool: &Arc<Pool>,
     req: Request<Body>,
+    forwarding: Option<&Forwarding>,
     timeout: Duration,
     guard: InFlight,
 ) -> Result<Response<Body>, SendError> {
     let (parts, mut body) = req.into_parts();
-    let (head, chunked) = encode_head(&parts, &body);
+    let (head, chunked) = encode_head(&parts, forwarding, &body);
     let replayable = body.is_end_stream();
     // Sent again after the upstream may have acted on it only if repeating it is harmless.
     let idempotent = parts.method.is_idempotent();
@@ -405,6 +407,10 @@ async fn write_request(
     chunked: bool,
     timeout: Duration,
 ) -> Result<(), Exchange> {
+    if body.is_end_stream() {
+        // No body (most requests): the head goes as it is, without a copy.
+        return write_all(conn, head, timeout, false).await;
+    }
     let mut out: Vec<u8> = Vec::with_capacity(head.len() + 256);
     out.extend_from_slice(head);
     let mut sent_any = false;
@@ -495,8 +501,14 @@ fn is_stale(e: &io::Error) -> bool {
 /// The request line and headers, with Wraith's own framing header last, and whether that
 /// framing is chunked (decided here, never read back from the bytes: a client's header value
 /// could end the same way).
-fn encode_head(parts: &http::request::Parts, body: &Body) -> (Vec<u8>, bool) {
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
+fn encode_head(
+    parts: &http::request::Parts,
+    forwarding: Option<&Forwarding>,
+    body: &Body,
+) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(
+        256 + parts.headers.len() * 32 + forwarding.map_or(0, Forwarding::encoded_len),
+    );
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -506,6 +518,7 @@ fn encode_head(parts: &http::request::Parts, body: &Body) -> (Vec<u8>, bool) {
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
             || name == header::EXPECT
+            || forwarding.is_some_and(|f| f.replaces(name))
         {
             continue;
         }
@@ -513,6 +526,9 @@ fn encode_head(parts: &http::request::Parts, body: &Body) -> (Vec<u8>, bool) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(f) = forwarding {
+        f.write(&mut out);
     }
     let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
     let mut chunked = false;
@@ -1266,7 +1282,7 @@ mod tests {
             .body(Body::full("abc"))
             .unwrap();
         let (parts, body) = req.into_parts();
-        let head = String::from_utf8(encode_head(&parts, &body).0).unwrap();
+        let head = String::from_utf8(encode_head(&parts, None, &body).0).unwrap();
         assert_eq!(
             head,
             "POST /x?y=1 HTTP/1.1\r\nhost: example.com\r\ncontent-length: 3\r\n\r\n"
@@ -1274,7 +1290,7 @@ mod tests {
         let req = Request::get("/").body(Body::Empty).unwrap();
         let (parts, body) = req.into_parts();
         assert_eq!(
-            String::from_utf8(encode_head(&parts, &body).0).unwrap(),
+            String::from_utf8(encode_head(&parts, None, &body).0).unwrap(),
             "GET / HTTP/1.1\r\n\r\n"
         );
         // A client header that ends like the chunked framing header does not make the
@@ -1284,8 +1300,79 @@ mod tests {
             .body(Body::Empty)
             .unwrap();
         let (parts, body) = req.into_parts();
-        let (head, chunked) = encode_head(&parts, &body);
+        let (head, chunked) = encode_head(&parts, None, &body);
         assert!(head.ends_with(b"x-a: transfer-encoding: chunked\r\n\r\n"));
         assert!(!chunked);
+    }
+
+    #[test]
+    fn forwarding_headers_in_the_head_are_the_ones_the_map_would_carry() {
+        use crate::proxy::headers::{forwarding, ForwardInfo};
+        let spoofed: &[(&str, &str)] = &[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-real-ip", "1.1.1.1"),
+            ("forwarded", "for=6.6.6.6"),
+            ("via", "1.0 other"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "evil.example"),
+            ("early-data", "0"),
+            ("x-request-id", "spoof"),
+            ("accept", "*/*"),
+        ];
+        let plain: &[(&str, &str)] = &[("host", "api.example.com")];
+        let request = |pairs: &[(&str, &str)]| {
+            let mut b = Request::get("/x");
+            for (k, v) in pairs {
+                b = b.header(*k, *v);
+            }
+            b.body(Body::Empty).unwrap().into_parts()
+        };
+        // Header lines, ordered by name only (a stable sort: values of one name keep
+        // their order, which matters for Via and X-Forwarded-For).
+        let lines = |head: Vec<u8>| {
+            let text = String::from_utf8(head).unwrap();
+            let mut lines: Vec<String> = text.lines().skip(1).map(String::from).collect();
+            lines.sort_by_key(|l| l.split(':').next().unwrap_or("").to_string());
+            lines
+        };
+        for pairs in [spoofed, plain] {
+            for trusted in [false, true] {
+                for early_data in [false, true] {
+                    for host in [Some("api.example.com"), Some("[::1]:8443"), None] {
+                        let info = ForwardInfo {
+                            peer: "10.0.0.2".parse().unwrap(),
+                            client_ip: "203.0.113.7".parse().unwrap(),
+                            peer_trusted: trusted,
+                            https: true,
+                            host,
+                            version: Version::HTTP_11,
+                            identity: None,
+                            early_data,
+                            close: None,
+                        };
+                        let (parts, body) = request(pairs);
+                        let f =
+                            forwarding(&parts.headers, &info, &HeaderValue::from_static("id-1"));
+                        let mut alone = Vec::new();
+                        f.write(&mut alone);
+                        assert_eq!(alone.len(), f.encoded_len());
+                        let written = lines(encode_head(&parts, Some(&f), &body).0);
+                        let (mut parts, body) = request(pairs);
+                        f.apply(&mut parts.headers);
+                        let mapped = lines(encode_head(&parts, None, &body).0);
+                        assert_eq!(
+                            written, mapped,
+                            "{pairs:?} trusted={trusted} early={early_data} {host:?}"
+                        );
+                        let has = |l: &str| written.iter().any(|w| w == l);
+                        assert!(has("x-request-id: id-1"));
+                        assert!(has("x-real-ip: 203.0.113.7"));
+                        assert_eq!(has("early-data: 1"), early_data);
+                        assert!(!has("x-forwarded-proto: gopher") || trusted);
+                        assert!(!has("x-real-ip: 1.1.1.1"));
+                    }
+                }
+            }
+        }
     }
 }

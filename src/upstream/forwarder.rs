@@ -304,7 +304,10 @@ fn finish_response(
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::Empty));
     }
-    headers::strip_hop_by_hop(resp.headers_mut(), false, false);
+    // The HTTP/1.1 client leaves them out as it parses the head (`h1::parse_head`).
+    if !matches!(resp.body(), Body::Upstream(_)) {
+        headers::strip_hop_by_hop(resp.headers_mut(), false, false);
+    }
     Ok(resp)
 }
 

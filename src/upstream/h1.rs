@@ -658,6 +658,16 @@ fn parse_head(
         let (vs, vl) = offset(h.value.as_ptr(), h.value.len());
         *span = (ns, nl, vs, vl);
     }
+    // Framing facts straight from the raw headers (no map lookups afterwards).
+    let mut facts = Facts::default();
+    for h in parsed.headers.iter() {
+        facts.note(h.name.as_bytes(), h.value);
+    }
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    // Hop-by-hop headers stay out of the response map (RFC 9110 §7.6.1), except on a 101,
+    // whose `Upgrade` the client needs. When `Connection` names other headers (rare), the
+    // map takes everything and `strip_hop_by_hop` sorts it out below.
+    let skip_hop_by_hop = !upgrade && !facts.connection_names;
     let head = buf.split_to(len).freeze();
     let mut map = HeaderMap::with_capacity(count);
     for &(ns, nl, vs, vl) in &spans[..count] {
@@ -673,13 +683,26 @@ fn parse_head(
                 String::from_utf8_lossy(&head[ns..ns + nl])
             )
         })?;
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which must not pass on.
+        if (skip_hop_by_hop && crate::proxy::headers::is_hop_by_hop(&name))
+            || (facts.transfer_coding.is_some() && name == header::CONTENT_LENGTH)
+        {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
             .map_err(|_| format!("invalid value for header {name} from upstream"))?;
         map.append(name, value);
     }
+    if !skip_hop_by_hop && !upgrade {
+        crate::proxy::headers::strip_hop_by_hop(&mut map, false, false);
+    }
 
-    let keep_alive = keep_alive(version, &map);
-    let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
+    let keep_alive = if version == Version::HTTP_10 {
+        facts.keep_alive && !facts.close
+    } else {
+        !facts.close
+    };
+    let framing = if upgrade {
         Framing::Upgrade
     } else if head_only
         || status.is_informational()
@@ -689,20 +712,17 @@ fn parse_head(
         Framing::Empty {
             reusable: keep_alive,
         }
-    } else if let Some(te) = last_transfer_coding(&map) {
-        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which must not pass on.
-        map.remove(header::CONTENT_LENGTH);
-        if te.eq_ignore_ascii_case("chunked") {
+    } else if let Some(chunked) = facts.transfer_coding {
+        if chunked {
             Framing::Chunked {
                 reusable: keep_alive,
             }
         } else {
             Framing::UntilClose
         }
-    } else if map.contains_key(header::CONTENT_LENGTH) {
-        let n = content_length(&map)?;
+    } else if let Some(n) = facts.content_length {
         Framing::Length {
-            remaining: n,
+            remaining: n?,
             reusable: keep_alive,
         }
     } else {
@@ -715,56 +735,85 @@ fn parse_head(
     Ok(Some((resp, framing)))
 }
 
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut close = false;
-    let mut keep = false;
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.to_str().unwrap_or("").split(',') {
-            let t = token.trim();
-            close |= t.eq_ignore_ascii_case("close");
-            keep |= t.eq_ignore_ascii_case("keep-alive");
-        }
-    }
-    if version == Version::HTTP_10 {
-        keep && !close
-    } else {
-        !close
-    }
+/// What a response head says about its framing and its connection, read from the raw
+/// header lines.
+#[derive(Default)]
+struct Facts {
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive` (what an HTTP/1.0 response needs to be reusable).
+    keep_alive: bool,
+    /// `Connection` names other headers (hop-by-hop for this message).
+    connection_names: bool,
+    /// Transfer-Encoding present: whether its last coding is `chunked`.
+    transfer_coding: Option<bool>,
+    /// Content-Length present: its value, or why it cannot be used (only an error if the
+    /// framing comes down to it).
+    content_length: Option<Result<u64, String>>,
 }
 
-fn last_transfer_coding(headers: &HeaderMap) -> Option<String> {
-    let mut last = None;
-    for v in headers.get_all(header::TRANSFER_ENCODING) {
-        for coding in v.to_str().unwrap_or("unknown").split(',') {
-            let c = coding.trim();
-            if !c.is_empty() {
-                last = Some(c.to_string());
+impl Facts {
+    fn note(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in tokens(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else {
+                    self.connection_names = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The last coding of the last header decides; anything not text is unknown.
+            let valid = std::str::from_utf8(value).is_ok();
+            if let Some(last) = tokens(value).last() {
+                self.transfer_coding = Some(valid && last.eq_ignore_ascii_case(b"chunked"));
+            } else if !valid {
+                self.transfer_coding = Some(false);
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            // Several values (in one header or many) must agree (RFC 9110 §8.6).
+            // (An empty value is one empty part: invalid.)
+            for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let n = parse_length(part).ok_or_else(|| {
+                    format!(
+                        "invalid Content-Length {:?} from upstream",
+                        String::from_utf8_lossy(part)
+                    )
+                });
+                self.content_length = Some(match (self.content_length.take(), n) {
+                    (Some(Err(e)), _) | (_, Err(e)) => Err(e),
+                    (Some(Ok(a)), Ok(b)) if a != b => {
+                        Err("conflicting Content-Length values from upstream".into())
+                    }
+                    (_, Ok(b)) => Ok(b),
+                });
             }
         }
     }
-    last
 }
 
-/// The Content-Length; several must agree (RFC 9110 §8.6).
-fn content_length(headers: &HeaderMap) -> Result<u64, String> {
-    let mut value: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v
-            .to_str()
-            .map_err(|_| "invalid Content-Length from upstream")?
-            .split(',')
-        {
-            let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| format!("invalid Content-Length {part:?} from upstream"))?;
-            if value.is_some_and(|v| v != n) {
-                return Err("conflicting Content-Length values from upstream".into());
-            }
-            value = Some(n);
-        }
+/// The non-empty comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// `1*DIGIT`, no sign, no overflow.
+fn parse_length(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
     }
-    value.ok_or_else(|| "missing Content-Length".to_string())
+    s.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
 }
 
 /// Counts a request in flight on its endpoint until dropped.
@@ -1271,6 +1320,72 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-le", false)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn response_heads_leave_hop_by_hop_headers_out() {
+        let names = |raw: &[u8]| {
+            let mut b = BytesMut::from(raw);
+            let (resp, _) = parse_head(&mut b, false).unwrap().unwrap();
+            let mut names: Vec<String> = resp.headers().keys().map(|k| k.to_string()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                  Transfer-Encoding: chunked\r\nContent-Length: 9\r\nProxy-Authenticate: Basic\r\n\
+                  Upgrade: h2c\r\nProxy-Connection: close\r\nTE: trailers\r\nX-Kept: 1\r\n\
+                  Trailer: grpc-status\r\n\r\n"
+            ),
+            ["trailer", "x-kept"]
+        );
+        // Named by Connection: gone too, but never the framing.
+        assert_eq!(
+            names(
+                b"HTTP/1.1 200 OK\r\nConnection: close, X-Secret, Content-Length\r\n\
+                  X-Secret: 1\r\nContent-Length: 0\r\nUpgrade: h2c\r\nX-Kept: 1\r\n\r\n"
+            ),
+            ["content-length", "x-kept"]
+        );
+        // A 101 keeps what the client's side of the upgrade needs.
+        assert_eq!(
+            names(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            ["connection", "upgrade"]
+        );
+        let length = |raw: &[u8]| {
+            let mut b = BytesMut::from(raw);
+            parse_head(&mut b, false).map(|r| format!("{:?}", r.unwrap().1))
+        };
+        assert_eq!(
+            length(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n")
+                .unwrap(),
+            "Length { remaining: 5, reusable: true }"
+        );
+        for bad in ["+5", "", "5 5", "0x5", "99999999999999999999", "5, 6"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(length(raw.as_bytes()).is_err(), "{bad:?}");
+        }
+        // Transfer-Encoding decides (an unusable Content-Length beside it does not matter).
+        assert_eq!(
+            length(
+                b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            )
+            .unwrap(),
+            "Chunked { reusable: true }"
+        );
+        assert_eq!(
+            length(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n"
+            )
+            .unwrap(),
+            "UntilClose"
+        );
+        assert_eq!(
+            length(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n")
+                .unwrap(),
+            "Length { remaining: 0, reusable: true }"
+        );
     }
 
     #[test]

@@ -262,12 +262,13 @@ fn poses_as_identity(name: &HeaderName) -> bool {
 /// the same headers.
 #[derive(Debug, Default)]
 pub struct Forwarding {
-    /// The values, one after another.
+    /// The header lines Wraith sends (`name: value\r\n`), one after another.
     text: String,
-    /// The headers Wraith sends, each with where its value ends in `text` (it starts where
-    /// the previous one ends).
-    sent: [(Fwd, usize); FWD.len()],
+    /// Each of them: which header, and where its value sits in `text`.
+    sent: [(Fwd, usize, usize); FWD.len()],
     count: usize,
+    /// Where the value being written starts.
+    start: usize,
     /// Client-sent headers that do not pass (one bit per `Fwd`).
     dropped: u8,
 }
@@ -323,11 +324,15 @@ pub fn forwarding(
     info: &ForwardInfo<'_>,
     request_id: &HeaderValue,
 ) -> Forwarding {
-    let mut f = Forwarding::default();
+    let mut f = Forwarding {
+        text: String::with_capacity(320),
+        ..Forwarding::default()
+    };
     let peer = canonical(info.peer);
     let proto = if info.https { "https" } else { "http" };
 
     // X-Forwarded-For: append to a trusted chain; otherwise the peer alone.
+    f.begin(Fwd::For);
     if let Some(prior) = info
         .peer_trusted
         .then(|| joined(headers, &X_FORWARDED_FOR))
@@ -342,16 +347,19 @@ pub fn forwarding(
     // X-Real-IP: always the client address Wraith believes (nginx's usual
     // `proxy_set_header X-Real-IP $remote_addr`); one sent by the client never passes, since
     // upstreams behind nginx-style set-ups often trust it.
+    f.begin(Fwd::RealIp);
     push_ip(&mut f.text, canonical(info.client_ip));
     f.replace(Fwd::RealIp);
 
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        f.begin(Fwd::Proto);
         f.text.push_str(proto);
         f.replace(Fwd::Proto);
     }
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         match info.host.filter(|h| h.bytes().all(is_value_byte)) {
             Some(host) => {
+                f.begin(Fwd::Host);
                 f.text.push_str(host);
                 f.replace(Fwd::Host);
             }
@@ -360,6 +368,7 @@ pub fn forwarding(
     }
 
     // Forwarded (RFC 7239): IPv6 and ports must be quoted.
+    f.begin(Fwd::Forwarded);
     if let Some(prior) = info
         .peer_trusted
         .then(|| joined(headers, &FORWARDED))
@@ -392,6 +401,7 @@ pub fn forwarding(
     f.replace(Fwd::Forwarded);
 
     // Via: ours after whatever came before.
+    f.begin(Fwd::Via);
     f.text.push_str(match info.version {
         Version::HTTP_2 => "2 wraith",
         Version::HTTP_3 => "3 wraith",
@@ -403,22 +413,31 @@ pub fn forwarding(
     // RFC 8470 §5.1: an intermediary forwarding early data marks it; one set by a proxy
     // before us stays (it can only make the upstream more careful).
     if info.early_data {
+        f.begin(Fwd::EarlyData);
         f.text.push('1');
         f.replace(Fwd::EarlyData);
     }
 
     // Generated, or kept from a trusted proxy (`request_id`): printable ASCII either way.
+    f.begin(Fwd::RequestId);
     f.text.push_str(request_id.to_str().unwrap_or("-"));
     f.replace(Fwd::RequestId);
     f
 }
 
 impl Forwarding {
-    /// The value written since the last header ends header `which`, sent after any the
-    /// client sent.
+    /// Starts the line of header `which`; its value is written next.
+    fn begin(&mut self, which: Fwd) {
+        self.text.push_str(which.name().as_str());
+        self.text.push_str(": ");
+        self.start = self.text.len();
+    }
+
+    /// Ends the line begun last: header `which`, sent after any the client sent.
     fn push(&mut self, which: Fwd) {
-        self.sent[self.count] = (which, self.text.len());
+        self.sent[self.count] = (which, self.start, self.text.len());
         self.count += 1;
+        self.text.push_str("\r\n");
     }
 
     /// The same, in place of any the client sent.
@@ -429,12 +448,9 @@ impl Forwarding {
 
     /// The headers Wraith sends, in order.
     fn headers(&self) -> impl Iterator<Item = (Fwd, &str)> + '_ {
-        let mut start = 0;
-        self.sent[..self.count].iter().map(move |&(which, end)| {
-            let value = &self.text[start..end];
-            start = end;
-            (which, value)
-        })
+        self.sent[..self.count]
+            .iter()
+            .map(|&(which, start, end)| (which, &self.text[start..end]))
     }
 
     /// Whether a client-sent header named `name` is replaced (or removed), not forwarded.
@@ -446,20 +462,11 @@ impl Forwarding {
     /// How many bytes `write` writes.
     pub fn encoded_len(&self) -> usize {
         self.text.len()
-            + self
-                .headers()
-                .map(|(which, _)| which.name().as_str().len() + 4)
-                .sum::<usize>()
     }
 
     /// Writes the headers as HTTP/1.1 header lines.
     pub fn write(&self, out: &mut Vec<u8>) {
-        for (which, value) in self.headers() {
-            out.extend_from_slice(which.name().as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        out.extend_from_slice(self.text.as_bytes());
     }
 
     /// Puts the headers into `headers`, replacing (or appending to) the client's.
@@ -488,19 +495,26 @@ fn is_value_byte(b: u8) -> bool {
 fn push_ip(buf: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().iter().enumerate() {
+            // Into a stack buffer, then one copy (a `push` per digit checks capacity each).
+            let mut out = [0u8; 15];
+            let mut n = 0;
+            for (i, &o) in v4.octets().iter().enumerate() {
                 if i > 0 {
-                    buf.push('.');
+                    out[n] = b'.';
+                    n += 1;
                 }
-                let o = *octet;
                 if o >= 100 {
-                    buf.push((b'0' + o / 100) as char);
+                    out[n] = b'0' + o / 100;
+                    n += 1;
                 }
                 if o >= 10 {
-                    buf.push((b'0' + (o / 10) % 10) as char);
+                    out[n] = b'0' + (o / 10) % 10;
+                    n += 1;
                 }
-                buf.push((b'0' + o % 10) as char);
+                out[n] = b'0' + o % 10;
+                n += 1;
             }
+            buf.push_str(std::str::from_utf8(&out[..n]).unwrap_or_default());
         }
         IpAddr::V6(v6) => {
             let _ = write!(buf, "{v6}");

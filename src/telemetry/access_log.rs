@@ -176,7 +176,22 @@ impl AccessRecord {
         client_ip: IpAddr,
         request_id: &HeaderValue,
     ) -> AccessRecord {
-        let headers = req.headers();
+        // One pass over the (few) headers rather than a lookup for each of three names.
+        let (mut host_header, mut user_agent, mut referer) = (None, None, None);
+        for (name, value) in req.headers() {
+            let slot = if name == HOST {
+                &mut host_header
+            } else if name == USER_AGENT {
+                &mut user_agent
+            } else if name == REFERER {
+                &mut referer
+            } else {
+                continue;
+            };
+            if slot.is_none() {
+                *slot = Some(value.clone());
+            }
+        }
         AccessRecord {
             time: SystemTime::now(),
             request_id: request_id.clone(),
@@ -190,9 +205,9 @@ impl AccessRecord {
             identity: conn.identity.clone(),
             method: req.method().clone(),
             uri: req.uri().clone(),
-            host_header: headers.get(HOST).cloned(),
-            user_agent: headers.get(USER_AGENT).cloned(),
-            referer: headers.get(REFERER).cloned(),
+            host_header,
+            user_agent,
+            referer,
             ..AccessRecord::default()
         }
     }

@@ -437,7 +437,7 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     }
     o.opt_str("route", r.route.as_deref());
     o.opt_str("upstream", r.upstream.as_deref());
-    o.opt_str("endpoint", r.forward.endpoint.as_deref());
+    o.opt_str("endpoint", r.forward.endpoint.as_ref().map(|a| a.as_str()));
     if r.forward.attempts > 0 {
         o.num("attempts", u64::from(r.forward.attempts));
     }

@@ -271,7 +271,7 @@ impl SnapshotTelemetry {
             let handles = self
                 .endpoints
                 .get(up)
-                .and_then(|l| l.iter().find(|(n, _)| n == ep));
+                .and_then(|l| l.iter().find(|(n, _)| n == ep.as_str()));
             if let Some((_, h)) = handles {
                 h.observe(record.forward.upstream_time);
                 if let Some(

@@ -212,7 +212,7 @@ fn bind_row<'v>(
     }
     b.opt(base + 22, r.route.as_deref())?;
     b.opt(base + 23, r.upstream.as_deref())?;
-    b.opt(base + 24, r.forward.endpoint.as_deref())?;
+    b.opt(base + 24, r.forward.endpoint.as_ref().map(|a| a.as_str()))?;
     b.int(base + 25, r.forward.attempts.into())?;
     if let Some(p) = &r.policy {
         b.text(base + 26, p.effect.as_str())?;
@@ -602,7 +602,7 @@ mod tests {
             route: Some("all".into()),
             upstream: Some("up".into()),
             forward: crate::upstream::forwarder::ForwardOutcome {
-                endpoint: Some("127.0.0.1:18080".into()),
+                endpoint: Some(http::uri::Authority::from_static("127.0.0.1:18080")),
                 upstream_time: Some(Duration::from_micros(80)),
                 attempts: 1,
             },

@@ -35,7 +35,7 @@ use crate::proxy::headers::{self, ForwardInfo};
 #[derive(Debug, Default, Clone)]
 pub struct ForwardOutcome {
     /// The endpoint tried last (the one that answered, when one did).
-    pub endpoint: Option<String>,
+    pub endpoint: Option<http::uri::Authority>,
     /// Time from sending the first attempt to receiving the response head (all attempts).
     pub upstream_time: Option<Duration>,
     /// Attempts made (1 + retries).
@@ -148,7 +148,7 @@ pub async fn forward(
         let endpoint = &upstream.endpoints[index];
         tried.insert(index);
         outcome.attempts += 1;
-        outcome.endpoint = Some(endpoint.authority.to_string());
+        outcome.endpoint = Some(endpoint.authority.clone());
         endpoint.requests.fetch_add(1, Ordering::Relaxed);
 
         let result = if h2 {

@@ -329,6 +329,9 @@ pub fn forwarding(
         ..Forwarding::default()
     };
     let peer = canonical(info.peer);
+    let client = canonical(info.client_ip);
+    // Formatted once: it goes into X-Forwarded-For, Forwarded and (usually) X-Real-IP.
+    let peer_text = IpText::of(peer);
     let proto = if info.https { "https" } else { "http" };
 
     // X-Forwarded-For: append to a trusted chain; otherwise the peer alone.
@@ -341,14 +344,18 @@ pub fn forwarding(
         f.text.push_str(&prior);
         f.text.push_str(", ");
     }
-    push_ip(&mut f.text, peer);
+    f.text.push_str(peer_text.as_str());
     f.replace(Fwd::For);
 
     // X-Real-IP: always the client address Wraith believes (nginx's usual
     // `proxy_set_header X-Real-IP $remote_addr`); one sent by the client never passes, since
     // upstreams behind nginx-style set-ups often trust it.
     f.begin(Fwd::RealIp);
-    push_ip(&mut f.text, canonical(info.client_ip));
+    if client == peer {
+        f.text.push_str(peer_text.as_str());
+    } else {
+        f.text.push_str(IpText::of(client).as_str());
+    }
     f.replace(Fwd::RealIp);
 
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -379,10 +386,10 @@ pub fn forwarding(
     }
     if peer.is_ipv4() {
         f.text.push_str("for=");
-        push_ip(&mut f.text, peer);
+        f.text.push_str(peer_text.as_str());
     } else {
         f.text.push_str("for=\"[");
-        push_ip(&mut f.text, peer);
+        f.text.push_str(peer_text.as_str());
         f.text.push_str("]\"");
     }
     f.text.push_str(";proto=");
@@ -490,35 +497,60 @@ fn is_value_byte(b: u8) -> bool {
     (b >= 0x20 && b != 0x7f) || b == b'\t'
 }
 
-/// Appends an address; IPv4 by hand, since `Display` goes through the formatting machinery
-/// and this runs on every request.
-fn push_ip(buf: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            // Into a stack buffer, then one copy (a `push` per digit checks capacity each).
-            let mut out = [0u8; 15];
-            let mut n = 0;
-            for (i, &o) in v4.octets().iter().enumerate() {
-                if i > 0 {
-                    out[n] = b'.';
-                    n += 1;
+/// An address as text, on the stack; IPv4 by hand, since `Display` goes through the
+/// formatting machinery and this runs on every request.
+struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn of(ip: IpAddr) -> IpText {
+        let mut t = IpText {
+            buf: [0; 45],
+            len: 0,
+        };
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, &o) in v4.octets().iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    if o >= 100 {
+                        t.push(b'0' + o / 100);
+                    }
+                    if o >= 10 {
+                        t.push(b'0' + (o / 10) % 10);
+                    }
+                    t.push(b'0' + o % 10);
                 }
-                if o >= 100 {
-                    out[n] = b'0' + o / 100;
-                    n += 1;
-                }
-                if o >= 10 {
-                    out[n] = b'0' + (o / 10) % 10;
-                    n += 1;
-                }
-                out[n] = b'0' + o % 10;
-                n += 1;
             }
-            buf.push_str(std::str::from_utf8(&out[..n]).unwrap_or_default());
+            IpAddr::V6(v6) => {
+                // At most 45 bytes (`ffff:...:255.255.255.255`).
+                let _ = write!(t, "{v6}");
+            }
         }
-        IpAddr::V6(v6) => {
-            let _ = write!(buf, "{v6}");
-        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII was written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -902,10 +934,12 @@ mod tests {
             "255.255.255.255",
             "192.168.100.9",
             "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "1111:2222:3333:4444:5555:6666:255.255.255.255",
         ] {
-            let mut s = String::new();
-            push_ip(&mut s, ip.parse().unwrap());
-            assert_eq!(s, ip);
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::of(parsed).as_str(), parsed.to_string());
         }
     }
 

@@ -216,9 +216,10 @@ impl Gateway {
         {
             return Err(GatewayError::BadRequest("missing Host"));
         }
+        let host_name = host.name();
         let route = snapshot
             .router
-            .find(host.name(), req.uri().path(), req.method());
+            .find(host_name, req.uri().path(), req.method());
         if let Some(route) = route {
             record.set_route(route);
         }
@@ -254,7 +255,7 @@ impl Gateway {
         let access = crate::policy::Access {
             route,
             method: req.method(),
-            host: host.name(),
+            host: host_name,
             path: req.uri().path(),
             query: req.uri().query(),
             version: req.version(),
@@ -303,14 +304,14 @@ impl Gateway {
                 *resp.headers_mut() = r.headers.clone();
                 resp
             }
-            RouteAction::Redirect { to, status } => redirect(&req, host.name(), to, *status),
+            RouteAction::Redirect { to, status } => redirect(&req, host_name, to, *status),
             RouteAction::Upstream(_) => {
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
                     client_ip,
                     peer_trusted,
                     https: conn.tls.is_some(),
-                    host: host.name(),
+                    host: host_name,
                     version: req.version(),
                     identity: conn.identity.as_deref(),
                     early_data,

@@ -207,7 +207,8 @@ impl Snapshot {
 
 /// Closes the connections admitted under client-certificate rules that `new` changed: a
 /// certificate just revoked by a CRL, or let in by a CA just removed, must not keep its access
-/// for as long as it keeps a connection open. Listeners `new` no longer has drain anyway
+/// for as long as it keeps a connection open. The same for a TLS version or key-exchange group
+/// `new` no longer allows (see `client_auth::admits_same_clients`). Listeners `new` no longer has drain anyway
 /// (`Runtime::retire_listeners`); unchanged rules keep their epoch and their connections.
 fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
     for before in &old.listeners {
@@ -221,7 +222,7 @@ fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
         tracing::info!(
             listener = %after.config.name,
             connections,
-            "client authentication settings changed; closing the connections admitted under the old ones"
+            "client authentication settings changed (or a TLS version or key-exchange group was withdrawn); closing the connections admitted under the old ones"
         );
     }
 }

@@ -4,7 +4,8 @@
 //! A TLS handshake checks the client certificate once; the connection then serves requests for
 //! as long as the client keeps it open (keep-alive, HTTP/2, HTTP/3). So when a reload changes
 //! who may connect - `client_auth` mode, the CA bundles, the CRLs (re-read on every reload) or
-//! the chain depth - the connections admitted under the old rules must not go on serving.
+//! the chain depth - the connections admitted under the old rules must not go on serving. The
+//! same holds for a TLS version or key-exchange group the reload stops allowing.
 //!
 //! Every listener runtime holds a `ClientAuthEpoch`. A reload that leaves a listener's
 //! client-authentication settings as they were carries the epoch over to the new snapshot; one
@@ -87,7 +88,27 @@ impl Drop for Admitted {
 /// `client_auth = "none"`) the other settings mean nothing and are not compared; but a listener
 /// turned from plain HTTP into HTTPS (or back) admits under other rules: its plaintext
 /// connections must not outlive the change.
+///
+/// The TLS parameters count too, in one direction: a reload that stops allowing a TLS version
+/// or a key-exchange group the listener allowed before (dropping TLS 1.2, or the classical
+/// groups to require post-quantum key exchange) closes the connections that may have been
+/// negotiated with it. Allowing more closes nothing.
 pub fn admits_same_clients(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    !tls_narrowed(a, b) && same_client_auth(a, b)
+}
+
+/// Whether `b` no longer allows a TLS version or key-exchange group that `a` allowed.
+fn tls_narrowed(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    match (&a.tls, &b.tls) {
+        (Some(a), Some(b)) => {
+            a.versions.iter().any(|v| !b.versions.contains(v))
+                || a.key_exchange.iter().any(|g| !b.key_exchange.contains(g))
+        }
+        _ => false,
+    }
+}
+
+fn same_client_auth(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     fn verified(l: &ListenerConfig) -> Option<&ClientAuth> {
         l.tls
             .as_ref()
@@ -205,6 +226,41 @@ mod tests {
             &plain,
             &listener(required(b"ca", None))
         ));
+    }
+
+    #[test]
+    fn a_tls_version_or_group_no_longer_allowed_counts_one_added_does_not() {
+        use crate::config::TlsVersion;
+        use crate::listener::tls::KxGroup;
+        let with = |versions: &[TlsVersion], groups: &[KxGroup], auth: ClientAuth| {
+            let mut l = listener(auth);
+            let t = l.tls.as_mut().unwrap();
+            t.versions = versions.to_vec();
+            t.key_exchange = groups.to_vec();
+            l
+        };
+        let (v12, v13) = (TlsVersion::Tls12, TlsVersion::Tls13);
+        let (pq, x) = (KxGroup::X25519MlKem768, KxGroup::X25519);
+        for auth in [ClientAuth::default(), required(b"ca", None)] {
+            let both = with(&[v13, v12], &[pq, x], auth.clone());
+            // Narrowed: connections may use what is gone.
+            assert!(!admits_same_clients(
+                &both,
+                &with(&[v13], &[pq, x], auth.clone())
+            ));
+            assert!(!admits_same_clients(
+                &both,
+                &with(&[v13, v12], &[pq], auth.clone())
+            ));
+            // Widened, reordered or the same: nothing to close.
+            let narrow = with(&[v13], &[pq], auth.clone());
+            assert!(admits_same_clients(&narrow, &both));
+            assert!(admits_same_clients(
+                &both,
+                &with(&[v12, v13], &[x, pq], auth.clone())
+            ));
+            assert!(admits_same_clients(&both, &both));
+        }
     }
 
     #[test]

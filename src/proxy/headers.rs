@@ -247,6 +247,7 @@ fn poses_as_identity(name: &HeaderName) -> bool {
                 b"x-forwarded-proto",
                 b"x-forwarded-host",
                 b"x-request-id",
+                b"early-data",
             ]
             .iter()
             .any(|h| same(n, h)))
@@ -526,8 +527,9 @@ impl IpText {
                 }
             }
             IpAddr::V6(v6) => {
-                // At most 45 bytes (`ffff:...:255.255.255.255`).
-                let _ = write!(t, "{v6}");
+                // At most 39 bytes (eight full groups); the buffer has room for 45.
+                let written = write!(t, "{v6}");
+                debug_assert!(written.is_ok(), "{v6} did not fit");
             }
         }
         t
@@ -795,11 +797,21 @@ mod tests {
             ("x-wraith_role", "admin"),
             ("x-wraithless", "kept"),
             ("x-forwarded-client-certs", "kept"),
+            // `_` spellings of what `forwarding` sets.
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
+            ("early_data", "0"),
+            ("x-request_id", "spoof"),
+            // The real names are `forwarding`'s to replace, not removed here.
+            ("early-data", "0"),
         ]);
         strip_identity_headers(&mut h);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, ["x-forwarded-client-certs", "x-wraithless"]);
+        assert_eq!(
+            left,
+            ["early-data", "x-forwarded-client-certs", "x-wraithless"]
+        );
     }
 
     #[test]

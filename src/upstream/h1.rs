@@ -407,7 +407,7 @@ async fn write_request(
     chunked: bool,
     timeout: Duration,
 ) -> Result<(), Exchange> {
-    if body.is_end_stream() {
+    if body.is_end_stream() && !chunked {
         // No body (most requests): the head goes as it is, without a copy.
         return write_all(conn, head, timeout, false).await;
     }
@@ -697,11 +697,17 @@ fn parse_head(
         crate::proxy::headers::strip_hop_by_hop(&mut map, false, false);
     }
 
-    let keep_alive = if version == Version::HTTP_10 {
-        facts.keep_alive && !facts.close
-    } else {
-        !facts.close
-    };
+    // Transfer-Encoding beside Content-Length, or on HTTP/1.0 (which has no chunked coding),
+    // is faulty framing: the body is read as Transfer-Encoding says, and the connection is
+    // not trusted with another request (RFC 9112 §6.1, §6.3).
+    let faulty = facts.transfer_coding.is_some()
+        && (facts.content_length.is_some() || version == Version::HTTP_10);
+    let keep_alive = !faulty
+        && if version == Version::HTTP_10 {
+            facts.keep_alive && !facts.close
+        } else {
+            !facts.close
+        };
     let framing = if upgrade {
         Framing::Upgrade
     } else if head_only
@@ -765,8 +771,8 @@ impl Facts {
                 }
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // The last coding of the last header decides; anything not text is unknown.
-            let valid = std::str::from_utf8(value).is_ok();
+            // The last coding of the last header decides; anything not ASCII is unknown.
+            let valid = value.is_ascii();
             if let Some(last) = tokens(value).last() {
                 self.transfer_coding = Some(valid && last.eq_ignore_ascii_case(b"chunked"));
             } else if !valid {
@@ -1276,7 +1282,8 @@ mod tests {
             .unwrap()
             .unwrap()
             .1,
-            "Chunked { reusable: true }"
+            // Both framing headers: faulty, the connection is not used again.
+            "Chunked { reusable: false }"
         );
         assert_eq!(
             parse(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", false)
@@ -1372,7 +1379,18 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
             )
             .unwrap(),
+            "Chunked { reusable: false }"
+        );
+        assert_eq!(
+            length(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap(),
             "Chunked { reusable: true }"
+        );
+        assert_eq!(
+            length(
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            .unwrap(),
+            "Chunked { reusable: false }"
         );
         assert_eq!(
             length(
@@ -1425,6 +1443,7 @@ mod tests {
         use crate::proxy::headers::{forwarding, ForwardInfo};
         let spoofed: &[(&str, &str)] = &[
             ("x-forwarded-for", "6.6.6.6"),
+            ("X-Forwarded-For", "7.7.7.7"),
             ("x-real-ip", "1.1.1.1"),
             ("forwarded", "for=6.6.6.6"),
             ("via", "1.0 other"),
@@ -1450,43 +1469,81 @@ mod tests {
             lines.sort_by_key(|l| l.split(':').next().unwrap_or("").to_string());
             lines
         };
-        for pairs in [spoofed, plain] {
-            for trusted in [false, true] {
-                for early_data in [false, true] {
-                    for host in [Some("api.example.com"), Some("[::1]:8443"), None] {
-                        let info = ForwardInfo {
-                            peer: "10.0.0.2".parse().unwrap(),
-                            client_ip: "203.0.113.7".parse().unwrap(),
-                            peer_trusted: trusted,
-                            https: true,
-                            host,
-                            version: Version::HTTP_11,
-                            identity: None,
-                            early_data,
-                            close: None,
-                        };
-                        let (parts, body) = request(pairs);
-                        let f =
-                            forwarding(&parts.headers, &info, &HeaderValue::from_static("id-1"));
-                        let mut alone = Vec::new();
-                        f.write(&mut alone);
-                        assert_eq!(alone.len(), f.encoded_len());
-                        let written = lines(encode_head(&parts, Some(&f), &body).0);
-                        let (mut parts, body) = request(pairs);
-                        f.apply(&mut parts.headers);
-                        let mapped = lines(encode_head(&parts, None, &body).0);
-                        assert_eq!(
-                            written, mapped,
-                            "{pairs:?} trusted={trusted} early={early_data} {host:?}"
-                        );
-                        let has = |l: &str| written.iter().any(|w| w == l);
-                        assert!(has("x-request-id: id-1"));
-                        assert!(has("x-real-ip: 203.0.113.7"));
-                        assert_eq!(has("early-data: 1"), early_data);
-                        assert!(!has("x-forwarded-proto: gopher") || trusted);
-                        assert!(!has("x-real-ip: 1.1.1.1"));
-                    }
-                }
+        let cases = [spoofed, plain].into_iter().flat_map(|pairs| {
+            ["10.0.0.2", "2001:db8::2"]
+                .into_iter()
+                .flat_map(move |peer| {
+                    [false, true].into_iter().flat_map(move |trusted| {
+                        [false, true].into_iter().flat_map(move |early| {
+                            [Some("api.example.com"), Some("[::1]:8443"), None]
+                                .into_iter()
+                                .map(move |host| (pairs, peer, trusted, early, host))
+                        })
+                    })
+                })
+        });
+        for (pairs, peer, trusted, early_data, host) in cases {
+            let info = ForwardInfo {
+                peer: peer.parse().unwrap(),
+                client_ip: "203.0.113.7".parse().unwrap(),
+                peer_trusted: trusted,
+                https: true,
+                host,
+                version: Version::HTTP_11,
+                identity: None,
+                early_data,
+                close: None,
+            };
+            let (parts, body) = request(pairs);
+            let f = forwarding(&parts.headers, &info, &HeaderValue::from_static("id-1"));
+            let mut alone = Vec::new();
+            f.write(&mut alone);
+            assert_eq!(alone.len(), f.encoded_len());
+            let written = lines(encode_head(&parts, Some(&f), &body).0);
+            let (mut parts, body) = request(pairs);
+            f.apply(&mut parts.headers);
+            let mapped = lines(encode_head(&parts, None, &body).0);
+            assert_eq!(
+                written, mapped,
+                "{pairs:?} trusted={trusted} early={early_data} {host:?}"
+            );
+            let has = |l: &str| written.iter().any(|w| w == l);
+            assert!(has("x-request-id: id-1"));
+            assert!(has("x-real-ip: 203.0.113.7"));
+            assert_eq!(has("early-data: 1"), early_data);
+            assert!(!has("x-forwarded-proto: gopher") || trusted);
+            assert!(!has("x-real-ip: 1.1.1.1"));
+            // One line for each header Wraith sets, whatever the client sent.
+            let all = |name: &str| -> Vec<&str> {
+                written
+                    .iter()
+                    .filter_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                    .collect()
+            };
+            let spoofing = pairs == spoofed;
+            let chain = if trusted && spoofing {
+                format!("6.6.6.6, 7.7.7.7, {peer}")
+            } else {
+                peer.to_string()
+            };
+            assert_eq!(all("x-forwarded-for"), [chain.as_str()]);
+            assert_eq!(all("x-real-ip"), ["203.0.113.7"]);
+            assert_eq!(all("x-request-id"), ["id-1"]);
+            let forwarded = all("forwarded");
+            assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+            assert_eq!(forwarded[0].contains("6.6.6.6"), trusted && spoofing);
+            assert!(forwarded[0].contains(peer));
+            let xfh = all("x-forwarded-host");
+            match (trusted && spoofing, host) {
+                (true, _) => assert_eq!(xfh, ["evil.example"]),
+                (false, Some(h)) => assert_eq!(xfh, [h]),
+                (false, None) => assert!(xfh.is_empty(), "{xfh:?}"),
+            }
+            let via = all("via");
+            assert_eq!(via.last(), Some(&"1.1 wraith"));
+            assert_eq!(via.len(), if spoofing { 2 } else { 1 });
+            if early_data {
+                assert_eq!(all("early-data"), ["1"]);
             }
         }
     }

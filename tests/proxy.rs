@@ -121,6 +121,47 @@ async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() {
         wraith.addr("http").to_string(),
         "client Host preserved"
     );
+
+    // Claims about the client or the original URL are believed only from trusted proxies,
+    // on both ways forwarding headers are sent: into the header map (the route above edits
+    // request headers) and written into the head (a route without edits).
+    for path in ["/strip/c", "/plain"] {
+        let echo = json(
+            client
+                .get(wraith.url("http", path))
+                .header("x-original-url", "/admin")
+                .header("X-Rewrite-URL", "/admin")
+                .header("x_original_url", "/admin")
+                .header("x-forwarded-port", "1")
+                .header("x-forwarded-prefix", "/evil")
+                .header("true-client-ip", "6.6.6.6")
+                .header("x-forwarded-for", "6.6.6.6")
+                .header("x-forwarded-for", "7.7.7.7")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let h = &echo["headers"];
+        for claim in [
+            "x-original-url",
+            "x-rewrite-url",
+            "x_original_url",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "true-client-ip",
+        ] {
+            assert!(
+                h.get(claim).is_none(),
+                "{path}: {claim} reached the upstream: {h}"
+            );
+        }
+        assert_eq!(
+            h["x-forwarded-for"],
+            serde_json::json!(["127.0.0.1"]),
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -136,6 +177,8 @@ async fn trusted_proxy_chain_is_appended() {
         .get(wraith.url("http", "/x"))
         .header("x-forwarded-for", "203.0.113.7")
         .header("x-request-id", "from-the-edge-42")
+        .header("x-forwarded-port", "8443")
+        .header("x-original-url", "/kept")
         .send()
         .await
         .unwrap();
@@ -150,6 +193,9 @@ async fn trusted_proxy_chain_is_appended() {
         serde_json::json!(["203.0.113.7"]),
         "X-Real-IP is the client the trusted proxy forwarded"
     );
+    // What a trusted proxy says about the original request passes.
+    assert_eq!(echo["headers"]["x-forwarded-port"][0], "8443");
+    assert_eq!(echo["headers"]["x-original-url"][0], "/kept");
 }
 
 #[tokio::test]

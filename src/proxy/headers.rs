@@ -229,7 +229,8 @@ pub fn strip_identity_headers(headers: &mut HeaderMap) {
 }
 
 /// `x-forwarded-client-cert` or `x-wraith-*`, reading `_` as `-`; or a forwarding header
-/// Wraith sets, spelt with `_`.
+/// Wraith sets, or one of the `CLAIMS`, spelt with `_` (from any peer: proxies send the
+/// real names).
 fn poses_as_identity(name: &HeaderName) -> bool {
     let n = name.as_str().as_bytes();
     let same = |a: &[u8], b: &[u8]| {
@@ -241,7 +242,7 @@ fn poses_as_identity(name: &HeaderName) -> bool {
     same(n, b"x-forwarded-client-cert")
         || (n.len() >= 9 && same(&n[..9], b"x-wraith-"))
         || (n.contains(&b'_')
-            && [
+            && ([
                 &b"x-real-ip"[..],
                 b"x-forwarded-for",
                 b"x-forwarded-proto",
@@ -250,7 +251,8 @@ fn poses_as_identity(name: &HeaderName) -> bool {
                 b"early-data",
             ]
             .iter()
-            .any(|h| same(n, h)))
+            .any(|h| same(n, h))
+                || CLAIMS.iter().any(|c| same(n, c.as_bytes()))))
 }
 
 /// The headers Wraith sets on a request it forwards: X-Forwarded-For/-Proto/-Host,
@@ -270,6 +272,8 @@ pub struct Forwarding {
     count: usize,
     /// Where the value being written starts.
     start: usize,
+    /// The client is not a trusted proxy: its `CLAIMS` do not pass either.
+    drop_claims: bool,
     /// Client-sent headers that do not pass (one bit per `Fwd`).
     dropped: u8,
 }
@@ -299,6 +303,33 @@ const FWD: [Fwd; 8] = [
     Fwd::RequestId,
 ];
 
+/// Headers that make claims about the client or the original request, which web frameworks
+/// and servers behind a proxy believe (the scheme, port or prefix the client used, its
+/// address, the URL before a rewrite): passed on only from `trusted_proxies`. The URL ones
+/// are an access-control bypass otherwise (a request routed and authorized as `/public`
+/// with `X-Original-URL: /admin` reaches `/admin` on IIS and Symfony-style routers).
+pub const CLAIMS: [&str; 14] = [
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-url-scheme",
+    "front-end-https",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+];
+
+fn is_claim(name: &str) -> bool {
+    // One length check per entry for most names.
+    CLAIMS.iter().any(|c| c.len() == name.len() && *c == name)
+}
+
 impl Fwd {
     fn name(self) -> &'static HeaderName {
         match self {
@@ -327,6 +358,7 @@ pub fn forwarding(
 ) -> Forwarding {
     let mut f = Forwarding {
         text: String::with_capacity(320),
+        drop_claims: !info.peer_trusted,
         ..Forwarding::default()
     };
     let peer = canonical(info.peer);
@@ -465,6 +497,7 @@ impl Forwarding {
     pub fn replaces(&self, name: &HeaderName) -> bool {
         FWD.iter()
             .any(|f| self.dropped & f.bit() != 0 && f.name() == name)
+            || (self.drop_claims && is_claim(name.as_str()))
     }
 
     /// How many bytes `write` writes.
@@ -482,6 +515,16 @@ impl Forwarding {
         for f in FWD {
             if self.dropped & f.bit() != 0 {
                 headers.remove(f.name());
+            }
+        }
+        if self.drop_claims && headers.keys().any(|k| is_claim(k.as_str())) {
+            let claims: Vec<HeaderName> = headers
+                .keys()
+                .filter(|k| is_claim(k.as_str()))
+                .cloned()
+                .collect();
+            for name in claims {
+                headers.remove(name);
             }
         }
         for (which, value) in self.headers() {
@@ -802,15 +845,23 @@ mod tests {
             ("x_real_ip", "6.6.6.6"),
             ("early_data", "0"),
             ("x-request_id", "spoof"),
-            // The real names are `forwarding`'s to replace, not removed here.
+            ("x_original_url", "/admin"),
+            ("true_client_ip", "6.6.6.6"),
+            // The real names are `forwarding`'s to replace or drop, not removed here.
             ("early-data", "0"),
+            ("x-original-url", "/admin"),
         ]);
         strip_identity_headers(&mut h);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(
             left,
-            ["early-data", "x-forwarded-client-certs", "x-wraithless"]
+            [
+                "early-data",
+                "x-forwarded-client-certs",
+                "x-original-url",
+                "x-wraithless"
+            ]
         );
     }
 

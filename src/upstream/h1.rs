@@ -1451,6 +1451,8 @@ mod tests {
             ("x-forwarded-host", "evil.example"),
             ("early-data", "0"),
             ("x-request-id", "spoof"),
+            ("x-original-url", "/admin"),
+            ("X-Forwarded-Port", "1"),
             ("accept", "*/*"),
         ];
         let plain: &[(&str, &str)] = &[("host", "api.example.com")];
@@ -1538,6 +1540,14 @@ mod tests {
                 (true, _) => assert_eq!(xfh, ["evil.example"]),
                 (false, Some(h)) => assert_eq!(xfh, [h]),
                 (false, None) => assert!(xfh.is_empty(), "{xfh:?}"),
+            }
+            // Claims about the original request: only from a trusted proxy.
+            for claim in ["x-original-url", "x-forwarded-port"] {
+                assert_eq!(
+                    all(claim).len(),
+                    usize::from(trusted && spoofing),
+                    "{claim}"
+                );
             }
             let via = all("via");
             assert_eq!(via.last(), Some(&"1.1 wraith"));

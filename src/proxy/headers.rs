@@ -512,8 +512,24 @@ impl Forwarding {
 
     /// Puts the headers into `headers`, replacing (or appending to) the client's.
     pub fn apply(&self, headers: &mut HeaderMap) {
+        let mut sent = 0u8;
+        for (which, value) in self.headers() {
+            // Built from checked parts: never invalid.
+            let Ok(v) = HeaderValue::from_str(value) else {
+                continue;
+            };
+            if self.dropped & which.bit() != 0 {
+                // Replaces every value the client sent.
+                headers.insert(which.name().clone(), v);
+            } else {
+                headers.append(which.name().clone(), v);
+            }
+            sent |= which.bit();
+        }
+        // Dropped without a value of Wraith's in their place (X-Forwarded-Host without a
+        // usable host).
         for f in FWD {
-            if self.dropped & f.bit() != 0 {
+            if self.dropped & !sent & f.bit() != 0 {
                 headers.remove(f.name());
             }
         }
@@ -525,12 +541,6 @@ impl Forwarding {
                 .collect();
             for name in claims {
                 headers.remove(name);
-            }
-        }
-        for (which, value) in self.headers() {
-            // Built from checked parts: never invalid.
-            if let Ok(v) = HeaderValue::from_str(value) {
-                headers.append(which.name().clone(), v);
             }
         }
     }

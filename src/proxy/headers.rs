@@ -924,6 +924,8 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_goes_on_its_own() {
+        // The bits `strip_hop_by_hop` relies on.
+        assert!(*HOP_BY_HOP[0] == header::CONNECTION);
         assert!(*HOP_BY_HOP[TE_BIT.trailing_zeros() as usize] == header::TE);
         for name in HOP_BY_HOP.iter().map(|n| n.as_str()).chain(["upgrade"]) {
             for (keep_upgrade, keep_te) in [(false, false), (false, true)] {

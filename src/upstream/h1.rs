@@ -677,12 +677,16 @@ fn parse_head(
             usize::from(vs),
             usize::from(vl),
         );
-        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
-            format!(
-                "invalid header name {:?} from upstream",
-                String::from_utf8_lossy(&head[ns..ns + nl])
-            )
-        })?;
+        let raw = &head[ns..ns + nl];
+        let name = match common_name(raw) {
+            Some(name) => name,
+            None => HeaderName::from_bytes(raw).map_err(|_| {
+                format!(
+                    "invalid header name {:?} from upstream",
+                    String::from_utf8_lossy(raw)
+                )
+            })?,
+        };
         // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which must not pass on.
         if (skip_hop_by_hop && crate::proxy::headers::is_hop_by_hop(&name))
             || (facts.transfer_coding.is_some() && name == header::CONTENT_LENGTH)
@@ -739,6 +743,30 @@ fn parse_head(
     *resp.version_mut() = version;
     *resp.headers_mut() = map;
     Ok(Some((resp, framing)))
+}
+
+/// The response header names upstreams send most, as they send them (nginx, Apache, Go and
+/// Node capitalize; others send lowercase), without `HeaderName::from_bytes`'s lower-casing
+/// pass; `None` for anything else.
+fn common_name(raw: &[u8]) -> Option<HeaderName> {
+    Some(match raw {
+        b"Date" | b"date" => header::DATE,
+        b"Server" | b"server" => header::SERVER,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"Connection" | b"connection" => header::CONNECTION,
+        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
+        b"ETag" | b"Etag" | b"etag" => header::ETAG,
+        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
+        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
+        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
+        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
+        b"Vary" | b"vary" => header::VARY,
+        b"Expires" | b"expires" => header::EXPIRES,
+        b"Location" | b"location" => header::LOCATION,
+        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
+        _ => return None,
+    })
 }
 
 /// What a response head says about its framing and its connection, read from the raw
@@ -1404,6 +1432,49 @@ mod tests {
                 .unwrap(),
             "Length { remaining: 0, reusable: true }"
         );
+    }
+
+    #[test]
+    fn common_response_header_names_are_the_parsed_ones() {
+        for raw in [
+            "Date",
+            "date",
+            "Server",
+            "server",
+            "Content-Type",
+            "content-type",
+            "Content-Length",
+            "content-length",
+            "Connection",
+            "connection",
+            "Last-Modified",
+            "last-modified",
+            "ETag",
+            "Etag",
+            "etag",
+            "Accept-Ranges",
+            "accept-ranges",
+            "Cache-Control",
+            "cache-control",
+            "Transfer-Encoding",
+            "transfer-encoding",
+            "Content-Encoding",
+            "content-encoding",
+            "Vary",
+            "vary",
+            "Expires",
+            "expires",
+            "Location",
+            "location",
+            "Set-Cookie",
+            "set-cookie",
+        ] {
+            let parsed = HeaderName::from_bytes(raw.as_bytes()).unwrap();
+            assert_eq!(common_name(raw.as_bytes()), Some(parsed), "{raw}");
+        }
+        for other in ["DATE", "X-Date", "Dat", "content_type", ""] {
+            assert_eq!(common_name(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]

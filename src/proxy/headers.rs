@@ -668,7 +668,11 @@ pub fn new_request_id() -> HeaderValue {
         out[2 * i] = HEX[(byte >> 4) as usize];
         out[2 * i + 1] = HEX[(byte & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Owned by the `Bytes` itself: one allocation, and clones (the access record, the
+    // response header) only count references. A copied `Vec` would take a second allocation
+    // at its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The request's host, held by reference count rather than copied (it outlives the request

@@ -91,6 +91,15 @@ enum Alpn {
     H2,
 }
 
+impl Alpn {
+    fn protocol(self) -> &'static [u8] {
+        match self {
+            Alpn::H1 => b"http/1.1",
+            Alpn::H2 => b"h2",
+        }
+    }
+}
+
 enum Sender {
     H1(http1::SendRequest<TestBody>),
     H2(http2::SendRequest<TestBody>),
@@ -113,11 +122,16 @@ impl OneConnection {
         client: &ClientCert,
         alpn: Alpn,
     ) -> Result<OneConnection, String> {
-        let protocol: &[u8] = match alpn {
-            Alpn::H1 => b"http/1.1",
-            Alpn::H2 => b"h2",
-        };
-        let tls = tls_client_config(ca, &[protocol], Some(client.pair()));
+        let tls = tls_client_config(ca, &[alpn.protocol()], Some(client.pair()));
+        OneConnection::open_with(addr, tls, alpn).await
+    }
+
+    /// The same with a client config of the caller's (other TLS versions, no certificate).
+    async fn open_with(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        alpn: Alpn,
+    ) -> Result<OneConnection, String> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -189,6 +203,12 @@ impl OneConnection {
             .map_err(|e| e.to_string())?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Whether the connection is still open after `wait`.
+    async fn open_after(&mut self, wait: Duration) -> bool {
+        let ended = self.ended.as_mut().expect("the connection's own handle");
+        tokio::time::timeout(wait, ended).await.is_err()
     }
 
     /// Waits until the server has closed the connection; false if it is still open after
@@ -549,54 +569,13 @@ async fn a_plain_listener_turned_into_https_closes_its_plaintext_connections() {
 }
 
 /// An HTTP/1.1 connection over TLS `version` only, without a client certificate.
-async fn tls_h1_with(
+async fn h1_over(
     addr: SocketAddr,
     ca: &Path,
     version: &'static rustls::SupportedProtocolVersion,
-) -> Result<(http1::SendRequest<TestBody>, tokio::task::JoinHandle<()>), String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (send, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((send, tokio::spawn(async move { drop(conn.await) })))
-}
-
-async fn status_on(send: &mut http1::SendRequest<TestBody>, path: &str) -> Result<u16, String> {
-    send.ready().await.map_err(|e| e.to_string())?;
-    let resp = send
-        .send_request(
-            Request::get(path)
-                .header("host", "localhost")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    resp.into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(status)
+) -> Result<OneConnection, String> {
+    let tls = tls_client_config_with(ca, &[Alpn::H1.protocol()], None, &[version]);
+    OneConnection::open_with(addr, tls, Alpn::H1).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,34 +590,32 @@ async fn withdrawing_tls_1_2_closes_the_connections_that_may_use_it_and_allowing
     let wraith = setup.start(&both);
     let addr = wraith.addr("https");
 
-    let (mut old, ended) = tls_h1_with(addr, &ca, &TLS12).await.unwrap();
-    assert_eq!(status_on(&mut old, "/before").await, Ok(200));
+    let mut old = h1_over(addr, &ca, &TLS12).await.unwrap();
+    assert_eq!(old.get("/before").await.unwrap().0, 200);
 
     // TLS 1.2 withdrawn: the connection that negotiated it is closed, new ones are refused.
     wraith.write_config(&only_13);
     wraith.reload().unwrap();
     assert!(
-        tokio::time::timeout(LOG_WAIT, ended).await.is_ok(),
+        old.closed().await,
         "the TLS 1.2 connection stayed open after TLS 1.2 was withdrawn"
     );
     let line = rules_changed(&wraith, "https")
         .unwrap_or_else(|| panic!("no {RULES_CHANGED:?} line:\n{}", wraith.log()));
     assert_eq!(line["connections"], 1, "{line}");
-    match tls_h1_with(addr, &ca, &TLS12).await {
+    match h1_over(addr, &ca, &TLS12).await {
         Err(_) => {}
-        Ok((mut send, _)) => assert!(status_on(&mut send, "/fresh").await.is_err()),
+        Ok(mut c) => assert!(c.get("/fresh").await.is_err()),
     }
 
     // Allowing it again takes nothing away: a TLS 1.3 connection stays and is served.
-    let (mut kept, mut kept_ended) = tls_h1_with(addr, &ca, &TLS13).await.unwrap();
-    assert_eq!(status_on(&mut kept, "/a").await, Ok(200));
+    let mut kept = h1_over(addr, &ca, &TLS13).await.unwrap();
+    assert_eq!(kept.get("/a").await.unwrap().0, 200);
     wraith.write_config(&both);
     wraith.reload().unwrap();
-    assert_eq!(status_on(&mut kept, "/b").await, Ok(200));
+    assert_eq!(kept.get("/b").await.unwrap().0, 200);
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), &mut kept_ended)
-            .await
-            .is_err(),
+        kept.open_after(Duration::from_millis(200)).await,
         "the TLS 1.3 connection was closed by a reload that allowed more"
     );
     let lines = wraith
@@ -651,6 +628,6 @@ async fn withdrawing_tls_1_2_closes_the_connections_that_may_use_it_and_allowing
         })
         .count();
     assert_eq!(lines, 1, "{}", wraith.log());
-    let (mut again, _) = tls_h1_with(addr, &ca, &TLS12).await.unwrap();
-    assert_eq!(status_on(&mut again, "/c").await, Ok(200));
+    let mut again = h1_over(addr, &ca, &TLS12).await.unwrap();
+    assert_eq!(again.get("/c").await.unwrap().0, 200);
 }

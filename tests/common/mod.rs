@@ -247,6 +247,21 @@ pub fn tls_client_config(
     alpn: &[&[u8]],
     client: Option<(&Path, &Path)>,
 ) -> rustls::ClientConfig {
+    tls_client_config_with(
+        ca_pem,
+        alpn,
+        client,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    )
+}
+
+/// `tls_client_config` offering only `versions`.
+pub fn tls_client_config_with(
+    ca_pem: &Path,
+    alpn: &[&[u8]],
+    client: Option<(&Path, &Path)>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -255,7 +270,7 @@ pub fn tls_client_config(
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
     let mut config = match client {

@@ -369,14 +369,7 @@ pub fn forwarding(
 
     // X-Forwarded-For: append to a trusted chain; otherwise the peer alone.
     f.begin(Fwd::For);
-    if let Some(prior) = info
-        .peer_trusted
-        .then(|| joined(headers, &X_FORWARDED_FOR))
-        .flatten()
-    {
-        f.text.push_str(&prior);
-        f.text.push_str(", ");
-    }
+    f.prior(headers, Fwd::For, info.peer_trusted);
     f.text.push_str(peer_text.as_str());
     f.replace(Fwd::For);
 
@@ -409,14 +402,7 @@ pub fn forwarding(
 
     // Forwarded (RFC 7239): IPv6 and ports must be quoted.
     f.begin(Fwd::Forwarded);
-    if let Some(prior) = info
-        .peer_trusted
-        .then(|| joined(headers, &FORWARDED))
-        .flatten()
-    {
-        f.text.push_str(&prior);
-        f.text.push_str(", ");
-    }
+    f.prior(headers, Fwd::Forwarded, info.peer_trusted);
     if peer.is_ipv4() {
         f.text.push_str("for=");
         f.text.push_str(peer_text.as_str());
@@ -471,6 +457,20 @@ impl Forwarding {
         self.text.push_str(which.name().as_str());
         self.text.push_str(": ");
         self.start = self.text.len();
+    }
+
+    /// A trusted proxy's values of `which`, joined, then `, `: the chain ours is appended to.
+    /// Nothing from anyone else.
+    fn prior(&mut self, headers: &HeaderMap, which: Fwd, trusted: bool) {
+        if !trusted {
+            return;
+        }
+        for v in headers.get_all(which.name()) {
+            if let Ok(v) = v.to_str() {
+                self.text.push_str(v);
+                self.text.push_str(", ");
+            }
+        }
     }
 
     /// Ends the line begun last: header `which`, sent after any the client sent.
@@ -628,22 +628,6 @@ fn is_token_byte(b: u8) -> bool {
                 | b'|'
                 | b'~'
         )
-}
-
-/// All values of a header joined with ", ", or `None` if absent.
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut out: Option<String> = None;
-    for v in headers.get_all(name) {
-        let Ok(s) = v.to_str() else { continue };
-        match &mut out {
-            Some(o) => {
-                o.push_str(", ");
-                o.push_str(s);
-            }
-            None => out = Some(s.to_string()),
-        }
-    }
-    out
 }
 
 /// The request id: kept from a trusted proxy when it looks sane, generated otherwise.

@@ -18,7 +18,7 @@ use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, Rout
 use crate::decisions::appsec::Appsec;
 use crate::decisions::crowdsec::{self, Bridge};
 use crate::decisions::DecisionStore;
-use crate::listener::client_auth::ClientAuthEpoch;
+use crate::listener::client_auth::{ClientAuthEpoch, Withdrawal};
 use crate::listener::{self, tls, ListenerHandle};
 use crate::policy::PolicyEngine;
 use crate::proxy::Gateway;
@@ -207,23 +207,31 @@ impl Snapshot {
 
 /// Closes the connections admitted under client-certificate rules that `new` changed: a
 /// certificate just revoked by a CRL, or let in by a CA just removed, must not keep its access
-/// for as long as it keeps a connection open. The same for a TLS version or key-exchange group
-/// `new` no longer allows (see `client_auth::admits_same_clients`). Listeners `new` no longer has drain anyway
-/// (`Runtime::retire_listeners`); unchanged rules keep their epoch and their connections.
+/// for as long as it keeps a connection open. Of the listeners whose rules stay, the
+/// connections that negotiated a TLS version or key-exchange group `new` no longer allows
+/// close too (`client_auth::Withdrawal`); the others stay. Listeners `new` no longer has drain
+/// anyway (`Runtime::retire_listeners`).
 fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
     for before in &old.listeners {
         let Some(after) = new.listener_by_key(&before.config.key()) else {
             continue;
         };
-        if Arc::ptr_eq(&before.client_auth, &after.client_auth) {
-            continue;
+        if !Arc::ptr_eq(&before.client_auth, &after.client_auth) {
+            let connections = before.client_auth.revoke();
+            tracing::info!(
+                listener = %after.config.name,
+                connections,
+                "client authentication settings changed; closing the connections admitted under the old ones"
+            );
+        } else if let Some(w) = Withdrawal::between(&before.config, &after.config) {
+            tracing::info!(
+                listener = %after.config.name,
+                versions = ?w.versions,
+                groups = ?w.groups,
+                "TLS versions or key-exchange groups withdrawn; closing the connections that negotiated them"
+            );
+            after.client_auth.withdraw(w);
         }
-        let connections = before.client_auth.revoke();
-        tracing::info!(
-            listener = %after.config.name,
-            connections,
-            "client authentication settings changed (or a TLS version or key-exchange group was withdrawn); closing the connections admitted under the old ones"
-        );
     }
 }
 

@@ -578,8 +578,21 @@ async fn h1_over(
     OneConnection::open_with(addr, tls, Alpn::H1).await
 }
 
+/// The reload's "TLS versions or key-exchange groups withdrawn" lines.
+fn withdrawals(wraith: &Wraith) -> Vec<serde_json::Value> {
+    wraith
+        .log_json()
+        .into_iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("TLS versions or key-exchange groups withdrawn"))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn withdrawing_tls_1_2_closes_the_connections_that_may_use_it_and_allowing_it_again_closes_none(
+async fn withdrawing_tls_1_2_closes_only_the_connections_that_negotiated_it_and_allowing_it_again_closes_none(
 ) {
     use rustls::version::{TLS12, TLS13};
     let upstream = Upstream::echo().await;
@@ -592,42 +605,56 @@ async fn withdrawing_tls_1_2_closes_the_connections_that_may_use_it_and_allowing
 
     let mut old = h1_over(addr, &ca, &TLS12).await.unwrap();
     assert_eq!(old.get("/before").await.unwrap().0, 200);
+    let mut tls13 = h1_over(addr, &ca, &TLS13).await.unwrap();
+    assert_eq!(tls13.get("/before").await.unwrap().0, 200);
 
-    // TLS 1.2 withdrawn: the connection that negotiated it is closed, new ones are refused.
+    // TLS 1.2 withdrawn: the connection that negotiated it is closed, new ones are refused;
+    // the TLS 1.3 connection is not touched.
     wraith.write_config(&only_13);
     wraith.reload().unwrap();
     assert!(
         old.closed().await,
         "the TLS 1.2 connection stayed open after TLS 1.2 was withdrawn"
     );
-    let line = rules_changed(&wraith, "https")
-        .unwrap_or_else(|| panic!("no {RULES_CHANGED:?} line:\n{}", wraith.log()));
-    assert_eq!(line["connections"], 1, "{line}");
+    let lines = withdrawals(&wraith);
+    assert_eq!(lines.len(), 1, "{}", wraith.log());
+    assert_eq!(lines[0]["listener"], "https", "{}", lines[0]);
+    assert_eq!(lines[0]["versions"], r#"["TLSv1.2"]"#, "{}", lines[0]);
+    assert_eq!(lines[0]["groups"], "[]", "{}", lines[0]);
+    assert!(
+        rules_changed(&wraith, "https").is_none(),
+        "the client-certificate rules did not change:\n{}",
+        wraith.log()
+    );
+    assert_eq!(tls13.get("/after").await.unwrap().0, 200);
+    assert!(
+        tls13.open_after(Duration::from_millis(200)).await,
+        "the TLS 1.3 connection was closed when TLS 1.2 was withdrawn"
+    );
     match h1_over(addr, &ca, &TLS12).await {
         Err(_) => {}
         Ok(mut c) => assert!(c.get("/fresh").await.is_err()),
     }
 
-    // Allowing it again takes nothing away: a TLS 1.3 connection stays and is served.
-    let mut kept = h1_over(addr, &ca, &TLS13).await.unwrap();
-    assert_eq!(kept.get("/a").await.unwrap().0, 200);
+    // Allowing it again takes nothing away: the TLS 1.3 connection stays and is served.
     wraith.write_config(&both);
     wraith.reload().unwrap();
-    assert_eq!(kept.get("/b").await.unwrap().0, 200);
+    assert_eq!(tls13.get("/b").await.unwrap().0, 200);
     assert!(
-        kept.open_after(Duration::from_millis(200)).await,
+        tls13.open_after(Duration::from_millis(200)).await,
         "the TLS 1.3 connection was closed by a reload that allowed more"
     );
-    let lines = wraith
-        .log_json()
-        .into_iter()
-        .filter(|v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(RULES_CHANGED))
-        })
-        .count();
-    assert_eq!(lines, 1, "{}", wraith.log());
+    assert_eq!(withdrawals(&wraith).len(), 1, "{}", wraith.log());
     let mut again = h1_over(addr, &ca, &TLS12).await.unwrap();
     assert_eq!(again.get("/c").await.unwrap().0, 200);
+
+    // Withdrawn a second time: the new TLS 1.2 connection goes, the TLS 1.3 one still stays.
+    wraith.write_config(&only_13);
+    wraith.reload().unwrap();
+    assert!(
+        again.closed().await,
+        "the second TLS 1.2 connection stayed open after TLS 1.2 was withdrawn again"
+    );
+    assert_eq!(withdrawals(&wraith).len(), 2, "{}", wraith.log());
+    assert_eq!(tls13.get("/d").await.unwrap().0, 200);
 }

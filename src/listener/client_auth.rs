@@ -1,11 +1,10 @@
-//! Which client-certificate rules a connection was let in under, and closing it when a reload
-//! changes them.
+//! Which client-certificate rules and TLS parameters a connection was let in under, and
+//! closing it when a reload takes them away.
 //!
 //! A TLS handshake checks the client certificate once; the connection then serves requests for
 //! as long as the client keeps it open (keep-alive, HTTP/2, HTTP/3). So when a reload changes
 //! who may connect - `client_auth` mode, the CA bundles, the CRLs (re-read on every reload) or
-//! the chain depth - the connections admitted under the old rules must not go on serving. The
-//! same holds for a TLS version or key-exchange group the reload stops allowing.
+//! the chain depth - the connections admitted under the old rules must not go on serving.
 //!
 //! Every listener runtime holds a `ClientAuthEpoch`. A reload that leaves a listener's
 //! client-authentication settings as they were carries the epoch over to the new snapshot; one
@@ -14,13 +13,22 @@
 //! and HTTP/3: GOAWAY) and makes the pipeline refuse requests that arrive on them meanwhile.
 //! TLS session resumption cannot get around it: every snapshot builds new rustls configs,
 //! whose session caches start empty.
+//!
+//! A reload that stops allowing a TLS version or key-exchange group (TLS 1.2 dropped, or the
+//! classical groups dropped to require post-quantum key exchange) keeps the epoch and records
+//! a `Withdrawal` in it instead: only the connections that negotiated what was withdrawn are
+//! asked to finish, the same way. Each connection knows what it negotiated (`Negotiated`) and
+//! how many withdrawals it has checked itself against, so the check costs two atomic loads
+//! until the next withdrawal. A connection still in its handshake (begun with the old
+//! settings) is checked once the handshake says what it negotiated.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClientAuth, ClientAuthMode, ListenerConfig};
+use crate::config::{ClientAuth, ClientAuthMode, ListenerConfig, TlsVersion};
 
 /// One stretch of unchanged client-authentication settings of a listener, shared by every
 /// snapshot (and every connection) in it.
@@ -30,6 +38,71 @@ pub struct ClientAuthEpoch {
     revoked: CancellationToken,
     /// Connections admitted under these settings that are still open (TCP and QUIC).
     open: AtomicUsize,
+    /// TLS versions and groups reloads stopped allowing, oldest first (only ever appended).
+    withdrawals: Mutex<Vec<Withdrawal>>,
+    /// `withdrawals.len()`, read without the lock.
+    withdrawn: AtomicUsize,
+    /// Woken on every withdrawal.
+    withdrawal: Notify,
+}
+
+/// What one reload stopped allowing, by the names `TlsInfo` carries (`TLSv1.2`, `X25519`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Withdrawal {
+    pub versions: Vec<&'static str>,
+    pub groups: Vec<&'static str>,
+}
+
+impl Withdrawal {
+    /// What `b` no longer allows of what `a` allowed; `None` when nothing was withdrawn.
+    pub fn between(a: &ListenerConfig, b: &ListenerConfig) -> Option<Withdrawal> {
+        let (Some(a), Some(b)) = (&a.tls, &b.tls) else {
+            return None;
+        };
+        let w = Withdrawal {
+            versions: a
+                .versions
+                .iter()
+                .filter(|v| !b.versions.contains(v))
+                .map(|v| version_name(*v))
+                .collect(),
+            groups: a
+                .key_exchange
+                .iter()
+                .filter(|g| !b.key_exchange.contains(g))
+                .map(|g| g.name())
+                .collect(),
+        };
+        (!w.versions.is_empty() || !w.groups.is_empty()).then_some(w)
+    }
+
+    fn affects(&self, (version, group): NegotiatedParams) -> bool {
+        self.versions.contains(&version) || group.is_some_and(|g| self.groups.contains(&g))
+    }
+}
+
+/// The name a negotiated TLS version is logged under.
+pub fn version_name(v: TlsVersion) -> &'static str {
+    match v {
+        TlsVersion::Tls12 => "TLSv1.2",
+        TlsVersion::Tls13 => "TLSv1.3",
+    }
+}
+
+/// A TLS version and key-exchange group, as `TlsInfo` names them.
+type NegotiatedParams = (&'static str, Option<&'static str>);
+
+/// What one TLS (or QUIC) connection negotiated, and how far it has checked itself against
+/// its epoch's withdrawals. Shared by every clone of the connection's `CloseSignal`.
+#[derive(Debug)]
+pub struct Negotiated {
+    /// Unknown until the handshake has chosen them.
+    params: Mutex<Option<NegotiatedParams>>,
+    /// Withdrawals already checked (starts at the count when the connection was accepted:
+    /// earlier ones were in force for its handshake).
+    checked: AtomicUsize,
+    /// Set once a withdrawal covered what it negotiated.
+    hit: AtomicBool,
 }
 
 impl ClientAuthEpoch {
@@ -69,6 +142,65 @@ impl ClientAuthEpoch {
         self.open.fetch_add(1, Ordering::Relaxed);
         Admitted(self.clone())
     }
+
+    /// Records that a reload stopped allowing `w` and asks the connections that negotiated
+    /// it to finish.
+    pub fn withdraw(&self, w: Withdrawal) {
+        let mut all = self.withdrawals.lock().unwrap_or_else(|e| e.into_inner());
+        all.push(w);
+        self.withdrawn.store(all.len(), Ordering::Release);
+        drop(all);
+        self.withdrawal.notify_waiters();
+    }
+
+    /// A connection accepted now: it is subject to the withdrawals made from now on.
+    pub fn negotiating(&self) -> Negotiated {
+        Negotiated {
+            params: Mutex::new(None),
+            checked: AtomicUsize::new(self.withdrawn.load(Ordering::Acquire)),
+            hit: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a withdrawal covers what `conn` negotiated.
+    pub fn withdrew(&self, conn: &Negotiated) -> bool {
+        let count = self.withdrawn.load(Ordering::Acquire);
+        if count <= conn.checked.load(Ordering::Relaxed) {
+            return conn.hit.load(Ordering::Relaxed);
+        }
+        let Some(params) = *conn.params.lock().unwrap_or_else(|e| e.into_inner()) else {
+            // Still in its handshake: checked once it knows what it negotiated.
+            return false;
+        };
+        let all = self.withdrawals.lock().unwrap_or_else(|e| e.into_inner());
+        let from = conn.checked.load(Ordering::Relaxed).min(all.len());
+        if all[from..].iter().any(|w| w.affects(params)) {
+            conn.hit.store(true, Ordering::Relaxed);
+        }
+        conn.checked.store(all.len(), Ordering::Relaxed);
+        conn.hit.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once a withdrawal covers what `conn` negotiated.
+    pub async fn withdrawn(&self, conn: &Negotiated) {
+        loop {
+            let next = self.withdrawal.notified();
+            tokio::pin!(next);
+            // Registered before the check, so a withdrawal in between is not missed.
+            next.as_mut().enable();
+            if self.withdrew(conn) {
+                return;
+            }
+            next.await;
+        }
+    }
+}
+
+impl Negotiated {
+    /// Records what the handshake chose (again, when a 0-RTT connection completes).
+    pub fn set(&self, version: &'static str, group: Option<&'static str>) {
+        *self.params.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, group));
+    }
 }
 
 /// One open connection of a `ClientAuthEpoch`.
@@ -89,26 +221,9 @@ impl Drop for Admitted {
 /// turned from plain HTTP into HTTPS (or back) admits under other rules: its plaintext
 /// connections must not outlive the change.
 ///
-/// The TLS parameters count too, in one direction: a reload that stops allowing a TLS version
-/// or a key-exchange group the listener allowed before (dropping TLS 1.2, or the classical
-/// groups to require post-quantum key exchange) closes the connections that may have been
-/// negotiated with it. Allowing more closes nothing.
+/// TLS versions and key-exchange groups are not compared here: withdrawing one closes only
+/// the connections that negotiated it (`Withdrawal::between`).
 pub fn admits_same_clients(a: &ListenerConfig, b: &ListenerConfig) -> bool {
-    !tls_narrowed(a, b) && same_client_auth(a, b)
-}
-
-/// Whether `b` no longer allows a TLS version or key-exchange group that `a` allowed.
-fn tls_narrowed(a: &ListenerConfig, b: &ListenerConfig) -> bool {
-    match (&a.tls, &b.tls) {
-        (Some(a), Some(b)) => {
-            a.versions.iter().any(|v| !b.versions.contains(v))
-                || a.key_exchange.iter().any(|g| !b.key_exchange.contains(g))
-        }
-        _ => false,
-    }
-}
-
-fn same_client_auth(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     fn verified(l: &ListenerConfig) -> Option<&ClientAuth> {
         l.tls
             .as_ref()
@@ -229,7 +344,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tls_version_or_group_no_longer_allowed_counts_one_added_does_not() {
+    fn a_tls_version_or_group_no_longer_allowed_is_withdrawn_one_added_is_not() {
         use crate::config::TlsVersion;
         use crate::listener::tls::KxGroup;
         let with = |versions: &[TlsVersion], groups: &[KxGroup], auth: ClientAuth| {
@@ -243,24 +358,95 @@ mod tests {
         let (pq, x) = (KxGroup::X25519MlKem768, KxGroup::X25519);
         for auth in [ClientAuth::default(), required(b"ca", None)] {
             let both = with(&[v13, v12], &[pq, x], auth.clone());
-            // Narrowed: connections may use what is gone.
-            assert!(!admits_same_clients(
-                &both,
-                &with(&[v13], &[pq, x], auth.clone())
-            ));
-            assert!(!admits_same_clients(
-                &both,
-                &with(&[v13, v12], &[pq], auth.clone())
-            ));
-            // Widened, reordered or the same: nothing to close.
+            let only13 = with(&[v13], &[pq, x], auth.clone());
+            let only_pq = with(&[v13, v12], &[pq], auth.clone());
+            // The client-certificate rules stay: the epoch is carried over.
+            assert!(admits_same_clients(&both, &only13));
+            assert_eq!(
+                Withdrawal::between(&both, &only13),
+                Some(Withdrawal {
+                    versions: vec!["TLSv1.2"],
+                    groups: vec![],
+                })
+            );
+            assert_eq!(
+                Withdrawal::between(&both, &only_pq),
+                Some(Withdrawal {
+                    versions: vec![],
+                    groups: vec!["X25519"],
+                })
+            );
+            // Widened, reordered or the same: nothing withdrawn.
             let narrow = with(&[v13], &[pq], auth.clone());
-            assert!(admits_same_clients(&narrow, &both));
-            assert!(admits_same_clients(
-                &both,
-                &with(&[v12, v13], &[x, pq], auth.clone())
-            ));
-            assert!(admits_same_clients(&both, &both));
+            assert_eq!(Withdrawal::between(&narrow, &both), None);
+            assert_eq!(
+                Withdrawal::between(&both, &with(&[v12, v13], &[x, pq], auth.clone())),
+                None
+            );
+            assert_eq!(Withdrawal::between(&both, &both), None);
         }
+    }
+
+    #[test]
+    fn a_withdrawal_reaches_only_the_connections_that_negotiated_it() {
+        let epoch = Arc::new(ClientAuthEpoch::default());
+        let tls12 = epoch.negotiating();
+        tls12.set("TLSv1.2", Some("X25519"));
+        let pq = epoch.negotiating();
+        pq.set("TLSv1.3", Some("X25519MLKEM768"));
+        // Accepted before the withdrawal, still in its handshake when it comes.
+        let handshaking = epoch.negotiating();
+        assert!(!epoch.withdrew(&tls12) && !epoch.withdrew(&pq));
+
+        epoch.withdraw(Withdrawal {
+            versions: vec!["TLSv1.2"],
+            groups: vec![],
+        });
+        assert!(epoch.withdrew(&tls12));
+        assert!(epoch.withdrew(&tls12), "a hit stays a hit");
+        assert!(!epoch.withdrew(&pq));
+        assert!(!epoch.withdrew(&handshaking));
+        handshaking.set("TLSv1.2", Some("X25519"));
+        assert!(epoch.withdrew(&handshaking), "checked once it negotiated");
+
+        // Accepted after the withdrawal (under settings without TLS 1.2); a later reload
+        // allowing 1.2 again lets new connections negotiate it without being closed.
+        let later = epoch.negotiating();
+        later.set("TLSv1.2", Some("X25519"));
+        assert!(!epoch.withdrew(&later));
+        epoch.withdraw(Withdrawal {
+            versions: vec![],
+            groups: vec!["X25519"],
+        });
+        assert!(epoch.withdrew(&later));
+        assert!(!epoch.withdrew(&pq));
+        assert!(!epoch.is_revoked(), "withdrawals revoke nothing else");
+    }
+
+    #[tokio::test]
+    async fn waiting_connections_wake_on_the_withdrawal_that_covers_them() {
+        let epoch = Arc::new(ClientAuthEpoch::default());
+        let conn = Arc::new(epoch.negotiating());
+        conn.set("TLSv1.3", Some("X25519"));
+        let waiter = tokio::spawn({
+            let (epoch, conn) = (epoch.clone(), conn.clone());
+            async move { epoch.withdrawn(&conn).await }
+        });
+        tokio::task::yield_now().await;
+        epoch.withdraw(Withdrawal {
+            versions: vec!["TLSv1.2"],
+            groups: vec![],
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "not covered: still waiting");
+        epoch.withdraw(Withdrawal {
+            versions: vec![],
+            groups: vec!["X25519"],
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the withdrawal")
+            .unwrap();
     }
 
     #[test]

@@ -312,6 +312,7 @@ pub(super) async fn serve(
         sni: session.server_name().map(Into::into),
     });
     if let Some(t) = &info.tls {
+        close.negotiated(t.version, t.group);
         runtime.gateway.snapshot().telemetry.handshake(
             &info.listener,
             peer,

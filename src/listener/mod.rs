@@ -2,8 +2,9 @@
 //! Each accepted connection is served by `conn::serve` on the snapshot current at accept time
 //! for its TLS and HTTP settings; each request uses the snapshot current when it starts.
 //! Listeners with `http3 = true` also have a QUIC side on the same port (`quic`).
-//! A connection is asked to finish when its listener stops or when a reload changes the
-//! client-certificate rules it was admitted under (`CloseSignal`, `client_auth`).
+//! A connection is asked to finish when its listener stops, when a reload changes the
+//! client-certificate rules it was admitted under, or when a reload withdraws the TLS version
+//! or key-exchange group it negotiated (`CloseSignal`, `client_auth`).
 
 pub mod client_auth;
 mod conn;
@@ -54,15 +55,18 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
 }
 
 /// What asks one connection to finish early: its listener stopping (SIGTERM, or the listener
-/// removed by a reload), or a reload changing the client-certificate rules it was admitted
-/// under. Either way the connection finishes what is in flight, and is closed whatever it is
-/// doing once `drain` has passed.
+/// removed by a reload), a reload changing the client-certificate rules it was admitted
+/// under, or a reload withdrawing the TLS version or key-exchange group it negotiated. Either
+/// way the connection finishes what is in flight, and is closed whatever it is doing once
+/// `drain` has passed.
 #[derive(Debug, Clone)]
 pub struct CloseSignal {
     stop: CancellationToken,
     client_auth: Arc<client_auth::ClientAuthEpoch>,
     /// `[server] shutdown_timeout` when the connection was accepted.
     drain: Duration,
+    /// What a TLS or QUIC connection negotiated; `None` on plain listeners.
+    tls: Option<Arc<client_auth::Negotiated>>,
 }
 
 impl CloseSignal {
@@ -74,28 +78,52 @@ impl CloseSignal {
     ) -> CloseSignal {
         CloseSignal {
             stop,
+            tls: listener
+                .config
+                .tls
+                .is_some()
+                .then(|| Arc::new(listener.client_auth.negotiating())),
             client_auth: listener.client_auth.clone(),
             drain: runtime.gateway.snapshot().config.server.shutdown_timeout,
         }
     }
 
+    /// Records the TLS version and key-exchange group the handshake chose.
+    pub(crate) fn negotiated(&self, version: &'static str, group: Option<&'static str>) {
+        if let Some(n) = &self.tls {
+            n.set(version, group);
+        }
+    }
+
     /// Resolves once the connection should finish.
     pub async fn requested(&self) {
+        let withdrawn = async {
+            match &self.tls {
+                Some(n) => self.client_auth.withdrawn(n).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.stop.cancelled() => {}
             _ = self.client_auth.revoked() => {}
+            _ = withdrawn => {}
         }
     }
 
     /// Whether `requested` has resolved (or would resolve at its next poll).
     pub fn is_requested(&self) -> bool {
-        self.stop.is_cancelled() || self.client_auth.is_revoked()
+        self.stop.is_cancelled() || self.admission_revoked()
     }
 
-    /// Whether a reload replaced the client-certificate rules the connection was admitted
-    /// under (its requests are no longer served).
-    pub fn client_auth_revoked(&self) -> bool {
+    /// Whether a reload took away what the connection was admitted under (the
+    /// client-certificate rules, or the TLS version or group it negotiated): its requests are
+    /// no longer served.
+    pub fn admission_revoked(&self) -> bool {
         self.client_auth.is_revoked()
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(|n| self.client_auth.withdrew(n))
     }
 
     /// How long what is in flight may take after `requested`.

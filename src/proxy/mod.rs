@@ -172,9 +172,10 @@ impl Gateway {
         request_id: &HeaderValue,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
-        // First: the certificate that opened this connection may have just been revoked. The
-        // connection is closing already; this covers requests it read before it could stop.
-        if conn.close.as_ref().is_some_and(|c| c.client_auth_revoked()) {
+        // First: the certificate that opened this connection may have just been revoked (or
+        // the TLS version or group it negotiated withdrawn). The connection is closing
+        // already; this covers requests it read before it could stop.
+        if conn.close.as_ref().is_some_and(|c| c.admission_revoked()) {
             return Err(GatewayError::ClientAuthChanged);
         }
         if req.method() == Method::CONNECT {

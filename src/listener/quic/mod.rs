@@ -423,7 +423,9 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
             return;
         };
         let mut early = info.clone();
-        early.tls = Some(tls_info(&start.handshake, sni.clone()));
+        let tls = tls_info(&start.handshake, sni.clone());
+        start.close.negotiated(tls.version, tls.group);
+        early.tls = Some(tls);
         let confirm = Confirm {
             runtime: runtime.clone(),
             conn: conn.clone(),
@@ -501,6 +503,9 @@ fn tls_info(handshake: &Handshake, sni: Option<Box<str>>) -> TlsInfo {
 /// Accounts for a completed handshake and reads the verified client identity.
 fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: Instant) {
     if let Some(t) = &info.tls {
+        if let Some(close) = &info.close {
+            close.negotiated(t.version, t.group);
+        }
         runtime.gateway.snapshot().telemetry.handshake(
             &info.listener,
             info.peer,

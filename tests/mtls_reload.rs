@@ -658,3 +658,51 @@ async fn withdrawing_tls_1_2_closes_only_the_connections_that_negotiated_it_and_
     assert_eq!(withdrawals(&wraith).len(), 2, "{}", wraith.log());
     assert_eq!(tls13.get("/d").await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawing_the_classical_groups_closes_only_the_http3_connections_that_negotiated_one() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let h3_with = |groups: &str| {
+        config_on(
+            &setup.listeners_h3(&format!("key_exchange = [{groups}]"), "", ALLOW_ALL_POLICY),
+            upstream.addr,
+            "",
+        )
+    };
+    let (both, pq_only) = (
+        h3_with(r#""X25519MLKEM768", "X25519""#),
+        h3_with(r#""X25519MLKEM768""#),
+    );
+    let wraith = setup.start(&both);
+    let addr = wraith.addr("https");
+    let mut classical = H3Client::new(&ca, None, Groups::Classical)
+        .connect(addr)
+        .await
+        .unwrap();
+    assert_eq!(classical.get("/before").await.unwrap().status(), 200);
+    let mut pq = H3Client::new(&ca, None, Groups::Default)
+        .connect(addr)
+        .await
+        .unwrap();
+    assert_eq!(pq.get("/before").await.unwrap().status(), 200);
+
+    // Post-quantum key exchange required from now on.
+    wraith.write_config(&pq_only);
+    wraith.reload().unwrap();
+    assert!(
+        tokio::time::timeout(LOG_WAIT, classical.conn.closed())
+            .await
+            .is_ok(),
+        "the HTTP/3 connection that negotiated X25519 is still open"
+    );
+    let lines = withdrawals(&wraith);
+    assert_eq!(lines.len(), 1, "{}", wraith.log());
+    assert_eq!(lines[0]["groups"], r#"["X25519"]"#, "{}", lines[0]);
+    assert_eq!(pq.get("/after").await.unwrap().status(), 200);
+    assert!(
+        pq.conn.close_reason().is_none(),
+        "the post-quantum HTTP/3 connection was closed"
+    );
+}

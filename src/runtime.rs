@@ -53,6 +53,9 @@ pub struct Snapshot {
     pub default_limits: Arc<[Arc<Limiter>]>,
     /// The CrowdSec AppSec stage, when configured.
     pub appsec: Option<Arc<Appsec>>,
+    /// The LAPI client for `[crowdsec]`, built (CA, client certificate) with the snapshot so
+    /// that a file it cannot use fails `wraith test` and the reload, not the bridge later.
+    pub crowdsec_client: Option<reqwest::Client>,
     /// Access-log sinks and metric handles (attached by the runtime after `build`).
     pub telemetry: SnapshotTelemetry,
 }
@@ -125,6 +128,14 @@ impl Snapshot {
                 None
             }
         };
+        let crowdsec_client = match config.crowdsec.as_ref().map(crowdsec::http_client) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                errors.push(e);
+                None
+            }
+        };
         // Policies: route entities and sets, built once per snapshot.
         let policy = match PolicyEngine::build(&config) {
             Ok(p) => Some(p),
@@ -176,6 +187,7 @@ impl Snapshot {
             listeners,
             default_limits,
             appsec,
+            crowdsec_client,
             config,
             telemetry: SnapshotTelemetry::default(),
         })
@@ -317,7 +329,7 @@ impl Runtime {
             last_reload: Mutex::new(None),
             crowdsec: Mutex::new(None),
         });
-        runtime.reconcile_crowdsec()?;
+        runtime.reconcile_crowdsec().await;
         runtime.spawn_upkeep();
         let snapshot = runtime.gateway.snapshot();
         let mut bound = Vec::new();
@@ -411,32 +423,46 @@ impl Runtime {
         self.activate(bound);
         self.retire_listeners();
         self.reconcile_quic(quic);
-        if let Err(e) = self.reconcile_crowdsec() {
-            tracing::error!(error = %e, "crowdsec bridge not restarted");
-        }
+        self.reconcile_crowdsec().await;
         Ok(generation)
     }
 
-    /// Starts, restarts or stops the CrowdSec bridge to match the current snapshot.
-    fn reconcile_crowdsec(&self) -> Result<(), String> {
-        let wanted = self.gateway.snapshot().config.crowdsec.clone();
-        let Ok(mut slot) = self.crowdsec.lock() else {
-            return Err("crowdsec bridge state is poisoned".into());
+    /// Starts, restarts or stops the CrowdSec bridge to match the current snapshot (whose
+    /// build made the LAPI client, so nothing here can fail). A bridge being replaced has
+    /// ended before the new one starts: nothing it pulled lands after the change.
+    async fn reconcile_crowdsec(&self) {
+        let snapshot = self.gateway.snapshot();
+        let wanted = snapshot.config.crowdsec.clone();
+        let old = {
+            let mut slot = self.crowdsec.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.as_ref().map(|b| &b.config) == wanted.as_ref() {
+                return;
+            }
+            slot.take()
         };
-        if slot.as_ref().map(|b| &b.config) == wanted.as_ref() {
-            return Ok(());
-        }
-        if let Some(old) = slot.take() {
-            old.stop();
+        let mut fresh_since_ms = None;
+        if let Some(old) = old {
+            let ms = old.status.last_success_ms.load(Ordering::Relaxed);
+            fresh_since_ms = (ms > 0).then_some(ms);
+            old.stop().await;
         }
         let store = self.gateway.decisions.clone();
         // No stale closed-mode refusal from a bridge that is gone.
         store.set_refuse_all(false);
-        match wanted {
-            None => store.replace_crowdsec(Vec::new()),
-            Some(config) => *slot = Some(crowdsec::spawn(config, store, &self.shutdown)?),
-        }
-        Ok(())
+        let bridge = match (wanted, snapshot.crowdsec_client.clone()) {
+            (Some(config), Some(client)) => Some(crowdsec::spawn(
+                config,
+                client,
+                store,
+                &self.shutdown,
+                fresh_since_ms,
+            )),
+            _ => {
+                store.replace_crowdsec(Vec::new());
+                None
+            }
+        };
+        *self.crowdsec.lock().unwrap_or_else(|e| e.into_inner()) = bridge;
     }
 
     /// The CrowdSec bridge's state, when one runs: (lapi url, status).

@@ -114,6 +114,31 @@ fn test_reports_certificate_problems() {
 }
 
 #[test]
+fn test_reports_crowdsec_tls_files_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _pki = Pki::new(dir.path());
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate").unwrap();
+    let cases = [
+        ("ca_cert = 'missing.pem'", "crowdsec.ca_cert"),
+        (
+            "client_cert = 'server.pem', client_key = 'garbage.pem'",
+            "crowdsec.client_key",
+        ),
+    ];
+    for (tls, expected) in cases {
+        let text = format!(
+            "[[listener]]\nname = 'h'\naddress = '127.0.0.1:0'\nprotocol = 'http'\n\n[crowdsec]\nlapi_url = 'https://127.0.0.1:1'\napi_key = 'k'\n{}\n",
+            tls.replace(", ", "\n")
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{text}\n{out}");
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+    }
+}
+
+#[test]
 fn certs_init_makes_private_keys_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let (code, out, err) = wraith_cmd(&["certs", "init", "--dir", "d"], dir.path());

@@ -161,6 +161,84 @@ async fn cscli_decisions_take_effect_within_two_polls_and_deletes_lift_them() {
     assert_eq!(status_for(&client, &wraith, "192.0.2.10").await, 200);
 }
 
+/// The LAPI ids of the active decisions on `value`, longest first (asked as a second
+/// bouncer, so Wraith's own stream position is untouched).
+async fn decision_ids(cs: &Crowdsec, value: &str) -> Vec<i64> {
+    let body: serde_json::Value = http_client()
+        .get(format!(
+            "{}/v1/decisions/stream?startup=true&dedup=false",
+            cs.url()
+        ))
+        .header("X-Api-Key", BOUNCER_KEY_2)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut found: Vec<(u64, i64)> = body["new"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["value"] == value)
+        .map(|d| {
+            let ms = wraith::decisions::godur::parse_millis(d["duration"].as_str().unwrap());
+            (ms.unwrap() as u64, d["id"].as_i64().unwrap())
+        })
+        .collect();
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    found.into_iter().map(|(_, id)| id).collect()
+}
+
+#[tokio::test]
+async fn an_origins_filter_keeps_a_ban_that_a_longer_one_from_another_origin_would_hide() {
+    if !crowdsec::available("an_origins_filter_keeps_a_ban") {
+        return;
+    }
+    let cs = Crowdsec::lapi();
+    // An imported list (origin `cscli-import`) bans two addresses for a day; cscli bans one
+    // of them for an hour. By default the LAPI sends one decision per (value, scope, type),
+    // the longest, whatever origins were asked for (1.4.6).
+    let list = cs.dir.path().join("list.csv");
+    std::fs::write(
+        &list,
+        "duration,scope,value\n24h,ip,192.0.2.50\n24h,ip,192.0.2.51\n",
+    )
+    .unwrap();
+    cs.cscli_ok(&["decisions", "import", "-i", list.to_str().unwrap()]);
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.50", "--duration", "1h"]);
+    // Two cscli bans of one address.
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.60", "--duration", "1h"]);
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.60", "--duration", "3h"]);
+
+    let setup = Setup::new();
+    let cfg = config(&setup, &cs.url(), "1s", r#"origins = ["cscli"]"#);
+    let wraith = setup.start(&cfg);
+    bridge_synced(&wraith);
+    let client = http_client();
+    // The cscli ban holds although a longer imported one covers the same address.
+    assert_eq!(status_for(&client, &wraith, "192.0.2.50").await, 403);
+    // Only the imported list bans this one: left out.
+    assert_eq!(status_for(&client, &wraith, "192.0.2.51").await, 200);
+    assert_eq!(status_for(&client, &wraith, "192.0.2.60").await, 403);
+    let (st, list) = wraith
+        .admin(http::Method::GET, "/v1/decisions?source=crowdsec", None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(list["count"], 2, "{list}");
+
+    // Deleting the longer of the two cscli bans leaves the shorter one in force.
+    let ids = decision_ids(&cs, "192.0.2.60").await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    cs.cscli_ok(&["decisions", "delete", "--id", &ids[0].to_string()]);
+    // Two polls for the delete to arrive (and a third to be sure nothing else does).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(status_for(&client, &wraith, "192.0.2.60").await, 403);
+    cs.cscli_ok(&["decisions", "delete", "--id", &ids[1].to_string()]);
+    until_status(&client, &wraith, "192.0.2.60", 200, Duration::from_secs(15)).await;
+    assert_eq!(status_for(&client, &wraith, "192.0.2.50").await, 403);
+}
+
 #[tokio::test]
 async fn a_lapi_that_goes_away_gives_open_or_closed() {
     if !crowdsec::available("a_lapi_that_goes_away_gives_open_or_closed") {

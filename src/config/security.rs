@@ -360,10 +360,23 @@ pub(super) fn build_crowdsec(
             "at least one scope is needed",
         );
     }
-    let origins = raw
-        .origins
-        .as_ref()
-        .map(|list| list.iter().map(|o| o.get_ref().clone()).collect());
+    let origins = raw.origins.as_ref().map(|list| {
+        for (i, o) in list.iter().enumerate() {
+            let name = o.get_ref();
+            if name.is_empty()
+                || name
+                    .bytes()
+                    .any(|c| c == b',' || c.is_ascii_control() || c == b' ')
+            {
+                b.err(
+                    Some(o.span()),
+                    format!("crowdsec.origins[{i}]"),
+                    format!("{name:?} is not an origin name (e.g. \"crowdsec\", \"cscli\", \"CAPI\", \"lists\")"),
+                );
+            }
+        }
+        list.iter().map(|o| o.get_ref().clone()).collect()
+    });
     let update_frequency = b.duration(
         &raw.update_frequency,
         "crowdsec.update_frequency",

@@ -9,6 +9,7 @@
 //! several polls; unknown fields. `on_error = "closed"` makes the store refuse every request
 //! while the last successful pull is older than `max_staleness` (and before the first one).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,9 @@ pub fn user_agent() -> String {
 /// One decision as the LAPI sends it (fields Wraith does not use are ignored).
 #[derive(Debug, Deserialize)]
 pub struct LapiDecision {
+    /// The LAPI's decision id (an integer; anything else is taken as no id).
+    #[serde(default, deserialize_with = "lenient_id")]
+    pub id: Option<i64>,
     #[serde(default)]
     pub duration: Option<String>,
     #[serde(default)]
@@ -40,6 +44,10 @@ pub struct LapiDecision {
     pub scenario: Option<String>,
     #[serde(default)]
     pub simulated: Option<bool>,
+}
+
+fn lenient_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 /// A stream response: either list may be `null`, `[]` or absent.
@@ -72,12 +80,13 @@ pub fn convert_new(
     list: Vec<LapiDecision>,
     origins: Option<&[String]>,
     now_ms: u64,
-) -> (Vec<Decision>, Vec<Skip>) {
+) -> (Vec<(Option<i64>, Decision)>, Vec<Skip>) {
     let mut out = Vec::with_capacity(list.len());
     let mut skipped = Vec::new();
     for d in list {
+        let id = d.id;
         match convert_one(d, origins, now_ms) {
-            Ok(dec) => out.push(dec),
+            Ok(dec) => out.push((id, dec)),
             Err(s) => skipped.push(s),
         }
     }
@@ -122,20 +131,102 @@ fn convert_one(d: LapiDecision, origins: Option<&[String]>, now_ms: u64) -> Resu
     })
 }
 
-/// The keys of the `deleted` entries (their durations are negative and ignored).
-pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<Key> {
+/// The ids and keys of the `deleted` entries (their durations are negative and ignored).
+pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
     list.into_iter()
         .filter_map(|d| {
             let scope = Scope::parse(&d.scope)?;
             let value = parse_value(scope, &d.value).ok()?;
-            Some(Key {
-                origin: Arc::from(origin_of(&d)),
-                scope,
-                value,
-                kind: Arc::from(d.kind.as_str()),
-            })
+            Some((
+                d.id,
+                Key {
+                    origin: Arc::from(origin_of(&d)),
+                    scope,
+                    value,
+                    kind: Arc::from(d.kind.as_str()),
+                },
+            ))
         })
         .collect()
+}
+
+/// The CrowdSec decisions the LAPI has sent, by store key and decision id.
+///
+/// Wraith asks for every decision (`dedup=false`): with the LAPI's default, only the longest
+/// decision per (value, scope, type) is sent, chosen across origins an `origins` filter
+/// leaves out (1.4.6), so a local ban behind a longer community one never arrives; and the
+/// LAPI's notes warn that a shorter decision may never be sent once the longest is deleted.
+/// Without it, several decisions can share a store key (two `cscli` bans of one address), and
+/// deleting one must not lift the other: the store gets, per key, the one that lasts longest
+/// of those still known.
+#[derive(Debug, Default)]
+pub struct Known {
+    by_key: HashMap<Key, Vec<(Option<i64>, Decision)>>,
+}
+
+impl Known {
+    /// A full snapshot: forgets everything else; returns what the store holds.
+    pub fn replace(&mut self, new: Vec<(Option<i64>, Decision)>) -> Vec<Decision> {
+        self.by_key.clear();
+        for (id, d) in new {
+            self.insert(id, d);
+        }
+        self.by_key.values().filter_map(|l| longest(l)).collect()
+    }
+
+    /// A delta; returns the keys the store drops and the decisions it (re)sets.
+    pub fn delta(
+        &mut self,
+        deleted: Vec<(Option<i64>, Key)>,
+        new: Vec<(Option<i64>, Decision)>,
+        now_ms: u64,
+    ) -> (Vec<Key>, Vec<Decision>) {
+        let mut touched: Vec<Key> = Vec::with_capacity(deleted.len() + new.len());
+        for (id, key) in deleted {
+            if let Some(list) = self.by_key.get_mut(&key) {
+                // Without an id the LAPI names the key only: all of it goes.
+                list.retain(|(i, _)| id.is_some() && *i != id);
+            }
+            touched.push(key);
+        }
+        for (id, d) in new {
+            touched.push(d.key());
+            self.insert(id, d);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let mut drop = Vec::new();
+        let mut set = Vec::new();
+        for key in touched {
+            let list = self.by_key.get_mut(&key);
+            match list.map(|l| {
+                l.retain(|(_, d)| d.until_ms > now_ms);
+                longest(l)
+            }) {
+                Some(Some(d)) => set.push(d),
+                _ => {
+                    self.by_key.remove(&key);
+                    drop.push(key);
+                }
+            }
+        }
+        (drop, set)
+    }
+
+    fn insert(&mut self, id: Option<i64>, d: Decision) {
+        let list = self.by_key.entry(d.key()).or_default();
+        // The same id again replaces it; a decision without one stands for its whole key.
+        list.retain(|(i, _)| id.is_some() && *i != id);
+        list.push((id, d));
+    }
+}
+
+/// The decision of `list` that lasts longest.
+fn longest(list: &[(Option<i64>, Decision)]) -> Option<Decision> {
+    list.iter()
+        .map(|(_, d)| d)
+        .max_by_key(|d| d.until_ms)
+        .cloned()
 }
 
 /// What the bridge reports about itself (for `wraith status` and the admin API).
@@ -151,18 +242,23 @@ pub struct BridgeStatus {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// A running bridge: cancel to stop it.
+/// A running bridge.
 pub struct Bridge {
     /// The settings it runs with (a reload with other settings restarts it).
     pub config: CrowdsecConfig,
     pub status: Arc<BridgeStatus>,
     stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Bridge {
-    /// Stops the polling task.
-    pub fn stop(&self) {
+    /// Stops the polling task and waits until it has ended: nothing it pulled reaches the
+    /// store after this returns.
+    pub async fn stop(mut self) {
         self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 
@@ -178,6 +274,8 @@ pub fn http_client(config: &CrowdsecConfig) -> Result<reqwest::Client, String> {
     let tls = tls_config(config.ca_cert.as_deref(), config.client_cert.as_ref())?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        // The API key is a header reqwest would carry to wherever a redirect points.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(user_agent())
         .timeout(config.timeout)
         .connect_timeout(config.timeout.min(Duration::from_secs(5)))
@@ -231,31 +329,46 @@ pub fn tls_config(
     Ok(config)
 }
 
-/// Starts the bridge task for `config`, feeding `store`.
+/// Starts the bridge task for `config`, feeding `store` through `client` (`http_client`).
+/// `fresh_since_ms` is when the decisions already in the store were last pulled (by the
+/// bridge this one replaces), so a reload in closed mode does not refuse traffic while the
+/// data is still fresh.
 pub fn spawn(
     config: CrowdsecConfig,
+    client: reqwest::Client,
     store: Arc<DecisionStore>,
     shutdown: &CancellationToken,
-) -> Result<Bridge, String> {
-    let client = http_client(&config)?;
+    fresh_since_ms: Option<u64>,
+) -> Bridge {
     let stop = shutdown.child_token();
     let status = Arc::new(BridgeStatus::default());
+    // When the data in the store was pulled, as an `Instant` (None: never, or unknown).
+    let last_ok = fresh_since_ms.and_then(|ms| {
+        let age = Duration::from_millis(now_ms().saturating_sub(ms));
+        Instant::now().checked_sub(age)
+    });
     if config.on_error == OnError::Closed {
-        // Closed means closed until the LAPI has answered once.
-        store.set_refuse_all(true);
+        // Closed means closed until the LAPI has answered once (or while what the previous
+        // bridge pulled is too old).
+        store.set_refuse_all(last_ok.is_none_or(|t| t.elapsed() > config.max_staleness));
     }
-    tokio::spawn(run(
+    if let Some(ms) = fresh_since_ms {
+        status.last_success_ms.store(ms, Ordering::Relaxed);
+    }
+    let task = tokio::spawn(run(
         config.clone(),
         client,
         store,
         status.clone(),
         stop.clone(),
+        last_ok,
     ));
-    Ok(Bridge {
+    Bridge {
         config,
         status,
         stop,
-    })
+        task: Some(task),
+    }
 }
 
 async fn run(
@@ -264,8 +377,9 @@ async fn run(
     store: Arc<DecisionStore>,
     status: Arc<BridgeStatus>,
     stop: CancellationToken,
+    mut last_ok: Option<Instant>,
 ) {
-    let mut last_ok: Option<Instant> = None;
+    let mut known = Known::default();
     let mut last_full: Option<Instant> = None;
     let mut failing = false;
     let mut stale_reported = false;
@@ -276,9 +390,13 @@ async fn run(
             r = pull(&client, &config, full) => r,
             _ = stop.cancelled() => break,
         };
+        if stop.is_cancelled() {
+            // Replaced or shutting down: what this pull brought is not ours to apply.
+            break;
+        }
         match result {
             Ok(resp) => {
-                let (added, removed, skipped) = apply(&store, &config, resp, full);
+                let (added, removed, skipped) = apply(&store, &config, &mut known, resp, full);
                 last_ok = Some(Instant::now());
                 if full {
                     last_full = last_ok;
@@ -350,12 +468,19 @@ async fn pull(
             Scope::Range => "range",
         })
         .collect();
-    let url = format!(
-        "{}/v1/decisions/stream?startup={full}&scopes={}",
-        config.lapi_url,
-        scopes.join(",")
-    );
-    let mut req = client.get(&url);
+    let url = format!("{}/v1/decisions/stream", config.lapi_url);
+    let mut query = vec![
+        ("startup", if full { "true" } else { "false" }.to_string()),
+        ("scopes", scopes.join(",")),
+    ];
+    // Every decision, not only the longest per (value, scope, type): see `Known`. LAPIs
+    // that no longer know `dedup` ignore it.
+    query.push(("dedup", "false".to_string()));
+    // Filtered by the LAPI too (`convert_one` checks again).
+    if let Some(origins) = &config.origins {
+        query.push(("origins", origins.join(",")));
+    }
+    let mut req = client.get(&url).query(&query);
     if let Some(key) = &config.api_key {
         req = req.header("X-Api-Key", &key.0);
     }
@@ -407,10 +532,11 @@ fn describe(e: &reqwest::Error) -> String {
     s
 }
 
-/// Applies a response to the store; returns (added, removed, skipped).
+/// Applies a response to the store; returns (set, removed, skipped).
 fn apply(
     store: &DecisionStore,
     config: &CrowdsecConfig,
+    known: &mut Known,
     resp: StreamResponse,
     full: bool,
 ) -> (usize, usize, usize) {
@@ -426,12 +552,14 @@ fn apply(
     if full {
         // A snapshot's `deleted` lists expired decisions still in the LAPI database:
         // nothing to remove from a cache being replaced.
-        let added = new.len();
-        store.replace_crowdsec(new);
+        let all = known.replace(new);
+        let added = all.len();
+        store.replace_crowdsec(all);
         return (added, 0, skipped.len());
     }
     let deleted = convert_deleted(resp.deleted.unwrap_or_default());
-    let (removed, added) = store.apply_crowdsec_delta(&deleted, new);
+    let (drop, set) = known.delta(deleted, new, now);
+    let (removed, added) = store.apply_crowdsec_delta(&drop, set);
     (added, removed, skipped.len())
 }
 
@@ -450,9 +578,10 @@ mod tests {
         let (new, skipped) = convert_new(r.new.unwrap(), None, 1_000);
         assert_eq!(new.len(), 3);
         assert_eq!(skipped, vec![Skip::Scope]);
-        assert_eq!(new[0].until_ms, 1_000 + 3_599_168);
-        assert_eq!(new[1].scope, Scope::Range);
-        assert_eq!(&*new[1].kind, "captcha");
+        assert_eq!(new[0].0, Some(1));
+        assert_eq!(new[0].1.until_ms, 1_000 + 3_599_168);
+        assert_eq!(new[1].1.scope, Scope::Range);
+        assert_eq!(&*new[1].1.kind, "captcha");
         assert!(r.deleted.is_none());
 
         let empty_178 = br#"{"new": [], "deleted": []}"#;
@@ -475,9 +604,10 @@ mod tests {
         let r = parse_stream(body).unwrap();
         let keys = convert_deleted(r.deleted.unwrap());
         assert_eq!(keys.len(), 2);
-        assert_eq!(&*keys[0].origin, "cscli");
+        assert_eq!(&*keys[0].1.origin, "cscli");
+        assert_eq!(keys[0].0, None);
         assert_eq!(
-            keys[1].value,
+            keys[1].1.value,
             "2001:db8::/32".parse::<ipnet::IpNet>().unwrap()
         );
     }
@@ -486,6 +616,7 @@ mod tests {
     fn origin_filter_simulated_and_expired() {
         let list = vec![
             LapiDecision {
+                id: None,
                 duration: Some("1h".into()),
                 origin: Some("CAPI".into()),
                 scope: "Ip".into(),
@@ -495,6 +626,7 @@ mod tests {
                 simulated: None,
             },
             LapiDecision {
+                id: None,
                 duration: Some("1h".into()),
                 origin: Some("crowdsec".into()),
                 scope: "ip".into(),
@@ -504,6 +636,7 @@ mod tests {
                 simulated: Some(true),
             },
             LapiDecision {
+                id: None,
                 duration: Some("-1s".into()),
                 origin: Some("crowdsec".into()),
                 scope: "ip".into(),
@@ -513,6 +646,7 @@ mod tests {
                 simulated: None,
             },
             LapiDecision {
+                id: None,
                 duration: Some("1h".into()),
                 origin: Some("crowdsec".into()),
                 scope: "ip".into(),
@@ -529,6 +663,92 @@ mod tests {
         assert_eq!(skipped[1], Skip::Simulated);
         assert_eq!(skipped[2], Skip::Expired);
         assert!(matches!(skipped[3], Skip::Invalid(_)));
+    }
+
+    fn lapi(id: Option<i64>, value: &str, duration: &str) -> LapiDecision {
+        LapiDecision {
+            id,
+            duration: Some(duration.into()),
+            origin: Some("cscli".into()),
+            scope: "Ip".into(),
+            value: value.into(),
+            kind: "ban".into(),
+            scenario: None,
+            simulated: None,
+        }
+    }
+
+    #[test]
+    fn an_id_that_is_not_an_integer_is_no_id_and_fails_nothing() {
+        let r = parse_stream(
+            br#"{"new":[{"id":"x","duration":"1h","scope":"Ip","value":"192.0.2.1","type":"ban"},
+                         {"id":-3,"duration":"1h","scope":"Ip","value":"192.0.2.2","type":"ban"},
+                         {"id":1.5,"duration":"1h","scope":"Ip","value":"192.0.2.3","type":"ban"}]}"#,
+        )
+        .unwrap();
+        let ids: Vec<_> = r.new.unwrap().iter().map(|d| d.id).collect();
+        assert_eq!(ids, vec![None, Some(-3), None]);
+    }
+
+    #[test]
+    fn two_decisions_for_one_key_deleting_one_keeps_the_other() {
+        let now = 1_000_000;
+        let mut known = Known::default();
+        let (new, _) = convert_new(
+            vec![
+                lapi(Some(1), "192.0.2.1", "1h"),
+                lapi(Some(2), "192.0.2.1", "4h"),
+                lapi(Some(3), "192.0.2.2", "1h"),
+            ],
+            None,
+            now,
+        );
+        let all = known.replace(new);
+        assert_eq!(all.len(), 2);
+        let one = all.iter().find(|d| d.value.to_string() == "192.0.2.1/32");
+        assert_eq!(one.unwrap().until_ms, now + 4 * 3_600_000, "the longest");
+
+        // The longer one deleted: the shorter one is what the store keeps.
+        let key = one.unwrap().key();
+        let (drop, set) = known.delta(vec![(Some(2), key.clone())], Vec::new(), now);
+        assert!(drop.is_empty());
+        assert_eq!(set.len(), 1);
+        assert_eq!(set[0].until_ms, now + 3_600_000);
+        // Deleted again (the LAPI repeats deletes): nothing changes.
+        let (drop, set) = known.delta(vec![(Some(2), key.clone())], Vec::new(), now);
+        assert!(drop.is_empty());
+        assert_eq!(set[0].until_ms, now + 3_600_000);
+        // The last one deleted: the key goes.
+        let (drop, set) = known.delta(vec![(Some(1), key.clone())], Vec::new(), now);
+        assert_eq!(drop, vec![key.clone()]);
+        assert!(set.is_empty());
+
+        // A delete without an id names the whole key.
+        let (new, _) = convert_new(
+            vec![
+                lapi(Some(4), "192.0.2.2", "2h"),
+                lapi(Some(5), "192.0.2.2", "3h"),
+            ],
+            None,
+            now,
+        );
+        let key2 = new[0].1.key();
+        let (_, set) = known.delta(Vec::new(), new, now);
+        assert_eq!(set[0].until_ms, now + 3 * 3_600_000);
+        let (drop, _) = known.delta(vec![(None, key2.clone())], Vec::new(), now);
+        assert_eq!(drop, vec![key2]);
+
+        // The same id sent again replaces its earlier version; expired ones are let go.
+        let (new, _) = convert_new(vec![lapi(Some(6), "192.0.2.3", "1h")], None, now);
+        known.delta(Vec::new(), new, now);
+        let (new, _) = convert_new(vec![lapi(Some(6), "192.0.2.3", "10m")], None, now);
+        let (_, set) = known.delta(Vec::new(), new, now);
+        assert_eq!(set[0].until_ms, now + 600_000);
+        let later = now + 700_000;
+        let (new, _) = convert_new(vec![lapi(Some(7), "192.0.2.3", "1m")], None, later);
+        let (drop, set) = known.delta(Vec::new(), new, later);
+        assert!(drop.is_empty());
+        assert_eq!(set[0].until_ms, later + 60_000, "id 6 expired, id 7 stays");
     }
 
     #[test]

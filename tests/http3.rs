@@ -704,3 +704,123 @@ async fn an_upstream_connection_whose_request_body_was_cut_short_is_never_reused
         "{seen:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connection timers: requests count as activity, QUIC PINGs do not.
+
+/// Client PINGs (quinn keep-alive) far more often than any timeout below: quinn's own idle
+/// timeout never fires on these connections.
+const PING_EVERY: Duration = Duration::from_millis(200);
+
+/// The gateway's config with an HTTP/3 listener under these `[listener.limits]`.
+fn with_limits(setup: &Setup, upstream: std::net::SocketAddr, limits: &str) -> String {
+    config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream,
+        APP_ROUTE,
+    )
+    .replacen(
+        "http3 = true",
+        &format!("http3 = true\nlimits = {{ {limits} }}"),
+        1,
+    )
+}
+
+/// Waits (at most `within`) for the gateway to close `conn`, and checks that it was the
+/// gateway's HTTP/3 close (H3_NO_ERROR) rather than a QUIC idle timeout.
+async fn closed_by_gateway(conn: &quinn::Connection, within: Duration) {
+    let reason = tokio::time::timeout(within, conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("connection still open after {within:?}"));
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(0x100), "{c:?}")
+        }
+        other => panic!("closed otherwise than by the gateway's H3_NO_ERROR: {other:?}"),
+    }
+    assert!(conn.stats().frame_tx.ping > 0, "the client sent PINGs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_is_closed_after_header_read_timeout_despite_pings() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    // idle_timeout (also quinn's idle timeout) far beyond the wait below: only the first
+    // request's timer can close this connection in time.
+    let cfg = with_limits(
+        &setup,
+        upstream.addr,
+        r#"header_read_timeout = "1s", idle_timeout = "60s""#,
+    );
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default).keep_alive(PING_EVERY);
+    // Handshake and HTTP/3 setup (control and QPACK streams), then nothing but PINGs.
+    let conn = client.connect(wraith.addr("https")).await.unwrap();
+    closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_after_a_request_is_closed_after_idle_timeout_despite_pings() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    // header_read_timeout far beyond the wait below: only the idle timer can close it.
+    let cfg = with_limits(
+        &setup,
+        upstream.addr,
+        r#"header_read_timeout = "60s", idle_timeout = "2s""#,
+    );
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default).keep_alive(PING_EVERY);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    assert_eq!(conn.get("/one").await.unwrap().status(), 200);
+    closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_longer_than_idle_timeout_keeps_its_connection() {
+    // An upstream that holds `/held` until released, and says when it has it.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let r = release.clone();
+    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let (release, held_tx) = (r.clone(), held_tx.clone());
+        async move {
+            if req.uri().path() == "/held" {
+                let _ = held_tx.send(());
+                release.notified().await;
+            }
+            echo_response(req).await
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = with_limits(
+        &setup,
+        upstream.addr,
+        r#"header_read_timeout = "1s", idle_timeout = "1s""#,
+    );
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default).keep_alive(PING_EVERY);
+    let conn = client.connect(wraith.addr("https")).await.unwrap();
+    let mut long = conn.clone();
+    let in_flight = tokio::spawn(async move { long.get("/held").await });
+    tokio::time::timeout(Duration::from_secs(10), held.recv())
+        .await
+        .expect("the request reached the upstream");
+
+    // Several idle timeouts pass with the request in flight: the connection stays.
+    let closed = tokio::time::timeout(Duration::from_secs(4), conn.conn.closed()).await;
+    assert!(
+        closed.is_err(),
+        "closed with a request in flight: {closed:?}"
+    );
+    release.notify_one();
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Once it is done, the idle time counts from its end.
+    closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
+}

@@ -44,6 +44,14 @@ impl H3Client {
         H3Client { endpoint, config }
     }
 
+    /// Sends QUIC PINGs whenever nothing else was sent for `interval` (quinn's keep-alive).
+    pub fn keep_alive(mut self, interval: Duration) -> H3Client {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(interval));
+        self.config.transport_config(Arc::new(transport));
+        self
+    }
+
     /// Connects with a full handshake (or a resumption without early data).
     pub async fn connect(&self, addr: SocketAddr) -> Result<H3Conn, String> {
         let conn = self

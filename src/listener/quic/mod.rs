@@ -6,8 +6,10 @@
 //! accept (UDP)      banned peer refused; connection limit; Retry (address validation)
 //!   └─ handshake    crypto.rs: rustls, same certificate, groups and client verification as
 //!                   TCP; group and refusal reason recorded per connection
-//!       └─ h3       one task per request stream: head within header_read_timeout,
-//!                   body.rs streams both ways, Gateway::handle in between
+//!       └─ h3       first request within header_read_timeout of the setup, then closed
+//!                   after idle_timeout with no request in flight (`Activity`); one task
+//!                   per request stream: head within header_read_timeout, body.rs
+//!                   streams both ways, Gateway::handle in between
 //! ```
 //!
 //! 0-RTT (listener `quic.zero_rtt`): the connection serves requests before the handshake
@@ -22,7 +24,7 @@ mod body;
 pub mod crypto;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::body::RequestBody;
 use self::crypto::{Handshake, HandshakeData, QuicTls};
-use crate::config::{Congestion, ListenerConfig, ListenerKey, QuicConfig, RetryPolicy};
+use crate::config::{Congestion, Limits, ListenerConfig, ListenerKey, QuicConfig, RetryPolicy};
 use crate::listener::limit::ConnectionLimit;
 use crate::proxy::{ConnInfo, EarlyData, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
@@ -656,9 +658,36 @@ async fn serve_h3(
     // as over TCP: a reload has no process exit to end a request that never finishes.
     let drain_timer = tokio::time::sleep(Duration::from_secs(365 * 86_400));
     tokio::pin!(drain_timer);
+    // The first request within header_read_timeout, then idle_timeout from the end of the
+    // last one: quinn's idle timeout alone lets a client that only PINGs hold a connection
+    // slot (and its QPACK streams' state) for ever. The timer is reset when it fires and
+    // when the first request arrives, never per packet.
+    let activity = Activity::new();
+    let idle_timer = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(idle_timer);
     loop {
         let accepted = tokio::select! {
             r = h3.accept() => r,
+            _ = &mut idle_timer, if !draining => {
+                let why = match activity.check(limits) {
+                    Due::At(at) => {
+                        idle_timer.as_mut().reset(at);
+                        continue;
+                    }
+                    Due::FirstRequest => "no request within header_read_timeout",
+                    Due::Idle => "no request within idle_timeout",
+                };
+                tracing::debug!(peer = %conn.remote_address(), "HTTP/3 connection: {why}; closing");
+                // GOAWAY past the last request accepted (all of them are done), so the
+                // client knows that none of those needs a retry and nothing later was seen.
+                match tokio::time::timeout(timeout, h3.shutdown(1)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "HTTP/3 GOAWAY not sent"),
+                    Err(_) => tracing::debug!(peer = %conn.remote_address(), "HTTP/3 GOAWAY not sent within the handshake timeout"),
+                }
+                // Closed below with H3_NO_ERROR, unless the client closes first.
+                break;
+            }
             _ = close.requested(), if !draining => {
                 draining = true;
                 // GOAWAY: requests already accepted finish; the client opens no new ones here.
@@ -686,8 +715,18 @@ async fn serve_h3(
         };
         match accepted {
             Ok(Some(resolver)) => {
+                let in_flight = activity.begin();
+                // The timer may still wait for the first request's deadline; from now on
+                // it looks at least once per idle_timeout (usually a single reset).
+                let next = tokio::time::Instant::now() + limits.idle_timeout;
+                if idle_timer.deadline() > next {
+                    idle_timer.as_mut().reset(next);
+                }
                 let request = requests.track_future(serve_request(ctx.clone(), resolver));
-                ctx.runtime.connections.spawn(request);
+                ctx.runtime.connections.spawn(async move {
+                    request.await;
+                    drop(in_flight);
+                });
             }
             // GOAWAY exchanged and every request finished.
             Ok(None) => break,
@@ -705,6 +744,76 @@ async fn serve_h3(
         _ = tokio::time::sleep(Duration::from_secs(1)) => {
             conn.close(VarInt::from_u32(H3_NO_ERROR), b"");
         }
+    }
+}
+
+/// Requests in flight on one HTTP/3 connection and when the last one ended: what its idle
+/// timer goes by. Only requests count, as on HTTP/2 (conn.rs): PINGs, ACKs and QPACK stream
+/// data keep quinn's idle timeout from firing, not this one.
+struct Activity {
+    /// The end of the HTTP/3 setup: the first request is due within header_read_timeout.
+    epoch: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` (+1) when a request last ended; 0 before the first.
+    last_end: AtomicU64,
+}
+
+/// What the connection's timer says when it fires.
+enum Due {
+    /// Nothing to do yet (or a request is in flight): look again then.
+    At(tokio::time::Instant),
+    /// No request arrived within header_read_timeout of the setup.
+    FirstRequest,
+    /// No request in flight for idle_timeout.
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+        })
+    }
+
+    /// A request accepted: in flight until the guard drops (also when its task is aborted).
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn check(&self, limits: &Limits) -> Due {
+        let now = tokio::time::Instant::now();
+        // Acquire: pairs with `InFlight::drop`, so `last_end` is that of the last to end.
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            // Its end starts the idle time; looking again after one is soon enough.
+            return Due::At(now + limits.idle_timeout);
+        }
+        let (since, timeout, expired) = match self.last_end.load(Ordering::Relaxed) {
+            0 => (self.epoch, limits.header_read_timeout, Due::FirstRequest),
+            ms => (
+                self.epoch + Duration::from_millis(ms - 1),
+                limits.idle_timeout,
+                Due::Idle,
+            ),
+        };
+        if since + timeout > now {
+            return Due::At(since + timeout);
+        }
+        expired
+    }
+}
+
+/// One request in flight on a connection's `Activity`.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let now = a.epoch.elapsed().as_millis() as u64 + 1;
+        a.last_end.fetch_max(now, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 

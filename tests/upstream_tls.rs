@@ -238,3 +238,44 @@ async fn websocket_tunnels_work_over_tls_upstreams() {
     }
     ws.close(None).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_large_upload_to_a_slow_reading_tls_upstream_arrives_whole() {
+    use http_body_util::BodyExt;
+    let setup = Setup::new();
+    let server = tls_server_config(&setup.pki.server_cert, &setup.pki.server_key, None);
+    // Reads its body slowly, so the sockets on the way are full when the upload ends (the
+    // last bytes then wait in the TLS layer until they are flushed), and answers with the
+    // number of bytes it got.
+    let up = Upstream::start_tls(server, |req| async move {
+        let mut body = req.into_body();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+                // About 8 MB/s.
+                tokio::time::sleep(Duration::from_micros(data.len() as u64 / 8)).await;
+            }
+        }
+        hyper::Response::new(full(total.to_string()))
+    })
+    .await;
+    let ca = setup.pki.ca_pem.clone();
+    let wraith = setup.start(&config(
+        &format!("https://{}", up.addr),
+        &tls_table(&ca, "").replace(
+            "[upstream.tls]",
+            "response_timeout = \"10s\"\n[upstream.tls]",
+        ),
+    ));
+    const SIZE: usize = 16 << 20;
+    let r = http_client()
+        .post(wraith.url("http", "/upload"))
+        .body(vec![7u8; SIZE])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", wraith.log());
+    assert_eq!(r.text().await.unwrap(), SIZE.to_string());
+}

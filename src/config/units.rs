@@ -52,10 +52,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         };
         total = total
             .checked_add(part)
-            .ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| format!("invalid duration {text:?}: too large (at most 100 years)"))?;
     }
     Ok(total)
 }
+
+/// The longest duration a setting takes: far beyond any timeout, and short enough that a
+/// deadline computed from it (now + duration) can never overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Parses a byte size: `"512"`, `"64KiB"`, `"1MiB"`, `"2GiB"`, `"10kB"`, `"1MB"`.
 /// Binary units (KiB, MiB, GiB) are powers of 1024; decimal ones (kB, MB, GB) of 1000.
@@ -112,6 +117,15 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_past_a_hundred_years_are_refused() {
+        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
+        for text in ["36501d", "999999999999999999d", "18446744073709551615s"] {
+            let e = parse_duration(text).unwrap_err();
+            assert!(e.contains("too large"), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn durations() {

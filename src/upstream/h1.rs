@@ -227,16 +227,20 @@ impl Conn {
     }
 
     /// Whether a pooled connection can carry the next request: the upstream has neither
-    /// closed it nor written anything since the last response ended. The reactor's readiness
-    /// answers without a system call in the common case (nothing arrived); only a socket that
-    /// became readable is looked at: peeked on plain TCP, read on TLS (where a late session
-    /// ticket is consumed and harmless, while application data or close_notify is not).
+    /// closed it nor written anything since the last response ended. On plain TCP the
+    /// reactor's readiness answers without a system call in the common case (nothing
+    /// arrived), and a socket that became readable is peeked. TLS is always read: rustls may
+    /// hold decrypted bytes the socket no longer shows (a response longer than it said, read
+    /// along with its end), and a late session ticket is consumed there and harmless, while
+    /// application data or close_notify is not.
     fn usable(&mut self) -> bool {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        match self.io.tcp().poll_read_ready(&mut cx) {
-            Poll::Pending => return true,
-            Poll::Ready(Err(_)) => return false,
-            Poll::Ready(Ok(())) => {}
+        if let Stream::Tcp(tcp) = &self.io {
+            match tcp.poll_read_ready(&mut cx) {
+                Poll::Pending => return true,
+                Poll::Ready(Err(_)) => return false,
+                Poll::Ready(Ok(())) => {}
+            }
         }
         let mut probe = [0u8; 64];
         let mut rb = ReadBuf::new(&mut probe);
@@ -261,7 +265,7 @@ pub async fn send(
     guard: InFlight,
 ) -> Result<Response<Body>, SendError> {
     let (parts, mut body) = req.into_parts();
-    let (head, chunked) = encode_head(&parts, forwarding, &body);
+    let (head, chunked) = encode_head(&parts, &pool.addr, forwarding, &body);
     let replayable = body.is_end_stream();
     // Sent again after the upstream may have acted on it only if repeating it is harmless.
     let idempotent = parts.method.is_idempotent();
@@ -340,6 +344,10 @@ pub async fn probe(pool: &Pool, head: &[u8], timeout: Duration) -> Result<Status
         let mut conn = pool.connect().await.map_err(|e| e.to_string())?;
         conn.io
             .write_all(head)
+            .await
+            .map_err(|e| format!("writing the check: {e}"))?;
+        conn.io
+            .flush()
             .await
             .map_err(|e| format!("writing the check: {e}"))?;
         match read_head(&mut conn, true).await {
@@ -473,13 +481,23 @@ async fn write_request(
     Ok(())
 }
 
+/// Writes `data`; on TLS also flushes, since tokio-rustls may report bytes written that it
+/// still holds when the socket is full, and nothing else would push them out while we wait
+/// for the response.
 async fn write_all(
     conn: &mut Conn,
     data: &[u8],
     timeout: Duration,
     sent_any: bool,
 ) -> Result<(), Exchange> {
-    match tokio::time::timeout(timeout, conn.io.write_all(data)).await {
+    let write = async {
+        conn.io.write_all(data).await?;
+        if matches!(conn.io, Stream::Tls(_)) {
+            conn.io.flush().await?;
+        }
+        Ok::<(), io::Error>(())
+    };
+    match tokio::time::timeout(timeout, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if !sent_any && is_stale(&e) => Err(Exchange::Stale { written: false }),
         Ok(Err(e)) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),
@@ -503,6 +521,7 @@ fn is_stale(e: &io::Error) -> bool {
 /// could end the same way).
 fn encode_head(
     parts: &http::request::Parts,
+    upstream: &http::uri::Authority,
     forwarding: Option<&Forwarding>,
     body: &Body,
 ) -> (Vec<u8>, bool) {
@@ -512,9 +531,16 @@ fn encode_head(
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // An absolute-form target with an empty path (`http://h?x=1`) keeps its path-and-query
+    // as `?x=1`; routing saw the path `/`, and origin form needs it written.
+    if pq.starts_with('?') {
+        out.push(b'/');
+    }
     out.extend_from_slice(pq.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
     for (name, value) in &parts.headers {
+        has_host |= name == header::HOST;
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
             || name == header::EXPECT
@@ -525,6 +551,13 @@ fn encode_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        // HTTP/1.0 clients may leave Host out; HTTP/1.1 requires it (RFC 9112 §3.2). Like
+        // nginx's default `$proxy_host`: the endpoint.
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(upstream.as_str().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if let Some(f) = forwarding {
@@ -799,11 +832,13 @@ impl Facts {
                 }
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // The last coding of the last header decides; anything not ASCII is unknown.
+            // The last coding of the last header decides; anything not ASCII is unknown, and
+            // so is a Transfer-Encoding with no coding at all: present, so Content-Length
+            // does not count, and not chunked, so the body runs to the close (RFC 9112 §6.3).
             let valid = value.is_ascii();
             if let Some(last) = tokens(value).last() {
                 self.transfer_coding = Some(valid && last.eq_ignore_ascii_case(b"chunked"));
-            } else if !valid {
+            } else if !valid || self.transfer_coding.is_none() {
                 self.transfer_coding = Some(false);
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
@@ -1122,10 +1157,11 @@ enum Decoded {
 fn decode_chunk(state: ChunkState, buf: &mut BytesMut) -> Result<Decoded, String> {
     match state {
         ChunkState::Size => {
-            let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-                if buf.len() > MAX_CHUNK_LINE {
-                    return Err("chunk-size line too long from upstream".into());
-                }
+            let nl = buf.iter().position(|&b| b == b'\n');
+            if nl.unwrap_or(buf.len()) > MAX_CHUNK_LINE {
+                return Err("chunk-size line too long from upstream".into());
+            }
+            let Some(nl) = nl else {
                 return Ok(Decoded::NeedMore(state));
             };
             let line = &buf[..nl];
@@ -1134,13 +1170,13 @@ fn decode_chunk(state: ChunkState, buf: &mut BytesMut) -> Result<Decoded, String
                 .iter()
                 .position(|b| !b.is_ascii_hexdigit())
                 .unwrap_or(line.len());
-            let rest = &line[digits..];
+            // chunk-size [ BWS ";" chunk-ext ]: after the size only whitespace, then nothing
+            // or an extension (ignored), with no control characters but HTAB in it.
+            let rest = line[digits..].trim_ascii_start();
             if digits == 0
                 || digits > 15
-                || !(rest.is_empty()
-                    || rest.starts_with(b";")
-                    || rest.starts_with(b" ")
-                    || rest.starts_with(b"\t"))
+                || !(rest.is_empty() || rest.starts_with(b";"))
+                || rest.iter().any(|&b| b.is_ascii_control() && b != b'\t')
             {
                 return Err("invalid chunk size from upstream".into());
             }
@@ -1189,20 +1225,26 @@ fn decode_chunk(state: ChunkState, buf: &mut BytesMut) -> Result<Decoded, String
             Ok(Decoded::Continue(ChunkState::Size))
         }
         ChunkState::Trailers => {
-            // The trailer section ends with an empty line; parse it whole once complete.
-            let end = if buf.starts_with(b"\r\n") {
-                Some((0, 2))
-            } else if buf.starts_with(b"\n") {
-                Some((0, 1))
-            } else {
-                find(buf, b"\r\n\r\n")
-                    .map(|i| (i + 2, i + 4))
-                    .or_else(|| find(buf, b"\n\n").map(|i| (i + 1, i + 2)))
-            };
-            let Some((fields_end, consumed)) = end else {
-                if buf.len() > MAX_TRAILERS {
-                    return Err("trailer section too large from upstream".into());
+            // The trailer section ends with the first empty line (CRLF or a bare LF); parse it
+            // whole once complete.
+            let mut start = 0;
+            let mut end = None;
+            while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+                let nl = start + i;
+                if buf[start..nl]
+                    .strip_suffix(b"\r")
+                    .unwrap_or(&buf[start..nl])
+                    .is_empty()
+                {
+                    end = Some((start, nl + 1));
+                    break;
                 }
+                start = nl + 1;
+            }
+            if end.map_or(buf.len(), |(fields_end, _)| fields_end) > MAX_TRAILERS {
+                return Err("trailer section too large from upstream".into());
+            }
+            let Some((fields_end, consumed)) = end else {
                 return Ok(Decoded::NeedMore(state));
             };
             let mut trailers = HeaderMap::new();
@@ -1225,10 +1267,6 @@ fn decode_chunk(state: ChunkState, buf: &mut BytesMut) -> Result<Decoded, String
             Ok(Decoded::End((!trailers.is_empty()).then_some(trailers)))
         }
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 fn trim(b: &[u8]) -> &[u8] {
@@ -1279,6 +1317,43 @@ mod tests {
         assert!(chunks(b"5\r\nhelloXX").is_err());
         assert!(chunks(b"ffffffffffffffffff\r\n").is_err());
         assert_eq!(chunks(b"5\r\nhel").unwrap_err(), "need more");
+        // Whitespace before an extension is allowed; anything else after the size is not.
+        assert_eq!(chunks(b"3 ;x=y\r\nabc\r\n0\r\n\r\n").unwrap().0, b"abc");
+        assert!(chunks(b"5 6\r\nhello\r\n0\r\n\r\n").is_err());
+        assert!(chunks(b"3;x\x00y\r\nabc\r\n0\r\n\r\n").is_err());
+        assert!(chunks(b"3;x\ry\r\nabc\r\n0\r\n\r\n").is_err());
+        // Limits hold when the terminator came in the same read.
+        let mut long = b"3;".to_vec();
+        long.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        long.extend_from_slice(b"\r\nabc\r\n0\r\n\r\n");
+        assert!(chunks(&long).is_err());
+        let mut trailers = b"0\r\n".to_vec();
+        for i in 0..MAX_TRAILERS / 10 {
+            trailers.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        trailers.extend_from_slice(b"\r\n");
+        assert_eq!(
+            chunks(&trailers).unwrap_err(),
+            "trailer section too large from upstream"
+        );
+        // The section ends at its first empty line, whatever the line endings.
+        let mut b = BytesMut::from(&b"0\r\nx: y\n\r\nHTTP/1.1 200 OK\r\n\r\n"[..]);
+        let mut state = ChunkState::Size;
+        loop {
+            match decode_chunk(state, &mut b).unwrap() {
+                Decoded::Continue(s) => state = s,
+                Decoded::End(t) => {
+                    assert_eq!(t.unwrap()["x"], "y");
+                    break;
+                }
+                _ => panic!("unexpected"),
+            }
+        }
+        assert_eq!(
+            &b[..],
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            "the next bytes are left alone"
+        );
     }
 
     #[test]
@@ -1318,6 +1393,18 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .1,
+            "UntilClose"
+        );
+        // A Transfer-Encoding with no coding: not chunked, so the body runs to the close;
+        // the Content-Length beside it does not count.
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 3\r\n\r\n",
+                false
+            )
+            .unwrap()
+            .unwrap()
+            .1,
             "UntilClose"
         );
         assert_eq!(
@@ -1479,6 +1566,7 @@ mod tests {
 
     #[test]
     fn request_heads() {
+        let up: http::uri::Authority = "10.0.0.7:8080".parse().unwrap();
         let req = Request::post("http://up/x?y=1")
             .header("host", "example.com")
             .header("content-length", "3")
@@ -1486,25 +1574,37 @@ mod tests {
             .body(Body::full("abc"))
             .unwrap();
         let (parts, body) = req.into_parts();
-        let head = String::from_utf8(encode_head(&parts, None, &body).0).unwrap();
+        let head = String::from_utf8(encode_head(&parts, &up, None, &body).0).unwrap();
         assert_eq!(
             head,
             "POST /x?y=1 HTTP/1.1\r\nhost: example.com\r\ncontent-length: 3\r\n\r\n"
         );
+        // No Host (an HTTP/1.0 client): the endpoint's, as HTTP/1.1 requires one.
         let req = Request::get("/").body(Body::Empty).unwrap();
         let (parts, body) = req.into_parts();
         assert_eq!(
-            String::from_utf8(encode_head(&parts, None, &body).0).unwrap(),
-            "GET / HTTP/1.1\r\n\r\n"
+            String::from_utf8(encode_head(&parts, &up, None, &body).0).unwrap(),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.7:8080\r\n\r\n"
+        );
+        // An empty path before a query is written as `/`.
+        let req = Request::get("http://h?x=1")
+            .header("host", "h")
+            .body(Body::Empty)
+            .unwrap();
+        let (parts, body) = req.into_parts();
+        assert_eq!(
+            String::from_utf8(encode_head(&parts, &up, None, &body).0).unwrap(),
+            "GET /?x=1 HTTP/1.1\r\nhost: h\r\n\r\n"
         );
         // A client header that ends like the chunked framing header does not make the
         // request chunked (no `0\r\n\r\n` smuggled after a bodyless request).
         let req = Request::get("/")
+            .header("host", "h")
             .header("x-a", "transfer-encoding: chunked")
             .body(Body::Empty)
             .unwrap();
         let (parts, body) = req.into_parts();
-        let (head, chunked) = encode_head(&parts, None, &body);
+        let (head, chunked) = encode_head(&parts, &up, None, &body);
         assert!(head.ends_with(b"x-a: transfer-encoding: chunked\r\n\r\n"));
         assert!(!chunked);
     }
@@ -1572,10 +1672,11 @@ mod tests {
             let mut alone = Vec::new();
             f.write(&mut alone);
             assert_eq!(alone.len(), f.encoded_len());
-            let written = lines(encode_head(&parts, Some(&f), &body).0);
+            let up: http::uri::Authority = "10.0.0.7:8080".parse().unwrap();
+            let written = lines(encode_head(&parts, &up, Some(&f), &body).0);
             let (mut parts, body) = request(pairs);
             f.apply(&mut parts.headers);
-            let mapped = lines(encode_head(&parts, None, &body).0);
+            let mapped = lines(encode_head(&parts, &up, None, &body).0);
             assert_eq!(
                 written, mapped,
                 "{pairs:?} trusted={trusted} early={early_data} {host:?}"

@@ -822,11 +822,12 @@ pub struct RequestStream<S, B> {
 impl<S, B> RequestStream<S, B> {
     #[allow(missing_docs)]
     pub fn new(
-        stream: FrameStream<S, B>,
+        mut stream: FrameStream<S, B>,
         max_field_section_size: u64,
         conn_state: Arc<SharedState>,
         grease: bool,
     ) -> Self {
+        stream.set_max_field_section_size(max_field_section_size);
         Self {
             stream,
             conn_state,
@@ -855,7 +856,9 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<impl Buf>, StreamError>> {
-        if !self.stream.has_data() {
+        // A loop, not an `if`: an empty DATA frame is legal (RFC 9114 7.2.1) and is not the
+        // end of the body, so read on to the next frame.
+        while !self.stream.has_data() {
             match ready!(self.stream.poll_next(cx)) {
                 Err(frame_stream_error) => {
                     return Poll::Ready(Err(

@@ -6,7 +6,7 @@ use bytes::Buf;
 use tracing::trace;
 
 use crate::error::Code;
-use crate::proto::frame::SettingsError;
+use crate::proto::frame::{FrameType, SettingsError};
 use crate::proto::push::InvalidPushId;
 use crate::quic::{InvalidStreamId, StreamErrorIncoming};
 use crate::stream::{BufRecvStream, WriteBuf};
@@ -34,6 +34,13 @@ impl<S, B> FrameStream<S, B> {
             decoder: FrameDecoder::default(),
             remaining_data: 0,
         }
+    }
+
+    /// Refuses HEADERS and PUSH_PROMISE frames that declare a payload larger than `max`, as
+    /// soon as their length is read (request streams: the connection's
+    /// `max_field_section_size`). Other streams keep [`MAX_CONTROL_FRAME_LEN`].
+    pub fn set_max_field_section_size(&mut self, max: u64) {
+        self.decoder.max_field_section_size = max;
     }
 
     /// Unwraps the Framed streamer and returns the underlying stream **without** data loss for
@@ -202,9 +209,30 @@ where
     }
 }
 
-#[derive(Default)]
+/// The largest payload accepted for SETTINGS, CANCEL_PUSH, GOAWAY and MAX_PUSH_ID frames
+/// (a few varints each), for the HTTP/2 frame types (refused anyway), and for HEADERS and
+/// PUSH_PROMISE on streams whose limit was not set with
+/// [`FrameStream::set_max_field_section_size`].
+///
+/// Patched in (vendored copy): h3 0.0.8 buffered any such frame whole, whatever it declared.
+pub const MAX_CONTROL_FRAME_LEN: u64 = 16 * 1024;
+
 pub struct FrameDecoder {
     expected: Option<usize>,
+    /// What is left of an unknown frame's payload, dropped as it arrives.
+    skip: u64,
+    /// The largest HEADERS or PUSH_PROMISE payload accepted.
+    max_field_section_size: u64,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self {
+            expected: None,
+            skip: 0,
+            max_field_section_size: MAX_CONTROL_FRAME_LEN,
+        }
+    }
 }
 
 impl FrameDecoder {
@@ -215,12 +243,73 @@ impl FrameDecoder {
         // Decode in a loop since we ignore unknown frames, and there may be
         // other frames already in our BufList.
         loop {
+            if self.skip > 0 {
+                let n = src
+                    .remaining()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                src.advance(n);
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    return Ok(None);
+                }
+            }
+
             if !src.has_remaining() {
                 return Ok(None);
             }
 
             if let Some(min) = self.expected {
                 if src.remaining() < min {
+                    return Ok(None);
+                }
+            }
+
+            // Check the declared length before any of the payload is kept: a frame is only
+            // buffered whole when it is small enough, and an unknown one never is.
+            let (pos, header) = {
+                let mut cur = src.cursor();
+                let header = FrameType::decode_header(&mut cur);
+                (cur.position(), header)
+            };
+            let Some((ty, len)) = header else {
+                return Ok(None);
+            };
+            let max = match ty {
+                // Their payload goes to the caller through `poll_data`, as it arrives.
+                FrameType::DATA | FrameType::WEBTRANSPORT_BI_STREAM => None,
+                FrameType::HEADERS | FrameType::PUSH_PROMISE => Some(self.max_field_section_size),
+                FrameType::SETTINGS
+                | FrameType::CANCEL_PUSH
+                | FrameType::GOAWAY
+                | FrameType::MAX_PUSH_ID
+                | FrameType::H2_PRIORITY
+                | FrameType::H2_PING
+                | FrameType::H2_WINDOW_UPDATE
+                | FrameType::H2_CONTINUATION => Some(MAX_CONTROL_FRAME_LEN),
+                _ => {
+                    //= https://www.rfc-editor.org/rfc/rfc9114#section-7.2.8
+                    //# Endpoints MUST
+                    //# NOT consider these frames to have any meaning upon receipt.
+                    #[cfg(feature = "tracing")]
+                    trace!("skip unknown frame type {:?}, {} bytes", ty, len);
+
+                    src.advance(pos);
+                    self.expected = None;
+                    self.skip = len;
+                    continue;
+                }
+            };
+            if let Some(max) = max {
+                if len > max {
+                    return Err(FrameStreamError::Proto(FrameProtocolError::FrameTooLarge {
+                        ty,
+                        len,
+                        max,
+                    }));
+                }
+                let whole = pos.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+                if src.remaining() < whole {
+                    self.expected = Some(whole);
                     return Ok(None);
                 }
             }
@@ -243,9 +332,9 @@ impl FrameDecoder {
                     self.expected = None;
                     continue;
                 }
-                Err(frame::FrameError::Incomplete(min)) => {
-                    self.expected = Some(min);
-                    return Ok(None);
+                // The whole frame is there (checked above): its payload ends before its fields.
+                Err(frame::FrameError::Incomplete(_)) => {
+                    return Err(FrameStreamError::Proto(FrameProtocolError::Malformed));
                 }
                 Ok(frame) => {
                     src.advance(pos);
@@ -301,6 +390,12 @@ pub enum FrameProtocolError {
     Settings(SettingsError),
     InvalidStreamId(InvalidStreamId),
     InvalidPushId(InvalidPushId),
+    /// A frame declared a payload larger than its type may have (refused before it is read).
+    FrameTooLarge {
+        ty: FrameType,
+        len: u64,
+        max: u64,
+    },
 }
 
 #[cfg(test)]
@@ -383,6 +478,97 @@ mod tests {
             Ok(Some(Frame::Data(PayloadLen(4))))
         );
         assert_matches!(decoder.decode(&mut buf), Ok(None));
+    }
+
+    #[test]
+    fn unknown_frame_skipped_as_it_arrives() {
+        use crate::proto::varint::BufMutExt as _;
+
+        // A reserved type declaring far more than will ever be sent.
+        let mut head = BytesMut::new();
+        FrameType::grease().encode(&mut head);
+        head.write_var(VarInt::MAX.0);
+        head.put_slice(&[0; 100]);
+        let mut buf = BufList::from(head.freeze());
+
+        let mut decoder = FrameDecoder::default();
+        assert_matches!(decoder.decode(&mut buf), Ok(None));
+        // Nothing of it is kept.
+        assert!(!buf.has_remaining());
+        buf.push(Bytes::from(vec![0; 4096]));
+        assert_matches!(decoder.decode(&mut buf), Ok(None));
+        assert!(!buf.has_remaining());
+    }
+
+    #[test]
+    fn frame_after_skipped_unknown_frame() {
+        use crate::proto::varint::BufMutExt as _;
+
+        let mut first = BytesMut::new();
+        FrameType::grease().encode(&mut first);
+        first.write_var(6);
+        first.put_slice(b"gre");
+        let mut second = BytesMut::new();
+        second.put_slice(b"ase");
+        Frame::headers(&b"salut"[..]).encode_with_payload(&mut second);
+
+        let mut buf = BufList::from(first.freeze());
+        let mut decoder = FrameDecoder::default();
+        assert_matches!(decoder.decode(&mut buf), Ok(None));
+        buf.push(second.freeze());
+        assert_matches!(decoder.decode(&mut buf), Ok(Some(Frame::Headers(_))));
+    }
+
+    #[test]
+    fn headers_over_the_limit_refused_from_their_length() {
+        let mut buf = BytesMut::new();
+        FrameType::HEADERS.encode(&mut buf);
+        VarInt::from(1025u32).encode(&mut buf);
+        let mut buf = BufList::from(buf);
+
+        let mut decoder = FrameDecoder::default();
+        decoder.max_field_section_size = 1024;
+        assert_matches!(
+            decoder.decode(&mut buf),
+            Err(FrameStreamError::Proto(FrameProtocolError::FrameTooLarge {
+                ty: FrameType::HEADERS,
+                len: 1025,
+                max: 1024
+            }))
+        );
+    }
+
+    #[test]
+    fn control_frame_over_the_limit_refused_from_its_length() {
+        let mut buf = BytesMut::new();
+        FrameType::SETTINGS.encode(&mut buf);
+        VarInt::from(MAX_CONTROL_FRAME_LEN as u32 + 1).encode(&mut buf);
+        let mut buf = BufList::from(buf);
+
+        let mut decoder = FrameDecoder::default();
+        assert_matches!(
+            decoder.decode(&mut buf),
+            Err(FrameStreamError::Proto(FrameProtocolError::FrameTooLarge {
+                ty: FrameType::SETTINGS,
+                ..
+            }))
+        );
+    }
+
+    #[test]
+    fn frame_shorter_than_its_fields_is_malformed() {
+        // A GOAWAY with no room for its id, then more bytes: not "wait for more".
+        let mut buf = BytesMut::new();
+        FrameType::GOAWAY.encode(&mut buf);
+        VarInt::from(0u32).encode(&mut buf);
+        buf.put_slice(&[0; 8]);
+        let mut buf = BufList::from(buf);
+
+        let mut decoder = FrameDecoder::default();
+        assert_matches!(
+            decoder.decode(&mut buf),
+            Err(FrameStreamError::Proto(FrameProtocolError::Malformed))
+        );
     }
 
     // FrameStream

@@ -6,7 +6,8 @@ use bytes::Buf;
 
 use crate::{
     connection::ConnectionInner,
-    frame::FrameStreamError,
+    frame::{FrameProtocolError, FrameStreamError},
+    proto::frame::FrameType,
     quic::{self, ConnectionErrorIncoming, StreamErrorIncoming},
     shared_state::ConnectionState,
 };
@@ -195,6 +196,15 @@ where
     ) -> StreamError {
         match error {
             FrameStreamError::Quic(error) => self.handle_quic_stream_error(error),
+            // A header section too large to read, refused like one that decodes too large.
+            FrameStreamError::Proto(FrameProtocolError::FrameTooLarge {
+                ty: FrameType::HEADERS,
+                len,
+                max,
+            }) => StreamError::HeaderTooBig {
+                actual_size: len,
+                max_size: max,
+            },
             FrameStreamError::Proto(frame_error) => self.handle_connection_error_on_stream(
                 InternalConnectionError::got_frame_error(frame_error).into(),
             ),

@@ -61,6 +61,14 @@ impl InternalConnectionError {
                 code: Code::H3_FRAME_ERROR,
                 message: "frame payload that contains additional bytes after the identified fields or a frame payload that terminates before the end of the identified fields".to_string(),
             },
+            //= https://www.rfc-editor.org/rfc/rfc9114#section-10.5
+            //# An endpoint can use H3_EXCESSIVE_LOAD to signal
+            //# that it is refusing to process a frame that would consume
+            //# excessive resources.
+            FrameProtocolError::FrameTooLarge { ty, len, max } => InternalConnectionError {
+                code: Code::H3_EXCESSIVE_LOAD,
+                message: format!("frame {:?} declares {} bytes, more than the {} accepted", ty, len, max),
+            },
             }
     }
 }

@@ -326,6 +326,15 @@ impl FrameType {
     fn decode<B: Buf>(buf: &mut B) -> Result<Self, UnexpectedEnd> {
         Ok(FrameType(buf.get_var()?))
     }
+
+    /// Reads a frame's type and the length it declares, leaving the payload unread; `None`
+    /// while `buf` holds less than both. (For WEBTRANSPORT_BI_STREAM the second varint is
+    /// the session id.)
+    pub(crate) fn decode_header<B: Buf>(buf: &mut B) -> Option<(Self, u64)> {
+        let ty = Self::decode(buf).ok()?;
+        let len = buf.get_var().ok()?;
+        Some((ty, len))
+    }
     pub fn encode<B: BufMut>(&self, buf: &mut B) {
         buf.write_var(self.0);
     }

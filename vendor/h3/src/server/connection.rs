@@ -142,8 +142,9 @@ where
 
     fn create_resolver_internal(
         &self,
-        stream: FrameStream<C::BidiStream, B>,
+        mut stream: FrameStream<C::BidiStream, B>,
     ) -> RequestResolver<C, B> {
+        stream.set_max_field_section_size(self.max_field_section_size);
         RequestResolver {
             frame_stream: stream,
             request_end_send: self.request_end_send.clone(),

@@ -14,9 +14,9 @@ use crate::{
         internal_error::InternalConnectionError,
         Code, StreamError,
     },
-    frame::{FrameStream, FrameStreamError},
+    frame::{FrameProtocolError, FrameStream, FrameStreamError},
     proto::{
-        frame::{Frame, PayloadLen},
+        frame::{Frame, FrameType, PayloadLen},
         headers::Header,
     },
     qpack,
@@ -84,8 +84,20 @@ where
         mut self,
         frame: Result<Option<Frame<PayloadLen>>, FrameStreamError>,
     ) -> Result<ResolvedRequest<C, B>, StreamError> {
-        let mut encoded = match frame {
-            Ok(Some(Frame::Headers(h))) => h,
+        let encoded = match frame {
+            Ok(Some(Frame::Headers(h))) => Ok(h),
+
+            // Declared larger than max_field_section_size: answered with 431 as below, without
+            // reading it. Stop the peer sending the rest (RFC 9114 4.1: H3_NO_ERROR when the
+            // response does not need the remainder of the request).
+            Err(FrameStreamError::Proto(FrameProtocolError::FrameTooLarge {
+                ty: FrameType::HEADERS,
+                len,
+                ..
+            })) => {
+                self.frame_stream.stop_sending(Code::H3_NO_ERROR);
+                Err(len)
+            }
 
             //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1
             //# If a client-initiated
@@ -125,13 +137,17 @@ where
             }
         };
 
-        let decoded = match qpack::decode_stateless(&mut encoded, self.max_field_section_size) {
+        let decoded = match encoded
+            .map(|mut encoded| qpack::decode_stateless(&mut encoded, self.max_field_section_size))
+        {
             //= https://www.rfc-editor.org/rfc/rfc9114#section-4.2.2
             //# An HTTP/3 implementation MAY impose a limit on the maximum size of
             //# the message header it will accept on an individual HTTP message.
-            Err(qpack::DecoderError::HeaderTooLong(cancel_size)) => Err(cancel_size),
-            Ok(decoded) => Ok(decoded),
-            Err(_e) => {
+            Ok(Err(qpack::DecoderError::HeaderTooLong(cancel_size))) | Err(cancel_size) => {
+                Err(cancel_size)
+            }
+            Ok(Ok(decoded)) => Ok(decoded),
+            Ok(Err(_e)) => {
                 return Err(
                     self.handle_connection_error_on_stream(InternalConnectionError {
                         code: Code::QPACK_DECOMPRESSION_FAILED,

@@ -13,7 +13,7 @@ use crate::client::SendRequest;
 use crate::error::{Code, ConnectionError, LocalError, StreamError};
 use crate::quic::ConnectionErrorIncoming;
 use crate::tests::get_stream_blocking;
-use crate::{client, server, ConnectionState};
+use crate::{client, server, shared_state::ConnectionState};
 use crate::{
     proto::{
         coding::Encode as _,

@@ -19,8 +19,8 @@ use crate::{
     qpack,
     quic::ConnectionErrorIncoming,
     server,
+    shared_state::ConnectionState,
     tests::get_stream_blocking,
-    ConnectionState,
 };
 
 use super::h3_quinn;
@@ -332,10 +332,11 @@ async fn header_too_big_response_from_server() {
             .err()
             .expect("should return an error");
 
+        // Refused from the HEADERS frame's declared length (19), before decoding (42).
         assert_matches!(
             err_kind,
             StreamError::HeaderTooBig {
-                actual_size: 42,
+                actual_size: 19,
                 max_size: 12
             }
         );
@@ -677,10 +678,11 @@ async fn header_too_big_discard_from_client_trailers() {
             request_stream.recv_data().await.expect("recv data");
 
             let err_kind = request_stream.recv_trailers().await.unwrap_err();
+            // Refused from the HEADERS frame's declared length (374), before decoding (539).
             assert_matches!(
                 err_kind,
                 StreamError::HeaderTooBig {
-                    actual_size: 539,
+                    actual_size: 374,
                     max_size: 200,
                     ..
                 }
@@ -1083,6 +1085,27 @@ async fn request_valid_header_multiple_data_trailer() {
         );
         Frame::Data(Bytes::from("fada")).encode_with_payload(&mut buf);
         Frame::Data(Bytes::from("fada")).encode_with_payload(&mut buf);
+        Frame::Data(Bytes::from("fada")).encode_with_payload(&mut buf);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("trailer", "value".parse().unwrap());
+        trailers_encode(buf, trailers);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_valid_header_empty_data_between_data() {
+    //= https://www.rfc-editor.org/rfc/rfc9114#section-7.2.1
+    //= type=test
+    //# DATA frames convey arbitrary, variable-length sequences of bytes
+    // Zero bytes included: an empty DATA frame is not the end of the body.
+    request_sequence_ok(|mut buf| {
+        request_encode(
+            &mut buf,
+            Request::post("http://localhost/salut").body(()).unwrap(),
+        );
+        Frame::Data(Bytes::from("fada")).encode_with_payload(&mut buf);
+        Frame::Data(Bytes::new()).encode_with_payload(&mut buf);
         Frame::Data(Bytes::from("fada")).encode_with_payload(&mut buf);
         let mut trailers = HeaderMap::new();
         trailers.insert("trailer", "value".parse().unwrap());

@@ -1,0 +1,401 @@
+//! HTTP/3 framing a well-behaved client never sends, against the real gateway (the h3 fixes
+//! in vendor/h3/VENDORED.md): frames declaring more than the gateway accepts are refused from
+//! their length, unknown frames are dropped as they arrive, and an empty DATA frame inside a
+//! body is just that. A raw QUIC client writes the frames byte by byte; the gateway's resident
+//! memory shows that none of the flood was kept.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::quic::{tls_client_with, Groups, H3Client};
+use common::*;
+
+/// How much the gateway's RSS may grow while a flood goes by: QUIC's receive buffers (a 4 MiB
+/// connection window, measured at 4-6 MiB) and allocator slack; well below the 16 and 64 MiB
+/// floods, which h3 0.0.8 kept whole (measured +29 and +81 MiB).
+const RSS_SLACK_MIB: u64 = 12;
+/// Bound on every wait for the gateway.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// HTTP/3 frame types (RFC 9114 §7.2) and error codes (§8.1) the tests use.
+const HEADERS: u64 = 0x01;
+const SETTINGS: u64 = 0x04;
+/// A reserved frame type (0x1f * N + 0x21): carries no meaning, must be ignored.
+const RESERVED: u64 = 0x21;
+const H3_NO_ERROR: u64 = 0x100;
+const H3_EXCESSIVE_LOAD: u64 = 0x107;
+/// The largest varint, the length an attacker declares to stream "forever".
+const VARINT_MAX: u64 = (1 << 62) - 1;
+
+fn config(base: &str, upstream: SocketAddr) -> String {
+    format!(
+        r#"{base}
+[[upstream]]
+name = "app"
+endpoints = ["{upstream}"]
+
+[[route]]
+name = "app"
+upstream = "app"
+"#
+    )
+}
+
+/// A gateway with HTTP/3 in front of the echo upstream (default limits: 64 KiB headers).
+async fn gateway() -> (Wraith, Upstream) {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup.listeners_h3("", "", ALLOW_ALL_POLICY), upstream.addr);
+    (setup.start(&cfg), upstream)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire encoding
+
+/// A QUIC variable-length integer (RFC 9000 §16).
+fn varint(v: u64, out: &mut Vec<u8>) {
+    match v {
+        0..=0x3f => out.push(v as u8),
+        0x40..=0x3fff => out.extend_from_slice(&(v as u16 | 0x4000).to_be_bytes()),
+        0x4000..=0x3fff_ffff => out.extend_from_slice(&(v as u32 | 0x8000_0000).to_be_bytes()),
+        _ => out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes()),
+    }
+}
+
+/// A frame's type and declared length; the payload follows separately (or never).
+fn frame_head(ty: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    varint(ty, &mut out);
+    varint(len, &mut out);
+    out
+}
+
+/// `GET https://localhost/` as a QPACK field section without the dynamic table: the static
+/// entries `:method GET` (17), `:scheme https` (23) and `:path /` (1), then `:authority`
+/// (static name 0) with a literal value.
+fn get_field_section() -> Vec<u8> {
+    let mut out = vec![0x00, 0x00, 0xc0 | 17, 0xc0 | 23, 0xc0 | 1, 0x50];
+    out.push(b"localhost".len() as u8);
+    out.extend_from_slice(b"localhost");
+    out
+}
+
+/// The `:status` of a response field section, as h3 encodes it: a static entry (103, 200,
+/// 304, 404, 503) or the static name `:status` (24) with a Huffman-coded value.
+fn status(section: &[u8]) -> Option<u16> {
+    let rest = section.get(2..)?; // no dynamic table: both prefix integers are 0
+    match *rest.first()? {
+        b if b & 0xc0 == 0xc0 => match b & 0x3f {
+            24 => Some(103),
+            25 => Some(200),
+            26 => Some(304),
+            27 => Some(404),
+            28 => Some(503),
+            _ => None,
+        },
+        0x5f if rest.get(1) == Some(&9) => {
+            let len = usize::from(*rest.get(2)? & 0x7f);
+            huffman_digits(rest.get(3..3 + len)?)?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// Decodes a Huffman-coded string of digits (RFC 7541 Appendix B: '0'..'2' have 5-bit codes
+/// 0..2, '3'..'9' 6-bit codes 0x19..0x1f; the end is padded with 1 bits).
+fn huffman_digits(bytes: &[u8]) -> Option<String> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let code = |at: usize, n: usize| {
+        bits.get(at..at + n)
+            .map(|b| b.iter().fold(0u8, |acc, bit| acc << 1 | bit))
+    };
+    let mut at = 0;
+    let mut out = String::new();
+    while at < bits.len() {
+        if bits.len() - at < 8 && bits[at..].iter().all(|&b| b == 1) {
+            break;
+        }
+        match code(at, 5)? {
+            c @ 0..=2 => {
+                out.push(char::from(b'0' + c));
+                at += 5;
+            }
+            _ => match code(at, 6)? {
+                c @ 0x19..=0x1f => {
+                    out.push(char::from(b'0' + c - 0x16));
+                    at += 6;
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
+}
+
+/// Reads a response up to its first HEADERS frame (skipping unknown frames) and returns its
+/// status. `None` if the stream ends or fails first.
+async fn read_status(recv: &mut quinn::RecvStream) -> Option<u16> {
+    fn take_varint(buf: &[u8]) -> Option<(u64, usize)> {
+        let first = *buf.first()?;
+        let len = 1usize << (first >> 6);
+        let bytes = buf.get(..len)?;
+        let v = bytes[1..]
+            .iter()
+            .fold(u64::from(first & 0x3f), |acc, b| acc << 8 | u64::from(*b));
+        Some((v, len))
+    }
+    let mut buf = Vec::new();
+    loop {
+        // Whole frames at the front of `buf`.
+        while let Some((ty, a)) = take_varint(&buf) {
+            let Some((len, b)) = take_varint(&buf[a..]) else {
+                break;
+            };
+            let end = a + b + len as usize;
+            if buf.len() < end {
+                break;
+            }
+            if ty == HEADERS {
+                return status(&buf[a + b..end]);
+            }
+            buf.drain(..end);
+        }
+        let chunk = recv.read_chunk(64 << 10, true).await.ok()??;
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that writes HTTP/3 by hand
+
+/// One QUIC connection with ALPN h3 whose frames are written as bytes. Its control stream
+/// (type 0x00, then SETTINGS) is open unless the test writes its own.
+struct RawH3 {
+    conn: quinn::Connection,
+    control: Option<quinn::SendStream>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl RawH3 {
+    async fn connect(ca_pem: &Path, addr: SocketAddr) -> RawH3 {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut tls = tls_client_with(ca_pem, None, provider);
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                addr,
+                "localhost",
+            )
+            .unwrap()
+            .await
+            .unwrap();
+        RawH3 {
+            conn,
+            control: None,
+            _endpoint: endpoint,
+        }
+    }
+
+    /// Opens the control stream and sends an empty SETTINGS frame; the stream stays open
+    /// (closing it is a connection error) and is returned for more frames.
+    async fn open_control(&mut self) -> &mut quinn::SendStream {
+        let mut control = self.conn.open_uni().await.unwrap();
+        let mut head = vec![0x00]; // stream type: control
+        head.extend(frame_head(SETTINGS, 0));
+        control.write_all(&head).await.unwrap();
+        self.control.insert(control)
+    }
+
+    /// `GET /` on a new request stream: the response status.
+    async fn get(&self) -> Option<u16> {
+        let (mut send, mut recv) = self.conn.open_bi().await.ok()?;
+        let section = get_field_section();
+        let mut frame = frame_head(HEADERS, section.len() as u64);
+        frame.extend(section);
+        send.write_all(&frame).await.ok()?;
+        send.finish().ok()?;
+        tokio::time::timeout(WAIT, read_status(&mut recv))
+            .await
+            .ok()?
+    }
+}
+
+/// Writes `total` bytes of filler to `send`, 64 KiB at a time.
+async fn flood(send: &mut quinn::SendStream, total: usize) -> Result<(), quinn::WriteError> {
+    let chunk = vec![0x5a; 64 << 10];
+    for _ in 0..total / chunk.len() {
+        send.write_all(&chunk).await?;
+    }
+    Ok(())
+}
+
+/// The gateway's RSS growth since `before_kib`, in MiB.
+fn grown_mib(wraith: &Wraith, before_kib: u64) -> u64 {
+    wraith.rss_kib().saturating_sub(before_kib) / 1024
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_reserved_frame_on_the_control_stream_is_dropped_as_it_arrives() {
+    let (wraith, _upstream) = gateway().await;
+    let ca = wraith.pki().ca_pem.clone();
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    // A request first: from its end the connection has idle_timeout, not header_read_timeout.
+    assert_eq!(client.get().await, Some(200));
+
+    // SETTINGS was sent; now a reserved frame that declares 2^62-1 bytes, and 64 MiB of it.
+    let rss_before = wraith.rss_kib();
+    let control = client.control.as_mut().unwrap();
+    control
+        .write_all(&frame_head(RESERVED, VARINT_MAX))
+        .await
+        .unwrap();
+    // The gateway keeps reading (else flow control would stall this write) and keeps none.
+    tokio::time::timeout(Duration::from_secs(120), flood(control, 64 << 20))
+        .await
+        .expect("the gateway stopped reading the control stream")
+        .unwrap();
+    let grown = grown_mib(&wraith, rss_before);
+    assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
+
+    // An unknown frame has no meaning (RFC 9114 §9): the connection goes on serving.
+    assert_eq!(client.get().await, Some(200));
+    assert!(client.conn.close_reason().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_frame_declaring_a_gigabyte_closes_the_connection_with_excessive_load() {
+    let (wraith, _upstream) = gateway().await;
+    let ca = wraith.pki().ca_pem.clone();
+    let client = RawH3::connect(&ca, wraith.addr("https")).await;
+
+    // The first frame on the control stream: a SETTINGS frame declaring 1 GiB.
+    let mut control = client.conn.open_uni().await.unwrap();
+    let mut head = vec![0x00];
+    head.extend(frame_head(SETTINGS, 1 << 30));
+    control.write_all(&head).await.unwrap();
+    let rss_before = wraith.rss_kib();
+    let sending = async {
+        let _ = flood(&mut control, 16 << 20).await;
+    };
+    let closed = async {
+        tokio::select! {
+            e = client.conn.closed() => e,
+            // A flood that completed means nobody stopped it: wait for the close anyway.
+            () = sending => client.conn.closed().await,
+        }
+    };
+    let err = tokio::time::timeout(WAIT, closed)
+        .await
+        .expect("the connection was not closed");
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code.into_inner(),
+                H3_EXCESSIVE_LOAD,
+                "{close:?}"
+            );
+        }
+        other => panic!("closed with {other:?}, not H3_EXCESSIVE_LOAD"),
+    }
+    let grown = grown_mib(&wraith, rss_before);
+    assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_declared_over_max_header_size_get_431_unread() {
+    let (wraith, _upstream) = gateway().await;
+    let ca = wraith.pki().ca_pem.clone();
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    // A first request, so the baseline holds what any served connection holds.
+    assert_eq!(client.get().await, Some(200));
+    let rss_before = wraith.rss_kib();
+
+    // A HEADERS frame declaring 1 GiB (max_header_size is 64 KiB), then 16 MiB of it.
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    send.write_all(&frame_head(HEADERS, 1 << 30)).await.unwrap();
+    let sent = tokio::time::timeout(WAIT, flood(&mut send, 16 << 20))
+        .await
+        .expect("the gateway neither read nor stopped the request stream");
+    // Refused from its length: the rest is not wanted (STOP_SENDING, H3_NO_ERROR)...
+    match sent {
+        Err(quinn::WriteError::Stopped(code)) => assert_eq!(code.into_inner(), H3_NO_ERROR),
+        other => panic!("request stream not stopped: {other:?}"),
+    }
+    // ... and answered as a head that decodes too large would be.
+    let status = tokio::time::timeout(WAIT, read_status(&mut recv)).await;
+    assert_eq!(status, Ok(Some(431)));
+    let grown = grown_mib(&wraith, rss_before);
+    assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
+
+    // A request-level refusal: the connection serves the next request.
+    assert_eq!(client.get().await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_mib_reserved_frame_before_the_request_head_is_skipped_unkept() {
+    let (wraith, _upstream) = gateway().await;
+    let ca = wraith.pki().ca_pem.clone();
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    // A first request, so the baseline holds what any served connection holds.
+    assert_eq!(client.get().await, Some(200));
+    let rss_before = wraith.rss_kib();
+
+    // Legal (RFC 9114 §9: unknown frames may come anywhere), and h3 0.0.8 kept it whole.
+    const SIZE: usize = 16 << 20;
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    send.write_all(&frame_head(RESERVED, SIZE as u64))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, flood(&mut send, SIZE))
+        .await
+        .expect("the gateway stopped reading the request stream")
+        .unwrap();
+    let section = get_field_section();
+    let mut head = frame_head(HEADERS, section.len() as u64);
+    head.extend(section);
+    send.write_all(&head).await.unwrap();
+    send.finish().unwrap();
+
+    let status = tokio::time::timeout(WAIT, read_status(&mut recv)).await;
+    assert_eq!(status, Ok(Some(200)));
+    let grown = grown_mib(&wraith, rss_before);
+    assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_data_frames_inside_a_body_do_not_end_it() {
+    let (wraith, _upstream) = gateway().await;
+    let client = H3Client::new(&wraith.pki().ca_pem, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+
+    // h3's send_data writes an empty chunk as a DATA frame of length 0 (RFC 9114 §7.2.1).
+    let mut chunks = [&b"hello "[..], b"", b"", b"world", b""]
+        .into_iter()
+        .map(Bytes::from_static);
+    let req = http::Request::post("https://localhost/upload")
+        .body(())
+        .unwrap();
+    let resp = conn.request_streamed(req, || chunks.next()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json()["body_len"], 11);
+
+    // The connection is intact: the next request works.
+    assert_eq!(conn.get("/after").await.unwrap().status(), 200);
+}

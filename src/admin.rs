@@ -32,6 +32,70 @@ const MAX_ADMIN_CONNECTIONS: usize = 16;
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// No admin exchange (a bulk import included) takes longer than this.
 const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an admin client may leave an answer unread before its connection is closed: a
+/// client that stops reading must not hold one of the few admin slots for good.
+const ADMIN_WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// An admin connection whose writes fail once the client has not read for
+/// `ADMIN_WRITE_STALL`.
+struct WriteStall {
+    inner: UnixStream,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for WriteStall {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteStall {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => {
+                let stalled = this
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(ADMIN_WRITE_STALL)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "admin client stopped reading",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            done => {
+                this.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// Binds the admin socket, replacing a stale one, and serves it until shutdown.
 pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
@@ -113,6 +177,10 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
                         Ok::<_, Infallible>(resp)
                     }
                 });
+                let stream = WriteStall {
+                    inner: stream,
+                    stalled: None,
+                };
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(ADMIN_HEAD_TIMEOUT)

@@ -317,3 +317,46 @@ async fn banned_peers_are_refused_at_accept_before_tls() {
     let stream = connect_from("127.0.0.3", https).await.unwrap();
     assert!(tls.connect(name, stream).await.is_ok());
 }
+
+#[tokio::test]
+async fn admin_clients_that_stop_reading_lose_their_slot() {
+    use tokio::io::AsyncWriteExt;
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let wraith = setup.start(&cfg);
+    // Enough decisions for a listing far larger than a socket buffer.
+    let many: Vec<_> = (0..20_000u32)
+        .map(|i| {
+            json!({"ip": format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                   "reason": "x".repeat(40)})
+        })
+        .collect();
+    let (st, v) = wraith
+        .admin(Method::POST, "/v1/decisions", Some(json!(many)))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    // Every admin slot (16) taken by a client that asks for the list and never reads it.
+    let socket = wraith.dir.path().join("admin.sock");
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        s.write_all(b"GET /v1/decisions HTTP/1.1\r\nhost: wraith\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // The slots come back once the write stall limit has passed; status answers then.
+    let start = std::time::Instant::now();
+    let status = loop {
+        match wraith::admin::call(&socket, Method::GET, "/v1/status", Duration::from_secs(5)).await
+        {
+            Ok((code, v)) => break (code, v),
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the admin socket stayed blocked by clients that do not read: {e}"
+            ),
+        }
+    };
+    assert_eq!(status.0, 200, "{}", status.1);
+    drop(stalled);
+}

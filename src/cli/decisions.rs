@@ -201,7 +201,8 @@ fn execute(socket: &Path, command: DecisionsCommand) -> Result<String, String> {
 }
 
 fn s(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), String::from)
+    v.as_str()
+        .map_or_else(|| v.to_string(), |t| super::printable(t).into_owned())
 }
 
 /// The list as a table.

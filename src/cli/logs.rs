@@ -183,7 +183,7 @@ const MAX_CELL: usize = 60;
 fn cell(v: &Value) -> String {
     let s = match v {
         Value::Null => "-".to_string(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => super::printable(s).into_owned(),
         Value::Number(n) => match n.as_f64() {
             Some(f) if !n.is_i64() && !n.is_u64() => format!("{f:.3}"),
             _ => n.to_string(),

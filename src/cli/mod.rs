@@ -15,6 +15,7 @@ mod top;
 mod version;
 mod wazuh_ar;
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -255,4 +256,52 @@ fn extract_server_section(text: &str) -> String {
         }
     }
     out
+}
+
+/// Text that came from the network (a user agent, a path, a CrowdSec scenario, a Wazuh rule
+/// description, an upstream's error) made safe to print on a terminal: control characters
+/// (ESC and the C1 range included) and the bidirectional overrides are shown escaped
+/// (`\u{1b}`), so no escape sequence or reordering reaches the operator's terminal.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    escape_unsafe(s, false)
+}
+
+/// `printable` for a whole rendered text, whose line breaks stay.
+pub fn printable_lines(s: &str) -> Cow<'_, str> {
+    escape_unsafe(s, true)
+}
+
+fn escape_unsafe(s: &str, keep_newlines: bool) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && !(keep_newlines && c == '\n'))
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_never_reach_the_terminal() {
+        assert_eq!(printable("curl/8.0"), "curl/8.0");
+        assert_eq!(
+            printable("a\x1b]52;c;aGk=\x07b\u{9b}c"),
+            "a\\u{1b}]52;c;aGk=\\u{7}b\\u{9b}c"
+        );
+        assert_eq!(printable("x\ny\u{202e}z"), "x\\u{a}y\\u{202e}z");
+        assert_eq!(printable_lines("one\ntwo\r\n"), "one\ntwo\\u{d}\n");
+    }
 }

@@ -216,7 +216,7 @@ pub fn render(v: &Value) -> String {
             ));
         }
     }
-    out
+    super::printable_lines(&out).into_owned()
 }
 
 /// A latency in milliseconds, with more digits below 1 ms.

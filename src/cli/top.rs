@@ -358,7 +358,7 @@ fn bold() -> Style {
 
 fn s(v: &Value) -> String {
     v.as_str()
-        .map(String::from)
+        .map(|t| super::printable(t).into_owned())
         .unwrap_or_else(|| v.to_string())
 }
 

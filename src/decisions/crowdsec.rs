@@ -127,9 +127,24 @@ fn convert_one(d: LapiDecision, origins: Option<&[String]>, now_ms: u64) -> Resu
         value,
         kind: Arc::from(d.kind.as_str()),
         until_ms: now_ms.saturating_add(ms as u64),
-        reason: d.scenario.unwrap_or_default(),
+        reason: capped(d.scenario.unwrap_or_default()),
     })
 }
+
+/// A scenario name as kept: at most `MAX_REASON` bytes (cut on a character boundary).
+fn capped(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
+/// The longest scenario name kept with a decision (the LAPI's are far shorter).
+const MAX_REASON: usize = 512;
 
 /// The ids and keys of the `deleted` entries (their durations are negative and ignored).
 pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
@@ -749,6 +764,16 @@ mod tests {
         let (drop, set) = known.delta(Vec::new(), new, later);
         assert!(drop.is_empty());
         assert_eq!(set[0].until_ms, later + 60_000, "id 6 expired, id 7 stays");
+    }
+
+    #[test]
+    fn long_scenarios_are_cut_on_a_character_boundary() {
+        let mut d = lapi(Some(1), "192.0.2.1", "1h");
+        d.scenario = Some("é".repeat(600));
+        let (new, _) = convert_new(vec![d], None, 0);
+        let reason = &new[0].1.reason;
+        assert!(reason.len() <= MAX_REASON && reason.len() >= MAX_REASON - 1);
+        assert!(reason.chars().all(|c| c == 'é'));
     }
 
     #[test]

@@ -415,8 +415,27 @@ impl Runtime {
             }
         }
         let quic = self.bind_quic(&snapshot, &bound).map_err(|e| vec![e])?;
+        // A state file moved elsewhere: the bans already in the new file join the ones in
+        // hand (last, so a reload that fails adds nothing), and the whole set is written
+        // there after the swap; the old file is left as it is.
+        let moved_state = snapshot.config.decisions.state_file != old.config.decisions.state_file;
+        if moved_state {
+            if let Some(path) = &snapshot.config.decisions.state_file {
+                let n = self
+                    .gateway
+                    .decisions
+                    .load(path)
+                    .map_err(|e| vec![format!("decisions.state_file: {e}")])?;
+                tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; its decisions were added to the ones in hand");
+            }
+        }
         let snapshot = Arc::new(snapshot);
         self.gateway.swap(snapshot.clone());
+        if moved_state {
+            if let Err(e) = self.save_decisions() {
+                tracing::error!(error = %e, "local decisions not written to the new state file");
+            }
+        }
         self.generation.store(generation, Ordering::Relaxed);
         // After the swap: a connection accepted from now on gets the new rules.
         revoke_changed_client_auth(&old, &snapshot);

@@ -360,3 +360,62 @@ async fn admin_clients_that_stop_reading_lose_their_slot() {
     assert_eq!(status.0, 200, "{}", status.1);
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_state_file_moved_by_reload_gets_the_bans_in_hand_and_keeps_its_own() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let moved = config(
+        &setup,
+        "\"127.0.0.0/8\"",
+        "[decisions]\nstate_file = \"other.json\"\n",
+    );
+    let broken = config(
+        &setup,
+        "\"127.0.0.0/8\"",
+        "[decisions]\nstate_file = \"broken.json\"\n",
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    let add = |ip: &'static str| {
+        let w = &wraith;
+        async move {
+            let (st, v) = w
+                .admin(Method::POST, "/v1/decisions", Some(json!({"ip": ip})))
+                .await;
+            assert_eq!(st, 201, "{v}");
+        }
+    };
+    // other.json holds a ban that the running gateway no longer has.
+    add("192.0.2.71").await;
+    let default_file = wraith.dir.path().join("decisions.json");
+    let other = wraith.dir.path().join("other.json");
+    std::fs::copy(&default_file, &other).unwrap();
+    let (st, _) = wraith
+        .admin(Method::DELETE, "/v1/decisions/192.0.2.71", None)
+        .await;
+    assert_eq!(st, 200);
+    add("192.0.2.70").await;
+    assert_eq!(status_for(&client, &wraith, "192.0.2.71").await, 200);
+
+    wraith.write_config(&moved);
+    wraith.reload().unwrap();
+    for ip in ["192.0.2.70", "192.0.2.71"] {
+        assert_eq!(status_for(&client, &wraith, ip).await, 403, "{ip}");
+    }
+    let text = std::fs::read_to_string(&other).unwrap();
+    assert!(
+        text.contains("192.0.2.70") && text.contains("192.0.2.71"),
+        "{text}"
+    );
+
+    // A state file that is not one: the reload is refused, the file untouched.
+    std::fs::write(wraith.dir.path().join("broken.json"), "{ not json").unwrap();
+    wraith.write_config(&broken);
+    let err = wraith.reload().unwrap_err();
+    assert!(err.contains("decisions.state_file"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(wraith.dir.path().join("broken.json")).unwrap(),
+        "{ not json"
+    );
+}

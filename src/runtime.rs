@@ -504,7 +504,12 @@ impl Runtime {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                     _ = rt.shutdown.cancelled() => return,
                 }
-                let purged = rt.gateway.decisions.purge_expired();
+                // Rebuilds the lookup table when anything expired: off the async workers,
+                // as a large decision set makes that take a while.
+                let store = rt.gateway.decisions.clone();
+                let purged = tokio::task::spawn_blocking(move || store.purge_expired())
+                    .await
+                    .unwrap_or(0);
                 if purged > 0 {
                     tracing::debug!(purged, "expired decisions removed");
                 }

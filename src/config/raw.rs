@@ -401,6 +401,7 @@ pub struct RawCrowdsec {
     pub origins: Option<Vec<Str>>,
     pub on_error: Option<Str>,
     pub max_staleness: Option<Str>,
+    pub max_decisions: Option<Spanned<i64>>,
     pub appsec: Option<Spanned<RawAppsec>>,
 }
 

@@ -91,6 +91,8 @@ pub struct CrowdsecConfig {
     pub on_error: OnError,
     /// How old the last successful pull may get before `on_error` applies.
     pub max_staleness: Duration,
+    /// The most decisions taken from the LAPI; an answer that would hold more is refused.
+    pub max_decisions: usize,
     /// AppSec (WAF) forwarding, CrowdSec >= 1.6.
     pub appsec: Option<AppsecConfig>,
 }
@@ -418,6 +420,9 @@ pub(super) fn build_crowdsec(
         origins,
         on_error: on_error(b, &raw.on_error, "crowdsec.on_error"),
         max_staleness,
+        max_decisions: b
+            .int(&raw.max_decisions, "crowdsec.max_decisions", 1, 100_000_000)
+            .unwrap_or(1_000_000) as usize,
         appsec,
     })
 }

@@ -180,6 +180,16 @@ pub struct Known {
 }
 
 impl Known {
+    /// How many decisions are held (all ids of all keys).
+    pub fn len(&self) -> usize {
+        self.by_key.values().map(Vec::len).sum()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
     /// A full snapshot: forgets everything else; returns what the store holds.
     pub fn replace(&mut self, new: Vec<(Option<i64>, Decision)>) -> Vec<Decision> {
         self.by_key.clear();
@@ -409,9 +419,33 @@ async fn run(
             // Replaced or shutting down: what this pull brought is not ours to apply.
             break;
         }
+        // Parsing and applying a large answer (and rebuilding the lookup table) takes a
+        // while: off the async workers.
+        let result = match result {
+            Ok(body) => {
+                let (store, config) = (store.clone(), config.clone());
+                let mut k = std::mem::take(&mut known);
+                let done = tokio::task::spawn_blocking(move || {
+                    let applied = parse_stream(&body).and_then(|resp| {
+                        let kept = if full { 0 } else { k.len() };
+                        check_size(&resp, kept, config.max_decisions)?;
+                        Ok(apply(&store, &config, &mut k, resp, full))
+                    });
+                    (k, applied)
+                })
+                .await;
+                match done {
+                    Ok((k, applied)) => {
+                        known = k;
+                        applied
+                    }
+                    Err(e) => Err(format!("applying the LAPI answer failed: {e}")),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(resp) => {
-                let (added, removed, skipped) = apply(&store, &config, &mut known, resp, full);
+            Ok((added, removed, skipped)) => {
                 last_ok = Some(Instant::now());
                 if full {
                     last_full = last_ok;
@@ -474,7 +508,7 @@ async fn pull(
     client: &reqwest::Client,
     config: &CrowdsecConfig,
     full: bool,
-) -> Result<StreamResponse, String> {
+) -> Result<Vec<u8>, String> {
     let scopes: Vec<&str> = config
         .scopes
         .iter()
@@ -522,7 +556,19 @@ async fn pull(
         let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         return Err(format!("LAPI answered {status}: {text}"));
     }
-    parse_stream(&body)
+    Ok(body)
+}
+
+/// Refuses an answer with more decisions than `max_decisions` (the cache keeps its last
+/// good state): a broken or hostile LAPI cannot make the store grow without bound.
+fn check_size(resp: &StreamResponse, kept: usize, max: usize) -> Result<(), String> {
+    let n = resp.new.as_ref().map_or(0, Vec::len);
+    if kept.saturating_add(n) > max {
+        return Err(format!(
+            "LAPI sent {n} decisions ({kept} already held), more than crowdsec.max_decisions ({max}): refused (the cache keeps its last good state)"
+        ));
+    }
+    Ok(())
 }
 
 /// The largest stream answer accepted from the LAPI.
@@ -774,6 +820,21 @@ mod tests {
         let reason = &new[0].1.reason;
         assert!(reason.len() <= MAX_REASON && reason.len() >= MAX_REASON - 1);
         assert!(reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn answers_past_max_decisions_are_refused() {
+        let resp = StreamResponse {
+            new: Some(vec![
+                lapi(Some(1), "192.0.2.1", "1h"),
+                lapi(Some(2), "192.0.2.2", "1h"),
+            ]),
+            deleted: None,
+        };
+        assert!(check_size(&resp, 0, 2).is_ok());
+        let e = check_size(&resp, 1, 2).unwrap_err();
+        assert!(e.contains("crowdsec.max_decisions (2)"), "{e}");
+        assert!(check_size(&resp, 0, 1).is_err());
     }
 
     #[test]

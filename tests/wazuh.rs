@@ -355,6 +355,28 @@ async fn bad_input_and_a_missing_wraith_end_promptly() {
     let list = decisions(&wraith, "?ip=192.0.2.6").await;
     assert_eq!(list.len(), 1);
     assert!(list[0]["expires_in_secs"].as_u64().unwrap() <= 120);
+
+    // A 5.x stateless AR: execd answers no check_keys, so none is sent and none awaited
+    // (the handshake wait here is 30 s; the ban must not take that long).
+    let mut patient = execd.clone_paths();
+    patient.handshake_timeout = "30s";
+    let mut msg = v5("enable", "192.0.2.7", 0);
+    msg["wazuh"]["active_response"]["type"] = json!("stateless");
+    msg["wazuh"]["active_response"]
+        .as_object_mut()
+        .unwrap()
+        .remove("stateful_timeout");
+    let log = execd.log.clone();
+    let run = blocking(move || patient.raw(&format!("{msg}\n")));
+    assert_eq!(
+        run.code,
+        Some(0),
+        "{run:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(run.printed.is_none(), "check_keys sent: {run:?}");
+    assert!(run.elapsed < Duration::from_secs(20), "{run:?}");
+    assert_eq!(decisions(&wraith, "?ip=192.0.2.7").await.len(), 1);
 }
 
 #[tokio::test]

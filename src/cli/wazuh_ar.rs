@@ -118,25 +118,42 @@ fn duration(s: &str, what: &str) -> Result<Duration, String> {
     crate::config::units::parse_duration(s).map_err(|e| format!("--{what}: {e}"))
 }
 
-/// Stdin lines, read on a thread so every wait can time out.
-fn stdin_lines() -> mpsc::Receiver<String> {
+/// Stdin lines, read on a thread so every wait can time out. The end of input and a line
+/// that is not UTF-8 arrive as errors that say so.
+fn stdin_lines() -> mpsc::Receiver<Result<String, String>> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
         let mut lock = stdin.lock();
         loop {
-            let mut line = String::new();
-            match lock.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
+            let mut line = Vec::new();
+            let next = match lock.read_until(b'\n', &mut line) {
+                Ok(0) => Err("stdin closed by execd".to_string()),
+                Ok(_) => String::from_utf8(line)
+                    .map_err(|_| "execd sent a line that is not UTF-8".to_string()),
+                Err(e) => Err(format!("cannot read stdin: {e}")),
+            };
+            let last = next.is_err();
+            if tx.send(next).is_err() || last {
+                break;
             }
         }
     });
     rx
+}
+
+/// The next line from execd within `wait`.
+fn next_line(
+    lines: &mpsc::Receiver<Result<String, String>>,
+    wait: Duration,
+    what: &str,
+) -> Result<String, String> {
+    match lines.recv_timeout(wait) {
+        Ok(Ok(line)) => Ok(line),
+        Ok(Err(e)) => Err(format!("{e} before {what}")),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(format!("no {what} within {wait:?}")),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(format!("stdin ended before {what}")),
+    }
 }
 
 fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
@@ -144,9 +161,7 @@ fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
     let wait = duration(&args.handshake_timeout, "handshake-timeout")?;
     let default_ttl = duration(&args.max_ttl, "max-ttl")?;
     let lines = stdin_lines();
-    let input = lines
-        .recv_timeout(wait)
-        .map_err(|_| format!("no message from execd on stdin within {wait:?}"))?;
+    let input = next_line(&lines, wait, "a message from execd on stdin")?;
     let msg = wazuh::parse(&input)?;
     let Some(ip) = msg.ip else {
         return Ok(format!(
@@ -162,22 +177,27 @@ fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
     };
     match msg.command {
         Command::Add => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(wazuh::check_keys_line(&args.name, ip).as_bytes())
-                .and_then(|_| out.flush())
-                .map_err(|e| format!("cannot write check_keys to execd: {e}"))?;
-            drop(out);
-            let renew = match lines.recv_timeout(wait) {
-                Ok(line) => match wazuh::parse_reply(&line)? {
-                    Reply::Continue => false,
-                    // execd already holds this key and reset its timer: renew ours too.
-                    Reply::Abort => true,
-                },
-                Err(_) => {
-                    log.line(&format!(
-                        "execd did not answer check_keys within {wait:?} (stateless response?); banning {ip} with the max TTL"
-                    ));
-                    false
+            // A stateless AR gets no check_keys answer from execd: no reason to wait for one.
+            let renew = if msg.stateless {
+                false
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(wazuh::check_keys_line(&args.name, ip).as_bytes())
+                    .and_then(|_| out.flush())
+                    .map_err(|e| format!("cannot write check_keys to execd: {e}"))?;
+                drop(out);
+                match next_line(&lines, wait, "an answer from execd to check_keys") {
+                    Ok(line) => match wazuh::parse_reply(&line)? {
+                        Reply::Continue => false,
+                        // execd already holds this key and reset its timer: renew ours too.
+                        Reply::Abort => true,
+                    },
+                    Err(e) => {
+                        log.line(&format!(
+                            "{e} (stateless response?); banning {ip} with the max TTL"
+                        ));
+                        false
+                    }
                 }
             };
             let cap = wazuh::max_ttl(&msg.extra_args)?.unwrap_or(default_ttl);

@@ -42,6 +42,8 @@ pub struct Message {
     pub extra_args: Vec<String>,
     /// 5.x stateful ARs: how long execd keeps the block before `disable`.
     pub stateful_timeout: Option<Duration>,
+    /// A 5.x message that says its AR is stateless: execd answers no `check_keys` for it.
+    pub stateless: bool,
     /// Rule id and description, for the ban's reason.
     pub rule: Option<(String, String)>,
     /// The AR name (5.x `wazuh.active_response.name`), for logs.
@@ -99,6 +101,7 @@ pub fn parse(line: &str) -> Result<Message, String> {
                 ip,
                 extra_args,
                 stateful_timeout: None,
+                stateless: false,
                 rule: rule_of(alert),
                 name: None,
             }
@@ -109,10 +112,8 @@ pub fn parse(line: &str) -> Result<Message, String> {
                 .filter(|w| w.is_object())
                 .ok_or("Wazuh 5.x message without a \"wazuh\" object")?;
             let ar = wazuh.get("active_response");
-            let stateful = ar
-                .and_then(|a| a.get("type"))
-                .and_then(Value::as_str)
-                .is_some_and(|t| t == "stateful");
+            let kind = ar.and_then(|a| a.get("type")).and_then(Value::as_str);
+            let stateful = kind == Some("stateful");
             let stateful_timeout = ar
                 .and_then(|a| a.get("stateful_timeout"))
                 .and_then(|t| t.as_u64().or_else(|| t.as_str()?.parse().ok()))
@@ -124,6 +125,7 @@ pub fn parse(line: &str) -> Result<Message, String> {
                 ip: ip_at(&v, &["source", "ip"]),
                 extra_args,
                 stateful_timeout,
+                stateless: kind == Some("stateless"),
                 rule: rule_of(&v),
                 name: ar
                     .and_then(|a| a.get("name"))

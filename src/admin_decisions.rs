@@ -81,8 +81,13 @@ pub(crate) async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> (Status
 
 fn list(rt: &Runtime, query: &[(String, String)]) -> (StatusCode, Value) {
     let mut filter = Filter::default();
+    let mut limit = usize::MAX;
     for (k, v) in query {
         match k.as_str() {
+            "limit" => match v.parse::<usize>() {
+                Ok(n) => limit = n,
+                Err(_) => return bad(format!("limit={v:?} is not a number")),
+            },
             "ip" => match v.parse::<std::net::IpAddr>() {
                 Ok(ip) => filter.contains = Some(ip),
                 Err(_) => return bad(format!("ip={v:?} is not an IP address")),
@@ -102,22 +107,22 @@ fn list(rt: &Runtime, query: &[(String, String)]) -> (StatusCode, Value) {
             }
             other => {
                 return bad(format!(
-                    "unknown filter {other:?} (expected ip, value, origin, type or source)"
+                    "unknown filter {other:?} (expected ip, value, origin, type, source or limit)"
                 ))
             }
         }
     }
     let now = now_ms();
-    let decisions: Vec<Value> = rt
-        .gateway
-        .decisions
-        .list(&filter)
-        .iter()
-        .map(|d| to_json(d, now))
-        .collect();
+    let all = rt.gateway.decisions.list(&filter);
+    // `count` is every match; `decisions` the first `limit` of them.
+    let decisions: Vec<Value> = all.iter().take(limit).map(|d| to_json(d, now)).collect();
     (
         StatusCode::OK,
-        json!({"count": decisions.len(), "decisions": decisions}),
+        json!({
+            "count": all.len(),
+            "truncated": decisions.len() < all.len(),
+            "decisions": decisions,
+        }),
     )
 }
 

@@ -174,6 +174,9 @@ async fn the_cli_manages_decisions() {
     );
     assert!(out.contains("203.0.113.0/28"), "{out}");
     assert!(out.contains("2 decision(s)"), "{out}");
+    let (code, out, _) = wraith.cli(&["decisions", "list", "--limit", "1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("1 of 2 decision(s) shown"), "{out}");
     let (code, out, _) = wraith.cli(&["decisions", "list", "--ip", "203.0.113.3", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -359,6 +362,18 @@ async fn admin_clients_that_stop_reading_lose_their_slot() {
     };
     assert_eq!(status.0, 200, "{}", status.1);
     drop(stalled);
+    // A listing that size is asked for in part.
+    let (st, v) = wraith
+        .admin(Method::GET, "/v1/decisions?limit=10", None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["count"], 20_000);
+    assert_eq!(v["truncated"], true);
+    assert_eq!(v["decisions"].as_array().unwrap().len(), 10);
+    let (st, v) = wraith
+        .admin(Method::GET, "/v1/decisions?limit=ten", None)
+        .await;
+    assert_eq!(st, 400, "{v}");
 }
 
 #[tokio::test]

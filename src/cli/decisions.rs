@@ -21,6 +21,9 @@ pub enum DecisionsCommand {
         /// Only local or only CrowdSec decisions.
         #[arg(long, value_parser = ["local", "crowdsec"])]
         source: Option<String>,
+        /// Show at most this many (0: all). The total is always given.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -132,11 +135,18 @@ fn execute(socket: &Path, command: DecisionsCommand) -> Result<String, String> {
             ip,
             origin,
             source,
+            limit,
             json,
         } => {
+            let limit = (limit > 0).then(|| limit.to_string());
             let path = format!(
                 "/v1/decisions{}",
-                query(&[("ip", &ip), ("origin", &origin), ("source", &source)])
+                query(&[
+                    ("ip", &ip),
+                    ("origin", &origin),
+                    ("source", &source),
+                    ("limit", &limit)
+                ])
             );
             let v = call(socket, Method::GET, &path, None)?;
             if json {
@@ -222,6 +232,14 @@ fn render(v: &Value) -> String {
             s(&d["reason"]),
         ));
     }
-    out.push_str(&format!("{} decision(s)\n", v["count"]));
+    let shown = v["decisions"].as_array().map_or(0, Vec::len);
+    if v["truncated"] == true {
+        out.push_str(&format!(
+            "{shown} of {} decision(s) shown (--limit, or narrow with --ip, --origin, --source)\n",
+            v["count"]
+        ));
+    } else {
+        out.push_str(&format!("{} decision(s)\n", v["count"]));
+    }
     out
 }

@@ -189,7 +189,7 @@ impl GatewayError {
                 "this request cannot be served as early data; retry after the handshake".into()
             }
             GatewayError::ClientAuthChanged => {
-                "the listener's client authentication or TLS settings changed; retry on a new connection".into()
+                "the listener's client authentication or TLS settings changed, or the client certificate expired; retry on a new connection".into()
             }
         }
     }

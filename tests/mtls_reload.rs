@@ -706,3 +706,44 @@ async fn withdrawing_the_classical_groups_closes_only_the_http3_connections_that
         "the post-quantum HTTP/3 connection was closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_its_client_certificate_expires() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let lasting = svc_client(&setup);
+    // Valid for a few seconds from now.
+    let mut params = client_params("brief", Some("spiffe://test.local/brief"));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::seconds(3);
+    let brief = setup.pki.client_with("brief", params);
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = "ca.pem""#,
+        upstream.addr,
+        "",
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+    let mut expiring = OneConnection::open(addr, &ca, &brief, Alpn::H2)
+        .await
+        .unwrap();
+    assert_eq!(expiring.get("/before").await.unwrap().0, 200);
+    let mut other = OneConnection::open(addr, &ca, &lasting, Alpn::H1)
+        .await
+        .unwrap();
+    assert_eq!(other.get("/before").await.unwrap().0, 200);
+
+    // Past its notAfter the connection is asked to finish (GOAWAY) and closes; it serves
+    // nothing more meanwhile.
+    assert!(
+        expiring.closed().await,
+        "the connection outlived its client certificate"
+    );
+    // A new handshake with it fails; the other client's connection stays.
+    assert!(new_connection_refused(addr, &ca, &brief).await);
+    assert_eq!(other.get("/after").await.unwrap().0, 200);
+    assert!(other.open_after(Duration::from_millis(200)).await);
+}

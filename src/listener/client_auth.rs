@@ -24,6 +24,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,10 @@ pub struct ClientAuthEpoch {
     withdrawn: AtomicUsize,
     /// Woken on every withdrawal.
     withdrawal: Notify,
+    /// The earliest nextUpdate of the listener's CRLs (Unix seconds), when one is ahead:
+    /// past it, webpki refuses the certificates that CRL covers, so the connections it let
+    /// in must not outlive it either.
+    crl_next_update: Option<i64>,
 }
 
 /// What one reload stopped allowing, by the names `TlsInfo` carries (`TLSv1.2`, `X25519`).
@@ -103,6 +108,8 @@ pub struct Negotiated {
     checked: AtomicUsize,
     /// Set once a withdrawal covered what it negotiated.
     hit: AtomicBool,
+    /// When what admitted its client certificate stops holding (`admitted_until`).
+    until: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 impl ClientAuthEpoch {
@@ -114,7 +121,26 @@ impl ClientAuthEpoch {
     ) -> Arc<ClientAuthEpoch> {
         match previous {
             Some((old, epoch)) if admits_same_clients(old, config) => epoch.clone(),
-            _ => Arc::default(),
+            _ => Arc::new(ClientAuthEpoch::for_listener(config)),
+        }
+    }
+
+    /// A new epoch for `config`'s client-authentication settings.
+    pub fn for_listener(config: &ListenerConfig) -> ClientAuthEpoch {
+        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        let crl_next_update = config
+            .tls
+            .as_ref()
+            .filter(|t| t.client_auth.mode != ClientAuthMode::None)
+            .into_iter()
+            .flat_map(|t| &t.client_auth.crls)
+            .filter_map(|crl| x509_parser::parse_x509_crl(crl).ok()?.1.next_update())
+            .map(|t| t.timestamp())
+            .filter(|t| *t > now)
+            .min();
+        ClientAuthEpoch {
+            crl_next_update,
+            ..ClientAuthEpoch::default()
         }
     }
 
@@ -159,7 +185,29 @@ impl ClientAuthEpoch {
             params: Mutex::new(None),
             checked: AtomicUsize::new(self.withdrawn.load(Ordering::Acquire)),
             hit: AtomicBool::new(false),
+            until: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records when what admitted `conn`'s client certificate stops holding: the earliest
+    /// notAfter of the chain the client presented, or the earliest nextUpdate of the
+    /// listener's CRLs if sooner. Nothing for connections without a client certificate.
+    pub fn admit_until(&self, conn: &Negotiated, chain: &[rustls_pki_types::CertificateDer<'_>]) {
+        if chain.is_empty() {
+            return;
+        }
+        let certs = chain.iter().filter_map(|c| {
+            x509_parser::parse_x509_certificate(c)
+                .ok()
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+        });
+        let Some(until) = certs.chain(self.crl_next_update).min() else {
+            return;
+        };
+        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        let left = Duration::from_secs(until.saturating_sub(now).max(0) as u64)
+            .min(crate::config::units::MAX_DURATION);
+        let _ = conn.until.set(tokio::time::Instant::now() + left);
     }
 
     /// Whether a withdrawal covers what `conn` negotiated.
@@ -200,6 +248,29 @@ impl Negotiated {
     /// Records what the handshake chose (again, when a 0-RTT connection completes).
     pub fn set(&self, version: &'static str, group: Option<&'static str>) {
         *self.params.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, group));
+    }
+
+    /// When its client certificate's admission stops holding, once known.
+    pub fn until(&self) -> Option<tokio::time::Instant> {
+        self.until.get().copied()
+    }
+
+    /// Whether that time has come.
+    pub fn expired(&self) -> bool {
+        self.until()
+            .is_some_and(|t| tokio::time::Instant::now() >= t)
+    }
+
+    /// Resolves once that time has come (never, without a client certificate).
+    pub async fn expiry(&self) {
+        let Some(until) = self.until() else {
+            return std::future::pending().await;
+        };
+        // In steps: the timer wheel does not reach years ahead.
+        while tokio::time::Instant::now() < until {
+            let step = tokio::time::Instant::now() + Duration::from_secs(86_400);
+            tokio::time::sleep_until(until.min(step)).await;
+        }
     }
 }
 

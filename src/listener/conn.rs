@@ -321,8 +321,11 @@ pub(super) async fn serve(
         );
     }
     // Identity: once per connection, from the leaf the verifier accepted.
-    if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
-        info.identity = Some(Arc::new(identity_of(leaf, peer, &info.listener)));
+    if let Some(chain) = session.peer_certificates() {
+        if let Some(leaf) = chain.first() {
+            info.identity = Some(Arc::new(identity_of(leaf, peer, &info.listener)));
+        }
+        close.admitted_until(chain);
     }
     serve_http(
         runtime,
@@ -520,6 +523,9 @@ where
                 return;
             }
             _ = close_requested, if !draining => {
+                if close.expired() {
+                    tracing::debug!("the client certificate (or a CRL) this connection was admitted with has expired; closing");
+                }
                 if !closing {
                     graceful(conn.as_mut());
                 }

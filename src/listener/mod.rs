@@ -56,9 +56,9 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
 
 /// What asks one connection to finish early: its listener stopping (SIGTERM, or the listener
 /// removed by a reload), a reload changing the client-certificate rules it was admitted
-/// under, or a reload withdrawing the TLS version or key-exchange group it negotiated. Either
-/// way the connection finishes what is in flight, and is closed whatever it is doing once
-/// `drain` has passed.
+/// under, a reload withdrawing the TLS version or key-exchange group it negotiated, or its
+/// client certificate (or a CRL of the listener) expiring. Either way the connection
+/// finishes what is in flight, and is closed whatever it is doing once `drain` has passed.
 #[derive(Debug, Clone)]
 pub struct CloseSignal {
     stop: CancellationToken,
@@ -95,6 +95,21 @@ impl CloseSignal {
         }
     }
 
+    /// Records when what admitted the client certificate of `chain` stops holding (its
+    /// certificates' notAfter, the listener's CRLs' nextUpdate): then the connection finishes
+    /// as if a reload had revoked it. Call before `requested` is first polled.
+    pub(crate) fn admitted_until(&self, chain: &[rustls_pki_types::CertificateDer<'_>]) {
+        if let Some(n) = &self.tls {
+            self.client_auth.admit_until(n, chain);
+        }
+    }
+
+    /// Whether the client certificate (or a CRL) the connection was admitted with has
+    /// expired since.
+    pub fn expired(&self) -> bool {
+        self.tls.as_ref().is_some_and(|n| n.expired())
+    }
+
     /// Resolves once the connection should finish.
     pub async fn requested(&self) {
         let withdrawn = async {
@@ -103,10 +118,17 @@ impl CloseSignal {
                 None => std::future::pending().await,
             }
         };
+        let expired = async {
+            match &self.tls {
+                Some(n) => n.expiry().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.stop.cancelled() => {}
             _ = self.client_auth.revoked() => {}
             _ = withdrawn => {}
+            _ = expired => {}
         }
     }
 
@@ -115,15 +137,15 @@ impl CloseSignal {
         self.stop.is_cancelled() || self.admission_revoked()
     }
 
-    /// Whether a reload took away what the connection was admitted under (the
-    /// client-certificate rules, or the TLS version or group it negotiated): its requests are
-    /// no longer served.
+    /// Whether what the connection was admitted under no longer holds (the client-certificate
+    /// rules or the TLS version or group it negotiated, taken away by a reload; its client
+    /// certificate or a CRL, expired): its requests are no longer served.
     pub fn admission_revoked(&self) -> bool {
         self.client_auth.is_revoked()
             || self
                 .tls
                 .as_ref()
-                .is_some_and(|n| self.client_auth.withdrew(n))
+                .is_some_and(|n| self.client_auth.withdrew(n) || n.expired())
     }
 
     /// How long what is in flight may take after `requested`.

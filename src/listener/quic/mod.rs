@@ -527,6 +527,9 @@ fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: 
             &info.listener,
         )));
     }
+    if let (Some(chain), Some(close)) = (&chain, &info.close) {
+        close.admitted_until(chain);
+    }
 }
 
 /// Accounts for a refused QUIC handshake with the same labels as TCP.

@@ -240,6 +240,50 @@ async fn an_origins_filter_keeps_a_ban_that_a_longer_one_from_another_origin_wou
 }
 
 #[tokio::test]
+async fn a_reload_in_closed_mode_keeps_serving_while_the_decisions_are_fresh() {
+    if !crowdsec::available("a_reload_in_closed_mode_keeps_serving") {
+        return;
+    }
+    let mut cs = Crowdsec::lapi();
+    let setup = Setup::new();
+    let closed = |every: &str| {
+        config(
+            &setup,
+            &cs.url(),
+            every,
+            "on_error = \"closed\"\nmax_staleness = \"60s\"\ntimeout = \"2s\"",
+        )
+    };
+    let (first, second) = (closed("300ms"), closed("400ms"));
+    let wraith = setup.start(&first);
+    bridge_synced(&wraith);
+    let client = http_client();
+    cs.cscli_ok(&["decisions", "add", "--ip", "192.0.2.90", "--duration", "1h"]);
+    until_status(&client, &wraith, "192.0.2.90", 403, Duration::from_secs(10)).await;
+
+    // The LAPI goes away and a reload restarts the bridge (another update_frequency): the
+    // decisions in hand are seconds old, far from max_staleness, so nothing is refused
+    // while the new bridge waits for its first pull, and the ban still holds.
+    cs.stop();
+    wraith.write_config(&second);
+    wraith.reload().unwrap();
+    assert!(
+        wraith
+            .wait_log(Duration::from_secs(10), |v| v["message"]
+                == "crowdsec bridge started"
+                && v["every"].as_str().is_some_and(|e| e.contains("400")))
+            .is_some(),
+        "{}",
+        wraith.log()
+    );
+    for _ in 0..5 {
+        assert_eq!(status_for(&client, &wraith, "192.0.2.91").await, 200);
+        assert_eq!(status_for(&client, &wraith, "192.0.2.90").await, 403);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_lapi_that_goes_away_gives_open_or_closed() {
     if !crowdsec::available("a_lapi_that_goes_away_gives_open_or_closed") {
         return;

@@ -399,3 +399,33 @@ async fn empty_data_frames_inside_a_body_do_not_end_it() {
     // The connection is intact: the next request works.
     assert_eq!(conn.get("/after").await.unwrap().status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_not_complete_within_header_read_timeout_is_reset_as_incomplete() {
+    const H3_REQUEST_INCOMPLETE: u64 = 0x10d;
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let base = setup.listeners_h3("", "", ALLOW_ALL_POLICY).replacen(
+        "http3 = true",
+        "http3 = true\nlimits = { header_read_timeout = \"1s\" }",
+        1,
+    );
+    let wraith = setup.start(&config(&base, upstream.addr));
+    let ca = wraith.pki().ca_pem.clone();
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    // A HEADERS frame that never completes.
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    send.write_all(&frame_head(HEADERS, 100)).await.unwrap();
+    send.write_all(&[0u8; 10]).await.unwrap();
+    // Told that no response is coming, rather than a stream that ends with nothing on it.
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(WAIT, recv.read(&mut buf)).await {
+        Ok(Err(quinn::ReadError::Reset(code))) => {
+            assert_eq!(code.into_inner(), H3_REQUEST_INCOMPLETE)
+        }
+        other => panic!("not reset as incomplete: {other:?}"),
+    }
+    // A request-level refusal: the connection serves the next request.
+    assert_eq!(client.get().await, Some(200));
+}

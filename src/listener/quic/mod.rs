@@ -826,19 +826,40 @@ async fn serve_request(
     resolver: h3::server::RequestResolver<h3_quinn::Connection, bytes::Bytes>,
 ) {
     let limits = &ctx.listener.config.limits;
-    // Slowloris on streams: the head within header_read_timeout.
-    let (req, stream) =
-        match tokio::time::timeout(limits.header_read_timeout, resolver.resolve_request()).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "HTTP/3 request head refused");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("HTTP/3 request head not received within header_read_timeout");
-                return;
-            }
-        };
+    // Slowloris on streams: the head within header_read_timeout. Past it the stream is
+    // reset with H3_REQUEST_INCOMPLETE, so the client learns that no response is coming
+    // (dropped, the stream would end as if answered with nothing). Only the sending side:
+    // dropping the receiving side stops the client's sending.
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let mut resolver = resolver;
+    let first = tokio::time::timeout_at(
+        deadline,
+        std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx)),
+    )
+    .await;
+    let Ok(first) = first else {
+        use h3::quic::SendStream as _;
+        tracing::debug!("HTTP/3 request head not received within header_read_timeout");
+        resolver
+            .frame_stream
+            .reset(h3::error::Code::H3_REQUEST_INCOMPLETE.value());
+        return;
+    };
+    let resolved = match resolver.accept_with_frame(first) {
+        Ok(r) => tokio::time::timeout_at(deadline, r.resolve()).await,
+        Err(e) => Ok(Err(e)),
+    };
+    let (req, stream) = match resolved {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "HTTP/3 request head refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("HTTP/3 request head not received within header_read_timeout");
+            return;
+        }
+    };
     let (mut send, recv) = stream.split();
     let content_length = req
         .headers()

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::quic::{Groups, H3Client, HoldingRelay};
+use common::quic::{Groups, H3Client, H3Conn, HoldingRelay};
 use common::*;
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
@@ -741,39 +741,34 @@ async fn closed_by_gateway(conn: &quinn::Connection, within: Duration) {
     assert!(conn.stats().frame_tx.ping > 0, "the client sent PINGs");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_that_sends_no_request_is_closed_after_header_read_timeout_despite_pings() {
+/// A gateway with listener `limits` in front of an echo upstream, and an HTTP/3 connection
+/// to it from a client that PINGs every `PING_EVERY` (handshake and HTTP/3 setup done).
+async fn pinging_connection(limits: &str) -> (Wraith, Upstream, H3Conn) {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    // idle_timeout (also quinn's idle timeout) far beyond the wait below: only the first
-    // request's timer can close this connection in time.
-    let cfg = with_limits(
-        &setup,
-        upstream.addr,
-        r#"header_read_timeout = "1s", idle_timeout = "60s""#,
-    );
+    let cfg = with_limits(&setup, upstream.addr, limits);
     let wraith = setup.start(&cfg);
     let client = H3Client::new(&ca, None, Groups::Default).keep_alive(PING_EVERY);
-    // Handshake and HTTP/3 setup (control and QPACK streams), then nothing but PINGs.
     let conn = client.connect(wraith.addr("https")).await.unwrap();
+    (wraith, upstream, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_is_closed_after_header_read_timeout_despite_pings() {
+    // idle_timeout (also quinn's idle timeout) far beyond the wait below: only the first
+    // request's timer can close this connection in time.
+    let (_wraith, _upstream, conn) =
+        pinging_connection(r#"header_read_timeout = "1s", idle_timeout = "60s""#).await;
+    // Nothing but PINGs from here.
     closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_idle_after_a_request_is_closed_after_idle_timeout_despite_pings() {
-    let upstream = Upstream::echo().await;
-    let setup = Setup::new();
-    let ca = setup.pki.ca_pem.clone();
     // header_read_timeout far beyond the wait below: only the idle timer can close it.
-    let cfg = with_limits(
-        &setup,
-        upstream.addr,
-        r#"header_read_timeout = "60s", idle_timeout = "2s""#,
-    );
-    let wraith = setup.start(&cfg);
-    let client = H3Client::new(&ca, None, Groups::Default).keep_alive(PING_EVERY);
-    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    let (_wraith, _upstream, mut conn) =
+        pinging_connection(r#"header_read_timeout = "60s", idle_timeout = "2s""#).await;
     assert_eq!(conn.get("/one").await.unwrap().status(), 200);
     closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
 }

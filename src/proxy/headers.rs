@@ -154,14 +154,16 @@ pub fn client_ip(
         return peer;
     }
     let mut candidate = peer;
-    let hops: Vec<&str> = headers
+    // Split as bytes: a line with one hop that is not text (a client's `\x80` that a proxy
+    // then appended the real address to) must not hide the hops beside it. A hop that is
+    // not an address stops the walk at the last good one to its right.
+    let hops: Vec<&[u8]> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .collect();
     for hop in hops.iter().rev() {
-        match parse_hop(hop) {
+        match std::str::from_utf8(hop).ok().and_then(parse_hop) {
             Some(ip) => {
                 candidate = ip;
                 if !is_trusted(trusted, ip) {
@@ -466,10 +468,10 @@ impl Forwarding {
             return;
         }
         for v in headers.get_all(which.name()) {
-            if let Ok(v) = v.to_str() {
-                self.text.push_str(v);
-                self.text.push_str(", ");
-            }
+            // Every line, text or not: leaving one out would drop the hops a proxy appended
+            // to it. (Bytes that are not UTF-8 become U+FFFD.)
+            self.text.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            self.text.push_str(", ");
         }
     }
 
@@ -951,6 +953,32 @@ mod tests {
             client_ip(&h, "10.0.0.2".parse().unwrap(), &trusted, true),
             "10.2.2.2".parse::<IpAddr>().unwrap()
         );
+        // A hop that is not even text (a client's, with the address a trusted proxy appended
+        // on the same line) does not hide that address: the client is not the proxy.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\x80, 203.0.113.5").unwrap(),
+        );
+        assert_eq!(
+            client_ip(&h, "10.0.0.2".parse().unwrap(), &trusted, true),
+            "203.0.113.5".parse::<IpAddr>().unwrap()
+        );
+        // And the chain sent upstream keeps that line.
+        let info = ForwardInfo {
+            peer: "10.0.0.2".parse().unwrap(),
+            client_ip: "203.0.113.5".parse().unwrap(),
+            peer_trusted: true,
+            https: false,
+            host: Some("h"),
+            version: Version::HTTP_11,
+            identity: None,
+            early_data: false,
+            close: None,
+        };
+        let mut out = h.clone();
+        forwarding(&h, &info, &HeaderValue::from_static("id")).apply(&mut out);
+        assert_eq!(out["x-forwarded-for"], "\u{fffd}, 203.0.113.5, 10.0.0.2");
     }
 
     #[test]

@@ -55,11 +55,16 @@ pub struct Identity {
 
 impl Identity {
     /// The name this identity is known by in logs and policies: the SPIFFE ID, else the CN,
-    /// else the fingerprint.
+    /// else the fingerprint. A CN that could be taken for one of the other two (it starts
+    /// with `spiffe:`, or is 64 hex digits) is not used: the three share the principal's id,
+    /// and `CN=spiffe://prod/orders` must not pass for the SPIFFE ID a policy names.
     pub fn name(&self) -> &str {
         self.spiffe_id
             .as_deref()
-            .or(self.common_name.as_deref())
+            .or(self
+                .common_name
+                .as_deref()
+                .filter(|cn| !mimics_other_name(cn)))
             .unwrap_or(&self.fingerprint)
     }
 
@@ -100,13 +105,27 @@ impl Identity {
     }
 }
 
+/// Whether a CN could be read as a SPIFFE ID or a certificate fingerprint.
+fn mimics_other_name(cn: &str) -> bool {
+    cn.get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("spiffe:"))
+        || (cn.len() == 64 && cn.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn read_subject(name: &X509Name<'_>, id: &mut Identity, warnings: &mut Vec<String>) {
-    for attr in name.iter_common_name() {
-        match attr_str(attr, "subject CN", warnings) {
-            // The first CN wins; more than one is legal but unusual.
-            Some(cn) if id.common_name.is_none() => id.common_name = Some(cn),
-            _ => {}
-        }
+    // Exactly one readable CN, or none: with several (or one that is not text), which one
+    // names the client depends on who reads the certificate.
+    let cns: Vec<Option<String>> = name
+        .iter_common_name()
+        .map(|attr| attr_str(attr, "subject CN", warnings))
+        .collect();
+    match cns.as_slice() {
+        [Some(cn)] => id.common_name = Some(cn.clone()),
+        [] | [None] => {}
+        more => warnings.push(format!(
+            "{} subject CNs: ambiguous, none is used",
+            more.len()
+        )),
     }
     for attr in name.iter_by_oid(&OID_X509_ORGANIZATION_NAME) {
         id.organizations
@@ -432,6 +451,48 @@ mod tests {
         assert_eq!(id.spiffe_id, None);
         assert_eq!(id.name(), "twice");
         assert!(warnings[0].contains("2 SPIFFE IDs"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_cn_that_looks_like_a_spiffe_id_or_a_fingerprint_is_not_the_name() {
+        let fingerprint = "ab".repeat(32);
+        for cn in [
+            "spiffe://wraith.dev/ns/prod/sa/orders",
+            "SPIFFE://x/y",
+            &fingerprint,
+        ] {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let (id, _) = Identity::from_der(&issue(p)).unwrap();
+            assert_eq!(
+                id.common_name.as_deref(),
+                Some(cn),
+                "still the cn attribute"
+            );
+            assert_eq!(id.name(), id.fingerprint, "{cn}");
+            assert_ne!(id.name(), cn);
+        }
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "orders");
+        assert_eq!(Identity::from_der(&issue(p)).unwrap().0.name(), "orders");
+    }
+
+    #[test]
+    fn two_cns_are_ambiguous() {
+        // SEQUENCE { SET { SEQ { 2.5.4.3, UTF8 "alice" } }, SET { SEQ { 2.5.4.3, UTF8 "admin" } } }
+        // (rcgen writes one value per attribute type, so the subject is built by hand).
+        let two: &[u8] = &[
+            0x30, 0x20, 0x31, 0x0e, 0x30, 0x0c, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x05, b'a',
+            b'l', b'i', b'c', b'e', 0x31, 0x0e, 0x30, 0x0c, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c,
+            0x05, b'a', b'd', b'm', b'i', b'n',
+        ];
+        let (_, name) = X509Name::from_der(two).unwrap();
+        assert_eq!(name.iter_common_name().count(), 2);
+        let mut id = Identity::default();
+        let mut warnings = Vec::new();
+        read_subject(&name, &mut id, &mut warnings);
+        assert_eq!(id.common_name, None);
+        assert!(warnings[0].contains("2 subject CNs"), "{warnings:?}");
     }
 
     #[test]

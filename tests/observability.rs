@@ -286,7 +286,8 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     let q = c2
         .get(https("/app/q?token=s3cret&page=2"))
         .header("user-agent", "test \"agent\"")
-        .header("referer", "https://example.org/")
+        // The page before was an OAuth callback: its code must not reach the logs either.
+        .header("referer", "https://example.org/cb?code=SplxlOBe&state=1")
         .send()
         .await
         .unwrap();
@@ -401,7 +402,10 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
         "secrets are redacted"
     );
     assert_eq!(query["user_agent"], "test \"agent\"");
-    assert_eq!(query["referer"], "https://example.org/");
+    assert_eq!(
+        query["referer"],
+        "https://example.org/cb?code=REDACTED&state=1"
+    );
     assert_eq!(find("GET", "/admin/users", "h1")["status"], 403);
     let nope = find("GET", "/nope", "h1");
     assert_eq!(nope["status"], 404);
@@ -440,8 +444,26 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     let q_line = combined.iter().find(|l| l.contains("/app/q")).unwrap();
     assert!(
         q_line.contains("\"GET /app/q?token=REDACTED&page=2 HTTP/2.0\" 200 ")
-            && q_line.ends_with("\"https://example.org/\" \"test \\x22agent\\x22\""),
+            && q_line.ends_with(
+                "\"https://example.org/cb?code=REDACTED&state=1\" \"test \\x22agent\\x22\""
+            ),
         "{q_line}"
+    );
+
+    // The Referer's query is redacted in SQLite too.
+    let referer = db_rows(&db, "SELECT referer FROM access_log WHERE path = '/app/q'");
+    assert_eq!(
+        format!("{:?}", referer[0]),
+        "[Text(\"https://example.org/cb?code=REDACTED&state=1\")]"
+    );
+    assert!(
+        !std::fs::read_to_string(&json_path)
+            .unwrap()
+            .contains("SplxlOBe")
+            && !std::fs::read_to_string(wraith.path("logs/access.log"))
+                .unwrap()
+                .contains("SplxlOBe"),
+        "the code is in no log"
     );
 
     // SQLite columns are typed.

@@ -72,30 +72,111 @@ impl Formatting {
             QueryLogging::Redact => Some(redact_query(q, &self.redact)),
         }
     }
+
+    /// The `Referer` as it may be logged: its query string is logged like the request's
+    /// (`query`), since a secret in the previous page's URL (an OAuth `code` on a callback)
+    /// reaches the logs again through the next request's Referer. The value may hold
+    /// obs-text bytes, so it stays bytes.
+    pub fn referer<'a>(&self, v: &'a [u8]) -> Cow<'a, [u8]> {
+        let Some(i) = v.iter().position(|&b| b == b'?') else {
+            return Cow::Borrowed(v);
+        };
+        let (base, q) = (&v[..i], &v[i + 1..]);
+        if q.is_empty() {
+            return Cow::Borrowed(v);
+        }
+        let q = match self.query {
+            QueryLogging::Full => return Cow::Borrowed(v),
+            QueryLogging::Omit => return Cow::Borrowed(base),
+            QueryLogging::Redact => match redact_bytes(q, &self.redact) {
+                Cow::Borrowed(_) => return Cow::Borrowed(v),
+                Cow::Owned(q) => q,
+            },
+        };
+        let mut out = Vec::with_capacity(base.len() + 1 + q.len());
+        out.extend_from_slice(base);
+        out.push(b'?');
+        out.extend_from_slice(&q);
+        Cow::Owned(out)
+    }
 }
 
-/// Replaces the values of the named parameters (case-insensitive) with `REDACTED`.
+/// Replaces the values of the named parameters (case-insensitive, compared after
+/// percent-decoding the name) with `REDACTED`.
 pub fn redact_query<'a>(q: &'a str, names: &[String]) -> Cow<'a, str> {
-    let hit = |pair: &str| {
-        let key = pair.split('=').next().unwrap_or("");
-        pair.contains('=') && names.iter().any(|n| n.eq_ignore_ascii_case(key))
+    match redact_bytes(q.as_bytes(), names) {
+        Cow::Borrowed(_) => Cow::Borrowed(q),
+        // Cut only at ASCII `&` and `=` and joined with ASCII: still UTF-8.
+        Cow::Owned(v) => Cow::Owned(text(Cow::Owned(v)).into_owned()),
+    }
+}
+
+/// `redact_query` over bytes (a Referer's query may hold obs-text).
+fn redact_bytes<'a>(q: &'a [u8], names: &[String]) -> Cow<'a, [u8]> {
+    let hit = |pair: &[u8]| {
+        let mut kv = pair.splitn(2, |&b| b == b'=');
+        let key = kv.next().unwrap_or_default();
+        kv.next().is_some() && names.iter().any(|n| key_is(key, n))
     };
-    if !q.split('&').any(hit) {
+    if !q.split(|&b| b == b'&').any(hit) {
         return Cow::Borrowed(q);
     }
-    let mut out = String::with_capacity(q.len());
-    for (i, pair) in q.split('&').enumerate() {
+    let mut out = Vec::with_capacity(q.len());
+    for (i, pair) in q.split(|&b| b == b'&').enumerate() {
         if i > 0 {
-            out.push('&');
+            out.push(b'&');
         }
         if hit(pair) {
-            out.push_str(pair.split('=').next().unwrap_or(""));
-            out.push_str("=REDACTED");
+            out.extend_from_slice(pair.split(|&b| b == b'=').next().unwrap_or_default());
+            out.extend_from_slice(b"=REDACTED");
         } else {
-            out.push_str(pair);
+            out.extend_from_slice(pair);
         }
     }
     Cow::Owned(out)
+}
+
+/// Whether the raw parameter name `key` is `name` (ASCII case-insensitive) once decoded the
+/// way the application will decode it: `%XX` escapes and `+` for a space. Compared raw,
+/// `tok%65n=...` would be logged in clear although the application reads it as `token`.
+fn key_is(key: &[u8], name: &str) -> bool {
+    let name = name.as_bytes();
+    if !key.iter().any(|&b| b == b'%' || b == b'+') {
+        return key.eq_ignore_ascii_case(name);
+    }
+    let mut want = name.iter();
+    let mut i = 0;
+    while i < key.len() {
+        let digit = |j: usize| key.get(j).copied().and_then(hex);
+        let b = match (key[i], digit(i + 1), digit(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                i += 3;
+                high << 4 | low
+            }
+            (b'+', ..) => {
+                i += 1;
+                b' '
+            }
+            (b, ..) => {
+                i += 1;
+                b
+            }
+        };
+        if !want.next().is_some_and(|n| n.eq_ignore_ascii_case(&b)) {
+            return false;
+        }
+    }
+    want.next().is_none()
+}
+
+/// The value of one hex digit.
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// `2026-11-25T21:49:15.123456Z`
@@ -217,6 +298,17 @@ pub fn lossy(v: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(v) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(v),
+    }
+}
+
+/// `lossy` for text that may already be owned (a redacted Referer).
+pub fn text(v: Cow<'_, [u8]>) -> Cow<'_, str> {
+    match v {
+        Cow::Borrowed(v) => lossy(v),
+        Cow::Owned(v) => Cow::Owned(
+            String::from_utf8(v)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
     }
 }
 
@@ -451,7 +543,9 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
         o.opt_str("ban_scenario", b.scenario.as_deref());
     }
     o.bytes("user_agent", r.user_agent.as_ref().map(|v| v.as_bytes()));
-    o.bytes("referer", r.referer.as_ref().map(|v| v.as_bytes()));
+    if let Some(v) = &r.referer {
+        o.str("referer", &text(f.referer(v.as_bytes())));
+    }
     o.opt_str("error", r.error);
     o.bool("aborted", r.aborted);
     o.end();
@@ -515,7 +609,13 @@ pub fn combined_line(
     out.push(b' ');
     out.extend_from_slice(digits.format(r.bytes_out).as_bytes());
     out.extend_from_slice(b" \"");
-    quoted_header(r.referer.as_ref().map(|v| v.as_bytes()), out);
+    quoted_header(
+        r.referer
+            .as_ref()
+            .map(|v| f.referer(v.as_bytes()))
+            .as_deref(),
+        out,
+    );
     out.extend_from_slice(b"\" \"");
     quoted_header(r.user_agent.as_ref().map(|v| v.as_bytes()), out);
     out.extend_from_slice(b"\"\n");
@@ -731,6 +831,71 @@ mod tests {
         assert_eq!(v["user_agent"], "curl/8 \"quoted\"");
         assert!(v.get("route").is_none(), "absent fields are omitted");
         assert_eq!(v["aborted"], false);
+    }
+
+    #[test]
+    fn redaction_compares_decoded_names() {
+        let names = fmt().redact;
+        for (q, want) in [
+            ("tok%65n=s3cret&page=2", "tok%65n=REDACTED&page=2"),
+            ("TOK%45N=s3cret", "TOK%45N=REDACTED"),
+            ("%63%6F%64%65=abc", "%63%6F%64%65=REDACTED"),
+            ("api%5fkey=k", "api%5fkey=REDACTED"),
+            // Not the names: left alone.
+            ("tok%65ns=x&to%6B=y&token", "tok%65ns=x&to%6B=y&token"),
+            ("tok%6=x&%zz=y&%", "tok%6=x&%zz=y&%"),
+        ] {
+            assert_eq!(redact_query(q, &names), want, "{q}");
+        }
+        assert!(matches!(redact_query("page=2", &names), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn referer_query_is_logged_like_the_request_query() {
+        let mut r = record();
+        r.referer = Some(HeaderValue::from_static(
+            "https://app.example.org/callback?code=SplxlOBe&state=xyz&api%4Bey=k",
+        ));
+        let redacted = "https://app.example.org/callback?code=REDACTED&state=xyz&api%4Bey=REDACTED";
+        let json = |f: &Formatting| {
+            let mut out = Vec::new();
+            json_line(&r, f, &mut CachedTime::new(TimeStyle::Rfc3339), &mut out);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()["referer"].clone()
+        };
+        let combined = |f: &Formatting| {
+            let mut out = Vec::new();
+            let opts = CombinedOptions { vhost: false };
+            combined_line(&r, f, opts, &mut CachedTime::new(TimeStyle::Http), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(json(&fmt()), redacted);
+        assert!(
+            combined(&fmt()).contains(&format!("\"{redacted}\"")),
+            "{}",
+            combined(&fmt())
+        );
+
+        let omit = Formatting {
+            query: QueryLogging::Omit,
+            ..fmt()
+        };
+        assert_eq!(json(&omit), "https://app.example.org/callback");
+        assert!(combined(&omit).contains("\"https://app.example.org/callback\""));
+        let full = Formatting {
+            query: QueryLogging::Full,
+            ..fmt()
+        };
+        assert_eq!(json(&full), r.referer.as_ref().unwrap().to_str().unwrap());
+
+        // Without a query, and with obs-text around a secret, the bytes are kept as they are.
+        assert!(matches!(
+            fmt().referer(b"https://x/"),
+            Cow::Borrowed(b"https://x/")
+        ));
+        assert_eq!(
+            fmt().referer(b"https://x/\xe9?token=\xff&a=\xfe").as_ref(),
+            b"https://x/\xe9?token=REDACTED&a=\xfe"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::ffi::{c_int, c_uint};
 use rusqlite::{ffi, params, Connection};
 
 use super::access_log::AccessRecord;
-use super::format::{lossy, sqlite_time, write_ip, CachedTime, Formatting, TimeStyle};
+use super::format::{lossy, sqlite_time, text, write_ip, CachedTime, Formatting, TimeStyle};
 use super::sinks::BatchWriter;
 use crate::config::SqliteSinkConfig;
 
@@ -232,7 +232,8 @@ fn bind_row<'v>(
         b.cow(base + 34, lossy(v.as_bytes()))?;
     }
     if let Some(v) = &r.referer {
-        b.cow(base + 35, lossy(v.as_bytes()))?;
+        // Its query string is logged like the request's (`[log] query`).
+        b.cow(base + 35, text(formatting.referer(v.as_bytes())))?;
     }
     b.opt(base + 36, r.error)?;
     b.int(base + 37, r.aborted.into())

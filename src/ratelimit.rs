@@ -1,5 +1,5 @@
 //! Rate limits: GCRA (governor) per key, keyed by client address, client identity, route or
-//! a trusted proxy's header.
+//! a trusted proxy's header (by a keyed 128-bit hash of its value, never the value itself).
 //!
 //! A route's limits are its own `rate_limits`, or the `[rate_limit]` defaults (one shared set
 //! of buckets for every route that uses them). Each limit is a `Limiter`, generic over the
@@ -9,7 +9,7 @@
 //! limit rather than unbounded memory). Limiters whose settings did not change are carried
 //! into the next snapshot on reload, with their state.
 
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 
 use crate::config::{LimitKey, LimitMode, RateLimitConfig};
 use crate::error::{GatewayError, RateLimited};
@@ -37,8 +37,10 @@ pub enum Key {
     Identity(IdentityKey),
     /// The whole route.
     Route,
-    /// A header value from a trusted proxy.
-    Header(HeaderValue),
+    /// A header value from a trusted proxy, as a keyed 128-bit hash (`Limiter::header_key`):
+    /// a fixed 16 bytes whatever the value's length, and no reference to the request's
+    /// buffers (hyper's `HeaderValue` is a slice of the connection's read buffer).
+    Header(u128),
 }
 
 impl PartialEq for Key {
@@ -191,6 +193,9 @@ pub struct Limiter<C: Clock = DefaultClock> {
     pub max_keys: usize,
     limiter: RateLimiter<Key, CappedStore, C, NoOpMiddleware<C::Instant>>,
     window_secs: u64,
+    /// The secret SipHash key for header values: random per limiter, so which values
+    /// collide cannot be known, let alone chosen, by a client.
+    header_hasher: RandomState,
 }
 
 impl<C: Clock> std::fmt::Debug for Limiter<C> {
@@ -231,7 +236,21 @@ impl<C: Clock> Limiter<C> {
             limiter: RateLimiter::new(quota, CappedStore::new(max_keys), clock),
             max_keys,
             config,
+            header_hasher: RandomState::new(),
         }
+    }
+
+    /// The key for header value `value`: two SipHash-1-3 outputs under this limiter's secret
+    /// key, domain-separated by a leading byte. 128 bits make a collision among even
+    /// billions of values negligible; only the hash is kept, never the bytes.
+    fn header_key(&self, value: &[u8]) -> Key {
+        let half = |domain: u8| {
+            let mut h = self.header_hasher.build_hasher();
+            h.write_u8(domain);
+            h.write(value);
+            h.finish()
+        };
+        Key::Header(u128::from(half(0)) << 64 | u128::from(half(1)))
     }
 
     /// The key this limit counts `req` by.
@@ -245,7 +264,7 @@ impl<C: Clock> Limiter<C> {
             },
             LimitKey::Route => Key::Route,
             LimitKey::Header(name) => match req.headers.get(name) {
-                Some(v) if req.peer_trusted => Key::Header(v.clone()),
+                Some(v) if req.peer_trusted => self.header_key(v.as_bytes()),
                 _ => Key::Ip(ip_key(req.client)),
             },
         }
@@ -329,6 +348,7 @@ mod tests {
     use std::num::NonZeroU32;
 
     use governor::clock::FakeRelativeClock;
+    use http::HeaderValue;
 
     use super::*;
 
@@ -487,13 +507,80 @@ mod tests {
         );
         let mut h = HeaderMap::new();
         h.insert("x-client-id", HeaderValue::from_static("tenant-7"));
-        assert_eq!(
+        assert!(matches!(
             l.key_for(&facts("10.0.0.1", None, &h, true)),
-            Key::Header(HeaderValue::from_static("tenant-7"))
-        );
+            Key::Header(_)
+        ));
         assert_eq!(
             l.key_for(&facts("10.0.0.1", None, &h, false)),
             Key::Ip("10.0.0.1".parse().unwrap())
+        );
+    }
+
+    fn header_limit() -> Limiter<FakeRelativeClock> {
+        Limiter::with_clock(
+            config(
+                LimitKey::Header(http::HeaderName::from_static("x-client-id")),
+                1,
+                Duration::from_secs(1),
+                1,
+            ),
+            100,
+            FakeRelativeClock::default(),
+        )
+    }
+
+    #[test]
+    fn header_keys_do_not_keep_the_value() {
+        let l = header_limit();
+        // A 60 KiB value in a buffer whose owner we can watch, as hyper hands out slices of
+        // its read buffer.
+        let buffer: Arc<[u8]> = vec![b'a'; 60 * 1024].into();
+        let mut h = HeaderMap::new();
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buffer.clone()));
+        h.insert("x-client-id", value.unwrap());
+        let key = l.key_for(&facts("10.0.0.1", None, &h, true));
+        assert_eq!(l.check_key(&key), Outcome::Allowed);
+        assert_eq!(l.keys(), 1);
+        // The request is gone; the limiter still tracks its key, but not its bytes.
+        drop((h, key));
+        assert_eq!(
+            Arc::strong_count(&buffer),
+            1,
+            "a stored key holds the buffer"
+        );
+        assert_eq!(l.keys(), 1);
+    }
+
+    #[test]
+    fn header_keys_tell_values_apart() {
+        let l = header_limit();
+        let key = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert("x-client-id", HeaderValue::from_bytes(v).unwrap());
+            l.key_for(&facts("10.0.0.1", None, &h, true))
+        };
+        let long = vec![b'x'; 64 * 1024];
+        assert_eq!(key(b"tenant-7"), key(b"tenant-7"));
+        assert_eq!(key(&long), key(&long));
+        assert_ne!(key(b"tenant-7"), key(b"tenant-8"));
+        // A value and its prefix, and values of other lengths, are different keys.
+        assert_ne!(key(b"tenant-7"), key(b"tenant-"));
+        assert_ne!(key(&long), key(&long[1..]));
+        // Same value, same bucket; another value, its own.
+        assert_eq!(l.check_key(&key(b"tenant-7")), Outcome::Allowed);
+        assert!(matches!(
+            l.check_key(&key(b"tenant-7")),
+            Outcome::Refused(_)
+        ));
+        assert_eq!(l.check_key(&key(b"tenant-8")), Outcome::Allowed);
+        // Another limiter has another secret: its keys are unrelated to this one's.
+        let other = header_limit();
+        let mut h = HeaderMap::new();
+        h.insert("x-client-id", HeaderValue::from_static("tenant-7"));
+        assert_ne!(
+            other.key_for(&facts("10.0.0.1", None, &h, true)),
+            key(b"tenant-7")
         );
     }
 

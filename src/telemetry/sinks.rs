@@ -441,6 +441,24 @@ impl<T> FileWriter<T> {
     }
 }
 
+impl<T> FileWriter<T> {
+    /// Takes back the `written` bytes of a batch that failed part way (a full disk, EIO): the
+    /// whole batch is retried, and the part left on disk would be a torn line fused with the
+    /// next record, then the batch again (duplicates that CrowdSec and Wazuh misparse). Only
+    /// when the file is still `start + written` long: bytes another appender added since
+    /// (an old writer draining during a reload) are never cut.
+    fn cut_back(&mut self, start: Option<u64>, written: usize) -> Result<(), String> {
+        let start = start.ok_or("its length was unknown, a partial line is left")?;
+        let now = self.file.metadata().map(|m| m.len());
+        if now.as_ref().ok() != Some(&(start + written as u64)) {
+            return Err("the file changed meanwhile, a partial line is left".into());
+        }
+        self.file
+            .set_len(start)
+            .map_err(|e| format!("cannot remove the partial batch ({e}), a partial line is left"))
+    }
+}
+
 impl<T> BatchWriter<T> for FileWriter<T> {
     fn write(&mut self, items: &mut Vec<T>) -> Result<(), String> {
         if self.broken {
@@ -451,14 +469,35 @@ impl<T> BatchWriter<T> for FileWriter<T> {
             (self.format)(item, &mut self.buf);
         }
         // Whole lines in one write: two writers appending to one file never split a line.
-        match self.file.write_all(&self.buf) {
+        let start = self.file.metadata().map(|m| m.len()).ok();
+        let mut written = 0;
+        let result = loop {
+            match self.file.write(&self.buf[written..]) {
+                Ok(0) => break Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    if written == self.buf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
             Ok(()) => {
                 items.clear();
                 Ok(())
             }
             Err(e) => {
                 self.broken = true;
-                Err(format!("cannot write {}: {e}", self.path.display()))
+                let mut error = format!("cannot write {}: {e}", self.path.display());
+                if written > 0 {
+                    if let Err(cut) = self.cut_back(start, written) {
+                        error.push_str(&format!("; {cut}"));
+                    }
+                }
+                Err(error)
             }
         }
     }
@@ -467,5 +506,86 @@ impl<T> BatchWriter<T> for FileWriter<T> {
         self.file = open_append(&self.path)?;
         self.broken = false;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in the child process `partial_batch_write_is_taken_back` runs itself in.
+    const CHILD: &str = "WRAITH_TEST_FSIZE_CHILD";
+
+    fn set_file_size_limit(bytes: libc::rlim_t) {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write the struct we own.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
+            lim.rlim_cur = bytes.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+    }
+
+    /// A write that fails part way (here: past RLIMIT_FSIZE, as on a full disk) leaves no torn
+    /// line: the retried batch lands whole, once.
+    #[test]
+    fn partial_batch_write_is_taken_back() {
+        if std::env::var_os(CHILD).is_none() {
+            // The file size limit is per process: run the test alone in a child.
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "telemetry::sinks::tests::partial_batch_write_is_taken_back",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        // Past the limit a write gets EFBIG, not SIGXFSZ.
+        // SAFETY: ignoring a signal in this single-test process.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let format: FormatFn<u32> = Box::new(|n, out| {
+            out.extend_from_slice(format!("record {n:04} {}\n", "x".repeat(87)).as_bytes())
+        });
+        let mut w = FileWriter::new(path.clone(), format).unwrap();
+        let mut first = vec![1, 2, 3];
+        w.write(&mut first).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 300);
+
+        // Room for one and a half more lines.
+        set_file_size_limit(450);
+        let mut second = vec![4, 5, 6];
+        let err = w.write(&mut second).unwrap_err();
+        assert!(err.contains("cannot write"), "{err}");
+        assert_eq!(second, [4, 5, 6], "the batch is kept for the retry");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            300,
+            "the partial batch is taken back"
+        );
+        set_file_size_limit(libc::RLIM_INFINITY);
+        w.write(&mut second).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().map(|l| &l[..11]).collect();
+        assert_eq!(
+            lines,
+            [1, 2, 3, 4, 5, 6].map(|n| format!("record {n:04}")),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.len() == 99), "{text}");
     }
 }

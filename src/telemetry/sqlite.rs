@@ -112,15 +112,26 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
         }
     }
     let what = |e: rusqlite::Error| format!("SQLite access log {}: {e}", path.display());
-    let created = !path.exists();
-    let conn = Connection::open(path).map_err(what)?;
-    if created {
-        // Client addresses and identities: not for every local user (SQLite gives the WAL
-        // and shared-memory files the database's mode).
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))
-            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    // Client addresses and identities: not for every local user. The file is made 0640 (less
+    // if the umask says so) before SQLite opens it: created by SQLite it would have the
+    // umask's mode (0644 typically) until a chmod, and another local user could open it in
+    // that window and keep the descriptor. SQLite creates the -wal and -shm files with the
+    // database file's mode (its unix VFS takes the mode from the database and fchmods a new
+    // file to exactly that), so they are 0640 too.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        }
     }
+    let conn = Connection::open(path).map_err(what)?;
     // Readers (`wraith logs`) never block the writer in WAL mode; NORMAL sync is durable
     // against process crashes, which is what a log needs.
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -670,6 +681,55 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, expected);
+    }
+
+    /// Set in the child process `database_wal_and_shm_are_created_0640` runs itself in.
+    const CHILD: &str = "WRAITH_TEST_UMASK_CHILD";
+
+    /// With an umask that lets everything through, the database, its WAL and its shared
+    /// memory are still 0640 from the start; an existing database keeps its mode.
+    #[test]
+    fn database_wal_and_shm_are_created_0640() {
+        use std::os::unix::fs::PermissionsExt;
+        if std::env::var_os(CHILD).is_none() {
+            // The umask is per process: run the test alone in a child.
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "telemetry::sqlite::tests::database_wal_and_shm_are_created_0640",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        // SAFETY: umask only sets the process's file-creation mask.
+        unsafe { libc::umask(0) };
+        let dir = tempfile::tempdir().unwrap();
+        let config = sink_config(dir.path());
+        let mode = |suffix: &str| {
+            let p = format!("{}{suffix}", config.path.display());
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        let f = Formatting::new(&LogConfig::default());
+        let mut w = SqliteWriter::new(config.clone(), f.clone()).unwrap();
+        w.write(&mut vec![sample()]).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            assert_eq!(mode(suffix), 0o640, "a.db{suffix}");
+        }
+        drop(w);
+        // An operator's choice for an existing database stands.
+        std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let _w = SqliteWriter::new(config.clone(), f).unwrap();
+        assert_eq!(mode(""), 0o600);
     }
 
     /// Writer-side CPU per record of each sink. A measurement, not a check: run it with

@@ -2,8 +2,13 @@
 //! drain (a second one exits at once), and the pid file that `wraith reload` and `wraith stop`
 //! use.
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -85,78 +90,203 @@ pub async fn run(runtime: Arc<Runtime>, signals: Signals) -> Result<Exit, String
     }
 }
 
-/// A pid file that removes itself when dropped (if it still holds our pid).
-pub struct PidFile(PathBuf);
+/// The running server's pid file, held with an exclusive `flock` for the process's whole life:
+/// the lock, not the pid written in the file, is what says a wraith is running. A pid file
+/// left by a killed server (SIGKILL, OOM) is unlocked, so it never blocks `serve` and its pid,
+/// perhaps reused by an unrelated process by now, is never signalled by `stop` or `reload`.
+/// Dropping it removes the file (while still holding the lock) and then releases the lock.
+pub struct PidFile {
+    path: PathBuf,
+    file: File,
+}
 
 impl PidFile {
-    /// Writes our pid, refusing if the file names another live process.
+    /// Locks the pid file and writes our pid into it. Fails at once, naming the holder, if
+    /// another process holds it; a stale or empty one is taken over (logged).
     pub fn create(path: &Path) -> Result<PidFile, String> {
-        if let Some(pid) = read_pid(path)? {
-            if pid != std::process::id() as i32 && alive(pid) {
-                return Err(format!(
-                    "pid file {} names running process {pid}: is another wraith running?",
-                    path.display()
-                ));
-            }
-        }
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
         }
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
-        Ok(PidFile(path.to_path_buf()))
+        // A few rounds: the file can be removed between our open and our lock (the server
+        // that held it exiting), leaving us the lock on a file no longer at `path`.
+        for _ in 0..10 {
+            // A pid file already there is stale: a server that exits removes its own.
+            let existed = std::fs::symlink_metadata(path).is_ok();
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| format!("cannot open pid file {}: {e}", path.display()))?;
+            lock_exclusive(&file, path)?;
+            if !same_file(&file, path) {
+                continue;
+            }
+            let mut previous = String::new();
+            let _ = file.read_to_string(&mut previous);
+            if existed {
+                tracing::warn!(
+                    pid_file = %path.display(),
+                    previous = previous.trim(),
+                    "taking over a stale pid file (no running wraith held its lock)"
+                );
+            }
+            // Readers judge by the lock, not the content, so truncating and rewriting in
+            // place while holding it is safe; a crash in between leaves an unlocked file.
+            let pid = format!("{}\n", std::process::id());
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
+            return Ok(PidFile {
+                path: path.to_path_buf(),
+                file,
+            });
+        }
+        Err(format!(
+            "pid file {} keeps being replaced while we lock it: is another wraith starting?",
+            path.display()
+        ))
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if matches!(read_pid(&self.0), Ok(Some(p)) if p == std::process::id() as i32) {
-            let _ = std::fs::remove_file(&self.0);
+        // Still ours (not replaced by someone else's file at the path): remove it, then
+        // release the lock as `file` closes.
+        if same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
-/// Reads a pid file; `None` if it does not exist.
-pub fn read_pid(path: &Path) -> Result<Option<i32>, String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => s
-            .trim()
-            .parse::<i32>()
-            .ok()
-            .filter(|p| *p > 0)
-            .map(Some)
-            .ok_or_else(|| format!("pid file {} does not contain a pid", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read pid file {}: {e}", path.display())),
+/// `flock(LOCK_EX | LOCK_NB)`, retried for ~100 ms: `wraith stop`/`reload` hold a shared
+/// lock for an instant while they check the file, and must not make a starting server fail.
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), String> {
+    for attempt in 0..10 {
+        match flock(file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(true) => return Ok(()),
+            Ok(false) if attempt < 9 => std::thread::sleep(Duration::from_millis(10)),
+            Ok(false) => break,
+            Err(e) => return Err(format!("cannot lock pid file {}: {e}", path.display())),
+        }
+    }
+    let holder = match pid_in(file) {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".to_string(),
+    };
+    Err(format!(
+        "pid file {} is locked by {holder}: another wraith is running with this configuration",
+        path.display()
+    ))
+}
+
+/// A wraith found through its pid file: the file is locked by the server, and `pid` is the
+/// pid it wrote there.
+pub struct Running {
+    /// The server's pid.
+    pub pid: i32,
+    /// Kept open to watch the lock (also across the server's removal of the file).
+    file: File,
+}
+
+impl Running {
+    /// Finds the server that holds `path`. Errors say why there is none: no file, or a stale
+    /// one (unlocked: its pid is not a running wraith's and must not be signalled).
+    pub fn find(path: &Path) -> Result<Running, String> {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "{} does not exist: is wraith running?",
+                    path.display()
+                ))
+            }
+            Err(e) => return Err(format!("cannot open pid file {}: {e}", path.display())),
+        };
+        let running = Running { pid: 0, file };
+        if running.exited()? {
+            let names = match pid_in(&running.file) {
+                Some(pid) => format!("names process {pid}, which was not signalled"),
+                None => "holds no pid".to_string(),
+            };
+            return Err(format!(
+                "pid file {} is stale: no wraith holds its lock (it {names}); is wraith running?",
+                path.display()
+            ));
+        }
+        // Locked but still empty: the server has just taken the lock and not yet written.
+        let pid = pid_in(&running.file).ok_or_else(|| {
+            format!(
+                "pid file {} is locked but holds no pid yet: is wraith starting?",
+                path.display()
+            )
+        })?;
+        Ok(Running { pid, ..running })
+    }
+
+    /// Whether the server has let go of its pid file (it is about to exit, or has).
+    pub fn exited(&self) -> Result<bool, String> {
+        // A shared lock is granted only when no one holds the exclusive one; give it back.
+        let free = flock(&self.file, libc::LOCK_SH | libc::LOCK_NB)
+            .map_err(|e| format!("cannot check the pid file lock: {e}"))?;
+        if free {
+            let _ = flock(&self.file, libc::LOCK_UN);
+        }
+        Ok(free)
     }
 }
 
-/// Whether a process with this pid exists (an exited process not yet reaped by its parent,
-/// a zombie, does not count).
-pub fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    exists && !zombie(pid)
+/// flock(2): `Ok(false)` when another holder makes a non-blocking request wait.
+fn flock(file: &File, op: i32) -> std::io::Result<bool> {
+    loop {
+        // SAFETY: flock on a descriptor `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
 }
 
-/// Linux: the state field of /proc/PID/stat is `Z` for a zombie.
-fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+/// Whether `path` (not followed if a symlink) is the file `file` has open.
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The pid written in an open pid file, if it holds one. Its content alone proves nothing:
+/// see `Running::find`.
+fn pid_in(file: &File) -> Option<i32> {
+    let mut buf = [0u8; 32];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .trim()
+        .parse::<i32>()
         .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+        .filter(|p| *p > 0)
 }
 
 /// Sends `sig` to `pid`.
 pub fn send(pid: i32, sig: i32) -> Result<(), String> {
-    // SAFETY: plain kill(2) on a pid read from our own pid file.
+    // SAFETY: plain kill(2) on the pid of a process that holds our pid file's lock.
     if unsafe { libc::kill(pid, sig) } == 0 {
         Ok(())
     } else {

@@ -1,4 +1,4 @@
-//! `wraith reload`: SIGHUP to the pid in the pid file, then (with an admin socket) wait for
+//! `wraith reload`: SIGHUP to the server holding the pid file, then (with an admin socket) wait for
 //! the server's verdict and print it.
 
 use std::path::Path;
@@ -27,14 +27,8 @@ fn reload(config_path: &Path) -> Result<String, String> {
     let pid_file = server
         .pid_file
         .ok_or("the configuration has no server.pid_file, so the server cannot be found")?;
-    let pid = signals::read_pid(&pid_file)?
-        .ok_or_else(|| format!("{} does not exist: is wraith running?", pid_file.display()))?;
-    if !signals::alive(pid) {
-        return Err(format!(
-            "process {pid} from {} is not running",
-            pid_file.display()
-        ));
-    }
+    // Only a pid file locked by its server names a wraith; a stale one names nothing to signal.
+    let pid = signals::Running::find(&pid_file)?.pid;
     let Some(socket) = server.admin_socket else {
         signals::send(pid, libc::SIGHUP)?;
         return Ok(format!("sent SIGHUP to {pid} (no admin socket configured, so the outcome is in the server log)"));

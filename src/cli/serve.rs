@@ -56,16 +56,18 @@ pub fn run(config_path: &Path) -> ExitCode {
     let result = rt.block_on(async {
         // Before anything can announce the server (pid file, log): see `Signals`.
         let signals = signals::Signals::install()?;
+        // Before binding: a second server on this config fails here, not on (or worse, next
+        // to) the first one's listeners.
+        let _pid = match &config.server.pid_file {
+            Some(p) => Some(PidFile::create(p)?),
+            None => None,
+        };
         let runtime = Runtime::start(config_path, config).await?;
         telemetry = Some((
             runtime.telemetry.clone(),
             runtime.gateway.snapshot().config.server.shutdown_timeout,
         ));
         let snapshot = runtime.gateway.snapshot();
-        let _pid = match &snapshot.config.server.pid_file {
-            Some(p) => Some(PidFile::create(p)?),
-            None => None,
-        };
         if let Some(sock) = &snapshot.config.server.admin_socket {
             admin::start(runtime.clone(), sock)?;
         }

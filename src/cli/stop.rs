@@ -1,4 +1,4 @@
-//! `wraith stop`: SIGTERM to the pid in the pid file, then wait for the process to exit.
+//! `wraith stop`: SIGTERM to the server holding the pid file, then wait for it to let go (exit).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -29,18 +29,14 @@ fn stop(config_path: &Path, timeout: Option<&str>) -> Result<String, String> {
     let pid_file = server
         .pid_file
         .ok_or("the configuration has no server.pid_file, so the server cannot be found")?;
-    let pid = signals::read_pid(&pid_file)?
-        .ok_or_else(|| format!("{} does not exist: is wraith running?", pid_file.display()))?;
-    if !signals::alive(pid) {
-        return Err(format!(
-            "process {pid} from {} is not running (stale pid file)",
-            pid_file.display()
-        ));
-    }
+    // Only a pid file locked by its server names a wraith; a stale one names nothing to signal.
+    let running = signals::Running::find(&pid_file)?;
+    let pid = running.pid;
     signals::send(pid, libc::SIGTERM)?;
     let started = Instant::now();
     while started.elapsed() < timeout {
-        if !signals::alive(pid) {
+        // The server lets go of the lock last, after its logs are written out.
+        if running.exited()? {
             return Ok(format!(
                 "stopped: process {pid} exited after {:.1}s",
                 started.elapsed().as_secs_f64()

@@ -1,6 +1,7 @@
 //! The pid file is trusted only while a server holds its lock: a file left by a killed server,
 //! whose pid an unrelated process may have by now, is never signalled by `stop`/`reload` and
-//! never keeps `serve` from starting; and two servers on one config never both run.
+//! never keeps `serve` from starting; two servers on one config never both run; and a second
+//! SIGTERM exits at once even with a log sink that cannot write.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use hyper::Response;
 
 /// The standard listeners (port 0) and one route answered by the gateway itself.
 fn config(setup: &Setup, extra: &str) -> String {
@@ -166,4 +168,68 @@ async fn a_second_server_on_the_same_config_fails_fast_and_the_first_keeps_servi
     );
     let (code, out, err) = wraith.cli(&["status"]);
     assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once_even_with_a_log_sink_that_cannot_write() {
+    // An upstream that does not answer within the test, so the drain cannot finish on its own.
+    let (entered_tx, mut entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let upstream = Upstream::start(move |_req| {
+        let entered = entered_tx.clone();
+        async move {
+            let _ = entered.send(());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    // /dev/full fails every write with ENOSPC: the sink retries, and at a normal exit it would
+    // get the whole shutdown_timeout (10 s) to drain.
+    let cfg = config(
+        &setup,
+        &format!(
+            "\n[[upstream]]\nname = 'slow'\nendpoints = ['{}']\n\n[[route]]\nname = 'slow'\npath = {{ prefix = '/slow' }}\nupstream = 'slow'\n\n[log.json]\npath = '/dev/full'\n",
+            upstream.addr
+        ),
+    );
+    let mut wraith = setup.start(&cfg);
+
+    // One record the sink cannot write, and one request the drain waits for.
+    let resp = http_client()
+        .get(wraith.url("http", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(wraith
+        .wait_log(Duration::from_secs(10), |l| l["message"]
+            == "access log write failed; retrying")
+        .is_some());
+    let slow = tokio::spawn({
+        let url = wraith.url("http", "/slow");
+        async move { http_client().get(url).send().await }
+    });
+    entered_rx.recv().await.unwrap();
+
+    wraith.signal(libc::SIGTERM);
+    assert!(wraith
+        .wait_log(Duration::from_secs(10), |l| l["message"]
+            == "SIGTERM: draining")
+        .is_some());
+    let second = Instant::now();
+    wraith.signal(libc::SIGTERM);
+    assert_eq!(
+        wraith.wait_exit(Duration::from_secs(10)),
+        Some(130),
+        "{}",
+        wraith.log()
+    );
+    assert!(
+        second.elapsed() < Duration::from_secs(5),
+        "took {:?} after the second signal",
+        second.elapsed()
+    );
+    assert!(!wraith.path("wraith.pid").exists());
+    slow.abort();
 }

@@ -2,11 +2,15 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::config::{self, LoadOptions};
 use crate::runtime::Runtime;
 use crate::signals::{self, Exit, PidFile};
 use crate::{admin, telemetry};
+
+/// How long the log writers get to flush after a second signal forced the exit.
+const FORCED_FLUSH: Duration = Duration::from_secs(1);
 
 pub fn run(config_path: &Path) -> ExitCode {
     // A first, quick load decides the runtime and logging settings.
@@ -53,15 +57,17 @@ pub fn run(config_path: &Path) -> ExitCode {
     let config_path =
         std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let mut telemetry = None;
+    // Held (locked) until the very end, after the log queues are written out: while it is
+    // locked, `wraith stop` still sees this server as running.
+    let mut pid_file = None;
     let result = rt.block_on(async {
         // Before anything can announce the server (pid file, log): see `Signals`.
         let signals = signals::Signals::install()?;
         // Before binding: a second server on this config fails here, not on (or worse, next
         // to) the first one's listeners.
-        let _pid = match &config.server.pid_file {
-            Some(p) => Some(PidFile::create(p)?),
-            None => None,
-        };
+        if let Some(p) = &config.server.pid_file {
+            pid_file = Some(PidFile::create(p)?);
+        }
         let runtime = Runtime::start(config_path, config).await?;
         telemetry = Some((
             runtime.telemetry.clone(),
@@ -89,12 +95,19 @@ pub fn run(config_path: &Path) -> ExitCode {
     });
     // Do not wait for lingering tasks (connections past the deadline).
     rt.shutdown_background();
-    // Every request has been accounted for by now: write out what the log queues hold.
+    // Every request has been accounted for by now: write out what the log queues hold. After
+    // a second signal, only briefly: "exits at once" must not wait out a failing sink.
     if let Some((telemetry, timeout)) = telemetry {
+        let timeout = match result {
+            Ok(Exit::Forced) => FORCED_FLUSH.min(timeout),
+            _ => timeout,
+        };
         telemetry
             .writers
             .shutdown(std::time::Instant::now() + timeout);
     }
+    // Removes the file, then releases the lock.
+    drop(pid_file);
     match result {
         Ok(Exit::Drained) | Ok(Exit::TimedOut) => ExitCode::SUCCESS,
         Ok(Exit::Forced) => ExitCode::from(130),

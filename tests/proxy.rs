@@ -711,3 +711,39 @@ async fn paths_and_hosts_that_upstreams_read_differently_are_refused() {
     let line = status(get("/hello", "localhost.").await);
     assert!(line.contains(" 201 "), "{line}");
 }
+
+#[tokio::test]
+async fn path_parameters_do_not_walk_around_a_route() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        upstream.addr,
+        "[[route]]\nname = \"admin\"\npath = { prefix = \"/api/admin/\" }\nrespond = { status = 403, body = \"admins only\" }\n",
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    // A Java upstream reads `/api/admin;x/users` as `/api/admin/users`: so does routing.
+    let resp = client
+        .get(wraith.url("http", "/api/admin;x/users"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.text().await.unwrap(), "admins only");
+    // An exact route matches with a session id appended.
+    let resp = client
+        .get(wraith.url("http", "/hello;jsessionid=ABC"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    // The upstream still gets the path as sent.
+    let resp = client
+        .get(wraith.url("http", "/api/other;v=2/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["uri"], "/api/other;v=2/x");
+}

@@ -369,8 +369,8 @@ impl CaseRequest {
                     .ok_or("give url = \"https://host/path\" or host and path")?;
                 (
                     true,
-                    case.host.clone().unwrap_or_default(),
-                    path,
+                    judged_host(case.host.as_deref().unwrap_or_default()),
+                    judged_path(&path),
                     String::new(),
                 )
             }
@@ -421,15 +421,33 @@ pub fn parse_url(url: &str) -> Result<(bool, String, String, String), String> {
     };
     let host = uri
         .authority()
-        .map(|a| crate::proxy::headers::strip_port(a.as_str()).to_ascii_lowercase())
+        .map(|a| judged_host(a.as_str()))
         .unwrap_or_default();
     let raw_path = if uri.path().is_empty() {
         "/"
     } else {
         uri.path()
     };
-    let path = crate::proxy::path::normalize(raw_path).unwrap_or_else(|| raw_path.to_string());
-    Ok((https, host, path, uri.query().unwrap_or("").to_string()))
+    Ok((
+        https,
+        host,
+        judged_path(raw_path),
+        uri.query().unwrap_or("").to_string(),
+    ))
+}
+
+/// A test case's host as the pipeline gives it to policies: no port, no trailing dot,
+/// lowercase.
+fn judged_host(host: &str) -> String {
+    let name = crate::proxy::headers::strip_port(host);
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// A test case's path as the pipeline gives it to policies: normalized, without segment
+/// parameters (`proxy::path`).
+fn judged_path(raw: &str) -> String {
+    let normal = crate::proxy::path::normalize(raw).unwrap_or_else(|| raw.to_string());
+    crate::proxy::path::without_params(&normal).into_owned()
 }
 
 fn case_identity(i: &CaseIdentity, file: &Path) -> Result<Identity, String> {
@@ -465,4 +483,21 @@ pub fn identity_from_pem(path: &Path) -> Result<Identity, String> {
         .first()
         .ok_or_else(|| format!("{}: no certificate", path.display()))?;
     Identity::from_der(leaf).map(|(id, _)| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cases_see_host_and_path_as_live_requests_do() {
+        let (https, host, path, query) =
+            parse_url("https://Admin.Example.COM.:8443/api/./admin;x/users?y=1").unwrap();
+        assert!(https);
+        assert_eq!(host, "admin.example.com");
+        assert_eq!(path, "/api/admin/users");
+        assert_eq!(query, "y=1");
+        assert_eq!(judged_host("API.example.com."), "api.example.com");
+        assert_eq!(judged_path("/a/../b;v=1/c"), "/b/c");
+    }
 }

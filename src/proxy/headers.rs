@@ -725,10 +725,14 @@ impl Host {
                 && port.len() <= 6
                 && port[1..].iter().all(u8::is_ascii_digit)
                 && port[0] == b':');
+        // No empty label (a leading dot, or `..`): only one trailing dot, which every
+        // reader drops, so routing, policy and the upstream see the same name.
         port_ok
             && host
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            && !host.starts_with(b".")
+            && !host.windows(2).any(|w| w == b"..")
     }
 }
 
@@ -890,6 +894,9 @@ mod tests {
             "a:",
             "a:1234567",
             "[::1]x",
+            "admin.example.com..",
+            ".admin.example.com",
+            "admin..example.com:443",
         ] {
             assert!(!h(bad).is_valid(), "{bad}");
         }

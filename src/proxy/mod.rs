@@ -186,13 +186,6 @@ impl Gateway {
         if hosts.next().is_some() && hosts.next().is_some() {
             return Err(GatewayError::BadRequest("more than one Host header"));
         }
-        // Plain-HTTP listener told to send everyone to HTTPS.
-        if let Some(redirect) = snapshot
-            .listener(&conn.listener)
-            .and_then(|l| l.config.redirect_https.as_ref())
-        {
-            return Ok(https_redirect(&req, redirect));
-        }
         // Normalize before routing: what matched is what the upstream gets. Forms that
         // upstreams read differently (`\`, `..;`) are refused rather than guessed at.
         if let Some(why) = path::refused(req.uri().path()) {
@@ -217,10 +210,26 @@ impl Gateway {
         {
             return Err(GatewayError::BadRequest("missing Host"));
         }
+        // Plain-HTTP listener told to send everyone to HTTPS: after the Host and path checks,
+        // since the Location is built from them.
+        if let Some(redirect) = snapshot
+            .listener(&conn.listener)
+            .and_then(|l| l.config.redirect_https.as_ref())
+        {
+            return Ok(https_redirect(&req, redirect));
+        }
         let host_name = host.name();
-        let route = snapshot
-            .router
-            .find(host_name, req.uri().path(), req.method());
+        // Routing and policy judge the path without segment parameters (`path::without_params`);
+        // the upstream gets it as sent.
+        let params_free = match path::without_params(req.uri().path()) {
+            std::borrow::Cow::Owned(p) => Some(p),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        let route = snapshot.router.find(
+            host_name,
+            params_free.as_deref().unwrap_or(req.uri().path()),
+            req.method(),
+        );
         if let Some(route) = route {
             record.set_route(route);
         }
@@ -257,7 +266,7 @@ impl Gateway {
             route,
             method: req.method(),
             host: host_name,
-            path: req.uri().path(),
+            path: params_free.as_deref().unwrap_or(req.uri().path()),
             query: req.uri().query(),
             version: req.version(),
             early_data,

@@ -10,6 +10,7 @@
 //! differently from Wraith and a route or policy on the path could be walked around:
 //! backslashes (IIS, Windows and some Node servers read them as `/`), encoded backslashes and
 //! NULs, and dot segments with path parameters (`..;`, which Tomcat and Spring read as `..`).
+//! Other path parameters are left out of what routing and policy see (`without_params`).
 
 /// Why `path` is refused, if it is: a form upstreams commonly read differently.
 pub fn refused(path: &str) -> Option<&'static str> {
@@ -91,6 +92,26 @@ fn hex(c: u8) -> Option<u8> {
     }
 }
 
+/// The path routing and policy judge: `path` with the parameters of each segment
+/// (`;jsessionid=...`, `;x`) left out, as Tomcat, Jetty and Spring read it before they
+/// match. Routed on the path as sent, `/api/admin;x/users` would miss an `/api/admin/`
+/// route (and a policy on that path) and reach a Java upstream as `/api/admin/users`; judged
+/// without the parameters it meets the same rules. The upstream still gets the path as sent.
+/// Borrowed (no cost) when there is no `;`.
+pub fn without_params(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.as_bytes().contains(&b';') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(seg.split_once(';').map_or(seg, |(head, _)| head));
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// RFC 3986 §5.2.4, on an absolute path. The result always starts with `/`.
 fn remove_dot_segments(path: &str) -> String {
     let mut segments: Vec<&str> = Vec::new();
@@ -118,7 +139,19 @@ fn remove_dot_segments(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize;
+    use super::{normalize, without_params};
+
+    #[test]
+    fn path_parameters_are_left_out_for_routing() {
+        assert_eq!(without_params("/api/admin;x/users"), "/api/admin/users");
+        assert_eq!(without_params("/a;b=c;d/e;jsessionid=1"), "/a/e");
+        assert_eq!(without_params("/;x/y"), "//y");
+        assert_eq!(without_params("/plain/path"), "/plain/path");
+        assert!(matches!(
+            without_params("/plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     fn n(p: &str) -> String {
         normalize(p).unwrap_or_else(|| p.to_string())

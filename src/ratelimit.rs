@@ -4,19 +4,22 @@
 //! A route's limits are its own `rate_limits`, or the `[rate_limit]` defaults (one shared set
 //! of buckets for every route that uses them). Each limit is a `Limiter`, generic over the
 //! clock so tests drive a fake one. Key state is bounded two ways: a timer drops keys whose
-//! bucket is full again (`retain_recent`), and past `max_keys` new keys share one overflow
-//! bucket instead of growing the map (a flood of fresh addresses degrades to one shared
-//! limit rather than unbounded memory). Limiters whose settings did not change are carried
-//! into the next snapshot on reload, with their state.
+//! bucket is full again (`retain_recent`), and past `max_keys` new keys go to one of
+//! `OVERFLOW_BUCKETS` shared buckets instead of growing the map (a flood of fresh addresses
+//! degrades to shared limits rather than unbounded memory). A full table also drops its
+//! full-again keys itself, at most once a second, before sending a new key to overflow: a
+//! flood's keys often refill well before the timer's next run, and legitimate newcomers
+//! should not wait for it. Limiters whose settings did not change are carried into the next snapshot on
+//! reload, with their state.
 
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
@@ -113,27 +116,79 @@ pub struct RequestFacts<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// The key state of one limit: a concurrent map with a cap, plus the overflow bucket.
-pub struct CappedStore {
+/// How many shared buckets new keys spread over while the key table is full: a flood's keys
+/// share each bucket with 1/64 of the new clients, not all of them.
+const OVERFLOW_BUCKETS: usize = 64;
+
+/// The least time between two sweeps of a full table (each one visits every key).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The key state of one limit: a concurrent map with a cap, plus the overflow buckets.
+pub struct CappedStore<C: Clock> {
     map: DashMap<Key, InMemoryState>,
     /// Approximate number of keys (exact after each cleanup).
     count: AtomicUsize,
     cap: usize,
-    overflow: InMemoryState,
+    /// Where keys not in a full table are counted, picked by a keyed hash of the key (so a
+    /// client cannot choose whose bucket it shares).
+    overflow: Box<[InMemoryState]>,
+    overflow_hasher: RandomState,
+    sweep: Sweep<C>,
 }
 
-impl CappedStore {
-    fn new(cap: usize) -> CappedStore {
+/// What a full table needs to drop its full-again keys itself, between the timer's cleanups.
+struct Sweep<C: Clock> {
+    clock: C,
+    /// The instant bucket times count from; set once the limiter exists (`Limiter::with_clock`).
+    start: Arc<OnceLock<C::Instant>>,
+    /// governor's emission interval (its `Gcra::t`), as `RateLimiter::retain_recent` uses it.
+    t: Nanos,
+    /// Nanoseconds after `start` before which no sweep starts.
+    next: AtomicU64,
+}
+
+impl<C: Clock> Sweep<C> {
+    /// The `drop_below` of a sweep if one is due and this caller won the right to run it.
+    /// Reads the clock, so only a full table calls it.
+    fn due(&self) -> Option<Nanos> {
+        let now = self.clock.now().duration_since(*self.start.get()?);
+        let next = self.next.load(Ordering::Relaxed);
+        if now.as_u64() < next {
+            return None;
+        }
+        let after = now.as_u64().saturating_add(SWEEP_EVERY.as_nanos() as u64);
+        self.next
+            .compare_exchange(next, after, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        // The bound governor's own `retain_recent` uses: a bucket whose theoretical arrival
+        // time is this old is back to its starting state, so dropping it gives no one quota.
+        Some(now.saturating_sub(self.t))
+    }
+}
+
+impl<C: Clock> CappedStore<C> {
+    fn new(cap: usize, sweep: Sweep<C>) -> CappedStore<C> {
         CappedStore {
             map: DashMap::new(),
             count: AtomicUsize::new(0),
             cap,
-            overflow: InMemoryState::default(),
+            overflow: (0..OVERFLOW_BUCKETS)
+                .map(|_| InMemoryState::default())
+                .collect(),
+            overflow_hasher: RandomState::new(),
+            sweep,
         }
+    }
+
+    /// Drops the keys whose theoretical arrival time is at most `drop_below`.
+    fn drop_stale(&self, drop_below: Nanos) {
+        self.map
+            .retain(|_, state| tat(state).is_some_and(|t| t > drop_below));
+        self.count.store(self.map.len(), Ordering::Relaxed);
     }
 }
 
-impl StateStore for CappedStore {
+impl<C: Clock> StateStore for CappedStore<C> {
     type Key = Key;
 
     fn measure_and_replace<T, F, E>(&self, key: &Key, f: F) -> Result<T, E>
@@ -144,7 +199,15 @@ impl StateStore for CappedStore {
             return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
         if self.count.load(Ordering::Relaxed) >= self.cap {
-            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
+            // Full: make room from keys that are back to a full bucket (at most once a
+            // second), else count the key in its overflow bucket.
+            if let Some(drop_below) = self.sweep.due() {
+                self.drop_stale(drop_below);
+            }
+            if self.count.load(Ordering::Relaxed) >= self.cap {
+                let i = self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS;
+                return self.overflow[i].measure_and_replace(&NotKeyed::NonKey, f);
+            }
         }
         let state = match self.map.entry(key.clone()) {
             dashmap::Entry::Occupied(o) => o.into_ref(),
@@ -165,11 +228,9 @@ fn tat(state: &InMemoryState) -> Option<Nanos> {
         .flatten()
 }
 
-impl ShrinkableKeyedStateStore<Key> for CappedStore {
+impl<C: Clock> ShrinkableKeyedStateStore<Key> for CappedStore<C> {
     fn retain_recent(&self, drop_below: Nanos) {
-        self.map
-            .retain(|_, state| tat(state).is_some_and(|t| t > drop_below));
-        self.count.store(self.map.len(), Ordering::Relaxed);
+        self.drop_stale(drop_below);
     }
 
     fn shrink_to_fit(&self) {
@@ -191,7 +252,7 @@ pub struct Limiter<C: Clock = DefaultClock> {
     pub config: RateLimitConfig,
     /// The key cap it was built with.
     pub max_keys: usize,
-    limiter: RateLimiter<Key, CappedStore, C, NoOpMiddleware<C::Instant>>,
+    limiter: RateLimiter<Key, CappedStore<C>, C, NoOpMiddleware<C::Instant>>,
     window_secs: u64,
     /// The secret SipHash key for header values: random per limiter, so which values
     /// collide cannot be known, let alone chosen, by a client.
@@ -225,15 +286,33 @@ impl Limiter<DefaultClock> {
 
 impl<C: Clock> Limiter<C> {
     /// A limiter on `clock` (tests pass `governor::clock::FakeRelativeClock`).
-    pub fn with_clock(config: RateLimitConfig, max_keys: usize, clock: C) -> Limiter<C> {
+    pub fn with_clock(config: RateLimitConfig, max_keys: usize, clock: C) -> Limiter<C>
+    where
+        C: Clone,
+    {
         let period = config.period().max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(config.count))
             .allow_burst(config.burst);
         let refill = period.saturating_mul(config.burst.get());
+        let start = Arc::new(OnceLock::new());
+        let sweep = Sweep {
+            clock: clock.clone(),
+            start: start.clone(),
+            t: quota
+                .replenish_interval()
+                .max(Duration::from_nanos(1))
+                .into(),
+            next: AtomicU64::new(0),
+        };
+        let limiter = RateLimiter::new(quota, CappedStore::new(max_keys, sweep), clock);
+        // governor counts bucket times from an instant it reads inside `new`. One read after
+        // it is no earlier, so a sweep's "now" never runs ahead of governor's and a sweep
+        // drops no key that governor's own `retain_recent` would keep.
+        let _ = start.set(limiter.clock().now());
         Limiter {
             window_secs: crate::error::ceil_secs(refill),
-            limiter: RateLimiter::new(quota, CappedStore::new(max_keys), clock),
+            limiter,
             max_keys,
             config,
             header_hasher: RandomState::new(),
@@ -607,6 +686,83 @@ mod tests {
         let k = l.key_for(&facts("192.0.2.1", None, &h, false));
         assert_eq!(l.check_key(&k), Outcome::Allowed);
         assert_eq!(l.keys(), 1);
+    }
+
+    /// A limit of one request per second (burst 1) with room for 10 keys, filled by 10
+    /// addresses at the fake clock's start.
+    fn full_table(clock: &FakeRelativeClock) -> Limiter<FakeRelativeClock> {
+        let l = Limiter::with_clock(
+            config(LimitKey::Ip, 1, Duration::from_secs(1), 1),
+            10,
+            clock.clone(),
+        );
+        let h = HeaderMap::new();
+        for i in 0..10 {
+            let k = l.key_for(&facts(&format!("198.51.100.{i}"), None, &h, false));
+            assert_eq!(l.check_key(&k), Outcome::Allowed);
+        }
+        assert_eq!(l.keys(), 10);
+        l
+    }
+
+    fn ip(l: &Limiter<FakeRelativeClock>, ip: &str) -> Key {
+        l.key_for(&facts(ip, None, &HeaderMap::new(), false))
+    }
+
+    #[test]
+    fn a_full_table_of_refilled_keys_makes_room_without_waiting_for_the_timer() {
+        let clock = FakeRelativeClock::default();
+        let l = full_table(&clock);
+        // Every bucket is full again (governor's bound: one interval past its arrival time);
+        // the cleanup timer has not run.
+        clock.advance(Duration::from_secs(2));
+        // New clients get their own buckets, not one shared overflow bucket of 1.
+        for a in ["192.0.2.1", "192.0.2.2"] {
+            assert_eq!(l.check_key(&ip(&l, a)), Outcome::Allowed, "{a}");
+            assert!(matches!(l.check_key(&ip(&l, a)), Outcome::Refused(_)));
+        }
+        assert_eq!(
+            l.keys(),
+            2,
+            "the refilled keys were dropped, the new ones tracked"
+        );
+    }
+
+    #[test]
+    fn a_full_table_keeps_keys_still_limited_and_sweeps_at_most_once_a_second() {
+        let clock = FakeRelativeClock::default();
+        let l = full_table(&clock);
+        // At 1.5 s the buckets (arrival time 1 s) are not yet back to their starting state
+        // by governor's bound (2 s): the sweep this new key triggers keeps them all.
+        clock.advance(Duration::from_millis(1500));
+        let _ = l.check_key(&ip(&l, "192.0.2.1"));
+        assert_eq!(l.keys(), 10);
+        // At 2.2 s they are, but the last sweep was under a second ago: no sweep yet.
+        clock.advance(Duration::from_millis(700));
+        let _ = l.check_key(&ip(&l, "192.0.2.2"));
+        assert_eq!(l.keys(), 10);
+        // At 2.5 s the next sweep runs and the new key gets a slot.
+        clock.advance(Duration::from_millis(300));
+        assert_eq!(l.check_key(&ip(&l, "192.0.2.3")), Outcome::Allowed);
+        assert_eq!(l.keys(), 1);
+    }
+
+    #[test]
+    fn overflow_keys_spread_over_several_buckets() {
+        let clock = FakeRelativeClock::default();
+        let l = full_table(&clock);
+        // The table is full of keys still limited; 1000 new addresses each send one request.
+        let allowed = (0..1000u32)
+            .map(|i| std::net::Ipv4Addr::from(0xC000_0200 + i).to_string())
+            .filter(|a| l.check_key(&ip(&l, a)) == Outcome::Allowed)
+            .count();
+        assert_eq!(l.keys(), 10);
+        // One request per overflow bucket (burst 1): more than one bucket, at most all 64.
+        // (1000 keys miss even one of 64 buckets with odds of about 1e-5; half, never.)
+        assert!(
+            (32..=OVERFLOW_BUCKETS).contains(&allowed),
+            "{allowed} of 1000 new keys allowed"
+        );
     }
 
     #[test]

@@ -685,8 +685,25 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     assert!(err.contains("syntax error"), "{err}");
     let (code, _, err) = wraith.cli(&["logs", "DELETE FROM access_log"]);
     assert_eq!(code, 1);
-    assert!(err.contains("readonly"), "{err}");
+    assert!(err.contains("refused"), "{err}");
     assert_eq!(db_count(&db), N as i64);
+    // Not even a copy: SQLite would lift read-only for the file VACUUM INTO makes.
+    let copy = wraith.path("copy.db");
+    let vacuum = format!("VACUUM INTO '{}'", copy.display());
+    let (code, _, err) = wraith.cli(&["logs", &vacuum]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused"), "{err}");
+    assert!(!copy.exists());
+    // A query that would run for ever is stopped at its deadline (it would pin the WAL).
+    let (code, _, err) = wraith.cli(&[
+        "logs",
+        "--timeout",
+        "500ms",
+        "SELECT count(*) FROM access_log a, access_log b, access_log c, access_log d, \
+         access_log e, access_log f, access_log g, access_log h, access_log i, access_log j",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--timeout 500ms"), "{err}");
 
     // --tail follows new rows.
     let mut tail = Command::new(env!("CARGO_BIN_EXE_wraith"))

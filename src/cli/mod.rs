@@ -105,6 +105,9 @@ pub enum Command {
         /// Rows shown (the newest; default 50).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Longest a statement may run before it is stopped (default 30s; 0 for no limit).
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
     },
     /// A live view of the running server (requests/s, errors, latency, routes, upstreams,
     /// denied clients); q quits.
@@ -191,6 +194,7 @@ pub fn run() -> ExitCode {
             slow,
             since,
             limit,
+            timeout,
         } => logs::run(logs::LogsArgs {
             config: config.config,
             db,
@@ -202,6 +206,7 @@ pub fn run() -> ExitCode {
             slow,
             since,
             limit,
+            timeout,
         }),
         Command::Top(c) => top::run(&c.config),
         Command::Version => version::run(),

@@ -144,7 +144,8 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
     Ok(conn)
 }
 
-/// Opens the database for reading only: a typo in `wraith logs` can never write.
+/// Opens the database for reading only (`query_only`, no ATTACH): a typo in `wraith logs`
+/// can never write. Statements SQLite does not call read-only are refused by the caller.
 pub fn open_read_only(path: &Path) -> Result<Connection, String> {
     use rusqlite::OpenFlags;
     if !path.exists() {
@@ -160,6 +161,10 @@ pub fn open_read_only(path: &Path) -> Result<Connection, String> {
     .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     conn.pragma_update(None, "query_only", "ON")
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    // ATTACH is a "read-only" statement to SQLite (it changes only the connection): no other
+    // file is opened through this connection.
+    // SAFETY: `handle` is the live connection; sqlite3_limit only sets one of its limits.
+    unsafe { ffi::sqlite3_limit(conn.handle(), ffi::SQLITE_LIMIT_ATTACHED, 0) };
     conn.busy_timeout(Duration::from_secs(2))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(conn)

@@ -641,6 +641,14 @@ impl PolicyEngine {
         };
         let response = self.authorizer.is_authorized(&request, policies, entities);
         let diagnostics = response.diagnostics();
+        // Cedar skips a policy whose evaluation fails: a failing `forbid` would let the
+        // request through. Fail closed instead.
+        let forbid_failed = diagnostics.errors().any(|e| {
+            let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
+            policies
+                .policy(e.policy_id())
+                .is_none_or(|p| p.effect() == cedar_policy::Effect::Forbid)
+        });
         let policies: Vec<Arc<str>> = diagnostics
             .reason()
             .map(|id| {
@@ -653,6 +661,7 @@ impl PolicyEngine {
             tracing::warn!(errors = ?errors, "policies failed to evaluate and were skipped");
         }
         let (effect, reason) = match response.decision() {
+            Decision::Allow if forbid_failed => (Effect::Deny, Reason::Error),
             Decision::Allow => (Effect::Allow, Reason::Permitted),
             Decision::Deny if policies.is_empty() => (Effect::Deny, Reason::NoPermit),
             Decision::Deny => (Effect::Deny, Reason::Forbidden),
@@ -895,6 +904,49 @@ forbid (principal, action in Wraith::Action::"write", resource) when { context.e
             .unwrap();
         assert_eq!(get.evaluated, 0);
         assert_eq!(get.decision.reason, Reason::NoPermit);
+    }
+
+    #[test]
+    fn a_forbid_that_fails_to_evaluate_denies() {
+        let dir = tempfile::tempdir().unwrap();
+        // The forbid overflows a Long at 10:00 (a run-time error Cedar skips the policy for).
+        let cfg = config(
+            dir.path(),
+            r#"
+@id("allow-all")
+permit (principal, action, resource);
+
+@id("overflowing-forbid")
+forbid (principal, action, resource) when { context.local.hour * 9223372036854775807 > 0 };
+"#,
+        );
+        let engine = PolicyEngine::build(&cfg).unwrap();
+        let i = input(entities::parse_time("2025-03-04T10:00:00Z").unwrap());
+        let decided = engine
+            .probe(&Probe {
+                route: 0,
+                identity: None,
+                method: Method::GET,
+                host: i.host,
+                path: i.path,
+                query: i.query,
+                source_ip: i.source_ip,
+                listener: i.listener,
+                protocol: i.protocol,
+                tls_version: i.tls_version,
+                tls_group: i.tls_group,
+                early_data: false,
+                time: i.time,
+            })
+            .unwrap();
+        assert_eq!(
+            decided.decision.effect,
+            Effect::Deny,
+            "{:?}",
+            decided.decision
+        );
+        assert_eq!(decided.decision.reason, Reason::Error);
+        assert!(!decided.decision.errors.is_empty());
     }
 
     #[test]

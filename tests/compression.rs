@@ -20,6 +20,15 @@ fn text() -> Vec<u8> {
 async fn origin(req: Request<Incoming>) -> Response<TestBody> {
     let r = Response::builder();
     match req.uri().path() {
+        // Conditional GET: "v1" matches weakly, as a 304 (no Content-Type, as many send it).
+        "/text"
+            if req
+                .headers()
+                .get("if-none-match")
+                .is_some_and(|v| v.to_str().unwrap().contains("\"v1\"")) =>
+        {
+            r.status(304).header("etag", "\"v1\"").body(full(""))
+        }
         "/text" | "/plain/text" => r
             .header("content-type", "text/plain; charset=utf-8")
             .header("etag", "\"v1\"")
@@ -205,4 +214,80 @@ async fn what_must_not_be_compressed_is_not() {
     assert!(r.headers().get("content-encoding").is_none());
     assert!(r.headers().get("vary").is_none());
     assert_eq!(r.bytes().await.unwrap(), text());
+}
+
+#[tokio::test]
+async fn head_and_304_have_the_headers_of_the_get() {
+    let up = Upstream::start(origin).await;
+    let wraith = Setup::new().start(&config(up.addr));
+    let client = http_client();
+    let url = wraith.url("http", "/text");
+    let get = client
+        .get(&url)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.headers()["content-encoding"], "gzip");
+    let etag = get.headers()["etag"].clone();
+    assert_eq!(etag, "W/\"v1\"");
+
+    // HEAD: the GET's head (RFC 9110 §9.3.2), without the identity length.
+    let head = client
+        .head(&url)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    for h in ["content-encoding", "vary", "etag", "content-type"] {
+        assert_eq!(head.headers().get(h), get.headers().get(h), "{h}");
+    }
+    assert!(head.headers().get("content-length").is_none());
+
+    // 304: the Vary and ETag the 200 had (RFC 9110 §15.4.5).
+    let revalidated = client
+        .get(&url)
+        .header("accept-encoding", "gzip")
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revalidated.status(), 304);
+    assert_eq!(revalidated.headers()["etag"], etag);
+    assert_eq!(revalidated.headers()["vary"], "accept-encoding");
+
+    // Without a coding in common: identity, the strong ETag, and Vary, for all three.
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let r = client
+            .request(method.clone(), &url)
+            .header("accept-encoding", "identity")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.headers().get("content-encoding").is_none(), "{method}");
+        assert_eq!(r.headers()["etag"], "\"v1\"", "{method}");
+        assert_eq!(r.headers()["vary"], "accept-encoding", "{method}");
+    }
+    let r = client
+        .get(&url)
+        .header("if-none-match", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(r.headers()["etag"], "\"v1\"");
+    assert_eq!(r.headers()["vary"], "accept-encoding");
+
+    // What the GET would not compress, the HEAD does not either, nor varies.
+    for path in ["/small", "/image"] {
+        let r = client
+            .head(wraith.url("http", path))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.headers().get("content-encoding").is_none(), "{path}");
+        assert!(r.headers().get("vary").is_none(), "{path}");
+    }
 }

@@ -8,10 +8,11 @@
 //! fast ones (gzip 1, brotli 2, zstd 1): a gateway compresses on the request path.
 //!
 //! Never compressed: responses that already have a Content-Encoding, Range requests and
-//! partial responses, statuses other than 200, HEAD, `Cache-Control: no-transform`, media
-//! types outside the route's list, bodies known to be smaller than `min_size`. Whenever the
-//! route could compress a response, `Vary: Accept-Encoding` is added so caches keep the
-//! variants apart.
+//! partial responses, statuses other than 200, `Cache-Control: no-transform`, media types
+//! outside the route's list, bodies known to be smaller than `min_size`. Whenever the route
+//! could compress a response, `Vary: Accept-Encoding` is added so caches keep the variants
+//! apart. HEAD responses and 304s get the headers of the 200 GET they stand for (Vary,
+//! Content-Encoding for HEAD, the weakened ETag).
 
 use std::io::{self, Write};
 use std::pin::Pin;
@@ -122,14 +123,28 @@ fn compressible(config: &CompressionConfig, headers: &HeaderMap) -> bool {
 }
 
 /// Compresses `resp` when the route, the request and the response all allow it.
+///
+/// A HEAD response gets the head the GET would have (RFC 9110 §9.3.2) and a 304 the Vary and
+/// ETag of the 200 it stands for (§15.4.5), so caches and conditional requests see one
+/// representation: the decision is the same, taken on their headers.
 pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -> Response<Body> {
-    if wanted.range || wanted.head || resp.status() != StatusCode::OK {
+    let not_modified = resp.status() == StatusCode::NOT_MODIFIED;
+    if wanted.range || !(resp.status() == StatusCode::OK || not_modified) {
         return resp;
     }
+    // No body here to compress, only the head of one (HEAD) or a reference to one (304).
+    let head_only = wanted.head || not_modified;
     let headers = resp.headers();
+    // A 304 often has no Content-Type: the 200's is unknown then, and taken as compressible
+    // (an extra Vary costs a cache entry; a weak ETag is never wrong, a strong one can be).
+    let typed = if not_modified && !headers.contains_key(header::CONTENT_TYPE) {
+        true
+    } else {
+        compressible(config, headers)
+    };
     if headers.contains_key(header::CONTENT_ENCODING)
         || headers.contains_key(header::CONTENT_RANGE)
-        || !compressible(config, headers)
+        || !typed
         || headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|s| s.to_ascii_lowercase().contains("no-transform"))
@@ -137,11 +152,17 @@ pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -
     {
         return resp;
     }
-    let known = resp.body().size_hint().exact().or_else(|| {
+    let length = || {
         headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
-    });
+    };
+    // The body of a HEAD or 304 is empty: only Content-Length tells the GET's size.
+    let known = if head_only {
+        length()
+    } else {
+        resp.body().size_hint().exact().or_else(length)
+    };
     if known.is_some_and(|n| n < config.min_size) {
         return resp;
     }
@@ -150,6 +171,20 @@ pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -
     let Some(encoding) = wanted.encoding else {
         return Response::from_parts(parts, body);
     };
+    if head_only {
+        let h = &mut parts.headers;
+        // The 200's length is that of the identity body; the compressed one has none.
+        h.remove(header::CONTENT_LENGTH);
+        if !not_modified {
+            h.remove(header::ACCEPT_RANGES);
+            h.insert(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_static(encoding.token()),
+            );
+        }
+        weaken_etag(h);
+        return Response::from_parts(parts, body);
+    }
     let encoder = match Encoder::new(encoding) {
         Ok(e) => e,
         Err(e) => {
@@ -164,7 +199,20 @@ pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -
         header::CONTENT_ENCODING,
         HeaderValue::from_static(encoding.token()),
     );
-    // The bytes differ now: a strong validator would lie (RFC 9110 §8.8.1).
+    weaken_etag(h);
+    let body = Body::boxed(CompressBody {
+        inner: body,
+        encoder,
+        dirty: false,
+        done: false,
+        trailers: None,
+    });
+    Response::from_parts(parts, body)
+}
+
+/// Makes a strong ETag weak: the bytes differ once compressed, and a strong validator would
+/// lie (RFC 9110 §8.8.1).
+fn weaken_etag(h: &mut HeaderMap) {
     if let Some(etag) = h.get(header::ETAG) {
         if !etag.as_bytes().starts_with(b"W/") {
             let mut weak = b"W/".to_vec();
@@ -174,14 +222,6 @@ pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -
             }
         }
     }
-    let body = Body::boxed(CompressBody {
-        inner: body,
-        encoder,
-        dirty: false,
-        done: false,
-        trailers: None,
-    });
-    Response::from_parts(parts, body)
 }
 
 /// Adds `Accept-Encoding` to Vary unless it (or `*`) is there already.
@@ -212,11 +252,15 @@ impl Encoder {
                 Vec::new(),
                 flate2::Compression::new(1),
             )),
+            // lgwin 18: a 256 KiB window. The encoder's ring buffer grows with the window, to
+            // megabytes per stream at 22 (brotli's default; many times gzip's 32 KiB window),
+            // held by every compressed response in flight; at quality 2 the longer reach buys
+            // next to nothing in size.
             Encoding::Brotli => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
                 Vec::new(),
                 16 * 1024,
                 2,
-                22,
+                18,
             ))),
             Encoding::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 1)?),
         })
@@ -411,6 +455,10 @@ mod tests {
             assert_eq!(resp.headers()["vary"], "accept-encoding");
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert!(body.len() < text.len() / 4, "{enc:?}: {}", body.len());
+            if enc == Encoding::Brotli {
+                // WBITS, the stream's first bits: 1, then 1 (= 17 + 1) in three bits.
+                assert_eq!(body[0] & 0x0f, 0b0011, "a 2^18 window");
+            }
             let decoded = match enc {
                 Encoding::Gzip => {
                     let mut out = Vec::new();

@@ -329,6 +329,9 @@ impl Runtime {
             last_reload: Mutex::new(None),
             crowdsec: Mutex::new(None),
         });
+        for u in &runtime.gateway.snapshot().upstreams {
+            u.own_health();
+        }
         runtime.reconcile_crowdsec().await;
         runtime.spawn_upkeep();
         let snapshot = runtime.gateway.snapshot();
@@ -431,6 +434,9 @@ impl Runtime {
         }
         let snapshot = Arc::new(snapshot);
         self.gateway.swap(snapshot.clone());
+        for u in &snapshot.upstreams {
+            u.own_health();
+        }
         if moved_state {
             if let Err(e) = self.save_decisions() {
                 tracing::error!(error = %e, "local decisions not written to the new state file");

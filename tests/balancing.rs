@@ -959,3 +959,70 @@ async fn ip_hash_can_key_on_a_cookie_or_a_header() {
         );
     }
 }
+
+// `reload` blocks its thread: the backends must still answer meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checks_a_reload_replaced_stop_even_while_a_request_holds_the_old_pool() {
+    let bs = backends(1).await;
+    let slow = Backend::start("slow", Duration::from_secs(8)).await;
+    let setup = Setup::new();
+    let pool = |path: &str| {
+        config(&format!(
+            "{}\n[upstream.health_check]\npath = \"{path}\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n\n[[upstream]]\nname = \"slow\"\nendpoints = [\"{}\"]\nresponse_timeout = \"30s\"\n",
+            endpoints(&bs, None),
+            slow.endpoint()
+        ))
+        .replace(
+            "[[route]]\nname = \"all\"",
+            "[[route]]\nname = \"slow\"\npath = { prefix = \"/slow\" }\nupstream = \"slow\"\n\n[[route]]\nname = \"all\"",
+        )
+    };
+    let (old, new) = (pool("/health"), pool("/elsewhere"));
+    let wraith = setup.start(&old);
+    let client = http_client();
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // A request in flight keeps the old snapshot, and its pool, alive across the reload.
+    let held = tokio::spawn({
+        let (client, url) = (client.clone(), wraith.url("http", "/slow"));
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wraith.write_config(&new);
+    wraith.reload().unwrap();
+    // The old check path now fails: only the new checks (which pass) may decide.
+    bs[0].healthy.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let down = wraith.log_json().into_iter().any(|v| {
+        v["message"] == "endpoint is down (health check)"
+            && v["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(&bs[0].endpoint()))
+    });
+    assert!(
+        !down,
+        "the replaced pool's checks still ran:\n{}",
+        wraith.log()
+    );
+    assert_eq!(
+        client
+            .get(wraith.url("http", "/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        !held.is_finished(),
+        "the held request should still be in flight"
+    );
+    assert_eq!(held.await.unwrap().unwrap(), 200);
+}

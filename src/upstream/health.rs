@@ -43,6 +43,11 @@ pub struct EndpointHealth {
     last_end: AtomicU64,
     /// What the last active check saw, for `wraith status`.
     last_check: Mutex<Option<CheckRecord>>,
+    /// The upstream (`Upstream::id`) whose checks run and write here; 0 before one is live.
+    /// Health outlives a reload that keeps the endpoint, and so does an old upstream for as
+    /// long as a request still holds it: only the live one's checks (its path, `rise`,
+    /// `fall`) may decide.
+    pub(super) checker: AtomicU64,
 }
 
 /// The last active check of an endpoint.
@@ -86,7 +91,15 @@ impl EndpointHealth {
             total_ejections: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
             last_check: Mutex::new(None),
+            checker: AtomicU64::new(0),
         })
+    }
+
+    /// Forgets what active checks concluded (no checks run any more).
+    pub(super) fn clear_active_down(&self) {
+        if self.active_down.swap(false, Relaxed) {
+            tracing::info!(endpoint = %self.label, "endpoint is up (health checks removed)");
+        }
     }
 
     /// Whether the balancer may choose this endpoint.
@@ -251,19 +264,29 @@ async fn run_checks(weak: Weak<Upstream>, index: usize, check: HealthCheckConfig
     let mut passes = 0u32;
     let mut failures = 0u32;
     loop {
-        let Some((pool, head, protocol, health)) = weak.upgrade().and_then(|u| {
+        let Some((pool, head, protocol, health, id)) = weak.upgrade().and_then(|u| {
             let e: &Endpoint = u.endpoints.get(index)?;
             Some((
                 e.pool.clone(),
                 e.check_head.clone(),
                 u.config.protocol,
                 e.health.clone(),
+                u.id,
             ))
         }) else {
             return;
         };
+        // Not (or no longer) the live upstream's checks: wait, without probing.
+        if health.checker.load(Relaxed) != id {
+            drop((pool, health));
+            tokio::time::sleep(jittered(check.interval, check.jitter)).await;
+            continue;
+        }
         let started = Instant::now();
         let result = probe(&pool, &head, protocol, &check).await;
+        if health.checker.load(Relaxed) != id {
+            continue;
+        }
         let record = CheckRecord {
             at: SystemTime::now(),
             failure: result.as_ref().err().cloned(),

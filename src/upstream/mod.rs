@@ -67,6 +67,8 @@ impl Endpoint {
 
 /// An upstream pool.
 pub struct Upstream {
+    /// Unique per upstream built (see `own_health`).
+    pub id: u64,
     pub config: UpstreamConfig,
     pub endpoints: Vec<Endpoint>,
     balancer: Balancer,
@@ -100,6 +102,19 @@ pub enum Selection {
 }
 
 impl Upstream {
+    /// Makes this upstream's active checks the ones that decide its endpoints' health (call
+    /// once its snapshot is live). An older upstream sharing an endpoint's health (the one a
+    /// reload replaced, still held by a long request) stops checking it; if this one has no
+    /// checks, what the old ones concluded no longer holds.
+    pub fn own_health(&self) {
+        for e in &self.endpoints {
+            let before = e.health.checker.swap(self.id, Ordering::Relaxed);
+            if before != self.id && self.config.health_check.is_none() {
+                e.health.clear_active_down();
+            }
+        }
+    }
+
     /// Builds the pools and starts health checks. No request connection is made until the
     /// first request. The health of endpoints that `previous` (the upstream of the same
     /// name in the running snapshot) also has is carried over.
@@ -187,7 +202,9 @@ impl Upstream {
         let names: Vec<&str> = endpoints.iter().map(|e| e.authority.as_str()).collect();
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         let balancer = Balancer::new(config.algorithm, &names, &weights);
+        static IDS: AtomicU64 = AtomicU64::new(1);
         let upstream = Arc::new(Upstream {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             config,
             endpoints,
             balancer,

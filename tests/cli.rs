@@ -256,3 +256,41 @@ fn the_admin_socket_is_private_and_never_replaces_a_file_that_is_not_a_socket() 
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn test_reports_trust_domain_bundles_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _pki = Pki::new(dir.path());
+    let other = wraith::certs::Ca::new("other").unwrap();
+    std::fs::write(dir.path().join("other.pem"), &other.cert_pem).unwrap();
+    let cfg = |domains: &str| {
+        format!(
+            "[[listener]]\nname='s'\naddress='127.0.0.1:0'\nprotocol='https'\ntls = {{ cert = 'server.pem', key = 'server-key.pem', client_auth = 'require', client_ca = 'ca.pem', client_trust_domains = {{ {domains} }} }}\n"
+        )
+    };
+    let cases = [
+        (
+            cfg("'Upper.Example' = 'ca.pem'"),
+            "is not a SPIFFE trust domain",
+        ),
+        (
+            cfg("'a.example' = 'other.pem'"),
+            "must also be in client_ca",
+        ),
+        (
+            cfg("'a.example' = 'missing.pem'"),
+            "client_trust_domains.a.example",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{text}\n{out}");
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+    }
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, cfg("'test.local' = 'ca.pem'")).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{out}");
+}

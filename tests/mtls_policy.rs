@@ -1003,3 +1003,68 @@ fn identity_extraction_survives_random_and_mutated_der() {
     assert!(parsed > 0, "some mutations must still parse (seed {seed})");
     assert!(refused > 0, "some inputs must be refused (seed {seed})");
 }
+
+#[tokio::test]
+async fn a_trust_domain_bound_to_its_bundle_refuses_ids_another_ca_issued() {
+    let (upstream, hits) = counting_echo().await;
+    let setup = Setup::new();
+    // A partner CA, trusted for its own trust domain only.
+    let partner = wraith::certs::Ca::new("Partner CA").unwrap();
+    std::fs::write(setup.dir.path().join("partner.pem"), &partner.cert_pem).unwrap();
+    let ours = setup.pki.client_with(
+        "ours",
+        client_params("ours", Some("spiffe://test.local/svc")),
+    );
+    let theirs = setup.pki.client_from(
+        &partner,
+        "theirs",
+        client_params("theirs", Some("spiffe://partner.example/app")),
+    );
+    let forged = setup.pki.client_from(
+        &partner,
+        "forged",
+        client_params("forged", Some("spiffe://test.local/svc")),
+    );
+    let plain = setup
+        .pki
+        .client_from(&partner, "plain", client_params("plain", None));
+    let unbound = setup.pki.client_with(
+        "unbound",
+        client_params("unbound", Some("spiffe://elsewhere.example/x")),
+    );
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = ["ca.pem", "partner.pem"], client_trust_domains = { "test.local" = "ca.pem", "partner.example" = "partner.pem" }"#,
+        ALLOW_ALL_POLICY,
+        upstream.addr,
+        "[[route]]\nname = \"app\"\nupstream = \"app\"\n",
+    );
+    let wraith = setup.start(&cfg);
+    let url = wraith.url("https", "/whoami");
+    // Each CA for its own domain, and a certificate without a SPIFFE ID, get through.
+    for (what, cert) in [("ours", &ours), ("theirs", &theirs), ("plain", &plain)] {
+        let resp = https_client(&ca, Some(cert.pair()))
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", wraith.log()));
+        assert_eq!(resp.status(), 200, "{what}");
+    }
+    // The partner's CA cannot vouch for test.local, and a domain with no bundle is refused.
+    for (what, cert) in [("forged", &forged), ("unbound", &unbound)] {
+        let result = https_client(&ca, Some(cert.pair())).get(&url).send().await;
+        assert!(result.is_err(), "{what}: the request went through");
+    }
+    for domain in ["test.local", "elsewhere.example"] {
+        assert!(
+            wraith
+                .wait_log(LOG_WAIT, |v| v["reason"] == "wrong_trust_domain"
+                    && v["error"].as_str().is_some_and(|e| e.contains(domain)))
+                .is_some(),
+            "{domain}:\n{}",
+            wraith.log()
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+}

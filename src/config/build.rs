@@ -226,6 +226,11 @@ pub struct ClientAuth {
     /// Most certificates the client may send (leaf plus intermediates, not counting copies of
     /// trusted CAs).
     pub max_chain_depth: usize,
+    /// `client_trust_domains`: per SPIFFE trust domain, the bundle files its certificates
+    /// must chain to.
+    pub trust_domain_paths: Vec<(String, Vec<PathBuf>)>,
+    /// The same, loaded (each bundle's certificates are among `cas`).
+    pub trust_domains: Vec<(String, Vec<rustls_pki_types::CertificateDer<'static>>)>,
 }
 
 impl Default for ClientAuth {
@@ -237,6 +242,8 @@ impl Default for ClientAuth {
             crl_paths: Vec::new(),
             crls: Vec::new(),
             max_chain_depth: 4,
+            trust_domain_paths: Vec::new(),
+            trust_domains: Vec::new(),
         }
     }
 }
@@ -1190,11 +1197,36 @@ fn client_auth_spec(b: &mut Builder<'_>, key: &str, raw: &RawTls) -> ClientAuth 
             16,
         )
         .map_or(ClientAuth::default().max_chain_depth, |n| n as usize);
+    let mut trust_domain_paths = Vec::new();
+    if let Some(domains) = &raw.client_trust_domains {
+        if mode == ClientAuthMode::None {
+            b.err(
+                Some(domains.span()),
+                format!("{key}.client_trust_domains"),
+                "client_trust_domains has no effect without client_auth = \"require\" or \"optional\"",
+            );
+        }
+        for (domain, files) in domains.get_ref() {
+            let valid = crate::identity::split_spiffe(&format!("spiffe://{domain}"))
+                .is_ok_and(|(_, path)| path.is_empty());
+            if !valid || domain.is_empty() {
+                b.err(
+                    Some(domains.span()),
+                    format!("{key}.client_trust_domains.{domain}"),
+                    format!("{domain:?} is not a SPIFFE trust domain (lowercase letters, digits, '.', '-', '_')"),
+                );
+                continue;
+            }
+            let paths: Vec<PathBuf> = files.items().into_iter().map(|p| b.path(p)).collect();
+            trust_domain_paths.push((domain.clone(), paths));
+        }
+    }
     ClientAuth {
         mode,
         ca_paths,
         crl_paths,
         max_chain_depth,
+        trust_domain_paths,
         ..ClientAuth::default()
     }
 }
@@ -1224,6 +1256,29 @@ fn load_client_auth(b: &mut Builder<'_>, key: &str, raw: &RawTls, auth: &mut Cli
             }
             Err(m) => b.err(crl_span.clone(), format!("{key}.client_crl"), m),
         }
+    }
+    let td_span = raw.client_trust_domains.as_ref().map(|v| v.span());
+    for (domain, paths) in auth.trust_domain_paths.clone() {
+        let mut bundle = Vec::new();
+        for path in &paths {
+            match tls::load_certs(path) {
+                Ok(certs) => bundle.extend(certs),
+                Err(m) => b.err(
+                    td_span.clone(),
+                    format!("{key}.client_trust_domains.{domain}"),
+                    m,
+                ),
+            }
+        }
+        // client_ca stays the one list of who may connect at all.
+        if bundle.iter().any(|c| !auth.cas.contains(c)) {
+            b.err(
+                td_span.clone(),
+                format!("{key}.client_trust_domains.{domain}"),
+                "every CA named here must also be in client_ca",
+            );
+        }
+        auth.trust_domains.push((domain, bundle));
     }
     if let Err(m) = tls::client_verifier(auth) {
         b.err(ca_span, format!("{key}.client_ca"), m);

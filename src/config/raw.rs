@@ -66,6 +66,7 @@ pub struct RawTls {
     pub client_ca: Option<Spanned<OneOrMany>>,
     pub client_crl: Option<Spanned<OneOrMany>>,
     pub client_max_chain_depth: Option<Spanned<i64>>,
+    pub client_trust_domains: Option<Spanned<std::collections::BTreeMap<String, OneOrMany>>>,
 }
 
 /// A path or a list of paths: `"ca.pem"` or `["a.pem", "b.pem"]`.

@@ -308,6 +308,7 @@ pub fn admits_same_clients(a: &ListenerConfig, b: &ListenerConfig) -> bool {
                 && a.max_chain_depth == b.max_chain_depth
                 && a.cas == b.cas
                 && a.crls == b.crls
+                && a.trust_domains == b.trust_domains
         }
         _ => false,
     }
@@ -356,6 +357,7 @@ mod tests {
                 .map(|c| CertificateRevocationListDer::from(c.to_vec()))
                 .collect(),
             max_chain_depth: 4,
+            ..ClientAuth::default()
         }
     }
 
@@ -381,7 +383,15 @@ mod tests {
             max_chain_depth: 5,
             ..required(b"ca", Some(b"crl-1"))
         });
+        let bound = listener(ClientAuth {
+            trust_domains: vec![(
+                "test.local".into(),
+                vec![CertificateDer::from(b"ca".to_vec())],
+            )],
+            ..required(b"ca", Some(b"crl-1"))
+        });
         for (what, changed) in [
+            ("a trust domain bound", &bound),
             ("a CRL rewritten", &new_crl),
             ("the CRL removed", &no_crl),
             ("the CA replaced", &other_ca),

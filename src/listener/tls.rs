@@ -2,6 +2,7 @@
 //! 1.2, X25519MLKEM768 preferred. Certificates and keys are loaded here with errors that say
 //! what is wrong with which file.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -309,42 +310,68 @@ pub fn client_verifier(auth: &ClientAuth) -> Result<Option<Arc<dyn ClientCertVer
     if auth.mode == ClientAuthMode::None {
         return Ok(None);
     }
-    let mut roots = RootCertStore::empty();
-    for ca in &auth.cas {
-        roots
-            .add(ca.clone())
-            .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;
+    let webpki = |cas: &[CertificateDer<'static>]| {
+        let mut roots = RootCertStore::empty();
+        for ca in cas {
+            roots
+                .add(ca.clone())
+                .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;
+        }
+        let mut builder = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(aws_lc_rs::default_provider()),
+        );
+        if !auth.crls.is_empty() {
+            builder = builder
+                .with_crls(auth.crls.iter().cloned())
+                .enforce_revocation_expiration();
+        }
+        if auth.mode == ClientAuthMode::Optional {
+            builder = builder.allow_unauthenticated();
+        }
+        builder
+            .build()
+            .map_err(|e| format!("client certificate verifier: {e}"))
+    };
+    let inner = webpki(&auth.cas)?;
+    let mut domains = HashMap::new();
+    for (domain, cas) in &auth.trust_domains {
+        domains.insert(domain.clone(), webpki(cas)?);
     }
-    let mut builder = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::new(aws_lc_rs::default_provider()),
-    );
-    if !auth.crls.is_empty() {
-        builder = builder
-            .with_crls(auth.crls.iter().cloned())
-            .enforce_revocation_expiration();
-    }
-    if auth.mode == ClientAuthMode::Optional {
-        builder = builder.allow_unauthenticated();
-    }
-    let inner = builder
-        .build()
-        .map_err(|e| format!("client certificate verifier: {e}"))?;
     Ok(Some(Arc::new(DepthLimited {
         inner,
         max: auth.max_chain_depth,
         cas: auth.cas.clone(),
+        domains,
     })))
 }
 
-/// Refuses chains longer than `client_max_chain_depth` before webpki builds a path.
+/// Refuses chains longer than `client_max_chain_depth` before webpki builds a path, and
+/// (with `client_trust_domains`) a certificate whose SPIFFE ID names a trust domain its chain
+/// does not lead to.
 #[derive(Debug)]
 struct DepthLimited {
     inner: Arc<dyn ClientCertVerifier>,
     max: usize,
     /// Copies of trusted CAs that clients send along do not count.
     cas: Vec<CertificateDer<'static>>,
+    /// Per trust domain, a verifier that trusts only that domain's bundle.
+    domains: HashMap<String, Arc<dyn ClientCertVerifier>>,
 }
+
+/// The message of the trust-domain refusal (matched by the handshake log).
+pub const WRONG_TRUST_DOMAIN: &str = "client certificate's SPIFFE trust domain";
+
+#[derive(Debug)]
+struct WrongTrustDomain(String, &'static str);
+
+impl std::fmt::Display for WrongTrustDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{WRONG_TRUST_DOMAIN} {:?} {}", self.0, self.1)
+    }
+}
+
+impl std::error::Error for WrongTrustDomain {}
 
 /// The message of the chain-length refusal (matched by the handshake log).
 pub const CHAIN_TOO_LONG: &str = "client certificate chain is longer than client_max_chain_depth";
@@ -377,8 +404,31 @@ impl ClientCertVerifier for DepthLimited {
                 rustls::OtherError(Arc::new(ChainTooLong(depth, self.max))),
             )));
         }
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.domains.is_empty() {
+            return Ok(verified);
+        }
+        // Bound to its trust domain: the SPIFFE ID's domain must have a bundle, and the chain
+        // must lead to it (not merely to some client_ca).
+        let domain = crate::identity::Identity::from_der(end_entity)
+            .ok()
+            .and_then(|(id, _)| id.trust_domain);
+        let Some(domain) = domain else {
+            return Ok(verified);
+        };
+        let refuse = |why| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(WrongTrustDomain(domain.clone(), why)),
+            )))
+        };
+        match self.domains.get(&domain) {
+            None => Err(refuse("has no bundle in client_trust_domains")),
+            Some(bound) => bound
+                .verify_client_cert(end_entity, intermediates, now)
+                .map_err(|_| refuse("is not what the chain leads to")),
+        }
     }
 
     fn verify_tls12_signature(
@@ -438,6 +488,7 @@ pub fn failure_label(tls: &rustls::Error) -> &'static str {
             C::BadSignature => "bad_signature",
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong_key_usage",
             C::Other(o) if o.to_string().starts_with(CHAIN_TOO_LONG) => "chain_too_long",
+            C::Other(o) if o.to_string().starts_with(WRONG_TRUST_DOMAIN) => "wrong_trust_domain",
             _ => "invalid_certificate",
         },
         rustls::Error::PeerIncompatible(_) => "incompatible_client",
@@ -453,7 +504,7 @@ pub fn is_client_cert_failure(label: &str) -> bool {
 }
 
 /// The client-certificate failure labels, in the order `ClientCertRejections` counts them.
-pub const CLIENT_CERT_FAILURES: [&str; 11] = [
+pub const CLIENT_CERT_FAILURES: [&str; 12] = [
     "no_client_certificate",
     "untrusted_issuer",
     "certificate_expired",
@@ -464,6 +515,7 @@ pub const CLIENT_CERT_FAILURES: [&str; 11] = [
     "bad_signature",
     "wrong_key_usage",
     "chain_too_long",
+    "wrong_trust_domain",
     "invalid_certificate",
 ];
 

@@ -89,6 +89,16 @@ impl Pki {
         ClientCert::write(&self.dir, name, &self.ca, params, None)
     }
 
+    /// A client certificate issued by another CA (`ca`), written beside this PKI's files.
+    pub fn client_from(
+        &self,
+        ca: &wraith::certs::Ca,
+        name: &str,
+        params: rcgen::CertificateParams,
+    ) -> ClientCert {
+        ClientCert::write(&self.dir, name, ca, params, None)
+    }
+
     /// A client certificate that expired yesterday.
     pub fn expired_client(&self, name: &str) -> ClientCert {
         let mut p = client_params(name, Some(&format!("spiffe://test.local/{name}")));

@@ -6,6 +6,7 @@
 //!   origin, log sinks
 //! - `GET  /v1/metrics` Prometheus/OpenMetrics text
 //! - `POST /v1/reload`  reload now; 200 with the new generation, or 409 with every error
+//!   (a reload whose client hangs up or times out still runs to the end)
 //! - `GET  /v1/decisions[?ip=&origin=&type=&source=]`  live decisions (see `admin_decisions`)
 //! - `POST /v1/decisions`  add a local decision (JSON body); 201
 //! - `DELETE /v1/decisions/<ip-or-cidr>[?origin=&type=]`  lift local decisions; 200
@@ -249,13 +250,26 @@ async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<Full<Byte
             );
             resp
         }
-        (&Method::POST, "/v1/reload") => match rt.reload().await {
-            Ok(generation) => reply(
-                StatusCode::OK,
-                json!({"ok": true, "generation": generation}),
-            ),
-            Err(errors) => reply(StatusCode::CONFLICT, json!({"ok": false, "errors": errors})),
-        },
+        (&Method::POST, "/v1/reload") => {
+            // The reload runs in its own task: hyper drops this handler when the client
+            // goes away (and the request timeout drops it too), and a reload cancelled
+            // between the swap and the CrowdSec reconcile would leave the bridge slot empty
+            // and the result unrecorded. Dropping the JoinHandle only detaches the task.
+            let rt = rt.clone();
+            match tokio::spawn(async move { rt.reload().await }).await {
+                Ok(Ok(generation)) => reply(
+                    StatusCode::OK,
+                    json!({"ok": true, "generation": generation}),
+                ),
+                Ok(Err(errors)) => {
+                    reply(StatusCode::CONFLICT, json!({"ok": false, "errors": errors}))
+                }
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"ok": false, "errors": [format!("reload task failed: {e}")]}),
+                ),
+            }
+        }
         (_, "/v1/status" | "/v1/reload" | "/v1/metrics") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),

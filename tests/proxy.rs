@@ -746,4 +746,18 @@ async fn path_parameters_do_not_walk_around_a_route() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(json(resp).await["uri"], "/api/other;v=2/x");
+    // A segment that is only parameters does not hide the route either.
+    let resp = client
+        .get(wraith.url("http", "/api/;x/admin/users"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // Parameters inside the prefix of a strip_prefix route: what to strip is a guess, 400.
+    let resp = client
+        .get(wraith.url("http", "/strip;x/abc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 }

@@ -102,12 +102,24 @@ pub fn without_params(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.as_bytes().contains(&b';') {
         return std::borrow::Cow::Borrowed(path);
     }
+    // A segment that is only parameters (`/api/;x/admin`) leaves an empty one, which those
+    // servers then merge away as they do `//`: so does this (keeping a trailing slash).
     let mut out = String::with_capacity(path.len());
-    for (i, seg) in path.split('/').enumerate() {
-        if i > 0 {
+    let segments: Vec<&str> = path
+        .split('/')
+        .map(|seg| seg.split_once(';').map_or(seg, |(head, _)| head))
+        .collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        if !seg.is_empty() {
+            out.push('/');
+            out.push_str(seg);
+        } else if i == last {
             out.push('/');
         }
-        out.push_str(seg.split_once(';').map_or(seg, |(head, _)| head));
+    }
+    if out.is_empty() {
+        out.push('/');
     }
     std::borrow::Cow::Owned(out)
 }
@@ -145,7 +157,10 @@ mod tests {
     fn path_parameters_are_left_out_for_routing() {
         assert_eq!(without_params("/api/admin;x/users"), "/api/admin/users");
         assert_eq!(without_params("/a;b=c;d/e;jsessionid=1"), "/a/e");
-        assert_eq!(without_params("/;x/y"), "//y");
+        assert_eq!(without_params("/;x/y"), "/y");
+        assert_eq!(without_params("/api/;x/admin"), "/api/admin");
+        assert_eq!(without_params("/api/admin;x/"), "/api/admin/");
+        assert_eq!(without_params("/;x"), "/");
         assert_eq!(without_params("/plain/path"), "/plain/path");
         assert!(matches!(
             without_params("/plain"),

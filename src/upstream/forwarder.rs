@@ -407,10 +407,14 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
     let crate::config::PathMatch::Prefix(prefix) = &route.path else {
         return Ok(original);
     };
-    let rest = original
-        .path()
-        .strip_prefix(prefix.as_str())
-        .unwrap_or(original.path());
+    // Routed on the path without segment parameters: when the prefix itself carried some
+    // (`/api;x/users` under `/api/`), the path as sent does not start with it, and what to
+    // strip is a guess. Refused rather than forwarded unstripped.
+    let Some(rest) = original.path().strip_prefix(prefix.as_str()) else {
+        return Err(GatewayError::BadRequest(
+            "path parameters inside the route prefix of a strip_prefix route",
+        ));
+    };
     let mut out =
         String::with_capacity(rest.len() + 1 + original.query().map_or(0, |q| q.len() + 1));
     if !rest.starts_with('/') {

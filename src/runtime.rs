@@ -419,17 +419,24 @@ impl Runtime {
         }
         let quic = self.bind_quic(&snapshot, &bound).map_err(|e| vec![e])?;
         // A state file moved elsewhere: the bans already in the new file join the ones in
-        // hand (last, so a reload that fails adds nothing), and the whole set is written
-        // there after the swap; the old file is left as it is.
+        // hand (the later end wins for the same ban), and the whole set is written there
+        // before the swap, the last step that can fail, so a reload that fails adds nothing
+        // and one that cannot write the new file fails. The old file is left as it is.
         let moved_state = snapshot.config.decisions.state_file != old.config.decisions.state_file;
         if moved_state {
             if let Some(path) = &snapshot.config.decisions.state_file {
-                let n = self
-                    .gateway
-                    .decisions
-                    .load(path)
+                let store = &self.gateway.decisions;
+                let from_file = DecisionStore::read(path)
                     .map_err(|e| vec![format!("decisions.state_file: {e}")])?;
-                tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; its decisions were added to the ones in hand");
+                let n = from_file.len();
+                // As `save_decisions`: nothing to keep and no file yet leaves no empty file.
+                if store.counts().0 > 0 || path.exists() {
+                    store
+                        .save_merged(path, &from_file)
+                        .map_err(|e| vec![format!("decisions.state_file: {e}")])?;
+                }
+                store.merge(from_file);
+                tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; the decisions read from it were merged with the ones in hand");
             }
         }
         let snapshot = Arc::new(snapshot);
@@ -438,6 +445,8 @@ impl Runtime {
             u.own_health();
         }
         if moved_state {
+            // Again, for a ban added or lifted between the write above and the swap (it went
+            // to the old file); the new file was writable a moment ago.
             if let Err(e) = self.save_decisions() {
                 tracing::error!(error = %e, "local decisions not written to the new state file");
             }

@@ -401,8 +401,33 @@ async fn a_state_file_moved_by_reload_gets_the_bans_in_hand_and_keeps_its_own() 
             assert_eq!(st, 201, "{v}");
         }
     };
-    // other.json holds a ban that the running gateway no longer has.
+    let ban = |ip: &'static str, duration: &'static str| {
+        let w = &wraith;
+        async move {
+            let (st, v) = w
+                .admin(
+                    Method::POST,
+                    "/v1/decisions",
+                    Some(json!({"ip": ip, "duration": duration})),
+                )
+                .await;
+            assert_eq!(st, 201, "{v}");
+        }
+    };
+    let expires_in = |ip: &'static str| {
+        let w = &wraith;
+        async move {
+            let (st, v) = w
+                .admin(Method::GET, &format!("/v1/decisions?value={ip}"), None)
+                .await;
+            assert_eq!(st, 200, "{v}");
+            v["decisions"][0]["expires_in_secs"].as_u64().unwrap()
+        }
+    };
+    // other.json holds a ban that the running gateway no longer has, and an older, shorter
+    // version of one it has.
     add("192.0.2.71").await;
+    ban("192.0.2.72", "60s").await;
     let default_file = wraith.dir.path().join("decisions.json");
     let other = wraith.dir.path().join("other.json");
     std::fs::copy(&default_file, &other).unwrap();
@@ -411,18 +436,34 @@ async fn a_state_file_moved_by_reload_gets_the_bans_in_hand_and_keeps_its_own() 
         .await;
     assert_eq!(st, 200);
     add("192.0.2.70").await;
+    ban("192.0.2.72", "1d").await;
     assert_eq!(status_for(&client, &wraith, "192.0.2.71").await, 200);
 
     wraith.write_config(&moved);
     wraith.reload().unwrap();
-    for ip in ["192.0.2.70", "192.0.2.71"] {
+    for ip in ["192.0.2.70", "192.0.2.71", "192.0.2.72"] {
         assert_eq!(status_for(&client, &wraith, ip).await, 403, "{ip}");
     }
+    // The day-long ban in hand stays a day long, in memory and in the new file.
+    assert!(expires_in("192.0.2.72").await > 3600);
     let text = std::fs::read_to_string(&other).unwrap();
     assert!(
         text.contains("192.0.2.70") && text.contains("192.0.2.71"),
         "{text}"
     );
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let until = file["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["value"] == "192.0.2.72/32")
+        .map(|d| d["until_ms"].as_u64().unwrap())
+        .unwrap();
+    assert!(until > now_ms + 3_600_000, "{text}");
 
     // A state file that is not one: the reload is refused, the file untouched.
     std::fs::write(wraith.dir.path().join("broken.json"), "{ not json").unwrap();

@@ -346,6 +346,16 @@ impl DecisionStore {
         self.publish(&maps);
     }
 
+    /// Adds decisions like `insert`, except that where one of the same key is already held
+    /// the one that lasts longer stays: merging a state file never shortens a ban in hand.
+    pub fn merge(&self, decisions: impl IntoIterator<Item = Decision>) {
+        let mut maps = self.maps();
+        for d in decisions {
+            merge_into(maps.of(d.source), d);
+        }
+        self.publish(&maps);
+    }
+
     /// Removes the decisions of `source` that `filter` selects; returns them.
     pub fn remove(&self, source: Source, filter: &Filter) -> Vec<Decision> {
         let mut maps = self.maps();
@@ -428,12 +438,30 @@ impl DecisionStore {
     /// directory fsync, mode 0600). Concurrent saves are serialized, each writing the state
     /// as of its turn, so a later save never loses to an earlier one.
     pub fn save(&self, path: &Path) -> Result<usize, String> {
+        self.save_merged(path, &[])
+    }
+
+    /// Like `save`, but writes the live local decisions merged (as `merge` would) with
+    /// `extra`, without adding `extra` to the store: a reload writes the new state file
+    /// before it commits to anything.
+    pub fn save_merged(&self, path: &Path, extra: &[Decision]) -> Result<usize, String> {
         let _turn = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         let file = {
             let maps = self.maps();
-            let mut decisions: Vec<StoredDecision> = maps
-                .local
+            // Copied only when there is something to merge: a plain save is the common case.
+            let merged;
+            let local = if extra.is_empty() {
+                &maps.local
+            } else {
+                let mut m = maps.local.clone();
+                for d in extra.iter().filter(|d| d.source == Source::Local) {
+                    merge_into(&mut m, d.clone());
+                }
+                merged = m;
+                &merged
+            };
+            let mut decisions: Vec<StoredDecision> = local
                 .values()
                 .filter(|d| d.until_ms > now)
                 .map(StoredDecision::from)
@@ -481,12 +509,21 @@ impl DecisionStore {
         Ok(n)
     }
 
-    /// Loads local decisions saved by `save`; expired ones are skipped. A missing file is
-    /// an empty store; a malformed one is an error naming the file and the problem.
+    /// Loads local decisions saved by `save` and merges them (`merge`: the longer of two
+    /// with the same key stays); returns how many unexpired ones the file held.
     pub fn load(&self, path: &Path) -> Result<usize, String> {
+        let decisions = Self::read(path)?;
+        let n = decisions.len();
+        self.merge(decisions);
+        Ok(n)
+    }
+
+    /// Reads the unexpired local decisions of a file written by `save`, adding them nowhere.
+    /// A missing file holds none; a malformed one is an error naming the file and the problem.
+    pub fn read(path: &Path) -> Result<Vec<Decision>, String> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         let file: StateFile = serde_json::from_str(&text)
@@ -508,8 +545,21 @@ impl DecisionStore {
                 decisions.push(d);
             }
         }
-        self.insert(decisions);
-        Ok(self.counts().0)
+        Ok(decisions)
+    }
+}
+
+/// Puts `d` in `map` unless a decision of the same key that ends later is there already.
+fn merge_into(map: &mut HashMap<Key, Decision>, d: Decision) {
+    match map.entry(d.key()) {
+        std::collections::hash_map::Entry::Occupied(mut held) => {
+            if d.until_ms > held.get().until_ms {
+                held.insert(d);
+            }
+        }
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(d);
+        }
     }
 }
 
@@ -794,6 +844,46 @@ mod tests {
             let e = t.load(&path).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn merging_a_file_keeps_the_later_end_and_counts_what_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.json");
+        let file = DecisionStore::new();
+        file.insert([
+            dec(Source::Local, "admin", "192.0.2.1/32", "ban", 60_000),
+            dec(Source::Local, "admin", "192.0.2.2/32", "ban", 3_600_000),
+        ]);
+        file.save(&path).unwrap();
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "admin", "192.0.2.1/32", "ban", 86_400_000),
+            dec(Source::Local, "admin", "192.0.2.2/32", "ban", 60_000),
+            dec(Source::Local, "admin", "192.0.2.3/32", "ban", 60_000),
+        ]);
+        let until = |s: &DecisionStore, v: &str| {
+            let filter = Filter {
+                value: Some(v.parse().unwrap()),
+                ..Filter::default()
+            };
+            s.list(&filter)[0].until_ms
+        };
+        let day = now_ms() + 86_000_000;
+        // Written merged, the store itself untouched.
+        let read = DecisionStore::read(&path).unwrap();
+        assert_eq!(s.save_merged(&path, &read).unwrap(), 3);
+        assert!(until(&s, "192.0.2.2/32") < now_ms() + 120_000);
+        let t = DecisionStore::new();
+        assert_eq!(t.load(&path).unwrap(), 3);
+        assert!(until(&t, "192.0.2.1/32") > day);
+        assert!(until(&t, "192.0.2.2/32") > now_ms() + 3_000_000);
+        // Two read, three held: the count is what the file gave.
+        file.save(&path).unwrap();
+        assert_eq!(s.load(&path).unwrap(), 2);
+        assert_eq!(s.counts().0, 3);
+        assert!(until(&s, "192.0.2.1/32") > day);
+        assert!(until(&s, "192.0.2.2/32") > now_ms() + 3_000_000);
     }
 
     #[test]

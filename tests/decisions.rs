@@ -181,6 +181,13 @@ async fn the_cli_manages_decisions() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["count"], 1);
+    let (code, out, _) = wraith.cli(&["decisions", "list", "--json", "--limit", "1"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["count"].as_u64(), v["truncated"].as_bool()),
+        (Some(2), Some(true))
+    );
 
     let (code, out, err) = wraith.cli(&["decisions", "add", "--ip", "nonsense"]);
     assert_eq!(code, 1);

@@ -21,9 +21,10 @@ pub enum DecisionsCommand {
         /// Only local or only CrowdSec decisions.
         #[arg(long, value_parser = ["local", "crowdsec"])]
         source: Option<String>,
-        /// Show at most this many (0: all). The total is always given.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        /// Show at most this many (0: all; default 1000 in the table, all with --json).
+        /// The total is always given.
+        #[arg(long)]
+        limit: Option<usize>,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -89,6 +90,18 @@ pub fn run(config_path: &Path, command: DecisionsCommand) -> ExitCode {
     }
 }
 
+/// How many decisions the table shows when `--limit` is not given.
+const TABLE_LIMIT: usize = 1000;
+
+/// The `limit` query value for `list`: a script reading `--json` gets everything unless it
+/// asks for less; a person reading the table, the first `TABLE_LIMIT`. 0 means all.
+fn limit_param(limit: Option<usize>, json: bool) -> Option<String> {
+    limit
+        .or((!json).then_some(TABLE_LIMIT))
+        .filter(|&n| n > 0)
+        .map(|n| n.to_string())
+}
+
 /// `a=b&c=d` with percent-encoding of what needs it.
 fn query(pairs: &[(&str, &Option<String>)]) -> String {
     let enc = |s: &str| {
@@ -138,7 +151,7 @@ fn execute(socket: &Path, command: DecisionsCommand) -> Result<String, String> {
             limit,
             json,
         } => {
-            let limit = (limit > 0).then(|| limit.to_string());
+            let limit = limit_param(limit, json);
             let path = format!(
                 "/v1/decisions{}",
                 query(&[
@@ -242,4 +255,17 @@ fn render(v: &Value) -> String {
         out.push_str(&format!("{} decision(s)\n", v["count"]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lists_everything_unless_a_limit_is_given() {
+        assert_eq!(limit_param(None, true), None);
+        assert_eq!(limit_param(None, false), Some("1000".into()));
+        assert_eq!(limit_param(Some(5), true), Some("5".into()));
+        assert_eq!(limit_param(Some(0), false), None);
+    }
 }

@@ -188,12 +188,14 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), String> {
 }
 
 /// A wraith found through its pid file: the file is locked by the server, and `pid` is the
-/// pid it wrote there.
+/// pid it wrote there; or (`legacy`) a server of an older Wraith, which never locked it.
 pub struct Running {
     /// The server's pid.
     pub pid: i32,
     /// Kept open to watch the lock (also across the server's removal of the file).
     file: File,
+    /// The server holds no lock: it is watched through /proc instead.
+    legacy: bool,
 }
 
 impl Running {
@@ -214,9 +216,27 @@ impl Running {
             }
             Err(e) => return Err(format!("cannot open pid file {}: {e}", path.display())),
         };
-        let running = Running { pid: 0, file };
+        let running = Running {
+            pid: 0,
+            file,
+            legacy: false,
+        };
         if running.exited()? {
-            let names = match pid_in(&running.file) {
+            let pid = pid_in(&running.file);
+            // A server started before Wraith locked its pid file (an upgrade without a
+            // restart) holds none: accepted only if that pid is a live wraith process.
+            if let Some(pid) = pid.filter(|&pid| is_wraith(pid)) {
+                eprintln!(
+                    "note: process {pid} holds no lock on {} (started by an older wraith); restart it to get the lock",
+                    path.display()
+                );
+                return Ok(Running {
+                    pid,
+                    legacy: true,
+                    ..running
+                });
+            }
+            let names = match pid {
                 Some(pid) => format!("names process {pid}, which was not signalled"),
                 None => "holds no pid".to_string(),
             };
@@ -235,8 +255,12 @@ impl Running {
         Ok(Running { pid, ..running })
     }
 
-    /// Whether the server has let go of its pid file (it is about to exit, or has).
+    /// Whether the server has let go of its pid file (it is about to exit, or has); for a
+    /// legacy server, whether its process is gone.
     pub fn exited(&self) -> Result<bool, String> {
+        if self.legacy {
+            return Ok(!is_wraith(self.pid));
+        }
         // A shared lock is granted only when no one holds the exclusive one; give it back.
         let free = flock(&self.file, libc::LOCK_SH | libc::LOCK_NB)
             .map_err(|e| format!("cannot check the pid file lock: {e}"))?;
@@ -282,6 +306,35 @@ fn pid_in(file: &File) -> Option<i32> {
         .parse::<i32>()
         .ok()
         .filter(|p| *p > 0)
+}
+
+/// Whether `pid` is a live (not zombie) wraith process: its executable is ours (a binary
+/// replaced by an upgrade shows as "<path> (deleted)"), or, where its exe link cannot be read
+/// (another user's process) or differs (another install), its command name is `wraith`.
+fn is_wraith(pid: i32) -> bool {
+    let proc = Path::new("/proc").join(pid.to_string());
+    // The state follows the command name, which may hold spaces and parentheses.
+    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, None | Some('Z' | 'X' | 'x')) {
+        return false;
+    }
+    let exe = |p: &Path| {
+        std::fs::read_link(p).ok().map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_suffix(" (deleted)").map(str::to_owned).unwrap_or(l)
+        })
+    };
+    if let (Some(theirs), Some(ours)) = (exe(&proc.join("exe")), exe(Path::new("/proc/self/exe"))) {
+        if theirs == ours {
+            return true;
+        }
+    }
+    std::fs::read_to_string(proc.join("comm")).is_ok_and(|c| c.trim_end() == "wraith")
 }
 
 /// Sends `sig` to `pid`.

@@ -84,6 +84,32 @@ fn stop_and_reload_never_signal_the_pid_in_a_stale_pid_file() {
     }
 }
 
+#[test]
+fn stop_and_reload_find_a_server_of_an_older_wraith_that_holds_no_lock() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "");
+    let mut wraith = setup.start(&cfg);
+    // An older Wraith wrote its pid file without locking it: the same server seen through a
+    // config whose pid file nobody locks.
+    let legacy_cfg = wraith.path("legacy.toml");
+    std::fs::write(
+        &legacy_cfg,
+        cfg.replace("pid_file = \"wraith.pid\"", "pid_file = \"legacy.pid\""),
+    )
+    .unwrap();
+    std::fs::write(wraith.path("legacy.pid"), format!("{}\n", wraith.pid())).unwrap();
+    let legacy = legacy_cfg.to_str().unwrap();
+    let dir = wraith.path("");
+
+    let (code, out, err) = wraith_cmd(&["reload", "-c", legacy], &dir);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("holds no lock"), "{err}");
+    let (code, out, err) = wraith_cmd(&["stop", "-c", legacy], &dir);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("stopped"), "{out}");
+    assert_eq!(wraith.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 #[tokio::test]
 async fn serve_takes_over_a_stale_or_empty_pid_file() {
     let mut bystander = Bystander::start();

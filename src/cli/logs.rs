@@ -36,7 +36,8 @@ pub struct LogsArgs {
     pub slow: Option<String>,
     pub since: Option<String>,
     pub limit: usize,
-    /// Longest a statement may run (`--timeout`, default 30s; `0` for no limit).
+    /// Longest a statement may run, writing its rows included (`--timeout`, default 30s;
+    /// `0` for no limit).
     pub timeout: Option<String>,
 }
 
@@ -206,7 +207,18 @@ fn run_query(
     };
     let mut rows = stmt.query(params).map_err(timed_out)?;
     let mut last = None;
-    while let Some(row) = rows.next().map_err(timed_out)? {
+    loop {
+        let row = match rows.next() {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(e) => {
+                // The rows already fetched (a table holds up to its sample back) come out
+                // before the error does.
+                let err = timed_out(e);
+                let _ = printer.flush_held();
+                return Err(err);
+            }
+        };
         let mut values = Vec::with_capacity(cols.len());
         for i in 0..cols.len() {
             let v = match row.get_ref(i).map_err(sql_error)? {
@@ -419,6 +431,14 @@ impl<'w, W: Write> Printer<'w, W> {
         writeln!(self.out, "{}", s.trim_end()).map_err(io)
     }
 
+    /// The statement failed: prints the rows held back, if any, so none fetched is lost.
+    fn flush_held(&mut self) -> Result<(), String> {
+        if self.mode == Mode::Table && self.widths.is_none() && self.rows > 0 {
+            self.print_sample()?;
+        }
+        self.out.flush().map_err(io)
+    }
+
     /// The statement ended: prints what is held back.
     fn finish(&mut self) -> Result<(), String> {
         if self.mode == Mode::Table && self.widths.is_none() && (self.rows > 0 || self.header) {
@@ -529,6 +549,18 @@ mod tests {
         let (r, out) = run(&conn, "SELECT 7 AS x", Mode::Json, DEFAULT_TIMEOUT);
         r.unwrap();
         assert_eq!(out, "{\"x\":7}\n");
+    }
+
+    #[test]
+    fn a_table_stopped_by_its_deadline_still_prints_the_rows_it_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db(dir.path());
+        // Two rows at once, then a third that never comes.
+        let sql =
+            format!("SELECT 1 AS x UNION ALL SELECT 2 UNION ALL SELECT max(i) FROM ({ENDLESS})");
+        let (r, out) = run(&conn, &sql, Mode::Table, Duration::from_millis(300));
+        assert!(r.unwrap_err().contains("--timeout 300ms"));
+        assert_eq!(out, "X\n1\n2\n");
     }
 
     #[test]

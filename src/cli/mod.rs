@@ -105,7 +105,8 @@ pub enum Command {
         /// Rows shown (the newest; default 50).
         #[arg(long, default_value_t = 50)]
         limit: usize,
-        /// Longest a statement may run before it is stopped (default 30s; 0 for no limit).
+        /// Longest a statement may run before it is stopped, the time spent writing its
+        /// rows (to a slow pager, say) included (default 30s; 0 for no limit).
         #[arg(long, value_name = "DURATION")]
         timeout: Option<String>,
     },

@@ -242,7 +242,7 @@ fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
                 groups = ?w.groups,
                 "TLS versions or key-exchange groups withdrawn; closing the connections that negotiated them"
             );
-            after.client_auth.withdraw(w);
+            after.client_auth.withdraw(new.generation, w);
         }
     }
 }

@@ -39,16 +39,19 @@ pub struct ClientAuthEpoch {
     revoked: CancellationToken,
     /// Connections admitted under these settings that are still open (TCP and QUIC).
     open: AtomicUsize,
-    /// TLS versions and groups reloads stopped allowing, oldest first (only ever appended).
-    withdrawals: Mutex<Vec<Withdrawal>>,
+    /// TLS versions and groups reloads stopped allowing, oldest first (only ever appended),
+    /// each with the generation of the snapshot that stopped allowing them.
+    withdrawals: Mutex<Vec<(u64, Withdrawal)>>,
     /// `withdrawals.len()`, read without the lock.
     withdrawn: AtomicUsize,
     /// Woken on every withdrawal.
     withdrawal: Notify,
-    /// The earliest nextUpdate of the listener's CRLs (Unix seconds), when one is ahead:
-    /// past it, webpki refuses the certificates that CRL covers, so the connections it let
-    /// in must not outlive it either.
-    crl_next_update: Option<i64>,
+    /// The listener's CRLs by issuer (the raw DER name) and nextUpdate (Unix seconds): past
+    /// it, webpki refuses the certificates that CRL covers, so the connections it let in
+    /// must not outlive it either.
+    crl_next_updates: Vec<(Vec<u8>, i64)>,
+    /// The listener's client CAs: copies that clients send along are not theirs to expire.
+    cas: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// What one reload stopped allowing, by the names `TlsInfo` carries (`TLSv1.2`, `X25519`).
@@ -103,8 +106,12 @@ type NegotiatedParams = (&'static str, Option<&'static str>);
 pub struct Negotiated {
     /// Unknown until the handshake has chosen them.
     params: Mutex<Option<NegotiatedParams>>,
-    /// Withdrawals already checked (starts at the count when the connection was accepted:
-    /// earlier ones were in force for its handshake).
+    /// The generation of the snapshot whose TLS settings its handshake ran under: it is
+    /// subject to the withdrawals of later generations only. (Not the withdrawal count at
+    /// accept: a reload can swap and withdraw between a connection's snapshot load and that
+    /// count, and the connection would handshake under the old settings unchecked.)
+    generation: u64,
+    /// Withdrawals already checked.
     checked: AtomicUsize,
     /// Set once a withdrawal covered what it negotiated.
     hit: AtomicBool,
@@ -127,19 +134,28 @@ impl ClientAuthEpoch {
 
     /// A new epoch for `config`'s client-authentication settings.
     pub fn for_listener(config: &ListenerConfig) -> ClientAuthEpoch {
-        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
-        let crl_next_update = config
+        let Some(auth) = config
             .tls
             .as_ref()
-            .filter(|t| t.client_auth.mode != ClientAuthMode::None)
-            .into_iter()
-            .flat_map(|t| &t.client_auth.crls)
-            .filter_map(|crl| x509_parser::parse_x509_crl(crl).ok()?.1.next_update())
-            .map(|t| t.timestamp())
-            .filter(|t| *t > now)
-            .min();
+            .map(|t| &t.client_auth)
+            .filter(|a| a.mode != ClientAuthMode::None)
+        else {
+            return ClientAuthEpoch::default();
+        };
+        let crl_next_updates = auth
+            .crls
+            .iter()
+            .filter_map(|crl| {
+                let (_, crl) = x509_parser::parse_x509_crl(crl).ok()?;
+                Some((
+                    crl.issuer().as_raw().to_vec(),
+                    crl.next_update()?.timestamp(),
+                ))
+            })
+            .collect();
         ClientAuthEpoch {
-            crl_next_update,
+            crl_next_updates,
+            cas: auth.cas.clone(),
             ..ClientAuthEpoch::default()
         }
     }
@@ -169,42 +185,61 @@ impl ClientAuthEpoch {
         Admitted(self.clone())
     }
 
-    /// Records that a reload stopped allowing `w` and asks the connections that negotiated
-    /// it to finish.
-    pub fn withdraw(&self, w: Withdrawal) {
+    /// Records that the snapshot of `generation` stopped allowing `w` and asks the
+    /// connections that negotiated it (under an earlier generation) to finish.
+    pub fn withdraw(&self, generation: u64, w: Withdrawal) {
         let mut all = self.withdrawals.lock().unwrap_or_else(|e| e.into_inner());
-        all.push(w);
+        all.push((generation, w));
         self.withdrawn.store(all.len(), Ordering::Release);
         drop(all);
         self.withdrawal.notify_waiters();
     }
 
-    /// A connection accepted now: it is subject to the withdrawals made from now on.
-    pub fn negotiating(&self) -> Negotiated {
+    /// A connection accepted under the TLS settings of snapshot `generation`: it is subject
+    /// to the withdrawals of later generations.
+    pub fn negotiating(&self, generation: u64) -> Negotiated {
         Negotiated {
             params: Mutex::new(None),
-            checked: AtomicUsize::new(self.withdrawn.load(Ordering::Acquire)),
+            generation,
+            checked: AtomicUsize::new(0),
             hit: AtomicBool::new(false),
             until: std::sync::OnceLock::new(),
         }
     }
 
     /// Records when what admitted `conn`'s client certificate stops holding: the earliest
-    /// notAfter of the chain the client presented, or the earliest nextUpdate of the
-    /// listener's CRLs if sooner. Nothing for connections without a client certificate.
+    /// notAfter of the certificates in its chain, and the earliest nextUpdate of the CRLs
+    /// that cover them (by issuer). Copies of the listener's CAs, and certificates already
+    /// expired (so not in the path the verifier accepted), do not count. Nothing for
+    /// connections without a client certificate.
     pub fn admit_until(&self, conn: &Negotiated, chain: &[rustls_pki_types::CertificateDer<'_>]) {
-        if chain.is_empty() {
-            return;
+        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        // A time in whole seconds holds through that second (webpki refuses only when the
+        // clock is past it): what it bounds ends at the start of the next one.
+        let mut until: Option<i64> = None;
+        let mut sooner = |t: i64| {
+            if t >= now {
+                let end = t.saturating_add(1);
+                until = Some(until.map_or(end, |u| u.min(end)));
+            }
+        };
+        for der in chain {
+            if self.cas.iter().any(|ca| ca.as_ref() == der.as_ref()) {
+                continue;
+            }
+            let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+                continue;
+            };
+            sooner(cert.validity().not_after.timestamp());
+            for (issuer, next) in &self.crl_next_updates {
+                if issuer.as_slice() == cert.issuer().as_raw() {
+                    sooner(*next);
+                }
+            }
         }
-        let certs = chain.iter().filter_map(|c| {
-            x509_parser::parse_x509_certificate(c)
-                .ok()
-                .map(|(_, cert)| cert.validity().not_after.timestamp())
-        });
-        let Some(until) = certs.chain(self.crl_next_update).min() else {
+        let Some(until) = until else {
             return;
         };
-        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
         let left = Duration::from_secs(until.saturating_sub(now).max(0) as u64)
             .min(crate::config::units::MAX_DURATION);
         let _ = conn.until.set(tokio::time::Instant::now() + left);
@@ -213,8 +248,8 @@ impl ClientAuthEpoch {
     /// Whether a withdrawal covers what `conn` negotiated.
     pub fn withdrew(&self, conn: &Negotiated) -> bool {
         let count = self.withdrawn.load(Ordering::Acquire);
-        if count <= conn.checked.load(Ordering::Relaxed) {
-            return conn.hit.load(Ordering::Relaxed);
+        if count <= conn.checked.load(Ordering::Acquire) {
+            return conn.hit.load(Ordering::Acquire);
         }
         let Some(params) = *conn.params.lock().unwrap_or_else(|e| e.into_inner()) else {
             // Still in its handshake: checked once it knows what it negotiated.
@@ -222,11 +257,14 @@ impl ClientAuthEpoch {
         };
         let all = self.withdrawals.lock().unwrap_or_else(|e| e.into_inner());
         let from = conn.checked.load(Ordering::Relaxed).min(all.len());
-        if all[from..].iter().any(|w| w.affects(params)) {
-            conn.hit.store(true, Ordering::Relaxed);
+        if all[from..]
+            .iter()
+            .any(|(g, w)| *g > conn.generation && w.affects(params))
+        {
+            conn.hit.store(true, Ordering::Release);
         }
-        conn.checked.store(all.len(), Ordering::Relaxed);
-        conn.hit.load(Ordering::Relaxed)
+        conn.checked.store(all.len(), Ordering::Release);
+        conn.hit.load(Ordering::Acquire)
     }
 
     /// Resolves once a withdrawal covers what `conn` negotiated.
@@ -471,34 +509,45 @@ mod tests {
     #[test]
     fn a_withdrawal_reaches_only_the_connections_that_negotiated_it() {
         let epoch = Arc::new(ClientAuthEpoch::default());
-        let tls12 = epoch.negotiating();
+        let tls12 = epoch.negotiating(1);
         tls12.set("TLSv1.2", Some("X25519"));
-        let pq = epoch.negotiating();
+        let pq = epoch.negotiating(1);
         pq.set("TLSv1.3", Some("X25519MLKEM768"));
         // Accepted before the withdrawal, still in its handshake when it comes.
-        let handshaking = epoch.negotiating();
+        let handshaking = epoch.negotiating(1);
         assert!(!epoch.withdrew(&tls12) && !epoch.withdrew(&pq));
 
-        epoch.withdraw(Withdrawal {
-            versions: vec!["TLSv1.2"],
-            groups: vec![],
-        });
+        epoch.withdraw(
+            2,
+            Withdrawal {
+                versions: vec!["TLSv1.2"],
+                groups: vec![],
+            },
+        );
         assert!(epoch.withdrew(&tls12));
         assert!(epoch.withdrew(&tls12), "a hit stays a hit");
         assert!(!epoch.withdrew(&pq));
         assert!(!epoch.withdrew(&handshaking));
         handshaking.set("TLSv1.2", Some("X25519"));
         assert!(epoch.withdrew(&handshaking), "checked once it negotiated");
+        // Accepted under generation 1's settings, its close signal made only after the
+        // withdrawal was recorded (a reload between the two): subject to it all the same.
+        let racing = epoch.negotiating(1);
+        racing.set("TLSv1.2", Some("X25519"));
+        assert!(epoch.withdrew(&racing));
 
         // Accepted after the withdrawal (under settings without TLS 1.2); a later reload
         // allowing 1.2 again lets new connections negotiate it without being closed.
-        let later = epoch.negotiating();
+        let later = epoch.negotiating(2);
         later.set("TLSv1.2", Some("X25519"));
         assert!(!epoch.withdrew(&later));
-        epoch.withdraw(Withdrawal {
-            versions: vec![],
-            groups: vec!["X25519"],
-        });
+        epoch.withdraw(
+            4,
+            Withdrawal {
+                versions: vec![],
+                groups: vec!["X25519"],
+            },
+        );
         assert!(epoch.withdrew(&later));
         assert!(!epoch.withdrew(&pq));
         assert!(!epoch.is_revoked(), "withdrawals revoke nothing else");
@@ -507,23 +556,29 @@ mod tests {
     #[tokio::test]
     async fn waiting_connections_wake_on_the_withdrawal_that_covers_them() {
         let epoch = Arc::new(ClientAuthEpoch::default());
-        let conn = Arc::new(epoch.negotiating());
+        let conn = Arc::new(epoch.negotiating(1));
         conn.set("TLSv1.3", Some("X25519"));
         let waiter = tokio::spawn({
             let (epoch, conn) = (epoch.clone(), conn.clone());
             async move { epoch.withdrawn(&conn).await }
         });
         tokio::task::yield_now().await;
-        epoch.withdraw(Withdrawal {
-            versions: vec!["TLSv1.2"],
-            groups: vec![],
-        });
+        epoch.withdraw(
+            2,
+            Withdrawal {
+                versions: vec!["TLSv1.2"],
+                groups: vec![],
+            },
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "not covered: still waiting");
-        epoch.withdraw(Withdrawal {
-            versions: vec![],
-            groups: vec!["X25519"],
-        });
+        epoch.withdraw(
+            3,
+            Withdrawal {
+                versions: vec![],
+                groups: vec!["X25519"],
+            },
+        );
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken by the withdrawal")
@@ -546,5 +601,52 @@ mod tests {
         assert_eq!(epoch.revoke(), 1);
         assert!(epoch.is_revoked());
         assert!(!next.is_revoked());
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+    use crate::certs::Ca;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+
+    fn crl_of(ca: &Ca, days: i64) -> (Vec<u8>, i64) {
+        let pem = ca.revocation_list(&[], days).unwrap();
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        (
+            crl.issuer().as_raw().to_vec(),
+            crl.next_update().unwrap().timestamp(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_bounded_by_its_own_chain_and_the_crl_that_covers_it() {
+        let (a, b) = (Ca::new("A").unwrap(), Ca::new("B").unwrap());
+        let leaf = a.issue_client("c", None).unwrap();
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (leaf, a_copy) = (der(&leaf.cert_pem), der(&a.cert_pem));
+        let epoch = ClientAuthEpoch {
+            // B's CRL is due first, but covers none of this chain; A's covers the leaf.
+            crl_next_updates: vec![crl_of(&b, 1), crl_of(&a, 2)],
+            cas: vec![a_copy.clone()],
+            ..ClientAuthEpoch::default()
+        };
+        let conn = epoch.negotiating(1);
+        // The client sends a copy of its CA along: not its to expire.
+        epoch.admit_until(&conn, &[leaf, a_copy]);
+        let left = conn.until().unwrap() - tokio::time::Instant::now();
+        let day = std::time::Duration::from_secs(86_400);
+        assert!(
+            left > day + day / 2 && left <= 2 * day + std::time::Duration::from_secs(1),
+            "{left:?}"
+        );
+        assert!(!conn.expired());
+
+        // Without a client certificate, nothing bounds the connection.
+        let anonymous = epoch.negotiating(1);
+        epoch.admit_until(&anonymous, &[]);
+        assert_eq!(anonymous.until(), None);
     }
 }

@@ -70,10 +70,12 @@ pub struct CloseSignal {
 }
 
 impl CloseSignal {
-    /// The signal of a connection accepted on `listener` under `runtime`'s current settings.
+    /// The signal of a connection accepted on `listener`, from the snapshot of
+    /// `generation`, under `runtime`'s current settings.
     pub(crate) fn new(
         runtime: &Runtime,
         listener: &ListenerRuntime,
+        generation: u64,
         stop: CancellationToken,
     ) -> CloseSignal {
         CloseSignal {
@@ -82,7 +84,7 @@ impl CloseSignal {
                 .config
                 .tls
                 .is_some()
-                .then(|| Arc::new(listener.client_auth.negotiating())),
+                .then(|| Arc::new(listener.client_auth.negotiating(generation))),
             client_auth: listener.client_auth.clone(),
             drain: runtime.gateway.snapshot().config.server.shutdown_timeout,
         }
@@ -353,7 +355,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        let close = CloseSignal::new(&runtime, &listener, stop.clone());
+        let close = CloseSignal::new(&runtime, &listener, snapshot.generation, stop.clone());
         let admitted = close.admit();
         let runtime2 = runtime.clone();
         runtime.connections.spawn(async move {

@@ -323,7 +323,7 @@ async fn accept_loop(
         let local = connecting.local_ip().map_or(bound.local_addr, |ip| {
             SocketAddr::new(ip, bound.local_addr.port())
         });
-        let close = super::CloseSignal::new(&runtime, &listener, stop.clone());
+        let close = super::CloseSignal::new(&runtime, &listener, snapshot.generation, stop.clone());
         let admitted = close.admit();
         let start = Start {
             listener,

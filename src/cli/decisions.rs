@@ -163,10 +163,8 @@ fn execute(socket: &Path, command: DecisionsCommand) -> Result<String, String> {
             );
             let v = call(socket, Method::GET, &path, None)?;
             if json {
-                return Ok(format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&v).unwrap_or_default()
-                ));
+                let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                return Ok(format!("{}\n", super::json_printable(&text)));
             }
             Ok(render(&v))
         }

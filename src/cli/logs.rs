@@ -378,7 +378,8 @@ impl<'w, W: Write> Printer<'w, W> {
         if self.mode == Mode::Json {
             let obj: serde_json::Map<String, Value> =
                 self.cols.iter().cloned().zip(values).collect();
-            return writeln!(self.out, "{}", Value::Object(obj)).map_err(io);
+            let line = Value::Object(obj).to_string();
+            return writeln!(self.out, "{}", super::json_printable(&line)).map_err(io);
         }
         let cells: Vec<String> = values.iter().map(cell).collect();
         if self.widths.is_some() {

@@ -277,11 +277,34 @@ pub fn printable_lines(s: &str) -> Cow<'_, str> {
     escape_unsafe(s, true)
 }
 
+/// Serialized JSON made safe to print on a terminal: serde_json escapes only U+0000-U+001F,
+/// so DEL, the C1 controls (U+007F-U+009F; U+009B is a CSI) and the bidirectional overrides
+/// are rewritten as `\uXXXX`. They can only stand inside strings, where the escape is the
+/// same value: the JSON stays valid and means the same.
+pub fn json_printable(json: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| ('\u{7f}'..='\u{9f}').contains(&c) || is_bidi(c);
+    if !json.chars().any(unsafe_char) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if unsafe_char(c) {
+            // All in the BMP: one escape each.
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The marks and overrides that reorder the text around them.
+fn is_bidi(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 fn escape_unsafe(s: &str, keep_newlines: bool) -> Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        (c.is_control() && !(keep_newlines && c == '\n'))
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
+    let unsafe_char = |c: char| (c.is_control() && !(keep_newlines && c == '\n')) || is_bidi(c);
     if !s.chars().any(unsafe_char) {
         return Cow::Borrowed(s);
     }
@@ -309,5 +332,29 @@ mod tests {
         );
         assert_eq!(printable("x\ny\u{202e}z"), "x\\u{a}y\\u{202e}z");
         assert_eq!(printable_lines("one\ntwo\r\n"), "one\ntwo\\u{d}\n");
+    }
+
+    #[test]
+    fn json_output_escapes_c1_controls_and_bidi_overrides_and_keeps_its_value() {
+        let one = serde_json::json!({"ua": "a\u{9b}31mb\u{85}\u{7f}\u{202e}é€"}).to_string();
+        assert_eq!(
+            json_printable(&one),
+            r#"{"ua":"a\u009b31mb\u0085\u007f\u202eé€"}"#
+        );
+        let v =
+            serde_json::json!({"ua": "a\u{9b}31mb\u{85}", "path": "/x\u{202e}gpj.exe", "ok": "é€"});
+        let raw = v.to_string();
+        let safe = json_printable(&raw);
+        assert!(!safe
+            .chars()
+            .any(|c| ('\u{7f}'..='\u{9f}').contains(&c) || is_bidi(c)));
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&json_printable(&pretty)).unwrap(),
+            v
+        );
+        assert!(matches!(json_printable("{\"a\":1}"), Cow::Borrowed(_)));
     }
 }

@@ -21,7 +21,8 @@ pub fn run(config_path: &Path, json: bool) -> ExitCode {
     });
     match result {
         Ok((_, v)) if json => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+            println!("{}", super::json_printable(&text));
             ExitCode::SUCCESS
         }
         Ok((_, v)) => {

@@ -600,6 +600,12 @@ async fn withdrawing_tls_1_2_closes_only_the_connections_that_negotiated_it_and_
     let ca = setup.pki.ca_pem.clone();
     let both = config(&setup, r#"versions = ["1.2", "1.3"]"#, upstream.addr, "");
     let only_13 = config(&setup, r#"versions = ["1.3"]"#, upstream.addr, "");
+    let classical_13 = config(
+        &setup,
+        r#"versions = ["1.3"], key_exchange = ["X25519"]"#,
+        upstream.addr,
+        "",
+    );
     let wraith = setup.start(&both);
     let addr = wraith.addr("https");
 
@@ -657,6 +663,15 @@ async fn withdrawing_tls_1_2_closes_only_the_connections_that_negotiated_it_and_
     );
     assert_eq!(withdrawals(&wraith).len(), 2, "{}", wraith.log());
     assert_eq!(tls13.get("/d").await.unwrap().0, 200);
+
+    // The TLS 1.3 connection has been passed over by two withdrawals; one that covers it
+    // (its post-quantum group withdrawn) still closes it, without waiting for its timers.
+    wraith.write_config(&classical_13);
+    wraith.reload().unwrap();
+    assert!(
+        tls13.closed().await,
+        "the connection that negotiated X25519MLKEM768 stayed open"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

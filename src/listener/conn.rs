@@ -502,15 +502,25 @@ where
     let requested = tokio::task::unconstrained(close.requested());
     tokio::pin!(requested);
     let mut registered: Option<std::task::Waker> = None;
+    let mut seen = close.withdrawals();
     loop {
-        let (_, wait) = state.check(limits);
+        let (_, mut wait) = state.check(limits);
+        // The client certificate's end (if any) is looked at when it comes, not at the next
+        // wake-up for another reason.
+        if let Some(until) = close.until() {
+            wait = wait.min(until.saturating_duration_since(tokio::time::Instant::now()));
+        }
         let close_requested = std::future::poll_fn(|cx| {
             if close.is_requested() {
                 return Poll::Ready(());
             }
-            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            // A withdrawal that did not cover this connection woke `requested` once; it
+            // must be polled again to wait for the next one.
+            let withdrawals = close.withdrawals();
+            if withdrawals == seen && registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 return Poll::Pending;
             }
+            seen = withdrawals;
             registered = Some(cx.waker().clone());
             std::future::Future::poll(requested.as_mut(), cx)
         });

@@ -130,6 +130,17 @@ impl PidFile {
             }
             let mut previous = String::new();
             let _ = file.read_to_string(&mut previous);
+            // Unlocked, but naming a live wraith: a server of an older version, which held no
+            // lock. Starting beside it would take its pid file (and, on a busy port, fail to
+            // bind and then remove that file on the way out).
+            if let Ok(pid) = previous.trim().parse::<i32>() {
+                if pid > 0 && pid as u32 != std::process::id() && is_wraith(pid) {
+                    return Err(format!(
+                        "pid file {} names process {pid}, a running wraith that holds no lock on it (started by an older version?): stop it first (`wraith stop` finds it)",
+                        path.display()
+                    ));
+                }
+            }
             if existed {
                 tracing::warn!(
                     pid_file = %path.display(),

@@ -101,6 +101,15 @@ fn stop_and_reload_find_a_server_of_an_older_wraith_that_holds_no_lock() {
     let legacy = legacy_cfg.to_str().unwrap();
     let dir = wraith.path("");
 
+    // A new server on that config does not start beside it (or take its pid file).
+    let (code, out, err) = wraith_cmd(&["serve", "-c", legacy], &dir);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("holds no lock on it"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(wraith.path("legacy.pid")).unwrap(),
+        format!("{}\n", wraith.pid())
+    );
+
     let (code, out, err) = wraith_cmd(&["reload", "-c", legacy], &dir);
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("holds no lock"), "{err}");

@@ -235,6 +235,11 @@ fn build(req: NewDecision) -> Result<Decision, String> {
     })
 }
 
+/// `[decisions] max_local` of the running configuration.
+fn max_local(rt: &Runtime) -> usize {
+    rt.gateway.snapshot().config.decisions.max_local
+}
+
 async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
     if body.trim_ascii_start().starts_with(b"[") {
         let all = match new_decisions(body) {
@@ -242,8 +247,10 @@ async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
             Err(e) => return bad(e),
         };
         let n = all.len();
+        if let Err(e) = rt.gateway.decisions.insert_local(all, max_local(rt)) {
+            return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e}));
+        }
         tracing::info!(decisions = n, "local decisions added in bulk");
-        rt.gateway.decisions.insert(all);
         let mut resp = json!({"added": n});
         if let Err(e) = persist(rt).await {
             resp["warning"] = json!(format!("active, but not saved: {e}"));
@@ -254,9 +261,13 @@ async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
         Ok(d) => d,
         Err(e) => return bad(e),
     };
-    tracing::info!(origin = %d.origin, value = %d.value, kind = %d.kind, reason = %d.reason, "local decision added");
     let shown = to_json(&d, now_ms());
-    rt.gateway.decisions.insert([d]);
+    let (origin, value, kind, reason) =
+        (d.origin.clone(), d.value, d.kind.clone(), d.reason.clone());
+    if let Err(e) = rt.gateway.decisions.insert_local(vec![d], max_local(rt)) {
+        return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e}));
+    }
+    tracing::info!(origin = %origin, value = %value, kind = %kind, reason = %reason, "local decision added");
     let mut resp = json!({"decision": shown});
     if let Err(e) = persist(rt).await {
         resp["warning"] = json!(format!("active, but not saved: {e}"));

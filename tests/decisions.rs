@@ -482,3 +482,35 @@ async fn a_state_file_moved_by_reload_gets_the_bans_in_hand_and_keeps_its_own() 
         "{ not json"
     );
 }
+
+#[tokio::test]
+async fn local_decisions_stop_at_max_local() {
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "[decisions]\nmax_local = 2\n");
+    let wraith = setup.start(&cfg);
+    let add = |body: serde_json::Value| {
+        let w = &wraith;
+        async move { w.admin(Method::POST, "/v1/decisions", Some(body)).await }
+    };
+    assert_eq!(add(json!({"ip": "192.0.2.81"})).await.0, 201);
+    assert_eq!(add(json!({"ip": "192.0.2.82"})).await.0, 201);
+    // Renewing one already held adds nothing: allowed.
+    assert_eq!(
+        add(json!({"ip": "192.0.2.82", "duration": "8h"})).await.0,
+        201
+    );
+    // A third, alone or in bulk: refused, nothing added.
+    let (st, v) = add(json!({"ip": "192.0.2.83"})).await;
+    assert_eq!(st, 507, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("decisions.max_local (2)"),
+        "{v}"
+    );
+    let (st, _) = add(json!([{"ip": "192.0.2.84"}, {"ip": "192.0.2.81"}])).await;
+    assert_eq!(st, 507);
+    let (_, list) = wraith.admin(Method::GET, "/v1/decisions", None).await;
+    assert_eq!(list["count"], 2, "{list}");
+}

@@ -382,6 +382,7 @@ pub struct RawDecisions {
     pub state_file: Option<Str>,
     pub fallback: Option<Str>,
     pub check_at_accept: Option<Spanned<bool>>,
+    pub max_local: Option<Spanned<i64>>,
 }
 
 /// `[crowdsec]`

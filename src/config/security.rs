@@ -25,6 +25,8 @@ pub struct DecisionsConfig {
     pub fallback: Fallback,
     /// Close banned peers' connections at accept, before the TLS handshake.
     pub check_at_accept: bool,
+    /// The most local decisions held (admin API, Wazuh): adding past it is refused.
+    pub max_local: usize,
 }
 
 impl Default for DecisionsConfig {
@@ -33,6 +35,7 @@ impl Default for DecisionsConfig {
             state_file: None,
             fallback: Fallback::Ban,
             check_at_accept: true,
+            max_local: 100_000,
         }
     }
 }
@@ -217,6 +220,9 @@ pub(super) fn build_decisions(b: &mut Builder<'_>, raw: RawDecisions) -> Decisio
         check_at_accept: raw
             .check_at_accept
             .map_or(d.check_at_accept, |v| *v.get_ref()),
+        max_local: b
+            .int(&raw.max_local, "decisions.max_local", 1, 10_000_000)
+            .map_or(d.max_local, |n| n as usize),
     }
 }
 

@@ -346,6 +346,30 @@ impl DecisionStore {
         self.publish(&maps);
     }
 
+    /// Adds (or replaces, by key) local decisions, unless the local partition would then
+    /// hold more than `cap`: then nothing is added and the error says so.
+    pub fn insert_local(&self, decisions: Vec<Decision>, cap: usize) -> Result<(), String> {
+        let mut maps = self.maps();
+        let mut new_keys: Vec<Key> = decisions
+            .iter()
+            .map(Decision::key)
+            .filter(|k| !maps.local.contains_key(k))
+            .collect();
+        new_keys.sort_unstable();
+        new_keys.dedup();
+        let total = maps.local.len() + new_keys.len();
+        if total > cap {
+            return Err(format!(
+                "the local decisions would number {total}, more than decisions.max_local ({cap}): lift some (wraith decisions delete) or raise it"
+            ));
+        }
+        for d in decisions {
+            maps.local.insert(d.key(), d);
+        }
+        self.publish(&maps);
+        Ok(())
+    }
+
     /// Adds decisions like `insert`, except that where one of the same key is already held
     /// the one that lasts longer stays: merging a state file never shortens a ban in hand.
     pub fn merge(&self, decisions: impl IntoIterator<Item = Decision>) {

@@ -814,6 +814,29 @@ mod tests {
         }
     }
 
+    /// A probe of route 0 with `i`'s context (not early data).
+    fn probe_of<'a>(
+        i: &ContextInput<'a>,
+        identity: Option<&'a Identity>,
+        method: Method,
+    ) -> Probe<'a> {
+        Probe {
+            route: 0,
+            identity,
+            method,
+            host: i.host,
+            path: i.path,
+            query: i.query,
+            source_ip: i.source_ip,
+            listener: i.listener,
+            protocol: i.protocol,
+            tls_version: i.tls_version,
+            tls_group: i.tls_group,
+            early_data: false,
+            time: i.time,
+        }
+    }
+
     /// What entities.rs builds must be what the schema declares (a typo there would make
     /// every policy that reads the attribute fail at run time).
     #[test]
@@ -868,19 +891,8 @@ forbid (principal, action in Wraith::Action::"write", resource) when { context.e
         let id = identity();
         let i = input(entities::parse_time("2025-03-04T10:00:00Z").unwrap());
         let probe = |early_data: bool| Probe {
-            route: 0,
-            identity: Some(&id),
-            method: Method::from_bytes(b"PROPFIND").unwrap(),
-            host: i.host,
-            path: i.path,
-            query: i.query,
-            source_ip: i.source_ip,
-            listener: i.listener,
-            protocol: i.protocol,
-            tls_version: i.tls_version,
-            tls_group: i.tls_group,
             early_data,
-            time: i.time,
+            ..probe_of(&i, Some(&id), Method::from_bytes(b"PROPFIND").unwrap())
         };
         let allowed = engine.probe(&probe(false)).unwrap();
         assert_eq!(
@@ -922,23 +934,7 @@ forbid (principal, action, resource) when { context.local.hour * 922337203685477
         );
         let engine = PolicyEngine::build(&cfg).unwrap();
         let i = input(entities::parse_time("2025-03-04T10:00:00Z").unwrap());
-        let decided = engine
-            .probe(&Probe {
-                route: 0,
-                identity: None,
-                method: Method::GET,
-                host: i.host,
-                path: i.path,
-                query: i.query,
-                source_ip: i.source_ip,
-                listener: i.listener,
-                protocol: i.protocol,
-                tls_version: i.tls_version,
-                tls_group: i.tls_group,
-                early_data: false,
-                time: i.time,
-            })
-            .unwrap();
+        let decided = engine.probe(&probe_of(&i, None, Method::GET)).unwrap();
         assert_eq!(
             decided.decision.effect,
             Effect::Deny,

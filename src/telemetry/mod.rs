@@ -508,6 +508,33 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// For tests that change process-wide state (the umask, a resource limit).
+#[cfg(test)]
+pub(crate) mod alone {
+    /// Marks the child process a test runs itself in.
+    const CHILD: &str = "WRAITH_TEST_ALONE_CHILD";
+
+    /// In the test process: runs test `name` (its full path) alone in a child process,
+    /// asserts that it passed, and returns false. In that child: returns true (run the body).
+    pub fn in_child(name: &str) -> bool {
+        if std::env::var_os(CHILD).is_some() {
+            return true;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::access_log::{BanRecord, Effect, PolicyRecord, RateLimitRecord};

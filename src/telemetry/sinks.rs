@@ -513,9 +513,6 @@ impl<T> BatchWriter<T> for FileWriter<T> {
 mod tests {
     use super::*;
 
-    /// Set in the child process `partial_batch_write_is_taken_back` runs itself in.
-    const CHILD: &str = "WRAITH_TEST_FSIZE_CHILD";
-
     fn set_file_size_limit(bytes: libc::rlim_t) {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
@@ -533,24 +530,10 @@ mod tests {
     /// line: the retried batch lands whole, once.
     #[test]
     fn partial_batch_write_is_taken_back() {
-        if std::env::var_os(CHILD).is_none() {
-            // The file size limit is per process: run the test alone in a child.
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "telemetry::sinks::tests::partial_batch_write_is_taken_back",
-                    "--test-threads=1",
-                    "--nocapture",
-                ])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
-                "{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+        // Process-wide state: the test runs alone in a child process.
+        if !crate::telemetry::alone::in_child(
+            "telemetry::sinks::tests::partial_batch_write_is_taken_back",
+        ) {
             return;
         }
         // Past the limit a write gets EFBIG, not SIGXFSZ.

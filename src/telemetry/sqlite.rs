@@ -688,32 +688,15 @@ mod tests {
         assert_eq!(rows, expected);
     }
 
-    /// Set in the child process `database_wal_and_shm_are_created_0640` runs itself in.
-    const CHILD: &str = "WRAITH_TEST_UMASK_CHILD";
-
     /// With an umask that lets everything through, the database, its WAL and its shared
     /// memory are still 0640 from the start; an existing database keeps its mode.
     #[test]
     fn database_wal_and_shm_are_created_0640() {
         use std::os::unix::fs::PermissionsExt;
-        if std::env::var_os(CHILD).is_none() {
-            // The umask is per process: run the test alone in a child.
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "telemetry::sqlite::tests::database_wal_and_shm_are_created_0640",
-                    "--test-threads=1",
-                    "--nocapture",
-                ])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
-                "{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+        // Process-wide state: the test runs alone in a child process.
+        if !crate::telemetry::alone::in_child(
+            "telemetry::sqlite::tests::database_wal_and_shm_are_created_0640",
+        ) {
             return;
         }
         // SAFETY: umask only sets the process's file-creation mask.

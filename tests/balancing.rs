@@ -980,15 +980,15 @@ async fn the_checks_a_reload_replaced_stop_even_while_a_request_holds_the_old_po
     let (old, new) = (pool("/health"), pool("/elsewhere"));
     let wraith = setup.start(&old);
     let client = http_client();
-    assert_eq!(
+    let status = || async {
         client
             .get(wraith.url("http", "/x"))
             .send()
             .await
             .unwrap()
-            .status(),
-        200
-    );
+            .status()
+    };
+    assert_eq!(status().await, 200);
     // A request in flight keeps the old snapshot, and its pool, alive across the reload.
     let held = tokio::spawn({
         let (client, url) = (client.clone(), wraith.url("http", "/slow"));
@@ -1011,15 +1011,7 @@ async fn the_checks_a_reload_replaced_stop_even_while_a_request_holds_the_old_po
         "the replaced pool's checks still ran:\n{}",
         wraith.log()
     );
-    assert_eq!(
-        client
-            .get(wraith.url("http", "/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status().await, 200);
     assert!(
         !held.is_finished(),
         "the held request should still be in flight"

@@ -245,17 +245,24 @@ fn grown_mib(wraith: &Wraith, before_kib: u64) -> u64 {
     wraith.rss_kib().saturating_sub(before_kib) / 1024
 }
 
+/// The gateway, and a raw client connected to it that has opened its control stream and
+/// been served one request.
+async fn served() -> (Wraith, Upstream, RawH3) {
+    let (wraith, upstream) = gateway().await;
+    let ca = wraith.pki().ca_pem.clone();
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    assert_eq!(client.get().await, Some(200));
+    (wraith, upstream, client)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_reserved_frame_on_the_control_stream_is_dropped_as_it_arrives() {
-    let (wraith, _upstream) = gateway().await;
-    let ca = wraith.pki().ca_pem.clone();
-    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
-    client.open_control().await;
     // A request first: from its end the connection has idle_timeout, not header_read_timeout.
-    assert_eq!(client.get().await, Some(200));
+    let (wraith, _upstream, mut client) = served().await;
 
     // SETTINGS was sent; now a reserved frame that declares 2^62-1 bytes, and 64 MiB of it.
     let rss_before = wraith.rss_kib();
@@ -318,12 +325,8 @@ async fn a_control_frame_declaring_a_gigabyte_closes_the_connection_with_excessi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_headers_declared_over_max_header_size_get_431_unread() {
-    let (wraith, _upstream) = gateway().await;
-    let ca = wraith.pki().ca_pem.clone();
-    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
-    client.open_control().await;
     // A first request, so the baseline holds what any served connection holds.
-    assert_eq!(client.get().await, Some(200));
+    let (wraith, _upstream, client) = served().await;
     let rss_before = wraith.rss_kib();
 
     // A HEADERS frame declaring 1 GiB (max_header_size is 64 KiB), then 16 MiB of it.
@@ -349,12 +352,8 @@ async fn request_headers_declared_over_max_header_size_get_431_unread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_16_mib_reserved_frame_before_the_request_head_is_skipped_unkept() {
-    let (wraith, _upstream) = gateway().await;
-    let ca = wraith.pki().ca_pem.clone();
-    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
-    client.open_control().await;
     // A first request, so the baseline holds what any served connection holds.
-    assert_eq!(client.get().await, Some(200));
+    let (wraith, _upstream, client) = served().await;
     let rss_before = wraith.rss_kib();
 
     // Legal (RFC 9114 §9: unknown frames may come anywhere), and h3 0.0.8 kept it whole.

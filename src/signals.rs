@@ -3,7 +3,6 @@
 //! use.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -115,7 +114,7 @@ impl PidFile {
         for _ in 0..10 {
             // A pid file already there is stale: a server that exits removes its own.
             let existed = std::fs::symlink_metadata(path).is_ok();
-            let mut file = std::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -128,13 +127,12 @@ impl PidFile {
             if !same_file(&file, path) {
                 continue;
             }
-            let mut previous = String::new();
-            let _ = file.read_to_string(&mut previous);
+            let previous = pid_in(&file);
             // Unlocked, but naming a live wraith: a server of an older version, which held no
             // lock. Starting beside it would take its pid file (and, on a busy port, fail to
             // bind and then remove that file on the way out).
-            if let Ok(pid) = previous.trim().parse::<i32>() {
-                if pid > 0 && pid as u32 != std::process::id() && is_wraith(pid) {
+            if let Some(pid) = previous {
+                if pid as u32 != std::process::id() && is_wraith(pid) {
                     return Err(format!(
                         "pid file {} names process {pid}, a running wraith that holds no lock on it (started by an older version?): stop it first (`wraith stop` finds it)",
                         path.display()
@@ -144,7 +142,7 @@ impl PidFile {
             if existed {
                 tracing::warn!(
                     pid_file = %path.display(),
-                    previous = previous.trim(),
+                    previous = ?previous,
                     "taking over a stale pid file (no running wraith held its lock)"
                 );
             }
@@ -213,12 +211,14 @@ impl Running {
     /// Finds the server that holds `path`. Errors say why there is none: no file, or a stale
     /// one (unlocked: its pid is not a running wraith's and must not be signalled).
     pub fn find(path: &Path) -> Result<Running, String> {
+        // Non-blocking: a FIFO at the path must not hang `stop` or `reload` in open(2).
         let file = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
         {
-            Ok(f) => f,
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
+            Ok(_) => return Err(format!("{} is not a regular file", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(format!(
                     "{} does not exist: is wraith running?",

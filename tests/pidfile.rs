@@ -220,14 +220,17 @@ async fn a_second_sigterm_exits_at_once_even_with_a_log_sink_that_cannot_write()
     .await;
     let setup = Setup::new();
     // /dev/full fails every write with ENOSPC: the sink retries, and at a normal exit it would
-    // get the whole shutdown_timeout (10 s) to drain.
+    // get the whole shutdown_timeout (120 s here, far past the wait for the exit below) to
+    // drain, as would the request in flight.
     let cfg = config(
         &setup,
         &format!(
             "\n[[upstream]]\nname = 'slow'\nendpoints = ['{}']\n\n[[route]]\nname = 'slow'\npath = {{ prefix = '/slow' }}\nupstream = 'slow'\n\n[log.json]\npath = '/dev/full'\n",
             upstream.addr
         ),
-    );
+    )
+    .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"120s\"");
+    assert!(cfg.contains("shutdown_timeout = \"120s\""));
     let mut wraith = setup.start(&cfg);
 
     // One record the sink cannot write, and one request the drain waits for.
@@ -252,18 +255,12 @@ async fn a_second_sigterm_exits_at_once_even_with_a_log_sink_that_cannot_write()
         .wait_log(Duration::from_secs(10), |l| l["message"]
             == "SIGTERM: draining")
         .is_some());
-    let second = Instant::now();
     wraith.signal(libc::SIGTERM);
     assert_eq!(
         wraith.wait_exit(Duration::from_secs(10)),
         Some(130),
         "{}",
         wraith.log()
-    );
-    assert!(
-        second.elapsed() < Duration::from_secs(5),
-        "took {:?} after the second signal",
-        second.elapsed()
     );
     assert!(!wraith.path("wraith.pid").exists());
     slow.abort();

@@ -199,7 +199,7 @@ fn run_query(
             format!(
                 "the query ran longer than --timeout {} and was stopped (narrow it with a WHERE on \
                  time or a LIMIT, or give a longer --timeout; 0 for none)",
-                humanize(timeout)
+                crate::config::units::format_duration(timeout)
             )
         } else {
             sql_error(e)
@@ -237,17 +237,6 @@ fn run_query(
     }
     printer.finish()?;
     Ok(last)
-}
-
-/// `30s`, `1.5s`, `250ms`.
-fn humanize(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else if d.as_secs() == 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs_f64())
-    }
 }
 
 /// Interrupts the connection's statement when `timeout` passes (SQLite then fails it with

@@ -83,7 +83,8 @@ fn decode_unreserved(path: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn hex(c: u8) -> Option<u8> {
+/// The value of one hex digit.
+pub(crate) fn hex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),

@@ -147,7 +147,7 @@ fn key_is(key: &[u8], name: &str) -> bool {
     let mut want = name.iter();
     let mut i = 0;
     while i < key.len() {
-        let digit = |j: usize| key.get(j).copied().and_then(hex);
+        let digit = |j: usize| key.get(j).copied().and_then(crate::proxy::path::hex);
         let b = match (key[i], digit(i + 1), digit(i + 2)) {
             (b'%', Some(high), Some(low)) => {
                 i += 3;
@@ -167,16 +167,6 @@ fn key_is(key: &[u8], name: &str) -> bool {
         }
     }
     want.next().is_none()
-}
-
-/// The value of one hex digit.
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// `2026-11-25T21:49:15.123456Z`

@@ -143,20 +143,11 @@ fn huffman_digits(bytes: &[u8]) -> Option<String> {
 /// Reads a response up to its first HEADERS frame (skipping unknown frames) and returns its
 /// status. `None` if the stream ends or fails first.
 async fn read_status(recv: &mut quinn::RecvStream) -> Option<u16> {
-    fn take_varint(buf: &[u8]) -> Option<(u64, usize)> {
-        let first = *buf.first()?;
-        let len = 1usize << (first >> 6);
-        let bytes = buf.get(..len)?;
-        let v = bytes[1..]
-            .iter()
-            .fold(u64::from(first & 0x3f), |acc, b| acc << 8 | u64::from(*b));
-        Some((v, len))
-    }
     let mut buf = Vec::new();
     loop {
         // Whole frames at the front of `buf`.
-        while let Some((ty, a)) = take_varint(&buf) {
-            let Some((len, b)) = take_varint(&buf[a..]) else {
+        while let Some((ty, a)) = common::quic::varint(&buf) {
+            let Some((len, b)) = common::quic::varint(&buf[a..]) else {
                 break;
             };
             let end = a + b + len as usize;

@@ -301,10 +301,10 @@ pub(super) async fn serve(
         .map(|p| String::from_utf8_lossy(p).into());
     let h2 = session.alpn_protocol() == Some(b"h2");
     info.tls = Some(TlsInfo {
-        version: match session.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "TLSv1.3",
-        },
+        version: super::client_auth::version_name(match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => crate::config::TlsVersion::Tls12,
+            _ => crate::config::TlsVersion::Tls13,
+        }),
         group: session
             .negotiated_key_exchange_group()
             .map(|g| group_name(g.name())),

@@ -108,7 +108,11 @@ impl CloseSignal {
 
     /// How many TLS withdrawals the connection's listener has seen (changes when one comes).
     pub(crate) fn withdrawals(&self) -> usize {
-        self.client_auth.withdrawals()
+        // Only TLS connections can be covered by one (plain ones skip the atomic load).
+        match &self.tls {
+            Some(_) => self.client_auth.withdrawals(),
+            None => 0,
+        }
     }
 
     /// When the client certificate (or a CRL covering it) stops admitting the connection.

@@ -317,21 +317,21 @@ impl Drop for HoldingRelay {
     }
 }
 
+/// A QUIC variable-length integer at the start of `d` (RFC 9000 §16): its value and length;
+/// `None` when `d` is too short.
+pub fn varint(d: &[u8]) -> Option<(u64, usize)> {
+    let first = *d.first()?;
+    let len = 1usize << (first >> 6);
+    let bytes = d.get(..len)?;
+    let v = bytes[1..]
+        .iter()
+        .fold(u64::from(first & 0x3f), |acc, b| (acc << 8) | u64::from(*b));
+    Some((v, len))
+}
+
 /// Whether a datagram holds a QUIC v1 Handshake packet (long header type 2). Packet types
 /// are not header-protected; coalesced packets are walked by their length fields.
 pub fn has_handshake_packet(mut d: &[u8]) -> bool {
-    fn varint(d: &[u8]) -> Option<(u64, usize)> {
-        let first = *d.first()?;
-        let len = 1usize << (first >> 6);
-        if d.len() < len {
-            return None;
-        }
-        let mut v = u64::from(first & 0x3f);
-        for b in &d[1..len] {
-            v = (v << 8) | u64::from(*b);
-        }
-        Some((v, len))
-    }
     while let Some(&first) = d.first() {
         if first & 0x80 == 0 {
             return false; // a short header: the rest is 1-RTT

@@ -176,7 +176,17 @@ pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
 /// of those still known.
 #[derive(Debug, Default)]
 pub struct Known {
-    by_key: HashMap<Key, Vec<(Option<i64>, Decision)>>,
+    /// Per key, each decision's id, end and scenario (the key holds the rest; the store has
+    /// the one decision per key it enforces).
+    by_key: HashMap<Key, Vec<Entry>>,
+}
+
+/// One LAPI decision of a key.
+#[derive(Debug)]
+struct Entry {
+    id: Option<i64>,
+    until_ms: u64,
+    reason: Box<str>,
 }
 
 impl Known {
@@ -196,7 +206,10 @@ impl Known {
         for (id, d) in new {
             self.insert(id, d);
         }
-        self.by_key.values().filter_map(|l| longest(l)).collect()
+        self.by_key
+            .iter()
+            .filter_map(|(key, list)| longest(key, list))
+            .collect()
     }
 
     /// A delta; returns the keys the store drops and the decisions it (re)sets.
@@ -210,7 +223,7 @@ impl Known {
         for (id, key) in deleted {
             if let Some(list) = self.by_key.get_mut(&key) {
                 // Without an id the LAPI names the key only: all of it goes.
-                list.retain(|(i, _)| id.is_some() && *i != id);
+                list.retain(|e| id.is_some() && e.id != id);
             }
             touched.push(key);
         }
@@ -224,12 +237,12 @@ impl Known {
         let mut set = Vec::new();
         for key in touched {
             let list = self.by_key.get_mut(&key);
-            match list.map(|l| {
-                l.retain(|(_, d)| d.until_ms > now_ms);
-                longest(l)
+            match list.and_then(|l| {
+                l.retain(|e| e.until_ms > now_ms);
+                longest(&key, l)
             }) {
-                Some(Some(d)) => set.push(d),
-                _ => {
+                Some(d) => set.push(d),
+                None => {
                     self.by_key.remove(&key);
                     drop.push(key);
                 }
@@ -241,17 +254,27 @@ impl Known {
     fn insert(&mut self, id: Option<i64>, d: Decision) {
         let list = self.by_key.entry(d.key()).or_default();
         // The same id again replaces it; a decision without one stands for its whole key.
-        list.retain(|(i, _)| id.is_some() && *i != id);
-        list.push((id, d));
+        list.retain(|e| id.is_some() && e.id != id);
+        list.push(Entry {
+            id,
+            until_ms: d.until_ms,
+            reason: d.reason.into(),
+        });
     }
 }
 
-/// The decision of `list` that lasts longest.
-fn longest(list: &[(Option<i64>, Decision)]) -> Option<Decision> {
-    list.iter()
-        .map(|(_, d)| d)
-        .max_by_key(|d| d.until_ms)
-        .cloned()
+/// The decision of `key` that lasts longest, as the store holds it.
+fn longest(key: &Key, list: &[Entry]) -> Option<Decision> {
+    let e = list.iter().max_by_key(|e| e.until_ms)?;
+    Some(Decision {
+        source: Source::Crowdsec,
+        origin: key.origin.clone(),
+        scope: key.scope,
+        value: key.value,
+        kind: key.kind.clone(),
+        until_ms: e.until_ms,
+        reason: e.reason.to_string(),
+    })
 }
 
 /// What the bridge reports about itself (for `wraith status` and the admin API).

@@ -24,6 +24,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// A body streamed by hyper (HTTP/1.1 or HTTP/2, client side or upstream side).
     Incoming(hyper::body::Incoming),
+    /// A request body read by Wraith's own HTTP/1.1 server (`listener::h1`).
+    H1(crate::listener::h1::RequestBody),
     /// A response body read straight from a pooled HTTP/1.1 upstream connection.
     Upstream(crate::upstream::h1::ResponseBody),
     /// An HTTP/2 upstream's response body, holding its endpoint's in-flight slot until it ends.
@@ -65,6 +67,7 @@ impl std::fmt::Debug for Body {
             Body::Empty => "Body::Empty",
             Body::Full(_) => "Body::Full",
             Body::Incoming(_) => "Body::Incoming",
+            Body::H1(_) => "Body::H1",
             Body::Upstream(_) => "Body::Upstream",
             Body::Tracked(..) => "Body::Tracked",
             Body::Boxed(_) => "Body::Boxed",
@@ -84,6 +87,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::H1(b) => Pin::new(b).poll_frame(cx),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
             Body::Tracked(b, _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
@@ -95,6 +99,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Incoming(b) => b.is_end_stream(),
+            Body::H1(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Tracked(b, _) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
@@ -106,6 +111,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(b) => b.size_hint(),
+            Body::H1(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
             Body::Tracked(b, _) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),

@@ -54,6 +54,7 @@ pub mod cli;
 pub mod config;
 pub mod decisions;
 pub mod error;
+mod http1;
 pub mod identity;
 pub mod listener;
 pub mod policy;

@@ -27,6 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::h1;
 use super::tls::{self, group_name};
 use super::CloseSignal;
 use crate::body::Body;
@@ -255,7 +256,7 @@ pub(super) async fn serve(
             Some(h2) => h2,
             None => return,
         };
-        return serve_http(runtime, &listener, TokioIo::new(io), info, state, h2, close).await;
+        return serve_http(runtime, &listener, io, info, state, h2, close).await;
     };
 
     let timeout = listener
@@ -327,16 +328,7 @@ pub(super) async fn serve(
         }
         close.admitted_until(chain);
     }
-    serve_http(
-        runtime,
-        &listener,
-        TokioIo::new(tls),
-        info,
-        state,
-        h2,
-        close,
-    )
-    .await;
+    serve_http(runtime, &listener, tls, info, state, h2, close).await;
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
@@ -412,7 +404,7 @@ async fn sniff_h2(stream: &TcpStream, state: &ConnState, limits: &Limits) -> Opt
 async fn serve_http<I>(
     runtime: Arc<Runtime>,
     listener: &ListenerRuntime,
-    io: TokioIo<I>,
+    io: I,
     info: ConnInfo,
     state: Arc<ConnState>,
     h2: bool,
@@ -451,40 +443,51 @@ async fn serve_http<I>(
         state: state.clone(),
         alt_svc,
     });
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let handle = move |req: Request<Body>| {
         let ctx = ctx.clone();
         async move {
-            // Ends the request on every path, including hyper dropping this future (an
-            // HTTP/2 RST_STREAM): a leaked "in flight" would keep the connection Busy, beyond
-            // the reach of the idle and header timeouts, for good.
+            // Ends the request on every path, including the connection dropping this future
+            // (an HTTP/2 RST_STREAM, a client gone): a leaked "in flight" would keep the
+            // connection Busy, beyond the reach of the idle and header timeouts, for good.
             let _in_flight = InFlight::begin(&ctx.state);
-            let mut resp = ctx
-                .runtime
-                .gateway
-                .handle(req.map(Body::Incoming), &ctx.info)
-                .await;
+            let mut resp = ctx.runtime.gateway.handle(req, &ctx.info).await;
             if let Some(v) = &ctx.alt_svc {
                 resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
             }
-            Ok::<_, Infallible>(resp)
+            resp
         }
-    });
+    };
     if h2 {
-        let conn = listener.http.h2.serve_connection(io, svc);
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let resp = handle(req.map(Body::Incoming));
+            async move { Ok::<_, Infallible>(resp.await) }
+        });
+        let conn = listener.http.h2.serve_connection(TokioIo::new(io), svc);
         drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
     } else {
-        let conn = listener.http.h1.serve_connection(io, svc).with_upgrades();
+        let settings = h1::Settings {
+            max_header_size: limits.max_header_size,
+            max_headers: limits.max_headers,
+        };
+        let conn = h1::Connection::new(io, settings, handle);
         drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
     }
 }
 
-/// Runs a hyper connection to completion, applying drain, idle and header timeouts.
+/// Runs a connection (Wraith's HTTP/1.1 or hyper's HTTP/2) to completion, applying drain,
+/// idle and header timeouts.
 /// Once `close` fires, the connection has its drain time to finish; then it is closed
 /// whatever it was doing (a reload that removes a listener or changes its client-certificate
 /// rules has no process exit to end it otherwise).
-async fn drive<C, G>(conn: C, graceful: G, state: &ConnState, limits: &Limits, close: &CloseSignal)
-where
-    C: std::future::Future<Output = Result<(), hyper::Error>>,
+async fn drive<C, G, E>(
+    conn: C,
+    graceful: G,
+    state: &ConnState,
+    limits: &Limits,
+    close: &CloseSignal,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
     G: Fn(Pin<&mut C>),
 {
     tokio::pin!(conn);

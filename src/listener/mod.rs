@@ -8,6 +8,7 @@
 
 pub mod client_auth;
 mod conn;
+pub mod h1;
 pub mod limit;
 pub mod quic;
 pub mod tls;

@@ -19,7 +19,6 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::balance::Tried;
@@ -81,7 +80,7 @@ pub async fn forward(
     let config = &upstream.config;
     let h2 = config.protocol.is_h2();
     let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| crate::listener::h1::on_upgrade(&mut req));
     let key = upstream.hash_key(info.client_ip, req.headers(), req.uri().path());
     let forwarding = prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
     let timeout = route.response_timeout.unwrap_or(config.response_timeout);
@@ -283,7 +282,7 @@ fn is_idempotent(m: &Method) -> bool {
 /// raw traffic past routing and policy, so it is a 502.
 fn finish_response(
     mut resp: Response<Body>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<crate::listener::h1::OnUpgrade>,
     idle: Duration,
     close: Option<&CloseSignal>,
 ) -> Result<Response<Body>, String> {
@@ -442,7 +441,7 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
 /// changes the client-certificate rules it was admitted under, the tunnel is a request in
 /// flight that never ends by itself, and gets the drain time before it is closed.
 async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
+    client: crate::listener::h1::OnUpgrade,
     upstream: super::tls::Stream,
     leftover: bytes::Bytes,
     idle: Duration,
@@ -455,7 +454,7 @@ async fn tunnel(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
+    let mut client = client;
     if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
         return;
     }

@@ -1,0 +1,258 @@
+//! HTTP/1.1 wire pieces both codecs use: the server side (`listener::h1`, requests from
+//! clients) and the client side (`upstream::h1`, responses from upstreams). Chunked decoding
+//! (RFC 9112 §7.1), header token lists and `Content-Length` values.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+
+/// Largest chunk-size line (with extensions).
+pub(crate) const MAX_CHUNK_LINE: usize = 4096;
+/// Largest trailer section.
+pub(crate) const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Where a chunked decoder is in the body.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+pub(crate) enum Decoded {
+    Data(Bytes, ChunkState),
+    Continue(ChunkState),
+    NeedMore(ChunkState),
+    End(Option<HeaderMap>),
+}
+
+/// One step of the chunked decoder over the buffered bytes.
+pub(crate) fn decode_chunk(
+    state: ChunkState,
+    buf: &mut BytesMut,
+    peer: &str,
+) -> Result<Decoded, String> {
+    match state {
+        ChunkState::Size => {
+            let nl = buf.iter().position(|&b| b == b'\n');
+            if nl.unwrap_or(buf.len()) > MAX_CHUNK_LINE {
+                return Err(format!("chunk-size line too long from {peer}"));
+            }
+            let Some(nl) = nl else {
+                return Ok(Decoded::NeedMore(state));
+            };
+            let line = &buf[..nl];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let digits = line
+                .iter()
+                .position(|b| !b.is_ascii_hexdigit())
+                .unwrap_or(line.len());
+            // chunk-size [ BWS ";" chunk-ext ]: after the size only whitespace, then nothing
+            // or an extension (ignored), with no control characters but HTAB in it.
+            let rest = line[digits..].trim_ascii_start();
+            if digits == 0
+                || digits > 15
+                || !(rest.is_empty() || rest.starts_with(b";"))
+                || rest.iter().any(|&b| b.is_ascii_control() && b != b'\t')
+            {
+                return Err(format!("invalid chunk size from {peer}"));
+            }
+            let size = std::str::from_utf8(&line[..digits])
+                .ok()
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or_else(|| format!("invalid chunk size from {peer}"))?;
+            buf.advance(nl + 1);
+            Ok(Decoded::Continue(if size == 0 {
+                ChunkState::Trailers
+            } else {
+                ChunkState::Data(size)
+            }))
+        }
+        ChunkState::Data(remaining) => {
+            if buf.is_empty() {
+                return Ok(Decoded::NeedMore(state));
+            }
+            let n = (buf.len() as u64).min(remaining) as usize;
+            let data = buf.split_to(n).freeze();
+            let left = remaining - n as u64;
+            Ok(Decoded::Data(
+                data,
+                if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left)
+                },
+            ))
+        }
+        ChunkState::DataEnd => {
+            if buf.len() < 2 {
+                if buf.first() == Some(&b'\n') {
+                    buf.advance(1);
+                    return Ok(Decoded::Continue(ChunkState::Size));
+                }
+                return Ok(Decoded::NeedMore(state));
+            }
+            if &buf[..2] == b"\r\n" {
+                buf.advance(2);
+            } else if buf[0] == b'\n' {
+                buf.advance(1);
+            } else {
+                return Err(format!("missing CRLF after chunk data from {peer}"));
+            }
+            Ok(Decoded::Continue(ChunkState::Size))
+        }
+        ChunkState::Trailers => {
+            // The trailer section ends with the first empty line (CRLF or a bare LF); parse it
+            // whole once complete.
+            let mut start = 0;
+            let mut end = None;
+            while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+                let nl = start + i;
+                if buf[start..nl]
+                    .strip_suffix(b"\r")
+                    .unwrap_or(&buf[start..nl])
+                    .is_empty()
+                {
+                    end = Some((start, nl + 1));
+                    break;
+                }
+                start = nl + 1;
+            }
+            if end.map_or(buf.len(), |(fields_end, _)| fields_end) > MAX_TRAILERS {
+                return Err(format!("trailer section too large from {peer}"));
+            }
+            let Some((fields_end, consumed)) = end else {
+                return Ok(Decoded::NeedMore(state));
+            };
+            let mut trailers = HeaderMap::new();
+            for line in buf[..fields_end].split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.is_empty() {
+                    continue;
+                }
+                let colon = line
+                    .iter()
+                    .position(|&b| b == b':')
+                    .ok_or_else(|| format!("invalid trailer from {peer}"))?;
+                let name = HeaderName::from_bytes(&line[..colon])
+                    .map_err(|_| format!("invalid trailer name from {peer}"))?;
+                let value = HeaderValue::from_bytes(trim(&line[colon + 1..]))
+                    .map_err(|_| format!("invalid trailer value from {peer}"))?;
+                trailers.append(name, value);
+            }
+            buf.advance(consumed);
+            Ok(Decoded::End((!trailers.is_empty()).then_some(trailers)))
+        }
+    }
+}
+
+pub(crate) fn trim(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// The non-empty comma-separated tokens of a header value, trimmed.
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// `1*DIGIT`, no sign, no overflow.
+pub(crate) fn parse_length(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
+        let mut buf = BytesMut::from(input);
+        let mut state = ChunkState::Size;
+        let mut out = Vec::new();
+        loop {
+            match decode_chunk(state, &mut buf, "upstream")? {
+                Decoded::Data(d, s) => {
+                    out.extend_from_slice(&d);
+                    state = s;
+                }
+                Decoded::Continue(s) => state = s,
+                Decoded::NeedMore(_) => return Err("need more".into()),
+                Decoded::End(t) => return Ok((out, t)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_decoding() {
+        let (data, trailers) = chunks(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n").unwrap();
+        assert_eq!(data, b"hello world");
+        assert!(trailers.is_none());
+        let (data, trailers) =
+            chunks(b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nx-t: y\r\n\r\n").unwrap();
+        assert_eq!(data, b"abc");
+        let t = trailers.unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t["x-t"], "y");
+        assert!(chunks(b"zz\r\n").is_err());
+        assert!(chunks(b"5\r\nhelloXX").is_err());
+        assert!(chunks(b"ffffffffffffffffff\r\n").is_err());
+        assert_eq!(chunks(b"5\r\nhel").unwrap_err(), "need more");
+        // Whitespace before an extension is allowed; anything else after the size is not.
+        assert_eq!(chunks(b"3 ;x=y\r\nabc\r\n0\r\n\r\n").unwrap().0, b"abc");
+        assert!(chunks(b"5 6\r\nhello\r\n0\r\n\r\n").is_err());
+        assert!(chunks(b"3;x\x00y\r\nabc\r\n0\r\n\r\n").is_err());
+        assert!(chunks(b"3;x\ry\r\nabc\r\n0\r\n\r\n").is_err());
+        // Limits hold when the terminator came in the same read.
+        let mut long = b"3;".to_vec();
+        long.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        long.extend_from_slice(b"\r\nabc\r\n0\r\n\r\n");
+        assert!(chunks(&long).is_err());
+        let mut trailers = b"0\r\n".to_vec();
+        for i in 0..MAX_TRAILERS / 10 {
+            trailers.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        trailers.extend_from_slice(b"\r\n");
+        assert_eq!(
+            chunks(&trailers).unwrap_err(),
+            "trailer section too large from upstream"
+        );
+        // The section ends at its first empty line, whatever the line endings.
+        let mut b = BytesMut::from(&b"0\r\nx: y\n\r\nHTTP/1.1 200 OK\r\n\r\n"[..]);
+        let mut state = ChunkState::Size;
+        loop {
+            match decode_chunk(state, &mut b, "upstream").unwrap() {
+                Decoded::Continue(s) => state = s,
+                Decoded::End(t) => {
+                    assert_eq!(t.unwrap()["x"], "y");
+                    break;
+                }
+                _ => panic!("unexpected"),
+            }
+        }
+        assert_eq!(
+            &b[..],
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            "the next bytes are left alone"
+        );
+    }
+}

@@ -20,6 +20,26 @@ pub(crate) enum ChunkState {
     Trailers,
 }
 
+/// Who sent a chunked body. Clients get the strict reading: every line ends with CRLF
+/// (RFC 9112 §7.1); a bare LF, which another hop in front of Wraith might read differently
+/// (the chunk-extension and bare-LF desyncs), is an error. Upstreams get the lenient reading
+/// RFC 9112 §2.2 allows a recipient (a bare LF ends a line): what they send is re-framed for
+/// the client, never passed on as is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    Client,
+    Upstream,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Peer::Client => "the client",
+            Peer::Upstream => "upstream",
+        })
+    }
+}
+
 pub(crate) enum Decoded {
     Data(Bytes, ChunkState),
     Continue(ChunkState),
@@ -31,8 +51,9 @@ pub(crate) enum Decoded {
 pub(crate) fn decode_chunk(
     state: ChunkState,
     buf: &mut BytesMut,
-    peer: &str,
+    peer: Peer,
 ) -> Result<Decoded, String> {
+    let strict = peer == Peer::Client;
     match state {
         ChunkState::Size => {
             let nl = buf.iter().position(|&b| b == b'\n');
@@ -43,6 +64,9 @@ pub(crate) fn decode_chunk(
                 return Ok(Decoded::NeedMore(state));
             };
             let line = &buf[..nl];
+            if strict && !line.ends_with(b"\r") {
+                return Err(format!("chunk-size line not ended by CRLF from {peer}"));
+            }
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let digits = line
                 .iter()
@@ -87,7 +111,7 @@ pub(crate) fn decode_chunk(
         }
         ChunkState::DataEnd => {
             if buf.len() < 2 {
-                if buf.first() == Some(&b'\n') {
+                if buf.first() == Some(&b'\n') && !strict {
                     buf.advance(1);
                     return Ok(Decoded::Continue(ChunkState::Size));
                 }
@@ -95,7 +119,7 @@ pub(crate) fn decode_chunk(
             }
             if &buf[..2] == b"\r\n" {
                 buf.advance(2);
-            } else if buf[0] == b'\n' {
+            } else if buf[0] == b'\n' && !strict {
                 buf.advance(1);
             } else {
                 return Err(format!("missing CRLF after chunk data from {peer}"));
@@ -109,6 +133,9 @@ pub(crate) fn decode_chunk(
             let mut end = None;
             while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
                 let nl = start + i;
+                if strict && !buf[start..nl].ends_with(b"\r") {
+                    return Err(format!("trailer line not ended by CRLF from {peer}"));
+                }
                 if buf[start..nl]
                     .strip_suffix(b"\r")
                     .unwrap_or(&buf[start..nl])
@@ -190,7 +217,7 @@ mod tests {
         let mut state = ChunkState::Size;
         let mut out = Vec::new();
         loop {
-            match decode_chunk(state, &mut buf, "upstream")? {
+            match decode_chunk(state, &mut buf, Peer::Upstream)? {
                 Decoded::Data(d, s) => {
                     out.extend_from_slice(&d);
                     state = s;
@@ -240,7 +267,7 @@ mod tests {
         let mut b = BytesMut::from(&b"0\r\nx: y\n\r\nHTTP/1.1 200 OK\r\n\r\n"[..]);
         let mut state = ChunkState::Size;
         loop {
-            match decode_chunk(state, &mut b, "upstream").unwrap() {
+            match decode_chunk(state, &mut b, Peer::Upstream).unwrap() {
                 Decoded::Continue(s) => state = s,
                 Decoded::End(t) => {
                     assert_eq!(t.unwrap()["x"], "y");
@@ -254,5 +281,53 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n\r\n",
             "the next bytes are left alone"
         );
+    }
+
+    #[test]
+    fn clients_must_end_every_chunk_line_with_crlf() {
+        let strict = |input: &[u8]| {
+            let mut buf = BytesMut::from(input);
+            let mut state = ChunkState::Size;
+            let mut out = Vec::new();
+            loop {
+                match decode_chunk(state, &mut buf, Peer::Client)? {
+                    Decoded::Data(d, s) => {
+                        out.extend_from_slice(&d);
+                        state = s;
+                    }
+                    Decoded::Continue(s) => state = s,
+                    Decoded::NeedMore(_) => return Err("need more".to_string()),
+                    Decoded::End(_) => return Ok(out),
+                }
+            }
+        };
+        assert_eq!(
+            strict(b"5\r\nhello\r\n0\r\nx: y\r\n\r\n").unwrap(),
+            b"hello"
+        );
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"2;ext\nxx\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nx: y\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
+        ] {
+            assert!(
+                strict(bad).is_err_and(|e| e != "need more"),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            // The same bytes from an upstream are read leniently.
+            let mut buf = BytesMut::from(bad);
+            let mut state = ChunkState::Size;
+            let ok = loop {
+                match decode_chunk(state, &mut buf, Peer::Upstream) {
+                    Ok(Decoded::Data(_, s)) | Ok(Decoded::Continue(s)) => state = s,
+                    Ok(Decoded::End(_)) => break true,
+                    _ => break false,
+                }
+            };
+            assert!(ok, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }

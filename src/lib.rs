@@ -7,6 +7,8 @@
 //!                                                  TLS 1.3 handshake (QUIC: own rustls
 //!                                                  session, listener/quic/crypto)
 //!   └─ HTTP/1.1 or HTTP/2           listener/conn  header-read and idle timeouts, drain
+//!                                   listener/h1    own HTTP/1.1 codec (strict framing);
+//!                                                  HTTP/2 by hyper
 //!      or HTTP/3                    listener/quic  streamed bodies, GOAWAY drain, 0-RTT
 //!       │                           identity       verified client cert -> Identity (per connection)
 //!       └─ Gateway::handle          proxy/         one pipeline for every protocol
@@ -31,7 +33,8 @@
 //!
 //! - `config`: `wraith.toml` -> raw serde mirror -> typed `Config`, every error at once
 //! - `runtime`: `Snapshot` (config + everything built from it) behind ArcSwap; reload; drain
-//! - `listener`: sockets, TLS, per-connection serving (TCP in `conn`, QUIC/HTTP/3 in `quic`)
+//! - `listener`: sockets, TLS, per-connection serving (TCP in `conn`, its HTTP/1.1 codec in
+//!   `h1`, QUIC/HTTP/3 in `quic`); `http1`: chunked decoding shared with the upstream client
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools (balancing, health, TLS) and the
 //!   forwarder (retries)

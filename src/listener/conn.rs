@@ -1,15 +1,15 @@
 //! One client connection: optional TLS handshake (bounded by the handshake timeout), HTTP/1.1
-//! or HTTP/2 (ALPN, or the h2 preface on plain connections), and the two timeouts hyper does
-//! not separate for us:
+//! (Wraith's own codec, `h1`) or HTTP/2 (hyper; by ALPN, or the h2 preface on plain
+//! connections), and the two timeouts both are driven with:
 //!
 //! - header read (slowloris): from the first byte of a request head (or from accept) to the
 //!   complete head; exceeded -> the connection is closed;
 //! - idle: no request in flight and no bytes moving for this long -> graceful close.
 //!
 //! Drain (SIGTERM, the listener removed by a reload, or a reload that changed the
-//! client-certificate rules the connection was admitted under: `CloseSignal`) asks hyper for a
-//! graceful shutdown: HTTP/1 finishes the request in flight with `Connection: close`, HTTP/2
-//! sends GOAWAY.
+//! client-certificate rules the connection was admitted under: `CloseSignal`) asks the
+//! connection for a graceful shutdown: HTTP/1.1 finishes the request in flight with
+//! `Connection: close`, HTTP/2 sends GOAWAY.
 
 use std::convert::Infallible;
 use std::io;

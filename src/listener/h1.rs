@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use crate::body::{Body, BoxError};
-use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded};
+use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, Peer};
 
 /// Header slots parsed on the stack; heads with more fields (when `max_headers` allows) are
 /// parsed again into slots on the heap.
@@ -159,9 +159,14 @@ impl http_body::Body for RequestBody {
         if s.ended {
             return Poll::Ready(None);
         }
-        s.wanted = true;
         register(&mut s.reader, cx);
-        wake(&mut s.writer);
+        // The connection reads on by itself while the slot is empty; the one thing it waits
+        // for from here is the first ask (what `Expect: 100-continue` is answered on). Waking
+        // it on every ask would spin the task for as long as the client sends nothing.
+        if !s.wanted {
+            s.wanted = true;
+            wake(&mut s.writer);
+        }
         Poll::Pending
     }
 
@@ -285,6 +290,8 @@ impl Future for OnUpgrade {
 enum Reading {
     /// No body, or all of it read.
     Done,
+    /// The body's framing broke: nothing more is read, and the rest counts as unread.
+    Failed,
     Length(u64),
     Chunked(ChunkState),
 }
@@ -358,6 +365,8 @@ struct Conn<I> {
     unflushed: bool,
     /// Header offsets of the head being parsed (kept for its capacity).
     spans: Vec<[usize; 4]>,
+    /// How much of an incomplete head was already looked at (0: none).
+    scanned: usize,
     phase: Phase,
     req: Option<InFlight>,
     resp: Option<Body>,
@@ -393,6 +402,7 @@ where
                 wpost_pos: 0,
                 unflushed: false,
                 spans: Vec::new(),
+                scanned: 0,
                 phase: Phase::Head,
                 req: None,
                 resp: None,
@@ -450,10 +460,16 @@ where
                     }
                     return conn.poll_shutdown(cx).map(|_| Ok(()));
                 }
-                Phase::Linger => match conn.poll_linger(cx) {
-                    Poll::Ready(()) => conn.phase = Phase::Closed,
-                    Poll::Pending => return Poll::Pending,
-                },
+                Phase::Linger => {
+                    // The response goes out whole before the half-close.
+                    if !written {
+                        return Poll::Pending;
+                    }
+                    match conn.poll_linger(cx) {
+                        Poll::Ready(()) => conn.phase = Phase::Closed,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
                 Phase::Head => {
                     if !written {
                         return Poll::Pending;
@@ -655,6 +671,19 @@ where
         if self.rbuf.is_empty() {
             return Ok(None);
         }
+        // A head that arrives in pieces is parsed again only once the bytes that came since
+        // the last try could end it (an empty line): a head sent a byte at a time must not
+        // cost its length squared.
+        if self.scanned > 0 {
+            let from = self.scanned.min(self.rbuf.len()).saturating_sub(3);
+            let ends = self.rbuf[from..]
+                .windows(2)
+                .any(|w| w == b"\n\n" || w == b"\n\r");
+            if !ends {
+                self.scanned = self.rbuf.len();
+                return self.too_large().map(|()| None);
+            }
+        }
         let max_headers = self.settings.max_headers;
         let parsed = {
             let mut inline =
@@ -672,19 +701,8 @@ where
         let parsed = match parsed {
             Ok(Some(p)) => p,
             Ok(None) => {
-                if self.rbuf.len() > self.settings.max_header_size {
-                    if !self.rbuf.contains(&b'\n') {
-                        return Err(refuse(
-                            StatusCode::URI_TOO_LONG,
-                            "the request line is longer than max_header_size",
-                        ));
-                    }
-                    return Err(refuse(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "the request head is larger than max_header_size",
-                    ));
-                }
-                return Ok(None);
+                self.scanned = self.rbuf.len();
+                return self.too_large().map(|()| None);
             }
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(refuse(
@@ -706,8 +724,26 @@ where
                 "the request head is larger than max_header_size",
             ));
         }
+        self.scanned = 0;
         let head = self.rbuf.split_to(parsed.len).freeze();
         self.build_request(head, &parsed).map(Some)
+    }
+
+    /// An incomplete head already over `max_header_size` is refused.
+    fn too_large(&self) -> Result<(), Refusal> {
+        if self.rbuf.len() <= self.settings.max_header_size {
+            return Ok(());
+        }
+        if !self.rbuf.contains(&b'\n') {
+            return Err(refuse(
+                StatusCode::URI_TOO_LONG,
+                "the request line is longer than max_header_size",
+            ));
+        }
+        Err(refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is larger than max_header_size",
+        ))
     }
 
     fn build_request(&mut self, head: Bytes, parsed: &Parsed) -> Result<Request<Body>, Refusal> {
@@ -716,6 +752,20 @@ where
             .map_err(|_| bad("invalid method"))?;
         let uri = Uri::from_maybe_shared(head.slice(parsed.target.0..parsed.target.1))
             .map_err(|_| bad("invalid request target"))?;
+        // The four target forms (RFC 9112 §3.2): origin (`/p`) and absolute
+        // (`http://h/p`) for every method, authority (`h:443`) only for CONNECT, `*` only
+        // for OPTIONS.
+        let target = &head[parsed.target.0..parsed.target.1];
+        let form_ok = if target.first() == Some(&b'/') || uri.scheme().is_some() {
+            true
+        } else if target == b"*" {
+            method == Method::OPTIONS
+        } else {
+            method == Method::CONNECT
+        };
+        if !form_ok {
+            return Err(bad("request target form not allowed for this method"));
+        }
         let http10 = parsed.version == Version::HTTP_10;
 
         let mut facts = Facts::default();
@@ -777,7 +827,7 @@ where
             upgrading: false,
         };
         let body = match flight.reading {
-            Reading::Done => Body::Empty,
+            Reading::Done | Reading::Failed => Body::Empty,
             Reading::Length(n) => flight.open_body(Some(n)),
             Reading::Chunked(_) => flight.open_body(None),
         };
@@ -827,6 +877,7 @@ where
         self.out().extend_from_slice(body.as_bytes());
         self.keep_alive = false;
         self.rbuf.clear();
+        self.scanned = 0;
         self.phase = Phase::Linger;
     }
 
@@ -839,8 +890,10 @@ where
         let Some(req) = self.req.as_mut() else {
             return Poll::Ready(Ok(false));
         };
-        if matches!(req.reading, Reading::Done) {
-            return self.poll_watch(cx);
+        match req.reading {
+            Reading::Done => return self.poll_watch(cx),
+            Reading::Failed => return Poll::Ready(Ok(false)),
+            Reading::Length(_) | Reading::Chunked(_) => {}
         }
         let slot = req.slot.clone().expect("a body being read has its slot");
         let mut progress = false;
@@ -872,7 +925,7 @@ where
             }
             let req = self.req.as_mut().expect("checked above");
             let frame: Option<Result<Frame<Bytes>, BoxError>> = match &mut req.reading {
-                Reading::Done => return Poll::Ready(Ok(progress)),
+                Reading::Done | Reading::Failed => return Poll::Ready(Ok(progress)),
                 Reading::Length(remaining) => {
                     if self.rbuf.is_empty() {
                         None
@@ -886,7 +939,7 @@ where
                         Some(Ok(Frame::data(data)))
                     }
                 }
-                Reading::Chunked(state) => match decode_chunk(*state, &mut self.rbuf, "the client")
+                Reading::Chunked(state) => match decode_chunk(*state, &mut self.rbuf, Peer::Client)
                 {
                     Ok(Decoded::Data(data, next)) => {
                         *state = next;
@@ -911,9 +964,8 @@ where
                         return Poll::Ready(Ok(true));
                     }
                     Err(e) => {
-                        req.reading = Reading::Done;
+                        req.reading = Reading::Failed;
                         self.keep_alive = false;
-                        self.read_closed = true;
                         let mut s = lock(&slot);
                         s.frame = Some(Err(e.into()));
                         s.ended = true;
@@ -961,7 +1013,7 @@ where
 
     fn body_cut(&mut self, slot: &Mutex<Slot>, why: &str) -> Poll<Result<bool, Error>> {
         if let Some(req) = self.req.as_mut() {
-            req.reading = Reading::Done;
+            req.reading = Reading::Failed;
         }
         self.keep_alive = false;
         let mut s = lock(slot);
@@ -1005,8 +1057,22 @@ where
     // Responses.
 
     fn start_response(&mut self, resp: Response<Body>) {
-        let (parts, body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
         let req = self.req.as_mut().expect("a response answers a request");
+        // A final answer must be final: an interim status (or a 101 nobody asked for) would
+        // make the client pair the next response with this request.
+        if parts.status.is_informational()
+            && !(parts.status == StatusCode::SWITCHING_PROTOCOLS && req.upgrade.is_some())
+        {
+            tracing::warn!(
+                status = parts.status.as_u16(),
+                "the pipeline answered with an interim status; sent as 502"
+            );
+            parts.status = StatusCode::BAD_GATEWAY;
+            parts.headers.clear();
+            body = Body::Empty;
+            self.keep_alive = false;
+        }
         req.responded = true;
         if req.expect_continue {
             // Answered without the body: the client may send it or not; either way the
@@ -1015,10 +1081,10 @@ where
             self.keep_alive = false;
         }
         if !matches!(req.reading, Reading::Done) {
-            // Unless the pipeline still reads it, the body will not be read to its end.
-            if req.slot.as_ref().is_none_or(|s| lock(s).dropped) {
-                self.keep_alive = false;
-            }
+            // The body is not read to its end yet: whether or not the pipeline goes on
+            // reading it, this connection will not be trusted with another request, and the
+            // response says so.
+            self.keep_alive = false;
         }
         let status = parts.status;
         let upgrading = status == StatusCode::SWITCHING_PROTOCOLS && req.upgrade.is_some();
@@ -1027,8 +1093,6 @@ where
             || status == StatusCode::NOT_MODIFIED;
         let head_only = req.head_only;
         let http10 = req.http10;
-        let trailers = req.trailers;
-        let _ = trailers;
         if self.closing {
             self.keep_alive = false;
         }
@@ -1051,7 +1115,8 @@ where
         } else if head_only || status == StatusCode::NOT_MODIFIED {
             // The headers the GET would have, no body. A 304 without a declared length says
             // nothing about it; a HEAD answered from a body of known size gives that size.
-            length_line = declared.or_else(|| body.size_hint().exact().filter(|_| head_only));
+            length_line =
+                declared.or_else(|| body.size_hint().exact().filter(|&n| head_only && n > 0));
             Writing::Done
         } else if let Some(n) = declared {
             length_line = Some(n);
@@ -1085,7 +1150,7 @@ where
         // The head.
         // Nothing of an earlier response is left queued behind data.
         debug_assert!(self.wdata.is_empty());
-        let keep_alive = self.keep_alive;
+        let mut keep_alive = self.keep_alive;
         let w = &mut self.wbuf;
         w.extend_from_slice(b"HTTP/1.1 ");
         w.extend_from_slice(status.as_str().as_bytes());
@@ -1094,12 +1159,17 @@ where
         w.extend_from_slice(b"\r\n");
         let mut has_date = false;
         for (name, value) in &parts.headers {
-            if !upgrading
-                && (name == header::CONNECTION
-                    || name == header::TRANSFER_ENCODING
-                    || name == header::CONTENT_LENGTH
-                    || name.as_str() == "keep-alive")
-            {
+            if name == header::TRANSFER_ENCODING || name == header::CONTENT_LENGTH {
+                continue;
+            }
+            if !upgrading && (name == header::CONNECTION || name.as_str() == "keep-alive") {
+                // Framing and the connection's fate are this codec's to say; a `close`
+                // asked for by the pipeline is honoured.
+                if name == header::CONNECTION
+                    && tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"))
+                {
+                    keep_alive = false;
+                }
                 continue;
             }
             if name == header::DATE {
@@ -1133,6 +1203,7 @@ where
             }
         }
         w.extend_from_slice(b"\r\n");
+        self.keep_alive = keep_alive;
 
         let req = self.req.as_mut().expect("checked above");
         if upgrading {
@@ -1262,6 +1333,9 @@ where
                 let send = self.req.as_ref().is_some_and(|r| r.trailers);
                 if let (Some(t), true) = (trailers, send) {
                     for (name, value) in &t {
+                        if !allowed_in_trailers(name) {
+                            continue;
+                        }
                         let out = self.out();
                         out.extend_from_slice(name.as_str().as_bytes());
                         out.extend_from_slice(b": ");
@@ -1303,6 +1377,17 @@ where
         }
         if self.keep_alive && !self.closing {
             self.phase = Phase::Head;
+            // An idle connection keeps small buffers: one upload or one large head must
+            // not pin 64 KiB or more for the rest of its life.
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * HEAD_READ {
+                self.rbuf = BytesMut::new();
+            }
+            if self.wbuf.capacity() > 4 * WRITE_HIGH {
+                self.wbuf = Vec::new();
+            }
+            if self.wpost.capacity() > 4 * WRITE_HIGH {
+                self.wpost = Vec::new();
+            }
             return;
         }
         // Closing. Lingering only when the client may still be sending: a body left unread,
@@ -1356,6 +1441,9 @@ where
         let Some(req) = self.req.take() else {
             return;
         };
+        if !matches!(req.reading, Reading::Done) {
+            return;
+        }
         let (Some(tx), Some(io)) = (req.upgrade, self.io.take()) else {
             return;
         };
@@ -1365,6 +1453,21 @@ where
             leftover,
         });
         self.phase = Phase::Closed;
+    }
+}
+
+impl<I> Drop for Conn<I> {
+    fn drop(&mut self) {
+        // A body still being read (perhaps by another task: hyper's HTTP/2 client) must end
+        // now, with an error, not wait for bytes that will never come.
+        if let Some(slot) = self.req.as_ref().and_then(|r| r.slot.as_ref()) {
+            let mut s = lock(slot);
+            if !s.ended {
+                s.frame = Some(Err("the client connection closed mid-body".into()));
+                s.ended = true;
+                wake(&mut s.reader);
+            }
+        }
     }
 }
 
@@ -1549,6 +1652,32 @@ fn common_name(raw: &[u8]) -> Option<HeaderName> {
         b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
         _ => return None,
     })
+}
+
+/// Whether a field may be sent in a trailer section: not framing, routing or connection
+/// fields (RFC 9110 §6.5.1).
+fn allowed_in_trailers(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-encoding"
+            | "content-type"
+            | "content-range"
+            | "set-cookie"
+            | "authorization"
+            | "cache-control"
+            | "expect"
+            | "max-forwards"
+            | "pragma"
+            | "range"
+    )
 }
 
 /// `{len:x}\r\n` into `out`; the number of bytes written.

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -26,23 +26,15 @@ use crate::config::{Limits, ListenerConfig, ListenerKey};
 use crate::runtime::{ListenerRuntime, Runtime};
 use limit::ConnectionLimit;
 
-/// The HTTP/1.1 and HTTP/2 server settings of a listener.
+/// The HTTP/2 server settings of a listener (HTTP/1.1 is Wraith's own codec, `h1`, which
+/// takes its limits from the listener's config directly).
 #[derive(Clone)]
 pub struct HttpBuilders {
-    pub h1: http1::Builder,
     pub h2: http2::Builder<TokioExecutor>,
 }
 
 /// Builds the HTTP server settings from a listener's limits.
 pub fn http_builder(limits: &Limits) -> HttpBuilders {
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        // Wraith enforces the header-read and idle timeouts itself (see conn.rs), so the
-        // two stay separate; hyper's own would close idle keep-alive connections early.
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers)
-        .max_header_size(limits.max_header_size)
-        .keep_alive(true);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -52,7 +44,7 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
         .keep_alive_timeout(Duration::from_secs(20))
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(4 << 20));
-    HttpBuilders { h1, h2 }
+    HttpBuilders { h2 }
 }
 
 /// What asks one connection to finish early: its listener stopping (SIGTERM, or the listener

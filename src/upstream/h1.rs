@@ -31,7 +31,7 @@ use tokio_rustls::TlsConnector;
 
 use super::tls::{self, Stream};
 use crate::body::{Body, BoxError};
-use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded};
+use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, Peer};
 use crate::proxy::headers::Forwarding;
 
 /// Largest response head accepted from an upstream.
@@ -1069,7 +1069,7 @@ impl http_body::Body for ResponseBody {
                     }
                 }
                 State::Chunked(cs) => {
-                    match decode_chunk(cs, this.buf(), "upstream") {
+                    match decode_chunk(cs, this.buf(), Peer::Upstream) {
                         Ok(Decoded::Data(data, next)) => {
                             this.state = State::Chunked(next);
                             return Poll::Ready(Some(Ok(Frame::data(data))));

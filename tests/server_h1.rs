@@ -1520,3 +1520,80 @@ async fn head_of_an_unknown_length_gets_no_invented_length() {
     c.send(get("/static").as_bytes()).await;
     assert_eq!(c.response().await.body, STATIC_BODY);
 }
+
+/// Requests the codec refuses are accounted like any other: one access record each (status,
+/// error `malformed_request`, the request line when it could be read) in the JSON and
+/// combined logs, and a `malformed_request` security event for the SIEM.
+#[tokio::test]
+async fn refused_requests_are_logged_and_reported() {
+    let (upstream, _rec) = recording_upstream().await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n[log.combined]\npath = \"access.log\"\n[log.events]\npath = \"events.json\"\n",
+        config(&setup, upstream.addr)
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("http");
+    for raw in [
+        &b"POST /te-cl HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"[..],
+        b"\x16\x03\x01\x00\x10garbage\r\n\r\n",
+    ] {
+        let mut c = Conn::open(addr).await;
+        c.send(raw).await;
+        let resp = c.response().await;
+        assert_eq!(resp.status, 400, "{}", resp.summary());
+    }
+    let read = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(wraith.path(name))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while read("access.json").len() < 2
+        || read("access.log").len() < 2
+        || read("events.json").len() < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records: {:?} {:?} {:?}",
+            read("access.json"),
+            read("access.log"),
+            read("events.json")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let json: Vec<serde_json::Value> = read("access.json")
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(json.len(), 2, "{json:?}");
+    assert_eq!(json[0]["status"], 400);
+    assert_eq!(json[0]["error"], "malformed_request");
+    assert_eq!(json[0]["method"], "POST");
+    assert_eq!(json[0]["client_ip"], "127.0.0.1");
+    assert_eq!(json[1]["status"], 400);
+    assert_eq!(json[1]["method"], "-");
+    let combined = read("access.log");
+    assert!(
+        combined[0].contains("\"POST /te-cl HTTP/1.1\" 400"),
+        "{}",
+        combined[0]
+    );
+    assert!(
+        combined[1].contains("\"- - HTTP/1.1\" 400"),
+        "{}",
+        combined[1]
+    );
+    let events: Vec<serde_json::Value> = read("events.json")
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| e["wraith"]["event"] == "malformed_request" && e["srcip"] == "127.0.0.1"),
+        "{events:?}"
+    );
+}

@@ -443,6 +443,7 @@ async fn serve_http<I>(
         state: state.clone(),
         alt_svc,
     });
+    let refusals = ctx.clone();
     let handle = move |req: Request<Body>| {
         let ctx = ctx.clone();
         async move {
@@ -469,7 +470,16 @@ async fn serve_http<I>(
             max_header_size: limits.max_header_size,
             max_headers: limits.max_headers,
         };
-        let conn = h1::Connection::new(io, settings, handle);
+        let on_refused = move |r: h1::Refused| {
+            refusals.runtime.gateway.refused_by_codec(
+                &refusals.info,
+                r.status,
+                r.reason,
+                r.request,
+                r.body_len,
+            );
+        };
+        let conn = h1::Connection::new(io, settings, handle, on_refused);
         drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
     }
 }

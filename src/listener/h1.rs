@@ -89,10 +89,29 @@ impl From<io::Error> for Error {
 struct Refusal {
     status: StatusCode,
     reason: &'static str,
+    /// The request line, when it could be read (boxed: refusals are rare, and the
+    /// `Result`s carrying them stay small).
+    request: Option<Box<(Method, Uri, Version)>>,
 }
 
 fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
-    Refusal { status, reason }
+    Refusal {
+        status,
+        reason,
+        request: None,
+    }
+}
+
+/// A request the codec refused, as the connection's `on_refused` hears of it (to account
+/// for it like any other request: an access record, metrics, a security event).
+pub struct Refused {
+    pub status: StatusCode,
+    /// Why, in a few words (a fixed text: no client bytes).
+    pub reason: &'static str,
+    /// Method, target and version, when the request line could be read.
+    pub request: Option<(Method, Uri, Version)>,
+    /// The length of the answer's body.
+    pub body_len: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,6 +349,8 @@ struct InFlight {
     trailers: bool,
     http10: bool,
     upgrade: Option<oneshot::Sender<Upgraded>>,
+    /// The other end of `upgrade`, until it goes into the request.
+    upgrade_rx: Option<oneshot::Receiver<Upgraded>>,
     /// The response head is written (or queued).
     responded: bool,
     /// The response is completely queued.
@@ -341,9 +362,10 @@ struct InFlight {
 pin_project_lite::pin_project! {
     /// One client connection served over HTTP/1.1: a future that ends when the connection
     /// is closed (or handed over by an upgrade).
-    pub(super) struct Connection<I, S, F> {
+    pub(super) struct Connection<I, S, F, R> {
         conn: Conn<I>,
         service: S,
+        on_refused: R,
         #[pin]
         handler: Option<F>,
     }
@@ -383,13 +405,16 @@ struct Conn<I> {
     linger_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<I, S, F> Connection<I, S, F>
+impl<I, S, F, R> Connection<I, S, F, R>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: FnMut(Request<Body>) -> F,
     F: Future<Output = Response<Body>>,
+    R: FnMut(Refused),
 {
-    pub(super) fn new(io: I, settings: Settings, service: S) -> Self {
+    /// Serves `io`: each request goes to `service`; each request refused by the codec
+    /// itself is reported to `on_refused`.
+    pub(super) fn new(io: I, settings: Settings, service: S, on_refused: R) -> Self {
         Connection {
             conn: Conn {
                 io: Some(io),
@@ -415,6 +440,7 @@ where
                 linger_timer: None,
             },
             service,
+            on_refused,
             handler: None,
         }
     }
@@ -431,11 +457,12 @@ where
     }
 }
 
-impl<I, S, F> Future for Connection<I, S, F>
+impl<I, S, F, R> Future for Connection<I, S, F, R>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: FnMut(Request<Body>) -> F,
     F: Future<Output = Response<Body>>,
+    R: FnMut(Refused),
 {
     type Output = Result<(), Error>;
 
@@ -496,7 +523,8 @@ where
                             }
                         }
                         Err(refusal) => {
-                            conn.refuse(refusal);
+                            let refused = conn.refuse(refusal);
+                            (this.on_refused)(refused);
                             progress = true;
                         }
                     }
@@ -752,6 +780,38 @@ where
             .map_err(|_| bad("invalid method"))?;
         let uri = Uri::from_maybe_shared(head.slice(parsed.target.0..parsed.target.1))
             .map_err(|_| bad("invalid request target"))?;
+        // From here on a refusal names the request it refuses (for its access record).
+        let line = (method, uri, parsed.version);
+        match self.build_rest(&head, parsed, &line) {
+            Ok((body, map)) => {
+                let (method, uri, version) = line;
+                let mut req = Request::new(body);
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+                *req.version_mut() = version;
+                *req.headers_mut() = map;
+                let flight = self.req.as_mut().expect("build_rest sets it");
+                if let Some(rx) = flight.upgrade_rx.take() {
+                    req.extensions_mut()
+                        .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+                }
+                Ok(req)
+            }
+            Err(mut r) => {
+                r.request = Some(Box::new(line));
+                Err(r)
+            }
+        }
+    }
+
+    /// The request's headers and body, and the codec's view of it (`self.req`).
+    fn build_rest(
+        &mut self,
+        head: &Bytes,
+        parsed: &Parsed,
+        (method, uri, _): &(Method, Uri, Version),
+    ) -> Result<(Body, HeaderMap), Refusal> {
+        let bad = |reason| refuse(StatusCode::BAD_REQUEST, reason);
         // The four target forms (RFC 9112 §3.2): origin (`/p`) and absolute
         // (`http://h/p`) for every method, authority (`h:443`) only for CONNECT, `*` only
         // for OPTIONS.
@@ -822,6 +882,7 @@ where
             trailers: facts.te_trailers,
             http10,
             upgrade: None,
+            upgrade_rx: None,
             responded: false,
             response_done: false,
             upgrading: false,
@@ -834,27 +895,16 @@ where
         flight.expect_continue =
             facts.expect_continue && !http10 && !matches!(flight.reading, Reading::Done);
 
-        let mut req = Request::new(body);
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = parsed.version;
-        *req.headers_mut() = map;
         if facts.upgrade && !http10 {
             let (tx, rx) = oneshot::channel();
             flight.upgrade = Some(tx);
-            req.extensions_mut()
-                .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            flight.upgrade_rx = Some(rx);
         }
         self.req = Some(flight);
-        Ok(req)
+        Ok((body, map))
     }
 
-    fn refuse(&mut self, refusal: Refusal) {
-        tracing::debug!(
-            status = refusal.status.as_u16(),
-            reason = refusal.reason,
-            "request refused by the HTTP/1.1 codec"
-        );
+    fn refuse(&mut self, refusal: Refusal) -> Refused {
         let body = format!(
             "{{\"error\":\"{}\",\"status\":{}}}\n",
             refusal.reason,
@@ -879,6 +929,12 @@ where
         self.rbuf.clear();
         self.scanned = 0;
         self.phase = Phase::Linger;
+        Refused {
+            status: refusal.status,
+            reason: refusal.reason,
+            request: refusal.request.map(|b| *b),
+            body_len: body.len() as u64,
+        }
     }
 
     // -----------------------------------------------------------------------------------------

@@ -114,6 +114,49 @@ impl Gateway {
     }
 
     /// Handles one request from any protocol.
+    /// Accounts for a request the HTTP/1.1 codec refused before the pipeline saw it (bad
+    /// framing, a head too large, ...), like any other answered request: an access record
+    /// with the status and the error `malformed_request` (so every log sink, the metrics and
+    /// a `malformed_request` security event see it). Unreadable request lines are logged as
+    /// `- -`.
+    pub fn refused_by_codec(
+        &self,
+        conn: &ConnInfo,
+        status: http::StatusCode,
+        reason: &'static str,
+        request: Option<(Method, http::Uri, http::Version)>,
+        body_len: u64,
+    ) {
+        let snapshot = self.snapshot.load();
+        let (method, uri, version) = request.unwrap_or_else(|| {
+            (
+                Method::from_bytes(b"-").expect("a token"),
+                http::Uri::from_static("-"),
+                http::Version::HTTP_11,
+            )
+        });
+        tracing::debug!(peer = %conn.peer, listener = %conn.listener, status = status.as_u16(), reason, "request refused by the HTTP/1.1 codec");
+        let record = AccessRecord {
+            time: std::time::SystemTime::now(),
+            request_id: headers::new_request_id(),
+            client_ip: conn.peer.ip(),
+            client_port: Some(conn.peer.port()),
+            local: conn.local,
+            listener: conn.listener.clone(),
+            protocol: protocol_name(version),
+            tls_version: conn.tls.as_ref().map(|t| t.version),
+            tls_group: conn.tls.as_ref().and_then(|t| t.group),
+            identity: conn.identity.clone(),
+            method,
+            uri,
+            status: status.as_u16(),
+            bytes_out: body_len,
+            error: Some("malformed_request"),
+            ..AccessRecord::default()
+        };
+        snapshot.telemetry.emit(record);
+    }
+
     pub async fn handle(&self, mut req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
         // Why first: a reload mid-request must not change the rules under it.
         let snapshot = self.snapshot.load_full();

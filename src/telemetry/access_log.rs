@@ -296,6 +296,7 @@ impl AccessRecord {
             Some(p) if p.effect == Effect::Deny && p.shadow => Some("policy_shadow_denied"),
             Some(p) if p.effect == Effect::Deny => Some("policy_denied"),
             _ if self.error == Some("appsec_blocked") => Some("appsec_blocked"),
+            _ if self.error == Some("malformed_request") => Some("malformed_request"),
             _ => None,
         }
     }

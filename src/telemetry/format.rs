@@ -580,7 +580,16 @@ pub fn combined_line(
     out.extend_from_slice(b"] \"");
     escape_nginx(r.method.as_str().as_bytes(), out);
     out.push(b' ');
-    escape_nginx(r.uri.path().as_bytes(), out);
+    // No path: a request line that could not be read (refused by the HTTP/1.1 codec).
+    let path = r.uri.path();
+    escape_nginx(
+        if path.is_empty() {
+            b"-"
+        } else {
+            path.as_bytes()
+        },
+        out,
+    );
     if let Some(q) = f.query(r.uri.query()) {
         out.push(b'?');
         escape_nginx(q.as_bytes(), out);

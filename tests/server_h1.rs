@@ -157,6 +157,31 @@ async fn answer(req: Request<Incoming>, rec: &Recorder) -> Response<TestBody> {
             .body(BodyExt::boxed(StreamBody::new(frames)))
             .unwrap();
     }
+    if path.starts_with("/slow") {
+        // Four chunks half a second apart: longer than the timeouts test's limits.
+        let frames = futures_util::stream::iter(0..4).then(|i| async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(format!(
+                "slow {i};"
+            ))))
+        });
+        return Response::builder()
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .unwrap();
+    }
+    if path.starts_with("/big") {
+        // 64 MiB: more than the sockets on the way can hold.
+        let frames = futures_util::stream::iter(0..64).map(|_| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(vec![
+                b'x';
+                1 << 20
+            ])))
+        });
+        return Response::builder()
+            .header("content-length", (64u64 << 20).to_string())
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .unwrap();
+    }
     if path.starts_with("/static") {
         return Response::builder()
             .header("content-type", "text/plain")
@@ -1595,5 +1620,66 @@ async fn refused_requests_are_logged_and_reported() {
             .iter()
             .all(|e| e["wraith"]["event"] == "malformed_request" && e["srcip"] == "127.0.0.1"),
         "{events:?}"
+    );
+}
+
+/// The connection's own timers: idle_timeout between requests; idle_timeout for a response
+/// the client does not read; and no header_read_timeout while a response is being sent,
+/// even when the next request's head has already arrived.
+#[tokio::test]
+async fn idle_and_unread_response_timeouts() {
+    let (upstream, _rec) = recording_upstream().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr).replace(
+        LIMITS,
+        r#"limits = { header_read_timeout = "1s", idle_timeout = "1s" }"#,
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("http");
+
+    // Idle after a request: closed once idle_timeout has passed (CLOSE_TIMEOUT is 3 s).
+    let mut c = Conn::open(addr).await;
+    c.send(get("/static").as_bytes()).await;
+    assert_eq!(c.response().await.body, STATIC_BODY);
+    c.assert_closed("idle keep-alive connection").await;
+
+    // A pipelined head that arrives while a 2 s response is still being sent is not timed
+    // by header_read_timeout (1 s): both responses arrive.
+    let mut c = Conn::open(addr).await;
+    c.send(get("/slow").as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(get("/static").as_bytes()).await;
+    let slow = c.response().await;
+    assert_eq!(
+        slow.body,
+        b"slow 0;slow 1;slow 2;slow 3;",
+        "{}",
+        slow.summary()
+    );
+    assert_eq!(c.response().await.body, STATIC_BODY);
+
+    // A client that reads none of a 64 MiB response: the connection is closed after
+    // idle_timeout without progress, not held open for ever.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(get("/big").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stalled connection stayed open ({total} bytes read)"
+    );
+    assert!(
+        total < 64 << 20,
+        "the whole response arrived: {total} bytes"
     );
 }

@@ -1,10 +1,15 @@
 //! One client connection: optional TLS handshake (bounded by the handshake timeout), HTTP/1.1
 //! (Wraith's own codec, `h1`) or HTTP/2 (hyper; by ALPN, or the h2 preface on plain
-//! connections), and the two timeouts both are driven with:
+//! connections), and their timeouts:
 //!
-//! - header read (slowloris): from the first byte of a request head (or from accept) to the
-//!   complete head; exceeded -> the connection is closed;
-//! - idle: no request in flight and no bytes moving for this long -> graceful close.
+//! - header read (slowloris): from the first byte of a request head (or from accept, or the
+//!   end of the TLS handshake) to the complete head; exceeded -> the connection is closed;
+//! - idle: no request in flight for this long -> graceful close.
+//!
+//! The HTTP/1.1 codec keeps both itself (one timer per connection, moved lazily: no clock
+//! read per byte), and also closes a connection whose client reads none of a response for
+//! idle_timeout. HTTP/2 requests are counted here (`ConnState`): hyper's keep-alive PINGs
+//! move bytes on an unused connection, so only requests count as use.
 //!
 //! Drain (SIGTERM, the listener removed by a reload, or a reload that changed the
 //! client-certificate rules the connection was admitted under: `CloseSignal`) asks the
@@ -15,16 +20,16 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::h1;
@@ -39,55 +44,30 @@ use crate::telemetry::metrics::ConnectionLabels;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Activity of one connection, updated by the IO wrapper and the service.
+/// Requests on one HTTP/2 connection, as the service sees them begin and end.
 struct ConnState {
     epoch: Instant,
     in_flight: AtomicU32,
-    /// Milliseconds since `epoch` of the last byte read or written.
+    /// Milliseconds since `epoch` of the last request's end.
     last_active: AtomicU64,
     /// Milliseconds since `epoch` (+1) when bytes of a new request head started to arrive;
     /// 0 when no head is pending.
     head_since: AtomicU64,
-    h2: AtomicBool,
 }
 
 impl ConnState {
-    fn new() -> ConnState {
+    fn new(epoch: Instant) -> ConnState {
         ConnState {
-            epoch: Instant::now(),
+            epoch,
             in_flight: AtomicU32::new(0),
             last_active: AtomicU64::new(0),
             // The first request head is due from the moment of accept.
             head_since: AtomicU64::new(1),
-            h2: AtomicBool::new(false),
         }
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Bytes moved. On HTTP/2 they say nothing about use (hyper's keep-alive PINGs and the
-    /// client's answers move bytes on an otherwise unused connection): only requests count
-    /// there, through `begin` and `end`.
-    fn on_read(&self) {
-        if self.h2.load(Ordering::Relaxed) {
-            return;
-        }
-        let now = self.now_ms();
-        self.last_active.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_since.load(Ordering::Relaxed) == 0
-        {
-            self.head_since.store(now + 1, Ordering::Relaxed);
-        }
-    }
-
-    fn on_write(&self) {
-        if self.h2.load(Ordering::Relaxed) {
-            return;
-        }
-        self.last_active.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn begin(&self) {
@@ -111,8 +91,8 @@ impl ConnState {
                 limits.idle_timeout.min(limits.header_read_timeout),
             );
         }
-        // On HTTP/2 only the first request is timed (from accept): later heads arrive on
-        // streams, and `on_read` never re-arms this there.
+        // Only the first request is timed (from accept, or the end of the TLS handshake):
+        // later heads arrive on streams.
         let head = self.head_since.load(Ordering::Relaxed);
         if head != 0 {
             let waited = now.saturating_sub(head - 1);
@@ -151,71 +131,6 @@ enum Verdict {
     HeaderTimeout,
 }
 
-pin_project_lite::pin_project! {
-    /// A stream that records activity on the connection's `ConnState`.
-    struct Tracked<S> {
-        #[pin]
-        inner: S,
-        state: Arc<ConnState>,
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Tracked<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.state.on_read();
-        }
-        res
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Tracked<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let res = this.inner.poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            this.state.on_write();
-        }
-        res
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let res = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            this.state.on_write();
-        }
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-}
-
 /// Everything a request on this connection needs, shared by one `Arc`.
 struct ConnCtx {
     runtime: Arc<Runtime>,
@@ -235,11 +150,8 @@ pub(super) async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(listener.config.address);
-    let state = Arc::new(ConnState::new());
-    let io = Tracked {
-        inner: stream,
-        state: state.clone(),
-    };
+    let accepted = tokio::time::Instant::now();
+    let io = stream;
     let mut info = ConnInfo {
         peer,
         local,
@@ -252,11 +164,11 @@ pub(super) async fn serve(
 
     let Some(acceptor) = &listener.tls else {
         // Plain HTTP: HTTP/2 only with prior knowledge (the connection preface).
-        let h2 = match sniff_h2(&io.inner, &state, &listener.config.limits).await {
+        let h2 = match sniff_h2(&io, &listener.config.limits).await {
             Some(h2) => h2,
             None => return,
         };
-        return serve_http(runtime, &listener, io, info, state, h2, close).await;
+        return serve_http(runtime, &listener, io, info, h2, close, accepted).await;
     };
 
     let timeout = listener
@@ -291,11 +203,8 @@ pub(super) async fn serve(
             return;
         }
     };
-    // The request-head clock starts now: the handshake had its own timeout, and a slow but
-    // legitimate one must not eat into header_read_timeout.
-    state
-        .head_since
-        .store(state.now_ms() + 1, Ordering::Relaxed);
+    // The request-head clock starts now (see `serve_http`).
+    let handshaken = tokio::time::Instant::now();
     let (_, session) = tls.get_ref();
     let alpn = session
         .alpn_protocol()
@@ -328,7 +237,7 @@ pub(super) async fn serve(
         }
         close.admitted_until(chain);
     }
-    serve_http(runtime, &listener, tls, info, state, h2, close).await;
+    serve_http(runtime, &listener, tls, info, h2, close, handshaken).await;
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
@@ -349,7 +258,7 @@ pub(super) fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Iden
 
 /// Waits for enough bytes to tell an HTTP/2 preface from HTTP/1.1 (peeking, nothing consumed).
 /// `None` when the client went away or sent nothing before the header timeout.
-async fn sniff_h2(stream: &TcpStream, state: &ConnState, limits: &Limits) -> Option<bool> {
+async fn sniff_h2(stream: &TcpStream, limits: &Limits) -> Option<bool> {
     use std::os::fd::AsRawFd;
     let mut buf = [0u8; 24];
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
@@ -394,7 +303,6 @@ async fn sniff_h2(stream: &TcpStream, state: &ConnState, limits: &Limits) -> Opt
             return Some(false);
         }
         if n == H2_PREFACE.len() {
-            state.h2.store(true, Ordering::Relaxed);
             return Some(true);
         }
         seen = n;
@@ -406,16 +314,16 @@ async fn serve_http<I>(
     listener: &ListenerRuntime,
     io: I,
     info: ConnInfo,
-    state: Arc<ConnState>,
     h2: bool,
     close: CloseSignal,
+    started: tokio::time::Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if h2 {
-        state.h2.store(true, Ordering::Relaxed);
-    }
     let limits = listener.config.limits.clone();
+    // The request-head clock starts at `started`: after the TLS handshake, which had its own
+    // timeout (a slow but legitimate one must not eat into header_read_timeout).
+    let state = Arc::new(ConnState::new(started.into_std()));
     // Counted from here to the end of the connection (the guard decrements on every exit).
     let gauge = runtime
         .telemetry
@@ -464,11 +372,20 @@ async fn serve_http<I>(
             async move { Ok::<_, Infallible>(resp.await) }
         });
         let conn = listener.http.h2.serve_connection(TokioIo::new(io), svc);
-        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            Some(&state),
+            &limits,
+            &close,
+        )
+        .await;
     } else {
         let settings = h1::Settings {
             max_header_size: limits.max_header_size,
             max_headers: limits.max_headers,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
         };
         let on_refused = move |r: h1::Refused| {
             refusals.runtime.gateway.refused_by_codec(
@@ -479,8 +396,8 @@ async fn serve_http<I>(
                 r.body_len,
             );
         };
-        let conn = h1::Connection::new(io, settings, handle, on_refused);
-        drive(conn, |c| c.graceful_shutdown(), &state, &limits, &close).await;
+        let conn = h1::Connection::new(io, settings, started, handle, on_refused);
+        drive(conn, |c| c.graceful_shutdown(), None, &limits, &close).await;
     }
 }
 
@@ -492,7 +409,7 @@ async fn serve_http<I>(
 async fn drive<C, G, E>(
     conn: C,
     graceful: G,
-    state: &ConnState,
+    state: Option<&ConnState>,
     limits: &Limits,
     close: &CloseSignal,
 ) where
@@ -517,11 +434,13 @@ async fn drive<C, G, E>(
     let mut registered: Option<std::task::Waker> = None;
     let mut seen = close.withdrawals();
     loop {
-        let (_, mut wait) = state.check(limits);
+        // HTTP/2's timeouts; the HTTP/1.1 codec keeps its own (`state` is `None`).
+        let mut wait = state.map(|st| st.check(limits).1);
         // The client certificate's end (if any) is looked at when it comes, not at the next
         // wake-up for another reason.
         if let Some(until) = close.until() {
-            wait = wait.min(until.saturating_duration_since(tokio::time::Instant::now()));
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            wait = Some(wait.map_or(left, |w| w.min(left)));
         }
         let close_requested = std::future::poll_fn(|cx| {
             if close.is_requested() {
@@ -560,7 +479,10 @@ async fn drive<C, G, E>(
                 tracing::debug!(drain = ?close.drain(), "connection still busy when the drain time ran out; closing");
                 return;
             }
-            _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {
+            _ = tokio::time::sleep(wait.unwrap_or_default().max(Duration::from_millis(10))), if wait.is_some() => {
+                // Without `state`, the wake-up was for the certificate's end: the loop polls
+                // the close signal again.
+                let Some(state) = state else { continue };
                 match state.check(limits).0 {
                     Verdict::Busy => idle_strikes = 0,
                     Verdict::HeaderTimeout => {

@@ -36,6 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::time::Instant;
+
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
@@ -67,6 +69,12 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 pub(super) struct Settings {
     pub max_header_size: usize,
     pub max_headers: usize,
+    /// From the first byte of a request head (for the first request: from the start of the
+    /// connection) to the complete head.
+    pub header_read_timeout: Duration,
+    /// Between requests (from the end of a response to the first byte of the next head),
+    /// and the longest a response may wait for the client to read it.
+    pub idle_timeout: Duration,
 }
 
 /// Why a connection ended other than cleanly.
@@ -400,6 +408,17 @@ struct Conn<I> {
     /// The client will send nothing more.
     read_closed: bool,
     lingered: usize,
+    /// The connection's one timer (`poll_deadline`) and the deadline it is set to.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: Option<Instant>,
+    /// When the wait for the next request began (the end of the last response, or the
+    /// start of the connection), and whether it is the first request's.
+    idle_since: Instant,
+    first: bool,
+    /// When the first bytes of the head being read were seen waiting for more.
+    head_since: Option<Instant>,
+    /// When a write of the response started waiting for the client.
+    stall_since: Option<Instant>,
     /// The write side is shut down.
     shut: bool,
     linger_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -412,9 +431,16 @@ where
     F: Future<Output = Response<Body>>,
     R: FnMut(Refused),
 {
-    /// Serves `io`: each request goes to `service`; each request refused by the codec
-    /// itself is reported to `on_refused`.
-    pub(super) fn new(io: I, settings: Settings, service: S, on_refused: R) -> Self {
+    /// Serves `io`, open since `started` (accept, or the end of the TLS handshake: the
+    /// first request head is due header_read_timeout after it): each request goes to
+    /// `service`; each request refused by the codec itself is reported to `on_refused`.
+    pub(super) fn new(
+        io: I,
+        settings: Settings,
+        started: Instant,
+        service: S,
+        on_refused: R,
+    ) -> Self {
         Connection {
             conn: Conn {
                 io: Some(io),
@@ -436,6 +462,12 @@ where
                 closing: false,
                 read_closed: false,
                 lingered: 0,
+                timer: None,
+                armed: None,
+                idle_since: started,
+                first: true,
+                head_since: None,
+                stall_since: None,
                 shut: false,
                 linger_timer: None,
             },
@@ -466,7 +498,29 @@ where
 {
     type Output = Result<(), Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = self.as_mut().poll_exchanges(cx);
+        if res.is_pending() {
+            // Waiting: on the client (a head, the next request, a read of the response) or
+            // on the pipeline. The first ones have deadlines.
+            if let Poll::Ready(why) = self.project().conn.poll_deadline(cx) {
+                tracing::debug!("{why}; closing the connection");
+                return Poll::Ready(Ok(()));
+            }
+        }
+        res
+    }
+}
+
+impl<I, S, F, R> Connection<I, S, F, R>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: FnMut(Request<Body>) -> F,
+    F: Future<Output = Response<Body>>,
+    R: FnMut(Refused),
+{
+    /// Serves requests until the connection ends, or everything waits.
+    fn poll_exchanges(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let mut this = self.project();
         let conn = this.conn;
         loop {
@@ -623,6 +677,7 @@ where
                     Poll::Pending => return Poll::Pending,
                 };
                 self.unflushed = true;
+                self.stall_since = None;
                 let mut n = n;
                 let from_head = n.min(self.wbuf.len() - self.wpos);
                 self.wpos += from_head;
@@ -753,6 +808,8 @@ where
             ));
         }
         self.scanned = 0;
+        self.head_since = None;
+        self.first = false;
         let head = self.rbuf.split_to(parsed.len).freeze();
         self.build_request(head, &parsed).map(Some)
     }
@@ -1433,6 +1490,7 @@ where
         }
         if self.keep_alive && !self.closing {
             self.phase = Phase::Head;
+            self.idle_since = Instant::now();
             // An idle connection keeps small buffers: one upload or one large head must
             // not pin 64 KiB or more for the rest of its life.
             if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * HEAD_READ {
@@ -1454,6 +1512,67 @@ where
             Phase::Closed
         };
         self.rbuf.clear();
+    }
+
+    /// The deadline of what the connection waits for, if it has one, and what it is.
+    fn deadline(&mut self) -> Option<(Instant, &'static str)> {
+        let s = &self.settings;
+        match self.phase {
+            Phase::Head if self.first && self.rbuf.is_empty() => Some((
+                self.idle_since + s.header_read_timeout,
+                "no request head within header_read_timeout",
+            )),
+            Phase::Head if self.rbuf.is_empty() => Some((
+                self.idle_since + s.idle_timeout,
+                "no request within idle_timeout",
+            )),
+            Phase::Head => {
+                let since = *self.head_since.get_or_insert_with(Instant::now);
+                let since = if self.first {
+                    since.min(self.idle_since)
+                } else {
+                    since
+                };
+                Some((
+                    since + s.header_read_timeout,
+                    "request head not complete within header_read_timeout",
+                ))
+            }
+            Phase::Busy if self.queued() > 0 => Some((
+                *self.stall_since.get_or_insert_with(Instant::now) + s.idle_timeout,
+                "the client read none of the response within idle_timeout",
+            )),
+            Phase::Busy | Phase::Linger | Phase::Closed => None,
+        }
+    }
+
+    /// Waits for the current deadline; `Ready` with what expired. The timer is moved later
+    /// lazily: set to an earlier deadline, it fires, and is then set to the current one (a
+    /// keep-alive connection moves its idle deadline with every request, the timer once per
+    /// idle_timeout at most).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        let Some((due, why)) = self.deadline() else {
+            return Poll::Pending;
+        };
+        loop {
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if self.armed.is_none_or(|armed| armed > due) {
+                timer.as_mut().reset(due);
+                self.armed = Some(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= due {
+                self.armed = None;
+                return Poll::Ready(why);
+            }
+            // Fired for an earlier deadline: on to the current one.
+            timer.as_mut().reset(due);
+            self.armed = Some(due);
+        }
     }
 
     /// Discards what the client still sends after the last response, for a while, so that

@@ -1056,6 +1056,11 @@ where
                 {
                     Ok(Decoded::Data(data, next)) => {
                         *state = next;
+                        let data = if data.len() < SMALL_CHUNK {
+                            merge_chunks(data, state, &mut self.rbuf)
+                        } else {
+                            data
+                        };
                         Some(Ok(Frame::data(data)))
                     }
                     Ok(Decoded::Continue(next)) => {
@@ -1829,6 +1834,44 @@ fn common_name(raw: &[u8]) -> Option<HeaderName> {
     })
 }
 
+/// Chunks smaller than this are merged with the ones already read after them.
+const SMALL_CHUNK: usize = 4 * 1024;
+/// The most a merged frame collects.
+const MERGED_MAX: usize = 16 * 1024;
+
+/// `first`, followed by the data of the chunks already buffered after it (up to
+/// `MERGED_MAX`, never past the last chunk). A body sent as many tiny chunks then costs one
+/// frame, and one write to the upstream, per read rather than per chunk. Stops before
+/// anything it cannot take whole: the trailer section, a chunk line not complete yet, or a
+/// framing error (left in the buffer for the next step to report).
+fn merge_chunks(first: Bytes, state: &mut ChunkState, buf: &mut BytesMut) -> Bytes {
+    let mut merged: Option<BytesMut> = None;
+    while !buf.is_empty() && !matches!(state, ChunkState::Trailers) {
+        match decode_chunk(*state, buf, Peer::Client) {
+            Ok(Decoded::Data(d, next)) => {
+                *state = next;
+                let m = merged.get_or_insert_with(|| BytesMut::from(&first[..]));
+                m.extend_from_slice(&d);
+                if m.len() >= MERGED_MAX {
+                    break;
+                }
+            }
+            Ok(Decoded::Continue(next)) => *state = next,
+            Ok(Decoded::NeedMore(next)) => {
+                *state = next;
+                break;
+            }
+            // Only the trailer state ends a body, and the loop stops before it; errors are
+            // found again (nothing was consumed) by the next step.
+            Ok(Decoded::End(_)) | Err(_) => break,
+        }
+    }
+    match merged {
+        Some(m) => m.freeze(),
+        None => first,
+    }
+}
+
 /// Whether a field may be sent in a trailer section: not framing, routing or connection
 /// fields (RFC 9110 §6.5.1).
 fn allowed_in_trailers(name: &HeaderName) -> bool {
@@ -1895,6 +1938,32 @@ fn write_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiny_chunks_are_merged_up_to_the_trailers() {
+        let mut buf = BytesMut::from(&b"\r\n1\r\nb\r\n2;x=y\r\ncd\r\n0\r\nt: 1\r\n\r\nNEXT"[..]);
+        let mut state = ChunkState::DataEnd;
+        let merged = merge_chunks(Bytes::from_static(b"a"), &mut state, &mut buf);
+        assert_eq!(&merged[..], b"abcd");
+        assert!(matches!(state, ChunkState::Trailers));
+        assert_eq!(
+            &buf[..],
+            b"t: 1\r\n\r\nNEXT",
+            "the trailers are left for the next step"
+        );
+        // A framing error is left in the buffer, after the good chunks.
+        let mut buf = BytesMut::from(&b"\r\n1\r\nb\r\nzz\r\n"[..]);
+        let mut state = ChunkState::DataEnd;
+        let merged = merge_chunks(Bytes::from_static(b"a"), &mut state, &mut buf);
+        assert_eq!(&merged[..], b"ab");
+        assert!(decode_chunk(state, &mut buf, Peer::Client).is_err());
+        // An incomplete line stops the merge without losing anything.
+        let mut buf = BytesMut::from(&b"\r\n1\r\nb\r\n3"[..]);
+        let mut state = ChunkState::DataEnd;
+        let merged = merge_chunks(Bytes::from_static(b"a"), &mut state, &mut buf);
+        assert_eq!(&merged[..], b"ab");
+        assert_eq!(&buf[..], b"3");
+    }
 
     #[test]
     fn chunk_size_lines() {

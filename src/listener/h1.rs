@@ -1522,6 +1522,15 @@ where
     /// The deadline of what the connection waits for, if it has one, and what it is.
     fn deadline(&mut self) -> Option<(Instant, &'static str)> {
         let s = &self.settings;
+        // Bytes the client does not take (a response, a refusal, the closing handshake of
+        // TLS), in any phase: a client with a closed receive window must not hold the
+        // connection for ever.
+        if self.queued() > 0 || self.phase == Phase::Closed {
+            return Some((
+                *self.stall_since.get_or_insert_with(Instant::now) + s.idle_timeout,
+                "the client read none of the response within idle_timeout",
+            ));
+        }
         match self.phase {
             Phase::Head if self.first && self.rbuf.is_empty() => Some((
                 self.idle_since + s.header_read_timeout,
@@ -1543,10 +1552,8 @@ where
                     "request head not complete within header_read_timeout",
                 ))
             }
-            Phase::Busy if self.queued() > 0 => Some((
-                *self.stall_since.get_or_insert_with(Instant::now) + s.idle_timeout,
-                "the client read none of the response within idle_timeout",
-            )),
+            // Waiting for the pipeline (its stages have their own timeouts), or lingering
+            // (which has its own timer).
             Phase::Busy | Phase::Linger | Phase::Closed => None,
         }
     }

@@ -109,19 +109,23 @@ impl ConnState {
     }
 }
 
-/// One request in flight on a connection, from its head to its response head.
-struct InFlight<'a>(&'a ConnState);
+/// One request in flight on an HTTP/2 connection, from its head to its response head.
+struct InFlight<'a>(Option<&'a ConnState>);
 
 impl<'a> InFlight<'a> {
-    fn begin(state: &'a ConnState) -> InFlight<'a> {
-        state.begin();
+    fn begin(state: Option<&'a ConnState>) -> InFlight<'a> {
+        if let Some(s) = state {
+            s.begin();
+        }
         InFlight(state)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.end();
+        if let Some(s) = self.0 {
+            s.end();
+        }
     }
 }
 
@@ -135,7 +139,8 @@ enum Verdict {
 struct ConnCtx {
     runtime: Arc<Runtime>,
     info: ConnInfo,
-    state: Arc<ConnState>,
+    /// HTTP/2's request count (the HTTP/1.1 codec times itself).
+    state: Option<Arc<ConnState>>,
     /// `Alt-Svc` advertising HTTP/3 on this port, when the listener has it.
     alt_svc: Option<http::HeaderValue>,
 }
@@ -348,7 +353,7 @@ async fn serve_http<I>(
     let ctx = Arc::new(ConnCtx {
         runtime,
         info,
-        state: state.clone(),
+        state: h2.then(|| state.clone()),
         alt_svc,
     });
     let refusals = ctx.clone();
@@ -358,7 +363,7 @@ async fn serve_http<I>(
             // Ends the request on every path, including the connection dropping this future
             // (an HTTP/2 RST_STREAM, a client gone): a leaked "in flight" would keep the
             // connection Busy, beyond the reach of the idle and header timeouts, for good.
-            let _in_flight = InFlight::begin(&ctx.state);
+            let _in_flight = InFlight::begin(ctx.state.as_deref());
             let mut resp = ctx.runtime.gateway.handle(req, &ctx.info).await;
             if let Some(v) = &ctx.alt_svc {
                 resp.headers_mut().insert(http::header::ALT_SVC, v.clone());

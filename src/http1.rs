@@ -74,6 +74,16 @@ pub(crate) fn decode_chunk(
                 .unwrap_or(line.len());
             // chunk-size [ BWS ";" chunk-ext ]: after the size only whitespace, then nothing
             // or an extension (ignored), with no control characters but HTAB in it.
+            // Strict: only SP and HTAB before the extension, and no control character but HTAB
+            // anywhere after the size (a lone CR or a form feed would be a line end or
+            // whitespace to some other parser).
+            if strict
+                && line[digits..]
+                    .iter()
+                    .any(|&b| b.is_ascii_control() && b != b'\t')
+            {
+                return Err(format!("invalid chunk size from {peer}"));
+            }
             let rest = line[digits..].trim_ascii_start();
             if digits == 0
                 || digits > 15
@@ -311,6 +321,9 @@ mod tests {
             b"5\r\nhello\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nx: y\n\r\n",
             b"5\r\nhello\r\n0\r\n\n",
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5\r;x\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
         ] {
             assert!(
                 strict(bad).is_err_and(|e| e != "need more"),

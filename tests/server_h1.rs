@@ -1600,6 +1600,8 @@ async fn refused_requests_are_logged_and_reported() {
     assert_eq!(json[0]["client_ip"], "127.0.0.1");
     assert_eq!(json[1]["status"], 400);
     assert_eq!(json[1]["method"], "-");
+    assert_eq!(json[1]["path"], "-");
+    assert!(json[1].get("host").is_none(), "{}", json[1]);
     let combined = read("access.log");
     assert!(
         combined[0].contains("\"POST /te-cl HTTP/1.1\" 400"),

@@ -443,7 +443,9 @@ async fn drive<C, G, E>(
         let mut wait = state.map(|st| st.check(limits).1);
         // The client certificate's end (if any) is looked at when it comes, not at the next
         // wake-up for another reason.
-        if let Some(until) = close.until() {
+        // (Once draining, the drain timer decides: an expired certificate would otherwise
+        // wake this loop every 10 ms until then.)
+        if let Some(until) = close.until().filter(|_| !draining) {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             wait = Some(wait.map_or(left, |w| w.min(left)));
         }

@@ -699,7 +699,11 @@ where
                 }
             } else if self.unflushed {
                 match self.io().poll_flush(cx) {
-                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Ok(())) => {
+                        // Over TLS the last bytes leave here (rustls holds up to 64 KiB).
+                        self.unflushed = false;
+                        self.stall_since = None;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 }
@@ -751,6 +755,22 @@ where
     /// Parses a complete request head off the front of the read buffer; `None` when more
     /// bytes are needed.
     fn parse_head(&mut self) -> Result<Option<Request<Body>>, Refusal> {
+        // Empty lines before a request line are ignored (RFC 9112 §2.2). They are dropped
+        // here rather than left to httparse, which would skip them again on every try: a
+        // client sending one CRLF per packet must not cost a parse of all of them each time.
+        if self.scanned == 0 {
+            let mut blank = 0;
+            loop {
+                match &self.rbuf[blank..] {
+                    [b'\r', b'\n', ..] => blank += 2,
+                    [b'\n', ..] => blank += 1,
+                    _ => break,
+                }
+            }
+            if blank > 0 {
+                bytes::Buf::advance(&mut self.rbuf, blank);
+            }
+        }
         if self.rbuf.is_empty() {
             return Ok(None);
         }
@@ -1112,7 +1132,12 @@ where
                 Poll::Ready(Ok(0)) => {
                     return self.body_cut(&slot, "the client closed the connection mid-body")
                 }
-                Poll::Ready(Ok(_)) => progress = true,
+                Poll::Ready(Ok(_)) => {
+                    // A client still sending its body is not a stalled one, even if it
+                    // reads none of an early response meanwhile.
+                    self.stall_since = None;
+                    progress = true;
+                }
                 Poll::Ready(Err(e)) => {
                     return self.body_cut(&slot, &format!("reading the request body: {e}"))
                 }
@@ -1525,7 +1550,7 @@ where
         // Bytes the client does not take (a response, a refusal, the closing handshake of
         // TLS), in any phase: a client with a closed receive window must not hold the
         // connection for ever.
-        if self.queued() > 0 || self.phase == Phase::Closed {
+        if self.queued() > 0 || self.unflushed || self.phase == Phase::Closed {
             return Some((
                 *self.stall_since.get_or_insert_with(Instant::now) + s.idle_timeout,
                 "the client read none of the response within idle_timeout",

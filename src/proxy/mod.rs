@@ -128,10 +128,12 @@ impl Gateway {
         body_len: u64,
     ) {
         let snapshot = self.snapshot.load();
+        // An unreadable request line: logged with method and path `-`, no host.
+        let unreadable = request.is_none();
         let (method, uri, version) = request.unwrap_or_else(|| {
             (
-                Method::from_bytes(b"-").expect("a token"),
-                http::Uri::from_static("-"),
+                Method::from_bytes(b"-").unwrap_or(Method::GET),
+                http::Uri::default(),
                 http::Version::HTTP_11,
             )
         });
@@ -139,7 +141,10 @@ impl Gateway {
         let record = AccessRecord {
             time: std::time::SystemTime::now(),
             request_id: headers::new_request_id(),
-            client_ip: conn.peer.ip(),
+            // As every other record names it (an IPv4 client on a dual-stack listener is
+            // its IPv4 address). No X-Forwarded-For here: the head it would come from was
+            // refused, so behind a trusted proxy the proxy is named.
+            client_ip: headers::canonical(conn.peer.ip()),
             client_port: Some(conn.peer.port()),
             local: conn.local,
             listener: conn.listener.clone(),
@@ -152,6 +157,7 @@ impl Gateway {
             status: status.as_u16(),
             bytes_out: body_len,
             error: Some("malformed_request"),
+            unreadable,
             ..AccessRecord::default()
         };
         snapshot.telemetry.emit(record);

@@ -81,6 +81,9 @@ pub struct AccessRecord {
     pub aborted: bool,
     /// Served as TLS early data (0-RTT), before the client's handshake completed.
     pub early_data: bool,
+    /// The request line could not be read (a request the HTTP/1.1 server refused): the
+    /// record has no target, and logs `-` for method and path.
+    pub unreadable: bool,
     /// Request body bytes, counted while the upstream reads the body.
     pub(crate) bytes_in_counter: Option<Arc<AtomicU64>>,
 }
@@ -116,6 +119,7 @@ impl Default for AccessRecord {
             error: None,
             aborted: false,
             early_data: false,
+            unreadable: false,
             bytes_in_counter: None,
         }
     }
@@ -270,10 +274,22 @@ impl AccessRecord {
 
     /// The host the client asked for (`Host`, else the URI's authority), without checking it.
     pub fn host(&self) -> Option<&str> {
+        if self.unreadable {
+            return None;
+        }
         self.host_header
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| self.uri.authority().map(|a| a.as_str()))
+    }
+
+    /// The request's path as logged (`-` when the request line was unreadable).
+    pub fn path(&self) -> &str {
+        if self.unreadable {
+            "-"
+        } else {
+            self.uri.path()
+        }
     }
 
     /// Whether the request was refused by policy, rate limit or ban (or with 401/403).

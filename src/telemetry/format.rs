@@ -508,7 +508,7 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     }
     o.str("method", r.method.as_str());
     o.opt_str("host", r.host());
-    o.str("path", r.uri.path());
+    o.str("path", r.path());
     o.opt_str("query", f.query(r.uri.query()).as_deref());
     o.num("status", u64::from(r.status));
     o.num("bytes_in", r.bytes_in);
@@ -580,16 +580,7 @@ pub fn combined_line(
     out.extend_from_slice(b"] \"");
     escape_nginx(r.method.as_str().as_bytes(), out);
     out.push(b' ');
-    // No path: a request line that could not be read (refused by the HTTP/1.1 codec).
-    let path = r.uri.path();
-    escape_nginx(
-        if path.is_empty() {
-            b"-"
-        } else {
-            path.as_bytes()
-        },
-        out,
-    );
+    escape_nginx(r.path().as_bytes(), out);
     if let Some(q) = f.query(r.uri.query()) {
         out.push(b'?');
         escape_nginx(q.as_bytes(), out);
@@ -687,7 +678,7 @@ pub fn event_line(e: &Event, clock: &mut CachedTime, out: &mut Vec<u8>) {
             w.opt_str("identity", r.identity_name());
             w.str("method", r.method.as_str());
             w.opt_str("host", r.host());
-            w.str("path", r.uri.path());
+            w.str("path", r.path());
             w.opt_str("route", r.route.as_deref());
             w.num("status", u64::from(r.status));
             policy_fields(&mut w, r);

@@ -215,7 +215,7 @@ fn bind_row<'v>(
     b.opt(base + 12, id.map(|i| i.fingerprint.as_str()))?;
     b.text(base + 13, r.method.as_str())?;
     b.opt(base + 14, r.host())?;
-    b.text(base + 15, r.uri.path())?;
+    b.text(base + 15, r.path())?;
     if let Some(q) = formatting.query(r.uri.query()) {
         b.cow(base + 16, q)?;
     }

@@ -1449,3 +1449,63 @@ async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
         1.0
     );
 }
+
+/// Requests the HTTP/1.1 server refuses reach the combined log: one with a readable request
+/// line parses with CrowdSec's stock nginx parser like any other line (so its HTTP scenarios
+/// count it); an unreadable one is logged as `"- - HTTP/1.1"`, which the parser skips, as it
+/// skips nginx's own lines for such requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_in_the_combined_log_and_crowdsec() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, up.addr, "[log.combined]\npath = \"access.log\"\n");
+    let wraith = setup.start(&cfg);
+    for raw in [
+        &b"POST /te-cl HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"[..],
+        b"\x16\x03\x01\x00\x10garbage\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+            .await
+            .unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 400 "), "{answer:?}");
+    }
+    let path = wraith.path("access.log");
+    eventually("2 combined lines", || lines(&path).len() >= 2).await;
+    let all = lines(&path);
+    assert!(
+        all[0].contains("\"POST /te-cl HTTP/1.1\" 400 "),
+        "{}",
+        all[0]
+    );
+    assert!(all[1].contains("\"- - HTTP/1.1\" 400 "), "{}", all[1]);
+    let report = tokio::task::spawn_blocking(move || cscli_explain(&path))
+        .await
+        .unwrap();
+    let verdicts: Vec<bool> = report
+        .lines()
+        .filter_map(|l| {
+            if l.contains("parser success") {
+                Some(true)
+            } else if l.contains("parser failure") {
+                Some(false)
+            } else {
+                None
+            }
+        })
+        .collect();
+    // explain reports the lines in any order: one success (the readable line), one failure.
+    assert_eq!(verdicts.len(), 2, "{report}");
+    assert_eq!(verdicts.iter().filter(|v| **v).count(), 1, "{report}");
+    let te_cl = report
+        .split("line: ")
+        .find(|b| b.contains("/te-cl"))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(te_cl.contains("parser success"), "{report}");
+}

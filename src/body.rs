@@ -27,7 +27,7 @@ pub enum Body {
     /// A request body read by Wraith's own HTTP/1.1 server (`listener::h1`).
     H1(crate::listener::h1::RequestBody),
     /// A response body read straight from a pooled HTTP/1.1 upstream connection.
-    Upstream(crate::upstream::h1::ResponseBody),
+    Upstream(Box<crate::upstream::h1::ResponseBody>),
     /// An HTTP/2 upstream's response body, holding its endpoint's in-flight slot until it ends.
     Tracked(hyper::body::Incoming, crate::upstream::h1::InFlight),
     /// Anything else (HTTP/3 streams, wrapped bodies).

@@ -286,14 +286,16 @@ pub async fn send(
         match exchange(&mut conn, &head, chunked, &mut body, head_only, timeout).await {
             Ok((resp, framing)) => {
                 return Ok(resp.map(|_| {
-                    Body::Upstream(ResponseBody::new(
+                    // Boxed: every move of a request or response carries a `Body`, which
+                    // the inline `ResponseBody` made 168 bytes.
+                    Body::Upstream(Box::new(ResponseBody::new(
                         conn,
                         framing,
                         pool.clone(),
                         guard,
                         timeout,
-                    ))
-                }))
+                    )))
+                }));
             }
             // A pooled connection the upstream closed just before we used it: try once more
             // on a fresh one, which is only safe if no body bytes were consumed, and, when

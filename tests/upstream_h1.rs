@@ -378,3 +378,46 @@ async fn bytes_an_upstream_sends_unasked_on_a_pooled_connection_never_become_a_r
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
+
+/// The response timeout of a request on a reused connection counts from that request, not
+/// from the one before it (each pooled connection keeps one timer, moved lazily to the
+/// newest deadline: it must never fire at an older one).
+#[tokio::test]
+async fn the_response_timeout_counts_from_each_request_on_a_reused_connection() {
+    // `/hang` gets no answer at all; everything else a prompt one.
+    let up = Scripted::start(|head| {
+        if head.starts_with("GET /hang ") {
+            (Vec::new(), false)
+        } else {
+            (ok("pong"), false)
+        }
+    })
+    .await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    let r = client
+        .get(wraith.url("http", "/fast"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "pong");
+    // The first request's deadline (3 s after it) falls 2 s into the next one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = std::time::Instant::now();
+    let r = client
+        .get(wraith.url("http", "/hang"))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "the second request went over the pooled connection"
+    );
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "timed out after {waited:?}: at the earlier request's deadline, not 3 s after this one"
+    );
+}

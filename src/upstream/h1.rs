@@ -50,6 +50,12 @@ const COALESCE: usize = 16 * 1024;
 pub struct Conn {
     io: Stream,
     buf: BytesMut,
+    /// The response-head timer, kept with the connection and moved lazily (`head_within`):
+    /// a fresh `tokio::time::timeout` per request registered and removed a timer entry each
+    /// time.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline `timer` is set to.
+    armed: Option<tokio::time::Instant>,
 }
 
 struct Idle {
@@ -214,6 +220,8 @@ impl Pool {
         Ok(Conn {
             io,
             buf: BytesMut::with_capacity(8 * 1024),
+            timer: None,
+            armed: None,
         })
     }
 }
@@ -402,10 +410,51 @@ async fn exchange(
         }
         Err(e) => return Err(e),
     }
-    match tokio::time::timeout(timeout, read_head(conn, head_only)).await {
-        Ok(r) => r,
-        Err(_) => Err(Exchange::Timeout),
-    }
+    head_within(conn, head_only, timeout).await
+}
+
+/// `read_head`, given `timeout` to complete. The connection's own timer is moved to the new
+/// deadline lazily: left at an earlier one (the last request's), it fires there, and only
+/// then is set to this one; a connection answering promptly touches the timer wheel about
+/// once per `timeout`, not once per request.
+async fn head_within(
+    conn: &mut Conn,
+    head_only: bool,
+    timeout: Duration,
+) -> Result<(Response<()>, Framing), Exchange> {
+    let due = tokio::time::Instant::now() + timeout;
+    let mut timer = conn.timer.take();
+    let mut armed = conn.armed.take();
+    let res = {
+        let read = read_head(conn, head_only);
+        tokio::pin!(read);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = std::future::Future::poll(read.as_mut(), cx) {
+                return Poll::Ready(r);
+            }
+            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            loop {
+                if armed.is_none_or(|a| a > due) {
+                    t.as_mut().reset(due);
+                    armed = Some(due);
+                }
+                if std::future::Future::poll(t.as_mut(), cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if tokio::time::Instant::now() >= due {
+                    armed = None;
+                    return Poll::Ready(Err(Exchange::Timeout));
+                }
+                // Fired at an earlier request's deadline: on to this one.
+                t.as_mut().reset(due);
+                armed = Some(due);
+            }
+        })
+        .await
+    };
+    conn.timer = timer;
+    conn.armed = armed;
+    res
 }
 
 async fn write_request(

@@ -748,8 +748,11 @@ fn crowdsec_root() -> PathBuf {
 
 /// Runs `cscli explain` (Debian's CrowdSec) on `log` as an nginx log; returns its report.
 /// explain replays the file through a real crowdsec, which needs a local API to log in to,
-/// so a LAPI-only crowdsec runs for the duration.
+/// so a LAPI-only crowdsec runs for the duration. One at a time: explain copies the log to a
+/// fixed path (`/tmp/cscli_test_tmp.log`), so two at once read each other's lines.
 fn cscli_explain(log: &Path) -> String {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let root = crowdsec_root();

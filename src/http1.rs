@@ -11,6 +11,50 @@ pub(crate) const MAX_CHUNK_LINE: usize = 4096;
 /// Largest trailer section.
 pub(crate) const MAX_TRAILERS: usize = 16 * 1024;
 
+/// A deadline timer for a deadline that keeps moving later (the next request's idle or
+/// response timeout), moved lazily: left set to an earlier deadline, it fires there and is
+/// only then set to the current one. A connection that serves requests promptly touches the
+/// timer wheel about once per timeout, not once per request (a `tokio::time::timeout` per
+/// request registers and removes an entry each time). Made on first use.
+#[derive(Default)]
+pub(crate) struct LazyDeadline {
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// What `timer` is set to.
+    armed: Option<tokio::time::Instant>,
+}
+
+impl LazyDeadline {
+    /// `Ready` once `due` has passed; otherwise the task is woken by then (perhaps earlier,
+    /// spuriously, at an older deadline).
+    pub(crate) fn poll_until(
+        &mut self,
+        due: tokio::time::Instant,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::future::Future;
+        use std::task::Poll;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if self.armed.is_none_or(|armed| armed > due) {
+                timer.as_mut().reset(due);
+                self.armed = Some(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if tokio::time::Instant::now() >= due {
+                self.armed = None;
+                return Poll::Ready(());
+            }
+            // Fired at an earlier deadline: on to the current one.
+            timer.as_mut().reset(due);
+            self.armed = Some(due);
+        }
+    }
+}
+
 /// Where a chunked decoder is in the body.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ChunkState {

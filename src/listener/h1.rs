@@ -46,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use crate::body::{Body, BoxError};
-use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, Peer};
+use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, LazyDeadline, Peer};
 
 /// Header slots parsed on the stack; heads with more fields (when `max_headers` allows) are
 /// parsed again into slots on the heap.
@@ -408,9 +408,8 @@ struct Conn<I> {
     /// The client will send nothing more.
     read_closed: bool,
     lingered: usize,
-    /// The connection's one timer (`poll_deadline`) and the deadline it is set to.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: Option<Instant>,
+    /// The connection's one timer (`poll_deadline`).
+    timer: LazyDeadline,
     /// When the wait for the next request began (the end of the last response, or the
     /// start of the connection), and whether it is the first request's.
     idle_since: Instant,
@@ -462,8 +461,7 @@ where
                 closing: false,
                 read_closed: false,
                 lingered: 0,
-                timer: None,
-                armed: None,
+                timer: LazyDeadline::default(),
                 idle_since: started,
                 first: true,
                 head_since: None,
@@ -1583,33 +1581,14 @@ where
         }
     }
 
-    /// Waits for the current deadline; `Ready` with what expired. The timer is moved later
-    /// lazily: set to an earlier deadline, it fires, and is then set to the current one (a
-    /// keep-alive connection moves its idle deadline with every request, the timer once per
-    /// idle_timeout at most).
+    /// Waits for the current deadline; `Ready` with what expired. (A keep-alive connection
+    /// moves its idle deadline with every request; `LazyDeadline` moves the timer once per
+    /// idle_timeout at most.)
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
         let Some((due, why)) = self.deadline() else {
             return Poll::Pending;
         };
-        loop {
-            let timer = self
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-            if self.armed.is_none_or(|armed| armed > due) {
-                timer.as_mut().reset(due);
-                self.armed = Some(due);
-            }
-            if timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if Instant::now() >= due {
-                self.armed = None;
-                return Poll::Ready(why);
-            }
-            // Fired for an earlier deadline: on to the current one.
-            timer.as_mut().reset(due);
-            self.armed = Some(due);
-        }
+        self.timer.poll_until(due, cx).map(|()| why)
     }
 
     /// Discards what the client still sends after the last response, for a while, so that

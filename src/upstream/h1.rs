@@ -31,7 +31,7 @@ use tokio_rustls::TlsConnector;
 
 use super::tls::{self, Stream};
 use crate::body::{Body, BoxError};
-use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, Peer};
+use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, LazyDeadline, Peer};
 use crate::proxy::headers::Forwarding;
 
 /// Largest response head accepted from an upstream.
@@ -50,12 +50,8 @@ const COALESCE: usize = 16 * 1024;
 pub struct Conn {
     io: Stream,
     buf: BytesMut,
-    /// The response-head timer, kept with the connection and moved lazily (`head_within`):
-    /// a fresh `tokio::time::timeout` per request registered and removed a timer entry each
-    /// time.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The deadline `timer` is set to.
-    armed: Option<tokio::time::Instant>,
+    /// The response-head timer, kept with the connection (`head_within`).
+    deadline: LazyDeadline,
 }
 
 struct Idle {
@@ -220,8 +216,7 @@ impl Pool {
         Ok(Conn {
             io,
             buf: BytesMut::with_capacity(8 * 1024),
-            timer: None,
-            armed: None,
+            deadline: LazyDeadline::default(),
         })
     }
 }
@@ -413,18 +408,16 @@ async fn exchange(
     head_within(conn, head_only, timeout).await
 }
 
-/// `read_head`, given `timeout` to complete. The connection's own timer is moved to the new
-/// deadline lazily: left at an earlier one (the last request's), it fires there, and only
-/// then is set to this one; a connection answering promptly touches the timer wheel about
-/// once per `timeout`, not once per request.
+/// `read_head`, given `timeout` to complete, on the connection's own timer (`LazyDeadline`:
+/// a connection answering promptly touches the timer wheel about once per `timeout`, not
+/// once per request).
 async fn head_within(
     conn: &mut Conn,
     head_only: bool,
     timeout: Duration,
 ) -> Result<(Response<()>, Framing), Exchange> {
     let due = tokio::time::Instant::now() + timeout;
-    let mut timer = conn.timer.take();
-    let mut armed = conn.armed.take();
+    let mut deadline = std::mem::take(&mut conn.deadline);
     let res = {
         let read = read_head(conn, head_only);
         tokio::pin!(read);
@@ -432,28 +425,13 @@ async fn head_within(
             if let Poll::Ready(r) = std::future::Future::poll(read.as_mut(), cx) {
                 return Poll::Ready(r);
             }
-            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-            loop {
-                if armed.is_none_or(|a| a > due) {
-                    t.as_mut().reset(due);
-                    armed = Some(due);
-                }
-                if std::future::Future::poll(t.as_mut(), cx).is_pending() {
-                    return Poll::Pending;
-                }
-                if tokio::time::Instant::now() >= due {
-                    armed = None;
-                    return Poll::Ready(Err(Exchange::Timeout));
-                }
-                // Fired at an earlier request's deadline: on to this one.
-                t.as_mut().reset(due);
-                armed = Some(due);
-            }
+            deadline
+                .poll_until(due, cx)
+                .map(|()| Err(Exchange::Timeout))
         })
         .await
     };
-    conn.timer = timer;
-    conn.armed = armed;
+    conn.deadline = deadline;
     res
 }
 

@@ -55,6 +55,14 @@ impl LazyDeadline {
     }
 }
 
+/// Appends one field line, `name: value` and CRLF, to a head being encoded.
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Where a chunked decoder is in the body.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ChunkState {

@@ -46,7 +46,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use crate::body::{Body, BoxError};
-use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, LazyDeadline, Peer};
+use crate::http1::{
+    decode_chunk, parse_length, tokens, write_field, ChunkState, Decoded, LazyDeadline, Peer,
+};
 
 /// Header slots parsed on the stack; heads with more fields (when `max_headers` allows) are
 /// parsed again into slots on the heap.
@@ -1316,10 +1318,7 @@ where
             if name == header::DATE {
                 has_date = true;
             }
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
+            write_field(w, name, value);
         }
         if !has_date {
             w.extend_from_slice(b"date: ");
@@ -1477,11 +1476,7 @@ where
                         if !allowed_in_trailers(name) {
                             continue;
                         }
-                        let out = self.out();
-                        out.extend_from_slice(name.as_str().as_bytes());
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(value.as_bytes());
-                        out.extend_from_slice(b"\r\n");
+                        write_field(self.out(), name, value);
                     }
                 }
                 self.out().extend_from_slice(b"\r\n");

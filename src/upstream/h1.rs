@@ -31,7 +31,9 @@ use tokio_rustls::TlsConnector;
 
 use super::tls::{self, Stream};
 use crate::body::{Body, BoxError};
-use crate::http1::{decode_chunk, parse_length, tokens, ChunkState, Decoded, LazyDeadline, Peer};
+use crate::http1::{
+    decode_chunk, parse_length, tokens, write_field, ChunkState, Decoded, LazyDeadline, Peer,
+};
 use crate::proxy::headers::Forwarding;
 
 /// Largest response head accepted from an upstream.
@@ -575,10 +577,7 @@ fn encode_head(
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(&mut out, name, value);
     }
     if !has_host {
         // HTTP/1.0 clients may leave Host out; HTTP/1.1 requires it (RFC 9112 §3.2). Like

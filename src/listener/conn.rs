@@ -328,7 +328,8 @@ async fn serve_http<I>(
     let limits = listener.config.limits.clone();
     // The request-head clock starts at `started`: after the TLS handshake, which had its own
     // timeout (a slow but legitimate one must not eat into header_read_timeout).
-    let state = Arc::new(ConnState::new(started.into_std()));
+    // (HTTP/2 only: the HTTP/1.1 codec times itself.)
+    let state = h2.then(|| Arc::new(ConnState::new(started.into_std())));
     // Counted from here to the end of the connection (the guard decrements on every exit).
     let gauge = runtime
         .telemetry
@@ -353,7 +354,7 @@ async fn serve_http<I>(
     let ctx = Arc::new(ConnCtx {
         runtime,
         info,
-        state: h2.then(|| state.clone()),
+        state: state.clone(),
         alt_svc,
     });
     let refusals = ctx.clone();
@@ -380,7 +381,7 @@ async fn serve_http<I>(
         drive(
             conn,
             |c| c.graceful_shutdown(),
-            Some(&state),
+            state.as_deref(),
             &limits,
             &close,
         )

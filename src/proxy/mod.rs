@@ -138,7 +138,7 @@ impl Gateway {
             )
         });
         tracing::debug!(peer = %conn.peer, listener = %conn.listener, status = status.as_u16(), reason, "request refused by the HTTP/1.1 codec");
-        let record = AccessRecord {
+        let record = Box::new(AccessRecord {
             time: std::time::SystemTime::now(),
             request_id: headers::new_request_id(),
             // As every other record names it (an IPv4 client on a dual-stack listener is
@@ -159,7 +159,7 @@ impl Gateway {
             error: Some("malformed_request"),
             unreadable,
             ..AccessRecord::default()
-        };
+        });
         snapshot.telemetry.emit(record);
     }
 
@@ -174,7 +174,7 @@ impl Gateway {
         let head_only = req.method() == Method::HEAD;
         // The access record exists from here on; if this future is dropped early it is
         // emitted as a client abort (499).
-        let mut record = AccessRecord::start(&req, conn, client_ip, &request_id);
+        let mut record = Box::new(AccessRecord::start(&req, conn, client_ip, &request_id));
         record.count_request_body(&mut req);
         let mut pending = Pending::new(record, started, snapshot.clone());
 

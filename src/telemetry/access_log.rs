@@ -387,14 +387,16 @@ impl http_body::Body for CountingBody {
 
 /// A record not emitted yet, and what emitting it needs.
 pub struct Pending {
-    record: Option<AccessRecord>,
+    /// Boxed: the record is large, and a `Pending` moves several times (into the response
+    /// body, into its box) before the record is emitted.
+    record: Option<Box<AccessRecord>>,
     started: Instant,
     snapshot: Arc<Snapshot>,
 }
 
 impl Pending {
     /// Opens the record of a request that runs on `snapshot`.
-    pub fn new(record: AccessRecord, started: Instant, snapshot: Arc<Snapshot>) -> Pending {
+    pub fn new(record: Box<AccessRecord>, started: Instant, snapshot: Arc<Snapshot>) -> Pending {
         Pending {
             record: Some(record),
             started,
@@ -405,7 +407,7 @@ impl Pending {
     /// The record, for the stages to fill.
     pub fn record(&mut self) -> &mut AccessRecord {
         // Only `emit` takes it, and nothing touches a `Pending` after that.
-        self.record.get_or_insert_with(AccessRecord::default)
+        self.record.get_or_insert_with(Box::default)
     }
 
     /// Attaches the record to the response: emitted now if no body will be sent, else when
@@ -637,7 +639,7 @@ mod tests {
                     .body(Body::Empty)
                     .unwrap();
                 let started = Instant::now();
-                let mut record = AccessRecord::start(&req, &conn, conn.peer.ip(), &rid);
+                let mut record = Box::new(AccessRecord::start(&req, &conn, conn.peer.ip(), &rid));
                 record.route = Some(route.name.clone());
                 let pending = Pending::new(record, started, snap.clone());
                 let resp = Response::new(Body::full(Bytes::from_static(b"hello, world\n")));

@@ -229,7 +229,7 @@ impl SnapshotTelemetry {
     }
 
     /// Accounts for one finished request: metrics, the status window, every sink.
-    pub fn emit(&self, record: AccessRecord) {
+    pub fn emit(&self, record: Box<AccessRecord>) {
         let Some(shared) = &self.shared else {
             return;
         };
@@ -304,7 +304,7 @@ impl SnapshotTelemetry {
         }
         let mut record = record;
         record.detach();
-        let record = Arc::new(record);
+        let record: Arc<AccessRecord> = Arc::from(record);
         for s in [&self.json, &self.combined, &self.sqlite]
             .into_iter()
             .flatten()
@@ -572,35 +572,35 @@ mod tests {
             reason: Some("because".into()),
             shadow,
         };
-        t.emit(AccessRecord {
+        t.emit(Box::new(AccessRecord {
             policy: Some(policy(Effect::Deny, false)),
             ..base()
-        });
-        t.emit(AccessRecord {
+        }));
+        t.emit(Box::new(AccessRecord {
             policy: Some(policy(Effect::Deny, true)),
             status: 200,
             ..base()
-        });
-        t.emit(AccessRecord {
+        }));
+        t.emit(Box::new(AccessRecord {
             rate_limit: Some(RateLimitRecord {
                 limited: true,
                 limiter: "per-ip".into(),
             }),
             status: 429,
             ..base()
-        });
-        t.emit(AccessRecord {
+        }));
+        t.emit(Box::new(AccessRecord {
             ban: Some(BanRecord {
                 origin: "crowdsec".into(),
                 scenario: Some("crowdsecurity/http-probing".into()),
             }),
             ..base()
-        });
-        t.emit(AccessRecord {
+        }));
+        t.emit(Box::new(AccessRecord {
             policy: Some(policy(Effect::Allow, false)),
             status: 200,
             ..base()
-        });
+        }));
         t.banned_connection(
             &Arc::from("http"),
             "203.0.113.9:4000".parse().unwrap(),

@@ -214,8 +214,13 @@ impl OneConnection {
     /// Waits until the server has closed the connection; false if it is still open after
     /// `LOG_WAIT`.
     async fn closed(&mut self) -> bool {
+        self.closed_within(LOG_WAIT).await
+    }
+
+    /// The same, with a wait of the caller's (shorter than the connection's own timers).
+    async fn closed_within(&mut self, wait: Duration) -> bool {
         let ended = self.ended.take().expect("the connection's own handle");
-        tokio::time::timeout(LOG_WAIT, ended).await.is_ok()
+        tokio::time::timeout(wait, ended).await.is_ok()
     }
 }
 
@@ -669,7 +674,7 @@ async fn withdrawing_tls_1_2_closes_only_the_connections_that_negotiated_it_and_
     wraith.write_config(&classical_13);
     wraith.reload().unwrap();
     assert!(
-        tls13.closed().await,
+        tls13.closed_within(Duration::from_secs(3)).await,
         "the connection that negotiated X25519MLKEM768 stayed open"
     );
 }
@@ -746,6 +751,11 @@ async fn a_connection_ends_when_its_client_certificate_expires() {
         .await
         .unwrap();
     assert_eq!(expiring.get("/before").await.unwrap().0, 200);
+    // HTTP/1.1 too, idle after one request: nothing but the expiry wakes its connection.
+    let mut expiring_h1 = OneConnection::open(addr, &ca, &brief, Alpn::H1)
+        .await
+        .unwrap();
+    assert_eq!(expiring_h1.get("/before").await.unwrap().0, 200);
     let mut other = OneConnection::open(addr, &ca, &lasting, Alpn::H1)
         .await
         .unwrap();
@@ -756,6 +766,10 @@ async fn a_connection_ends_when_its_client_certificate_expires() {
     assert!(
         expiring.closed().await,
         "the connection outlived its client certificate"
+    );
+    assert!(
+        expiring_h1.closed().await,
+        "the idle HTTP/1.1 connection outlived its client certificate"
     );
     // A new handshake with it fails; the other client's connection stays.
     assert!(new_connection_refused(addr, &ca, &brief).await);

@@ -245,11 +245,6 @@ impl ClientAuthEpoch {
         let _ = conn.until.set(tokio::time::Instant::now() + left);
     }
 
-    /// How many withdrawals this epoch has had.
-    pub fn withdrawals(&self) -> usize {
-        self.withdrawn.load(Ordering::Acquire)
-    }
-
     /// Whether a withdrawal covers what `conn` negotiated.
     pub fn withdrew(&self, conn: &Negotiated) -> bool {
         let count = self.withdrawn.load(Ordering::Acquire);

@@ -20,9 +20,9 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -429,40 +429,34 @@ async fn drive<C, G, E>(
     let mut draining = false;
     let mut closing = false;
     let mut idle_strikes = 0;
-    // The close signal is polled on every wake-up of this task (every read and write of the
-    // connection). Polling its futures costs a lock each; once they are registered with
-    // this task's waker, two flag checks say the same thing.
-    // Unconstrained: its first poll must register both wakers even when the task's
-    // cooperative budget is spent (a budget-starved `select!` returns Pending without polling
-    // anything, and the shortcut below would then never poll it again).
+    // The close signal's futures (stop, reload, withdrawal, certificate expiry) are polled
+    // with a waker of their own, and only after one of them woke it: this task wakes on
+    // every read and write of the connection, and polling them each time costs a lock each.
+    // Unconstrained: a poll must reach every inner future even when the task's cooperative
+    // budget is spent (a budget-starved poll returns Pending without registering anything,
+    // and with the flag already taken it would never be polled again).
     let requested = tokio::task::unconstrained(close.requested());
     tokio::pin!(requested);
-    let mut registered: Option<std::task::Waker> = None;
-    let mut seen = close.withdrawals();
+    // Woken to begin with: the first poll registers the futures.
+    let signal = Arc::new(SignalWaker {
+        woken: AtomicBool::new(true),
+        task: futures_util::task::AtomicWaker::new(),
+    });
+    let signal_waker = std::task::Waker::from(signal.clone());
     loop {
         // HTTP/2's timeouts; the HTTP/1.1 codec keeps its own (`state` is `None`).
-        let mut wait = state.map(|st| st.check(limits).1);
-        // The client certificate's end (if any) is looked at when it comes, not at the next
-        // wake-up for another reason.
-        // (Once draining, the drain timer decides: an expired certificate would otherwise
-        // wake this loop every 10 ms until then.)
-        if let Some(until) = close.until().filter(|_| !draining) {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            wait = Some(wait.map_or(left, |w| w.min(left)));
-        }
+        let wait = state.map(|st| st.check(limits).1);
         let close_requested = std::future::poll_fn(|cx| {
             if close.is_requested() {
                 return Poll::Ready(());
             }
-            // A withdrawal that did not cover this connection woke `requested` once; it
-            // must be polled again to wait for the next one.
-            let withdrawals = close.withdrawals();
-            if withdrawals == seen && registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            // Registered before the flag is taken: a wake-up in between wakes this task.
+            signal.task.register(cx.waker());
+            if !signal.woken.swap(false, Ordering::AcqRel) {
                 return Poll::Pending;
             }
-            seen = withdrawals;
-            registered = Some(cx.waker().clone());
-            std::future::Future::poll(requested.as_mut(), cx)
+            let mut cx = Context::from_waker(&signal_waker);
+            std::future::Future::poll(requested.as_mut(), &mut cx)
         });
         tokio::select! {
             biased;
@@ -488,8 +482,6 @@ async fn drive<C, G, E>(
                 return;
             }
             _ = tokio::time::sleep(wait.unwrap_or_default().max(Duration::from_millis(10))), if wait.is_some() => {
-                // Without `state`, the wake-up was for the certificate's end: the loop polls
-                // the close signal again.
                 let Some(state) = state else { continue };
                 match state.check(limits).0 {
                     Verdict::Busy => idle_strikes = 0,
@@ -508,6 +500,24 @@ async fn drive<C, G, E>(
                 }
             }
         }
+    }
+}
+
+/// The waker the close signal's futures are polled with: it notes that one of them woke
+/// before waking the connection's task.
+struct SignalWaker {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for SignalWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 

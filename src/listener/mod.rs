@@ -99,20 +99,6 @@ impl CloseSignal {
         }
     }
 
-    /// How many TLS withdrawals the connection's listener has seen (changes when one comes).
-    pub(crate) fn withdrawals(&self) -> usize {
-        // Only TLS connections can be covered by one (plain ones skip the atomic load).
-        match &self.tls {
-            Some(_) => self.client_auth.withdrawals(),
-            None => 0,
-        }
-    }
-
-    /// When the client certificate (or a CRL covering it) stops admitting the connection.
-    pub(crate) fn until(&self) -> Option<tokio::time::Instant> {
-        self.tls.as_ref().and_then(|n| n.until())
-    }
-
     /// Whether the client certificate (or a CRL) the connection was admitted with has
     /// expired since.
     pub fn expired(&self) -> bool {

@@ -1135,12 +1135,32 @@ async fn more_headers_than_max_headers_is_431() {
     assert_eq!(rec.heads(), ["GET /ten"]);
 }
 
+/// A later HTTP/1.x minor version is served as HTTP/1.1 (RFC 9110 §2.5), on a connection
+/// that stays open.
+#[tokio::test]
+async fn a_later_http_1_minor_version_is_served_as_http_1_1() {
+    let (_w, addr, rec, _up) = gateway().await;
+    let mut c = Conn::open(addr).await;
+    // The head in pieces: the version is read before the line (and the head) is complete.
+    for piece in ["GET /minor HTTP/1.9", "\r\nHost: local", "host\r\n\r\n"] {
+        c.send(piece.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = c.response().await;
+    assert_eq!(resp.status, 200, "{}", resp.summary());
+    c.send(b"GET /again HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let resp = c.response().await;
+    assert_eq!(resp.status, 200, "{}", resp.summary());
+    assert_eq!(rec.heads(), ["GET /minor", "GET /again"]);
+}
+
 /// A request line with a version this server does not speak: 505 (or 400), then close.
 #[tokio::test]
 async fn unsupported_versions_are_refused_and_closed() {
     let (_w, addr, rec, _up) = gateway().await;
     let mut results = Vec::new();
-    for version in ["HTTP/1.2", "HTTP/2.0", "HTTP/3.0"] {
+    for version in ["HTTP/1.10", "HTTP/2.0", "HTTP/3.0", "HTTP/0.9"] {
         let raw = format!("GET /v HTTP/{}\r\nHost: localhost\r\n\r\n", &version[5..]);
         let outcome: R<()> = async {
             let mut c = Conn::open(addr).await;

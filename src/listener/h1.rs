@@ -787,20 +787,15 @@ where
                 return self.too_large().map(|()| None);
             }
         }
-        let max_headers = self.settings.max_headers;
-        let parsed = {
-            let mut inline =
-                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_HEADERS];
-            let slots = &mut inline[..max_headers.min(INLINE_HEADERS)];
-            match parse(&self.rbuf, slots, &mut self.spans) {
-                Err(httparse::Error::TooManyHeaders) if max_headers > INLINE_HEADERS => {
-                    let mut heap: Vec<MaybeUninit<httparse::Header<'_>>> =
-                        (0..max_headers).map(|_| MaybeUninit::uninit()).collect();
-                    parse(&self.rbuf, &mut heap, &mut self.spans)
-                }
-                other => other,
+        let mut parsed = self.parse_rbuf();
+        // A later HTTP/1.x minor version is read as HTTP/1.1, the highest this server
+        // implements (RFC 9110 §2.5); httparse reads only 1.0 and 1.1.
+        if matches!(parsed, Err(httparse::Error::Version)) {
+            if let Some(at) = later_minor_version(&self.rbuf) {
+                self.rbuf[at] = b'1';
+                parsed = self.parse_rbuf();
             }
-        };
+        }
         let parsed = match parsed {
             Ok(Some(p)) => p,
             Ok(None) => {
@@ -832,6 +827,22 @@ where
         self.first = false;
         let head = self.rbuf.split_to(parsed.len).freeze();
         self.build_request(head, &parsed).map(Some)
+    }
+
+    /// Parses the head at the front of the read buffer, on the stack for up to
+    /// `INLINE_HEADERS` fields.
+    fn parse_rbuf(&mut self) -> Result<Option<Parsed>, httparse::Error> {
+        let max_headers = self.settings.max_headers;
+        let mut inline = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_HEADERS];
+        let slots = &mut inline[..max_headers.min(INLINE_HEADERS)];
+        match parse(&self.rbuf, slots, &mut self.spans) {
+            Err(httparse::Error::TooManyHeaders) if max_headers > INLINE_HEADERS => {
+                let mut heap: Vec<MaybeUninit<httparse::Header<'_>>> =
+                    (0..max_headers).map(|_| MaybeUninit::uninit()).collect();
+                parse(&self.rbuf, &mut heap, &mut self.spans)
+            }
+            other => other,
+        }
     }
 
     /// An incomplete head already over `max_header_size` is refused.
@@ -1725,6 +1736,19 @@ fn request_line_says_http(buf: &[u8]) -> bool {
     line.rsplit(|&b| b == b' ')
         .next()
         .is_some_and(|v| v.starts_with(b"HTTP/"))
+}
+
+/// Where the minor digit of an `HTTP/1.2` to `HTTP/1.9` request line is.
+fn later_minor_version(buf: &[u8]) -> Option<usize> {
+    // The line may not have ended yet: httparse refuses the version as soon as it has it.
+    let end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let line = &buf[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.get(line.len().checked_sub(9)?..)?;
+    match version {
+        [b' ', b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Some(line.len() - 1),
+        _ => None,
+    }
 }
 
 /// The Transfer-Encoding of a request, judged whole.

@@ -29,6 +29,10 @@ pub struct Identity {
     pub trust_domain: Option<String>,
     /// The path of the SPIFFE ID (`/path`; empty for a bare trust domain).
     pub spiffe_path: Option<String>,
+    /// Why the `spiffe://` URI SANs make no SPIFFE ID (there are several, or the one there is
+    /// breaks the SPIFFE ID rules); `None` when they make one or there are none. A listener
+    /// with `client_trust_domains` refuses such a certificate at the handshake.
+    pub spiffe_invalid: Option<String>,
     /// DNS SANs.
     pub dns: Vec<String>,
     /// Email SANs.
@@ -196,22 +200,24 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
             }
         }
     }
-    match spiffe.as_slice() {
-        [] => {}
+    id.spiffe_invalid = match spiffe.as_slice() {
+        [] => None,
         [one] => match split_spiffe(one) {
             Ok((domain, path)) => {
                 id.spiffe_id = Some((*one).to_string());
                 id.trust_domain = Some(domain.to_string());
                 id.spiffe_path = Some(path.to_string());
+                None
             }
-            Err(why) => warnings.push(format!("URI SAN {one:?} is not a valid SPIFFE ID: {why}")),
+            Err(why) => Some(format!("URI SAN {one:?} is not a valid SPIFFE ID: {why}")),
         },
         // The SPIFFE X.509-SVID spec allows exactly one URI SAN: more is ambiguous.
-        many => warnings.push(format!(
+        many => Some(format!(
             "certificate carries {} SPIFFE IDs; an X.509-SVID has exactly one, so none is used",
             many.len()
         )),
-    }
+    };
+    warnings.extend(id.spiffe_invalid.clone());
 }
 
 /// Splits `spiffe://trust-domain/path` after checking it against the SPIFFE ID rules:
@@ -403,6 +409,7 @@ mod tests {
         );
         assert_eq!(id.trust_domain.as_deref(), Some("corp.example"));
         assert_eq!(id.spiffe_path.as_deref(), Some("/ns/prod/sa/orders"));
+        assert_eq!(id.spiffe_invalid, None);
         assert_eq!(id.dns, ["orders.internal", "orders.prod.internal"]);
         assert_eq!(id.emails, ["ops@example.com"]);
         assert_eq!(id.common_name.as_deref(), Some("orders, \"east\""));
@@ -451,6 +458,33 @@ mod tests {
         assert_eq!(id.spiffe_id, None);
         assert_eq!(id.name(), "twice");
         assert!(warnings[0].contains("2 SPIFFE IDs"), "{warnings:?}");
+        // Kept apart from the other warnings: a listener with client_trust_domains refuses it.
+        assert!(id.spiffe_invalid.unwrap().contains("2 SPIFFE IDs"));
+    }
+
+    #[test]
+    fn a_malformed_spiffe_id_is_not_used_and_says_why() {
+        for uri in [
+            "spiffe://TEST.local/x",
+            "SPIFFE://test.local/x",
+            "spiffe://test.local/a/../b",
+            "spiffe://",
+        ] {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, "bent");
+            p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+            let (id, warnings) = Identity::from_der(&issue(p)).unwrap();
+            assert_eq!((id.spiffe_id, id.trust_domain), (None, None), "{uri}");
+            let why = id.spiffe_invalid.expect(uri);
+            assert!(why.contains("not a valid SPIFFE ID"), "{why}");
+            assert_eq!(warnings, [why]);
+        }
+        // Other URIs are no SPIFFE claim at all.
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI("https://example.com/x".try_into().unwrap())];
+        let (id, warnings) = Identity::from_der(&issue(p)).unwrap();
+        assert_eq!((id.spiffe_id, id.spiffe_invalid), (None, None));
+        assert!(warnings.is_empty(), "{warnings:?}");
     }
 
     #[test]

@@ -1068,3 +1068,98 @@ async fn a_trust_domain_bound_to_its_bundle_refuses_ids_another_ca_issued() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_bound_listener_refuses_spiffe_uris_that_make_no_id() {
+    let (upstream, hits) = counting_echo().await;
+    let setup = Setup::new();
+    // All from the CA bound to test.local: the chains are fine, the SPIFFE claims are not.
+    let twice = {
+        let mut p = client_params("twice", Some("spiffe://test.local/a"));
+        p.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://test.local/b".try_into().unwrap(),
+        ));
+        setup.pki.client_with("twice", p)
+    };
+    let bent = |name: &str, uri: &str| setup.pki.client_with(name, client_params(name, Some(uri)));
+    let upper = bent("upper", "spiffe://TEST.local/svc");
+    let dotted = bent("dotted", "spiffe://test.local/a/../svc");
+    let scheme = bent("scheme", "SPIFFE://test.local/svc");
+    // No SPIFFE claim at all: an https URI, or no URI.
+    let web = bent("web", "https://test.local/svc");
+    let plain = setup.pki.client_with("plain", client_params("plain", None));
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = "ca.pem", client_trust_domains = { "test.local" = "ca.pem" }"#,
+        ALLOW_ALL_POLICY,
+        upstream.addr,
+        r#"
+# The same CA without client_trust_domains.
+[[listener]]
+name = "https-unbound"
+address = "127.0.0.1:0"
+protocol = "https"
+tls = { cert = "server.pem", key = "server-key.pem", client_auth = "require", client_ca = "ca.pem" }
+
+[[route]]
+name = "app"
+upstream = "app"
+"#,
+    );
+    let wraith = setup.start(&cfg);
+    let (bound, unbound) = (
+        wraith.url("https", "/whoami"),
+        wraith.url("https-unbound", "/whoami"),
+    );
+    let get = |cert: &ClientCert, url: &str| https_client(&ca, Some(cert.pair())).get(url).send();
+    // Certificates that claim no SPIFFE ID pass on client_ca, as before.
+    for (what, cert) in [("web", &web), ("plain", &plain)] {
+        let resp = get(cert, &bound)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", wraith.log()));
+        assert_eq!(resp.status(), 200, "{what}");
+    }
+    let bad = [
+        ("two SPIFFE IDs", &twice, "2 SPIFFE IDs"),
+        (
+            "an uppercase trust domain",
+            &upper,
+            "spiffe://TEST.local/svc",
+        ),
+        ("a '..' segment", &dotted, "spiffe://test.local/a/../svc"),
+        ("an uppercase scheme", &scheme, "SPIFFE://test.local/svc"),
+    ];
+    for (what, cert, why) in bad {
+        let result = get(cert, &bound).await;
+        assert!(result.is_err(), "{what}: the request went through");
+        assert!(
+            wraith
+                .wait_log(LOG_WAIT, |v| v["reason"] == "invalid_spiffe_id"
+                    && v["error"].as_str().is_some_and(|e| e.contains(why)))
+                .is_some(),
+            "{what}:\n{}",
+            wraith.log()
+        );
+        // Without client_trust_domains they still pass, carrying no SPIFFE identity.
+        let resp = get(cert, &unbound).await.unwrap();
+        assert_eq!(resp.status(), 200, "{what}, unbound");
+        let xfcc = json(resp).await["headers"]["x-forwarded-client-cert"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(!xfcc.contains("URI="), "{what}: {xfcc}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2 + bad.len());
+    let (code, out, err) = wraith.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        status["client_cert_rejections"]["invalid_spiffe_id"]
+            .as_u64()
+            .unwrap_or(0)
+            >= bad.len() as u64,
+        "{}",
+        status["client_cert_rejections"]
+    );
+}

@@ -343,7 +343,7 @@ pub fn client_verifier(auth: &ClientAuth) -> Result<Option<Arc<dyn ClientCertVer
 
 /// Refuses chains longer than `client_max_chain_depth` before webpki builds a path, and
 /// (with `client_trust_domains`) a certificate whose SPIFFE ID names a trust domain its chain
-/// does not lead to.
+/// does not lead to, or whose `spiffe://` URI SANs make no valid SPIFFE ID.
 #[derive(Debug)]
 struct DepthLimited {
     inner: Arc<dyn ClientCertVerifier>,
@@ -367,6 +367,21 @@ impl std::fmt::Display for WrongTrustDomain {
 }
 
 impl std::error::Error for WrongTrustDomain {}
+
+/// The message of the refusal of a certificate that claims a SPIFFE ID it does not make
+/// (matched by the handshake log).
+pub const INVALID_SPIFFE_ID: &str = "client certificate's URI SANs make no valid SPIFFE ID";
+
+#[derive(Debug)]
+struct InvalidSpiffeId(String);
+
+impl std::fmt::Display for InvalidSpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{INVALID_SPIFFE_ID}: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidSpiffeId {}
 
 /// The message of the chain-length refusal (matched by the handshake log).
 pub const CHAIN_TOO_LONG: &str = "client certificate chain is longer than client_max_chain_depth";
@@ -407,10 +422,18 @@ impl ClientCertVerifier for DepthLimited {
         }
         // Bound to its trust domain: the SPIFFE ID's domain must have a bundle, and the chain
         // must lead to it (not merely to some client_ca).
-        let domain = crate::identity::Identity::from_der(end_entity)
-            .ok()
-            .and_then(|(id, _)| id.trust_domain);
-        let Some(domain) = domain else {
+        let Ok((id, _)) = crate::identity::Identity::from_der(end_entity) else {
+            return Ok(verified);
+        };
+        // `spiffe://` URI SANs that make no ID (two of them, a malformed one) still claim a
+        // SPIFFE identity, one no domain's bundle vouched for: only a certificate that claims
+        // none may pass on client_ca alone.
+        if let Some(why) = id.spiffe_invalid {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(InvalidSpiffeId(why))),
+            )));
+        }
+        let Some(domain) = id.trust_domain else {
             return Ok(verified);
         };
         let refuse = |why| {
@@ -484,6 +507,7 @@ pub fn failure_label(tls: &rustls::Error) -> &'static str {
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong_key_usage",
             C::Other(o) if o.to_string().starts_with(CHAIN_TOO_LONG) => "chain_too_long",
             C::Other(o) if o.to_string().starts_with(WRONG_TRUST_DOMAIN) => "wrong_trust_domain",
+            C::Other(o) if o.to_string().starts_with(INVALID_SPIFFE_ID) => "invalid_spiffe_id",
             _ => "invalid_certificate",
         },
         rustls::Error::PeerIncompatible(_) => "incompatible_client",
@@ -499,7 +523,7 @@ pub fn is_client_cert_failure(label: &str) -> bool {
 }
 
 /// The client-certificate failure labels, in the order `ClientCertRejections` counts them.
-pub const CLIENT_CERT_FAILURES: [&str; 12] = [
+pub const CLIENT_CERT_FAILURES: [&str; 13] = [
     "no_client_certificate",
     "untrusted_issuer",
     "certificate_expired",
@@ -511,6 +535,7 @@ pub const CLIENT_CERT_FAILURES: [&str; 12] = [
     "wrong_key_usage",
     "chain_too_long",
     "wrong_trust_domain",
+    "invalid_spiffe_id",
     "invalid_certificate",
 ];
 

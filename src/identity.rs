@@ -190,7 +190,11 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
             match name {
                 GeneralName::DNSName(d) => id.dns.push((*d).to_string()),
                 GeneralName::RFC822Name(e) => id.emails.push((*e).to_string()),
-                GeneralName::URI(u) if u.len() >= 9 && u[..9].eq_ignore_ascii_case("spiffe://") => {
+                // `get`: x509-parser lets UTF-8 into URIs, and byte 9 need not end a character.
+                GeneralName::URI(u)
+                    if u.get(..9)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("spiffe://")) =>
+                {
                     spiffe.push(*u)
                 }
                 GeneralName::Invalid(tag, _) => warnings.push(format!(
@@ -485,6 +489,22 @@ mod tests {
         let (id, warnings) = Identity::from_der(&issue(p)).unwrap();
         assert_eq!((id.spiffe_id, id.spiffe_invalid), (None, None));
         assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_uri_with_a_character_across_byte_nine_is_no_panic() {
+        // SEQUENCE { [6] "spiffe:/é" }, by hand: rcgen writes URIs as IA5 (ASCII) only,
+        // x509-parser reads them as UTF-8. 'é' takes bytes 8 and 9.
+        let uri = "spiffe:/\u{e9}".as_bytes();
+        let mut san = vec![0x30, uri.len() as u8 + 2, 0x86, uri.len() as u8];
+        san.extend_from_slice(uri);
+        let mut p = CertificateParams::default();
+        p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 17],
+            san,
+        )];
+        let (id, _) = Identity::from_der(&issue(p)).unwrap();
+        assert_eq!((id.spiffe_id, id.spiffe_invalid), (None, None));
     }
 
     #[test]

@@ -763,6 +763,28 @@ mod tests {
     }
 
     #[test]
+    fn a_range_ban_on_ipv6_space_that_covers_ipv4_refuses_ipv4_clients() {
+        let body = br#"{"deleted":null,"new":[
+ {"duration":"1h","id":1,"origin":"lists","scenario":"x","scope":"Range","type":"ban","value":"::ffff:0:0/80"},
+ {"duration":"1h","id":2,"origin":"lists","scenario":"y","scope":"Range","type":"ban","value":"2001:db8::/32"}]}"#;
+        let (new, skipped) = convert_new(parse_stream(body).unwrap().new.unwrap(), None, now_ms());
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let store = DecisionStore::new();
+        store.replace_crowdsec(Known::default().replace(new));
+        let banned_by = |client: &str| {
+            store
+                .lookup(client.parse().unwrap(), crate::config::Fallback::Allow)
+                .map(|v| v.value)
+        };
+        let net = |n: &str| Some(n.parse::<ipnet::IpNet>().unwrap());
+        // Host bits cleared: ::ffff:0:0/80 is ::/80.
+        assert_eq!(banned_by("192.0.2.1"), net("::/80"));
+        assert_eq!(banned_by("::ffff:198.51.100.7"), net("::/80"));
+        assert_eq!(banned_by("2001:db8::1"), net("2001:db8::/32"));
+        assert_eq!(banned_by("2001:db9::1"), None);
+    }
+
+    #[test]
     fn an_id_that_is_not_an_integer_is_no_id_and_fails_nothing() {
         let r = parse_stream(
             br#"{"new":[{"id":"x","duration":"1h","scope":"Ip","value":"192.0.2.1","type":"ban"},

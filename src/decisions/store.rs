@@ -5,7 +5,9 @@
 //!
 //! The table keeps one hash map per prefix length present (IPv4 and IPv6 apart), so a lookup
 //! probes at most 33 (IPv4) or 129 (IPv6) maps and in practice a handful: O(prefix length),
-//! no allocation, and no clock read unless something matched.
+//! no allocation, and no clock read unless something matched. An IPv4 client is also
+//! `::ffff:a.b.c.d`: IPv6 ranges that cover all of `::ffff:0:0/96` (`::/0`, `::/1`) hold it
+//! too, and are found when the table is built, so IPv4 lookups probe only those.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{action_for, Action, Decision, Key, Scope, Source};
 use crate::config::Fallback;
-use crate::proxy::headers::canonical;
+use crate::proxy::headers::{canonical, net_contains};
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
@@ -60,8 +62,15 @@ struct Table {
     /// One level per prefix length present, longest prefix first.
     v4: Vec<Level<u32>>,
     v6: Vec<Level<u128>>,
+    /// The levels of `v6` (by index, longest prefix first) with a range that covers all of
+    /// `::ffff:0:0/96`, so every IPv4 client: probed after the IPv4 levels, being broader
+    /// than any of them.
+    v6_over_v4: Vec<usize>,
     len: usize,
 }
+
+/// `::ffff:0.0.0.0`, the base of the IPv4-mapped addresses.
+const MAPPED: u128 = 0xffff << 32;
 
 /// A seeded integer hasher: much cheaper than SipHash for the fixed-width keys here, and the
 /// random seed keeps crafted address sets from colliding on purpose.
@@ -130,7 +139,9 @@ impl Table {
                 kind: d.kind.clone(),
             };
             len += 1;
-            match d.value {
+            // Ranges inside ::ffff:0:0/96 are held as IPv4 (parse_value makes them so; a
+            // decision built by hand may not be).
+            match super::canonical_net(d.value) {
                 IpNet::V4(n) => v4
                     .entry(n.prefix_len())
                     .or_insert_with(|| HashMap::with_hasher(seed))
@@ -166,9 +177,17 @@ impl Table {
             out.sort_by_key(|level| std::cmp::Reverse(level.0));
             out
         }
+        let v6 = finish(v6);
+        let v6_over_v4 = v6
+            .iter()
+            .enumerate()
+            .filter(|(_, (len, map))| *len <= 96 && map.contains_key(&mask6(MAPPED, *len)))
+            .map(|(i, _)| i)
+            .collect();
         Table {
             v4: finish(v4),
-            v6: finish(v6),
+            v6,
+            v6_over_v4,
             len,
         }
     }
@@ -178,36 +197,48 @@ impl Table {
         match canonical(ip) {
             IpAddr::V4(v4) => {
                 let a = u32::from(v4);
-                for (len, map) in &self.v4 {
-                    let net = mask4(a, *len);
-                    if let Some(hits) = map.get(&net) {
-                        let value =
-                            IpNet::V4(ipnet::Ipv4Net::new(net.into(), *len).unwrap_or_default());
-                        for h in hits.iter() {
-                            if !f(h, value) {
-                                return;
-                            }
-                        }
+                for level in &self.v4 {
+                    if !probe4(level, a, &mut f) {
+                        return;
+                    }
+                }
+                let mapped = u128::from(v4.to_ipv6_mapped());
+                for &i in &self.v6_over_v4 {
+                    if !probe6(&self.v6[i], mapped, &mut f) {
+                        return;
                     }
                 }
             }
             IpAddr::V6(v6) => {
                 let a = u128::from(v6);
-                for (len, map) in &self.v6 {
-                    let net = mask6(a, *len);
-                    if let Some(hits) = map.get(&net) {
-                        let value =
-                            IpNet::V6(ipnet::Ipv6Net::new(net.into(), *len).unwrap_or_default());
-                        for h in hits.iter() {
-                            if !f(h, value) {
-                                return;
-                            }
-                        }
+                for level in &self.v6 {
+                    if !probe6(level, a, &mut f) {
+                        return;
                     }
                 }
             }
         }
     }
+}
+
+/// Calls `f` for the hits of `level` that hold `a`; false once `f` said stop.
+fn probe4((len, map): &Level<u32>, a: u32, f: &mut impl FnMut(&Hit, IpNet) -> bool) -> bool {
+    let net = mask4(a, *len);
+    let Some(hits) = map.get(&net) else {
+        return true;
+    };
+    let value = IpNet::V4(ipnet::Ipv4Net::new(net.into(), *len).unwrap_or_default());
+    hits.iter().all(|h| f(h, value))
+}
+
+/// `probe4` for IPv6.
+fn probe6((len, map): &Level<u128>, a: u128, f: &mut impl FnMut(&Hit, IpNet) -> bool) -> bool {
+    let net = mask6(a, *len);
+    let Some(hits) = map.get(&net) else {
+        return true;
+    };
+    let value = IpNet::V6(ipnet::Ipv6Net::new(net.into(), *len).unwrap_or_default());
+    hits.iter().all(|h| f(h, value))
 }
 
 /// The writers' view: every decision by source and key.
@@ -242,9 +273,7 @@ pub struct Filter {
 impl Filter {
     fn matches(&self, d: &Decision) -> bool {
         self.value.is_none_or(|v| v == d.value)
-            && self
-                .contains
-                .is_none_or(|ip| d.value.contains(&canonical(ip)))
+            && self.contains.is_none_or(|ip| net_contains(&d.value, ip))
             && self.origin.as_deref().is_none_or(|o| o == &*d.origin)
             && self.kind.as_deref().is_none_or(|k| k == &*d.kind)
             && self.scope.is_none_or(|s| s == d.scope)
@@ -732,6 +761,52 @@ mod tests {
         let v = s.lookup(ip("203.0.113.9"), Fallback::Allow).unwrap();
         assert_eq!(v.action, Action::Ban);
         assert_eq!(&*v.kind, "ban");
+    }
+
+    #[test]
+    fn ipv6_ranges_that_cover_the_mapped_space_hold_ipv4_clients() {
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Crowdsec, "crowdsec", "::/1", "ban", 60_000),
+            dec(Source::Local, "admin", "2001:db8::/32", "ban", 60_000),
+        ]);
+        let net = |n: &str| n.parse::<IpNet>().unwrap();
+        for client in ["192.0.2.1", "::ffff:192.0.2.1", "::1"] {
+            let v = s.lookup(ip(client), Fallback::Allow).expect(client);
+            assert_eq!((v.action, v.value), (Action::Ban, net("::/1")), "{client}");
+        }
+        assert!(s.lookup(ip("8000::1"), Fallback::Ban).is_none());
+
+        // Longest prefix first across the families: an IPv4 /24 is narrower than ::/0.
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "admin", "192.0.2.0/24", "captcha", 60_000),
+            dec(Source::Crowdsec, "crowdsec", "::/0", "throttle", 60_000),
+            // Built by hand in its mapped form: held as the IPv4 range it is.
+            dec(
+                Source::Local,
+                "admin",
+                "::ffff:203.0.113.0/120",
+                "ban",
+                60_000,
+            ),
+        ]);
+        let v = s.lookup(ip("192.0.2.7"), Fallback::Allow).unwrap();
+        assert_eq!((&*v.kind, v.value), ("captcha", net("192.0.2.0/24")));
+        let v = s.lookup(ip("198.51.100.1"), Fallback::Allow).unwrap();
+        assert_eq!((&*v.kind, v.value), ("throttle", net("::/0")));
+        let v = s.lookup(ip("203.0.113.5"), Fallback::Allow).unwrap();
+        assert_eq!((v.action, v.value), (Action::Ban, net("203.0.113.0/24")));
+        // Listing by the address a client has finds the same ranges.
+        let found: Vec<IpNet> = s
+            .list(&Filter {
+                contains: Some(ip("192.0.2.7")),
+                ..Filter::default()
+            })
+            .iter()
+            .map(|d| d.value)
+            .collect();
+        assert_eq!(found, [net("192.0.2.0/24"), net("::/0")]);
     }
 
     #[test]

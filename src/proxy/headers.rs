@@ -129,8 +129,22 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 /// Whether `ip` is one of `nets`.
 pub fn is_trusted(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = canonical(ip);
-    nets.iter().any(|n| n.contains(&ip))
+    nets.iter().any(|n| net_contains(n, ip))
+}
+
+/// Whether range `net` holds client address `ip`, across the two families: an IPv4 client
+/// is also `::ffff:a.b.c.d`, so an IPv6 range that holds that form (`::/0`,
+/// `::ffff:0:0/96`, `::ffff:10.0.0.0/104`) holds it, as an IPv4 range holds an IPv4-mapped
+/// client. Every range check against a client address goes through here (the decision
+/// store's table answers the same by its own probes).
+pub fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
+    match (net, canonical(ip)) {
+        (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
+        (IpNet::V6(n), IpAddr::V4(a)) => n.contains(&a.to_ipv6_mapped()),
+        (IpNet::V6(n), IpAddr::V6(a)) => n.contains(&a),
+        // Not IPv4-mapped (canonical would have made it IPv4): no IPv4 range holds it.
+        (IpNet::V4(_), IpAddr::V6(_)) => false,
+    }
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) become plain IPv4.
@@ -937,6 +951,37 @@ mod tests {
         strip_hop_by_hop(&mut h, true, false);
         assert!(!h.contains_key("te"));
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
+    }
+
+    #[test]
+    fn ranges_hold_clients_of_either_family_by_their_mapped_form() {
+        let holds = |net: &str, ip: &str| net_contains(&net.parse().unwrap(), ip.parse().unwrap());
+        for (net, ip, expect) in [
+            // IPv6 ranges that cover ::ffff:0:0/96 hold IPv4 clients, plain or mapped.
+            ("::/0", "192.0.2.1", true),
+            ("::/1", "192.0.2.1", true),
+            ("::ffff:0:0/80", "192.0.2.1", true),
+            ("::ffff:0:0/96", "::ffff:192.0.2.1", true),
+            ("::ffff:192.0.2.0/120", "192.0.2.77", true),
+            ("::ffff:192.0.2.0/120", "198.51.100.1", false),
+            ("8000::/1", "192.0.2.1", false),
+            ("2001:db8::/32", "192.0.2.1", false),
+            ("::/0", "2001:db8::1", true),
+            // IPv4 ranges hold IPv4-mapped clients, never other IPv6 ones.
+            ("192.0.2.0/24", "::ffff:192.0.2.9", true),
+            ("0.0.0.0/0", "::ffff:192.0.2.9", true),
+            ("0.0.0.0/0", "2001:db8::1", false),
+            ("0.0.0.0/0", "::192.0.2.9", false),
+        ] {
+            assert_eq!(holds(net, ip), expect, "{net} holds {ip}");
+        }
+        // trusted_proxies checks the same way.
+        let v6 = ["::/0".parse().unwrap()];
+        assert!(is_trusted(&v6, "10.0.0.2".parse().unwrap()));
+        assert!(!is_trusted(
+            &["10.0.0.0/8".parse().unwrap()],
+            "2001:db8::1".parse().unwrap()
+        ));
     }
 
     #[test]

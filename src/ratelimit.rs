@@ -3,19 +3,22 @@
 //!
 //! A route's limits are its own `rate_limits`, or the `[rate_limit]` defaults (one shared set
 //! of buckets for every route that uses them). Each limit is a `Limiter`, generic over the
-//! clock so tests drive a fake one. Key state is bounded two ways: a timer drops keys whose
-//! bucket is full again (`retain_recent`), and past `max_keys` new keys go to one of
-//! `OVERFLOW_BUCKETS` shared buckets instead of growing the map (a flood of fresh addresses
-//! degrades to shared limits rather than unbounded memory). A full table also drops its
-//! full-again keys itself, at most once a second, before sending a new key to overflow: a
-//! flood's keys often refill well before the timer's next run, and legitimate newcomers
-//! should not wait for it. Limiters whose settings did not change are carried into the next snapshot on
-//! reload, with their state.
+//! clock so tests drive a fake one. Key state is bounded two ways: the runtime's upkeep task
+//! drops keys whose bucket is full again (`Limiter::cleanup`, governor's `retain_recent`),
+//! and past `max_keys` new keys go to one of `OVERFLOW_BUCKETS` shared buckets instead of
+//! growing the map (a flood of fresh addresses degrades to shared limits rather than
+//! unbounded memory). The task runs every `cleanup_interval`, and sooner for a limit whose
+//! table is full: a new key that finds no room asks for a cleanup (at most once a second)
+//! and wakes the task (`table_full`), since a flood's keys often refill well before the
+//! timer's next run and legitimate newcomers should not wait for it. The cleanup visits
+//! every key, so it never runs on a request's worker; the request that asked is counted in
+//! its overflow bucket. Limiters whose settings did not change are carried into the next
+//! snapshot on reload, with their state.
 
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -26,6 +29,7 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use http::HeaderMap;
+use tokio::sync::Notify;
 
 use crate::config::{LimitKey, LimitMode, RateLimitConfig};
 use crate::error::{GatewayError, RateLimited};
@@ -120,8 +124,8 @@ pub struct RequestFacts<'a> {
 /// share each bucket with 1/64 of the new clients, not all of them.
 const OVERFLOW_BUCKETS: usize = 64;
 
-/// The least time between two sweeps of a full table (each one visits every key).
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The least time between two cleanups a full table asks for (each one visits every key).
+const ASK_EVERY: Duration = Duration::from_secs(1);
 
 /// The key state of one limit: a concurrent map with a cap, plus the overflow buckets.
 pub struct CappedStore<C: Clock> {
@@ -133,41 +137,57 @@ pub struct CappedStore<C: Clock> {
     /// client cannot choose whose bucket it shares).
     overflow: Box<[InMemoryState]>,
     overflow_hasher: RandomState,
-    sweep: Sweep<C>,
+    /// Shared with the `Limiter`, which governor gives no way back to its store.
+    full: Arc<FullTable<C>>,
 }
 
-/// What a full table needs to drop its full-again keys itself, between the timer's cleanups.
-struct Sweep<C: Clock> {
+/// How a full table asks the upkeep task for room.
+struct FullTable<C: Clock> {
     clock: C,
-    /// The instant bucket times count from; set once the limiter exists (`Limiter::with_clock`).
-    start: Arc<OnceLock<C::Instant>>,
-    /// governor's emission interval (its `Gcra::t`), as `RateLimiter::retain_recent` uses it.
-    t: Nanos,
-    /// Nanoseconds after `start` before which no sweep starts.
+    /// The instant `next` counts from.
+    start: C::Instant,
+    /// Nanoseconds after `start` before which no new ask is made.
     next: AtomicU64,
+    /// Set by an ask, taken by the cleanup that answers it.
+    asked: AtomicBool,
+    /// Wakes the task waiting in `table_full`; keeps the wake-up when nobody waits yet.
+    wake: Notify,
 }
 
-impl<C: Clock> Sweep<C> {
-    /// The `drop_below` of a sweep if one is due and this caller won the right to run it.
-    /// Reads the clock, so only a full table calls it.
-    fn due(&self) -> Option<Nanos> {
-        let now = self.clock.now().duration_since(*self.start.get()?);
-        let next = self.next.load(Ordering::Relaxed);
-        if now.as_u64() < next {
-            return None;
+impl<C: Clock> FullTable<C> {
+    fn new(clock: C) -> FullTable<C> {
+        FullTable {
+            start: clock.now(),
+            clock,
+            next: AtomicU64::new(0),
+            asked: AtomicBool::new(false),
+            wake: Notify::new(),
         }
-        let after = now.as_u64().saturating_add(SWEEP_EVERY.as_nanos() as u64);
-        self.next
+    }
+
+    /// Asks for a cleanup, unless one was asked for less than `ASK_EVERY` ago. Reads the
+    /// clock, so only a full table calls it.
+    fn ask(&self) {
+        let now = self.clock.now().duration_since(self.start).as_u64();
+        let next = self.next.load(Ordering::Relaxed);
+        if now < next {
+            return;
+        }
+        let after = now.saturating_add(ASK_EVERY.as_nanos() as u64);
+        // One caller per second wins; the others' keys go to overflow like its own.
+        if self
+            .next
             .compare_exchange(next, after, Ordering::Relaxed, Ordering::Relaxed)
-            .ok()?;
-        // The bound governor's own `retain_recent` uses: a bucket whose theoretical arrival
-        // time is this old is back to its starting state, so dropping it gives no one quota.
-        Some(now.saturating_sub(self.t))
+            .is_ok()
+        {
+            self.asked.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
     }
 }
 
 impl<C: Clock> CappedStore<C> {
-    fn new(cap: usize, sweep: Sweep<C>) -> CappedStore<C> {
+    fn new(cap: usize, full: Arc<FullTable<C>>) -> CappedStore<C> {
         CappedStore {
             map: DashMap::new(),
             count: AtomicUsize::new(0),
@@ -176,15 +196,8 @@ impl<C: Clock> CappedStore<C> {
                 .map(|_| InMemoryState::default())
                 .collect(),
             overflow_hasher: RandomState::new(),
-            sweep,
+            full,
         }
-    }
-
-    /// Drops the keys whose theoretical arrival time is at most `drop_below`.
-    fn drop_stale(&self, drop_below: Nanos) {
-        self.map
-            .retain(|_, state| tat(state).is_some_and(|t| t > drop_below));
-        self.count.store(self.map.len(), Ordering::Relaxed);
     }
 }
 
@@ -199,15 +212,11 @@ impl<C: Clock> StateStore for CappedStore<C> {
             return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
         if self.count.load(Ordering::Relaxed) >= self.cap {
-            // Full: make room from keys that are back to a full bucket (at most once a
-            // second), else count the key in its overflow bucket.
-            if let Some(drop_below) = self.sweep.due() {
-                self.drop_stale(drop_below);
-            }
-            if self.count.load(Ordering::Relaxed) >= self.cap {
-                let i = self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS;
-                return self.overflow[i].measure_and_replace(&NotKeyed::NonKey, f);
-            }
+            // Full: the upkeep task is asked to drop the keys that are back to a full bucket
+            // (it visits every key, so not here), and this key counts in its overflow bucket.
+            self.full.ask();
+            let i = self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS;
+            return self.overflow[i].measure_and_replace(&NotKeyed::NonKey, f);
         }
         let state = match self.map.entry(key.clone()) {
             dashmap::Entry::Occupied(o) => o.into_ref(),
@@ -230,7 +239,9 @@ fn tat(state: &InMemoryState) -> Option<Nanos> {
 
 impl<C: Clock> ShrinkableKeyedStateStore<Key> for CappedStore<C> {
     fn retain_recent(&self, drop_below: Nanos) {
-        self.drop_stale(drop_below);
+        self.map
+            .retain(|_, state| tat(state).is_some_and(|t| t > drop_below));
+        self.count.store(self.map.len(), Ordering::Relaxed);
     }
 
     fn shrink_to_fit(&self) {
@@ -253,6 +264,8 @@ pub struct Limiter<C: Clock = DefaultClock> {
     /// The key cap it was built with.
     pub max_keys: usize,
     limiter: RateLimiter<Key, CappedStore<C>, C, NoOpMiddleware<C::Instant>>,
+    /// How its key table asks for a cleanup when full.
+    full: Arc<FullTable<C>>,
     window_secs: u64,
     /// The secret SipHash key for header values: random per limiter, so which values
     /// collide cannot be known, let alone chosen, by a client.
@@ -295,22 +308,10 @@ impl<C: Clock> Limiter<C> {
             .unwrap_or_else(|| Quota::per_second(config.count))
             .allow_burst(config.burst);
         let refill = period.saturating_mul(config.burst.get());
-        let start = Arc::new(OnceLock::new());
-        let sweep = Sweep {
-            clock: clock.clone(),
-            start: start.clone(),
-            t: quota
-                .replenish_interval()
-                .max(Duration::from_nanos(1))
-                .into(),
-            next: AtomicU64::new(0),
-        };
-        let limiter = RateLimiter::new(quota, CappedStore::new(max_keys, sweep), clock);
-        // governor counts bucket times from an instant it reads inside `new`. One read after
-        // it is no earlier, so a sweep's "now" never runs ahead of governor's and a sweep
-        // drops no key that governor's own `retain_recent` would keep.
-        let _ = start.set(limiter.clock().now());
+        let full = Arc::new(FullTable::new(clock.clone()));
+        let limiter = RateLimiter::new(quota, CappedStore::new(max_keys, full.clone()), clock);
         Limiter {
+            full,
             window_secs: crate::error::ceil_secs(refill),
             limiter,
             max_keys,
@@ -359,10 +360,17 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    /// Drops keys whose bucket is full again, and returns memory to the allocator.
+    /// Drops keys whose bucket is full again, and returns memory to the allocator. Visits
+    /// every key: the upkeep task runs it, off the async workers.
     pub fn cleanup(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+    }
+
+    /// Whether a new key found the table full since the last call (which takes the ask):
+    /// the limit wants a `cleanup` now rather than at the next `cleanup_interval`.
+    pub fn take_cleanup_ask(&self) -> bool {
+        self.full.asked.swap(false, Ordering::Acquire)
     }
 
     /// Keys currently tracked.
@@ -379,6 +387,17 @@ impl<C: Clock> Limiter<C> {
             window_secs: self.window_secs,
         }))
     }
+}
+
+/// Resolves once one of `limits` has found its table full and asked for a cleanup (at most
+/// once a second each; an ask made while nobody waited is kept for the next wait). Never,
+/// without limits.
+pub async fn table_full<C: Clock>(limits: &[Arc<Limiter<C>>]) {
+    if limits.is_empty() {
+        return std::future::pending().await;
+    }
+    let asks = limits.iter().map(|l| Box::pin(l.full.wake.notified()));
+    futures_util::future::select_all(asks).await;
 }
 
 /// The rate-limit stage: every limit of the route counts the request; the first enforced
@@ -710,14 +729,25 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_of_refilled_keys_makes_room_without_waiting_for_the_timer() {
+    fn a_full_table_asks_for_a_cleanup_and_sweeps_nothing_itself() {
         let clock = FakeRelativeClock::default();
         let l = full_table(&clock);
+        assert!(!l.take_cleanup_ask(), "a table with room asks nothing");
         // Every bucket is full again (governor's bound: one interval past its arrival time);
         // the cleanup timer has not run.
         clock.advance(Duration::from_secs(2));
+        // A new client is counted in an overflow bucket; its request's worker drops no key.
+        assert_eq!(l.check_key(&ip(&l, "192.0.2.1")), Outcome::Allowed);
+        assert_eq!(l.keys(), 10);
+        assert!(l.take_cleanup_ask());
+        assert!(
+            !l.take_cleanup_ask(),
+            "taken by the cleanup that answers it"
+        );
+        // What the woken upkeep task does.
+        l.cleanup();
         // New clients get their own buckets, not one shared overflow bucket of 1.
-        for a in ["192.0.2.1", "192.0.2.2"] {
+        for a in ["192.0.2.2", "192.0.2.3"] {
             assert_eq!(l.check_key(&ip(&l, a)), Outcome::Allowed, "{a}");
             assert!(matches!(l.check_key(&ip(&l, a)), Outcome::Refused(_)));
         }
@@ -729,22 +759,61 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_keeps_keys_still_limited_and_sweeps_at_most_once_a_second() {
+    fn a_full_table_keeps_keys_still_limited_and_asks_at_most_once_a_second() {
         let clock = FakeRelativeClock::default();
         let l = full_table(&clock);
         // At 1.5 s the buckets (arrival time 1 s) are not yet back to their starting state
-        // by governor's bound (2 s): the sweep this new key triggers keeps them all.
+        // by governor's bound (2 s): the cleanup this new key asks for keeps them all.
         clock.advance(Duration::from_millis(1500));
         let _ = l.check_key(&ip(&l, "192.0.2.1"));
+        assert!(l.take_cleanup_ask());
+        l.cleanup();
         assert_eq!(l.keys(), 10);
-        // At 2.2 s they are, but the last sweep was under a second ago: no sweep yet.
+        // At 2.2 s they are, but the last ask was under a second ago: none yet.
         clock.advance(Duration::from_millis(700));
         let _ = l.check_key(&ip(&l, "192.0.2.2"));
+        assert!(!l.take_cleanup_ask());
         assert_eq!(l.keys(), 10);
-        // At 2.5 s the next sweep runs and the new key gets a slot.
+        // At 2.5 s the table asks again, the cleanup makes room, and new keys get slots.
         clock.advance(Duration::from_millis(300));
-        assert_eq!(l.check_key(&ip(&l, "192.0.2.3")), Outcome::Allowed);
+        let _ = l.check_key(&ip(&l, "192.0.2.3"));
+        assert!(l.take_cleanup_ask());
+        l.cleanup();
+        assert_eq!(l.keys(), 0);
+        assert_eq!(l.check_key(&ip(&l, "192.0.2.4")), Outcome::Allowed);
         assert_eq!(l.keys(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_table_wakes_the_task_waiting_for_one() {
+        let clock = FakeRelativeClock::default();
+        let full = Arc::new(full_table(&clock));
+        let roomy = Arc::new(Limiter::with_clock(
+            config(LimitKey::Ip, 1, Duration::from_secs(1), 1),
+            10,
+            clock.clone(),
+        ));
+        let limits = vec![roomy.clone(), full.clone()];
+        let waiter = tokio::spawn(async move { table_full(&limits).await });
+        tokio::task::yield_now().await;
+        // A new key in a table with room wakes no one.
+        let _ = roomy.check_key(&ip(&roomy, "192.0.2.1"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        let _ = full.check_key(&ip(&full, "192.0.2.1"));
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the full table")
+            .unwrap();
+        // An ask made while nobody waits is kept for the next wait.
+        clock.advance(Duration::from_secs(1));
+        let _ = full.check_key(&ip(&full, "192.0.2.2"));
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            table_full(std::slice::from_ref(&full)),
+        )
+        .await
+        .expect("the ask was kept");
     }
 
     #[test]

@@ -509,37 +509,58 @@ impl Runtime {
     }
 
     /// Background upkeep: expired decisions out of the lookup table (every second), idle
-    /// rate-limit keys dropped (every `[rate_limit] cleanup_interval`).
+    /// rate-limit keys dropped (every `[rate_limit] cleanup_interval`, and at once from a
+    /// limit whose key table is full when a new key asks: at most once a second each).
     fn spawn_upkeep(self: &Arc<Self>) {
         let rt = self.clone();
         tokio::spawn(async move {
+            let second = std::time::Duration::from_secs(1);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_cleanup = Instant::now();
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                // The running snapshot's limits; one replaced meanwhile keeps its ask for
+                // the next round.
+                let limits = rt.gateway.snapshot().limiters();
+                let ticked = tokio::select! {
+                    _ = tick.tick() => true,
+                    _ = ratelimit::table_full(&limits) => false,
                     _ = rt.shutdown.cancelled() => return,
-                }
-                // Rebuilds the lookup table when anything expired: off the async workers,
-                // as a large decision set makes that take a while.
-                let store = rt.gateway.decisions.clone();
-                let purged = tokio::task::spawn_blocking(move || store.purge_expired())
-                    .await
-                    .unwrap_or(0);
-                if purged > 0 {
-                    tracing::debug!(purged, "expired decisions removed");
+                };
+                drop(limits);
+                if ticked {
+                    // Rebuilds the lookup table when anything expired: off the async
+                    // workers, as a large decision set makes that take a while.
+                    let store = rt.gateway.decisions.clone();
+                    let purged = tokio::task::spawn_blocking(move || store.purge_expired())
+                        .await
+                        .unwrap_or(0);
+                    if purged > 0 {
+                        tracing::debug!(purged, "expired decisions removed");
+                    }
                 }
                 let snapshot = rt.gateway.snapshot();
-                if last_cleanup.elapsed() >= snapshot.config.rate_limit.cleanup_interval {
+                let due = last_cleanup.elapsed() >= snapshot.config.rate_limit.cleanup_interval;
+                if due {
                     last_cleanup = Instant::now();
-                    let limiters = snapshot.limiters();
-                    // retain_recent walks every key: keep it off the async workers.
-                    let _ = tokio::task::spawn_blocking(move || {
-                        for l in limiters {
-                            l.cleanup();
-                        }
-                    })
-                    .await;
                 }
+                let limiters: Vec<_> = snapshot
+                    .limiters()
+                    .into_iter()
+                    // Taken either way: this cleanup answers the ask.
+                    .filter(|l| l.take_cleanup_ask() | due)
+                    .collect();
+                drop(snapshot);
+                if limiters.is_empty() {
+                    continue;
+                }
+                // retain_recent walks every key: keep it off the async workers.
+                let _ = tokio::task::spawn_blocking(move || {
+                    for l in limiters {
+                        l.cleanup();
+                    }
+                })
+                .await;
             }
         });
     }

@@ -1,9 +1,10 @@
 //! Rate limits end to end: 429 with Retry-After and the IETF RateLimit fields exactly at the
 //! configured burst, per-client buckets, defaults vs route limits, shadow mode, state kept
 //! across an unchanged reload, header keys from a trusted proxy, and a key cap that holds
-//! (its overflow spread over several buckets). (Exact GCRA timing is proven with a
-//! fake clock in `src/ratelimit.rs`; here the clock is real, so rates are slow enough that
-//! no refill happens during a test.)
+//! (its overflow spread over several buckets) and, once full, is cleaned without waiting for
+//! the timer. (Exact GCRA timing is proven with a fake clock in `src/ratelimit.rs`; here the
+//! clock is real, so rates are slow enough that no refill happens during a test, except
+//! where the test waits for one.)
 
 mod common;
 
@@ -267,8 +268,8 @@ async fn key_state_is_capped() {
     let setup = Setup::new();
     let cfg = config(
         &setup,
-        // 1/h: no key's bucket refills during the test, so neither the timer nor a full
-        // table's own sweep drops any.
+        // 1/h: no key's bucket refills during the test, so no cleanup (the timer's, or one a
+        // full table asks for) drops any.
         r#"{ name = "per-ip", key = "ip", rate = "1/h", burst = 1 }"#,
         "[rate_limit]\nmax_keys = 500\n",
     );
@@ -291,16 +292,65 @@ async fn key_state_is_capped() {
         (1500 - 64..1499).contains(&refused),
         "{refused} of 1500 refused"
     );
+    assert_eq!(keys(&wraith, "per-ip").await, 500);
+}
+
+/// The keys limit `name` tracks, from `/v1/status`.
+async fn keys(wraith: &Wraith, name: &str) -> u64 {
     let (_, status) = wraith.admin(Method::GET, "/v1/status", None).await;
-    let keys = status["rate_limits"]
+    status["rate_limits"]
         .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "per-ip")
-        .unwrap()["keys"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(keys, 500, "{status}");
+        .and_then(|all| all.iter().find(|l| l["name"] == name))
+        .and_then(|l| l["keys"].as_u64())
+        .unwrap_or_else(|| panic!("no key count for {name}: {status}"))
+}
+
+#[tokio::test]
+async fn a_full_key_table_is_cleaned_without_waiting_for_the_timer() {
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        // One request a second: a key's bucket is back to its start about 2 s after it.
+        r#"{ name = "per-ip", key = "ip", rate = "1/s", burst = 1 }"#,
+        // The timer does not run during the test.
+        "[rate_limit]\nmax_keys = 20\ncleanup_interval = \"1h\"\n",
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    for i in 0..20 {
+        let r = get(&client, &wraith, "/limited", &format!("198.51.100.{i}")).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(keys(&wraith, "per-ip").await, 20);
+    // New clients find the table full and go to overflow buckets; once the first 20 keys
+    // have refilled, the cleanup one of them asked for makes room.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut i = 0;
+    while keys(&wraith, "per-ip").await == 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the full table was never cleaned:\n{}",
+            wraith.log()
+        );
+        let newcomer = format!("203.0.113.{}", i % 250);
+        i += 1;
+        let r = get(&client, &wraith, "/limited", &newcomer).await;
+        assert!(matches!(r.status().as_u16(), 200 | 429));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new client has its own bucket again.
+    assert_eq!(
+        get(&client, &wraith, "/limited", "192.0.2.200")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(&client, &wraith, "/limited", "192.0.2.200")
+            .await
+            .status(),
+        429
+    );
 }
 
 #[tokio::test]

@@ -116,7 +116,8 @@ pub struct AppsecConfig {
 /// `[rate_limit]`: defaults for routes without their own `rate_limits`, and limiter upkeep.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitSettings {
-    /// Keys tracked per limit; past this, new keys share one overflow bucket.
+    /// Keys tracked per limit; past this, new keys share 64 overflow buckets and wake the
+    /// cleanup.
     pub max_keys: NonZeroUsize,
     /// How often idle keys are dropped (`retain_recent`).
     pub cleanup_interval: Duration,

@@ -127,16 +127,22 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     )
 }
 
-/// Whether `ip` is one of `nets`.
+/// Whether `ip` is one of `nets` (trusted proxies).
+///
+/// Trust is granted only by a range of the peer's own family (an IPv4-mapped peer counts as
+/// IPv4), as nginx's `set_real_ip_from` does: `::/0` written for "every IPv6 proxy" must not
+/// also trust every IPv4 peer. Deny lists match more widely (`net_contains`); an allow list
+/// errs the other way.
 pub fn is_trusted(nets: &[IpNet], ip: IpAddr) -> bool {
-    nets.iter().any(|n| net_contains(n, ip))
+    let ip = canonical(ip);
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 /// Whether range `net` holds client address `ip`, across the two families: an IPv4 client
 /// is also `::ffff:a.b.c.d`, so an IPv6 range that holds that form (`::/0`,
 /// `::ffff:0:0/96`, `::ffff:10.0.0.0/104`) holds it, as an IPv4 range holds an IPv4-mapped
-/// client. Every range check against a client address goes through here (the decision
-/// store's table answers the same by its own probes).
+/// client. Every deny-list check against a client address goes through here (the decision
+/// store's table answers the same by its own probes); trust does not (`is_trusted`).
 pub fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
     match (net, canonical(ip)) {
         (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
@@ -975,9 +981,13 @@ mod tests {
         ] {
             assert_eq!(holds(net, ip), expect, "{net} holds {ip}");
         }
-        // trusted_proxies checks the same way.
+        // trusted_proxies does not: trust comes from a range of the peer's own family.
         let v6 = ["::/0".parse().unwrap()];
-        assert!(is_trusted(&v6, "10.0.0.2".parse().unwrap()));
+        assert!(!is_trusted(&v6, "10.0.0.2".parse().unwrap()));
+        assert!(!is_trusted(&v6, "::ffff:10.0.0.2".parse().unwrap()));
+        assert!(is_trusted(&v6, "2001:db8::1".parse().unwrap()));
+        let v4 = ["10.0.0.0/8".parse().unwrap()];
+        assert!(is_trusted(&v4, "::ffff:10.0.0.2".parse().unwrap()));
         assert!(!is_trusted(
             &["10.0.0.0/8".parse().unwrap()],
             "2001:db8::1".parse().unwrap()

@@ -160,6 +160,9 @@ fn attr_str(
 fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<String>) {
     let mut spiffe = Vec::new();
     let mut san_seen = false;
+    // A subjectAltName, or a URI in it, that cannot be read may hold a SPIFFE ID no one can
+    // see.
+    let mut unreadable = false;
     for ext in cert.extensions() {
         if ext.oid != OID_X509_EXT_SUBJECT_ALT_NAME {
             continue;
@@ -177,12 +180,14 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
                 warnings.push(format!(
                     "subjectAltName is malformed ({error}); SPIFFE ID, DNS and email left empty"
                 ));
+                unreadable = true;
                 continue;
             }
             _ => {
                 warnings.push(
                     "subjectAltName could not be read; SPIFFE ID, DNS and email left empty".into(),
                 );
+                unreadable = true;
                 continue;
             }
         };
@@ -197,12 +202,26 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
                 {
                     spiffe.push(*u)
                 }
-                GeneralName::Invalid(tag, _) => warnings.push(format!(
-                    "subjectAltName entry with tag {tag} is invalid; ignored"
-                )),
+                GeneralName::Invalid(tag, _) => {
+                    // A URI (tag 6) that cannot be read may be a SPIFFE ID.
+                    unreadable |= tag.0 == 6;
+                    warnings.push(format!(
+                        "subjectAltName entry with tag {tag} is invalid; ignored"
+                    ))
+                }
                 _ => {}
             }
         }
+    }
+    if unreadable {
+        // Warned about above; only a listener with trust domains refuses it. Even beside a
+        // readable SPIFFE ID: the unreadable one would make two.
+        id.spiffe_invalid = Some(
+            "subjectAltName (or a URI in it) cannot be read, so a SPIFFE ID in it cannot be \
+             checked"
+                .into(),
+        );
+        return;
     }
     id.spiffe_invalid = match spiffe.as_slice() {
         [] => None,
@@ -217,11 +236,17 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
         },
         // The SPIFFE X.509-SVID spec allows exactly one URI SAN: more is ambiguous.
         many => Some(format!(
-            "certificate carries {} SPIFFE IDs; an X.509-SVID has exactly one, so none is used",
+            "certificate carries {} SPIFFE IDs; an X.509-SVID has exactly one",
             many.len()
         )),
     };
-    warnings.extend(id.spiffe_invalid.clone());
+    // The same text refuses the certificate where trust domains are bound (listener::tls);
+    // elsewhere it only warns that the certificate has no SPIFFE identity.
+    warnings.extend(
+        id.spiffe_invalid
+            .as_ref()
+            .map(|why| format!("{why}; no SPIFFE ID is used")),
+    );
 }
 
 /// Splits `spiffe://trust-domain/path` after checking it against the SPIFFE ID rules:
@@ -481,7 +506,7 @@ mod tests {
             assert_eq!((id.spiffe_id, id.trust_domain), (None, None), "{uri}");
             let why = id.spiffe_invalid.expect(uri);
             assert!(why.contains("not a valid SPIFFE ID"), "{why}");
-            assert_eq!(warnings, [why]);
+            assert_eq!(warnings, [format!("{why}; no SPIFFE ID is used")]);
         }
         // Other URIs are no SPIFFE claim at all.
         let mut p = CertificateParams::default();

@@ -1085,6 +1085,20 @@ async fn a_bound_listener_refuses_spiffe_uris_that_make_no_id() {
     let upper = bent("upper", "spiffe://TEST.local/svc");
     let dotted = bent("dotted", "spiffe://test.local/a/../svc");
     let scheme = bent("scheme", "SPIFFE://test.local/svc");
+    // A subjectAltName Wraith's certificate reader cannot read (a URI that is not UTF-8),
+    // though the chain verifies: the SPIFFE ID it may hold cannot be checked.
+    let unreadable = {
+        let uri = b"spiffe://test.local/a\xff";
+        let mut san = vec![0x30, uri.len() as u8 + 2, 0x86, uri.len() as u8];
+        san.extend_from_slice(uri);
+        let mut p = client_params("unreadable", None);
+        p.custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 17],
+                san,
+            ));
+        setup.pki.client_with("unreadable", p)
+    };
     // No SPIFFE claim at all: an https URI, or no URI.
     let web = bent("web", "https://test.local/svc");
     let plain = setup.pki.client_with("plain", client_params("plain", None));
@@ -1129,6 +1143,11 @@ upstream = "app"
         ),
         ("a '..' segment", &dotted, "spiffe://test.local/a/../svc"),
         ("an uppercase scheme", &scheme, "SPIFFE://test.local/svc"),
+        (
+            "an unreadable subjectAltName",
+            &unreadable,
+            "cannot be read",
+        ),
     ];
     for (what, cert, why) in bad {
         let result = get(cert, &bound).await;

@@ -422,12 +422,18 @@ impl ClientCertVerifier for DepthLimited {
         }
         // Bound to its trust domain: the SPIFFE ID's domain must have a bundle, and the chain
         // must lead to it (not merely to some client_ca).
+        // A leaf that cannot be read cannot show that it claims no SPIFFE ID.
         let Ok((id, _)) = crate::identity::Identity::from_der(end_entity) else {
-            return Ok(verified);
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(InvalidSpiffeId(
+                    "the certificate cannot be read for its SPIFFE ID".into(),
+                ))),
+            )));
         };
         // `spiffe://` URI SANs that make no ID (two of them, a malformed one) still claim a
-        // SPIFFE identity, one no domain's bundle vouched for: only a certificate that claims
-        // none may pass on client_ca alone.
+        // SPIFFE identity, one no domain's bundle vouched for, and an unreadable
+        // subjectAltName may hide one: only a certificate that visibly claims none may pass
+        // on client_ca alone.
         if let Some(why) = id.spiffe_invalid {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(InvalidSpiffeId(why))),

@@ -1,7 +1,8 @@
 //! CPU cost of the identity and policy stages, in process (no sockets, no TLS):
 //!
 //! - identity extraction per connection (`Identity::from_der` on an ECDSA P-256 client cert),
-//! - the principal entity, built once per connection (cache miss),
+//! - the principal entity, built on a certificate's first connection, then shared by the
+//!   certificate's later connections,
 //! - `PolicyEngine::authorize` per request with the shipped policies, for an anonymous client
 //!   on a public route and a client certificate on the API route,
 //! - with a single unconditional permit (decided at load: no Cedar call; "policy off"),
@@ -117,8 +118,30 @@ fn main() {
     let api = &routes.routes()[find(&routes, "/api/orders")];
     let floor_api = &floor_routes.routes()[find(&floor_routes, "/api/orders")];
     let cedar_api = &cedar_routes.routes()[find(&cedar_routes, "/api/orders")];
+    // A certificate the engine has not seen: another fingerprint each time (the engine keeps
+    // principals by fingerprint for new connections).
+    let unseen = std::cell::Cell::new(0u64);
     measure(
-        "principal entity, first request of a connection",
+        "principal entity, first connection of a certificate",
+        n / 10,
+        || {
+            unseen.set(unseen.get() + 1);
+            let mut id = (**client.identity.as_ref().expect("identity")).clone();
+            id.fingerprint = format!("{:064x}", unseen.get());
+            let fresh = ConnInfo {
+                identity: Some(Arc::new(id)),
+                policy_cache: ConnCache::default(),
+                ..client.clone()
+            };
+            black_box(
+                engine
+                    .authorize(&access(api, &fresh, "/api/orders"))
+                    .is_ok(),
+            );
+        },
+    );
+    measure(
+        "principal entity, a new connection of a known certificate",
         n / 10,
         || {
             let fresh = ConnInfo {

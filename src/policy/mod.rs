@@ -321,7 +321,16 @@ pub struct PolicyEngine {
     utc_offset: i32,
     /// `@id` -> shared string, so decisions do not allocate per id.
     ids: HashMap<String, Arc<str>>,
+    /// Principal entities by certificate fingerprint, for every connection on this engine:
+    /// a client that connects again (a pool rotating its connections, no resumption) is not
+    /// built again (~30 µs each). Bounded by `SHARED_PRINCIPALS`.
+    principals: std::sync::Mutex<HashMap<String, Arc<CachedPrincipal>>>,
 }
+
+/// Most principal entities an engine keeps for new connections. Each holds its own copy of
+/// the route and action entities, so the bound is on memory as much as on clients; when it
+/// is reached the set starts again (a client not seen since is built again).
+const SHARED_PRINCIPALS: usize = 1024;
 
 impl fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -415,6 +424,7 @@ impl PolicyEngine {
             routes,
             utc_offset: config.policy.as_ref().map_or(0, |p| p.utc_offset),
             ids,
+            principals: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -562,12 +572,27 @@ impl PolicyEngine {
         if let Some(c) = cache.principal.load_full().filter(|c| c.engine == self.id) {
             return Ok(c);
         }
-        let (uid, entities) = self.client_entities(identity)?;
-        let c = Arc::new(CachedPrincipal {
-            engine: self.id,
-            uid,
-            entities,
-        });
+        // The entity is the certificate's alone (`Identity` is read from the leaf, whose
+        // SHA-256 the fingerprint is), so a connection with the same certificate shares it.
+        let known = self.shared_principals().get(&identity.fingerprint).cloned();
+        let c = match known {
+            Some(c) => c,
+            None => {
+                // Built outside the lock: ~30 µs that other connections need not wait for.
+                let (uid, entities) = self.client_entities(identity)?;
+                let c = Arc::new(CachedPrincipal {
+                    engine: self.id,
+                    uid,
+                    entities,
+                });
+                let mut shared = self.shared_principals();
+                if shared.len() >= SHARED_PRINCIPALS {
+                    shared.clear();
+                }
+                shared.insert(identity.fingerprint.clone(), c.clone());
+                c
+            }
+        };
         cache.principal.store(Some(c.clone()));
         Ok(c)
     }
@@ -585,6 +610,13 @@ impl PolicyEngine {
         });
         cache.client.store(Some(c.clone()));
         Ok(c)
+    }
+
+    fn shared_principals(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CachedPrincipal>>> {
+        // Every update is one insert or one clear: a panic elsewhere leaves the map whole.
+        self.principals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The base entities plus a `Wraith::Client` for `identity`.
@@ -966,6 +998,57 @@ forbid (principal, action, resource) when { context.local.hour * 922337203685477
             c.uid.to_string(),
             "Wraith::Client::\"spiffe://corp.example/ns/prod/sa/orders\""
         );
+    }
+
+    #[test]
+    fn a_new_connection_with_a_known_certificate_shares_its_principal() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            "@id(\"p\")\npermit(principal, action, resource);\n",
+        );
+        let engine = PolicyEngine::build(&cfg).unwrap();
+        let id = identity();
+        let first = engine.cached_principal(&ConnCache::default(), &id).unwrap();
+        let again = engine.cached_principal(&ConnCache::default(), &id).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "built again for the same certificate"
+        );
+        // Another certificate (another fingerprint), even with the same names, is its own.
+        let other = Identity {
+            fingerprint: "cd".repeat(32),
+            common_name: Some("other".into()),
+            ..identity()
+        };
+        let theirs = engine
+            .cached_principal(&ConnCache::default(), &other)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &theirs));
+        assert_eq!(
+            theirs
+                .entities
+                .get(&theirs.uid)
+                .and_then(|e| e.attr("cn"))
+                .map(|v| format!("{:?}", v.unwrap())),
+            Some(format!(
+                "{:?}",
+                cedar_policy::EvalResult::String("other".into())
+            ))
+        );
+        // Bounded: past SHARED_PRINCIPALS the set starts again.
+        for i in 0..SHARED_PRINCIPALS {
+            let many = Identity {
+                fingerprint: format!("{i:064x}"),
+                ..identity()
+            };
+            engine
+                .cached_principal(&ConnCache::default(), &many)
+                .unwrap();
+        }
+        assert!(engine.shared_principals().len() <= SHARED_PRINCIPALS);
+        let rebuilt = engine.cached_principal(&ConnCache::default(), &id).unwrap();
+        assert!(!Arc::ptr_eq(&first, &rebuilt), "kept past the bound");
     }
 
     #[test]

@@ -30,8 +30,10 @@ pub struct Identity {
     /// The path of the SPIFFE ID (`/path`; empty for a bare trust domain).
     pub spiffe_path: Option<String>,
     /// Why the `spiffe://` URI SANs make no SPIFFE ID (there are several, or the one there is
-    /// breaks the SPIFFE ID rules); `None` when they make one or there are none. A listener
-    /// with `client_trust_domains` refuses such a certificate at the handshake.
+    /// breaks the SPIFFE ID rules), or why they cannot be checked (the subjectAltName, or a
+    /// URI in it, cannot be read: a readable ID is still in `spiffe_id` then); `None` when
+    /// they make one or there are none. A listener with `client_trust_domains` refuses such
+    /// a certificate at the handshake.
     pub spiffe_invalid: Option<String>,
     /// DNS SANs.
     pub dns: Vec<String>,
@@ -206,22 +208,13 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
                     // A URI (tag 6) that cannot be read may be a SPIFFE ID.
                     unreadable |= tag.0 == 6;
                     warnings.push(format!(
-                        "subjectAltName entry with tag {tag} is invalid; ignored"
+                        "subjectAltName entry with tag [{}] is invalid; ignored",
+                        tag.0
                     ))
                 }
                 _ => {}
             }
         }
-    }
-    if unreadable {
-        // Warned about above; only a listener with trust domains refuses it. Even beside a
-        // readable SPIFFE ID: the unreadable one would make two.
-        id.spiffe_invalid = Some(
-            "subjectAltName (or a URI in it) cannot be read, so a SPIFFE ID in it cannot be \
-             checked"
-                .into(),
-        );
-        return;
     }
     id.spiffe_invalid = match spiffe.as_slice() {
         [] => None,
@@ -247,6 +240,16 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
             .as_ref()
             .map(|why| format!("{why}; no SPIFFE ID is used")),
     );
+    if unreadable && id.spiffe_invalid.is_none() {
+        // Warned about above. A listener with trust domains refuses it, even beside a
+        // readable SPIFFE ID (an unreadable one would make two); elsewhere a readable one is
+        // still used.
+        id.spiffe_invalid = Some(
+            "subjectAltName (or a URI in it) cannot be read, so a SPIFFE ID in it cannot be \
+             checked"
+                .into(),
+        );
+    }
 }
 
 /// Splits `spiffe://trust-domain/path` after checking it against the SPIFFE ID rules:
@@ -530,6 +533,32 @@ mod tests {
         )];
         let (id, _) = Identity::from_der(&issue(p)).unwrap();
         assert_eq!((id.spiffe_id, id.spiffe_invalid), (None, None));
+    }
+
+    #[test]
+    fn an_unreadable_uri_beside_a_spiffe_id_keeps_the_id_but_marks_it_uncheckable() {
+        // SEQUENCE { [6] "spiffe://test.local/a", [6] "x\xff" }: the second is not UTF-8.
+        let (good, bad): (&[u8], &[u8]) = (b"spiffe://test.local/a", b"x\xff");
+        let mut san = Vec::new();
+        for uri in [good, bad] {
+            san.extend_from_slice(&[0x86, uri.len() as u8]);
+            san.extend_from_slice(uri);
+        }
+        san.splice(0..0, [0x30, san.len() as u8]);
+        let mut p = CertificateParams::default();
+        p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 17],
+            san,
+        )];
+        let (id, warnings) = Identity::from_der(&issue(p)).unwrap();
+        // Where trust domains are not bound, the readable ID is used...
+        assert_eq!(id.spiffe_id.as_deref(), Some("spiffe://test.local/a"));
+        // ...and where they are, the certificate is refused (listener::tls).
+        assert!(id.spiffe_invalid.unwrap().contains("cannot be read"));
+        assert!(
+            warnings.iter().any(|w| w.contains("tag [6]")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

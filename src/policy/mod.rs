@@ -323,14 +323,18 @@ pub struct PolicyEngine {
     ids: HashMap<String, Arc<str>>,
     /// Principal entities by certificate fingerprint, for every connection on this engine:
     /// a client that connects again (a pool rotating its connections, no resumption) is not
-    /// built again (~30 µs each). Bounded by `SHARED_PRINCIPALS`.
+    /// built again (~30 µs each). At most `shared_cap`.
     principals: std::sync::Mutex<HashMap<String, Arc<CachedPrincipal>>>,
+    shared_cap: usize,
 }
 
-/// Most principal entities an engine keeps for new connections. Each holds its own copy of
-/// the route and action entities, so the bound is on memory as much as on clients; when it
-/// is reached the set starts again (a client not seen since is built again).
+/// Most principal entities an engine keeps for new connections.
 const SHARED_PRINCIPALS: usize = 1024;
+
+/// Most entities all of them may hold together. Each principal carries its own copy of the
+/// route and action entities (a map entry of ~200 bytes per route), so with many routes
+/// fewer principals are kept: 1,024 with up to ~60 routes, 64 with 1,000 (~13 MB).
+const SHARED_ENTITY_BUDGET: usize = 65_536;
 
 impl fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -414,6 +418,8 @@ impl PolicyEngine {
         // With the schema, Cedar adds the action entities and their groups.
         let base = Entities::from_entities(route_entities, Some(&schema))
             .map_err(|e| format!("policy entities: {e}"))?;
+        let shared_cap =
+            (SHARED_ENTITY_BUDGET / (base.iter().count() + 1)).clamp(1, SHARED_PRINCIPALS);
         Ok(PolicyEngine {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             types,
@@ -425,6 +431,7 @@ impl PolicyEngine {
             utc_offset: config.policy.as_ref().map_or(0, |p| p.utc_offset),
             ids,
             principals: std::sync::Mutex::new(HashMap::new()),
+            shared_cap,
         })
     }
 
@@ -586,10 +593,12 @@ impl PolicyEngine {
                     entities,
                 });
                 let mut shared = self.shared_principals();
-                if shared.len() >= SHARED_PRINCIPALS {
-                    shared.clear();
-                }
+                // Full: the set starts again (a client not seen since is built again). The
+                // old set is dropped after the lock: freeing it takes a while.
+                let old = (shared.len() >= self.shared_cap).then(|| std::mem::take(&mut *shared));
                 shared.insert(identity.fingerprint.clone(), c.clone());
+                drop(shared);
+                drop(old);
                 c
             }
         };
@@ -1036,7 +1045,11 @@ forbid (principal, action, resource) when { context.local.hour * 922337203685477
                 cedar_policy::EvalResult::String("other".into())
             ))
         );
-        // Bounded: past SHARED_PRINCIPALS the set starts again.
+        // Bounded: past its cap the set starts again.
+        assert_eq!(
+            engine.shared_cap, SHARED_PRINCIPALS,
+            "few routes: the full count"
+        );
         for i in 0..SHARED_PRINCIPALS {
             let many = Identity {
                 fingerprint: format!("{i:064x}"),
@@ -1047,6 +1060,21 @@ forbid (principal, action, resource) when { context.local.hour * 922337203685477
                 .unwrap();
         }
         assert!(engine.shared_principals().len() <= SHARED_PRINCIPALS);
+        // Many routes: fewer principals, as each copies every route's entity.
+        let mut many = config(
+            dir.path(),
+            "@id(\"p\")\npermit(principal, action, resource);\n",
+        );
+        let template = many.routes[0].clone();
+        many.routes = (0..2000)
+            .map(|i| {
+                let mut r = template.clone();
+                r.name = format!("r{i}").into();
+                r
+            })
+            .collect();
+        let big = PolicyEngine::build(&many).unwrap();
+        assert!(big.shared_cap < 64, "{}", big.shared_cap);
         let rebuilt = engine.cached_principal(&ConnCache::default(), &id).unwrap();
         assert!(!Arc::ptr_eq(&first, &rebuilt), "kept past the bound");
     }

@@ -195,15 +195,16 @@ impl Snapshot {
 
     /// Every limiter of this snapshot (for cleanup and status).
     pub fn limiters(&self) -> Vec<Arc<Limiter>> {
-        let mut out: Vec<Arc<Limiter>> = self.default_limits.to_vec();
-        for r in self.router.routes() {
-            for l in r.limits.iter() {
-                if !out.iter().any(|o| Arc::ptr_eq(o, l)) {
-                    out.push(l.clone());
-                }
-            }
-        }
-        out
+        // Routes share the default limits (and may share others): each once. By address,
+        // in one pass: the upkeep task asks for this list twice a second.
+        let mut seen = std::collections::HashSet::new();
+        let all = self
+            .default_limits
+            .iter()
+            .chain(self.router.routes().iter().flat_map(|r| r.limits.iter()));
+        all.filter(|l| seen.insert(Arc::as_ptr(l)))
+            .cloned()
+            .collect()
     }
 
     /// The listener with this name.

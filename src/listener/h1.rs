@@ -24,7 +24,7 @@
 //! HEAD, 1xx, 204 and 304 responses have no body. `Expect: 100-continue` is answered when the
 //! pipeline first reads the body, never when the request is answered without it. A 101
 //! answering an upgrade request hands the connection, and the bytes already read from it, to
-//! the pipeline (`on_upgrade`).
+//! the pipeline (`crate::upgrade`).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -49,6 +49,7 @@ use crate::body::{Body, BoxError};
 use crate::http1::{
     decode_chunk, parse_length, tokens, write_field, ChunkState, Decoded, LazyDeadline, Peer,
 };
+use crate::upgrade::{self, Upgraded};
 
 /// Header slots parsed on the stack; heads with more fields (when `max_headers` allows) are
 /// parsed again into slots on the heap.
@@ -222,97 +223,6 @@ impl Drop for RequestBody {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Upgrades.
-
-/// Any stream an upgraded connection can run over.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
-/// A connection handed over by a 101 response: the stream, and the bytes the client sent
-/// after its request that were already read.
-pub struct Upgraded {
-    io: Box<dyn Io>,
-    leftover: Bytes,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.leftover.is_empty() {
-            let n = self.leftover.len().min(buf.remaining());
-            let chunk = self.leftover.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// The pending upgrade of a request that asked for one (`Connection: upgrade`), as a request
-/// extension (which must be `Clone`: the first `on_upgrade` takes it).
-#[derive(Clone)]
-struct PendingUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
-
-/// The connection of `req` once its 101 response has been sent. Fails when the request
-/// did not ask for an upgrade, did not come over HTTP/1.1, or the connection ended first.
-pub fn on_upgrade(req: &mut Request<Body>) -> OnUpgrade {
-    OnUpgrade(
-        req.extensions_mut()
-            .remove::<PendingUpgrade>()
-            .and_then(|p| p.0.lock().ok()?.take()),
-    )
-}
-
-/// Resolves to the upgraded connection (`on_upgrade`).
-pub struct OnUpgrade(Option<oneshot::Receiver<Upgraded>>);
-
-impl Future for OnUpgrade {
-    type Output = Result<Upgraded, &'static str>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.0.as_mut() {
-            Some(rx) => Pin::new(rx)
-                .poll(cx)
-                .map_err(|_| "the connection ended before the upgrade"),
-            None => Poll::Ready(Err("the request cannot be upgraded")),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The connection.
 
 /// How the request body in flight is framed, and how far it has been read.
@@ -360,7 +270,7 @@ struct InFlight {
     http10: bool,
     upgrade: Option<oneshot::Sender<Upgraded>>,
     /// The other end of `upgrade`, until it goes into the request.
-    upgrade_rx: Option<oneshot::Receiver<Upgraded>>,
+    upgrade_rx: Option<upgrade::Offer>,
     /// The response head is written (or queued).
     responded: bool,
     /// The response is completely queued.
@@ -879,9 +789,8 @@ where
                 *req.version_mut() = version;
                 *req.headers_mut() = map;
                 let flight = self.req.as_mut().expect("build_rest sets it");
-                if let Some(rx) = flight.upgrade_rx.take() {
-                    req.extensions_mut()
-                        .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+                if let Some(offer) = flight.upgrade_rx.take() {
+                    offer.attach(&mut req);
                 }
                 Ok(req)
             }
@@ -984,9 +893,9 @@ where
             facts.expect_continue && !http10 && !matches!(flight.reading, Reading::Done);
 
         if facts.upgrade && !http10 {
-            let (tx, rx) = oneshot::channel();
+            let (tx, offer) = upgrade::offer();
             flight.upgrade = Some(tx);
-            flight.upgrade_rx = Some(rx);
+            flight.upgrade_rx = Some(offer);
         }
         self.req = Some(flight);
         Ok((body, map))
@@ -1645,10 +1554,7 @@ where
             return;
         };
         let leftover = self.rbuf.split().freeze();
-        let _ = tx.send(Upgraded {
-            io: Box::new(io),
-            leftover,
-        });
+        let _ = tx.send(Upgraded::new(Box::new(io), leftover));
         self.phase = Phase::Closed;
     }
 }

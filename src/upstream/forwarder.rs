@@ -80,7 +80,7 @@ pub async fn forward(
     let config = &upstream.config;
     let h2 = config.protocol.is_h2();
     let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
-    let client_upgrade = upgrade.then(|| crate::listener::h1::on_upgrade(&mut req));
+    let client_upgrade = upgrade.then(|| crate::upgrade::on_upgrade(&mut req));
     let key = upstream.hash_key(info.client_ip, req.headers(), req.uri().path());
     let forwarding = prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
     let timeout = route.response_timeout.unwrap_or(config.response_timeout);
@@ -282,7 +282,7 @@ fn is_idempotent(m: &Method) -> bool {
 /// raw traffic past routing and policy, so it is a 502.
 fn finish_response(
     mut resp: Response<Body>,
-    client_upgrade: Option<crate::listener::h1::OnUpgrade>,
+    client_upgrade: Option<crate::upgrade::OnUpgrade>,
     idle: Duration,
     close: Option<&CloseSignal>,
 ) -> Result<Response<Body>, String> {
@@ -441,7 +441,7 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
 /// changes the client-certificate rules it was admitted under, the tunnel is a request in
 /// flight that never ends by itself, and gets the drain time before it is closed.
 async fn tunnel(
-    client: crate::listener::h1::OnUpgrade,
+    client: crate::upgrade::OnUpgrade,
     upstream: super::tls::Stream,
     leftover: bytes::Bytes,
     idle: Duration,

@@ -272,10 +272,12 @@ async fn sniff_h2(stream: &TcpStream, limits: &Limits) -> Option<bool> {
     loop {
         // Peek until more bytes than last time are there. "Nothing new" is reported to
         // tokio as WouldBlock, which clears the readiness: the next wait is for new data, not
-        // a spin over the same partial preface.
+        // a spin over the same partial preface. Unless the client has closed its side: then
+        // readiness stays set (read-closed) and no new data will come, so the bytes there are
+        // all there is.
         let more = tokio::time::timeout_at(deadline, async {
             loop {
-                stream.readable().await?;
+                let ready = stream.ready(tokio::io::Interest::READABLE).await?;
                 let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
                     // SAFETY: `fd` is this stream's open socket and `buf` is ours to fill.
                     let n = unsafe {
@@ -288,7 +290,9 @@ async fn sniff_h2(stream: &TcpStream, limits: &Limits) -> Option<bool> {
                     };
                     match n {
                         n if n < 0 => Err(io::Error::last_os_error()),
-                        n if n as usize == seen && n != 0 => Err(io::ErrorKind::WouldBlock.into()),
+                        n if n as usize == seen && n != 0 && !ready.is_read_closed() => {
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
                         n => Ok(n as usize),
                     }
                 });
@@ -309,6 +313,11 @@ async fn sniff_h2(stream: &TcpStream, limits: &Limits) -> Option<bool> {
         }
         if n == H2_PREFACE.len() {
             return Some(true);
+        }
+        if n == seen {
+            // Part of a preface, then the end of what the client sends: served as
+            // HTTP/1.1, whose codec refuses or drops the fragment and closes.
+            return Some(false);
         }
         seen = n;
     }

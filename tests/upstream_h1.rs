@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -420,4 +421,99 @@ async fn the_response_timeout_counts_from_each_request_on_a_reused_connection() 
         waited >= Duration::from_millis(2900),
         "timed out after {waited:?}: at the earlier request's deadline, not 3 s after this one"
     );
+}
+
+/// Damaged responses (from a fixed seed), one per path: what the upstream sends at `/case/N`.
+fn damaged_responses() -> &'static [Vec<u8>] {
+    static CASES: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    CASES.get_or_init(|| {
+        let seeds: [&[u8]; 7] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\nuntil the close",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 302 Found\r\nlocation: /x\r\nconnection: close, x-hop\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n",
+        ];
+        let noise = b"\r\n: \t;,0\x00\x7f\xffaZ/%";
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut below = move |n: usize| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
+        };
+        (0..300)
+            .map(|_| {
+                let mut c = seeds[below(seeds.len())].to_vec();
+                for _ in 0..1 + below(4) {
+                    if c.is_empty() {
+                        break;
+                    }
+                    let at = below(c.len());
+                    match below(4) {
+                        0 => c[at] = noise[below(noise.len())],
+                        1 => c.insert(at, noise[below(noise.len())]),
+                        2 => {
+                            c.remove(at);
+                        }
+                        _ => c.truncate(at.max(1)),
+                    }
+                }
+                c
+            })
+            .collect()
+    })
+}
+
+/// A hostile upstream: 300 damaged responses (bytes flipped, inserted, cut; the end cut off),
+/// each followed by the upstream's close. Every request gets an answer (relayed, or 502) or
+/// a cut-off body within the response timeout; nothing panics; the gateway serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_upstream_responses_never_hang_or_panic_the_gateway() {
+    let up = Scripted::start(|head| {
+        let path = head.split_whitespace().nth(1).unwrap_or("/");
+        match path
+            .strip_prefix("/case/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => (damaged_responses()[n].clone(), true),
+            None => (ok("fine"), false),
+        }
+    })
+    .await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let client = http_client();
+    let failures: Vec<String> = futures_util::stream::iter(0..damaged_responses().len())
+        .map(|n| {
+            let (client, url) = (client.clone(), wraith.url("http", &format!("/case/{n}")));
+            async move {
+                let exchange = async {
+                    if let Ok(r) = client.get(url).send().await {
+                        let _ = r.bytes().await;
+                    }
+                };
+                // The response timeout (3 s) bounds every wait: longer is a hang. Errors
+                // (502, a cut-off body) are what damaged responses should get.
+                match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+                    Ok(()) => None,
+                    Err(_) => Some(format!(
+                        "{:?}: no answer within 10 s",
+                        String::from_utf8_lossy(&damaged_responses()[n])
+                    )),
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .filter_map(|f| async move { f })
+        .collect()
+        .await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Every case reached the upstream (some twice: a GET whose connection broke before any
+    // response byte is retried).
+    assert!(up.requests.load(Ordering::SeqCst) >= damaged_responses().len());
+    assert!(!wraith.log().contains("panicked"), "{}", wraith.log());
+    let r = client.get(wraith.url("http", "/ok")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "fine");
 }

@@ -30,10 +30,11 @@ pub struct Identity {
     /// The path of the SPIFFE ID (`/path`; empty for a bare trust domain).
     pub spiffe_path: Option<String>,
     /// Why the `spiffe://` URI SANs make no SPIFFE ID (there are several, or the one there is
-    /// breaks the SPIFFE ID rules), or why they cannot be checked (the subjectAltName, or a
-    /// URI in it, cannot be read: a readable ID is still in `spiffe_id` then); `None` when
-    /// they make one or there are none. A listener with `client_trust_domains` refuses such
-    /// a certificate at the handshake.
+    /// breaks the SPIFFE ID rules), why the certificate is no X.509-SVID (other URI SANs
+    /// beside the ID), or why they cannot be checked (the subjectAltName, or a URI in it,
+    /// cannot be read); in the last two cases a readable ID is still in `spiffe_id`. `None`
+    /// when they make one or there are none. A listener with `client_trust_domains` refuses
+    /// such a certificate at the handshake.
     pub spiffe_invalid: Option<String>,
     /// DNS SANs.
     pub dns: Vec<String>,
@@ -165,6 +166,8 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
     // A subjectAltName, or a URI in it, that cannot be read may hold a SPIFFE ID no one can
     // see.
     let mut unreadable = false;
+    // URI SANs that are not SPIFFE IDs (an X.509-SVID has exactly one URI SAN).
+    let mut other_uris = 0;
     for ext in cert.extensions() {
         if ext.oid != OID_X509_EXT_SUBJECT_ALT_NAME {
             continue;
@@ -204,6 +207,7 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
                 {
                     spiffe.push(*u)
                 }
+                GeneralName::URI(_) => other_uris += 1,
                 GeneralName::Invalid(tag, _) => {
                     // A URI (tag 6) that cannot be read may be a SPIFFE ID.
                     unreadable |= tag.0 == 6;
@@ -240,6 +244,14 @@ fn read_sans(cert: &X509Certificate<'_>, id: &mut Identity, warnings: &mut Vec<S
             .as_ref()
             .map(|why| format!("{why}; no SPIFFE ID is used")),
     );
+    if other_uris > 0 && !spiffe.is_empty() && id.spiffe_invalid.is_none() {
+        // The SPIFFE X.509-SVID spec (and go-spiffe) allow exactly one URI SAN. Only a
+        // listener with trust domains refuses it; elsewhere the SPIFFE ID is still used.
+        id.spiffe_invalid = Some(format!(
+            "certificate carries {other_uris} URI SAN(s) besides its SPIFFE ID; an X.509-SVID \
+             has exactly one URI SAN"
+        ));
+    }
     if unreadable && id.spiffe_invalid.is_none() {
         // Warned about above. A listener with trust domains refuses it, even beside a
         // readable SPIFFE ID (an unreadable one would make two); elsewhere a readable one is

@@ -1101,6 +1101,14 @@ async fn a_bound_listener_refuses_spiffe_uris_that_make_no_id() {
     };
     // No SPIFFE claim at all: an https URI, or no URI.
     let web = bent("web", "https://test.local/svc");
+    // A SPIFFE ID with another URI SAN beside it: no X.509-SVID (exactly one URI SAN).
+    let two_uris = {
+        let mut p = client_params("two-uris", Some("spiffe://test.local/svc"));
+        p.subject_alt_names.push(rcgen::SanType::URI(
+            "https://test.local/svc".try_into().unwrap(),
+        ));
+        setup.pki.client_with("two-uris", p)
+    };
     let plain = setup.pki.client_with("plain", client_params("plain", None));
     let ca = setup.pki.ca_pem.clone();
     let cfg = config(
@@ -1169,7 +1177,30 @@ upstream = "app"
             .to_string();
         assert!(!xfcc.contains("URI="), "{what}: {xfcc}");
     }
-    assert_eq!(hits.load(Ordering::SeqCst), 2 + bad.len());
+    // A SPIFFE ID beside another URI SAN: refused where trust domains are bound; elsewhere
+    // the ID is used.
+    assert!(
+        get(&two_uris, &bound).await.is_err(),
+        "two URI SANs went through"
+    );
+    assert!(
+        wraith
+            .wait_log(LOG_WAIT, |v| v["reason"] == "invalid_spiffe_id"
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("besides its SPIFFE ID")))
+            .is_some(),
+        "{}",
+        wraith.log()
+    );
+    let resp = get(&two_uris, &unbound).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let xfcc = json(resp).await["headers"]["x-forwarded-client-cert"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(xfcc.contains("URI=spiffe://test.local/svc"), "{xfcc}");
+    assert_eq!(hits.load(Ordering::SeqCst), 3 + bad.len());
     let (code, out, err) = wraith.cli(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -1177,7 +1208,7 @@ upstream = "app"
         status["client_cert_rejections"]["invalid_spiffe_id"]
             .as_u64()
             .unwrap_or(0)
-            >= bad.len() as u64,
+            > bad.len() as u64,
         "{}",
         status["client_cert_rejections"]
     );

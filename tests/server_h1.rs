@@ -1722,45 +1722,7 @@ async fn damaged_requests_get_answers_or_a_close_never_a_hang_or_a_panic() {
         b"GET /deny HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     ];
-    let noise = b"\r\n: \t;,0\x00\x7f\xffaZ/%";
-    // xorshift64*: the same cases on every run.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut below = move |n: usize| {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
-    };
-    let cases: Vec<Vec<u8>> = (0..400)
-        .map(|_| {
-            let mut c = seeds[below(seeds.len())].to_vec();
-            for _ in 0..1 + below(4) {
-                let at = below(c.len());
-                match below(5) {
-                    0 => c[at] = noise[below(noise.len())],
-                    1 => c.insert(at, noise[below(noise.len())]),
-                    2 => {
-                        c.remove(at);
-                    }
-                    3 => {
-                        // Doubles the line `at` is in.
-                        let start = c[..at]
-                            .iter()
-                            .rposition(|&b| b == b'\n')
-                            .map_or(0, |i| i + 1);
-                        let end = c[at..]
-                            .iter()
-                            .position(|&b| b == b'\n')
-                            .map_or(c.len(), |i| at + i + 1);
-                        let line = c[start..end].to_vec();
-                        c.splice(start..start, line);
-                    }
-                    _ => c.truncate(at.max(1)),
-                }
-            }
-            c
-        })
-        .collect();
+    let cases = damaged(&seeds, 400, 0x2545_f491_4f6c_dd1d);
     let failures: Vec<String> = futures_util::stream::iter(cases)
         .map(|case| async move {
             let mut c = Conn::open(addr).await;

@@ -436,39 +436,12 @@ fn damaged_responses() -> &'static [Vec<u8>] {
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
             b"HTTP/1.1 302 Found\r\nlocation: /x\r\nconnection: close, x-hop\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n",
         ];
-        let noise = b"\r\n: \t;,0\x00\x7f\xffaZ/%";
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut below = move |n: usize| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
-        };
-        (0..300)
-            .map(|_| {
-                let mut c = seeds[below(seeds.len())].to_vec();
-                for _ in 0..1 + below(4) {
-                    if c.is_empty() {
-                        break;
-                    }
-                    let at = below(c.len());
-                    match below(4) {
-                        0 => c[at] = noise[below(noise.len())],
-                        1 => c.insert(at, noise[below(noise.len())]),
-                        2 => {
-                            c.remove(at);
-                        }
-                        _ => c.truncate(at.max(1)),
-                    }
-                }
-                c
-            })
-            .collect()
+        damaged(&seeds, 300, 0x9e37_79b9_7f4a_7c15)
     })
 }
 
-/// A hostile upstream: 300 damaged responses (bytes flipped, inserted, cut; the end cut off),
-/// each followed by the upstream's close. Every request gets an answer (relayed, or 502) or
+/// A hostile upstream: 300 damaged responses (`damaged`: bytes flipped, inserted, cut; a line
+/// doubled; the end cut off), each followed by the upstream's close. Every request gets an answer (relayed, or 502) or
 /// a cut-off body within the response timeout; nothing panics; the gateway serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_upstream_responses_never_hang_or_panic_the_gateway() {

@@ -1087,3 +1087,53 @@ pub async fn answers_before_the_body() -> (std::net::SocketAddr, Arc<Mutex<Vec<S
     });
     (addr, seen)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Damaged input
+
+/// `count` damaged copies of `seeds`, the same on every run (xorshift64* from `seed`): one
+/// to four changes each, among a byte replaced by or inserted from a set of framing-relevant
+/// bytes (CR, LF, colon, space, tab, NUL, DEL, 0xff, ...), a byte removed, the line a byte is
+/// in doubled, and the end cut off.
+pub fn damaged(seeds: &[&[u8]], count: usize, seed: u64) -> Vec<Vec<u8>> {
+    let noise = b"\r\n: \t;,0\x00\x7f\xffaZ/%";
+    let mut state = seed;
+    let mut below = move |n: usize| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
+    };
+    (0..count)
+        .map(|_| {
+            let mut c = seeds[below(seeds.len())].to_vec();
+            for _ in 0..1 + below(4) {
+                if c.is_empty() {
+                    break;
+                }
+                let at = below(c.len());
+                match below(5) {
+                    0 => c[at] = noise[below(noise.len())],
+                    1 => c.insert(at, noise[below(noise.len())]),
+                    2 => {
+                        c.remove(at);
+                    }
+                    3 => {
+                        let start = c[..at]
+                            .iter()
+                            .rposition(|&b| b == b'\n')
+                            .map_or(0, |i| i + 1);
+                        let end = c[at..]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(c.len(), |i| at + i + 1);
+                        let line = c[start..end].to_vec();
+                        c.splice(start..start, line);
+                    }
+                    _ => c.truncate(at.max(1)),
+                }
+            }
+            c
+        })
+        .collect()
+}

@@ -118,3 +118,106 @@ impl http_body::Body for Body {
         }
     }
 }
+
+/// What became of a client's request body on its way upstream, shared between the body
+/// (`Watched`) and the forwarder that sent it: a failed attempt is the client's fault, not the
+/// upstream's, when the body failed, and a `413` when it went past `max_request_body`.
+#[derive(Debug)]
+pub struct BodyWatch {
+    /// `max_request_body`; `u64::MAX` when there is none.
+    limit: u64,
+    /// 0: fine so far; `FAILED`: the client's body failed; `TOO_LARGE`: it went past `limit`.
+    state: std::sync::atomic::AtomicU8,
+}
+
+const FAILED: u8 = 1;
+const TOO_LARGE: u8 = 2;
+
+impl BodyWatch {
+    /// The body failed on the client's side (it broke off, or went past the limit).
+    pub fn client_failed(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// The body went past the limit: the limit it went past.
+    pub fn exceeded(&self) -> Option<u64> {
+        (self.state.load(std::sync::atomic::Ordering::Relaxed) == TOO_LARGE).then_some(self.limit)
+    }
+}
+
+/// A request body that fails once more than `limit` bytes have come, and reports any failure
+/// of its own to its `BodyWatch`.
+pub struct Watched {
+    inner: Body,
+    left: u64,
+    watch: std::sync::Arc<BodyWatch>,
+}
+
+impl Watched {
+    /// Wraps `inner`; `limit` is `max_request_body`, if any.
+    pub fn new(inner: Body, limit: Option<u64>) -> (Watched, std::sync::Arc<BodyWatch>) {
+        let limit = limit.unwrap_or(u64::MAX);
+        let watch = std::sync::Arc::new(BodyWatch {
+            limit,
+            state: std::sync::atomic::AtomicU8::new(0),
+        });
+        let body = Watched {
+            inner,
+            left: limit,
+            watch: watch.clone(),
+        };
+        (body, watch)
+    }
+
+    fn fail(&self, state: u8) {
+        self.watch
+            .state
+            .store(state, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The error of a request body that went past `max_request_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes (max_request_body)")]
+pub struct TooLarge(pub u64);
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(limit) = this.watch.exceeded() {
+            return Poll::Ready(Some(Err(TooLarge(limit).into())));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        this.fail(TOO_LARGE);
+                        return Poll::Ready(Some(Err(TooLarge(this.watch.limit).into())));
+                    }
+                    this.left -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.fail(FAILED);
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -62,7 +62,10 @@ pub enum GatewayError {
     #[error("CrowdSec AppSec failed and on_error = \"closed\": {reason}")]
     AppsecUnavailable { reason: String },
     #[error("request body larger than {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    PayloadTooLarge { limit: u64 },
+    /// The client sent its request body too slowly (nothing for the response timeout).
+    #[error("the request body was not received in time")]
+    RequestBodyTimeout,
     #[error("upstream {upstream} is at its connection limits and its queue is full")]
     Overloaded { upstream: std::sync::Arc<str> },
     /// The policy stage refused the request (the decision is in the access record).
@@ -111,6 +114,7 @@ impl GatewayError {
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::AppsecBlocked { status, .. } => *status,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::TooEarly => StatusCode::TOO_EARLY,
             GatewayError::ClientAuthChanged => StatusCode::MISDIRECTED_REQUEST,
@@ -132,6 +136,7 @@ impl GatewayError {
             GatewayError::AppsecBlocked { .. } => "appsec_blocked",
             GatewayError::AppsecUnavailable { .. } => "appsec_unavailable",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::RequestBodyTimeout => "request_timeout",
             GatewayError::Overloaded { .. } => "upstream_overloaded",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::TooEarly => "too_early",
@@ -175,6 +180,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { limit } => {
                 format!("request body larger than {limit} bytes")
             }
+            GatewayError::RequestBodyTimeout => "the request body was not received in time".into(),
             // The reason class only: which policy and why stays in the server's log.
             GatewayError::Forbidden(reason) => match reason {
                 crate::policy::Reason::NoPermit => {
@@ -203,6 +209,7 @@ impl GatewayError {
             | GatewayError::RateLimited(_)
             | GatewayError::AppsecBlocked { .. }
             | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RequestBodyTimeout
             | GatewayError::TooEarly
             // Nobody's failure; counted with the client's side, logged at debug.
             | GatewayError::ClientAuthChanged => Fault::Downstream,

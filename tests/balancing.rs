@@ -1018,3 +1018,54 @@ async fn the_checks_a_reload_replaced_stop_even_while_a_request_holds_the_old_po
     );
     assert_eq!(held.await.unwrap().unwrap(), 200);
 }
+
+#[tokio::test]
+async fn request_bodies_the_client_breaks_never_eject_an_endpoint() {
+    for protocol in ["http1", "h2c"] {
+        let bs = backends(2).await;
+        let setup = Setup::new();
+        let wraith = setup.start(&config(&format!(
+            "{}\nprotocol = \"{protocol}\"\noutlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 50 }}\n",
+            endpoints(&bs, None)
+        )));
+        for _ in 0..6 {
+            // One good chunk, then a chunk-size line that is no number: the client's body
+            // fails while its connection stays open for the answer.
+            let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+                .await
+                .unwrap();
+            s.write_all(
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"zz\r\n").await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            let out = String::from_utf8_lossy(&out);
+            // The client's error, answered as one (nginx says 400 too).
+            assert!(out.starts_with("HTTP/1.1 400 "), "{protocol}: {out}");
+            assert!(out.contains("\"bad_request\""), "{protocol}: {out}");
+        }
+        // Healthy requests still reach both endpoints, and none was ejected.
+        let client = http_client();
+        for _ in 0..4 {
+            let resp = client.get(wraith.url("http", "/p")).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{protocol}");
+        }
+        let status = wraith.status().await;
+        for e in status["upstreams"][0]["endpoints"].as_array().unwrap() {
+            assert_ne!(e["health"], "ejected", "{protocol}: {status}");
+        }
+        assert_eq!(
+            status["traffic"]["server_errors"], 0,
+            "{protocol}: {status}"
+        );
+        assert!(
+            !wraith.log().contains("endpoint ejected"),
+            "{protocol}: {}",
+            wraith.log()
+        );
+    }
+}

@@ -761,3 +761,211 @@ async fn path_parameters_do_not_walk_around_a_route() {
         .unwrap();
     assert_eq!(resp.status(), 400);
 }
+
+/// A stream of `n` chunks of 1,000 bytes, sent chunked (no length known up front).
+fn chunked(n: usize) -> reqwest::Body {
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        (0..n).map(|_| Ok(Bytes::from(vec![b'x'; 1000]))).collect();
+    reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+}
+
+#[tokio::test]
+async fn request_bodies_over_max_request_body_get_413() {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = seen.clone();
+    let upstream = Upstream::start(move |req| {
+        s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        echo_response(req)
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let extra = format!(
+        r#"
+[[upstream]]
+name = "h2c"
+endpoints = ["{}"]
+protocol = "h2c"
+
+[[route]]
+name = "big"
+path = {{ prefix = "/big/" }}
+upstream = "app"
+max_request_body = "unlimited"
+
+[[route]]
+name = "bodiless"
+path = {{ prefix = "/bodiless/" }}
+upstream = "app"
+max_request_body = "0"
+
+[[route]]
+name = "h2c"
+path = {{ prefix = "/h2c/" }}
+upstream = "h2c"
+max_request_body = "10KiB"
+
+[[route]]
+name = "tls"
+path = {{ prefix = "/tls/" }}
+upstream = "app"
+max_request_body = "10KiB"
+"#,
+        upstream.addr
+    );
+    let cfg = config(&setup, upstream.addr, &extra).replace(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nlimits = { max_request_body = \"10KiB\" }\n",
+    );
+    assert!(cfg.contains("max_request_body = \"10KiB\" }"), "{cfg}");
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    let count = || seen.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Declared too large: refused before the upstream hears of it.
+    let resp = client
+        .post(wraith.url("http", "/upload"))
+        .body(vec![b'x'; 20_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body = json(resp).await;
+    assert_eq!(body["error"], "payload_too_large", "{body}");
+    assert_eq!(count(), 0, "the upstream saw a refused request");
+
+    // At the limit: forwarded.
+    let resp = client
+        .post(wraith.url("http", "/upload"))
+        .body(vec![b'x'; 10 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["body_len"], 10 * 1024);
+
+    // Streamed without a length: under the limit it passes, over it the body is cut off
+    // and the client gets 413, on HTTP/1.1 and HTTP/2 upstreams alike.
+    for path in ["/upload", "/h2c/upload"] {
+        let resp = client
+            .post(wraith.url("http", path))
+            .body(chunked(5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(json(resp).await["body_len"], 5000, "{path}");
+        let resp = client
+            .post(wraith.url("http", path))
+            .body(chunked(50))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413, "{path}");
+        assert_eq!(json(resp).await["error"], "payload_too_large", "{path}");
+    }
+
+    // Over HTTP/2 from the client (TLS), declared and streamed.
+    let h2 = https_client_h2(&ca, None);
+    let resp = h2
+        .post(wraith.url("https", "/tls/upload"))
+        .body(vec![b'x'; 20_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 413);
+    let resp = h2
+        .post(wraith.url("https", "/tls/upload"))
+        .body(chunked(50))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    // The listener's limit is the http listener's only; the https one has none.
+    let resp = h2
+        .post(wraith.url("https", "/upload"))
+        .body(chunked(50))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["body_len"], 50_000);
+
+    // A route may lift the listener's limit, or allow no body at all.
+    let resp = client
+        .post(wraith.url("http", "/big/upload"))
+        .body(vec![b'x'; 100_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["body_len"], 100_000);
+    let resp = client
+        .post(wraith.url("http", "/bodiless/x"))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let resp = client
+        .get(wraith.url("http", "/bodiless/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // `Expect: 100-continue` with a length over the limit: 413 at once, no 100, and the
+    // connection closes (the body never comes).
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    s.write_all(
+        b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(!out.contains("100 Continue"), "{out}");
+
+    // Bodies cut off were the client's doing: the endpoints are still healthy.
+    let resp = client
+        .get(wraith.url("http", "/h2c/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_408_not_the_upstreams_fault() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    // 5 of 100 bytes, then nothing with the connection open: after the response timeout
+    // (2 s) the attempt ends, as the client's error.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+    assert!(out.contains("\"request_timeout\""), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+}

@@ -104,6 +104,7 @@ fn main() {
         }),
         identity,
         policy_cache: ConnCache::default(),
+        max_request_body: None,
         close: None,
     };
     let anon = conn(None);
@@ -131,6 +132,7 @@ fn main() {
             let fresh = ConnInfo {
                 identity: Some(Arc::new(id)),
                 policy_cache: ConnCache::default(),
+                max_request_body: None,
                 ..client.clone()
             };
             black_box(
@@ -146,6 +148,7 @@ fn main() {
         || {
             let fresh = ConnInfo {
                 policy_cache: ConnCache::default(),
+                max_request_body: None,
                 ..client.clone()
             };
             black_box(

@@ -289,6 +289,8 @@ pub struct Limits {
     pub max_header_size: usize,
     pub max_headers: usize,
     pub max_concurrent_streams: u32,
+    /// Request bodies larger than this get 413; `None`: no limit.
+    pub max_request_body: Option<u64>,
 }
 
 impl Default for Limits {
@@ -300,6 +302,7 @@ impl Default for Limits {
             max_header_size: 64 * 1024,
             max_headers: 100,
             max_concurrent_streams: 128,
+            max_request_body: None,
         }
     }
 }
@@ -333,6 +336,8 @@ pub struct RouteConfig {
     pub early_data: bool,
     /// Overrides the set's mode for this route.
     pub policy_mode: Option<crate::policy::PolicyMode>,
+    /// Overrides the listener's `max_request_body`: `Some(None)` lifts it ("unlimited").
+    pub max_request_body: Option<Option<u64>>,
 }
 
 /// Host part of a route match.
@@ -475,6 +480,21 @@ impl Builder<'_> {
                     default
                 }
             },
+        }
+    }
+
+    /// `max_request_body`: a size, or `"unlimited"` (`Some(None)`); `None` when not set.
+    pub(super) fn body_limit(&mut self, v: &Option<Str>, key: &str) -> Option<Option<u64>> {
+        let s = v.as_ref()?;
+        if s.get_ref() == "unlimited" {
+            return Some(None);
+        }
+        match parse_size(s.get_ref()) {
+            Ok(n) => Some(Some(n)),
+            Err(m) => {
+                self.err(Some(s.span()), key, format!("{m} (or \"unlimited\")"));
+                None
+            }
         }
     }
 
@@ -987,6 +1007,12 @@ fn build_limits(b: &mut Builder<'_>, key: &str, raw: RawLimits) -> Limits {
                 1 << 20,
             )
             .map_or(d.max_concurrent_streams, |n| n as u32),
+        max_request_body: b
+            .body_limit(
+                &raw.max_request_body,
+                &format!("{key}.limits.max_request_body"),
+            )
+            .flatten(),
     }
 }
 
@@ -1497,7 +1523,10 @@ fn build_routes(
             tags.push(t.get_ref().clone());
         }
         let early_data = r.early_data.as_ref().is_some_and(|e| *e.get_ref());
+        let max_request_body =
+            b.body_limit(&r.max_request_body, &format!("{key}.max_request_body"));
         out.push(RouteConfig {
+            max_request_body,
             early_data,
             rate_limits,
             compression,

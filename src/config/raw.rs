@@ -123,6 +123,7 @@ pub struct RawLimits {
     pub max_header_size: Option<Str>,
     pub max_headers: Option<Spanned<i64>>,
     pub max_concurrent_streams: Option<Spanned<i64>>,
+    pub max_request_body: Option<Str>,
 }
 
 /// `[[upstream]]`
@@ -248,6 +249,7 @@ pub struct RawRoute {
     pub rate_limits: Option<Vec<Spanned<RawLimit>>>,
     pub compression: Option<Spanned<RawCompression>>,
     pub early_data: Option<Spanned<bool>>,
+    pub max_request_body: Option<Str>,
 }
 
 /// `compression = true` or `compression = { algorithms = [...], min_size = "1KiB", types = [...] }`.

@@ -61,7 +61,7 @@ impl Appsec {
                 Ok(c) => c.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return Err(GatewayError::PayloadTooLarge {
-                        limit: self.config.max_body,
+                        limit: self.config.max_body as u64,
                     })
                 }
                 Err(_) => return Err(GatewayError::BadRequest("request body could not be read")),

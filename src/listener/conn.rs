@@ -164,6 +164,7 @@ pub(super) async fn serve(
         tls: None,
         identity: None,
         policy_cache: Default::default(),
+        max_request_body: listener.config.limits.max_request_body,
         close: Some(close.clone()),
     };
 

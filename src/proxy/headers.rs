@@ -220,6 +220,8 @@ pub struct ForwardInfo<'a> {
     pub early_data: bool,
     /// What asks the client's connection to finish; a WebSocket tunnel ends with it.
     pub close: Option<&'a crate::listener::CloseSignal>,
+    /// The request body's limit (the route's `max_request_body`, else the listener's).
+    pub max_request_body: Option<u64>,
 }
 
 /// `x-real-ip`
@@ -1037,6 +1039,7 @@ mod tests {
             identity: None,
             early_data: false,
             close: None,
+            max_request_body: None,
         };
         let mut out = h.clone();
         forwarding(&h, &info, &HeaderValue::from_static("id")).apply(&mut out);
@@ -1055,6 +1058,7 @@ mod tests {
             identity: None,
             early_data: false,
             close: None,
+            max_request_body: None,
         };
         let mut h = hm(&[
             ("x-forwarded-for", "6.6.6.6"),

@@ -63,6 +63,8 @@ pub struct ConnInfo {
     /// What asks the connection to finish (listener stopping, client-certificate rules
     /// changed by a reload); `None` for connections no listener accepted (tests, benches).
     pub close: Option<crate::listener::CloseSignal>,
+    /// The listener's `max_request_body` when the connection was accepted.
+    pub max_request_body: Option<u64>,
 }
 
 /// The negotiated TLS parameters of a connection.
@@ -351,6 +353,18 @@ impl Gateway {
             },
             &route.config.name,
         )?;
+        // A body declared larger than the limit is refused before any of it is read (and
+        // before `Expect: 100-continue` is answered); one that turns out larger on the way
+        // is cut off by the forwarder (`body::Watched`).
+        let max_request_body = route
+            .config
+            .max_request_body
+            .unwrap_or(conn.max_request_body);
+        if let Some(limit) = max_request_body {
+            if http_body::Body::size_hint(req.body()).lower() > limit {
+                return Err(GatewayError::PayloadTooLarge { limit });
+            }
+        }
         // The WAF last among the refusals: it is the only one that costs a round trip.
         if let Some(appsec) = &snapshot.appsec {
             req = appsec.inspect(req, client_ip).await?;
@@ -375,6 +389,7 @@ impl Gateway {
                     identity: conn.identity.as_deref(),
                     early_data,
                     close: conn.close.as_ref(),
+                    max_request_body,
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

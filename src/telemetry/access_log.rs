@@ -618,6 +618,7 @@ mod tests {
             tls: None,
             identity: None,
             policy_cache: Default::default(),
+            max_request_body: None,
             close: None,
         };
         let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");

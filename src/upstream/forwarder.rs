@@ -86,6 +86,26 @@ pub async fn forward(
     let timeout = route.response_timeout.unwrap_or(config.response_timeout);
     let idempotent = is_idempotent(req.method());
 
+    // A streamed body that could go past the limit is counted on its way; so is any streamed
+    // body to an HTTP/2 upstream, whose client cannot say whether the body or the upstream
+    // failed (the HTTP/1.1 client says so itself). A failure of the client's body is no
+    // failure of the endpoint's.
+    let body = req.body();
+    let watch = if !upgrade
+        && !body.is_end_stream()
+        && (h2
+            || info
+                .max_request_body
+                .is_some_and(|limit| body.size_hint().upper().is_none_or(|n| n > limit)))
+    {
+        let (parts, body) = req.into_parts();
+        let (body, watch) = crate::body::Watched::new(body, info.max_request_body);
+        req = Request::from_parts(parts, Body::boxed(body));
+        Some(watch)
+    } else {
+        None
+    };
+
     let retries_possible = config.retries > 0 && upstream.endpoints.len() > 1;
     let replay = if req.body().is_end_stream() {
         Replay::Empty
@@ -102,7 +122,7 @@ pub async fn forward(
         let (parts, body) = req.into_parts();
         let bytes = tokio::time::timeout(timeout, body.collect())
             .await
-            .map_err(|_| GatewayError::BadRequest("the request body was not received in time"))?
+            .map_err(|_| GatewayError::RequestBodyTimeout)?
             .map_err(|_| GatewayError::BadRequest("the request body could not be read"))?
             .to_bytes();
         req = Request::from_parts(parts, Body::full(bytes.clone()));
@@ -187,11 +207,25 @@ pub async fn forward(
             Err(f) => f,
         };
 
-        let client_fault =
-            matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));
-        if !client_fault {
-            endpoint.health.record_failure(upstream);
+        if let Some(limit) = watch.as_ref().and_then(|w| w.exceeded()) {
+            return Err(GatewayError::PayloadTooLarge { limit });
         }
+        // The client's body failing fails the attempt: the client's error, not the upstream's
+        // (no retry, no mark against the endpoint).
+        if let Failure::Failed(m) = &failure {
+            if m == h1::CLIENT_BODY_STALLED {
+                return Err(GatewayError::RequestBodyTimeout);
+            }
+        }
+        let client_fault = watch.as_ref().is_some_and(|w| w.client_failed())
+            || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));
+        if client_fault {
+            tracing::debug!(upstream = %config.name, endpoint = %endpoint.authority, "the client's request body failed");
+            return Err(GatewayError::BadRequest(
+                "the request body could not be read",
+            ));
+        }
+        endpoint.health.record_failure(upstream);
         let (error, connect) = match failure {
             Failure::Connect(reason) => {
                 endpoint.failures.fetch_add(1, Ordering::Relaxed);
@@ -222,8 +256,7 @@ pub async fn forward(
             ),
         };
         // Which request could go out again, if the rules allow a retry at all.
-        let may_retry = !client_fault
-            && (connect || idempotent)
+        let may_retry = (connect || idempotent)
             && (outcome.attempts - 1) < config.retries
             && tried.len() < upstream.endpoints.len()
             && started.elapsed() < config.try_duration;

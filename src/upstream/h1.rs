@@ -45,6 +45,8 @@ const MAX_HEADERS: usize = 128;
 /// How failures caused by the client's request body begin (they say nothing about the
 /// upstream's health and are never retried).
 pub const CLIENT_BODY_FAILED: &str = "client request body";
+/// The failure of a client's request body that sent nothing for the response timeout.
+pub const CLIENT_BODY_STALLED: &str = "client request body stalled";
 /// Request bodies up to this size are sent in the same write as the head.
 const COALESCE: usize = 16 * 1024;
 
@@ -464,9 +466,7 @@ async fn write_request(
                 }
                 match tokio::time::timeout(timeout, body.frame()).await {
                     Ok(f) => f,
-                    Err(_) => {
-                        return Err(Exchange::Failed(format!("{CLIENT_BODY_FAILED} stalled")))
-                    }
+                    Err(_) => return Err(Exchange::Failed(CLIENT_BODY_STALLED.to_string())),
                 }
             }
         };
@@ -1456,6 +1456,7 @@ mod tests {
                 identity: None,
                 early_data,
                 close: None,
+                max_request_body: None,
             };
             let (parts, body) = request(pairs);
             let f = forwarding(&parts.headers, &info, &HeaderValue::from_static("id-1"));

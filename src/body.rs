@@ -128,6 +128,8 @@ pub struct BodyWatch {
     limit: u64,
     /// 0: fine so far; `FAILED`: the client's body failed; `TOO_LARGE`: it went past `limit`.
     state: std::sync::atomic::AtomicU8,
+    /// The body was last asked for more and had none: the sender waits for the client.
+    waiting: std::sync::atomic::AtomicBool,
 }
 
 const FAILED: u8 = 1;
@@ -137,6 +139,12 @@ impl BodyWatch {
     /// The body failed on the client's side (it broke off, or went past the limit).
     pub fn client_failed(&self) -> bool {
         self.state.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// The sender's last ask for more of the body is still unanswered: a timeout now is the
+    /// client's (it stopped sending), not the upstream's.
+    pub fn waiting_for_client(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The body went past the limit: the limit it went past.
@@ -160,6 +168,7 @@ impl Watched {
         let watch = std::sync::Arc::new(BodyWatch {
             limit,
             state: std::sync::atomic::AtomicU8::new(0),
+            waiting: std::sync::atomic::AtomicBool::new(false),
         });
         let body = Watched {
             inner,
@@ -193,7 +202,11 @@ impl http_body::Body for Watched {
         if let Some(limit) = this.watch.exceeded() {
             return Poll::Ready(Some(Err(TooLarge(limit).into())));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.watch
+            .waiting
+            .store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;

@@ -946,26 +946,40 @@ max_request_body = "10KiB"
 async fn a_request_body_that_stalls_is_408_not_the_upstreams_fault() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
-    let cfg = config(&setup, upstream.addr, "");
-    let wraith = setup.start(&cfg);
-    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
-        .await
-        .unwrap();
-    // 5 of 100 bytes, then nothing with the connection open: after the response timeout
-    // (2 s) the attempt ends, as the client's error.
-    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
-    assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
-    assert!(out.contains("\"request_timeout\""), "{out}");
-    assert!(
-        out.to_ascii_lowercase().contains("connection: close"),
-        "{out}"
+    let extra = format!(
+        "[[upstream]]\nname = \"h2c\"\nendpoints = [\"{}\"]\nprotocol = \"h2c\"\n\
+         response_timeout = \"2s\"\n\n\
+         [[route]]\nname = \"h2c\"\npath = {{ prefix = \"/h2c/\" }}\nupstream = \"h2c\"\n",
+        upstream.addr
     );
+    let cfg = config(&setup, upstream.addr, &extra);
+    let wraith = setup.start(&cfg);
+    for path in ["/upload", "/h2c/upload"] {
+        let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+            .await
+            .unwrap();
+        // 5 of 100 bytes, then nothing with the connection open: after the response timeout
+        // (2 s) the attempt ends, as the client's error.
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 408 "), "{path}: {out}");
+        assert!(out.contains("\"request_timeout\""), "{path}: {out}");
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close"),
+            "{path}: {out}"
+        );
+    }
+    // Nothing was held against the upstream.
+    let status = wraith.status().await;
+    for u in status["upstreams"].as_array().unwrap() {
+        for e in u["endpoints"].as_array().unwrap() {
+            assert_eq!(e["consecutive_failures"], 0, "{status}");
+        }
+    }
 }

@@ -212,10 +212,13 @@ pub async fn forward(
         }
         // The client's body failing fails the attempt: the client's error, not the upstream's
         // (no retry, no mark against the endpoint).
-        if let Failure::Failed(m) = &failure {
-            if m == h1::CLIENT_BODY_STALLED {
-                return Err(GatewayError::RequestBodyTimeout);
-            }
+        let stalled = match &failure {
+            Failure::Failed(m) => m == h1::CLIENT_BODY_STALLED,
+            Failure::Timeout => watch.as_ref().is_some_and(|w| w.waiting_for_client()),
+            Failure::Connect(_) => false,
+        };
+        if stalled {
+            return Err(GatewayError::RequestBodyTimeout);
         }
         let client_fault = watch.as_ref().is_some_and(|w| w.client_failed())
             || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));

@@ -983,3 +983,67 @@ async fn a_request_body_that_stalls_is_408_not_the_upstreams_fault() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_websocket_tunnel_holds_its_endpoints_connection_slot() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let setup = Setup::new();
+    let extra = format!(
+        "[[upstream]]\nname = \"ws\"\nendpoints = [\"{ws_addr}\"]\nmax_connections = 1\n\
+         max_pending = 0\nresponse_timeout = \"30s\"\n\n\
+         [[route]]\nname = \"ws\"\npath = {{ prefix = \"/ws\" }}\nupstream = \"ws\"\n"
+    );
+    let cfg = config(&setup, ws_addr, &extra);
+    let wraith = setup.start(&cfg);
+    let in_flight = |status: serde_json::Value| {
+        status["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == "ws")
+            .unwrap()["endpoints"][0]["in_flight"]
+            .as_u64()
+            .unwrap()
+    };
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", wraith.addr("http")))
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hi"))
+        .await
+        .unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap(), "hi");
+    // The open tunnel is the endpoint's one connection: another request finds it full.
+    assert_eq!(in_flight(wraith.status().await), 1);
+    let resp = http_client()
+        .get(wraith.url("http", "/ws/plain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(json(resp).await["error"], "upstream_overloaded");
+    // Closed, the tunnel gives the slot back.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let freed = Wraith::eventually(Duration::from_secs(5), || async {
+        in_flight(wraith.status().await) == 0
+    })
+    .await;
+    assert!(freed, "{}", wraith.status().await);
+}

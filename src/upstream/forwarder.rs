@@ -332,10 +332,10 @@ fn finish_response(
         let Body::Upstream(body) = resp.body_mut() else {
             return Err("upstream switched protocols on a connection that cannot".into());
         };
-        let Some((io, leftover)) = body.take_upgrade() else {
+        let Some((io, leftover, slot)) = body.take_upgrade() else {
             return Err("upstream switched protocols on a connection that cannot".into());
         };
-        tokio::spawn(tunnel(client, io, leftover, idle, close.cloned()));
+        tokio::spawn(tunnel(client, io, leftover, idle, close.cloned(), slot));
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::Empty));
     }
@@ -482,6 +482,7 @@ async fn tunnel(
     leftover: bytes::Bytes,
     idle: Duration,
     close: Option<CloseSignal>,
+    _slot: InFlight,
 ) {
     let client = match client.await {
         Ok(c) => c,

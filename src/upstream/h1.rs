@@ -910,7 +910,8 @@ pub struct ResponseBody {
     state: State,
     reusable: bool,
     pool: Arc<Pool>,
-    _in_flight: InFlight,
+    /// The endpoint's in-flight slot, held until the body ends (or, for a 101, by the tunnel).
+    in_flight: Option<InFlight>,
     /// Longest wait for the next body byte (the upstream's response timeout, between two
     /// reads, as nginx's `proxy_read_timeout`): a stalled upstream cannot hold the client,
     /// the task and the endpoint's in-flight slot forever.
@@ -958,7 +959,7 @@ impl ResponseBody {
             state,
             reusable,
             pool,
-            _in_flight: in_flight,
+            in_flight: Some(in_flight),
             read_timeout,
             stall: None,
             stall_armed: false,
@@ -970,13 +971,16 @@ impl ResponseBody {
     }
 
     /// For a 101 response: the raw upstream connection and any bytes already read from it.
-    pub fn take_upgrade(&mut self) -> Option<(Stream, Bytes)> {
+    /// The endpoint's in-flight slot comes along: a tunnel is a connection to the endpoint
+    /// for as long as it lasts (`max_connections`, `least_connections`).
+    pub fn take_upgrade(&mut self) -> Option<(Stream, Bytes, InFlight)> {
         if !matches!(self.state, State::Upgrade) {
             return None;
         }
         self.state = State::Done;
         let conn = self.conn.take()?;
-        Some((conn.io, conn.buf.freeze()))
+        let slot = self.in_flight.take()?;
+        Some((conn.io, conn.buf.freeze(), slot))
     }
 
     /// The body ended: hand the connection back if it can carry another request.

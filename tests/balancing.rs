@@ -574,6 +574,45 @@ async fn passive_ejection_never_exceeds_the_allowed_share() {
     assert_eq!(ejected, 1, "50% of 3 endpoints is 1: {status}");
 }
 
+#[tokio::test]
+async fn endpoints_down_by_active_checks_count_toward_the_ejection_share() {
+    // Two endpoints fail their health checks; the other two pass them but answer 500.
+    let bs = backends(4).await;
+    bs[0].healthy.store(false, Ordering::SeqCst);
+    bs[1].healthy.store(false, Ordering::SeqCst);
+    bs[2].fail.store(true, Ordering::SeqCst);
+    bs[3].fail.store(true, Ordering::SeqCst);
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "{}\noutlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 50 }}\n\
+         [upstream.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n",
+        endpoints(&bs, None)
+    )));
+    let down = Wraith::eventually(Duration::from_secs(5), || async {
+        let status = wraith.status().await;
+        status["upstreams"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["health"] == "down")
+            .count()
+            == 2
+    })
+    .await;
+    assert!(down, "{}", wraith.status().await);
+    // Half the pool is already out: the 500s eject nothing more, and requests keep
+    // reaching the two endpoints that are left (their 500s, not 503s).
+    let client = http_client();
+    for _ in 0..12 {
+        let resp = client.get(wraith.url("http", "/p")).send().await.unwrap();
+        assert_eq!(resp.status(), 500);
+    }
+    let status = wraith.status().await;
+    for e in status["upstreams"][0]["endpoints"].as_array().unwrap() {
+        assert_ne!(e["health"], "ejected", "{status}");
+    }
+}
+
 /// An upstream that reads a request and closes the connection without answering.
 async fn hang_up_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -199,23 +199,32 @@ impl EndpointHealth {
     /// broken response, 5xx). Ejects it when the threshold is reached and the pool allows.
     pub fn record_failure(&self, upstream: &Upstream) {
         let outlier = &upstream.config.outlier;
-        let n = self.consecutive.fetch_add(1, Relaxed) + 1;
+        let n = self.consecutive.fetch_add(1, Relaxed).saturating_add(1);
         if outlier.consecutive_failures == 0 || n < outlier.consecutive_failures {
             return;
         }
         if self.ejected_until.load(Relaxed) != 0 {
             return;
         }
-        // Never eject more than the allowed share of the pool.
+        // Never take more than the allowed share of the pool out of service: endpoints that
+        // active checks hold down count too (ejecting beside them could empty the pool).
         let endpoints = upstream.endpoints.len();
         let allowed = endpoints * outlier.max_ejected_percent as usize / 100;
+        let _counting = upstream
+            .ejecting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = now_ms();
-        let ejected = upstream
+        let out = upstream
             .endpoints
             .iter()
-            .filter(|e| e.health.ejected_until.load(Relaxed) > now)
+            .filter(|e| {
+                !std::ptr::eq(&*e.health, self)
+                    && (e.health.active_down.load(Relaxed)
+                        || e.health.ejected_until.load(Relaxed) > now)
+            })
             .count();
-        if ejected >= allowed {
+        if out >= allowed {
             return;
         }
         let repeats = self.ejections.load(Relaxed).min(20);

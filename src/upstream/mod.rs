@@ -80,6 +80,10 @@ pub struct Upstream {
     released: Option<Arc<Notify>>,
     /// Set while every endpoint is unhealthy (so that is logged once, not per request).
     all_down: AtomicBool,
+    /// Held while an endpoint is ejected: the share of the pool out of service is counted
+    /// and changed as one step (two endpoints reaching their threshold at once must not
+    /// both pass the count).
+    pub(crate) ejecting: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -212,6 +216,7 @@ impl Upstream {
             pending: AtomicUsize::new(0),
             released,
             all_down: AtomicBool::new(false),
+            ejecting: std::sync::Mutex::new(()),
         });
         spawn_sweeper(&upstream);
         health::spawn_checks(&upstream);

@@ -613,6 +613,43 @@ async fn endpoints_down_by_active_checks_count_toward_the_ejection_share() {
     }
 }
 
+#[tokio::test]
+async fn a_heavy_endpoint_that_is_down_leaves_its_share_spread_by_weight() {
+    // Weights 30,1,1,1 and 1000,1,1,1 with the heavy endpoint down: its turns are runs of
+    // ~10 and ~330 in the weighted sequence (the second beyond what skipping covers).
+    for (algorithm, heavy) in [
+        ("weighted", 30),
+        ("least_connections", 30),
+        ("weighted", 1000),
+        ("least_connections", 1000),
+    ] {
+        let bs = backends(4).await;
+        bs[0].healthy.store(false, Ordering::SeqCst);
+        let setup = Setup::new();
+        let wraith = setup.start(&config(&format!(
+            "algorithm = \"{algorithm}\"\n{}\n[upstream.health_check]\npath = \"/health\"\n\
+             interval = \"100ms\"\nfall = 1\nrise = 1\n",
+            endpoints(&bs, Some(&[heavy, 1, 1, 1]))
+        )));
+        let down = Wraith::eventually(Duration::from_secs(5), || async {
+            wraith.endpoint_status("pool", &bs[0].endpoint()).await["health"] == "down"
+        })
+        .await;
+        assert!(down, "{}", wraith.status().await);
+        let client = http_client();
+        let (ok, failed) = drive(&client, &wraith.url("http", "/p"), 300, 1, |_| None).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        for name in ["b1", "b2", "b3"] {
+            let got = ok.iter().filter(|u| *u == name).count();
+            assert!(
+                (85..=115).contains(&got),
+                "{algorithm} {heavy}: {name} got {got} of 300: {:?}",
+                bs.iter().map(|b| b.hits()).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
 /// An upstream that reads a request and closes the connection without answering.
 async fn hang_up_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -30,6 +30,11 @@ pub struct Balancer {
     /// Maglev table (`ip_hash` only).
     maglev: Box<[u16]>,
     next: AtomicUsize,
+    /// Smooth weighted round robin's running scores, for when the sequence's next turns
+    /// belong to endpoints that are not candidates (down, ejected, full, tried) for longer
+    /// than a few skips: then the turn is computed among the candidates alone, as nginx
+    /// computes every turn. Rare, so a lock is fine.
+    scores: std::sync::Mutex<Vec<i64>>,
 }
 
 /// Endpoints a request has already been sent to (retries go elsewhere). No allocation
@@ -90,6 +95,7 @@ impl Balancer {
             sequence,
             maglev,
             next: AtomicUsize::new(0),
+            scores: std::sync::Mutex::new(vec![0; names.len()]),
         }
     }
 
@@ -119,24 +125,11 @@ impl Balancer {
                 }
                 (0..n).find(|&i| candidate(i))
             }
-            Algorithm::Weighted => {
-                let len = self.sequence.len();
-                for _ in 0..2 * n + 8 {
-                    let i = self.sequence[self.next.fetch_add(1, Relaxed) % len] as usize;
-                    if candidate(i) {
-                        return Some(i);
-                    }
-                }
-                let start = self.next.load(Relaxed);
-                (0..len)
-                    .map(|k| self.sequence[(start + k) % len] as usize)
-                    .find(|&i| candidate(i))
-                    .or_else(|| (0..n).find(|&i| candidate(i)))
-            }
+            Algorithm::Weighted => self.weighted_turn(endpoints, &candidate),
+            // The weighted turn is where the scan starts: among equally loaded candidates
+            // (the usual case at low load) it wins, so ties follow the weights.
             Algorithm::LeastConnections => {
-                let len = self.sequence.len().max(1);
-                let c = self.next.fetch_add(1, Relaxed);
-                let start = self.sequence.get(c % len).map_or(c % n, |&i| i as usize);
+                let start = self.weighted_turn(endpoints, &candidate)?;
                 least_loaded(endpoints, start, &candidate)
             }
             Algorithm::IpHash => {
@@ -174,6 +167,65 @@ impl Balancer {
                 best.or_else(|| least_loaded(endpoints, fastrand::usize(..n), &candidate))
             }
         }
+    }
+}
+
+impl Balancer {
+    /// The next turn of smooth weighted round robin that falls on a candidate. A skipped
+    /// turn takes the next counter value, so an absent endpoint's turns spread over the
+    /// others by their weights instead of going to its neighbour in the sequence. When
+    /// more turns in a row are not candidates than a few skips cover (a heavy endpoint
+    /// away), the turn is computed among the candidates alone.
+    fn weighted_turn(
+        &self,
+        endpoints: &[Endpoint],
+        candidate: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = endpoints.len();
+        let len = self.sequence.len();
+        if len == 0 {
+            return (0..n).find(|&i| candidate(i));
+        }
+        for _ in 0..2 * n + 8 {
+            let i = self.sequence[self.next.fetch_add(1, Relaxed) % len] as usize;
+            if candidate(i) {
+                return Some(i);
+            }
+        }
+        self.weighted_among_candidates(endpoints, candidate)
+    }
+
+    /// nginx's smooth weighted round robin over the candidates only: each gains its weight,
+    /// the richest is chosen and pays the candidates' total.
+    #[cold]
+    fn weighted_among_candidates(
+        &self,
+        endpoints: &[Endpoint],
+        candidate: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let mut scores = self
+            .scores
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if scores.len() != endpoints.len() {
+            scores.resize(endpoints.len(), 0);
+        }
+        let mut total: i64 = 0;
+        let mut best: Option<usize> = None;
+        for (i, e) in endpoints.iter().enumerate() {
+            if !candidate(i) {
+                continue;
+            }
+            let w = i64::from(e.weight.max(1));
+            scores[i] = scores[i].saturating_add(w);
+            total += w;
+            if best.is_none_or(|b| scores[i] > scores[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        scores[b] = scores[b].saturating_sub(total);
+        Some(b)
     }
 }
 

@@ -1047,3 +1047,49 @@ async fn a_websocket_tunnel_holds_its_endpoints_connection_slot() {
     .await;
     assert!(freed, "{}", wraith.status().await);
 }
+
+#[tokio::test]
+async fn a_response_streaming_longer_than_the_idle_timeout_is_not_cut_off() {
+    // One line every 250 ms for 3 s, through listeners whose idle and header timeouts are
+    // 1 s: the response is in flight all along, on every protocol.
+    let upstream = Upstream::start(|_req| async {
+        let lines = futures_util::stream::unfold(0u32, |i| async move {
+            if i == 12 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let frame = hyper::body::Frame::data(Bytes::from(format!("tick {i}\n")));
+            Some((
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(frame),
+                i + 1,
+            ))
+        });
+        Response::new(BodyExt::boxed(http_body_util::StreamBody::new(lines)))
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "protocol = \"https\"\n",
+        "protocol = \"https\"\nlimits = { idle_timeout = \"1s\", header_read_timeout = \"1s\" }\n",
+    );
+    assert!(cfg.contains("idle_timeout = \"1s\""), "{cfg}");
+    let wraith = setup.start(&cfg);
+    for (client, version) in [
+        (https_client_h2(&ca, None), reqwest::Version::HTTP_2),
+        (https_client_h1(&ca, None), reqwest::Version::HTTP_11),
+    ] {
+        let resp = client
+            .get(wraith.url("https", "/stream"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), version);
+        let body = tokio::time::timeout(Duration::from_secs(15), resp.text())
+            .await
+            .expect("the stream ends")
+            .unwrap_or_else(|e| panic!("{version:?}: the stream was cut off: {e}"));
+        assert_eq!(body.lines().count(), 12, "{version:?}: {body}");
+        assert!(body.ends_with("tick 11\n"), "{version:?}: {body}");
+    }
+}

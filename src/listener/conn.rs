@@ -109,23 +109,53 @@ impl ConnState {
     }
 }
 
-/// One request in flight on an HTTP/2 connection, from its head to its response head.
-struct InFlight<'a>(Option<&'a ConnState>);
+/// One request in flight on an HTTP/2 connection, from its head until its response body
+/// has been sent (or the stream is gone), as HTTP/1.1 and HTTP/3 count theirs: a response
+/// still streaming (a download, server-sent events, a gRPC server stream) keeps the
+/// connection busy, out of reach of the idle timeout.
+struct InFlight(Option<Arc<ConnState>>);
 
-impl<'a> InFlight<'a> {
-    fn begin(state: Option<&'a ConnState>) -> InFlight<'a> {
+impl InFlight {
+    fn begin(state: Option<&Arc<ConnState>>) -> InFlight {
         if let Some(s) = state {
             s.begin();
         }
-        InFlight(state)
+        InFlight(state.cloned())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(s) = self.0 {
+        if let Some(s) = &self.0 {
             s.end();
         }
+    }
+}
+
+/// An HTTP/2 response body that holds its request's `InFlight` until hyper drops it (at
+/// its end, or when the stream is reset).
+struct H2Body {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for H2Body {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -139,8 +169,6 @@ enum Verdict {
 struct ConnCtx {
     runtime: Arc<Runtime>,
     info: ConnInfo,
-    /// HTTP/2's request count (the HTTP/1.1 codec times itself).
-    state: Option<Arc<ConnState>>,
     /// `Alt-Svc` advertising HTTP/3 on this port, when the listener has it.
     alt_svc: Option<http::HeaderValue>,
 }
@@ -364,17 +392,12 @@ async fn serve_http<I>(
     let ctx = Arc::new(ConnCtx {
         runtime,
         info,
-        state: state.clone(),
         alt_svc,
     });
     let refusals = ctx.clone();
     let handle = move |req: Request<Body>| {
         let ctx = ctx.clone();
         async move {
-            // Ends the request on every path, including the connection dropping this future
-            // (an HTTP/2 RST_STREAM, a client gone): a leaked "in flight" would keep the
-            // connection Busy, beyond the reach of the idle and header timeouts, for good.
-            let _in_flight = InFlight::begin(ctx.state.as_deref());
             let mut resp = ctx.runtime.gateway.handle(req, &ctx.info).await;
             if let Some(v) = &ctx.alt_svc {
                 resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
@@ -383,9 +406,20 @@ async fn serve_http<I>(
         }
     };
     if h2 {
+        let requests = state.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
+            // Ends the request on every path, including hyper dropping this future or the
+            // body (an RST_STREAM, a client gone): a leaked "in flight" would keep the
+            // connection Busy, beyond the reach of the idle and header timeouts, for good.
+            let in_flight = InFlight::begin(requests.as_ref());
             let resp = handle(req.map(Body::Incoming));
-            async move { Ok::<_, Infallible>(resp.await) }
+            async move {
+                let resp = resp.await.map(|body| H2Body {
+                    body,
+                    _in_flight: in_flight,
+                });
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = listener.http.h2.serve_connection(TokioIo::new(io), svc);
         drive(

@@ -43,7 +43,12 @@ pub fn http_builder(limits: &Limits) -> HttpBuilders {
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20))
         .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(4 << 20));
+        .initial_connection_window_size(Some(4 << 20))
+        // What each stream may hold of a response the client is not reading (hyper's
+        // default is 400 KiB): with 128 streams a client that opens its windows wide and
+        // then never reads would pin ~50 MiB per connection. Past this the upstream's body
+        // is simply not read further, as over HTTP/1.1.
+        .max_send_buf_size(64 << 10);
     HttpBuilders { h2 }
 }
 

@@ -153,8 +153,9 @@ impl BodyWatch {
     }
 }
 
-/// A request body that fails once more than `limit` bytes have come, and reports any failure
-/// of its own to its `BodyWatch`.
+/// A request body that fails once more than `limit` bytes have come, reports any failure
+/// of its own to its `BodyWatch`, and passes on a trailer section only cleaned
+/// (`strip_request_trailers`).
 pub struct Watched {
     inner: Body,
     left: u64,
@@ -215,8 +216,15 @@ impl http_body::Body for Watched {
                         return Poll::Ready(Some(Err(TooLarge(this.watch.limit).into())));
                     }
                     this.left -= n;
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        crate::proxy::headers::strip_request_trailers(&mut trailers);
+                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                }
             }
             Poll::Ready(Some(Err(e))) => {
                 this.fail(FAILED);

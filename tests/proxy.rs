@@ -1093,3 +1093,44 @@ async fn a_response_streaming_longer_than_the_idle_timeout_is_not_cut_off() {
         assert!(body.ends_with("tick 11\n"), "{version:?}: {body}");
     }
 }
+
+#[tokio::test]
+async fn request_trailers_reach_http2_upstreams_cleaned() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nprotocol = \"h2c\"",
+    );
+    let wraith = setup.start(&cfg);
+    let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    // Trailers that pose as the client's identity or address, connection-specific ones
+    // (hyper's HTTP/2 client refuses to send those at all), and one ordinary field.
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\n\
+          x-forwarded-client-cert: URI=spiffe://evil/admin\r\nx-wraith-identity: admin\r\n\
+          x-real-ip: 6.6.6.6\r\nx-original-url: /admin\r\nx_forwarded_for: 6.6.6.6\r\n\
+          te: gzip\r\nconnection: x\r\nkeep-alive: 5\r\nx-checksum: abc\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .expect("answered (not left hanging)")
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let echo: serde_json::Value =
+        serde_json::from_str(&out[out.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["body_len"], 5);
+    let trailers = echo["trailers"].as_object().unwrap();
+    assert_eq!(
+        trailers.keys().collect::<Vec<_>>(),
+        vec!["x-checksum"],
+        "{echo}"
+    );
+}

@@ -252,6 +252,52 @@ pub fn strip_identity_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Cleans the trailer section of a request about to go upstream. Out go the fields no
+/// trailer may carry (framing, routing, connection-specific: RFC 9110 §6.5.1, RFC 9113
+/// §8.2.2; hyper's HTTP/2 client refuses a trailer section holding one, and the stream
+/// would hang), and every field the header section could not carry past Wraith: identity
+/// (`x-forwarded-client-cert`, `x-wraith-*`), the forwarding headers Wraith sets and the
+/// `CLAIMS`, in either spelling. An upstream that merges trailers into its headers must
+/// not find there what was stripped from them.
+pub fn strip_request_trailers(trailers: &mut HeaderMap) {
+    let refused = |name: &HeaderName| {
+        let n = name.as_str();
+        matches!(
+            n,
+            "content-length"
+                | "transfer-encoding"
+                | "host"
+                | "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "upgrade"
+                | "content-encoding"
+                | "content-type"
+                | "content-range"
+                | "authorization"
+                | "cache-control"
+                | "expect"
+                | "max-forwards"
+                | "pragma"
+                | "range"
+                | "cookie"
+                | "forwarded"
+                | "via"
+        ) || n.starts_with("proxy-")
+            || poses_as_identity(name)
+            || FWD.iter().any(|f| f.name() == name)
+            || is_claim(n)
+    };
+    if trailers.keys().any(refused) {
+        let names: Vec<HeaderName> = trailers.keys().filter(|k| refused(k)).cloned().collect();
+        for n in names {
+            trailers.remove(&n);
+        }
+    }
+}
+
 /// `x-forwarded-client-cert` or `x-wraith-*`, reading `_` as `-`; or a forwarding header
 /// Wraith sets, or one of the `CLAIMS`, spelt with `_` (from any peer: proxies send the
 /// real names).

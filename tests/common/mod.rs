@@ -508,16 +508,26 @@ pub async fn echo_response(req: Request<Incoming>) -> Response<TestBody> {
             .or_default()
             .push(v.to_str().unwrap_or("").to_string());
     }
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let collected = body.collect().await.ok();
+    let mut trailers: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .into_iter()
+        .flatten()
+    {
+        trailers
+            .entry(k.to_string())
+            .or_default()
+            .push(v.to_str().unwrap_or("").to_string());
+    }
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     let json = serde_json::json!({
         "method": parts.method.as_str(),
         "uri": parts.uri.to_string(),
         "version": format!("{:?}", parts.version),
         "headers": headers,
+        "trailers": trailers,
         "body_len": body.len(),
     });
     Response::builder()

@@ -1134,3 +1134,24 @@ async fn request_trailers_reach_http2_upstreams_cleaned() {
         "{echo}"
     );
 }
+
+#[tokio::test]
+async fn head_over_http2_gets_no_body_from_built_in_responses() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], unused_port()));
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, dead, "");
+    let wraith = setup.start(&cfg);
+    let h2 = https_client_h2(&ca, None);
+    // A `respond` route, and an error built by Wraith (502: nothing listens upstream).
+    for (path, status) in [("/hello", 201), ("/app", 502)] {
+        let resp = h2.head(wraith.url("https", path)).send().await.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.status(), status, "{path}");
+        let body = resp
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        assert!(body.is_empty(), "{path}");
+    }
+}

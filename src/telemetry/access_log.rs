@@ -415,14 +415,19 @@ impl Pending {
     pub fn finish(mut self, resp: Response<Body>, head_only: bool) -> Response<Body> {
         let status = resp.status();
         self.record().status = status.as_u16();
-        // HEAD, 1xx, 204 and 304 responses never send a body: hyper drops it unread.
-        let no_body = head_only
+        // HEAD, 1xx, 204 and 304 responses never carry a body. A built-in one (a `respond`
+        // route, an error's JSON) is dropped here: HTTP/1.1's codec would leave it unsent,
+        // but hyper's HTTP/2 server sends DATA for any body it is given.
+        let must_not = head_only
             || status.is_informational()
             || status == http::StatusCode::NO_CONTENT
-            || status == http::StatusCode::NOT_MODIFIED
-            || resp.body().is_end_stream();
-        if no_body {
+            || status == http::StatusCode::NOT_MODIFIED;
+        if must_not || resp.body().is_end_stream() {
             self.emit(0, false);
+            if must_not && !resp.body().is_end_stream() {
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, Body::Empty);
+            }
             return resp;
         }
         resp.map(|inner| {

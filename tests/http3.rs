@@ -638,7 +638,37 @@ async fn a_body_that_breaks_its_content_length_is_not_forwarded_as_complete() {
             );
         }
     }
-    // A correct one on the same gateway still works.
+    // Lengths that are no length, or two of them (RFC 9114 §4.1.2: malformed), and DATA
+    // after `content-length: 0`: refused, never served with the body cut or guessed.
+    for declared in [&["+5"][..], &["abc"], &["5", "500"], &["5, 6"], &["0"]] {
+        let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+        let mut req = Request::post("https://localhost/upload");
+        for d in declared {
+            req = req.header("content-length", *d);
+        }
+        let result = conn
+            .request(req.body(()).unwrap(), Some(Bytes::from_static(b"xxxxx")))
+            .await;
+        if let Ok(resp) = result {
+            assert_ne!(
+                resp.status(),
+                200,
+                "declared {declared:?}: {:?}",
+                String::from_utf8_lossy(&resp.body)
+            );
+        }
+    }
+    // A correct one on the same gateway still works, and so does a list of one length.
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", "5, 5")
+        .body(())
+        .unwrap();
+    let resp = conn
+        .request(req, Some(Bytes::from_static(b"xxxxx")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
     let mut conn = client.connect(wraith.addr("https")).await.unwrap();
     let req = Request::post("https://localhost/upload")
         .header("content-length", "5")

@@ -49,9 +49,8 @@ impl RequestBody {
     /// has already ended (the usual GET) becomes `Body::Empty`, so the upstream sees a request
     /// without a body rather than an empty chunked one.
     pub(super) fn into_body(stream: RecvStream, content_length: Option<u64>) -> Body {
-        if content_length == Some(0) {
-            return Body::Empty;
-        }
+        // `content-length: 0` too is read: DATA after it makes the body fail (too long),
+        // rather than being dropped unseen.
         let mut body = RequestBody {
             stream,
             remaining: content_length,

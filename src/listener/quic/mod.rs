@@ -821,6 +821,30 @@ impl Drop for InFlight {
     }
 }
 
+/// The length a request's head declares: every `content-length` value (and every element
+/// of a list in one) digits only and all the same (RFC 9110 §8.6); `Err` otherwise (`+5`,
+/// `abc`, `5` beside `500`).
+fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or(())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
 /// One request: head, the pipeline, the response streamed back.
 async fn serve_request(
     ctx: Arc<QuicConn>,
@@ -862,11 +886,12 @@ async fn serve_request(
         }
     };
     let (mut send, recv) = stream.split();
-    let content_length = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let Ok(content_length) = declared_length(req.headers()) else {
+        // Malformed (RFC 9114 §4.1.2): a stream error, no response.
+        tracing::debug!("HTTP/3 request with an invalid or conflicting content-length refused");
+        send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        return;
+    };
     let mut req = req.map(|()| RequestBody::into_body(recv, content_length));
 
     // Which connection info this request runs with: complete, or (0-RTT) early.

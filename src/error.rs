@@ -63,6 +63,10 @@ pub enum GatewayError {
     AppsecUnavailable { reason: String },
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// More header fields than the listener's `max_headers` (HTTP/2, HTTP/3; HTTP/1.1's
+    /// codec refuses them before the pipeline).
+    #[error("more than {limit} request header fields")]
+    TooManyHeaders { limit: usize },
     /// The client sent its request body too slowly (nothing for the response timeout).
     #[error("the request body was not received in time")]
     RequestBodyTimeout,
@@ -115,6 +119,7 @@ impl GatewayError {
             GatewayError::AppsecBlocked { status, .. } => *status,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::TooEarly => StatusCode::TOO_EARLY,
             GatewayError::ClientAuthChanged => StatusCode::MISDIRECTED_REQUEST,
@@ -137,6 +142,7 @@ impl GatewayError {
             GatewayError::AppsecUnavailable { .. } => "appsec_unavailable",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::RequestBodyTimeout => "request_timeout",
+            GatewayError::TooManyHeaders { .. } => "too_many_headers",
             GatewayError::Overloaded { .. } => "upstream_overloaded",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::TooEarly => "too_early",
@@ -181,6 +187,9 @@ impl GatewayError {
                 format!("request body larger than {limit} bytes")
             }
             GatewayError::RequestBodyTimeout => "the request body was not received in time".into(),
+            GatewayError::TooManyHeaders { limit } => {
+                format!("more than {limit} request header fields")
+            }
             // The reason class only: which policy and why stays in the server's log.
             GatewayError::Forbidden(reason) => match reason {
                 crate::policy::Reason::NoPermit => {
@@ -210,6 +219,7 @@ impl GatewayError {
             | GatewayError::AppsecBlocked { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::RequestBodyTimeout
+            | GatewayError::TooManyHeaders { .. }
             | GatewayError::TooEarly
             // Nobody's failure; counted with the client's side, logged at debug.
             | GatewayError::ClientAuthChanged => Fault::Downstream,

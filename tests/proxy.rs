@@ -1155,3 +1155,35 @@ async fn head_over_http2_gets_no_body_from_built_in_responses() {
         assert!(body.is_empty(), "{path}");
     }
 }
+
+#[tokio::test]
+async fn http2_requests_keep_to_max_headers_and_their_cookies_reach_http1_as_one() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+    let h2 = https_client_h2(&ca, None);
+    // More fields than max_headers (100 by default): 431, as over HTTP/1.1.
+    let mut req = h2.get(wraith.url("https", "/many"));
+    for i in 0..150 {
+        req = req.header(format!("x-field-{i}"), "v");
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 431);
+    assert_eq!(json(resp).await["error"], "too_many_headers");
+    // 120 cookies, each its own field as browsers send them over HTTP/2: one Cookie header
+    // to the HTTP/1.1 upstream, and not counted 120 times.
+    let mut req = h2.get(wraith.url("https", "/cookies"));
+    for i in 0..120 {
+        req = req.header("cookie", format!("c{i}={i}"));
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    let cookies = echo["headers"]["cookie"].as_array().unwrap();
+    assert_eq!(cookies.len(), 1, "{echo}");
+    let expected: Vec<String> = (0..120).map(|i| format!("c{i}={i}")).collect();
+    assert_eq!(cookies[0], expected.join("; ").as_str());
+}

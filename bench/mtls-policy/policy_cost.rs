@@ -104,7 +104,7 @@ fn main() {
         }),
         identity,
         policy_cache: ConnCache::default(),
-        max_request_body: None,
+        limits: Default::default(),
         close: None,
     };
     let anon = conn(None);
@@ -132,7 +132,7 @@ fn main() {
             let fresh = ConnInfo {
                 identity: Some(Arc::new(id)),
                 policy_cache: ConnCache::default(),
-                max_request_body: None,
+                limits: Default::default(),
                 ..client.clone()
             };
             black_box(
@@ -148,7 +148,7 @@ fn main() {
         || {
             let fresh = ConnInfo {
                 policy_cache: ConnCache::default(),
-                max_request_body: None,
+                limits: Default::default(),
                 ..client.clone()
             };
             black_box(

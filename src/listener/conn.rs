@@ -192,7 +192,7 @@ pub(super) async fn serve(
         tls: None,
         identity: None,
         policy_cache: Default::default(),
-        max_request_body: listener.config.limits.max_request_body,
+        limits: (&listener.config.limits).into(),
         close: Some(close.clone()),
     };
 

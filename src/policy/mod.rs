@@ -1154,7 +1154,7 @@ permit (principal, action in Wraith::Action::"write", resource) when { context.p
                 ..Identity::default()
             })),
             policy_cache: ConnCache::default(),
-            max_request_body: None,
+            limits: Default::default(),
             close: None,
         };
         let access = |method: &'static Method, path: &'static str| Access {

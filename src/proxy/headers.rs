@@ -252,6 +252,25 @@ pub fn strip_identity_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins the `cookie` fields of an HTTP/2 or HTTP/3 request into one, `; ` between them, as
+/// it must be before it goes to HTTP/1.1 (RFC 9113 §8.2.3, RFC 9114 §4.2.1): browsers send
+/// each cookie as a field of its own there, and many HTTP/1.1 servers read one Cookie
+/// header only.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for c in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(c.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Cleans the trailer section of a request about to go upstream. Out go the fields no
 /// trailer may carry (framing, routing, connection-specific: RFC 9110 §6.5.1, RFC 9113
 /// §8.2.2; hyper's HTTP/2 client refuses a trailer section holding one, and the stream

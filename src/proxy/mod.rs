@@ -63,8 +63,37 @@ pub struct ConnInfo {
     /// What asks the connection to finish (listener stopping, client-certificate rules
     /// changed by a reload); `None` for connections no listener accepted (tests, benches).
     pub close: Option<crate::listener::CloseSignal>,
-    /// The listener's `max_request_body` when the connection was accepted.
+    /// The listener's request limits when the connection was accepted.
+    pub limits: RequestLimits,
+}
+
+/// The limits of a listener that the pipeline enforces the same way for every protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// `max_headers`: more header fields get 431. (HTTP/1.1's codec counts them as it reads
+    /// the head; HTTP/2 and HTTP/3 are bounded by size only until here.)
+    pub max_headers: usize,
+    /// `max_request_body`.
     pub max_request_body: Option<u64>,
+}
+
+impl Default for RequestLimits {
+    /// No limit.
+    fn default() -> RequestLimits {
+        RequestLimits {
+            max_headers: usize::MAX,
+            max_request_body: None,
+        }
+    }
+}
+
+impl From<&crate::config::Limits> for RequestLimits {
+    fn from(l: &crate::config::Limits) -> RequestLimits {
+        RequestLimits {
+            max_headers: l.max_headers,
+            max_request_body: l.max_request_body,
+        }
+    }
 }
 
 /// The negotiated TLS parameters of a connection.
@@ -232,6 +261,11 @@ impl Gateway {
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
+        if req.headers().len() > conn.limits.max_headers && too_many_fields(&req, conn) {
+            return Err(GatewayError::TooManyHeaders {
+                limit: conn.limits.max_headers,
+            });
+        }
         // Two Host headers: the upstream might believe the other one (RFC 9112 §3.2: 400).
         let mut hosts = req.headers().get_all(http::header::HOST).iter();
         if hosts.next().is_some() && hosts.next().is_some() {
@@ -359,7 +393,7 @@ impl Gateway {
         let max_request_body = route
             .config
             .max_request_body
-            .unwrap_or(conn.max_request_body);
+            .unwrap_or(conn.limits.max_request_body);
         if let Some(limit) = max_request_body {
             if http_body::Body::size_hint(req.body()).lower() > limit {
                 return Err(GatewayError::PayloadTooLarge { limit });
@@ -424,6 +458,20 @@ impl Gateway {
             _ => resp,
         })
     }
+}
+
+/// Whether the request has more header fields than `max_headers`, counting HTTP/2 and
+/// HTTP/3 `cookie` crumbs as the one field they are joined into (RFC 9113 §8.2.3; browsers
+/// send each cookie as its own field there).
+#[cold]
+fn too_many_fields(req: &Request<Body>, conn: &ConnInfo) -> bool {
+    let crumbs = req
+        .headers()
+        .get_all(http::header::COOKIE)
+        .iter()
+        .count()
+        .saturating_sub(1);
+    req.headers().len() - crumbs > conn.limits.max_headers
 }
 
 /// The same URI with another path (query kept).

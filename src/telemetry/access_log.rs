@@ -623,7 +623,7 @@ mod tests {
             tls: None,
             identity: None,
             policy_cache: Default::default(),
-            max_request_body: None,
+            limits: Default::default(),
             close: None,
         };
         let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");

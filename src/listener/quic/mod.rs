@@ -410,7 +410,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         tls: None,
         identity: None,
         policy_cache: Default::default(),
-        max_request_body: start.listener.config.limits.max_request_body,
+        limits: (&start.listener.config.limits).into(),
         close: Some(start.close.clone()),
     };
     let (tx, rx) = watch::channel(None);

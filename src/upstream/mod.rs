@@ -127,10 +127,15 @@ impl Upstream {
             .has_connection_limits()
             .then(|| Arc::new(Notify::new()));
         // Config building already checked the TLS settings; a failure here means the files
-        // changed in between, and those endpoints fail to connect with that reason.
+        // changed in between. Those endpoints then fail their handshakes (a configuration
+        // that trusts nothing), never fall back to cleartext.
         let tls_for = |alpn: &[&[u8]]| {
             config.tls.as_ref().and_then(|t| {
-                match tls::client_config(t, alpn) {
+                let built = tls::client_config(t, alpn).or_else(|e| {
+                    tracing::error!(upstream = %config.name, error = %e, "upstream TLS setup failed; its https endpoints will refuse to connect");
+                    tls::refusing_config()
+                });
+                match built {
                     Ok(c) => Some(Arc::new((
                         TlsConnector::from(c),
                         t.server_name.as_deref().map(Arc::from),
@@ -159,6 +164,12 @@ impl Upstream {
                 .timer(TokioTimer::new())
                 .http2_only(true)
                 .set_host(false)
+                // A connection the network dropped silently (NAT, a load balancer) is found
+                // and closed, rather than taking every request's response timeout until TCP
+                // gives up.
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_timeout(Duration::from_secs(10))
+                .http2_keep_alive_while_idle(true)
                 .build(connector)
         });
         let endpoints: Vec<Endpoint> = config

@@ -67,6 +67,19 @@ pub fn client_config(tls: &UpstreamTls, alpn: &[&[u8]]) -> Result<Arc<ClientConf
     Ok(Arc::new(config))
 }
 
+/// A configuration no server can satisfy (it trusts no certificate): what `https://`
+/// endpoints get when their real one cannot be built, so they fail their handshakes rather
+/// than fall back to cleartext.
+pub fn refusing_config() -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The name to send as SNI and verify: the configured one, else the endpoint's host.
 pub fn server_name(
     configured: Option<&str>,

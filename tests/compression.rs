@@ -279,6 +279,19 @@ async fn head_and_304_have_the_headers_of_the_get() {
     assert_eq!(r.headers()["etag"], "\"v1\"");
     assert_eq!(r.headers()["vary"], "accept-encoding");
 
+    // A client that revalidates with a strong validator holds an uncompressed copy (an
+    // image, say, whose 304 has no Content-Type either): the ETag stays strong, even when
+    // it now accepts gzip, or its later If-Range and If-Match would fail.
+    let r = client
+        .get(&url)
+        .header("accept-encoding", "gzip")
+        .header("if-none-match", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(r.headers()["etag"], "\"v1\"");
+
     // What the GET would not compress, the HEAD does not either, nor varies.
     for path in ["/small", "/image"] {
         let r = client

@@ -38,6 +38,9 @@ pub struct Wanted {
     pub range: bool,
     /// A HEAD request.
     pub head: bool,
+    /// The request's `If-None-Match` names only strong validators: what the client holds
+    /// was sent uncompressed (a compressed one would carry the `W/` Wraith gave it).
+    pub holds_strong: bool,
 }
 
 impl Wanted {
@@ -46,8 +49,28 @@ impl Wanted {
             encoding: negotiate(config, headers),
             range: headers.contains_key(header::RANGE),
             head: method == http::Method::HEAD,
+            holds_strong: holds_strong(headers),
         }
     }
+}
+
+/// Whether `If-None-Match` is present and every entity-tag in it is strong (no `W/`, no `*`).
+fn holds_strong(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::IF_NONE_MATCH) {
+        let Ok(v) = value.to_str() else { return false };
+        for tag in v.split(',') {
+            let tag = tag.trim();
+            if tag.is_empty() {
+                continue;
+            }
+            if tag == "*" || tag.starts_with("W/") {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 /// The best of the route's codings that the client accepts (highest q; ties go to the
@@ -136,7 +159,10 @@ pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -
     let head_only = wanted.head || not_modified;
     let headers = resp.headers();
     // A 304 often has no Content-Type: the 200's is unknown then, and taken as compressible
-    // (an extra Vary costs a cache entry; a weak ETag is never wrong, a strong one can be).
+    // (an extra Vary costs a cache entry). Its ETag is weakened as a compressed 200's
+    // would be, unless the client revalidates with strong validators only: then what it
+    // holds was not compressed (Wraith weakens the ETag of what it compresses), and a weak
+    // one would break its later strong comparisons (`If-Range`, `If-Match`).
     let typed = if not_modified && !headers.contains_key(header::CONTENT_TYPE) {
         true
     } else {
@@ -182,7 +208,9 @@ pub fn apply(config: &CompressionConfig, wanted: Wanted, resp: Response<Body>) -
                 HeaderValue::from_static(encoding.token()),
             );
         }
-        weaken_etag(h);
+        if !(not_modified && wanted.holds_strong) {
+            weaken_etag(h);
+        }
         return Response::from_parts(parts, body);
     }
     let encoder = match Encoder::new(encoding) {
@@ -449,6 +477,7 @@ mod tests {
                 encoding: Some(enc),
                 range: false,
                 head: false,
+                holds_strong: false,
             };
             let resp = apply(&config(), wanted, resp);
             assert_eq!(resp.headers()["content-encoding"], enc.token());

@@ -192,26 +192,49 @@ impl Ca {
 }
 
 /// Writes a file, private (0600) when `secret`; refuses to overwrite unless `force`.
+///
+/// The contents go to a new file beside it (created exclusively, never through a symlink),
+/// which then replaces `path` by a rename: a symlink at `path` is replaced, not written
+/// through, and a descriptor someone holds open on an old, readable key never sees the new
+/// one.
 pub fn write_file(path: &Path, contents: &str, secret: bool, force: bool) -> Result<(), String> {
-    let mut opts = OpenOptions::new();
-    opts.write(true);
-    if force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
+    if !force && path.symlink_metadata().is_ok() {
+        return Err(format!(
+            "refusing to overwrite {} (use --force)",
+            path.display()
+        ));
     }
-    opts.mode(if secret { 0o600 } else { 0o644 });
-    let mut f = opts
-        .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    if secret {
-        // `mode` only applies on creation; make an overwritten key private too.
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("cannot write {}: no file name", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    let written = f
+        .write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| {
+            if force {
+                fs::rename(&tmp, path)
+            } else {
+                // Never replace what appeared meanwhile.
+                fs::hard_link(&tmp, path).and_then(|()| fs::remove_file(&tmp))
+            }
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!("cannot write {}: {e}", path.display()));
     }
-    f.write_all(contents.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    Ok(())
 }
 
 /// Creates the full development set in `dir`. Refuses to overwrite existing files unless
@@ -287,6 +310,32 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<bool, String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn force_replaces_a_symlink_instead_of_writing_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        let certs = dir.path().join("certs");
+        fs::create_dir(&certs).unwrap();
+        std::os::unix::fs::symlink(&victim, certs.join("ca-key.pem")).unwrap();
+        // Without --force even a dangling or foreign symlink is "existing".
+        assert!(init(&certs, false)
+            .unwrap_err()
+            .contains("refusing to overwrite"));
+        init(&certs, true).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = fs::symlink_metadata(certs.join("ca-key.pem")).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(&certs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+    }
 
     #[test]
     fn init_writes_private_keys_and_refuses_overwrite() {

@@ -650,6 +650,44 @@ async fn a_heavy_endpoint_that_is_down_leaves_its_share_spread_by_weight() {
     }
 }
 
+#[tokio::test]
+async fn requests_in_flight_across_a_reload_still_count_against_max_connections() {
+    let slow = Backend::start("slow", Duration::from_secs(2)).await;
+    let setup = Setup::new();
+    let upstream = |timeout: &str| {
+        config(&format!(
+            "endpoints = [\"{}\"]\nmax_connections = 1\nmax_pending = 0\nresponse_timeout = \"{timeout}\"\n",
+            slow.endpoint()
+        ))
+    };
+    let wraith = setup.start(&upstream("10s"));
+    let client = http_client();
+    let url = wraith.url("http", "/p");
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { client.get(&url).send().await.unwrap().status() }
+    });
+    let busy = Wraith::eventually(Duration::from_secs(5), || async {
+        slow.concurrent.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(busy);
+    // The upstream changes (so its pools are built anew) while the request is in flight.
+    wraith.write_config(&upstream("20s"));
+    wraith.reload().unwrap();
+    let e = wraith.endpoint_status("pool", &slow.endpoint()).await;
+    assert_eq!(e["in_flight"], 1, "{e}");
+    let second = client.get(&url).send().await.unwrap();
+    assert_eq!(
+        second.status(),
+        503,
+        "the endpoint's one connection is taken"
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    let e = wraith.endpoint_status("pool", &slow.endpoint()).await;
+    assert_eq!(e["in_flight"], 0, "{e}");
+}
+
 /// An upstream that reads a request and closes the connection without answering.
 async fn hang_up_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

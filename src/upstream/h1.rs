@@ -74,8 +74,10 @@ pub struct Pool {
     tls: Option<Arc<(TlsConnector, Option<Arc<str>>)>>,
     /// Woken each time a request ends, when the upstream limits connections.
     release: Option<Arc<Notify>>,
-    /// Requests in flight to this endpoint (until their response body ends).
-    pub in_flight: AtomicUsize,
+    /// Requests in flight to this endpoint (until their response body ends). Shared with
+    /// the pool of the same endpoint in the snapshot before a reload, whose requests still
+    /// run: both count against `max_connections` and `least_connections` as one.
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -122,6 +124,8 @@ pub struct PoolOptions {
     pub tls: Option<Arc<(TlsConnector, Option<Arc<str>>)>>,
     /// Woken each time a request ends (only when someone waits for a free endpoint).
     pub release: Option<Arc<Notify>>,
+    /// The in-flight count of this endpoint's previous pool, to go on with (`Pool::in_flight`).
+    pub in_flight: Option<Arc<AtomicUsize>>,
 }
 
 impl Pool {
@@ -134,7 +138,7 @@ impl Pool {
             connect_timeout: o.connect_timeout,
             tls: o.tls,
             release: o.release,
-            in_flight: AtomicUsize::new(0),
+            in_flight: o.in_flight.unwrap_or_default(),
         })
     }
 

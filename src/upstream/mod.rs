@@ -123,9 +123,13 @@ impl Upstream {
     /// first request. The health of endpoints that `previous` (the upstream of the same
     /// name in the running snapshot) also has is carried over.
     pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Arc<Upstream> {
-        let released = config
-            .has_connection_limits()
-            .then(|| Arc::new(Notify::new()));
+        // The previous snapshot's requests still end on its pools: waiters here must hear
+        // of them too.
+        let released = config.has_connection_limits().then(|| {
+            previous
+                .and_then(|p| p.released.clone())
+                .unwrap_or_else(|| Arc::new(Notify::new()))
+        });
         // Config building already checked the TLS settings; a failure here means the files
         // changed in between. Those endpoints then fail their handshakes (a configuration
         // that trusts nothing), never fall back to cleartext.
@@ -176,9 +180,10 @@ impl Upstream {
             .endpoints
             .iter()
             .map(|e| {
-                let health = previous
+                let same = previous
                     .and_then(|p| p.endpoints.iter().find(|old| old.authority == e.authority))
-                    .filter(|old| old.scheme == scheme_of(e.tls))
+                    .filter(|old| old.scheme == scheme_of(e.tls));
+                let health = same
                     .map(|old| old.health.clone())
                     .unwrap_or_else(|| EndpointHealth::new(&config.name, e.authority.as_str()));
                 let pool_tls = if !e.tls {
@@ -201,6 +206,7 @@ impl Upstream {
                             connect_timeout: config.connect_timeout,
                             tls: pool_tls,
                             release: released.clone(),
+                            in_flight: same.map(|old| old.pool.in_flight.clone()),
                         },
                     ),
                     health,

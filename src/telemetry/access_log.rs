@@ -425,7 +425,18 @@ impl Pending {
         if must_not || resp.body().is_end_stream() {
             self.emit(0, false);
             if must_not && !resp.body().is_end_stream() {
-                let (parts, _) = resp.into_parts();
+                let length = resp.body().size_hint().exact();
+                let (mut parts, _) = resp.into_parts();
+                // A HEAD response still tells the length the GET's body would have.
+                let bodied = !(status.is_informational()
+                    || status == http::StatusCode::NO_CONTENT
+                    || status == http::StatusCode::NOT_MODIFIED);
+                if let (true, Some(n)) = (head_only && bodied, length) {
+                    parts
+                        .headers
+                        .entry(http::header::CONTENT_LENGTH)
+                        .or_insert_with(|| http::HeaderValue::from(n));
+                }
                 return Response::from_parts(parts, Body::Empty);
             }
             return resp;

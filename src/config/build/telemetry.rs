@@ -175,13 +175,47 @@ pub(super) fn build_log(b: &mut Builder<'_>, raw: RawLog) -> LogConfig {
     if let Some(s) = &out.events {
         paths.push(("log.events", &s.path));
     }
+    // Compared as the files they name: `a.log`, `./a.log` and `logs/../a.log` are one.
+    let files: Vec<PathBuf> = paths.iter().map(|(_, p)| same_file_key(p)).collect();
     for (i, (key, path)) in paths.iter().enumerate() {
-        if let Some((other, _)) = paths[..i].iter().find(|(_, p)| p == path) {
-            let msg = format!("{} is also the path of {other}", path.display());
+        if let Some(j) = files[..i].iter().position(|f| *f == files[i]) {
+            let msg = format!("{} is also the path of {}", path.display(), paths[j].0);
             b.err(None, format!("{key}.path"), msg);
         }
     }
     out
+}
+
+/// What a path names, for comparing two of them: its directory resolved (symlinks too) when
+/// it exists, else the path with `.` and `..` worked out as written.
+fn same_file_key(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !lexical.pop() {
+                    lexical.push("..");
+                }
+            }
+            other => lexical.push(other),
+        }
+    }
+    match (lexical.parent(), lexical.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            match std::fs::canonicalize(dir) {
+                Ok(real) => real.join(name),
+                Err(_) => lexical,
+            }
+        }
+        _ => lexical,
+    }
 }
 
 fn queue(b: &mut Builder<'_>, v: &Option<Spanned<i64>>, key: &str) -> usize {
@@ -249,4 +283,33 @@ pub(super) fn build_metrics(b: &mut Builder<'_>, raw: RawMetrics) -> MetricsConf
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_str, LoadOptions};
+    use std::path::Path;
+
+    const BASE: &str = "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n";
+
+    #[test]
+    fn two_sinks_on_one_file_are_refused_however_the_path_is_spelt() {
+        for (a, b) in [
+            ("a.log", "a.log"),
+            ("a.log", "./a.log"),
+            ("a.log", "logs/../a.log"),
+        ] {
+            let text = format!("{BASE}[log.json]\npath = '{a}'\n[log.combined]\npath = '{b}'\n");
+            let err = load_str(Path::new("t.toml"), &text, LoadOptions::default())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("is also the path of log.json"),
+                "{a} {b}: {err}"
+            );
+        }
+        let text = format!("{BASE}[log.json]\npath = 'a.log'\n[log.combined]\npath = 'b.log'\n");
+        assert!(load_str(Path::new("t.toml"), &text, LoadOptions::default()).is_ok());
+    }
 }

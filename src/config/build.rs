@@ -610,7 +610,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
     };
     let routes = build_routes(&mut b, &upstreams, policy.as_ref(), raw_routes);
     let log = build_log(&mut b, raw_log.unwrap_or_default());
-    let metrics = build_metrics(&mut b, raw_metrics.unwrap_or_default());
+    let metrics = build_metrics(&mut b, raw_metrics.unwrap_or_default(), &listeners);
     let decisions = super::security::build_decisions(&mut b, raw_decisions.unwrap_or_default());
     let crowdsec = raw_crowdsec.and_then(|c| super::security::build_crowdsec(&mut b, c));
     let rate_limit = super::security::build_rate_limit(&mut b, raw_rate_limit.unwrap_or_default());

@@ -256,11 +256,36 @@ fn sqlite_sink(b: &mut Builder<'_>, raw: RawSqliteSink) -> SqliteSinkConfig {
     }
 }
 
-pub(super) fn build_metrics(b: &mut Builder<'_>, raw: RawMetrics) -> MetricsConfig {
+pub(super) fn build_metrics(
+    b: &mut Builder<'_>,
+    raw: RawMetrics,
+    listeners: &[crate::config::ListenerConfig],
+) -> MetricsConfig {
     let mut out = MetricsConfig::default();
     if let Some(a) = &raw.address {
         match a.get_ref().parse::<SocketAddr>() {
-            Ok(addr) => out.address = Some(addr),
+            Ok(addr) => {
+                // The same check as between listeners: one TCP port, one server.
+                let clash = listeners.iter().find(|l| {
+                    let other = l.address;
+                    addr.port() != 0
+                        && other.port() == addr.port()
+                        && (other.ip() == addr.ip()
+                            || other.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                });
+                if let Some(l) = clash {
+                    b.err(
+                        Some(a.span()),
+                        "metrics.address",
+                        format!(
+                            "address {addr} clashes with listener {:?} on {}",
+                            l.name, l.address
+                        ),
+                    );
+                }
+                out.address = Some(addr);
+            }
             Err(_) => b.err(
                 Some(a.span()),
                 "metrics.address",
@@ -310,6 +335,22 @@ mod tests {
             );
         }
         let text = format!("{BASE}[log.json]\npath = 'a.log'\n[log.combined]\npath = 'b.log'\n");
+        assert!(load_str(Path::new("t.toml"), &text, LoadOptions::default()).is_ok());
+    }
+
+    #[test]
+    fn the_metrics_listener_may_not_take_a_listeners_port() {
+        let base = BASE.replace("127.0.0.1:0", "127.0.0.1:8080");
+        for address in ["127.0.0.1:8080", "0.0.0.0:8080"] {
+            let text = format!("{base}[metrics]\naddress = '{address}'\n");
+            let err = load_str(Path::new("t.toml"), &text, LoadOptions::default())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("clashes with listener \"l\""), "{err}");
+            assert!(err.contains("t.toml:6:"), "{err}");
+        }
+        let text = format!("{base}[metrics]\naddress = '127.0.0.1:9090'\n");
         assert!(load_str(Path::new("t.toml"), &text, LoadOptions::default()).is_ok());
     }
 }

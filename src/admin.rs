@@ -519,7 +519,10 @@ pub async fn request(
             .await
             .map_err(|e| format!("admin request failed: {e}"))?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), 16 << 20)
+        // The answer comes from the local server over its private socket; the bound only
+        // keeps a broken one from exhausting memory. `decisions list --json` with CrowdSec
+        // blocklists runs to hundreds of MiB (~230 bytes a decision).
+        let body = Limited::new(resp.into_body(), 1 << 30)
             .collect()
             .await
             .map_err(|e| format!("admin response failed: {e}"))?

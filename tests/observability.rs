@@ -1512,3 +1512,35 @@ async fn refused_requests_in_the_combined_log_and_crowdsec() {
         .unwrap_or_else(|| panic!("{report}"));
     assert!(te_cl.contains("parser success"), "{report}");
 }
+
+#[tokio::test]
+async fn series_of_removed_routes_and_endpoints_leave_metrics_after_a_reload() {
+    let (a, b) = (Upstream::echo().await, Upstream::echo().await);
+    let setup = Setup::new();
+    let config = |route: &str, endpoint: &Upstream| {
+        format!(
+            "{}\n[[upstream]]\nname = \"app\"\nendpoints = [\"{}\"]\n\n\
+             [[route]]\nname = \"{route}\"\nupstream = \"app\"\n",
+            Setup::standard_listeners(),
+            endpoint.addr
+        )
+    };
+    let wraith = setup.start(&config("first", &a));
+    let client = http_client();
+    let get = |path: &str| client.get(wraith.url("http", path)).send();
+    assert_eq!(get("/x").await.unwrap().status(), 200);
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    let text = String::from_utf8_lossy(&text).to_string();
+    assert!(text.contains("route=\"first\""), "{text}");
+    assert!(text.contains(&a.addr.to_string()), "{text}");
+
+    wraith.write_config(&config("second", &b));
+    wraith.reload().unwrap();
+    assert_eq!(get("/x").await.unwrap().status(), 200);
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    let text = String::from_utf8_lossy(&text).to_string();
+    assert!(text.contains("route=\"second\""), "{text}");
+    assert!(text.contains(&b.addr.to_string()), "{text}");
+    assert!(!text.contains("route=\"first\""), "{text}");
+    assert!(!text.contains(&a.addr.to_string()), "{text}");
+}

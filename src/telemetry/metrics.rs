@@ -7,9 +7,10 @@
 //! Label values come from the config (route, upstream, endpoint, listener names) or from small
 //! closed sets (status class, protocol, effect, origin); never a path or an address.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -208,6 +209,111 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub log_written: Family<SinkLabel, Counter>,
     pub log_dropped: Family<SinkLabel, Counter>,
+    /// What removes the series of routes and endpoints that are gone.
+    series: Arc<Series>,
+}
+
+/// The series of routes and upstream endpoints, and how many live handle sets
+/// (`RouteMetrics`, `EndpointMetrics`) name each: when the last one goes (a reload removed
+/// the route or endpoint, and the last snapshot that had it has ended), its series go too.
+/// A config whose endpoints keep changing would otherwise grow `/metrics` without end.
+#[derive(Debug)]
+struct Series {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabel, AtomicHistogram>,
+    request_errors: Family<RouteErrorLabels, Counter>,
+    policy_decisions: Family<PolicyLabels, Counter>,
+    ratelimit_rejections: Family<RouteLabel, Counter>,
+    upstream_duration: Family<EndpointLabels, AtomicHistogram>,
+    upstream_errors: Family<EndpointErrorLabels, Counter>,
+    upstream_healthy: Family<EndpointLabels, Gauge>,
+    /// Live handle sets per route, and the error codes its requests have had.
+    routes: Mutex<HashMap<String, (usize, Vec<&'static str>)>>,
+    endpoints: Mutex<HashMap<EndpointLabels, usize>>,
+}
+
+/// The codes `wraith_upstream_errors` counts.
+pub const UPSTREAM_ERROR_CODES: [&str; 3] = [
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_failed",
+];
+
+impl Series {
+    fn route_born(&self, route: &str) {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.entry(route.to_string()).or_default().0 += 1;
+    }
+
+    fn route_gone(&self, route: &str) {
+        let codes = {
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = routes.get_mut(route) else {
+                return;
+            };
+            entry.0 -= 1;
+            if entry.0 > 0 {
+                return;
+            }
+            routes
+                .remove(route)
+                .map(|(_, codes)| codes)
+                .unwrap_or_default()
+        };
+        let name = route.to_string();
+        for protocol in PROTOCOLS {
+            for status_class in CLASSES {
+                self.requests.remove(&RequestLabels {
+                    route: name.clone(),
+                    status_class,
+                    protocol,
+                });
+            }
+        }
+        for effect in ["allow", "deny", "shadow_deny"] {
+            self.policy_decisions.remove(&PolicyLabels {
+                route: name.clone(),
+                effect,
+            });
+        }
+        for code in codes {
+            self.request_errors.remove(&RouteErrorLabels {
+                route: name.clone(),
+                code,
+            });
+        }
+        let label = RouteLabel { route: name };
+        self.request_duration.remove(&label);
+        self.ratelimit_rejections.remove(&label);
+    }
+
+    fn endpoint_born(&self, labels: &EndpointLabels) {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        *endpoints.entry(labels.clone()).or_default() += 1;
+    }
+
+    fn endpoint_gone(&self, labels: &EndpointLabels) {
+        {
+            let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(n) = endpoints.get_mut(labels) else {
+                return;
+            };
+            *n -= 1;
+            if *n > 0 {
+                return;
+            }
+            endpoints.remove(labels);
+        }
+        self.upstream_duration.remove(labels);
+        self.upstream_healthy.remove(labels);
+        for code in UPSTREAM_ERROR_CODES {
+            self.upstream_errors.remove(&EndpointErrorLabels {
+                upstream: labels.upstream.clone(),
+                endpoint: labels.endpoint.clone(),
+                code,
+            });
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -238,6 +344,33 @@ impl Metrics {
             log_written: Family::default(),
             log_dropped: Family::default(),
             registry: Registry::default(),
+            series: Arc::new(Series {
+                requests: Family::default(),
+                request_duration: Family::default(),
+                request_errors: Family::default(),
+                policy_decisions: Family::default(),
+                ratelimit_rejections: Family::default(),
+                upstream_duration: Family::default(),
+                upstream_errors: Family::default(),
+                upstream_healthy: Family::default(),
+                routes: Mutex::default(),
+                endpoints: Mutex::default(),
+            }),
+        };
+        let m = Metrics {
+            series: Arc::new(Series {
+                requests: m.requests.clone(),
+                request_duration: m.request_duration.clone(),
+                request_errors: m.request_errors.clone(),
+                policy_decisions: m.policy_decisions.clone(),
+                ratelimit_rejections: m.ratelimit_rejections.clone(),
+                upstream_duration: m.upstream_duration.clone(),
+                upstream_errors: m.upstream_errors.clone(),
+                upstream_healthy: m.upstream_healthy.clone(),
+                routes: Mutex::default(),
+                endpoints: Mutex::default(),
+            }),
+            ..m
         };
         let r = &mut registry;
         r.register(
@@ -325,7 +458,9 @@ impl Metrics {
 
     /// The handles one route's requests update.
     pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        self.series.route_born(route);
         Arc::new(RouteMetrics {
+            series: self.series.clone(),
             name: route.to_string(),
             cells: Default::default(),
             decisions: Default::default(),
@@ -344,7 +479,9 @@ impl Metrics {
             upstream: upstream.to_string(),
             endpoint: endpoint.to_string(),
         };
+        self.series.endpoint_born(&labels);
         Arc::new(EndpointMetrics {
+            series: self.series.clone(),
             duration: self.upstream_duration.get_or_create_owned(&labels),
             labels,
         })
@@ -369,6 +506,7 @@ const PROTOCOLS: [&str; 3] = ["h1", "h2", "h3"];
 /// a route/class/protocol combination that never happened exports no zero series.
 #[derive(Debug)]
 pub struct RouteMetrics {
+    series: Arc<Series>,
     name: String,
     cells: [[OnceLock<Counter>; CLASSES.len()]; PROTOCOLS.len()],
     /// Policy decisions by effect (`allow`, `deny`, `shadow_deny`), created on first use.
@@ -380,10 +518,34 @@ pub struct RouteMetrics {
     pub denied: AtomicU64,
 }
 
+impl Drop for RouteMetrics {
+    fn drop(&mut self) {
+        self.series.route_gone(&self.name);
+    }
+}
+
 impl RouteMetrics {
     /// The route's name (`(none)` for unmatched requests).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Counts one request Wraith answered with an error of its own.
+    pub fn error(&self, family: &Family<RouteErrorLabels, Counter>, code: &'static str) {
+        {
+            let mut routes = self.series.routes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, codes)) = routes.get_mut(&self.name) {
+                if !codes.contains(&code) {
+                    codes.push(code);
+                }
+            }
+        }
+        family
+            .get_or_create(&RouteErrorLabels {
+                route: self.name.clone(),
+                code,
+            })
+            .inc();
     }
 
     /// Counts one policy decision: `allow`, `deny`, or `shadow_deny` (a deny in shadow mode).
@@ -446,8 +608,15 @@ impl RouteMetrics {
 /// Pre-resolved metric handles of one upstream endpoint.
 #[derive(Debug)]
 pub struct EndpointMetrics {
+    series: Arc<Series>,
     labels: EndpointLabels,
     duration: AtomicHistogram,
+}
+
+impl Drop for EndpointMetrics {
+    fn drop(&mut self) {
+        self.series.endpoint_gone(&self.labels);
+    }
 }
 
 impl EndpointMetrics {
@@ -473,6 +642,51 @@ impl EndpointMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_of_routes_and_endpoints_go_with_their_last_handles() {
+        let m = Metrics::new();
+        let fill = |r: &RouteMetrics, e: &EndpointMetrics| {
+            r.observe(&m.requests, "h1", 200, Duration::from_millis(1));
+            r.error(&m.request_errors, "upstream_timeout");
+            r.decision(
+                &m.policy_decisions,
+                crate::telemetry::access_log::Effect::Allow,
+                false,
+            );
+            m.ratelimit_rejections
+                .get_or_create(&RouteLabel {
+                    route: r.name().to_string(),
+                })
+                .inc();
+            e.observe(Some(Duration::from_millis(1)));
+            e.error(&m.upstream_errors, "upstream_timeout");
+            m.upstream_healthy.get_or_create(&e.labels).set(1);
+        };
+        let (old_route, old_endpoint) = (m.route("old"), m.endpoint("u", "10.0.0.1:80"));
+        fill(&old_route, &old_endpoint);
+        // Two snapshots share a route name (a reload that kept it): both must go first.
+        let (kept, kept_endpoint) = (m.route("kept"), m.endpoint("u", "10.0.0.2:80"));
+        let (kept_again, kept_endpoint_again) = (m.route("kept"), m.endpoint("u", "10.0.0.2:80"));
+        fill(&kept, &kept_endpoint);
+        let text = m.encode(&Registry::default());
+        assert!(
+            text.contains("route=\"old\"") && text.contains("10.0.0.1:80"),
+            "{text}"
+        );
+
+        drop((old_route, old_endpoint, kept, kept_endpoint));
+        let text = m.encode(&Registry::default());
+        assert!(!text.contains("route=\"old\""), "{text}");
+        assert!(!text.contains("10.0.0.1:80"), "{text}");
+        assert!(text.contains("route=\"kept\""), "{text}");
+        assert!(text.contains("10.0.0.2:80"), "{text}");
+
+        drop((kept_again, kept_endpoint_again));
+        let text = m.encode(&Registry::default());
+        assert!(!text.contains("route=\"kept\""), "{text}");
+        assert!(!text.contains("10.0.0.2:80"), "{text}");
+    }
 
     #[test]
     fn histogram_buckets_and_exposition() {

@@ -31,7 +31,7 @@ use access_log::AccessRecord;
 use format::{CachedTime, CombinedOptions, Event, Formatting, TimeStyle};
 use metrics::{
     origin_label, EndpointMetrics, HandshakeLabels, ListenerLabel, Metrics, OriginLabel,
-    RouteErrorLabels, RouteLabel, RouteMetrics, SinkLabel,
+    RouteLabel, RouteMetrics, SinkLabel,
 };
 use sinks::{FileWriter, Queue, Sink, Writers};
 use window::Window;
@@ -242,12 +242,7 @@ impl SnapshotTelemetry {
         if let Some(rm) = route {
             rm.observe(&m.requests, record.protocol, record.status, record.duration);
             if let Some(code) = record.error {
-                m.request_errors
-                    .get_or_create(&RouteErrorLabels {
-                        route: rm.name().to_string(),
-                        code,
-                    })
-                    .inc();
+                rm.error(&m.request_errors, code);
             }
             if let Some(p) = &record.policy {
                 rm.decision(&m.policy_decisions, p.effect, p.shadow);

@@ -341,6 +341,7 @@ impl Runtime {
             bound.push(listener::bind(&l.config).await?);
         }
         let quic = runtime.bind_quic(&snapshot, &bound)?;
+        snapshot.telemetry.activate();
         runtime.activate(bound);
         runtime.reconcile_quic(quic);
         Ok(runtime)
@@ -440,6 +441,8 @@ impl Runtime {
                 tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; the decisions read from it were merged with the ones in hand");
             }
         }
+        // Nothing can fail from here on: the new sinks may act (retention included).
+        snapshot.telemetry.activate();
         let snapshot = Arc::new(snapshot);
         self.gateway.swap(snapshot.clone());
         for u in &snapshot.upstreams {

@@ -358,7 +358,7 @@ pub fn status(rt: &Runtime) -> Value {
         .collect();
     let last_reload = rt
         .last_reload()
-        .map(|r| json!({"at": unix(r.at), "ok": r.ok, "errors": r.errors}));
+        .map(|r| json!({"seq": r.seq, "at": unix(r.at), "ok": r.ok, "errors": r.errors, "generation": r.generation}));
     let (local, crowdsec) = rt.gateway.decisions.counts();
     let bridge = rt.crowdsec_status().map(|(url, st)| {
         use std::sync::atomic::Ordering::Relaxed;
@@ -393,6 +393,7 @@ pub fn status(rt: &Runtime) -> Value {
         "generation": snapshot.generation,
         "loaded_at": unix(snapshot.loaded_at),
         "last_reload": last_reload,
+        "reloads_started": rt.reloads_started(),
         "draining": rt.shutdown.is_cancelled(),
         "listeners": listeners,
         "upstreams": upstreams,

@@ -251,9 +251,16 @@ fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
 /// Outcome of the last reload, for `wraith status`.
 #[derive(Debug, Clone)]
 pub struct ReloadResult {
+    /// Which reload this was: 1 for the first since the server started, counted when it
+    /// starts (after any reload before it has finished). `wraith reload` waits for one
+    /// numbered past those started before it sent its signal: `at` has only seconds, and two
+    /// reloads within one second with the same outcome are otherwise the same record.
+    pub seq: u64,
     pub at: SystemTime,
     pub ok: bool,
     pub errors: Vec<String>,
+    /// The generation in service once it was done.
+    pub generation: u64,
 }
 
 /// The running server: the gateway plus everything needed to reload and drain it.
@@ -275,6 +282,8 @@ pub struct Runtime {
     /// The QUIC (HTTP/3) sides of listeners with `http3 = true`.
     quic: Mutex<HashMap<ListenerKey, listener::quic::QuicHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Reloads started so far (each one's `ReloadResult::seq`).
+    reloads_started: AtomicU64,
     last_reload: Mutex<Option<ReloadResult>>,
     /// The CrowdSec bridge, while `[crowdsec]` is configured.
     crowdsec: Mutex<Option<Bridge>>,
@@ -327,6 +336,7 @@ impl Runtime {
             listeners: Mutex::new(HashMap::new()),
             quic: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            reloads_started: AtomicU64::new(0),
             last_reload: Mutex::new(None),
             crowdsec: Mutex::new(None),
         });
@@ -356,11 +366,16 @@ impl Runtime {
     /// snapshot stays and the errors are returned (and remembered for `wraith status`).
     pub async fn reload(self: &Arc<Self>) -> Result<u64, Vec<String>> {
         let _guard = self.reload_lock.lock().await;
+        // Numbered once it holds the lock: it reads the config file after every reload with
+        // a lower number has finished.
+        let seq = self.reloads_started.fetch_add(1, Ordering::Relaxed) + 1;
         let result = self.try_reload().await;
         let record = ReloadResult {
+            seq,
             at: SystemTime::now(),
             ok: result.is_ok(),
             errors: result.as_ref().err().cloned().unwrap_or_default(),
+            generation: self.generation(),
         };
         self.gateway
             .snapshot()
@@ -701,6 +716,11 @@ impl Runtime {
             .unwrap_or_default();
         out.sort();
         out
+    }
+
+    /// Reloads started since the server started (the `seq` of the latest).
+    pub fn reloads_started(&self) -> u64 {
+        self.reloads_started.load(Ordering::Relaxed)
     }
 
     /// The last reload, if any.

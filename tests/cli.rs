@@ -232,6 +232,62 @@ async fn status_reload_and_stop_talk_to_the_running_server() {
     assert!(err.contains("is wraith running?"), "{err}");
 }
 
+/// Two `wraith reload`s within one second with the same outcome: each reports its own reload
+/// (by the reload's sequence number in the status), rather than waiting 30 s for a change in a
+/// last-reload record (time in seconds, ok, errors) that the second one leaves as it was.
+#[test]
+fn reloads_within_one_second_each_report_their_outcome() {
+    let setup = Setup::new();
+    let base = format!(
+        "{}\n[[route]]\nname='all'\nrespond={{ status = 200 }}\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&base);
+    let mut generation = 1;
+    for ok in [true, false] {
+        if !ok {
+            wraith.write_config(&format!(
+                "{base}\n[[route]]\nname='bad'\nupstream='missing'\n"
+            ));
+        }
+        // Both at the start of a second, so that they land in the same one.
+        let into = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis();
+        std::thread::sleep(Duration::from_millis(u64::from(1020 - into)));
+        let started = std::time::Instant::now();
+        for _ in 0..2 {
+            let (code, out, err) = wraith.cli(&["reload"]);
+            if ok {
+                generation += 1;
+                assert_eq!(code, 0, "{out}{err}");
+                assert!(
+                    out.contains(&format!("reloaded: configuration generation {generation}")),
+                    "{out}"
+                );
+            } else {
+                assert_eq!(code, 1, "{out}{err}");
+                assert!(err.contains("rejected the new configuration"), "{err}");
+                assert!(
+                    err.contains(&format!("serving generation {generation}")),
+                    "{err}"
+                );
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let (_, out, _) = wraith.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reloads_started"], 4, "{v}");
+    assert_eq!(v["last_reload"]["seq"], 4, "{v}");
+    assert_eq!(v["last_reload"]["generation"], 3, "{v}");
+}
+
 #[test]
 fn the_admin_socket_is_private_and_never_replaces_a_file_that_is_not_a_socket() {
     use std::os::unix::fs::PermissionsExt;

@@ -35,18 +35,33 @@ fn reload(config_path: &Path) -> Result<String, String> {
     };
     super::block_on(async move {
         let before = status(&socket).await?;
+        // The outcome of a reload that started after this point, not of one already under
+        // way (which may have read the file before it was edited): by the reload sequence
+        // number. A server without it (an older wraith) is compared by its whole last
+        // reload record, which two reloads within a second with the same outcome leave
+        // unchanged.
+        let started_before = before["reloads_started"].as_u64();
+        let ours = |now: &serde_json::Value| match started_before {
+            Some(n) => now["last_reload"]["seq"]
+                .as_u64()
+                .is_some_and(|seq| seq > n),
+            None => now["last_reload"] != before["last_reload"],
+        };
         signals::send(pid, libc::SIGHUP)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let now = status(&socket).await?;
-            if now["last_reload"] != before["last_reload"] {
+            if ours(&now) {
                 let lr = &now["last_reload"];
+                // The generation this reload left in service (a later reload may have
+                // replaced it already); an older server does not say, its current one does.
+                let generation = match &lr["generation"] {
+                    serde_json::Value::Null => &now["generation"],
+                    g => g,
+                };
                 if lr["ok"].as_bool() == Some(true) {
-                    return Ok(format!(
-                        "reloaded: configuration generation {}",
-                        now["generation"]
-                    ));
+                    return Ok(format!("reloaded: configuration generation {generation}"));
                 }
                 let errors: Vec<String> = lr["errors"]
                     .as_array()
@@ -57,8 +72,7 @@ fn reload(config_path: &Path) -> Result<String, String> {
                     })
                     .unwrap_or_default();
                 return Err(format!(
-                    "the server rejected the new configuration and keeps serving generation {}:\n{}",
-                    now["generation"],
+                    "the server rejected the new configuration and keeps serving generation {generation}:\n{}",
                     errors.join("\n")
                 ));
             }

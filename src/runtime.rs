@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use futures_util::FutureExt;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -369,7 +370,22 @@ impl Runtime {
         // Numbered once it holds the lock: it reads the config file after every reload with
         // a lower number has finished.
         let seq = self.reloads_started.fetch_add(1, Ordering::Relaxed) + 1;
-        let result = self.try_reload().await;
+        // A panic while building (a bug) fails this reload, recorded like any other failure,
+        // rather than ending the task with the status still showing the previous outcome.
+        let result = match std::panic::AssertUnwindSafe(self.try_reload())
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".into());
+                Err(vec![format!("reload failed on an internal error: {what}")])
+            }
+        };
         let record = ReloadResult {
             seq,
             at: SystemTime::now(),

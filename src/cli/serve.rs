@@ -13,9 +13,14 @@ use crate::{admin, telemetry};
 const FORCED_FLUSH: Duration = Duration::from_secs(1);
 
 pub fn run(config_path: &Path) -> ExitCode {
+    // Absolute before the first load: relative paths in the file are taken relative to the
+    // file's directory, and a reload (which loads from this path) must resolve them the same
+    // way, or every one of them looks changed and what it names is rebuilt.
+    let config_path =
+        std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     // A first, quick load decides the runtime and logging settings.
     let config = match config::load(
-        config_path,
+        &config_path,
         LoadOptions {
             generate_dev_certs: true,
         },
@@ -54,8 +59,6 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config_path =
-        std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let mut telemetry = None;
     // Held (locked) until the very end, after the log queues are written out: while it is
     // locked, `wraith stop` still sees this server as running.

@@ -654,18 +654,39 @@ tls = {{ cert = "server.pem", key = "server-key.pem"{tls_extra} }}
         w.pki = Some(self.pki);
         w
     }
+
+    /// `start`, with the config path given to `serve` relative to its working directory.
+    pub fn start_relative(self, config: &str) -> Wraith {
+        let mut w = Wraith::start_in_relative(self.dir, config);
+        w.pki = Some(self.pki);
+        w
+    }
 }
 
 impl Wraith {
     /// Writes `wraith.toml` into `dir` and starts the gateway; returns once every listener
     /// is bound (read from the JSON log), or panics with the log if it does not start.
     pub fn start_in(dir: TempDir, config: &str) -> Wraith {
+        Wraith::spawn(dir, config, false)
+    }
+
+    /// `start_in`, but `serve -c wraith.toml` run in `dir`: the config path as given is
+    /// relative.
+    pub fn start_in_relative(dir: TempDir, config: &str) -> Wraith {
+        Wraith::spawn(dir, config, true)
+    }
+
+    fn spawn(dir: TempDir, config: &str, relative: bool) -> Wraith {
         let config_path = dir.path().join("wraith.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wraith"))
-            .arg("serve")
-            .arg("-c")
-            .arg(&config_path)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wraith"));
+        command.arg("serve").arg("-c");
+        if relative {
+            command.arg("wraith.toml").current_dir(dir.path());
+        } else {
+            command.arg(&config_path);
+        }
+        let mut child = command
             .env(
                 "WRAITH_LOG",
                 std::env::var("WRAITH_TEST_LOG")

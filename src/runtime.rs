@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, RouteAction};
 use crate::decisions::appsec::Appsec;
 use crate::decisions::crowdsec::{self, Bridge};
@@ -25,6 +26,7 @@ use crate::policy::PolicyEngine;
 use crate::proxy::Gateway;
 use crate::ratelimit::{self, Limiter};
 use crate::router::{Route, Router};
+use crate::signals::PidFile;
 use crate::telemetry::{SnapshotTelemetry, Telemetry};
 use crate::upstream::Upstream;
 
@@ -249,6 +251,32 @@ fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
     }
 }
 
+/// The `[server]` keys read only at start whose value `new` changes (for the reload's
+/// warning): the runtime and the logging are set up once. `pid_file` and `admin_socket` are
+/// moved by the reload; `shutdown_timeout`, `trusted_proxies` and `dev_certs_dir` apply to
+/// the new generation.
+fn restart_only_changes(
+    old: &config::ServerConfig,
+    new: &config::ServerConfig,
+) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.worker_threads != new.worker_threads {
+        out.push("worker_threads");
+    }
+    if old.log_level != new.log_level {
+        out.push("log_level");
+    }
+    if old.log_format != new.log_format {
+        out.push("log_format");
+    }
+    out
+}
+
+/// A mutex's content, also after a panic elsewhere poisoned it (what it holds stays valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Outcome of the last reload, for `wraith status`.
 #[derive(Debug, Clone)]
 pub struct ReloadResult {
@@ -288,6 +316,10 @@ pub struct Runtime {
     last_reload: Mutex<Option<ReloadResult>>,
     /// The CrowdSec bridge, while `[crowdsec]` is configured.
     crowdsec: Mutex<Option<Bridge>>,
+    /// The pid file the server holds (`server.pid_file`; a reload that changes it moves it).
+    pid_file: Mutex<Option<PidFile>>,
+    /// The admin socket being served (`server.admin_socket`; a reload moves it too).
+    admin: Mutex<Option<admin::AdminHandle>>,
 }
 
 /// Applies a reloaded `limits.max_connections` to a running listener's limit. Open
@@ -340,6 +372,8 @@ impl Runtime {
             reloads_started: AtomicU64::new(0),
             last_reload: Mutex::new(None),
             crowdsec: Mutex::new(None),
+            pid_file: Mutex::new(None),
+            admin: Mutex::new(None),
         });
         for u in &runtime.gateway.snapshot().upstreams {
             u.own_health();
@@ -438,6 +472,12 @@ impl Runtime {
                 "[metrics] changed: the metrics listener keeps its address until the next restart"
             );
         }
+        for key in restart_only_changes(&old.config.server, &config.server) {
+            tracing::warn!(
+                key = %format!("server.{key}"),
+                "[server] {key} changed: it takes effect at the next restart"
+            );
+        }
         let mut snapshot = Snapshot::build(config, generation, Some(&old))?;
         snapshot.telemetry =
             SnapshotTelemetry::build(&self.telemetry, &snapshot.config, Some(&old.telemetry))?;
@@ -451,6 +491,11 @@ impl Runtime {
             }
         }
         let quic = self.bind_quic(&snapshot, &bound).map_err(|e| vec![e])?;
+        // A pid file or admin socket moved elsewhere: taken there now (a pid file locked by
+        // another server, a path in use, fail the reload), the old ones given up at the swap,
+        // so `wraith stop` / `reload`, which read the paths from the file, find this server.
+        let (new_pid, new_admin) =
+            self.move_server_files(&old.config.server, &snapshot.config.server)?;
         // A state file moved elsewhere: the bans already in the new file join the ones in
         // hand (the later end wins for the same ban), and the whole set is written there
         // before the swap, the last step that can fail, so a reload that fails adds nothing
@@ -487,6 +532,18 @@ impl Runtime {
             }
         }
         self.generation.store(generation, Ordering::Relaxed);
+        if let Some(moved) = new_pid {
+            let old = std::mem::replace(&mut *lock(&self.pid_file), moved);
+            // Removes the old file.
+            drop(old);
+            tracing::info!(pid_file = ?snapshot.config.server.pid_file, "pid file moved");
+        }
+        if let Some(moved) = new_admin {
+            let old = std::mem::replace(&mut *lock(&self.admin), moved);
+            // Stops serving the old socket and removes it.
+            drop(old);
+            tracing::info!(admin_socket = ?snapshot.config.server.admin_socket, "admin socket moved");
+        }
         // After the swap: a connection accepted from now on gets the new rules.
         revoke_changed_client_auth(&old, &snapshot);
         self.activate(bound);
@@ -494,6 +551,75 @@ impl Runtime {
         self.reconcile_quic(quic);
         self.reconcile_crowdsec().await;
         Ok(generation)
+    }
+
+    /// Hands the runtime the pid file `serve` took before starting it (a reload may move it).
+    pub fn hold_pid_file(&self, pid_file: Option<PidFile>) {
+        *lock(&self.pid_file) = pid_file;
+    }
+
+    /// Where the pid file the server holds is.
+    pub fn pid_file_path(&self) -> Option<PathBuf> {
+        lock(&self.pid_file)
+            .as_ref()
+            .map(|p| p.path().to_path_buf())
+    }
+
+    /// Where the admin socket being served is.
+    pub fn admin_socket_path(&self) -> Option<PathBuf> {
+        lock(&self.admin).as_ref().map(|a| a.path.clone())
+    }
+
+    /// Stops serving the admin socket and removes it (at exit).
+    pub fn stop_admin(&self) {
+        drop(lock(&self.admin).take());
+    }
+
+    /// Gives the pid file back, to be removed and unlocked last of all at exit.
+    pub fn take_pid_file(&self) -> Option<PidFile> {
+        lock(&self.pid_file).take()
+    }
+
+    /// Starts the admin socket of the current config, if it has one.
+    pub fn start_admin(self: &Arc<Self>) -> Result<(), String> {
+        let snapshot = self.gateway.snapshot();
+        if let Some(path) = &snapshot.config.server.admin_socket {
+            *lock(&self.admin) = Some(admin::start(self.clone(), path)?);
+        }
+        Ok(())
+    }
+
+    /// For a reload whose `[server]` names another pid file or admin socket: the new ones,
+    /// taken and bound (`Some(None)`: that one is gone from the config); `None` where the path
+    /// did not change. Dropped unused when the reload fails, they let go of what they took.
+    #[allow(clippy::type_complexity)]
+    fn move_server_files(
+        self: &Arc<Self>,
+        old: &config::ServerConfig,
+        new: &config::ServerConfig,
+    ) -> Result<(Option<Option<PidFile>>, Option<Option<admin::AdminHandle>>), Vec<String>> {
+        let pid = if new.pid_file != old.pid_file {
+            Some(match &new.pid_file {
+                Some(path) => {
+                    Some(PidFile::create(path).map_err(|e| vec![format!("server.pid_file: {e}")])?)
+                }
+                None => None,
+            })
+        } else {
+            None
+        };
+        let admin = if new.admin_socket != old.admin_socket {
+            Some(match &new.admin_socket {
+                Some(path) => Some(
+                    admin::start(self.clone(), path)
+                        .map_err(|e| vec![format!("server.admin_socket: {e}")])?,
+                ),
+                None => None,
+            })
+        } else {
+            None
+        };
+        Ok((pid, admin))
     }
 
     /// Starts, restarts or stops the CrowdSec bridge to match the current snapshot (whose

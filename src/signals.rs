@@ -208,6 +208,13 @@ impl PidFile {
     }
 }
 
+impl PidFile {
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for PidFile {
     fn drop(&mut self) {
         // Still ours (not replaced by someone else's file at the path): remove it, then

@@ -867,13 +867,17 @@ impl Wraith {
         outcome.unwrap_or_else(|| Err(format!("no reload outcome in the log:\n{}", self.log())))
     }
 
-    /// Waits for the process to exit; returns its exit code (None on timeout).
+    /// Waits for the process to exit (and its log to be read to the end); returns its exit
+    /// code (None on timeout).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut()?;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                // Its last log lines (the flush report at exit) may still be in the pipe:
+                // read to the end before a test looks for them.
+                self.wait_for(Duration::from_secs(5), |s| s.closed);
                 return status.code();
             }
             if Instant::now() >= deadline {

@@ -98,8 +98,36 @@ impl tokio::io::AsyncWrite for WriteStall {
     }
 }
 
-/// Binds the admin socket, replacing a stale one, and serves it until shutdown.
-pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
+/// A running admin socket: it is served until shutdown or until this handle is dropped (a
+/// reload moved it elsewhere, or failed after binding a new one). Connections already
+/// accepted finish either way; the socket file goes with the listener.
+pub struct AdminHandle {
+    pub path: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+    /// The socket file's (device, inode): only that one is removed, not a newer instance's.
+    ours: Option<(u64, u64)>,
+}
+
+impl Drop for AdminHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        // At once, not when the accept loop gets to it: at exit the async runtime may not
+        // run it again.
+        if still_ours(&self.path, self.ours) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether the socket file at `path` is still the one we bound (`ours`).
+fn still_ours(path: &Path, ours: Option<(u64, u64)>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| Some((m.dev(), m.ino())) == ours)
+}
+
+/// Binds the admin socket, replacing a stale one, and serves it until shutdown or until the
+/// returned handle is dropped.
+pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         // Only ever replace a socket: a misconfigured path must not delete someone's file.
@@ -139,6 +167,12 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
             .ok()
     };
     let path = path.to_path_buf();
+    let admin = AdminHandle {
+        path: path.clone(),
+        stop: tokio_util::sync::CancellationToken::new(),
+        ours,
+    };
+    let stop = admin.stop.clone();
     tokio::spawn(async move {
         let shutdown = runtime.shutdown.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
@@ -156,6 +190,7 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
                     }
                 },
                 _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
             };
             let rt = runtime.clone();
             tokio::spawn(async move {
@@ -189,17 +224,11 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<(), String> {
                     .await;
             });
         }
-        let still_ours = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::symlink_metadata(&path)
-                .map(|m| Some((m.dev(), m.ino())) == ours)
-                .unwrap_or(false)
-        };
-        if still_ours {
+        if still_ours(&path, ours) {
             let _ = std::fs::remove_file(&path);
         }
     });
-    Ok(())
+    Ok(admin)
 }
 
 /// Binds the socket 0600 with no window in which another user could connect: it is made in a
@@ -358,7 +387,7 @@ pub fn status(rt: &Runtime) -> Value {
         .collect();
     let last_reload = rt
         .last_reload()
-        .map(|r| json!({"at": unix(r.at), "ok": r.ok, "errors": r.errors}));
+        .map(|r| json!({"seq": r.seq, "at": unix(r.at), "ok": r.ok, "errors": r.errors, "generation": r.generation}));
     let (local, crowdsec) = rt.gateway.decisions.counts();
     let bridge = rt.crowdsec_status().map(|(url, st)| {
         use std::sync::atomic::Ordering::Relaxed;
@@ -390,9 +419,12 @@ pub fn status(rt: &Runtime) -> Value {
         "started_at": unix(rt.started_at),
         "uptime_secs": rt.started.elapsed().as_secs(),
         "config_file": rt.config_path.display().to_string(),
+        "pid_file": rt.pid_file_path(),
+        "admin_socket": rt.admin_socket_path(),
         "generation": snapshot.generation,
         "loaded_at": unix(snapshot.loaded_at),
         "last_reload": last_reload,
+        "reloads_started": rt.reloads_started(),
         "draining": rt.shutdown.is_cancelled(),
         "listeners": listeners,
         "upstreams": upstreams,

@@ -303,11 +303,16 @@ impl<C: Clock> Limiter<C> {
     where
         C: Clone,
     {
-        let period = config.period().max(Duration::from_nanos(1));
+        // The config refuses a limit whose burst takes over `MAX_REFILL` to refill; held to
+        // it here too, as governor's arithmetic on it is unchecked (and panics in debug).
+        let period = config
+            .period()
+            .clamp(Duration::from_nanos(1), crate::config::MAX_REFILL);
+        let burst = config.burst.min(config.max_burst());
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(config.count))
-            .allow_burst(config.burst);
-        let refill = period.saturating_mul(config.burst.get());
+            .allow_burst(burst);
+        let refill = period.saturating_mul(burst.get());
         let full = Arc::new(FullTable::new(clock.clone()));
         let limiter = RateLimiter::new(quota, CappedStore::new(max_keys, full.clone()), clock);
         Limiter {
@@ -481,6 +486,30 @@ mod tests {
             fingerprint: fingerprint.into(),
             ..Identity::default()
         })
+    }
+
+    /// A limit the config would refuse (its burst takes over `MAX_REFILL` to refill) still
+    /// makes a limiter that works, its burst cut to what fits, rather than a panic in
+    /// governor's unchecked arithmetic.
+    #[test]
+    fn a_burst_past_the_longest_refill_is_cut_not_a_panic() {
+        let clock = FakeRelativeClock::default();
+        for (count, per, burst) in [
+            (1, Duration::from_secs(3600), u32::MAX),
+            (1, crate::config::MAX_REFILL, 10),
+        ] {
+            let c = config(LimitKey::Ip, count, per, burst);
+            assert!(c.refill().is_none());
+            let l = Limiter::with_clock(c.clone(), 100, clock.clone());
+            let h = HeaderMap::new();
+            let key = l.key_for(&facts("192.0.2.1", None, &h, false));
+            for _ in 0..c.max_burst().get().min(1000) {
+                assert_eq!(l.check_key(&key), Outcome::Allowed);
+            }
+            if c.max_burst().get() <= 1000 {
+                assert!(matches!(l.check_key(&key), Outcome::Refused(_)));
+            }
+        }
     }
 
     #[test]

@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use futures_util::FutureExt;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::config::{self, Config, ListenerConfig, ListenerKey, LoadOptions, RouteAction};
 use crate::decisions::appsec::Appsec;
 use crate::decisions::crowdsec::{self, Bridge};
@@ -24,6 +26,7 @@ use crate::policy::PolicyEngine;
 use crate::proxy::Gateway;
 use crate::ratelimit::{self, Limiter};
 use crate::router::{Route, Router};
+use crate::signals::PidFile;
 use crate::telemetry::{SnapshotTelemetry, Telemetry};
 use crate::upstream::Upstream;
 
@@ -248,12 +251,45 @@ fn revoke_changed_client_auth(old: &Snapshot, new: &Snapshot) {
     }
 }
 
+/// The `[server]` keys read only at start whose value `new` changes (for the reload's
+/// warning): the runtime and the logging are set up once. `pid_file` and `admin_socket` are
+/// moved by the reload; `shutdown_timeout`, `trusted_proxies` and `dev_certs_dir` apply to
+/// the new generation.
+fn restart_only_changes(
+    old: &config::ServerConfig,
+    new: &config::ServerConfig,
+) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.worker_threads != new.worker_threads {
+        out.push("worker_threads");
+    }
+    if old.log_level != new.log_level {
+        out.push("log_level");
+    }
+    if old.log_format != new.log_format {
+        out.push("log_format");
+    }
+    out
+}
+
+/// A mutex's content, also after a panic elsewhere poisoned it (what it holds stays valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Outcome of the last reload, for `wraith status`.
 #[derive(Debug, Clone)]
 pub struct ReloadResult {
+    /// Which reload this was: 1 for the first since the server started, counted when it
+    /// starts (after any reload before it has finished). `wraith reload` waits for one
+    /// numbered past those started before it sent its signal: `at` has only seconds, and two
+    /// reloads within one second with the same outcome are otherwise the same record.
+    pub seq: u64,
     pub at: SystemTime,
     pub ok: bool,
     pub errors: Vec<String>,
+    /// The generation in service once it was done.
+    pub generation: u64,
 }
 
 /// The running server: the gateway plus everything needed to reload and drain it.
@@ -275,9 +311,15 @@ pub struct Runtime {
     /// The QUIC (HTTP/3) sides of listeners with `http3 = true`.
     quic: Mutex<HashMap<ListenerKey, listener::quic::QuicHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Reloads started so far (each one's `ReloadResult::seq`).
+    reloads_started: AtomicU64,
     last_reload: Mutex<Option<ReloadResult>>,
     /// The CrowdSec bridge, while `[crowdsec]` is configured.
     crowdsec: Mutex<Option<Bridge>>,
+    /// The pid file the server holds (`server.pid_file`; a reload that changes it moves it).
+    pid_file: Mutex<Option<PidFile>>,
+    /// The admin socket being served (`server.admin_socket`; a reload moves it too).
+    admin: Mutex<Option<admin::AdminHandle>>,
 }
 
 /// Applies a reloaded `limits.max_connections` to a running listener's limit. Open
@@ -327,8 +369,11 @@ impl Runtime {
             listeners: Mutex::new(HashMap::new()),
             quic: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            reloads_started: AtomicU64::new(0),
             last_reload: Mutex::new(None),
             crowdsec: Mutex::new(None),
+            pid_file: Mutex::new(None),
+            admin: Mutex::new(None),
         });
         for u in &runtime.gateway.snapshot().upstreams {
             u.own_health();
@@ -341,6 +386,7 @@ impl Runtime {
             bound.push(listener::bind(&l.config).await?);
         }
         let quic = runtime.bind_quic(&snapshot, &bound)?;
+        snapshot.telemetry.activate();
         runtime.activate(bound);
         runtime.reconcile_quic(quic);
         Ok(runtime)
@@ -355,11 +401,31 @@ impl Runtime {
     /// snapshot stays and the errors are returned (and remembered for `wraith status`).
     pub async fn reload(self: &Arc<Self>) -> Result<u64, Vec<String>> {
         let _guard = self.reload_lock.lock().await;
-        let result = self.try_reload().await;
+        // Numbered once it holds the lock: it reads the config file after every reload with
+        // a lower number has finished.
+        let seq = self.reloads_started.fetch_add(1, Ordering::Relaxed) + 1;
+        // A panic while building (a bug) fails this reload, recorded like any other failure,
+        // rather than ending the task with the status still showing the previous outcome.
+        let result = match std::panic::AssertUnwindSafe(self.try_reload())
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".into());
+                Err(vec![format!("reload failed on an internal error: {what}")])
+            }
+        };
         let record = ReloadResult {
+            seq,
             at: SystemTime::now(),
             ok: result.is_ok(),
             errors: result.as_ref().err().cloned().unwrap_or_default(),
+            generation: self.generation(),
         };
         self.gateway
             .snapshot()
@@ -406,6 +472,12 @@ impl Runtime {
                 "[metrics] changed: the metrics listener keeps its address until the next restart"
             );
         }
+        for key in restart_only_changes(&old.config.server, &config.server) {
+            tracing::warn!(
+                key = %format!("server.{key}"),
+                "[server] {key} changed: it takes effect at the next restart"
+            );
+        }
         let mut snapshot = Snapshot::build(config, generation, Some(&old))?;
         snapshot.telemetry =
             SnapshotTelemetry::build(&self.telemetry, &snapshot.config, Some(&old.telemetry))?;
@@ -419,6 +491,11 @@ impl Runtime {
             }
         }
         let quic = self.bind_quic(&snapshot, &bound).map_err(|e| vec![e])?;
+        // A pid file or admin socket moved elsewhere: taken there now (a pid file locked by
+        // another server, a path in use, fail the reload), the old ones given up at the swap,
+        // so `wraith stop` / `reload`, which read the paths from the file, find this server.
+        let (new_pid, new_admin) =
+            self.move_server_files(&old.config.server, &snapshot.config.server)?;
         // A state file moved elsewhere: the bans already in the new file join the ones in
         // hand (the later end wins for the same ban), and the whole set is written there
         // before the swap, the last step that can fail, so a reload that fails adds nothing
@@ -440,6 +517,8 @@ impl Runtime {
                 tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; the decisions read from it were merged with the ones in hand");
             }
         }
+        // Nothing can fail from here on: the new sinks may act (retention included).
+        snapshot.telemetry.activate();
         let snapshot = Arc::new(snapshot);
         self.gateway.swap(snapshot.clone());
         for u in &snapshot.upstreams {
@@ -453,6 +532,18 @@ impl Runtime {
             }
         }
         self.generation.store(generation, Ordering::Relaxed);
+        if let Some(moved) = new_pid {
+            let old = std::mem::replace(&mut *lock(&self.pid_file), moved);
+            // Removes the old file.
+            drop(old);
+            tracing::info!(pid_file = ?snapshot.config.server.pid_file, "pid file moved");
+        }
+        if let Some(moved) = new_admin {
+            let old = std::mem::replace(&mut *lock(&self.admin), moved);
+            // Stops serving the old socket and removes it.
+            drop(old);
+            tracing::info!(admin_socket = ?snapshot.config.server.admin_socket, "admin socket moved");
+        }
         // After the swap: a connection accepted from now on gets the new rules.
         revoke_changed_client_auth(&old, &snapshot);
         self.activate(bound);
@@ -460,6 +551,75 @@ impl Runtime {
         self.reconcile_quic(quic);
         self.reconcile_crowdsec().await;
         Ok(generation)
+    }
+
+    /// Hands the runtime the pid file `serve` took before starting it (a reload may move it).
+    pub fn hold_pid_file(&self, pid_file: Option<PidFile>) {
+        *lock(&self.pid_file) = pid_file;
+    }
+
+    /// Where the pid file the server holds is.
+    pub fn pid_file_path(&self) -> Option<PathBuf> {
+        lock(&self.pid_file)
+            .as_ref()
+            .map(|p| p.path().to_path_buf())
+    }
+
+    /// Where the admin socket being served is.
+    pub fn admin_socket_path(&self) -> Option<PathBuf> {
+        lock(&self.admin).as_ref().map(|a| a.path.clone())
+    }
+
+    /// Stops serving the admin socket and removes it (at exit).
+    pub fn stop_admin(&self) {
+        drop(lock(&self.admin).take());
+    }
+
+    /// Gives the pid file back, to be removed and unlocked last of all at exit.
+    pub fn take_pid_file(&self) -> Option<PidFile> {
+        lock(&self.pid_file).take()
+    }
+
+    /// Starts the admin socket of the current config, if it has one.
+    pub fn start_admin(self: &Arc<Self>) -> Result<(), String> {
+        let snapshot = self.gateway.snapshot();
+        if let Some(path) = &snapshot.config.server.admin_socket {
+            *lock(&self.admin) = Some(admin::start(self.clone(), path)?);
+        }
+        Ok(())
+    }
+
+    /// For a reload whose `[server]` names another pid file or admin socket: the new ones,
+    /// taken and bound (`Some(None)`: that one is gone from the config); `None` where the path
+    /// did not change. Dropped unused when the reload fails, they let go of what they took.
+    #[allow(clippy::type_complexity)]
+    fn move_server_files(
+        self: &Arc<Self>,
+        old: &config::ServerConfig,
+        new: &config::ServerConfig,
+    ) -> Result<(Option<Option<PidFile>>, Option<Option<admin::AdminHandle>>), Vec<String>> {
+        let pid = if new.pid_file != old.pid_file {
+            Some(match &new.pid_file {
+                Some(path) => {
+                    Some(PidFile::create(path).map_err(|e| vec![format!("server.pid_file: {e}")])?)
+                }
+                None => None,
+            })
+        } else {
+            None
+        };
+        let admin = if new.admin_socket != old.admin_socket {
+            Some(match &new.admin_socket {
+                Some(path) => Some(
+                    admin::start(self.clone(), path)
+                        .map_err(|e| vec![format!("server.admin_socket: {e}")])?,
+                ),
+                None => None,
+            })
+        } else {
+            None
+        };
+        Ok((pid, admin))
     }
 
     /// Starts, restarts or stops the CrowdSec bridge to match the current snapshot (whose
@@ -698,6 +858,11 @@ impl Runtime {
             .unwrap_or_default();
         out.sort();
         out
+    }
+
+    /// Reloads started since the server started (the `seq` of the latest).
+    pub fn reloads_started(&self) -> u64 {
+        self.reloads_started.load(Ordering::Relaxed)
     }
 
     /// The last reload, if any.

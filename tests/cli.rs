@@ -232,6 +232,62 @@ async fn status_reload_and_stop_talk_to_the_running_server() {
     assert!(err.contains("is wraith running?"), "{err}");
 }
 
+/// Two `wraith reload`s within one second with the same outcome: each reports its own reload
+/// (by the reload's sequence number in the status), rather than waiting 30 s for a change in a
+/// last-reload record (time in seconds, ok, errors) that the second one leaves as it was.
+#[test]
+fn reloads_within_one_second_each_report_their_outcome() {
+    let setup = Setup::new();
+    let base = format!(
+        "{}\n[[route]]\nname='all'\nrespond={{ status = 200 }}\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&base);
+    let mut generation = 1;
+    for ok in [true, false] {
+        if !ok {
+            wraith.write_config(&format!(
+                "{base}\n[[route]]\nname='bad'\nupstream='missing'\n"
+            ));
+        }
+        // Both at the start of a second, so that they land in the same one.
+        let into = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis();
+        std::thread::sleep(Duration::from_millis(u64::from(1020 - into)));
+        let started = std::time::Instant::now();
+        for _ in 0..2 {
+            let (code, out, err) = wraith.cli(&["reload"]);
+            if ok {
+                generation += 1;
+                assert_eq!(code, 0, "{out}{err}");
+                assert!(
+                    out.contains(&format!("reloaded: configuration generation {generation}")),
+                    "{out}"
+                );
+            } else {
+                assert_eq!(code, 1, "{out}{err}");
+                assert!(err.contains("rejected the new configuration"), "{err}");
+                assert!(
+                    err.contains(&format!("serving generation {generation}")),
+                    "{err}"
+                );
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let (_, out, _) = wraith.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reloads_started"], 4, "{v}");
+    assert_eq!(v["last_reload"]["seq"], 4, "{v}");
+    assert_eq!(v["last_reload"]["generation"], 3, "{v}");
+}
+
 #[test]
 fn the_admin_socket_is_private_and_never_replaces_a_file_that_is_not_a_socket() {
     use std::os::unix::fs::PermissionsExt;
@@ -293,4 +349,84 @@ fn test_reports_trust_domain_bundles_it_cannot_use() {
     std::fs::write(&path, cfg("'test.local' = 'ca.pem'")).unwrap();
     let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
     assert_eq!(code, 0, "{out}");
+}
+
+/// `[server]` keys changed in the file: those read only at start are named in a warning by the
+/// reload; a new `pid_file` or `admin_socket` is moved to by the reload, and `wraith reload` /
+/// `wraith stop` (which read the paths from the edited file) keep reaching the server before
+/// and after.
+#[test]
+fn server_keys_changed_by_a_reload_warn_or_move_and_the_cli_keeps_reaching_the_server() {
+    let setup = Setup::new();
+    let base = format!(
+        "{}\n[[route]]\nname='all'\nrespond={{ status = 200 }}\n",
+        setup.listeners()
+    );
+    let mut wraith = setup.start(&base);
+
+    wraith.write_config(&base.replace(
+        "[server]\n",
+        "[server]\nworker_threads = 3\nlog_level = \"debug\"\n",
+    ));
+    let (code, out, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for key in ["server.worker_threads", "server.log_level"] {
+        assert!(
+            wraith.log_json().iter().any(|l| l["key"] == key
+                && l["level"] == "WARN"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("takes effect at the next restart"))),
+            "no warning for {key}:\n{}",
+            wraith.log()
+        );
+    }
+
+    // A new pid file: the server still holds the old one until the reload moves it.
+    let moved_pid = base.replace("pid_file = \"wraith.pid\"", "pid_file = \"moved.pid\"");
+    wraith.write_config(&moved_pid);
+    let (code, out, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("reloaded"), "{out}");
+    assert!(err.contains("holds"), "{err}");
+    assert!(!wraith.path("wraith.pid").exists());
+    assert_eq!(
+        std::fs::read_to_string(wraith.path("moved.pid")).unwrap(),
+        format!("{}\n", wraith.pid())
+    );
+
+    // A new admin socket: nothing answers there until the reload moves it.
+    let moved_both = moved_pid.replace(
+        "admin_socket = \"admin.sock\"",
+        "admin_socket = \"moved.sock\"",
+    );
+    wraith.write_config(&moved_both);
+    let (code, out, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("reloaded"), "{out}");
+    assert!(!wraith.path("admin.sock").exists());
+    let (code, out, err) = wraith.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["admin_socket"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/moved.sock")),
+        "{v}"
+    );
+
+    // A reload that cannot take its new pid file fails and moves nothing.
+    std::fs::create_dir(wraith.path("taken.pid")).unwrap();
+    wraith.write_config(&moved_both.replace("moved.pid", "taken.pid"));
+    let err = wraith.reload().unwrap_err();
+    assert!(err.contains("server.pid_file"), "{err}");
+    assert!(wraith.path("moved.pid").exists());
+    assert!(wraith.path("moved.sock").exists());
+
+    wraith.write_config(&moved_both);
+    let (code, out, err) = wraith.cli(&["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(wraith.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!wraith.path("moved.pid").exists());
+    assert!(!wraith.path("moved.sock").exists());
 }

@@ -498,3 +498,58 @@ async fn a_reload_resizes_the_connection_limit_without_cutting_connections() {
     );
     assert!(wraith.log().contains("connection limit changed"));
 }
+
+/// `serve -c wraith.toml` (a relative path): the first load resolves the file's relative paths
+/// as every reload does, so a reload that changes nothing rebuilds nothing (the access-log
+/// sink keeps its counts, the decisions state file is not "moved").
+#[tokio::test]
+async fn a_relative_config_path_reloads_without_every_path_looking_changed() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        upstream.addr,
+        "v1",
+        "[log.json]\npath = \"access.json\"\n[decisions]\nstate_file = \"bans.json\"\n",
+    );
+    let wraith = setup.start_relative(&cfg);
+    let client = http_client();
+    let resp = client
+        .get(wraith.url("http", "/version"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let accepted = |v: &serde_json::Value| {
+        v["log_sinks"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["sink"] == "json"))
+            .map(|s| s["accepted"].clone())
+    };
+    // The record is accounted for just after the response is sent.
+    assert!(
+        Wraith::eventually(Duration::from_secs(10), || async {
+            accepted(&wraith.status().await) == Some(1.into())
+        })
+        .await
+    );
+
+    wraith.reload().unwrap();
+    let status = wraith.status().await;
+    assert_eq!(
+        accepted(&status),
+        Some(1.into()),
+        "the reload rebuilt the sink: {status}"
+    );
+    assert!(
+        !wraith.log().contains("decisions state file changed"),
+        "{}",
+        wraith.log()
+    );
+    assert!(
+        status["config_file"]
+            .as_str()
+            .is_some_and(|p| p.starts_with('/')),
+        "{status}"
+    );
+}

@@ -725,6 +725,79 @@ async fn a_reload_with_a_broken_policy_keeps_the_old_policies() {
     assert_eq!(c.get(&url).send().await.unwrap().status(), 403);
 }
 
+/// A `*.cedar` entry that is not a readable regular file is an error, never skipped: a
+/// symlinked `forbid` whose target moved away must not turn into "allow" (`wraith test` says
+/// so, a reload is refused and the old policies keep serving). A symlink to a file is fine.
+#[tokio::test]
+async fn a_policy_entry_that_is_not_a_readable_file_is_an_error() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let dir = setup.write_policies(
+        "pol",
+        &[(
+            "open.cedar",
+            "@id(\"open\")\npermit (principal, action, resource);\n",
+        )],
+    );
+    let avail = setup.write_policies(
+        "avail",
+        &[(
+            "block.cedar",
+            "@id(\"block\")\nforbid (principal, action, resource);\n",
+        )],
+    );
+    std::os::unix::fs::symlink("../avail/block.cedar", dir.join("block.cedar")).unwrap();
+    let cfg = config(
+        &setup,
+        "",
+        "[policy]\ndir = \"pol\"\n",
+        upstream.addr,
+        "[[route]]\nname = \"app\"\nupstream = \"app\"\n",
+    );
+    let wraith = setup.start(&cfg);
+    let c = http_client();
+    let url = wraith.url("http", "/x");
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 403);
+    let (code, out, err) = wraith.cli(&["test"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The symlink's target moves away: the entry is an error naming it.
+    std::fs::rename(avail.join("block.cedar"), avail.join("moved.cedar")).unwrap();
+    let link = dir.join("block.cedar").display().to_string();
+    let (code, out, err) = wraith.cli(&["test"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(
+        said.contains(&link) && said.contains("cannot read policy file"),
+        "{said}"
+    );
+    let err = wraith.reload().unwrap_err();
+    assert!(err.contains(&link), "{err}");
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        403,
+        "the old policies (with the forbid) still serve"
+    );
+
+    // Nor is a directory (or anything else not a file) with the extension skipped.
+    std::fs::remove_file(dir.join("block.cedar")).unwrap();
+    std::fs::create_dir(dir.join("old.cedar")).unwrap();
+    let (code, out, err) = wraith.cli(&["test"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(
+        said.contains("old.cedar") && said.contains("not a regular file (a directory)"),
+        "{said}"
+    );
+    assert!(wraith.reload().is_err());
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 403);
+
+    // Once that is cleaned up, the reload goes through.
+    std::fs::remove_dir(dir.join("old.cedar")).unwrap();
+    wraith.reload().unwrap();
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+}
+
 // ---------------------------------------------------------------------------------------------
 // `wraith test` and `wraith policy`
 

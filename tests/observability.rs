@@ -1319,6 +1319,57 @@ async fn sqlite_retention_by_age_and_rows() {
     drop(wraith);
 }
 
+/// A reload that fails after building its sinks (here: a new listener's port is taken) puts
+/// none of them in service: the new `max_rows` deletes nothing, and the old sink keeps
+/// writing. Once a reload with the same sink succeeds, its retention runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reload_runs_no_retention_of_its_sinks() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let first = config(&setup, up.addr, "[log.sqlite]\npath = \"q.db\"\n");
+    let trimmed = config(
+        &setup,
+        up.addr,
+        "[log.sqlite]\npath = \"q.db\"\nmax_rows = 1\n",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = format!(
+        "{trimmed}\n[[listener]]\nname = \"taken\"\naddress = \"{}\"\nprotocol = \"http\"\n",
+        taken.local_addr().unwrap()
+    );
+    let wraith = setup.start(&first);
+    let db = wraith.path("q.db");
+    let client = h1();
+    for _ in 0..20 {
+        client
+            .get(wraith.url("http", "/hello"))
+            .send()
+            .await
+            .unwrap();
+    }
+    eventually("20 rows", || db_count(&db) == 20).await;
+
+    wraith.write_config(&bad);
+    let err = wraith.reload().unwrap_err();
+    assert!(err.contains("cannot bind"), "{err}");
+    // A writer starts its retention at once: give one that was wrongly started time to act.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(db_count(&db), 20, "a rejected reload deleted rows");
+    client
+        .get(wraith.url("http", "/hello"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the old sink writing after the failed reload", || {
+        db_count(&db) == 21
+    })
+    .await;
+
+    wraith.write_config(&trimmed);
+    wraith.reload().unwrap();
+    eventually("the new retention", || db_count(&db) == 1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_moves_a_sink_to_a_new_file() {
     let up = upstream().await;

@@ -1,7 +1,9 @@
-//! The pid file is trusted only while a server holds its lock: a file left by a killed server,
-//! whose pid an unrelated process may have by now, is never signalled by `stop`/`reload` and
-//! never keeps `serve` from starting; two servers on one config never both run; and a second
-//! SIGTERM exits at once even with a log sink that cannot write.
+//! The pid file is trusted only while a server holds its lock, and only for the pid of the
+//! lock's holder: a file left by a killed server, whose pid another process (a wraith, even)
+//! may have by now, is never signalled by `stop`/`reload` and never keeps `serve` from
+//! starting; nor is a pid someone else wrote into a locked file; `serve` makes its pid file
+//! anew; two servers on one config never both run; and a second SIGTERM exits at once even
+//! with a log sink that cannot write.
 
 mod common;
 
@@ -84,39 +86,199 @@ fn stop_and_reload_never_signal_the_pid_in_a_stale_pid_file() {
     }
 }
 
+/// Another instance's pid file, left unlocked by a server that was killed, whose pid now
+/// belongs to a running wraith (pid reuse): stale like any other. `stop` and `reload` signal
+/// nothing, and `serve` on that config starts (replacing the file) instead of telling the
+/// operator to stop the wraith it names.
 #[test]
-fn stop_and_reload_find_a_server_of_an_older_wraith_that_holds_no_lock() {
+fn an_unlocked_pid_file_naming_a_running_wraith_is_stale() {
     let setup = Setup::new();
     let cfg = config(&setup, "");
     let mut wraith = setup.start(&cfg);
-    // An older Wraith wrote its pid file without locking it: the same server seen through a
-    // config whose pid file nobody locks.
-    let legacy_cfg = wraith.path("legacy.toml");
+    let other_cfg = wraith.path("other.toml");
     std::fs::write(
-        &legacy_cfg,
-        cfg.replace("pid_file = \"wraith.pid\"", "pid_file = \"legacy.pid\""),
+        &other_cfg,
+        cfg.replace("pid_file = \"wraith.pid\"", "pid_file = \"other.pid\"")
+            .replace(
+                "admin_socket = \"admin.sock\"",
+                "admin_socket = \"other.sock\"",
+            ),
     )
     .unwrap();
-    std::fs::write(wraith.path("legacy.pid"), format!("{}\n", wraith.pid())).unwrap();
-    let legacy = legacy_cfg.to_str().unwrap();
+    let other_pid = wraith.path("other.pid");
+    std::fs::write(&other_pid, format!("{}\n", wraith.pid())).unwrap();
+    let other = other_cfg.to_str().unwrap();
     let dir = wraith.path("");
 
-    // A new server on that config does not start beside it (or take its pid file).
-    let (code, out, err) = wraith_cmd(&["serve", "-c", legacy], &dir);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("holds no lock on it"), "{err}");
+    for cmd in ["stop", "reload"] {
+        let (code, out, err) = wraith_cmd(&[cmd, "-c", other], &dir);
+        assert_ne!(code, 0, "{cmd}: {out}{err}");
+        assert!(err.contains("is stale"), "{cmd}: {err}");
+        assert!(err.contains(&wraith.pid().to_string()), "{cmd}: {err}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
-        std::fs::read_to_string(wraith.path("legacy.pid")).unwrap(),
-        format!("{}\n", wraith.pid())
+        wraith.wait_exit(Duration::from_millis(100)),
+        None,
+        "stop signalled the wraith a stale pid file named"
+    );
+    assert!(
+        !wraith.log().contains("SIGHUP"),
+        "reload signalled the wraith a stale pid file named:\n{}",
+        wraith.log()
     );
 
-    let (code, out, err) = wraith_cmd(&["reload", "-c", legacy], &dir);
+    // A server on the other config takes the stale file over; `stop` on that config then
+    // stops it, and only it.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(["serve", "-c", other])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mine = format!("{}\n", second.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&other_pid).ok().as_deref() != Some(mine.as_str()) {
+        if Instant::now() >= deadline || second.try_wait().unwrap().is_some() {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second server did not take over the stale pid file");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, out, err) = wraith_cmd(&["stop", "-c", other], &dir);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(err.contains("holds no lock"), "{err}");
-    let (code, out, err) = wraith_cmd(&["stop", "-c", legacy], &dir);
+    assert!(
+        out.contains(&format!("process {} exited", second.id())),
+        "{out}"
+    );
+    assert!(second.wait().unwrap().success());
+    let (code, out, err) = wraith.cli(&["status"]);
+    assert_eq!(code, 0, "the first server stopped too: {out}{err}");
+    assert_eq!(wraith.wait_exit(Duration::from_millis(100)), None);
+}
+
+/// A locked pid file is signalled only when the pid it names is its lock holder's: a file
+/// whose content someone rewrote, or one locked in a way that does not tell by whom, gets
+/// no signal sent to the pid it names.
+#[test]
+fn stop_and_reload_signal_only_the_lock_holder() {
+    let setup = Setup::new();
+    let cfg_path = setup.dir.path().join("wraith.toml");
+    std::fs::write(&cfg_path, config(&setup, "")).unwrap();
+    let cfg = cfg_path.to_str().unwrap();
+    let pid_file = setup.dir.path().join("wraith.pid");
+    let mut bystander = Bystander::start();
+
+    // This test process holds the POSIX lock; the file names the bystander.
+    {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&pid_file)
+            .unwrap();
+        std::io::Write::write_all(&mut &file, format!("{}\n", bystander.pid()).as_bytes()).unwrap();
+        // SAFETY: a plain C struct, all zeroes valid; fcntl on a descriptor we own.
+        let mut l: libc::flock = unsafe { std::mem::zeroed() };
+        l.l_type = libc::F_WRLCK as libc::c_short;
+        l.l_whence = libc::SEEK_SET as libc::c_short;
+        assert_eq!(
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_SETLK, &l) },
+            0
+        );
+        for cmd in ["stop", "reload"] {
+            let (code, out, err) = wraith_cmd(&[cmd, "-c", cfg], setup.dir.path());
+            assert_ne!(code, 0, "{cmd}: {out}{err}");
+            assert!(
+                err.contains(&format!(
+                    "names process {} but is locked by process {}",
+                    bystander.pid(),
+                    std::process::id()
+                )),
+                "{cmd}: {err}"
+            );
+        }
+    }
+
+    // A flock only (what a server of an older wraith holds) says nothing about who holds it.
+    {
+        let file = std::fs::File::open(&pid_file).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(
+            unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            },
+            0
+        );
+        for cmd in ["stop", "reload"] {
+            let (code, out, err) = wraith_cmd(&[cmd, "-c", cfg], setup.dir.path());
+            assert_ne!(code, 0, "{cmd}: {out}{err}");
+            assert!(err.contains("nothing was signalled"), "{cmd}: {err}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        bystander.alive(),
+        "stop or reload signalled a pid its lock holder did not write"
+    );
+}
+
+/// `serve` makes its pid file anew rather than writing into one that is already there: whoever
+/// made that one (another user, say) and kept it open cannot rewrite the running server's pid
+/// file to point `stop` at another process.
+#[tokio::test]
+async fn serve_creates_its_pid_file_afresh() {
+    use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+    let mut bystander = Bystander::start();
+    let setup = Setup::new();
+    let cfg = config(&setup, "");
+    let path = setup.dir.path().join("wraith.pid");
+    let planted = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    planted
+        .set_permissions(std::fs::Permissions::from_mode(0o666))
+        .unwrap();
+    let planted_ino = planted.metadata().unwrap().ino();
+    let mut wraith = setup.start(&cfg);
+    assert_ne!(
+        std::fs::metadata(wraith.path("wraith.pid")).unwrap().ino(),
+        planted_ino,
+        "the server wrote into the file that was there"
+    );
+    assert_eq!(
+        std::fs::metadata(wraith.path("wraith.pid"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o022,
+        0
+    );
+
+    // Through the descriptor kept open: the server's pid file is not that file any more.
+    planted.set_len(0).unwrap();
+    planted
+        .write_all_at(format!("{}\n", bystander.pid()).as_bytes(), 0)
+        .unwrap();
+    let (code, out, err) = wraith.cli(&["stop"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("stopped"), "{out}");
+    assert!(
+        out.contains(&format!("process {} exited", wraith.pid())),
+        "{out}"
+    );
     assert_eq!(wraith.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(bystander.alive());
 }
 
 #[tokio::test]

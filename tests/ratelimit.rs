@@ -384,3 +384,62 @@ async fn identity_limits_are_independent_per_client_certificate() {
     }
     assert_eq!(b.get(&url).send().await.unwrap().status(), 429);
 }
+
+/// A burst whose refill (`period × burst`) does not fit governor's nanosecond clock is a
+/// config error at the burst, in `wraith test` and on reload (the server keeps its limits),
+/// not a panic.
+#[tokio::test]
+async fn a_burst_too_long_to_refill_is_refused_at_its_position() {
+    let setup = Setup::new();
+    let limited = |limit: &str| config(&setup, limit, "");
+    let good = limited(r#"{ name = "per-ip", key = "ip", rate = "1/m", burst = 3 }"#);
+    let bad = [
+        (
+            limited(r#"{ name = "per-ip", key = "ip", rate = "1/h", burst = 10000000 }"#),
+            "burst 10000000 at rate \"1/h\" takes over 100 years to refill: at most 876000 at this rate",
+        ),
+        (
+            limited(r#"{ name = "per-ip", key = "ip", rate = "1/36500d", burst = 10 }"#),
+            "burst 10 at rate \"1/36500d\" takes over 100 years to refill: at most 1 at this rate",
+        ),
+    ];
+    let wraith = setup.start(&good);
+    let client = http_client();
+    for _ in 0..3 {
+        assert_eq!(
+            get(&client, &wraith, "/limited", "192.0.2.1")
+                .await
+                .status(),
+            200
+        );
+    }
+    for (cfg, message) in &bad {
+        wraith.write_config(cfg);
+        let (code, out, err) = wraith.cli(&["test"]);
+        assert_eq!(code, 1, "{out}{err}");
+        // The burst's value on the `rate_limits` line of the "limited" route.
+        let line = cfg
+            .lines()
+            .position(|l| l.starts_with("rate_limits = [{"))
+            .unwrap()
+            + 1;
+        let column = cfg.lines().nth(line - 1).unwrap().find("burst = ").unwrap() + 9;
+        let at = format!(":{line}:{column}: route[0].rate_limits[0].burst: {message}");
+        assert!(out.contains(&at) || err.contains(&at), "{at}\n{out}{err}");
+        assert!(!err.contains("panicked"), "{err}");
+
+        // The log line is JSON: its quotes are escaped.
+        let e = wraith.reload().unwrap_err();
+        assert!(e.contains(&message.replace('"', "\\\"")), "{e}");
+        let status = wraith.status().await;
+        assert_eq!(status["last_reload"]["ok"], false, "{status}");
+        // The running limit is the old one: the client's burst is still spent.
+        assert_eq!(
+            get(&client, &wraith, "/limited", "192.0.2.1")
+                .await
+                .status(),
+            429
+        );
+    }
+    assert!(!wraith.log().contains("panicked"), "{}", wraith.log());
+}

@@ -228,6 +228,52 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String
         .map_err(|e| format!("cannot start runtime: {e}"))
 }
 
+/// The running server of a config, through its pid file (`signals::Running`: only a locked
+/// file's holder). When that file does not exist but the config's admin socket answers for a
+/// server holding another one (`server.pid_file` changed in the file, not yet reloaded: the
+/// reload moves it), through the one it holds, verified the same way.
+pub(crate) fn find_server(
+    server: &crate::config::ServerConfig,
+) -> Result<crate::signals::Running, String> {
+    let pid_file = server
+        .pid_file
+        .as_ref()
+        .ok_or("the configuration has no server.pid_file, so the server cannot be found")?;
+    let missing = match crate::signals::Running::find(pid_file) {
+        Ok(running) => return Ok(running),
+        // A stale file, or one locked by another, is a verdict: only a missing one is not.
+        Err(e) if std::fs::symlink_metadata(pid_file).is_ok() => return Err(e),
+        Err(e) => e,
+    };
+    let Some(socket) = &server.admin_socket else {
+        return Err(missing);
+    };
+    let status = block_on(crate::admin::call(
+        socket,
+        http::Method::GET,
+        "/v1/status",
+        std::time::Duration::from_secs(5),
+    ));
+    let Ok(Ok((_, status))) = status else {
+        return Err(missing);
+    };
+    let held = match status["pid_file"].as_str().map(std::path::PathBuf::from) {
+        Some(held) if held != *pid_file => held,
+        _ => return Err(missing),
+    };
+    let running = crate::signals::Running::find(&held)?;
+    if status["pid"].as_i64() != Some(i64::from(running.pid)) {
+        return Err(missing);
+    }
+    eprintln!(
+        "note: {} does not exist, but the server answering on {} holds {} (server.pid_file changed since it last loaded the file); using that one",
+        pid_file.display(),
+        socket.display(),
+        held.display()
+    );
+    Ok(running)
+}
+
 /// The `[server]` paths of a config, even if other parts of it are broken (so `stop` still
 /// works after someone broke the file on disk).
 pub(crate) fn server_paths(path: &std::path::Path) -> Result<crate::config::ServerConfig, String> {

@@ -2,20 +2,26 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{self, LoadOptions};
 use crate::runtime::Runtime;
 use crate::signals::{self, Exit, PidFile};
-use crate::{admin, telemetry};
+use crate::telemetry;
 
 /// How long the log writers get to flush after a second signal forced the exit.
 const FORCED_FLUSH: Duration = Duration::from_secs(1);
 
 pub fn run(config_path: &Path) -> ExitCode {
+    // Absolute before the first load: relative paths in the file are taken relative to the
+    // file's directory, and a reload (which loads from this path) must resolve them the same
+    // way, or every one of them looks changed and what it names is rebuilt.
+    let config_path =
+        std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     // A first, quick load decides the runtime and logging settings.
     let config = match config::load(
-        config_path,
+        &config_path,
         LoadOptions {
             generate_dev_certs: true,
         },
@@ -54,11 +60,10 @@ pub fn run(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config_path =
-        std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
-    let mut telemetry = None;
+    let mut server: Option<Arc<Runtime>> = None;
     // Held (locked) until the very end, after the log queues are written out: while it is
-    // locked, `wraith stop` still sees this server as running.
+    // locked, `wraith stop` still sees this server as running. Here until the runtime starts,
+    // then in the runtime (a reload may move it), and taken back for the exit.
     let mut pid_file = None;
     let result = rt.block_on(async {
         // Before anything can announce the server (pid file, log): see `Signals`.
@@ -69,14 +74,9 @@ pub fn run(config_path: &Path) -> ExitCode {
             pid_file = Some(PidFile::create(p)?);
         }
         let runtime = Runtime::start(config_path, config).await?;
-        telemetry = Some((
-            runtime.telemetry.clone(),
-            runtime.gateway.snapshot().config.server.shutdown_timeout,
-        ));
-        let snapshot = runtime.gateway.snapshot();
-        if let Some(sock) = &snapshot.config.server.admin_socket {
-            admin::start(runtime.clone(), sock)?;
-        }
+        runtime.hold_pid_file(pid_file.take());
+        server = Some(runtime.clone());
+        runtime.start_admin()?;
         telemetry::exporter::start(runtime.clone()).await?;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -84,7 +84,6 @@ pub fn run(config_path: &Path) -> ExitCode {
             config = %runtime.config_path.display(),
             "wraith started"
         );
-        drop(snapshot);
         let exit = signals::run(runtime.clone(), signals).await;
         // Local bans outlive the process ("saves state" on SIGTERM as well as on change).
         match runtime.save_decisions() {
@@ -95,19 +94,25 @@ pub fn run(config_path: &Path) -> ExitCode {
     });
     // Do not wait for lingering tasks (connections past the deadline).
     rt.shutdown_background();
-    // Every request has been accounted for by now: write out what the log queues hold. After
-    // a second signal, only briefly: "exits at once" must not wait out a failing sink.
-    if let Some((telemetry, timeout)) = telemetry {
+    // Every request has been accounted for by now: write out what the log queues hold (for
+    // as long as the configuration in service allows). After a second signal, only briefly:
+    // "exits at once" must not wait out a failing sink.
+    if let Some(runtime) = &server {
+        let timeout = runtime.gateway.snapshot().config.server.shutdown_timeout;
         let timeout = match result {
             Ok(Exit::Forced) => FORCED_FLUSH.min(timeout),
             _ => timeout,
         };
-        telemetry
+        runtime
+            .telemetry
             .writers
             .shutdown(std::time::Instant::now() + timeout);
     }
+    if let Some(runtime) = &server {
+        runtime.stop_admin();
+    }
     // Removes the file, then releases the lock.
-    drop(pid_file);
+    drop(pid_file.or_else(|| server.as_ref().and_then(|r| r.take_pid_file())));
     match result {
         Ok(Exit::Drained) | Ok(Exit::TimedOut) => ExitCode::SUCCESS,
         Ok(Exit::Forced) => ExitCode::from(130),

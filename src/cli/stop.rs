@@ -26,11 +26,8 @@ fn stop(config_path: &Path, timeout: Option<&str>) -> Result<String, String> {
         Some(t) => parse_duration(t)?,
         None => server.shutdown_timeout + Duration::from_secs(5),
     };
-    let pid_file = server
-        .pid_file
-        .ok_or("the configuration has no server.pid_file, so the server cannot be found")?;
     // Only a pid file locked by its server names a wraith; a stale one names nothing to signal.
-    let running = signals::Running::find(&pid_file)?;
+    let running = super::find_server(&server)?;
     let pid = running.pid;
     signals::send(pid, libc::SIGTERM)?;
     let started = Instant::now();

@@ -151,10 +151,31 @@ pub struct RateLimitConfig {
     pub mode: LimitMode,
 }
 
+/// The longest a limit may take to refill its whole burst (`period × burst`). governor keeps
+/// time in u64 nanoseconds (584 years) since the limiter started and multiplies the period by
+/// the burst unchecked (a panic in debug builds, a wrapped and wrong limit in release ones);
+/// 100 years, like the longest duration, leaves the rest for the server's uptime.
+pub const MAX_REFILL: Duration = super::units::MAX_DURATION;
+
 impl RateLimitConfig {
     /// The interval in which one request's worth of quota comes back.
     pub fn period(&self) -> Duration {
         self.per / self.count.get()
+    }
+
+    /// How long the whole burst takes to come back (`period × burst`); `None` past
+    /// `MAX_REFILL`, which the config refuses.
+    pub fn refill(&self) -> Option<Duration> {
+        self.period()
+            .checked_mul(self.burst.get())
+            .filter(|d| *d <= MAX_REFILL)
+    }
+
+    /// The largest burst this limit's rate can have within `MAX_REFILL` (at least 1).
+    pub fn max_burst(&self) -> NonZeroU32 {
+        let period = self.period().as_nanos().max(1);
+        let n = (MAX_REFILL.as_nanos() / period).min(u128::from(u32::MAX));
+        NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN)
     }
 }
 
@@ -597,14 +618,31 @@ pub(super) fn build_limits(
                 format!("duplicate limit name {name:?} (give each limit a name)"),
             );
         }
-        out.push(RateLimitConfig {
+        let limit = RateLimitConfig {
             name,
             key: limit_key,
             count,
             per,
             burst,
             mode,
-        });
+        };
+        if limit.refill().is_none() {
+            // The burst's span, or the rate's when the burst is the rate's count.
+            let (at, what) = match &l.burst {
+                Some(v) => (v.span(), format!("{k}.burst")),
+                None => (l.rate.span(), format!("{k}.rate")),
+            };
+            b.err(
+                Some(at),
+                what,
+                format!(
+                    "burst {burst} at rate {:?} takes over 100 years to refill: at most {} at this rate",
+                    l.rate.get_ref(),
+                    limit.max_burst()
+                ),
+            );
+        }
+        out.push(limit);
     }
     out
 }

@@ -124,18 +124,24 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
         }]
     })?;
 
-    // Which files: the union of every set's list (each read once).
+    // Which files: the union of every set's list (each read once). Every `*.cedar` entry
+    // counts, whatever it is: skipping one that is not a regular file (a dangling symlink, a
+    // directory) would silently drop its policies, a `forbid` among them. The read below
+    // reports it.
     let all_in_dir = || -> Result<Vec<PathBuf>, PolicyError> {
-        let rd = std::fs::read_dir(dir).map_err(|e| PolicyError {
+        let dir_error = |e: std::io::Error| PolicyError {
             file: dir.to_path_buf(),
             line: None,
             column: None,
             message: format!("cannot read policy directory: {e}"),
-        })?;
-        let mut files: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
-            .collect();
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(dir_error)? {
+            let p = entry.map_err(dir_error)?.path();
+            if p.extension().is_some_and(|x| x == "cedar") {
+                files.push(p);
+            }
+        }
         files.sort();
         Ok(files)
     };
@@ -163,6 +169,28 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
     let mut infos: Vec<PolicyInfo> = Vec::new();
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
     for path in &order {
+        // Through a symlink, to what it points at: a symlink to a policy file is fine, one to
+        // nothing is an error like a missing file. Checked before reading: a FIFO would hang.
+        let problem = match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => None,
+            Ok(m) => Some(format!(
+                "not a regular file ({}): policy files must be files",
+                file_kind(&m)
+            )),
+            Err(e) if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) => Some(
+                format!("cannot read policy file (a symlink whose target cannot be reached): {e}"),
+            ),
+            Err(e) => Some(format!("cannot read policy file: {e}")),
+        };
+        if let Some(message) = problem {
+            errors.push(PolicyError {
+                file: path.clone(),
+                line: None,
+                column: None,
+                message,
+            });
+            continue;
+        }
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
@@ -242,6 +270,23 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
         sets: compiled_sets,
         policies: infos,
     })
+}
+
+/// What kind of file `m` describes, for an error message.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a file"
+    }
 }
 
 /// Parses one file; renames each policy to its `@id`. Policies with problems are reported in
@@ -380,6 +425,45 @@ mod tests {
             files: None,
             mode,
         }]
+    }
+
+    /// Every `*.cedar` entry of the directory is read or reported: a dangling symlink, a FIFO
+    /// (never opened: it would hang) and a directory are errors naming the entry; a symlink
+    /// to a file is read.
+    #[test]
+    fn entries_that_are_not_regular_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let target = write(
+            other.path(),
+            "t.cedar",
+            "@id(\"linked\")\nforbid(principal, action, resource);\n",
+        );
+        std::os::unix::fs::symlink(&target, dir.path().join("linked.cedar")).unwrap();
+        let c = compile(dir.path(), &all(PolicyMode::Enforce)).unwrap();
+        assert!(c.info("linked").is_some());
+
+        std::os::unix::fs::symlink(other.path().join("gone.cedar"), dir.path().join("a.cedar"))
+            .unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("b.cedar").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::fs::create_dir(dir.path().join("c.cedar")).unwrap();
+        let errors = compile(dir.path(), &all(PolicyMode::Enforce)).unwrap_err();
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert!(
+            text[0].contains("a.cedar: cannot read policy file"),
+            "{text:#?}"
+        );
+        assert!(
+            text[1].contains("b.cedar: not a regular file (a FIFO)"),
+            "{text:#?}"
+        );
+        assert!(
+            text[2].contains("c.cedar: not a regular file (a directory)"),
+            "{text:#?}"
+        );
     }
 
     #[test]

@@ -567,6 +567,7 @@ mod tests {
         let telemetry = Arc::new(Telemetry::default());
         let mut s = Snapshot::build(config, 1, None).unwrap();
         s.telemetry = SnapshotTelemetry::build(&telemetry, &s.config, None).unwrap();
+        s.telemetry.activate();
         Arc::new(s)
     }
 

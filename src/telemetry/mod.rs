@@ -223,6 +223,22 @@ impl SnapshotTelemetry {
         }
     }
 
+    /// Puts the sinks in service: their writers start writing and running retention. Called
+    /// once the snapshot is certain to serve (at start, and by a reload once nothing can fail
+    /// any more): a sink built by a reload that then fails must leave its output as it was,
+    /// e.g. not delete rows under a new `max_rows`. Sinks carried over are active already.
+    pub fn activate(&self) {
+        for s in [&self.json, &self.combined, &self.sqlite]
+            .into_iter()
+            .flatten()
+        {
+            s.queue.activate();
+        }
+        if let Some(s) = &self.events {
+            s.queue.activate();
+        }
+    }
+
     /// The process-wide telemetry (absent only in snapshots built by `wraith test`).
     pub fn shared(&self) -> Option<&Arc<Telemetry>> {
         self.shared.as_ref()
@@ -469,7 +485,7 @@ impl HandshakeFailure {
 }
 
 /// Reuses `previous` when its settings equal `key` (asking it to reopen its file), else starts
-/// a new sink with the writer `make` builds.
+/// a new sink with the writer `make` builds, paused until `SnapshotTelemetry::activate`.
 fn sink<T, W>(
     shared: &Telemetry,
     previous: Option<&Arc<Sink<T>>>,
@@ -554,6 +570,7 @@ mod tests {
         .unwrap();
         let shared = Arc::new(Telemetry::default());
         let t = SnapshotTelemetry::build(&shared, &config, None).unwrap();
+        t.activate();
         let base = || AccessRecord {
             time: SystemTime::now(),
             client_ip: "198.51.100.7".parse().unwrap(),

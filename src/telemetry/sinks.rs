@@ -8,6 +8,11 @@
 //! A sink's handle (`Sink`) is shared by every snapshot that has the same settings; when the
 //! last one goes (a reload changed or removed it), the queue is closed and the writer drains it
 //! and exits. `Writers` keeps every writer thread so shutdown can wait for all of them.
+//!
+//! A writer starts paused: it does nothing (no write, no retention) until its queue is
+//! activated, which the runtime does once the snapshot the sink was built for is certain to go
+//! into service. A reload that fails after building its sinks drops them unactivated, and their
+//! writers exit without having touched their output beyond opening it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -43,6 +48,8 @@ struct QueueState<T> {
     items: Vec<T>,
     closed: bool,
     reopen: bool,
+    /// The writer may act (see the module comment); never unset once set.
+    active: bool,
 }
 
 /// What the writer took from the queue.
@@ -59,6 +66,7 @@ impl<T> Queue<T> {
                 items: Vec::with_capacity(capacity.min(4096)),
                 closed: false,
                 reopen: false,
+                active: false,
             }),
             wake: Condvar::new(),
             capacity,
@@ -142,6 +150,34 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Lets the writer start (it waits in `wait_active` until then).
+    pub fn activate(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.active = true;
+        }
+        self.wake.notify_all();
+    }
+
+    /// Whether `activate` was called.
+    pub fn is_active(&self) -> bool {
+        self.state.lock().is_ok_and(|s| s.active)
+    }
+
+    /// The writer's first step: waits until the queue is activated (true) or closed before
+    /// that (false: the sink was never put in service, the writer must not act).
+    fn wait_active(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        while !s.active && !s.closed {
+            s = match self.wake.wait(s) {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
+        }
+        s.active
+    }
+
     /// Asks the writer to reopen its file.
     pub fn reopen(&self) {
         if let Ok(mut s) = self.state.lock() {
@@ -155,7 +191,7 @@ impl<T> Queue<T> {
         if let Ok(mut s) = self.state.lock() {
             s.closed = true;
         }
-        self.wake.notify_one();
+        self.wake.notify_all();
     }
 
     /// Counts records the writer wrote.
@@ -169,6 +205,8 @@ impl<T> Queue<T> {
 pub trait SinkControl: Send + Sync {
     fn close(&self);
     fn reopen(&self);
+    /// Whether the sink was put in service (`Queue::activate`).
+    fn is_active(&self) -> bool;
     /// (queued now, accepted, written, dropped)
     fn counts(&self) -> (usize, u64, u64, u64);
 }
@@ -179,6 +217,9 @@ impl<T: Send> SinkControl for Queue<T> {
     }
     fn reopen(&self) {
         Queue::reopen(self)
+    }
+    fn is_active(&self) -> bool {
+        Queue::is_active(self)
     }
     fn counts(&self) -> (usize, u64, u64, u64) {
         (
@@ -226,7 +267,8 @@ pub struct Writers {
 }
 
 impl Writers {
-    /// Starts a writer thread for `queue`, running `write` on each batch.
+    /// Starts a writer thread for `queue`, running `write` on each batch once the queue is
+    /// activated (`Queue::activate`); closed before that, the thread exits without acting.
     pub fn spawn<T, W>(
         &self,
         name: &'static str,
@@ -268,6 +310,10 @@ impl Writers {
         for e in entries {
             while !e.thread.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
+            }
+            if !e.control.is_active() {
+                // Built for a reload that failed: it never held a record.
+                continue;
             }
             let (queued, accepted, written, dropped) = e.control.counts();
             if e.thread.is_finished() {
@@ -312,6 +358,10 @@ pub trait BatchWriter<T> {
 }
 
 fn run_writer<T, W: BatchWriter<T>>(name: &'static str, queue: &Queue<T>, writer: &mut W) {
+    if !queue.wait_active() {
+        // Never put in service (the reload it was built for failed): no retention, no reopen.
+        return;
+    }
     let mut pending: Vec<T> = Vec::new();
     let mut spare: Vec<T> = Vec::new();
     let mut last_warn = Instant::now() - WARN_INTERVAL;

@@ -664,18 +664,39 @@ tls = {{ cert = "server.pem", key = "server-key.pem"{tls_extra} }}
         w.pki = Some(self.pki);
         w
     }
+
+    /// `start`, with the config path given to `serve` relative to its working directory.
+    pub fn start_relative(self, config: &str) -> Wraith {
+        let mut w = Wraith::start_in_relative(self.dir, config);
+        w.pki = Some(self.pki);
+        w
+    }
 }
 
 impl Wraith {
     /// Writes `wraith.toml` into `dir` and starts the gateway; returns once every listener
     /// is bound (read from the JSON log), or panics with the log if it does not start.
     pub fn start_in(dir: TempDir, config: &str) -> Wraith {
+        Wraith::spawn(dir, config, false)
+    }
+
+    /// `start_in`, but `serve -c wraith.toml` run in `dir`: the config path as given is
+    /// relative.
+    pub fn start_in_relative(dir: TempDir, config: &str) -> Wraith {
+        Wraith::spawn(dir, config, true)
+    }
+
+    fn spawn(dir: TempDir, config: &str, relative: bool) -> Wraith {
         let config_path = dir.path().join("wraith.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wraith"))
-            .arg("serve")
-            .arg("-c")
-            .arg(&config_path)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wraith"));
+        command.arg("serve").arg("-c");
+        if relative {
+            command.arg("wraith.toml").current_dir(dir.path());
+        } else {
+            command.arg(&config_path);
+        }
+        let mut child = command
             .env(
                 "WRAITH_LOG",
                 std::env::var("WRAITH_TEST_LOG")
@@ -856,13 +877,17 @@ impl Wraith {
         outcome.unwrap_or_else(|| Err(format!("no reload outcome in the log:\n{}", self.log())))
     }
 
-    /// Waits for the process to exit; returns its exit code (None on timeout).
+    /// Waits for the process to exit (and its log to be read to the end); returns its exit
+    /// code (None on timeout).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut()?;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                // Its last log lines (the flush report at exit) may still be in the pipe:
+                // read to the end before a test looks for them.
+                self.wait_for(Duration::from_secs(5), |s| s.closed);
                 return status.code();
             }
             if Instant::now() >= deadline {

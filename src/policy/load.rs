@@ -138,7 +138,12 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(dir_error)? {
             let p = entry.map_err(dir_error)?.path();
-            if p.extension().is_some_and(|x| x == "cedar") {
+            // Hidden entries are left out: editors keep their lock and backup files there
+            // (Emacs locks `x.cedar` with a dangling symlink `.#x.cedar` while it is edited).
+            let hidden = p
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+            if !hidden && p.extension().is_some_and(|x| x == "cedar") {
                 files.push(p);
             }
         }
@@ -440,6 +445,8 @@ mod tests {
             "@id(\"linked\")\nforbid(principal, action, resource);\n",
         );
         std::os::unix::fs::symlink(&target, dir.path().join("linked.cedar")).unwrap();
+        // An editor's lock file (Emacs: a dangling symlink) is hidden, and left out.
+        std::os::unix::fs::symlink("user@host.1234:1", dir.path().join(".#linked.cedar")).unwrap();
         let c = compile(dir.path(), &all(PolicyMode::Enforce)).unwrap();
         assert!(c.info("linked").is_some());
 

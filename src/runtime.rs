@@ -59,6 +59,8 @@ pub struct Snapshot {
     /// The LAPI client for `[crowdsec]`, built (CA, client certificate) with the snapshot so
     /// that a file it cannot use fails `wraith test` and the reload, not the bridge later.
     pub crowdsec_client: Option<reqwest::Client>,
+    /// `crowdsec::tls_fingerprint` of the files `crowdsec_client` was built from.
+    pub crowdsec_tls: u64,
     /// Access-log sinks and metric handles (attached by the runtime after `build`).
     pub telemetry: SnapshotTelemetry,
 }
@@ -131,6 +133,10 @@ impl Snapshot {
                 None
             }
         };
+        let crowdsec_tls = config
+            .crowdsec
+            .as_ref()
+            .map_or(0, crowdsec::tls_fingerprint);
         let crowdsec_client = match config.crowdsec.as_ref().map(crowdsec::http_client) {
             None => None,
             Some(Ok(c)) => Some(c),
@@ -191,6 +197,7 @@ impl Snapshot {
             default_limits,
             appsec,
             crowdsec_client,
+            crowdsec_tls,
             config,
             telemetry: SnapshotTelemetry::default(),
         })
@@ -517,6 +524,11 @@ impl Runtime {
                 tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; the decisions read from it were merged with the ones in hand");
             }
         }
+        // SIGTERM came while this reload was binding or reading: the server is draining, and
+        // a reload must not put new listeners or sinks to work now.
+        if self.shutdown.is_cancelled() {
+            return Err(vec!["the server is shutting down".into()]);
+        }
         // Nothing can fail from here on: the new sinks may act (retention included).
         snapshot.telemetry.activate();
         let snapshot = Arc::new(snapshot);
@@ -630,7 +642,11 @@ impl Runtime {
         let wanted = snapshot.config.crowdsec.clone();
         let old = {
             let mut slot = self.crowdsec.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.as_ref().map(|b| &b.config) == wanted.as_ref() {
+            // The same settings and the same certificate files: nothing to do. Files
+            // rotated in place (same paths) restart the bridge with the new ones.
+            if slot.as_ref().map(|b| (&b.config, b.tls))
+                == wanted.as_ref().map(|w| (w, snapshot.crowdsec_tls))
+            {
                 return;
             }
             slot.take()
@@ -645,13 +661,12 @@ impl Runtime {
         // No stale closed-mode refusal from a bridge that is gone.
         store.set_refuse_all(false);
         let bridge = match (wanted, snapshot.crowdsec_client.clone()) {
-            (Some(config), Some(client)) => Some(crowdsec::spawn(
-                config,
-                client,
-                store,
-                &self.shutdown,
-                fresh_since_ms,
-            )),
+            (Some(config), Some(client)) => {
+                let mut bridge =
+                    crowdsec::spawn(config, client, store, &self.shutdown, fresh_since_ms);
+                bridge.tls = snapshot.crowdsec_tls;
+                Some(bridge)
+            }
             _ => {
                 store.replace_crowdsec(Vec::new());
                 None
@@ -742,6 +757,11 @@ impl Runtime {
         let Ok(mut map) = self.listeners.lock() else {
             return;
         };
+        // Checked under the map's lock, which the shutdown takes to stop every listener: a
+        // listener is either stopped by it or never started.
+        if self.shutdown.is_cancelled() {
+            return;
+        }
         for b in bound {
             let handle = listener::spawn(self.clone(), b);
             map.insert(handle.key.clone(), handle);
@@ -790,6 +810,10 @@ impl Runtime {
         let Ok(mut map) = self.quic.lock() else {
             return;
         };
+        // As in `activate`: the shutdown drains this map under its lock.
+        if self.shutdown.is_cancelled() {
+            return;
+        }
         map.retain(|key, handle| {
             let listener = snapshot.listener_by_key(key);
             match listener.and_then(|l| l.quic.as_ref().map(|q| (l, q))) {

@@ -294,6 +294,9 @@ pub struct BridgeStatus {
 pub struct Bridge {
     /// The settings it runs with (a reload with other settings restarts it).
     pub config: CrowdsecConfig,
+    /// What the CA and client certificate files held when it started (`tls_fingerprint`):
+    /// a reload that finds them rotated on disk restarts it with the new ones.
+    pub tls: u64,
     pub status: Arc<BridgeStatus>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -413,10 +416,27 @@ pub fn spawn(
     ));
     Bridge {
         config,
+        tls: 0,
         status,
         stop,
         task: Some(task),
     }
+}
+
+/// A hash of the files the LAPI client's TLS is built from (CA bundle, client certificate
+/// and key): the paths stay the same in the config when the files are rotated in place.
+pub fn tls_fingerprint(config: &CrowdsecConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let files = config
+        .ca_cert
+        .iter()
+        .chain(config.client_cert.iter().flat_map(|(c, k)| [c, k]));
+    for path in files {
+        path.hash(&mut h);
+        std::fs::read(path).ok().hash(&mut h);
+    }
+    h.finish()
 }
 
 async fn run(
@@ -650,6 +670,34 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tls_fingerprint_follows_the_files_not_only_their_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("lapi-ca.pem");
+        std::fs::write(&ca, "first").unwrap();
+        let text = format!(
+            "[[listener]]\nname='l'\naddress='127.0.0.1:0'\nprotocol='http'\n\
+             [crowdsec]\nlapi_url='https://127.0.0.1:8080'\napi_key='k'\nca_cert='{}'\n",
+            ca.display()
+        );
+        let load = || {
+            crate::config::load_str(
+                std::path::Path::new("t.toml"),
+                &text,
+                crate::config::LoadOptions::default(),
+            )
+            .unwrap()
+            .crowdsec
+            .unwrap()
+        };
+        let before = tls_fingerprint(&load());
+        assert_eq!(tls_fingerprint(&load()), before);
+        std::fs::write(&ca, "rotated").unwrap();
+        let after = load();
+        assert_eq!(after.ca_cert.as_deref(), Some(ca.as_path()));
+        assert_ne!(tls_fingerprint(&after), before);
+    }
 
     #[test]
     fn parses_146_and_178_shapes() {

@@ -138,12 +138,14 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(dir_error)? {
             let p = entry.map_err(dir_error)?.path();
-            // Hidden entries are left out: editors keep their lock and backup files there
-            // (Emacs locks `x.cedar` with a dangling symlink `.#x.cedar` while it is edited).
+            // A hidden entry that is no file is an editor's lock (Emacs locks `x.cedar` with
+            // a dangling symlink `.#x.cedar` while it is edited): left out. A hidden regular
+            // file is a policy file like any other.
             let hidden = p
                 .file_name()
                 .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-            if !hidden && p.extension().is_some_and(|x| x == "cedar") {
+            let lock = hidden && !std::fs::metadata(&p).is_ok_and(|m| m.is_file());
+            if !lock && p.extension().is_some_and(|x| x == "cedar") {
                 files.push(p);
             }
         }
@@ -447,8 +449,15 @@ mod tests {
         std::os::unix::fs::symlink(&target, dir.path().join("linked.cedar")).unwrap();
         // An editor's lock file (Emacs: a dangling symlink) is hidden, and left out.
         std::os::unix::fs::symlink("user@host.1234:1", dir.path().join(".#linked.cedar")).unwrap();
+        // A hidden regular file is read like any other.
+        write(
+            dir.path(),
+            ".hidden.cedar",
+            "@id(\"hidden\")\nforbid(principal, action, resource);\n",
+        );
         let c = compile(dir.path(), &all(PolicyMode::Enforce)).unwrap();
         assert!(c.info("linked").is_some());
+        assert!(c.info("hidden").is_some());
 
         std::os::unix::fs::symlink(other.path().join("gone.cedar"), dir.path().join("a.cedar"))
             .unwrap();

@@ -431,7 +431,9 @@ impl Pending {
                 let bodied = !(status.is_informational()
                     || status == http::StatusCode::NO_CONTENT
                     || status == http::StatusCode::NOT_MODIFIED);
-                if let (true, Some(n)) = (head_only && bodied, length) {
+                // (Not when a coding was applied: the hint is the identity body's length.)
+                let coded = parts.headers.contains_key(http::header::CONTENT_ENCODING);
+                if let (true, Some(n)) = (head_only && bodied && !coded, length) {
                     parts
                         .headers
                         .entry(http::header::CONTENT_LENGTH)

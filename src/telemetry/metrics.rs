@@ -246,8 +246,10 @@ impl Series {
     }
 
     fn route_gone(&self, route: &str) {
+        // The series go while the lock is held: a route born again meanwhile (a reload that
+        // brings it back) must not have its new series removed after it made them.
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let codes = {
-            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             let Some(entry) = routes.get_mut(route) else {
                 return;
             };
@@ -285,6 +287,7 @@ impl Series {
         let label = RouteLabel { route: name };
         self.request_duration.remove(&label);
         self.ratelimit_rejections.remove(&label);
+        drop(routes);
     }
 
     fn endpoint_born(&self, labels: &EndpointLabels) {
@@ -293,17 +296,16 @@ impl Series {
     }
 
     fn endpoint_gone(&self, labels: &EndpointLabels) {
-        {
-            let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(n) = endpoints.get_mut(labels) else {
-                return;
-            };
-            *n -= 1;
-            if *n > 0 {
-                return;
-            }
-            endpoints.remove(labels);
+        // As `route_gone`: removed under the lock.
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = endpoints.get_mut(labels) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
         }
+        endpoints.remove(labels);
         self.upstream_duration.remove(labels);
         self.upstream_healthy.remove(labels);
         for code in UPSTREAM_ERROR_CODES {
@@ -313,6 +315,7 @@ impl Series {
                 code,
             });
         }
+        drop(endpoints);
     }
 }
 

@@ -123,7 +123,10 @@ pub async fn forward(
         let bytes = tokio::time::timeout(timeout, body.collect())
             .await
             .map_err(|_| GatewayError::RequestBodyTimeout)?
-            .map_err(|_| GatewayError::BadRequest("the request body could not be read"))?
+            .map_err(|_| match watch.as_ref().and_then(|w| w.exceeded()) {
+                Some(limit) => GatewayError::PayloadTooLarge { limit },
+                None => GatewayError::BadRequest("the request body could not be read"),
+            })?
             .to_bytes();
         req = Request::from_parts(parts, Body::full(bytes.clone()));
         Replay::Buffered(bytes)

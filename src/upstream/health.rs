@@ -199,7 +199,11 @@ impl EndpointHealth {
     /// broken response, 5xx). Ejects it when the threshold is reached and the pool allows.
     pub fn record_failure(&self, upstream: &Upstream) {
         let outlier = &upstream.config.outlier;
-        let n = self.consecutive.fetch_add(1, Relaxed).saturating_add(1);
+        let n = self
+            .consecutive
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(1)))
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
         if outlier.consecutive_failures == 0 || n < outlier.consecutive_failures {
             return;
         }

@@ -1187,3 +1187,29 @@ async fn http2_requests_keep_to_max_headers_and_their_cookies_reach_http1_as_one
     let expected: Vec<String> = (0..120).map(|i| format!("c{i}={i}")).collect();
     assert_eq!(cookies[0], expected.join("; ").as_str());
 }
+
+#[tokio::test]
+async fn an_http2_client_that_reads_none_of_a_response_is_cut_off_after_idle_timeout() {
+    let upstream = Upstream::start(|_req| async { Response::new(full(vec![b'x'; 4 << 20])) }).await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(&setup, upstream.addr, "").replace(
+        "protocol = \"https\"\n",
+        "protocol = \"https\"\nlimits = { idle_timeout = \"1s\", header_read_timeout = \"1s\" }\n",
+    );
+    let wraith = setup.start(&cfg);
+    let h2 = https_client_h2(&ca, None);
+    // The head arrives; the body is never read, so the client's flow-control window stays
+    // shut (the client only opens it as its application reads).
+    let resp = h2.get(wraith.url("https", "/big")).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.bytes())
+        .await
+        .expect("the connection was closed, not left hanging");
+    assert!(
+        body.is_err(),
+        "a response nobody read for idle_timeout was kept going"
+    );
+}

@@ -53,6 +53,18 @@ struct ConnState {
     /// Milliseconds since `epoch` (+1) when bytes of a new request head started to arrive;
     /// 0 when no head is pending.
     head_since: AtomicU64,
+    /// The response bodies in flight, each saying since when it has waited for the client to
+    /// take what it gave (HTTP/2 flow control): a client that reads none of a response for
+    /// `idle_timeout` is stalled, as over HTTP/1.1.
+    streams: std::sync::Mutex<Vec<std::sync::Weak<StreamClock>>>,
+}
+
+/// Since when (milliseconds since the connection's epoch, +1; 0: not waiting) a response
+/// body has handed hyper a frame and not been asked for the next: hyper asks only when the
+/// stream has flow-control window again.
+#[derive(Default)]
+struct StreamClock {
+    blocked_since: AtomicU64,
 }
 
 impl ConnState {
@@ -63,7 +75,26 @@ impl ConnState {
             last_active: AtomicU64::new(0),
             // The first request head is due from the moment of accept.
             head_since: AtomicU64::new(1),
+            streams: Default::default(),
         }
+    }
+
+    /// A clock for one response body.
+    fn stream_clock(&self) -> Arc<StreamClock> {
+        let clock = Arc::new(StreamClock::default());
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.retain(|w| w.strong_count() > 0);
+        streams.push(Arc::downgrade(&clock));
+        clock
+    }
+
+    /// Whether a response body has waited for the client for `idle_ms` or more.
+    fn stalled(&self, now: u64, idle_ms: u64) -> bool {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.iter().filter_map(|w| w.upgrade()).any(|c| {
+            let since = c.blocked_since.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since - 1) >= idle_ms
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -86,6 +117,9 @@ impl ConnState {
         let header_ms = limits.header_read_timeout.as_millis() as u64;
         let idle_ms = limits.idle_timeout.as_millis() as u64;
         if self.in_flight.load(Ordering::Relaxed) > 0 {
+            if self.stalled(now, idle_ms) {
+                return (Verdict::Stalled, Duration::ZERO);
+            }
             return (
                 Verdict::Busy,
                 limits.idle_timeout.min(limits.header_read_timeout),
@@ -133,10 +167,11 @@ impl Drop for InFlight {
 }
 
 /// An HTTP/2 response body that holds its request's `InFlight` until hyper drops it (at
-/// its end, or when the stream is reset).
+/// its end, or when the stream is reset), and keeps its stream's `StreamClock`.
 struct H2Body {
     body: Body,
     _in_flight: InFlight,
+    clock: Option<(Arc<ConnState>, Arc<StreamClock>)>,
 }
 
 impl http_body::Body for H2Body {
@@ -147,7 +182,16 @@ impl http_body::Body for H2Body {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if let Some((state, clock)) = &this.clock {
+            // Handing over data starts the wait for the client (hyper asks again only once
+            // the stream has window); being asked, or having nothing yet, ends it.
+            let gave_data = matches!(&polled, std::task::Poll::Ready(Some(Ok(f))) if f.is_data());
+            let since = if gave_data { state.now_ms() + 1 } else { 0 };
+            clock.blocked_since.store(since, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -163,6 +207,8 @@ enum Verdict {
     Busy,
     Idle,
     HeaderTimeout,
+    /// A response has waited for the client to read any of it for `idle_timeout`.
+    Stalled,
 }
 
 /// Everything a request on this connection needs, shared by one `Arc`.
@@ -412,11 +458,13 @@ async fn serve_http<I>(
             // body (an RST_STREAM, a client gone): a leaked "in flight" would keep the
             // connection Busy, beyond the reach of the idle and header timeouts, for good.
             let in_flight = InFlight::begin(requests.as_ref());
+            let clock = requests.as_ref().map(|s| (s.clone(), s.stream_clock()));
             let resp = handle(req.map(Body::Incoming));
             async move {
                 let resp = resp.await.map(|body| H2Body {
                     body,
                     _in_flight: in_flight,
+                    clock,
                 });
                 Ok::<_, Infallible>(resp)
             }
@@ -531,6 +579,10 @@ async fn drive<C, G, E>(
                     Verdict::Busy => idle_strikes = 0,
                     Verdict::HeaderTimeout => {
                         tracing::debug!("request head not received within header_read_timeout; closing");
+                        return;
+                    }
+                    Verdict::Stalled => {
+                        tracing::debug!("the client read none of a response for idle_timeout; closing");
                         return;
                     }
                     Verdict::Idle => {

@@ -610,7 +610,14 @@ impl Runtime {
         old: &config::ServerConfig,
         new: &config::ServerConfig,
     ) -> Result<(Option<Option<PidFile>>, Option<Option<admin::AdminHandle>>), Vec<String>> {
-        let pid = if new.pid_file != old.pid_file {
+        // The file held now, named another way (`/var/run` -> `/run`): nothing to move.
+        // Opening it again to take it would fail on our own lock, and closing that second
+        // descriptor would drop the process's POSIX lock on it.
+        let same_pid_file = match (&new.pid_file, lock(&self.pid_file).as_ref()) {
+            (Some(path), Some(held)) => held.is_at(path),
+            _ => false,
+        };
+        let pid = if new.pid_file != old.pid_file && !same_pid_file {
             Some(match &new.pid_file {
                 Some(path) => {
                     Some(PidFile::create(path).map_err(|e| vec![format!("server.pid_file: {e}")])?)

@@ -213,6 +213,15 @@ impl PidFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether `path` (its directories' symlinks followed) names this very file: a config
+    /// that spells the same pid file another way moves nothing.
+    pub fn is_at(&self, path: &Path) -> bool {
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
 }
 
 impl Drop for PidFile {

@@ -427,3 +427,26 @@ async fn a_second_sigterm_exits_at_once_even_with_a_log_sink_that_cannot_write()
     assert!(!wraith.path("wraith.pid").exists());
     slow.abort();
 }
+
+#[tokio::test]
+async fn a_reload_naming_the_same_pid_file_another_way_keeps_it() {
+    let setup = Setup::new();
+    let run = setup.dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::symlink(&run, setup.dir.path().join("alias")).unwrap();
+    let cfg =
+        config(&setup, "").replace("pid_file = \"wraith.pid\"", "pid_file = \"run/wraith.pid\"");
+    assert!(cfg.contains("run/wraith.pid"), "{cfg}");
+    let mut wraith = setup.start(&cfg);
+    // `alias/wraith.pid` is `run/wraith.pid` through a symlink (as /var/run is /run).
+    wraith.write_config(&cfg.replace("run/wraith.pid", "alias/wraith.pid"));
+    wraith.reload().unwrap();
+    let (code, out, err) = wraith.cli(&["reload"]);
+    assert_eq!(
+        code, 0,
+        "the server still holds its pid file's lock: {out}{err}"
+    );
+    let (code, out, err) = wraith.cli(&["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(wraith.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -419,3 +419,57 @@ async fn a_request_head_not_complete_within_header_read_timeout_is_reset_as_inco
     // A request-level refusal: the connection serves the next request.
     assert_eq!(client.get().await, Some(200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_client_reads_none_of_is_given_up_after_idle_timeout() {
+    let upstream =
+        Upstream::start(|_req| async { hyper::Response::new(full(vec![b'x'; 8 << 20])) }).await;
+    let setup = Setup::new();
+    let base = setup.listeners_h3("", "", ALLOW_ALL_POLICY).replace(
+        "http3 = true",
+        "http3 = true\nlimits = { idle_timeout = \"2s\" }",
+    );
+    assert!(base.contains("idle_timeout = \"2s\""), "{base}");
+    let wraith = setup.start(&config(&base, upstream.addr));
+    let ca = wraith.pki().ca_pem.clone();
+
+    // A client that keeps its connection alive (PINGs) but reads none of the response: its
+    // stream window stays shut once the first part has come.
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = tls_client_with(&ca, None, provider);
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(300)));
+    let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+    client_config.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(client_config, wraith.addr("https"), "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let mut control = conn.open_uni().await.unwrap();
+    let mut head = vec![0x00];
+    head.extend(frame_head(SETTINGS, 0));
+    control.write_all(&head).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let section = get_field_section();
+    let mut frame = frame_head(HEADERS, section.len() as u64);
+    frame.extend(section);
+    send.write_all(&frame).await.unwrap();
+    send.finish().unwrap();
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Reading now: what was sent, then the reset (or, once the connection has had no
+    // request for idle_timeout since, its close), never the whole 8 MiB.
+    let read = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(16 << 20))
+        .await
+        .expect("the stream ended");
+    assert!(
+        read.is_err(),
+        "the response came whole: {} bytes",
+        read.map(|b| b.len()).unwrap_or(0)
+    );
+    drop(control);
+}

@@ -177,6 +177,9 @@ impl http_body::Body for Prefixed {
 pub(super) enum SendError {
     Client(h3::error::StreamError),
     Body(BoxError),
+    /// The client took none of the response for `idle_timeout` (its flow-control window
+    /// stayed shut).
+    Stalled,
 }
 
 impl std::fmt::Display for SendError {
@@ -184,6 +187,9 @@ impl std::fmt::Display for SendError {
         match self {
             SendError::Client(e) => write!(f, "client stream: {e}"),
             SendError::Body(e) => write!(f, "response body: {e}"),
+            SendError::Stalled => {
+                f.write_str("the client read none of the response for idle_timeout")
+            }
         }
     }
 }
@@ -191,10 +197,15 @@ impl std::fmt::Display for SendError {
 /// Writes a response: the head, each body frame as it comes, trailers, end of stream.
 /// Responses to HEAD, and 1xx, 204 and 304 responses, end after the head (RFC 9110 §6.4.1:
 /// a body there would make the response malformed); their body is dropped unread.
+///
+/// A client that takes none of the body for `stall` (one write waiting that long on its
+/// flow-control window) is given up on, as over HTTP/1.1 and HTTP/2 (nginx's
+/// `send_timeout`): its stream, the upstream connection and the endpoint's slot are freed.
 pub(super) async fn send_response(
     stream: &mut SendStream,
     resp: Response<Body>,
     head_only: bool,
+    stall: std::time::Duration,
 ) -> Result<(), SendError> {
     let status = resp.status();
     let no_body = head_only
@@ -219,7 +230,10 @@ pub(super) async fn send_response(
         match frame.into_data() {
             Ok(data) => {
                 if !data.is_empty() {
-                    stream.send_data(data).await.map_err(SendError::Client)?;
+                    tokio::time::timeout(stall, stream.send_data(data))
+                        .await
+                        .map_err(|_| SendError::Stalled)?
+                        .map_err(SendError::Client)?;
                 }
             }
             Err(frame) => {

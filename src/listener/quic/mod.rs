@@ -923,7 +923,8 @@ async fn serve_request(
     let head_only = req.method() == http::Method::HEAD;
     let exchange = async {
         let resp = ctx.runtime.gateway.handle(req, info).await;
-        if let Err(e) = body::send_response(&mut send, resp, head_only).await {
+        let stall = ctx.listener.config.limits.idle_timeout;
+        if let Err(e) = body::send_response(&mut send, resp, head_only, stall).await {
             tracing::debug!(error = %e, "HTTP/3 response not completed");
             // The client must not take a cut-off body for a complete one.
             send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);

@@ -688,6 +688,45 @@ async fn requests_in_flight_across_a_reload_still_count_against_max_connections(
     assert_eq!(e["in_flight"], 0, "{e}");
 }
 
+#[tokio::test]
+async fn a_reload_that_adds_connection_limits_wakes_waiters_when_old_requests_end() {
+    let slow = Backend::start("slow", Duration::from_secs(2)).await;
+    let setup = Setup::new();
+    let upstream = |limits: &str| {
+        config(&format!(
+            "endpoints = [\"{}\"]\nresponse_timeout = \"20s\"\n{limits}",
+            slow.endpoint()
+        ))
+    };
+    let wraith = setup.start(&upstream(""));
+    let client = http_client();
+    let url = wraith.url("http", "/p");
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { client.get(&url).send().await.unwrap().status() }
+    });
+    let busy = Wraith::eventually(Duration::from_secs(5), || async {
+        slow.concurrent.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(busy);
+    // Limits arrive while the first request (of the old snapshot, whose pool had no one to
+    // tell) is in flight: the next request waits for it, and is told when it ends.
+    wraith.write_config(&upstream(
+        "max_connections = 1\nmax_pending = 10\npending_timeout = \"15s\"\n",
+    ));
+    wraith.reload().unwrap();
+    let started = Instant::now();
+    let second = client.get(&url).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the waiter sat out its pending_timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(first.await.unwrap(), 200);
+}
+
 /// An upstream that reads a request and closes the connection without answering.
 async fn hang_up_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

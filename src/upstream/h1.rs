@@ -73,7 +73,9 @@ pub struct Pool {
     /// TLS connector and SNI override, for `https://` endpoints.
     tls: Option<Arc<(TlsConnector, Option<Arc<str>>)>>,
     /// Woken each time a request ends, when the upstream limits connections.
-    release: Option<Arc<Notify>>,
+    /// Set at most once: at build, or by a reload that gives the endpoint connection limits
+    /// while this pool's requests still run (the new pool's waiters must hear of their ends).
+    release: std::sync::OnceLock<Arc<Notify>>,
     /// Requests in flight to this endpoint (until their response body ends). Shared with
     /// the pool of the same endpoint in the snapshot before a reload, whose requests still
     /// run: both count against `max_connections` and `least_connections` as one.
@@ -137,7 +139,7 @@ impl Pool {
             idle_timeout: o.idle_timeout,
             connect_timeout: o.connect_timeout,
             tls: o.tls,
-            release: o.release,
+            release: o.release.map(std::sync::OnceLock::from).unwrap_or_default(),
             in_flight: o.in_flight.unwrap_or_default(),
         })
     }
@@ -155,6 +157,12 @@ impl Pool {
             })
             .ok()
             .map(|_| InFlight(self.clone()))
+    }
+
+    /// Has this pool's request ends notify `release` too, unless it already notifies one
+    /// (a reload's new pool for the same endpoint, whose waiters count this pool's requests).
+    pub fn notify_on_release(&self, release: &Arc<Notify>) {
+        let _ = self.release.set(release.clone());
     }
 
     /// Idle connections currently pooled.
@@ -899,7 +907,7 @@ pub struct InFlight(Arc<Pool>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Release);
-        if let Some(n) = &self.0.release {
+        if let Some(n) = self.0.release.get() {
             n.notify_one();
         }
     }

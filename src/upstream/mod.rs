@@ -183,6 +183,9 @@ impl Upstream {
                 let same = previous
                     .and_then(|p| p.endpoints.iter().find(|old| old.authority == e.authority))
                     .filter(|old| old.scheme == scheme_of(e.tls));
+                if let (Some(old), Some(release)) = (same, &released) {
+                    old.pool.notify_on_release(release);
+                }
                 let health = same
                     .map(|old| old.health.clone())
                     .unwrap_or_else(|| EndpointHealth::new(&config.name, e.authority.as_str()));

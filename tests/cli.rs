@@ -430,3 +430,41 @@ fn server_keys_changed_by_a_reload_warn_or_move_and_the_cli_keeps_reaching_the_s
     assert!(!wraith.path("moved.pid").exists());
     assert!(!wraith.path("moved.sock").exists());
 }
+
+#[test]
+fn test_opens_what_serve_opens_log_files_and_the_decisions_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+    std::fs::write(dir.path().join("bad-state.json"), "not a state file").unwrap();
+    let base = "[[listener]]\nname = 'h'\naddress = '127.0.0.1:0'\nprotocol = 'http'\n";
+    let cases = [
+        ("[log.json]\npath = 'a-directory'\n", "log.json.path"),
+        (
+            "[log.combined]\npath = 'a-directory'\n",
+            "log.combined.path",
+        ),
+        ("[log.sqlite]\npath = 'a-directory'\n", "log.sqlite.path"),
+        (
+            "[decisions]\nstate_file = 'bad-state.json'\n",
+            "decisions.state_file",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{extra}\n{out}");
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+    }
+    // Paths that can be opened pass (and the log file is created, as `nginx -t` does).
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{base}[log.json]\npath = 'logs/access.json'\n[log.sqlite]\npath = 'logs/access.db'\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{out}");
+}

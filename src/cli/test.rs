@@ -30,16 +30,20 @@ pub fn run(config_path: &Path) -> ExitCode {
         .listeners
         .iter()
         .any(|l| l.tls.as_ref().is_some_and(|t| t.certified_key.is_none()));
-    if !pending_dev_certs {
-        // Build what serve would build (TLS configs, pools), without binding anything.
-        let built = block_on_build(config.clone());
-        if let Err(errors) = built {
-            for e in &errors {
-                println!("error: {e}");
-            }
-            println!("wraith: configuration {} is invalid", config_path.display());
-            return ExitCode::FAILURE;
+    // Build what serve would build (TLS configs, pools), without binding anything; and
+    // open what serve would open (log files, the decisions state file), as `nginx -t` does.
+    let mut errors = if pending_dev_certs {
+        Vec::new()
+    } else {
+        block_on_build(config.clone()).err().unwrap_or_default()
+    };
+    errors.extend(files_serve_opens(&config));
+    if !errors.is_empty() {
+        for e in &errors {
+            println!("error: {e}");
         }
+        println!("wraith: configuration {} is invalid", config_path.display());
+        return ExitCode::FAILURE;
     }
     println!(
         "wraith: configuration {} is valid: {} listener(s), {} upstream(s), {} route(s), {} policies",
@@ -74,6 +78,69 @@ fn policy_cases(config: &config::Config) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The files `serve` opens at start, opened (log files are created, as `nginx -t` creates
+/// its logs) or read, each failure named by its key: a log path that is a directory or
+/// cannot be written, a decisions state file that is not one.
+fn files_serve_opens(config: &config::Config) -> Vec<String> {
+    let mut errors = Vec::new();
+    let log = &config.log;
+    let files = [
+        ("log.json", log.json.as_ref().map(|s| &s.path)),
+        ("log.combined", log.combined.as_ref().map(|s| &s.file.path)),
+        ("log.events", log.events.as_ref().map(|s| &s.path)),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path {
+            if let Err(e) = crate::telemetry::sinks::open_append(path) {
+                errors.push(format!("{key}.path: {e}"));
+            }
+        }
+    }
+    if let Some(sqlite) = &log.sqlite {
+        let path = &sqlite.path;
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => errors.push(format!(
+                "log.sqlite.path: {} is not a regular file",
+                path.display()
+            )),
+            Ok(_) => {
+                if let Err(e) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                {
+                    errors.push(format!(
+                        "log.sqlite.path: cannot open {}: {e}",
+                        path.display()
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if let Err(e) = std::fs::create_dir_all(dir) {
+                        errors.push(format!(
+                            "log.sqlite.path: cannot create {}: {e}",
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+            Err(e) => errors.push(format!(
+                "log.sqlite.path: cannot read {}: {e}",
+                path.display()
+            )),
+        }
+    }
+    if let Some(path) = &config.decisions.state_file {
+        if path.exists() {
+            if let Err(e) = crate::decisions::DecisionStore::read(path) {
+                errors.push(format!("decisions.state_file: {e}"));
+            }
+        }
+    }
+    errors
 }
 
 fn block_on_build(config: config::Config) -> Result<(), Vec<String>> {

@@ -135,6 +135,10 @@ fn test_reports_crowdsec_tls_files_it_cannot_use() {
         let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
         assert_eq!(code, 1, "{text}\n{out}");
         assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+        if expected == "crowdsec.ca_cert" {
+            // A file that cannot be read is named at its place in the config.
+            assert!(out.contains("c.toml:9:"), "position missing:\n{out}");
+        }
     }
 }
 

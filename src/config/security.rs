@@ -291,8 +291,28 @@ pub(super) fn build_crowdsec(
             String::new()
         }
     };
+    // The TLS files must be readable now, so an error names their place in the file (the
+    // client built from them says what is wrong with their contents).
+    let readable = |b: &mut Builder<'_>, v: &Spanned<String>, key: &str| {
+        let path = b.path(v.get_ref());
+        if let Err(e) = std::fs::File::open(&path) {
+            b.err(
+                Some(v.span()),
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
+        }
+        path
+    };
+    let ca_cert = raw
+        .ca_cert
+        .as_ref()
+        .map(|p| readable(b, p, "crowdsec.ca_cert"));
     let client_cert = match (&raw.client_cert, &raw.client_key) {
-        (Some(c), Some(k)) => Some((b.path(c.get_ref()), b.path(k.get_ref()))),
+        (Some(c), Some(k)) => Some((
+            readable(b, c, "crowdsec.client_cert"),
+            readable(b, k, "crowdsec.client_key"),
+        )),
         (None, None) => None,
         (Some(s), None) | (None, Some(s)) => {
             b.err(
@@ -435,7 +455,7 @@ pub(super) fn build_crowdsec(
     Some(CrowdsecConfig {
         lapi_url,
         api_key,
-        ca_cert: raw.ca_cert.map(|p| b.path(p.get_ref())),
+        ca_cert,
         client_cert,
         update_frequency,
         resync_interval: b.duration(

@@ -177,8 +177,15 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
         let shutdown = runtime.shutdown.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
+            // Waiting for a free slot must not keep the loop from its stop (a moved or
+            // removed socket, the server stopping) while every slot is busy.
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
             };
             let stream = tokio::select! {
                 r = listener.accept() => match r {

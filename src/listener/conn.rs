@@ -459,7 +459,9 @@ async fn serve_http<I>(
             // connection Busy, beyond the reach of the idle and header timeouts, for good.
             let in_flight = InFlight::begin(requests.as_ref());
             let clock = requests.as_ref().map(|s| (s.clone(), s.stream_clock()));
-            let resp = handle(req.map(Body::Incoming));
+            let mut req = req.map(Body::Incoming);
+            crate::proxy::headers::join_cookies(req.headers_mut());
+            let resp = handle(req);
             async move {
                 let resp = resp.await.map(|body| H2Body {
                     body,

@@ -253,9 +253,10 @@ pub fn strip_identity_headers(headers: &mut HeaderMap) {
 }
 
 /// Joins the `cookie` fields of an HTTP/2 or HTTP/3 request into one, `; ` between them, as
-/// it must be before it goes to HTTP/1.1 (RFC 9113 §8.2.3, RFC 9114 §4.2.1): browsers send
-/// each cookie as a field of its own there, and many HTTP/1.1 servers read one Cookie
-/// header only.
+/// the request enters (RFC 9113 §8.2.3, RFC 9114 §4.2.1: it must be one before it goes to
+/// HTTP/1.1; browsers send each cookie as a field of its own there, and many HTTP/1.1
+/// servers read one Cookie header only). The pipeline then sees one field, whatever the
+/// protocol: `max_headers` counts it once, and every upstream gets the same header.
 pub fn join_cookies(headers: &mut HeaderMap) {
     let mut crumbs = headers.get_all(header::COOKIE).iter();
     let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else {

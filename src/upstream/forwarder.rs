@@ -392,11 +392,7 @@ fn prepare_request(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let multiplexed = matches!(req.version(), Version::HTTP_2 | Version::HTTP_3);
     let headers = req.headers_mut();
-    if multiplexed && !h2 {
-        headers::join_cookies(headers);
-    }
     headers::strip_hop_by_hop(headers, upgrade, h2);
     // Identity comes from the TLS handshake only, never from the client's headers.
     headers::strip_identity_headers(headers);

@@ -893,6 +893,7 @@ async fn serve_request(
         return;
     };
     let mut req = req.map(|()| RequestBody::into_body(recv, content_length));
+    crate::proxy::headers::join_cookies(req.headers_mut());
 
     // Which connection info this request runs with: complete, or (0-RTT) early.
     let confirmed = ctx.confirmed.borrow().clone();

@@ -650,6 +650,25 @@ async fn a_heavy_endpoint_that_is_down_leaves_its_share_spread_by_weight() {
     }
 }
 
+/// Sends one request to `slow` and returns once it is in flight there; its status comes
+/// from the handle.
+async fn one_in_flight(
+    client: &reqwest::Client,
+    url: &str,
+    slow: &Backend,
+) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), url.to_string());
+        async move { client.get(&url).send().await.unwrap().status() }
+    });
+    let busy = Wraith::eventually(Duration::from_secs(5), || async {
+        slow.concurrent.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(busy, "the first request never reached the endpoint");
+    first
+}
+
 #[tokio::test]
 async fn requests_in_flight_across_a_reload_still_count_against_max_connections() {
     let slow = Backend::start("slow", Duration::from_secs(2)).await;
@@ -663,15 +682,7 @@ async fn requests_in_flight_across_a_reload_still_count_against_max_connections(
     let wraith = setup.start(&upstream("10s"));
     let client = http_client();
     let url = wraith.url("http", "/p");
-    let first = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { client.get(&url).send().await.unwrap().status() }
-    });
-    let busy = Wraith::eventually(Duration::from_secs(5), || async {
-        slow.concurrent.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    assert!(busy);
+    let first = one_in_flight(&client, &url, &slow).await;
     // The upstream changes (so its pools are built anew) while the request is in flight.
     wraith.write_config(&upstream("20s"));
     wraith.reload().unwrap();
@@ -701,15 +712,7 @@ async fn a_reload_that_adds_connection_limits_wakes_waiters_when_old_requests_en
     let wraith = setup.start(&upstream(""));
     let client = http_client();
     let url = wraith.url("http", "/p");
-    let first = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { client.get(&url).send().await.unwrap().status() }
-    });
-    let busy = Wraith::eventually(Duration::from_secs(5), || async {
-        slow.concurrent.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    assert!(busy);
+    let first = one_in_flight(&client, &url, &slow).await;
     // Limits arrive while the first request (of the old snapshot, whose pool had no one to
     // tell) is in flight: the next request waits for it, and is told when it ends.
     wraith.write_config(&upstream(

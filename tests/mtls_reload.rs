@@ -442,22 +442,7 @@ async fn a_websocket_opened_with_a_revoked_certificate_is_closed_after_the_drain
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     // A WebSocket echo upstream.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let ws_upstream = websocket_echo().await;
     let setup = Setup::new();
     let client = svc_client(&setup);
     setup.pki.write_crl("ca.crl", &[]);

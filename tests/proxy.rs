@@ -406,20 +406,7 @@ async fn http2_multiplexes_100_concurrent_streams_on_one_connection() {
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     // A WebSocket echo upstream (tokio-tungstenite server side).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        ws.send(msg).await.unwrap();
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = websocket_echo().await;
     let setup = Setup::new();
     let cfg = config(&setup, ws_addr, "");
     let wraith = setup.start(&cfg);
@@ -986,22 +973,7 @@ async fn a_request_body_that_stalls_is_408_not_the_upstreams_fault() {
 
 #[tokio::test]
 async fn a_websocket_tunnel_holds_its_endpoints_connection_slot() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let ws_addr = websocket_echo().await;
     let setup = Setup::new();
     let extra = format!(
         "[[upstream]]\nname = \"ws\"\nendpoints = [\"{ws_addr}\"]\nmax_connections = 1\n\

@@ -498,6 +498,29 @@ impl Upstream {
     }
 }
 
+/// A WebSocket echo server on 127.0.0.1:0 (tokio-tungstenite): every text or binary message
+/// comes back; a connection that is no WebSocket, or breaks, is dropped.
+pub async fn websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// The echo handler (usable inside custom handlers).
 pub async fn echo_response(req: Request<Incoming>) -> Response<TestBody> {
     let (parts, body) = req.into_parts();

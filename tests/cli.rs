@@ -114,6 +114,41 @@ fn test_reports_certificate_problems() {
 }
 
 #[test]
+fn test_checks_listeners_whose_dev_certs_serve_has_yet_to_create() {
+    // A fresh clone: the dev certs do not exist yet. `test` must still build and check the
+    // listener's client authentication, with a stand-in set, and create nothing in certs/.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |extra: &str| {
+        format!(
+            "[server]\ndev_certs_dir = 'certs'\n\n[[listener]]\nname='s'\naddress='127.0.0.1:0'\nprotocol='https'\n\n[listener.tls]\ncert = 'certs/server.pem'\nkey = 'certs/server-key.pem'\nclient_auth = 'optional'\nclient_ca = 'certs/ca.pem'\n{extra}"
+        )
+    };
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, cfg("")).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("will create development certificates"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("certs").exists(),
+        "test created the dev certs"
+    );
+
+    // Skipped before: the CRL beside pending dev certs was never read.
+    std::fs::write(&path, cfg("client_crl = 'missing.crl'\n")).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot read CRL file"), "{out}");
+    assert!(out.contains("c.toml:14:"), "position missing:\n{out}");
+    assert!(
+        !dir.path().join("certs").exists(),
+        "test created the dev certs"
+    );
+}
+
+#[test]
 fn test_reports_crowdsec_tls_files_it_cannot_use() {
     let dir = tempfile::tempdir().unwrap();
     let _pki = Pki::new(dir.path());

@@ -414,11 +414,66 @@ pub(super) struct Builder<'a> {
     pub(super) warnings: Vec<String>,
     notices: Vec<String>,
     options: LoadOptions,
+    /// `wraith test` with the development certificates still to be made: a stand-in set.
+    stand_in: Option<StandIn>,
+}
+
+/// A development certificate set made in a private temporary directory for `wraith test`,
+/// so that listeners whose dev certificates `serve` has yet to create are built and checked
+/// like any other (TLS settings, client authentication, HTTP/3). Read while the config is
+/// built, removed when the builder is done.
+struct StandIn {
+    /// The configured `dev_certs_dir`, whose missing files the stand-ins replace.
+    dev_dir: PathBuf,
+    dir: PathBuf,
+}
+
+impl StandIn {
+    fn new(dev_dir: PathBuf) -> Result<StandIn, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "wraith-test-dev-certs-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let stand_in = StandIn { dev_dir, dir };
+        crate::certs::init(&stand_in.dir, true)?;
+        Ok(stand_in)
+    }
+
+    /// Where to read `path` from: its stand-in when it is a missing file of the dev set.
+    fn read_path(&self, path: &Path) -> Option<PathBuf> {
+        let name = path.file_name()?.to_str()?;
+        (path.parent() == Some(&*self.dev_dir)
+            && crate::certs::FILES.contains(&name)
+            && !path.exists())
+        .then(|| self.dir.join(name))
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 pub(super) type Span = Range<usize>;
 
 impl Builder<'_> {
+    /// Where a certificate or key file is read from (see [`StandIn`]).
+    fn read_path(&self, path: &Path) -> PathBuf {
+        self.stand_in
+            .as_ref()
+            .and_then(|s| s.read_path(path))
+            .unwrap_or_else(|| path.to_path_buf())
+    }
+
     pub(super) fn err(
         &mut self,
         span: Option<Span>,
@@ -537,6 +592,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
         warnings: Vec::new(),
         notices: Vec::new(),
         options,
+        stand_in: None,
     };
 
     let (root, parse_errors) = DeTable::parse_recoverable(src.text);
@@ -1121,38 +1177,38 @@ fn build_tls(
             }
         } else {
             b.warnings.push(format!(
-                "{key}: {} does not exist yet; `wraith serve` will create development certificates in {}",
+                "{key}: {} does not exist yet; `wraith serve` will create development certificates in {} (checked with a stand-in set)",
                 cert_path.display(),
                 dir.display()
             ));
-            return Some(TlsConfig {
-                cert_path,
-                key_path,
-                versions,
-                alpn,
-                key_exchange,
-                handshake_timeout,
-                certified_key: None,
-                client_auth,
-            });
+            if b.stand_in.is_none() {
+                match StandIn::new(dir) {
+                    Ok(s) => b.stand_in = Some(s),
+                    Err(e) => {
+                        b.err(Some(raw.cert.span()), format!("{key}.cert"), e);
+                        return None;
+                    }
+                }
+            }
         }
     }
 
-    let certified_key = match tls::load_certified_key(&cert_path, &key_path) {
-        Ok((ck, warnings)) => {
-            b.warnings
-                .extend(warnings.into_iter().map(|w| format!("{key}: {w}")));
-            Some(ck)
-        }
-        Err(tls::CertError::Cert(m)) => {
-            b.err(Some(raw.cert.span()), format!("{key}.cert"), m);
-            None
-        }
-        Err(tls::CertError::Key(m)) => {
-            b.err(Some(raw.key.span()), format!("{key}.key"), m);
-            None
-        }
-    };
+    let certified_key =
+        match tls::load_certified_key(&b.read_path(&cert_path), &b.read_path(&key_path)) {
+            Ok((ck, warnings)) => {
+                b.warnings
+                    .extend(warnings.into_iter().map(|w| format!("{key}: {w}")));
+                Some(ck)
+            }
+            Err(tls::CertError::Cert(m)) => {
+                b.err(Some(raw.cert.span()), format!("{key}.cert"), m);
+                None
+            }
+            Err(tls::CertError::Key(m)) => {
+                b.err(Some(raw.key.span()), format!("{key}.key"), m);
+                None
+            }
+        };
     load_client_auth(b, key, &raw, &mut client_auth);
     certified_key.map(|ck| TlsConfig {
         cert_path,
@@ -1264,7 +1320,7 @@ fn load_client_auth(b: &mut Builder<'_>, key: &str, raw: &RawTls, auth: &mut Cli
     }
     let ca_span = raw.client_ca.as_ref().map(|v| v.span());
     for path in auth.ca_paths.clone() {
-        match tls::load_certs(&path) {
+        match tls::load_certs(&b.read_path(&path)) {
             Ok(certs) => auth.cas.extend(certs),
             Err(m) => b.err(ca_span.clone(), format!("{key}.client_ca"), m),
         }
@@ -1287,7 +1343,7 @@ fn load_client_auth(b: &mut Builder<'_>, key: &str, raw: &RawTls, auth: &mut Cli
     for (domain, paths) in auth.trust_domain_paths.clone() {
         let mut bundle = Vec::new();
         for path in &paths {
-            match tls::load_certs(path) {
+            match tls::load_certs(&b.read_path(path)) {
                 Ok(certs) => bundle.extend(certs),
                 Err(m) => b.err(
                     td_span.clone(),

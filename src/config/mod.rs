@@ -99,7 +99,8 @@ impl Source<'_> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     /// Create the development certificates in `server.dev_certs_dir` when they are missing
-    /// (`wraith serve` does; `wraith test` only reports that it would).
+    /// (`wraith serve` does; `wraith test` reports that it would and builds everything else
+    /// with a stand-in set made in a temporary directory).
     pub generate_dev_certs: bool,
 }
 

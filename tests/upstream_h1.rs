@@ -380,6 +380,86 @@ async fn bytes_an_upstream_sends_unasked_on_a_pooled_connection_never_become_a_r
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_after_a_bodyless_response_never_becomes_another_clients_response() {
+    // An application that writes a body to a HEAD, after a head announcing it (as the GET's
+    // would): on a reused connection those bytes would be read as the next request's
+    // response, which may be another client's. (After a head that announces no body, a 204
+    // without framing headers, bytes that come later still cannot be told from the next
+    // response by any HTTP/1.1 client; the gateway peeks before reusing such a connection,
+    // which narrows that window but cannot close it.)
+    const STRAY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL";
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((head, _)) = read_request(&mut s, &mut buf).await {
+                    let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let first: &[u8] = if head.starts_with("HEAD ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 38\r\n\r\n"
+                    } else if target == "/nothing" {
+                        b"HTTP/1.1 204 No Content\r\ncontent-length: 4\r\n\r\n"
+                    } else {
+                        if s.write_all(&ok(&target)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    };
+                    // Head, then the body in a segment of its own.
+                    if s.write_all(first).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if s.write_all(STRAY).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let wraith = gateway(Setup::new(), &[addr.to_string()]);
+    let mut tasks = Vec::new();
+    for c in 0..10 {
+        let url = |p: &str| wraith.url("http", p);
+        let (bodyless, victim) = (url("/late"), url(&format!("/victim/{c}")));
+        let nothing = url("/nothing");
+        tasks.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut wrong = Vec::new();
+            for i in 0..16 {
+                match c {
+                    0 => {
+                        let r = client.head(&bodyless).send().await.unwrap();
+                        assert_eq!(r.status(), 200);
+                    }
+                    1 => {
+                        let r = client.get(&nothing).send().await.unwrap();
+                        assert_eq!(r.status(), 204);
+                    }
+                    _ => {
+                        let r = client.get(&victim).send().await.unwrap();
+                        let body = r.text().await.unwrap_or_default();
+                        if !body.starts_with("/victim/") {
+                            wrong.push(format!("request {i}: {body:?}"));
+                        }
+                    }
+                }
+            }
+            wrong
+        }));
+    }
+    let mut wrong = Vec::new();
+    for t in tasks {
+        wrong.extend(t.await.unwrap());
+    }
+    assert!(
+        wrong.is_empty(),
+        "another response's bytes served: {wrong:?}"
+    );
+}
+
 /// The response timeout of a request on a reused connection counts from that request, not
 /// from the one before it (each pooled connection keeps one timer, moved lazily to the
 /// newest deadline: it must never fire at an older one).

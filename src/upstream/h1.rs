@@ -56,6 +56,10 @@ pub struct Conn {
     buf: BytesMut,
     /// The response-head timer, kept with the connection (`head_within`).
     deadline: LazyDeadline,
+    /// The last response ended with its head (no body): the connection went back to the
+    /// pool at once, so bytes the upstream sent after the head may be in the socket before
+    /// the reactor reports them. The next checkout asks the socket itself.
+    ended_at_head: bool,
 }
 
 struct Idle {
@@ -233,6 +237,7 @@ impl Pool {
             io,
             buf: BytesMut::with_capacity(8 * 1024),
             deadline: LazyDeadline::default(),
+            ended_at_head: false,
         })
     }
 }
@@ -250,8 +255,23 @@ impl Conn {
     /// hold decrypted bytes the socket no longer shows (a response longer than it said, read
     /// along with its end), and a late session ticket is consumed there and harmless, while
     /// application data or close_notify is not.
+    ///
+    /// After a response that ended with its head, the socket is asked with a real
+    /// non-blocking peek: the connection went back to the pool as the head was parsed, and a
+    /// body the upstream should not have sent (to a HEAD, after a 204) may have arrived since
+    /// without the reactor having seen it yet.
     fn usable(&mut self) -> bool {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        if std::mem::take(&mut self.ended_at_head) {
+            // (Over TLS, bytes here may be a late session ticket: not reusing then only
+            // costs a handshake.)
+            if !nothing_to_read(self.io.tcp()) {
+                return false;
+            }
+            if matches!(self.io, Stream::Tcp(_)) {
+                return true;
+            }
+        }
         if let Stream::Tcp(tcp) = &self.io {
             match tcp.poll_read_ready(&mut cx) {
                 Poll::Pending => return true,
@@ -269,6 +289,23 @@ impl Conn {
         // message was consumed). Ready: EOF, an error, or unsolicited bytes.
         polled.is_pending()
     }
+}
+
+/// Whether a socket has nothing to read and is not closed: one `recv(MSG_PEEK |
+/// MSG_DONTWAIT)`, whatever the reactor last saw.
+fn nothing_to_read(tcp: &tokio::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut probe = [0u8; 1];
+    // SAFETY: a one-byte peek into a buffer we own, on a descriptor `tcp` keeps open.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            probe.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
 /// Sends `req` (origin-form URI, headers already prepared) to the pool's endpoint and returns
@@ -790,8 +827,19 @@ fn parse_head(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
+        // No body follows, whatever the head says; but an upstream whose head announces one
+        // (a HEAD answered with the GET's Content-Length, a 304 with the representation's)
+        // may be an application that writes it anyway, after the head. Those bytes would be
+        // the next request's response on a reused connection (a response desync across
+        // clients), so such a connection is not reused. HEAD is rare; most 304s and 204s
+        // carry no framing header at all.
+        let announces_body = facts.transfer_coding.is_some()
+            || facts
+                .content_length
+                .as_ref()
+                .is_some_and(|n| n.as_ref().map_or(true, |&n| n > 0));
         Framing::Empty {
-            reusable: keep_alive,
+            reusable: keep_alive && !announces_body,
         }
     } else if let Some(chunked) = facts.transfer_coding {
         if chunked {
@@ -977,6 +1025,9 @@ impl ResponseBody {
             stall_armed: false,
         };
         if matches!(body.state, State::Done) {
+            if let Some(conn) = body.conn.as_mut() {
+                conn.ended_at_head = true;
+            }
             body.finish();
         }
         body
@@ -1176,13 +1227,24 @@ mod tests {
                 .1,
             "Length { remaining: 5, reusable: true }"
         );
+        // A HEAD's head announcing the GET's body: no body follows, and the connection is
+        // not reused (an application that writes the body anyway would desync it).
         assert_eq!(
             parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true)
                 .unwrap()
                 .unwrap()
                 .1,
-            "Empty { reusable: true }"
+            "Empty { reusable: false }"
         );
+        for bodyless in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(bodyless, true).unwrap().unwrap().1,
+                "Empty { reusable: true }"
+            );
+        }
         assert_eq!(
             parse(
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",

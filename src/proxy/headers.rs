@@ -397,8 +397,10 @@ const FWD: [Fwd; 8] = [
 /// and servers behind a proxy believe (the scheme, port or prefix the client used, its
 /// address, the URL before a rewrite): passed on only from `trusted_proxies`. The URL ones
 /// are an access-control bypass otherwise (a request routed and authorized as `/public`
-/// with `X-Original-URL: /admin` reaches `/admin` on IIS and Symfony-style routers).
-pub const CLAIMS: [&str; 14] = [
+/// with `X-Original-URL: /admin` reaches `/admin` on IIS and Symfony-style routers), and so
+/// are the method overrides (a POST the policies permit is a DELETE to Express's
+/// method-override, Laravel or ASP.NET with `X-HTTP-Method-Override: DELETE`).
+pub const CLAIMS: [&str; 17] = [
     "x-forwarded-port",
     "x-forwarded-prefix",
     "x-forwarded-server",
@@ -413,6 +415,9 @@ pub const CLAIMS: [&str; 14] = [
     "cf-connecting-ip",
     "fastly-client-ip",
     "x-cluster-client-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 fn is_claim(name: &str) -> bool {

@@ -9,7 +9,9 @@
 //! Some forms are refused outright (400, see `refused`), because common upstreams read them
 //! differently from Wraith and a route or policy on the path could be walked around:
 //! backslashes (IIS, Windows and some Node servers read them as `/`), encoded backslashes and
-//! NULs, and dot segments with path parameters (`..;`, which Tomcat and Spring read as `..`).
+//! NULs, dot segments with path parameters (`..;`, which Tomcat and Spring read as `..`), and
+//! dot segments beside an encoded slash (`..%2F`: nginx and others decode `%2F` before they
+//! resolve dot segments, so `/public/..%2Fadmin` would reach their `/admin`).
 //! Other path parameters are left out of what routing and policy see (`without_params`).
 
 /// Why `path` is refused, if it is: a form upstreams commonly read differently.
@@ -26,6 +28,19 @@ pub fn refused(path: &str) -> Option<&'static str> {
         })
     {
         return Some("encoded backslash or NUL in the request path");
+    }
+    if has_escape
+        && b.windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'2' && w[2] | 0x20 == b'f')
+    {
+        let decoded = decode_unreserved(path);
+        let dotted = decoded
+            .split('/')
+            .filter(|seg| seg.contains("%2F"))
+            .any(|seg| seg.split("%2F").any(|p| p == "." || p == ".."));
+        if dotted {
+            return Some("dot segment beside an encoded slash in the request path");
+        }
     }
     if b.contains(&b';') {
         let decoded = decode_unreserved(path);
@@ -209,10 +224,24 @@ mod tests {
             "/api/..;/admin",
             "/api/.;/admin",
             "/api/%2e%2e;x=1/admin",
+            "/public/..%2Fadmin/x",
+            "/public/..%2fadmin",
+            "/a/%2e%2e%2fb",
+            "/a/%2F..",
+            "/a/.%2Fb",
+            "/a/x%2F..%2F..%2Fadmin",
         ] {
             assert!(refused(p).is_some(), "{p}");
         }
-        for p in ["/api/v1;jsessionid=1", "/a/b", "/a%2Fb", "/..x;y", "/a;b/c"] {
+        for p in [
+            "/api/v1;jsessionid=1",
+            "/a/b",
+            "/a%2Fb",
+            "/..x;y",
+            "/a;b/c",
+            "/files/a%2F.hidden",
+            "/files/..x%2Fy",
+        ] {
             assert!(refused(p).is_none(), "{p}");
         }
     }

@@ -94,7 +94,8 @@ fn trim_dot(h: &str) -> &str {
 
 fn path_matches(m: &PathMatch, path: &str) -> bool {
     match m {
-        PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        // `OPTIONS *` (the asterisk form) is for the catch-all routes.
+        PathMatch::Prefix(p) => path.starts_with(p.as_str()) || (path == "*" && p == "/"),
         PathMatch::Exact(p) => path == p,
         PathMatch::Regex(re) => re.is_match(path),
     }

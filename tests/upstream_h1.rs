@@ -323,6 +323,38 @@ async fn a_refused_connection_fails_over_to_the_next_endpoint() {
 }
 
 #[tokio::test]
+async fn a_failure_after_an_interim_response_is_never_retried() {
+    // The upstream answered (100 Continue), then closed: it has acted on the request, so it
+    // is not sent again, not even a GET to another endpoint.
+    let script = |_: &str| (b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), true);
+    let (a, b) = (Scripted::start(script).await, Scripted::start(script).await);
+    let wraith = gateway(Setup::new(), &[a.addr.to_string(), b.addr.to_string()]);
+    let r = http_client()
+        .get(wraith.url("http", "/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let sent = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+    assert_eq!(sent, 1, "the request was sent {sent} times");
+}
+
+#[tokio::test]
+async fn options_asterisk_reaches_the_upstream_as_sent() {
+    // The upstream echoes the request line it got.
+    let up = Scripted::start(|head| (ok(head.lines().next().unwrap_or("")), false)).await;
+    let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
+    let mut s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with("\r\n\r\nOPTIONS * HTTP/1.1"), "{text}");
+}
+
+#[tokio::test]
 async fn an_upstream_that_stalls_mid_body_is_cut_off_after_the_response_timeout() {
     // 10 of 100 promised bytes, then silence with the connection open.
     let up = Scripted::start(|_| {

@@ -277,8 +277,11 @@ impl Gateway {
         if let Some(why) = path::refused(req.uri().path()) {
             return Err(GatewayError::BadRequest(why));
         }
-        if let Some(normal) = path::normalize(req.uri().path()) {
-            *req.uri_mut() = with_path(req.uri(), &normal)?;
+        // (`OPTIONS *`, the asterisk form, is no path: it goes on as it came, not as `/*`.)
+        if req.uri().path() != "*" {
+            if let Some(normal) = path::normalize(req.uri().path()) {
+                *req.uri_mut() = with_path(req.uri(), &normal)?;
+            }
         }
         let host = headers::Host::of(req.uri(), req.headers());
         // One host for routing, policy and the upstream: anything but a name or an IP

@@ -439,7 +439,7 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if !route.strip_prefix {
+    if !route.strip_prefix || original.path() == "*" {
         return Ok(original);
     }
     let crate::config::PathMatch::Prefix(prefix) = &route.path else {

@@ -60,6 +60,9 @@ pub struct Conn {
     /// pool at once, so bytes the upstream sent after the head may be in the socket before
     /// the reactor reports them. The next checkout asks the socket itself.
     ended_at_head: bool,
+    /// The current exchange got an interim (1xx) response: the upstream has answered, so a
+    /// failure after it is never retried.
+    interim: bool,
 }
 
 struct Idle {
@@ -238,6 +241,7 @@ impl Pool {
             buf: BytesMut::with_capacity(8 * 1024),
             deadline: LazyDeadline::default(),
             ended_at_head: false,
+            interim: false,
         })
     }
 }
@@ -377,9 +381,7 @@ pub async fn send(
             Err(e) => {
                 drop(guard);
                 // Nothing of a response arrived: hand the request back for a possible retry.
-                let request = conn
-                    .buf
-                    .is_empty()
+                let request = (conn.buf.is_empty() && !conn.interim)
                     .then(|| Box::new(Request::from_parts(parts, body)));
                 return Err(match e {
                     Exchange::Stale { .. } => SendError::Failed {
@@ -682,6 +684,7 @@ impl Framing {
 /// Reads and parses the response head, skipping interim (1xx) responses other than 101.
 async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Response<()>, Framing), Exchange> {
     let mut first = true;
+    conn.interim = false;
     loop {
         if !conn.buf.is_empty() {
             if let Some((resp, framing)) =
@@ -691,6 +694,7 @@ async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Response<()>, Fr
                     && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                 {
                     first = false;
+                    conn.interim = true;
                     continue;
                 }
                 return Ok((resp, framing));

@@ -30,6 +30,9 @@ pub enum Body {
     Upstream(Box<crate::upstream::h1::ResponseBody>),
     /// An HTTP/2 upstream's response body, holding its endpoint's in-flight slot until it ends.
     Tracked(hyper::body::Incoming, crate::upstream::h1::InFlight),
+    /// A response body that emits its access record when it ends (a variant rather than a
+    /// box: it wraps nearly every proxied response).
+    Logged(Box<crate::telemetry::access_log::LoggedBody>),
     /// Anything else (HTTP/3 streams, wrapped bodies).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -70,6 +73,7 @@ impl std::fmt::Debug for Body {
             Body::H1(_) => "Body::H1",
             Body::Upstream(_) => "Body::Upstream",
             Body::Tracked(..) => "Body::Tracked",
+            Body::Logged(_) => "Body::Logged",
             Body::Boxed(_) => "Body::Boxed",
         })
     }
@@ -90,6 +94,7 @@ impl http_body::Body for Body {
             Body::H1(b) => Pin::new(b).poll_frame(cx),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
             Body::Tracked(b, _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Logged(b) => Pin::new(&mut **b).poll_frame(cx),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -102,6 +107,7 @@ impl http_body::Body for Body {
             Body::H1(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Tracked(b, _) => b.is_end_stream(),
+            Body::Logged(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -114,6 +120,7 @@ impl http_body::Body for Body {
             Body::H1(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
             Body::Tracked(b, _) => b.size_hint(),
+            Body::Logged(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }
     }

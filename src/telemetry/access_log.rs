@@ -444,11 +444,11 @@ impl Pending {
             return resp;
         }
         resp.map(|inner| {
-            Body::boxed(LoggedBody {
+            Body::Logged(Box::new(LoggedBody {
                 inner,
                 bytes: 0,
                 pending: Some(self),
-            })
+            }))
         })
     }
 
@@ -480,7 +480,7 @@ impl Drop for Pending {
 }
 
 /// A response body that emits the access record when it ends or is dropped.
-struct LoggedBody {
+pub struct LoggedBody {
     inner: Body,
     bytes: u64,
     pending: Option<Pending>,

@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 use crate::config::{LimitKey, LimitMode, RateLimitConfig};
 use crate::error::{GatewayError, RateLimited};
 use crate::identity::Identity;
+use crate::telemetry::access_log::RateLimitRecord;
 
 /// What a request is counted by in one limit.
 #[derive(Debug, Clone)]
@@ -42,8 +43,8 @@ pub enum Key {
     Ip(IpAddr),
     /// A client certificate (by SPIFFE ID, else fingerprint).
     Identity(IdentityKey),
-    /// The whole route.
-    Route,
+    /// The whole route, by a keyed hash of its name (`Limiter::route_key`).
+    Route(u64),
     /// A header value from a trusted proxy, as a keyed 128-bit hash (`Limiter::header_key`):
     /// a fixed 16 bytes whatever the value's length, and no reference to the request's
     /// buffers (hyper's `HeaderValue` is a slice of the connection's read buffer).
@@ -55,7 +56,7 @@ impl PartialEq for Key {
         match (self, other) {
             (Key::Ip(a), Key::Ip(b)) => a == b,
             (Key::Identity(a), Key::Identity(b)) => a == b,
-            (Key::Route, Key::Route) => true,
+            (Key::Route(a), Key::Route(b)) => a == b,
             (Key::Header(a), Key::Header(b)) => a == b,
             _ => false,
         }
@@ -70,7 +71,7 @@ impl Hash for Key {
         match self {
             Key::Ip(ip) => ip.hash(state),
             Key::Identity(id) => id.hash(state),
-            Key::Route => {}
+            Key::Route(r) => r.hash(state),
             Key::Header(v) => v.hash(state),
         }
     }
@@ -118,6 +119,9 @@ pub struct RequestFacts<'a> {
     /// The verified client certificate, if any.
     pub identity: Option<&'a Arc<Identity>>,
     pub headers: &'a HeaderMap,
+    /// The route the request matched (`key = "route"`: one bucket per route, also for the
+    /// `[rate_limit]` defaults every route without limits of its own shares).
+    pub route: &'a str,
 }
 
 /// How many shared buckets new keys spread over while the key table is full: a flood's keys
@@ -208,6 +212,19 @@ impl<C: Clock> StateStore for CappedStore<C> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
+        if PEEK.get() {
+            // What the request would get, with nothing stored (`Limiter::peek_key`).
+            let state = self.map.get(key);
+            let tat = match &state {
+                Some(s) => tat(s),
+                None if self.count.load(Ordering::Relaxed) >= self.cap => {
+                    let i = self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS;
+                    tat(&self.overflow[i])
+                }
+                None => None,
+            };
+            return f(tat).map(|(t, _)| t);
+        }
         if let Some(state) = self.map.get(key) {
             return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
@@ -227,6 +244,11 @@ impl<C: Clock> StateStore for CappedStore<C> {
         };
         state.measure_and_replace(&NotKeyed::NonKey, f)
     }
+}
+
+thread_local! {
+    /// Set while `Limiter::peek_key` runs: the store answers without storing.
+    static PEEK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The theoretical arrival time a state holds, read without changing it.
@@ -338,6 +360,11 @@ impl<C: Clock> Limiter<C> {
         Key::Header(u128::from(half(0)) << 64 | u128::from(half(1)))
     }
 
+    /// The key of route `name`: its name hashed under this limiter's secret key.
+    fn route_key(&self, name: &str) -> u64 {
+        self.header_hasher.hash_one(name)
+    }
+
     /// The key this limit counts `req` by.
     pub fn key_for(&self, req: &RequestFacts<'_>) -> Key {
         match &self.config.key {
@@ -347,7 +374,7 @@ impl<C: Clock> Limiter<C> {
                 // Anonymous clients are still limited, by address.
                 None => Key::Ip(ip_key(req.client)),
             },
-            LimitKey::Route => Key::Route,
+            LimitKey::Route => Key::Route(self.route_key(req.route)),
             LimitKey::Header(name) => match req.headers.get(name) {
                 Some(v) if req.peer_trusted => self.header_key(v.as_bytes()),
                 _ => Key::Ip(ip_key(req.client)),
@@ -363,6 +390,14 @@ impl<C: Clock> Limiter<C> {
                 Outcome::Refused(not_until.wait_time_from(self.limiter.clock().now()))
             }
         }
+    }
+
+    /// What counting one request under `key` would give, counting nothing.
+    pub fn peek_key(&self, key: &Key) -> Outcome {
+        PEEK.set(true);
+        let outcome = self.check_key(key);
+        PEEK.set(false);
+        outcome
     }
 
     /// Drops keys whose bucket is full again, and returns memory to the allocator. Visits
@@ -405,31 +440,68 @@ pub async fn table_full<C: Clock>(limits: &[Arc<Limiter<C>>]) {
     futures_util::future::select_all(asks).await;
 }
 
-/// The rate-limit stage: every limit of the route counts the request; the first enforced
-/// limit over its rate refuses it with 429. Shadow limits only log.
+/// The rate-limit stage: a request refused by one enforced limit of the route is counted by
+/// none of them; one they all let through is counted by every one. (Counted as it went, a
+/// client refused by its per-address limit would still spend the route's shared budget.) As
+/// nginx's `limit_req` with several zones does: every limit but the last is only asked, the
+/// last counts the request, then the others do. Shadow limits never refuse: a request one of
+/// them would have refused is logged, and recorded as `shadow_limited`.
 ///
 /// Runs after decisions and policy, so refused or banned clients never spend quota.
 pub fn check<C: Clock>(
     limits: &[Arc<Limiter<C>>],
     req: &RequestFacts<'_>,
-    route: &str,
-) -> Result<(), GatewayError> {
-    for limit in limits {
-        let key = limit.key_for(req);
-        if let Outcome::Refused(wait) = limit.check_key(&key) {
-            match limit.config.mode {
-                LimitMode::Enforce => return Err(limit.refusal(wait)),
-                LimitMode::Shadow => tracing::info!(
-                    limit = %limit.config.name,
-                    route,
-                    client = %req.client,
-                    retry_after_ms = wait.as_millis() as u64,
-                    "rate limit would refuse this request (shadow mode)"
-                ),
-            }
+) -> Result<Option<RateLimitRecord>, GatewayError> {
+    let Some((last, rest)) = limits.split_last() else {
+        return Ok(None);
+    };
+    let enforced = |l: &Limiter<C>| l.config.mode == LimitMode::Enforce;
+    for limit in rest.iter().filter(|l| enforced(l)) {
+        if let Outcome::Refused(wait) = limit.peek_key(&limit.key_for(req)) {
+            return Err(limit.refusal(wait));
         }
     }
-    Ok(())
+    let mut shadow: Option<&Limiter<C>> = None;
+    // The last one counts first, so that its refusal leaves the others untouched. (Between
+    // the asking and the counting another request may take an earlier limit's last token:
+    // that limit then counts this one over its rate, as nginx's would.)
+    for (i, limit) in std::iter::once(last).chain(rest).enumerate() {
+        let Outcome::Refused(wait) = limit.check_key(&limit.key_for(req)) else {
+            continue;
+        };
+        if !enforced(limit) {
+            tracing::info!(
+                limit = %limit.config.name,
+                route = req.route,
+                client = %req.client,
+                retry_after_ms = wait.as_millis() as u64,
+                "rate limit would refuse this request (shadow mode)"
+            );
+            shadow.get_or_insert(limit);
+        } else if i == 0 {
+            return Err(limit.refusal(wait));
+        }
+    }
+    Ok(Some(match shadow {
+        Some(limit) => RateLimitRecord {
+            limited: false,
+            shadow: true,
+            limiter: limit.config.name.clone(),
+        },
+        None => RateLimitRecord {
+            limited: false,
+            shadow: false,
+            limiter: match limits {
+                [one] => one.config.name.clone(),
+                all => all
+                    .iter()
+                    .map(|l| &*l.config.name)
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    .into(),
+            },
+        },
+    }))
 }
 
 /// A limiter for `config`: the one from `previous` with the same settings (keeping its
@@ -477,6 +549,7 @@ mod tests {
             peer_trusted: trusted,
             identity,
             headers,
+            route: "r",
         }
     }
 
@@ -562,9 +635,9 @@ mod tests {
         let req = facts("192.0.2.1", None, &h, false);
         let limits = [Arc::new(l)];
         for _ in 0..3 {
-            check(&limits, &req, "r").unwrap();
+            check(&limits, &req).unwrap();
         }
-        let err = check(&limits, &req, "r").unwrap_err();
+        let err = check(&limits, &req).unwrap_err();
         assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
         // One request per 6s; a full burst of 3 refills in 18s.
         assert_eq!(err.retry_after(), Some(6));
@@ -891,9 +964,77 @@ mod tests {
         ))];
         let h = HeaderMap::new();
         let req = facts("192.0.2.1", None, &h, false);
-        for _ in 0..5 {
-            check(&limits, &req, "r").unwrap();
+        assert_eq!(check(&limits, &req).unwrap().unwrap().outcome(), "passed");
+        for _ in 0..4 {
+            let record = check(&limits, &req).unwrap().unwrap();
+            assert_eq!(record.outcome(), "shadow_limited");
+            assert_eq!(&*record.limiter, "test");
         }
+    }
+
+    #[test]
+    fn a_request_one_limit_refuses_is_counted_by_none() {
+        // A shared per-route budget of 5 a minute and 1 a minute per address: a client
+        // refused by its own limit must not spend the route's budget for everyone else.
+        let clock = FakeRelativeClock::default();
+        let limit = |key, count, name: &str| {
+            let mut c = config(key, count, Duration::from_secs(60), count);
+            c.name = name.into();
+            Arc::new(Limiter::with_clock(c, 100, clock.clone()))
+        };
+        for order in [[0, 1], [1, 0]] {
+            let both = [
+                limit(LimitKey::Route, 5, "route"),
+                limit(LimitKey::Ip, 1, "per-ip"),
+            ];
+            let limits = [both[order[0]].clone(), both[order[1]].clone()];
+            let h = HeaderMap::new();
+            let greedy = facts("192.0.2.1", None, &h, false);
+            assert_eq!(
+                &*check(&limits, &greedy).unwrap().unwrap().limiter,
+                if order[0] == 0 {
+                    "route,per-ip"
+                } else {
+                    "per-ip,route"
+                }
+            );
+            for _ in 0..10 {
+                let refused = check(&limits, &greedy).unwrap_err();
+                assert_eq!(refused.status(), http::StatusCode::TOO_MANY_REQUESTS);
+            }
+            // Four more clients get the rest of the route's budget; the sixth is refused.
+            for i in 2..6 {
+                let other = facts(&format!("192.0.2.{i}"), None, &h, false);
+                assert!(
+                    check(&limits, &other).is_ok(),
+                    "order {order:?}, client {i}"
+                );
+            }
+            let sixth = facts("192.0.2.6", None, &h, false);
+            assert!(check(&limits, &sixth).is_err());
+        }
+    }
+
+    #[test]
+    fn a_route_key_is_one_bucket_per_route() {
+        // The `[rate_limit]` defaults are one limiter shared by every route without limits
+        // of its own: `key = "route"` must still count each route apart.
+        let limits = [Arc::new(Limiter::with_clock(
+            config(LimitKey::Route, 2, Duration::from_secs(60), 2),
+            100,
+            FakeRelativeClock::default(),
+        ))];
+        let h = HeaderMap::new();
+        let on = |route| RequestFacts {
+            route,
+            ..facts("192.0.2.1", None, &h, false)
+        };
+        assert!(check(&limits, &on("a")).is_ok());
+        assert!(check(&limits, &on("a")).is_ok());
+        assert!(check(&limits, &on("a")).is_err());
+        assert!(check(&limits, &on("b")).is_ok());
+        assert!(check(&limits, &on("b")).is_ok());
+        assert!(check(&limits, &on("b")).is_err());
     }
 
     #[test]

@@ -206,6 +206,22 @@ async fn the_cli_manages_decisions() {
 }
 
 #[tokio::test]
+async fn a_banned_client_is_refused_before_the_https_redirect() {
+    // Behind a trusted proxy on a listener that sends everyone to HTTPS: the ban, not a 308.
+    let setup = Setup::new();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "").replace(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nredirect_https = { port = 8443 }\n",
+    );
+    let wraith = setup.start(&cfg);
+    let (code, out, err) = wraith.cli(&["decisions", "add", "--ip", "198.51.100.7"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let client = http_client();
+    assert_eq!(status_for(&client, &wraith, "198.51.100.7").await, 403);
+    assert_eq!(status_for(&client, &wraith, "198.51.100.8").await, 308);
+}
+
+#[tokio::test]
 async fn captcha_and_other_types_follow_the_fallback() {
     let setup = Setup::new();
     let cfg = config(&setup, "\"127.0.0.0/8\"", "");

@@ -152,7 +152,7 @@ async fn shadow_mode_logs_what_it_would_refuse() {
     let cfg = config(
         &setup,
         r#"{ name = "trial", key = "ip", rate = "1/h", burst = 1, mode = "shadow" }"#,
-        "",
+        "[log.json]\npath = \"access.json\"\n",
     );
     let wraith = setup.start(&cfg);
     let client = http_client();
@@ -171,6 +171,31 @@ async fn shadow_mode_logs_what_it_would_refuse() {
         .expect("a would-refuse line");
     assert_eq!(line["limit"], "trial");
     assert_eq!(line["client"], "192.0.2.3");
+    // And the access records say what the limit did: the first passed, the others would
+    // have been refused.
+    let path = wraith.path("access.json");
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    assert!(Wraith::eventually(Duration::from_secs(5), || async { records().len() >= 4 }).await);
+    let outcomes: Vec<_> = records()
+        .iter()
+        .map(|r| (r["rate_limit"].clone(), r["rate_limiter"].clone()))
+        .collect();
+    let expected = [
+        "passed",
+        "shadow_limited",
+        "shadow_limited",
+        "shadow_limited",
+    ];
+    assert_eq!(
+        outcomes,
+        expected.map(|o| (serde_json::json!(o), serde_json::json!("trial")))
+    );
 }
 
 #[tokio::test]

@@ -299,6 +299,9 @@ impl Gateway {
         {
             return Err(GatewayError::BadRequest("missing Host"));
         }
+        // Decisions before anything that costs (a banned client spends no quota), and before
+        // the redirect and the 404: a banned client gets 403 whatever it asks for.
+        decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
         // Plain-HTTP listener told to send everyone to HTTPS: after the Host and path checks,
         // since the Location is built from them.
         if let Some(redirect) = snapshot
@@ -322,9 +325,6 @@ impl Gateway {
         if let Some(route) = route {
             record.set_route(route);
         }
-        // Decisions before anything that costs (a banned client spends no quota), and before
-        // the 404: a banned client gets 403 whatever it asks for.
-        decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
         let route = route.ok_or(GatewayError::NoRoute)?;
         // Early data (0-RTT, replayable) after routing, since the route decides whether it is
         // served; before policy, which must see the verified identity of a request that
@@ -381,15 +381,15 @@ impl Gateway {
             return Err(GatewayError::from(&deny));
         }
         // Rate limits after policy: only requests that could be served count.
-        ratelimit::check(
+        record.rate_limit = ratelimit::check(
             &route.limits,
             &RequestFacts {
                 client: client_ip,
                 peer_trusted,
                 identity: conn.identity.as_ref(),
                 headers: req.headers(),
+                route: &route.config.name,
             },
-            &route.config.name,
         )?;
         // A body declared larger than the limit is refused before any of it is read (and
         // before `Expect: 100-continue` is answered); one that turns out larger on the way

@@ -159,8 +159,24 @@ impl Effect {
 pub struct RateLimitRecord {
     /// The request was refused (429).
     pub limited: bool,
-    /// Name of the limit that applied.
+    /// Served, but a shadow-mode limit would have refused it.
+    pub shadow: bool,
+    /// Name of the limit that refused it (or would have); for a request every limit let
+    /// through, the route's limits, comma-separated.
     pub limiter: Arc<str>,
+}
+
+impl RateLimitRecord {
+    /// As logged: `passed`, `limited` or `shadow_limited`.
+    pub fn outcome(&self) -> &'static str {
+        if self.limited {
+            "limited"
+        } else if self.shadow {
+            "shadow_limited"
+        } else {
+            "passed"
+        }
+    }
 }
 
 /// The ban decision that refused a request.
@@ -331,6 +347,7 @@ impl AccessRecord {
             GatewayError::RateLimited(r) => {
                 self.rate_limit = Some(RateLimitRecord {
                     limited: true,
+                    shadow: false,
                     limiter: r.name.clone(),
                 });
             }

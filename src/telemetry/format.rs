@@ -525,7 +525,7 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     }
     policy_fields(&mut o, r);
     if let Some(rl) = &r.rate_limit {
-        o.str("rate_limit", if rl.limited { "limited" } else { "passed" });
+        o.str("rate_limit", rl.outcome());
         o.str("rate_limiter", &rl.limiter);
     }
     if let Some(b) = &r.ban {
@@ -934,6 +934,7 @@ mod tests {
         });
         r.rate_limit = Some(crate::telemetry::access_log::RateLimitRecord {
             limited: false,
+            shadow: false,
             limiter: "per-identity".into(),
         });
         let mut out = Vec::new();

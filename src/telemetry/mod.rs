@@ -596,6 +596,7 @@ mod tests {
         t.emit(Box::new(AccessRecord {
             rate_limit: Some(RateLimitRecord {
                 limited: true,
+                shadow: false,
                 limiter: "per-ip".into(),
             }),
             status: 429,

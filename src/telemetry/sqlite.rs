@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS access_log (
     policies     TEXT,               -- comma-separated policy ids
     reason       TEXT,
     shadow       INTEGER,            -- 1 when the policy runs in shadow mode
-    rate_limit   TEXT,               -- passed, limited
+    rate_limit   TEXT,               -- passed, limited, shadow_limited
     rate_limiter TEXT,
     ban_origin   TEXT,
     ban_scenario TEXT,
@@ -237,7 +237,7 @@ fn bind_row<'v>(
         b.int(base + 29, p.shadow.into())?;
     }
     if let Some(l) = &r.rate_limit {
-        b.text(base + 30, if l.limited { "limited" } else { "passed" })?;
+        b.text(base + 30, l.outcome())?;
         b.text(base + 31, &l.limiter)?;
     }
     if let Some(ban) = &r.ban {

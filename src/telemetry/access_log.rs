@@ -216,7 +216,10 @@ impl AccessRecord {
             time: SystemTime::now(),
             request_id: request_id.clone(),
             client_ip,
-            client_port: (client_ip == conn.peer.ip()).then_some(conn.peer.port()),
+            // (The client address is canonical: an IPv4 client of a dual-stack listener is
+            // its IPv4 address, the peer its `::ffff:` form.)
+            client_port: (client_ip == crate::proxy::headers::canonical(conn.peer.ip()))
+                .then_some(conn.peer.port()),
             local: conn.local,
             listener: conn.listener.clone(),
             protocol: protocol_name(req.version()),
@@ -637,6 +640,26 @@ mod tests {
     /// Request-thread CPU of the access record per request: open, finish, stream the body,
     /// emit (metrics, window, queues). A measurement, not a check: run it with
     /// `cargo test --release --lib request_path_cost -- --ignored --nocapture`.
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_has_its_port() {
+        let conn = ConnInfo {
+            peer: "[::ffff:198.51.100.7]:51234".parse().unwrap(),
+            local: "[::ffff:127.0.0.1]:8085".parse().unwrap(),
+            listener: "http".into(),
+            tls: None,
+            identity: None,
+            policy_cache: Default::default(),
+            limits: Default::default(),
+            close: None,
+        };
+        let req = Request::builder().uri("/").body(Body::Empty).unwrap();
+        let client = crate::proxy::headers::canonical(conn.peer.ip());
+        let rid = HeaderValue::from_static("rid");
+        let r = AccessRecord::start(&req, &conn, client, &rid);
+        assert_eq!(r.client_ip.to_string(), "198.51.100.7");
+        assert_eq!(r.client_port, Some(51234));
+    }
+
     #[test]
     #[ignore = "measurement; meaningful only in a release build"]
     fn request_path_cost() {

@@ -1504,6 +1504,56 @@ async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
     );
 }
 
+/// A request retried on another endpoint counts its failed attempt on the endpoint that
+/// failed (its error and its time), and only its last attempt on the one that answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_metrics_put_each_attempt_on_its_own_endpoint() {
+    let up = upstream().await;
+    let dead = format!("127.0.0.1:{}", unused_port());
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n\n[[upstream]]\nname = \"pair\"\nendpoints = [\"{dead}\", \"{}\"]\noutlier = {{ consecutive_failures = 100 }}\n\n[[route]]\nname = \"pair\"\nupstream = \"pair\"\n",
+        setup.listeners(),
+        up.addr
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    for _ in 0..6 {
+        let r = client.get(wraith.url("http", "/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let path = wraith.path("access.json");
+    eventually("six records", || json_lines(&path).len() >= 6).await;
+    let retried = json_lines(&path)
+        .iter()
+        .filter(|r| r["attempts"] == 2)
+        .count() as f64;
+    assert!(
+        retried >= 1.0,
+        "round robin sends some requests to the dead endpoint first"
+    );
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    let m = parse_metrics(std::str::from_utf8(&text).unwrap());
+    let errors = |endpoint: &str| {
+        metric(
+            &m,
+            "wraith_upstream_errors_total",
+            &[("endpoint", endpoint), ("code", "upstream_unreachable")],
+        )
+    };
+    assert_eq!(errors(&dead), retried);
+    assert_eq!(errors(&up.addr.to_string()), 0.0);
+    let attempts = |endpoint: &str| {
+        metric(
+            &m,
+            "wraith_upstream_request_duration_seconds_count",
+            &[("endpoint", endpoint)],
+        )
+    };
+    assert_eq!(attempts(&dead), retried);
+    assert_eq!(attempts(&up.addr.to_string()), 6.0);
+}
+
 /// Requests the HTTP/1.1 server refuses reach the combined log: one with a readable request
 /// line parses with CrowdSec's stock nginx parser like any other line (so its HTTP scenarios
 /// count it); an unreadable one is logged as `"- - HTTP/1.1"`, which the parser skips, as it

@@ -35,10 +35,23 @@ use crate::proxy::headers::{self, ForwardInfo};
 pub struct ForwardOutcome {
     /// The endpoint tried last (the one that answered, when one did).
     pub endpoint: Option<http::uri::Authority>,
-    /// Time from sending the first attempt to receiving the response head (all attempts).
+    /// Time from sending the last attempt to receiving its response head.
     pub upstream_time: Option<Duration>,
     /// Attempts made (1 + retries).
     pub attempts: u32,
+    /// The attempts before the last, each failed and retried (empty unless retried): the
+    /// metrics put each on its own endpoint.
+    pub retried: Vec<FailedAttempt>,
+}
+
+/// An attempt that failed and was retried on another endpoint.
+#[derive(Debug, Clone)]
+pub struct FailedAttempt {
+    pub endpoint: http::uri::Authority,
+    /// `upstream_unreachable`, `upstream_timeout` or `upstream_failed`.
+    pub error: &'static str,
+    /// From sending the attempt to its failure.
+    pub time: Duration,
 }
 
 /// How a request body can be sent again on a retry.
@@ -169,6 +182,12 @@ pub async fn forward(
         };
         let endpoint = &upstream.endpoints[index];
         tried.insert(index);
+        // (The first attempt starts with the stage: no second clock read.)
+        let attempt_started = if outcome.attempts == 0 {
+            started
+        } else {
+            Instant::now()
+        };
         outcome.attempts += 1;
         outcome.endpoint = Some(endpoint.authority.clone());
         endpoint.requests.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +209,7 @@ pub async fn forward(
                     }
                 })
         };
-        outcome.upstream_time = Some(started.elapsed());
+        outcome.upstream_time = Some(attempt_started.elapsed());
 
         let (failure, returned) = match result {
             Ok(resp) => {
@@ -292,6 +311,11 @@ pub async fn forward(
         };
         if next.is_some() {
             tracing::warn!(upstream = %config.name, endpoint = %endpoint.authority, error = %error, attempt = outcome.attempts, "attempt failed; retrying on another endpoint");
+            outcome.retried.push(FailedAttempt {
+                endpoint: endpoint.authority.clone(),
+                error: error.code(),
+                time: attempt_started.elapsed(),
+            });
         }
         last_error = Some(error);
         if next.is_none() {

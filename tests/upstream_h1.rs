@@ -354,6 +354,75 @@ async fn options_asterisk_reaches_the_upstream_as_sent() {
     assert!(text.ends_with("\r\n\r\nOPTIONS * HTTP/1.1"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_the_client_while_its_upload_is_still_going() {
+    // The upstream reads the head, answers 413 at once and reads nothing more; the client is
+    // still uploading 64 MiB. The answer must not wait for the upload or the response
+    // timeout (20 s here).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut tmp = [0u8; 4096];
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{addr}\"]\nresponse_timeout = \"20s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    const SIZE: usize = 64 << 20;
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    s.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let upload = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..SIZE / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        // Kept open: the client is still "uploading" as far as anyone can tell.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("too large") {
+        match tokio::time::timeout(Duration::from_secs(25), rd.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&tmp[..n]),
+            other => panic!("no answer: {other:?}, {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let waited = started.elapsed();
+    upload.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the 413 took {waited:?} (response_timeout is 20 s)"
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_that_stalls_mid_body_is_cut_off_after_the_response_timeout() {
     // 10 of 100 promised bytes, then silence with the connection open.

@@ -25,7 +25,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
@@ -390,6 +390,11 @@ pub async fn send(
                     },
                     Exchange::Timeout => SendError::Timeout { request },
                     Exchange::Failed(reason) => SendError::Failed { reason, request },
+                    // (`exchange` reads the head that follows.)
+                    Exchange::Answered => SendError::Failed {
+                        reason: "upstream answered before the request was sent".into(),
+                        request,
+                    },
                 });
             }
         }
@@ -413,6 +418,7 @@ pub async fn probe(pool: &Pool, head: &[u8], timeout: Duration) -> Result<Status
             Err(Exchange::Stale { .. }) => Err("connection closed without a response".to_string()),
             Err(Exchange::Timeout) => Err("timed out".to_string()),
             Err(Exchange::Failed(m)) => Err(m),
+            Err(Exchange::Answered) => Err("answered before the check was sent".to_string()),
         }
     };
     match tokio::time::timeout(timeout, fut).await {
@@ -429,6 +435,9 @@ enum Exchange {
     },
     Timeout,
     Failed(String),
+    /// An error response head (or the start of one) arrived while the request body was still
+    /// going out: it is in `conn.buf`, and the rest of the body is not sent.
+    Answered,
 }
 
 /// Writes the request and reads the response head.
@@ -440,9 +449,18 @@ async fn exchange(
     head_only: bool,
     timeout: Duration,
 ) -> Result<(Response<()>, Framing), Exchange> {
+    conn.interim = false;
     let write = write_request(conn, head, body, chunked, timeout).await;
     match write {
         Ok(()) => {}
+        // An early answer (a 413, a 401 on the head): the client gets it now, not after its
+        // whole upload or the response timeout (an upstream that stopped reading held the
+        // write until then). The request went out incomplete, so the connection ends with
+        // this response.
+        Err(Exchange::Answered) => {
+            let (resp, framing) = head_within(conn, head_only, timeout).await?;
+            return Ok((resp, framing.final_on_connection()));
+        }
         // The upstream may have answered early (e.g. 413) and closed: read what it said.
         Err(Exchange::Failed(m)) if conn.buf.is_empty() => {
             return match tokio::time::timeout(
@@ -511,12 +529,21 @@ async fn write_request(
             Some(f) => f,
             None => {
                 if !out.is_empty() {
-                    write_all(conn, &out, timeout, sent_any).await?;
+                    write_body(conn, &out, timeout, sent_any).await?;
                     sent_any = true;
                     out.clear();
                 }
-                match tokio::time::timeout(timeout, body.frame()).await {
-                    Ok(f) => f,
+                let next = async {
+                    tokio::select! {
+                        biased;
+                        f = body.frame() => Ok(f),
+                        () = std::future::poll_fn(|cx| poll_answer(conn, cx)) => {
+                            Err(Exchange::Answered)
+                        }
+                    }
+                };
+                match tokio::time::timeout(timeout, next).await {
+                    Ok(f) => f?,
                     Err(_) => return Err(Exchange::Failed(CLIENT_BODY_STALLED.to_string())),
                 }
             }
@@ -539,10 +566,10 @@ async fn write_request(
                     if out.len() + data.len() <= COALESCE {
                         out.extend_from_slice(&data);
                     } else {
-                        write_all(conn, &out, timeout, sent_any).await?;
+                        write_body(conn, &out, timeout, sent_any).await?;
                         sent_any = true;
                         out.clear();
-                        write_all(conn, &data, timeout, true).await?;
+                        write_body(conn, &data, timeout, true).await?;
                     }
                     if chunked {
                         out.extend_from_slice(b"\r\n");
@@ -556,9 +583,103 @@ async fn write_request(
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        write_all(conn, &out, timeout, sent_any).await?;
+        write_body(conn, &out, timeout, sent_any).await?;
     }
     Ok(())
+}
+
+/// `write_all` for the request's body: while the upstream is not taking it, an error answer
+/// it sends ends the write (`Exchange::Answered`). An upstream that answers early (413, 401)
+/// and stops reading would otherwise hold the write until the response timeout, and one that
+/// streams its answer as it reads (full duplex) would deadlock with it.
+async fn write_body(
+    conn: &mut Conn,
+    data: &[u8],
+    timeout: Duration,
+    sent_any: bool,
+) -> Result<(), Exchange> {
+    let mut written = 0;
+    let write = std::future::poll_fn(|cx| {
+        while written < data.len() {
+            if poll_answer(conn, cx).is_ready() {
+                return Poll::Ready(Err(None));
+            }
+            match Pin::new(&mut conn.io).poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Some(io::Error::from(io::ErrorKind::WriteZero))))
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Some(e))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if matches!(conn.io, Stream::Tls(_)) {
+            ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Some)?;
+        }
+        Poll::Ready(Ok(()))
+    });
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(None)) => Err(Exchange::Answered),
+        Ok(Err(Some(e))) if !sent_any && is_stale(&e) => Err(Exchange::Stale { written: false }),
+        Ok(Err(Some(e))) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),
+        Err(_) => Err(Exchange::Failed(
+            "upstream stopped reading the request".into(),
+        )),
+    }
+}
+
+/// Whether the upstream has begun an error answer while the request is still being sent:
+/// `Ready` once `conn.buf` holds the start of a 4xx or 5xx response (an interim
+/// `100 Continue` is taken off the buffer and noted in `conn.interim`). Reads only
+/// what the socket reports readable. An EOF or error is left for the write to run into (it
+/// fails there, as it always did), so this stays `Pending`.
+fn poll_answer(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        if !conn.buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            match parsed.parse(&conn.buf) {
+                // Interim responses do not end the request (a `100 Continue` is what the
+                // body waits for).
+                Ok(httparse::Status::Complete(len))
+                    if parsed
+                        .code
+                        .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+                {
+                    let _ = conn.buf.split_to(len);
+                    conn.interim = true;
+                    continue;
+                }
+                // Until the status code is in (`HTTP/1.1 1`), or while an interim head is
+                // incomplete, it is too early to tell: read on.
+                Ok(httparse::Status::Partial) if conn.buf.len() < 12 || conn.buf[9] == b'1' => {}
+                // An early 2xx or 3xx does not say the upstream wants no more of the body
+                // (RFC 9112 §9.5 has the client stop for an error response): the body goes
+                // on, and the response is read after it, as before.
+                Ok(_) if matches!(conn.buf[9], b'2' | b'3') => return Poll::Pending,
+                // An error response, or the start of one, or bytes that are no response (the
+                // reader reports those).
+                _ => return Poll::Ready(()),
+            }
+        }
+        if let Stream::Tcp(tcp) = &conn.io {
+            if tcp.poll_read_ready(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        conn.buf.reserve(8 * 1024);
+        let mut rb = ReadBuf::uninit(conn.buf.spare_capacity_mut());
+        match Pin::new(&mut conn.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                let n = rb.filled().len();
+                // SAFETY: `poll_read` initialized `n` bytes of the spare capacity.
+                unsafe { conn.buf.set_len(conn.buf.len() + n) };
+            }
+            // EOF or an error: the write will fail on it. Nothing arrived: wait.
+            _ => return Poll::Pending,
+        }
+    }
 }
 
 /// Writes `data`; on TLS also flushes, since tokio-rustls may report bytes written that it
@@ -683,8 +804,7 @@ impl Framing {
 
 /// Reads and parses the response head, skipping interim (1xx) responses other than 101.
 async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Response<()>, Framing), Exchange> {
-    let mut first = true;
-    conn.interim = false;
+    let mut first = !conn.interim;
     loop {
         if !conn.buf.is_empty() {
             if let Some((resp, framing)) =

@@ -622,6 +622,7 @@ mod tests {
                 endpoint: Some(http::uri::Authority::from_static("127.0.0.1:18080")),
                 upstream_time: Some(Duration::from_micros(80)),
                 attempts: 1,
+                ..Default::default()
             },
             ..AccessRecord::default()
         })

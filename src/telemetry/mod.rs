@@ -278,12 +278,21 @@ impl SnapshotTelemetry {
                 })
                 .inc();
         }
-        if let (Some(up), Some(ep)) = (&record.upstream, &record.forward.endpoint) {
-            let handles = self
-                .endpoints
-                .get(up)
-                .and_then(|l| l.iter().find(|(n, _)| n == ep.as_str()));
-            if let Some((_, h)) = handles {
+        if let Some(up) = &record.upstream {
+            let handles = |ep: &http::uri::Authority| {
+                self.endpoints
+                    .get(up)
+                    .and_then(|l| l.iter().find(|(n, _)| n == ep.as_str()))
+                    .map(|(_, h)| h)
+            };
+            // Attempts retried elsewhere count on their own endpoints.
+            for failed in &record.forward.retried {
+                if let Some(h) = handles(&failed.endpoint) {
+                    h.observe(Some(failed.time));
+                    h.error(&m.upstream_errors, failed.error);
+                }
+            }
+            if let Some(h) = record.forward.endpoint.as_ref().and_then(handles) {
                 h.observe(record.forward.upstream_time);
                 if let Some(
                     code @ ("upstream_unreachable" | "upstream_timeout" | "upstream_failed"),

@@ -624,6 +624,11 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     ] {
         assert!(out.contains(want), "{want} missing from:\n{out}");
     }
+    let most_denied = format!("denied IPs   {CLIENT} (1)");
+    assert!(
+        out.contains(&most_denied),
+        "{most_denied} missing from:\n{out}"
+    );
     let (_, json, _) = wraith.cli(&["status", "--json"]);
     let v: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["traffic"]["requests"], N as u64);
@@ -1551,7 +1556,12 @@ async fn upstream_metrics_put_each_attempt_on_its_own_endpoint() {
         )
     };
     assert_eq!(attempts(&dead), retried);
-    assert_eq!(attempts(&up.addr.to_string()), 6.0);
+    assert_eq!(
+        attempts(&up.addr.to_string()),
+        6.0,
+        "{}",
+        std::str::from_utf8(&text).unwrap()
+    );
 }
 
 /// Requests the HTTP/1.1 server refuses reach the combined log: one with a readable request

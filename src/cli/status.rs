@@ -178,6 +178,26 @@ pub fn render(v: &Value) -> String {
             millis(&t["p50_ms"]),
             millis(&t["p99_ms"]),
         ));
+        // The most denied clients, five of each (`wraith top` shows ten).
+        let most = |list: &Value| {
+            let items: Vec<String> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(5)
+                .map(|e| format!("{} ({})", e["name"].as_str().unwrap_or("?"), e["count"]))
+                .collect();
+            if items.is_empty() {
+                "none".to_string()
+            } else {
+                items.join(", ")
+            }
+        };
+        out.push_str(&format!(
+            "  denied IPs   {}\n  denied ids   {}\n",
+            most(&t["top_denied_ips"]),
+            most(&t["top_denied_identities"]),
+        ));
     }
     let d = &v["bans"];
     if d.is_object() {

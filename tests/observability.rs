@@ -1085,6 +1085,70 @@ async fn sigterm_under_load_flushes_every_accepted_record() {
     assert_eq!(closed["dropped"], 0);
 }
 
+/// Requests still running when the shutdown timeout runs out are cut off, and each still
+/// leaves its one record, aborted, in every sink: the records their dropped responses emit
+/// reach the queues before the queues close (they used to land in closed queues, all lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_off_at_shutdown_are_logged_in_every_sink() {
+    const N: usize = 60;
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = "[log.json]\npath = \"access.json\"\n[log.combined]\npath = \"access.log\"\n\
+               [log.sqlite]\npath = \"access.db\"\n";
+    let cfg = config(&setup, up.addr, log)
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let mut wraith = setup.start(&cfg);
+    // N responses streaming (10 s each), every one on its own connection, heads received.
+    let client = h1();
+    let mut streams = Vec::new();
+    for i in 0..N {
+        let resp = client
+            .get(wraith.url("http", &format!("/app/stream?n={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(resp);
+    }
+    wraith.signal(libc::SIGTERM);
+    assert_eq!(wraith.wait_exit(Duration::from_secs(30)), Some(0));
+    drop(streams);
+
+    let json = json_lines(&wraith.path("access.json"));
+    assert_eq!(json.len(), N, "one JSON record per request cut off");
+    assert!(
+        json.iter()
+            .all(|r| r["path"] == "/app/stream" && r["aborted"] == true),
+        "{json:?}"
+    );
+    let combined = lines(&wraith.path("access.log"));
+    assert_eq!(combined.len(), N, "one combined line per request cut off");
+    assert!(combined.iter().all(|l| l.contains("GET /app/stream?n=")));
+    let db = wraith.path("access.db");
+    let aborted = db_rows(
+        &db,
+        "SELECT count(*) FROM access_log WHERE path = '/app/stream' AND aborted = 1",
+    );
+    assert_eq!(aborted[0][0], rusqlite::types::Value::Integer(N as i64));
+    assert_eq!(db_count(&db), N as i64);
+    // Every sink reports what it wrote, and nothing came after it closed.
+    let log = wraith.log_json();
+    for sink in ["json", "combined", "sqlite"] {
+        let closed = log
+            .iter()
+            .find(|l| l["message"] == "access log sink flushed and closed" && l["sink"] == sink)
+            .unwrap_or_else(|| panic!("the {sink} sink reports its flush"));
+        assert_eq!(closed["written"], N, "{closed}");
+        assert_eq!(closed["dropped"], 0, "{closed}");
+    }
+    assert!(
+        !log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot keep up"))),
+        "no queue was full"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_sinks_reopen_on_sigusr1_and_on_reload() {
     let up = upstream().await;

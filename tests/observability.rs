@@ -928,6 +928,93 @@ async fn combined_log_passes_crowdsec_nginx_parser() {
     assert_eq!(report.matches("🟢 crowdsecurity/http-logs").count(), 8);
 }
 
+/// A client cannot push a line past what Wazuh reads (64 KiB, `OS_MAXSTR`), where it would be
+/// cut: its JSON unparsable, its combined status gone. A 30,000-byte path of `"` and a
+/// 30,000-byte User-Agent of 0xff bytes (within the 64 KiB head limit; 120 KB each once
+/// escaped) give lines far shorter, that parse, with the status in its place, and a
+/// combined line CrowdSec's nginx parser still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_values_cannot_push_a_line_past_what_wazuh_reads() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = "[log.json]\npath = \"access.json\"\n[log.combined]\npath = \"access.log\"\n\
+               [log.sqlite]\npath = \"access.db\"\n";
+    let wraith = {
+        let cfg = config(&setup, up.addr, log);
+        setup.start(&cfg)
+    };
+    let path = format!("/{}", "\"".repeat(30_000));
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: example.org\r\nUser-Agent: ").into_bytes();
+    head.extend_from_slice(&[0xff; 30_000]);
+    head.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let mut conn = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    conn.write_all(&head).await.unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let json_path = wraith.path("access.json");
+    eventually("the JSON record", || lines(&json_path).len() == 1).await;
+    let line = &lines(&json_path)[0];
+    assert!(line.len() < 16 * 1024, "JSON line of {} bytes", line.len());
+    let record: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(record["status"], 404);
+    let logged = record["path"].as_str().unwrap();
+    assert!(
+        logged.starts_with("/\"\"\"") && logged.ends_with("...[truncated]"),
+        "{logged}"
+    );
+    assert!(record["user_agent"]
+        .as_str()
+        .unwrap()
+        .ends_with("...[truncated]"));
+
+    let combined_path = wraith.path("access.log");
+    eventually("the combined line", || lines(&combined_path).len() == 1).await;
+    let line = lines(&combined_path).remove(0);
+    assert!(
+        line.len() < 16 * 1024,
+        "combined line of {} bytes",
+        line.len()
+    );
+    let (request, rest) = line
+        .split_once(" HTTP/1.1\" ")
+        .expect("the request field ends");
+    assert!(request.ends_with("\\x22\\x22...[truncated]"), "{request}");
+    assert!(rest.starts_with("404 "), "the status in its place: {rest}");
+    assert!(rest.ends_with("\\xFF...[truncated]\""), "{rest}");
+
+    // The database keeps the whole values.
+    let row = db_rows(
+        &wraith.path("access.db"),
+        "SELECT path, length(user_agent) FROM access_log",
+    );
+    assert_eq!(row[0][0], rusqlite::types::Value::Text(path));
+    assert_eq!(
+        row[0][1],
+        rusqlite::types::Value::Integer(30_000),
+        "30,000 U+FFFD"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("combined.log");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    let report = tokio::task::spawn_blocking(move || cscli_explain(&file))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.matches("🟢 crowdsecurity/nginx-logs").count(),
+        1,
+        "the cut line is read by the stock nginx parser:\n{report}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_sqlite_writer_drops_and_never_slows_requests() {
     let up = upstream().await;

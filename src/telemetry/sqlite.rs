@@ -102,6 +102,13 @@ fn insert_sql(rows: usize) -> String {
 
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Most rows one retention step deletes (one transaction, some tens of milliseconds): the
+/// writer inserts what is waiting between two steps. One DELETE of everything due held the
+/// writer for seconds (360,000 rows: 1.8 s) and grew the WAL by all it deleted.
+const RETENTION_STEP: i64 = 10_000;
+/// What a checkpoint leaves of the WAL file (`PRAGMA journal_size_limit`): without it the
+/// file keeps the largest size it ever reached.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Opens (creating if needed) the database for writing, in WAL mode with the schema.
 pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
@@ -137,6 +144,8 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(what)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(what)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
         .map_err(what)?;
     conn.busy_timeout(Duration::from_millis(200))
         .map_err(what)?;
@@ -180,6 +189,8 @@ pub struct SqliteWriter {
     config: SqliteSinkConfig,
     formatting: Formatting,
     last_retention: Option<Instant>,
+    /// Rows deleted so far by the retention pass under way (`None`: none is).
+    retention_pass: Option<usize>,
     clock: CachedTime,
     /// Text made for the rows of one statement (time, client address, policy ids), bound in
     /// place; `spans` holds each row's three ranges into it.
@@ -266,6 +277,7 @@ impl SqliteWriter {
             config,
             formatting,
             last_retention: None,
+            retention_pass: None,
             clock: CachedTime::new(TimeStyle::Sqlite),
             derived: String::new(),
             spans: Vec::with_capacity(ROWS_PER_INSERT),
@@ -334,25 +346,43 @@ impl SqliteWriter {
         b.execute()
     }
 
-    /// Deletes rows past the configured age and count.
-    fn retention(&mut self) -> rusqlite::Result<usize> {
-        let mut deleted = 0;
+    /// One step of retention: deletes up to `RETENTION_STEP` rows past the configured age
+    /// (oldest first), then past the configured count. Returns the rows deleted and whether
+    /// that was all (fewer than a step's worth were due).
+    fn retention_step(&mut self) -> rusqlite::Result<(usize, bool)> {
+        let mut left = RETENTION_STEP;
         if let Some(age) = self.config.max_age {
             let cutoff = SystemTime::now()
                 .checked_sub(age)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            deleted += self.conn.execute(
-                "DELETE FROM access_log WHERE time < ?1",
-                params![sqlite_time(cutoff)],
-            )?;
+            left -= self.conn.execute(
+                "DELETE FROM access_log WHERE id IN \
+                 (SELECT id FROM access_log WHERE time < ?1 LIMIT ?2)",
+                params![sqlite_time(cutoff), left],
+            )? as i64;
         }
-        if let Some(max) = self.config.max_rows {
-            deleted += self.conn.execute(
-                "DELETE FROM access_log WHERE id <= (SELECT max(id) FROM access_log) - ?1",
-                params![max as i64],
-            )?;
+        if let Some(max) = self.config.max_rows.filter(|_| left > 0) {
+            left -= self.conn.execute(
+                "DELETE FROM access_log WHERE id IN (SELECT id FROM access_log \
+                 WHERE id <= (SELECT max(id) FROM access_log) - ?1 ORDER BY id LIMIT ?2)",
+                params![max as i64, left],
+            )? as i64;
         }
-        Ok(deleted)
+        Ok(((RETENTION_STEP - left) as usize, left > 0))
+    }
+
+    /// Gives the WAL's pages back to the database and truncates the file: after a pass that
+    /// deleted rows it is as large as all it deleted. A reader (`wraith logs`) holding a
+    /// snapshot makes it wait `busy_timeout` and give up; the next pass tries again.
+    fn truncate_wal(&self) {
+        let done = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        if !matches!(done, Ok(0)) {
+            tracing::debug!(result = ?done, "access log WAL not truncated (a reader holds it)");
+        }
     }
 }
 
@@ -379,21 +409,39 @@ impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
         Ok(())
     }
 
+    /// Retention, one step per call: the writer calls this between batches, so a pass over
+    /// many rows never holds up the inserts for more than one step.
     fn tick(&mut self) {
         if self.config.max_age.is_none() && self.config.max_rows.is_none() {
+            self.retention_pass = None;
             return;
         }
-        if self
-            .last_retention
-            .is_some_and(|t| t.elapsed() < RETENTION_EVERY)
-        {
-            return;
-        }
-        self.last_retention = Some(Instant::now());
-        match self.retention() {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "access log retention"),
-            Err(e) => tracing::warn!(error = %e, "access log retention failed"),
+        let deleted = match self.retention_pass {
+            Some(n) => n,
+            None if self
+                .last_retention
+                .is_some_and(|t| t.elapsed() < RETENTION_EVERY) =>
+            {
+                return
+            }
+            None => {
+                self.last_retention = Some(Instant::now());
+                0
+            }
+        };
+        match self.retention_step() {
+            Ok((n, false)) => self.retention_pass = Some(deleted + n),
+            Ok((n, true)) => {
+                self.retention_pass = None;
+                if deleted + n > 0 {
+                    tracing::debug!(deleted = deleted + n, "access log retention");
+                    self.truncate_wal();
+                }
+            }
+            Err(e) => {
+                self.retention_pass = None;
+                tracing::warn!(error = %e, "access log retention failed");
+            }
         }
     }
 }
@@ -686,6 +734,60 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, expected);
+    }
+
+    /// Retention over many rows deletes one step (`RETENTION_STEP` rows, a transaction) per
+    /// tick, so the writer's inserts go on between steps, and the WAL it grew is truncated
+    /// once the pass is over.
+    #[test]
+    fn retention_deletes_in_steps_between_inserts_and_truncates_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SqliteSinkConfig {
+            max_rows: Some(1000),
+            ..sink_config(dir.path())
+        };
+        let f = Formatting::new(&LogConfig::default());
+        let mut w = SqliteWriter::new(config.clone(), f).unwrap();
+        // 100,000 old rows, made by SQLite itself (fast); the WAL starts out empty.
+        w.conn
+            .execute_batch(
+                "BEGIN;
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)
+                 INSERT INTO access_log (time, request_id, client_ip, listener, protocol, method,
+                     path, status, bytes_in, bytes_out, duration_ms, attempts, aborted, user_agent)
+                 SELECT '2020-01-01 00:00:00.000', 'r' || i, '192.0.2.1', 'http', 'h1', 'GET',
+                     '/old/' || i, 200, 0, 0, 1.0, 0, 0, 'agent' FROM n;
+                 COMMIT;
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        let count = |w: &SqliteWriter| -> i64 {
+            w.conn
+                .query_row("SELECT count(*) FROM access_log", [], |r| r.get(0))
+                .unwrap()
+        };
+        let wal = config.path.with_extension("db-wal");
+        w.tick();
+        assert_eq!(count(&w), 100_000 - RETENTION_STEP, "one step per tick");
+        // The writer's next batch goes in between two steps.
+        w.write(&mut vec![sample()]).unwrap();
+        assert_eq!(count(&w), 100_001 - RETENTION_STEP);
+        let mut ticks = 1;
+        while w.retention_pass.is_some() {
+            w.tick();
+            ticks += 1;
+            assert!(ticks <= 11, "a pass of 99,001 rows takes ten steps");
+        }
+        assert_eq!(count(&w), 1000);
+        let newest: String = w
+            .conn
+            .query_row("SELECT path FROM access_log ORDER BY id DESC", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(newest, "/small", "the newest rows stay");
+        let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        assert!(wal_len < 1 << 20, "WAL left at {wal_len} bytes");
     }
 
     /// With an umask that lets everything through, the database, its WAL and its shared

@@ -1521,6 +1521,75 @@ async fn failed_reload_runs_no_retention_of_its_sinks() {
     eventually("the new retention", || db_count(&db) == 1).await;
 }
 
+/// The `wraith-log-sqlite` writer threads of process `pid` (thread names are cut at 15 bytes).
+fn sqlite_writers(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "wraith-log-sqli")
+        .count()
+}
+
+/// A reload that changes `[log.sqlite]` settings (not its path) keeps the one writer on the
+/// database, and that writer follows the new retention from the commit on, while a request
+/// of the old configuration is still running. A second writer, kept alive by that request,
+/// went on deleting rows under the old `max_age`/`max_rows`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_of_sqlite_settings_keeps_one_writer_on_the_database() {
+    let hang = Arc::new(tokio::sync::Notify::new());
+    let up = upstream_notifying(hang.clone()).await;
+    let setup = Setup::new();
+    let first = config(
+        &setup,
+        up.addr,
+        "[log.sqlite]\npath = \"access.db\"\nmax_age = \"1h\"\nmax_rows = 1000\n",
+    );
+    let second = config(
+        &setup,
+        up.addr,
+        "[log.sqlite]\npath = \"access.db\"\nmax_age = \"30d\"\nmax_rows = 3\nbatch = 16\n",
+    );
+    let wraith = setup.start(&first);
+    let db = wraith.path("access.db");
+    // A request of the first configuration, in flight through the reload (20 s).
+    let held = tokio::spawn({
+        let url = wraith.url("http", "/app/hang");
+        async move { h1().get(url).send().await }
+    });
+    hang.notified().await;
+    let client = h1();
+    for _ in 0..10 {
+        client
+            .get(wraith.url("http", "/hello"))
+            .send()
+            .await
+            .unwrap();
+    }
+    eventually("10 rows", || db_count(&db) == 10).await;
+    assert_eq!(sqlite_writers(wraith.pid()), 1);
+
+    wraith.write_config(&second);
+    wraith.reload().unwrap();
+    assert_eq!(
+        sqlite_writers(wraith.pid()),
+        1,
+        "one writer on the database while the old configuration is still held"
+    );
+    // The new max_rows applies from the commit.
+    eventually("the new retention", || db_count(&db) == 3).await;
+    client
+        .get(wraith.url("http", "/hello"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the row after the reload", || {
+        db_rows(&db, "SELECT max(id) FROM access_log")[0][0] == rusqlite::types::Value::Integer(11)
+    })
+    .await;
+    assert_eq!(sqlite_writers(wraith.pid()), 1);
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_moves_a_sink_to_a_new_file() {
     let up = upstream().await;

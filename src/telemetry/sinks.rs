@@ -5,9 +5,9 @@
 //! `FLUSH_INTERVAL`, or when the queue passes half full. The writer formats, writes the whole
 //! batch with one `write`, and goes back to sleep.
 //!
-//! A sink's handle (`Sink`) is shared by every snapshot that has the same settings; when the
-//! last one goes (a reload changed or removed it), the queue is closed and the writer drains it
-//! and exits. `Writers` keeps every writer thread so shutdown can wait for all of them.
+//! A sink's handle (`Sink`) is shared by every snapshot that has the same settings (a SQLite
+//! sink: the same database, see `sqlite::SqliteSettings`); when the last one goes (a reload
+//! changed or removed it), the queue is closed and the writer drains it and exits. `Writers` keeps every writer thread so shutdown can wait for all of them.
 //!
 //! A writer starts paused: it does nothing (no write, no retention) until its queue is
 //! activated, which the runtime does once the snapshot the sink was built for is certain to go
@@ -17,7 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,7 +33,8 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Queue<T> {
     state: Mutex<QueueState<T>>,
     wake: Condvar,
-    capacity: usize,
+    /// Records it holds at most (a reload may change it: `set_capacity`).
+    capacity: AtomicUsize,
     /// Records refused because the queue was full (the writer did not keep up).
     pub dropped: AtomicU64,
     /// Records refused because the queue was closed already (emitted after shutdown closed
@@ -72,7 +73,7 @@ impl<T> Queue<T> {
                 active: false,
             }),
             wake: Condvar::new(),
-            capacity,
+            capacity: AtomicUsize::new(capacity),
             dropped: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
@@ -92,7 +93,8 @@ impl<T> Queue<T> {
             self.lost.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        if s.items.len() >= self.capacity {
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        if s.items.len() >= capacity {
             drop(s);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped_metric.inc();
@@ -103,10 +105,15 @@ impl<T> Queue<T> {
         drop(s);
         self.accepted.fetch_add(1, Ordering::Relaxed);
         // Half full: wake the writer early rather than risk drops.
-        if len == self.capacity / 2 + 1 {
+        if len == capacity / 2 + 1 {
             self.wake.notify_one();
         }
         true
+    }
+
+    /// Changes how many records it holds at most (records beyond a lowered bound stay).
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
     }
 
     /// Records waiting.

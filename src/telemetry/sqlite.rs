@@ -3,7 +3,8 @@
 //! retention by age and row count. `wraith logs` reads the same file read-only.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use std::ffi::{c_int, c_uint};
@@ -179,6 +180,36 @@ pub fn open_read_only(path: &Path) -> Result<Connection, String> {
     Ok(conn)
 }
 
+/// The settings of a running SQLite sink, which a reload may change. One writer serves a
+/// database for as long as any configuration in service names it: a reload that changes
+/// `[log.sqlite]` but not its path puts the new settings here when it commits
+/// (`SnapshotTelemetry::activate`), and the writer takes them before its next batch or
+/// retention step. A second writer on the file would go on running the old retention for as
+/// long as a request of the old configuration (an SSE stream, a long download) held it.
+pub struct SqliteSettings {
+    /// Counts the changes, so the writer sees one without taking the lock.
+    version: AtomicU64,
+    current: Mutex<(SqliteSinkConfig, Formatting)>,
+}
+
+impl SqliteSettings {
+    pub fn new(config: SqliteSinkConfig, formatting: Formatting) -> Arc<SqliteSettings> {
+        Arc::new(SqliteSettings {
+            version: AtomicU64::new(0),
+            current: Mutex::new((config, formatting)),
+        })
+    }
+
+    /// Puts `config` and `formatting` in force (nothing changes if they are already).
+    pub fn set(&self, config: &SqliteSinkConfig, formatting: &Formatting) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.0 != *config || current.1 != *formatting {
+            *current = (config.clone(), formatting.clone());
+            self.version.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
 /// The writer thread's side of the sink.
 pub struct SqliteWriter {
     /// The INSERT statements, for `ROWS_PER_INSERT` rows and for one row. Declared before
@@ -186,6 +217,9 @@ pub struct SqliteWriter {
     many: Insert,
     one: Insert,
     conn: Connection,
+    /// Where `config` and `formatting` come from, and the version of it they are.
+    settings: Arc<SqliteSettings>,
+    version: u64,
     config: SqliteSinkConfig,
     formatting: Formatting,
     last_retention: Option<Instant>,
@@ -267,13 +301,27 @@ fn bind_row<'v>(
 }
 
 impl SqliteWriter {
+    /// A writer with settings of its own.
     pub fn new(config: SqliteSinkConfig, formatting: Formatting) -> Result<SqliteWriter, String> {
+        SqliteWriter::following(SqliteSettings::new(config, formatting))
+    }
+
+    /// A writer that follows `settings` (its database is their `path`, which never changes).
+    pub fn following(settings: Arc<SqliteSettings>) -> Result<SqliteWriter, String> {
+        let version = settings.version.load(Ordering::Acquire);
+        let (config, formatting) = settings
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let conn = open_for_writing(&config.path)?;
         let (many, one) = prepare_inserts(&conn, &config.path)?;
         Ok(SqliteWriter {
             many,
             one,
             conn,
+            settings,
+            version,
             config,
             formatting,
             last_retention: None,
@@ -282,6 +330,26 @@ impl SqliteWriter {
             derived: String::new(),
             spans: Vec::with_capacity(ROWS_PER_INSERT),
         })
+    }
+
+    /// Takes the settings a committed reload put in force. Changed retention runs at once:
+    /// its change applies from the commit on.
+    fn follow_settings(&mut self) {
+        if self.settings.version.load(Ordering::Acquire) == self.version {
+            return;
+        }
+        let current = self
+            .settings
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.version = self.settings.version.load(Ordering::Acquire);
+        let (config, formatting) = &*current;
+        if (config.max_age, config.max_rows) != (self.config.max_age, self.config.max_rows) {
+            self.last_retention = None;
+        }
+        self.config = config.clone();
+        self.formatting = formatting.clone();
     }
 
     fn insert(&mut self, items: &[Arc<AccessRecord>]) -> rusqlite::Result<()> {
@@ -388,6 +456,7 @@ impl SqliteWriter {
 
 impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
     fn write(&mut self, items: &mut Vec<Arc<AccessRecord>>) -> Result<(), String> {
+        self.follow_settings();
         let batch = self.config.batch.max(1);
         while !items.is_empty() {
             let n = items.len().min(batch);
@@ -412,6 +481,7 @@ impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
     /// Retention, one step per call: the writer calls this between batches, so a pass over
     /// many rows never holds up the inserts for more than one step.
     fn tick(&mut self) {
+        self.follow_settings();
         if self.config.max_age.is_none() && self.config.max_rows.is_none() {
             self.retention_pass = None;
             return;
@@ -788,6 +858,57 @@ mod tests {
         assert_eq!(newest, "/small", "the newest rows stay");
         let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
         assert!(wal_len < 1 << 20, "WAL left at {wal_len} bytes");
+    }
+
+    /// A writer takes the settings a committed reload put in force before its next step:
+    /// the old retention no longer applies, and a changed one runs at once.
+    #[test]
+    fn writer_follows_the_settings_put_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let old = SqliteSinkConfig {
+            max_age: Some(hour),
+            ..sink_config(dir.path())
+        };
+        let f = Formatting::new(&LogConfig::default());
+        let settings = SqliteSettings::new(old.clone(), f.clone());
+        let mut w = SqliteWriter::following(settings.clone()).unwrap();
+        w.tick();
+        let two_hours_ago = sqlite_time(SystemTime::now() - 2 * hour);
+        for i in 0..5 {
+            w.conn
+                .execute(
+                    "INSERT INTO access_log (time, request_id, client_ip, listener, protocol, \
+                     method, path, status, bytes_in, bytes_out, duration_ms, attempts, aborted) \
+                     VALUES (?1, ?2, '192.0.2.1', 'http', 'h1', 'GET', '/', 200, 0, 0, 1.0, 0, 0)",
+                    params![two_hours_ago, format!("r{i}")],
+                )
+                .unwrap();
+        }
+        let count = |w: &SqliteWriter| -> i64 {
+            w.conn
+                .query_row("SELECT count(*) FROM access_log", [], |r| r.get(0))
+                .unwrap()
+        };
+        let raised = SqliteSinkConfig {
+            max_age: Some(30 * 24 * hour),
+            ..old.clone()
+        };
+        settings.set(&raised, &f);
+        w.tick();
+        // And a minute later, at the next regular pass.
+        w.last_retention = Some(Instant::now() - RETENTION_EVERY);
+        w.tick();
+        assert_eq!(count(&w), 5, "rows older than the old max_age stay");
+        settings.set(
+            &SqliteSinkConfig {
+                max_rows: Some(2),
+                ..raised
+            },
+            &f,
+        );
+        w.tick();
+        assert_eq!(count(&w), 2, "the new max_rows applies at once");
     }
 
     /// With an umask that lets everything through, the database, its WAL and its shared

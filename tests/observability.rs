@@ -740,6 +740,75 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     assert!(seen, "--tail printed the new row");
 }
 
+/// `wraith logs --tail` follows the table when retention has emptied it: the ids of the rows
+/// written afterwards start again at 1, below the last id it showed.
+#[tokio::test]
+async fn logs_tail_follows_rows_after_retention_emptied_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("access.db");
+    let conn = wraith::telemetry::sqlite::open_for_writing(&db).unwrap();
+    let insert = |path: &str| {
+        conn.execute(
+            "INSERT INTO access_log (time, request_id, client_ip, listener, protocol, method, \
+             path, status, bytes_in, bytes_out, duration_ms, attempts, aborted) \
+             VALUES ('2026-01-01 00:00:00.000', 'r', '192.0.2.1', 'http', 'h1', 'GET', ?1, \
+             200, 0, 0, 1.0, 0, 0)",
+            [path],
+        )
+        .unwrap();
+    };
+    for i in 0..5 {
+        insert(&format!("/before/{i}"));
+    }
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(["logs", "--tail", "--json", "--db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if tx
+                .send(v["path"].as_str().unwrap_or_default().to_string())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let shown: Vec<String> = (0..5)
+        .map(|_| rx.recv_timeout(Duration::from_secs(20)).unwrap())
+        .collect();
+    assert_eq!(shown.last().map(String::as_str), Some("/before/4"));
+    // Retention deleted every row (nothing was served for max_age); new ones come.
+    conn.execute("DELETE FROM access_log", []).unwrap();
+    insert("/after/0");
+    insert("/after/1");
+    let id: i64 = conn
+        .query_row("SELECT min(id) FROM access_log", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(id, 1, "the ids start again");
+    let mut after = Vec::new();
+    while after.len() < 2 {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(path) => after.push(path),
+            Err(_) => break,
+        }
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(
+        after,
+        ["/after/0", "/after/1"],
+        "--tail showed the new rows"
+    );
+}
+
 /// Where Debian's crowdsec package is: `/` when installed, or the directory a `.deb` was
 /// extracted into (`dpkg-deb -x`), named by `WRAITH_CROWDSEC_ROOT`.
 fn crowdsec_root() -> PathBuf {

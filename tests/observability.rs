@@ -745,6 +745,75 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
     assert!(seen, "--tail printed the new row");
 }
 
+/// `wraith logs --tail` follows the table when retention has emptied it: the ids of the rows
+/// written afterwards start again at 1, below the last id it showed.
+#[tokio::test]
+async fn logs_tail_follows_rows_after_retention_emptied_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("access.db");
+    let conn = wraith::telemetry::sqlite::open_for_writing(&db).unwrap();
+    let insert = |path: &str| {
+        conn.execute(
+            "INSERT INTO access_log (time, request_id, client_ip, listener, protocol, method, \
+             path, status, bytes_in, bytes_out, duration_ms, attempts, aborted) \
+             VALUES ('2026-01-01 00:00:00.000', 'r', '192.0.2.1', 'http', 'h1', 'GET', ?1, \
+             200, 0, 0, 1.0, 0, 0)",
+            [path],
+        )
+        .unwrap();
+    };
+    for i in 0..5 {
+        insert(&format!("/before/{i}"));
+    }
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(["logs", "--tail", "--json", "--db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if tx
+                .send(v["path"].as_str().unwrap_or_default().to_string())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let shown: Vec<String> = (0..5)
+        .map(|_| rx.recv_timeout(Duration::from_secs(20)).unwrap())
+        .collect();
+    assert_eq!(shown.last().map(String::as_str), Some("/before/4"));
+    // Retention deleted every row (nothing was served for max_age); new ones come.
+    conn.execute("DELETE FROM access_log", []).unwrap();
+    insert("/after/0");
+    insert("/after/1");
+    let id: i64 = conn
+        .query_row("SELECT min(id) FROM access_log", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(id, 1, "the ids start again");
+    let mut after = Vec::new();
+    while after.len() < 2 {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(path) => after.push(path),
+            Err(_) => break,
+        }
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(
+        after,
+        ["/after/0", "/after/1"],
+        "--tail showed the new rows"
+    );
+}
+
 /// Where Debian's crowdsec package is: `/` when installed, or the directory a `.deb` was
 /// extracted into (`dpkg-deb -x`), named by `WRAITH_CROWDSEC_ROOT`.
 fn crowdsec_root() -> PathBuf {
@@ -933,6 +1002,93 @@ async fn combined_log_passes_crowdsec_nginx_parser() {
     assert_eq!(report.matches("🟢 crowdsecurity/http-logs").count(), 8);
 }
 
+/// A client cannot push a line past what Wazuh reads (64 KiB, `OS_MAXSTR`), where it would be
+/// cut: its JSON unparsable, its combined status gone. A 30,000-byte path of `"` and a
+/// 30,000-byte User-Agent of 0xff bytes (within the 64 KiB head limit; 120 KB each once
+/// escaped) give lines far shorter, that parse, with the status in its place, and a
+/// combined line CrowdSec's nginx parser still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_values_cannot_push_a_line_past_what_wazuh_reads() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = "[log.json]\npath = \"access.json\"\n[log.combined]\npath = \"access.log\"\n\
+               [log.sqlite]\npath = \"access.db\"\n";
+    let wraith = {
+        let cfg = config(&setup, up.addr, log);
+        setup.start(&cfg)
+    };
+    let path = format!("/{}", "\"".repeat(30_000));
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: example.org\r\nUser-Agent: ").into_bytes();
+    head.extend_from_slice(&[0xff; 30_000]);
+    head.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let mut conn = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    conn.write_all(&head).await.unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let json_path = wraith.path("access.json");
+    eventually("the JSON record", || lines(&json_path).len() == 1).await;
+    let line = &lines(&json_path)[0];
+    assert!(line.len() < 16 * 1024, "JSON line of {} bytes", line.len());
+    let record: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(record["status"], 404);
+    let logged = record["path"].as_str().unwrap();
+    assert!(
+        logged.starts_with("/\"\"\"") && logged.ends_with("...[truncated]"),
+        "{logged}"
+    );
+    assert!(record["user_agent"]
+        .as_str()
+        .unwrap()
+        .ends_with("...[truncated]"));
+
+    let combined_path = wraith.path("access.log");
+    eventually("the combined line", || lines(&combined_path).len() == 1).await;
+    let line = lines(&combined_path).remove(0);
+    assert!(
+        line.len() < 16 * 1024,
+        "combined line of {} bytes",
+        line.len()
+    );
+    let (request, rest) = line
+        .split_once(" HTTP/1.1\" ")
+        .expect("the request field ends");
+    assert!(request.ends_with("\\x22\\x22...[truncated]"), "{request}");
+    assert!(rest.starts_with("404 "), "the status in its place: {rest}");
+    assert!(rest.ends_with("\\xFF...[truncated]\""), "{rest}");
+
+    // The database keeps the whole values.
+    let row = db_rows(
+        &wraith.path("access.db"),
+        "SELECT path, length(user_agent) FROM access_log",
+    );
+    assert_eq!(row[0][0], rusqlite::types::Value::Text(path));
+    assert_eq!(
+        row[0][1],
+        rusqlite::types::Value::Integer(30_000),
+        "30,000 U+FFFD"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("combined.log");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    let report = tokio::task::spawn_blocking(move || cscli_explain(&file))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.matches("🟢 crowdsecurity/nginx-logs").count(),
+        1,
+        "the cut line is read by the stock nginx parser:\n{report}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_sqlite_writer_drops_and_never_slows_requests() {
     let up = upstream().await;
@@ -1088,6 +1244,70 @@ async fn sigterm_under_load_flushes_every_accepted_record() {
         .expect("the sink reports its flush");
     assert_eq!(closed["accepted"], closed["written"]);
     assert_eq!(closed["dropped"], 0);
+}
+
+/// Requests still running when the shutdown timeout runs out are cut off, and each still
+/// leaves its one record, aborted, in every sink: the records their dropped responses emit
+/// reach the queues before the queues close (they used to land in closed queues, all lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_off_at_shutdown_are_logged_in_every_sink() {
+    const N: usize = 60;
+    let up = upstream().await;
+    let setup = Setup::new();
+    let log = "[log.json]\npath = \"access.json\"\n[log.combined]\npath = \"access.log\"\n\
+               [log.sqlite]\npath = \"access.db\"\n";
+    let cfg = config(&setup, up.addr, log)
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let mut wraith = setup.start(&cfg);
+    // N responses streaming (10 s each), every one on its own connection, heads received.
+    let client = h1();
+    let mut streams = Vec::new();
+    for i in 0..N {
+        let resp = client
+            .get(wraith.url("http", &format!("/app/stream?n={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(resp);
+    }
+    wraith.signal(libc::SIGTERM);
+    assert_eq!(wraith.wait_exit(Duration::from_secs(30)), Some(0));
+    drop(streams);
+
+    let json = json_lines(&wraith.path("access.json"));
+    assert_eq!(json.len(), N, "one JSON record per request cut off");
+    assert!(
+        json.iter()
+            .all(|r| r["path"] == "/app/stream" && r["aborted"] == true),
+        "{json:?}"
+    );
+    let combined = lines(&wraith.path("access.log"));
+    assert_eq!(combined.len(), N, "one combined line per request cut off");
+    assert!(combined.iter().all(|l| l.contains("GET /app/stream?n=")));
+    let db = wraith.path("access.db");
+    let aborted = db_rows(
+        &db,
+        "SELECT count(*) FROM access_log WHERE path = '/app/stream' AND aborted = 1",
+    );
+    assert_eq!(aborted[0][0], rusqlite::types::Value::Integer(N as i64));
+    assert_eq!(db_count(&db), N as i64);
+    // Every sink reports what it wrote, and nothing came after it closed.
+    let log = wraith.log_json();
+    for sink in ["json", "combined", "sqlite"] {
+        let closed = log
+            .iter()
+            .find(|l| l["message"] == "access log sink flushed and closed" && l["sink"] == sink)
+            .unwrap_or_else(|| panic!("the {sink} sink reports its flush"));
+        assert_eq!(closed["written"], N, "{closed}");
+        assert_eq!(closed["dropped"], 0, "{closed}");
+    }
+    assert!(
+        !log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot keep up"))),
+        "no queue was full"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1373,6 +1593,75 @@ async fn failed_reload_runs_no_retention_of_its_sinks() {
     wraith.write_config(&trimmed);
     wraith.reload().unwrap();
     eventually("the new retention", || db_count(&db) == 1).await;
+}
+
+/// The `wraith-log-sqlite` writer threads of process `pid` (thread names are cut at 15 bytes).
+fn sqlite_writers(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "wraith-log-sqli")
+        .count()
+}
+
+/// A reload that changes `[log.sqlite]` settings (not its path) keeps the one writer on the
+/// database, and that writer follows the new retention from the commit on, while a request
+/// of the old configuration is still running. A second writer, kept alive by that request,
+/// went on deleting rows under the old `max_age`/`max_rows`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_of_sqlite_settings_keeps_one_writer_on_the_database() {
+    let hang = Arc::new(tokio::sync::Notify::new());
+    let up = upstream_notifying(hang.clone()).await;
+    let setup = Setup::new();
+    let first = config(
+        &setup,
+        up.addr,
+        "[log.sqlite]\npath = \"access.db\"\nmax_age = \"1h\"\nmax_rows = 1000\n",
+    );
+    let second = config(
+        &setup,
+        up.addr,
+        "[log.sqlite]\npath = \"access.db\"\nmax_age = \"30d\"\nmax_rows = 3\nbatch = 16\n",
+    );
+    let wraith = setup.start(&first);
+    let db = wraith.path("access.db");
+    // A request of the first configuration, in flight through the reload (20 s).
+    let held = tokio::spawn({
+        let url = wraith.url("http", "/app/hang");
+        async move { h1().get(url).send().await }
+    });
+    hang.notified().await;
+    let client = h1();
+    for _ in 0..10 {
+        client
+            .get(wraith.url("http", "/hello"))
+            .send()
+            .await
+            .unwrap();
+    }
+    eventually("10 rows", || db_count(&db) == 10).await;
+    assert_eq!(sqlite_writers(wraith.pid()), 1);
+
+    wraith.write_config(&second);
+    wraith.reload().unwrap();
+    assert_eq!(
+        sqlite_writers(wraith.pid()),
+        1,
+        "one writer on the database while the old configuration is still held"
+    );
+    // The new max_rows applies from the commit.
+    eventually("the new retention", || db_count(&db) == 3).await;
+    client
+        .get(wraith.url("http", "/hello"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the row after the reload", || {
+        db_rows(&db, "SELECT max(id) FROM access_log")[0][0] == rusqlite::types::Value::Integer(11)
+    })
+    .await;
+    assert_eq!(sqlite_writers(wraith.pid()), 1);
+    held.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,7 +92,16 @@ fn logs(args: &LogsArgs) -> Result<(), String> {
     let sql = format!(
         "SELECT * FROM (SELECT {columns} FROM access_log WHERE {filter} ORDER BY id DESC LIMIT {limit}) ORDER BY id"
     );
-    let newest = run_query(
+    // With --tail, the rows shown and the id to follow from are read in one transaction:
+    // a row committed between two statements would be neither shown nor followed.
+    let read = |conn: &Connection, sql: &str| {
+        conn.execute_batch(sql)
+            .map_err(|e| format!("SQL error: {e}"))
+    };
+    if args.tail {
+        read(&conn, "BEGIN")?;
+    }
+    run_query(
         &conn,
         &sql,
         &[],
@@ -102,20 +111,28 @@ fn logs(args: &LogsArgs) -> Result<(), String> {
     if !args.tail {
         return Ok(());
     }
-    let mut last = match newest {
-        Some(id) => id,
-        None => max_id(&conn),
-    };
+    let (mut first, mut last) = id_range(&conn);
+    read(&conn, "COMMIT")?;
     let follow = format!(
         "SELECT {columns} FROM access_log WHERE id > ?1 AND ({filter}) ORDER BY id LIMIT 1000"
     );
     loop {
         std::thread::sleep(Duration::from_millis(250));
-        // Each poll is its own statement (and read transaction), with its own deadline.
+        // Each poll is one read transaction, its statement with its own deadline.
+        read(&conn, "BEGIN")?;
+        let (min, max) = id_range(&conn);
+        // Ids are not AUTOINCREMENT: once retention has emptied the table (nothing served
+        // for `max_age`), they start again at 1, and every row there now is new. Retention
+        // deletes oldest first, so only that lowers the smallest id or the largest.
+        if max < last || min < first {
+            last = 0;
+        }
+        first = min;
         let mut printer = Printer::new(&mut out, mode, false);
         if let Some(id) = run_query(&conn, &follow, &[&last], timeout, &mut printer)? {
             last = id;
         }
+        read(&conn, "COMMIT")?;
     }
 }
 
@@ -131,11 +148,14 @@ fn db_path(config: &Path) -> Result<PathBuf, String> {
     })
 }
 
-fn max_id(conn: &Connection) -> i64 {
-    conn.query_row("SELECT coalesce(max(id), 0) FROM access_log", [], |r| {
-        r.get(0)
-    })
-    .unwrap_or(0)
+/// The smallest and the largest id in the table (0 when it is empty).
+fn id_range(conn: &Connection) -> (i64, i64) {
+    conn.query_row(
+        "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM access_log",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap_or((0, 0))
 }
 
 /// The columns and WHERE clause of the presets (combined with AND).

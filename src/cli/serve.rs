@@ -12,6 +12,9 @@ use crate::telemetry;
 
 /// How long the log writers get to flush after a second signal forced the exit.
 const FORCED_FLUSH: Duration = Duration::from_secs(1);
+/// Longest the exit waits for the worker threads to drop the tasks still running at the
+/// shutdown deadline (each dropped request emits its record as it goes).
+const TASK_DROP_WAIT: Duration = Duration::from_secs(5);
 
 pub fn run(config_path: &Path) -> ExitCode {
     // Absolute before the first load: relative paths in the file are taken relative to the
@@ -92,17 +95,23 @@ pub fn run(config_path: &Path) -> ExitCode {
         }
         exit
     });
-    // Do not wait for lingering tasks (connections past the deadline).
-    rt.shutdown_background();
+    // Cut off the tasks still running (connections past the deadline), and wait until the
+    // worker threads have dropped them: a request's record is emitted (aborted) when its
+    // response is dropped, and it must reach the log queues before they close below.
+    // `shutdown_background` returned while the workers were still dropping, and every such
+    // record was lost. Bounded: a blocking task (a reload reading certificates) is not
+    // waited out.
+    let (wait_tasks, flush) = match result {
+        Ok(Exit::Forced) => (FORCED_FLUSH, Some(FORCED_FLUSH)),
+        _ => (TASK_DROP_WAIT, None),
+    };
+    rt.shutdown_timeout(wait_tasks);
     // Every request has been accounted for by now: write out what the log queues hold (for
     // as long as the configuration in service allows). After a second signal, only briefly:
     // "exits at once" must not wait out a failing sink.
     if let Some(runtime) = &server {
         let timeout = runtime.gateway.snapshot().config.server.shutdown_timeout;
-        let timeout = match result {
-            Ok(Exit::Forced) => FORCED_FLUSH.min(timeout),
-            _ => timeout,
-        };
+        let timeout = flush.map_or(timeout, |f| f.min(timeout));
         runtime
             .telemetry
             .writers

@@ -1,6 +1,12 @@
 //! Turning records into text, on the sinks' writer threads (never on a request thread):
 //! JSON lines, nginx `combined`, and the security-events JSON. Field names and layouts are a
 //! contract documented in docs/logging.md.
+//!
+//! Every string value is cut at `FIELD_MAX` bytes (escaped), ending in `TRUNCATED`: what a
+//! client sends (path, query, User-Agent, Referer, Host) is bounded only by the request head
+//! limit, and Wazuh reads at most 64 KiB of a line (`OS_MAXSTR`). A longer line is cut there:
+//! its JSON no longer parses, its combined status is gone, and the request hides from the
+//! rules. The SQLite sink keeps whole values.
 
 use std::borrow::Cow;
 use std::io::Write as _;
@@ -12,6 +18,15 @@ use time::OffsetDateTime;
 
 use super::access_log::AccessRecord;
 use crate::config::{LogConfig, QueryLogging};
+
+/// Most bytes one string value takes in a JSON or combined line, escaped, `TRUNCATED`
+/// included. Six client-controlled values at most (path, query, method, Host, User-Agent,
+/// Referer) keep a line under about 30 KiB, half of what Wazuh reads of a line.
+pub const FIELD_MAX: usize = 4096;
+
+/// The end of a value cut at `FIELD_MAX`: ASCII that needs no escaping and has no space, so
+/// the combined format's request target stays one token.
+pub const TRUNCATED: &str = "...[truncated]";
 
 /// A security event for `[log.events]`.
 #[derive(Debug, Clone)]
@@ -456,10 +471,42 @@ const fn json_escapes() -> [bool; 256] {
 }
 static JSON_ESCAPE: [bool; 256] = json_escapes();
 
-/// Writes `s` as a JSON string (RFC 8259 escaping).
+/// Bytes `b` takes in a JSON string (a byte of a multi-byte character: one).
+fn json_width(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | b'\n' | b'\r' | b'\t' => 2,
+        b if JSON_ESCAPE[usize::from(b)] => 6,
+        _ => 1,
+    }
+}
+
+/// Where to cut `s` so that its JSON form fits `FIELD_MAX` with `TRUNCATED` after it: `None`
+/// when the whole of it fits, else the length of the longest prefix of whole characters
+/// that does.
+fn json_cut(s: &str) -> Option<usize> {
+    // No byte takes more than six: the usual short value needs no counting.
+    if s.len() * 6 <= FIELD_MAX || s.bytes().map(json_width).sum::<usize>() <= FIELD_MAX {
+        return None;
+    }
+    let room = FIELD_MAX - TRUNCATED.len();
+    let (mut used, mut cut) = (0, 0);
+    for (i, b) in s.bytes().enumerate() {
+        if s.is_char_boundary(i) {
+            if used > room {
+                break;
+            }
+            cut = i;
+        }
+        used += json_width(b);
+    }
+    Some(cut)
+}
+
+/// Writes `s` as a JSON string (RFC 8259 escaping), cut at `FIELD_MAX`.
 fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
-    let bytes = s.as_bytes();
+    let cut = json_cut(s);
+    let bytes = &s.as_bytes()[..cut.unwrap_or(s.len())];
     let mut start = 0;
     while let Some(off) = bytes[start..]
         .iter()
@@ -480,6 +527,9 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
+    if cut.is_some() {
+        out.extend_from_slice(TRUNCATED.as_bytes());
+    }
     out.push(b'"');
 }
 
@@ -612,7 +662,8 @@ pub fn combined_line(
 }
 
 /// The virtual host: the requested host without port when it is a plain name or address,
-/// else the local address (a parser expects a host here, never arbitrary client bytes).
+/// else the local address (a parser expects a host here, never arbitrary client bytes, nor
+/// a name longer than DNS allows).
 fn vhost(r: &AccessRecord) -> String {
     if let Some(h) = r.host() {
         let name = if let Some(rest) = h.strip_prefix('[') {
@@ -627,6 +678,7 @@ fn vhost(r: &AccessRecord) -> String {
             })
         };
         let plain = !name.is_empty()
+            && name.len() <= 253
             && (name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
@@ -646,14 +698,37 @@ fn quoted_header(v: Option<&[u8]>, out: &mut Vec<u8>) {
     }
 }
 
-/// nginx's escaping for log variables: `"`, `\`, control and non-ASCII bytes as `\xHH`.
+/// Whether nginx's escaping writes `b` as `\xHH`.
+fn nginx_escapes(b: u8) -> bool {
+    b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b)
+}
+
+/// nginx's escaping for log variables: `"`, `\`, control and non-ASCII bytes as `\xHH`; cut
+/// at `FIELD_MAX` (see `json_cut`).
 fn escape_nginx(v: &[u8], out: &mut Vec<u8>) {
-    for &b in v {
-        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+    let width = |b: u8| if nginx_escapes(b) { 4 } else { 1 };
+    let mut cut = None;
+    if v.len() * 4 > FIELD_MAX && v.iter().map(|&b| width(b)).sum::<usize>() > FIELD_MAX {
+        let room = FIELD_MAX - TRUNCATED.len();
+        let mut used = 0;
+        cut = Some(
+            v.iter()
+                .position(|&b| {
+                    used += width(b);
+                    used > room
+                })
+                .unwrap_or(v.len()),
+        );
+    }
+    for &b in &v[..cut.unwrap_or(v.len())] {
+        if nginx_escapes(b) {
             let _ = write!(out, "\\x{b:02X}");
         } else {
             out.push(b);
         }
+    }
+    if cut.is_some() {
+        out.extend_from_slice(TRUNCATED.as_bytes());
     }
 }
 
@@ -970,6 +1045,74 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "api.example.org 198.51.100.7 - - [25/Nov/2025:21:49:15 +0000] \"GET /a%20b/c?token=REDACTED&page=2 HTTP/2.0\" 403 120 \"-\" \"curl/8 \\x22quoted\\x22\"\n"
         );
+    }
+
+    /// Values longer than `FIELD_MAX` once escaped are cut between two characters (never in
+    /// an escape or a UTF-8 sequence) and marked; the line stays short and still parses.
+    #[test]
+    fn long_client_values_are_cut_and_marked() {
+        let mut r = record();
+        r.uri = format!("/{}?q={}", "\"".repeat(30_000), "a".repeat(30_000))
+            .parse()
+            .unwrap();
+        r.user_agent = Some(HeaderValue::from_bytes(&[0xff; 30_000]).unwrap());
+        r.referer = Some(HeaderValue::from_str(&"é".repeat(20_000)).unwrap());
+        r.host_header = Some(HeaderValue::from_str(&"h".repeat(30_000)).unwrap());
+
+        let mut out = Vec::new();
+        json_line(
+            &r,
+            &fmt(),
+            &mut CachedTime::new(TimeStyle::Rfc3339),
+            &mut out,
+        );
+        assert!(out.len() < 6 * FIELD_MAX, "{} bytes", out.len());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        for key in ["path", "query", "user_agent", "referer", "host"] {
+            let text = v[key].as_str().unwrap();
+            assert!(text.ends_with(TRUNCATED), "{key}: {text}");
+        }
+        assert!(v["path"].as_str().unwrap().starts_with("/\"\""));
+        // Escaped, each value fills its room to within one escape (6 bytes) of the cap.
+        let raw = String::from_utf8(out).unwrap();
+        let field = |key: &str| {
+            let start = raw.find(&format!("\"{key}\":\"")).unwrap() + key.len() + 4;
+            let end = start + raw[start..].find(TRUNCATED).unwrap() + TRUNCATED.len();
+            end - start
+        };
+        for key in ["path", "user_agent", "referer"] {
+            assert!((FIELD_MAX - 6..=FIELD_MAX).contains(&field(key)), "{key}");
+        }
+
+        let mut out = Vec::new();
+        let opts = CombinedOptions { vhost: true };
+        combined_line(
+            &r,
+            &fmt(),
+            opts,
+            &mut CachedTime::new(TimeStyle::Http),
+            &mut out,
+        );
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.len() < 5 * FIELD_MAX, "{} bytes", line.len());
+        // A host longer than DNS allows is no host: the local address stands in.
+        assert!(line.starts_with("127.0.0.1 198.51.100.7 "), "{line}");
+        let (target, rest) = line.split_once(" HTTP/2.0\" ").unwrap();
+        assert!(target.contains("\\x22...[truncated]?q=aaa"), "{target}");
+        assert!(target.ends_with("aaa...[truncated]"), "{target}");
+        assert!(rest.starts_with("403 120 \""), "{rest}");
+        assert!(rest.ends_with("\\xFF...[truncated]\"\n"), "{rest}");
+
+        let mut out = Vec::new();
+        let event = Event::Request {
+            event: "policy_denied",
+            record: Arc::new(r),
+        };
+        event_line(&event, &mut CachedTime::new(TimeStyle::Rfc3339), &mut out);
+        assert!(out.len() < 4 * FIELD_MAX, "{} bytes", out.len());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["wraith"]["status"], 403);
+        assert!(v["wraith"]["path"].as_str().unwrap().ends_with(TRUNCATED));
     }
 
     #[test]

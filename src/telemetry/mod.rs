@@ -4,7 +4,8 @@
 //! - `Telemetry` lives as long as the process: the metric registry, the traffic window and
 //!   every sink writer thread (so shutdown can flush them all).
 //! - `SnapshotTelemetry` belongs to one config snapshot: its sinks (shared with the previous
-//!   snapshot when their settings did not change) and the pre-resolved metric handles of its
+//!   snapshot when their settings did not change; the SQLite sink whenever the database is the
+//!   same, taking the new settings at `activate`) and the pre-resolved metric handles of its
 //!   routes and endpoints. `emit` is the one place a finished request is accounted for.
 //!
 //! Server logs are JSON when stderr is not a terminal (or when configured), human text
@@ -20,13 +21,14 @@ pub mod window;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, SqliteSinkConfig};
 use access_log::AccessRecord;
 use format::{CachedTime, CombinedOptions, Event, Formatting, TimeStyle};
 use metrics::{
@@ -34,6 +36,7 @@ use metrics::{
     RouteLabel, RouteMetrics, SinkLabel,
 };
 use sinks::{FileWriter, Queue, Sink, Writers};
+use sqlite::SqliteSettings;
 use window::Window;
 
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing).
@@ -68,6 +71,15 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub window: Window,
     pub writers: Writers,
+    /// The SQLite sinks alive, whichever configurations hold them: one writer per database.
+    sqlite: Mutex<Vec<LiveSqlite>>,
+}
+
+/// A SQLite sink some configuration (in service, or still held by a request) holds.
+struct LiveSqlite {
+    path: PathBuf,
+    sink: Weak<AccessSink>,
+    settings: Arc<SqliteSettings>,
 }
 
 /// The access sinks of one snapshot.
@@ -81,6 +93,9 @@ pub struct SnapshotTelemetry {
     pub combined: Option<Arc<AccessSink>>,
     pub sqlite: Option<Arc<AccessSink>>,
     pub events: Option<Arc<Sink<Event>>>,
+    /// The settings the SQLite sink's writer follows, and what this snapshot puts in force
+    /// there when it goes into service (`activate`).
+    sqlite_settings: Option<(Arc<SqliteSettings>, SqliteSinkConfig, Formatting)>,
     // Fx hashing: the keys are names from the config, looked up on every request; SipHash's
     // flooding resistance buys nothing here and costs more than the rest of the lookup.
     routes: FxHashMap<Arc<str>, Arc<RouteMetrics>>,
@@ -182,18 +197,13 @@ impl SnapshotTelemetry {
             .ok();
         }
         if let Some(c) = &log.sqlite {
-            let key = format!("{c:?}|{formatting:?}");
-            let f = formatting.clone();
-            out.sqlite = sink(
-                shared,
-                previous.and_then(|p| p.sqlite.as_ref()),
-                "sqlite",
-                key,
-                c.queue,
-                || sqlite::SqliteWriter::new(c.clone(), f),
-            )
-            .map_err(|e| errors.push(format!("log.sqlite: {e}")))
-            .ok();
+            match sqlite_sink(shared, c, &formatting) {
+                Ok((sink, settings)) => {
+                    out.sqlite = Some(sink);
+                    out.sqlite_settings = Some((settings, c.clone(), formatting.clone()));
+                }
+                Err(e) => errors.push(format!("log.sqlite: {e}")),
+            }
         }
         if let Some(c) = &log.events {
             let key = format!("{}|{}", c.path.display(), c.queue);
@@ -228,6 +238,13 @@ impl SnapshotTelemetry {
     /// any more): a sink built by a reload that then fails must leave its output as it was,
     /// e.g. not delete rows under a new `max_rows`. Sinks carried over are active already.
     pub fn activate(&self) {
+        // A SQLite writer this snapshot shares with the one before takes its settings now.
+        if let (Some(s), Some((settings, config, formatting))) =
+            (&self.sqlite, &self.sqlite_settings)
+        {
+            settings.set(config, formatting);
+            s.queue.set_capacity(config.queue);
+        }
         for s in [&self.json, &self.combined, &self.sqlite]
             .into_iter()
             .flatten()
@@ -512,6 +529,21 @@ where
         return Ok(p.clone());
     }
     let writer = make()?;
+    spawn_sink(shared, name, key, capacity, writer)
+}
+
+/// Starts a sink with `writer`, paused until `SnapshotTelemetry::activate`.
+fn spawn_sink<T, W>(
+    shared: &Telemetry,
+    name: &'static str,
+    key: String,
+    capacity: usize,
+    writer: W,
+) -> Result<Arc<Sink<T>>, String>
+where
+    T: Send + 'static,
+    W: sinks::BatchWriter<T> + Send + 'static,
+{
     let labels = SinkLabel { sink: name };
     let queue = Arc::new(Queue::new(
         capacity,
@@ -519,6 +551,36 @@ where
         shared.metrics.log_written.get_or_create_owned(&labels),
     ));
     shared.writers.spawn(name, key, queue, writer).map(Arc::new)
+}
+
+/// The SQLite sink for `config`: the one already writing its database if any configuration
+/// still holds one (asked to reopen the file, its settings changed only by `activate`), else
+/// a new one. Two writers on one database would each run their own retention.
+fn sqlite_sink(
+    shared: &Telemetry,
+    config: &SqliteSinkConfig,
+    formatting: &Formatting,
+) -> Result<(Arc<AccessSink>, Arc<SqliteSettings>), String> {
+    let mut live = shared.sqlite.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|l| l.sink.strong_count() > 0);
+    let running = live
+        .iter()
+        .filter(|l| l.path == config.path)
+        .find_map(|l| Some((l.sink.upgrade()?, l.settings.clone())));
+    if let Some((sink, settings)) = running {
+        sink.queue.reopen();
+        return Ok((sink, settings));
+    }
+    let settings = SqliteSettings::new(config.clone(), formatting.clone());
+    let writer = sqlite::SqliteWriter::following(settings.clone())?;
+    let key = config.path.display().to_string();
+    let sink = spawn_sink(shared, "sqlite", key, config.queue, writer)?;
+    live.push(LiveSqlite {
+        path: config.path.clone(),
+        sink: Arc::downgrade(&sink),
+        settings: settings.clone(),
+    });
+    Ok((sink, settings))
 }
 
 /// Seconds since the epoch, now.

@@ -5,9 +5,9 @@
 //! `FLUSH_INTERVAL`, or when the queue passes half full. The writer formats, writes the whole
 //! batch with one `write`, and goes back to sleep.
 //!
-//! A sink's handle (`Sink`) is shared by every snapshot that has the same settings; when the
-//! last one goes (a reload changed or removed it), the queue is closed and the writer drains it
-//! and exits. `Writers` keeps every writer thread so shutdown can wait for all of them.
+//! A sink's handle (`Sink`) is shared by every snapshot that has the same settings (a SQLite
+//! sink: the same database, see `sqlite::SqliteSettings`); when the last one goes (a reload
+//! changed or removed it), the queue is closed and the writer drains it and exits. `Writers` keeps every writer thread so shutdown can wait for all of them.
 //!
 //! A writer starts paused: it does nothing (no write, no retention) until its queue is
 //! activated, which the runtime does once the snapshot the sink was built for is certain to go
@@ -17,7 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,9 +33,13 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Queue<T> {
     state: Mutex<QueueState<T>>,
     wake: Condvar,
-    capacity: usize,
-    /// Records refused because the queue was full (or closed).
+    /// Records it holds at most (a reload may change it: `set_capacity`).
+    capacity: AtomicUsize,
+    /// Records refused because the queue was full (the writer did not keep up).
     pub dropped: AtomicU64,
+    /// Records refused because the queue was closed already (emitted after shutdown closed
+    /// the sinks): not the writer's fault, so neither counted nor warned about as drops.
+    pub lost: AtomicU64,
     /// Records accepted into the queue.
     pub accepted: AtomicU64,
     /// Records written by the writer.
@@ -69,8 +73,9 @@ impl<T> Queue<T> {
                 active: false,
             }),
             wake: Condvar::new(),
-            capacity,
+            capacity: AtomicUsize::new(capacity),
             dropped: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             written: AtomicU64::new(0),
             dropped_metric,
@@ -83,7 +88,13 @@ impl<T> Queue<T> {
         let Ok(mut s) = self.state.lock() else {
             return false;
         };
-        if s.closed || s.items.len() >= self.capacity {
+        if s.closed {
+            drop(s);
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        if s.items.len() >= capacity {
             drop(s);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped_metric.inc();
@@ -94,10 +105,15 @@ impl<T> Queue<T> {
         drop(s);
         self.accepted.fetch_add(1, Ordering::Relaxed);
         // Half full: wake the writer early rather than risk drops.
-        if len == self.capacity / 2 + 1 {
+        if len == capacity / 2 + 1 {
             self.wake.notify_one();
         }
         true
+    }
+
+    /// Changes how many records it holds at most (records beyond a lowered bound stay).
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
     }
 
     /// Records waiting.
@@ -209,6 +225,8 @@ pub trait SinkControl: Send + Sync {
     fn is_active(&self) -> bool;
     /// (queued now, accepted, written, dropped)
     fn counts(&self) -> (usize, u64, u64, u64);
+    /// Records offered after the sink was closed.
+    fn lost(&self) -> u64;
 }
 
 impl<T: Send> SinkControl for Queue<T> {
@@ -228,6 +246,9 @@ impl<T: Send> SinkControl for Queue<T> {
             self.written.load(Ordering::Relaxed),
             self.dropped.load(Ordering::Relaxed),
         )
+    }
+    fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 }
 
@@ -325,6 +346,16 @@ impl Writers {
                     dropped,
                     "access log sink flushed and closed"
                 );
+                let lost = e.control.lost();
+                if lost > 0 {
+                    // Requests whose tasks were still being dropped when the wait for them
+                    // ran out (serve's TASK_DROP_WAIT).
+                    tracing::error!(
+                        sink = e.name,
+                        lost,
+                        "access records emitted after the sink closed were lost"
+                    );
+                }
             } else {
                 tracing::error!(
                     sink = e.name,
@@ -574,6 +605,22 @@ mod tests {
             lim.rlim_cur = bytes.min(lim.rlim_max);
             assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
         }
+    }
+
+    /// A record offered to a full queue is a drop (the writer did not keep up: counted in
+    /// the metric, warned about); one offered after the queue closed is not.
+    #[test]
+    fn closed_queue_refusals_are_not_counted_as_drops() {
+        let metric = Counter::default();
+        let q: Queue<u32> = Queue::new(1, metric.clone(), Counter::default());
+        assert!(q.push(1));
+        assert!(!q.push(2));
+        q.close();
+        assert!(!q.push(3));
+        assert!(!q.push(4));
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(metric.get(), 1);
+        assert_eq!(SinkControl::lost(&q), 2);
     }
 
     /// A write that fails part way (here: past RLIMIT_FSIZE, as on a full disk) leaves no torn

@@ -3,7 +3,8 @@
 //! retention by age and row count. `wraith logs` reads the same file read-only.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use std::ffi::{c_int, c_uint};
@@ -102,6 +103,13 @@ fn insert_sql(rows: usize) -> String {
 
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Most rows one retention step deletes (one transaction, some tens of milliseconds): the
+/// writer inserts what is waiting between two steps. One DELETE of everything due held the
+/// writer for seconds (360,000 rows: 1.8 s) and grew the WAL by all it deleted.
+const RETENTION_STEP: i64 = 10_000;
+/// What a checkpoint leaves of the WAL file (`PRAGMA journal_size_limit`): without it the
+/// file keeps the largest size it ever reached.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Opens (creating if needed) the database for writing, in WAL mode with the schema.
 pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
@@ -138,6 +146,8 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
         .map_err(what)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(what)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .map_err(what)?;
     conn.busy_timeout(Duration::from_millis(200))
         .map_err(what)?;
     conn.execute_batch(SCHEMA).map_err(what)?;
@@ -170,6 +180,36 @@ pub fn open_read_only(path: &Path) -> Result<Connection, String> {
     Ok(conn)
 }
 
+/// The settings of a running SQLite sink, which a reload may change. One writer serves a
+/// database for as long as any configuration in service names it: a reload that changes
+/// `[log.sqlite]` but not its path puts the new settings here when it commits
+/// (`SnapshotTelemetry::activate`), and the writer takes them before its next batch or
+/// retention step. A second writer on the file would go on running the old retention for as
+/// long as a request of the old configuration (an SSE stream, a long download) held it.
+pub struct SqliteSettings {
+    /// Counts the changes, so the writer sees one without taking the lock.
+    version: AtomicU64,
+    current: Mutex<(SqliteSinkConfig, Formatting)>,
+}
+
+impl SqliteSettings {
+    pub fn new(config: SqliteSinkConfig, formatting: Formatting) -> Arc<SqliteSettings> {
+        Arc::new(SqliteSettings {
+            version: AtomicU64::new(0),
+            current: Mutex::new((config, formatting)),
+        })
+    }
+
+    /// Puts `config` and `formatting` in force (nothing changes if they are already).
+    pub fn set(&self, config: &SqliteSinkConfig, formatting: &Formatting) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.0 != *config || current.1 != *formatting {
+            *current = (config.clone(), formatting.clone());
+            self.version.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
 /// The writer thread's side of the sink.
 pub struct SqliteWriter {
     /// The INSERT statements, for `ROWS_PER_INSERT` rows and for one row. Declared before
@@ -177,9 +217,14 @@ pub struct SqliteWriter {
     many: Insert,
     one: Insert,
     conn: Connection,
+    /// Where `config` and `formatting` come from, and the version of it they are.
+    settings: Arc<SqliteSettings>,
+    version: u64,
     config: SqliteSinkConfig,
     formatting: Formatting,
     last_retention: Option<Instant>,
+    /// Rows deleted so far by the retention pass under way (`None`: none is).
+    retention_pass: Option<usize>,
     clock: CachedTime,
     /// Text made for the rows of one statement (time, client address, policy ids), bound in
     /// place; `spans` holds each row's three ranges into it.
@@ -256,20 +301,55 @@ fn bind_row<'v>(
 }
 
 impl SqliteWriter {
+    /// A writer with settings of its own.
     pub fn new(config: SqliteSinkConfig, formatting: Formatting) -> Result<SqliteWriter, String> {
+        SqliteWriter::following(SqliteSettings::new(config, formatting))
+    }
+
+    /// A writer that follows `settings` (its database is their `path`, which never changes).
+    pub fn following(settings: Arc<SqliteSettings>) -> Result<SqliteWriter, String> {
+        let version = settings.version.load(Ordering::Acquire);
+        let (config, formatting) = settings
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let conn = open_for_writing(&config.path)?;
         let (many, one) = prepare_inserts(&conn, &config.path)?;
         Ok(SqliteWriter {
             many,
             one,
             conn,
+            settings,
+            version,
             config,
             formatting,
             last_retention: None,
+            retention_pass: None,
             clock: CachedTime::new(TimeStyle::Sqlite),
             derived: String::new(),
             spans: Vec::with_capacity(ROWS_PER_INSERT),
         })
+    }
+
+    /// Takes the settings a committed reload put in force. Changed retention runs at once:
+    /// its change applies from the commit on.
+    fn follow_settings(&mut self) {
+        if self.settings.version.load(Ordering::Acquire) == self.version {
+            return;
+        }
+        let current = self
+            .settings
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.version = self.settings.version.load(Ordering::Acquire);
+        let (config, formatting) = &*current;
+        if (config.max_age, config.max_rows) != (self.config.max_age, self.config.max_rows) {
+            self.last_retention = None;
+        }
+        self.config = config.clone();
+        self.formatting = formatting.clone();
     }
 
     fn insert(&mut self, items: &[Arc<AccessRecord>]) -> rusqlite::Result<()> {
@@ -334,30 +414,49 @@ impl SqliteWriter {
         b.execute()
     }
 
-    /// Deletes rows past the configured age and count.
-    fn retention(&mut self) -> rusqlite::Result<usize> {
-        let mut deleted = 0;
+    /// One step of retention: deletes up to `RETENTION_STEP` rows past the configured age
+    /// (oldest first), then past the configured count. Returns the rows deleted and whether
+    /// that was all (fewer than a step's worth were due).
+    fn retention_step(&mut self) -> rusqlite::Result<(usize, bool)> {
+        let mut left = RETENTION_STEP;
         if let Some(age) = self.config.max_age {
             let cutoff = SystemTime::now()
                 .checked_sub(age)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            deleted += self.conn.execute(
-                "DELETE FROM access_log WHERE time < ?1",
-                params![sqlite_time(cutoff)],
-            )?;
+            left -= self.conn.execute(
+                "DELETE FROM access_log WHERE id IN \
+                 (SELECT id FROM access_log WHERE time < ?1 LIMIT ?2)",
+                params![sqlite_time(cutoff), left],
+            )? as i64;
         }
-        if let Some(max) = self.config.max_rows {
-            deleted += self.conn.execute(
-                "DELETE FROM access_log WHERE id <= (SELECT max(id) FROM access_log) - ?1",
-                params![max as i64],
-            )?;
+        if let Some(max) = self.config.max_rows.filter(|_| left > 0) {
+            left -= self.conn.execute(
+                "DELETE FROM access_log WHERE id IN (SELECT id FROM access_log \
+                 WHERE id <= (SELECT max(id) FROM access_log) - ?1 ORDER BY id LIMIT ?2)",
+                params![max as i64, left],
+            )? as i64;
         }
-        Ok(deleted)
+        Ok(((RETENTION_STEP - left) as usize, left > 0))
+    }
+
+    /// Gives the WAL's pages back to the database and truncates the file: after a pass that
+    /// deleted rows it is as large as all it deleted. A reader (`wraith logs`) holding a
+    /// snapshot makes it wait `busy_timeout` and give up; the next pass tries again.
+    fn truncate_wal(&self) {
+        let done = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        if !matches!(done, Ok(0)) {
+            tracing::debug!(result = ?done, "access log WAL not truncated (a reader holds it)");
+        }
     }
 }
 
 impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
     fn write(&mut self, items: &mut Vec<Arc<AccessRecord>>) -> Result<(), String> {
+        self.follow_settings();
         let batch = self.config.batch.max(1);
         while !items.is_empty() {
             let n = items.len().min(batch);
@@ -379,21 +478,40 @@ impl BatchWriter<Arc<AccessRecord>> for SqliteWriter {
         Ok(())
     }
 
+    /// Retention, one step per call: the writer calls this between batches, so a pass over
+    /// many rows never holds up the inserts for more than one step.
     fn tick(&mut self) {
+        self.follow_settings();
         if self.config.max_age.is_none() && self.config.max_rows.is_none() {
+            self.retention_pass = None;
             return;
         }
-        if self
-            .last_retention
-            .is_some_and(|t| t.elapsed() < RETENTION_EVERY)
-        {
-            return;
-        }
-        self.last_retention = Some(Instant::now());
-        match self.retention() {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "access log retention"),
-            Err(e) => tracing::warn!(error = %e, "access log retention failed"),
+        let deleted = match self.retention_pass {
+            Some(n) => n,
+            None if self
+                .last_retention
+                .is_some_and(|t| t.elapsed() < RETENTION_EVERY) =>
+            {
+                return
+            }
+            None => {
+                self.last_retention = Some(Instant::now());
+                0
+            }
+        };
+        match self.retention_step() {
+            Ok((n, false)) => self.retention_pass = Some(deleted + n),
+            Ok((n, true)) => {
+                self.retention_pass = None;
+                if deleted + n > 0 {
+                    tracing::debug!(deleted = deleted + n, "access log retention");
+                    self.truncate_wal();
+                }
+            }
+            Err(e) => {
+                self.retention_pass = None;
+                tracing::warn!(error = %e, "access log retention failed");
+            }
         }
     }
 }
@@ -687,6 +805,111 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, expected);
+    }
+
+    /// Retention over many rows deletes one step (`RETENTION_STEP` rows, a transaction) per
+    /// tick, so the writer's inserts go on between steps, and the WAL it grew is truncated
+    /// once the pass is over.
+    #[test]
+    fn retention_deletes_in_steps_between_inserts_and_truncates_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SqliteSinkConfig {
+            max_rows: Some(1000),
+            ..sink_config(dir.path())
+        };
+        let f = Formatting::new(&LogConfig::default());
+        let mut w = SqliteWriter::new(config.clone(), f).unwrap();
+        // 100,000 old rows, made by SQLite itself (fast); the WAL starts out empty.
+        w.conn
+            .execute_batch(
+                "BEGIN;
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)
+                 INSERT INTO access_log (time, request_id, client_ip, listener, protocol, method,
+                     path, status, bytes_in, bytes_out, duration_ms, attempts, aborted, user_agent)
+                 SELECT '2020-01-01 00:00:00.000', 'r' || i, '192.0.2.1', 'http', 'h1', 'GET',
+                     '/old/' || i, 200, 0, 0, 1.0, 0, 0, 'agent' FROM n;
+                 COMMIT;
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        let count = |w: &SqliteWriter| -> i64 {
+            w.conn
+                .query_row("SELECT count(*) FROM access_log", [], |r| r.get(0))
+                .unwrap()
+        };
+        let wal = config.path.with_extension("db-wal");
+        w.tick();
+        assert_eq!(count(&w), 100_000 - RETENTION_STEP, "one step per tick");
+        // The writer's next batch goes in between two steps.
+        w.write(&mut vec![sample()]).unwrap();
+        assert_eq!(count(&w), 100_001 - RETENTION_STEP);
+        let mut ticks = 1;
+        while w.retention_pass.is_some() {
+            w.tick();
+            ticks += 1;
+            assert!(ticks <= 11, "a pass of 99,001 rows takes ten steps");
+        }
+        assert_eq!(count(&w), 1000);
+        let newest: String = w
+            .conn
+            .query_row("SELECT path FROM access_log ORDER BY id DESC", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(newest, "/small", "the newest rows stay");
+        let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        assert!(wal_len < 1 << 20, "WAL left at {wal_len} bytes");
+    }
+
+    /// A writer takes the settings a committed reload put in force before its next step:
+    /// the old retention no longer applies, and a changed one runs at once.
+    #[test]
+    fn writer_follows_the_settings_put_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let old = SqliteSinkConfig {
+            max_age: Some(hour),
+            ..sink_config(dir.path())
+        };
+        let f = Formatting::new(&LogConfig::default());
+        let settings = SqliteSettings::new(old.clone(), f.clone());
+        let mut w = SqliteWriter::following(settings.clone()).unwrap();
+        w.tick();
+        let two_hours_ago = sqlite_time(SystemTime::now() - 2 * hour);
+        for i in 0..5 {
+            w.conn
+                .execute(
+                    "INSERT INTO access_log (time, request_id, client_ip, listener, protocol, \
+                     method, path, status, bytes_in, bytes_out, duration_ms, attempts, aborted) \
+                     VALUES (?1, ?2, '192.0.2.1', 'http', 'h1', 'GET', '/', 200, 0, 0, 1.0, 0, 0)",
+                    params![two_hours_ago, format!("r{i}")],
+                )
+                .unwrap();
+        }
+        let count = |w: &SqliteWriter| -> i64 {
+            w.conn
+                .query_row("SELECT count(*) FROM access_log", [], |r| r.get(0))
+                .unwrap()
+        };
+        let raised = SqliteSinkConfig {
+            max_age: Some(30 * 24 * hour),
+            ..old.clone()
+        };
+        settings.set(&raised, &f);
+        w.tick();
+        // And a minute later, at the next regular pass.
+        w.last_retention = Some(Instant::now() - RETENTION_EVERY);
+        w.tick();
+        assert_eq!(count(&w), 5, "rows older than the old max_age stay");
+        settings.set(
+            &SqliteSinkConfig {
+                max_rows: Some(2),
+                ..raised
+            },
+            &f,
+        );
+        w.tick();
+        assert_eq!(count(&w), 2, "the new max_rows applies at once");
     }
 
     /// With an umask that lets everything through, the database, its WAL and its shared

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{now_ms, DecisionStore};
+use super::stream::{parse_stream, Limits, ParseError, StreamResponse};
 use super::{godur, parse_value, valid_kind, Decision, Key, Scope, Source};
 use crate::config::{CrowdsecConfig, OnError};
 
@@ -48,15 +49,6 @@ pub struct LapiDecision {
 
 fn lenient_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     Ok(serde_json::Value::deserialize(d)?.as_i64())
-}
-
-/// A stream response: either list may be `null`, `[]` or absent.
-#[derive(Debug, Default, Deserialize)]
-pub struct StreamResponse {
-    #[serde(default)]
-    pub new: Option<Vec<LapiDecision>>,
-    #[serde(default)]
-    pub deleted: Option<Vec<LapiDecision>>,
 }
 
 /// Why a LAPI decision was not taken.
@@ -469,11 +461,9 @@ async fn run(
                 let (store, config) = (store.clone(), config.clone());
                 let mut k = std::mem::take(&mut known);
                 let done = tokio::task::spawn_blocking(move || {
-                    let applied = parse_stream(&body).and_then(|resp| {
-                        let kept = if full { 0 } else { k.len() };
-                        check_size(&resp, kept, config.max_decisions)?;
-                        Ok(apply(&store, &config, &mut k, resp, full))
-                    });
+                    let kept = if full { 0 } else { k.len() };
+                    let applied = read_answer(&body, full, kept, config.max_decisions)
+                        .map(|resp| apply(&store, &config, &mut k, resp, full));
                     (k, applied)
                 })
                 .await;
@@ -602,27 +592,30 @@ async fn pull(
     Ok(body)
 }
 
-/// Refuses an answer with more decisions than `max_decisions` (the cache keeps its last
-/// good state): a broken or hostile LAPI cannot make the store grow without bound.
-fn check_size(resp: &StreamResponse, kept: usize, max: usize) -> Result<(), String> {
-    let n = resp.new.as_ref().map_or(0, Vec::len);
-    if kept.saturating_add(n) > max {
-        return Err(format!(
-            "LAPI sent {n} decisions ({kept} already held), more than crowdsec.max_decisions ({max}): refused (the cache keeps its last good state)"
-        ));
-    }
-    Ok(())
+/// Reads one stream answer within `crowdsec.max_decisions` (`max`, with `kept` already
+/// held between snapshots). An answer past it is refused while it is parsed, at the first
+/// entry too many, and the cache keeps its last good state: a broken or hostile LAPI cannot
+/// make the store, or the parse itself, grow without bound.
+fn read_answer(body: &[u8], full: bool, kept: usize, max: usize) -> Result<StreamResponse, String> {
+    let limits = Limits {
+        new: max.saturating_sub(kept),
+        // A snapshot replaces the cache: its deleted list has nothing to remove.
+        deleted: (!full).then_some(max),
+    };
+    parse_stream(body, limits).map_err(|e| match e {
+        ParseError::TooMany("new") => format!(
+            "LAPI sent more than {} new decisions ({kept} already held), more than crowdsec.max_decisions ({max}): refused (the cache keeps its last good state)",
+            limits.new
+        ),
+        ParseError::TooMany(list) => format!(
+            "LAPI sent more than {max} {list} decisions, more than crowdsec.max_decisions ({max}) allows: refused (the cache keeps its last good state)"
+        ),
+        ParseError::Unreadable(e) => format!("LAPI sent an unreadable stream response: {e}"),
+    })
 }
 
 /// The largest stream answer accepted from the LAPI.
 const MAX_STREAM_BODY: usize = 256 << 20;
-
-/// Parses a stream body; `null` as the whole body counts as empty too.
-pub fn parse_stream(body: &[u8]) -> Result<StreamResponse, String> {
-    let parsed: Option<StreamResponse> = serde_json::from_slice(body)
-        .map_err(|e| format!("LAPI sent an unreadable stream response: {e}"))?;
-    Ok(parsed.unwrap_or_default())
-}
 
 fn describe(e: &reqwest::Error) -> String {
     use std::error::Error;
@@ -645,7 +638,7 @@ fn apply(
     full: bool,
 ) -> (usize, usize, usize) {
     let now = now_ms();
-    let (new, skipped) = convert_new(resp.new.unwrap_or_default(), config.origins.as_deref(), now);
+    let (new, skipped) = convert_new(resp.new, config.origins.as_deref(), now);
     for s in skipped
         .iter()
         .filter(|s| matches!(s, Skip::Invalid(_)))
@@ -655,13 +648,13 @@ fn apply(
     }
     if full {
         // A snapshot's `deleted` lists expired decisions still in the LAPI database:
-        // nothing to remove from a cache being replaced.
+        // nothing to remove from a cache being replaced (`read_answer` did not keep it).
         let all = known.replace(new);
         let added = all.len();
         store.replace_crowdsec(all);
         return (added, 0, skipped.len());
     }
-    let deleted = convert_deleted(resp.deleted.unwrap_or_default());
+    let deleted = convert_deleted(resp.deleted);
     let (drop, set) = known.delta(deleted, new, now);
     let (removed, added) = store.apply_crowdsec_delta(&drop, set);
     (added, removed, skipped.len())
@@ -706,26 +699,35 @@ mod tests {
  {"duration":"29m59.168665082s","id":2,"origin":"cscli","scenario":"wraith-range","scope":"Range","type":"captcha","value":"10.20.0.0/16"},
  {"duration":"1m29.168667657s","id":5,"origin":"cscli","scenario":"manual","scope":"Ip","type":"ban","value":"2001:db8::1"},
  {"duration":"2h","id":6,"origin":"cscli","scenario":"geo","scope":"Country","type":"ban","value":"FR"}]}"#;
-        let r = parse_stream(v146).unwrap();
-        let (new, skipped) = convert_new(r.new.unwrap(), None, 1_000);
+        let r = parse(v146);
+        let (new, skipped) = convert_new(r.new, None, 1_000);
         assert_eq!(new.len(), 3);
         assert_eq!(skipped, vec![Skip::Scope]);
         assert_eq!(new[0].0, Some(1));
         assert_eq!(new[0].1.until_ms, 1_000 + 3_599_168);
         assert_eq!(new[1].1.scope, Scope::Range);
         assert_eq!(&*new[1].1.kind, "captcha");
-        assert!(r.deleted.is_none());
+        assert!(r.deleted.is_empty());
 
         let empty_178 = br#"{"new": [], "deleted": []}"#;
-        let r = parse_stream(empty_178).unwrap();
-        assert!(r.new.unwrap().is_empty());
-        let r = parse_stream(br#"{"deleted":null,"new":null}"#).unwrap();
-        assert!(r.new.is_none() && r.deleted.is_none());
-        let r = parse_stream(b"{}").unwrap();
-        assert!(r.new.is_none());
-        let r = parse_stream(b"null").unwrap();
-        assert!(r.new.is_none());
-        assert!(parse_stream(b"<html>").is_err());
+        for body in [
+            &empty_178[..],
+            br#"{"deleted":null,"new":null}"#,
+            b"{}",
+            b"null",
+        ] {
+            let r = parse(body);
+            assert!(r.new.is_empty() && r.deleted.is_empty());
+        }
+        for body in [
+            &b"<html>"[..],
+            b"[]",
+            br#"{"new":{}}"#,
+            br#"{"new":[],"new":[]}"#,
+        ] {
+            let e = parse_stream(body, UNLIMITED).unwrap_err();
+            assert!(matches!(e, ParseError::Unreadable(_)), "{e:?}");
+        }
     }
 
     #[test]
@@ -733,8 +735,8 @@ mod tests {
         let body = br#"{"new":null,"deleted":[
  {"duration":"-143.605213ms","origin":"cscli","scope":"Ip","type":"ban","value":"1.2.3.4","uuid":"x"},
  {"duration":"-25422h25m44.086361839s","origin":"crowdsec","scope":"Range","type":"ban","value":"2001:db8::/32"}]}"#;
-        let r = parse_stream(body).unwrap();
-        let keys = convert_deleted(r.deleted.unwrap());
+        let r = parse(body);
+        let keys = convert_deleted(r.deleted);
         assert_eq!(keys.len(), 2);
         assert_eq!(&*keys[0].1.origin, "cscli");
         assert_eq!(keys[0].0, None);
@@ -815,7 +817,7 @@ mod tests {
         let body = br#"{"deleted":null,"new":[
  {"duration":"1h","id":1,"origin":"lists","scenario":"x","scope":"Range","type":"ban","value":"::ffff:0:0/80"},
  {"duration":"1h","id":2,"origin":"lists","scenario":"y","scope":"Range","type":"ban","value":"2001:db8::/32"}]}"#;
-        let (new, skipped) = convert_new(parse_stream(body).unwrap().new.unwrap(), None, now_ms());
+        let (new, skipped) = convert_new(parse(body).new, None, now_ms());
         assert!(skipped.is_empty(), "{skipped:?}");
         let store = DecisionStore::new();
         store.replace_crowdsec(Known::default().replace(new));
@@ -834,13 +836,13 @@ mod tests {
 
     #[test]
     fn an_id_that_is_not_an_integer_is_no_id_and_fails_nothing() {
-        let r = parse_stream(
+        let r = parse(
             br#"{"new":[{"id":"x","duration":"1h","scope":"Ip","value":"192.0.2.1","type":"ban"},
                          {"id":-3,"duration":"1h","scope":"Ip","value":"192.0.2.2","type":"ban"},
                          {"id":1.5,"duration":"1h","scope":"Ip","value":"192.0.2.3","type":"ban"}]}"#,
         )
-        .unwrap();
-        let ids: Vec<_> = r.new.unwrap().iter().map(|d| d.id).collect();
+        ;
+        let ids: Vec<_> = r.new.iter().map(|d| d.id).collect();
         assert_eq!(ids, vec![None, Some(-3), None]);
     }
 
@@ -915,19 +917,80 @@ mod tests {
         assert!(reason.chars().all(|c| c == 'é'));
     }
 
+    /// Every entry of a body, read as `max_decisions` would let it, but without limit.
+    const UNLIMITED: Limits = Limits {
+        new: usize::MAX,
+        deleted: Some(usize::MAX),
+    };
+
+    fn parse(body: &[u8]) -> StreamResponse {
+        parse_stream(body, UNLIMITED).unwrap()
+    }
+
+    /// `n` well-formed entries, comma-separated.
+    fn entries(n: usize) -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"id":{i},"duration":"1h","origin":"cscli","scope":"Ip","type":"ban","value":"10.{}.{}.{}"}}"#,
+                    (i >> 16) & 255,
+                    (i >> 8) & 255,
+                    i & 255
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     #[test]
     fn answers_past_max_decisions_are_refused() {
-        let resp = StreamResponse {
-            new: Some(vec![
-                lapi(Some(1), "192.0.2.1", "1h"),
-                lapi(Some(2), "192.0.2.2", "1h"),
-            ]),
-            deleted: None,
-        };
-        assert!(check_size(&resp, 0, 2).is_ok());
-        let e = check_size(&resp, 1, 2).unwrap_err();
+        let two = format!(r#"{{"new":[{}],"deleted":null}}"#, entries(2));
+        assert_eq!(
+            read_answer(two.as_bytes(), true, 0, 2).unwrap().new.len(),
+            2
+        );
+        let e = read_answer(two.as_bytes(), false, 1, 2).unwrap_err();
         assert!(e.contains("crowdsec.max_decisions (2)"), "{e}");
-        assert!(check_size(&resp, 0, 1).is_err());
+        assert!(read_answer(two.as_bytes(), true, 0, 1).is_err());
+        // A delta's deleted list has the same ceiling.
+        let deleted = format!(r#"{{"new":null,"deleted":[{}]}}"#, entries(3));
+        let e = read_answer(deleted.as_bytes(), false, 0, 2).unwrap_err();
+        assert!(e.contains("deleted") && e.contains("max_decisions"), "{e}");
+    }
+
+    #[test]
+    fn an_oversized_answer_is_refused_while_it_is_parsed() {
+        // Far more entries than the cap, and the body broken after them: refused at the
+        // first entry past the cap, so the parse never held (or reached) the rest.
+        let body = format!(r#"{{"new":[{}, BROKEN"#, entries(5_000));
+        let e = read_answer(body.as_bytes(), true, 0, 100).unwrap_err();
+        assert!(e.contains("crowdsec.max_decisions (100)"), "{e}");
+        assert_eq!(
+            parse_stream(
+                body.as_bytes(),
+                Limits {
+                    new: 100,
+                    deleted: None
+                }
+            )
+            .unwrap_err(),
+            ParseError::TooMany("new")
+        );
+    }
+
+    #[test]
+    fn a_snapshot_reads_past_its_deleted_list() {
+        // However long, and whatever its entries hold: a snapshot does not keep it.
+        let body = format!(
+            r#"{{"new":[{}],"deleted":[{}, {{"scope": 5}}, "junk"]}}"#,
+            entries(1),
+            entries(500)
+        );
+        let r = read_answer(body.as_bytes(), true, 0, 10).unwrap();
+        assert_eq!(r.new.len(), 1);
+        assert!(r.deleted.is_empty());
+        // A delta reads it (and this one is over the cap).
+        assert!(read_answer(body.as_bytes(), false, 0, 10).is_err());
     }
 
     #[test]

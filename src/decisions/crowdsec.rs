@@ -6,7 +6,8 @@
 //!
 //! Tolerated on the wire (see the notes on LAPI versions): `null`, `[]` or a missing key for
 //! empty lists; Go durations with `ns`/`µs` and negative values; the same deleted decision on
-//! several polls; unknown fields. `on_error = "closed"` makes the store refuse every request
+//! several polls; unknown fields; malformed entries (skipped one by one and logged, never the
+//! whole answer: see `stream`). `on_error = "closed"` makes the store refuse every request
 //! while the last successful pull is older than `max_staleness` (and before the first one).
 
 use std::collections::HashMap;
@@ -14,11 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{now_ms, DecisionStore};
-use super::stream::{parse_stream, Limits, ParseError, StreamResponse};
+use super::stream::{self, parse_stream, Limits, ParseError, StreamResponse};
 use super::{godur, parse_value, valid_kind, Decision, Key, Scope, Source};
 use crate::config::{CrowdsecConfig, OnError};
 
@@ -27,28 +27,20 @@ pub fn user_agent() -> String {
     format!("wraith/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// One decision as the LAPI sends it (fields Wraith does not use are ignored).
-#[derive(Debug, Deserialize)]
+/// One decision as the LAPI sends it (fields Wraith does not use are ignored). Read by
+/// `stream::parse_stream`, one entry at a time: an entry that is not one (a field missing
+/// or of the wrong type) is skipped on its own, never the whole answer.
+#[derive(Debug)]
 pub struct LapiDecision {
     /// The LAPI's decision id (an integer; anything else is taken as no id).
-    #[serde(default, deserialize_with = "lenient_id")]
     pub id: Option<i64>,
-    #[serde(default)]
     pub duration: Option<String>,
-    #[serde(default)]
     pub origin: Option<String>,
     pub scope: String,
     pub value: String,
-    #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub scenario: Option<String>,
-    #[serde(default)]
     pub simulated: Option<bool>,
-}
-
-fn lenient_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 /// Why a LAPI decision was not taken.
@@ -67,15 +59,22 @@ pub enum Skip {
 }
 
 /// Converts the `new` entries of a stream response; returns the decisions and the count
-/// skipped by reason (for the log).
+/// skipped by reason (for the log). A malformed entry is skipped as `Invalid`.
 pub fn convert_new(
-    list: Vec<LapiDecision>,
+    list: Vec<stream::Entry>,
     origins: Option<&[String]>,
     now_ms: u64,
 ) -> (Vec<(Option<i64>, Decision)>, Vec<Skip>) {
     let mut out = Vec::with_capacity(list.len());
     let mut skipped = Vec::new();
-    for d in list {
+    for entry in list {
+        let d = match entry {
+            Ok(d) => d,
+            Err(why) => {
+                skipped.push(Skip::Invalid(why));
+                continue;
+            }
+        };
         let id = d.id;
         match convert_one(d, origins, now_ms) {
             Ok(dec) => out.push((id, dec)),
@@ -138,13 +137,25 @@ fn capped(mut reason: String) -> String {
 /// The longest scenario name kept with a decision (the LAPI's are far shorter).
 const MAX_REASON: usize = 512;
 
-/// The ids and keys of the `deleted` entries (their durations are negative and ignored).
-pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
-    list.into_iter()
-        .filter_map(|d| {
-            let scope = Scope::parse(&d.scope)?;
-            let value = parse_value(scope, &d.value).ok()?;
-            Some((
+/// The ids and keys of the `deleted` entries (their durations are negative and ignored),
+/// and the entries skipped as `Invalid` (malformed, or a value that does not parse; other
+/// scopes are not counted: nothing of theirs is held).
+pub fn convert_deleted(list: Vec<stream::Entry>) -> (Vec<(Option<i64>, Key)>, Vec<Skip>) {
+    let mut out = Vec::with_capacity(list.len());
+    let mut skipped = Vec::new();
+    for entry in list {
+        let d = match entry {
+            Ok(d) => d,
+            Err(why) => {
+                skipped.push(Skip::Invalid(format!("deleted entry: {why}")));
+                continue;
+            }
+        };
+        let Some(scope) = Scope::parse(&d.scope) else {
+            continue;
+        };
+        match parse_value(scope, &d.value) {
+            Ok(value) => out.push((
                 d.id,
                 Key {
                     origin: Arc::from(origin_of(&d)),
@@ -152,9 +163,11 @@ pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
                     value,
                     kind: Arc::from(d.kind.as_str()),
                 },
-            ))
-        })
-        .collect()
+            )),
+            Err(why) => skipped.push(Skip::Invalid(format!("deleted entry: {why}"))),
+        }
+    }
+    (out, skipped)
 }
 
 /// The CrowdSec decisions the LAPI has sent, by store key and decision id.
@@ -638,13 +651,16 @@ fn apply(
     full: bool,
 ) -> (usize, usize, usize) {
     let now = now_ms();
-    let (new, skipped) = convert_new(resp.new, config.origins.as_deref(), now);
-    for s in skipped
-        .iter()
-        .filter(|s| matches!(s, Skip::Invalid(_)))
-        .take(3)
-    {
-        tracing::warn!(reason = ?s, "crowdsec decision ignored");
+    let (new, mut skipped) = convert_new(resp.new, config.origins.as_deref(), now);
+    // (Empty for a snapshot: `read_answer` did not keep it.)
+    let (deleted, unusable) = convert_deleted(resp.deleted);
+    skipped.extend(unusable);
+    let invalid = skipped.iter().filter_map(|s| match s {
+        Skip::Invalid(why) => Some(why),
+        _ => None,
+    });
+    for why in invalid.take(3) {
+        tracing::warn!(reason = %why, "crowdsec decision ignored");
     }
     if full {
         // A snapshot's `deleted` lists expired decisions still in the LAPI database:
@@ -654,7 +670,6 @@ fn apply(
         store.replace_crowdsec(all);
         return (added, 0, skipped.len());
     }
-    let deleted = convert_deleted(resp.deleted);
     let (drop, set) = known.delta(deleted, new, now);
     let (removed, added) = store.apply_crowdsec_delta(&drop, set);
     (added, removed, skipped.len())
@@ -736,7 +751,8 @@ mod tests {
  {"duration":"-143.605213ms","origin":"cscli","scope":"Ip","type":"ban","value":"1.2.3.4","uuid":"x"},
  {"duration":"-25422h25m44.086361839s","origin":"crowdsec","scope":"Range","type":"ban","value":"2001:db8::/32"}]}"#;
         let r = parse(body);
-        let keys = convert_deleted(r.deleted);
+        let (keys, skipped) = convert_deleted(r.deleted);
+        assert!(skipped.is_empty());
         assert_eq!(keys.len(), 2);
         assert_eq!(&*keys[0].1.origin, "cscli");
         assert_eq!(keys[0].0, None);
@@ -791,7 +807,7 @@ mod tests {
             },
         ];
         let origins = vec!["crowdsec".to_string(), "cscli".to_string()];
-        let (new, skipped) = convert_new(list, Some(&origins), 0);
+        let (new, skipped) = convert_new(list.into_iter().map(Ok).collect(), Some(&origins), 0);
         assert!(new.is_empty());
         assert_eq!(skipped[0], Skip::Origin);
         assert_eq!(skipped[1], Skip::Simulated);
@@ -799,8 +815,8 @@ mod tests {
         assert!(matches!(skipped[3], Skip::Invalid(_)));
     }
 
-    fn lapi(id: Option<i64>, value: &str, duration: &str) -> LapiDecision {
-        LapiDecision {
+    fn lapi(id: Option<i64>, value: &str, duration: &str) -> stream::Entry {
+        Ok(LapiDecision {
             id,
             duration: Some(duration.into()),
             origin: Some("cscli".into()),
@@ -809,7 +825,7 @@ mod tests {
             kind: "ban".into(),
             scenario: None,
             simulated: None,
-        }
+        })
     }
 
     #[test]
@@ -842,8 +858,49 @@ mod tests {
                          {"id":1.5,"duration":"1h","scope":"Ip","value":"192.0.2.3","type":"ban"}]}"#,
         )
         ;
-        let ids: Vec<_> = r.new.iter().map(|d| d.id).collect();
+        let ids: Vec<_> = r.new.iter().map(|d| d.as_ref().unwrap().id).collect();
         assert_eq!(ids, vec![None, Some(-3), None]);
+    }
+
+    #[test]
+    fn a_malformed_entry_is_skipped_and_the_others_taken() {
+        let body = br#"{"new":[
+ {"id":1,"duration":"1h","scope":"Ip","value":"192.0.2.1","type":"ban"},
+ {"id":2,"duration":"1h","scope":"Ip","value":"192.0.2.2"},
+ {"id":3,"duration":"1h","scope":"Ip","value":"192.0.2.3","type":"ban","simulated":"no"},
+ 42, "x", null, [1, 2],
+ {"id":4,"duration":1,"scope":"Ip","value":"192.0.2.4","type":"ban"},
+ {"id":5,"duration":"1h","scope":"Ip","value":["192.0.2.5"],"type":"ban"},
+ {"id":6,"duration":"1h","scope":"Ip","value":"192.0.2.6","type":"ban","origin":null,
+  "simulated":null,"scenario":{"nested":[1]},"uuid":"u"}],
+ "deleted":[{"scope":"Ip","type":"ban"},
+ {"id":7,"duration":"-1s","origin":"cscli","scope":"Ip","type":"ban","value":"192.0.2.7"}]}"#;
+        let r = parse(body);
+        let (new, skipped) = convert_new(r.new, None, 0);
+        let taken: Vec<String> = new.iter().map(|(_, d)| d.value.to_string()).collect();
+        assert_eq!(taken, ["192.0.2.1/32", "192.0.2.6/32"]);
+        assert_eq!(&*new[1].1.origin, "crowdsec");
+        assert!(new[1].1.reason.is_empty());
+        let why: Vec<&str> = skipped
+            .iter()
+            .map(|s| match s {
+                Skip::Invalid(why) => why.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(why.len(), 8, "{why:?}");
+        assert!(why[0].contains("\"type\""), "{why:?}");
+        assert!(why[1].contains("\"simulated\" is a string"), "{why:?}");
+        assert!(
+            why[2..6].iter().all(|w| w.contains("not an object")),
+            "{why:?}"
+        );
+        assert!(why[6].contains("\"duration\" is a number"), "{why:?}");
+        assert!(why[7].contains("\"value\" is a list"), "{why:?}");
+        let (keys, skipped) = convert_deleted(r.deleted);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0, Some(7));
+        assert!(matches!(&skipped[..], [Skip::Invalid(w)] if w.starts_with("deleted entry")));
     }
 
     #[test]
@@ -909,9 +966,9 @@ mod tests {
 
     #[test]
     fn long_scenarios_are_cut_on_a_character_boundary() {
-        let mut d = lapi(Some(1), "192.0.2.1", "1h");
+        let mut d = lapi(Some(1), "192.0.2.1", "1h").unwrap();
         d.scenario = Some("é".repeat(600));
-        let (new, _) = convert_new(vec![d], None, 0);
+        let (new, _) = convert_new(vec![Ok(d)], None, 0);
         let reason = &new[0].1.reason;
         assert!(reason.len() <= MAX_REASON && reason.len() >= MAX_REASON - 1);
         assert!(reason.chars().all(|c| c == 'é'));

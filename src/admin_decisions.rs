@@ -1,7 +1,8 @@
 //! The decisions endpoints of the admin API (dispatched from `admin`):
 //!
 //! - `GET /v1/decisions` lists live decisions; filters: `ip` (decisions containing this
-//!   address), `value` (exactly this address or range), `origin`, `type`, `source`
+//!   address), `value` (exactly this address or range), `origin` (one without a `:` also
+//!   selects its family: `wazuh` selects `wazuh:wraith-ban`), `type`, `source`
 //!   (`local` | `crowdsec`).
 //! - `POST /v1/decisions` adds a local decision. Body: `{"ip": "192.0.2.1"}` or
 //!   `{"cidr": "192.0.2.0/24"}` (or `"value"` with either), optional `"type"` (default

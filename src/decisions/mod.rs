@@ -93,7 +93,7 @@ pub enum Action {
 pub struct Decision {
     /// Local or CrowdSec.
     pub source: Source,
-    /// Who decided: `admin`, `wazuh`, CrowdSec's `crowdsec`/`cscli`/`CAPI`/`lists`, ...
+    /// Who decided: `admin`, `wazuh:<active response>`, CrowdSec's `crowdsec`/`cscli`/`CAPI`/`lists`, ...
     pub origin: Arc<str>,
     /// Ip or Range.
     pub scope: Scope,

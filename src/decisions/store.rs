@@ -264,6 +264,8 @@ pub struct Filter {
     pub value: Option<IpNet>,
     /// Decisions whose address or range contains this address.
     pub contains: Option<IpAddr>,
+    /// This origin; one without a `:` also selects its family (`wazuh` selects
+    /// `wazuh:wraith-ban`), one with a `:` only itself.
     pub origin: Option<String>,
     pub kind: Option<String>,
     pub scope: Option<Scope>,
@@ -274,11 +276,23 @@ impl Filter {
     fn matches(&self, d: &Decision) -> bool {
         self.value.is_none_or(|v| v == d.value)
             && self.contains.is_none_or(|ip| net_contains(&d.value, ip))
-            && self.origin.as_deref().is_none_or(|o| o == &*d.origin)
+            && self
+                .origin
+                .as_deref()
+                .is_none_or(|o| in_family(&d.origin, o))
             && self.kind.as_deref().is_none_or(|k| k == &*d.kind)
             && self.scope.is_none_or(|s| s == d.scope)
             && self.source.is_none_or(|s| s == d.source)
     }
+}
+
+/// Whether `origin` is `filter`, or (for a `filter` without `:`) `filter:<anything>`.
+fn in_family(origin: &str, filter: &str) -> bool {
+    origin == filter
+        || (!filter.contains(':')
+            && origin
+                .strip_prefix(filter)
+                .is_some_and(|rest| rest.starts_with(':')))
 }
 
 /// The decision store shared by the accept loops, the pipeline, the admin API and the bridges.
@@ -867,6 +881,48 @@ mod tests {
         s.replace_crowdsec(Vec::new());
         assert!(s.lookup(ip("192.0.2.1"), Fallback::Ban).is_none());
         assert!(s.lookup(ip("192.0.2.9"), Fallback::Ban).is_some());
+    }
+
+    #[test]
+    fn an_origin_filter_without_a_colon_selects_its_family() {
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "wazuh", "192.0.2.1/32", "ban", 60_000),
+            dec(
+                Source::Local,
+                "wazuh:wraith-ban",
+                "192.0.2.1/32",
+                "ban",
+                60_000,
+            ),
+            dec(
+                Source::Local,
+                "wazuh:wraith-ban-long",
+                "192.0.2.1/32",
+                "ban",
+                60_000,
+            ),
+            dec(Source::Local, "wazuhx", "192.0.2.1/32", "ban", 60_000),
+        ]);
+        let origins = |o: &str| -> Vec<String> {
+            let f = Filter {
+                origin: Some(o.into()),
+                ..Filter::default()
+            };
+            s.list(&f).iter().map(|d| d.origin.to_string()).collect()
+        };
+        assert_eq!(
+            origins("wazuh"),
+            ["wazuh", "wazuh:wraith-ban", "wazuh:wraith-ban-long"]
+        );
+        assert_eq!(origins("wazuh:wraith-ban"), ["wazuh:wraith-ban"]);
+        assert_eq!(origins("wazuh:"), Vec::<String>::new());
+        let one = Filter {
+            origin: Some("wazuh:wraith-ban".into()),
+            ..Filter::default()
+        };
+        assert_eq!(s.remove(Source::Local, &one).len(), 1);
+        assert_eq!(s.counts().0, 3);
     }
 
     #[test]

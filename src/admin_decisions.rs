@@ -1,7 +1,8 @@
 //! The decisions endpoints of the admin API (dispatched from `admin`):
 //!
 //! - `GET /v1/decisions` lists live decisions; filters: `ip` (decisions containing this
-//!   address), `value` (exactly this address or range), `origin`, `type`, `source`
+//!   address), `value` (exactly this address or range), `origin` (one without a `:` also
+//!   selects its family: `wazuh` selects `wazuh:wraith-ban`), `type`, `source`
 //!   (`local` | `crowdsec`).
 //! - `POST /v1/decisions` adds a local decision. Body: `{"ip": "192.0.2.1"}` or
 //!   `{"cidr": "192.0.2.0/24"}` (or `"value"` with either), optional `"type"` (default
@@ -240,6 +241,26 @@ fn max_local(rt: &Runtime) -> usize {
     rt.gateway.snapshot().config.decisions.max_local
 }
 
+/// Adds local decisions within `max_local`. The store rebuilds its lookup table over every
+/// decision (up to a million CrowdSec ones): off the async workers, as the CrowdSec bridge
+/// and the expiry janitor do. The outer error: the task did not finish.
+async fn insert_local(
+    rt: &Arc<Runtime>,
+    decisions: Vec<Decision>,
+) -> Result<Result<(), String>, tokio::task::JoinError> {
+    let (store, cap) = (rt.gateway.decisions.clone(), max_local(rt));
+    tokio::task::spawn_blocking(move || store.insert_local(decisions, cap)).await
+}
+
+/// A 500 for a blocking task that did not finish (it panicked).
+fn internal(e: tokio::task::JoinError) -> (StatusCode, Value) {
+    tracing::error!(error = %e, "decisions: a store update failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        json!({"error": format!("the store update failed: {e}")}),
+    )
+}
+
 async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
     if body.trim_ascii_start().starts_with(b"[") {
         let all = match new_decisions(body) {
@@ -247,8 +268,10 @@ async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
             Err(e) => return bad(e),
         };
         let n = all.len();
-        if let Err(e) = rt.gateway.decisions.insert_local(all, max_local(rt)) {
-            return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e}));
+        match insert_local(rt, all).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e})),
+            Err(e) => return internal(e),
         }
         tracing::info!(decisions = n, "local decisions added in bulk");
         let mut resp = json!({"added": n});
@@ -264,8 +287,10 @@ async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
     let shown = to_json(&d, now_ms());
     let (origin, value, kind, reason) =
         (d.origin.clone(), d.value, d.kind.clone(), d.reason.clone());
-    if let Err(e) = rt.gateway.decisions.insert_local(vec![d], max_local(rt)) {
-        return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e}));
+    match insert_local(rt, vec![d]).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e})),
+        Err(e) => return internal(e),
     }
     tracing::info!(origin = %origin, value = %value, kind = %kind, reason = %reason, "local decision added");
     let mut resp = json!({"decision": shown});
@@ -296,13 +321,26 @@ async fn delete(rt: &Arc<Runtime>, value: &str, query: &[(String, String)]) -> (
             }
         }
     }
-    let removed = rt.gateway.decisions.remove(Source::Local, &filter);
+    let (removed, crowdsec) = {
+        let store = rt.gateway.decisions.clone();
+        let work = move || {
+            let removed = store.remove(Source::Local, &filter);
+            // For the hint when nothing local matched.
+            let crowdsec = removed.is_empty().then(|| {
+                store.list(&Filter {
+                    value: Some(net),
+                    source: Some(Source::Crowdsec),
+                    ..Filter::default()
+                })
+            });
+            (removed, crowdsec.unwrap_or_default())
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(done) => done,
+            Err(e) => return internal(e),
+        }
+    };
     if removed.is_empty() {
-        let crowdsec = rt.gateway.decisions.list(&Filter {
-            value: Some(net),
-            source: Some(Source::Crowdsec),
-            ..Filter::default()
-        });
         let hint = if crowdsec.is_empty() {
             String::new()
         } else {

@@ -2,7 +2,7 @@
 //! Debian ships 1.4.6). The stub follows the documented protocol and the Traefik bouncer's
 //! mock LAPI: it requires the Ip/Uri/Verb headers (else 500), checks the API key (else 401
 //! with an empty body), blocks URIs or bodies carrying a marker with 403 and
-//! `{"action", "http_status"}`, and answers 500 on demand. The same stub serves an empty
+//! `{"action", "http_status"}`, and answers 500 (or a redirect to an "allow") on demand. The same stub serves an empty
 //! decision stream in the 1.7.8+ shape (`[]`), so the bridge is exercised too.
 
 mod common;
@@ -39,6 +39,10 @@ async fn stub(seen: Arc<Mutex<Vec<Seen>>>) -> Upstream {
             if parts.uri.path().starts_with("/v1/decisions/stream") {
                 return reply(200, r#"{"new": [], "deleted": []}"#);
             }
+            // Where the redirect below points: an "allow" for whoever follows it.
+            if parts.uri.path() == "/elsewhere" {
+                return reply(200, r#"{"action":"allow","http_status":200}"#);
+            }
             let h = &parts.headers;
             let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(String::from);
             seen.lock().unwrap().push(Seen {
@@ -58,6 +62,13 @@ async fn stub(seen: Arc<Mutex<Vec<Seen>>>) -> Upstream {
             }
             if uri.contains("fail500") {
                 return reply(500, "");
+            }
+            if uri.contains("redirectme") {
+                return Response::builder()
+                    .status(302)
+                    .header("location", "/elsewhere")
+                    .body(full(""))
+                    .unwrap();
             }
             if uri.contains("teapot") {
                 return reply(403, r#"{"action":"ban","http_status":418}"#);
@@ -224,6 +235,14 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "appsec_unavailable");
 
+    // A redirect is no verdict: not followed (it points at an "allow"), a failure.
+    let r = client
+        .get(wraith.url("http", "/redirectme"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+
     // Wrong key: 401 from the WAF is a failure too.
     wraith.write_config(&cfg.replace(&format!("api_key = \"{KEY}\""), "api_key = \"wrong\""));
     wraith.reload().unwrap();
@@ -253,4 +272,45 @@ async fn a_failing_or_absent_waf_with_on_error_closed_refuses() {
             .status(),
         503
     );
+}
+
+#[tokio::test]
+async fn a_client_cannot_speak_for_wraith_to_the_waf() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let waf = stub(seen.clone()).await;
+    let app = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, waf.addr, app.addr, "");
+    let wraith = setup.start(&cfg);
+    // No User-Agent of its own, so Wraith sets no X-Crowdsec-Appsec-User-Agent: the client
+    // tries to fill that in, and the other names of the namespace, in any case.
+    let r = http_client()
+        .get(wraith.url("http", "/x"))
+        .header("X-Crowdsec-Appsec-User-Agent", "spoofed-agent")
+        .header("x-crowdsec-appsec-transaction-id", "spoofed-tx")
+        .header("X-CROWDSEC-APPSEC-IP", "198.51.100.66")
+        .header("x-crowdsec-appsec-uri", "/innocent")
+        .header("x-other", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    let all = |n: &str| -> Vec<&str> {
+        s.headers
+            .get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("x-crowdsec-appsec-user-agent"), Vec::<&str>::new());
+    assert_eq!(all("x-crowdsec-appsec-transaction-id"), Vec::<&str>::new());
+    assert_eq!(all("x-crowdsec-appsec-ip"), ["127.0.0.1"]);
+    assert_eq!(all("x-crowdsec-appsec-uri"), ["/x"]);
+    assert_eq!(all("x-other"), ["kept"], "other headers are still copied");
+    let spoofed = s
+        .headers
+        .values()
+        .any(|v| v.as_bytes().starts_with(b"spoofed") || v == "198.51.100.66");
+    assert!(!spoofed, "{:?}", s.headers);
 }

@@ -2,10 +2,13 @@
 //! a bouncer key registered with cscli, decisions added and deleted with cscli, the LAPI
 //! stopped and restarted, and the full loop (Wraith's own access log -> crowdsec agent ->
 //! ban -> Wraith refuses). Clients appear as TEST-NET addresses through a trusted-proxy
-//! X-Forwarded-For (CrowdSec whitelists 127.0.0.1 and private ranges).
+//! X-Forwarded-For (CrowdSec whitelists 127.0.0.1 and private ranges). A stub LAPI stands in
+//! where the answer has to be one no real LAPI sends (malformed entries).
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::crowdsec::{self, Crowdsec, BOUNCER_KEY, BOUNCER_KEY_2};
@@ -500,4 +503,81 @@ respond = {{ status = 200, body = "ok\n" }}
         .find(|b| b["name"].as_str().is_some_and(|n| n.starts_with("wraith@")))
         .unwrap_or_else(|| panic!("no certificate bouncer in {bouncers}"));
     assert_eq!(tls_bouncer["auth_type"], "tls", "{bouncers}");
+}
+
+/// A stub LAPI whose answers mix malformed entries with good ones: the snapshot bans
+/// .60 and .62 (.61 has no type), every delta bans .64 (.63's `simulated` is a string) and
+/// deletes .62 (beside a deleted entry without a value). Counts the deltas it has served.
+async fn broken_lapi(deltas: Arc<AtomicUsize>) -> Upstream {
+    const SNAPSHOT: &str = r#"{"new":[
+ {"id":1,"duration":"1h","origin":"cscli","scope":"Ip","value":"192.0.2.60","type":"ban"},
+ {"id":2,"duration":"1h","origin":"cscli","scope":"Ip","value":"192.0.2.61"},
+ {"id":3,"duration":"1h","origin":"cscli","scope":"Ip","value":"192.0.2.62","type":"ban"}],
+ "deleted":[{"id":9,"scope":"Ip","value":{},"type":"ban"}]}"#;
+    const DELTA: &str = r#"{"new":[
+ {"id":4,"duration":"1h","origin":"cscli","scope":"Ip","value":"192.0.2.63","type":"ban","simulated":"false"},
+ {"id":5,"duration":"1h","origin":"cscli","scope":"Ip","value":"192.0.2.64","type":"ban"}],
+ "deleted":[{"id":8,"duration":"-1s","origin":"cscli","scope":"Ip","type":"ban"},
+ {"id":3,"duration":"-1s","origin":"cscli","scope":"Ip","value":"192.0.2.62","type":"ban"}]}"#;
+    Upstream::start(move |req: hyper::Request<hyper::body::Incoming>| {
+        let deltas = deltas.clone();
+        async move {
+            let snapshot = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.contains("startup=true"));
+            if !snapshot {
+                deltas.fetch_add(1, Ordering::SeqCst);
+            }
+            hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(if snapshot { SNAPSHOT } else { DELTA }))
+                .unwrap()
+        }
+    })
+    .await
+}
+
+// Multi-threaded: the stub serves while this thread blocks on Wraith's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_lapi_entry_is_skipped_and_the_rest_applied() {
+    let deltas = Arc::new(AtomicUsize::new(0));
+    let lapi = broken_lapi(deltas.clone()).await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &format!("http://{}", lapi.addr), "200ms", "");
+    let wraith = setup.start(&cfg);
+    bridge_synced(&wraith);
+    let client = http_client();
+    // The snapshot's good entries are enforced (until the delta deletes .62, so no check
+    // on it here), the bad one is not.
+    assert_eq!(status_for(&client, &wraith, "192.0.2.60").await, 403);
+    assert_eq!(status_for(&client, &wraith, "192.0.2.61").await, 200);
+    // A delta with a bad entry in each list still bans and lifts.
+    until_status(&client, &wraith, "192.0.2.64", 403, Duration::from_secs(10)).await;
+    until_status(&client, &wraith, "192.0.2.62", 200, Duration::from_secs(10)).await;
+    assert_eq!(status_for(&client, &wraith, "192.0.2.63").await, 200);
+    assert_eq!(status_for(&client, &wraith, "192.0.2.60").await, 403);
+    assert!(deltas.load(Ordering::SeqCst) > 0);
+    // Each skip is logged with its reason; no pull failed.
+    let logs = wraith.log_json();
+    let ignored = |what: &str| {
+        logs.iter().any(|v| {
+            v["message"] == "crowdsec decision ignored"
+                && v["reason"].as_str().is_some_and(|r| r.contains(what))
+        })
+    };
+    assert!(
+        ignored("\"scope\", \"value\" and \"type\""),
+        "{}",
+        wraith.log()
+    );
+    assert!(ignored("\"simulated\" is a string"), "{}", wraith.log());
+    assert!(ignored("deleted entry"), "{}", wraith.log());
+    assert!(
+        !logs.iter().any(|v| v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pull failed"))),
+        "{}",
+        wraith.log()
+    );
 }

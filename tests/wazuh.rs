@@ -265,7 +265,7 @@ async fn wazuh_4_add_abort_delete_through_the_shipped_script() {
     assert_eq!(run.code, Some(0));
     let log = std::fs::read_to_string(&execd.log).unwrap();
     assert!(
-        log.contains("wraith-ban: added ban on 198.51.100.7"),
+        log.contains("wraith-ban: added wazuh:wraith-ban ban on 198.51.100.7"),
         "{log}"
     );
 }
@@ -404,6 +404,88 @@ async fn a_wazuh_delete_never_lifts_another_origins_ban() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["origin"], "admin");
     assert_eq!(status_for(&wraith, ip).await, 403);
+}
+
+/// The same 4.x message from another AR: execd runs `program` instead (a copy of the script
+/// under another name, for a `<command>` with another `<timeout>`).
+fn from_program(mut msg: Value, program: &str) -> Value {
+    msg["parameters"]["program"] = json!(format!("active-response/bin/{program}"));
+    msg
+}
+
+#[tokio::test]
+async fn two_active_responses_hold_their_own_bans() {
+    let wraith = gateway();
+    let execd = Execd::new(&wraith);
+    let ip = "203.0.113.72";
+    // A 600 s AR and a one-day AR fire for the same address: execd keeps two timers.
+    for program in ["wraith-ban", "wraith-ban-24h"] {
+        let run = blocking({
+            let (e, m) = (
+                execd.clone_paths(),
+                from_program(v4("add", Some(ip), &[]), program),
+            );
+            move || e.add(&m, Some("continue"))
+        });
+        assert_eq!(run.code, Some(0), "{run:?}");
+    }
+    let origins = |list: Vec<Value>| -> Vec<String> {
+        list.iter()
+            .map(|d| d["origin"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        origins(decisions(&wraith, "?origin=wazuh").await),
+        ["wazuh:wraith-ban", "wazuh:wraith-ban-24h"]
+    );
+    // The short one's delete: the long one still bans.
+    let run = blocking({
+        let e = execd.clone_paths();
+        move || e.delete(&from_program(v4("delete", Some(ip), &[]), "wraith-ban"))
+    });
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(status_for(&wraith, ip).await, 403);
+    assert_eq!(
+        origins(decisions(&wraith, &format!("?ip={ip}")).await),
+        ["wazuh:wraith-ban-24h"]
+    );
+    // The long one's delete lifts it.
+    let run = blocking({
+        let e = execd.clone_paths();
+        move || e.delete(&from_program(v4("delete", Some(ip), &[]), "wraith-ban-24h"))
+    });
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(status_for(&wraith, ip).await, 200);
+    assert!(decisions(&wraith, &format!("?ip={ip}")).await.is_empty());
+
+    // 5.x names the AR's executable in wazuh.active_response: the same holds.
+    let mut long = v5("enable", ip, 86_400);
+    long["wazuh"]["active_response"]["executable"] = json!("wraith-ban-24h");
+    for msg in [v5("enable", ip, 600), long.clone()] {
+        let run = blocking({
+            let e = execd.clone_paths();
+            move || e.add(&msg, Some("continue"))
+        });
+        assert_eq!(run.code, Some(0), "{run:?}");
+    }
+    let run = blocking({
+        let e = execd.clone_paths();
+        move || e.delete(&v5("disable", ip, 600))
+    });
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(status_for(&wraith, ip).await, 403);
+    long["command"] = json!("disable");
+    let run = blocking({
+        let e = execd.clone_paths();
+        move || e.delete(&long)
+    });
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(status_for(&wraith, ip).await, 200);
+    let log = std::fs::read_to_string(&execd.log).unwrap();
+    assert!(
+        log.contains("lifted the wazuh:wraith-ban-24h ban on 203.0.113.72"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@ pub enum DecisionsCommand {
         /// Only decisions that cover this address.
         #[arg(long)]
         ip: Option<String>,
-        /// Only this origin (admin, wazuh, crowdsec, cscli, CAPI, ...).
+        /// Only this origin (admin, wazuh, crowdsec, cscli, CAPI, ...); one without a ':'
+        /// also selects its family (wazuh: every wazuh:<active response>).
         #[arg(long)]
         origin: Option<String>,
         /// Only local or only CrowdSec decisions.

@@ -136,7 +136,7 @@ pub enum Command {
         command: decisions::DecisionsCommand,
     },
     /// Wazuh active-response script: reads execd's message on stdin, answers the
-    /// check_keys handshake, and adds or lifts a ban with origin "wazuh".
+    /// check_keys handshake, and adds or lifts a ban with origin "wazuh:<the AR's program>".
     #[command(name = "wazuh-ar")]
     WazuhAr(wazuh_ar::WazuhArgs),
 }

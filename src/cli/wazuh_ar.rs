@@ -6,8 +6,10 @@
 //!    `continue` -> ban, `abort` (the same key is already active) -> renew the ban's TTL;
 //! 3. for delete/disable: lift the ban (stdout is not read);
 //!
-//! The ban goes through the admin socket with origin `wazuh`, so a Wazuh delete never lifts
-//! a CrowdSec or operator decision on the same address. Every wait is bounded: execd blocks
+//! The ban goes through the admin socket with origin `wazuh:<executable>` (the AR's, as
+//! execd names it), so a Wazuh delete never lifts a CrowdSec or operator decision on the
+//! same address, nor the ban of another AR: execd keeps one timer per executable and address,
+//! and two ARs with different timeouts send their deletes at different times. Every wait is bounded: execd blocks
 //! on its scripts, so a stuck Wraith must not stick Wazuh. Exit 0 when done (or when the
 //! alert carries no address), 1 when the input or Wraith failed.
 
@@ -61,7 +63,8 @@ pub struct WazuhArgs {
     /// Also append log lines here (e.g. /var/ossec/logs/active-responses.log).
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
-    /// The script name used in check_keys and logs.
+    /// The script name used in check_keys and logs, and in the bans' origin
+    /// (`wazuh:<name>`) when execd's message names no program.
     #[arg(long, default_value = "wraith-ban")]
     pub name: String,
 }
@@ -169,6 +172,7 @@ fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
             msg.command
         ));
     };
+    let origin = wazuh::origin(msg.program.as_deref(), &args.name);
     let socket = match &args.socket {
         Some(s) => s.clone(),
         None => super::server_paths(&args.config)?.admin_socket.ok_or(
@@ -211,14 +215,14 @@ fn execute(args: &WazuhArgs, log: &Log<'_>) -> Result<String, String> {
                 None => "wazuh active response".into(),
             };
             truncate_at_char(&mut reason, MAX_REASON);
-            ban(&socket, ip, ttl, &reason, call_timeout)?;
+            ban(&socket, ip, ttl, &origin, &reason, call_timeout)?;
             Ok(format!(
-                "{} ban on {ip} for {}s ({reason})",
+                "{} {origin} ban on {ip} for {}s ({reason})",
                 if renew { "renewed" } else { "added" },
                 ttl.as_secs()
             ))
         }
-        Command::Delete => unban(&socket, ip, call_timeout),
+        Command::Delete => unban(&socket, ip, &origin, call_timeout),
     }
 }
 
@@ -259,6 +263,7 @@ fn ban(
     socket: &Path,
     ip: IpAddr,
     ttl: Duration,
+    origin: &str,
     reason: &str,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -266,7 +271,7 @@ fn ban(
         "ip": ip.to_string(),
         "type": "ban",
         "duration": format!("{}s", ttl.as_secs()),
-        "origin": "wazuh",
+        "origin": origin,
         "reason": reason,
     });
     let (status, v) = call(socket, Method::POST, "/v1/decisions", Some(body), timeout)?;
@@ -277,12 +282,13 @@ fn ban(
     }
 }
 
-fn unban(socket: &Path, ip: IpAddr, timeout: Duration) -> Result<String, String> {
-    let path = format!("/v1/decisions/{ip}?origin=wazuh&type=ban");
+/// Lifts this AR's ban only (`origin` has a `:`, so the filter is exact, not the family).
+fn unban(socket: &Path, ip: IpAddr, origin: &str, timeout: Duration) -> Result<String, String> {
+    let path = format!("/v1/decisions/{ip}?origin={origin}&type=ban");
     let (status, v) = call(socket, Method::DELETE, &path, None, timeout)?;
     match status.as_u16() {
-        200 => Ok(format!("lifted the wazuh ban on {ip}")),
-        404 => Ok(format!("no wazuh ban on {ip} to lift")),
+        200 => Ok(format!("lifted the {origin} ban on {ip}")),
+        404 => Ok(format!("no {origin} ban on {ip} to lift")),
         _ => Err(format!(
             "wraith refused the delete ({status}): {}",
             v["error"]

@@ -3,8 +3,9 @@
 //! GET without a body, POST with it (explicit Content-Length); the original headers plus
 //! `X-Crowdsec-Appsec-{Ip,Uri,Verb,Host,Api-Key,User-Agent,Http-Version}`. 200 = allow;
 //! 403 with `{"action": ..., "http_status": N}` = block (the client gets `http_status`);
-//! 401 = bad key, 500 = malformed request; both, and an unreachable or slow WAF, follow
-//! `on_error`.
+//! 401 = bad key, 500 = malformed request; both, a redirect (never followed), and an
+//! unreachable or slow WAF follow `on_error`. A client's own `X-Crowdsec-Appsec-*` headers
+//! are dropped: only Wraith speaks for the request in that namespace.
 //!
 //! This is a network call on the request path by design, so it is opt-in, bounded by
 //! `timeout`, and the body it buffers is bounded by `max_body`.
@@ -36,6 +37,9 @@ impl Appsec {
         let tls = super::crowdsec::tls_config(ca, None)?;
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            // A redirect is not a verdict (and the API key would follow it): a 3xx is a
+            // failure, and `on_error` decides.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
             .pool_max_idle_per_host(64)
             .build()
@@ -97,9 +101,12 @@ impl Appsec {
         };
         let mut headers = reqwest::header::HeaderMap::new();
         for (k, v) in &parts.headers {
+            // The X-Crowdsec-Appsec-* headers are Wraith's word about the request: a client's
+            // own (a User-Agent or Transaction-Id Wraith does not set) never reaches the WAF.
             if !crate::proxy::headers::is_hop_by_hop(k)
                 && k != http::header::HOST
                 && k != http::header::CONTENT_LENGTH
+                && !k.as_str().starts_with(APPSEC_PREFIX)
             {
                 headers.append(k.clone(), v.clone());
             }
@@ -168,10 +175,15 @@ impl Appsec {
             401 => Err(Refusal::Failed(
                 "appsec rejected the bouncer API key (401)".into(),
             )),
+            // 3xx (redirects are not followed), 500 (malformed request), anything else.
             _ => Err(Refusal::Failed(format!("appsec answered {status}"))),
         }
     }
 }
+
+/// The headers that carry Wraith's account of the request to the WAF (lowercase, as
+/// `HeaderName` holds them).
+const APPSEC_PREFIX: &str = "x-crowdsec-appsec-";
 
 enum Refusal {
     Blocked { action: String, status: StatusCode },

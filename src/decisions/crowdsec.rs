@@ -6,7 +6,8 @@
 //!
 //! Tolerated on the wire (see the notes on LAPI versions): `null`, `[]` or a missing key for
 //! empty lists; Go durations with `ns`/`µs` and negative values; the same deleted decision on
-//! several polls; unknown fields. `on_error = "closed"` makes the store refuse every request
+//! several polls; unknown fields; malformed entries (skipped one by one and logged, never the
+//! whole answer: see `stream`). `on_error = "closed"` makes the store refuse every request
 //! while the last successful pull is older than `max_staleness` (and before the first one).
 
 use std::collections::HashMap;
@@ -14,10 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{now_ms, DecisionStore};
+use super::stream::{self, parse_stream, Limits, ParseError, StreamResponse};
 use super::{godur, parse_value, valid_kind, Decision, Key, Scope, Source};
 use crate::config::{CrowdsecConfig, OnError};
 
@@ -26,37 +27,20 @@ pub fn user_agent() -> String {
     format!("wraith/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// One decision as the LAPI sends it (fields Wraith does not use are ignored).
-#[derive(Debug, Deserialize)]
+/// One decision as the LAPI sends it (fields Wraith does not use are ignored). Read by
+/// `stream::parse_stream`, one entry at a time: an entry that is not one (a field missing
+/// or of the wrong type) is skipped on its own, never the whole answer.
+#[derive(Debug)]
 pub struct LapiDecision {
     /// The LAPI's decision id (an integer; anything else is taken as no id).
-    #[serde(default, deserialize_with = "lenient_id")]
     pub id: Option<i64>,
-    #[serde(default)]
     pub duration: Option<String>,
-    #[serde(default)]
     pub origin: Option<String>,
     pub scope: String,
     pub value: String,
-    #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub scenario: Option<String>,
-    #[serde(default)]
     pub simulated: Option<bool>,
-}
-
-fn lenient_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_i64())
-}
-
-/// A stream response: either list may be `null`, `[]` or absent.
-#[derive(Debug, Default, Deserialize)]
-pub struct StreamResponse {
-    #[serde(default)]
-    pub new: Option<Vec<LapiDecision>>,
-    #[serde(default)]
-    pub deleted: Option<Vec<LapiDecision>>,
 }
 
 /// Why a LAPI decision was not taken.
@@ -75,15 +59,22 @@ pub enum Skip {
 }
 
 /// Converts the `new` entries of a stream response; returns the decisions and the count
-/// skipped by reason (for the log).
+/// skipped by reason (for the log). A malformed entry is skipped as `Invalid`.
 pub fn convert_new(
-    list: Vec<LapiDecision>,
+    list: Vec<stream::Entry>,
     origins: Option<&[String]>,
     now_ms: u64,
 ) -> (Vec<(Option<i64>, Decision)>, Vec<Skip>) {
     let mut out = Vec::with_capacity(list.len());
     let mut skipped = Vec::new();
-    for d in list {
+    for entry in list {
+        let d = match entry {
+            Ok(d) => d,
+            Err(why) => {
+                skipped.push(Skip::Invalid(why));
+                continue;
+            }
+        };
         let id = d.id;
         match convert_one(d, origins, now_ms) {
             Ok(dec) => out.push((id, dec)),
@@ -146,13 +137,25 @@ fn capped(mut reason: String) -> String {
 /// The longest scenario name kept with a decision (the LAPI's are far shorter).
 const MAX_REASON: usize = 512;
 
-/// The ids and keys of the `deleted` entries (their durations are negative and ignored).
-pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
-    list.into_iter()
-        .filter_map(|d| {
-            let scope = Scope::parse(&d.scope)?;
-            let value = parse_value(scope, &d.value).ok()?;
-            Some((
+/// The ids and keys of the `deleted` entries (their durations are negative and ignored),
+/// and the entries skipped as `Invalid` (malformed, or a value that does not parse; other
+/// scopes are not counted: nothing of theirs is held).
+pub fn convert_deleted(list: Vec<stream::Entry>) -> (Vec<(Option<i64>, Key)>, Vec<Skip>) {
+    let mut out = Vec::with_capacity(list.len());
+    let mut skipped = Vec::new();
+    for entry in list {
+        let d = match entry {
+            Ok(d) => d,
+            Err(why) => {
+                skipped.push(Skip::Invalid(format!("deleted entry: {why}")));
+                continue;
+            }
+        };
+        let Some(scope) = Scope::parse(&d.scope) else {
+            continue;
+        };
+        match parse_value(scope, &d.value) {
+            Ok(value) => out.push((
                 d.id,
                 Key {
                     origin: Arc::from(origin_of(&d)),
@@ -160,9 +163,11 @@ pub fn convert_deleted(list: Vec<LapiDecision>) -> Vec<(Option<i64>, Key)> {
                     value,
                     kind: Arc::from(d.kind.as_str()),
                 },
-            ))
-        })
-        .collect()
+            )),
+            Err(why) => skipped.push(Skip::Invalid(format!("deleted entry: {why}"))),
+        }
+    }
+    (out, skipped)
 }
 
 /// The CrowdSec decisions the LAPI has sent, by store key and decision id.
@@ -469,11 +474,9 @@ async fn run(
                 let (store, config) = (store.clone(), config.clone());
                 let mut k = std::mem::take(&mut known);
                 let done = tokio::task::spawn_blocking(move || {
-                    let applied = parse_stream(&body).and_then(|resp| {
-                        let kept = if full { 0 } else { k.len() };
-                        check_size(&resp, kept, config.max_decisions)?;
-                        Ok(apply(&store, &config, &mut k, resp, full))
-                    });
+                    let kept = if full { 0 } else { k.len() };
+                    let applied = read_answer(&body, full, kept, config.max_decisions)
+                        .map(|resp| apply(&store, &config, &mut k, resp, full));
                     (k, applied)
                 })
                 .await;
@@ -602,27 +605,30 @@ async fn pull(
     Ok(body)
 }
 
-/// Refuses an answer with more decisions than `max_decisions` (the cache keeps its last
-/// good state): a broken or hostile LAPI cannot make the store grow without bound.
-fn check_size(resp: &StreamResponse, kept: usize, max: usize) -> Result<(), String> {
-    let n = resp.new.as_ref().map_or(0, Vec::len);
-    if kept.saturating_add(n) > max {
-        return Err(format!(
-            "LAPI sent {n} decisions ({kept} already held), more than crowdsec.max_decisions ({max}): refused (the cache keeps its last good state)"
-        ));
-    }
-    Ok(())
+/// Reads one stream answer within `crowdsec.max_decisions` (`max`, with `kept` already
+/// held between snapshots). An answer past it is refused while it is parsed, at the first
+/// entry too many, and the cache keeps its last good state: a broken or hostile LAPI cannot
+/// make the store, or the parse itself, grow without bound.
+fn read_answer(body: &[u8], full: bool, kept: usize, max: usize) -> Result<StreamResponse, String> {
+    let limits = Limits {
+        new: max.saturating_sub(kept),
+        // A snapshot replaces the cache: its deleted list has nothing to remove.
+        deleted: (!full).then_some(max),
+    };
+    parse_stream(body, limits).map_err(|e| match e {
+        ParseError::TooMany("new") => format!(
+            "LAPI sent more than {} new decisions ({kept} already held), more than crowdsec.max_decisions ({max}): refused (the cache keeps its last good state)",
+            limits.new
+        ),
+        ParseError::TooMany(list) => format!(
+            "LAPI sent more than {max} {list} decisions, more than crowdsec.max_decisions ({max}) allows: refused (the cache keeps its last good state)"
+        ),
+        ParseError::Unreadable(e) => format!("LAPI sent an unreadable stream response: {e}"),
+    })
 }
 
 /// The largest stream answer accepted from the LAPI.
 const MAX_STREAM_BODY: usize = 256 << 20;
-
-/// Parses a stream body; `null` as the whole body counts as empty too.
-pub fn parse_stream(body: &[u8]) -> Result<StreamResponse, String> {
-    let parsed: Option<StreamResponse> = serde_json::from_slice(body)
-        .map_err(|e| format!("LAPI sent an unreadable stream response: {e}"))?;
-    Ok(parsed.unwrap_or_default())
-}
 
 fn describe(e: &reqwest::Error) -> String {
     use std::error::Error;
@@ -645,23 +651,25 @@ fn apply(
     full: bool,
 ) -> (usize, usize, usize) {
     let now = now_ms();
-    let (new, skipped) = convert_new(resp.new.unwrap_or_default(), config.origins.as_deref(), now);
-    for s in skipped
-        .iter()
-        .filter(|s| matches!(s, Skip::Invalid(_)))
-        .take(3)
-    {
-        tracing::warn!(reason = ?s, "crowdsec decision ignored");
+    let (new, mut skipped) = convert_new(resp.new, config.origins.as_deref(), now);
+    // (Empty for a snapshot: `read_answer` did not keep it.)
+    let (deleted, unusable) = convert_deleted(resp.deleted);
+    skipped.extend(unusable);
+    let invalid = skipped.iter().filter_map(|s| match s {
+        Skip::Invalid(why) => Some(why),
+        _ => None,
+    });
+    for why in invalid.take(3) {
+        tracing::warn!(reason = %why, "crowdsec decision ignored");
     }
     if full {
         // A snapshot's `deleted` lists expired decisions still in the LAPI database:
-        // nothing to remove from a cache being replaced.
+        // nothing to remove from a cache being replaced (`read_answer` did not keep it).
         let all = known.replace(new);
         let added = all.len();
         store.replace_crowdsec(all);
         return (added, 0, skipped.len());
     }
-    let deleted = convert_deleted(resp.deleted.unwrap_or_default());
     let (drop, set) = known.delta(deleted, new, now);
     let (removed, added) = store.apply_crowdsec_delta(&drop, set);
     (added, removed, skipped.len())
@@ -706,26 +714,35 @@ mod tests {
  {"duration":"29m59.168665082s","id":2,"origin":"cscli","scenario":"wraith-range","scope":"Range","type":"captcha","value":"10.20.0.0/16"},
  {"duration":"1m29.168667657s","id":5,"origin":"cscli","scenario":"manual","scope":"Ip","type":"ban","value":"2001:db8::1"},
  {"duration":"2h","id":6,"origin":"cscli","scenario":"geo","scope":"Country","type":"ban","value":"FR"}]}"#;
-        let r = parse_stream(v146).unwrap();
-        let (new, skipped) = convert_new(r.new.unwrap(), None, 1_000);
+        let r = parse(v146);
+        let (new, skipped) = convert_new(r.new, None, 1_000);
         assert_eq!(new.len(), 3);
         assert_eq!(skipped, vec![Skip::Scope]);
         assert_eq!(new[0].0, Some(1));
         assert_eq!(new[0].1.until_ms, 1_000 + 3_599_168);
         assert_eq!(new[1].1.scope, Scope::Range);
         assert_eq!(&*new[1].1.kind, "captcha");
-        assert!(r.deleted.is_none());
+        assert!(r.deleted.is_empty());
 
         let empty_178 = br#"{"new": [], "deleted": []}"#;
-        let r = parse_stream(empty_178).unwrap();
-        assert!(r.new.unwrap().is_empty());
-        let r = parse_stream(br#"{"deleted":null,"new":null}"#).unwrap();
-        assert!(r.new.is_none() && r.deleted.is_none());
-        let r = parse_stream(b"{}").unwrap();
-        assert!(r.new.is_none());
-        let r = parse_stream(b"null").unwrap();
-        assert!(r.new.is_none());
-        assert!(parse_stream(b"<html>").is_err());
+        for body in [
+            &empty_178[..],
+            br#"{"deleted":null,"new":null}"#,
+            b"{}",
+            b"null",
+        ] {
+            let r = parse(body);
+            assert!(r.new.is_empty() && r.deleted.is_empty());
+        }
+        for body in [
+            &b"<html>"[..],
+            b"[]",
+            br#"{"new":{}}"#,
+            br#"{"new":[],"new":[]}"#,
+        ] {
+            let e = parse_stream(body, UNLIMITED).unwrap_err();
+            assert!(matches!(e, ParseError::Unreadable(_)), "{e:?}");
+        }
     }
 
     #[test]
@@ -733,8 +750,9 @@ mod tests {
         let body = br#"{"new":null,"deleted":[
  {"duration":"-143.605213ms","origin":"cscli","scope":"Ip","type":"ban","value":"1.2.3.4","uuid":"x"},
  {"duration":"-25422h25m44.086361839s","origin":"crowdsec","scope":"Range","type":"ban","value":"2001:db8::/32"}]}"#;
-        let r = parse_stream(body).unwrap();
-        let keys = convert_deleted(r.deleted.unwrap());
+        let r = parse(body);
+        let (keys, skipped) = convert_deleted(r.deleted);
+        assert!(skipped.is_empty());
         assert_eq!(keys.len(), 2);
         assert_eq!(&*keys[0].1.origin, "cscli");
         assert_eq!(keys[0].0, None);
@@ -789,7 +807,7 @@ mod tests {
             },
         ];
         let origins = vec!["crowdsec".to_string(), "cscli".to_string()];
-        let (new, skipped) = convert_new(list, Some(&origins), 0);
+        let (new, skipped) = convert_new(list.into_iter().map(Ok).collect(), Some(&origins), 0);
         assert!(new.is_empty());
         assert_eq!(skipped[0], Skip::Origin);
         assert_eq!(skipped[1], Skip::Simulated);
@@ -797,8 +815,8 @@ mod tests {
         assert!(matches!(skipped[3], Skip::Invalid(_)));
     }
 
-    fn lapi(id: Option<i64>, value: &str, duration: &str) -> LapiDecision {
-        LapiDecision {
+    fn lapi(id: Option<i64>, value: &str, duration: &str) -> stream::Entry {
+        Ok(LapiDecision {
             id,
             duration: Some(duration.into()),
             origin: Some("cscli".into()),
@@ -807,7 +825,7 @@ mod tests {
             kind: "ban".into(),
             scenario: None,
             simulated: None,
-        }
+        })
     }
 
     #[test]
@@ -815,7 +833,7 @@ mod tests {
         let body = br#"{"deleted":null,"new":[
  {"duration":"1h","id":1,"origin":"lists","scenario":"x","scope":"Range","type":"ban","value":"::ffff:0:0/80"},
  {"duration":"1h","id":2,"origin":"lists","scenario":"y","scope":"Range","type":"ban","value":"2001:db8::/32"}]}"#;
-        let (new, skipped) = convert_new(parse_stream(body).unwrap().new.unwrap(), None, now_ms());
+        let (new, skipped) = convert_new(parse(body).new, None, now_ms());
         assert!(skipped.is_empty(), "{skipped:?}");
         let store = DecisionStore::new();
         store.replace_crowdsec(Known::default().replace(new));
@@ -834,14 +852,55 @@ mod tests {
 
     #[test]
     fn an_id_that_is_not_an_integer_is_no_id_and_fails_nothing() {
-        let r = parse_stream(
+        let r = parse(
             br#"{"new":[{"id":"x","duration":"1h","scope":"Ip","value":"192.0.2.1","type":"ban"},
                          {"id":-3,"duration":"1h","scope":"Ip","value":"192.0.2.2","type":"ban"},
                          {"id":1.5,"duration":"1h","scope":"Ip","value":"192.0.2.3","type":"ban"}]}"#,
         )
-        .unwrap();
-        let ids: Vec<_> = r.new.unwrap().iter().map(|d| d.id).collect();
+        ;
+        let ids: Vec<_> = r.new.iter().map(|d| d.as_ref().unwrap().id).collect();
         assert_eq!(ids, vec![None, Some(-3), None]);
+    }
+
+    #[test]
+    fn a_malformed_entry_is_skipped_and_the_others_taken() {
+        let body = br#"{"new":[
+ {"id":1,"duration":"1h","scope":"Ip","value":"192.0.2.1","type":"ban"},
+ {"id":2,"duration":"1h","scope":"Ip","value":"192.0.2.2"},
+ {"id":3,"duration":"1h","scope":"Ip","value":"192.0.2.3","type":"ban","simulated":"no"},
+ 42, "x", null, [1, 2],
+ {"id":4,"duration":1,"scope":"Ip","value":"192.0.2.4","type":"ban"},
+ {"id":5,"duration":"1h","scope":"Ip","value":["192.0.2.5"],"type":"ban"},
+ {"id":6,"duration":"1h","scope":"Ip","value":"192.0.2.6","type":"ban","origin":null,
+  "simulated":null,"scenario":{"nested":[1]},"uuid":"u"}],
+ "deleted":[{"scope":"Ip","type":"ban"},
+ {"id":7,"duration":"-1s","origin":"cscli","scope":"Ip","type":"ban","value":"192.0.2.7"}]}"#;
+        let r = parse(body);
+        let (new, skipped) = convert_new(r.new, None, 0);
+        let taken: Vec<String> = new.iter().map(|(_, d)| d.value.to_string()).collect();
+        assert_eq!(taken, ["192.0.2.1/32", "192.0.2.6/32"]);
+        assert_eq!(&*new[1].1.origin, "crowdsec");
+        assert!(new[1].1.reason.is_empty());
+        let why: Vec<&str> = skipped
+            .iter()
+            .map(|s| match s {
+                Skip::Invalid(why) => why.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(why.len(), 8, "{why:?}");
+        assert!(why[0].contains("\"type\""), "{why:?}");
+        assert!(why[1].contains("\"simulated\" is a string"), "{why:?}");
+        assert!(
+            why[2..6].iter().all(|w| w.contains("not an object")),
+            "{why:?}"
+        );
+        assert!(why[6].contains("\"duration\" is a number"), "{why:?}");
+        assert!(why[7].contains("\"value\" is a list"), "{why:?}");
+        let (keys, skipped) = convert_deleted(r.deleted);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0, Some(7));
+        assert!(matches!(&skipped[..], [Skip::Invalid(w)] if w.starts_with("deleted entry")));
     }
 
     #[test]
@@ -907,27 +966,88 @@ mod tests {
 
     #[test]
     fn long_scenarios_are_cut_on_a_character_boundary() {
-        let mut d = lapi(Some(1), "192.0.2.1", "1h");
+        let mut d = lapi(Some(1), "192.0.2.1", "1h").unwrap();
         d.scenario = Some("é".repeat(600));
-        let (new, _) = convert_new(vec![d], None, 0);
+        let (new, _) = convert_new(vec![Ok(d)], None, 0);
         let reason = &new[0].1.reason;
         assert!(reason.len() <= MAX_REASON && reason.len() >= MAX_REASON - 1);
         assert!(reason.chars().all(|c| c == 'é'));
     }
 
+    /// Every entry of a body, read as `max_decisions` would let it, but without limit.
+    const UNLIMITED: Limits = Limits {
+        new: usize::MAX,
+        deleted: Some(usize::MAX),
+    };
+
+    fn parse(body: &[u8]) -> StreamResponse {
+        parse_stream(body, UNLIMITED).unwrap()
+    }
+
+    /// `n` well-formed entries, comma-separated.
+    fn entries(n: usize) -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"id":{i},"duration":"1h","origin":"cscli","scope":"Ip","type":"ban","value":"10.{}.{}.{}"}}"#,
+                    (i >> 16) & 255,
+                    (i >> 8) & 255,
+                    i & 255
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     #[test]
     fn answers_past_max_decisions_are_refused() {
-        let resp = StreamResponse {
-            new: Some(vec![
-                lapi(Some(1), "192.0.2.1", "1h"),
-                lapi(Some(2), "192.0.2.2", "1h"),
-            ]),
-            deleted: None,
-        };
-        assert!(check_size(&resp, 0, 2).is_ok());
-        let e = check_size(&resp, 1, 2).unwrap_err();
+        let two = format!(r#"{{"new":[{}],"deleted":null}}"#, entries(2));
+        assert_eq!(
+            read_answer(two.as_bytes(), true, 0, 2).unwrap().new.len(),
+            2
+        );
+        let e = read_answer(two.as_bytes(), false, 1, 2).unwrap_err();
         assert!(e.contains("crowdsec.max_decisions (2)"), "{e}");
-        assert!(check_size(&resp, 0, 1).is_err());
+        assert!(read_answer(two.as_bytes(), true, 0, 1).is_err());
+        // A delta's deleted list has the same ceiling.
+        let deleted = format!(r#"{{"new":null,"deleted":[{}]}}"#, entries(3));
+        let e = read_answer(deleted.as_bytes(), false, 0, 2).unwrap_err();
+        assert!(e.contains("deleted") && e.contains("max_decisions"), "{e}");
+    }
+
+    #[test]
+    fn an_oversized_answer_is_refused_while_it_is_parsed() {
+        // Far more entries than the cap, and the body broken after them: refused at the
+        // first entry past the cap, so the parse never held (or reached) the rest.
+        let body = format!(r#"{{"new":[{}, BROKEN"#, entries(5_000));
+        let e = read_answer(body.as_bytes(), true, 0, 100).unwrap_err();
+        assert!(e.contains("crowdsec.max_decisions (100)"), "{e}");
+        assert_eq!(
+            parse_stream(
+                body.as_bytes(),
+                Limits {
+                    new: 100,
+                    deleted: None
+                }
+            )
+            .unwrap_err(),
+            ParseError::TooMany("new")
+        );
+    }
+
+    #[test]
+    fn a_snapshot_reads_past_its_deleted_list() {
+        // However long, and whatever its entries hold: a snapshot does not keep it.
+        let body = format!(
+            r#"{{"new":[{}],"deleted":[{}, {{"scope": 5}}, "junk"]}}"#,
+            entries(1),
+            entries(500)
+        );
+        let r = read_answer(body.as_bytes(), true, 0, 10).unwrap();
+        assert_eq!(r.new.len(), 1);
+        assert!(r.deleted.is_empty());
+        // A delta reads it (and this one is over the cap).
+        assert!(read_answer(body.as_bytes(), false, 0, 10).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!   longest-prefix lookup the request path uses, and the on-disk file for local decisions.
 //! - `crowdsec`: the LAPI stream bridge (a background task; nothing on the request path calls
 //!   the LAPI) and the optional AppSec (WAF) forwarding stage.
+//! - `stream`: the LAPI's stream answer, parsed within `max_decisions`.
 //! - `appsec`: the optional CrowdSec AppSec (WAF) stage.
 //! - `wazuh`: parsing Wazuh active-response messages (4.x and 5.x) for `wraith wazuh-ar`.
 //! - `godur`: Go `time.Duration` strings as CrowdSec writes them.
@@ -14,6 +15,7 @@ pub mod appsec;
 pub mod crowdsec;
 pub mod godur;
 pub mod store;
+pub mod stream;
 pub mod wazuh;
 
 use std::fmt;
@@ -91,7 +93,7 @@ pub enum Action {
 pub struct Decision {
     /// Local or CrowdSec.
     pub source: Source,
-    /// Who decided: `admin`, `wazuh`, CrowdSec's `crowdsec`/`cscli`/`CAPI`/`lists`, ...
+    /// Who decided: `admin`, `wazuh:<active response>`, CrowdSec's `crowdsec`/`cscli`/`CAPI`/`lists`, ...
     pub origin: Arc<str>,
     /// Ip or Range.
     pub scope: Scope,

@@ -264,6 +264,8 @@ pub struct Filter {
     pub value: Option<IpNet>,
     /// Decisions whose address or range contains this address.
     pub contains: Option<IpAddr>,
+    /// This origin; one without a `:` also selects its family (`wazuh` selects
+    /// `wazuh:wraith-ban`), one with a `:` only itself.
     pub origin: Option<String>,
     pub kind: Option<String>,
     pub scope: Option<Scope>,
@@ -274,11 +276,23 @@ impl Filter {
     fn matches(&self, d: &Decision) -> bool {
         self.value.is_none_or(|v| v == d.value)
             && self.contains.is_none_or(|ip| net_contains(&d.value, ip))
-            && self.origin.as_deref().is_none_or(|o| o == &*d.origin)
+            && self
+                .origin
+                .as_deref()
+                .is_none_or(|o| in_family(&d.origin, o))
             && self.kind.as_deref().is_none_or(|k| k == &*d.kind)
             && self.scope.is_none_or(|s| s == d.scope)
             && self.source.is_none_or(|s| s == d.source)
     }
+}
+
+/// Whether `origin` is `filter`, or (for a `filter` without `:`) `filter:<anything>`.
+fn in_family(origin: &str, filter: &str) -> bool {
+    origin == filter
+        || (!filter.contains(':')
+            && origin
+                .strip_prefix(filter)
+                .is_some_and(|rest| rest.starts_with(':')))
 }
 
 /// The decision store shared by the accept loops, the pipeline, the admin API and the bridges.
@@ -487,8 +501,8 @@ impl DecisionStore {
         (maps.local.len(), maps.crowdsec.len())
     }
 
-    /// Writes the live local decisions to `path` atomically (temp file + fsync + rename +
-    /// directory fsync, mode 0600). Concurrent saves are serialized, each writing the state
+    /// Writes the live local decisions to `path` atomically (a new temp file + fsync +
+    /// rename + directory fsync, mode 0600; the temp file is removed when a step fails). Concurrent saves are serialized, each writing the state
     /// as of its turn, so a later save never loses to an earlier one.
     pub fn save(&self, path: &Path) -> Result<usize, String> {
         self.save_merged(path, &[])
@@ -533,24 +547,24 @@ impl DecisionStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        // Per process: another Wraith (a restart overlapping the old one) never shares it.
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        {
+        let tmp = temp_path(path);
+        let mut f = create_new(&tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        // Created, so ours: removed if a later step fails.
+        let done = {
             use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
             f.write_all(&bytes)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
         }
-        std::fs::rename(&tmp, path)
-            .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| format!("cannot replace {}: {e}", path.display()))
+        });
+        drop(f);
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         // The rename itself survives a crash only once the directory is on disk.
         let dir = path
             .parent()
@@ -600,6 +614,29 @@ impl DecisionStore {
         }
         Ok(decisions)
     }
+}
+
+/// Where a save writes before its rename: beside `path`, named for this process and a random
+/// number, so nobody can put something at that name beforehand (and two Wraiths, a restart
+/// overlapping the old one, never share it).
+fn temp_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension(format!(
+        "tmp.{}.{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ))
+}
+
+/// Creates a file that must not exist yet (`O_EXCL`, and `O_NOFOLLOW`: never through a
+/// link), mode 0600, for writing. Nothing is created when it fails.
+fn create_new(tmp: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(tmp)
 }
 
 /// Puts `d` in `map` unless a decision of the same key that ends later is there already.
@@ -847,6 +884,48 @@ mod tests {
     }
 
     #[test]
+    fn an_origin_filter_without_a_colon_selects_its_family() {
+        let s = DecisionStore::new();
+        s.insert([
+            dec(Source::Local, "wazuh", "192.0.2.1/32", "ban", 60_000),
+            dec(
+                Source::Local,
+                "wazuh:wraith-ban",
+                "192.0.2.1/32",
+                "ban",
+                60_000,
+            ),
+            dec(
+                Source::Local,
+                "wazuh:wraith-ban-long",
+                "192.0.2.1/32",
+                "ban",
+                60_000,
+            ),
+            dec(Source::Local, "wazuhx", "192.0.2.1/32", "ban", 60_000),
+        ]);
+        let origins = |o: &str| -> Vec<String> {
+            let f = Filter {
+                origin: Some(o.into()),
+                ..Filter::default()
+            };
+            s.list(&f).iter().map(|d| d.origin.to_string()).collect()
+        };
+        assert_eq!(
+            origins("wazuh"),
+            ["wazuh", "wazuh:wraith-ban", "wazuh:wraith-ban-long"]
+        );
+        assert_eq!(origins("wazuh:wraith-ban"), ["wazuh:wraith-ban"]);
+        assert_eq!(origins("wazuh:"), Vec::<String>::new());
+        let one = Filter {
+            origin: Some("wazuh:wraith-ban".into()),
+            ..Filter::default()
+        };
+        assert_eq!(s.remove(Source::Local, &one).len(), 1);
+        assert_eq!(s.counts().0, 3);
+    }
+
+    #[test]
     fn repeated_deletes_are_harmless() {
         let s = DecisionStore::new();
         let d = dec(Source::Crowdsec, "cscli", "192.0.2.1/32", "ban", 60_000);
@@ -898,6 +977,46 @@ mod tests {
             .filter(|e| e.file_name() != "decisions.json")
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_save_never_writes_through_a_link_at_the_old_temp_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        // The name saves used to write through, planted by someone who can write here.
+        let planted = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let s = DecisionStore::new();
+        s.insert([dec(Source::Local, "admin", "192.0.2.1/32", "ban", 60_000)]);
+        assert_eq!(s.save(&path).unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file(), "{meta:?}");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        assert_eq!(DecisionStore::new().load(&path).unwrap(), 1);
+        assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the state file goes: the rename fails (root or not).
+        let path = dir.path().join("decisions.json");
+        std::fs::create_dir(&path).unwrap();
+        let s = DecisionStore::new();
+        s.insert([dec(Source::Local, "admin", "192.0.2.1/32", "ban", 60_000)]);
+        let e = s.save(&path).unwrap_err();
+        assert!(e.contains("cannot replace"), "{e}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["decisions.json"]);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - 5.x: the alert at the root with `"command":"enable"|"disable"`, the address in
 //!   `source.ip` and AR metadata in `wazuh.active_response`.
 //!
+//! Each AR bans under an origin of its own, `wazuh:<executable>` (see `origin`).
+//!
 //! The address is taken from `parameters.alert.data.win.eventdata.ipAddress`, then
 //! `parameters.alert.data.srcip` (4.x), or `source.ip` (5.x). Wazuh's own helper also looks
 //! at `destinationIp`; a gateway has no business banning a destination, so Wraith does not.
@@ -46,8 +48,10 @@ pub struct Message {
     pub stateless: bool,
     /// Rule id and description, for the ban's reason.
     pub rule: Option<(String, String)>,
-    /// The AR name (5.x `wazuh.active_response.name`), for logs.
-    pub name: Option<String>,
+    /// The AR's executable as execd names it (4.x `parameters.program`, 5.x
+    /// `wazuh.active_response.executable`, else its `name`), without its directory: execd
+    /// keeps one timer per executable and address, so each one holds a ban of its own.
+    pub program: Option<String>,
 }
 
 fn ip_at(v: &Value, path: &[&str]) -> Option<IpAddr> {
@@ -103,7 +107,7 @@ pub fn parse(line: &str) -> Result<Message, String> {
                 stateful_timeout: None,
                 stateless: false,
                 rule: rule_of(alert),
-                name: None,
+                program: basename(v.pointer("/parameters/program")),
             }
         }
         Generation::V5 => {
@@ -127,14 +131,34 @@ pub fn parse(line: &str) -> Result<Message, String> {
                 stateful_timeout,
                 stateless: kind == Some("stateless"),
                 rule: rule_of(&v),
-                name: ar
-                    .and_then(|a| a.get("name"))
-                    .and_then(Value::as_str)
-                    .map(String::from),
+                program: basename(ar.and_then(|a| a.get("executable")))
+                    .or_else(|| basename(ar.and_then(|a| a.get("name")))),
             }
         }
     };
     Ok(msg)
+}
+
+/// `active-response/bin/wraith-ban` -> `wraith-ban` (`None` for anything but a name).
+fn basename(v: Option<&Value>) -> Option<String> {
+    let path = v?.as_str()?.trim();
+    let name = path.rsplit(['/', '\\']).next()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// The origin of the bans one AR makes: `wazuh:<program>` (`fallback`, the script's
+/// `--name`, when the message names none). Distinct per AR, as execd's timers are, so one
+/// AR's delete never lifts the ban another still holds; `wazuh` and a `:` keep it in the
+/// `wazuh` family for filters and metrics. Cut to a valid origin (at most 64 bytes of
+/// letters, digits, `-_.:`; anything else becomes `_`).
+pub fn origin(program: Option<&str>, fallback: &str) -> String {
+    let name = program.filter(|p| !p.is_empty()).unwrap_or(fallback);
+    let mut origin = String::from("wazuh:");
+    for c in name.chars().take(64 - origin.len()) {
+        let ok = c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+        origin.push(if ok { c } else { '_' });
+    }
+    origin
 }
 
 fn rule_of(alert: &Value) -> Option<(String, String)> {
@@ -229,6 +253,7 @@ mod tests {
             Some(Duration::from_secs(3600))
         );
         assert_eq!(m.rule.as_ref().unwrap().0, "100202");
+        assert_eq!(m.program.as_deref(), Some("wraith-ban"));
         let del = V4_ADD.replace("\"command\":\"add\"", "\"command\":\"delete\"");
         assert_eq!(parse(&del).unwrap().command, Command::Delete);
         // Windows events carry the address elsewhere.
@@ -247,10 +272,30 @@ mod tests {
         assert_eq!(m.command, Command::Add);
         assert_eq!(m.ip, Some("203.0.113.5".parse().unwrap()));
         assert_eq!(m.stateful_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(m.program.as_deref(), Some("wraith-ban"));
         let off = v5.replace("enable", "disable");
         assert_eq!(parse(&off).unwrap().command, Command::Delete);
         // 5.x requires the wazuh object.
         assert!(parse(r#"{"command":"enable","source":{"ip":"203.0.113.5"}}"#).is_err());
+    }
+
+    #[test]
+    fn each_ar_bans_under_an_origin_of_its_own() {
+        assert_eq!(origin(Some("wraith-ban"), "x"), "wazuh:wraith-ban");
+        assert_eq!(origin(Some("wraith-ban-24h"), "x"), "wazuh:wraith-ban-24h");
+        assert_eq!(origin(None, "wraith-ban"), "wazuh:wraith-ban");
+        assert_eq!(origin(Some(""), "wraith-ban"), "wazuh:wraith-ban");
+        assert_eq!(origin(Some("my ban!"), "x"), "wazuh:my_ban_");
+        let long = origin(Some(&"é".repeat(100)), "x");
+        assert_eq!(long.len(), 64);
+        assert!(crate::decisions::valid_kind(&long));
+        let win = r#"{"version":1,"command":"delete","parameters":{"alert":{},"program":"active-response\\bin\\wraith-ban.cmd"}}"#;
+        assert_eq!(
+            parse(win).unwrap().program.as_deref(),
+            Some("wraith-ban.cmd")
+        );
+        let none = r#"{"version":1,"command":"delete","parameters":{"alert":{},"program":5}}"#;
+        assert_eq!(parse(none).unwrap().program, None);
     }
 
     #[test]

@@ -172,9 +172,12 @@ pub const ORIGINS: [&str; 10] = [
     "crowdsec", "cscli", "capi", "lists", "console", "wazuh", "admin", "local", "wraith", "other",
 ];
 
-/// Ban origins get a label of their own; anything else is counted as `other`.
+/// Ban origins get a label of their own; anything else is counted as `other`. A family
+/// (`wazuh:wraith-ban`, one per Wazuh active response) counts as its head (`wazuh`), so the
+/// label set stays fixed.
 pub fn origin_label(origin: &str) -> &'static str {
-    match origin.to_ascii_lowercase().as_str() {
+    let head = origin.split_once(':').map_or(origin, |(head, _)| head);
+    match head.to_ascii_lowercase().as_str() {
         "crowdsec" => "crowdsec",
         "cscli" => "cscli",
         "capi" => "capi",

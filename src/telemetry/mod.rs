@@ -688,7 +688,7 @@ mod tests {
         t.banned_connection(
             &Arc::from("http"),
             "203.0.113.9:4000".parse().unwrap(),
-            "wazuh",
+            "wazuh:wraith-ban",
             None,
         );
         shared
@@ -722,7 +722,7 @@ mod tests {
             "crowdsecurity/http-probing"
         );
         assert_eq!(events[4]["srcip"], "203.0.113.9");
-        assert_eq!(events[4]["wraith"]["origin"], "wazuh");
+        assert_eq!(events[4]["wraith"]["origin"], "wazuh:wraith-ban");
 
         let m = &shared.metrics;
         let policy = |effect| {
@@ -742,6 +742,7 @@ mod tests {
         };
         assert_eq!(m.ratelimit_rejections.get(&route).map(|c| c.get()), Some(1));
         let bans = |origin| m.bans.get(&OriginLabel { origin }).map_or(0, |c| c.get());
+        // One Wazuh active response's origin counts as "wazuh" (a bounded label set).
         assert_eq!((bans("crowdsec"), bans("wazuh")), (1, 1));
         // Denials (not the shadow one, not the allowed one) feed the "top denied" list.
         let s = shared

@@ -52,6 +52,8 @@ pub enum GatewayError {
     Banned {
         origin: std::sync::Arc<str>,
         kind: std::sync::Arc<str>,
+        /// The decision's scenario or note (empty when it has none): logged, never sent.
+        reason: std::sync::Arc<str>,
     },
     #[error("decision source unavailable and on_error = \"closed\"")]
     DecisionsUnavailable,

@@ -1744,7 +1744,16 @@ async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
         429
     );
     let banned_ip = "198.51.100.66";
-    let (code, _, err) = wraith.cli(&["decisions", "add", "--ip", banned_ip, "--duration", "1h"]);
+    let (code, _, err) = wraith.cli(&[
+        "decisions",
+        "add",
+        "--ip",
+        banned_ip,
+        "--duration",
+        "1h",
+        "--reason",
+        "scanner seen at the edge",
+    ]);
     assert_eq!(code, 0, "{err}");
     let resp = client
         .get(wraith.url("http", "/hello"))
@@ -1766,6 +1775,7 @@ async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
     assert_eq!(banned["status"], 403);
     assert_eq!(banned["client_ip"], banned_ip);
     assert_eq!(banned["ban_origin"], "admin");
+    assert_eq!(banned["ban_scenario"], "scanner seen at the edge");
     assert_eq!(banned["error"], "banned");
 
     let events_path = wraith.path("events.json");
@@ -1780,6 +1790,7 @@ async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
     assert_eq!(events[0]["wraith"]["rate_limiter"], "tight");
     assert_eq!(events[1]["srcip"], banned_ip);
     assert_eq!(events[1]["wraith"]["origin"], "admin");
+    assert_eq!(events[1]["wraith"]["scenario"], "scanner seen at the edge");
 
     let (_, text) = wraith.admin_get("/v1/metrics").await;
     let m = parse_metrics(std::str::from_utf8(&text).unwrap());

@@ -199,6 +199,7 @@ pub fn check(
         Some(v) if v.action == Action::Ban => Err(GatewayError::Banned {
             origin: v.origin,
             kind: v.kind,
+            reason: v.reason,
         }),
         _ => Ok(()),
     }

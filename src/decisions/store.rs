@@ -43,6 +43,8 @@ pub struct Verdict {
     pub kind: Arc<str>,
     /// The address or range that matched.
     pub value: IpNet,
+    /// Why: the decision's scenario or note (empty when it has none).
+    pub reason: Arc<str>,
 }
 
 /// One active decision in the lookup table.
@@ -51,6 +53,9 @@ struct Hit {
     until_ms: u64,
     origin: Arc<str>,
     kind: Arc<str>,
+    /// Shared by every hit with the same text: a million CrowdSec decisions carry a few
+    /// dozen scenarios.
+    reason: Arc<str>,
 }
 
 /// The decisions of one prefix length: network address -> hits, strongest first.
@@ -132,11 +137,17 @@ impl Table {
         let mut v4: HashMap<u8, HashMap<u32, Vec<Hit>, Seeded>> = HashMap::new();
         let mut v6: HashMap<u8, HashMap<u128, Vec<Hit>, Seeded>> = HashMap::new();
         let mut len = 0;
+        let mut reasons: HashMap<&str, Arc<str>> = HashMap::new();
         for d in decisions {
+            let reason = reasons
+                .entry(d.reason.as_str())
+                .or_insert_with(|| Arc::from(d.reason.as_str()))
+                .clone();
             let hit = Hit {
                 until_ms: d.until_ms,
                 origin: d.origin.clone(),
                 kind: d.kind.clone(),
+                reason,
             };
             len += 1;
             // Ranges inside ::ffff:0:0/96 are held as IPv4 (parse_value makes them so; a
@@ -348,6 +359,7 @@ impl DecisionStore {
                     origin: hit.origin.clone(),
                     kind: hit.kind.clone(),
                     value,
+                    reason: hit.reason.clone(),
                 });
             }
             action != Action::Ban

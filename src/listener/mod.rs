@@ -297,9 +297,12 @@ pub(crate) fn banned_at_accept(
         Some(v) if v.action == crate::decisions::Action::Ban => {
             tracing::debug!(peer = %peer, origin = %v.origin, kind = %v.kind, value = %v.value, "banned peer refused at accept");
             // Counted, and a `banned` event for the SIEM (no request was read).
-            snapshot
-                .telemetry
-                .banned_connection(listener, peer, &v.origin, None);
+            snapshot.telemetry.banned_connection(
+                listener,
+                peer,
+                &v.origin,
+                Some(&*v.reason).filter(|r| !r.is_empty()),
+            );
             true
         }
         _ => false,

@@ -341,10 +341,10 @@ impl AccessRecord {
     pub fn refused(&mut self, e: &GatewayError) {
         self.error = Some(e.code());
         match e {
-            GatewayError::Banned { origin, .. } => {
+            GatewayError::Banned { origin, reason, .. } => {
                 self.ban = Some(BanRecord {
                     origin: origin.clone(),
-                    scenario: None,
+                    scenario: (!reason.is_empty()).then(|| reason.clone()),
                 });
             }
             GatewayError::RateLimited(r) => {

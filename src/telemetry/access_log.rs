@@ -66,6 +66,8 @@ pub struct AccessRecord {
     /// Request head to last response byte (or abort).
     pub duration: Duration,
     pub route: Option<Arc<str>>,
+    /// What the route says of the host (the combined log's vhost).
+    pub route_host: RouteHost,
     pub upstream: Option<Arc<str>>,
     /// Endpoint, upstream time and attempts, filled by the forwarder.
     pub forward: ForwardOutcome,
@@ -111,6 +113,7 @@ impl Default for AccessRecord {
             bytes_out: 0,
             duration: Duration::ZERO,
             route: None,
+            route_host: RouteHost::Any,
             upstream: None,
             forward: ForwardOutcome::default(),
             policy: None,
@@ -152,6 +155,22 @@ impl Effect {
             Effect::Deny => "deny",
         }
     }
+}
+
+/// What the matched route says of the request's host. A host no route names is the client's
+/// word only: logged as the combined log's vhost, a scanner sending a new Host with every
+/// request would spread itself over as many CrowdSec buckets (`http-probing` groups by
+/// address and vhost) and fill none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RouteHost {
+    /// No route, or one for any host.
+    #[default]
+    Any,
+    /// A route for exactly this host.
+    Exact,
+    /// A wildcard route (`*.example.com`): the domain it names is the last `n` bytes of the
+    /// host.
+    Domain(u16),
 }
 
 /// A rate-limit check as logged.
@@ -281,6 +300,13 @@ impl AccessRecord {
     /// Notes the route that matched.
     pub fn set_route(&mut self, route: &Route) {
         self.route = Some(route.config.name.clone());
+        self.route_host = match &route.config.host {
+            crate::config::HostMatch::Any => RouteHost::Any,
+            crate::config::HostMatch::Exact(_) => RouteHost::Exact,
+            crate::config::HostMatch::Suffix(s) => {
+                RouteHost::Domain(u16::try_from(s.len() - 1).unwrap_or(u16::MAX))
+            }
+        };
         if let crate::config::RouteAction::Upstream(u) = &route.config.action {
             self.upstream = Some(u.clone());
         }

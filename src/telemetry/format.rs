@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
 
-use super::access_log::AccessRecord;
+use super::access_log::{AccessRecord, RouteHost};
 use crate::config::{LogConfig, QueryLogging};
 
 /// Most bytes one string value takes in a JSON or combined line, escaped, `TRUNCATED`
@@ -661,33 +661,53 @@ pub fn combined_line(
     out.extend_from_slice(b"\"\n");
 }
 
-/// The virtual host: the requested host without port when it is a plain name or address,
-/// else the local address (a parser expects a host here, never arbitrary client bytes, nor
-/// a name longer than DNS allows).
+/// The virtual host: the requested host without port when a route names it and it is a
+/// plain name or address; for a wildcard route, the domain the route names (the host's
+/// other labels are the client's choice); else the local address. A parser expects a host
+/// here, never arbitrary client bytes, nor a name longer than DNS allows, and a host no
+/// route names is the client's word only (see `RouteHost`).
 fn vhost(r: &AccessRecord) -> String {
-    if let Some(h) = r.host() {
-        let name = if let Some(rest) = h.strip_prefix('[') {
-            rest.split(']').next().unwrap_or("")
-        } else {
-            h.rsplit_once(':').map_or(h, |(n, p)| {
-                if p.bytes().all(|b| b.is_ascii_digit()) {
-                    n
-                } else {
-                    h
-                }
-            })
-        };
-        let plain = !name.is_empty()
-            && name.len() <= 253
-            && (name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-                || name.parse::<std::net::IpAddr>().is_ok());
-        if plain {
-            return name.to_ascii_lowercase();
-        }
+    let local = || r.local.ip().to_string();
+    if r.route_host == RouteHost::Any {
+        return local();
     }
-    r.local.ip().to_string()
+    let Some(h) = r.host() else {
+        return local();
+    };
+    let name = if let Some(rest) = h.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        h.rsplit_once(':').map_or(h, |(n, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                n
+            } else {
+                h
+            }
+        })
+    };
+    // `example.com.` is `example.com`, as routing has it.
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let plain = !name.is_empty()
+        && name.len() <= 253
+        && (name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || name.parse::<std::net::IpAddr>().is_ok());
+    if !plain {
+        return local();
+    }
+    match r.route_host {
+        RouteHost::Domain(n) => {
+            let n = usize::from(n);
+            // (ASCII here: every byte is a character boundary.)
+            if name.len() > n && name.as_bytes()[name.len() - n - 1] == b'.' {
+                name[name.len() - n..].to_ascii_lowercase()
+            } else {
+                local()
+            }
+        }
+        _ => name.to_ascii_lowercase(),
+    }
 }
 
 /// `"-"` when absent or empty, else the escaped value.
@@ -1035,7 +1055,10 @@ mod tests {
         let mut out = Vec::new();
         let opts = CombinedOptions { vhost: true };
         combined_line(
-            &record(),
+            &AccessRecord {
+                route_host: RouteHost::Exact,
+                ..record()
+            },
             &fmt(),
             opts,
             &mut CachedTime::new(TimeStyle::Http),
@@ -1045,6 +1068,42 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "api.example.org 198.51.100.7 - - [25/Nov/2025:21:49:15 +0000] \"GET /a%20b/c?token=REDACTED&page=2 HTTP/2.0\" 403 120 \"-\" \"curl/8 \\x22quoted\\x22\"\n"
         );
+    }
+
+    #[test]
+    fn the_vhost_is_a_host_a_route_names() {
+        let line = |route_host, host: &'static str| {
+            let mut out = Vec::new();
+            let r = AccessRecord {
+                route_host,
+                host_header: Some(HeaderValue::from_static(host)),
+                ..record()
+            };
+            let opts = CombinedOptions { vhost: true };
+            let mut clock = CachedTime::new(TimeStyle::Http);
+            combined_line(&r, &fmt(), opts, &mut clock, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            text.split(' ').next().unwrap().to_string()
+        };
+        // A catch-all route (or none): whatever Host the client sends, the local address,
+        // so a scanner changing it on every request still fills one CrowdSec bucket.
+        assert_eq!(line(RouteHost::Any, "a1b2c3.random.example"), "127.0.0.1");
+        assert_eq!(
+            line(RouteHost::Exact, "API.example.org:8443"),
+            "api.example.org"
+        );
+        assert_eq!(
+            line(RouteHost::Exact, "api.example.org."),
+            "api.example.org"
+        );
+        assert_eq!(line(RouteHost::Exact, "[2001:db8::1]:8443"), "2001:db8::1");
+        // `*.example.org` (11 bytes after the dot): the domain, not the client's labels.
+        assert_eq!(line(RouteHost::Domain(11), "x9.Example.org"), "example.org");
+        assert_eq!(
+            line(RouteHost::Domain(11), "a.b.example.org:443"),
+            "example.org"
+        );
+        assert_eq!(line(RouteHost::Exact, "bad host"), "127.0.0.1");
     }
 
     /// Values longer than `FIELD_MAX` once escaped are cut between two characters (never in

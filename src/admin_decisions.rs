@@ -45,7 +45,18 @@ pub(crate) async fn handle(rt: &Arc<Runtime>, req: Request<Incoming>) -> (Status
         Err(e) => return bad(e),
     };
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/v1/decisions") => list(rt, &query),
+        (Method::GET, "/v1/decisions") => {
+            // A scan and a sort over up to a million decisions, and their JSON: off the
+            // async workers, which serve requests.
+            let rt = rt.clone();
+            match tokio::task::spawn_blocking(move || list(&rt, &query)).await {
+                Ok(answer) => answer,
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "listing the decisions failed"}),
+                ),
+            }
+        }
         (Method::POST, "/v1/decisions") => {
             let body = match Limited::new(req.into_body(), 64 << 20).collect().await {
                 Ok(b) => b.to_bytes(),

@@ -202,17 +202,15 @@ impl Pool {
         }
         if let Ok(mut idle) = self.idle.lock() {
             // Oldest at the front: drop expired ones and any beyond the limit.
+            let now = Instant::now();
             while idle
                 .front()
-                .is_some_and(|i| i.since.elapsed() >= self.idle_timeout)
+                .is_some_and(|i| now.saturating_duration_since(i.since) >= self.idle_timeout)
                 || idle.len() >= self.max_idle
             {
                 idle.pop_front();
             }
-            idle.push_back(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { conn, since: now });
         }
     }
 
@@ -698,7 +696,15 @@ async fn write_all(
         }
         Ok::<(), io::Error>(())
     };
-    match tokio::time::timeout(timeout, write).await {
+    let mut write = std::pin::pin!(write);
+    // A request head nearly always fits the socket at once: tried first without a timer
+    // (a timer costs a clock read and a wheel entry, added and removed). Polled again
+    // below with the task's waker if it could not finish.
+    let result = match write.as_mut().now_or_never() {
+        Some(done) => Ok(done),
+        None => tokio::time::timeout(timeout, write).await,
+    };
+    match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if !sent_any && is_stale(&e) => Err(Exchange::Stale { written: false }),
         Ok(Err(e)) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),

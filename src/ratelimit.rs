@@ -394,10 +394,17 @@ impl<C: Clock> Limiter<C> {
 
     /// What counting one request under `key` would give, counting nothing.
     pub fn peek_key(&self, key: &Key) -> Outcome {
+        /// Clears the flag however the check ends: a flag left set (by a panic the runtime
+        /// caught) would turn every later count on this worker thread into a question.
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                PEEK.set(false);
+            }
+        }
         PEEK.set(true);
-        let outcome = self.check_key(key);
-        PEEK.set(false);
-        outcome
+        let _clear = Clear;
+        self.check_key(key)
     }
 
     /// Drops keys whose bucket is full again, and returns memory to the allocator. Visits

@@ -423,6 +423,65 @@ async fn an_early_answer_reaches_the_client_while_its_upload_is_still_going() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_success_from_an_upstream_that_closes_reaches_the_client() {
+    // The upstream answers 200 on the head and closes without reading the body (as Go's
+    // server does for a large unread body): the write then fails, and the answer already
+    // read must still be the client's response, not a 502.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut tmp = [0u8; 4096];
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{addr}\"]\nresponse_timeout = \"20s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    const SIZE: usize = 8 << 20;
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let upload = tokio::spawn(async move {
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n");
+        if wr.write_all(head.as_bytes()).await.is_err()
+            || wr.write_all(&[b'x'; 1000]).await.is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..SIZE / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), rd.read_to_end(&mut got)).await;
+    upload.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\nok"), "{text}");
+}
+
 #[tokio::test]
 async fn an_upstream_that_stalls_mid_body_is_cut_off_after_the_response_timeout() {
     // 10 of 100 promised bytes, then silence with the connection open.

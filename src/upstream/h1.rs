@@ -459,8 +459,9 @@ async fn exchange(
             let (resp, framing) = head_within(conn, head_only, timeout).await?;
             return Ok((resp, framing.final_on_connection()));
         }
-        // The upstream may have answered early (e.g. 413) and closed: read what it said.
-        Err(Exchange::Failed(m)) if conn.buf.is_empty() => {
+        // The upstream may have answered early (e.g. 413, or a 200 without reading the body)
+        // and closed: read what it said, starting with what the watch already read.
+        Err(Exchange::Failed(m)) => {
             return match tokio::time::timeout(
                 Duration::from_millis(100),
                 read_head(conn, head_only),
@@ -612,6 +613,10 @@ async fn write_body(
             }
         }
         if matches!(conn.io, Stream::Tls(_)) {
+            // (rustls takes up to 64 KiB past a full socket: the wait is here then.)
+            if poll_answer(conn, cx).is_ready() {
+                return Poll::Ready(Err(None));
+            }
             ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Some)?;
         }
         Poll::Ready(Ok(()))
@@ -635,27 +640,29 @@ async fn write_body(
 fn poll_answer(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<()> {
     loop {
         if !conn.buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut headers);
-            match parsed.parse(&conn.buf) {
+            let status = parsed.parse(&conn.buf);
+            let interim = parsed
+                .code
+                .is_some_and(|c| (100..200).contains(&c) && c != 101);
+            let small = conn.buf.len() <= MAX_HEAD;
+            match (status, parsed.code) {
                 // Interim responses do not end the request (a `100 Continue` is what the
                 // body waits for).
-                Ok(httparse::Status::Complete(len))
-                    if parsed
-                        .code
-                        .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
-                {
+                (Ok(httparse::Status::Complete(len)), _) if interim => {
                     let _ = conn.buf.split_to(len);
                     conn.interim = true;
                     continue;
                 }
-                // Until the status code is in (`HTTP/1.1 1`), or while an interim head is
-                // incomplete, it is too early to tell: read on.
-                Ok(httparse::Status::Partial) if conn.buf.len() < 12 || conn.buf[9] == b'1' => {}
+                // Until the status code is in, or while an interim head is incomplete, it
+                // is too early to tell: read on (within the head's size limit).
+                (Ok(httparse::Status::Partial), None) if small => {}
+                (Ok(httparse::Status::Partial), Some(_)) if interim && small => {}
                 // An early 2xx or 3xx does not say the upstream wants no more of the body
                 // (RFC 9112 §9.5 has the client stop for an error response): the body goes
                 // on, and the response is read after it, as before.
-                Ok(_) if matches!(conn.buf[9], b'2' | b'3') => return Poll::Pending,
+                (Ok(_), Some(c)) if (200..400).contains(&c) => return Poll::Pending,
                 // An error response, or the start of one, or bytes that are no response (the
                 // reader reports those).
                 _ => return Poll::Ready(()),

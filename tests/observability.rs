@@ -1776,6 +1776,7 @@ async fn bans_and_rate_limits_fill_the_record_events_and_metrics() {
     assert_eq!(banned["client_ip"], banned_ip);
     assert_eq!(banned["ban_origin"], "admin");
     assert_eq!(banned["ban_scenario"], "scanner seen at the edge");
+    assert_eq!(banned["route"], "hello", "the route it asked for");
     assert_eq!(banned["error"], "banned");
 
     let events_path = wraith.path("events.json");

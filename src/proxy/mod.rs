@@ -299,17 +299,6 @@ impl Gateway {
         {
             return Err(GatewayError::BadRequest("missing Host"));
         }
-        // Decisions before anything that costs (a banned client spends no quota), and before
-        // the redirect and the 404: a banned client gets 403 whatever it asks for.
-        decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)?;
-        // Plain-HTTP listener told to send everyone to HTTPS: after the Host and path checks,
-        // since the Location is built from them.
-        if let Some(redirect) = snapshot
-            .listener(&conn.listener)
-            .and_then(|l| l.config.redirect_https.as_ref())
-        {
-            return Ok(https_redirect(&req, redirect));
-        }
         let host_name = host.name();
         // Routing and policy judge the path without segment parameters (`path::without_params`);
         // the upstream gets it as sent.
@@ -322,6 +311,25 @@ impl Gateway {
             params_free.as_deref().unwrap_or(req.uri().path()),
             req.method(),
         );
+        // Decisions before anything that costs (a banned client spends no quota), and before
+        // the redirect and the 404: a banned client gets 403 whatever it asks for. Its record
+        // names the route it asked for.
+        if let Err(banned) =
+            decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)
+        {
+            if let Some(route) = route {
+                record.set_route(route);
+            }
+            return Err(banned);
+        }
+        // Plain-HTTP listener told to send everyone to HTTPS: after the Host and path checks,
+        // since the Location is built from them.
+        if let Some(redirect) = snapshot
+            .listener(&conn.listener)
+            .and_then(|l| l.config.redirect_https.as_ref())
+        {
+            return Ok(https_redirect(&req, redirect));
+        }
         if let Some(route) = route {
             record.set_route(route);
         }
@@ -490,7 +498,11 @@ fn https_redirect(req: &Request<Body>, r: &crate::config::HttpsRedirect) -> Resp
     } else {
         format!(":{}", r.port)
     };
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // (`OPTIONS *` names no resource: its redirect goes to the root.)
+    let pq = match req.uri().path_and_query().map_or("/", |p| p.as_str()) {
+        "*" => "/",
+        pq => pq,
+    };
     redirect_response(r.status, &format!("https://{host}{port}{pq}"))
 }
 
@@ -501,10 +513,18 @@ fn redirect(
     to: &str,
     status: StatusCode,
 ) -> Response<Body> {
-    let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // (`OPTIONS *` names no resource: `{path}` and `{uri}` are the root for it.)
+    let path = match req.uri().path() {
+        "*" => "/",
+        p => p,
+    };
+    let uri = match req.uri().path_and_query().map_or("/", |p| p.as_str()) {
+        "*" => "/",
+        u => u,
+    };
     let target = to
         .replace("{host}", host.unwrap_or(""))
-        .replace("{path}", req.uri().path())
+        .replace("{path}", path)
         .replace("{uri}", uri);
     redirect_response(status, &target)
 }

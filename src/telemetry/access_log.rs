@@ -328,6 +328,18 @@ impl AccessRecord {
             .or_else(|| self.uri.authority().map(|a| a.as_str()))
     }
 
+    /// The host routing judged: the request target's authority (absolute form, HTTP/2 and
+    /// HTTP/3 `:authority`) before the Host header, as `headers::Host::of` takes it.
+    pub fn routed_host(&self) -> Option<&str> {
+        if self.unreadable {
+            return None;
+        }
+        self.uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| self.host_header.as_ref().and_then(|h| h.to_str().ok()))
+    }
+
     /// The request's path as logged (`-` when the request line was unreadable).
     pub fn path(&self) -> &str {
         if self.unreadable {

@@ -671,7 +671,9 @@ fn vhost(r: &AccessRecord) -> String {
     if r.route_host == RouteHost::Any {
         return local();
     }
-    let Some(h) = r.host() else {
+    // The host the route matched, not another the client also sent (an absolute-form
+    // target with a Host header of its own).
+    let Some(h) = r.routed_host() else {
         return local();
     };
     let name = if let Some(rest) = h.strip_prefix('[') {
@@ -1104,6 +1106,23 @@ mod tests {
             "example.org"
         );
         assert_eq!(line(RouteHost::Exact, "bad host"), "127.0.0.1");
+        // An absolute-form target was routed on its own authority, whatever Host says.
+        let mut out = Vec::new();
+        let r = AccessRecord {
+            route_host: RouteHost::Exact,
+            uri: "http://api.example.org/x".parse().unwrap(),
+            host_header: Some(HeaderValue::from_static("zz-random-1.attacker")),
+            ..record()
+        };
+        let mut clock = CachedTime::new(TimeStyle::Http);
+        combined_line(
+            &r,
+            &fmt(),
+            CombinedOptions { vhost: true },
+            &mut clock,
+            &mut out,
+        );
+        assert!(out.starts_with(b"api.example.org "));
     }
 
     /// Values longer than `FIELD_MAX` once escaped are cut between two characters (never in

@@ -37,7 +37,12 @@ pub fn refused(path: &str) -> Option<&'static str> {
         let dotted = decoded
             .split('/')
             .filter(|seg| seg.contains("%2F"))
-            .any(|seg| seg.split("%2F").any(|p| p == "." || p == ".."));
+            .any(|seg| {
+                // (With its parameters left out: `..;x%2F` is a dot segment to Tomcat too.)
+                seg.split("%2F")
+                    .map(|p| p.split(';').next().unwrap_or(p))
+                    .any(|p| p == "." || p == "..")
+            });
         if dotted {
             return Some("dot segment beside an encoded slash in the request path");
         }
@@ -230,6 +235,7 @@ mod tests {
             "/a/%2F..",
             "/a/.%2Fb",
             "/a/x%2F..%2F..%2Fadmin",
+            "/a/x%2F..;%2F..;/admin",
         ] {
             assert!(refused(p).is_some(), "{p}");
         }

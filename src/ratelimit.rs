@@ -455,8 +455,12 @@ pub async fn table_full<C: Clock>(limits: &[Arc<Limiter<C>>]) {
 /// them would have refused is logged, and recorded as `shadow_limited`.
 ///
 /// Runs after decisions and policy, so refused or banned clients never spend quota.
+///
+/// `names` is `names(limits)`, made once per route: what the record of a request every limit
+/// let through says.
 pub fn check<C: Clock>(
     limits: &[Arc<Limiter<C>>],
+    names: &Arc<str>,
     req: &RequestFacts<'_>,
 ) -> Result<Option<RateLimitRecord>, GatewayError> {
     let Some((last, rest)) = limits.split_last() else {
@@ -498,17 +502,22 @@ pub fn check<C: Clock>(
         None => RateLimitRecord {
             limited: false,
             shadow: false,
-            limiter: match limits {
-                [one] => one.config.name.clone(),
-                all => all
-                    .iter()
-                    .map(|l| &*l.config.name)
-                    .collect::<Vec<_>>()
-                    .join(",")
-                    .into(),
-            },
+            limiter: names.clone(),
         },
     }))
+}
+
+/// The names of `limits`, comma-separated.
+pub fn names<C: Clock>(limits: &[Arc<Limiter<C>>]) -> Arc<str> {
+    match limits {
+        [one] => one.config.name.clone(),
+        all => all
+            .iter()
+            .map(|l| &*l.config.name)
+            .collect::<Vec<_>>()
+            .join(",")
+            .into(),
+    }
 }
 
 /// A limiter for `config`: the one from `previous` with the same settings (keeping its
@@ -642,9 +651,9 @@ mod tests {
         let req = facts("192.0.2.1", None, &h, false);
         let limits = [Arc::new(l)];
         for _ in 0..3 {
-            check(&limits, &req).unwrap();
+            check(&limits, &names(&limits), &req).unwrap();
         }
-        let err = check(&limits, &req).unwrap_err();
+        let err = check(&limits, &names(&limits), &req).unwrap_err();
         assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
         // One request per 6s; a full burst of 3 refills in 18s.
         assert_eq!(err.retry_after(), Some(6));
@@ -971,9 +980,15 @@ mod tests {
         ))];
         let h = HeaderMap::new();
         let req = facts("192.0.2.1", None, &h, false);
-        assert_eq!(check(&limits, &req).unwrap().unwrap().outcome(), "passed");
+        assert_eq!(
+            check(&limits, &names(&limits), &req)
+                .unwrap()
+                .unwrap()
+                .outcome(),
+            "passed"
+        );
         for _ in 0..4 {
-            let record = check(&limits, &req).unwrap().unwrap();
+            let record = check(&limits, &names(&limits), &req).unwrap().unwrap();
             assert_eq!(record.outcome(), "shadow_limited");
             assert_eq!(&*record.limiter, "test");
         }
@@ -998,7 +1013,10 @@ mod tests {
             let h = HeaderMap::new();
             let greedy = facts("192.0.2.1", None, &h, false);
             assert_eq!(
-                &*check(&limits, &greedy).unwrap().unwrap().limiter,
+                &*check(&limits, &names(&limits), &greedy)
+                    .unwrap()
+                    .unwrap()
+                    .limiter,
                 if order[0] == 0 {
                     "route,per-ip"
                 } else {
@@ -1006,19 +1024,19 @@ mod tests {
                 }
             );
             for _ in 0..10 {
-                let refused = check(&limits, &greedy).unwrap_err();
+                let refused = check(&limits, &names(&limits), &greedy).unwrap_err();
                 assert_eq!(refused.status(), http::StatusCode::TOO_MANY_REQUESTS);
             }
             // Four more clients get the rest of the route's budget; the sixth is refused.
             for i in 2..6 {
                 let other = facts(&format!("192.0.2.{i}"), None, &h, false);
                 assert!(
-                    check(&limits, &other).is_ok(),
+                    check(&limits, &names(&limits), &other).is_ok(),
                     "order {order:?}, client {i}"
                 );
             }
             let sixth = facts("192.0.2.6", None, &h, false);
-            assert!(check(&limits, &sixth).is_err());
+            assert!(check(&limits, &names(&limits), &sixth).is_err());
         }
     }
 
@@ -1036,12 +1054,12 @@ mod tests {
             route,
             ..facts("192.0.2.1", None, &h, false)
         };
-        assert!(check(&limits, &on("a")).is_ok());
-        assert!(check(&limits, &on("a")).is_ok());
-        assert!(check(&limits, &on("a")).is_err());
-        assert!(check(&limits, &on("b")).is_ok());
-        assert!(check(&limits, &on("b")).is_ok());
-        assert!(check(&limits, &on("b")).is_err());
+        assert!(check(&limits, &names(&limits), &on("a")).is_ok());
+        assert!(check(&limits, &names(&limits), &on("a")).is_ok());
+        assert!(check(&limits, &names(&limits), &on("a")).is_err());
+        assert!(check(&limits, &names(&limits), &on("b")).is_ok());
+        assert!(check(&limits, &names(&limits), &on("b")).is_ok());
+        assert!(check(&limits, &names(&limits), &on("b")).is_err());
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Route {
     pub upstream: Option<Arc<Upstream>>,
     /// The rate limits requests on this route count against (its own or the defaults).
     pub limits: Arc<[Arc<Limiter>]>,
+    /// Their names, comma-separated (the access record of a request they all let through).
+    pub limit_names: Arc<str>,
     /// Position in file order (indexes per-route state such as the policy engine's).
     pub index: usize,
 }
@@ -38,6 +40,7 @@ impl Route {
             config,
             upstream: None,
             limits: Arc::from(Vec::new()),
+            limit_names: Arc::from(""),
             index,
         }
     }
@@ -117,6 +120,7 @@ mod tests {
                     config,
                     upstream: None,
                     limits: Arc::from(Vec::new()),
+                    limit_names: Arc::from(""),
                     index,
                 })
                 .collect(),

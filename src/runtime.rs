@@ -99,12 +99,8 @@ impl Snapshot {
             .routes
             .iter()
             .enumerate()
-            .map(|(index, r)| Route {
-                upstream: match &r.action {
-                    RouteAction::Upstream(name) => by_name.get(&**name).map(|u| Arc::clone(u)),
-                    _ => None,
-                },
-                limits: match &r.rate_limits {
+            .map(|(index, r)| {
+                let limits: Arc<[Arc<Limiter>]> = match &r.rate_limits {
                     None => default_limits.clone(),
                     Some(own) => {
                         let old = previous
@@ -116,9 +112,17 @@ impl Snapshot {
                             .map(|c| ratelimit::reuse_or_new(old, c, max_keys))
                             .collect()
                     }
-                },
-                config: r.clone(),
-                index,
+                };
+                Route {
+                    upstream: match &r.action {
+                        RouteAction::Upstream(name) => by_name.get(&**name).map(|u| Arc::clone(u)),
+                        _ => None,
+                    },
+                    limit_names: ratelimit::names(&limits),
+                    limits,
+                    config: r.clone(),
+                    index,
+                }
             })
             .collect();
         let appsec = match config.crowdsec.as_ref().and_then(|c| {

@@ -260,6 +260,10 @@ fn main() {
     let headers = http::HeaderMap::new();
     let by_identity = [limit(wraith::config::LimitKey::Identity)];
     let by_ip = [limit(wraith::config::LimitKey::Ip)];
+    let (identity_names, ip_names) = (
+        wraith::ratelimit::names(&by_identity),
+        wraith::ratelimit::names(&by_ip),
+    );
     let mut i = 0usize;
     measure("rate limit, identity key (10,000 identities)", n, || {
         i = (i + 1) % identities.len();
@@ -270,7 +274,7 @@ fn main() {
             headers: &headers,
             route: "api",
         };
-        black_box(wraith::ratelimit::check(&by_identity, &facts).is_ok());
+        black_box(wraith::ratelimit::check(&by_identity, &identity_names, &facts).is_ok());
     });
     measure("rate limit, ip key (one address)", n, || {
         let facts = wraith::ratelimit::RequestFacts {
@@ -280,7 +284,7 @@ fn main() {
             headers: &headers,
             route: "api",
         };
-        black_box(wraith::ratelimit::check(&by_ip, &facts).is_ok());
+        black_box(wraith::ratelimit::check(&by_ip, &ip_names, &facts).is_ok());
     });
 }
 

@@ -391,6 +391,7 @@ impl Gateway {
         // Rate limits after policy: only requests that could be served count.
         record.rate_limit = ratelimit::check(
             &route.limits,
+            &route.limit_names,
             &RequestFacts {
                 client: client_ip,
                 peer_trusted,

@@ -667,27 +667,19 @@ async fn a_body_that_breaks_its_content_length_is_not_forwarded_as_complete() {
         }
     }
     // A correct one on the same gateway still works, and so does a list of one length.
-    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
-    let req = Request::post("https://localhost/upload")
-        .header("content-length", "5, 5")
-        .body(())
-        .unwrap();
-    let resp = conn
-        .request(req, Some(Bytes::from_static(b"xxxxx")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
-    let req = Request::post("https://localhost/upload")
-        .header("content-length", "5")
-        .body(())
-        .unwrap();
-    let resp = conn
-        .request(req, Some(Bytes::from_static(b"xxxxx")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json()["len"], 5);
+    for declared in ["5, 5", "5"] {
+        let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+        let req = Request::post("https://localhost/upload")
+            .header("content-length", declared)
+            .body(())
+            .unwrap();
+        let resp = conn
+            .request(req, Some(Bytes::from_static(b"xxxxx")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "declared {declared:?}");
+        assert_eq!(resp.json()["len"], 5, "declared {declared:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -525,22 +525,16 @@ async fn https_serves_h1_and_h2_and_redirects_plain_http() {
         "https://127.0.0.1:8443/some/path?a=b"
     );
     // `OPTIONS *` names no resource: sent to the root, not to `https://host*`.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
-            .await
-            .unwrap();
-        s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
-        assert!(
-            text.contains("\r\nlocation: https://localhost:8443/\r\n"),
-            "{text}"
-        );
-    }
+    let text = raw_exchange(
+        wraith.addr("http"),
+        b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(
+        text.contains("\r\nlocation: https://localhost:8443/\r\n"),
+        "{text}"
+    );
 
     let h2 = https_client(&ca, None)
         .get(wraith.url("https", "/x"))
@@ -669,11 +663,9 @@ async fn paths_and_hosts_that_upstreams_read_differently_are_refused() {
     let addr = wraith.addr("http");
     // One raw request (closing the connection); the whole answer, lowercased.
     let exchange = |head: String| async move {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(head.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).to_ascii_lowercase()
+        raw_exchange(addr, head.as_bytes())
+            .await
+            .to_ascii_lowercase()
     };
     let get = |target: &str, host: &str| {
         exchange(format!(

@@ -90,16 +90,44 @@ impl Scripted {
 }
 
 fn gateway(setup: Setup, endpoints: &[String]) -> Wraith {
+    gateway_with_timeout(setup, endpoints, "3s")
+}
+
+fn gateway_with_timeout(setup: Setup, endpoints: &[String], response_timeout: &str) -> Wraith {
     let list = endpoints
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect::<Vec<_>>()
         .join(", ");
     let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [{list}]\nresponse_timeout = \"3s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [{list}]\nresponse_timeout = \"{response_timeout}\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
         setup.listeners()
     );
     setup.start(&cfg)
+}
+
+/// An upstream that reads a request head, writes `reply` without reading any of the body,
+/// then keeps the connection open for `hold` (none: it closes).
+async fn answers_on_the_head(reply: &'static [u8], hold: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut tmp = [0u8; 4096];
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let _ = s.write_all(reply).await;
+                tokio::time::sleep(hold).await;
+            });
+        }
+    });
+    addr
 }
 
 fn ok(body: &str) -> Vec<u8> {
@@ -344,13 +372,11 @@ async fn options_asterisk_reaches_the_upstream_as_sent() {
     // The upstream echoes the request line it got.
     let up = Scripted::start(|head| (ok(head.lines().next().unwrap_or("")), false)).await;
     let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
-    let mut s = TcpStream::connect(wraith.addr("http")).await.unwrap();
-    s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = raw_exchange(
+        wraith.addr("http"),
+        b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(text.ends_with("\r\n\r\nOPTIONS * HTTP/1.1"), "{text}");
 }
 
@@ -359,32 +385,12 @@ async fn an_early_answer_reaches_the_client_while_its_upload_is_still_going() {
     // The upstream reads the head, answers 413 at once and reads nothing more; the client is
     // still uploading 64 MiB. The answer must not wait for the upload or the response
     // timeout (20 s here).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut tmp = [0u8; 4096];
-                    match s.read(&mut tmp).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
-                    .await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
-        }
-    });
-    let setup = Setup::new();
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{addr}\"]\nresponse_timeout = \"20s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        setup.listeners()
-    );
-    let wraith = setup.start(&cfg);
+    let addr = answers_on_the_head(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large",
+        Duration::from_secs(30),
+    )
+    .await;
+    let wraith = gateway_with_timeout(Setup::new(), &[addr.to_string()], "20s");
     const SIZE: usize = 64 << 20;
     let started = std::time::Instant::now();
     let mut s = TcpStream::connect(wraith.addr("http")).await.unwrap();
@@ -428,33 +434,12 @@ async fn an_early_success_from_an_upstream_that_closes_reaches_the_client() {
     // The upstream answers 200 on the head and closes without reading the body (as Go's
     // server does for a large unread body): the write then fails, and the answer already
     // read must still be the client's response, not a 502.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut tmp = [0u8; 4096];
-                    match s.read(&mut tmp).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-    let setup = Setup::new();
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{addr}\"]\nresponse_timeout = \"20s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        setup.listeners()
-    );
-    let wraith = setup.start(&cfg);
+    let addr = answers_on_the_head(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+        Duration::ZERO,
+    )
+    .await;
+    let wraith = gateway_with_timeout(Setup::new(), &[addr.to_string()], "20s");
     const SIZE: usize = 8 << 20;
     let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
     let (mut rd, mut wr) = s.into_split();

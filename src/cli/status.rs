@@ -180,18 +180,13 @@ pub fn render(v: &Value) -> String {
         ));
         // The most denied clients, five of each (`wraith top` shows ten).
         let most = |list: &Value| {
-            let items: Vec<String> = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .take(5)
-                .map(|e| format!("{} ({})", e["name"].as_str().unwrap_or("?"), e["count"]))
-                .collect();
-            if items.is_empty() {
-                "none".to_string()
-            } else {
-                items.join(", ")
-            }
+            listing(
+                list.as_array()
+                    .into_iter()
+                    .flatten()
+                    .take(5)
+                    .map(|e| format!("{} ({})", e["name"].as_str().unwrap_or("?"), e["count"])),
+            )
         };
         out.push_str(&format!(
             "  denied IPs   {}\n  denied ids   {}\n",
@@ -202,17 +197,12 @@ pub fn render(v: &Value) -> String {
     let d = &v["bans"];
     if d.is_object() {
         let by = |m: &Value| {
-            let items: Vec<String> = m
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            if items.is_empty() {
-                "none".to_string()
-            } else {
-                items.join(", ")
-            }
+            listing(
+                m.as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, n)| format!("{k} {n}")),
+            )
         };
         out.push_str(&format!(
             "\nBANS BY ORIGIN\n  active       {}\n  refused      {}\n",
@@ -251,4 +241,14 @@ pub(crate) fn millis(v: &Value) -> String {
 
 fn human(secs: u64) -> String {
     crate::config::units::format_duration(Duration::from_secs(secs))
+}
+
+/// Items joined with commas, or `none`.
+fn listing(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
 }

@@ -678,18 +678,23 @@ mod tests {
     /// Request-thread CPU of the access record per request: open, finish, stream the body,
     /// emit (metrics, window, queues). A measurement, not a check: run it with
     /// `cargo test --release --lib request_path_cost -- --ignored --nocapture`.
-    #[test]
-    fn an_ipv4_client_of_a_dual_stack_listener_has_its_port() {
-        let conn = ConnInfo {
-            peer: "[::ffff:198.51.100.7]:51234".parse().unwrap(),
-            local: "[::ffff:127.0.0.1]:8085".parse().unwrap(),
+    /// A plain-HTTP connection on the listener `http`.
+    fn plain_conn(peer: &str, local: &str) -> ConnInfo {
+        ConnInfo {
+            peer: peer.parse().unwrap(),
+            local: local.parse().unwrap(),
             listener: "http".into(),
             tls: None,
             identity: None,
             policy_cache: Default::default(),
             limits: Default::default(),
             close: None,
-        };
+        }
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_has_its_port() {
+        let conn = plain_conn("[::ffff:198.51.100.7]:51234", "[::ffff:127.0.0.1]:8085");
         let req = Request::builder().uri("/").body(Body::Empty).unwrap();
         let client = crate::proxy::headers::canonical(conn.peer.ip());
         let rid = HeaderValue::from_static("rid");
@@ -708,16 +713,7 @@ mod tests {
             "[log.json]\npath = \"a.json\"\nqueue = 1000000\n[log.combined]\npath = \"a.log\"\nqueue = 1000000\n\
              [log.sqlite]\npath = \"a.db\"\nqueue = 1000000\n",
         );
-        let conn = ConnInfo {
-            peer: "198.51.100.7:51234".parse().unwrap(),
-            local: "127.0.0.1:8085".parse().unwrap(),
-            listener: "http".into(),
-            tls: None,
-            identity: None,
-            policy_cache: Default::default(),
-            limits: Default::default(),
-            close: None,
-        };
+        let conn = plain_conn("198.51.100.7:51234", "127.0.0.1:8085");
         let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -345,6 +345,17 @@ pub fn http_client() -> reqwest::Client {
 /// (`/proc/sys/net/ipv4/ip_local_port_range`), so no `bind(127.0.0.1:0)` of another test
 /// (nor a local end of an outgoing connection) gets it, and never twice in this process.
 /// For a port that must stay closed, or one a child process binds later.
+/// Sends `request` as raw bytes on a new connection to `addr` and returns what the server
+/// sends until it closes the connection (at most 5 s of it), lossily as text.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub fn unused_port() -> u16 {
     static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")

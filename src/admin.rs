@@ -401,7 +401,7 @@ pub fn status(rt: &Runtime) -> Value {
         let last = st.last_success_ms.load(Relaxed);
         json!({
             "lapi_url": url,
-            "last_success": (last > 0).then_some(last / 1000),
+            "last_success": (last > 0).then(|| crate::decisions::store::to_wall_ms(last) / 1000),
             "pulls": st.pulls.load(Relaxed),
             "failures": st.failures.load(Relaxed),
             "last_error": st.last_error.lock().ok().and_then(|e| e.clone()),

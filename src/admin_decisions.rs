@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::decisions::store::{now_ms, Filter};
+use crate::decisions::store::{now_ms, to_wall_ms, Filter};
 use crate::decisions::{parse_value, valid_kind, Decision, Scope, Source};
 use crate::runtime::Runtime;
 
@@ -140,7 +140,8 @@ fn list(rt: &Runtime, query: &[(String, String)]) -> (StatusCode, Value) {
 
 /// A decision as the API shows it.
 pub fn to_json(d: &Decision, now_ms: u64) -> Value {
-    let until = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(d.until_ms) * 1_000_000)
+    let wall = to_wall_ms(d.until_ms);
+    let until = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(wall) * 1_000_000)
         .ok()
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)

@@ -290,7 +290,109 @@ async fn bans_survive_sigterm_and_restart() {
         .admin(Method::GET, "/v1/decisions?origin=wazuh", None)
         .await;
     assert_eq!(v["count"], 1);
-    assert_eq!(v["decisions"][0]["until"], until, "the expiry is kept");
+    // The expiry is kept (to the clock reads' millisecond or two: the file holds wall-clock
+    // times, the store its own clock).
+    let at = |v: &serde_json::Value| {
+        time::OffsetDateTime::parse(
+            v.as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let moved = at(&v["decisions"][0]["until"]) - at(&until);
+    assert!(moved.abs() < time::Duration::seconds(1), "moved by {moved}");
+}
+
+/// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+#[tokio::test]
+async fn a_wall_clock_step_neither_ends_nor_stretches_a_ban() {
+    // The gateway's wall clock is moved by libfaketime, which reads the offset from a file
+    // on every call; the monotonic clock is left alone, as an NTP step leaves it.
+    let setup = Setup::new();
+    let clock = setup.dir.path().join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let cfg = config(&setup, "\"127.0.0.0/8\"", "");
+    let mut wraith = setup.start_with_env(
+        &cfg,
+        &[
+            ("LD_PRELOAD", FAKETIME.as_ref()),
+            ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+            ("FAKETIME_NO_CACHE", "1".as_ref()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+        ],
+    );
+    let client = http_client();
+    for (ip, duration) in [("192.0.2.60", "1h"), ("192.0.2.61", "3s")] {
+        let (st, v) = wraith
+            .admin(
+                Method::POST,
+                "/v1/decisions",
+                Some(json!({"ip": ip, "duration": duration})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let started = std::time::Instant::now();
+
+    // Two hours forward: the hour-long ban still holds.
+    std::fs::write(&clock, "+7200\n").unwrap();
+    assert_eq!(status_for(&client, &wraith, "192.0.2.60").await, 403);
+    let (_, v) = wraith
+        .admin(Method::GET, "/v1/decisions?ip=192.0.2.60", None)
+        .await;
+    let secs = v["decisions"][0]["expires_in_secs"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&secs), "{v}");
+    // The time shown is on the (stepped) wall clock: about three hours from the real now.
+    let until = time::OffsetDateTime::parse(
+        v["decisions"][0]["until"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let ahead = until - time::OffsetDateTime::now_utc();
+    assert!(
+        (10_700..=10_800).contains(&ahead.whole_seconds()),
+        "{v} is {ahead} ahead"
+    );
+
+    // Two hours back: the three-second ban still ends after three seconds.
+    std::fs::write(&clock, "-7200\n").unwrap();
+    assert_eq!(status_for(&client, &wraith, "192.0.2.61").await, 403);
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    let lifted = async {
+        while status_for(&client, &wraith, "192.0.2.61").await != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), lifted)
+        .await
+        .expect("the three-second ban ends on time");
+    assert_eq!(status_for(&client, &wraith, "192.0.2.60").await, 403);
+
+    // Saved on exit with the wall clock's time: an hour after the (stepped) wall clock's
+    // now, so about an hour before the real now; a restart on the real clock reads it so.
+    wraith.signal(libc::SIGTERM);
+    assert_eq!(wraith.wait_exit(Duration::from_secs(20)), Some(0));
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(wraith.dir.path().join("decisions.json")).unwrap(),
+    )
+    .unwrap();
+    let real_now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let d = saved["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["value"] == "192.0.2.60/32")
+        .expect("the hour-long ban is saved");
+    let behind = real_now_ms - d["until_ms"].as_i64().unwrap();
+    assert!(
+        (3_500_000..=3_610_000).contains(&behind),
+        "{saved}: {behind} ms behind the real clock"
+    );
 }
 
 #[tokio::test]

@@ -101,7 +101,8 @@ pub struct Decision {
     pub value: IpNet,
     /// `ban`, `captcha`, or anything custom.
     pub kind: Arc<str>,
-    /// When it stops applying, in milliseconds since the Unix epoch.
+    /// When it stops applying, on the decisions' clock (`store::now_ms`: milliseconds since
+    /// the Unix epoch, moved on by the monotonic clock).
     pub until_ms: u64,
     /// Why (a scenario, an alert, an operator's note).
     pub reason: String,

@@ -14,8 +14,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -25,11 +25,47 @@ use super::{action_for, Action, Decision, Key, Scope, Source};
 use crate::config::Fallback;
 use crate::proxy::headers::{canonical, net_contains};
 
-/// Milliseconds since the Unix epoch, now.
+/// The decisions' clock, in milliseconds on the Unix epoch's scale: the wall clock when the
+/// process first asked, moved on by the monotonic clock since. A decision lasts what it was
+/// given (`now_ms() + duration`) whatever happens to the wall clock meanwhile: an NTP step or
+/// a clock set by hand neither ends a ban early nor stretches it. The wall clock is used
+/// only where a time leaves or enters the process (`to_wall_ms`, `from_wall_ms`): the state
+/// file and the times the admin API shows.
 pub fn now_ms() -> u64 {
+    let (wall, mono) = anchor();
+    wall.saturating_add(mono.elapsed().as_millis() as u64)
+}
+
+/// The wall clock and the monotonic clock read together, once per process.
+fn anchor() -> &'static (u64, Instant) {
+    static ANCHOR: OnceLock<(u64, Instant)> = OnceLock::new();
+    ANCHOR.get_or_init(|| (wall_ms(), Instant::now()))
+}
+
+/// Milliseconds since the Unix epoch by the wall clock, now.
+fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wall-clock time of `at`, a time on `now_ms`'s clock: the same distance from now.
+pub fn to_wall_ms(at: u64) -> u64 {
+    shift(at, now_ms(), wall_ms())
+}
+
+/// The time on `now_ms`'s clock of `wall`, a wall-clock time: the same distance from now.
+pub fn from_wall_ms(wall: u64) -> u64 {
+    shift(wall, wall_ms(), now_ms())
+}
+
+/// `at`, read on a clock that says `from_now`, moved to a clock that says `to_now`.
+fn shift(at: u64, from_now: u64, to_now: u64) -> u64 {
+    if at >= from_now {
+        to_now.saturating_add(at - from_now)
+    } else {
+        to_now.saturating_sub(from_now - at)
+    }
 }
 
 /// What a lookup found for an address.
@@ -681,7 +717,7 @@ struct StoredDecision {
     value: String,
     #[serde(rename = "type")]
     kind: String,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch, by the wall clock.
     until_ms: u64,
     #[serde(default)]
     reason: String,
@@ -694,7 +730,7 @@ impl From<&Decision> for StoredDecision {
             scope: d.scope.as_str().to_string(),
             value: d.value.to_string(),
             kind: d.kind.to_string(),
-            until_ms: d.until_ms,
+            until_ms: to_wall_ms(d.until_ms),
             reason: d.reason.clone(),
         }
     }
@@ -724,7 +760,7 @@ impl StoredDecision {
             scope,
             value,
             kind: Arc::from(self.kind),
-            until_ms: self.until_ms,
+            until_ms: from_wall_ms(self.until_ms),
             reason: self.reason,
         })
     }
@@ -753,6 +789,28 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn clock_shift_keeps_the_distance_from_now() {
+        // A wall clock a day ahead of the decisions' clock: a decision that ends in an hour
+        // is saved as an hour after the wall clock's now, and read back the same way.
+        let day = 86_400_000;
+        let (store_now, wall_now) = (1_000 * day, 1_001 * day);
+        assert_eq!(
+            shift(store_now + 3_600_000, store_now, wall_now),
+            wall_now + 3_600_000
+        );
+        assert_eq!(
+            shift(wall_now + 3_600_000, wall_now, store_now),
+            store_now + 3_600_000
+        );
+        assert_eq!(shift(store_now - 5, store_now, wall_now), wall_now - 5);
+        assert_eq!(shift(5, 10, 3), 0, "before the epoch saturates");
+        assert_eq!(shift(u64::MAX, 0, 10), u64::MAX);
+        // Round trip through the real clocks (read a few microseconds apart).
+        let at = now_ms() + 3_600_000;
+        assert!(from_wall_ms(to_wall_ms(at)).abs_diff(at) <= 2);
     }
 
     #[test]

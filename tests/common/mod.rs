@@ -699,6 +699,13 @@ tls = {{ cert = "server.pem", key = "server-key.pem"{tls_extra} }}
         w
     }
 
+    /// `start`, with these variables added to the gateway's environment.
+    pub fn start_with_env(self, config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Wraith {
+        let mut w = Wraith::spawn(self.dir, config, false, env);
+        w.pki = Some(self.pki);
+        w
+    }
+
     /// `start`, with the config path given to `serve` relative to its working directory.
     pub fn start_relative(self, config: &str) -> Wraith {
         let mut w = Wraith::start_in_relative(self.dir, config);
@@ -711,16 +718,21 @@ impl Wraith {
     /// Writes `wraith.toml` into `dir` and starts the gateway; returns once every listener
     /// is bound (read from the JSON log), or panics with the log if it does not start.
     pub fn start_in(dir: TempDir, config: &str) -> Wraith {
-        Wraith::spawn(dir, config, false)
+        Wraith::spawn(dir, config, false, &[])
     }
 
     /// `start_in`, but `serve -c wraith.toml` run in `dir`: the config path as given is
     /// relative.
     pub fn start_in_relative(dir: TempDir, config: &str) -> Wraith {
-        Wraith::spawn(dir, config, true)
+        Wraith::spawn(dir, config, true, &[])
     }
 
-    fn spawn(dir: TempDir, config: &str, relative: bool) -> Wraith {
+    fn spawn(
+        dir: TempDir,
+        config: &str,
+        relative: bool,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Wraith {
         let config_path = dir.path().join("wraith.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_wraith"));
@@ -730,6 +742,7 @@ impl Wraith {
         } else {
             command.arg(&config_path);
         }
+        command.envs(env.iter().copied());
         let mut child = command
             .env(
                 "WRAITH_LOG",

@@ -234,6 +234,34 @@ async fn status_reload_and_stop_talk_to_the_running_server() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["generation"], 1);
     assert_eq!(v["listeners"].as_array().unwrap().len(), 2);
+    // Connections are counted as they are open: none yet (an accept loop's waiting slot is
+    // none), then the one held here.
+    let active = |v: &serde_json::Value, name: &str| {
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()["active_connections"]
+            .clone()
+    };
+    assert_eq!(active(&v, "http"), 0, "{v}");
+    assert_eq!(active(&v, "https"), 0, "{v}");
+    let held = std::net::TcpStream::connect(wraith.addr("http")).unwrap();
+    let counted = |wraith: &Wraith| {
+        let (_, out, _) = wraith.cli(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        active(&v, "http") == 1
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !counted(&wraith) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held connection is not counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held);
 
     // A good reload advances the generation and says so.
     let (code, out, err) = wraith.cli(&["reload"]);

@@ -17,19 +17,35 @@ pub struct ConnectionLimit {
     max: AtomicUsize,
     /// Permits still to forget as connections close (after a shrink).
     debt: AtomicUsize,
+    /// Slots held by an admitted connection (not by an accept loop waiting for one).
+    open: AtomicUsize,
     /// Serializes resizes.
     resizing: Mutex<()>,
 }
 
 /// One connection's slot; the slot is freed (or, while a shrink is being paid, retired)
-/// when it drops.
+/// when it drops. An accept loop takes one before it accepts (so that at the limit new
+/// connections wait in the backlog); the connection counts as open from `admit`.
 pub struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     limit: Arc<ConnectionLimit>,
+    admitted: bool,
+}
+
+impl Slot {
+    /// The slot is a connection's now: counted by `active`.
+    pub fn admit(mut self) -> Slot {
+        self.limit.open.fetch_add(1, Ordering::AcqRel);
+        self.admitted = true;
+        self
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if self.admitted {
+            self.limit.open.fetch_sub(1, Ordering::AcqRel);
+        }
         let paid = self
             .limit
             .debt
@@ -49,6 +65,7 @@ impl ConnectionLimit {
             permits: Arc::new(Semaphore::new(max)),
             max: AtomicUsize::new(max),
             debt: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             resizing: Mutex::new(()),
         })
     }
@@ -76,14 +93,13 @@ impl ConnectionLimit {
         Slot {
             permit: Some(permit),
             limit: self.clone(),
+            admitted: false,
         }
     }
 
-    /// Connections holding a slot.
+    /// Connections holding a slot (admitted ones: an accept loop's waiting slot is none).
     pub fn active(&self) -> usize {
-        // Every permit in existence is free or held; `max + debt` of them exist.
-        (self.max() + self.debt.load(Ordering::Acquire))
-            .saturating_sub(self.permits.available_permits())
+        self.open.load(Ordering::Acquire)
     }
 
     /// Sets a new limit; returns the old one.
@@ -133,7 +149,9 @@ mod tests {
     #[test]
     fn shrinking_below_the_open_count_waits_for_closes() {
         let limit = ConnectionLimit::new(4);
-        let mut slots: Vec<_> = (0..3).map(|_| limit.try_acquire().unwrap()).collect();
+        let mut slots: Vec<_> = (0..3)
+            .map(|_| limit.try_acquire().unwrap().admit())
+            .collect();
         assert_eq!(limit.active(), 3);
         assert_eq!(limit.resize(1), 4);
         assert_eq!(limit.active(), 3);
@@ -146,25 +164,35 @@ mod tests {
         assert!(limit.try_acquire().is_none(), "1 open, limit 1");
         slots.pop();
         assert_eq!(limit.active(), 0);
-        let one = limit.try_acquire().unwrap();
+        let one = limit.try_acquire().unwrap().admit();
         assert!(limit.try_acquire().is_none());
+        assert_eq!(limit.active(), 1);
         drop(one);
+        assert_eq!(limit.active(), 0);
+        // A slot an accept loop holds while it waits is no connection.
+        let waiting = limit.try_acquire().unwrap();
+        assert_eq!(limit.active(), 0);
+        drop(waiting.admit());
         assert_eq!(limit.active(), 0);
     }
 
     #[test]
     fn growing_cancels_debt_before_adding_slots() {
         let limit = ConnectionLimit::new(4);
-        let slots: Vec<_> = (0..4).map(|_| limit.try_acquire().unwrap()).collect();
+        let slots: Vec<_> = (0..4)
+            .map(|_| limit.try_acquire().unwrap().admit())
+            .collect();
         limit.resize(2); // debt 2
         limit.resize(5); // debt 0, one new slot
         assert_eq!(limit.active(), 4);
-        let fifth = limit.try_acquire().unwrap();
+        let fifth = limit.try_acquire().unwrap().admit();
         assert!(limit.try_acquire().is_none());
         drop(slots);
         drop(fifth);
         assert_eq!(limit.active(), 0);
-        let all: Vec<_> = (0..5).map(|_| limit.try_acquire().unwrap()).collect();
+        let all: Vec<_> = (0..5)
+            .map(|_| limit.try_acquire().unwrap().admit())
+            .collect();
         assert!(limit.try_acquire().is_none());
         assert_eq!(all.len(), 5);
     }
@@ -172,10 +200,10 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_accept_gets_a_slot_when_the_limit_grows() {
         let limit = ConnectionLimit::new(1);
-        let _held = limit.try_acquire().unwrap();
+        let _held = limit.try_acquire().unwrap().admit();
         let waiter = {
             let limit = limit.clone();
-            tokio::spawn(async move { limit.acquire().await })
+            tokio::spawn(async move { limit.acquire().await.admit() })
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());

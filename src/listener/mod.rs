@@ -356,6 +356,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        let permit = permit.admit();
         let close = CloseSignal::new(&runtime, &listener, snapshot.generation, stop.clone());
         let admitted = close.admit();
         let runtime2 = runtime.clone();

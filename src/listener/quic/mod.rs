@@ -298,6 +298,7 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
+        let permit = permit.admit();
         warned_full = false;
         let handshake = Arc::new(Handshake::default());
         let mut server = (*quic.server).clone();

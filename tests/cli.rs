@@ -54,6 +54,16 @@ upstream = "app"
 [[route]]
 name = "r2"
 upstream = "nowhere"
+
+[[route]]
+name = "r3"
+upstream = "app"
+strip_prefix = "yes"
+
+[[route]]
+name = "r4"
+upstream = "app"
+path = { prefix = 5 }
 "#;
     std::fs::write(&path, text).unwrap();
     let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
@@ -69,6 +79,8 @@ upstream = "nowhere"
         format!("{p}:23:20: upstream[0].response_timeout: invalid duration \"soon\""),
         format!("{p}:27:18: route[0].path.regex: invalid regex: unclosed group"),
         format!("{p}:32:12: route[1].upstream: unknown upstream \"nowhere\""),
+        format!("{p}:37:16: route[2].strip_prefix: invalid type: string \"yes\""),
+        format!("{p}:42:19: route[3].path.prefix: invalid type: integer `5`"),
     ] {
         assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
     }

@@ -490,13 +490,17 @@ impl Builder<'_> {
         value: &Spanned<DeValue<'_>>,
         key: &str,
     ) -> Option<T> {
-        let mut value = value.clone();
-        value.get_mut().make_owned();
-        match T::deserialize(ValueDeserializer::from(value)) {
+        let mut owned = value.clone();
+        owned.get_mut().make_owned();
+        match T::deserialize(ValueDeserializer::from(owned)) {
             Ok(v) => Some(v),
             Err(e) => {
                 let span = e.span();
                 let msg = e.message().trim().to_string();
+                let key = match &span {
+                    Some(at) => key_at(value, at.start, key),
+                    None => key.to_string(),
+                };
                 self.err(span, key, msg);
                 None
             }
@@ -1982,4 +1986,34 @@ fn last_line(msg: &str) -> &str {
         .unwrap_or(msg)
         .trim()
         .trim_start_matches("error: ")
+}
+
+/// The key path of the innermost value under `value` (itself at `key`) whose text holds
+/// byte `at`, the place of a deserialization error: a type error in a route names
+/// `route[3].strip_prefix`, not only `route[3]`.
+fn key_at(value: &Spanned<DeValue<'_>>, at: usize, key: &str) -> String {
+    use std::fmt::Write;
+    let holds = |v: &Spanned<DeValue<'_>>| v.span().contains(&at);
+    let mut path = key.to_string();
+    let mut v = value;
+    loop {
+        match v.get_ref() {
+            DeValue::Table(t) => match t.iter().find(|(_, x)| holds(x)) {
+                Some((k, x)) => {
+                    path.push('.');
+                    path.push_str(k.get_ref());
+                    v = x;
+                }
+                None => return path,
+            },
+            DeValue::Array(a) => match a.iter().position(holds) {
+                Some(i) => {
+                    let _ = write!(path, "[{i}]");
+                    v = &a[i];
+                }
+                None => return path,
+            },
+            _ => return path,
+        }
+    }
 }

@@ -300,6 +300,17 @@ async fn status_reload_and_stop_talk_to_the_running_server() {
     let (_, out, _) = wraith.cli(&["status"]);
     assert!(out.contains("FAILED"), "{out}");
 
+    // A broken [server] leaves the CLI unable to find the server: it says that nothing was
+    // sent, and the server is untouched.
+    wraith.write_config(&base.replacen("[server]\n", "[server]\nshutdown_timeout = 'soon'\n", 1));
+    let (code, _, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing was sent to it"), "{err}");
+    assert!(err.contains("server.shutdown_timeout"), "{err}");
+    wraith.write_config(&base);
+    let (_, out, _) = wraith.cli(&["status"]);
+    assert!(out.contains("generation 2"), "{out}");
+
     // stop: SIGTERM, wait, report; the pid file is gone afterwards.
     let (code, out, err) = wraith.cli(&["stop"]);
     assert_eq!(code, 0, "{out}{err}");

@@ -288,7 +288,13 @@ pub(crate) fn server_paths(path: &std::path::Path) -> Result<crate::config::Serv
             );
             crate::config::load_str(path, &with_dummy, crate::config::LoadOptions::default())
                 .map(|c| c.server)
-                .map_err(|_| full.to_string())
+                .map_err(|_| {
+                    format!(
+                        "{}: [server] has errors, so the running server (its pid file and admin \
+                         socket) cannot be found; nothing was sent to it:\n{full}",
+                        path.display()
+                    )
+                })
         }
     }
 }

@@ -92,8 +92,8 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::H1(b) => Pin::new(b).poll_frame(cx),
-            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Body::Tracked(b, _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Upstream(b) => clean_trailers(Pin::new(b).poll_frame(cx)),
+            Body::Tracked(b, _) => clean_trailers(Pin::new(b).poll_frame(cx).map_err(Into::into)),
             Body::Logged(b) => Pin::new(&mut **b).poll_frame(cx),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
@@ -123,6 +123,21 @@ impl http_body::Body for Body {
             Body::Logged(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }
+    }
+}
+
+/// An upstream response's frame, its trailer section cleaned
+/// (`proxy::headers::strip_response_trailers`) for whichever protocol the client speaks.
+fn clean_trailers(
+    polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    match polled {
+        Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+            let mut trailers = frame.into_trailers().unwrap_or_default();
+            crate::proxy::headers::strip_response_trailers(&mut trailers);
+            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        }
+        other => other,
     }
 }
 

@@ -1393,7 +1393,7 @@ where
                 let send = self.req.as_ref().is_some_and(|r| r.trailers);
                 if let (Some(t), true) = (trailers, send) {
                     for (name, value) in &t {
-                        if !allowed_in_trailers(name) {
+                        if !crate::proxy::headers::allowed_in_trailers(name) {
                             continue;
                         }
                         write_field(self.out(), name, value);
@@ -1806,32 +1806,6 @@ fn merge_chunks(first: Bytes, state: &mut ChunkState, buf: &mut BytesMut) -> Byt
         Some(m) => m.freeze(),
         None => first,
     }
-}
-
-/// Whether a field may be sent in a trailer section: not framing, routing or connection
-/// fields (RFC 9110 §6.5.1).
-fn allowed_in_trailers(name: &HeaderName) -> bool {
-    !matches!(
-        name.as_str(),
-        "content-length"
-            | "transfer-encoding"
-            | "host"
-            | "connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "content-encoding"
-            | "content-type"
-            | "content-range"
-            | "set-cookie"
-            | "authorization"
-            | "cache-control"
-            | "expect"
-            | "max-forwards"
-            | "pragma"
-            | "range"
-    )
 }
 
 /// `{len:x}\r\n` into `out`; the number of bytes written.

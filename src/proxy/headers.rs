@@ -272,6 +272,47 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a field may be sent in a trailer section: not framing, routing or connection
+/// fields (RFC 9110 §6.5.1).
+pub fn allowed_in_trailers(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-encoding"
+            | "content-type"
+            | "content-range"
+            | "set-cookie"
+            | "authorization"
+            | "cache-control"
+            | "expect"
+            | "max-forwards"
+            | "pragma"
+            | "range"
+    )
+}
+
+/// Cleans the trailer section of an upstream's response: out go the fields no trailer may
+/// carry (`allowed_in_trailers`). Every client protocol gets the same section; an HTTP/2
+/// client would otherwise see a `Set-Cookie` or a `Host` there, and a `Connection` one made
+/// hyper reset the stream after the body.
+pub fn strip_response_trailers(trailers: &mut HeaderMap) {
+    let refused: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|n| !allowed_in_trailers(n))
+        .cloned()
+        .collect();
+    for name in refused {
+        trailers.remove(&name);
+    }
+}
+
 /// Cleans the trailer section of a request about to go upstream. Out go the fields no
 /// trailer may carry (framing, routing, connection-specific: RFC 9110 §6.5.1, RFC 9113
 /// §8.2.2; hyper's HTTP/2 client refuses a trailer section holding one, and the stream

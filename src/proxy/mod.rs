@@ -262,6 +262,24 @@ impl Gateway {
         if req.method() == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
+        // Methods are case-sensitive, so `delete` is not DELETE to HTTP or to a policy, but
+        // some applications upper-case what they get (Werkzeug, Django) and would run their
+        // DELETE for it. Refused, as nginx refuses any method that is not upper case.
+        if req
+            .method()
+            .as_str()
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+        {
+            return Err(GatewayError::BadRequest("method not in upper case"));
+        }
+        // The asterisk form names no resource and is for OPTIONS only (RFC 9110 §7.1): over
+        // HTTP/2 and HTTP/3 `:path *` reached a catch-all route with any method.
+        if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+            return Err(GatewayError::BadRequest(
+                "the asterisk target (*) is for OPTIONS only",
+            ));
+        }
         if req.headers().len() > conn.limits.max_headers {
             return Err(GatewayError::TooManyHeaders {
                 limit: conn.limits.max_headers,

@@ -1,0 +1,309 @@
+//! HTTP/2 clients and requests that a well-behaved client never sends, against the real
+//! gateway, a real TLS handshake and a raw upstream that records every byte it gets: a request
+//! body the client resets with `NO_ERROR` (vendor/hyper/VENDORED.md), methods in lower case,
+//! the asterisk target on methods other than OPTIONS, and response trailers no trailer may
+//! carry.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bound on every wait.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A raw HTTP/1.1 upstream that records what each connection sends until that connection
+/// closes; it never answers, or (`answering`) answers each request head with an empty 200.
+struct Recorder {
+    addr: SocketAddr,
+    /// Bytes received, and how many connections have closed.
+    seen: Arc<Mutex<(Vec<u8>, usize)>>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        Recorder::with(false).await
+    }
+
+    async fn with(answering: bool) -> Recorder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new((Vec::new(), 0)));
+        let shared = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let seen = shared.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                seen.lock().unwrap().0.extend_from_slice(&buf[..n]);
+                                let heads = buf[..n].windows(4).filter(|w| w == b"\r\n\r\n");
+                                for _ in heads.take(if answering { usize::MAX } else { 0 }) {
+                                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                                    let _ = s.write_all(ok).await;
+                                }
+                            }
+                        }
+                    }
+                    seen.lock().unwrap().1 += 1;
+                });
+            }
+        });
+        Recorder { addr, seen }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap().0).into_owned()
+    }
+
+    /// Waits until `f` holds for (bytes, closed connections).
+    async fn wait(&self, what: &str, f: impl Fn(&str, usize) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let closed = self.seen.lock().unwrap().1;
+            if f(&self.text(), closed) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}; the upstream got:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn config(setup: &Setup, endpoints: &[SocketAddr]) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "{}\n[[upstream]]\nname = \"app\"\nendpoints = [{}]\nresponse_timeout = \"30s\"\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"app\"\n",
+        setup.listeners(),
+        endpoints.join(", ")
+    )
+}
+
+/// An HTTP/2 connection to the gateway's https listener.
+async fn h2_connect(wraith: &Wraith) -> h2::client::SendRequest<Bytes> {
+    let config = tls_client_config(&wraith.pki().ca_pem, &[b"h2"], None);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(wraith.addr("https"))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+fn https_uri(wraith: &Wraith, path: &str) -> http::Uri {
+    http::Uri::builder()
+        .scheme("https")
+        .authority(format!("localhost:{}", wraith.addr("https").port()))
+        .path_and_query(path)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_body_the_client_resets_is_cut_off_never_completed() {
+    let upstream = Recorder::start().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &[upstream.addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+
+    // No length: the body goes upstream chunked, as it arrives.
+    let req = Request::post(https_uri(&wraith, "/upload"))
+        .body(())
+        .unwrap();
+    let (_resp, mut body) = h2.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"{\"amount\": 1000"), false)
+        .unwrap();
+    upstream
+        .wait("the first chunk reaches the upstream", |t, _| {
+            t.contains("{\"amount\": 1000")
+        })
+        .await;
+    // NO_ERROR is what a server sends after a complete response; from a client it still
+    // abandons the request.
+    body.send_reset(h2::Reason::NO_ERROR);
+    upstream
+        .wait("the upstream connection is closed", |_, closed| closed >= 1)
+        .await;
+    let got = upstream.text();
+    assert!(
+        !got.contains("\r\n0\r\n\r\n"),
+        "the truncated body was ended as if complete:\n{got}"
+    );
+}
+
+#[tokio::test]
+async fn a_buffered_body_the_client_resets_never_goes_upstream() {
+    // Two endpoints: an idempotent request with a small declared length is read in full
+    // before the first attempt (so a retry can send it again). Pooled connections to both
+    // (two GETs first) take the request head at once, with no connect to wait for.
+    let (a, b) = (Recorder::with(true).await, Recorder::with(true).await);
+    let setup = Setup::new();
+    let cfg = config(&setup, &[a.addr, b.addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    for _ in 0..2 {
+        let req = Request::get(https_uri(&wraith, "/warm")).body(()).unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        h2 = h2.ready().await.unwrap();
+    }
+
+    let req = Request::put(https_uri(&wraith, "/item"))
+        .header("content-length", "20")
+        .body(())
+        .unwrap();
+    let (resp, mut body) = h2.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"hello"), false).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    body.send_reset(h2::Reason::NO_ERROR);
+    let _ = tokio::time::timeout(WAIT, resp).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for up in [&a, &b] {
+        let got = up.text();
+        assert!(
+            !got.contains("hello"),
+            "a body cut short reached the upstream:\n{got}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn methods_not_in_upper_case_are_refused_on_every_protocol() {
+    let upstream = Recorder::start().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &[upstream.addr]);
+    let wraith = setup.start(&cfg);
+
+    // HTTP/1.1.
+    for method in ["delete", "Delete", "gEt"] {
+        let answer = raw_exchange(
+            wraith.addr("http"),
+            format!("{method} /item/1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{method}: {answer}");
+    }
+    // HTTP/2.
+    let mut h2 = h2_connect(&wraith).await;
+    let req = Request::builder()
+        .method(http::Method::from_bytes(b"delete").unwrap())
+        .uri(https_uri(&wraith, "/item/1"))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 400);
+    // Upper-case extension methods pass.
+    let answer = raw_exchange(
+        wraith.addr("http"),
+        b"PROPFIND /item/1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+    upstream
+        .wait("PROPFIND reaches the upstream", |t, _| {
+            t.starts_with("PROPFIND /item/1 HTTP/1.1")
+        })
+        .await;
+    assert!(!upstream.text().to_lowercase().contains("delete"));
+}
+
+#[tokio::test]
+async fn the_asterisk_target_is_for_options_only_over_http2() {
+    let upstream = Recorder::start().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &[upstream.addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    for method in [http::Method::GET, http::Method::POST, http::Method::DELETE] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(https_uri(&wraith, "*"))
+            .body(())
+            .unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 400, "{method} *");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(upstream.text(), "", "nothing went upstream");
+}
+
+#[tokio::test]
+async fn response_trailers_are_cleaned_for_http2_clients() {
+    // A chunked response whose trailer section holds fields no trailer may carry.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n\
+                          3\r\nabc\r\n0\r\nContent-Length: 9\r\nSet-Cookie: x=1\r\nHost: evil\r\n\
+                          Connection: close\r\nX-T: 1\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let setup = Setup::new();
+    let cfg = config(&setup, &[addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    let req = Request::get(https_uri(&wraith, "/t"))
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, body.data()).await.unwrap() {
+        data.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(data, b"abc", "the body arrives whole");
+    let trailers = tokio::time::timeout(WAIT, body.trailers())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(
+        trailers.get("x-t").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "{trailers:?}"
+    );
+    for refused in ["content-length", "set-cookie", "host", "connection"] {
+        assert!(!trailers.contains_key(refused), "{refused} in {trailers:?}");
+    }
+}

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::quic::{
-    frame_head, read_status, request_section, tls_client_with, Groups, H3Client, RawH3,
-    H3_NO_ERROR, HEADERS, SETTINGS,
+    frame_head, read_status, request_section, stream_end, tls_client_with, Groups, H3Client, RawH3,
+    StreamEnd, H3_NO_ERROR, H3_REQUEST_CANCELLED, HEADERS, SETTINGS,
 };
 use common::*;
 
@@ -302,4 +302,90 @@ async fn a_response_the_client_reads_none_of_is_given_up_after_idle_timeout() {
         read.map(|b| b.len()).unwrap_or(0)
     );
     drop(control);
+}
+
+/// Says when it is dropped: an upstream body's stream carries one, so the test learns when
+/// the gateway let go of the upstream response (and of its connection).
+struct Released(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_the_client_grants_no_credit_for_is_given_up_after_idle_timeout() {
+    // The upstream answers with a head of 8 KiB and a body that never ends; it is told when
+    // the gateway drops that body.
+    let (released_tx, released) = tokio::sync::oneshot::channel();
+    let released_tx = std::sync::Mutex::new(Some(released_tx));
+    let upstream = Upstream::start(move |_req| {
+        let guard = Released(released_tx.lock().unwrap().take());
+        async move {
+            use futures_util::StreamExt;
+            let never = futures_util::stream::pending::<
+                Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+            >()
+            .map(move |frame| {
+                let _ = &guard;
+                frame
+            });
+            hyper::Response::builder()
+                .header("x-large", "x".repeat(8 << 10))
+                .body(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(never),
+                ))
+                .unwrap()
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let base = setup.listeners_h3("", "", ALLOW_ALL_POLICY).replace(
+        "http3 = true",
+        "http3 = true\nlimits = { idle_timeout = \"1s\" }",
+    );
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n",
+        config(&base, upstream.addr)
+    );
+    let wraith = setup.start(&cfg);
+    let ca = wraith.pki().ca_pem.clone();
+
+    // In HTTP/3 the response head is stream data: a client that grants a stream 512 bytes
+    // and never more (it reads nothing) lets the gateway's SETTINGS through, but not an
+    // 8 KiB HEADERS frame. It PINGs, so the connection stays up, and its request is in
+    // flight, so the connection's idle check leaves it alone.
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(quinn::VarInt::from_u32(512));
+    transport.keep_alive_interval(Some(Duration::from_millis(200)));
+    let mut client = RawH3::connect_with(&ca, wraith.addr("https"), transport).await;
+    client.open_control().await;
+    let (_send, mut recv) = client
+        .send(&request_section("GET", "/", &[]), None, true)
+        .await;
+
+    // The head waits idle_timeout for credit, then the gateway gives up: the upstream
+    // response (and its connection) is let go of...
+    tokio::time::timeout(Duration::from_secs(15), released)
+        .await
+        .expect("the gateway still holds the upstream response")
+        .unwrap();
+    // ... the request is logged as cut short ...
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |_| true)
+        .await
+        .expect("no access record");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["aborted"], true, "{record}");
+    // ... and the client is told its response was cancelled, not sent a stream that ends.
+    let end = tokio::time::timeout(WAIT, stream_end(&mut recv)).await;
+    assert_eq!(end, Ok(StreamEnd::Reset(H3_REQUEST_CANCELLED)));
+    assert!(
+        client.conn.stats().frame_tx.ping > 0,
+        "the client sent PINGs"
+    );
 }

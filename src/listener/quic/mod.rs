@@ -927,8 +927,14 @@ async fn serve_request(
         let stall = ctx.listener.config.limits.idle_timeout;
         if let Err(e) = body::send_response(&mut send, resp, head_only, stall).await {
             tracing::debug!(error = %e, "HTTP/3 response not completed");
-            // The client must not take a cut-off body for a complete one.
-            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+            // The client must not take a cut-off body for a complete one. A client that
+            // took nothing for idle_timeout has its response cancelled (processed, so not
+            // "rejected": no retry is implied); a failure on our side is internal.
+            let code = match e {
+                body::SendError::Stalled => h3::error::Code::H3_REQUEST_CANCELLED,
+                _ => h3::error::Code::H3_INTERNAL_ERROR,
+            };
+            send.stop_stream(code);
         }
     };
     // h3 reports no stream resets to a request waiting on its upstream: bind the request to

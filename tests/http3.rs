@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::quic::{Groups, H3Client, H3Conn, HoldingRelay};
+use common::quic::{
+    read_status, request_section, stream_end, Groups, H3Client, H3Conn, HoldingRelay, RawH3,
+    StreamEnd,
+};
 use common::*;
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
@@ -848,4 +851,72 @@ async fn a_request_in_flight_longer_than_idle_timeout_keeps_its_connection() {
 
     // Once it is done, the idle time counts from its end.
     closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_the_stream_the_goaway_names_is_rejected_and_never_forwarded() {
+    // `/slow` is held at the upstream until released; every other request is counted.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let others = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, o) = (release.clone(), others.clone());
+    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let (release, held_tx, others) = (r.clone(), held_tx.clone(), o.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                let _ = held_tx.send(());
+                release.notified().await;
+            } else {
+                others.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            echo_response(req).await
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    const WAIT: Duration = Duration::from_secs(10);
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+
+    // Stream 0: a request in flight when the drain starts.
+    let (_s0, mut slow) = client
+        .send(&request_section("GET", "/slow", &[]), None, true)
+        .await;
+    tokio::time::timeout(WAIT, held.recv())
+        .await
+        .expect("the request reached the upstream");
+    wraith.signal(libc::SIGTERM);
+    let goaway = tokio::time::timeout(WAIT, client.goaway())
+        .await
+        .expect("no GOAWAY")
+        .expect("no GOAWAY");
+    // Past the last request accepted: the next stream's ID.
+    assert_eq!(goaway, 4);
+
+    // A POST on exactly that stream, as a client sends when the GOAWAY crossed it: RFC 9114
+    // §5.2 says it is not processed (so the client may send it again elsewhere). Processing
+    // it anyway would run it twice.
+    let (s4, mut rejected) = client
+        .send(
+            &request_section("POST", "/once", &[("content-length", "2")]),
+            Some(b"hi"),
+            true,
+        )
+        .await;
+    assert_eq!(u64::from(s4.id()), goaway);
+    let end = tokio::time::timeout(WAIT, stream_end(&mut rejected)).await;
+    assert_eq!(end, Ok(StreamEnd::Reset(common::quic::H3_REQUEST_REJECTED)));
+
+    // The request in flight still finishes; the rejected one never reached the upstream.
+    release.notify_one();
+    let status = tokio::time::timeout(WAIT, read_status(&mut slow)).await;
+    assert_eq!(status, Ok(Some(200)));
+    assert_eq!(others.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -920,3 +920,39 @@ async fn a_request_on_the_stream_the_goaway_names_is_rejected_and_never_forwarde
     assert_eq!(status, Ok(Some(200)));
     assert_eq!(others.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_client_waiting_longer_than_idle_timeout_gets_its_response() {
+    // The upstream takes three idle timeouts to answer; the client sends nothing meanwhile
+    // (no keep-alive: quinn's default).
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        echo_response(req).await
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = with_limits(&setup, upstream.addr, r#"idle_timeout = "1s""#);
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    // The request in flight keeps the connection, as over HTTP/1.1 and HTTP/2: QUIC's own
+    // idle timeout (1 s, the lower of the two sides') does not end it under the request.
+    let resp = conn.get("/slow").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Idle once it is done: closed by the gateway, not by QUIC's timer.
+    closed_by_gateway_quietly(&conn.conn, Duration::from_secs(20)).await;
+}
+
+/// As `closed_by_gateway`, for a client that sends no PINGs.
+async fn closed_by_gateway_quietly(conn: &quinn::Connection, within: Duration) {
+    let reason = tokio::time::timeout(within, conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("connection still open after {within:?}"));
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(0x100), "{c:?}")
+        }
+        other => panic!("closed otherwise than by the gateway's H3_NO_ERROR: {other:?}"),
+    }
+}

@@ -85,7 +85,13 @@ pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(limits.idle_timeout)
                 .map_err(|_| "limits.idle_timeout is too long for QUIC".to_string())?,
-        ));
+        ))
+        // QUIC's idle timeout knows nothing of requests: a client that sends nothing while
+        // it waits for a slow upstream (or between the events of a stream) would lose its
+        // connection, and the request with it. Our PINGs keep it open while the client is
+        // there to acknowledge them; idle connections are closed by the request-based check
+        // in `serve_h3` (as on TCP), and a client that has gone answers no PING.
+        .keep_alive_interval(keep_alive(limits.idle_timeout));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(quic.max_udp_payload);
     transport.mtu_discovery_config(Some(mtu));
@@ -104,6 +110,13 @@ pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
         tls,
         config: quic.clone(),
     }))
+}
+
+/// How often a quiet connection is PINGed: three times per idle timeout (so one lost PING
+/// or ACK does not end it), at least every 15 s.
+fn keep_alive(idle_timeout: Duration) -> Option<Duration> {
+    let every = (idle_timeout / 3).min(Duration::from_secs(15));
+    (!every.is_zero()).then_some(every)
 }
 
 /// The key of Retry and NEW_TOKEN tokens: one per process, so tokens stay valid across

@@ -854,6 +854,47 @@ async fn a_request_in_flight_longer_than_idle_timeout_keeps_its_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_asterisk_target_is_refused_for_every_method_but_options() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let mut raw = RawH3::connect(&ca, wraith.addr("https")).await;
+    raw.open_control().await;
+    let status_of = |method: &'static str| {
+        let raw = &raw;
+        async move {
+            let (_send, mut recv) = raw
+                .send(&request_section(method, "*", &[]), None, true)
+                .await;
+            tokio::time::timeout(Duration::from_secs(10), read_status(&mut recv))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+
+    // `:path *` is for OPTIONS only (RFC 9114 §4.3.1), as HTTP/1.1's codec has it.
+    for method in ["GET", "POST", "DELETE"] {
+        assert_eq!(status_of(method).await, Some(400), "{method} *");
+    }
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |v| {
+            v["method"] == "GET" && v["status"] == 400
+        })
+        .await
+        .expect("no record of GET *");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    // `OPTIONS *` is a request about the server: the catch-all route forwards it.
+    assert_eq!(status_of("OPTIONS").await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_on_the_stream_the_goaway_names_is_rejected_and_never_forwarded() {
     // `/slow` is held at the upstream until released; every other request is counted.
     let release = std::sync::Arc::new(tokio::sync::Notify::new());

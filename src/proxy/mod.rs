@@ -277,6 +277,13 @@ impl Gateway {
         if let Some(why) = path::refused(req.uri().path()) {
             return Err(GatewayError::BadRequest(why));
         }
+        // The asterisk form is for OPTIONS only (RFC 9110 §7.1, RFC 9114 §4.3.1). HTTP/1.1's
+        // codec refuses it before the pipeline; over HTTP/2 and HTTP/3 it arrives as `:path *`.
+        if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+            return Err(GatewayError::BadRequest(
+                "request target form not allowed for this method",
+            ));
+        }
         // (`OPTIONS *`, the asterisk form, is no path: it goes on as it came, not as `/*`.)
         if req.uri().path() != "*" {
             if let Some(normal) = path::normalize(req.uri().path()) {

@@ -854,6 +854,81 @@ async fn a_request_in_flight_longer_than_idle_timeout_keeps_its_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_the_pipeline_are_logged_and_reported_as_over_http1() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = format!(
+        "{}\n[log.events]\npath = \"events.json\"\n",
+        config(
+            &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+            upstream.addr,
+            APP_ROUTE
+        )
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+    const WAIT: Duration = Duration::from_secs(10);
+
+    // Two lengths that differ: malformed, the stream is reset (H3_MESSAGE_ERROR) unanswered,
+    // and the refusal is accounted as HTTP/1.1's codec accounts for one.
+    let mut conn = H3Client::new(&ca, None, Groups::Default)
+        .connect(addr)
+        .await
+        .unwrap();
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", "5")
+        .header("content-length", "500")
+        .body(())
+        .unwrap();
+    let err = conn
+        .request(req, Some(Bytes::from_static(b"xxxxx")))
+        .await
+        .err()
+        .expect("a request with two lengths was served");
+    assert!(err.contains("H3_MESSAGE_ERROR"), "{err}");
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |v| v["status"] == 400)
+        .await
+        .expect("no record of the refused request");
+    assert_eq!(record["error"], "malformed_request", "{record}");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["method"], "POST", "{record}");
+    assert_eq!(record["path"], "/upload", "{record}");
+
+    // A head declared over max_header_size (64 KiB): h3 answers 431 without reading it.
+    let mut raw = RawH3::connect(&ca, addr).await;
+    raw.open_control().await;
+    let big = "x".repeat(70 << 10);
+    let section = request_section("GET", "/big", &[("x-big", &big)]);
+    let (_send, mut recv) = raw.send(&section, None, true).await;
+    let status = tokio::time::timeout(WAIT, read_status(&mut recv)).await;
+    assert_eq!(status, Ok(Some(431)));
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |v| v["status"] == 431)
+        .await
+        .expect("no record of the 431");
+    assert_eq!(record["error"], "malformed_request", "{record}");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["method"], "-", "{record}");
+
+    // Each one a security event for the SIEM.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut events = wraith.json_lines("events.json");
+    while events.len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        events = wraith.json_lines("events.json");
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["wraith"]["event"] == "malformed_request" && e["srcip"] == "127.0.0.1"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_asterisk_target_is_refused_for_every_method_but_options() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();

@@ -633,6 +633,32 @@ impl Confirm {
     }
 }
 
+impl QuicConn {
+    /// Accounts for a request refused before the pipeline, as HTTP/1.1's codec refusals are:
+    /// an access record (status, error `malformed_request`; method and path `-` when the head
+    /// could not be read) and a `malformed_request` security event.
+    fn refused(
+        &self,
+        status: http::StatusCode,
+        reason: &'static str,
+        request: Option<(http::Method, http::Uri)>,
+    ) {
+        let confirmed = self.confirmed.borrow().clone();
+        // Before the handshake completes (0-RTT), the connection as known so far.
+        let Some(info) = confirmed.as_deref().or(self.early.as_ref()) else {
+            return;
+        };
+        self.runtime.gateway.refused_by_codec(
+            info,
+            status,
+            reason,
+            request,
+            http::Version::HTTP_3,
+            0,
+        );
+    }
+}
+
 /// The HTTP/3 session of one connection: one task per request, GOAWAY on drain (the listener
 /// stopping, or its client-certificate rules replaced by a reload).
 ///
@@ -834,6 +860,36 @@ impl Drop for InFlight {
     }
 }
 
+/// What a request head h3 refused is logged as: 431 for one over max_header_size (h3 has
+/// answered it so), 400 for a malformed one (reset with H3_MESSAGE_ERROR) or one that broke
+/// the protocol (the connection is closed for it). `None` when the client gave up (a stream
+/// reset, or ended with no head) or the connection went: nothing was refused.
+fn head_refusal(e: &h3::error::StreamError) -> Option<(http::StatusCode, &'static str)> {
+    use h3::error::{Code, ConnectionError, LocalError, StreamError};
+    match e {
+        StreamError::HeaderTooBig { .. } => Some((
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header fields too large",
+        )),
+        StreamError::StreamError { code, .. } if *code == Code::H3_MESSAGE_ERROR => Some((
+            http::StatusCode::BAD_REQUEST,
+            "malformed HTTP/3 request head",
+        )),
+        StreamError::ConnectionError {
+            0:
+                ConnectionError::Local {
+                    error: LocalError::Application { code, .. },
+                    ..
+                },
+            ..
+        } if *code != Code::H3_NO_ERROR => Some((
+            http::StatusCode::BAD_REQUEST,
+            "HTTP/3 protocol error on a request stream",
+        )),
+        _ => None,
+    }
+}
+
 /// The length a request's head declares: every `content-length` value (and every element
 /// of a list in one) digits only and all the same (RFC 9110 §8.6); `Err` otherwise (`+5`,
 /// `abc`, `5` beside `500`).
@@ -891,6 +947,9 @@ async fn serve_request(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "HTTP/3 request head refused");
+            if let Some((status, reason)) = head_refusal(&e) {
+                ctx.refused(status, reason, None);
+            }
             return;
         }
         Err(_) => {
@@ -903,6 +962,11 @@ async fn serve_request(
         // Malformed (RFC 9114 §4.1.2): a stream error, no response.
         tracing::debug!("HTTP/3 request with an invalid or conflicting content-length refused");
         send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        ctx.refused(
+            http::StatusCode::BAD_REQUEST,
+            "invalid or conflicting content-length",
+            Some((req.method().clone(), req.uri().clone())),
+        );
         return;
     };
     let mut req = req.map(|()| RequestBody::into_body(recv, content_length));

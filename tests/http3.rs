@@ -1072,3 +1072,36 @@ async fn closed_by_gateway_quietly(conn: &quinn::Connection, within: Duration) {
         other => panic!("closed otherwise than by the gateway's H3_NO_ERROR: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_to_another_address_is_not_served_from_there() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = with_limits(&setup, upstream.addr, r#"idle_timeout = "2s""#);
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    let resp = conn.get("/here").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["client_port"], client.local_addr().port());
+
+    // Another port: the connection's address (what bans, rate limits, policies and the log
+    // go by) would no longer be the client's. Its packets from there are not taken.
+    client.rebind();
+    let moved = tokio::time::timeout(Duration::from_secs(10), conn.get("/moved")).await;
+    assert!(
+        !matches!(moved, Ok(Ok(_))),
+        "served after moving: {:?}",
+        moved.map(|r| r.map(|r| r.status()))
+    );
+    assert!(
+        wraith
+            .json_lines("access.json")
+            .iter()
+            .all(|r| r["path"] != "/moved"),
+        "the moved request reached the pipeline"
+    );
+}

@@ -105,6 +105,12 @@ pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
     };
     let mut server = quinn::ServerConfig::new(tls.clone(), token_key());
     server.transport_config(Arc::new(transport));
+    // A connection keeps the address it was accepted from: the ban check, rate limits,
+    // policies and the access log all use `ConnInfo.peer`, which is fixed at accept. With
+    // migration a client could move to another address (one banned meanwhile, or to spread
+    // a rate limit) under the old one's name. Packets from another address are dropped; a
+    // client whose NAT rebinds reconnects.
+    server.migration(false);
     Ok(Some(QuicRuntime {
         server: Arc::new(server),
         tls,

@@ -1105,3 +1105,43 @@ async fn a_client_that_moves_to_another_address_is_not_served_from_there() {
         "the moved request reached the pipeline"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_upstream_cuts_short_is_reset_not_ended() {
+    // A chunked body (no content-length) whose upstream goes away after the first chunk:
+    // only the stream's end could tell the client that the body is not complete.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = upstream.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await;
+            // Gone mid-body.
+        }
+    });
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream_addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    let (_send, mut recv) = client
+        .send(&request_section("GET", "/cut", &[]), None, true)
+        .await;
+    let end = tokio::time::timeout(Duration::from_secs(10), stream_end(&mut recv)).await;
+    assert_eq!(end, Ok(StreamEnd::Reset(common::quic::H3_INTERNAL_ERROR)));
+}

@@ -866,6 +866,39 @@ impl Drop for InFlight {
     }
 }
 
+/// The send half of a request stream, reset when dropped unless its response was completed.
+/// quinn ends a send stream that is dropped unfinished with a clean FIN: a request task that
+/// panics, or leaves on a path that forgot to reset, would hand the client what looks like a
+/// complete response (a body without content-length ends wherever it was cut).
+struct Responder {
+    stream: body::SendStream,
+    /// The code the stream is reset with when dropped; `None` once the response is complete.
+    on_drop: Option<h3::error::Code>,
+}
+
+impl Responder {
+    /// Nothing processed yet: a stream dropped now was rejected (the client may retry).
+    fn new(stream: body::SendStream) -> Responder {
+        Responder {
+            stream,
+            on_drop: Some(h3::error::Code::H3_REQUEST_REJECTED),
+        }
+    }
+
+    /// Resets the stream with `code` now.
+    fn reset(mut self, code: h3::error::Code) {
+        self.on_drop = Some(code);
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(code) = self.on_drop.take() {
+            self.stream.stop_stream(code);
+        }
+    }
+}
+
 /// What a request head h3 refused is logged as: 431 for one over max_header_size (h3 has
 /// answered it so), 400 for a malformed one (reset with H3_MESSAGE_ERROR) or one that broke
 /// the protocol (the connection is closed for it). `None` when the client gave up (a stream
@@ -963,11 +996,12 @@ async fn serve_request(
             return;
         }
     };
-    let (mut send, recv) = stream.split();
+    let (send, recv) = stream.split();
+    let mut send = Responder::new(send);
     let Ok(content_length) = declared_length(req.headers()) else {
         // Malformed (RFC 9114 §4.1.2): a stream error, no response.
         tracing::debug!("HTTP/3 request with an invalid or conflicting content-length refused");
-        send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        send.reset(h3::error::Code::H3_MESSAGE_ERROR);
         ctx.refused(
             http::StatusCode::BAD_REQUEST,
             "invalid or conflicting content-length",
@@ -1005,19 +1039,22 @@ async fn serve_request(
         }
     };
     let head_only = req.method() == http::Method::HEAD;
+    // From here on the request may be processed: an unfinished response is an internal error.
+    send.on_drop = Some(h3::error::Code::H3_INTERNAL_ERROR);
     let exchange = async {
         let resp = ctx.runtime.gateway.handle(req, info).await;
         let stall = ctx.listener.config.limits.idle_timeout;
-        if let Err(e) = body::send_response(&mut send, resp, head_only, stall).await {
-            tracing::debug!(error = %e, "HTTP/3 response not completed");
-            // The client must not take a cut-off body for a complete one. A client that
-            // took nothing for idle_timeout has its response cancelled (processed, so not
-            // "rejected": no retry is implied); a failure on our side is internal.
-            let code = match e {
-                body::SendError::Stalled => h3::error::Code::H3_REQUEST_CANCELLED,
-                _ => h3::error::Code::H3_INTERNAL_ERROR,
-            };
-            send.stop_stream(code);
+        match body::send_response(&mut send.stream, resp, head_only, stall).await {
+            Ok(()) => send.on_drop = None,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP/3 response not completed");
+                // The client must not take a cut-off body for a complete one. A client that
+                // took nothing for idle_timeout has its response cancelled (processed, so
+                // not "rejected": no retry is implied); a failure on our side is internal.
+                if let body::SendError::Stalled = e {
+                    send.on_drop = Some(h3::error::Code::H3_REQUEST_CANCELLED);
+                }
+            }
         }
     };
     // h3 reports no stream resets to a request waiting on its upstream: bind the request to

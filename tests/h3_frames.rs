@@ -389,3 +389,43 @@ async fn a_response_head_the_client_grants_no_credit_for_is_given_up_after_idle_
         "the client sent PINGs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_qpack_encoder_stream_is_read_as_it_arrives_and_an_insert_closes_the_connection() {
+    const QPACK_ENCODER_STREAM_ERROR: u64 = 0x201;
+    let (wraith, _upstream, client) = served().await;
+    let rss_before = wraith.rss_kib();
+
+    // The client's QPACK encoder stream (type 0x02), with 8 MiB of Set Dynamic Table
+    // Capacity 0 (the byte 0x20): legal, and meaningless to a server without a table. The
+    // gateway reads and drops it; unread, the write would stall once the stream's 1 MiB
+    // window was full, and that megabyte would stay buffered for the connection's life.
+    let mut encoder = client.conn.open_uni().await.unwrap();
+    encoder.write_all(&[0x02]).await.unwrap();
+    let chunk = vec![0x20u8; 64 << 10];
+    tokio::time::timeout(WAIT, async {
+        for _ in 0..128 {
+            encoder.write_all(&chunk).await.unwrap();
+        }
+    })
+    .await
+    .expect("the gateway does not read the QPACK encoder stream");
+    let grown = grown_mib(&wraith, rss_before);
+    assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
+    assert_eq!(client.get().await, Some(200));
+
+    // An Insert With Name Reference: with a dynamic table of capacity 0 there is nothing to
+    // insert into (RFC 9204 §4.3.2), a connection error.
+    encoder.write_all(&[0xc0 | 17, 0x00]).await.unwrap();
+    let reason = tokio::time::timeout(WAIT, client.conn.closed())
+        .await
+        .expect("the connection was not closed");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.error_code.into_inner(),
+            QPACK_ENCODER_STREAM_ERROR,
+            "{close:?}"
+        ),
+        other => panic!("closed with {other:?}, not QPACK_ENCODER_STREAM_ERROR"),
+    }
+}

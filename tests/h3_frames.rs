@@ -7,12 +7,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::quic::{tls_client_with, Groups, H3Client};
+use common::quic::{
+    frame_head, read_status, request_section, stream_end, tls_client_with, Groups, H3Client, RawH3,
+    StreamEnd, H3_NO_ERROR, H3_REQUEST_CANCELLED, HEADERS, SETTINGS,
+};
 use common::*;
 
 /// How much the gateway's RSS may grow while a flood goes by: QUIC's receive buffers (a 4 MiB
@@ -22,12 +24,8 @@ const RSS_SLACK_MIB: u64 = 12;
 /// Bound on every wait for the gateway.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// HTTP/3 frame types (RFC 9114 §7.2) and error codes (§8.1) the tests use.
-const HEADERS: u64 = 0x01;
-const SETTINGS: u64 = 0x04;
 /// A reserved frame type (0x1f * N + 0x21): carries no meaning, must be ignored.
 const RESERVED: u64 = 0x21;
-const H3_NO_ERROR: u64 = 0x100;
 const H3_EXCESSIVE_LOAD: u64 = 0x107;
 /// The largest varint, the length an attacker declares to stream "forever".
 const VARINT_MAX: u64 = (1 << 62) - 1;
@@ -52,174 +50,6 @@ async fn gateway() -> (Wraith, Upstream) {
     let setup = Setup::new();
     let cfg = config(&setup.listeners_h3("", "", ALLOW_ALL_POLICY), upstream.addr);
     (setup.start(&cfg), upstream)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Wire encoding
-
-/// A QUIC variable-length integer (RFC 9000 §16).
-fn varint(v: u64, out: &mut Vec<u8>) {
-    match v {
-        0..=0x3f => out.push(v as u8),
-        0x40..=0x3fff => out.extend_from_slice(&(v as u16 | 0x4000).to_be_bytes()),
-        0x4000..=0x3fff_ffff => out.extend_from_slice(&(v as u32 | 0x8000_0000).to_be_bytes()),
-        _ => out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes()),
-    }
-}
-
-/// A frame's type and declared length; the payload follows separately (or never).
-fn frame_head(ty: u64, len: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    varint(ty, &mut out);
-    varint(len, &mut out);
-    out
-}
-
-/// `GET https://localhost/` as a QPACK field section without the dynamic table: the static
-/// entries `:method GET` (17), `:scheme https` (23) and `:path /` (1), then `:authority`
-/// (static name 0) with a literal value.
-fn get_field_section() -> Vec<u8> {
-    let mut out = vec![0x00, 0x00, 0xc0 | 17, 0xc0 | 23, 0xc0 | 1, 0x50];
-    out.push(b"localhost".len() as u8);
-    out.extend_from_slice(b"localhost");
-    out
-}
-
-/// The `:status` of a response field section, as h3 encodes it: a static entry (103, 200,
-/// 304, 404, 503) or the static name `:status` (24) with a Huffman-coded value.
-fn status(section: &[u8]) -> Option<u16> {
-    let rest = section.get(2..)?; // no dynamic table: both prefix integers are 0
-    match *rest.first()? {
-        b if b & 0xc0 == 0xc0 => match b & 0x3f {
-            24 => Some(103),
-            25 => Some(200),
-            26 => Some(304),
-            27 => Some(404),
-            28 => Some(503),
-            _ => None,
-        },
-        0x5f if rest.get(1) == Some(&9) => {
-            let len = usize::from(*rest.get(2)? & 0x7f);
-            huffman_digits(rest.get(3..3 + len)?)?.parse().ok()
-        }
-        _ => None,
-    }
-}
-
-/// Decodes a Huffman-coded string of digits (RFC 7541 Appendix B: '0'..'2' have 5-bit codes
-/// 0..2, '3'..'9' 6-bit codes 0x19..0x1f; the end is padded with 1 bits).
-fn huffman_digits(bytes: &[u8]) -> Option<String> {
-    let bits: Vec<u8> = bytes
-        .iter()
-        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
-        .collect();
-    let code = |at: usize, n: usize| {
-        bits.get(at..at + n)
-            .map(|b| b.iter().fold(0u8, |acc, bit| acc << 1 | bit))
-    };
-    let mut at = 0;
-    let mut out = String::new();
-    while at < bits.len() {
-        if bits.len() - at < 8 && bits[at..].iter().all(|&b| b == 1) {
-            break;
-        }
-        match code(at, 5)? {
-            c @ 0..=2 => {
-                out.push(char::from(b'0' + c));
-                at += 5;
-            }
-            _ => match code(at, 6)? {
-                c @ 0x19..=0x1f => {
-                    out.push(char::from(b'0' + c - 0x16));
-                    at += 6;
-                }
-                _ => return None,
-            },
-        }
-    }
-    Some(out)
-}
-
-/// Reads a response up to its first HEADERS frame (skipping unknown frames) and returns its
-/// status. `None` if the stream ends or fails first.
-async fn read_status(recv: &mut quinn::RecvStream) -> Option<u16> {
-    let mut buf = Vec::new();
-    loop {
-        // Whole frames at the front of `buf`.
-        while let Some((ty, a)) = common::quic::varint(&buf) {
-            let Some((len, b)) = common::quic::varint(&buf[a..]) else {
-                break;
-            };
-            let end = a + b + len as usize;
-            if buf.len() < end {
-                break;
-            }
-            if ty == HEADERS {
-                return status(&buf[a + b..end]);
-            }
-            buf.drain(..end);
-        }
-        let chunk = recv.read_chunk(64 << 10, true).await.ok()??;
-        buf.extend_from_slice(&chunk.bytes);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A client that writes HTTP/3 by hand
-
-/// One QUIC connection with ALPN h3 whose frames are written as bytes. Its control stream
-/// (type 0x00, then SETTINGS) is open unless the test writes its own.
-struct RawH3 {
-    conn: quinn::Connection,
-    control: Option<quinn::SendStream>,
-    _endpoint: quinn::Endpoint,
-}
-
-impl RawH3 {
-    async fn connect(ca_pem: &Path, addr: SocketAddr) -> RawH3 {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut tls = tls_client_with(ca_pem, None, provider);
-        tls.alpn_protocols = vec![b"h3".to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = endpoint
-            .connect_with(
-                quinn::ClientConfig::new(Arc::new(crypto)),
-                addr,
-                "localhost",
-            )
-            .unwrap()
-            .await
-            .unwrap();
-        RawH3 {
-            conn,
-            control: None,
-            _endpoint: endpoint,
-        }
-    }
-
-    /// Opens the control stream and sends an empty SETTINGS frame; the stream stays open
-    /// (closing it is a connection error) and is returned for more frames.
-    async fn open_control(&mut self) -> &mut quinn::SendStream {
-        let mut control = self.conn.open_uni().await.unwrap();
-        let mut head = vec![0x00]; // stream type: control
-        head.extend(frame_head(SETTINGS, 0));
-        control.write_all(&head).await.unwrap();
-        self.control.insert(control)
-    }
-
-    /// `GET /` on a new request stream: the response status.
-    async fn get(&self) -> Option<u16> {
-        let (mut send, mut recv) = self.conn.open_bi().await.ok()?;
-        let section = get_field_section();
-        let mut frame = frame_head(HEADERS, section.len() as u64);
-        frame.extend(section);
-        send.write_all(&frame).await.ok()?;
-        send.finish().ok()?;
-        tokio::time::timeout(WAIT, read_status(&mut recv))
-            .await
-            .ok()?
-    }
 }
 
 /// Writes `total` bytes of filler to `send`, 64 KiB at a time.
@@ -357,7 +187,7 @@ async fn a_16_mib_reserved_frame_before_the_request_head_is_skipped_unkept() {
         .await
         .expect("the gateway stopped reading the request stream")
         .unwrap();
-    let section = get_field_section();
+    let section = request_section("GET", "/", &[]);
     let mut head = frame_head(HEADERS, section.len() as u64);
     head.extend(section);
     send.write_all(&head).await.unwrap();
@@ -454,7 +284,7 @@ async fn a_response_the_client_reads_none_of_is_given_up_after_idle_timeout() {
     head.extend(frame_head(SETTINGS, 0));
     control.write_all(&head).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let section = get_field_section();
+    let section = request_section("GET", "/", &[]);
     let mut frame = frame_head(HEADERS, section.len() as u64);
     frame.extend(section);
     send.write_all(&frame).await.unwrap();
@@ -472,4 +302,130 @@ async fn a_response_the_client_reads_none_of_is_given_up_after_idle_timeout() {
         read.map(|b| b.len()).unwrap_or(0)
     );
     drop(control);
+}
+
+/// Says when it is dropped: an upstream body's stream carries one, so the test learns when
+/// the gateway let go of the upstream response (and of its connection).
+struct Released(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_the_client_grants_no_credit_for_is_given_up_after_idle_timeout() {
+    // The upstream answers with a head of 8 KiB and a body that never ends; it is told when
+    // the gateway drops that body.
+    let (released_tx, released) = tokio::sync::oneshot::channel();
+    let released_tx = std::sync::Mutex::new(Some(released_tx));
+    let upstream = Upstream::start(move |_req| {
+        let guard = Released(released_tx.lock().unwrap().take());
+        async move {
+            use futures_util::StreamExt;
+            let never = futures_util::stream::pending::<
+                Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+            >()
+            .map(move |frame| {
+                let _ = &guard;
+                frame
+            });
+            hyper::Response::builder()
+                .header("x-large", "x".repeat(8 << 10))
+                .body(http_body_util::BodyExt::boxed(
+                    http_body_util::StreamBody::new(never),
+                ))
+                .unwrap()
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let base = setup.listeners_h3("", "", ALLOW_ALL_POLICY).replace(
+        "http3 = true",
+        "http3 = true\nlimits = { idle_timeout = \"1s\" }",
+    );
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n",
+        config(&base, upstream.addr)
+    );
+    let wraith = setup.start(&cfg);
+    let ca = wraith.pki().ca_pem.clone();
+
+    // In HTTP/3 the response head is stream data: a client that grants a stream 512 bytes
+    // and never more (it reads nothing) lets the gateway's SETTINGS through, but not an
+    // 8 KiB HEADERS frame. It PINGs, so the connection stays up, and its request is in
+    // flight, so the connection's idle check leaves it alone.
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(quinn::VarInt::from_u32(512));
+    transport.keep_alive_interval(Some(Duration::from_millis(200)));
+    let mut client = RawH3::connect_with(&ca, wraith.addr("https"), transport).await;
+    client.open_control().await;
+    let (_send, mut recv) = client
+        .send(&request_section("GET", "/", &[]), None, true)
+        .await;
+
+    // The head waits idle_timeout for credit, then the gateway gives up: the upstream
+    // response (and its connection) is let go of...
+    tokio::time::timeout(Duration::from_secs(15), released)
+        .await
+        .expect("the gateway still holds the upstream response")
+        .unwrap();
+    // ... the request is logged as cut short ...
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |_| true)
+        .await
+        .expect("no access record");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["aborted"], true, "{record}");
+    // ... and the client is told its response was cancelled, not sent a stream that ends.
+    let end = tokio::time::timeout(WAIT, stream_end(&mut recv)).await;
+    assert_eq!(end, Ok(StreamEnd::Reset(H3_REQUEST_CANCELLED)));
+    assert!(
+        client.conn.stats().frame_tx.ping > 0,
+        "the client sent PINGs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_qpack_encoder_stream_is_read_as_it_arrives_and_an_insert_closes_the_connection() {
+    const QPACK_ENCODER_STREAM_ERROR: u64 = 0x201;
+    let (wraith, _upstream, client) = served().await;
+    let rss_before = wraith.rss_kib();
+
+    // The client's QPACK encoder stream (type 0x02), with 8 MiB of Set Dynamic Table
+    // Capacity 0 (the byte 0x20): legal, and meaningless to a server without a table. The
+    // gateway reads and drops it; unread, the write would stall once the stream's 1 MiB
+    // window was full, and that megabyte would stay buffered for the connection's life.
+    let mut encoder = client.conn.open_uni().await.unwrap();
+    encoder.write_all(&[0x02]).await.unwrap();
+    let chunk = vec![0x20u8; 64 << 10];
+    tokio::time::timeout(WAIT, async {
+        for _ in 0..128 {
+            encoder.write_all(&chunk).await.unwrap();
+        }
+    })
+    .await
+    .expect("the gateway does not read the QPACK encoder stream");
+    let grown = grown_mib(&wraith, rss_before);
+    assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
+    assert_eq!(client.get().await, Some(200));
+
+    // An Insert With Name Reference: with a dynamic table of capacity 0 there is nothing to
+    // insert into (RFC 9204 §4.3.2), a connection error.
+    encoder.write_all(&[0xc0 | 17, 0x00]).await.unwrap();
+    let reason = tokio::time::timeout(WAIT, client.conn.closed())
+        .await
+        .expect("the connection was not closed");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.error_code.into_inner(),
+            QPACK_ENCODER_STREAM_ERROR,
+            "{close:?}"
+        ),
+        other => panic!("closed with {other:?}, not QPACK_ENCODER_STREAM_ERROR"),
+    }
 }

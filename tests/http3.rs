@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::quic::{Groups, H3Client, H3Conn, HoldingRelay};
+use common::quic::{
+    read_status, request_section, stream_end, Groups, H3Client, H3Conn, HoldingRelay, RawH3,
+    StreamEnd,
+};
 use common::*;
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
@@ -848,4 +851,297 @@ async fn a_request_in_flight_longer_than_idle_timeout_keeps_its_connection() {
 
     // Once it is done, the idle time counts from its end.
     closed_by_gateway(&conn.conn, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_the_pipeline_are_logged_and_reported_as_over_http1() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = format!(
+        "{}\n[log.events]\npath = \"events.json\"\n",
+        config(
+            &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+            upstream.addr,
+            APP_ROUTE
+        )
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+    const WAIT: Duration = Duration::from_secs(10);
+
+    // Two lengths that differ: malformed, the stream is reset (H3_MESSAGE_ERROR) unanswered,
+    // and the refusal is accounted as HTTP/1.1's codec accounts for one.
+    let mut conn = H3Client::new(&ca, None, Groups::Default)
+        .connect(addr)
+        .await
+        .unwrap();
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", "5")
+        .header("content-length", "500")
+        .body(())
+        .unwrap();
+    let err = conn
+        .request(req, Some(Bytes::from_static(b"xxxxx")))
+        .await
+        .err()
+        .expect("a request with two lengths was served");
+    assert!(err.contains("H3_MESSAGE_ERROR"), "{err}");
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |v| v["status"] == 400)
+        .await
+        .expect("no record of the refused request");
+    assert_eq!(record["error"], "malformed_request", "{record}");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["method"], "POST", "{record}");
+    assert_eq!(record["path"], "/upload", "{record}");
+
+    // A head declared over max_header_size (64 KiB): h3 answers 431 without reading it.
+    let mut raw = RawH3::connect(&ca, addr).await;
+    raw.open_control().await;
+    let big = "x".repeat(70 << 10);
+    let section = request_section("GET", "/big", &[("x-big", &big)]);
+    let (_send, mut recv) = raw.send(&section, None, true).await;
+    let status = tokio::time::timeout(WAIT, read_status(&mut recv)).await;
+    assert_eq!(status, Ok(Some(431)));
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |v| v["status"] == 431)
+        .await
+        .expect("no record of the 431");
+    assert_eq!(record["error"], "malformed_request", "{record}");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["method"], "-", "{record}");
+
+    // Each one a security event for the SIEM.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut events = wraith.json_lines("events.json");
+    while events.len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        events = wraith.json_lines("events.json");
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["wraith"]["event"] == "malformed_request" && e["srcip"] == "127.0.0.1"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_asterisk_target_is_refused_for_every_method_but_options() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let mut raw = RawH3::connect(&ca, wraith.addr("https")).await;
+    raw.open_control().await;
+    let status_of = |method: &'static str| {
+        let raw = &raw;
+        async move {
+            let (_send, mut recv) = raw
+                .send(&request_section(method, "*", &[]), None, true)
+                .await;
+            tokio::time::timeout(Duration::from_secs(10), read_status(&mut recv))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+
+    // `:path *` is for OPTIONS only (RFC 9114 §4.3.1), as HTTP/1.1's codec has it.
+    for method in ["GET", "POST", "DELETE"] {
+        assert_eq!(status_of(method).await, Some(400), "{method} *");
+    }
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |v| {
+            v["method"] == "GET" && v["status"] == 400
+        })
+        .await
+        .expect("no record of GET *");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    // `OPTIONS *` is a request about the server: the catch-all route forwards it.
+    assert_eq!(status_of("OPTIONS").await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_the_stream_the_goaway_names_is_rejected_and_never_forwarded() {
+    // `/slow` is held at the upstream until released; every other request is counted.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let others = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, o) = (release.clone(), others.clone());
+    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let (release, held_tx, others) = (r.clone(), held_tx.clone(), o.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                let _ = held_tx.send(());
+                release.notified().await;
+            } else {
+                others.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            echo_response(req).await
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    const WAIT: Duration = Duration::from_secs(10);
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+
+    // Stream 0: a request in flight when the drain starts.
+    let (_s0, mut slow) = client
+        .send(&request_section("GET", "/slow", &[]), None, true)
+        .await;
+    tokio::time::timeout(WAIT, held.recv())
+        .await
+        .expect("the request reached the upstream");
+    wraith.signal(libc::SIGTERM);
+    let goaway = tokio::time::timeout(WAIT, client.goaway())
+        .await
+        .expect("no GOAWAY")
+        .expect("no GOAWAY");
+    // Past the last request accepted: the next stream's ID.
+    assert_eq!(goaway, 4);
+
+    // A POST on exactly that stream, as a client sends when the GOAWAY crossed it: RFC 9114
+    // §5.2 says it is not processed (so the client may send it again elsewhere). Processing
+    // it anyway would run it twice.
+    let (s4, mut rejected) = client
+        .send(
+            &request_section("POST", "/once", &[("content-length", "2")]),
+            Some(b"hi"),
+            true,
+        )
+        .await;
+    assert_eq!(u64::from(s4.id()), goaway);
+    let end = tokio::time::timeout(WAIT, stream_end(&mut rejected)).await;
+    assert_eq!(end, Ok(StreamEnd::Reset(common::quic::H3_REQUEST_REJECTED)));
+
+    // The request in flight still finishes; the rejected one never reached the upstream.
+    release.notify_one();
+    let status = tokio::time::timeout(WAIT, read_status(&mut slow)).await;
+    assert_eq!(status, Ok(Some(200)));
+    assert_eq!(others.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_client_waiting_longer_than_idle_timeout_gets_its_response() {
+    // The upstream takes three idle timeouts to answer; the client sends nothing meanwhile
+    // (no keep-alive: quinn's default).
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        echo_response(req).await
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = with_limits(&setup, upstream.addr, r#"idle_timeout = "1s""#);
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    // The request in flight keeps the connection, as over HTTP/1.1 and HTTP/2: QUIC's own
+    // idle timeout (1 s, the lower of the two sides') does not end it under the request.
+    let resp = conn.get("/slow").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Idle once it is done: closed by the gateway, not by QUIC's timer.
+    closed_by_gateway_quietly(&conn.conn, Duration::from_secs(20)).await;
+}
+
+/// As `closed_by_gateway`, for a client that sends no PINGs.
+async fn closed_by_gateway_quietly(conn: &quinn::Connection, within: Duration) {
+    let reason = tokio::time::timeout(within, conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("connection still open after {within:?}"));
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(0x100), "{c:?}")
+        }
+        other => panic!("closed otherwise than by the gateway's H3_NO_ERROR: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_to_another_address_is_not_served_from_there() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = with_limits(&setup, upstream.addr, r#"idle_timeout = "2s""#);
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    let resp = conn.get("/here").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = resp.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert_eq!(record["client_port"], client.local_addr().port());
+
+    // Another port: the connection's address (what bans, rate limits, policies and the log
+    // go by) would no longer be the client's. Its packets from there are not taken.
+    client.rebind();
+    let moved = tokio::time::timeout(Duration::from_secs(10), conn.get("/moved")).await;
+    assert!(
+        !matches!(moved, Ok(Ok(_))),
+        "served after moving: {:?}",
+        moved.map(|r| r.map(|r| r.status()))
+    );
+    assert!(
+        wraith
+            .json_lines("access.json")
+            .iter()
+            .all(|r| r["path"] != "/moved"),
+        "the moved request reached the pipeline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_upstream_cuts_short_is_reset_not_ended() {
+    // A chunked body (no content-length) whose upstream goes away after the first chunk:
+    // only the stream's end could tell the client that the body is not complete.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = upstream.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await;
+            // Gone mid-body.
+        }
+    });
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream_addr,
+        APP_ROUTE,
+    );
+    let wraith = setup.start(&cfg);
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    let (_send, mut recv) = client
+        .send(&request_section("GET", "/cut", &[]), None, true)
+        .await;
+    let end = tokio::time::timeout(Duration::from_secs(10), stream_end(&mut recv)).await;
+    assert_eq!(end, Ok(StreamEnd::Reset(common::quic::H3_INTERNAL_ERROR)));
 }

@@ -488,11 +488,16 @@ async fn serve_http<I>(
             idle_timeout: limits.idle_timeout,
         };
         let on_refused = move |r: h1::Refused| {
+            let version = r
+                .request
+                .as_ref()
+                .map_or(http::Version::HTTP_11, |(_, _, v)| *v);
             refusals.runtime.gateway.refused_by_codec(
                 &refusals.info,
                 r.status,
                 r.reason,
-                r.request,
+                r.request.map(|(method, uri, _)| (method, uri)),
+                version,
                 r.body_len,
             );
         };

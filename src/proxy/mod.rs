@@ -145,31 +145,30 @@ impl Gateway {
         self.snapshot.swap(next)
     }
 
-    /// Handles one request from any protocol.
-    /// Accounts for a request the HTTP/1.1 codec refused before the pipeline saw it (bad
-    /// framing, a head too large, ...), like any other answered request: an access record
-    /// with the status and the error `malformed_request` (so every log sink, the metrics and
-    /// a `malformed_request` security event see it). Unreadable request lines are logged as
-    /// `- -`.
+    /// Accounts for a request the HTTP/1.1 codec or the HTTP/3 listener refused before the
+    /// pipeline saw it (bad framing, a head too large, conflicting lengths, ...), like any
+    /// other answered request: an access record with the status and the error
+    /// `malformed_request` (so every log sink, the metrics and a `malformed_request` security
+    /// event see it). Unreadable request lines and heads are logged as `- -`.
     pub fn refused_by_codec(
         &self,
         conn: &ConnInfo,
         status: http::StatusCode,
         reason: &'static str,
-        request: Option<(Method, http::Uri, http::Version)>,
+        request: Option<(Method, http::Uri)>,
+        version: http::Version,
         body_len: u64,
     ) {
         let snapshot = self.snapshot.load();
         // An unreadable request line: logged with method and path `-`, no host.
         let unreadable = request.is_none();
-        let (method, uri, version) = request.unwrap_or_else(|| {
+        let (method, uri) = request.unwrap_or_else(|| {
             (
                 Method::from_bytes(b"-").unwrap_or(Method::GET),
                 http::Uri::default(),
-                http::Version::HTTP_11,
             )
         });
-        tracing::debug!(peer = %conn.peer, listener = %conn.listener, status = status.as_u16(), reason, "request refused by the HTTP/1.1 codec");
+        tracing::debug!(peer = %conn.peer, listener = %conn.listener, status = status.as_u16(), reason, protocol = protocol_name(version), "request refused before the pipeline");
         let record = Box::new(AccessRecord {
             time: std::time::SystemTime::now(),
             request_id: headers::new_request_id(),
@@ -195,6 +194,7 @@ impl Gateway {
         snapshot.telemetry.emit(record);
     }
 
+    /// Handles one request from any protocol.
     pub async fn handle(&self, mut req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
         // Why first: a reload mid-request must not change the rules under it.
         let snapshot = self.snapshot.load_full();

@@ -983,6 +983,34 @@ impl Wraith {
         }
     }
 
+    /// The JSON lines written so far to the log file at `rel` (an access or events log).
+    pub fn json_lines(&self, rel: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path(rel))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (at most `within`) for a JSON line at `rel` that `matches`; returns it.
+    pub async fn wait_json_line(
+        &self,
+        rel: &str,
+        within: Duration,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(v) = self.json_lines(rel).into_iter().find(|v| matches(v)) {
+                return Some(v);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A path inside the instance's directory.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)

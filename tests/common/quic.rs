@@ -52,6 +52,18 @@ impl H3Client {
         self
     }
 
+    /// The client's current UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().unwrap()
+    }
+
+    /// Moves the client to a new UDP socket (another port): its connections go on from
+    /// there, as after a NAT rebinding or a change of network.
+    pub fn rebind(&self) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        self.endpoint.rebind(socket).unwrap();
+    }
+
     /// Connects with a full handshake (or a resumption without early data).
     pub async fn connect(&self, addr: SocketAddr) -> Result<H3Conn, String> {
         let conn = self
@@ -365,4 +377,316 @@ pub fn has_handshake_packet(mut d: &[u8]) -> bool {
         d = &d[i..];
     }
     false
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/3 written by hand
+
+/// HTTP/3 frame types (RFC 9114 §7.2) the tests write or look for.
+pub const DATA: u64 = 0x00;
+pub const HEADERS: u64 = 0x01;
+pub const SETTINGS: u64 = 0x04;
+pub const GOAWAY: u64 = 0x07;
+/// HTTP/3 error codes (RFC 9114 §8.1) the tests expect.
+pub const H3_NO_ERROR: u64 = 0x100;
+pub const H3_INTERNAL_ERROR: u64 = 0x102;
+pub const H3_REQUEST_REJECTED: u64 = 0x10b;
+pub const H3_REQUEST_CANCELLED: u64 = 0x10c;
+pub const H3_REQUEST_INCOMPLETE: u64 = 0x10d;
+pub const H3_MESSAGE_ERROR: u64 = 0x10e;
+
+/// Appends a QUIC variable-length integer (RFC 9000 §16).
+pub fn put_varint(v: u64, out: &mut Vec<u8>) {
+    match v {
+        0..=0x3f => out.push(v as u8),
+        0x40..=0x3fff => out.extend_from_slice(&(v as u16 | 0x4000).to_be_bytes()),
+        0x4000..=0x3fff_ffff => out.extend_from_slice(&(v as u32 | 0x8000_0000).to_be_bytes()),
+        _ => out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes()),
+    }
+}
+
+/// A frame's type and declared length; the payload follows separately (or never).
+pub fn frame_head(ty: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_varint(ty, &mut out);
+    put_varint(len, &mut out);
+    out
+}
+
+/// A whole frame.
+pub fn frame(ty: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = frame_head(ty, payload.len() as u64);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A QPACK/HPACK prefixed integer (RFC 7541 §5.1): `flags` in the bits above the `bits`-bit
+/// prefix of the first byte.
+fn put_prefixed(flags: u8, bits: u32, mut v: u64, out: &mut Vec<u8>) {
+    let max = (1u64 << bits) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 0x80 {
+        out.push(0x80 | (v & 0x7f) as u8);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A QPACK string literal, not Huffman-coded.
+fn put_string(s: &str, out: &mut Vec<u8>) {
+    put_prefixed(0x00, 7, s.len() as u64, out);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A request head as a QPACK field section without the dynamic table (RFC 9204 §4.5):
+/// `:method`, `:scheme https`, `:path` and `:authority localhost` from static names, then
+/// `headers` as literals, in order (repeats and all: nothing is checked).
+pub fn request_section(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    // Required Insert Count 0, Base 0.
+    let mut out = vec![0x00, 0x00];
+    // Literal with a static name reference (01NT, 4-bit index): :method is 15, :path 1,
+    // :authority 0; ':scheme https' is the static entry 23 (11T, 6-bit index).
+    put_prefixed(0x50, 4, 15, &mut out);
+    put_string(method, &mut out);
+    put_prefixed(0xc0, 6, 23, &mut out);
+    put_prefixed(0x50, 4, 1, &mut out);
+    put_string(path, &mut out);
+    put_prefixed(0x50, 4, 0, &mut out);
+    put_string("localhost", &mut out);
+    for (name, value) in headers {
+        // Literal with a literal name (001NH, 3-bit length).
+        put_prefixed(0x20, 3, name.len() as u64, &mut out);
+        out.extend_from_slice(name.as_bytes());
+        put_string(value, &mut out);
+    }
+    out
+}
+
+/// The `:status` of a response field section, as h3 encodes it: a static entry (RFC 9204
+/// Appendix A) or the static name `:status` (24) with a Huffman-coded value.
+pub fn status(section: &[u8]) -> Option<u16> {
+    let rest = section.get(2..)?; // no dynamic table: both prefix integers are 0
+    match *rest.first()? {
+        b if b & 0xc0 == 0xc0 => {
+            // An indexed field line, 6-bit prefix (an index from 63 on continues).
+            let index = match b & 0x3f {
+                0x3f => 0x3f + u64::from(*rest.get(1)? & 0x7f),
+                i => u64::from(i),
+            };
+            let statuses = [
+                (24, 103),
+                (25, 200),
+                (26, 304),
+                (27, 404),
+                (28, 503),
+                (63, 100),
+                (64, 204),
+                (65, 206),
+                (66, 302),
+                (67, 400),
+                (68, 403),
+                (69, 421),
+                (70, 425),
+                (71, 500),
+            ];
+            statuses.iter().find(|(i, _)| *i == index).map(|(_, s)| *s)
+        }
+        0x5f if rest.get(1) == Some(&9) => {
+            let len = usize::from(*rest.get(2)? & 0x7f);
+            huffman_digits(rest.get(3..3 + len)?)?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// Decodes a Huffman-coded string of digits (RFC 7541 Appendix B: '0'..'2' have 5-bit codes
+/// 0..2, '3'..'9' 6-bit codes 0x19..0x1f; the end is padded with 1 bits).
+fn huffman_digits(bytes: &[u8]) -> Option<String> {
+    let bits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let code = |at: usize, n: usize| {
+        bits.get(at..at + n)
+            .map(|b| b.iter().fold(0u8, |acc, bit| acc << 1 | bit))
+    };
+    let mut at = 0;
+    let mut out = String::new();
+    while at < bits.len() {
+        if bits.len() - at < 8 && bits[at..].iter().all(|&b| b == 1) {
+            break;
+        }
+        match code(at, 5)? {
+            c @ 0..=2 => {
+                out.push(char::from(b'0' + c));
+                at += 5;
+            }
+            _ => match code(at, 6)? {
+                c @ 0x19..=0x1f => {
+                    out.push(char::from(b'0' + c - 0x16));
+                    at += 6;
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
+}
+
+/// Reads frames from `recv` until one of type `ty` is whole (skipping the others); its
+/// payload. `None` if the stream ends or fails first.
+pub async fn read_frame(recv: &mut quinn::RecvStream, ty: u64) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    loop {
+        // Whole frames at the front of `buf`.
+        while let Some((t, a)) = varint(&buf) {
+            let Some((len, b)) = varint(&buf[a..]) else {
+                break;
+            };
+            let end = a + b + len as usize;
+            if buf.len() < end {
+                break;
+            }
+            if t == ty {
+                return Some(buf[a + b..end].to_vec());
+            }
+            buf.drain(..end);
+        }
+        let chunk = recv.read_chunk(64 << 10, true).await.ok()??;
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+/// Reads a response up to its first HEADERS frame (skipping unknown frames) and returns its
+/// status. `None` if the stream ends or fails first.
+pub async fn read_status(recv: &mut quinn::RecvStream) -> Option<u16> {
+    status(&read_frame(recv, HEADERS).await?)
+}
+
+/// How a response stream ended, read to its end (whatever came on it is dropped).
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// A clean end (FIN).
+    Finished,
+    /// RESET_STREAM with this code.
+    Reset(u64),
+    /// Something else (the connection closed, ...).
+    Other(String),
+}
+
+/// Reads `recv` to its end: how it ended.
+pub async fn stream_end(recv: &mut quinn::RecvStream) -> StreamEnd {
+    loop {
+        match recv.read_chunk(64 << 10, true).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return StreamEnd::Finished,
+            Err(quinn::ReadError::Reset(code)) => return StreamEnd::Reset(code.into_inner()),
+            Err(e) => return StreamEnd::Other(e.to_string()),
+        }
+    }
+}
+
+/// One QUIC connection with ALPN h3 whose frames are written as bytes. Its control stream
+/// (type 0x00, then SETTINGS) is open once `open_control` was called.
+pub struct RawH3 {
+    pub conn: quinn::Connection,
+    pub control: Option<quinn::SendStream>,
+    /// The server's unidirectional streams, kept open once read (`goaway`).
+    server_streams: Vec<quinn::RecvStream>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl RawH3 {
+    /// Connects with quinn's default transport settings.
+    pub async fn connect(ca_pem: &Path, addr: SocketAddr) -> RawH3 {
+        Self::connect_with(ca_pem, addr, quinn::TransportConfig::default()).await
+    }
+
+    /// Connects with `transport` (flow-control windows, keep-alive, ...).
+    pub async fn connect_with(
+        ca_pem: &Path,
+        addr: SocketAddr,
+        transport: quinn::TransportConfig,
+    ) -> RawH3 {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut tls = tls_client_with(ca_pem, None, provider);
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint
+            .connect_with(config, addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        RawH3 {
+            conn,
+            control: None,
+            server_streams: Vec::new(),
+            _endpoint: endpoint,
+        }
+    }
+
+    /// Opens the control stream and sends an empty SETTINGS frame; the stream stays open
+    /// (closing it is a connection error) and is returned for more frames.
+    pub async fn open_control(&mut self) -> &mut quinn::SendStream {
+        let mut control = self.conn.open_uni().await.unwrap();
+        let mut head = vec![0x00]; // stream type: control
+        head.extend(frame_head(SETTINGS, 0));
+        control.write_all(&head).await.unwrap();
+        self.control.insert(control)
+    }
+
+    /// Opens a request stream and sends `section` as its HEADERS frame, then `body` as one
+    /// DATA frame if there is one, and ends it when `finish`. A failure to send (the server
+    /// stopped the stream) shows in what the response stream says.
+    pub async fn send(
+        &self,
+        section: &[u8],
+        body: Option<&[u8]>,
+        finish: bool,
+    ) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.unwrap();
+        let mut bytes = frame(HEADERS, section);
+        if let Some(b) = body {
+            bytes.extend(frame(DATA, b));
+        }
+        if send.write_all(&bytes).await.is_ok() && finish {
+            let _ = send.finish();
+        }
+        (send, recv)
+    }
+
+    /// `GET /` on a new request stream: the response status.
+    pub async fn get(&self) -> Option<u16> {
+        let (_send, mut recv) = self
+            .send(&request_section("GET", "/", &[]), None, true)
+            .await;
+        tokio::time::timeout(Duration::from_secs(30), read_status(&mut recv))
+            .await
+            .ok()?
+    }
+
+    /// Waits for the server's GOAWAY on its control stream: the stream ID it carries.
+    pub async fn goaway(&mut self) -> Option<u64> {
+        loop {
+            let mut stream = self.conn.accept_uni().await.ok()?;
+            let mut ty = [0u8; 1];
+            stream.read_exact(&mut ty).await.ok()?;
+            if ty[0] != 0x00 {
+                // QPACK or grease: kept open (a closed QPACK stream is a connection error).
+                self.server_streams.push(stream);
+                continue;
+            }
+            let payload = read_frame(&mut stream, GOAWAY).await?;
+            self.server_streams.push(stream);
+            return varint(&payload).map(|(id, _)| id);
+        }
+    }
 }

@@ -198,9 +198,12 @@ impl std::fmt::Display for SendError {
 /// Responses to HEAD, and 1xx, 204 and 304 responses, end after the head (RFC 9110 §6.4.1:
 /// a body there would make the response malformed); their body is dropped unread.
 ///
-/// A client that takes none of the body for `stall` (one write waiting that long on its
+/// A client that takes none of the response for `stall` (one write waiting that long on its
 /// flow-control window) is given up on, as over HTTP/1.1 and HTTP/2 (nginx's
 /// `send_timeout`): its stream, the upstream connection and the endpoint's slot are freed.
+/// Every write is bounded, the head's too: in HTTP/3 a HEADERS frame is stream data like any
+/// other, so a client that grants no stream credit (or never raises it) would otherwise hold
+/// the request, its upstream connection and the endpoint's slot from the first write on.
 pub(super) async fn send_response(
     stream: &mut SendStream,
     resp: Response<Body>,
@@ -220,20 +223,14 @@ pub(super) async fn send_response(
     // already drops them from upstream responses, this catches configured ones.
     crate::proxy::headers::strip_hop_by_hop(&mut parts.headers, false, false);
     parts.version = http::Version::HTTP_3;
-    stream
-        .send_response(Response::from_parts(parts, ()))
-        .await
-        .map_err(SendError::Client)?;
+    bounded(stall, stream.send_response(Response::from_parts(parts, ()))).await?;
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(SendError::Body)?;
         match frame.into_data() {
             Ok(data) => {
                 if !data.is_empty() {
-                    tokio::time::timeout(stall, stream.send_data(data))
-                        .await
-                        .map_err(|_| SendError::Stalled)?
-                        .map_err(SendError::Client)?;
+                    bounded(stall, stream.send_data(data)).await?;
                 }
             }
             Err(frame) => {
@@ -244,7 +241,19 @@ pub(super) async fn send_response(
         }
     }
     if let Some(t) = trailers {
-        stream.send_trailers(t).await.map_err(SendError::Client)?;
+        bounded(stall, stream.send_trailers(t)).await?;
     }
-    stream.finish().await.map_err(SendError::Client)
+    // (It may write a grease frame first, which waits for credit like any other.)
+    bounded(stall, stream.finish()).await
+}
+
+/// One write to the client, given up on when it waits `stall` for flow-control credit.
+async fn bounded(
+    stall: std::time::Duration,
+    write: impl std::future::Future<Output = Result<(), h3::error::StreamError>>,
+) -> Result<(), SendError> {
+    tokio::time::timeout(stall, write)
+        .await
+        .map_err(|_| SendError::Stalled)?
+        .map_err(SendError::Client)
 }

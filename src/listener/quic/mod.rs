@@ -85,7 +85,13 @@ pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(limits.idle_timeout)
                 .map_err(|_| "limits.idle_timeout is too long for QUIC".to_string())?,
-        ));
+        ))
+        // QUIC's idle timeout knows nothing of requests: a client that sends nothing while
+        // it waits for a slow upstream (or between the events of a stream) would lose its
+        // connection, and the request with it. Our PINGs keep it open while the client is
+        // there to acknowledge them; idle connections are closed by the request-based check
+        // in `serve_h3` (as on TCP), and a client that has gone answers no PING.
+        .keep_alive_interval(keep_alive(limits.idle_timeout));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(quic.max_udp_payload);
     transport.mtu_discovery_config(Some(mtu));
@@ -99,11 +105,24 @@ pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
     };
     let mut server = quinn::ServerConfig::new(tls.clone(), token_key());
     server.transport_config(Arc::new(transport));
+    // A connection keeps the address it was accepted from: the ban check, rate limits,
+    // policies and the access log all use `ConnInfo.peer`, which is fixed at accept. With
+    // migration a client could move to another address (one banned meanwhile, or to spread
+    // a rate limit) under the old one's name. Packets from another address are dropped; a
+    // client whose NAT rebinds reconnects.
+    server.migration(false);
     Ok(Some(QuicRuntime {
         server: Arc::new(server),
         tls,
         config: quic.clone(),
     }))
+}
+
+/// How often a quiet connection is PINGed: three times per idle timeout (so one lost PING
+/// or ACK does not end it), at least every 15 s.
+fn keep_alive(idle_timeout: Duration) -> Option<Duration> {
+    let every = (idle_timeout / 3).min(Duration::from_secs(15));
+    (!every.is_zero()).then_some(every)
 }
 
 /// The key of Retry and NEW_TOKEN tokens: one per process, so tokens stay valid across
@@ -621,6 +640,32 @@ impl Confirm {
     }
 }
 
+impl QuicConn {
+    /// Accounts for a request refused before the pipeline, as HTTP/1.1's codec refusals are:
+    /// an access record (status, error `malformed_request`; method and path `-` when the head
+    /// could not be read) and a `malformed_request` security event.
+    fn refused(
+        &self,
+        status: http::StatusCode,
+        reason: &'static str,
+        request: Option<(http::Method, http::Uri)>,
+    ) {
+        let confirmed = self.confirmed.borrow().clone();
+        // Before the handshake completes (0-RTT), the connection as known so far.
+        let Some(info) = confirmed.as_deref().or(self.early.as_ref()) else {
+            return;
+        };
+        self.runtime.gateway.refused_by_codec(
+            info,
+            status,
+            reason,
+            request,
+            http::Version::HTTP_3,
+            0,
+        );
+    }
+}
+
 /// The HTTP/3 session of one connection: one task per request, GOAWAY on drain (the listener
 /// stopping, or its client-certificate rules replaced by a reload).
 ///
@@ -822,6 +867,69 @@ impl Drop for InFlight {
     }
 }
 
+/// The send half of a request stream, reset when dropped unless its response was completed.
+/// quinn ends a send stream that is dropped unfinished with a clean FIN: a request task that
+/// panics, or leaves on a path that forgot to reset, would hand the client what looks like a
+/// complete response (a body without content-length ends wherever it was cut).
+struct Responder {
+    stream: body::SendStream,
+    /// The code the stream is reset with when dropped; `None` once the response is complete.
+    on_drop: Option<h3::error::Code>,
+}
+
+impl Responder {
+    /// Nothing processed yet: a stream dropped now was rejected (the client may retry).
+    fn new(stream: body::SendStream) -> Responder {
+        Responder {
+            stream,
+            on_drop: Some(h3::error::Code::H3_REQUEST_REJECTED),
+        }
+    }
+
+    /// Resets the stream with `code` now.
+    fn reset(mut self, code: h3::error::Code) {
+        self.on_drop = Some(code);
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(code) = self.on_drop.take() {
+            self.stream.stop_stream(code);
+        }
+    }
+}
+
+/// What a request head h3 refused is logged as: 431 for one over max_header_size (h3 has
+/// answered it so), 400 for a malformed one (reset with H3_MESSAGE_ERROR) or one that broke
+/// the protocol (the connection is closed for it). `None` when the client gave up (a stream
+/// reset, or ended with no head) or the connection went: nothing was refused.
+fn head_refusal(e: &h3::error::StreamError) -> Option<(http::StatusCode, &'static str)> {
+    use h3::error::{Code, ConnectionError, LocalError, StreamError};
+    match e {
+        StreamError::HeaderTooBig { .. } => Some((
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header fields too large",
+        )),
+        StreamError::StreamError { code, .. } if *code == Code::H3_MESSAGE_ERROR => Some((
+            http::StatusCode::BAD_REQUEST,
+            "malformed HTTP/3 request head",
+        )),
+        StreamError::ConnectionError {
+            0:
+                ConnectionError::Local {
+                    error: LocalError::Application { code, .. },
+                    ..
+                },
+            ..
+        } if *code != Code::H3_NO_ERROR => Some((
+            http::StatusCode::BAD_REQUEST,
+            "HTTP/3 protocol error on a request stream",
+        )),
+        _ => None,
+    }
+}
+
 /// The length a request's head declares: every `content-length` value (and every element
 /// of a list in one) digits only and all the same (RFC 9110 §8.6); `Err` otherwise (`+5`,
 /// `abc`, `5` beside `500`).
@@ -879,6 +987,9 @@ async fn serve_request(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "HTTP/3 request head refused");
+            if let Some((status, reason)) = head_refusal(&e) {
+                ctx.refused(status, reason, None);
+            }
             return;
         }
         Err(_) => {
@@ -886,11 +997,17 @@ async fn serve_request(
             return;
         }
     };
-    let (mut send, recv) = stream.split();
+    let (send, recv) = stream.split();
+    let mut send = Responder::new(send);
     let Ok(content_length) = declared_length(req.headers()) else {
         // Malformed (RFC 9114 §4.1.2): a stream error, no response.
         tracing::debug!("HTTP/3 request with an invalid or conflicting content-length refused");
-        send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        send.reset(h3::error::Code::H3_MESSAGE_ERROR);
+        ctx.refused(
+            http::StatusCode::BAD_REQUEST,
+            "invalid or conflicting content-length",
+            Some((req.method().clone(), req.uri().clone())),
+        );
         return;
     };
     let mut req = req.map(|()| RequestBody::into_body(recv, content_length));
@@ -923,13 +1040,22 @@ async fn serve_request(
         }
     };
     let head_only = req.method() == http::Method::HEAD;
+    // From here on the request may be processed: an unfinished response is an internal error.
+    send.on_drop = Some(h3::error::Code::H3_INTERNAL_ERROR);
     let exchange = async {
         let resp = ctx.runtime.gateway.handle(req, info).await;
         let stall = ctx.listener.config.limits.idle_timeout;
-        if let Err(e) = body::send_response(&mut send, resp, head_only, stall).await {
-            tracing::debug!(error = %e, "HTTP/3 response not completed");
-            // The client must not take a cut-off body for a complete one.
-            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+        match body::send_response(&mut send.stream, resp, head_only, stall).await {
+            Ok(()) => send.on_drop = None,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP/3 response not completed");
+                // The client must not take a cut-off body for a complete one. A client that
+                // took nothing for idle_timeout has its response cancelled (processed, so
+                // not "rejected": no retry is implied); a failure on our side is internal.
+                if let body::SendError::Stalled = e {
+                    send.on_drop = Some(h3::error::Code::H3_REQUEST_CANCELLED);
+                }
+            }
         }
     };
     // h3 reports no stream resets to a request waiting on its upstream: bind the request to

@@ -67,6 +67,46 @@ where
     decoder_recv: Option<AcceptedRecvStream<C::RecvStream, B>>,
     encoder_send: Option<C::SendStream>,
     encoder_recv: Option<AcceptedRecvStream<C::RecvStream, B>>,
+    /// Where the peer's decoder stream is: `None` at the start of an instruction, else the
+    /// continuation bytes read so far of a Stream Cancellation's stream ID (vendored fix).
+    decoder_partial: Option<u8>,
+}
+
+/// What the peer's QPACK streams may carry while this side's dynamic table has capacity 0
+/// (h3 neither advertises one nor uses the peer's): on the encoder stream only Set Dynamic
+/// Table Capacity 0 (the byte 0x20), since any insertion or duplication needs a table; on the
+/// decoder stream only Stream Cancellations (01xxxxxx and its continuation bytes), since a
+/// Section Acknowledgment or Insert Count Increment refers to dynamic entries this side
+/// never emitted (RFC 9204 §4.3, §4.4).
+fn check_qpack_stream(
+    encoder: bool,
+    bytes: &[u8],
+    decoder_partial: &mut Option<u8>,
+) -> Result<(), InternalConnectionError> {
+    if encoder {
+        return match bytes.iter().all(|&b| b == 0x20) {
+            true => Ok(()),
+            false => Err(InternalConnectionError::new(
+                Code::QPACK_ENCODER_STREAM_ERROR,
+                "encoder instruction for a dynamic table of capacity 0".to_string(),
+            )),
+        };
+    }
+    for &b in bytes {
+        *decoder_partial = match *decoder_partial {
+            // A Stream Cancellation; a 6-bit prefix of all ones continues.
+            None if b & 0xc0 == 0x40 => (b & 0x3f == 0x3f).then_some(0),
+            // Continuation bytes: a stream ID fits in 62 bits, nine of them at most.
+            Some(n) if n < 9 => (b & 0x80 != 0).then_some(n + 1),
+            _ => {
+                return Err(InternalConnectionError::new(
+                    Code::QPACK_DECODER_STREAM_ERROR,
+                    "decoder instruction about dynamic entries never emitted".to_string(),
+                ))
+            }
+        };
+    }
+    Ok(())
 }
 
 #[allow(missing_docs)]
@@ -294,6 +334,7 @@ where
             decoder_recv: None,
             encoder_send: qpack_encoder.ok(),
             encoder_recv: None,
+            decoder_partial: None,
         };
 
         //= https://www.rfc-editor.org/rfc/rfc9114#section-6.2.1
@@ -501,6 +542,44 @@ where
         // Remove all None values
         self.pending_recv_streams.retain(|s| s.is_some());
 
+        self.poll_qpack_recv(cx)
+    }
+
+    /// Reads the peer's QPACK encoder and decoder streams as their bytes arrive (vendored
+    /// fix: they were accepted and never read, so the transport kept a stream window of data
+    /// on each, for the connection's lifetime). Their instructions are checked
+    /// (`check_qpack_stream`) and dropped: with no dynamic table there is nothing to apply.
+    fn poll_qpack_recv(&mut self, cx: &mut Context<'_>) -> Result<(), ConnectionError> {
+        for encoder in [true, false] {
+            loop {
+                let streams = &mut self.qpack_streams;
+                let stream = match (encoder, &mut streams.encoder_recv, &mut streams.decoder_recv) {
+                    (true, Some(AcceptedRecvStream::Encoder(s)), _) => s,
+                    (false, _, Some(AcceptedRecvStream::Decoder(s))) => s,
+                    _ => break,
+                };
+                let error = match stream.poll_data(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(Some(bytes))) => {
+                        match check_qpack_stream(encoder, &bytes, &mut streams.decoder_partial) {
+                            Ok(()) => continue,
+                            Err(e) => e,
+                        }
+                    }
+                    Poll::Ready(Err(StreamErrorIncoming::ConnectionErrorIncoming {
+                        connection_error,
+                    })) => return Err(self.handle_connection_error(connection_error)),
+                    //= https://www.rfc-editor.org/rfc/rfc9204#section-4.2
+                    //# Closure of either unidirectional stream type MUST be treated as a
+                    //# connection error of type H3_CLOSED_CRITICAL_STREAM.
+                    Poll::Ready(Ok(None)) | Poll::Ready(Err(_)) => InternalConnectionError::new(
+                        Code::H3_CLOSED_CRITICAL_STREAM,
+                        "a QPACK stream was closed".to_string(),
+                    ),
+                };
+                return Err(self.handle_connection_error(error));
+            }
+        }
         Ok(())
     }
 

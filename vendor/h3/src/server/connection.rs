@@ -156,6 +156,10 @@ where
 
     /// Initiate a graceful shutdown, accepting `max_request` potentially still in-flight
     ///
+    /// The GOAWAY carries the ID `max_requests` streams past the last one accepted; streams
+    /// from that ID on are rejected (H3_REQUEST_REJECTED), so `shutdown(1)` accepts nothing
+    /// more (vendored fix: the stream with the GOAWAY's ID itself was accepted before).
+    ///
     /// See [connection shutdown](https://www.rfc-editor.org/rfc/rfc9114.html#connection-shutdown) for more information.
     #[cfg_attr(feature = "tracing", instrument(skip_all, level = "trace"))]
     pub async fn shutdown(&mut self, max_requests: usize) -> Result<(), ConnectionError> {
@@ -200,8 +204,16 @@ where
                     // When the connection is in a graceful shutdown procedure, reject all
                     // incoming requests not belonging to the grace interval. It's possible that
                     // some acceptable request streams arrive after rejected requests.
+                    //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
+                    //# Requests on stream IDs less than the stream ID in a GOAWAY frame
+                    //# from the server might have been processed; their status cannot be
+                    //# known until a response is received, the stream is reset
+                    //# individually, another GOAWAY is received with a lower stream ID
+                    //# than that of the request in question, or the connection terminates.
+                    // (Vendored fix: the stream whose ID is the GOAWAY's was processed
+                    // while the client was told it would not be, and may retry it.)
                     if let Some(max_id) = self.sent_closing {
-                        if s.send_id() > max_id {
+                        if s.send_id() >= max_id {
                             s.stop_sending(Code::H3_REQUEST_REJECTED.value());
                             s.reset(Code::H3_REQUEST_REJECTED.value());
                             if self.poll_requests_completion(cx).is_ready() {

@@ -774,7 +774,10 @@ async fn graceful_shutdown_grace_interval() {
         let conn = server.next().await;
         let mut incoming = server::Connection::new(conn).await.unwrap();
         let (_, first) = get_stream_blocking(&mut incoming).await.unwrap();
-        incoming.shutdown(1).await.unwrap();
+        // GOAWAY two streams past `first`: the one in flight is below it (with 1, the
+        // GOAWAY would carry the in-flight stream's own ID, which RFC 9114 §5.2 says is
+        // not processed).
+        incoming.shutdown(2).await.unwrap();
         let (_, in_flight) = get_stream_blocking(&mut incoming).await.unwrap();
         response(first).await;
         response(in_flight).await;

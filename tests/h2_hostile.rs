@@ -270,7 +270,8 @@ async fn response_trailers_are_cleaned_for_http2_clients() {
                     .write_all(
                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n\
                           3\r\nabc\r\n0\r\nContent-Length: 9\r\nSet-Cookie: x=1\r\nHost: evil\r\n\
-                          Connection: close\r\nX-T: 1\r\n\r\n",
+                          Connection: close\r\nProxy-Connection: close\r\n\
+                          WWW-Authenticate: Basic\r\nX-T: 1\r\n\r\n",
                     )
                     .await;
             });
@@ -303,7 +304,135 @@ async fn response_trailers_are_cleaned_for_http2_clients() {
         Some(&b"1"[..]),
         "{trailers:?}"
     );
-    for refused in ["content-length", "set-cookie", "host", "connection"] {
+    for refused in [
+        "content-length",
+        "set-cookie",
+        "host",
+        "connection",
+        "proxy-connection",
+        "www-authenticate",
+    ] {
         assert!(!trailers.contains_key(refused), "{refused} in {trailers:?}");
     }
+}
+
+/// An h2c upstream that answers every request with 200, `content-length` as given (or none)
+/// and `hello, truncated` (16 bytes), then resets the stream with NO_ERROR instead of ending
+/// it.
+async fn truncating_h2c_upstream(content_length: Option<u64>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let mut resp = http::Response::builder().status(200);
+                    if let Some(n) = content_length {
+                        resp = resp.header("content-length", n);
+                    }
+                    let Ok(mut send) = respond.send_response(resp.body(()).unwrap(), false) else {
+                        continue;
+                    };
+                    let _ = send.send_data(Bytes::from_static(b"hello, truncated"), false);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        send.send_reset(h2::Reason::NO_ERROR);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn h2c_config(setup: &Setup, upstream: SocketAddr) -> String {
+    format!(
+        "{}\n[[upstream]]\nname = \"app\"\nprotocol = \"h2c\"\nendpoints = [\"{upstream}\"]\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"app\"\n",
+        setup.listeners()
+    )
+}
+
+#[tokio::test]
+async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_complete() {
+    for content_length in [None, Some(100)] {
+        let upstream = truncating_h2c_upstream(content_length).await;
+        let setup = Setup::new();
+        let cfg = h2c_config(&setup, upstream);
+        let wraith = setup.start(&cfg);
+
+        // HTTP/1.1: never the chunked terminator (nor, with a length, the missing bytes).
+        let answer = raw_exchange(
+            wraith.addr("http"),
+            b"GET /file HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("hello, truncated"), "{answer}");
+        assert!(
+            !answer.ends_with("\r\n0\r\n\r\n"),
+            "{content_length:?}: a cut body ended as complete:\n{answer}"
+        );
+
+        // HTTP/2: the stream ends with an error, and not NO_ERROR.
+        let mut h2 = h2_connect(&wraith).await;
+        let req = Request::get(https_uri(&wraith, "/file")).body(()).unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut outcome = None;
+        while let Some(chunk) = tokio::time::timeout(WAIT, body.data()).await.unwrap() {
+            if let Err(e) = chunk {
+                outcome = Some(e.reason());
+                break;
+            }
+        }
+        let reason = outcome.unwrap_or_else(|| panic!("{content_length:?}: clean end"));
+        assert!(
+            reason.is_some_and(|r| r != h2::Reason::NO_ERROR),
+            "{content_length:?}: reset with {reason:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_204_never_carries_a_content_length_to_http2_clients() {
+    // An HTTP/1.1 upstream that answers 204 with a Content-Length (which HTTP/2 clients
+    // refuse with PROTOCOL_ERROR).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            let answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n";
+                            let _ = s.write_all(answer).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let setup = Setup::new();
+    let cfg = config(&setup, &[addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    let req = Request::get(https_uri(&wraith, "/nothing"))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp)
+        .await
+        .unwrap()
+        .expect("a 204 the client accepts");
+    assert_eq!(resp.status(), 204);
+    assert!(resp.headers().get("content-length").is_none(), "{resp:?}");
 }

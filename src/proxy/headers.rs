@@ -272,8 +272,9 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a field may be sent in a trailer section: not framing, routing or connection
-/// fields (RFC 9110 §6.5.1).
+/// Whether a field may be sent in a trailer section: not framing, routing, connection,
+/// authentication or response-control fields (RFC 9110 §6.5.1). HTTP/2 clients refuse the
+/// connection-specific ones outright (hyper resets the stream).
 pub fn allowed_in_trailers(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
@@ -295,6 +296,20 @@ pub fn allowed_in_trailers(name: &HeaderName) -> bool {
             | "max-forwards"
             | "pragma"
             | "range"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-authentication-info"
+            | "www-authenticate"
+            | "authentication-info"
+            | "cookie"
+            | "location"
+            | "retry-after"
+            | "vary"
+            | "age"
+            | "expires"
+            | "date"
+            | "alt-svc"
     )
 }
 

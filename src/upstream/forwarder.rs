@@ -370,6 +370,12 @@ fn finish_response(
     if !matches!(resp.body(), Body::Upstream(_)) {
         headers::strip_hop_by_hop(resp.headers_mut(), false, false);
     }
+    // A 204 has no body and must not say it has (RFC 9110 §8.6): HTTP/2 clients refuse a
+    // 204 with a Content-Length (PROTOCOL_ERROR), so an upstream's slip would fail there
+    // only. Wraith's HTTP/1.1 server leaves it out when it writes the head.
+    if resp.status() == StatusCode::NO_CONTENT {
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
     Ok(resp)
 }
 

@@ -353,8 +353,12 @@ impl Error {
     pub(super) fn h2_reason(&self) -> h2::Reason {
         // Find an h2::Reason somewhere in the cause stack, if it exists,
         // otherwise assume an INTERNAL_ERROR.
+        // Wraith: an error is never passed on as NO_ERROR. A body cut off by a peer's
+        // RST_STREAM(NO_ERROR) reset the other side's stream with NO_ERROR too, which reads
+        // as a complete response there.
         self.find_source::<h2::Error>()
             .and_then(|h2_err| h2_err.reason())
+            .filter(|&reason| reason != h2::Reason::NO_ERROR)
             .unwrap_or(h2::Reason::INTERNAL_ERROR)
     }
 

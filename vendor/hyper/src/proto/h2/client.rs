@@ -571,6 +571,7 @@ where
                     send_stream: Some(send_stream),
                     exec: self.executor.clone(),
                     cancel_tx: Some(cancel_tx),
+                    request_eos: f.eos,
                 },
                 call_back: Some(f.cb),
             },
@@ -591,6 +592,9 @@ pin_project! {
         send_stream: Option<Option<SendStream<SendBuf<<B as Body>::Data>>>>,
         exec: E,
         cancel_tx: Option<oneshot::Sender<()>>,
+        // Wraith: the request went with END_STREAM on its head (no body), so there is no
+        // request body a RST_STREAM(NO_ERROR) could be stopping.
+        request_eos: bool,
     }
 }
 
@@ -648,9 +652,12 @@ where
 
                     Poll::Ready(Ok(res))
                 } else {
+                    // Wraith: a NO_ERROR reset may end the response only where the RFC's
+                    // early-response case can be: while a request body is being sent.
+                    let reset_may_end = !*this.request_eos;
                     let res = res.map(|stream| {
                         let ping = ping.for_stream(&stream);
-                        IncomingBody::h2(stream, content_length.into(), ping, true)
+                        IncomingBody::h2(stream, content_length.into(), ping, reset_may_end)
                     });
                     Poll::Ready(Ok(res))
                 }

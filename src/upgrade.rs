@@ -26,6 +26,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub struct Upgraded {
     io: Box<dyn Io>,
     leftover: Bytes,
+    /// Dropped with the connection: the server that handed it over waits for that, so the
+    /// connection keeps its listener slot (`max_connections`) and stays one of the
+    /// connections a shutdown drains for as long as the new protocol runs.
+    _done: oneshot::Sender<()>,
 }
 
 impl AsyncRead for Upgraded {
@@ -75,8 +79,15 @@ impl AsyncWrite for Upgraded {
 }
 
 impl Upgraded {
-    pub(crate) fn new(io: Box<dyn Io>, leftover: Bytes) -> Upgraded {
-        Upgraded { io, leftover }
+    /// The connection, and what resolves when it is dropped.
+    pub(crate) fn new(io: Box<dyn Io>, leftover: Bytes) -> (Upgraded, oneshot::Receiver<()>) {
+        let (done, ended) = oneshot::channel();
+        let upgraded = Upgraded {
+            io,
+            leftover,
+            _done: done,
+        };
+        (upgraded, ended)
     }
 }
 

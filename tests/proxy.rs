@@ -1033,6 +1033,86 @@ async fn a_websocket_tunnel_holds_its_endpoints_connection_slot() {
 }
 
 #[tokio::test]
+async fn websocket_tunnels_count_against_the_listeners_connections_and_are_drained() {
+    let ws_addr = websocket_echo().await;
+    let setup = Setup::new();
+    let extra = format!(
+        "[[upstream]]\nname = \"ws\"\nendpoints = [\"{ws_addr}\"]\nresponse_timeout = \"30s\"\n\n\
+         [[route]]\nname = \"ws\"\npath = {{ prefix = \"/ws\" }}\nupstream = \"ws\"\n"
+    );
+    let cfg = config(&setup, ws_addr, &extra)
+        .replacen(
+            "protocol = \"http\"\n",
+            "protocol = \"http\"\nlimits = { max_connections = 2 }\n",
+            1,
+        )
+        .replacen("shutdown_timeout = \"10s\"", "shutdown_timeout = \"2s\"", 1);
+    assert!(cfg.contains("max_connections = 2"), "{cfg}");
+    let mut wraith = setup.start(&cfg);
+    let url = format!("ws://{}/ws", wraith.addr("http"));
+    let open = || async {
+        let (mut ws, resp) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 101);
+        ws.send(tokio_tungstenite::tungstenite::Message::text("hi"))
+            .await
+            .unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap(), "hi");
+        ws
+    };
+    let mut first = open().await;
+    let mut second = open().await;
+    let active = |status: serde_json::Value| {
+        status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "http")
+            .unwrap()["active_connections"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(active(wraith.status().await), 2, "two open tunnels");
+
+    // The listener is full: a third connection waits in the backlog, unanswered...
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut third = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    third
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(700), third.read_to_end(&mut answer)).await;
+    assert!(waited.is_err(), "answered at the limit: {answer:?}");
+    // ...until a tunnel ends.
+    first.close(None).await.unwrap();
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer))
+        .await
+        .expect("served once a tunnel closed")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 201"), "{answer:?}");
+
+    // SIGTERM: the open tunnel is one of the connections the shutdown drains; it keeps
+    // working within shutdown_timeout, then is closed and the process exits.
+    wraith.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second
+        .send(tokio_tungstenite::tungstenite::Message::text("still"))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(2), second.next())
+        .await
+        .expect("the tunnel answers while draining");
+    assert_eq!(echoed.unwrap().unwrap().into_text().unwrap(), "still");
+    assert_eq!(wraith.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[tokio::test]
 async fn a_response_streaming_longer_than_the_idle_timeout_is_not_cut_off() {
     // One line every 250 ms for 3 s, through listeners whose idle and header timeouts are
     // 1 s: the response is in flight all along, on every protocol.

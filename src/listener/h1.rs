@@ -310,6 +310,9 @@ struct Conn<I> {
     /// How much of an incomplete head was already looked at (0: none).
     scanned: usize,
     phase: Phase,
+    /// Resolves when the connection handed over by a 101 is dropped (`hand_over`): until
+    /// then this connection still counts as open.
+    upgraded: Option<tokio::sync::oneshot::Receiver<()>>,
     req: Option<InFlight>,
     resp: Option<Body>,
     writing: Writing,
@@ -356,6 +359,7 @@ where
             conn: Conn {
                 io: Some(io),
                 settings,
+                upgraded: None,
                 rbuf: BytesMut::new(),
                 wbuf: Vec::new(),
                 wpos: 0,
@@ -409,6 +413,10 @@ where
     type Output = Result<(), Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Handed over: the connection lives on in its new protocol, this waits for its end.
+        if let Some(ended) = self.as_mut().project().conn.upgraded.as_mut() {
+            return Pin::new(ended).poll(cx).map(|_| Ok(()));
+        }
         let res = self.as_mut().poll_exchanges(cx);
         if res.is_pending() {
             // Waiting: on the client (a head, the next request, a read of the response) or
@@ -528,7 +536,10 @@ where
                         && conn.queued() == 0
                     {
                         conn.hand_over();
-                        return Poll::Ready(Ok(()));
+                        return match conn.upgraded.as_mut() {
+                            Some(ended) => Pin::new(ended).poll(cx).map(|_| Ok(())),
+                            None => Poll::Ready(Ok(())),
+                        };
                     }
                 }
             }
@@ -1554,7 +1565,10 @@ where
             return;
         };
         let leftover = self.rbuf.split().freeze();
-        let _ = tx.send(Upgraded::new(Box::new(io), leftover));
+        let (upgraded, ended) = Upgraded::new(Box::new(io), leftover);
+        if tx.send(upgraded).is_ok() {
+            self.upgraded = Some(ended);
+        }
         self.phase = Phase::Closed;
     }
 }

@@ -158,7 +158,7 @@ impl GatewayError {
             GatewayError::NoRoute => "no route matches this request".into(),
             GatewayError::BadRequest(why) => (*why).into(),
             GatewayError::UpstreamConnect { upstream, .. } => {
-                format!("upstream {upstream:?} is unreachable (nothing is listening, or the connection was refused)")
+                format!("upstream {upstream:?} is unreachable (no connection could be made: nothing listening, refused, or a failed TLS handshake; the gateway's log says which)")
             }
             GatewayError::UpstreamTimeout { upstream, .. } => {
                 format!("upstream {upstream:?} did not answer in time")

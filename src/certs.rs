@@ -289,7 +289,8 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<bool, String> {
     if ca_cert.exists() && ca_key.exists() {
         // Keep an existing CA (clients may already trust it); issue what is missing.
         let read = |p: &Path| {
-            fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            crate::files::read_to_string(p, crate::files::SMALL)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))
         };
         let ca = Ca::load(&read(&ca_cert)?, &read(&ca_key)?)?;
         let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;

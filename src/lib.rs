@@ -58,6 +58,7 @@ pub mod cli;
 pub mod config;
 pub mod decisions;
 pub mod error;
+pub mod files;
 mod http1;
 pub mod identity;
 pub mod listener;

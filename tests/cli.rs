@@ -558,3 +558,88 @@ fn test_opens_what_serve_opens_log_files_and_the_decisions_state_file() {
     let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
     assert_eq!(code, 0, "{out}");
 }
+
+#[tokio::test]
+async fn a_policy_too_deep_for_cedar_is_refused_and_a_reload_with_it_leaves_the_server_up() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"home\"\nrespond = {{ status = 200, body = \"ok\\n\" }}\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    // 150 brackets deep: Cedar's parser, on a reload's thread, overflowed the stack and
+    // killed the server (`wraith test` passed it on the main thread's larger stack).
+    let deep = format!(
+        "@id(\"deep\")\npermit(principal, action, resource) when {{ {}true{} }};\n",
+        "(".repeat(150),
+        ")".repeat(150)
+    );
+    let file = wraith.dir.path().join("policies/deep.cedar");
+    std::fs::write(&file, deep).unwrap();
+    let (code, out, err) = wraith.cli(&["test"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("deep.cedar:2:") && all.contains("brackets nested deeper than 64"),
+        "{all}"
+    );
+    let (code, _, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("too complex to load"), "{err}");
+    // Still serving, on the previous policies.
+    let resp = http_client()
+        .get(wraith.url("http", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn files_that_are_no_regular_files_are_refused_at_once() {
+    // A FIFO would block the read (or the open) until a writer or reader came, in a reload
+    // on a worker thread too; /dev/zero never ends.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let _ = &pki;
+    let fifo = dir.path().join("st.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let listener = |cert: &str| {
+        format!(
+            "[[listener]]\nname='s'\naddress='127.0.0.1:0'\nprotocol='https'\n\
+             tls = {{ cert = '{cert}', key = 'server-key.pem' }}\n"
+        )
+    };
+    let cases = [
+        (
+            format!(
+                "[decisions]\nstate_file = 'st.fifo'\n{}",
+                listener("server.pem")
+            ),
+            "not a regular file (a FIFO)",
+        ),
+        (
+            listener("/dev/zero"),
+            "not a regular file (a character device)",
+        ),
+        (listener("st.fifo"), "not a regular file (a FIFO)"),
+        (
+            format!("[log.json]\npath = 'st.fifo'\n{}", listener("server.pem")),
+            "a FIFO with no reader",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).unwrap();
+        let started = std::time::Instant::now();
+        let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{text}\n{out}");
+        assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    let (code, out, _) = wraith_cmd(&["test", "-c", "/dev/zero"], dir.path());
+    assert_eq!(code, 1);
+    assert!(out.contains("a character device"), "{out}");
+}

@@ -280,7 +280,7 @@ pub(crate) fn server_paths(path: &std::path::Path) -> Result<crate::config::Serv
     match crate::config::load(path, crate::config::LoadOptions::default()) {
         Ok(c) => Ok(c.server),
         Err(full) => {
-            let text = std::fs::read_to_string(path)
+            let text = crate::files::read_to_string(path, crate::files::SMALL)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let only_server = extract_server_section(&text);
             let with_dummy = format!(

@@ -1788,7 +1788,7 @@ fn build_policy(b: &mut Builder<'_>, raw: RawPolicy) -> Option<PolicyConfig> {
     // The schema file beside the policies is for editors and the cedar CLI; Wraith uses its
     // built-in schema, so a stale copy would mislead whoever reads it.
     let schema_file = dir.join("wraith.cedarschema");
-    if let Ok(text) = std::fs::read_to_string(&schema_file) {
+    if let Ok(text) = crate::files::read_to_string(&schema_file, crate::files::SMALL) {
         if text.trim() != load::SCHEMA.trim() {
             b.warnings.push(format!(
                 "{} differs from the schema this Wraith uses; regenerate it with `wraith policy schema > {}`",
@@ -1797,7 +1797,7 @@ fn build_policy(b: &mut Builder<'_>, raw: RawPolicy) -> Option<PolicyConfig> {
             ));
         }
     }
-    let compiled = match load::compile(&dir, &sets) {
+    let compiled = match load::compile_on_own_stack(&dir, &sets) {
         Ok(c) => c,
         Err(errors) => {
             for e in errors {

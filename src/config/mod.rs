@@ -106,7 +106,7 @@ pub struct LoadOptions {
 
 /// Reads and builds the config file at `path`.
 pub fn load(path: &Path, options: LoadOptions) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = crate::files::read_to_string(path, crate::files::SMALL).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             location: None,
             key: String::new(),

@@ -295,7 +295,7 @@ pub(super) fn build_crowdsec(
     // client built from them says what is wrong with their contents).
     let readable = |b: &mut Builder<'_>, v: &Spanned<String>, key: &str| {
         let path = b.path(v.get_ref());
-        if let Err(e) = std::fs::File::open(&path) {
+        if let Err(e) = crate::files::open_regular(&path) {
             b.err(
                 Some(v.span()),
                 key,
@@ -343,7 +343,7 @@ pub(super) fn build_crowdsec(
         Some(Secret(k.get_ref().trim().to_string()))
     } else if let Some(f) = &raw.api_key_file {
         let path = b.path(f.get_ref());
-        match std::fs::read_to_string(&path) {
+        match crate::files::read_to_string(&path, crate::files::SMALL) {
             Ok(s) => Some(Secret(s.trim().to_string())),
             Err(e) => {
                 b.err(

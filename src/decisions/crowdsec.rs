@@ -349,9 +349,9 @@ pub fn tls_config(
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
+            let pem = crate::files::read(path, crate::files::SMALL)
                 .map_err(|e| format!("crowdsec.ca_cert {}: {e}", path.display()))?;
-            for c in certs {
+            for c in CertificateDer::pem_slice_iter(&pem) {
                 let c = c.map_err(|e| format!("crowdsec.ca_cert {}: {e}", path.display()))?;
                 roots
                     .add(c)
@@ -371,10 +371,14 @@ pub fn tls_config(
         .with_root_certificates(roots);
     let config = match client {
         Some((cert, key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<_, _>>())
+            let cert_pem = crate::files::read(cert, crate::files::SMALL)
                 .map_err(|e| format!("crowdsec.client_cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("crowdsec.client_cert {}: {e}", cert.display()))?;
+            let key_pem = crate::files::read(key, crate::files::SMALL)
+                .map_err(|e| format!("crowdsec.client_key {}: {e}", key.display()))?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem)
                 .map_err(|e| format!("crowdsec.client_key {}: {e}", key.display()))?;
             builder
                 .with_client_auth_cert(chain, key)

@@ -636,7 +636,7 @@ impl DecisionStore {
     /// Reads the unexpired local decisions of a file written by `save`, adding them nowhere.
     /// A missing file holds none; a malformed one is an error naming the file and the problem.
     pub fn read(path: &Path) -> Result<Vec<Decision>, String> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::files::read_to_string(path, crate::files::LARGE) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),

@@ -3,7 +3,6 @@
 //! what is wrong with which file.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -104,7 +103,7 @@ pub fn load_certified_key(
     key_path: &Path,
 ) -> Result<(Arc<CertifiedKey>, Vec<String>), CertError> {
     let chain = load_certs(cert_path).map_err(CertError::Cert)?;
-    let key_pem = fs::read(key_path)
+    let key_pem = crate::files::read(key_path, crate::files::SMALL)
         .map_err(|e| CertError::Key(format!("cannot read key file {}: {e}", key_path.display())))?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         CertError::Key(format!(
@@ -156,7 +155,7 @@ pub fn load_certified_key(
 
 /// Loads every certificate from a PEM file; fails if there is none.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = fs::read(path)
+    let pem = crate::files::read(path, crate::files::SMALL)
         .map_err(|e| format!("cannot read certificate file {}: {e}", path.display()))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
@@ -253,8 +252,8 @@ fn base_config(
 pub fn load_crls(
     path: &Path,
 ) -> Result<(Vec<CertificateRevocationListDer<'static>>, Vec<String>), String> {
-    let data =
-        fs::read(path).map_err(|e| format!("cannot read CRL file {}: {e}", path.display()))?;
+    let data = crate::files::read(path, crate::files::LARGE)
+        .map_err(|e| format!("cannot read CRL file {}: {e}", path.display()))?;
     let mut crls: Vec<CertificateRevocationListDer<'static>> =
         CertificateRevocationListDer::pem_slice_iter(&data)
             .collect::<Result<_, _>>()

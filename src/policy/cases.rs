@@ -163,7 +163,7 @@ fn run_file(
     report: &mut Report,
     exercised: &mut BTreeSet<String>,
 ) {
-    let text = match std::fs::read_to_string(file) {
+    let text = match crate::files::read_to_string(file, crate::files::SMALL) {
         Ok(t) => t,
         Err(e) => {
             report

@@ -112,6 +112,88 @@ struct File {
     policies: Vec<Policy>,
 }
 
+/// The stack Cedar parses and validates policies on: its parser and validator recurse as
+/// deep as an expression nests (`((((...))))`, a chain of `&&`), and a reload runs on a
+/// runtime thread of a few MiB, where a policy that `wraith test` passed on the main
+/// thread overflowed it and killed the server. Reserved address space, not memory.
+const POLICY_STACK: usize = 256 << 20;
+/// The deepest bracket nesting a policy may have, and the most `&&` / `||` one policy may
+/// hold: checked before Cedar sees the text. Not only parsing recurses on an expression's
+/// depth: so do evaluation, pruning and dropping a policy, on runtime threads with far less
+/// stack than `POLICY_STACK`. A real policy is nowhere near either bound.
+const MAX_NESTING: usize = 64;
+const MAX_OPERATORS: usize = 1_000;
+
+/// `compile` on a thread with `POLICY_STACK`, whichever thread asks (the main thread of
+/// `wraith test` and `serve`, a blocking-pool thread during a reload): the same policies
+/// load the same way everywhere.
+pub fn compile_on_own_stack(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError>> {
+    let failed = |message: String| {
+        vec![PolicyError {
+            file: dir.to_path_buf(),
+            line: None,
+            column: None,
+            message,
+        }]
+    };
+    std::thread::scope(|s| {
+        let spawned = std::thread::Builder::new()
+            .name("wraith-policy".into())
+            .stack_size(POLICY_STACK)
+            .spawn_scoped(s, || compile(dir, sets));
+        match spawned {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(failed("the policy compiler failed (a panic)".into()))),
+            Err(e) => Err(failed(format!("cannot start the policy compiler: {e}"))),
+        }
+    })
+}
+
+/// Where `text` nests brackets deeper than `MAX_NESTING`, or the byte offset at which one
+/// policy (up to a `;` outside brackets) holds more than `MAX_OPERATORS` `&&` / `||`: with
+/// what is wrong. Strings and comments are skipped.
+fn too_complex(text: &str) -> Option<(usize, String)> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut operators, mut i) = (0usize, 0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some((i, format!("brackets nested deeper than {MAX_NESTING}")));
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b';' if depth == 0 => operators = 0,
+            b'&' | b'|' if bytes.get(i + 1) == Some(&bytes[i]) => {
+                operators += 1;
+                i += 1;
+                if operators > MAX_OPERATORS {
+                    return Some((
+                        i,
+                        format!("more than {MAX_OPERATORS} && and || in one policy"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Reads, parses, names and validates the policies of `sets`.
 pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError>> {
     let mut errors = Vec::new();
@@ -198,7 +280,7 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
             });
             continue;
         }
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::files::read_to_string(path, crate::files::SMALL) {
             Ok(t) => t,
             Err(e) => {
                 errors.push(PolicyError {
@@ -314,6 +396,10 @@ fn parse_file(
             message,
         }
     };
+    if let Some((offset, why)) = too_complex(text) {
+        errors.push(at(offset, format!("too complex to load: {why}")));
+        return Vec::new();
+    }
     let set = match PolicySet::from_str(text) {
         Ok(s) => s,
         Err(errs) => {
@@ -480,6 +566,45 @@ mod tests {
             text[2].contains("c.cedar: not a regular file (a directory)"),
             "{text:#?}"
         );
+    }
+
+    #[test]
+    fn policies_nested_too_deep_or_too_long_are_refused_before_cedar_parses_them() {
+        let nested = |n: usize| {
+            format!(
+                "permit(principal, action, resource) when {{ {}true{} }};",
+                "(".repeat(n),
+                ")".repeat(n)
+            )
+        };
+        // `{` of the when clause is one level.
+        assert_eq!(too_complex(&nested(MAX_NESTING - 1)), None);
+        let (at, why) = too_complex(&nested(MAX_NESTING)).unwrap();
+        assert!(why.contains("nested deeper than 64"), "{why}");
+        assert_eq!(
+            at,
+            "permit(principal, action, resource) when { ".len() + MAX_NESTING - 1
+        );
+        let chain = |n: usize| {
+            format!(
+                "permit(principal, action, resource) when {{ {} }};",
+                vec!["true"; n + 1].join(" && ")
+            )
+        };
+        assert_eq!(too_complex(&chain(MAX_OPERATORS)), None);
+        assert!(too_complex(&chain(MAX_OPERATORS + 1))
+            .unwrap()
+            .1
+            .contains("in one policy"));
+        // Counted per policy, and never inside strings or comments.
+        let many = chain(MAX_OPERATORS).repeat(3);
+        assert_eq!(too_complex(&many), None);
+        let quoted = format!(
+            "// {}\npermit(principal, action, resource) when {{ context.path == \"{}\\\"\" }};",
+            "(".repeat(500),
+            "&&(".repeat(5000)
+        );
+        assert_eq!(too_complex(&quoted), None);
     }
 
     #[test]

@@ -490,10 +490,29 @@ pub fn open_append(path: &Path) -> Result<File, String> {
     opts.create(true).append(true);
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o640);
+        // Without blocking: opening a FIFO for writing waits for a reader (a reload on an
+        // async worker froze there). A FIFO with a reader, or a pipe behind /dev/stdout,
+        // is fine; one without fails now, with ENXIO.
+        opts.mode(0o640).custom_flags(libc::O_NONBLOCK);
     }
-    opts.open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENXIO) => format!(
+            "cannot open {}: a FIFO with no reader (start the reader first)",
+            path.display()
+        ),
+        _ => format!("cannot open {}: {e}", path.display()),
+    })?;
+    // Writes block again (the writer thread waits on a full pipe rather than losing lines).
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
 }
 
 /// Formats one item as one or more complete lines.

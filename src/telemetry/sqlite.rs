@@ -138,6 +138,17 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
         }
+        // SQLite would wait on a FIFO for ever.
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                return Err(format!(
+                    "{} is not a database file ({})",
+                    path.display(),
+                    crate::files::kind(&m)
+                ))
+            }
+            _ => {}
+        }
     }
     let conn = Connection::open(path).map_err(what)?;
     // Readers (`wraith logs`) never block the writer in WAL mode; NORMAL sync is durable
@@ -158,11 +169,22 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
 /// can never write. Statements SQLite does not call read-only are refused by the caller.
 pub fn open_read_only(path: &Path) -> Result<Connection, String> {
     use rusqlite::OpenFlags;
-    if !path.exists() {
-        return Err(format!(
-            "{} does not exist (is [log.sqlite] configured and has wraith served a request?)",
-            path.display()
-        ));
+    match std::fs::metadata(path) {
+        Err(_) => {
+            return Err(format!(
+                "{} does not exist (is [log.sqlite] configured and has wraith served a request?)",
+                path.display()
+            ))
+        }
+        // SQLite would wait on a FIFO for ever, whatever --timeout says.
+        Ok(m) if !m.is_file() => {
+            return Err(format!(
+                "{} is not a database file ({})",
+                path.display(),
+                crate::files::kind(&m)
+            ))
+        }
+        Ok(_) => {}
     }
     let conn = Connection::open_with_flags(
         path,

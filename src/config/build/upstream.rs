@@ -687,7 +687,7 @@ fn build_upstream_tls(
 ) -> Option<UpstreamTls> {
     let read = |b: &mut Builder<'_>, s: &Str, what: &str| -> Option<PemFile> {
         let path = b.path(s.get_ref());
-        match std::fs::read(&path) {
+        match crate::files::read(&path, crate::files::SMALL) {
             Ok(pem) => Some(PemFile {
                 path,
                 pem: Arc::from(pem),
@@ -705,9 +705,11 @@ fn build_upstream_tls(
     let ca = match &raw.ca {
         Some(c) => read(b, c, "ca")?,
         None => {
-            let found = SYSTEM_CA_BUNDLES
-                .iter()
-                .find_map(|p| std::fs::read(p).ok().map(|pem| (p, pem)));
+            let found = SYSTEM_CA_BUNDLES.iter().find_map(|p| {
+                crate::files::read(std::path::Path::new(p), crate::files::SMALL)
+                    .ok()
+                    .map(|pem| (p, pem))
+            });
             match found {
                 Some((p, pem)) => PemFile {
                     path: PathBuf::from(p),

@@ -643,3 +643,23 @@ fn files_that_are_no_regular_files_are_refused_at_once() {
     assert_eq!(code, 1);
     assert!(out.contains("a character device"), "{out}");
 }
+
+#[test]
+fn a_command_printing_into_a_closed_pipe_ends_quietly() {
+    // `wraith policy schema | head -0`: the reader is gone before the first write.
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::ExitStatusExt;
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(["policy", "schema"])
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

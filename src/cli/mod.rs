@@ -172,6 +172,16 @@ pub enum PolicyCommand {
 /// Parses the command line and runs the subcommand.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
+    // The Rust runtime ignores SIGPIPE, so a command printing into a closed pipe
+    // (`wraith decisions list --json | head -1`) panicked on its next print. Every command
+    // but `serve` (whose sockets need the signal ignored) ends quietly there instead, as
+    // Unix tools do.
+    if !matches!(cli.command, Command::Serve(_)) {
+        // SAFETY: restores the default disposition before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Serve(c) => serve::run(&c.config),
         Command::Test(c) => test::run(&c.config),

@@ -663,3 +663,43 @@ fn a_command_printing_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
+
+#[test]
+fn framing_headers_given_for_responses_are_config_errors() {
+    // Every client got an empty reply from such a route: its Content-Length contradicted
+    // the body sent.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text = r#"[[listener]]
+name = "a"
+address = "127.0.0.1:0"
+protocol = "http"
+
+[[upstream]]
+name = "app"
+endpoints = ["127.0.0.1:9"]
+
+[[route]]
+name = "r1"
+path = { exact = "/" }
+respond = { status = 200, body = "abc", headers = { "Content-Length" = "5" } }
+
+[[route]]
+name = "r2"
+upstream = "app"
+response_headers = { set = { "transfer-encoding" = "chunked" }, add = { "x-ok" = "1" } }
+request_headers = { set = { "x-ok" = "1" } }
+"#;
+    std::fs::write(&path, text).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    let p = path.display().to_string();
+    for expected in [
+        format!("{p}:13:53: route[0].respond.headers.content-length: content-length cannot be set"),
+        format!(
+            "{p}:18:30: route[1].response_headers.set.transfer-encoding: transfer-encoding cannot be set"
+        ),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+}

@@ -1904,6 +1904,9 @@ fn build_respond(b: &mut Builder<'_>, key: &str, raw: RawRespond) -> Respond {
         ),
     }
     for (name, value) in raw.headers.iter().flatten() {
+        if refuse_framing(b, &format!("{key}.headers"), name) {
+            continue;
+        }
         if let Some((n, v)) = header_pair(b, &format!("{key}.headers"), name, value) {
             headers.append(n, v);
         }
@@ -1913,6 +1916,21 @@ fn build_respond(b: &mut Builder<'_>, key: &str, raw: RawRespond) -> Respond {
         body: Bytes::from(raw.body.unwrap_or_default()),
         headers,
     }
+}
+
+/// A framing header (`Content-Length`, `Transfer-Encoding`) given for a response: an error
+/// at its name (Wraith frames every response from its body). True when refused.
+fn refuse_framing(b: &mut Builder<'_>, key: &str, name: &Str) -> bool {
+    let n = name.get_ref().to_ascii_lowercase();
+    if n == "content-length" || n == "transfer-encoding" {
+        b.err(
+            Some(name.span()),
+            format!("{key}.{n}"),
+            format!("{n} cannot be set: Wraith frames every response from its body"),
+        );
+        return true;
+    }
+    false
 }
 
 fn header_pair(
@@ -1951,11 +1969,20 @@ fn build_header_ops(b: &mut Builder<'_>, key: &str, raw: Option<RawHeaderOps>) -
         return HeaderOps::default();
     };
     let mut ops = HeaderOps::default();
+    // A response's framing is the body's own: a Content-Length set here would contradict
+    // the body actually sent, and every client would get a broken response.
+    let response = key.ends_with("response_headers");
     for (name, value) in raw.set.iter().flatten() {
+        if response && refuse_framing(b, &format!("{key}.set"), name) {
+            continue;
+        }
         ops.set
             .extend(header_pair(b, &format!("{key}.set"), name, value));
     }
     for (name, value) in raw.add.iter().flatten() {
+        if response && refuse_framing(b, &format!("{key}.add"), name) {
+            continue;
+        }
         ops.add
             .extend(header_pair(b, &format!("{key}.add"), name, value));
     }

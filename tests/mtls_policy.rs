@@ -920,6 +920,24 @@ expect = "allow"
 }
 
 #[test]
+fn wraith_test_says_why_a_case_file_cannot_be_read() {
+    let (dir, cfg) = cli_setup(
+        &[(
+            "p.cedar",
+            "@id(\"all\")\npermit (principal, action, resource);\n",
+        )],
+        None,
+    );
+    std::fs::write(dir.path().join("policies/tests/bad.toml"), [0xff, 0xfe]).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("bad.toml: cannot read: not UTF-8 text"),
+        "the file and the reason: {out}"
+    );
+}
+
+#[test]
 fn policy_explain_shows_the_decision_policies_and_entities() {
     let dir = tempfile::tempdir().unwrap();
     let ca = wraith::certs::Ca::new("explain CA").unwrap();

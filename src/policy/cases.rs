@@ -166,9 +166,9 @@ fn run_file(
     let text = match crate::files::read_to_string(file, crate::files::SMALL) {
         Ok(t) => t,
         Err(e) => {
-            report
-                .errors
-                .push(format!("{}: cannot read: {e}", file.display()));
+            let msg = format!("{}: cannot read: {e}", file.display());
+            let _ = writeln!(report.output, "error: {msg}");
+            report.errors.push(msg);
             report.failed += 1;
             return;
         }

@@ -703,3 +703,49 @@ request_headers = { set = { "x-ok" = "1" } }
         assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
     }
 }
+
+#[test]
+fn routes_that_can_never_match_are_config_errors() {
+    // Requests are routed by their normalized path: these routes were accepted and never
+    // matched (requests fell through to the next route).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text = r#"[[listener]]
+name = "a"
+address = "127.0.0.1:0"
+protocol = "http"
+
+[[route]]
+name = "dots"
+path = { exact = "/a/../b" }
+respond = { status = 200 }
+
+[[route]]
+name = "encoded"
+path = { prefix = "/%61dmin/" }
+respond = { status = 200 }
+
+[[route]]
+name = "none"
+methods = []
+respond = { status = 200 }
+
+[[route]]
+name = "fine"
+path = { prefix = "/api/" }
+methods = ["get"]
+respond = { status = 200 }
+"#;
+    std::fs::write(&path, text).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    let p = path.display().to_string();
+    for expected in [
+        format!("{p}:8:18: route[0].path.exact: path \"/a/../b\" can never match: requests are routed by their normalized path; write \"/b\""),
+        format!("{p}:13:19: route[1].path.prefix: path \"/%61dmin/\" can never match: requests are routed by their normalized path; write \"/admin/\""),
+        format!("{p}:18:11: route[2].methods: an empty list matches no request"),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+    assert_eq!(out.matches("error:").count(), 3, "{out}");
+}

@@ -1459,9 +1459,16 @@ fn build_routes(
                 }
             }
         };
+        if let Some(list) = r.methods.as_ref().filter(|l| l.get_ref().is_empty()) {
+            b.err(
+                Some(list.span()),
+                format!("{key}.methods"),
+                "an empty list matches no request: leave methods out to match every method",
+            );
+        }
         let methods = r.methods.as_ref().map(|list| {
             let mut out = Vec::new();
-            for (j, m) in list.iter().enumerate() {
+            for (j, m) in list.get_ref().iter().enumerate() {
                 let upper = m.get_ref().to_ascii_uppercase();
                 match Method::from_bytes(upper.as_bytes()) {
                     Ok(method) if !upper.is_empty() => out.push(method),
@@ -1834,11 +1841,25 @@ fn build_policy(b: &mut Builder<'_>, raw: RawPolicy) -> Option<PolicyConfig> {
 }
 
 fn check_path(b: &mut Builder<'_>, s: &Str, key: &str) {
-    if !s.get_ref().starts_with('/') {
+    let p = s.get_ref();
+    if !p.starts_with('/') {
         b.err(
             Some(s.span()),
             key,
-            format!("path {:?} must start with '/'", s.get_ref()),
+            format!("path {p:?} must start with '/'"),
+        );
+    } else if let Some(why) = crate::proxy::path::refused(p) {
+        b.err(
+            Some(s.span()),
+            key,
+            format!("path {p:?} can never match: requests like it are refused ({why})"),
+        );
+    } else if let Some(normal) = crate::proxy::path::normalize(p) {
+        // Requests are routed by their normalized path: this one would never match.
+        b.err(
+            Some(s.span()),
+            key,
+            format!("path {p:?} can never match: requests are routed by their normalized path; write {normal:?}"),
         );
     }
 }

@@ -235,7 +235,7 @@ pub struct RawRoute {
     pub name: Str,
     pub host: Option<Str>,
     pub path: Option<Spanned<RawPath>>,
-    pub methods: Option<Vec<Str>>,
+    pub methods: Option<Spanned<Vec<Str>>>,
     pub upstream: Option<Str>,
     pub respond: Option<Spanned<RawRespond>>,
     pub redirect: Option<Spanned<RawRedirect>>,

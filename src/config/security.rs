@@ -275,6 +275,15 @@ fn base_url(s: &str) -> Result<String, String> {
     if uri.host().is_none() {
         return Err(format!("URL {s:?} has no host"));
     }
+    // `http::Uri` keeps any digits as the port; 99999 failed only at the first pull.
+    if let Some(authority) = uri.authority() {
+        let port = authority.as_str().rsplit_once(':').map(|(_, p)| p);
+        if let Some(p) = port.filter(|p| !p.contains(']')) {
+            if p.parse::<u16>().map_or(true, |n| n == 0) {
+                return Err(format!("URL {s:?} has an invalid port {p:?} (1..=65535)"));
+            }
+        }
+    }
     Ok(s.trim_end_matches('/').to_string())
 }
 
@@ -682,5 +691,25 @@ mod tests {
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("10").is_err());
         assert!(parse_rate("10/fortnight").is_err());
+    }
+
+    #[test]
+    fn lapi_urls() {
+        assert_eq!(
+            base_url("http://127.0.0.1:8080/").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert!(base_url("https://lapi.internal").is_ok());
+        assert!(base_url("http://[::1]:8080").is_ok());
+        assert!(base_url("http://[::1]").is_ok());
+        for bad in [
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:0",
+            "http://[::1]:70000",
+        ] {
+            let e = base_url(bad).unwrap_err();
+            assert!(e.contains("invalid port"), "{bad}: {e}");
+        }
+        assert!(base_url("ftp://x").is_err());
     }
 }

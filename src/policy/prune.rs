@@ -5,12 +5,14 @@
 //! - its action scope excludes the action (`action == ...`, `action in [...]` with the
 //!   `read` / `write` groups resolved),
 //! - its resource scope names another route (`resource == / in Wraith::Route::"..."`), or
-//! - its `when` condition requires `resource.tags.contains("t")` (as one of its top-level `&&`
-//!   terms) and the route has no tag `t`.
+//! - its first `when` condition *begins* with `resource.tags.contains("t")` terms (the leading
+//!   top-level `&&` terms) and the route has no tag `t`.
 //!
 //! Every such policy evaluates to "does not apply" for every request on that route and action,
 //! and a policy that does not apply never changes a decision, so pruning is invisible except in
-//! cost (and in Cedar's error list: a pruned policy cannot report an evaluation error).
+//! cost. Only *leading* tag terms count: Cedar evaluates `&&` from the left and stops at the
+//! first false term, so a term before the tag test can still fail (an overflow, a missing
+//! attribute), and a failing `forbid` denies. Such a policy is evaluated, not pruned.
 
 use cedar_policy::{ActionConstraint, EntityUid, Policy, ResourceConstraint};
 use serde_json::Value;
@@ -33,9 +35,12 @@ impl PolicyShape {
         // The policy's JSON form (EST) is read once, at load; never on the request path.
         if let Ok(est) = policy.to_json() {
             reads_context = false;
+            // Conditions are evaluated in order: the tag tests leading the first ones, up to
+            // the first term that is not one.
+            let mut leading = true;
             for c in est["conditions"].as_array().into_iter().flatten() {
-                if c["kind"] == "when" {
-                    conjunct_tags(&c["body"], &mut required_tags);
+                if leading {
+                    leading = c["kind"] == "when" && leading_tags(&c["body"], &mut required_tags);
                 }
                 reads_context |= mentions_context(&c["body"]);
             }
@@ -83,22 +88,24 @@ fn mentions_context(e: &Value) -> bool {
     }
 }
 
-/// Collects `resource.tags.contains("t")` among the top-level `&&` terms of a condition.
-fn conjunct_tags(body: &Value, out: &mut Vec<String>) {
+/// Collects the `resource.tags.contains("t")` terms that lead a condition's top-level `&&`
+/// terms, left to right, up to the first other term; true when every term was one (so the
+/// next condition's leading terms count too).
+fn leading_tags(body: &Value, out: &mut Vec<String>) -> bool {
     if let Some(and) = body.get("&&") {
-        conjunct_tags(&and["left"], out);
-        conjunct_tags(&and["right"], out);
-        return;
+        return leading_tags(&and["left"], out) && leading_tags(&and["right"], out);
     }
     let Some(c) = body.get("contains") else {
-        return;
+        return false;
     };
     let receiver = &c["left"]["."];
     if receiver["attr"] == "tags" && receiver["left"]["Var"] == "resource" {
         if let Some(tag) = c["right"]["Value"].as_str() {
             out.push(tag.to_string());
+            return true;
         }
     }
+    false
 }
 
 #[cfg(test)]
@@ -142,7 +149,7 @@ mod tests {
 
         let tagged = shape(
             r#"forbid(principal, action, resource)
-               when { context.path != "/" && resource.tags.contains("admin") && principal has cn }
+               when { resource.tags.contains("admin") && context.path != "/" && principal has cn }
                unless { resource.tags.contains("api") };"#,
         );
         assert!(
@@ -150,6 +157,31 @@ mod tests {
             "needs tag admin"
         );
         assert!(tagged.may_apply(&admin, &["admin".to_string()], &get, &read));
+
+        // A term before the tag test may fail (an overflow here), and a failing forbid
+        // denies on every route: not pruned.
+        let fails_first = shape(
+            r#"forbid(principal, action, resource)
+               when { context.local.hour * 9223372036854775807 * 2 > 0 && resource.tags.contains("t") };"#,
+        );
+        assert!(fails_first.may_apply(&api, &tags, &get, &read));
+        // So does a second condition's tag test after a first that is not all tags.
+        let later = shape(
+            r#"permit(principal, action, resource)
+               when { principal has cn } when { resource.tags.contains("admin") };"#,
+        );
+        assert!(later.may_apply(&api, &tags, &get, &read));
+        let both = shape(
+            r#"permit(principal, action, resource)
+               when { resource.tags.contains("ops") } when { resource.tags.contains("admin") };"#,
+        );
+        assert!(!both.may_apply(&admin, &["ops".to_string()], &get, &read));
+        assert!(both.may_apply(
+            &admin,
+            &["ops".to_string(), "admin".to_string()],
+            &get,
+            &read
+        ));
 
         // Only top-level && terms count: under || the tag is not required.
         let either = shape(

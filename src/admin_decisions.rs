@@ -193,13 +193,49 @@ fn new_decision(body: &[u8]) -> Result<Decision, String> {
 }
 
 /// A JSON array of decisions (bulk load: one table rebuild for all of them).
-fn new_decisions(body: &[u8]) -> Result<Vec<Decision>, String> {
-    let reqs: Vec<NewDecision> = serde_json::from_slice(body)
-        .map_err(|e| format!("body must be a JSON array of decision objects: {e}"))?;
-    reqs.into_iter()
-        .enumerate()
-        .map(|(i, r)| build(r).map_err(|e| format!("decision {i}: {e}")))
-        .collect()
+/// The decisions of a JSON array, each checked as it is read, and at most `cap` of them: a
+/// large array is never held twice (its requests, then its decisions), and one longer than
+/// `max_local` allows is refused as soon as that is known. Read into a `Vec` of requests
+/// first, a 64 MiB array took about 1 GB.
+fn new_decisions(body: &[u8], cap: usize) -> Result<Vec<Decision>, (StatusCode, String)> {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    struct Checked<'a>(usize, &'a std::cell::Cell<bool>);
+    impl<'de> Visitor<'de> for Checked<'_> {
+        type Value = Vec<Decision>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of decision objects")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Decision>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(r) = seq.next_element::<NewDecision>()? {
+                if out.len() == self.0 {
+                    self.1.set(true);
+                    return Err(A::Error::custom(format!(
+                        "more than {} decisions ([decisions] max_local)",
+                        self.0
+                    )));
+                }
+                let i = out.len();
+                out.push(build(r).map_err(|e| A::Error::custom(format!("decision {i}: {e}")))?);
+            }
+            Ok(out)
+        }
+    }
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_seq(Checked(cap, &over))
+        .and_then(|all| de.end().map(|()| all))
+        .map_err(|e| {
+            let status = if over.get() {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            (
+                status,
+                format!("body must be a JSON array of decision objects: {e}"),
+            )
+        })
 }
 
 /// Checks one requested decision.
@@ -275,9 +311,12 @@ fn internal(e: tokio::task::JoinError) -> (StatusCode, Value) {
 
 async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
     if body.trim_ascii_start().starts_with(b"[") {
-        let all = match new_decisions(body) {
-            Ok(all) => all,
-            Err(e) => return bad(e),
+        // Parsed off the async workers: an array of millions takes a while.
+        let (owned, cap) = (body.to_vec(), max_local(rt));
+        let all = match tokio::task::spawn_blocking(move || new_decisions(&owned, cap)).await {
+            Ok(Ok(all)) => all,
+            Ok(Err((status, e))) => return (status, json!({"error": e})),
+            Err(e) => return internal(e),
         };
         let n = all.len();
         match insert_local(rt, all).await {
@@ -452,10 +491,19 @@ mod tests {
             let e = new_decision(body).unwrap_err();
             assert!(e.contains(why), "{e:?} should mention {why:?}");
         }
-        let all = new_decisions(br#"[{"ip":"192.0.2.1"},{"cidr":"192.0.2.0/24"}]"#).unwrap();
+        let all = new_decisions(br#"[{"ip":"192.0.2.1"},{"cidr":"192.0.2.0/24"}]"#, 2).unwrap();
         assert_eq!(all.len(), 2);
-        let e = new_decisions(br#"[{"ip":"192.0.2.1"},{"ip":"x"}]"#).unwrap_err();
+        let (st, e) = new_decisions(br#"[{"ip":"192.0.2.1"},{"ip":"x"}]"#, 10).unwrap_err();
+        assert_eq!(st, StatusCode::BAD_REQUEST);
         assert!(e.contains("decision 1"), "{e}");
+        let (st, e) = new_decisions(br#"[{"ip":"192.0.2.1"},{"ip":"192.0.2.2"}]"#, 1).unwrap_err();
+        assert_eq!(st, StatusCode::INSUFFICIENT_STORAGE);
+        assert!(
+            e.contains("more than 1 decisions ([decisions] max_local)"),
+            "{e}"
+        );
+        let (_, e) = new_decisions(br#"[{"ip":"192.0.2.1"}] x"#, 10).unwrap_err();
+        assert!(e.contains("trailing characters"), "{e}");
     }
 
     #[test]

@@ -629,6 +629,17 @@ async fn local_decisions_stop_at_max_local() {
     );
     let (st, _) = add(json!([{"ip": "192.0.2.84"}, {"ip": "192.0.2.81"}])).await;
     assert_eq!(st, 507);
+    // An array longer than max_local is refused as it is read, whatever it holds.
+    let (st, v) =
+        add(json!([{"ip": "192.0.2.85"}, {"ip": "192.0.2.86"}, {"ip": "192.0.2.87"}])).await;
+    assert_eq!(st, 507, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 2 decisions"),
+        "{v}"
+    );
     let (_, list) = wraith.admin(Method::GET, "/v1/decisions", None).await;
     assert_eq!(list["count"], 2, "{list}");
 }

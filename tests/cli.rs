@@ -648,7 +648,6 @@ fn files_that_are_no_regular_files_are_refused_at_once() {
 fn a_command_printing_into_a_closed_pipe_ends_quietly() {
     // `wraith policy schema | head -0`: the reader is gone before the first write.
     use std::os::fd::FromRawFd;
-    use std::os::unix::process::ExitStatusExt;
     let mut fds = [0; 2];
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     unsafe { libc::close(fds[0]) };
@@ -661,7 +660,7 @@ fn a_command_printing_into_a_closed_pipe_ends_quietly() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    assert_eq!(out.status.code(), Some(141), "{:?}", out.status);
 }
 
 #[test]

@@ -173,14 +173,25 @@ pub enum PolicyCommand {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // The Rust runtime ignores SIGPIPE, so a command printing into a closed pipe
-    // (`wraith decisions list --json | head -1`) panicked on its next print. Every command
-    // but `serve` (whose sockets need the signal ignored) ends quietly there instead, as
-    // Unix tools do.
+    // (`wraith decisions list --json | head -1`) panicked on its next print. Such a panic
+    // now ends the command quietly, as SIGPIPE ends Unix tools (status 141, as a shell
+    // reports a death by SIGPIPE). The signal itself stays ignored: a write to the admin
+    // socket of a server that went away must be an error the command reports, not a
+    // silent death.
     if !matches!(cli.command, Command::Serve(_)) {
-        // SAFETY: restores the default disposition before any other thread exists.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+                std::process::exit(141);
+            }
+            default(info);
+        }));
     }
     match cli.command {
         Command::Serve(c) => serve::run(&c.config),

@@ -593,6 +593,19 @@ async fn a_policy_too_deep_for_cedar_is_refused_and_a_reload_with_it_leaves_the_
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // No brackets, but as deep: a chain of 20,000 additions overflowed the stack of the
+    // pruning that runs after Cedar's parser.
+    let chain = format!(
+        "@id(\"deep\")\npermit(principal, action, resource) when {{ {} > 0 }};\n",
+        vec!["1"; 20_000].join(" + ")
+    );
+    std::fs::write(&file, chain).unwrap();
+    let (code, out, err) = wraith.cli(&["test"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("its expression nests about 2000"),
+        "{out}{err}"
+    );
     std::fs::remove_file(&file).unwrap();
 }
 

@@ -117,12 +117,16 @@ struct File {
 /// runtime thread of a few MiB, where a policy that `wraith test` passed on the main
 /// thread overflowed it and killed the server. Reserved address space, not memory.
 const POLICY_STACK: usize = 256 << 20;
-/// The deepest bracket nesting a policy may have, and the most `&&` / `||` one policy may
-/// hold: checked before Cedar sees the text. Not only parsing recurses on an expression's
-/// depth: so do evaluation, pruning and dropping a policy, on runtime threads with far less
-/// stack than `POLICY_STACK`. A real policy is nowhere near either bound.
+/// Bounds on a policy. Not only parsing recurses on an expression's depth: so do
+/// evaluation, pruning and dropping a policy, on runtime threads with far less stack than
+/// `POLICY_STACK`. Before Cedar sees the text: the deepest bracket nesting, and the size of
+/// one policy (which bounds what the parser, on `POLICY_STACK`, can be asked to nest).
+/// After parsing, still on that stack: the depth of the expression tree (`a && b && c`,
+/// `1 + 1 + 1`, `if ... else if`, `a.b.c` all nest), as levels of its JSON form (about two
+/// per operator). A real policy is nowhere near any of them.
 const MAX_NESTING: usize = 64;
-const MAX_OPERATORS: usize = 1_000;
+const MAX_POLICY_BYTES: usize = 256 << 10;
+const MAX_TREE_DEPTH: usize = 400;
 
 /// `compile` on a thread with `POLICY_STACK`, whichever thread asks (the main thread of
 /// `wraith test` and `serve`, a blocking-pool thread during a reload): the same policies
@@ -151,11 +155,11 @@ pub fn compile_on_own_stack(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Ve
 }
 
 /// Where `text` nests brackets deeper than `MAX_NESTING`, or the byte offset at which one
-/// policy (up to a `;` outside brackets) holds more than `MAX_OPERATORS` `&&` / `||`: with
-/// what is wrong. Strings and comments are skipped.
+/// policy (up to a `;` outside brackets) grows past `MAX_POLICY_BYTES`: with what is wrong.
+/// Strings and comments are skipped (a comment ends at `\n` or `\r`, as Cedar's do).
 fn too_complex(text: &str) -> Option<(usize, String)> {
     let bytes = text.as_bytes();
-    let (mut depth, mut operators, mut i) = (0usize, 0usize, 0usize);
+    let (mut depth, mut start, mut i) = (0usize, 0usize, 0usize);
     while i < bytes.len() {
         match bytes[i] {
             b'"' => {
@@ -165,7 +169,7 @@ fn too_complex(text: &str) -> Option<(usize, String)> {
                 }
             }
             b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
+                while i < bytes.len() && bytes[i] != b'\n' && bytes[i] != b'\r' {
                     i += 1;
                 }
             }
@@ -176,22 +180,32 @@ fn too_complex(text: &str) -> Option<(usize, String)> {
                 }
             }
             b')' | b']' | b'}' => depth = depth.saturating_sub(1),
-            b';' if depth == 0 => operators = 0,
-            b'&' | b'|' if bytes.get(i + 1) == Some(&bytes[i]) => {
-                operators += 1;
-                i += 1;
-                if operators > MAX_OPERATORS {
-                    return Some((
-                        i,
-                        format!("more than {MAX_OPERATORS} && and || in one policy"),
-                    ));
-                }
-            }
+            b';' if depth == 0 => start = i + 1,
             _ => {}
+        }
+        if i.saturating_sub(start) > MAX_POLICY_BYTES {
+            return Some((
+                start,
+                format!("one policy longer than {} KiB", MAX_POLICY_BYTES >> 10),
+            ));
         }
         i += 1;
     }
     None
+}
+
+/// How deep a JSON value nests, counted without recursion.
+fn json_depth(v: &serde_json::Value) -> usize {
+    let (mut deepest, mut stack) = (0, vec![(v, 1)]);
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            serde_json::Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            serde_json::Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Reads, parses, names and validates the policies of `sets`.
@@ -449,6 +463,20 @@ fn parse_file(
             errors.push(at(offset, "@id is empty".into()));
             continue;
         }
+        let depth = p.to_json().map_or(0, |est| json_depth(&est));
+        if depth > MAX_TREE_DEPTH {
+            errors.push(at(
+                offset,
+                format!(
+                    "too complex to load: its expression nests about {} levels deep (at most \
+                     {}); split a long && / || chain into several policies, or test \
+                     membership with a set (`[...].contains(...)`)",
+                    depth / 2,
+                    MAX_TREE_DEPTH / 2
+                ),
+            ));
+            continue;
+        }
         if let Some((file, l)) = seen.get(id) {
             errors.push(at(
                 offset,
@@ -585,20 +613,21 @@ mod tests {
             at,
             "permit(principal, action, resource) when { ".len() + MAX_NESTING - 1
         );
-        let chain = |n: usize| {
+        let long = |n: usize| {
             format!(
                 "permit(principal, action, resource) when {{ {} }};",
-                vec!["true"; n + 1].join(" && ")
+                vec!["1"; n].join(" + ")
             )
         };
-        assert_eq!(too_complex(&chain(MAX_OPERATORS)), None);
-        assert!(too_complex(&chain(MAX_OPERATORS + 1))
-            .unwrap()
-            .1
-            .contains("in one policy"));
-        // Counted per policy, and never inside strings or comments.
-        let many = chain(MAX_OPERATORS).repeat(3);
+        let (_, why) = too_complex(&long(MAX_POLICY_BYTES / 4 + 1)).unwrap();
+        assert!(why.contains("longer than 256 KiB"), "{why}");
+        // Measured per policy, and never inside strings or comments.
+        let many = long(1000).repeat(300);
+        assert!(many.len() > MAX_POLICY_BYTES);
         assert_eq!(too_complex(&many), None);
+        // A comment ends at a lone CR too: the brackets after it count.
+        let cr = format!("// x\r{}", "(".repeat(MAX_NESTING + 1));
+        assert!(too_complex(&cr).is_some());
         let quoted = format!(
             "// {}\npermit(principal, action, resource) when {{ context.path == \"{}\\\"\" }};",
             "(".repeat(500),

@@ -747,6 +747,16 @@ name = "fine"
 path = { prefix = "/api/" }
 methods = ["get"]
 respond = { status = 200 }
+
+[[route]]
+name = "dotfiles"
+path = { prefix = "/." }
+respond = { status = 404 }
+
+[[route]]
+name = "dotdot-names"
+path = { prefix = "/x/.." }
+respond = { status = 404 }
 "#;
     std::fs::write(&path, text).unwrap();
     let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());

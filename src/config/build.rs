@@ -1436,10 +1436,10 @@ fn build_routes(
                     );
                     PathMatch::Prefix("/".into())
                 } else if let Some(s) = p.prefix {
-                    check_path(b, &s, &format!("{key}.path.prefix"));
+                    check_path(b, &s, &format!("{key}.path.prefix"), true);
                     PathMatch::Prefix(s.into_inner())
                 } else if let Some(s) = p.exact {
-                    check_path(b, &s, &format!("{key}.path.exact"));
+                    check_path(b, &s, &format!("{key}.path.exact"), false);
                     PathMatch::Exact(s.into_inner())
                 } else if let Some(s) = p.regex {
                     match Regex::new(s.get_ref()) {
@@ -1840,7 +1840,10 @@ fn build_policy(b: &mut Builder<'_>, raw: RawPolicy) -> Option<PolicyConfig> {
     })
 }
 
-fn check_path(b: &mut Builder<'_>, s: &Str, key: &str) {
+/// A route's path must start with `/` and be a path requests can have once normalized. A
+/// prefix may end inside a segment (`/.` matches `/.env`, `/.git/`): a trailing `.` or `..`
+/// there is the start of a name, not a dot segment, so it is checked as if a name followed.
+fn check_path(b: &mut Builder<'_>, s: &Str, key: &str, prefix: bool) {
     let p = s.get_ref();
     if !p.starts_with('/') {
         b.err(
@@ -1854,7 +1857,12 @@ fn check_path(b: &mut Builder<'_>, s: &Str, key: &str) {
             key,
             format!("path {p:?} can never match: requests like it are refused ({why})"),
         );
-    } else if let Some(normal) = crate::proxy::path::normalize(p) {
+    } else if let Some(normal) = if prefix {
+        crate::proxy::path::normalize(&format!("{p}x"))
+            .map(|n| n.strip_suffix('x').unwrap_or(&n).to_string())
+    } else {
+        crate::proxy::path::normalize(p)
+    } {
         // Requests are routed by their normalized path: this one would never match.
         b.err(
             Some(s.span()),

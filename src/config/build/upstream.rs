@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 
-use super::{check_name, check_path, Builder, Span};
+use super::{check_name, Builder, Span};
 use crate::config::raw::*;
 use crate::config::units::parse_size;
 
@@ -546,7 +546,14 @@ fn build_health_check(b: &mut Builder<'_>, key: &str, raw: RawHealthCheck) -> He
     let path = match &raw.path {
         None => "/".to_string(),
         Some(p) => {
-            check_path(b, p, &format!("{key}.path"));
+            // Sent to the endpoint as written (no routing normalizes it).
+            if !p.get_ref().starts_with('/') {
+                b.err(
+                    Some(p.span()),
+                    format!("{key}.path"),
+                    format!("path {:?} must start with '/'", p.get_ref()),
+                );
+            }
             if http::uri::PathAndQuery::try_from(p.get_ref().as_str()).is_err() {
                 b.err(
                     Some(p.span()),

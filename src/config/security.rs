@@ -277,7 +277,12 @@ fn base_url(s: &str) -> Result<String, String> {
     }
     // `http::Uri` keeps any digits as the port; 99999 failed only at the first pull.
     if let Some(authority) = uri.authority() {
-        let port = authority.as_str().rsplit_once(':').map(|(_, p)| p);
+        // After any userinfo (which can hold a password: never in an error).
+        let host_port = authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, h)| h);
+        let port = host_port.rsplit_once(':').map(|(_, p)| p);
         if let Some(p) = port.filter(|p| !p.contains(']')) {
             if p.parse::<u16>().map_or(true, |n| n == 0) {
                 return Err(format!("URL {s:?} has an invalid port {p:?} (1..=65535)"));
@@ -711,5 +716,8 @@ mod tests {
             assert!(e.contains("invalid port"), "{bad}: {e}");
         }
         assert!(base_url("ftp://x").is_err());
+        assert!(base_url("http://bouncer:secret@127.0.0.1").is_ok());
+        let e = base_url("http://bouncer:secret@127.0.0.1:99999").unwrap_err();
+        assert!(e.contains("invalid port \"99999\""), "{e}");
     }
 }

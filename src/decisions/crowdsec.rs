@@ -443,7 +443,9 @@ pub fn tls_fingerprint(config: &CrowdsecConfig) -> u64 {
         .chain(config.client_cert.iter().flat_map(|(c, k)| [c, k]));
     for path in files {
         path.hash(&mut h);
-        std::fs::read(path).ok().hash(&mut h);
+        crate::files::read(path, crate::files::SMALL)
+            .ok()
+            .hash(&mut h);
     }
     h.finish()
 }

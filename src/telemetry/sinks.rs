@@ -495,12 +495,21 @@ pub fn open_append(path: &Path) -> Result<File, String> {
         // is fine; one without fails now, with ENXIO.
         opts.mode(0o640).custom_flags(libc::O_NONBLOCK);
     }
-    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENXIO) => format!(
-            "cannot open {}: a FIFO with no reader (start the reader first)",
-            path.display()
-        ),
-        _ => format!("cannot open {}: {e}", path.display()),
+    let file = opts.open(path).map_err(|e| {
+        use std::os::unix::fs::FileTypeExt;
+        let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+        match e.raw_os_error() {
+            Some(libc::ENXIO) if fifo => format!(
+                "cannot open {}: a FIFO with no reader (start the reader first)",
+                path.display()
+            ),
+            // /dev/stdout when stdout is a socket (systemd's journal), for one.
+            Some(libc::ENXIO) => format!(
+                "cannot open {}: {e} (a socket cannot be opened as a file)",
+                path.display()
+            ),
+            _ => format!("cannot open {}: {e}", path.display()),
+        }
     })?;
     // Writes block again (the writer thread waits on a full pipe rather than losing lines).
     use std::os::fd::AsRawFd;

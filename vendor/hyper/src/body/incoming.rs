@@ -191,9 +191,13 @@ impl Body for Incoming {
                 content_length: len,
                 reset_may_end,
             } => {
-                // Wraith: a reset with NO_ERROR ends the body cleanly only where it may
-                // (see `reset_may_end`), and never short of a declared length.
-                let clean_end = *reset_may_end && !(len.is_exact() && len.danger_len() > 0);
+                // Wraith: a reset with NO_ERROR ends the body cleanly where it may (see
+                // `reset_may_end`) or once a declared length is met, and never short of one.
+                let clean_end = if len.is_exact() {
+                    len.danger_len() == 0
+                } else {
+                    *reset_may_end
+                };
                 if !*data_done {
                     match ready!(h2.poll_data(cx)) {
                         Some(Ok(bytes)) => {

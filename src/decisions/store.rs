@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -26,20 +26,37 @@ use crate::config::Fallback;
 use crate::proxy::headers::{canonical, net_contains};
 
 /// The decisions' clock, in milliseconds on the Unix epoch's scale: the wall clock when the
-/// process first asked, moved on by the monotonic clock since. A decision lasts what it was
+/// process first asked, moved on by the boot-time clock since (monotonic, and unlike
+/// `Instant` it goes on while the machine or VM is suspended, so a ban does not outlast its
+/// duration by a pause). A decision lasts what it was
 /// given (`now_ms() + duration`) whatever happens to the wall clock meanwhile: an NTP step or
 /// a clock set by hand neither ends a ban early nor stretches it. The wall clock is used
 /// only where a time leaves or enters the process (`to_wall_ms`, `from_wall_ms`): the state
 /// file and the times the admin API shows.
 pub fn now_ms() -> u64 {
-    let (wall, mono) = anchor();
-    wall.saturating_add(mono.elapsed().as_millis() as u64)
+    let (wall, boot) = *anchor();
+    wall.saturating_add(boot_ms().saturating_sub(boot))
 }
 
-/// The wall clock and the monotonic clock read together, once per process.
-fn anchor() -> &'static (u64, Instant) {
-    static ANCHOR: OnceLock<(u64, Instant)> = OnceLock::new();
-    ANCHOR.get_or_init(|| (wall_ms(), Instant::now()))
+/// The wall clock and the boot-time clock read together, once per process.
+fn anchor() -> &'static (u64, u64) {
+    static ANCHOR: OnceLock<(u64, u64)> = OnceLock::new();
+    ANCHOR.get_or_init(|| (wall_ms(), boot_ms()))
+}
+
+/// Milliseconds since boot, suspended time included (`CLOCK_BOOTTIME`).
+fn boot_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec as u64 / 1_000_000)
 }
 
 /// Milliseconds since the Unix epoch by the wall clock, now.

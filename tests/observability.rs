@@ -647,6 +647,16 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
         .collect();
     assert_eq!(denied.len(), 1, "{out}");
     assert_eq!(denied[0]["path"], "/admin/users");
+    // A --limit past SQLite's signed 64-bit LIMIT means every row.
+    let (code, out, err) = wraith.cli(&[
+        "logs",
+        "--denied",
+        "--json",
+        "--limit",
+        "18446744073709551615",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
     let (_, out, _) = wraith.cli(&["logs", "--errors", "--json"]);
     let mut errors: Vec<String> = out
         .lines()
@@ -1064,11 +1074,14 @@ async fn client_values_cannot_push_a_line_past_what_wazuh_reads() {
     assert!(rest.starts_with("404 "), "the status in its place: {rest}");
     assert!(rest.ends_with("\\xFF...[truncated]\""), "{rest}");
 
-    // The database keeps the whole values.
-    let row = db_rows(
-        &wraith.path("access.db"),
-        "SELECT path, length(user_agent) FROM access_log",
-    );
+    // The database keeps the whole values (its writer flushes on its own timer: the row
+    // may come after the text lines).
+    let query = "SELECT path, length(user_agent) FROM access_log";
+    eventually("the SQLite row", || {
+        !db_rows(&wraith.path("access.db"), query).is_empty()
+    })
+    .await;
+    let row = db_rows(&wraith.path("access.db"), query);
     assert_eq!(row[0][0], rusqlite::types::Value::Text(path));
     assert_eq!(
         row[0][1],

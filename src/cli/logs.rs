@@ -87,7 +87,8 @@ fn logs(args: &LogsArgs) -> Result<(), String> {
     }
 
     let (columns, filter) = preset(args)?;
-    let limit = if args.limit == 0 { 50 } else { args.limit };
+    // SQLite's LIMIT is a signed 64-bit integer: more is all rows anyway.
+    let limit = if args.limit == 0 { 50 } else { args.limit }.min(i64::MAX as usize);
     // The newest `limit` matching rows, shown oldest first.
     let sql = format!(
         "SELECT * FROM (SELECT {columns} FROM access_log WHERE {filter} ORDER BY id DESC LIMIT {limit}) ORDER BY id"

@@ -278,7 +278,7 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
             Ok(m) if m.is_file() => None,
             Ok(m) => Some(format!(
                 "not a regular file ({}): policy files must be files",
-                file_kind(&m)
+                crate::files::kind(&m)
             )),
             Err(e) if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) => Some(
                 format!("cannot read policy file (a symlink whose target cannot be reached): {e}"),
@@ -373,23 +373,6 @@ pub fn compile(dir: &Path, sets: &[SetSpec]) -> Result<Compiled, Vec<PolicyError
         sets: compiled_sets,
         policies: infos,
     })
-}
-
-/// What kind of file `m` describes, for an error message.
-fn file_kind(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() || t.is_char_device() {
-        "a device"
-    } else {
-        "not a file"
-    }
 }
 
 /// Parses one file; renames each policy to its `@id`. Policies with problems are reported in

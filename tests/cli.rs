@@ -18,10 +18,23 @@ fn test_accepts_the_shipped_config() {
     assert!(out.contains("is valid"), "{out}");
 }
 
+/// `wraith test` on `text`, a config that must be refused: exit 1, and every `expected`
+/// problem printed as `<file>:<line:col: key: message>`. Returns the output.
+fn refused_config(text: &str, expected: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    for e in expected {
+        let line = format!("{}:{e}", path.display());
+        assert!(out.contains(&line), "missing {line:?} in:\n{out}");
+    }
+    out
+}
+
 #[test]
 fn test_reports_every_error_with_position() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("broken.toml");
     let text = r#"[server]
 shutdown_timeout = "10 parsecs"
 
@@ -65,25 +78,20 @@ name = "r4"
 upstream = "app"
 path = { prefix = 5 }
 "#;
-    std::fs::write(&path, text).unwrap();
-    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
-    assert_eq!(code, 1, "{out}");
-    let p = path.display().to_string();
     // Every problem, each with file:line:col and key path.
-    for expected in [
-        format!("{p}:2:20: server.shutdown_timeout: invalid duration"),
-        format!("{p}:8:1: listener[0]: unknown field `adress`"),
-        format!(
-            "{p}:17:11: listener[2].address: address 127.0.0.1:18081 clashes with listener \"b\""
-        ),
-        format!("{p}:23:20: upstream[0].response_timeout: invalid duration \"soon\""),
-        format!("{p}:27:18: route[0].path.regex: invalid regex: unclosed group"),
-        format!("{p}:32:12: route[1].upstream: unknown upstream \"nowhere\""),
-        format!("{p}:37:16: route[2].strip_prefix: invalid type: string \"yes\""),
-        format!("{p}:42:19: route[3].path.prefix: invalid type: integer `5`"),
-    ] {
-        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
-    }
+    let out = refused_config(
+        text,
+        &[
+            "2:20: server.shutdown_timeout: invalid duration",
+            "8:1: listener[0]: unknown field `adress`",
+            "17:11: listener[2].address: address 127.0.0.1:18081 clashes with listener \"b\"",
+            "23:20: upstream[0].response_timeout: invalid duration \"soon\"",
+            "27:18: route[0].path.regex: invalid regex: unclosed group",
+            "32:12: route[1].upstream: unknown upstream \"nowhere\"",
+            "37:16: route[2].strip_prefix: invalid type: string \"yes\"",
+            "42:19: route[3].path.prefix: invalid type: integer `5`",
+        ],
+    );
     assert!(out.contains("is invalid"), "{out}");
 }
 
@@ -680,8 +688,6 @@ fn a_command_printing_into_a_closed_pipe_ends_quietly() {
 fn framing_headers_given_for_responses_are_config_errors() {
     // Every client got an empty reply from such a route: its Content-Length contradicted
     // the body sent.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
     let text = r#"[[listener]]
 name = "a"
 address = "127.0.0.1:0"
@@ -702,26 +708,19 @@ upstream = "app"
 response_headers = { set = { "transfer-encoding" = "chunked" }, add = { "x-ok" = "1" } }
 request_headers = { set = { "x-ok" = "1" } }
 "#;
-    std::fs::write(&path, text).unwrap();
-    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
-    assert_eq!(code, 1, "{out}");
-    let p = path.display().to_string();
-    for expected in [
-        format!("{p}:13:53: route[0].respond.headers.content-length: content-length cannot be set"),
-        format!(
-            "{p}:18:30: route[1].response_headers.set.transfer-encoding: transfer-encoding cannot be set"
-        ),
-    ] {
-        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
-    }
+    refused_config(
+        text,
+        &[
+            "13:53: route[0].respond.headers.content-length: content-length cannot be set",
+            "18:30: route[1].response_headers.set.transfer-encoding: transfer-encoding cannot be set",
+        ],
+    );
 }
 
 #[test]
 fn routes_that_can_never_match_are_config_errors() {
     // Requests are routed by their normalized path: these routes were accepted and never
     // matched (requests fell through to the next route).
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
     let text = r#"[[listener]]
 name = "a"
 address = "127.0.0.1:0"
@@ -758,16 +757,13 @@ name = "dotdot-names"
 path = { prefix = "/x/.." }
 respond = { status = 404 }
 "#;
-    std::fs::write(&path, text).unwrap();
-    let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
-    assert_eq!(code, 1, "{out}");
-    let p = path.display().to_string();
-    for expected in [
-        format!("{p}:8:18: route[0].path.exact: path \"/a/../b\" can never match: requests are routed by their normalized path; write \"/b\""),
-        format!("{p}:13:19: route[1].path.prefix: path \"/%61dmin/\" can never match: requests are routed by their normalized path; write \"/admin/\""),
-        format!("{p}:18:11: route[2].methods: an empty list matches no request"),
-    ] {
-        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
-    }
+    let out = refused_config(
+        text,
+        &[
+            "8:18: route[0].path.exact: path \"/a/../b\" can never match: requests are routed by their normalized path; write \"/b\"",
+            "13:19: route[1].path.prefix: path \"/%61dmin/\" can never match: requests are routed by their normalized path; write \"/admin/\"",
+            "18:11: route[2].methods: an empty list matches no request",
+        ],
+    );
     assert_eq!(out.matches("error:").count(), 3, "{out}");
 }

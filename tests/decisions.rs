@@ -303,6 +303,23 @@ async fn bans_survive_sigterm_and_restart() {
     assert!(moved.abs() < time::Duration::seconds(1), "moved by {moved}");
 }
 
+/// The wall clock, in milliseconds since the Unix epoch.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The `until_ms` a decisions state file holds for `value` (a CIDR).
+fn saved_until_ms(file: &serde_json::Value, value: &str) -> Option<u64> {
+    file["decisions"]
+        .as_array()?
+        .iter()
+        .find(|d| d["value"] == value)
+        .and_then(|d| d["until_ms"].as_u64())
+}
+
 /// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
@@ -378,17 +395,8 @@ async fn a_wall_clock_step_neither_ends_nor_stretches_a_ban() {
         &std::fs::read_to_string(wraith.dir.path().join("decisions.json")).unwrap(),
     )
     .unwrap();
-    let real_now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let d = saved["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["value"] == "192.0.2.60/32")
-        .expect("the hour-long ban is saved");
-    let behind = real_now_ms - d["until_ms"].as_i64().unwrap();
+    let until = saved_until_ms(&saved, "192.0.2.60/32").expect("the hour-long ban is saved");
+    let behind = wall_ms() as i64 - until as i64;
     assert!(
         (3_500_000..=3_610_000).contains(&behind),
         "{saved}: {behind} ms behind the real clock"
@@ -577,18 +585,8 @@ async fn a_state_file_moved_by_reload_gets_the_bans_in_hand_and_keeps_its_own() 
         "{text}"
     );
     let file: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let until = file["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["value"] == "192.0.2.72/32")
-        .map(|d| d["until_ms"].as_u64().unwrap())
-        .unwrap();
-    assert!(until > now_ms + 3_600_000, "{text}");
+    let until = saved_until_ms(&file, "192.0.2.72/32").unwrap();
+    assert!(until > wall_ms() + 3_600_000, "{text}");
 
     // A state file that is not one: the reload is refused, the file untouched.
     std::fs::write(wraith.dir.path().join("broken.json"), "{ not json").unwrap();

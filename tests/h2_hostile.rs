@@ -19,7 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A raw HTTP/1.1 upstream that records what each connection sends until that connection
-/// closes; it never answers, or (`answering`) answers each request head with an empty 200.
+/// closes; it never answers (`start`), or answers each request head with the same bytes
+/// (`answering`).
 struct Recorder {
     addr: SocketAddr,
     /// Bytes received, and how many connections have closed.
@@ -28,10 +29,14 @@ struct Recorder {
 
 impl Recorder {
     async fn start() -> Recorder {
-        Recorder::with(false).await
+        Recorder::with(None).await
     }
 
-    async fn with(answering: bool) -> Recorder {
+    async fn answering(answer: &'static [u8]) -> Recorder {
+        Recorder::with(Some(answer)).await
+    }
+
+    async fn with(answer: Option<&'static [u8]>) -> Recorder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new((Vec::new(), 0)));
@@ -46,10 +51,10 @@ impl Recorder {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
                                 seen.lock().unwrap().0.extend_from_slice(&buf[..n]);
+                                let Some(answer) = answer else { continue };
                                 let heads = buf[..n].windows(4).filter(|w| w == b"\r\n\r\n");
-                                for _ in heads.take(if answering { usize::MAX } else { 0 }) {
-                                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-                                    let _ = s.write_all(ok).await;
+                                for _ in 0..heads.count() {
+                                    let _ = s.write_all(answer).await;
                                 }
                             }
                         }
@@ -91,6 +96,21 @@ fn config(setup: &Setup, endpoints: &[SocketAddr]) -> String {
         setup.listeners(),
         endpoints.join(", ")
     )
+}
+
+/// An empty 200, for `Recorder::answering`.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+/// Sends a bodyless request and waits (at most `WAIT`) for its response head; the
+/// connection is ready for the next request afterwards.
+async fn h2_send(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    req: Request<()>,
+) -> http::Response<h2::RecvStream> {
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    *h2 = h2.clone().ready().await.unwrap();
+    resp
 }
 
 /// An HTTP/2 connection to the gateway's https listener.
@@ -156,17 +176,14 @@ async fn a_buffered_body_the_client_resets_never_goes_upstream() {
     // Two endpoints: an idempotent request with a small declared length is read in full
     // before the first attempt (so a retry can send it again). Pooled connections to both
     // (two GETs first) take the request head at once, with no connect to wait for.
-    let (a, b) = (Recorder::with(true).await, Recorder::with(true).await);
+    let (a, b) = (Recorder::answering(OK).await, Recorder::answering(OK).await);
     let setup = Setup::new();
     let cfg = config(&setup, &[a.addr, b.addr]);
     let wraith = setup.start(&cfg);
     let mut h2 = h2_connect(&wraith).await;
     for _ in 0..2 {
         let req = Request::get(https_uri(&wraith, "/warm")).body(()).unwrap();
-        let (resp, _) = h2.send_request(req, true).unwrap();
-        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-        assert_eq!(resp.status(), 200);
-        h2 = h2.ready().await.unwrap();
+        assert_eq!(h2_send(&mut h2, req).await.status(), 200);
     }
 
     let req = Request::put(https_uri(&wraith, "/item"))
@@ -212,8 +229,7 @@ async fn methods_not_in_upper_case_are_refused_on_every_protocol() {
         .uri(https_uri(&wraith, "/item/1"))
         .body(())
         .unwrap();
-    let (resp, _) = h2.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    let resp = h2_send(&mut h2, req).await;
     assert_eq!(resp.status(), 400);
     // Upper-case extension methods pass.
     let answer = raw_exchange(
@@ -242,8 +258,7 @@ async fn the_asterisk_target_is_for_options_only_over_http2() {
             .uri(https_uri(&wraith, "*"))
             .body(())
             .unwrap();
-        let (resp, _) = h2.send_request(req, true).unwrap();
-        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        let resp = h2_send(&mut h2, req).await;
         assert_eq!(resp.status(), 400, "{method} *");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -253,40 +268,22 @@ async fn the_asterisk_target_is_for_options_only_over_http2() {
 #[tokio::test]
 async fn response_trailers_are_cleaned_for_http2_clients() {
     // A chunked response whose trailer section holds fields no trailer may carry.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n\
-                          3\r\nabc\r\n0\r\nContent-Length: 9\r\nSet-Cookie: x=1\r\nHost: evil\r\n\
-                          Connection: close\r\nProxy-Connection: close\r\n\
-                          WWW-Authenticate: Basic\r\nX-T: 1\r\n\r\n",
-                    )
-                    .await;
-            });
-        }
-    });
+    let upstream = Recorder::answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n\
+          3\r\nabc\r\n0\r\nContent-Length: 9\r\nSet-Cookie: x=1\r\nHost: evil\r\n\
+          Connection: close\r\nProxy-Connection: close\r\n\
+          WWW-Authenticate: Basic\r\nX-T: 1\r\n\r\n",
+    )
+    .await;
     let setup = Setup::new();
-    let cfg = config(&setup, &[addr]);
+    let cfg = config(&setup, &[upstream.addr]);
     let wraith = setup.start(&cfg);
     let mut h2 = h2_connect(&wraith).await;
     let req = Request::get(https_uri(&wraith, "/t"))
         .header("te", "trailers")
         .body(())
         .unwrap();
-    let (resp, _) = h2.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    let resp = h2_send(&mut h2, req).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut data = Vec::new();
@@ -380,8 +377,7 @@ async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_comp
         // HTTP/2: the stream ends with an error, and not NO_ERROR.
         let mut h2 = h2_connect(&wraith).await;
         let req = Request::get(https_uri(&wraith, "/file")).body(()).unwrap();
-        let (resp, _) = h2.send_request(req, true).unwrap();
-        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        let resp = h2_send(&mut h2, req).await;
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
         let mut outcome = None;
@@ -403,36 +399,17 @@ async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_comp
 async fn a_204_never_carries_a_content_length_to_http2_clients() {
     // An HTTP/1.1 upstream that answers 204 with a Content-Length (which HTTP/2 clients
     // refuse with PROTOCOL_ERROR).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {
-                            let answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n";
-                            let _ = s.write_all(answer).await;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let upstream =
+        Recorder::answering(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
     let setup = Setup::new();
-    let cfg = config(&setup, &[addr]);
+    let cfg = config(&setup, &[upstream.addr]);
     let wraith = setup.start(&cfg);
     let mut h2 = h2_connect(&wraith).await;
     let req = Request::get(https_uri(&wraith, "/nothing"))
         .body(())
         .unwrap();
-    let (resp, _) = h2.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(WAIT, resp)
-        .await
-        .unwrap()
-        .expect("a 204 the client accepts");
+    // (A 204 the client refused would be an error here.)
+    let resp = h2_send(&mut h2, req).await;
     assert_eq!(resp.status(), 204);
     assert!(resp.headers().get("content-length").is_none(), "{resp:?}");
 }

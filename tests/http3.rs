@@ -77,11 +77,7 @@ async fn get_and_a_streamed_50_mib_post_with_the_group_of_each_connection() {
     let upstream = hashing_upstream().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream.addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream.addr);
     let wraith = setup.start(&cfg);
     let addr = wraith.addr("https");
 
@@ -445,11 +441,7 @@ async fn sighup_gives_new_connections_the_new_certificate_and_keeps_live_ones() 
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream.addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream.addr);
     let wraith = setup.start(&cfg);
     let addr = wraith.addr("https");
     let client = H3Client::new(&ca, None, Groups::Default);
@@ -491,11 +483,7 @@ async fn sigterm_sends_goaway_and_drains_requests_in_flight() {
     .await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream.addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream.addr);
     let mut wraith = setup.start(&cfg);
     let client = H3Client::new(&ca, None, Groups::Default);
     let conn = client.connect(wraith.addr("https")).await.unwrap();
@@ -616,11 +604,7 @@ async fn a_body_that_breaks_its_content_length_is_not_forwarded_as_complete() {
     let upstream = hashing_upstream().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream.addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream.addr);
     let wraith = setup.start(&cfg);
     let client = H3Client::new(&ca, None, Groups::Default);
     for (declared, sent) in [(10usize, 5usize), (5, 10)] {
@@ -693,11 +677,7 @@ async fn an_upstream_connection_whose_request_body_was_cut_short_is_never_reused
     let (addr, seen) = answers_before_the_body().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, addr);
     let wraith = setup.start(&cfg);
     let client = H3Client::new(&ca, None, Groups::Default);
     let mut conn = client.connect(wraith.addr("https")).await.unwrap();
@@ -745,14 +725,19 @@ async fn an_upstream_connection_whose_request_body_was_cut_short_is_never_reused
 /// timeout never fires on these connections.
 const PING_EVERY: Duration = Duration::from_millis(200);
 
-/// The gateway's config with an HTTP/3 listener under these `[listener.limits]`.
-fn with_limits(setup: &Setup, upstream: std::net::SocketAddr, limits: &str) -> String {
+/// The standard listeners with HTTP/3 on the https one, every request allowed, and
+/// `APP_ROUTE` to `upstream`.
+fn h3_config(setup: &Setup, upstream: std::net::SocketAddr) -> String {
     config(
         &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
         upstream,
         APP_ROUTE,
     )
-    .replacen(
+}
+
+/// The gateway's config with an HTTP/3 listener under these `[listener.limits]`.
+fn with_limits(setup: &Setup, upstream: std::net::SocketAddr, limits: &str) -> String {
+    h3_config(setup, upstream).replacen(
         "http3 = true",
         &format!("http3 = true\nlimits = {{ {limits} }}"),
         1,
@@ -860,11 +845,7 @@ async fn requests_refused_before_the_pipeline_are_logged_and_reported_as_over_ht
     let ca = setup.pki.ca_pem.clone();
     let cfg = format!(
         "{}\n[log.events]\npath = \"events.json\"\n",
-        config(
-            &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-            upstream.addr,
-            APP_ROUTE
-        )
+        h3_config(&setup, upstream.addr)
     );
     let wraith = setup.start(&cfg);
     let addr = wraith.addr("https");
@@ -933,11 +914,7 @@ async fn the_asterisk_target_is_refused_for_every_method_but_options() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream.addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream.addr);
     let wraith = setup.start(&cfg);
     let mut raw = RawH3::connect(&ca, wraith.addr("https")).await;
     raw.open_control().await;
@@ -991,11 +968,7 @@ async fn a_request_on_the_stream_the_goaway_names_is_rejected_and_never_forwarde
     .await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream.addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream.addr);
     let wraith = setup.start(&cfg);
     const WAIT: Duration = Duration::from_secs(10);
     let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
@@ -1131,11 +1104,7 @@ async fn a_response_the_upstream_cuts_short_is_reset_not_ended() {
     });
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = config(
-        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
-        upstream_addr,
-        APP_ROUTE,
-    );
+    let cfg = h3_config(&setup, upstream_addr);
     let wraith = setup.start(&cfg);
     let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
     client.open_control().await;

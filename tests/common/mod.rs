@@ -1134,6 +1134,40 @@ pub fn wraith_cmd(args: &[&str], cwd: &Path) -> (i32, String, String) {
     )
 }
 
+/// `wraith_cmd` for a command that might hang: killed after `limit`, which is then an
+/// error carrying what it printed to stderr.
+pub fn wraith_cmd_within(
+    args: &[&str],
+    cwd: &Path,
+    limit: Duration,
+) -> Result<(i32, String, String), String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(args)
+        .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            return Err(format!(
+                "wraith {args:?} still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// An upstream that answers as soon as it has a request head (413 for a body, 200 without),
 /// then reads and discards the declared body before the next request, the way nginx does
 /// with `client_max_body_size`. It records every request line it parsed.

@@ -1554,10 +1554,18 @@ fn build_routes(
             }
             _ => false,
         };
-        let request_headers =
-            build_header_ops(b, &format!("{key}.request_headers"), r.request_headers);
-        let response_headers =
-            build_header_ops(b, &format!("{key}.response_headers"), r.response_headers);
+        let request_headers = build_header_ops(
+            b,
+            &format!("{key}.request_headers"),
+            r.request_headers,
+            false,
+        );
+        let response_headers = build_header_ops(
+            b,
+            &format!("{key}.response_headers"),
+            r.response_headers,
+            true,
+        );
         let response_timeout = r.response_timeout.as_ref().map(|_| {
             b.duration(
                 &r.response_timeout,
@@ -1993,14 +2001,19 @@ fn header_pair(
     Some((n, v))
 }
 
-fn build_header_ops(b: &mut Builder<'_>, key: &str, raw: Option<RawHeaderOps>) -> HeaderOps {
+/// `response`: the operations apply to responses, whose framing they may not touch.
+fn build_header_ops(
+    b: &mut Builder<'_>,
+    key: &str,
+    raw: Option<RawHeaderOps>,
+    response: bool,
+) -> HeaderOps {
     let Some(raw) = raw else {
         return HeaderOps::default();
     };
     let mut ops = HeaderOps::default();
     // A response's framing is the body's own: a Content-Length set here would contradict
     // the body actually sent, and every client would get a broken response.
-    let response = key.ends_with("response_headers");
     for (name, value) in raw.set.iter().flatten() {
         if response && refuse_framing(b, &format!("{key}.set"), name) {
             continue;

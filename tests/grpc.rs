@@ -65,6 +65,15 @@ async fn service(req: Request<Incoming>) -> Response<TestBody> {
     }
     assert_eq!(req.headers()["te"], "trailers");
     let method = req.uri().path().to_string();
+    if method == "/test.Echo/Missing" {
+        // Trailers-only: the status in the head, no body.
+        return Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "12")
+            .header("grpc-message", "unknown method")
+            .body(full(""))
+            .unwrap();
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     let mut body = req.into_body();
     tokio::spawn(async move {
@@ -273,6 +282,35 @@ async fn exercise(send: &mut hyper::client::conn::http2::SendRequest<TestBody>, 
     let t = next(&mut body, &mut BytesMut::new()).await.unwrap_err();
     assert_eq!(t["grpc-status"], "5");
     assert_eq!(t["grpc-message"], "no such thing");
+
+    // Trailers-only: the status comes in the response head.
+    let (tx, resp) = call(send, scheme, "Missing").await;
+    drop(tx);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "12");
+}
+
+/// Each call's access record carries the gRPC status it ended with (HTTP status 200 for
+/// all of them): from the trailers, or from the head of a trailers-only answer.
+async fn assert_grpc_statuses_logged(wraith: &Wraith) {
+    let expected = [
+        ("/test.Echo/Unary", 0),
+        ("/test.Echo/Bidi", 0),
+        ("/test.Echo/ClientStream", 0),
+        ("/test.Echo/ServerStream", 0),
+        ("/test.Echo/Fail", 5),
+        ("/test.Echo/Missing", 12),
+    ];
+    for (path, code) in expected {
+        let record = wraith
+            .wait_json_line("access.json", Duration::from_secs(10), |v| {
+                v["path"] == path
+            })
+            .await
+            .unwrap_or_else(|| panic!("no record of {path}"));
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["grpc_status"], code, "{record}");
+    }
 }
 
 /// Active health checks, which for HTTP/2 upstreams speak HTTP/2 too.
@@ -298,6 +336,9 @@ endpoints = ["{endpoint}"]
 [[route]]
 name = "grpc"
 upstream = "grpc"
+
+[log.json]
+path = "access.json"
 "#,
         Setup::standard_listeners()
     )
@@ -312,6 +353,7 @@ async fn grpc_over_an_h2c_upstream() {
     ));
     let mut send = connect(wraith.addr("http"), None).await;
     exercise(&mut send, "http").await;
+    assert_grpc_statuses_logged(&wraith).await;
     assert_checked_over_h2(&wraith, &up.endpoint()).await;
 }
 
@@ -331,5 +373,6 @@ async fn grpc_over_an_h2_tls_upstream_from_a_tls_client() {
     let tls = Arc::new(tls_client_config(&ca, &[b"h2"], None));
     let mut send = connect(wraith.addr("https"), Some(tls)).await;
     exercise(&mut send, "https").await;
+    assert_grpc_statuses_logged(&wraith).await;
     assert_checked_over_h2(&wraith, &up.addr.to_string()).await;
 }

@@ -61,6 +61,9 @@ pub struct AccessRecord {
     pub referer: Option<HeaderValue>,
     /// Status sent to the client.
     pub status: u16,
+    /// The `grpc-status` the response ended with: from its trailers, or from its head when
+    /// the upstream answered trailers-only. gRPC failures travel with HTTP status 200.
+    pub grpc_status: Option<u16>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Request head to last response byte (or abort).
@@ -109,6 +112,7 @@ impl Default for AccessRecord {
             user_agent: None,
             referer: None,
             status: 0,
+            grpc_status: None,
             bytes_in: 0,
             bytes_out: 0,
             duration: Duration::ZERO,
@@ -473,6 +477,9 @@ impl Pending {
     pub fn finish(mut self, resp: Response<Body>, head_only: bool) -> Response<Body> {
         let status = resp.status();
         self.record().status = status.as_u16();
+        if let Some(code) = grpc_status(resp.headers()) {
+            self.record().grpc_status = Some(code);
+        }
         // HEAD, 1xx, 204 and 304 responses never carry a body. A built-in one (a `respond`
         // route, an error's JSON) is dropped here: HTTP/1.1's codec would leave it unsent,
         // but hyper's HTTP/2 server sends DATA for any body it is given.
@@ -537,6 +544,16 @@ impl Drop for Pending {
     }
 }
 
+/// The `grpc-status` field of a response head or trailers: a decimal code (0 to 16 are
+/// defined; any other number an upstream sends is logged as it is). Anything else is not one.
+fn grpc_status(fields: &http::HeaderMap) -> Option<u16> {
+    let v = fields.get("grpc-status")?.as_bytes();
+    if v.is_empty() || v.len() > 5 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// A response body that emits the access record when it ends or is dropped.
 pub struct LoggedBody {
     inner: Body,
@@ -558,6 +575,10 @@ impl http_body::Body for LoggedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                } else if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    if let Some(p) = this.pending.as_mut() {
+                        p.record().grpc_status = Some(code);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.done(false);

@@ -561,6 +561,9 @@ pub fn json_line(r: &AccessRecord, f: &Formatting, clock: &mut CachedTime, out: 
     o.str("path", r.path());
     o.opt_str("query", f.query(r.uri.query()).as_deref());
     o.num("status", u64::from(r.status));
+    if let Some(code) = r.grpc_status {
+        o.num("grpc_status", u64::from(code));
+    }
     o.num("bytes_in", r.bytes_in);
     o.num("bytes_out", r.bytes_out);
     o.millis("duration_ms", r.duration);

@@ -56,23 +56,27 @@ CREATE TABLE IF NOT EXISTS access_log (
     user_agent   TEXT,
     referer      TEXT,
     error        TEXT,
-    aborted      INTEGER NOT NULL    -- 1 when the client went away early
+    aborted      INTEGER NOT NULL,   -- 1 when the client went away early
+    grpc_status  INTEGER             -- the gRPC status the response ended with
 );
 CREATE INDEX IF NOT EXISTS access_log_time      ON access_log(time);
 CREATE INDEX IF NOT EXISTS access_log_status    ON access_log(status);
 CREATE INDEX IF NOT EXISTS access_log_client_ip ON access_log(client_ip);
 CREATE INDEX IF NOT EXISTS access_log_identity  ON access_log(identity) WHERE identity IS NOT NULL;
 CREATE INDEX IF NOT EXISTS access_log_route     ON access_log(route);
-PRAGMA user_version = 1;
 "#;
+
+/// The schema's version, in `PRAGMA user_version`. Version 1 had no `grpc_status` column:
+/// `migrate` adds it to a database version 1 made.
+const SCHEMA_VERSION: i64 = 2;
 
 /// The columns `insert` binds, in order.
 const COLUMNS: &str = "time, request_id, client_ip, client_port, listener, protocol, tls_version, \
     tls_group, identity, spiffe_id, cn, fingerprint, method, host, path, query, status, bytes_in, \
     bytes_out, duration_ms, upstream_ms, route, upstream, endpoint, attempts, decision, policies, \
     reason, shadow, rate_limit, rate_limiter, ban_origin, ban_scenario, user_agent, referer, \
-    error, aborted";
-const COLUMN_COUNT: usize = 37;
+    error, aborted, grpc_status";
+const COLUMN_COUNT: usize = 38;
 /// Rows per INSERT statement. One statement per row spends most of its time starting and
 /// finishing the statement (`sqlite3VdbeHalt`, cursor set-up); 32 rows per statement
 /// amortize that, and stay far below SQLite's limit of 32766 parameters.
@@ -162,7 +166,38 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
     conn.busy_timeout(Duration::from_millis(200))
         .map_err(what)?;
     conn.execute_batch(SCHEMA).map_err(what)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(what)?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "SQLite access log {}: made by a newer Wraith (schema version {version}; this one \
+             writes version {SCHEMA_VERSION}): give this one another file",
+            path.display()
+        ));
+    }
+    if version < SCHEMA_VERSION {
+        migrate(&conn).map_err(what)?;
+    }
     Ok(conn)
+}
+
+/// Brings a database an older Wraith made (or a new one) up to `SCHEMA_VERSION`. Columns
+/// are only ever added, so the rows it holds stay as they are and `wraith logs` queries keep
+/// working. (A database a newer Wraith made is refused before: this one would not know
+/// what it writes into.)
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_column = |name: &str| -> rusqlite::Result<bool> {
+        let mut stmt =
+            conn.prepare("SELECT 1 FROM pragma_table_info('access_log') WHERE name = ?1")?;
+        stmt.exists([name])
+    };
+    let tx = conn.unchecked_transaction()?;
+    if !has_column("grpc_status")? {
+        tx.execute_batch("ALTER TABLE access_log ADD COLUMN grpc_status INTEGER")?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
 }
 
 /// Opens the database for reading only (`query_only`, no ATTACH): a typo in `wraith logs`
@@ -319,7 +354,11 @@ fn bind_row<'v>(
         b.cow(base + 35, text(formatting.referer(v.as_bytes())))?;
     }
     b.opt(base + 36, r.error)?;
-    b.int(base + 37, r.aborted.into())
+    b.int(base + 37, r.aborted.into())?;
+    if let Some(code) = r.grpc_status {
+        b.int(base + 38, code.into())?;
+    }
+    Ok(())
 }
 
 impl SqliteWriter {
@@ -797,6 +836,7 @@ mod tests {
                 };
                 r.client_port = (i % 3 != 0).then_some(i);
                 r.route = (i % 5 != 0).then(|| format!("route-{i}").into());
+                r.grpc_status = (i % 4 == 0).then_some(i % 17);
                 Arc::new(r)
             })
             .collect();
@@ -808,6 +848,7 @@ mod tests {
                     r.client_ip.to_string(),
                     r.client_port.map(i64::from),
                     r.route.as_deref().map(str::to_string),
+                    r.grpc_status.map(i64::from),
                 )
             })
             .collect();
@@ -815,18 +856,91 @@ mod tests {
         assert!(records.is_empty());
         let db = open_read_only(&config.path).unwrap();
         let mut stmt = db
-            .prepare("SELECT status, client_ip, client_port, route, method, path FROM access_log ORDER BY id")
+            .prepare(
+                "SELECT status, client_ip, client_port, route, grpc_status, method, path \
+                 FROM access_log ORDER BY id",
+            )
             .unwrap();
         let rows: Vec<_> = stmt
             .query_map([], |row| {
-                assert_eq!(row.get::<_, String>(4)?, "GET");
-                assert_eq!(row.get::<_, String>(5)?, "/small");
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                assert_eq!(row.get::<_, String>(5)?, "GET");
+                assert_eq!(row.get::<_, String>(6)?, "/small");
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
             })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, expected);
+    }
+
+    /// A database the first schema made (no `grpc_status`) gains the column, keeps its rows
+    /// and takes new ones; one a newer Wraith made is refused with a message saying so.
+    #[test]
+    fn older_databases_are_migrated_and_newer_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sink_config(dir.path());
+        let v1 = SCHEMA.replace(
+            "    aborted      INTEGER NOT NULL,   -- 1 when the client went away early\n    grpc_status  INTEGER             -- the gRPC status the response ended with\n",
+            "    aborted      INTEGER NOT NULL\n",
+        );
+        assert!(
+            !v1.contains("grpc_status"),
+            "the version 1 schema is derived"
+        );
+        {
+            let old = Connection::open(&config.path).unwrap();
+            old.execute_batch(&v1).unwrap();
+            old.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO access_log (time, request_id, client_ip, listener, protocol, method,
+                     path, status, bytes_in, bytes_out, duration_ms, attempts, aborted)
+                 VALUES ('2026-11-01 00:00:00.000', 'old', '10.0.0.1', 'l', 'h1', 'GET', '/old',
+                     200, 0, 0, 1.0, 1, 0);",
+            )
+            .unwrap();
+        }
+        let f = Formatting::new(&LogConfig::default());
+        let mut w = SqliteWriter::new(config.clone(), f.clone()).unwrap();
+        let mut r = (*sample()).clone();
+        r.grpc_status = Some(14);
+        w.write(&mut vec![Arc::new(r)]).unwrap();
+        drop(w);
+        let db = open_read_only(&config.path).unwrap();
+        let version: i64 = db
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows: Vec<(String, Option<i64>)> = db
+            .prepare("SELECT path, grpc_status FROM access_log ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [("/old".to_string(), None), ("/small".to_string(), Some(14))]
+        );
+        drop(db);
+        // Opening it again changes nothing.
+        drop(SqliteWriter::new(config.clone(), f.clone()).unwrap());
+
+        Connection::open(&config.path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = SqliteWriter::new(config.clone(), f).err().unwrap();
+        assert!(
+            e.contains("made by a newer Wraith (schema version 3"),
+            "{e}"
+        );
+        assert!(e.contains(&config.path.display().to_string()), "{e}");
     }
 
     /// Retention over many rows deletes one step (`RETENTION_STEP` rows, a transaction) per

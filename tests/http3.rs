@@ -1114,3 +1114,115 @@ async fn a_response_the_upstream_cuts_short_is_reset_not_ended() {
     let end = tokio::time::timeout(Duration::from_secs(10), stream_end(&mut recv)).await;
     assert_eq!(end, Ok(StreamEnd::Reset(common::quic::H3_INTERNAL_ERROR)));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Security events name only addresses that QUIC validated.
+
+/// `wraith_tls_handshakes_total` on the https listener for `result`, summed over the other
+/// labels.
+async fn handshakes(wraith: &Wraith, result: &str) -> u64 {
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| {
+            l.starts_with("wraith_tls_handshakes_total{")
+                && l.contains("listener=\"https\"")
+                && l.contains(&format!("result=\"{result}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A QUIC source address is anyone's until validated: an off-path sender can put any on an
+/// Initial packet. Such a sender (here a relay that drops every answer) puts nothing in the
+/// SIEM's feed: a failed or timed-out handshake from it is only counted, and a banned
+/// address gets a Retry. A banned client that answers the Retry, and a failed handshake
+/// from a validated address, are reported as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_security_events_name_only_validated_addresses() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let events = "\n[log.events]\npath = \"events.json\"\n";
+    let base = setup.listeners_h3("handshake_timeout = \"1s\"", "", ALLOW_ALL_POLICY);
+    let wraith = setup.start(&format!(
+        "{}{events}",
+        config(&base, upstream.addr, APP_ROUTE)
+    ));
+    let addr = wraith.addr("https");
+    const WAIT: Duration = Duration::from_secs(10);
+    let eventually = |what: &'static str, n: u64| {
+        let wraith = &wraith;
+        async move {
+            let ok =
+                Wraith::eventually(WAIT, || async { handshakes(wraith, what).await >= n }).await;
+            assert!(ok, "no handshake counted as {what}");
+        }
+    };
+
+    // A ClientHello the listener refuses (no h3 in ALPN), from an address not validated.
+    let refused = H3Client::offering(&ca, None, Groups::Default, b"h2");
+    assert!(refused.connect(addr).await.is_err());
+    eventually("failed", 1).await;
+
+    // A handshake that never completes: the client never hears from the server.
+    let relay = HoldingRelay::one_way(addr, "127.0.0.3".parse().unwrap()).await;
+    let silent = H3Client::new(&ca, None, Groups::Default);
+    let attempt = tokio::spawn(async move { silent.connect(relay.addr).await.is_ok() });
+    eventually("timeout", 1).await;
+    attempt.abort();
+
+    // A banned address that does not answer the Retry is not refused, nor reported.
+    let (st, v) = wraith
+        .admin(
+            http::Method::POST,
+            "/v1/decisions",
+            Some(serde_json::json!({"ip": "127.0.0.2", "reason": "test"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let relay = HoldingRelay::one_way(addr, "127.0.0.2".parse().unwrap()).await;
+    let retries = relay.retries.clone();
+    let banned = H3Client::new(&ca, None, Groups::Default);
+    let attempt = tokio::spawn(async move { banned.connect(relay.addr).await.is_ok() });
+    let retried = Wraith::eventually(WAIT, || async {
+        retries.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(retried, "the banned address got no Retry");
+    attempt.abort();
+
+    // The same address, answering the Retry: refused and reported.
+    let client = H3Client::new(&ca, None, Groups::Default);
+    client.rebind_to("127.0.0.2".parse().unwrap());
+    assert!(
+        client.connect(addr).await.is_err(),
+        "a banned client connected"
+    );
+    let event = wraith
+        .wait_json_line("events.json", WAIT, |e| e["wraith"]["event"] == "banned")
+        .await
+        .expect("no banned event");
+    assert_eq!(event["srcip"], "127.0.0.2", "{event}");
+    // Events are written in order: whatever the first three had caused would be there.
+    let all = wraith.json_lines("events.json");
+    assert_eq!(all.len(), 1, "{all:?}");
+
+    // Once validated (a Retry for every new client), a failed handshake is reported.
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let base = setup.listeners_h3("", "retry = \"always\"", ALLOW_ALL_POLICY);
+    let wraith = setup.start(&format!(
+        "{}{events}",
+        config(&base, upstream.addr, APP_ROUTE)
+    ));
+    let refused = H3Client::offering(&ca, None, Groups::Default, b"h2");
+    assert!(refused.connect(wraith.addr("https")).await.is_err());
+    let event = wraith
+        .wait_json_line("events.json", WAIT, |e| {
+            e["wraith"]["event"] == "tls_failure"
+        })
+        .await
+        .expect("no tls_failure event from a validated address");
+    assert_eq!(event["srcip"], "127.0.0.1", "{event}");
+}

@@ -41,6 +41,7 @@ use crate::identity::Identity;
 use crate::proxy::{ConnInfo, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 use crate::telemetry::metrics::ConnectionLabels;
+use crate::telemetry::PeerAddress;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -267,6 +268,7 @@ pub(super) async fn serve(
                 peer,
                 handshake_started,
                 "tcp",
+                PeerAddress::Proven,
                 Ok((reason, detail)),
             );
             return;
@@ -278,6 +280,7 @@ pub(super) async fn serve(
                 peer,
                 handshake_started,
                 "tcp",
+                PeerAddress::Proven,
                 Err(()),
             );
             return;
@@ -308,6 +311,7 @@ pub(super) async fn serve(
             peer,
             handshake_started,
             Ok((t.version, t.group.unwrap_or("unknown"))),
+            PeerAddress::Proven,
         );
     }
     // Identity: once per connection, from the leaf the verifier accepted.

@@ -243,13 +243,15 @@ pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> ListenerHandle {
 
 /// Accounts for a refused TLS handshake the same way over TCP and QUIC: client-certificate
 /// refusals are logged at info and counted by reason (`wraith status`), everything else at
-/// debug; the handshake metric and, for the SIEM, a security event either way.
+/// debug; the handshake metric and, for the SIEM, a security event either way (unless the
+/// event could not name the client: `Telemetry::handshake`).
 pub(crate) fn handshake_refused(
     runtime: &Runtime,
     listener: &Arc<str>,
     peer: SocketAddr,
     started: std::time::Instant,
     transport: &'static str,
+    address: crate::telemetry::PeerAddress,
     failure: Result<(&'static str, String), ()>,
 ) {
     let failure = match failure {
@@ -272,41 +274,62 @@ pub(crate) fn handshake_refused(
         .gateway
         .snapshot()
         .telemetry
-        .handshake(listener, peer, started, Err(failure));
+        .handshake(listener, peer, started, Err(failure), address);
 }
 
-/// Whether the accept loop should close this connection at once.
+/// Whether the accept loop should close this connection at once; if so, the ban is counted
+/// and reported.
 pub(crate) fn banned_at_accept(
     runtime: &Runtime,
     snapshot: &crate::runtime::Snapshot,
     listener: &Arc<str>,
     peer: SocketAddr,
 ) -> bool {
+    match ban_at_accept(runtime, snapshot, peer) {
+        Some(ban) => {
+            report_ban_at_accept(snapshot, listener, peer, &ban);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The ban that refuses a connection from `peer` at accept, if any (`decisions.check_at_accept`;
+/// trusted proxies are checked per request instead, on the client address they forward).
+pub(crate) fn ban_at_accept(
+    runtime: &Runtime,
+    snapshot: &crate::runtime::Snapshot,
+    peer: SocketAddr,
+) -> Option<crate::decisions::Verdict> {
     let config = &snapshot.config;
     if !config.decisions.check_at_accept
         || runtime.gateway.decisions.is_empty()
         || crate::proxy::headers::is_trusted(&config.server.trusted_proxies, peer.ip())
     {
-        return false;
+        return None;
     }
-    match runtime
+    runtime
         .gateway
         .decisions
         .lookup(peer.ip(), config.decisions.fallback)
-    {
-        Some(v) if v.action == crate::decisions::Action::Ban => {
-            tracing::debug!(peer = %peer, origin = %v.origin, kind = %v.kind, value = %v.value, "banned peer refused at accept");
-            // Counted, and a `banned` event for the SIEM (no request was read).
-            snapshot.telemetry.banned_connection(
-                listener,
-                peer,
-                &v.origin,
-                Some(&*v.reason).filter(|r| !r.is_empty()),
-            );
-            true
-        }
-        _ => false,
-    }
+        .filter(|v| v.action == crate::decisions::Action::Ban)
+}
+
+/// Counts a connection refused at accept by `ban`, with a `banned` event for the SIEM (no
+/// request was read).
+pub(crate) fn report_ban_at_accept(
+    snapshot: &crate::runtime::Snapshot,
+    listener: &Arc<str>,
+    peer: SocketAddr,
+    ban: &crate::decisions::Verdict,
+) {
+    tracing::debug!(peer = %peer, origin = %ban.origin, kind = %ban.kind, value = %ban.value, "banned peer refused at accept");
+    snapshot.telemetry.banned_connection(
+        listener,
+        peer,
+        &ban.origin,
+        Some(&*ban.reason).filter(|r| !r.is_empty()),
+    );
 }
 
 async fn accept_loop(

@@ -353,13 +353,20 @@ impl SnapshotTelemetry {
         }
     }
 
-    /// Accounts for a TLS handshake: metrics always, a security event when it failed.
+    /// Accounts for a TLS handshake: metrics always, a security event when it failed and the
+    /// event can name the client. A QUIC peer whose address was not validated may be anyone:
+    /// an off-path sender can put any source address on an Initial packet, with a ClientHello
+    /// that fails, a CONNECTION_CLOSE, or nothing more (a timeout). Such failures are only
+    /// counted, so nobody can fill the SIEM's feed with another's address. A client
+    /// certificate refused is reported whatever the address: sending one takes the keys of
+    /// the server's handshake flight, which only the address it went to receives.
     pub fn handshake(
         &self,
         listener: &Arc<str>,
         peer: SocketAddr,
         started: Instant,
         outcome: Result<(&'static str, &'static str), HandshakeFailure>,
+        address: PeerAddress,
     ) {
         let Some(shared) = &self.shared else {
             return;
@@ -383,6 +390,11 @@ impl SnapshotTelemetry {
             })
             .observe(started.elapsed());
         if let (Err(f), Some(events)) = (outcome, &self.events) {
+            if address == PeerAddress::Unvalidated
+                && !matches!(f, HandshakeFailure::ClientCertificate(_))
+            {
+                return;
+            }
             let (auth, reason) = match f {
                 HandshakeFailure::ClientCertificate(r) => (true, r),
                 HandshakeFailure::Other(r) => (false, r),
@@ -487,6 +499,17 @@ impl SnapshotTelemetry {
         }
         out
     }
+}
+
+/// What is known of a connection's source address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerAddress {
+    /// The client's: TCP's handshake, or QUIC's address validation (a Retry token coming
+    /// back), proved that it receives what is sent there.
+    Proven,
+    /// A QUIC connection's, not validated: whoever sent the Initial packet may have put any
+    /// source address on it.
+    Unvalidated,
 }
 
 /// Why a TLS handshake failed.

@@ -30,13 +30,23 @@ impl H3Client {
     /// A client trusting `ca_pem`, offering `groups`, with an optional client certificate.
     /// Session tickets are kept, so a second connection can resume (and send 0-RTT).
     pub fn new(ca_pem: &Path, client: Option<(&Path, &Path)>, groups: Groups) -> H3Client {
+        H3Client::offering(ca_pem, client, groups, b"h3")
+    }
+
+    /// A client offering `alpn` instead of `h3` (a handshake the server refuses).
+    pub fn offering(
+        ca_pem: &Path,
+        client: Option<(&Path, &Path)>,
+        groups: Groups,
+        alpn: &[u8],
+    ) -> H3Client {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         if groups == Groups::Classical {
             use rustls::crypto::aws_lc_rs::kx_group;
             provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1];
         }
         let mut tls = tls_client_with(ca_pem, client, Arc::new(provider));
-        tls.alpn_protocols = vec![b"h3".to_vec()];
+        tls.alpn_protocols = vec![alpn.to_vec()];
         tls.enable_early_data = true;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -60,7 +70,13 @@ impl H3Client {
     /// Moves the client to a new UDP socket (another port): its connections go on from
     /// there, as after a NAT rebinding or a change of network.
     pub fn rebind(&self) {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        self.rebind_to("127.0.0.1".parse().unwrap());
+    }
+
+    /// Moves the client to a new UDP socket on `ip` (another loopback address: another
+    /// client as far as bans and logs can tell).
+    pub fn rebind_to(&self, ip: std::net::IpAddr) {
+        let socket = std::net::UdpSocket::bind((ip, 0)).unwrap();
         self.endpoint.rebind(socket).unwrap();
     }
 
@@ -262,8 +278,23 @@ pub struct HoldingRelay {
 
 impl HoldingRelay {
     pub async fn start(target: SocketAddr, hold: Duration) -> HoldingRelay {
+        HoldingRelay::relay(target, Some(hold), "127.0.0.1".parse().unwrap()).await
+    }
+
+    /// A relay that passes the client's datagrams on to `target` from an address on `from`,
+    /// and drops every answer (counting Retries): to the server, a client that never receives
+    /// what is sent to it, as one that forged its source address would.
+    pub async fn one_way(target: SocketAddr, from: std::net::IpAddr) -> HoldingRelay {
+        HoldingRelay::relay(target, None, from).await
+    }
+
+    async fn relay(
+        target: SocketAddr,
+        hold: Option<Duration>,
+        from: std::net::IpAddr,
+    ) -> HoldingRelay {
         let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind((from, 0)).await.unwrap());
         back.connect(target).await.unwrap();
         let addr = front.local_addr().unwrap();
         let retries: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
@@ -305,6 +336,7 @@ impl HoldingRelay {
                                 seen_retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             }
                         }
+                        let Some(hold) = hold else { continue };
                         let now = tokio::time::Instant::now();
                         if held_until <= now && has_handshake_packet(&buf2[..n]) {
                             held_until = now + hold;

@@ -40,6 +40,7 @@ use crate::listener::limit::ConnectionLimit;
 use crate::proxy::{ConnInfo, EarlyData, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 use crate::telemetry::metrics::ConnectionLabels;
+use crate::telemetry::PeerAddress;
 
 /// HTTP/3's "no error" (RFC 9114 §8.1), for closing a connection that is done.
 const H3_NO_ERROR: u32 = 0x100;
@@ -300,14 +301,27 @@ async fn accept_loop(
             continue;
         };
         let peer = incoming.remote_address();
-        // Banned peers go before the handshake costs anything.
-        if super::banned_at_accept(&runtime, &snapshot, &listener.config.name, peer) {
-            incoming.refuse();
+        // Banned peers go before the handshake costs anything. An address not validated yet
+        // may be anyone's (see `PeerAddress`): it gets a Retry, and only a client that comes
+        // back from it with the token is refused and reported as banned. A Retry costs a
+        // packet no larger than the one that asked, and no state.
+        if let Some(ban) = super::ban_at_accept(&runtime, &snapshot, peer) {
+            if incoming.remote_address_validated() || !incoming.may_retry() {
+                super::report_ban_at_accept(&snapshot, &listener.config.name, peer, &ban);
+                incoming.refuse();
+            } else if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
             continue;
         }
         let incoming = match validate_address(incoming, quic.config.retry, &handshaking) {
             Some(i) => i,
             None => continue,
+        };
+        let address = if incoming.remote_address_validated() {
+            PeerAddress::Proven
+        } else {
+            PeerAddress::Unvalidated
         };
         let Some(permit) = limit.try_acquire() else {
             if !warned_full {
@@ -332,7 +346,7 @@ async fn accept_loop(
                 refused(
                     &runtime,
                     &listener.config.name,
-                    peer,
+                    (peer, address),
                     started,
                     &handshake,
                     &e,
@@ -349,6 +363,7 @@ async fn accept_loop(
             listener,
             handshake,
             peer,
+            address,
             local,
             close,
             in_progress,
@@ -390,6 +405,8 @@ struct Start {
     listener: Arc<ListenerRuntime>,
     handshake: Arc<Handshake>,
     peer: SocketAddr,
+    /// Whether `peer` was validated at accept.
+    address: PeerAddress,
     local: SocketAddr,
     /// The listener stopping, or its client-certificate rules changing.
     close: super::CloseSignal,
@@ -439,7 +456,15 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         // handshake completes are early data and the pipeline decides about them. (quinn has
         // read the ClientHello inside `accept_with` unless it spans more packets than came.)
         let Ok(sni) = tokio::time::timeout(timeout, handshake_data(&mut connecting)).await else {
-            super::handshake_refused(&runtime, &name, start.peer, started, "quic", Err(()));
+            super::handshake_refused(
+                &runtime,
+                &name,
+                start.peer,
+                started,
+                "quic",
+                start.address,
+                Err(()),
+            );
             return;
         };
         let Ok((conn, accepted)) = connecting.into_0rtt() else {
@@ -454,6 +479,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
             conn: conn.clone(),
             handshake: start.handshake.clone(),
             info,
+            address: start.address,
             sni,
             started,
             in_progress: start.in_progress,
@@ -469,11 +495,20 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         let (conn, sni) = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
-                refused(&runtime, &name, start.peer, started, &start.handshake, &e);
+                let peer = (start.peer, start.address);
+                refused(&runtime, &name, peer, started, &start.handshake, &e);
                 return;
             }
             Err(_) => {
-                super::handshake_refused(&runtime, &name, start.peer, started, "quic", Err(()));
+                super::handshake_refused(
+                    &runtime,
+                    &name,
+                    start.peer,
+                    started,
+                    "quic",
+                    start.address,
+                    Err(()),
+                );
                 return;
             }
         };
@@ -534,6 +569,8 @@ fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: 
             info.peer,
             started,
             Ok((t.version, t.group.unwrap_or("unknown"))),
+            // A completed handshake proves the address; the value matters only for failures.
+            PeerAddress::Proven,
         );
     }
     // Identity: once per connection, from the leaf the verifier accepted.
@@ -557,7 +594,7 @@ fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: 
 fn refused(
     runtime: &Runtime,
     listener: &Arc<str>,
-    peer: SocketAddr,
+    (peer, address): (SocketAddr, PeerAddress),
     started: Instant,
     handshake: &Handshake,
     error: &ConnectionError,
@@ -566,7 +603,10 @@ fn refused(
         Some(tls) => (super::tls::failure_label(&tls), tls.to_string()),
         None => match error {
             ConnectionError::TimedOut => {
-                super::handshake_refused(runtime, listener, peer, started, "quic", Err(()));
+                let failure = Err(());
+                super::handshake_refused(
+                    runtime, listener, peer, started, "quic", address, failure,
+                );
                 return;
             }
             // The client gave up on the handshake (often: it did not trust our certificate).
@@ -578,7 +618,15 @@ fn refused(
             _ => ("quic_error", error.to_string()),
         },
     };
-    super::handshake_refused(runtime, listener, peer, started, "quic", Ok(failure));
+    super::handshake_refused(
+        runtime,
+        listener,
+        peer,
+        started,
+        "quic",
+        address,
+        Ok(failure),
+    );
 }
 
 /// Completes a 0-RTT connection's handshake alongside its first requests.
@@ -587,6 +635,7 @@ struct Confirm {
     conn: Connection,
     handshake: Arc<Handshake>,
     info: ConnInfo,
+    address: PeerAddress,
     sni: Option<Box<str>>,
     started: Instant,
     in_progress: InProgress,
@@ -600,6 +649,7 @@ impl Confirm {
             conn,
             handshake,
             mut info,
+            address,
             sni,
             started,
             in_progress,
@@ -620,7 +670,7 @@ impl Confirm {
             refused(
                 &runtime,
                 &info.listener,
-                info.peer,
+                (info.peer, address),
                 started,
                 &handshake,
                 &error,
@@ -632,6 +682,7 @@ impl Confirm {
                 info.peer,
                 started,
                 "quic",
+                address,
                 Err(()),
             );
             conn.close(VarInt::from_u32(H3_NO_ERROR), b"handshake timeout");

@@ -768,3 +768,63 @@ respond = { status = 404 }
     );
     assert_eq!(out.matches("error:").count(), 3, "{out}");
 }
+
+/// More worker threads than the OS gives (here: no address space left for their stacks)
+/// is an error that says so, and the process exits; tokio's panic used to leave it hanging,
+/// not listening.
+#[test]
+fn worker_threads_the_os_refuses_end_the_start_with_an_error() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wraith.toml"),
+        "[server]\nworker_threads = 1024\n\n[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[route]]\nname = \"r\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"));
+    cmd.args(["serve", "-c", "wraith.toml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // 2 GiB of address space: the server starts in well under that with a few threads, and
+    // 1024 stacks of 2 MiB do not fit beside it.
+    // SAFETY: setrlimit is async-signal-safe, and only the child's limit changes.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after 30 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "wraith: cannot start the async runtime (server.worker_threads = 1024): OS can't spawn worker thread"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ulimit -u, ulimit -v"), "{stderr}");
+}

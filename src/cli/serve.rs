@@ -56,10 +56,11 @@ pub fn run(config_path: &Path) -> ExitCode {
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all().thread_name("wraith-worker");
-    let rt = match builder.build() {
+    let rt = match build_runtime(&mut builder, config.server.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
+            eprintln!("wraith: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -131,4 +132,37 @@ pub fn run(config_path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds the runtime. tokio panics when the OS refuses one of its worker threads (too many
+/// for `ulimit -u` or kernel.threads-max, or no address space left for their stacks under
+/// `ulimit -v`), and the runtime it had half built then hung the process as the panic
+/// unwound, not listening, until a SIGTERM. While the runtime is built, a panic is reported as
+/// the reason the server cannot start, and the process exits at once, before anything unwinds.
+fn build_runtime(
+    builder: &mut tokio::runtime::Builder,
+    workers: Option<std::num::NonZeroUsize>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.map_or_else(
+        || "one per core".to_string(),
+        |n| format!("server.worker_threads = {n}"),
+    );
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        tracing::error!(error = msg, workers = %workers, "cannot start the async runtime");
+        eprintln!(
+            "wraith: cannot start the async runtime ({workers}): {msg}. Fewer worker threads, \
+             or a higher thread or address-space limit (ulimit -u, ulimit -v), would let it start."
+        );
+        std::process::exit(1);
+    }));
+    let built = builder.build();
+    std::panic::set_hook(previous);
+    built
 }

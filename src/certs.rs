@@ -240,7 +240,18 @@ pub fn write_file(path: &Path, contents: &str, secret: bool, force: bool) -> Res
 /// Creates the full development set in `dir`. Refuses to overwrite existing files unless
 /// `force`. Returns the paths written.
 pub fn init(dir: &Path, force: bool) -> Result<Vec<PathBuf>, String> {
-    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| match fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => format!(
+            "{} is {}, not a directory: give --dir a directory",
+            dir.display(),
+            if m.is_file() {
+                "a file"
+            } else {
+                crate::files::kind(&m)
+            }
+        ),
+        _ => format!("cannot create {}: {e}", dir.display()),
+    })?;
     if !force {
         let existing: Vec<_> = FILES
             .iter()

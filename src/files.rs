@@ -53,8 +53,17 @@ pub fn read(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 
 /// `read`, as UTF-8 text.
 pub fn read_to_string(path: &Path, max: u64) -> io::Result<String> {
-    String::from_utf8(read(path, max)?)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+    String::from_utf8(read(path, max)?).map_err(|e| {
+        // Where, as an editor counts: lines from 1, characters from 1.
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let valid = std::str::from_utf8(valid).unwrap_or_default();
+        let line = valid.matches('\n').count() + 1;
+        let column = valid.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not UTF-8 text (line {line}, column {column})"),
+        )
+    })
 }
 
 /// What a non-regular file is, for errors.
@@ -102,6 +111,9 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         std::fs::write(&file, [0xff, 0xfe]).unwrap();
         let e = read_to_string(&file, SMALL).unwrap_err();
-        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        assert_eq!(e.to_string(), "not UTF-8 text (line 1, column 1)");
+        std::fs::write(&file, b"[server]\nlog_level = \"\xc3\xa9\xff\"\n").unwrap();
+        let e = read_to_string(&file, SMALL).unwrap_err();
+        assert_eq!(e.to_string(), "not UTF-8 text (line 2, column 15)");
     }
 }

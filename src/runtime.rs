@@ -361,7 +361,10 @@ impl Runtime {
         let decisions = Arc::new(DecisionStore::new());
         if let Some(path) = &snapshot.config.decisions.state_file {
             let n = decisions.load(path).map_err(|e| {
-                format!("{e}\n(fix or move the file away; it holds the local bans)")
+                format!(
+                    "{}: {e}\n(fix or move the file away; it holds the local bans)",
+                    snapshot.config.key("decisions.state_file")
+                )
             })?;
             if n > 0 {
                 tracing::info!(decisions = n, file = %path.display(), "local decisions restored");
@@ -515,14 +518,15 @@ impl Runtime {
         if moved_state {
             if let Some(path) = &snapshot.config.decisions.state_file {
                 let store = &self.gateway.decisions;
-                let from_file = DecisionStore::read(path)
-                    .map_err(|e| vec![format!("decisions.state_file: {e}")])?;
+                let key = snapshot.config.key("decisions.state_file");
+                let from_file =
+                    DecisionStore::read(path).map_err(|e| vec![format!("{key}: {e}")])?;
                 let n = from_file.len();
                 // As `save_decisions`: nothing to keep and no file yet leaves no empty file.
                 if store.counts().0 > 0 || path.exists() {
                     store
                         .save_merged(path, &from_file)
-                        .map_err(|e| vec![format!("decisions.state_file: {e}")])?;
+                        .map_err(|e| vec![format!("{key}: {e}")])?;
                 }
                 store.merge(from_file);
                 tracing::info!(file = %path.display(), decisions = n, "decisions state file changed; the decisions read from it were merged with the ones in hand");

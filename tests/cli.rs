@@ -221,6 +221,14 @@ fn certs_init_makes_private_keys_and_refuses_to_overwrite() {
     assert!(err.contains("refusing to overwrite"), "{err}");
     let (code, _, _) = wraith_cmd(&["certs", "init", "--dir", "d", "--force"], dir.path());
     assert_eq!(code, 0);
+
+    // --dir naming a file.
+    let (code, _, err) = wraith_cmd(&["certs", "init", "--dir", "d/ca.pem"], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("d/ca.pem is a file, not a directory: give --dir a directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -547,12 +555,15 @@ fn test_opens_what_serve_opens_log_files_and_the_decisions_state_file() {
             "decisions.state_file",
         ),
     ];
-    for (extra, expected) in cases {
+    for (extra, key) in cases {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, format!("{base}{extra}")).unwrap();
         let (code, out, _) = wraith_cmd(&["test", "-c", path.to_str().unwrap()], dir.path());
         assert_eq!(code, 1, "{extra}\n{out}");
-        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+        // Named where the file sets it: the value on line 6.
+        let column = if key == "decisions.state_file" { 14 } else { 8 };
+        let expected = format!("error: {}:6:{column}: {key}: ", path.display());
+        assert!(out.contains(&expected), "expected {expected:?} in:\n{out}");
     }
     // Paths that can be opened pass (and the log file is created, as `nginx -t` does).
     let path = dir.path().join("c.toml");
@@ -827,4 +838,38 @@ fn worker_threads_the_os_refuses_end_the_start_with_an_error() {
         "{stderr}"
     );
     assert!(stderr.contains("ulimit -u, ulimit -v"), "{stderr}");
+}
+
+/// Empty lists and a log path two sinks share are errors at the line that says so, like
+/// every other error in the file.
+#[test]
+fn empty_lists_and_shared_log_paths_are_refused_where_they_are_written() {
+    let text = r#"[[listener]]
+name = "a"
+address = "127.0.0.1:0"
+protocol = "https"
+tls = { cert = "c.pem", key = "k.pem", versions = [], key_exchange = [] }
+
+[[route]]
+name = "r"
+respond = { status = 200 }
+
+[log.json]
+path = "access.log"
+
+[log.combined]
+path = "./access.log"
+"#;
+    let out = refused_config(
+        text,
+        &[
+            "5:51: listener[0].tls.versions: at least one TLS version is needed",
+            "5:70: listener[0].tls.key_exchange: at least one group is needed",
+            "15:8: log.combined.path: ",
+        ],
+    );
+    assert!(
+        out.contains("./access.log is also the path of log.json"),
+        "{out}"
+    );
 }

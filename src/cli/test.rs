@@ -87,7 +87,7 @@ fn files_serve_opens(config: &config::Config) -> Vec<String> {
     for (key, path) in files {
         if let Some(path) = path {
             if let Err(e) = crate::telemetry::sinks::open_append(path) {
-                errors.push(format!("{key}.path: {e}"));
+                errors.push(format!("{}: {e}", config.key(&format!("{key}.path"))));
             }
         }
     }
@@ -95,7 +95,8 @@ fn files_serve_opens(config: &config::Config) -> Vec<String> {
         let path = &sqlite.path;
         match std::fs::metadata(path) {
             Ok(m) if !m.is_file() => errors.push(format!(
-                "log.sqlite.path: {} is not a regular file",
+                "{}: {} is not a regular file",
+                config.key("log.sqlite.path"),
                 path.display()
             )),
             Ok(_) => {
@@ -105,7 +106,8 @@ fn files_serve_opens(config: &config::Config) -> Vec<String> {
                     .open(path)
                 {
                     errors.push(format!(
-                        "log.sqlite.path: cannot open {}: {e}",
+                        "{}: cannot open {}: {e}",
+                        config.key("log.sqlite.path"),
                         path.display()
                     ));
                 }
@@ -114,14 +116,16 @@ fn files_serve_opens(config: &config::Config) -> Vec<String> {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     if let Err(e) = std::fs::create_dir_all(dir) {
                         errors.push(format!(
-                            "log.sqlite.path: cannot create {}: {e}",
+                            "{}: cannot create {}: {e}",
+                            config.key("log.sqlite.path"),
                             dir.display()
                         ));
                     }
                 }
             }
             Err(e) => errors.push(format!(
-                "log.sqlite.path: cannot read {}: {e}",
+                "{}: cannot read {}: {e}",
+                config.key("log.sqlite.path"),
                 path.display()
             )),
         }
@@ -129,7 +133,7 @@ fn files_serve_opens(config: &config::Config) -> Vec<String> {
     if let Some(path) = &config.decisions.state_file {
         if path.exists() {
             if let Err(e) = crate::decisions::DecisionStore::read(path) {
-                errors.push(format!("decisions.state_file: {e}"));
+                errors.push(format!("{}: {e}", config.key("decisions.state_file")));
             }
         }
     }

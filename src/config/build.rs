@@ -57,6 +57,20 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Things loading did that the operator should hear about (e.g. dev certificates created).
     pub notices: Vec<String>,
+    /// Where the keys whose values are checked only later (the files `wraith test` and
+    /// `serve` open) are written, for those errors: see [`Config::key`].
+    pub locations: std::collections::BTreeMap<&'static str, super::Location>,
+}
+
+impl Config {
+    /// `key` for an error message, preceded by where the file sets it (`file:line:col: key`)
+    /// when that is known.
+    pub fn key(&self, key: &str) -> String {
+        match self.locations.get(key) {
+            Some(at) => format!("{at}: {key}"),
+            None => key.to_string(),
+        }
+    }
 }
 
 /// `[server]`
@@ -413,6 +427,7 @@ pub(super) struct Builder<'a> {
     errors: Vec<ConfigError>,
     pub(super) warnings: Vec<String>,
     notices: Vec<String>,
+    locations: std::collections::BTreeMap<&'static str, super::Location>,
     options: LoadOptions,
     /// `wraith test` with the development certificates still to be made: a stand-in set.
     stand_in: Option<StandIn>,
@@ -472,6 +487,12 @@ impl Builder<'_> {
             .as_ref()
             .and_then(|s| s.read_path(path))
             .unwrap_or_else(|| path.to_path_buf())
+    }
+
+    /// Remembers where `key` is written, for errors found after loading ([`Config::key`]).
+    pub(super) fn remember(&mut self, key: &'static str, span: Span) {
+        let at = self.src.locate(span.start);
+        self.locations.insert(key, at);
     }
 
     pub(super) fn err(
@@ -595,13 +616,23 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
         errors: Vec::new(),
         warnings: Vec::new(),
         notices: Vec::new(),
+        locations: Default::default(),
         options,
         stand_in: None,
     };
 
     let (root, parse_errors) = DeTable::parse_recoverable(src.text);
     for e in parse_errors {
-        b.err(e.span(), "", e.message().trim().to_string());
+        let message = e.message().trim();
+        // The parser gives this one no position.
+        let message = if message == "recursion limit" {
+            "arrays, inline tables or dotted keys nested deeper than the TOML parser allows \
+             (its recursion limit): no Wraith setting nests like this"
+                .to_string()
+        } else {
+            message.to_string()
+        };
+        b.err(e.span(), "", message);
     }
 
     let mut raw_server = None;
@@ -715,6 +746,7 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
         policy,
         warnings: b.warnings,
         notices: b.notices,
+        locations: b.locations,
     })
 }
 
@@ -1084,7 +1116,7 @@ fn build_tls(
 ) -> Option<TlsConfig> {
     let raw = raw.into_inner();
     let mut versions = Vec::new();
-    for (i, v) in raw.versions.iter().flatten().enumerate() {
+    for (i, v) in raw.versions.iter().flat_map(|l| l.get_ref()).enumerate() {
         match v.get_ref().as_str() {
             "1.2" => versions.push(TlsVersion::Tls12),
             "1.3" => versions.push(TlsVersion::Tls13),
@@ -1095,14 +1127,14 @@ fn build_tls(
             ),
         }
     }
-    if raw.versions.is_none() {
-        versions.push(TlsVersion::Tls13);
-    } else if versions.is_empty() && raw.versions.as_ref().is_some_and(|v| v.is_empty()) {
-        b.err(
-            None,
+    match &raw.versions {
+        None => versions.push(TlsVersion::Tls13),
+        Some(list) if list.get_ref().is_empty() => b.err(
+            Some(list.span()),
             format!("{key}.versions"),
             "at least one TLS version is needed",
-        );
+        ),
+        Some(_) => {}
     }
     let alpn = match &raw.alpn {
         None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
@@ -1125,7 +1157,8 @@ fn build_tls(
     };
     let key_exchange = match &raw.key_exchange {
         None => tls::KxGroup::DEFAULT.to_vec(),
-        Some(list) => {
+        Some(spanned) => {
+            let list = spanned.get_ref();
             let mut out = Vec::new();
             for (i, g) in list.iter().enumerate() {
                 match tls::KxGroup::parse(g.get_ref()) {
@@ -1140,9 +1173,9 @@ fn build_tls(
                     ),
                 }
             }
-            if out.is_empty() && list.is_empty() {
+            if list.is_empty() {
                 b.err(
-                    None,
+                    Some(spanned.span()),
                     format!("{key}.key_exchange"),
                     "at least one group is needed",
                 );

@@ -31,10 +31,16 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(loc) = &self.location {
-            write!(f, "{}:{}:{}: ", loc.file.display(), loc.line, loc.column)?;
+            write!(f, "{loc}: ")?;
         }
         if !self.key.is_empty() {
             write!(f, "{}: ", self.key)?;

@@ -58,9 +58,9 @@ pub struct RawQuic {
 pub struct RawTls {
     pub cert: Str,
     pub key: Str,
-    pub versions: Option<Vec<Str>>,
+    pub versions: Option<Spanned<Vec<Str>>>,
     pub alpn: Option<Vec<Str>>,
-    pub key_exchange: Option<Vec<Str>>,
+    pub key_exchange: Option<Spanned<Vec<Str>>>,
     pub handshake_timeout: Option<Str>,
     pub client_auth: Option<Str>,
     pub client_ca: Option<Spanned<OneOrMany>>,

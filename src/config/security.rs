@@ -236,7 +236,10 @@ pub(super) fn build_decisions(b: &mut Builder<'_>, raw: RawDecisions) -> Decisio
         state_file: match &raw.state_file {
             None => Some(b.path("decisions.json")),
             Some(p) if p.get_ref().is_empty() => None,
-            Some(p) => Some(b.path(p.get_ref())),
+            Some(p) => {
+                b.remember("decisions.state_file", p.span());
+                Some(b.path(p.get_ref()))
+            }
         },
         fallback,
         check_at_accept: raw

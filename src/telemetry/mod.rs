@@ -166,7 +166,7 @@ impl SnapshotTelemetry {
                     )
                 },
             )
-            .map_err(|e| errors.push(format!("log.json: {e}")))
+            .map_err(|e| errors.push(format!("{}: {e}", config.key("log.json.path"))))
             .ok();
         }
         if let Some(c) = &log.combined {
@@ -193,7 +193,7 @@ impl SnapshotTelemetry {
                     )
                 },
             )
-            .map_err(|e| errors.push(format!("log.combined: {e}")))
+            .map_err(|e| errors.push(format!("{}: {e}", config.key("log.combined.path"))))
             .ok();
         }
         if let Some(c) = &log.sqlite {
@@ -202,7 +202,7 @@ impl SnapshotTelemetry {
                     out.sqlite = Some(sink);
                     out.sqlite_settings = Some((settings, c.clone(), formatting.clone()));
                 }
-                Err(e) => errors.push(format!("log.sqlite: {e}")),
+                Err(e) => errors.push(format!("{}: {e}", config.key("log.sqlite.path"))),
             }
         }
         if let Some(c) = &log.events {
@@ -223,7 +223,7 @@ impl SnapshotTelemetry {
                     )
                 },
             )
-            .map_err(|e| errors.push(format!("log.events: {e}")))
+            .map_err(|e| errors.push(format!("{}: {e}", config.key("log.events.path"))))
             .ok();
         }
         if errors.is_empty() {

@@ -148,6 +148,14 @@ pub(super) fn build_log(b: &mut Builder<'_>, raw: RawLog) -> LogConfig {
             .map(|p| p.get_ref().to_ascii_lowercase())
             .collect();
     }
+    // Where each sink's path is written, for the error below.
+    let span = |p: &crate::config::raw::Str| p.span();
+    let path_spans = [
+        raw.json.as_ref().map(|s| span(&s.get_ref().path)),
+        raw.combined.as_ref().map(|s| span(&s.get_ref().path)),
+        raw.sqlite.as_ref().map(|s| span(&s.get_ref().path)),
+        raw.events.as_ref().map(|s| span(&s.get_ref().path)),
+    ];
     out.json = raw.json.map(|s| file_sink(b, "log.json", s.into_inner()));
     out.events = raw
         .events
@@ -162,25 +170,40 @@ pub(super) fn build_log(b: &mut Builder<'_>, raw: RawLog) -> LogConfig {
     out.sqlite = raw.sqlite.map(|s| sqlite_sink(b, s.into_inner()));
 
     // Two sinks writing the same file would interleave two formats.
-    let mut paths: Vec<(&str, &PathBuf)> = Vec::new();
+    let [json_at, combined_at, sqlite_at, events_at] = path_spans;
+    let keys = [
+        "log.json.path",
+        "log.combined.path",
+        "log.sqlite.path",
+        "log.events.path",
+    ];
+    for (key, at) in keys
+        .into_iter()
+        .zip([&json_at, &combined_at, &sqlite_at, &events_at])
+    {
+        if let Some(at) = at {
+            b.remember(key, at.clone());
+        }
+    }
+    let mut paths: Vec<(&str, &PathBuf, Option<std::ops::Range<usize>>)> = Vec::new();
     if let Some(s) = &out.json {
-        paths.push(("log.json", &s.path));
+        paths.push(("log.json", &s.path, json_at));
     }
     if let Some(s) = &out.combined {
-        paths.push(("log.combined", &s.file.path));
+        paths.push(("log.combined", &s.file.path, combined_at));
     }
     if let Some(s) = &out.sqlite {
-        paths.push(("log.sqlite", &s.path));
+        paths.push(("log.sqlite", &s.path, sqlite_at));
     }
     if let Some(s) = &out.events {
-        paths.push(("log.events", &s.path));
+        paths.push(("log.events", &s.path, events_at));
     }
     // Compared as the files they name: `a.log`, `./a.log` and `logs/../a.log` are one.
-    let files: Vec<PathBuf> = paths.iter().map(|(_, p)| same_file_key(p)).collect();
-    for (i, (key, path)) in paths.iter().enumerate() {
+    let files: Vec<PathBuf> = paths.iter().map(|(_, p, _)| same_file_key(p)).collect();
+    for (i, (key, path, at)) in paths.iter().enumerate() {
         if let Some(j) = files[..i].iter().position(|f| *f == files[i]) {
             let msg = format!("{} is also the path of {}", path.display(), paths[j].0);
-            b.err(None, format!("{key}.path"), msg);
+            b.err(at.clone(), format!("{key}.path"), msg);
         }
     }
     out

@@ -73,6 +73,11 @@ async fn stub(seen: Arc<Mutex<Vec<Seen>>>) -> Upstream {
             if uri.contains("teapot") {
                 return reply(403, r#"{"action":"ban","http_status":418}"#);
             }
+            if uri.contains("hugeverdict") {
+                let pad = "x".repeat(1 << 20);
+                let verdict = format!(r#"{{"action":"ban","http_status":418,"pad":"{pad}"}}"#);
+                return reply(403, &verdict);
+            }
             if uri.contains("blockme") || String::from_utf8_lossy(&body).contains("<script>") {
                 return reply(403, r#"{"action":"ban","http_status":403}"#);
             }
@@ -153,6 +158,18 @@ async fn requests_are_inspected_with_the_documented_headers() {
         "original headers are copied"
     );
 
+    // A User-Agent with bytes beyond ASCII reaches the WAF as sent, not left out.
+    let ua = http::HeaderValue::from_bytes(b"agent/\xe9\xff").unwrap();
+    let r = client
+        .get(wraith.url("http", "/ua"))
+        .header("user-agent", ua.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(s.headers.get("x-crowdsec-appsec-user-agent"), Some(&ua));
+
     // POST with a body: inspected with POST and an explicit Content-Length, and the
     // upstream still gets the whole body.
     let r = client
@@ -184,6 +201,13 @@ async fn requests_are_inspected_with_the_documented_headers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 418);
+    // A verdict past 4 KiB is not read: it blocks with the defaults.
+    let r = client
+        .get(wraith.url("http", "/hugeverdict"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     let r = client
         .post(wraith.url("http", "/comment"))
         .body("<script>alert(1)</script>")

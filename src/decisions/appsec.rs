@@ -111,6 +111,11 @@ impl Appsec {
                 headers.append(k.clone(), v.clone());
             }
         }
+        // As the client sent it, bytes beyond ASCII too: without this header CrowdSec drops
+        // the User-Agent, and a client could hide it from the rules with one such byte.
+        if let Some(ua) = parts.headers.get(http::header::USER_AGENT) {
+            headers.insert("x-crowdsec-appsec-user-agent", ua.clone());
+        }
         let uri = parts
             .uri
             .path_and_query()
@@ -135,13 +140,6 @@ impl Appsec {
         set("x-crowdsec-appsec-verb", parts.method.as_str());
         set("x-crowdsec-appsec-host", &host);
         set("x-crowdsec-appsec-http-version", version);
-        if let Some(ua) = parts
-            .headers
-            .get(http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-        {
-            set("x-crowdsec-appsec-user-agent", ua);
-        }
         if let Some(k) = &self.api_key {
             set("x-crowdsec-appsec-api-key", &k.0);
         }
@@ -162,7 +160,13 @@ impl Appsec {
         match status.as_u16() {
             200 => Ok(()),
             403 => {
-                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                // The verdict is a few dozen bytes; what is past VERDICT_MAX is not read (a
+                // hostile or broken WAF would have it buffered per request), and such an
+                // answer blocks with the defaults, as an unreadable one does.
+                let v: serde_json::Value = read_verdict(resp)
+                    .await
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
                 let action = v["action"].as_str().unwrap_or("ban").to_string();
                 let status = v["http_status"]
                     .as_u64()
@@ -179,6 +183,27 @@ impl Appsec {
             _ => Err(Refusal::Failed(format!("appsec answered {status}"))),
         }
     }
+}
+
+/// The most of a 403 answer's body read for its verdict.
+const VERDICT_MAX: usize = 4096;
+
+/// The body of a 403 answer, if it is at most `VERDICT_MAX` bytes.
+async fn read_verdict(mut resp: reqwest::Response) -> Option<Vec<u8>> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > VERDICT_MAX as u64)
+    {
+        return None;
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.ok()? {
+        if body.len() + chunk.len() > VERDICT_MAX {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
 }
 
 /// The headers that carry Wraith's account of the request to the WAF (lowercase, as

@@ -30,7 +30,7 @@ pub fn user_agent() -> String {
 /// One decision as the LAPI sends it (fields Wraith does not use are ignored). Read by
 /// `stream::parse_stream`, one entry at a time: an entry that is not one (a field missing
 /// or of the wrong type) is skipped on its own, never the whole answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LapiDecision {
     /// The LAPI's decision id (an integer; anything else is taken as no id).
     pub id: Option<i64>,
@@ -75,13 +75,37 @@ pub fn convert_new(
                 continue;
             }
         };
-        let id = d.id;
-        match convert_one(d, origins, now_ms) {
-            Ok(dec) => out.push((id, dec)),
+        match convert_one(&d, origins, now_ms) {
+            Ok(dec) => out.push((d.id, dec)),
+            // Which one, so the LAPI's operator can find it (`cscli decisions list`).
+            Err(Skip::Invalid(why)) => skipped.push(Skip::Invalid(format!(
+                "{}: {why}",
+                describe_entry("new", &d)
+            ))),
             Err(s) => skipped.push(s),
         }
     }
     (out, skipped)
+}
+
+/// `<list> entry id <id> (<scope> <value>)`, for the log, the value cut to 64 bytes.
+fn describe_entry(list: &str, d: &LapiDecision) -> String {
+    let id =
+        d.id.map_or_else(|| "without id".to_string(), |i| format!("id {i}"));
+    format!(
+        "{list} entry {id} ({:?} {:?})",
+        capped_to(&d.scope, 64),
+        capped_to(&d.value, 64)
+    )
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn capped_to(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn origin_of(d: &LapiDecision) -> &str {
@@ -91,10 +115,18 @@ fn origin_of(d: &LapiDecision) -> &str {
         .unwrap_or("crowdsec")
 }
 
-fn convert_one(d: LapiDecision, origins: Option<&[String]>, now_ms: u64) -> Result<Decision, Skip> {
+fn convert_one(
+    d: &LapiDecision,
+    origins: Option<&[String]>,
+    now_ms: u64,
+) -> Result<Decision, Skip> {
     let scope = Scope::parse(&d.scope).ok_or(Skip::Scope)?;
-    let origin = origin_of(&d);
-    if origins.is_some_and(|o| !o.iter().any(|x| x.eq_ignore_ascii_case(origin))) {
+    let origin = origin_of(d);
+    // An `origins` filter takes what names one of them: an entry without an origin (which
+    // the LAPI never sends) is not taken for CrowdSec's own.
+    let named = d.origin.as_deref().filter(|o| !o.is_empty());
+    if origins.is_some_and(|o| !named.is_some_and(|n| o.iter().any(|x| x.eq_ignore_ascii_case(n))))
+    {
         return Err(Skip::Origin);
     }
     if d.simulated == Some(true) {
@@ -118,7 +150,7 @@ fn convert_one(d: LapiDecision, origins: Option<&[String]>, now_ms: u64) -> Resu
         value,
         kind: Arc::from(d.kind.as_str()),
         until_ms: now_ms.saturating_add(ms as u64),
-        reason: capped(d.scenario.unwrap_or_default()),
+        reason: capped(d.scenario.clone().unwrap_or_default()),
     })
 }
 
@@ -164,7 +196,10 @@ pub fn convert_deleted(list: Vec<stream::Entry>) -> (Vec<(Option<i64>, Key)>, Ve
                     kind: Arc::from(d.kind.as_str()),
                 },
             )),
-            Err(why) => skipped.push(Skip::Invalid(format!("deleted entry: {why}"))),
+            Err(why) => skipped.push(Skip::Invalid(format!(
+                "{}: {why}",
+                describe_entry("deleted", &d)
+            ))),
         }
     }
     (out, skipped)
@@ -181,23 +216,95 @@ pub fn convert_deleted(list: Vec<stream::Entry>) -> (Vec<(Option<i64>, Key)>, Ve
 /// of those still known.
 #[derive(Debug, Default)]
 pub struct Known {
-    /// Per key, each decision's id, end and scenario (the key holds the rest; the store has
+    /// Per key, each decision's end and scenario by id (the key holds the rest; the store has
     /// the one decision per key it enforces).
-    by_key: HashMap<Key, Vec<Entry>>,
+    by_key: HashMap<Key, Entries>,
 }
 
 /// One LAPI decision of a key.
 #[derive(Debug)]
 struct Entry {
-    id: Option<i64>,
     until_ms: u64,
     reason: Box<str>,
+}
+
+/// The decisions of one key, by id. Nearly always one, kept inline; a map when there are
+/// more, so that a hostile answer with a million ids for one key costs a million map
+/// inserts, not a million scans of the list (which took hours).
+#[derive(Debug)]
+enum Entries {
+    One(Option<i64>, Entry),
+    Many(HashMap<Option<i64>, Entry>),
+}
+
+impl Entries {
+    /// Adds a decision: the same id again replaces it; one without an id stands for its
+    /// whole key, replacing every other.
+    fn insert(&mut self, id: Option<i64>, e: Entry) {
+        match self {
+            Entries::One(old, _) if id.is_none() || *old == id => *self = Entries::One(id, e),
+            Entries::One(..) => {
+                let Entries::One(old, first) =
+                    std::mem::replace(self, Entries::Many(HashMap::new()))
+                else {
+                    unreachable!("matched One above")
+                };
+                if let Entries::Many(m) = self {
+                    m.insert(old, first);
+                    m.insert(id, e);
+                }
+            }
+            Entries::Many(_) if id.is_none() => *self = Entries::One(id, e),
+            Entries::Many(m) => {
+                m.insert(id, e);
+            }
+        }
+    }
+
+    /// Removes the decision `id`; without an id (the LAPI naming the key only), all of them.
+    /// Returns whether any is left.
+    fn remove(&mut self, id: Option<i64>) -> bool {
+        match (id, self) {
+            (None, _) => false,
+            (Some(_), Entries::One(old, _)) => *old != id,
+            (Some(_), Entries::Many(m)) => {
+                m.remove(&id);
+                !m.is_empty()
+            }
+        }
+    }
+
+    /// Forgets the decisions that ended by `now_ms`; returns whether any is left.
+    fn retain_live(&mut self, now_ms: u64) -> bool {
+        match self {
+            Entries::One(_, e) => e.until_ms > now_ms,
+            Entries::Many(m) => {
+                m.retain(|_, e| e.until_ms > now_ms);
+                !m.is_empty()
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Entries::One(..) => 1,
+            Entries::Many(m) => m.len(),
+        }
+    }
+
+    /// The one that lasts longest.
+    fn longest(&self) -> Option<&Entry> {
+        match self {
+            Entries::One(_, e) => Some(e),
+            Entries::Many(m) => m.values().max_by_key(|e| e.until_ms),
+        }
+    }
 }
 
 impl Known {
     /// How many decisions are held (all ids of all keys).
     pub fn len(&self) -> usize {
-        self.by_key.values().map(Vec::len).sum()
+        self.by_key.values().map(Entries::len).sum()
     }
 
     /// Whether none is held.
@@ -213,7 +320,7 @@ impl Known {
         }
         self.by_key
             .iter()
-            .filter_map(|(key, list)| longest(key, list))
+            .filter_map(|(key, entries)| longest(key, entries))
             .collect()
     }
 
@@ -226,9 +333,10 @@ impl Known {
     ) -> (Vec<Key>, Vec<Decision>) {
         let mut touched: Vec<Key> = Vec::with_capacity(deleted.len() + new.len());
         for (id, key) in deleted {
-            if let Some(list) = self.by_key.get_mut(&key) {
-                // Without an id the LAPI names the key only: all of it goes.
-                list.retain(|e| id.is_some() && e.id != id);
+            if let Some(entries) = self.by_key.get_mut(&key) {
+                if !entries.remove(id) {
+                    self.by_key.remove(&key);
+                }
             }
             touched.push(key);
         }
@@ -241,11 +349,12 @@ impl Known {
         let mut drop = Vec::new();
         let mut set = Vec::new();
         for key in touched {
-            let list = self.by_key.get_mut(&key);
-            match list.and_then(|l| {
-                l.retain(|e| e.until_ms > now_ms);
-                longest(&key, l)
-            }) {
+            let live = self
+                .by_key
+                .get_mut(&key)
+                .and_then(|e| e.retain_live(now_ms).then(|| longest(&key, e)))
+                .flatten();
+            match live {
                 Some(d) => set.push(d),
                 None => {
                     self.by_key.remove(&key);
@@ -257,20 +366,23 @@ impl Known {
     }
 
     fn insert(&mut self, id: Option<i64>, d: Decision) {
-        let list = self.by_key.entry(d.key()).or_default();
-        // The same id again replaces it; a decision without one stands for its whole key.
-        list.retain(|e| id.is_some() && e.id != id);
-        list.push(Entry {
-            id,
+        let key = d.key();
+        let e = Entry {
             until_ms: d.until_ms,
             reason: d.reason.into(),
-        });
+        };
+        match self.by_key.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().insert(id, e),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Entries::One(id, e));
+            }
+        }
     }
 }
 
 /// The decision of `key` that lasts longest, as the store holds it.
-fn longest(key: &Key, list: &[Entry]) -> Option<Decision> {
-    let e = list.iter().max_by_key(|e| e.until_ms)?;
+fn longest(key: &Key, entries: &Entries) -> Option<Decision> {
+    let e = entries.longest()?;
     Some(Decision {
         source: Source::Crowdsec,
         origin: key.origin.clone(),
@@ -665,8 +777,19 @@ fn apply(
         Skip::Invalid(why) => Some(why),
         _ => None,
     });
-    for why in invalid.take(3) {
-        tracing::warn!(reason = %why, "crowdsec decision ignored");
+    let mut count = 0;
+    for why in invalid {
+        if count < 3 {
+            tracing::warn!(reason = %why, "crowdsec decision ignored");
+        }
+        count += 1;
+    }
+    if count > 3 {
+        tracing::warn!(
+            more = count - 3,
+            "crowdsec decisions ignored: {} more unusable entries in this answer",
+            count - 3
+        );
     }
     if full {
         // A snapshot's `deleted` lists expired decisions still in the LAPI database:
@@ -811,14 +934,38 @@ mod tests {
                 scenario: None,
                 simulated: None,
             },
+            // No origin: not one the filter names.
+            LapiDecision {
+                id: Some(9),
+                duration: Some("1h".into()),
+                origin: Some(String::new()),
+                scope: "ip".into(),
+                value: "192.0.2.4".into(),
+                kind: "ban".into(),
+                scenario: None,
+                simulated: None,
+            },
         ];
         let origins = vec!["crowdsec".to_string(), "cscli".to_string()];
-        let (new, skipped) = convert_new(list.into_iter().map(Ok).collect(), Some(&origins), 0);
+        let (new, skipped) = convert_new(
+            list.clone().into_iter().map(Ok).collect(),
+            Some(&origins),
+            0,
+        );
         assert!(new.is_empty());
         assert_eq!(skipped[0], Skip::Origin);
         assert_eq!(skipped[1], Skip::Simulated);
         assert_eq!(skipped[2], Skip::Expired);
-        assert!(matches!(skipped[3], Skip::Invalid(_)));
+        // The log says which entry.
+        assert!(
+            matches!(&skipped[3], Skip::Invalid(why) if why.starts_with("new entry without id (\"ip\" \"not-an-ip\"): ")),
+            "{:?}",
+            skipped[3]
+        );
+        assert_eq!(skipped[4], Skip::Origin);
+        // Without a filter, an entry without an origin counts as CrowdSec's.
+        let (new, _) = convert_new(vec![Ok(list[4].clone())], None, 0);
+        assert_eq!(&*new[0].1.origin, "crowdsec");
     }
 
     fn lapi(id: Option<i64>, value: &str, duration: &str) -> stream::Entry {
@@ -968,6 +1115,33 @@ mod tests {
         let (drop, set) = known.delta(Vec::new(), new, later);
         assert!(drop.is_empty());
         assert_eq!(set[0].until_ms, later + 60_000, "id 6 expired, id 7 stays");
+    }
+
+    /// A hostile answer with a great many ids for one key: each insert was a scan of the
+    /// key's list, and 200,000 of them stalled the bridge for minutes (no pulls, staleness
+    /// never acted on). Now a map per key.
+    #[test]
+    fn many_ids_for_one_key_are_applied_and_deleted_one_by_one() {
+        let now = 1_000_000;
+        let mut known = Known::default();
+        let n = 100_000;
+        let (new, _) = convert_new(
+            (0..n)
+                .map(|i| lapi(Some(i), "192.0.2.9", &format!("{}s", 60 + i)))
+                .collect(),
+            None,
+            now,
+        );
+        let key = new[0].1.key();
+        let all = known.replace(new);
+        assert_eq!((all.len(), known.len()), (1, n as usize));
+        assert_eq!(all[0].until_ms, now + (60 + n as u64 - 1) * 1000);
+        // All but the first deleted, in one delta: the first is what is left.
+        let deleted = (1..n).map(|i| (Some(i), key.clone())).collect();
+        let (drop, set) = known.delta(deleted, Vec::new(), now);
+        assert!(drop.is_empty());
+        assert_eq!(set[0].until_ms, now + 60_000);
+        assert_eq!(known.len(), 1);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! `time.ParseDuration`: an optional sign, then one or more decimal numbers each with a unit
 //! (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`, `h`); a bare `0` is zero.
 
-/// Parses a Go duration into signed nanoseconds (saturating at the i128 range, which no
-/// real input reaches).
+/// Parses a Go duration into signed nanoseconds. As Go, a duration past the range of an
+/// `i64` of nanoseconds (about 292 years) is refused: Go's LAPI cannot have written it.
 pub fn parse_nanos(text: &str) -> Result<i128, String> {
     let bad = || format!("invalid Go duration {text:?}");
     let mut s = text.trim();
@@ -69,13 +69,25 @@ pub fn parse_nanos(text: &str) -> Result<i128, String> {
         };
         let mut value = int.saturating_mul(scale);
         if !frac_part.is_empty() {
-            // At most 30 fractional digits matter at nanosecond resolution.
-            let digits = &frac_part[..frac_part.len().min(30)];
+            // 18 fractional digits are exact to far below a nanosecond for every unit (an hour
+            // is 3.6e12 ns), and 10^18 times that scale stays far inside an i128. (With 30,
+            // the product saturated and long fractions came out short.)
+            let digits = &frac_part[..frac_part.len().min(18)];
             let frac: i128 = digits.parse().map_err(|_| bad())?;
             let denom = 10i128.pow(digits.len() as u32);
             value = value.saturating_add(frac.saturating_mul(scale) / denom);
         }
         total = total.saturating_add(value);
+    }
+    let limit = if negative {
+        -(i64::MIN as i128)
+    } else {
+        i64::MAX as i128
+    };
+    if total > limit {
+        return Err(format!(
+            "invalid Go duration {text:?}: out of range (Go's durations end at about 2562047h)"
+        ));
     }
     Ok(if negative { -total } else { total })
 }
@@ -120,6 +132,36 @@ mod tests {
     fn rejects_what_go_rejects() {
         for bad in ["", "-", "10", "1x", "h", "1.s5", "..1s", "1m 2s"] {
             assert!(parse_nanos(bad).is_err(), "{bad:?} should fail");
+        }
+        // Past Go's range: an i64 of nanoseconds.
+        for bad in ["9999999999h", "2562048h", "2562047h47m16.854775808s"] {
+            let e = parse_nanos(bad).unwrap_err();
+            assert!(e.contains("out of range"), "{bad:?}: {e}");
+        }
+        assert_eq!(
+            parse_nanos("2562047h47m16.854775807s").unwrap(),
+            i64::MAX as i128
+        );
+        assert_eq!(
+            parse_nanos("-2562047h47m16.854775808s").unwrap(),
+            i64::MIN as i128
+        );
+    }
+
+    /// Long fractions are exact, as Go's are (a product that saturated cut them short).
+    #[test]
+    fn long_fractions_keep_their_value() {
+        let zeros = |n: usize| "0".repeat(n);
+        let cases = [
+            (format!("0.5{}m", zeros(27)), 30 * 1_000_000_000i128),
+            (format!("0.5{}h", zeros(25)), 1_800 * 1_000_000_000),
+            (format!("1.5{}h", zeros(40)), 5_400 * 1_000_000_000),
+            (format!("0.5{}s", zeros(29)), 500_000_000),
+            (format!("0.{}1s", zeros(8)), 1),
+            (format!("1.{}h", "9".repeat(40)), 7_200 * 1_000_000_000 - 1),
+        ];
+        for (text, nanos) in cases {
+            assert_eq!(parse_nanos(&text).unwrap(), nanos, "{text}");
         }
     }
 }

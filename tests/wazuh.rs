@@ -154,7 +154,8 @@ impl Execd {
         let start = Instant::now();
         let mut child = self.spawn();
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input.as_bytes()).unwrap();
+        // (The script may stop reading before the end: an oversized line.)
+        let _ = stdin.write_all(input.as_bytes());
         drop(stdin);
         let mut out = String::new();
         let _ = std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out);
@@ -336,6 +337,17 @@ async fn bad_input_and_a_missing_wraith_end_promptly() {
         assert_eq!(run.code, Some(1), "{input:?}: {run:?}");
         assert!(run.printed.is_none());
     }
+    // A line without end: read up to 1 MiB, then refused.
+    let run = blocking({
+        let e = execd.clone_paths();
+        move || e.raw(&"x".repeat(3 << 20))
+    });
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let log = std::fs::read_to_string(&execd.log).unwrap_or_default();
+    assert!(
+        log.contains("execd sent a line longer than 1024 KiB"),
+        "{log}"
+    );
     assert!(decisions(&wraith, "").await.is_empty());
 
     // Wraith not running: the script must not hang execd.

@@ -121,8 +121,12 @@ fn duration(s: &str, what: &str) -> Result<Duration, String> {
     crate::config::units::parse_duration(s).map_err(|e| format!("--{what}: {e}"))
 }
 
-/// Stdin lines, read on a thread so every wait can time out. The end of input and a line
-/// that is not UTF-8 arrive as errors that say so.
+/// The longest line taken from execd: its messages carry one alert (Wazuh cuts a log line
+/// at 64 KiB), far below this.
+const MAX_LINE: u64 = 1 << 20;
+
+/// Stdin lines, read on a thread so every wait can time out. The end of input, a line
+/// longer than `MAX_LINE` and a line that is not UTF-8 arrive as errors that say so.
 fn stdin_lines() -> mpsc::Receiver<Result<String, String>> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -130,8 +134,12 @@ fn stdin_lines() -> mpsc::Receiver<Result<String, String>> {
         let mut lock = stdin.lock();
         loop {
             let mut line = Vec::new();
-            let next = match lock.read_until(b'\n', &mut line) {
+            let next = match std::io::Read::take(&mut lock, MAX_LINE).read_until(b'\n', &mut line) {
                 Ok(0) => Err("stdin closed by execd".to_string()),
+                Ok(n) if n as u64 == MAX_LINE && !line.ends_with(b"\n") => Err(format!(
+                    "execd sent a line longer than {} KiB",
+                    MAX_LINE >> 10
+                )),
                 Ok(_) => String::from_utf8(line)
                     .map_err(|_| "execd sent a line that is not UTF-8".to_string()),
                 Err(e) => Err(format!("cannot read stdin: {e}")),
@@ -154,7 +162,7 @@ fn next_line(
     match lines.recv_timeout(wait) {
         Ok(Ok(line)) => Ok(line),
         Ok(Err(e)) => Err(format!("{e} before {what}")),
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(format!("no {what} within {wait:?}")),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(format!("{what} did not come within {wait:?}")),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err(format!("stdin ended before {what}")),
     }
 }

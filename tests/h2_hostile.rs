@@ -413,3 +413,177 @@ async fn a_204_never_carries_a_content_length_to_http2_clients() {
     assert_eq!(resp.status(), 204);
     assert!(resp.headers().get("content-length").is_none(), "{resp:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Requests h2 refuses before the gateway sees them.
+
+/// An HPACK string literal, without Huffman coding.
+fn hpack_string(s: &[u8], out: &mut Vec<u8>) {
+    let len = s.len();
+    if len < 127 {
+        out.push(len as u8);
+    } else {
+        out.push(127);
+        let mut rest = len - 127;
+        while rest >= 128 {
+            out.push((rest % 128) as u8 | 0x80);
+            rest /= 128;
+        }
+        out.push(rest as u8);
+    }
+    out.extend_from_slice(s);
+}
+
+/// A header block of literal fields (never indexed, new names), as a client that does not
+/// care what h2 accepts would encode it.
+fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x10);
+        hpack_string(name.as_bytes(), &mut out);
+        hpack_string(value.as_bytes(), &mut out);
+    }
+    out
+}
+
+/// HEADERS (and CONTINUATION frames past 16 KiB) carrying `block` on `stream`, END_STREAM.
+fn headers_frames(stream: u32, block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let chunks: Vec<&[u8]> = block.chunks(16 << 10).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let (ty, mut flags) = if i == 0 { (1u8, 0x1u8) } else { (9, 0) };
+        if i + 1 == chunks.len() {
+            flags |= 0x4;
+        }
+        out.extend_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&[ty, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// Requests h2 refuses itself (a connection-specific field, a missing `:path`, a header
+/// list past `max_header_size`) never reach the pipeline; they get an access record and a
+/// `malformed_request` event all the same, as HTTP/1.1's and HTTP/3's do. The client gets
+/// a stream reset (PROTOCOL_ERROR) or a 431, and the connection goes on.
+#[tokio::test]
+async fn requests_h2_refuses_itself_are_logged_and_reported() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"ok\"\nrespond = {{ status = 200 }}\n\n\
+         [log.json]\npath = \"access.json\"\n[log.events]\npath = \"events.json\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let request = |extra: &[(&'static str, &'static str)], path: bool| {
+        let mut fields = vec![(":method", "GET"), (":scheme", "http")];
+        if path {
+            fields.push((":path", "/refused"));
+        }
+        fields.push((":authority", "localhost"));
+        fields.extend_from_slice(extra);
+        fields
+    };
+    let big = "x".repeat(80 << 10);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    let streams: [(u32, Vec<(&str, &str)>); 5] = [
+        (1, request(&[("te", "gzip")], true)),
+        (3, request(&[("connection", "keep-alive")], true)),
+        (5, request(&[], false)),
+        (7, {
+            let mut f = request(&[], true);
+            f.push(("x-big", &big));
+            f
+        }),
+        // And the connection still serves.
+        (9, request(&[], true)),
+    ];
+    for (id, fields) in &streams {
+        out.extend_from_slice(&headers_frames(*id, &header_block(fields)));
+    }
+    tcp.write_all(&out).await.unwrap();
+
+    // What each stream got: RST_STREAM's code, or HEADERS.
+    let mut answers = std::collections::BTreeMap::new();
+    let read = async {
+        while answers.len() < 5 {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match head[3] {
+                1 => {
+                    answers
+                        .entry(stream)
+                        .or_insert_with(|| "headers".to_string());
+                }
+                3 => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    answers
+                        .entry(stream)
+                        .or_insert_with(|| format!("reset {code}"));
+                }
+                4 if head[4] & 1 == 0 => {
+                    // The server's SETTINGS: acknowledged.
+                    tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .unwrap_or_else(|_| panic!("no answer for every stream"));
+    assert_eq!(answers[&1], "reset 1", "{answers:?}");
+    assert_eq!(answers[&3], "reset 1", "{answers:?}");
+    assert_eq!(answers[&5], "reset 1", "{answers:?}");
+    assert_eq!(answers[&7], "headers", "431: {answers:?}");
+    assert_eq!(answers[&9], "headers", "{answers:?}");
+
+    // One record each for the refused four, and the served one.
+    let records = Wraith::eventually(WAIT, || async {
+        wraith.json_lines("access.json").len() >= 5
+    })
+    .await;
+    assert!(records, "{:?}", wraith.json_lines("access.json"));
+    let records = wraith.json_lines("access.json");
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["error"] == "malformed_request")
+        .collect();
+    assert_eq!(refused.len(), 4, "{records:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["protocol"] == "h2" && r["method"] == "-" && r["client_ip"] == "127.0.0.1"),
+        "{refused:?}"
+    );
+    let mut statuses: Vec<_> = refused.iter().map(|r| r["status"].clone()).collect();
+    statuses.sort_by_key(|s| s.as_u64());
+    assert_eq!(statuses, [400, 400, 400, 431], "{refused:?}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["status"] == 200 && r["path"] == "/refused"),
+        "{records:?}"
+    );
+    let reported = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .filter(|e| e["wraith"]["event"] == "malformed_request")
+            .count()
+    };
+    Wraith::eventually(WAIT, || async {
+        reported(&wraith.json_lines("events.json")) >= 4
+    })
+    .await;
+    let events = wraith.json_lines("events.json");
+    assert_eq!(reported(&events), 4, "{events:?}");
+}

@@ -475,7 +475,34 @@ async fn serve_http<I>(
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = listener.http.h2.serve_connection(TokioIo::new(io), svc);
+        // Requests h2 refuses before the service sees them (a malformed head, reset with
+        // PROTOCOL_ERROR; a header list too large, answered 431) are accounted for as the
+        // HTTP/1.1 codec's refusals are: an access record and a `malformed_request` event.
+        let mut server = listener.http.h2.clone();
+        server.refused_request_hook(h2::server::RefusedRequestHook(Arc::new(
+            move |r: h2::server::RefusedRequest| {
+                let (status, reason) = if r.too_large {
+                    (
+                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "header list too large",
+                    )
+                } else {
+                    (
+                        http::StatusCode::BAD_REQUEST,
+                        "malformed HTTP/2 request head",
+                    )
+                };
+                refusals.runtime.gateway.refused_by_codec(
+                    &refusals.info,
+                    status,
+                    reason,
+                    None,
+                    http::Version::HTTP_2,
+                    0,
+                );
+            },
+        )));
+        let conn = server.serve_connection(TokioIo::new(io), svc);
         drive(
             conn,
             |c| c.graceful_shutdown(),

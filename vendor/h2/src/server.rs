@@ -263,6 +263,32 @@ pub struct Builder {
     ///
     /// When this gets exhausted, we issue a GOAWAY with `ENHANCE_YOUR_CALM`.
     data_frame_budget: proto::DataFrameBudget,
+
+    /// (Wraith) Told of each request refused before the application saw it.
+    refused_request_hook: Option<RefusedRequestHook>,
+}
+
+/// (Wraith) A request the server refused before handing it to the application: its head
+/// was malformed (a connection-specific field such as `connection` or `te: gzip`, a
+/// pseudo-header missing or out of place, a bad `content-length`, ...) and the stream was
+/// reset with `PROTOCOL_ERROR`, or its header list was larger than
+/// `max_header_list_size` and it was answered `431` (`too_large`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusedRequest {
+    /// The stream the request came on.
+    pub stream_id: u32,
+    /// Answered 431 Request Header Fields Too Large, rather than reset.
+    pub too_large: bool,
+}
+
+/// (Wraith) Called on the connection's task for each [`RefusedRequest`]; it must not block.
+#[derive(Clone)]
+pub struct RefusedRequestHook(pub std::sync::Arc<dyn Fn(RefusedRequest) + Send + Sync>);
+
+impl fmt::Debug for RefusedRequestHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RefusedRequestHook")
+    }
 }
 
 /// Send a response back to the client
@@ -663,7 +689,15 @@ impl Builder {
             max_send_buffer_size: proto::DEFAULT_MAX_SEND_BUFFER_SIZE,
             local_max_error_reset_streams: Some(proto::DEFAULT_LOCAL_RESET_COUNT_MAX),
             data_frame_budget: proto::DataFrameBudget::Auto,
+            refused_request_hook: None,
         }
+    }
+
+    /// (Wraith) Calls `hook` for each request this server refuses before the application
+    /// could see it (see [`RefusedRequest`]), so that it can be logged like any other.
+    pub fn refused_request_hook(&mut self, hook: RefusedRequestHook) -> &mut Self {
+        self.refused_request_hook = Some(hook);
+        self
     }
 
     /// Indicates the initial window size (in octets) for stream-level
@@ -1535,6 +1569,7 @@ where
                                 .local_max_error_reset_streams,
                             settings: self.builder.settings.clone(),
                             data_frame_budget: self.builder.data_frame_budget,
+                            refused_request_hook: self.builder.refused_request_hook.clone(),
                         },
                     );
 

@@ -87,6 +87,8 @@ pub(crate) struct Config {
     pub local_error_reset_streams_max: Option<usize>,
     pub settings: frame::Settings,
     pub data_frame_budget: DataFrameBudget,
+    /// (Wraith) Told of each request refused before the application saw it (servers).
+    pub refused_request_hook: Option<crate::server::RefusedRequestHook>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -152,6 +154,7 @@ where
                     .map(|max| max as usize),
                 local_max_error_reset_streams: config.local_error_reset_streams_max,
                 data_frame_budget: config.data_frame_budget,
+                refused_request_hook: config.refused_request_hook.clone(),
             }
         }
         let streams = Streams::new(streams_config(&config));

@@ -390,6 +390,7 @@ mod tests {
             remote_max_initiated: None,
             local_max_error_reset_streams: None,
             data_frame_budget: DataFrameBudget::Configured(DEFAULT_DATA_FRAME_BUDGET),
+            refused_request_hook: None,
         }
     }
 
@@ -437,6 +438,7 @@ mod tests {
             peer::Dyn::Server,
             &Config {
                 data_frame_budget: DataFrameBudget::Auto,
+                refused_request_hook: None,
                 ..counts_config()
             },
         );
@@ -450,6 +452,7 @@ mod tests {
             peer::Dyn::Server,
             &Config {
                 data_frame_budget: DataFrameBudget::Configured(123),
+                refused_request_hook: None,
                 ..counts_config()
             },
         );

@@ -81,6 +81,9 @@ pub struct Config {
 
     /// Connection-level budget policy for DATA framing overhead.
     pub(crate) data_frame_budget: DataFrameBudget,
+
+    /// (Wraith) Told of each request refused before the application saw it.
+    pub refused_request_hook: Option<crate::server::RefusedRequestHook>,
 }
 
 trait DebugStructExt<'a, 'b> {

@@ -270,6 +270,7 @@ impl Recv {
             if counts.peer().is_server() {
                 // Correctness: never push a stream to `pending_accept` without having the
                 // corresponding headers frame pushed to `stream.pending_recv`.
+                stream.is_accounted = true;
                 self.pending_accept.push(stream);
             }
         } else {
@@ -1291,6 +1292,7 @@ mod tests {
             remote_max_initiated: None,
             local_max_error_reset_streams: None,
             data_frame_budget: DataFrameBudget::Configured(DEFAULT_DATA_FRAME_BUDGET),
+            refused_request_hook: None,
         };
         let mut recv = Recv::new(peer::Dyn::Server, &config);
         let mut store = Store::new();

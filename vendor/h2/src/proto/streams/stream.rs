@@ -80,6 +80,10 @@ pub(super) struct Stream {
     /// Set to true when the stream is pending accept
     pub is_pending_accept: bool,
 
+    /// (Wraith) The application has heard of this stream: it was queued for accept, or
+    /// reported to the server's `RefusedRequestHook`.
+    pub is_accounted: bool,
+
     /// Receive data flow control
     pub recv_flow: FlowControl,
 
@@ -182,6 +186,7 @@ impl Stream {
             // ===== Fields related to receiving =====
             next_pending_accept: None,
             is_pending_accept: false,
+            is_accounted: false,
             recv_flow,
             in_flight_recv_data: 0,
             next_window_update: None,

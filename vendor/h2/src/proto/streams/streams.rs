@@ -103,6 +103,9 @@ struct Actions {
 
     /// If the connection errors, a copy is kept for any StreamRefs.
     conn_error: Option<proto::Error>,
+
+    /// (Wraith) Told of each request refused before the application saw it.
+    refused_request_hook: Option<crate::server::RefusedRequestHook>,
 }
 
 /// Contains the buffer of frames to be written to the wire.
@@ -461,6 +464,7 @@ impl Inner {
                 send: Send::new(&config),
                 task: None,
                 conn_error: None,
+                refused_request_hook: config.refused_request_hook.clone(),
             },
             store: Store::new(),
             refs: 1,
@@ -562,6 +566,7 @@ impl Inner {
                                 HeaderMap::new(),
                             );
                             resp.set_end_stream();
+                            actions.report_refused(counts, stream, Reason::PROTOCOL_ERROR, true);
                             let mut send_buffer = send_buffer.inner.lock().unwrap();
                             let sent = actions.send.send_headers(
                                 resp, &mut send_buffer, stream, counts, &mut actions.task);
@@ -1745,6 +1750,7 @@ impl Actions {
     ) -> Result<(), crate::proto::error::GoAway> {
         counts.transition(stream, |counts, stream| {
             if initiator.is_library() {
+                self.report_refused(counts, stream, reason, false);
                 if counts.can_inc_num_local_error_resets() {
                     counts.inc_num_local_error_resets();
                 } else {
@@ -1775,6 +1781,33 @@ impl Actions {
         })
     }
 
+    /// (Wraith) Tells the server's hook of a request refused before the application saw
+    /// it: a stream the peer opened, never queued for accept, reset by the library for its
+    /// head (PROTOCOL_ERROR) or answered 431 (`too_large`). Once per stream.
+    fn report_refused(
+        &self,
+        counts: &Counts,
+        stream: &mut store::Ptr,
+        reason: Reason,
+        too_large: bool,
+    ) {
+        let Some(hook) = &self.refused_request_hook else {
+            return;
+        };
+        if stream.is_accounted
+            || !counts.peer().is_server()
+            || counts.peer().is_local_init(stream.id)
+            || (reason != Reason::PROTOCOL_ERROR && !too_large)
+        {
+            return;
+        }
+        stream.is_accounted = true;
+        (hook.0)(crate::server::RefusedRequest {
+            stream_id: stream.id.into(),
+            too_large,
+        });
+    }
+
     fn reset_on_recv_stream_err_deferred<B>(
         &mut self,
         send_buffer: &SendBuffer<B>,
@@ -1799,6 +1832,9 @@ impl Actions {
     ) -> Result<(), Error> {
         if let Err(Error::Reset(stream_id, reason, initiator)) = res {
             debug_assert_eq!(stream_id, stream.id);
+            if initiator.is_library() {
+                self.report_refused(counts, stream, reason, false);
+            }
 
             if counts.can_inc_num_local_error_resets() {
                 counts.inc_num_local_error_resets();

@@ -56,6 +56,8 @@ pub(crate) struct Config {
     pub(crate) header_table_size: Option<u32>,
     pub(crate) max_header_list_size: u32,
     pub(crate) date_header: bool,
+    /// (Wraith) Told of each request h2 refuses before the service sees it.
+    pub(crate) refused_request_hook: Option<h2::server::RefusedRequestHook>,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             max_send_buffer_size: DEFAULT_MAX_SEND_BUF_SIZE,
             max_header_list_size: DEFAULT_SETTINGS_MAX_HEADER_LIST_SIZE,
             date_header: true,
+            refused_request_hook: None,
         }
     }
 }
@@ -151,6 +154,9 @@ where
         }
         if config.enable_connect_protocol {
             builder.enable_connect_protocol();
+        }
+        if let Some(hook) = &config.refused_request_hook {
+            builder.refused_request_hook(hook.clone());
         }
         let handshake = builder.handshake(Compat::new(io));
 

@@ -280,6 +280,14 @@ impl<E> Builder<E> {
         self
     }
 
+    /// (Wraith) Calls `hook` for each request h2 refuses before the service could see it: a
+    /// malformed head (the stream reset with `PROTOCOL_ERROR`), or one past
+    /// `max_header_list_size` (answered 431). See `h2::server::RefusedRequest`.
+    pub fn refused_request_hook(&mut self, hook: h2::server::RefusedRequestHook) -> &mut Self {
+        self.h2_builder.refused_request_hook = Some(hook);
+        self
+    }
+
     /// Set the timer used in background tasks.
     pub fn timer<M>(&mut self, timer: M) -> &mut Self
     where

@@ -343,7 +343,8 @@ async fn add(rt: &Arc<Runtime>, body: &[u8]) -> (StatusCode, Value) {
         Ok(Err(e)) => return (StatusCode::INSUFFICIENT_STORAGE, json!({"error": e})),
         Err(e) => return internal(e),
     }
-    tracing::info!(origin = %origin, value = %value, kind = %kind, reason = %reason, "local decision added");
+    // The reason is whatever the caller sent (a Wazuh alert's text): escaped.
+    tracing::info!(origin = %origin, value = %value, kind = %kind, reason = %crate::telemetry::format::printable(&reason), "local decision added");
     let mut resp = json!({"decision": shown});
     if let Err(e) = persist(rt).await {
         resp["warning"] = json!(format!("active, but not saved: {e}"));

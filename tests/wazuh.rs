@@ -350,6 +350,26 @@ async fn bad_input_and_a_missing_wraith_end_promptly() {
     );
     assert!(decisions(&wraith, "").await.is_empty());
 
+    // A rule description is the alert's text: its log line reaches a terminal escaped.
+    let mut msg = v4("add", Some("192.0.2.8"), &[]);
+    msg["parameters"]["alert"]["rule"]["description"] =
+        json!("x\u{1b}]0;T\u{7}\rOVER\nFAKE\u{9b}\u{202e}");
+    let run = blocking({
+        let e = execd.clone_paths();
+        move || e.add(&msg, Some("continue"))
+    });
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let log = std::fs::read_to_string(&execd.log).unwrap_or_default();
+    assert!(
+        log.contains(r"x\u{1b}]0;T\u{7}\u{d}OVER\u{a}FAKE\u{9b}\u{202e}"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(['\u{1b}', '\u{7}', '\r', '\u{9b}', '\u{202e}']),
+        "{log:?}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with("FAKE")), "{log}");
+
     // Wraith not running: the script must not hang execd.
     let gone = Execd {
         socket: wraith.dir.path().join("nobody-listens.sock"),

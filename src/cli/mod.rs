@@ -15,7 +15,6 @@ mod top;
 mod version;
 mod wazuh_ar;
 
-use std::borrow::Cow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -337,60 +336,7 @@ fn extract_server_section(text: &str) -> String {
     out
 }
 
-/// Text that came from the network (a user agent, a path, a CrowdSec scenario, a Wazuh rule
-/// description, an upstream's error) made safe to print on a terminal: control characters
-/// (ESC and the C1 range included) and the bidirectional overrides are shown escaped
-/// (`\u{1b}`), so no escape sequence or reordering reaches the operator's terminal.
-pub fn printable(s: &str) -> Cow<'_, str> {
-    escape_unsafe(s, false)
-}
-
-/// `printable` for a whole rendered text, whose line breaks stay.
-pub fn printable_lines(s: &str) -> Cow<'_, str> {
-    escape_unsafe(s, true)
-}
-
-/// Serialized JSON made safe to print on a terminal: serde_json escapes only U+0000-U+001F,
-/// so DEL, the C1 controls (U+007F-U+009F; U+009B is a CSI) and the bidirectional overrides
-/// are rewritten as `\uXXXX`. They can only stand inside strings, where the escape is the
-/// same value: the JSON stays valid and means the same.
-pub fn json_printable(json: &str) -> Cow<'_, str> {
-    let unsafe_char = |c: char| ('\u{7f}'..='\u{9f}').contains(&c) || is_bidi(c);
-    if !json.chars().any(unsafe_char) {
-        return Cow::Borrowed(json);
-    }
-    let mut out = String::with_capacity(json.len() + 16);
-    for c in json.chars() {
-        if unsafe_char(c) {
-            // All in the BMP: one escape each.
-            out.push_str(&format!("\\u{:04x}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// The marks and overrides that reorder the text around them.
-fn is_bidi(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-fn escape_unsafe(s: &str, keep_newlines: bool) -> Cow<'_, str> {
-    let unsafe_char = |c: char| (c.is_control() && !(keep_newlines && c == '\n')) || is_bidi(c);
-    if !s.chars().any(unsafe_char) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
-        if unsafe_char(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
+pub use crate::telemetry::format::{json_printable, printable, printable_lines};
 
 #[cfg(test)]
 mod tests {
@@ -420,7 +366,8 @@ mod tests {
         let safe = json_printable(&raw);
         assert!(!safe
             .chars()
-            .any(|c| ('\u{7f}'..='\u{9f}').contains(&c) || is_bidi(c)));
+            .any(|c| ('\u{7f}'..='\u{9f}').contains(&c)
+                || crate::telemetry::format::terminal_unsafe(c)));
         let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
         assert_eq!(back, v);
         let pretty = serde_json::to_string_pretty(&v).unwrap();
@@ -428,6 +375,9 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&json_printable(&pretty)).unwrap(),
             v
         );
-        assert!(matches!(json_printable("{\"a\":1}"), Cow::Borrowed(_)));
+        assert!(matches!(
+            json_printable("{\"a\":1}"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

@@ -140,7 +140,10 @@ fn run_explain(config_path: &Path, args: &ExplainArgs) -> Result<String, String>
     out.push_str(&format!("principal: {}\n", x.principal));
     out.push_str(&format!("action:    {}\n", x.action));
     out.push_str(&format!("resource:  {}\n", x.resource));
-    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    // Certificate names are the client's text: escaped for the terminal, still JSON.
+    let pretty = |v: &serde_json::Value| {
+        super::json_printable(&serde_json::to_string_pretty(v).unwrap_or_default()).into_owned()
+    };
     out.push_str(&format!("context:\n{}\n", pretty(&x.context)));
     out.push_str(&format!("entities:\n{}\n", pretty(&x.entities)));
     Ok(out)

@@ -185,7 +185,12 @@ pub fn render(v: &Value) -> String {
                     .into_iter()
                     .flatten()
                     .take(5)
-                    .map(|e| format!("{} ({})", e["name"].as_str().unwrap_or("?"), e["count"])),
+                    // Each name escaped on its own: a line break in a certificate's name would
+                    // survive `printable_lines` below and forge a line.
+                    .map(|e| {
+                        let name = super::printable(e["name"].as_str().unwrap_or("?"));
+                        format!("{name} ({})", e["count"])
+                    }),
             )
         };
         out.push_str(&format!(
@@ -250,5 +255,37 @@ fn listing(items: impl Iterator<Item = String>) -> String {
         "none".to_string()
     } else {
         items.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names of denied clients are certificate text: a line break in one cannot forge a line,
+    /// and escape sequences reach the terminal escaped.
+    #[test]
+    fn denied_names_cannot_forge_lines_or_reach_the_terminal() {
+        let v = serde_json::json!({
+            "traffic": {
+                "window_secs": 60,
+                "top_denied_identities": [{"name": "CN\u{1b}[31mX\nFAKE line\u{9b}\u{202e}", "count": 2}],
+                "top_denied_ips": [],
+            }
+        });
+        let text = render(&v);
+        let line = text
+            .lines()
+            .find(|l| l.contains("denied ids"))
+            .expect("a denied ids line");
+        assert!(
+            line.contains(r"CN\u{1b}[31mX\u{a}FAKE line\u{9b}\u{202e} (2)"),
+            "{line}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("FAKE")), "{text}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{9b}'),
+            "{text}"
+        );
     }
 }

@@ -86,7 +86,13 @@ impl Log<'_> {
             now.minute(),
             now.second()
         );
-        let line = format!("{stamp} {}: {msg}\n", self.name);
+        // The message carries the alert's text (the ban reason): escaped, it cannot act on the
+        // terminal of whoever reads the log with `tail -f`, nor forge a line.
+        let line = format!(
+            "{stamp} {}: {}\n",
+            super::printable(&self.name),
+            super::printable(msg)
+        );
         eprint!("{line}");
         if let Some(path) = self.file {
             if let Ok(mut f) = std::fs::OpenOptions::new()

@@ -125,6 +125,14 @@ fn convert_one(
     // An `origins` filter takes what names one of them: an entry without an origin (which
     // the LAPI never sends) is not taken for CrowdSec's own.
     let named = d.origin.as_deref().filter(|o| !o.is_empty());
+    // Origins are tokens (`crowdsec`, `cscli`, `CAPI`, `lists`), as the admin API's are: one
+    // with other characters would reach logs and terminals as the LAPI wrote it.
+    if named.is_some_and(|o| !crate::decisions::valid_kind(o)) {
+        return Err(Skip::Invalid(format!(
+            "origin {:?} is not valid (letters, digits, '-', '_', '.', ':')",
+            capped_to(named.unwrap_or_default(), 64)
+        )));
+    }
     if origins.is_some_and(|o| !named.is_some_and(|n| o.iter().any(|x| x.eq_ignore_ascii_case(n))))
     {
         return Err(Skip::Origin);
@@ -780,7 +788,7 @@ fn apply(
     let mut count = 0;
     for why in invalid {
         if count < 3 {
-            tracing::warn!(reason = %why, "crowdsec decision ignored");
+            tracing::warn!(reason = %crate::telemetry::format::printable(why), "crowdsec decision ignored");
         }
         count += 1;
     }
@@ -966,6 +974,15 @@ mod tests {
         // Without a filter, an entry without an origin counts as CrowdSec's.
         let (new, _) = convert_new(vec![Ok(list[4].clone())], None, 0);
         assert_eq!(&*new[0].1.origin, "crowdsec");
+        // An origin that is not a token never reaches the logs.
+        let mut odd = list[4].clone();
+        odd.origin = Some("cs\u{1b}[31m".into());
+        let (new, skipped) = convert_new(vec![Ok(odd)], None, 0);
+        assert!(new.is_empty());
+        assert!(
+            matches!(&skipped[0], Skip::Invalid(why) if why.contains("origin \"cs\\u{1b}[31m\" is not valid")),
+            "{skipped:?}"
+        );
     }
 
     fn lapi(id: Option<i64>, value: &str, duration: &str) -> stream::Entry {

@@ -329,7 +329,7 @@ pub(super) fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Iden
     match Identity::from_der(leaf) {
         Ok((id, warnings)) => {
             for w in warnings {
-                tracing::warn!(peer = %peer, listener, client = id.name(), "client certificate: {w}");
+                tracing::warn!(peer = %peer, listener, client = %crate::telemetry::format::printable(id.name()), "client certificate: {}", crate::telemetry::format::printable(&w.to_string()));
             }
             id
         }

@@ -23,6 +23,7 @@ pub mod entities;
 pub mod load;
 mod prune;
 
+use crate::telemetry::format::printable;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -450,11 +451,12 @@ impl PolicyEngine {
         if decision.shadow && decision.effect == Effect::Deny {
             tracing::info!(
                 route = %access.route.config.name,
-                principal = access.conn.identity.as_ref().map_or("-", |i| i.name()),
+                // Client-supplied text escaped, in both log formats.
+                principal = %printable(access.conn.identity.as_ref().map_or("-", |i| i.name())),
                 client = %access.client_ip,
                 method = %access.method,
-                path = access.path,
-                reason = decision.reason.as_str(),
+                path = %printable(access.path),
+                reason = %printable(decision.reason.as_str()),
                 policies = %decision.policy_list(),
                 set = %decision.set,
                 "policy would deny (shadow mode): request allowed"
@@ -462,10 +464,10 @@ impl PolicyEngine {
         } else {
             tracing::debug!(
                 route = %access.route.config.name,
-                principal = access.conn.identity.as_ref().map_or("-", |i| i.name()),
+                principal = %printable(access.conn.identity.as_ref().map_or("-", |i| i.name())),
                 client = %access.client_ip,
                 method = %access.method,
-                path = access.path,
+                path = %printable(access.path),
                 decision = %decision,
                 "policy decision"
             );

@@ -456,7 +456,8 @@ impl<'a> JsonObject<'a> {
     }
 }
 
-/// Bytes that need escaping in a JSON string: controls, `"`, `\` and DEL.
+/// Bytes that need escaping in a JSON string: controls, `"`, `\` and DEL; and the first
+/// bytes of the characters a terminal may act on (`terminal_unsafe`), looked at whole.
 const fn json_escapes() -> [bool; 256] {
     let mut t = [false; 256];
     let mut i = 0;
@@ -467,11 +468,80 @@ const fn json_escapes() -> [bool; 256] {
     t[b'"' as usize] = true;
     t[b'\\' as usize] = true;
     t[0x7f] = true;
+    // U+0080-U+009F; U+061C; U+200E-U+202E, U+2066-U+2069.
+    t[0xc2] = true;
+    t[0xd8] = true;
+    t[0xe2] = true;
     t
 }
 static JSON_ESCAPE: [bool; 256] = json_escapes();
 
-/// Bytes `b` takes in a JSON string (a byte of a multi-byte character: one).
+/// Characters a terminal may act on, beyond the ASCII controls: the C1 controls (U+009B is a
+/// CSI to many terminals) and the marks and overrides that reorder text on screen. A log
+/// line read with `tail -f` or `jq` in a terminal shows them escaped (`\u009b`), never acts
+/// on them: they come from clients (paths, headers, certificate names).
+pub fn terminal_unsafe(c: char) -> bool {
+    matches!(c,
+        '\u{80}'..='\u{9f}'
+        | '\u{61c}'
+        | '\u{200e}' | '\u{200f}'
+        | '\u{2028}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}')
+}
+
+/// Text that came from the network (a user agent, a path, a CrowdSec scenario, a Wazuh rule
+/// description, an upstream's error) made safe to print on a terminal: control characters
+/// (ESC and the C1 range included) and the bidirectional overrides are shown escaped
+/// (`\u{1b}`), so no escape sequence or reordering reaches the operator's terminal.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    escape_unsafe(s, false)
+}
+
+/// `printable` for a whole rendered text, whose line breaks stay.
+pub fn printable_lines(s: &str) -> Cow<'_, str> {
+    escape_unsafe(s, true)
+}
+
+/// Serialized JSON made safe to print on a terminal: serde_json escapes only U+0000-U+001F,
+/// so DEL, the C1 controls (U+007F-U+009F; U+009B is a CSI) and the bidirectional overrides
+/// are rewritten as `\uXXXX`. They can only stand inside strings, where the escape is the
+/// same value: the JSON stays valid and means the same.
+pub fn json_printable(json: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| ('\u{7f}'..='\u{9f}').contains(&c) || terminal_unsafe(c);
+    if !json.chars().any(unsafe_char) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if unsafe_char(c) {
+            // All in the BMP: one escape each.
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn escape_unsafe(s: &str, keep_newlines: bool) -> Cow<'_, str> {
+    let unsafe_char =
+        |c: char| (c.is_control() && !(keep_newlines && c == '\n')) || terminal_unsafe(c);
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Bytes `b` takes in a JSON string at most (a byte of a multi-byte character: one, or six
+/// for the first byte of one that may be escaped whole).
 fn json_width(b: u8) -> usize {
     match b {
         b'"' | b'\\' | b'\n' | b'\r' | b'\t' => 2,
@@ -520,6 +590,17 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
+            b if b >= 0x80 => {
+                // The first byte of a character (`bytes` ends on a character boundary).
+                let c = s[i..].chars().next().unwrap_or('\u{fffd}');
+                if terminal_unsafe(c) {
+                    let _ = write!(out, "\\u{:04x}", u32::from(c));
+                } else {
+                    out.extend_from_slice(&bytes[i..i + c.len_utf8()]);
+                }
+                start = i + c.len_utf8();
+                continue;
+            }
             b => {
                 let _ = write!(out, "\\u{b:04x}");
             }
@@ -998,6 +1079,18 @@ mod tests {
         );
         let v: String = serde_json::from_slice(&out).unwrap();
         assert_eq!(v, "a\"b\\c\nd\u{1}e\u{7f}é");
+
+        // What a terminal may act on is escaped; other characters with the same first
+        // bytes are written as they are.
+        let text = "x\u{9b}31m\u{85}\u{202e}gpj.exe\u{61c}\u{2066}\u{2028}©€‰中\u{a0}";
+        let mut out = Vec::new();
+        json_string(&mut out, text);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "\"x\\u009b31m\\u0085\\u202egpj.exe\\u061c\\u2066\\u2028©€‰中\u{a0}\""
+        );
+        let v: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, text);
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl Log<'_> {
         // terminal of whoever reads the log with `tail -f`, nor forge a line.
         let line = format!(
             "{stamp} {}: {}\n",
-            super::printable(&self.name),
+            super::printable(self.name),
             super::printable(msg)
         );
         eprint!("{line}");

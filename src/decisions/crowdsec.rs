@@ -709,15 +709,27 @@ async fn pull(
     let status = resp.status();
     // Read in pieces up to a ceiling: a broken or hostile LAPI cannot make us buffer without
     // bound (a million decisions is ~250 MiB of JSON; the community blocklist is far less).
-    let mut body = Vec::new();
+    // The pieces are kept as they came and joined once at the end, into a buffer of the
+    // exact size: a buffer grown by doubling as they arrive held up to twice the answer, and
+    // the freed steps stayed in the process (an endless answer, refused at the ceiling, left
+    // it at over 800 MiB).
+    let mut pieces = Vec::new();
+    let mut len = 0;
     while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
-        if body.len() + chunk.len() > MAX_STREAM_BODY {
+        if len + chunk.len() > MAX_STREAM_BODY {
+            drop(pieces);
+            release_freed_memory();
             return Err(format!(
                 "LAPI answer larger than {} MiB: refused (the cache keeps its last good state)",
                 MAX_STREAM_BODY >> 20
             ));
         }
-        body.extend_from_slice(&chunk);
+        len += chunk.len();
+        pieces.push(chunk);
+    }
+    let mut body = Vec::with_capacity(len);
+    for piece in pieces {
+        body.extend_from_slice(&piece);
     }
     if status == reqwest::StatusCode::FORBIDDEN || status == reqwest::StatusCode::UNAUTHORIZED {
         return Err(format!(
@@ -766,6 +778,17 @@ fn describe(e: &reqwest::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// Gives the memory freed after a large answer back to the system: glibc keeps freed
+/// memory for later allocations, so an answer refused at the ceiling left the process
+/// hundreds of MiB larger for good.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of glibc's heaps to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Applies a response to the store; returns (set, removed, skipped).

@@ -587,3 +587,90 @@ async fn requests_h2_refuses_itself_are_logged_and_reported() {
     let events = wraith.json_lines("events.json");
     assert_eq!(reported(&events), 4, "{events:?}");
 }
+
+/// An h2c upstream that, as grpc-go does when a handler returns before the client has
+/// finished streaming, answers the first request message with a complete response (head,
+/// data, `grpc-status` trailers) and then resets the stream with NO_ERROR to stop the rest of
+/// the request body (RFC 9113 §8.1).
+async fn early_answering_h2c_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        // The first message, then the answer.
+                        let _ = body.data().await;
+                        let resp = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        let _ = send.send_trailers(trailers);
+                        // (h2 drops what is still queued on a reset: the answer goes first.)
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        send.send_reset(h2::Reason::NO_ERROR);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A complete response followed by the upstream's RST_STREAM(NO_ERROR) (it needs no more of
+/// the request body) reaches the client complete, trailers included, and is logged as the
+/// success it is; the client's stream is ended, not reset with an error.
+#[tokio::test]
+async fn a_complete_response_then_no_error_reset_is_a_success() {
+    let upstream = early_answering_h2c_upstream().await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n",
+        h2c_config(&setup, upstream)
+    );
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    let req = Request::post(https_uri(&wraith, "/svc/Bidi"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    // The first message; the client means to send more.
+    send.send_data(Bytes::from_static(b"\0\0\0\0\x02hi"), false)
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "{}", wraith.log());
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, body.data()).await.unwrap() {
+        data.extend_from_slice(&chunk.expect("the response body ends cleanly"));
+    }
+    assert_eq!(data, b"\0\0\0\0\x02ok");
+    let trailers = tokio::time::timeout(WAIT, body.trailers())
+        .await
+        .unwrap()
+        .expect("trailers arrive")
+        .expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |v| v["path"] == "/svc/Bidi")
+        .await
+        .expect("a record");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["grpc_status"], 0, "{record}");
+    assert!(record.get("error").is_none(), "{record}");
+    assert_eq!(record["aborted"], false, "{record}");
+}

@@ -169,6 +169,19 @@ async fn requests_are_inspected_with_the_documented_headers() {
     assert_eq!(r.status(), 200);
     let s = seen.lock().unwrap().last().cloned().unwrap();
     assert_eq!(s.headers.get("x-crowdsec-appsec-user-agent"), Some(&ua));
+    // Two of them: the WAF sees both.
+    let r = raw_exchange(
+        wraith.addr("http"),
+        b"GET /ua2 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: harmless/1.0\r\n\
+          User-Agent: sqlmap/1.7\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let s = seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        s.headers["x-crowdsec-appsec-user-agent"],
+        "harmless/1.0, sqlmap/1.7"
+    );
 
     // POST with a body: inspected with POST and an explicit Content-Length, and the
     // upstream still gets the whole body.

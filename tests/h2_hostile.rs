@@ -547,9 +547,15 @@ async fn requests_h2_refuses_itself_are_logged_and_reported() {
     assert_eq!(answers[&7], "headers", "431: {answers:?}");
     assert_eq!(answers[&9], "headers", "{answers:?}");
 
-    // One record each for the refused four, and the served one.
+    // A malformed head on the stream already served is no request of its own (h2 answers
+    // it on a stream that is closed); a new request after it is served and logged.
+    let mut more = headers_frames(9, &header_block(&request(&[("te", "gzip")], true)));
+    more.extend_from_slice(&headers_frames(11, &header_block(&request(&[], true))));
+    tcp.write_all(&more).await.unwrap();
+
+    // One record each for the refused four, and the two served.
     let records = Wraith::eventually(WAIT, || async {
-        wraith.json_lines("access.json").len() >= 5
+        wraith.json_lines("access.json").len() >= 6
     })
     .await;
     assert!(records, "{:?}", wraith.json_lines("access.json"));
@@ -568,12 +574,15 @@ async fn requests_h2_refuses_itself_are_logged_and_reported() {
     let mut statuses: Vec<_> = refused.iter().map(|r| r["status"].clone()).collect();
     statuses.sort_by_key(|s| s.as_u64());
     assert_eq!(statuses, [400, 400, 400, 431], "{refused:?}");
-    assert!(
+    assert_eq!(
         records
             .iter()
-            .any(|r| r["status"] == 200 && r["path"] == "/refused"),
+            .filter(|r| r["status"] == 200 && r["path"] == "/refused")
+            .count(),
+        2,
         "{records:?}"
     );
+    assert_eq!(records.len(), 6, "{records:?}");
     let reported = |events: &[serde_json::Value]| {
         events
             .iter()
@@ -673,4 +682,78 @@ async fn a_complete_response_then_no_error_reset_is_a_success() {
     assert_eq!(record["grpc_status"], 0, "{record}");
     assert!(record.get("error").is_none(), "{record}");
     assert_eq!(record["aborted"], false, "{record}");
+}
+
+/// A client that makes h2 answer 431 over and over (a large field stored in the HPACK table
+/// once, then referenced many times for a few bytes a request) is cut off like one sending
+/// malformed heads: GOAWAY ENHANCE_YOUR_CALM after h2's budget of refused streams, so the
+/// records and events it can cause on one connection are bounded.
+#[tokio::test]
+async fn a_flood_of_oversized_heads_is_cut_off() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"ok\"\nrespond = {{ status = 200 }}\n\n\
+         [log.json]\npath = \"access.json\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let pseudo = header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "localhost"),
+    ]);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    // Stream 1 stores a 4000-byte field (literal with incremental indexing: dynamic index 62).
+    let mut first = pseudo.clone();
+    first.push(0x40);
+    hpack_string(b"x-pad", &mut first);
+    hpack_string("p".repeat(4000).as_bytes(), &mut first);
+    out.extend_from_slice(&headers_frames(1, &first));
+    // Then 3,000 heads of 20 references each: 80 KB decoded, past max_header_size. The
+    // answers are read as they come, so no stream waits on a full socket.
+    let (mut rd, mut wr) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut head = [0u8; 9];
+            rd.read_exact(&mut head).await.ok()?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            rd.read_exact(&mut payload).await.ok()?;
+            if head[3] == 7 {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+        }
+    });
+    wr.write_all(&out).await.unwrap();
+    let mut block = pseudo;
+    block.extend(std::iter::repeat_n(0xbe, 20));
+    for batch in 0..60u32 {
+        let mut out = Vec::new();
+        for i in 1..=50u32 {
+            out.extend_from_slice(&headers_frames(1 + 2 * (batch * 50 + i), &block));
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let code = tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("no GOAWAY")
+        .unwrap();
+    assert_eq!(code, Some(0xb), "GOAWAY ENHANCE_YOUR_CALM");
+    // (1,024 refusals at most, and the request that stored the field.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = wraith.json_lines("access.json");
+    assert!(
+        records.len() <= 1026,
+        "{} records from one connection",
+        records.len()
+    );
+    assert!(records.len() > 100, "{} records", records.len());
 }

@@ -421,6 +421,54 @@ async fn zero_rtt_on_an_mtls_listener_waits_for_the_verified_identity() {
     assert!(record.get("early_data").is_none());
 }
 
+/// Early data only from a validated address: a client resuming from an address its token
+/// was not issued to (as one that forged a victim's address would) has its early requests
+/// wait for the handshake, which an off-path sender could never finish. They are then
+/// served as ordinary requests: nothing marked early, no 425.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_waits_for_the_handshake_from_an_address_not_validated() {
+    let upstream = hashing_upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup.listeners_h3("", "zero_rtt = true", ALLOW_ALL_POLICY),
+        upstream.addr,
+        "[[route]]\nname = \"cacheable\"\nupstream = \"app\"\nearly_data = true\n",
+    );
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut first = client.connect(wraith.addr("https")).await.unwrap();
+    assert_eq!(first.get("/a").await.unwrap().status(), 200);
+    first.conn.close(quinn::VarInt::from_u32(0), b"done");
+
+    // From 127.0.0.2 (its token names 127.0.0.1), the server's flight held 2 s.
+    let relay = HoldingRelay::start_from(
+        wraith.addr("https"),
+        Duration::from_secs(2),
+        "127.0.0.2".parse().unwrap(),
+    )
+    .await;
+    let (conn, _accepted) = connect_0rtt(&client, relay.addr).await;
+    let (mut a, mut b) = (conn.clone(), conn.clone());
+    let post = Request::post("https://localhost/form").body(()).unwrap();
+    let (get, post) = tokio::join!(
+        a.get("/page"),
+        b.request(post, Some(Bytes::from_static(b"form=1")))
+    );
+    let get = get.unwrap();
+    assert_eq!(get.status(), 200);
+    assert!(
+        get.json()["headers"].get("early-data").is_none(),
+        "{}",
+        get.json()
+    );
+    let rid = get.header("x-request-id").unwrap().to_string();
+    let record = wraith.access_record("access.json", &rid);
+    assert!(record.get("early_data").is_none(), "{record}");
+    assert_eq!(record["client_ip"], "127.0.0.2", "{record}");
+    assert_eq!(post.unwrap().status(), 200, "not Too Early: not early");
+}
+
 /// A 0-RTT connection, once the client holds a session ticket (it arrives just after the
 /// first connection's handshake).
 async fn connect_0rtt(

@@ -113,8 +113,18 @@ impl Appsec {
         }
         // As the client sent it, bytes beyond ASCII too: without this header CrowdSec drops
         // the User-Agent, and a client could hide it from the rules with one such byte.
-        if let Some(ua) = parts.headers.get(http::header::USER_AGENT) {
-            headers.insert("x-crowdsec-appsec-user-agent", ua.clone());
+        // Every User-Agent field a client sent, joined: with the first one only, a harmless
+        // one in front would hide the next from the WAF while the upstream gets both.
+        let mut agents = parts.headers.get_all(http::header::USER_AGENT).iter();
+        if let Some(first) = agents.next() {
+            let mut ua = first.clone();
+            for more in agents {
+                let joined = [ua.as_bytes(), b", ", more.as_bytes()].concat();
+                if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                    ua = v;
+                }
+            }
+            headers.insert("x-crowdsec-appsec-user-agent", ua);
         }
         let uri = parts
             .uri

@@ -165,7 +165,7 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
         .map_err(what)?;
     conn.busy_timeout(Duration::from_millis(200))
         .map_err(what)?;
-    conn.execute_batch(SCHEMA).map_err(what)?;
+    // The version first: the schema below is this version's, not for a newer database.
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(what)?;
@@ -176,6 +176,7 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, String> {
             path.display()
         ));
     }
+    conn.execute_batch(SCHEMA).map_err(what)?;
     if version < SCHEMA_VERSION {
         migrate(&conn).map_err(what)?;
     }
@@ -192,7 +193,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.prepare("SELECT 1 FROM pragma_table_info('access_log') WHERE name = ?1")?;
         stmt.exists([name])
     };
-    let tx = conn.unchecked_transaction()?;
+    // IMMEDIATE: two servers starting on one file migrate it one after the other, the
+    // second finding the column there.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     if !has_column("grpc_status")? {
         tx.execute_batch("ALTER TABLE access_log ADD COLUMN grpc_status INTEGER")?;
     }

@@ -281,6 +281,15 @@ impl HoldingRelay {
         HoldingRelay::relay(target, Some(hold), "127.0.0.1".parse().unwrap()).await
     }
 
+    /// `start`, the client's datagrams passed on from an address on `from`.
+    pub async fn start_from(
+        target: SocketAddr,
+        hold: Duration,
+        from: std::net::IpAddr,
+    ) -> HoldingRelay {
+        HoldingRelay::relay(target, Some(hold), from).await
+    }
+
     /// A relay that passes the client's datagrams on to `target` from an address on `from`,
     /// and drops every answer (counting Retries): to the server, a client that never receives
     /// what is sent to it, as one that forged its source address would.

@@ -451,7 +451,12 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         close: Some(start.close.clone()),
     };
     let (tx, rx) = watch::channel(None);
-    let (conn, early) = if quic.config.zero_rtt {
+    // Early data only from a validated address (a token from an earlier connection, which
+    // quinn gives every client it has served, or a Retry): from any other, whoever sent the
+    // Initial may have put a victim's address on it, and its early requests would run, spend
+    // the victim's rate-limit quota and name the victim in the security events. Such a
+    // connection's requests wait for the handshake, which an off-path sender cannot finish.
+    let (conn, early) = if quic.config.zero_rtt && start.address == PeerAddress::Proven {
         // 0.5-RTT: serve as soon as the ClientHello is read; requests that arrive before the
         // handshake completes are early data and the pipeline decides about them. (quinn has
         // read the ClientHello inside `accept_with` unless it spans more packets than came.)

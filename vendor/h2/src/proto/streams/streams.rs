@@ -557,7 +557,22 @@ impl Inner {
                 match actions.recv.recv_headers(frame, stream, counts) {
                     Ok(()) => Ok(()),
                     Err(RecvHeaderBlockError::Oversize) => {
+                        // (Wraith) Counted like any other stream the library refuses: a
+                        // client that makes h2 answer 431 again and again (a large field
+                        // stored in the HPACK table once, referenced many times for a few
+                        // bytes each) meets the same GOAWAY as one sending malformed heads.
+                        if peer.is_server() && !counts.can_inc_num_local_error_resets() {
+                            tracing::warn!(
+                                "recv_headers; locally-reset streams reached limit ({:?})",
+                                counts.max_local_error_resets().unwrap(),
+                            );
+                            return Err(Error::library_go_away_data(
+                                Reason::ENHANCE_YOUR_CALM,
+                                "too_many_internal_resets",
+                            ));
+                        }
                         if peer.is_server() {
+                            counts.inc_num_local_error_resets();
                             let mut resp = frame::Headers::new(
                                 stream.id,
                                 frame::Pseudo::response(
@@ -1050,6 +1065,11 @@ impl Inner {
                 //    stream in our store. Maybe that should be a connection
                 //    error instead? At least for now, we need to update what
                 //    our vision of the next stream is.
+                // (Wraith) Only a stream the peer opens with this very frame can be a
+                // request refused before the application saw it: not one that existed and
+                // is gone (served, then reaped), nor one of ours.
+                let fresh = !self.counts.peer().is_local_init(id)
+                    && !self.actions.recv.may_have_created_stream(id);
                 if self.counts.peer().is_local_init(id) {
                     // We normally would open this stream, so update our
                     // next-send-id record.
@@ -1060,7 +1080,8 @@ impl Inner {
                     self.actions.recv.maybe_reset_next_stream_id(id);
                 }
 
-                let stream = Stream::new(id, 0, 0);
+                let mut stream = Stream::new(id, 0, 0);
+                stream.is_accounted = !fresh;
 
                 e.insert(stream)
             }

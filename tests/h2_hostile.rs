@@ -697,7 +697,7 @@ async fn a_flood_of_oversized_heads_is_cut_off() {
         setup.listeners()
     );
     let wraith = setup.start(&cfg);
-    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+    let tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
         .await
         .unwrap();
     let pseudo = header_block(&[

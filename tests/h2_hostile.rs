@@ -757,3 +757,72 @@ async fn a_flood_of_oversized_heads_is_cut_off() {
     );
     assert!(records.len() > 100, "{} records", records.len());
 }
+
+/// Heads h2 ends the whole connection for (a field value with CR LF, the usual smuggling
+/// probe; an upper-case field name; an unknown pseudo-header) leave one record and one
+/// `malformed_request` event for the connection; a connection the client merely closes
+/// leaves none.
+#[tokio::test]
+async fn connections_h2_closes_for_malformed_frames_are_logged_and_reported() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"ok\"\nrespond = {{ status = 200 }}\n\n\
+         [log.json]\npath = \"access.json\"\n[log.events]\npath = \"events.json\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let probes: [(&str, &str); 3] = [
+        ("x-smuggle", "a\r\ntransfer-encoding: chunked"),
+        ("X-Upper", "1"),
+        (":foo", "1"),
+    ];
+    for (name, value) in probes {
+        let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+            .await
+            .unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let block = header_block(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            (":authority", "localhost"),
+            (name, value),
+        ]);
+        out.extend_from_slice(&headers_frames(1, &block));
+        tcp.write_all(&out).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await;
+        // (The server's SETTINGS, then its GOAWAY.)
+        assert!(!rest.is_empty(), "{name}: closed without an answer");
+    }
+    // A connection the client just closes.
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    drop(tcp);
+
+    let reported = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .filter(|e| e["wraith"]["event"] == "malformed_request")
+            .count()
+    };
+    Wraith::eventually(WAIT, || async {
+        reported(&wraith.json_lines("events.json")) >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = wraith.json_lines("access.json");
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert!(
+        records.iter().all(|r| r["status"] == 400
+            && r["error"] == "malformed_request"
+            && r["protocol"] == "h2"),
+        "{records:?}"
+    );
+    assert_eq!(reported(&wraith.json_lines("events.json")), 3);
+}

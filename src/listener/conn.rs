@@ -479,6 +479,7 @@ async fn serve_http<I>(
         // PROTOCOL_ERROR; a header list too large, answered 431) are accounted for as the
         // HTTP/1.1 codec's refusals are: an access record and a `malformed_request` event.
         let mut server = listener.http.h2.clone();
+        let conn_refusals = refusals.clone();
         server.refused_request_hook(h2::server::RefusedRequestHook(Arc::new(
             move |r: h2::server::RefusedRequest| {
                 let (status, reason) = if r.too_large {
@@ -503,7 +504,7 @@ async fn serve_http<I>(
             },
         )));
         let conn = server.serve_connection(TokioIo::new(io), svc);
-        drive(
+        let error = drive(
             conn,
             |c| c.graceful_shutdown(),
             state.as_deref(),
@@ -511,6 +512,20 @@ async fn serve_http<I>(
             &close,
         )
         .await;
+        // Frames h2 ends the whole connection for (a field value with CR or LF, an upper-case
+        // field name, an unknown pseudo-header, a bad HPACK block, a flood): no request of
+        // them reached the gateway, so one record and `malformed_request` event for the
+        // connection, as HTTP/1.1's codec accounts for a request it refuses.
+        if let Some(reason) = error.as_ref().and_then(client_protocol_error) {
+            conn_refusals.runtime.gateway.refused_by_codec(
+                &conn_refusals.info,
+                http::StatusCode::BAD_REQUEST,
+                reason,
+                None,
+                http::Version::HTTP_2,
+                0,
+            );
+        }
     } else {
         let settings = h1::Settings {
             max_header_size: limits.max_header_size,
@@ -533,7 +548,7 @@ async fn serve_http<I>(
             );
         };
         let conn = h1::Connection::new(io, settings, started, handle, on_refused);
-        drive(conn, |c| c.graceful_shutdown(), None, &limits, &close).await;
+        let _ = drive(conn, |c| c.graceful_shutdown(), None, &limits, &close).await;
     }
 }
 
@@ -548,7 +563,8 @@ async fn drive<C, G, E>(
     state: Option<&ConnState>,
     limits: &Limits,
     close: &CloseSignal,
-) where
+) -> Option<E>
+where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
     G: Fn(Pin<&mut C>),
@@ -591,10 +607,10 @@ async fn drive<C, G, E>(
         tokio::select! {
             biased;
             res = conn.as_mut() => {
-                if let Err(e) = res {
+                if let Err(e) = &res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return;
+                return res.err();
             }
             _ = close_requested, if !draining => {
                 if close.expired() {
@@ -609,7 +625,7 @@ async fn drive<C, G, E>(
             }
             _ = &mut drain_timer, if draining => {
                 tracing::debug!(drain = ?close.drain(), "connection still busy when the drain time ran out; closing");
-                return;
+                return None;
             }
             _ = tokio::time::sleep(wait.unwrap_or_default().max(Duration::from_millis(10))), if wait.is_some() => {
                 let Some(state) = state else { continue };
@@ -617,16 +633,16 @@ async fn drive<C, G, E>(
                     Verdict::Busy => idle_strikes = 0,
                     Verdict::HeaderTimeout => {
                         tracing::debug!("request head not received within header_read_timeout; closing");
-                        return;
+                        return None;
                     }
                     Verdict::Stalled => {
                         tracing::debug!("the client read none of a response for idle_timeout; closing");
-                        return;
+                        return None;
                     }
                     Verdict::Idle => {
                         idle_strikes += 1;
                         if idle_strikes > 1 {
-                            return;
+                            return None;
                         }
                         graceful(conn.as_mut());
                         closing = true;
@@ -635,6 +651,33 @@ async fn drive<C, G, E>(
             }
         }
     }
+}
+
+/// What the client did wrong, when h2 closed the connection for it: a GOAWAY Wraith's side
+/// sent for the client's frames (not a reset or GOAWAY of the client's, not I/O).
+fn client_protocol_error(e: &hyper::Error) -> Option<&'static str> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cause {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            if !(h2e.is_go_away() && h2e.is_library()) {
+                return None;
+            }
+            return match h2e.reason()? {
+                h2::Reason::PROTOCOL_ERROR => Some("HTTP/2 protocol error (connection closed)"),
+                h2::Reason::COMPRESSION_ERROR => Some("HTTP/2 HPACK error (connection closed)"),
+                h2::Reason::FRAME_SIZE_ERROR => Some("HTTP/2 frame size error (connection closed)"),
+                h2::Reason::FLOW_CONTROL_ERROR => {
+                    Some("HTTP/2 flow control error (connection closed)")
+                }
+                h2::Reason::ENHANCE_YOUR_CALM => {
+                    Some("HTTP/2 flood: too many refused streams (connection closed)")
+                }
+                _ => None,
+            };
+        }
+        cause = err.source();
+    }
+    None
 }
 
 /// The waker the close signal's futures are polled with: it notes that one of them woke

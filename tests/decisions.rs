@@ -641,3 +641,123 @@ async fn local_decisions_stop_at_max_local() {
     let (_, list) = wraith.admin(Method::GET, "/v1/decisions", None).await;
     assert_eq!(list["count"], 2, "{list}");
 }
+
+/// A ban ends what the client started before it: a response still streaming is cut (the
+/// record says why), and a WebSocket tunnel is closed. Bans are checked per request; these
+/// are requests that would otherwise never end while the banned client keeps reading.
+#[tokio::test]
+async fn a_ban_cuts_the_clients_streaming_response_and_closes_its_websocket() {
+    use futures_util::{SinkExt, StreamExt};
+    use http_body_util::{BodyExt, StreamBody};
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let ws_addr = websocket_echo().await;
+    // An event stream: a line every 100 ms, for half a minute.
+    let streamer = Upstream::start(|_req| async {
+        let ticks = futures_util::stream::unfold(0u32, |i| async move {
+            if i == 300 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let line = bytes::Bytes::from(format!("tick {i}\n"));
+            Some((Ok::<_, BoxError>(hyper::body::Frame::data(line)), i + 1))
+        });
+        hyper::Response::new(BodyExt::boxed(StreamBody::new(ticks)))
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = format!(
+        r#"{}
+[[upstream]]
+name = "events"
+endpoints = ["{}"]
+response_timeout = "30s"
+
+[[upstream]]
+name = "ws"
+endpoints = ["{ws_addr}"]
+response_timeout = "30s"
+
+[[route]]
+name = "ws"
+path = {{ prefix = "/ws" }}
+upstream = "ws"
+
+[[route]]
+name = "events"
+upstream = "events"
+
+[log.json]
+path = "access.json"
+"#,
+        setup.listeners(),
+        streamer.addr
+    );
+    let wraith = setup.start(&cfg);
+
+    let resp = http_client()
+        .get(wraith.url("http", "/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with(b"tick 0"), "{first:?}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", wraith.addr("http")))
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text("before"))
+        .await
+        .unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+
+    let (st, v) = wraith
+        .admin(
+            Method::POST,
+            "/v1/decisions",
+            Some(json!({"ip": "127.0.0.1", "reason": "caught streaming"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // The stream ends, cut, long before its 30 s.
+    let cut = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("the stream went on after the ban");
+    assert!(cut, "the stream ended as if complete");
+    // The tunnel is closed.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if !m.is_close() => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel stayed open after the ban");
+
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |v| {
+            v["path"] == "/events"
+        })
+        .await
+        .expect("a record of the stream");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["error"], "banned", "{record}");
+    assert_eq!(record["ban_origin"], "admin", "{record}");
+    assert_eq!(record["ban_scenario"], "caught streaming", "{record}");
+    assert_eq!(record["aborted"], true, "{record}");
+}

@@ -206,6 +206,63 @@ pub fn check(
     }
 }
 
+/// Keeps a client that is banned from holding on to what it started before: a response
+/// still streaming (a download, an event stream) and a WebSocket tunnel end when a ban on
+/// the client is published, not when they would have ended. Taken before the request's own
+/// ban check, so a ban published while the upstream answered counts too.
+#[derive(Clone)]
+pub struct BanWatch {
+    store: Arc<DecisionStore>,
+    client: IpAddr,
+    fallback: Fallback,
+    /// The store's generation last looked at.
+    seen: u64,
+}
+
+impl BanWatch {
+    /// A watch over `client`, for bans published after the store's generation `since`.
+    pub fn since(
+        store: &Arc<DecisionStore>,
+        config: &DecisionsConfig,
+        client: IpAddr,
+        since: u64,
+    ) -> BanWatch {
+        BanWatch {
+            seen: since,
+            store: store.clone(),
+            client,
+            fallback: config.fallback,
+        }
+    }
+
+    /// The ban on the client, if one was published since the last look. One atomic load when
+    /// nothing was (a response body asks at every frame).
+    pub fn check(&mut self) -> Option<Verdict> {
+        let generation = self.store.generation();
+        if generation == self.seen {
+            return None;
+        }
+        self.seen = generation;
+        self.store
+            .lookup(self.client, self.fallback)
+            .filter(|v| v.action == Action::Ban)
+    }
+
+    /// Waits until a ban on the client is published.
+    pub async fn banned(mut self) -> Verdict {
+        // Subscribed before the first look: a table published in between wakes the wait.
+        let mut changes = self.store.changes();
+        loop {
+            if let Some(v) = self.check() {
+                return v;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

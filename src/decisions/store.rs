@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -363,6 +363,10 @@ fn in_family(origin: &str, filter: &str) -> bool {
 pub struct DecisionStore {
     maps: Mutex<Maps>,
     table: ArcSwap<Table>,
+    /// Counts the tables published, so a `BanWatch` sees a change with one load.
+    generation: AtomicU64,
+    /// Tells waiting `BanWatch`es (WebSocket tunnels) that a table was published.
+    changes: tokio::sync::watch::Sender<u64>,
     /// Set by a CrowdSec bridge with `on_error = "closed"` while its data is too stale.
     refuse_all: AtomicBool,
     /// Held by a save from reading the decisions to the rename: saves run one at a time, so
@@ -382,6 +386,8 @@ impl DecisionStore {
         DecisionStore {
             maps: Mutex::new(Maps::default()),
             table: ArcSwap::from_pointee(Table::default()),
+            generation: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
             refuse_all: AtomicBool::new(false),
             saving: Mutex::new(()),
         }
@@ -440,9 +446,22 @@ impl DecisionStore {
         self.len() == 0
     }
 
+    /// How many tables have been published: changes whenever a decision is added or lifted.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A receiver told of each table published.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     fn publish(&self, maps: &Maps) {
         let table = Table::build(maps.local.values().chain(maps.crowdsec.values()));
         self.table.store(Arc::new(table));
+        // After the table: whoever sees the new generation finds the new table.
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changes.send_replace(generation);
     }
 
     /// Adds (or replaces, by key) decisions and publishes once.

@@ -222,6 +222,8 @@ pub struct ForwardInfo<'a> {
     pub close: Option<&'a crate::listener::CloseSignal>,
     /// The request body's limit (the route's `max_request_body`, else the listener's).
     pub max_request_body: Option<u64>,
+    /// What ends a WebSocket tunnel when the client is banned.
+    pub bans: Option<crate::decisions::BanWatch>,
 }
 
 /// `x-real-ip`
@@ -1143,6 +1145,7 @@ mod tests {
             early_data: false,
             close: None,
             max_request_body: None,
+            bans: None,
         };
         let mut out = h.clone();
         forwarding(&h, &info, &HeaderValue::from_static("id")).apply(&mut out);
@@ -1162,6 +1165,7 @@ mod tests {
             early_data: false,
             close: None,
             max_request_body: None,
+            bans: None,
         };
         let mut h = hm(&[
             ("x-forwarded-for", "6.6.6.6"),

@@ -38,7 +38,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 
 use crate::body::Body;
 use crate::config::RouteAction;
-use crate::decisions::{self, DecisionStore};
+use crate::decisions::{self, BanWatch, DecisionStore};
 use crate::error::{self, GatewayError};
 use crate::ratelimit::{self, RequestFacts};
 use crate::router::Route;
@@ -204,6 +204,8 @@ impl Gateway {
         let request_id = headers::request_id(req.headers(), peer_trusted);
         let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
         let head_only = req.method() == Method::HEAD;
+        // Bans published from here on end what this request leaves open (`BanWatch`).
+        let bans_since = self.decisions.generation();
         // The access record exists from here on; if this future is dropped early it is
         // emitted as a client abort (499).
         let mut record = Box::new(AccessRecord::start(&req, conn, client_ip, &request_id));
@@ -218,6 +220,7 @@ impl Gateway {
                 peer_trusted,
                 client_ip,
                 &request_id,
+                bans_since,
                 pending.record(),
             )
             .await;
@@ -237,6 +240,15 @@ impl Gateway {
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        // An upstream's response still streaming ends if the client is banned meanwhile.
+        if pending.record().upstream.is_some() && !http_body::Body::is_end_stream(resp.body()) {
+            pending.watch_bans(BanWatch::since(
+                &self.decisions,
+                &snapshot.config.decisions,
+                client_ip,
+                bans_since,
+            ));
+        }
         // One access record, emitted when the response body ends (or the client leaves).
         pending.finish(resp, head_only)
     }
@@ -251,6 +263,7 @@ impl Gateway {
         peer_trusted: bool,
         client_ip: IpAddr,
         request_id: &HeaderValue,
+        bans_since: u64,
         record: &mut AccessRecord,
     ) -> Result<Response<Body>, GatewayError> {
         // First: the certificate that opened this connection may have just been revoked (or
@@ -444,6 +457,7 @@ impl Gateway {
             }
             RouteAction::Redirect { to, status } => redirect(&req, host_name, to, *status),
             RouteAction::Upstream(_) => {
+                let upgrade_requested = headers::upgrade_requested(req.headers(), req.version());
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
                     client_ip,
@@ -455,6 +469,14 @@ impl Gateway {
                     early_data,
                     close: conn.close.as_ref(),
                     max_request_body,
+                    bans: upgrade_requested.then(|| {
+                        BanWatch::since(
+                            &self.decisions,
+                            &snapshot.config.decisions,
+                            client_ip,
+                            bans_since,
+                        )
+                    }),
                 };
                 self.forward(route, req, &info, request_id, record).await?
             }

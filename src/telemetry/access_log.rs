@@ -454,6 +454,8 @@ pub struct Pending {
     record: Option<Box<AccessRecord>>,
     started: Instant,
     snapshot: Arc<Snapshot>,
+    /// Ends the response body if the client is banned while it streams.
+    bans: Option<crate::decisions::BanWatch>,
 }
 
 impl Pending {
@@ -463,7 +465,13 @@ impl Pending {
             record: Some(record),
             started,
             snapshot,
+            bans: None,
         }
+    }
+
+    /// Has the response body end, cut, if a ban on the client is published while it streams.
+    pub fn watch_bans(&mut self, bans: crate::decisions::BanWatch) {
+        self.bans = Some(bans);
     }
 
     /// The record, for the stages to fill.
@@ -508,10 +516,12 @@ impl Pending {
             }
             return resp;
         }
+        let bans = self.bans.take();
         resp.map(|inner| {
             Body::Logged(Box::new(LoggedBody {
                 inner,
                 bytes: 0,
+                bans,
                 pending: Some(self),
             }))
         })
@@ -558,6 +568,8 @@ fn grpc_status(fields: &http::HeaderMap) -> Option<u16> {
 pub struct LoggedBody {
     inner: Body,
     bytes: u64,
+    /// A ban on the client published while the body streams cuts it.
+    bans: Option<crate::decisions::BanWatch>,
     pending: Option<Pending>,
 }
 
@@ -571,6 +583,22 @@ impl http_body::Body for LoggedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let res = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(_))), Some(bans)) = (&res, this.bans.as_mut()) {
+            if let Some(ban) = bans.check() {
+                // Zero trust for what is under way too: the client gets no more of it.
+                tracing::info!(origin = %ban.origin, value = %ban.value, "client banned while its response streamed; response cut");
+                if let Some(p) = this.pending.as_mut() {
+                    let record = p.record();
+                    record.error = Some("banned");
+                    record.ban = Some(BanRecord {
+                        origin: ban.origin.clone(),
+                        scenario: (!ban.reason.is_empty()).then(|| ban.reason.clone()),
+                    });
+                }
+                this.done(true);
+                return Poll::Ready(Some(Err("the client was banned".into())));
+            }
+        }
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

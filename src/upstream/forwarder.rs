@@ -218,13 +218,13 @@ pub async fn forward(
                 } else {
                     endpoint.health.record_success(&config.outlier);
                 }
-                return finish_response(resp, client_upgrade, timeout, info.close).map_err(
-                    |reason| GatewayError::UpstreamFailed {
+                return finish_response(resp, client_upgrade, timeout, info).map_err(|reason| {
+                    GatewayError::UpstreamFailed {
                         upstream: config.name.clone(),
                         endpoint: endpoint.authority.to_string(),
                         reason,
-                    },
-                );
+                    }
+                });
             }
             Err(f) => f,
         };
@@ -347,7 +347,7 @@ fn finish_response(
     mut resp: Response<Body>,
     client_upgrade: Option<crate::upgrade::OnUpgrade>,
     idle: Duration,
-    close: Option<&CloseSignal>,
+    info: &ForwardInfo<'_>,
 ) -> Result<Response<Body>, String> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
@@ -362,7 +362,12 @@ fn finish_response(
         let Some((io, leftover, slot)) = body.take_upgrade() else {
             return Err("upstream switched protocols on a connection that cannot".into());
         };
-        tokio::spawn(tunnel(client, io, leftover, idle, close.cloned(), slot));
+        let ends = Ends {
+            idle,
+            close: info.close.cloned(),
+            bans: info.bans.clone(),
+        };
+        tokio::spawn(tunnel(client, io, leftover, ends, slot));
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, Body::Empty));
     }
@@ -503,6 +508,14 @@ fn upstream_path(uri: &Uri, route: &RouteConfig) -> Result<PathAndQuery, Gateway
     PathAndQuery::try_from(out).map_err(|_| GatewayError::BadRequest("invalid request target"))
 }
 
+/// What ends a tunnel besides its two sides: silence for `idle`, the client connection's
+/// close signal, a ban on the client.
+struct Ends {
+    idle: Duration,
+    close: Option<CloseSignal>,
+    bans: Option<crate::decisions::BanWatch>,
+}
+
 /// Copies bytes both ways between an upgraded client and the upstream connection.
 ///
 /// The tunnel outlives the HTTP/1.1 connection it came from (hyper hands the socket over), so
@@ -513,10 +526,10 @@ async fn tunnel(
     client: crate::upgrade::OnUpgrade,
     upstream: super::tls::Stream,
     leftover: bytes::Bytes,
-    idle: Duration,
-    close: Option<CloseSignal>,
+    ends: Ends,
     _slot: InFlight,
 ) {
+    let Ends { idle, close, bans } = ends;
     let client = match client.await {
         Ok(c) => c,
         Err(e) => {
@@ -561,12 +574,19 @@ async fn tunnel(
             None => std::future::pending().await,
         }
     };
+    let banned = async {
+        match bans {
+            Some(b) => b.banned().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = both => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "upgraded connection ended with an error");
             }
         }
+        ban = banned => tracing::info!(origin = %ban.origin, value = %ban.value, "client banned while its WebSocket was open; tunnel closed"),
         _ = watchdog => tracing::debug!(idle = ?idle, "upgraded connection idle; closed"),
         _ = closed => tracing::debug!("upgraded connection still open when the drain time ran out; closed"),
     }

@@ -1672,6 +1672,7 @@ mod tests {
                 early_data,
                 close: None,
                 max_request_body: None,
+                bans: None,
             };
             let (parts, body) = request(pairs);
             let f = forwarding(&parts.headers, &info, &HeaderValue::from_static("id-1"));

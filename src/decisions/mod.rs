@@ -219,6 +219,23 @@ pub struct BanWatch {
     seen: u64,
 }
 
+/// What a `BanWatch` is made from, borrowed: the watch itself (a reference count) is made
+/// only for what needs one.
+#[derive(Clone, Copy)]
+pub struct BanSource<'a> {
+    pub store: &'a Arc<DecisionStore>,
+    pub config: &'a DecisionsConfig,
+    pub client: IpAddr,
+    /// The store's generation when the request's own ban check was about to run.
+    pub since: u64,
+}
+
+impl BanSource<'_> {
+    pub fn watch(&self) -> BanWatch {
+        BanWatch::since(self.store, self.config, self.client, self.since)
+    }
+}
+
 impl BanWatch {
     /// A watch over `client`, for bans published after the store's generation `since`.
     pub fn since(

@@ -223,7 +223,7 @@ pub struct ForwardInfo<'a> {
     /// The request body's limit (the route's `max_request_body`, else the listener's).
     pub max_request_body: Option<u64>,
     /// What ends a WebSocket tunnel when the client is banned.
-    pub bans: Option<crate::decisions::BanWatch>,
+    pub bans: Option<crate::decisions::BanSource<'a>>,
 }
 
 /// `x-real-ip`

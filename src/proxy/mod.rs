@@ -457,7 +457,6 @@ impl Gateway {
             }
             RouteAction::Redirect { to, status } => redirect(&req, host_name, to, *status),
             RouteAction::Upstream(_) => {
-                let upgrade_requested = headers::upgrade_requested(req.headers(), req.version());
                 let info = ForwardInfo {
                     peer: conn.peer.ip(),
                     client_ip,
@@ -469,13 +468,11 @@ impl Gateway {
                     early_data,
                     close: conn.close.as_ref(),
                     max_request_body,
-                    bans: upgrade_requested.then(|| {
-                        BanWatch::since(
-                            &self.decisions,
-                            &snapshot.config.decisions,
-                            client_ip,
-                            bans_since,
-                        )
+                    bans: Some(decisions::BanSource {
+                        store: &self.decisions,
+                        config: &snapshot.config.decisions,
+                        client: client_ip,
+                        since: bans_since,
                     }),
                 };
                 self.forward(route, req, &info, request_id, record).await?

@@ -485,8 +485,11 @@ impl Pending {
     pub fn finish(mut self, resp: Response<Body>, head_only: bool) -> Response<Body> {
         let status = resp.status();
         self.record().status = status.as_u16();
-        if let Some(code) = grpc_status(resp.headers()) {
-            self.record().grpc_status = Some(code);
+        // (gRPC runs over HTTP/2 upstreams only: no header lookup for the others.)
+        if resp.version() == http::Version::HTTP_2 {
+            if let Some(code) = grpc_status(resp.headers()) {
+                self.record().grpc_status = Some(code);
+            }
         }
         // HEAD, 1xx, 204 and 304 responses never carry a body. A built-in one (a `respond`
         // route, an error's JSON) is dropped here: HTTP/1.1's codec would leave it unsent,

@@ -365,7 +365,7 @@ fn finish_response(
         let ends = Ends {
             idle,
             close: info.close.cloned(),
-            bans: info.bans.clone(),
+            bans: info.bans.map(|b| b.watch()),
         };
         tokio::spawn(tunnel(client, io, leftover, ends, slot));
         let (parts, _) = resp.into_parts();

@@ -796,6 +796,27 @@ async fn connections_h2_closes_for_malformed_frames_are_logged_and_reported() {
         // (The server's SETTINGS, then its GOAWAY.)
         assert!(!rest.is_empty(), "{name}: closed without an answer");
     }
+    // The same probe from a client that resets the connection at once, reading nothing (the
+    // GOAWAY cannot be sent then): still one record.
+    let tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let mut tcp = tcp;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let block = header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "localhost"),
+        ("x-a", "a\rb"),
+    ]);
+    out.extend_from_slice(&headers_frames(1, &block));
+    tcp.write_all(&out).await.unwrap();
+    tcp.set_linger(Some(Duration::ZERO)).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(tcp);
+
     // A connection the client just closes.
     let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
         .await
@@ -812,17 +833,94 @@ async fn connections_h2_closes_for_malformed_frames_are_logged_and_reported() {
             .count()
     };
     Wraith::eventually(WAIT, || async {
-        reported(&wraith.json_lines("events.json")) >= 3
+        reported(&wraith.json_lines("events.json")) >= 4
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let records = wraith.json_lines("access.json");
-    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records.len(), 4, "{records:?}");
     assert!(
         records.iter().all(|r| r["status"] == 400
             && r["error"] == "malformed_request"
             && r["protocol"] == "h2"),
         "{records:?}"
     );
-    assert_eq!(reported(&wraith.json_lines("events.json")), 3);
+    assert_eq!(reported(&wraith.json_lines("events.json")), 4);
+}
+
+/// A CONNECT with a body length, which hyper does not serve, costs its stream only (hyper
+/// ended the whole connection, every other stream on it too) and is logged as refused.
+#[tokio::test]
+async fn an_http2_connect_with_a_body_costs_its_stream_only() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"ok\"\nrespond = {{ status = 200 }}\n\n\
+         [log.json]\npath = \"access.json\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let connect = header_block(&[
+        (":method", "CONNECT"),
+        (":authority", "127.0.0.1:9"),
+        ("content-length", "5"),
+    ]);
+    // HEADERS without END_STREAM (a body is announced).
+    let mut frames = headers_frames(1, &connect);
+    frames[4] &= !0x1;
+    out.extend_from_slice(&frames);
+    let get = header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/after"),
+        (":authority", "localhost"),
+    ]);
+    out.extend_from_slice(&headers_frames(3, &get));
+    tcp.write_all(&out).await.unwrap();
+    let mut answers = std::collections::BTreeMap::new();
+    let read = async {
+        while answers.len() < 2 {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match head[3] {
+                1 => {
+                    answers
+                        .entry(stream)
+                        .or_insert_with(|| "headers".to_string());
+                }
+                3 => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    answers
+                        .entry(stream)
+                        .or_insert_with(|| format!("reset {code}"));
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the connection ended before both streams were answered");
+    assert_eq!(answers[&1], "reset 1", "{answers:?}");
+    assert_eq!(answers[&3], "headers", "{answers:?}");
+    let records = Wraith::eventually(WAIT, || async {
+        wraith.json_lines("access.json").len() >= 2
+    })
+    .await;
+    assert!(records);
+    let records = wraith.json_lines("access.json");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["error"] == "malformed_request" && r["status"] == 400),
+        "{records:?}"
+    );
 }

@@ -479,10 +479,17 @@ async fn serve_http<I>(
         // PROTOCOL_ERROR; a header list too large, answered 431) are accounted for as the
         // HTTP/1.1 codec's refusals are: an access record and a `malformed_request` event.
         let mut server = listener.http.h2.clone();
-        let conn_refusals = refusals.clone();
         server.refused_request_hook(h2::server::RefusedRequestHook(Arc::new(
             move |r: h2::server::RefusedRequest| {
-                let (status, reason) = if r.too_large {
+                let (status, reason) = if let Some(error) = r.connection_error {
+                    // The whole connection, for the client's frames (a field value with CR
+                    // or LF, an upper-case name, an unknown pseudo-header, a bad HPACK block,
+                    // a flood): one record for it.
+                    match connection_error_reason(error) {
+                        Some(reason) => (http::StatusCode::BAD_REQUEST, reason),
+                        None => return,
+                    }
+                } else if r.too_large {
                     (
                         http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                         "header list too large",
@@ -504,7 +511,7 @@ async fn serve_http<I>(
             },
         )));
         let conn = server.serve_connection(TokioIo::new(io), svc);
-        let error = drive(
+        let _ = drive(
             conn,
             |c| c.graceful_shutdown(),
             state.as_deref(),
@@ -512,20 +519,6 @@ async fn serve_http<I>(
             &close,
         )
         .await;
-        // Frames h2 ends the whole connection for (a field value with CR or LF, an upper-case
-        // field name, an unknown pseudo-header, a bad HPACK block, a flood): no request of
-        // them reached the gateway, so one record and `malformed_request` event for the
-        // connection, as HTTP/1.1's codec accounts for a request it refuses.
-        if let Some(reason) = error.as_ref().and_then(client_protocol_error) {
-            conn_refusals.runtime.gateway.refused_by_codec(
-                &conn_refusals.info,
-                http::StatusCode::BAD_REQUEST,
-                reason,
-                None,
-                http::Version::HTTP_2,
-                0,
-            );
-        }
     } else {
         let settings = h1::Settings {
             max_header_size: limits.max_header_size,
@@ -653,31 +646,19 @@ where
     }
 }
 
-/// What the client did wrong, when h2 closed the connection for it: a GOAWAY Wraith's side
-/// sent for the client's frames (not a reset or GOAWAY of the client's, not I/O).
-fn client_protocol_error(e: &hyper::Error) -> Option<&'static str> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cause {
-        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
-            if !(h2e.is_go_away() && h2e.is_library()) {
-                return None;
-            }
-            return match h2e.reason()? {
-                h2::Reason::PROTOCOL_ERROR => Some("HTTP/2 protocol error (connection closed)"),
-                h2::Reason::COMPRESSION_ERROR => Some("HTTP/2 HPACK error (connection closed)"),
-                h2::Reason::FRAME_SIZE_ERROR => Some("HTTP/2 frame size error (connection closed)"),
-                h2::Reason::FLOW_CONTROL_ERROR => {
-                    Some("HTTP/2 flow control error (connection closed)")
-                }
-                h2::Reason::ENHANCE_YOUR_CALM => {
-                    Some("HTTP/2 flood: too many refused streams (connection closed)")
-                }
-                _ => None,
-            };
+/// What the client did wrong, when h2 ends the connection for its frames with a GOAWAY of
+/// this reason (the reasons that are the client's doing).
+fn connection_error_reason(reason: h2::Reason) -> Option<&'static str> {
+    match reason {
+        h2::Reason::PROTOCOL_ERROR => Some("HTTP/2 protocol error (connection closed)"),
+        h2::Reason::COMPRESSION_ERROR => Some("HTTP/2 HPACK error (connection closed)"),
+        h2::Reason::FRAME_SIZE_ERROR => Some("HTTP/2 frame size error (connection closed)"),
+        h2::Reason::FLOW_CONTROL_ERROR => Some("HTTP/2 flow control error (connection closed)"),
+        h2::Reason::ENHANCE_YOUR_CALM => {
+            Some("HTTP/2 flood: too many refused or reset streams (connection closed)")
         }
-        cause = err.source();
+        _ => None,
     }
-    None
 }
 
 /// The waker the close signal's futures are polled with: it notes that one of them woke

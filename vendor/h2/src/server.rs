@@ -273,12 +273,19 @@ pub struct Builder {
 /// pseudo-header missing or out of place, a bad `content-length`, ...) and the stream was
 /// reset with `PROTOCOL_ERROR`, or its header list was larger than
 /// `max_header_list_size` and it was answered `431` (`too_large`).
+///
+/// Also reported, with `connection_error` set and stream 0: the connection itself ended by
+/// the library for the peer's frames (a GOAWAY with that reason: a field h2's decoder refuses
+/// outright, a bad HPACK block, a flood). Reported when the GOAWAY is decided, whatever then
+/// becomes of the connection (a peer that resets it at once included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefusedRequest {
-    /// The stream the request came on.
+    /// The stream the request came on (0 for a connection error).
     pub stream_id: u32,
     /// Answered 431 Request Header Fields Too Large, rather than reset.
     pub too_large: bool,
+    /// The GOAWAY reason, when the whole connection was refused.
+    pub connection_error: Option<Reason>,
 }
 
 /// (Wraith) Called on the connection's task for each [`RefusedRequest`]; it must not block.

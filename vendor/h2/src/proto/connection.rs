@@ -555,6 +555,12 @@ where
             return;
         }
 
+        // (Wraith) A connection the library ends for the peer's frames, told to the server's
+        // hook before anything else can become of it.
+        if initiator == Initiator::Library && reason != Reason::NO_ERROR {
+            self.streams.report_connection_error(reason);
+        }
+
         // Reset all active streams
         self.streams.handle_error(e);
         self.go_away_now_data(reason, debug_data);

@@ -449,6 +449,22 @@ impl<B> DynStreams<'_, B> {
         me.send_reset(self.send_buffer, id, reason)
     }
 
+    /// (Wraith) Tells the server's hook that the library is ending the connection for the
+    /// peer's frames, with `reason`.
+    pub fn report_connection_error(&self, reason: Reason) {
+        let me = self.inner.lock().unwrap();
+        let Some(hook) = &me.actions.refused_request_hook else {
+            return;
+        };
+        if me.counts.peer().is_server() {
+            (hook.0)(crate::server::RefusedRequest {
+                stream_id: 0,
+                too_large: false,
+                connection_error: Some(reason),
+            });
+        }
+    }
+
     pub fn send_go_away(&mut self, last_processed_id: StreamId) {
         let mut me = self.inner.lock().unwrap();
         me.actions.recv.go_away(last_processed_id);
@@ -1826,6 +1842,7 @@ impl Actions {
         (hook.0)(crate::server::RefusedRequest {
             stream_id: stream.id.into(),
             too_large,
+            connection_error: None,
         });
     }
 

@@ -93,7 +93,8 @@ pin_project! {
         service: S,
         state: State<T, B>,
         date_header: bool,
-        close_pending: bool
+        close_pending: bool,
+        refused_request_hook: Option<h2::server::RefusedRequestHook>
     }
 }
 
@@ -118,6 +119,8 @@ where
     conn: Connection<Compat<T>, SendBuf<B::Data>>,
     closing: Option<crate::Error>,
     date_header: bool,
+    /// (Wraith) Told of requests refused here, as h2 tells of its own.
+    refused_request_hook: Option<h2::server::RefusedRequestHook>,
 }
 
 impl<T, S, B, E> Server<T, S, B, E>
@@ -185,6 +188,7 @@ where
             service,
             date_header: config.date_header,
             close_pending: false,
+            refused_request_hook: config.refused_request_hook.clone(),
         }
     }
 
@@ -230,6 +234,7 @@ where
                         conn,
                         closing: None,
                         date_header: me.date_header,
+                        refused_request_hook: me.refused_request_hook.clone(),
                     })
                 }
                 State::Serving(srv) => {
@@ -291,8 +296,18 @@ where
                         } else {
                             if content_length.map_or(false, |len| len != 0) {
                                 warn!("h2 connect request with non-zero body not supported");
-                                respond.send_reset(h2::Reason::INTERNAL_ERROR);
-                                return Poll::Ready(Ok(()));
+                                // (Wraith) The stream is refused, not the connection: hyper
+                                // returned here, ending every other stream on it, and no
+                                // record of the refusal was made.
+                                if let Some(hook) = &self.refused_request_hook {
+                                    (hook.0)(h2::server::RefusedRequest {
+                                        stream_id: respond.stream_id().as_u32(),
+                                        too_large: false,
+                                        connection_error: None,
+                                    });
+                                }
+                                respond.send_reset(h2::Reason::PROTOCOL_ERROR);
+                                continue;
                             }
                             let (pending, upgrade) = crate::upgrade::pending();
                             debug_assert!(parts.extensions.get::<OnUpgrade>().is_none());

@@ -798,10 +798,9 @@ async fn connections_h2_closes_for_malformed_frames_are_logged_and_reported() {
     }
     // The same probe from a client that resets the connection at once, reading nothing (the
     // GOAWAY cannot be sent then): still one record.
-    let tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
         .await
         .unwrap();
-    let mut tcp = tcp;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
     let block = header_block(&[
@@ -813,7 +812,7 @@ async fn connections_h2_closes_for_malformed_frames_are_logged_and_reported() {
     ]);
     out.extend_from_slice(&headers_frames(1, &block));
     tcp.write_all(&out).await.unwrap();
-    tcp.set_linger(Some(Duration::ZERO)).unwrap();
+    tcp.set_zero_linger().unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(tcp);
 

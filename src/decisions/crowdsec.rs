@@ -67,6 +67,7 @@ pub fn convert_new(
 ) -> (Vec<(Option<i64>, Decision)>, Vec<Skip>) {
     let mut out = Vec::with_capacity(list.len());
     let mut skipped = Vec::new();
+    let mut names = Names::default();
     for entry in list {
         let d = match entry {
             Ok(d) => d,
@@ -75,7 +76,7 @@ pub fn convert_new(
                 continue;
             }
         };
-        match convert_one(&d, origins, now_ms) {
+        match convert_one(&d, origins, now_ms, &mut names) {
             Ok(dec) => out.push((d.id, dec)),
             // Which one, so the LAPI's operator can find it (`cscli decisions list`).
             Err(Skip::Invalid(why)) => skipped.push(Skip::Invalid(format!(
@@ -108,6 +109,26 @@ fn capped_to(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// One shared copy of each origin and decision type an answer names (a handful: `crowdsec`,
+/// `CAPI`, `lists`; `ban`): a million decisions carried two small allocations each, 64 MB.
+#[derive(Default)]
+struct Names(Vec<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.iter().find(|n| &***n == name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        // Bounded: a hostile answer naming a new one per entry costs a scan of at most this
+        // many, then plain allocations.
+        if self.0.len() < 64 {
+            self.0.push(n.clone());
+        }
+        n
+    }
+}
+
 fn origin_of(d: &LapiDecision) -> &str {
     d.origin
         .as_deref()
@@ -119,6 +140,7 @@ fn convert_one(
     d: &LapiDecision,
     origins: Option<&[String]>,
     now_ms: u64,
+    names: &mut Names,
 ) -> Result<Decision, Skip> {
     let scope = Scope::parse(&d.scope).ok_or(Skip::Scope)?;
     let origin = origin_of(d);
@@ -153,10 +175,10 @@ fn convert_one(
     }
     Ok(Decision {
         source: Source::Crowdsec,
-        origin: Arc::from(origin),
+        origin: names.get(origin),
         scope,
         value,
-        kind: Arc::from(d.kind.as_str()),
+        kind: names.get(&d.kind),
         until_ms: now_ms.saturating_add(ms as u64),
         reason: capped(d.scenario.clone().unwrap_or_default()),
     })
@@ -1173,6 +1195,9 @@ mod tests {
             now,
         );
         let key = new[0].1.key();
+        // One shared copy of the origin and the type for all of them.
+        assert!(Arc::ptr_eq(&new[0].1.origin, &new[n as usize - 1].1.origin));
+        assert!(Arc::ptr_eq(&new[0].1.kind, &new[n as usize - 1].1.kind));
         let all = known.replace(new);
         assert_eq!((all.len(), known.len()), (1, n as usize));
         assert_eq!(all[0].until_ms, now + (60 + n as u64 - 1) * 1000);

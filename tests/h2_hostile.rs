@@ -923,3 +923,59 @@ async fn an_http2_connect_with_a_body_costs_its_stream_only() {
         "{records:?}"
     );
 }
+
+/// A `host` field naming another authority than `:authority` is malformed (RFC 9113
+/// §8.3.1): 400, rather than one of the two picked. The same authority in another case is
+/// the same authority.
+#[tokio::test]
+async fn a_host_field_other_than_the_authority_is_refused() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"ok\"\nrespond = {{ status = 200 }}\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    for (id, host) in [(1u32, "admin.internal"), (3, "LocalHost")] {
+        let block = header_block(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            (":authority", "localhost"),
+            ("host", host),
+        ]);
+        out.extend_from_slice(&headers_frames(id, &block));
+    }
+    tcp.write_all(&out).await.unwrap();
+    // The status of each answer: HPACK static index 8 is 200, 12 is 400 (h2 encodes them
+    // indexed).
+    let mut statuses = std::collections::BTreeMap::new();
+    let read = async {
+        while statuses.len() < 2 {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if head[3] == 1 {
+                statuses.insert(stream, payload[0]);
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.unwrap();
+    assert_eq!(
+        statuses[&1],
+        0x80 | 12,
+        "400 for another host: {statuses:?}"
+    );
+    assert_eq!(
+        statuses[&3],
+        0x80 | 8,
+        "200 for the same host: {statuses:?}"
+    );
+}

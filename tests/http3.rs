@@ -1274,3 +1274,27 @@ async fn quic_security_events_name_only_validated_addresses() {
         .expect("no tls_failure event from a validated address");
     assert_eq!(event["srcip"], "127.0.0.1", "{event}");
 }
+
+/// A `host` field other than `:authority` is malformed over HTTP/3 too (RFC 9114 §4.3.1:
+/// they must be the same): refused (h3 resets the stream with H3_MESSAGE_ERROR before the
+/// pipeline sees it), never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_field_other_than_the_authority_is_refused_over_http3() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = h3_config(&setup, upstream.addr);
+    let wraith = setup.start(&cfg);
+    let mut raw = RawH3::connect(&ca, wraith.addr("https")).await;
+    raw.open_control().await;
+    for (host, expected) in [("admin.internal", None), ("localhost", Some(200))] {
+        let (_send, mut recv) = raw
+            .send(&request_section("GET", "/", &[("host", host)]), None, true)
+            .await;
+        let status = tokio::time::timeout(Duration::from_secs(10), read_status(&mut recv))
+            .await
+            .ok()
+            .flatten();
+        assert_eq!(status, expected, "host {host}");
+    }
+}

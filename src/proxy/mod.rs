@@ -303,6 +303,23 @@ impl Gateway {
         if hosts.next().is_some() && hosts.next().is_some() {
             return Err(GatewayError::BadRequest("more than one Host header"));
         }
+        // HTTP/2 and HTTP/3 carry the authority in `:authority`; a `host` field naming
+        // another is malformed (RFC 9113 §8.3.1, RFC 9114 §4.3.1). Refused rather than one
+        // of the two chosen, so that no stage and no upstream behind it reads the other.
+        if matches!(req.version(), http::Version::HTTP_2 | http::Version::HTTP_3) {
+            if let (Some(authority), Some(host)) =
+                (req.uri().authority(), req.headers().get(http::header::HOST))
+            {
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+                {
+                    return Err(GatewayError::BadRequest(
+                        "the host field differs from :authority",
+                    ));
+                }
+            }
+        }
         // Normalize before routing: what matched is what the upstream gets. Forms that
         // upstreams read differently (`\`, `..;`) are refused rather than guessed at.
         if let Some(why) = path::refused(req.uri().path()) {

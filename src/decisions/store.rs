@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -389,6 +389,10 @@ pub struct DecisionStore {
     /// s per ban, past wazuh-ar's 2 s call timeout.
     local_table: ArcSwap<Table>,
     crowdsec_table: ArcSwap<Table>,
+    /// How many decisions each table holds, set after the table is stored: a lookup skips
+    /// an empty table without loading it (most requests, on most gateways, meet two).
+    local_len: AtomicUsize,
+    crowdsec_len: AtomicUsize,
     /// Counts the tables published, so a `BanWatch` sees a change with one load.
     generation: AtomicU64,
     /// Tells waiting `BanWatch`es (WebSocket tunnels) that a table was published.
@@ -413,6 +417,8 @@ impl DecisionStore {
             maps: Mutex::new(Maps::default()),
             local_table: ArcSwap::from_pointee(Table::default()),
             crowdsec_table: ArcSwap::from_pointee(Table::default()),
+            local_len: AtomicUsize::new(0),
+            crowdsec_len: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
             refuse_all: AtomicBool::new(false),
@@ -430,11 +436,15 @@ impl DecisionStore {
     pub fn lookup(&self, ip: IpAddr, fallback: Fallback) -> Option<Verdict> {
         // A ban in either table wins (the local one when both have one); otherwise the
         // longer prefix of the two.
-        let local = Self::lookup_in(&self.local_table.load(), ip, fallback);
+        let local = (self.local_len.load(Ordering::Acquire) > 0)
+            .then(|| Self::lookup_in(&self.local_table.load(), ip, fallback))
+            .flatten();
         if local.as_ref().is_some_and(|v| v.action == Action::Ban) {
             return local;
         }
-        let crowdsec = Self::lookup_in(&self.crowdsec_table.load(), ip, fallback);
+        let crowdsec = (self.crowdsec_len.load(Ordering::Acquire) > 0)
+            .then(|| Self::lookup_in(&self.crowdsec_table.load(), ip, fallback))
+            .flatten();
         match (local, crowdsec) {
             (_, Some(c)) if c.action == Action::Ban => Some(c),
             (Some(l), Some(c)) if c.value.prefix_len() > l.value.prefix_len() => Some(c),
@@ -479,7 +489,7 @@ impl DecisionStore {
 
     /// Number of decisions in the published table (live or not yet purged).
     pub fn len(&self) -> usize {
-        self.local_table.load().len + self.crowdsec_table.load().len
+        self.local_len.load(Ordering::Acquire) + self.crowdsec_len.load(Ordering::Acquire)
     }
 
     /// Whether the published table is empty.
@@ -501,11 +511,15 @@ impl DecisionStore {
     fn publish(&self, maps: &Maps, changed: Changed) {
         if changed.local {
             let table = Table::build(maps.local.values());
+            let len = table.len;
             self.local_table.store(Arc::new(table));
+            self.local_len.store(len, Ordering::Release);
         }
         if changed.crowdsec {
             let table = Table::build(maps.crowdsec.values());
+            let len = table.len;
             self.crowdsec_table.store(Arc::new(table));
+            self.crowdsec_len.store(len, Ordering::Release);
         }
         // After the table: whoever sees the new generation finds the new table.
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;

@@ -463,6 +463,61 @@ fn headers_frames(stream: u32, block: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One frame: its type, flags, stream and payload; `None` at the end of the connection.
+async fn read_frame(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    rd.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    rd.read_exact(&mut payload).await.ok()?;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], stream, payload))
+}
+
+/// What a stream got first from the server.
+#[derive(Debug)]
+enum Answer {
+    /// A HEADERS frame, with its header block.
+    Headers(Vec<u8>),
+    /// RST_STREAM, with its error code.
+    Reset(u32),
+}
+
+/// The first answer of each stream, until `n` streams have one (at most `WAIT`); the
+/// server's SETTINGS are acknowledged on the way.
+async fn answers(
+    tcp: &mut tokio::net::TcpStream,
+    n: usize,
+) -> std::collections::BTreeMap<u32, Answer> {
+    let mut answers = std::collections::BTreeMap::new();
+    let read = async {
+        while answers.len() < n {
+            let (ty, flags, stream, payload) = read_frame(tcp)
+                .await
+                .expect("the connection ended before every stream was answered");
+            match ty {
+                1 => {
+                    answers.entry(stream).or_insert(Answer::Headers(payload));
+                }
+                3 => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    answers.entry(stream).or_insert(Answer::Reset(code));
+                }
+                4 if flags & 1 == 0 => {
+                    tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .unwrap_or_else(|_| panic!("no answer for every stream"));
+    answers
+}
+
 /// Requests h2 refuses itself (a connection-specific field, a missing `:path`, a header
 /// list past `max_header_size`) never reach the pipeline; they get an access record and a
 /// `malformed_request` event all the same, as HTTP/1.1's and HTTP/3's do. The client gets
@@ -509,43 +564,15 @@ async fn requests_h2_refuses_itself_are_logged_and_reported() {
     tcp.write_all(&out).await.unwrap();
 
     // What each stream got: RST_STREAM's code, or HEADERS.
-    let mut answers = std::collections::BTreeMap::new();
-    let read = async {
-        while answers.len() < 5 {
-            let mut head = [0u8; 9];
-            tcp.read_exact(&mut head).await.unwrap();
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0; len];
-            tcp.read_exact(&mut payload).await.unwrap();
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            match head[3] {
-                1 => {
-                    answers
-                        .entry(stream)
-                        .or_insert_with(|| "headers".to_string());
-                }
-                3 => {
-                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
-                    answers
-                        .entry(stream)
-                        .or_insert_with(|| format!("reset {code}"));
-                }
-                4 if head[4] & 1 == 0 => {
-                    // The server's SETTINGS: acknowledged.
-                    tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
-                }
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .unwrap_or_else(|_| panic!("no answer for every stream"));
-    assert_eq!(answers[&1], "reset 1", "{answers:?}");
-    assert_eq!(answers[&3], "reset 1", "{answers:?}");
-    assert_eq!(answers[&5], "reset 1", "{answers:?}");
-    assert_eq!(answers[&7], "headers", "431: {answers:?}");
-    assert_eq!(answers[&9], "headers", "{answers:?}");
+    let answers = answers(&mut tcp, 5).await;
+    for id in [1, 3, 5] {
+        assert!(matches!(answers[&id], Answer::Reset(1)), "{answers:?}");
+    }
+    assert!(
+        matches!(answers[&7], Answer::Headers(_)),
+        "431: {answers:?}"
+    );
+    assert!(matches!(answers[&9], Answer::Headers(_)), "{answers:?}");
 
     // A malformed head on the stream already served is no request of its own (h2 answers
     // it on a stream that is closed); a new request after it is served and logged.
@@ -719,12 +746,8 @@ async fn a_flood_of_oversized_heads_is_cut_off() {
     let (mut rd, mut wr) = tcp.into_split();
     let reader = tokio::spawn(async move {
         loop {
-            let mut head = [0u8; 9];
-            rd.read_exact(&mut head).await.ok()?;
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0; len];
-            rd.read_exact(&mut payload).await.ok()?;
-            if head[3] == 7 {
+            let (ty, _, _, payload) = read_frame(&mut rd).await?;
+            if ty == 7 {
                 return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
             }
         }
@@ -880,36 +903,9 @@ async fn an_http2_connect_with_a_body_costs_its_stream_only() {
     ]);
     out.extend_from_slice(&headers_frames(3, &get));
     tcp.write_all(&out).await.unwrap();
-    let mut answers = std::collections::BTreeMap::new();
-    let read = async {
-        while answers.len() < 2 {
-            let mut head = [0u8; 9];
-            tcp.read_exact(&mut head).await.unwrap();
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0; len];
-            tcp.read_exact(&mut payload).await.unwrap();
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            match head[3] {
-                1 => {
-                    answers
-                        .entry(stream)
-                        .or_insert_with(|| "headers".to_string());
-                }
-                3 => {
-                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
-                    answers
-                        .entry(stream)
-                        .or_insert_with(|| format!("reset {code}"));
-                }
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .expect("the connection ended before both streams were answered");
-    assert_eq!(answers[&1], "reset 1", "{answers:?}");
-    assert_eq!(answers[&3], "headers", "{answers:?}");
+    let answers = answers(&mut tcp, 2).await;
+    assert!(matches!(answers[&1], Answer::Reset(1)), "{answers:?}");
+    assert!(matches!(answers[&3], Answer::Headers(_)), "{answers:?}");
     let records = Wraith::eventually(WAIT, || async {
         wraith.json_lines("access.json").len() >= 2
     })
@@ -953,21 +949,14 @@ async fn a_host_field_other_than_the_authority_is_refused() {
     tcp.write_all(&out).await.unwrap();
     // The status of each answer: HPACK static index 8 is 200, 12 is 400 (h2 encodes them
     // indexed).
-    let mut statuses = std::collections::BTreeMap::new();
-    let read = async {
-        while statuses.len() < 2 {
-            let mut head = [0u8; 9];
-            tcp.read_exact(&mut head).await.unwrap();
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0; len];
-            tcp.read_exact(&mut payload).await.unwrap();
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            if head[3] == 1 {
-                statuses.insert(stream, payload[0]);
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, read).await.unwrap();
+    let statuses: std::collections::BTreeMap<u32, u8> = answers(&mut tcp, 2)
+        .await
+        .into_iter()
+        .map(|(id, a)| match a {
+            Answer::Headers(block) => (id, block[0]),
+            Answer::Reset(code) => panic!("stream {id} reset ({code})"),
+        })
+        .collect();
     assert_eq!(
         statuses[&1],
         0x80 | 12,

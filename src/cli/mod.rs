@@ -168,6 +168,15 @@ pub enum PolicyCommand {
     },
 }
 
+/// The text a panic was raised with, when it has one.
+pub(crate) fn panic_message<'a>(info: &'a std::panic::PanicHookInfo<'_>) -> Option<&'a str> {
+    let payload = info.payload();
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+}
+
 /// Parses the command line and runs the subcommand.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
@@ -180,12 +189,7 @@ pub fn run() -> ExitCode {
     if !matches!(cli.command, Command::Serve(_)) {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("");
+            let msg = panic_message(info).unwrap_or("");
             if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
                 std::process::exit(141);
             }

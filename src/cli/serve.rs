@@ -149,12 +149,7 @@ fn build_runtime(
     );
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic");
+        let msg = super::panic_message(info).unwrap_or("a panic");
         tracing::error!(error = msg, workers = %workers, "cannot start the async runtime");
         eprintln!(
             "wraith: cannot start the async runtime ({workers}): {msg}. Fewer worker threads, \

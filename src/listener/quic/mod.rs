@@ -461,15 +461,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         // handshake completes are early data and the pipeline decides about them. (quinn has
         // read the ClientHello inside `accept_with` unless it spans more packets than came.)
         let Ok(sni) = tokio::time::timeout(timeout, handshake_data(&mut connecting)).await else {
-            super::handshake_refused(
-                &runtime,
-                &name,
-                start.peer,
-                started,
-                "quic",
-                start.address,
-                Err(()),
-            );
+            timed_out(&runtime, &name, (start.peer, start.address), started);
             return;
         };
         let Ok((conn, accepted)) = connecting.into_0rtt() else {
@@ -505,15 +497,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
                 return;
             }
             Err(_) => {
-                super::handshake_refused(
-                    &runtime,
-                    &name,
-                    start.peer,
-                    started,
-                    "quic",
-                    start.address,
-                    Err(()),
-                );
+                timed_out(&runtime, &name, (start.peer, start.address), started);
                 return;
             }
         };
@@ -596,6 +580,16 @@ fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: 
 }
 
 /// Accounts for a refused QUIC handshake with the same labels as TCP.
+/// Accounts for a handshake that did not complete in time.
+fn timed_out(
+    runtime: &Runtime,
+    listener: &Arc<str>,
+    (peer, address): (SocketAddr, PeerAddress),
+    started: Instant,
+) {
+    super::handshake_refused(runtime, listener, peer, started, "quic", address, Err(()));
+}
+
 fn refused(
     runtime: &Runtime,
     listener: &Arc<str>,
@@ -608,10 +602,7 @@ fn refused(
         Some(tls) => (super::tls::failure_label(&tls), tls.to_string()),
         None => match error {
             ConnectionError::TimedOut => {
-                let failure = Err(());
-                super::handshake_refused(
-                    runtime, listener, peer, started, "quic", address, failure,
-                );
+                timed_out(runtime, listener, (peer, address), started);
                 return;
             }
             // The client gave up on the handshake (often: it did not trust our certificate).
@@ -681,15 +672,7 @@ impl Confirm {
                 &error,
             );
         } else {
-            super::handshake_refused(
-                &runtime,
-                &info.listener,
-                info.peer,
-                started,
-                "quic",
-                address,
-                Err(()),
-            );
+            timed_out(&runtime, &info.listener, (info.peer, address), started);
             conn.close(VarInt::from_u32(H3_NO_ERROR), b"handshake timeout");
         }
         // Dropping `tx` here tells requests still waiting that no identity is coming.

@@ -1141,13 +1141,19 @@ pub fn wraith_cmd_within(
     cwd: &Path,
     limit: Duration,
 ) -> Result<(i32, String, String), String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wraith"))
-        .args(args)
-        .current_dir(cwd)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wraith"));
+    cmd.args(args).current_dir(cwd);
+    command_within(cmd, limit)
+}
+
+/// `wraith_cmd_within` for a command set up by the caller (its environment, its limits).
+pub fn command_within(mut cmd: Command, limit: Duration) -> Result<(i32, String, String), String> {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let args: Vec<_> = cmd.get_args().collect();
     let deadline = std::time::Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() >= deadline {

@@ -280,7 +280,7 @@ fn build(req: NewDecision) -> Result<Decision, String> {
         value,
         kind: Arc::from(kind),
         until_ms: now_ms() + duration.as_millis() as u64,
-        reason,
+        reason: reason.into(),
     })
 }
 

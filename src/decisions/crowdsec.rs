@@ -109,23 +109,39 @@ fn capped_to(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// One shared copy of each origin and decision type an answer names (a handful: `crowdsec`,
-/// `CAPI`, `lists`; `ban`): a million decisions carried two small allocations each, 64 MB.
+/// One shared copy of each origin, decision type and scenario an answer names (a handful
+/// of origins and types: `crowdsec`, `CAPI`, `lists`; `ban`; a few hundred scenarios at
+/// most): a million decisions carried three small allocations each, 100 MB.
 #[derive(Default)]
-struct Names(Vec<Arc<str>>);
+struct Names {
+    names: Vec<Arc<str>>,
+    reasons: std::collections::HashSet<Arc<str>>,
+}
 
 impl Names {
     fn get(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.0.iter().find(|n| &***n == name) {
+        if let Some(n) = self.names.iter().find(|n| &***n == name) {
             return n.clone();
         }
         let n: Arc<str> = Arc::from(name);
         // Bounded: a hostile answer naming a new one per entry costs a scan of at most this
         // many, then plain allocations.
-        if self.0.len() < 64 {
-            self.0.push(n.clone());
+        if self.names.len() < 64 {
+            self.names.push(n.clone());
         }
         n
+    }
+
+    fn reason(&mut self, reason: &str) -> Arc<str> {
+        if let Some(r) = self.reasons.get(reason) {
+            return r.clone();
+        }
+        let r: Arc<str> = Arc::from(reason);
+        // Bounded like `get`: past this many, a scenario per entry costs its own copy.
+        if self.reasons.len() < 4096 {
+            self.reasons.insert(r.clone());
+        }
+        r
     }
 }
 
@@ -180,20 +196,13 @@ fn convert_one(
         value,
         kind: names.get(&d.kind),
         until_ms: now_ms.saturating_add(ms as u64),
-        reason: capped(d.scenario.clone().unwrap_or_default()),
+        reason: names.reason(capped(d.scenario.as_deref().unwrap_or_default())),
     })
 }
 
 /// A scenario name as kept: at most `MAX_REASON` bytes (cut on a character boundary).
-fn capped(mut reason: String) -> String {
-    if reason.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
-    reason
+fn capped(reason: &str) -> &str {
+    capped_to(reason, MAX_REASON)
 }
 
 /// The longest scenario name kept with a decision (the LAPI's are far shorter).
@@ -255,7 +264,7 @@ pub struct Known {
 #[derive(Debug)]
 struct Entry {
     until_ms: u64,
-    reason: Box<str>,
+    reason: Arc<str>,
 }
 
 /// The decisions of one key, by id. Nearly always one, kept inline; a map when there are
@@ -399,7 +408,7 @@ impl Known {
         let key = d.key();
         let e = Entry {
             until_ms: d.until_ms,
-            reason: d.reason.into(),
+            reason: d.reason,
         };
         match self.by_key.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().insert(id, e),
@@ -420,7 +429,7 @@ fn longest(key: &Key, entries: &Entries) -> Option<Decision> {
         value: key.value,
         kind: key.kind.clone(),
         until_ms: e.until_ms,
-        reason: e.reason.to_string(),
+        reason: e.reason.clone(),
     })
 }
 
@@ -1027,6 +1036,72 @@ mod tests {
         assert!(
             matches!(&skipped[0], Skip::Invalid(why) if why.contains("origin \"cs\\u{1b}[31m\" is not valid")),
             "{skipped:?}"
+        );
+    }
+
+    /// What a million CrowdSec decisions cost: memory held (the bridge's `Known` and the
+    /// store's table), and the time of a snapshot, of a delta that changes two, of an admin
+    /// add and of a purge with nothing due. Run with
+    /// `cargo test --release --lib million_decisions -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement; meaningful only in a release build"]
+    fn cost_of_a_million_decisions() {
+        fn resident() -> usize {
+            release_freed_memory();
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let pages: usize = statm.split(' ').nth(1).unwrap().parse().unwrap();
+            pages * 4096
+        }
+        let scenarios: Vec<String> = (0..40)
+            .map(|i| format!("crowdsecurity/scenario-{i}"))
+            .collect();
+        let entry = |i: u32| {
+            let mut e = lapi(
+                Some(i64::from(i)),
+                &std::net::Ipv4Addr::from(0x0a00_0000 | i).to_string(),
+                "168h",
+            );
+            if let Ok(d) = &mut e {
+                d.scenario = Some(scenarios[i as usize % scenarios.len()].clone());
+                d.origin = Some(if i % 3 == 0 { "CAPI" } else { "crowdsec" }.into());
+            }
+            e
+        };
+        let n = 1_000_000u32;
+        let store = DecisionStore::new();
+        let mut known = Known::default();
+        let before = resident();
+        let t = Instant::now();
+        let (new, _) = convert_new((0..n).map(entry).collect(), None, now_ms());
+        let all = known.replace(new);
+        let converted = t.elapsed();
+        store.replace_crowdsec(all);
+        let snapshot = t.elapsed();
+        let held = resident().saturating_sub(before);
+        let t = Instant::now();
+        let (new, _) = convert_new(vec![entry(n)], None, now_ms());
+        let (deleted, _) = convert_deleted(vec![entry(7)]);
+        let (drop, set) = known.delta(deleted, new, now_ms());
+        assert_eq!(store.apply_crowdsec_delta(&drop, set), (1, 1));
+        let delta = t.elapsed();
+        let t = Instant::now();
+        let ban = Decision {
+            source: Source::Local,
+            origin: Arc::from("admin"),
+            scope: Scope::Ip,
+            value: "192.0.2.1/32".parse().unwrap(),
+            kind: Arc::from("ban"),
+            until_ms: now_ms() + 60_000,
+            reason: Arc::from(""),
+        };
+        store.insert_local(vec![ban], 10).unwrap();
+        let admin = t.elapsed();
+        let t = Instant::now();
+        assert_eq!(store.purge_expired(), 0);
+        let purge = t.elapsed();
+        eprintln!(
+            "{n} decisions: {} bytes each held; snapshot {snapshot:?} (converted in {converted:?}), delta of two {delta:?}, admin add {admin:?}, purge with nothing due {purge:?}",
+            held / n as usize
         );
     }
 

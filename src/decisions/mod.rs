@@ -16,6 +16,7 @@ pub mod crowdsec;
 pub mod godur;
 pub mod store;
 pub mod stream;
+mod table;
 pub mod wazuh;
 
 use std::fmt;
@@ -104,8 +105,9 @@ pub struct Decision {
     /// When it stops applying, on the decisions' clock (`store::now_ms`: milliseconds since
     /// the Unix epoch, moved on by the monotonic clock).
     pub until_ms: u64,
-    /// Why (a scenario, an alert, an operator's note).
-    pub reason: String,
+    /// Why (a scenario, an alert, an operator's note): shared, as a million CrowdSec
+    /// decisions carry a few dozen scenarios.
+    pub reason: Arc<str>,
 }
 
 /// The identity of a decision inside its source: adding the same key again replaces it.
@@ -149,7 +151,7 @@ pub fn parse_value(scope: Scope, value: &str) -> Result<IpNet, String> {
 }
 
 /// `::ffff:192.0.2.0/120` -> `192.0.2.0/24`, so mapped and plain addresses match alike.
-fn canonical_net(net: IpNet) -> IpNet {
+pub(crate) fn canonical_net(net: IpNet) -> IpNet {
     if let IpNet::V6(v6) = net {
         if let Some(v4) = v6.addr().to_ipv4_mapped() {
             if v6.prefix_len() >= 96 {

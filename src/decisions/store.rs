@@ -1,16 +1,12 @@
 //! The decision store. Writers (the admin API, the CrowdSec bridge, the expiry janitor) edit
-//! two maps under a mutex and then publish an immutable lookup `Table` through `ArcSwap`;
+//! a source's lookup `Table` under a mutex and publish the edited table through `ArcSwap`;
 //! readers (the accept loop, the request pipeline) only ever load the current table, so they
-//! never block and never see a half-applied update.
-//!
-//! The table keeps one hash map per prefix length present (IPv4 and IPv6 apart), so a lookup
-//! probes at most 33 (IPv4) or 129 (IPv6) maps and in practice a handful: O(prefix length),
-//! no allocation, and no clock read unless something matched. An IPv4 client is also
-//! `::ffff:a.b.c.d`: IPv6 ranges that cover all of `::ffff:0:0/96` (`::/0`, `::/1`) hold it
-//! too, and are found when the table is built, so IPv4 lookups probe only those.
+//! never block and never see a half-applied update. The table is the only copy of the
+//! decisions the store holds (listings, saves and deletes read it too), and an edit copies
+//! only the part of it that changes (see `table`). A lookup allocates nothing and reads the
+//! clock only when something matched.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,9 +17,10 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::table::{Hit, Table};
 use super::{action_for, Action, Decision, Key, Scope, Source};
 use crate::config::Fallback;
-use crate::proxy::headers::{canonical, net_contains};
+use crate::proxy::headers::net_contains;
 
 /// The decisions' clock, in milliseconds on the Unix epoch's scale: the wall clock when the
 /// process first asked, moved on by the boot-time clock since (monotonic, and unlike
@@ -100,249 +97,6 @@ pub struct Verdict {
     pub reason: Arc<str>,
 }
 
-/// One active decision in the lookup table.
-#[derive(Debug)]
-struct Hit {
-    until_ms: u64,
-    origin: Arc<str>,
-    kind: Arc<str>,
-    /// Shared by every hit with the same text: a million CrowdSec decisions carry a few
-    /// dozen scenarios.
-    reason: Arc<str>,
-}
-
-/// The decisions of one prefix length: network address -> hits, strongest first.
-type Level<K> = (u8, HashMap<K, Box<[Hit]>, Seeded>);
-
-/// The immutable lookup structure readers use.
-#[derive(Default)]
-struct Table {
-    /// One level per prefix length present, longest prefix first.
-    v4: Vec<Level<u32>>,
-    v6: Vec<Level<u128>>,
-    /// The levels of `v6` (by index, longest prefix first) with a range that covers all of
-    /// `::ffff:0:0/96`, so every IPv4 client: probed after the IPv4 levels, being broader
-    /// than any of them.
-    v6_over_v4: Vec<usize>,
-    len: usize,
-}
-
-/// `::ffff:0.0.0.0`, the base of the IPv4-mapped addresses.
-const MAPPED: u128 = 0xffff << 32;
-
-/// A seeded integer hasher: much cheaper than SipHash for the fixed-width keys here, and the
-/// random seed keeps crafted address sets from colliding on purpose.
-#[derive(Clone, Copy)]
-struct Seeded(u64);
-
-impl BuildHasher for Seeded {
-    type Hasher = Mix;
-    fn build_hasher(&self) -> Mix {
-        Mix(self.0)
-    }
-}
-
-struct Mix(u64);
-
-impl Hasher for Mix {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = splitmix(self.0 ^ u64::from(*b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = splitmix(self.0 ^ u64::from(n));
-    }
-    fn write_u128(&mut self, n: u128) {
-        self.0 = splitmix(splitmix(self.0 ^ (n as u64)) ^ ((n >> 64) as u64));
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn mask4(addr: u32, len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        addr & (u32::MAX << (32 - u32::from(len)))
-    }
-}
-
-fn mask6(addr: u128, len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        addr & (u128::MAX << (128 - u32::from(len)))
-    }
-}
-
-impl Table {
-    fn build<'a>(decisions: impl Iterator<Item = &'a Decision>) -> Table {
-        let seed = Seeded(fastrand::u64(..));
-        let mut v4: HashMap<u8, HashMap<u32, Vec<Hit>, Seeded>> = HashMap::new();
-        let mut v6: HashMap<u8, HashMap<u128, Vec<Hit>, Seeded>> = HashMap::new();
-        let mut len = 0;
-        let mut reasons: HashMap<&str, Arc<str>> = HashMap::new();
-        for d in decisions {
-            let reason = reasons
-                .entry(d.reason.as_str())
-                .or_insert_with(|| Arc::from(d.reason.as_str()))
-                .clone();
-            let hit = Hit {
-                until_ms: d.until_ms,
-                origin: d.origin.clone(),
-                kind: d.kind.clone(),
-                reason,
-            };
-            len += 1;
-            // Ranges inside ::ffff:0:0/96 are held as IPv4 (parse_value makes them so; a
-            // decision built by hand may not be).
-            match super::canonical_net(d.value) {
-                IpNet::V4(n) => v4
-                    .entry(n.prefix_len())
-                    .or_insert_with(|| HashMap::with_hasher(seed))
-                    .entry(u32::from(n.network()))
-                    .or_default()
-                    .push(hit),
-                IpNet::V6(n) => v6
-                    .entry(n.prefix_len())
-                    .or_insert_with(|| HashMap::with_hasher(seed))
-                    .entry(u128::from(n.network()))
-                    .or_default()
-                    .push(hit),
-            }
-        }
-        // Bans first, then the longest-lived: the first live hit is the strongest.
-        fn finish<K: std::hash::Hash + Eq>(
-            m: HashMap<u8, HashMap<K, Vec<Hit>, Seeded>>,
-        ) -> Vec<Level<K>> {
-            let mut out: Vec<_> = m
-                .into_iter()
-                .map(|(len, map)| {
-                    let mut fin = HashMap::with_capacity_and_hasher(map.len(), *map.hasher());
-                    for (k, mut hits) in map {
-                        hits.sort_by(|a, b| {
-                            (b.kind.as_ref() == "ban", b.until_ms)
-                                .cmp(&(a.kind.as_ref() == "ban", a.until_ms))
-                        });
-                        fin.insert(k, hits.into_boxed_slice());
-                    }
-                    (len, fin)
-                })
-                .collect();
-            out.sort_by_key(|level| std::cmp::Reverse(level.0));
-            out
-        }
-        let v6 = finish(v6);
-        let v6_over_v4 = v6
-            .iter()
-            .enumerate()
-            .filter(|(_, (len, map))| *len <= 96 && map.contains_key(&mask6(MAPPED, *len)))
-            .map(|(i, _)| i)
-            .collect();
-        Table {
-            v4: finish(v4),
-            v6,
-            v6_over_v4,
-            len,
-        }
-    }
-
-    /// Every live hit for `ip`, longest prefix first, until `f` says stop.
-    fn visit(&self, ip: IpAddr, mut f: impl FnMut(&Hit, IpNet) -> bool) {
-        match canonical(ip) {
-            IpAddr::V4(v4) => {
-                let a = u32::from(v4);
-                for level in &self.v4 {
-                    if !probe4(level, a, &mut f) {
-                        return;
-                    }
-                }
-                let mapped = u128::from(v4.to_ipv6_mapped());
-                for &i in &self.v6_over_v4 {
-                    if !probe6(&self.v6[i], mapped, &mut f) {
-                        return;
-                    }
-                }
-            }
-            IpAddr::V6(v6) => {
-                let a = u128::from(v6);
-                for level in &self.v6 {
-                    if !probe6(level, a, &mut f) {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Calls `f` for the hits of `level` that hold `a`; false once `f` said stop.
-fn probe4((len, map): &Level<u32>, a: u32, f: &mut impl FnMut(&Hit, IpNet) -> bool) -> bool {
-    let net = mask4(a, *len);
-    let Some(hits) = map.get(&net) else {
-        return true;
-    };
-    let value = IpNet::V4(ipnet::Ipv4Net::new(net.into(), *len).unwrap_or_default());
-    hits.iter().all(|h| f(h, value))
-}
-
-/// `probe4` for IPv6.
-fn probe6((len, map): &Level<u128>, a: u128, f: &mut impl FnMut(&Hit, IpNet) -> bool) -> bool {
-    let net = mask6(a, *len);
-    let Some(hits) = map.get(&net) else {
-        return true;
-    };
-    let value = IpNet::V6(ipnet::Ipv6Net::new(net.into(), *len).unwrap_or_default());
-    hits.iter().all(|h| f(h, value))
-}
-
-/// Which sources' tables a change calls for rebuilding.
-#[derive(Default, Clone, Copy)]
-struct Changed {
-    local: bool,
-    crowdsec: bool,
-}
-
-impl Changed {
-    fn only(source: Source) -> Changed {
-        let mut c = Changed::default();
-        c.note(source);
-        c
-    }
-
-    fn note(&mut self, source: Source) {
-        match source {
-            Source::Local => self.local = true,
-            Source::Crowdsec => self.crowdsec = true,
-        }
-    }
-}
-
-/// The writers' view: every decision by source and key.
-#[derive(Default)]
-struct Maps {
-    local: HashMap<Key, Decision>,
-    crowdsec: HashMap<Key, Decision>,
-}
-
-impl Maps {
-    fn of(&mut self, source: Source) -> &mut HashMap<Key, Decision> {
-        match source {
-            Source::Local => &mut self.local,
-            Source::Crowdsec => &mut self.crowdsec,
-        }
-    }
-}
-
 /// Which decisions a delete or a listing concerns.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -359,16 +113,17 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, d: &Decision) -> bool {
-        self.value.is_none_or(|v| v == d.value)
-            && self.contains.is_none_or(|ip| net_contains(&d.value, ip))
+    /// Whether it selects the decision `hit` of `source`, filed under `value`.
+    fn matches(&self, source: Source, value: IpNet, hit: &Hit) -> bool {
+        self.value.is_none_or(|v| v == value)
+            && self.contains.is_none_or(|ip| net_contains(&value, ip))
             && self
                 .origin
                 .as_deref()
-                .is_none_or(|o| in_family(&d.origin, o))
-            && self.kind.as_deref().is_none_or(|k| k == &*d.kind)
-            && self.scope.is_none_or(|s| s == d.scope)
-            && self.source.is_none_or(|s| s == d.source)
+                .is_none_or(|o| in_family(&hit.origin, o))
+            && self.kind.as_deref().is_none_or(|k| k == &*hit.kind)
+            && self.scope.is_none_or(|s| s == hit.scope)
+            && self.source.is_none_or(|s| s == source)
     }
 }
 
@@ -381,18 +136,63 @@ fn in_family(origin: &str, filter: &str) -> bool {
                 .is_some_and(|rest| rest.starts_with(':')))
 }
 
+/// One source's decisions: the published table, and its size for a lookup that skips an
+/// empty one without loading it.
+struct Partition {
+    table: ArcSwap<Table>,
+    /// How many decisions the table holds, set after the table is stored (most requests,
+    /// on most gateways, meet two empty tables).
+    len: AtomicUsize,
+}
+
+impl Partition {
+    fn new() -> Partition {
+        Partition {
+            table: ArcSwap::from_pointee(Table::default()),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn lookup(&self, ip: IpAddr, fallback: Fallback) -> Option<Verdict> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let table = self.table.load();
+        let mut now = 0;
+        let mut found: Option<Verdict> = None;
+        table.visit(ip, |value, hits| {
+            if now == 0 {
+                now = now_ms();
+            }
+            // Bans come first in a network's list: its first live decision is a ban if any
+            // live one is.
+            let Some(hit) = hits.iter().find(|h| h.until_ms > now) else {
+                return true;
+            };
+            let action = action_for(&hit.kind, fallback);
+            if action == Action::Ban || found.is_none() {
+                found = Some(Verdict {
+                    action,
+                    origin: hit.origin.clone(),
+                    kind: hit.kind.clone(),
+                    value,
+                    reason: hit.reason.clone(),
+                });
+            }
+            action != Action::Ban
+        });
+        found
+    }
+}
+
 /// The decision store shared by the accept loops, the pipeline, the admin API and the bridges.
 pub struct DecisionStore {
-    maps: Mutex<Maps>,
-    /// One lookup table per source: an admin or Wazuh ban rebuilds the (small) local one
-    /// only. With one table for both, each rebuilt a million CrowdSec decisions' table: 1.7
-    /// s per ban, past wazuh-ar's 2 s call timeout.
-    local_table: ArcSwap<Table>,
-    crowdsec_table: ArcSwap<Table>,
-    /// How many decisions each table holds, set after the table is stored: a lookup skips
-    /// an empty table without loading it (most requests, on most gateways, meet two).
-    local_len: AtomicUsize,
-    crowdsec_len: AtomicUsize,
+    /// One table per source: an admin or Wazuh ban edits the (small) local one only.
+    local: Partition,
+    crowdsec: Partition,
+    /// Held by a writer from reading a table to publishing its edit, so no edit is lost to
+    /// another made meanwhile.
+    writing: Mutex<()>,
     /// Counts the tables published, so a `BanWatch` sees a change with one load.
     generation: AtomicU64,
     /// Tells waiting `BanWatch`es (WebSocket tunnels) that a table was published.
@@ -414,11 +214,9 @@ impl DecisionStore {
     /// An empty store.
     pub fn new() -> DecisionStore {
         DecisionStore {
-            maps: Mutex::new(Maps::default()),
-            local_table: ArcSwap::from_pointee(Table::default()),
-            crowdsec_table: ArcSwap::from_pointee(Table::default()),
-            local_len: AtomicUsize::new(0),
-            crowdsec_len: AtomicUsize::new(0),
+            local: Partition::new(),
+            crowdsec: Partition::new(),
+            writing: Mutex::new(()),
             generation: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
             refuse_all: AtomicBool::new(false),
@@ -426,9 +224,17 @@ impl DecisionStore {
         }
     }
 
-    fn maps(&self) -> MutexGuard<'_, Maps> {
-        // A panic while holding the lock leaves the maps consistent (every edit is one call).
-        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    fn writing(&self) -> MutexGuard<'_, ()> {
+        // A panic while holding the lock leaves the tables consistent (a table is published
+        // whole or not at all).
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn partition(&self, source: Source) -> &Partition {
+        match source {
+            Source::Local => &self.local,
+            Source::Crowdsec => &self.crowdsec,
+        }
     }
 
     /// The strongest live decision for `ip`: any ban wins; otherwise the longest-prefix
@@ -436,45 +242,16 @@ impl DecisionStore {
     pub fn lookup(&self, ip: IpAddr, fallback: Fallback) -> Option<Verdict> {
         // A ban in either table wins (the local one when both have one); otherwise the
         // longer prefix of the two.
-        let local = (self.local_len.load(Ordering::Acquire) > 0)
-            .then(|| Self::lookup_in(&self.local_table.load(), ip, fallback))
-            .flatten();
+        let local = self.local.lookup(ip, fallback);
         if local.as_ref().is_some_and(|v| v.action == Action::Ban) {
             return local;
         }
-        let crowdsec = (self.crowdsec_len.load(Ordering::Acquire) > 0)
-            .then(|| Self::lookup_in(&self.crowdsec_table.load(), ip, fallback))
-            .flatten();
+        let crowdsec = self.crowdsec.lookup(ip, fallback);
         match (local, crowdsec) {
             (_, Some(c)) if c.action == Action::Ban => Some(c),
             (Some(l), Some(c)) if c.value.prefix_len() > l.value.prefix_len() => Some(c),
             (l, c) => l.or(c),
         }
-    }
-
-    fn lookup_in(table: &Table, ip: IpAddr, fallback: Fallback) -> Option<Verdict> {
-        let mut now = 0;
-        let mut found: Option<Verdict> = None;
-        table.visit(ip, |hit, value| {
-            if now == 0 {
-                now = now_ms();
-            }
-            if hit.until_ms <= now {
-                return true;
-            }
-            let action = action_for(&hit.kind, fallback);
-            if action == Action::Ban || found.is_none() {
-                found = Some(Verdict {
-                    action,
-                    origin: hit.origin.clone(),
-                    kind: hit.kind.clone(),
-                    value,
-                    reason: hit.reason.clone(),
-                });
-            }
-            action != Action::Ban
-        });
-        found
     }
 
     /// Whether every request should be refused (CrowdSec closed-mode with stale data).
@@ -487,12 +264,12 @@ impl DecisionStore {
         self.refuse_all.store(on, Ordering::Relaxed);
     }
 
-    /// Number of decisions in the published table (live or not yet purged).
+    /// Number of decisions in the published tables (live or not yet purged).
     pub fn len(&self) -> usize {
-        self.local_len.load(Ordering::Acquire) + self.crowdsec_len.load(Ordering::Acquire)
+        self.local.len.load(Ordering::Acquire) + self.crowdsec.len.load(Ordering::Acquire)
     }
 
-    /// Whether the published table is empty.
+    /// Whether the published tables are empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -507,127 +284,135 @@ impl DecisionStore {
         self.changes.subscribe()
     }
 
-    /// Rebuilds the tables of the sources that changed.
-    fn publish(&self, maps: &Maps, changed: Changed) {
-        if changed.local {
-            let table = Table::build(maps.local.values());
-            let len = table.len;
-            self.local_table.store(Arc::new(table));
-            self.local_len.store(len, Ordering::Release);
-        }
-        if changed.crowdsec {
-            let table = Table::build(maps.crowdsec.values());
-            let len = table.len;
-            self.crowdsec_table.store(Arc::new(table));
-            self.crowdsec_len.store(len, Ordering::Release);
-        }
+    /// Publishes `table` as `source`'s (the caller holds `writing`).
+    fn publish(&self, source: Source, table: Table) {
+        let partition = self.partition(source);
+        let len = table.len();
+        partition.table.store(Arc::new(table));
+        partition.len.store(len, Ordering::Release);
         // After the table: whoever sees the new generation finds the new table.
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.changes.send_replace(generation);
     }
 
-    /// Adds (or replaces, by key) decisions and publishes once.
+    /// Edits `source`'s table (drops, then sets) and publishes it; returns how many of
+    /// `drop` were held. The caller holds `writing`.
+    fn edit(&self, source: Source, drop: &[Key], set: Vec<Decision>) -> usize {
+        let (table, removed) = self.partition(source).table.load().edited(drop, set);
+        self.publish(source, table);
+        removed
+    }
+
+    /// Adds (or replaces, by key) decisions and publishes once per source.
     pub fn insert(&self, decisions: impl IntoIterator<Item = Decision>) {
-        let mut maps = self.maps();
-        let mut changed = Changed::default();
-        for d in decisions {
-            changed.note(d.source);
-            maps.of(d.source).insert(d.key(), d);
+        let _w = self.writing();
+        let (local, crowdsec): (Vec<Decision>, Vec<Decision>) = decisions
+            .into_iter()
+            .partition(|d| d.source == Source::Local);
+        for (source, set) in [(Source::Local, local), (Source::Crowdsec, crowdsec)] {
+            if !set.is_empty() {
+                self.edit(source, &[], set);
+            }
         }
-        self.publish(&maps, changed);
     }
 
     /// Adds (or replaces, by key) local decisions, unless the local partition would then
     /// hold more than `cap`: then nothing is added and the error says so.
     pub fn insert_local(&self, decisions: Vec<Decision>, cap: usize) -> Result<(), String> {
-        let mut maps = self.maps();
+        let _w = self.writing();
+        let table = self.local.table.load();
         let mut new_keys: Vec<Key> = decisions
             .iter()
             .map(Decision::key)
-            .filter(|k| !maps.local.contains_key(k))
+            .filter(|k| table.get(k).is_none())
             .collect();
         new_keys.sort_unstable();
         new_keys.dedup();
-        let total = maps.local.len() + new_keys.len();
+        let total = table.len() + new_keys.len();
         if total > cap {
             return Err(format!(
                 "the local decisions would number {total}, more than decisions.max_local ({cap}): lift some (wraith decisions delete) or raise it"
             ));
         }
-        for d in decisions {
-            maps.local.insert(d.key(), d);
-        }
-        self.publish(&maps, Changed::only(Source::Local));
+        drop(table);
+        self.edit(Source::Local, &[], decisions);
         Ok(())
     }
 
     /// Adds decisions like `insert`, except that where one of the same key is already held
     /// the one that lasts longer stays: merging a state file never shortens a ban in hand.
     pub fn merge(&self, decisions: impl IntoIterator<Item = Decision>) {
-        let mut maps = self.maps();
-        let mut changed = Changed::default();
+        let _w = self.writing();
+        let mut by_source: [HashMap<Key, Decision>; 2] = Default::default();
         for d in decisions {
-            changed.note(d.source);
-            merge_into(maps.of(d.source), d);
+            let i = usize::from(d.source == Source::Crowdsec);
+            merge_into(&mut by_source[i], d);
         }
-        self.publish(&maps, changed);
+        for (source, wanted) in [Source::Local, Source::Crowdsec].into_iter().zip(by_source) {
+            if wanted.is_empty() {
+                continue;
+            }
+            let table = self.partition(source).table.load();
+            let set: Vec<Decision> = wanted
+                .into_iter()
+                .filter(|(k, d)| table.get(k).is_none_or(|held| d.until_ms > held.until_ms))
+                .map(|(_, d)| d)
+                .collect();
+            drop(table);
+            if !set.is_empty() {
+                self.edit(source, &[], set);
+            }
+        }
     }
 
     /// Removes the decisions of `source` that `filter` selects; returns them.
     pub fn remove(&self, source: Source, filter: &Filter) -> Vec<Decision> {
-        let mut maps = self.maps();
-        let map = maps.of(source);
-        let keys: Vec<Key> = map
-            .iter()
-            .filter(|(_, d)| filter.matches(d))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let removed: Vec<Decision> = keys.iter().filter_map(|k| map.remove(k)).collect();
+        let _w = self.writing();
+        let mut removed = Vec::new();
+        self.partition(source).table.load().for_each(|value, hit| {
+            if filter.matches(source, value, hit) {
+                removed.push(hit.decision(source, value));
+            }
+        });
         if !removed.is_empty() {
-            self.publish(&maps, Changed::only(source));
+            let keys: Vec<Key> = removed.iter().map(Decision::key).collect();
+            self.edit(source, &keys, Vec::new());
         }
         removed
     }
 
     /// Replaces every CrowdSec decision with `decisions` (a full stream snapshot).
     pub fn replace_crowdsec(&self, decisions: Vec<Decision>) {
-        let mut maps = self.maps();
-        maps.crowdsec = decisions.into_iter().map(|d| (d.key(), d)).collect();
-        self.publish(&maps, Changed::only(Source::Crowdsec));
+        let _w = self.writing();
+        self.publish(Source::Crowdsec, Table::build(decisions));
     }
 
     /// Applies one stream delta: `deleted` keys go (repeats are harmless), then `new` ones
-    /// are added. Publishes once, and only if something changed.
+    /// are added. Publishes once, and only if something changed; returns (removed, added).
     pub fn apply_crowdsec_delta(&self, deleted: &[Key], new: Vec<Decision>) -> (usize, usize) {
-        let mut maps = self.maps();
-        let removed = deleted
-            .iter()
-            .filter(|k| maps.crowdsec.remove(k).is_some())
-            .count();
+        let _w = self.writing();
         let added = new.len();
-        for d in new {
-            maps.crowdsec.insert(d.key(), d);
+        if deleted.is_empty() && new.is_empty() {
+            return (0, 0);
         }
+        let (table, removed) = self.crowdsec.table.load().edited(deleted, new);
         if removed > 0 || added > 0 {
-            self.publish(&maps, Changed::only(Source::Crowdsec));
+            self.publish(Source::Crowdsec, table);
         }
         (removed, added)
     }
 
-    /// Drops expired decisions; returns how many went.
+    /// Drops expired decisions; returns how many went. Reads only the parts of the tables
+    /// where one is due, so it costs next to nothing when nothing expired.
     pub fn purge_expired(&self) -> usize {
         let now = now_ms();
-        let mut maps = self.maps();
-        let (local, crowdsec) = (maps.local.len(), maps.crowdsec.len());
-        maps.local.retain(|_, d| d.until_ms > now);
-        maps.crowdsec.retain(|_, d| d.until_ms > now);
-        let changed = Changed {
-            local: maps.local.len() < local,
-            crowdsec: maps.crowdsec.len() < crowdsec,
-        };
-        let purged = local + crowdsec - maps.local.len() - maps.crowdsec.len();
-        if purged > 0 {
-            self.publish(&maps, changed);
+        let _w = self.writing();
+        let mut purged = 0;
+        for source in [Source::Local, Source::Crowdsec] {
+            let expired = self.partition(source).table.load().expired(now);
+            if !expired.is_empty() {
+                purged += self.edit(source, &expired, Vec::new());
+            }
         }
         purged
     }
@@ -635,24 +420,26 @@ impl DecisionStore {
     /// Live decisions that `filter` selects, sorted by source, value, origin and type.
     pub fn list(&self, filter: &Filter) -> Vec<Decision> {
         let now = now_ms();
-        let maps = self.maps();
-        let mut out: Vec<Decision> = maps
-            .local
-            .values()
-            .chain(maps.crowdsec.values())
-            .filter(|d| d.until_ms > now && filter.matches(d))
-            .cloned()
-            .collect();
+        let mut out: Vec<Decision> = Vec::new();
+        for source in [Source::Local, Source::Crowdsec] {
+            self.partition(source).table.load().for_each(|value, hit| {
+                if hit.until_ms > now && filter.matches(source, value, hit) {
+                    out.push(hit.decision(source, value));
+                }
+            });
+        }
         out.sort_by(|a, b| {
             (a.source, a.value, &a.origin, &a.kind).cmp(&(b.source, b.value, &b.origin, &b.kind))
         });
         out
     }
 
-    /// Counts of live decisions by source: (local, crowdsec).
+    /// Counts of decisions by source, live or not yet purged: (local, crowdsec).
     pub fn counts(&self) -> (usize, usize) {
-        let maps = self.maps();
-        (maps.local.len(), maps.crowdsec.len())
+        (
+            self.local.len.load(Ordering::Acquire),
+            self.crowdsec.len.load(Ordering::Acquire),
+        )
     }
 
     /// Writes the live local decisions to `path` atomically (a new temp file + fsync +
@@ -669,21 +456,20 @@ impl DecisionStore {
         let _turn = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_ms();
         let file = {
-            let maps = self.maps();
-            // Copied only when there is something to merge: a plain save is the common case.
-            let merged;
-            let local = if extra.is_empty() {
-                &maps.local
-            } else {
-                let mut m = maps.local.clone();
+            let mut local: Vec<Decision> = Vec::new();
+            self.local.table.load().for_each(|value, hit| {
+                local.push(hit.decision(Source::Local, value));
+            });
+            if extra.iter().any(|d| d.source == Source::Local) {
+                let mut m: HashMap<Key, Decision> =
+                    local.into_iter().map(|d| (d.key(), d)).collect();
                 for d in extra.iter().filter(|d| d.source == Source::Local) {
                     merge_into(&mut m, d.clone());
                 }
-                merged = m;
-                &merged
-            };
+                local = m.into_values().collect();
+            }
             let mut decisions: Vec<StoredDecision> = local
-                .values()
+                .iter()
                 .filter(|d| d.until_ms > now)
                 .map(StoredDecision::from)
                 .collect();
@@ -837,7 +623,7 @@ impl From<&Decision> for StoredDecision {
             value: d.value.to_string(),
             kind: d.kind.to_string(),
             until_ms: to_wall_ms(d.until_ms),
-            reason: d.reason.clone(),
+            reason: d.reason.to_string(),
         }
     }
 }
@@ -867,7 +653,7 @@ impl StoredDecision {
             value,
             kind: Arc::from(self.kind),
             until_ms: from_wall_ms(self.until_ms),
-            reason: self.reason,
+            reason: Arc::from(self.reason),
         })
     }
 }
@@ -941,36 +727,6 @@ mod tests {
         assert_eq!((v.action, &*v.origin), (Action::Ban, "admin"));
         assert!(s.lookup(ip("192.0.3.1"), Fallback::Ban).is_none());
         assert_eq!(s.len(), 6);
-    }
-
-    /// What one publication costs with a million CrowdSec decisions in hand: every delta
-    /// that changes something, and every admin add, rebuilds the whole table.
-    #[test]
-    #[ignore = "measurement; meaningful only in a release build"]
-    fn publication_cost_with_a_million_decisions() {
-        let s = DecisionStore::new();
-        let all: Vec<Decision> = (0..1_000_000u32)
-            .map(|i| {
-                let a = std::net::Ipv4Addr::from(0x0a00_0000 | i);
-                dec(
-                    Source::Crowdsec,
-                    "crowdsec",
-                    &format!("{a}/32"),
-                    "ban",
-                    3_600_000,
-                )
-            })
-            .collect();
-        let t = std::time::Instant::now();
-        s.replace_crowdsec(all);
-        let snapshot = t.elapsed();
-        let extra = dec(Source::Local, "admin", "192.0.2.1/32", "ban", 60_000);
-        let t = std::time::Instant::now();
-        s.insert([extra]);
-        eprintln!(
-            "a million decisions: snapshot {snapshot:?}, one admin add (a publication) {:?}",
-            t.elapsed()
-        );
     }
 
     #[test]

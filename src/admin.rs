@@ -98,8 +98,8 @@ impl tokio::io::AsyncWrite for WriteStall {
     }
 }
 
-/// A running admin socket: it is served until shutdown or until this handle is dropped (a
-/// reload moved it elsewhere, or failed after binding a new one). Connections already
+/// A running admin socket: it is served until this handle is dropped (at exit, after the
+/// drain; or a reload moved it elsewhere, or failed after binding a new one). Connections already
 /// accepted finish either way; the socket file goes with the listener.
 pub struct AdminHandle {
     pub path: PathBuf,
@@ -125,8 +125,8 @@ fn still_ours(path: &Path, ours: Option<(u64, u64)>) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| Some((m.dev(), m.ino())) == ours)
 }
 
-/// Binds the admin socket, replacing a stale one, and serves it until shutdown or until the
-/// returned handle is dropped.
+/// Binds the admin socket, replacing a stale one, and serves it until the returned handle is
+/// dropped.
 pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -174,7 +174,8 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
     };
     let stop = admin.stop.clone();
     tokio::spawn(async move {
-        let shutdown = runtime.shutdown.clone();
+        // Served through the drain too (until `stop_admin` at exit): `wraith status` shows
+        // it, and a ban can still be added while requests finish.
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
         loop {
             // Waiting for a free slot must not keep the loop from its stop (a moved or
@@ -184,7 +185,6 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
                     Ok(s) => s,
                     Err(_) => break,
                 },
-                _ = shutdown.cancelled() => break,
                 _ = stop.cancelled() => break,
             };
             let stream = tokio::select! {
@@ -196,7 +196,6 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
                         continue;
                     }
                 },
-                _ = shutdown.cancelled() => break,
                 _ = stop.cancelled() => break,
             };
             let rt = runtime.clone();

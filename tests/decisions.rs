@@ -761,3 +761,85 @@ path = "access.json"
     assert_eq!(record["ban_scenario"], "caught streaming", "{record}");
     assert_eq!(record["aborted"], true, "{record}");
 }
+
+/// A response that streams nothing after its first piece (an idle event stream) is cut
+/// when the client is banned, not at its next piece: the upstream here sends none for a
+/// minute.
+#[tokio::test]
+async fn a_ban_cuts_an_idle_streaming_response_at_once() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, StreamBody};
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let streamer = Upstream::start(|_req| async {
+        let pieces = futures_util::stream::unfold(0u32, |i| async move {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            (i < 2).then(|| {
+                let piece = bytes::Bytes::from(format!("piece {i}\n"));
+                (Ok::<_, BoxError>(hyper::body::Frame::data(piece)), i + 1)
+            })
+        });
+        hyper::Response::new(BodyExt::boxed(StreamBody::new(pieces)))
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = format!(
+        r#"{}
+[[upstream]]
+name = "events"
+endpoints = ["{}"]
+response_timeout = "90s"
+
+[[route]]
+name = "events"
+upstream = "events"
+
+[log.json]
+path = "access.json"
+"#,
+        setup.listeners(),
+        streamer.addr
+    );
+    let ca = setup.pki.ca_pem.clone();
+    let wraith = setup.start(&cfg);
+    for (listener, client) in [("http", http_client()), ("https", https_client(&ca, None))] {
+        let resp = client
+            .get(wraith.url(listener, "/idle"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let first = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(first.starts_with(b"piece 0"), "{first:?}");
+        let (st, v) = wraith
+            .admin(
+                Method::POST,
+                "/v1/decisions",
+                Some(json!({"ip": "127.0.0.1"})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let next = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("the idle stream stayed open after the ban");
+        assert!(matches!(next, Some(Err(_))), "{next:?}");
+        let record = wraith
+            .wait_json_line("access.json", Duration::from_secs(10), |v| {
+                v["listener"] == listener
+            })
+            .await
+            .expect("a record of the stream");
+        assert_eq!(record["error"], "banned", "{record}");
+        assert_eq!(record["aborted"], true, "{record}");
+        let (st, _) = wraith
+            .admin(Method::DELETE, "/v1/decisions/127.0.0.1", None)
+            .await;
+        assert_eq!(st, 200);
+    }
+}

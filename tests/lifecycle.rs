@@ -259,6 +259,17 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     }
     assert!(refused, "still accepting after SIGTERM");
     assert!(!h1.is_finished() && !h2.is_finished());
+    // The admin socket still answers while the server drains: the status says it is
+    // draining, and a ban can still be added (it applies to what is still running).
+    assert_eq!(wraith.status().await["draining"], true);
+    let (code, body) = wraith
+        .admin(
+            http::Method::POST,
+            "/v1/decisions",
+            Some(serde_json::json!({"ip": "192.0.2.77", "duration": "1h"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
     release_tx.send_replace(true);
 
     // The requests in flight complete normally.

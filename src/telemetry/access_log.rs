@@ -11,6 +11,7 @@
 //! Nothing here formats anything: the record holds cheap clones (shared `Bytes`, `Arc`s,
 //! `&'static str`) and the sinks' writer threads turn it into text.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -525,6 +526,7 @@ impl Pending {
                 inner,
                 bytes: 0,
                 bans,
+                idle: None,
                 pending: Some(self),
             }))
         })
@@ -573,6 +575,9 @@ pub struct LoggedBody {
     bytes: u64,
     /// A ban on the client published while the body streams cuts it.
     bans: Option<crate::decisions::BanWatch>,
+    /// Made the first time the body waits on the upstream: a ban published while nothing
+    /// comes (an idle event stream) cuts it too, not only at its next piece.
+    idle: Option<Pin<Box<dyn Future<Output = crate::decisions::Verdict> + Send>>>,
     pending: Option<Pending>,
 }
 
@@ -586,20 +591,22 @@ impl http_body::Body for LoggedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let res = Pin::new(&mut this.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(_))), Some(bans)) = (&res, this.bans.as_mut()) {
-            if let Some(ban) = bans.check() {
-                // Zero trust for what is under way too: the client gets no more of it.
-                tracing::info!(origin = %ban.origin, value = %ban.value, "client banned while its response streamed; response cut");
-                if let Some(p) = this.pending.as_mut() {
-                    let record = p.record();
-                    record.error = Some("banned");
-                    record.ban = Some(BanRecord {
-                        origin: ban.origin.clone(),
-                        scenario: (!ban.reason.is_empty()).then(|| ban.reason.clone()),
-                    });
+        if let Some(bans) = this.bans.as_mut() {
+            let ban = match &res {
+                Poll::Ready(Some(Ok(_))) => bans.check(),
+                Poll::Pending => {
+                    let idle = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(bans.clone().banned()));
+                    match idle.as_mut().poll(cx) {
+                        Poll::Ready(ban) => Some(ban),
+                        Poll::Pending => None,
+                    }
                 }
-                this.done(true);
-                return Poll::Ready(Some(Err("the client was banned".into())));
+                _ => None,
+            };
+            if let Some(ban) = ban {
+                return this.cut(ban);
             }
         }
         match &res {
@@ -638,6 +645,29 @@ impl http_body::Body for LoggedBody {
 }
 
 impl LoggedBody {
+    /// Ends the body for a ban on the client. Zero trust for what is under way too: the
+    /// client gets no more of it.
+    fn cut(
+        &mut self,
+        ban: crate::decisions::Verdict,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        tracing::info!(origin = %ban.origin, value = %ban.value, "client banned while its response streamed; response cut");
+        if let Some(p) = self.pending.as_mut() {
+            let record = p.record();
+            record.error = Some("banned");
+            record.ban = Some(BanRecord {
+                origin: ban.origin.clone(),
+                scenario: (!ban.reason.is_empty()).then(|| ban.reason.clone()),
+            });
+        }
+        self.bans = None;
+        self.idle = None;
+        self.done(true);
+        // Nothing more of it, if asked again.
+        self.inner = Body::Empty;
+        Poll::Ready(Some(Err("the client was banned".into())))
+    }
+
     fn done(&mut self, aborted: bool) {
         if let Some(mut p) = self.pending.take() {
             p.emit(self.bytes, aborted);

@@ -3,6 +3,7 @@
 //! incoming stream, a small fixed body, nothing) are enum variants, not boxes: no allocation
 //! per request for them.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -152,6 +153,8 @@ pub struct BodyWatch {
     state: std::sync::atomic::AtomicU8,
     /// The body was last asked for more and had none: the sender waits for the client.
     waiting: std::sync::atomic::AtomicBool,
+    /// The ban on the client that cut the body, published while it was being sent.
+    banned: std::sync::OnceLock<crate::decisions::Verdict>,
 }
 
 const FAILED: u8 = 1;
@@ -173,32 +176,81 @@ impl BodyWatch {
     pub fn exceeded(&self) -> Option<u64> {
         (self.state.load(std::sync::atomic::Ordering::Relaxed) == TOO_LARGE).then_some(self.limit)
     }
+
+    /// The ban that cut the body, if one did.
+    pub fn banned(&self) -> Option<&crate::decisions::Verdict> {
+        self.banned.get()
+    }
 }
 
-/// A request body that fails once more than `limit` bytes have come, reports any failure
-/// of its own to its `BodyWatch`, and passes on a trailer section only cleaned
+/// The error of a request body cut because its client was banned while sending it.
+#[derive(Debug, thiserror::Error)]
+#[error("the client was banned while sending the request body")]
+pub struct Banned;
+
+/// A request body that fails once more than `limit` bytes have come, or once a ban on its
+/// client is published (whether a piece is passing or the client is idle); reports any
+/// failure of its own to its `BodyWatch`, and passes on a trailer section only cleaned
 /// (`strip_request_trailers`).
 pub struct Watched {
     inner: Body,
     left: u64,
     watch: std::sync::Arc<BodyWatch>,
+    bans: Option<crate::decisions::BanWatch>,
+    /// Made the first time the body waits for the client (see `LoggedBody`).
+    idle: Option<Pin<Box<dyn Future<Output = crate::decisions::Verdict> + Send>>>,
 }
 
 impl Watched {
-    /// Wraps `inner`; `limit` is `max_request_body`, if any.
-    pub fn new(inner: Body, limit: Option<u64>) -> (Watched, std::sync::Arc<BodyWatch>) {
+    /// Wraps `inner`; `limit` is `max_request_body`, if any; `bans` watches the client.
+    pub fn new(
+        inner: Body,
+        limit: Option<u64>,
+        bans: Option<crate::decisions::BanWatch>,
+    ) -> (Watched, std::sync::Arc<BodyWatch>) {
         let limit = limit.unwrap_or(u64::MAX);
         let watch = std::sync::Arc::new(BodyWatch {
             limit,
             state: std::sync::atomic::AtomicU8::new(0),
             waiting: std::sync::atomic::AtomicBool::new(false),
+            banned: std::sync::OnceLock::new(),
         });
         let body = Watched {
             inner,
             left: limit,
             watch: watch.clone(),
+            bans,
+            idle: None,
         };
         (body, watch)
+    }
+
+    /// Whether a ban on the client was published; when one was, it is kept in the watch
+    /// and the body fails from now on.
+    fn banned(&mut self, pending: bool, cx: &mut Context<'_>) -> bool {
+        let Some(bans) = self.bans.as_mut() else {
+            return false;
+        };
+        let ban = if pending {
+            let idle = self
+                .idle
+                .get_or_insert_with(|| Box::pin(bans.clone().banned()));
+            match idle.as_mut().poll(cx) {
+                Poll::Ready(ban) => Some(ban),
+                Poll::Pending => None,
+            }
+        } else {
+            bans.check()
+        };
+        let Some(ban) = ban else {
+            return false;
+        };
+        tracing::info!(origin = %ban.origin, value = %ban.value, "client banned while it sent a request body; request cut");
+        let _ = self.watch.banned.set(ban);
+        self.fail(FAILED);
+        self.bans = None;
+        self.idle = None;
+        true
     }
 
     fn fail(&self, state: u8) {
@@ -225,7 +277,15 @@ impl http_body::Body for Watched {
         if let Some(limit) = this.watch.exceeded() {
             return Poll::Ready(Some(Err(TooLarge(limit).into())));
         }
+        if this.watch.banned().is_some() {
+            return Poll::Ready(Some(Err(Banned.into())));
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Pending | Poll::Ready(Some(Ok(_))))
+            && this.banned(polled.is_pending(), cx)
+        {
+            return Poll::Ready(Some(Err(Banned.into())));
+        }
         this.watch
             .waiting
             .store(polled.is_pending(), std::sync::atomic::Ordering::Relaxed);

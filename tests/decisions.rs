@@ -843,3 +843,118 @@ path = "access.json"
         assert_eq!(st, 200);
     }
 }
+
+/// An upload (a request body still coming) is cut when its client is banned: the client
+/// gets 403 and the upstream never gets the whole body, whether the client keeps sending or
+/// has gone quiet. Over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn a_ban_cuts_an_upload_in_progress() {
+    use http_body_util::BodyExt;
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<Result<usize, String>>();
+    let receiver = Upstream::start(move |req| {
+        let got = got_tx.clone();
+        async move {
+            let read = req.into_body().collect().await;
+            let _ = got.send(read.map(|b| b.to_bytes().len()).map_err(|e| e.to_string()));
+            hyper::Response::new(full("stored"))
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = format!(
+        r#"{}
+[[upstream]]
+name = "store"
+endpoints = ["{}"]
+response_timeout = "60s"
+
+[[route]]
+name = "upload"
+upstream = "store"
+
+[log.json]
+path = "access.json"
+"#,
+        setup.listeners(),
+        receiver.addr
+    );
+    let wraith = setup.start(&cfg);
+    let cases = [
+        ("http", http_client(), true),
+        ("http", http_client(), false),
+        ("https", https_client(&ca, None), true),
+        ("https", https_client(&ca, None), false),
+    ];
+    for (i, (listener, client, keeps_sending)) in cases.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+        let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+        let path = format!("/upload-{i}");
+        let sent = tokio::spawn(client.post(wraith.url(listener, &path)).body(body).send());
+        let piece = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+        tx.send(Ok(piece.clone())).await.unwrap();
+        // The upstream has the request (its head, and reads the body) before the ban.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (st, v) = wraith
+            .admin(
+                Method::POST,
+                "/v1/decisions",
+                Some(json!({"ip": "127.0.0.1", "reason": "caught uploading"})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let feeder = tokio::spawn(async move {
+            // Sends for as long as anyone reads, or holds the body open without a byte.
+            if keeps_sending {
+                while tx.send(Ok(piece.clone())).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(tx);
+            }
+        });
+        let resp = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .expect("the upload went on after the ban")
+            .unwrap();
+        // Over HTTP/1.1 the client may see the connection closed under its upload rather
+        // than the answer; the record and the upstream say what happened either way.
+        if let Ok(resp) = resp {
+            assert_eq!(
+                resp.status(),
+                403,
+                "{listener}, keeps sending: {keeps_sending}"
+            );
+        }
+        let upstream_saw = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
+            .await
+            .expect("the upstream's request was not ended")
+            .unwrap();
+        assert!(
+            upstream_saw.is_err(),
+            "the upstream got a complete body: {upstream_saw:?}"
+        );
+        let record = wraith
+            .wait_json_line("access.json", Duration::from_secs(10), |v| {
+                v["path"] == path.as_str()
+            })
+            .await
+            .expect("a record of the upload");
+        assert_eq!(record["status"], 403, "{record}");
+        assert_eq!(record["ban_origin"], "admin", "{record}");
+        assert_eq!(record["ban_scenario"], "caught uploading", "{record}");
+        feeder.abort();
+        let (st, _) = wraith
+            .admin(Method::DELETE, "/v1/decisions/127.0.0.1", None)
+            .await;
+        assert_eq!(st, 200);
+    }
+}
+
+/// A stream of what `rx` receives.
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
+}

@@ -54,6 +54,26 @@ pub struct FailedAttempt {
     pub time: Duration,
 }
 
+/// Request bodies of at most this many bytes (by their declared length) are not watched for
+/// bans while they are sent: they take no time to, and the request was checked before.
+const BAN_WATCHED_BODY: u64 = 64 * 1024;
+
+/// The error for a request whose body failed on the client's side: `watch` says whether it
+/// was cut by a ban or went past `max_request_body`; otherwise it could not be read.
+fn client_body_error(watch: Option<&crate::body::BodyWatch>) -> GatewayError {
+    if let Some(ban) = watch.and_then(|w| w.banned()) {
+        return GatewayError::Banned {
+            origin: ban.origin.clone(),
+            kind: ban.kind.clone(),
+            reason: ban.reason.clone(),
+        };
+    }
+    match watch.and_then(|w| w.exceeded()) {
+        Some(limit) => GatewayError::PayloadTooLarge { limit },
+        None => GatewayError::BadRequest("the request body could not be read"),
+    }
+}
+
 /// How a request body can be sent again on a retry.
 enum Replay {
     /// No body: always.
@@ -103,16 +123,25 @@ pub async fn forward(
     // body to an HTTP/2 upstream, whose client cannot say whether the body or the upstream
     // failed (the HTTP/1.1 client says so itself). A failure of the client's body is no
     // failure of the endpoint's.
+    // And a body that may take a while (of unknown or more than a small size) is cut if its
+    // client is banned meanwhile.
     let body = req.body();
+    let bans = info.bans.filter(|_| {
+        body.size_hint()
+            .exact()
+            .is_none_or(|n| n > BAN_WATCHED_BODY)
+    });
     let watch = if !upgrade
         && !body.is_end_stream()
         && (h2
+            || bans.is_some()
             || info
                 .max_request_body
                 .is_some_and(|limit| body.size_hint().upper().is_none_or(|n| n > limit)))
     {
         let (parts, body) = req.into_parts();
-        let (body, watch) = crate::body::Watched::new(body, info.max_request_body);
+        let (body, watch) =
+            crate::body::Watched::new(body, info.max_request_body, bans.map(|b| b.watch()));
         req = Request::from_parts(parts, Body::boxed(body));
         Some(watch)
     } else {
@@ -136,10 +165,7 @@ pub async fn forward(
         let bytes = tokio::time::timeout(timeout, body.collect())
             .await
             .map_err(|_| GatewayError::RequestBodyTimeout)?
-            .map_err(|_| match watch.as_ref().and_then(|w| w.exceeded()) {
-                Some(limit) => GatewayError::PayloadTooLarge { limit },
-                None => GatewayError::BadRequest("the request body could not be read"),
-            })?
+            .map_err(|_| client_body_error(watch.as_deref()))?
             .to_bytes();
         req = Request::from_parts(parts, Body::full(bytes.clone()));
         Replay::Buffered(bytes)
@@ -229,8 +255,11 @@ pub async fn forward(
             Err(f) => f,
         };
 
-        if let Some(limit) = watch.as_ref().and_then(|w| w.exceeded()) {
-            return Err(GatewayError::PayloadTooLarge { limit });
+        if let Some(w) = watch
+            .as_deref()
+            .filter(|w| w.exceeded().is_some() || w.banned().is_some())
+        {
+            return Err(client_body_error(Some(w)));
         }
         // The client's body failing fails the attempt: the client's error, not the upstream's
         // (no retry, no mark against the endpoint).

@@ -119,6 +119,37 @@ impl Drop for AdminHandle {
     }
 }
 
+/// Whether the server that answered on `stream` says it is draining (`GET /v1/status`),
+/// asked without an async runtime; anything else (no answer within 2 s, not a Wraith) is
+/// taken as running.
+fn draining(mut stream: std::os::unix::net::UnixStream) -> bool {
+    use std::io::{Read, Write};
+    let limit = Some(Duration::from_secs(2));
+    if stream.set_read_timeout(limit).is_err() || stream.set_write_timeout(limit).is_err() {
+        return false;
+    }
+    if stream
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    if (&mut stream)
+        .take(1 << 20)
+        .read_to_end(&mut answer)
+        .is_err()
+    {
+        return false;
+    }
+    let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    answer.starts_with(b"HTTP/1.1 200")
+        && serde_json::from_slice::<serde_json::Value>(&answer[at + 4..])
+            .is_ok_and(|v| v["draining"] == true)
+}
+
 /// Whether the socket file at `path` is still the one we bound (`ours`).
 fn still_ours(path: &Path, ours: Option<(u64, u64)>) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -137,12 +168,16 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
                 path.display()
             ));
         }
-        // A socket someone still answers on means another Wraith is running.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "admin socket {} is in use: is another wraith running?",
-                path.display()
-            ));
+        // A socket someone still answers on means another Wraith is running; one that is
+        // draining (stopping) gives its socket up, as it gave up its listeners.
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+            if !draining(stream) {
+                return Err(format!(
+                    "admin socket {} is in use: is another wraith running?",
+                    path.display()
+                ));
+            }
+            tracing::info!(admin_socket = %path.display(), "the wraith on this admin socket is shutting down; taking the socket over");
         }
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove stale admin socket {}: {e}", path.display()))?;
@@ -583,4 +618,33 @@ pub fn socket_path(config: &crate::config::Config) -> Result<PathBuf, String> {
             config.file.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket in use is given up only by a server that says it is draining.
+    #[test]
+    fn only_a_draining_server_gives_its_socket_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let answer = |path: std::path::PathBuf, reply: &'static [u8]| {
+            let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let (mut s, _) = listener.accept().unwrap();
+                let mut head = [0u8; 1024];
+                let _ = s.read(&mut head);
+                let _ = s.write_all(reply);
+            });
+            std::os::unix::net::UnixStream::connect(&path).unwrap()
+        };
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\n{\"draining\":true}";
+        assert!(draining(answer(dir.path().join("a"), ok)));
+        let running = b"HTTP/1.1 200 OK\r\ncontent-length: 18\r\n\r\n{\"draining\":false}";
+        assert!(!draining(answer(dir.path().join("b"), running)));
+        let failed = b"HTTP/1.1 500 Oops\r\n\r\n{\"draining\":true}";
+        assert!(!draining(answer(dir.path().join("c"), failed)));
+        assert!(!draining(answer(dir.path().join("d"), b"not http at all")));
+    }
 }

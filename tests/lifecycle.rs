@@ -270,6 +270,11 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
         )
         .await;
     assert_eq!(code, 201, "{body}");
+    // A reload asked for now is refused at once, saying why (not a 30 s wait for an
+    // outcome that never comes).
+    let (code, _, err) = wraith.cli(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("shutting down"), "{err}");
     release_tx.send_replace(true);
 
     // The requests in flight complete normally.

@@ -34,6 +34,11 @@ fn reload(config_path: &Path) -> Result<String, String> {
         // No answer on the configured socket, though the server runs: `server.admin_socket`
         // changed in the file, and this reload moves the socket there if it succeeds.
         let before = status(&socket).await.ok();
+        let shutting_down =
+            || format!("the server (pid {pid}) is shutting down (draining): nothing to reload");
+        if before.as_ref().is_some_and(|b| b["draining"] == true) {
+            return Err(shutting_down());
+        }
         let signalled_at = crate::telemetry::unix_now();
         // The outcome of a reload that started after this point, not of one already under
         // way (which may have read the file before it was edited): by the reload sequence
@@ -61,6 +66,9 @@ fn reload(config_path: &Path) -> Result<String, String> {
                 Err(_) if before.is_none() => continue,
                 Err(e) => return Err(e),
             };
+            if now["draining"] == true {
+                return Err(shutting_down());
+            }
             if ours(&now) {
                 let lr = &now["last_reload"];
                 // The generation this reload left in service (a later reload may have

@@ -89,6 +89,9 @@ pub fn run(config_path: &Path) -> ExitCode {
             "wraith started"
         );
         let exit = signals::run(runtime.clone(), signals).await;
+        // The admin socket, served through the drain, goes before the last save: a ban
+        // added after it would be lost.
+        runtime.stop_admin();
         // Local bans outlive the process ("saves state" on SIGTERM as well as on change).
         match runtime.save_decisions() {
             Ok(()) => tracing::info!("local decisions saved"),

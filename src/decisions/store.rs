@@ -193,9 +193,11 @@ pub struct DecisionStore {
     /// Held by a writer from reading a table to publishing its edit, so no edit is lost to
     /// another made meanwhile.
     writing: Mutex<()>,
-    /// Counts the tables published, so a `BanWatch` sees a change with one load.
+    /// Counts the tables published that add decisions, so a `BanWatch` sees a possible new
+    /// ban with one load.
     generation: AtomicU64,
-    /// Tells waiting `BanWatch`es (WebSocket tunnels) that a table was published.
+    /// Tells waiting `BanWatch`es (tunnels, idle bodies) that a table adding decisions was
+    /// published.
     changes: tokio::sync::watch::Sender<u64>,
     /// Set by a CrowdSec bridge with `on_error = "closed"` while its data is too stale.
     refuse_all: AtomicBool,
@@ -274,32 +276,39 @@ impl DecisionStore {
         self.len() == 0
     }
 
-    /// How many tables have been published: changes whenever a decision is added or lifted.
+    /// How many tables that add decisions have been published: a `BanWatch` looks the
+    /// client up again only when it changed (lifting a decision bans nobody).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// A receiver told of each table published.
+    /// A receiver told of each table published that adds decisions.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
-    /// Publishes `table` as `source`'s (the caller holds `writing`).
-    fn publish(&self, source: Source, table: Table) {
+    /// Publishes `table` as `source`'s (the caller holds `writing`). Only a table that adds
+    /// decisions moves the generation on and wakes the waiting `BanWatch`es: the purge that
+    /// runs every second with a large CrowdSec list in hand would wake every idle stream
+    /// each time otherwise.
+    fn publish(&self, source: Source, table: Table, adds: bool) {
         let partition = self.partition(source);
         let len = table.len();
         partition.table.store(Arc::new(table));
         partition.len.store(len, Ordering::Release);
-        // After the table: whoever sees the new generation finds the new table.
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.changes.send_replace(generation);
+        if adds {
+            // After the table: whoever sees the new generation finds the new table.
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            self.changes.send_replace(generation);
+        }
     }
 
     /// Edits `source`'s table (drops, then sets) and publishes it; returns how many of
     /// `drop` were held. The caller holds `writing`.
     fn edit(&self, source: Source, drop: &[Key], set: Vec<Decision>) -> usize {
+        let adds = !set.is_empty();
         let (table, removed) = self.partition(source).table.load().edited(drop, set);
-        self.publish(source, table);
+        self.publish(source, table, adds);
         removed
     }
 
@@ -384,7 +393,8 @@ impl DecisionStore {
     /// Replaces every CrowdSec decision with `decisions` (a full stream snapshot).
     pub fn replace_crowdsec(&self, decisions: Vec<Decision>) {
         let _w = self.writing();
-        self.publish(Source::Crowdsec, Table::build(decisions));
+        let adds = !decisions.is_empty();
+        self.publish(Source::Crowdsec, Table::build(decisions), adds);
     }
 
     /// Applies one stream delta: `deleted` keys go (repeats are harmless), then `new` ones
@@ -397,7 +407,7 @@ impl DecisionStore {
         }
         let (table, removed) = self.crowdsec.table.load().edited(deleted, new);
         if removed > 0 || added > 0 {
-            self.publish(Source::Crowdsec, table);
+            self.publish(Source::Crowdsec, table, added > 0);
         }
         (removed, added)
     }
@@ -852,6 +862,43 @@ mod tests {
             .map(|d| d.value)
             .collect();
         assert_eq!(found, [net("192.0.2.0/24"), net("::/0")]);
+    }
+
+    /// Only a table that adds decisions moves the generation on (and wakes the watches):
+    /// lifts and purges ban nobody.
+    #[test]
+    fn only_additions_move_the_generation_on() {
+        let s = DecisionStore::new();
+        let mut changes = s.changes();
+        let mut gone = dec(Source::Crowdsec, "crowdsec", "192.0.2.1/32", "ban", 0);
+        gone.until_ms = now_ms() - 1;
+        s.insert([gone]);
+        assert_eq!(s.generation(), 1);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(s.purge_expired(), 1);
+        s.insert([dec(Source::Local, "admin", "192.0.2.2/32", "ban", 60_000)]);
+        assert_eq!(s.generation(), 2);
+        changes.mark_unchanged();
+        let lifted = s.remove(
+            Source::Local,
+            &Filter {
+                value: Some("192.0.2.2/32".parse().unwrap()),
+                ..Filter::default()
+            },
+        );
+        assert_eq!(lifted.len(), 1);
+        s.apply_crowdsec_delta(&[lifted[0].key()], Vec::new());
+        assert_eq!(s.generation(), 2);
+        assert!(!changes.has_changed().unwrap());
+        s.replace_crowdsec(vec![dec(
+            Source::Crowdsec,
+            "CAPI",
+            "198.51.100.0/24",
+            "ban",
+            60_000,
+        )]);
+        assert_eq!(s.generation(), 3);
     }
 
     #[test]

@@ -217,6 +217,9 @@ struct Level<A> {
     shards: Box<[Arc<Shard<A>>]>,
     /// Decisions held (all networks, all hits).
     hits: usize,
+    /// Networks held: what the shards are sized by (a network holds several decisions when
+    /// several origins or types name it).
+    nets: usize,
 }
 
 impl<A: Addr> Level<A> {
@@ -239,6 +242,7 @@ impl<A: Addr> Level<A> {
             mask: count - 1,
             shards: Box::new([]),
             hits: 0,
+            nets: nets.len(),
         };
         let per_shard = nets.len() / count + nets.len() / count / 8 + 1;
         let mut shards: Vec<Shard<A>> = (0..count).map(|_| Shard::new(seed, per_shard)).collect();
@@ -254,11 +258,11 @@ impl<A: Addr> Level<A> {
     }
 
     /// Whether the level's shards hold far more or far fewer networks than they are built
-    /// for (counted by decisions, which are networks nearly always).
+    /// for.
     fn needs_resplit(&self) -> bool {
         let shards = self.mask + 1;
-        self.hits > shards * SHARD_TARGET * 4
-            || (shards > 1 && self.hits < shards * SHARD_TARGET / 16)
+        (self.nets > shards * SHARD_TARGET * 4 && shards < MAX_SHARDS)
+            || (shards > 1 && self.nets < shards * SHARD_TARGET / 16)
     }
 
     fn nets(&self) -> impl Iterator<Item = (A, &Hits)> {
@@ -276,14 +280,14 @@ impl<A: Addr> Level<A> {
         edits: HashMap<A, Edit>,
         removed: &mut usize,
     ) -> Option<Level<A>> {
-        let rebuild = this.is_none_or(|l| edits.len().saturating_mul(4) >= l.hits);
+        let rebuild = this.is_none_or(|l| edits.len().saturating_mul(4) >= l.nets);
         let mut level = match this {
             Some(l) if !rebuild => l.clone(),
             _ => {
                 // A new level, or an edit of a good part of it: built anew.
                 let mut nets: HashMap<A, Hits, Seeded> = HashMap::with_hasher(seed);
                 if let Some(l) = this {
-                    nets.reserve(l.hits);
+                    nets.reserve(l.nets);
                     nets.extend(l.nets().map(|(net, hits)| (net, hits.clone())));
                 }
                 for (net, edit) in edits {
@@ -310,6 +314,7 @@ impl<A: Addr> Level<A> {
                 let old = shard.map.get(&net).map_or(0, |h| h.len());
                 let new = edit.apply(shard.map.get(&net).map(|h| &h[..]), removed);
                 level.hits = level.hits - old + new.as_ref().map_or(0, |h| h.len());
+                level.nets = level.nets - usize::from(old > 0) + usize::from(new.is_some());
                 match new {
                     Some(hits) => shard.map.insert(net, hits),
                     None => shard.map.remove(&net),
@@ -871,6 +876,29 @@ mod tests {
         let keys: Vec<Key> = (0..n as u32).map(|i| d(i).key()).collect();
         let (empty, _) = table.edited(&keys, Vec::new());
         assert!(empty.v4.is_empty() && empty.len() == 0);
+    }
+
+    /// A level whose networks each hold several decisions (one per origin) is still edited
+    /// by copying one shard: shards are sized by networks, not decisions.
+    #[test]
+    fn several_decisions_per_network_do_not_make_every_edit_a_rebuild() {
+        let far = now_ms() + 3_600_000;
+        let all = (0..5_000u32).flat_map(|i| {
+            let a = std::net::Ipv4Addr::from(0x0a00_0000 | i);
+            (0..10).map(move |o| dec(&format!("lists:{o}"), &format!("{a}/32"), "ban", far))
+        });
+        let table = Table::build(all);
+        let shards = table.v4[0].mask + 1;
+        assert!(shards > 1, "{shards} shards");
+        let (edited, _) = table.edited(&[], [dec("crowdsec", "10.0.0.5/32", "ban", far)]);
+        let shared = table.v4[0]
+            .shards
+            .iter()
+            .zip(edited.v4[0].shards.iter())
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(shared, shards - 1);
+        assert_eq!(edited.len(), 50_001);
     }
 
     /// Hundreds of decisions on one address (one per origin and type) are edited by map, and

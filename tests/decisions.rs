@@ -850,10 +850,15 @@ path = "access.json"
 #[tokio::test]
 async fn a_ban_cuts_an_upload_in_progress() {
     use http_body_util::BodyExt;
+    // The upstream says when it has a request (so the ban comes after the request's own
+    // check), then what became of the body.
+    let (entered_tx, mut entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<Result<usize, String>>();
     let receiver = Upstream::start(move |req| {
         let got = got_tx.clone();
+        let entered = entered_tx.clone();
         async move {
+            let _ = entered.send(());
             let read = req.into_body().collect().await;
             let _ = got.send(read.map(|b| b.to_bytes().len()).map_err(|e| e.to_string()));
             hyper::Response::new(full("stored"))
@@ -893,8 +898,10 @@ path = "access.json"
         let sent = tokio::spawn(client.post(wraith.url(listener, &path)).body(body).send());
         let piece = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
         tx.send(Ok(piece.clone())).await.unwrap();
-        // The upstream has the request (its head, and reads the body) before the ban.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::timeout(Duration::from_secs(10), entered_rx.recv())
+            .await
+            .expect("the request reached the upstream")
+            .unwrap();
         let (st, v) = wraith
             .admin(
                 Method::POST,

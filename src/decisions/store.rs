@@ -739,6 +739,61 @@ mod tests {
         assert_eq!(s.len(), 6);
     }
 
+    /// The cost of a lookup that misses, with bench/decisions.py's `loaded` set (100,000
+    /// addresses and 10,000 ranges, IPv4 and IPv6). Run with
+    /// `cargo test --release --lib lookup_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement; meaningful only in a release build"]
+    fn lookup_cost_with_the_bench_decisions() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut all = Vec::new();
+        for i in 0..110_000u32 {
+            let (value, scope) = match (i < 100_000, i % 2 == 0) {
+                (true, true) => (
+                    format!(
+                        "{}/32",
+                        std::net::Ipv4Addr::from(rng.u32(0x0b00_0000..0xdf00_0000))
+                    ),
+                    "Ip",
+                ),
+                (true, false) => (
+                    format!("2001:db8:{:x}::{:x}/128", rng.u16(..), rng.u16(..)),
+                    "Ip",
+                ),
+                (false, true) => (
+                    format!(
+                        "{}/{}",
+                        std::net::Ipv4Addr::from(rng.u32(0x0b00_0000..0xdf00_0000)),
+                        rng.u8(16..=28)
+                    ),
+                    "Range",
+                ),
+                (false, false) => (
+                    format!("2001:db8:{:x}::/{}", rng.u16(..), rng.u8(32..=64)),
+                    "Range",
+                ),
+            };
+            let mut d = dec(Source::Crowdsec, "crowdsec", &value, "ban", 3_600_000);
+            d.value = d.value.trunc();
+            d.scope = Scope::parse(scope).unwrap();
+            all.push(d);
+        }
+        let s = DecisionStore::new();
+        s.replace_crowdsec(all);
+        let n = 2_000_000u32;
+        let client = ip("127.0.0.1");
+        let t = std::time::Instant::now();
+        let mut hits = 0;
+        for _ in 0..n {
+            hits += usize::from(
+                s.lookup(std::hint::black_box(client), Fallback::Ban)
+                    .is_some(),
+            );
+        }
+        assert_eq!(hits, 0);
+        eprintln!("a missed lookup: {:?}", t.elapsed() / n);
+    }
+
     #[test]
     fn clock_shift_keeps_the_distance_from_now() {
         // A wall clock a day ahead of the decisions' clock: a decision that ends in an hour

@@ -3,7 +3,6 @@
 //! incoming stream, a small fixed body, nothing) are enum variants, not boxes: no allocation
 //! per request for them.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -196,9 +195,7 @@ pub struct Watched {
     inner: Body,
     left: u64,
     watch: std::sync::Arc<BodyWatch>,
-    bans: Option<crate::decisions::BanWatch>,
-    /// Made the first time the body waits for the client (see `LoggedBody`).
-    idle: Option<Pin<Box<dyn Future<Output = crate::decisions::Verdict> + Send>>>,
+    bans: Option<crate::decisions::BodyBans>,
 }
 
 impl Watched {
@@ -219,38 +216,17 @@ impl Watched {
             inner,
             left: limit,
             watch: watch.clone(),
-            bans,
-            idle: None,
+            bans: bans.map(crate::decisions::BodyBans::new),
         };
         (body, watch)
     }
 
-    /// Whether a ban on the client was published; when one was, it is kept in the watch
-    /// and the body fails from now on.
-    fn banned(&mut self, pending: bool, cx: &mut Context<'_>) -> bool {
-        let Some(bans) = self.bans.as_mut() else {
-            return false;
-        };
-        let ban = if pending {
-            let idle = self
-                .idle
-                .get_or_insert_with(|| Box::pin(bans.clone().banned()));
-            match idle.as_mut().poll(cx) {
-                Poll::Ready(ban) => Some(ban),
-                Poll::Pending => None,
-            }
-        } else {
-            bans.check()
-        };
-        let Some(ban) = ban else {
-            return false;
-        };
+    /// Keeps the ban that cut the body in the watch; the body fails from now on.
+    fn cut(&mut self, ban: crate::decisions::Verdict) {
         tracing::info!(origin = %ban.origin, value = %ban.value, "client banned while it sent a request body; request cut");
         let _ = self.watch.banned.set(ban);
         self.fail(FAILED);
         self.bans = None;
-        self.idle = None;
-        true
     }
 
     fn fail(&self, state: u8) {
@@ -281,9 +257,8 @@ impl http_body::Body for Watched {
             return Poll::Ready(Some(Err(Banned.into())));
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Pending | Poll::Ready(Some(Ok(_))))
-            && this.banned(polled.is_pending(), cx)
-        {
+        if let Some(ban) = this.bans.as_mut().and_then(|b| b.poll(&polled, cx)) {
+            this.cut(ban);
             return Poll::Ready(Some(Err(Banned.into())));
         }
         this.watch

@@ -642,37 +642,59 @@ async fn local_decisions_stop_at_max_local() {
     assert_eq!(list["count"], 2, "{list}");
 }
 
+/// An upstream that answers every request with `count` pieces (`<word> <i>\n`), waiting
+/// `gap(i)` before piece `i`.
+async fn streaming_upstream(word: &'static str, count: u32, gap: fn(u32) -> Duration) -> Upstream {
+    use http_body_util::{BodyExt, StreamBody};
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    Upstream::start(move |_req| async move {
+        let pieces = futures_util::stream::unfold(0u32, move |i| async move {
+            if i == count {
+                return None;
+            }
+            tokio::time::sleep(gap(i)).await;
+            let piece = bytes::Bytes::from(format!("{word} {i}\n"));
+            Some((Ok::<_, BoxError>(hyper::body::Frame::data(piece)), i + 1))
+        });
+        hyper::Response::new(BodyExt::boxed(StreamBody::new(pieces)))
+    })
+    .await
+}
+
+/// The standard listeners, a JSON access log (`access.json`), `extra` (upstreams and routes
+/// matched first), and upstream `name` at `addr`, routed for every other path.
+fn routed_to(setup: &Setup, name: &str, addr: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"{listeners}
+{extra}
+[[upstream]]
+name = "{name}"
+endpoints = ["{addr}"]
+response_timeout = "90s"
+
+[[route]]
+name = "{name}"
+upstream = "{name}"
+
+[log.json]
+path = "access.json"
+"#,
+        listeners = setup.listeners()
+    )
+}
+
 /// A ban ends what the client started before it: a response still streaming is cut (the
 /// record says why), and a WebSocket tunnel is closed. Bans are checked per request; these
 /// are requests that would otherwise never end while the banned client keeps reading.
 #[tokio::test]
 async fn a_ban_cuts_the_clients_streaming_response_and_closes_its_websocket() {
     use futures_util::{SinkExt, StreamExt};
-    use http_body_util::{BodyExt, StreamBody};
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
     let ws_addr = websocket_echo().await;
     // An event stream: a line every 100 ms, for half a minute.
-    let streamer = Upstream::start(|_req| async {
-        let ticks = futures_util::stream::unfold(0u32, |i| async move {
-            if i == 300 {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let line = bytes::Bytes::from(format!("tick {i}\n"));
-            Some((Ok::<_, BoxError>(hyper::body::Frame::data(line)), i + 1))
-        });
-        hyper::Response::new(BodyExt::boxed(StreamBody::new(ticks)))
-    })
-    .await;
+    let streamer = streaming_upstream("tick", 300, |_| Duration::from_millis(100)).await;
     let setup = Setup::new();
-    let cfg = format!(
-        r#"{}
-[[upstream]]
-name = "events"
-endpoints = ["{}"]
-response_timeout = "30s"
-
-[[upstream]]
+    let ws = format!(
+        r#"[[upstream]]
 name = "ws"
 endpoints = ["{ws_addr}"]
 response_timeout = "30s"
@@ -681,17 +703,9 @@ response_timeout = "30s"
 name = "ws"
 path = {{ prefix = "/ws" }}
 upstream = "ws"
-
-[[route]]
-name = "events"
-upstream = "events"
-
-[log.json]
-path = "access.json"
-"#,
-        setup.listeners(),
-        streamer.addr
+"#
     );
+    let cfg = routed_to(&setup, "events", streamer.addr, &ws);
     let wraith = setup.start(&cfg);
 
     let resp = http_client()
@@ -768,39 +782,9 @@ path = "access.json"
 #[tokio::test]
 async fn a_ban_cuts_an_idle_streaming_response_at_once() {
     use futures_util::StreamExt;
-    use http_body_util::{BodyExt, StreamBody};
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
-    let streamer = Upstream::start(|_req| async {
-        let pieces = futures_util::stream::unfold(0u32, |i| async move {
-            if i > 0 {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-            }
-            (i < 2).then(|| {
-                let piece = bytes::Bytes::from(format!("piece {i}\n"));
-                (Ok::<_, BoxError>(hyper::body::Frame::data(piece)), i + 1)
-            })
-        });
-        hyper::Response::new(BodyExt::boxed(StreamBody::new(pieces)))
-    })
-    .await;
+    let streamer = streaming_upstream("piece", 2, |i| Duration::from_secs(60 * u64::from(i))).await;
     let setup = Setup::new();
-    let cfg = format!(
-        r#"{}
-[[upstream]]
-name = "events"
-endpoints = ["{}"]
-response_timeout = "90s"
-
-[[route]]
-name = "events"
-upstream = "events"
-
-[log.json]
-path = "access.json"
-"#,
-        setup.listeners(),
-        streamer.addr
-    );
+    let cfg = routed_to(&setup, "events", streamer.addr, "");
     let ca = setup.pki.ca_pem.clone();
     let wraith = setup.start(&cfg);
     for (listener, client) in [("http", http_client()), ("https", https_client(&ca, None))] {
@@ -867,23 +851,7 @@ async fn a_ban_cuts_an_upload_in_progress() {
     .await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
-    let cfg = format!(
-        r#"{}
-[[upstream]]
-name = "store"
-endpoints = ["{}"]
-response_timeout = "60s"
-
-[[route]]
-name = "upload"
-upstream = "store"
-
-[log.json]
-path = "access.json"
-"#,
-        setup.listeners(),
-        receiver.addr
-    );
+    let cfg = routed_to(&setup, "store", receiver.addr, "");
     let wraith = setup.start(&cfg);
     let cases = [
         ("http", http_client(), true),

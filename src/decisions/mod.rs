@@ -20,8 +20,11 @@ mod table;
 pub mod wazuh;
 
 use std::fmt;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -278,6 +281,43 @@ impl BanWatch {
             if changes.changed().await.is_err() {
                 return std::future::pending().await;
             }
+        }
+    }
+}
+
+/// A `BanWatch` for a body being relayed: it looks at each piece that passes (one atomic
+/// load), and while the body waits for its sender it waits on the store's change signal
+/// (made the first time it waits), so an idle body is cut too.
+pub struct BodyBans {
+    watch: BanWatch,
+    idle: Option<Pin<Box<dyn Future<Output = Verdict> + Send>>>,
+}
+
+impl BodyBans {
+    pub fn new(watch: BanWatch) -> BodyBans {
+        BodyBans { watch, idle: None }
+    }
+
+    /// The ban on the client published since the last look, given what the body's last
+    /// poll gave (a piece: a look; nothing yet: the wait, polled with `cx`).
+    pub fn poll<T, E>(
+        &mut self,
+        polled: &Poll<Option<Result<T, E>>>,
+        cx: &mut Context<'_>,
+    ) -> Option<Verdict> {
+        match polled {
+            Poll::Ready(Some(Ok(_))) => self.watch.check(),
+            Poll::Pending => {
+                let watch = &self.watch;
+                let idle = self
+                    .idle
+                    .get_or_insert_with(|| Box::pin(watch.clone().banned()));
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(ban) => Some(ban),
+                    Poll::Pending => None,
+                }
+            }
+            _ => None,
         }
     }
 }

@@ -11,7 +11,6 @@
 //! Nothing here formats anything: the record holds cheap clones (shared `Bytes`, `Arc`s,
 //! `&'static str`) and the sinks' writer threads turn it into text.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -525,8 +524,7 @@ impl Pending {
             Body::Logged(Box::new(LoggedBody {
                 inner,
                 bytes: 0,
-                bans,
-                idle: None,
+                bans: bans.map(crate::decisions::BodyBans::new),
                 pending: Some(self),
             }))
         })
@@ -573,11 +571,9 @@ fn grpc_status(fields: &http::HeaderMap) -> Option<u16> {
 pub struct LoggedBody {
     inner: Body,
     bytes: u64,
-    /// A ban on the client published while the body streams cuts it.
-    bans: Option<crate::decisions::BanWatch>,
-    /// Made the first time the body waits on the upstream: a ban published while nothing
-    /// comes (an idle event stream) cuts it too, not only at its next piece.
-    idle: Option<Pin<Box<dyn Future<Output = crate::decisions::Verdict> + Send>>>,
+    /// A ban on the client published while the body streams cuts it, a piece passing or
+    /// not (an idle event stream).
+    bans: Option<crate::decisions::BodyBans>,
     pending: Option<Pending>,
 }
 
@@ -591,23 +587,8 @@ impl http_body::Body for LoggedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let res = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(bans) = this.bans.as_mut() {
-            let ban = match &res {
-                Poll::Ready(Some(Ok(_))) => bans.check(),
-                Poll::Pending => {
-                    let idle = this
-                        .idle
-                        .get_or_insert_with(|| Box::pin(bans.clone().banned()));
-                    match idle.as_mut().poll(cx) {
-                        Poll::Ready(ban) => Some(ban),
-                        Poll::Pending => None,
-                    }
-                }
-                _ => None,
-            };
-            if let Some(ban) = ban {
-                return this.cut(ban);
-            }
+        if let Some(ban) = this.bans.as_mut().and_then(|b| b.poll(&res, cx)) {
+            return this.cut(ban);
         }
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
@@ -661,7 +642,6 @@ impl LoggedBody {
             });
         }
         self.bans = None;
-        self.idle = None;
         self.done(true);
         // Nothing more of it, if asked again.
         self.inner = Body::Empty;

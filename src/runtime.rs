@@ -756,6 +756,22 @@ impl Runtime {
         });
     }
 
+    /// The save at exit: `save_decisions`, except that a state file another writer replaced
+    /// since this server last read or wrote it is left alone (a newer server took over while
+    /// this one drained); `Ok(false)` then.
+    pub fn save_decisions_at_exit(&self) -> Result<bool, String> {
+        let snapshot = self.gateway.snapshot();
+        match &snapshot.config.decisions.state_file {
+            Some(path) if self.gateway.decisions.counts().0 == 0 && !path.exists() => Ok(true),
+            Some(path) => self
+                .gateway
+                .decisions
+                .save_unless_replaced(path)
+                .map(|saved| saved.is_some()),
+            None => Ok(true),
+        }
+    }
+
     /// Writes the local decisions to the state file (if one is configured).
     pub fn save_decisions(&self) -> Result<(), String> {
         let snapshot = self.gateway.snapshot();

@@ -893,15 +893,17 @@ async fn a_ban_cuts_an_upload_in_progress() {
             .await
             .expect("the upload went on after the ban")
             .unwrap();
-        // Over HTTP/1.1 the client may see the connection closed under its upload rather
-        // than the answer; the record and the upstream say what happened either way.
-        if let Ok(resp) = resp {
-            assert_eq!(
-                resp.status(),
-                403,
-                "{listener}, keeps sending: {keeps_sending}"
-            );
-        }
+        // The client, still listening, gets the 403 (whole: a ban must not cut the answer
+        // that reports it).
+        let resp =
+            resp.unwrap_or_else(|e| panic!("{listener}, keeps sending: {keeps_sending}: {e}"));
+        assert_eq!(
+            resp.status(),
+            403,
+            "{listener}, keeps sending: {keeps_sending}"
+        );
+        let body = resp.text().await.unwrap();
+        assert!(body.contains("\"banned\""), "{body}");
         let upstream_saw = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
             .await
             .expect("the upstream's request was not ended")

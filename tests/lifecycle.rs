@@ -275,6 +275,16 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     let (code, _, err) = wraith.cli(&["reload"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("shutting down"), "{err}");
+    // `wraith stop` now waits for the drain instead of signalling again (which would be the
+    // server's "exit at once", cutting the requests in flight).
+    let stop = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"))
+        .args(["stop", "-c"])
+        .arg(&wraith.config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     release_tx.send_replace(true);
 
     // The requests in flight complete normally.
@@ -298,6 +308,14 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(wraith.log().contains("all connections finished"));
+    let stop = stop.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&stop.stdout),
+        String::from_utf8_lossy(&stop.stderr),
+    );
+    assert!(stop.status.success(), "{out}{err}");
+    assert!(err.contains("already shutting down"), "{err}");
+    assert!(out.contains("stopped"), "{out}");
 }
 
 const MIB: usize = 1 << 20;

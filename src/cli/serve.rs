@@ -93,8 +93,9 @@ pub fn run(config_path: &Path) -> ExitCode {
         // added after it would be lost.
         runtime.stop_admin();
         // Local bans outlive the process ("saves state" on SIGTERM as well as on change).
-        match runtime.save_decisions() {
-            Ok(()) => tracing::info!("local decisions saved"),
+        match runtime.save_decisions_at_exit() {
+            Ok(true) => tracing::info!("local decisions saved"),
+            Ok(false) => tracing::warn!("the decisions state file was replaced by another writer (a newer wraith?) since this server last read or wrote it; left as it is"),
             Err(e) => tracing::error!(error = %e, "cannot save local decisions"),
         }
         exit

@@ -29,7 +29,22 @@ fn stop(config_path: &Path, timeout: Option<&str>) -> Result<String, String> {
     // Only a pid file locked by its server names a wraith; a stale one names nothing to signal.
     let running = super::find_server(&server)?;
     let pid = running.pid;
-    signals::send(pid, libc::SIGTERM)?;
+    // A server already draining is waited for, not signalled again: a second signal is the
+    // server's "exit at once", which would cut the requests it is letting finish.
+    let draining = server.admin_socket.as_ref().is_some_and(|socket| {
+        let status = super::block_on(crate::admin::call(
+            socket,
+            http::Method::GET,
+            "/v1/status",
+            Duration::from_secs(2),
+        ));
+        matches!(status, Ok(Ok((_, s))) if s["pid"].as_i64() == Some(i64::from(pid)) && s["draining"] == true)
+    });
+    if draining {
+        eprintln!("process {pid} is already shutting down (draining); waiting for it to exit");
+    } else {
+        signals::send(pid, libc::SIGTERM)?;
+    }
     let started = Instant::now();
     while started.elapsed() < timeout {
         // The server lets go of the lock last, after its logs are written out.

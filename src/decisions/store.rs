@@ -204,6 +204,8 @@ pub struct DecisionStore {
     /// Held by a save from reading the decisions to the rename: saves run one at a time, so
     /// the file on disk is always the newest complete list (admin calls save concurrently).
     saving: Mutex<()>,
+    /// The state file as this store last read or wrote it: its path and (device, inode).
+    file: Mutex<Option<(std::path::PathBuf, (u64, u64))>>,
 }
 
 impl Default for DecisionStore {
@@ -223,6 +225,7 @@ impl DecisionStore {
             changes: tokio::sync::watch::Sender::new(0),
             refuse_all: AtomicBool::new(false),
             saving: Mutex::new(()),
+            file: Mutex::new(None),
         }
     }
 
@@ -464,6 +467,32 @@ impl DecisionStore {
     /// before it commits to anything.
     pub fn save_merged(&self, path: &Path, extra: &[Decision]) -> Result<usize, String> {
         let _turn = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        self.write(path, extra)
+    }
+
+    /// `save`, unless the file at `path` was replaced by another writer since this store
+    /// last read or wrote it (or appeared though it had none): then nothing is written and
+    /// the answer is `None`. For the save at exit: a server that drained while a newer one
+    /// took over (an overlapping restart) must not put back its older view of the bans.
+    pub fn save_unless_replaced(&self, path: &Path) -> Result<Option<usize>, String> {
+        let _turn = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let replaced = {
+            let known = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            match (known.as_ref(), file_id(path)) {
+                (_, None) => false,
+                (Some((known, id)), Some(now)) if known == path => *id != now,
+                (None, Some(_)) => true,
+                (Some(_), Some(_)) => false,
+            }
+        };
+        if replaced {
+            return Ok(None);
+        }
+        self.write(path, &[]).map(Some)
+    }
+
+    /// The save itself; the caller holds `saving`.
+    fn write(&self, path: &Path, extra: &[Decision]) -> Result<usize, String> {
         let now = now_ms();
         let file = {
             let mut local: Vec<Decision> = Vec::new();
@@ -504,16 +533,26 @@ impl DecisionStore {
             use std::io::Write;
             f.write_all(&bytes)
                 .and_then(|()| f.sync_all())
+                .and_then(|()| f.metadata())
                 .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
         }
-        .and_then(|()| {
+        .and_then(|meta| {
             std::fs::rename(&tmp, path)
+                .map(|()| meta)
                 .map_err(|e| format!("cannot replace {}: {e}", path.display()))
         });
         drop(f);
-        if let Err(e) = done {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        let meta = match done {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        {
+            use std::os::unix::fs::MetadataExt;
+            *self.file.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((path.to_path_buf(), (meta.dev(), meta.ino())));
         }
         // The rename itself survives a crash only once the directory is on disk.
         let dir = path
@@ -530,6 +569,8 @@ impl DecisionStore {
     /// with the same key stays); returns how many unexpired ones the file held.
     pub fn load(&self, path: &Path) -> Result<usize, String> {
         let decisions = Self::read(path)?;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) =
+            file_id(path).map(|id| (path.to_path_buf(), id));
         let n = decisions.len();
         self.merge(decisions);
         Ok(n)
@@ -564,6 +605,14 @@ impl DecisionStore {
         }
         Ok(decisions)
     }
+}
+
+/// The (device, inode) of the file at `path` (not followed if a link), if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Where a save writes before its rename: beside `path`, named for this process and a random
@@ -1110,6 +1159,45 @@ mod tests {
         );
         assert_eq!(DecisionStore::new().load(&path).unwrap(), 1);
         assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
+    }
+
+    /// The save at exit leaves alone a state file another writer replaced (a newer server
+    /// that took over while this one drained), and one that appeared where there was none;
+    /// it writes over its own.
+    #[test]
+    fn the_save_at_exit_leaves_a_file_another_writer_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.json");
+        let ban = |value: &str| dec(Source::Local, "admin", value, "ban", 60_000);
+        let values = |path: &Path| -> Vec<IpNet> {
+            DecisionStore::read(path)
+                .unwrap()
+                .iter()
+                .map(|d| d.value)
+                .collect()
+        };
+        let old = DecisionStore::new();
+        old.insert([ban("192.0.2.1/32")]);
+        old.save(&path).unwrap();
+        // Its own file, untouched since: written.
+        assert_eq!(old.save_unless_replaced(&path).unwrap(), Some(1));
+        let new = DecisionStore::new();
+        new.load(&path).unwrap();
+        new.insert([ban("192.0.2.2/32")]);
+        new.save(&path).unwrap();
+        assert_eq!(old.save_unless_replaced(&path).unwrap(), None);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(values(&path), [net("192.0.2.1/32"), net("192.0.2.2/32")]);
+        // A server that found no file, and one appeared since.
+        let other = dir.path().join("other.json");
+        let empty = DecisionStore::new();
+        empty.load(&other).unwrap();
+        new.save(&other).unwrap();
+        assert_eq!(empty.save_unless_replaced(&other).unwrap(), None);
+        assert_eq!(values(&other).len(), 2);
+        // No file at all: written.
+        std::fs::remove_file(&other).unwrap();
+        assert_eq!(empty.save_unless_replaced(&other).unwrap(), Some(0));
     }
 
     #[test]

@@ -224,6 +224,9 @@ impl Gateway {
                 pending.record(),
             )
             .await;
+        // Wraith's own answers (a refusal, an error) are not an upstream's stream to cut: a
+        // 403 for a ban published while the request ran would be cut by that very ban.
+        let answered = result.is_ok();
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
@@ -241,7 +244,10 @@ impl Gateway {
         };
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         // An upstream's response still streaming ends if the client is banned meanwhile.
-        if pending.record().upstream.is_some() && !http_body::Body::is_end_stream(resp.body()) {
+        if answered
+            && pending.record().upstream.is_some()
+            && !http_body::Body::is_end_stream(resp.body())
+        {
             pending.watch_bans(BanWatch::since(
                 &self.decisions,
                 &snapshot.config.decisions,

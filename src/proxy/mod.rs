@@ -194,6 +194,19 @@ impl Gateway {
         snapshot.telemetry.emit(record);
     }
 
+    /// A request whose client left before it could run (its connection closed as the head
+    /// came in): one record, as a client abort (499), and nothing forwarded.
+    pub fn abandoned(&self, req: &Request<Body>, conn: &ConnInfo) {
+        let snapshot = self.snapshot.load_full();
+        let trusted = &snapshot.config.server.trusted_proxies;
+        let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
+        let request_id = headers::request_id(req.headers(), peer_trusted);
+        let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
+        let record = Box::new(AccessRecord::start(req, conn, client_ip, &request_id));
+        // Dropped unfinished: emitted as a client abort.
+        drop(Pending::new(record, Instant::now(), snapshot));
+    }
+
     /// Handles one request from any protocol.
     pub async fn handle(&self, mut req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
         // Why first: a reload mid-request must not change the rules under it.

@@ -1082,6 +1082,13 @@ async fn serve_request(
     // From here on the request may be processed: an unfinished response is an internal error.
     send.on_drop = Some(h3::error::Code::H3_INTERNAL_ERROR);
     let exchange = async {
+        // A connection that closed as the head came in (the client sent a frame the
+        // connection dies of right after it): the request is recorded as abandoned, not
+        // run, so nothing goes upstream for a client that is gone.
+        if ctx.conn.close_reason().is_some() {
+            ctx.runtime.gateway.abandoned(&req, info);
+            return;
+        }
         let resp = ctx.runtime.gateway.handle(req, info).await;
         let stall = ctx.listener.config.limits.idle_timeout;
         match body::send_response(&mut send.stream, resp, head_only, stall).await {
@@ -1100,7 +1107,11 @@ async fn serve_request(
     // h3 reports no stream resets to a request waiting on its upstream: bind the request to
     // its connection, so a client that leaves takes its requests (and their upstream
     // connections) with it. Dropping the pipeline's future logs the request as aborted (499).
+    // The exchange first: polled at least once, it records the request whatever happens
+    // (with the connection already closed, `closed()` would win a random pick, and the
+    // request would leave no record).
     tokio::select! {
+        biased;
         _ = exchange => {}
         _ = ctx.conn.closed() => {}
     }

@@ -896,7 +896,15 @@ pub struct RequestStream<S, B> {
     pub(super) conn_state: Arc<SharedState>,
     pub(super) max_field_section_size: u64,
     send_grease_frame: bool,
+    /// Wraith: empty DATA frames read so far on this stream (see `MAX_EMPTY_DATA_FRAMES`).
+    empty_data_frames: u32,
 }
+
+/// Wraith: empty DATA frames one request stream may carry before the connection is closed
+/// with H3_EXCESSIVE_LOAD (RFC 9114 §10.5). Each is legal (§7.2.1) and carries nothing, but
+/// each costs the server as much as a frame with data: a flood of them kept a core busy for
+/// a few MB/s from the client (HTTP/2's "empty frames flood", CVE-2019-9518).
+const MAX_EMPTY_DATA_FRAMES: u32 = 1024;
 
 impl<S, B> RequestStream<S, B> {
     #[allow(missing_docs)]
@@ -913,6 +921,7 @@ impl<S, B> RequestStream<S, B> {
             max_field_section_size,
             trailers: None,
             send_grease_frame: grease,
+            empty_data_frames: 0,
         }
     }
 }
@@ -950,7 +959,18 @@ where
                     // Received trailers, no more data expected
                     return Poll::Ready(Ok(None));
                 }
-                Ok(Some(Frame::Data { .. })) => (),
+                Ok(Some(Frame::Data { .. })) if self.stream.has_data() => (),
+                Ok(Some(Frame::Data { .. })) => {
+                    self.empty_data_frames += 1;
+                    if self.empty_data_frames > MAX_EMPTY_DATA_FRAMES {
+                        return Poll::Ready(Err(self.handle_connection_error_on_stream(
+                            InternalConnectionError::new(
+                                Code::H3_EXCESSIVE_LOAD,
+                                "too many empty DATA frames on one request stream".to_string(),
+                            ),
+                        )));
+                    }
+                }
                 Ok(Some(other_frame)) => {
                     //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1
                     //# Receipt of an invalid sequence of frames MUST be treated as a
@@ -1096,14 +1116,14 @@ where
 
         Poll::Ready(Ok(Some(
             Header::try_from(fields)
+                .and_then(Header::into_trailer_fields)
                 .map_err(|_e| {
                     self.stop_sending(Code::H3_MESSAGE_ERROR);
                     StreamError::StreamError {
                         code: Code::H3_MESSAGE_ERROR,
                         reason: "malformed request".to_string(),
                     }
-                })?
-                .into_fields(),
+                })?,
         )))
     }
 
@@ -1222,6 +1242,7 @@ where
                 conn_state: self.conn_state.clone(),
                 max_field_section_size: 0,
                 send_grease_frame: self.send_grease_frame,
+                empty_data_frames: 0,
             },
             RequestStream {
                 stream: recv,
@@ -1229,6 +1250,7 @@ where
                 conn_state: self.conn_state,
                 max_field_section_size: self.max_field_section_size,
                 send_grease_frame: self.send_grease_frame,
+                empty_data_frames: self.empty_data_frames,
             },
         )
     }

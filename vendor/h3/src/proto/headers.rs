@@ -59,6 +59,10 @@ impl Header {
     pub fn into_request_parts(
         self,
     ) -> Result<(Method, Uri, Option<Protocol>, HeaderMap), HeaderError> {
+        // Wraith: `:status` belongs to responses (RFC 9114 §4.3).
+        if self.pseudo.status.is_some() {
+            return Err(HeaderError::Malformed(":status in a request"));
+        }
         let mut uri = Uri::builder();
 
         if let Some(path) = self.pseudo.path {
@@ -119,6 +123,15 @@ impl Header {
 
     pub fn into_fields(self) -> HeaderMap {
         self.fields
+    }
+
+    /// Wraith: the fields of a trailer section, which carries no pseudo-header (RFC 9114
+    /// §4.3: malformed otherwise).
+    pub fn into_trailer_fields(self) -> Result<HeaderMap, HeaderError> {
+        if self.pseudo.len() > 0 {
+            return Err(HeaderError::Malformed("a pseudo-header field in trailers"));
+        }
+        Ok(self.fields)
     }
 
     pub fn len(&self) -> usize {
@@ -207,41 +220,55 @@ impl TryFrom<Vec<HeaderField>> for Header {
         let mut fields = HeaderMap::with_capacity(headers.len());
         let mut pseudo = Pseudo::default();
 
+        // Wraith: RFC 9114 §4.3: each pseudo-header at most once, all before the regular
+        // fields; §4.2: no connection-specific fields, `te` only as `trailers`. Malformed
+        // otherwise (h3 0.0.8 kept the last of two and let the rest through).
+        fn once<T>(slot: &mut Option<T>, value: T) -> Result<(), HeaderError> {
+            match slot.replace(value) {
+                None => Ok(()),
+                Some(_) => Err(HeaderError::Malformed("a pseudo-header field twice")),
+            }
+        }
         for field in headers.into_iter() {
             let (name, value) = field.into_inner();
-            match Field::parse(name, value)? {
-                Field::Method(m) => {
-                    pseudo.method = Some(m);
-                    pseudo.len += 1;
-                }
-                Field::Scheme(s) => {
-                    pseudo.scheme = Some(s);
-                    pseudo.len += 1;
-                }
-                Field::Authority(a) => {
-                    pseudo.authority = Some(a);
-                    pseudo.len += 1;
-                }
-                Field::Path(p) => {
-                    pseudo.path = Some(p);
-                    pseudo.len += 1;
-                }
-                Field::Status(s) => {
-                    pseudo.status = Some(s);
-                    pseudo.len += 1;
-                }
+            let field = Field::parse(name, value)?;
+            if !matches!(field, Field::Header(_)) && !fields.is_empty() {
+                return Err(HeaderError::Malformed(
+                    "a pseudo-header field after a regular field",
+                ));
+            }
+            match field {
+                Field::Method(m) => once(&mut pseudo.method, m)?,
+                Field::Scheme(s) => once(&mut pseudo.scheme, s)?,
+                Field::Authority(a) => once(&mut pseudo.authority, a)?,
+                Field::Path(p) => once(&mut pseudo.path, p)?,
+                Field::Status(s) => once(&mut pseudo.status, s)?,
+                Field::Protocol(p) => once(&mut pseudo.protocol, p)?,
                 Field::Header((n, v)) => {
+                    if is_connection_specific(&n, &v) {
+                        return Err(HeaderError::Malformed("a connection-specific field"));
+                    }
                     fields.append(n, v);
-                }
-                Field::Protocol(p) => {
-                    pseudo.protocol = Some(p);
-                    pseudo.len += 1;
+                    continue;
                 }
             }
+            pseudo.len += 1;
         }
 
         Ok(Header { pseudo, fields })
     }
+}
+
+/// Wraith: the fields RFC 9114 §4.2 forbids in HTTP/3 (they describe an HTTP/1.1
+/// connection), and `te` with anything but `trailers`.
+fn is_connection_specific(name: &HeaderName, value: &HeaderValue) -> bool {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == "keep-alive"
+        || name == "proxy-connection"
+        || (name == TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
 }
 
 enum Field {
@@ -438,6 +465,8 @@ pub enum HeaderError {
     MissingStatus,
     MissingAuthority,
     ContradictedAuthority,
+    /// Wraith: a field section RFC 9114 calls malformed, and why.
+    Malformed(&'static str),
 }
 
 impl HeaderError {
@@ -475,6 +504,7 @@ impl fmt::Display for HeaderError {
             HeaderError::ContradictedAuthority => {
                 write!(f, "uri and authority field are in contradiction")
             }
+            HeaderError::Malformed(why) => write!(f, "malformed field section: {}", why),
         }
     }
 }

@@ -560,7 +560,11 @@ async fn write_request(
                         continue;
                     }
                     if chunked {
-                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        // Into the buffer, not through a `String` per piece.
+                        let _ = std::io::Write::write_fmt(
+                            &mut out,
+                            format_args!("{:x}\r\n", data.len()),
+                        );
                     }
                     if out.len() + data.len() <= COALESCE {
                         out.extend_from_slice(&data);

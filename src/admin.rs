@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -120,27 +120,35 @@ impl Drop for AdminHandle {
 }
 
 /// Whether the server that answered on `stream` says it is draining (`GET /v1/status`),
-/// asked without an async runtime; anything else (no answer within 2 s, not a Wraith) is
-/// taken as running.
+/// asked without an async runtime; anything else (no whole answer within 2 s in all, more
+/// than 1 MiB, not a Wraith) is taken as running. The 2 s bound the whole exchange, not
+/// each read: whatever holds the socket cannot keep `serve` waiting by trickling bytes.
 fn draining(mut stream: std::os::unix::net::UnixStream) -> bool {
     use std::io::{Read, Write};
-    let limit = Some(Duration::from_secs(2));
-    if stream.set_read_timeout(limit).is_err() || stream.set_write_timeout(limit).is_err() {
-        return false;
-    }
-    if stream
-        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .is_err()
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let left = || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
+    if stream.set_write_timeout(left()).is_err()
+        || stream
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .is_err()
     {
         return false;
     }
     let mut answer = Vec::new();
-    if (&mut stream)
-        .take(1 << 20)
-        .read_to_end(&mut answer)
-        .is_err()
-    {
-        return false;
+    let mut piece = [0u8; 16 << 10];
+    loop {
+        let Some(wait) = left() else {
+            return false;
+        };
+        if stream.set_read_timeout(Some(wait)).is_err() {
+            return false;
+        }
+        match stream.read(&mut piece) {
+            Ok(0) => break,
+            Ok(n) if answer.len() + n <= 1 << 20 => answer.extend_from_slice(&piece[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(_) | Err(_) => return false,
+        }
     }
     let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
         return false;
@@ -646,5 +654,27 @@ mod tests {
         let failed = b"HTTP/1.1 500 Oops\r\n\r\n{\"draining\":true}";
         assert!(!draining(answer(dir.path().join("c"), failed)));
         assert!(!draining(answer(dir.path().join("d"), b"not http at all")));
+    }
+
+    /// Whatever holds the socket cannot keep the probe (and so `serve`) waiting by sending
+    /// a byte now and then: the probe gives up on the whole exchange, not per read.
+    #[test]
+    fn a_trickling_socket_is_given_up_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let (mut s, _) = listener.accept().unwrap();
+            while s.write_all(b"H").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(draining(stream)));
+        // A bound on a hang (the probe's own limit is 2 s), not a measurement.
+        let answered = rx.recv_timeout(Duration::from_secs(30));
+        assert_eq!(answered, Ok(false));
     }
 }

@@ -198,13 +198,9 @@ impl Gateway {
     /// came in): one record, as a client abort (499), and nothing forwarded.
     pub fn abandoned(&self, req: &Request<Body>, conn: &ConnInfo) {
         let snapshot = self.snapshot.load_full();
-        let trusted = &snapshot.config.server.trusted_proxies;
-        let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
-        let request_id = headers::request_id(req.headers(), peer_trusted);
-        let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
-        let record = Box::new(AccessRecord::start(req, conn, client_ip, &request_id));
+        let opened = Opened::of(&snapshot, req, conn);
         // Dropped unfinished: emitted as a client abort.
-        drop(Pending::new(record, Instant::now(), snapshot));
+        drop(Pending::new(opened.record, Instant::now(), snapshot));
     }
 
     /// Handles one request from any protocol.
@@ -212,16 +208,17 @@ impl Gateway {
         // Why first: a reload mid-request must not change the rules under it.
         let snapshot = self.snapshot.load_full();
         let started = Instant::now();
-        let trusted = &snapshot.config.server.trusted_proxies;
-        let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
-        let request_id = headers::request_id(req.headers(), peer_trusted);
-        let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
         let head_only = req.method() == Method::HEAD;
         // Bans published from here on end what this request leaves open (`BanWatch`).
         let bans_since = self.decisions.generation();
         // The access record exists from here on; if this future is dropped early it is
         // emitted as a client abort (499).
-        let mut record = Box::new(AccessRecord::start(&req, conn, client_ip, &request_id));
+        let Opened {
+            peer_trusted,
+            request_id,
+            client_ip,
+            mut record,
+        } = Opened::of(&snapshot, &req, conn);
         record.count_request_body(&mut req);
         let mut pending = Pending::new(record, started, snapshot.clone());
 
@@ -543,6 +540,31 @@ impl Gateway {
             (Some(c), Some(w)) => compress::apply(c, w, resp),
             _ => resp,
         })
+    }
+}
+
+/// Who a request comes from, and its access record, as every request is opened (run, or
+/// recorded as abandoned).
+struct Opened {
+    peer_trusted: bool,
+    request_id: HeaderValue,
+    client_ip: std::net::IpAddr,
+    record: Box<AccessRecord>,
+}
+
+impl Opened {
+    fn of(snapshot: &Snapshot, req: &Request<Body>, conn: &ConnInfo) -> Opened {
+        let trusted = &snapshot.config.server.trusted_proxies;
+        let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
+        let request_id = headers::request_id(req.headers(), peer_trusted);
+        let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
+        let record = Box::new(AccessRecord::start(req, conn, client_ip, &request_id));
+        Opened {
+            peer_trusted,
+            request_id,
+            client_ip,
+            record,
+        }
     }
 }
 

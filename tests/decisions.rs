@@ -661,6 +661,26 @@ async fn streaming_upstream(word: &'static str, count: u32, gap: fn(u32) -> Dura
     .await
 }
 
+/// `GET url`, answered 200 with a body whose first piece starts with `first`: the rest of
+/// the body, still streaming.
+async fn streaming(
+    client: &reqwest::Client,
+    url: String,
+    first: &str,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
+    use futures_util::StreamExt;
+    let resp = client.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let piece = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(piece.starts_with(first.as_bytes()), "{piece:?}");
+    body
+}
+
 /// The standard listeners, a JSON access log (`access.json`), `extra` (upstreams and routes
 /// matched first), and upstream `name` at `addr`, routed for every other path.
 fn routed_to(setup: &Setup, name: &str, addr: std::net::SocketAddr, extra: &str) -> String {
@@ -708,19 +728,7 @@ upstream = "ws"
     let cfg = routed_to(&setup, "events", streamer.addr, &ws);
     let wraith = setup.start(&cfg);
 
-    let resp = http_client()
-        .get(wraith.url("http", "/events"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.bytes_stream();
-    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(first.starts_with(b"tick 0"), "{first:?}");
+    let mut body = streaming(&http_client(), wraith.url("http", "/events"), "tick 0").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", wraith.addr("http")))
         .await
         .unwrap();
@@ -788,19 +796,7 @@ async fn a_ban_cuts_an_idle_streaming_response_at_once() {
     let ca = setup.pki.ca_pem.clone();
     let wraith = setup.start(&cfg);
     for (listener, client) in [("http", http_client()), ("https", https_client(&ca, None))] {
-        let resp = client
-            .get(wraith.url(listener, "/idle"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let mut body = resp.bytes_stream();
-        let first = tokio::time::timeout(Duration::from_secs(10), body.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert!(first.starts_with(b"piece 0"), "{first:?}");
+        let mut body = streaming(&client, wraith.url(listener, "/idle"), "piece 0").await;
         let (st, v) = wraith
             .admin(
                 Method::POST,

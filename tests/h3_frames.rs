@@ -61,6 +61,20 @@ async fn flood(send: &mut quinn::SendStream, total: usize) -> Result<(), quinn::
     Ok(())
 }
 
+/// Asserts that a connection was closed with H3_EXCESSIVE_LOAD.
+fn assert_excessive_load(err: quinn::ConnectionError) {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code.into_inner(),
+                H3_EXCESSIVE_LOAD,
+                "{close:?}"
+            );
+        }
+        other => panic!("closed with {other:?}, not H3_EXCESSIVE_LOAD"),
+    }
+}
+
 /// The gateway's RSS growth since `before_kib`, in MiB.
 fn grown_mib(wraith: &Wraith, before_kib: u64) -> u64 {
     wraith.rss_kib().saturating_sub(before_kib) / 1024
@@ -130,16 +144,7 @@ async fn a_control_frame_declaring_a_gigabyte_closes_the_connection_with_excessi
     let err = tokio::time::timeout(WAIT, closed)
         .await
         .expect("the connection was not closed");
-    match err {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code.into_inner(),
-                H3_EXCESSIVE_LOAD,
-                "{close:?}"
-            );
-        }
-        other => panic!("closed with {other:?}, not H3_EXCESSIVE_LOAD"),
-    }
+    assert_excessive_load(err);
     let grown = grown_mib(&wraith, rss_before);
     assert!(grown < RSS_SLACK_MIB, "gateway RSS grew by {grown} MiB");
 }
@@ -541,14 +546,5 @@ async fn a_flood_of_empty_data_frames_closes_the_connection_with_excessive_load(
     let err = tokio::time::timeout(WAIT, client.conn.closed())
         .await
         .expect("the connection was not closed");
-    match err {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code.into_inner(),
-                H3_EXCESSIVE_LOAD,
-                "{close:?}"
-            );
-        }
-        other => panic!("closed with {other:?}, not H3_EXCESSIVE_LOAD"),
-    }
+    assert_excessive_load(err);
 }

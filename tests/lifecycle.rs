@@ -277,14 +277,32 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     assert!(err.contains("shutting down"), "{err}");
     // `wraith stop` now waits for the drain instead of signalling again (which would be the
     // server's "exit at once", cutting the requests in flight).
-    let stop = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"))
+    // The requests are released only once it has said so (a sleep could let the drain
+    // end before a slow `stop` even looked, and then it would find no server).
+    let mut stop = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"))
         .args(["stop", "-c"])
         .arg(&wraith.config_path)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop_err = stop.stderr.take().unwrap();
+    let (said_tx, said_rx) = tokio::sync::oneshot::channel();
+    let stop_err = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stop_err).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let _ = said_tx.send(first.clone());
+        std::iter::once(first)
+            .chain(lines.map_while(Result::ok))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let said = tokio::time::timeout(Duration::from_secs(10), said_rx)
+        .await
+        .expect("wraith stop said nothing")
+        .unwrap();
+    assert!(said.contains("already shutting down"), "{said}");
     release_tx.send_replace(true);
 
     // The requests in flight complete normally.
@@ -311,10 +329,9 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     let stop = stop.wait_with_output().unwrap();
     let (out, err) = (
         String::from_utf8_lossy(&stop.stdout),
-        String::from_utf8_lossy(&stop.stderr),
+        stop_err.join().unwrap(),
     );
     assert!(stop.status.success(), "{out}{err}");
-    assert!(err.contains("already shutting down"), "{err}");
     assert!(out.contains("stopped"), "{out}");
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::quic::frame;
 use common::quic::{
     frame_head, read_status, request_section, stream_end, tls_client_with, Groups, H3Client, RawH3,
     StreamEnd, H3_NO_ERROR, H3_REQUEST_CANCELLED, HEADERS, SETTINGS,
@@ -27,6 +28,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// A reserved frame type (0x1f * N + 0x21): carries no meaning, must be ignored.
 const RESERVED: u64 = 0x21;
 const H3_EXCESSIVE_LOAD: u64 = 0x107;
+const H3_FRAME_ERROR: u64 = 0x106;
 /// The largest varint, the length an attacker declares to stream "forever".
 const VARINT_MAX: u64 = (1 << 62) - 1;
 
@@ -480,7 +482,7 @@ async fn malformed_heads_are_refused_not_forwarded() {
 /// 10-25 % of runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_connection_dies_at_once_is_recorded() {
-    use common::quic::{frame, GOAWAY};
+    use common::quic::GOAWAY;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let forwarded = Arc::new(AtomicUsize::new(0));
     let count = forwarded.clone();
@@ -535,7 +537,7 @@ async fn a_request_whose_connection_dies_at_once_is_recorded() {
 /// among real data are just that (`empty_data_frames_inside_a_body_do_not_end_it`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_empty_data_frames_closes_the_connection_with_excessive_load() {
-    use common::quic::{frame, DATA};
+    use common::quic::DATA;
     let (_wraith, _upstream, client) = served().await;
     let (mut send, _recv) = client.conn.open_bi().await.unwrap();
     let mut bytes = frame(HEADERS, &request_section("POST", "/upload", &[]));
@@ -547,4 +549,76 @@ async fn a_flood_of_empty_data_frames_closes_the_connection_with_excessive_load(
         .await
         .expect("the connection was not closed");
     assert_excessive_load(err);
+}
+
+/// A DATA frame cut short by the end of its stream is a truncated body (RFC 9114 §7.1,
+/// H3_FRAME_ERROR), also when its last bytes came in a packet before the end: h3 0.0.8 ended
+/// such a body cleanly, and the upstream took the bytes that came as the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_frame_the_stream_ends_inside_of_is_no_complete_body() {
+    use common::quic::DATA;
+    let (_wraith, _upstream, client) = served().await;
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    let mut bytes = frame(HEADERS, &request_section("POST", "/upload", &[]));
+    bytes.extend(frame_head(DATA, 10));
+    bytes.extend_from_slice(b"abc");
+    send.write_all(&bytes).await.unwrap();
+    // The end of the stream in a packet of its own, once the gateway has read the rest.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send.finish().unwrap();
+    let status = tokio::time::timeout(WAIT, read_status(&mut recv)).await;
+    assert_ne!(
+        status,
+        Ok(Some(200)),
+        "a truncated body was forwarded as complete"
+    );
+    let err = tokio::time::timeout(WAIT, client.conn.closed())
+        .await
+        .expect("the connection was not closed");
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code.into_inner(), H3_FRAME_ERROR, "{close:?}");
+        }
+        other => panic!("closed with {other:?}, not H3_FRAME_ERROR"),
+    }
+}
+
+/// A body of small DATA frames that came together goes upstream as a few chunks, not one per
+/// frame (each cost the upstream a chunk line of its own: six bytes for one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_data_frames_that_come_together_go_upstream_as_few_chunks() {
+    use common::quic::{varint, DATA};
+    const FRAMES: usize = 2_000;
+    let (_wraith, _upstream, client) = served().await;
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    let mut bytes = frame(HEADERS, &request_section("POST", "/upload", &[]));
+    for _ in 0..FRAMES {
+        bytes.extend(frame(DATA, b"x"));
+    }
+    send.write_all(&bytes).await.unwrap();
+    send.finish().unwrap();
+    let response = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    // HEADERS (200), then the echo's JSON in DATA frames.
+    let (mut at, mut body, mut status) = (0, Vec::new(), None);
+    while let Some((ty, a)) = varint(&response[at..]) {
+        let (len, b) = varint(&response[at + a..]).unwrap();
+        let payload = &response[at + a + b..at + a + b + len as usize];
+        match ty {
+            HEADERS if status.is_none() => status = common::quic::status(payload),
+            DATA => body.extend_from_slice(payload),
+            _ => {}
+        }
+        at += a + b + len as usize;
+    }
+    assert_eq!(status, Some(200));
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["body_len"], FRAMES);
+    let chunks = echo["data_frames"].as_u64().unwrap() as usize;
+    assert!(
+        chunks <= FRAMES / 10,
+        "{chunks} chunks upstream for {FRAMES} frames"
+    );
 }

@@ -520,6 +520,10 @@ async fn write_request(
     }
     let mut out: Vec<u8> = Vec::with_capacity(head.len() + 256);
     out.extend_from_slice(head);
+    // The body's pieces that were ready together, not yet in `out`: they go as one chunk
+    // (a client's small frames, HTTP/2 or HTTP/3 DATA frames of a few bytes each, cost the
+    // upstream one chunk per write, not one per frame).
+    let mut ready = Ready::default();
     let mut sent_any = false;
     loop {
         // Take whatever the body has ready now without waiting, to coalesce small bodies
@@ -527,6 +531,7 @@ async fn write_request(
         let frame = match body.frame().now_or_never() {
             Some(f) => f,
             None => {
+                ready.seal(&mut out, chunked);
                 if !out.is_empty() {
                     write_body(conn, &out, timeout, sent_any).await?;
                     sent_any = true;
@@ -559,21 +564,28 @@ async fn write_request(
                     if data.is_empty() {
                         continue;
                     }
+                    if out.len() + ready.len + data.len() <= COALESCE {
+                        ready.push(data);
+                        continue;
+                    }
+                    ready.seal(&mut out, chunked);
+                    if data.len() <= COALESCE {
+                        if !out.is_empty() {
+                            write_body(conn, &out, timeout, sent_any).await?;
+                            sent_any = true;
+                            out.clear();
+                        }
+                        ready.push(data);
+                        continue;
+                    }
+                    // A large piece goes from its own buffer, after its chunk line.
                     if chunked {
-                        // Into the buffer, not through a `String` per piece.
-                        let _ = std::io::Write::write_fmt(
-                            &mut out,
-                            format_args!("{:x}\r\n", data.len()),
-                        );
+                        chunk_line(&mut out, data.len());
                     }
-                    if out.len() + data.len() <= COALESCE {
-                        out.extend_from_slice(&data);
-                    } else {
-                        write_body(conn, &out, timeout, sent_any).await?;
-                        sent_any = true;
-                        out.clear();
-                        write_body(conn, &data, timeout, true).await?;
-                    }
+                    write_body(conn, &out, timeout, sent_any).await?;
+                    sent_any = true;
+                    out.clear();
+                    write_body(conn, &data, timeout, true).await?;
                     if chunked {
                         out.extend_from_slice(b"\r\n");
                     }
@@ -582,6 +594,7 @@ async fn write_request(
             }
         }
     }
+    ready.seal(&mut out, chunked);
     if chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
@@ -589,6 +602,42 @@ async fn write_request(
         write_body(conn, &out, timeout, sent_any).await?;
     }
     Ok(())
+}
+
+/// Body pieces taken from the client together, waiting to go upstream as one.
+#[derive(Default)]
+struct Ready {
+    pieces: Vec<Bytes>,
+    len: usize,
+}
+
+impl Ready {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        self.pieces.push(data);
+    }
+
+    /// Appends the pieces to `out`, as one chunk when `chunked`.
+    fn seal(&mut self, out: &mut Vec<u8>, chunked: bool) {
+        if self.len == 0 {
+            return;
+        }
+        if chunked {
+            chunk_line(out, self.len);
+        }
+        for piece in self.pieces.drain(..) {
+            out.extend_from_slice(&piece);
+        }
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        self.len = 0;
+    }
+}
+
+/// A chunk's size line, written into the buffer (not through a `String` per chunk).
+fn chunk_line(out: &mut Vec<u8>, len: usize) {
+    let _ = std::io::Write::write_fmt(out, format_args!("{len:x}\r\n"));
 }
 
 /// `write_all` for the request's body: while the upstream is not taking it, an error answer

@@ -542,20 +542,29 @@ pub async fn echo_response(req: Request<Incoming>) -> Response<TestBody> {
             .or_default()
             .push(v.to_str().unwrap_or("").to_string());
     }
-    let collected = body.collect().await.ok();
+    // Read frame by frame: how many data frames hyper made of the body says how it came
+    // (one per chunk of a chunked body, at least).
+    let mut body = body;
+    let mut data = Vec::new();
+    let mut data_frames = 0usize;
     let mut trailers: HashMap<String, Vec<String>> = HashMap::new();
-    for (k, v) in collected
-        .as_ref()
-        .and_then(|c| c.trailers())
-        .into_iter()
-        .flatten()
-    {
-        trailers
-            .entry(k.to_string())
-            .or_default()
-            .push(v.to_str().unwrap_or("").to_string());
+    while let Some(Ok(frame)) = body.frame().await {
+        match frame.into_data() {
+            Ok(d) => {
+                data_frames += 1;
+                data.extend_from_slice(&d);
+            }
+            Err(frame) => {
+                for (k, v) in frame.trailers_ref().into_iter().flatten() {
+                    trailers
+                        .entry(k.to_string())
+                        .or_default()
+                        .push(v.to_str().unwrap_or("").to_string());
+                }
+            }
+        }
     }
-    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = data;
     let json = serde_json::json!({
         "method": parts.method.as_str(),
         "uri": parts.uri.to_string(),
@@ -563,6 +572,7 @@ pub async fn echo_response(req: Request<Incoming>) -> Response<TestBody> {
         "headers": headers,
         "trailers": trailers,
         "body_len": body.len(),
+        "data_frames": data_frames,
     });
     Response::builder()
         .header("content-type", "application/json")

@@ -6,12 +6,16 @@ use bytes::{Buf, Bytes};
 #[derive(Debug)]
 pub(crate) struct BufList<T> {
     bufs: VecDeque<T>,
+    /// The bytes left in `bufs`, kept as they come and go (Wraith: summing `bufs` on every
+    /// `remaining()` made each frame's decoding cost as much as the chunks buffered).
+    len: usize,
 }
 
 impl<T: Buf> BufList<T> {
     pub(crate) fn new() -> BufList<T> {
         BufList {
             bufs: VecDeque::new(),
+            len: 0,
         }
     }
 
@@ -19,7 +23,14 @@ impl<T: Buf> BufList<T> {
     #[allow(dead_code)]
     pub(crate) fn push(&mut self, buf: T) {
         debug_assert!(buf.has_remaining());
+        self.len += buf.remaining();
         self.bufs.push_back(buf);
+    }
+
+    /// The chunks held (Wraith, for tests).
+    #[cfg(test)]
+    pub(crate) fn chunk_count(&self) -> usize {
+        self.bufs.len()
     }
 
     pub fn cursor(&self) -> Cursor<T> {
@@ -34,7 +45,9 @@ impl<T: Buf> BufList<T> {
 
 impl BufList<Bytes> {
     pub fn take_first_chunk(&mut self) -> Option<Bytes> {
-        self.bufs.pop_front()
+        let chunk = self.bufs.pop_front()?;
+        self.len -= chunk.remaining();
+        Some(chunk)
     }
 
     pub fn take_chunk(&mut self, max_len: usize) -> Option<Bytes> {
@@ -42,6 +55,9 @@ impl BufList<Bytes> {
             .bufs
             .front_mut()
             .map(|chunk| chunk.split_to(usize::min(max_len, chunk.remaining())));
+        if let Some(taken) = &chunk {
+            self.len -= taken.remaining();
+        }
 
         if let Some(front) = self.bufs.front() {
             if front.remaining() == 0 {
@@ -56,6 +72,7 @@ impl BufList<Bytes> {
         T: Buf,
     {
         debug_assert!(buf.has_remaining());
+        self.len += buf.remaining();
         self.bufs.push_back(buf.copy_to_bytes(buf.remaining()))
     }
 }
@@ -72,7 +89,7 @@ impl<T: Buf> From<T> for BufList<T> {
 impl<T: Buf> Buf for BufList<T> {
     #[inline]
     fn remaining(&self) -> usize {
-        self.bufs.iter().map(|buf| buf.remaining()).sum()
+        self.len
     }
 
     #[inline]
@@ -82,6 +99,8 @@ impl<T: Buf> Buf for BufList<T> {
 
     #[inline]
     fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.len, "advance past the end of a BufList");
+        self.len -= cnt;
         while cnt > 0 {
             {
                 let front = &mut self.bufs[0];
@@ -169,6 +188,30 @@ impl<'a, B: Buf> Buf for Cursor<'a, B> {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    /// (Wraith) `remaining` is kept as chunks come and go, and matches their sum.
+    #[test]
+    fn buf_list_keeps_its_length() {
+        let mut list = BufList::new();
+        let sum = |l: &BufList<Bytes>| l.bufs.iter().map(|b| b.remaining()).sum::<usize>();
+        for n in [3usize, 1, 7, 2] {
+            list.push_bytes(&mut Bytes::from(vec![0u8; n]));
+            assert_eq!(list.remaining(), sum(&list));
+        }
+        list.advance(4);
+        assert_eq!(list.remaining(), 9);
+        assert_eq!(list.remaining(), sum(&list));
+        let c = list.take_chunk(5).unwrap();
+        assert_eq!(c.len(), 5);
+        assert_eq!(list.remaining(), 4);
+        assert_eq!(list.remaining(), sum(&list));
+        let c = list.take_first_chunk().unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(list.remaining(), 2);
+        list.advance(2);
+        assert_eq!(list.remaining(), 0);
+        assert!(list.bufs.is_empty());
+    }
 
     #[test]
     fn cursor_advance() {

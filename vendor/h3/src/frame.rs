@@ -1,4 +1,4 @@
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Buf;
 
@@ -66,34 +66,36 @@ where
             "There is still data to read, please call poll_data() until it returns None."
         );
 
+        // (Wraith) What is buffered is decoded first; the stream is read only when it holds
+        // no complete frame. Reading a chunk before every frame (as published) took in one
+        // chunk per frame handed out, so a body of small frames piled up in the buffer as
+        // fast as quinn granted credit for it (and the credit went back to the sender).
         loop {
-            let end = self.try_recv(cx)?;
-
-            return match self.decoder.decode(self.stream.buf_mut())? {
+            match self.decoder.decode(self.stream.buf_mut())? {
                 Some(Frame::Data(PayloadLen(len))) => {
                     self.remaining_data = len;
-                    Poll::Ready(Ok(Some(Frame::Data(PayloadLen(len)))))
+                    return Poll::Ready(Ok(Some(Frame::Data(PayloadLen(len)))));
                 }
                 frame @ Some(Frame::WebTransportStream(_)) => {
                     self.remaining_data = usize::MAX;
-                    Poll::Ready(Ok(frame))
+                    return Poll::Ready(Ok(frame));
                 }
-                Some(frame) => Poll::Ready(Ok(Some(frame))),
-                None => match end {
-                    // Received a chunk but frame is incomplete, poll until we get `Pending`.
-                    Poll::Ready(false) => continue,
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(true) => {
-                        if self.stream.buf_mut().has_remaining() {
-                            // Reached the end of receive stream, but there is still some data:
-                            // The frame is incomplete.
-                            Poll::Ready(Err(FrameStreamError::UnexpectedEnd))
-                        } else {
-                            Poll::Ready(Ok(None))
-                        }
-                    }
-                },
-            };
+                Some(frame) => return Poll::Ready(Ok(Some(frame))),
+                None => {}
+            }
+            match ready!(self.try_recv(cx))? {
+                // Received a chunk: decode again (the frame may still be incomplete).
+                false => continue,
+                true => {
+                    return if self.stream.buf_mut().has_remaining() {
+                        // Reached the end of receive stream, but there is still some data:
+                        // The frame is incomplete.
+                        Poll::Ready(Err(FrameStreamError::UnexpectedEnd))
+                    } else {
+                        Poll::Ready(Ok(None))
+                    };
+                }
+            }
         }
     }
 
@@ -109,15 +111,25 @@ where
             return Poll::Ready(Ok(None));
         };
 
-        let end = match self.try_recv(cx) {
-            Poll::Ready(Ok(end)) => end,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => false,
+        // (Wraith) The stream is read only when nothing is buffered (see `poll_next`).
+        let end = if self.stream.buf().has_remaining() {
+            self.stream.is_eos()
+        } else {
+            match self.try_recv(cx) {
+                Poll::Ready(Ok(end)) => end,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => false,
+            }
         };
         let data = self.stream.buf_mut().take_chunk(self.remaining_data);
 
         match (data, end) {
-            (None, true) => Poll::Ready(Ok(None)),
+            // (Wraith) A DATA frame the stream ends inside of is truncated (RFC 9114 §7.1:
+            // H3_FRAME_ERROR), whether its last bytes came with the end or before it; as
+            // published, only the first was caught, and the second ended the body cleanly
+            // short of its declared length. A WebTransport stream's payload runs to the end.
+            (None, true) if self.remaining_data == usize::MAX => Poll::Ready(Ok(None)),
+            (None, true) => Poll::Ready(Err(FrameStreamError::UnexpectedEnd)),
             (None, false) => Poll::Pending,
             (Some(d), true)
                 if d.remaining() < self.remaining_data
@@ -696,6 +708,38 @@ mod tests {
             |cx| stream.poll_next(cx),
             Ok(Some(Frame::Data(PayloadLen(4))))
         );
+        // (Wraith) What is buffered comes first (the stream is read only once it is used
+        // up), then the end inside the frame.
+        assert_poll_matches!(
+            |cx| to_bytes(stream.poll_data(cx)),
+            Ok(Some(b)) if &*b == b"b"
+        );
+        assert_poll_matches!(
+            |cx| to_bytes(stream.poll_data(cx)),
+            Err(FrameStreamError::UnexpectedEnd)
+        );
+    }
+
+    /// (Wraith) A DATA frame whose last bytes came before the end of the stream, in a read
+    /// of their own, is truncated all the same: as published, the body ended cleanly.
+    #[tokio::test]
+    async fn poll_data_end_after_a_partial_frame() {
+        let mut recv = FakeRecv::default();
+        let mut buf = BytesMut::with_capacity(64);
+        FrameType::DATA.encode(&mut buf);
+        VarInt::from(4u32).encode(&mut buf);
+        recv.chunk(buf.freeze());
+        recv.chunk(Bytes::from_static(b"bo"));
+        let mut stream: FrameStream<_, ()> = FrameStream::new(BufRecvStream::new(recv));
+
+        assert_poll_matches!(
+            |cx| stream.poll_next(cx),
+            Ok(Some(Frame::Data(PayloadLen(4))))
+        );
+        assert_poll_matches!(
+            |cx| to_bytes(stream.poll_data(cx)),
+            Ok(Some(b)) if &*b == b"bo"
+        );
         assert_poll_matches!(
             |cx| to_bytes(stream.poll_data(cx)),
             Err(FrameStreamError::UnexpectedEnd)
@@ -764,6 +808,44 @@ mod tests {
             |cx| to_bytes(stream.poll_data(cx)),
             Ok(Some(b)) if &*b == b"dy"
         );
+    }
+
+    /// (Wraith) A body of many small DATA frames, arriving in chunks of many frames each, is
+    /// decoded from what is buffered: the stream is read only when the buffer holds no
+    /// complete frame, so at most the chunk being decoded (and the start of the next, for a
+    /// frame split across two) is ever buffered.
+    #[tokio::test]
+    async fn small_frames_are_decoded_before_more_is_read() {
+        let mut recv = FakeRecv::default();
+        const CHUNKS: usize = 50;
+        const PER_CHUNK: usize = 100;
+        for _ in 0..CHUNKS {
+            let mut buf = BytesMut::new();
+            for _ in 0..PER_CHUNK {
+                Frame::Data(Bytes::from_static(b"x")).encode_with_payload(&mut buf);
+            }
+            recv.chunk(buf.freeze());
+        }
+        let mut stream: FrameStream<_, ()> = FrameStream::new(BufRecvStream::new(recv));
+        let mut frames = 0;
+        loop {
+            match poll_fn(|cx| stream.poll_next(cx)).await {
+                Ok(Some(Frame::Data(PayloadLen(1)))) => {}
+                Ok(None) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+            let data = poll_fn(|cx| to_bytes(stream.poll_data(cx))).await;
+            assert!(matches!(data, Ok(Some(b)) if &*b == b"x"));
+            frames += 1;
+            assert!(
+                stream.stream.buf().chunk_count() <= 2,
+                "{} chunks buffered after {frames} frames",
+                stream.stream.buf().chunk_count()
+            );
+            assert!(stream.stream.buf().remaining() <= 2 * PER_CHUNK * 3);
+        }
+        assert_eq!(frames, CHUNKS * PER_CHUNK);
+        assert_eq!(stream.stream.buf().remaining(), 0);
     }
 
     // Helpers

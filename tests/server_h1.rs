@@ -1111,6 +1111,45 @@ async fn a_head_over_max_header_size_is_431() {
     assert_eq!(rec.heads(), ["GET /small"]);
 }
 
+/// A request line alone over `max_header_size` (8 KiB) is 414, whether its end comes with the
+/// bytes that pass the limit (one write, line and headers) or after them (the line first, in
+/// pieces); a long line under the limit with headers that take the head over it is 431.
+#[tokio::test]
+async fn a_request_line_over_max_header_size_is_414_however_it_arrives() {
+    let (_w, addr, rec, _up) = gateway().await;
+    let long_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(10_000));
+    let rest = "Host: localhost\r\n\r\n";
+
+    let mut c = Conn::open(addr).await;
+    c.send(format!("{long_line}{rest}").as_bytes()).await;
+    let resp = c.response().await;
+    assert_eq!(resp.status, 414, "in one write: {}", resp.summary());
+
+    let mut c = Conn::open(addr).await;
+    c.send(&long_line.as_bytes()[..9_000]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(format!("{}{rest}", &long_line[9_000..]).as_bytes())
+        .await;
+    let resp = c.response().await;
+    assert_eq!(resp.status, 414, "in two writes: {}", resp.summary());
+
+    let mut c = Conn::open(addr).await;
+    let head = format!(
+        "GET /{} HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(6_000),
+        "b".repeat(4_000)
+    );
+    c.send(head.as_bytes()).await;
+    let resp = c.response().await;
+    assert_eq!(
+        resp.status,
+        431,
+        "long line, headers over: {}",
+        resp.summary()
+    );
+    assert!(rec.heads().is_empty());
+}
+
 /// More header lines than `max_headers` (20): 431; 10 pass.
 #[tokio::test]
 async fn more_headers_than_max_headers_is_431() {

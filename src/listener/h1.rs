@@ -738,10 +738,7 @@ where
             Err(_) => return Err(refuse(StatusCode::BAD_REQUEST, "malformed request head")),
         };
         if parsed.len > self.settings.max_header_size {
-            return Err(refuse(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "the request head is larger than max_header_size",
-            ));
+            return Err(self.oversized());
         }
         self.scanned = 0;
         self.head_since = None;
@@ -771,16 +768,25 @@ where
         if self.rbuf.len() <= self.settings.max_header_size {
             return Ok(());
         }
-        if !self.rbuf.contains(&b'\n') {
-            return Err(refuse(
+        Err(self.oversized())
+    }
+
+    /// The refusal of a head over `max_header_size`: 414 when its request line alone is,
+    /// 431 otherwise, however the bytes arrived (whether the line's end came with the first
+    /// bytes over the limit or not).
+    fn oversized(&self) -> Refusal {
+        let max = self.settings.max_header_size;
+        let line_end = self.rbuf[..self.rbuf.len().min(max + 1)].contains(&b'\n');
+        if !line_end {
+            return refuse(
                 StatusCode::URI_TOO_LONG,
                 "the request line is longer than max_header_size",
-            ));
+            );
         }
-        Err(refuse(
+        refuse(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "the request head is larger than max_header_size",
-        ))
+        )
     }
 
     fn build_request(&mut self, head: Bytes, parsed: &Parsed) -> Result<Request<Body>, Refusal> {

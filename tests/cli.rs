@@ -730,6 +730,39 @@ request_headers = { set = { "x-ok" = "1" } }
 }
 
 #[test]
+fn identity_headers_in_a_routes_request_edits_are_config_errors() {
+    // Upstreams take x-forwarded-client-cert (and x-wraith-*) for a verified client
+    // certificate: a route that set one named every anonymous client as whoever it said.
+    let text = r#"[[listener]]
+name = "a"
+address = "127.0.0.1:0"
+protocol = "http"
+
+[[upstream]]
+name = "app"
+endpoints = ["127.0.0.1:9"]
+
+[[route]]
+name = "r1"
+upstream = "app"
+request_headers = { set = { "X-Forwarded-Client-Cert" = "URI=spiffe://x/admin" } }
+
+[[route]]
+name = "r2"
+upstream = "app"
+request_headers = { add = { "x_wraith_user" = "admin", "x-ok" = "1" } }
+response_headers = { set = { "x-wraith-note" = "fine on a response" } }
+"#;
+    refused_config(
+        text,
+        &[
+            "13:29: route[0].request_headers.set.x-forwarded-client-cert: x-forwarded-client-cert cannot be set by a route",
+            "18:29: route[1].request_headers.add.x_wraith_user: x_wraith_user cannot be set by a route",
+        ],
+    );
+}
+
+#[test]
 fn routes_that_can_never_match_are_config_errors() {
     // Requests are routed by their normalized path: these routes were accepted and never
     // matched (requests fell through to the next route).

@@ -2003,6 +2003,24 @@ fn refuse_framing(b: &mut Builder<'_>, key: &str, name: &Str) -> bool {
     false
 }
 
+/// A route's request edits cannot set the identity headers (`x-forwarded-client-cert`,
+/// `x-wraith-*`): upstreams take them for a verified client certificate, so one set here
+/// would name every anonymous client of the route as whoever it says.
+fn refuse_identity(b: &mut Builder<'_>, key: &str, name: &Str) -> bool {
+    if !crate::proxy::headers::is_identity_header(name.get_ref()) {
+        return false;
+    }
+    let n = name.get_ref().to_ascii_lowercase();
+    b.err(
+        Some(name.span()),
+        format!("{key}.{n}"),
+        format!(
+            "{n} cannot be set by a route: it carries the verified client certificate's identity, and only the TLS handshake sets it"
+        ),
+    );
+    true
+}
+
 fn header_pair(
     b: &mut Builder<'_>,
     key: &str,
@@ -2051,11 +2069,17 @@ fn build_header_ops(
         if response && refuse_framing(b, &format!("{key}.set"), name) {
             continue;
         }
+        if !response && refuse_identity(b, &format!("{key}.set"), name) {
+            continue;
+        }
         ops.set
             .extend(header_pair(b, &format!("{key}.set"), name, value));
     }
     for (name, value) in raw.add.iter().flatten() {
         if response && refuse_framing(b, &format!("{key}.add"), name) {
+            continue;
+        }
+        if !response && refuse_identity(b, &format!("{key}.add"), name) {
             continue;
         }
         ops.add

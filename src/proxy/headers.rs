@@ -352,6 +352,19 @@ fn remove_where(map: &mut HeaderMap, refused: impl Fn(&HeaderName) -> bool) {
     }
 }
 
+/// `x-forwarded-client-cert` or `x-wraith-*` (reading `_` as `-`): the headers that carry a
+/// client's identity upstream, which only a verified client certificate sets.
+pub fn is_identity_header(name: &str) -> bool {
+    let n = name.as_bytes();
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.eq_ignore_ascii_case(y) || (*x == b'_' && *y == b'-'))
+    };
+    same(n, b"x-forwarded-client-cert") || (n.len() >= 9 && same(&n[..9], b"x-wraith-"))
+}
+
 /// `x-forwarded-client-cert` or `x-wraith-*`, reading `_` as `-`; or a forwarding header
 /// Wraith sets, or one of the `CLAIMS`, spelt with `_` (from any peer: proxies send the
 /// real names).

@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
 # chromium: headless Chromium fetches a page over HTTP/3 in tests/h3_external.rs.
 # faketime: libfaketime steps the gateway's wall clock in tests/decisions.rs.
-for pkg in curl:curl tmux:tmux chromium:chromium faketime:faketime; do
+for pkg in curl:curl tmux:tmux chromium:chromium faketime:faketime python3:python3; do
   bin=${pkg%%:*}; deb=${pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done
@@ -37,7 +37,21 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Python packages the tests use (tests/observability.rs validates /metrics with the reference
-# OpenMetrics parser; tests/h3_external.rs runs aioquic's HTTP/3 client).
-if ! python3 -c 'import prometheus_client, aioquic' >/dev/null 2>&1; then
-  python3 -m pip install -q -r .ci/requirements.txt
+# OpenMetrics parser; tests/h3_external.rs runs aioquic's HTTP/3 client). Debian's python3
+# refuses pip installs into the system (PEP 668, "externally-managed-environment"), and its
+# own packages are too old or missing (python3-prometheus-client 0.16, no aioquic): they go
+# into a virtual environment under target/, which .ci/test.sh puts first on PATH.
+py_ok='import prometheus_client, aioquic'
+venv=target/ci-python
+if ! python3 -c "$py_ok" >/dev/null 2>&1 \
+  && ! { [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c "$py_ok" >/dev/null 2>&1; }; then
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    echo "installing: python3-venv"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
+  fi
+  rm -rf "$venv"
+  mkdir -p target
+  python3 -m venv "$venv"
+  "$venv/bin/python3" -m pip install -q -r .ci/requirements.txt
 fi

@@ -669,6 +669,13 @@ async fn every_exit_path_gives_one_record_in_every_sink() {
         .collect();
     errors.sort();
     assert_eq!(errors, ["/app/slow", "/dead/x"]);
+    // --limit N shows the newest N; 0 shows every row (as `decisions list --limit 0`).
+    let (_, out, _) = wraith.cli(&["logs", "--errors", "--json", "--limit", "1"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let (_, out, _) = wraith.cli(&["logs", "--json", "--limit", "0"]);
+    let (_, all, _) = wraith.cli(&["logs", "SELECT count(*) AS n FROM access_log", "--json"]);
+    let n = serde_json::from_str::<Value>(all.lines().next().unwrap()).unwrap()["n"].clone();
+    assert_eq!(Some(out.lines().count() as u64), n.as_u64(), "{all}");
     // /app/slow took over 1 s; the fast ones (most of the 11) are left out. (The client of
     // /app/hang leaves right away, but on a stalled machine that can take 900 ms too.)
     let (_, out, _) = wraith.cli(&["logs", "--slow", "900ms", "--json"]);

@@ -87,8 +87,14 @@ fn logs(args: &LogsArgs) -> Result<(), String> {
     }
 
     let (columns, filter) = preset(args)?;
-    // SQLite's LIMIT is a signed 64-bit integer: more is all rows anyway.
-    let limit = if args.limit == 0 { 50 } else { args.limit }.min(i64::MAX as usize);
+    // 0 is every row, as for `wraith decisions list`. SQLite's LIMIT is a signed 64-bit
+    // integer: more is all rows anyway.
+    let limit = if args.limit == 0 {
+        usize::MAX
+    } else {
+        args.limit
+    }
+    .min(i64::MAX as usize);
     // The newest `limit` matching rows, shown oldest first.
     let sql = format!(
         "SELECT * FROM (SELECT {columns} FROM access_log WHERE {filter} ORDER BY id DESC LIMIT {limit}) ORDER BY id"

@@ -101,7 +101,7 @@ pub enum Command {
         /// Only requests newer than this (e.g. `1h`).
         #[arg(long, value_name = "DURATION")]
         since: Option<String>,
-        /// Rows shown (the newest; default 50).
+        /// Rows shown (the newest; default 50; 0 for all).
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// Longest a statement may run before it is stopped, the time spent writing its

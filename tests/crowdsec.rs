@@ -581,3 +581,58 @@ async fn a_malformed_lapi_entry_is_skipped_and_the_rest_applied() {
         wraith.log()
     );
 }
+
+/// A stub LAPI whose answer never ends: a chunked body of 1 MiB chunks, sent for as long
+/// as the client reads.
+async fn endless_lapi() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let start = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(start).await.is_err() {
+                    return;
+                }
+                let mut chunk = b"{\"new\":[".to_vec();
+                chunk.resize(1 << 20, b' ');
+                let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+                piece.extend_from_slice(&chunk);
+                piece.extend_from_slice(b"\r\n");
+                while s.write_all(&piece).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// An answer refused at the 256 MiB ceiling leaves no trace in the gateway's memory: what
+/// was read of it is given back to the system at once (mimalloc kept it, and an idle
+/// gateway stayed 300 MiB larger for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_lapi_answer_is_refused_and_its_memory_given_back() {
+    let lapi = endless_lapi().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &format!("http://{lapi}"), "60s", "");
+    let wraith = setup.start(&cfg);
+    assert!(
+        wraith
+            .wait_log(Duration::from_secs(60), |v| v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("pull failed"))
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("larger than 256 MiB")))
+            .is_some(),
+        "the endless answer was not refused:\n{}",
+        wraith.log()
+    );
+    let rss = wraith.rss_kib() / 1024;
+    assert!(rss < 128, "the gateway holds {rss} MiB after the refusal");
+    // And it serves (open mode: no decisions yet is no ban).
+    let client = http_client();
+    assert_eq!(status_for(&client, &wraith, "192.0.2.70").await, 200);
+}

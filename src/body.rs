@@ -299,3 +299,158 @@ impl http_body::Body for Watched {
         self.inner.size_hint()
     }
 }
+
+/// A request body whose small pieces that are there together are passed on as one: a
+/// client's DATA frames of a few bytes each (HTTP/2, HTTP/3) would otherwise reach an HTTP/2
+/// upstream as as many tiny frames, which costs the upstream a frame each and trips the
+/// small-frame flood limits of HTTP/2 servers (h2's `ENHANCE_YOUR_CALM`, which closes the
+/// whole upstream connection, the other clients' streams on it with it). Nothing is ever
+/// waited for: what is not there yet goes in a later piece, so a streaming call is not
+/// delayed. A piece of `COALESCED` bytes or more passes as it came, without a copy.
+pub struct Coalesced {
+    inner: Body,
+    /// A frame taken from `inner` that did not fit (trailers, an error, the end, a large
+    /// piece), passed on next.
+    held: Option<Option<Result<Frame<Bytes>, BoxError>>>,
+}
+
+/// Pieces smaller than this are joined with what follows them.
+const COALESCED: usize = 16 * 1024;
+
+impl Coalesced {
+    pub fn new(inner: Body) -> Coalesced {
+        Coalesced { inner, held: None }
+    }
+}
+
+impl http_body::Body for Coalesced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(held) = this.held.take() {
+            return Poll::Ready(held);
+        }
+        let first = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.len() < COALESCED => data,
+                Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            },
+            other => return other,
+        };
+        let mut joined: Option<bytes::BytesMut> = None;
+        loop {
+            let len = joined.as_ref().map_or(first.len(), |j| j.len());
+            if len >= COALESCED {
+                break;
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if len + data.len() <= COALESCED => {
+                        let j = joined.get_or_insert_with(|| {
+                            let mut j = bytes::BytesMut::with_capacity(COALESCED);
+                            j.extend_from_slice(&first);
+                            j
+                        });
+                        j.extend_from_slice(&data);
+                    }
+                    Ok(data) => {
+                        this.held = Some(Some(Ok(Frame::data(data))));
+                        break;
+                    }
+                    Err(frame) => {
+                        this.held = Some(Some(Ok(frame)));
+                        break;
+                    }
+                },
+                // The end, or an error: after what was joined.
+                Poll::Ready(end) => {
+                    this.held = Some(end);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let data = joined.map_or(first, bytes::BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.held, Some(None)) || (self.held.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        if let Some(Some(Ok(frame))) = &self.held {
+            if let Some(data) = frame.data_ref() {
+                let n = data.len() as u64;
+                hint.set_lower(hint.lower() + n);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + n);
+                }
+            }
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body made of `frames`, all there at once.
+    fn frames(frames: Vec<Result<Frame<Bytes>, BoxError>>) -> Body {
+        Body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    async fn all(mut body: Coalesced) -> Vec<Result<Frame<Bytes>, String>> {
+        let mut out = Vec::new();
+        while let Some(f) = body.frame().await {
+            out.push(f.map_err(|e| e.to_string()));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn small_pieces_are_joined_and_what_follows_them_kept_in_order() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let mut input: Vec<Result<Frame<Bytes>, BoxError>> = (0..100)
+            .map(|_| Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .collect();
+        input.push(Ok(Frame::data(Bytes::new())));
+        input.push(Ok(Frame::data(Bytes::from(vec![7u8; 20_000]))));
+        input.push(Ok(Frame::data(Bytes::from_static(b"z"))));
+        input.push(Ok(Frame::trailers(trailers.clone())));
+        let out = all(Coalesced::new(frames(input))).await;
+        let data: Vec<usize> = out
+            .iter()
+            .filter_map(|f| f.as_ref().ok()?.data_ref().map(|d| d.len()))
+            .collect();
+        // The 100 small pieces as one, the large one as it came, then the last small one.
+        assert_eq!(data, [200, 20_000, 1]);
+        let last = out.last().unwrap().as_ref().unwrap();
+        assert_eq!(last.trailers_ref(), Some(&trailers));
+    }
+
+    #[tokio::test]
+    async fn an_error_comes_after_the_pieces_before_it() {
+        let input: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+            Err("broken".into()),
+        ];
+        let out = all(Coalesced::new(frames(input))).await;
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0].as_ref().unwrap().data_ref().unwrap(), "ab");
+        assert_eq!(out[1].as_ref().unwrap_err(), "broken");
+    }
+}

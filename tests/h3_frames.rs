@@ -583,13 +583,11 @@ async fn a_data_frame_the_stream_ends_inside_of_is_no_complete_body() {
     }
 }
 
-/// A body of small DATA frames that came together goes upstream as a few chunks, not one per
-/// frame (each cost the upstream a chunk line of its own: six bytes for one).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_data_frames_that_come_together_go_upstream_as_few_chunks() {
+/// Sends a POST whose body is `FRAMES` DATA frames of one byte, all in one write, and
+/// returns the echo's JSON (the upstream counts the data frames its HTTP library made of the
+/// body: one per chunk of HTTP/1.1, one per DATA frame of HTTP/2).
+async fn post_in_one_byte_frames(client: &RawH3) -> serde_json::Value {
     use common::quic::{varint, DATA};
-    const FRAMES: usize = 2_000;
-    let (_wraith, _upstream, client) = served().await;
     let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
     let mut bytes = frame(HEADERS, &request_section("POST", "/upload", &[]));
     for _ in 0..FRAMES {
@@ -616,9 +614,44 @@ async fn small_data_frames_that_come_together_go_upstream_as_few_chunks() {
     assert_eq!(status, Some(200));
     let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo["body_len"], FRAMES);
+    echo
+}
+
+const FRAMES: usize = 2_000;
+
+/// A body of small DATA frames that came together goes upstream as a few chunks, not one per
+/// frame (each cost the upstream a chunk line of its own: six bytes for one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_data_frames_that_come_together_go_upstream_as_few_chunks() {
+    let (_wraith, _upstream, client) = served().await;
+    let echo = post_in_one_byte_frames(&client).await;
     let chunks = echo["data_frames"].as_u64().unwrap() as usize;
     assert!(
         chunks <= FRAMES / 10,
         "{chunks} chunks upstream for {FRAMES} frames"
+    );
+}
+
+/// The same to an HTTP/2 upstream: a few DATA frames, not one per client frame (HTTP/2
+/// servers close a connection that sends many small ones, ENHANCE_YOUR_CALM, and every
+/// client's requests on it go with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_data_frames_that_come_together_go_to_an_h2_upstream_as_few_frames() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup.listeners_h3("", "", ALLOW_ALL_POLICY), upstream.addr).replace(
+        "name = \"app\"\nendpoints",
+        "name = \"app\"\nprotocol = \"h2c\"\nendpoints",
+    );
+    assert!(cfg.contains("h2c"));
+    let wraith = setup.start(&cfg);
+    let mut client = RawH3::connect(&wraith.pki().ca_pem, wraith.addr("https")).await;
+    client.open_control().await;
+    let echo = post_in_one_byte_frames(&client).await;
+    assert_eq!(echo["version"], "HTTP/2.0");
+    let frames = echo["data_frames"].as_u64().unwrap() as usize;
+    assert!(
+        frames <= FRAMES / 10,
+        "{frames} DATA frames upstream for {FRAMES}"
     );
 }

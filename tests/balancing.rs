@@ -1225,3 +1225,147 @@ async fn request_bodies_the_client_breaks_never_eject_an_endpoint() {
         );
     }
 }
+
+/// A request waiting for a free endpoint takes one that comes back (its health check passes
+/// again) at once: waiters were woken only when a request ended, so with the other endpoint
+/// busy it sat out its pending_timeout and got 503 beside an idle, healthy endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_takes_an_endpoint_that_comes_back() {
+    let back = Backend::start("back", Duration::ZERO).await;
+    let busy = Backend::start("busy", Duration::from_secs(30)).await;
+    back.healthy.store(false, Ordering::SeqCst);
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [{{ address = \"{}\", max_connections = 1 }}, {{ address = \"{}\", max_connections = 1 }}]\nmax_pending = 5\npending_timeout = \"10s\"\nresponse_timeout = \"60s\"\noutlier = {{ consecutive_failures = 0 }}\n[upstream.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n",
+        back.endpoint(),
+        busy.endpoint()
+    )));
+    assert!(wait_health(&wraith, &back.endpoint(), "down").await);
+    let client = http_client();
+    // The one healthy endpoint's one connection is taken for 30 s.
+    let _long = one_in_flight(&client, &wraith.url("http", "/long"), &busy).await;
+    let waiter = tokio::spawn({
+        let (client, url) = (client.clone(), wraith.url("http", "/waits"));
+        async move {
+            let r = client.get(&url).send().await.unwrap();
+            let from = r.headers().get("x-upstream").cloned();
+            (r.status(), from)
+        }
+    });
+    assert!(
+        Wraith::eventually(Duration::from_secs(5), || async {
+            wraith.status().await["upstreams"][0]["pending"] == 1
+        })
+        .await,
+        "the request never waited"
+    );
+    back.healthy.store(true, Ordering::SeqCst);
+    let (status, from) = waiter.await.unwrap();
+    assert_eq!(status, 200, "the waiter got no endpoint");
+    assert_eq!(from.unwrap(), "back");
+}
+
+/// An upstream that reads a request and: for `/long`, answers after 30 s; for `/hangup`,
+/// closes without answering; for `/short`, answers after 1 s; else answers at once.
+async fn scripted_endpoint() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut tmp = [0u8; 4096];
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                match path.as_str() {
+                    "/hangup" => return,
+                    "/long" => tokio::time::sleep(Duration::from_secs(30)).await,
+                    "/short" => tokio::time::sleep(Duration::from_secs(1)).await,
+                    _ => {}
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A freed connection slot wakes every waiter, not one: the first waiter, a retry that has
+/// tried the endpoint just freed, cannot take it, and the wake-up it swallowed left the
+/// waiter behind it (which could) to its pending_timeout and a 503, beside an idle endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_reaches_a_waiter_that_can_use_it() {
+    let (x, y) = (scripted_endpoint().await, scripted_endpoint().await);
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [{{ address = \"{x}\", max_connections = 1 }}, {{ address = \"{y}\", max_connections = 1 }}]\nmax_pending = 5\npending_timeout = \"6s\"\nresponse_timeout = \"60s\"\nretries = 1\noutlier = {{ consecutive_failures = 0 }}\n"
+    )));
+    let client = http_client();
+    let get = |path: &str| {
+        let (client, url) = (client.clone(), wraith.url("http", path));
+        tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
+    };
+    let pending = |n: u64| {
+        let wraith = &wraith;
+        async move {
+            Wraith::eventually(Duration::from_secs(5), || async {
+                wraith.status().await["upstreams"][0]["pending"] == n
+            })
+            .await
+        }
+    };
+    // One endpoint busy for 30 s; the other hangs up on the next request, which (tried it)
+    // waits for the busy one.
+    let _long = get("/long");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _retrying = get("/hangup");
+    assert!(pending(1).await, "the retry never waited");
+    // A 1 s request takes the free endpoint; a fresh request waits behind the retry.
+    let short = get("/short");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = get("/fresh");
+    assert!(pending(2).await, "the fresh request never waited");
+    assert_eq!(short.await.unwrap(), 200);
+    // The slot the short request freed reaches the fresh request.
+    assert_eq!(fresh.await.unwrap(), 200);
+}
+
+/// fail_open is for a pool with no healthy endpoint: a request whose healthy endpoint
+/// failed it is not retried on one that health checks hold down (it was, with nothing
+/// logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_sends_nothing_to_a_down_endpoint_while_one_is_healthy() {
+    let healthy = scripted_endpoint().await;
+    let down = Backend::start("down", Duration::ZERO).await;
+    down.healthy.store(false, Ordering::SeqCst);
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [\"{healthy}\", \"{}\"]\nfail_open = true\nretries = 2\noutlier = {{ consecutive_failures = 0 }}\n[upstream.health_check]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n",
+        down.endpoint()
+    )));
+    assert!(wait_health(&wraith, &down.endpoint(), "down").await);
+    assert!(wait_health(&wraith, &healthy.to_string(), "up").await);
+    let client = http_client();
+    for _ in 0..4 {
+        let r = client
+            .get(wraith.url("http", "/hangup"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    assert_eq!(down.hits(), 0, "a retry went to the endpoint that is down");
+}

@@ -1146,7 +1146,11 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Release);
         if let Some(n) = self.0.release.get() {
-            n.notify_one();
+            // Every waiter: the one `notify_one` would pick may have no use for this
+            // endpoint (it tried it already), and would swallow the wake-up of one that has.
+            // Waiters register before they look (`Upstream::select_waiting`), so none
+            // misses it.
+            n.notify_waiters();
         }
     }
 }

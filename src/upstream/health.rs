@@ -128,8 +128,8 @@ impl EndpointHealth {
         true
     }
 
-    /// Ends a passive ejection early because an active check passed.
-    fn end_ejection_by_check(&self) {
+    /// Ends a passive ejection early because an active check passed; whether it ended one.
+    fn end_ejection_by_check(&self) -> bool {
         let until = self.ejected_until.load(Relaxed);
         if until != 0
             && self
@@ -140,8 +140,10 @@ impl EndpointHealth {
             self.consecutive.store(0, Relaxed);
             if until > now_ms() {
                 tracing::info!(endpoint = %self.label, "endpoint ejection ended early: its health check passes");
+                return true;
             }
         }
+        false
     }
 
     /// The state shown in `wraith status`.
@@ -153,6 +155,15 @@ impl EndpointHealth {
         } else {
             State::Up
         }
+    }
+
+    /// The passive ejection's time left, if the endpoint is ejected (and not down).
+    pub(super) fn ejection_left(&self) -> Option<Duration> {
+        let until = self.ejected_until.load(Relaxed);
+        if until == 0 || self.active_down.load(Relaxed) {
+            return None;
+        }
+        Some(Duration::from_millis(until.saturating_sub(now_ms())))
     }
 
     /// Milliseconds of ejection left (0 when not ejected).
@@ -315,10 +326,17 @@ async fn run_checks(weak: Weak<Upstream>, index: usize, check: HealthCheckConfig
                 failures = 0;
                 passes = passes.saturating_add(1);
                 // A passing check overrides a passive ejection (the endpoint answers again).
-                health.end_ejection_by_check();
+                let mut back = health.end_ejection_by_check();
                 if down && passes >= check.rise {
                     health.active_down.store(false, Relaxed);
                     tracing::info!(endpoint = %health.label, passes, "endpoint is up (health check)");
+                    back = true;
+                }
+                // Requests waiting for a free endpoint may take this one now.
+                if back {
+                    if let Some(u) = weak.upgrade() {
+                        u.wake_waiters();
+                    }
                 }
             }
             Err(why) => {

@@ -276,10 +276,13 @@ impl Upstream {
                     if any_healthy {
                         return Selection::Full;
                     }
-                    if (0..eps.len()).all(|i| !eps[i].health.is_available()) {
+                    let all_down = (0..eps.len()).all(|i| !eps[i].health.is_available());
+                    if all_down {
                         self.note_all_down();
                     }
-                    if !self.config.fail_open {
+                    // fail_open is for a pool with no healthy endpoint at all: a request that
+                    // has tried the healthy ones is not sent to the unhealthy ones.
+                    if !self.config.fail_open || !all_down {
                         return Selection::Unavailable;
                     }
                     let untried = |i: usize| !tried.contains(i) && eps[i].has_capacity();
@@ -340,9 +343,32 @@ impl Upstream {
                 Selection::Full => {}
                 other => return Some(other),
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            // Woken when a request of the upstream ends or an endpoint's health check passes;
+            // a passive ejection ends with time only, so its end is a wake-up too.
+            let wake = match self.next_ejection_end() {
+                Some(end) => deadline.min(tokio::time::Instant::now() + end),
+                None => deadline,
+            };
+            if tokio::time::timeout_at(wake, notified).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
                 return None;
             }
+        }
+    }
+
+    /// How long until the first passive ejection of an endpoint ends, if one is ejected.
+    fn next_ejection_end(&self) -> Option<Duration> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.health.ejection_left())
+            .min()
+    }
+
+    /// Wakes the requests waiting for a free endpoint (an endpoint came back).
+    pub(crate) fn wake_waiters(&self) {
+        if let Some(n) = &self.released {
+            n.notify_waiters();
         }
     }
 

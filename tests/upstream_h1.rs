@@ -715,3 +715,45 @@ async fn damaged_upstream_responses_never_hang_or_panic_the_gateway() {
     let r = client.get(wraith.url("http", "/ok")).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "fine");
 }
+
+/// A pooled connection the upstream closes as it is reused (its keep-alive timeout running
+/// out as the next request comes) is tried again on a fresh one for a PUT with a small body
+/// too, also with a single endpoint: only bodyless requests were, and the PUT got 502.
+#[tokio::test]
+async fn a_put_with_a_body_on_a_connection_closed_as_it_is_reused_is_sent_again() {
+    // Answers the first request of each connection (keep-alive), hangs up on the second.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some((_, body)) = read_request(&mut s, &mut buf).await else {
+                    return;
+                };
+                seen.lock().unwrap().push(body);
+                let _ = s.write_all(&ok("stored")).await;
+                let _ = read_request(&mut s, &mut buf).await;
+            });
+        }
+    });
+    let wraith = gateway(Setup::new(), &[addr.to_string()]);
+    let client = http_client();
+    for i in 0..5 {
+        let r = client
+            .put(wraith.url("http", &format!("/doc/{i}")))
+            .body(format!("document {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "PUT {i}");
+    }
+    let bodies = bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 5, "each PUT stored once");
+    for (i, b) in bodies.iter().enumerate() {
+        assert_eq!(b, format!("document {i}").as_bytes());
+    }
+}

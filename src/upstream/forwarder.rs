@@ -151,7 +151,9 @@ pub async fn forward(
     let retries_possible = config.retries > 0 && upstream.endpoints.len() > 1;
     let replay = if req.body().is_end_stream() {
         Replay::Empty
-    } else if retries_possible
+    } else if (retries_possible || !h2)
+        // (Over HTTP/1.1 also with no retry to another endpoint: a pooled connection that
+        // the upstream closed as it was reused is tried again on a fresh one, body and all.)
         && idempotent
         && !upgrade
         && req

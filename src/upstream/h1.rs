@@ -322,7 +322,12 @@ pub async fn send(
 ) -> Result<Response<Body>, SendError> {
     let (parts, mut body) = req.into_parts();
     let (head, chunked) = encode_head(&parts, &pool.addr, forwarding, &body);
-    let replayable = body.is_end_stream();
+    // A body in memory (buffered by the forwarder for retries) can be sent again as it is.
+    let in_memory = match &body {
+        Body::Full(Some(b)) => Some(b.clone()),
+        _ => None,
+    };
+    let replayable = body.is_end_stream() || in_memory.is_some();
     // Sent again after the upstream may have acted on it only if repeating it is harmless.
     let idempotent = parts.method.is_idempotent();
     let head_only = parts.method == Method::HEAD;
@@ -363,6 +368,9 @@ pub async fn send(
                 if reused && replayable && (!written || idempotent) =>
             {
                 reused = false;
+                if let Some(b) = &in_memory {
+                    body = Body::Full(Some(b.clone()));
+                }
                 conn = match pool.connect().await {
                     Ok(c) => c,
                     Err(error) => {

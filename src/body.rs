@@ -93,7 +93,15 @@ impl http_body::Body for Body {
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::H1(b) => Pin::new(b).poll_frame(cx),
             Body::Upstream(b) => clean_trailers(Pin::new(b).poll_frame(cx)),
-            Body::Tracked(b, _) => clean_trailers(Pin::new(b).poll_frame(cx).map_err(Into::into)),
+            Body::Tracked(b, slot) => {
+                let polled = Pin::new(b).poll_frame(cx).map_err(Into::into);
+                match &polled {
+                    Poll::Ready(None) => slot.body_ended(true),
+                    Poll::Ready(Some(Err(_))) => slot.body_ended(false),
+                    _ => {}
+                }
+                clean_trailers(polled)
+            }
             Body::Logged(b) => Pin::new(&mut **b).poll_frame(cx),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
         }

@@ -1369,3 +1369,67 @@ async fn fail_open_sends_nothing_to_a_down_endpoint_while_one_is_healthy() {
     }
     assert_eq!(down.hits(), 0, "a retry went to the endpoint that is down");
 }
+
+/// An upstream whose every response is cut off: a 200 head promising 1000 bytes, 10 of
+/// them, then the connection closes.
+async fn truncating_endpoint() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut tmp = [0u8; 4096];
+                    match s.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Responses cut off mid-body count as broken responses for passive ejection: they were
+/// recorded as successes when their heads came, and an endpoint breaking every response
+/// was never ejected.
+#[tokio::test]
+async fn responses_cut_off_mid_body_eject_their_endpoint() {
+    let broken = truncating_endpoint().await;
+    let good = Backend::start("good", Duration::ZERO).await;
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [\"{broken}\", \"{}\"]\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"1m\", max_ejected_percent = 50 }}\n",
+        good.endpoint()
+    )));
+    // A connection per request: the gateway closes a client connection whose response it
+    // could not complete.
+    let _ = http_client();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut cut = 0;
+    for _ in 0..12 {
+        // Cut off before the head reached the client, or in its body.
+        let whole = match client.get(wraith.url("http", "/x")).send().await {
+            Ok(r) => r.bytes().await.is_ok(),
+            Err(_) => false,
+        };
+        if !whole {
+            cut += 1;
+        }
+    }
+    assert_eq!(
+        cut, 3,
+        "the endpoint was ejected after its third broken response"
+    );
+    let e = wraith.endpoint_status("pool", &broken.to_string()).await;
+    assert_eq!(e["health"], "ejected", "{e}");
+}

@@ -11,6 +11,7 @@
 //! starts after `try_duration`.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -103,7 +104,7 @@ enum Failure {
 
 /// Forwards `req` to `upstream` on behalf of `route`, retrying on other endpoints when safe.
 pub async fn forward(
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     route: &RouteConfig,
     mut req: Request<Body>,
     info: &ForwardInfo<'_>,
@@ -193,7 +194,7 @@ pub async fn forward(
         let Some(req) = next.take() else {
             return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
         };
-        let (index, guard) = match upstream.select(key, &tried) {
+        let (index, mut guard) = match upstream.select(key, &tried) {
             Selection::Endpoint(i, g) => (i, g),
             Selection::Unavailable => {
                 return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)))
@@ -219,6 +220,10 @@ pub async fn forward(
         outcome.attempts += 1;
         outcome.endpoint = Some(endpoint.authority.clone());
         endpoint.requests.fetch_add(1, Ordering::Relaxed);
+        // Passive health hears how the response body ends (unless checks are off).
+        if config.outlier.consecutive_failures != 0 {
+            guard.report_to(upstream.clone(), index);
+        }
 
         let result = if h2 {
             send_h2(upstream, endpoint, req, timeout, guard)
@@ -240,11 +245,29 @@ pub async fn forward(
         outcome.upstream_time = Some(attempt_started.elapsed());
 
         let (failure, returned) = match result {
-            Ok(resp) => {
-                if resp.status().is_server_error() {
-                    endpoint.health.record_failure(upstream);
-                } else {
-                    endpoint.health.record_success(&config.outlier);
+            Ok(mut resp) => {
+                // A 5xx, a response that ends with its head and a 101 are recorded now; any
+                // other response when its body ends (`InFlight::body_ended`): one cut off
+                // mid-body is a broken response.
+                let status = resp.status();
+                let now = status.is_server_error()
+                    || status == http::StatusCode::SWITCHING_PROTOCOLS
+                    || resp.body().is_end_stream();
+                if now {
+                    match resp.body_mut() {
+                        Body::Upstream(b) => {
+                            if let Some(slot) = b.in_flight_mut() {
+                                slot.disarm();
+                            }
+                        }
+                        Body::Tracked(_, slot) => slot.disarm(),
+                        _ => {}
+                    }
+                    if status.is_server_error() {
+                        endpoint.health.record_failure(upstream);
+                    } else {
+                        endpoint.health.record_success(&config.outlier);
+                    }
                 }
                 return finish_response(resp, client_upgrade, timeout, info).map_err(|reason| {
                     GatewayError::UpstreamFailed {

@@ -156,14 +156,14 @@ impl Pool {
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<InFlight> {
         if max == usize::MAX {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
-            return Some(InFlight(self.clone()));
+            return Some(InFlight(self.clone(), None));
         }
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| InFlight(self.clone()))
+            .map(|_| InFlight(self.clone(), None))
     }
 
     /// Has this pool's request ends notify `release` too, unless it already notifies one
@@ -1147,8 +1147,35 @@ impl Facts {
     }
 }
 
-/// Counts a request in flight on its endpoint until dropped.
-pub struct InFlight(Arc<Pool>);
+/// Counts a request in flight on its endpoint until dropped. Armed with its endpoint
+/// (`report_to`), it also tells the endpoint's passive health how the response body ended:
+/// a response cut off mid-body is a broken response, as one without a head is.
+pub struct InFlight(Arc<Pool>, Option<(Arc<super::Upstream>, usize)>);
+
+impl InFlight {
+    /// The response body reports to endpoint `index` of `upstream` how it ends.
+    pub(crate) fn report_to(&mut self, upstream: Arc<super::Upstream>, index: usize) {
+        self.1 = Some((upstream, index));
+    }
+
+    /// Nothing to report (the outcome was recorded from the response head).
+    pub(crate) fn disarm(&mut self) {
+        self.1 = None;
+    }
+
+    /// The response body ended, whole (`ok`) or broken; reported once. (A body dropped
+    /// before its end, the client gone, reports nothing.)
+    pub(crate) fn body_ended(&mut self, ok: bool) {
+        if let Some((upstream, index)) = self.1.take() {
+            let health = &upstream.endpoints[index].health;
+            if ok {
+                health.record_success(&upstream.config.outlier);
+            } else {
+                health.record_failure(&upstream);
+            }
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -1230,9 +1257,18 @@ impl ResponseBody {
             if let Some(conn) = body.conn.as_mut() {
                 conn.ended_at_head = true;
             }
+            // (The forwarder records a response that ends with its head.)
+            if let Some(slot) = body.in_flight.as_mut() {
+                slot.disarm();
+            }
             body.finish();
         }
         body
+    }
+
+    /// The in-flight slot, for the forwarder to disarm its report.
+    pub(crate) fn in_flight_mut(&mut self) -> Option<&mut InFlight> {
+        self.in_flight.as_mut()
     }
 
     /// For a 101 response: the raw upstream connection and any bytes already read from it.
@@ -1251,6 +1287,9 @@ impl ResponseBody {
     /// The body ended: hand the connection back if it can carry another request.
     fn finish(&mut self) {
         self.state = State::Done;
+        if let Some(slot) = self.in_flight.as_mut() {
+            slot.body_ended(true);
+        }
         if let Some(conn) = self.conn.take() {
             if self.reusable && conn.buf.is_empty() {
                 self.pool.checkin(conn);
@@ -1261,6 +1300,9 @@ impl ResponseBody {
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.state = State::Done;
         self.conn = None;
+        if let Some(slot) = self.in_flight.as_mut() {
+            slot.body_ended(false);
+        }
         Poll::Ready(Some(Err(msg.into().into())))
     }
 

@@ -1433,3 +1433,46 @@ async fn responses_cut_off_mid_body_eject_their_endpoint() {
     let e = wraith.endpoint_status("pool", &broken.to_string()).await;
     assert_eq!(e["health"], "ejected", "{e}");
 }
+
+/// Requests still running on an endpoint that a reload removed count against its
+/// `max_connections` when a later reload adds it back: only the previous snapshot's counts
+/// were carried over, and the endpoint took more requests than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_removed_and_added_back_keeps_counting_its_requests() {
+    let a = Backend::start("a", Duration::from_secs(4)).await;
+    let b = Backend::start("b", Duration::ZERO).await;
+    let setup = Setup::new();
+    let with = |endpoint: &str| {
+        config(&format!(
+            "endpoints = [{{ address = \"{endpoint}\", max_connections = 2 }}]\nmax_pending = 0\nresponse_timeout = \"20s\"\n"
+        ))
+    };
+    let wraith = setup.start(&with(&a.endpoint()));
+    let client = http_client();
+    let url = wraith.url("http", "/slow");
+    let running: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { client.get(&url).send().await.unwrap().status() })
+        })
+        .collect();
+    assert!(
+        Wraith::eventually(Duration::from_secs(5), || async {
+            a.concurrent.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    // Removed, then added back while its two requests run.
+    wraith.write_config(&with(&b.endpoint()));
+    wraith.reload().unwrap();
+    wraith.write_config(&with(&a.endpoint()));
+    wraith.reload().unwrap();
+    let e = wraith.endpoint_status("pool", &a.endpoint()).await;
+    assert_eq!(e["in_flight"], 2, "{e}");
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 503, "the endpoint's two connections are taken");
+    for r in running {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert_eq!(a.max_concurrent.load(Ordering::SeqCst), 2);
+}

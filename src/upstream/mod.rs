@@ -209,7 +209,10 @@ impl Upstream {
                             connect_timeout: config.connect_timeout,
                             tls: pool_tls,
                             release: released.clone(),
-                            in_flight: same.map(|old| old.pool.in_flight.clone()),
+                            in_flight: Some(match same {
+                                Some(old) => old.pool.in_flight.clone(),
+                                None => in_flight_of(&config.name, e.authority.as_str(), e.tls),
+                            }),
                         },
                     ),
                     health,
@@ -375,6 +378,31 @@ impl Upstream {
     pub(crate) fn h2_client(&self) -> Option<&Client<tls::Connector, Body>> {
         self.h2.as_ref()
     }
+}
+
+/// The in-flight counts of every endpoint with requests in flight, by upstream name,
+/// authority and scheme, whatever snapshot the requests started in: an endpoint that a
+/// reload removes and a later one adds back counts the requests still running from before
+/// (`max_connections`, `least_connections`). The previous snapshot alone does not know them.
+#[allow(clippy::type_complexity)]
+static IN_FLIGHT: std::sync::LazyLock<
+    std::sync::Mutex<
+        std::collections::HashMap<(Arc<str>, Box<str>, bool), std::sync::Weak<AtomicUsize>>,
+    >,
+> = std::sync::LazyLock::new(Default::default);
+
+/// The in-flight count of an endpoint: the one its running requests use, or a new one.
+fn in_flight_of(upstream: &Arc<str>, authority: &str, tls: bool) -> Arc<AtomicUsize> {
+    let mut map = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+    // Entries whose pools are all gone go (reloads are rare; the map stays small).
+    map.retain(|_, w| w.strong_count() > 0);
+    let key = (upstream.clone(), Box::<str>::from(authority), tls);
+    if let Some(count) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+        return count;
+    }
+    let count = Arc::new(AtomicUsize::new(0));
+    map.insert(key, Arc::downgrade(&count));
+    count
 }
 
 struct PendingGuard<'a>(&'a AtomicUsize);

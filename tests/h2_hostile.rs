@@ -968,3 +968,51 @@ async fn a_host_field_other_than_the_authority_is_refused() {
         "200 for the same host: {statuses:?}"
     );
 }
+
+/// An h2c upstream that refuses every stream unprocessed: RST_STREAM(REFUSED_STREAM).
+async fn refusing_h2c_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A stream an HTTP/2 upstream refuses unprocessed (REFUSED_STREAM, or above a graceful
+/// GOAWAY's last stream ID) goes to another endpoint whatever its method, and is no failure
+/// of the endpoint's (RFC 9113 §8.7): a POST got 502 and counted against the endpoint.
+#[tokio::test]
+async fn a_stream_an_h2_upstream_refuses_unprocessed_is_sent_to_another_endpoint() {
+    let refusing = refusing_h2c_upstream().await;
+    let good = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"app\"\nprotocol = \"h2c\"\nendpoints = [\"{refusing}\", \"{}\"]\nretries = 1\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"app\"\n",
+        setup.listeners(),
+        good.addr
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    for i in 0..6 {
+        let r = client
+            .post(wraith.url("http", &format!("/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "POST {i}");
+    }
+    let e = wraith.endpoint_status("app", &refusing.to_string()).await;
+    assert_eq!(e["health"], "up", "{e}");
+    assert_eq!(e["consecutive_failures"], 0, "{e}");
+}

@@ -98,6 +98,10 @@ impl Replay {
 /// Why one attempt failed.
 enum Failure {
     Connect(String),
+    /// An HTTP/2 upstream refused the stream unprocessed (a graceful GOAWAY below it, or
+    /// REFUSED_STREAM): it may go out again whatever its method, and it is no failure of
+    /// the endpoint's.
+    Unprocessed(String),
     Timeout,
     Failed(String),
 }
@@ -291,7 +295,7 @@ pub async fn forward(
         let stalled = match &failure {
             Failure::Failed(m) => m == h1::CLIENT_BODY_STALLED,
             Failure::Timeout => watch.as_ref().is_some_and(|w| w.waiting_for_client()),
-            Failure::Connect(_) => false,
+            Failure::Connect(_) | Failure::Unprocessed(_) => false,
         };
         if stalled {
             return Err(GatewayError::RequestBodyTimeout);
@@ -304,7 +308,9 @@ pub async fn forward(
                 "the request body could not be read",
             ));
         }
-        endpoint.health.record_failure(upstream);
+        if !matches!(failure, Failure::Unprocessed(_)) {
+            endpoint.health.record_failure(upstream);
+        }
         let (error, connect) = match failure {
             Failure::Connect(reason) => {
                 endpoint.failures.fetch_add(1, Ordering::Relaxed);
@@ -317,6 +323,14 @@ pub async fn forward(
                     true,
                 )
             }
+            Failure::Unprocessed(reason) => (
+                GatewayError::UpstreamFailed {
+                    upstream: config.name.clone(),
+                    endpoint: endpoint.authority.to_string(),
+                    reason,
+                },
+                true,
+            ),
             Failure::Timeout => (
                 GatewayError::UpstreamTimeout {
                     upstream: config.name.clone(),
@@ -463,6 +477,10 @@ async fn send_h2(
     match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => Err(Failure::Timeout),
         Ok(Err(e)) if e.is_connect() => Err(Failure::Connect(error_chain(&e))),
+        Ok(Err(e)) if unprocessed(&e) => Err(Failure::Unprocessed(format!(
+            "the upstream did not process the request: {}",
+            error_chain(&e)
+        ))),
         Ok(Err(e)) => Err(Failure::Failed(error_chain(&e))),
         Ok(Ok(resp)) => Ok(resp.map(|b| Body::Tracked(b, guard))),
     }
@@ -676,6 +694,23 @@ where
 }
 
 /// An error and its causes, on one line.
+/// Whether an HTTP/2 upstream turned the request's stream away before processing it: a
+/// graceful GOAWAY (NO_ERROR) whose last stream ID is below it, or RST_STREAM with
+/// REFUSED_STREAM (RFC 9113 §6.8, §8.7). Streams the GOAWAY covers that the connection
+/// later loses fail with another error (a broken pipe, or a GOAWAY with an error code).
+fn unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            return h2e.is_remote()
+                && ((h2e.is_go_away() && h2e.reason() == Some(h2::Reason::NO_ERROR))
+                    || (h2e.is_reset() && h2e.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        cur = err.source();
+    }
+    false
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();

@@ -550,6 +550,45 @@ async fn a_reload_resizes_the_connection_limit_without_cutting_connections() {
     assert!(wraith.log().contains("connection limit changed"));
 }
 
+/// A limit lowered below the connections open while the accept loop already holds a free
+/// slot (it takes one before it accepts): the next connection waits like the ones after it
+/// (that slot went to it at once).
+#[tokio::test]
+async fn a_lowered_limit_holds_back_the_next_connection_too() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let with_limit = |n: usize| {
+        config(&setup, upstream.addr, "v1", "").replacen(
+            "protocol = \"http\"\n",
+            &format!("protocol = \"http\"\nlimits = {{ max_connections = {n} }}\n"),
+            1,
+        )
+    };
+    let (four, one) = (with_limit(4), with_limit(1));
+    let wraith = setup.start(&four);
+    let addr = wraith.addr("http");
+    let connect = || tokio::net::TcpStream::connect(addr);
+    let mut a = connect().await.unwrap();
+    let mut b = connect().await.unwrap();
+    assert!(answered(&mut a, Duration::from_secs(10)).await);
+    assert!(answered(&mut b, Duration::from_secs(10)).await);
+    // Two open under a limit of 4: the accept loop holds a third slot. Lowered to 1.
+    wraith.write_config(&one);
+    wraith.reload().unwrap();
+    let mut d = connect().await.unwrap();
+    assert!(
+        !answered(&mut d, Duration::from_millis(700)).await,
+        "a new connection was served with two open under a limit of 1"
+    );
+    drop(a);
+    assert!(!read_answer(&mut d, Duration::from_millis(700)).await);
+    drop(b);
+    assert!(
+        read_answer(&mut d, Duration::from_secs(10)).await,
+        "the waiting connection was not served once the count fell under the limit"
+    );
+}
+
 /// `serve -c wraith.toml` (a relative path): the first load resolves the file's relative paths
 /// as every reload does, so a reload that changes nothing rebuilds nothing (the access-log
 /// sink keeps its counts, the decisions state file is not "moved").

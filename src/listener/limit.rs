@@ -70,6 +70,11 @@ impl ConnectionLimit {
         })
     }
 
+    /// Whether a shrink is still being paid for (more slots out than the limit allows).
+    pub fn in_debt(&self) -> bool {
+        self.debt.load(Ordering::Acquire) > 0
+    }
+
     /// The configured limit.
     pub fn max(&self) -> usize {
         self.max.load(Ordering::Acquire)

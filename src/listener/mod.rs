@@ -367,6 +367,18 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         warned_full = false;
+        // The slot was taken before a reload lowered the limit below the connections open
+        // (a shrink cannot take back a slot an accept loop holds): it goes to pay for that,
+        // and this connection waits for a slot under the new limit, as the next ones do.
+        let permit = if limit.in_debt() {
+            drop(permit);
+            tokio::select! {
+                p = limit.acquire() => p,
+                _ = stop.cancelled() => return,
+            }
+        } else {
+            permit
+        };
         let snapshot = runtime.gateway.snapshot();
         let Some(listener) = snapshot.listener_by_key(&bound.key).cloned() else {
             return;

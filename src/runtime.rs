@@ -321,6 +321,8 @@ pub struct Runtime {
     listeners: Mutex<HashMap<ListenerKey, ListenerHandle>>,
     /// The QUIC (HTTP/3) sides of listeners with `http3 = true`.
     quic: Mutex<HashMap<ListenerKey, listener::quic::QuicHandle>>,
+    /// QUIC endpoints a reload stopped, still bound while their connections drain.
+    quic_draining: listener::quic::Draining,
     reload_lock: tokio::sync::Mutex<()>,
     /// Reloads started so far (each one's `ReloadResult::seq`).
     reloads_started: AtomicU64,
@@ -382,6 +384,7 @@ impl Runtime {
             client_cert_rejections: tls::ClientCertRejections::default(),
             listeners: Mutex::new(HashMap::new()),
             quic: Mutex::new(HashMap::new()),
+            quic_draining: Default::default(),
             reload_lock: tokio::sync::Mutex::new(()),
             reloads_started: AtomicU64::new(0),
             last_reload: Mutex::new(None),
@@ -800,7 +803,9 @@ impl Runtime {
     }
 
     /// Binds the UDP side of every listener of `snapshot` that wants HTTP/3 and has none yet,
-    /// on the port its TCP side has (`fresh`: TCP sockets bound for this snapshot).
+    /// on the port its TCP side has (`fresh`: TCP sockets bound for this snapshot). Where an
+    /// endpoint of ours still drains the connections of an earlier listener, that one is
+    /// taken back instead: its socket holds the port until they are gone.
     fn bind_quic(
         &self,
         snapshot: &Snapshot,
@@ -829,13 +834,17 @@ impl Runtime {
                 .map(|b| b.local_addr)
                 .or_else(|| tcp.get(&key).copied())
                 .unwrap_or(l.config.address);
-            out.push(listener::quic::bind(&l.config, address, quic)?);
+            out.push(match self.quic_draining.rebind(&l.config, address, quic) {
+                Some(b) => b,
+                None => listener::quic::bind(&l.config, address, quic)?,
+            });
         }
         Ok(out)
     }
 
-    /// Starts freshly bound QUIC endpoints, gives running ones the current snapshot's settings
-    /// for their new connections, and drains those whose listener no longer wants HTTP/3.
+    /// Starts freshly bound (or taken back) QUIC endpoints, gives running ones the current
+    /// snapshot's settings for their new connections, and drains those whose listener no
+    /// longer wants HTTP/3.
     fn reconcile_quic(self: &Arc<Self>, bound: Vec<listener::quic::Bound>) {
         let snapshot = self.gateway.snapshot();
         let Ok(mut map) = self.quic.lock() else {
@@ -845,22 +854,22 @@ impl Runtime {
         if self.shutdown.is_cancelled() {
             return;
         }
-        map.retain(|key, handle| {
-            let listener = snapshot.listener_by_key(key);
+        for (key, handle) in std::mem::take(&mut *map) {
+            let listener = snapshot.listener_by_key(&key);
             match listener.and_then(|l| l.quic.as_ref().map(|q| (l, q))) {
                 Some((l, quic)) => {
                     handle.update(quic);
                     resize_limit(&handle.limit, l, handle.local_addr, "quic");
-                    true
+                    map.insert(key, handle);
                 }
                 None => {
                     tracing::info!(address = %handle.local_addr, "HTTP/3 removed; draining its QUIC connections");
-                    handle.stop.cancel();
-                    false
+                    self.quic_draining.keep(handle);
                 }
             }
-        });
+        }
         for b in bound {
+            self.quic_draining.revive(&b);
             let handle = listener::quic::spawn(self.clone(), b);
             map.insert(handle.key.clone(), handle);
         }
@@ -939,7 +948,7 @@ impl Runtime {
             Err(_) => Vec::new(),
         };
         for h in &endpoints {
-            h.stop.cancel();
+            h.stop();
         }
         self.connections.close();
         self.connections.wait().await;
@@ -947,5 +956,6 @@ impl Runtime {
         for h in &endpoints {
             h.wait_idle().await;
         }
+        self.quic_draining.wait_idle().await;
     }
 }

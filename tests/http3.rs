@@ -564,6 +564,163 @@ async fn sigterm_sends_goaway_and_drains_requests_in_flight() {
     assert!(!matches!(again.await, Ok(Ok(_))));
 }
 
+/// An upstream that holds each request to `/held` until `release` is notified (once per
+/// request), and says on the receiver when it has one; anything else gets the JSON echo.
+async fn holding_upstream() -> (
+    Upstream,
+    std::sync::Arc<tokio::sync::Notify>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (held_tx, held) = tokio::sync::mpsc::unbounded_channel();
+    let r = release.clone();
+    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let (release, held_tx) = (r.clone(), held_tx.clone());
+        async move {
+            if req.uri().path() == "/held" {
+                let _ = held_tx.send(());
+                release.notified().await;
+            }
+            echo_response(req).await
+        }
+    })
+    .await;
+    (upstream, release, held)
+}
+
+/// The QUIC connections `wraith status` counts for listener `name`.
+async fn quic_connections(wraith: &Wraith, name: &str) -> serde_json::Value {
+    let status = wraith.status().await;
+    status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no listener {name} in {status}"))["quic_connections"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_turned_back_on_while_a_request_drains_serves_again_and_the_request_finishes() {
+    let (upstream, release, mut held) = holding_upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let on = h3_config(&setup, upstream.addr);
+    let off = on.replace("http3 = true", "http3 = false");
+    let wraith = setup.start(&on);
+    let addr = wraith.addr("https");
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let old = client.connect(addr).await.unwrap();
+    let mut request = old.clone();
+    let in_flight = tokio::spawn(async move { request.get("/held").await });
+    tokio::time::timeout(Duration::from_secs(10), held.recv())
+        .await
+        .expect("the request reached the upstream");
+
+    // Off: the connection drains, its request still running on the endpoint's UDP socket.
+    wraith.write_config(&off);
+    wraith.reload().unwrap();
+    // On again meanwhile: the port is held by Wraith itself, which must not fail the reload.
+    wraith.write_config(&on);
+    wraith
+        .reload()
+        .expect("HTTP/3 turned back on while a QUIC connection drains");
+    let mut fresh = client.connect(addr).await.unwrap();
+    assert_eq!(fresh.get("/new").await.unwrap().status(), 200);
+    // The draining connection is not the new listener's.
+    assert_eq!(quic_connections(&wraith, "https").await, 1);
+
+    // The old request completes; its connection, told to finish by the first reload, then
+    // closes as drains do, and the new one goes on.
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().unwrap().status(), 200);
+    closed_by_gateway_quietly(&old.conn, Duration::from_secs(10)).await;
+    assert_eq!(fresh.get("/after").await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_listener_re_added_while_its_connections_drain_serves_again() {
+    let (upstream, release, mut held) = holding_upstream().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let (here, elsewhere) = (unused_port(), unused_port());
+    let port_0 = "address = \"127.0.0.1:0\"\nprotocol = \"https\"";
+    let at = |port: u16| {
+        let cfg = h3_config(&setup, upstream.addr);
+        assert!(cfg.contains(port_0));
+        cfg.replacen(
+            port_0,
+            &format!("address = \"127.0.0.1:{port}\"\nprotocol = \"https\""),
+            1,
+        )
+    };
+    let (cfg_here, cfg_elsewhere) = (at(here), at(elsewhere));
+    let wraith = setup.start(&cfg_here);
+    let addr = wraith.addr("https");
+    assert_eq!(addr.port(), here);
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let old = client.connect(addr).await.unwrap();
+    let mut request = old.clone();
+    let in_flight = tokio::spawn(async move { request.get("/held").await });
+    tokio::time::timeout(Duration::from_secs(10), held.recv())
+        .await
+        .expect("the request reached the upstream");
+
+    // The listener moves to another port (the one here is removed and drains), and back.
+    wraith.write_config(&cfg_elsewhere);
+    wraith.reload().unwrap();
+    wraith.write_config(&cfg_here);
+    wraith
+        .reload()
+        .expect("an HTTP/3 listener re-added while its QUIC connections drain");
+    let mut fresh = client.connect(addr).await.unwrap();
+    assert_eq!(fresh.get("/new").await.unwrap().status(), 200);
+    assert_eq!(quic_connections(&wraith, "https").await, 1);
+
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().unwrap().status(), 200);
+    closed_by_gateway_quietly(&old.conn, Duration::from_secs(10)).await;
+    assert_eq!(fresh.get("/after").await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_quic_endpoint_frees_its_port_and_a_port_taken_meanwhile_fails_the_reload() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let on = h3_config(&setup, upstream.addr);
+    let off = on.replace("http3 = true", "http3 = false");
+    let wraith = setup.start(&on);
+    let addr = wraith.addr("https");
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut idle = client.connect(addr).await.unwrap();
+    assert_eq!(idle.get("/one").await.unwrap().status(), 200);
+
+    wraith.write_config(&off);
+    wraith.reload().unwrap();
+    closed_by_gateway_quietly(&idle.conn, Duration::from_secs(10)).await;
+    // Its last connection gone, the endpoint lets go of the port.
+    let mut taken = None;
+    let freed = Wraith::eventually(Duration::from_secs(10), || {
+        taken = std::net::UdpSocket::bind(addr).ok();
+        std::future::ready(taken.is_some())
+    })
+    .await;
+    assert!(
+        freed,
+        "UDP {addr} still bound after its QUIC connections drained"
+    );
+
+    // Another socket on the port now: turning HTTP/3 on fails the reload, as documented.
+    wraith.write_config(&on);
+    let refused = wraith.reload().unwrap_err();
+    assert!(refused.contains("Address already in use"), "{refused}");
+    drop(taken);
+    wraith.reload().unwrap();
+    let mut fresh = client.connect(addr).await.unwrap();
+    assert_eq!(fresh.get("/new").await.unwrap().status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_errors_for_http3_name_the_key() {
     let setup = Setup::new();

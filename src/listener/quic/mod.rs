@@ -18,14 +18,17 @@
 //! HTTP/3 GOAWAY and ends when its requests are done. Reload: new connections take the new
 //! snapshot's TLS and transport settings (`QuicHandle::update`); live ones keep theirs, unless
 //! the reload changed the client-certificate rules they were admitted under: then they get
-//! the same GOAWAY (`CloseSignal`).
+//! the same GOAWAY (`CloseSignal`). An endpoint whose listener a reload removed, or turned
+//! `http3` off on, keeps its UDP socket until its connections are gone (`Draining`); a reload
+//! that wants HTTP/3 on that address again meanwhile takes it back.
 
 mod body;
 pub mod crypto;
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, ConnectionError, Endpoint, EndpointConfig, Incoming, VarInt};
@@ -145,6 +148,9 @@ pub struct Bound {
     endpoint: Endpoint,
     local_addr: SocketAddr,
     max_connections: usize,
+    /// For an endpoint taken back from `Draining`: the server config it accepts with once
+    /// `spawn` starts it. Until then it refuses new connections as it did while draining.
+    revived: Option<quinn::ServerConfig>,
 }
 
 /// Binds the UDP side of a listener at `address` (the TCP side's bound address, so a port 0
@@ -177,6 +183,7 @@ pub fn bind(
         endpoint,
         local_addr,
         max_connections: config.limits.max_connections.get(),
+        revived: None,
     })
 }
 
@@ -206,8 +213,8 @@ pub struct QuicHandle {
     /// The UDP address bound.
     pub local_addr: SocketAddr,
     endpoint: Endpoint,
-    /// Cancelled to stop accepting and drain this listener's QUIC connections.
-    pub stop: CancellationToken,
+    /// Cancelled to stop accepting and drain this listener's QUIC connections (`stop`).
+    stop: CancellationToken,
     /// The connection limit; a reload resizes it.
     pub limit: Arc<ConnectionLimit>,
 }
@@ -216,6 +223,15 @@ impl QuicHandle {
     /// QUIC connections currently open.
     pub fn active(&self) -> usize {
         self.limit.active()
+    }
+
+    /// Stops accepting: new connections are refused from now on, live ones are asked to
+    /// finish. The endpoint refuses them here, not in the accept loop when it sees `stop`:
+    /// a reload may take the endpoint back (`Draining`) before that loop has run again, and
+    /// its late refusal would undo the new server config.
+    pub fn stop(&self) {
+        self.endpoint.set_server_config(None);
+        self.stop.cancel();
     }
 
     /// New connections use this snapshot's settings (certificate, groups, client
@@ -227,12 +243,115 @@ impl QuicHandle {
 
     /// Waits (bounded) until close frames of finished connections are sent.
     pub async fn wait_idle(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        wait_idle(&self.endpoint).await;
+    }
+}
+
+/// Waits (at most 1 s) until the close frames of `endpoint`'s finished connections are sent.
+async fn wait_idle(endpoint: &Endpoint) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// The QUIC endpoints stopped by a reload (the listener removed, or `http3` turned off), by
+/// UDP address, while their connections drain. Those connections send and receive on the
+/// endpoint's socket, so the port stays bound until the last of them is gone; a reload that
+/// wants HTTP/3 on that address again meanwhile takes the endpoint back (`rebind`) rather
+/// than bind a second socket, which would fail (EADDRINUSE) on Wraith's own. (A stopped TCP
+/// listener closes its socket at once: its connections have sockets of their own.)
+#[derive(Default)]
+pub struct Draining(Arc<Mutex<HashMap<SocketAddr, DrainingEndpoint>>>);
+
+struct DrainingEndpoint {
+    endpoint: Endpoint,
+    /// Cancelled when a reload takes the endpoint back: its watcher then leaves it alone.
+    revived: CancellationToken,
+}
+
+/// A mutex's content, also after a panic elsewhere poisoned it (what it holds stays valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Draining {
+    /// Stops `handle` and keeps its endpoint until every connection on it has closed; then
+    /// the endpoint is let go, its socket closes and the port is free for anyone.
+    pub fn keep(&self, handle: QuicHandle) {
+        handle.stop();
+        let address = handle.local_addr;
+        let endpoint = handle.endpoint.clone();
+        let revived = CancellationToken::new();
+        lock(&self.0).insert(
+            address,
+            DrainingEndpoint {
+                endpoint: handle.endpoint,
+                revived: revived.clone(),
+            },
+        );
+        let draining = self.0.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = endpoint.wait_idle() => {}
+                _ = revived.cancelled() => return,
+            }
+            // Checked under the lock `revive` cancels under: an endpoint taken back in the
+            // meantime serves a listener again and is not this watcher's any more.
+            let mut draining = lock(&draining);
+            if !revived.is_cancelled() {
+                draining.remove(&address);
+                tracing::debug!(address = %address, "QUIC connections drained; UDP port released");
+            }
+        });
+    }
+
+    /// The endpoint draining at `address`, if any, as bound for `config`'s HTTP/3. It stays
+    /// among the draining ones, refusing new connections, until `revive` (after the swap):
+    /// a reload that fails after this leaves it as it was. It keeps its `quic.max_udp_payload`
+    /// (set when its socket was bound), as a running endpoint does across reloads.
+    pub fn rebind(
+        &self,
+        config: &ListenerConfig,
+        address: SocketAddr,
+        quic: &QuicRuntime,
+    ) -> Option<Bound> {
+        let endpoint = lock(&self.0).get(&address)?.endpoint.clone();
+        Some(Bound {
+            key: config.key(),
+            endpoint,
+            local_addr: address,
+            max_connections: config.limits.max_connections.get(),
+            revived: Some((*quic.server).clone()),
+        })
+    }
+
+    /// Takes the endpoint of `bound` (from `rebind`) out of the draining ones: it accepts for
+    /// its new listener once spawned. Its old connections go on draining as before, on the
+    /// stop signal and connection limit of the listener that accepted them.
+    pub fn revive(&self, bound: &Bound) {
+        if bound.revived.is_none() {
+            return;
+        }
+        let mut draining = lock(&self.0);
+        if let Some(d) = draining.remove(&bound.local_addr) {
+            d.revived.cancel();
+            tracing::debug!(address = %bound.local_addr, draining = d.endpoint.open_connections(), "HTTP/3 back on an endpoint still draining connections; it takes new ones again");
+        }
+    }
+
+    /// Waits (bounded, per endpoint) until the close frames of the draining endpoints'
+    /// finished connections are sent (at exit).
+    pub async fn wait_idle(&self) {
+        let endpoints: Vec<Endpoint> = lock(&self.0).values().map(|d| d.endpoint.clone()).collect();
+        for endpoint in &endpoints {
+            wait_idle(endpoint).await;
+        }
     }
 }
 
 /// Starts accepting on a bound endpoint.
-pub fn spawn(runtime: Arc<Runtime>, bound: Bound) -> QuicHandle {
+pub fn spawn(runtime: Arc<Runtime>, mut bound: Bound) -> QuicHandle {
+    if let Some(server) = bound.revived.take() {
+        bound.endpoint.set_server_config(Some(server));
+    }
     let stop = runtime.shutdown.child_token();
     let limit = ConnectionLimit::new(bound.max_connections);
     let handle = QuicHandle {
@@ -280,15 +399,14 @@ async fn accept_loop(
     let mut warned_full = false;
     loop {
         let incoming = tokio::select! {
+            // Stopped, this loop accepts nothing more, even with connections waiting: a reload
+            // may have handed the endpoint to a new loop (`Draining`), and they are its.
+            biased;
+            _ = stop.cancelled() => return,
             i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => return,
             },
-            _ = stop.cancelled() => {
-                // Refuse new connections from now on; live ones drain on the same token.
-                endpoint.set_server_config(None);
-                return;
-            }
         };
         let snapshot = runtime.gateway.snapshot();
         let Some(listener) = snapshot.listener_by_key(&bound.key).cloned() else {

@@ -1016,3 +1016,86 @@ async fn a_stream_an_h2_upstream_refuses_unprocessed_is_sent_to_another_endpoint
     assert_eq!(e["health"], "up", "{e}");
     assert_eq!(e["consecutive_failures"], 0, "{e}");
 }
+
+/// A raw h2c upstream that answers the first request of each connection (stream 1: 200, no
+/// body) and meets the next one with GOAWAY(NO_ERROR, last stream 1): a server closing
+/// connections gracefully, whose later stream was never processed.
+async fn goaway_after_one_h2c_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if s.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                // Our SETTINGS (none).
+                if s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if s.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    if s.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let reply: Vec<u8> = match (kind, stream) {
+                        // SETTINGS (not an ACK): acknowledge.
+                        (4, 0) if flags & 1 == 0 => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
+                        // HEADERS on stream 1: 200 (HPACK static index 8), END_STREAM |
+                        // END_HEADERS.
+                        (1, 1) => vec![0, 0, 1, 1, 5, 0, 0, 0, 1, 0x88],
+                        // HEADERS on a later stream: GOAWAY(last stream 1, NO_ERROR), then
+                        // the connection closes.
+                        (1, _) => {
+                            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0];
+                            let _ = s.write_all(&goaway).await;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            return;
+                        }
+                        _ => Vec::new(),
+                    };
+                    if !reply.is_empty() && s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The stream above a graceful GOAWAY's last stream ID was never processed: a POST on it
+/// goes to another endpoint (it got 502 at every graceful GOAWAY).
+#[tokio::test]
+async fn a_post_above_a_graceful_goaway_is_sent_to_another_endpoint() {
+    let closing = goaway_after_one_h2c_upstream().await;
+    let good = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"app\"\nprotocol = \"h2c\"\nendpoints = [\"{closing}\", \"{}\"]\nretries = 1\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"app\"\n",
+        setup.listeners(),
+        good.addr
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    for i in 0..8 {
+        let r = client
+            .post(wraith.url("http", &format!("/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "POST {i}");
+    }
+    let e = wraith.endpoint_status("app", &closing.to_string()).await;
+    assert_eq!(e["consecutive_failures"], 0, "{e}");
+}

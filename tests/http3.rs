@@ -1455,3 +1455,44 @@ async fn a_host_field_other_than_the_authority_is_refused_over_http3() {
         assert_eq!(status, expected, "host {host}");
     }
 }
+
+/// `Alt-Svc` follows a reload on connections already open: HTTP/3 turned off stops being
+/// advertised at their next response, and turned on again is advertised (it was built once
+/// per connection, so a keep-alive connection advertised what its listener had when it was
+/// accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alt_svc_follows_a_reload_on_open_connections() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let on = config(
+        &setup.listeners_h3("", "", ALLOW_ALL_POLICY),
+        upstream.addr,
+        APP_ROUTE,
+    );
+    let off = on.replacen("http3 = true", "http3 = false", 1);
+    assert_ne!(on, off);
+    let wraith = setup.start(&on);
+    let port = wraith.addr("https").port();
+    // One HTTP/2 connection, kept open throughout.
+    let client = https_client_h2(&ca, None);
+    let alt_svc = || async {
+        let resp = client.get(wraith.url("https", "/")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.headers()
+            .get("alt-svc")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let advertised = format!("h3=\":{port}\"; ma=86400");
+    assert_eq!(alt_svc().await.as_deref(), Some(advertised.as_str()));
+    wraith.write_config(&off);
+    wraith.reload().unwrap();
+    assert_eq!(
+        alt_svc().await,
+        None,
+        "HTTP/3 advertised after it was turned off"
+    );
+    wraith.write_config(&on);
+    wraith.reload().unwrap();
+    assert_eq!(alt_svc().await.as_deref(), Some(advertised.as_str()));
+}

@@ -217,7 +217,52 @@ struct ConnCtx {
     runtime: Arc<Runtime>,
     info: ConnInfo,
     /// `Alt-Svc` advertising HTTP/3 on this port, when the listener has it.
-    alt_svc: Option<http::HeaderValue>,
+    alt_svc: AltSvc,
+}
+
+/// A connection's `Alt-Svc`, as the current snapshot has it: a reload that turns `http3` on
+/// or off (or changes `alt_svc_max_age`) reaches the connections already open at their next
+/// response, not only new ones (a keep-alive connection advertised HTTP/3 for as long as it
+/// lasted after it was turned off). Worked out again only when the generation changes.
+struct AltSvc {
+    /// The listener (by address: a reload may rename it).
+    key: crate::config::ListenerKey,
+    /// The port advertised: the QUIC side binds the TCP side's.
+    port: u16,
+    /// The snapshot generation `value` is for (0: none yet; generations start at 1).
+    generation: AtomicU64,
+    value: arc_swap::ArcSwapOption<http::HeaderValue>,
+}
+
+impl AltSvc {
+    fn new(listener: &ListenerRuntime, port: u16) -> AltSvc {
+        AltSvc {
+            key: listener.config.key(),
+            port,
+            generation: AtomicU64::new(0),
+            value: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    fn of(listener: &ListenerRuntime, port: u16) -> Option<http::HeaderValue> {
+        let q = listener.quic.as_ref()?;
+        let v = format!("h3=\":{port}\"; ma={}", q.config.alt_svc_max_age.as_secs());
+        http::HeaderValue::from_str(&v).ok()
+    }
+
+    /// The value for a response now.
+    fn current(&self, runtime: &Runtime) -> Option<http::HeaderValue> {
+        if runtime.gateway.generation() != self.generation.load(Ordering::Acquire) {
+            let snapshot = runtime.gateway.snapshot();
+            let value = snapshot
+                .listener_by_key(&self.key)
+                .and_then(|l| Self::of(l, self.port));
+            self.value.store(value.map(Arc::new));
+            self.generation
+                .store(snapshot.generation, Ordering::Release);
+        }
+        self.value.load().as_deref().cloned()
+    }
 }
 
 /// Serves one accepted TCP connection to the end.
@@ -429,16 +474,8 @@ async fn serve_http<I>(
         });
     gauge.inc();
     let _active = GaugeGuard(gauge);
-    // The same port over UDP (the QUIC side binds the TCP side's port), built once per
-    // connection so requests only clone it.
-    let alt_svc = listener.quic.as_ref().and_then(|q| {
-        let v = format!(
-            "h3=\":{}\"; ma={}",
-            info.local.port(),
-            q.config.alt_svc_max_age.as_secs()
-        );
-        http::HeaderValue::from_str(&v).ok()
-    });
+    // The same port over UDP (the QUIC side binds the TCP side's port).
+    let alt_svc = AltSvc::new(listener, info.local.port());
     let ctx = Arc::new(ConnCtx {
         runtime,
         info,
@@ -449,8 +486,8 @@ async fn serve_http<I>(
         let ctx = ctx.clone();
         async move {
             let mut resp = ctx.runtime.gateway.handle(req, &ctx.info).await;
-            if let Some(v) = &ctx.alt_svc {
-                resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
+            if let Some(v) = ctx.alt_svc.current(&ctx.runtime) {
+                resp.headers_mut().insert(http::header::ALT_SVC, v);
             }
             resp
         }

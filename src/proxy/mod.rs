@@ -140,6 +140,11 @@ impl Gateway {
         self.snapshot.load_full()
     }
 
+    /// The generation of the current snapshot (read without taking a reference).
+    pub fn generation(&self) -> u64 {
+        self.snapshot.load().generation
+    }
+
     /// Makes `next` the snapshot for every request that starts from now on.
     pub fn swap(&self, next: Arc<Snapshot>) -> Arc<Snapshot> {
         self.snapshot.swap(next)

@@ -11,7 +11,6 @@
 //! starts after `try_duration`.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -108,7 +107,7 @@ enum Failure {
 
 /// Forwards `req` to `upstream` on behalf of `route`, retrying on other endpoints when safe.
 pub async fn forward(
-    upstream: &Arc<Upstream>,
+    upstream: &Upstream,
     route: &RouteConfig,
     mut req: Request<Body>,
     info: &ForwardInfo<'_>,
@@ -224,10 +223,8 @@ pub async fn forward(
         outcome.attempts += 1;
         outcome.endpoint = Some(endpoint.authority.clone());
         endpoint.requests.fetch_add(1, Ordering::Relaxed);
-        // Passive health hears how the response body ends (unless checks are off).
-        if config.outlier.consecutive_failures != 0 {
-            guard.report_to(upstream.clone(), index);
-        }
+        // Passive health hears how the response body ends.
+        guard.arm();
 
         let result = if h2 {
             send_h2(upstream, endpoint, req, timeout, guard)
@@ -693,7 +690,6 @@ where
     }
 }
 
-/// An error and its causes, on one line.
 /// Whether an HTTP/2 upstream turned the request's stream away before processing it: a
 /// graceful GOAWAY (NO_ERROR) whose last stream ID is below it, or RST_STREAM with
 /// REFUSED_STREAM (RFC 9113 §6.8, §8.7). Streams the GOAWAY covers that the connection
@@ -711,6 +707,7 @@ fn unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// An error and its causes, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();

@@ -84,9 +84,21 @@ pub struct Pool {
     /// while this pool's requests still run (the new pool's waiters must hear of their ends).
     release: std::sync::OnceLock<Arc<Notify>>,
     /// Requests in flight to this endpoint (until their response body ends). Shared with
-    /// the pool of the same endpoint in the snapshot before a reload, whose requests still
-    /// run: both count against `max_connections` and `least_connections` as one.
+    /// every pool of the same endpoint that earlier snapshots built and whose requests still
+    /// run: all count against `max_connections` and `least_connections` as one.
     pub in_flight: Arc<AtomicUsize>,
+    /// Where response bodies report how they end (passive health), when it is on. Set once,
+    /// when the upstream that owns the pool is built.
+    report: std::sync::OnceLock<Report>,
+}
+
+/// The endpoint a pool's response bodies report to: its health, the upstream's outlier
+/// settings, and the upstream itself (held weakly: only a failure needs it, to count the
+/// share of the pool already out).
+pub(crate) struct Report {
+    pub health: Arc<super::health::EndpointHealth>,
+    pub outlier: crate::config::OutlierConfig,
+    pub upstream: std::sync::Weak<super::Upstream>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -133,7 +145,7 @@ pub struct PoolOptions {
     pub tls: Option<Arc<(TlsConnector, Option<Arc<str>>)>>,
     /// Woken each time a request ends (only when someone waits for a free endpoint).
     pub release: Option<Arc<Notify>>,
-    /// The in-flight count of this endpoint's previous pool, to go on with (`Pool::in_flight`).
+    /// The in-flight count of this endpoint's earlier pools, to go on with (`Pool::in_flight`).
     pub in_flight: Option<Arc<AtomicUsize>>,
 }
 
@@ -148,7 +160,13 @@ impl Pool {
             tls: o.tls,
             release: o.release.map(std::sync::OnceLock::from).unwrap_or_default(),
             in_flight: o.in_flight.unwrap_or_default(),
+            report: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Has this pool's response bodies report to passive health (`InFlight::arm`).
+    pub(crate) fn report_to(&self, report: Report) {
+        let _ = self.report.set(report);
     }
 
     /// Counts one more request in flight unless `max` are already: the slot is held until
@@ -156,14 +174,14 @@ impl Pool {
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<InFlight> {
         if max == usize::MAX {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
-            return Some(InFlight(self.clone(), None));
+            return Some(InFlight(self.clone(), false));
         }
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| InFlight(self.clone(), None))
+            .map(|_| InFlight(self.clone(), false))
     }
 
     /// Has this pool's request ends notify `release` too, unless it already notifies one
@@ -1147,32 +1165,35 @@ impl Facts {
     }
 }
 
-/// Counts a request in flight on its endpoint until dropped. Armed with its endpoint
-/// (`report_to`), it also tells the endpoint's passive health how the response body ended:
-/// a response cut off mid-body is a broken response, as one without a head is.
-pub struct InFlight(Arc<Pool>, Option<(Arc<super::Upstream>, usize)>);
+/// Counts a request in flight on its endpoint until dropped. Armed (`arm`), it also tells
+/// the endpoint's passive health how the response body ended (`Pool::report_to`): a
+/// response cut off mid-body is a broken response, as one without a head is.
+pub struct InFlight(Arc<Pool>, bool);
 
 impl InFlight {
-    /// The response body reports to endpoint `index` of `upstream` how it ends.
-    pub(crate) fn report_to(&mut self, upstream: Arc<super::Upstream>, index: usize) {
-        self.1 = Some((upstream, index));
+    /// The response body reports how it ends.
+    pub(crate) fn arm(&mut self) {
+        self.1 = true;
     }
 
     /// Nothing to report (the outcome was recorded from the response head).
     pub(crate) fn disarm(&mut self) {
-        self.1 = None;
+        self.1 = false;
     }
 
     /// The response body ended, whole (`ok`) or broken; reported once. (A body dropped
     /// before its end, the client gone, reports nothing.)
     pub(crate) fn body_ended(&mut self, ok: bool) {
-        if let Some((upstream, index)) = self.1.take() {
-            let health = &upstream.endpoints[index].health;
-            if ok {
-                health.record_success(&upstream.config.outlier);
-            } else {
-                health.record_failure(&upstream);
-            }
+        if !std::mem::take(&mut self.1) {
+            return;
+        }
+        let Some(report) = self.0.report.get() else {
+            return;
+        };
+        if ok {
+            report.health.record_success(&report.outlier);
+        } else if let Some(upstream) = report.upstream.upgrade() {
+            report.health.record_failure(&upstream);
         }
     }
 }

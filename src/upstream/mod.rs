@@ -176,6 +176,7 @@ impl Upstream {
                 .http2_keep_alive_while_idle(true)
                 .build(connector)
         });
+        let mut in_flight = InFlightRegistry::lock();
         let endpoints: Vec<Endpoint> = config
             .endpoints
             .iter()
@@ -209,10 +210,11 @@ impl Upstream {
                             connect_timeout: config.connect_timeout,
                             tls: pool_tls,
                             release: released.clone(),
-                            in_flight: Some(match same {
-                                Some(old) => old.pool.in_flight.clone(),
-                                None => in_flight_of(&config.name, e.authority.as_str(), e.tls),
-                            }),
+                            in_flight: Some(in_flight.of(
+                                &config.name,
+                                e.authority.as_str(),
+                                e.tls,
+                            )),
                         },
                     ),
                     health,
@@ -226,6 +228,7 @@ impl Upstream {
                 }
             })
             .collect();
+        drop(in_flight);
         let names: Vec<&str> = endpoints.iter().map(|e| e.authority.as_str()).collect();
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         let balancer = Balancer::new(config.algorithm, &names, &weights);
@@ -241,6 +244,15 @@ impl Upstream {
             all_down: AtomicBool::new(false),
             ejecting: std::sync::Mutex::new(()),
         });
+        if upstream.config.outlier.consecutive_failures != 0 {
+            for e in &upstream.endpoints {
+                e.pool.report_to(h1::Report {
+                    health: e.health.clone(),
+                    outlier: upstream.config.outlier.clone(),
+                    upstream: Arc::downgrade(&upstream),
+                });
+            }
+        }
         spawn_sweeper(&upstream);
         health::spawn_checks(&upstream);
         upstream
@@ -380,29 +392,39 @@ impl Upstream {
     }
 }
 
-/// The in-flight counts of every endpoint with requests in flight, by upstream name,
-/// authority and scheme, whatever snapshot the requests started in: an endpoint that a
-/// reload removes and a later one adds back counts the requests still running from before
-/// (`max_connections`, `least_connections`). The previous snapshot alone does not know them.
-#[allow(clippy::type_complexity)]
-static IN_FLIGHT: std::sync::LazyLock<
-    std::sync::Mutex<
-        std::collections::HashMap<(Arc<str>, Box<str>, bool), std::sync::Weak<AtomicUsize>>,
-    >,
-> = std::sync::LazyLock::new(Default::default);
+/// An endpoint's in-flight count, by upstream name, authority and scheme.
+type InFlightCounts =
+    std::collections::HashMap<(Arc<str>, Box<str>, bool), std::sync::Weak<AtomicUsize>>;
 
-/// The in-flight count of an endpoint: the one its running requests use, or a new one.
-fn in_flight_of(upstream: &Arc<str>, authority: &str, tls: bool) -> Arc<AtomicUsize> {
-    let mut map = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-    // Entries whose pools are all gone go (reloads are rare; the map stays small).
-    map.retain(|_, w| w.strong_count() > 0);
-    let key = (upstream.clone(), Box::<str>::from(authority), tls);
-    if let Some(count) = map.get(&key).and_then(std::sync::Weak::upgrade) {
-        return count;
+/// The in-flight counts of every endpoint some pool still has, whatever snapshot built the
+/// pool: a reload's new pool for an endpoint goes on with the count of the requests still
+/// running on the old ones, also when an earlier reload had removed the endpoint
+/// (`max_connections`, `least_connections`).
+static IN_FLIGHT: std::sync::Mutex<Option<InFlightCounts>> = std::sync::Mutex::new(None);
+
+/// The counts, locked while an upstream is built.
+struct InFlightRegistry(std::sync::MutexGuard<'static, Option<InFlightCounts>>);
+
+impl InFlightRegistry {
+    fn lock() -> InFlightRegistry {
+        let mut map = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        // The counts no pool holds any more go.
+        map.get_or_insert_default()
+            .retain(|_, w| w.strong_count() > 0);
+        InFlightRegistry(map)
     }
-    let count = Arc::new(AtomicUsize::new(0));
-    map.insert(key, Arc::downgrade(&count));
-    count
+
+    /// The in-flight count of an endpoint: the one its running requests use, or a new one.
+    fn of(&mut self, upstream: &Arc<str>, authority: &str, tls: bool) -> Arc<AtomicUsize> {
+        let map = self.0.get_or_insert_default();
+        let key = (upstream.clone(), Box::<str>::from(authority), tls);
+        if let Some(count) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return count;
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        map.insert(key, Arc::downgrade(&count));
+        count
+    }
 }
 
 struct PendingGuard<'a>(&'a AtomicUsize);

@@ -1266,7 +1266,8 @@ async fn a_waiting_request_takes_an_endpoint_that_comes_back() {
 }
 
 /// An upstream that reads a request and: for `/long`, answers after 30 s; for `/hangup`,
-/// closes without answering; for `/short`, answers after 1 s; else answers at once.
+/// closes without answering; for `/short`, answers after 1 s; for `/cut`, sends a 200 head
+/// promising 1000 bytes and 10 of them, then closes; else answers at once.
 async fn scripted_endpoint() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1288,6 +1289,12 @@ async fn scripted_endpoint() -> std::net::SocketAddr {
                 let path = head.split(' ').nth(1).unwrap_or("").to_string();
                 match path.as_str() {
                     "/hangup" => return,
+                    "/cut" => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                            .await;
+                        return;
+                    }
                     "/long" => tokio::time::sleep(Duration::from_secs(30)).await,
                     "/short" => tokio::time::sleep(Duration::from_secs(1)).await,
                     _ => {}
@@ -1370,37 +1377,12 @@ async fn fail_open_sends_nothing_to_a_down_endpoint_while_one_is_healthy() {
     assert_eq!(down.hits(), 0, "a retry went to the endpoint that is down");
 }
 
-/// An upstream whose every response is cut off: a 200 head promising 1000 bytes, 10 of
-/// them, then the connection closes.
-async fn truncating_endpoint() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut tmp = [0u8; 4096];
-                    match s.read(&mut tmp).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 /// Responses cut off mid-body count as broken responses for passive ejection: they were
 /// recorded as successes when their heads came, and an endpoint breaking every response
 /// was never ejected.
 #[tokio::test]
 async fn responses_cut_off_mid_body_eject_their_endpoint() {
-    let broken = truncating_endpoint().await;
+    let broken = scripted_endpoint().await;
     let good = Backend::start("good", Duration::ZERO).await;
     let setup = Setup::new();
     let wraith = setup.start(&config(&format!(
@@ -1418,7 +1400,7 @@ async fn responses_cut_off_mid_body_eject_their_endpoint() {
     let mut cut = 0;
     for _ in 0..12 {
         // Cut off before the head reached the client, or in its body.
-        let whole = match client.get(wraith.url("http", "/x")).send().await {
+        let whole = match client.get(wraith.url("http", "/cut")).send().await {
             Ok(r) => r.bytes().await.is_ok(),
             Err(_) => false,
         };

@@ -28,13 +28,21 @@ pub enum Body {
     H1(crate::listener::h1::RequestBody),
     /// A response body read straight from a pooled HTTP/1.1 upstream connection.
     Upstream(Box<crate::upstream::h1::ResponseBody>),
-    /// An HTTP/2 upstream's response body, holding its endpoint's in-flight slot until it ends.
-    Tracked(hyper::body::Incoming, crate::upstream::h1::InFlight),
+    /// An HTTP/2 upstream's response body, holding its endpoint's in-flight slot and its
+    /// connection's stream until it ends (boxed: `Body` stays the size of `Incoming`).
+    Tracked(Box<Tracked>),
     /// A response body that emits its access record when it ends (a variant rather than a
     /// box: it wraps nearly every proxied response).
     Logged(Box<crate::telemetry::access_log::LoggedBody>),
     /// Anything else (HTTP/3 streams, wrapped bodies).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+/// See `Body::Tracked`.
+pub struct Tracked {
+    pub body: hyper::body::Incoming,
+    pub slot: crate::upstream::h1::InFlight,
+    pub stream: crate::upstream::h2::Stream,
 }
 
 impl Body {
@@ -93,11 +101,11 @@ impl http_body::Body for Body {
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::H1(b) => Pin::new(b).poll_frame(cx),
             Body::Upstream(b) => clean_trailers(Pin::new(b).poll_frame(cx)),
-            Body::Tracked(b, slot) => {
-                let polled = Pin::new(b).poll_frame(cx).map_err(Into::into);
+            Body::Tracked(t) => {
+                let polled = Pin::new(&mut t.body).poll_frame(cx).map_err(Into::into);
                 match &polled {
-                    Poll::Ready(None) => slot.body_ended(true),
-                    Poll::Ready(Some(Err(_))) => slot.body_ended(false),
+                    Poll::Ready(None) => t.slot.body_ended(true),
+                    Poll::Ready(Some(Err(_))) => t.slot.body_ended(false),
                     _ => {}
                 }
                 clean_trailers(polled)
@@ -114,7 +122,7 @@ impl http_body::Body for Body {
             Body::Incoming(b) => b.is_end_stream(),
             Body::H1(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
-            Body::Tracked(b, _) => b.is_end_stream(),
+            Body::Tracked(t) => t.body.is_end_stream(),
             Body::Logged(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
         }
@@ -127,7 +135,7 @@ impl http_body::Body for Body {
             Body::Incoming(b) => b.size_hint(),
             Body::H1(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
-            Body::Tracked(b, _) => b.size_hint(),
+            Body::Tracked(t) => t.body.size_hint(),
             Body::Logged(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }

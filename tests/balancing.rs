@@ -1458,3 +1458,113 @@ async fn an_endpoint_removed_and_added_back_keeps_counting_its_requests() {
     }
     assert_eq!(a.max_concurrent.load(Ordering::SeqCst), 2);
 }
+
+/// An h2c server that allows `max_streams` streams per connection and holds every request
+/// until `release` is notified; it counts its connections and the requests it holds at once.
+struct StreamLimitedH2 {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    holding: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl StreamLimitedH2 {
+    async fn start(max_streams: u32) -> StreamLimitedH2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = StreamLimitedH2 {
+            addr: listener.local_addr().unwrap(),
+            connections: Arc::default(),
+            holding: Arc::default(),
+            peak: Arc::default(),
+            release: Arc::default(),
+        };
+        let (connections, holding, peak, release) = (
+            server.connections.clone(),
+            server.holding.clone(),
+            server.peak.clone(),
+            server.release.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (holding, peak, release) = (holding.clone(), peak.clone(), release.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        let (holding, peak, release) =
+                            (holding.clone(), peak.clone(), release.clone());
+                        async move {
+                            let released = release.notified();
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            released.await;
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .max_concurrent_streams(max_streams)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        server
+    }
+}
+
+/// An HTTP/2 upstream gets another connection when its connections have no stream to
+/// spare: 20 requests held at once by a server allowing 5 streams per connection all reach
+/// it, over 4 connections. With one connection per endpoint, 15 of them waited inside it
+/// (for a stream, counting toward their response timeout). Afterwards, requests one at a
+/// time share the first connection again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_upstream_gets_more_connections_when_its_streams_run_out() {
+    let server = StreamLimitedH2::start(5).await;
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [\"{}\"]\nprotocol = \"h2c\"\nh2_max_streams = 5\n",
+        server.addr
+    )));
+    let client = http_client();
+    let url = wraith.url("http", "/held");
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.holding.load(Ordering::SeqCst) < 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        server.holding.load(Ordering::SeqCst),
+        20,
+        "requests held by the upstream at once (connections: {})",
+        server.connections.load(Ordering::SeqCst)
+    );
+    assert_eq!(server.connections.load(Ordering::SeqCst), 4);
+    // Release them all (each waits on the notification made before it counted itself).
+    while server.holding.load(Ordering::SeqCst) > 0 {
+        server.release.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(server.peak.load(Ordering::SeqCst), 20);
+    // One at a time: all on the first connection, no new one.
+    for _ in 0..5 {
+        let (client, url) = (client.clone(), url.clone());
+        let one = tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) });
+        while server.holding.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.release.notify_waiters();
+        assert_eq!(one.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(server.connections.load(Ordering::SeqCst), 4);
+}

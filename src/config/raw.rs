@@ -140,6 +140,7 @@ pub struct RawUpstream {
     pub response_timeout: Option<Str>,
     pub idle_timeout: Option<Str>,
     pub max_idle_per_endpoint: Option<Spanned<i64>>,
+    pub h2_max_streams: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_pending: Option<Spanned<i64>>,
     pub pending_timeout: Option<Str>,

@@ -227,7 +227,7 @@ pub async fn forward(
         guard.arm();
 
         let result = if h2 {
-            send_h2(upstream, endpoint, req, timeout, guard)
+            send_h2(endpoint, req, timeout, guard)
                 .await
                 .map_err(|f| (f, None))
         } else {
@@ -261,7 +261,7 @@ pub async fn forward(
                                 slot.disarm();
                             }
                         }
-                        Body::Tracked(_, slot) => slot.disarm(),
+                        Body::Tracked(t) => t.slot.disarm(),
                         _ => {}
                     }
                     if status.is_server_error() {
@@ -449,16 +449,16 @@ fn finish_response(
     Ok(resp)
 }
 
-/// HTTP/2 (h2c or h2 over TLS) through hyper's client (absolute URI names the endpoint).
-/// The in-flight slot stays with the response body until it ends.
+/// HTTP/2 (h2c or h2 over TLS) through hyper's client (absolute URI names the endpoint), on
+/// the endpoint's first connection with a stream to spare. The in-flight slot and the stream
+/// stay with the response body until it ends.
 async fn send_h2(
-    upstream: &Upstream,
     endpoint: &Endpoint,
     mut req: Request<Body>,
     timeout: Duration,
     guard: InFlight,
 ) -> Result<Response<Body>, Failure> {
-    let Some(client) = upstream.h2_client() else {
+    let Some(conns) = &endpoint.h2 else {
         return Err(Failure::Failed("no HTTP/2 client for this upstream".into()));
     };
     let mut parts = http::uri::Parts::default();
@@ -471,6 +471,7 @@ async fn send_h2(
         let (parts, body) = req.into_parts();
         req = Request::from_parts(parts, Body::boxed(crate::body::Coalesced::new(body)));
     }
+    let (client, stream) = conns.take();
     match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => Err(Failure::Timeout),
         Ok(Err(e)) if e.is_connect() => Err(Failure::Connect(error_chain(&e))),
@@ -479,7 +480,13 @@ async fn send_h2(
             error_chain(&e)
         ))),
         Ok(Err(e)) => Err(Failure::Failed(error_chain(&e))),
-        Ok(Ok(resp)) => Ok(resp.map(|b| Body::Tracked(b, guard))),
+        Ok(Ok(resp)) => Ok(resp.map(|body| {
+            Body::Tracked(Box::new(crate::body::Tracked {
+                body,
+                slot: guard,
+                stream,
+            }))
+        })),
     }
 }
 

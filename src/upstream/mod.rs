@@ -5,12 +5,14 @@
 //! - `health`: active checks and passive outlier ejection.
 //! - `h1`: Wraith's own HTTP/1.1 client; the request's task drives the pooled socket.
 //! - `tls`: TLS to `https://` endpoints (HTTP/1.1 and HTTP/2).
-//! - `forwarder`: request rewrite, retries, and the HTTP/2 path through hyper's client
-//!   (whose multiplexing a single connection per endpoint serves well).
+//! - `h2`: HTTP/2 upstreams, through hyper's client: as many connections per endpoint as the
+//!   requests in flight need, `h2_max_streams` each.
+//! - `forwarder`: request rewrite, retries, and the HTTP/2 path.
 
 pub mod balance;
 pub mod forwarder;
 pub mod h1;
+pub mod h2;
 pub mod health;
 pub mod tls;
 
@@ -26,7 +28,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
-use crate::body::Body;
 use crate::config::{HashKey, UpstreamConfig};
 use balance::{Balancer, Tried};
 use health::EndpointHealth;
@@ -42,6 +43,8 @@ pub struct Endpoint {
     pub max_connections: usize,
     /// Idle HTTP/1.1 connections and the in-flight count.
     pub pool: Arc<h1::Pool>,
+    /// The HTTP/2 connections (`h2c` and `h2` upstreams only).
+    pub h2: Option<h2::Conns>,
     /// Active and passive health; shared with the next generation when unchanged.
     pub health: Arc<EndpointHealth>,
     /// The request line and headers of an active health check.
@@ -72,8 +75,6 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     pub endpoints: Vec<Endpoint>,
     balancer: Balancer,
-    /// hyper's client, for HTTP/2 upstreams only.
-    h2: Option<Client<tls::Connector, Body>>,
     /// Requests waiting for an endpoint under its `max_connections`.
     pending: AtomicUsize,
     /// Woken when a request ends (only wired up when endpoints have connection limits).
@@ -162,7 +163,8 @@ impl Upstream {
                 },
                 timeout: config.connect_timeout,
             };
-            Client::builder(TokioExecutor::new())
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
                 .pool_idle_timeout(config.idle_timeout)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
@@ -173,8 +175,8 @@ impl Upstream {
                 // gives up.
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .http2_keep_alive_timeout(Duration::from_secs(10))
-                .http2_keep_alive_while_idle(true)
-                .build(connector)
+                .http2_keep_alive_while_idle(true);
+            (builder, connector)
         });
         let mut in_flight = InFlightRegistry::lock();
         let endpoints: Vec<Endpoint> = config
@@ -217,6 +219,9 @@ impl Upstream {
                             )),
                         },
                     ),
+                    h2: h2.as_ref().map(|(builder, connector)| {
+                        h2::Conns::new(builder.clone(), connector.clone(), config.h2_max_streams)
+                    }),
                     health,
                     check_head: config
                         .health_check
@@ -238,7 +243,6 @@ impl Upstream {
             config,
             endpoints,
             balancer,
-            h2,
             pending: AtomicUsize::new(0),
             released,
             all_down: AtomicBool::new(false),
@@ -385,10 +389,6 @@ impl Upstream {
         if let Some(n) = &self.released {
             n.notify_waiters();
         }
-    }
-
-    pub(crate) fn h2_client(&self) -> Option<&Client<tls::Connector, Body>> {
-        self.h2.as_ref()
     }
 }
 

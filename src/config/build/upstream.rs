@@ -28,6 +28,8 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    /// HTTP/2 upstreams: requests put on one connection before another is opened.
+    pub h2_max_streams: usize,
     /// Requests waiting for a free endpoint (all at `max_connections`); beyond it -> 503.
     pub max_pending: usize,
     /// How long a request waits for a free endpoint before 503.
@@ -426,6 +428,20 @@ pub(super) fn build_upstreams(
                     100_000,
                 )
                 .map_or(256, |n| n as usize),
+            h2_max_streams: {
+                if u.h2_max_streams.is_some() && !protocol.is_h2() {
+                    b.warnings.push(format!(
+                        "{key}.h2_max_streams only applies to protocol = \"h2c\" or \"h2\"; it is ignored"
+                    ));
+                }
+                b.int(
+                    &u.h2_max_streams,
+                    &format!("{key}.h2_max_streams"),
+                    1,
+                    i64::from(u32::MAX >> 1),
+                )
+                .map_or(100, |n| n as usize)
+            },
             max_pending: b
                 .int(&u.max_pending, &format!("{key}.max_pending"), 0, 10_000_000)
                 .map_or(1024, |n| n as usize),

@@ -28,6 +28,7 @@ fn upstream_defaults() {
     assert_eq!(u.try_duration, Duration::from_secs(10));
     assert_eq!(u.retry_buffer, 64 * 1024);
     assert_eq!(u.max_pending, 1024);
+    assert_eq!(u.h2_max_streams, 100);
     assert!(u.health_check.is_none());
     assert_eq!(u.outlier, OutlierConfig::default());
     assert!(u.tls.is_none());
@@ -84,6 +85,11 @@ fn upstream_errors_name_the_key() {
             "endpoints = ['127.0.0.1:1']\nalgorithm = 'fastest'",
             "upstream[0].algorithm",
             "unknown algorithm",
+        ),
+        (
+            "endpoints = ['127.0.0.1:1']\nprotocol = 'h2c'\nh2_max_streams = 0",
+            "upstream[0].h2_max_streams",
+            "0 is out of range",
         ),
         (
             "endpoints = ['127.0.0.1:1']\nhash_key = 'query:x'",
@@ -172,4 +178,25 @@ fn route_compression() {
     assert_eq!(comp.types, vec!["text/html".to_string()]);
     let err = load_route("compression = { algorithms = ['lz4'] }").unwrap_err();
     assert!(err.contains("route[0].compression.algorithms"), "{err}");
+}
+
+/// `h2_max_streams`: per connection of an HTTP/2 upstream; on an HTTP/1.1 one it is ignored,
+/// with a warning.
+#[test]
+fn h2_max_streams_applies_to_http2_upstreams() {
+    let c = load("endpoints = ['127.0.0.1:1']\nprotocol = 'h2c'\nh2_max_streams = 250").unwrap();
+    assert_eq!(c.upstreams[0].h2_max_streams, 250);
+    assert!(
+        !c.warnings.iter().any(|w| w.contains("h2_max_streams")),
+        "{:?}",
+        c.warnings
+    );
+    let c = load("endpoints = ['127.0.0.1:1']\nh2_max_streams = 250").unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("upstream[0].h2_max_streams only applies to protocol")),
+        "{:?}",
+        c.warnings
+    );
 }

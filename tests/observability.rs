@@ -1976,3 +1976,66 @@ async fn series_of_removed_routes_and_endpoints_leave_metrics_after_a_reload() {
     assert!(!text.contains("route=\"first\""), "{text}");
     assert!(!text.contains(&a.addr.to_string()), "{text}");
 }
+
+/// A listener a reload renames or removes takes its series (connections, TLS handshakes,
+/// handshake duration) out of /metrics once its last connection has ended; they stayed for
+/// the life of the process. The listener that stays keeps its series.
+#[tokio::test]
+async fn series_of_removed_listeners_leave_metrics_after_a_reload() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let config = |listeners: String| {
+        format!(
+            "{listeners}\n[[upstream]]\nname = \"app\"\nendpoints = [\"{}\"]\n\n\
+             [[route]]\nname = \"all\"\nupstream = \"app\"\n",
+            upstream.addr
+        )
+    };
+    let ca = setup.pki.ca_pem.clone();
+    let wraith = setup.start(&config(Setup::standard_listeners()));
+    let metrics = || async {
+        let (_, text) = wraith.admin_get("/v1/metrics").await;
+        String::from_utf8_lossy(&text).to_string()
+    };
+    let tls = https_client(&ca, None);
+    let plain = http_client();
+    let resp = tls.get(wraith.url("https", "/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = plain.get(wraith.url("http", "/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = metrics().await;
+    for family in [
+        "wraith_tls_handshakes_total{listener=\"https\"",
+        "wraith_tls_handshake_duration_seconds_count{listener=\"https\"",
+        "wraith_active_connections{listener=\"https\"",
+        "wraith_active_connections{listener=\"http\"",
+    ] {
+        assert!(text.contains(family), "{family}:\n{text}");
+    }
+
+    wraith.write_config(&config(
+        Setup::standard_listeners().replace("name = \"https\"", "name = \"https2\""),
+    ));
+    wraith.reload().unwrap();
+    wraith
+        .wait_listener("https2", Duration::from_secs(10))
+        .expect("the renamed listener is bound");
+    let resp = tls.get(wraith.url("https2", "/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The old listener's keep-alive connection ends with its drain; then its series go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = metrics().await;
+    while text.contains("listener=\"https\"") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text = metrics().await;
+    }
+    assert!(!text.contains("listener=\"https\""), "{text}");
+    assert!(
+        text.contains("wraith_tls_handshakes_total{listener=\"https2\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("wraith_active_connections{listener=\"http\""),
+        "{text}"
+    );
+}

@@ -40,7 +40,7 @@ use crate::config::Limits;
 use crate::identity::Identity;
 use crate::proxy::{ConnInfo, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
-use crate::telemetry::metrics::ConnectionLabels;
+use crate::telemetry::metrics::ListenerMetrics;
 use crate::telemetry::PeerAddress;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -463,17 +463,14 @@ async fn serve_http<I>(
     // timeout (a slow but legitimate one must not eat into header_read_timeout).
     // (HTTP/2 only: the HTTP/1.1 codec times itself.)
     let state = h2.then(|| Arc::new(ConnState::new(started.into_std())));
-    // Counted from here to the end of the connection (the guard decrements on every exit).
-    let gauge = runtime
+    // Counted from here to the end of the connection (the guard decrements on every exit);
+    // the handles keep the listener's series while it has connections.
+    let _active = runtime
+        .gateway
+        .snapshot()
         .telemetry
-        .metrics
-        .active_connections
-        .get_or_create_owned(&ConnectionLabels {
-            listener: info.listener.to_string(),
-            protocol: if h2 { "h2" } else { "h1" },
-        });
-    gauge.inc();
-    let _active = GaugeGuard(gauge);
+        .listener(&info.listener)
+        .map(|m| GaugeGuard::count(m.clone(), if h2 { "h2" } else { "h1" }));
     // The same port over UDP (the QUIC side binds the TCP side's port).
     let alt_svc = AltSvc::new(listener, info.local.port());
     let ctx = Arc::new(ConnCtx {
@@ -717,10 +714,20 @@ impl std::task::Wake for SignalWaker {
 }
 
 /// Decrements a gauge when dropped.
-pub(super) struct GaugeGuard(pub(super) prometheus_client::metrics::gauge::Gauge);
+/// One open connection in its listener's gauge, from `count` until dropped; it holds the
+/// listener's metric handles, so their series outlive a reload that removes the listener
+/// until its last connection ends.
+pub(super) struct GaugeGuard(Arc<ListenerMetrics>, &'static str);
+
+impl GaugeGuard {
+    pub(super) fn count(metrics: Arc<ListenerMetrics>, protocol: &'static str) -> GaugeGuard {
+        metrics.connections(protocol).inc();
+        GaugeGuard(metrics, protocol)
+    }
+}
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.connections(self.1).dec();
     }
 }

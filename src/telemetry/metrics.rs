@@ -212,7 +212,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub log_written: Family<SinkLabel, Counter>,
     pub log_dropped: Family<SinkLabel, Counter>,
-    /// What removes the series of routes and endpoints that are gone.
+    /// What removes the series of routes, endpoints and listeners that are gone.
     series: Arc<Series>,
 }
 
@@ -230,10 +230,18 @@ struct Series {
     upstream_duration: Family<EndpointLabels, AtomicHistogram>,
     upstream_errors: Family<EndpointErrorLabels, Counter>,
     upstream_healthy: Family<EndpointLabels, Gauge>,
+    active_connections: Family<ConnectionLabels, Gauge>,
+    tls_handshakes: Family<HandshakeLabels, Counter>,
+    tls_handshake_duration: Family<ListenerLabel, AtomicHistogram>,
     /// Live handle sets per route, and the error codes its requests have had.
     routes: Mutex<HashMap<String, (usize, Vec<&'static str>)>>,
     endpoints: Mutex<HashMap<EndpointLabels, usize>>,
+    /// Live handle sets per listener, and the (version, group, result) of its handshakes.
+    listeners: Mutex<HashMap<String, (usize, Vec<HandshakeKind>)>>,
 }
+
+/// A handshake's `{version, group, result}`.
+type HandshakeKind = (&'static str, &'static str, &'static str);
 
 /// The codes `wraith_upstream_errors` counts.
 pub const UPSTREAM_ERROR_CODES: [&str; 3] = [
@@ -320,6 +328,47 @@ impl Series {
         }
         drop(endpoints);
     }
+
+    fn listener_born(&self, listener: &str) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners.entry(listener.to_string()).or_default().0 += 1;
+    }
+
+    fn listener_gone(&self, listener: &str) {
+        // As `route_gone`: removed under the lock.
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let kinds = {
+            let Some(entry) = listeners.get_mut(listener) else {
+                return;
+            };
+            entry.0 -= 1;
+            if entry.0 > 0 {
+                return;
+            }
+            listeners
+                .remove(listener)
+                .map(|(_, kinds)| kinds)
+                .unwrap_or_default()
+        };
+        let name = listener.to_string();
+        for protocol in PROTOCOLS {
+            self.active_connections.remove(&ConnectionLabels {
+                listener: name.clone(),
+                protocol,
+            });
+        }
+        for (version, group, result) in kinds {
+            self.tls_handshakes.remove(&HandshakeLabels {
+                listener: name.clone(),
+                version,
+                group,
+                result,
+            });
+        }
+        self.tls_handshake_duration
+            .remove(&ListenerLabel { listener: name });
+        drop(listeners);
+    }
 }
 
 impl Default for Metrics {
@@ -359,8 +408,12 @@ impl Metrics {
                 upstream_duration: Family::default(),
                 upstream_errors: Family::default(),
                 upstream_healthy: Family::default(),
+                active_connections: Family::default(),
+                tls_handshakes: Family::default(),
+                tls_handshake_duration: Family::default(),
                 routes: Mutex::default(),
                 endpoints: Mutex::default(),
+                listeners: Mutex::default(),
             }),
         };
         let m = Metrics {
@@ -373,8 +426,12 @@ impl Metrics {
                 upstream_duration: m.upstream_duration.clone(),
                 upstream_errors: m.upstream_errors.clone(),
                 upstream_healthy: m.upstream_healthy.clone(),
+                active_connections: m.active_connections.clone(),
+                tls_handshakes: m.tls_handshakes.clone(),
+                tls_handshake_duration: m.tls_handshake_duration.clone(),
                 routes: Mutex::default(),
                 endpoints: Mutex::default(),
+                listeners: Mutex::default(),
             }),
             ..m
         };
@@ -493,6 +550,17 @@ impl Metrics {
         })
     }
 
+    /// The handles one listener's connections update.
+    pub fn listener(&self, listener: &str) -> Arc<ListenerMetrics> {
+        self.series.listener_born(listener);
+        Arc::new(ListenerMetrics {
+            series: self.series.clone(),
+            name: listener.to_string(),
+            connections: Default::default(),
+            handshake_duration: OnceLock::new(),
+        })
+    }
+
     /// The text exposition (OpenMetrics), with `extra` appended before the EOF marker.
     pub fn encode(&self, extra: &Registry) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -522,6 +590,79 @@ pub struct RouteMetrics {
     pub total: AtomicU64,
     pub server_errors: AtomicU64,
     pub denied: AtomicU64,
+}
+
+/// Pre-resolved metric handles of one listener, held by the telemetry of every snapshot
+/// that has the listener and by its connections: when the last goes (a reload removed or
+/// renamed the listener, and its connections have ended), its series go too.
+#[derive(Debug)]
+pub struct ListenerMetrics {
+    series: Arc<Series>,
+    name: String,
+    /// Open connections by protocol (`PROTOCOLS`), created on first use.
+    connections: [OnceLock<Gauge>; PROTOCOLS.len()],
+    handshake_duration: OnceLock<AtomicHistogram>,
+}
+
+impl Drop for ListenerMetrics {
+    fn drop(&mut self) {
+        self.series.listener_gone(&self.name);
+    }
+}
+
+impl ListenerMetrics {
+    /// The gauge of open `protocol` (`h1`, `h2`, `h3`) connections.
+    pub fn connections(&self, protocol: &'static str) -> &Gauge {
+        let p = PROTOCOLS.iter().position(|p| *p == protocol).unwrap_or(0);
+        self.connections[p].get_or_init(|| {
+            self.series
+                .active_connections
+                .get_or_create_owned(&ConnectionLabels {
+                    listener: self.name.clone(),
+                    protocol: PROTOCOLS[p],
+                })
+        })
+    }
+
+    /// Counts one TLS handshake, and how long it took.
+    pub fn handshake(
+        &self,
+        version: &'static str,
+        group: &'static str,
+        result: &'static str,
+        took: Duration,
+    ) {
+        {
+            let mut listeners = self
+                .series
+                .listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((_, kinds)) = listeners.get_mut(&self.name) {
+                if !kinds.contains(&(version, group, result)) {
+                    kinds.push((version, group, result));
+                }
+            }
+        }
+        self.series
+            .tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                listener: self.name.clone(),
+                version,
+                group,
+                result,
+            })
+            .inc();
+        self.handshake_duration
+            .get_or_init(|| {
+                self.series
+                    .tls_handshake_duration
+                    .get_or_create_owned(&ListenerLabel {
+                        listener: self.name.clone(),
+                    })
+            })
+            .observe(took);
+    }
 }
 
 impl Drop for RouteMetrics {

@@ -32,8 +32,8 @@ use crate::config::{Config, LogFormat, SqliteSinkConfig};
 use access_log::AccessRecord;
 use format::{CachedTime, CombinedOptions, Event, Formatting, TimeStyle};
 use metrics::{
-    origin_label, EndpointMetrics, HandshakeLabels, ListenerLabel, Metrics, OriginLabel,
-    RouteLabel, RouteMetrics, SinkLabel,
+    origin_label, EndpointMetrics, ListenerMetrics, Metrics, OriginLabel, RouteLabel, RouteMetrics,
+    SinkLabel,
 };
 use sinks::{FileWriter, Queue, Sink, Writers};
 use sqlite::SqliteSettings;
@@ -102,6 +102,7 @@ pub struct SnapshotTelemetry {
     no_route: Option<Arc<RouteMetrics>>,
     /// upstream name -> (endpoint, handles)
     endpoints: FxHashMap<Arc<str>, Vec<(String, Arc<EndpointMetrics>)>>,
+    listeners: FxHashMap<Arc<str>, Arc<ListenerMetrics>>,
 }
 
 impl SnapshotTelemetry {
@@ -142,6 +143,13 @@ impl SnapshotTelemetry {
                 })
                 .collect();
             out.endpoints.insert(u.name.clone(), list);
+        }
+        for l in &config.listeners {
+            let reused = previous.and_then(|p| p.listeners.get(&l.name)).cloned();
+            out.listeners.insert(
+                l.name.clone(),
+                reused.unwrap_or_else(|| m.listener(&l.name)),
+            );
         }
 
         let mut errors = Vec::new();
@@ -353,6 +361,11 @@ impl SnapshotTelemetry {
         }
     }
 
+    /// The metric handles of the listener with this name (none once a reload removed it).
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerMetrics>> {
+        self.listeners.get(name)
+    }
+
     /// Accounts for a TLS handshake: metrics always, a security event when it failed and the
     /// event can name the client. A QUIC peer whose address was not validated may be anyone:
     /// an off-path sender can put any source address on an Initial packet, with a ClientHello
@@ -368,27 +381,18 @@ impl SnapshotTelemetry {
         outcome: Result<(&'static str, &'static str), HandshakeFailure>,
         address: PeerAddress,
     ) {
-        let Some(shared) = &self.shared else {
+        if self.shared.is_none() {
             return;
-        };
-        let m = &shared.metrics;
+        }
         let (version, group, result) = match &outcome {
             Ok((v, g)) => (*v, *g, "ok"),
             Err(f) => ("unknown", "unknown", f.result()),
         };
-        m.tls_handshakes
-            .get_or_create(&HandshakeLabels {
-                listener: listener.to_string(),
-                version,
-                group,
-                result,
-            })
-            .inc();
-        m.tls_handshake_duration
-            .get_or_create(&ListenerLabel {
-                listener: listener.to_string(),
-            })
-            .observe(started.elapsed());
+        // A listener this snapshot no longer has (a reload removed it during the
+        // handshake) has no series to count into.
+        if let Some(l) = self.listeners.get(listener) {
+            l.handshake(version, group, result, started.elapsed());
+        }
         if let (Err(f), Some(events)) = (outcome, &self.events) {
             if address == PeerAddress::Unvalidated
                 && !matches!(f, HandshakeFailure::ClientCertificate(_))

@@ -42,7 +42,6 @@ use crate::config::{Congestion, Limits, ListenerConfig, ListenerKey, QuicConfig,
 use crate::listener::limit::ConnectionLimit;
 use crate::proxy::{ConnInfo, EarlyData, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
-use crate::telemetry::metrics::ConnectionLabels;
 use crate::telemetry::PeerAddress;
 
 /// HTTP/3's "no error" (RFC 9114 §8.1), for closing a connection that is done.
@@ -627,16 +626,12 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         (conn, None)
     };
 
-    let gauge = runtime
+    let _active = runtime
+        .gateway
+        .snapshot()
         .telemetry
-        .metrics
-        .active_connections
-        .get_or_create_owned(&ConnectionLabels {
-            listener: name.to_string(),
-            protocol: "h3",
-        });
-    gauge.inc();
-    let _active = super::conn::GaugeGuard(gauge);
+        .listener(&name)
+        .map(|m| super::conn::GaugeGuard::count(m.clone(), "h3"));
     let ctx = Arc::new(QuicConn {
         runtime,
         listener: start.listener.clone(),

@@ -39,10 +39,12 @@ pub struct ClientAuthEpoch {
     revoked: CancellationToken,
     /// Connections admitted under these settings that are still open (TCP and QUIC).
     open: AtomicUsize,
-    /// TLS versions and groups reloads stopped allowing, oldest first (only ever appended),
-    /// each with the generation of the snapshot that stopped allowing them.
-    withdrawals: Mutex<Vec<(u64, Withdrawal)>>,
-    /// `withdrawals.len()`, read without the lock.
+    /// Each TLS version and group a reload stopped allowing, by name, with the latest
+    /// generation that stopped allowing it: a connection is subject to the withdrawals of
+    /// generations after its own, so of several withdrawals of one name only the latest
+    /// counts. At most one entry per version and group, however many reloads withdraw them.
+    withdrawals: Mutex<Vec<(&'static str, u64)>>,
+    /// Withdrawals recorded so far (only grows), read without the lock.
     withdrawn: AtomicUsize,
     /// Woken on every withdrawal.
     withdrawal: Notify,
@@ -82,10 +84,6 @@ impl Withdrawal {
                 .collect(),
         };
         (!w.versions.is_empty() || !w.groups.is_empty()).then_some(w)
-    }
-
-    fn affects(&self, (version, group): NegotiatedParams) -> bool {
-        self.versions.contains(&version) || group.is_some_and(|g| self.groups.contains(&g))
     }
 }
 
@@ -189,8 +187,13 @@ impl ClientAuthEpoch {
     /// connections that negotiated it (under an earlier generation) to finish.
     pub fn withdraw(&self, generation: u64, w: Withdrawal) {
         let mut all = self.withdrawals.lock().unwrap_or_else(|e| e.into_inner());
-        all.push((generation, w));
-        self.withdrawn.store(all.len(), Ordering::Release);
+        for name in w.versions.into_iter().chain(w.groups) {
+            match all.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, g)) => *g = (*g).max(generation),
+                None => all.push((name, generation)),
+            }
+        }
+        self.withdrawn.fetch_add(1, Ordering::Release);
         drop(all);
         self.withdrawal.notify_waiters();
     }
@@ -256,14 +259,16 @@ impl ClientAuthEpoch {
             return false;
         };
         let all = self.withdrawals.lock().unwrap_or_else(|e| e.into_inner());
-        let from = conn.checked.load(Ordering::Relaxed).min(all.len());
-        if all[from..]
+        let (version, group) = params;
+        if all
             .iter()
-            .any(|(g, w)| *g > conn.generation && w.affects(params))
+            .any(|(name, g)| *g > conn.generation && (*name == version || group == Some(*name)))
         {
             conn.hit.store(true, Ordering::Release);
         }
-        conn.checked.store(all.len(), Ordering::Release);
+        // Under the lock: every withdrawal counted is in what was just checked.
+        conn.checked
+            .store(self.withdrawn.load(Ordering::Acquire), Ordering::Release);
         conn.hit.load(Ordering::Acquire)
     }
 
@@ -551,6 +556,34 @@ mod tests {
         assert!(epoch.withdrew(&later));
         assert!(!epoch.withdrew(&pq));
         assert!(!epoch.is_revoked(), "withdrawals revoke nothing else");
+    }
+
+    /// Reloads that drop TLS 1.2 and allow it again, over and over, keep one entry for it
+    /// (the table grew by one per withdrawal), and each connection is still judged by the
+    /// withdrawals after its own generation.
+    #[test]
+    fn repeated_withdrawals_keep_one_entry_per_name() {
+        let epoch = Arc::new(ClientAuthEpoch::default());
+        let tls12 = Withdrawal {
+            versions: vec!["TLSv1.2"],
+            groups: vec!["X25519"],
+        };
+        let mut conns = Vec::new();
+        for generation in (2..2000).step_by(2) {
+            // Accepted under the generation allowing TLS 1.2 again, before this withdrawal.
+            let conn = epoch.negotiating(generation - 1);
+            conn.set("TLSv1.2", Some("X25519MLKEM768"));
+            assert!(!epoch.withdrew(&conn));
+            epoch.withdraw(generation, tls12.clone());
+            assert!(epoch.withdrew(&conn), "generation {generation}");
+            conns.push(conn);
+        }
+        assert_eq!(epoch.withdrawals.lock().unwrap().len(), 2);
+        // Accepted after the last withdrawal: not covered by any.
+        let after = epoch.negotiating(2000);
+        after.set("TLSv1.2", Some("X25519"));
+        assert!(!epoch.withdrew(&after));
+        assert!(conns.iter().all(|c| epoch.withdrew(c)));
     }
 
     #[tokio::test]

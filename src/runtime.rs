@@ -40,6 +40,8 @@ pub struct ListenerRuntime {
     /// The client-certificate rules its connections are admitted under: carried over by
     /// reloads that keep them, revoked (the connections close) by one that changes them.
     pub client_auth: Arc<ClientAuthEpoch>,
+    /// Its client-certificate verifier, for the check of resumed sessions.
+    pub client_verifier: tls::ClientVerifier,
 }
 
 /// One generation of the configuration, fully built.
@@ -160,8 +162,16 @@ impl Snapshot {
 
         let mut listeners = Vec::new();
         for l in &config.listeners {
+            let verifier = match l.tls.as_ref().map(|t| tls::client_verifier(&t.client_auth)) {
+                None | Some(Ok(None)) => None,
+                Some(Ok(Some(v))) => Some(v),
+                Some(Err(e)) => {
+                    errors.push(format!("listener {:?}: {e}", l.name));
+                    continue;
+                }
+            };
             let acceptor = match &l.tls {
-                Some(t) => match tls::server_config(t) {
+                Some(t) => match tls::server_config(t, verifier.clone()) {
                     Ok(sc) => Some(TlsAcceptor::from(sc)),
                     Err(e) => {
                         errors.push(format!("listener {:?}: {e}", l.name));
@@ -170,7 +180,7 @@ impl Snapshot {
                 },
                 None => None,
             };
-            let quic = match listener::quic::build(l) {
+            let quic = match listener::quic::build(l, verifier.clone()) {
                 Ok(q) => q,
                 Err(e) => {
                     errors.push(format!("listener {:?}: HTTP/3: {e}", l.name));
@@ -186,6 +196,7 @@ impl Snapshot {
                 tls: acceptor,
                 quic,
                 client_auth,
+                client_verifier: verifier,
             }));
         }
         let Some(policy) = policy.filter(|_| errors.is_empty()) else {

@@ -761,3 +761,132 @@ async fn a_connection_ends_when_its_client_certificate_expires() {
     assert_eq!(other.get("/after").await.unwrap().0, 200);
     assert!(other.open_after(Duration::from_millis(200)).await);
 }
+
+/// A client certificate valid for `secs` more seconds.
+fn brief_client(setup: &Setup, name: &str, secs: i64) -> ClientCert {
+    let mut params = client_params(name, Some(&format!("spiffe://test.local/{name}")));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::seconds(secs);
+    setup.pki.client_with(name, params)
+}
+
+/// One HTTP/1.1 GET on a new TLS connection made with `tls` (whose session store the calls
+/// share): how the handshake went, and what came back (empty when the server closed).
+async fn get_resuming(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> (Option<rustls::HandshakeKind>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let Ok(mut stream) = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+    else {
+        return (None, String::new());
+    };
+    let kind = stream.get_ref().1.handshake_kind();
+    let _ = stream
+        .write_all(b"GET /resumed HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    (kind, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A resumed TLS session (a TLS 1.3 ticket, a TLS 1.2 session ID) skips certificate
+/// verification in rustls: a client that kept resuming went on being served, with its
+/// identity, after its certificate expired (found with testssl.sh and faketime: still at
+/// +1200 days). The chain of a resumed session is now checked again: before the expiry the
+/// resumption is served, after it the connection is refused as a new handshake would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_after_its_client_certificate_expired_is_refused() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let brief = brief_client(&setup, "brief", 3);
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = config(
+        &setup,
+        r#"client_auth = "require", client_ca = "ca.pem", versions = ["1.2", "1.3"]"#,
+        upstream.addr,
+        "",
+    );
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("https");
+    let expires = std::time::Instant::now() + Duration::from_secs(3);
+    let mut clients = Vec::new();
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let tls = Arc::new(tls_client_config_with(
+            &ca,
+            &[b"http/1.1"],
+            Some(brief.pair()),
+            &[version],
+        ));
+        let (kind, resp) = get_resuming(addr, &tls).await;
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full), "{version:?}");
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{version:?}: {resp}");
+        // Resumption works here: the check lets a valid certificate through.
+        let (kind, resp) = get_resuming(addr, &tls).await;
+        assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "{version:?}");
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{version:?}: {resp}");
+        clients.push((version, tls));
+    }
+    tokio::time::sleep_until((expires + Duration::from_millis(1500)).into()).await;
+    for (version, tls) in &clients {
+        let (kind, resp) = get_resuming(addr, tls).await;
+        assert!(
+            !resp.contains(" 200 "),
+            "{version:?}: a session resumed past the certificate's expiry was served ({kind:?}): {resp}"
+        );
+    }
+    // Accounted for as the refusal of an expired certificate.
+    let refusals = wraith
+        .log_json()
+        .into_iter()
+        .filter(|v| v["reason"] == "certificate_expired")
+        .count();
+    assert!(refusals >= 2, "{}", wraith.log());
+}
+
+/// The same over QUIC, with and without 0-RTT (the two ways a handshake completes there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_session_resumed_after_its_client_certificate_expired_is_refused() {
+    for quic in ["", "zero_rtt = true"] {
+        let upstream = Upstream::echo().await;
+        let setup = Setup::new();
+        let brief = brief_client(&setup, "brief", 3);
+        let expires = std::time::Instant::now() + Duration::from_secs(3);
+        let ca = setup.pki.ca_pem.clone();
+        let cfg = config_on(
+            &setup.listeners_h3(
+                r#"client_auth = "require", client_ca = "ca.pem""#,
+                quic,
+                ALLOW_ALL_POLICY,
+            ),
+            upstream.addr,
+            "",
+        );
+        let wraith = setup.start(&cfg);
+        let addr = wraith.addr("https");
+        let client = H3Client::new(&ca, Some(brief.pair()), Groups::Default);
+        for _ in 0..2 {
+            let mut conn = client.connect(addr).await.unwrap();
+            assert_eq!(conn.get("/before").await.unwrap().status(), 200, "{quic}");
+            conn.conn.close(quinn::VarInt::from_u32(0), b"done");
+        }
+        tokio::time::sleep_until((expires + Duration::from_millis(1500)).into()).await;
+        let served = match client.connect(addr).await {
+            Err(_) => None,
+            Ok(mut conn) => conn.get("/after").await.ok().map(|r| r.status()),
+        };
+        assert_eq!(served, None, "{quic}: served past the certificate's expiry");
+        assert!(
+            wraith
+                .log_json()
+                .iter()
+                .any(|v| v["reason"] == "certificate_expired" && v["transport"] == "quic"),
+            "{quic}: {}",
+            wraith.log()
+        );
+    }
+}

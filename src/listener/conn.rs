@@ -334,6 +334,18 @@ pub(super) async fn serve(
     // The request-head clock starts now (see `serve_http`).
     let handshaken = tokio::time::Instant::now();
     let (_, session) = tls.get_ref();
+    if let Err(e) = recheck_resumed(&listener, session) {
+        super::handshake_refused(
+            &runtime,
+            &info.listener,
+            peer,
+            handshake_started,
+            "tcp",
+            PeerAddress::Proven,
+            Ok((tls::failure_label(&e), e.to_string())),
+        );
+        return;
+    }
     let alpn = session
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into());
@@ -367,6 +379,23 @@ pub(super) async fn serve(
         close.admitted_until(chain);
     }
     serve_http(runtime, &listener, tls, info, h2, close, handshaken).await;
+}
+
+/// A resumed session's client certificate chain, checked again (`tls::recheck_resumed`).
+fn recheck_resumed(
+    listener: &ListenerRuntime,
+    session: &rustls::ServerConnection,
+) -> Result<(), rustls::Error> {
+    match (
+        session.handshake_kind(),
+        &listener.client_verifier,
+        session.peer_certificates(),
+    ) {
+        (Some(rustls::HandshakeKind::Resumed), Some(verifier), Some(chain)) => {
+            tls::recheck_resumed(verifier.as_ref(), chain)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.

@@ -188,8 +188,15 @@ impl ResolvesServerCert for SingleCert {
     }
 }
 
+/// A listener's client-certificate verifier (`client_verifier`), shared by its TCP and QUIC
+/// configs and by the check of resumed sessions (`recheck_resumed`).
+pub type ClientVerifier = Option<Arc<dyn ClientCertVerifier>>;
+
 /// Builds the rustls server config of an `https` listener (TCP: HTTP/1.1 and HTTP/2).
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(
+    tls: &TlsConfig,
+    verifier: ClientVerifier,
+) -> Result<Arc<ServerConfig>, String> {
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = tls
         .versions
         .iter()
@@ -198,7 +205,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
             TlsVersion::Tls13 => &rustls::version::TLS13,
         })
         .collect();
-    let mut config = base_config(tls, &versions)?;
+    let mut config = base_config(tls, &versions, verifier)?;
     config.alpn_protocols = tls.alpn.clone();
     Ok(Arc::new(config))
 }
@@ -208,8 +215,12 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
 /// `h3`. With `zero_rtt`, resumed clients may send early data: QUIC allows only 0 or
 /// `u32::MAX` as the limit, and rustls accepts early data only with stateful resumption,
 /// whose single-use session ids refuse a replayed ClientHello within this process.
-pub fn quic_server_config(tls: &TlsConfig, zero_rtt: bool) -> Result<Arc<ServerConfig>, String> {
-    let mut config = base_config(tls, &[&rustls::version::TLS13])?;
+pub fn quic_server_config(
+    tls: &TlsConfig,
+    zero_rtt: bool,
+    verifier: ClientVerifier,
+) -> Result<Arc<ServerConfig>, String> {
+    let mut config = base_config(tls, &[&rustls::version::TLS13], verifier)?;
     config.alpn_protocols = vec![b"h3".to_vec()];
     if zero_rtt {
         config.max_early_data_size = u32::MAX;
@@ -227,6 +238,7 @@ const QUIC_SESSIONS: usize = 4096;
 fn base_config(
     tls: &TlsConfig,
     versions: &[&'static rustls::SupportedProtocolVersion],
+    verifier: ClientVerifier,
 ) -> Result<ServerConfig, String> {
     let ck = tls
         .certified_key
@@ -235,7 +247,7 @@ fn base_config(
     let builder = ServerConfig::builder_with_provider(provider(&tls.key_exchange))
         .with_protocol_versions(versions)
         .map_err(|e| format!("TLS settings rejected: {e}"))?;
-    let builder = match client_verifier(&tls.client_auth)? {
+    let builder = match verifier {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
@@ -245,6 +257,25 @@ fn base_config(
     // a classical-only client gets X25519.
     config.ignore_client_order = true;
     Ok(config)
+}
+
+/// Checks the client certificate chain of a resumed session as a full handshake would now.
+///
+/// A resumed session (a TLS 1.3 ticket, a TLS 1.2 session ID) skips certificate verification:
+/// rustls, like OpenSSL, keeps the verdict of the handshake that made the session, and never
+/// limits a session's age on the server. Without this check a client could go on resuming,
+/// ticket after ticket, with a certificate that had expired since, until a reload emptied the
+/// session cache.
+pub fn recheck_resumed(
+    verifier: &dyn ClientCertVerifier,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), rustls::Error> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Ok(());
+    };
+    verifier
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(|_| ())
 }
 
 /// Loads every CRL from a file (PEM `X509 CRL` blocks, or one DER CRL). Warns about CRLs past

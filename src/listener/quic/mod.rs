@@ -67,11 +67,14 @@ pub struct QuicRuntime {
 }
 
 /// Builds the QUIC side of a listener, when it has one.
-pub fn build(listener: &ListenerConfig) -> Result<Option<QuicRuntime>, String> {
+pub fn build(
+    listener: &ListenerConfig,
+    verifier: super::tls::ClientVerifier,
+) -> Result<Option<QuicRuntime>, String> {
     let (Some(quic), Some(tls)) = (&listener.quic, &listener.tls) else {
         return Ok(None);
     };
-    let rustls = super::tls::quic_server_config(tls, quic.zero_rtt)?;
+    let rustls = super::tls::quic_server_config(tls, quic.zero_rtt, verifier)?;
     let tls = Arc::new(QuicTls::new(rustls)?);
     let limits = &listener.limits;
     let mut transport = quinn::TransportConfig::default();
@@ -592,6 +595,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
             runtime: runtime.clone(),
             conn: conn.clone(),
             handshake: start.handshake.clone(),
+            verifier: start.listener.client_verifier.clone(),
             info,
             address: start.address,
             sni,
@@ -621,7 +625,17 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         drop(start.in_progress);
         let mut info = info;
         info.tls = Some(tls_info(&start.handshake, sni));
-        complete(&runtime, &conn, &mut info, started);
+        let verifier = &start.listener.client_verifier;
+        if !complete(
+            &runtime,
+            &conn,
+            &mut info,
+            started,
+            &start.handshake,
+            verifier,
+        ) {
+            return;
+        }
         let _ = tx.send(Some(Arc::new(info)));
         (conn, None)
     };
@@ -660,8 +674,39 @@ fn tls_info(handshake: &Handshake, sni: Option<Box<str>>) -> TlsInfo {
     }
 }
 
-/// Accounts for a completed handshake and reads the verified client identity.
-fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: Instant) {
+/// Accounts for a completed handshake and reads the verified client identity; false (the
+/// connection closed, the refusal accounted for) when a resumed session's client certificate
+/// no longer passes (`tls::recheck_resumed`).
+fn complete(
+    runtime: &Runtime,
+    conn: &Connection,
+    info: &mut ConnInfo,
+    started: Instant,
+    handshake: &Handshake,
+    verifier: &super::tls::ClientVerifier,
+) -> bool {
+    let chain = conn.peer_identity().and_then(|a| {
+        a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    if let (true, Some(verifier), Some(chain)) = (handshake.resumed(), verifier, &chain) {
+        if let Err(e) = super::tls::recheck_resumed(verifier.as_ref(), chain) {
+            super::handshake_refused(
+                runtime,
+                &info.listener,
+                info.peer,
+                started,
+                "quic",
+                PeerAddress::Proven,
+                Ok((super::tls::failure_label(&e), e.to_string())),
+            );
+            conn.close(
+                VarInt::from_u32(H3_NO_ERROR),
+                b"client certificate no longer valid",
+            );
+            return false;
+        }
+    }
     if let Some(t) = &info.tls {
         if let Some(close) = &info.close {
             close.negotiated(t.version, t.group);
@@ -676,10 +721,6 @@ fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: 
         );
     }
     // Identity: once per connection, from the leaf the verifier accepted.
-    let chain = conn.peer_identity().and_then(|a| {
-        a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-            .ok()
-    });
     if let Some(leaf) = chain.as_ref().and_then(|c| c.first()) {
         info.identity = Some(Arc::new(super::conn::identity_of(
             leaf,
@@ -690,6 +731,7 @@ fn complete(runtime: &Runtime, conn: &Connection, info: &mut ConnInfo, started: 
     if let (Some(chain), Some(close)) = (&chain, &info.close) {
         close.admitted_until(chain);
     }
+    true
 }
 
 /// Accounts for a refused QUIC handshake with the same labels as TCP.
@@ -743,6 +785,7 @@ struct Confirm {
     runtime: Arc<Runtime>,
     conn: Connection,
     handshake: Arc<Handshake>,
+    verifier: super::tls::ClientVerifier,
     info: ConnInfo,
     address: PeerAddress,
     sni: Option<Box<str>>,
@@ -757,6 +800,7 @@ impl Confirm {
             runtime,
             conn,
             handshake,
+            verifier,
             mut info,
             address,
             sni,
@@ -770,8 +814,9 @@ impl Confirm {
         drop(in_progress);
         if handshake.is_complete() {
             info.tls = Some(tls_info(&handshake, sni));
-            complete(&runtime, &conn, &mut info, started);
-            let _ = tx.send(Some(Arc::new(info)));
+            if complete(&runtime, &conn, &mut info, started, &handshake, &verifier) {
+                let _ = tx.send(Some(Arc::new(info)));
+            }
         } else if done.is_ok() {
             let error = conn
                 .close_reason()

@@ -535,6 +535,17 @@ async fn https_serves_h1_and_h2_and_redirects_plain_http() {
         text.contains("\r\nlocation: https://localhost:8443/\r\n"),
         "{text}"
     );
+    // An empty Host is no host: not `https://:8443/`.
+    let text = raw_exchange(
+        wraith.addr("http"),
+        b"GET /p?q HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(
+        text.contains("\r\nlocation: https://localhost:8443/p?q\r\n"),
+        "{text}"
+    );
 
     let h2 = https_client(&ca, None)
         .get(wraith.url("https", "/x"))

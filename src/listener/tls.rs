@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
@@ -224,7 +225,9 @@ pub fn quic_server_config(
     config.alpn_protocols = vec![b"h3".to_vec()];
     if zero_rtt {
         config.max_early_data_size = u32::MAX;
-        config.session_storage = rustls::server::ServerSessionMemoryCache::new(QUIC_SESSIONS);
+        config.session_storage = Arc::new(AgedSessions(
+            rustls::server::ServerSessionMemoryCache::new(QUIC_SESSIONS),
+        ));
     }
     Ok(Arc::new(config))
 }
@@ -252,11 +255,56 @@ fn base_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(SingleCert(ck)));
+    config.session_storage = Arc::new(AgedSessions(config.session_storage.clone()));
     // Cipher suites in our order. The key-exchange group is the client's first choice among
     // the listener's groups (rustls): browsers and rustls clients list X25519MLKEM768 first;
     // a classical-only client gets X25519.
     config.ignore_client_order = true;
     Ok(config)
+}
+
+/// How long a session can be resumed: the ticket lifetime rustls announces to TLS 1.3
+/// clients (a hint it does not enforce), also for TLS 1.2 session IDs.
+const SESSION_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A session cache that forgets sessions older than `SESSION_MAX_AGE`: rustls resumes a
+/// session for as long as its cache keeps it, whatever its age. Each value is stored with
+/// the time it was made (seconds on the monotonic clock since the process started).
+#[derive(Debug)]
+struct AgedSessions(Arc<dyn rustls::server::StoresServerSessions>);
+
+impl AgedSessions {
+    fn now() -> u64 {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_secs()
+    }
+
+    /// The session stored in `value`, if it is young enough at `now`.
+    fn fresh(value: Vec<u8>, now: u64) -> Option<Vec<u8>> {
+        let made = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+        (now.saturating_sub(made) <= SESSION_MAX_AGE.as_secs()).then(|| value[8..].to_vec())
+    }
+}
+
+impl rustls::server::StoresServerSessions for AgedSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let mut stamped = Vec::with_capacity(8 + value.len());
+        stamped.extend_from_slice(&Self::now().to_be_bytes());
+        stamped.extend_from_slice(&value);
+        self.0.put(key, stamped)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        Self::fresh(self.0.get(key)?, Self::now())
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        Self::fresh(self.0.take(key)?, Self::now())
+    }
+
+    fn can_cache(&self) -> bool {
+        self.0.can_cache()
+    }
 }
 
 /// Checks the client certificate chain of a resumed session as a full handshake would now.
@@ -594,5 +642,33 @@ impl ClientCertRejections {
             .iter()
             .zip(&self.0)
             .map(|(l, c)| (*l, c.load(std::sync::atomic::Ordering::Relaxed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::server::StoresServerSessions;
+
+    /// A session is resumable for `SESSION_MAX_AGE` after it was made, not after that
+    /// (rustls itself would resume it for as long as its cache kept it).
+    #[test]
+    fn sessions_older_than_their_max_age_are_not_resumed() {
+        let made = 1_000u64;
+        let mut stored = made.to_be_bytes().to_vec();
+        stored.extend_from_slice(b"session");
+        let max = SESSION_MAX_AGE.as_secs();
+        assert_eq!(
+            AgedSessions::fresh(stored.clone(), made + max).as_deref(),
+            Some(&b"session"[..])
+        );
+        assert_eq!(AgedSessions::fresh(stored, made + max + 1), None);
+        assert_eq!(AgedSessions::fresh(b"short".to_vec(), made), None);
+
+        let cache = AgedSessions(rustls::server::ServerSessionMemoryCache::new(4));
+        assert!(cache.put(b"k".to_vec(), b"v".to_vec()));
+        assert_eq!(cache.get(b"k").as_deref(), Some(&b"v"[..]));
+        assert_eq!(cache.take(b"k").as_deref(), Some(&b"v"[..]));
+        assert_eq!(cache.take(b"k"), None);
     }
 }

@@ -588,7 +588,10 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, GatewayError> {
 }
 
 fn https_redirect(req: &Request<Body>, r: &crate::config::HttpsRedirect) -> Response<Body> {
-    let host = headers::request_host(req.uri(), req.headers()).unwrap_or("localhost");
+    // An empty Host is none (an HTTP/1.0 client's, or a hostile one's): never `https://:443`.
+    let host = headers::request_host(req.uri(), req.headers())
+        .filter(|h| !h.is_empty())
+        .unwrap_or("localhost");
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {

@@ -43,8 +43,8 @@ use window::Window;
 pub fn init_logging(level: &str, format: LogFormat) {
     let filter = std::env::var("WRAITH_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_new(level).ok())
+        .and_then(|f| log_filter(&f))
+        .or_else(|| log_filter(level))
         .unwrap_or_else(|| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
@@ -63,6 +63,18 @@ pub fn init_logging(level: &str, format: LogFormat) {
     } else {
         builder.try_init()
     };
+}
+
+/// The server log filter for `spec`. rustls logs what clients make it do (a warning for every
+/// TLS 1.2 renegotiation attempt, before any authentication), so unless `spec` names it, it
+/// logs errors only: an unauthenticated client must not be able to fill the server log.
+/// Wraith logs refused handshakes itself, at debug (client certificates at info).
+fn log_filter(spec: &str) -> Option<EnvFilter> {
+    let filter = EnvFilter::try_new(spec).ok()?;
+    if spec.contains("rustls") {
+        return Some(filter);
+    }
+    Some(filter.add_directive("rustls=error".parse().ok()?))
 }
 
 /// Process-wide telemetry state.
@@ -650,6 +662,20 @@ mod tests {
     use super::*;
     use crate::config::{load_str, LoadOptions};
     use crate::telemetry::metrics::PolicyLabels;
+
+    /// rustls logs at error unless the filter names it: a client's renegotiation attempts
+    /// (a rustls warning each) cannot fill the server log.
+    #[test]
+    fn rustls_logs_errors_only_unless_the_filter_names_it() {
+        let quiet = log_filter("info").unwrap().to_string();
+        assert!(quiet.contains("rustls=error"), "{quiet}");
+        let chosen = log_filter("info,rustls=debug").unwrap().to_string();
+        assert!(
+            chosen.contains("rustls=debug") && !chosen.contains("rustls=error"),
+            "{chosen}"
+        );
+        assert!(log_filter("info,[").is_none());
+    }
 
     /// What the policy, rate-limit and ban stages write into the record reaches the metrics
     /// and the security-events stream without anything else to wire.

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use futures_util::FutureExt;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,7 +32,7 @@ use crate::upstream::Upstream;
 /// One listener's settings in a snapshot, with its TLS acceptor and HTTP server builder.
 pub struct ListenerRuntime {
     pub config: ListenerConfig,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<tls::ServerTls>,
     pub http: listener::HttpBuilders,
     /// The QUIC side's TLS and transport settings (`http3 = true`).
     pub quic: Option<listener::quic::QuicRuntime>,
@@ -172,7 +171,7 @@ impl Snapshot {
             };
             let acceptor = match &l.tls {
                 Some(t) => match tls::server_config(t, verifier.clone()) {
-                    Ok(sc) => Some(TlsAcceptor::from(sc)),
+                    Ok(sc) => Some(sc),
                     Err(e) => {
                         errors.push(format!("listener {:?}: {e}", l.name));
                         continue;

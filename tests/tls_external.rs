@@ -40,32 +40,31 @@ respond = {{ status = 200, body = "ok\n" }}
     setup.start(&cfg)
 }
 
-/// Runs `cmd` with a deadline; returns (exit code, stdout, stderr). `None` when it could not
-/// be started at all.
-fn run(mut cmd: Command, deadline: Duration) -> Option<(Option<i32>, String, String)> {
+/// Runs `cmd` with a deadline, its output going to `out` (a file: a pipe read only after
+/// the exit would fill up and stall a talkative child); returns (exit code, output). `None`
+/// when it could not be started at all.
+fn run(mut cmd: Command, out: &Path, deadline: Duration) -> Option<(Option<i32>, String)> {
+    let file = std::fs::File::create(out).unwrap();
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
         .spawn()
         .ok()?;
     let end = Instant::now() + deadline;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
         }
         if Instant::now() >= end {
             let _ = child.kill();
-            break;
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    Some((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    };
+    let output = std::fs::read_to_string(out).unwrap_or_default();
+    Some((status.and_then(|s| s.code()), output))
 }
 
 /// What one testssl.sh run found: every finding of its (single) target, flattened.
@@ -148,15 +147,18 @@ fn testssl(dir: &Path, port: u16, checks: &[&str], name: &str) -> Scan {
             .arg(&json)
             .args(checks)
             .arg(format!("https://127.0.0.1:{port}/"));
-        if let Some(r) = run(cmd, Duration::from_secs(300)) {
+        if let Some(r) = run(
+            cmd,
+            &dir.join(format!("testssl-{name}.out")),
+            Duration::from_secs(300),
+        ) {
             result = Some(r);
             break;
         }
     }
-    let (code, out, err) = result.unwrap_or_else(|| {
+    let (code, output) = result.unwrap_or_else(|| {
         panic!("testssl.sh is not installed (Debian package testssl.sh): run .ci/install-deps.sh")
     });
-    let output = format!("{out}\n{err}");
     // testssl.sh 3.0 exits with the sum of its checks' return values (non-zero is no
     // failure in itself); its own errors are 242..=255, and None means it was killed.
     assert!(

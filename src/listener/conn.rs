@@ -303,6 +303,7 @@ pub(super) async fn serve(
         .as_ref()
         .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
     let handshake_started = Instant::now();
+    let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.for_connection());
     let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -334,7 +335,9 @@ pub(super) async fn serve(
     // The request-head clock starts now (see `serve_http`).
     let handshaken = tokio::time::Instant::now();
     let (_, session) = tls.get_ref();
-    if let Err(e) = recheck_resumed(&listener, session) {
+    let chain = session.peer_certificates();
+    if let Err(e) = tls::recheck_resumed(&listener.client_verifier, session.handshake_kind(), chain)
+    {
         super::handshake_refused(
             &runtime,
             &info.listener,
@@ -379,23 +382,6 @@ pub(super) async fn serve(
         close.admitted_until(chain);
     }
     serve_http(runtime, &listener, tls, info, h2, close, handshaken).await;
-}
-
-/// A resumed session's client certificate chain, checked again (`tls::recheck_resumed`).
-fn recheck_resumed(
-    listener: &ListenerRuntime,
-    session: &rustls::ServerConnection,
-) -> Result<(), rustls::Error> {
-    match (
-        session.handshake_kind(),
-        &listener.client_verifier,
-        session.peer_certificates(),
-    ) {
-        (Some(rustls::HandshakeKind::Resumed), Some(verifier), Some(chain)) => {
-            tls::recheck_resumed(verifier.as_ref(), chain)
-        }
-        _ => Ok(()),
-    }
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.

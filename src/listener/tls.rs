@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, NamedGroup, RootCertStore,
@@ -193,11 +194,43 @@ impl ResolvesServerCert for SingleCert {
 /// configs and by the check of resumed sessions (`recheck_resumed`).
 pub type ClientVerifier = Option<Arc<dyn ClientCertVerifier>>;
 
+/// A listener's rustls config (TCP or QUIC side) and its session cache. Each connection
+/// handshakes with a config of its own (`for_connection`), whose view of the cache carries
+/// the time the client last authenticated into the tickets its handshake issues.
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+    sessions: Arc<AgedSessions>,
+}
+
+impl ServerTls {
+    fn new(mut config: ServerConfig, cache: Arc<dyn StoresServerSessions>) -> ServerTls {
+        let sessions = Arc::new(AgedSessions(cache));
+        config.session_storage = sessions.clone();
+        ServerTls {
+            config: Arc::new(config),
+            sessions,
+        }
+    }
+
+    /// The config one connection handshakes with (a copy: a few reference counts and the
+    /// ALPN list, next to a handshake's key exchange and signatures).
+    pub fn for_connection(&self) -> Arc<ServerConfig> {
+        let mut config = (*self.config).clone();
+        config.session_storage = Arc::new(ConnSessions {
+            shared: self.sessions.clone(),
+            authenticated: AtomicU64::new(NOW),
+        });
+        Arc::new(config)
+    }
+
+    /// The listener-wide config (what `for_connection` copies).
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        &self.config
+    }
+}
+
 /// Builds the rustls server config of an `https` listener (TCP: HTTP/1.1 and HTTP/2).
-pub fn server_config(
-    tls: &TlsConfig,
-    verifier: ClientVerifier,
-) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(tls: &TlsConfig, verifier: ClientVerifier) -> Result<ServerTls, String> {
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = tls
         .versions
         .iter()
@@ -208,7 +241,8 @@ pub fn server_config(
         .collect();
     let mut config = base_config(tls, &versions, verifier)?;
     config.alpn_protocols = tls.alpn.clone();
-    Ok(Arc::new(config))
+    let cache = config.session_storage.clone();
+    Ok(ServerTls::new(config, cache))
 }
 
 /// Builds the rustls server config of the same listener's QUIC side: the same certificate,
@@ -220,16 +254,15 @@ pub fn quic_server_config(
     tls: &TlsConfig,
     zero_rtt: bool,
     verifier: ClientVerifier,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<ServerTls, String> {
     let mut config = base_config(tls, &[&rustls::version::TLS13], verifier)?;
     config.alpn_protocols = vec![b"h3".to_vec()];
+    let mut cache = config.session_storage.clone();
     if zero_rtt {
         config.max_early_data_size = u32::MAX;
-        config.session_storage = Arc::new(AgedSessions(
-            rustls::server::ServerSessionMemoryCache::new(QUIC_SESSIONS),
-        ));
+        cache = rustls::server::ServerSessionMemoryCache::new(QUIC_SESSIONS);
     }
-    Ok(Arc::new(config))
+    Ok(ServerTls::new(config, cache))
 }
 
 /// Resumable QUIC sessions kept per listener when 0-RTT is on (about 1 KiB each, more with a
@@ -255,7 +288,6 @@ fn base_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(SingleCert(ck)));
-    config.session_storage = Arc::new(AgedSessions(config.session_storage.clone()));
     // Cipher suites in our order. The key-exchange group is the client's first choice among
     // the listener's groups (rustls): browsers and rustls clients list X25519MLKEM768 first;
     // a classical-only client gets X25519.
@@ -263,47 +295,103 @@ fn base_config(
     Ok(config)
 }
 
-/// How long a session can be resumed: the ticket lifetime rustls announces to TLS 1.3
-/// clients (a hint it does not enforce), also for TLS 1.2 session IDs.
+/// How long after a client authenticated (a full handshake: its certificate checked, its key
+/// proven) its sessions can be resumed: the ticket lifetime rustls announces to TLS 1.3
+/// clients (a hint it does not enforce), also for TLS 1.2 session IDs. Like BoringSSL's
+/// `auth_timeout`: the tickets a resumed handshake issues keep the time of the full handshake
+/// the session came from, so resuming every day does not stretch it.
 const SESSION_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// A session cache that forgets sessions older than `SESSION_MAX_AGE`: rustls resumes a
-/// session for as long as its cache keeps it, whatever its age. Each value is stored with
-/// the time it was made (seconds on the monotonic clock since the process started).
-#[derive(Debug)]
-struct AgedSessions(Arc<dyn rustls::server::StoresServerSessions>);
+/// `ConnSessions::authenticated` while the connection has resumed nothing: it authenticates
+/// now.
+const NOW: u64 = u64::MAX;
 
-impl AgedSessions {
-    fn now() -> u64 {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        START.get_or_init(Instant::now).elapsed().as_secs()
-    }
-
-    /// The session stored in `value`, if it is young enough at `now`.
-    fn fresh(value: Vec<u8>, now: u64) -> Option<Vec<u8>> {
-        let made = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-        (now.saturating_sub(made) <= SESSION_MAX_AGE.as_secs()).then(|| value[8..].to_vec())
-    }
+/// Seconds since the Unix epoch (the clock rustls ages tickets with).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
-impl rustls::server::StoresServerSessions for AgedSessions {
-    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+/// A listener's session cache, each value stored behind the time its client authenticated
+/// (`SESSION_MAX_AGE`). rustls itself resumes a session for as long as its cache keeps it.
+#[derive(Debug)]
+struct AgedSessions(Arc<dyn StoresServerSessions>);
+
+impl AgedSessions {
+    /// The session stored in `value` and when its client authenticated, if that is recent
+    /// enough at `now`.
+    fn fresh(value: Vec<u8>, now: u64) -> Option<(u64, Vec<u8>)> {
+        let authenticated = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+        (now.saturating_sub(authenticated) <= SESSION_MAX_AGE.as_secs())
+            .then(|| (authenticated, value[8..].to_vec()))
+    }
+
+    fn put_at(&self, key: Vec<u8>, value: Vec<u8>, authenticated: u64) -> bool {
         let mut stamped = Vec::with_capacity(8 + value.len());
-        stamped.extend_from_slice(&Self::now().to_be_bytes());
+        stamped.extend_from_slice(&authenticated.to_be_bytes());
         stamped.extend_from_slice(&value);
         self.0.put(key, stamped)
     }
+}
+
+/// The listener-wide use (rustls calls it only through a connection's `ConnSessions`; this
+/// serves a config used without one).
+impl StoresServerSessions for AgedSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.put_at(key, value, unix_now())
+    }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        Self::fresh(self.0.get(key)?, Self::now())
+        Self::fresh(self.0.get(key)?, unix_now()).map(|(_, v)| v)
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        Self::fresh(self.0.take(key)?, Self::now())
+        Self::fresh(self.0.take(key)?, unix_now()).map(|(_, v)| v)
     }
 
     fn can_cache(&self) -> bool {
         self.0.can_cache()
+    }
+}
+
+/// One connection's view of its listener's session cache: a session it resumes passes on the
+/// time its client authenticated to the tickets this handshake issues (rustls issues new
+/// ones on every TLS 1.3 resumption, which would otherwise each start a new 24 hours).
+#[derive(Debug)]
+struct ConnSessions {
+    shared: Arc<AgedSessions>,
+    /// When the client of the session this connection resumed authenticated (`NOW`: none).
+    authenticated: AtomicU64,
+}
+
+impl ConnSessions {
+    fn resume(&self, stored: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let (authenticated, value) = AgedSessions::fresh(stored?, unix_now())?;
+        self.authenticated.store(authenticated, Ordering::Relaxed);
+        Some(value)
+    }
+}
+
+impl StoresServerSessions for ConnSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let authenticated = match self.authenticated.load(Ordering::Relaxed) {
+            NOW => unix_now(),
+            t => t,
+        };
+        self.shared.put_at(key, value, authenticated)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.resume(self.shared.0.get(key))
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.resume(self.shared.0.take(key))
+    }
+
+    fn can_cache(&self) -> bool {
+        self.shared.can_cache()
     }
 }
 
@@ -315,10 +403,18 @@ impl rustls::server::StoresServerSessions for AgedSessions {
 /// ticket after ticket, with a certificate that had expired since, until a reload emptied the
 /// session cache.
 pub fn recheck_resumed(
-    verifier: &dyn ClientCertVerifier,
-    chain: &[CertificateDer<'_>],
+    verifier: &ClientVerifier,
+    kind: Option<rustls::HandshakeKind>,
+    chain: Option<&[CertificateDer<'_>]>,
 ) -> Result<(), rustls::Error> {
-    let Some((leaf, intermediates)) = chain.split_first() else {
+    // Only a full handshake ran the verifier: anything else is checked (fails closed).
+    use rustls::HandshakeKind::{Full, FullWithHelloRetryRequest};
+    if matches!(kind, Some(Full | FullWithHelloRetryRequest)) {
+        return Ok(());
+    }
+    let (Some(verifier), Some((leaf, intermediates))) =
+        (verifier, chain.and_then(|c| c.split_first()))
+    else {
         return Ok(());
     };
     verifier
@@ -650,25 +746,55 @@ mod tests {
     use super::*;
     use rustls::server::StoresServerSessions;
 
-    /// A session is resumable for `SESSION_MAX_AGE` after it was made, not after that
-    /// (rustls itself would resume it for as long as its cache kept it).
+    /// A session is resumable for `SESSION_MAX_AGE` after its client authenticated, not
+    /// after that (rustls itself would resume it for as long as its cache kept it).
     #[test]
-    fn sessions_older_than_their_max_age_are_not_resumed() {
+    fn sessions_are_resumable_for_their_max_age_after_authentication() {
         let made = 1_000u64;
         let mut stored = made.to_be_bytes().to_vec();
         stored.extend_from_slice(b"session");
         let max = SESSION_MAX_AGE.as_secs();
         assert_eq!(
-            AgedSessions::fresh(stored.clone(), made + max).as_deref(),
-            Some(&b"session"[..])
+            AgedSessions::fresh(stored.clone(), made + max),
+            Some((made, b"session".to_vec()))
         );
         assert_eq!(AgedSessions::fresh(stored, made + max + 1), None);
         assert_eq!(AgedSessions::fresh(b"short".to_vec(), made), None);
+    }
 
-        let cache = AgedSessions(rustls::server::ServerSessionMemoryCache::new(4));
-        assert!(cache.put(b"k".to_vec(), b"v".to_vec()));
-        assert_eq!(cache.get(b"k").as_deref(), Some(&b"v"[..]));
-        assert_eq!(cache.take(b"k").as_deref(), Some(&b"v"[..]));
-        assert_eq!(cache.take(b"k"), None);
+    /// The tickets a resumed handshake issues keep the time of the full handshake the session
+    /// came from (rustls issues new ones on every TLS 1.3 resumption: stamped anew, a client
+    /// resuming once a day would never authenticate again). A full handshake's are stamped
+    /// with its own time.
+    #[test]
+    fn tickets_of_a_resumed_handshake_keep_the_original_authentication_time() {
+        let shared = Arc::new(AgedSessions(rustls::server::ServerSessionMemoryCache::new(
+            8,
+        )));
+        let conn = || ConnSessions {
+            shared: shared.clone(),
+            authenticated: AtomicU64::new(NOW),
+        };
+        let stamp = |key: &[u8]| {
+            let raw = shared.0.get(key).unwrap();
+            u64::from_be_bytes(raw[..8].try_into().unwrap())
+        };
+        // A full handshake 23 hours ago left a ticket.
+        let authenticated = unix_now() - 23 * 3600;
+        assert!(shared.put_at(b"t1".to_vec(), b"s1".to_vec(), authenticated));
+        // A connection resumes it and issues two new tickets: they keep that time.
+        let resumed = conn();
+        assert_eq!(resumed.take(b"t1").as_deref(), Some(&b"s1"[..]));
+        assert!(resumed.put(b"t2".to_vec(), b"s2".to_vec()));
+        assert!(resumed.put(b"t3".to_vec(), b"s3".to_vec()));
+        assert_eq!((stamp(b"t2"), stamp(b"t3")), (authenticated, authenticated));
+        // A full handshake's ticket: now.
+        let full = conn();
+        assert!(full.put(b"t4".to_vec(), b"s4".to_vec()));
+        assert!(unix_now() - stamp(b"t4") <= 1);
+        // Past the max age since the authentication, nothing resumes.
+        assert!(shared.put_at(b"old".to_vec(), b"s".to_vec(), unix_now() - 25 * 3600));
+        assert_eq!(conn().take(b"old"), None);
+        assert_eq!(conn().get(b"t2").as_deref(), Some(&b"s2"[..]));
     }
 }

@@ -557,6 +557,7 @@ impl Metrics {
             series: self.series.clone(),
             name: listener.to_string(),
             connections: Default::default(),
+            handshakes: Mutex::default(),
             handshake_duration: OnceLock::new(),
         })
     }
@@ -601,6 +602,9 @@ pub struct ListenerMetrics {
     name: String,
     /// Open connections by protocol (`PROTOCOLS`), created on first use.
     connections: [OnceLock<Gauge>; PROTOCOLS.len()],
+    /// The handshake counters used so far (a few: version, group and result come from small
+    /// fixed sets), so a handshake neither formats labels nor takes the series lock.
+    handshakes: Mutex<Vec<(HandshakeKind, Counter)>>,
     handshake_duration: OnceLock<AtomicHistogram>,
 }
 
@@ -632,27 +636,41 @@ impl ListenerMetrics {
         result: &'static str,
         took: Duration,
     ) {
-        {
-            let mut listeners = self
-                .series
-                .listeners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some((_, kinds)) = listeners.get_mut(&self.name) {
-                if !kinds.contains(&(version, group, result)) {
-                    kinds.push((version, group, result));
+        let kind = (version, group, result);
+        let mut handshakes = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        match handshakes.iter().find(|(k, _)| *k == kind) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                // The first of its kind here: the series notes it, to remove it with the
+                // listener.
+                {
+                    let mut listeners = self
+                        .series
+                        .listeners
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if let Some((_, kinds)) = listeners.get_mut(&self.name) {
+                        if !kinds.contains(&kind) {
+                            kinds.push(kind);
+                        }
+                    }
                 }
+                let counter = self
+                    .series
+                    .tls_handshakes
+                    .get_or_create_owned(&HandshakeLabels {
+                        listener: self.name.clone(),
+                        version,
+                        group,
+                        result,
+                    });
+                counter.inc();
+                handshakes.push((kind, counter));
             }
         }
-        self.series
-            .tls_handshakes
-            .get_or_create(&HandshakeLabels {
-                listener: self.name.clone(),
-                version,
-                group,
-                result,
-            })
-            .inc();
+        drop(handshakes);
         self.handshake_duration
             .get_or_init(|| {
                 self.series

@@ -71,7 +71,14 @@ pub fn init_logging(level: &str, format: LogFormat) {
 /// Wraith logs refused handshakes itself, at debug (client certificates at info).
 fn log_filter(spec: &str) -> Option<EnvFilter> {
     let filter = EnvFilter::try_new(spec).ok()?;
-    if spec.contains("rustls") {
+    let directives = || spec.split(',').map(str::trim);
+    // A directive for rustls itself (`rustls=debug`, `rustls::server=trace`; not
+    // `tokio_rustls`), or nothing logged by default (`off`): left as written.
+    let names_rustls = directives().any(|d| {
+        let target = d.split(['=', '[']).next().unwrap_or("");
+        target == "rustls" || target.starts_with("rustls::")
+    });
+    if names_rustls || directives().any(|d| d.eq_ignore_ascii_case("off")) {
         return Some(filter);
     }
     Some(filter.add_directive("rustls=error".parse().ok()?))
@@ -675,6 +682,14 @@ mod tests {
             "{chosen}"
         );
         assert!(log_filter("info,[").is_none());
+        // Another crate's name containing "rustls" is not rustls.
+        let other = log_filter("info,tokio_rustls=debug").unwrap().to_string();
+        assert!(other.contains("rustls=error"), "{other}");
+        let module = log_filter("info,rustls::server=trace").unwrap().to_string();
+        assert!(!module.contains("rustls=error"), "{module}");
+        // Nothing asked for: nothing added.
+        let off = log_filter("off").unwrap().to_string();
+        assert!(!off.contains("rustls"), "{off}");
     }
 
     /// What the policy, rate-limit and ban stages write into the record reaches the metrics

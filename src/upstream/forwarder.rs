@@ -471,8 +471,8 @@ async fn send_h2(
         let (parts, body) = req.into_parts();
         req = Request::from_parts(parts, Body::boxed(crate::body::Coalesced::new(body)));
     }
-    let (client, stream) = conns.take();
-    match tokio::time::timeout(timeout, client.request(req)).await {
+    let stream = conns.take();
+    match tokio::time::timeout(timeout, stream.client().request(req)).await {
         Err(_) => Err(Failure::Timeout),
         Ok(Err(e)) if e.is_connect() => Err(Failure::Connect(error_chain(&e))),
         Ok(Err(e)) if unprocessed(&e) => Err(Failure::Unprocessed(format!(

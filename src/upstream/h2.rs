@@ -37,6 +37,13 @@ struct Connection {
 /// body: see `Body::Tracked`).
 pub struct Stream(Arc<Connection>);
 
+impl Stream {
+    /// The client of the connection the request goes on.
+    pub fn client(&self) -> &Client<Connector, Body> {
+        &self.0.client
+    }
+}
+
 impl Drop for Stream {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::Release);
@@ -68,8 +75,9 @@ impl Conns {
         }
     }
 
-    /// The client of the connection this request goes on, and its place there.
-    pub fn take(&self) -> (Client<Connector, Body>, Stream) {
+    /// A place for one request on the first connection with a stream to spare (a new
+    /// connection when none has).
+    pub fn take(&self) -> Stream {
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         let spare = connections
             .iter()
@@ -87,7 +95,7 @@ impl Conns {
         };
         connection.streams.fetch_add(1, Ordering::Relaxed);
         drop(connections);
-        (connection.client.clone(), Stream(connection))
+        Stream(connection)
     }
 
     /// Connections used so far (each reconnects when its connection closes and is used again).
@@ -119,20 +127,20 @@ mod tests {
     #[test]
     fn requests_fill_one_connection_before_the_next_and_come_back_to_the_first() {
         let c = conns(2);
-        let a = c.take().1;
-        let b = c.take().1;
+        let a = c.take();
+        let b = c.take();
         assert_eq!(c.connections(), 1);
-        let d = c.take().1;
+        let d = c.take();
         assert_eq!(c.connections(), 2);
         assert!(!Arc::ptr_eq(&a.0, &d.0) && Arc::ptr_eq(&a.0, &b.0));
         // A stream ends on the first connection: the next request goes there, not to a
         // third connection nor to the second.
         drop(b);
-        let e = c.take().1;
+        let e = c.take();
         assert!(Arc::ptr_eq(&a.0, &e.0));
         assert_eq!(c.connections(), 2);
         drop((a, d, e));
-        let f = c.take().1;
+        let f = c.take();
         assert_eq!(f.0.streams.load(Ordering::Relaxed), 1);
         assert_eq!(c.connections(), 2);
     }

@@ -28,8 +28,8 @@ pub struct Handshake {
     /// The handshake completed: the client's Finished (and certificate, when asked for) was
     /// verified. Before that, application data can only have come as 0-RTT early data.
     complete: AtomicBool,
-    /// Whether this connection resumed an earlier session.
-    resumed: AtomicBool,
+    /// Full or resumed, once the handshake completed.
+    kind: OnceLock<rustls::HandshakeKind>,
     /// Why rustls refused the handshake.
     error: Mutex<Option<rustls::Error>>,
 }
@@ -45,9 +45,10 @@ impl Handshake {
         self.complete.load(Ordering::Acquire)
     }
 
-    /// True when the client resumed a previous session (PSK).
-    pub fn resumed(&self) -> bool {
-        self.resumed.load(Ordering::Relaxed)
+    /// Whether the handshake was a full one or resumed a previous session (PSK); `None`
+    /// until it completed.
+    pub fn kind(&self) -> Option<rustls::HandshakeKind> {
+        self.kind.get().copied()
     }
 
     /// The rustls error that ended the handshake, if rustls ended it.
@@ -58,7 +59,7 @@ impl Handshake {
 
 /// The listener-wide QUIC TLS configuration.
 pub struct QuicTls {
-    config: Arc<rustls::ServerConfig>,
+    tls: crate::listener::tls::ServerTls,
     /// The cipher suite of Initial packets (TLS_AES_128_GCM_SHA256, required by QUIC).
     initial: Suite,
 }
@@ -66,7 +67,8 @@ pub struct QuicTls {
 impl QuicTls {
     /// Wraps a TLS 1.3 rustls config; checks what rustls' QUIC connection demands of it (TLS
     /// 1.3, early data limit 0 or `u32::MAX`) once, here, rather than per connection.
-    pub fn new(config: Arc<rustls::ServerConfig>) -> Result<QuicTls, String> {
+    pub fn new(tls: crate::listener::tls::ServerTls) -> Result<QuicTls, String> {
+        let config = tls.config();
         let initial = config
             .crypto_provider()
             .cipher_suites
@@ -78,7 +80,7 @@ impl QuicTls {
             .ok_or("QUIC needs TLS_AES_128_GCM_SHA256, which the provider lacks")?;
         ServerConnection::new(config.clone(), Version::V1, Vec::new())
             .map_err(|e| format!("TLS settings unusable for QUIC: {e}"))?;
-        Ok(QuicTls { config, initial })
+        Ok(QuicTls { tls, initial })
     }
 
     /// The crypto config of one connection, recording into `handshake`.
@@ -162,7 +164,7 @@ impl ConnTls {
         let mut encoded = Vec::new();
         params.write(&mut encoded);
         // Cannot fail: `QuicTls::new` made the same connection from the same config.
-        let inner = ServerConnection::new(self.shared.config.clone(), version, encoded)
+        let inner = ServerConnection::new(self.shared.tls.for_connection(), version, encoded)
             .expect("checked by QuicTls::new");
         let inner = rustls::quic::Connection::Server(inner);
         Box::new(Session {
@@ -214,10 +216,9 @@ impl Session {
             }
         }
         if !self.inner.is_handshaking() && !self.handshake.complete.load(Ordering::Relaxed) {
-            self.handshake.resumed.store(
-                self.inner.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-                Ordering::Relaxed,
-            );
+            if let Some(kind) = self.inner.handshake_kind() {
+                let _ = self.handshake.kind.set(kind);
+            }
             self.handshake.complete.store(true, Ordering::Release);
         }
     }

@@ -689,23 +689,23 @@ fn complete(
         a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
             .ok()
     });
-    if let (true, Some(verifier), Some(chain)) = (handshake.resumed(), verifier, &chain) {
-        if let Err(e) = super::tls::recheck_resumed(verifier.as_ref(), chain) {
-            super::handshake_refused(
-                runtime,
-                &info.listener,
-                info.peer,
-                started,
-                "quic",
-                PeerAddress::Proven,
-                Ok((super::tls::failure_label(&e), e.to_string())),
-            );
-            conn.close(
-                VarInt::from_u32(H3_NO_ERROR),
-                b"client certificate no longer valid",
-            );
-            return false;
-        }
+    let chain_ref = chain.as_deref().map(Vec::as_slice);
+    let checked = super::tls::recheck_resumed(verifier, handshake.kind(), chain_ref);
+    if let Err(e) = checked {
+        super::handshake_refused(
+            runtime,
+            &info.listener,
+            info.peer,
+            started,
+            "quic",
+            PeerAddress::Proven,
+            Ok((super::tls::failure_label(&e), e.to_string())),
+        );
+        conn.close(
+            VarInt::from_u32(H3_NO_ERROR),
+            b"client certificate no longer valid",
+        );
+        return false;
     }
     if let Some(t) = &info.tls {
         if let Some(close) = &info.close {

@@ -358,7 +358,8 @@ async fn a_response_head_the_client_grants_no_credit_for_is_given_up_after_idle_
         "{}\n[log.json]\npath = \"access.json\"\n",
         config(&base, upstream.addr)
     );
-    let wraith = setup.start(&cfg);
+    // (Debug lines from Wraith: if the head is not given up on, the log says what happened.)
+    let wraith = setup.start_with_env(&cfg, &[("WRAITH_LOG", "info,wraith=debug".as_ref())]);
     let ca = wraith.pki().ca_pem.clone();
 
     // In HTTP/3 the response head is stream data: a client that grants a stream 512 bytes
@@ -378,7 +379,13 @@ async fn a_response_head_the_client_grants_no_credit_for_is_given_up_after_idle_
     // response (and its connection) is let go of...
     tokio::time::timeout(Duration::from_secs(15), released)
         .await
-        .expect("the gateway still holds the upstream response")
+        .unwrap_or_else(|_| {
+            panic!(
+                "the gateway still holds the upstream response (client: {:?}):\n{}",
+                client.conn.close_reason(),
+                wraith.log()
+            )
+        })
         .unwrap();
     // ... the request is logged as cut short ...
     let record = wraith

@@ -41,6 +41,9 @@ pub struct ListenerRuntime {
     pub client_auth: Arc<ClientAuthEpoch>,
     /// Its client-certificate verifier, for the check of resumed sessions.
     pub client_verifier: tls::ClientVerifier,
+    /// Its metric handles (`Snapshot::attach`): a connection counts through the listener
+    /// it was accepted on, even once a reload has removed it.
+    pub metrics: std::sync::OnceLock<Arc<crate::telemetry::metrics::ListenerMetrics>>,
 }
 
 /// One generation of the configuration, fully built.
@@ -196,6 +199,7 @@ impl Snapshot {
                 quic,
                 client_auth,
                 client_verifier: verifier,
+                metrics: std::sync::OnceLock::new(),
             }));
         }
         let Some(policy) = policy.filter(|_| errors.is_empty()) else {
@@ -215,6 +219,16 @@ impl Snapshot {
             config,
             telemetry: SnapshotTelemetry::default(),
         })
+    }
+
+    /// Gives the snapshot its sinks and metric handles, and each listener its own.
+    pub fn attach(&mut self, telemetry: SnapshotTelemetry) {
+        for l in &self.listeners {
+            if let Some(m) = telemetry.listener(&l.config.name) {
+                let _ = l.metrics.set(m.clone());
+            }
+        }
+        self.telemetry = telemetry;
     }
 
     /// Every limiter of this snapshot (for cleanup and status).
@@ -368,8 +382,9 @@ impl Runtime {
         }
         let telemetry = Arc::new(Telemetry::default());
         let mut snapshot = Snapshot::build(config, 1, None).map_err(|e| e.join("\n"))?;
-        snapshot.telemetry = SnapshotTelemetry::build(&telemetry, &snapshot.config, None)
+        let built = SnapshotTelemetry::build(&telemetry, &snapshot.config, None)
             .map_err(|e| e.join("\n"))?;
+        snapshot.attach(built);
         let decisions = Arc::new(DecisionStore::new());
         if let Some(path) = &snapshot.config.decisions.state_file {
             let n = decisions.load(path).map_err(|e| {
@@ -506,8 +521,9 @@ impl Runtime {
             );
         }
         let mut snapshot = Snapshot::build(config, generation, Some(&old))?;
-        snapshot.telemetry =
+        let built =
             SnapshotTelemetry::build(&self.telemetry, &snapshot.config, Some(&old.telemetry))?;
+        snapshot.attach(built);
 
         // Bind new addresses before swapping, so a port in use fails the whole reload.
         let existing: Vec<ListenerKey> = self.listener_keys();

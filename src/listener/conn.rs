@@ -480,11 +480,9 @@ async fn serve_http<I>(
     let state = h2.then(|| Arc::new(ConnState::new(started.into_std())));
     // Counted from here to the end of the connection (the guard decrements on every exit);
     // the handles keep the listener's series while it has connections.
-    let _active = runtime
-        .gateway
-        .snapshot()
-        .telemetry
-        .listener(&info.listener)
+    let _active = listener
+        .metrics
+        .get()
         .map(|m| GaugeGuard::count(m.clone(), if h2 { "h2" } else { "h1" }));
     // The same port over UDP (the QUIC side binds the TCP side's port).
     let alt_svc = AltSvc::new(listener, info.local.port());

@@ -640,11 +640,10 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         (conn, None)
     };
 
-    let _active = runtime
-        .gateway
-        .snapshot()
-        .telemetry
-        .listener(&name)
+    let _active = start
+        .listener
+        .metrics
+        .get()
         .map(|m| super::conn::GaugeGuard::count(m.clone(), "h3"));
     let ctx = Arc::new(QuicConn {
         runtime,

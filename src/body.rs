@@ -41,8 +41,11 @@ pub enum Body {
 /// See `Body::Tracked`.
 pub struct Tracked {
     pub body: hyper::body::Incoming,
-    pub slot: crate::upstream::h1::InFlight,
+    // Dropped before `slot` (fields drop in order): freeing the slot wakes a waiting request,
+    // which must find this stream's place on its connection free already, or it opens
+    // another connection.
     pub stream: crate::upstream::h2::Stream,
+    pub slot: crate::upstream::h1::InFlight,
 }
 
 impl Body {

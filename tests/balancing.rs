@@ -1460,7 +1460,8 @@ async fn an_endpoint_removed_and_added_back_keeps_counting_its_requests() {
 }
 
 /// An h2c server that allows `max_streams` streams per connection and holds every request
-/// until `release` is notified; it counts its connections and the requests it holds at once.
+/// until `release` is notified (or answers at once: `start_answering`); it counts its
+/// connections and the requests it holds at once.
 struct StreamLimitedH2 {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
@@ -1471,6 +1472,14 @@ struct StreamLimitedH2 {
 
 impl StreamLimitedH2 {
     async fn start(max_streams: u32) -> StreamLimitedH2 {
+        Self::start_with(max_streams, true).await
+    }
+
+    async fn start_answering(max_streams: u32) -> StreamLimitedH2 {
+        Self::start_with(max_streams, false).await
+    }
+
+    async fn start_with(max_streams: u32, hold: bool) -> StreamLimitedH2 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = StreamLimitedH2 {
             addr: listener.local_addr().unwrap(),
@@ -1497,7 +1506,9 @@ impl StreamLimitedH2 {
                             let released = release.notified();
                             let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
                             peak.fetch_max(now, Ordering::SeqCst);
-                            released.await;
+                            if hold {
+                                released.await;
+                            }
                             holding.fetch_sub(1, Ordering::SeqCst);
                             Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
                         }
@@ -1567,4 +1578,31 @@ async fn an_h2_upstream_gets_more_connections_when_its_streams_run_out() {
         assert_eq!(one.await.unwrap().unwrap(), 200);
     }
     assert_eq!(server.connections.load(Ordering::SeqCst), 4);
+}
+
+/// With `max_connections` equal to `h2_max_streams`, one connection carries everything: a
+/// request that waited for the endpoint's slot was woken (the slot freed) before the stream
+/// it was to replace had left its connection, found the connection full, and opened a second
+/// one (found by a helper's chaos run: 2 connections in 5 of 5 runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_endpoint_at_max_connections_needs_one_connection() {
+    let server = StreamLimitedH2::start_answering(4).await;
+    let setup = Setup::new();
+    let wraith = setup.start(&config(&format!(
+        "endpoints = [{{ address = \"{}\", max_connections = 4 }}]\nprotocol = \"h2c\"\nh2_max_streams = 4\nmax_pending = 1000\n",
+        server.addr
+    )));
+    let client = http_client();
+    let url = wraith.url("http", "/x");
+    let results: Vec<_> = futures_util::stream::iter(0..3000)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(results.iter().all(|r| matches!(r, Ok(200))), "{results:?}");
+    assert!(server.peak.load(Ordering::SeqCst) <= 4);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
 }

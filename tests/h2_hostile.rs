@@ -1088,3 +1088,45 @@ async fn a_post_above_a_graceful_goaway_is_sent_to_another_endpoint() {
     posts_turned_away_unprocessed_go_to_another_endpoint(goaway_after_one_h2c_upstream().await)
         .await;
 }
+
+/// With one endpoint, a stream turned away unprocessed goes to it again, on another
+/// connection: an upstream rotating its connections with graceful GOAWAYs (a maximum age or
+/// number of requests, as gRPC servers and nginx do) cost a 502 at every rotation (a
+/// helper's chaos run: 15 to 79 of 4,000 GETs). Within `retries`: an upstream refusing every
+/// stream still gets 502, after three attempts.
+#[tokio::test]
+async fn a_stream_above_a_graceful_goaway_goes_to_the_same_endpoint_when_it_is_the_only_one() {
+    for (turning_away, expected) in [
+        (goaway_after_one_h2c_upstream().await, 200),
+        (refusing_h2c_upstream().await, 502),
+    ] {
+        let setup = Setup::new();
+        let cfg = format!(
+            "{}\n[[upstream]]\nname = \"app\"\nprotocol = \"h2c\"\nendpoints = [\"{turning_away}\"]\n\n\
+             [[route]]\nname = \"all\"\nupstream = \"app\"\n",
+            setup.listeners(),
+        );
+        let wraith = setup.start(&cfg);
+        let client = http_client();
+        for i in 0..6 {
+            let r = client
+                .post(wraith.url("http", &format!("/orders/{i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), expected, "POST {i}: {}", wraith.log());
+        }
+        let e = wraith
+            .endpoint_status("app", &turning_away.to_string())
+            .await;
+        assert_eq!(e["consecutive_failures"], 0, "{e}");
+        if expected == 502 {
+            let retries = wraith
+                .log_json()
+                .iter()
+                .filter(|v| v["message"] == "attempt failed; retrying")
+                .count();
+            assert_eq!(retries, 6 * 2, "{}", wraith.log());
+        }
+    }
+}

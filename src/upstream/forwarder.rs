@@ -152,7 +152,9 @@ pub async fn forward(
         None
     };
 
-    let retries_possible = config.retries > 0 && upstream.endpoints.len() > 1;
+    // (Over HTTP/2 with one endpoint too: a stream it turned away unprocessed can go to it
+    // again, on another connection.)
+    let retries_possible = config.retries > 0 && (upstream.endpoints.len() > 1 || h2);
     let replay = if req.body().is_end_stream() {
         Replay::Empty
     } else if (retries_possible || !h2)
@@ -305,7 +307,8 @@ pub async fn forward(
                 "the request body could not be read",
             ));
         }
-        if !matches!(failure, Failure::Unprocessed(_)) {
+        let unprocessed = matches!(failure, Failure::Unprocessed(_));
+        if !unprocessed {
             endpoint.health.record_failure(upstream);
         }
         let (error, connect) = match failure {
@@ -346,10 +349,17 @@ pub async fn forward(
             ),
         };
         // Which request could go out again, if the rules allow a retry at all.
+        // A stream turned away unprocessed (REFUSED_STREAM, above a graceful GOAWAY) may go
+        // to an endpoint tried already, the same one too, when no other is left: a server
+        // rotating its connections (a maximum age, a maximum of requests) or refusing what
+        // came before its SETTINGS did not process it (RFC 9113 §8.7).
         let may_retry = (connect || idempotent)
             && (outcome.attempts - 1) < config.retries
-            && tried.len() < upstream.endpoints.len()
+            && (tried.len() < upstream.endpoints.len() || unprocessed)
             && started.elapsed() < config.try_duration;
+        if may_retry && unprocessed && tried.len() >= upstream.endpoints.len() {
+            tried = Tried::default();
+        }
         next = if !may_retry {
             None
         } else if let Some(mut r) = returned {
@@ -375,7 +385,7 @@ pub async fn forward(
             })
         };
         if next.is_some() {
-            tracing::warn!(upstream = %config.name, endpoint = %endpoint.authority, error = %error, attempt = outcome.attempts, "attempt failed; retrying on another endpoint");
+            tracing::warn!(upstream = %config.name, endpoint = %endpoint.authority, error = %error, attempt = outcome.attempts, "attempt failed; retrying");
             outcome.retried.push(FailedAttempt {
                 endpoint: endpoint.authority.clone(),
                 error: error.code(),

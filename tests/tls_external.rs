@@ -236,21 +236,24 @@ fn assert_common(scan: &Scan) {
     scan.assert_no_serious_findings();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn testssl_default_listener_offers_tls13_only() {
-    let wraith = start(Setup::new(), "");
+/// Starts Wraith with `tls_extra` on its https listener and scans that with `checks`.
+async fn scan_listener(
+    tls_extra: &str,
+    checks: &'static [&'static str],
+    name: &'static str,
+) -> Scan {
+    let wraith = start(Setup::new(), tls_extra);
     let port = wraith.addr("https").port();
     let dir = wraith.dir.path().to_path_buf();
-    let scan = tokio::task::spawn_blocking(move || {
-        testssl(
-            &dir,
-            port,
-            &["-p", "-E", "-f", "-H", "-I", "-C", "-R", "-h"],
-            "default",
-        )
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || testssl(&dir, port, checks, name))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testssl_default_listener_offers_tls13_only() {
+    let checks = &["-p", "-E", "-f", "-H", "-I", "-C", "-R", "-h"];
+    let scan = scan_listener("", checks, "default").await;
 
     assert_common(&scan);
     assert!(
@@ -274,19 +277,8 @@ async fn testssl_default_listener_offers_tls13_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testssl_tls12_listener_offers_only_ecdhe_aead_suites() {
-    let wraith = start(Setup::new(), r#"versions = ["1.2", "1.3"]"#);
-    let port = wraith.addr("https").port();
-    let dir = wraith.dir.path().to_path_buf();
-    let scan = tokio::task::spawn_blocking(move || {
-        testssl(
-            &dir,
-            port,
-            &["-p", "-E", "-P", "-f", "-H", "-I", "-C", "-R", "-h"],
-            "tls12",
-        )
-    })
-    .await
-    .unwrap();
+    let checks = &["-p", "-E", "-P", "-f", "-H", "-I", "-C", "-R", "-h"];
+    let scan = scan_listener(r#"versions = ["1.2", "1.3"]"#, checks, "tls12").await;
 
     assert_common(&scan);
     assert!(scan.finding(&["TLS1_2"]).starts_with("offered"));

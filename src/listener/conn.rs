@@ -303,41 +303,9 @@ pub(super) async fn serve(
         .as_ref()
         .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
     let handshake_started = Instant::now();
-    let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.for_connection());
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let (reason, detail) = tls::handshake_failure(&e);
-            super::handshake_refused(
-                &runtime,
-                &info.listener,
-                peer,
-                handshake_started,
-                "tcp",
-                PeerAddress::Proven,
-                Ok((reason, detail)),
-            );
-            return;
-        }
-        Err(_) => {
-            super::handshake_refused(
-                &runtime,
-                &info.listener,
-                peer,
-                handshake_started,
-                "tcp",
-                PeerAddress::Proven,
-                Err(()),
-            );
-            return;
-        }
-    };
-    // The request-head clock starts now (see `serve_http`).
-    let handshaken = tokio::time::Instant::now();
-    let (_, session) = tls.get_ref();
-    let chain = session.peer_certificates();
-    if let Err(e) = tls::recheck_resumed(&listener.client_verifier, session.handshake_kind(), chain)
-    {
+    // A handshake refused, timed out, or a resumed session whose client certificate no longer
+    // passes: accounted for the same way.
+    let refused = |failure| {
         super::handshake_refused(
             &runtime,
             &info.listener,
@@ -345,9 +313,22 @@ pub(super) async fn serve(
             handshake_started,
             "tcp",
             PeerAddress::Proven,
-            Ok((tls::failure_label(&e), e.to_string())),
-        );
-        return;
+            failure,
+        )
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.for_connection());
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refused(Ok(tls::handshake_failure(&e))),
+        Err(_) => return refused(Err(())),
+    };
+    // The request-head clock starts now (see `serve_http`).
+    let handshaken = tokio::time::Instant::now();
+    let (_, session) = tls.get_ref();
+    let chain = session.peer_certificates();
+    if let Err(e) = tls::recheck_resumed(&listener.client_verifier, session.handshake_kind(), chain)
+    {
+        return refused(Ok((tls::failure_label(&e), e.to_string())));
     }
     let alpn = session
         .alpn_protocol()

@@ -317,27 +317,44 @@ async fn response_trailers_are_cleaned_for_http2_clients() {
 /// and `hello, truncated` (16 bytes), then resets the stream with NO_ERROR instead of ending
 /// it.
 async fn truncating_h2c_upstream(content_length: Option<u64>) -> SocketAddr {
+    h2c_upstream(move |_req, mut respond| {
+        let mut resp = http::Response::builder().status(200);
+        if let Some(n) = content_length {
+            resp = resp.header("content-length", n);
+        }
+        let Ok(mut send) = respond.send_response(resp.body(()).unwrap(), false) else {
+            return;
+        };
+        let _ = send.send_data(Bytes::from_static(b"hello, truncated"), false);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            send.send_reset(h2::Reason::NO_ERROR);
+        });
+    })
+    .await
+}
+
+/// A raw h2c upstream (the `h2` crate's server, on 127.0.0.1:0) that hands every request
+/// stream to `handle`.
+async fn h2c_upstream<F>(handle: F) -> SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
+            let handle = handle.clone();
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(s).await else {
                     return;
                 };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    let mut resp = http::Response::builder().status(200);
-                    if let Some(n) = content_length {
-                        resp = resp.header("content-length", n);
-                    }
-                    let Ok(mut send) = respond.send_response(resp.body(()).unwrap(), false) else {
-                        continue;
-                    };
-                    let _ = send.send_data(Bytes::from_static(b"hello, truncated"), false);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        send.send_reset(h2::Reason::NO_ERROR);
-                    });
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    handle(req, respond);
                 }
             });
         }
@@ -629,40 +646,29 @@ async fn requests_h2_refuses_itself_are_logged_and_reported() {
 /// data, `grpc-status` trailers) and then resets the stream with NO_ERROR to stop the rest of
 /// the request body (RFC 9113 §8.1).
 async fn early_answering_h2c_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        // The first message, then the answer.
-                        let _ = body.data().await;
-                        let resp = http::Response::builder()
-                            .status(200)
-                            .header("content-type", "application/grpc")
-                            .body(())
-                            .unwrap();
-                        let Ok(mut send) = respond.send_response(resp, false) else {
-                            return;
-                        };
-                        let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", "0".parse().unwrap());
-                        let _ = send.send_trailers(trailers);
-                        // (h2 drops what is still queued on a reset: the answer goes first.)
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        send.send_reset(h2::Reason::NO_ERROR);
-                    });
-                }
-            });
-        }
-    });
-    addr
+    h2c_upstream(|req, mut respond| {
+        tokio::spawn(async move {
+            let mut body = req.into_body();
+            // The first message, then the answer.
+            let _ = body.data().await;
+            let resp = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let Ok(mut send) = respond.send_response(resp, false) else {
+                return;
+            };
+            let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let _ = send.send_trailers(trailers);
+            // (h2 drops what is still queued on a reset: the answer goes first.)
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            send.send_reset(h2::Reason::NO_ERROR);
+        });
+    })
+    .await
 }
 
 /// A complete response followed by the upstream's RST_STREAM(NO_ERROR) (it needs no more of
@@ -971,21 +977,7 @@ async fn a_host_field_other_than_the_authority_is_refused() {
 
 /// An h2c upstream that refuses every stream unprocessed: RST_STREAM(REFUSED_STREAM).
 async fn refusing_h2c_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
-                }
-            });
-        }
-    });
-    addr
+    h2c_upstream(|_req, mut respond| respond.send_reset(h2::Reason::REFUSED_STREAM)).await
 }
 
 /// A stream an HTTP/2 upstream refuses unprocessed (REFUSED_STREAM, or above a graceful

@@ -564,13 +564,16 @@ async fn sigterm_sends_goaway_and_drains_requests_in_flight() {
     assert!(!matches!(again.await, Ok(Ok(_))));
 }
 
-/// An upstream that holds each request to `/held` until `release` is notified (once per
-/// request), and says on the receiver when it has one; anything else gets the JSON echo.
-async fn holding_upstream() -> (
+/// `holding_upstream`: the server, what releases a held request, what says one is held.
+type HoldingUpstream = (
     Upstream,
     std::sync::Arc<tokio::sync::Notify>,
     tokio::sync::mpsc::UnboundedReceiver<()>,
-) {
+);
+
+/// An upstream that holds each request to `/held` until `release` is notified (once per
+/// request), and says on the receiver when it has one; anything else gets the JSON echo.
+async fn holding_upstream() -> HoldingUpstream {
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
     let (held_tx, held) = tokio::sync::mpsc::unbounded_channel();
     let r = release.clone();
@@ -600,15 +603,25 @@ async fn quic_connections(wraith: &Wraith, name: &str) -> serde_json::Value {
         .clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http3_turned_back_on_while_a_request_drains_serves_again_and_the_request_finishes() {
-    let (upstream, release, mut held) = holding_upstream().await;
-    let setup = Setup::new();
+/// Starts Wraith on `first` with an HTTP/3 request held by the upstream, reloads to `away`
+/// (HTTP/3 gone from that address: its connection drains, the request still running on the
+/// endpoint's UDP socket) and back to `first` meanwhile (the port is held by Wraith itself,
+/// which must not fail the reload); then new connections are served, the held request
+/// completes and its connection closes as drains do.
+async fn http3_comes_back_while_a_request_drains(
+    setup: Setup,
+    upstream: HoldingUpstream,
+    first: &str,
+    away: &str,
+    expect_port: Option<u16>,
+) {
+    let (_upstream, release, mut held) = upstream;
     let ca = setup.pki.ca_pem.clone();
-    let on = h3_config(&setup, upstream.addr);
-    let off = on.replace("http3 = true", "http3 = false");
-    let wraith = setup.start(&on);
+    let wraith = setup.start(first);
     let addr = wraith.addr("https");
+    if let Some(port) = expect_port {
+        assert_eq!(addr.port(), port);
+    }
     let client = H3Client::new(&ca, None, Groups::Default);
     let old = client.connect(addr).await.unwrap();
     let mut request = old.clone();
@@ -617,14 +630,12 @@ async fn http3_turned_back_on_while_a_request_drains_serves_again_and_the_reques
         .await
         .expect("the request reached the upstream");
 
-    // Off: the connection drains, its request still running on the endpoint's UDP socket.
-    wraith.write_config(&off);
+    wraith.write_config(away);
     wraith.reload().unwrap();
-    // On again meanwhile: the port is held by Wraith itself, which must not fail the reload.
-    wraith.write_config(&on);
+    wraith.write_config(first);
     wraith
         .reload()
-        .expect("HTTP/3 turned back on while a QUIC connection drains");
+        .expect("HTTP/3 back on an address whose QUIC connections drain");
     let mut fresh = client.connect(addr).await.unwrap();
     assert_eq!(fresh.get("/new").await.unwrap().status(), 200);
     // The draining connection is not the new listener's.
@@ -639,14 +650,23 @@ async fn http3_turned_back_on_while_a_request_drains_serves_again_and_the_reques
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http3_listener_re_added_while_its_connections_drain_serves_again() {
-    let (upstream, release, mut held) = holding_upstream().await;
+async fn http3_turned_back_on_while_a_request_drains_serves_again_and_the_request_finishes() {
+    let upstream = holding_upstream().await;
     let setup = Setup::new();
-    let ca = setup.pki.ca_pem.clone();
+    let on = h3_config(&setup, upstream.0.addr);
+    let off = on.replace("http3 = true", "http3 = false");
+    http3_comes_back_while_a_request_drains(setup, upstream, &on, &off, None).await;
+}
+
+/// The listener moves to another port (the one here is removed and drains), and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_listener_re_added_while_its_connections_drain_serves_again() {
+    let upstream = holding_upstream().await;
+    let setup = Setup::new();
     let (here, elsewhere) = (unused_port(), unused_port());
     let port_0 = "address = \"127.0.0.1:0\"\nprotocol = \"https\"";
     let at = |port: u16| {
-        let cfg = h3_config(&setup, upstream.addr);
+        let cfg = h3_config(&setup, upstream.0.addr);
         assert!(cfg.contains(port_0));
         cfg.replacen(
             port_0,
@@ -655,32 +675,8 @@ async fn an_http3_listener_re_added_while_its_connections_drain_serves_again() {
         )
     };
     let (cfg_here, cfg_elsewhere) = (at(here), at(elsewhere));
-    let wraith = setup.start(&cfg_here);
-    let addr = wraith.addr("https");
-    assert_eq!(addr.port(), here);
-    let client = H3Client::new(&ca, None, Groups::Default);
-    let old = client.connect(addr).await.unwrap();
-    let mut request = old.clone();
-    let in_flight = tokio::spawn(async move { request.get("/held").await });
-    tokio::time::timeout(Duration::from_secs(10), held.recv())
-        .await
-        .expect("the request reached the upstream");
-
-    // The listener moves to another port (the one here is removed and drains), and back.
-    wraith.write_config(&cfg_elsewhere);
-    wraith.reload().unwrap();
-    wraith.write_config(&cfg_here);
-    wraith
-        .reload()
-        .expect("an HTTP/3 listener re-added while its QUIC connections drain");
-    let mut fresh = client.connect(addr).await.unwrap();
-    assert_eq!(fresh.get("/new").await.unwrap().status(), 200);
-    assert_eq!(quic_connections(&wraith, "https").await, 1);
-
-    release.notify_one();
-    assert_eq!(in_flight.await.unwrap().unwrap().status(), 200);
-    closed_by_gateway_quietly(&old.conn, Duration::from_secs(10)).await;
-    assert_eq!(fresh.get("/after").await.unwrap().status(), 200);
+    http3_comes_back_while_a_request_drains(setup, upstream, &cfg_here, &cfg_elsewhere, Some(here))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -495,17 +495,20 @@ async fn read_answer(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
     tokio::time::timeout(wait, read).await.unwrap_or(false)
 }
 
+/// The test config with `limits.max_connections = n` on the plain listener.
+fn with_connection_limit(setup: &Setup, upstream: std::net::SocketAddr, n: usize) -> String {
+    config(setup, upstream, "v1", "").replacen(
+        "protocol = \"http\"\n",
+        &format!("protocol = \"http\"\nlimits = {{ max_connections = {n} }}\n"),
+        1,
+    )
+}
+
 #[tokio::test]
 async fn a_reload_resizes_the_connection_limit_without_cutting_connections() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
-    let with_limit = |n: usize| {
-        config(&setup, upstream.addr, "v1", "").replacen(
-            "protocol = \"http\"\n",
-            &format!("protocol = \"http\"\nlimits = {{ max_connections = {n} }}\n"),
-            1,
-        )
-    };
+    let with_limit = |n: usize| with_connection_limit(&setup, upstream.addr, n);
     let [two, three, one] = [2, 3, 1].map(with_limit);
     assert!(two.contains("max_connections = 2"));
     let wraith = setup.start(&two);
@@ -557,13 +560,7 @@ async fn a_reload_resizes_the_connection_limit_without_cutting_connections() {
 async fn a_lowered_limit_holds_back_the_next_connection_too() {
     let upstream = Upstream::echo().await;
     let setup = Setup::new();
-    let with_limit = |n: usize| {
-        config(&setup, upstream.addr, "v1", "").replacen(
-            "protocol = \"http\"\n",
-            &format!("protocol = \"http\"\nlimits = {{ max_connections = {n} }}\n"),
-            1,
-        )
-    };
+    let with_limit = |n: usize| with_connection_limit(&setup, upstream.addr, n);
     let (four, one) = (with_limit(4), with_limit(1));
     let wraith = setup.start(&four);
     let addr = wraith.addr("http");

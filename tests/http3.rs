@@ -994,21 +994,7 @@ async fn a_connection_idle_after_a_request_is_closed_after_idle_timeout_despite_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_longer_than_idle_timeout_keeps_its_connection() {
-    // An upstream that holds `/held` until released, and says when it has it.
-    let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
-    let r = release.clone();
-    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
-        let (release, held_tx) = (r.clone(), held_tx.clone());
-        async move {
-            if req.uri().path() == "/held" {
-                let _ = held_tx.send(());
-                release.notified().await;
-            }
-            echo_response(req).await
-        }
-    })
-    .await;
+    let (upstream, release, mut held) = holding_upstream().await;
     let setup = Setup::new();
     let ca = setup.pki.ca_pem.clone();
     let cfg = with_limits(

@@ -344,13 +344,25 @@ where
         + Sync
         + 'static,
 {
+    h2c_upstream_with(h2::server::Builder::new(), handle).await
+}
+
+/// `h2c_upstream` with the server's settings from `builder`.
+async fn h2c_upstream_with<F>(builder: h2::server::Builder, handle: F) -> SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            let handle = handle.clone();
+            let (handle, builder) = (handle.clone(), builder.clone());
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
+                let Ok(mut conn) = builder.handshake(s).await else {
                     return;
                 };
                 while let Some(Ok((req, respond))) = conn.accept().await {
@@ -368,6 +380,56 @@ fn h2c_config(setup: &Setup, upstream: SocketAddr) -> String {
          [[route]]\nname = \"all\"\nupstream = \"app\"\n",
         setup.listeners()
     )
+}
+
+/// An upstream that answers before it has read the request body (and neither reads nor
+/// resets it) leaves the stream open while the client goes on sending: the stream still
+/// counts against its connection's `h2_max_streams`. Before, it was given back with the
+/// response, and the next request went onto that connection, where the upstream's
+/// one-stream limit held it until its response timeout (504).
+#[tokio::test]
+async fn a_request_body_still_sent_after_its_response_keeps_its_h2_stream() {
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held = kept.clone();
+    let mut builder = h2::server::Builder::new();
+    builder.max_concurrent_streams(1);
+    let upstream = h2c_upstream_with(builder, move |req, mut respond| {
+        // Held, neither read nor dropped (a drop would reset the stream).
+        held.lock().unwrap().push(req.into_body());
+        let _ = respond.send_response(http::Response::new(()), true);
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = h2c_config(&setup, upstream).replace(
+        "protocol = \"h2c\"",
+        "protocol = \"h2c\"\nh2_max_streams = 1\nresponse_timeout = \"3s\"",
+    );
+    let wraith = setup.start(&cfg);
+    let mut client = h2_connect(&wraith).await;
+
+    let req = Request::post(https_uri(&wraith, "/upload"))
+        .body(())
+        .unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(Bytes::from_static(b"first piece"), false)
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    client = client.ready().await.unwrap();
+
+    // The upload goes on; another request must not wait behind it.
+    upload
+        .send_data(Bytes::from_static(b"more"), false)
+        .unwrap();
+    let resp = h2_send(
+        &mut client,
+        Request::get(https_uri(&wraith, "/next")).body(()).unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(kept.lock().unwrap().len(), 2);
+    upload.send_data(Bytes::new(), true).unwrap();
 }
 
 #[tokio::test]

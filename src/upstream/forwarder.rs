@@ -476,12 +476,14 @@ async fn send_h2(
     parts.authority = Some(endpoint.authority.clone());
     parts.path_and_query = req.uri().path_and_query().cloned();
     *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Failure::Failed(e.to_string()))?;
-    // A streamed body's small pieces go as few DATA frames (`Coalesced`).
+    let stream = conns.take();
+    // A streamed body's small pieces go as few DATA frames (`Coalesced`); it keeps the
+    // request's stream taken until it ends, also past the response (`Uploading`).
     if !req.body().is_end_stream() && !matches!(req.body(), Body::Full(_)) {
         let (parts, body) = req.into_parts();
-        req = Request::from_parts(parts, Body::boxed(crate::body::Coalesced::new(body)));
+        let body = super::h2::Uploading::new(crate::body::Coalesced::new(body), stream.clone());
+        req = Request::from_parts(parts, Body::boxed(body));
     }
-    let stream = conns.take();
     match tokio::time::timeout(timeout, stream.client().request(req)).await {
         Err(_) => Err(Failure::Timeout),
         Ok(Err(e)) if e.is_connect() => Err(Failure::Connect(error_chain(&e))),

@@ -33,20 +33,69 @@ struct Connection {
     streams: AtomicUsize,
 }
 
-/// A request's place on one connection, given back when it is dropped (with the response
-/// body: see `Body::Tracked`).
-pub struct Stream(Arc<Connection>);
+/// A request's place on one connection, given back when its last clone is dropped: the
+/// response body holds one (see `Body::Tracked`), and a request body still streaming when the
+/// response ends holds another (`Uploading`), since its HTTP/2 stream is open until then.
+#[derive(Clone)]
+pub struct Stream(Arc<Place>);
+
+struct Place(Arc<Connection>);
 
 impl Stream {
     /// The client of the connection the request goes on.
     pub fn client(&self) -> &Client<Connector, Body> {
-        &self.0.client
+        &self.0 .0.client
     }
 }
 
-impl Drop for Stream {
+impl Drop for Place {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A request body that holds its request's place on the connection until it ends: an
+/// upstream may answer before it has read the whole body (an early error, a gRPC call that
+/// ends first), and the stream stays open, counting against the upstream's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`, while the body is still sent.
+pub struct Uploading<B> {
+    body: B,
+    stream: Option<Stream>,
+}
+
+impl<B> Uploading<B> {
+    pub fn new(body: B, stream: Stream) -> Uploading<B> {
+        Uploading {
+            body,
+            stream: Some(stream),
+        }
+    }
+}
+
+impl<B> http_body::Body for Uploading<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.stream = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -95,7 +144,7 @@ impl Conns {
         };
         connection.streams.fetch_add(1, Ordering::Relaxed);
         drop(connections);
-        Stream(connection)
+        Stream(Arc::new(Place(connection)))
     }
 
     /// Connections used so far (each reconnects when its connection closes and is used again).
@@ -132,16 +181,59 @@ mod tests {
         assert_eq!(c.connections(), 1);
         let d = c.take();
         assert_eq!(c.connections(), 2);
-        assert!(!Arc::ptr_eq(&a.0, &d.0) && Arc::ptr_eq(&a.0, &b.0));
+        let on = |s: &Stream| Arc::as_ptr(&s.0 .0);
+        assert!(on(&a) != on(&d) && on(&a) == on(&b));
         // A stream ends on the first connection: the next request goes there, not to a
         // third connection nor to the second.
         drop(b);
         let e = c.take();
-        assert!(Arc::ptr_eq(&a.0, &e.0));
+        assert_eq!(on(&a), on(&e));
         assert_eq!(c.connections(), 2);
         drop((a, d, e));
         let f = c.take();
-        assert_eq!(f.0.streams.load(Ordering::Relaxed), 1);
+        assert_eq!(f.0 .0.streams.load(Ordering::Relaxed), 1);
         assert_eq!(c.connections(), 2);
+    }
+
+    struct Channel(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+    impl http_body::Body for Channel {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    /// The place stays taken while any clone of it (the response body's, the request
+    /// body's) is alive, and is freed when the request body ends.
+    #[tokio::test]
+    async fn a_request_body_still_sending_keeps_the_place() {
+        use http_body_util::BodyExt;
+        let c = conns(1);
+        let a = c.take();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut upload = Uploading::new(Channel(rx), a.clone());
+        drop(a); // the response ended
+        let b = c.take();
+        assert_eq!(c.connections(), 2, "the upload's connection had no room");
+        tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+        drop(tx);
+        assert!(upload.frame().await.is_some());
+        assert!(upload.frame().await.is_none());
+        drop(b);
+        let d = c.take();
+        assert_eq!(c.connections(), 2);
+        assert_eq!(d.0 .0.streams.load(Ordering::Relaxed), 1);
+        // Both connections free: the first one is taken again.
+        assert_eq!(
+            Arc::as_ptr(&d.0 .0),
+            Arc::as_ptr(&c.connections.lock().unwrap()[0])
+        );
     }
 }

@@ -679,6 +679,42 @@ async fn an_http3_listener_re_added_while_its_connections_drain_serves_again() {
         .await;
 }
 
+/// quinn fixes the largest datagram an endpoint accepts when it is made: a reload that
+/// changes `quic.max_udp_payload` on a kept socket says it waits for a restart, and still
+/// serves (a reload that keeps it says nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changing_max_udp_payload_warns_that_it_waits_for_a_restart() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = |quic: &str| {
+        config(
+            &setup.listeners_h3("", quic, ALLOW_ALL_POLICY),
+            upstream.addr,
+            APP_ROUTE,
+        )
+    };
+    let (before, after) = (cfg("max_udp_payload = 1400"), cfg("max_udp_payload = 1300"));
+    let wraith = setup.start(&before);
+    let warned = |wraith: &Wraith| {
+        wraith.log_json().iter().any(|l| {
+            l["level"] == "WARN"
+                && l["message"].as_str().is_some_and(|m| {
+                    m.contains("max_udp_payload changed from 1400 to 1300")
+                        && m.contains("until the next restart")
+                })
+        })
+    };
+    wraith.reload().unwrap();
+    assert!(!warned(&wraith), "{}", wraith.log());
+    wraith.write_config(&after);
+    wraith.reload().unwrap();
+    assert!(warned(&wraith), "{}", wraith.log());
+    let client = H3Client::new(&ca, None, Groups::Default);
+    let mut conn = client.connect(wraith.addr("https")).await.unwrap();
+    assert_eq!(conn.get("/after").await.unwrap().status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_quic_endpoint_frees_its_port_and_a_port_taken_meanwhile_fails_the_reload() {
     let upstream = Upstream::echo().await;

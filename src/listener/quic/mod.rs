@@ -150,6 +150,8 @@ pub struct Bound {
     endpoint: Endpoint,
     local_addr: SocketAddr,
     max_connections: usize,
+    /// The `quic.max_udp_payload` the endpoint was made with (fixed for its life).
+    max_udp_payload: u16,
     /// For an endpoint taken back from `Draining`: the server config it accepts with once
     /// `spawn` starts it. Until then it refuses new connections as it did while draining.
     revived: Option<quinn::ServerConfig>,
@@ -185,6 +187,7 @@ pub fn bind(
         endpoint,
         local_addr,
         max_connections: config.limits.max_connections.get(),
+        max_udp_payload: quic.config.max_udp_payload,
         revived: None,
     })
 }
@@ -219,6 +222,7 @@ pub struct QuicHandle {
     stop: CancellationToken,
     /// The connection limit; a reload resizes it.
     pub limit: Arc<ConnectionLimit>,
+    max_udp_payload: u16,
 }
 
 impl QuicHandle {
@@ -241,11 +245,26 @@ impl QuicHandle {
     pub fn update(&self, quic: &QuicRuntime) {
         self.endpoint
             .set_server_config(Some((*quic.server).clone()));
+        warn_fixed_payload(self.local_addr, self.max_udp_payload, quic);
     }
 
     /// Waits (bounded) until close frames of finished connections are sent.
     pub async fn wait_idle(&self) {
         wait_idle(&self.endpoint).await;
+    }
+}
+
+/// quinn fixes the largest UDP payload an endpoint accepts (the `max_udp_payload_size` it
+/// advertises) when the endpoint is made: a reload that changes `quic.max_udp_payload` for a
+/// socket kept open changes only the ceiling of path-MTU discovery (the transport settings)
+/// at once, so the operator is told.
+fn warn_fixed_payload(address: SocketAddr, bound_with: u16, quic: &QuicRuntime) {
+    if bound_with != quic.config.max_udp_payload {
+        tracing::warn!(
+            address = %address,
+            "quic.max_udp_payload changed from {bound_with} to {}: new connections probe path MTU up to the new value, but the largest datagram accepted stays {bound_with} until the next restart",
+            quic.config.max_udp_payload
+        );
     }
 }
 
@@ -265,6 +284,7 @@ pub struct Draining(Arc<Mutex<HashMap<SocketAddr, DrainingEndpoint>>>);
 
 struct DrainingEndpoint {
     endpoint: Endpoint,
+    max_udp_payload: u16,
     /// Cancelled when a reload takes the endpoint back: its watcher then leaves it alone.
     revived: CancellationToken,
 }
@@ -286,6 +306,7 @@ impl Draining {
             address,
             DrainingEndpoint {
                 endpoint: handle.endpoint,
+                max_udp_payload: handle.max_udp_payload,
                 revived: revived.clone(),
             },
         );
@@ -315,12 +336,16 @@ impl Draining {
         address: SocketAddr,
         quic: &QuicRuntime,
     ) -> Option<Bound> {
-        let endpoint = lock(&self.0).get(&address)?.endpoint.clone();
+        let (endpoint, max_udp_payload) = lock(&self.0)
+            .get(&address)
+            .map(|d| (d.endpoint.clone(), d.max_udp_payload))?;
+        warn_fixed_payload(address, max_udp_payload, quic);
         Some(Bound {
             key: config.key(),
             endpoint,
             local_addr: address,
             max_connections: config.limits.max_connections.get(),
+            max_udp_payload,
             revived: Some((*quic.server).clone()),
         })
     }
@@ -362,6 +387,7 @@ pub fn spawn(runtime: Arc<Runtime>, mut bound: Bound) -> QuicHandle {
         endpoint: bound.endpoint.clone(),
         stop: stop.clone(),
         limit: limit.clone(),
+        max_udp_payload: bound.max_udp_payload,
     };
     let name = runtime
         .gateway

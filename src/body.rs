@@ -179,11 +179,19 @@ pub struct BodyWatch {
 
 const FAILED: u8 = 1;
 const TOO_LARGE: u8 = 2;
+/// The client went away mid-body (`client_gone`).
+const GONE: u8 = 3;
 
 impl BodyWatch {
     /// The body failed on the client's side (it broke off, or went past the limit).
     pub fn client_failed(&self) -> bool {
         self.state.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// The body failed because its client went away (`client_gone`), not because of what it
+    /// sent.
+    pub fn client_gone(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Relaxed) == GONE
     }
 
     /// The sender's last ask for more of the body is still unanswered: a timeout now is the
@@ -201,6 +209,40 @@ impl BodyWatch {
     pub fn banned(&self) -> Option<&crate::decisions::Verdict> {
         self.banned.get()
     }
+}
+
+/// The error of a request body whose client went away before sending all of it: its
+/// connection closed or broke (Wraith's HTTP/1.1 server).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientGone(pub String);
+
+/// Whether a request body's error means its client went away (a client abort, logged 499)
+/// rather than sent something malformed (400): the connection closed or broke, or the client
+/// reset the stream or ended the connection (HTTP/2 RST_STREAM or GOAWAY, HTTP/3 stream
+/// reset or connection close), whatever the code it gave.
+pub fn client_gone(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<ClientGone>() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            return e.is_io() || (e.is_remote() && (e.is_reset() || e.is_go_away()));
+        }
+        if let Some(e) = e.downcast_ref::<h3::error::StreamError>() {
+            return e.is_peer_gone();
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                e.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The error of a request body cut because its client was banned while sending it.
@@ -305,7 +347,7 @@ impl http_body::Body for Watched {
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                this.fail(FAILED);
+                this.fail(if client_gone(&*e) { GONE } else { FAILED });
                 Poll::Ready(Some(Err(e)))
             }
             other => other,

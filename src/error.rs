@@ -85,6 +85,17 @@ pub enum GatewayError {
     /// whatever its method, on a new connection).
     #[error("the connection's client authentication settings were replaced by a reload")]
     ClientAuthChanged,
+    /// The client went away while sending its request body (its connection closed or broke,
+    /// its stream was reset): a client abort, logged with nginx's 499. Nothing reaches the
+    /// client: it is gone.
+    #[error("the client abandoned its request body")]
+    ClientClosed,
+}
+
+/// nginx's "client closed request" (`telemetry::access_log::CLIENT_CLOSED`).
+fn client_closed() -> StatusCode {
+    StatusCode::from_u16(crate::telemetry::access_log::CLIENT_CLOSED)
+        .unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 /// What a 429 says about the limit that refused the request.
@@ -125,6 +136,7 @@ impl GatewayError {
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::TooEarly => StatusCode::TOO_EARLY,
             GatewayError::ClientAuthChanged => StatusCode::MISDIRECTED_REQUEST,
+            GatewayError::ClientClosed => client_closed(),
         }
     }
 
@@ -149,6 +161,7 @@ impl GatewayError {
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::TooEarly => "too_early",
             GatewayError::ClientAuthChanged => "client_auth_changed",
+            GatewayError::ClientClosed => "client_closed",
         }
     }
 
@@ -208,6 +221,7 @@ impl GatewayError {
             GatewayError::ClientAuthChanged => {
                 "the listener's client authentication or TLS settings changed, or the client certificate expired; retry on a new connection".into()
             }
+            GatewayError::ClientClosed => "the client closed the request".into(),
         }
     }
 
@@ -223,6 +237,7 @@ impl GatewayError {
             | GatewayError::RequestBodyTimeout
             | GatewayError::TooManyHeaders { .. }
             | GatewayError::TooEarly
+            | GatewayError::ClientClosed
             // Nobody's failure; counted with the client's side, logged at debug.
             | GatewayError::ClientAuthChanged => Fault::Downstream,
             GatewayError::Forbidden(crate::policy::Reason::Error) => Fault::Internal,

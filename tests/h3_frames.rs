@@ -662,3 +662,56 @@ async fn small_data_frames_that_come_together_go_to_an_h2_upstream_as_few_frames
         "{frames} DATA frames upstream for {FRAMES}"
     );
 }
+
+/// A client that abandons its upload (the request stream reset, or the connection closed,
+/// mid-body) is a client abort: logged 499, not 400 (as over HTTP/1.1 and HTTP/2:
+/// `an_upload_the_client_abandons_is_a_client_abort_not_a_bad_request`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_client_abandons_is_logged_as_a_client_abort() {
+    use common::quic::DATA;
+    const H3_REQUEST_CANCELLED: u32 = 0x10c;
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let base = setup.listeners_h3("", "", ALLOW_ALL_POLICY);
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n",
+        config(&base, upstream.addr)
+    );
+    let wraith = setup.start(&cfg);
+    let ca = wraith.pki().ca_pem.clone();
+    for (path, reset) in [("/reset", true), ("/closed", false)] {
+        let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+        client.open_control().await;
+        let (mut send, _recv) = client.conn.open_bi().await.unwrap();
+        let mut bytes = frame(
+            HEADERS,
+            &request_section("POST", path, &[("content-length", "10000")]),
+        );
+        bytes.extend(frame_head(DATA, 10000));
+        bytes.extend_from_slice(&[b'a'; 1000]);
+        send.write_all(&bytes).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if reset {
+            send.reset(quinn::VarInt::from_u32(H3_REQUEST_CANCELLED))
+                .unwrap();
+        } else {
+            client
+                .conn
+                .close(quinn::VarInt::from_u32(H3_REQUEST_CANCELLED), b"");
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let record = loop {
+            let found = wraith
+                .json_lines("access.json")
+                .into_iter()
+                .find(|r| r["path"] == path);
+            if found.is_some() || tokio::time::Instant::now() > deadline {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let record = record.unwrap_or_else(|| panic!("no record for {path}"));
+        assert_eq!(record["status"], 499, "{record}");
+        assert_eq!(record["protocol"], "h3", "{record}");
+    }
+}

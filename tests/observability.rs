@@ -2039,3 +2039,94 @@ async fn series_of_removed_listeners_leave_metrics_after_a_reload() {
         "{text}"
     );
 }
+
+/// A client that abandons its upload (the connection closed mid-body over HTTP/1.1, the
+/// stream reset over HTTP/2) is a client abort: logged 499, as nginx logs a client that
+/// closes before the response, never 400 (a bad request is the client's malformed body:
+/// that stays 400). CrowdSec's HTTP scenarios count 400s: cancelled uploads must not feed
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_client_abandons_is_a_client_abort_not_a_bad_request() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        up.addr,
+        "[log]\n[log.json]\npath = \"logs/access.json\"\n",
+    );
+    let wraith = setup.start(&cfg);
+
+    // HTTP/1.1: the connection closes a tenth of the way through the body.
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    tcp.write_all(b"POST /app/up-h1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000\r\n\r\n")
+        .await
+        .unwrap();
+    tcp.write_all(&[b'a'; 1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(tcp);
+
+    // HTTP/1.1, malformed: a chunk size that is not hex. Still 400.
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    tcp.write_all(b"POST /app/bad-h1 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n")
+        .await
+        .unwrap();
+    tcp.write_all(&[b'a'; 1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tcp.write_all(b"\r\nzz\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // HTTP/2: the stream is reset (CANCEL) after its first piece.
+    let config = tls_client_config(&wraith.pki().ca_pem, &[b"h2"], None);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(wraith.addr("https"))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut h2 = h2.ready().await.unwrap();
+    let uri = format!(
+        "https://localhost:{}/app/up-h2",
+        wraith.addr("https").port()
+    );
+    let req = Request::post(uri)
+        .header("content-length", "10000")
+        .body(())
+        .unwrap();
+    let (_resp, mut upload) = h2.send_request(req, false).unwrap();
+    upload
+        .send_data(Bytes::from(vec![b'a'; 1000]), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    upload.send_reset(h2::Reason::CANCEL);
+
+    let path = wraith.path("logs/access.json");
+    let find = |p: &str| json_lines(&path).into_iter().find(|r| r["path"] == p);
+    eventually("the three records", || {
+        ["/app/up-h1", "/app/bad-h1", "/app/up-h2"]
+            .iter()
+            .all(|p| find(p).is_some())
+    })
+    .await;
+    for p in ["/app/up-h1", "/app/up-h2"] {
+        let r = find(p).unwrap();
+        assert_eq!(r["status"], 499, "{r}");
+        assert_eq!(r["aborted"], true, "{r}");
+    }
+    let bad = find("/app/bad-h1").unwrap();
+    assert_eq!(bad["status"], 400, "{bad}");
+    assert_eq!(bad["error"], "bad_request", "{bad}");
+}

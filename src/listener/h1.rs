@@ -1063,11 +1063,11 @@ where
             }
             // More bytes are needed.
             if self.read_closed {
-                return self.body_cut(&slot, "the client closed the connection mid-body");
+                return self.body_cut(&slot, "the client closed the connection mid-body".into());
             }
             match self.poll_read(cx, BODY_READ) {
                 Poll::Ready(Ok(0)) => {
-                    return self.body_cut(&slot, "the client closed the connection mid-body")
+                    return self.body_cut(&slot, "the client closed the connection mid-body".into())
                 }
                 Poll::Ready(Ok(_)) => {
                     // A client still sending its body is not a stalled one, even if it
@@ -1076,7 +1076,7 @@ where
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
-                    return self.body_cut(&slot, &format!("reading the request body: {e}"))
+                    return self.body_cut(&slot, format!("reading the request body: {e}"))
                 }
                 Poll::Pending => {
                     // The pipeline asking for the body (100-continue) wakes this task too.
@@ -1091,15 +1091,24 @@ where
         }
     }
 
-    fn body_cut(&mut self, slot: &Mutex<Slot>, why: &str) -> Poll<Result<bool, Error>> {
-        if let Some(req) = self.req.as_mut() {
+    /// The client went away mid-body: the body ends in error (`ClientGone`). With no
+    /// response begun, the request is abandoned as when the client leaves after a whole
+    /// request (`poll_watch`): the connection ends, and the request is logged as a client
+    /// abort (499), not answered 400 into a closed connection.
+    fn body_cut(&mut self, slot: &Mutex<Slot>, why: String) -> Poll<Result<bool, Error>> {
+        let responded = self.req.as_mut().is_some_and(|req| {
             req.reading = Reading::Failed;
-        }
+            req.responded
+        });
         self.keep_alive = false;
         let mut s = lock(slot);
-        s.frame = Some(Err(why.to_string().into()));
+        s.frame = Some(Err(crate::body::ClientGone(why.clone()).into()));
         s.ended = true;
         wake(&mut s.reader);
+        drop(s);
+        if !responded {
+            return Poll::Ready(Err(Error(why)));
+        }
         Poll::Ready(Ok(true))
     }
 
@@ -1586,7 +1595,10 @@ impl<I> Drop for Conn<I> {
         if let Some(slot) = self.req.as_ref().and_then(|r| r.slot.as_ref()) {
             let mut s = lock(slot);
             if !s.ended {
-                s.frame = Some(Err("the client connection closed mid-body".into()));
+                s.frame = Some(Err(crate::body::ClientGone(
+                    "the client connection closed mid-body".into(),
+                )
+                .into()));
                 s.ended = true;
                 wake(&mut s.reader);
             }

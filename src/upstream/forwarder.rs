@@ -70,6 +70,7 @@ fn client_body_error(watch: Option<&crate::body::BodyWatch>) -> GatewayError {
     }
     match watch.and_then(|w| w.exceeded()) {
         Some(limit) => GatewayError::PayloadTooLarge { limit },
+        None if watch.is_some_and(|w| w.client_gone()) => GatewayError::ClientClosed,
         None => GatewayError::BadRequest("the request body could not be read"),
     }
 }
@@ -173,7 +174,10 @@ pub async fn forward(
         let bytes = tokio::time::timeout(timeout, body.collect())
             .await
             .map_err(|_| GatewayError::RequestBodyTimeout)?
-            .map_err(|_| client_body_error(watch.as_deref()))?
+            .map_err(|e| match crate::body::client_gone(&*e) {
+                true => GatewayError::ClientClosed,
+                false => client_body_error(watch.as_deref()),
+            })?
             .to_bytes();
         req = Request::from_parts(parts, Body::full(bytes.clone()));
         Replay::Buffered(bytes)
@@ -303,9 +307,13 @@ pub async fn forward(
             || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));
         if client_fault {
             tracing::debug!(upstream = %config.name, endpoint = %endpoint.authority, "the client's request body failed");
-            return Err(GatewayError::BadRequest(
-                "the request body could not be read",
-            ));
+            let gone = watch.as_ref().is_some_and(|w| w.client_gone())
+                || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_GONE));
+            return Err(if gone {
+                GatewayError::ClientClosed
+            } else {
+                GatewayError::BadRequest("the request body could not be read")
+            });
         }
         let unprocessed = matches!(failure, Failure::Unprocessed(_));
         if !unprocessed {

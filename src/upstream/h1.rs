@@ -45,6 +45,9 @@ const MAX_HEADERS: usize = 128;
 /// How failures caused by the client's request body begin (they say nothing about the
 /// upstream's health and are never retried).
 pub const CLIENT_BODY_FAILED: &str = "client request body";
+/// How failures begin whose client went away mid-body (`body::client_gone`): a client
+/// abort, not a bad request.
+pub const CLIENT_BODY_GONE: &str = "client request body abandoned";
 /// The failure of a client's request body that sent nothing for the response timeout.
 pub const CLIENT_BODY_STALLED: &str = "client request body stalled";
 /// Request bodies up to this size are sent in the same write as the head.
@@ -581,9 +584,12 @@ async fn write_request(
         match frame {
             None => break,
             Some(Err(e)) => {
-                return Err(Exchange::Failed(format!(
-                    "{CLIENT_BODY_FAILED} failed: {e}"
-                )));
+                let what = if crate::body::client_gone(&*e) {
+                    CLIENT_BODY_GONE
+                } else {
+                    CLIENT_BODY_FAILED
+                };
+                return Err(Exchange::Failed(format!("{what}: {e}")));
             }
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {

@@ -137,6 +137,20 @@ pub enum StreamError {
 }
 
 impl StreamError {
+    /// Wraith: the peer went away rather than sent something wrong: it reset the stream or
+    /// stopped reading it, said GOAWAY, closed the connection, or stopped answering (the
+    /// connection timed out).
+    pub fn is_peer_gone(&self) -> bool {
+        matches!(
+            self,
+            StreamError::RemoteTerminate { .. }
+                | StreamError::RemoteClosing
+                | StreamError::ConnectionError(
+                    ConnectionError::Remote(_) | ConnectionError::Timeout
+                )
+        )
+    }
+
     /// Returns if the error is H3_NO_ERROR
     pub fn is_h3_no_error(&self) -> bool {
         match self {

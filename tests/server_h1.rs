@@ -1313,6 +1313,31 @@ async fn expect_100_continue_refused_gets_no_100() {
     );
 }
 
+/// A client that sends its body right behind an `Expect: 100-continue` head (RFC 9110 §10.1.1
+/// allows it; curl does after a second) has sent a whole request: the connection carries on
+/// (it was closed, as if the body might still come).
+#[tokio::test]
+async fn expect_100_continue_with_the_body_already_sent_keeps_the_connection() {
+    let (_w, addr, rec, _up) = gateway().await;
+    let mut c = Conn::open(addr).await;
+    c.send(
+        b"POST /eager HTTP/1.1
+Host: localhost
+Expect: 100-continue
+Content-Length: 5
+
+hello",
+    )
+    .await;
+    let resp = c.response().await;
+    assert_eq!(resp.status, 200, "{}", resp.summary());
+    assert_eq!(resp.json()["body"], "hello");
+    assert!(!resp.has_token("connection", "close"), "{}", resp.summary());
+    c.send(get("/after-eager").as_bytes()).await;
+    assert_eq!(c.response().await.json()["uri"], "/after-eager");
+    assert_eq!(rec.body_of("/eager").as_deref(), Some(&b"hello"[..]));
+}
+
 /// RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored.
 #[tokio::test]
 async fn expect_100_continue_on_http10_is_ignored() {

@@ -1163,12 +1163,11 @@ where
             self.keep_alive = false;
         }
         req.responded = true;
-        if req.expect_continue {
-            // Answered without the body: the client may send it or not; either way the
-            // connection cannot be trusted with another request.
-            req.expect_continue = false;
-            self.keep_alive = false;
-        }
+        // No 100 after the final answer. A client that sent its body without waiting for
+        // one (RFC 9110 §10.1.1 allows it) and whose body is all read leaves nothing
+        // ambiguous: the connection carries on. Otherwise (below) the client may send the
+        // rest or not, and the connection cannot be trusted with another request.
+        req.expect_continue = false;
         if !matches!(req.reading, Reading::Done) {
             // The body is not read to its end yet: whether or not the pipeline goes on
             // reading it, this connection will not be trusted with another request, and the

@@ -240,6 +240,9 @@ pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forw
 /// any spelling with `_` for `-` too (CGI, WSGI, Rack and PHP map both to the same variable),
 /// and the `_` spellings of the headers `forwarding` sets (`x_real_ip`,
 /// `x_forwarded_for`, ...): those would reach the same variable past the values Wraith set.
+/// So do `content_length` and `transfer_encoding`: read as the framing headers by such an
+/// upstream, they would frame the request otherwise than Wraith did (nginx drops every
+/// field with `_` in its name by default).
 pub fn strip_identity_headers(headers: &mut HeaderMap) {
     // Rare in practice: only collect names when one is there.
     if headers.keys().any(poses_as_identity) {
@@ -386,6 +389,8 @@ fn poses_as_identity(name: &HeaderName) -> bool {
                 b"x-forwarded-host",
                 b"x-request-id",
                 b"early-data",
+                b"content-length",
+                b"transfer-encoding",
             ]
             .iter()
             .any(|h| same(n, h))

@@ -10,7 +10,9 @@ need=()
 # chromium: headless Chromium fetches a page over HTTP/3 in tests/h3_external.rs.
 # faketime: libfaketime steps the gateway's wall clock in tests/decisions.rs.
 # testssl.sh: scans the https listeners in tests/tls_external.rs.
-for pkg in curl:curl tmux:tmux chromium:chromium faketime:faketime python3:python3 testssl:testssl.sh; do
+# logrotate, systemd-analyze: run the shipped integrations/ files in tests/integrations.rs.
+for pkg in curl:curl tmux:tmux chromium:chromium faketime:faketime python3:python3 testssl:testssl.sh \
+  logrotate:logrotate systemd-analyze:systemd; do
   bin=${pkg%%:*}; deb=${pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done

@@ -67,6 +67,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod router;
 pub mod runtime;
+pub mod sdnotify;
 pub mod signals;
 pub mod telemetry;
 pub mod upgrade;

@@ -67,13 +67,18 @@ pub async fn run(runtime: Arc<Runtime>, signals: Signals) -> Result<Exit, String
                 tracing::info!("SIGHUP: reloading configuration");
                 let rt = runtime.clone();
                 // Reload in its own task so a slow reload never delays signal handling.
-                tokio::spawn(async move { let _ = rt.reload().await; });
+                tokio::spawn(async move {
+                    crate::sdnotify::reloading();
+                    let result = rt.reload().await;
+                    crate::sdnotify::reloaded(&result);
+                });
             }
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
         }
     }
     let timeout = runtime.gateway.snapshot().config.server.shutdown_timeout;
+    crate::sdnotify::stopping(timeout);
     let drain = runtime.drain();
     tokio::select! {
         _ = drain => {

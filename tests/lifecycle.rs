@@ -640,3 +640,85 @@ async fn a_relative_config_path_reloads_without_every_path_looking_changed() {
         "{status}"
     );
 }
+
+/// Under systemd (`Type=notify`, `$NOTIFY_SOCKET`): READY=1 with the server's pid once it
+/// serves, RELOADING=1 (with the monotonic time `Type=notify-reload` wants) and READY=1
+/// around each reload, applied or refused, and STOPPING=1 with the drain's length when
+/// SIGTERM begins a drain (systemd waits that long before it kills).
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let upstream_port = unused_port();
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        format!("127.0.0.1:{upstream_port}").parse().unwrap(),
+        "v1",
+        "",
+    );
+    let sockets = tempfile::tempdir().unwrap();
+    let path = sockets.path().join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next = || {
+        let mut buf = vec![0u8; 4096];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let mut wraith = setup.start_with_env(&cfg, &[("NOTIFY_SOCKET", path.as_os_str())]);
+
+    let ready = next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready.contains(&format!("MAINPID={}", wraith.pid())),
+        "{ready}"
+    );
+    assert!(
+        ready.contains("STATUS=serving (configuration generation 1)"),
+        "{ready}"
+    );
+    // Ready means serving: the listener answers.
+    let answer = std::process::Command::new("curl")
+        .args(["-s", &wraith.url("http", "/version")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer.stdout), "v1");
+
+    wraith.write_config(&cfg.replace("v1", "v2"));
+    wraith.reload().unwrap();
+    let reloading = next();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    let done = next();
+    assert!(done.lines().any(|l| l == "READY=1"), "{done}");
+    assert!(done.contains("configuration generation 2"), "{done}");
+
+    wraith.write_config("this is not toml [");
+    let _ = wraith.reload();
+    assert!(next().contains("RELOADING=1"));
+    let refused = next();
+    assert!(refused.lines().any(|l| l == "READY=1"), "{refused}");
+    assert!(refused.contains("the last reload was refused"), "{refused}");
+    assert_eq!(
+        refused.lines().count(),
+        2,
+        "one line per assignment: {refused}"
+    );
+
+    wraith.signal(libc::SIGTERM);
+    let stopping = next();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    // shutdown_timeout (10 s in the test config) and 10 s for the flush.
+    assert!(
+        stopping.contains("EXTEND_TIMEOUT_USEC=20000000"),
+        "{stopping}"
+    );
+    assert_eq!(wraith.wait_exit(Duration::from_secs(20)), Some(0));
+}

@@ -56,6 +56,8 @@ pub enum Command {
     },
     /// Ask the running server to reload its configuration (SIGHUP) and report the outcome.
     Reload(ConfigArg),
+    /// Ask the running server to reopen its log files (SIGUSR1; logrotate's postrotate).
+    Reopen(ConfigArg),
     /// Ask the running server to drain and stop (SIGTERM), and wait for it to exit.
     Stop {
         #[command(flatten)]
@@ -206,6 +208,7 @@ pub fn run() -> ExitCode {
             command: PolicyCommand::Explain { config, args },
         } => policy::explain(&config.config, &args),
         Command::Reload(c) => reload::run(&c.config),
+        Command::Reopen(c) => reload::reopen(&c.config),
         Command::Stop { config, timeout } => stop::run(&config.config, timeout.as_deref()),
         Command::Status { config, json } => status::run(&config.config, json),
         Command::Logs {

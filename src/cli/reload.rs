@@ -22,6 +22,24 @@ pub fn run(config_path: &Path) -> ExitCode {
     }
 }
 
+/// `wraith reopen`: SIGUSR1 to the server holding the pid file, which reopens its log files
+/// (what logrotate's `postrotate` runs, as `nginx -s reopen`).
+pub fn reopen(config_path: &Path) -> ExitCode {
+    let signalled = super::server_paths(config_path)
+        .and_then(|server| super::find_server(&server))
+        .and_then(|server| signals::send(server.pid, libc::SIGUSR1).map(|()| server.pid));
+    match signalled {
+        Ok(pid) => {
+            println!("sent SIGUSR1 to {pid}: it reopens its log files");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wraith reopen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn reload(config_path: &Path) -> Result<String, String> {
     let server = super::server_paths(config_path)?;
     // Only a pid file locked by its server names a wraith; a stale one names nothing to signal.

@@ -88,6 +88,7 @@ pub fn run(config_path: &Path) -> ExitCode {
             config = %runtime.config_path.display(),
             "wraith started"
         );
+        crate::sdnotify::ready(runtime.generation());
         let exit = signals::run(runtime.clone(), signals).await;
         // The admin socket, served through the drain, goes before the last save: a ban
         // added after it would be lost.

@@ -113,22 +113,6 @@ async fn h2_send(
     resp
 }
 
-/// An HTTP/2 connection to the gateway's https listener.
-async fn h2_connect(wraith: &Wraith) -> h2::client::SendRequest<Bytes> {
-    let config = tls_client_config(&wraith.pki().ca_pem, &[b"h2"], None);
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(wraith.addr("https"))
-        .await
-        .unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send.ready().await.unwrap()
-}
-
 fn https_uri(wraith: &Wraith, path: &str) -> http::Uri {
     http::Uri::builder()
         .scheme("https")

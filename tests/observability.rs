@@ -2086,18 +2086,7 @@ async fn an_upload_the_client_abandons_is_a_client_abort_not_a_bad_request() {
     );
 
     // HTTP/2: the stream is reset (CANCEL) after its first piece.
-    let config = tls_client_config(&wraith.pki().ca_pem, &[b"h2"], None);
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(wraith.addr("https"))
-        .await
-        .unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let (h2, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut h2 = h2.ready().await.unwrap();
+    let mut h2 = h2_connect(&wraith).await;
     let uri = format!(
         "https://localhost:{}/app/up-h2",
         wraith.addr("https").port()

@@ -1297,3 +1297,19 @@ pub fn damaged(seeds: &[&[u8]], count: usize, seed: u64) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// An HTTP/2 connection to the gateway's https listener.
+pub async fn h2_connect(wraith: &Wraith) -> h2::client::SendRequest<bytes::Bytes> {
+    let config = tls_client_config(&wraith.pki().ca_pem, &[b"h2"], None);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(wraith.addr("https"))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}

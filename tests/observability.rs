@@ -2119,3 +2119,69 @@ async fn an_upload_the_client_abandons_is_a_client_abort_not_a_bad_request() {
     assert_eq!(bad["status"], 400, "{bad}");
     assert_eq!(bad["error"], "bad_request", "{bad}");
 }
+
+/// The metrics listener bounds what a client reaching it can hold: a request head over 8 KiB
+/// is refused (it buffered up to hyper's ~400 KiB default, for 60 s, per connection: 4,000
+/// such connections took 2 GB), a connection that sends no head is closed after 10 s, and
+/// connections past 32 wait in the backlog; a scrape is served once those idle ones are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_bounds_heads_idle_connections_and_their_number() {
+    let up = upstream().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, up.addr, "[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("metrics");
+
+    // A head that never ends, 16 KiB of it.
+    let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+    big.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let filler = format!("x-pad: {}\r\n", "a".repeat(1000));
+    for _ in 0..16 {
+        if big.write_all(filler.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), big.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "a 16 KiB head was still being read after 20 s"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+
+    // 40 connections that send nothing: the first 32 are served (and closed after the head
+    // timeout), the rest wait their turn.
+    let idle: Vec<tokio::net::TcpStream> =
+        futures_util::future::join_all((0..40).map(|_| tokio::net::TcpStream::connect(addr)))
+            .await
+            .into_iter()
+            .map(|c| c.unwrap())
+            .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let scrape = tokio::spawn(async move {
+        h1().get(format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    let closed =
+        futures_util::future::join_all(idle.into_iter().take(32).map(|mut c| async move {
+            let mut buf = [0u8; 64];
+            tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
+                .await
+                .is_ok()
+        }))
+        .await;
+    assert!(
+        closed.iter().all(|c| *c),
+        "idle metrics connections still open after 30 s"
+    );
+    assert_eq!(scrape.await.unwrap().unwrap(), 200);
+}

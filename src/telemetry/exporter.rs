@@ -95,6 +95,17 @@ pub fn render(rt: &Runtime) -> String {
     rt.telemetry.metrics.encode(&extra)
 }
 
+/// Metrics connections served at once; more wait in the kernel's backlog. Scrapers are few:
+/// whoever else reaches the address must not be able to hold memory with connections.
+const MAX_METRICS_CONNECTIONS: usize = 32;
+/// A request head must arrive within this (and an idle keep-alive connection ends after it).
+const METRICS_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one metrics connection.
+const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most a connection buffers of a request head (hyper's minimum; a scrape's head is a
+/// few hundred bytes).
+const METRICS_MAX_BUF: usize = 8192;
+
 /// Binds the metrics listener and serves `GET <path>` until shutdown.
 pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
     let config = rt.gateway.snapshot().config.metrics.clone();
@@ -109,7 +120,15 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
     let path: Arc<str> = Arc::from(config.path);
     tokio::spawn(async move {
         let shutdown = rt.shutdown.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
         loop {
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
             let stream = tokio::select! {
                 r = listener.accept() => match r {
                     Ok((s, _)) => s,
@@ -124,14 +143,18 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
             let rt = rt.clone();
             let path = path.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let resp = answer(&rt, &path, &req);
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEAD_TIMEOUT)
+                    .max_buf_size(METRICS_MAX_BUF)
                     .serve_connection(TokioIo::new(stream), svc);
                 // A scraper that never finishes its request is not kept forever.
-                let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+                let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
             });
         }
     });

@@ -46,6 +46,66 @@ pub struct Tracked {
     // another connection.
     pub stream: crate::upstream::h2::Stream,
     pub slot: crate::upstream::h1::InFlight,
+    /// Cuts a stream on which neither side moves for the response timeout (`poll_stall`).
+    pub stall: Stall,
+}
+
+/// The stall timer of an HTTP/2 upstream's response body: the longest wait for more of it
+/// (the route's or upstream's `response_timeout`, as `proxy_read_timeout` bounds each wait
+/// of an HTTP/1.1 body), except while the request body is still being sent (a streaming
+/// call whose answer waits for the client's messages is not stalled: Envoy's stream idle
+/// timeout counts both directions).
+pub struct Stall {
+    timeout: std::time::Duration,
+    /// Made the first time a read has to wait, then re-armed (never re-allocated).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `timer` counts down for the current wait.
+    armed: bool,
+    /// The request body's pieces sent when the timer was armed.
+    sent: u64,
+}
+
+impl Stall {
+    pub fn new(timeout: std::time::Duration) -> Stall {
+        Stall {
+            timeout,
+            timer: None,
+            armed: false,
+            sent: 0,
+        }
+    }
+}
+
+/// The error of an HTTP/2 upstream's response body cut by its stall timer.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} (response_timeout) while the request body did not move either")]
+pub struct Stalled(pub std::time::Duration);
+
+impl Tracked {
+    /// Called when the body has nothing yet: `Ready` with the error once the stream stalled.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<BoxError> {
+        use std::future::Future;
+        let stall = &mut self.stall;
+        loop {
+            let sent = self.stream.sent();
+            if stall.armed && sent == stall.sent {
+                let timer = stall.timer.as_mut().expect("an armed timer exists");
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Stalled(stall.timeout).into());
+            }
+            // A new wait, or the request moved since the timer was armed: the whole timeout
+            // again from now.
+            let deadline = tokio::time::Instant::now() + stall.timeout;
+            match stall.timer.as_mut() {
+                Some(t) => t.as_mut().reset(deadline),
+                None => stall.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            stall.armed = true;
+            stall.sent = sent;
+        }
+    }
 }
 
 impl Body {
@@ -105,7 +165,14 @@ impl http_body::Body for Body {
             Body::H1(b) => Pin::new(b).poll_frame(cx),
             Body::Upstream(b) => clean_trailers(Pin::new(b).poll_frame(cx)),
             Body::Tracked(t) => {
-                let polled = Pin::new(&mut t.body).poll_frame(cx).map_err(Into::into);
+                let polled = match Pin::new(&mut t.body).poll_frame(cx) {
+                    Poll::Pending => t.poll_stall(cx).map(|e| Some(Err(e))),
+                    other => {
+                        // Progress: the next wait gets the whole timeout again.
+                        t.stall.armed = false;
+                        other.map_err(Into::into)
+                    }
+                };
                 match &polled {
                     Poll::Ready(None) => t.slot.body_ended(true),
                     Poll::Ready(Some(Err(_))) => t.slot.body_ended(false),

@@ -416,6 +416,80 @@ async fn a_request_body_still_sent_after_its_response_keeps_its_h2_stream() {
     upload.send_data(Bytes::new(), true).unwrap();
 }
 
+/// An HTTP/2 upstream that sends a response head and then nothing is cut after
+/// `response_timeout` without progress, as an HTTP/1.1 one is (the body ends in error, the
+/// endpoint's slot is freed); it held the client, its task and the slot forever. A call whose
+/// answer waits for the client's messages is not cut while those keep coming (a slow
+/// client-streaming upload past several timeouts completes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_request_moves() {
+    let upstream = h2c_upstream(|req, mut respond| {
+        let path = req.uri().path().to_string();
+        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut body = req.into_body();
+            if path == "/stall" {
+                // The head, then nothing, for good (the stream is kept open).
+                std::future::pending::<()>().await;
+            }
+            // The answer comes when the client's last piece has.
+            let mut pieces = 0;
+            while let Some(Ok(piece)) = body.data().await {
+                let _ = body.flow_control().release_capacity(piece.len());
+                pieces += 1;
+            }
+            let _ = send.send_data(Bytes::from(format!("{pieces} pieces")), true);
+        });
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = h2c_config(&setup, upstream).replace(
+        "protocol = \"h2c\"",
+        "protocol = \"h2c\"\nresponse_timeout = \"1s\"",
+    );
+    let wraith = setup.start(&cfg);
+    let mut client = h2_connect(&wraith).await;
+
+    let resp = h2_send(
+        &mut client,
+        Request::get(https_uri(&wraith, "/stall")).body(()).unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let end = tokio::time::timeout(WAIT, body.data())
+        .await
+        .expect("the stalled body was cut");
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+
+    // Pieces every 400 ms for 3 s: longer than the timeout in all, never silent that long.
+    let req = Request::post(https_uri(&wraith, "/upload"))
+        .body(())
+        .unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let reading = tokio::spawn(async move {
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(piece) = body.data().await {
+            got.extend_from_slice(&piece?);
+        }
+        Ok::<_, h2::Error>(got)
+    });
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        upload
+            .send_data(Bytes::from_static(b"piece"), false)
+            .unwrap();
+    }
+    upload.send_data(Bytes::new(), true).unwrap();
+    let got = tokio::time::timeout(WAIT, reading).await.unwrap().unwrap();
+    assert_eq!(got.expect("the streaming call completed"), b"8 pieces");
+}
+
 #[tokio::test]
 async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_complete() {
     for content_length in [None, Some(100)] {

@@ -505,6 +505,7 @@ async fn send_h2(
                 body,
                 slot: guard,
                 stream,
+                stall: crate::body::Stall::new(timeout),
             }))
         })),
     }

@@ -10,7 +10,7 @@
 //! toward their response timeout (Envoy's connection pool does the same: a new connection when
 //! the ready ones have no stream left).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper_util::client::legacy::{Builder, Client};
@@ -39,18 +39,28 @@ struct Connection {
 #[derive(Clone)]
 pub struct Stream(Arc<Place>);
 
-struct Place(Arc<Connection>);
+struct Place {
+    connection: Arc<Connection>,
+    /// Pieces of the request body sent so far (`Uploading`): the response's stall timer
+    /// does not cut a stream whose request is still moving (`Tracked`).
+    sent: AtomicU64,
+}
 
 impl Stream {
     /// The client of the connection the request goes on.
     pub fn client(&self) -> &Client<Connector, Body> {
-        &self.0 .0.client
+        &self.0.connection.client
+    }
+
+    /// How many pieces of the request body have gone so far.
+    pub fn sent(&self) -> u64 {
+        self.0.sent.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Release);
+        self.connection.streams.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -84,8 +94,14 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            self.stream = None;
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(_))) => {
+                if let Some(s) = &self.stream {
+                    s.0.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            std::task::Poll::Ready(None | Some(Err(_))) => self.stream = None,
+            std::task::Poll::Pending => {}
         }
         polled
     }
@@ -144,7 +160,10 @@ impl Conns {
         };
         connection.streams.fetch_add(1, Ordering::Relaxed);
         drop(connections);
-        Stream(Arc::new(Place(connection)))
+        Stream(Arc::new(Place {
+            connection,
+            sent: AtomicU64::new(0),
+        }))
     }
 
     /// Connections used so far (each reconnects when its connection closes and is used again).
@@ -181,7 +200,7 @@ mod tests {
         assert_eq!(c.connections(), 1);
         let d = c.take();
         assert_eq!(c.connections(), 2);
-        let on = |s: &Stream| Arc::as_ptr(&s.0 .0);
+        let on = |s: &Stream| Arc::as_ptr(&s.0.connection);
         assert!(on(&a) != on(&d) && on(&a) == on(&b));
         // A stream ends on the first connection: the next request goes there, not to a
         // third connection nor to the second.
@@ -191,7 +210,7 @@ mod tests {
         assert_eq!(c.connections(), 2);
         drop((a, d, e));
         let f = c.take();
-        assert_eq!(f.0 .0.streams.load(Ordering::Relaxed), 1);
+        assert_eq!(f.0.connection.streams.load(Ordering::Relaxed), 1);
         assert_eq!(c.connections(), 2);
     }
 
@@ -229,10 +248,10 @@ mod tests {
         drop(b);
         let d = c.take();
         assert_eq!(c.connections(), 2);
-        assert_eq!(d.0 .0.streams.load(Ordering::Relaxed), 1);
+        assert_eq!(d.0.connection.streams.load(Ordering::Relaxed), 1);
         // Both connections free: the first one is taken again.
         assert_eq!(
-            Arc::as_ptr(&d.0 .0),
+            Arc::as_ptr(&d.0.connection),
             Arc::as_ptr(&c.connections.lock().unwrap()[0])
         );
     }

@@ -854,6 +854,77 @@ fn worker_threads_the_os_refuses_end_the_start_with_an_error() {
     assert!(stderr.contains("ulimit -u, ulimit -v"), "{stderr}");
 }
 
+/// The soft open-file limit is raised to the hard one at start (a default soft limit of 1024
+/// was reached long before the default max_connections: accept failed, new clients hung),
+/// and a hard limit below what the listeners' max_connections allow is warned about.
+#[test]
+fn serve_raises_the_open_file_limit_and_warns_when_the_hard_one_is_too_low() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wraith.toml"),
+        "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[route]]\nname = \"r\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"));
+    cmd.args(["serve", "-c", "wraith.toml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe, and only the child's limit changes.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 2048,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Read to the end: a closed pipe would fail the server's later log writes.
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("wraith started") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the server started");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let lines = reader.join().unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(files, ["2048", "2048"], "{limits}");
+    let log = lines.join("\n");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("the open-file limit (2048) is below")
+                && l.contains("10000 connections")),
+        "{log}"
+    );
+}
+
 /// Empty lists and a log path two sinks share are errors at the line that says so, like
 /// every other error in the file.
 #[test]

@@ -10,6 +10,56 @@ use crate::runtime::Runtime;
 use crate::signals::{self, Exit, PidFile};
 use crate::telemetry;
 
+/// Descriptors beyond the connections' own: listeners, log files, the admin socket, health
+/// checks, the decision sources.
+const SPARE_FILES: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (as Go programs do, and as nginx's
+/// `worker_rlimit_nofile` asks): a shell's or systemd's default soft limit of 1024 is reached
+/// long before the default `max_connections`, and past it `accept` fails and new clients
+/// hang. Warns when even the hard limit is below what the listeners' connection limits allow
+/// (each proxied connection holds an upstream connection too).
+fn raise_open_file_limit(config: &config::Config) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let soft = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            tracing::debug!(
+                from = soft,
+                to = lim.rlim_cur,
+                "open-file limit raised to the hard limit"
+            );
+        }
+    }
+    let connections: u64 = config
+        .listeners
+        .iter()
+        .map(|l| l.limits.max_connections.get() as u64)
+        .sum();
+    let wanted = connections.saturating_mul(2).saturating_add(SPARE_FILES);
+    if lim.rlim_cur < wanted {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            wanted,
+            "the open-file limit ({}) is below what the listeners' max_connections allow ({connections} connections, each with an upstream connection, and {SPARE_FILES} spare): past it new connections are refused; raise the hard limit (systemd LimitNOFILE=, ulimit -Hn) or lower max_connections",
+            lim.rlim_cur
+        );
+    }
+}
+
 /// How long the log writers get to flush after a second signal forced the exit.
 const FORCED_FLUSH: Duration = Duration::from_secs(1);
 /// Longest the exit waits for the worker threads to drop the tasks still running at the
@@ -40,6 +90,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         }
     };
     telemetry::init_logging(&config.server.log_level, config.server.log_format);
+    raise_open_file_limit(&config);
     for n in &config.notices {
         tracing::warn!("{n}");
         eprintln!("wraith: {n}");

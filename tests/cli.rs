@@ -925,6 +925,66 @@ fn serve_raises_the_open_file_limit_and_warns_when_the_hard_one_is_too_low() {
     );
 }
 
+/// Out of descriptors, every accept fails (retried every 50 ms): that is one warning per
+/// 10 s, with the count, not a line per retry (78 lines in 4 s before).
+#[test]
+fn failing_accepts_are_logged_once_per_interval() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wraith.toml"),
+        "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[route]]\nname = \"r\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"));
+    cmd.args(["serve", "-c", "wraith.toml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe, and only the child's limit changes.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("\"listening\"") {
+                let _ = tx.send(line.clone());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let listening: serde_json::Value =
+        serde_json::from_str(&rx.recv_timeout(Duration::from_secs(30)).unwrap()).unwrap();
+    let addr: std::net::SocketAddr = listening["address"].as_str().unwrap().parse().unwrap();
+    // More connections than descriptors: accept fails from some point on, and keeps failing.
+    let held: Vec<_> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(held);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let lines = reader.join().unwrap();
+    let warnings = lines.iter().filter(|l| l.contains("accept failed")).count();
+    assert_eq!(warnings, 1, "{}", lines.join("\n"));
+}
+
 /// Empty lists and a log path two sinks share are errors at the line that says so, like
 /// every other error in the file.
 #[test]

@@ -332,6 +332,9 @@ pub(crate) fn report_ban_at_accept(
     );
 }
 
+/// How often failing accepts are logged at most.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(
     runtime: Arc<Runtime>,
     bound: Bound,
@@ -339,6 +342,9 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut warned_full = false;
+    // Accept failures since the last warning, and when that was: one line per
+    // `ACCEPT_WARN_EVERY` at most (out of descriptors, every retry fails).
+    let (mut failed, mut warned_failed) = (0u64, None::<std::time::Instant>);
     loop {
         // Take a connection slot first: at the limit, new connections wait in the backlog.
         let permit = match limit.try_acquire() {
@@ -359,7 +365,12 @@ async fn accept_loop(
                 Ok(pair) => pair,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(address = %bound.local_addr, error = %e, "accept failed");
+                    failed += 1;
+                    if warned_failed.is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY) {
+                        tracing::warn!(address = %bound.local_addr, error = %e, failed, "accept failed; retrying every 50 ms (logged once per 10 s)");
+                        warned_failed = Some(std::time::Instant::now());
+                        failed = 0;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -1514,3 +1514,31 @@ async fn alt_svc_follows_a_reload_on_open_connections() {
     wraith.reload().unwrap();
     assert_eq!(alt_svc().await.as_deref(), Some(advertised.as_str()));
 }
+
+/// `max_connections_per_client` over QUIC: counted once the handshake has proven the
+/// client's address (a spoofed Initial cannot use up someone's places); the connection past
+/// the limit is closed with H3_EXCESSIVE_LOAD, and the first one goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_connection_past_max_connections_per_client_is_closed_with_excessive_load() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = with_limits(&setup, upstream.addr, "max_connections_per_client = 1");
+    let wraith = setup.start(&cfg);
+    let client = H3Client::new(&wraith.pki().ca_pem, None, Groups::Default);
+    let mut first = client.connect(wraith.addr("https")).await.unwrap();
+    assert_eq!(first.get("/one").await.unwrap().status(), 200);
+    // The close may come before the client's HTTP/3 set-up is done, or after.
+    match client.connect(wraith.addr("https")).await {
+        Err(e) => assert!(e.contains("H3_EXCESSIVE_LOAD"), "{e}"),
+        Ok(second) => match tokio::time::timeout(Duration::from_secs(10), second.conn.closed())
+            .await
+            .expect("the second connection was closed")
+        {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code.into_inner(), 0x107, "{close:?}");
+            }
+            other => panic!("closed with {other:?}"),
+        },
+    }
+    assert_eq!(first.get("/two").await.unwrap().status(), 200);
+}

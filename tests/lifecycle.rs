@@ -722,3 +722,85 @@ fn systemd_hears_ready_reloading_and_stopping() {
     );
     assert_eq!(wraith.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+/// A TCP connection from 127.0.0.2 (another client than the tests' 127.0.0.1).
+async fn connect_from(ip: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(ip.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// `limits.max_connections_per_client`: a client with its limit open has its next connection
+/// refused at accept (and counted), other clients are served, a closed connection gives its
+/// place back, and a trusted proxy (which carries many clients) is not limited.
+#[tokio::test]
+async fn one_client_cannot_hold_more_than_max_connections_per_client() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let limited = config(&setup, upstream.addr, "v1", "").replacen(
+        "protocol = \"http\"\n",
+        "protocol = \"http\"\nlimits = { max_connections_per_client = 2 }\n",
+        1,
+    );
+    let trusted = limited.replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        1,
+    );
+    assert_ne!(limited, trusted);
+    let wraith = setup.start(&limited);
+    let addr = wraith.addr("http");
+    let wait = Duration::from_secs(5);
+
+    let mut a = connect_from("127.0.0.1", addr).await;
+    let mut b = connect_from("127.0.0.1", addr).await;
+    assert!(answered(&mut a, wait).await && answered(&mut b, wait).await);
+    let mut c = connect_from("127.0.0.1", addr).await;
+    assert!(
+        !answered(&mut c, wait).await,
+        "a third connection was served"
+    );
+    let mut other = connect_from("127.0.0.2", addr).await;
+    assert!(
+        answered(&mut other, wait).await,
+        "another client was refused"
+    );
+
+    // The place comes back once the server has seen the close.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _again = loop {
+        let mut s = connect_from("127.0.0.1", addr).await;
+        if answered(&mut s, Duration::from_secs(2)).await {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(answered(&mut b, wait).await, "the open connection stays");
+
+    let (status, metrics) = wraith.admin_get("/v1/metrics").await;
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "wraith_connections_refused_total{listener=\"http\",reason=\"per_client_limit\"} "
+        ) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // Behind a trusted proxy every client is the proxy's address: not limited.
+    wraith.write_config(&trusted);
+    wraith.reload().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect_from("127.0.0.1", addr).await;
+        assert!(answered(&mut s, wait).await, "a trusted proxy was limited");
+        held.push(s);
+    }
+}

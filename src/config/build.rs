@@ -296,6 +296,9 @@ pub struct HttpsRedirect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_connections: NonZeroUsize,
+    /// Connections open at once from one client address (an IPv6 client: its /64); `None`:
+    /// no limit. Trusted proxies are exempt.
+    pub max_connections_per_client: Option<NonZeroUsize>,
     /// Time allowed to receive a complete request head (slowloris protection).
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
@@ -311,6 +314,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: NonZeroUsize::new(10_000).expect("non-zero"),
+            max_connections_per_client: None,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_header_size: 64 * 1024,
@@ -1070,8 +1074,17 @@ fn build_limits(b: &mut Builder<'_>, key: &str, raw: RawLimits) -> Limits {
             "must be between 8KiB and 16MiB",
         );
     }
+    let max_connections_per_client = b
+        .int(
+            &raw.max_connections_per_client,
+            &format!("{key}.limits.max_connections_per_client"),
+            1,
+            10_000_000,
+        )
+        .and_then(|n| NonZeroUsize::new(n as usize));
     Limits {
         max_connections,
+        max_connections_per_client,
         header_read_timeout: b.duration(
             &raw.header_read_timeout,
             &format!("{key}.limits.header_read_timeout"),

@@ -118,6 +118,7 @@ pub struct RawHttpsRedirect {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_client: Option<Spanned<i64>>,
     pub header_read_timeout: Option<Str>,
     pub idle_timeout: Option<Str>,
     pub max_header_size: Option<Str>,

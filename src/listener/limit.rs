@@ -222,3 +222,94 @@ mod tests {
         assert_eq!(limit.active(), 1);
     }
 }
+
+/// Connections open at once per client on one listener (`limits.max_connections_per_client`):
+/// one client cannot take every slot of `max_connections` and starve the others (nginx's
+/// `limit_conn` on `$binary_remote_addr`). A client is its address, an IPv6 one its /64 (a
+/// host is handed a whole /64, and could spread over it). The map holds only clients with a
+/// connection open, so it is bounded by `max_connections`.
+#[derive(Default)]
+pub struct PerClient(Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in its client's count; given back when dropped.
+pub struct ClientSlot {
+    counts: Arc<PerClient>,
+    client: std::net::IpAddr,
+}
+
+impl PerClient {
+    /// A place for one more connection from `peer`, unless it has `max` open already.
+    pub fn take(self: &Arc<Self>, peer: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let client = client_of(peer);
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(client).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: self.clone(),
+            client,
+        })
+    }
+
+    /// Connections open from `peer`'s client.
+    pub fn open(&self, peer: std::net::IpAddr) -> usize {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(&client_of(peer)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(self.client) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// The client a peer address counts for: an IPv4 address (also in its IPv6-mapped form) is
+/// one client, an IPv6 address counts for its /64.
+fn client_of(peer: std::net::IpAddr) -> std::net::IpAddr {
+    match crate::proxy::headers::canonical(peer) {
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod per_client_tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_max_places_and_an_ipv6_client_is_its_64() {
+        let counts = Arc::new(PerClient::default());
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let first = counts.take(a, 2).unwrap();
+        let second = counts
+            .take(mapped, 2)
+            .expect("the same client, second place");
+        assert!(counts.take(a, 2).is_none());
+        assert!(counts.take("192.0.2.2".parse().unwrap(), 2).is_some());
+        drop(first);
+        let third = counts.take(a, 2).expect("a place came back");
+        drop((second, third));
+        assert_eq!(counts.open(a), 0);
+        assert!(counts.0.lock().unwrap().is_empty(), "no client left behind");
+
+        let x = counts.take("2001:db8:1:2::1".parse().unwrap(), 1).unwrap();
+        assert!(counts
+            .take("2001:db8:1:2:ffff::9".parse().unwrap(), 1)
+            .is_none());
+        assert!(counts.take("2001:db8:1:3::1".parse().unwrap(), 1).is_some());
+        drop(x);
+    }
+}

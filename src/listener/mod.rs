@@ -332,6 +332,33 @@ pub(crate) fn report_ban_at_accept(
     );
 }
 
+/// A connection's place in its client's count (`limits.max_connections_per_client`); `Err`
+/// when the client has its limit open already: the connection is refused (counted, logged at
+/// debug). Trusted proxies carry many clients: they are not limited.
+pub(crate) fn client_slot(
+    counts: &Arc<limit::PerClient>,
+    snapshot: &crate::runtime::Snapshot,
+    listener: &ListenerRuntime,
+    peer: SocketAddr,
+) -> Result<Option<limit::ClientSlot>, ()> {
+    let Some(max) = listener.config.limits.max_connections_per_client else {
+        return Ok(None);
+    };
+    if crate::proxy::headers::is_trusted(&snapshot.config.server.trusted_proxies, peer.ip()) {
+        return Ok(None);
+    }
+    match counts.take(peer.ip(), max.get()) {
+        Some(slot) => Ok(Some(slot)),
+        None => {
+            tracing::debug!(peer = %peer, listener = %listener.config.name, max = max.get(), "connection refused: the client has max_connections_per_client open");
+            if let Some(m) = listener.metrics.get() {
+                m.refused("per_client_limit");
+            }
+            Err(())
+        }
+    }
+}
+
 /// How often failing accepts are logged at most.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -345,6 +372,8 @@ async fn accept_loop(
     // Accept failures since the last warning, and when that was: one line per
     // `ACCEPT_WARN_EVERY` at most (out of descriptors, every retry fails).
     let (mut failed, mut warned_failed) = (0u64, None::<std::time::Instant>);
+    // Connections open per client (`limits.max_connections_per_client`), across reloads.
+    let per_client = Arc::new(limit::PerClient::default());
     loop {
         // Take a connection slot first: at the limit, new connections wait in the backlog.
         let permit = match limit.try_acquire() {
@@ -402,13 +431,18 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        let Ok(client) = client_slot(&per_client, &snapshot, &listener, peer) else {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        };
         let permit = permit.admit();
         let close = CloseSignal::new(&runtime, &listener, snapshot.generation, stop.clone());
         let admitted = close.admit();
         let runtime2 = runtime.clone();
         runtime.connections.spawn(async move {
             conn::serve(runtime2, listener, stream, peer, close).await;
-            drop((admitted, permit));
+            drop((admitted, permit, client));
         });
     }
 }

@@ -124,6 +124,16 @@ pub struct ConnectionLabels {
     pub protocol: &'static str,
 }
 
+/// `{listener, reason}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+/// Why a connection was refused at accept (`wraith_connections_refused_total`).
+const REFUSALS: [&str; 1] = ["per_client_limit"];
+
 /// `{listener, version, group, result}`
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -202,6 +212,7 @@ pub struct Metrics {
     pub upstream_errors: Family<EndpointErrorLabels, Counter>,
     pub upstream_healthy: Family<EndpointLabels, Gauge>,
     pub active_connections: Family<ConnectionLabels, Gauge>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub tls_handshake_duration: Family<ListenerLabel, AtomicHistogram>,
     pub policy_decisions: Family<PolicyLabels, Counter>,
@@ -231,6 +242,7 @@ struct Series {
     upstream_errors: Family<EndpointErrorLabels, Counter>,
     upstream_healthy: Family<EndpointLabels, Gauge>,
     active_connections: Family<ConnectionLabels, Gauge>,
+    connections_refused: Family<RefusedLabels, Counter>,
     tls_handshakes: Family<HandshakeLabels, Counter>,
     tls_handshake_duration: Family<ListenerLabel, AtomicHistogram>,
     /// Live handle sets per route, and the error codes its requests have had.
@@ -357,6 +369,12 @@ impl Series {
                 protocol,
             });
         }
+        for reason in REFUSALS {
+            self.connections_refused.remove(&RefusedLabels {
+                listener: name.clone(),
+                reason,
+            });
+        }
         for (version, group, result) in kinds {
             self.tls_handshakes.remove(&HandshakeLabels {
                 listener: name.clone(),
@@ -389,6 +407,7 @@ impl Metrics {
             upstream_errors: Family::default(),
             upstream_healthy: Family::default(),
             active_connections: Family::default(),
+            connections_refused: Family::default(),
             tls_handshakes: Family::default(),
             tls_handshake_duration: Family::default(),
             policy_decisions: Family::default(),
@@ -409,6 +428,7 @@ impl Metrics {
                 upstream_errors: Family::default(),
                 upstream_healthy: Family::default(),
                 active_connections: Family::default(),
+                connections_refused: Family::default(),
                 tls_handshakes: Family::default(),
                 tls_handshake_duration: Family::default(),
                 routes: Mutex::default(),
@@ -427,6 +447,7 @@ impl Metrics {
                 upstream_errors: m.upstream_errors.clone(),
                 upstream_healthy: m.upstream_healthy.clone(),
                 active_connections: m.active_connections.clone(),
+                connections_refused: m.connections_refused.clone(),
                 tls_handshakes: m.tls_handshakes.clone(),
                 tls_handshake_duration: m.tls_handshake_duration.clone(),
                 routes: Mutex::default(),
@@ -470,6 +491,11 @@ impl Metrics {
             "wraith_active_connections",
             "Open client connections, by listener and protocol",
             m.active_connections.clone(),
+        );
+        r.register(
+            "wraith_connections_refused",
+            "Client connections closed at accept, by listener and reason (per_client_limit: the client had limits.max_connections_per_client open)",
+            m.connections_refused.clone(),
         );
         r.register(
             "wraith_tls_handshakes",
@@ -557,6 +583,7 @@ impl Metrics {
             series: self.series.clone(),
             name: listener.to_string(),
             connections: Default::default(),
+            refused: Default::default(),
             handshakes: Mutex::default(),
             handshake_duration: OnceLock::new(),
         })
@@ -602,6 +629,8 @@ pub struct ListenerMetrics {
     name: String,
     /// Open connections by protocol (`PROTOCOLS`), created on first use.
     connections: [OnceLock<Gauge>; PROTOCOLS.len()],
+    /// Connections refused at accept by reason (`REFUSALS`), created on first use.
+    refused: [OnceLock<Counter>; REFUSALS.len()],
     /// The handshake counters used so far (a few: version, group and result come from small
     /// fixed sets), so a handshake neither formats labels nor takes the series lock.
     handshakes: Mutex<Vec<(HandshakeKind, Counter)>>,
@@ -626,6 +655,21 @@ impl ListenerMetrics {
                     protocol: PROTOCOLS[p],
                 })
         })
+    }
+
+    /// Counts a connection refused at accept for `reason` (one of `REFUSALS`).
+    pub fn refused(&self, reason: &'static str) {
+        let r = REFUSALS.iter().position(|r| *r == reason).unwrap_or(0);
+        self.refused[r]
+            .get_or_init(|| {
+                self.series
+                    .connections_refused
+                    .get_or_create_owned(&RefusedLabels {
+                        listener: self.name.clone(),
+                        reason: REFUSALS[r],
+                    })
+            })
+            .inc();
     }
 
     /// Counts one TLS handshake, and how long it took.

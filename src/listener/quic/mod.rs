@@ -425,6 +425,8 @@ async fn accept_loop(
     let endpoint = bound.endpoint;
     let handshaking = Arc::new(AtomicUsize::new(0));
     let mut warned_full = false;
+    // Connections open per client (`limits.max_connections_per_client`), across reloads.
+    let per_client = Arc::new(super::limit::PerClient::default());
     loop {
         let incoming = tokio::select! {
             // Stopped, this loop accepts nothing more, even with connections waiting: a reload
@@ -513,6 +515,7 @@ async fn accept_loop(
             local,
             close,
             in_progress,
+            per_client: per_client.clone(),
         };
         let rt = runtime.clone();
         runtime.connections.spawn(async move {
@@ -546,6 +549,10 @@ fn validate_address(
     }
 }
 
+/// H3_EXCESSIVE_LOAD (RFC 9114 §8.1): the close of a connection past its client's
+/// `max_connections_per_client`.
+const H3_EXCESSIVE_LOAD: u32 = 0x107;
+
 /// What the accept loop hands to a connection's task.
 struct Start {
     listener: Arc<ListenerRuntime>,
@@ -557,6 +564,8 @@ struct Start {
     /// The listener stopping, or its client-certificate rules changing.
     close: super::CloseSignal,
     in_progress: InProgress,
+    /// Connections open per client on this listener (`max_connections_per_client`).
+    per_client: Arc<super::limit::PerClient>,
 }
 
 /// Everything a request on one QUIC connection needs, shared by one `Arc`.
@@ -666,6 +675,18 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         (conn, None)
     };
 
+    // Counted once the handshake has proven the client's address (an Initial's source
+    // address can be anyone's: spoofed ones must not use up a client's connections).
+    let snapshot = runtime.gateway.snapshot();
+    let Ok(_client) = super::client_slot(&start.per_client, &snapshot, &start.listener, start.peer)
+    else {
+        conn.close(
+            quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD),
+            b"too many connections from this client",
+        );
+        return;
+    };
+    drop(snapshot);
     let _active = start
         .listener
         .metrics

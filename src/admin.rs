@@ -220,6 +220,8 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
         // Served through the drain too (until `stop_admin` at exit): `wraith status` shows
         // it, and a ban can still be added while requests finish.
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+        let mut failures = crate::listener::AcceptFailures::default();
+        let address = path.display().to_string();
         loop {
             // Waiting for a free slot must not keep the loop from its stop (a moved or
             // removed socket, the server stopping) while every slot is busy.
@@ -234,8 +236,7 @@ pub fn start(runtime: Arc<Runtime>, path: &Path) -> Result<AdminHandle, String> 
                 r = listener.accept() => match r {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        failures.failed(&address, &e).await;
                         continue;
                     }
                 },

@@ -362,6 +362,33 @@ pub(crate) fn client_slot(
 /// How often failing accepts are logged at most.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// A listening socket's failing accepts (EMFILE and friends, which keep failing while they
+/// last): each is retried after 50 ms rather than spun on, and they are logged once per
+/// `ACCEPT_WARN_EVERY` with their count, not once per retry.
+#[derive(Default)]
+pub(crate) struct AcceptFailures {
+    /// Failures since the last warning.
+    failed: u64,
+    warned: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    /// Logs (at most once per interval) the failed accept on `address`, then waits 50 ms.
+    pub(crate) async fn failed(
+        &mut self,
+        address: &(dyn std::fmt::Display + Sync),
+        e: &std::io::Error,
+    ) {
+        self.failed += 1;
+        if self.warned.is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY) {
+            tracing::warn!(address = %address, error = %e, failed = self.failed, "accept failed; retrying every 50 ms (logged once per 10 s)");
+            self.warned = Some(std::time::Instant::now());
+            self.failed = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn accept_loop(
     runtime: Arc<Runtime>,
     bound: Bound,
@@ -369,9 +396,7 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut warned_full = false;
-    // Accept failures since the last warning, and when that was: one line per
-    // `ACCEPT_WARN_EVERY` at most (out of descriptors, every retry fails).
-    let (mut failed, mut warned_failed) = (0u64, None::<std::time::Instant>);
+    let mut failures = AcceptFailures::default();
     // Connections open per client (`limits.max_connections_per_client`), across reloads.
     let per_client = Arc::new(limit::PerClient::default());
     loop {
@@ -393,14 +418,7 @@ async fn accept_loop(
             r = bound.listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    failed += 1;
-                    if warned_failed.is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY) {
-                        tracing::warn!(address = %bound.local_addr, error = %e, failed, "accept failed; retrying every 50 ms (logged once per 10 s)");
-                        warned_failed = Some(std::time::Instant::now());
-                        failed = 0;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures.failed(&bound.local_addr, &e).await;
                     continue;
                 }
             },

@@ -121,6 +121,7 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
     tokio::spawn(async move {
         let shutdown = rt.shutdown.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+        let mut failures = crate::listener::AcceptFailures::default();
         loop {
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => match s {
@@ -133,8 +134,7 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
                 r = listener.accept() => match r {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "metrics accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        failures.failed(&local, &e).await;
                         continue;
                     }
                 },

@@ -78,8 +78,21 @@ impl Stall {
 
 /// The error of an HTTP/2 upstream's response body cut by its stall timer.
 #[derive(Debug, thiserror::Error)]
-#[error("the upstream sent nothing for {0:?} (response_timeout) while the request body did not move either")]
-pub struct Stalled(pub std::time::Duration);
+#[error("the upstream sent nothing for {timeout:?} (response_timeout) while the request body did not move either")]
+pub struct Stalled {
+    pub timeout: std::time::Duration,
+    /// The request body was still open: the upstream may have been waiting for the client
+    /// (a streaming call, an upload that stopped), so the silence is no mark against the
+    /// endpoint, and the record says `request_timeout`.
+    pub client: bool,
+}
+
+impl Stalled {
+    /// Whether `e` is a stall the client may have caused.
+    pub fn by_client(e: &BoxError) -> bool {
+        e.downcast_ref::<Stalled>().is_some_and(|s| s.client)
+    }
+}
 
 impl Tracked {
     /// Called when the body has nothing yet: `Ready` with the error once the stream stalled.
@@ -93,7 +106,13 @@ impl Tracked {
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                return Poll::Ready(Stalled(stall.timeout).into());
+                return Poll::Ready(
+                    Stalled {
+                        timeout: stall.timeout,
+                        client: self.stream.uploading(),
+                    }
+                    .into(),
+                );
             }
             // A new wait, or the request moved since the timer was armed: the whole timeout
             // again from now.
@@ -175,6 +194,8 @@ impl http_body::Body for Body {
                 };
                 match &polled {
                     Poll::Ready(None) => t.slot.body_ended(true),
+                    // The upstream may have been waiting for the client: not its failure.
+                    Poll::Ready(Some(Err(e))) if Stalled::by_client(e) => t.slot.disarm(),
                     Poll::Ready(Some(Err(_))) => t.slot.body_ended(false),
                     _ => {}
                 }

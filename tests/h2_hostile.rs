@@ -490,6 +490,95 @@ async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_req
     assert_eq!(got.expect("the streaming call completed"), b"8 pieces");
 }
 
+/// The stall timer cuts a stream on which both sides went quiet while the client still owed
+/// its request body (the upstream waits for it): the client's silence, logged
+/// `request_timeout`, and no mark against the endpoint. Counted as the endpoint's failure, a
+/// client could get healthy endpoints ejected at will (found by a review). An upstream that
+/// goes quiet after the request has ended is the endpoint's failure, and ejects it here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stall_while_the_client_owes_its_body_is_not_held_against_the_endpoint() {
+    let upstream = h2c_upstream(|req, mut respond| {
+        let path = req.uri().path().to_string();
+        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut body = req.into_body();
+            while let Some(Ok(piece)) = body.data().await {
+                let _ = body.flow_control().release_capacity(piece.len());
+            }
+            if path == "/upload" {
+                let _ = send.send_data(Bytes::from_static(b"done"), true);
+            } else {
+                // The request ended; the answer never comes.
+                std::future::pending::<()>().await;
+            }
+        });
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[log.json]\npath = \"access.json\"\n",
+        h2c_config(&setup, upstream).replace(
+            "protocol = \"h2c\"",
+            "protocol = \"h2c\"\nresponse_timeout = \"1s\"\n\
+             outlier = { consecutive_failures = 1, max_ejected_percent = 100, base_ejection_time = \"1m\" }",
+        )
+    );
+    let wraith = setup.start(&cfg);
+    let mut client = h2_connect(&wraith).await;
+    let endpoint = upstream.to_string();
+
+    // One piece, then the client says nothing more.
+    let req = Request::post(https_uri(&wraith, "/upload"))
+        .body(())
+        .unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(Bytes::from_static(b"piece"), false)
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let end = tokio::time::timeout(WAIT, body.data())
+        .await
+        .expect("the quiet stream was cut");
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |r| r["path"] == "/upload")
+        .await
+        .expect("a record");
+    assert_eq!(record["error"], "request_timeout", "{record}");
+    assert_eq!(
+        wraith.endpoint_status("app", &endpoint).await["health"],
+        "up"
+    );
+
+    // The request whole, then silence from the upstream: its failure.
+    client = client.ready().await.unwrap();
+    let req = Request::post(https_uri(&wraith, "/quiet"))
+        .body(())
+        .unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(Bytes::from_static(b"all of it"), true)
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    let end = tokio::time::timeout(WAIT, resp.into_body().data())
+        .await
+        .expect("cut");
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |r| r["path"] == "/quiet")
+        .await
+        .expect("a record");
+    assert_eq!(record["error"], "upstream_body_error", "{record}");
+    assert_eq!(
+        wraith.endpoint_status("app", &endpoint).await["health"],
+        "ejected"
+    );
+}
+
 #[tokio::test]
 async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_complete() {
     for content_length in [None, Some(100)] {

@@ -604,10 +604,15 @@ impl http_body::Body for LoggedBody {
                 }
             }
             Poll::Ready(None) => this.done(false),
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 // The upstream broke off mid-body: the client gets a truncated response.
+                // (Or both sides went quiet while the client still owed its body.)
                 if let Some(p) = this.pending.as_mut() {
-                    p.record().error = Some("upstream_body_error");
+                    p.record().error = Some(if crate::body::Stalled::by_client(e) {
+                        "request_timeout"
+                    } else {
+                        "upstream_body_error"
+                    });
                 }
                 this.done(true);
             }

@@ -56,6 +56,12 @@ impl Stream {
     pub fn sent(&self) -> u64 {
         self.0.sent.load(Ordering::Relaxed)
     }
+
+    /// Whether the request body is still being sent: its `Uploading` holds the other clone
+    /// of the place until it ends.
+    pub fn uploading(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
 }
 
 impl Drop for Place {

@@ -319,7 +319,18 @@ pub fn client_gone(error: &(dyn std::error::Error + 'static)) -> bool {
             return e.is_io() || (e.is_remote() && (e.is_reset() || e.is_go_away()));
         }
         if let Some(e) = e.downcast_ref::<h3::error::StreamError>() {
-            return e.is_peer_gone();
+            // Of the QUIC ends h3 leaves to us, only the peer's reset or close is the client
+            // leaving: a protocol violation found here, or our own close, is not.
+            let quic_end = e
+                .undefined_cause()
+                .and_then(|c| c.downcast_ref::<quinn::ConnectionError>());
+            return e.is_peer_gone()
+                || matches!(
+                    quic_end,
+                    Some(
+                        quinn::ConnectionError::Reset | quinn::ConnectionError::ConnectionClosed(_)
+                    )
+                );
         }
         if let Some(e) = e.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;

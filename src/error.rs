@@ -307,8 +307,18 @@ pub fn to_response(err: &GatewayError, request_id: &HeaderValue) -> Response<Bod
         err.retry_after(),
     );
     err.add_headers(resp.headers_mut());
+    if matches!(err, GatewayError::ClientClosed) {
+        resp.extensions_mut().insert(Abandoned);
+    }
     resp
 }
+
+/// Marks the response to a request its client abandoned (`GatewayError::ClientClosed`): the
+/// 499 is for the log only, never for the wire. Over HTTP/1.1 and HTTP/2 nothing can reach
+/// the client anyway (its connection or stream is gone); an HTTP/3 client that reset only its
+/// sending side could still read, and gets its stream cancelled instead.
+#[derive(Debug, Clone, Copy)]
+pub struct Abandoned;
 
 /// A JSON error body: `{"error": code, "message": ..., "request_id": ...}`.
 pub fn json_response(

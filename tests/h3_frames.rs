@@ -682,7 +682,7 @@ async fn an_upload_the_client_abandons_is_logged_as_a_client_abort() {
     for (path, reset) in [("/reset", true), ("/closed", false)] {
         let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
         client.open_control().await;
-        let (mut send, _recv) = client.conn.open_bi().await.unwrap();
+        let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
         let mut bytes = frame(
             HEADERS,
             &request_section("POST", path, &[("content-length", "10000")]),
@@ -713,5 +713,15 @@ async fn an_upload_the_client_abandons_is_logged_as_a_client_abort() {
         let record = record.unwrap_or_else(|| panic!("no record for {path}"));
         assert_eq!(record["status"], 499, "{record}");
         assert_eq!(record["protocol"], "h3", "{record}");
+        if reset {
+            // Its receiving side still open, the client gets the stream cancelled: 499 is
+            // for the log, never a response on the wire.
+            match tokio::time::timeout(WAIT, recv.read_to_end(1 << 16)).await {
+                Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)))) => {
+                    assert_eq!(code.into_inner(), H3_REQUEST_CANCELLED as u64)
+                }
+                other => panic!("not a cancelled stream: {other:?}"),
+            }
+        }
     }
 }

@@ -1294,6 +1294,11 @@ async fn serve_request(
             return;
         }
         let resp = ctx.runtime.gateway.handle(req, info).await;
+        if resp.extensions().get::<crate::error::Abandoned>().is_some() {
+            // Logged 499 (as the response drops unsent); the client gets a cancelled stream.
+            send.on_drop = Some(h3::error::Code::H3_REQUEST_CANCELLED);
+            return;
+        }
         let stall = ctx.listener.config.limits.idle_timeout;
         match body::send_response(&mut send.stream, resp, head_only, stall).await {
             Ok(()) => send.on_drop = None,

@@ -138,17 +138,33 @@ pub enum StreamError {
 
 impl StreamError {
     /// Wraith: the peer went away rather than sent something wrong: it reset the stream or
-    /// stopped reading it, said GOAWAY, closed the connection, or stopped answering (the
-    /// connection timed out).
+    /// stopped reading it, said GOAWAY, closed the connection with an application code, or
+    /// stopped answering (the connection timed out). A QUIC-level end h3 does not know
+    /// (`Undefined`: a peer's reset or close, but also a protocol violation detected here, or
+    /// a close of ours) is not judged here: see `undefined_cause`.
     pub fn is_peer_gone(&self) -> bool {
         matches!(
             self,
             StreamError::RemoteTerminate { .. }
                 | StreamError::RemoteClosing
                 | StreamError::ConnectionError(
-                    ConnectionError::Remote(_) | ConnectionError::Timeout
+                    ConnectionError::Remote(
+                        ConnectionErrorIncoming::ApplicationClose { .. }
+                            | ConnectionErrorIncoming::Timeout
+                    ) | ConnectionError::Timeout
                 )
         )
+    }
+
+    /// Wraith: the QUIC implementation's own error behind a connection end h3 does not know
+    /// (`ConnectionErrorIncoming::Undefined`), for the caller to judge.
+    pub fn undefined_cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            StreamError::ConnectionError(ConnectionError::Remote(
+                ConnectionErrorIncoming::Undefined(cause),
+            )) => Some(&**cause),
+            _ => None,
+        }
     }
 
     /// Returns if the error is H3_NO_ERROR

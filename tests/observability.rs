@@ -2120,10 +2120,17 @@ async fn an_upload_the_client_abandons_is_a_client_abort_not_a_bad_request() {
     assert_eq!(bad["error"], "bad_request", "{bad}");
 }
 
+/// Whether the server closes `c` (or resets it) within `wait`.
+async fn closed_within(c: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(wait, c.read(&mut buf)).await.is_ok()
+}
+
 /// The metrics listener bounds what a client reaching it can hold: a request head over 8 KiB
 /// is refused (it buffered up to hyper's ~400 KiB default, for 60 s, per connection: 4,000
-/// such connections took 2 GB), a connection that sends no head is closed after 10 s, and
-/// connections past 32 wait in the backlog; a scrape is served once those idle ones are gone.
+/// such connections took 2 GB), a connection that sends no head is closed after 10 s, one
+/// client gets 4 connections at once, and a connection serves one request (kept alive, 32
+/// clients asking every few seconds held every slot and kept every scrape out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_bounds_heads_idle_connections_and_their_number() {
     let up = upstream().await;
@@ -2154,34 +2161,43 @@ async fn the_metrics_listener_bounds_heads_idle_connections_and_their_number() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
         "{answer}"
     );
+    drop(big);
 
-    // 40 connections that send nothing: the first 32 are served (and closed after the head
-    // timeout), the rest wait their turn.
-    let idle: Vec<tokio::net::TcpStream> =
-        futures_util::future::join_all((0..40).map(|_| tokio::net::TcpStream::connect(addr)))
-            .await
-            .into_iter()
-            .map(|c| c.unwrap())
-            .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let scrape = tokio::spawn(async move {
-        h1().get(format!("http://{addr}/metrics"))
-            .timeout(Duration::from_secs(60))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-    });
-    let closed =
-        futures_util::future::join_all(idle.into_iter().take(32).map(|mut c| async move {
-            let mut buf = [0u8; 64];
-            tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
-                .await
-                .is_ok()
-        }))
-        .await;
+    // One client (127.0.0.2) opens 6 connections and sends nothing: 4 are taken (and closed
+    // after the head timeout), the others closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..6 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(socket.connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for c in &mut idle[4..] {
+        assert!(
+            closed_within(c, Duration::from_secs(5)).await,
+            "a fifth connection from one client was kept"
+        );
+    }
+    // Another client is served meanwhile, and its connection closes after the answer.
+    let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+    scrape
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), scrape.read_to_end(&mut answer))
+        .await
+        .expect("one request per connection: closed after the answer")
+        .unwrap();
     assert!(
-        closed.iter().all(|c| *c),
-        "idle metrics connections still open after 30 s"
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
     );
-    assert_eq!(scrape.await.unwrap().unwrap(), 200);
+    for c in &mut idle[..4] {
+        assert!(
+            closed_within(c, Duration::from_secs(30)).await,
+            "an idle metrics connection still open after 30 s"
+        );
+    }
 }

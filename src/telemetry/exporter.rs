@@ -98,7 +98,10 @@ pub fn render(rt: &Runtime) -> String {
 /// Metrics connections served at once; more wait in the kernel's backlog. Scrapers are few:
 /// whoever else reaches the address must not be able to hold memory with connections.
 const MAX_METRICS_CONNECTIONS: usize = 32;
-/// A request head must arrive within this (and an idle keep-alive connection ends after it).
+/// Connections at once from one client address: a scraper needs one, and no single client
+/// can take every slot.
+const MAX_METRICS_CONNECTIONS_PER_CLIENT: usize = 4;
+/// A request head must arrive within this.
 const METRICS_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest life of one metrics connection.
 const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -122,6 +125,7 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
         let shutdown = rt.shutdown.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
         let mut failures = crate::listener::AcceptFailures::default();
+        let per_client = Arc::new(crate::listener::limit::PerClient::default());
         loop {
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => match s {
@@ -130,9 +134,9 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
                 },
                 _ = shutdown.cancelled() => break,
             };
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((s, _)) => s,
+                    Ok(pair) => pair,
                     Err(e) => {
                         failures.failed(&local, &e).await;
                         continue;
@@ -140,15 +144,24 @@ pub async fn start(rt: Arc<Runtime>) -> Result<(), String> {
                 },
                 _ = shutdown.cancelled() => break,
             };
+            let Some(client) = per_client.take(peer.ip(), MAX_METRICS_CONNECTIONS_PER_CLIENT)
+            else {
+                let _ = stream.set_zero_linger();
+                continue;
+            };
             let rt = rt.clone();
             let path = path.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, client);
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let resp = answer(&rt, &path, &req);
                     async move { Ok::<_, Infallible>(resp) }
                 });
+                // One request per connection: an idle keep-alive connection would hold its
+                // slot between requests (32 clients asking every few seconds kept every
+                // scrape out).
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(METRICS_HEAD_TIMEOUT)
                     .max_buf_size(METRICS_MAX_BUF)

@@ -347,6 +347,10 @@ pub struct Runtime {
     quic: Mutex<HashMap<ListenerKey, listener::quic::QuicHandle>>,
     /// QUIC endpoints a reload stopped, still bound while their connections drain.
     quic_draining: listener::quic::Draining,
+    /// Connections open per client (`limits.max_connections_per_client`), per listener: one
+    /// count for its TCP and QUIC sides, kept across reloads (and a QUIC endpoint taken back
+    /// from draining).
+    per_client: Mutex<HashMap<ListenerKey, Arc<listener::limit::PerClient>>>,
     reload_lock: tokio::sync::Mutex<()>,
     /// Reloads started so far (each one's `ReloadResult::seq`).
     reloads_started: AtomicU64,
@@ -357,6 +361,16 @@ pub struct Runtime {
     pid_file: Mutex<Option<PidFile>>,
     /// The admin socket being served (`server.admin_socket`; a reload moves it too).
     admin: Mutex<Option<admin::AdminHandle>>,
+}
+
+impl Runtime {
+    /// The per-client connection counts of the listener `key`.
+    pub fn per_client(&self, key: &ListenerKey) -> Arc<listener::limit::PerClient> {
+        lock(&self.per_client)
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
 }
 
 /// Applies a reloaded `limits.max_connections` to a running listener's limit. Open
@@ -410,6 +424,7 @@ impl Runtime {
             listeners: Mutex::new(HashMap::new()),
             quic: Mutex::new(HashMap::new()),
             quic_draining: Default::default(),
+            per_client: Mutex::default(),
             reload_lock: tokio::sync::Mutex::new(()),
             reloads_started: AtomicU64::new(0),
             last_reload: Mutex::new(None),

@@ -1541,4 +1541,42 @@ async fn a_quic_connection_past_max_connections_per_client_is_closed_with_excess
         },
     }
     assert_eq!(first.get("/two").await.unwrap().status(), 200);
+
+    // One count for the listener's TCP and QUIC sides: a TCP connection holding the place
+    // (in its TLS handshake) keeps a QUIC one out.
+    first.conn.close(quinn::VarInt::from_u32(0x100), b"");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let _tcp = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the QUIC connection's place never came back"
+        );
+        let Ok(mut tcp) = tokio::net::TcpStream::connect(wraith.addr("https")).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut buf = [0u8; 16];
+        // Reset at once while the QUIC connection still holds the place; kept otherwise.
+        if tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+        )
+        .await
+        .is_err()
+        {
+            break tcp;
+        }
+    };
+    match client.connect(wraith.addr("https")).await {
+        Err(e) => assert!(e.contains("H3_EXCESSIVE_LOAD"), "{e}"),
+        Ok(third) => match tokio::time::timeout(Duration::from_secs(10), third.conn.closed())
+            .await
+            .expect("the QUIC connection was closed")
+        {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code.into_inner(), 0x107, "{close:?}");
+            }
+            other => panic!("closed with {other:?}"),
+        },
+    }
 }

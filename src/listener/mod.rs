@@ -397,8 +397,7 @@ async fn accept_loop(
 ) {
     let mut warned_full = false;
     let mut failures = AcceptFailures::default();
-    // Connections open per client (`limits.max_connections_per_client`), across reloads.
-    let per_client = Arc::new(limit::PerClient::default());
+    let per_client = runtime.per_client(&bound.key);
     loop {
         // Take a connection slot first: at the limit, new connections wait in the backlog.
         let permit = match limit.try_acquire() {

@@ -425,8 +425,7 @@ async fn accept_loop(
     let endpoint = bound.endpoint;
     let handshaking = Arc::new(AtomicUsize::new(0));
     let mut warned_full = false;
-    // Connections open per client (`limits.max_connections_per_client`), across reloads.
-    let per_client = Arc::new(super::limit::PerClient::default());
+    let per_client = runtime.per_client(&bound.key);
     loop {
         let incoming = tokio::select! {
             // Stopped, this loop accepts nothing more, even with connections waiting: a reload

@@ -854,14 +854,21 @@ fn worker_threads_the_os_refuses_end_the_start_with_an_error() {
     assert!(stderr.contains("ulimit -u, ulimit -v"), "{stderr}");
 }
 
-/// The soft open-file limit is raised to the hard one at start (a default soft limit of 1024
-/// was reached long before the default max_connections: accept failed, new clients hung),
-/// and a hard limit below what the listeners' max_connections allow is warned about.
-#[test]
-fn serve_raises_the_open_file_limit_and_warns_when_the_hard_one_is_too_low() {
+/// `wraith serve` on a one-listener config under an open-file limit of `soft`/`hard`, its
+/// stderr read to the end on a thread (a closed pipe would fail the server's later log
+/// writes). Returns once it listens: the child, the listener's address, and the reader,
+/// which yields every log line after the child exits.
+fn serve_with_open_files(
+    dir: &tempfile::TempDir,
+    soft: u64,
+    hard: u64,
+) -> (
+    std::process::Child,
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Vec<String>>,
+) {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("wraith.toml"),
         "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[route]]\nname = \"r\"\nrespond = { status = 200 }\n",
@@ -874,80 +881,10 @@ fn serve_raises_the_open_file_limit_and_warns_when_the_hard_one_is_too_low() {
         .stderr(std::process::Stdio::piped());
     // SAFETY: setrlimit is async-signal-safe, and only the child's limit changes.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             let limit = libc::rlimit {
-                rlim_cur: 512,
-                rlim_max: 2048,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Read to the end: a closed pipe would fail the server's later log writes.
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in stderr.lines().map_while(Result::ok) {
-            if line.contains("wraith started") {
-                let _ = tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("the server started");
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
-    let lines = reader.join().unwrap();
-    let files = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap()
-        .split_whitespace()
-        .skip(3)
-        .take(2)
-        .collect::<Vec<_>>();
-    assert_eq!(files, ["2048", "2048"], "{limits}");
-    let log = lines.join("\n");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("the open-file limit (2048) is below")
-                && l.contains("10000 connections")),
-        "{log}"
-    );
-}
-
-/// Out of descriptors, every accept fails (retried every 50 ms): that is one warning per
-/// 10 s, with the count, not a line per retry (78 lines in 4 s before).
-#[test]
-fn failing_accepts_are_logged_once_per_interval() {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("wraith.toml"),
-        "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\n[[route]]\nname = \"r\"\nrespond = { status = 200 }\n",
-    )
-    .unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wraith"));
-    cmd.args(["serve", "-c", "wraith.toml"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    // SAFETY: setrlimit is async-signal-safe, and only the child's limit changes.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
+                rlim_cur: soft,
+                rlim_max: hard,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -970,16 +907,59 @@ fn failing_accepts_are_logged_once_per_interval() {
     });
     let listening: serde_json::Value =
         serde_json::from_str(&rx.recv_timeout(Duration::from_secs(30)).unwrap()).unwrap();
-    let addr: std::net::SocketAddr = listening["address"].as_str().unwrap().parse().unwrap();
+    let addr = listening["address"].as_str().unwrap().parse().unwrap();
+    (child, addr, reader)
+}
+
+/// SIGTERM to `child`; its exit status.
+fn stop_child(child: &mut std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap()
+}
+
+/// The soft open-file limit is raised to the hard one at start (a default soft limit of 1024
+/// was reached long before the default max_connections: accept failed, new clients hung),
+/// and a hard limit below what the listeners' max_connections allow is warned about.
+#[test]
+fn serve_raises_the_open_file_limit_and_warns_when_the_hard_one_is_too_low() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _, reader) = serve_with_open_files(&dir, 512, 2048);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    assert!(stop_child(&mut child).success());
+    let lines = reader.join().unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(files, ["2048", "2048"], "{limits}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("the open-file limit (2048) is below")
+                && l.contains("10000 connections")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+/// Out of descriptors, every accept fails (retried every 50 ms): that is one warning per
+/// 10 s, with the count, not a line per retry (78 lines in 4 s before).
+#[test]
+fn failing_accepts_are_logged_once_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr, reader) = serve_with_open_files(&dir, 64, 64);
     // More connections than descriptors: accept fails from some point on, and keeps failing.
     let held: Vec<_> = (0..100)
         .filter_map(|_| std::net::TcpStream::connect(addr).ok())
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
     drop(held);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
+    stop_child(&mut child);
     let lines = reader.join().unwrap();
     let warnings = lines.iter().filter(|l| l.contains("accept failed")).count();
     assert_eq!(warnings, 1, "{}", lines.join("\n"));

@@ -416,14 +416,11 @@ async fn a_request_body_still_sent_after_its_response_keeps_its_h2_stream() {
     upload.send_data(Bytes::new(), true).unwrap();
 }
 
-/// An HTTP/2 upstream that sends a response head and then nothing is cut after
-/// `response_timeout` without progress, as an HTTP/1.1 one is (the body ends in error, the
-/// endpoint's slot is freed); it held the client, its task and the slot forever. A call whose
-/// answer waits for the client's messages is not cut while those keep coming (a slow
-/// client-streaming upload past several timeouts completes).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_request_moves() {
-    let upstream = h2c_upstream(|req, mut respond| {
+/// An h2c upstream that answers every request with a head at once, then: for `/stall`
+/// nothing, ever; for `/quiet` nothing once the request body has ended; for anything else
+/// `N pieces` once the request body has ended (its N DATA frames counted).
+async fn stalling_h2c_upstream() -> SocketAddr {
+    h2c_upstream(|req, mut respond| {
         let path = req.uri().path().to_string();
         let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
             return;
@@ -431,19 +428,31 @@ async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_req
         tokio::spawn(async move {
             let mut body = req.into_body();
             if path == "/stall" {
-                // The head, then nothing, for good (the stream is kept open).
+                // The stream is kept open.
                 std::future::pending::<()>().await;
             }
-            // The answer comes when the client's last piece has.
             let mut pieces = 0;
             while let Some(Ok(piece)) = body.data().await {
                 let _ = body.flow_control().release_capacity(piece.len());
                 pieces += 1;
             }
+            if path == "/quiet" {
+                std::future::pending::<()>().await;
+            }
             let _ = send.send_data(Bytes::from(format!("{pieces} pieces")), true);
         });
     })
-    .await;
+    .await
+}
+
+/// An HTTP/2 upstream that sends a response head and then nothing is cut after
+/// `response_timeout` without progress, as an HTTP/1.1 one is (the body ends in error, the
+/// endpoint's slot is freed); it held the client, its task and the slot forever. A call whose
+/// answer waits for the client's messages is not cut while those keep coming (a slow
+/// client-streaming upload past several timeouts completes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_request_moves() {
+    let upstream = stalling_h2c_upstream().await;
     let setup = Setup::new();
     let cfg = h2c_config(&setup, upstream).replace(
         "protocol = \"h2c\"",
@@ -497,25 +506,7 @@ async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_req
 /// goes quiet after the request has ended is the endpoint's failure, and ejects it here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_stall_while_the_client_owes_its_body_is_not_held_against_the_endpoint() {
-    let upstream = h2c_upstream(|req, mut respond| {
-        let path = req.uri().path().to_string();
-        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
-            return;
-        };
-        tokio::spawn(async move {
-            let mut body = req.into_body();
-            while let Some(Ok(piece)) = body.data().await {
-                let _ = body.flow_control().release_capacity(piece.len());
-            }
-            if path == "/upload" {
-                let _ = send.send_data(Bytes::from_static(b"done"), true);
-            } else {
-                // The request ended; the answer never comes.
-                std::future::pending::<()>().await;
-            }
-        });
-    })
-    .await;
+    let upstream = stalling_h2c_upstream().await;
     let setup = Setup::new();
     let cfg = format!(
         "{}\n[log.json]\npath = \"access.json\"\n",

@@ -1515,6 +1515,23 @@ async fn alt_svc_follows_a_reload_on_open_connections() {
     assert_eq!(alt_svc().await.as_deref(), Some(advertised.as_str()));
 }
 
+/// Asserts that a connection attempt was closed with H3_EXCESSIVE_LOAD, before the client's
+/// HTTP/3 set-up was done (`Err`) or after.
+async fn closed_for_excessive_load(attempt: Result<H3Conn, String>) {
+    match attempt {
+        Err(e) => assert!(e.contains("H3_EXCESSIVE_LOAD"), "{e}"),
+        Ok(c) => match tokio::time::timeout(Duration::from_secs(10), c.conn.closed())
+            .await
+            .expect("the connection was closed")
+        {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code.into_inner(), 0x107, "{close:?}");
+            }
+            other => panic!("closed with {other:?}"),
+        },
+    }
+}
+
 /// `max_connections_per_client` over QUIC: counted once the handshake has proven the
 /// client's address (a spoofed Initial cannot use up someone's places); the connection past
 /// the limit is closed with H3_EXCESSIVE_LOAD, and the first one goes on.
@@ -1527,19 +1544,7 @@ async fn a_quic_connection_past_max_connections_per_client_is_closed_with_excess
     let client = H3Client::new(&wraith.pki().ca_pem, None, Groups::Default);
     let mut first = client.connect(wraith.addr("https")).await.unwrap();
     assert_eq!(first.get("/one").await.unwrap().status(), 200);
-    // The close may come before the client's HTTP/3 set-up is done, or after.
-    match client.connect(wraith.addr("https")).await {
-        Err(e) => assert!(e.contains("H3_EXCESSIVE_LOAD"), "{e}"),
-        Ok(second) => match tokio::time::timeout(Duration::from_secs(10), second.conn.closed())
-            .await
-            .expect("the second connection was closed")
-        {
-            quinn::ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(close.error_code.into_inner(), 0x107, "{close:?}");
-            }
-            other => panic!("closed with {other:?}"),
-        },
-    }
+    closed_for_excessive_load(client.connect(wraith.addr("https")).await).await;
     assert_eq!(first.get("/two").await.unwrap().status(), 200);
 
     // One count for the listener's TCP and QUIC sides: a TCP connection holding the place
@@ -1567,16 +1572,5 @@ async fn a_quic_connection_past_max_connections_per_client_is_closed_with_excess
             break tcp;
         }
     };
-    match client.connect(wraith.addr("https")).await {
-        Err(e) => assert!(e.contains("H3_EXCESSIVE_LOAD"), "{e}"),
-        Ok(third) => match tokio::time::timeout(Duration::from_secs(10), third.conn.closed())
-            .await
-            .expect("the QUIC connection was closed")
-        {
-            quinn::ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(close.error_code.into_inner(), 0x107, "{close:?}");
-            }
-            other => panic!("closed with {other:?}"),
-        },
-    }
+    closed_for_excessive_load(client.connect(wraith.addr("https")).await).await;
 }

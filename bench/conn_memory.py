@@ -5,8 +5,13 @@ preconnection), `h1` (one request answered, the connection kept alive), `tls` (T
 handshake done, nothing sent). Wraith and nginx (Debian's package) in the same run, each
 answering `/` itself (no upstream: this is the client side's cost).
 
+`--spike`: instead, N kept-alive connections are opened and closed, and the proxy's RSS is
+read at the peak, then while it is idle (+2 s, +15 s), and after one more request (+27 s): how
+much of the spike it gives back.
+
 Usage:
   python3 bench/conn_memory.py [--wraith target/release/wraith] [-n 2000] [--kinds tcp,h1,tls]
+  python3 bench/conn_memory.py --spike [-n 4000]
 """
 
 import argparse
@@ -65,11 +70,38 @@ def measure(pid, kind, n):
     return grown / n
 
 
+def spike(pid, n):
+    def mib():
+        return rss_kib(pid) // 1024
+    base = mib()
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", PORT_HTTP))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        socks.append(s)
+    for s in socks:
+        s.recv(4096)
+    peak = mib()
+    for s in socks:
+        s.close()
+    time.sleep(2)
+    at2 = mib()
+    time.sleep(13)
+    at15 = mib()
+    s = socket.create_connection(("127.0.0.1", PORT_HTTP))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    s.recv(4096)
+    s.close()
+    time.sleep(12)
+    return base, peak, at2, at15, mib()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wraith", default=str(ROOT / "target/release/wraith"))
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--kinds", default="tcp,h1,tls")
+    ap.add_argument("--spike", action="store_true")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -111,6 +143,19 @@ http {{
     if shutil.which("nginx"):
         proxies.append(("nginx", ["nginx", "-c", str(work / "nginx.conf")]))
     kinds = args.kinds.split(",")
+    if args.spike:
+        print(f"RSS MiB around a spike of {args.n} kept-alive connections (Wraith)")
+        print("| base | peak | +2 s | +15 s | +27 s (after one request) |")
+        print("|---|---|---|---|---|")
+        proc = subprocess.Popen(proxies[0][1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(PORT_HTTP)
+            print("| " + " | ".join(str(v) for v in spike(proc.pid, args.n)) + " |")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     print(f"KiB per idle connection, {args.n} connections")
     print("| proxy | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))

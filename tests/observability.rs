@@ -2165,18 +2165,25 @@ async fn the_metrics_listener_bounds_heads_idle_connections_and_their_number() {
 
     // One client (127.0.0.2) opens 6 connections and sends nothing: 4 are taken (and closed
     // after the head timeout), the others closed at once.
-    let mut idle = Vec::new();
-    for _ in 0..6 {
+    let from_2 = || async {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        idle.push(socket.connect(addr).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        socket.connect(addr).await
+    };
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(from_2().await.unwrap());
     }
-    for c in &mut idle[4..] {
-        assert!(
-            closed_within(c, Duration::from_secs(5)).await,
-            "a fifth connection from one client was kept"
-        );
+    // (Accepted before the 4 are counted, or not: give the server a moment.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        // The reset may come before the connect completes.
+        if let Ok(mut c) = from_2().await {
+            assert!(
+                closed_within(&mut c, Duration::from_secs(5)).await,
+                "a fifth connection from one client was kept"
+            );
+        }
     }
     // Another client is served meanwhile, and its connection closes after the answer.
     let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -514,13 +514,10 @@ where
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => {}
                     }
-                    if let Some(mut handler) =
-                        this.handler.as_mut().and_then(|h| h.as_mut().as_pin_mut())
-                    {
-                        if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
-                            if let Some(slot) = this.handler.as_mut() {
-                                slot.as_mut().set(None);
-                            }
+                    if let Some(slot) = this.handler.as_mut() {
+                        let polled = slot.as_mut().as_pin_mut().map(|h| h.poll(cx));
+                        if let Some(Poll::Ready(resp)) = polled {
+                            slot.as_mut().set(None);
                             conn.start_response(resp);
                             progress = true;
                         }

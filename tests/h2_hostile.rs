@@ -499,6 +499,30 @@ async fn an_h2_response_body_stalled_past_response_timeout_is_cut_unless_the_req
     assert_eq!(got.expect("the streaming call completed"), b"8 pieces");
 }
 
+/// POSTs one piece to `path` (the request's end with it when `end`), expects the response
+/// body to be cut off, and returns the request's access record (`access.json`).
+async fn post_cut_off(
+    client: &mut h2::client::SendRequest<Bytes>,
+    wraith: &Wraith,
+    path: &str,
+    end: bool,
+) -> serde_json::Value {
+    *client = client.clone().ready().await.unwrap();
+    let req = Request::post(https_uri(wraith, path)).body(()).unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    upload.send_data(Bytes::from_static(b"piece"), end).unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let end = tokio::time::timeout(WAIT, resp.into_body().data())
+        .await
+        .expect("the stream was cut");
+    assert!(matches!(end, Some(Err(_))), "{path}: {end:?}");
+    wraith
+        .wait_json_line("access.json", WAIT, |r| r["path"] == path)
+        .await
+        .expect("a record")
+}
+
 /// The stall timer cuts a stream on which both sides went quiet while the client still owed
 /// its request body (the upstream waits for it): the client's silence, logged
 /// `request_timeout`, and no mark against the endpoint. Counted as the endpoint's failure, a
@@ -521,24 +545,7 @@ async fn an_h2_stall_while_the_client_owes_its_body_is_not_held_against_the_endp
     let endpoint = upstream.to_string();
 
     // One piece, then the client says nothing more.
-    let req = Request::post(https_uri(&wraith, "/upload"))
-        .body(())
-        .unwrap();
-    let (resp, mut upload) = client.send_request(req, false).unwrap();
-    upload
-        .send_data(Bytes::from_static(b"piece"), false)
-        .unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let end = tokio::time::timeout(WAIT, body.data())
-        .await
-        .expect("the quiet stream was cut");
-    assert!(matches!(end, Some(Err(_))), "{end:?}");
-    let record = wraith
-        .wait_json_line("access.json", WAIT, |r| r["path"] == "/upload")
-        .await
-        .expect("a record");
+    let record = post_cut_off(&mut client, &wraith, "/upload", false).await;
     assert_eq!(record["error"], "request_timeout", "{record}");
     assert_eq!(
         wraith.endpoint_status("app", &endpoint).await["health"],
@@ -546,23 +553,7 @@ async fn an_h2_stall_while_the_client_owes_its_body_is_not_held_against_the_endp
     );
 
     // The request whole, then silence from the upstream: its failure.
-    client = client.ready().await.unwrap();
-    let req = Request::post(https_uri(&wraith, "/quiet"))
-        .body(())
-        .unwrap();
-    let (resp, mut upload) = client.send_request(req, false).unwrap();
-    upload
-        .send_data(Bytes::from_static(b"all of it"), true)
-        .unwrap();
-    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
-    let end = tokio::time::timeout(WAIT, resp.into_body().data())
-        .await
-        .expect("cut");
-    assert!(matches!(end, Some(Err(_))), "{end:?}");
-    let record = wraith
-        .wait_json_line("access.json", WAIT, |r| r["path"] == "/quiet")
-        .await
-        .expect("a record");
+    let record = post_cut_off(&mut client, &wraith, "/quiet", true).await;
     assert_eq!(record["error"], "upstream_body_error", "{record}");
     assert_eq!(
         wraith.endpoint_status("app", &endpoint).await["health"],

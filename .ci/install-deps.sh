@@ -11,8 +11,9 @@ need=()
 # faketime: libfaketime steps the gateway's wall clock in tests/decisions.rs.
 # testssl.sh: scans the https listeners in tests/tls_external.rs.
 # logrotate, systemd-analyze: run the shipped integrations/ files in tests/integrations.rs.
+# haproxy: the TCP load balancer sending PROXY protocol headers in tests/proxy_protocol.rs.
 for pkg in curl:curl tmux:tmux chromium:chromium faketime:faketime python3:python3 testssl:testssl.sh \
-  logrotate:logrotate systemd-analyze:systemd; do
+  logrotate:logrotate systemd-analyze:systemd haproxy:haproxy; do
   bin=${pkg%%:*}; deb=${pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done

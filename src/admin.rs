@@ -394,6 +394,7 @@ pub fn status(rt: &Runtime) -> Value {
                 "protocol": if l.config.tls.is_some() { "https" } else { "http" },
                 "active_connections": state.map_or(0, |(_, _, n)| *n),
                 "http3": l.quic.is_some(),
+                "proxy_protocol": l.config.proxy_protocol,
                 "quic_connections": quic.iter().find(|(k, _)| *k == l.config.key()).map_or(0, |(_, n)| *n),
             })
         })

@@ -115,6 +115,9 @@ pub struct ListenerConfig {
     pub limits: Limits,
     /// HTTP/3 on the same port over UDP (`http3 = true`, tuned by `[listener.quic]`).
     pub quic: Option<QuicConfig>,
+    /// TCP connections begin with a PROXY protocol header (v1 or v2) from a peer in
+    /// `server.trusted_proxies`, which names the client (`proxy_protocol = true`).
+    pub proxy_protocol: bool,
 }
 
 /// `[listener.quic]`: the QUIC side of an `https` listener with `http3 = true`. Limits
@@ -932,6 +935,16 @@ fn build_listeners(
             }
         };
         let quic = build_quic(b, &key, &l.protocol, l.http3, l.quic, tls.as_ref());
+        let proxy_protocol = l.proxy_protocol.is_some_and(|p| {
+            if *p.get_ref() && server.trusted_proxies.is_empty() {
+                b.err(
+                    Some(p.span()),
+                    format!("{key}.proxy_protocol"),
+                    "proxy_protocol needs server.trusted_proxies: the addresses of the load balancers allowed to send the header (connections from any other peer are refused)",
+                );
+            }
+            p.into_inner()
+        });
         out.push(ListenerConfig {
             name: Arc::from(l.name.into_inner()),
             address,
@@ -939,6 +952,7 @@ fn build_listeners(
             redirect_https,
             limits,
             quic,
+            proxy_protocol,
         });
     }
     out

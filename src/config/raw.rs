@@ -38,6 +38,7 @@ pub struct RawListener {
     pub limits: Option<RawLimits>,
     pub http3: Option<Spanned<bool>>,
     pub quic: Option<Spanned<RawQuic>>,
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 /// `[listener.quic]`

@@ -371,6 +371,7 @@ mod tests {
             redirect_https: None,
             limits: Default::default(),
             quic: None,
+            proxy_protocol: false,
         }
     }
 

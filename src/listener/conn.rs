@@ -271,10 +271,13 @@ pub(super) async fn serve(
     listener: Arc<ListenerRuntime>,
     stream: TcpStream,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     close: CloseSignal,
 ) {
     let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or(listener.config.address);
+    // The address the client connected to: a balancer's front end when a PROXY protocol
+    // header said so.
+    let local = local.unwrap_or_else(|| stream.local_addr().unwrap_or(listener.config.address));
     let accepted = tokio::time::Instant::now();
     let io = stream;
     let mut info = ConnInfo {
@@ -384,46 +387,11 @@ pub(super) fn identity_of(leaf: &[u8], peer: SocketAddr, listener: &str) -> Iden
 /// Waits for enough bytes to tell an HTTP/2 preface from HTTP/1.1 (peeking, nothing consumed).
 /// `None` when the client went away or sent nothing before the header timeout.
 async fn sniff_h2(stream: &TcpStream, limits: &Limits) -> Option<bool> {
-    use std::os::fd::AsRawFd;
     let mut buf = [0u8; 24];
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
-    let fd = stream.as_raw_fd();
     let mut seen = 0usize;
     loop {
-        // Peek until more bytes than last time are there. "Nothing new" is reported to
-        // tokio as WouldBlock, which clears the readiness: the next wait is for new data, not
-        // a spin over the same partial preface. Unless the client has closed its side: then
-        // readiness stays set (read-closed) and no new data will come, so the bytes there are
-        // all there is.
-        let more = tokio::time::timeout_at(deadline, async {
-            loop {
-                let ready = stream.ready(tokio::io::Interest::READABLE).await?;
-                let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
-                    // SAFETY: `fd` is this stream's open socket and `buf` is ours to fill.
-                    let n = unsafe {
-                        libc::recv(
-                            fd,
-                            buf.as_mut_ptr().cast(),
-                            buf.len(),
-                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                        )
-                    };
-                    match n {
-                        n if n < 0 => Err(io::Error::last_os_error()),
-                        n if n as usize == seen && n != 0 && !ready.is_read_closed() => {
-                            Err(io::ErrorKind::WouldBlock.into())
-                        }
-                        n => Ok(n as usize),
-                    }
-                });
-                match peeked {
-                    Ok(n) => return Ok::<usize, io::Error>(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await;
+        let more = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen)).await;
         let n = match more {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
             Ok(Ok(n)) => n,
@@ -440,6 +408,48 @@ async fn sniff_h2(stream: &TcpStream, limits: &Limits) -> Option<bool> {
             return Some(false);
         }
         seen = n;
+    }
+}
+
+/// Peeks (nothing consumed) at what `stream` has received into `buf`, once more than the
+/// `seen` bytes of the last peek are there: the count, which is `seen` again only when the
+/// client has closed its side (no more will come), 0 when it sent nothing.
+pub(super) async fn peek_more(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    seen: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    loop {
+        // "Nothing new" is reported to tokio as WouldBlock, which clears the readiness: the
+        // next wait is for new data, not a spin over the same partial bytes. Unless the
+        // client has closed its side: then readiness stays set (read-closed) and no new data
+        // will come, so the bytes there are all there is.
+        let ready = stream.ready(tokio::io::Interest::READABLE).await?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: `fd` is this stream's open socket and `buf` is ours to fill.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
+                n if n < 0 => Err(io::Error::last_os_error()),
+                n if n as usize == seen && n != 0 && !ready.is_read_closed() => {
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                n => Ok(n as usize),
+            }
+        });
+        match peeked {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

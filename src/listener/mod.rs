@@ -10,6 +10,7 @@ pub mod client_auth;
 mod conn;
 pub mod h1;
 pub mod limit;
+pub mod proxy_protocol;
 pub mod quic;
 pub mod tls;
 
@@ -389,6 +390,72 @@ impl AcceptFailures {
     }
 }
 
+/// A PROXY protocol listener's refused headers (none, malformed, too slow): logged at most
+/// once per `ACCEPT_WARN_EVERY` with their count, so that a balancer that does not send the
+/// header shows in the log without flooding it.
+#[derive(Default)]
+struct HeaderFailures(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+
+impl HeaderFailures {
+    fn failed(&self, listener: &str, peer: SocketAddr, e: &proxy_protocol::Error) {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.1 += 1;
+        if last.0.is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY) {
+            tracing::warn!(listener, peer = %peer, error = %e, refused = last.1, "PROXY protocol header refused, connection closed (logged once per 10 s)");
+            *last = (Some(std::time::Instant::now()), 0);
+        } else {
+            tracing::debug!(listener, peer = %peer, error = %e, "PROXY protocol header refused, connection closed");
+        }
+    }
+}
+
+/// Reads the PROXY protocol header of a connection from a balancer (`proxy_protocol = true`)
+/// and admits the client it names as the accept loop admits a direct one (bans checked at
+/// accept, `max_connections_per_client`): the client's address, the address it connected to,
+/// and its per-client place. `None` when the connection is refused (counted and logged).
+/// A header that names no client (the balancer's own health checks: v2 `LOCAL`, v1
+/// `UNKNOWN`) leaves the connection the balancer's.
+async fn behind_proxy(
+    runtime: &Runtime,
+    listener: &ListenerRuntime,
+    per_client: &Arc<limit::PerClient>,
+    failures: &HeaderFailures,
+    stream: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<(SocketAddr, Option<SocketAddr>, Option<limit::ClientSlot>)> {
+    let name = &listener.config.name;
+    let addresses =
+        match proxy_protocol::read(stream, listener.config.limits.header_read_timeout).await {
+            Ok(a) => a,
+            // A balancer's TCP health check connects and closes: nothing refused.
+            Err(proxy_protocol::Error::Empty) => return None,
+            Err(e) => {
+                failures.failed(name, peer, &e);
+                if let Some(m) = listener.metrics.get() {
+                    m.refused("proxy_header");
+                }
+                return None;
+            }
+        };
+    let Some(addresses) = addresses else {
+        return Some((peer, None, None));
+    };
+    let client = addresses.source;
+    let snapshot = runtime.gateway.snapshot();
+    let refuse = |stream: &mut tokio::net::TcpStream| {
+        let _ = stream.set_zero_linger();
+    };
+    if banned_at_accept(runtime, &snapshot, name, client) {
+        refuse(stream);
+        return None;
+    }
+    let Ok(slot) = client_slot(per_client, &snapshot, listener, client) else {
+        refuse(stream);
+        return None;
+    };
+    Some((client, Some(addresses.destination), slot))
+}
+
 async fn accept_loop(
     runtime: Arc<Runtime>,
     bound: Bound,
@@ -398,6 +465,7 @@ async fn accept_loop(
     let mut warned_full = false;
     let mut failures = AcceptFailures::default();
     let per_client = runtime.per_client(&bound.key);
+    let header_failures = Arc::new(HeaderFailures::default());
     loop {
         // Take a connection slot first: at the limit, new connections wait in the backlog.
         let permit = match limit.try_acquire() {
@@ -440,8 +508,25 @@ async fn accept_loop(
         let Some(listener) = snapshot.listener_by_key(&bound.key).cloned() else {
             return;
         };
+        let proxied = listener.config.proxy_protocol;
+        if proxied
+            && !crate::proxy::headers::is_trusted(
+                &snapshot.config.server.trusted_proxies,
+                peer.ip(),
+            )
+        {
+            // Only the balancers may say who the client is.
+            tracing::debug!(peer = %peer, listener = %listener.config.name, "connection refused: proxy_protocol listener, peer not in server.trusted_proxies");
+            if let Some(m) = listener.metrics.get() {
+                m.refused("proxy_untrusted");
+            }
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        }
         // Banned peers go before the TLS handshake costs anything. Trusted proxies are
-        // checked per request instead, on the client address they forward.
+        // checked per request instead, on the client address they forward (behind a PROXY
+        // protocol header: once it is read, on the address it gives).
         if banned_at_accept(&runtime, &snapshot, &listener.config.name, peer) {
             // RST rather than FIN: no TIME_WAIT kept for a client we refuse.
             let _ = stream.set_zero_linger();
@@ -457,8 +542,28 @@ async fn accept_loop(
         let close = CloseSignal::new(&runtime, &listener, snapshot.generation, stop.clone());
         let admitted = close.admit();
         let runtime2 = runtime.clone();
+        let per_client = per_client.clone();
+        let header_failures = header_failures.clone();
         runtime.connections.spawn(async move {
-            conn::serve(runtime2, listener, stream, peer, close).await;
+            let mut stream = stream;
+            let (peer, local, client) = if proxied {
+                let Some(behind) = behind_proxy(
+                    &runtime2,
+                    &listener,
+                    &per_client,
+                    &header_failures,
+                    &mut stream,
+                    peer,
+                )
+                .await
+                else {
+                    return;
+                };
+                behind
+            } else {
+                (peer, None, client)
+            };
+            conn::serve(runtime2, listener, stream, peer, local, close).await;
             drop((admitted, permit, client));
         });
     }

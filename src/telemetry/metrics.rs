@@ -132,7 +132,7 @@ pub struct RefusedLabels {
 }
 
 /// Why a connection was refused at accept (`wraith_connections_refused_total`).
-const REFUSALS: [&str; 1] = ["per_client_limit"];
+const REFUSALS: [&str; 3] = ["per_client_limit", "proxy_untrusted", "proxy_header"];
 
 /// `{listener, version, group, result}`
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

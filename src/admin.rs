@@ -454,7 +454,15 @@ pub fn status(rt: &Runtime) -> Value {
     let limits: Vec<Value> = snapshot
         .limiters()
         .iter()
-        .map(|l| json!({"name": &*l.config.name, "key": l.config.key.describe(), "keys": l.keys()}))
+        .map(|l| {
+            json!({
+                "name": &*l.config.name,
+                "key": l.config.key.describe(),
+                // A shared limit's keys are in Redis; these are its fallback's (`on_error`).
+                "keys": l.keys(),
+                "shared": l.config.shared,
+            })
+        })
         .collect();
     json!({
         "decisions": {

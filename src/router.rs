@@ -22,6 +22,8 @@ pub struct Route {
     pub limits: Arc<[Arc<Limiter>]>,
     /// Their names, comma-separated (the access record of a request they all let through).
     pub limit_names: Arc<str>,
+    /// Whether one of them is `shared` (counted in Redis: `ratelimit::check_with_shared`).
+    pub shared_limits: bool,
     /// Position in file order (indexes per-route state such as the policy engine's).
     pub index: usize,
 }
@@ -41,6 +43,7 @@ impl Route {
             upstream: None,
             limits: Arc::from(Vec::new()),
             limit_names: Arc::from(""),
+            shared_limits: false,
             index,
         }
     }
@@ -121,6 +124,7 @@ mod tests {
                     upstream: None,
                     limits: Arc::from(Vec::new()),
                     limit_names: Arc::from(""),
+                    shared_limits: false,
                     index,
                 })
                 .collect(),

@@ -58,6 +58,8 @@ pub struct Snapshot {
     pub listeners: Vec<Arc<ListenerRuntime>>,
     /// The `[rate_limit]` default limits (shared by every route without its own).
     pub default_limits: Arc<[Arc<Limiter>]>,
+    /// The Redis connection of `[rate_limit.redis]`, for `shared` limits.
+    pub rate_store: Option<Arc<ratelimit::shared::SharedStore>>,
     /// The CrowdSec AppSec stage, when configured.
     pub appsec: Option<Arc<Appsec>>,
     /// The LAPI client for `[crowdsec]`, built (CA, client certificate) with the snapshot so
@@ -123,6 +125,7 @@ impl Snapshot {
                         _ => None,
                     },
                     limit_names: ratelimit::names(&limits),
+                    shared_limits: limits.iter().any(|l| l.config.shared),
                     limits,
                     config: r.clone(),
                     index,
@@ -140,6 +143,23 @@ impl Snapshot {
                 errors.push(e);
                 None
             }
+        };
+        // The Redis connection carries over a reload that keeps its settings.
+        let rate_store = match &config.rate_limit.redis {
+            None => None,
+            Some(settings) => match previous
+                .and_then(|p| p.rate_store.as_ref())
+                .filter(|s| s.settings == *settings)
+            {
+                Some(same) => Some(same.clone()),
+                None => match ratelimit::shared::SharedStore::new(settings.clone()) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                },
+            },
         };
         let crowdsec_tls = config
             .crowdsec
@@ -213,6 +233,7 @@ impl Snapshot {
             upstreams,
             listeners,
             default_limits,
+            rate_store,
             appsec,
             crowdsec_client,
             crowdsec_tls,

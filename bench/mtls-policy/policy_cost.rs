@@ -245,6 +245,7 @@ fn main() {
                 per: std::time::Duration::from_secs(1),
                 burst: std::num::NonZeroU32::new(1_000_000).expect("nonzero"),
                 mode: wraith::config::LimitMode::Enforce,
+                shared: false,
             },
             100_000,
         ))

@@ -106,6 +106,14 @@ pub fn render(v: &Value) -> String {
         }
     }
     for l in v["rate_limits"].as_array().into_iter().flatten() {
+        if l["shared"] == true {
+            out.push_str(&format!(
+                "rate limit   {} (by {}): shared in Redis\n",
+                s(&l["name"]),
+                s(&l["key"]),
+            ));
+            continue;
+        }
         out.push_str(&format!(
             "rate limit   {} (by {}): {} keys\n",
             s(&l["name"]),

@@ -706,12 +706,18 @@ pub(super) fn build(src: Source<'_>, options: LoadOptions) -> Result<Config, Con
             None
         }
     };
-    let routes = build_routes(&mut b, &upstreams, policy.as_ref(), raw_routes);
+    let rate_limit = super::security::build_rate_limit(&mut b, raw_rate_limit.unwrap_or_default());
+    let routes = build_routes(
+        &mut b,
+        &upstreams,
+        policy.as_ref(),
+        raw_routes,
+        rate_limit.redis.is_some(),
+    );
     let log = build_log(&mut b, raw_log.unwrap_or_default());
     let metrics = build_metrics(&mut b, raw_metrics.unwrap_or_default(), &listeners);
     let decisions = super::security::build_decisions(&mut b, raw_decisions.unwrap_or_default());
     let crowdsec = raw_crowdsec.and_then(|c| super::security::build_crowdsec(&mut b, c));
-    let rate_limit = super::security::build_rate_limit(&mut b, raw_rate_limit.unwrap_or_default());
 
     if listeners.is_empty() && b.errors.is_empty() {
         b.err(
@@ -1462,6 +1468,7 @@ fn build_routes(
     upstreams: &[UpstreamConfig],
     policy: Option<&PolicyConfig>,
     raw: Vec<(usize, RawRoute)>,
+    redis: bool,
 ) -> Vec<RouteConfig> {
     let mut out = Vec::new();
     let mut names = HashMap::new();
@@ -1633,9 +1640,9 @@ fn build_routes(
                 Duration::from_secs(60),
             )
         });
-        let rate_limits = r
-            .rate_limits
-            .map(|list| super::security::build_limits(b, &format!("{key}.rate_limits"), list));
+        let rate_limits = r.rate_limits.map(|list| {
+            super::security::build_limits(b, &format!("{key}.rate_limits"), list, redis)
+        });
         let compression = match r.compression {
             None => None,
             Some(c) => {

@@ -429,6 +429,18 @@ pub struct RawRateLimit {
     pub max_keys: Option<Spanned<i64>>,
     pub cleanup_interval: Option<Str>,
     pub limits: Option<Vec<Spanned<RawLimit>>>,
+    pub redis: Option<Spanned<RawRedis>>,
+}
+
+/// `[rate_limit.redis]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Str,
+    pub password_file: Option<Str>,
+    pub timeout: Option<Str>,
+    pub on_error: Option<Str>,
+    pub key_prefix: Option<Str>,
 }
 
 /// One limit: `{ name = "per-ip", key = "ip", rate = "100/s", burst = 200 }`
@@ -441,4 +453,5 @@ pub struct RawLimit {
     pub rate: Str,
     pub burst: Option<Spanned<i64>>,
     pub mode: Option<Str>,
+    pub shared: Option<Spanned<bool>>,
 }

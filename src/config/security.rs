@@ -12,7 +12,7 @@ use http::header::HeaderName;
 use toml::Spanned;
 
 use super::build::Builder;
-use super::raw::{RawAppsec, RawCrowdsec, RawDecisions, RawLimit, RawRateLimit};
+use super::raw::{RawAppsec, RawCrowdsec, RawDecisions, RawLimit, RawRateLimit, RawRedis};
 use crate::decisions::Scope;
 
 /// `[decisions]`
@@ -123,6 +123,34 @@ pub struct RateLimitSettings {
     pub cleanup_interval: Duration,
     /// The default limits.
     pub limits: Vec<RateLimitConfig>,
+    /// Where `shared` limits keep their buckets.
+    pub redis: Option<RedisSettings>,
+}
+
+/// `[rate_limit.redis]`: the Redis server in which limits with `shared = true` count, so that
+/// every Wraith instance using it enforces one budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://[user[:password]@]host[:port][/db]`.
+    pub url: String,
+    /// From `password_file` (the URL's own password otherwise).
+    pub password: Option<Secret>,
+    /// The most a request waits for Redis (connecting included).
+    pub timeout: Duration,
+    /// What a shared limit does while Redis cannot answer.
+    pub on_error: SharedOnError,
+    /// Prepended to every key Wraith writes.
+    pub key_prefix: String,
+}
+
+/// What a shared limit does while Redis cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedOnError {
+    /// Count in this instance alone, with the limit's own rate and burst (each instance
+    /// then allows the whole budget).
+    Local,
+    /// Let requests through unlimited by the shared limits.
+    Open,
 }
 
 impl Default for RateLimitSettings {
@@ -131,6 +159,7 @@ impl Default for RateLimitSettings {
             max_keys: NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
             cleanup_interval: Duration::from_secs(30),
             limits: Vec::new(),
+            redis: None,
         }
     }
 }
@@ -149,6 +178,9 @@ pub struct RateLimitConfig {
     pub burst: NonZeroU32,
     /// Enforce, or only log what would be refused.
     pub mode: LimitMode,
+    /// Counted in Redis (`[rate_limit.redis]`), across every instance that shares it,
+    /// instead of in this process.
+    pub shared: bool,
 }
 
 /// The longest a limit may take to refill its whole burst (`period × burst`). governor keeps
@@ -524,10 +556,100 @@ pub(super) fn build_rate_limit(b: &mut Builder<'_>, raw: RawRateLimit) -> RateLi
             "rate_limit.cleanup_interval",
             d.cleanup_interval,
         ),
-        limits: raw
-            .limits
-            .map(|l| build_limits(b, "rate_limit.limits", l))
-            .unwrap_or_default(),
+        redis: raw.redis.map(|r| build_redis(b, r)),
+        limits: Vec::new(),
+    }
+    .with_limits(b, raw.limits)
+}
+
+impl RateLimitSettings {
+    /// The default limits, built once `redis` is known (a shared limit needs it).
+    fn with_limits(mut self, b: &mut Builder<'_>, raw: Option<Vec<Spanned<RawLimit>>>) -> Self {
+        let redis = self.redis.is_some();
+        self.limits = raw
+            .map(|l| build_limits(b, "rate_limit.limits", l, redis))
+            .unwrap_or_default();
+        self
+    }
+}
+
+fn build_redis(b: &mut Builder<'_>, raw: Spanned<RawRedis>) -> RedisSettings {
+    let raw = raw.into_inner();
+    let url = raw.url.get_ref().trim().to_string();
+    match redis::parse_redis_url(&url) {
+        Some(u) if u.scheme() == "redis" => {}
+        Some(u) => b.err(
+            Some(raw.url.span()),
+            "rate_limit.redis.url",
+            format!(
+                "scheme {:?} is not supported (expected redis://host:port/db; Redis over TLS is not supported yet: keep Redis on a private network)",
+                u.scheme()
+            ),
+        ),
+        None => b.err(
+            Some(raw.url.span()),
+            "rate_limit.redis.url",
+            format!("invalid Redis URL {url:?} (expected e.g. \"redis://127.0.0.1:6379/0\")"),
+        ),
+    }
+    let password = raw.password_file.as_ref().and_then(|f| {
+        let path = b.path(f.get_ref());
+        match crate::files::read_to_string(&path, crate::files::SMALL) {
+            Ok(s) if !s.trim().is_empty() => Some(Secret(s.trim().to_string())),
+            Ok(_) => {
+                b.err(
+                    Some(f.span()),
+                    "rate_limit.redis.password_file",
+                    format!("{} is empty", path.display()),
+                );
+                None
+            }
+            Err(e) => {
+                b.err(
+                    Some(f.span()),
+                    "rate_limit.redis.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    });
+    let timeout = b.duration(
+        &raw.timeout,
+        "rate_limit.redis.timeout",
+        Duration::from_millis(50),
+    );
+    if timeout.is_zero() {
+        b.err(
+            raw.timeout.as_ref().map(|t| t.span()),
+            "rate_limit.redis.timeout",
+            "the timeout must be above 0",
+        );
+    }
+    let on_error = match raw
+        .on_error
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
+        None | Some(("local", _)) => SharedOnError::Local,
+        Some(("open", _)) => SharedOnError::Open,
+        Some((other, span)) => {
+            b.err(
+                Some(span),
+                "rate_limit.redis.on_error",
+                format!("unknown value {other:?} (expected \"local\" or \"open\")"),
+            );
+            SharedOnError::Local
+        }
+    };
+    RedisSettings {
+        url,
+        password,
+        timeout,
+        on_error,
+        key_prefix: raw
+            .key_prefix
+            .map_or_else(|| "wraith:ratelimit:".to_string(), |p| p.into_inner()),
     }
 }
 
@@ -556,6 +678,7 @@ pub(super) fn build_limits(
     b: &mut Builder<'_>,
     key: &str,
     raw: Vec<Spanned<RawLimit>>,
+    redis: bool,
 ) -> Vec<RateLimitConfig> {
     let mut out: Vec<RateLimitConfig> = Vec::new();
     for (i, l) in raw.into_iter().enumerate() {
@@ -655,6 +778,14 @@ pub(super) fn build_limits(
                 format!("duplicate limit name {name:?} (give each limit a name)"),
             );
         }
+        let shared = l.shared.as_ref().is_some_and(|s| *s.get_ref());
+        if shared && !redis {
+            b.err(
+                l.shared.as_ref().map(|s| s.span()),
+                format!("{k}.shared"),
+                "shared = true needs [rate_limit.redis] (the Redis server the instances count in)",
+            );
+        }
         let limit = RateLimitConfig {
             name,
             key: limit_key,
@@ -662,6 +793,7 @@ pub(super) fn build_limits(
             per,
             burst,
             mode,
+            shared,
         };
         if limit.refill().is_none() {
             // The burst's span, or the rate's when the burst is the rate's count.

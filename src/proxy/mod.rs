@@ -458,17 +458,30 @@ impl Gateway {
             return Err(GatewayError::from(&deny));
         }
         // Rate limits after policy: only requests that could be served count.
-        record.rate_limit = ratelimit::check(
-            &route.limits,
-            &route.limit_names,
-            &RequestFacts {
-                client: client_ip,
-                peer_trusted,
-                identity: conn.identity.as_ref(),
-                headers: req.headers(),
-                route: &route.config.name,
-            },
-        )?;
+        let facts = RequestFacts {
+            client: client_ip,
+            peer_trusted,
+            identity: conn.identity.as_ref(),
+            headers: req.headers(),
+            route: &route.config.name,
+        };
+        record.rate_limit = if route.shared_limits {
+            // Boxed: the Redis round trip's state stays out of this future unless used.
+            Box::pin(ratelimit::check_with_shared(
+                &route.limits,
+                &route.limit_names,
+                &facts,
+                route
+                    .config
+                    .rate_limits
+                    .is_some()
+                    .then_some(&*route.config.name),
+                snapshot.rate_store.as_deref(),
+            ))
+            .await?
+        } else {
+            ratelimit::check(&route.limits, &route.limit_names, &facts)?
+        };
         // A body declared larger than the limit is refused before any of it is read (and
         // before `Expect: 100-continue` is answered); one that turns out larger on the way
         // is cut off by the forwarder (`body::Watched`).

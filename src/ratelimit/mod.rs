@@ -31,7 +31,9 @@ use governor::{Quota, RateLimiter};
 use http::HeaderMap;
 use tokio::sync::Notify;
 
-use crate::config::{LimitKey, LimitMode, RateLimitConfig};
+pub mod shared;
+
+use crate::config::{LimitKey, LimitMode, RateLimitConfig, SharedOnError};
 use crate::error::{GatewayError, RateLimited};
 use crate::identity::Identity;
 use crate::telemetry::access_log::RateLimitRecord;
@@ -481,13 +483,7 @@ pub fn check<C: Clock>(
             continue;
         };
         if !enforced(limit) {
-            tracing::info!(
-                limit = %limit.config.name,
-                route = req.route,
-                client = %req.client,
-                retry_after_ms = wait.as_millis() as u64,
-                "rate limit would refuse this request (shadow mode)"
-            );
+            log_shadow(&limit.config.name, req, wait);
             shadow.get_or_insert(limit);
         } else if i == 0 {
             return Err(limit.refusal(wait));
@@ -500,6 +496,70 @@ pub fn check<C: Clock>(
             limiter: limit.config.name.clone(),
         },
         None => RateLimitRecord {
+            limited: false,
+            shadow: false,
+            limiter: names.clone(),
+        },
+    }))
+}
+
+fn log_shadow(limit: &str, req: &RequestFacts<'_>, wait: Duration) {
+    tracing::info!(
+        limit,
+        route = req.route,
+        client = %req.client,
+        retry_after_ms = wait.as_millis() as u64,
+        "rate limit would refuse this request (shadow mode)"
+    );
+}
+
+/// `check` for a route with `shared` limits (`Route::shared_limits`): its local enforced
+/// limits are asked first, then Redis checks and counts the shared ones in one call
+/// (`shared::SharedStore::check`), then the local ones count the request: a request one
+/// enforced limit refuses is counted by none, but for a race between the asking and the
+/// counting, as in `check`. When Redis does not answer, the shared limits fall back to
+/// `on_error`: counted here like the local ones, or left out. `own_route` names the route
+/// when the limits are its own (not the `[rate_limit]` defaults): their buckets are its own.
+pub async fn check_with_shared(
+    limits: &[Arc<Limiter>],
+    names: &Arc<str>,
+    req: &RequestFacts<'_>,
+    own_route: Option<&str>,
+    store: Option<&shared::SharedStore>,
+) -> Result<Option<RateLimitRecord>, GatewayError> {
+    let Some(store) = store else {
+        // The config refuses shared limits without [rate_limit.redis].
+        return check(limits, names, req);
+    };
+    let enforced = |l: &Limiter| l.config.mode == LimitMode::Enforce;
+    let (shared, local): (Vec<&Arc<Limiter>>, Vec<&Arc<Limiter>>) =
+        limits.iter().partition(|l| l.config.shared);
+    for limit in local.iter().filter(|l| enforced(l)) {
+        if let Outcome::Refused(wait) = limit.peek_key(&limit.key_for(req)) {
+            return Err(limit.refusal(wait));
+        }
+    }
+    let shadow = match store.check(&shared, req, own_route).await {
+        Ok(shared::Verdict::Refused(i, wait)) => return Err(shared[i].refusal(wait)),
+        Ok(shared::Verdict::Allowed { shadow }) => shadow.map(|(i, wait)| {
+            log_shadow(&shared[i].config.name, req, wait);
+            shared[i]
+        }),
+        Err(_) => match store.settings.on_error {
+            SharedOnError::Local => return check(limits, names, req),
+            SharedOnError::Open => None,
+        },
+    };
+    let local: Vec<Arc<Limiter>> = local.into_iter().cloned().collect();
+    let counted = check(&local, names, req)?;
+    Ok(Some(match (counted, shadow) {
+        (Some(r), _) if r.shadow => r,
+        (_, Some(limit)) => RateLimitRecord {
+            limited: false,
+            shadow: true,
+            limiter: limit.config.name.clone(),
+        },
+        _ => RateLimitRecord {
             limited: false,
             shadow: false,
             limiter: names.clone(),
@@ -551,6 +611,7 @@ mod tests {
             per,
             burst: NonZeroU32::new(burst).unwrap(),
             mode: LimitMode::Enforce,
+            shared: false,
         }
     }
 

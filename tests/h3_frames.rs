@@ -483,6 +483,33 @@ async fn malformed_heads_are_refused_not_forwarded() {
     assert_eq!(read_status(&mut recv).await, Some(200));
 }
 
+/// A head of more fields than an `http::HeaderMap` holds (24,576) is answered 431, as HTTP/2
+/// answers it: h3 0.0.8 panicked building the map, so with a `max_header_size` from about
+/// 800 KiB (30,000 empty fields decode to 990,000 bytes) a client could panic request tasks
+/// at will, each with a backtrace in the log, and got no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_of_more_fields_than_a_header_map_holds_gets_431() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let listeners = setup.listeners_h3("", "", ALLOW_ALL_POLICY).replace(
+        "http3 = true",
+        "http3 = true\nlimits = { max_header_size = \"2MiB\", max_headers = 10000 }",
+    );
+    let wraith = setup.start(&config(&listeners, upstream.addr));
+    let mut client = RawH3::connect(&wraith.pki().ca_pem, wraith.addr("https")).await;
+    client.open_control().await;
+
+    let fields = vec![("a", ""); 30_000];
+    let (_send, mut recv) = client
+        .send(&request_section("GET", "/many", &fields), None, true)
+        .await;
+    let status = tokio::time::timeout(WAIT, read_status(&mut recv)).await;
+    assert_eq!(status, Ok(Some(431)));
+    // A request-level refusal: the connection serves the next request.
+    assert_eq!(client.get().await, Some(200));
+    assert!(!wraith.log().contains("panicked"), "{}", wraith.log());
+}
+
 /// A request whose connection dies of the next frame on its stream (a GOAWAY there is a
 /// connection error) still gets its one record, as a client abort, and is not forwarded.
 /// The request used to lose a random race against the connection's close (no record in

@@ -213,6 +213,12 @@ impl Decoder {
     }
 }
 
+/// Wraith: the most fields one section may carry. `HeaderMap::with_capacity` panics past
+/// 24,576 (three quarters of its 32,768 slots), and so does `append` of as many distinct
+/// names; at 32 bytes of overhead each (RFC 9204 §3.2.1), a field section of that many fields
+/// needs only a `max_size` of 800 KiB. h2 refuses such a header list as too large too.
+const MAX_FIELDS: usize = 24_576;
+
 // Decode field lines received on Request or Push stream.
 // https://www.rfc-editor.org/rfc/rfc9204.html#name-field-line-representations
 pub fn decode_stateless<T: Buf>(buf: &mut T, max_size: u64) -> Result<Decoded, DecoderError> {
@@ -249,6 +255,11 @@ pub fn decode_stateless<T: Buf>(buf: &mut T, max_size: u64) -> Result<Decoded, D
         mem_size += field.mem_size() as u64;
         // Cancel decoding if the header is considered too big
         if mem_size > max_size {
+            return Err(DecoderError::HeaderTooLong(mem_size));
+        }
+        // Wraith: also when it has more fields than an `http::HeaderMap` holds, which
+        // panics past that (`Header::try_from`); `max_size` alone allows it from ~800 KiB.
+        if fields.len() == MAX_FIELDS {
             return Err(DecoderError::HeaderTooLong(mem_size));
         }
         fields.push(field);

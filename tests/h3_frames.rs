@@ -510,6 +510,46 @@ async fn a_head_of_more_fields_than_a_header_map_holds_gets_431() {
     assert!(!wraith.log().contains("panicked"), "{}", wraith.log());
 }
 
+/// A Huffman-coded string ends in at most 7 bits of padding, all ones (RFC 7541 §5.2, which
+/// QPACK takes over): anything else is a decoding error, QPACK_DECOMPRESSION_FAILED for the
+/// connection (RFC 9204 §2.2). h3 0.0.8 took any run of ones past the last symbol (whole
+/// bytes of 0xff), and the first bits of a longer code cut off by the end, for padding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huffman_strings_with_more_than_seven_bits_of_padding_are_refused() {
+    const QPACK_DECOMPRESSION_FAILED: u64 = 0x200;
+    let (wraith, _upstream) = gateway().await;
+    let ca = wraith.pki().ca_pem.clone();
+    // `x-h` with a Huffman-coded value: 'a' is 00011, so 0x1f is "a" and 3 bits of padding.
+    let section = |value: &[u8]| {
+        let mut s = request_section("GET", "/huffman", &[]);
+        s.extend([0x23, b'x', b'-', b'h', 0x80 | value.len() as u8]);
+        s.extend_from_slice(value);
+        s
+    };
+    let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+    client.open_control().await;
+    let (_send, mut recv) = client.send(&section(&[0x1f]), None, true).await;
+    assert_eq!(read_status(&mut recv).await, Some(200));
+
+    // 11 bits of padding; 8 bits that are not all ones, the start of a longer code.
+    for value in [&[0x1f, 0xff][..], &[0x1f, 0xfe], &[0x1f, 0xff, 0xff, 0xff]] {
+        let mut client = RawH3::connect(&ca, wraith.addr("https")).await;
+        client.open_control().await;
+        let (_send, _recv) = client.send(&section(value), None, true).await;
+        let err = tokio::time::timeout(WAIT, client.conn.closed())
+            .await
+            .expect("the connection was not closed");
+        match err {
+            quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+                close.error_code.into_inner(),
+                QPACK_DECOMPRESSION_FAILED,
+                "{value:x?}: {close:?}"
+            ),
+            other => panic!("{value:x?}: closed with {other:?}"),
+        }
+    }
+}
+
 /// A request whose connection dies of the next frame on its stream (a GOAWAY there is a
 /// connection error) still gets its one record, as a client abort, and is not forwarded.
 /// The request used to lose a random race against the connection's close (no record in

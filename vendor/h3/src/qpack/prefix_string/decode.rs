@@ -4,6 +4,9 @@ use super::BitWindow;
 pub enum Error {
     MissingBits(BitWindow),
     Unhandled(BitWindow, usize),
+    /// Wraith: the string ends in more than 7 bits of padding, or in padding that is not
+    /// the most significant bits of the EOS code (all ones): RFC 7541 §5.2, a decoding error.
+    Padding,
 }
 
 #[derive(Clone, Debug)]
@@ -303,10 +306,20 @@ impl<'a> Iterator for DecodeIter<'a> {
     type Item = Result<u8, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        // Wraith: where the last symbol ended; what follows it when the input runs out is
+        // padding. The table walk ends cleanly on any run of ones past the end (`check_eof`),
+        // so a string ending in whole bytes of 0xff, or in the first bits of a longer code
+        // cut off at the end, was taken for complete.
+        let end_of_symbol = self.bit_pos.byte * 8 + self.bit_pos.bit + self.bit_pos.count;
         match HPACK_STRING.decode_next(&mut self.bit_pos, self.content) {
             Ok(Some(x)) => Some(Ok(x)),
             Err(err) => Some(Err(err)),
-            Ok(None) => None,
+            Ok(None) => {
+                let padding = (self.content.len() as u32 * 8).saturating_sub(end_of_symbol);
+                let ones = (1u8 << padding.min(7)) - 1;
+                let last = self.content.last().copied().unwrap_or(0xff);
+                (padding > 7 || last & ones != ones).then_some(Err(Error::Padding))
+            }
         }
     }
 }

@@ -1166,6 +1166,42 @@ async fn a_host_field_other_than_the_authority_is_refused() {
     );
 }
 
+/// A request without `:path` is malformed (RFC 9113 §8.3.1): 400. h2 refuses it itself only
+/// beside `:authority`; with the host in a `host` field it came through, and was served as
+/// `GET /`.
+#[tokio::test]
+async fn a_request_without_a_path_is_refused() {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"ok\"\nrespond = {{ status = 200 }}\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let mut tcp = tokio::net::TcpStream::connect(wraith.addr("http"))
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    for (id, path) in [(1u32, None), (3, Some("/"))] {
+        let mut fields = vec![(":method", "GET"), (":scheme", "http")];
+        fields.extend(path.map(|p| (":path", p)));
+        fields.push(("host", "localhost"));
+        out.extend_from_slice(&headers_frames(id, &header_block(&fields)));
+    }
+    tcp.write_all(&out).await.unwrap();
+    // HPACK static index 8 is 200, 12 is 400.
+    let statuses: std::collections::BTreeMap<u32, u8> = answers(&mut tcp, 2)
+        .await
+        .into_iter()
+        .map(|(id, a)| match a {
+            Answer::Headers(block) => (id, block[0]),
+            Answer::Reset(code) => panic!("stream {id} reset ({code})"),
+        })
+        .collect();
+    assert_eq!(statuses[&1], 0x80 | 12, "400 without :path: {statuses:?}");
+    assert_eq!(statuses[&3], 0x80 | 8, "200 with it: {statuses:?}");
+}
+
 /// An h2c upstream that refuses every stream unprocessed: RST_STREAM(REFUSED_STREAM).
 async fn refusing_h2c_upstream() -> SocketAddr {
     h2c_upstream(|_req, mut respond| respond.send_reset(h2::Reason::REFUSED_STREAM)).await

@@ -314,6 +314,13 @@ impl Gateway {
                 "the asterisk target (*) is for OPTIONS only",
             ));
         }
+        // HTTP/2 and HTTP/3 carry the path in `:path`, which every request but CONNECT must
+        // have, not empty (RFC 9113 §8.3.1, RFC 9114 §4.3.1). h2 lets a request without it
+        // through when the host comes in a `host` field rather than `:authority`; it would
+        // be served as `/`. (Every HTTP/1.1 request-target has a path, `*` or `/` at least.)
+        if req.uri().path().is_empty() {
+            return Err(GatewayError::BadRequest("missing :path"));
+        }
         if req.headers().len() > conn.limits.max_headers {
             return Err(GatewayError::TooManyHeaders {
                 limit: conn.limits.max_headers,

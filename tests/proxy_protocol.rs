@@ -337,6 +337,36 @@ async fn headers_are_read_to_their_exact_end_and_bad_ones_closed_unanswered() {
         .unwrap_or_else(|| panic!("no warning:\n{}", wraith.log()));
 }
 
+/// A header that names no client leaves the connection the balancer's address, not its
+/// trust: what it carries may be any client's (HAProxy relays one on a Unix socket as
+/// `UNKNOWN`), so an `X-Forwarded-For` in it names no one, to the upstream or in the log.
+#[tokio::test]
+async fn a_header_that_names_no_client_does_not_make_its_requests_trusted() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "127.0.0.1/32", "");
+    let wraith = setup.start(&cfg);
+    let addr = wraith.addr("http");
+    let spoofed = b"GET /who HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n";
+    // v1 UNKNOWN, v2 LOCAL, v2 PROXY over AF_UNSPEC.
+    for header in [
+        &b"PROXY UNKNOWN\r\n"[..],
+        &v2(0, 0x00, &[]),
+        &v2(1, 0x00, &[]),
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&[header, &spoofed[..]].concat()).await.unwrap();
+        let echo = echoed(&answer(&mut s).await);
+        assert_eq!(forwarded_for(&echo), "127.0.0.1", "{echo}");
+        let id = echo["headers"]["x-request-id"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let record = wraith.access_record("access.json", &id);
+        assert_eq!(record["client_ip"], "127.0.0.1", "{record}");
+    }
+}
+
 /// Only peers in `server.trusted_proxies` may send the header: from anyone else the
 /// connection is reset at accept, header or not. A reload changes both for new connections.
 #[tokio::test]

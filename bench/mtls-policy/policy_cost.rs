@@ -106,6 +106,7 @@ fn main() {
         policy_cache: ConnCache::default(),
         limits: Default::default(),
         close: None,
+        unnamed_client: false,
     };
     let anon = conn(None);
     let client = conn(Some(identity.clone()));

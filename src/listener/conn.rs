@@ -272,6 +272,7 @@ pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     local: Option<SocketAddr>,
+    unnamed_client: bool,
     close: CloseSignal,
 ) {
     let _ = stream.set_nodelay(true);
@@ -289,6 +290,7 @@ pub(super) async fn serve(
         policy_cache: Default::default(),
         limits: (&listener.config.limits).into(),
         close: Some(close.clone()),
+        unnamed_client,
     };
 
     let Some(acceptor) = &listener.tls else {

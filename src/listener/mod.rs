@@ -563,7 +563,19 @@ async fn accept_loop(
             } else {
                 (peer, None, client)
             };
-            conn::serve(runtime2, listener, stream, peer, local, close).await;
+            // Behind a balancer, no address from its header: the bytes are still a client's
+            // (one on a Unix socket, say), not a trusted proxy's.
+            let unnamed_client = proxied && local.is_none();
+            conn::serve(
+                runtime2,
+                listener,
+                stream,
+                peer,
+                local,
+                unnamed_client,
+                close,
+            )
+            .await;
             drop((admitted, permit, client));
         });
     }

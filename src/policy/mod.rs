@@ -1158,6 +1158,7 @@ permit (principal, action in Wraith::Action::"write", resource) when { context.p
             policy_cache: ConnCache::default(),
             limits: Default::default(),
             close: None,
+            unnamed_client: false,
         };
         let access = |method: &'static Method, path: &'static str| Access {
             route: &route,

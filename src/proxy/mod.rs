@@ -65,6 +65,11 @@ pub struct ConnInfo {
     pub close: Option<crate::listener::CloseSignal>,
     /// The listener's request limits when the connection was accepted.
     pub limits: RequestLimits,
+    /// A PROXY protocol balancer's connection whose header named no client (v1 `UNKNOWN`,
+    /// v2 `LOCAL` or a family other than IPv4/IPv6): `peer` is the balancer, but what it
+    /// relays is a client's, so the peer is no trusted proxy whatever `trusted_proxies`
+    /// says (its `X-Forwarded-For` and the like are not believed).
+    pub unnamed_client: bool,
 }
 
 /// The limits of a listener that the pipeline enforces the same way for every protocol.
@@ -580,7 +585,7 @@ struct Opened {
 impl Opened {
     fn of(snapshot: &Snapshot, req: &Request<Body>, conn: &ConnInfo) -> Opened {
         let trusted = &snapshot.config.server.trusted_proxies;
-        let peer_trusted = headers::is_trusted(trusted, conn.peer.ip());
+        let peer_trusted = !conn.unnamed_client && headers::is_trusted(trusted, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), peer_trusted);
         let client_ip = headers::client_ip(req.headers(), conn.peer.ip(), trusted, peer_trusted);
         let record = Box::new(AccessRecord::start(req, conn, client_ip, &request_id));

@@ -756,6 +756,7 @@ mod tests {
             policy_cache: Default::default(),
             limits: Default::default(),
             close: None,
+            unnamed_client: false,
         }
     }
 

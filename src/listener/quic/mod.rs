@@ -603,6 +603,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         policy_cache: Default::default(),
         limits: (&start.listener.config.limits).into(),
         close: Some(start.close.clone()),
+        unnamed_client: false,
     };
     let (tx, rx) = watch::channel(None);
     // Early data only from a validated address (a token from an earlier connection, which

@@ -217,6 +217,14 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, Error> {
     if buf.len() < len {
         return Ok(None);
     }
+    if local {
+        // The balancer's own connection: the rest of the block, family included, is
+        // ignored (spec §2.2), whatever its content.
+        return Ok(Some(Header {
+            len,
+            addresses: None,
+        }));
+    }
     let body = &buf[16..len];
     let addresses_len = match family {
         0x00 => 0,
@@ -245,7 +253,6 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, Error> {
         tlvs = &tlvs[3 + value..];
     }
     let addresses = match family {
-        _ if local => None,
         0x11 => {
             let ip = |at: usize| {
                 IpAddr::V4(Ipv4Addr::from(
@@ -431,6 +438,20 @@ mod tests {
         // PROXY over AF_UNSPEC or AF_UNIX.
         assert_eq!(complete(&v2(1, 0x00, &[])).addresses, None);
         assert_eq!(complete(&v2(1, 0x31, &[0; 216])).addresses, None);
+    }
+
+    #[test]
+    fn v2_local_ignores_its_family_and_the_rest_of_its_block() {
+        // Spec §2.2: LOCAL's family is ignored, and so is what follows it, even a family
+        // or a length that PROXY would be refused for.
+        assert_eq!(complete(&v2(0, 0x11, &[])).addresses, None);
+        assert_eq!(complete(&v2(0, 0x21, &inet(&[]))).addresses, None);
+        assert_eq!(complete(&v2(0, 0x12, &inet(&[]))).addresses, None);
+        assert_eq!(complete(&v2(0, 0x41, &[0xea, 0])).addresses, None);
+        // Its length still frames it, and still has a limit.
+        let mut large = v2(0, 0x00, &[]);
+        large[14..16].copy_from_slice(&(V2_MAX as u16).to_be_bytes());
+        assert!(matches!(parse(&large), Err(Error::TooLarge(_))));
     }
 
     #[test]

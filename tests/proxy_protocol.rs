@@ -403,6 +403,33 @@ async fn a_header_from_a_peer_not_trusted_is_refused() {
     assert_eq!(forwarded_for(&echoed(&answer(&mut s).await)), "127.0.0.1");
 }
 
+/// A balancer left out of `server.trusted_proxies` (or reaching Wraith from another address
+/// than the one listed) shows in the log at the default level, not only in a counter.
+#[tokio::test]
+async fn a_peer_not_trusted_is_logged_as_a_warning() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "127.0.0.3/32", "");
+    let wraith = setup.start(&cfg);
+    if let Ok(mut s) = connect_from("127.0.0.1", wraith.addr("http")).await {
+        let _ = s
+            .write_all(b"PROXY TCP4 192.0.2.7 198.51.100.1 50000 443\r\n")
+            .await;
+        assert_eq!(answer(&mut s).await, "");
+    }
+    wraith
+        .wait_log(Duration::from_secs(5), |v| {
+            v["level"] == "WARN"
+                && v["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("127.0.0.1:"))
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not in server.trusted_proxies"))
+        })
+        .unwrap_or_else(|| panic!("no warning:\n{}", wraith.log()));
+}
+
 /// The client a header names is the client: a ban on its address refuses its connections
 /// (the balancer's others go on), and `max_connections_per_client` counts its connections,
 /// not the balancer's.

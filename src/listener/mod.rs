@@ -390,9 +390,10 @@ impl AcceptFailures {
     }
 }
 
-/// A PROXY protocol listener's refused headers (none, malformed, too slow): logged at most
-/// once per `ACCEPT_WARN_EVERY` with their count, so that a balancer that does not send the
-/// header shows in the log without flooding it.
+/// A PROXY protocol listener's refused headers (none, malformed, too slow, or from a peer not
+/// trusted to send one): logged at most once per `ACCEPT_WARN_EVERY` with their count, so
+/// that a balancer that does not send the header, or is not trusted to, shows in the log
+/// without flooding it.
 #[derive(Default)]
 struct HeaderFailures(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
 
@@ -466,6 +467,8 @@ async fn accept_loop(
     let mut failures = AcceptFailures::default();
     let per_client = runtime.per_client(&bound.key);
     let header_failures = Arc::new(HeaderFailures::default());
+    // Apart: a scanner's connections must not hide a balancer's bad headers, nor these them.
+    let untrusted_peers = HeaderFailures::default();
     loop {
         // Take a connection slot first: at the limit, new connections wait in the backlog.
         let permit = match limit.try_acquire() {
@@ -515,8 +518,13 @@ async fn accept_loop(
                 peer.ip(),
             )
         {
-            // Only the balancers may say who the client is.
-            tracing::debug!(peer = %peer, listener = %listener.config.name, "connection refused: proxy_protocol listener, peer not in server.trusted_proxies");
+            // Only the balancers may say who the client is. A warning, as for a bad header: a
+            // balancer left out of trusted_proxies (or seen from another address) shows.
+            untrusted_peers.failed(
+                &listener.config.name,
+                peer,
+                &proxy_protocol::Error::Untrusted,
+            );
             if let Some(m) = listener.metrics.get() {
                 m.refused("proxy_untrusted");
             }

@@ -40,6 +40,8 @@ pub struct Addresses {
 /// Why a connection's PROXY header was refused.
 #[derive(Debug)]
 pub enum Error {
+    /// The peer is not in `server.trusted_proxies`, which alone may send the header.
+    Untrusted,
     /// The connection does not begin with a PROXY header.
     Missing,
     /// A header that breaks the spec.
@@ -59,6 +61,9 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Error::Untrusted => f.write_str(
+                "the peer is not in server.trusted_proxies, which alone may send the PROXY protocol header",
+            ),
             Error::Missing => {
                 f.write_str("the connection does not begin with a PROXY protocol header")
             }

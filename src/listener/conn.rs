@@ -234,6 +234,20 @@ struct AltSvc {
     value: arc_swap::ArcSwapOption<http::HeaderValue>,
 }
 
+impl ConnCtx {
+    /// Built by `serve` and handed to `serve_http` behind its `Arc`: passed by value, the
+    /// connection info (264 bytes) was kept twice in every connection's task.
+    fn new(runtime: Arc<Runtime>, listener: &ListenerRuntime, info: ConnInfo) -> Arc<ConnCtx> {
+        // The same port over UDP (the QUIC side binds the TCP side's port).
+        let alt_svc = AltSvc::new(listener, info.local.port());
+        Arc::new(ConnCtx {
+            runtime,
+            info,
+            alt_svc,
+        })
+    }
+}
+
 impl AltSvc {
     fn new(listener: &ListenerRuntime, port: u16) -> AltSvc {
         AltSvc {
@@ -299,7 +313,8 @@ pub(super) async fn serve(
             Some(h2) => h2,
             None => return,
         };
-        return serve_http(runtime, &listener, io, info, h2, close, accepted).await;
+        let ctx = ConnCtx::new(runtime, &listener, info);
+        return serve_http(ctx, &listener, io, h2, close, accepted).await;
     };
 
     let timeout = listener
@@ -322,8 +337,10 @@ pub(super) async fn serve(
         )
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.for_connection());
+    // Boxed: the TLS session (~1.2 KiB) would otherwise sit inline in every connection's
+    // task, plain TCP ones included, and be copied into the HTTP/1.1 codec.
     let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-        Ok(Ok(s)) => s,
+        Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => return refused(Ok(tls::handshake_failure(&e))),
         Err(_) => return refused(Err(())),
     };
@@ -367,7 +384,8 @@ pub(super) async fn serve(
         }
         close.admitted_until(chain);
     }
-    serve_http(runtime, &listener, tls, info, h2, close, handshaken).await;
+    let ctx = ConnCtx::new(runtime, &listener, info);
+    serve_http(ctx, &listener, tls, h2, close, handshaken).await;
 }
 
 /// The identity of a verified leaf certificate; what cannot be read is logged and left empty.
@@ -456,10 +474,9 @@ pub(super) async fn peek_more(
 }
 
 async fn serve_http<I>(
-    runtime: Arc<Runtime>,
+    ctx: Arc<ConnCtx>,
     listener: &ListenerRuntime,
     io: I,
-    info: ConnInfo,
     h2: bool,
     close: CloseSignal,
     started: tokio::time::Instant,
@@ -477,13 +494,6 @@ async fn serve_http<I>(
         .metrics
         .get()
         .map(|m| GaugeGuard::count(m.clone(), if h2 { "h2" } else { "h1" }));
-    // The same port over UDP (the QUIC side binds the TCP side's port).
-    let alt_svc = AltSvc::new(listener, info.local.port());
-    let ctx = Arc::new(ConnCtx {
-        runtime,
-        info,
-        alt_svc,
-    });
     let refusals = ctx.clone();
     let handle = move |req: Request<Body>| {
         let ctx = ctx.clone();
@@ -496,68 +506,11 @@ async fn serve_http<I>(
         }
     };
     if h2 {
-        let requests = state.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
-            // Ends the request on every path, including hyper dropping this future or the
-            // body (an RST_STREAM, a client gone): a leaked "in flight" would keep the
-            // connection Busy, beyond the reach of the idle and header timeouts, for good.
-            let in_flight = InFlight::begin(requests.as_ref());
-            let clock = requests.as_ref().map(|s| (s.clone(), s.stream_clock()));
-            let mut req = req.map(Body::Incoming);
-            crate::proxy::headers::join_cookies(req.headers_mut());
-            let resp = handle(req);
-            async move {
-                let resp = resp.await.map(|body| H2Body {
-                    body,
-                    _in_flight: in_flight,
-                    clock,
-                });
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        // Requests h2 refuses before the service sees them (a malformed head, reset with
-        // PROTOCOL_ERROR; a header list too large, answered 431) are accounted for as the
-        // HTTP/1.1 codec's refusals are: an access record and a `malformed_request` event.
-        let mut server = listener.http.h2.clone();
-        server.refused_request_hook(h2::server::RefusedRequestHook(Arc::new(
-            move |r: h2::server::RefusedRequest| {
-                let (status, reason) = if let Some(error) = r.connection_error {
-                    // The whole connection, for the client's frames (a field value with CR
-                    // or LF, an upper-case name, an unknown pseudo-header, a bad HPACK block,
-                    // a flood): one record for it.
-                    match connection_error_reason(error) {
-                        Some(reason) => (http::StatusCode::BAD_REQUEST, reason),
-                        None => return,
-                    }
-                } else if r.too_large {
-                    (
-                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "header list too large",
-                    )
-                } else {
-                    (
-                        http::StatusCode::BAD_REQUEST,
-                        "malformed HTTP/2 request head",
-                    )
-                };
-                refusals.runtime.gateway.refused_by_codec(
-                    &refusals.info,
-                    status,
-                    reason,
-                    None,
-                    http::Version::HTTP_2,
-                    0,
-                );
-            },
-        )));
-        let conn = server.serve_connection(TokioIo::new(io), svc);
-        let _ = drive(
-            conn,
-            |c| c.graceful_shutdown(),
-            state.as_deref(),
-            &limits,
-            &close,
-        )
+        // Boxed: hyper's HTTP/2 connection and its driver (~4 KiB) are not held inline by
+        // the task of every HTTP/1.1 connection.
+        Box::pin(serve_h2(
+            listener, io, handle, refusals, state, &limits, &close,
+        ))
         .await;
     } else {
         let settings = h1::Settings {
@@ -583,6 +536,85 @@ async fn serve_http<I>(
         let conn = h1::Connection::new(io, settings, started, handle, on_refused);
         let _ = drive(conn, |c| c.graceful_shutdown(), None, &limits, &close).await;
     }
+}
+
+/// The HTTP/2 side of `serve_http`: hyper's server over `io`, each request to `handle`.
+async fn serve_h2<I, H, F>(
+    listener: &ListenerRuntime,
+    io: I,
+    handle: H,
+    refusals: Arc<ConnCtx>,
+    state: Option<Arc<ConnState>>,
+    limits: &Limits,
+    close: &CloseSignal,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Body>) -> F + Send + 'static,
+    F: std::future::Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    let requests = state.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        // Ends the request on every path, including hyper dropping this future or the
+        // body (an RST_STREAM, a client gone): a leaked "in flight" would keep the
+        // connection Busy, beyond the reach of the idle and header timeouts, for good.
+        let in_flight = InFlight::begin(requests.as_ref());
+        let clock = requests.as_ref().map(|s| (s.clone(), s.stream_clock()));
+        let mut req = req.map(Body::Incoming);
+        crate::proxy::headers::join_cookies(req.headers_mut());
+        let resp = handle(req);
+        async move {
+            let resp = resp.await.map(|body| H2Body {
+                body,
+                _in_flight: in_flight,
+                clock,
+            });
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    // Requests h2 refuses before the service sees them (a malformed head, reset with
+    // PROTOCOL_ERROR; a header list too large, answered 431) are accounted for as the
+    // HTTP/1.1 codec's refusals are: an access record and a `malformed_request` event.
+    let mut server = listener.http.h2.clone();
+    server.refused_request_hook(h2::server::RefusedRequestHook(Arc::new(
+        move |r: h2::server::RefusedRequest| {
+            let (status, reason) = if let Some(error) = r.connection_error {
+                // The whole connection, for the client's frames (a field value with CR
+                // or LF, an upper-case name, an unknown pseudo-header, a bad HPACK block,
+                // a flood): one record for it.
+                match connection_error_reason(error) {
+                    Some(reason) => (http::StatusCode::BAD_REQUEST, reason),
+                    None => return,
+                }
+            } else if r.too_large {
+                (
+                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "header list too large",
+                )
+            } else {
+                (
+                    http::StatusCode::BAD_REQUEST,
+                    "malformed HTTP/2 request head",
+                )
+            };
+            refusals.runtime.gateway.refused_by_codec(
+                &refusals.info,
+                status,
+                reason,
+                None,
+                http::Version::HTTP_2,
+                0,
+            );
+        },
+    )));
+    let conn = server.serve_connection(TokioIo::new(io), svc);
+    let _ = drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        state.as_deref(),
+        limits,
+        close,
+    )
+    .await;
 }
 
 /// Runs a connection (Wraith's HTTP/1.1 or hyper's HTTP/2) to completion, applying drain,

@@ -41,7 +41,6 @@ use crate::config::RouteAction;
 use crate::decisions::{self, BanWatch, DecisionStore};
 use crate::error::{self, GatewayError};
 use crate::ratelimit::{self, RequestFacts};
-use crate::router::Route;
 use crate::runtime::Snapshot;
 use crate::telemetry::access_log::{AccessRecord, Pending};
 use crate::upstream::forwarder;
@@ -214,362 +213,376 @@ impl Gateway {
     }
 
     /// Handles one request from any protocol.
-    pub async fn handle(&self, mut req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
-        // Why first: a reload mid-request must not change the rules under it.
-        let snapshot = self.snapshot.load_full();
-        let started = Instant::now();
-        let head_only = req.method() == Method::HEAD;
-        // Bans published from here on end what this request leaves open (`BanWatch`).
-        let bans_since = self.decisions.generation();
-        // The access record exists from here on; if this future is dropped early it is
-        // emitted as a client abort (499).
-        let Opened {
-            peer_trusted,
-            request_id,
-            client_ip,
-            mut record,
-        } = Opened::of(&snapshot, &req, conn);
-        record.count_request_body(&mut req);
-        let mut pending = Pending::new(record, started, snapshot.clone());
-
-        let result = self
-            .run(
-                &snapshot,
-                req,
-                conn,
+    ///
+    /// (An `async move` block rather than an `async fn`: the future of an `async fn` keeps
+    /// its arguments twice, and the request is 264 bytes.)
+    #[allow(clippy::manual_async_fn)] // (on purpose: see above)
+    pub fn handle<'a>(
+        &'a self,
+        mut req: Request<Body>,
+        conn: &'a ConnInfo,
+    ) -> impl std::future::Future<Output = Response<Body>> + 'a {
+        async move {
+            // Why first: a reload mid-request must not change the rules under it.
+            let snapshot = self.snapshot.load_full();
+            let started = Instant::now();
+            let head_only = req.method() == Method::HEAD;
+            // Bans published from here on end what this request leaves open (`BanWatch`).
+            let bans_since = self.decisions.generation();
+            // The access record exists from here on; if this future is dropped early it is
+            // emitted as a client abort (499).
+            let Opened {
                 peer_trusted,
+                request_id,
                 client_ip,
-                &request_id,
-                bans_since,
-                pending.record(),
-            )
-            .await;
-        // Wraith's own answers (a refusal, an error) are not an upstream's stream to cut: a
-        // 403 for a ban published while the request ran would be cut by that very ban.
-        let answered = result.is_ok();
-        let mut resp = match result {
-            Ok(resp) => resp,
-            Err(e) => {
-                pending.record().refused(&e);
-                match e.fault() {
-                    error::Fault::Upstream | error::Fault::Internal => {
-                        tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed")
+                mut record,
+            } = Opened::of(&snapshot, &req, conn);
+            record.count_request_body(&mut req);
+            let mut pending = Pending::new(record, started, snapshot.clone());
+
+            let result = self
+                .run(
+                    &snapshot,
+                    req,
+                    conn,
+                    peer_trusted,
+                    client_ip,
+                    &request_id,
+                    bans_since,
+                    pending.record(),
+                )
+                .await;
+            // Wraith's own answers (a refusal, an error) are not an upstream's stream to cut: a
+            // 403 for a ban published while the request ran would be cut by that very ban.
+            let answered = result.is_ok();
+            let mut resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    pending.record().refused(&e);
+                    match e.fault() {
+                        error::Fault::Upstream | error::Fault::Internal => {
+                            tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed")
+                        }
+                        error::Fault::Downstream => {
+                            tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request refused")
+                        }
                     }
-                    error::Fault::Downstream => {
-                        tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request refused")
-                    }
+                    error::to_response(&e, &request_id)
                 }
-                error::to_response(&e, &request_id)
+            };
+            resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+            // An upstream's response still streaming ends if the client is banned meanwhile.
+            if answered
+                && pending.record().upstream.is_some()
+                && !http_body::Body::is_end_stream(resp.body())
+            {
+                pending.watch_bans(BanWatch::since(
+                    &self.decisions,
+                    &snapshot.config.decisions,
+                    client_ip,
+                    bans_since,
+                ));
             }
-        };
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        // An upstream's response still streaming ends if the client is banned meanwhile.
-        if answered
-            && pending.record().upstream.is_some()
-            && !http_body::Body::is_end_stream(resp.body())
-        {
-            pending.watch_bans(BanWatch::since(
-                &self.decisions,
-                &snapshot.config.decisions,
-                client_ip,
-                bans_since,
-            ));
+            // One access record, emitted when the response body ends (or the client leaves).
+            pending.finish(resp, head_only)
         }
-        // One access record, emitted when the response body ends (or the client leaves).
-        pending.finish(resp, head_only)
     }
 
     /// The stages, each one able to end the request with a typed error.
     #[allow(clippy::too_many_arguments)]
-    async fn run(
-        &self,
-        snapshot: &Snapshot,
+    // (An `async move` block rather than an `async fn`, as `handle`: one copy of the request
+    // in its future, not two.)
+    #[allow(clippy::manual_async_fn)] // (on purpose: see above)
+    fn run<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
         mut req: Request<Body>,
-        conn: &ConnInfo,
+        conn: &'a ConnInfo,
         peer_trusted: bool,
         client_ip: IpAddr,
-        request_id: &HeaderValue,
+        request_id: &'a HeaderValue,
         bans_since: u64,
-        record: &mut AccessRecord,
-    ) -> Result<Response<Body>, GatewayError> {
-        // First: the certificate that opened this connection may have just been revoked (or
-        // the TLS version or group it negotiated withdrawn). The connection is closing
-        // already; this covers requests it read before it could stop.
-        if conn.close.as_ref().is_some_and(|c| c.admission_revoked()) {
-            return Err(GatewayError::ClientAuthChanged);
-        }
-        if req.method() == Method::CONNECT {
-            return Err(GatewayError::BadRequest("CONNECT is not supported"));
-        }
-        // Methods are case-sensitive, so `delete` is not DELETE to HTTP or to a policy, but
-        // some applications upper-case what they get (Werkzeug, Django) and would run their
-        // DELETE for it. Refused, as nginx refuses any method that is not upper case.
-        if req
-            .method()
-            .as_str()
-            .bytes()
-            .any(|b| b.is_ascii_lowercase())
-        {
-            return Err(GatewayError::BadRequest("method not in upper case"));
-        }
-        // The asterisk form names no resource and is for OPTIONS only (RFC 9110 §7.1): over
-        // HTTP/2 and HTTP/3 `:path *` reached a catch-all route with any method.
-        if req.uri().path() == "*" && req.method() != Method::OPTIONS {
-            return Err(GatewayError::BadRequest(
-                "the asterisk target (*) is for OPTIONS only",
-            ));
-        }
-        // HTTP/2 and HTTP/3 carry the path in `:path`, which every request but CONNECT must
-        // have, not empty (RFC 9113 §8.3.1, RFC 9114 §4.3.1). h2 lets a request without it
-        // through when the host comes in a `host` field rather than `:authority`; it would
-        // be served as `/`. (Every HTTP/1.1 request-target has a path, `*` or `/` at least.)
-        if req.uri().path().is_empty() {
-            return Err(GatewayError::BadRequest("missing :path"));
-        }
-        if req.headers().len() > conn.limits.max_headers {
-            return Err(GatewayError::TooManyHeaders {
-                limit: conn.limits.max_headers,
-            });
-        }
-        // Two Host headers: the upstream might believe the other one (RFC 9112 §3.2: 400).
-        let mut hosts = req.headers().get_all(http::header::HOST).iter();
-        if hosts.next().is_some() && hosts.next().is_some() {
-            return Err(GatewayError::BadRequest("more than one Host header"));
-        }
-        // HTTP/2 and HTTP/3 carry the authority in `:authority`; a `host` field naming
-        // another is malformed (RFC 9113 §8.3.1, RFC 9114 §4.3.1). Refused rather than one
-        // of the two chosen, so that no stage and no upstream behind it reads the other.
-        if matches!(req.version(), http::Version::HTTP_2 | http::Version::HTTP_3) {
-            if let (Some(authority), Some(host)) =
-                (req.uri().authority(), req.headers().get(http::header::HOST))
+        record: &'a mut AccessRecord,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + 'a {
+        async move {
+            // First: the certificate that opened this connection may have just been revoked (or
+            // the TLS version or group it negotiated withdrawn). The connection is closing
+            // already; this covers requests it read before it could stop.
+            if conn.close.as_ref().is_some_and(|c| c.admission_revoked()) {
+                return Err(GatewayError::ClientAuthChanged);
+            }
+            if req.method() == Method::CONNECT {
+                return Err(GatewayError::BadRequest("CONNECT is not supported"));
+            }
+            // Methods are case-sensitive, so `delete` is not DELETE to HTTP or to a policy, but
+            // some applications upper-case what they get (Werkzeug, Django) and would run their
+            // DELETE for it. Refused, as nginx refuses any method that is not upper case.
+            if req
+                .method()
+                .as_str()
+                .bytes()
+                .any(|b| b.is_ascii_lowercase())
             {
-                if !host
-                    .as_bytes()
-                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
-                {
-                    return Err(GatewayError::BadRequest(
-                        "the host field differs from :authority",
-                    ));
+                return Err(GatewayError::BadRequest("method not in upper case"));
+            }
+            // The asterisk form names no resource and is for OPTIONS only (RFC 9110 §7.1): over
+            // HTTP/2 and HTTP/3 `:path *` reached a catch-all route with any method.
+            if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+                return Err(GatewayError::BadRequest(
+                    "the asterisk target (*) is for OPTIONS only",
+                ));
+            }
+            // HTTP/2 and HTTP/3 carry the path in `:path`, which every request but CONNECT
+            // must have, not empty (RFC 9113 §8.3.1, RFC 9114 §4.3.1). h2 lets a request
+            // without it through when the host comes in a `host` field rather than
+            // `:authority`; it would be served as `/`. (Every HTTP/1.1 request-target has a
+            // path, `*` or `/` at least.)
+            if req.uri().path().is_empty() {
+                return Err(GatewayError::BadRequest("missing :path"));
+            }
+            if req.headers().len() > conn.limits.max_headers {
+                return Err(GatewayError::TooManyHeaders {
+                    limit: conn.limits.max_headers,
+                });
+            }
+            // Two Host headers: the upstream might believe the other one (RFC 9112 §3.2: 400).
+            {
+                let mut hosts = req.headers().get_all(http::header::HOST).iter();
+                if hosts.next().is_some() && hosts.next().is_some() {
+                    return Err(GatewayError::BadRequest("more than one Host header"));
                 }
             }
-        }
-        // Normalize before routing: what matched is what the upstream gets. Forms that
-        // upstreams read differently (`\`, `..;`) are refused rather than guessed at.
-        if let Some(why) = path::refused(req.uri().path()) {
-            return Err(GatewayError::BadRequest(why));
-        }
-        // (`OPTIONS *`, the asterisk form, is no path: it goes on as it came, not as `/*`.)
-        if req.uri().path() != "*" {
-            if let Some(normal) = path::normalize(req.uri().path()) {
-                *req.uri_mut() = with_path(req.uri(), &normal)?;
+            // HTTP/2 and HTTP/3 carry the authority in `:authority`; a `host` field naming
+            // another is malformed (RFC 9113 §8.3.1, RFC 9114 §4.3.1). Refused rather than one
+            // of the two chosen, so that no stage and no upstream behind it reads the other.
+            if matches!(req.version(), http::Version::HTTP_2 | http::Version::HTTP_3) {
+                if let (Some(authority), Some(host)) =
+                    (req.uri().authority(), req.headers().get(http::header::HOST))
+                {
+                    if !host
+                        .as_bytes()
+                        .eq_ignore_ascii_case(authority.as_str().as_bytes())
+                    {
+                        return Err(GatewayError::BadRequest(
+                            "the host field differs from :authority",
+                        ));
+                    }
+                }
             }
-        }
-        let host = headers::Host::of(req.uri(), req.headers());
-        // One host for routing, policy and the upstream: anything but a name or an IP
-        // literal with an optional port (userinfo, paths, lists) is refused.
-        if !host.is_valid() {
-            return Err(GatewayError::BadRequest("invalid Host"));
-        }
-        // Every HTTP version since 1.0 requires the target host (RFC 9112 §3.2, RFC 9113
-        // §8.3.1, RFC 9114 §4.3.1): only an HTTP/1.0 request may come without one.
-        if matches!(host, headers::Host::Missing)
-            && !matches!(
-                req.version(),
-                http::Version::HTTP_10 | http::Version::HTTP_09
-            )
-        {
-            return Err(GatewayError::BadRequest("missing Host"));
-        }
-        let host_name = host.name();
-        // Routing and policy judge the path without segment parameters (`path::without_params`);
-        // the upstream gets it as sent.
-        let params_free = match path::without_params(req.uri().path()) {
-            std::borrow::Cow::Owned(p) => Some(p),
-            std::borrow::Cow::Borrowed(_) => None,
-        };
-        let route = snapshot.router.find(
-            host_name,
-            params_free.as_deref().unwrap_or(req.uri().path()),
-            req.method(),
-        );
-        // Decisions before anything that costs (a banned client spends no quota), and before
-        // the redirect and the 404: a banned client gets 403 whatever it asks for. Its record
-        // names the route it asked for.
-        if let Err(banned) =
-            decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)
-        {
+            // Normalize before routing: what matched is what the upstream gets. Forms that
+            // upstreams read differently (`\`, `..;`) are refused rather than guessed at.
+            if let Some(why) = path::refused(req.uri().path()) {
+                return Err(GatewayError::BadRequest(why));
+            }
+            // (`OPTIONS *`, the asterisk form, is no path: it goes on as it came, not as `/*`.)
+            if req.uri().path() != "*" {
+                if let Some(normal) = path::normalize(req.uri().path()) {
+                    *req.uri_mut() = with_path(req.uri(), &normal)?;
+                }
+            }
+            let host = headers::Host::of(req.uri(), req.headers());
+            // One host for routing, policy and the upstream: anything but a name or an IP
+            // literal with an optional port (userinfo, paths, lists) is refused.
+            if !host.is_valid() {
+                return Err(GatewayError::BadRequest("invalid Host"));
+            }
+            // Every HTTP version since 1.0 requires the target host (RFC 9112 §3.2, RFC 9113
+            // §8.3.1, RFC 9114 §4.3.1): only an HTTP/1.0 request may come without one.
+            if matches!(host, headers::Host::Missing)
+                && !matches!(
+                    req.version(),
+                    http::Version::HTTP_10 | http::Version::HTTP_09
+                )
+            {
+                return Err(GatewayError::BadRequest("missing Host"));
+            }
+            let host_name = host.name();
+            // Routing and policy judge the path without segment parameters (`path::without_params`);
+            // the upstream gets it as sent.
+            let params_free = match path::without_params(req.uri().path()) {
+                std::borrow::Cow::Owned(p) => Some(p),
+                std::borrow::Cow::Borrowed(_) => None,
+            };
+            let route = snapshot.router.find(
+                host_name,
+                params_free.as_deref().unwrap_or(req.uri().path()),
+                req.method(),
+            );
+            // Decisions before anything that costs (a banned client spends no quota), and before
+            // the redirect and the 404: a banned client gets 403 whatever it asks for. Its record
+            // names the route it asked for.
+            if let Err(banned) =
+                decisions::check(&self.decisions, &snapshot.config.decisions, client_ip)
+            {
+                if let Some(route) = route {
+                    record.set_route(route);
+                }
+                return Err(banned);
+            }
+            // Plain-HTTP listener told to send everyone to HTTPS: after the Host and path checks,
+            // since the Location is built from them.
+            if let Some(redirect) = snapshot
+                .listener(&conn.listener)
+                .and_then(|l| l.config.redirect_https.as_ref())
+            {
+                return Ok(https_redirect(&req, redirect));
+            }
             if let Some(route) = route {
                 record.set_route(route);
             }
-            return Err(banned);
-        }
-        // Plain-HTTP listener told to send everyone to HTTPS: after the Host and path checks,
-        // since the Location is built from them.
-        if let Some(redirect) = snapshot
-            .listener(&conn.listener)
-            .and_then(|l| l.config.redirect_https.as_ref())
-        {
-            return Ok(https_redirect(&req, redirect));
-        }
-        if let Some(route) = route {
-            record.set_route(route);
-        }
-        let route = route.ok_or(GatewayError::NoRoute)?;
-        // Early data (0-RTT, replayable) after routing, since the route decides whether it is
-        // served; before policy, which must see the verified identity of a request that
-        // waited for the handshake. Other requests pass at the cost of one lookup.
-        // Marked before the gate, so a 425 is logged as the early request it refused.
-        record.early_data = req.extensions().get::<EarlyData>().is_some();
-        let confirmed;
-        let conn = match early::admit(&mut req, route, || {
-            snapshot
-                .listener(&conn.listener)
-                .and_then(|l| l.config.tls.as_ref())
-                .is_some_and(|t| t.client_auth.mode != crate::config::ClientAuthMode::None)
-        })
-        .await?
-        {
-            early::Admit::Proceed => conn,
-            early::Admit::Confirmed(info) => {
-                record.identity = info.identity.clone();
-                confirmed = info;
-                &*confirmed
-            }
-        };
-        let early_data = req.extensions().get::<EarlyData>().is_some();
-        record.early_data = early_data;
-        // Policy: after routing (the route is Cedar's resource), before anything is spent on
-        // the request. Deny by default; a shadow-mode deny is logged and let through.
-        let access = crate::policy::Access {
-            route,
-            method: req.method(),
-            host: host_name,
-            path: params_free.as_deref().unwrap_or(req.uri().path()),
-            query: req.uri().query(),
-            version: req.version(),
-            early_data,
-            client_ip,
-            conn,
-        };
-        let verdict = snapshot.policy.authorize(&access);
-        let decision = match &verdict {
-            Ok(permit) => &permit.decision,
-            Err(deny) => &deny.decision,
-        };
-        tracing::debug!(
-            target: "wraith::policy",
-            request_id = request_id.to_str().unwrap_or("-"),
-            route = %route.config.name,
-            protocol = protocol_name(req.version()),
-            principal = conn.identity.as_ref().map_or("-", |i| i.name()),
-            policy = %decision,
-            "policy decision"
-        );
-        record.policy = Some(decision.into());
-        if let Err(deny) = verdict {
-            return Err(GatewayError::from(&deny));
-        }
-        // Rate limits after policy: only requests that could be served count.
-        let facts = RequestFacts {
-            client: client_ip,
-            peer_trusted,
-            identity: conn.identity.as_ref(),
-            headers: req.headers(),
-            route: &route.config.name,
-        };
-        record.rate_limit = if route.shared_limits {
-            // Boxed: the Redis round trip's state stays out of this future unless used.
-            Box::pin(ratelimit::check_with_shared(
-                &route.limits,
-                &route.limit_names,
-                &facts,
-                route
-                    .config
-                    .rate_limits
-                    .is_some()
-                    .then_some(&*route.config.name),
-                snapshot.rate_store.as_deref(),
-            ))
+            let route = route.ok_or(GatewayError::NoRoute)?;
+            // Early data (0-RTT, replayable) after routing, since the route decides whether it is
+            // served; before policy, which must see the verified identity of a request that
+            // waited for the handshake. Other requests pass at the cost of one lookup.
+            // Marked before the gate, so a 425 is logged as the early request it refused.
+            record.early_data = req.extensions().get::<EarlyData>().is_some();
+            let confirmed;
+            let conn = match early::admit(&mut req, route, || {
+                snapshot
+                    .listener(&conn.listener)
+                    .and_then(|l| l.config.tls.as_ref())
+                    .is_some_and(|t| t.client_auth.mode != crate::config::ClientAuthMode::None)
+            })
             .await?
-        } else {
-            ratelimit::check(&route.limits, &route.limit_names, &facts)?
-        };
-        // A body declared larger than the limit is refused before any of it is read (and
-        // before `Expect: 100-continue` is answered); one that turns out larger on the way
-        // is cut off by the forwarder (`body::Watched`).
-        let max_request_body = route
-            .config
-            .max_request_body
-            .unwrap_or(conn.limits.max_request_body);
-        if let Some(limit) = max_request_body {
-            if http_body::Body::size_hint(req.body()).lower() > limit {
-                return Err(GatewayError::PayloadTooLarge { limit });
-            }
-        }
-        // The WAF last among the refusals: it is the only one that costs a round trip.
-        if let Some(appsec) = &snapshot.appsec {
-            req = appsec.inspect(req, client_ip).await?;
-        }
-
-        let mut resp = match &route.config.action {
-            RouteAction::Respond(r) => {
-                let mut resp = Response::new(Body::full(r.body.clone()));
-                *resp.status_mut() = r.status;
-                *resp.headers_mut() = r.headers.clone();
-                resp
-            }
-            RouteAction::Redirect { to, status } => redirect(&req, host_name, to, *status),
-            RouteAction::Upstream(_) => {
-                let info = ForwardInfo {
-                    peer: conn.peer.ip(),
-                    client_ip,
-                    peer_trusted,
-                    https: conn.tls.is_some(),
+            {
+                early::Admit::Proceed => conn,
+                early::Admit::Confirmed(info) => {
+                    record.identity = info.identity.clone();
+                    confirmed = info;
+                    &*confirmed
+                }
+            };
+            let early_data = req.extensions().get::<EarlyData>().is_some();
+            record.early_data = early_data;
+            // Policy: after routing (the route is Cedar's resource), before anything is spent on
+            // the request. Deny by default; a shadow-mode deny is logged and let through.
+            // (In a block: its locals are not kept across the awaits below.)
+            {
+                let access = crate::policy::Access {
+                    route,
+                    method: req.method(),
                     host: host_name,
+                    path: params_free.as_deref().unwrap_or(req.uri().path()),
+                    query: req.uri().query(),
                     version: req.version(),
-                    identity: conn.identity.as_deref(),
                     early_data,
-                    close: conn.close.as_ref(),
-                    max_request_body,
-                    bans: Some(decisions::BanSource {
-                        store: &self.decisions,
-                        config: &snapshot.config.decisions,
-                        client: client_ip,
-                        since: bans_since,
-                    }),
+                    client_ip,
+                    conn,
                 };
-                self.forward(route, req, &info, request_id, record).await?
+                let verdict = snapshot.policy.authorize(&access);
+                let decision = match &verdict {
+                    Ok(permit) => &permit.decision,
+                    Err(deny) => &deny.decision,
+                };
+                tracing::debug!(
+                    target: "wraith::policy",
+                    request_id = request_id.to_str().unwrap_or("-"),
+                    route = %route.config.name,
+                    protocol = protocol_name(req.version()),
+                    principal = conn.identity.as_ref().map_or("-", |i| i.name()),
+                    policy = %decision,
+                    "policy decision"
+                );
+                record.policy = Some(decision.into());
+                if let Err(deny) = verdict {
+                    return Err(GatewayError::from(&deny));
+                }
             }
-        };
-        route.config.response_headers.apply(resp.headers_mut());
-        Ok(resp)
-    }
+            // Rate limits after policy: only requests that could be served count.
+            let facts = RequestFacts {
+                client: client_ip,
+                peer_trusted,
+                identity: conn.identity.as_ref(),
+                headers: req.headers(),
+                route: &route.config.name,
+            };
+            record.rate_limit = if route.shared_limits {
+                // Boxed: the Redis round trip's state stays out of this future unless used.
+                Box::pin(ratelimit::check_with_shared(
+                    &route.limits,
+                    &route.limit_names,
+                    &facts,
+                    route
+                        .config
+                        .rate_limits
+                        .is_some()
+                        .then_some(&*route.config.name),
+                    snapshot.rate_store.as_deref(),
+                ))
+                .await?
+            } else {
+                ratelimit::check(&route.limits, &route.limit_names, &facts)?
+            };
+            // A body declared larger than the limit is refused before any of it is read (and
+            // before `Expect: 100-continue` is answered); one that turns out larger on the way
+            // is cut off by the forwarder (`body::Watched`).
+            let max_request_body = route
+                .config
+                .max_request_body
+                .unwrap_or(conn.limits.max_request_body);
+            if let Some(limit) = max_request_body {
+                if http_body::Body::size_hint(req.body()).lower() > limit {
+                    return Err(GatewayError::PayloadTooLarge { limit });
+                }
+            }
+            // The WAF last among the refusals: it is the only one that costs a round trip.
+            if let Some(appsec) = &snapshot.appsec {
+                req = appsec.inspect(req, client_ip).await?;
+            }
 
-    async fn forward(
-        &self,
-        route: &Route,
-        req: Request<Body>,
-        info: &ForwardInfo<'_>,
-        request_id: &HeaderValue,
-        record: &mut AccessRecord,
-    ) -> Result<Response<Body>, GatewayError> {
-        let upstream = route.upstream.as_ref().ok_or(GatewayError::NoRoute)?;
-        // Compression (opt-in per route) needs what the request asked for; read it now.
-        let compression = route.config.compression.as_deref();
-        let wanted = compression.map(|c| compress::Wanted::of(c, req.method(), req.headers()));
-        let resp = forwarder::forward(
-            upstream,
-            &route.config,
-            req,
-            info,
-            request_id,
-            &mut record.forward,
-        )
-        .await?;
-        Ok(match (compression, wanted) {
-            (Some(c), Some(w)) => compress::apply(c, w, resp),
-            _ => resp,
-        })
+            let mut resp = match &route.config.action {
+                RouteAction::Respond(r) => {
+                    let mut resp = Response::new(Body::full(r.body.clone()));
+                    *resp.status_mut() = r.status;
+                    *resp.headers_mut() = r.headers.clone();
+                    resp
+                }
+                RouteAction::Redirect { to, status } => redirect(&req, host_name, to, *status),
+                RouteAction::Upstream(_) => {
+                    let info = ForwardInfo {
+                        peer: conn.peer.ip(),
+                        client_ip,
+                        peer_trusted,
+                        https: conn.tls.is_some(),
+                        host: host_name,
+                        version: req.version(),
+                        identity: conn.identity.as_deref(),
+                        early_data,
+                        close: conn.close.as_ref(),
+                        max_request_body,
+                        bans: Some(decisions::BanSource {
+                            store: &self.decisions,
+                            config: &snapshot.config.decisions,
+                            client: client_ip,
+                            since: bans_since,
+                        }),
+                    };
+                    // (Not in an async fn of its own: each level of nesting keeps another copy
+                    // of the request in the pipeline's future.)
+                    let upstream = route.upstream.as_ref().ok_or(GatewayError::NoRoute)?;
+                    // Compression (opt-in per route) needs what the request asked for; read it
+                    // now.
+                    let compression = route.config.compression.as_deref();
+                    let wanted =
+                        compression.map(|c| compress::Wanted::of(c, req.method(), req.headers()));
+                    let resp = forwarder::forward(
+                        upstream,
+                        &route.config,
+                        req,
+                        &info,
+                        request_id,
+                        &mut record.forward,
+                    )
+                    .await?;
+                    match (compression, wanted) {
+                        (Some(c), Some(w)) => compress::apply(c, w, resp),
+                        _ => resp,
+                    }
+                }
+            };
+            route.config.response_headers.apply(resp.headers_mut());
+            Ok(resp)
+        }
     }
 }
 

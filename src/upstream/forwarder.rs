@@ -107,302 +107,309 @@ enum Failure {
 }
 
 /// Forwards `req` to `upstream` on behalf of `route`, retrying on other endpoints when safe.
-pub async fn forward(
-    upstream: &Upstream,
-    route: &RouteConfig,
+///
+/// (An `async move` block rather than an `async fn`: the future of an `async fn` keeps its
+/// arguments twice, and the request is 264 bytes.)
+#[allow(clippy::manual_async_fn)] // (on purpose: see above)
+pub fn forward<'a>(
+    upstream: &'a Upstream,
+    route: &'a RouteConfig,
     mut req: Request<Body>,
-    info: &ForwardInfo<'_>,
-    request_id: &HeaderValue,
-    outcome: &mut ForwardOutcome,
-) -> Result<Response<Body>, GatewayError> {
-    let config = &upstream.config;
-    let h2 = config.protocol.is_h2();
-    let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
-    let client_upgrade = upgrade.then(|| crate::upgrade::on_upgrade(&mut req));
-    let key = upstream.hash_key(info.client_ip, req.headers(), req.uri().path());
-    let forwarding = prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
-    let timeout = route.response_timeout.unwrap_or(config.response_timeout);
-    let idempotent = is_idempotent(req.method());
+    info: &'a ForwardInfo<'a>,
+    request_id: &'a HeaderValue,
+    outcome: &'a mut ForwardOutcome,
+) -> impl std::future::Future<Output = Result<Response<Body>, GatewayError>> + 'a {
+    async move {
+        let config = &upstream.config;
+        let h2 = config.protocol.is_h2();
+        let upgrade = !h2 && headers::upgrade_requested(req.headers(), req.version());
+        let client_upgrade = upgrade.then(|| crate::upgrade::on_upgrade(&mut req));
+        let key = upstream.hash_key(info.client_ip, req.headers(), req.uri().path());
+        let forwarding = prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
+        let timeout = route.response_timeout.unwrap_or(config.response_timeout);
+        let idempotent = is_idempotent(req.method());
 
-    // A streamed body that could go past the limit is counted on its way; so is any streamed
-    // body to an HTTP/2 upstream, whose client cannot say whether the body or the upstream
-    // failed (the HTTP/1.1 client says so itself). A failure of the client's body is no
-    // failure of the endpoint's.
-    // And a body that may take a while (of unknown or more than a small size) is cut if its
-    // client is banned meanwhile.
-    let body = req.body();
-    let bans = info.bans.filter(|_| {
-        body.size_hint()
-            .exact()
-            .is_none_or(|n| n > BAN_WATCHED_BODY)
-    });
-    let watch = if !upgrade
-        && !body.is_end_stream()
-        && (h2
-            || bans.is_some()
-            || info
-                .max_request_body
-                .is_some_and(|limit| body.size_hint().upper().is_none_or(|n| n > limit)))
-    {
-        let (parts, body) = req.into_parts();
-        let (body, watch) =
-            crate::body::Watched::new(body, info.max_request_body, bans.map(|b| b.watch()));
-        req = Request::from_parts(parts, Body::boxed(body));
-        Some(watch)
-    } else {
-        None
-    };
-
-    // (Over HTTP/2 with one endpoint too: a stream it turned away unprocessed can go to it
-    // again, on another connection.)
-    let retries_possible = config.retries > 0 && (upstream.endpoints.len() > 1 || h2);
-    let replay = if req.body().is_end_stream() {
-        Replay::Empty
-    } else if (retries_possible || !h2)
-        // (Over HTTP/1.1 also with no retry to another endpoint: a pooled connection that
-        // the upstream closed as it was reused is tried again on a fresh one, body and all.)
-        && idempotent
-        && !upgrade
-        && req
-            .body()
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= config.retry_buffer as u64)
-    {
-        // Bounded like a streamed body: a client that stalls is not waited for forever.
-        let (parts, body) = req.into_parts();
-        let bytes = tokio::time::timeout(timeout, body.collect())
-            .await
-            .map_err(|_| GatewayError::RequestBodyTimeout)?
-            .map_err(|e| match crate::body::client_gone(&*e) {
-                true => GatewayError::ClientClosed,
-                false => client_body_error(watch.as_deref()),
-            })?
-            .to_bytes();
-        req = Request::from_parts(parts, Body::full(bytes.clone()));
-        Replay::Buffered(bytes)
-    } else {
-        Replay::Streamed
-    };
-    // hyper's HTTP/2 client consumes the request even when it cannot connect: keep what is
-    // needed to send it again (only when it could be).
-    let template = (h2 && retries_possible && !matches!(replay, Replay::Streamed)).then(|| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.version(),
-            req.headers().clone(),
-        )
-    });
-
-    let started = Instant::now();
-    let mut tried = Tried::default();
-    let mut last_error: Option<GatewayError> = None;
-    let mut next = Some(req);
-    loop {
-        let Some(req) = next.take() else {
-            return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
+        // A streamed body that could go past the limit is counted on its way; so is any streamed
+        // body to an HTTP/2 upstream, whose client cannot say whether the body or the upstream
+        // failed (the HTTP/1.1 client says so itself). A failure of the client's body is no
+        // failure of the endpoint's.
+        // And a body that may take a while (of unknown or more than a small size) is cut if its
+        // client is banned meanwhile.
+        let body = req.body();
+        let bans = info.bans.filter(|_| {
+            body.size_hint()
+                .exact()
+                .is_none_or(|n| n > BAN_WATCHED_BODY)
+        });
+        let watch = if !upgrade
+            && !body.is_end_stream()
+            && (h2
+                || bans.is_some()
+                || info
+                    .max_request_body
+                    .is_some_and(|limit| body.size_hint().upper().is_none_or(|n| n > limit)))
+        {
+            let (parts, body) = req.into_parts();
+            let (body, watch) =
+                crate::body::Watched::new(body, info.max_request_body, bans.map(|b| b.watch()));
+            req = Request::from_parts(parts, Body::boxed(body));
+            Some(watch)
+        } else {
+            None
         };
-        let (index, mut guard) = match upstream.select(key, &tried) {
-            Selection::Endpoint(i, g) => (i, g),
-            Selection::Unavailable => {
-                return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)))
-            }
-            Selection::Full => match upstream.select_waiting(key, &tried).await {
-                Some(Selection::Endpoint(i, g)) => (i, g),
-                Some(_) => return Err(last_error.unwrap_or_else(|| no_endpoint(upstream))),
-                None => {
-                    return Err(last_error.unwrap_or_else(|| GatewayError::Overloaded {
-                        upstream: config.name.clone(),
-                    }))
+
+        // (Over HTTP/2 with one endpoint too: a stream it turned away unprocessed can go to it
+        // again, on another connection.)
+        let retries_possible = config.retries > 0 && (upstream.endpoints.len() > 1 || h2);
+        let replay = if req.body().is_end_stream() {
+            Replay::Empty
+        } else if (retries_possible || !h2)
+            // (Over HTTP/1.1 also with no retry to another endpoint: a pooled connection that
+            // the upstream closed as it was reused is tried again on a fresh one, body and all.)
+            && idempotent
+            && !upgrade
+            && req
+                .body()
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= config.retry_buffer as u64)
+        {
+            // Bounded like a streamed body: a client that stalls is not waited for forever.
+            let (parts, body) = req.into_parts();
+            let bytes = tokio::time::timeout(timeout, body.collect())
+                .await
+                .map_err(|_| GatewayError::RequestBodyTimeout)?
+                .map_err(|e| match crate::body::client_gone(&*e) {
+                    true => GatewayError::ClientClosed,
+                    false => client_body_error(watch.as_deref()),
+                })?
+                .to_bytes();
+            req = Request::from_parts(parts, Body::full(bytes.clone()));
+            Replay::Buffered(bytes)
+        } else {
+            Replay::Streamed
+        };
+        // hyper's HTTP/2 client consumes the request even when it cannot connect: keep what is
+        // needed to send it again (only when it could be).
+        // (Boxed: inline, its 216 bytes would be in every request's pipeline future.)
+        let template = (h2 && retries_possible && !matches!(replay, Replay::Streamed)).then(|| {
+            Box::new((
+                req.method().clone(),
+                req.uri().clone(),
+                req.version(),
+                req.headers().clone(),
+            ))
+        });
+
+        let started = Instant::now();
+        let mut tried = Tried::default();
+        let mut last_error: Option<GatewayError> = None;
+        let mut next = Some(req);
+        loop {
+            let Some(req) = next.take() else {
+                return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
+            };
+            let (index, mut guard) = match upstream.select(key, &tried) {
+                Selection::Endpoint(i, g) => (i, g),
+                Selection::Unavailable => {
+                    return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)))
                 }
-            },
-        };
-        let endpoint = &upstream.endpoints[index];
-        tried.insert(index);
-        // (The first attempt starts with the stage: no second clock read.)
-        let attempt_started = if outcome.attempts == 0 {
-            started
-        } else {
-            Instant::now()
-        };
-        outcome.attempts += 1;
-        outcome.endpoint = Some(endpoint.authority.clone());
-        endpoint.requests.fetch_add(1, Ordering::Relaxed);
-        // Passive health hears how the response body ends.
-        guard.arm();
-
-        let result = if h2 {
-            send_h2(endpoint, req, timeout, guard)
-                .await
-                .map_err(|f| (f, None))
-        } else {
-            h1::send(&endpoint.pool, req, forwarding.as_ref(), timeout, guard)
-                .await
-                .map_err(|e| match e {
-                    SendError::Connect { error, request } => {
-                        (Failure::Connect(error.to_string()), Some(*request))
+                Selection::Full => match upstream.select_waiting(key, &tried).await {
+                    Some(Selection::Endpoint(i, g)) => (i, g),
+                    Some(_) => return Err(last_error.unwrap_or_else(|| no_endpoint(upstream))),
+                    None => {
+                        return Err(last_error.unwrap_or_else(|| GatewayError::Overloaded {
+                            upstream: config.name.clone(),
+                        }))
                     }
-                    SendError::Timeout { request } => (Failure::Timeout, request.map(|r| *r)),
-                    SendError::Failed { reason, request } => {
-                        (Failure::Failed(reason), request.map(|r| *r))
-                    }
-                })
-        };
-        outcome.upstream_time = Some(attempt_started.elapsed());
+                },
+            };
+            let endpoint = &upstream.endpoints[index];
+            tried.insert(index);
+            // (The first attempt starts with the stage: no second clock read.)
+            let attempt_started = if outcome.attempts == 0 {
+                started
+            } else {
+                Instant::now()
+            };
+            outcome.attempts += 1;
+            outcome.endpoint = Some(endpoint.authority.clone());
+            endpoint.requests.fetch_add(1, Ordering::Relaxed);
+            // Passive health hears how the response body ends.
+            guard.arm();
 
-        let (failure, returned) = match result {
-            Ok(mut resp) => {
-                // A 5xx, a response that ends with its head and a 101 are recorded now; any
-                // other response when its body ends (`InFlight::body_ended`): one cut off
-                // mid-body is a broken response.
-                let status = resp.status();
-                let now = status.is_server_error()
-                    || status == http::StatusCode::SWITCHING_PROTOCOLS
-                    || resp.body().is_end_stream();
-                if now {
-                    match resp.body_mut() {
-                        Body::Upstream(b) => {
-                            if let Some(slot) = b.in_flight_mut() {
-                                slot.disarm();
-                            }
+            let result = if h2 {
+                send_h2(endpoint, req, timeout, guard)
+                    .await
+                    .map_err(|f| (f, None))
+            } else {
+                h1::send(&endpoint.pool, req, forwarding.as_ref(), timeout, guard)
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Connect { error, request } => {
+                            (Failure::Connect(error.to_string()), Some(*request))
                         }
-                        Body::Tracked(t) => t.slot.disarm(),
-                        _ => {}
+                        SendError::Timeout { request } => (Failure::Timeout, request.map(|r| *r)),
+                        SendError::Failed { reason, request } => {
+                            (Failure::Failed(reason), request.map(|r| *r))
+                        }
+                    })
+            };
+            outcome.upstream_time = Some(attempt_started.elapsed());
+
+            let (failure, returned) = match result {
+                Ok(mut resp) => {
+                    // A 5xx, a response that ends with its head and a 101 are recorded now; any
+                    // other response when its body ends (`InFlight::body_ended`): one cut off
+                    // mid-body is a broken response.
+                    let status = resp.status();
+                    let now = status.is_server_error()
+                        || status == http::StatusCode::SWITCHING_PROTOCOLS
+                        || resp.body().is_end_stream();
+                    if now {
+                        match resp.body_mut() {
+                            Body::Upstream(b) => {
+                                if let Some(slot) = b.in_flight_mut() {
+                                    slot.disarm();
+                                }
+                            }
+                            Body::Tracked(t) => t.slot.disarm(),
+                            _ => {}
+                        }
+                        if status.is_server_error() {
+                            endpoint.health.record_failure(upstream);
+                        } else {
+                            endpoint.health.record_success(&config.outlier);
+                        }
                     }
-                    if status.is_server_error() {
-                        endpoint.health.record_failure(upstream);
-                    } else {
-                        endpoint.health.record_success(&config.outlier);
-                    }
+                    return finish_response(resp, client_upgrade, timeout, info).map_err(
+                        |reason| GatewayError::UpstreamFailed {
+                            upstream: config.name.clone(),
+                            endpoint: endpoint.authority.to_string(),
+                            reason,
+                        },
+                    );
                 }
-                return finish_response(resp, client_upgrade, timeout, info).map_err(|reason| {
-                    GatewayError::UpstreamFailed {
-                        upstream: config.name.clone(),
-                        endpoint: endpoint.authority.to_string(),
-                        reason,
-                    }
+                Err(f) => f,
+            };
+
+            if let Some(w) = watch
+                .as_deref()
+                .filter(|w| w.exceeded().is_some() || w.banned().is_some())
+            {
+                return Err(client_body_error(Some(w)));
+            }
+            // The client's body failing fails the attempt: the client's error, not the upstream's
+            // (no retry, no mark against the endpoint).
+            let stalled = match &failure {
+                Failure::Failed(m) => m == h1::CLIENT_BODY_STALLED,
+                Failure::Timeout => watch.as_ref().is_some_and(|w| w.waiting_for_client()),
+                Failure::Connect(_) | Failure::Unprocessed(_) => false,
+            };
+            if stalled {
+                return Err(GatewayError::RequestBodyTimeout);
+            }
+            let client_fault = watch.as_ref().is_some_and(|w| w.client_failed())
+                || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));
+            if client_fault {
+                tracing::debug!(upstream = %config.name, endpoint = %endpoint.authority, "the client's request body failed");
+                let gone = watch.as_ref().is_some_and(|w| w.client_gone())
+                    || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_GONE));
+                return Err(if gone {
+                    GatewayError::ClientClosed
+                } else {
+                    GatewayError::BadRequest("the request body could not be read")
                 });
             }
-            Err(f) => f,
-        };
-
-        if let Some(w) = watch
-            .as_deref()
-            .filter(|w| w.exceeded().is_some() || w.banned().is_some())
-        {
-            return Err(client_body_error(Some(w)));
-        }
-        // The client's body failing fails the attempt: the client's error, not the upstream's
-        // (no retry, no mark against the endpoint).
-        let stalled = match &failure {
-            Failure::Failed(m) => m == h1::CLIENT_BODY_STALLED,
-            Failure::Timeout => watch.as_ref().is_some_and(|w| w.waiting_for_client()),
-            Failure::Connect(_) | Failure::Unprocessed(_) => false,
-        };
-        if stalled {
-            return Err(GatewayError::RequestBodyTimeout);
-        }
-        let client_fault = watch.as_ref().is_some_and(|w| w.client_failed())
-            || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_FAILED));
-        if client_fault {
-            tracing::debug!(upstream = %config.name, endpoint = %endpoint.authority, "the client's request body failed");
-            let gone = watch.as_ref().is_some_and(|w| w.client_gone())
-                || matches!(&failure, Failure::Failed(m) if m.starts_with(h1::CLIENT_BODY_GONE));
-            return Err(if gone {
-                GatewayError::ClientClosed
-            } else {
-                GatewayError::BadRequest("the request body could not be read")
-            });
-        }
-        let unprocessed = matches!(failure, Failure::Unprocessed(_));
-        if !unprocessed {
-            endpoint.health.record_failure(upstream);
-        }
-        let (error, connect) = match failure {
-            Failure::Connect(reason) => {
-                endpoint.failures.fetch_add(1, Ordering::Relaxed);
-                (
-                    GatewayError::UpstreamConnect {
+            let unprocessed = matches!(failure, Failure::Unprocessed(_));
+            if !unprocessed {
+                endpoint.health.record_failure(upstream);
+            }
+            let (error, connect) = match failure {
+                Failure::Connect(reason) => {
+                    endpoint.failures.fetch_add(1, Ordering::Relaxed);
+                    (
+                        GatewayError::UpstreamConnect {
+                            upstream: config.name.clone(),
+                            endpoint: endpoint.authority.to_string(),
+                            reason,
+                        },
+                        true,
+                    )
+                }
+                Failure::Unprocessed(reason) => (
+                    GatewayError::UpstreamFailed {
                         upstream: config.name.clone(),
                         endpoint: endpoint.authority.to_string(),
                         reason,
                     },
                     true,
-                )
+                ),
+                Failure::Timeout => (
+                    GatewayError::UpstreamTimeout {
+                        upstream: config.name.clone(),
+                        endpoint: endpoint.authority.to_string(),
+                        timeout,
+                    },
+                    false,
+                ),
+                Failure::Failed(reason) => (
+                    GatewayError::UpstreamFailed {
+                        upstream: config.name.clone(),
+                        endpoint: endpoint.authority.to_string(),
+                        reason,
+                    },
+                    false,
+                ),
+            };
+            // Which request could go out again, if the rules allow a retry at all.
+            // A stream turned away unprocessed (REFUSED_STREAM, above a graceful GOAWAY) may go
+            // to an endpoint tried already, the same one too, when no other is left: a server
+            // rotating its connections (a maximum age, a maximum of requests) or refusing what
+            // came before its SETTINGS did not process it (RFC 9113 §8.7).
+            let may_retry = (connect || idempotent)
+                && (outcome.attempts - 1) < config.retries
+                && (tried.len() < upstream.endpoints.len() || unprocessed)
+                && started.elapsed() < config.try_duration;
+            if may_retry && unprocessed && tried.len() >= upstream.endpoints.len() {
+                tried = Tried::default();
             }
-            Failure::Unprocessed(reason) => (
-                GatewayError::UpstreamFailed {
-                    upstream: config.name.clone(),
-                    endpoint: endpoint.authority.to_string(),
-                    reason,
-                },
-                true,
-            ),
-            Failure::Timeout => (
-                GatewayError::UpstreamTimeout {
-                    upstream: config.name.clone(),
-                    endpoint: endpoint.authority.to_string(),
-                    timeout,
-                },
-                false,
-            ),
-            Failure::Failed(reason) => (
-                GatewayError::UpstreamFailed {
-                    upstream: config.name.clone(),
-                    endpoint: endpoint.authority.to_string(),
-                    reason,
-                },
-                false,
-            ),
-        };
-        // Which request could go out again, if the rules allow a retry at all.
-        // A stream turned away unprocessed (REFUSED_STREAM, above a graceful GOAWAY) may go
-        // to an endpoint tried already, the same one too, when no other is left: a server
-        // rotating its connections (a maximum age, a maximum of requests) or refusing what
-        // came before its SETTINGS did not process it (RFC 9113 §8.7).
-        let may_retry = (connect || idempotent)
-            && (outcome.attempts - 1) < config.retries
-            && (tried.len() < upstream.endpoints.len() || unprocessed)
-            && started.elapsed() < config.try_duration;
-        if may_retry && unprocessed && tried.len() >= upstream.endpoints.len() {
-            tried = Tried::default();
-        }
-        next = if !may_retry {
-            None
-        } else if let Some(mut r) = returned {
-            // HTTP/1.1 hands the request back; its body is intact only if the connection
-            // was never made.
-            if !connect {
-                match replay.body() {
-                    Some(b) => *r.body_mut() = b,
-                    None => {
-                        return Err(error);
+            next = if !may_retry {
+                None
+            } else if let Some(mut r) = returned {
+                // HTTP/1.1 hands the request back; its body is intact only if the connection
+                // was never made.
+                if !connect {
+                    match replay.body() {
+                        Some(b) => *r.body_mut() = b,
+                        None => {
+                            return Err(error);
+                        }
                     }
                 }
-            }
-            Some(r)
-        } else {
-            template.as_ref().and_then(|(m, u, v, h)| {
-                let mut r = Request::new(replay.body()?);
-                *r.method_mut() = m.clone();
-                *r.uri_mut() = u.clone();
-                *r.version_mut() = *v;
-                *r.headers_mut() = h.clone();
                 Some(r)
-            })
-        };
-        if next.is_some() {
-            tracing::warn!(upstream = %config.name, endpoint = %endpoint.authority, error = %error, attempt = outcome.attempts, "attempt failed; retrying");
-            outcome.retried.push(FailedAttempt {
-                endpoint: endpoint.authority.clone(),
-                error: error.code(),
-                time: attempt_started.elapsed(),
-            });
-        }
-        last_error = Some(error);
-        if next.is_none() {
-            return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
+            } else {
+                template.as_deref().and_then(|(m, u, v, h)| {
+                    let mut r = Request::new(replay.body()?);
+                    *r.method_mut() = m.clone();
+                    *r.uri_mut() = u.clone();
+                    *r.version_mut() = *v;
+                    *r.headers_mut() = h.clone();
+                    Some(r)
+                })
+            };
+            if next.is_some() {
+                tracing::warn!(upstream = %config.name, endpoint = %endpoint.authority, error = %error, attempt = outcome.attempts, "attempt failed; retrying");
+                outcome.retried.push(FailedAttempt {
+                    endpoint: endpoint.authority.clone(),
+                    error: error.code(),
+                    time: attempt_started.elapsed(),
+                });
+            }
+            last_error = Some(error);
+            if next.is_none() {
+                return Err(last_error.unwrap_or_else(|| no_endpoint(upstream)));
+            }
         }
     }
 }

@@ -6,7 +6,11 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;
 
@@ -18,9 +22,15 @@ struct Redis {
 
 impl Redis {
     fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &[])
+    }
+
+    /// A redis-server on `port` with more arguments, e.g. `["--requirepass", "x"]`.
+    fn start_with(port: u16, extra: &[&str]) -> Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -300,5 +310,215 @@ fn shared_limits_need_a_usable_redis_section() {
     assert!(
         out.contains("rate_limit.redis.on_error") && out.contains("rate_limit.redis.password_file"),
         "{out}"
+    );
+}
+
+/// Redis refuses the password Wraith has (a rotation done in the wrong order, an ACL user
+/// not created yet, a Redis restarted without the `requirepass` set at run time); then it
+/// accepts it. The instance should use Redis again after its second's rest, as after an
+/// outage. It does not: `ConnectionManager` reconnects only after an I/O error, so the failed
+/// connect (an authentication error) is kept and answered to every later request without
+/// asking Redis, and a reload with the same settings keeps that store. The shared limits
+/// stay counted per instance until Wraith restarts, while a gateway started now with the
+/// same settings counts in Redis at once.
+#[tokio::test]
+async fn a_password_redis_refused_once_is_tried_again() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start_with(unused_port(), &["--requirepass", "old-secret"]);
+    let cli = |pass: &str, args: &[&str]| {
+        let mut all = vec!["-a", pass, "--no-auth-warning"];
+        all.extend_from_slice(args);
+        redis.cli(&all)
+    };
+    let keys = || cli("new-secret", &["--scan", "--pattern", "wraith:ratelimit:*"]);
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let with_password = |setup: &Setup| {
+        std::fs::write(setup.dir.path().join("redis-password"), "new-secret\n").unwrap();
+        config(setup, &redis.url(), limit).replace(
+            "timeout = \"200ms\"",
+            "timeout = \"200ms\"\npassword_file = \"redis-password\"",
+        )
+    };
+    let setup = Setup::new();
+    let cfg = with_password(&setup);
+    let wraith = setup.start(&cfg);
+    // Refused: counted here alone, for a few of the second's rests.
+    for i in 0..8 {
+        assert_eq!(status(&wraith, &format!("127.0.0.{}", 10 + i)).await, 200);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    wraith
+        .wait_log(Duration::from_secs(5), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("shared rate limits: Redis failed"))
+        })
+        .unwrap_or_else(|| panic!("no warning:\n{}", wraith.log()));
+
+    // Redis now takes the password Wraith has.
+    let set = cli(
+        "old-secret",
+        &["config", "set", "requirepass", "new-secret"],
+    );
+    assert_eq!(set.trim(), "OK");
+    // A gateway started now counts there at once.
+    let fresh = Setup::new();
+    let fresh_cfg = with_password(&fresh);
+    let fresh = fresh.start(&fresh_cfg);
+    assert_eq!(status(&fresh, "127.0.0.2").await, 200);
+    assert!(
+        keys()
+            .lines()
+            .any(|k| k == "wraith:ratelimit:per-ip:ip:127.0.0.2"),
+        "{}",
+        keys()
+    );
+    // The first one, reloaded or not, should too once its rest is over.
+    wraith.reload().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        // A fresh client each time: the fallback's own budget is no part of the question.
+        assert_eq!(status(&wraith, &format!("127.0.1.{n}")).await, 200);
+        if keys().contains(":ip:127.0.1.") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after Redis took the password, the gateway it once refused still counts \
+             alone; Redis holds:\n{}",
+            keys()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A TCP relay to a local port whose connections can go silent: after `freeze`, every
+/// connection made so far swallows what either side sends, as a firewall, NAT or load
+/// balancer that forgot it drops its packets (no reset, no answer); connections made after
+/// it pass.
+struct Relay {
+    port: u16,
+    frozen_below: Arc<AtomicU64>,
+    next: Arc<AtomicU64>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (frozen, count) = (frozen_below.clone(), next.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut into) in
+                    [(client_read, server_write), (server_read, client_write)]
+                {
+                    let frozen = frozen.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf).await {
+                            if id >= frozen.load(Ordering::SeqCst)
+                                && into.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            frozen_below,
+            next,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// The path to Redis silently drops the connection Wraith holds (a firewall's or NAT's idle
+/// timeout, a cloud load balancer's), while a new connection would work. Every request then
+/// times out, and the instance falls back; but a timeout never replaces the connection
+/// (`ConnectionManager` reconnects only on an error that says the connection dropped, which
+/// a silent path never gives, short of the kernel's retransmission limit: ~15 minutes with
+/// Linux's defaults). So after each second's rest Redis is asked again on the same dead
+/// connection, and the shared limits stay counted per instance, each request of each
+/// second's first `timeout` paying it, although Redis answers a new connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_went_silent_is_replaced() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let keys = || redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        &format!("redis://127.0.0.1:{}/0", relay.port),
+        limit,
+    );
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert!(keys().contains("per-ip:ip:127.0.0.1"), "{}", keys());
+
+    relay.freeze();
+    // A new connection through the relay works.
+    let pong = Command::new("redis-cli")
+        .args(["-p", &relay.port.to_string(), "ping"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pong.stdout).trim(), "PONG");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        // A fresh client each time: the fallback's own budget is no part of the question.
+        assert_eq!(status(&wraith, &format!("127.0.1.{n}")).await, 200);
+        if keys().contains(":ip:127.0.1.") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after its connection went silent, the gateway still counts alone (Redis \
+             answers a new connection):\n{}",
+            wraith.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Raising a shared limit: the docs say a changed limit starts fresh, and a local one does.
+/// A shared one does not: its key names the limit but not its rate or burst, so the bucket
+/// stays, and its theoretical arrival time, set an old interval ahead, is read against the
+/// new one. A client the old 1/h limit held back is refused by the new 100/s one for the
+/// rest of the hour (Retry-After about 3600), whatever the new limit allows.
+#[tokio::test]
+async fn a_raised_shared_limit_starts_fresh() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let setup = Setup::new();
+    let slow = r#"{ name = "per-ip", key = "ip", rate = "1/h", burst = 1, shared = true }"#;
+    let cfg = config(&setup, &redis.url(), slow);
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 429);
+
+    let fast = r#"{ name = "per-ip", key = "ip", rate = "100/s", burst = 100, shared = true }"#;
+    wraith.write_config(&cfg.replace(slow, fast));
+    wraith.reload().unwrap();
+    let (code, retry, policy) = get_from(&wraith, "127.0.0.1").await;
+    assert_eq!(
+        code, 200,
+        "refused by the raised limit ({policy:?}), Retry-After {retry:?}"
     );
 }

@@ -14,7 +14,7 @@
 //! Redis again, so an outage costs one `timeout` per second, not one per request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -33,7 +33,14 @@ local tats = {}
 for i = 1, #KEYS do
   local interval = tonumber(ARGV[3 * i - 2])
   local burst = tonumber(ARGV[3 * i - 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or 0) or 0
+  -- A bucket is '<tat> <interval> <burst>': one a limit with other settings left is
+  -- not this limit's (a changed limit starts fresh, as locally).
+  local tat = 0
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local t, iv, b = string.match(v, '^(%d+) (%d+) (%d+)$')
+    if t and tonumber(iv) == interval and tonumber(b) == burst then tat = tonumber(t) end
+  end
   if tat < now then tat = now end
   tats[i] = tat
   local wait = tat + interval - interval * burst - now
@@ -50,7 +57,8 @@ for i = 1, #KEYS do
   if wait > 0 then
     if shadow == 0 then shadow, shadow_wait = -i, wait end
   else
-    redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1)
+    redis.call('SET', KEYS[i], string.format('%.0f %.0f %.0f', new, interval, burst),
+      'PX', math.ceil((new - now) / 1000) + 1)
   end
 end
 return {shadow, shadow_wait}
@@ -76,8 +84,10 @@ pub enum Verdict {
 pub struct SharedStore {
     pub settings: RedisSettings,
     client: redis::Client,
-    /// Made at the first request (it needs the runtime); reconnects by itself.
-    connection: OnceLock<ConnectionManager>,
+    /// Made at the first request (it needs the runtime), and again after a failure: the
+    /// manager reconnects by itself only after an I/O error, so it would keep a connect that
+    /// Redis refused (AUTH, SELECT) and a connection the network dropped silently.
+    connection: Mutex<Option<ConnectionManager>>,
     script: redis::Script,
     epoch: Instant,
     /// Milliseconds since `epoch` until which Redis is not asked (after a failure).
@@ -100,7 +110,7 @@ impl SharedStore {
         Ok(SharedStore {
             settings,
             client,
-            connection: OnceLock::new(),
+            connection: Mutex::new(None),
             script: redis::Script::new(SCRIPT),
             epoch: Instant::now(),
             resting_until: AtomicU64::new(0),
@@ -113,7 +123,8 @@ impl SharedStore {
     }
 
     fn connection(&self) -> Result<ConnectionManager, String> {
-        if let Some(c) = self.connection.get() {
+        let mut slot = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = &*slot {
             return Ok(c.clone());
         }
         let config = ConnectionManagerConfig::new()
@@ -123,7 +134,8 @@ impl SharedStore {
             .set_max_delay(BACK_OFF);
         let made = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
             .map_err(|e| e.to_string())?;
-        Ok(self.connection.get_or_init(|| made).clone())
+        *slot = Some(made.clone());
+        Ok(made)
     }
 
     /// Checks and counts `req` in every one of `limits` (all shared), or says why Redis
@@ -176,12 +188,15 @@ impl SharedStore {
         }
     }
 
-    /// Rests the store for `BACK_OFF` and logs the failure (at most every `WARN_EVERY`).
+    /// Rests the store for `BACK_OFF`, drops its connection (the next call makes a new one:
+    /// at most one a second while Redis fails) and logs the failure (at most every
+    /// `WARN_EVERY`).
     fn failed(&self, error: String) -> String {
         self.resting_until.store(
             self.now_ms() + BACK_OFF.as_millis() as u64,
             Ordering::Relaxed,
         );
+        *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         f.0 += 1;
         if f.1.is_none_or(|t| t.elapsed() >= WARN_EVERY) {

@@ -472,6 +472,7 @@ pub fn status(rt: &Runtime) -> Value {
             "crowdsec_bridge": bridge,
         },
         "rate_limits": limits,
+        "rate_limit_redis": snapshot.rate_store.as_ref().map(|s| s.status()),
         "version": env!("CARGO_PKG_VERSION"),
         "git_revision": env!("WRAITH_GIT_REV"),
         "pid": std::process::id(),

@@ -142,6 +142,8 @@ async fn two_gateways_enforce_one_budget() {
 
     let st = a.status().await;
     assert_eq!(st["rate_limits"][0]["shared"], true, "{st}");
+    assert_eq!(st["rate_limit_redis"]["url"], redis.url(), "{st}");
+    assert_eq!(st["rate_limit_redis"]["failures"], 0, "{st}");
     let (code, text, _) = a.cli(&["status"]);
     assert_eq!(code, 0);
     assert!(
@@ -232,6 +234,10 @@ async fn without_redis_shared_limits_fall_back_and_come_back() {
     assert_eq!(status(&wraith, "127.0.0.2").await, 200);
     assert_eq!(status(&wraith, "127.0.0.2").await, 200);
     assert_eq!(status(&wraith, "127.0.0.2").await, 429);
+    let st = wraith.status().await;
+    let redis_state = &st["rate_limit_redis"];
+    assert!(redis_state["failures"].as_u64() >= Some(1), "{st}");
+    assert!(redis_state["last_error"].is_string(), "{st}");
     wraith
         .wait_log(Duration::from_secs(5), |v| {
             v["level"] == "WARN"

@@ -105,6 +105,18 @@ pub fn render(v: &Value) -> String {
             }
         }
     }
+    if let Some(r) = v["rate_limit_redis"].as_object() {
+        let state = match (r["on_fallback"].as_bool(), &r["last_error"]) {
+            (Some(true), e) => format!("failing, shared limits on on_error for now ({})", s(e)),
+            (_, serde_json::Value::String(e)) => format!("in use (last error: {e})"),
+            _ => "in use".to_string(),
+        };
+        out.push_str(&format!(
+            "redis        {} {state}, {} failures\n",
+            s(&r["url"]),
+            r["failures"]
+        ));
+    }
     for l in v["rate_limits"].as_array().into_iter().flatten() {
         if l["shared"] == true {
             out.push_str(&format!(

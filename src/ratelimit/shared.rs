@@ -94,6 +94,9 @@ pub struct SharedStore {
     resting_until: AtomicU64,
     /// Failures since the last warning, and when that was.
     failures: Mutex<(u64, Option<Instant>)>,
+    /// Failures in all, and the last one's error (`wraith status`).
+    failed_total: AtomicU64,
+    last_error: Mutex<Option<String>>,
 }
 
 impl SharedStore {
@@ -115,6 +118,8 @@ impl SharedStore {
             epoch: Instant::now(),
             resting_until: AtomicU64::new(0),
             failures: Mutex::new((0, None)),
+            failed_total: AtomicU64::new(0),
+            last_error: Mutex::new(None),
         })
     }
 
@@ -197,6 +202,8 @@ impl SharedStore {
             Ordering::Relaxed,
         );
         *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.failed_total.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         f.0 += 1;
         if f.1.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
@@ -208,6 +215,22 @@ impl SharedStore {
             *f = (0, Some(Instant::now()));
         }
         error
+    }
+
+    /// What `wraith status` shows: the server (without its credentials), the failures so
+    /// far and the last one's error, and whether the limits are on `on_error` now.
+    pub fn status(&self) -> serde_json::Value {
+        let server = redis::parse_redis_url(&self.settings.url).map(|mut u| {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        });
+        serde_json::json!({
+            "url": server,
+            "failures": self.failed_total.load(Ordering::Relaxed),
+            "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+            "on_fallback": self.now_ms() < self.resting_until.load(Ordering::Relaxed),
+        })
     }
 
     /// The bucket of `req` in shared limit `limit`: the same on every instance. A route's
@@ -252,5 +275,28 @@ impl SharedStore {
             },
         }
         key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SharedOnError;
+
+    #[test]
+    fn status_names_the_server_without_its_credentials() {
+        let store = SharedStore::new(RedisSettings {
+            url: "redis://wraith:hunter2@10.0.3.5:6379/2".into(),
+            password: None,
+            timeout: Duration::from_millis(50),
+            on_error: SharedOnError::Local,
+            key_prefix: "wraith:ratelimit:".into(),
+        })
+        .unwrap();
+        let st = store.status();
+        assert_eq!(st["url"], "redis://10.0.3.5:6379/2");
+        assert_eq!(st["failures"], 0);
+        assert_eq!(st["on_fallback"], false);
+        assert!(!st.to_string().contains("hunter2"));
     }
 }

@@ -13,6 +13,7 @@
 //! (`open`). After a failure the instance stays on the fallback for a second before it asks
 //! Redis again, so an outage costs one `timeout` per second, not one per request.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,6 +64,8 @@ for i = 1, #KEYS do
 end
 return {shadow, shadow_wait}
 ";
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// How long an instance stays on the fallback after Redis failed it.
 const BACK_OFF: Duration = Duration::from_secs(1);
@@ -247,7 +250,8 @@ impl SharedStore {
         key.extend_from_slice(limit.config.name.as_bytes());
         let ip = |key: &mut Vec<u8>| {
             key.extend_from_slice(b":ip:");
-            key.extend_from_slice(ip_key(req.client).to_string().as_bytes());
+            // (Formatted straight into the key: no String per request.)
+            let _ = write!(key, "{}", ip_key(req.client));
         };
         match &limit.config.key {
             LimitKey::Ip => ip(&mut key),
@@ -268,7 +272,10 @@ impl SharedStore {
                         aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, v.as_bytes());
                     key.extend_from_slice(b":header:");
                     for b in digest.as_ref() {
-                        key.extend_from_slice(format!("{b:02x}").as_bytes());
+                        key.extend_from_slice(&[
+                            HEX[usize::from(b >> 4)],
+                            HEX[usize::from(b & 15)],
+                        ]);
                     }
                 }
                 _ => ip(&mut key),

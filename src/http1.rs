@@ -55,6 +55,17 @@ impl LazyDeadline {
     }
 }
 
+/// A header value as httparse handed it over, without checking its bytes a second time
+/// (`HeaderValue::from_maybe_shared` walks every byte again: ~150 instructions for a
+/// typical value, on every header of every request and response).
+pub(crate) fn parsed_value(bytes: Bytes) -> HeaderValue {
+    // SAFETY (an invariant, not memory safety): httparse, with the default `ParserConfig`
+    // both codecs use, accepts exactly HTAB, SP..=`~` and 0x80..=0xFF in a value, which is
+    // `HeaderValue`'s own alphabet (`value_alphabet_is_headervalue_s` checks every byte
+    // against the httparse in use). Debug builds check each value anyway.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
 /// Appends one field line, `name: value` and CRLF, to a head being encoded.
 pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
@@ -273,6 +284,34 @@ pub(crate) fn parse_length(s: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `parsed_value` relies on httparse accepting no byte in a header value that
+    /// `HeaderValue` refuses: checked for every byte, in requests and in responses, against
+    /// the httparse version in use.
+    #[test]
+    fn value_alphabet_is_headervalue_s() {
+        for b in 0..=255u8 {
+            let value = [b'a', b, b'b'];
+            let mut req = b"GET / HTTP/1.1\r\nx: ".to_vec();
+            req.extend_from_slice(&value);
+            req.extend_from_slice(b"\r\n\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let mut parsed = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = parsed.parse(&req) {
+                let v = parsed.headers[0].value;
+                assert!(HeaderValue::from_bytes(v).is_ok(), "request byte {b:#04x}");
+            }
+            let mut resp = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
+            resp.extend_from_slice(&value);
+            resp.extend_from_slice(b"\r\n\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let mut parsed = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = parsed.parse(&resp) {
+                let v = parsed.headers[0].value;
+                assert!(HeaderValue::from_bytes(v).is_ok(), "response byte {b:#04x}");
+            }
+        }
+    }
 
     fn chunks(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
         let mut buf = BytesMut::from(input);

@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -859,9 +859,7 @@ where
                 Some(n) => n,
                 None => HeaderName::from_bytes(raw).map_err(|_| bad("invalid header name"))?,
             };
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-                .map_err(|_| bad("invalid header value"))?;
-            map.append(name, value);
+            map.append(name, crate::http1::parsed_value(head.slice(vs..ve)));
         }
 
         // Framing (RFC 9112 §6).

@@ -512,12 +512,13 @@ pub fn forwarding(
     let client = canonical(info.client_ip);
     // Formatted once: it goes into X-Forwarded-For, Forwarded and (usually) X-Real-IP.
     let peer_text = IpText::of(peer);
+    let peer_text = peer_text.as_str();
     let proto = if info.https { "https" } else { "http" };
 
     // X-Forwarded-For: append to a trusted chain; otherwise the peer alone.
     f.begin(Fwd::For);
     f.prior(headers, Fwd::For, info.peer_trusted);
-    f.text.push_str(peer_text.as_str());
+    f.text.push_str(peer_text);
     f.replace(Fwd::For);
 
     // X-Real-IP: always the client address Wraith believes (nginx's usual
@@ -525,7 +526,7 @@ pub fn forwarding(
     // upstreams behind nginx-style set-ups often trust it.
     f.begin(Fwd::RealIp);
     if client == peer {
-        f.text.push_str(peer_text.as_str());
+        f.text.push_str(peer_text);
     } else {
         f.text.push_str(IpText::of(client).as_str());
     }
@@ -552,10 +553,10 @@ pub fn forwarding(
     f.prior(headers, Fwd::Forwarded, info.peer_trusted);
     if peer.is_ipv4() {
         f.text.push_str("for=");
-        f.text.push_str(peer_text.as_str());
+        f.text.push_str(peer_text);
     } else {
         f.text.push_str("for=\"[");
-        f.text.push_str(peer_text.as_str());
+        f.text.push_str(peer_text);
         f.text.push_str("]\"");
     }
     f.text.push_str(";proto=");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -1011,24 +1011,26 @@ fn parse_head(
             usize::from(vl),
         );
         let raw = &head[ns..ns + nl];
-        let name = match common_name(raw) {
-            Some(name) => name,
-            None => HeaderName::from_bytes(raw).map_err(|_| {
-                format!(
-                    "invalid header name {:?} from upstream",
-                    String::from_utf8_lossy(raw)
-                )
-            })?,
+        let (name, hop_by_hop) = match common_name(raw) {
+            Some(known) => known,
+            None => {
+                let name = HeaderName::from_bytes(raw).map_err(|_| {
+                    format!(
+                        "invalid header name {:?} from upstream",
+                        String::from_utf8_lossy(raw)
+                    )
+                })?;
+                let hop_by_hop = crate::proxy::headers::is_hop_by_hop(&name);
+                (name, hop_by_hop)
+            }
         };
         // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), which must not pass on.
-        if (skip_hop_by_hop && crate::proxy::headers::is_hop_by_hop(&name))
+        if (skip_hop_by_hop && hop_by_hop)
             || (facts.transfer_coding.is_some() && name == header::CONTENT_LENGTH)
         {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-            .map_err(|_| format!("invalid value for header {name} from upstream"))?;
-        map.append(name, value);
+        map.append(name, crate::http1::parsed_value(head.slice(vs..vs + vl)));
     }
     if !skip_hop_by_hop && !upgrade {
         crate::proxy::headers::strip_hop_by_hop(&mut map, false, false);
@@ -1091,26 +1093,30 @@ fn parse_head(
 
 /// The response header names upstreams send most, as they send them (nginx, Apache, Go and
 /// Node capitalize; others send lowercase), without `HeaderName::from_bytes`'s lower-casing
-/// pass; `None` for anything else.
-fn common_name(raw: &[u8]) -> Option<HeaderName> {
-    Some(match raw {
+/// pass, and whether each is hop-by-hop (what `is_hop_by_hop` would say); `None` for
+/// anything else.
+fn common_name(raw: &[u8]) -> Option<(HeaderName, bool)> {
+    let end_to_end = match raw {
+        b"Connection" | b"connection" => return Some((header::CONNECTION, true)),
+        b"Transfer-Encoding" | b"transfer-encoding" => {
+            return Some((header::TRANSFER_ENCODING, true))
+        }
         b"Date" | b"date" => header::DATE,
         b"Server" | b"server" => header::SERVER,
         b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
         b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Connection" | b"connection" => header::CONNECTION,
         b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
         b"ETag" | b"Etag" | b"etag" => header::ETAG,
         b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
         b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
         b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
         b"Vary" | b"vary" => header::VARY,
         b"Expires" | b"expires" => header::EXPIRES,
         b"Location" | b"location" => header::LOCATION,
         b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
         _ => return None,
-    })
+    };
+    Some((end_to_end, false))
 }
 
 /// What a response head says about its framing and its connection, read from the raw
@@ -1699,7 +1705,12 @@ mod tests {
             "set-cookie",
         ] {
             let parsed = HeaderName::from_bytes(raw.as_bytes()).unwrap();
-            assert_eq!(common_name(raw.as_bytes()), Some(parsed), "{raw}");
+            let hop_by_hop = crate::proxy::headers::is_hop_by_hop(&parsed);
+            assert_eq!(
+                common_name(raw.as_bytes()),
+                Some((parsed, hop_by_hop)),
+                "{raw}"
+            );
         }
         for other in ["DATE", "X-Date", "Dat", "content_type", ""] {
             assert_eq!(common_name(other.as_bytes()), None, "{other}");
@@ -1812,7 +1823,11 @@ mod tests {
                 bans: None,
             };
             let (parts, body) = request(pairs);
-            let f = forwarding(&parts.headers, &info, &HeaderValue::from_static("id-1"));
+            let f = forwarding(
+                &parts.headers,
+                &info,
+                &http::HeaderValue::from_static("id-1"),
+            );
             let mut alone = Vec::new();
             f.write(&mut alone);
             assert_eq!(alone.len(), f.encoded_len());

@@ -491,6 +491,20 @@ impl Fwd {
         }
     }
 
+    /// `name()` and `": "`, as one piece (a line begins with one copy, not two).
+    fn line_start(self) -> &'static str {
+        match self {
+            Fwd::For => "x-forwarded-for: ",
+            Fwd::RealIp => "x-real-ip: ",
+            Fwd::Proto => "x-forwarded-proto: ",
+            Fwd::Host => "x-forwarded-host: ",
+            Fwd::Forwarded => "forwarded: ",
+            Fwd::Via => "via: ",
+            Fwd::EarlyData => "early-data: ",
+            Fwd::RequestId => "x-request-id: ",
+        }
+    }
+
     fn bit(self) -> u8 {
         1 << self as u8
     }
@@ -602,8 +616,7 @@ pub fn forwarding(
 impl Forwarding {
     /// Starts the line of header `which`; its value is written next.
     fn begin(&mut self, which: Fwd) {
-        self.text.push_str(which.name().as_str());
-        self.text.push_str(": ");
+        self.text.push_str(which.line_start());
         self.start = self.text.len();
     }
 
@@ -1169,6 +1182,13 @@ mod tests {
         let mut out = h.clone();
         forwarding(&h, &info, &HeaderValue::from_static("id")).apply(&mut out);
         assert_eq!(out["x-forwarded-for"], "\u{fffd}, 203.0.113.5, 10.0.0.2");
+    }
+
+    #[test]
+    fn forwarding_line_starts_are_the_header_names() {
+        for f in FWD {
+            assert_eq!(f.line_start(), format!("{}: ", f.name()), "{f:?}");
+        }
     }
 
     #[test]

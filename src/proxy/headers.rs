@@ -840,60 +840,63 @@ impl Host {
         }
     }
 
-    /// The host without its port (and without the trailing dot of a fully qualified name,
-    /// so routing and policy see the same name).
-    pub fn name(&self) -> Option<&str> {
-        let raw = match self {
-            Host::Authority(a) => a.as_str(),
-            Host::Header(v) => v.to_str().ok()?,
-            Host::Missing => return None,
-        };
-        let name = strip_port(raw);
-        Some(name.strip_suffix('.').unwrap_or(name))
-    }
-
-    /// Whether the host is `name[:port]` or `[IPv6][:port]`: no userinfo, no path, no list.
-    /// A missing host is valid here (HTTP/1.0).
-    pub fn is_valid(&self) -> bool {
+    /// The host's name, judged and taken in one pass: `Err` unless the host is `name[:port]`
+    /// or `[IPv6][:port]` (no userinfo, path or list; no empty label, so routing, policy
+    /// and the upstream see the same name), `Ok(None)` when there is none (HTTP/1.0), the
+    /// name otherwise, without its port and without the trailing dot of a fully qualified
+    /// name.
+    pub fn checked_name(&self) -> Result<Option<&str>, InvalidHost> {
         let raw = match self {
             Host::Authority(a) => a.as_str().as_bytes(),
             Host::Header(v) => v.as_bytes(),
-            Host::Missing => return true,
+            Host::Missing => return Ok(None),
         };
-        let (host, port) = if let Some(rest) = raw.strip_prefix(b"[") {
-            let Some(end) = rest.iter().position(|&b| b == b']') else {
-                return false;
-            };
+        let (name, port) = if let Some(rest) = raw.strip_prefix(b"[") {
+            let end = rest.iter().position(|&b| b == b']').ok_or(InvalidHost)?;
             let literal = &rest[..end];
             if literal.is_empty()
                 || !literal
                     .iter()
                     .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
             {
-                return false;
+                return Err(InvalidHost);
             }
-            (&b""[..], &rest[end + 1..])
+            (literal, &rest[end + 1..])
         } else {
-            match raw.iter().position(|&b| b == b':') {
-                Some(i) => (&raw[..i], &raw[i..]),
-                None => (raw, &b""[..]),
+            let mut colon = raw.len();
+            // A leading dot is an empty label, as is `..`; one trailing dot is allowed.
+            let mut after_dot = true;
+            for (i, &b) in raw.iter().enumerate() {
+                match b {
+                    b'.' if after_dot => return Err(InvalidHost),
+                    b'.' => after_dot = true,
+                    b':' => {
+                        colon = i;
+                        break;
+                    }
+                    b if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' => after_dot = false,
+                    _ => return Err(InvalidHost),
+                }
             }
+            (&raw[..colon], &raw[colon..])
         };
         let port_ok = port.is_empty()
             || (port.len() > 1
                 && port.len() <= 6
-                && port[1..].iter().all(u8::is_ascii_digit)
-                && port[0] == b':');
-        // No empty label (a leading dot, or `..`): only one trailing dot, which every
-        // reader drops, so routing, policy and the upstream see the same name.
-        port_ok
-            && host
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-            && !host.starts_with(b".")
-            && !host.windows(2).any(|w| w == b"..")
+                && port[0] == b':'
+                && port[1..].iter().all(u8::is_ascii_digit));
+        if !port_ok {
+            return Err(InvalidHost);
+        }
+        let name = name.strip_suffix(b".").unwrap_or(name);
+        // (ASCII by now: the check cannot fail.)
+        std::str::from_utf8(name).map(Some).map_err(|_| InvalidHost)
     }
 }
+
+/// A Host that is not `name[:port]` or `[IPv6][:port]`.
+#[derive(Debug, PartialEq)]
+pub struct InvalidHost;
 
 /// The request's host without port, from the URI authority (HTTP/2, HTTP/3) or Host.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
@@ -1040,7 +1043,7 @@ mod tests {
             "a_b.local",
             "x.",
         ] {
-            assert!(h(ok).is_valid(), "{ok}");
+            assert!(h(ok).checked_name().is_ok(), "{ok}");
         }
         for bad in [
             "internal@public.example",
@@ -1057,12 +1060,20 @@ mod tests {
             ".admin.example.com",
             "admin..example.com:443",
         ] {
-            assert!(!h(bad).is_valid(), "{bad}");
+            assert_eq!(h(bad).checked_name(), Err(InvalidHost), "{bad}");
         }
-        assert_eq!(
-            h("Admin.Example.com.:443").name(),
-            Some("Admin.Example.com")
-        );
+        for (host, name) in [
+            ("Admin.Example.com.:443", "Admin.Example.com"),
+            ("api.internal", "api.internal"),
+            ("127.0.0.1:80", "127.0.0.1"),
+            ("[::1]:8443", "::1"),
+            ("[::ffff:1.2.3.4]", "::ffff:1.2.3.4"),
+            ("x.", "x"),
+            ("", ""),
+        ] {
+            assert_eq!(h(host).checked_name(), Ok(Some(name)), "{host}");
+        }
+        assert_eq!(Host::Missing.checked_name(), Ok(None));
     }
 
     #[test]

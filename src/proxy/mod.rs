@@ -383,9 +383,9 @@ impl Gateway {
             let host = headers::Host::of(req.uri(), req.headers());
             // One host for routing, policy and the upstream: anything but a name or an IP
             // literal with an optional port (userinfo, paths, lists) is refused.
-            if !host.is_valid() {
+            let Ok(host_name) = host.checked_name() else {
                 return Err(GatewayError::BadRequest("invalid Host"));
-            }
+            };
             // Every HTTP version since 1.0 requires the target host (RFC 9112 §3.2, RFC 9113
             // §8.3.1, RFC 9114 §4.3.1): only an HTTP/1.0 request may come without one.
             if matches!(host, headers::Host::Missing)
@@ -396,7 +396,6 @@ impl Gateway {
             {
                 return Err(GatewayError::BadRequest("missing Host"));
             }
-            let host_name = host.name();
             // Routing and policy judge the path without segment parameters (`path::without_params`);
             // the upstream gets it as sent.
             let params_free = match path::without_params(req.uri().path()) {

@@ -10,7 +10,8 @@
 //! route names but the block does not define gets one endpoint; a policy file a set names but
 //! `policies/` lacks gets a harmless policy. Policy test cases (`[[case]]`, checked by
 //! `wraith test` itself) are not configurations and are left out. Nothing is bound or
-//! started: this is the config loader only, so the whole file takes well under a second.
+//! started: this is the config loader only (about 1.5 s for every block in a debug build).
+//! An example meant to be wrong belongs in a ```` ```text ```` block, which is not checked.
 
 use std::path::{Path, PathBuf};
 

@@ -377,6 +377,18 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// A listener's OCSP staple: its file, times, and whether handshakes send it now.
+fn ocsp_status(tls: &crate::config::TlsConfig) -> Option<Value> {
+    let staple = tls.ocsp.as_ref()?;
+    let now = unix(SystemTime::now()) as i64;
+    Some(json!({
+        "file": tls.ocsp_path.as_ref().map(|p| p.display().to_string()),
+        "this_update": staple.this_update,
+        "next_update": staple.next_update,
+        "stapled": staple.current(now),
+    }))
+}
+
 /// The status document.
 pub fn status(rt: &Runtime) -> Value {
     let snapshot = rt.gateway.snapshot();
@@ -396,6 +408,7 @@ pub fn status(rt: &Runtime) -> Value {
                 "http3": l.quic.is_some(),
                 "proxy_protocol": l.config.proxy_protocol,
                 "quic_connections": quic.iter().find(|(k, _)| *k == l.config.key()).map_or(0, |(_, n)| *n),
+                "ocsp": l.config.tls.as_ref().and_then(ocsp_status),
             })
         })
         .collect();

@@ -144,6 +144,22 @@ pub fn render(v: &Value) -> String {
                 .unwrap_or_else(|| l["address"].as_str().unwrap_or("-")),
             l["active_connections"]
         ));
+        let o = &l["ocsp"];
+        if o.is_object() {
+            let next = match o["next_update"].as_i64() {
+                Some(t) => format!("next update {}", crate::listener::ocsp::rfc3339(t)),
+                None => "no next update".to_string(),
+            };
+            let state = if o["stapled"] == true {
+                "stapled"
+            } else {
+                "NOT stapled (not current)"
+            };
+            out.push_str(&format!(
+                "  ocsp staple {} {state}, {next}\n",
+                s(&o["file"])
+            ));
+        }
     }
     for u in v["upstreams"].as_array().into_iter().flatten() {
         out.push_str(&format!(

@@ -23,7 +23,7 @@ use super::raw::*;
 use super::security::*;
 use super::units::{parse_duration, parse_size};
 use super::{ConfigError, ConfigErrors, LoadOptions, Source};
-use crate::listener::tls;
+use crate::listener::{ocsp, tls};
 
 mod telemetry;
 pub use telemetry::*;
@@ -206,6 +206,12 @@ impl ListenerConfig {
 pub struct TlsConfig {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
+    /// `ocsp_response`: the DER OCSP response stapled to the certificate, re-read on every
+    /// reload.
+    pub ocsp_path: Option<PathBuf>,
+    /// The response read from it, checked against the certificate. Kept even when it is not
+    /// current (expired): the handshake staples it only while it is (`Staple::current`).
+    pub ocsp: Option<ocsp::Staple>,
     pub versions: Vec<TlsVersion>,
     pub alpn: Vec<Vec<u8>>,
     /// Key-exchange groups in preference order.
@@ -1223,6 +1229,7 @@ fn build_tls(
     );
     let cert_path = b.path(raw.cert.get_ref());
     let key_path = b.path(raw.key.get_ref());
+    let ocsp_path = raw.ocsp_response.as_ref().map(|p| b.path(p.get_ref()));
     let mut client_auth = client_auth_spec(b, key, &raw);
 
     // Development certificates: create them (serve) or note that they would be (test).
@@ -1279,10 +1286,28 @@ fn build_tls(
                 None
             }
         };
+    // The staple is checked against the certificate just loaded: without one there is
+    // nothing to check it against (the certificate's error is reported already).
+    let mut staple = None;
+    if let (Some(path), Some(ck), Some(raw_path)) = (&ocsp_path, &certified_key, &raw.ocsp_response)
+    {
+        match ocsp::load(path, &cert_path, &ck.cert) {
+            Ok(loaded) => {
+                let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+                if let Some(w) = loaded.warning(path, now) {
+                    b.warnings.push(format!("{key}.ocsp_response: {w}"));
+                }
+                staple = Some(loaded);
+            }
+            Err(m) => b.err(Some(raw_path.span()), format!("{key}.ocsp_response"), m),
+        }
+    }
     load_client_auth(b, key, &raw, &mut client_auth);
     certified_key.map(|ck| TlsConfig {
         cert_path,
         key_path,
+        ocsp_path,
+        ocsp: staple,
         versions,
         alpn,
         key_exchange,

@@ -59,6 +59,7 @@ pub struct RawQuic {
 pub struct RawTls {
     pub cert: Str,
     pub key: Str,
+    pub ocsp_response: Option<Str>,
     pub versions: Option<Spanned<Vec<Str>>>,
     pub alpn: Option<Vec<Str>>,
     pub key_exchange: Option<Spanned<Vec<Str>>>,

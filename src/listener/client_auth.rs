@@ -380,6 +380,8 @@ mod tests {
         l.tls = Some(TlsConfig {
             cert_path: "server.pem".into(),
             key_path: "server-key.pem".into(),
+            ocsp_path: None,
+            ocsp: None,
             versions: Vec::new(),
             alpn: Vec::new(),
             key_exchange: Vec::new(),

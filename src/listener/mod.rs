@@ -10,6 +10,7 @@ pub mod client_auth;
 mod conn;
 pub mod h1;
 pub mod limit;
+pub mod ocsp;
 pub mod proxy_protocol;
 pub mod quic;
 pub mod tls;

@@ -1,10 +1,11 @@
 //! TLS for listeners: rustls with the aws-lc-rs provider, TLS 1.3 unless a listener opts into
 //! 1.2, X25519MLKEM768 preferred. Certificates and keys are loaded here with errors that say
-//! what is wrong with which file.
+//! what is wrong with which file; the certificate's OCSP staple, when configured, is read by
+//! `ocsp` and sent while it is current (`ListenerCert`).
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
+use super::ocsp::Staple;
 use crate::config::{ClientAuth, ClientAuthMode, TlsConfig, TlsVersion};
 
 /// A key-exchange group Wraith can offer.
@@ -180,13 +182,63 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// Always presents the same certificate.
+/// Presents the listener's certificate, with its OCSP staple (`ocsp_response`) while that
+/// is current: a response past its nextUpdate makes strict clients refuse the connection,
+/// where no staple at all would not, so from then on the certificate goes without it (logged
+/// once) until a reload brings a fresh one.
 #[derive(Debug)]
-struct SingleCert(Arc<CertifiedKey>);
+struct ListenerCert {
+    plain: Arc<CertifiedKey>,
+    /// The same certificate with the staple, and the staple (for its times).
+    stapled: Option<(Arc<CertifiedKey>, Staple)>,
+    /// The file the staple came from, for the log.
+    ocsp_path: Option<std::path::PathBuf>,
+    /// Whether the staple's expiry has been logged.
+    expiry_logged: AtomicBool,
+}
 
-impl ResolvesServerCert for SingleCert {
+impl ListenerCert {
+    fn new(plain: Arc<CertifiedKey>, tls: &TlsConfig) -> ListenerCert {
+        let stapled = tls.ocsp.clone().map(|staple| {
+            let mut ck = (*plain).clone();
+            ck.ocsp = Some(staple.der.clone());
+            (Arc::new(ck), staple)
+        });
+        // One already expired now was warned about with the config's warnings.
+        let expired = tls
+            .ocsp
+            .as_ref()
+            .is_some_and(|s| s.expired(unix_now() as i64));
+        ListenerCert {
+            plain,
+            stapled,
+            ocsp_path: tls.ocsp_path.clone(),
+            expiry_logged: AtomicBool::new(expired),
+        }
+    }
+}
+
+impl ResolvesServerCert for ListenerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+        if let Some((stapled, staple)) = &self.stapled {
+            let now = unix_now() as i64;
+            if staple.current(now) {
+                return Some(stapled.clone());
+            }
+            if staple.expired(now) && !self.expiry_logged.swap(true, Ordering::Relaxed) {
+                let file = self
+                    .ocsp_path
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    file = %file,
+                    next_update = %super::ocsp::rfc3339(staple.next_update.unwrap_or_default()),
+                    "OCSP response expired (its nextUpdate passed): the certificate is sent without a staple; refresh the file and reload"
+                );
+            }
+        }
+        Some(self.plain.clone())
     }
 }
 
@@ -287,7 +339,7 @@ fn base_config(
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(SingleCert(ck)));
+    let mut config = builder.with_cert_resolver(Arc::new(ListenerCert::new(ck, tls)));
     // Cipher suites in our order. The key-exchange group is the client's first choice among
     // the listener's groups (rustls): browsers and rustls clients list X25519MLKEM768 first;
     // a classical-only client gets X25519.

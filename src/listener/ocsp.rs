@@ -1,0 +1,552 @@
+//! OCSP stapling from a file the operator prepares, as nginx's `ssl_stapling_file` and
+//! HAProxy's `.ocsp` file beside the certificate: `ocsp_response` names a DER OCSPResponse
+//! (what `openssl ocsp ... -respout` writes), read at load and on every reload, checked
+//! against the listener's certificate, and sent to the clients that ask for it
+//! (`status_request`) while it is current. Wraith does not fetch responses from the responder
+//! itself (nginx's `ssl_stapling on`): a cron job refreshes the file and runs `wraith reload`.
+//!
+//! The structures (RFC 6960 §4.2.1) are few and small: they are walked by hand with asn1-rs,
+//! which x509-parser brings already. The response's signature is not checked here: the client
+//! checks it against the certificate's issuer, as it would a response it fetched itself. What
+//! is checked is what makes a staple useless or harmful if wrong: that the file is an OCSP
+//! response the responder answered successfully, that it is about this certificate, that the
+//! certificate is good, and when it is current.
+
+use std::fmt;
+use std::path::Path;
+
+use aws_lc_rs::digest;
+use rustls_pki_types::CertificateDer;
+use x509_parser::asn1_rs::{Any, Class, FromDer, GeneralizedTime, Tag};
+use x509_parser::certificate::X509Certificate;
+
+/// A checked OCSP response for a listener's certificate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Staple {
+    /// The OCSPResponse as read from the file: what the handshake sends.
+    pub der: Vec<u8>,
+    /// The certificate's `thisUpdate` (seconds since the epoch): when the responder vouched
+    /// for its status.
+    pub this_update: i64,
+    /// Its `nextUpdate`, after which clients refuse the response; `None` when the responder
+    /// gives none (newer status is always available: the response never expires).
+    pub next_update: Option<i64>,
+}
+
+/// How far ahead of `thisUpdate` a response is stapled: the responder's clock and this
+/// server's may differ a little, and clients allow as much.
+const CLOCK_SKEW: i64 = 5 * 60;
+
+impl Staple {
+    /// Whether it may be stapled at `now` (seconds since the epoch): from `thisUpdate` (less
+    /// the clock skew) until `nextUpdate`. A response outside that time is never sent: a
+    /// strict client refuses the connection over an expired staple, where it would accept
+    /// none.
+    pub fn current(&self, now: i64) -> bool {
+        self.this_update - CLOCK_SKEW <= now && self.next_update.is_none_or(|next| now < next)
+    }
+
+    /// Whether it has expired at `now` (past its `nextUpdate`).
+    pub fn expired(&self, now: i64) -> bool {
+        self.next_update.is_some_and(|next| now >= next)
+    }
+
+    /// What `wraith test` and a reload say about a response that is not current at `now`.
+    pub fn warning(&self, path: &Path, now: i64) -> Option<String> {
+        if self.expired(now) {
+            Some(format!(
+                "OCSP response {} expired on {} (its nextUpdate): it is not stapled; refresh it (openssl ocsp ... -respout) and reload",
+                path.display(),
+                rfc3339(self.next_update.unwrap_or_default())
+            ))
+        } else if !self.current(now) {
+            Some(format!(
+                "OCSP response {} is not valid before {} (its thisUpdate; is this server's clock behind?): it is not stapled before then",
+                path.display(),
+                rfc3339(self.this_update)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Debug for Staple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staple")
+            .field("bytes", &self.der.len())
+            .field("this_update", &self.this_update)
+            .field("next_update", &self.next_update)
+            .finish()
+    }
+}
+
+/// A time for messages and `wraith status`.
+pub fn rfc3339(unix: i64) -> String {
+    ::time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&::time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Reads the OCSP response in `path` and checks it against `chain` (the listener's
+/// certificate chain from `cert_path`, leaf first): a successful response, about the leaf, which
+/// is good. Its times are not judged here ([`Staple::current`]).
+pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Result<Staple, String> {
+    let der = crate::files::read(path, crate::files::SMALL)
+        .map_err(|e| format!("cannot read OCSP response file {}: {e}", path.display()))?;
+    if der.starts_with(b"-----BEGIN") {
+        return Err(format!(
+            "{}: PEM text, but an OCSP response file is DER (as `openssl ocsp -respout` writes it)",
+            path.display()
+        ));
+    }
+    let response = parse(&der).map_err(|e| {
+        format!(
+            "{}: not a DER OCSP response (as `openssl ocsp -respout` writes it): {e}",
+            path.display()
+        )
+    })?;
+    let Some(leaf) = chain
+        .first()
+        .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c)
+    else {
+        return Err(format!("{}: no usable certificate", cert_path.display()));
+    };
+    let parsed: Vec<X509Certificate<'_>> = chain
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c))
+        .collect();
+    // The issuer's key, when the chain file holds the issuer (a full chain does); without it
+    // the serial number and the issuer's name identify the certificate.
+    let issuer_key = parsed
+        .iter()
+        .find(|c| c.subject().as_raw() == leaf.issuer().as_raw())
+        .map(|c| c.public_key().subject_public_key.data.to_vec());
+
+    let mut unknown_hashes = Vec::new();
+    let mut single = None;
+    for s in &response.responses {
+        match s.id.matches(&leaf, issuer_key.as_deref()) {
+            Some(true) => {
+                single = Some(s);
+                break;
+            }
+            Some(false) => {}
+            None => unknown_hashes.push(oid_text(s.id.hash_algorithm)),
+        }
+    }
+    let Some(single) = single else {
+        let serial = strip_zeros(leaf.raw_serial());
+        let others: Vec<String> = response
+            .responses
+            .iter()
+            .map(|s| {
+                let other = strip_zeros(s.id.serial);
+                if other == serial {
+                    format!(
+                        "{} of another issuer (its name or key hash differs)",
+                        hex(other)
+                    )
+                } else {
+                    hex(other)
+                }
+            })
+            .collect();
+        let mut message = format!(
+            "{}: the response is not about the certificate in {} (serial {}, issuer {}); it is about serial {}",
+            path.display(),
+            cert_path.display(),
+            hex(serial),
+            leaf.issuer(),
+            if others.is_empty() {
+                "none".to_string()
+            } else {
+                others.join(", ")
+            }
+        );
+        if !unknown_hashes.is_empty() {
+            message.push_str(&format!(
+                " (some identified with hash algorithms Wraith does not know: {}; use SHA-1 or SHA-256)",
+                unknown_hashes.join(", ")
+            ));
+        }
+        return Err(message);
+    };
+    match single.status {
+        CertStatus::Good => {}
+        CertStatus::Revoked(at) => {
+            return Err(format!(
+                "{}: the responder says the certificate in {} was revoked on {}: a staple would only make clients refuse it; replace the certificate",
+                path.display(),
+                cert_path.display(),
+                rfc3339(at)
+            ))
+        }
+        CertStatus::Unknown => {
+            return Err(format!(
+                "{}: the responder does not know the certificate in {} (status unknown): ask the responder of the CA that issued it",
+                path.display(),
+                cert_path.display()
+            ))
+        }
+    }
+    Ok(Staple {
+        this_update: single.this_update,
+        next_update: single.next_update,
+        der,
+    })
+}
+
+/// An OCSPResponse, as much of it as stapling needs.
+#[derive(Debug)]
+struct Response<'a> {
+    responses: Vec<SingleResponse<'a>>,
+}
+
+/// One certificate's status in a response.
+#[derive(Debug)]
+struct SingleResponse<'a> {
+    id: CertId<'a>,
+    status: CertStatus,
+    this_update: i64,
+    next_update: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CertStatus {
+    Good,
+    /// Revoked at this time (seconds since the epoch).
+    Revoked(i64),
+    Unknown,
+}
+
+/// Which certificate a SingleResponse is about: its issuer's name and key, hashed with
+/// `hash_algorithm`, and its serial number.
+#[derive(Debug)]
+struct CertId<'a> {
+    /// The algorithm's OID, as encoded (the content octets).
+    hash_algorithm: &'a [u8],
+    issuer_name_hash: &'a [u8],
+    issuer_key_hash: &'a [u8],
+    /// The serial number's INTEGER content octets.
+    serial: &'a [u8],
+}
+
+/// Encoded OIDs of the hash algorithms a CertID may use (RFC 6960 allows any; responders use
+/// SHA-1, some SHA-256).
+const SHA1: &[u8] = &[0x2b, 0x0e, 0x03, 0x02, 0x1a]; // 1.3.14.3.2.26
+const SHA256: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01]; // 2.16.840.1.101.3.4.2.1
+const SHA384: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02];
+const SHA512: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03];
+/// id-pkix-ocsp-basic, 1.3.6.1.5.5.7.48.1.1: the only response type there is.
+const OCSP_BASIC: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
+
+impl CertId<'_> {
+    /// Whether it names `leaf` (issued by the holder of `issuer_key`, when known); `None` when
+    /// its hash algorithm is not one Wraith knows.
+    fn matches(&self, leaf: &X509Certificate<'_>, issuer_key: Option<&[u8]>) -> Option<bool> {
+        let algorithm = match self.hash_algorithm {
+            SHA1 => &digest::SHA1_FOR_LEGACY_USE_ONLY,
+            SHA256 => &digest::SHA256,
+            SHA384 => &digest::SHA384,
+            SHA512 => &digest::SHA512,
+            _ => return None,
+        };
+        let hash = |data: &[u8]| digest::digest(algorithm, data);
+        Some(
+            strip_zeros(self.serial) == strip_zeros(leaf.raw_serial())
+                && self.issuer_name_hash == hash(leaf.issuer().as_raw()).as_ref()
+                && issuer_key.is_none_or(|key| self.issuer_key_hash == hash(key).as_ref()),
+        )
+    }
+}
+
+/// Parses an OCSPResponse (RFC 6960 §4.2.1). An unsuccessful one is an error naming the
+/// responder's status.
+fn parse(der: &[u8]) -> Result<Response<'_>, String> {
+    let (rest, outer) = Any::from_der(der).map_err(|e| format!("OCSPResponse: {e}"))?;
+    let mut outer = Seq::new(&outer, "OCSPResponse")?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the OCSPResponse", rest.len()));
+    }
+    // responseStatus ENUMERATED
+    let status = outer.next(Tag::Enumerated, "responseStatus")?;
+    let status = match status.data {
+        [n] => *n,
+        _ => return Err("responseStatus: not a small ENUMERATED".into()),
+    };
+    if status != 0 {
+        let name = match status {
+            1 => "malformedRequest",
+            2 => "internalError",
+            3 => "tryLater",
+            5 => "sigRequired",
+            6 => "unauthorized",
+            _ => "an unknown status",
+        };
+        return Err(format!(
+            "the responder answered {name} (responseStatus {status}), not a certificate's status"
+        ));
+    }
+    // responseBytes [0] EXPLICIT ResponseBytes
+    let bytes = outer
+        .next_context(0)?
+        .ok_or("responseBytes missing from a successful response")?;
+    let mut bytes = Seq::new(&inner(&bytes, "responseBytes")?, "ResponseBytes")?;
+    let kind = bytes.next(Tag::Oid, "responseType")?;
+    if kind.data != OCSP_BASIC {
+        return Err(format!(
+            "responseType {} is not id-pkix-ocsp-basic (1.3.6.1.5.5.7.48.1.1)",
+            oid_text(kind.data)
+        ));
+    }
+    let basic = bytes.next(Tag::OctetString, "response")?;
+    let (_, basic) = Any::from_der(basic.data).map_err(|e| format!("BasicOCSPResponse: {e}"))?;
+    let mut basic = Seq::new(&basic, "BasicOCSPResponse")?;
+    let tbs = basic.next(Tag::Sequence, "tbsResponseData")?;
+    let mut tbs = Seq::new(&tbs, "ResponseData")?;
+    // version [0] EXPLICIT DEFAULT v1
+    tbs.next_context(0)?;
+    // responderID: byName [1] or byKey [2]
+    let responder = tbs.any("responderID")?;
+    if responder.class() != Class::ContextSpecific || !matches!(responder.tag().0, 1 | 2) {
+        return Err("responderID: neither byName [1] nor byKey [2]".into());
+    }
+    tbs.next(Tag::GeneralizedTime, "producedAt")?;
+    let list = tbs.next(Tag::Sequence, "responses")?;
+    let mut list = Seq::new(&list, "responses")?;
+    let mut responses = Vec::new();
+    while !list.is_empty() {
+        let single = list.next(Tag::Sequence, "SingleResponse")?;
+        responses.push(single_response(&single)?);
+    }
+    Ok(Response { responses })
+}
+
+/// One SingleResponse: CertID, CertStatus, thisUpdate, nextUpdate.
+fn single_response<'a>(single: &Any<'a>) -> Result<SingleResponse<'a>, String> {
+    let mut s = Seq::new(single, "SingleResponse")?;
+    let id = s.next(Tag::Sequence, "certID")?;
+    let mut id = Seq::new(&id, "CertID")?;
+    let algorithm = id.next(Tag::Sequence, "hashAlgorithm")?;
+    let hash_algorithm = Seq::new(&algorithm, "hashAlgorithm")?
+        .next(Tag::Oid, "hashAlgorithm.algorithm")?
+        .data;
+    let id = CertId {
+        hash_algorithm,
+        issuer_name_hash: id.next(Tag::OctetString, "issuerNameHash")?.data,
+        issuer_key_hash: id.next(Tag::OctetString, "issuerKeyHash")?.data,
+        serial: id.next(Tag::Integer, "serialNumber")?.data,
+    };
+    // certStatus: good [0] IMPLICIT NULL, revoked [1] IMPLICIT RevokedInfo, unknown [2]
+    let status = s.any("certStatus")?;
+    if status.class() != Class::ContextSpecific {
+        return Err("certStatus: not good [0], revoked [1] or unknown [2]".into());
+    }
+    let status = match status.tag().0 {
+        0 => CertStatus::Good,
+        1 => {
+            // RevokedInfo ::= SEQUENCE { revocationTime GeneralizedTime, ... }, its tag
+            // replaced by [1]: the content starts with the time.
+            let (_, at) = Any::from_der(status.data)
+                .map_err(|e| format!("certStatus revoked: revocationTime: {e}"))?;
+            CertStatus::Revoked(time(&at, "revocationTime")?)
+        }
+        2 => CertStatus::Unknown,
+        n => return Err(format!("certStatus: unknown choice [{n}]")),
+    };
+    let this_update = time(&s.next(Tag::GeneralizedTime, "thisUpdate")?, "thisUpdate")?;
+    let next_update = match s.next_context(0)? {
+        Some(next) => Some(time(&inner(&next, "nextUpdate")?, "nextUpdate")?),
+        None => None,
+    };
+    Ok(SingleResponse {
+        id,
+        status,
+        this_update,
+        next_update,
+    })
+}
+
+/// The elements of a SEQUENCE, read in order.
+struct Seq<'a> {
+    rest: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Seq<'a> {
+    /// The content of `any`, which must be a SEQUENCE.
+    fn new(any: &Any<'a>, what: &'static str) -> Result<Seq<'a>, String> {
+        if any.class() != Class::Universal || any.tag() != Tag::Sequence {
+            return Err(format!("{what}: not a SEQUENCE"));
+        }
+        Ok(Seq {
+            rest: any.data,
+            what,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    /// The next element, whatever it is.
+    fn any(&mut self, field: &str) -> Result<Any<'a>, String> {
+        if self.rest.is_empty() {
+            return Err(format!("{}: {field} missing", self.what));
+        }
+        let (rest, any) =
+            Any::from_der(self.rest).map_err(|e| format!("{}: {field}: {e}", self.what))?;
+        self.rest = rest;
+        Ok(any)
+    }
+
+    /// The next element, which must be a universal `tag`.
+    fn next(&mut self, tag: Tag, field: &str) -> Result<Any<'a>, String> {
+        let any = self.any(field)?;
+        if any.class() != Class::Universal || any.tag() != tag {
+            return Err(format!(
+                "{}: {field}: expected {tag}, found {} {}",
+                self.what,
+                any.class(),
+                any.tag()
+            ));
+        }
+        Ok(any)
+    }
+
+    /// The next element if it is the context-specific `[n]` (an optional field).
+    fn next_context(&mut self, n: u32) -> Result<Option<Any<'a>>, String> {
+        let Ok((rest, any)) = Any::from_der(self.rest) else {
+            return Ok(None);
+        };
+        if any.class() != Class::ContextSpecific || any.tag().0 != n {
+            return Ok(None);
+        }
+        self.rest = rest;
+        Ok(Some(any))
+    }
+}
+
+/// The element inside an EXPLICIT tag.
+fn inner<'a>(tagged: &Any<'a>, what: &str) -> Result<Any<'a>, String> {
+    Any::from_der(tagged.data)
+        .map(|(_, any)| any)
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// A GeneralizedTime, in seconds since the epoch.
+fn time(any: &Any<'_>, what: &str) -> Result<i64, String> {
+    GeneralizedTime::try_from(any)
+        .and_then(|t| t.utc_datetime())
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| format!("{what}: not a valid GeneralizedTime: {e}"))
+}
+
+/// An encoded OID in dotted form, for messages.
+fn oid_text(encoded: &[u8]) -> String {
+    x509_parser::asn1_rs::Oid::new(encoded.into()).to_id_string()
+}
+
+/// An INTEGER's content without the leading zero octets DER puts before a high bit.
+fn strip_zeros(mut n: &[u8]) -> &[u8] {
+    while let [0, rest @ ..] = n {
+        n = rest;
+    }
+    n
+}
+
+/// Colon-separated hex, as `openssl x509 -serial` and browsers show serial numbers.
+fn hex(bytes: &[u8]) -> String {
+    let parts: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+    if parts.is_empty() {
+        "00".into()
+    } else {
+        parts.join(":")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DER TLV.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 128);
+        let mut out = vec![tag, content.len() as u8];
+        out.extend_from_slice(content);
+        out
+    }
+
+    #[test]
+    fn an_unsuccessful_response_names_the_responders_status() {
+        // OCSPResponse { responseStatus tryLater } with no responseBytes.
+        let der = tlv(0x30, &tlv(0x0a, &[3]));
+        let e = parse(&der).unwrap_err();
+        assert!(e.contains("tryLater"), "{e}");
+        let der = tlv(0x30, &tlv(0x0a, &[6]));
+        assert!(parse(&der).unwrap_err().contains("unauthorized"));
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        for der in [
+            &b""[..],
+            b"garbage",
+            &[0x30, 0x80, 0x00, 0x00],
+            &[0x30, 0x05, 0x0a, 0x01],
+            &[0x30, 0x03, 0x0a, 0x01, 0x00],
+            &[0x30, 0x03, 0x0a, 0x01, 0x00, 0x00],
+            &[0xa0, 0x03, 0x0a, 0x01, 0x00],
+        ] {
+            assert!(parse(der).is_err(), "{der:?}");
+        }
+        // A successful status whose responseBytes has another type.
+        let other_type = tlv(
+            0x30,
+            &[tlv(0x06, &[0x2a, 0x03]), tlv(0x04, &[0x30, 0x00])].concat(),
+        );
+        let der = tlv(0x30, &[tlv(0x0a, &[0]), tlv(0xa0, &other_type)].concat());
+        let e = parse(&der).unwrap_err();
+        assert!(e.contains("1.2.3"), "{e}");
+    }
+
+    #[test]
+    fn stapled_from_this_update_until_next_update() {
+        let s = Staple {
+            der: Vec::new(),
+            this_update: 1_000_000,
+            next_update: Some(1_086_400),
+        };
+        let path = Path::new("server.ocsp");
+        assert!(s.current(1_000_000));
+        assert!(s.current(1_000_000 - CLOCK_SKEW));
+        assert!(!s.current(1_000_000 - CLOCK_SKEW - 1));
+        assert!(s
+            .warning(path, 999_000)
+            .unwrap()
+            .contains("not valid before"));
+        assert!(s.current(1_086_399));
+        assert!(s.warning(path, 1_086_399).is_none());
+        assert!(!s.current(1_086_400));
+        assert!(s.expired(1_086_400));
+        assert!(s.warning(path, 1_086_400).unwrap().contains("expired on"));
+        let open = Staple {
+            next_update: None,
+            ..s
+        };
+        assert!(open.current(i64::MAX));
+    }
+
+    #[test]
+    fn serial_numbers_compare_without_leading_zeros() {
+        assert_eq!(strip_zeros(&[0, 0x80, 1]), &[0x80, 1]);
+        assert_eq!(hex(strip_zeros(&[0, 0x0a, 0xff])), "0A:FF");
+        assert_eq!(hex(&[]), "00");
+    }
+}

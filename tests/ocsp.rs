@@ -248,6 +248,22 @@ impl Client {
     }
 }
 
+/// The staple a QUIC handshake with the https listener carries (empty: none).
+async fn quic_staple(wraith: &Wraith) -> Vec<u8> {
+    let (config, verifier) = client_config(wraith, &[&rustls::version::TLS13], b"h3");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(wraith.addr("https"), "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    conn.close(0u32.into(), b"done");
+    let staple = verifier.staple.lock().unwrap().take().unwrap();
+    staple
+}
+
 /// `openssl s_client -status` against the https listener; its output.
 fn s_client(wraith: &Wraith) -> String {
     let addr = wraith.addr("https");
@@ -311,20 +327,10 @@ async fn the_staple_reaches_openssl_and_rustls_clients() {
     }
 
     // HTTP/3: the QUIC handshake carries it too.
-    let (config, verifier) = client_config(&wraith, &[&rustls::version::TLS13], b"h3");
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint
-        .connect(wraith.addr("https"), "localhost")
-        .unwrap()
-        .await
-        .unwrap();
     assert!(
-        verifier.staple.lock().unwrap().as_deref() == Some(&der[..]),
+        quic_staple(&wraith).await == der,
         "QUIC: not the file's response"
     );
-    conn.close(0u32.into(), b"done");
 
     let (code, status, err) = wraith.cli(&["status"]);
     assert_eq!(code, 0, "{err}");
@@ -480,8 +486,8 @@ async fn an_expired_response_is_warned_about_and_not_stapled() {
     assert!(status.contains("NOT stapled"), "{status}");
 }
 
-/// A staple that expires while the server runs is no longer sent from its nextUpdate on, and
-/// that is logged (once). The server's clock is moved by libfaketime.
+/// A staple that expires while the server runs is no longer sent from its nextUpdate on, over
+/// TCP and QUIC, and that is logged once. The server's clock is moved by libfaketime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staple_expiring_while_serving_is_no_longer_sent() {
     let setup = Setup::new();
@@ -497,7 +503,8 @@ async fn a_staple_expiring_while_serving_is_no_longer_sent() {
     );
     let clock = setup.dir.path().join("clock");
     std::fs::write(&clock, "+0\n").unwrap();
-    let cfg = config(&setup, r#"ocsp_response = "server.ocsp""#);
+    let cfg =
+        home_route(&setup.listeners_h3(r#"ocsp_response = "server.ocsp""#, "", ALLOW_ALL_POLICY));
     let wraith = setup.start_with_env(
         &cfg,
         &[
@@ -510,6 +517,7 @@ async fn a_staple_expiring_while_serving_is_no_longer_sent() {
     let der = std::fs::read(&file).unwrap();
     let client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
     assert!(client.staple == der);
+    assert!(quic_staple(&wraith).await == der, "QUIC");
 
     // Two days on: past the nextUpdate (the client's clock is not moved).
     std::fs::write(&clock, "+172800\n").unwrap();
@@ -517,6 +525,10 @@ async fn a_staple_expiring_while_serving_is_no_longer_sent() {
         let mut client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
         assert!(client.staple.is_empty(), "an expired staple was sent");
         assert_eq!(client.get().await, "HTTP/1.1 200 OK");
+        assert!(
+            quic_staple(&wraith).await.is_empty(),
+            "QUIC: an expired staple was sent"
+        );
     }
     let warned: Vec<_> = wraith
         .log_json()

@@ -14,6 +14,8 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use aws_lc_rs::digest;
 use rustls_pki_types::CertificateDer;
@@ -21,7 +23,7 @@ use x509_parser::asn1_rs::{Any, Class, FromDer, GeneralizedTime, Tag};
 use x509_parser::certificate::X509Certificate;
 
 /// A checked OCSP response for a listener's certificate.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Staple {
     /// The OCSPResponse as read from the file: what the handshake sends.
     pub der: Vec<u8>,
@@ -31,6 +33,9 @@ pub struct Staple {
     /// Its `nextUpdate`, after which clients refuse the response; `None` when the responder
     /// gives none (newer status is always available: the response never expires).
     pub next_update: Option<i64>,
+    /// Whether its expiry has been told (a warning at load, or a log line when it expires
+    /// while serving): shared by the listener's TCP and QUIC sides, so it is told once.
+    pub expiry_told: Arc<AtomicBool>,
 }
 
 /// How far ahead of `thisUpdate` a response is stapled: the responder's clock and this
@@ -54,6 +59,7 @@ impl Staple {
     /// What `wraith test` and a reload say about a response that is not current at `now`.
     pub fn warning(&self, path: &Path, now: i64) -> Option<String> {
         if self.expired(now) {
+            self.expiry_told.store(true, Ordering::Relaxed);
             Some(format!(
                 "OCSP response {} expired on {} (its nextUpdate): it is not stapled; refresh it (openssl ocsp ... -respout) and reload",
                 path.display(),
@@ -199,6 +205,7 @@ pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Resu
         this_update: single.this_update,
         next_update: single.next_update,
         der,
+        expiry_told: Arc::default(),
     })
 }
 
@@ -522,6 +529,7 @@ mod tests {
             der: Vec::new(),
             this_update: 1_000_000,
             next_update: Some(1_086_400),
+            expiry_told: Arc::default(),
         };
         let path = Path::new("server.ocsp");
         assert!(s.current(1_000_000));

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,8 +193,6 @@ struct ListenerCert {
     stapled: Option<(Arc<CertifiedKey>, Staple)>,
     /// The file the staple came from, for the log.
     ocsp_path: Option<std::path::PathBuf>,
-    /// Whether the staple's expiry has been logged.
-    expiry_logged: AtomicBool,
 }
 
 impl ListenerCert {
@@ -204,16 +202,10 @@ impl ListenerCert {
             ck.ocsp = Some(staple.der.clone());
             (Arc::new(ck), staple)
         });
-        // One already expired now was warned about with the config's warnings.
-        let expired = tls
-            .ocsp
-            .as_ref()
-            .is_some_and(|s| s.expired(unix_now() as i64));
         ListenerCert {
             plain,
             stapled,
             ocsp_path: tls.ocsp_path.clone(),
-            expiry_logged: AtomicBool::new(expired),
         }
     }
 }
@@ -225,7 +217,7 @@ impl ResolvesServerCert for ListenerCert {
             if staple.current(now) {
                 return Some(stapled.clone());
             }
-            if staple.expired(now) && !self.expiry_logged.swap(true, Ordering::Relaxed) {
+            if staple.expired(now) && !staple.expiry_told.swap(true, Ordering::Relaxed) {
                 let file = self
                     .ocsp_path
                     .as_deref()

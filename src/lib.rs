@@ -33,9 +33,10 @@
 //!
 //! - `config`: `wraith.toml` -> raw serde mirror -> typed `Config`, every error at once
 //! - `runtime`: `Snapshot` (config + everything built from it) behind ArcSwap; reload; drain
-//! - `listener`: sockets, TLS, per-connection serving (TCP in `conn`, its HTTP/1.1 codec in
-//!   `h1`, QUIC/HTTP/3 in `quic`); `http1`: chunked decoding shared with the upstream client;
-//!   `upgrade`: connections handed from the HTTP/1.1 server to the pipeline after a 101
+//! - `listener`: sockets, TLS (OCSP staples in `ocsp`), per-connection serving (TCP in `conn`,
+//!   its HTTP/1.1 codec in `h1`, QUIC/HTTP/3 in `quic`); `http1`: chunked decoding shared with
+//!   the upstream client; `upgrade`: connections handed from the HTTP/1.1 server to the
+//!   pipeline after a 101
 //! - `proxy`: the pipeline (`Gateway::handle`), header rules, path normalization
 //! - `router`, `upstream`: route matching; upstream pools (balancing, health, TLS) and the
 //!   forwarder (retries)

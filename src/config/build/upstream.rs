@@ -387,9 +387,9 @@ pub(super) fn build_upstreams(
                         "{key}.tls is set but no endpoint is https://; it is not used"
                     ));
                 }
-                build_upstream_tls(b, &format!("{key}.tls"), span, t.into_inner())
+                build_client_tls(b, &format!("{key}.tls"), span, t.into_inner())
             }
-            None if any_tls => build_upstream_tls(
+            None if any_tls => build_client_tls(
                 b,
                 &format!("{key}.tls"),
                 u.endpoints.span(),
@@ -702,7 +702,11 @@ const SYSTEM_CA_BUNDLES: &[&str] = &[
     "/etc/ssl/cert.pem",
 ];
 
-fn build_upstream_tls(
+/// The TLS client settings at `key` (an upstream's `tls`, `[rate_limit.redis]`): the CA
+/// bundle (the system's by default), an optional client certificate and key, and a server
+/// name. Built once here, so that a file that cannot be read or used is a config error with
+/// its key path, not a failure at the first connection.
+pub(in crate::config) fn build_client_tls(
     b: &mut Builder<'_>,
     key: &str,
     span: Span,
@@ -725,8 +729,9 @@ fn build_upstream_tls(
             }
         }
     };
+    // Every file is read before giving up, so that each one missing is reported at once.
     let ca = match &raw.ca {
-        Some(c) => read(b, c, "ca")?,
+        Some(c) => read(b, c, "ca"),
         None => {
             let found = SYSTEM_CA_BUNDLES.iter().find_map(|p| {
                 crate::files::read(std::path::Path::new(p), crate::files::SMALL)
@@ -734,33 +739,40 @@ fn build_upstream_tls(
                     .map(|pem| (p, pem))
             });
             match found {
-                Some((p, pem)) => PemFile {
+                Some((p, pem)) => Some(PemFile {
                     path: PathBuf::from(p),
                     pem: Arc::from(pem),
-                },
+                }),
                 None => {
                     b.err(
-                        Some(span),
+                        Some(span.clone()),
                         format!("{key}.ca"),
-                        "https:// endpoints need a CA bundle: no system bundle was found, set tls.ca",
+                        format!(
+                            "no system CA bundle was found ({}): set {key}.ca",
+                            SYSTEM_CA_BUNDLES.join(", ")
+                        ),
                     );
-                    return None;
+                    None
                 }
             }
         }
     };
     let client_cert = match (&raw.cert, &raw.key) {
-        (Some(c), Some(k)) => Some((read(b, c, "cert")?, read(b, k, "key")?)),
-        (None, None) => None,
+        (Some(c), Some(k)) => {
+            let (cert, key) = (read(b, c, "cert"), read(b, k, "key"));
+            Some(Some((cert?, key?)))
+        }
+        (None, None) => Some(None),
         (Some(c), None) | (None, Some(c)) => {
             b.err(
                 Some(c.span()),
                 key,
                 "a client certificate needs both cert and key",
             );
-            return None;
+            None
         }
     };
+    let (ca, client_cert) = (ca?, client_cert?);
     let server_name = raw.server_name.as_ref().map(|n| {
         if rustls_pki_types::ServerName::try_from(n.get_ref().as_str()).is_err() {
             b.err(

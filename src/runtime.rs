@@ -145,6 +145,8 @@ impl Snapshot {
             }
         };
         // The Redis connection carries over a reload that keeps its settings.
+        // (A changed CA or client certificate file is a change: the settings hold their
+        // contents.) A new store counts its failures on from the one it replaces.
         let rate_store = match &config.rate_limit.redis {
             None => None,
             Some(settings) => match previous
@@ -152,7 +154,10 @@ impl Snapshot {
                 .filter(|s| s.settings == *settings)
             {
                 Some(same) => Some(same.clone()),
-                None => match ratelimit::shared::SharedStore::new(settings.clone()) {
+                None => match ratelimit::shared::SharedStore::new(
+                    settings.clone(),
+                    previous.and_then(|p| p.rate_store.as_deref()),
+                ) {
                     Ok(s) => Some(Arc::new(s)),
                     Err(e) => {
                         errors.push(e);

@@ -1,7 +1,10 @@
 //! Shared rate limits (`shared = true`, `[rate_limit.redis]`) against Debian's redis-server:
 //! two gateways enforce one budget, a refusal by a local limit leaves the shared ones
 //! uncounted, buckets expire in Redis, and while Redis is down the limits fall back to
-//! `on_error` (counted locally, or open) and come back with it.
+//! `on_error` (counted locally, or open) and come back with it. Over TLS (`rediss://`, Redis
+//! started with `--tls-port`): the certificate is verified (CA, host name), a client
+//! certificate is presented when Redis asks for one, and the failures are counted in
+//! `wraith_rate_limit_store_errors_total`.
 
 mod common;
 
@@ -18,6 +21,8 @@ use common::*;
 struct Redis {
     child: Child,
     port: u16,
+    /// What `redis-cli` needs to reach it (`--tls`, its CA and client certificate).
+    cli_args: Vec<String>,
 }
 
 impl Redis {
@@ -27,8 +32,46 @@ impl Redis {
 
     /// A redis-server on `port` with more arguments, e.g. `["--requirepass", "x"]`.
     fn start_with(port: u16, extra: &[&str]) -> Redis {
+        Redis::launch(port, &["--port", &port.to_string()], extra, Vec::new())
+    }
+
+    /// A redis-server speaking TLS only, with `pki`'s server certificate (localhost,
+    /// 127.0.0.1); `client_certs`: whether it demands a client certificate of `pki`'s CA.
+    fn start_tls(pki: &Pki, client_certs: bool, extra: &[&str]) -> Redis {
+        let port = unused_port();
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let (cli_cert, cli_key) = pki.client("redis-cli", None);
+        let tls = [
+            "--port".to_string(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(&pki.server_cert),
+            "--tls-key-file".into(),
+            path(&pki.server_key),
+            "--tls-ca-cert-file".into(),
+            path(&pki.ca_pem),
+            "--tls-auth-clients".into(),
+            if client_certs { "yes" } else { "no" }.into(),
+        ];
+        let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+        let cli = vec![
+            "--tls".to_string(),
+            "--cacert".into(),
+            path(&pki.ca_pem),
+            "--cert".into(),
+            path(&cli_cert),
+            "--key".into(),
+            path(&cli_key),
+        ];
+        Redis::launch(port, &tls, extra, cli)
+    }
+
+    fn launch(port: u16, listen: &[&str], extra: &[&str], cli_args: Vec<String>) -> Redis {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(listen)
             .args(["--save", "", "--appendonly", "no"])
             .args(extra)
             .stdout(Stdio::null())
@@ -40,7 +83,11 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Redis { child, port }
+        Redis {
+            child,
+            port,
+            cli_args,
+        }
     }
 
     fn start() -> Redis {
@@ -55,6 +102,7 @@ impl Redis {
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
             .args(args)
             .output()
             .unwrap();
@@ -302,9 +350,43 @@ fn shared_limits_need_a_usable_redis_section() {
         out.contains("rate_limit.limits[0].shared") && out.contains("needs [rate_limit.redis]"),
         "{out}"
     );
-    let out = test(&config(&setup, "rediss://127.0.0.1:1", limit));
+    let out = test(&config(&setup, "rediss://127.0.0.1:1", limit).replace(
+        "timeout = \"200ms\"",
+        "timeout = \"200ms\"\nca = \"no-such-ca.pem\"\ncert = \"ca.pem\"",
+    ));
     assert!(
-        out.contains("rate_limit.redis.url") && out.contains("\"rediss\" is not supported"),
+        out.contains("rate_limit.redis.ca")
+            && out.contains("cannot read")
+            && out.contains("no-such-ca.pem")
+            && out.contains("a client certificate needs both cert and key"),
+        "{out}"
+    );
+    // TLS files with a cleartext URL would do nothing.
+    let out = test(&config(&setup, "redis://127.0.0.1:1", limit).replace(
+        "timeout = \"200ms\"",
+        "timeout = \"200ms\"\nca = \"ca.pem\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"",
+    ));
+    for key in ["ca", "cert", "key"] {
+        assert!(
+            out.contains(&format!("rate_limit.redis.{key}")) && out.contains("use rediss://"),
+            "{key}: {out}"
+        );
+    }
+    // A key that is no key; a URL asking for no verification.
+    std::fs::write(setup.dir.path().join("bad-key.pem"), "not a key\n").unwrap();
+    let out = test(&config(&setup, "rediss://127.0.0.1:1", limit).replace(
+        "timeout = \"200ms\"",
+        "timeout = \"200ms\"\nca = \"ca.pem\"\ncert = \"server.pem\"\nkey = \"bad-key.pem\"",
+    ));
+    assert!(
+        out.contains("rate_limit.redis")
+            && out.contains("client key")
+            && out.contains("bad-key.pem"),
+        "{out}"
+    );
+    let out = test(&config(&setup, "rediss://127.0.0.1:1/0#insecure", limit));
+    assert!(
+        out.contains("rate_limit.redis.url") && out.contains("#insecure is not supported"),
         "{out}"
     );
     let out = test(&config(&setup, "http://127.0.0.1:1", limit));
@@ -527,4 +609,236 @@ async fn a_raised_shared_limit_starts_fresh() {
         code, 200,
         "refused by the raised limit ({policy:?}), Retry-After {retry:?}"
     );
+}
+
+/// `config` with more lines in `[rate_limit.redis]`.
+fn config_with(setup: &Setup, redis: &str, limits: &str, more: &str) -> String {
+    config(setup, redis, limits).replace(
+        "timeout = \"200ms\"",
+        &format!("timeout = \"200ms\"\n{more}"),
+    )
+}
+
+/// The value of metric `name` with `labels` on `/metrics` (admin socket), if exported.
+async fn metric(wraith: &Wraith, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (code, text) = wraith.admin_get("/v1/metrics").await;
+    assert_eq!(code, 200);
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            // (prometheus-parse reads an OpenMetrics counter's `_total` sample as untyped.)
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        })
+}
+
+async fn store_errors(wraith: &Wraith, reason: &str) -> f64 {
+    metric(
+        wraith,
+        "wraith_rate_limit_store_errors_total",
+        &[("reason", reason)],
+    )
+    .await
+    .unwrap_or_else(|| panic!("no wraith_rate_limit_store_errors_total{{reason={reason:?}}}"))
+}
+
+/// Sends requests from fresh addresses until Redis holds a key of one of them: the shared
+/// limits count there (again). Panics after 10 s.
+async fn wait_counted_in_redis(wraith: &Wraith, redis: &Redis, octet: u8) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        assert_eq!(status(wraith, &format!("127.0.{octet}.{n}")).await, 200);
+        let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+        if keys.contains(&format!(":ip:127.0.{octet}.")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shared limits do not count in Redis; Redis holds:\n{keys}\n{}",
+            wraith.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Redis over TLS with a password: two gateways (one naming Redis by host name, the other by
+/// address, both in its certificate) enforce one budget, and `wraith status` shows the URL
+/// without the password.
+#[tokio::test]
+async fn two_gateways_enforce_one_budget_over_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(redis_dir.path());
+    let redis = Redis::start_tls(&pki, false, &["--requirepass", "s3cret"]);
+    let ca = format!("ca = {:?}", pki.ca_pem.to_str().unwrap());
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "3/m", burst = 3, shared = true }"#;
+    let (a, b) = (Setup::new(), Setup::new());
+    let url_a = format!("rediss://:s3cret@localhost:{}/0", redis.port);
+    let url_b = format!("rediss://:s3cret@127.0.0.1:{}/0", redis.port);
+    let (ca_cfg, cb_cfg) = (
+        config_with(&a, &url_a, limit, &ca),
+        config_with(&b, &url_b, limit, &ca),
+    );
+    let (a, b) = (a.start(&ca_cfg), b.start(&cb_cfg));
+
+    assert_eq!(status(&a, "127.0.0.1").await, 200);
+    assert_eq!(status(&b, "127.0.0.1").await, 200);
+    assert_eq!(status(&a, "127.0.0.1").await, 200);
+    let (code, _, policy) = get_from(&b, "127.0.0.1").await;
+    assert_eq!(code, 429, "the fourth request across both gateways passed");
+    assert_eq!(policy.as_deref(), Some("\"per-ip\";q=3;w=60"));
+    assert_eq!(status(&a, "127.0.0.1").await, 429);
+    let keys = redis.cli(&[
+        "-a",
+        "s3cret",
+        "--no-auth-warning",
+        "--scan",
+        "--pattern",
+        "wraith:ratelimit:*",
+    ]);
+    assert_eq!(keys.trim(), "wraith:ratelimit:per-ip:ip:127.0.0.1");
+
+    let st = a.status().await;
+    let url = format!("rediss://localhost:{}/0", redis.port);
+    assert_eq!(st["rate_limit_redis"]["url"], url, "{st}");
+    assert_eq!(st["rate_limit_redis"]["failures"], 0, "{st}");
+    assert!(!st.to_string().contains("s3cret"), "{st}");
+    for reason in ["timeout", "connect", "tls", "error"] {
+        assert_eq!(store_errors(&a, reason).await, 0.0, "{reason}");
+    }
+    assert_eq!(
+        metric(&a, "wraith_rate_limit_store_fallback", &[]).await,
+        Some(0.0)
+    );
+}
+
+/// Redis's certificate is not from the CA Wraith was given: the shared limits fall back to
+/// `on_error` (counted here alone), the failure is logged, shown by `wraith status` and
+/// counted as `reason="tls"`. The CA file replaced with the right one (same path, same
+/// config text), a reload connects anew and the limits count in Redis again; the counters go
+/// on from where they were. A URL naming Redis by an address its certificate does not hold
+/// fails the same way.
+#[tokio::test]
+async fn an_untrusted_redis_certificate_falls_back_until_the_ca_is_fixed() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(redis_dir.path());
+    let redis = Redis::start_tls(&pki, false, &["--bind", "127.0.0.1", "127.0.0.2"]);
+    let setup = Setup::new();
+    // The gateway's own test CA: not the one that issued Redis's certificate.
+    let redis_ca = setup.dir.path().join("redis-ca.pem");
+    std::fs::copy(&setup.pki.ca_pem, &redis_ca).unwrap();
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let url = format!("rediss://localhost:{}/0", redis.port);
+    let cfg = config_with(&setup, &url, limit, "ca = \"redis-ca.pem\"");
+    let wraith = setup.start(&cfg);
+
+    // Counted here alone: 2 a minute.
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 429);
+    assert!(redis
+        .cli(&["--scan", "--pattern", "wraith:ratelimit:*"])
+        .trim()
+        .is_empty());
+    let st = wraith.status().await;
+    let state = &st["rate_limit_redis"];
+    assert!(state["failures"].as_u64() >= Some(1), "{st}");
+    let last = state["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains("certificate"), "{st}");
+    wraith
+        .wait_log(Duration::from_secs(5), |v| {
+            v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("shared rate limits: Redis failed"))
+        })
+        .unwrap_or_else(|| panic!("no warning:\n{}", wraith.log()));
+    let tls_errors = store_errors(&wraith, "tls").await;
+    assert!(tls_errors >= 1.0, "{tls_errors}");
+    assert_eq!(store_errors(&wraith, "connect").await, 0.0);
+    // On the fallback for a second after each failure: seen right after a failed request.
+    let mut seen = false;
+    for n in 0..10 {
+        assert_eq!(status(&wraith, &format!("127.0.2.{n}")).await, 200);
+        if metric(&wraith, "wraith_rate_limit_store_fallback", &[]).await == Some(1.0) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert!(seen, "wraith_rate_limit_store_fallback never 1");
+
+    // The right CA in the same file: the reload makes a new connection, which is trusted.
+    std::fs::copy(&pki.ca_pem, &redis_ca).unwrap();
+    wraith.reload().unwrap();
+    wait_counted_in_redis(&wraith, &redis, 3).await;
+    let st = wraith.status().await;
+    assert_eq!(st["rate_limit_redis"]["failures"], 0, "a new store: {st}");
+    assert!(store_errors(&wraith, "tls").await >= tls_errors);
+
+    // Redis by an address its certificate does not name (it holds localhost, 127.0.0.1).
+    let before = store_errors(&wraith, "tls").await;
+    let other = format!("rediss://127.0.0.2:{}/0", redis.port);
+    wraith.write_config(&cfg.replace(&url, &other));
+    wraith.reload().unwrap();
+    assert_eq!(status(&wraith, "127.0.4.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.4.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.4.1").await, 429);
+    assert!(store_errors(&wraith, "tls").await > before);
+    assert!(!redis
+        .cli(&["--scan", "--pattern", "wraith:ratelimit:*"])
+        .contains(":ip:127.0.4."));
+}
+
+/// Redis demands a client certificate (`--tls-auth-clients yes`): a gateway with `cert` and
+/// `key` from Redis's CA counts there; one without falls back, its failure counted.
+#[tokio::test]
+async fn mutual_tls_to_redis() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(redis_dir.path());
+    let redis = Redis::start_tls(&pki, true, &[]);
+    let (cert, key) = pki.client("wraith", None);
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let url = format!("rediss://localhost:{}/0", redis.port);
+    let ca = format!("ca = {:?}", pki.ca_pem.to_str().unwrap());
+    let with_cert = format!(
+        "{ca}\ncert = {:?}\nkey = {:?}",
+        cert.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    let (a, b) = (Setup::new(), Setup::new());
+    let (ca_cfg, cb_cfg) = (
+        config_with(&a, &url, limit, &with_cert),
+        config_with(&b, &url, limit, &ca),
+    );
+    let (a, b) = (a.start(&ca_cfg), b.start(&cb_cfg));
+
+    assert_eq!(status(&a, "127.0.0.1").await, 200);
+    assert!(redis
+        .cli(&["--scan", "--pattern", "wraith:ratelimit:*"])
+        .contains("per-ip:ip:127.0.0.1"));
+    assert_eq!(a.status().await["rate_limit_redis"]["failures"], 0);
+
+    // Without a certificate: refused by Redis, so counted alone (a fresh budget of 2).
+    assert_eq!(status(&b, "127.0.0.1").await, 200);
+    assert_eq!(status(&b, "127.0.0.1").await, 200);
+    assert_eq!(status(&b, "127.0.0.1").await, 429);
+    let st = b.status().await;
+    assert!(
+        st["rate_limit_redis"]["failures"].as_u64() >= Some(1),
+        "{st}"
+    );
+    assert!(store_errors(&b, "tls").await >= 1.0, "{st}");
+    // Counted by gateway a alone: its one request.
+    assert_eq!(status(&a, "127.0.0.1").await, 200);
+    assert_eq!(status(&a, "127.0.0.1").await, 429);
 }

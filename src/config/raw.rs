@@ -439,6 +439,11 @@ pub struct RawRateLimit {
 pub struct RawRedis {
     pub url: Str,
     pub password_file: Option<Str>,
+    /// `rediss://` only: the CA bundle Redis's certificate must chain to.
+    pub ca: Option<Str>,
+    /// `rediss://` only: a client certificate chain and its key (mTLS to Redis).
+    pub cert: Option<Str>,
+    pub key: Option<Str>,
     pub timeout: Option<Str>,
     pub on_error: Option<Str>,
     pub key_prefix: Option<Str>,

@@ -12,7 +12,10 @@ use http::header::HeaderName;
 use toml::Spanned;
 
 use super::build::Builder;
-use super::raw::{RawAppsec, RawCrowdsec, RawDecisions, RawLimit, RawRateLimit, RawRedis};
+use super::build::{build_client_tls, UpstreamTls};
+use super::raw::{
+    RawAppsec, RawCrowdsec, RawDecisions, RawLimit, RawRateLimit, RawRedis, RawUpstreamTls,
+};
 use crate::decisions::Scope;
 
 /// `[decisions]`
@@ -131,8 +134,12 @@ pub struct RateLimitSettings {
 /// every Wraith instance using it enforces one budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
-    /// `redis://[user[:password]@]host[:port][/db]`.
+    /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// For a `rediss://` URL: the CA bundle Redis's certificate must chain to (the system's
+    /// by default) and the client certificate Wraith presents, if any. Compared by the
+    /// files' contents, so a reload after a certificate was replaced connects anew.
+    pub tls: Option<UpstreamTls>,
     /// From `password_file` (the URL's own password otherwise).
     pub password: Option<Secret>,
     /// The most a request waits for Redis (connecting included).
@@ -576,13 +583,41 @@ impl RateLimitSettings {
 fn build_redis(b: &mut Builder<'_>, raw: Spanned<RawRedis>) -> RedisSettings {
     let raw = raw.into_inner();
     let url = raw.url.get_ref().trim().to_string();
+    let mut tls = None;
     match redis::parse_redis_url(&url) {
-        Some(u) if u.scheme() == "redis" => {}
+        Some(u) if u.scheme() == "redis" => {
+            // TLS files with a cleartext URL would do nothing: a mistake to point out.
+            for (name, file) in [("ca", &raw.ca), ("cert", &raw.cert), ("key", &raw.key)] {
+                if let Some(f) = file {
+                    b.err(
+                        Some(f.span()),
+                        format!("rate_limit.redis.{name}"),
+                        "is only used over TLS, and the URL is redis:// (cleartext): use rediss://",
+                    );
+                }
+            }
+        }
+        Some(u) if u.scheme() == "rediss" => {
+            if let Some(problem) = redis_tls_host(u.host_str(), u.fragment()) {
+                b.err(Some(raw.url.span()), "rate_limit.redis.url", problem);
+            }
+            tls = build_client_tls(
+                b,
+                "rate_limit.redis",
+                raw.url.span(),
+                RawUpstreamTls {
+                    ca: raw.ca.clone(),
+                    cert: raw.cert.clone(),
+                    key: raw.key.clone(),
+                    server_name: None,
+                },
+            );
+        }
         Some(u) => b.err(
             Some(raw.url.span()),
             "rate_limit.redis.url",
             format!(
-                "scheme {:?} is not supported (expected redis://host:port/db; Redis over TLS is not supported yet: keep Redis on a private network)",
+                "scheme {:?} is not supported (expected redis://host:port/db, or rediss:// for TLS)",
                 u.scheme()
             ),
         ),
@@ -644,12 +679,31 @@ fn build_redis(b: &mut Builder<'_>, raw: Spanned<RawRedis>) -> RedisSettings {
     };
     RedisSettings {
         url,
+        tls,
         password,
         timeout,
         on_error,
         key_prefix: raw
             .key_prefix
             .map_or_else(|| "wraith:ratelimit:".to_string(), |p| p.into_inner()),
+    }
+}
+
+/// What is wrong with a `rediss://` URL's host as the name its certificate is checked
+/// against, if anything; and its fragment: `#insecure`, which Redis's client reads as "do
+/// not verify the certificate", is refused (a private CA goes in `ca`).
+fn redis_tls_host(host: Option<&str>, fragment: Option<&str>) -> Option<String> {
+    if let Some(f) = fragment {
+        return Some(format!(
+            "the fragment #{f} is not supported (Wraith always verifies Redis's certificate; for a private CA, set rate_limit.redis.ca)"
+        ));
+    }
+    let host = host?.trim_start_matches('[').trim_end_matches(']');
+    match rustls_pki_types::ServerName::try_from(host) {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "the host {host:?} cannot be checked against a certificate: {e}"
+        )),
     }
 }
 

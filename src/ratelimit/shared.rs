@@ -12,13 +12,25 @@
 //! back to `on_error`: counted in this instance alone (`local`, the default) or not at all
 //! (`open`). After a failure the instance stays on the fallback for a second before it asks
 //! Redis again, so an outage costs one `timeout` per second, not one per request.
+//!
+//! Wraith makes the connection itself (TCP, then TLS for `rediss://` with the rustls
+//! configuration an upstream's `tls` gets: aws-lc-rs, the configured CA bundle, an optional
+//! client certificate) and hands the stream to Redis's client, which speaks the protocol.
+//! Redis's own TLS support would bring its certificate handling (the system store read at
+//! every connect, rustls' process-wide provider) next to the one the rest of Wraith uses.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisConnectionInfo};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::{ip_key, Limiter, RequestFacts};
 use crate::config::{LimitKey, LimitMode, RedisSettings};
@@ -82,15 +94,105 @@ pub enum Verdict {
     Refused(usize, Duration),
 }
 
+/// Why a call to Redis failed (`wraith_rate_limit_store_errors_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer within `timeout` (connecting included): Redis down behind a silent path,
+    /// overloaded, or too far for the timeout.
+    Timeout,
+    /// No connection: refused, unreachable, a name that does not resolve, or Redis refused
+    /// the session (AUTH, SELECT).
+    Connect,
+    /// The TLS handshake failed: a certificate not trusted or not for the host, or a client
+    /// certificate Redis wanted and did not get, or refused.
+    Tls,
+    /// Connected, but the call failed: the connection dropped, Redis answered an error
+    /// (out of memory, a read-only replica, ...) or something unexpected.
+    Error,
+}
+
+impl Failure {
+    /// Every reason, in the order of `SharedStore::errors`.
+    pub const ALL: [Failure; 4] = [
+        Failure::Timeout,
+        Failure::Connect,
+        Failure::Tls,
+        Failure::Error,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Connect => "connect",
+            Failure::Tls => "tls",
+            Failure::Error => "error",
+        }
+    }
+
+    /// `Tls` when a TLS error is among the causes of `e` (a handshake Redis ended with an
+    /// alert surfaces as a read error of its first command), else `otherwise`.
+    fn of(e: &(dyn std::error::Error + 'static), otherwise: Failure) -> Failure {
+        type Shared = Arc<dyn std::error::Error + Send + Sync>;
+        let mut cause = Some(e);
+        while let Some(mut e) = cause {
+            // Redis's client keeps an I/O error behind an `Arc`: look through it.
+            if let Some(inner) = e.downcast_ref::<Shared>() {
+                e = &**inner;
+            }
+            let tls = e.is::<rustls::Error>()
+                || e.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .is_some_and(|inner| inner.is::<rustls::Error>());
+            if tls {
+                return Failure::Tls;
+            }
+            cause = e.source();
+        }
+        otherwise
+    }
+}
+
+/// Where Redis is, and what a new connection says first (AUTH, SELECT).
+struct Server {
+    host: String,
+    port: u16,
+    /// `rediss://`: the rustls client, and the name Redis's certificate must carry (the
+    /// URL's host).
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    redis: RedisConnectionInfo,
+    config: AsyncConnectionConfig,
+}
+
+/// A connection and the task that drives it, shared by the requests using it: the task
+/// ends (closing the socket) when the last of them drops it, even with calls unanswered,
+/// as on a path gone silent.
+#[derive(Clone)]
+struct Connection {
+    redis: MultiplexedConnection,
+    _driver: Arc<Driver>,
+}
+
+struct Driver(tokio::task::AbortHandle);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A connection being made, awaited by every request that arrives meanwhile.
+type Connecting = Shared<BoxFuture<'static, Result<Connection, (Failure, String)>>>;
+
 /// The Redis connection of the `[rate_limit.redis]` settings, kept across reloads that do
 /// not change them.
 pub struct SharedStore {
     pub settings: RedisSettings,
-    client: redis::Client,
-    /// Made at the first request (it needs the runtime), and again after a failure: the
-    /// manager reconnects by itself only after an I/O error, so it would keep a connect that
-    /// Redis refused (AUTH, SELECT) and a connection the network dropped silently.
-    connection: Mutex<Option<ConnectionManager>>,
+    server: Arc<Server>,
+    /// Made at the first request (it needs the runtime), and again after any failure, so
+    /// that neither a connect that Redis refused (AUTH, SELECT) nor a connection the network
+    /// dropped silently is kept.
+    connection: Mutex<Option<Connecting>>,
     script: redis::Script,
     epoch: Instant,
     /// Milliseconds since `epoch` until which Redis is not asked (after a failure).
@@ -100,22 +202,60 @@ pub struct SharedStore {
     /// Failures in all, and the last one's error (`wraith status`).
     failed_total: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Failures by reason (`Failure::ALL`), for the metrics: carried over from the store
+    /// this one replaces, so that the counters do not restart at a reload.
+    errors: Arc<[AtomicU64; 4]>,
 }
 
 impl SharedStore {
-    /// The store for `settings`; `Err` for a URL Redis's client refuses (the config
-    /// checked it already).
-    pub fn new(settings: RedisSettings) -> Result<SharedStore, String> {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
+    /// The store for `settings`, counting its failures on from `previous`'s; `Err` for a
+    /// URL or TLS file Wraith cannot use (the config checked them already).
+    pub fn new(
+        settings: RedisSettings,
+        previous: Option<&SharedStore>,
+    ) -> Result<SharedStore, String> {
+        // Redis's client parses the URL (database, user, password, protocol); the scheme
+        // only says whether Wraith puts TLS under it.
+        let url = settings.url.as_str();
+        let cleartext = match url.strip_prefix("rediss://") {
+            Some(rest) => format!("redis://{rest}"),
+            None => url.to_string(),
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(cleartext.as_str())
             .map_err(|e| format!("rate_limit.redis.url: {e}"))?;
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err("rate_limit.redis.url: expected a host and port".into());
+        };
+        let mut redis = info.redis_settings().clone();
         if let Some(p) = &settings.password {
-            let redis_settings = info.redis_settings().clone().set_password(&p.0);
-            info = info.set_redis_settings(redis_settings);
+            redis = redis.set_password(&p.0);
         }
-        let client = redis::Client::open(info).map_err(|e| format!("rate_limit.redis: {e}"))?;
+        let tls = match (&settings.tls, url.starts_with("rediss://")) {
+            (Some(tls), true) => {
+                let config = crate::upstream::tls::client_config(tls, &[])
+                    .map_err(|e| format!("rate_limit.redis: {e}"))?;
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| format!("rate_limit.redis.url: host {host:?}: {e}"))?;
+                Some((TlsConnector::from(config), name))
+            }
+            (None, false) => None,
+            // (The config pairs them.)
+            _ => {
+                return Err(
+                    "rate_limit.redis: the URL's scheme and the TLS settings disagree".into(),
+                )
+            }
+        };
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(settings.timeout));
         Ok(SharedStore {
+            server: Arc::new(Server {
+                host,
+                port,
+                tls,
+                redis,
+                config,
+            }),
             settings,
-            client,
             connection: Mutex::new(None),
             script: redis::Script::new(SCRIPT),
             epoch: Instant::now(),
@@ -123,6 +263,7 @@ impl SharedStore {
             failures: Mutex::new((0, None)),
             failed_total: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            errors: previous.map_or_else(Default::default, |p| p.errors.clone()),
         })
     }
 
@@ -130,20 +271,30 @@ impl SharedStore {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn connection(&self) -> Result<ConnectionManager, String> {
+    /// The connection, or the one being made (the first request after a failure starts it;
+    /// the requests meanwhile wait for the same one).
+    fn connection(&self) -> Connecting {
         let mut slot = self.connection.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = &*slot {
-            return Ok(c.clone());
+            return c.clone();
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.settings.timeout))
-            .set_response_timeout(Some(self.settings.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(BACK_OFF);
-        let made = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| e.to_string())?;
+        let made = connect(self.server.clone()).boxed().shared();
         *slot = Some(made.clone());
-        Ok(made)
+        made
+    }
+
+    /// Failures so far by reason, over this store and those it replaced.
+    pub fn errors(&self) -> impl Iterator<Item = (Failure, u64)> + '_ {
+        Failure::ALL
+            .into_iter()
+            .zip(self.errors.iter())
+            .map(|(f, n)| (f, n.load(Ordering::Relaxed)))
+    }
+
+    /// Whether the shared limits are on `on_error` now (Redis failed less than a second
+    /// ago).
+    pub fn on_fallback(&self) -> bool {
+        self.now_ms() < self.resting_until.load(Ordering::Relaxed)
     }
 
     /// Checks and counts `req` in every one of `limits` (all shared), or says why Redis
@@ -167,16 +318,19 @@ impl SharedStore {
                 .arg(u8::from(l.config.mode == LimitMode::Enforce));
         }
         let asked = async {
-            let mut connection = self.connection()?;
-            call.invoke_async::<(i64, i64)>(&mut connection)
+            let mut connection = self.connection().await?;
+            call.invoke_async::<(i64, i64)>(&mut connection.redis)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| (Failure::of(&e, Failure::Error), e.to_string()))
         };
         let answer = match tokio::time::timeout(self.settings.timeout, asked).await {
             Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(self.failed(e)),
+            Ok(Err((why, e))) => return Err(self.failed(why, e)),
             Err(_) => {
-                return Err(self.failed(format!("no answer within {:?}", self.settings.timeout)))
+                return Err(self.failed(
+                    Failure::Timeout,
+                    format!("no answer within {:?}", self.settings.timeout),
+                ))
             }
         };
         let wait = Duration::from_micros(answer.1.max(0) as u64);
@@ -191,7 +345,7 @@ impl SharedStore {
                 Some(at) => Ok(Verdict::Allowed {
                     shadow: Some((at, wait)),
                 }),
-                None => Err(self.failed(format!("unexpected answer {answer:?}"))),
+                None => Err(self.failed(Failure::Error, format!("unexpected answer {answer:?}"))),
             },
         }
     }
@@ -199,7 +353,8 @@ impl SharedStore {
     /// Rests the store for `BACK_OFF`, drops its connection (the next call makes a new one:
     /// at most one a second while Redis fails) and logs the failure (at most every
     /// `WARN_EVERY`).
-    fn failed(&self, error: String) -> String {
+    fn failed(&self, why: Failure, error: String) -> String {
+        self.errors[why as usize].fetch_add(1, Ordering::Relaxed);
         self.resting_until.store(
             self.now_ms() + BACK_OFF.as_millis() as u64,
             Ordering::Relaxed,
@@ -232,7 +387,7 @@ impl SharedStore {
             "url": server,
             "failures": self.failed_total.load(Ordering::Relaxed),
             "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
-            "on_fallback": self.now_ms() < self.resting_until.load(Ordering::Relaxed),
+            "on_fallback": self.on_fallback(),
         })
     }
 
@@ -285,6 +440,48 @@ impl SharedStore {
     }
 }
 
+/// Connects to `server`: TCP, TLS for `rediss://`, then Redis's own greeting (AUTH, SELECT),
+/// with the task that drives the connection spawned. (The caller bounds it by `timeout`.)
+async fn connect(server: Arc<Server>) -> Result<Connection, (Failure, String)> {
+    let (host, port) = (server.host.as_str(), server.port);
+    let tcp = TcpStream::connect((host, port)).await.map_err(|e| {
+        (
+            Failure::Connect,
+            format!("connecting to {host}:{port}: {e}"),
+        )
+    })?;
+    let _ = tcp.set_nodelay(true);
+    match &server.tls {
+        None => greet(&server, tcp).await,
+        Some((connector, name)) => {
+            let tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| (Failure::Tls, format!("TLS with {host}:{port}: {e}")))?;
+            greet(&server, tls).await
+        }
+    }
+}
+
+/// Redis's client on `stream`: it authenticates and selects the database.
+async fn greet<S>(server: &Server, stream: S) -> Result<Connection, (Failure, String)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (redis, driver) =
+        MultiplexedConnection::new_with_config(&server.redis, stream, server.config.clone())
+            .await
+            .map_err(|e| {
+                let why = Failure::of(&e, Failure::Connect);
+                (why, format!("{}:{}: {e}", server.host, server.port))
+            })?;
+    let driver = tokio::spawn(driver).abort_handle();
+    Ok(Connection {
+        redis,
+        _driver: Arc::new(Driver(driver)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,18 +489,37 @@ mod tests {
 
     #[test]
     fn status_names_the_server_without_its_credentials() {
-        let store = SharedStore::new(RedisSettings {
-            url: "redis://wraith:hunter2@10.0.3.5:6379/2".into(),
-            password: None,
-            timeout: Duration::from_millis(50),
-            on_error: SharedOnError::Local,
-            key_prefix: "wraith:ratelimit:".into(),
-        })
+        let store = SharedStore::new(
+            RedisSettings {
+                url: "redis://wraith:hunter2@10.0.3.5:6379/2".into(),
+                tls: None,
+                password: None,
+                timeout: Duration::from_millis(50),
+                on_error: SharedOnError::Local,
+                key_prefix: "wraith:ratelimit:".into(),
+            },
+            None,
+        )
         .unwrap();
         let st = store.status();
         assert_eq!(st["url"], "redis://10.0.3.5:6379/2");
         assert_eq!(st["failures"], 0);
         assert_eq!(st["on_fallback"], false);
         assert!(!st.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn a_tls_error_behind_redis_errors_is_a_tls_failure() {
+        // As Redis's client reports a handshake Redis ended (a client certificate it wanted):
+        // the read error of its first command, behind its `Arc`.
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        );
+        let e = redis::RedisError::from(alert);
+        assert_eq!(Failure::of(&e, Failure::Connect), Failure::Tls);
+        let reset =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(Failure::of(&reset, Failure::Error), Failure::Error);
     }
 }

@@ -11,12 +11,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use super::metrics::{EndpointLabels, SinkLabel};
+use super::metrics::{EndpointLabels, ReasonLabel, SinkLabel};
 use crate::runtime::Runtime;
 
 /// Content type of the exposition.
@@ -76,6 +77,31 @@ pub fn render(rt: &Runtime) -> String {
             .decisions_active
             .get_or_create(&super::metrics::OriginLabel { origin })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    // The shared rate limits' Redis, when configured: its failures (every one sent a
+    // request to `on_error`) and whether the limits rest on `on_error` now.
+    if let Some(store) = &snapshot.rate_store {
+        let errors: Family<ReasonLabel, Counter> = Family::default();
+        for (why, n) in store.errors() {
+            errors
+                .get_or_create(&ReasonLabel {
+                    reason: why.label(),
+                })
+                .inc_by(n);
+        }
+        extra.register(
+            "wraith_rate_limit_store_errors",
+            "Calls to the shared rate limits' Redis that failed, sending their request to on_error, by reason (timeout, connect, tls, error)",
+            errors,
+        );
+        let fallback: Gauge = Gauge::default();
+        fallback.set(i64::from(store.on_fallback()));
+        extra.register(
+            "wraith_rate_limit_store_fallback",
+            "1 while the shared rate limits are on on_error after a Redis failure (for a second after each), else 0",
+            fallback,
+        );
     }
 
     let generation: Gauge = Gauge::default();

@@ -168,6 +168,12 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `{reason}`
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 /// `{sink}`
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {

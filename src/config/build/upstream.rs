@@ -182,10 +182,20 @@ impl Default for OutlierConfig {
 }
 
 /// A PEM file and its contents (compared by content, so a replaced file rebuilds the pool).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PemFile {
     pub path: PathBuf,
     pub pem: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for PemFile {
+    /// The path and size only: the file may be a private key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PemFile")
+            .field("path", &self.path)
+            .field("bytes", &self.pem.len())
+            .finish()
+    }
 }
 
 /// `[upstream.tls]`: how `https://` endpoints are verified and what Wraith presents.

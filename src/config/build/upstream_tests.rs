@@ -200,3 +200,15 @@ fn h2_max_streams_applies_to_http2_upstreams() {
         c.warnings
     );
 }
+
+#[test]
+fn a_pem_file_does_not_print_its_contents() {
+    let key = PemFile {
+        path: "client-key.pem".into(),
+        pem: std::sync::Arc::from(&b"-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n"[..]),
+    };
+    let printed = format!("{key:?}");
+    assert!(printed.contains("client-key.pem"), "{printed}");
+    assert!(!printed.contains("77, 67"), "{printed}");
+    assert!(!printed.contains("PRIVATE"), "{printed}");
+}

@@ -4,8 +4,8 @@
 //!
 //! Most blocks are fragments, so each is completed the way a reader would complete it: paths
 //! under `/etc/wraith`, `/var/log/wraith`, `/var/lib/wraith` and `/run/wraith` point into a
-//! temporary directory holding development certificates (made here), a CRL, key files and the
-//! shipped policies; a block that starts inside a listener (`[listener.tls]`) gets the
+//! temporary directory holding development certificates (made here), a CRL, key files, an
+//! OCSP response for the server certificate (from `openssl ocsp`) and the shipped policies; a block that starts inside a listener (`[listener.tls]`) gets the
 //! `[[listener]]` it belongs to; a block without a listener gets a plain one; an upstream a
 //! route names but the block does not define gets one endpoint; a policy file a set names but
 //! `policies/` lacks gets a harmless policy. Policy test cases (`[[case]]`, checked by
@@ -65,6 +65,9 @@ fn fixtures(dir: &Path) {
         ("pki/root.pem", "ca.pem"),
         ("pki/partner-root.pem", "ca.pem"),
         ("pki/partner.pem", "ca.pem"),
+        ("etc/redis-ca.pem", "ca.pem"),
+        ("etc/redis-client.pem", "client.pem"),
+        ("etc/redis-client-key.pem", "client-key.pem"),
     ];
     for sub in ["etc", "pki", "log", "lib", "run"] {
         std::fs::create_dir_all(dir.join(sub)).expect("fixture directory");
@@ -86,6 +89,54 @@ fn fixtures(dir: &Path) {
             }
         }
     }
+}
+
+/// `certs/server.ocsp`: what the dev CA's OCSP responder (`openssl ocsp -index`, Debian's
+/// openssl, as in tests/ocsp.rs) says about the dev server certificate, for the examples that
+/// staple one (only made for those: it runs openssl twice).
+fn ocsp_fixture(dir: &Path) {
+    use std::process::Command;
+    let certs = dir.join("certs");
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(certs.join("server.pem"))
+        .output()
+        .expect("openssl (Debian's openssl package) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let serial = text
+        .trim()
+        .strip_prefix("serial=")
+        .expect("a serial number");
+    let index = dir.join("index.txt");
+    std::fs::write(
+        &index,
+        format!("V\t301231000000Z\t\t{serial}\tunknown\t/CN=localhost\n"),
+    )
+    .expect("write the CA index");
+    let ca = certs.join("ca.pem");
+    let done = Command::new("openssl")
+        .arg("ocsp")
+        .arg("-index")
+        .arg(&index)
+        .arg("-rsigner")
+        .arg(&ca)
+        .arg("-rkey")
+        .arg(certs.join("ca-key.pem"))
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-issuer")
+        .arg(&ca)
+        .arg("-cert")
+        .arg(certs.join("server.pem"))
+        .args(["-no_nonce", "-ndays", "2", "-respout"])
+        .arg(certs.join("server.ocsp"))
+        .output()
+        .expect("run openssl ocsp");
+    assert!(
+        done.status.success(),
+        "openssl ocsp failed: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
 }
 
 /// The block as a reader would complete it in `dir`, or `None` for a block that is no
@@ -186,6 +237,9 @@ fn every_toml_example_in_the_docs_loads() {
         for (line, block) in toml_blocks(&text) {
             let dir = tempfile::tempdir().expect("temp dir");
             fixtures(dir.path());
+            if block.contains("ocsp_response") {
+                ocsp_fixture(dir.path());
+            }
             let Some(config) = complete(&block, dir.path()) else {
                 continue;
             };

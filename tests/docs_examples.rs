@@ -5,8 +5,9 @@
 //! Most blocks are fragments, so each is completed the way a reader would complete it: paths
 //! under `/etc/wraith`, `/var/log/wraith`, `/var/lib/wraith` and `/run/wraith` point into a
 //! temporary directory holding development certificates (made here), a CRL, key files, an
-//! OCSP response for the server certificate (from `openssl ocsp`) and the shipped policies; a block that starts inside a listener (`[listener.tls]`) gets the
-//! `[[listener]]` it belongs to; a block without a listener gets a plain one; an upstream a
+//! OCSP response for the server certificate (from `openssl ocsp`) and the shipped policies;
+//! a block that starts inside a listener (`[listener.tls]`) gets the `[[listener]]` it
+//! belongs to; a block without a listener gets a plain one; an upstream a
 //! route names but the block does not define gets one endpoint; a policy file a set names but
 //! `policies/` lacks gets a harmless policy. Policy test cases (`[[case]]`, checked by
 //! `wraith test` itself) are not configurations and are left out. Nothing is bound or

@@ -371,13 +371,18 @@ impl Gateway {
             }
             // Normalize before routing: what matched is what the upstream gets. Forms that
             // upstreams read differently (`\`, `..;`) are refused rather than guessed at.
-            if let Some(why) = path::refused(req.uri().path()) {
-                return Err(GatewayError::BadRequest(why));
-            }
-            // (`OPTIONS *`, the asterisk form, is no path: it goes on as it came, not as `/*`.)
-            if req.uri().path() != "*" {
-                if let Some(normal) = path::normalize(req.uri().path()) {
-                    *req.uri_mut() = with_path(req.uri(), &normal)?;
+            // (A plain path, nearly every one, needs none of it: one scan decides.)
+            let plain_path = path::is_plain(req.uri().path());
+            if !plain_path {
+                if let Some(why) = path::refused(req.uri().path()) {
+                    return Err(GatewayError::BadRequest(why));
+                }
+                // (`OPTIONS *`, the asterisk form, is no path: it goes on as it came, not as
+                // `/*`.)
+                if req.uri().path() != "*" {
+                    if let Some(normal) = path::normalize(req.uri().path()) {
+                        *req.uri_mut() = with_path(req.uri(), &normal)?;
+                    }
                 }
             }
             let host = headers::Host::of(req.uri(), req.headers());
@@ -398,9 +403,12 @@ impl Gateway {
             }
             // Routing and policy judge the path without segment parameters (`path::without_params`);
             // the upstream gets it as sent.
-            let params_free = match path::without_params(req.uri().path()) {
-                std::borrow::Cow::Owned(p) => Some(p),
-                std::borrow::Cow::Borrowed(_) => None,
+            let params_free = match plain_path {
+                true => None,
+                false => match path::without_params(req.uri().path()) {
+                    std::borrow::Cow::Owned(p) => Some(p),
+                    std::borrow::Cow::Borrowed(_) => None,
+                },
             };
             let route = snapshot.router.find(
                 host_name,

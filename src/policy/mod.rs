@@ -461,17 +461,8 @@ impl PolicyEngine {
                 set = %decision.set,
                 "policy would deny (shadow mode): request allowed"
             );
-        } else {
-            tracing::debug!(
-                route = %access.route.config.name,
-                principal = %printable(access.conn.identity.as_ref().map_or("-", |i| i.name())),
-                client = %access.client_ip,
-                method = %access.method,
-                path = %printable(access.path),
-                decision = %decision,
-                "policy decision"
-            );
         }
+        // (Every decision is logged at debug by the pipeline, with its request id.)
         if decision.refuses() {
             Err(Deny { decision })
         } else {

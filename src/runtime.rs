@@ -552,7 +552,7 @@ impl Runtime {
         let generation = self.generation() + 1;
         if config.metrics != old.config.metrics {
             tracing::warn!(
-                "[metrics] changed: the metrics listener keeps its address until the next restart"
+                "[metrics] changed: the metrics listener keeps its address and path until the next restart"
             );
         }
         for key in restart_only_changes(&old.config.server, &config.server) {

@@ -829,14 +829,13 @@ pub enum Host {
 }
 
 impl Host {
-    /// From the URI authority (HTTP/2, HTTP/3, absolute-form) or the Host header.
-    pub fn of(uri: &http::Uri, headers: &HeaderMap) -> Host {
-        match uri.authority() {
-            Some(a) => Host::Authority(a.clone()),
-            None => match headers.get(header::HOST) {
-                Some(v) => Host::Header(v.clone()),
-                None => Host::Missing,
-            },
+    /// From the URI authority (HTTP/2, HTTP/3, absolute-form) or the (first) Host header,
+    /// `host_header`: the access record found it already (`AccessRecord::start`).
+    pub fn of(uri: &http::Uri, host_header: Option<&HeaderValue>) -> Host {
+        match (uri.authority(), host_header) {
+            (Some(a), _) => Host::Authority(a.clone()),
+            (None, Some(v)) => Host::Header(v.clone()),
+            (None, None) => Host::Missing,
         }
     }
 

@@ -385,7 +385,7 @@ impl Gateway {
                     }
                 }
             }
-            let host = headers::Host::of(req.uri(), req.headers());
+            let host = headers::Host::of(req.uri(), record.host_header.as_ref());
             // One host for routing, policy and the upstream: anything but a name or an IP
             // literal with an optional port (userinfo, paths, lists) is refused.
             let Ok(host_name) = host.checked_name() else {

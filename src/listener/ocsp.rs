@@ -302,8 +302,9 @@ fn parse(der: &[u8]) -> Result<Response<'_>, String> {
     }
     // responseBytes [0] EXPLICIT ResponseBytes
     let bytes = outer
-        .next_context(0)?
+        .next_context(0, "responseBytes")?
         .ok_or("responseBytes missing from a successful response")?;
+    outer.end()?;
     let mut bytes = Seq::new(&inner(&bytes, "responseBytes")?, "ResponseBytes")?;
     let kind = bytes.next(Tag::Oid, "responseType")?;
     if kind.data != OCSP_BASIC {
@@ -313,12 +314,19 @@ fn parse(der: &[u8]) -> Result<Response<'_>, String> {
         ));
     }
     let basic = bytes.next(Tag::OctetString, "response")?;
-    let (_, basic) = Any::from_der(basic.data).map_err(|e| format!("BasicOCSPResponse: {e}"))?;
+    bytes.end()?;
+    let basic = inner(&basic, "BasicOCSPResponse")?;
     let mut basic = Seq::new(&basic, "BasicOCSPResponse")?;
     let tbs = basic.next(Tag::Sequence, "tbsResponseData")?;
+    // The signature is the client's to check, but it must be there.
+    basic.next(Tag::Sequence, "signatureAlgorithm")?;
+    basic.next(Tag::BitString, "signature")?;
+    // certs [0] EXPLICIT SEQUENCE OF Certificate OPTIONAL
+    basic.next_context(0, "certs")?;
+    basic.end()?;
     let mut tbs = Seq::new(&tbs, "ResponseData")?;
     // version [0] EXPLICIT DEFAULT v1
-    tbs.next_context(0)?;
+    tbs.next_context(0, "version")?;
     // responderID: byName [1] or byKey [2]
     let responder = tbs.any("responderID")?;
     if responder.class() != Class::ContextSpecific || !matches!(responder.tag().0, 1 | 2) {
@@ -332,6 +340,9 @@ fn parse(der: &[u8]) -> Result<Response<'_>, String> {
         let single = list.next(Tag::Sequence, "SingleResponse")?;
         responses.push(single_response(&single)?);
     }
+    // responseExtensions [1] EXPLICIT Extensions OPTIONAL
+    extensions(&mut tbs, "responseExtensions")?;
+    tbs.end()?;
     Ok(Response { responses })
 }
 
@@ -339,17 +350,18 @@ fn parse(der: &[u8]) -> Result<Response<'_>, String> {
 fn single_response<'a>(single: &Any<'a>) -> Result<SingleResponse<'a>, String> {
     let mut s = Seq::new(single, "SingleResponse")?;
     let id = s.next(Tag::Sequence, "certID")?;
-    let mut id = Seq::new(&id, "CertID")?;
-    let algorithm = id.next(Tag::Sequence, "hashAlgorithm")?;
+    let mut fields = Seq::new(&id, "CertID")?;
+    let algorithm = fields.next(Tag::Sequence, "hashAlgorithm")?;
     let hash_algorithm = Seq::new(&algorithm, "hashAlgorithm")?
         .next(Tag::Oid, "hashAlgorithm.algorithm")?
         .data;
     let id = CertId {
         hash_algorithm,
-        issuer_name_hash: id.next(Tag::OctetString, "issuerNameHash")?.data,
-        issuer_key_hash: id.next(Tag::OctetString, "issuerKeyHash")?.data,
-        serial: id.next(Tag::Integer, "serialNumber")?.data,
+        issuer_name_hash: fields.next(Tag::OctetString, "issuerNameHash")?.data,
+        issuer_key_hash: fields.next(Tag::OctetString, "issuerKeyHash")?.data,
+        serial: fields.next(Tag::Integer, "serialNumber")?.data,
     };
+    fields.end()?;
     // certStatus: good [0] IMPLICIT NULL, revoked [1] IMPLICIT RevokedInfo, unknown [2]
     let status = s.any("certStatus")?;
     if status.class() != Class::ContextSpecific {
@@ -368,10 +380,13 @@ fn single_response<'a>(single: &Any<'a>) -> Result<SingleResponse<'a>, String> {
         n => return Err(format!("certStatus: unknown choice [{n}]")),
     };
     let this_update = time(&s.next(Tag::GeneralizedTime, "thisUpdate")?, "thisUpdate")?;
-    let next_update = match s.next_context(0)? {
+    let next_update = match s.next_context(0, "nextUpdate")? {
         Some(next) => Some(time(&inner(&next, "nextUpdate")?, "nextUpdate")?),
         None => None,
     };
+    // singleExtensions [1] EXPLICIT Extensions OPTIONAL
+    extensions(&mut s, "singleExtensions")?;
+    s.end()?;
     Ok(SingleResponse {
         id,
         status,
@@ -427,24 +442,59 @@ impl<'a> Seq<'a> {
         Ok(any)
     }
 
-    /// The next element if it is the context-specific `[n]` (an optional field).
-    fn next_context(&mut self, n: u32) -> Result<Option<Any<'a>>, String> {
-        let Ok((rest, any)) = Any::from_der(self.rest) else {
+    /// The next element if it is the context-specific `[n]` (an optional field). An element
+    /// that is not DER is an error, not an absent field: a broken `nextUpdate` must not read
+    /// as none (a response that never expires).
+    fn next_context(&mut self, n: u32, field: &str) -> Result<Option<Any<'a>>, String> {
+        if self.rest.is_empty() {
             return Ok(None);
-        };
+        }
+        let (rest, any) =
+            Any::from_der(self.rest).map_err(|e| format!("{}: {field}: {e}", self.what))?;
         if any.class() != Class::ContextSpecific || any.tag().0 != n {
             return Ok(None);
         }
         self.rest = rest;
         Ok(Some(any))
     }
+
+    /// Checks that no element is left after the last field read.
+    fn end(&self) -> Result<(), String> {
+        if self.rest.is_empty() {
+            return Ok(());
+        }
+        Err(match Any::from_der(self.rest) {
+            Ok((_, any)) => format!(
+                "{}: unexpected {} {} after its last field",
+                self.what,
+                any.class(),
+                any.tag()
+            ),
+            Err(e) => format!(
+                "{}: {} bytes after its last field: {e}",
+                self.what,
+                self.rest.len()
+            ),
+        })
+    }
 }
 
-/// The element inside an EXPLICIT tag.
+/// The element inside an EXPLICIT tag (or an OCTET STRING): exactly one.
 fn inner<'a>(tagged: &Any<'a>, what: &str) -> Result<Any<'a>, String> {
-    Any::from_der(tagged.data)
-        .map(|(_, any)| any)
-        .map_err(|e| format!("{what}: {e}"))
+    let (rest, any) = Any::from_der(tagged.data).map_err(|e| format!("{what}: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{what}: {} bytes after its content", rest.len()));
+    }
+    Ok(any)
+}
+
+/// Optional `[1] EXPLICIT Extensions`, which must hold a SEQUENCE (their content is not
+/// read: no extension changes what is stapled).
+fn extensions(seq: &mut Seq<'_>, field: &'static str) -> Result<(), String> {
+    if let Some(ext) = seq.next_context(1, field)? {
+        Seq::new(&inner(&ext, field)?, field)?;
+    }
+    Ok(())
 }
 
 /// A GeneralizedTime, in seconds since the epoch.
@@ -521,6 +571,128 @@ mod tests {
         let der = tlv(0x30, &[tlv(0x0a, &[0]), tlv(0xa0, &other_type)].concat());
         let e = parse(&der).unwrap_err();
         assert!(e.contains("1.2.3"), "{e}");
+    }
+
+    /// A real response (`openssl ocsp -index ... -ndays 1 -resp_no_certs`) for [`LEAF`]
+    /// (serial 0x80A1B2, encoded `00 80 A1 B2`), issued and signed by [`CA`] (P-256): good,
+    /// thisUpdate 2026-11-27T23:25:25Z, nextUpdate a day later, CertID with SHA-1.
+    const GOOD: &str = "308201030a0100a081fd3081fa06092b06010505073001010481ec3081e9308190a11430123110300e06035504030c07\
+        54657374204341180f32303236313132373233323532355a30673065303d300906052b0e03021a05000414bf7052c8b9\
+        c0f760c89123e099815eb2c03942260414ed1437f452c2034eaf4d9ae06a13150c75ac154902040080a1b28000180f32\
+        303236313132373233323532355aa011180f32303236313132383233323532355a300a06082a8648ce3d040302034800\
+        3045022100b6578322637133d85aee81a7d09dbdef10dc50c1171ca60c53a8d3ddc948359a022056d8f9e8c32a96562d\
+        d26f9828a512b8b9f336b36750d6da243cb8c5808cc038";
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBejCCAR+gAwIBAgIUKIo1ZWd/bETM5xzb2R5ReauTVy0wCgYIKoZIzj0EAwIw
+EjEQMA4GA1UEAwwHVGVzdCBDQTAeFw0yNjExMjcyMzI1MDlaFw0zNjExMjQyMzI1
+MDlaMBIxEDAOBgNVBAMMB1Rlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AASqe77o8qrX35Q5rglJo21TkCl8gklj2DmlDoW4x+JrCg0KM0hmi1E7wHKXUZw+
+qe01q490qCz6+MHuAG73S2jdo1MwUTAdBgNVHQ4EFgQU7RQ39FLCA06vTZrgahMV
+DHWsFUkwHwYDVR0jBBgwFoAU7RQ39FLCA06vTZrgahMVDHWsFUkwDwYDVR0TAQH/
+BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEA0S79x+rbYZ+mq0gmdYdHL0qcgHP0
++OInnR+PicN6JuECIQD5Un4eovKFtEGrjE0mtOiqE34prAJbMtL3V/tEctB0/g==
+-----END CERTIFICATE-----
+";
+
+    const LEAF: &str = "-----BEGIN CERTIFICATE-----
+MIIBETCBtwIEAIChsjAKBggqhkjOPQQDAjASMRAwDgYDVQQDDAdUZXN0IENBMB4X
+DTI2MTEyNzIzMjUwOVoXDTM2MTEyNDIzMjUwOVowFDESMBAGA1UEAwwJbG9jYWxo
+b3N0MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE+pFECsHiecrRtHF3FmPKHDQW
+yOlkHuUnhe2m6tDlo+Q8jYWvCVNMb+WvkgzlxhafvcWoq+9Y3Ivvahf8GNHIijAK
+BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
+6O4CIQCiUljXkxLz/m/irVcEIhT4qnCRs3ztOUVywmOYZ8yHnA==
+-----END CERTIFICATE-----
+";
+
+    fn good() -> Vec<u8> {
+        let hex: String = GOOD.split_whitespace().collect();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn pem(text: &str) -> CertificateDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(text.as_bytes()).unwrap()
+    }
+
+    /// Where `needle` starts in `hay`.
+    fn find(hay: &[u8], needle: &[u8]) -> usize {
+        hay.windows(needle.len()).position(|w| w == needle).unwrap()
+    }
+
+    #[test]
+    fn a_real_response_is_read_whole() {
+        let der = good();
+        let r = parse(&der).unwrap();
+        let [single] = &r.responses[..] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(single.status, CertStatus::Good);
+        assert_eq!(single.this_update, 1_795_821_925); // 2026-11-27T23:25:25Z
+        assert_eq!(single.next_update, Some(1_795_821_925 + 86_400));
+        assert_eq!(single.id.serial, &[0x00, 0x80, 0xa1, 0xb2]);
+        let (ca, leaf) = (pem(CA), pem(LEAF));
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca).unwrap();
+        let key = &ca.public_key().subject_public_key.data;
+        assert_eq!(single.id.matches(&leaf, Some(key)), Some(true));
+        assert_eq!(single.id.matches(&leaf, None), Some(true));
+        assert_eq!(single.id.matches(&leaf, Some(b"another key")), Some(false));
+        assert_eq!(single.id.matches(&ca, Some(key)), Some(false));
+    }
+
+    /// Every truncation and every single-byte change of a real response: an error or a
+    /// response, never a panic or a hang; a truncated one is always an error.
+    #[test]
+    fn a_mangled_response_is_an_error_not_a_panic() {
+        let der = good();
+        for len in 0..der.len() {
+            assert!(parse(&der[..len]).is_err(), "truncated to {len}");
+        }
+        let mut longer = der.clone();
+        longer.push(0);
+        assert!(parse(&longer).is_err());
+        for i in 0..der.len() {
+            for b in [
+                0x00,
+                0xff,
+                0x80,
+                0x7f,
+                der[i] ^ 0x01,
+                der[i] ^ 0x20,
+                der[i] ^ 0x80,
+            ] {
+                let mut m = der.clone();
+                m[i] = b;
+                let _ = parse(&m);
+            }
+        }
+    }
+
+    /// A broken `nextUpdate` is not read as "no nextUpdate", which would staple the response
+    /// forever; nor is anything unexpected after it.
+    #[test]
+    fn a_broken_next_update_is_an_error_not_a_response_that_never_expires() {
+        let der = good();
+        // nextUpdate [0] (17 bytes): its length made one longer than what is left.
+        let at = find(&der, &[0xa0, 0x11, 0x18, 0x0f]);
+        let mut m = der.clone();
+        m[at + 1] = 0x12;
+        let e = parse(&m).unwrap_err();
+        assert!(e.contains("nextUpdate"), "{e}");
+        // Its tag changed to [1] (singleExtensions), which holds no Extensions.
+        let mut m = der.clone();
+        m[at] = 0xa1;
+        let e = parse(&m).unwrap_err();
+        assert!(e.contains("singleExtensions"), "{e}");
+        // Its tag changed to [2], which a SingleResponse does not have.
+        let mut m = der.clone();
+        m[at] = 0xa2;
+        let e = parse(&m).unwrap_err();
+        assert!(e.contains("after its last field"), "{e}");
     }
 
     #[test]

@@ -147,13 +147,13 @@ pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Resu
         }
     }
     let Some(single) = single else {
-        let serial = strip_zeros(leaf.raw_serial());
+        let serial = leaf.raw_serial();
         let others: Vec<String> = response
             .responses
             .iter()
             .map(|s| {
                 let other = strip_zeros(s.id.serial);
-                if other == serial {
+                if minimal(s.id.serial) == minimal(serial) {
                     format!(
                         "{} of another issuer (its name or key hash differs)",
                         hex(other)
@@ -167,7 +167,7 @@ pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Resu
             "{}: the response is not about the certificate in {} (serial {}, issuer {}); it is about serial {}",
             path.display(),
             cert_path.display(),
-            hex(serial),
+            hex(strip_zeros(serial)),
             leaf.issuer(),
             if others.is_empty() {
                 "none".to_string()
@@ -266,7 +266,7 @@ impl CertId<'_> {
         };
         let hash = |data: &[u8]| digest::digest(algorithm, data);
         Some(
-            strip_zeros(self.serial) == strip_zeros(leaf.raw_serial())
+            minimal(self.serial) == minimal(leaf.raw_serial())
                 && self.issuer_name_hash == hash(leaf.issuer().as_raw()).as_ref()
                 && issuer_key.is_none_or(|key| self.issuer_key_hash == hash(key).as_ref()),
         )
@@ -510,7 +510,24 @@ fn oid_text(encoded: &[u8]) -> String {
     x509_parser::asn1_rs::Oid::new(encoded.into()).to_id_string()
 }
 
-/// An INTEGER's content without the leading zero octets DER puts before a high bit.
+/// An INTEGER's content in its minimal two's-complement form (which DER requires), for
+/// comparing values: without a redundant leading 0x00 (before a clear high bit) or 0xFF
+/// (before a set one). The 0x00 DER puts before a set high bit stays: `00 80` is 128, `80`
+/// is -128, another certificate's serial number.
+fn minimal(mut n: &[u8]) -> &[u8] {
+    while let [first, second, ..] = n {
+        let redundant =
+            (*first == 0 && second & 0x80 == 0) || (*first == 0xff && second & 0x80 != 0);
+        if !redundant {
+            break;
+        }
+        n = &n[1..];
+    }
+    n
+}
+
+/// An INTEGER's content without its leading zero octets, for showing a (positive) serial
+/// number as `openssl x509 -serial` does.
 fn strip_zeros(mut n: &[u8]) -> &[u8] {
     while let [0, rest @ ..] = n {
         n = rest;
@@ -723,8 +740,37 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         assert!(open.current(i64::MAX));
     }
 
+    /// A serial number is an INTEGER: the same value however many redundant leading octets
+    /// encode it, but `00 80 A1 B2` (positive) is not `80 A1 B2` (negative).
     #[test]
-    fn serial_numbers_compare_without_leading_zeros() {
+    fn serial_numbers_compare_as_signed_integers() {
+        let der = good();
+        let r = parse(&der).unwrap();
+        let leaf = pem(LEAF);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let id = |serial| CertId {
+            serial,
+            ..r.responses[0].id
+        };
+        assert_eq!(
+            id(&[0x00, 0x80, 0xa1, 0xb2]).matches(&leaf, None),
+            Some(true)
+        );
+        assert_eq!(
+            id(&[0x00, 0x00, 0x80, 0xa1, 0xb2]).matches(&leaf, None),
+            Some(true)
+        );
+        assert_eq!(id(&[0x80, 0xa1, 0xb2]).matches(&leaf, None), Some(false));
+        assert_eq!(
+            id(&[0xff, 0x80, 0xa1, 0xb2]).matches(&leaf, None),
+            Some(false)
+        );
+        assert_eq!(minimal(&[0xff, 0xff, 0x80]), &[0x80]);
+        assert_eq!(minimal(&[0x00]), &[0x00]);
+    }
+
+    #[test]
+    fn serial_numbers_show_without_leading_zeros() {
         assert_eq!(strip_zeros(&[0, 0x80, 1]), &[0x80, 1]);
         assert_eq!(hex(strip_zeros(&[0, 0x0a, 0xff])), "0A:FF");
         assert_eq!(hex(&[]), "00");

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use aws_lc_rs::digest;
 use rustls_pki_types::CertificateDer;
-use x509_parser::asn1_rs::{Any, Class, FromDer, GeneralizedTime, Tag};
+use x509_parser::asn1_rs::{ASN1TimeZone, Any, Class, FromDer, GeneralizedTime, Tag};
 use x509_parser::certificate::X509Certificate;
 
 /// A checked OCSP response for a listener's certificate.
@@ -497,10 +497,19 @@ fn extensions(seq: &mut Seq<'_>, field: &'static str) -> Result<(), String> {
     Ok(())
 }
 
-/// A GeneralizedTime, in seconds since the epoch.
+/// A GeneralizedTime, in seconds since the epoch. DER (X.690 §11.7) and RFC 5280 require UTC,
+/// `YYYYMMDDHHMMSS[.fff]Z`: a time without a zone is local time (at an unknown offset, which
+/// asn1-rs would take for UTC), and clients refuse a time with an offset.
 fn time(any: &Any<'_>, what: &str) -> Result<i64, String> {
-    GeneralizedTime::try_from(any)
-        .and_then(|t| t.utc_datetime())
+    let t = GeneralizedTime::try_from(any)
+        .map_err(|e| format!("{what}: not a valid GeneralizedTime: {e}"))?;
+    if t.0.tz != ASN1TimeZone::Z {
+        return Err(format!(
+            "{what}: {}: not a UTC time ending in Z, as DER requires",
+            String::from_utf8_lossy(any.data)
+        ));
+    }
+    t.utc_datetime()
         .map(|t| t.unix_timestamp())
         .map_err(|e| format!("{what}: not a valid GeneralizedTime: {e}"))
 }
@@ -767,6 +776,26 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         );
         assert_eq!(minimal(&[0xff, 0xff, 0x80]), &[0x80]);
         assert_eq!(minimal(&[0x00]), &[0x00]);
+    }
+
+    /// Times are UTC, as DER has them; fractions of a second are allowed (and dropped).
+    #[test]
+    fn times_must_be_utc() {
+        let t = |text: &str| {
+            let der = tlv(0x18, text.as_bytes());
+            time(&Any::from_der(&der).unwrap().1, "thisUpdate")
+        };
+        assert_eq!(t("20261127232525Z"), Ok(1_795_821_925));
+        assert_eq!(t("20261127232525.5Z"), Ok(1_795_821_925));
+        for local in [
+            "20261127232525",
+            "20261127232525+0100",
+            "20261127232525-0000",
+        ] {
+            let e = t(local).unwrap_err();
+            assert!(e.contains("not a UTC time ending in Z"), "{local}: {e}");
+        }
+        assert!(t("20261327232525Z").is_err());
     }
 
     #[test]

@@ -98,12 +98,27 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
+/// The largest response stapled. Real ones are a few hundred bytes, a few KiB with the
+/// responder's certificate; this one goes out in every handshake that asks, in the same
+/// handshake message as the certificate chain in TLS 1.3, and clients drop larger messages
+/// (rustls at 64 KiB, OpenSSL's `max_cert_list` at 100 KiB).
+const MAX_RESPONSE: u64 = 32 << 10;
+
 /// Reads the OCSP response in `path` and checks it against `chain` (the listener's
 /// certificate chain from `cert_path`, leaf first): a successful response, about the leaf, which
 /// is good. Its times are not judged here ([`Staple::current`]).
 pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Result<Staple, String> {
-    let der = crate::files::read(path, crate::files::SMALL)
-        .map_err(|e| format!("cannot read OCSP response file {}: {e}", path.display()))?;
+    let der = crate::files::read(path, MAX_RESPONSE).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::InvalidData {
+            ": too large for an OCSP response sent in every handshake (clients refuse it)"
+        } else {
+            ""
+        };
+        format!(
+            "cannot read OCSP response file {}: {e}{hint}",
+            path.display()
+        )
+    })?;
     if der.starts_with(b"-----BEGIN") {
         return Err(format!(
             "{}: PEM text, but an OCSP response file is DER (as `openssl ocsp -respout` writes it)",
@@ -719,6 +734,56 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         m[at] = 0xa2;
         let e = parse(&m).unwrap_err();
         assert!(e.contains("after its last field"), "{e}");
+    }
+
+    /// A DER TLV of any length.
+    fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let n = content.len().to_be_bytes();
+        let skip = n.iter().take_while(|b| **b == 0).count();
+        let mut out = vec![tag];
+        if content.len() < 128 {
+            out.push(content.len() as u8);
+        } else {
+            out.push(0x80 | (n.len() - skip) as u8);
+            out.extend_from_slice(&n[skip..]);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// A response that would be stapled to every handshake is refused when larger than
+    /// clients accept, even when it is well formed and about the certificate.
+    #[test]
+    fn a_huge_response_is_refused() {
+        let der = good();
+        // The real response with 40 KB of `certs` [0] added to its BasicOCSPResponse.
+        let oid_at = find(&der, &[0x06, 0x09, 0x2b, 0x06]);
+        let basic_at = oid_at + 11 + 3;
+        assert_eq!(&der[basic_at..basic_at + 3], &[0x30, 0x81, 0xe9]);
+        let certs = der_tlv(0xa0, &der_tlv(0x30, &[0x05, 0x00].repeat(20_000)));
+        let basic = der_tlv(0x30, &[&der[basic_at + 3..], &certs[..]].concat());
+        let bytes = der_tlv(
+            0x30,
+            &[&der[oid_at..oid_at + 11], &der_tlv(0x04, &basic)[..]].concat(),
+        );
+        let huge = der_tlv(
+            0x30,
+            &[&[0x0a, 0x01, 0x00][..], &der_tlv(0xa0, &bytes)].concat(),
+        );
+        assert!(parse(&huge).is_ok());
+
+        let dir = tempfile::tempdir().unwrap();
+        let (file, cert) = (
+            dir.path().join("server.ocsp"),
+            dir.path().join("server.pem"),
+        );
+        let chain = [pem(LEAF), pem(CA)];
+        std::fs::write(&file, &der).unwrap();
+        let staple = load(&file, &cert, &chain).unwrap();
+        assert_eq!(staple.der, der);
+        std::fs::write(&file, &huge).unwrap();
+        let e = load(&file, &cert, &chain).unwrap_err();
+        assert!(e.contains("too large for an OCSP response"), "{e}");
     }
 
     #[test]

@@ -583,6 +583,9 @@ async fn a_connection_that_went_silent_is_replaced() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // No answer in time: counted as such, whichever timer saw it first.
+    assert!(store_errors(&wraith, "timeout").await >= 1.0);
+    assert_eq!(store_errors(&wraith, "error").await, 0.0);
 }
 
 /// Raising a shared limit: the docs say a changed limit starts fresh, and a local one does.

@@ -321,7 +321,15 @@ impl SharedStore {
             let mut connection = self.connection().await?;
             call.invoke_async::<(i64, i64)>(&mut connection.redis)
                 .await
-                .map_err(|e| (Failure::of(&e, Failure::Error), e.to_string()))
+                .map_err(|e| {
+                    // Redis's client gives up on an answer after `timeout` too, often in the
+                    // same timer tick as the bound below, which then sees its error first.
+                    let why = match e.is_timeout() {
+                        true => Failure::Timeout,
+                        false => Failure::of(&e, Failure::Error),
+                    };
+                    (why, e.to_string())
+                })
         };
         let answer = match tokio::time::timeout(self.settings.timeout, asked).await {
             Ok(Ok(a)) => a,

@@ -845,3 +845,48 @@ async fn mutual_tls_to_redis() {
     assert_eq!(status(&a, "127.0.0.1").await, 200);
     assert_eq!(status(&a, "127.0.0.1").await, 429);
 }
+
+/// With a `timeout` longer than the second's rest, a request asked on a connection that went
+/// silent is still waiting when the rest is over and a new connection counts in Redis again.
+/// Its failure then is the old connection's: counted, but it must neither drop the new
+/// connection nor put the instance back on `on_error` (each late failure would otherwise cost
+/// a reconnect and a second counted alone, though Redis answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_failure_of_a_replaced_connection_keeps_the_new_one() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        &format!("redis://127.0.0.1:{}/0", relay.port),
+        limit,
+    )
+    .replace("timeout = \"200ms\"", "timeout = \"3s\"");
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+
+    relay.freeze();
+    // Asked on the silent connection after the first request below, it fails 3 s later: once
+    // the first one's rest is over and a new connection counts in Redis.
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        status(&wraith, "127.0.1.2").await
+    };
+    let first_then_new = async {
+        assert_eq!(status(&wraith, "127.0.1.1").await, 200);
+        wait_counted_in_redis(&wraith, &redis, 2).await;
+    };
+    let (late, ()) = tokio::join!(late, first_then_new);
+    assert_eq!(late, 200);
+    assert_eq!(store_errors(&wraith, "timeout").await, 2.0);
+
+    // The new connection still counts.
+    assert_eq!(status(&wraith, "127.0.3.1").await, 200);
+    let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    assert!(
+        keys.contains(":ip:127.0.3.1"),
+        "the late failure of the old connection dropped the new one; Redis holds:\n{keys}"
+    );
+}

@@ -317,8 +317,9 @@ impl SharedStore {
                 .arg(l.config.burst.get())
                 .arg(u8::from(l.config.mode == LimitMode::Enforce));
         }
+        let connecting = self.connection();
         let asked = async {
-            let mut connection = self.connection().await?;
+            let mut connection = connecting.clone().await?;
             call.invoke_async::<(i64, i64)>(&mut connection.redis)
                 .await
                 .map_err(|e| {
@@ -333,11 +334,12 @@ impl SharedStore {
         };
         let answer = match tokio::time::timeout(self.settings.timeout, asked).await {
             Ok(Ok(a)) => a,
-            Ok(Err((why, e))) => return Err(self.failed(why, e)),
+            Ok(Err((why, e))) => return Err(self.failed(why, e, &connecting)),
             Err(_) => {
                 return Err(self.failed(
                     Failure::Timeout,
                     format!("no answer within {:?}", self.settings.timeout),
+                    &connecting,
                 ))
             }
         };
@@ -353,21 +355,33 @@ impl SharedStore {
                 Some(at) => Ok(Verdict::Allowed {
                     shadow: Some((at, wait)),
                 }),
-                None => Err(self.failed(Failure::Error, format!("unexpected answer {answer:?}"))),
+                None => Err(self.failed(
+                    Failure::Error,
+                    format!("unexpected answer {answer:?}"),
+                    &connecting,
+                )),
             },
         }
     }
 
     /// Rests the store for `BACK_OFF`, drops its connection (the next call makes a new one:
     /// at most one a second while Redis fails) and logs the failure (at most every
-    /// `WARN_EVERY`).
-    fn failed(&self, why: Failure, error: String) -> String {
+    /// `WARN_EVERY`). A call that failed on a connection already replaced (one asked before
+    /// the last rest, with a `timeout` longer than the rest) is counted, but neither rests
+    /// the store nor drops the new connection, which may well work.
+    fn failed(&self, why: Failure, error: String, used: &Connecting) -> String {
         self.errors[why as usize].fetch_add(1, Ordering::Relaxed);
-        self.resting_until.store(
-            self.now_ms() + BACK_OFF.as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        {
+            let mut slot = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+            let replaced = slot.as_ref().is_some_and(|now| !now.ptr_eq(used));
+            if !replaced {
+                self.resting_until.store(
+                    self.now_ms() + BACK_OFF.as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+                *slot = None;
+            }
+        }
         self.failed_total.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());

@@ -890,3 +890,31 @@ async fn a_late_failure_of_a_replaced_connection_keeps_the_new_one() {
         "the late failure of the old connection dropped the new one; Redis holds:\n{keys}"
     );
 }
+
+/// Redis restarted (an upgrade, a crash) while the gateway was idle: Redis closed the
+/// connection, and the next request should open a new one, not fail on the closed one and
+/// put the instance on `on_error` for a second (nor count a failure).
+#[tokio::test]
+async fn a_connection_redis_closed_is_not_used() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let cfg = config(&setup, &redis.url(), limit);
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+
+    redis.stop();
+    let redis = Redis::start_on(port);
+    assert_eq!(status(&wraith, "127.0.0.2").await, 200);
+    let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    assert!(
+        keys.contains(":ip:127.0.0.2"),
+        "the first request after the restart was not counted in Redis:\n{keys}\n{}",
+        wraith.log()
+    );
+    for reason in ["timeout", "connect", "tls", "error"] {
+        assert_eq!(store_errors(&wraith, reason).await, 0.0, "{reason}");
+    }
+}

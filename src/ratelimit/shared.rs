@@ -170,7 +170,14 @@ struct Server {
 #[derive(Clone)]
 struct Connection {
     redis: MultiplexedConnection,
-    _driver: Arc<Driver>,
+    driver: Arc<Driver>,
+}
+
+impl Connection {
+    /// Whether the socket is gone (the driver ends with it): Redis closed the connection.
+    fn closed(&self) -> bool {
+        self.driver.0.is_finished()
+    }
 }
 
 struct Driver(tokio::task::AbortHandle);
@@ -276,7 +283,14 @@ impl SharedStore {
     fn connection(&self) -> Connecting {
         let mut slot = self.connection.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = &*slot {
-            return c.clone();
+            // One Redis closed (a restart, its idle `timeout`) is not handed out: its driver
+            // ended with the socket, and a call on it could only fail and rest the store.
+            let closed = c
+                .peek()
+                .is_some_and(|made| made.as_ref().is_ok_and(Connection::closed));
+            if !closed {
+                return c.clone();
+            }
         }
         let made = connect(self.server.clone()).boxed().shared();
         *slot = Some(made.clone());
@@ -500,7 +514,7 @@ where
     let driver = tokio::spawn(driver).abort_handle();
     Ok(Connection {
         redis,
-        _driver: Arc::new(Driver(driver)),
+        driver: Arc::new(Driver(driver)),
     })
 }
 

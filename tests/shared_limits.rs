@@ -918,3 +918,22 @@ async fn a_connection_redis_closed_is_not_used() {
         assert_eq!(store_errors(&wraith, reason).await, 0.0, "{reason}");
     }
 }
+
+/// A URL scheme is case-insensitive: `REDISS://` is Redis over TLS, as the config check reads
+/// it (the gateway refused to start: "the URL's scheme and the TLS settings disagree").
+#[tokio::test]
+async fn a_rediss_scheme_in_capitals_is_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(redis_dir.path());
+    let redis = Redis::start_tls(&pki, false, &[]);
+    let ca = format!("ca = {:?}", pki.ca_pem.to_str().unwrap());
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "3/m", burst = 3, shared = true }"#;
+    let setup = Setup::new();
+    let url = format!("REDISS://localhost:{}/0", redis.port);
+    let cfg = config_with(&setup, &url, limit, &ca);
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    assert_eq!(keys.trim(), "wraith:ratelimit:per-ip:ip:127.0.0.1");
+}

@@ -223,10 +223,14 @@ impl SharedStore {
     ) -> Result<SharedStore, String> {
         // Redis's client parses the URL (database, user, password, protocol); the scheme
         // only says whether Wraith puts TLS under it.
+        // (A scheme is case-insensitive: the config reads `REDISS://` as `rediss://` too.)
         let url = settings.url.as_str();
-        let cleartext = match url.strip_prefix("rediss://") {
-            Some(rest) => format!("redis://{rest}"),
-            None => url.to_string(),
+        let over_tls = url
+            .get(..9)
+            .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"));
+        let cleartext = match over_tls {
+            true => format!("redis://{}", &url[9..]),
+            false => url.to_string(),
         };
         let info = redis::IntoConnectionInfo::into_connection_info(cleartext.as_str())
             .map_err(|e| format!("rate_limit.redis.url: {e}"))?;
@@ -237,7 +241,7 @@ impl SharedStore {
         if let Some(p) = &settings.password {
             redis = redis.set_password(&p.0);
         }
-        let tls = match (&settings.tls, url.starts_with("rediss://")) {
+        let tls = match (&settings.tls, over_tls) {
             (Some(tls), true) => {
                 let config = crate::upstream::tls::client_config(tls, &[])
                     .map_err(|e| format!("rate_limit.redis: {e}"))?;

@@ -919,6 +919,26 @@ async fn a_connection_redis_closed_is_not_used() {
     }
 }
 
+/// The settings' `Debug` (a config printed whole while debugging) shows neither the URL's
+/// password nor the password file's.
+#[test]
+fn redis_settings_debug_shows_no_password() {
+    let settings = wraith::config::RedisSettings {
+        url: "rediss://wraith:hunter2@redis.example:6380/2".into(),
+        tls: None,
+        password: Some(wraith::config::Secret("from-the-file".into())),
+        timeout: Duration::from_millis(50),
+        on_error: wraith::config::SharedOnError::Local,
+        key_prefix: "wraith:ratelimit:".into(),
+    };
+    let shown = format!("{settings:?}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("from-the-file"),
+        "{shown}"
+    );
+    assert!(shown.contains("rediss://redis.example:6380/2"), "{shown}");
+}
+
 /// A URL scheme is case-insensitive: `REDISS://` is Redis over TLS, as the config check reads
 /// it (the gateway refused to start: "the URL's scheme and the TLS settings disagree").
 #[tokio::test]

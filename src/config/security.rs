@@ -131,8 +131,9 @@ pub struct RateLimitSettings {
 }
 
 /// `[rate_limit.redis]`: the Redis server in which limits with `shared = true` count, so that
-/// every Wraith instance using it enforces one budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// every Wraith instance using it enforces one budget. (Its `Debug` leaves out the URL's
+/// credentials, as `Secret` does the password file's.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
     /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
     pub url: String,
@@ -148,6 +149,36 @@ pub struct RedisSettings {
     pub on_error: SharedOnError,
     /// Prepended to every key Wraith writes.
     pub key_prefix: String,
+}
+
+impl RedisSettings {
+    /// The URL without its user name and password (`wraith status`, `Debug`); `None` if it
+    /// does not parse.
+    pub fn url_without_credentials(&self) -> Option<String> {
+        redis::parse_redis_url(&self.url).map(|mut u| {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        })
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field(
+                "url",
+                &self
+                    .url_without_credentials()
+                    .unwrap_or_else(|| "(not a URL)".into()),
+            )
+            .field("tls", &self.tls)
+            .field("password", &self.password)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 /// What a shared limit does while Redis cannot answer in time.

@@ -418,13 +418,8 @@ impl SharedStore {
     /// What `wraith status` shows: the server (without its credentials), the failures so
     /// far and the last one's error, and whether the limits are on `on_error` now.
     pub fn status(&self) -> serde_json::Value {
-        let server = redis::parse_redis_url(&self.settings.url).map(|mut u| {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.to_string()
-        });
         serde_json::json!({
-            "url": server,
+            "url": self.settings.url_without_credentials(),
             "failures": self.failed_total.load(Ordering::Relaxed),
             "last_error": *self.last_error.lock().unwrap_or_else(|p| p.into_inner()),
             "on_fallback": self.on_fallback(),

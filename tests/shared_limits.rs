@@ -939,6 +939,53 @@ fn redis_settings_debug_shows_no_password() {
     assert!(shown.contains("rediss://redis.example:6380/2"), "{shown}");
 }
 
+/// Redis answers an error. Its scripts flushed (`SCRIPT FLUSH`, a restart that kept the data):
+/// `NOSCRIPT`, and the script is loaded again, no failure. Out of memory under `noeviction`
+/// (`OOM`), a replica (`READONLY`): the request goes to `on_error`, counted as
+/// `reason="error"`, and once Redis is set right the limits count there again.
+#[tokio::test]
+async fn redis_answering_an_error() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let keys = || redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let cfg = config(&setup, &redis.url(), limit);
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+
+    assert_eq!(redis.cli(&["script", "flush"]).trim(), "OK");
+    assert_eq!(status(&wraith, "127.0.0.2").await, 200);
+    assert!(keys().contains(":ip:127.0.0.2"), "{}", keys());
+    assert_eq!(store_errors(&wraith, "error").await, 0.0);
+
+    redis.cli(&["config", "set", "maxmemory-policy", "noeviction"]);
+    assert_eq!(redis.cli(&["config", "set", "maxmemory", "1"]).trim(), "OK");
+    assert_eq!(status(&wraith, "127.0.0.3").await, 200);
+    assert!(!keys().contains(":ip:127.0.0.3"), "{}", keys());
+    assert_eq!(store_errors(&wraith, "error").await, 1.0);
+    assert_eq!(redis.cli(&["config", "set", "maxmemory", "0"]).trim(), "OK");
+    wait_counted_in_redis(&wraith, &redis, 4).await;
+
+    // A replica of a primary it cannot reach: it refuses writes.
+    assert_eq!(redis.cli(&["replicaof", "127.0.0.1", "1"]).trim(), "OK");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store_errors(&wraith, "error").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no READONLY failure:\n{}",
+            wraith.log()
+        );
+        assert_eq!(status(&wraith, "127.0.5.1").await, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(redis.cli(&["replicaof", "no", "one"]).trim(), "OK");
+    wait_counted_in_redis(&wraith, &redis, 6).await;
+    for reason in ["timeout", "connect", "tls"] {
+        assert_eq!(store_errors(&wraith, reason).await, 0.0, "{reason}");
+    }
+}
+
 /// A URL scheme is case-insensitive: `REDISS://` is Redis over TLS, as the config check reads
 /// it (the gateway refused to start: "the URL's scheme and the TLS settings disagree").
 #[tokio::test]

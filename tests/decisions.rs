@@ -320,9 +320,6 @@ fn saved_until_ms(file: &serde_json::Value, value: &str) -> Option<u64> {
         .and_then(|d| d["until_ms"].as_u64())
 }
 
-/// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
-const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 #[tokio::test]
 async fn a_wall_clock_step_neither_ends_nor_stretches_a_ban() {
     // The gateway's wall clock is moved by libfaketime, which reads the offset from a file
@@ -331,15 +328,7 @@ async fn a_wall_clock_step_neither_ends_nor_stretches_a_ban() {
     let clock = setup.dir.path().join("clock");
     std::fs::write(&clock, "+0\n").unwrap();
     let cfg = config(&setup, "\"127.0.0.0/8\"", "");
-    let mut wraith = setup.start_with_env(
-        &cfg,
-        &[
-            ("LD_PRELOAD", FAKETIME.as_ref()),
-            ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
-            ("FAKETIME_NO_CACHE", "1".as_ref()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
-        ],
-    );
+    let mut wraith = setup.start_with_env(&cfg, &faketime_env(&clock));
     let client = http_client();
     for (ip, duration) in [("192.0.2.60", "1h"), ("192.0.2.61", "3s")] {
         let (st, v) = wraith

@@ -899,9 +899,6 @@ async fn a_quic_session_resumed_after_its_client_certificate_expired_is_refused(
     }
 }
 
-/// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
-const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 /// A client resumes for 24 hours after it authenticated with a full handshake, not longer:
 /// rustls issues new tickets on every TLS 1.3 resumption, and stamped anew each would let a
 /// client that resumes once a day go on without ever proving its key again (BoringSSL's
@@ -920,15 +917,7 @@ async fn resumption_ends_24_hours_after_the_full_handshake_however_often_it_resu
         upstream.addr,
         "",
     );
-    let wraith = setup.start_with_env(
-        &cfg,
-        &[
-            ("LD_PRELOAD", FAKETIME.as_ref()),
-            ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
-            ("FAKETIME_NO_CACHE", "1".as_ref()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
-        ],
-    );
+    let wraith = setup.start_with_env(&cfg, &faketime_env(&clock));
     let addr = wraith.addr("https");
     let tls = Arc::new(tls_client_config(
         &ca,

@@ -19,9 +19,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
-const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 /// What the test CA's responder says about a certificate.
 #[derive(Clone, Copy)]
 enum Status {
@@ -505,15 +502,7 @@ async fn a_staple_expiring_while_serving_is_no_longer_sent() {
     std::fs::write(&clock, "+0\n").unwrap();
     let cfg =
         home_route(&setup.listeners_h3(r#"ocsp_response = "server.ocsp""#, "", ALLOW_ALL_POLICY));
-    let wraith = setup.start_with_env(
-        &cfg,
-        &[
-            ("LD_PRELOAD", FAKETIME.as_ref()),
-            ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
-            ("FAKETIME_NO_CACHE", "1".as_ref()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
-        ],
-    );
+    let wraith = setup.start_with_env(&cfg, &faketime_env(&clock));
     let der = std::fs::read(&file).unwrap();
     let client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
     assert!(client.staple == der);

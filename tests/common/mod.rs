@@ -602,6 +602,21 @@ struct LogState {
     closed: bool,
 }
 
+/// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
+pub const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The environment (`Setup::start_with_env`) that runs the gateway under libfaketime, its
+/// wall clock offset by what `clock` holds (`+0`, `+2d`, ...), read again on every call; the
+/// monotonic clock is left alone, as an NTP step leaves it.
+pub fn faketime_env(clock: &Path) -> [(&'static str, &std::ffi::OsStr); 4] {
+    [
+        ("LD_PRELOAD", FAKETIME.as_ref()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+        ("FAKETIME_NO_CACHE", "1".as_ref()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+    ]
+}
+
 /// A config directory prepared before the process starts (certs, policies, ...).
 pub struct Setup {
     pub dir: TempDir,

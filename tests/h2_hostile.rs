@@ -249,6 +249,41 @@ async fn the_asterisk_target_is_for_options_only_over_http2() {
     assert_eq!(upstream.text(), "", "nothing went upstream");
 }
 
+/// A field value beginning or ending with whitespace makes an HTTP/2 request malformed (RFC
+/// 9113 §8.2.1). An HTTP/1.1 upstream trims it, so a policy or a limit reading " admin"
+/// would judge another value than the upstream acts on: refused, never forwarded.
+#[tokio::test]
+async fn field_values_padded_with_whitespace_are_refused_over_http2() {
+    let upstream = Recorder::answering(OK).await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &[upstream.addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    for value in [" admin", "admin ", "\tadmin", "admin\t", " "] {
+        let req = Request::get(https_uri(&wraith, "/padded"))
+            .header("x-role", http::HeaderValue::from_str(value).unwrap())
+            .body(())
+            .unwrap();
+        let resp = h2_send(&mut h2, req).await;
+        assert_eq!(resp.status(), 400, "{value:?}");
+    }
+    // Whitespace inside a value is fine, and so is an empty value.
+    for value in ["site admin", ""] {
+        let req = Request::get(https_uri(&wraith, "/inner"))
+            .header("x-role", value)
+            .body(())
+            .unwrap();
+        let resp = h2_send(&mut h2, req).await;
+        assert_eq!(resp.status(), 200, "{value:?}");
+    }
+    upstream
+        .wait("both good requests reach the upstream", |t, _| {
+            t.matches("GET /inner").count() == 2
+        })
+        .await;
+    assert!(!upstream.text().contains("/padded"), "{}", upstream.text());
+}
+
 #[tokio::test]
 async fn response_trailers_are_cleaned_for_http2_clients() {
     // A chunked response whose trailer section holds fields no trailer may carry.

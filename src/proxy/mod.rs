@@ -356,6 +356,15 @@ impl Gateway {
             // another is malformed (RFC 9113 §8.3.1, RFC 9114 §4.3.1). Refused rather than one
             // of the two chosen, so that no stage and no upstream behind it reads the other.
             if matches!(req.version(), http::Version::HTTP_2 | http::Version::HTTP_3) {
+                // Nor may a field value begin or end with whitespace (RFC 9113 §8.2.1, RFC
+                // 9114 §4.2). An HTTP/1.1 upstream trims it, so a policy, a route or a limit
+                // keyed by " admin" would judge another value than the upstream acts on.
+                // (HTTP/1.1 heads never carry it: httparse drops the whitespace around a value.)
+                if req.headers().values().any(|v| padded(v.as_bytes())) {
+                    return Err(GatewayError::BadRequest(
+                        "a field value begins or ends with whitespace",
+                    ));
+                }
                 if let (Some(authority), Some(host)) =
                     (req.uri().authority(), req.headers().get(http::header::HOST))
                 {
@@ -619,6 +628,12 @@ impl Opened {
 }
 
 /// The same URI with another path (query kept).
+/// Whether a field value begins or ends with whitespace (SP or HTAB, the only whitespace a
+/// `HeaderValue` holds).
+fn padded(value: &[u8]) -> bool {
+    matches!(value.first(), Some(b' ' | b'\t')) || matches!(value.last(), Some(b' ' | b'\t'))
+}
+
 fn with_path(uri: &Uri, path: &str) -> Result<Uri, GatewayError> {
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),

@@ -34,7 +34,74 @@ upstream = "app"
     )
 }
 
-/// The DER of the certificate a fresh TLS connection is shown.
+/// A client that has sent no request yet (no byte on a plain listener, no ClientHello on a
+/// TLS one, no PROXY protocol header) has nothing to finish: SIGTERM closes its connection
+/// at once instead of waiting out its `header_read_timeout` or `handshake_timeout` (here a
+/// minute, as long as `shutdown_timeout`), so a few silent connections cannot hold a
+/// graceful stop or restart.
+#[tokio::test]
+async fn sigterm_does_not_wait_for_connections_that_sent_no_request() {
+    let setup = Setup::new();
+    let listeners = setup
+        .listeners()
+        .replace(
+            "shutdown_timeout = \"10s\"",
+            "shutdown_timeout = \"60s\"\ntrusted_proxies = [\"127.0.0.1/32\"]",
+        )
+        .replace(
+            "protocol = \"http\"\n",
+            "protocol = \"http\"\nlimits = { header_read_timeout = \"60s\" }\n",
+        )
+        .replace(
+            "key = \"server-key.pem\"",
+            "key = \"server-key.pem\", handshake_timeout = \"60s\"",
+        );
+    let cfg = format!(
+        r#"{listeners}
+[[listener]]
+name = "balanced"
+address = "127.0.0.1:0"
+protocol = "http"
+proxy_protocol = true
+limits = {{ header_read_timeout = "60s" }}
+
+[[route]]
+name = "all"
+respond = {{ status = 200, body = "ok" }}
+"#
+    );
+    let mut wraith = setup.start(&cfg);
+    let mut silent = Vec::new();
+    for listener in ["http", "https", "balanced"] {
+        silent.push(
+            tokio::net::TcpStream::connect(wraith.addr(listener))
+                .await
+                .unwrap(),
+        );
+    }
+    // Each connection is in its task (accepted) before the signal.
+    assert_eq!(
+        http_client()
+            .get(wraith.url("http", "/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    wraith.signal(libc::SIGTERM);
+    let code = tokio::task::spawn_blocking(move || wraith.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "SIGTERM waited for connections with no request"
+    );
+    drop(silent);
+}
+
+/// The DER of the certificate a fresh TLS connection is shown./// The DER of the certificate a fresh TLS connection is shown.
 async fn served_cert(addr: std::net::SocketAddr, ca: &std::path::Path) -> Vec<u8> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let tls =

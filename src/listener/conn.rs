@@ -309,9 +309,13 @@ pub(super) async fn serve(
 
     let Some(acceptor) = &listener.tls else {
         // Plain HTTP: HTTP/2 only with prior knowledge (the connection preface).
-        let h2 = match sniff_h2(&io, &listener.config.limits).await {
-            Some(h2) => h2,
-            None => return,
+        let sniffed = tokio::select! {
+            biased;
+            sniffed = sniff_h2(&io, &listener.config.limits) => sniffed,
+            () = close.stopped() => None,
+        };
+        let Some(h2) = sniffed else {
+            return;
         };
         let ctx = ConnCtx::new(runtime, &listener, info);
         return serve_http(ctx, &listener, io, h2, close, accepted).await;
@@ -339,7 +343,13 @@ pub(super) async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(acceptor.for_connection());
     // Boxed: the TLS session (~1.2 KiB) would otherwise sit inline in every connection's
     // task, plain TCP ones included, and be copied into the HTTP/1.1 codec.
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+    let handshake = tokio::select! {
+        biased;
+        handshake = tokio::time::timeout(timeout, acceptor.accept(io)) => handshake,
+        // No request read yet: nothing to finish (`CloseSignal::stopped`).
+        () = close.stopped() => return,
+    };
+    let tls = match handshake {
         Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => return refused(Ok(tls::handshake_failure(&e))),
         Err(_) => return refused(Err(())),

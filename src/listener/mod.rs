@@ -106,6 +106,14 @@ impl CloseSignal {
         }
     }
 
+    /// Resolves when the listener stops (SIGTERM, or a reload removing it). A connection
+    /// that has read no request yet (a PROXY header, a TLS handshake or the first bytes
+    /// still to come) has nothing to finish and closes then: a slow or silent client must
+    /// not hold a graceful stop for its whole `header_read_timeout` or `handshake_timeout`.
+    pub(crate) async fn stopped(&self) {
+        self.stop.cancelled().await
+    }
+
     /// Whether the client certificate (or a CRL) the connection was admitted with has
     /// expired since.
     pub fn expired(&self) -> bool {
@@ -556,16 +564,20 @@ async fn accept_loop(
         runtime.connections.spawn(async move {
             let mut stream = stream;
             let (peer, local, client) = if proxied {
-                let Some(behind) = behind_proxy(
+                let header = behind_proxy(
                     &runtime2,
                     &listener,
                     &per_client,
                     &header_failures,
                     &mut stream,
                     peer,
-                )
-                .await
-                else {
+                );
+                let behind = tokio::select! {
+                    biased;
+                    behind = header => behind,
+                    () = close.stopped() => None,
+                };
+                let Some(behind) = behind else {
                     return;
                 };
                 behind

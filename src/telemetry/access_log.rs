@@ -606,10 +606,13 @@ impl http_body::Body for LoggedBody {
             Poll::Ready(None) => this.done(false),
             Poll::Ready(Some(Err(e))) => {
                 // The upstream broke off mid-body: the client gets a truncated response.
-                // (Or both sides went quiet while the client still owed its body.)
+                // (Or both sides went quiet while the client still owed its body, or the
+                // request body going out beside the response failed on the client's side.)
                 if let Some(p) = this.pending.as_mut() {
                     p.record().error = Some(if crate::body::Stalled::by_client(e) {
                         "request_timeout"
+                    } else if let Some(u) = e.downcast_ref::<crate::upstream::h1::UploadFailed>() {
+                        u.code()
                     } else {
                         "upstream_body_error"
                     });

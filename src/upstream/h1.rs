@@ -6,6 +6,15 @@
 //! socket itself and the response body reads straight from it, the way Pingora's proxy does.
 //! The connection goes back to the pool the moment the response body ends.
 //!
+//! Full duplex: while a request body goes out, the exchange watches the socket
+//! (`poll_answer`). An early error answer stops the upload (RFC 9112 §9.5); a complete final
+//! 2xx or 3xx head is returned to the pipeline at once, and the rest of the upload
+//! (`upload::Upload`) moves into the response body, which sends it between its own reads.
+//! The one socket keeps one owner, and an upstream that answers as it reads (an echo, a
+//! transcoder) cannot deadlock with Wraith. Such a connection is pooled only if both the
+//! request and the response ended whole; an upload that fails after the head ends the
+//! response body in error.
+//!
 //! Framing follows RFC 9112: requests are sent with Content-Length when the size is known and
 //! chunked otherwise (never both); responses are read by Transfer-Encoding, then
 //! Content-Length, then until close, with no body for HEAD, 1xx, 204 and 304. Anything
@@ -24,8 +33,7 @@ use futures_util::FutureExt;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
@@ -36,6 +44,9 @@ use crate::http1::{
 };
 use crate::proxy::headers::Forwarding;
 
+mod upload;
+use upload::{Upload, UploadError};
+
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
 // `parse_head` keeps header offsets in u16.
@@ -45,6 +56,45 @@ const MAX_HEADERS: usize = 128;
 /// How failures caused by the client's request body begin (they say nothing about the
 /// upstream's health and are never retried).
 pub const CLIENT_BODY_FAILED: &str = "client request body";
+/// How a response body ends when the request body going out beside it (full duplex) failed
+/// on the client's side: the client's doing, not the upstream's (the endpoint counts no
+/// failure, and the access record says which, `code`).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct UploadFailed {
+    /// `CLIENT_BODY_FAILED`, `CLIENT_BODY_GONE` or `CLIENT_BODY_STALLED`.
+    what: &'static str,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl UploadFailed {
+    /// The error code of the access record: what the same failure before the response
+    /// would have been answered with.
+    pub fn code(&self) -> &'static str {
+        if self.what == CLIENT_BODY_STALLED {
+            return "request_timeout";
+        }
+        if self.what == CLIENT_BODY_GONE {
+            return "client_closed";
+        }
+        let mut cause = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        while let Some(e) = cause {
+            if e.is::<crate::body::TooLarge>() {
+                return "payload_too_large";
+            }
+            if e.is::<crate::body::Banned>() {
+                return "banned";
+            }
+            cause = e.source();
+        }
+        "bad_request"
+    }
+}
+
 /// How failures begin whose client went away mid-body (`body::client_gone`): a client
 /// abort, not a bad request.
 pub const CLIENT_BODY_GONE: &str = "client request body abandoned";
@@ -371,13 +421,14 @@ pub async fn send(
 
     loop {
         match exchange(&mut conn, &head, chunked, &mut body, head_only, timeout).await {
-            Ok((resp, framing)) => {
+            Ok((resp, framing, upload)) => {
                 return Ok(resp.map(|_| {
                     // Boxed: every move of a request or response carries a `Body`, which
                     // the inline `ResponseBody` made 168 bytes.
                     Body::Upstream(Box::new(ResponseBody::new(
                         conn,
                         framing,
+                        upload,
                         pool.clone(),
                         guard,
                         timeout,
@@ -420,11 +471,6 @@ pub async fn send(
                     },
                     Exchange::Timeout => SendError::Timeout { request },
                     Exchange::Failed(reason) => SendError::Failed { reason, request },
-                    // (`exchange` reads the head that follows.)
-                    Exchange::Answered => SendError::Failed {
-                        reason: "upstream answered before the request was sent".into(),
-                        request,
-                    },
                 });
             }
         }
@@ -448,7 +494,6 @@ pub async fn probe(pool: &Pool, head: &[u8], timeout: Duration) -> Result<Status
             Err(Exchange::Stale { .. }) => Err("connection closed without a response".to_string()),
             Err(Exchange::Timeout) => Err("timed out".to_string()),
             Err(Exchange::Failed(m)) => Err(m),
-            Err(Exchange::Answered) => Err("answered before the check was sent".to_string()),
         }
     };
     match tokio::time::timeout(timeout, fut).await {
@@ -465,12 +510,12 @@ enum Exchange {
     },
     Timeout,
     Failed(String),
-    /// An error response head (or the start of one) arrived while the request body was still
-    /// going out: it is in `conn.buf`, and the rest of the body is not sent.
-    Answered,
 }
 
-/// Writes the request and reads the response head.
+/// Writes the request and reads the response head. With a body, the exchange sends it
+/// while it watches for an answer (`poll_answer`): an error answer ends the upload, and a
+/// final 2xx or 3xx head is returned at once with the rest of the upload, which the
+/// response body then drives beside its own reads (full duplex).
 async fn exchange(
     conn: &mut Conn,
     head: &[u8],
@@ -478,38 +523,67 @@ async fn exchange(
     body: &mut Body,
     head_only: bool,
     timeout: Duration,
-) -> Result<(Response<()>, Framing), Exchange> {
+) -> Result<(Response<()>, Framing, Option<Box<Upload>>), Exchange> {
     conn.interim = false;
-    let write = write_request(conn, head, body, chunked, timeout).await;
-    match write {
-        Ok(()) => {}
-        // An early answer (a 413, a 401 on the head): the client gets it now, not after its
-        // whole upload or the response timeout (an upstream that stopped reading held the
-        // write until then). The request went out incomplete, so the connection ends with
-        // this response.
-        Err(Exchange::Answered) => {
-            let (resp, framing) = head_within(conn, head_only, timeout).await?;
-            return Ok((resp, framing.final_on_connection()));
-        }
-        // The upstream may have answered early (e.g. 413, or a 200 without reading the body)
-        // and closed: read what it said, starting with what the watch already read.
-        Err(Exchange::Failed(m)) => {
-            return match tokio::time::timeout(
-                Duration::from_millis(100),
-                read_head(conn, head_only),
-            )
-            .await
-            {
-                // The request went out incomplete: the upstream may still be waiting for the
-                // rest of its body, and would read the next request as that body. This
-                // connection ends with this response.
-                Ok(Ok((resp, framing))) => Ok((resp, framing.final_on_connection())),
-                _ => Err(Exchange::Failed(m)),
-            };
-        }
-        Err(e) => return Err(e),
+    if body.is_end_stream() && !chunked {
+        // No body (most requests): the head goes as it is, without a copy.
+        write_all(conn, head, timeout, false).await?;
+        let (resp, framing) = head_within(conn, head_only, timeout).await?;
+        return Ok((resp, framing, None));
     }
-    head_within(conn, head_only, timeout).await
+    let mut upload = Upload::new(head, std::mem::take(body), chunked, timeout);
+    let sent = std::future::poll_fn(|cx| {
+        // The answer first: once the upstream has answered, it either wants no more of the
+        // body or gets it beside the response.
+        if let Poll::Ready(answer) = poll_answer(conn, cx) {
+            return Poll::Ready(Err(answer));
+        }
+        upload.poll_send(conn, cx).map(Ok)
+    })
+    .await;
+    let failure = match sent {
+        Ok(Ok(())) => {
+            *body = upload.into_body();
+            let (resp, framing) = head_within(conn, head_only, timeout).await?;
+            return Ok((resp, framing, None));
+        }
+        // A final 2xx or 3xx head while the body is still going out (an echo, a
+        // transcoder, an upload with progress events): the client gets the response now,
+        // and the body goes on from the response body. Waiting for the whole upload first
+        // would deadlock with an upstream that stops reading while its answer is unread.
+        Err(Answer::Final) => {
+            let (resp, framing) = head_within(conn, head_only, timeout).await?;
+            return Ok((resp, framing, Some(Box::new(upload))));
+        }
+        // An early error answer (a 413, a 401 on the head): the client gets it now, not
+        // after its whole upload or the response timeout (an upstream that stopped reading
+        // held the write until then). The request went out incomplete, so the connection
+        // ends with this response.
+        Err(Answer::Error) => {
+            *body = upload.into_body();
+            let (resp, framing) = head_within(conn, head_only, timeout).await?;
+            return Ok((resp, framing.final_on_connection(), None));
+        }
+        Ok(Err(e)) => {
+            *body = upload.into_body();
+            e
+        }
+    };
+    let reason = match failure {
+        UploadError::Write { error, first: true } if is_stale(&error) => {
+            return Err(Exchange::Stale { written: false })
+        }
+        other => other.to_string(),
+    };
+    // The upstream may have answered early (e.g. 413, or a 200 without reading the body)
+    // and closed: read what it said, starting with what the watch already read.
+    match tokio::time::timeout(Duration::from_millis(100), read_head(conn, head_only)).await {
+        // The request went out incomplete: the upstream may still be waiting for the rest
+        // of its body, and would read the next request as that body. This connection ends
+        // with this response.
+        Ok(Ok((resp, framing))) => Ok((resp, framing.final_on_connection(), None)),
+        _ => Err(Exchange::Failed(reason)),
+    }
 }
 
 /// `read_head`, given `timeout` to complete, on the connection's own timer (`LazyDeadline`:
@@ -537,106 +611,6 @@ async fn head_within(
     };
     conn.deadline = deadline;
     res
-}
-
-async fn write_request(
-    conn: &mut Conn,
-    head: &[u8],
-    body: &mut Body,
-    chunked: bool,
-    timeout: Duration,
-) -> Result<(), Exchange> {
-    if body.is_end_stream() && !chunked {
-        // No body (most requests): the head goes as it is, without a copy.
-        return write_all(conn, head, timeout, false).await;
-    }
-    let mut out: Vec<u8> = Vec::with_capacity(head.len() + 256);
-    out.extend_from_slice(head);
-    // The body's pieces that were ready together, not yet in `out`: they go as one chunk
-    // (a client's small frames, HTTP/2 or HTTP/3 DATA frames of a few bytes each, cost the
-    // upstream one chunk per write, not one per frame).
-    let mut ready = Ready::default();
-    let mut sent_any = false;
-    loop {
-        // Take whatever the body has ready now without waiting, to coalesce small bodies
-        // with the head into one write.
-        let frame = match body.frame().now_or_never() {
-            Some(f) => f,
-            None => {
-                ready.seal(&mut out, chunked);
-                if !out.is_empty() {
-                    write_body(conn, &out, timeout, sent_any).await?;
-                    sent_any = true;
-                    out.clear();
-                }
-                let next = async {
-                    tokio::select! {
-                        biased;
-                        f = body.frame() => Ok(f),
-                        () = std::future::poll_fn(|cx| poll_answer(conn, cx)) => {
-                            Err(Exchange::Answered)
-                        }
-                    }
-                };
-                match tokio::time::timeout(timeout, next).await {
-                    Ok(f) => f?,
-                    Err(_) => return Err(Exchange::Failed(CLIENT_BODY_STALLED.to_string())),
-                }
-            }
-        };
-        match frame {
-            None => break,
-            Some(Err(e)) => {
-                let what = if crate::body::client_gone(&*e) {
-                    CLIENT_BODY_GONE
-                } else {
-                    CLIENT_BODY_FAILED
-                };
-                return Err(Exchange::Failed(format!("{what}: {e}")));
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if data.is_empty() {
-                        continue;
-                    }
-                    if out.len() + ready.len + data.len() <= COALESCE {
-                        ready.push(data);
-                        continue;
-                    }
-                    ready.seal(&mut out, chunked);
-                    if data.len() <= COALESCE {
-                        if !out.is_empty() {
-                            write_body(conn, &out, timeout, sent_any).await?;
-                            sent_any = true;
-                            out.clear();
-                        }
-                        ready.push(data);
-                        continue;
-                    }
-                    // A large piece goes from its own buffer, after its chunk line.
-                    if chunked {
-                        chunk_line(&mut out, data.len());
-                    }
-                    write_body(conn, &out, timeout, sent_any).await?;
-                    sent_any = true;
-                    out.clear();
-                    write_body(conn, &data, timeout, true).await?;
-                    if chunked {
-                        out.extend_from_slice(b"\r\n");
-                    }
-                }
-                // Trailers from the client are dropped (rarely used over HTTP/1.1 upstreams).
-            }
-        }
-    }
-    ready.seal(&mut out, chunked);
-    if chunked {
-        out.extend_from_slice(b"0\r\n\r\n");
-    }
-    if !out.is_empty() {
-        write_body(conn, &out, timeout, sent_any).await?;
-    }
-    Ok(())
 }
 
 /// Body pieces taken from the client together, waiting to go upstream as one.
@@ -675,57 +649,22 @@ fn chunk_line(out: &mut Vec<u8>, len: usize) {
     let _ = std::io::Write::write_fmt(out, format_args!("{len:x}\r\n"));
 }
 
-/// `write_all` for the request's body: while the upstream is not taking it, an error answer
-/// it sends ends the write (`Exchange::Answered`). An upstream that answers early (413, 401)
-/// and stops reading would otherwise hold the write until the response timeout, and one that
-/// streams its answer as it reads (full duplex) would deadlock with it.
-async fn write_body(
-    conn: &mut Conn,
-    data: &[u8],
-    timeout: Duration,
-    sent_any: bool,
-) -> Result<(), Exchange> {
-    let mut written = 0;
-    let write = std::future::poll_fn(|cx| {
-        while written < data.len() {
-            if poll_answer(conn, cx).is_ready() {
-                return Poll::Ready(Err(None));
-            }
-            match Pin::new(&mut conn.io).poll_write(cx, &data[written..]) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(Some(io::Error::from(io::ErrorKind::WriteZero))))
-                }
-                Poll::Ready(Ok(n)) => written += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Some(e))),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        if matches!(conn.io, Stream::Tls(_)) {
-            // (rustls takes up to 64 KiB past a full socket: the wait is here then.)
-            if poll_answer(conn, cx).is_ready() {
-                return Poll::Ready(Err(None));
-            }
-            ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Some)?;
-        }
-        Poll::Ready(Ok(()))
-    });
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(None)) => Err(Exchange::Answered),
-        Ok(Err(Some(e))) if !sent_any && is_stale(&e) => Err(Exchange::Stale { written: false }),
-        Ok(Err(Some(e))) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),
-        Err(_) => Err(Exchange::Failed(
-            "upstream stopped reading the request".into(),
-        )),
-    }
+/// How the upstream answered while the request body is still being sent.
+enum Answer {
+    /// An error response, or the start of one, or bytes that are no response (the reader
+    /// reports those): the upload stops (RFC 9112 §9.5).
+    Error,
+    /// A complete final 2xx or 3xx head: the response starts now, and the upload goes on
+    /// beside it.
+    Final,
 }
 
-/// Whether the upstream has begun an error answer while the request is still being sent:
-/// `Ready` once `conn.buf` holds the start of a 4xx or 5xx response (an interim
-/// `100 Continue` is taken off the buffer and noted in `conn.interim`). Reads only
+/// Whether the upstream has answered while the request is still being sent: `Ready` once
+/// `conn.buf` holds the start of a 4xx or 5xx response or a complete 2xx or 3xx head (an
+/// interim `100 Continue` is taken off the buffer and noted in `conn.interim`). Reads only
 /// what the socket reports readable. An EOF or error is left for the write to run into (it
 /// fails there, as it always did), so this stays `Pending`.
-fn poll_answer(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<()> {
+fn poll_answer(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<Answer> {
     loop {
         if !conn.buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -748,12 +687,15 @@ fn poll_answer(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<()> {
                 (Ok(httparse::Status::Partial), None) if small => {}
                 (Ok(httparse::Status::Partial), Some(_)) if interim && small => {}
                 // An early 2xx or 3xx does not say the upstream wants no more of the body
-                // (RFC 9112 §9.5 has the client stop for an error response): the body goes
-                // on, and the response is read after it, as before.
-                (Ok(_), Some(c)) if (200..400).contains(&c) => return Poll::Pending,
+                // (RFC 9112 §9.5 has the client stop for an error response only): once its
+                // head is whole, the response starts and the body goes on beside it.
+                (Ok(httparse::Status::Complete(_)), Some(c)) if (200..400).contains(&c) => {
+                    return Poll::Ready(Answer::Final)
+                }
+                (Ok(httparse::Status::Partial), Some(c)) if (200..400).contains(&c) && small => {}
                 // An error response, or the start of one, or bytes that are no response (the
                 // reader reports those).
-                _ => return Poll::Ready(()),
+                _ => return Poll::Ready(Answer::Error),
             }
         }
         if let Stream::Tcp(tcp) = &conn.io {
@@ -1237,8 +1179,15 @@ impl Drop for InFlight {
 
 /// A response body read straight from the upstream connection. When it ends cleanly the
 /// connection returns to the pool; when it is dropped early the connection is closed.
+///
+/// After an early 2xx or 3xx head it also carries the rest of the request body (`upload`),
+/// sent as it is polled, between its reads: the connection goes back to the pool only if
+/// both ended whole. A response that ends first stops the upload and closes the connection;
+/// an upload that fails ends the response in error.
 pub struct ResponseBody {
     conn: Option<Conn>,
+    /// What is left of the request body, still going to the upstream (full duplex).
+    upload: Option<Box<Upload>>,
     /// Stands in for the connection's buffer after the connection is gone.
     spare: BytesMut,
     state: State,
@@ -1248,7 +1197,9 @@ pub struct ResponseBody {
     in_flight: Option<InFlight>,
     /// Longest wait for the next body byte (the upstream's response timeout, between two
     /// reads, as nginx's `proxy_read_timeout`): a stalled upstream cannot hold the client,
-    /// the task and the endpoint's in-flight slot forever.
+    /// the task and the endpoint's in-flight slot forever. Not counted while an upload goes
+    /// on (each of its waits has this timeout): a silence while the request body still
+    /// moves is no stall, as on HTTP/2 upstreams (`body::Stall`).
     read_timeout: Duration,
     /// The stall timer: made the first time a read has to wait, then re-armed (never
     /// re-allocated) at each wait that follows progress.
@@ -1269,6 +1220,7 @@ impl ResponseBody {
     fn new(
         conn: Conn,
         framing: Framing,
+        upload: Option<Box<Upload>>,
         pool: Arc<Pool>,
         in_flight: InFlight,
         read_timeout: Duration,
@@ -1289,6 +1241,7 @@ impl ResponseBody {
         };
         let mut body = ResponseBody {
             conn: Some(conn),
+            upload,
             spare: BytesMut::new(),
             state,
             reusable,
@@ -1329,17 +1282,74 @@ impl ResponseBody {
         Some((conn.io, conn.buf.freeze(), slot))
     }
 
-    /// The body ended: hand the connection back if it can carry another request.
+    /// The body ended: hand the connection back if it can carry another request (not if
+    /// the request body is still unsent: the upstream would read the next request as its
+    /// rest).
     fn finish(&mut self) {
         self.state = State::Done;
         if let Some(slot) = self.in_flight.as_mut() {
             slot.body_ended(true);
         }
+        let unsent = self.upload.take().is_some();
         if let Some(conn) = self.conn.take() {
-            if self.reusable && conn.buf.is_empty() {
+            if self.reusable && conn.buf.is_empty() && !unsent {
                 self.pool.checkin(conn);
             }
         }
+    }
+
+    /// `finish`, after a last turn of the upload: its end may be ready now (the client's
+    /// end of stream, the chunked terminator), and only a whole request lets the connection
+    /// be reused.
+    fn finish_polled(&mut self, cx: &mut Context<'_>) {
+        if self.upload.is_some() {
+            // (A failure now changes nothing for the response: it is whole.)
+            let _ = self.poll_upload(cx);
+        }
+        self.finish();
+    }
+
+    /// Sends more of the request body, if any is left; `Err` if the upload failed.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Result<(), UploadError> {
+        let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
+            return Ok(());
+        };
+        match upload.poll_send(conn, cx) {
+            Poll::Ready(Ok(())) => {
+                self.upload = None;
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => {
+                self.upload = None;
+                Err(e)
+            }
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    /// The upload failed after the response started: the response ends in error (the
+    /// client sees it cut off, never a clean end). A failure of the client's body is the
+    /// client's (`UploadFailed`: no mark against the endpoint); one of the upstream's is
+    /// a broken response like any other.
+    fn upload_failed(&mut self, e: UploadError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let client = match e {
+            UploadError::Client { what, error } => UploadFailed {
+                what,
+                source: Some(error),
+            },
+            UploadError::ClientStalled => UploadFailed {
+                what: CLIENT_BODY_STALLED,
+                source: None,
+            },
+            upstream => return self.fail(format!("sending the request body: {upstream}")),
+        };
+        tracing::debug!(error = %crate::upstream::forwarder::error_chain(&client), "the client's request body failed while the response streamed");
+        if let Some(slot) = self.in_flight.as_mut() {
+            slot.disarm();
+        }
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(client.into())))
     }
 
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -1363,6 +1373,11 @@ impl ResponseBody {
         let mut rb = ReadBuf::uninit(dst);
         match Pin::new(&mut conn.io).poll_read(cx, &mut rb) {
             Poll::Ready(r) => r?,
+            Poll::Pending if self.upload.is_some() => {
+                // The upload's own waits bound this one.
+                self.stall_armed = false;
+                return Poll::Pending;
+            }
             Poll::Pending => {
                 let deadline = tokio::time::Instant::now() + self.read_timeout;
                 let stall = self
@@ -1412,6 +1427,11 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.upload.is_some() && !matches!(this.state, State::Done) {
+            if let Err(e) = this.poll_upload(cx) {
+                return this.upload_failed(e);
+            }
+        }
         loop {
             match this.state {
                 State::Done | State::Upgrade => return Poll::Ready(None),
@@ -1422,7 +1442,7 @@ impl http_body::Body for ResponseBody {
                         let data = buf.split_to(n).freeze();
                         let left = remaining - n as u64;
                         if left == 0 {
-                            this.finish();
+                            this.finish_polled(cx);
                         } else {
                             this.state = State::Length(left);
                         }
@@ -1463,7 +1483,7 @@ impl http_body::Body for ResponseBody {
                             continue;
                         }
                         Ok(Decoded::End(trailers)) => {
-                            this.finish();
+                            this.finish_polled(cx);
                             return match trailers {
                                 Some(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
                                 None => Poll::Ready(None),

@@ -1,0 +1,438 @@
+//! Full duplex to HTTP/1.1 upstreams: an upstream that answers while it still reads the
+//! request body (an echo, a transcoder, an upload with progress events) gets its response to
+//! the client at once, and the rest of the body beside it. Each upstream here reads and
+//! writes in one sequential loop, so it stops reading while the gateway does not read its
+//! answer: a half-duplex gateway deadlocks with it until the response timeout (30 s here,
+//! past every test's own limit).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The request bodies sent: 8 MiB, far more than the socket buffers on the way hold.
+const SIZE: usize = 8 << 20;
+/// Each test's own limit, well under the route's response timeout.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// The request body: a pattern, so a byte lost, doubled or moved shows.
+fn payload() -> Vec<u8> {
+    (0..SIZE).map(|i| (i % 251) as u8).collect()
+}
+
+/// The gateway in front of `upstream`, with a response timeout of 30 s and a JSON access
+/// log (`access.json`).
+fn gateway(upstream: SocketAddr) -> Wraith {
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{upstream}\"]\nresponse_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n\n[log.json]\npath = \"access.json\"\n",
+        setup.listeners()
+    );
+    setup.start(&cfg)
+}
+
+/// A chunked body decoder, fed as bytes arrive.
+#[derive(Default)]
+struct Dechunk {
+    /// Bytes left of the current chunk's data (then its CRLF), once its size line is read.
+    data: Option<usize>,
+    /// The last chunk was read: only the final CRLF is left.
+    last: bool,
+}
+
+impl Dechunk {
+    /// Moves the data at the front of `buf` to `out`; true once the body has ended.
+    fn feed(&mut self, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> bool {
+        loop {
+            match self.data {
+                Some(0) => {
+                    if buf.len() < 2 {
+                        return false;
+                    }
+                    assert_eq!(&buf[..2], b"\r\n", "chunk data not followed by CRLF");
+                    buf.drain(..2);
+                    self.data = None;
+                }
+                Some(n) => {
+                    if buf.is_empty() {
+                        return false;
+                    }
+                    let k = n.min(buf.len());
+                    out.extend(buf.drain(..k));
+                    self.data = Some(n - k);
+                }
+                None => {
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        return false;
+                    };
+                    if self.last {
+                        assert_eq!(end, 0, "trailers after the last chunk");
+                        buf.drain(..2);
+                        return true;
+                    }
+                    let line = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let size = line.split(';').next().unwrap().trim();
+                    let size = usize::from_str_radix(size, 16).expect("chunk size line");
+                    buf.drain(..end + 2);
+                    if size == 0 {
+                        self.last = true;
+                    } else {
+                        self.data = Some(size);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads from `s` into `buf` until it holds a whole head; returns the head (without the
+/// empty line), or `None` at EOF.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        let mut tmp = [0u8; 16 * 1024];
+        match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// An upstream that answers `200` with a chunked body as soon as it has a request head,
+/// then echoes each piece of the request body as it reads it, in one sequential loop
+/// (read, then write): while a write of its waits, it reads nothing. Keep-alive; counts the
+/// connections it accepted.
+async fn echo_as_it_reads() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(head) = read_head(&mut s, &mut buf).await {
+                    let mut left = content_length(&head);
+                    let mut chunked = left.is_none().then(Dechunk::default);
+                    let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if s.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let mut piece = Vec::new();
+                        let ended = match (&mut left, &mut chunked) {
+                            (Some(n), _) => {
+                                let k = (*n).min(buf.len());
+                                piece.extend(buf.drain(..k));
+                                *n -= k;
+                                *n == 0
+                            }
+                            (None, Some(d)) => d.feed(&mut buf, &mut piece),
+                            (None, None) => unreachable!(),
+                        };
+                        if !piece.is_empty() {
+                            let mut out = format!("{:x}\r\n", piece.len()).into_bytes();
+                            out.extend_from_slice(&piece);
+                            out.extend_from_slice(b"\r\n");
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        if ended {
+                            break;
+                        }
+                        let mut tmp = [0u8; 64 * 1024];
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    if s.write_all(b"0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads a chunked response off `rd` into `out` until its end (`true`) or EOF (`false`);
+/// `first_bytes` is told once the head and some of the body are in.
+async fn read_chunked_response(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    out: &mut Vec<u8>,
+    mut first_bytes: Option<tokio::sync::oneshot::Sender<()>>,
+) -> (String, bool) {
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 64 * 1024];
+    let head = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            break head;
+        }
+        match rd.read(&mut tmp).await {
+            Ok(0) | Err(_) => return (String::from_utf8_lossy(&buf).into(), false),
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    };
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut dechunk = Dechunk::default();
+    loop {
+        if dechunk.feed(&mut buf, out) {
+            return (head, true);
+        }
+        if !out.is_empty() {
+            if let Some(tx) = first_bytes.take() {
+                let _ = tx.send(());
+            }
+        }
+        match rd.read(&mut tmp).await {
+            Ok(0) | Err(_) => return (head, false),
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_echoes_as_it_reads_streams_through_an_http1_client() {
+    let (upstream, _) = echo_as_it_reads().await;
+    let wraith = gateway(upstream);
+    let body = payload();
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let sent = body.clone();
+    let upload = tokio::spawn(async move {
+        let head = format!(
+            "POST /duplex-h1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.unwrap();
+        for piece in sent.chunks(64 * 1024) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr
+    });
+    let mut echoed = Vec::with_capacity(SIZE);
+    let (head, ended) =
+        tokio::time::timeout(LIMIT, read_chunked_response(&mut rd, &mut echoed, None))
+            .await
+            .unwrap_or_else(|_| panic!("deadlocked: {} of {SIZE} bytes echoed", echoed.len()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(ended, "the echo did not end cleanly");
+    assert!(
+        echoed == body,
+        "{} bytes echoed, not the ones sent",
+        echoed.len()
+    );
+    let _wr = upload.await.unwrap();
+
+    // The access record counts the whole upload, though most of it went after the head.
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |v| {
+            v["path"] == "/duplex-h1"
+        })
+        .await
+        .expect("an access record");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["bytes_in"], SIZE, "{record}");
+    assert_eq!(record["bytes_out"], SIZE, "{record}");
+    assert!(record.get("error").is_none(), "{record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_echoes_as_it_reads_streams_through_an_http2_client() {
+    let (upstream, _) = echo_as_it_reads().await;
+    let wraith = gateway(upstream);
+    let body = payload();
+    let mut h2 = h2_connect(&wraith).await;
+    let req = http::Request::post("https://localhost/echo")
+        .header("content-length", SIZE)
+        .body(())
+        .unwrap();
+    let (response, mut stream) = h2.send_request(req, false).unwrap();
+    let sent = body.clone();
+    let upload = tokio::spawn(async move {
+        let mut rest = bytes::Bytes::from(sent);
+        while !rest.is_empty() {
+            stream.reserve_capacity(rest.len().min(64 * 1024));
+            let room = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+                .await
+                .expect("stream open")
+                .expect("capacity");
+            if room == 0 {
+                continue;
+            }
+            let piece = rest.split_to(room.min(rest.len()));
+            stream.send_data(piece, rest.is_empty()).unwrap();
+        }
+    });
+    let echo = async {
+        let resp = response.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut recv = resp.into_body();
+        let mut echoed = Vec::with_capacity(SIZE);
+        while let Some(data) = recv.data().await {
+            let data = data.expect("the echo ended in error");
+            recv.flow_control().release_capacity(data.len()).unwrap();
+            echoed.extend_from_slice(&data);
+        }
+        echoed
+    };
+    let echoed = tokio::time::timeout(LIMIT, echo)
+        .await
+        .expect("deadlocked: the echo did not complete");
+    assert!(
+        echoed == body,
+        "{} bytes echoed, not the ones sent",
+        echoed.len()
+    );
+    upload.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_early_answer_ends_the_upload_and_its_connection_is_not_reused() {
+    // The upstream answers `200` with its whole body on the head and reads nothing more,
+    // holding the connection open: the client gets the answer at once (not after the
+    // response timeout), and the connection, on which the upstream still expects the rest
+    // of the body, is closed rather than pooled.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut s, &mut buf).await.is_some() {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // Reads nothing more: a request reusing this connection never gets
+                    // an answer.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    let wraith = gateway(upstream);
+
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let upload = tokio::spawn(async move {
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n");
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for piece in payload().chunks(64 * 1024) {
+            if wr.write_all(piece).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let answered = tokio::time::timeout(LIMIT, async {
+        let mut tmp = [0u8; 4096];
+        while !got.windows(6).any(|w| w == b"\r\n\r\nok") {
+            match rd.read(&mut tmp).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&tmp[..n]),
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    upload.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(answered, Ok(true), "no answer: {text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // The next request goes on a new connection, and is answered.
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_client().get(wraith.url("http", "/next")).send(),
+    )
+    .await
+    .expect("the next request went to the connection that was not reading")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_aborts_its_upload_after_the_response_started_gets_a_cut_response() {
+    let (upstream, _) = echo_as_it_reads().await;
+    let wraith = gateway(upstream);
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let upload = tokio::spawn(async move {
+        let head = format!(
+            "POST /duplex-abort HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.unwrap();
+        wr.write_all(&payload()[..1 << 20]).await.unwrap();
+        // Once the echo is coming back, the client gives up on its upload: it closes its
+        // side with 7 MiB still owed.
+        let _ = started.await;
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut echoed = Vec::new();
+    let (head, ended) = tokio::time::timeout(
+        LIMIT,
+        read_chunked_response(&mut rd, &mut echoed, Some(started_tx)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no end: {} bytes echoed", echoed.len()));
+    let _wr = upload.await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!echoed.is_empty(), "the response had not started");
+    assert!(
+        !ended,
+        "a response cut by its upload's failure must not end cleanly"
+    );
+    assert!(echoed.len() <= 1 << 20);
+
+    // Recorded as the client's abort, not as the upstream's failure; and the gateway and
+    // the endpoint go on serving.
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |v| {
+            v["path"] == "/duplex-abort"
+        })
+        .await
+        .expect("an access record");
+    assert_eq!(record["error"], "client_closed", "{record}");
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_client()
+            .post(wraith.url("http", "/echo"))
+            .body("again")
+            .send(),
+    )
+    .await
+    .expect("the gateway still answers")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "again");
+}

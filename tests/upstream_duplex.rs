@@ -114,6 +114,28 @@ fn content_length(head: &str) -> Option<usize> {
         .map(|v| v.trim().parse().unwrap())
 }
 
+/// Fixes the socket's buffers at 64 KiB each way: with the kernel's autotuning (up to 4 MiB
+/// to send here, and more to receive), a gateway that does not read could take in most of an
+/// 8 MiB echo before the upstream's writes block, and the deadlock these tests are about
+/// would depend on the machine.
+fn small_buffers(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 64 * 1024;
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: an int option set on a descriptor `s` keeps open.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// An upstream that answers `200` with a chunked body as soon as it has a request head,
 /// then echoes each piece of the request body as it reads it, in one sequential loop
 /// (read, then write): while a write of its waits, it reads nothing. Keep-alive; counts the
@@ -126,6 +148,7 @@ async fn echo_as_it_reads() -> (SocketAddr, Arc<AtomicUsize>) {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            small_buffers(&s);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while let Some(head) = read_head(&mut s, &mut buf).await {

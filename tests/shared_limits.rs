@@ -361,12 +361,12 @@ fn shared_limits_need_a_usable_redis_section() {
             && out.contains("a client certificate needs both cert and key"),
         "{out}"
     );
-    // TLS files with a cleartext URL would do nothing.
+    // TLS settings with a cleartext URL would do nothing.
     let out = test(&config(&setup, "redis://127.0.0.1:1", limit).replace(
         "timeout = \"200ms\"",
-        "timeout = \"200ms\"\nca = \"ca.pem\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"",
+        "timeout = \"200ms\"\nca = \"ca.pem\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nserver_name = \"redis.internal\"",
     ));
-    for key in ["ca", "cert", "key"] {
+    for key in ["ca", "cert", "key", "server_name"] {
         assert!(
             out.contains(&format!("rate_limit.redis.{key}")) && out.contains("use rediss://"),
             "{key}: {out}"
@@ -1003,4 +1003,38 @@ async fn a_rediss_scheme_in_capitals_is_tls() {
     assert_eq!(status(&wraith, "127.0.0.1").await, 200);
     let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
     assert_eq!(keys.trim(), "wraith:ratelimit:per-ip:ip:127.0.0.1");
+}
+
+/// Redis's certificate names it `redis.internal` alone, and the URL reaches it by address:
+/// refused as not for that host (`reason="tls"`), counted here alone. With `server_name =
+/// "redis.internal"` (sent as SNI, verified in the certificate), the limits count in Redis.
+#[tokio::test]
+async fn server_name_is_the_name_redis_certificate_must_carry() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(redis_dir.path());
+    let named = pki.ca.issue_server(&["redis.internal"]).unwrap();
+    std::fs::write(&pki.server_cert, &named.cert_pem).unwrap();
+    std::fs::write(&pki.server_key, &named.key_pem).unwrap();
+    let redis = Redis::start_tls(&pki, false, &[]);
+    let ca = format!("ca = {:?}", pki.ca_pem.to_str().unwrap());
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let setup = Setup::new();
+    let cfg = config_with(&setup, &url, limit, &ca);
+    let wraith = setup.start(&cfg);
+
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 429);
+    assert!(store_errors(&wraith, "tls").await >= 1.0);
+    let keys = || redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    assert!(keys().trim().is_empty(), "{}", keys());
+
+    wraith.write_config(&cfg.replace(&ca, &format!("{ca}\nserver_name = \"redis.internal\"")));
+    wraith.reload().unwrap();
+    let before = store_errors(&wraith, "tls").await;
+    assert_eq!(status(&wraith, "127.0.1.1").await, 200);
+    assert!(keys().contains(":ip:127.0.1.1"), "{}", keys());
+    assert_eq!(store_errors(&wraith, "tls").await, before);
 }

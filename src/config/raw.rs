@@ -444,6 +444,8 @@ pub struct RawRedis {
     /// `rediss://` only: a client certificate chain and its key (mTLS to Redis).
     pub cert: Option<Str>,
     pub key: Option<Str>,
+    /// `rediss://` only: the name sent as SNI and verified in Redis's certificate.
+    pub server_name: Option<Str>,
     pub timeout: Option<Str>,
     pub on_error: Option<Str>,
     pub key_prefix: Option<Str>,

@@ -138,7 +138,8 @@ pub struct RedisSettings {
     /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
     pub url: String,
     /// For a `rediss://` URL: the CA bundle Redis's certificate must chain to (the system's
-    /// by default) and the client certificate Wraith presents, if any. Compared by the
+    /// by default), the client certificate Wraith presents, if any, and the name sent as
+    /// SNI and verified (`server_name`; the URL's host by default). Compared by the
     /// files' contents, so a reload after a certificate was replaced connects anew.
     pub tls: Option<UpstreamTls>,
     /// From `password_file` (the URL's own password otherwise).
@@ -617,8 +618,14 @@ fn build_redis(b: &mut Builder<'_>, raw: Spanned<RawRedis>) -> RedisSettings {
     let mut tls = None;
     match redis::parse_redis_url(&url) {
         Some(u) if u.scheme() == "redis" => {
-            // TLS files with a cleartext URL would do nothing: a mistake to point out.
-            for (name, file) in [("ca", &raw.ca), ("cert", &raw.cert), ("key", &raw.key)] {
+            // TLS settings with a cleartext URL would do nothing: a mistake to point out.
+            let tls_keys = [
+                ("ca", &raw.ca),
+                ("cert", &raw.cert),
+                ("key", &raw.key),
+                ("server_name", &raw.server_name),
+            ];
+            for (name, file) in tls_keys {
                 if let Some(f) = file {
                     b.err(
                         Some(f.span()),
@@ -640,7 +647,7 @@ fn build_redis(b: &mut Builder<'_>, raw: Spanned<RawRedis>) -> RedisSettings {
                     ca: raw.ca.clone(),
                     cert: raw.cert.clone(),
                     key: raw.key.clone(),
-                    server_name: None,
+                    server_name: raw.server_name.clone(),
                 },
             );
         }

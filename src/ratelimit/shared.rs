@@ -157,8 +157,8 @@ impl Failure {
 struct Server {
     host: String,
     port: u16,
-    /// `rediss://`: the rustls client, and the name Redis's certificate must carry (the
-    /// URL's host).
+    /// `rediss://`: the rustls client, and the name sent as SNI that Redis's certificate
+    /// must carry (`server_name`, else the URL's host).
     tls: Option<(TlsConnector, ServerName<'static>)>,
     redis: RedisConnectionInfo,
     config: AsyncConnectionConfig,
@@ -245,8 +245,14 @@ impl SharedStore {
             (Some(tls), true) => {
                 let config = crate::upstream::tls::client_config(tls, &[])
                     .map_err(|e| format!("rate_limit.redis: {e}"))?;
-                let name = ServerName::try_from(host.clone())
-                    .map_err(|e| format!("rate_limit.redis.url: host {host:?}: {e}"))?;
+                // `server_name` when set (Redis reached by address, or by a name its
+                // certificate does not carry), else the URL's host.
+                let name = match &tls.server_name {
+                    Some(n) => ServerName::try_from(n.clone())
+                        .map_err(|e| format!("rate_limit.redis.server_name: {n:?}: {e}"))?,
+                    None => ServerName::try_from(host.clone())
+                        .map_err(|e| format!("rate_limit.redis.url: host {host:?}: {e}"))?,
+                };
                 Some((TlsConnector::from(config), name))
             }
             (None, false) => None,

@@ -846,11 +846,12 @@ async fn mutual_tls_to_redis() {
     assert_eq!(status(&a, "127.0.0.1").await, 429);
 }
 
-/// With a `timeout` longer than the second's rest, a request asked on a connection that went
-/// silent is still waiting when the rest is over and a new connection counts in Redis again.
-/// Its failure then is the old connection's: counted, but it must neither drop the new
-/// connection nor put the instance back on `on_error` (each late failure would otherwise cost
-/// a reconnect and a second counted alone, though Redis answers).
+/// A request asked on a connection that went silent, after the first one asked on it, fails
+/// later than that one: its failure is the old connection's, counted, and once the rest (as
+/// long as the 3 s `timeout`) is over a new connection counts in Redis again and keeps
+/// counting. (Before the rest lasted `timeout`, a rest of a second was over before such a
+/// late failure, which then had to leave the new connection alone; `SharedStore::failed`
+/// still does, should a timer fire late.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_failure_of_a_replaced_connection_keeps_the_new_one() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -1005,6 +1006,80 @@ async fn a_rediss_scheme_in_capitals_is_tls() {
     assert_eq!(keys.trim(), "wraith:ratelimit:per-ip:ip:127.0.0.1");
 }
 
+/// The ids of the gateways' connections to `redis` (`CLIENT LIST`, less `redis-cli`'s own).
+fn gateway_connections(redis: &Redis) -> Vec<String> {
+    let list = redis.cli(&["client", "list"]);
+    let mut ids: Vec<String> = list
+        .lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Another program wrote under one client's bucket key (a list: the script's GET answers
+/// `WRONGTYPE`). That client's requests are decided by `on_error`, counted as
+/// `reason="error"` and warned about with the key. But Redis answered, over a connection that
+/// works: the other clients go on counting in Redis (a budget spent across both gateways stays
+/// spent, where the fallback would give each gateway a fresh one), the gateways do not rest
+/// and keep their connections.
+#[tokio::test]
+async fn an_error_about_one_bucket_decides_only_that_request() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "3/m", burst = 3, shared = true }"#;
+    let (a, b) = (Setup::new(), Setup::new());
+    let (ca, cb) = (
+        config(&a, &redis.url(), limit),
+        config(&b, &redis.url(), limit),
+    );
+    let (a, b) = (a.start(&ca), b.start(&cb));
+    // 127.0.0.2 spends its budget of 3 across both gateways.
+    assert_eq!(status(&a, "127.0.0.2").await, 200);
+    assert_eq!(status(&b, "127.0.0.2").await, 200);
+    assert_eq!(status(&a, "127.0.0.2").await, 200);
+    let connections = gateway_connections(&redis);
+    assert_eq!(connections.len(), 2, "{connections:?}");
+
+    let bad = "wraith:ratelimit:per-ip:ip:127.0.0.1";
+    assert_eq!(redis.cli(&["rpush", bad, "not-a-bucket"]).trim(), "1");
+    for gateway in [&a, &b] {
+        // Counted here alone (on_error = "local"): a budget of 3 in each gateway.
+        for _ in 0..3 {
+            assert_eq!(status(gateway, "127.0.0.1").await, 200);
+        }
+        assert_eq!(status(gateway, "127.0.0.1").await, 429);
+        // Right after, still counted in Redis, where its budget is spent.
+        assert_eq!(
+            status(gateway, "127.0.0.2").await,
+            429,
+            "another client's request went to on_error after an error about 127.0.0.1's key"
+        );
+        assert_eq!(store_errors(gateway, "error").await, 4.0);
+        assert_eq!(
+            metric(gateway, "wraith_rate_limit_store_fallback", &[]).await,
+            Some(0.0)
+        );
+    }
+    assert_eq!(status(&a, "127.0.0.3").await, 200);
+    let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    assert!(keys.contains(":ip:127.0.0.3"), "{keys}");
+    // Redis's value is left as it was; the connections are the same.
+    assert_eq!(redis.cli(&["type", bad]).trim(), "list");
+    assert_eq!(gateway_connections(&redis), connections);
+    a.wait_log(Duration::from_secs(5), |v| {
+        v["level"] == "WARN"
+            && v["key"] == bad
+            && v["error"].as_str().is_some_and(|e| e.contains("WRONGTYPE"))
+    })
+    .unwrap_or_else(|| panic!("no warning naming the key:\n{}", a.log()));
+    for reason in ["timeout", "connect", "tls"] {
+        assert_eq!(store_errors(&a, reason).await, 0.0, "{reason}");
+    }
+}
+
 /// Redis's certificate names it `redis.internal` alone, and the URL reaches it by address:
 /// refused as not for that host (`reason="tls"`), counted here alone. With `server_name =
 /// "redis.internal"` (sent as SNI, verified in the certificate), the limits count in Redis.
@@ -1037,4 +1112,151 @@ async fn server_name_is_the_name_redis_certificate_must_carry() {
     assert_eq!(status(&wraith, "127.0.1.1").await, 200);
     assert!(keys().contains(":ip:127.0.1.1"), "{}", keys());
     assert_eq!(store_errors(&wraith, "tls").await, before);
+}
+
+/// A resolver that takes 2 s for `slow-redis.test` (getaddrinfo wrapped by an LD_PRELOAD
+/// library built here: each lookup of that name is written to a file, then fails after 2 s).
+/// A lookup runs on a blocking thread that a timeout cannot stop: every request is still
+/// decided within about `timeout`, and a connect after a rest joins the lookup in flight
+/// rather than start another, so over 4.5 s (a connect every 1.2 s) at most two run.
+#[tokio::test]
+async fn a_slow_resolver_delays_no_request_and_runs_one_lookup_at_a_time() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("slowdns.c");
+    std::fs::write(&source, SLOW_DNS).unwrap();
+    let library = dir.path().join("slowdns.so");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("cc");
+    assert!(built.status.success(), "{built:?}");
+    let lookups = dir.path().join("lookups");
+
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let cfg = config(&setup, "redis://slow-redis.test:6379/0", limit);
+    let wraith = setup.start_with_env(
+        &cfg,
+        &[
+            ("LD_PRELOAD", library.as_os_str()),
+            ("SLOW_DNS_LOG", lookups.as_os_str()),
+        ],
+    );
+    let started = Instant::now();
+    for n in 0.. {
+        if started.elapsed() > Duration::from_millis(4500) {
+            break;
+        }
+        let asked = Instant::now();
+        assert_eq!(status(&wraith, &format!("127.0.1.{n}")).await, 200);
+        let took = asked.elapsed();
+        assert!(took < Duration::from_millis(700), "a request took {took:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = std::fs::read_to_string(&lookups)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert!(
+        (1..=2).contains(&count),
+        "{count} lookups of slow-redis.test started in 4.5 s"
+    );
+    assert!(store_errors(&wraith, "timeout").await >= 2.0);
+}
+
+/// getaddrinfo, slow for one name (see the test above).
+const SLOW_DNS: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                struct addrinfo **res) {
+    if (node && strcmp(node, "slow-redis.test") == 0) {
+        const char *log = getenv("SLOW_DNS_LOG");
+        int fd = log ? open(log, O_WRONLY | O_APPEND | O_CREAT, 0644) : -1;
+        if (fd >= 0) {
+            (void)!write(fd, "lookup\n", 7);
+            close(fd);
+        }
+        sleep(2);
+        return EAI_NONAME;
+    }
+    int (*real)(const char *, const char *, const struct addrinfo *, struct addrinfo **) =
+        (int (*)(const char *, const char *, const struct addrinfo *, struct addrinfo **))
+            dlsym(RTLD_NEXT, "getaddrinfo");
+    return real(node, service, hints, res);
+}
+"#;
+
+/// With a `timeout` above the second's rest, the instance rests for the `timeout`: a
+/// request a little over a second after a failure is decided on the fallback at once, not
+/// sent to Redis (which, on a path that went silent, would cost another `timeout`: an
+/// outage would then cost more than half the time waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_above_a_second_rests_as_long() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let cfg = config(
+        &setup,
+        &format!("redis://127.0.0.1:{}/0", relay.port),
+        limit,
+    )
+    .replace("timeout = \"200ms\"", "timeout = \"1500ms\"");
+    let wraith = setup.start(&cfg);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+
+    relay.freeze();
+    let asked = Instant::now();
+    assert_eq!(status(&wraith, "127.0.1.1").await, 200);
+    assert!(asked.elapsed() >= Duration::from_millis(1400));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        metric(&wraith, "wraith_rate_limit_store_fallback", &[]).await,
+        Some(1.0),
+        "1.2 s after a failure with a 1.5 s timeout, no longer resting"
+    );
+    assert_eq!(status(&wraith, "127.0.1.2").await, 200);
+    let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
+    assert!(!keys.contains(":ip:127.0.1.2"), "{keys}");
+}
+
+/// A connect that hangs (Redis's address answers TCP, never TLS) is one failure, however many
+/// requests waited for it: `wraith_rate_limit_store_errors_total` counts the calls that
+/// failed, as logging.md says, not every request sent to `on_error`.
+#[tokio::test]
+async fn a_failed_connect_is_counted_once() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
+    let setup = Setup::new();
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let cfg = config_with(&setup, &url, limit, "ca = \"ca.pem\"");
+    let wraith = setup.start(&cfg);
+    let requests = (1..=5).map(|n| {
+        let wraith = &wraith;
+        async move { status(wraith, &format!("127.0.0.{n}")).await }
+    });
+    let codes = futures_util::future::join_all(requests).await;
+    assert_eq!(codes, [200; 5]);
+    assert_eq!(store_errors(&wraith, "timeout").await, 1.0);
+    assert_eq!(wraith.status().await["rate_limit_redis"]["failures"], 1);
 }

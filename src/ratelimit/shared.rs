@@ -10,8 +10,30 @@
 //!
 //! While Redis does not answer within `timeout` (down, unreachable, slow), the limits fall
 //! back to `on_error`: counted in this instance alone (`local`, the default) or not at all
-//! (`open`). After a failure the instance stays on the fallback for a second before it asks
-//! Redis again, so an outage costs one `timeout` per second, not one per request.
+//! (`open`). After a failure the instance rests on the fallback for a second (or `timeout`,
+//! if longer) before it asks Redis again, so an outage costs at most one `timeout` per rest,
+//! not one per request.
+//!
+//! An error Redis answers is not Redis failing: what the error is about decides what it costs
+//! (`Reach`).
+//! - About this request's buckets (`WRONGTYPE`: another program's value under one of
+//!   Wraith's keys), or an error Wraith does not know: that request alone goes to
+//!   `on_error`. The connection answered, so it is kept, and the other requests go on
+//!   counting in Redis.
+//! - About the server, for a while (`OOM` under `noeviction`, `LOADING`, `BUSY`, `MISCONF`,
+//!   `NOPERM`, `TRYAGAIN`, `CLUSTERDOWN`): every request would get the same answer, so the
+//!   instance rests (no round trip per request for nothing), but keeps the connection, whose
+//!   socket is fine.
+//! - About the connection (`NOAUTH`: the session lost its authentication; `READONLY`,
+//!   `MASTERDOWN`: a replica now, and after a failover the URL's name may lead to the new
+//!   primary): rest, and connect anew, as after a timeout, an I/O error or an answer Wraith
+//!   cannot read.
+//! - `NOSCRIPT` (scripts flushed) is no failure: Redis's client loads the script and asks
+//!   again.
+//!
+//! A connect to a host name resolves it on a blocking thread, which a timeout cannot stop: at
+//! most one such lookup per store is in flight, and a connect meanwhile waits for it (within
+//! `timeout`) rather than starting another, so a slow resolver cannot pile up lookups.
 //!
 //! Wraith makes the connection itself (TCP, then TLS for `rediss://` with the rustls
 //! configuration an upstream's `tls` gets: aws-lc-rs, the configured CA bundle, an optional
@@ -20,7 +42,8 @@
 //! every connect, rustls' process-wide provider) next to the one the rest of Wraith uses.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,10 +102,81 @@ return {shadow, shadow_wait}
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// How long an instance stays on the fallback after Redis failed it.
+/// How long an instance stays on the fallback after Redis failed it, at least (`timeout`
+/// when that is longer: see `SharedStore::rest`).
 const BACK_OFF: Duration = Duration::from_secs(1);
 /// How often a failing Redis is logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// How far a failure reaches beyond the request that saw it (the module doc has the rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// This request alone: Redis answered an error about its buckets.
+    Request,
+    /// The server, for a while: rest, keep the connection.
+    Server,
+    /// The connection: rest and drop it.
+    Connection,
+}
+
+impl Reach {
+    /// How far an error Redis answered reaches, by its code.
+    fn of_code(code: &str) -> Reach {
+        match code {
+            // The server is short of something, or busy, for every request alike.
+            "OOM" | "LOADING" | "BUSY" | "MISCONF" | "NOPERM" | "TRYAGAIN" | "CLUSTERDOWN" => {
+                Reach::Server
+            }
+            // The session or the server behind the name is no longer the right one.
+            "NOAUTH" | "WRONGPASS" | "READONLY" | "MASTERDOWN" | "MOVED" | "ASK" => {
+                Reach::Connection
+            }
+            // WRONGTYPE, and what Wraith does not know: about this request's keys, as far as
+            // it can tell; the next request pays one round trip to find out.
+            _ => Reach::Request,
+        }
+    }
+}
+
+/// A call to Redis that failed.
+struct Failed {
+    why: Failure,
+    reach: Reach,
+    error: String,
+    /// The connect failed, or the request timed out waiting for it: one failure for every
+    /// request that waited, counted once.
+    in_connect: bool,
+}
+
+impl Failed {
+    /// A failed connect (always `Reach::Connection`).
+    fn connect((why, error): (Failure, String)) -> Failed {
+        Failed {
+            why,
+            reach: Reach::Connection,
+            error,
+            in_connect: true,
+        }
+    }
+
+    /// A failed script call on a connection made.
+    fn call(e: &redis::RedisError) -> Failed {
+        // Redis's client gives up on an answer after `timeout` too, often in the same timer
+        // tick as the bound in `check`, which then sees its error first.
+        let (why, reach) = match (e.is_timeout(), e.code()) {
+            (true, _) => (Failure::Timeout, Reach::Connection),
+            // Only an error Redis answered has a code.
+            (false, Some(code)) => (Failure::Error, Reach::of_code(code)),
+            (false, None) => (Failure::of(e, Failure::Error), Reach::Connection),
+        };
+        Failed {
+            why,
+            reach,
+            error: e.to_string(),
+            in_connect: false,
+        }
+    }
+}
 
 /// What Redis said about one request.
 #[derive(Debug, PartialEq, Eq)]
@@ -107,7 +201,8 @@ pub enum Failure {
     /// certificate Redis wanted and did not get, or refused.
     Tls,
     /// Connected, but the call failed: the connection dropped, Redis answered an error
-    /// (out of memory, a read-only replica, ...) or something unexpected.
+    /// (out of memory, a read-only replica, another program's value under a bucket's key,
+    /// ...) or something unexpected.
     Error,
 }
 
@@ -162,6 +257,62 @@ struct Server {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     redis: RedisConnectionInfo,
     config: AsyncConnectionConfig,
+    /// The lookup of `host` in flight, if any (`Server::resolve`).
+    lookup: Mutex<Option<Lookup>>,
+}
+
+/// A lookup of the server's name on a blocking thread, awaited by every connect that needs
+/// it while it runs.
+struct Lookup {
+    addrs: Shared<BoxFuture<'static, Result<Vec<SocketAddr>, String>>>,
+    /// The blocking task: finished, the lookup is no longer in flight.
+    task: tokio::task::AbortHandle,
+}
+
+impl Server {
+    /// The server's addresses: an IP address as it is, a name through the system's resolver
+    /// (getaddrinfo: /etc/hosts, DNS). The lookup runs on a blocking thread, which goes on
+    /// after a timeout dropped the connect that wanted it; so a connect joins the lookup in
+    /// flight, if any, rather than start another: however slow the resolver, a store has at
+    /// most one lookup running, while the requests are decided within `timeout` by the
+    /// caller's bound.
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        let addrs = {
+            let mut slot = self.lookup.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(l) if !l.task.is_finished() => l.addrs.clone(),
+                _ => {
+                    let (name, port) = (host.to_string(), self.port);
+                    let task = tokio::task::spawn_blocking(move || {
+                        (name.as_str(), port)
+                            .to_socket_addrs()
+                            .map(|addrs| addrs.collect::<Vec<_>>())
+                    });
+                    let abort = task.abort_handle();
+                    let (name, port) = (host.to_string(), self.port);
+                    let addrs = async move {
+                        match task.await {
+                            Ok(Ok(addrs)) => Ok(addrs),
+                            Ok(Err(e)) => Err(format!("resolving {name}:{port}: {e}")),
+                            Err(e) => Err(format!("resolving {name}:{port}: {e}")),
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    *slot = Some(Lookup {
+                        addrs: addrs.clone(),
+                        task: abort,
+                    });
+                    addrs
+                }
+            }
+        };
+        addrs.await
+    }
 }
 
 /// A connection and the task that drives it, shared by the requests using it: the task
@@ -206,6 +357,9 @@ pub struct SharedStore {
     resting_until: AtomicU64,
     /// Failures since the last warning, and when that was.
     failures: Mutex<(u64, Option<Instant>)>,
+    /// The same for errors about one request's buckets (`Reach::Request`), warned apart: a
+    /// client whose key holds another program's value must not hide an outage.
+    bucket_errors: Mutex<(u64, Option<Instant>)>,
     /// Failures in all, and the last one's error (`wraith status`).
     failed_total: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -271,6 +425,7 @@ impl SharedStore {
                 tls,
                 redis,
                 config,
+                lookup: Mutex::new(None),
             }),
             settings,
             connection: Mutex::new(None),
@@ -278,6 +433,7 @@ impl SharedStore {
             epoch: Instant::now(),
             resting_until: AtomicU64::new(0),
             failures: Mutex::new((0, None)),
+            bucket_errors: Mutex::new((0, None)),
             failed_total: AtomicU64::new(0),
             last_error: Mutex::new(None),
             errors: previous.map_or_else(Default::default, |p| p.errors.clone()),
@@ -315,8 +471,13 @@ impl SharedStore {
             .map(|(f, n)| (f, n.load(Ordering::Relaxed)))
     }
 
-    /// Whether the shared limits are on `on_error` now (Redis failed less than a second
-    /// ago).
+    /// How long the store rests after a failure: a second, or `timeout` if longer, so that
+    /// an outage costs at most half the time waiting for Redis, whatever the `timeout`.
+    fn rest(&self) -> Duration {
+        BACK_OFF.max(self.settings.timeout)
+    }
+
+    /// Whether the shared limits are on `on_error` now (Redis failed less than a rest ago).
     pub fn on_fallback(&self) -> bool {
         self.now_ms() < self.resting_until.load(Ordering::Relaxed)
     }
@@ -330,7 +491,7 @@ impl SharedStore {
         own_route: Option<&str>,
     ) -> Result<Verdict, String> {
         if self.now_ms() < self.resting_until.load(Ordering::Relaxed) {
-            return Err("Redis failed less than a second ago".into());
+            return Err(format!("Redis failed less than {:?} ago", self.rest()));
         }
         let mut call = self.script.prepare_invoke();
         for l in limits {
@@ -342,29 +503,34 @@ impl SharedStore {
                 .arg(u8::from(l.config.mode == LimitMode::Enforce));
         }
         let connecting = self.connection();
+        // Whether the connection was there: a request that times out before is one more
+        // waiter of a failed connect, not a call that failed.
+        let connected = AtomicBool::new(false);
         let asked = async {
-            let mut connection = connecting.clone().await?;
+            let mut connection = connecting.clone().await.map_err(Failed::connect)?;
+            connected.store(true, Ordering::Relaxed);
             call.invoke_async::<(i64, i64)>(&mut connection.redis)
                 .await
-                .map_err(|e| {
-                    // Redis's client gives up on an answer after `timeout` too, often in the
-                    // same timer tick as the bound below, which then sees its error first.
-                    let why = match e.is_timeout() {
-                        true => Failure::Timeout,
-                        false => Failure::of(&e, Failure::Error),
-                    };
-                    (why, e.to_string())
-                })
+                .map_err(|e| Failed::call(&e))
+        };
+        let keys = || {
+            let keys: Vec<String> = limits
+                .iter()
+                .map(|l| String::from_utf8_lossy(&self.key(l, req, own_route)).into_owned())
+                .collect();
+            keys.join(" ")
         };
         let answer = match tokio::time::timeout(self.settings.timeout, asked).await {
             Ok(Ok(a)) => a,
-            Ok(Err((why, e))) => return Err(self.failed(why, e, &connecting)),
+            Ok(Err(f)) => return Err(self.failed(f, &connecting, keys)),
             Err(_) => {
-                return Err(self.failed(
-                    Failure::Timeout,
-                    format!("no answer within {:?}", self.settings.timeout),
-                    &connecting,
-                ))
+                let f = Failed {
+                    why: Failure::Timeout,
+                    reach: Reach::Connection,
+                    error: format!("no answer within {:?}", self.settings.timeout),
+                    in_connect: !connected.load(Ordering::Relaxed),
+                };
+                return Err(self.failed(f, &connecting, keys));
             }
         };
         let wait = Duration::from_micros(answer.1.max(0) as u64);
@@ -380,45 +546,76 @@ impl SharedStore {
                     shadow: Some((at, wait)),
                 }),
                 None => Err(self.failed(
-                    Failure::Error,
-                    format!("unexpected answer {answer:?}"),
+                    Failed {
+                        why: Failure::Error,
+                        reach: Reach::Connection,
+                        error: format!("unexpected answer {answer:?}"),
+                        in_connect: false,
+                    },
                     &connecting,
+                    keys,
                 )),
             },
         }
     }
 
-    /// Rests the store for `BACK_OFF`, drops its connection (the next call makes a new one:
-    /// at most one a second while Redis fails) and logs the failure (at most every
-    /// `WARN_EVERY`). A call that failed on a connection already replaced (one asked before
-    /// the last rest, with a `timeout` longer than the rest) is counted, but neither rests
-    /// the store nor drops the new connection, which may well work.
-    fn failed(&self, why: Failure, error: String, used: &Connecting) -> String {
-        self.errors[why as usize].fetch_add(1, Ordering::Relaxed);
+    /// Accounts for a failed call as far as it reaches (`Reach`): the request alone, or the
+    /// store resting for `rest()`, its connection dropped (the next call makes a new one: at
+    /// most one per rest while Redis fails) or kept; and logs it, at most every
+    /// `WARN_EVERY`. A call that failed on a connection already replaced (one asked before
+    /// the last rest, its answer later than the rest) is counted, but neither rests the store
+    /// nor drops the new connection, which may well work. A failed connect is counted by the
+    /// first of the requests waiting for it; the others are sent to `on_error` uncounted.
+    /// `keys` names the request's buckets, for the warning about them.
+    fn failed(&self, f: Failed, used: &Connecting, keys: impl FnOnce() -> String) -> String {
         {
             let mut slot = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-            let replaced = slot.as_ref().is_some_and(|now| !now.ptr_eq(used));
-            if !replaced {
+            let current = slot.as_ref().is_some_and(|now| now.ptr_eq(used));
+            if f.in_connect && !current {
+                return f.error;
+            }
+            let replaced = slot.is_some() && !current;
+            if f.reach != Reach::Request && !replaced {
                 self.resting_until.store(
-                    self.now_ms() + BACK_OFF.as_millis() as u64,
+                    self.now_ms() + self.rest().as_millis() as u64,
                     Ordering::Relaxed,
                 );
-                *slot = None;
+                if f.reach == Reach::Connection {
+                    *slot = None;
+                }
             }
         }
+        self.errors[f.why as usize].fetch_add(1, Ordering::Relaxed);
         self.failed_total.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        f.0 += 1;
-        if f.1.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            let fallback = match self.settings.on_error {
-                crate::config::SharedOnError::Local => "counted in this instance alone",
-                crate::config::SharedOnError::Open => "not applied",
-            };
-            tracing::warn!(error = %error, failures = f.0, "shared rate limits: Redis failed; for the next second they are {fallback} (logged once per 10 s)");
-            *f = (0, Some(Instant::now()));
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.error.clone());
+        let fallback = match self.settings.on_error {
+            crate::config::SharedOnError::Local => "counted in this instance alone",
+            crate::config::SharedOnError::Open => "not applied",
+        };
+        let warned = match f.reach {
+            Reach::Request => &self.bucket_errors,
+            Reach::Server | Reach::Connection => &self.failures,
+        };
+        let mut w = warned.lock().unwrap_or_else(|p| p.into_inner());
+        w.0 += 1;
+        if w.1.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            match f.reach {
+                Reach::Request => tracing::warn!(
+                    error = %f.error,
+                    key = %keys(),
+                    failures = w.0,
+                    "shared rate limits: Redis answered an error about this request's buckets; for this request they are {fallback}, the others still count in Redis (logged once per 10 s)"
+                ),
+                Reach::Server | Reach::Connection => tracing::warn!(
+                    error = %f.error,
+                    failures = w.0,
+                    "shared rate limits: Redis failed; for the next {:?} they are {fallback} (logged once per 10 s)",
+                    self.rest()
+                ),
+            }
+            *w = (0, Some(Instant::now()));
         }
-        error
+        f.error
     }
 
     /// What `wraith status` shows: the server (without its credentials), the failures so
@@ -485,7 +682,8 @@ impl SharedStore {
 /// with the task that drives the connection spawned. (The caller bounds it by `timeout`.)
 async fn connect(server: Arc<Server>) -> Result<Connection, (Failure, String)> {
     let (host, port) = (server.host.as_str(), server.port);
-    let tcp = TcpStream::connect((host, port)).await.map_err(|e| {
+    let addrs = server.resolve().await.map_err(|e| (Failure::Connect, e))?;
+    let tcp = TcpStream::connect(&addrs[..]).await.map_err(|e| {
         (
             Failure::Connect,
             format!("connecting to {host}:{port}: {e}"),
@@ -547,6 +745,22 @@ mod tests {
         assert_eq!(st["failures"], 0);
         assert_eq!(st["on_fallback"], false);
         assert!(!st.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn an_error_answer_reaches_as_far_as_its_code_says() {
+        // Another program's value under one bucket's key: that request alone.
+        assert_eq!(Reach::of_code("WRONGTYPE"), Reach::Request);
+        assert_eq!(Reach::of_code("ERR"), Reach::Request);
+        assert_eq!(Reach::of_code("SOMETHINGNEW"), Reach::Request);
+        // The server, for a while: rest on the connection that works.
+        for code in ["OOM", "LOADING", "BUSY", "MISCONF", "NOPERM"] {
+            assert_eq!(Reach::of_code(code), Reach::Server, "{code}");
+        }
+        // The session, or a replica now: rest and connect anew.
+        for code in ["NOAUTH", "READONLY", "MASTERDOWN"] {
+            assert_eq!(Reach::of_code(code), Reach::Connection, "{code}");
+        }
     }
 
     #[test]

@@ -52,22 +52,48 @@ fn respond(
     days: u32,
     clock: Option<&str>,
 ) {
-    let dir = &pki.dir;
-    let ca_key = dir.join("ca-key.pem");
-    std::fs::write(&ca_key, &pki.ca.key_pem).unwrap();
+    respond_for(
+        &pki.ca_pem,
+        &pki.ca.key_pem,
+        &[(cert, status)],
+        out,
+        &[digest, "-ndays", &days.to_string()],
+        clock,
+    );
+}
+
+/// Has the OCSP responder of the CA whose certificate is in `ca_pem` (its key `ca_key`, PEM)
+/// answer one request for all of `certs` (each with its status in the CA database, in that
+/// order in the request and the response) and writes the DER response to `out`. `args` go to
+/// `openssl ocsp` as well: the CertID's hash (`-sha1`) and the validity (`-ndays 7`; without
+/// `-ndays` or `-nmin` the response has no nextUpdate). `clock` as in [`respond`].
+fn respond_for(
+    ca_pem: &Path,
+    ca_key: &str,
+    certs: &[(&Path, Status)],
+    out: &Path,
+    args: &[&str],
+    clock: Option<&str>,
+) {
+    let dir = out.parent().unwrap();
+    let key = dir.join("responder-key.pem");
+    std::fs::write(&key, ca_key).unwrap();
     // The CA database: V(alid) or R(evoked), expiry, revocation time, serial, file, subject.
-    let line = match status {
-        Status::Good => format!(
-            "V\t301231000000Z\t\t{}\tunknown\t/CN=localhost\n",
-            serial(cert)
-        ),
-        Status::Revoked => format!(
-            "R\t301231000000Z\t260101000000Z\t{}\tunknown\t/CN=localhost\n",
-            serial(cert)
-        ),
-    };
-    let index = dir.join("index.txt");
-    std::fs::write(&index, line).unwrap();
+    let mut index = String::new();
+    for (cert, status) in certs {
+        index.push_str(&match status {
+            Status::Good => format!(
+                "V\t301231000000Z\t\t{}\tunknown\t/CN=localhost\n",
+                serial(cert)
+            ),
+            Status::Revoked => format!(
+                "R\t301231000000Z\t260101000000Z\t{}\tunknown\t/CN=localhost\n",
+                serial(cert)
+            ),
+        });
+    }
+    let index_file = dir.join("index.txt");
+    std::fs::write(&index_file, index).unwrap();
     let mut cmd = match clock {
         Some(offset) => {
             let mut c = Command::new("faketime");
@@ -78,26 +104,36 @@ fn respond(
     };
     cmd.arg("ocsp")
         .arg("-index")
-        .arg(&index)
+        .arg(&index_file)
         .arg("-rsigner")
-        .arg(&pki.ca_pem)
+        .arg(ca_pem)
         .arg("-rkey")
-        .arg(&ca_key)
+        .arg(&key)
         .arg("-CA")
-        .arg(&pki.ca_pem)
+        .arg(ca_pem)
         .arg("-issuer")
-        .arg(&pki.ca_pem)
-        .arg(digest)
-        .arg("-cert")
-        .arg(cert)
-        .args(["-no_nonce", "-ndays", &days.to_string(), "-respout"])
-        .arg(out);
+        .arg(ca_pem)
+        .args(args);
+    for (cert, _) in certs {
+        cmd.arg("-cert").arg(cert);
+    }
+    cmd.args(["-no_nonce", "-respout"]).arg(out);
     let done = cmd.output().expect("run openssl ocsp");
     assert!(
         done.status.success() && out.exists(),
         "openssl ocsp failed: {}",
         String::from_utf8_lossy(&done.stderr)
     );
+}
+
+/// The response in `file` as `openssl ocsp -resp_text` shows it.
+fn response_text(file: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["ocsp", "-noverify", "-resp_text", "-respin"])
+        .arg(file)
+        .output()
+        .expect("run openssl ocsp");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The https listener answers `/` itself; `tls_extra` goes into its `tls = { ... }`.
@@ -589,4 +625,55 @@ async fn a_refreshed_response_is_stapled_after_a_reload_without_dropping_connect
     let after = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
     assert!(after.staple == second);
     assert_eq!(old.get().await, "HTTP/1.1 200 OK");
+}
+
+/// One response about several certificates (openssl answers a request for two `-cert`s in
+/// one BasicOCSPResponse), the served certificate's entry second: that entry is found and
+/// its status decides, not the first entry's. Another certificate revoked beside a good one
+/// is stapled; the served certificate revoked beside a good one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_about_several_certificates_is_judged_by_the_served_ones_entry() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    let file = ocsp_file(&setup);
+    let other = setup.pki.ca.issue_server(&["other.example"]).unwrap();
+    let other_pem = dir.join("other.pem");
+    std::fs::write(&other_pem, &other.cert_pem).unwrap();
+    let server = setup.pki.server_cert.as_path();
+    let both = |first: Status, second: Status| {
+        respond_for(
+            &setup.pki.ca_pem,
+            &setup.pki.ca.key_pem,
+            &[(&other_pem, first), (server, second)],
+            &file,
+            &["-sha1", "-ndays", "7"],
+            None,
+        );
+        // The premise: two entries, the served certificate's second.
+        let text = response_text(&file);
+        let at = |cert: &Path| {
+            text.find(&format!("Serial Number: {}", serial(cert)))
+                .unwrap_or_else(|| panic!("{} not in the response:\n{text}", serial(cert)))
+        };
+        assert!(at(&other_pem) < at(server), "{text}");
+    };
+    let cfg = config(&setup, r#"ocsp_response = "server.ocsp""#);
+
+    both(Status::Good, Status::Revoked);
+    let (code, out) = wraith_test(dir, &cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("listener[1].tls.ocsp_response") && out.contains("was revoked on"),
+        "{out}"
+    );
+
+    both(Status::Revoked, Status::Good);
+    let (code, out) = wraith_test(dir, &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let wraith = setup.start(&cfg);
+    let der = std::fs::read(&file).unwrap();
+    let mut client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
+    assert!(client.staple == der, "not the file's response");
+    assert_eq!(client.get().await, "HTTP/1.1 200 OK");
 }

@@ -677,3 +677,72 @@ async fn a_response_about_several_certificates_is_judged_by_the_served_ones_entr
     assert!(client.staple == der, "not the file's response");
     assert_eq!(client.get().await, "HTTP/1.1 200 OK");
 }
+
+/// A CA key rollover: the chain file holds two CAs of the issuer's name with different keys,
+/// the one that did not issue the certificate first. The certificate's Authority Key
+/// Identifier picks its issuer among them: the real issuer's response is stapled, a response
+/// naming the other CA's key (for the same serial number) is not about this certificate, and
+/// with only the other CA in the file the error says the issuer is missing from it.
+#[test]
+fn a_ca_key_rollover_leaves_the_issuer_found_by_its_key() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    let file = ocsp_file(&setup);
+    let cfg = config(&setup, r#"ocsp_response = "server.ocsp""#);
+    let old = wraith::certs::Ca::new("Wraith test CA").unwrap();
+    let old_pem = dir.join("old-ca.pem");
+    std::fs::write(&old_pem, &old.cert_pem).unwrap();
+    let subject = |pem: &Path| {
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(pem)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(subject(&old_pem), subject(&setup.pki.ca_pem));
+    let leaf = std::fs::read_to_string(&setup.pki.server_cert).unwrap();
+    let chain = |cas: &[&str]| {
+        std::fs::write(&setup.pki.server_cert, format!("{leaf}{}", cas.concat())).unwrap();
+    };
+    chain(&[&old.cert_pem, &setup.pki.ca.cert_pem]);
+
+    // The issuer's response.
+    let server = setup.pki.server_cert.clone();
+    respond_for(
+        &setup.pki.ca_pem,
+        &setup.pki.ca.key_pem,
+        &[(&server, Status::Good)],
+        &file,
+        &["-sha1", "-ndays", "7"],
+        None,
+    );
+    let (code, out) = wraith_test(dir, &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+
+    // The other CA's response for the same serial number: its name hash is the same, its key
+    // hash is that of a CA in the file, but not of the certificate's issuer.
+    respond_for(
+        &old_pem,
+        &old.key_pem,
+        &[(&server, Status::Good)],
+        &file,
+        &["-sha1", "-ndays", "7"],
+        None,
+    );
+    let (code, out) = wraith_test(dir, &cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not about the certificate in")
+            && out.contains("of another issuer (its name or key hash differs)"),
+        "{out}"
+    );
+
+    // Only the other CA in the file: the issuer is not there.
+    chain(&[&old.cert_pem]);
+    respond(&setup.pki, &server, Status::Good, &file, "-sha1", 7, None);
+    let (code, out) = wraith_test(dir, &cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("holds no certificate of its issuer"), "{out}");
+}

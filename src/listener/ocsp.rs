@@ -21,6 +21,7 @@ use aws_lc_rs::digest;
 use rustls_pki_types::CertificateDer;
 use x509_parser::asn1_rs::{ASN1TimeZone, Any, Class, FromDer, GeneralizedTime, Tag};
 use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::ParsedExtension;
 
 /// A checked OCSP response for a listener's certificate.
 #[derive(Clone)]
@@ -144,15 +145,12 @@ pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Resu
         .collect();
     // The issuer's key, when the chain file holds the issuer (a full chain does); without it
     // the serial number and the issuer's name identify the certificate.
-    let issuer_key = parsed
-        .iter()
-        .find(|c| c.subject().as_raw() == leaf.issuer().as_raw())
-        .map(|c| c.public_key().subject_public_key.data.to_vec());
+    let issuer_keys = issuer_keys(&leaf, &parsed);
 
     let mut unknown_hashes = Vec::new();
     let mut single = None;
     for s in &response.responses {
-        match s.id.matches(&leaf, issuer_key.as_deref()) {
+        match s.id.matches(&leaf, issuer_keys.as_deref()) {
             Some(true) => {
                 single = Some(s);
                 break;
@@ -190,6 +188,13 @@ pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Resu
                 others.join(", ")
             }
         );
+        if issuer_keys.as_ref().is_some_and(|keys| keys.is_empty()) {
+            message.push_str(&format!(
+                " (and {} holds no certificate of its issuer: the CAs named {} in it have other key identifiers than the certificate's Authority Key Identifier)",
+                cert_path.display(),
+                leaf.issuer()
+            ));
+        }
         if !unknown_hashes.is_empty() {
             message.push_str(&format!(
                 " (some identified with hash algorithms Wraith does not know: {}; use SHA-1 or SHA-256)",
@@ -222,6 +227,55 @@ pub fn load(path: &Path, cert_path: &Path, chain: &[CertificateDer<'_>]) -> Resu
         der,
         expiry_told: Arc::default(),
     })
+}
+
+/// The keys (subjectPublicKey bits) of the certificates in `chain` that may have issued
+/// `leaf`, for the CertID's issuerKeyHash; `None` when none bears the issuer's name (the
+/// chain file holds the leaf alone). A CA that rolls its key over keeps its name, so the
+/// chain file may hold two CAs of that name: a name picks the first, maybe the wrong one.
+/// The leaf's Authority Key Identifier tells which is its issuer when it and the CA's Subject
+/// Key Identifier are there; a CA without one stays a candidate, whose key the CertID then
+/// decides. An empty list (CAs of the name, none with the leaf's key identifier) matches
+/// no CertID: the chain file does not hold the certificate's issuer.
+fn issuer_keys<'a>(
+    leaf: &X509Certificate<'_>,
+    chain: &'a [X509Certificate<'a>],
+) -> Option<Vec<&'a [u8]>> {
+    let authority = leaf
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => None,
+        });
+    let named: Vec<&X509Certificate<'a>> = chain
+        .iter()
+        .filter(|c| c.subject().as_raw() == leaf.issuer().as_raw())
+        .collect();
+    if named.is_empty() {
+        return None;
+    }
+    Some(
+        named
+            .into_iter()
+            .filter(|c| {
+                let subject = c
+                    .extensions()
+                    .iter()
+                    .find_map(|e| match e.parsed_extension() {
+                        ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0),
+                        _ => None,
+                    });
+                match (authority, subject) {
+                    (Some(a), Some(s)) => a == s,
+                    _ => true,
+                }
+            })
+            .map(|c| c.public_key().subject_public_key.data.as_ref())
+            .collect(),
+    )
 }
 
 /// An OCSPResponse, as much of it as stapling needs.
@@ -269,9 +323,10 @@ const SHA512: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03];
 const OCSP_BASIC: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
 
 impl CertId<'_> {
-    /// Whether it names `leaf` (issued by the holder of `issuer_key`, when known); `None` when
-    /// its hash algorithm is not one Wraith knows.
-    fn matches(&self, leaf: &X509Certificate<'_>, issuer_key: Option<&[u8]>) -> Option<bool> {
+    /// Whether it names `leaf`, issued by the holder of one of `issuer_keys` when the chain
+    /// file holds its issuer ([`issuer_keys`]); `None` when its hash algorithm is not one
+    /// Wraith knows.
+    fn matches(&self, leaf: &X509Certificate<'_>, issuer_keys: Option<&[&[u8]]>) -> Option<bool> {
         let algorithm = match self.hash_algorithm {
             SHA1 => &digest::SHA1_FOR_LEGACY_USE_ONLY,
             SHA256 => &digest::SHA256,
@@ -283,7 +338,10 @@ impl CertId<'_> {
         Some(
             minimal(self.serial) == minimal(leaf.raw_serial())
                 && self.issuer_name_hash == hash(leaf.issuer().as_raw()).as_ref()
-                && issuer_key.is_none_or(|key| self.issuer_key_hash == hash(key).as_ref()),
+                && issuer_keys.is_none_or(|keys| {
+                    keys.iter()
+                        .any(|key| self.issuer_key_hash == hash(key).as_ref())
+                }),
         )
     }
 }
@@ -679,10 +737,13 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
         let (_, ca) = x509_parser::parse_x509_certificate(&ca).unwrap();
         let key = &ca.public_key().subject_public_key.data;
-        assert_eq!(single.id.matches(&leaf, Some(key)), Some(true));
+        assert_eq!(single.id.matches(&leaf, Some(&[key])), Some(true));
         assert_eq!(single.id.matches(&leaf, None), Some(true));
-        assert_eq!(single.id.matches(&leaf, Some(b"another key")), Some(false));
-        assert_eq!(single.id.matches(&ca, Some(key)), Some(false));
+        let other: &[u8] = b"another key";
+        assert_eq!(single.id.matches(&leaf, Some(&[other])), Some(false));
+        assert_eq!(single.id.matches(&leaf, Some(&[other, key])), Some(true));
+        assert_eq!(single.id.matches(&leaf, Some(&[])), Some(false));
+        assert_eq!(single.id.matches(&ca, Some(&[key])), Some(false));
     }
 
     /// Every truncation and every single-byte change of a real response: an error or a
@@ -812,6 +873,42 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
             ..s
         };
         assert!(open.current(i64::MAX));
+    }
+
+    /// A CA of the issuer's name, with another key (a CA key rollover's other half).
+    fn same_name_ca() -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der().clone();
+        let (ca, other) = (pem(CA), der.clone());
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca).unwrap();
+        let (_, other) = x509_parser::parse_x509_certificate(&other).unwrap();
+        assert_eq!(ca.subject().as_raw(), other.subject().as_raw());
+        der
+    }
+
+    /// With two CAs of the issuer's name in the chain file, the wrong one first, the CertID's
+    /// key hash is compared with each (the leaf has no Authority Key Identifier to tell them
+    /// apart): the response is about the leaf when it names either; with only the other CA in
+    /// the file it is not.
+    #[test]
+    fn any_ca_of_the_issuers_name_may_be_the_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, cert) = (
+            dir.path().join("server.ocsp"),
+            dir.path().join("server.pem"),
+        );
+        std::fs::write(&file, good()).unwrap();
+        let other = same_name_ca();
+        load(&file, &cert, &[pem(LEAF), other.clone(), pem(CA)]).unwrap();
+        let e = load(&file, &cert, &[pem(LEAF), other]).unwrap_err();
+        assert!(e.contains("of another issuer"), "{e}");
     }
 
     /// A serial number is an INTEGER: the same value however many redundant leading octets

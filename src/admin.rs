@@ -385,6 +385,8 @@ fn ocsp_status(tls: &crate::config::TlsConfig) -> Option<Value> {
         "file": tls.ocsp_path.as_ref().map(|p| p.display().to_string()),
         "this_update": staple.this_update,
         "next_update": staple.next_update,
+        // The end of stapling: nextUpdate, or a day after thisUpdate without one.
+        "valid_until": staple.valid_until(),
         "stapled": staple.current(now),
     }))
 }

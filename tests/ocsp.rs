@@ -318,6 +318,20 @@ fn wraith_test(dir: &Path, config: &str) -> (i32, String) {
     (code, format!("{out}{err}"))
 }
 
+/// `wraith test` as [`wraith_test`], its clock moved by libfaketime to `offset` (`+36h`).
+fn wraith_test_at(dir: &Path, config: &str, offset: &str) -> (i32, String) {
+    let path = dir.join("wraith.toml");
+    std::fs::write(&path, config).unwrap();
+    let clock = dir.join("test-clock");
+    std::fs::write(&clock, format!("{offset}\n")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wraith"));
+    cmd.args(["test", "-c", path.to_str().unwrap()])
+        .current_dir(dir)
+        .envs(faketime_env(&clock));
+    let (code, out, err) = command_within(cmd, Duration::from_secs(60)).unwrap();
+    (code, format!("{out}{err}"))
+}
+
 fn ocsp_file(setup: &Setup) -> PathBuf {
     setup.dir.path().join("server.ocsp")
 }
@@ -500,7 +514,7 @@ async fn an_expired_response_is_warned_about_and_not_stapled() {
     let (code, out) = wraith_test(setup.dir.path(), &cfg);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("warning: listener[1].tls.ocsp_response: OCSP response")
+        out.contains(r#"warning: listener[1].tls.ocsp_response (listener "https"): OCSP response"#)
             && out.contains("(its nextUpdate): it is not stapled"),
         "{out}"
     );
@@ -745,4 +759,75 @@ fn a_ca_key_rollover_leaves_the_issuer_found_by_its_key() {
     let (code, out) = wraith_test(dir, &cfg);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("holds no certificate of its issuer"), "{out}");
+}
+
+/// A response without a nextUpdate (`openssl ocsp` without `-ndays`) is stapled for a day
+/// after its thisUpdate, as Firefox (mozilla::pkix) accepts it, then no longer; `wraith test`
+/// and `serve` warn that it has no nextUpdate, and `wraith test` a day on that it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_without_next_update_is_stapled_for_a_day() {
+    let setup = Setup::new();
+    let dir = setup.dir.path().to_path_buf();
+    let file = ocsp_file(&setup);
+    respond_for(
+        &setup.pki.ca_pem,
+        &setup.pki.ca.key_pem,
+        &[(&setup.pki.server_cert, Status::Good)],
+        &file,
+        &["-sha1"],
+        None,
+    );
+    let text = response_text(&file);
+    assert!(
+        text.contains("This Update") && !text.contains("Next Update"),
+        "{text}"
+    );
+    let cfg = config(&setup, r#"ocsp_response = "server.ocsp""#);
+    let (code, out) = wraith_test(&dir, &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(r#"warning: listener[1].tls.ocsp_response (listener "https"): OCSP response"#)
+            && out.contains("server.ocsp has no nextUpdate")
+            && out.contains("stapled only until"),
+        "{out}"
+    );
+    let (code, out) = wraith_test_at(&dir, &cfg, "+90000");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("(a day after its thisUpdate): it is not stapled"),
+        "{out}"
+    );
+
+    let clock = dir.join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let wraith = setup.start_with_env(&cfg, &faketime_env(&clock));
+    assert!(
+        wraith.log().contains("has no nextUpdate"),
+        "{}",
+        wraith.log()
+    );
+    let der = std::fs::read(&file).unwrap();
+    let client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
+    assert!(client.staple == der);
+    let (_, status, _) = wraith.cli(&["status"]);
+    assert!(
+        status.contains("server.ocsp stapled, no next update (stapled until "),
+        "{status}"
+    );
+
+    // A day and an hour on (the client's clock is not moved).
+    std::fs::write(&clock, "+90000\n").unwrap();
+    let mut client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
+    assert!(client.staple.is_empty(), "stapled more than a day");
+    assert_eq!(client.get().await, "HTTP/1.1 200 OK");
+    let warned = wraith
+        .log_json()
+        .into_iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("OCSP response expired"))
+        })
+        .count();
+    assert_eq!(warned, 1, "{}", wraith.log());
 }

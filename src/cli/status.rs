@@ -148,7 +148,10 @@ pub fn render(v: &Value) -> String {
         if o.is_object() {
             let next = match o["next_update"].as_i64() {
                 Some(t) => format!("next update {}", crate::listener::ocsp::rfc3339(t)),
-                None => "no next update".to_string(),
+                None => format!(
+                    "no next update (stapled until {})",
+                    crate::listener::ocsp::rfc3339(o["valid_until"].as_i64().unwrap_or_default())
+                ),
             };
             let state = if o["stapled"] == true {
                 "stapled"

@@ -899,7 +899,7 @@ fn build_listeners(
         };
         let limits = build_limits(b, &key, l.limits.unwrap_or_default());
         let tls = match (l.protocol.get_ref().as_str(), l.tls) {
-            ("https", Some(t)) => build_tls(b, server, &format!("{key}.tls"), t),
+            ("https", Some(t)) => build_tls(b, server, &format!("{key}.tls"), l.name.get_ref(), t),
             ("https", None) => {
                 b.err(
                     Some(l.protocol.span()),
@@ -1151,6 +1151,7 @@ fn build_tls(
     b: &mut Builder<'_>,
     server: &ServerConfig,
     key: &str,
+    listener: &str,
     raw: Spanned<RawTls>,
 ) -> Option<TlsConfig> {
     let raw = raw.into_inner();
@@ -1294,8 +1295,11 @@ fn build_tls(
         match ocsp::load(path, &cert_path, &ck.cert) {
             Ok(loaded) => {
                 let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
-                if let Some(w) = loaded.warning(path, now) {
-                    b.warnings.push(format!("{key}.ocsp_response: {w}"));
+                // Named by listener too: the warnings are about time running out, and an
+                // operator reading a log wants the listener, not its position in the file.
+                for w in loaded.warnings(path, now) {
+                    b.warnings
+                        .push(format!("{key}.ocsp_response (listener {listener:?}): {w}"));
                 }
                 staple = Some(loaded);
             }

@@ -32,7 +32,8 @@ pub struct Staple {
     /// for its status.
     pub this_update: i64,
     /// Its `nextUpdate`, after which clients refuse the response; `None` when the responder
-    /// gives none (newer status is always available: the response never expires).
+    /// gives none (RFC 6960: newer status is always available), which clients only accept
+    /// for a while ([`NO_NEXT_UPDATE_LIFETIME`]).
     pub next_update: Option<i64>,
     /// Whether its expiry has been told (a warning at load, or a log line when it expires
     /// while serving): shared by the listener's TCP and QUIC sides, so it is told once.
@@ -43,38 +44,66 @@ pub struct Staple {
 /// server's may differ a little, and clients allow as much.
 const CLOCK_SKEW: i64 = 5 * 60;
 
+/// How long after its `thisUpdate` a response without a `nextUpdate` is stapled. Clients do
+/// not take "newer status is always available" as "valid forever": mozilla::pkix (Firefox)
+/// holds such a response valid for a day after its `thisUpdate` ("NSS requires all OCSP
+/// responses without a nextUpdate to be recent"), GnuTLS for 15 days (3 in older versions).
+/// The strictest client's limit is the one that keeps a staple from being refused.
+const NO_NEXT_UPDATE_LIFETIME: i64 = 24 * 60 * 60;
+
 impl Staple {
+    /// When it stops being stapled (seconds since the epoch): its `nextUpdate`, or
+    /// [`NO_NEXT_UPDATE_LIFETIME`] after its `thisUpdate` when it has none.
+    pub fn valid_until(&self) -> i64 {
+        self.next_update
+            .unwrap_or_else(|| self.this_update.saturating_add(NO_NEXT_UPDATE_LIFETIME))
+    }
+
     /// Whether it may be stapled at `now` (seconds since the epoch): from `thisUpdate` (less
-    /// the clock skew) until `nextUpdate`. A response outside that time is never sent: a
-    /// strict client refuses the connection over an expired staple, where it would accept
-    /// none.
+    /// the clock skew) until [`Staple::valid_until`]. A response outside that time is never
+    /// sent: a strict client refuses the connection over an expired staple, where it would
+    /// accept none.
     pub fn current(&self, now: i64) -> bool {
-        self.this_update - CLOCK_SKEW <= now && self.next_update.is_none_or(|next| now < next)
+        self.this_update - CLOCK_SKEW <= now && now < self.valid_until()
     }
 
-    /// Whether it has expired at `now` (past its `nextUpdate`).
+    /// Whether it has expired at `now` (past [`Staple::valid_until`]).
     pub fn expired(&self, now: i64) -> bool {
-        self.next_update.is_some_and(|next| now >= next)
+        now >= self.valid_until()
     }
 
-    /// What `wraith test` and a reload say about a response that is not current at `now`.
-    pub fn warning(&self, path: &Path, now: i64) -> Option<String> {
+    /// What `wraith test`, `serve` and a reload say about the response at `now`: that it
+    /// has no `nextUpdate` (so it is stapled for a day only), or that it is not current.
+    pub fn warnings(&self, path: &Path, now: i64) -> Vec<String> {
+        let mut out = Vec::new();
+        let until = self.valid_until();
+        if self.next_update.is_none() {
+            out.push(format!(
+                "OCSP response {} has no nextUpdate: clients (Firefox) take it as valid for a day after its thisUpdate, so it is stapled only until {}; refresh it at least daily, or ask the responder for responses with a nextUpdate",
+                path.display(),
+                rfc3339(until)
+            ));
+        }
         if self.expired(now) {
             self.expiry_told.store(true, Ordering::Relaxed);
-            Some(format!(
-                "OCSP response {} expired on {} (its nextUpdate): it is not stapled; refresh it (openssl ocsp ... -respout) and reload",
+            out.push(format!(
+                "OCSP response {} expired on {} ({}): it is not stapled; refresh it (openssl ocsp ... -respout) and reload",
                 path.display(),
-                rfc3339(self.next_update.unwrap_or_default())
-            ))
+                rfc3339(until),
+                if self.next_update.is_some() {
+                    "its nextUpdate"
+                } else {
+                    "a day after its thisUpdate"
+                }
+            ));
         } else if !self.current(now) {
-            Some(format!(
+            out.push(format!(
                 "OCSP response {} is not valid before {} (its thisUpdate; is this server's clock behind?): it is not stapled before then",
                 path.display(),
                 rfc3339(self.this_update)
-            ))
-        } else {
-            None
+            ));
         }
+        out
     }
 }
 
@@ -852,27 +881,52 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         let s = Staple {
             der: Vec::new(),
             this_update: 1_000_000,
-            next_update: Some(1_086_400),
+            next_update: Some(1_000_000 + 3 * 86_400),
             expiry_told: Arc::default(),
         };
         let path = Path::new("server.ocsp");
+        let end = 1_000_000 + 3 * 86_400;
         assert!(s.current(1_000_000));
         assert!(s.current(1_000_000 - CLOCK_SKEW));
         assert!(!s.current(1_000_000 - CLOCK_SKEW - 1));
-        assert!(s
-            .warning(path, 999_000)
-            .unwrap()
-            .contains("not valid before"));
+        let w = s.warnings(path, 999_000);
+        assert!(w.len() == 1 && w[0].contains("not valid before"), "{w:?}");
+        assert!(s.current(end - 1));
+        assert!(!s.current(end));
+        assert!(s.expired(end));
+        let w = s.warnings(path, end);
+        assert!(w.len() == 1 && w[0].contains("expired on"), "{w:?}");
+        assert!(w[0].contains("(its nextUpdate)"), "{w:?}");
+    }
+
+    /// A response without a nextUpdate is stapled for a day after its thisUpdate, as
+    /// mozilla::pkix accepts it, and always warned about.
+    #[test]
+    fn a_response_without_next_update_is_stapled_for_a_day() {
+        let s = Staple {
+            der: Vec::new(),
+            this_update: 1_000_000,
+            next_update: None,
+            expiry_told: Arc::default(),
+        };
+        let path = Path::new("server.ocsp");
+        assert_eq!(s.valid_until(), 1_086_400);
         assert!(s.current(1_086_399));
-        assert!(s.warning(path, 1_086_399).is_none());
+        assert!(!s.expired(1_086_399));
         assert!(!s.current(1_086_400));
         assert!(s.expired(1_086_400));
-        assert!(s.warning(path, 1_086_400).unwrap().contains("expired on"));
-        let open = Staple {
-            next_update: None,
-            ..s
-        };
-        assert!(open.current(i64::MAX));
+        let w = s.warnings(path, 1_000_000);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("has no nextUpdate") && w[0].contains("until 1970-01-13T13:46:40Z"),
+            "{w:?}"
+        );
+        let w = s.warnings(path, 1_086_400);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[1].contains("expired on 1970-01-13T13:46:40Z (a day after its thisUpdate)"),
+            "{w:?}"
+        );
     }
 
     /// A CA of the issuer's name, with another key (a CA key rollover's other half).

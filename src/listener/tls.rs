@@ -225,8 +225,8 @@ impl ResolvesServerCert for ListenerCert {
                     .unwrap_or_default();
                 tracing::warn!(
                     file = %file,
-                    next_update = %super::ocsp::rfc3339(staple.next_update.unwrap_or_default()),
-                    "OCSP response expired (its nextUpdate passed): the certificate is sent without a staple; refresh the file and reload"
+                    valid_until = %super::ocsp::rfc3339(staple.valid_until()),
+                    "OCSP response expired (its nextUpdate passed, or a day after its thisUpdate when it has none): the certificate is sent without a staple; refresh the file and reload"
                 );
             }
         }

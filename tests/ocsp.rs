@@ -831,3 +831,36 @@ async fn a_response_without_next_update_is_stapled_for_a_day() {
         .count();
     assert_eq!(warned, 1, "{}", wraith.log());
 }
+
+/// `wraith test` warns when the response's nextUpdate is less than a day away, naming the
+/// listener, the file and the time left: the sign of a refresh job that stopped running.
+#[test]
+fn wraith_test_warns_of_a_response_expiring_within_a_day() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    let file = ocsp_file(&setup);
+    respond(
+        &setup.pki,
+        &setup.pki.server_cert,
+        Status::Good,
+        &file,
+        "-sha1",
+        2,
+        None,
+    );
+    let cfg = config(&setup, r#"ocsp_response = "server.ocsp""#);
+    // 47 hours before its nextUpdate, then a little under 12.
+    for (offset, warned) in [("+3600", false), ("+130000", true)] {
+        let (code, out) = wraith_test_at(dir, &cfg, offset);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out.contains("warning"), warned, "{offset}: {out}");
+    }
+    let (_, out) = wraith_test_at(dir, &cfg, "+130000");
+    assert!(
+        out.contains(&format!(
+            r#"warning: listener[1].tls.ocsp_response (listener "https"): OCSP response {} expires in 11h5"#,
+            file.display()
+        )) && out.contains("(its nextUpdate, "),
+        "{out}"
+    );
+}

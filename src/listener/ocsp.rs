@@ -51,6 +51,12 @@ const CLOCK_SKEW: i64 = 5 * 60;
 /// The strictest client's limit is the one that keeps a staple from being refused.
 const NO_NEXT_UPDATE_LIFETIME: i64 = 24 * 60 * 60;
 
+/// How close to its expiry a current response is warned about at load: a refresh job that
+/// runs twice a day, as the docs suggest, keeps a response of several days' validity further
+/// away than that, so a warning means it has stopped running (or the responder's responses
+/// have become short-lived).
+const EXPIRES_SOON: i64 = 24 * 60 * 60;
+
 impl Staple {
     /// When it stops being stapled (seconds since the epoch): its `nextUpdate`, or
     /// [`NO_NEXT_UPDATE_LIFETIME`] after its `thisUpdate` when it has none.
@@ -73,7 +79,8 @@ impl Staple {
     }
 
     /// What `wraith test`, `serve` and a reload say about the response at `now`: that it
-    /// has no `nextUpdate` (so it is stapled for a day only), or that it is not current.
+    /// has no `nextUpdate` (so it is stapled for a day only), that it is not current, or
+    /// that it expires within [`EXPIRES_SOON`].
     pub fn warnings(&self, path: &Path, now: i64) -> Vec<String> {
         let mut out = Vec::new();
         let until = self.valid_until();
@@ -102,9 +109,23 @@ impl Staple {
                 path.display(),
                 rfc3339(self.this_update)
             ));
+        } else if self.next_update.is_some() && until - now < EXPIRES_SOON {
+            // (One without a nextUpdate always is, and is warned about above.)
+            out.push(format!(
+                "OCSP response {} expires in {} (its nextUpdate, {}): from then on it is not stapled; is the job that refreshes it still running?",
+                path.display(),
+                duration(until - now),
+                rfc3339(until)
+            ));
         }
         out
     }
+}
+
+/// A time left, in hours and minutes, for messages.
+fn duration(seconds: i64) -> String {
+    let minutes = seconds.max(0) / 60;
+    format!("{}h{:02}m", minutes / 60, minutes % 60)
 }
 
 impl fmt::Debug for Staple {
@@ -897,6 +918,31 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         let w = s.warnings(path, end);
         assert!(w.len() == 1 && w[0].contains("expired on"), "{w:?}");
         assert!(w[0].contains("(its nextUpdate)"), "{w:?}");
+    }
+
+    /// A current response is warned about from a day before its nextUpdate, with the time
+    /// left: a refresh job that stopped shows in `wraith test` before clients lose the staple.
+    #[test]
+    fn a_response_expiring_within_a_day_is_warned_about() {
+        let end = 1_000_000 + 3 * 86_400;
+        let s = Staple {
+            der: Vec::new(),
+            this_update: 1_000_000,
+            next_update: Some(end),
+            expiry_told: Arc::default(),
+        };
+        let path = Path::new("server.ocsp");
+        assert!(s.warnings(path, 1_000_000).is_empty());
+        assert!(s.warnings(path, end - EXPIRES_SOON).is_empty());
+        let w = s.warnings(path, end - EXPIRES_SOON + 1);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("server.ocsp expires in 23h59m (its nextUpdate, 1970-01-15T13:46:40Z)"),
+            "{w:?}"
+        );
+        let w = s.warnings(path, end - 90);
+        assert!(w[0].contains("expires in 0h01m"), "{w:?}");
+        assert!(s.current(end - 90));
     }
 
     /// A response without a nextUpdate is stapled for a day after its thisUpdate, as

@@ -614,6 +614,14 @@ async fn a_raised_shared_limit_starts_fresh() {
     );
 }
 
+/// `config_with` for a gateway whose Redis connection must work from its first request: the
+/// first connect includes a TLS handshake, which a debug build on a loaded 2-core machine
+/// does not always finish within `config`'s 200 ms (a failure would send the request to
+/// `on_error`).
+fn config_tls(setup: &Setup, redis: &str, limits: &str, more: &str) -> String {
+    config_with(setup, redis, limits, more).replace("timeout = \"200ms\"", "timeout = \"2s\"")
+}
+
 /// `config` with more lines in `[rate_limit.redis]`.
 fn config_with(setup: &Setup, redis: &str, limits: &str, more: &str) -> String {
     config(setup, redis, limits).replace(
@@ -686,8 +694,8 @@ async fn two_gateways_enforce_one_budget_over_tls() {
     let url_a = format!("rediss://:s3cret@localhost:{}/0", redis.port);
     let url_b = format!("rediss://:s3cret@127.0.0.1:{}/0", redis.port);
     let (ca_cfg, cb_cfg) = (
-        config_with(&a, &url_a, limit, &ca),
-        config_with(&b, &url_b, limit, &ca),
+        config_tls(&a, &url_a, limit, &ca),
+        config_tls(&b, &url_b, limit, &ca),
     );
     let (a, b) = (a.start(&ca_cfg), b.start(&cb_cfg));
 
@@ -820,7 +828,7 @@ async fn mutual_tls_to_redis() {
     );
     let (a, b) = (Setup::new(), Setup::new());
     let (ca_cfg, cb_cfg) = (
-        config_with(&a, &url, limit, &with_cert),
+        config_tls(&a, &url, limit, &with_cert),
         config_with(&b, &url, limit, &ca),
     );
     let (a, b) = (a.start(&ca_cfg), b.start(&cb_cfg));
@@ -999,7 +1007,7 @@ async fn a_rediss_scheme_in_capitals_is_tls() {
     let limit = r#"{ name = "per-ip", key = "ip", rate = "3/m", burst = 3, shared = true }"#;
     let setup = Setup::new();
     let url = format!("REDISS://localhost:{}/0", redis.port);
-    let cfg = config_with(&setup, &url, limit, &ca);
+    let cfg = config_tls(&setup, &url, limit, &ca);
     let wraith = setup.start(&cfg);
     assert_eq!(status(&wraith, "127.0.0.1").await, 200);
     let keys = redis.cli(&["--scan", "--pattern", "wraith:ratelimit:*"]);
@@ -1096,7 +1104,7 @@ async fn server_name_is_the_name_redis_certificate_must_carry() {
     let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
     let url = format!("rediss://127.0.0.1:{}/0", redis.port);
     let setup = Setup::new();
-    let cfg = config_with(&setup, &url, limit, &ca);
+    let cfg = config_tls(&setup, &url, limit, &ca);
     let wraith = setup.start(&cfg);
 
     assert_eq!(status(&wraith, "127.0.0.1").await, 200);

@@ -531,6 +531,21 @@ async fn exchange(
         let (resp, framing) = head_within(conn, head_only, timeout).await?;
         return Ok((resp, framing, None));
     }
+    // Boxed: inline, the upload's state would make this future, and every request's
+    // pipeline future around it, larger for bodyless requests too (+180 instructions per
+    // request in copies).
+    Box::pin(exchange_body(conn, head, chunked, body, head_only, timeout)).await
+}
+
+/// `exchange` for a request with a body.
+async fn exchange_body(
+    conn: &mut Conn,
+    head: &[u8],
+    chunked: bool,
+    body: &mut Body,
+    head_only: bool,
+    timeout: Duration,
+) -> Result<(Response<()>, Framing, Option<Box<Upload>>), Exchange> {
     let mut upload = Upload::new(head, std::mem::take(body), chunked, timeout);
     let sent = std::future::poll_fn(|cx| {
         // The answer first: once the upstream has answered, it either wants no more of the

@@ -622,6 +622,16 @@ fn config_tls(setup: &Setup, redis: &str, limits: &str, more: &str) -> String {
     config_with(setup, redis, limits, more).replace("timeout = \"200ms\"", "timeout = \"2s\"")
 }
 
+/// `config` for Redis reached through `relay`, with this `timeout`.
+fn through_relay(setup: &Setup, relay: &Relay, limits: &str, timeout: &str) -> String {
+    config(
+        setup,
+        &format!("redis://127.0.0.1:{}/0", relay.port),
+        limits,
+    )
+    .replace("timeout = \"200ms\"", &format!("timeout = \"{timeout}\""))
+}
+
 /// `config` with more lines in `[rate_limit.redis]`.
 fn config_with(setup: &Setup, redis: &str, limits: &str, more: &str) -> String {
     config(setup, redis, limits).replace(
@@ -867,12 +877,7 @@ async fn a_late_failure_of_a_replaced_connection_keeps_the_new_one() {
     let relay = Relay::start(redis.port).await;
     let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
     let setup = Setup::new();
-    let cfg = config(
-        &setup,
-        &format!("redis://127.0.0.1:{}/0", relay.port),
-        limit,
-    )
-    .replace("timeout = \"200ms\"", "timeout = \"3s\"");
+    let cfg = through_relay(&setup, &relay, limit, "3s");
     let wraith = setup.start(&cfg);
     assert_eq!(status(&wraith, "127.0.0.1").await, 200);
 
@@ -1216,12 +1221,7 @@ async fn a_timeout_above_a_second_rests_as_long() {
     let relay = Relay::start(redis.port).await;
     let limit = r#"{ name = "per-ip", key = "ip", rate = "2/m", burst = 2, shared = true }"#;
     let setup = Setup::new();
-    let cfg = config(
-        &setup,
-        &format!("redis://127.0.0.1:{}/0", relay.port),
-        limit,
-    )
-    .replace("timeout = \"200ms\"", "timeout = \"1500ms\"");
+    let cfg = through_relay(&setup, &relay, limit, "1500ms");
     let wraith = setup.start(&cfg);
     assert_eq!(status(&wraith, "127.0.0.1").await, 200);
 

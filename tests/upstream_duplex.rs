@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The request bodies sent: 8 MiB, far more than the socket buffers on the way hold.
@@ -93,7 +93,7 @@ impl Dechunk {
 
 /// Reads from `s` into `buf` until it holds a whole head; returns the head (without the
 /// empty line), or `None` at EOF.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -136,6 +136,51 @@ fn small_buffers(s: &TcpStream) {
     }
 }
 
+/// One connection of the echo upstream (`echo_as_it_reads`), over TCP or TLS.
+async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = Vec::new();
+    while let Some(head) = read_head(&mut s, &mut buf).await {
+        let mut left = content_length(&head);
+        let mut chunked = left.is_none().then(Dechunk::default);
+        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        if s.write_all(reply).await.is_err() {
+            return;
+        }
+        loop {
+            let mut piece = Vec::new();
+            let ended = match (&mut left, &mut chunked) {
+                (Some(n), _) => {
+                    let k = (*n).min(buf.len());
+                    piece.extend(buf.drain(..k));
+                    *n -= k;
+                    *n == 0
+                }
+                (None, Some(d)) => d.feed(&mut buf, &mut piece),
+                (None, None) => unreachable!(),
+            };
+            if !piece.is_empty() {
+                let mut out = format!("{:x}\r\n", piece.len()).into_bytes();
+                out.extend_from_slice(&piece);
+                out.extend_from_slice(b"\r\n");
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            if ended {
+                break;
+            }
+            let mut tmp = [0u8; 64 * 1024];
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+        if s.write_all(b"0\r\n\r\n").await.is_err() {
+            return;
+        }
+    }
+}
+
 /// An upstream that answers `200` with a chunked body as soon as it has a request head,
 /// then echoes each piece of the request body as it reads it, in one sequential loop
 /// (read, then write): while a write of its waits, it reads nothing. Keep-alive; counts the
@@ -146,55 +191,33 @@ async fn echo_as_it_reads() -> (SocketAddr, Arc<AtomicUsize>) {
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             small_buffers(&s);
+            tokio::spawn(echo_conn(s));
+        }
+    });
+    (addr, accepted)
+}
+
+/// `echo_as_it_reads` over TLS (`server`): rustls takes bytes past a full socket, so the
+/// upload path flushes; the deadlock a half-duplex gateway hits is the same.
+async fn echo_as_it_reads_tls(server: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            small_buffers(&s);
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(head) = read_head(&mut s, &mut buf).await {
-                    let mut left = content_length(&head);
-                    let mut chunked = left.is_none().then(Dechunk::default);
-                    let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-                    if s.write_all(reply).await.is_err() {
-                        return;
-                    }
-                    loop {
-                        let mut piece = Vec::new();
-                        let ended = match (&mut left, &mut chunked) {
-                            (Some(n), _) => {
-                                let k = (*n).min(buf.len());
-                                piece.extend(buf.drain(..k));
-                                *n -= k;
-                                *n == 0
-                            }
-                            (None, Some(d)) => d.feed(&mut buf, &mut piece),
-                            (None, None) => unreachable!(),
-                        };
-                        if !piece.is_empty() {
-                            let mut out = format!("{:x}\r\n", piece.len()).into_bytes();
-                            out.extend_from_slice(&piece);
-                            out.extend_from_slice(b"\r\n");
-                            if s.write_all(&out).await.is_err() {
-                                return;
-                            }
-                        }
-                        if ended {
-                            break;
-                        }
-                        let mut tmp = [0u8; 64 * 1024];
-                        match s.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                    }
-                    if s.write_all(b"0\r\n\r\n").await.is_err() {
-                        return;
-                    }
+                if let Ok(tls) = acceptor.accept(s).await {
+                    echo_conn(tls).await;
                 }
             });
         }
     });
-    (addr, accepted)
+    addr
 }
 
 /// Reads a chunked response off `rd` into `out` until its end (`true`) or EOF (`false`);
@@ -458,4 +481,46 @@ async fn a_client_that_aborts_its_upload_after_the_response_started_gets_a_cut_r
     .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "again");
+}
+
+/// The same over TLS to the upstream (`https://` endpoint): the 8 MiB echo completes
+/// through an HTTP/1.1 client, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_over_tls_that_echoes_as_it_reads_streams_through() {
+    let setup = Setup::new();
+    let server = tls_server_config(&setup.pki.server_cert, &setup.pki.server_key, None);
+    let upstream = echo_as_it_reads_tls(server).await;
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"https://{upstream}\"]\nresponse_timeout = \"30s\"\n\n[upstream.tls]\nca = \"{}\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        setup.listeners(),
+        setup.pki.ca_pem.display()
+    );
+    let wraith = setup.start(&cfg);
+    let body = payload();
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let sent = body.clone();
+    let upload = tokio::spawn(async move {
+        let head = format!(
+            "POST /duplex-tls HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.unwrap();
+        for piece in sent.chunks(64 * 1024) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr
+    });
+    let mut echoed = Vec::with_capacity(SIZE);
+    let (head, ended) =
+        tokio::time::timeout(LIMIT, read_chunked_response(&mut rd, &mut echoed, None))
+            .await
+            .unwrap_or_else(|_| panic!("deadlocked: {} of {SIZE} bytes echoed", echoed.len()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(ended, "the echo did not end cleanly");
+    assert!(
+        echoed == body,
+        "{} bytes echoed, not the ones sent",
+        echoed.len()
+    );
+    let _wr = upload.await.unwrap();
 }

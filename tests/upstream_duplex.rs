@@ -29,12 +29,47 @@ fn payload() -> Vec<u8> {
 /// The gateway in front of `upstream`, with a response timeout of 30 s and a JSON access
 /// log (`access.json`).
 fn gateway(upstream: SocketAddr) -> Wraith {
-    let setup = Setup::new();
+    gateway_in(Setup::new(), &upstream.to_string(), "")
+}
+
+/// `gateway` on `setup`, for the endpoint `endpoint`, with `upstream_extra` (sub-tables of
+/// the upstream, such as `[upstream.tls]`).
+fn gateway_in(setup: Setup, endpoint: &str, upstream_extra: &str) -> Wraith {
     let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{upstream}\"]\nresponse_timeout = \"30s\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n\n[log.json]\npath = \"access.json\"\n",
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{endpoint}\"]\nresponse_timeout = \"30s\"\n{upstream_extra}\n[[route]]\nname = \"all\"\nupstream = \"up\"\n\n[log.json]\npath = \"access.json\"\n",
         setup.listeners()
     );
     setup.start(&cfg)
+}
+
+/// Sends an 8 MiB body to `path` over HTTP/1.1 while reading the echo as it comes: the
+/// whole echo must arrive, byte for byte and cleanly ended, within `LIMIT`.
+async fn echo_through_http1(wraith: &Wraith, path: &str) {
+    let body = payload();
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let sent = body.clone();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n");
+    let upload = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await.unwrap();
+        for piece in sent.chunks(64 * 1024) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr
+    });
+    let mut echoed = Vec::with_capacity(SIZE);
+    let (head, ended) =
+        tokio::time::timeout(LIMIT, read_chunked_response(&mut rd, &mut echoed, None))
+            .await
+            .unwrap_or_else(|_| panic!("deadlocked: {} of {SIZE} bytes echoed", echoed.len()));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(ended, "the echo did not end cleanly");
+    assert!(
+        echoed == body,
+        "{} bytes echoed, not the ones sent",
+        echoed.len()
+    );
+    let _wr = upload.await.unwrap();
 }
 
 /// A chunked body decoder, fed as bytes arrive.
@@ -262,33 +297,7 @@ async fn read_chunked_response(
 async fn an_upstream_that_echoes_as_it_reads_streams_through_an_http1_client() {
     let (upstream, _) = echo_as_it_reads().await;
     let wraith = gateway(upstream);
-    let body = payload();
-    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    let sent = body.clone();
-    let upload = tokio::spawn(async move {
-        let head = format!(
-            "POST /duplex-h1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
-        );
-        wr.write_all(head.as_bytes()).await.unwrap();
-        for piece in sent.chunks(64 * 1024) {
-            wr.write_all(piece).await.unwrap();
-        }
-        wr
-    });
-    let mut echoed = Vec::with_capacity(SIZE);
-    let (head, ended) =
-        tokio::time::timeout(LIMIT, read_chunked_response(&mut rd, &mut echoed, None))
-            .await
-            .unwrap_or_else(|_| panic!("deadlocked: {} of {SIZE} bytes echoed", echoed.len()));
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(ended, "the echo did not end cleanly");
-    assert!(
-        echoed == body,
-        "{} bytes echoed, not the ones sent",
-        echoed.len()
-    );
-    let _wr = upload.await.unwrap();
+    echo_through_http1(&wraith, "/duplex-h1").await;
 
     // The access record counts the whole upload, though most of it went after the head.
     let record = wraith
@@ -490,37 +499,7 @@ async fn an_upstream_over_tls_that_echoes_as_it_reads_streams_through() {
     let setup = Setup::new();
     let server = tls_server_config(&setup.pki.server_cert, &setup.pki.server_key, None);
     let upstream = echo_as_it_reads_tls(server).await;
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"https://{upstream}\"]\nresponse_timeout = \"30s\"\n\n[upstream.tls]\nca = \"{}\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        setup.listeners(),
-        setup.pki.ca_pem.display()
-    );
-    let wraith = setup.start(&cfg);
-    let body = payload();
-    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    let sent = body.clone();
-    let upload = tokio::spawn(async move {
-        let head = format!(
-            "POST /duplex-tls HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
-        );
-        wr.write_all(head.as_bytes()).await.unwrap();
-        for piece in sent.chunks(64 * 1024) {
-            wr.write_all(piece).await.unwrap();
-        }
-        wr
-    });
-    let mut echoed = Vec::with_capacity(SIZE);
-    let (head, ended) =
-        tokio::time::timeout(LIMIT, read_chunked_response(&mut rd, &mut echoed, None))
-            .await
-            .unwrap_or_else(|_| panic!("deadlocked: {} of {SIZE} bytes echoed", echoed.len()));
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(ended, "the echo did not end cleanly");
-    assert!(
-        echoed == body,
-        "{} bytes echoed, not the ones sent",
-        echoed.len()
-    );
-    let _wr = upload.await.unwrap();
+    let tls = format!("[upstream.tls]\nca = \"{}\"\n", setup.pki.ca_pem.display());
+    let wraith = gateway_in(setup, &format!("https://{upstream}"), &tls);
+    echo_through_http1(&wraith, "/duplex-tls").await;
 }

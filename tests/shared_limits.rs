@@ -160,6 +160,16 @@ async fn get_from(wraith: &Wraith, from: &str) -> (u16, Option<String>, Option<S
     )
 }
 
+/// Two gateways sharing `redis` with the shared limits `limits`.
+fn two_gateways(redis: &Redis, limits: &str) -> (Wraith, Wraith) {
+    let (a, b) = (Setup::new(), Setup::new());
+    let (ca, cb) = (
+        config(&a, &redis.url(), limits),
+        config(&b, &redis.url(), limits),
+    );
+    (a.start(&ca), b.start(&cb))
+}
+
 async fn status(wraith: &Wraith, from: &str) -> u16 {
     get_from(wraith, from).await.0
 }
@@ -169,12 +179,7 @@ async fn two_gateways_enforce_one_budget() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let redis = Redis::start();
     let limit = r#"{ name = "per-ip", key = "ip", rate = "3/m", burst = 3, shared = true }"#;
-    let (a, b) = (Setup::new(), Setup::new());
-    let (ca, cb) = (
-        config(&a, &redis.url(), limit),
-        config(&b, &redis.url(), limit),
-    );
-    let (a, b) = (a.start(&ca), b.start(&cb));
+    let (a, b) = two_gateways(&redis, limit);
 
     assert_eq!(status(&a, "127.0.0.1").await, 200);
     assert_eq!(status(&b, "127.0.0.1").await, 200);
@@ -1043,12 +1048,7 @@ async fn an_error_about_one_bucket_decides_only_that_request() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let redis = Redis::start();
     let limit = r#"{ name = "per-ip", key = "ip", rate = "3/m", burst = 3, shared = true }"#;
-    let (a, b) = (Setup::new(), Setup::new());
-    let (ca, cb) = (
-        config(&a, &redis.url(), limit),
-        config(&b, &redis.url(), limit),
-    );
-    let (a, b) = (a.start(&ca), b.start(&cb));
+    let (a, b) = two_gateways(&redis, limit);
     // 127.0.0.2 spends its budget of 3 across both gateways.
     assert_eq!(status(&a, "127.0.0.2").await, 200);
     assert_eq!(status(&b, "127.0.0.2").await, 200);

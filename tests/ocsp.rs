@@ -844,6 +844,64 @@ async fn a_response_without_next_update_is_stapled_for_a_day() {
     assert_eq!(warned, 1, "{}", wraith.log());
 }
 
+/// A response valid for 30 days by its nextUpdate (a private responder's choice) is stapled
+/// for ten days after its thisUpdate only: Firefox (mozilla::pkix) holds an end-entity
+/// certificate's response expired from then on. `wraith test` and `serve` say so, `wraith
+/// status` shows both times, and eleven days on the certificate goes without a staple.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_is_stapled_for_ten_days_at_most() {
+    let setup = Setup::new();
+    let dir = setup.dir.path().to_path_buf();
+    let file = ocsp_file(&setup);
+    respond(
+        &setup.pki,
+        &setup.pki.server_cert,
+        Status::Good,
+        &file,
+        "-sha1",
+        30,
+        None,
+    );
+    let cfg = config(&setup, r#"ocsp_response = "server.ocsp""#);
+    let (code, out) = wraith_test(&dir, &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(r#"warning: listener[1].tls.ocsp_response (listener "https"): OCSP response"#)
+            && out.contains("by its nextUpdate, but clients (Firefox) hold a response expired ten days after its thisUpdate, so it is stapled only until"),
+        "{out}"
+    );
+    let (code, out) = wraith_test_at(&dir, &cfg, "+950400");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("(ten days after its thisUpdate): it is not stapled"),
+        "{out}"
+    );
+
+    let clock = dir.join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let wraith = setup.start_with_env(&cfg, &faketime_env(&clock));
+    assert!(
+        wraith.log().contains("stapled only until"),
+        "{}",
+        wraith.log()
+    );
+    let der = std::fs::read(&file).unwrap();
+    let client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
+    assert!(client.staple == der);
+    let (_, status, _) = wraith.cli(&["status"]);
+    assert!(
+        status.contains("server.ocsp stapled, next update ")
+            && status.contains(": ten days after its this update)"),
+        "{status}"
+    );
+
+    // Eleven days on (the client's clock is not moved).
+    std::fs::write(&clock, "+950400\n").unwrap();
+    let mut client = Client::connect(&wraith, &[&rustls::version::TLS13]).await;
+    assert!(client.staple.is_empty(), "stapled more than ten days");
+    assert_eq!(client.get().await, "HTTP/1.1 200 OK");
+}
+
 /// `wraith test` warns when the response's nextUpdate is less than a day away, naming the
 /// listener, the file and the time left: the sign of a refresh job that stopped running.
 #[test]

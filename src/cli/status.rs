@@ -146,11 +146,19 @@ pub fn render(v: &Value) -> String {
         ));
         let o = &l["ocsp"];
         if o.is_object() {
+            let until = o["valid_until"].as_i64().unwrap_or_default();
             let next = match o["next_update"].as_i64() {
-                Some(t) => format!("next update {}", crate::listener::ocsp::rfc3339(t)),
+                Some(t) if t <= until => {
+                    format!("next update {}", crate::listener::ocsp::rfc3339(t))
+                }
+                Some(t) => format!(
+                    "next update {} (stapled until {}: ten days after its this update)",
+                    crate::listener::ocsp::rfc3339(t),
+                    crate::listener::ocsp::rfc3339(until)
+                ),
                 None => format!(
                     "no next update (stapled until {})",
-                    crate::listener::ocsp::rfc3339(o["valid_until"].as_i64().unwrap_or_default())
+                    crate::listener::ocsp::rfc3339(until)
                 ),
             };
             let state = if o["stapled"] == true {

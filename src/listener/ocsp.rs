@@ -51,6 +51,13 @@ const CLOCK_SKEW: i64 = 5 * 60;
 /// The strictest client's limit is the one that keeps a staple from being refused.
 const NO_NEXT_UPDATE_LIFETIME: i64 = 24 * 60 * 60;
 
+/// How long after its `thisUpdate` a response with a `nextUpdate` is stapled at most:
+/// mozilla::pkix holds a certificate's response expired ten days after its `thisUpdate`
+/// whatever its `nextUpdate` says (`maxOCSPLifetimeInDays`), and the CA/Browser Forum's
+/// Baseline Requirements cap a response's validity at ten days. A response a private
+/// responder made for 30 days would be refused by Firefox from day 11 on.
+const MAX_LIFETIME: i64 = 10 * 24 * 60 * 60;
+
 /// How close to its expiry a current response is warned about at load: a refresh job that
 /// runs twice a day, as the docs suggest, keeps a response of several days' validity further
 /// away than that, so a warning means it has stopped running (or the responder's responses
@@ -58,11 +65,23 @@ const NO_NEXT_UPDATE_LIFETIME: i64 = 24 * 60 * 60;
 const EXPIRES_SOON: i64 = 24 * 60 * 60;
 
 impl Staple {
-    /// When it stops being stapled (seconds since the epoch): its `nextUpdate`, or
-    /// [`NO_NEXT_UPDATE_LIFETIME`] after its `thisUpdate` when it has none.
+    /// When it stops being stapled (seconds since the epoch): its `nextUpdate`, but no later
+    /// than [`MAX_LIFETIME`] after its `thisUpdate`; [`NO_NEXT_UPDATE_LIFETIME`] after its
+    /// `thisUpdate` when it has none.
     pub fn valid_until(&self) -> i64 {
-        self.next_update
-            .unwrap_or_else(|| self.this_update.saturating_add(NO_NEXT_UPDATE_LIFETIME))
+        match self.next_update {
+            Some(next) => next.min(self.this_update.saturating_add(MAX_LIFETIME)),
+            None => self.this_update.saturating_add(NO_NEXT_UPDATE_LIFETIME),
+        }
+    }
+
+    /// What [`Staple::valid_until`] was taken from, for messages.
+    fn limit(&self) -> &'static str {
+        match self.next_update {
+            Some(next) if next <= self.this_update.saturating_add(MAX_LIFETIME) => "its nextUpdate",
+            Some(_) => "ten days after its thisUpdate",
+            None => "a day after its thisUpdate",
+        }
     }
 
     /// Whether it may be stapled at `now` (seconds since the epoch): from `thisUpdate` (less
@@ -84,12 +103,19 @@ impl Staple {
     pub fn warnings(&self, path: &Path, now: i64) -> Vec<String> {
         let mut out = Vec::new();
         let until = self.valid_until();
-        if self.next_update.is_none() {
-            out.push(format!(
+        match self.next_update {
+            None => out.push(format!(
                 "OCSP response {} has no nextUpdate: clients (Firefox) take it as valid for a day after its thisUpdate, so it is stapled only until {}; refresh it at least daily, or ask the responder for responses with a nextUpdate",
                 path.display(),
                 rfc3339(until)
-            ));
+            )),
+            Some(next) if next > until => out.push(format!(
+                "OCSP response {} is valid until {} by its nextUpdate, but clients (Firefox) hold a response expired ten days after its thisUpdate, so it is stapled only until {}; refresh it well before then",
+                path.display(),
+                rfc3339(next),
+                rfc3339(until)
+            )),
+            Some(_) => {}
         }
         if self.expired(now) {
             self.expiry_told.store(true, Ordering::Relaxed);
@@ -97,11 +123,7 @@ impl Staple {
                 "OCSP response {} expired on {} ({}): it is not stapled; refresh it (openssl ocsp ... -respout) and reload",
                 path.display(),
                 rfc3339(until),
-                if self.next_update.is_some() {
-                    "its nextUpdate"
-                } else {
-                    "a day after its thisUpdate"
-                }
+                self.limit()
             ));
         } else if !self.current(now) {
             out.push(format!(
@@ -112,9 +134,10 @@ impl Staple {
         } else if self.next_update.is_some() && until - now < EXPIRES_SOON {
             // (One without a nextUpdate always is, and is warned about above.)
             out.push(format!(
-                "OCSP response {} expires in {} (its nextUpdate, {}): from then on it is not stapled; is the job that refreshes it still running?",
+                "OCSP response {} expires in {} ({}, {}): from then on it is not stapled; is the job that refreshes it still running?",
                 path.display(),
                 duration(until - now),
+                self.limit(),
                 rfc3339(until)
             ));
         }
@@ -943,6 +966,51 @@ BggqhkjOPQQDAgNJADBGAiEAqyc0LvlgIrNygPWHXfzbFo73uhqwMWVAS1LKVpq6
         let w = s.warnings(path, end - 90);
         assert!(w[0].contains("expires in 0h01m"), "{w:?}");
         assert!(s.current(end - 90));
+    }
+
+    /// A response valid for longer than ten days by its nextUpdate is stapled for ten days
+    /// after its thisUpdate, as mozilla::pkix holds it expired from then on, and warned
+    /// about; one valid for ten days exactly is stapled until its nextUpdate.
+    #[test]
+    fn a_response_is_stapled_for_ten_days_at_most() {
+        let ten_days = 10 * 86_400;
+        let s = Staple {
+            der: Vec::new(),
+            this_update: 1_000_000,
+            next_update: Some(1_000_000 + 30 * 86_400),
+            expiry_told: Arc::default(),
+        };
+        let path = Path::new("server.ocsp");
+        assert_eq!(s.valid_until(), 1_000_000 + ten_days);
+        assert!(s.current(1_000_000 + ten_days - 1));
+        assert!(!s.current(1_000_000 + ten_days));
+        assert!(s.expired(1_000_000 + ten_days));
+        let w = s.warnings(path, 1_000_000);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("valid until 1970-02-11T13:46:40Z by its nextUpdate")
+                && w[0].contains("stapled only until 1970-01-22T13:46:40Z"),
+            "{w:?}"
+        );
+        let w = s.warnings(path, 1_000_000 + ten_days - 3600);
+        assert!(
+            w[1].contains("expires in 1h00m (ten days after its thisUpdate, "),
+            "{w:?}"
+        );
+        let w = s.warnings(path, 1_000_000 + ten_days);
+        assert!(
+            w[1].contains("expired on 1970-01-22T13:46:40Z (ten days after its thisUpdate)"),
+            "{w:?}"
+        );
+
+        let s = Staple {
+            next_update: Some(1_000_000 + ten_days),
+            ..s
+        };
+        assert_eq!(s.valid_until(), 1_000_000 + ten_days);
+        assert!(s.warnings(path, 1_000_000).is_empty());
+        let w = s.warnings(path, 1_000_000 + ten_days);
+        assert!(w[0].contains("(its nextUpdate)"), "{w:?}");
     }
 
     /// A response without a nextUpdate is stapled for a day after its thisUpdate, as

@@ -226,7 +226,7 @@ impl ResolvesServerCert for ListenerCert {
                 tracing::warn!(
                     file = %file,
                     valid_until = %super::ocsp::rfc3339(staple.valid_until()),
-                    "OCSP response expired (its nextUpdate passed, or a day after its thisUpdate when it has none): the certificate is sent without a staple; refresh the file and reload"
+                    "OCSP response expired (its nextUpdate passed, or ten days after its thisUpdate if sooner, or a day after it when it has no nextUpdate): the certificate is sent without a staple; refresh the file and reload"
                 );
             }
         }

@@ -13,6 +13,7 @@ Usage (release build first):
   python3 bench/instructions.py --only wraith --requests 50000 --annotate 30
   python3 bench/instructions.py --only wraith --logging     # + JSON, combined and SQLite sinks
   python3 bench/instructions.py --lb                        # each balancing algorithm, nginx least_conn
+  python3 bench/instructions.py --body 1024                 # POST requests with a 1 KiB body
 """
 
 import argparse
@@ -53,9 +54,12 @@ def control(pid, *args):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def h2load(url, n, conns):
-    out = subprocess.run(["h2load", "--h1", "-n", str(n), "-c", str(conns), url],
-                         capture_output=True, text=True, timeout=600).stdout
+def h2load(url, n, conns, data=None):
+    """`data`: a file whose bytes each request POSTs (with a Content-Length)."""
+    cmd = ["h2load", "--h1", "-n", str(n), "-c", str(conns)]
+    if data:
+        cmd += ["-d", str(data)]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=600).stdout
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     if not m:
         raise RuntimeError(f"h2load output not understood:\n{out}")
@@ -72,7 +76,7 @@ def dump_ir(path):
     return total
 
 
-def measure(name, cmd, port, work, requests, conns, env=None, paths=("/small",)):
+def measure(name, cmd, port, work, requests, conns, env=None, paths=("/small",), data=None):
     """Instructions per request for each of `paths`, one callgrind dump per path (the
     counters are zeroed between them); returns ({path: instructions per request}, dump file
     of the last path)."""
@@ -84,11 +88,11 @@ def measure(name, cmd, port, work, requests, conns, env=None, paths=("/small",))
         b.wait_port(port, timeout=120)
         for path in paths:
             url = f"http://127.0.0.1:{port}{path}"
-            h2load(url, 2000, conns)  # warm-up: pools, caches, lazy initialisation
+            h2load(url, 2000, conns, data)  # warm-up: pools, caches, lazy initialisation
             before = set(Path(out).parent.glob(Path(out).name + "*"))
             control(p.pid, "-z")
             control(p.pid, "-i", "on")
-            done = h2load(url, requests, conns)
+            done = h2load(url, requests, conns, data)
             control(p.pid, "-i", "off")
             control(p.pid, "-d")
             new = []
@@ -122,6 +126,9 @@ def main():
     ap.add_argument("--logging", action="store_true",
                     help="turn on the JSON, combined and SQLite access-log sinks (callgrind counts "
                          "the writer threads too)")
+    ap.add_argument("--body", type=int, default=0, metavar="BYTES",
+                    help="POST a body of BYTES with each request (Content-Length; the upstream "
+                         "answers /small as for a GET)")
     ap.add_argument("--lb", action="store_true",
                     help="the load-balancing set-up (bench/configs/lb: four endpoints): Wraith "
                          "once per algorithm, nginx with least_conn")
@@ -145,6 +152,10 @@ def main():
     (work / "www").mkdir(exist_ok=True)
     b.link_policies(work)
 
+    data = None
+    if args.body:
+        data = work / "body"
+        data.write_bytes(os.urandom(args.body))
     procs = b.Procs()
     results = {}
     try:
@@ -153,16 +164,17 @@ def main():
         if args.only in (None, "wraith"):
             env = dict(os.environ, WRAITH_LOG="warn")
             results["wraith"] = measure("wraith", [args.wraith, "serve", "-c", str(work / "wraith.toml")],
-                                        b.PORTS["wraith"], work, args.requests, args.conns, env)
+                                        b.PORTS["wraith"], work, args.requests, args.conns, env, data=data)
         if args.only in (None, "nginx"):
             results["nginx"] = measure("nginx", ["nginx", "-c", str(work / "nginx-proxy.conf"), "-g", "daemon off;"],
-                                       b.PORTS["nginx"], work, args.requests, args.conns)
+                                       b.PORTS["nginx"], work, args.requests, args.conns, data=data)
     finally:
         procs.stop()
 
     results = {name: (per_path["/small"], dump) for name, (per_path, dump) in results.items()}
     for name, (ipr, _) in results.items():
-        print(f"{name}: {ipr:,.0f} instructions per request (user space, {args.requests} requests, h1 keep-alive)")
+        body = f", {args.body}-byte POST bodies" if args.body else ""
+        print(f"{name}: {ipr:,.0f} instructions per request (user space, {args.requests} requests, h1 keep-alive{body})")
     if "wraith" in results and "nginx" in results:
         print(f"wraith / nginx: {results['wraith'][0] / results['nginx'][0]:.2f}")
     if args.annotate and "wraith" in results:

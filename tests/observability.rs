@@ -2208,3 +2208,87 @@ async fn the_metrics_listener_bounds_heads_idle_connections_and_their_number() {
         );
     }
 }
+
+/// The standard process metrics (`process_open_fds`, `process_resident_memory_bytes`, ...)
+/// describe the gateway's own process: its open descriptors follow the client connections
+/// it holds, and the figures match what /proc says about its pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_metrics_describe_the_gateway_process() {
+    let before_start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"hello\"\nrespond = {{ status = 200, body = \"hi\" }}\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let scrape = || async {
+        let (status, text) = wraith.admin_get("/v1/metrics").await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        validate_openmetrics(&text);
+        parse_metrics(&text)
+    };
+    let proc_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", wraith.pid()))
+            .unwrap()
+            .count() as f64
+    };
+
+    let m = scrape().await;
+    let idle_fds = metric(&m, "process_open_fds", &[]);
+    assert!(
+        (idle_fds - proc_fds()).abs() <= 2.0,
+        "{idle_fds} vs /proc's {}",
+        proc_fds()
+    );
+    // Connections the gateway has accepted (a request answered on each) and holds open.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(wraith.addr("http"))
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let m = scrape().await;
+    let busy_fds = metric(&m, "process_open_fds", &[]);
+    assert!(busy_fds >= idle_fds + 20.0, "{idle_fds} -> {busy_fds}");
+    assert!((busy_fds - proc_fds()).abs() <= 2.0);
+
+    let max = metric(&m, "process_max_fds", &[]);
+    assert!(max >= busy_fds, "{max}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", wraith.pid())).unwrap();
+    let vm_rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix(" kB"))
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        * 1024.0;
+    let rss = metric(&m, "process_resident_memory_bytes", &[]);
+    assert!(
+        rss > vm_rss * 0.5 && rss < vm_rss * 2.0,
+        "{rss} vs VmRSS {vm_rss}"
+    );
+    assert!(metric(&m, "process_virtual_memory_bytes", &[]) >= rss);
+    assert!(metric(&m, "process_cpu_seconds_total", &[]) > 0.0);
+    let start = metric(&m, "process_start_time_seconds", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        start >= before_start - 1.0 && start <= now,
+        "{before_start} <= {start} <= {now}"
+    );
+    drop(held);
+}

@@ -118,6 +118,7 @@ pub fn render(rt: &Runtime) -> String {
         "Seconds since the process started",
         uptime,
     );
+    super::process::register(&mut extra, rt.started_at);
     rt.telemetry.metrics.encode(&extra)
 }
 

@@ -15,6 +15,7 @@ pub mod access_log;
 pub mod exporter;
 pub mod format;
 pub mod metrics;
+pub mod process;
 pub mod sinks;
 pub mod sqlite;
 pub mod window;

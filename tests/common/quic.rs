@@ -107,7 +107,7 @@ impl H3Client {
 #[derive(Clone)]
 pub struct H3Conn {
     pub conn: quinn::Connection,
-    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    pub send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     _driver: Arc<DriverTask>,
 }
 

@@ -75,6 +75,13 @@ address = "127.0.0.1:@WRAITH@"
 protocol = "http"
 limits = { max_connections_per_client = 8, idle_timeout = "5s" }
 
+[[listener]]
+name = "tls"
+address = "127.0.0.1:@WRAITH_TLS@"
+protocol = "https"
+tls = { cert = "@WORK@/certs/server.pem", key = "@WORK@/certs/server-key.pem" }
+limits = { idle_timeout = "5s" }
+
 [metrics]
 address = "127.0.0.1:@METRICS@"
 
@@ -104,6 +111,13 @@ max_rows = 200000
 name = "api"
 path = { prefix = "/api/" }
 upstream = "up"
+
+# The HTTP/2 churn (one client address): not rate limited.
+[[route]]
+name = "h2"
+path = { prefix = "/h2/" }
+upstream = "up"
+rate_limits = []
 """
 
 # The second version adds a route to a second upstream (same nginx, another name).
@@ -196,9 +210,31 @@ class Load:
                 writer.close()
 
 
+def h2_churn(port, stop, counts):
+    """HTTP/2 over TLS beside the HTTP/1.1 clients: h2load runs one after another, each
+    making 50 connections (a full TLS 1.3 handshake each) of 20 requests, 4 streams at a time,
+    10 requests a second per connection."""
+    while not stop.is_set():
+        out = subprocess.run(["h2load", "-n", "1000", "-c", "50", "-m", "4", "--rps", "10",
+                              f"https://127.0.0.1:{port}/h2/churn"],
+                             capture_output=True, text=True, timeout=120).stdout
+        for line in out.splitlines():
+            if line.startswith("requests:"):
+                # requests: 1000 total, 1000 started, 1000 done, 1000 succeeded, 0 failed, ...
+                parts = line.replace(",", "").split()
+                counts["h2"] += int(parts[7])
+                counts["h2_failed"] += int(parts[9])
+
+
 async def run(args, work, ports, wraith_pid):
+    import threading
     load = Load(ports["WRAITH"])
     tasks = [asyncio.create_task(load.client()) for _ in range(args.clients)]
+    churn_stop = threading.Event()
+    load.h2 = {"h2": 0, "h2_failed": 0}
+    churn = threading.Thread(target=h2_churn, args=(ports["WRAITH_TLS"], churn_stop, load.h2))
+    if args.h2:
+        churn.start()
     conf = work / "wraith.toml"
     base = conf.read_text()
     start = time.time()
@@ -219,10 +255,14 @@ async def run(args, work, ports, wraith_pid):
             s.update(t=now - start, requests=load.requests, errors=load.errors)
             samples.append(s)
             b.log(f"{s['t']:7.0f}s  rss {s['rss_kib'] / 1024:7.1f} MiB  fds {s['fds']:5}  "
-                  f"threads {s['threads']:3}  requests {load.requests:9,}  errors {load.errors}")
+                  f"threads {s['threads']:3}  requests {load.requests:9,}  errors {load.errors}  "
+                  f"h2 {load.h2['h2']:,} ({load.h2['h2_failed']} failed)")
     finally:
         load.stop = True
+        churn_stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if churn.is_alive():
+            churn.join()
     return samples, load, reloads
 
 
@@ -242,12 +282,17 @@ def main():
     ap.add_argument("--clients", type=int, default=64, help="concurrent client loops")
     ap.add_argument("--reload-every", type=float, default=20, help="seconds between reloads")
     ap.add_argument("--sample-every", type=float, default=5)
+    ap.add_argument("--no-h2", dest="h2", action="store_false",
+                    help="leave out the HTTP/2-over-TLS connection churn (h2load)")
     ap.add_argument("--wraith", default=str(ROOT / "target" / "release" / "wraith"))
     ap.add_argument("--markdown", help="append the result as a Markdown section to this file")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="wraith-soak-"))
-    ports = {"WORK": str(work), "UPSTREAM": free_port(), "WRAITH": free_port(), "METRICS": free_port()}
+    ports = {"WORK": str(work), "UPSTREAM": free_port(), "WRAITH": free_port(),
+             "WRAITH_TLS": free_port(), "METRICS": free_port()}
+    subprocess.run([args.wraith, "certs", "init", "--dir", str(work / "certs"), "--force"], check=True,
+                   stdout=subprocess.DEVNULL)
     (work / "upstream-nginx.conf").write_text(b.fill(UPSTREAM_CONF, ports))
     (work / "wraith.toml").write_text(b.fill(WRAITH_CONF, ports))
     b.link_policies(work)
@@ -279,7 +324,9 @@ def main():
         "",
         f"{load.requests:,} requests from new client addresses ({args.clients} client loops, "
         f"1–4 requests per connection), statuses {dict(sorted(load.statuses.items()))}, "
-        f"{load.errors} client-side errors; {reloads} reloads ({reloads_ok}); gateway alive at the end: {alive}.",
+        f"{load.errors} client-side errors; HTTP/2 over TLS: {load.h2['h2']:,} requests on new "
+        f"connections of 20 ({load.h2['h2_failed']} failed); "
+        f"{reloads} reloads ({reloads_ok}); gateway alive at the end: {alive}.",
         "",
         "| minute | RSS MiB | descriptors | threads | requests |",
         "|---|---|---|---|---|",

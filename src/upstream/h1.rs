@@ -1336,6 +1336,11 @@ impl ResponseBody {
             }
             Poll::Ready(Err(e)) => {
                 self.upload = None;
+                // The request went out incomplete: the upstream may still wait for the rest
+                // of its body and would read the next request on this connection as that
+                // rest (a failure on the response's last turn, `finish_polled`, must not
+                // let it go back to the pool).
+                self.reusable = false;
                 Err(e)
             }
             Poll::Pending => Ok(()),
@@ -1941,5 +1946,117 @@ mod tests {
                 assert_eq!(all("early-data"), ["1"]);
             }
         }
+    }
+
+    /// A client's request body of 10 declared bytes: hands over `abc`, then waits; once
+    /// `leaving` is set it waits once more and breaks off on the poll after (a client that
+    /// goes away just as the response's last bytes are read).
+    struct LeavesAtTheEnd {
+        first: Option<Bytes>,
+        leaving: Arc<std::sync::atomic::AtomicBool>,
+        polls_since: u8,
+    }
+
+    impl http_body::Body for LeavesAtTheEnd {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if let Some(b) = self.first.take() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if self.leaving.load(Ordering::SeqCst) {
+                self.polls_since += 1;
+                if self.polls_since >= 2 {
+                    return Poll::Ready(Some(Err("the client went away".into())));
+                }
+            }
+            // (Nothing wakes the task for this body: the socket's events drive the test.)
+            Poll::Pending
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(10)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_breaks_off_as_the_response_ends_never_leaves_its_connection_pooled(
+    ) {
+        // The upstream answers `200` on the head and 3 of the 10 body bytes, and sends the
+        // response body when told: it still waits for 7 bytes of the request, so whatever
+        // comes next on this connection would be read as them.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        let (sent_tx, sent) = tokio::sync::oneshot::channel::<()>();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\nabc") {
+                let mut tmp = [0u8; 1024];
+                let n = s.read(&mut tmp).await.unwrap();
+                assert!(n > 0, "closed before the body");
+                got.extend_from_slice(&tmp[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                .await
+                .unwrap();
+            go.await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            sent_tx.send(()).unwrap();
+            // Held open: a pooled connection stays usable as far as a peek can tell.
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        let pool = Pool::new(
+            addr.to_string().parse().unwrap(),
+            PoolOptions {
+                max_idle: 4,
+                idle_timeout: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(5),
+                tls: None,
+                release: None,
+                in_flight: None,
+            },
+        );
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let req = Request::post("/upload")
+            .header("host", "up")
+            .body(Body::boxed(LeavesAtTheEnd {
+                first: Some(Bytes::from_static(b"abc")),
+                leaving: leaving.clone(),
+                polls_since: 0,
+            }))
+            .unwrap();
+        let slot = pool.try_acquire(usize::MAX).unwrap();
+        let resp = match send(&pool, req, None, Duration::from_secs(10), slot).await {
+            Ok(resp) => resp,
+            Err(_) => panic!("no response"),
+        };
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        // The response body waits, the upload with it (the client sends nothing more).
+        let first =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        assert!(first.is_pending());
+        // The response's last bytes arrive as the client goes away: the one poll reads
+        // them and then finds the client's body broken.
+        leaving.store(true, Ordering::SeqCst);
+        go_tx.send(()).unwrap();
+        sent.await.unwrap();
+        let data = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let data = data.and_then(|f| f.ok()).and_then(|f| f.into_data().ok());
+        assert_eq!(data.as_deref(), Some(&b"hello"[..]));
+        assert!(body.is_end_stream());
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a connection whose request went out incomplete was pooled"
+        );
+        drop(body);
+        upstream.abort();
     }
 }

@@ -12,8 +12,9 @@
 //! (`upload::Upload`) moves into the response body, which sends it between its own reads.
 //! The one socket keeps one owner, and an upstream that answers as it reads (an echo, a
 //! transcoder) cannot deadlock with Wraith. Such a connection is pooled only if both the
-//! request and the response ended whole; an upload that fails after the head ends the
-//! response body in error.
+//! request and the response ended whole. An upload that fails after the head on the
+//! client's side ends the response body in error; one the upstream stops taking (a reset,
+//! no byte taken for the timeout) just ends, and the response is read on to its own end.
 //!
 //! Framing follows RFC 9112: requests are sent with Content-Length when the size is known and
 //! chunked otherwise (never both); responses are read by Transfer-Encoding, then
@@ -1198,7 +1199,7 @@ impl Drop for InFlight {
 /// After an early 2xx or 3xx head it also carries the rest of the request body (`upload`),
 /// sent as it is polled, between its reads: the connection goes back to the pool only if
 /// both ended whole. A response that ends first stops the upload and closes the connection;
-/// an upload that fails ends the response in error.
+/// an upload that fails on the client's side ends the response in error (`upload_failed`).
 pub struct ResponseBody {
     conn: Option<Conn>,
     /// What is left of the request body, still going to the upstream (full duplex).
@@ -1222,6 +1223,9 @@ pub struct ResponseBody {
     /// Whether `stall` is counting down for the current wait.
     stall_armed: bool,
 }
+
+/// What `poll_frame` returns.
+type PolledFrame = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 enum State {
     Length(u64),
@@ -1347,11 +1351,19 @@ impl ResponseBody {
         }
     }
 
-    /// The upload failed after the response started: the response ends in error (the
-    /// client sees it cut off, never a clean end). A failure of the client's body is the
-    /// client's (`UploadFailed`: no mark against the endpoint); one of the upstream's is
-    /// a broken response like any other.
-    fn upload_failed(&mut self, e: UploadError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// The upload failed after the response started; `Some` with the response's end when
+    /// that cuts it off.
+    ///
+    /// A failure of the client's body cuts the response off (the client sees it end in
+    /// error, never a clean end): the upstream, left waiting for the rest of the request,
+    /// may never finish its answer. It is the client's doing (`UploadFailed`: no mark
+    /// against the endpoint). A failure on the upstream's side (it reset the connection, or
+    /// took no byte for the timeout) only ends the upload: an upstream that answered early
+    /// and closed without reading the rest, as RFC 9112 §9.5 lets it, may have sent its
+    /// whole answer, already in the socket. The response is read on to its own end or
+    /// failure (each wait bounded by the read timeout again), and the connection is not
+    /// reused (`poll_upload`).
+    fn upload_failed(&mut self, e: UploadError) -> Option<PolledFrame> {
         let client = match e {
             UploadError::Client { what, error } => UploadFailed {
                 what,
@@ -1361,7 +1373,10 @@ impl ResponseBody {
                 what: CLIENT_BODY_STALLED,
                 source: None,
             },
-            upstream => return self.fail(format!("sending the request body: {upstream}")),
+            upstream => {
+                tracing::debug!(error = %upstream, "the upstream stopped taking the request body while its response streamed; the response is read on");
+                return None;
+            }
         };
         tracing::debug!(error = %crate::upstream::forwarder::error_chain(&client), "the client's request body failed while the response streamed");
         if let Some(slot) = self.in_flight.as_mut() {
@@ -1369,7 +1384,7 @@ impl ResponseBody {
         }
         self.state = State::Done;
         self.conn = None;
-        Poll::Ready(Some(Err(client.into())))
+        Some(Poll::Ready(Some(Err(client.into()))))
     }
 
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -1449,7 +1464,9 @@ impl http_body::Body for ResponseBody {
         let this = &mut *self;
         if this.upload.is_some() && !matches!(this.state, State::Done) {
             if let Err(e) = this.poll_upload(cx) {
-                return this.upload_failed(e);
+                if let Some(cut) = this.upload_failed(e) {
+                    return cut;
+                }
             }
         }
         loop {
@@ -1948,6 +1965,183 @@ mod tests {
         }
     }
 
+    /// A pool for the test upstream at `addr`.
+    fn pool_to(addr: std::net::SocketAddr) -> Arc<Pool> {
+        Pool::new(
+            addr.to_string().parse().unwrap(),
+            PoolOptions {
+                max_idle: 4,
+                idle_timeout: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(5),
+                tls: None,
+                release: None,
+                in_flight: None,
+            },
+        )
+    }
+
+    /// Reads off `s` until the end of a request head (and perhaps some body after it).
+    async fn read_past_head(s: &mut tokio::net::TcpStream) {
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut tmp = [0u8; 1024];
+            let n = s.read(&mut tmp).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            got.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// A client's upload of 1 GiB that always has its next 64 KiB ready.
+    struct Endless;
+
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                &[b'x'; 64 * 1024],
+            )))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(1 << 30)
+        }
+    }
+
+    /// Sends an `Endless` upload to `pool` and returns the response, whose head the
+    /// upstream sends while the upload goes on.
+    async fn upload_to(pool: &Arc<Pool>, timeout: Duration) -> Response<Body> {
+        let req = Request::post("/upload")
+            .header("host", "up")
+            .body(Body::boxed(Endless))
+            .unwrap();
+        let slot = pool.try_acquire(usize::MAX).unwrap();
+        match send(pool, req, None, timeout, slot).await {
+            Ok(resp) => resp,
+            Err(_) => panic!("no response"),
+        }
+    }
+
+    /// The next frame of `body`: its data, or its error as text.
+    async fn next_data(body: &mut Body) -> Option<Result<Bytes, String>> {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await?;
+        Some(match frame {
+            Ok(f) => Ok(f.into_data().unwrap_or_default()),
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
+    /// Waits until the peer has acknowledged everything written on `s` (`SIOCOUTQ` is 0):
+    /// what was sent is in the peer's socket, and a reset now cannot take it back.
+    async fn all_acknowledged(s: &tokio::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: an int-sized query on a descriptor `s` keeps open.
+            let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+            assert_eq!(rc, 0, "SIOCOUTQ: {}", io::Error::last_os_error());
+            if queued == 0 {
+                return;
+            }
+            // (Nothing to await: acknowledgements are reported to no one.)
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_early_answer_is_read_to_its_end_after_the_upstream_resets_the_upload() {
+        // The upstream answers `200` with a page on the head and reads none of the body;
+        // once the page is all in the gateway's socket it closes, which with the body unread
+        // is a reset (Go's server does this, a moment after answering, when it did not read
+        // a large body). The gateway still holds the page's second half when its upload
+        // runs into the reset: the page is whole all the same, and must end cleanly.
+        const HALF: usize = 16 * 1024;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        let (reset_tx, reset) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_past_head(&mut s).await;
+            let mut page = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                2 * HALF
+            )
+            .into_bytes();
+            page.resize(page.len() + HALF, b'a');
+            s.write_all(&page).await.unwrap();
+            go.await.unwrap();
+            s.write_all(&[b'b'; HALF]).await.unwrap();
+            all_acknowledged(&s).await;
+            drop(s);
+            reset_tx.send(()).unwrap();
+        });
+        let pool = pool_to(addr);
+        let resp = upload_to(&pool, Duration::from_secs(10)).await;
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut page = Vec::new();
+        while page.len() < HALF {
+            let data = next_data(&mut body).await.expect("more of the page");
+            page.extend_from_slice(&data.expect("the first half"));
+        }
+        go_tx.send(()).unwrap();
+        reset.await.unwrap();
+        // (The reset reaches the gateway's socket at once over loopback; this lets the
+        // reactor report it before the next poll, so the upload's write runs into it.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while let Some(data) = next_data(&mut body).await {
+            match data {
+                Ok(data) => page.extend_from_slice(&data),
+                Err(e) => panic!("the page was cut after {} bytes: {e}", page.len()),
+            }
+        }
+        assert_eq!(page.len(), 2 * HALF);
+        assert!(page[..HALF].iter().all(|&b| b == b'a'));
+        assert!(page[HALF..].iter().all(|&b| b == b'b'));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_stops_taking_the_upload_while_its_answer_streams_is_not_cut() {
+        // The upstream answers `200` on the head and streams its answer, a piece every
+        // 150 ms, while it reads none of the body: the upload stalls for longer than the
+        // response timeout (400 ms), but the answer moves, and reaches its end.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_past_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                s.write_all(b"5\r\ntick\n\r\n").await.unwrap();
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let pool = pool_to(addr);
+        let resp = upload_to(&pool, Duration::from_millis(400)).await;
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut answer = Vec::new();
+        while let Some(data) = next_data(&mut body).await {
+            match data {
+                Ok(data) => answer.extend_from_slice(&data),
+                Err(e) => panic!("the answer was cut after {answer:?}: {e}"),
+            }
+        }
+        assert_eq!(answer, b"tick\n".repeat(6));
+        // The upstream still waits for the body: the connection is closed, not pooled.
+        assert_eq!(pool.idle_count(), 0);
+    }
+
     /// A client's request body of 10 declared bytes: hands over `abc`, then waits; once
     /// `leaving` is set it waits once more and breaks off on the poll after (a client that
     /// goes away just as the response's last bytes are read).
@@ -2011,17 +2205,7 @@ mod tests {
             // Held open: a pooled connection stays usable as far as a peek can tell.
             let _ = s.read(&mut [0u8; 1]).await;
         });
-        let pool = Pool::new(
-            addr.to_string().parse().unwrap(),
-            PoolOptions {
-                max_idle: 4,
-                idle_timeout: Duration::from_secs(60),
-                connect_timeout: Duration::from_secs(5),
-                tls: None,
-                release: None,
-                in_flight: None,
-            },
-        );
+        let pool = pool_to(addr);
         let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let req = Request::post("/upload")
             .header("host", "up")

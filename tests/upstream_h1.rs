@@ -757,3 +757,52 @@ async fn a_put_with_a_body_on_a_connection_closed_as_it_is_reused_is_sent_again(
         assert_eq!(b, format!("document {i}").as_bytes());
     }
 }
+
+#[tokio::test]
+async fn a_response_delimited_by_the_close_counts_as_a_success_for_passive_health() {
+    // An endpoint that fails every other request (a 500) and answers the others whole, with
+    // a body that ends at the close (no Content-Length: HTTP/1.0-style servers, CGI). Each
+    // whole answer breaks the run of failures: two failures in a row eject the endpoint,
+    // two failures apart never do.
+    let up = Scripted::start(|head| {
+        if head.starts_with("GET /fail") {
+            (
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nfail".to_vec(),
+                false,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nwhole".to_vec(),
+                true,
+            )
+        }
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{}\"]\n\
+         outlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 100 }}\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        setup.listeners(),
+        up.addr
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    for round in 0..3 {
+        let r = client
+            .get(wraith.url("http", "/fail"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500, "round {round}");
+        let r = client
+            .get(wraith.url("http", "/whole"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "round {round}");
+        assert_eq!(r.text().await.unwrap(), "whole", "round {round}");
+    }
+    let endpoint = wraith.endpoint_status("up", &up.addr.to_string()).await;
+    assert_ne!(endpoint["health"], "ejected", "{endpoint}");
+}

@@ -1500,9 +1500,11 @@ impl http_body::Body for ResponseBody {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     match ready!(this.poll_fill(cx)) {
+                        // The close is this body's end: a whole response, which passive
+                        // health hears of like any other (a success resets the endpoint's
+                        // count of failures in a row). The connection is never reused.
                         Ok(0) => {
-                            this.state = State::Done;
-                            this.conn = None;
+                            this.finish();
                             return Poll::Ready(None);
                         }
                         Ok(_) => {}

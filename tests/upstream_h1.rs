@@ -806,3 +806,33 @@ async fn a_response_delimited_by_the_close_counts_as_a_success_for_passive_healt
     let endpoint = wraith.endpoint_status("up", &up.addr.to_string()).await;
     assert_ne!(endpoint["health"], "ejected", "{endpoint}");
 }
+
+#[tokio::test]
+async fn a_switch_of_protocols_nobody_asked_for_counts_as_a_failure_for_passive_health() {
+    // An endpoint that answers plain GETs with `101` to h2c: each is a 502 for the client,
+    // and a broken response of the endpoint's, so two in a row eject it.
+    let up = Scripted::start(|_| {
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+                .to_vec(),
+            true,
+        )
+    })
+    .await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{}\"]\n\
+         outlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 100 }}\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        setup.listeners(),
+        up.addr
+    );
+    let wraith = setup.start(&cfg);
+    let client = http_client();
+    for i in 0..2 {
+        let r = client.get(wraith.url("http", "/x")).send().await.unwrap();
+        assert_eq!(r.status(), 502, "request {i}");
+    }
+    let endpoint = wraith.endpoint_status("up", &up.addr.to_string()).await;
+    assert_eq!(endpoint["health"], "ejected", "{endpoint}");
+}

@@ -276,19 +276,28 @@ pub fn forward<'a>(
                             Body::Tracked(t) => t.slot.disarm(),
                             _ => {}
                         }
+                        // (A 101 is recorded below, once it is known to be one the client
+                        // asked for.)
                         if status.is_server_error() {
                             endpoint.health.record_failure(upstream);
-                        } else {
+                        } else if status != StatusCode::SWITCHING_PROTOCOLS {
                             endpoint.health.record_success(&config.outlier);
                         }
                     }
-                    return finish_response(resp, client_upgrade, timeout, info).map_err(
-                        |reason| GatewayError::UpstreamFailed {
-                            upstream: config.name.clone(),
-                            endpoint: endpoint.authority.to_string(),
-                            reason,
-                        },
-                    );
+                    let finished = finish_response(resp, client_upgrade, timeout, info);
+                    // A switch nobody asked for, or to another protocol, is a broken response
+                    // (the client gets a 502), not a success of the endpoint's.
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        match &finished {
+                            Ok(_) => endpoint.health.record_success(&config.outlier),
+                            Err(_) => endpoint.health.record_failure(upstream),
+                        }
+                    }
+                    return finished.map_err(|reason| GatewayError::UpstreamFailed {
+                        upstream: config.name.clone(),
+                        endpoint: endpoint.authority.to_string(),
+                        reason,
+                    });
                 }
                 Err(f) => f,
             };

@@ -293,13 +293,26 @@ async fn malformed_upstream_responses_are_502_not_panics() {
                 true,
             ),
             "/silent" => (Vec::new(), true),
+            // Gzip applied as a transfer coding: passed on, the client would get the coded
+            // bytes as the content, nothing saying so.
+            "/gzip-coded" => (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\n\x1f\x8b\x08\r\n0\r\n\r\n"
+                    .to_vec(),
+                true,
+            ),
             _ => (ok("fine"), false),
         }
     })
     .await;
     let wraith = gateway(Setup::new(), &[up.addr.to_string()]);
     let client = http_client();
-    for path in ["/garbage", "/two-lengths", "/huge-head", "/silent"] {
+    for path in [
+        "/garbage",
+        "/two-lengths",
+        "/huge-head",
+        "/silent",
+        "/gzip-coded",
+    ] {
         let r = client.get(wraith.url("http", path)).send().await.unwrap();
         assert_eq!(r.status(), 502, "{path}");
         let v: serde_json::Value = r.json().await.unwrap();

@@ -1026,13 +1026,14 @@ fn parse_head(
         Framing::Empty {
             reusable: keep_alive && !announces_body,
         }
-    } else if let Some(chunked) = facts.transfer_coding {
-        if chunked {
-            Framing::Chunked {
-                reusable: keep_alive,
-            }
-        } else {
-            Framing::UntilClose
+    } else if let Some(coding) = facts.transfer_coding {
+        // Another coding (`gzip, chunked`; `gzip`, whose body RFC 9112 §6.3 runs to the
+        // close) would reach the client still coded with nothing left to say so
+        // (Transfer-Encoding is hop-by-hop, and HTTP/2 has none): corrupted content, and
+        // cached as such downstream. Refused, as nginx does.
+        coding?;
+        Framing::Chunked {
+            reusable: keep_alive,
         }
     } else if let Some(n) = facts.content_length {
         Framing::Length {
@@ -1087,8 +1088,9 @@ struct Facts {
     keep_alive: bool,
     /// `Connection` names other headers (hop-by-hop for this message).
     connection_names: bool,
-    /// Transfer-Encoding present: whether its last coding is `chunked`.
-    transfer_coding: Option<bool>,
+    /// Transfer-Encoding present: `Ok` if it is `chunked` alone, or why it cannot be read
+    /// (only an error if the response has a body).
+    transfer_coding: Option<Result<(), String>>,
     /// Content-Length present: its value, or why it cannot be used (only an error if the
     /// framing comes down to it).
     content_length: Option<Result<u64, String>>,
@@ -1107,15 +1109,23 @@ impl Facts {
                 }
             }
         } else if is(name, b"Transfer-Encoding", b"transfer-encoding") {
-            // The last coding of the last header decides; anything not ASCII is unknown, and
-            // so is a Transfer-Encoding with no coding at all: present, so Content-Length
-            // does not count, and not chunked, so the body runs to the close (RFC 9112 §6.3).
-            let valid = value.is_ascii();
-            if let Some(last) = tokens(value).last() {
-                self.transfer_coding = Some(valid && last.eq_ignore_ascii_case(b"chunked"));
-            } else if !valid || self.transfer_coding.is_none() {
-                self.transfer_coding = Some(false);
-            }
+            // Only `chunked` alone, in one header, is decodable: any other coding (`gzip,
+            // chunked`), `chunked` twice, an empty or non-ASCII value, or a second header
+            // makes it `Some(false)`.
+            let mut codings = tokens(value);
+            let chunked_alone = value.is_ascii()
+                && codings
+                    .next()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none();
+            self.transfer_coding = Some(match self.transfer_coding.take() {
+                None if chunked_alone => Ok(()),
+                Some(Err(e)) => Err(e),
+                _ => Err(format!(
+                    "upstream sent a Transfer-Encoding other than chunked alone ({:?})",
+                    String::from_utf8_lossy(value)
+                )),
+            });
         } else if is(name, b"Content-Length", b"content-length") {
             // Several values (in one header or many) must agree (RFC 9110 §8.6).
             // (An empty value is one empty part: invalid.)
@@ -1621,18 +1631,13 @@ mod tests {
                 .1,
             "UntilClose"
         );
-        // A Transfer-Encoding with no coding: not chunked, so the body runs to the close;
-        // the Content-Length beside it does not count.
-        assert_eq!(
-            parse(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 3\r\n\r\n",
-                false
-            )
-            .unwrap()
-            .unwrap()
-            .1,
-            "UntilClose"
-        );
+        // A Transfer-Encoding with no coding cannot be read (nor can the Content-Length
+        // beside it be trusted).
+        assert!(parse(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 3\r\n\r\n",
+            false
+        )
+        .is_err());
         assert_eq!(
             parse(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false)
                 .unwrap()
@@ -1716,15 +1721,35 @@ mod tests {
         }
         // Transfer-Encoding decides (an unusable Content-Length beside it does not matter).
         assert_eq!(
-            length(
-                b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-            )
-            .unwrap(),
+            length(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap(),
             "Chunked { reusable: false }"
         );
         assert_eq!(
-            length(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap(),
+            length(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n").unwrap(),
             "Chunked { reusable: true }"
+        );
+        // Any coding but `chunked` alone would reach the client still applied: refused.
+        for coding in [
+            "gzip, chunked",
+            "gzip",
+            "identity",
+            "chunked, chunked",
+            "chunked;q=1",
+            "",
+            "chunked\r\nTransfer-Encoding: chunked",
+            "chunked\r\nTransfer-Encoding: gzip",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n");
+            assert!(length(raw.as_bytes()).is_err(), "{coding:?}");
+        }
+        // Unless no body follows (a HEAD's, a 304's head may say what the body would have).
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+        );
+        assert_eq!(
+            format!("{:?}", parse_head(&mut b, false).unwrap().unwrap().1),
+            "Empty { reusable: false }"
         );
         assert_eq!(
             length(
@@ -1732,13 +1757,6 @@ mod tests {
             )
             .unwrap(),
             "Chunked { reusable: false }"
-        );
-        assert_eq!(
-            length(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n"
-            )
-            .unwrap(),
-            "UntilClose"
         );
         assert_eq!(
             length(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n")

@@ -1232,6 +1232,10 @@ pub struct ResponseBody {
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether `stall` is counting down for the current wait.
     stall_armed: bool,
+    /// Writing the upload failed (a reset, as a rule): the error a read would have reported
+    /// went to the write, and the reads see only what was queued and then an end of file,
+    /// so a body delimited by the close can no longer be told whole.
+    upload_reset: bool,
 }
 
 /// What `poll_frame` returns.
@@ -1279,6 +1283,7 @@ impl ResponseBody {
             read_timeout,
             stall: None,
             stall_armed: false,
+            upload_reset: false,
         };
         if matches!(body.state, State::Done) {
             if let Some(conn) = body.conn.as_mut() {
@@ -1385,6 +1390,7 @@ impl ResponseBody {
             },
             upstream => {
                 tracing::debug!(error = %upstream, "the upstream stopped taking the request body while its response streamed; the response is read on");
+                self.upload_reset = matches!(upstream, UploadError::Write { .. });
                 return None;
             }
         };
@@ -1513,6 +1519,9 @@ impl http_body::Body for ResponseBody {
                         // The close is this body's end: a whole response, which passive
                         // health hears of like any other (a success resets the endpoint's
                         // count of failures in a row). The connection is never reused.
+                        Ok(0) if this.upload_reset => return this.fail(
+                            "upstream reset the connection during a body delimited by its close",
+                        ),
                         Ok(0) => {
                             this.finish();
                             return Poll::Ready(None);
@@ -2124,6 +2133,46 @@ mod tests {
         assert!(page[..HALF].iter().all(|&b| b == b'a'));
         assert!(page[HALF..].iter().all(|&b| b == b'b'));
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_delimited_by_the_close_never_looks_whole_after_the_upload_ran_into_a_reset() {
+        // As above, but the page has no length: it ends at the close, and the reset the
+        // upload ran into is all that tells a cut page from a whole one. (The write took
+        // the reset's error; the reads then see the queued bytes and an end of file.)
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        let (reset_tx, reset) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_past_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nfirst ")
+                .await
+                .unwrap();
+            go.await.unwrap();
+            s.write_all(b"second").await.unwrap();
+            all_acknowledged(&s).await;
+            drop(s);
+            reset_tx.send(()).unwrap();
+        });
+        let pool = pool_to(addr);
+        let resp = upload_to(&pool, Duration::from_secs(10)).await;
+        let mut body = resp.into_body();
+        let first = next_data(&mut body).await.expect("the first part");
+        assert_eq!(first.as_deref(), Ok(&b"first "[..]));
+        go_tx.send(()).unwrap();
+        reset.await.unwrap();
+        // (As above: the reactor reports the reset before the next poll.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut last = None;
+        while let Some(data) = next_data(&mut body).await {
+            last = Some(data);
+        }
+        assert!(
+            matches!(last, Some(Err(_))),
+            "a page cut by a reset must not end cleanly: {last:?}"
+        );
     }
 
     #[tokio::test]

@@ -849,3 +849,85 @@ async fn a_switch_of_protocols_nobody_asked_for_counts_as_a_failure_for_passive_
     let endpoint = wraith.endpoint_status("up", &up.addr.to_string()).await;
     assert_eq!(endpoint["health"], "ejected", "{endpoint}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_the_upload_and_never_answers_is_a_timeout() {
+    // The upstream reads the head and then nothing, and never answers: past the response
+    // timeout (1 s) the client gets 504 `upstream_timeout`, as for any upstream that does
+    // not answer in time (nginx's `proxy_send_timeout` gives 504 too), not a 502 that says
+    // the upstream answered wrongly.
+    let addr = answers_on_the_head(b"", Duration::from_secs(30)).await;
+    let wraith = gateway_with_timeout(Setup::new(), &[addr.to_string()], "1s");
+    const SIZE: usize = 64 << 20;
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let upload = tokio::spawn(async move {
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n");
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..SIZE / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(15), rd.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&tmp[..n]),
+            other => panic!("no answer: {other:?}, {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    upload.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_a_watched_upload_is_the_upstreams_timeout_not_the_clients()
+{
+    // The same with a body the gateway counts on its way (chunked, under a route's
+    // `max_request_body`), sent in small pieces as they come: when the upstream stops
+    // reading, the gateway's last ask for the client's next piece may still be pending, yet
+    // the stall is the upstream's, which the HTTP/1.1 client says itself: 504, not 408.
+    let addr = answers_on_the_head(b"", Duration::from_secs(30)).await;
+    let setup = Setup::new();
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{addr}\"]\nresponse_timeout = \"1s\"\n\n\
+         [[route]]\nname = \"all\"\nupstream = \"up\"\nmax_request_body = \"1GiB\"\n",
+        setup.listeners()
+    );
+    let wraith = setup.start(&cfg);
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let upload = tokio::spawn(async move {
+        let head = "POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut chunk = b"1000\r\n".to_vec();
+        chunk.resize(chunk.len() + 0x1000, b'x');
+        chunk.extend_from_slice(b"\r\n");
+        loop {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(30), rd.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&tmp[..n]),
+            other => panic!("no answer: {other:?}, {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    upload.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+}

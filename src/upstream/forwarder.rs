@@ -312,7 +312,9 @@ pub fn forward<'a>(
             // (no retry, no mark against the endpoint).
             let stalled = match &failure {
                 Failure::Failed(m) => m == h1::CLIENT_BODY_STALLED,
-                Failure::Timeout => watch.as_ref().is_some_and(|w| w.waiting_for_client()),
+                // (Over HTTP/1.1 the upload says itself whose wait ran out: its last ask of
+                // the client may still be pending while it waits for the upstream to read.)
+                Failure::Timeout => h2 && watch.as_ref().is_some_and(|w| w.waiting_for_client()),
                 Failure::Connect(_) | Failure::Unprocessed(_) => false,
             };
             if stalled {

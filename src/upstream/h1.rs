@@ -585,11 +585,15 @@ async fn exchange_body(
             e
         }
     };
-    let reason = match failure {
+    let failure = match failure {
         UploadError::Write { error, first: true } if is_stale(&error) => {
             return Err(Exchange::Stale { written: false })
         }
-        other => other.to_string(),
+        // An upstream that took no byte of the request for the response timeout did not
+        // answer in time (a 504, as nginx's `proxy_send_timeout` gives), rather than answer
+        // wrongly.
+        UploadError::UpstreamStalled => Exchange::Timeout,
+        other => Exchange::Failed(other.to_string()),
     };
     // The upstream may have answered early (e.g. 413, or a 200 without reading the body)
     // and closed: read what it said, starting with what the watch already read.
@@ -598,7 +602,7 @@ async fn exchange_body(
         // of its body, and would read the next request as that body. This connection ends
         // with this response.
         Ok(Ok((resp, framing))) => Ok((resp, framing.final_on_connection(), None)),
-        _ => Err(Exchange::Failed(reason)),
+        _ => Err(failure),
     }
 }
 
@@ -761,9 +765,8 @@ async fn write_all(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if !sent_any && is_stale(&e) => Err(Exchange::Stale { written: false }),
         Ok(Err(e)) => Err(Exchange::Failed(format!("writing to upstream: {e}"))),
-        Err(_) => Err(Exchange::Failed(
-            "upstream stopped reading the request".into(),
-        )),
+        // (No answer in time, as in `exchange_body`.)
+        Err(_) => Err(Exchange::Timeout),
     }
 }
 

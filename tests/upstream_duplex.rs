@@ -178,7 +178,7 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
         let mut left = content_length(&head);
         let mut chunked = left.is_none().then(Dechunk::default);
         let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-        if s.write_all(reply).await.is_err() {
+        if s.write_all(reply).await.is_err() || s.flush().await.is_err() {
             return;
         }
         loop {
@@ -197,7 +197,10 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
                 let mut out = format!("{:x}\r\n", piece.len()).into_bytes();
                 out.extend_from_slice(&piece);
                 out.extend_from_slice(b"\r\n");
-                if s.write_all(&out).await.is_err() {
+                // (Flushed: over TLS, `write_all` may leave the bytes in the session's
+                // buffer, and this loop goes on to read; the echo's tail would wait there
+                // for a write that never comes.)
+                if s.write_all(&out).await.is_err() || s.flush().await.is_err() {
                     return;
                 }
             }
@@ -210,7 +213,7 @@ async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
                 Ok(n) => buf.extend_from_slice(&tmp[..n]),
             }
         }
-        if s.write_all(b"0\r\n\r\n").await.is_err() {
+        if s.write_all(b"0\r\n\r\n").await.is_err() || s.flush().await.is_err() {
             return;
         }
     }

@@ -238,7 +238,7 @@ async fn limiter_state_survives_a_reload_when_unchanged() {
         429
     );
 
-    // A changed limit is a new limiter: fresh buckets.
+    // A changed limit keeps what the client spent: the larger burst gives it one more.
     wraith.write_config(&config(
         &Setup::new(),
         r#"{ name = "per-ip", key = "ip", rate = "1/h", burst = 3 }"#,
@@ -467,4 +467,71 @@ async fn a_burst_too_long_to_refill_is_refused_at_its_position() {
         );
     }
     assert!(!wraith.log().contains("panicked"), "{}", wraith.log());
+}
+
+/// Status of each of `n` requests from `ip` to `path`.
+async fn statuses(
+    client: &reqwest::Client,
+    wraith: &Wraith,
+    path: &str,
+    ip: &str,
+    n: usize,
+) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(get(client, wraith, path, ip).await.status().as_u16());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_a_limit_keeps_what_each_client_has_spent() {
+    // The rollout nginx operators know: a limit runs in shadow mode, then is enforced, then
+    // tuned. None of those reloads may hand every client a fresh burst.
+    let setup = Setup::new();
+    let limit = |burst: u32, mode: &str| {
+        format!(
+            r#"{{ name = "per-ip", key = "ip", rate = "1/h", burst = {burst}, mode = "{mode}" }}"#
+        )
+    };
+    let wraith = setup.start(&config(&Setup::new(), &limit(2, "shadow"), ""));
+    let client = http_client();
+    // Shadow mode counts as enforce would, and refuses nothing.
+    assert_eq!(
+        statuses(&client, &wraith, "/limited", "192.0.2.4", 3).await,
+        [200, 200, 200]
+    );
+
+    // Enforced now: the client already spent its burst of 2.
+    wraith.write_config(&config(&Setup::new(), &limit(2, "enforce"), ""));
+    wraith.reload().unwrap();
+    assert_eq!(
+        statuses(&client, &wraith, "/limited", "192.0.2.4", 1).await,
+        [429]
+    );
+
+    // A larger burst gives it the difference, not a whole new burst of 3.
+    wraith.write_config(&config(&Setup::new(), &limit(3, "enforce"), ""));
+    wraith.reload().unwrap();
+    assert_eq!(
+        statuses(&client, &wraith, "/limited", "192.0.2.4", 2).await,
+        [200, 429]
+    );
+
+    // A new key cap changes no bucket either.
+    wraith.write_config(&config(
+        &Setup::new(),
+        &limit(3, "enforce"),
+        "[rate_limit]\nmax_keys = 1000\n",
+    ));
+    wraith.reload().unwrap();
+    assert_eq!(
+        statuses(&client, &wraith, "/limited", "192.0.2.4", 1).await,
+        [429]
+    );
+    // A client that had spent nothing has the whole new burst.
+    assert_eq!(
+        statuses(&client, &wraith, "/limited", "192.0.2.5", 4).await,
+        [200, 200, 200, 429]
+    );
 }

@@ -13,7 +13,8 @@
 //! timer's next run and legitimate newcomers should not wait for it. The cleanup visits
 //! every key, so it never runs on a request's worker; the request that asked is counted in
 //! its overflow bucket. Limiters whose settings did not change are carried into the next
-//! snapshot on reload, with their state.
+//! snapshot on reload, with their state; a limit whose settings changed gets a new limiter
+//! that starts each key with what it had spent of the old one (`Limiter::succeed`).
 
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::IpAddr;
@@ -135,16 +136,22 @@ const ASK_EVERY: Duration = Duration::from_secs(1);
 
 /// The key state of one limit: a concurrent map with a cap, plus the overflow buckets.
 pub struct CappedStore<C: Clock> {
+    keys: Arc<Keys>,
+    cap: usize,
+    /// Shared with the `Limiter`, which governor gives no way back to its store.
+    full: Arc<FullTable<C>>,
+}
+
+/// The buckets of one limit. Shared with the `Limiter` (governor gives no way back to its
+/// store), which reads them when a reload changes the limit (`Limiter::take_over`).
+struct Keys {
     map: DashMap<Key, InMemoryState>,
     /// Approximate number of keys (exact after each cleanup).
     count: AtomicUsize,
-    cap: usize,
     /// Where keys not in a full table are counted, picked by a keyed hash of the key (so a
     /// client cannot choose whose bucket it shares).
     overflow: Box<[InMemoryState]>,
     overflow_hasher: RandomState,
-    /// Shared with the `Limiter`, which governor gives no way back to its store.
-    full: Arc<FullTable<C>>,
 }
 
 /// How a full table asks the upkeep task for room.
@@ -192,18 +199,21 @@ impl<C: Clock> FullTable<C> {
     }
 }
 
-impl<C: Clock> CappedStore<C> {
-    fn new(cap: usize, full: Arc<FullTable<C>>) -> CappedStore<C> {
-        CappedStore {
+impl Keys {
+    fn new(overflow_hasher: RandomState) -> Keys {
+        Keys {
             map: DashMap::new(),
             count: AtomicUsize::new(0),
-            cap,
             overflow: (0..OVERFLOW_BUCKETS)
                 .map(|_| InMemoryState::default())
                 .collect(),
-            overflow_hasher: RandomState::new(),
-            full,
+            overflow_hasher,
         }
+    }
+
+    /// The overflow bucket of `key`.
+    fn overflow_of(&self, key: &Key) -> &InMemoryState {
+        &self.overflow[self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS]
     }
 }
 
@@ -214,33 +224,34 @@ impl<C: Clock> StateStore for CappedStore<C> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
+        let keys = &*self.keys;
         if PEEK.get() {
             // What the request would get, with nothing stored (`Limiter::peek_key`).
-            let state = self.map.get(key);
+            let state = keys.map.get(key);
             let tat = match &state {
                 Some(s) => tat(s),
-                None if self.count.load(Ordering::Relaxed) >= self.cap => {
-                    let i = self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS;
-                    tat(&self.overflow[i])
+                None if keys.count.load(Ordering::Relaxed) >= self.cap => {
+                    tat(keys.overflow_of(key))
                 }
                 None => None,
             };
             return f(tat).map(|(t, _)| t);
         }
-        if let Some(state) = self.map.get(key) {
+        if let Some(state) = keys.map.get(key) {
             return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
-        if self.count.load(Ordering::Relaxed) >= self.cap {
+        if keys.count.load(Ordering::Relaxed) >= self.cap {
             // Full: the upkeep task is asked to drop the keys that are back to a full bucket
             // (it visits every key, so not here), and this key counts in its overflow bucket.
             self.full.ask();
-            let i = self.overflow_hasher.hash_one(key) as usize % OVERFLOW_BUCKETS;
-            return self.overflow[i].measure_and_replace(&NotKeyed::NonKey, f);
+            return keys
+                .overflow_of(key)
+                .measure_and_replace(&NotKeyed::NonKey, f);
         }
-        let state = match self.map.entry(key.clone()) {
+        let state = match keys.map.entry(key.clone()) {
             dashmap::Entry::Occupied(o) => o.into_ref(),
             dashmap::Entry::Vacant(v) => {
-                self.count.fetch_add(1, Ordering::Relaxed);
+                keys.count.fetch_add(1, Ordering::Relaxed);
                 v.insert(InMemoryState::default())
             }
         };
@@ -263,21 +274,22 @@ fn tat(state: &InMemoryState) -> Option<Nanos> {
 
 impl<C: Clock> ShrinkableKeyedStateStore<Key> for CappedStore<C> {
     fn retain_recent(&self, drop_below: Nanos) {
-        self.map
+        let keys = &self.keys;
+        keys.map
             .retain(|_, state| tat(state).is_some_and(|t| t > drop_below));
-        self.count.store(self.map.len(), Ordering::Relaxed);
+        keys.count.store(keys.map.len(), Ordering::Relaxed);
     }
 
     fn shrink_to_fit(&self) {
-        self.map.shrink_to_fit();
+        self.keys.map.shrink_to_fit();
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.keys.map.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.keys.map.is_empty()
     }
 }
 
@@ -288,8 +300,12 @@ pub struct Limiter<C: Clock = DefaultClock> {
     /// The key cap it was built with.
     pub max_keys: usize,
     limiter: RateLimiter<Key, CappedStore<C>, C, NoOpMiddleware<C::Instant>>,
+    /// Its buckets, as its store counts in them.
+    keys: Arc<Keys>,
     /// How its key table asks for a cleanup when full.
     full: Arc<FullTable<C>>,
+    /// The time one request's worth of quota takes to come back (governor's GCRA `t`).
+    period: Duration,
     window_secs: u64,
     /// The secret SipHash key for header values: random per limiter, so which values
     /// collide cannot be known, let alone chosen, by a client.
@@ -327,6 +343,28 @@ impl<C: Clock> Limiter<C> {
     where
         C: Clone,
     {
+        Limiter::with_secrets(
+            config,
+            max_keys,
+            clock,
+            RandomState::new(),
+            RandomState::new(),
+        )
+    }
+
+    /// A limiter with the given secret hash keys (for header and route keys, and for the
+    /// choice of overflow bucket): a reload's successor takes its predecessor's, so that the
+    /// same request lands on the same bucket.
+    fn with_secrets(
+        config: RateLimitConfig,
+        max_keys: usize,
+        clock: C,
+        header_hasher: RandomState,
+        overflow_hasher: RandomState,
+    ) -> Limiter<C>
+    where
+        C: Clone,
+    {
         // The config refuses a limit whose burst takes over `MAX_REFILL` to refill; held to
         // it here too, as governor's arithmetic on it is unchecked (and panics in debug).
         let period = config
@@ -338,14 +376,91 @@ impl<C: Clock> Limiter<C> {
             .allow_burst(burst);
         let refill = period.saturating_mul(burst.get());
         let full = Arc::new(FullTable::new(clock.clone()));
-        let limiter = RateLimiter::new(quota, CappedStore::new(max_keys, full.clone()), clock);
+        let keys = Arc::new(Keys::new(overflow_hasher));
+        let store = CappedStore {
+            keys: keys.clone(),
+            cap: max_keys,
+            full: full.clone(),
+        };
+        let limiter = RateLimiter::new(quota, store, clock);
         Limiter {
             full,
+            keys,
+            period,
             window_secs: crate::error::ceil_secs(refill),
             limiter,
             max_keys,
             config,
-            header_hasher: RandomState::new(),
+            header_hasher,
+        }
+    }
+
+    /// The limiter a reload builds for `config` in place of `old` (the limit of the same
+    /// name and key kind, whose settings changed): each key starts with what it had spent of
+    /// `old`'s burst, counted in requests, as nginx's `limit_req` zones keep their `excess`
+    /// across a reload that changes the rate. A client that had spent all of a burst the
+    /// reload enlarges gets the difference, not a whole new burst; one whose spending exceeds a
+    /// reduced burst is at its new limit. At most `max_keys` keys are carried (the rest start
+    /// afresh, as keys past the cap would have): the cap bounds memory.
+    fn succeed(config: RateLimitConfig, max_keys: usize, old: &Limiter<C>) -> Limiter<C>
+    where
+        C: Clone,
+    {
+        let new = Limiter::with_secrets(
+            config,
+            max_keys,
+            old.limiter.clock().clone(),
+            old.header_hasher.clone(),
+            old.keys.overflow_hasher.clone(),
+        );
+        new.take_over(old);
+        new
+    }
+
+    /// Nanoseconds since this limiter's start, the time its buckets' TATs count in. (The
+    /// start is `FullTable::start`, taken just before governor takes its own: they differ by
+    /// the few nanoseconds between the two clock reads.)
+    fn now_nanos(&self) -> u64 {
+        let clock = self.limiter.clock();
+        clock.now().duration_since(self.full.start).as_u64()
+    }
+
+    /// Copies what each key of `old` has spent into this (new, empty) limiter's buckets.
+    fn take_over(&self, old: &Limiter<C>) {
+        let (old_now, now) = (old.now_nanos(), self.now_nanos());
+        let old_period = old.period.as_nanos().max(1);
+        let period = self.period.as_nanos().max(1);
+        // An empty bucket: every request of the burst spent.
+        let empty = period.saturating_mul(u128::from(self.config.burst.get()));
+        // The bucket's TAT here for `state`'s TAT there; `None` for a full bucket.
+        let carried = |state: &InMemoryState| -> Option<Nanos> {
+            let ahead = tat(state)?.as_u64().checked_sub(old_now)?;
+            let spent = (u128::from(ahead) * period / old_period).min(empty);
+            let spent = u64::try_from(spent).unwrap_or(u64::MAX);
+            (spent > 0).then(|| Nanos::from(now.saturating_add(spent)))
+        };
+        let set = |state: &InMemoryState, to: Nanos| {
+            let _ = state.measure_and_replace(&NotKeyed::NonKey, |_| {
+                Ok::<_, std::convert::Infallible>(((), to))
+            });
+        };
+        for entry in old.keys.map.iter() {
+            if self.keys.map.len() >= self.max_keys {
+                break;
+            }
+            if let Some(to) = carried(entry.value()) {
+                let state = InMemoryState::default();
+                set(&state, to);
+                self.keys.map.insert(entry.key().clone(), state);
+            }
+        }
+        self.keys
+            .count
+            .store(self.keys.map.len(), Ordering::Relaxed);
+        for (from, to) in old.keys.overflow.iter().zip(self.keys.overflow.iter()) {
+            if let Some(t) = carried(from) {
+                set(to, t);
+            }
         }
     }
 
@@ -581,17 +696,34 @@ pub fn names<C: Clock>(limits: &[Arc<Limiter<C>>]) -> Arc<str> {
 }
 
 /// A limiter for `config`: the one from `previous` with the same settings (keeping its
-/// state), or a new one.
-pub fn reuse_or_new(
-    previous: &[Arc<Limiter>],
+/// state), else `successor`.
+pub fn reuse_or_new<C: Clock + Clone + Default>(
+    previous: &[Arc<Limiter<C>>],
     config: &RateLimitConfig,
     max_keys: usize,
-) -> Arc<Limiter> {
+) -> Arc<Limiter<C>> {
     previous
         .iter()
         .find(|l| l.config == *config && l.max_keys == max_keys)
         .cloned()
-        .unwrap_or_else(|| Arc::new(Limiter::new(config.clone(), max_keys)))
+        .unwrap_or_else(|| successor(previous, config, max_keys))
+}
+
+/// A new limiter for `config` that carries over what each client has spent of the limit of
+/// `previous` with the same name and key kind (`Limiter::succeed`), if there is one: a
+/// changed rate, burst, mode or `max_keys` must not hand every client a fresh burst.
+pub fn successor<C: Clock + Clone + Default>(
+    previous: &[Arc<Limiter<C>>],
+    config: &RateLimitConfig,
+    max_keys: usize,
+) -> Arc<Limiter<C>> {
+    let before = previous
+        .iter()
+        .find(|l| l.config.name == config.name && l.config.key == config.key);
+    Arc::new(match before {
+        Some(old) => Limiter::succeed(config.clone(), max_keys, old),
+        None => Limiter::with_clock(config.clone(), max_keys, C::default()),
+    })
 }
 
 #[cfg(test)]
@@ -1121,6 +1253,107 @@ mod tests {
         assert!(check(&limits, &names(&limits), &on("b")).is_ok());
         assert!(check(&limits, &names(&limits), &on("b")).is_ok());
         assert!(check(&limits, &names(&limits), &on("b")).is_err());
+    }
+
+    #[test]
+    fn a_changed_limit_starts_each_key_with_what_it_spent() {
+        let clock = FakeRelativeClock::default();
+        let header = LimitKey::Header(http::HeaderName::from_static("x-client-id"));
+        // 1 per second, burst 4.
+        let old = [
+            Arc::new(Limiter::with_clock(
+                config(LimitKey::Ip, 1, Duration::from_secs(1), 4),
+                100,
+                clock.clone(),
+            )),
+            Arc::new(Limiter::with_clock(
+                RateLimitConfig {
+                    name: "tenant".into(),
+                    ..config(header.clone(), 1, Duration::from_secs(1), 4)
+                },
+                100,
+                clock.clone(),
+            )),
+        ];
+        let h = HeaderMap::new();
+        let mut tenant = HeaderMap::new();
+        tenant.insert("x-client-id", HeaderValue::from_static("t-1"));
+        let ip = |l: &Limiter<FakeRelativeClock>, addr| l.key_for(&facts(addr, None, &h, false));
+        for _ in 0..3 {
+            assert_eq!(
+                old[0].check_key(&ip(&old[0], "192.0.2.1")),
+                Outcome::Allowed
+            );
+        }
+        for _ in 0..4 {
+            assert_eq!(
+                old[0].check_key(&ip(&old[0], "192.0.2.2")),
+                Outcome::Allowed
+            );
+        }
+        let t = old[1].key_for(&facts("192.0.2.9", None, &tenant, true));
+        assert_eq!(old[1].check_key(&t), Outcome::Allowed);
+        clock.advance(Duration::from_millis(500));
+
+        // Half the rate (one per 2 s), same burst: 192.0.2.1 has spent 2.5 requests.
+        let halved = successor(
+            &old,
+            &config(LimitKey::Ip, 1, Duration::from_secs(2), 4),
+            100,
+        );
+        let one = ip(&halved, "192.0.2.1");
+        assert_eq!(halved.check_key(&one), Outcome::Allowed);
+        assert_eq!(
+            halved.check_key(&one),
+            Outcome::Refused(Duration::from_secs(1))
+        );
+        let two = ip(&halved, "192.0.2.2");
+        assert_eq!(
+            halved.check_key(&two),
+            Outcome::Refused(Duration::from_secs(1))
+        );
+        for _ in 0..4 {
+            assert_eq!(
+                halved.check_key(&ip(&halved, "192.0.2.3")),
+                Outcome::Allowed
+            );
+        }
+
+        // A smaller burst: 192.0.2.2, over it, is at its limit, one period from the next.
+        let small = successor(
+            &old,
+            &config(LimitKey::Ip, 1, Duration::from_secs(1), 2),
+            100,
+        );
+        assert_eq!(
+            small.check_key(&ip(&small, "192.0.2.2")),
+            Outcome::Refused(Duration::from_secs(1))
+        );
+
+        // Header keys hash under the predecessor's secret: the same value, the same bucket.
+        let tenants = successor(
+            &old,
+            &RateLimitConfig {
+                name: "tenant".into(),
+                mode: LimitMode::Shadow,
+                ..config(header, 1, Duration::from_secs(1), 2)
+            },
+            100,
+        );
+        let t = tenants.key_for(&facts("192.0.2.9", None, &tenant, true));
+        assert_eq!(tenants.check_key(&t), Outcome::Allowed);
+        assert!(matches!(tenants.check_key(&t), Outcome::Refused(_)));
+
+        // Another key kind (or name) is another limit: nothing carried.
+        let by_identity = successor(
+            &old,
+            &config(LimitKey::Identity, 1, Duration::from_secs(1), 4),
+            100,
+        );
+        assert_eq!(by_identity.keys(), 0);
+        // At most the new cap of keys is carried.
+        let capped = successor(&old, &config(LimitKey::Ip, 1, Duration::from_secs(1), 4), 1);
+        assert_eq!(capped.keys(), 1);
     }
 
     #[test]

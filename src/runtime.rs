@@ -92,7 +92,8 @@ impl Snapshot {
         }
         let by_name: HashMap<&str, &Arc<Upstream>> =
             upstreams.iter().map(|u| (&*u.config.name, u)).collect();
-        // Limiters whose settings did not change keep their state across the reload.
+        // Limiters whose settings did not change keep their state across the reload; changed
+        // ones start with what each client had spent (`ratelimit::successor`).
         let max_keys = config.rate_limit.max_keys.get();
         let old_defaults: &[Arc<Limiter>] = previous.map_or(&[], |p| &p.default_limits);
         let default_limits: Arc<[Arc<Limiter>]> = config
@@ -109,13 +110,22 @@ impl Snapshot {
                 let limits: Arc<[Arc<Limiter>]> = match &r.rate_limits {
                     None => default_limits.clone(),
                     Some(own) => {
-                        let old = previous
-                            .and_then(|p| {
-                                p.router.routes().iter().find(|o| o.config.name == r.name)
-                            })
-                            .map_or(&[][..], |o| &o.limits[..]);
+                        let before = previous.and_then(|p| {
+                            p.router.routes().iter().find(|o| o.config.name == r.name)
+                        });
+                        let old = before.map_or(&[][..], |o| &o.limits[..]);
+                        // A route that used the defaults until now gets limiters of its own
+                        // (which start with what each client had spent of the defaults):
+                        // the default ones go on counting for the routes that keep them.
+                        let had_own = before.is_some_and(|o| o.config.rate_limits.is_some());
                         own.iter()
-                            .map(|c| ratelimit::reuse_or_new(old, c, max_keys))
+                            .map(|c| {
+                                if had_own {
+                                    ratelimit::reuse_or_new(old, c, max_keys)
+                                } else {
+                                    ratelimit::successor(old, c, max_keys)
+                                }
+                            })
                             .collect()
                     }
                 };

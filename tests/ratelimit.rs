@@ -535,3 +535,37 @@ async fn a_reload_that_changes_a_limit_keeps_what_each_client_has_spent() {
         [200, 200, 200, 429]
     );
 }
+
+#[tokio::test]
+async fn own_limits_a_reload_gives_a_route_are_not_the_defaults_buckets() {
+    // Route "a" used the defaults; a reload gives it limits of its own, equal to them. Its
+    // buckets are then its own, as after a restart: requests to "b" (still on the defaults)
+    // spend nothing of them.
+    let setup = Setup::new();
+    let limit = r#"{ name = "per-ip", key = "ip", rate = "1/h", burst = 2 }"#;
+    let routes = |a_limits: &str| {
+        format!(
+            "[rate_limit]\nlimits = [{limit}]\n\n\
+             [[route]]\nname = \"a\"\npath = {{ prefix = \"/a\" }}\n\
+             respond = {{ status = 200, body = \"a\\n\" }}\n{a_limits}\n\n\
+             [[route]]\nname = \"b\"\npath = {{ prefix = \"/b\" }}\n\
+             respond = {{ status = 200, body = \"b\\n\" }}\n"
+        )
+    };
+    let wraith = setup.start(&config(&Setup::new(), limit, &routes("")));
+    let client = http_client();
+    wraith.write_config(&config(
+        &Setup::new(),
+        limit,
+        &routes(&format!("rate_limits = [{limit}]")),
+    ));
+    wraith.reload().unwrap();
+    assert_eq!(
+        statuses(&client, &wraith, "/b", "192.0.2.6", 3).await,
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(&client, &wraith, "/a", "192.0.2.6", 3).await,
+        [200, 200, 429]
+    );
+}

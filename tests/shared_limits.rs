@@ -593,13 +593,13 @@ async fn a_connection_that_went_silent_is_replaced() {
     assert_eq!(store_errors(&wraith, "error").await, 0.0);
 }
 
-/// Raising a shared limit: the docs say a changed limit starts fresh, and a local one does.
-/// A shared one does not: its key names the limit but not its rate or burst, so the bucket
-/// stays, and its theoretical arrival time, set an old interval ahead, is read against the
-/// new one. A client the old 1/h limit held back is refused by the new 100/s one for the
-/// rest of the hour (Retry-After about 3600), whatever the new limit allows.
+/// Raising a shared limit. Its key names the limit but not its rate or burst, so the bucket
+/// stays, and its theoretical arrival time was set an old interval ahead: read against the new
+/// one, a client the old 1/h limit held back would be refused by the new 100/s one for the rest
+/// of the hour (Retry-After about 3600), whatever the new limit allows. It is read in requests:
+/// one spent of the new burst of 100.
 #[tokio::test]
-async fn a_raised_shared_limit_starts_fresh() {
+async fn a_raised_shared_limit_reads_what_was_spent_in_requests() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let redis = Redis::start();
     let setup = Setup::new();
@@ -617,6 +617,41 @@ async fn a_raised_shared_limit_starts_fresh() {
         code, 200,
         "refused by the raised limit ({policy:?}), Retry-After {retry:?}"
     );
+}
+
+/// A reload that changes a shared limit's burst must not hand every client a fresh one (nor
+/// must a rolling deploy, whose instances count under both settings for a while): the
+/// requests a client spent carry over, as they do for a local limit.
+#[tokio::test]
+async fn a_changed_shared_limit_keeps_what_each_client_spent() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let redis = Redis::start();
+    let files = Setup::new();
+    let limit = |burst: u32| {
+        format!(
+            r#"{{ name = "per-ip", key = "ip", rate = "1/h", burst = {burst}, shared = true }}"#
+        )
+    };
+    // A long timeout: a request counted by the local fallback would prove nothing.
+    let cfg = |burst| {
+        config(&files, &redis.url(), &limit(burst))
+            .replace("timeout = \"200ms\"", "timeout = \"5s\"")
+    };
+    let wraith = Setup::new().start(&cfg(3));
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+
+    // Burst 2: both spent.
+    wraith.write_config(&cfg(2));
+    wraith.reload().unwrap();
+    assert_eq!(status(&wraith, "127.0.0.1").await, 429);
+    // Burst 4: two left, not four.
+    wraith.write_config(&cfg(4));
+    wraith.reload().unwrap();
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 200);
+    assert_eq!(status(&wraith, "127.0.0.1").await, 429);
+    assert_eq!(store_errors(&wraith, "timeout").await, 0.0);
 }
 
 /// `config_with` for a gateway whose Redis connection must work from its first request: the

@@ -69,13 +69,20 @@ local tats = {}
 for i = 1, #KEYS do
   local interval = tonumber(ARGV[3 * i - 2])
   local burst = tonumber(ARGV[3 * i - 1])
-  -- A bucket is '<tat> <interval> <burst>': one a limit with other settings left is
-  -- not this limit's (a changed limit starts fresh, as locally).
+  -- A bucket is '<tat> <interval> <burst>'. One counted under other settings (a reload
+  -- changed the limit, or an instance not reloaded yet still counts under the old ones)
+  -- is read in requests, as locally: what the client spent carries over, up to the new
+  -- burst, never a TAT set an old interval ahead read against the new one.
   local tat = 0
   local v = redis.call('GET', KEYS[i])
   if v then
     local t, iv, b = string.match(v, '^(%d+) (%d+) (%d+)$')
-    if t and tonumber(iv) == interval and tonumber(b) == burst then tat = tonumber(t) end
+    t, iv, b = tonumber(t), tonumber(iv), tonumber(b)
+    if t and iv == interval and b == burst then
+      tat = t
+    elseif t and iv and iv > 0 and t > now then
+      tat = now + math.min(math.floor((t - now) * interval / iv), interval * burst)
+    end
   end
   if tat < now then tat = now end
   tats[i] = tat

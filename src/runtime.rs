@@ -207,8 +207,22 @@ impl Snapshot {
                     continue;
                 }
             };
+            let before = previous.and_then(|p| p.listener_by_key(&l.key()));
+            let client_auth =
+                ClientAuthEpoch::carry_over(l, before.map(|b| (&b.config, &b.client_auth)));
+            // The TLS sessions clients resume with outlive a reload that admits the same
+            // clients the same way (client-certificate rules, TLS versions and groups): a
+            // reload is no reason for a full handshake. One that changes those empties them,
+            // so nobody resumes past the new rules.
+            let same_rules = before.filter(|b| {
+                Arc::ptr_eq(&b.client_auth, &client_auth)
+                    && Withdrawal::between(&b.config, l).is_none()
+            });
+            let sessions = same_rules
+                .and_then(|b| b.tls.as_ref())
+                .map(|t| t.sessions());
             let acceptor = match &l.tls {
-                Some(t) => match tls::server_config(t, verifier.clone()) {
+                Some(t) => match tls::server_config(t, verifier.clone(), sessions) {
                     Ok(sc) => Some(sc),
                     Err(e) => {
                         errors.push(format!("listener {:?}: {e}", l.name));
@@ -217,16 +231,17 @@ impl Snapshot {
                 },
                 None => None,
             };
-            let quic = match listener::quic::build(l, verifier.clone()) {
+            let quic = match listener::quic::build(
+                l,
+                verifier.clone(),
+                same_rules.and_then(|b| b.quic.as_ref()),
+            ) {
                 Ok(q) => q,
                 Err(e) => {
                     errors.push(format!("listener {:?}: HTTP/3: {e}", l.name));
                     continue;
                 }
             };
-            let before = previous.and_then(|p| p.listener_by_key(&l.key()));
-            let client_auth =
-                ClientAuthEpoch::carry_over(l, before.map(|b| (&b.config, &b.client_auth)));
             listeners.push(Arc::new(ListenerRuntime {
                 http: listener::http_builder(&l.limits),
                 config: l.clone(),

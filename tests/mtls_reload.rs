@@ -946,3 +946,132 @@ async fn resumption_ends_24_hours_after_the_full_handshake_however_often_it_resu
         ]
     );
 }
+
+/// Operators reload many times a day; a reload that admits the same clients the same way
+/// (routes, the server certificate) must not cost every client a full handshake, on TLS 1.3
+/// and 1.2: the listener's sessions are kept. One that changes the client-certificate rules
+/// (here `client_max_chain_depth`) or withdraws a TLS version empties them, so nobody resumes
+/// past the new rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_outlive_a_reload_that_keeps_the_rules_and_end_with_one_that_changes_them() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let client = svc_client(&setup);
+    let ca = setup.pki.ca_pem.clone();
+    let tls = |depth: u32, versions: &str| {
+        format!(
+            r#"client_auth = "require", client_ca = "ca.pem", client_max_chain_depth = {depth}, versions = [{versions}]"#
+        )
+    };
+    let route = |v: &str| {
+        format!("[[route]]\nname = \"version\"\npath = {{ exact = \"/version\" }}\nrespond = {{ status = 200, body = \"{v}\" }}\n")
+    };
+    let both = r#""1.2", "1.3""#;
+    let configs = [
+        config(&setup, &tls(4, both), upstream.addr, &route("v1")),
+        config(&setup, &tls(4, both), upstream.addr, &route("v2")),
+        config(&setup, &tls(3, both), upstream.addr, &route("v2")),
+        config(&setup, &tls(3, r#""1.3""#), upstream.addr, &route("v2")),
+    ];
+    let wraith = setup.start(&configs[0]);
+    let addr = wraith.addr("https");
+    let clients: Vec<_> = [&rustls::version::TLS13, &rustls::version::TLS12]
+        .into_iter()
+        .map(|v| {
+            let tls = tls_client_config_with(&ca, &[b"http/1.1"], Some(client.pair()), &[v]);
+            (v, Arc::new(tls))
+        })
+        .collect();
+    for (version, tls) in &clients {
+        assert_eq!(get_resuming(addr, tls).await.0, Some(Full), "{version:?}");
+        assert_eq!(
+            get_resuming(addr, tls).await.0,
+            Some(Resumed),
+            "{version:?}"
+        );
+    }
+
+    // 1. A route changes, and the server certificate is replaced: clients resume.
+    wraith.write_config(&configs[1]);
+    wraith.pki().rotate_server_cert();
+    wraith.reload().unwrap();
+    for (version, tls) in &clients {
+        let (kind, resp) = get_resuming(addr, tls).await;
+        assert_eq!(kind, Some(Resumed), "{version:?}: {}", wraith.log());
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{version:?}: {resp}");
+    }
+
+    // 2. The client-certificate rules change: a full handshake, under the new ones.
+    wraith.write_config(&configs[2]);
+    wraith.reload().unwrap();
+    for (version, tls) in &clients {
+        let (kind, resp) = get_resuming(addr, tls).await;
+        assert_eq!(kind, Some(Full), "{version:?}");
+        assert!(resp.starts_with("HTTP/1.1 200 "), "{version:?}: {resp}");
+    }
+
+    // 3. TLS 1.2 is withdrawn: a TLS 1.3 session made before does not resume either.
+    let (_, tls13) = &clients[0];
+    assert_eq!(get_resuming(addr, tls13).await.0, Some(Resumed));
+    wraith.write_config(&configs[3]);
+    wraith.reload().unwrap();
+    assert_eq!(get_resuming(addr, tls13).await.0, Some(Full));
+}
+
+/// The same over QUIC: a client that resumes sends 0-RTT data after a reload of the routes
+/// (its session kept), not after one that changes the client-certificate rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_sessions_outlive_a_reload_that_keeps_the_rules() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let client = svc_client(&setup);
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = |depth: u32, v: &str| {
+        config_on(
+            &setup.listeners_h3(
+                &format!(
+                    r#"client_auth = "require", client_ca = "ca.pem", client_max_chain_depth = {depth}"#
+                ),
+                "zero_rtt = true",
+                ALLOW_ALL_POLICY,
+            ),
+            upstream.addr,
+            &format!("[[route]]\nname = \"version\"\npath = {{ exact = \"/version\" }}\nrespond = {{ status = 200, body = \"{v}\" }}\nearly_data = true\n"),
+        )
+    };
+    let configs = [cfg(4, "v1"), cfg(4, "v2"), cfg(3, "v2")];
+    let wraith = setup.start(&configs[0]);
+    let addr = wraith.addr("https");
+    let h3 = H3Client::new(&ca, Some(client.pair()), Groups::Default);
+    // Whether a connection offering the session resumed it (its early request served; one
+    // the server turned away is rejected with the early data).
+    let resumes = || async {
+        let (mut conn, accepted) = h3.connect_0rtt(addr).await.expect("no session to offer");
+        let served = conn.get("/version").await.map(|r| r.status());
+        let accepted = accepted.await;
+        if accepted {
+            assert_eq!(served, Ok(200));
+        }
+        conn.conn.close(quinn::VarInt::from_u32(0), b"done");
+        accepted
+    };
+    let mut conn = h3.connect(addr).await.unwrap();
+    assert_eq!(conn.get("/version").await.unwrap().status(), 200);
+    conn.conn.close(quinn::VarInt::from_u32(0), b"done");
+    assert!(resumes().await, "no resumption before any reload");
+
+    wraith.write_config(&configs[1]);
+    wraith.reload().unwrap();
+    assert!(
+        resumes().await,
+        "the session did not outlive a reload of the routes"
+    );
+
+    wraith.write_config(&configs[2]);
+    wraith.reload().unwrap();
+    assert!(
+        !resumes().await,
+        "a session outlived a change of the client-certificate rules"
+    );
+}

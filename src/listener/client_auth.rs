@@ -11,8 +11,9 @@
 //! that changes them gives the listener a new epoch and revokes the old one, which asks every
 //! connection admitted under it to finish (HTTP/1.1: the request in flight, then close; HTTP/2
 //! and HTTP/3: GOAWAY) and makes the pipeline refuse requests that arrive on them meanwhile.
-//! TLS session resumption cannot get around it: every snapshot builds new rustls configs,
-//! whose session caches start empty.
+//! TLS session resumption cannot get around it: the new rustls configs of a listener with a
+//! new epoch (or a `Withdrawal`) start with empty session caches; only a listener whose epoch
+//! carries over, with nothing withdrawn, keeps its sessions (`Snapshot::build`).
 //!
 //! A reload that stops allowing a TLS version or key-exchange group (TLS 1.2 dropped, or the
 //! classical groups dropped to require post-quantum key exchange) keeps the epoch and records

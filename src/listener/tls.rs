@@ -238,6 +238,12 @@ impl ResolvesServerCert for ListenerCert {
 /// configs and by the check of resumed sessions (`recheck_resumed`).
 pub type ClientVerifier = Option<Arc<dyn ClientCertVerifier>>;
 
+/// A listener's cache of resumable TLS sessions (rustls keeps them here: no ticket key is
+/// set, so TLS 1.3 tickets are stateful too). A reload that keeps the listener's
+/// client-certificate rules and its TLS versions and groups hands it to the new TLS settings,
+/// so that clients resume across the reload (`Snapshot::build`).
+pub type SessionCache = Arc<dyn StoresServerSessions>;
+
 /// A listener's rustls config (TCP or QUIC side) and its session cache. Each connection
 /// handshakes with a config of its own (`for_connection`), whose view of the cache carries
 /// the time the client last authenticated into the tickets its handshake issues.
@@ -271,10 +277,21 @@ impl ServerTls {
     pub fn config(&self) -> &Arc<ServerConfig> {
         &self.config
     }
+
+    /// Its session cache, for the next snapshot's TLS settings of the same listener.
+    pub fn sessions(&self) -> SessionCache {
+        self.sessions.0.clone()
+    }
 }
 
-/// Builds the rustls server config of an `https` listener (TCP: HTTP/1.1 and HTTP/2).
-pub fn server_config(tls: &TlsConfig, verifier: ClientVerifier) -> Result<ServerTls, String> {
+/// Builds the rustls server config of an `https` listener (TCP: HTTP/1.1 and HTTP/2), with
+/// `sessions` (the running snapshot's cache of the listener, when a reload may keep it) or a
+/// new, empty cache.
+pub fn server_config(
+    tls: &TlsConfig,
+    verifier: ClientVerifier,
+    sessions: Option<SessionCache>,
+) -> Result<ServerTls, String> {
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = tls
         .versions
         .iter()
@@ -285,7 +302,7 @@ pub fn server_config(tls: &TlsConfig, verifier: ClientVerifier) -> Result<Server
         .collect();
     let mut config = base_config(tls, &versions, verifier)?;
     config.alpn_protocols = tls.alpn.clone();
-    let cache = config.session_storage.clone();
+    let cache = sessions.unwrap_or_else(|| config.session_storage.clone());
     Ok(ServerTls::new(config, cache))
 }
 
@@ -294,10 +311,12 @@ pub fn server_config(tls: &TlsConfig, verifier: ClientVerifier) -> Result<Server
 /// `h3`. With `zero_rtt`, resumed clients may send early data: QUIC allows only 0 or
 /// `u32::MAX` as the limit, and rustls accepts early data only with stateful resumption,
 /// whose single-use session ids refuse a replayed ClientHello within this process.
+/// `sessions` as for `server_config` (a cache made for the same `zero_rtt`).
 pub fn quic_server_config(
     tls: &TlsConfig,
     zero_rtt: bool,
     verifier: ClientVerifier,
+    sessions: Option<SessionCache>,
 ) -> Result<ServerTls, String> {
     let mut config = base_config(tls, &[&rustls::version::TLS13], verifier)?;
     config.alpn_protocols = vec![b"h3".to_vec()];
@@ -306,7 +325,7 @@ pub fn quic_server_config(
         config.max_early_data_size = u32::MAX;
         cache = rustls::server::ServerSessionMemoryCache::new(QUIC_SESSIONS);
     }
-    Ok(ServerTls::new(config, cache))
+    Ok(ServerTls::new(config, sessions.unwrap_or(cache)))
 }
 
 /// Resumable QUIC sessions kept per listener when 0-RTT is on (about 1 KiB each, more with a

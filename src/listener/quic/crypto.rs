@@ -83,6 +83,11 @@ impl QuicTls {
         Ok(QuicTls { tls, initial })
     }
 
+    /// The listener's QUIC session cache (`ServerTls::sessions`).
+    pub fn sessions(&self) -> crate::listener::tls::SessionCache {
+        self.tls.sessions()
+    }
+
     /// The crypto config of one connection, recording into `handshake`.
     pub fn for_connection(self: &Arc<Self>, handshake: Arc<Handshake>) -> ConnTls {
         ConnTls {

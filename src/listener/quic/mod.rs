@@ -66,15 +66,21 @@ pub struct QuicRuntime {
     pub config: QuicConfig,
 }
 
-/// Builds the QUIC side of a listener, when it has one.
+/// Builds the QUIC side of a listener, when it has one. `previous`: the running snapshot's
+/// QUIC side of the listener, when its TLS sessions may be kept (`Snapshot::build`); they
+/// are, when it was made for the same `zero_rtt` (which decides the kind of cache).
 pub fn build(
     listener: &ListenerConfig,
     verifier: super::tls::ClientVerifier,
+    previous: Option<&QuicRuntime>,
 ) -> Result<Option<QuicRuntime>, String> {
     let (Some(quic), Some(tls)) = (&listener.quic, &listener.tls) else {
         return Ok(None);
     };
-    let rustls = super::tls::quic_server_config(tls, quic.zero_rtt, verifier)?;
+    let sessions = previous
+        .filter(|p| p.config.zero_rtt == quic.zero_rtt)
+        .map(|p| p.tls.sessions());
+    let rustls = super::tls::quic_server_config(tls, quic.zero_rtt, verifier, sessions)?;
     let tls = Arc::new(QuicTls::new(rustls)?);
     let limits = &listener.limits;
     let mut transport = quinn::TransportConfig::default();

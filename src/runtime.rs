@@ -638,6 +638,14 @@ impl Runtime {
         self.gateway.swap(snapshot.clone());
         for u in &snapshot.upstreams {
             u.own_health();
+            // Only now: a reload that failed before this point must have wired nothing.
+            if let Some(before) = old
+                .upstreams
+                .iter()
+                .find(|o| o.config.name == u.config.name)
+            {
+                u.hear_releases_of(before);
+            }
         }
         if moved_state {
             // Again, for a ban added or lifted between the write above and the swap (it went

@@ -1606,3 +1606,47 @@ async fn an_h2_endpoint_at_max_connections_needs_one_connection() {
     assert!(server.peak.load(Ordering::SeqCst) <= 4);
     assert_eq!(server.connections.load(Ordering::SeqCst), 1);
 }
+
+/// A reload that fails must leave nothing of itself wired into the running pools. One that
+/// added connection limits and then failed (a port in use) had its upstream, which never
+/// served, take the old pool's one release notification: the next, successful reload with
+/// the limits then had its waiters sit out `pending_timeout` for a request of the old pool
+/// that had long ended.
+#[tokio::test]
+async fn a_failed_reload_leaves_the_running_pools_waking_the_next_ones_waiters() {
+    let slow = Backend::start("slow", Duration::from_secs(2)).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let setup = Setup::new();
+    let limits = "max_connections = 1\nmax_pending = 10\npending_timeout = \"15s\"\n";
+    let upstream = |limits: &str| {
+        config(&format!(
+            "endpoints = [\"{}\"]\nresponse_timeout = \"20s\"\n{limits}",
+            slow.endpoint()
+        ))
+    };
+    let wraith = setup.start(&upstream(""));
+    let client = http_client();
+    let url = wraith.url("http", "/p");
+
+    let failing = format!(
+        "{}\n[[listener]]\nname = \"taken\"\naddress = \"{}\"\nprotocol = \"http\"\n",
+        upstream(limits),
+        taken.local_addr().unwrap()
+    );
+    wraith.write_config(&failing);
+    let refused = wraith.reload().unwrap_err();
+    assert!(refused.contains("taken"), "{refused}");
+
+    let first = one_in_flight(&client, &url, &slow).await;
+    wraith.write_config(&upstream(limits));
+    wraith.reload().unwrap();
+    let started = Instant::now();
+    let second = client.get(&url).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the waiter sat out its pending_timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(first.await.unwrap(), 200);
+}

@@ -120,6 +120,29 @@ impl Upstream {
         }
     }
 
+    /// Has the pools of `previous` (the upstream of the same name in the snapshot a reload
+    /// replaced with this one's) wake this upstream's waiters when their requests end: those
+    /// still count against the endpoints' `max_connections`. Call once this upstream's
+    /// snapshot is live, not while building it: a pool tells only the first upstream that
+    /// asks, and one of a reload that then failed would take its place for good.
+    pub fn hear_releases_of(&self, previous: &Upstream) {
+        let Some(release) = &self.released else {
+            return;
+        };
+        for e in &self.endpoints {
+            if let Some(old) = previous.endpoint_like(&e.authority, e.scheme == Scheme::HTTPS) {
+                old.pool.notify_on_release(release);
+            }
+        }
+    }
+
+    /// The endpoint at `authority`, over TLS or not.
+    fn endpoint_like(&self, authority: &Authority, tls: bool) -> Option<&Endpoint> {
+        self.endpoints
+            .iter()
+            .find(|e| e.authority == *authority && e.scheme == scheme_of(tls))
+    }
+
     /// Builds the pools and starts health checks. No request connection is made until the
     /// first request. The health of endpoints that `previous` (the upstream of the same
     /// name in the running snapshot) also has is carried over.
@@ -183,12 +206,7 @@ impl Upstream {
             .endpoints
             .iter()
             .map(|e| {
-                let same = previous
-                    .and_then(|p| p.endpoints.iter().find(|old| old.authority == e.authority))
-                    .filter(|old| old.scheme == scheme_of(e.tls));
-                if let (Some(old), Some(release)) = (same, &released) {
-                    old.pool.notify_on_release(release);
-                }
+                let same = previous.and_then(|p| p.endpoint_like(&e.authority, e.tls));
                 let health = same
                     .map(|old| old.health.clone())
                     .unwrap_or_else(|| EndpointHealth::new(&config.name, e.authority.as_str()));

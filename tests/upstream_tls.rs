@@ -279,3 +279,54 @@ async fn a_large_upload_to_a_slow_reading_tls_upstream_arrives_whole() {
     assert_eq!(r.status(), 200, "{}", wraith.log());
     assert_eq!(r.text().await.unwrap(), SIZE.to_string());
 }
+
+/// An upstream a reload leaves as it was keeps its pooled connections (plain and TLS, whose
+/// settings hold the CA file's content): the next request reuses the idle one rather than
+/// connect and handshake again. One whose settings change gets new pools, as documented.
+#[tokio::test]
+async fn idle_upstream_connections_outlive_a_reload_that_keeps_the_upstream() {
+    let setup = Setup::new();
+    let server = tls_server_config(&setup.pki.server_cert, &setup.pki.server_key, None);
+    let tls = Upstream::start_tls(server, |req| async move { echo_response(req).await }).await;
+    let plain = Upstream::echo().await;
+    let ca = setup.pki.ca_pem.clone();
+    let cfg = |extra_route: &str, retries: u32| {
+        format!(
+            "{}\n[[upstream]]\nname = \"secure\"\nendpoints = [\"https://{}\"]\n{}\n\n\
+             [[upstream]]\nname = \"plain\"\nendpoints = [\"{}\"]\nretries = {retries}\n\n\
+             [[route]]\nname = \"plain\"\npath = {{ prefix = \"/plain\" }}\nupstream = \"plain\"\n\n\
+             [[route]]\nname = \"tls\"\npath = {{ prefix = \"/tls\" }}\nupstream = \"secure\"\n{extra_route}",
+            Setup::standard_listeners(),
+            tls.addr,
+            tls_table(&ca, ""),
+            plain.addr
+        )
+    };
+    let extra = "\n[[route]]\nname = \"extra\"\npath = { exact = \"/extra\" }\nrespond = { status = 204 }\n";
+    let wraith = setup.start(&cfg("", 2));
+    let client = http_client();
+    let get = |path: &'static str| {
+        let (client, url) = (client.clone(), wraith.url("http", path));
+        async move { client.get(url).send().await.unwrap().status() }
+    };
+    assert_eq!(get("/plain/1").await, 200);
+    assert_eq!(get("/tls/1").await, 200);
+    assert_eq!((plain.accepted(), tls.accepted()), (1, 1));
+
+    wraith.write_config(&cfg(extra, 2));
+    wraith.reload().unwrap();
+    assert_eq!(get("/plain/2").await, 200);
+    assert_eq!(get("/tls/2").await, 200);
+    assert_eq!(
+        (plain.accepted(), tls.accepted()),
+        (1, 1),
+        "a reload that kept the upstreams dropped their pooled connections"
+    );
+
+    // The plain upstream's settings change: its pool is new, the TLS one's stays.
+    wraith.write_config(&cfg(extra, 3));
+    wraith.reload().unwrap();
+    assert_eq!(get("/plain/3").await, 200);
+    assert_eq!(get("/tls/3").await, 200);
+    assert_eq!((plain.accepted(), tls.accepted()), (2, 1));
+}

@@ -397,6 +397,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// TCP connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -445,11 +447,14 @@ impl Upstream {
         let handler = Arc::new(handler);
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let c = conns.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
                 let tls = tls.clone();
                 let conn = tokio::spawn(async move {
@@ -480,7 +485,17 @@ impl Upstream {
                 list.push(conn.abort_handle());
             }
         });
-        Upstream { addr, task, conns }
+        Upstream {
+            addr,
+            task,
+            conns,
+            accepted,
+        }
+    }
+
+    /// TCP connections accepted so far (a pooled connection reused is not one more).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Kills the server: stops accepting and drops every open connection (the port then

@@ -877,3 +877,39 @@ async fn one_client_cannot_hold_more_than_max_connections_per_client() {
         held.push(s.expect("a trusted proxy was limited"));
     }
 }
+
+/// Per-client connection counts carry over a reload (of the routes here): a client holding
+/// its `max_connections_per_client` before the reload is still at its limit after it, rather
+/// than handed a fresh allowance next to the connections it keeps open.
+#[tokio::test]
+async fn per_client_connection_counts_survive_a_reload() {
+    let upstream = Upstream::echo().await;
+    let setup = Setup::new();
+    let limited = |extra: &str| {
+        config(&setup, upstream.addr, "v1", extra).replacen(
+            "protocol = \"http\"\n",
+            "protocol = \"http\"\nlimits = { max_connections_per_client = 2 }\n",
+            1,
+        )
+    };
+    let extra =
+        "[[route]]\nname = \"extra\"\npath = { exact = \"/extra\" }\nrespond = { status = 204 }\n";
+    let (before, after) = (limited(""), limited(extra));
+    let wraith = setup.start(&before);
+    let addr = wraith.addr("http");
+    let wait = Duration::from_secs(5);
+    let mut a = served_from("127.0.0.1", addr, wait).await.expect("first");
+    let mut b = served_from("127.0.0.1", addr, wait).await.expect("second");
+
+    wraith.write_config(&after);
+    wraith.reload().unwrap();
+    assert!(
+        served_from("127.0.0.1", addr, wait).await.is_none(),
+        "a third connection was served after the reload"
+    );
+    assert!(
+        served_from("127.0.0.2", addr, wait).await.is_some(),
+        "another client was refused"
+    );
+    assert!(answered(&mut a, wait).await && answered(&mut b, wait).await);
+}

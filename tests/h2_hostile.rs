@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::h2frames::*;
 use common::*;
 use http::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -660,65 +661,6 @@ async fn a_204_never_carries_a_content_length_to_http2_clients() {
 
 // ---------------------------------------------------------------------------------------------
 // Requests h2 refuses before the gateway sees them.
-
-/// An HPACK string literal, without Huffman coding.
-fn hpack_string(s: &[u8], out: &mut Vec<u8>) {
-    let len = s.len();
-    if len < 127 {
-        out.push(len as u8);
-    } else {
-        out.push(127);
-        let mut rest = len - 127;
-        while rest >= 128 {
-            out.push((rest % 128) as u8 | 0x80);
-            rest /= 128;
-        }
-        out.push(rest as u8);
-    }
-    out.extend_from_slice(s);
-}
-
-/// A header block of literal fields (never indexed, new names), as a client that does not
-/// care what h2 accepts would encode it.
-fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, value) in fields {
-        out.push(0x10);
-        hpack_string(name.as_bytes(), &mut out);
-        hpack_string(value.as_bytes(), &mut out);
-    }
-    out
-}
-
-/// HEADERS (and CONTINUATION frames past 16 KiB) carrying `block` on `stream`, END_STREAM.
-fn headers_frames(stream: u32, block: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let chunks: Vec<&[u8]> = block.chunks(16 << 10).collect();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let (ty, mut flags) = if i == 0 { (1u8, 0x1u8) } else { (9, 0) };
-        if i + 1 == chunks.len() {
-            flags |= 0x4;
-        }
-        out.extend_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
-        out.extend_from_slice(&[ty, flags]);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
-}
-
-/// One frame: its type, flags, stream and payload; `None` at the end of the connection.
-async fn read_frame(
-    rd: &mut (impl tokio::io::AsyncRead + Unpin),
-) -> Option<(u8, u8, u32, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    rd.read_exact(&mut head).await.ok()?;
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0; len];
-    rd.read_exact(&mut payload).await.ok()?;
-    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    Some((head[3], head[4], stream, payload))
-}
 
 /// What a stream got first from the server.
 #[derive(Debug)]

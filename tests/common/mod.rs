@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod crowdsec;
+pub mod h2frames;
 pub mod quic;
 
 use std::collections::HashMap;

@@ -205,6 +205,21 @@ where
             }
         }
     }
+
+    /// (Vendored addition; `Connection::abrupt_shutdown`.)
+    pub(crate) fn abrupt_shutdown(&mut self, reason: h2::Reason) {
+        trace!("abrupt_shutdown");
+        match &mut self.state {
+            State::Handshaking { .. } => {
+                self.close_pending = true;
+            }
+            State::Serving(srv) => {
+                if srv.closing.is_none() {
+                    srv.conn.abrupt_shutdown(reason);
+                }
+            }
+        }
+    }
 }
 
 impl<T, S, B, E> Future for Server<T, S, B, E>

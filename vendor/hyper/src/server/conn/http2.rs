@@ -78,6 +78,16 @@ where
     pub fn graceful_shutdown(mut self: Pin<&mut Self>) {
         self.conn.graceful_shutdown();
     }
+
+    /// (Vendored addition.) Ends the connection at once with a GOAWAY carrying `reason`
+    /// (`ENHANCE_YOUR_CALM` for a client that floods it): streams in flight are cut. Before
+    /// the HTTP/2 handshake has finished, there is no stream to cut, and this starts a
+    /// graceful shutdown instead.
+    ///
+    /// This `Connection` should continue to be polled until the GOAWAY is sent.
+    pub fn abrupt_shutdown(mut self: Pin<&mut Self>, reason: h2::Reason) {
+        self.conn.abrupt_shutdown(reason);
+    }
 }
 
 impl<I, B, S, E> Future for Connection<I, S, E>

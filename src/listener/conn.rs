@@ -58,7 +58,35 @@ struct ConnState {
     /// take what it gave (HTTP/2 flow control): a client that reads none of a response for
     /// `idle_timeout` is stalled, as over HTTP/1.1.
     streams: std::sync::Mutex<Vec<std::sync::Weak<StreamClock>>>,
+    /// Streams the client has opened that reached the service (h2 bounds those reset
+    /// before hyper takes them: `max_pending_accept_reset_streams`).
+    opened: AtomicU64,
+    /// Of those, streams the client reset before their response head, young
+    /// (`PrematureReset`).
+    premature: AtomicU64,
+    /// The streams over which premature resets are counted at least
+    /// (`PREMATURE_RESET_STREAMS`).
+    premature_streams: u64,
+    /// Told once the premature resets are past the limit (`ConnState::premature_reset`).
+    flooded: tokio::sync::Notify,
+    /// Set when the connection is closed for them (`drive`).
+    calmed: AtomicBool,
 }
+
+/// Rapid reset (CVE-2023-44487): a client that opens streams and resets them at once makes
+/// the gateway start their requests (routing, policy, an upstream request) for the price of
+/// two frames, over and over on one connection, within `max_concurrent_streams`. As Envoy
+/// does (`overload.premature_reset_*`, whose default this is), a connection is closed with
+/// GOAWAY `ENHANCE_YOUR_CALM` once the streams its client reset within
+/// `PREMATURE_RESET_AGE` of opening them, before their response head, are more than half
+/// of its streams, counted over at least this many (so more than half this many resets), or
+/// four times `max_concurrent_streams` when that is more (512 with the default 128): a
+/// browser leaving a page cancels at most every stream it has open, and may do so twice.
+const PREMATURE_RESET_STREAMS: u64 = 500;
+
+/// A reset later than this after the stream opened is not premature: the client waited
+/// for an answer (a slow upstream) rather than threw the stream away.
+const PREMATURE_RESET_AGE: Duration = Duration::from_secs(1);
 
 /// Since when (milliseconds since the connection's epoch, +1; 0: not waiting) a response
 /// body has handed hyper a frame and not been asked for the next: hyper asks only when the
@@ -69,7 +97,7 @@ struct StreamClock {
 }
 
 impl ConnState {
-    fn new(epoch: Instant) -> ConnState {
+    fn new(epoch: Instant, limits: &Limits) -> ConnState {
         ConnState {
             epoch,
             in_flight: AtomicU32::new(0),
@@ -77,6 +105,22 @@ impl ConnState {
             // The first request head is due from the moment of accept.
             head_since: AtomicU64::new(1),
             streams: Default::default(),
+            opened: AtomicU64::new(0),
+            premature: AtomicU64::new(0),
+            premature_streams: PREMATURE_RESET_STREAMS
+                .max(4 * u64::from(limits.max_concurrent_streams)),
+            flooded: tokio::sync::Notify::new(),
+            calmed: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a stream the client reset before its response head, young; past the limit
+    /// (`PREMATURE_RESET_STREAMS`), tells `drive` to close the connection.
+    fn premature_reset(&self) {
+        let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        let opened = self.opened.load(Ordering::Relaxed);
+        if premature * 2 > opened.max(self.premature_streams) {
+            self.flooded.notify_one();
         }
     }
 
@@ -104,6 +148,7 @@ impl ConnState {
 
     fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.opened.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
     }
 
@@ -163,6 +208,38 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(s) = &self.0 {
             s.end();
+        }
+    }
+}
+
+/// A request's service future until it has its response head: dropped before that, the
+/// stream was reset by the client (hyper drops the future then) or the connection ended.
+/// Young enough, it counts as a premature reset (`PREMATURE_RESET_STREAMS`).
+struct PrematureReset {
+    state: Option<Arc<ConnState>>,
+    opened: Instant,
+}
+
+impl PrematureReset {
+    fn begin(state: Option<&Arc<ConnState>>) -> PrematureReset {
+        PrematureReset {
+            state: state.cloned(),
+            opened: Instant::now(),
+        }
+    }
+
+    /// The response head is there: the stream was not thrown away.
+    fn answered(mut self) {
+        self.state = None;
+    }
+}
+
+impl Drop for PrematureReset {
+    fn drop(&mut self) {
+        if let Some(s) = &self.state {
+            if self.opened.elapsed() < PREMATURE_RESET_AGE {
+                s.premature_reset();
+            }
         }
     }
 }
@@ -497,7 +574,7 @@ async fn serve_http<I>(
     // The request-head clock starts at `started`: after the TLS handshake, which had its own
     // timeout (a slow but legitimate one must not eat into header_read_timeout).
     // (HTTP/2 only: the HTTP/1.1 codec times itself.)
-    let state = h2.then(|| Arc::new(ConnState::new(started.into_std())));
+    let state = h2.then(|| Arc::new(ConnState::new(started.into_std(), &limits)));
     // Counted from here to the end of the connection (the guard decrements on every exit);
     // the handles keep the listener's series while it has connections.
     let _active = listener
@@ -544,7 +621,15 @@ async fn serve_http<I>(
             );
         };
         let conn = h1::Connection::new(io, settings, started, handle, on_refused);
-        let _ = drive(conn, |c| c.graceful_shutdown(), None, &limits, &close).await;
+        let _ = drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            |_| {},
+            None,
+            &limits,
+            &close,
+        )
+        .await;
     }
 }
 
@@ -568,12 +653,15 @@ async fn serve_h2<I, H, F>(
         // body (an RST_STREAM, a client gone): a leaked "in flight" would keep the
         // connection Busy, beyond the reach of the idle and header timeouts, for good.
         let in_flight = InFlight::begin(requests.as_ref());
+        let premature = PrematureReset::begin(requests.as_ref());
         let clock = requests.as_ref().map(|s| (s.clone(), s.stream_clock()));
         let mut req = req.map(Body::Incoming);
         crate::proxy::headers::join_cookies(req.headers_mut());
         let resp = handle(req);
         async move {
-            let resp = resp.await.map(|body| H2Body {
+            let resp = resp.await;
+            premature.answered();
+            let resp = resp.map(|body| H2Body {
                 body,
                 _in_flight: in_flight,
                 clock,
@@ -585,8 +673,10 @@ async fn serve_h2<I, H, F>(
     // PROTOCOL_ERROR; a header list too large, answered 431) are accounted for as the
     // HTTP/1.1 codec's refusals are: an access record and a `malformed_request` event.
     let mut server = listener.http.h2.clone();
+    let hook = refusals.clone();
     server.refused_request_hook(h2::server::RefusedRequestHook(Arc::new(
         move |r: h2::server::RefusedRequest| {
+            let refusals = &hook;
             let (status, reason) = if let Some(error) = r.connection_error {
                 // The whole connection, for the client's frames (a field value with CR
                 // or LF, an upper-case name, an unknown pseudo-header, a bad HPACK block,
@@ -620,11 +710,27 @@ async fn serve_h2<I, H, F>(
     let _ = drive(
         conn,
         |c| c.graceful_shutdown(),
+        |c| c.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM),
         state.as_deref(),
         limits,
         close,
     )
     .await;
+    if state.is_some_and(|s| s.calmed.load(Ordering::Relaxed)) {
+        // As h2's own floods are accounted for (`connection_error_reason`): one record and
+        // one `malformed_request` event for the connection, and the refusal counted.
+        if let Some(m) = listener.metrics.get() {
+            m.refused("h2_rapid_reset");
+        }
+        refusals.runtime.gateway.refused_by_codec(
+            &refusals.info,
+            http::StatusCode::BAD_REQUEST,
+            "HTTP/2 rapid reset: most streams reset before their response (connection closed)",
+            None,
+            http::Version::HTTP_2,
+            0,
+        );
+    }
 }
 
 /// Runs a connection (Wraith's HTTP/1.1 or hyper's HTTP/2) to completion, applying drain,
@@ -632,9 +738,10 @@ async fn serve_h2<I, H, F>(
 /// Once `close` fires, the connection has its drain time to finish; then it is closed
 /// whatever it was doing (a reload that removes a listener or changes its client-certificate
 /// rules has no process exit to end it otherwise).
-async fn drive<C, G, E>(
+async fn drive<C, G, A, E>(
     conn: C,
     graceful: G,
+    abrupt: A,
     state: Option<&ConnState>,
     limits: &Limits,
     close: &CloseSignal,
@@ -643,6 +750,7 @@ where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
     G: Fn(Pin<&mut C>),
+    A: Fn(Pin<&mut C>),
 {
     tokio::pin!(conn);
     let drain_timer = tokio::time::sleep(Duration::from_secs(365 * 86_400));
@@ -650,6 +758,7 @@ where
     let mut draining = false;
     let mut closing = false;
     let mut idle_strikes = 0;
+    let mut calmed = false;
     // The close signal's futures (stop, reload, withdrawal, certificate expiry) are polled
     // with a waker of their own, and only after one of them woke it: this task wakes on
     // every read and write of the connection, and polling them each time costs a lock each.
@@ -698,6 +807,20 @@ where
                 draining = true;
                 drain_timer.as_mut().reset(tokio::time::Instant::now() + close.drain());
             }
+            _ = flooded(state), if !calmed => {
+                tracing::debug!("most streams reset by the client before their response; closing with ENHANCE_YOUR_CALM");
+                abrupt(conn.as_mut());
+                if let Some(state) = state {
+                    state.calmed.store(true, Ordering::Relaxed);
+                }
+                calmed = true;
+                closing = true;
+                // The GOAWAY goes out once the client reads; its drain time at most.
+                if !draining {
+                    draining = true;
+                    drain_timer.as_mut().reset(tokio::time::Instant::now() + close.drain());
+                }
+            }
             _ = &mut drain_timer, if draining => {
                 tracing::debug!(drain = ?close.drain(), "connection still busy when the drain time ran out; closing");
                 return None;
@@ -725,6 +848,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// Resolves once the connection's client has reset too many streams prematurely
+/// (`ConnState::premature_reset`); never for HTTP/1.1 (`state` is `None`).
+async fn flooded(state: Option<&ConnState>) {
+    match state {
+        Some(s) => s.flooded.notified().await,
+        None => std::future::pending().await,
     }
 }
 

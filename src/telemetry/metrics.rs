@@ -131,8 +131,14 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
-/// Why a connection was refused at accept (`wraith_connections_refused_total`).
-const REFUSALS: [&str; 3] = ["per_client_limit", "proxy_untrusted", "proxy_header"];
+/// Why a connection was refused at accept, or closed for a flood (`h2_rapid_reset`:
+/// `listener::conn`) (`wraith_connections_refused_total`).
+const REFUSALS: [&str; 4] = [
+    "per_client_limit",
+    "proxy_untrusted",
+    "proxy_header",
+    "h2_rapid_reset",
+];
 
 /// `{listener, version, group, result}`
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -663,7 +669,8 @@ impl ListenerMetrics {
         })
     }
 
-    /// Counts a connection refused at accept for `reason` (one of `REFUSALS`).
+    /// Counts a connection refused at accept (or closed for a flood) for `reason` (one of
+    /// `REFUSALS`).
     pub fn refused(&self, reason: &'static str) {
         let r = REFUSALS.iter().position(|r| *r == reason).unwrap_or(0);
         self.refused[r]

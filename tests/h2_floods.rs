@@ -289,3 +289,74 @@ async fn a_client_cancelling_what_it_no_longer_needs_is_never_cut() {
     }
     assert_eq!(refused_total(&wraith, "h2_rapid_reset").await, 0);
 }
+
+/// Sends a HEADERS frame for stream 1 without END_HEADERS, then `frames` CONTINUATION
+/// frames of `size` bytes, none with END_HEADERS, while reading what the server sends:
+/// the error code and last stream id of its GOAWAY, and how many upstream requests it
+/// made.
+async fn continuation_flood(frames: usize, size: usize) -> (Option<(u32, u32)>, usize) {
+    let (upstream, count) = counting_upstream().await;
+    let setup = Setup::new();
+    let cfg = config(&setup, upstream.addr, "");
+    let wraith = setup.start(&cfg);
+    let tls = h2_raw_tls(&wraith).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let reader = tokio::spawn(async move {
+        while let Some((ty, _, _, payload)) = read_frame(&mut rd).await {
+            if ty == 7 {
+                let last = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                return Some((code, last));
+            }
+        }
+        None
+    });
+    // The request's fields, then a field whose 16 MiB value never ends.
+    let mut block = get_block();
+    block.push(0x10);
+    hpack_string(b"x-endless", &mut block);
+    block.extend_from_slice(&[0x7f, 0x81, 0xff, 0xff, 0x07]);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&frame(1, 0x1, 1, &block)).await?;
+        let chunk = frame(9, 0, 1, &vec![b'a'; size]);
+        for _ in 0..frames {
+            wr.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let goaway = tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("no GOAWAY, and the connection did not end")
+        .unwrap();
+    writer.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (goaway, count.load(Ordering::SeqCst))
+}
+
+/// CVE-2024-27316 class: a header block that never ends, in full-size CONTINUATION frames
+/// (16 MiB of them offered). h2 counts the CONTINUATION frames of a block against what
+/// `max_header_size` needs (64 KiB: 5 frames of 16 KiB, `calc_max_continuation_frames`) and
+/// closes the connection with ENHANCE_YOUR_CALM past that; no request is made.
+#[tokio::test]
+async fn a_header_block_that_never_ends_is_cut_off() {
+    let (goaway, requests) = continuation_flood(1024, 16 << 10).await;
+    assert_eq!(
+        goaway,
+        Some((0xb, 0)),
+        "GOAWAY ENHANCE_YOUR_CALM, no stream taken"
+    );
+    assert_eq!(requests, 0);
+}
+
+/// The same in tiny CONTINUATION frames (one byte each, 100,000 offered): the count is of
+/// frames, not bytes, so the connection is closed just as early.
+#[tokio::test]
+async fn a_header_block_in_endless_tiny_frames_is_cut_off() {
+    let (goaway, requests) = continuation_flood(100_000, 1).await;
+    assert_eq!(
+        goaway,
+        Some((0xb, 0)),
+        "GOAWAY ENHANCE_YOUR_CALM, no stream taken"
+    );
+    assert_eq!(requests, 0);
+}

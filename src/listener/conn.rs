@@ -869,7 +869,7 @@ fn connection_error_reason(reason: h2::Reason) -> Option<&'static str> {
         h2::Reason::FRAME_SIZE_ERROR => Some("HTTP/2 frame size error (connection closed)"),
         h2::Reason::FLOW_CONTROL_ERROR => Some("HTTP/2 flow control error (connection closed)"),
         h2::Reason::ENHANCE_YOUR_CALM => {
-            Some("HTTP/2 flood: too many refused or reset streams (connection closed)")
+            Some("HTTP/2 flood: too many refused or reset streams, or CONTINUATION frames (connection closed)")
         }
         _ => None,
     }

@@ -1318,12 +1318,20 @@ async fn a_stream_above_a_graceful_goaway_goes_to_the_same_endpoint_when_it_is_t
             .await;
         assert_eq!(e["consecutive_failures"], 0, "{e}");
         if expected == 502 {
-            let retries = wraith
-                .log_json()
-                .iter()
-                .filter(|v| v["message"] == "attempt failed; retrying")
-                .count();
-            assert_eq!(retries, 6 * 2, "{}", wraith.log());
+            // (The gateway's log reaches the test through a pipe: the last lines may still be
+            // on their way when the last response is in.)
+            let retries = || {
+                wraith
+                    .log_json()
+                    .iter()
+                    .filter(|v| v["message"] == "attempt failed; retrying")
+                    .count()
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while retries() < 6 * 2 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(retries(), 6 * 2, "{}", wraith.log());
         }
     }
 }

@@ -81,6 +81,7 @@ address = "127.0.0.1:@WRAITH_TLS@"
 protocol = "https"
 tls = { cert = "@WORK@/certs/server.pem", key = "@WORK@/certs/server-key.pem" }
 limits = { idle_timeout = "5s" }
+http3 = true
 
 [metrics]
 address = "127.0.0.1:@METRICS@"
@@ -226,6 +227,20 @@ def h2_churn(port, stop, counts):
                 counts["h2_failed"] += int(parts[9])
 
 
+def h3_churn(h3load, port, ca, stop, counts):
+    """HTTP/3 beside the rest: h3load's handshake mode, 4 loops each making QUIC connections
+    (a full handshake, X25519MLKEM768) with one request each, in 10-second runs."""
+    while not stop.is_set():
+        out = subprocess.run([h3load, "--addr", f"127.0.0.1:{port}", "--ca", str(ca), "--path", "/h2/h3",
+                              "--handshakes", "--conns", "4", "--duration", "10"],
+                             capture_output=True, text=True, timeout=120).stdout
+        for line in out.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                counts["h3"] += r.get("ops", 0)
+                counts["h3_failed"] += r.get("errors", 0)
+
+
 async def run(args, work, ports, wraith_pid):
     import threading
     load = Load(ports["WRAITH"])
@@ -235,6 +250,11 @@ async def run(args, work, ports, wraith_pid):
     churn = threading.Thread(target=h2_churn, args=(ports["WRAITH_TLS"], churn_stop, load.h2))
     if args.h2:
         churn.start()
+    load.h3 = {"h3": 0, "h3_failed": 0}
+    h3 = threading.Thread(target=h3_churn, args=(args.h3load, ports["WRAITH_TLS"], work / "certs" / "ca.pem",
+                                                 churn_stop, load.h3))
+    if args.h3load:
+        h3.start()
     conf = work / "wraith.toml"
     base = conf.read_text()
     start = time.time()
@@ -256,13 +276,15 @@ async def run(args, work, ports, wraith_pid):
             samples.append(s)
             b.log(f"{s['t']:7.0f}s  rss {s['rss_kib'] / 1024:7.1f} MiB  fds {s['fds']:5}  "
                   f"threads {s['threads']:3}  requests {load.requests:9,}  errors {load.errors}  "
-                  f"h2 {load.h2['h2']:,} ({load.h2['h2_failed']} failed)")
+                  f"h2 {load.h2['h2']:,} ({load.h2['h2_failed']} failed)  "
+                  f"h3 {load.h3['h3']:,} ({load.h3['h3_failed']} failed)")
     finally:
         load.stop = True
         churn_stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if churn.is_alive():
-            churn.join()
+        for t in (churn, h3):
+            if t.is_alive():
+                t.join()
     return samples, load, reloads
 
 
@@ -285,8 +307,14 @@ def main():
     ap.add_argument("--no-h2", dest="h2", action="store_false",
                     help="leave out the HTTP/2-over-TLS connection churn (h2load)")
     ap.add_argument("--wraith", default=str(ROOT / "target" / "release" / "wraith"))
+    ap.add_argument("--h3load", default=str(ROOT / "target" / "release" / "examples" / "h3load"),
+                    help="bench/h3's client (`cargo build --release --example h3load`) for the HTTP/3 "
+                         "handshake churn; left out if it is not there")
     ap.add_argument("--markdown", help="append the result as a Markdown section to this file")
     args = ap.parse_args()
+    if args.h3load and not Path(args.h3load).exists():
+        b.log(f"no {args.h3load}: no HTTP/3 churn (cargo build --release --example h3load)")
+        args.h3load = None
 
     work = Path(tempfile.mkdtemp(prefix="wraith-soak-"))
     ports = {"WORK": str(work), "UPSTREAM": free_port(), "WRAITH": free_port(),
@@ -326,6 +354,8 @@ def main():
         f"1–4 requests per connection), statuses {dict(sorted(load.statuses.items()))}, "
         f"{load.errors} client-side errors; HTTP/2 over TLS: {load.h2['h2']:,} requests on new "
         f"connections of 20 ({load.h2['h2_failed']} failed); "
+        + (f"HTTP/3: {load.h3['h3']:,} requests, each on a new QUIC connection ({load.h3['h3_failed']} failed); "
+           if args.h3load else "") +
         f"{reloads} reloads ({reloads_ok}); gateway alive at the end: {alive}.",
         "",
         "| minute | RSS MiB | descriptors | threads | requests |",

@@ -131,13 +131,15 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
-/// Why a connection was refused at accept, or closed for a flood (`h2_rapid_reset`:
-/// `listener::conn`) (`wraith_connections_refused_total`).
-const REFUSALS: [&str; 4] = [
+/// Why a connection was refused at accept, or closed for what its client did
+/// (`h2_rapid_reset`: HTTP/2 streams reset, `listener::conn`; `h3_rapid_reset`: HTTP/3
+/// requests cancelled, `listener/quic/cancels.rs`) (`wraith_connections_refused_total`).
+const REFUSALS: [&str; 5] = [
     "per_client_limit",
     "proxy_untrusted",
     "proxy_header",
     "h2_rapid_reset",
+    "h3_rapid_reset",
 ];
 
 /// `{listener, version, group, result}`
@@ -506,7 +508,7 @@ impl Metrics {
         );
         r.register(
             "wraith_connections_refused",
-            "Client connections closed at accept, by listener and reason (per_client_limit: the client had limits.max_connections_per_client open)",
+            "Client connections closed at accept, or later for what they did, by listener and reason (per_client_limit: the client had limits.max_connections_per_client open; rapid_reset: an HTTP/3 client cancelled half or more of its requests before their response)",
             m.connections_refused.clone(),
         );
         r.register(

@@ -175,6 +175,9 @@ impl http_body::Body for Prefixed {
 /// stream, or the upstream body failed).
 #[derive(Debug)]
 pub(super) enum SendError {
+    /// The client stream failed before the response head was written (the client stopped
+    /// reading, or went): the request counts as cancelled (`cancels.rs`).
+    Head(h3::error::StreamError),
     Client(h3::error::StreamError),
     Body(BoxError),
     /// The client took none of the response for `idle_timeout` (its flow-control window
@@ -185,6 +188,7 @@ pub(super) enum SendError {
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            SendError::Head(e) => write!(f, "client stream, before the response head: {e}"),
             SendError::Client(e) => write!(f, "client stream: {e}"),
             SendError::Body(e) => write!(f, "response body: {e}"),
             SendError::Stalled => {
@@ -223,7 +227,12 @@ pub(super) async fn send_response(
     // already drops them from upstream responses, this catches configured ones.
     crate::proxy::headers::strip_hop_by_hop(&mut parts.headers, false, false);
     parts.version = http::Version::HTTP_3;
-    bounded(stall, stream.send_response(Response::from_parts(parts, ()))).await?;
+    bounded(stall, stream.send_response(Response::from_parts(parts, ())))
+        .await
+        .map_err(|e| match e {
+            SendError::Client(e) => SendError::Head(e),
+            other => other,
+        })?;
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(SendError::Body)?;

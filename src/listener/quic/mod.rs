@@ -23,6 +23,7 @@
 //! that wants HTTP/3 on that address again meanwhile takes it back.
 
 mod body;
+mod cancels;
 pub mod crypto;
 
 use std::collections::HashMap;
@@ -584,6 +585,8 @@ struct QuicConn {
     confirmed: watch::Receiver<Option<Arc<ConnInfo>>>,
     /// The connection itself: its requests end when it closes.
     conn: Connection,
+    /// Its request streams so far, and those the client cancelled (rapid reset).
+    cancels: cancels::Cancels,
 }
 
 /// Serves one QUIC connection: handshake (or 0-RTT with the handshake completing alongside),
@@ -705,6 +708,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         early,
         confirmed: rx,
         conn: conn.clone(),
+        cancels: Default::default(),
     });
     serve_h3(ctx, conn, &start.close, timeout).await;
 }
@@ -1203,11 +1207,44 @@ fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
     Ok(length)
 }
 
-/// One request: head, the pipeline, the response streamed back.
+/// One request, then the connection's account of cancelled requests: a client that cancels
+/// most of its requests before their response (rapid reset, `cancels.rs`) has its
+/// connection closed with H3_EXCESSIVE_LOAD, counted as `h3_rapid_reset` among the listener's
+/// refused connections.
 async fn serve_request(
     ctx: Arc<QuicConn>,
     resolver: h3::server::RequestResolver<h3_quinn::Connection, bytes::Bytes>,
 ) {
+    // A request cut off by its connection closing is no cancellation: the connection is gone.
+    let cancelled =
+        respond(&ctx, resolver).await == Ended::Cancelled && ctx.conn.close_reason().is_none();
+    if let cancels::Verdict::Excessive { ended, cancelled } = ctx.cancels.ended(cancelled) {
+        tracing::debug!(peer = %ctx.conn.remote_address(), listener = %ctx.listener.config.name, ended, cancelled, "HTTP/3 connection closed: the client cancelled half or more of its requests before their response (rapid reset)");
+        if let Some(m) = ctx.listener.metrics.get() {
+            m.refused("h3_rapid_reset");
+        }
+        ctx.conn.close(
+            VarInt::from_u32(H3_EXCESSIVE_LOAD),
+            b"too many requests cancelled",
+        );
+    }
+}
+
+/// How a request stream ended, for `Cancels`.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// The client reset the stream or stopped reading it before the response head was sent
+    /// (whether or not its request had gone upstream).
+    Cancelled,
+    /// Anything else: answered, refused, timed out, or the connection gone.
+    Otherwise,
+}
+
+/// One request: head, the pipeline, the response streamed back.
+async fn respond(
+    ctx: &QuicConn,
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, bytes::Bytes>,
+) -> Ended {
     let limits = &ctx.listener.config.limits;
     // Slowloris on streams: the head within header_read_timeout. Past it the stream is
     // reset with H3_REQUEST_INCOMPLETE, so the client learns that no response is coming
@@ -1226,7 +1263,7 @@ async fn serve_request(
         resolver
             .frame_stream
             .reset(h3::error::Code::H3_REQUEST_INCOMPLETE.value());
-        return;
+        return Ended::Otherwise;
     };
     let resolved = match resolver.accept_with_frame(first) {
         Ok(r) => tokio::time::timeout_at(deadline, r.resolve()).await,
@@ -1238,12 +1275,18 @@ async fn serve_request(
             tracing::debug!(error = %e, "HTTP/3 request head refused");
             if let Some((status, reason)) = head_refusal(&e) {
                 ctx.refused(status, reason, None);
+                return Ended::Otherwise;
             }
-            return;
+            // Reset before its head was read: cancelled.
+            return if e.is_peer_gone() {
+                Ended::Cancelled
+            } else {
+                Ended::Otherwise
+            };
         }
         Err(_) => {
             tracing::debug!("HTTP/3 request head not received within header_read_timeout");
-            return;
+            return Ended::Otherwise;
         }
     };
     let (send, recv) = stream.split();
@@ -1257,7 +1300,7 @@ async fn serve_request(
             "invalid or conflicting content-length",
             Some((req.method().clone(), req.uri().clone())),
         );
-        return;
+        return Ended::Otherwise;
     };
     let mut req = req.map(|()| RequestBody::into_body(recv, content_length));
     crate::proxy::headers::join_cookies(req.headers_mut());
@@ -1282,7 +1325,7 @@ async fn serve_request(
                 .ok()
                 .and_then(|v| v.clone());
             let Some(info) = done else {
-                return;
+                return Ended::Otherwise;
             };
             waited = info;
             &waited
@@ -1297,17 +1340,22 @@ async fn serve_request(
         // run, so nothing goes upstream for a client that is gone.
         if ctx.conn.close_reason().is_some() {
             ctx.runtime.gateway.abandoned(&req, info);
-            return;
+            return Ended::Otherwise;
         }
         let resp = ctx.runtime.gateway.handle(req, info).await;
         if resp.extensions().get::<crate::error::Abandoned>().is_some() {
             // Logged 499 (as the response drops unsent); the client gets a cancelled stream.
             send.on_drop = Some(h3::error::Code::H3_REQUEST_CANCELLED);
-            return;
+            return Ended::Cancelled;
         }
         let stall = ctx.listener.config.limits.idle_timeout;
         match body::send_response(&mut send.stream, resp, head_only, stall).await {
             Ok(()) => send.on_drop = None,
+            // The client stopped reading before the head: the upstream's work was for nothing.
+            Err(body::SendError::Head(e)) if e.is_peer_gone() => {
+                tracing::debug!(error = %e, "HTTP/3 response not sent: the client cancelled");
+                return Ended::Cancelled;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "HTTP/3 response not completed");
                 // The client must not take a cut-off body for a complete one. A client that
@@ -1318,6 +1366,7 @@ async fn serve_request(
                 }
             }
         }
+        Ended::Otherwise
     };
     // h3 reports no stream resets to a request waiting on its upstream: bind the request to
     // its connection, so a client that leaves takes its requests (and their upstream
@@ -1327,7 +1376,7 @@ async fn serve_request(
     // request would leave no record).
     tokio::select! {
         biased;
-        _ = exchange => {}
-        _ = ctx.conn.closed() => {}
+        ended = exchange => ended,
+        _ = ctx.conn.closed() => Ended::Otherwise,
     }
 }

@@ -1,16 +1,19 @@
 //! HTTP/3 abuse that costs the upstream, against the real gateway and an upstream that counts
 //! the requests it receives: "rapid reset" (request streams opened and cancelled at once,
 //! CVE-2023-44487 over QUIC) is cut off per connection (`listener/quic/cancels.rs`), and a
-//! client that cancels some of its requests, as browsers do, is never cut.
+//! client that cancels some of its requests, as browsers do, is never cut; a 0-RTT first
+//! flight replayed by someone who recorded it is not served a second time.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::quic::{frame, read_status, request_section, RawH3, H3_REQUEST_CANCELLED, HEADERS};
+use common::quic::{
+    frame, read_status, request_section, Groups, H3Client, RawH3, H3_REQUEST_CANCELLED, HEADERS,
+};
 use common::*;
 
 /// Bound on every wait for the gateway.
@@ -221,4 +224,168 @@ async fn a_client_that_cancels_some_requests_keeps_its_connection() {
     assert_eq!(client.get().await, Some(200));
     assert!(seen.load(Ordering::SeqCst) >= BATCHES * ANSWERED);
     assert_eq!(rapid_reset_closes(&wraith).await, 0);
+}
+
+/// A UDP relay between one client and `target` that keeps a copy of what the client sends
+/// while `recording`, and sends it to `target` again (`replay`) from the relay's own address,
+/// as an attacker on the path replays a client's first flight.
+struct RecordingRelay {
+    addr: SocketAddr,
+    back: Arc<tokio::net::UdpSocket>,
+    recording: Arc<AtomicBool>,
+    recorded: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingRelay {
+    async fn start(target: SocketAddr) -> RecordingRelay {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(target).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let recording = Arc::new(AtomicBool::new(false));
+        let recorded: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let (b, r, rec) = (back.clone(), recording.clone(), recorded.clone());
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    got = front.recv_from(&mut up) => {
+                        let Ok((n, from)) = got else { break };
+                        client = Some(from);
+                        if r.load(Ordering::SeqCst) {
+                            rec.lock().unwrap().push(up[..n].to_vec());
+                        }
+                        let _ = b.send(&up[..n]).await;
+                    }
+                    got = b.recv(&mut down) => {
+                        let Ok(n) = got else { break };
+                        if let Some(client) = client {
+                            let _ = front.send_to(&down[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        RecordingRelay {
+            addr,
+            back,
+            recording,
+            recorded,
+            task,
+        }
+    }
+
+    /// Starts keeping what the client sends, forgetting what was kept before.
+    fn record(&self) {
+        self.recorded.lock().unwrap().clear();
+        self.recording.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops keeping what the client sends.
+    fn stop_recording(&self) {
+        self.recording.store(false, Ordering::SeqCst);
+    }
+
+    /// Sends everything recorded to the target again, in order.
+    async fn replay(&self) {
+        let recorded = self.recorded.lock().unwrap().clone();
+        for d in recorded {
+            self.back.send(&d).await.unwrap();
+        }
+    }
+}
+
+impl Drop for RecordingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `wraith_tls_handshakes_total` on the https listener that did not complete (any result but
+/// `ok`).
+async fn handshakes_not_completed(wraith: &Wraith) -> u64 {
+    let (_, text) = wraith.admin_get("/v1/metrics").await;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| {
+            l.starts_with("wraith_tls_handshakes_total{")
+                && l.contains("listener=\"https\"")
+                && !l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// 0-RTT replay (RFC 9001 §9.2, RFC 8446 §8): an attacker on the path records a client's
+/// first flight, a resumed handshake with an early GET to a route that takes early data, and
+/// sends it again once the client's connection is over. The gateway starts a handshake for
+/// the copy, but the copy's early request never reaches the upstream: the
+/// session it resumes was taken by the original (resumable once), and its address token was
+/// spent too. The copy's handshake, which only the real client could finish, times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_0rtt_first_flight_is_not_served_again() {
+    let (upstream, seen) = counting_upstream(Duration::ZERO, 2).await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let base = setup.listeners_h3(
+        "handshake_timeout = \"2s\"",
+        "zero_rtt = true",
+        ALLOW_ALL_POLICY,
+    );
+    let cfg = format!(
+        r#"{base}
+[[upstream]]
+name = "app"
+endpoints = ["{}"]
+
+[[route]]
+name = "static"
+path = {{ prefix = "/static/" }}
+upstream = "app"
+early_data = true
+"#,
+        upstream.addr
+    );
+    let wraith = setup.start(&cfg);
+    let relay = RecordingRelay::start(wraith.addr("https")).await;
+    let client = H3Client::new(&ca, None, Groups::Default);
+
+    // First visit: a full handshake leaves the client a session ticket and an address token.
+    let mut first = client.connect(relay.addr).await.unwrap();
+    assert_eq!(first.get("/static/a").await.unwrap().status(), 200);
+    first.conn.close(quinn::VarInt::from_u32(0), b"done");
+
+    // Second visit, recorded: the GET goes out as 0-RTT and is served early.
+    let (mut conn, accepted) = loop {
+        relay.record();
+        if let Some(c) = client.connect_0rtt(relay.addr).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(conn.get("/static/page").await.unwrap().status(), 200);
+    assert!(accepted.await, "the server accepted the early data");
+    relay.stop_recording();
+    conn.conn.close(quinn::VarInt::from_u32(0), b"done");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    let failed_before = handshakes_not_completed(&wraith).await;
+
+    // The replay, sent again until a handshake for it has ended: while the original
+    // connection drains, the gateway takes the copy for late packets of it. Once the copy's
+    // handshake is over (timed out: only the real client could finish it), anything early it
+    // carried would have been served.
+    let over = Wraith::eventually(WAIT, || async {
+        relay.replay().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        handshakes_not_completed(&wraith).await > failed_before
+    })
+    .await;
+    assert!(over, "the replayed handshake never ended");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "the replayed early GET reached the upstream"
+    );
 }

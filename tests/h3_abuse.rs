@@ -2,7 +2,9 @@
 //! the requests it receives: "rapid reset" (request streams opened and cancelled at once,
 //! CVE-2023-44487 over QUIC) is cut off per connection (`listener/quic/cancels.rs`), and a
 //! client that cancels some of its requests, as browsers do, is never cut; a 0-RTT first
-//! flight replayed by someone who recorded it is not served a second time.
+//! flight replayed by someone who recorded it is not served a second time; handshakes that
+//! never finish (an Initial flood from forged addresses) hold no more than `retry_threshold`
+//! connections, each until `handshake_timeout`, and the rest get a stateless Retry.
 
 mod common;
 
@@ -12,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::quic::{
-    frame, read_status, request_section, Groups, H3Client, RawH3, H3_REQUEST_CANCELLED, HEADERS,
+    frame, read_status, request_section, Groups, H3Client, HoldingRelay, RawH3,
+    H3_REQUEST_CANCELLED, HEADERS,
 };
 use common::*;
 
@@ -303,16 +306,21 @@ impl Drop for RecordingRelay {
     }
 }
 
-/// `wraith_tls_handshakes_total` on the https listener that did not complete (any result but
-/// `ok`).
-async fn handshakes_not_completed(wraith: &Wraith) -> u64 {
+/// `wraith_tls_handshakes_total` on the https listener whose `result` is `result`, or (with
+/// `"!ok"`) anything but `ok`, summed over the other labels.
+async fn handshakes(wraith: &Wraith, result: &str) -> u64 {
     let (_, text) = wraith.admin_get("/v1/metrics").await;
+    let (negate, result) = match result.strip_prefix('!') {
+        Some(r) => (true, r),
+        None => (false, result),
+    };
+    let label = format!("result=\"{result}\"");
     String::from_utf8_lossy(&text)
         .lines()
         .filter(|l| {
             l.starts_with("wraith_tls_handshakes_total{")
                 && l.contains("listener=\"https\"")
-                && !l.contains("result=\"ok\"")
+                && l.contains(&label) != negate
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -370,7 +378,7 @@ early_data = true
     relay.stop_recording();
     conn.conn.close(quinn::VarInt::from_u32(0), b"done");
     assert_eq!(seen.load(Ordering::SeqCst), 2);
-    let failed_before = handshakes_not_completed(&wraith).await;
+    let failed_before = handshakes(&wraith, "!ok").await;
 
     // The replay, sent again until a handshake for it has ended: while the original
     // connection drains, the gateway takes the copy for late packets of it. Once the copy's
@@ -379,7 +387,7 @@ early_data = true
     let over = Wraith::eventually(WAIT, || async {
         relay.replay().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        handshakes_not_completed(&wraith).await > failed_before
+        handshakes(&wraith, "!ok").await > failed_before
     })
     .await;
     assert!(over, "the replayed handshake never ended");
@@ -388,4 +396,91 @@ early_data = true
         2,
         "the replayed early GET reached the upstream"
     );
+}
+
+/// The QUIC connections `wraith status` counts on the https listener (handshakes in progress
+/// among them: each holds its `max_connections` slot from its first packet).
+async fn quic_connections(wraith: &Wraith) -> u64 {
+    let status = wraith.status().await;
+    status["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "https"))
+        .and_then(|l| l["quic_connections"].as_u64())
+        .unwrap_or_else(|| panic!("no https quic_connections in {status}"))
+}
+
+/// A client whose handshake never finishes: its Initial goes to `target` from a relay that
+/// drops every answer, as a flood from forged source addresses looks to the server. The
+/// relay counts the Retries sent to it; the client gives up when the task is aborted.
+async fn half_open(
+    ca: &std::path::Path,
+    target: SocketAddr,
+) -> (HoldingRelay, tokio::task::JoinHandle<()>) {
+    let relay = HoldingRelay::one_way(target, "127.0.0.1".parse().unwrap()).await;
+    let client = H3Client::new(ca, None, Groups::Default);
+    let addr = relay.addr;
+    let task = tokio::spawn(async move {
+        let _ = client.connect(addr).await;
+    });
+    (relay, task)
+}
+
+/// An Initial flood (`retry = "under_load"`): the first `retry_threshold` handshakes that never
+/// finish are taken on and hold a connection each, but only until `handshake_timeout`; while
+/// they are in progress the next client without a token gets a Retry (stateless: it holds
+/// nothing, and a forged address never answers it) instead of a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_that_never_finish_get_retry_past_retry_threshold_and_end_at_handshake_timeout()
+{
+    const THRESHOLD: u64 = 3;
+    let (upstream, _seen) = counting_upstream(Duration::ZERO, 2).await;
+    let setup = Setup::new();
+    let ca = setup.pki.ca_pem.clone();
+    let base = setup.listeners_h3(
+        "handshake_timeout = \"3s\"",
+        &format!("retry_threshold = {THRESHOLD}"),
+        ALLOW_ALL_POLICY,
+    );
+    let wraith = setup.start(&config(&base, upstream.addr));
+    let target = wraith.addr("https");
+
+    let mut taken = Vec::new();
+    for i in 1..=THRESHOLD {
+        taken.push(half_open(&ca, target).await);
+        let held =
+            Wraith::eventually(WAIT, || async { quic_connections(&wraith).await == i }).await;
+        assert!(held, "half-open handshake {i} not taken on");
+    }
+    let (flood, flood_task) = half_open(&ca, target).await;
+    let retried =
+        Wraith::eventually(WAIT, || async { flood.retries.load(Ordering::SeqCst) > 0 }).await;
+    assert!(retried, "no Retry with {THRESHOLD} handshakes in progress");
+    assert_eq!(quic_connections(&wraith).await, THRESHOLD);
+    for (relay, _) in &taken {
+        assert_eq!(
+            relay.retries.load(Ordering::SeqCst),
+            0,
+            "a Retry below the threshold"
+        );
+    }
+
+    // The flood stops. The half-open handshakes, whose clients are still there but never
+    // answer, end at handshake_timeout (their clients' retransmitted Initials do not extend it).
+    flood_task.abort();
+    let timed_out = Wraith::eventually(WAIT, || async {
+        handshakes(&wraith, "timeout").await >= THRESHOLD
+    })
+    .await;
+    assert!(timed_out, "half-open handshakes outlived handshake_timeout");
+    for (_, task) in &taken {
+        task.abort();
+    }
+    let freed = Wraith::eventually(WAIT, || async { quic_connections(&wraith).await == 0 }).await;
+    assert!(freed, "half-open connections kept their slots");
+    let ca = wraith.pki().ca_pem.clone();
+    let mut client = H3Client::new(&ca, None, Groups::Default)
+        .connect(target)
+        .await
+        .unwrap();
+    assert_eq!(client.get("/").await.unwrap().status(), 200);
 }

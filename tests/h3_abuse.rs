@@ -4,7 +4,8 @@
 //! client that cancels some of its requests, as browsers do, is never cut; a 0-RTT first
 //! flight replayed by someone who recorded it is not served a second time; handshakes that
 //! never finish (an Initial flood from forged addresses) hold no more than `retry_threshold`
-//! connections, each until `handshake_timeout`, and the rest get a stateless Retry.
+//! connections, each until `handshake_timeout`, and the rest get a stateless Retry; streams
+//! of unknown types are let go of as they come, and a second control stream is an error.
 
 mod common;
 
@@ -14,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::quic::{
-    frame, read_status, request_section, Groups, H3Client, HoldingRelay, RawH3,
-    H3_REQUEST_CANCELLED, HEADERS,
+    frame, frame_head, read_status, request_section, Groups, H3Client, HoldingRelay, RawH3,
+    H3_REQUEST_CANCELLED, HEADERS, SETTINGS,
 };
 use common::*;
 
@@ -483,4 +484,54 @@ async fn handshakes_that_never_finish_get_retry_past_retry_threshold_and_end_at_
         .await
         .unwrap();
     assert_eq!(client.get("/").await.unwrap().status(), 200);
+}
+
+/// Unidirectional streams of a reserved type (RFC 9114 §6.2.3: 0x1f * N + 0x21), each with a
+/// KiB on it, far more than the 8 the gateway allows open at once: it stops each as its type
+/// arrives and lets it go, so the client's stream credit comes back (were they kept, the 9th
+/// could not be opened) and the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unidirectional_streams_of_unknown_types_are_let_go_as_they_come() {
+    const STREAMS: usize = 2_000;
+    let (upstream, _seen) = counting_upstream(Duration::ZERO, 2).await;
+    let (_wraith, client) = gateway(&upstream, quinn::TransportConfig::default()).await;
+    // A request first: from its end the connection has idle_timeout, not header_read_timeout.
+    assert_eq!(client.get().await, Some(200));
+    let mut payload = vec![0x21]; // a reserved stream type
+    payload.extend_from_slice(&[0x5a; 1024]);
+    for i in 0..STREAMS {
+        let mut uni = tokio::time::timeout(WAIT, client.conn.open_uni())
+            .await
+            .unwrap_or_else(|_| panic!("no credit for unidirectional stream {i}"))
+            .unwrap();
+        // Stopped by the gateway: a write may fail, which is what it should do.
+        let _ = uni.write_all(&payload).await;
+        let _ = uni.finish();
+    }
+    assert_eq!(client.get().await, Some(200));
+}
+
+/// Only one control stream per peer (RFC 9114 §6.2.1): a second is a connection error,
+/// H3_STREAM_CREATION_ERROR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_control_stream_closes_the_connection() {
+    const H3_STREAM_CREATION_ERROR: u64 = 0x103;
+    let (upstream, _seen) = counting_upstream(Duration::ZERO, 2).await;
+    let (_wraith, client) = gateway(&upstream, quinn::TransportConfig::default()).await;
+    assert_eq!(client.get().await, Some(200));
+    let mut second = client.conn.open_uni().await.unwrap();
+    let mut head = vec![0x00]; // stream type: control
+    head.extend(frame_head(SETTINGS, 0));
+    second.write_all(&head).await.unwrap();
+    let reason = tokio::time::timeout(WAIT, client.conn.closed())
+        .await
+        .expect("a second control stream and the connection is open");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.error_code.into_inner(),
+            H3_STREAM_CREATION_ERROR,
+            "{close:?}"
+        ),
+        other => panic!("closed with {other:?}"),
+    }
 }

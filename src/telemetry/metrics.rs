@@ -643,7 +643,8 @@ pub struct ListenerMetrics {
     name: String,
     /// Open connections by protocol (`PROTOCOLS`), created on first use.
     connections: [OnceLock<Gauge>; PROTOCOLS.len()],
-    /// Connections refused at accept by reason (`REFUSALS`), created on first use.
+    /// Connections refused at accept (or closed later, `rapid_reset`) by reason (`REFUSALS`),
+    /// created on first use.
     refused: [OnceLock<Counter>; REFUSALS.len()],
     /// The handshake counters used so far (a few: version, group and result come from small
     /// fixed sets), so a handshake neither formats labels nor takes the series lock.
@@ -671,8 +672,7 @@ impl ListenerMetrics {
         })
     }
 
-    /// Counts a connection refused at accept (or closed for a flood) for `reason` (one of
-    /// `REFUSALS`).
+    /// Counts a connection refused at accept, or closed later, for `reason` (one of `REFUSALS`).
     pub fn refused(&self, reason: &'static str) {
         let r = REFUSALS.iter().position(|r| *r == reason).unwrap_or(0);
         self.refused[r]

@@ -508,7 +508,7 @@ impl Metrics {
         );
         r.register(
             "wraith_connections_refused",
-            "Client connections closed at accept, or later for what they did, by listener and reason (per_client_limit: the client had limits.max_connections_per_client open; rapid_reset: an HTTP/3 client cancelled half or more of its requests before their response)",
+            "Client connections closed at accept, or later for what they did, by listener and reason (per_client_limit: the client had limits.max_connections_per_client open; h2_rapid_reset: an HTTP/2 client reset most of its streams before their response; h3_rapid_reset: an HTTP/3 client cancelled half or more of its requests before their response)",
             m.connections_refused.clone(),
         );
         r.register(
@@ -643,7 +643,7 @@ pub struct ListenerMetrics {
     name: String,
     /// Open connections by protocol (`PROTOCOLS`), created on first use.
     connections: [OnceLock<Gauge>; PROTOCOLS.len()],
-    /// Connections refused at accept (or closed later, `rapid_reset`) by reason (`REFUSALS`),
+    /// Connections refused at accept (or closed later, `*_rapid_reset`) by reason (`REFUSALS`),
     /// created on first use.
     refused: [OnceLock<Counter>; REFUSALS.len()],
     /// The handshake counters used so far (a few: version, group and result come from small

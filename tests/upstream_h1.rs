@@ -94,17 +94,29 @@ fn gateway(setup: Setup, endpoints: &[String]) -> Wraith {
 }
 
 fn gateway_with_timeout(setup: Setup, endpoints: &[String], response_timeout: &str) -> Wraith {
+    gateway_with(
+        setup,
+        endpoints,
+        &format!("response_timeout = \"{response_timeout}\""),
+    )
+}
+
+/// The gateway in front of `endpoints`, with `settings` (TOML lines) on their upstream.
+fn gateway_with(setup: Setup, endpoints: &[String], settings: &str) -> Wraith {
     let list = endpoints
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect::<Vec<_>>()
         .join(", ");
     let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [{list}]\nresponse_timeout = \"{response_timeout}\"\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
+        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [{list}]\n{settings}\n\n[[route]]\nname = \"all\"\nupstream = \"up\"\n",
         setup.listeners()
     );
     setup.start(&cfg)
 }
+
+/// Passive health that ejects an endpoint after two failures in a row.
+const EJECT_AFTER_TWO: &str = "outlier = { consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 100 }";
 
 /// An upstream that reads a request head, writes `reply` without reading any of the body,
 /// then keeps the connection open for `hold` (none: it closes).
@@ -791,15 +803,7 @@ async fn a_response_delimited_by_the_close_counts_as_a_success_for_passive_healt
         }
     })
     .await;
-    let setup = Setup::new();
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{}\"]\n\
-         outlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 100 }}\n\n\
-         [[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        setup.listeners(),
-        up.addr
-    );
-    let wraith = setup.start(&cfg);
+    let wraith = gateway_with(Setup::new(), &[up.addr.to_string()], EJECT_AFTER_TWO);
     let client = http_client();
     for round in 0..3 {
         let r = client
@@ -832,15 +836,7 @@ async fn a_switch_of_protocols_nobody_asked_for_counts_as_a_failure_for_passive_
         )
     })
     .await;
-    let setup = Setup::new();
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"up\"\nendpoints = [\"{}\"]\n\
-         outlier = {{ consecutive_failures = 2, base_ejection_time = \"1m\", max_ejected_percent = 100 }}\n\n\
-         [[route]]\nname = \"all\"\nupstream = \"up\"\n",
-        setup.listeners(),
-        up.addr
-    );
-    let wraith = setup.start(&cfg);
+    let wraith = gateway_with(Setup::new(), &[up.addr.to_string()], EJECT_AFTER_TWO);
     let client = http_client();
     for i in 0..2 {
         let r = client.get(wraith.url("http", "/x")).send().await.unwrap();

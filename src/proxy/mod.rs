@@ -627,13 +627,13 @@ impl Opened {
     }
 }
 
-/// The same URI with another path (query kept).
 /// Whether a field value begins or ends with whitespace (SP or HTAB, the only whitespace a
 /// `HeaderValue` holds).
 fn padded(value: &[u8]) -> bool {
     matches!(value.first(), Some(b' ' | b'\t')) || matches!(value.last(), Some(b' ' | b'\t'))
 }
 
+/// The same URI with another path (query kept).
 fn with_path(uri: &Uri, path: &str) -> Result<Uri, GatewayError> {
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),

@@ -13,9 +13,10 @@ need=()
 # logrotate, systemd-analyze: run the shipped integrations/ files in tests/integrations.rs.
 # haproxy: the TCP load balancer sending PROXY protocol headers in tests/proxy_protocol.rs.
 # redis-server (with redis-cli): the store of shared rate limits in tests/shared_limits.rs.
+# gdb: the test watchdog (tests/common) prints the threads of a test that hangs.
 for pkg in curl:curl tmux:tmux chromium:chromium faketime:faketime python3:python3 testssl:testssl.sh \
   logrotate:logrotate systemd-analyze:systemd haproxy:haproxy redis-server:redis-server \
-  redis-cli:redis-tools; do
+  redis-cli:redis-tools gdb:gdb; do
   bin=${pkg%%:*}; deb=${pkg##*:}
   command -v "$bin" >/dev/null 2>&1 || need+=("$deb")
 done

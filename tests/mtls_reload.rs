@@ -20,6 +20,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{mpsc, Notify};
 
 const LOG_WAIT: Duration = Duration::from_secs(20);
+/// How long a connection or a request may take to succeed or fail.
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
 
 /// The reload's line about a listener whose client-certificate rules changed.
 const RULES_CHANGED: &str = "client authentication settings changed";
@@ -132,6 +134,16 @@ impl OneConnection {
         tls: rustls::ClientConfig,
         alpn: Alpn,
     ) -> Result<OneConnection, String> {
+        tokio::time::timeout(ANSWER_WAIT, OneConnection::connect(addr, tls, alpn))
+            .await
+            .unwrap_or_else(|_| panic!("connecting to {addr}: no outcome within {ANSWER_WAIT:?}"))
+    }
+
+    async fn connect(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        alpn: Alpn,
+    ) -> Result<OneConnection, String> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -175,8 +187,18 @@ impl OneConnection {
         }
     }
 
-    /// `GET path`: the status and body, or why no response came.
+    /// `GET path`: the status and body, or why no response came. A response that neither
+    /// comes nor fails within `ANSWER_WAIT` is a failure of the test (a server that stopped
+    /// answering must not pass as a connection refused).
     async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        tokio::time::timeout(ANSWER_WAIT, self.exchange(path))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("GET {path}: neither a response nor an error within {ANSWER_WAIT:?}")
+            })
+    }
+
+    async fn exchange(&mut self, path: &str) -> Result<(u16, String), String> {
         // HTTP/1.1 names the host in a header, HTTP/2 in the target (`:authority`).
         let req = match self.sender {
             Sender::H1(_) => Request::get(path).header("host", "localhost"),
@@ -1046,18 +1068,22 @@ async fn quic_sessions_outlive_a_reload_that_keeps_the_rules() {
     let h3 = H3Client::new(&ca, Some(client.pair()), Groups::Default);
     // Whether a connection offering the session resumed it (its early request served; one
     // the server turned away is rejected with the early data).
+    // Each connection is closed once its own ticket has come, for the next one to offer.
     let resumes = || async {
+        let seen = h3.tickets();
         let (mut conn, accepted) = h3.connect_0rtt(addr).await.expect("no session to offer");
         let served = conn.get("/version").await.map(|r| r.status());
         let accepted = accepted.await;
         if accepted {
             assert_eq!(served, Ok(200));
         }
+        h3.ticket_after(seen).await;
         conn.conn.close(quinn::VarInt::from_u32(0), b"done");
         accepted
     };
     let mut conn = h3.connect(addr).await.unwrap();
     assert_eq!(conn.get("/version").await.unwrap().status(), 200);
+    h3.ticket_after(0).await;
     conn.conn.close(quinn::VarInt::from_u32(0), b"done");
     assert!(resumes().await, "no resumption before any reload");
 

@@ -608,6 +608,8 @@ pub struct Wraith {
     pub config_path: PathBuf,
     child: Option<Child>,
     state: Arc<(Mutex<LogState>, Condvar)>,
+    /// Dropped with the instance: tells its watchdog the test is over (`watchdog`).
+    _watchdog: std::sync::mpsc::Sender<()>,
 }
 
 #[derive(Default)]
@@ -825,11 +827,13 @@ impl Wraith {
             lock.lock().unwrap().closed = true;
             cv.notify_all();
         });
+        let pid = child.id();
         let w = Wraith {
             dir,
             pki: None,
             config_path,
             child: Some(child),
+            _watchdog: watchdog(pid, state.clone()),
             state,
         };
         w.wait_for(Duration::from_secs(30), |s| s.started || s.closed);
@@ -1152,8 +1156,97 @@ impl Wraith {
     }
 }
 
+/// How long one gateway instance may live before its watchdog steps in
+/// (`WRAITH_TEST_DEADLINE_SECS`; the longest test binary takes well under a minute).
+fn test_deadline() -> Duration {
+    let secs = std::env::var("WRAITH_TEST_DEADLINE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+/// A test that hangs (an await with nothing to end it) would otherwise hold the whole suite
+/// until CI's own time limit, with nothing said about where. Past `test_deadline` this
+/// names the test, prints the gateway's log and kills the gateway, which ends most waits on
+/// it in an error the test reports; a test still running a minute later ends the process.
+fn watchdog(pid: u32, state: Arc<(Mutex<LogState>, Condvar)>) -> std::sync::mpsc::Sender<()> {
+    use std::sync::mpsc::RecvTimeoutError::Timeout;
+    let (done, over) = std::sync::mpsc::channel::<()>();
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test thread)")
+        .to_string();
+    let deadline = test_deadline();
+    // Straight to the process's stderr: libtest captures `eprintln!` in the threads a test
+    // spawns, and shows it only for a test that ends, which this one may never do.
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+        }};
+    }
+    std::thread::spawn(move || {
+        if over.recv_timeout(deadline) != Err(Timeout) {
+            return;
+        }
+        let (log, exited) = {
+            let s = state.0.lock().unwrap_or_else(|e| e.into_inner());
+            (s.lines.join("\n"), s.closed)
+        };
+        say!(
+            "watchdog: {test} still running after {deadline:?}; killing its gateway (pid {pid}). \
+             The gateway's log:\n{log}"
+        );
+        if !exited {
+            say!("watchdog: the gateway's threads:\n{}", stacks(pid));
+        }
+        say!(
+            "watchdog: the test process's threads:\n{}",
+            stacks(std::process::id())
+        );
+        if !exited {
+            // SAFETY: kill(2) has no memory effects; the pid is the gateway's, not yet reaped
+            // (its stderr is still open, so it has not exited).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if over.recv_timeout(Duration::from_secs(60)) == Err(Timeout) {
+            say!("watchdog: {test} still running a minute after its gateway was killed; ending the test process");
+            std::process::exit(101);
+        }
+    });
+    done
+}
+
+/// The stack of every thread of process `pid`, by gdb when it is installed (where a hung
+/// test waits, and whether the gateway is stuck or idle).
+fn stacks(pid: u32) -> String {
+    let out = Command::new("timeout")
+        .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-nx", "-ex"])
+        .arg("thread apply all bt")
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => format!("(no stacks: {e})"),
+    }
+}
+
 impl Drop for Wraith {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the gateway said, beside the assertion that failed (many assertions carry
+            // it already; the ones that time out in a client do not).
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "the gateway's log (last {} of {} lines):\n{}",
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -24,6 +24,63 @@ pub enum Groups {
 pub struct H3Client {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
+    tickets: Arc<CountingSessions>,
+}
+
+/// rustls' client session cache, counting the TLS 1.3 tickets it is given: a test that
+/// resumes again must not close a connection before that connection's ticket has come (with
+/// 0-RTT the early response can arrive first: the server sends the ticket once it has the
+/// client's Finished).
+#[derive(Debug)]
+struct CountingSessions {
+    cache: rustls::client::ClientSessionMemoryCache,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingSessions {
+    fn set_kx_hint(&self, name: rustls_pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.cache.set_kx_hint(name, group)
+    }
+
+    fn kx_hint(&self, name: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.cache.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.cache.set_tls12_session(name, value)
+    }
+
+    fn tls12_session(
+        &self,
+        name: &rustls_pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.cache.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &rustls_pki_types::ServerName<'static>) {
+        self.cache.remove_tls12_session(name)
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.cache.insert_tls13_ticket(name, value);
+        self.tickets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        name: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.cache.take_tls13_ticket(name)
+    }
 }
 
 impl H3Client {
@@ -48,10 +105,37 @@ impl H3Client {
         let mut tls = tls_client_with(ca_pem, client, Arc::new(provider));
         tls.alpn_protocols = vec![alpn.to_vec()];
         tls.enable_early_data = true;
+        let tickets = Arc::new(CountingSessions {
+            cache: rustls::client::ClientSessionMemoryCache::new(256),
+            tickets: Default::default(),
+        });
+        tls.resumption = rustls::client::Resumption::store(tickets.clone());
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let config = quinn::ClientConfig::new(Arc::new(crypto));
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        H3Client { endpoint, config }
+        H3Client {
+            endpoint,
+            config,
+            tickets,
+        }
+    }
+
+    /// How many session tickets the client has been given so far.
+    pub fn tickets(&self) -> usize {
+        self.tickets
+            .tickets
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (up to 10 s) until the client has been given more than `seen` tickets.
+    pub async fn ticket_after(&self, seen: usize) {
+        for _ in 0..1000 {
+            if self.tickets() > seen {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no session ticket came within 10 s (had {seen})");
     }
 
     /// Sends QUIC PINGs whenever nothing else was sent for `interval` (quinn's keep-alive).

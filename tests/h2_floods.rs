@@ -67,16 +67,25 @@ struct Outcome {
 }
 
 /// Plays `rounds` rounds of a rapid-reset attack on one TLS connection: each round opens
-/// `per_round` streams (HEADERS with END_STREAM); with `hold`, they are reset in the next
-/// round, once the server has taken them (acknowledged the round's PING), otherwise each is
-/// reset (RST_STREAM CANCEL) right behind its HEADERS. A round is answered before the next is
-/// sent (the PING ACK), so no write waits on a full socket. Ends early when the server
-/// closes the connection.
-async fn rapid_reset(wraith: &Wraith, rounds: usize, per_round: u32, hold: bool) -> Outcome {
+/// `per_round` streams (HEADERS with END_STREAM); with `held` (the upstream's request
+/// count), they are reset in the next round, once the server has taken them (they have
+/// reached the upstream: a stream h2 still holds for hyper to accept is one h2's own budget
+/// of resets counts), otherwise each is reset (RST_STREAM CANCEL) right behind its HEADERS.
+/// A round is answered before the next is sent (the PING ACK), so no write waits on a full
+/// socket. Ends early when the server closes the connection.
+async fn rapid_reset(
+    wraith: &Wraith,
+    rounds: usize,
+    per_round: u32,
+    held_until: Option<&AtomicUsize>,
+) -> Outcome {
+    let hold = held_until.is_some();
     let tls = h2_raw_tls(wraith).await;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel();
     let (settings, mut settings_acks) = tokio::sync::mpsc::unbounded_channel();
+    let going_away = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gone = going_away.clone();
     let reader = tokio::spawn(async move {
         let mut outcome = Outcome::default();
         while let Some((ty, flags, _, payload)) = read_frame(&mut rd).await {
@@ -90,12 +99,15 @@ async fn rapid_reset(wraith: &Wraith, rounds: usize, per_round: u32, hold: bool)
                 }
                 7 => {
                     outcome.goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+                    gone.store(true, Ordering::SeqCst);
                 }
                 _ => {}
             }
         }
+        gone.store(true, Ordering::SeqCst);
         outcome
     });
+    let upstream_before = held_until.map_or(0, |c| c.load(Ordering::SeqCst));
     let block = get_block();
     let mut next = 1u32;
     let mut held: Vec<u32> = Vec::new();
@@ -125,6 +137,18 @@ async fn rapid_reset(wraith: &Wraith, rounds: usize, per_round: u32, hold: bool)
             Ok(Some(())) => done += 1,
             Ok(None) => break,
             Err(_) => panic!("round {round} not acknowledged"),
+        }
+        if let Some(count) = held_until {
+            let opened = (next / 2) as usize;
+            let taken = Wraith::eventually(WAIT, || async {
+                count.load(Ordering::SeqCst) - upstream_before >= opened
+                    || going_away.load(Ordering::SeqCst)
+            })
+            .await;
+            assert!(
+                taken,
+                "round {round}: its streams did not reach the upstream"
+            );
         }
     }
     let _ = wr.shutdown().await;
@@ -165,7 +189,7 @@ async fn streams_reset_once_taken_cut_the_connection_off() {
     );
     let wraith = setup.start(&cfg);
     // 5,000 streams, 50 a round trip.
-    let outcome = rapid_reset(&wraith, 100, 50, true).await;
+    let outcome = rapid_reset(&wraith, 100, 50, Some(&count)).await;
     assert_eq!(outcome.goaway, Some(0xb), "{outcome:?}");
     assert!(outcome.rounds < 20, "{outcome:?}");
     // (More than 256 of at least 512 streams reset: the limit with 128 concurrent
@@ -214,12 +238,12 @@ async fn streams_reset_at_once_cut_the_connection_off() {
     let cfg = config(&setup, upstream.addr, "");
     let wraith = setup.start(&cfg);
     // 800 streams, 2 a round trip.
-    let outcome = rapid_reset(&wraith, 400, 2, false).await;
+    let outcome = rapid_reset(&wraith, 400, 2, None).await;
     assert_eq!(outcome.goaway, Some(0xb), "{outcome:?}");
     assert!(outcome.rounds < 200, "{outcome:?}");
     assert_eq!(refused_total(&wraith, "h2_rapid_reset").await, 1);
 
-    let outcome = rapid_reset(&wraith, 100, 50, false).await;
+    let outcome = rapid_reset(&wraith, 100, 50, None).await;
     assert_eq!(outcome.goaway, Some(0xb), "{outcome:?}");
     assert!(outcome.rounds < 20, "{outcome:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;

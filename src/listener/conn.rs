@@ -69,8 +69,6 @@ struct ConnState {
     premature_streams: u64,
     /// Told once the premature resets are past the limit (`ConnState::premature_reset`).
     flooded: tokio::sync::Notify,
-    /// Set when the connection is closed for them (`drive`).
-    calmed: AtomicBool,
 }
 
 /// Rapid reset (CVE-2023-44487): a client that opens streams and resets them at once makes
@@ -110,7 +108,6 @@ impl ConnState {
             premature_streams: PREMATURE_RESET_STREAMS
                 .max(4 * u64::from(limits.max_concurrent_streams)),
             flooded: tokio::sync::Notify::new(),
-            calmed: AtomicBool::new(false),
         }
     }
 
@@ -707,18 +704,10 @@ async fn serve_h2<I, H, F>(
         },
     )));
     let conn = server.serve_connection(TokioIo::new(io), svc);
-    let _ = drive(
-        conn,
-        |c| c.graceful_shutdown(),
-        |c| c.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM),
-        state.as_deref(),
-        limits,
-        close,
-    )
-    .await;
-    if state.is_some_and(|s| s.calmed.load(Ordering::Relaxed)) {
-        // As h2's own floods are accounted for (`connection_error_reason`): one record and
-        // one `malformed_request` event for the connection, and the refusal counted.
+    let calm = |c: Pin<&mut _>| {
+        // Accounted for before the GOAWAY goes out (a client that sees the connection end
+        // finds it counted), as h2's own floods are (`connection_error_reason`): one record
+        // and one `malformed_request` event for the connection, and the refusal counted.
         if let Some(m) = listener.metrics.get() {
             m.refused("h2_rapid_reset");
         }
@@ -730,7 +719,17 @@ async fn serve_h2<I, H, F>(
             http::Version::HTTP_2,
             0,
         );
-    }
+        hyper::server::conn::http2::Connection::abrupt_shutdown(c, h2::Reason::ENHANCE_YOUR_CALM)
+    };
+    let _ = drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        calm,
+        state.as_deref(),
+        limits,
+        close,
+    )
+    .await;
 }
 
 /// Runs a connection (Wraith's HTTP/1.1 or hyper's HTTP/2) to completion, applying drain,
@@ -810,9 +809,6 @@ where
             _ = flooded(state), if !calmed => {
                 tracing::debug!("most streams reset by the client before their response; closing with ENHANCE_YOUR_CALM");
                 abrupt(conn.as_mut());
-                if let Some(state) = state {
-                    state.calmed.store(true, Ordering::Relaxed);
-                }
                 calmed = true;
                 closing = true;
                 // The GOAWAY goes out once the client reads; its drain time at most.

@@ -23,9 +23,9 @@ use common::*;
 /// Bound on every wait for the gateway.
 const WAIT: Duration = Duration::from_secs(30);
 const H3_EXCESSIVE_LOAD: u64 = 0x107;
-/// Request streams ended before the gateway judges a connection's cancellations (Envoy's
-/// number, `cancels::MIN_STREAMS`).
-const MIN_STREAMS: usize = 500;
+/// The streams the gateway judges a connection's cancellations over at least (Envoy's
+/// number, `listener::resets::MIN_STREAMS`; four times `MAX_STREAMS` is more: 512).
+const MIN_STREAMS: usize = 512;
 /// The listener's default `max_concurrent_streams`: request streams open at once.
 const MAX_STREAMS: usize = 128;
 
@@ -39,6 +39,11 @@ endpoints = ["{upstream}"]
 [[route]]
 name = "app"
 upstream = "app"
+
+[log.json]
+path = "access.json"
+[log.events]
+path = "events.json"
 "#
     )
 }
@@ -115,9 +120,10 @@ async fn rapid_reset_closes(wraith: &Wraith) -> u64 {
 /// Rapid reset: HEADERS, then RESET_STREAM and STOP_SENDING, in batches, as fast as stream
 /// credit comes back. Each cancelled stream returns its credit at once while its upstream
 /// request was already sent; before the guard one connection made 5,000 upstream requests
-/// in 7 s this way and was never closed. Now it is closed with H3_EXCESSIVE_LOAD once 500 of
-/// its streams have ended, half or more of them cancelled, and the upstream sees at most
-/// those and the streams open at that moment.
+/// in 7 s this way and was never closed. Now it is closed with H3_EXCESSIVE_LOAD once more
+/// than half of at least 512 streams were cancelled before their response (the rule HTTP/2
+/// has), the upstream sees at most those and the streams open at that moment, and the close
+/// is recorded, reported and counted as HTTP/2's is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_closes_the_connection_with_excessive_load() {
     const ATTEMPTS: usize = 5_000;
@@ -166,6 +172,18 @@ async fn rapid_reset_closes_the_connection_with_excessive_load() {
     // At least some went upstream: what was cut off was the attack the guard is for.
     assert!(upstream_requests > 0);
     assert_eq!(rapid_reset_closes(&wraith).await, 1);
+    let record = wraith
+        .wait_json_line("access.json", WAIT, |r| r["error"] == "malformed_request")
+        .await
+        .expect("a record of the closed connection");
+    assert_eq!(record["protocol"], "h3", "{record}");
+    assert_eq!(record["status"], 400, "{record}");
+    let event = wraith
+        .wait_json_line("events.json", WAIT, |e| {
+            e["wraith"]["event"] == "malformed_request"
+        })
+        .await;
+    assert!(event.is_some(), "no malformed_request event");
 }
 
 /// A client that cancels two in five of its requests before their response (a page left

@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::h1;
+use super::resets::PrematureResets;
 use super::tls::{self, group_name};
 use super::CloseSignal;
 use crate::body::Body;
@@ -59,32 +60,12 @@ struct ConnState {
     /// `idle_timeout` is stalled, as over HTTP/1.1.
     streams: std::sync::Mutex<Vec<std::sync::Weak<StreamClock>>>,
     /// Streams the client has opened that reached the service (h2 bounds those reset
-    /// before hyper takes them: `max_pending_accept_reset_streams`).
-    opened: AtomicU64,
-    /// Of those, streams the client reset before their response head, young
-    /// (`PrematureReset`).
-    premature: AtomicU64,
-    /// The streams over which premature resets are counted at least
-    /// (`PREMATURE_RESET_STREAMS`).
-    premature_streams: u64,
+    /// before hyper takes them: `max_pending_accept_reset_streams`), and those of them it
+    /// reset before their response head (rapid reset, `super::resets`).
+    resets: PrematureResets,
     /// Told once the premature resets are past the limit (`ConnState::premature_reset`).
     flooded: tokio::sync::Notify,
 }
-
-/// Rapid reset (CVE-2023-44487): a client that opens streams and resets them at once makes
-/// the gateway start their requests (routing, policy, an upstream request) for the price of
-/// two frames, over and over on one connection, within `max_concurrent_streams`. As Envoy
-/// does (`overload.premature_reset_*`, whose default this is), a connection is closed with
-/// GOAWAY `ENHANCE_YOUR_CALM` once the streams its client reset within
-/// `PREMATURE_RESET_AGE` of opening them, before their response head, are more than half
-/// of its streams, counted over at least this many (so more than half this many resets), or
-/// four times `max_concurrent_streams` when that is more (512 with the default 128): a
-/// browser leaving a page cancels at most every stream it has open, and may do so twice.
-const PREMATURE_RESET_STREAMS: u64 = 500;
-
-/// A reset later than this after the stream opened is not premature: the client waited
-/// for an answer (a slow upstream) rather than threw the stream away.
-const PREMATURE_RESET_AGE: Duration = Duration::from_secs(1);
 
 /// Since when (milliseconds since the connection's epoch, +1; 0: not waiting) a response
 /// body has handed hyper a frame and not been asked for the next: hyper asks only when the
@@ -103,20 +84,15 @@ impl ConnState {
             // The first request head is due from the moment of accept.
             head_since: AtomicU64::new(1),
             streams: Default::default(),
-            opened: AtomicU64::new(0),
-            premature: AtomicU64::new(0),
-            premature_streams: PREMATURE_RESET_STREAMS
-                .max(4 * u64::from(limits.max_concurrent_streams)),
+            resets: PrematureResets::new(limits.max_concurrent_streams),
             flooded: tokio::sync::Notify::new(),
         }
     }
 
-    /// Counts a stream the client reset before its response head, young; past the limit
-    /// (`PREMATURE_RESET_STREAMS`), tells `drive` to close the connection.
-    fn premature_reset(&self) {
-        let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
-        let opened = self.opened.load(Ordering::Relaxed);
-        if premature * 2 > opened.max(self.premature_streams) {
+    /// Counts a stream the client reset before its response head, `age` after it opened;
+    /// past the limit (`super::resets`), tells `drive` to close the connection.
+    fn premature_reset(&self, age: Duration) {
+        if self.resets.cancelled(age) {
             self.flooded.notify_one();
         }
     }
@@ -145,7 +121,7 @@ impl ConnState {
 
     fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.resets.opened();
         self.head_since.store(0, Ordering::Relaxed);
     }
 
@@ -211,7 +187,7 @@ impl Drop for InFlight {
 
 /// A request's service future until it has its response head: dropped before that, the
 /// stream was reset by the client (hyper drops the future then) or the connection ended.
-/// Young enough, it counts as a premature reset (`PREMATURE_RESET_STREAMS`).
+/// Young enough, it counts as a premature reset (`super::resets`).
 struct PrematureReset {
     state: Option<Arc<ConnState>>,
     opened: Instant,
@@ -234,9 +210,7 @@ impl PrematureReset {
 impl Drop for PrematureReset {
     fn drop(&mut self) {
         if let Some(s) = &self.state {
-            if self.opened.elapsed() < PREMATURE_RESET_AGE {
-                s.premature_reset();
-            }
+            s.premature_reset(self.opened.elapsed());
         }
     }
 }

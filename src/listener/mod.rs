@@ -13,6 +13,7 @@ pub mod limit;
 pub mod ocsp;
 pub mod proxy_protocol;
 pub mod quic;
+mod resets;
 pub mod tls;
 
 use std::net::SocketAddr;

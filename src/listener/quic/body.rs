@@ -176,7 +176,7 @@ impl http_body::Body for Prefixed {
 #[derive(Debug)]
 pub(super) enum SendError {
     /// The client stream failed before the response head was written (the client stopped
-    /// reading, or went): the request counts as cancelled (`cancels.rs`).
+    /// reading, or went): the request counts as cancelled (`listener::resets`).
     Head(h3::error::StreamError),
     Client(h3::error::StreamError),
     Body(BoxError),

@@ -23,7 +23,6 @@
 //! that wants HTTP/3 on that address again meanwhile takes it back.
 
 mod body;
-mod cancels;
 pub mod crypto;
 
 use std::collections::HashMap;
@@ -41,6 +40,7 @@ use self::body::RequestBody;
 use self::crypto::{Handshake, HandshakeData, QuicTls};
 use crate::config::{Congestion, Limits, ListenerConfig, ListenerKey, QuicConfig, RetryPolicy};
 use crate::listener::limit::ConnectionLimit;
+use crate::listener::resets::PrematureResets;
 use crate::proxy::{ConnInfo, EarlyData, TlsInfo};
 use crate::runtime::{ListenerRuntime, Runtime};
 use crate::telemetry::PeerAddress;
@@ -585,8 +585,9 @@ struct QuicConn {
     confirmed: watch::Receiver<Option<Arc<ConnInfo>>>,
     /// The connection itself: its requests end when it closes.
     conn: Connection,
-    /// Its request streams so far, and those the client cancelled (rapid reset).
-    cancels: cancels::Cancels,
+    /// Its request streams so far, and those the client cancelled before their response
+    /// (rapid reset, `super::resets`).
+    resets: PrematureResets,
 }
 
 /// Serves one QUIC connection: handshake (or 0-RTT with the handshake completing alongside),
@@ -708,7 +709,7 @@ async fn serve(runtime: Arc<Runtime>, mut connecting: quinn::Connecting, start: 
         early,
         confirmed: rx,
         conn: conn.clone(),
-        cancels: Default::default(),
+        resets: PrematureResets::new(start.listener.config.limits.max_concurrent_streams),
     });
     serve_h3(ctx, conn, &start.close, timeout).await;
 }
@@ -1208,21 +1209,29 @@ fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 /// One request, then the connection's account of cancelled requests: a client that cancels
-/// most of its requests before their response (rapid reset, `cancels.rs`) has its
-/// connection closed with H3_EXCESSIVE_LOAD, counted as `h3_rapid_reset` among the listener's
-/// refused connections.
+/// most of its requests before their response (rapid reset, `super::resets`) has its
+/// connection closed with H3_EXCESSIVE_LOAD, recorded and reported as HTTP/2's are (a
+/// `malformed_request` record and event) and counted as `h3_rapid_reset` among the
+/// listener's refused connections.
 async fn serve_request(
     ctx: Arc<QuicConn>,
     resolver: h3::server::RequestResolver<h3_quinn::Connection, bytes::Bytes>,
 ) {
+    let opened = Instant::now();
+    ctx.resets.opened();
     // A request cut off by its connection closing is no cancellation: the connection is gone.
     let cancelled =
         respond(&ctx, resolver).await == Ended::Cancelled && ctx.conn.close_reason().is_none();
-    if let cancels::Verdict::Excessive { ended, cancelled } = ctx.cancels.ended(cancelled) {
-        tracing::debug!(peer = %ctx.conn.remote_address(), listener = %ctx.listener.config.name, ended, cancelled, "HTTP/3 connection closed: the client cancelled half or more of its requests before their response (rapid reset)");
+    if cancelled && ctx.resets.cancelled(opened.elapsed()) {
+        tracing::debug!(peer = %ctx.conn.remote_address(), listener = %ctx.listener.config.name, "HTTP/3 connection closed: the client cancelled most of its requests before their response (rapid reset)");
         if let Some(m) = ctx.listener.metrics.get() {
             m.refused("h3_rapid_reset");
         }
+        ctx.refused(
+            http::StatusCode::BAD_REQUEST,
+            "HTTP/3 rapid reset: most streams cancelled before their response (connection closed)",
+            None,
+        );
         ctx.conn.close(
             VarInt::from_u32(H3_EXCESSIVE_LOAD),
             b"too many requests cancelled",
@@ -1230,7 +1239,7 @@ async fn serve_request(
     }
 }
 
-/// How a request stream ended, for `Cancels`.
+/// How a request stream ended, for `PrematureResets`.
 #[derive(PartialEq, Eq)]
 enum Ended {
     /// The client reset the stream or stopped reading it before the response head was sent

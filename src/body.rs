@@ -196,7 +196,9 @@ impl http_body::Body for Body {
                     Poll::Ready(None) => t.slot.body_ended(true),
                     // The upstream may have been waiting for the client: not its failure.
                     Poll::Ready(Some(Err(e))) if Stalled::by_client(e) => t.slot.disarm(),
-                    Poll::Ready(Some(Err(_))) => t.slot.body_ended(false),
+                    Poll::Ready(Some(Err(e))) => t
+                        .slot
+                        .body_failed(&crate::upstream::forwarder::error_chain(&**e)),
                     _ => {}
                 }
                 clean_trailers(polled)

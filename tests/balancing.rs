@@ -1414,6 +1414,20 @@ async fn responses_cut_off_mid_body_eject_their_endpoint() {
     );
     let e = wraith.endpoint_status("pool", &broken.to_string()).await;
     assert_eq!(e["health"], "ejected", "{e}");
+    // Each broken body is in the server log, with the endpoint and why.
+    let line = wraith
+        .wait_log(Duration::from_secs(10), |v| {
+            v["message"] == "upstream response body broke off; the client got a truncated response"
+        })
+        .unwrap_or_else(|| panic!("no log line for a broken body:\n{}", wraith.log()));
+    assert_eq!(line["upstream"], "pool", "{line}");
+    assert_eq!(line["endpoint"], broken.to_string(), "{line}");
+    assert!(
+        line["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("upstream")),
+        "{line}"
+    );
 }
 
 /// Requests still running on an endpoint that a reload removed count against its

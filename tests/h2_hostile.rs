@@ -637,6 +637,21 @@ async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_comp
             reason.is_some_and(|r| r != h2::Reason::NO_ERROR),
             "{content_length:?}: reset with {reason:?}"
         );
+
+        // The server log says so, with the upstream, the endpoint and why.
+        let line = wraith
+            .wait_log(WAIT, |v| {
+                v["message"]
+                    == "upstream response body broke off; the client got a truncated response"
+            })
+            .unwrap_or_else(|| panic!("no log line for the broken body:\n{}", wraith.log()));
+        assert_eq!(line["upstream"], "app", "{line}");
+        assert_eq!(line["endpoint"], upstream.to_string(), "{line}");
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert!(
+            line["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{line}"
+        );
     }
 }
 

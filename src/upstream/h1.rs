@@ -1193,6 +1193,24 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// The response body broke off on the upstream's side (a reset, a close before its end,
+    /// a bad chunk, a stall): the client gets a truncated response. Said in the server log
+    /// with the endpoint and why, whatever the access-log sinks (nginx's "upstream
+    /// prematurely closed connection while reading upstream"), and reported to passive
+    /// health.
+    pub(crate) fn body_failed(&mut self, error: &dyn std::fmt::Display) {
+        let upstream = self.0.report.get().and_then(|r| r.upstream.upgrade());
+        tracing::warn!(
+            upstream = upstream.as_ref().map_or("-", |u| &*u.config.name),
+            endpoint = %self.0.addr,
+            error = %error,
+            "upstream response body broke off; the client got a truncated response"
+        );
+        self.body_ended(false);
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Release);
@@ -1407,12 +1425,13 @@ impl ResponseBody {
     }
 
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let msg = msg.into();
         self.state = State::Done;
         self.conn = None;
         if let Some(slot) = self.in_flight.as_mut() {
-            slot.body_ended(false);
+            slot.body_failed(&msg);
         }
-        Poll::Ready(Some(Err(msg.into().into())))
+        Poll::Ready(Some(Err(msg.into())))
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` at EOF.

@@ -464,6 +464,56 @@ impl http_body::Body for Watched {
     }
 }
 
+/// A body whose first frame has been read already: `forward` reads it to learn whether a
+/// GET that did not say so is empty.
+pub struct Prefixed {
+    first: Option<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl Prefixed {
+    pub fn new(first: Frame<Bytes>, rest: Body) -> Prefixed {
+        Prefixed {
+            first: Some(first),
+            rest,
+        }
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.size_hint();
+        let first = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(first));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(first));
+        }
+        hint
+    }
+}
+
 /// A request body whose small pieces that are there together are passed on as one: a
 /// client's DATA frames of a few bytes each (HTTP/2, HTTP/3) would otherwise reach an HTTP/2
 /// upstream as as many tiny frames, which costs the upstream a frame each and trips the

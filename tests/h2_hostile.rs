@@ -1350,3 +1350,46 @@ async fn a_stream_above_a_graceful_goaway_goes_to_the_same_endpoint_when_it_is_t
         }
     }
 }
+
+/// A GET whose end comes after its head (HEADERS without END_STREAM, then an empty DATA frame
+/// that ends the stream, as some clients send it) goes upstream as the bodyless GET it is,
+/// once its end is there: no chunked body for an upstream that does not read a GET's body,
+/// or refuses one. A GET that does carry content streams it as before.
+#[tokio::test]
+async fn a_get_whose_end_comes_after_its_head_goes_upstream_without_a_body() {
+    let upstream = Recorder::answering(OK).await;
+    let setup = Setup::new();
+    let cfg = config(&setup, &[upstream.addr]);
+    let wraith = setup.start(&cfg);
+    let mut h2 = h2_connect(&wraith).await;
+    for (path, content) in [("/ended-later", ""), ("/with-content", "abc")] {
+        let req = Request::get(https_uri(&wraith, path)).body(()).unwrap();
+        let (resp, mut body) = h2.send_request(req, false).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        body.send_data(Bytes::from_static(content.as_bytes()), true)
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        h2 = h2.ready().await.unwrap();
+    }
+    upstream
+        .wait("both requests upstream", |t, _| t.contains("/with-content"))
+        .await;
+    let text = upstream.text();
+    let (first, second) = text.split_at(text.find("GET /with-content").unwrap());
+    assert!(first.starts_with("GET /ended-later HTTP/1.1\r\n"), "{text}");
+    assert!(
+        !first.to_ascii_lowercase().contains("transfer-encoding")
+            && !first.to_ascii_lowercase().contains("content-length"),
+        "a bodyless GET went upstream with a body:\n{text}"
+    );
+    assert!(first.ends_with("\r\n\r\n"), "{text}");
+    upstream
+        .wait("the content of the second", |t, _| t.ends_with("0\r\n\r\n"))
+        .await;
+    let second = second.to_ascii_lowercase();
+    assert!(
+        second.contains("transfer-encoding: chunked") && second.contains("\r\n3\r\nabc\r\n"),
+        "{text}"
+    );
+}

@@ -818,3 +818,38 @@ async fn an_upload_the_client_abandons_is_logged_as_a_client_abort() {
         }
     }
 }
+
+/// A GET whose FIN comes after its HEADERS frame, in a later packet, goes upstream as the
+/// bodyless GET it is once the FIN is there (not with an empty chunked body, which an
+/// upstream may not read or may refuse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_whose_fin_comes_after_its_head_goes_upstream_without_a_body() {
+    let (wraith, _upstream) = gateway().await;
+    let client = H3Client::new(&wraith.pki().ca_pem, None, Groups::Default);
+    let conn = client.connect(wraith.addr("https")).await.unwrap();
+    let req = http::Request::get("https://localhost/fin-later")
+        .body(())
+        .unwrap();
+    let mut send = conn.send.clone();
+    let mut stream = send.send_request(req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.finish().await.unwrap();
+    let resp = tokio::time::timeout(WAIT, stream.recv_response())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        use bytes::Buf;
+        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["method"], "GET", "{echo}");
+    assert_eq!(echo["body_len"], 0, "{echo}");
+    assert!(
+        echo["headers"].get("transfer-encoding").is_none()
+            && echo["headers"].get("content-length").is_none(),
+        "a bodyless GET went upstream with a body: {echo}"
+    );
+}

@@ -128,6 +128,13 @@ pub fn forward<'a>(
         let forwarding = prepare_request(&mut req, route, info, request_id, h2, upgrade)?;
         let timeout = route.response_timeout.unwrap_or(config.response_timeout);
         let idempotent = is_idempotent(req.method());
+        if !upgrade
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+            && !req.body().is_end_stream()
+            && req.body().size_hint().exact().is_none()
+        {
+            req = body_start(req, timeout).await?;
+        }
 
         // A streamed body that could go past the limit is counted on its way; so is any streamed
         // body to an HTTP/2 upstream, whose client cannot say whether the body or the upstream
@@ -432,6 +439,39 @@ fn no_endpoint(upstream: &Upstream) -> GatewayError {
 }
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
+/// A GET or HEAD whose end did not come with its head (an HTTP/2 HEADERS frame without
+/// END_STREAM, the stream then ended by an empty DATA frame; an HTTP/3 FIN in a later
+/// packet) and without a Content-Length would go upstream with a chunked body, and could not
+/// be retried. Its end, or its first content, is waited for (within `timeout`), so that an
+/// upstream gets the bodyless GET the client meant, as nginx (which reads a request body
+/// before it forwards) sends it: an upstream that does not read a GET's body (hyper's server
+/// then closes the connection, and the reset can cut the response off on its way) or refuses
+/// one (400) would otherwise fail requests that are not the client's fault. Empty DATA
+/// frames carry nothing and are skipped. A GET that does carry content streams as before.
+async fn body_start(req: Request<Body>, timeout: Duration) -> Result<Request<Body>, GatewayError> {
+    let (parts, mut body) = req.into_parts();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| GatewayError::RequestBodyTimeout)?;
+        let body = match frame {
+            None => Body::Empty,
+            Some(Ok(f)) if f.data_ref().is_some_and(|d| d.is_empty()) => continue,
+            Some(Ok(f)) => Body::boxed(crate::body::Prefixed::new(f, body)),
+            Some(Err(e)) if crate::body::client_gone(&*e) => {
+                return Err(GatewayError::ClientClosed)
+            }
+            Some(Err(_)) => {
+                return Err(GatewayError::BadRequest(
+                    "the request body could not be read",
+                ))
+            }
+        };
+        return Ok(Request::from_parts(parts, body));
+    }
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,

@@ -307,6 +307,29 @@ impl BodyWatch {
 #[error("{0}")]
 pub struct ClientGone(pub String);
 
+/// Whether a request body's error is the end of its whole connection, whoever ended it (an
+/// HTTP/2 GOAWAY or broken connection, an HTTP/3 connection error, a protocol violation
+/// found on another frame of it included): the request lost its connection rather than sent
+/// a malformed body of its own. For a request that has sent nothing but its head
+/// (`forward`'s wait for the end of a GET), that is a client abort, as a request whose
+/// connection closed before it was served is.
+pub fn connection_ended(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            return e.is_io() || e.is_go_away();
+        }
+        if let Some(e) = e.downcast_ref::<h3::error::StreamError>() {
+            return e.is_connection_error();
+        }
+        if e.is::<quinn::ConnectionError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Whether a request body's error means its client went away (a client abort, logged 499)
 /// rather than sent something malformed (400): the connection closed or broke, or the client
 /// reset the stream or ended the connection (HTTP/2 RST_STREAM or GOAWAY, HTTP/3 stream

@@ -447,7 +447,8 @@ fn no_endpoint(upstream: &Upstream) -> GatewayError {
 /// before it forwards) sends it: an upstream that does not read a GET's body (hyper's server
 /// then closes the connection, and the reset can cut the response off on its way) or refuses
 /// one (400) would otherwise fail requests that are not the client's fault. Empty DATA
-/// frames carry nothing and are skipped. A GET that does carry content streams as before.
+/// frames carry nothing and are skipped. A GET that does carry content streams as before;
+/// one whose connection ends meanwhile is a client abort (499), not forwarded.
 async fn body_start(req: Request<Body>, timeout: Duration) -> Result<Request<Body>, GatewayError> {
     let (parts, mut body) = req.into_parts();
     let deadline = tokio::time::Instant::now() + timeout;
@@ -459,7 +460,7 @@ async fn body_start(req: Request<Body>, timeout: Duration) -> Result<Request<Bod
             None => Body::Empty,
             Some(Ok(f)) if f.data_ref().is_some_and(|d| d.is_empty()) => continue,
             Some(Ok(f)) => Body::boxed(crate::body::Prefixed::new(f, body)),
-            Some(Err(e)) if crate::body::client_gone(&*e) => {
+            Some(Err(e)) if crate::body::client_gone(&*e) || crate::body::connection_ended(&*e) => {
                 return Err(GatewayError::ClientClosed)
             }
             Some(Err(_)) => {

@@ -156,6 +156,12 @@ impl StreamError {
         )
     }
 
+    /// Wraith: the error is the end of the whole connection (whoever ended it), not of this
+    /// stream alone.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(self, StreamError::ConnectionError(_))
+    }
+
     /// Wraith: the QUIC implementation's own error behind a connection end h3 does not know
     /// (`ConnectionErrorIncoming::Undefined`), for the caller to judge.
     pub fn undefined_cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {

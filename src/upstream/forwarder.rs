@@ -438,7 +438,6 @@ fn no_endpoint(upstream: &Upstream) -> GatewayError {
     }
 }
 
-/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
 /// A GET or HEAD whose end did not come with its head (an HTTP/2 HEADERS frame without
 /// END_STREAM, the stream then ended by an empty DATA frame; an HTTP/3 FIN in a later
 /// packet) and without a Content-Length would go upstream with a chunked body, and could not
@@ -473,6 +472,7 @@ async fn body_start(req: Request<Body>, timeout: Duration) -> Result<Request<Bod
     }
 }
 
+/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,

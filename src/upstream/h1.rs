@@ -1191,9 +1191,7 @@ impl InFlight {
             report.health.record_failure(&upstream);
         }
     }
-}
 
-impl InFlight {
     /// The response body broke off on the upstream's side (a reset, a close before its end,
     /// a bad chunk, a stall): the client gets a truncated response. Said in the server log
     /// with the endpoint and why, whatever the access-log sinks (nginx's "upstream

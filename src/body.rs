@@ -48,6 +48,10 @@ pub struct Tracked {
     pub slot: crate::upstream::h1::InFlight,
     /// Cuts a stream on which neither side moves for the response timeout (`poll_stall`).
     pub stall: Stall,
+    /// The request body's watch, when it streamed (`forward`): a response the stream's reset
+    /// cut off because the client's body failed (it broke off, went past
+    /// `max_request_body`, or its client was banned) is not the upstream's failure.
+    pub request: Option<std::sync::Arc<BodyWatch>>,
 }
 
 /// The stall timer of an HTTP/2 upstream's response body: the longest wait for more of it
@@ -196,6 +200,18 @@ impl http_body::Body for Body {
                     Poll::Ready(None) => t.slot.body_ended(true),
                     // The upstream may have been waiting for the client: not its failure.
                     Poll::Ready(Some(Err(e))) if Stalled::by_client(e) => t.slot.disarm(),
+                    Poll::Ready(Some(Err(_)))
+                        if t.request.as_ref().is_some_and(|w| w.client_failed()) =>
+                    {
+                        // The stream was reset for the request body's failure: the client's
+                        // doing, said as such (the access record's code, no failure of the
+                        // endpoint's).
+                        t.slot.disarm();
+                        if let Some(w) = &t.request {
+                            let failed = crate::upstream::h1::UploadFailed::seen_by(w);
+                            return Poll::Ready(Some(Err(failed.into())));
+                        }
+                    }
                     Poll::Ready(Some(Err(e))) => t
                         .slot
                         .body_failed(&crate::upstream::forwarder::error_chain(&**e)),
@@ -288,6 +304,11 @@ impl BodyWatch {
     /// client's (it stopped sending), not the upstream's.
     pub fn waiting_for_client(&self) -> bool {
         self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `max_request_body` (`u64::MAX` when there is none).
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     /// The body went past the limit: the limit it went past.

@@ -258,8 +258,9 @@ async fn echo_as_it_reads_tls(server: Arc<rustls::ServerConfig>) -> SocketAddr {
     addr
 }
 
-/// Reads a chunked response off `rd` into `out` until its end (`true`) or EOF (`false`);
-/// `first_bytes` is told once the head and some of the body are in.
+/// Reads a chunked (or `Content-Length`) response off `rd` into `out` until its end
+/// (`true`) or EOF (`false`); `first_bytes` is told once the head and some of the body are
+/// in.
 async fn read_chunked_response(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     out: &mut Vec<u8>,
@@ -278,6 +279,24 @@ async fn read_chunked_response(
             Ok(n) => buf.extend_from_slice(&tmp[..n]),
         }
     };
+    if let Some(length) = content_length(&head) {
+        // (An HTTP/2 upstream's echo carries the request's length.)
+        out.append(&mut buf);
+        loop {
+            if out.len() >= length {
+                return (head, true);
+            }
+            if !out.is_empty() {
+                if let Some(tx) = first_bytes.take() {
+                    let _ = tx.send(());
+                }
+            }
+            match rd.read(&mut tmp).await {
+                Ok(0) | Err(_) => return (head, false),
+                Ok(n) => out.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
     let mut dechunk = Dechunk::default();
     loop {
@@ -505,4 +524,69 @@ async fn an_upstream_over_tls_that_echoes_as_it_reads_streams_through() {
     let tls = format!("[upstream.tls]\nca = \"{}\"\n", setup.pki.ca_pem.display());
     let wraith = gateway_in(setup, &format!("https://{upstream}"), &tls);
     echo_through_http1(&wraith, "/duplex-tls").await;
+}
+
+/// A client that gives up on its upload once an HTTP/2 upstream's answer has started (a
+/// streaming call it abandons): the response is cut, and that is the client's doing, not the
+/// endpoint's. The gateway resets the upstream stream because the request body failed; the
+/// response that broke off with it used to count as the endpoint's broken response (one is
+/// enough to eject it here) and be logged as the upstream breaking off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_client_abandons_is_no_failure_of_an_h2_upstream() {
+    use http_body_util::BodyExt;
+    // An h2c upstream that echoes the request body as it reads it.
+    let upstream = Upstream::start(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let echo = req.into_body().map_err(|e| e.into()).boxed();
+        hyper::Response::new(echo)
+    })
+    .await;
+    let endpoint = upstream.addr.to_string();
+    let wraith = gateway_in(
+        Setup::new(),
+        &endpoint,
+        "protocol = \"h2c\"\noutlier = { consecutive_failures = 1, base_ejection_time = \"1m\", max_ejected_percent = 100 }\n",
+    );
+    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let upload = tokio::spawn(async move {
+        let head = format!(
+            "POST /h2-duplex-abort HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.unwrap();
+        wr.write_all(&payload()[..1 << 20]).await.unwrap();
+        let _ = started.await;
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut echoed = Vec::new();
+    let (head, ended) = tokio::time::timeout(
+        LIMIT,
+        read_chunked_response(&mut rd, &mut echoed, Some(started_tx)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no end: {} bytes echoed", echoed.len()));
+    let _wr = upload.await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        !ended,
+        "a response cut by its upload's failure must not end cleanly"
+    );
+
+    let record = wraith
+        .wait_json_line("access.json", Duration::from_secs(10), |v| {
+            v["path"] == "/h2-duplex-abort"
+        })
+        .await
+        .expect("an access record");
+    assert_eq!(record["error"], "client_closed", "{record}");
+    let broke_off = wraith.wait_log(Duration::from_secs(1), |v| {
+        v["message"] == "upstream response body broke off; the client got a truncated response"
+    });
+    assert!(
+        broke_off.is_none(),
+        "logged as the upstream's: {broke_off:?}"
+    );
+    let status = wraith.endpoint_status("up", &endpoint).await;
+    assert_ne!(status["health"], "ejected", "{status}");
 }

@@ -266,6 +266,9 @@ pub fn forward<'a>(
 
             let (failure, returned) = match result {
                 Ok(mut resp) => {
+                    if let (Body::Tracked(t), Some(w)) = (resp.body_mut(), &watch) {
+                        t.request = Some(w.clone());
+                    }
                     // A 5xx, a response that ends with its head and a 101 are recorded now; any
                     // other response when its body ends (`InFlight::body_ended`): one cut off
                     // mid-body is a broken response.
@@ -565,6 +568,7 @@ async fn send_h2(
                 slot: guard,
                 stream,
                 stall: crate::body::Stall::new(timeout),
+                request: None,
             }))
         })),
     }

@@ -70,6 +70,26 @@ pub struct UploadFailed {
 }
 
 impl UploadFailed {
+    /// The failure `watch` saw of a request body that went to an HTTP/2 upstream (which
+    /// only says that its stream was reset): the upstream's response breaks off with it.
+    pub fn seen_by(watch: &crate::body::BodyWatch) -> UploadFailed {
+        let source: Option<BoxError> = if watch.exceeded().is_some() {
+            Some(Box::new(crate::body::TooLarge(watch.limit())))
+        } else if watch.banned().is_some() {
+            Some(Box::new(crate::body::Banned))
+        } else {
+            None
+        };
+        UploadFailed {
+            what: if watch.client_gone() {
+                CLIENT_BODY_GONE
+            } else {
+                CLIENT_BODY_FAILED
+            },
+            source,
+        }
+    }
+
     /// The error code of the access record: what the same failure before the response
     /// would have been answered with.
     pub fn code(&self) -> &'static str {

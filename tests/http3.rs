@@ -323,7 +323,7 @@ upstream = "app"
     first.conn.close(quinn::VarInt::from_u32(0), b"done");
 
     // Second visit: the requests go out as 0-RTT, together, before the handshake completes.
-    let (conn, accepted) = connect_0rtt(&client, relay.addr).await;
+    let (conn, accepted) = client.connect_0rtt_soon(relay.addr).await;
     let (mut a, mut b, mut c) = (conn.clone(), conn.clone(), conn.clone());
     let post = Request::post("https://localhost/static/a")
         .body(())
@@ -402,7 +402,7 @@ async fn zero_rtt_on_an_mtls_listener_waits_for_the_verified_identity() {
     assert_eq!(first.get("/warm").await.unwrap().status(), 200);
     first.conn.close(quinn::VarInt::from_u32(0), b"done");
 
-    let (mut conn, accepted) = connect_0rtt(&client, relay.addr).await;
+    let (mut conn, accepted) = client.connect_0rtt_soon(relay.addr).await;
     let resp = conn.get("/whoami").await.unwrap();
     assert!(accepted.await);
     assert_eq!(resp.status(), 200);
@@ -448,7 +448,7 @@ async fn zero_rtt_waits_for_the_handshake_from_an_address_not_validated() {
         "127.0.0.2".parse().unwrap(),
     )
     .await;
-    let (conn, _accepted) = connect_0rtt(&client, relay.addr).await;
+    let (conn, _accepted) = client.connect_0rtt_soon(relay.addr).await;
     let (mut a, mut b) = (conn.clone(), conn.clone());
     let post = Request::post("https://localhost/form").body(()).unwrap();
     let (get, post) = tokio::join!(
@@ -467,21 +467,6 @@ async fn zero_rtt_waits_for_the_handshake_from_an_address_not_validated() {
     assert!(record.get("early_data").is_none(), "{record}");
     assert_eq!(record["client_ip"], "127.0.0.2", "{record}");
     assert_eq!(post.unwrap().status(), 200, "not Too Early: not early");
-}
-
-/// A 0-RTT connection, once the client holds a session ticket (it arrives just after the
-/// first connection's handshake).
-async fn connect_0rtt(
-    client: &H3Client,
-    addr: std::net::SocketAddr,
-) -> (common::quic::H3Conn, quinn::ZeroRttAccepted) {
-    for _ in 0..100 {
-        if let Some(c) = client.connect_0rtt(addr).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the client never got a session ticket");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,6 +175,18 @@ impl H3Client {
         H3Conn::new(conn).await
     }
 
+    /// `connect_0rtt`, tried again (every 20 ms, for 2 s) until the client has a session it
+    /// can send 0-RTT with (the ticket arrives just after a connection's handshake).
+    pub async fn connect_0rtt_soon(&self, addr: SocketAddr) -> (H3Conn, quinn::ZeroRttAccepted) {
+        for _ in 0..100 {
+            if let Some(c) = self.connect_0rtt(addr).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the client never got a session ticket it could send 0-RTT with");
+    }
+
     /// Connects sending 0-RTT: `None` when the client holds no session ticket for the server
     /// yet. The returned future resolves to whether the server accepted the early data.
     pub async fn connect_0rtt(&self, addr: SocketAddr) -> Option<(H3Conn, quinn::ZeroRttAccepted)> {

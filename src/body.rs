@@ -508,15 +508,16 @@ impl http_body::Body for Watched {
     }
 }
 
-/// A body whose first frame has been read already: `forward` reads it to learn whether a
-/// GET that did not say so is empty.
-pub struct Prefixed {
-    first: Option<Frame<Bytes>>,
-    rest: Body,
+/// A body whose first frame (or error) has been read already: `forward` reads it to learn
+/// whether a GET that did not say so is empty, HTTP/3 to learn whether a request's stream
+/// ended with its head.
+pub struct Prefixed<B> {
+    first: Option<Result<Frame<Bytes>, BoxError>>,
+    rest: B,
 }
 
-impl Prefixed {
-    pub fn new(first: Frame<Bytes>, rest: Body) -> Prefixed {
+impl<B> Prefixed<B> {
+    pub fn new(first: Result<Frame<Bytes>, BoxError>, rest: B) -> Prefixed<B> {
         Prefixed {
             first: Some(first),
             rest,
@@ -524,7 +525,10 @@ impl Prefixed {
     }
 }
 
-impl http_body::Body for Prefixed {
+impl<B> http_body::Body for Prefixed<B>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -533,7 +537,7 @@ impl http_body::Body for Prefixed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(first) = self.first.take() {
-            return Poll::Ready(Some(Ok(first)));
+            return Poll::Ready(Some(first));
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
@@ -544,11 +548,10 @@ impl http_body::Body for Prefixed {
 
     fn size_hint(&self) -> SizeHint {
         let rest = self.rest.size_hint();
-        let first = self
-            .first
-            .as_ref()
-            .and_then(|f| f.data_ref())
-            .map_or(0, |d| d.len() as u64);
+        let first = match &self.first {
+            Some(Ok(f)) => f.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower().saturating_add(first));
         if let Some(upper) = rest.upper() {

@@ -461,7 +461,7 @@ async fn body_start(req: Request<Body>, timeout: Duration) -> Result<Request<Bod
         let body = match frame {
             None => Body::Empty,
             Some(Ok(f)) if f.data_ref().is_some_and(|d| d.is_empty()) => continue,
-            Some(Ok(f)) => Body::boxed(crate::body::Prefixed::new(f, body)),
+            Some(Ok(f)) => Body::boxed(crate::body::Prefixed::new(Ok(f), body)),
             Some(Err(e)) if crate::body::client_gone(&*e) || crate::body::connection_ended(&*e) => {
                 return Err(GatewayError::ClientClosed)
             }

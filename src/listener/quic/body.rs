@@ -59,10 +59,7 @@ impl RequestBody {
         // Look once without waiting: most bodiless requests end with their HEADERS frame.
         match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).now_or_never() {
             Some(None) => Body::Empty,
-            Some(Some(first)) => Body::boxed(Prefixed {
-                first: Some(first),
-                rest: body,
-            }),
+            Some(Some(first)) => Body::boxed(crate::body::Prefixed::new(first, body)),
             None => Body::boxed(body),
         }
     }
@@ -129,45 +126,6 @@ impl http_body::Body for RequestBody {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
-    }
-}
-
-/// A body whose first frame was already read.
-struct Prefixed {
-    first: Option<Result<Frame<Bytes>, BoxError>>,
-    rest: RequestBody,
-}
-
-impl http_body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(first) = self.first.take() {
-            return Poll::Ready(Some(first));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let first = match &self.first {
-            Some(Ok(f)) => f.data_ref().map_or(0, |d| d.len() as u64),
-            _ => 0,
-        };
-        let rest = self.rest.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + first);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + first);
-        }
-        hint
     }
 }
 

@@ -1417,7 +1417,7 @@ async fn responses_cut_off_mid_body_eject_their_endpoint() {
     // Each broken body is in the server log, with the endpoint and why.
     let line = wraith
         .wait_log(Duration::from_secs(10), |v| {
-            v["message"] == "upstream response body broke off; the client got a truncated response"
+            v["message"] == UPSTREAM_BODY_BROKE_OFF
         })
         .unwrap_or_else(|| panic!("no log line for a broken body:\n{}", wraith.log()));
     assert_eq!(line["upstream"], "pool", "{line}");

@@ -640,10 +640,7 @@ async fn a_response_an_h2_upstream_resets_with_no_error_is_not_passed_on_as_comp
 
         // The server log says so, with the upstream, the endpoint and why.
         let line = wraith
-            .wait_log(WAIT, |v| {
-                v["message"]
-                    == "upstream response body broke off; the client got a truncated response"
-            })
+            .wait_log(WAIT, |v| v["message"] == UPSTREAM_BODY_BROKE_OFF)
             .unwrap_or_else(|| panic!("no log line for the broken body:\n{}", wraith.log()));
         assert_eq!(line["upstream"], "app", "{line}");
         assert_eq!(line["endpoint"], upstream.to_string(), "{line}");

@@ -456,21 +456,17 @@ async fn a_whole_early_answer_ends_the_upload_and_its_connection_is_not_reused()
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_aborts_its_upload_after_the_response_started_gets_a_cut_response() {
-    let (upstream, _) = echo_as_it_reads().await;
-    let wraith = gateway(upstream);
+/// POSTs an 8 MiB body to `path` over HTTP/1.1, sends 1 MiB of it and, once the echo is
+/// coming back, gives up on the upload (closes its side with 7 MiB still owed). The
+/// response must be a 200 that never ends cleanly; returns what was echoed.
+async fn abandon_upload_once_echoed(wraith: &Wraith, path: &str) -> Vec<u8> {
     let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     let (started_tx, started) = tokio::sync::oneshot::channel();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n");
     let upload = tokio::spawn(async move {
-        let head = format!(
-            "POST /duplex-abort HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
-        );
         wr.write_all(head.as_bytes()).await.unwrap();
         wr.write_all(&payload()[..1 << 20]).await.unwrap();
-        // Once the echo is coming back, the client gives up on its upload: it closes its
-        // side with 7 MiB still owed.
         let _ = started.await;
         wr.shutdown().await.unwrap();
         wr
@@ -484,11 +480,19 @@ async fn a_client_that_aborts_its_upload_after_the_response_started_gets_a_cut_r
     .unwrap_or_else(|_| panic!("no end: {} bytes echoed", echoed.len()));
     let _wr = upload.await.unwrap();
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(!echoed.is_empty(), "the response had not started");
     assert!(
         !ended,
         "a response cut by its upload's failure must not end cleanly"
     );
+    echoed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_aborts_its_upload_after_the_response_started_gets_a_cut_response() {
+    let (upstream, _) = echo_as_it_reads().await;
+    let wraith = gateway(upstream);
+    let echoed = abandon_upload_once_echoed(&wraith, "/duplex-abort").await;
+    assert!(!echoed.is_empty(), "the response had not started");
     assert!(echoed.len() <= 1 << 20);
 
     // Recorded as the client's abort, not as the upstream's failure; and the gateway and
@@ -546,32 +550,7 @@ async fn an_upload_the_client_abandons_is_no_failure_of_an_h2_upstream() {
         &endpoint,
         "protocol = \"h2c\"\noutlier = { consecutive_failures = 1, base_ejection_time = \"1m\", max_ejected_percent = 100 }\n",
     );
-    let s = TcpStream::connect(wraith.addr("http")).await.unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    let (started_tx, started) = tokio::sync::oneshot::channel();
-    let upload = tokio::spawn(async move {
-        let head = format!(
-            "POST /h2-duplex-abort HTTP/1.1\r\nHost: localhost\r\nContent-Length: {SIZE}\r\n\r\n"
-        );
-        wr.write_all(head.as_bytes()).await.unwrap();
-        wr.write_all(&payload()[..1 << 20]).await.unwrap();
-        let _ = started.await;
-        wr.shutdown().await.unwrap();
-        wr
-    });
-    let mut echoed = Vec::new();
-    let (head, ended) = tokio::time::timeout(
-        LIMIT,
-        read_chunked_response(&mut rd, &mut echoed, Some(started_tx)),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("no end: {} bytes echoed", echoed.len()));
-    let _wr = upload.await.unwrap();
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(
-        !ended,
-        "a response cut by its upload's failure must not end cleanly"
-    );
+    abandon_upload_once_echoed(&wraith, "/h2-duplex-abort").await;
 
     let record = wraith
         .wait_json_line("access.json", Duration::from_secs(10), |v| {
@@ -581,7 +560,7 @@ async fn an_upload_the_client_abandons_is_no_failure_of_an_h2_upstream() {
         .expect("an access record");
     assert_eq!(record["error"], "client_closed", "{record}");
     let broke_off = wraith.wait_log(Duration::from_secs(1), |v| {
-        v["message"] == "upstream response body broke off; the client got a truncated response"
+        v["message"] == UPSTREAM_BODY_BROKE_OFF
     });
     assert!(
         broke_off.is_none(),

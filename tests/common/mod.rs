@@ -620,6 +620,10 @@ struct LogState {
     closed: bool,
 }
 
+/// The server log's message for an upstream response body that broke off.
+pub const UPSTREAM_BODY_BROKE_OFF: &str =
+    "upstream response body broke off; the client got a truncated response";
+
 /// libfaketime's preload, from Debian's `faketime` package (`.ci/install-deps.sh`).
 pub const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
@@ -1035,6 +1039,24 @@ impl Wraith {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Asserts that a connection the gateway closed for abuse (a flood, a rapid reset) left
+    /// one access record in `access.json` (400, `malformed_request`, over `protocol`) and a
+    /// `malformed_request` event in `events.json`.
+    pub async fn assert_closed_connection_recorded(&self, protocol: &str, within: Duration) {
+        let record = self
+            .wait_json_line("access.json", within, |r| r["error"] == "malformed_request")
+            .await
+            .expect("a record of the closed connection");
+        assert_eq!(record["protocol"], protocol, "{record}");
+        assert_eq!(record["status"], 400, "{record}");
+        let event = self
+            .wait_json_line("events.json", within, |e| {
+                e["wraith"]["event"] == "malformed_request"
+            })
+            .await;
+        assert!(event.is_some(), "no malformed_request event");
     }
 
     /// Waits (at most `within`) for a JSON line at `rel` that `matches`; returns it.
